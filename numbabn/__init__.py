@@ -1,0 +1,39 @@
+"""numbabn: batch normalization for the NumPy world, on Numba kernels.
+
+Public API (see :mod:`numbabn.functional` for the formulas)::
+
+    y, ctx = numbabn.batch_norm_forward(x, gamma, beta, running_mean=..., running_var=...)
+    dx, dgamma, dbeta = numbabn.batch_norm_backward(dy, ctx)
+    m = numbabn.moments(x, axis=1); m = numbabn.merge_moments(m1, m2)
+
+Attributes are imported lazily (PEP 562) so that ``import numbabn`` -- and the CLI's
+``--help`` -- stay fast and never import Numba or touch the CUDA driver until a
+kernel is actually needed.
+"""
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "BatchNormContext": "numbabn.functional",
+    "batch_norm_forward": "numbabn.functional",
+    "batch_norm_backward": "numbabn.functional",
+    "moments": "numbabn.functional",
+    "Moments": "numbabn.stats",
+    "merge_moments": "numbabn.stats",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'numbabn' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

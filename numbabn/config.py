@@ -1,0 +1,27 @@
+"""Host-side defaults, read once at import from environment variables.
+
+Kernels never read these globals (Numba would freeze them at compile time); the
+functional layer passes them in as arguments.
+
+``NUMBABN_CHUNK``            elements per CPU work chunk (default 16384). Results are
+                             bit-identical for any thread count at a fixed chunk size.
+``NUMBABN_CUDA_THREADS``     threads per CUDA block (default 256; tests use 32).
+"""
+import os
+
+
+def _positive_int(name, default):
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be a positive integer, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"environment variable {name} must be a positive integer, got {raw!r}")
+    return value
+
+
+CHUNK = _positive_int("NUMBABN_CHUNK", 16384)
+CUDA_THREADS = _positive_int("NUMBABN_CUDA_THREADS", 256)

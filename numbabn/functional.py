@@ -1,0 +1,218 @@
+"""Public functional batch norm: the only place that dispatches to kernels.
+
+Data flows one way: validation -> canonical layout -> kernel -> result.
+
+Formulas (per channel c over its m values; biased variance normalises)::
+
+    mean   = (1/m) sum x_i
+    var    = (1/m) sum (x_i - mean)^2
+    invstd = 1 / sqrt(var + eps)
+    y_i    = gamma * (x_i - mean) * invstd + beta        (then max(y, 0) if relu)
+
+Eval mode uses the running statistics, folded into one multiply-add per element:
+``a = gamma*invstd_running``, ``b = beta - running_mean*a``, ``y = a*x + b``.
+
+Running statistics (PyTorch's convention), updated in place in training mode::
+
+    running_mean <- (1 - momentum)*running_mean + momentum*mean
+    running_var  <- (1 - momentum)*running_var  + momentum*var*m/(m - 1)   (unbiased)
+
+``momentum=None`` is the cumulative average (momentum_t = 1/num_batches_tracked,
+Ioffe & Szegedy's Algorithm 2). Keras' ``momentum=0.99`` is our ``momentum=0.01``.
+
+Backward (Santurkar et al. 2018, Fact C.1), with g = dy (times the ReLU mask)::
+
+    dbeta  = sum g_i
+    dgamma = sum g_i * xhat_i
+    dx_i   = gamma*invstd/m * (m*g_i - dbeta - xhat_i*dgamma)      (training)
+    dx_i   = gamma*invstd_running * g_i                            (eval)
+
+NaN and Inf propagate: a NaN in a channel makes that channel's statistics and
+outputs NaN (nothing is silently dropped). Float32 inputs give float32 outputs
+(statistics accumulate in float64 internally); float16 is computed in float32.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _validation as V
+from . import config
+from .kernels import cpu
+from .stats import Moments
+
+_BACKENDS = ("cpu", "cuda")
+
+
+@dataclass(eq=False)
+class BatchNormContext:
+    """What :func:`batch_norm_backward` needs from the forward pass.
+
+    ``x`` is the canonical (compute-dtype) view of the input, kept by reference: do
+    not modify the input in place between forward and backward. ``mean``/``invstd``
+    (float64, shape (C,)) are the statistics the forward used: batch statistics in
+    training mode, running statistics in eval mode.
+    """
+
+    backend: str
+    layout: str
+    shape: tuple
+    axis: int
+    dtype: np.dtype
+    x: object
+    mean: object
+    invstd: object
+    gamma: object
+    beta: object
+    has_gamma: bool
+    has_beta: bool
+    training: bool
+    relu: bool
+    count: int
+
+
+def _choose_backend(fn, x, backend):
+    if backend is None:
+        return "cuda" if hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray) else "cpu"
+    if backend not in _BACKENDS:
+        raise ValueError(f"{fn}: backend must be None, 'cpu' or 'cuda', got {backend!r}")
+    return backend
+
+
+def _cuda_unavailable(fn):
+    raise NotImplementedError(f"{fn}: the CUDA backend is not available in this build")
+
+
+def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
+                       num_batches_tracked=None, training=True, momentum=0.1, eps=1e-5,
+                       axis=1, activation=None, out=None, backend=None):
+    """Batch-norm forward pass. Returns ``(y, ctx)``.
+
+    Parameters
+    ----------
+    x : array, ndim >= 2, float16/32/64
+        Channel axis ``axis`` (1 for NC, NCL, NCHW; -1 for channels-last).
+    gamma, beta : (C,) arrays of the compute dtype (float32 for float16 input), or
+        None for 1 and 0 (their gradients are then None).
+    running_mean, running_var : (C,) NumPy arrays, updated in place when
+        ``training``; read (required) when not ``training``. Both or neither.
+    num_batches_tracked : one-element integer array, incremented in place in
+        training mode when running statistics are tracked; required for
+        ``momentum=None`` (cumulative average).
+    training : batch statistics (True) or running statistics (False).
+    momentum : float in [0, 1] or None, see the module docstring.
+    eps : float > 0 added to the variance.
+    activation : None or "relu" (fused, no extra pass over memory).
+    out : optional preallocated output, same shape and dtype as ``x``, C-contiguous,
+        not overlapping ``x``.
+    backend : None (from the input type), "cpu" or "cuda".
+
+    On any error nothing is modified (running statistics, counter, ``out``).
+    """
+    fn = "batch_norm_forward"
+    backend = _choose_backend(fn, x, backend)
+    training = V.check_bool(fn, "training", training)
+    eps = V.check_eps(fn, eps)
+    momentum = V.check_momentum(fn, momentum)
+    relu = V.check_activation(fn, activation)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{fn}: running_mean and running_var must be given together (got only one)")
+    if not training and running_mean is None:
+        raise ValueError(f"{fn}: training=False uses running statistics, but running_mean/running_var are None")
+    if backend == "cuda":
+        _cuda_unavailable(fn)
+
+    cx = V.canonical_host(fn, "x", x, axis)
+    dt = V.compute_dtype(cx.dtype)
+    g = V.check_param(fn, "gamma", gamma, cx.channels, dt)
+    b = V.check_param(fn, "beta", beta, cx.channels, dt)
+    rm = V.check_param(fn, "running_mean", running_mean, cx.channels, dt, inplace=True)
+    rv = V.check_param(fn, "running_var", running_var, cx.channels, dt, inplace=True)
+    nbt = V.check_counter(fn, num_batches_tracked)
+    tracking = training and running_mean is not None
+    if training and cx.count <= 1:
+        raise ValueError(
+            f"{fn}: Expected more than 1 value per channel when training, got input of shape {cx.shape}")
+    if tracking and momentum is None and nbt is None:
+        raise ValueError(f"{fn}: momentum=None (cumulative average) needs num_batches_tracked")
+    if out is not None:
+        V.check_out(fn, "out", out, cx.shape, cx.dtype)
+        if np.may_share_memory(out, x):
+            raise ValueError(f"{fn}: out must not overlap x (the backward pass reads x)")
+
+    factor = 0.0
+    if tracking:
+        factor = momentum if momentum is not None else 1.0 / (int(nbt.flat[0]) + 1)
+    if out is not None and cx.dtype == dt:
+        y = out
+    else:
+        y = np.empty(cx.shape, dt)
+    kernel = cpu.forward_ncl if cx.layout == "ncl" else cpu.forward_mc
+    mean, invstd = kernel(cx.array, g, b, rm, rv, factor, eps, training, relu,
+                          config.CHUNK, y.reshape(cx.array.shape))
+    if tracking and nbt is not None:
+        nbt += 1
+    if cx.dtype != dt:
+        if out is None:
+            y = y.astype(cx.dtype)
+        else:
+            out[...] = y
+            y = out
+    ctx = BatchNormContext("cpu", cx.layout, cx.shape, cx.axis, cx.dtype, cx.array, mean, invstd,
+                           g, b, gamma is not None, beta is not None, training, relu, cx.count)
+    return y, ctx
+
+
+def batch_norm_backward(dy, ctx, *, out=None):
+    """Batch-norm backward pass. Returns ``(dx, dgamma, dbeta)``.
+
+    ``dy`` has the shape and dtype of the forward input; ``ctx`` is what
+    :func:`batch_norm_forward` returned. Dispatches on ``ctx.backend``. ``dgamma``
+    and ``dbeta`` are None where the forward had no gamma/beta. ``out`` optionally
+    receives dx (same rules as the forward's ``out``).
+    """
+    fn = "batch_norm_backward"
+    if not isinstance(ctx, BatchNormContext):
+        raise TypeError(f"{fn}: ctx must be the context returned by batch_norm_forward, got {V.describe(ctx)}")
+    if ctx.backend == "cuda":
+        _cuda_unavailable(fn)
+    cdy = V.canonical_host(fn, "dy", dy, ctx.axis)
+    if cdy.shape != ctx.shape:
+        raise ValueError(f"{fn}: dy must have the forward input's shape {ctx.shape}, got {cdy.shape}")
+    if cdy.dtype != ctx.dtype:
+        raise TypeError(f"{fn}: dy must have the forward input's dtype {ctx.dtype}, got {cdy.dtype}")
+    dt = V.compute_dtype(ctx.dtype)
+    if out is not None:
+        V.check_out(fn, "out", out, ctx.shape, ctx.dtype)
+        if np.may_share_memory(out, ctx.x) or np.may_share_memory(out, dy):
+            raise ValueError(f"{fn}: out must not overlap dy or the forward input")
+    dx = out if out is not None and ctx.dtype == dt else np.empty(ctx.shape, dt)
+    kernel = cpu.backward_ncl if ctx.layout == "ncl" else cpu.backward_mc
+    dgamma, dbeta = kernel(cdy.array, ctx.x, ctx.mean, ctx.invstd, ctx.gamma, ctx.beta,
+                           ctx.training, ctx.relu, config.CHUNK, dx.reshape(ctx.x.shape))
+    if ctx.dtype != dt:
+        if out is None:
+            dx = dx.astype(ctx.dtype)
+        else:
+            out[...] = dx
+            dx = out
+    return (dx,
+            dgamma.astype(dt) if ctx.has_gamma else None,
+            dbeta.astype(dt) if ctx.has_beta else None)
+
+
+def moments(x, axis=1, *, backend=None):
+    """Per-channel :class:`~numbabn.moments.Moments` (count, mean, m2) of ``x``.
+
+    Exact two-pass statistics per chunk merged with Chan et al., float64. An input
+    with no values per channel gives ``Moments.empty(C)``.
+    """
+    fn = "moments"
+    backend = _choose_backend(fn, x, backend)
+    if backend == "cuda":
+        _cuda_unavailable(fn)
+    cx = V.canonical_host(fn, "x", x, axis)
+    if cx.count == 0:
+        return Moments.empty(cx.channels)
+    kernel = cpu.moments_ncl if cx.layout == "ncl" else cpu.moments_mc
+    mean, m2 = kernel(cx.array, config.CHUNK)
+    return Moments(cx.count, mean, m2)

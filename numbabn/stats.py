@@ -1,0 +1,73 @@
+"""Per-channel moments and their exact merge (Chan, Golub & LeVeque 1979).
+
+(Named stats.py, not moments.py, so it cannot shadow the public function
+``numbabn.moments``.)
+
+``Moments(count, mean, m2)`` summarises ``count`` values per channel:
+``mean`` and ``m2 = sum((x - mean)**2)`` are float64 arrays of shape ``(C,)``.
+Two summaries of disjoint data merge exactly::
+
+    n = na + nb;  delta = mean_b - mean_a
+    mean = mean_a + delta*nb/n;  m2 = m2_a + m2_b + delta**2 * na*nb/n
+
+This is what SyncBatchNorm exchanges, what ``partial_fit`` accumulates and what Dask
+chunk reductions combine (not (mean, invstd), which loses precision).
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Moments:
+    """count (int, values per channel), mean and m2 (float64, shape (C,))."""
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def empty(cls, channels):
+        """The summary of no data: merging with it changes nothing."""
+        return cls(0, np.zeros(channels), np.zeros(channels))
+
+    @property
+    def channels(self):
+        return self.mean.shape[0]
+
+    def var(self, ddof=0):
+        """m2 / (count - ddof); NaN where count <= ddof."""
+        denom = self.count - ddof
+        if denom <= 0:
+            return np.full(self.channels, np.nan)
+        return self.m2 / denom
+
+    def to_array(self):
+        """Pack as one float64 vector [count, mean..., m2...] (for MPI buffers)."""
+        return np.concatenate(([float(self.count)], self.mean, self.m2))
+
+    @classmethod
+    def from_array(cls, packed):
+        """Inverse of :meth:`to_array`."""
+        packed = np.asarray(packed, dtype=np.float64)
+        C = (packed.shape[0] - 1) // 2
+        return cls(int(round(packed[0])), packed[1:1 + C].copy(), packed[1 + C:].copy())
+
+
+def merge_moments(a, b):
+    """Exact merge of two :class:`Moments` of disjoint data (Chan et al.)."""
+    if not isinstance(a, Moments) or not isinstance(b, Moments):
+        raise TypeError(
+            f"merge_moments expects two Moments, got {type(a).__name__} and {type(b).__name__}")
+    if a.channels != b.channels:
+        raise ValueError(
+            f"merge_moments: channel counts differ ({a.channels} vs {b.channels})")
+    if b.count == 0:
+        return a
+    if a.count == 0:
+        return b
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    mean = a.mean + delta * (b.count / n)
+    m2 = a.m2 + b.m2 + delta * delta * (a.count * b.count / n)
+    return Moments(n, mean, m2)

@@ -1,0 +1,2 @@
+"""numbabn_plugins: extra normalization layers, registered through the
+``numbabn.layers`` entry-point group exactly as a third-party package would."""
