@@ -1,0 +1,26 @@
+"""Test-suite set-up.
+
+Without a usable GPU the CUDA tests run on Numba's CUDA simulator: the variable
+must be set before numba.cuda is first imported, so it is done here, at collection.
+"""
+import os
+
+
+def _gpu_present():
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return False
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
+
+
+if not _gpu_present():
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    # Small blocks so that several blocks, the tails and the cross-block merge run.
+    os.environ.setdefault("NUMBABN_CUDA_THREADS", "32")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
