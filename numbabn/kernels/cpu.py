@@ -11,9 +11,12 @@ the thread count. Each chunk writes its own partial statistics; partials are mer
 per channel in chunk order. Results are therefore bit-identical for any number of
 threads (no ``acc[c] += ...`` races inside ``prange``).
 
-Statistics are exact two-pass per chunk (chunk mean, then sum of squared deviations
-from it, both in float64) merged with Chan et al.'s formula, so they stay accurate
-when ``|mean| >> std``. All per-element arithmetic is done in float64 and rounded
+Statistics take one pass per chunk: with ``d = x - x0`` (``x0`` the chunk's first
+value) it sums ``d`` and ``d*d`` in float64, then ``M2 = sum(d*d) - sum(d)**2/n``.
+Because ``(x0 - mean)**2 <= n*var`` for any sample ``x0`` of the chunk, the
+cancellation costs at most a factor ``n`` (the chunk size, ~1.6e4) in float64
+rounding: relative error <~ n * 2**-53 ~ 2e-12, however large ``|mean|/std`` is.
+Chunks are then merged exactly with Chan et al.'s formula. All per-element arithmetic is done in float64 and rounded
 once when stored, so float32 outputs are within float32 rounding of the float64
 reference. Outputs have the input dtype.
 
@@ -38,116 +41,174 @@ _REDUCE = {"reassoc"}
 _OPTS = dict(cache=True, nogil=True)
 
 
-@njit(inline="always")
-def _n_chunks(m, chunk):
-    return (m + chunk - 1) // chunk
+# ------------------------------------------------------------------ chunking
+# A chunk is a block of one channel (ncl) or of all channels (mc) holding about
+# `chunk` values. Its geometry depends only on the shape and `chunk`, never on the
+# thread count. Per-block helpers take the whole array plus the block bounds and
+# loop over unit-stride rows, which LLVM vectorises; one call per block keeps the
+# call overhead negligible even for short rows.
 
 
-@njit(inline="always")
-def _mc_rows(C, chunk):
-    return max(1, chunk // C)
-
-
-# ------------------------------------------------- per-segment inner loops
-# Each works on 1-D contiguous views so LLVM sees simple unit-stride loops and
-# vectorises them (3-D indexing with computed bounds stays scalar).
-
-
-@njit(fastmath=_REDUCE, **_OPTS)
-def _seg_sum(xs):
-    s = 0.0
-    for j in range(xs.size):
-        s += xs[j]
-    return s
-
-
-@njit(fastmath=_REDUCE, **_OPTS)
-def _seg_ssq(xs, mu):
-    q = 0.0
-    for j in range(xs.size):
-        d = xs[j] - mu
-        q += d * d
-    return q
+# Short rows (small L) are grouped over G neighbouring channels so that every block
+# reads runs of >= _RUN contiguous values: hardware prefetchers need long runs, and
+# channel-by-channel blocks would jump C*L values between rows of L.
+_RUN = 4096
 
 
 @njit(**_OPTS)
-def _seg_apply(xs, a, b, relu, ys):
-    for j in range(xs.size):
-        v = xs[j] * a + b
-        ys[j] = max(v, 0.0) if relu else v
+def _ncl_grid(N, C, L, chunk):
+    """Blocks of R rows x G channels x W columns (rows cut in P pieces when L > chunk).
 
-
-@njit(fastmath=_REDUCE, **_OPTS)
-def _seg_grad_sums(gs, xs, mu, a, b, relu):
-    s0 = 0.0
-    s1 = 0.0
-    for j in range(xs.size):
-        xv = xs[j]
-        g = gs[j] * 1.0
-        if relu and not (xv * a + b > 0.0):
-            g = 0.0
-        s0 += g
-        s1 += g * (xv - mu)
-    return s0, s1
-
-
-@njit(**_OPTS)
-def _seg_grad_apply(gs, xs, a, b, relu, A, B, D, dxs):
-    for j in range(xs.size):
-        xv = xs[j]
-        g = gs[j] * 1.0
-        if relu and not (xv * a + b > 0.0):
-            g = 0.0
-        dxs[j] = A * g + B * xv + D
-
-
-@njit(**_OPTS)
-def _row_add(xr, acc):
-    for c in range(xr.size):
-        acc[c] += xr[c]
-
-
-@njit(**_OPTS)
-def _row_ssq(xr, mu, q):
-    for c in range(xr.size):
-        d = xr[c] - mu[c]
-        q[c] += d * d
-
-
-@njit(**_OPTS)
-def _row_apply(xr, a, b, relu, yr):
-    for c in range(xr.size):
-        v = xr[c] * a[c] + b[c]
-        yr[c] = max(v, 0.0) if relu else v
-
-
-@njit(**_OPTS)
-def _row_grad_sums(gr, xr, mu, a, b, relu, s0, s1):
-    for c in range(xr.size):
-        xv = xr[c]
-        g = gr[c] * 1.0
-        if relu and not (xv * a[c] + b[c] > 0.0):
-            g = 0.0
-        s0[c] += g
-        s1[c] += g * (xv - mu[c])
-
-
-@njit(**_OPTS)
-def _row_grad_apply(gr, xr, a, b, relu, A, B, D, dxr):
-    for c in range(xr.size):
-        xv = xr[c]
-        g = gr[c] * 1.0
-        if relu and not (xv * a[c] + b[c] > 0.0):
-            g = 0.0
-        dxr[c] = A[c] * g + B[c] * xv + D[c]
+    Returns (R, G, W, P, KN, KC): KN blocks along N (times pieces), KC along C.
+    """
+    if L >= chunk:
+        P = (L + chunk - 1) // chunk
+        return 1, 1, (L + P - 1) // P, P, N * P, C
+    G = min(C, (_RUN + L - 1) // L)
+    R = max(1, chunk // (G * L))
+    return R, G, L, 1, (N + R - 1) // R, (C + G - 1) // G
 
 
 @njit(inline="always")
-def _ncl_task(t, K, m, chunk):
-    """Task t of C*K -> (channel, first flat index, stop) of its chunk."""
-    c = t // K
-    start = (t - c * K) * chunk
-    return c, start, min(start + chunk, m)
+def _ncl_block(t, N, C, L, R, G, W, P, KC):
+    """Block t (row-block-major) -> (kn, n0, n1, c0, c1, l0, l1)."""
+    kn = t // KC
+    kc = t - kn * KC
+    nb = kn // P
+    p = kn - nb * P
+    return kn, nb * R, min(nb * R + R, N), kc * G, min(kc * G + G, C), p * W, min(p * W + W, L)
+
+
+@njit(**_OPTS)
+def _mc_grid(M, C, chunk):
+    """Blocks of R rows of all C channels."""
+    R = max(1, chunk // C)
+    return R, (M + R - 1) // R
+
+
+# ------------------------------------------------------------------ blocks
+
+
+@njit(fastmath=_REDUCE, **_OPTS)
+def _ncl_blk_sums(x, n0, n1, c0, c1, l0, l1, shift, s, q):
+    """Per channel c0..c1 of the block: s += sum d, q += sum d*d, d = x - shift[c]."""
+    for n in range(n0, n1):
+        for c in range(c0, c1):
+            row = x[n, c, l0:l1]
+            sh = shift[c]
+            s1 = 0.0
+            s2 = 0.0
+            for j in range(row.size):
+                d = row[j] - sh
+                s1 += d
+                s2 += d * d
+            s[c] += s1
+            q[c] += s2
+
+
+@njit(**_OPTS)
+def _mc_blk_sums(x, r0, r1, shift, s, q):
+    for i in range(r0, r1):
+        row = x[i]
+        for c in range(row.size):
+            d = row[c] - shift[c]
+            s[c] += d
+            q[c] += d * d
+
+
+@njit(**_OPTS)
+def _ncl_blk_apply(x, n0, n1, c0, c1, l0, l1, a, b, relu, y):
+    for n in range(n0, n1):
+        for c in range(c0, c1):
+            row = x[n, c, l0:l1]
+            out = y[n, c, l0:l1]
+            ac = a[c]
+            bc = b[c]
+            for j in range(row.size):
+                v = row[j] * ac + bc
+                out[j] = max(v, 0.0) if relu else v
+
+
+@njit(**_OPTS)
+def _mc_blk_apply(x, r0, r1, a, b, relu, y):
+    for i in range(r0, r1):
+        row = x[i]
+        out = y[i]
+        for c in range(row.size):
+            v = row[c] * a[c] + b[c]
+            out[c] = max(v, 0.0) if relu else v
+
+
+@njit(fastmath=_REDUCE, **_OPTS)
+def _ncl_blk_grad_sums(dy, x, n0, n1, c0, c1, l0, l1, mu, a, b, relu, s0, s1):
+    """Per channel of the block: s0 += sum g, s1 += sum g*(x - mu[c]), g masked by
+    the forward's ReLU."""
+    for n in range(n0, n1):
+        for c in range(c0, c1):
+            row = x[n, c, l0:l1]
+            grow = dy[n, c, l0:l1]
+            mc = mu[c]
+            ac = a[c]
+            bc = b[c]
+            p0 = 0.0
+            p1 = 0.0
+            for j in range(row.size):
+                xv = row[j]
+                g = grow[j] * 1.0
+                if relu and not (xv * ac + bc > 0.0):
+                    g = 0.0
+                p0 += g
+                p1 += g * (xv - mc)
+            s0[c] += p0
+            s1[c] += p1
+
+
+@njit(**_OPTS)
+def _mc_blk_grad_sums(dy, x, r0, r1, mu, a, b, relu, s0, s1):
+    for i in range(r0, r1):
+        row = x[i]
+        grow = dy[i]
+        for c in range(row.size):
+            xv = row[c]
+            g = grow[c] * 1.0
+            if relu and not (xv * a[c] + b[c] > 0.0):
+                g = 0.0
+            s0[c] += g
+            s1[c] += g * (xv - mu[c])
+
+
+@njit(**_OPTS)
+def _ncl_blk_grad_apply(dy, x, n0, n1, c0, c1, l0, l1, a, b, relu, A, B, D, dx):
+    for n in range(n0, n1):
+        for c in range(c0, c1):
+            row = x[n, c, l0:l1]
+            grow = dy[n, c, l0:l1]
+            out = dx[n, c, l0:l1]
+            ac = a[c]
+            bc = b[c]
+            Ac = A[c]
+            Bc = B[c]
+            Dc = D[c]
+            for j in range(row.size):
+                xv = row[j]
+                g = grow[j] * 1.0
+                if relu and not (xv * ac + bc > 0.0):
+                    g = 0.0
+                out[j] = Ac * g + Bc * xv + Dc
+
+
+@njit(**_OPTS)
+def _mc_blk_grad_apply(dy, x, r0, r1, a, b, relu, A, B, D, dx):
+    for i in range(r0, r1):
+        row = x[i]
+        grow = dy[i]
+        out = dx[i]
+        for c in range(row.size):
+            xv = row[c]
+            g = grow[c] * 1.0
+            if relu and not (xv * a[c] + b[c] > 0.0):
+                g = 0.0
+            out[c] = A[c] * g + B[c] * xv + D[c]
 
 
 # ---------------------------------------------------------------- statistics
@@ -155,90 +216,82 @@ def _ncl_task(t, K, m, chunk):
 
 @njit(parallel=True, **_OPTS)
 def _ncl_partials(x, chunk):
-    """Per (channel, chunk) mean and M2 of an (N, C, L) array; chunks span rows."""
+    """Per-block (count, mean, M2); arrays of shape (K,) and (K, C)."""
     N, C, L = x.shape
-    m = N * L
-    K = _n_chunks(m, chunk)
-    pmean = np.empty((C, K))
-    pm2 = np.empty((C, K))
-    for t in prange(C * K):
-        c, start, stop = _ncl_task(t, K, m, chunk)
-        s = 0.0
-        for n in range(start // L, (stop - 1) // L + 1):
-            s += _seg_sum(x[n, c, max(start - n * L, 0):min(stop - n * L, L)])
-        mu = s / (stop - start)
-        q = 0.0
-        for n in range(start // L, (stop - 1) // L + 1):
-            q += _seg_ssq(x[n, c, max(start - n * L, 0):min(stop - n * L, L)], mu)
-        pmean[c, t - c * K] = mu
-        pm2[c, t - c * K] = q
-    return pmean, pm2
+    R, G, W, P, KN, KC = _ncl_grid(N, C, L, chunk)
+    cnt = np.empty(KN)
+    pmean = np.zeros((KN, C))
+    pm2 = np.zeros((KN, C))
+    for t in prange(KN * KC):
+        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, N, C, L, R, G, W, P, KC)
+        n = float((n1 - n0) * (l1 - l0))
+        shift = x[n0, :, l0].astype(np.float64)
+        s = pmean[kn]
+        q = pm2[kn]
+        _ncl_blk_sums(x, n0, n1, c0, c1, l0, l1, shift, s, q)
+        for c in range(c0, c1):
+            q[c] = max(q[c] - s[c] * s[c] / n, 0.0)
+            s[c] = shift[c] + s[c] / n
+        cnt[kn] = n
+    return cnt, pmean, pm2
 
 
 @njit(parallel=True, **_OPTS)
 def _mc_partials(x, chunk):
-    """Per (row-chunk, channel) mean and M2 of an (M, C) array, shape (K, C)."""
+    """Per-block (count, mean, M2); arrays of shape (K,) and (K, C)."""
     M, C = x.shape
-    rows = _mc_rows(C, chunk)
-    K = _n_chunks(M, rows)
+    R, K = _mc_grid(M, C, chunk)
+    cnt = np.empty(K)
     pmean = np.zeros((K, C))
     pm2 = np.zeros((K, C))
     for k in prange(K):
-        r0 = k * rows
-        r1 = min(r0 + rows, M)
-        mu = pmean[k]
-        for i in range(r0, r1):
-            _row_add(x[i], mu)
-        mu *= 1.0 / (r1 - r0)
-        for i in range(r0, r1):
-            _row_ssq(x[i], mu, pm2[k])
-    return pmean, pm2
+        r0 = k * R
+        r1 = min(r0 + R, M)
+        n = float(r1 - r0)
+        shift = x[r0].astype(np.float64)
+        s = pmean[k]
+        q = pm2[k]
+        _mc_blk_sums(x, r0, r1, shift, s, q)
+        for c in range(C):
+            q[c] = max(q[c] - s[c] * s[c] / n, 0.0)
+            s[c] = shift[c] + s[c] / n
+        cnt[k] = n
+    return cnt, pmean, pm2
 
 
-@njit(parallel=True, **_OPTS)
-def _chan_merge(pmean, pm2, count_first, count_last):
-    """Merge per-chunk (mean, M2) along axis 1 in chunk order (Chan et al.).
+@njit(**_OPTS)
+def _chan_merge(cnt, pmean, pm2):
+    """Merge per-block (count, mean, M2) over axis 0 in block order (Chan et al.).
 
-    ``pmean``/``pm2`` have shape (C, K); every chunk holds ``count_first`` values
-    except the last, which holds ``count_last``.
+    Walks blocks in the outer loop so every inner loop is unit-stride over channels.
     """
-    C, K = pmean.shape
-    mean = np.empty(C)
-    m2 = np.empty(C)
-    for c in prange(C):
-        na = float(count_first) if K > 1 else float(count_last)
-        ma = pmean[c, 0]
-        qa = pm2[c, 0]
-        for k in range(1, K):
-            nb = float(count_first) if k < K - 1 else float(count_last)
-            n = na + nb
-            d = pmean[c, k] - ma
-            ma += d * (nb / n)
-            qa += pm2[c, k] + d * d * (na * nb / n)
-            na = n
-        mean[c] = ma
-        m2[c] = qa
+    K, C = pmean.shape
+    mean = pmean[0].copy()
+    m2 = pm2[0].copy()
+    na = cnt[0]
+    for k in range(1, K):
+        nb = cnt[k]
+        n = na + nb
+        wb = nb / n
+        wab = na * nb / n
+        for c in range(C):
+            d = pmean[k, c] - mean[c]
+            mean[c] += d * wb
+            m2[c] += pm2[k, c] + d * d * wab
+        na = n
     return mean, m2
 
 
 @njit(**_OPTS)
 def moments_ncl(x, chunk):
     """(mean, M2) per channel of an (N, C, L) array, float64, shape (C,) each."""
-    N, C, L = x.shape
-    m = N * L
-    pmean, pm2 = _ncl_partials(x, chunk)
-    K = pmean.shape[1]
-    return _chan_merge(pmean, pm2, chunk, m - (K - 1) * chunk)
+    return _chan_merge(*_ncl_partials(x, chunk))
 
 
 @njit(**_OPTS)
 def moments_mc(x, chunk):
     """(mean, M2) per channel of an (M, C) array, float64, shape (C,) each."""
-    M, C = x.shape
-    rows = _mc_rows(C, chunk)
-    pmean, pm2 = _mc_partials(x, chunk)
-    K = pmean.shape[0]
-    return _chan_merge(pmean.T, pm2.T, rows, M - (K - 1) * rows)
+    return _chan_merge(*_mc_partials(x, chunk))
 
 
 # ---------------------------------------------------------------- forward
@@ -283,23 +336,18 @@ def _affine(mean, invstd, gamma, beta):
 @njit(parallel=True, **_OPTS)
 def _ncl_apply(x, a, b, relu, chunk, y):
     N, C, L = x.shape
-    m = N * L
-    K = _n_chunks(m, chunk)
-    for t in prange(C * K):
-        c, start, stop = _ncl_task(t, K, m, chunk)
-        for n in range(start // L, (stop - 1) // L + 1):
-            lo = max(start - n * L, 0)
-            hi = min(stop - n * L, L)
-            _seg_apply(x[n, c, lo:hi], a[c], b[c], relu, y[n, c, lo:hi])
+    R, G, W, P, KN, KC = _ncl_grid(N, C, L, chunk)
+    for t in prange(KN * KC):
+        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, N, C, L, R, G, W, P, KC)
+        _ncl_blk_apply(x, n0, n1, c0, c1, l0, l1, a, b, relu, y)
 
 
 @njit(parallel=True, **_OPTS)
 def _mc_apply(x, a, b, relu, chunk, y):
     M, C = x.shape
-    rows = _mc_rows(C, chunk)
-    for k in prange(_n_chunks(M, rows)):
-        for i in range(k * rows, min(k * rows + rows, M)):
-            _row_apply(x[i], a, b, relu, y[i])
+    R, K = _mc_grid(M, C, chunk)
+    for k in prange(K):
+        _mc_blk_apply(x, k * R, min(k * R + R, M), a, b, relu, y)
 
 
 @njit(**_OPTS)
@@ -341,55 +389,43 @@ def forward_mc(x, gamma, beta, running_mean, running_var, momentum, eps,
 
 @njit(parallel=True, **_OPTS)
 def _ncl_grad_partials(dy, x, mean, a, b, relu, chunk):
-    """Per (channel, chunk) sums of g and g*(x - mean), shape (C, K)."""
+    """Per-block sums of g and g*(x - mean), shape (K, C)."""
     N, C, L = x.shape
-    m = N * L
-    K = _n_chunks(m, chunk)
-    sg = np.empty((C, K))
-    sgx = np.empty((C, K))
-    for t in prange(C * K):
-        c, start, stop = _ncl_task(t, K, m, chunk)
-        s0 = 0.0
-        s1 = 0.0
-        for n in range(start // L, (stop - 1) // L + 1):
-            lo = max(start - n * L, 0)
-            hi = min(stop - n * L, L)
-            p0, p1 = _seg_grad_sums(dy[n, c, lo:hi], x[n, c, lo:hi], mean[c], a[c], b[c], relu)
-            s0 += p0
-            s1 += p1
-        sg[c, t - c * K] = s0
-        sgx[c, t - c * K] = s1
+    R, G, W, P, KN, KC = _ncl_grid(N, C, L, chunk)
+    sg = np.zeros((KN, C))
+    sgx = np.zeros((KN, C))
+    for t in prange(KN * KC):
+        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, N, C, L, R, G, W, P, KC)
+        _ncl_blk_grad_sums(dy, x, n0, n1, c0, c1, l0, l1, mean, a, b, relu, sg[kn], sgx[kn])
     return sg, sgx
 
 
 @njit(parallel=True, **_OPTS)
 def _mc_grad_partials(dy, x, mean, a, b, relu, chunk):
-    """Per (row-chunk, channel) sums of g and g*(x - mean), shape (K, C)."""
+    """Per-block sums of g and g*(x - mean), shape (K, C)."""
     M, C = x.shape
-    rows = _mc_rows(C, chunk)
-    K = _n_chunks(M, rows)
+    R, K = _mc_grid(M, C, chunk)
     sg = np.zeros((K, C))
     sgx = np.zeros((K, C))
     for k in prange(K):
-        for i in range(k * rows, min(k * rows + rows, M)):
-            _row_grad_sums(dy[i], x[i], mean, a, b, relu, sg[k], sgx[k])
+        _mc_blk_grad_sums(dy, x, k * R, min(k * R + R, M), mean, a, b, relu, sg[k], sgx[k])
     return sg, sgx
 
 
 @njit(**_OPTS)
 def _grad_coeffs(sg, sgx, m, mean, invstd, gamma, training):
-    """Sum the partials (shape (C, K)) in chunk order and build dx = A*g + B*x + D.
+    """Sum the partials (shape (K, C)) in block order and build dx = A*g + B*x + D.
 
     Training: A = gamma*invstd, B = -A*invstd*dgamma/m, D = -A*dbeta/m - B*mean,
     which is gamma*invstd/m * (m*g - dbeta - xhat*dgamma). Eval: B = D = 0.
     """
-    C, K = sg.shape
-    dbeta = np.zeros(C)
-    s1 = np.zeros(C)
-    for c in range(C):
-        for k in range(K):
-            dbeta[c] += sg[c, k]
-            s1[c] += sgx[c, k]
+    K, C = sg.shape
+    dbeta = sg[0].copy()
+    s1 = sgx[0].copy()
+    for k in range(1, K):
+        for c in range(C):
+            dbeta[c] += sg[k, c]
+            s1[c] += sgx[k, c]
     dgamma = s1 * invstd
     A = invstd.copy()
     if gamma.size > 0:
@@ -406,24 +442,18 @@ def _grad_coeffs(sg, sgx, m, mean, invstd, gamma, training):
 @njit(parallel=True, **_OPTS)
 def _ncl_grad_apply(dy, x, a, b, A, B, D, relu, chunk, dx):
     N, C, L = x.shape
-    m = N * L
-    K = _n_chunks(m, chunk)
-    for t in prange(C * K):
-        c, start, stop = _ncl_task(t, K, m, chunk)
-        for n in range(start // L, (stop - 1) // L + 1):
-            lo = max(start - n * L, 0)
-            hi = min(stop - n * L, L)
-            _seg_grad_apply(dy[n, c, lo:hi], x[n, c, lo:hi], a[c], b[c], relu,
-                            A[c], B[c], D[c], dx[n, c, lo:hi])
+    R, G, W, P, KN, KC = _ncl_grid(N, C, L, chunk)
+    for t in prange(KN * KC):
+        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, N, C, L, R, G, W, P, KC)
+        _ncl_blk_grad_apply(dy, x, n0, n1, c0, c1, l0, l1, a, b, relu, A, B, D, dx)
 
 
 @njit(parallel=True, **_OPTS)
 def _mc_grad_apply(dy, x, a, b, A, B, D, relu, chunk, dx):
     M, C = x.shape
-    rows = _mc_rows(C, chunk)
-    for k in prange(_n_chunks(M, rows)):
-        for i in range(k * rows, min(k * rows + rows, M)):
-            _row_grad_apply(dy[i], x[i], a, b, relu, A, B, D, dx[i])
+    R, K = _mc_grid(M, C, chunk)
+    for k in prange(K):
+        _mc_blk_grad_apply(dy, x, k * R, min(k * R + R, M), a, b, relu, A, B, D, dx)
 
 
 @njit(**_OPTS)
@@ -447,6 +477,6 @@ def backward_mc(dy, x, mean, invstd, gamma, beta, training, relu, chunk, dx):
     M, C = x.shape
     a, b = _affine(mean, invstd, gamma, beta)
     sg, sgx = _mc_grad_partials(dy, x, mean, a, b, relu, chunk)
-    dgamma, dbeta, A, B, D = _grad_coeffs(sg.T, sgx.T, M, mean, invstd, gamma, training)
+    dgamma, dbeta, A, B, D = _grad_coeffs(sg, sgx, M, mean, invstd, gamma, training)
     _mc_grad_apply(dy, x, a, b, A, B, D, relu, chunk, dx)
     return dgamma, dbeta
