@@ -19,6 +19,7 @@ _LAZY = {
     "batch_norm_forward": "numbabn.functional",
     "batch_norm_backward": "numbabn.functional",
     "moments": "numbabn.functional",
+    "cuda_available": "numbabn.functional",
     "Moments": "numbabn.stats",
     "merge_moments": "numbabn.stats",
 }

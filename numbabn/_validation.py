@@ -7,8 +7,12 @@ Canonical layouts: an input with channel axis ``axis`` is viewed as
 ``(M, C)`` ("mc") otherwise (channels-last, or a plain (N, C) matrix). The view is
 zero-copy for C-contiguous input; other inputs are copied once into that layout.
 float16 is computed in float32.
+
+The CUDA backend uses :func:`canonical_device` and :func:`check_device_param`: the
+same rules and messages, with GPU arrays viewed on the device (numba.cuda is
+imported only there).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 import numbers
 
@@ -76,9 +80,18 @@ def layout_of(fn, name, shape, axis):
     return axis, "ncl", (N, C, L), C, N * L
 
 
+def is_device_array(x):
+    """True for a GPU array: one exposing ``__cuda_array_interface__`` (numba device
+    arrays, CuPy, PyTorch CUDA tensors) or a numba device array (those of the CUDA
+    simulator have no such interface)."""
+    if isinstance(x, np.ndarray):
+        return False
+    return hasattr(x, "__cuda_array_interface__") or bool(getattr(x, "__cuda_ndarray__", False))
+
+
 def canonical_host(fn, name, x, axis):
     """Check a host (NumPy) input and view it in its canonical layout."""
-    if hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray):
+    if is_device_array(x):
         raise TypeError(
             f"{fn}: {name} is a GPU array ({type(x).__name__}) but backend='cpu' was requested")
     if not isinstance(x, np.ndarray):
@@ -176,3 +189,125 @@ def check_out(fn, name, out, shape, dtype):
     if not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError(f"{fn}: {name} must be a writeable C-contiguous array")
     return out
+
+
+def check_training_batch(fn, cx, training, tracking, momentum, nbt):
+    """Rules that depend on the batch: more than one value per channel to train,
+    and a counter for the cumulative average (``momentum=None``)."""
+    if training and cx.count <= 1:
+        raise ValueError(
+            f"{fn}: Expected more than 1 value per channel when training, got input of shape {cx.shape}")
+    if tracking and momentum is None and nbt is None:
+        raise ValueError(f"{fn}: momentum=None (cumulative average) needs num_batches_tracked")
+
+
+def resolve_momentum(tracking, momentum, nbt):
+    """The running-statistics factor of this step: ``momentum``, or
+    1/num_batches_tracked after this step for the cumulative average; 0 when not tracking."""
+    if not tracking:
+        return 0.0
+    return momentum if momentum is not None else 1.0 / (int(nbt.flat[0]) + 1)
+
+
+def check_like_forward(fn, cdy, ctx):
+    """dy (canonical) must have the forward input's shape and dtype."""
+    if cdy.shape != ctx.shape:
+        raise ValueError(f"{fn}: dy must have the forward input's shape {ctx.shape}, got {cdy.shape}")
+    if cdy.dtype != ctx.dtype:
+        raise TypeError(f"{fn}: dy must have the forward input's dtype {ctx.dtype}, got {cdy.dtype}")
+
+
+# ------------------------------------------------------------------ GPU arrays
+# numba.cuda is imported inside these functions: importing numbabn must not
+# initialise the CUDA bindings.
+
+
+def as_device(x):
+    """A numba device array viewing the GPU array ``x`` (zero copy)."""
+    if getattr(x, "__cuda_ndarray__", False):
+        return x
+    from numba import cuda
+    return cuda.as_cuda_array(x)
+
+
+def _device_readonly(x):
+    iface = getattr(x, "__cuda_array_interface__", None)
+    return bool(iface and iface["data"][1])
+
+
+def device_overlap(a, b):
+    """Whether two C-contiguous device arrays share bytes (by address range)."""
+    def extent(d):
+        # The simulator's device arrays wrap NumPy arrays and have only the host interface.
+        iface = getattr(d, "__cuda_array_interface__", None) or d.__array_interface__
+        start = iface["data"][0]
+        return start, start + d.nbytes
+
+    (a0, a1), (b0, b1) = extent(a), extent(b)
+    return a0 < b1 and b0 < a1
+
+
+def canonical_device(fn, name, x, axis):
+    """Check an input of the CUDA backend and view it in its canonical layout on the device.
+
+    GPU arrays (see :func:`is_device_array`) are viewed without copying and must be
+    C-contiguous; anything else goes through :func:`canonical_host` and is copied to
+    the device once. float16 is converted to a float32 device copy.
+    """
+    from numba import cuda
+    if not is_device_array(x):
+        cx = canonical_host(fn, name, x, axis)
+        return replace(cx, array=cuda.to_device(cx.array))
+    d = as_device(x)
+    check_float_dtype(fn, name, d.dtype)
+    axis, layout, cshape, C, m = layout_of(fn, name, tuple(d.shape), axis)
+    if not d.is_c_contiguous():
+        raise ValueError(
+            f"{fn}: {name} is a non-contiguous GPU array (strides {tuple(d.strides)}); "
+            "make it C-contiguous first (e.g. cupy.ascontiguousarray, tensor.contiguous())")
+    arr = d.reshape(cshape)
+    dt = compute_dtype(d.dtype)
+    if dt != d.dtype:
+        from . import config
+        from .kernels import cuda as cuda_kernels
+        converted = cuda.device_array(cshape, dt)
+        cuda_kernels.cast(arr, converted, config.CUDA_THREADS)
+        arr = converted
+    return Canonical(arr, layout, tuple(d.shape), axis, np.dtype(d.dtype), C, m)
+
+
+def check_device_param(fn, name, value, channels, dtype, *, inplace=False):
+    """:func:`check_param` for the CUDA backend; returns a device array.
+
+    GPU arrays are used in place (they must be C-contiguous); host arrays are
+    checked by :func:`check_param` and copied to the device (the caller copies
+    in-place parameters back). None gives an empty device array.
+    """
+    from numba import cuda
+    if not is_device_array(value):
+        return cuda.to_device(check_param(fn, name, value, channels, dtype, inplace=inplace))
+    d = as_device(value)
+    if tuple(d.shape) != (channels,):
+        raise ValueError(
+            f"{fn}: {name} must have shape ({channels},) (one value per channel), got shape {tuple(d.shape)}")
+    if d.dtype != dtype:
+        raise TypeError(f"{fn}: {name} must have dtype {dtype} to match the input, got {d.dtype}")
+    if not d.is_c_contiguous():
+        raise ValueError(f"{fn}: {name} must be a contiguous GPU array")
+    if inplace and _device_readonly(value):
+        raise ValueError(f"{fn}: {name} is updated in place but is read-only")
+    return d
+
+
+def check_device_out(fn, name, out, shape, dtype):
+    """:func:`check_out` for a GPU output; returns the numba device view of it."""
+    if not is_device_array(out):
+        raise TypeError(f"{fn}: {name} must be a GPU array like the input, got {describe(out)}")
+    d = as_device(out)
+    if tuple(d.shape) != tuple(shape):
+        raise ValueError(f"{fn}: {name} must have shape {tuple(shape)}, got {tuple(d.shape)}")
+    if d.dtype != dtype:
+        raise TypeError(f"{fn}: {name} must have dtype {dtype}, got {d.dtype}")
+    if not d.is_c_contiguous() or _device_readonly(out):
+        raise ValueError(f"{fn}: {name} must be a writeable C-contiguous array")
+    return d

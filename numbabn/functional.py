@@ -72,14 +72,26 @@ class BatchNormContext:
 
 def _choose_backend(fn, x, backend):
     if backend is None:
-        return "cuda" if hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray) else "cpu"
+        return "cuda" if V.is_device_array(x) else "cpu"
     if backend not in _BACKENDS:
         raise ValueError(f"{fn}: backend must be None, 'cpu' or 'cuda', got {backend!r}")
     return backend
 
 
-def _cuda_unavailable(fn):
-    raise NotImplementedError(f"{fn}: the CUDA backend is not available in this build")
+def _cuda():
+    """The CUDA glue, imported on first use: it imports numba.cuda."""
+    from . import _cuda_backend
+    return _cuda_backend
+
+
+def cuda_available():
+    """True when a real CUDA GPU is usable (False without one, and under the
+    CUDA simulator, where the CUDA backend still runs, slowly)."""
+    try:
+        from numba import cuda
+    except ImportError:
+        return False
+    return not cuda.config.ENABLE_CUDASIM and cuda.is_available()
 
 
 def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
@@ -106,6 +118,12 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
         not overlapping ``x``.
     backend : None (from the input type), "cpu" or "cuda".
 
+    CUDA backend (see :mod:`numbabn._cuda_backend`): GPU input (anything with
+    ``__cuda_array_interface__``) is used without copying and ``y`` is a numba device
+    array (or ``out``, a GPU array); NumPy input with ``backend="cuda"`` is copied
+    to the device and back. Running statistics may be GPU arrays (updated in place
+    on the device) or NumPy arrays (copied back in place after the kernels ran).
+
     On any error nothing is modified (running statistics, counter, ``out``).
     """
     fn = "batch_norm_forward"
@@ -119,7 +137,9 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
     if not training and running_mean is None:
         raise ValueError(f"{fn}: training=False uses running statistics, but running_mean/running_var are None")
     if backend == "cuda":
-        _cuda_unavailable(fn)
+        return _cuda().forward(fn, x, gamma, beta, running_mean, running_var, num_batches_tracked,
+                               training=training, momentum=momentum, eps=eps, axis=axis,
+                               relu=relu, out=out)
 
     cx = V.canonical_host(fn, "x", x, axis)
     dt = V.compute_dtype(cx.dtype)
@@ -129,19 +149,13 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
     rv = V.check_param(fn, "running_var", running_var, cx.channels, dt, inplace=True)
     nbt = V.check_counter(fn, num_batches_tracked)
     tracking = training and running_mean is not None
-    if training and cx.count <= 1:
-        raise ValueError(
-            f"{fn}: Expected more than 1 value per channel when training, got input of shape {cx.shape}")
-    if tracking and momentum is None and nbt is None:
-        raise ValueError(f"{fn}: momentum=None (cumulative average) needs num_batches_tracked")
+    V.check_training_batch(fn, cx, training, tracking, momentum, nbt)
     if out is not None:
         V.check_out(fn, "out", out, cx.shape, cx.dtype)
         if np.may_share_memory(out, x):
             raise ValueError(f"{fn}: out must not overlap x (the backward pass reads x)")
 
-    factor = 0.0
-    if tracking:
-        factor = momentum if momentum is not None else 1.0 / (int(nbt.flat[0]) + 1)
+    factor = V.resolve_momentum(tracking, momentum, nbt)
     if out is not None and cx.dtype == dt:
         y = out
     else:
@@ -168,18 +182,16 @@ def batch_norm_backward(dy, ctx, *, out=None):
     ``dy`` has the shape and dtype of the forward input; ``ctx`` is what
     :func:`batch_norm_forward` returned. Dispatches on ``ctx.backend``. ``dgamma``
     and ``dbeta`` are None where the forward had no gamma/beta. ``out`` optionally
-    receives dx (same rules as the forward's ``out``).
+    receives dx (same rules as the forward's ``out``). After a CUDA forward, GPU ``dy``
+    gives device arrays and NumPy ``dy`` gives NumPy arrays.
     """
     fn = "batch_norm_backward"
     if not isinstance(ctx, BatchNormContext):
         raise TypeError(f"{fn}: ctx must be the context returned by batch_norm_forward, got {V.describe(ctx)}")
     if ctx.backend == "cuda":
-        _cuda_unavailable(fn)
+        return _cuda().backward(fn, dy, ctx, out)
     cdy = V.canonical_host(fn, "dy", dy, ctx.axis)
-    if cdy.shape != ctx.shape:
-        raise ValueError(f"{fn}: dy must have the forward input's shape {ctx.shape}, got {cdy.shape}")
-    if cdy.dtype != ctx.dtype:
-        raise TypeError(f"{fn}: dy must have the forward input's dtype {ctx.dtype}, got {cdy.dtype}")
+    V.check_like_forward(fn, cdy, ctx)
     dt = V.compute_dtype(ctx.dtype)
     if out is not None:
         V.check_out(fn, "out", out, ctx.shape, ctx.dtype)
@@ -204,12 +216,13 @@ def moments(x, axis=1, *, backend=None):
     """Per-channel :class:`~numbabn.moments.Moments` (count, mean, m2) of ``x``.
 
     Exact two-pass statistics per chunk merged with Chan et al., float64. An input
-    with no values per channel gives ``Moments.empty(C)``.
+    with no values per channel gives ``Moments.empty(C)``. On the CUDA backend:
+    Welford per thread, Chan merges per block and across blocks; NumPy results.
     """
     fn = "moments"
     backend = _choose_backend(fn, x, backend)
     if backend == "cuda":
-        _cuda_unavailable(fn)
+        return _cuda().moments(fn, x, axis)
     cx = V.canonical_host(fn, "x", x, axis)
     if cx.count == 0:
         return Moments.empty(cx.channels)
