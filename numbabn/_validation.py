@@ -12,19 +12,22 @@ The CUDA backend uses :func:`canonical_device` and :func:`check_device_param`: t
 same rules and messages, with GPU arrays viewed on the device (numba.cuda is
 imported only there).
 """
-from dataclasses import dataclass, replace
-from math import prod
+from math import isfinite, prod
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 
-FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
+
+
+_FLOAT32 = np.dtype(np.float32)
 
 
 def compute_dtype(dtype):
     """float16 -> float32; float32/float64 unchanged."""
-    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+    dtype = np.dtype(dtype)
+    return _FLOAT32 if dtype.char == "e" else dtype
 
 
 def empty_param(dtype):
@@ -32,9 +35,12 @@ def empty_param(dtype):
     return _EMPTY[np.dtype(dtype)]
 
 
-@dataclass(frozen=True)
-class Canonical:
-    """An input viewed in its canonical layout (see module docstring)."""
+class Canonical(NamedTuple):
+    """An input viewed in its canonical layout (see module docstring).
+
+    A NamedTuple rather than a dataclass: one is built on every call, and the
+    per-call Python overhead decides the speed on tiny inputs.
+    """
 
     array: object        # (N, C, L) or (M, C), C-contiguous, compute dtype
     layout: str          # "ncl" or "mc"
@@ -53,7 +59,7 @@ def describe(value):
 
 
 def check_float_dtype(fn, name, dtype):
-    if np.dtype(dtype) not in FLOAT_DTYPES:
+    if np.dtype(dtype).char not in "efd":
         raise TypeError(
             f"{fn}: {name} must have a floating dtype (float16, float32 or float64), got {dtype}")
 
@@ -64,7 +70,7 @@ def layout_of(fn, name, shape, axis):
     if ndim < 2:
         raise ValueError(
             f"{fn}: {name} must have at least 2 dimensions (batch, channels, ...), got shape {tuple(shape)}")
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+    if type(axis) is not int and (isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral)):
         raise TypeError(f"{fn}: axis must be an int, got {describe(axis)}")
     if not -ndim <= axis < ndim:
         raise ValueError(f"{fn}: axis={axis} is out of range for {name} with {ndim} dimensions")
@@ -94,15 +100,18 @@ def canonical_host(fn, name, x, axis):
     if is_device_array(x):
         raise TypeError(
             f"{fn}: {name} is a GPU array ({type(x).__name__}) but backend='cpu' was requested")
-    if not isinstance(x, np.ndarray):
+    if type(x) is not np.ndarray:
         try:
             x = np.asarray(x)
         except Exception as exc:
             raise TypeError(f"{fn}: {name} must be an array, got {describe(x)}") from exc
     check_float_dtype(fn, name, x.dtype)
     axis, layout, cshape, C, m = layout_of(fn, name, x.shape, axis)
-    arr = np.ascontiguousarray(x, dtype=compute_dtype(x.dtype)).reshape(cshape)
-    return Canonical(arr, layout, tuple(x.shape), axis, np.dtype(x.dtype), C, m)
+    if x.flags.c_contiguous and x.dtype.char != "e":
+        arr = x.reshape(cshape)
+    else:
+        arr = np.ascontiguousarray(x, dtype=compute_dtype(x.dtype)).reshape(cshape)
+    return Canonical(arr, layout, x.shape, axis, x.dtype, C, m)
 
 
 def check_param(fn, name, value, channels, dtype, *, inplace=False):
@@ -149,8 +158,10 @@ def check_counter(fn, value):
 
 
 def check_eps(fn, eps):
+    if type(eps) is float and eps > 0 and isfinite(eps):
+        return eps
     if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real) or not eps > 0 \
-            or not np.isfinite(eps):
+            or not isfinite(eps):
         raise ValueError(f"{fn}: eps must be a finite number > 0, got {eps!r}")
     return float(eps)
 
@@ -158,6 +169,8 @@ def check_eps(fn, eps):
 def check_momentum(fn, momentum):
     if momentum is None:
         return None
+    if type(momentum) is float and 0.0 <= momentum <= 1.0:
+        return momentum
     if isinstance(momentum, (bool, np.bool_)) or not isinstance(momentum, numbers.Real) \
             or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"{fn}: momentum must be None or a number in [0, 1], got {momentum!r}")
@@ -257,7 +270,7 @@ def canonical_device(fn, name, x, axis):
     from numba import cuda
     if not is_device_array(x):
         cx = canonical_host(fn, name, x, axis)
-        return replace(cx, array=cuda.to_device(cx.array))
+        return cx._replace(array=cuda.to_device(cx.array))
     d = as_device(x)
     check_float_dtype(fn, name, d.dtype)
     axis, layout, cshape, C, m = layout_of(fn, name, tuple(d.shape), axis)
