@@ -1,0 +1,85 @@
+"""Element-wise activations. They hold no arrays, so they follow the input's dtype.
+
+=========  ==========================  ===========================
+layer      forward                     backward (g = dy)
+=========  ==========================  ===========================
+ReLU       y = max(x, 0)               dx = g * [x > 0]
+Sigmoid    y = 1 / (1 + exp(-x))       dx = g * y * (1 - y)
+Tanh       y = tanh(x)                 dx = g * (1 - y^2)
+=========  ==========================  ===========================
+"""
+import numpy as np
+
+from ..registry import register_layer
+from .base import Layer
+
+
+class _Elementwise(Layer):
+    """Forward keeps one array (the mask or the output) that backward maps with dy.
+
+    Outputs may be that kept array: do not modify them in place before backward.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._saved = None
+        self._out_dtype = None
+
+    def forward(self, x):
+        x = self._input(x)
+        self._out_dtype = x.dtype
+        y, self._saved = self._apply(x)
+        return y
+
+    def backward(self, dy):
+        saved = self._cached("_saved")
+        return self._grad(self._check_dy(dy, saved.shape, self._out_dtype), saved)
+
+    @classmethod
+    def _contract_example(cls, rng, dtype):
+        return cls(), rng.standard_normal((4, 3, 2)).astype(dtype)
+
+
+@register_layer("relu")
+class ReLU(_Elementwise):
+    """y = max(x, 0); dx = dy * [x > 0]. Any shape."""
+
+    @staticmethod
+    def _apply(x):
+        return np.maximum(x, 0), x > 0
+
+    @staticmethod
+    def _grad(dy, mask):
+        return dy * mask
+
+
+@register_layer("sigmoid")
+class Sigmoid(_Elementwise):
+    """y = 1 / (1 + exp(-x)); dx = dy * y * (1 - y). Any shape."""
+
+    @staticmethod
+    def _apply(x):
+        # 0.5 + 0.5*tanh(x/2) is the same function without exp overflow warnings
+        # for large |x|, and it stays in the input's dtype.
+        y = np.tanh(x * 0.5)
+        y *= 0.5
+        y += 0.5
+        return y, y
+
+    @staticmethod
+    def _grad(dy, y):
+        return dy * y * (1 - y)
+
+
+@register_layer("tanh")
+class Tanh(_Elementwise):
+    """y = tanh(x); dx = dy * (1 - y^2). Any shape."""
+
+    @staticmethod
+    def _apply(x):
+        y = np.tanh(x)
+        return y, y
+
+    @staticmethod
+    def _grad(dy, y):
+        return dy * (1 - y * y)

@@ -1,0 +1,238 @@
+"""The explicit (no autograd) layer contract: :class:`Parameter` and :class:`Layer`.
+
+A layer is a small object with a hand-written backward pass::
+
+    y  = layer.forward(x)      # caches what backward needs (the last input only)
+    dx = layer.backward(dy)    # dy has y's shape; sets every Parameter's .grad
+    layer.parameters()         # [Parameter(name, value, grad), ...], children included
+    layer.train() / .eval()    # both return the layer; .training tells the mode
+    layer.state_dict()         # {"0.weight": array, "1.running_mean": array, ...}
+    layer.load_state_dict(d)   # validated first, then copied in place
+
+``backward`` *sets* ``.grad`` (it does not accumulate): one forward, one backward,
+one gradient. ``optim.Optimizer.zero_grad`` sets grads to None so that a parameter a
+backward pass did not reach is skipped by the next step, as in PyTorch.
+
+State (parameters and buffers such as running statistics) lives in NumPy arrays that
+are updated in place and never replaced, so optimizers and callers can hold on to
+them. ``load_state_dict`` copies into those arrays.
+"""
+import numpy as np
+
+from .. import _validation as V
+
+
+class Parameter:
+    """A trainable array and its gradient.
+
+    ``name`` is the name inside its layer ("weight", "bias"); qualified names
+    ("0.weight") come from :meth:`Layer.named_parameters`. ``value`` is updated in
+    place by optimizers; ``grad`` is None until a backward pass sets it (same shape
+    and dtype as ``value``).
+    """
+
+    __slots__ = ("name", "value", "grad")
+
+    def __init__(self, name, value, grad=None):
+        self.name = name
+        self.value = value
+        self.grad = grad
+
+    def __repr__(self):
+        grad = "None" if self.grad is None else "set"
+        return f"Parameter(name={self.name!r}, shape={self.value.shape}, dtype={self.value.dtype}, grad={grad})"
+
+
+def check_layer_dtype(owner, dtype):
+    """The dtype a layer computes in: float32 or float64 (float16 has no layers)."""
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"{owner}: dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def check_positive_int(owner, name, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_rng(owner, rng):
+    """``None`` (fresh entropy) or a ``numpy.random.Generator``."""
+    if rng is None:
+        return np.random.default_rng()
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"{owner}: rng must be a numpy.random.Generator or None, got {V.describe(rng)}")
+    return rng
+
+
+class Layer:
+    """Base class. Subclasses implement ``forward`` and ``backward`` and declare
+    their state with :meth:`add_parameter`, :meth:`add_buffer` and :meth:`add_child`
+    (which also gives ``parameters``, ``state_dict``, ``train``/``eval`` and ``repr``
+    their order). A layer made for the registry also provides the classmethod
+    ``_contract_example(rng, dtype) -> (layer, x)`` used by the contract test.
+
+    Layers holding arrays compute in one ``dtype`` (float32 by default) and reject
+    inputs of another dtype instead of silently promoting them.
+    """
+
+    dtype = None     # None: the layer follows its input's dtype (activations, containers)
+
+    def __init__(self):
+        self.training = True
+        self._parameters = {}
+        self._buffers = {}
+        self._children = {}
+
+    # ------------------------------------------------------------ declaring state
+    def add_parameter(self, name, value):
+        """Register a trainable array; returns its :class:`Parameter`."""
+        param = Parameter(name, value)
+        self._parameters[name] = param
+        return param
+
+    def add_buffer(self, name, value):
+        """Register a non-trainable array saved in the state dict (running stats)."""
+        self._buffers[name] = value
+        return value
+
+    def add_child(self, name, layer):
+        if not isinstance(layer, Layer):
+            raise TypeError(f"{type(self).__name__}: child {name!r} must be a Layer, got {V.describe(layer)}")
+        self._children[name] = layer
+        return layer
+
+    # ------------------------------------------------------------ computation
+    def forward(self, x):
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward")
+
+    def backward(self, dy):
+        raise NotImplementedError(f"{type(self).__name__} does not implement backward")
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    @classmethod
+    def _contract_example(cls, rng, dtype):
+        """A small ``(layer, x)`` of ``dtype`` for the layer contract test."""
+        raise NotImplementedError(f"{cls.__name__} does not provide _contract_example(rng, dtype)")
+
+    # ------------------------------------------------------------ traversal
+    def children(self):
+        return list(self._children.values())
+
+    def named_parameters(self, prefix=""):
+        """``[(qualified_name, Parameter)]``: own parameters first, then children's."""
+        out = [(prefix + name, p) for name, p in self._parameters.items()]
+        for cname, child in self._children.items():
+            out.extend(child.named_parameters(f"{prefix}{cname}."))
+        return out
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self, prefix=""):
+        out = [(prefix + name, b) for name, b in self._buffers.items()]
+        for cname, child in self._children.items():
+            out.extend(child.named_buffers(f"{prefix}{cname}."))
+        return out
+
+    def _named_state(self, prefix=""):
+        # PyTorch's order: per layer its parameters, then its buffers, then children.
+        out = [(prefix + name, p.value) for name, p in self._parameters.items()]
+        out += [(prefix + name, b) for name, b in self._buffers.items()]
+        for cname, child in self._children.items():
+            out.extend(child._named_state(f"{prefix}{cname}."))
+        return out
+
+    def train(self, mode=True):
+        """Set training mode (recursively); returns ``self``."""
+        mode = V.check_bool(f"{type(self).__name__}.train", "mode", mode)
+        self.training = mode
+        for child in self._children.values():
+            child.train(mode)
+        return self
+
+    def eval(self):
+        """Set evaluation mode (recursively); returns ``self``."""
+        return self.train(False)
+
+    # ------------------------------------------------------------ state
+    def state_dict(self):
+        """``{qualified name: copy}`` of every parameter and buffer (NumPy arrays)."""
+        return {name: np.array(arr, copy=True) for name, arr in self._named_state()}
+
+    def load_state_dict(self, state):
+        """Copy ``state`` into the parameters and buffers, in place.
+
+        Keys must match exactly and each value must be a NumPy array of the same
+        shape and dtype. Everything is checked before anything is written, so on an
+        error the layer is unchanged.
+        """
+        fn = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state, dict):
+            raise TypeError(f"{fn}: state must be a dict of NumPy arrays, got {V.describe(state)}")
+        targets = dict(self._named_state())
+        missing = [k for k in targets if k not in state]
+        unexpected = [k for k in state if k not in targets]
+        if missing or unexpected:
+            raise ValueError(f"{fn}: keys do not match the layer (missing: {missing}, unexpected: {unexpected})")
+        for key, target in targets.items():
+            value = state[key]
+            if not isinstance(value, np.ndarray):
+                raise TypeError(f"{fn}: {key!r} must be a NumPy array, got {V.describe(value)}")
+            if value.shape != target.shape:
+                raise ValueError(f"{fn}: {key!r} must have shape {target.shape}, got {value.shape}")
+            if value.dtype != target.dtype:
+                raise TypeError(f"{fn}: {key!r} must have dtype {target.dtype}, got {value.dtype}")
+        for key, target in targets.items():
+            np.copyto(target, state[key])
+
+    # ------------------------------------------------------------ input checks
+    def _input(self, x):
+        """``x`` as a floating NumPy array; of the layer's dtype when it has one."""
+        if not isinstance(x, np.ndarray):
+            x = np.asarray(x)
+        if x.dtype.kind != "f":
+            raise TypeError(f"{self._short()}: input must be a floating-point array, got dtype {x.dtype}")
+        if self.dtype is not None and x.dtype != self.dtype:
+            raise TypeError(
+                f"{self._short()}: input must have the layer's dtype {self.dtype}, got {x.dtype} "
+                f"(convert the input, or build the layer with dtype={x.dtype.name})")
+        return x
+
+    def _shape_error(self, expected, x):
+        return ValueError(f"{self._short()}: expected input of shape {expected}, got {tuple(x.shape)}")
+
+    def _cached(self, attr):
+        """What forward cached; a clear error when backward comes first."""
+        value = getattr(self, attr, None)
+        if value is None:
+            raise RuntimeError(f"{self._short()}: backward called before forward")
+        return value
+
+    def _check_dy(self, dy, shape, dtype):
+        if not isinstance(dy, np.ndarray) or dy.shape != shape or dy.dtype != dtype:
+            raise ValueError(
+                f"{self._short()}: backward expects dy of the output's shape {shape} and dtype {dtype}, "
+                f"got {V.describe(dy)}")
+        return dy
+
+    # ------------------------------------------------------------ repr
+    def extra_repr(self):
+        """The constructor arguments shown inside ``Name(...)``."""
+        return ""
+
+    def _short(self):
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def __repr__(self):
+        if not self._children:
+            return self._short()
+        lines = [f"{type(self).__name__}("]
+        for name, child in self._children.items():
+            body = repr(child).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {body}")
+        lines.append(")")
+        return "\n".join(lines)

@@ -1,0 +1,185 @@
+"""Batch-norm layers: thin stateful wrappers around :mod:`numbabn.functional`.
+
+The layers hold the state (gamma, beta, running statistics, the batch counter) and
+call :func:`~numbabn.functional.batch_norm_forward` /
+:func:`~numbabn.functional.batch_norm_backward`; all the math lives there. Per
+channel c over its m values (Ioffe & Szegedy 2015, Alg. 1)::
+
+    mean = (1/m) sum x_i ;  var = (1/m) sum (x_i - mean)^2     (biased, normalises)
+    y_i  = gamma * (x_i - mean) / sqrt(var + eps) + beta       (then ReLU if fused)
+
+    running_mean <- (1 - momentum)*running_mean + momentum*mean
+    running_var  <- (1 - momentum)*running_var  + momentum*var*m/(m - 1)
+    momentum=None: cumulative average, momentum_t = 1/num_batches_tracked
+
+Which statistics normalise, as in PyTorch:
+
+=====================  =============================  ========================
+mode                   track_running_stats=True       track_running_stats=False
+=====================  =============================  ========================
+train()                batch stats; running updated   batch stats
+eval()                 running stats                  batch stats
+=====================  =============================  ========================
+"""
+import numpy as np
+
+from .. import _validation as V
+from ..functional import batch_norm_backward, batch_norm_forward
+from ..registry import register_layer
+from .base import Layer, check_layer_dtype, check_positive_int
+
+
+class BatchNormBase(Layer):
+    """Shared state and functional calls of the batch-norm layers; plugins that vary
+    batch norm (``numbabn_plugins``) subclass it too.
+
+    Parameters ``weight`` (gamma, ones) and ``bias`` (beta, zeros) of shape (C,) when
+    ``affine``; buffers ``running_mean`` (zeros), ``running_var`` (ones) and
+    ``num_batches_tracked`` (int64 scalar) when ``track_running_stats``.
+    ``activation="relu"`` fuses a ReLU into the same pass. This base accepts any
+    (N, C, ...) input with channels on axis 1.
+    """
+
+    axis = 1
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 activation=None, dtype=np.float32):
+        super().__init__()
+        owner = type(self).__name__
+        self.num_features = C = check_positive_int(owner, "num_features", num_features)
+        self.eps = V.check_eps(owner, eps)
+        self.momentum = V.check_momentum(owner, momentum)
+        V.check_activation(owner, activation)
+        self.activation = activation
+        self.affine = V.check_bool(owner, "affine", affine)
+        self.track_running_stats = V.check_bool(owner, "track_running_stats", track_running_stats)
+        self.dtype = check_layer_dtype(owner, dtype)
+        self.weight = self.add_parameter("weight", np.ones(C, self.dtype)) if affine else None
+        self.bias = self.add_parameter("bias", np.zeros(C, self.dtype)) if affine else None
+        self.running_mean = self.running_var = self.num_batches_tracked = None
+        if track_running_stats:
+            self._add_running_stats(C)
+        self._ctx = None
+
+    def _add_running_stats(self, C):
+        """Buffers of the running statistics; variants tracking other ones override it."""
+        self.running_mean = self.add_buffer("running_mean", np.zeros(C, self.dtype))
+        self.running_var = self.add_buffer("running_var", np.ones(C, self.dtype))
+        self.num_batches_tracked = self.add_buffer("num_batches_tracked", np.zeros((), np.int64))
+
+    # ------------------------------------------------------------ input
+    def _expected_shape(self):
+        return f"(N, {self.num_features}, ...)"
+
+    def _check_input(self, x):
+        x = self._input(x)
+        if x.ndim < 2 or x.shape[self.axis] != self.num_features:
+            raise self._shape_error(self._expected_shape(), x)
+        return x
+
+    # ------------------------------------------------------------ functional calls
+    @property
+    def uses_batch_stats(self):
+        """True when the forward normalises with the batch's statistics."""
+        return self.training or not self.track_running_stats
+
+    def _affine_values(self):
+        if self.affine:
+            return self.weight.value, self.bias.value
+        return None, None
+
+    def _bn_forward(self, x, gamma, beta, out=None):
+        """batch_norm_forward with this layer's state and settings -> (y, ctx)."""
+        return batch_norm_forward(
+            x, gamma, beta, running_mean=self.running_mean, running_var=self.running_var,
+            num_batches_tracked=self.num_batches_tracked, training=self.uses_batch_stats,
+            momentum=self.momentum, eps=self.eps, axis=self.axis, activation=self.activation, out=out)
+
+    def forward(self, x):
+        """y = BN(x) (see the module docstring); same shape and dtype as x."""
+        x = self._check_input(x)
+        y, self._ctx = self._bn_forward(x, *self._affine_values())
+        return y
+
+    def backward(self, dy):
+        """dx; sets weight.grad = sum g*xhat and bias.grad = sum g (per channel)."""
+        ctx = self._cached("_ctx")
+        dx, dgamma, dbeta = batch_norm_backward(self._check_dy(dy, ctx.shape, ctx.dtype), ctx)
+        if self.affine:
+            self.weight.grad = dgamma
+            self.bias.grad = dbeta
+        return dx
+
+    # ------------------------------------------------------------ repr / examples
+    def extra_repr(self):
+        text = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}")
+        if self.activation is not None:
+            text += f", activation={self.activation!r}"
+        return text
+
+    def _randomize_state(self, rng):
+        """Non-trivial gamma, beta and running statistics (for tests and examples)."""
+        C = self.num_features
+        if self.affine:
+            self.weight.value[...] = rng.uniform(0.5, 1.5, C)
+            self.bias.value[...] = rng.standard_normal(C)
+        for name, buf in self._buffers.items():
+            if name == "running_mean":
+                buf[...] = rng.standard_normal(C) * 0.3
+            elif buf.dtype.kind == "f":    # scales: running_var and the like
+                buf[...] = rng.uniform(0.5, 2.0, C)
+        return self
+
+
+@register_layer("batch_norm1d")
+class BatchNorm1d(BatchNormBase):
+    """Batch norm over (N, C) or (N, C, L) input (statistics over N, or N and L).
+
+    See :class:`BatchNormBase` for the arguments and the module docstring for the
+    formulas; ``torch.nn.BatchNorm1d`` has the same semantics.
+    """
+
+    def _expected_shape(self):
+        return f"(N, {self.num_features}) or (N, {self.num_features}, L)"
+
+    def _check_input(self, x):
+        x = super()._check_input(x)
+        if x.ndim > 3:
+            raise self._shape_error(self._expected_shape(), x)
+        return x
+
+    @classmethod
+    def _contract_example(cls, rng, dtype):
+        layer = cls(3, activation="relu", dtype=dtype)._randomize_state(rng)
+        return layer, (rng.standard_normal((5, 3, 2)) + 0.5).astype(dtype)
+
+
+@register_layer("batch_norm2d")
+class BatchNorm2d(BatchNormBase):
+    """Batch norm over images: NCHW, or NHWC with ``channels_last=True`` (statistics
+    over N, H and W per channel). Same semantics as ``torch.nn.BatchNorm2d``."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 activation=None, dtype=np.float32, channels_last=False):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, dtype)
+        self.channels_last = V.check_bool(type(self).__name__, "channels_last", channels_last)
+        self.axis = -1 if self.channels_last else 1
+
+    def _expected_shape(self):
+        C = self.num_features
+        return f"(N, H, W, {C}) (channels_last)" if self.channels_last else f"(N, {C}, H, W)"
+
+    def _check_input(self, x):
+        x = self._input(x)
+        if x.ndim != 4 or x.shape[self.axis] != self.num_features:
+            raise self._shape_error(self._expected_shape(), x)
+        return x
+
+    def extra_repr(self):
+        return super().extra_repr() + (", channels_last=True" if self.channels_last else "")
+
+    @classmethod
+    def _contract_example(cls, rng, dtype):
+        layer = cls(2, channels_last=True, dtype=dtype)._randomize_state(rng)
+        return layer, rng.standard_normal((2, 3, 2, 2)).astype(dtype)

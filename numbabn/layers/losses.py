@@ -1,0 +1,72 @@
+"""Losses: ``loss_fn(prediction, target) -> (loss, dprediction)``.
+
+The loss is a Python float, the mean over the batch; the gradient has the
+prediction's shape and dtype and is what the network's ``backward`` takes.
+"""
+import numpy as np
+
+from .. import _validation as V
+
+
+class _Loss:
+    def __call__(self, prediction, target):
+        return self.forward(prediction, target)
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+    def _prediction(self, prediction):
+        if not isinstance(prediction, np.ndarray) or prediction.dtype.kind != "f":
+            raise TypeError(f"{self!r}: prediction must be a floating-point NumPy array, "
+                            f"got {V.describe(prediction)}")
+        return prediction
+
+
+class SoftmaxCrossEntropy(_Loss):
+    """Mean cross-entropy of softmax(logits) against integer class labels.
+
+    logits z (N, K), labels t (N,) in [0, K)::
+
+        loss    = (1/N) sum_n [ logsumexp(z_n) - z_n[t_n] ]
+        dlogits = (softmax(z) - onehot(t)) / N
+
+    logsumexp(z) = max(z) + log(sum exp(z - max(z))) never overflows.
+    """
+
+    def forward(self, logits, labels):
+        z = self._prediction(logits)
+        if z.ndim != 2:
+            raise ValueError(f"{self!r}: logits must have shape (N, K), got {z.shape}")
+        N, K = z.shape
+        t = np.asarray(labels)
+        if t.shape != (N,) or t.dtype.kind not in "iu":
+            raise ValueError(f"{self!r}: labels must be integers of shape ({N},), got {V.describe(t)}")
+        if N and (t.min() < 0 or t.max() >= K):
+            raise ValueError(f"{self!r}: labels must lie in [0, {K}), got values in [{t.min()}, {t.max()}]")
+        shifted = z - z.max(axis=1, keepdims=True)
+        p = np.exp(shifted)
+        total = p.sum(axis=1, keepdims=True)
+        rows = np.arange(N)
+        loss = float(np.mean(np.log(total[:, 0]) - shifted[rows, t]))
+        p /= total
+        p[rows, t] -= 1
+        p /= N
+        return loss, p
+
+
+class MSELoss(_Loss):
+    """Mean squared error over all elements (PyTorch's reduction='mean')::
+
+        loss = (1/S) sum (pred - target)^2      S = pred.size
+        dpred = 2 (pred - target) / S
+    """
+
+    def forward(self, prediction, target):
+        pred = self._prediction(prediction)
+        target = np.asarray(target)
+        if target.shape != pred.shape:
+            raise ValueError(f"{self!r}: target must have the prediction's shape {pred.shape}, got {target.shape}")
+        diff = pred - target.astype(pred.dtype, copy=False)
+        loss = float(np.mean(diff * diff, dtype=np.float64))
+        diff *= 2.0 / pred.size
+        return loss, diff

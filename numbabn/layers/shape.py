@@ -1,0 +1,33 @@
+"""Layers that only change the shape of their input."""
+from math import prod
+
+from ..registry import register_layer
+from .base import Layer
+
+
+@register_layer("flatten")
+class Flatten(Layer):
+    """(N, d1, d2, ...) -> (N, d1*d2*...); backward reshapes dy back.
+
+    Follows the input's dtype. The output is a view of the input when it can be.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._in = None
+
+    def forward(self, x):
+        x = self._input(x)
+        if x.ndim < 2:
+            raise self._shape_error("(N, d1, ...) with at least 2 dimensions", x)
+        self._in = (x.shape, x.dtype)
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy):
+        shape, dtype = self._cached("_in")
+        dy = self._check_dy(dy, (shape[0], prod(shape[1:])), dtype)
+        return dy.reshape(shape)
+
+    @classmethod
+    def _contract_example(cls, rng, dtype):
+        return cls(), rng.standard_normal((3, 2, 2, 3)).astype(dtype)

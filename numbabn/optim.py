@@ -1,0 +1,219 @@
+"""Optimizers with PyTorch's update rules, on :class:`~numbabn.layers.Parameter` lists.
+
+``step()`` updates ``Parameter.value`` in place from ``Parameter.grad``; parameters
+whose grad is None are skipped (``zero_grad()`` sets every grad to None). State is
+per parameter and can be inspected, copied and restored, and ``step(params)`` applies
+the real update (momentum / Adam moments and step counts included) to a subset only.
+That is what the internal-covariate-shift probe needs (DESIGN §5)::
+
+    saved_model, saved_opt = model.state_dict(), opt.state_dict()
+    opt.step(model[:i].parameters())      # the real update, layers before i only
+    ...                                   # recompute the gradient of layer i
+    model.load_state_dict(saved_model); opt.load_state_dict(saved_opt)
+
+Updates stay in the parameters' dtype (float32 parameters get float32 state).
+"""
+import numbers
+
+import numpy as np
+
+from . import _validation as V
+from .layers.base import Parameter
+
+
+def _real(fn, name, value, *, low=0.0, high=None, low_open=False, high_open=True):
+    ok = (not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Real) and np.isfinite(value)
+          and (value > low if low_open else value >= low)
+          and (high is None or (value < high if high_open else value <= high)))
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = "inf)" if high is None else (f"{high})" if high_open else f"{high}]")
+        raise ValueError(f"{fn}: {name} must be a finite number in {lo}{low}, {hi}, got {value!r}")
+    return float(value)
+
+
+class Optimizer:
+    """Base: holds the parameter list and per-parameter state; subclasses define
+    ``_hyperparameters(...)`` (validation) and ``_update(value, grad, state)``."""
+
+    HYPERPARAMETERS = ()   # the settings, as attributes (assignable, e.g. for a lr schedule)
+    STATE_KEYS = ()        # the arrays (and counters) one parameter's state may hold
+
+    def __init__(self, params, **hyperparameters):
+        fn = type(self).__name__
+        params = list(params)
+        if not params:
+            raise ValueError(f"{fn}: params is empty")
+        for p in params:
+            if not isinstance(p, Parameter):
+                raise TypeError(f"{fn}: params must be Parameters (layer.parameters()), got {V.describe(p)}")
+        self._index = {id(p): i for i, p in enumerate(params)}
+        if len(self._index) != len(params):
+            raise ValueError(f"{fn}: params contains the same Parameter more than once")
+        self.params = params
+        self.state = [{} for _ in params]
+        self.__dict__.update(self._hyperparameters(**hyperparameters))
+
+    def zero_grad(self):
+        """Set every managed parameter's grad to None (it is skipped until set again)."""
+        for p in self.params:
+            p.grad = None
+
+    def step(self, params=None):
+        """Apply one update to each parameter with a gradient: all managed ones, or only
+        those in ``params`` (a subset of the managed parameters)."""
+        fn = f"{type(self).__name__}.step"
+        if params is None:
+            indices = range(len(self.params))
+        else:
+            indices = []
+            for p in params:
+                i = self._index.get(id(p))
+                if i is None:
+                    raise ValueError(f"{fn}: {p!r} is not managed by this optimizer")
+                indices.append(i)
+        for i in indices:
+            p = self.params[i]
+            grad = p.grad
+            if grad is None:
+                continue
+            if not isinstance(grad, np.ndarray) or grad.shape != p.value.shape or grad.dtype != p.value.dtype:
+                raise ValueError(f"{fn}: the grad of {p!r} must be an array of its value's shape "
+                                 f"{p.value.shape} and dtype {p.value.dtype}, got {V.describe(grad)}")
+            self._update(p.value, grad, self.state[i])
+
+    # ------------------------------------------------------------ state
+    def hyperparameters(self):
+        return {name: getattr(self, name) for name in self.HYPERPARAMETERS}
+
+    def state_dict(self):
+        """``{"hyperparameters": {...}, "state": [per-parameter dict]}``, deep-copied;
+        list position = position in ``params``."""
+        return {"hyperparameters": self.hyperparameters(),
+                "state": [{k: np.array(v, copy=True) if isinstance(v, np.ndarray) else v for k, v in s.items()}
+                          for s in self.state]}
+
+    def load_state_dict(self, state_dict):
+        """Restore a :meth:`state_dict` (copied). Checked completely first; on error
+        nothing changes."""
+        fn = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, dict) or set(state_dict) != {"hyperparameters", "state"}:
+            raise ValueError(f"{fn}: expected a dict with keys 'hyperparameters' and 'state', "
+                             f"got {V.describe(state_dict)}")
+        hyper = state_dict["hyperparameters"]
+        if not isinstance(hyper, dict) or set(hyper) != set(self.HYPERPARAMETERS):
+            raise ValueError(f"{fn}: hyperparameters must have the keys {list(self.HYPERPARAMETERS)}, "
+                             f"got {V.describe(hyper)}")
+        hyper = self._hyperparameters(**hyper)
+        states = state_dict["state"]
+        if not isinstance(states, list) or len(states) != len(self.params):
+            raise ValueError(f"{fn}: state must be a list with one dict per parameter ({len(self.params)}), "
+                             f"got {V.describe(states)}")
+        new = []
+        for i, (p, s) in enumerate(zip(self.params, states)):
+            if not isinstance(s, dict) or (s and set(s) != set(self.STATE_KEYS)):
+                raise ValueError(f"{fn}: state[{i}] must be an empty dict or one with exactly the keys "
+                                 f"{self.STATE_KEYS}, got {V.describe(s)}")
+            entry = {}
+            for key, value in s.items():
+                if key == "step":
+                    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                        raise ValueError(f"{fn}: state[{i}]['step'] must be an int >= 0, got {value!r}")
+                    entry[key] = int(value)
+                elif (not isinstance(value, np.ndarray) or value.shape != p.value.shape
+                      or value.dtype != p.value.dtype):
+                    raise ValueError(f"{fn}: state[{i}][{key!r}] must be an array of the parameter's shape "
+                                     f"{p.value.shape} and dtype {p.value.dtype}, got {V.describe(value)}")
+                else:
+                    entry[key] = value.copy()
+            new.append(entry)
+        self.__dict__.update(hyper)
+        self.state = new
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({len(self.params)} parameters, {args})"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum (PyTorch's ``torch.optim.SGD``,
+    dampening 0). Per parameter p with gradient g::
+
+        g <- g + weight_decay * p
+        b <- g                      (first step)      b <- momentum*b + g   (later)
+        g <- g + momentum*b  if nesterov  else  b     (only when momentum > 0)
+        p <- p - lr * g
+
+    State: "momentum_buffer" (b) once a step has run with momentum > 0.
+    """
+
+    HYPERPARAMETERS = ("lr", "momentum", "nesterov", "weight_decay")
+    STATE_KEYS = ("momentum_buffer",)
+
+    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+
+    def _hyperparameters(self, lr, momentum, nesterov, weight_decay):
+        fn = type(self).__name__
+        out = dict(lr=_real(fn, "lr", lr), momentum=_real(fn, "momentum", momentum),
+                   nesterov=V.check_bool(fn, "nesterov", nesterov),
+                   weight_decay=_real(fn, "weight_decay", weight_decay))
+        if out["nesterov"] and out["momentum"] == 0:
+            raise ValueError(f"{fn}: nesterov=True needs momentum > 0")
+        return out
+
+    def _update(self, value, grad, state):
+        if self.weight_decay:
+            grad = grad + self.weight_decay * value
+        if self.momentum:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = grad.copy()
+            else:
+                buf *= self.momentum
+                buf += grad
+            grad = grad + self.momentum * buf if self.nesterov else buf
+        value -= self.lr * grad
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba 2015) as ``torch.optim.Adam`` (L2 weight decay added to the
+    gradient, not decoupled; no amsgrad). Per parameter p, step t = 1, 2, ...::
+
+        g <- g + weight_decay * p
+        m <- beta1*m + (1 - beta1)*g          v <- beta2*v + (1 - beta2)*g^2
+        p <- p - lr/(1 - beta1^t) * m / (sqrt(v)/sqrt(1 - beta2^t) + eps)
+
+    State: "step" (t, an int), "exp_avg" (m), "exp_avg_sq" (v).
+    """
+
+    HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
+    STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    def _hyperparameters(self, lr, betas, eps, weight_decay):
+        fn = type(self).__name__
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{fn}: betas must be a pair (beta1, beta2), got {betas!r}")
+        return dict(lr=_real(fn, "lr", lr),
+                    betas=(_real(fn, "betas[0]", betas[0], high=1.0), _real(fn, "betas[1]", betas[1], high=1.0)),
+                    eps=_real(fn, "eps", eps, low_open=True),
+                    weight_decay=_real(fn, "weight_decay", weight_decay))
+
+    def _update(self, value, grad, state):
+        beta1, beta2 = self.betas
+        if self.weight_decay:
+            grad = grad + self.weight_decay * value
+        if not state:
+            state.update(step=0, exp_avg=np.zeros_like(value), exp_avg_sq=np.zeros_like(value))
+        state["step"] = t = state["step"] + 1
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m += (1 - beta1) * (grad - m)            # = beta1*m + (1-beta1)*g, PyTorch's lerp form
+        v *= beta2
+        v += (1 - beta2) * grad * grad
+        denom = np.sqrt(v)
+        denom /= np.sqrt(1 - beta2 ** t)
+        denom += self.eps
+        value -= (self.lr / (1 - beta1 ** t)) * (m / denom)

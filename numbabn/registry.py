@@ -1,0 +1,144 @@
+"""Layer registry: names -> layer classes, built-in and from plugins.
+
+Three ways in, one table::
+
+    @register_layer("my_norm")           # in-process (scripts, notebooks, numbabn itself)
+    class MyNorm(Layer): ...
+
+    # or, in a distribution's pyproject.toml (discovered by importlib.metadata):
+    [project.entry-points."numbabn.layers"]
+    my_norm = "my_package.module:MyNorm"
+
+    layer = get_layer("my_norm", num_features=16)
+    available_layers()   # {"batch_norm1d": "builtin", "my_norm": "my-dist 1.0 (my_package.module:MyNorm)", ...}
+
+Discovery is lazy and runs once: the first lookup imports the built-in layers
+(:mod:`numbabn.layers`, which register themselves) and loads every entry point of
+the group ``numbabn.layers``. A plugin that fails to load (import error, not a
+Layer, name clash) produces one warning naming it and is skipped; it never breaks
+``import numbabn`` or the other layers.
+"""
+import importlib
+import importlib.metadata
+import threading
+import warnings
+
+ENTRY_POINT_GROUP = "numbabn.layers"
+
+_registry = {}          # name -> (class, origin)
+_discovered = False
+_lock = threading.RLock()   # re-entrant: a plugin module may itself look layers up while loading
+
+
+class UnknownLayerError(KeyError):
+    """Raised for a name nothing registered; the message lists what is available."""
+
+    def __str__(self):   # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
+def _check_name(fn, name):
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"{fn}: name must be a Python identifier string such as 'batch_norm1d', got {name!r}")
+    return name
+
+
+def _is_layer_class(obj):
+    from .layers.base import Layer
+
+    return isinstance(obj, type) and issubclass(obj, Layer)
+
+
+def _add(name, cls, origin):
+    """Register; the same class under the same name again is a no-op. Returns the
+    error message on a clash (the caller decides: raise or warn)."""
+    current = _registry.get(name)
+    if current is not None and current[0] is not cls:
+        return (f"the name {name!r} is already registered to {current[0].__module__}.{current[0].__qualname__} "
+                f"({current[1]})")
+    if current is None:
+        _registry[name] = (cls, origin)
+    return None
+
+
+def register_layer(name):
+    """Class decorator: register a :class:`~numbabn.layers.Layer` subclass as ``name``.
+
+    The origin shown by :func:`available_layers` is "builtin" for numbabn's own
+    layers and the defining module otherwise. Registering a different class under a
+    taken name raises ValueError.
+    """
+    fn = "register_layer"
+    _check_name(fn, name)
+
+    def decorator(cls):
+        if not _is_layer_class(cls):
+            raise TypeError(f"{fn}({name!r}): expected a Layer subclass, got {cls!r}")
+        module = cls.__module__
+        origin = "builtin" if module == "numbabn" or module.startswith("numbabn.") else module
+        with _lock:
+            clash = _add(name, cls, origin)
+        if clash:
+            raise ValueError(f"{fn}: {clash}")
+        return cls
+
+    return decorator
+
+
+def _load_entry_points():
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "unknown distribution"
+        label = f"layer plugin {ep.name!r} = {ep.value!r} from {dist}"
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken plugin must never break numbabn
+            warnings.warn(f"numbabn: could not load {label}: {type(exc).__name__}: {exc}",
+                          RuntimeWarning, stacklevel=4)
+            continue
+        if not _is_layer_class(obj):
+            warnings.warn(f"numbabn: skipped {label}: it is {obj!r}, not a numbabn Layer subclass",
+                          RuntimeWarning, stacklevel=4)
+            continue
+        if not ep.name.isidentifier():
+            warnings.warn(f"numbabn: skipped {label}: the name is not a Python identifier",
+                          RuntimeWarning, stacklevel=4)
+            continue
+        clash = _add(ep.name, obj, f"{dist} ({ep.value})")
+        if clash:
+            warnings.warn(f"numbabn: skipped {label}: {clash}", RuntimeWarning, stacklevel=4)
+
+
+def _ensure_discovered():
+    global _discovered
+    if _discovered:
+        return
+    with _lock:
+        if _discovered:
+            return
+        # Set first so that a plugin looking layers up while it loads does not recurse.
+        _discovered = True
+        importlib.import_module("numbabn.layers")    # built-ins register on import
+        _load_entry_points()
+
+
+def available_layers():
+    """``{name: origin}`` of every registered layer, sorted by name. Origin is
+    "builtin", the module of an in-process registration, or
+    "<distribution> <version> (<module>:<attr>)" for an entry point."""
+    _ensure_discovered()
+    return {name: _registry[name][1] for name in sorted(_registry)}
+
+
+def layer_class(name):
+    """The class registered as ``name`` (:class:`UnknownLayerError`, a KeyError
+    listing the available names, if there is none)."""
+    _ensure_discovered()
+    entry = _registry.get(name)
+    if entry is None:
+        raise UnknownLayerError(f"numbabn: unknown layer {name!r}; available: {', '.join(sorted(_registry))}")
+    return entry[0]
+
+
+def get_layer(name, *args, **kwargs):
+    """Construct the layer registered as ``name``: ``layer_class(name)(*args, **kwargs)``."""
+    return layer_class(name)(*args, **kwargs)

@@ -1,0 +1,119 @@
+"""Batch Renormalization (Ioffe 2017, "Batch Renormalization: Towards Reducing
+Minibatch Dependence in Batch-Normalized Models", NeurIPS, Algorithm 1)."""
+import numpy as np
+
+from numbabn.functional import batch_norm_backward, moments
+from numbabn.layers import BatchNormBase
+
+
+def _ramp(t, start, end):
+    """0 before ``start``, 1 from ``end`` on, linear in between."""
+    if t < start:
+        return 0.0
+    if t >= end:
+        return 1.0
+    return (t - start) / (end - start)
+
+
+class BatchRenorm(BatchNormBase):
+    """Batch norm corrected towards the running statistics (Ioffe 2017, Alg. 1).
+
+    Training, per channel over the m values of the batch (mu, sigma: running)::
+
+        sigma_B = sqrt(var_B + eps)            sigma = sqrt(running_var + eps)
+        r = clip(sigma_B / sigma, 1/rmax, rmax)
+        d = clip((mu_B - mu) / sigma, -dmax, dmax)
+        y = gamma * ((x - mu_B)/sigma_B * r + d) + beta          (then ReLU if fused)
+
+    r and d are treated as constants in the backward pass (no gradient through them),
+    as in the paper. With r = 1, d = 0 this is batch norm. Eval mode is plain batch
+    norm with the running statistics, which is what the correction makes training
+    agree with.
+
+    Warm-up (paper §4): rmax = 1 and dmax = 0 for the first ``relax_from`` training
+    steps, then linearly relaxed to reach ``rmax`` at step ``rmax_until`` and ``dmax``
+    at step ``dmax_until`` (paper: 5000, 40k, 25k). The step is
+    ``num_batches_tracked`` before the update.
+
+    Implementation: the forward is ``batch_norm_forward`` with gamma' = gamma*r and
+    beta' = gamma*d + beta (r, d from ``moments`` and the running statistics before
+    this step's update), so the kernel's backward is exactly the constant-(r, d)
+    gradient: dgamma = r*dgamma' + d*dbeta', dbeta = dbeta'.
+
+    Running statistics follow numbabn's (PyTorch's) rule on mean and unbiased
+    variance, not the paper's moving average of sigma; sigma is derived from
+    running_var. They are always tracked (the correction needs them).
+
+    Input (N, C, ...), channels on axis 1.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, activation=None, dtype=np.float32,
+                 rmax=3.0, dmax=5.0, relax_from=5000, rmax_until=40000, dmax_until=25000):
+        super().__init__(num_features, eps, momentum, affine, True, activation, dtype)
+        owner = type(self).__name__
+        if not (isinstance(rmax, (int, float)) and rmax >= 1):
+            raise ValueError(f"{owner}: rmax must be a number >= 1, got {rmax!r}")
+        if not (isinstance(dmax, (int, float)) and dmax >= 0):
+            raise ValueError(f"{owner}: dmax must be a number >= 0, got {dmax!r}")
+        for name, value in (("relax_from", relax_from), ("rmax_until", rmax_until), ("dmax_until", dmax_until)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{owner}: {name} must be an int >= 0, got {value!r}")
+        if rmax_until < relax_from or dmax_until < relax_from:
+            raise ValueError(f"{owner}: rmax_until and dmax_until must be >= relax_from, "
+                             f"got {rmax_until}, {dmax_until} < {relax_from}")
+        self.rmax, self.dmax = float(rmax), float(dmax)
+        self.relax_from, self.rmax_until, self.dmax_until = relax_from, rmax_until, dmax_until
+        self._rd = None
+
+    def limits(self):
+        """(rmax, dmax) in force for the next training step."""
+        t = int(self.num_batches_tracked)
+        return (1.0 + (self.rmax - 1.0) * _ramp(t, self.relax_from, self.rmax_until),
+                self.dmax * _ramp(t, self.relax_from, self.dmax_until))
+
+    def forward(self, x):
+        x = self._check_input(x)
+        if not self.training:
+            self._rd = None
+            return super().forward(x)
+        batch = moments(x, axis=self.axis)
+        if batch.count <= 1:
+            raise ValueError(f"{self._short()}: training needs more than 1 value per channel, got input "
+                             f"of shape {x.shape}")
+        sigma_b = np.sqrt(batch.var() + self.eps)
+        sigma = np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        rmax, dmax = self.limits()
+        r = np.clip(sigma_b / sigma, 1.0 / rmax, rmax)
+        d = np.clip((batch.mean - self.running_mean) / sigma, -dmax, dmax)
+        gamma, beta = self._affine_values()
+        if gamma is None:
+            gamma, beta = 1.0, 0.0
+        y, self._ctx = self._bn_forward(x, (gamma * r).astype(self.dtype), (gamma * d + beta).astype(self.dtype))
+        self._rd = (r, d)
+        return y
+
+    def backward(self, dy):
+        ctx = self._cached("_ctx")
+        dx, dgamma, dbeta = batch_norm_backward(self._check_dy(dy, ctx.shape, ctx.dtype), ctx)
+        if self.affine:
+            if self._rd is not None:
+                r, d = self._rd
+                dgamma = (r * dgamma + d * dbeta).astype(self.dtype)
+            self.weight.grad = dgamma
+            self.bias.grad = dbeta
+        return dx
+
+    def extra_repr(self):
+        return (super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}, relax_from={self.relax_from}, "
+                f"rmax_until={self.rmax_until}, dmax_until={self.dmax_until}")
+
+    @classmethod
+    def _contract_example(cls, rng, dtype):
+        # Limits in force from step 0, and running statistics far from the batch's so
+        # that r and d sit on their clip bounds: there the constant-(r, d) backward is
+        # the true gradient, which the finite-difference check can verify.
+        layer = cls(3, dtype=dtype, rmax=1.5, dmax=0.5, relax_from=0, rmax_until=0, dmax_until=0)
+        layer._randomize_state(rng)
+        layer.running_var[...] = 25.0
+        layer.running_mean[...] = [10.0, -10.0, 10.0]
+        return layer, rng.standard_normal((6, 3, 2)).astype(dtype)

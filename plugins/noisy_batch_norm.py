@@ -1,0 +1,62 @@
+"""Noisy batch norm (Santurkar, Tsipras, Ilyas & Madry 2018, "How Does Batch
+Normalization Help Optimization?", NeurIPS, Section 2.1 and Appendix A.2.1)."""
+import numpy as np
+
+from numbabn.functional import batch_norm_backward
+from numbabn.layers import BatchNormBase
+from numbabn.layers.base import check_rng
+
+
+class NoisyBatchNorm(BatchNormBase):
+    """Batch norm followed by time-varying, non-zero-mean, non-unit-variance noise,
+    the paper's test of whether BN works by controlling activation distributions.
+
+    Training step t, per unit (channel) c, then per element i of that channel::
+
+        a_i   = BN(x)_i                                  (batch norm with gamma, beta)
+        mu_t  ~ U(-0.5, 0.5)       sigma_t ~ U(1, 1.25)   (drawn once per unit per step)
+        m_i   ~ U(mu_t - 0.1, mu_t + 0.1)                 (per element)
+        s_i   ~ N(sigma_t, 0.1)                           (per element, std 0.1)
+        y_i   = s_i * a_i + m_i
+
+    Backward passes through the multiplicative noise (the noise is a constant of
+    the step): dBN = dy * s, then the batch-norm backward. Eval mode is plain batch
+    norm: the noise perturbs training only.
+
+    Draws come from ``rng`` (a numpy Generator; None for fresh entropy), in the
+    layer's dtype. Input (N, C, ...), channels on axis 1.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 dtype=np.float32, rng=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, None, dtype)
+        self.rng = check_rng(type(self).__name__, rng)
+        self._scale = None
+
+    def forward(self, x):
+        y = super().forward(x)
+        if not self.training:
+            self._scale = None
+            return y
+        rng, dt = self.rng, self.dtype
+        unit = (1, self.num_features) + (1,) * (y.ndim - 2)     # broadcast over all but channels
+        mu_t = (rng.random(unit, dtype=dt) - 0.5)
+        sigma_t = 1 + 0.25 * rng.random(unit, dtype=dt)
+        m = mu_t + 0.2 * rng.random(y.shape, dtype=dt) - 0.1
+        s = sigma_t + 0.1 * rng.standard_normal(y.shape, dtype=dt)
+        y *= s
+        y += m
+        self._scale = s
+        return y
+
+    def backward(self, dy):
+        ctx = self._cached("_ctx")
+        dy = self._check_dy(dy, ctx.shape, ctx.dtype)
+        if self._scale is not None:
+            dy = dy * self._scale
+        return super().backward(dy)
+
+    @classmethod
+    def _contract_example(cls, rng, dtype):
+        layer = cls(3, dtype=dtype, rng=np.random.default_rng(rng.integers(2**32)))._randomize_state(rng)
+        return layer, rng.standard_normal((5, 3, 2)).astype(dtype)
