@@ -1,0 +1,246 @@
+"""``BatchNormTransformer``: batch-norm inference as a scikit-learn transformer.
+
+Per feature j, with statistics ``mean_[j]`` and ``var_[j]`` learnt by ``fit`` /
+``partial_fit``::
+
+    transform:          y = gamma * (x - mean_) / sqrt(var_ + eps) + beta
+    inverse_transform:  x = (y - beta) * sqrt(var_ + eps) / gamma + mean_
+
+``transform`` is the eval-mode pass of :func:`numbabn.batch_norm_forward`
+(``training=False``, ``running_mean=mean_``, ``running_var=var_``): the Numba
+kernel folds it into one multiply-add per element, ``y = a*x + b`` with
+``a = gamma/sqrt(var_ + eps)`` and ``b = beta - mean_*a`` (computed in float64).
+
+Two ways to learn the statistics:
+
+* ``momentum=None`` (exact): every batch is summarised by
+  :func:`numbabn.moments` as ``Moments(n, mean, m2)`` and merged into the running
+  summary with :func:`numbabn.merge_moments` (Chan et al.)::
+
+      n = na + nb;  delta = mean_b - mean_a
+      mean = mean_a + delta*nb/n;  m2 = m2_a + m2_b + delta**2 * na*nb/n
+
+  so ``partial_fit`` over any split of the data gives the statistics of the
+  concatenation, to float64 rounding; ``var_ = m2/n`` (biased, like StandardScaler).
+
+* ``momentum=m`` (a float in (0, 1]): an exponential moving average, exactly the
+  running statistics of a batch-norm layer (PyTorch's convention), starting from
+  ``mean_ = 0`` and ``var_ = 1``; per batch of n >= 2 samples::
+
+      mean_ <- (1 - m)*mean_ + m*mean_batch
+      var_  <- (1 - m)*var_  + m*var_batch*n/(n - 1)       (unbiased batch variance)
+
+``fit(X)`` forgets previous statistics and is one ``partial_fit(X)``.
+"""
+import numbers
+
+import numpy as np
+from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
+from sklearn.utils import check_array
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from ..functional import batch_norm_forward, moments
+from ..stats import Moments, merge_moments
+
+FLOAT_DTYPES = (np.float64, np.float32)
+
+# Rows per kernel call in in-place transforms (copy=False): about this many values,
+# so the temporary output stays a few MB however large X is.
+_INPLACE_VALUES = 1 << 20
+
+# Fitted attributes that validate_data(reset=True) may write before it rejects X.
+_NAME_ATTRS = ("n_features_in_", "feature_names_in_")
+
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
+    """Batch-norm inference as a transformer (see the module docstring for the math).
+
+    Parameters
+    ----------
+    eps : float > 0, default 1e-5
+        Added to the variance: ``y = gamma*(x - mean_)/sqrt(var_ + eps) + beta``.
+    momentum : None or float in (0, 1], default None
+        None: exact statistics of all data seen (Chan merge of batch moments).
+        A float: exponential moving average of the batch statistics, like a
+        batch-norm layer's running statistics (initial mean 0, variance 1).
+    gamma, beta : float or array of shape (n_features,), default 1.0 and 0.0
+        Scale and shift applied after normalising.
+    copy : bool, default True
+        False: ``transform`` and ``inverse_transform`` write their result into ``X``
+        and return it when ``X`` is a writeable float32/float64 NumPy array
+        (otherwise a new array is returned, as with ``copy=True``). ``X`` is never
+        modified when ``copy=True``.
+
+    Attributes
+    ----------
+    mean_, var_ : ndarray of shape (n_features,), float64
+        The statistics ``transform`` uses. ``var_`` is the biased variance (m2/n) for
+        ``momentum=None``, the moving average of unbiased batch variances otherwise.
+    n_samples_seen_ : int
+        Samples seen since the last ``fit``.
+    n_features_in_, feature_names_in_ : as in scikit-learn.
+
+    Input of dtype float32 gives float32 output (float64 for any other dtype);
+    NaN, infinity and sparse input are rejected. A call that raises (bad input or
+    parameters) leaves the fitted state as it was.
+    """
+
+    def __init__(self, eps=1e-5, momentum=None, gamma=1.0, beta=0.0, copy=True):
+        self.eps = eps
+        self.momentum = momentum
+        self.gamma = gamma
+        self.beta = beta
+        self.copy = copy
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+    # ------------------------------------------------------------ parameters
+    def _check_params(self, n_features):
+        """Validated (eps, momentum, gamma, beta); gamma and beta as float64 (n_features,)."""
+        name = type(self).__name__
+        eps, momentum = self.eps, self.momentum
+        if not _is_real(eps) or not (np.isfinite(eps) and eps > 0):
+            raise ValueError(f"{name}: eps must be a finite number > 0, got {eps!r}")
+        if momentum is not None and (not _is_real(momentum) or not 0 < momentum <= 1):
+            raise ValueError(
+                f"{name}: momentum must be None (exact statistics) or a number in (0, 1], got {momentum!r}")
+        affine = [self._check_affine(name, p, getattr(self, p), n_features) for p in ("gamma", "beta")]
+        return float(eps), momentum if momentum is None else float(momentum), *affine
+
+    @staticmethod
+    def _check_affine(name, param, value, n_features):
+        try:
+            arr = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"{name}: {param} must be a number or an array of n_features={n_features} numbers, "
+                f"got {type(value).__name__} {value!r}"[:200]) from None
+        if arr.ndim == 0:
+            arr = np.full(n_features, float(arr))
+        elif arr.shape != (n_features,):
+            raise ValueError(
+                f"{name}: {param} must be a scalar or have shape ({n_features},) (one value per "
+                f"feature), got shape {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name}: {param} must be finite, got {value!r}"[:200])
+        return arr
+
+    # ------------------------------------------------------------ fitting
+    def _batch_moments(self, X):
+        """Moments(n, mean, m2) of one validated 2-D batch over its rows.
+
+        The seam for other array types: a Dask array would be reduced here chunk by
+        chunk (``numbabn.moments`` per block, combined with ``merge_moments``).
+        """
+        return moments(X, axis=1)
+
+    def _validate_fit(self, X):
+        """validate_data for fitting, plus the parameters. On the first batch,
+        validate_data(reset=True) sets n_features_in_ (and feature_names_in_) before
+        it checks X: they are removed again if anything is rejected."""
+        first = not hasattr(self, "n_samples_seen_")
+        try:
+            X = validate_data(self, X, reset=first, dtype=FLOAT_DTYPES, copy=False,
+                              accept_sparse=False, ensure_all_finite=True)
+            params = self._check_params(X.shape[1])
+            if params[1] is not None and X.shape[0] < 2:
+                raise ValueError(
+                    f"{type(self).__name__} with momentum={params[1]} needs at least 2 samples per "
+                    f"batch for the unbiased batch variance var*n/(n-1), got 1 sample")
+        except Exception:
+            if first:
+                for k in _NAME_ATTRS:
+                    self.__dict__.pop(k, None)
+            raise
+        return X, params
+
+    def fit(self, X, y=None):
+        """Forget previous statistics, then :meth:`partial_fit` ``X``. Returns self.
+
+        ``y`` is ignored. On an error the previous fit is kept.
+        """
+        fitted = {k: self.__dict__.pop(k) for k in
+                  ("n_samples_seen_", "mean_", "var_", "_moments", *_NAME_ATTRS) if k in self.__dict__}
+        try:
+            return self.partial_fit(X)
+        except Exception:
+            self.__dict__.update(fitted)
+            raise
+
+    def partial_fit(self, X, y=None):
+        """Update the statistics with one batch ``X`` (n_samples, n_features). Returns self.
+
+        ``momentum=None``: exact merge of the batch's moments into those seen so far.
+        Otherwise one moving-average step (see the module docstring). ``y`` is ignored.
+        """
+        X, (eps, momentum, gamma, beta) = self._validate_fit(X)
+        batch = self._batch_moments(X)
+        if momentum is None:
+            total = merge_moments(getattr(self, "_moments", Moments.empty(batch.channels)), batch)
+            self._moments = total
+            self.mean_, self.var_ = total.mean, total.var()
+        else:
+            n = batch.count
+            mean = getattr(self, "mean_", np.zeros(batch.channels))
+            var = getattr(self, "var_", np.ones(batch.channels))
+            keep = 1.0 - momentum
+            self.mean_ = keep * mean + momentum * batch.mean
+            self.var_ = keep * var + momentum * (batch.m2 / n) * (n / (n - 1.0))
+        self.n_samples_seen_ = getattr(self, "n_samples_seen_", 0) + batch.count
+        return self
+
+    # ------------------------------------------------------------ transforming
+    def transform(self, X, copy=None):
+        """y = gamma*(X - mean_)/sqrt(var_ + eps) + beta, by the eval-mode Numba kernel.
+
+        ``copy`` overrides the constructor's ``copy`` for this call.
+        """
+        check_is_fitted(self)
+        copy = self.copy if copy is None else copy
+        X = validate_data(self, X, reset=False, dtype=FLOAT_DTYPES, copy=False,
+                          accept_sparse=False, ensure_all_finite=True)
+        eps, _, gamma, beta = self._check_params(X.shape[1])
+        dt = X.dtype
+        args = dict(gamma=gamma.astype(dt), beta=beta.astype(dt), training=False, eps=eps,
+                    running_mean=self.mean_.astype(dt), running_var=self.var_.astype(dt))
+        if copy or not X.flags.writeable:
+            return batch_norm_forward(X, **args)[0]
+        rows = max(1, _INPLACE_VALUES // X.shape[1])
+        buf = np.empty((min(rows, X.shape[0]), X.shape[1]), dt)
+        for r0 in range(0, X.shape[0], rows):
+            block = X[r0:r0 + rows]
+            X[r0:r0 + rows] = batch_norm_forward(block, out=buf[:block.shape[0]], **args)[0]
+        return X
+
+    def inverse_transform(self, X, copy=None):
+        """x = (X - beta)*sqrt(var_ + eps)/gamma + mean_ (undoes :meth:`transform`).
+
+        Needs every gamma != 0. ``copy`` overrides the constructor's ``copy``.
+        """
+        check_is_fitted(self)
+        copy = self.copy if copy is None else copy
+        X = check_array(X, dtype=FLOAT_DTYPES, copy=copy, accept_sparse=False,
+                        ensure_all_finite=True, input_name="X", estimator=self)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                f"{self.n_features_in_} features as input.")
+        eps, _, gamma, beta = self._check_params(X.shape[1])
+        if np.any(gamma == 0):
+            raise ValueError(
+                f"{type(self).__name__}.inverse_transform needs gamma != 0 for every feature "
+                f"(zero at features {np.flatnonzero(gamma == 0).tolist()})")
+        scale = np.sqrt(self.var_ + eps) / gamma
+        shift = self.mean_ - beta * scale
+        if not X.flags.writeable:
+            X = X.copy()
+        X *= scale.astype(X.dtype)
+        X += shift.astype(X.dtype)
+        return X
