@@ -77,7 +77,7 @@ def forward(fn, x, gamma, beta, running_mean, running_var, num_batches_tracked, 
     rv = V.check_device_param(fn, "running_var", running_var, cx.channels, dt, inplace=True)
     nbt = V.check_counter(fn, num_batches_tracked)
     tracking = training and running_mean is not None
-    V.check_training_batch(fn, cx, training, tracking, momentum, nbt)
+    V.check_training_batch(fn, cx.count, cx.shape, training, tracking, momentum, nbt)
     y = _output_buffer(fn, out, cx, host, (x,), "out must not overlap x (the backward pass reads x)")
 
     factor = V.resolve_momentum(tracking, momentum, nbt)

@@ -204,12 +204,39 @@ def check_out(fn, name, out, shape, dtype):
     return out
 
 
-def check_training_batch(fn, cx, training, tracking, momentum, nbt):
+_NO_STATS = np.empty((0, 0))
+
+
+def check_moments(fn, moments, cx, training):
+    """Given moments for the forward -> ((2, C) float64 stats, count); none given ->
+    (empty, the batch's count)."""
+    if moments is None:
+        return _NO_STATS, cx.count
+    from .stats import Moments
+    if not isinstance(moments, Moments):
+        raise TypeError(f"{fn}: moments must be a numbabn.Moments or None, got {describe(moments)}")
+    if not training:
+        raise ValueError(f"{fn}: moments= replaces the batch statistics and needs training=True")
+    if moments.mean.shape != (cx.channels,) or moments.m2.shape != (cx.channels,):
+        raise ValueError(
+            f"{fn}: moments must have {cx.channels} channels like x, got mean of shape {moments.mean.shape}")
+    return np.ascontiguousarray(np.stack([moments.mean, moments.m2]), dtype=np.float64), int(moments.count)
+
+
+def check_sums(fn, sums, shape):
+    """What an ``allreduce`` callable returned: a float64 array of ``shape``."""
+    sums = np.ascontiguousarray(sums, dtype=np.float64)
+    if sums.shape != shape:
+        raise ValueError(f"{fn}: allreduce must return an array of shape {shape}, got {sums.shape}")
+    return sums
+
+
+def check_training_batch(fn, count, shape, training, tracking, momentum, nbt):
     """Rules that depend on the batch: more than one value per channel to train,
     and a counter for the cumulative average (``momentum=None``)."""
-    if training and cx.count <= 1:
+    if training and count <= 1:
         raise ValueError(
-            f"{fn}: Expected more than 1 value per channel when training, got input of shape {cx.shape}")
+            f"{fn}: Expected more than 1 value per channel when training, got input of shape {shape}")
     if tracking and momentum is None and nbt is None:
         raise ValueError(f"{fn}: momentum=None (cumulative average) needs num_batches_tracked")
 

@@ -96,7 +96,7 @@ def cuda_available():
 
 def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
                        num_batches_tracked=None, training=True, momentum=0.1, eps=1e-5,
-                       axis=1, activation=None, out=None, backend=None):
+                       axis=1, activation=None, out=None, backend=None, moments=None):
     """Batch-norm forward pass. Returns ``(y, ctx)``.
 
     Parameters
@@ -117,6 +117,12 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
     out : optional preallocated output, same shape and dtype as ``x``, C-contiguous,
         not overlapping ``x``.
     backend : None (from the input type), "cpu" or "cuda".
+    moments : optional :class:`~numbabn.stats.Moments` to normalise with instead of
+        the batch's own statistics (training mode, CPU backend). This is how
+        synchronized BN works: each rank computes ``moments(x)``, the ranks merge
+        them exactly (Chan), and every rank normalises with the merged moments;
+        the running statistics then see the global count. ``x`` may then hold no
+        rows at all (an empty local batch).
 
     CUDA backend (see :mod:`numbabn._cuda_backend`): GPU input (anything with
     ``__cuda_array_interface__``) is used without copying and ``y`` is a numba device
@@ -136,6 +142,8 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
         raise ValueError(f"{fn}: running_mean and running_var must be given together (got only one)")
     if not training and running_mean is None:
         raise ValueError(f"{fn}: training=False uses running statistics, but running_mean/running_var are None")
+    if moments is not None and backend == "cuda":
+        raise NotImplementedError(f"{fn}: moments= (synchronized statistics) is only supported on the CPU backend")
     if backend == "cuda":
         return _cuda().forward(fn, x, gamma, beta, running_mean, running_var, num_batches_tracked,
                                training=training, momentum=momentum, eps=eps, axis=axis,
@@ -149,7 +157,8 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
     rv = V.check_param(fn, "running_var", running_var, cx.channels, dt, inplace=True)
     nbt = V.check_counter(fn, num_batches_tracked)
     tracking = training and running_mean is not None
-    V.check_training_batch(fn, cx, training, tracking, momentum, nbt)
+    stats, count = V.check_moments(fn, moments, cx, training)
+    V.check_training_batch(fn, count, cx.shape, training, tracking, momentum, nbt)
     if out is not None:
         V.check_out(fn, "out", out, cx.shape, cx.dtype)
         if np.may_share_memory(out, x):
@@ -162,7 +171,7 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
         y = np.empty(cx.shape, dt)
     kernel = cpu.forward_ncl if cx.layout == "ncl" else cpu.forward_mc
     mean, invstd = kernel(cx.array, g, b, rm, rv, factor, eps, training, relu,
-                          config.CHUNK, y.reshape(cx.array.shape))
+                          config.CHUNK, stats, count, y.reshape(cx.array.shape))
     if tracking and nbt is not None:
         nbt += 1
     if cx.dtype != dt:
@@ -172,11 +181,11 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
             out[...] = y
             y = out
     ctx = BatchNormContext("cpu", cx.layout, cx.shape, cx.axis, cx.dtype, cx.array, mean, invstd,
-                           g, b, gamma is not None, beta is not None, training, relu, cx.count)
+                           g, b, gamma is not None, beta is not None, training, relu, count)
     return y, ctx
 
 
-def batch_norm_backward(dy, ctx, *, out=None):
+def batch_norm_backward(dy, ctx, *, out=None, allreduce=None):
     """Batch-norm backward pass. Returns ``(dx, dgamma, dbeta)``.
 
     ``dy`` has the shape and dtype of the forward input; ``ctx`` is what
@@ -184,10 +193,18 @@ def batch_norm_backward(dy, ctx, *, out=None):
     and ``dbeta`` are None where the forward had no gamma/beta. ``out`` optionally
     receives dx (same rules as the forward's ``out``). After a CUDA forward, GPU ``dy``
     gives device arrays and NumPy ``dy`` gives NumPy arrays.
+
+    ``allreduce`` (CPU backend): a callable that receives this process's (2, C)
+    float64 sums ``[sum g, sum g*(x - mean)]`` and returns the sums over all ranks
+    (e.g. an MPI Allreduce), for synchronized BN after a forward with ``moments=``.
     """
     fn = "batch_norm_backward"
     if not isinstance(ctx, BatchNormContext):
         raise TypeError(f"{fn}: ctx must be the context returned by batch_norm_forward, got {V.describe(ctx)}")
+    if allreduce is not None and not callable(allreduce):
+        raise TypeError(f"{fn}: allreduce must be a callable or None, got {V.describe(allreduce)}")
+    if allreduce is not None and ctx.backend == "cuda":
+        raise NotImplementedError(f"{fn}: allreduce= is only supported on the CPU backend")
     if ctx.backend == "cuda":
         return _cuda().backward(fn, dy, ctx, out)
     cdy = V.canonical_host(fn, "dy", dy, ctx.axis)
@@ -198,9 +215,13 @@ def batch_norm_backward(dy, ctx, *, out=None):
         if np.may_share_memory(out, ctx.x) or np.may_share_memory(out, dy):
             raise ValueError(f"{fn}: out must not overlap dy or the forward input")
     dx = out if out is not None and ctx.dtype == dt else np.empty(ctx.shape, dt)
-    kernel = cpu.backward_ncl if ctx.layout == "ncl" else cpu.backward_mc
-    dgamma, dbeta = kernel(cdy.array, ctx.x, ctx.mean, ctx.invstd, ctx.gamma, ctx.beta,
-                           ctx.training, ctx.relu, config.CHUNK, dx.reshape(ctx.x.shape))
+    ncl = ctx.layout == "ncl"
+    args = (cdy.array, ctx.x, ctx.mean, ctx.invstd, ctx.gamma, ctx.beta)
+    sums = (cpu.grad_sums_ncl if ncl else cpu.grad_sums_mc)(*args, ctx.relu, config.CHUNK)
+    if allreduce is not None:
+        sums = V.check_sums(fn, allreduce(sums), sums.shape)
+    dgamma, dbeta = (cpu.grad_apply_ncl if ncl else cpu.grad_apply_mc)(
+        *args, ctx.training, ctx.relu, config.CHUNK, sums, ctx.count, dx.reshape(ctx.x.shape))
     if ctx.dtype != dt:
         if out is None:
             dx = dx.astype(ctx.dtype)

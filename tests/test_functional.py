@@ -254,3 +254,60 @@ def test_moments_merge_equals_concatenation(rng):
     assert numbabn.merge_moments(empty, m) is m
     packed = numbabn.Moments.from_array(m.to_array())
     assert packed.count == m.count and np.array_equal(packed.mean, m.mean)
+
+
+@pytest.mark.parametrize("shape,axis", [((9, 3, 4), 1), ((10, 5), 1), ((6, 2, 3, 4), -1)])
+def test_sharded_batch_with_merged_moments_equals_whole_batch(rng, shape, axis):
+    """What synchronized BN does: shards normalise with the merged moments and
+    all-reduce the backward sums; the result equals BN over the whole batch."""
+    x, g, b = make_inputs(rng, shape, axis, np.float64, loc=50.0)
+    dy = rng.standard_normal(shape)
+    C = shape[axis]
+    shards = [slice(0, 4), slice(4, 4), slice(4, None)]        # includes an empty shard
+    merged = numbabn.Moments.empty(C)
+    for s in shards:
+        merged = numbabn.merge_moments(merged, numbabn.moments(x[s], axis=axis))
+    rm, rv = np.zeros(C), np.ones(C)
+    y_full, ctx_full = numbabn.batch_norm_forward(x, g, b, running_mean=rm, running_var=rv, axis=axis)
+    dx_full, dg_full, db_full = numbabn.batch_norm_backward(dy, ctx_full)
+
+    ctxs, ys = [], []
+    for s in shards:
+        rm_s, rv_s = np.zeros(C), np.ones(C)
+        y, ctx = numbabn.batch_norm_forward(x[s], g, b, running_mean=rm_s, running_var=rv_s, axis=axis,
+                                            moments=merged)
+        np.testing.assert_allclose(rm_s, rm, rtol=1e-12)
+        np.testing.assert_allclose(rv_s, rv, rtol=1e-12)
+        ys.append(y)
+        ctxs.append(ctx)
+    np.testing.assert_allclose(np.concatenate(ys), y_full, rtol=1e-12, atol=1e-12)
+    # Pass 1 collects each shard's local sums; pass 2 hands every shard their total
+    # (what an MPI Allreduce does when the ranks run concurrently).
+    parts = []
+    for s, ctx in zip(shards, ctxs):
+        numbabn.batch_norm_backward(dy[s], ctx, allreduce=lambda v: parts.append(v.copy()) or v)
+    assert len(parts) == 3 and np.all(parts[1] == 0)            # the empty shard adds nothing
+    grads = [numbabn.batch_norm_backward(dy[s], ctx, allreduce=lambda v: sum(parts))
+             for s, ctx in zip(shards, ctxs)]
+    np.testing.assert_allclose(np.concatenate([gr[0] for gr in grads]), dx_full, rtol=1e-10, atol=1e-12)
+    for dx, dg, db in grads:
+        np.testing.assert_allclose(dg, dg_full, rtol=1e-10)
+        np.testing.assert_allclose(db, db_full, rtol=1e-10)
+
+
+def test_moments_and_allreduce_errors():
+    x = np.ones((4, 3))
+    with pytest.raises(TypeError, match="moments must be a numbabn.Moments"):
+        numbabn.batch_norm_forward(x, moments=(1, 2))
+    with pytest.raises(ValueError, match="moments must have 3 channels"):
+        numbabn.batch_norm_forward(x, moments=numbabn.Moments.empty(2))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        numbabn.batch_norm_forward(np.ones((0, 3)), moments=numbabn.Moments.empty(3))
+    with pytest.raises(ValueError, match="needs training=True"):
+        numbabn.batch_norm_forward(x, running_mean=np.zeros(3), running_var=np.ones(3), training=False,
+                                   moments=numbabn.moments(x))
+    _, ctx = numbabn.batch_norm_forward(x + np.arange(4)[:, None])
+    with pytest.raises(TypeError, match="allreduce must be a callable"):
+        numbabn.batch_norm_backward(x, ctx, allreduce=3)
+    with pytest.raises(ValueError, match="allreduce must return an array of shape"):
+        numbabn.batch_norm_backward(x, ctx, allreduce=lambda s: s[0])

@@ -351,19 +351,37 @@ def _mc_apply(x, a, b, relu, chunk, y):
 
 
 @njit(**_OPTS)
+def _pack(mean, m2):
+    stats = np.empty((2, mean.size))
+    stats[0] = mean
+    stats[1] = m2
+    return stats
+
+
+@njit(**_OPTS)
+def _forward_stats(stats, count, running_mean, running_var, momentum, eps, training):
+    """(mean, invstd): from ``stats`` = (mean, M2) of ``count`` values in training,
+    from the running statistics in eval."""
+    if not training:
+        return _eval_stats(running_mean, running_var, eps)
+    mean = stats[0].copy()
+    return mean, _train_stats(mean, stats[1], count, running_mean, running_var, momentum, eps)
+
+
+@njit(**_OPTS)
 def forward_ncl(x, gamma, beta, running_mean, running_var, momentum, eps,
-                training, relu, chunk, y):
+                training, relu, chunk, stats, count, y):
     """Batch-norm forward of (N, C, L) ``x`` into ``y``; returns (mean, invstd) used.
 
-    Training: batch statistics (running stats updated in place when non-empty).
+    Training: the batch's statistics, or when ``stats`` is non-empty the given
+    (2, C) (mean, M2) of ``count`` values (e.g. merged over MPI ranks); running
+    statistics updated in place when non-empty.
     Eval: running statistics, folded into one multiply-add per element.
     """
     N, C, L = x.shape
-    if training:
-        mean, m2 = moments_ncl(x, chunk)
-        invstd = _train_stats(mean, m2, N * L, running_mean, running_var, momentum, eps)
-    else:
-        mean, invstd = _eval_stats(running_mean, running_var, eps)
+    if training and stats.size == 0:
+        stats, count = _pack(*moments_ncl(x, chunk)), N * L
+    mean, invstd = _forward_stats(stats, count, running_mean, running_var, momentum, eps, training)
     a, b = _affine(mean, invstd, gamma, beta)
     _ncl_apply(x, a, b, relu, chunk, y)
     return mean, invstd
@@ -371,14 +389,12 @@ def forward_ncl(x, gamma, beta, running_mean, running_var, momentum, eps,
 
 @njit(**_OPTS)
 def forward_mc(x, gamma, beta, running_mean, running_var, momentum, eps,
-               training, relu, chunk, y):
+               training, relu, chunk, stats, count, y):
     """Batch-norm forward of (M, C) ``x`` into ``y``; see :func:`forward_ncl`."""
     M, C = x.shape
-    if training:
-        mean, m2 = moments_mc(x, chunk)
-        invstd = _train_stats(mean, m2, M, running_mean, running_var, momentum, eps)
-    else:
-        mean, invstd = _eval_stats(running_mean, running_var, eps)
+    if training and stats.size == 0:
+        stats, count = _pack(*moments_mc(x, chunk)), M
+    mean, invstd = _forward_stats(stats, count, running_mean, running_var, momentum, eps, training)
     a, b = _affine(mean, invstd, gamma, beta)
     _mc_apply(x, a, b, relu, chunk, y)
     return mean, invstd
@@ -413,20 +429,27 @@ def _mc_grad_partials(dy, x, mean, a, b, relu, chunk):
 
 
 @njit(**_OPTS)
-def _grad_coeffs(sg, sgx, m, mean, invstd, gamma, training):
-    """Sum the partials (shape (K, C)) in block order and build dx = A*g + B*x + D.
+def _sum_blocks(sg, sgx):
+    """Sum per-block partials (K, C) in block order -> (2, C): [sum g, sum g*(x-mean)]."""
+    K, C = sg.shape
+    sums = np.zeros((2, C))
+    for k in range(K):
+        for c in range(C):
+            sums[0, c] += sg[k, c]
+            sums[1, c] += sgx[k, c]
+    return sums
+
+
+@njit(**_OPTS)
+def _grad_coeffs(sums, m, mean, invstd, gamma, training):
+    """dgamma, dbeta and the coefficients of dx = A*g + B*x + D from the sums.
 
     Training: A = gamma*invstd, B = -A*invstd*dgamma/m, D = -A*dbeta/m - B*mean,
     which is gamma*invstd/m * (m*g - dbeta - xhat*dgamma). Eval: B = D = 0.
     """
-    K, C = sg.shape
-    dbeta = sg[0].copy()
-    s1 = sgx[0].copy()
-    for k in range(1, K):
-        for c in range(C):
-            dbeta[c] += sg[k, c]
-            s1[c] += sgx[k, c]
-    dgamma = s1 * invstd
+    C = mean.size
+    dbeta = sums[0].copy()
+    dgamma = sums[1] * invstd
     A = invstd.copy()
     if gamma.size > 0:
         A *= gamma
@@ -457,26 +480,37 @@ def _mc_grad_apply(dy, x, a, b, A, B, D, relu, chunk, dx):
 
 
 @njit(**_OPTS)
-def backward_ncl(dy, x, mean, invstd, gamma, beta, training, relu, chunk, dx):
-    """Batch-norm backward of (N, C, L) arrays into ``dx``; returns (dgamma, dbeta).
-
-    One reduction pass (sum g, sum g*xhat) and one apply pass: 5S of traffic.
-    ``mean``/``invstd`` are what the forward used (batch or running statistics).
-    """
-    N, C, L = x.shape
+def grad_sums_ncl(dy, x, mean, invstd, gamma, beta, relu, chunk):
+    """Backward reduction pass over (N, C, L) arrays: (2, C) float64 sums
+    [sum g, sum g*(x - mean)] (g masked by the forward's ReLU). 2S of traffic."""
     a, b = _affine(mean, invstd, gamma, beta)
-    sg, sgx = _ncl_grad_partials(dy, x, mean, a, b, relu, chunk)
-    dgamma, dbeta, A, B, D = _grad_coeffs(sg, sgx, N * L, mean, invstd, gamma, training)
+    return _sum_blocks(*_ncl_grad_partials(dy, x, mean, a, b, relu, chunk))
+
+
+@njit(**_OPTS)
+def grad_sums_mc(dy, x, mean, invstd, gamma, beta, relu, chunk):
+    """Backward reduction pass over (M, C) arrays; see :func:`grad_sums_ncl`."""
+    a, b = _affine(mean, invstd, gamma, beta)
+    return _sum_blocks(*_mc_grad_partials(dy, x, mean, a, b, relu, chunk))
+
+
+@njit(**_OPTS)
+def grad_apply_ncl(dy, x, mean, invstd, gamma, beta, training, relu, chunk, sums, m, dx):
+    """Backward apply pass over (N, C, L) arrays into ``dx``; returns (dgamma, dbeta).
+
+    ``sums`` come from :func:`grad_sums_ncl` (possibly all-reduced over ranks, then
+    ``m`` is the global count). 3S of traffic; with the reduction, 5S.
+    """
+    a, b = _affine(mean, invstd, gamma, beta)
+    dgamma, dbeta, A, B, D = _grad_coeffs(sums, m, mean, invstd, gamma, training)
     _ncl_grad_apply(dy, x, a, b, A, B, D, relu, chunk, dx)
     return dgamma, dbeta
 
 
 @njit(**_OPTS)
-def backward_mc(dy, x, mean, invstd, gamma, beta, training, relu, chunk, dx):
-    """Batch-norm backward of (M, C) arrays into ``dx``; see :func:`backward_ncl`."""
-    M, C = x.shape
+def grad_apply_mc(dy, x, mean, invstd, gamma, beta, training, relu, chunk, sums, m, dx):
+    """Backward apply pass over (M, C) arrays; see :func:`grad_apply_ncl`."""
     a, b = _affine(mean, invstd, gamma, beta)
-    sg, sgx = _mc_grad_partials(dy, x, mean, a, b, relu, chunk)
-    dgamma, dbeta, A, B, D = _grad_coeffs(sg, sgx, M, mean, invstd, gamma, training)
+    dgamma, dbeta, A, B, D = _grad_coeffs(sums, m, mean, invstd, gamma, training)
     _mc_grad_apply(dy, x, a, b, A, B, D, relu, chunk, dx)
     return dgamma, dbeta
