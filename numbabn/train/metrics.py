@@ -1,0 +1,446 @@
+"""Measurements of what batch norm does to training (DESIGN §5).
+
+Santurkar, Tsipras, Ilyas & Madry 2018, "How Does Batch Normalization Help
+Optimization?" (NeurIPS) defines the quantities but publishes no code; Ioffe &
+Szegedy 2015, "Batch Normalization" (ICML), Fig. 1, tracks activation percentiles.
+Notation: θ_t are all parameters at step t, (x_t, y_t) the training batch,
+L(θ) = loss(model(x_t; θ), y_t) and g_t = ∇L(θ_t).
+
+``internal_covariate_shift``
+    Santurkar Definition 2.1. G = ∇_{W_i} L(W_1..W_k), then the optimizer's real update
+    (momentum / Adam state included, from this same gradient) is applied to every
+    parameter that precedes layer i, layers i..k are kept, and on the same batch
+    G′ = ∇_{W_i} L(W_1′..W_{i−1}′, W_i..W_k). Reported: l2 = ‖G − G′‖₂ and
+    cosine = ⟨G, G′⟩ / (‖G‖₂ ‖G′‖₂).
+``landscape_probe``
+    Line-search probes along the gradient on the SAME batch, θ(η) = θ_t − η g_t for η
+    in a grid (paper: [½, 4]·lr for VGG, [1/100, 30]·lr for the deep linear network):
+    loss band [min_η L(θ(η)), max_η L(θ(η))], gradient-predictiveness band
+    [min_η, max_η] of ‖∇L(θ_t) − ∇L(θ(η))‖₂, and effective β-smoothness
+    max_η ‖∇L(θ_t) − ∇L(θ(η))‖₂ / ‖η g_t‖₂. These are NOT learning-rate-sweep
+    envelopes nor differences of gradients at consecutive training steps (which most
+    public reproductions compute instead).
+``activation_percentiles``
+    {15, 50, 85}th percentiles over the batch of the input to one (or each) unit of a
+    chosen layer (Ioffe & Szegedy Fig. 1: the input to a sigmoid).
+``gradient_norm`` / ``weight_norm``
+    ‖∇_p L‖₂ and ‖p‖₂ per named parameter.
+
+Every function is usable standalone on ``(model, loss, optimizer, batch)`` (the
+landscape and percentile probes need no optimizer) and, through the classes at the
+end, as a :class:`~numbabn.train.Trainer` metric. All probes run the model in
+training mode on the given batch, and leave everything exactly as they found it:
+parameter values, buffers (BN running statistics, ``num_batches_tracked``), each
+parameter's ``.grad``, the layers' forward caches (so a pending ``backward`` still
+works), the training flag, the optimizer state and the state of every
+``numpy.random.Generator`` a layer holds. Each forward pass of a probe starts from
+that saved generator state, so a stochastic layer (NoisyBatchNorm) draws the same
+noise in every pass of a probe, and, called before a training step's forward pass
+(as the Trainer does), the same noise as that step: the probed function is the one
+the step optimises.
+
+Layers are addressed in the order a forward pass runs them: a :class:`Sequential`
+is flattened recursively into its leaves (:func:`leaf_layers`); any other layer is
+one leaf. "Parameterized layers" (the W_i of Definition 2.1) are the Linear and
+Conv2d leaves (:func:`weight_layers`), indexed 0, 1, ... in that order.
+"""
+import numpy as np
+
+from .. import _validation as V
+from ..layers import Conv2d, Layer, Linear, Sequential
+
+WEIGHT_LAYER_TYPES = (Linear, Conv2d)
+PAPER_ETA_RANGE = (0.5, 4.0)     # Santurkar et al. Fig. 4 (VGG): η in [1/2, 4]·lr
+DLN_ETA_RANGE = (0.01, 30.0)     # Santurkar et al. Fig. 9 (deep linear network): [1/100, 30]·lr
+
+
+# ---------------------------------------------------------------- layer addressing
+def leaf_layers(model):
+    """The layers a forward pass of ``model`` runs, in order (Sequentials flattened)."""
+    if isinstance(model, Sequential):
+        return [leaf for layer in model.layers for leaf in leaf_layers(layer)]
+    return [model]
+
+
+def weight_layers(model):
+    """``[(leaf position, layer)]`` for the Linear/Conv2d leaves, in forward order."""
+    return [(pos, leaf) for pos, leaf in enumerate(leaf_layers(model)) if isinstance(leaf, WEIGHT_LAYER_TYPES)]
+
+
+def _check_model(fn, model):
+    if not isinstance(model, Layer):
+        raise TypeError(f"{fn}: model must be a numbabn Layer, got {V.describe(model)}")
+
+
+def _check_batch(fn, batch):
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"{fn}: batch must be a pair (x, y), got {V.describe(batch)}")
+    return batch
+
+
+def _check_layer_indices(fn, model, layers):
+    """Validated indices into :func:`weight_layers` (None: all of them)."""
+    weights = weight_layers(model)
+    if not weights:
+        raise ValueError(f"{fn}: the model has no parameterized layer (Linear/Conv2d)")
+    if layers is None:
+        return list(range(len(weights))), weights
+    if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
+        layers = [layers]
+    indices = []
+    for i in layers:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"{fn}: layer indices must be ints, got {i!r}")
+        if not 0 <= i < len(weights):
+            raise ValueError(f"{fn}: unknown layer index {i}: the model has {len(weights)} parameterized "
+                             f"layers (Linear/Conv2d), indices 0..{len(weights) - 1}")
+        indices.append(int(i))
+    if len(set(indices)) != len(indices) or not indices:
+        raise ValueError(f"{fn}: layers must be distinct indices, at least one, got {list(layers)!r}")
+    return indices, weights
+
+
+def eta_grid(lr, low=PAPER_ETA_RANGE[0], high=PAPER_ETA_RANGE[1], num=8, spacing="linear"):
+    """Step sizes ``lr·[low, high]`` with ``num`` points, evenly ("linear") or
+    geometrically ("log") spaced. The default is Santurkar et al.'s grid for VGG."""
+    fn = "eta_grid"
+    for name, value in (("lr", lr), ("low", low), ("high", high)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+                or not np.isfinite(value) or value <= 0:
+            raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value!r}")
+    if high < low:
+        raise ValueError(f"{fn}: high must be >= low, got low={low!r}, high={high!r}")
+    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
+        raise ValueError(f"{fn}: num must be a positive int, got {num!r}")
+    if spacing == "linear":
+        return float(lr) * np.linspace(low, high, num)
+    if spacing == "log":
+        return float(lr) * np.geomspace(low, high, num)
+    raise ValueError(f"{fn}: spacing must be 'linear' or 'log', got {spacing!r}")
+
+
+def _check_etas(fn, etas):
+    arr = np.asarray(etas, dtype=np.float64) if not isinstance(etas, str) else None
+    if arr is None or arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise ValueError(f"{fn}: bad eta grid: etas must be a non-empty 1-D sequence of finite step sizes "
+                         f"> 0, got {etas!r}")
+    return arr
+
+
+# ---------------------------------------------------------------- snapshot / restore
+def _all_layers(model):
+    out = [model]
+    for child in model.children():
+        out.extend(_all_layers(child))
+    return out
+
+
+class _Snapshot:
+    """Everything a probe may change, saved on entry and put back exactly on exit.
+
+    Parameter values and buffers are restored in place (``load_state_dict``), so the
+    arrays keep their identity. The optimizer gets a private deep copy of its state
+    for the probe, and its original state objects and hyperparameter attributes
+    (never touched) are put back. The
+    layers' attributes (forward caches, the training flag) are restored as they were:
+    layers rebind their caches on every forward instead of writing into them, so the
+    saved references still hold the values a pending backward needs.
+    """
+
+    def __init__(self, model, optimizer=None):
+        self.model, self.optimizer = model, optimizer
+        self.state = model.state_dict()
+        self.params = model.parameters()
+        self.grads = [(p.grad, None if p.grad is None else p.grad.copy()) for p in self.params]
+        self.layers = _all_layers(model)
+        self.attrs = [dict(vars(layer)) for layer in self.layers]
+        self.rngs = [(g, g.bit_generator.state) for layer in self.layers
+                     for g in vars(layer).values() if isinstance(g, np.random.Generator)]
+        if optimizer is not None:
+            self.opt_objects, self.opt_hyper = optimizer.state, optimizer.hyperparameters()
+            self.opt_state = optimizer.state_dict()
+            optimizer.load_state_dict(self.opt_state)    # the probe works on a copy
+
+    def __enter__(self):
+        self.model.train()
+        return self
+
+    def reset(self):
+        """θ_t, the buffers and the optimizer state as saved, and every generator
+        rewound: the start of a forward pass of the probe."""
+        self.model.load_state_dict(self.state)
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(self.opt_state)
+        for g, state in self.rngs:
+            g.bit_generator.state = state
+
+    def __exit__(self, *exc):
+        self.reset()
+        if self.optimizer is not None:
+            self.optimizer.state = self.opt_objects
+            for name, value in self.opt_hyper.items():
+                setattr(self.optimizer, name, value)
+        for layer, attrs in zip(self.layers, self.attrs):
+            vars(layer).clear()
+            vars(layer).update(attrs)
+        for p, (grad, saved) in zip(self.params, self.grads):
+            p.grad = grad
+            if grad is not None:
+                np.copyto(grad, saved)
+        return False
+
+
+def _forward_backward(model, loss, x, y):
+    """One training-mode pass: sets every parameter's .grad; returns the loss."""
+    value, dout = loss(model.forward(x), y)
+    for p in model.parameters():
+        p.grad = None
+    model.backward(dout)
+    return value
+
+
+def _grad_of(param):
+    """``param.grad`` as float64 (zeros when the backward pass did not reach it)."""
+    if param.grad is None:
+        return np.zeros(param.value.shape)
+    return param.grad.astype(np.float64)
+
+
+def _flat_grad(params):
+    return np.concatenate([_grad_of(p).ravel() for p in params])
+
+
+# ---------------------------------------------------------------- the measurements
+def internal_covariate_shift(model, loss, optimizer, batch, layers=None):
+    """Internal covariate shift of parameterized layers (Santurkar et al. 2018, Def. 2.1).
+
+    For each chosen layer i (index into :func:`weight_layers`; None: all)::
+
+        G  = ∇_{W_i} L(W_1, ..., W_k; x_t, y_t)
+        W_j′ = the optimizer's real update of W_j from this gradient, for every
+               parameter preceding layer i (BN γ/β included); W_j′ = W_j from i on
+        G′ = ∇_{W_i} L(W_1′, ..., W_{i−1}′, W_i, ..., W_k; x_t, y_t)
+        l2 = ‖G − G′‖₂          cosine = ⟨G, G′⟩ / (‖G‖₂ ‖G′‖₂)
+
+    W_i is the layer's ``weight``. The update is ``optimizer.step(params_before)``,
+    so momentum buffers and Adam moments/step counts enter exactly as in the real
+    step; every preceding parameter must be managed by ``optimizer``. Layer 0 has no
+    predecessor, so its ICS is l2 = 0, cosine = 1. ``cosine`` is NaN when G or G′ is 0.
+
+    Returns ``{i: {"l2": float, "cosine": float}}``. Leaves model, optimizer and
+    generators as found (module docstring).
+    """
+    fn = "internal_covariate_shift"
+    _check_model(fn, model)
+    x, y = _check_batch(fn, batch)
+    if not hasattr(optimizer, "step") or not hasattr(optimizer, "state_dict"):
+        raise TypeError(f"{fn}: optimizer must be a numbabn optimizer, got {V.describe(optimizer)}")
+    indices, weights = _check_layer_indices(fn, model, layers)
+    leaves = leaf_layers(model)
+    result = {}
+    with _Snapshot(model, optimizer) as snap:
+        snap.reset()
+        _forward_backward(model, loss, x, y)
+        grads = [p.grad for p in snap.params]      # g_t of every parameter (new arrays per backward)
+        G = {i: _grad_of(weights[i][1].weight).ravel() for i in indices}
+        for i in indices:
+            position, layer = weights[i]
+            before = [p for leaf in leaves[:position] for p in leaf.parameters()]
+            snap.reset()
+            for p, g in zip(snap.params, grads):
+                p.grad = g
+            optimizer.step(before)
+            _forward_backward(model, loss, x, y)
+            G2 = _grad_of(layer.weight).ravel()
+            norms = np.linalg.norm(G[i]) * np.linalg.norm(G2)
+            result[i] = {"l2": float(np.linalg.norm(G[i] - G2)),
+                         "cosine": float(G[i] @ G2 / norms) if norms > 0 else float("nan")}
+    return result
+
+
+def landscape_probe(model, loss, batch, lr, etas=None):
+    """Loss landscape, gradient predictiveness and effective β-smoothness along the
+    gradient, by line-search probes on one batch (Santurkar et al. 2018, §3.1, Fig. 4).
+
+    With g = ∇L(θ_t) over all parameters and θ(η) = θ_t − η g for each η in ``etas``
+    (default :func:`eta_grid`\\ (lr): 8 points evenly over [½, 4]·lr, the paper's grid)::
+
+        loss band                  [min_η L(θ(η)),  max_η L(θ(η))]
+        gradient predictiveness    [min_η d(η), max_η d(η)],  d(η) = ‖∇L(θ_t) − ∇L(θ(η))‖₂
+        effective β-smoothness     max_η d(η) / ‖η g‖₂
+
+    For a quadratic L = ½ θᵀAθ: d(η) = η‖A g‖₂ and the β-smoothness is ‖A g‖₂/‖g‖₂.
+
+    Returns a dict: ``loss`` (L(θ_t)), ``grad_norm`` (‖g‖₂), ``etas``, ``losses`` and
+    ``grad_diffs`` (per η), ``loss_min``, ``loss_max``, ``grad_diff_min``,
+    ``grad_diff_max``, ``beta_smoothness`` (NaN when g = 0). A step that overflows
+    gives non-finite values, reported as they are.
+    """
+    fn = "landscape_probe"
+    _check_model(fn, model)
+    x, y = _check_batch(fn, batch)
+    etas = eta_grid(lr) if etas is None else _check_etas(fn, etas)
+    losses, diffs = [], []
+    with _Snapshot(model) as snap:
+        snap.reset()
+        loss0 = _forward_backward(model, loss, x, y)
+        params = snap.params
+        steps = [_grad_of(p) for p in params]
+        g = np.concatenate([s.ravel() for s in steps])
+        gnorm = float(np.linalg.norm(g))
+        with np.errstate(over="ignore", invalid="ignore"):
+            for eta in etas:
+                snap.reset()
+                for p, s in zip(params, steps):
+                    p.value -= (eta * s).astype(p.value.dtype)
+                losses.append(float(_forward_backward(model, loss, x, y)))
+                diffs.append(float(np.linalg.norm(g - _flat_grad(params))))
+    losses, diffs = np.array(losses), np.array(diffs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        beta = float(np.max(diffs / (etas * gnorm))) if gnorm > 0 else float("nan")
+    return {"loss": float(loss0), "grad_norm": gnorm, "etas": etas.tolist(), "losses": losses.tolist(),
+            "grad_diffs": diffs.tolist(), "loss_min": float(losses.min()), "loss_max": float(losses.max()),
+            "grad_diff_min": float(diffs.min()), "grad_diff_max": float(diffs.max()), "beta_smoothness": beta}
+
+
+def _leaf_index(fn, model, layer):
+    leaves = leaf_layers(model)
+    if isinstance(layer, Layer):
+        for k, leaf in enumerate(leaves):
+            if leaf is layer:
+                return k, leaves
+        raise ValueError(f"{fn}: layer {layer._short()} is not one of the model's leaf layers")
+    if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)):
+        raise TypeError(f"{fn}: layer must be a leaf Layer of the model or its position (int), got {layer!r}")
+    if not 0 <= layer < len(leaves):
+        raise ValueError(f"{fn}: unknown layer position {layer}: the model has {len(leaves)} leaf layers, "
+                         f"positions 0..{len(leaves) - 1}")
+    return int(layer), leaves
+
+
+def activation_percentiles(model, layer, batch, q=(15, 50, 85), unit=None):
+    """Percentiles over the batch of the input to ``layer`` (Ioffe & Szegedy 2015, Fig. 1).
+
+    ``layer``: a leaf layer of the model, or its position in :func:`leaf_layers`.
+    The model runs in training mode on ``batch`` = (x, y) (``y`` unused; a bare x is
+    accepted too) up to that layer; its input h has units on axis 1 (features, or
+    channels of an image). Per unit c, over every other axis (the batch, and H, W)::
+
+        P[k, c] = percentile_{q_k}(h[:, c, ...])         (numpy.percentile, linear)
+
+    Returns P of shape (len(q), units), or (len(q),) for one ``unit``.
+    """
+    fn = "activation_percentiles"
+    _check_model(fn, model)
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    q = np.asarray(q, dtype=np.float64)
+    if q.ndim != 1 or q.size == 0 or np.any(~np.isfinite(q)) or np.any((q < 0) | (q > 100)):
+        raise ValueError(f"{fn}: q must be a non-empty 1-D sequence of percentiles in [0, 100], got {q!r}")
+    position, leaves = _leaf_index(fn, model, layer)
+    with _Snapshot(model) as snap:
+        snap.reset()
+        h = x
+        for leaf in leaves[:position]:
+            h = leaf.forward(h)
+        h = np.asarray(h)
+    if h.ndim < 2:
+        raise ValueError(f"{fn}: the input to layer {position} has shape {h.shape}; it needs a unit axis 1")
+    units = h.shape[1]
+    values = np.moveaxis(h, 1, -1).reshape(-1, units)
+    if unit is not None:
+        if isinstance(unit, (bool, np.bool_)) or not isinstance(unit, (int, np.integer)) or not 0 <= unit < units:
+            raise ValueError(f"{fn}: unit must be an int in [0, {units}) for the input to layer {position}, "
+                             f"got {unit!r}")
+        return np.percentile(values[:, unit], q)
+    return np.percentile(values, q, axis=0)
+
+
+def gradient_norm(model, loss, batch):
+    """``{name: ‖∇_p L(θ_t; x_t, y_t)‖₂}`` per named parameter (training mode)."""
+    fn = "gradient_norm"
+    _check_model(fn, model)
+    x, y = _check_batch(fn, batch)
+    with _Snapshot(model) as snap:
+        snap.reset()
+        _forward_backward(model, loss, x, y)
+        return {name: float(np.linalg.norm(_grad_of(p))) for name, p in model.named_parameters()}
+
+
+def weight_norm(model):
+    """``{name: ‖p‖₂}`` per named parameter (computed in float64)."""
+    _check_model("weight_norm", model)
+    return {name: float(np.linalg.norm(p.value.astype(np.float64))) for name, p in model.named_parameters()}
+
+
+# ---------------------------------------------------------------- Trainer metrics
+class Metric:
+    """A measurement the :class:`~numbabn.train.Trainer` calls every ``record_every``
+    steps as ``metric(model, loss, optimizer, (x_t, y_t))``, before that step's forward
+    pass and optimizer step (so it sees θ_t and the step's batch). ``name`` keys its series in
+    the :class:`~numbabn.train.History`. Any callable with that signature works too
+    (its ``__name__`` is the key)."""
+
+    name = "metric"
+
+    def __call__(self, model, loss, optimizer, batch):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class InternalCovariateShift(Metric):
+    """:func:`internal_covariate_shift` of ``layers`` with the trainer's optimizer."""
+
+    def __init__(self, layers=None, name="ics"):
+        self.layers, self.name = layers, name
+
+    def __call__(self, model, loss, optimizer, batch):
+        return internal_covariate_shift(model, loss, optimizer, batch, layers=self.layers)
+
+
+class LandscapeProbe(Metric):
+    """:func:`landscape_probe` with η = ``lr``·[low, high] (``num`` points, ``spacing``
+    "linear" or "log"); ``lr`` None: the optimizer's current ``lr``."""
+
+    def __init__(self, lr=None, low=PAPER_ETA_RANGE[0], high=PAPER_ETA_RANGE[1], num=8, spacing="linear",
+                 name="landscape"):
+        eta_grid(1.0 if lr is None else lr, low, high, num, spacing)     # validate now, not mid-training
+        self.lr, self.low, self.high, self.num, self.spacing, self.name = lr, low, high, num, spacing, name
+
+    def __call__(self, model, loss, optimizer, batch):
+        lr = self.lr if self.lr is not None else getattr(optimizer, "lr", None)
+        if lr is None:
+            raise ValueError(f"{self!r}: no lr given and the optimizer has no 'lr'")
+        etas = eta_grid(lr, self.low, self.high, self.num, self.spacing)
+        return landscape_probe(model, loss, batch, lr, etas=etas)
+
+
+class ActivationPercentiles(Metric):
+    """:func:`activation_percentiles` of the input to ``layer`` (position or leaf)."""
+
+    def __init__(self, layer, q=(15, 50, 85), unit=None, name="percentiles"):
+        self.layer, self.q, self.unit, self.name = layer, tuple(q), unit, name
+
+    def __call__(self, model, loss, optimizer, batch):
+        return activation_percentiles(model, self.layer, batch, q=self.q, unit=self.unit)
+
+
+class GradientNorm(Metric):
+    """:func:`gradient_norm` per named parameter."""
+
+    def __init__(self, name="grad_norm"):
+        self.name = name
+
+    def __call__(self, model, loss, optimizer, batch):
+        return gradient_norm(model, loss, batch)
+
+
+class WeightNorm(Metric):
+    """:func:`weight_norm` per named parameter."""
+
+    def __init__(self, name="weight_norm"):
+        self.name = name
+
+    def __call__(self, model, loss, optimizer, batch):
+        return weight_norm(model)

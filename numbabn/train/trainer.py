@@ -1,0 +1,181 @@
+"""A mini-batch training loop over NumPy arrays for the explicit layer API.
+
+One step t, on the batch (x_t, y_t)::
+
+    metrics, when t % record_every == 0    each probes θ_t on (x_t, y_t), then restores everything
+    out = model.forward(x_t)               (training mode)
+    L_t, dout = loss(out, y_t)             recorded: L_t and, for classification, accuracy
+    optimizer.zero_grad(); model.backward(dout)
+    optimizer.step()                       θ_{t+1}
+
+The metrics run before the step's forward pass so that a stochastic layer's
+generator, which every probe pass rewinds to its saved state, gives the probes the
+noise draw of this very step: they measure the function the step optimises.
+
+Batches: every epoch draws one permutation of the n samples from
+``numpy.random.default_rng(seed)`` and cuts it into ⌊n / batch_size⌋ batches; the
+remaining n mod batch_size samples of that epoch are skipped (a batch-norm batch of
+one or two samples would be degenerate). So the run is a function of ``seed``, the
+model's initial state and the data: the same inputs give a bit-identical run, and the
+metrics (which restore everything they touch, :mod:`numbabn.train.metrics`) do not
+change it.
+"""
+import sys
+from contextlib import nullcontext
+
+import click
+import numpy as np
+
+from .. import _validation as V
+from ..layers import Layer, SoftmaxCrossEntropy
+from .history import History
+
+
+def _positive_int(fn, name, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _metric_name(fn, metric):
+    if not callable(metric):
+        raise TypeError(f"{fn}: each metric must be callable as metric(model, loss, optimizer, batch), "
+                        f"got {V.describe(metric)}")
+    name = getattr(metric, "name", None) or getattr(metric, "__name__", None)
+    if not isinstance(name, str):
+        raise TypeError(f"{fn}: metric {metric!r} has neither a 'name' nor a '__name__'")
+    return name
+
+
+def _check_data(fn, X, y):
+    if not isinstance(X, np.ndarray) or not isinstance(y, np.ndarray):
+        raise TypeError(f"{fn}: X and y must be NumPy arrays, got {V.describe(X)} and {V.describe(y)}")
+    if X.ndim < 1 or y.ndim < 1 or len(X) != len(y) or len(X) == 0:
+        raise ValueError(f"{fn}: X and y must hold the same (non-zero) number of samples, "
+                         f"got shapes {X.shape} and {y.shape}")
+    return X, y
+
+
+class Trainer:
+    """Train ``model`` with ``loss`` and ``optimizer`` on mini-batches (module docstring).
+
+    Arguments:
+        model: a :class:`~numbabn.layers.Layer` (usually a Sequential).
+        loss: ``loss(prediction, target) -> (value, dprediction)``. With
+            :class:`~numbabn.layers.SoftmaxCrossEntropy` the accuracy is recorded too.
+        optimizer: a :mod:`numbabn.optim` optimizer over the model's parameters.
+        batch_size: samples per step (at most the number of training samples).
+        seed: seeds the generator that orders the batches.
+        metrics: callables ``metric(model, loss, optimizer, batch)`` (e.g. those of
+            :mod:`numbabn.train.metrics`), named by ``.name`` (else ``__name__``).
+        record_every: the metrics run at steps 0, k, 2k, ...
+        eval_data: ``(X, y)`` evaluated in eval mode at step 0, every ``eval_every``
+            steps (default ``record_every``) and after the last step.
+        verbose: 0 silent; 1 a progress bar on stderr when stderr is a terminal.
+        label: the progress bar's label.
+    """
+
+    def __init__(self, model, loss, optimizer, *, batch_size, seed, metrics=(), record_every=1, eval_data=None,
+                 eval_every=None, verbose=1, label="training"):
+        fn = "Trainer"
+        if not isinstance(model, Layer):
+            raise TypeError(f"{fn}: model must be a numbabn Layer, got {V.describe(model)}")
+        if not callable(loss):
+            raise TypeError(f"{fn}: loss must be callable as loss(prediction, target), got {V.describe(loss)}")
+        if not (hasattr(optimizer, "step") and hasattr(optimizer, "zero_grad")):
+            raise TypeError(f"{fn}: optimizer must have step() and zero_grad(), got {V.describe(optimizer)}")
+        self.model, self.loss, self.optimizer = model, loss, optimizer
+        self.batch_size = _positive_int(fn, "batch_size", batch_size)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"{fn}: seed must be an int, got {seed!r}")
+        self.seed = int(seed)
+        self.rng = np.random.default_rng(self.seed)
+        self.metrics = list(metrics)
+        names = [_metric_name(fn, m) for m in self.metrics]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{fn}: metric names must be distinct, got {names}")
+        self.metric_names = names
+        self.record_every = _positive_int(fn, "record_every", record_every)
+        self.eval_every = self.record_every if eval_every is None else _positive_int(fn, "eval_every", eval_every)
+        if eval_data is not None:
+            if not isinstance(eval_data, (tuple, list)) or len(eval_data) != 2:
+                raise TypeError(f"{fn}: eval_data must be a pair (X, y), got {V.describe(eval_data)}")
+            eval_data = _check_data(fn, *eval_data)
+        self.eval_data = eval_data
+        if verbose not in (0, 1, True, False):
+            raise ValueError(f"{fn}: verbose must be 0 or 1, got {verbose!r}")
+        self.verbose = int(verbose)
+        self.label = str(label)
+        self.classification = isinstance(loss, SoftmaxCrossEntropy)
+        self.steps_done = 0
+
+    # ------------------------------------------------------------ pieces
+    def _batches(self, n, steps):
+        """Index arrays of ``steps`` batches, epoch after epoch (module docstring)."""
+        per_epoch = n // self.batch_size
+        done = 0
+        while done < steps:
+            order = self.rng.permutation(n)
+            for b in range(min(per_epoch, steps - done)):
+                yield order[b * self.batch_size:(b + 1) * self.batch_size]
+            done += per_epoch
+
+    @staticmethod
+    def _accuracy(out, target):
+        return float(np.mean(np.argmax(out, axis=1) == target))
+
+    def evaluate(self, X, y):
+        """``(loss, accuracy or None)`` of the model in eval mode on (X, y); the model is
+        put back in training mode afterwards."""
+        self.model.eval()
+        try:
+            out = self.model.forward(X)
+        finally:
+            self.model.train()
+        value, _ = self.loss(out, y)
+        return value, (self._accuracy(out, y) if self.classification else None)
+
+    def _progress(self, steps):
+        if self.verbose and sys.stderr.isatty():
+            return click.progressbar(length=steps, label=self.label, file=sys.stderr)
+        return nullcontext()
+
+    # ------------------------------------------------------------ the loop
+    def fit(self, X, y, steps=None, epochs=None):
+        """Train for ``steps`` steps or ``epochs`` epochs (exactly one of them) and
+        return the :class:`History` of this call."""
+        fn = "Trainer.fit"
+        X, y = _check_data(fn, X, y)
+        if (steps is None) == (epochs is None):
+            raise ValueError(f"{fn}: give exactly one of steps and epochs, got steps={steps!r}, epochs={epochs!r}")
+        n = len(X)
+        if self.batch_size > n:
+            raise ValueError(f"{fn}: batch_size {self.batch_size} is larger than the {n} training samples")
+        total = (_positive_int(fn, "steps", steps) if steps is not None
+                 else _positive_int(fn, "epochs", epochs) * (n // self.batch_size))
+        history = History(classification=self.classification,
+                          meta={"batch_size": self.batch_size, "seed": self.seed, "record_every": self.record_every,
+                                "eval_every": self.eval_every, "samples": n, "first_step": self.steps_done})
+        model, loss, optimizer = self.model, self.loss, self.optimizer
+        model.train()
+        with self._progress(total) as bar:
+            for idx in self._batches(n, total):
+                t = self.steps_done
+                if self.eval_data is not None and t % self.eval_every == 0:
+                    history.record_eval(t, *self.evaluate(*self.eval_data))
+                xb, yb = X[idx], y[idx]
+                if t % self.record_every == 0:
+                    for name, metric in zip(self.metric_names, self.metrics):
+                        history.record_metric(name, t, metric(model, loss, optimizer, (xb, yb)))
+                out = model.forward(xb)
+                value, dout = loss(out, yb)
+                history.record_step(t, value, self._accuracy(out, yb) if self.classification else None)
+                optimizer.zero_grad()
+                model.backward(dout)
+                optimizer.step()
+                self.steps_done += 1
+                if bar is not None:
+                    bar.update(1)
+        if self.eval_data is not None:
+            history.record_eval(self.steps_done, *self.evaluate(*self.eval_data))
+        return history

@@ -1,0 +1,365 @@
+"""numbabn.train: the measurement probes on cases with known answers, the promise that
+they leave everything untouched, and the Trainer / History."""
+import json
+
+import numpy as np
+import pytest
+
+from numbabn.layers import (BatchNorm1d, BatchNorm2d, Conv2d, Layer, Linear, MSELoss, ReLU, Sequential, Sigmoid,
+                            SoftmaxCrossEntropy)
+from numbabn.optim import SGD, Adam
+from numbabn.train import (ActivationPercentiles, GradientNorm, History, InternalCovariateShift, LandscapeProbe,
+                           Trainer, WeightNorm, activation_percentiles, eta_grid, gradient_norm,
+                           internal_covariate_shift, landscape_probe, leaf_layers, weight_layers, weight_norm)
+from numbabn_plugins.noisy_batch_norm import NoisyBatchNorm
+
+F64 = np.float64
+
+
+# ------------------------------------------------------------------ a quadratic "network"
+class Theta(Layer):
+    """Ignores its input and outputs the parameter θ as a (1, d) row: with
+    :class:`QuadraticLoss` the loss is L(θ) = ½ θᵀAθ and ∇L = Aθ."""
+
+    def __init__(self, theta):
+        super().__init__()
+        self.theta = self.add_parameter("theta", np.array(theta, dtype=F64))
+
+    def forward(self, x):
+        return self.theta.value[None, :].copy()
+
+    def backward(self, dy):
+        self.theta.grad = dy[0].copy()
+        return None
+
+
+class QuadraticLoss:
+    def __init__(self, A):
+        self.A = A
+
+    def __call__(self, prediction, target):
+        p = prediction[0]
+        return 0.5 * float(p @ self.A @ p), (self.A @ p)[None, :]
+
+
+@pytest.fixture
+def quadratic(rng):
+    d = 6
+    M = rng.standard_normal((d, d))
+    A = M @ M.T + np.eye(d)            # symmetric positive definite
+    theta = rng.standard_normal(d)
+    return Theta(theta), QuadraticLoss(A), A, theta
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_landscape_quadratic_exact(quadratic, wrap):
+    layer, loss, A, theta = quadratic
+    model = Sequential(layer) if wrap else layer
+    lr = 0.01
+    res = landscape_probe(model, loss, (np.zeros((1, 1)), None), lr)
+    g = A @ theta
+    etas = lr * np.linspace(0.5, 4.0, 8)
+    assert np.allclose(res["etas"], etas, rtol=0, atol=1e-15)
+    # gradient predictiveness ‖∇L(θ) − ∇L(θ − ηg)‖ = η‖Ag‖, for every η
+    np.testing.assert_allclose(res["grad_diffs"], etas * np.linalg.norm(A @ g), rtol=1e-10)
+    np.testing.assert_allclose(res["beta_smoothness"], np.linalg.norm(A @ g) / np.linalg.norm(g), rtol=1e-10)
+    expected_losses = [0.5 * (theta - e * g) @ A @ (theta - e * g) for e in etas]
+    np.testing.assert_allclose(res["losses"], expected_losses, rtol=1e-12)
+    assert res["loss_min"] == min(res["losses"]) and res["loss_max"] == max(res["losses"])
+    np.testing.assert_allclose(res["loss"], 0.5 * theta @ A @ theta, rtol=1e-14)
+    np.testing.assert_allclose(res["grad_norm"], np.linalg.norm(g), rtol=1e-14)
+    assert np.array_equal(layer.theta.value, theta)       # restored
+
+
+def test_landscape_custom_grid_and_errors(quadratic):
+    layer, loss, A, theta = quadratic
+    etas = np.geomspace(1e-4, 0.3, 5)
+    res = landscape_probe(layer, loss, (None, None), 0.01, etas=etas)
+    g = A @ theta
+    np.testing.assert_allclose(res["grad_diffs"], etas * np.linalg.norm(A @ g), rtol=1e-9)
+    for bad in ([], [0.1, -0.1], [[0.1]], [np.nan], "abc", [0.0]):
+        with pytest.raises(ValueError, match="bad eta grid"):
+            landscape_probe(layer, loss, (None, None), 0.01, etas=bad)
+    with pytest.raises(ValueError, match="lr"):
+        landscape_probe(layer, loss, (None, None), -1.0)
+    with pytest.raises(TypeError, match="pair"):
+        landscape_probe(layer, loss, np.zeros(3), 0.01)
+
+
+def test_eta_grid():
+    np.testing.assert_allclose(eta_grid(0.1), np.linspace(0.05, 0.4, 8))
+    np.testing.assert_allclose(eta_grid(2.0, 0.01, 30, num=5, spacing="log"), 2.0 * np.geomspace(0.01, 30, 5))
+    for kwargs in ({"lr": 0}, {"lr": 1, "low": 2, "high": 1}, {"lr": 1, "num": 0}, {"lr": 1, "spacing": "cubic"}):
+        with pytest.raises(ValueError):
+            eta_grid(**kwargs)
+
+
+# ------------------------------------------------------------------ internal covariate shift
+def test_ics_one_layer_is_exactly_zero(rng):
+    model = Sequential(Linear(5, 3, rng=rng, dtype=F64))
+    x, y = rng.standard_normal((8, 5)), rng.integers(0, 3, 8)
+    opt = SGD(model.parameters(), lr=0.5, momentum=0.9)
+    res = internal_covariate_shift(model, SoftmaxCrossEntropy(), opt, (x, y))
+    assert res == {0: {"l2": 0.0, "cosine": pytest.approx(1.0, abs=1e-15)}}
+
+
+def _two_layer(rng):
+    model = Sequential(Linear(3, 4, rng=rng, dtype=F64), Linear(4, 2, rng=rng, dtype=F64))
+    model[0].bias.value[...] = rng.standard_normal(4)
+    return model
+
+
+def _mse_grads(W1, b1, W2, b2, x, t):
+    """Hand-written backward of out = (x W1ᵀ + b1) W2ᵀ + b2, L = mean((out − t)²)."""
+    h = x @ W1.T + b1
+    out = h @ W2.T + b2
+    dout = 2 * (out - t) / out.size
+    dh = dout @ W2
+    return {"W1": dh.T @ x, "b1": dh.sum(0), "W2": dout.T @ h}
+
+
+@pytest.mark.parametrize("make_opt", [lambda p: SGD(p, lr=0.3, momentum=0.9, weight_decay=0.01),
+                                      lambda p: Adam(p, lr=0.05)], ids=["sgd-momentum", "adam"])
+def test_ics_two_layer_linear_by_hand(rng, make_opt):
+    model = _two_layer(rng)
+    loss = MSELoss()
+    opt = make_opt(model.parameters())
+    x, t = rng.standard_normal((7, 3)), rng.standard_normal((7, 2))
+    # one real step first, so the optimizer has momentum / moments to use
+    x0, t0 = rng.standard_normal((7, 3)), rng.standard_normal((7, 2))
+    _, d = loss(model.forward(x0), t0)
+    model.backward(d)
+    opt.step()
+
+    W1, b1 = model[0].weight.value.copy(), model[0].bias.value.copy()
+    W2, b2 = model[1].weight.value.copy(), model[1].bias.value.copy()
+    g = _mse_grads(W1, b1, W2, b2, x, t)
+    # the optimizer's real update of layer 0 (W1, b1), computed on a copy of it
+    shadow = Sequential(Linear(3, 4, dtype=F64))
+    shadow_opt = make_opt(shadow.parameters())
+    state = opt.state_dict()
+    shadow_opt.load_state_dict({"hyperparameters": state["hyperparameters"], "state": state["state"][:2]})
+    shadow[0].weight.value[...], shadow[0].bias.value[...] = W1, b1
+    shadow[0].weight.grad, shadow[0].bias.grad = g["W1"], g["b1"]
+    shadow_opt.step()
+    G = g["W2"]
+    G2 = _mse_grads(shadow[0].weight.value, shadow[0].bias.value, W2, b2, x, t)["W2"]
+
+    res = internal_covariate_shift(model, loss, opt, (x, t), layers=[1, 0])
+    np.testing.assert_allclose(res[1]["l2"], np.linalg.norm(G - G2), rtol=1e-10)
+    np.testing.assert_allclose(res[1]["cosine"], np.sum(G * G2) / np.linalg.norm(G) / np.linalg.norm(G2),
+                               rtol=1e-12)
+    assert res[1]["l2"] > 1e-3                    # a real shift, not a trivial zero
+    assert res[0]["l2"] == 0.0
+
+
+def test_ics_bad_layers(rng):
+    model = _two_layer(rng)
+    opt = SGD(model.parameters(), lr=0.1)
+    batch = (rng.standard_normal((4, 3)), rng.standard_normal((4, 2)))
+    with pytest.raises(ValueError, match="unknown layer index 2: the model has 2 parameterized"):
+        internal_covariate_shift(model, MSELoss(), opt, batch, layers=[2])
+    with pytest.raises(ValueError, match="unknown layer index -1"):
+        internal_covariate_shift(model, MSELoss(), opt, batch, layers=-1)
+    with pytest.raises(TypeError, match="ints"):
+        internal_covariate_shift(model, MSELoss(), opt, batch, layers=["0"])
+    with pytest.raises(ValueError, match="distinct"):
+        internal_covariate_shift(model, MSELoss(), opt, batch, layers=[1, 1])
+    with pytest.raises(ValueError, match="no parameterized layer"):
+        internal_covariate_shift(Sequential(ReLU()), MSELoss(), opt, batch)
+    other = SGD(Sequential(Linear(3, 4)).parameters(), lr=0.1)   # does not manage the model's parameters
+    with pytest.raises(ValueError, match="not managed"):
+        internal_covariate_shift(model, MSELoss(), other, batch, layers=[1])
+
+
+def test_layer_addressing(rng):
+    inner = Sequential(Linear(2, 3, rng=rng), BatchNorm1d(3))
+    model = Sequential(inner, ReLU(), Sequential(Linear(3, 2, rng=rng)))
+    assert [type(leaf).__name__ for leaf in leaf_layers(model)] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert [pos for pos, _ in weight_layers(model)] == [0, 3]
+
+
+# ------------------------------------------------------------------ activation percentiles
+def test_percentiles_match_numpy(rng):
+    model = Sequential(Linear(5, 4, rng=rng, dtype=F64), Sigmoid(), Linear(4, 2, rng=rng, dtype=F64))
+    x = rng.standard_normal((50, 5))
+    h = x @ model[0].weight.value.T + model[0].bias.value
+    q = (15, 50, 85)
+    np.testing.assert_array_equal(activation_percentiles(model, 1, (x, None)), np.percentile(h, q, axis=0))
+    np.testing.assert_array_equal(activation_percentiles(model, model[1], x, q=(5, 95), unit=2),
+                                  np.percentile(h[:, 2], (5, 95)))
+    np.testing.assert_array_equal(activation_percentiles(model, 0, x), np.percentile(x, q, axis=0))
+
+
+def test_percentiles_conv_bn_training_mode(rng):
+    model = Sequential(Conv2d(2, 3, 3, padding=1, rng=rng, dtype=F64), BatchNorm2d(3, dtype=F64), ReLU())
+    model.eval()                        # the probe runs in training mode regardless, and restores the flag
+    x = rng.standard_normal((6, 2, 5, 5)) * 3 + 1
+    c = model[0].forward(x)
+    xhat = (c - c.mean(axis=(0, 2, 3), keepdims=True)) / np.sqrt(c.var(axis=(0, 2, 3), keepdims=True) + 1e-5)
+    expected = np.percentile(np.moveaxis(xhat, 1, -1).reshape(-1, 3), (15, 50, 85), axis=0)
+    np.testing.assert_allclose(activation_percentiles(model, 2, x), expected, atol=1e-12)
+    assert not model.training and not model[1].training
+
+
+def test_percentiles_errors(rng):
+    model = Sequential(Linear(3, 2, rng=rng, dtype=F64), Sigmoid())
+    x = rng.standard_normal((4, 3))
+    with pytest.raises(ValueError, match="unknown layer position 2"):
+        activation_percentiles(model, 2, x)
+    with pytest.raises(ValueError, match="not one of the model's leaf layers"):
+        activation_percentiles(model, Sigmoid(), x)
+    with pytest.raises(ValueError, match=r"unit must be an int in \[0, 2\)"):
+        activation_percentiles(model, 1, x, unit=2)
+    with pytest.raises(ValueError, match="q must be"):
+        activation_percentiles(model, 1, x, q=(50, 101))
+
+
+def test_gradient_and_weight_norm(rng):
+    model = _two_layer(rng)
+    x, t = rng.standard_normal((7, 3)), rng.standard_normal((7, 2))
+    g = _mse_grads(model[0].weight.value, model[0].bias.value, model[1].weight.value, model[1].bias.value, x, t)
+    norms = gradient_norm(model, MSELoss(), (x, t))
+    assert list(norms) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    np.testing.assert_allclose([norms["0.weight"], norms["0.bias"], norms["1.weight"]],
+                               [np.linalg.norm(g["W1"]), np.linalg.norm(g["b1"]), np.linalg.norm(g["W2"])], rtol=1e-12)
+    assert weight_norm(model)["1.weight"] == pytest.approx(np.linalg.norm(model[1].weight.value), rel=1e-15)
+
+
+# ------------------------------------------------------------------ nothing is touched
+def _bn_net(seed, dtype=F64, noisy=True):
+    rng = np.random.default_rng(seed)
+    norm = (NoisyBatchNorm(8, dtype=dtype, rng=np.random.default_rng(seed + 1)) if noisy
+            else BatchNorm1d(8, dtype=dtype))
+    return Sequential(Linear(5, 8, rng=rng, dtype=dtype), norm, ReLU(), Linear(8, 6, rng=rng, dtype=dtype),
+                      BatchNorm1d(6, dtype=dtype), Sigmoid(), Linear(6, 3, rng=rng, dtype=dtype))
+
+
+def _data(seed, n=120):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 5)), rng.integers(0, 3, n)
+
+
+def _all_metrics():
+    return [InternalCovariateShift(), LandscapeProbe(), ActivationPercentiles(5, unit=1), GradientNorm(),
+            WeightNorm()]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, F64])
+@pytest.mark.parametrize("make_opt", [lambda p: SGD(p, lr=0.1, momentum=0.9), lambda p: Adam(p, lr=0.01)],
+                         ids=["sgd", "adam"])
+def test_metrics_leave_everything_untouched(dtype, make_opt):
+    model, (X, y) = _bn_net(0, dtype), _data(1)
+    X = X.astype(dtype)
+    loss = SoftmaxCrossEntropy()
+    opt = make_opt(model.parameters())
+    for k in range(2):                  # optimizer state and running statistics become non-trivial
+        _, d = loss(model.forward(X[k * 20:(k + 1) * 20]), y[k * 20:(k + 1) * 20])
+        opt.zero_grad()
+        model.backward(d)
+        opt.step()
+    model.eval().train()
+    batch = (X[40:60], y[40:60])
+    _, d = loss(model.forward(batch[0]), batch[1])     # a pending backward: caches must survive
+    model.backward(d)
+    grads = {name: p.grad.copy() for name, p in model.named_parameters()}
+    state, opt_state = model.state_dict(), opt.state_dict()
+    noise = model[1].rng
+    rng_state = noise.bit_generator.state
+    cached = {id(layer): dict(vars(layer)) for layer in leaf_layers(model)}
+
+    for metric in _all_metrics():
+        metric(model, loss, opt, batch)
+        assert noise.bit_generator.state == rng_state, metric
+        after = model.state_dict()
+        assert all(np.array_equal(after[k], v) and after[k].dtype == v.dtype for k, v in state.items()), metric
+        assert int(after["1.num_batches_tracked"]) == 3      # 2 steps + the pending forward
+        assert all(np.array_equal(p.grad, grads[n]) for n, p in model.named_parameters()), metric
+        now = opt.state_dict()
+        assert now["hyperparameters"] == opt_state["hyperparameters"]
+        assert all(s.keys() == t.keys() and all(np.array_equal(s[k], t[k]) for k in s)
+                   for s, t in zip(now["state"], opt_state["state"])), metric
+        for layer in leaf_layers(model):
+            assert all(vars(layer)[k] is v for k, v in cached[id(layer)].items()), (metric, layer)
+        assert model.training
+    model.backward(d)                   # the caches of the pending forward are intact
+    assert all(np.array_equal(p.grad, grads[n]) for n, p in model.named_parameters())
+
+
+def _train(seed, metrics, steps=25, noisy=True):
+    model, (X, y) = _bn_net(seed, noisy=noisy), _data(seed + 7)
+    opt = SGD(model.parameters(), lr=0.2, momentum=0.9)
+    trainer = Trainer(model, SoftmaxCrossEntropy(), opt, batch_size=16, seed=seed, metrics=metrics,
+                      record_every=3, eval_data=_data(99, 40), verbose=0)
+    return model, trainer.fit(X, y, steps=steps)
+
+
+def test_trainer_with_metrics_is_bit_identical():
+    plain_model, plain = _train(3, [])
+    model, hist = _train(3, _all_metrics())
+    assert hist.loss == plain.loss and hist.accuracy == plain.accuracy and hist.eval == plain.eval
+    a, b = plain_model.state_dict(), model.state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert set(hist.metrics) == {"ics", "landscape", "percentiles", "grad_norm", "weight_norm"}
+    assert hist.metrics["ics"]["step"] == list(range(0, 25, 3))
+    # the probes evaluate the training step's own function (same batch, same noise draw)
+    for step, value in zip(*hist.metric("landscape")):
+        assert value["loss"] == pytest.approx(hist.loss[step], rel=1e-12)
+    assert hist.metrics["ics"]["value"][0]["0"] == {"l2": 0.0, "cosine": pytest.approx(1.0)}
+
+
+def test_trainer_determinism_and_batches():
+    _, a = _train(5, [], noisy=False)
+    model_b, b = _train(5, [], noisy=False)
+    _, c = _train(6, [], noisy=False)
+    assert a.loss == b.loss and a.step == list(range(25))
+    assert a.loss != c.loss
+    assert a.eval["step"] == [0, 3, 6, 9, 12, 15, 18, 21, 24, 25]
+    # 120 samples / batch 16: 7 batches per epoch, 25 steps -> ceil(25/7) = 4 epochs
+    X, y = _data(5 + 7)
+    tr = Trainer(model_b, SoftmaxCrossEntropy(), SGD(model_b.parameters(), lr=0.1), batch_size=16, seed=0,
+                 verbose=0)
+    assert len(tr.fit(X, y, epochs=2).step) == 14
+    assert tr.steps_done == 14
+
+
+def test_trainer_errors(rng):
+    model = _two_layer(rng)
+    opt = SGD(model.parameters(), lr=0.1)
+    X, y = rng.standard_normal((10, 3)), rng.standard_normal((10, 2))
+    tr = Trainer(model, MSELoss(), opt, batch_size=4, seed=0, verbose=0)
+    with pytest.raises(ValueError, match="exactly one of steps and epochs"):
+        tr.fit(X, y)
+    with pytest.raises(ValueError, match="exactly one of steps and epochs"):
+        tr.fit(X, y, steps=2, epochs=1)
+    with pytest.raises(ValueError, match="same"):
+        tr.fit(X, y[:5], steps=2)
+    with pytest.raises(ValueError, match="larger than the 10"):
+        Trainer(model, MSELoss(), opt, batch_size=11, seed=0).fit(X, y, steps=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        Trainer(model, MSELoss(), opt, batch_size=0, seed=0)
+    with pytest.raises(ValueError, match="distinct"):
+        Trainer(model, MSELoss(), opt, batch_size=2, seed=0, metrics=[GradientNorm(), GradientNorm()])
+    with pytest.raises(TypeError, match="callable"):
+        Trainer(model, MSELoss(), opt, batch_size=2, seed=0, metrics=[3])
+    with pytest.raises(ValueError, match="spacing"):
+        LandscapeProbe(spacing="cubic")
+    hist = tr.fit(X, y, steps=3)
+    assert hist.accuracy is None and "accuracy" not in hist.eval
+
+
+def test_history_json_round_trip():
+    _, hist = _train(2, _all_metrics(), steps=7)
+    text = hist.to_json()
+    back = History.from_json(text)
+    assert back.to_dict() == json.loads(text) == hist.to_dict()
+    assert back.metric("ics") == hist.metric("ics")
+    with pytest.raises(KeyError, match="no metric"):
+        back.metric("nope")
+    with pytest.raises(ValueError, match="keys"):
+        History.from_json('{"loss": []}')
+    pd = pytest.importorskip("pandas")
+    frame = back.to_frame()
+    assert isinstance(frame, pd.DataFrame) and list(frame.index) == list(range(8))
+    assert frame.loc[3, "landscape.beta_smoothness"] == hist.metrics["landscape"]["value"][1]["beta_smoothness"]
+    assert np.isnan(frame.loc[1, "ics.1.l2"]) and frame.loc[7, "eval_loss"] == hist.eval["loss"][-1]
