@@ -1,5 +1,7 @@
 """Batch Renormalization (Ioffe 2017, "Batch Renormalization: Towards Reducing
 Minibatch Dependence in Batch-Normalized Models", NeurIPS, Algorithm 1)."""
+import numbers
+
 import numpy as np
 
 from numbabn.functional import batch_norm_backward, moments
@@ -51,12 +53,12 @@ class BatchRenorm(BatchNormBase):
                  rmax=3.0, dmax=5.0, relax_from=5000, rmax_until=40000, dmax_until=25000):
         super().__init__(num_features, eps, momentum, affine, True, activation, dtype)
         owner = type(self).__name__
-        if not (isinstance(rmax, (int, float)) and rmax >= 1):
+        if isinstance(rmax, bool) or not (isinstance(rmax, numbers.Real) and rmax >= 1):
             raise ValueError(f"{owner}: rmax must be a number >= 1, got {rmax!r}")
-        if not (isinstance(dmax, (int, float)) and dmax >= 0):
+        if isinstance(dmax, bool) or not (isinstance(dmax, numbers.Real) and dmax >= 0):
             raise ValueError(f"{owner}: dmax must be a number >= 0, got {dmax!r}")
         for name, value in (("relax_from", relax_from), ("rmax_until", rmax_until), ("dmax_until", dmax_until)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f"{owner}: {name} must be an int >= 0, got {value!r}")
         if rmax_until < relax_from or dmax_until < relax_from:
             raise ValueError(f"{owner}: rmax_until and dmax_until must be >= relax_from, "

@@ -1,0 +1,187 @@
+"""Optimizers: PyTorch parity, subset steps, state copy/restore, errors."""
+import copy
+
+import numpy as np
+import pytest
+
+from numbabn.layers import BatchNorm1d, Linear, Parameter, ReLU, Sequential, SoftmaxCrossEntropy
+from numbabn.optim import SGD, Adam
+
+SHAPES = [(3, 4), (4,), (2, 2, 3)]
+SGD_CASES = [dict(lr=0.1), dict(lr=0.05, momentum=0.9), dict(lr=0.05, momentum=0.9, nesterov=True),
+             dict(lr=0.1, momentum=0.5, weight_decay=0.01)]
+ADAM_CASES = [dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)]
+
+
+def make_params(rng, dtype=np.float64):
+    return [Parameter(f"p{i}", rng.standard_normal(s).astype(dtype)) for i, s in enumerate(SHAPES)]
+
+
+def grads_for(rng, steps, dtype=np.float64):
+    return [[rng.standard_normal(s).astype(dtype) for s in SHAPES] for _ in range(steps)]
+
+
+def run(opt, params, grads):
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.copy()
+        opt.step()
+
+
+@pytest.mark.parametrize("cls, kwargs", [(SGD, k) for k in SGD_CASES] + [(Adam, k) for k in ADAM_CASES])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_matches_torch_optim(rng, cls, kwargs, dtype):
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: no reference optimizer")
+    params = make_params(rng, dtype)
+    tparams = [torch.nn.Parameter(torch.tensor(p.value)) for p in params]
+    opt = cls(params, **kwargs)
+    topt = getattr(torch.optim, cls.__name__)(tparams, **kwargs)
+    for step in grads_for(rng, 6, dtype):
+        for p, tp, g in zip(params, tparams, step):
+            p.grad, tp.grad = g.copy(), torch.tensor(g)
+        opt.step()
+        topt.step()
+        tol = dict(rtol=1e-12, atol=1e-14) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-6)
+        for p, tp in zip(params, tparams):
+            assert p.value.dtype == dtype
+            np.testing.assert_allclose(p.value, tp.detach().numpy(), **tol)
+
+
+def test_zero_grad_skips_parameters_without_gradient(rng):
+    params = make_params(rng)
+    opt = SGD(params, lr=0.1, momentum=0.9)
+    before = [p.value.copy() for p in params]
+    params[0].grad = np.ones(SHAPES[0])
+    opt.step()
+    np.testing.assert_allclose(params[0].value, before[0] - 0.1)
+    for p, b in zip(params[1:], before[1:]):
+        np.testing.assert_array_equal(p.value, b)
+    assert opt.state[1] == {}
+    opt.zero_grad()
+    assert all(p.grad is None for p in params)
+
+
+@pytest.mark.parametrize("cls, kwargs", [(SGD, SGD_CASES[1]), (Adam, ADAM_CASES[1])])
+def test_subset_step_equals_a_full_step_on_those_parameters(rng, cls, kwargs):
+    """step(params=subset) applies the real update (state included) to the subset only."""
+    params = make_params(rng)
+    opt = cls(params, **kwargs)
+    history = grads_for(rng, 3)
+    run(opt, params, history[:2])                 # build up momentum / moments
+    reference = copy.deepcopy((params, opt))
+    ref_params, ref_opt = reference
+    for p, rp, g in zip(params, ref_params, history[2]):
+        p.grad, rp.grad = g.copy(), g.copy()
+    untouched = params[2].value.copy(), copy.deepcopy(opt.state[2])
+    opt.step(params[:2])
+    ref_opt.step()
+    for i in range(2):
+        np.testing.assert_array_equal(params[i].value, ref_params[i].value)
+        for key, value in opt.state[i].items():
+            np.testing.assert_array_equal(value, ref_opt.state[i][key])
+    np.testing.assert_array_equal(params[2].value, untouched[0])
+    assert opt.state[2].keys() == untouched[1].keys()
+    for key, value in untouched[1].items():
+        np.testing.assert_array_equal(opt.state[2][key], value)
+    with pytest.raises(ValueError, match="not managed by this optimizer"):
+        opt.step([Parameter("stranger", np.zeros(3))])
+
+
+def tiny_model(rng):
+    return Sequential(Linear(4, 6, rng=rng, dtype=np.float64), BatchNorm1d(6, dtype=np.float64), ReLU(),
+                      Linear(6, 3, rng=rng, dtype=np.float64))
+
+
+def train_step(model, opt, x, t):
+    _, d = SoftmaxCrossEntropy()(model.forward(x), t)
+    opt.zero_grad()
+    model.backward(d)
+    opt.step()
+
+
+@pytest.mark.parametrize("cls, kwargs", [(SGD, SGD_CASES[2]), (Adam, ADAM_CASES[0])])
+def test_snapshot_probe_restore_leaves_training_unchanged(rng, cls, kwargs):
+    """The ICS probe's pattern: save model+optimizer state, take a real step on the
+    first layers only, restore -- the run continues bit-identically."""
+    x, t = rng.standard_normal((8, 4)), rng.integers(0, 3, 8)
+    model = tiny_model(rng)
+    opt = cls(model.parameters(), **kwargs)
+    twin = copy.deepcopy((model, opt))
+    for m, o in ((model, opt), twin):
+        train_step(m, o, x, t)
+
+    saved_model, saved_opt = model.state_dict(), opt.state_dict()
+    _, d = SoftmaxCrossEntropy()(model.forward(x), t)
+    model.backward(d)
+    first = model[:2].parameters()
+    opt.step(first)
+    assert not np.array_equal(model[0].weight.value, saved_model["0.weight"])
+    np.testing.assert_array_equal(model[3].weight.value, saved_model["3.weight"])
+    model.load_state_dict(saved_model)
+    opt.load_state_dict(saved_opt)
+
+    for m, o in ((model, opt), twin):
+        train_step(m, o, x, t)
+    for (k, a), (_, b) in zip(model.state_dict().items(), twin[0].state_dict().items()):
+        np.testing.assert_array_equal(a, b, err_msg=k)
+
+
+def test_state_dict_is_a_copy_and_round_trips(rng):
+    params = make_params(rng)
+    opt = Adam(params, lr=0.01)
+    run(opt, params, grads_for(rng, 2))
+    saved = opt.state_dict()
+    assert saved["state"][0]["step"] == 2 and saved["hyperparameters"]["lr"] == 0.01
+    assert saved["state"][0]["exp_avg"] is not opt.state[0]["exp_avg"]
+    run(opt, params, grads_for(rng, 1))
+    assert opt.state[0]["step"] == 3
+    opt.load_state_dict(saved)
+    assert opt.state[0]["step"] == 2
+    np.testing.assert_array_equal(opt.state[1]["exp_avg_sq"], saved["state"][1]["exp_avg_sq"])
+    opt.lr = 0.5                                   # hyperparameters are part of the state
+    opt.load_state_dict(saved)
+    assert opt.lr == 0.01
+
+
+def test_load_state_dict_errors_leave_state_untouched(rng):
+    params = make_params(rng)
+    opt = SGD(params, lr=0.1, momentum=0.9)
+    run(opt, params, grads_for(rng, 1))
+    good = opt.state_dict()
+    bad_shape = copy.deepcopy(good)
+    bad_shape["state"][2]["momentum_buffer"] = np.zeros(5)
+    bad_shape["hyperparameters"]["lr"] = 0.7
+    bad_dtype = copy.deepcopy(good)
+    bad_dtype["state"][1]["momentum_buffer"] = good["state"][1]["momentum_buffer"].astype(np.float32)
+    bad_count = copy.deepcopy(good)
+    bad_count["state"].pop()
+    bad_hyper = copy.deepcopy(good)
+    bad_hyper["hyperparameters"]["lr"] = -1.0
+    for state, match in [(bad_shape, "shape"), (bad_dtype, "dtype"), (bad_count, "one dict per parameter"),
+                         (bad_hyper, "lr must be"), ({"state": []}, "keys")]:
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(state)
+        assert opt.lr == 0.1
+        for s, g in zip(opt.state, good["state"]):
+            np.testing.assert_array_equal(s["momentum_buffer"], g["momentum_buffer"])
+
+
+def test_constructor_and_step_errors(rng):
+    params = make_params(rng)
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        SGD(params, lr=-0.1)
+    with pytest.raises(ValueError, match="nesterov=True needs momentum > 0"):
+        SGD(params, lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match=r"betas\[1\] must be a finite number in \[0.0, 1.0\)"):
+        Adam(params, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="same Parameter more than once"):
+        SGD(params + params[:1], lr=0.1)
+    with pytest.raises(TypeError, match="must be Parameters"):
+        SGD([np.zeros(3)], lr=0.1)
+    with pytest.raises(ValueError, match="params is empty"):
+        Adam([])
+    opt = SGD(params, lr=0.1)
+    params[0].grad = np.zeros(SHAPES[0], np.float32)
+    with pytest.raises(ValueError, match="shape .* and dtype float64"):
+        opt.step()
+    assert "lr=0.1" in repr(opt)

@@ -1,0 +1,143 @@
+"""Registry: built-ins, discovery through the real entry points, fake third-party
+entry points (good, broken, clashing), the decorator, and import laziness."""
+import importlib.metadata
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from numbabn import registry
+from numbabn.layers import BatchNorm1d, Layer, Linear
+from numbabn_plugins.batch_renorm import BatchRenorm
+
+PLUGIN_ENTRY_POINTS = {
+    "batch_renorm": "numbabn_plugins.batch_renorm:BatchRenorm",
+    "ghost_batch_norm": "numbabn_plugins.ghost_batch_norm:GhostBatchNorm",
+    "noisy_batch_norm": "numbabn_plugins.noisy_batch_norm:NoisyBatchNorm",
+    "lp_batch_norm": "numbabn_plugins.lp_batch_norm:LpBatchNorm",
+    "layer_norm": "numbabn_plugins.per_sample_norm:LayerNorm",
+    "group_norm": "numbabn_plugins.per_sample_norm:GroupNorm",
+}
+
+
+def test_builtins_and_real_entry_points():
+    layers = registry.available_layers()
+    assert list(layers) == sorted(layers)
+    assert layers["linear"] == layers["batch_norm2d"] == "builtin"
+    installed = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=registry.ENTRY_POINT_GROUP)}
+    for name, value in PLUGIN_ENTRY_POINTS.items():
+        assert installed.get(name) == value, "run `pip install -e .` so the entry points exist"
+        assert layers[name].startswith("numbabn ") and layers[name].endswith(f"({value})")
+    assert registry.layer_class("batch_renorm") is BatchRenorm
+    layer = registry.get_layer("batch_renorm", 4, rmax=2.0)
+    assert isinstance(layer, BatchRenorm) and layer.rmax == 2.0 and layer.num_features == 4
+    assert isinstance(registry.get_layer("linear", 3, 2), Linear)
+
+
+def test_unknown_name_lists_what_is_available():
+    with pytest.raises(KeyError) as info:
+        registry.get_layer("batchnorm_1d")
+    message = str(info.value)
+    assert message.startswith("numbabn: unknown layer 'batchnorm_1d'; available: ")
+    assert "batch_norm1d" in message and "group_norm" in message
+
+
+class FakeEntryPoint:
+    """What importlib.metadata yields, with a distribution we control; loading is
+    delegated to a real EntryPoint so import errors are genuine."""
+
+    def __init__(self, name, value, dist="acme-norms", version="1.2"):
+        self.name, self.value = name, value
+        self.dist = types.SimpleNamespace(name=dist, version=version)
+
+    def load(self):
+        return importlib.metadata.EntryPoint(self.name, self.value, registry.ENTRY_POINT_GROUP).load()
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """A private copy of the table with discovery not yet run; restored afterwards."""
+    registry.available_layers()                       # make sure the built-ins are in the copy
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+    monkeypatch.setattr(registry, "_discovered", False)
+    return monkeypatch
+
+
+@pytest.fixture
+def acme_module(monkeypatch):
+    module = types.ModuleType("acme_norms")
+
+    class AcmeNorm(Layer):
+        def forward(self, x):
+            return x
+
+    module.AcmeNorm = AcmeNorm
+    module.not_a_layer = object()
+    monkeypatch.setitem(sys.modules, "acme_norms", module)
+    return module
+
+
+def test_fake_third_party_entry_points(fresh_registry, acme_module):
+    calls = []
+    fakes = [FakeEntryPoint("acme_norm", "acme_norms:AcmeNorm"),
+             FakeEntryPoint("broken_norm", "acme_missing_module:Norm", dist="broken-dist", version="0.1"),
+             FakeEntryPoint("odd_norm", "acme_norms:not_a_layer"),
+             FakeEntryPoint("linear", "acme_norms:AcmeNorm")]
+
+    def entry_points(**kwargs):
+        calls.append(kwargs)
+        return fakes if kwargs.get("group") == registry.ENTRY_POINT_GROUP else []
+
+    fresh_registry.setattr(importlib.metadata, "entry_points", entry_points)
+    with pytest.warns(RuntimeWarning) as record:
+        layers = registry.available_layers()
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 3
+    assert any("could not load layer plugin 'broken_norm'" in m and "broken-dist 0.1" in m
+               and "ModuleNotFoundError" in m for m in messages)
+    assert any("skipped layer plugin 'odd_norm'" in m and "not a numbabn Layer subclass" in m for m in messages)
+    assert any("skipped layer plugin 'linear'" in m and "already registered" in m for m in messages)
+
+    assert layers["acme_norm"] == "acme-norms 1.2 (acme_norms:AcmeNorm)"
+    assert "broken_norm" not in layers and "odd_norm" not in layers
+    assert layers["linear"] == "builtin" and registry.layer_class("linear") is Linear
+    assert isinstance(registry.get_layer("acme_norm"), acme_module.AcmeNorm)
+    registry.get_layer("batch_norm1d", 3)
+    assert calls == [{"group": registry.ENTRY_POINT_GROUP}]          # discovered lazily, once
+
+
+def test_register_layer_decorator(fresh_registry):
+    @registry.register_layer("scaled_identity")
+    class ScaledIdentity(Layer):
+        def forward(self, x):
+            return 2 * x
+
+    assert registry.available_layers()["scaled_identity"] == __name__
+    assert registry.register_layer("scaled_identity")(ScaledIdentity) is ScaledIdentity    # idempotent
+    with pytest.raises(ValueError, match="'batch_norm1d' is already registered to .*BatchNorm1d"):
+        registry.register_layer("batch_norm1d")(ScaledIdentity)
+    with pytest.raises(TypeError, match="expected a Layer subclass"):
+        registry.register_layer("not_a_layer")(dict)
+    with pytest.raises(ValueError, match="must be a Python identifier"):
+        registry.register_layer("bad name")
+    assert registry.layer_class("batch_norm1d") is BatchNorm1d
+
+
+def test_importing_numbabn_and_the_registry_stays_light():
+    code = ("import sys, numbabn, numbabn.registry; "
+            "heavy = [m for m in ('numba', 'numbabn.layers', 'numbabn_plugins') if m in sys.modules]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_broken_plugin_never_breaks_lookups(fresh_registry):
+    def entry_points(**kwargs):
+        return [FakeEntryPoint("exploding", "acme_does_not_exist:X")]
+
+    fresh_registry.setattr(importlib.metadata, "entry_points", entry_points)
+    with pytest.warns(RuntimeWarning, match="exploding"):
+        layer = registry.get_layer("batch_norm1d", 2, dtype=np.float64)
+    assert isinstance(layer, BatchNorm1d)
