@@ -10,6 +10,8 @@ PyTorch (``torch.nn.functional.batch_norm`` for forward/eval, ATen's
 ``native_batch_norm_backward`` for backward, i.e. exactly the kernels autograd calls)
 and the NumPy float64 reference are timed in the same run on the same data; both
 sides allocate their outputs. PyTorch gets the same thread count as Numba.
+The CUDA backend has its own entry point, :func:`run_cuda` (device-resident data,
+CUDA-event timing, the device's copy bandwidth), returning the same :class:`Report`.
 
 This module lives inside the package (not only in ``bench/``) so that ``numbabn bench``
 works from a regular, non-editable install.
@@ -144,20 +146,21 @@ def copy_bandwidth(nbytes=256 << 20, repeat=5):
     return 2 * src.nbytes / best / 1e9
 
 
-def _torch_ops(case, x, gamma, beta, dy, threads):
+def _torch_ops(case, x, gamma, beta, dy, threads, device="cpu"):
     import torch
 
     torch.set_num_threads(threads)
     F = torch.nn.functional
     ax = case.axis % len(case.shape)
-    if ax == len(case.shape) - 1 and len(case.shape) == 4:
-        to = lambda a: torch.from_numpy(np.moveaxis(a, -1, 1))   # NHWC memory, NCHW view  # noqa: E731
+    dev = lambda a: torch.from_numpy(a).to(device)  # noqa: E731  (.to() keeps channels-last strides)
+    if ax != 1:   # torch's channel axis is 1: channels-last memory, channels-first view
+        to = lambda a: dev(np.moveaxis(a, ax, 1))  # noqa: E731
     else:
-        to = torch.from_numpy
+        to = dev
     tx, tdy = to(x), to(dy)
-    tg, tb = torch.from_numpy(gamma), torch.from_numpy(beta)
+    tg, tb = dev(gamma), dev(beta)
     C = case.channels
-    rm, rv = torch.zeros(C, dtype=tg.dtype), torch.ones(C, dtype=tg.dtype)
+    rm, rv = torch.zeros(C, dtype=tg.dtype, device=device), torch.ones(C, dtype=tg.dtype, device=device)
     _, save_mean, save_invstd, *_ = torch.ops.aten.native_batch_norm(tx, tg, tb, rm, rv, True, 0.1, 1e-5)
     return {
         "forward": lambda: F.batch_norm(tx, rm, rv, tg, tb, training=True, momentum=0.1, eps=1e-5),
@@ -190,6 +193,31 @@ def _numbabn_ops(case, x, gamma, beta, dy, rm, rv, backend):
     }
 
 
+def _inputs(case, dt, rng):
+    """Host arrays for one case: x, dy, gamma, beta, running mean and variance."""
+    x = (rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1).astype(dt)
+    dy = rng.standard_normal(case.shape, dtype=np.float32).astype(dt)
+    C = case.channels
+    gamma = rng.uniform(0.5, 1.5, C).astype(dt)
+    beta = rng.standard_normal(C).astype(dt)
+    return x, dy, gamma, beta, np.zeros(C, dt), np.ones(C, dt)
+
+
+def _compare(row, others, op, repeat, torch_time=_median_time):
+    """Time the NumPy reference and PyTorch on ``op`` (after one untimed call each)
+    and fill ``row``'s comparison columns. ``torch_time(fn, repeat)`` -> seconds."""
+    if "numpy" in others:
+        f = others["numpy"][op]
+        f()
+        row.numpy_ms = _median_time(f, max(1, min(repeat, 3))) * 1e3
+        row.vs_numpy = row.numpy_ms / row.ms
+    if "torch" in others:
+        f = others["torch"][op]
+        f()
+        row.torch_ms = torch_time(f, repeat) * 1e3
+        row.vs_torch = row.torch_ms / row.ms
+
+
 def run(cases, ops=OPS, dtype="float32", backend="cpu", repeat=10, compare=("numpy", "torch"),
         threads=None, progress=None):
     """Time every (case, op) and return a :class:`Report`.
@@ -215,12 +243,7 @@ def run(cases, ops=OPS, dtype="float32", backend="cpu", repeat=10, compare=("num
     for case in cases:
         if progress is not None:
             progress(case.name)
-        x = (rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1).astype(dt)
-        dy = rng.standard_normal(case.shape, dtype=np.float32).astype(dt)
-        C = case.channels
-        gamma = rng.uniform(0.5, 1.5, C).astype(dt)
-        beta = rng.standard_normal(C).astype(dt)
-        rm, rv = np.zeros(C, dt), np.ones(C, dt)
+        x, dy, gamma, beta, rm, rv = _inputs(case, dt, rng)
         t0 = time.perf_counter()
         ours = _numbabn_ops(case, x, gamma, beta, dy, rm, rv, backend)
         setup_s = time.perf_counter() - t0   # includes compile/cache load of forward
@@ -235,16 +258,7 @@ def run(cases, ops=OPS, dtype="float32", backend="cpu", repeat=10, compare=("num
             sec = _median_time(ours[op], repeat)
             row = Row(op, case.name, case.shape, case.layout, dt.name, backend, sec * 1e3,
                       TRAFFIC[op] * S / sec / 1e9, 100 * TRAFFIC[op] * S / sec / 1e9 / copy_gbps, first)
-            if "numpy" in others:
-                f = others["numpy"][op]
-                f()
-                row.numpy_ms = _median_time(f, max(1, min(repeat, 3))) * 1e3
-                row.vs_numpy = row.numpy_ms / row.ms
-            if "torch" in others:
-                f = others["torch"][op]
-                f()
-                row.torch_ms = _median_time(f, repeat) * 1e3
-                row.vs_torch = row.torch_ms / row.ms
+            _compare(row, others, op, repeat)
             rows.append(row)
     meta = {"backend": backend, "threads": threads, "copy_gbps": copy_gbps, "dtype": dt.name,
             "repeat": repeat, "numba": numba.__version__, "numpy": np.__version__,
@@ -277,6 +291,112 @@ def format_table(report):
     widths = [max(len(str(c)) for c in col) for col in zip(head, *lines)]
     fmt_row = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     m = report.meta
-    title = (f"numbabn {m['backend']} bench: {m['dtype']}, {m['threads']} threads ({m['threading_layer']}), "
+    where = (f"{m['device']}, {m['threads']} threads/block, device" if m["backend"] == "cuda"
+             else f"{m['threads']} threads ({m['threading_layer']}),")
+    title = (f"numbabn {m['backend']} bench: {m['dtype']}, {where} "
              f"copy bandwidth {m['copy_gbps']:.1f} GB/s, torch {m['torch'] or 'n/a'}, median of {m['repeat']}")
     return "\n".join([title, fmt_row(head), fmt_row(["-" * w for w in widths])] + [fmt_row(r) for r in lines])
+
+
+def _event_time(fn, repeat):
+    """Median seconds of ``fn`` between two CUDA events on the default stream.
+
+    Waiting for the stop event synchronises with the device, so the time covers every
+    kernel the call launched; the GPU is idle when the start event is recorded, so
+    host-side launch overhead inside the call counts too.
+    """
+    from numba import cuda
+
+    start, stop = cuda.event(), cuda.event()
+    times = []
+    for _ in range(repeat):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)   # milliseconds
+    return statistics.median(times)
+
+
+def _numbabn_cuda_ops(case, x, gamma, beta, dy, rm, rv, y, dx):
+    """Like :func:`_numbabn_ops` on device arrays, writing into the preallocated
+    device outputs ``y``/``dx`` (Numba allocates with cudaMalloc, PyTorch from its
+    cache: allocating per call would time the allocator, not the kernels)."""
+    import numbabn
+
+    kw = dict(axis=case.axis, backend="cuda")
+    _, ctx = numbabn.batch_norm_forward(x, gamma, beta, **kw)
+    return {
+        "forward": lambda: numbabn.batch_norm_forward(x, gamma, beta, running_mean=rm, running_var=rv,
+                                                      out=y, **kw),
+        "eval": lambda: numbabn.batch_norm_forward(x, gamma, beta, running_mean=rm, running_var=rv,
+                                                   training=False, out=y, **kw),
+        "backward": lambda: numbabn.batch_norm_backward(dy, ctx, out=dx),
+    }
+
+
+def run_cuda(cases, ops=OPS, dtype="float32", repeat=10, compare=("numpy", "torch"), progress=None):
+    """Time the CUDA backend; the GPU counterpart of :func:`run`, returning the same :class:`Report`.
+
+    Inputs, parameters and running statistics are device arrays and the outputs are
+    preallocated on the device, so no host<->device copy is timed. Each call is timed
+    with CUDA events (:func:`_event_time`), median of ``repeat``; the first call per
+    op (kernel compilation) is reported as ``first_s``. ``pct_copy`` compares with the
+    device-to-device copy bandwidth measured in the same run. ``compare``: "torch"
+    times ``F.batch_norm`` / ``native_batch_norm_backward`` on CUDA tensors of the same
+    data (PyTorch must see the GPU); "numpy" times the float64 reference on the host.
+
+    Raises RuntimeError under the CUDA simulator (its timings mean nothing) and when
+    no GPU is usable.
+    """
+    from importlib.metadata import version
+
+    from numba import cuda
+
+    from . import config
+    from .kernels import cuda as K
+
+    if cuda.config.ENABLE_CUDASIM:
+        raise RuntimeError("run_cuda: refusing to time the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
+    if not cuda.is_available():
+        raise RuntimeError("run_cuda: no CUDA GPU is available")
+    torch_version = None
+    if "torch" in compare:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"run_cuda: compare='torch' needs a PyTorch that sees the GPU (torch {torch.__version__})")
+        torch_version = torch.__version__
+    dt = np.dtype(dtype)
+    rng = np.random.default_rng(0)
+    biggest = max(int(np.prod(c.shape)) * dt.itemsize for c in cases)
+    copy_gbps = K.device_copy_bandwidth(max(biggest, 64 << 20))
+    rows = []
+    for case in cases:
+        if progress is not None:
+            progress(case.name)
+        hx, hdy, hgamma, hbeta, hrm, hrv = _inputs(case, dt, rng)
+        x, dy, gamma, beta, rm, rv = (cuda.to_device(a) for a in (hx, hdy, hgamma, hbeta, hrm, hrv))
+        t0 = time.perf_counter()
+        ours = _numbabn_cuda_ops(case, x, gamma, beta, dy, rm, rv, cuda.device_array_like(x),
+                                 cuda.device_array_like(x))
+        cuda.synchronize()
+        setup_s = time.perf_counter() - t0   # includes compiling the forward kernels
+        others = {}
+        if "numpy" in compare:
+            others["numpy"] = _numpy_ops(case, hx, hgamma, hbeta, hdy, hrm, hrv)
+        if "torch" in compare:
+            others["torch"] = _torch_ops(case, hx, hgamma, hbeta, hdy, torch.get_num_threads(), device="cuda")
+        S = x.nbytes
+        for op in ops:
+            first = _first_call(ours[op], cuda.synchronize) + (setup_s if op == "forward" else 0.0)
+            sec = _event_time(ours[op], repeat)
+            row = Row(op, case.name, case.shape, case.layout, dt.name, "cuda", sec * 1e3,
+                      TRAFFIC[op] * S / sec / 1e9, 100 * TRAFFIC[op] * S / sec / 1e9 / copy_gbps, first)
+            _compare(row, others, op, repeat, torch_time=_event_time)
+            rows.append(row)
+    meta = {"backend": "cuda", "device": cuda.get_current_device().name, "threads": config.CUDA_THREADS,
+            "copy_gbps": copy_gbps, "dtype": dt.name, "repeat": repeat, "numba": version("numba"),
+            "numba_cuda": version("numba-cuda"), "numpy": np.__version__, "torch": torch_version,
+            "threading_layer": None}
+    return Report(rows, meta)

@@ -1,0 +1,345 @@
+"""The ``numbabn`` command line: every command, the JSON/CSV/plot outputs and the error paths.
+
+Benchmarks run on tiny shapes with ``--repeat 2`` to stay fast; the timings themselves
+are never asserted (they are noise on a shared machine), only what the report holds.
+"""
+import csv
+import importlib
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+import numbabn
+import numbabn.cli.bench as bench_cli
+import numbabn.cli.experiment as experiment_cli
+from numbabn.benchmark import SUITES
+from numbabn.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_KEYS = {"op", "case", "shape", "layout", "dtype", "backend", "ms", "gbps", "pct_copy", "first_s",
+            "numpy_ms", "torch_ms", "vs_numpy", "vs_torch"}
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception   # show the real traceback, not just exit code 1
+    return result
+
+
+def error_line(result):
+    """The single 'Error: ...' line of a failed command (click's usage lines aside)."""
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+# --- the group -------------------------------------------------------------------------
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.output.strip() == f"numbabn, version {numbabn.__version__}"
+
+
+def test_help_lists_every_command():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for name in ("info", "bench", "layers", "experiment"):
+        assert f"  {name} " in result.output
+
+
+def test_help_does_not_import_numba():
+    """Loading the CLI and rendering help must stay cheap: no Numba, PyTorch or matplotlib."""
+    code = (
+        "import json, sys\n"
+        "from click.testing import CliRunner\n"
+        "import numbabn.cli\n"
+        "for args in (['--help'], ['bench', '--help'], ['info', '--help'], ['layers', '--help']):\n"
+        "    assert CliRunner().invoke(numbabn.cli.main, args).exit_code == 0, args\n"
+        "print(json.dumps({m: m in sys.modules for m in ('numba', 'torch', 'matplotlib')}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert json.loads(out.stdout) == {"numba": False, "torch": False, "matplotlib": False}
+
+
+def test_verbose_and_quiet_exclude_each_other():
+    result = invoke("-v", "-q", "info")
+    assert result.exit_code == 2
+    assert "exclude each other" in error_line(result)
+
+
+def test_entry_points_in_subprocesses():
+    """The installed console script, ``python -m numbabn`` and the checkout's cli.py."""
+    script = Path(sys.executable).with_name("numbabn")
+    assert script.exists(), "console script missing: install the package (pip install -e .)"
+    for cmd in ([str(script)], [sys.executable, "-m", "numbabn"], [sys.executable, str(ROOT / "cli.py")]):
+        out = subprocess.run(cmd + ["--version"], capture_output=True, text=True, check=True, cwd=ROOT)
+        assert out.stdout.strip().endswith(f"version {numbabn.__version__}"), cmd
+    out = subprocess.run([str(script), "info", "--json"], capture_output=True, text=True, check=True)
+    data = json.loads(out.stdout)
+    assert data["versions"]["numbabn"] == numbabn.__version__
+    assert data["cuda"]["status"] in ("gpu", "simulator", "none")
+
+
+# --- info ------------------------------------------------------------------------------
+
+def test_info_json():
+    import numba
+
+    data = json.loads(invoke("info", "--json").output)
+    assert data["versions"]["numba"] == numba.__version__
+    assert data["versions"]["click"] is not None
+    assert data["threading"]["threads"] == numba.get_num_threads()
+    assert data["threading"]["layer"] in ("tbb", "omp", "workqueue")
+    expected = "simulator" if numba.config.ENABLE_CUDASIM else ("gpu" if numbabn.cuda_available() else "none")
+    assert data["cuda"]["status"] == expected
+    if expected == "gpu":
+        assert data["cuda"]["memory_total_bytes"] > 0 and data["cuda"]["device"]
+    assert Path(data["numba_cache_dir"]).is_absolute()
+    assert data["layers"]["batch_norm1d"] == "builtin"
+
+
+def test_info_text_verbose():
+    result = invoke("-v", "info")
+    assert result.exit_code == 0
+    for label in ("numba ", "threading", "CUDA", "numba cache", "layers"):
+        assert label in result.output
+    assert "batch_norm2d (builtin)" in result.output   # -v: one line per layer
+
+
+def test_info_without_registry(monkeypatch):
+    monkeypatch.setitem(sys.modules, "numbabn.registry", None)   # import now fails as if absent
+    assert json.loads(invoke("info", "--json").output)["layers"] is None
+    assert "registry not installed" in invoke("info").output
+
+
+# --- layers ----------------------------------------------------------------------------
+
+def test_layers():
+    from numbabn import registry
+
+    rows = json.loads(invoke("layers", "--json").output)
+    assert {r["name"]: r["origin"] for r in rows} == registry.available_layers()
+    bn = next(r for r in rows if r["name"] == "batch_norm1d")
+    assert bn["origin"] == "builtin" and bn["class"].endswith(".BatchNorm1d")
+    text = invoke("layers").output.splitlines()
+    assert text[0].split() == ["name", "origin"] and len(text) == len(rows) + 2
+    assert invoke("-v", "layers").output.splitlines()[0].split() == ["name", "origin", "class"]
+
+
+# --- bench -----------------------------------------------------------------------------
+
+def test_bench_json_to_stdout_csv_and_plot(tmp_path):
+    csv_path, png = tmp_path / "b.csv", tmp_path / "b.png"
+    result = invoke("-q", "bench", "--suite", "tiny", "--repeat", "2", "--compare", "none",
+                    "--json", "-", "--csv", str(csv_path), "--plot", str(png))
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)   # stdout holds the JSON and nothing else
+    assert "numbabn cpu bench" in result.stderr and "first calls" in result.stderr
+    assert "plot written" not in result.stderr   # -q
+    rows = report["rows"]
+    assert [(r["case"], r["op"]) for r in rows] == [(c.name, op) for c in SUITES["tiny"]
+                                                    for op in ("forward", "eval", "backward")]
+    for r in rows:
+        assert set(r) == ROW_KEYS
+        assert r["ms"] > 0 and r["gbps"] > 0 and r["first_s"] >= 0
+        assert r["numpy_ms"] is None and r["torch_ms"] is None and r["backend"] == "cpu"
+    assert report["meta"]["repeat"] == 2 and report["meta"]["copy_gbps"] > 0
+    with open(csv_path, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [(t["case"], t["op"], t["shape"]) for t in table] == [
+        (r["case"], r["op"], "x".join(map(str, r["shape"]))) for r in rows]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_shapes_layout_ops_and_default_compare(monkeypatch):
+    monkeypatch.setattr(bench_cli, "_torch_installed", lambda: False)   # default = what is installed
+    result = invoke("-v", "bench", "--shape", "8x6x5x4", "--shape", "32x10", "--layout", "nhwc",
+                    "--op", "backward,eval", "--repeat", "2", "--json", "-")
+    assert result.exit_code == 0, result.output
+    assert "timing 2 cases x 2 ops" in result.stderr   # -v
+    rows = json.loads(result.stdout)["rows"]
+    assert [(r["case"], r["op"], r["layout"]) for r in rows] == [
+        ("8x6x5x4", "eval", "nhwc"), ("8x6x5x4", "backward", "nhwc"),
+        ("32x10", "eval", "nc"), ("32x10", "backward", "nc")]
+    assert all(r["numpy_ms"] > 0 and r["vs_numpy"] > 0 and r["torch_ms"] is None for r in rows)
+
+
+def test_bench_compare_torch():
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    result = invoke("bench", "--shape", "16x8x3", "--layout", "nhwc", "--op", "forward", "--repeat", "2",
+                    "--compare", "torch", "--csv", "-")
+    assert result.exit_code == 0, result.output
+    (row,) = list(csv.DictReader(result.stdout.splitlines()))
+    assert float(row["torch_ms"]) > 0 and row["numpy_ms"] == ""
+    assert f"torch {torch.__version__}" in result.stderr
+
+
+def test_bench_help_and_ops_match_the_harness():
+    """The CLI spells out what the harness defines (so that --help needs no NumPy)."""
+    from numbabn.benchmark import OPS
+
+    help_text = " ".join(invoke("bench", "--help").output.split())
+    assert all(name in help_text for name in SUITES)
+    assert bench_cli._OPS == OPS
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shape", "64xfoo"], "shape must look like"),
+    (["--shape", "0x3"], "positive sizes"),
+    (["--shape", "1x16"], "fewer than 2 values per channel"),
+    (["--op", "forward,sideways"], "unknown op 'sideways'"),
+    (["--suite", "huge"], "unknown suite 'huge'"),
+    (["--compare", "jax"], "expected a comma list"),
+    (["--dtype", "float16"], "'float16' is not one of"),
+    (["--threads", "0"], "not in the range"),
+    (["--threads", "100000"], "NUMBA_NUM_THREADS"),
+    (["--backend", "cuda", "--threads", "2"], "does not apply to --backend cuda"),
+    (["--json", "-", "--csv", "-"], "cannot both write to stdout"),
+    (["--plot", "plot.txt"], ".png, .svg or .pdf"),
+    (["--json", "no/such/dir/x.json"], "does not exist"),
+])
+def test_bench_usage_errors(args, message):
+    result = invoke("bench", *args)
+    assert result.exit_code == 2
+    assert message in error_line(result)
+
+
+def test_bench_cuda_without_gpu(monkeypatch):
+    monkeypatch.setattr(numbabn, "cuda_available", lambda: False)
+    result = invoke("bench", "--backend", "cuda", "--suite", "tiny")
+    assert result.exit_code == 2
+    assert result.output.strip() == ("Error: CUDA backend requested but no GPU is available "
+                                     "(simulator timings are refused)")
+
+
+def test_bench_torch_not_installed(monkeypatch):
+    monkeypatch.setattr(bench_cli, "_torch_installed", lambda: False)
+    result = invoke("bench", "--suite", "tiny", "--compare", "numpy,torch")
+    assert result.exit_code == 2
+    assert result.output.strip() == "Error: --compare torch: PyTorch is not installed; use --compare numpy or none"
+
+
+@pytest.mark.skipif(not numbabn.cuda_available(), reason="needs a real CUDA GPU (not the simulator)")
+def test_bench_cuda_on_gpu():
+    result = invoke("bench", "--backend", "cuda", "--suite", "tiny", "--repeat", "2", "--compare", "numpy",
+                    "--json", "-")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["meta"]["backend"] == "cuda" and report["meta"]["copy_gbps"] > 0
+    assert all(r["backend"] == "cuda" and r["ms"] > 0 and r["numpy_ms"] > 0 for r in report["rows"])
+
+
+def test_run_cuda_refuses_the_simulator():
+    from numba import cuda
+
+    from numbabn.benchmark import run_cuda
+
+    if not cuda.config.ENABLE_CUDASIM:
+        pytest.skip("the CUDA simulator is not active (a real GPU is present)")
+    with pytest.raises(RuntimeError, match="simulator"):
+        run_cuda(SUITES["tiny"], compare=())
+
+
+def test_run_cuda_bookkeeping_on_the_simulator(monkeypatch):
+    """run_cuda's data flow (device inputs, preallocated outputs, NumPy comparison, report),
+    checked without a GPU by letting it past its simulator refusal: the simulator's
+    event timings are fake (-1 ms), so only the structure of the report is asserted."""
+    from numba import cuda
+
+    import numbabn.kernels.cuda as K
+    from numbabn.benchmark import Case, run_cuda
+
+    if not cuda.config.ENABLE_CUDASIM:
+        pytest.skip("a real GPU is present: test_bench_cuda_on_gpu runs run_cuda for real")
+    monkeypatch.setattr(cuda.config, "ENABLE_CUDASIM", False)
+    monkeypatch.setattr(K, "device_copy_bandwidth", lambda nbytes: 1.0)
+    monkeypatch.setattr(type(cuda.get_current_device()), "name", "simulated GPU", raising=False)
+    cases = [Case("ncl", (4, 3, 5)), Case("nlc", (4, 5, 3), -1)]
+    report = run_cuda(cases, ops=("forward", "backward"), repeat=1, compare=("numpy",))
+    assert [(r.case, r.op, r.layout, r.backend) for r in report.rows] == [
+        ("ncl", "forward", "nchw", "cuda"), ("ncl", "backward", "nchw", "cuda"),
+        ("nlc", "forward", "nhwc", "cuda"), ("nlc", "backward", "nhwc", "cuda")]
+    assert all(r.numpy_ms > 0 and r.torch_ms is None for r in report.rows)
+    assert report.meta["device"] == "simulated GPU" and report.meta["backend"] == "cuda"
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="PyTorch that sees the GPU"):
+            run_cuda(cases, compare=("torch",))
+
+
+FAKE_BENCH = click.Command("fake", callback=lambda: click.echo("fake benchmark ran"),
+                           help="A stand-in for a benchmark subcommand module.")
+
+
+def test_bench_subcommand_seam(monkeypatch):
+    """A subcommand is one SUBCOMMANDS entry, and running it skips the kernel benchmark."""
+    monkeypatch.setitem(bench_cli.SUBCOMMANDS, "fake", f"{__name__}:FAKE_BENCH")
+    assert "fake" in invoke("bench", "--help").output
+    result = invoke("bench", "fake")
+    assert result.exit_code == 0
+    assert result.output == "fake benchmark ran\n"
+
+
+# --- experiment ------------------------------------------------------------------------
+
+def toy_experiment(*, steps=None, seed=0, lr=None, out=None):
+    """Toy experiment standing in for numbabn.train.experiments.
+
+    Writes one file to --out and echoes its arguments.
+    """
+    if out is not None:
+        (out / "toy.txt").write_text("done")
+    return {"steps": steps, "seed": seed, "lr": lr, "out": None if out is None else str(out)}
+
+
+@pytest.fixture
+def fake_experiments(monkeypatch):
+    module = types.ModuleType("fake_numbabn_experiments")
+    module.EXPERIMENTS = {"toy": toy_experiment}
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(experiment_cli, "EXPERIMENTS_MODULE", module.__name__)
+
+
+def test_experiment_seam(fake_experiments, tmp_path):
+    listing = invoke("experiment", "--help").output
+    assert "toy" in listing and "Toy experiment standing in" in listing
+    assert all(opt in invoke("experiment", "toy", "--help").output
+               for opt in ("--steps", "--seed", "--lr", "--out", "--json"))
+    out = tmp_path / "new" / "dir"
+    result = invoke("experiment", "toy", "--steps", "5", "--seed", "3", "--lr", "0.5", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"steps": 5, "seed": 3, "lr": 0.5, "out": str(out)}
+    assert (out / "toy.txt").read_text() == "done"
+    assert invoke("experiment", "toy").output.splitlines() == ["steps: None", "seed: 0", "lr: None", "out: None"]
+    assert invoke("experiment", "toy", "--steps", "0").exit_code == 2
+    assert invoke("experiment", "nope").exit_code == 2
+
+
+def test_experiment_group_without_module(monkeypatch):
+    monkeypatch.setattr(experiment_cli, "EXPERIMENTS_MODULE", "numbabn._no_such_experiments")
+    result = invoke("experiment", "--help")
+    assert result.exit_code == 0
+    assert "none installed (numbabn._no_such_experiments is not available)" in result.output
+
+
+def test_experiment_real_registry():
+    try:
+        experiments = importlib.import_module("numbabn.train.experiments").EXPERIMENTS
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("numbabn.train", "numbabn.train.experiments"):
+            raise
+        pytest.skip("numbabn.train.experiments does not exist yet")
+    assert experiments, "numbabn.train.experiments.EXPERIMENTS is empty"
+    listing = invoke("experiment", "--help").output
+    for name in experiments:
+        assert name in listing
+        result = invoke("experiment", name, "--help")
+        assert result.exit_code == 0 and "--steps" in result.output
