@@ -9,8 +9,10 @@ Formulas (per channel c over its m values; biased variance normalises)::
     invstd = 1 / sqrt(var + eps)
     y_i    = gamma * (x_i - mean) * invstd + beta        (then max(y, 0) if relu)
 
-Eval mode uses the running statistics, folded into one multiply-add per element:
-``a = gamma*invstd_running``, ``b = beta - running_mean*a``, ``y = a*x + b``.
+Eval mode uses the running statistics: ``a = gamma*invstd_running``,
+``y = a*(x - running_mean) + beta``. (DESIGN.md suggests folding this into one FMA
+``a*x + b``; the kernels subtract first, which costs nothing in a memory-bound loop
+and keeps float64 outputs accurate when ``|mean| >> std``.)
 
 Running statistics (PyTorch's convention), updated in place in training mode::
 

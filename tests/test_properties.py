@@ -37,7 +37,11 @@ def test_forward_backward_match_reference(problem):
     dy = rng.standard_normal(shape).astype(dtype)
     dx, dg, db = numbabn.batch_norm_backward(dy, ctx)
     rdx, rdg, rdb = R.backward(dy, x, g, b, axis=axis, relu=relu)
-    scale = max(1.0, float(np.abs(rdx).max()))
+    # dx = gamma*invstd/m * (m*g - dbeta - xhat*dgamma) is a difference of terms of
+    # size gamma*invstd*|g|; with m = 2 it cancels almost exactly (dx ~ eps/var), so
+    # rounding is relative to those terms, not to dx itself.
+    invstd = 1.0 / np.sqrt(R.forward(x, axis=axis)[2] + 1e-5)
+    scale = max(1.0, float(np.abs(dy).max() * np.max(np.abs(g) * invstd)))
     np.testing.assert_allclose(dx, rdx, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * scale)
     np.testing.assert_allclose(db, rdb, **TOL[dtype])
     # normalised output: per channel mean 0 and var ~1 before the affine (no relu)

@@ -18,12 +18,15 @@ cancellation costs at most a factor ``n`` (the chunk size, ~1.6e4) in float64
 rounding: relative error <~ n * 2**-53 ~ 2e-12, however large ``|mean|/std`` is.
 Chunks are then merged exactly with Chan et al.'s formula. All per-element arithmetic is done in float64 and rounded
 once when stored, so float32 outputs are within float32 rounding of the float64
-reference. Outputs have the input dtype.
+reference. Outputs have the input dtype. Every kernel subtracts the mean before
+scaling (``a*(x - mean) + beta`` rather than the folded ``a*x + b``): one more
+subtraction, free in a memory-bound loop, and float64 outputs keep their accuracy
+when ``|mean| >> std`` instead of losing ``log10(|mean|/std)`` digits.
 
 Formulas (per channel, ``g`` = upstream gradient, times the ReLU mask if fused)::
 
     mean = (1/m) sum x ;  var = (1/m) sum (x - mean)^2 ;  invstd = 1/sqrt(var + eps)
-    y    = a*x + b,  a = gamma*invstd,  b = beta - mean*a      (then max(y, 0) if relu)
+    y    = a*(x - mean) + beta,  a = gamma*invstd             (then max(y, 0) if relu)
     dbeta = sum g ;  dgamma = sum g*xhat,  xhat = (x - mean)*invstd
     dx   = gamma*invstd/m * (m*g - dbeta - xhat*dgamma)        (training)
     dx   = gamma*invstd*g                                      (eval)
@@ -35,7 +38,7 @@ from numba import njit, prange
 
 # Reassociation lets LLVM vectorise the float64 sums; it changes nothing between
 # runs or thread counts (the chunking is fixed). 'contract' is left out on purpose:
-# the ReLU mask is recomputed as a*x + b in the backward reduction and must round
+# the ReLU mask is recomputed as a*(x - mean) + b in the backward and must round
 # exactly as it did in the forward.
 _REDUCE = {"reassoc"}
 _OPTS = dict(cache=True, nogil=True)
@@ -117,25 +120,26 @@ def _mc_blk_sums(x, r0, r1, shift, s, q):
 
 
 @njit(**_OPTS)
-def _ncl_blk_apply(x, n0, n1, c0, c1, l0, l1, a, b, relu, y):
+def _ncl_blk_apply(x, n0, n1, c0, c1, l0, l1, mean, a, b, relu, y):
     for n in range(n0, n1):
         for c in range(c0, c1):
             row = x[n, c, l0:l1]
             out = y[n, c, l0:l1]
+            mc = mean[c]
             ac = a[c]
             bc = b[c]
             for j in range(row.size):
-                v = row[j] * ac + bc
+                v = (row[j] - mc) * ac + bc
                 out[j] = max(v, 0.0) if relu else v
 
 
 @njit(**_OPTS)
-def _mc_blk_apply(x, r0, r1, a, b, relu, y):
+def _mc_blk_apply(x, r0, r1, mean, a, b, relu, y):
     for i in range(r0, r1):
         row = x[i]
         out = y[i]
         for c in range(row.size):
-            v = row[c] * a[c] + b[c]
+            v = (row[c] - mean[c]) * a[c] + b[c]
             out[c] = max(v, 0.0) if relu else v
 
 
@@ -153,12 +157,12 @@ def _ncl_blk_grad_sums(dy, x, n0, n1, c0, c1, l0, l1, mu, a, b, relu, s0, s1):
             p0 = 0.0
             p1 = 0.0
             for j in range(row.size):
-                xv = row[j]
+                d = row[j] - mc
                 g = grow[j] * 1.0
-                if relu and not (xv * ac + bc > 0.0):
+                if relu and not (d * ac + bc > 0.0):
                     g = 0.0
                 p0 += g
-                p1 += g * (xv - mc)
+                p1 += g * d
             s0[c] += p0
             s1[c] += p1
 
@@ -169,46 +173,47 @@ def _mc_blk_grad_sums(dy, x, r0, r1, mu, a, b, relu, s0, s1):
         row = x[i]
         grow = dy[i]
         for c in range(row.size):
-            xv = row[c]
+            d = row[c] - mu[c]
             g = grow[c] * 1.0
-            if relu and not (xv * a[c] + b[c] > 0.0):
+            if relu and not (d * a[c] + b[c] > 0.0):
                 g = 0.0
             s0[c] += g
-            s1[c] += g * (xv - mu[c])
+            s1[c] += g * d
 
 
 @njit(**_OPTS)
-def _ncl_blk_grad_apply(dy, x, n0, n1, c0, c1, l0, l1, a, b, relu, A, B, D, dx):
+def _ncl_blk_grad_apply(dy, x, n0, n1, c0, c1, l0, l1, mean, a, b, relu, A, B, D, dx):
     for n in range(n0, n1):
         for c in range(c0, c1):
             row = x[n, c, l0:l1]
             grow = dy[n, c, l0:l1]
             out = dx[n, c, l0:l1]
+            mc = mean[c]
             ac = a[c]
             bc = b[c]
             Ac = A[c]
             Bc = B[c]
             Dc = D[c]
             for j in range(row.size):
-                xv = row[j]
+                d = row[j] - mc
                 g = grow[j] * 1.0
-                if relu and not (xv * ac + bc > 0.0):
+                if relu and not (d * ac + bc > 0.0):
                     g = 0.0
-                out[j] = Ac * g + Bc * xv + Dc
+                out[j] = Ac * g + Bc * d + Dc
 
 
 @njit(**_OPTS)
-def _mc_blk_grad_apply(dy, x, r0, r1, a, b, relu, A, B, D, dx):
+def _mc_blk_grad_apply(dy, x, r0, r1, mean, a, b, relu, A, B, D, dx):
     for i in range(r0, r1):
         row = x[i]
         grow = dy[i]
         out = dx[i]
         for c in range(row.size):
-            xv = row[c]
+            d = row[c] - mean[c]
             g = grow[c] * 1.0
-            if relu and not (xv * a[c] + b[c] > 0.0):
+            if relu and not (d * a[c] + b[c] > 0.0):
                 g = 0.0
-            out[c] = A[c] * g + B[c] * xv + D[c]
+            out[c] = A[c] * g + B[c] * d + D[c]
 
 
 # ---------------------------------------------------------------- statistics
@@ -322,32 +327,32 @@ def _eval_stats(running_mean, running_var, eps):
 
 
 @njit(**_OPTS)
-def _affine(mean, invstd, gamma, beta):
-    """Per-channel (a, b) with y = a*x + b; empty gamma/beta mean 1 and 0."""
+def _affine(invstd, gamma, beta):
+    """Per-channel (a, b) with y = a*(x - mean) + b; empty gamma/beta mean 1 and 0."""
     a = invstd.copy()
     if gamma.size > 0:
         a *= gamma
-    b = -mean * a
+    b = np.zeros(invstd.size)
     if beta.size > 0:
         b += beta
     return a, b
 
 
 @njit(parallel=True, **_OPTS)
-def _ncl_apply(x, a, b, relu, chunk, y):
+def _ncl_apply(x, mean, a, b, relu, chunk, y):
     N, C, L = x.shape
     R, G, W, P, KN, KC = _ncl_grid(N, C, L, chunk)
     for t in prange(KN * KC):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, N, C, L, R, G, W, P, KC)
-        _ncl_blk_apply(x, n0, n1, c0, c1, l0, l1, a, b, relu, y)
+        _ncl_blk_apply(x, n0, n1, c0, c1, l0, l1, mean, a, b, relu, y)
 
 
 @njit(parallel=True, **_OPTS)
-def _mc_apply(x, a, b, relu, chunk, y):
+def _mc_apply(x, mean, a, b, relu, chunk, y):
     M, C = x.shape
     R, K = _mc_grid(M, C, chunk)
     for k in prange(K):
-        _mc_blk_apply(x, k * R, min(k * R + R, M), a, b, relu, y)
+        _mc_blk_apply(x, k * R, min(k * R + R, M), mean, a, b, relu, y)
 
 
 @njit(**_OPTS)
@@ -376,14 +381,14 @@ def forward_ncl(x, gamma, beta, running_mean, running_var, momentum, eps,
     Training: the batch's statistics, or when ``stats`` is non-empty the given
     (2, C) (mean, M2) of ``count`` values (e.g. merged over MPI ranks); running
     statistics updated in place when non-empty.
-    Eval: running statistics, folded into one multiply-add per element.
+    Eval: the running statistics (one subtract and one multiply-add per element).
     """
     N, C, L = x.shape
     if training and stats.size == 0:
         stats, count = _pack(*moments_ncl(x, chunk)), N * L
     mean, invstd = _forward_stats(stats, count, running_mean, running_var, momentum, eps, training)
-    a, b = _affine(mean, invstd, gamma, beta)
-    _ncl_apply(x, a, b, relu, chunk, y)
+    a, b = _affine(invstd, gamma, beta)
+    _ncl_apply(x, mean, a, b, relu, chunk, y)
     return mean, invstd
 
 
@@ -395,8 +400,8 @@ def forward_mc(x, gamma, beta, running_mean, running_var, momentum, eps,
     if training and stats.size == 0:
         stats, count = _pack(*moments_mc(x, chunk)), M
     mean, invstd = _forward_stats(stats, count, running_mean, running_var, momentum, eps, training)
-    a, b = _affine(mean, invstd, gamma, beta)
-    _mc_apply(x, a, b, relu, chunk, y)
+    a, b = _affine(invstd, gamma, beta)
+    _mc_apply(x, mean, a, b, relu, chunk, y)
     return mean, invstd
 
 
@@ -441,13 +446,13 @@ def _sum_blocks(sg, sgx):
 
 
 @njit(**_OPTS)
-def _grad_coeffs(sums, m, mean, invstd, gamma, training):
-    """dgamma, dbeta and the coefficients of dx = A*g + B*x + D from the sums.
+def _grad_coeffs(sums, m, invstd, gamma, training):
+    """dgamma, dbeta and the coefficients of dx = A*g + B*(x - mean) + D.
 
-    Training: A = gamma*invstd, B = -A*invstd*dgamma/m, D = -A*dbeta/m - B*mean,
-    which is gamma*invstd/m * (m*g - dbeta - xhat*dgamma). Eval: B = D = 0.
+    Training: A = gamma*invstd, B = -A*invstd*dgamma/m, D = -A*dbeta/m, which is
+    gamma*invstd/m * (m*g - dbeta - xhat*dgamma). Eval: B = D = 0.
     """
-    C = mean.size
+    C = invstd.size
     dbeta = sums[0].copy()
     dgamma = sums[1] * invstd
     A = invstd.copy()
@@ -455,7 +460,7 @@ def _grad_coeffs(sums, m, mean, invstd, gamma, training):
         A *= gamma
     if training:
         B = -A * invstd * dgamma / m
-        D = -A * dbeta / m - B * mean
+        D = -A * dbeta / m
     else:
         B = np.zeros(C)
         D = np.zeros(C)
@@ -463,34 +468,34 @@ def _grad_coeffs(sums, m, mean, invstd, gamma, training):
 
 
 @njit(parallel=True, **_OPTS)
-def _ncl_grad_apply(dy, x, a, b, A, B, D, relu, chunk, dx):
+def _ncl_grad_apply(dy, x, mean, a, b, A, B, D, relu, chunk, dx):
     N, C, L = x.shape
     R, G, W, P, KN, KC = _ncl_grid(N, C, L, chunk)
     for t in prange(KN * KC):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, N, C, L, R, G, W, P, KC)
-        _ncl_blk_grad_apply(dy, x, n0, n1, c0, c1, l0, l1, a, b, relu, A, B, D, dx)
+        _ncl_blk_grad_apply(dy, x, n0, n1, c0, c1, l0, l1, mean, a, b, relu, A, B, D, dx)
 
 
 @njit(parallel=True, **_OPTS)
-def _mc_grad_apply(dy, x, a, b, A, B, D, relu, chunk, dx):
+def _mc_grad_apply(dy, x, mean, a, b, A, B, D, relu, chunk, dx):
     M, C = x.shape
     R, K = _mc_grid(M, C, chunk)
     for k in prange(K):
-        _mc_blk_grad_apply(dy, x, k * R, min(k * R + R, M), a, b, relu, A, B, D, dx)
+        _mc_blk_grad_apply(dy, x, k * R, min(k * R + R, M), mean, a, b, relu, A, B, D, dx)
 
 
 @njit(**_OPTS)
 def grad_sums_ncl(dy, x, mean, invstd, gamma, beta, relu, chunk):
     """Backward reduction pass over (N, C, L) arrays: (2, C) float64 sums
     [sum g, sum g*(x - mean)] (g masked by the forward's ReLU). 2S of traffic."""
-    a, b = _affine(mean, invstd, gamma, beta)
+    a, b = _affine(invstd, gamma, beta)
     return _sum_blocks(*_ncl_grad_partials(dy, x, mean, a, b, relu, chunk))
 
 
 @njit(**_OPTS)
 def grad_sums_mc(dy, x, mean, invstd, gamma, beta, relu, chunk):
     """Backward reduction pass over (M, C) arrays; see :func:`grad_sums_ncl`."""
-    a, b = _affine(mean, invstd, gamma, beta)
+    a, b = _affine(invstd, gamma, beta)
     return _sum_blocks(*_mc_grad_partials(dy, x, mean, a, b, relu, chunk))
 
 
@@ -501,16 +506,16 @@ def grad_apply_ncl(dy, x, mean, invstd, gamma, beta, training, relu, chunk, sums
     ``sums`` come from :func:`grad_sums_ncl` (possibly all-reduced over ranks, then
     ``m`` is the global count). 3S of traffic; with the reduction, 5S.
     """
-    a, b = _affine(mean, invstd, gamma, beta)
-    dgamma, dbeta, A, B, D = _grad_coeffs(sums, m, mean, invstd, gamma, training)
-    _ncl_grad_apply(dy, x, a, b, A, B, D, relu, chunk, dx)
+    a, b = _affine(invstd, gamma, beta)
+    dgamma, dbeta, A, B, D = _grad_coeffs(sums, m, invstd, gamma, training)
+    _ncl_grad_apply(dy, x, mean, a, b, A, B, D, relu, chunk, dx)
     return dgamma, dbeta
 
 
 @njit(**_OPTS)
 def grad_apply_mc(dy, x, mean, invstd, gamma, beta, training, relu, chunk, sums, m, dx):
     """Backward apply pass over (M, C) arrays; see :func:`grad_apply_ncl`."""
-    a, b = _affine(mean, invstd, gamma, beta)
-    dgamma, dbeta, A, B, D = _grad_coeffs(sums, m, mean, invstd, gamma, training)
-    _mc_grad_apply(dy, x, a, b, A, B, D, relu, chunk, dx)
+    a, b = _affine(invstd, gamma, beta)
+    dgamma, dbeta, A, B, D = _grad_coeffs(sums, m, invstd, gamma, training)
+    _mc_grad_apply(dy, x, mean, a, b, A, B, D, relu, chunk, dx)
     return dgamma, dbeta
