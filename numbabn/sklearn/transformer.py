@@ -39,6 +39,7 @@ from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
 from sklearn.utils import check_array
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ..distributed import dask as dask_support
 from ..functional import batch_norm_forward, moments
 from ..stats import Moments, merge_moments
 
@@ -136,9 +137,11 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
     def _batch_moments(self, X):
         """Moments(n, mean, m2) of one validated 2-D batch over its rows.
 
-        The seam for other array types: a Dask array would be reduced here chunk by
-        chunk (``numbabn.moments`` per block, combined with ``merge_moments``).
+        A Dask array arrives already reduced by its validation (chunk moments merged
+        in a tree, see :mod:`numbabn.distributed.dask`) as a ``FitBatch``.
         """
+        if isinstance(X, dask_support.FitBatch):
+            return X.moments
         return moments(X, axis=1)
 
     def _validate_fit(self, X):
@@ -147,8 +150,11 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         it checks X: they are removed again if anything is rejected."""
         first = not hasattr(self, "n_samples_seen_")
         try:
-            X = validate_data(self, X, reset=first, dtype=FLOAT_DTYPES, copy=False,
-                              accept_sparse=False, ensure_all_finite=True)
+            if dask_support.is_dask_array(X):
+                X = dask_support.fit_batch(self, X, reset=first)
+            else:
+                X = validate_data(self, X, reset=first, dtype=FLOAT_DTYPES, copy=False,
+                                  accept_sparse=False, ensure_all_finite=True)
             params = self._check_params(X.shape[1])
             if params[1] is not None and X.shape[0] < 2:
                 raise ValueError(
@@ -204,12 +210,17 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         """
         check_is_fitted(self)
         copy = self.copy if copy is None else copy
-        X = validate_data(self, X, reset=False, dtype=FLOAT_DTYPES, copy=False,
-                          accept_sparse=False, ensure_all_finite=True)
+        if dask_support.is_dask_array(X):
+            X = dask_support.check_array(self, X, reset=False)
+        else:
+            X = validate_data(self, X, reset=False, dtype=FLOAT_DTYPES, copy=False,
+                              accept_sparse=False, ensure_all_finite=True)
         eps, _, gamma, beta = self._check_params(X.shape[1])
         dt = X.dtype
         args = dict(gamma=gamma.astype(dt), beta=beta.astype(dt), training=False, eps=eps,
                     running_mean=self.mean_.astype(dt), running_var=self.var_.astype(dt))
+        if dask_support.is_dask_array(X):     # lazy: a Dask array of the same chunks
+            return dask_support.transform(X, **args)
         if copy or not X.flags.writeable:
             return batch_norm_forward(X, **args)[0]
         rows = max(1, _INPLACE_VALUES // X.shape[1])

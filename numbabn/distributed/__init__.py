@@ -1,0 +1,40 @@
+"""Scale-out on existing engines: MPI (mpi4py) for synchronized batch norm and
+data-parallel training, Dask for out-of-core statistics. No networking of our own.
+
+* :class:`SyncBatchNorm1d`, :class:`SyncBatchNorm2d` -- batch norm whose statistics
+  and gradients are those of the batch spread over all MPI ranks (exact Chan merge
+  of per-rank moments; see :mod:`numbabn.distributed.sync_batchnorm`).
+* :func:`rank_slice`, :func:`global_mean`, :func:`allreduce_gradients` --
+  data-parallel training (:mod:`numbabn.distributed.data_parallel`); a runnable
+  example: ``mpiexec -n 2 python -m numbabn.distributed.example --check``.
+* :mod:`numbabn.distributed.dask` -- :class:`~numbabn.sklearn.BatchNormTransformer`
+  on Dask arrays: chunk moments by the Numba kernels merged in a tree, lazy transform.
+
+mpi4py and dask are optional (extras ``numbabn[mpi]`` and ``numbabn[dask]``) and are
+imported only when used. Names are loaded lazily (PEP 562), so importing
+``numbabn.distributed.dask`` does not import the layers.
+"""
+from importlib import import_module
+
+_LAZY = {
+    "SyncBatchNorm1d": "numbabn.distributed.sync_batchnorm",
+    "SyncBatchNorm2d": "numbabn.distributed.sync_batchnorm",
+    "rank_slice": "numbabn.distributed.data_parallel",
+    "global_mean": "numbabn.distributed.data_parallel",
+    "allreduce_gradients": "numbabn.distributed.data_parallel",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'numbabn.distributed' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

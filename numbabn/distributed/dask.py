@@ -1,0 +1,188 @@
+"""Dask arrays through numbabn's Numba kernels: tree-merged chunk moments, lazy transform.
+
+Statistics (:func:`moments`, and ``BatchNormTransformer.fit``/``partial_fit``)::
+
+    chunk (i, j) --numbabn.moments--> Moments(n_i, mean_ij, m2_ij)    (one task per chunk)
+    for each channel group j: pairwise tree of merge_moments over i  (Chan et al.)
+    concatenate the channel groups                                    -> Moments(n, mean, m2)
+
+Every chunk is read once, by the Numba kernel (exact per-chunk two-pass moments in
+float64); the tree has depth log2(row chunks) and a fixed shape, so the result is
+the same whatever the scheduler or the number of workers, and equals the NumPy
+result to float64 rounding (the merges group the data differently). Chan's merge::
+
+    n = na + nb;  delta = mean_b - mean_a
+    mean = mean_a + delta*nb/n;  m2 = m2_a + m2_b + delta**2 * na*nb/n
+
+``transform`` stays lazy: ``map_blocks`` of the eval-mode kernel, each chunk with its
+columns' slice of the parameters; nothing is computed until the caller asks.
+
+Dask is optional (``pip install 'numbabn[dask]'``): nothing here imports it until a
+Dask array is actually handled. The hooks used by
+:class:`~numbabn.sklearn.BatchNormTransformer` are :func:`is_dask_array`,
+:func:`fit_batch`, :func:`check_array` and :func:`transform`.
+
+Limits: 2-D arrays for the transformer (any ndim for :func:`moments`); Dask
+DataFrames are not accepted (convert with ``.to_dask_array(lengths=True)``), so
+``feature_names_in_`` is never set from a Dask input; ``inverse_transform`` takes
+NumPy input only.
+"""
+import sys
+import threading
+import warnings
+
+import numpy as np
+from sklearn.utils import assert_all_finite
+
+from ..functional import batch_norm_forward
+from ..functional import moments as numpy_moments
+from ..stats import Moments, merge_moments
+
+_KEEP_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# One kernel call at a time per process: each Numba kernel already runs on every core
+# (parallel=True), and Numba's "workqueue" threading layer -- the one used when neither
+# OpenMP nor TBB is available -- aborts the process when two threads call parallel
+# kernels at once, which Dask's threaded scheduler (its default for arrays) would do.
+# Reading and preparing chunks still overlaps; only the kernels take turns.
+_KERNEL_LOCK = threading.Lock()
+
+
+def is_dask_array(X):
+    """True for a ``dask.array.Array`` (without importing Dask: none can exist unless
+    Dask was imported)."""
+    da = sys.modules.get("dask.array")
+    return da is not None and isinstance(X, da.Array)
+
+
+# ---------------------------------------------------------------- statistics
+def _block_moments(block, axis, check_finite):
+    """Moments of one chunk by the Numba kernel (one task per chunk)."""
+    if check_finite:
+        assert_all_finite(block, input_name="X")
+    with _KERNEL_LOCK:
+        return numpy_moments(block, axis=axis)
+
+
+def _concat_channels(parts):
+    """Moments of consecutive channel groups (same rows) as one summary."""
+    return Moments(parts[0].count, np.concatenate([p.mean for p in parts]), np.concatenate([p.m2 for p in parts]))
+
+
+def _tree(items, combine):
+    """Pairwise tree over ``items`` (neighbours merged level by level, order kept)."""
+    while len(items) > 1:
+        items = [combine(items[i], items[i + 1]) if i + 1 < len(items) else items[i]
+                 for i in range(0, len(items), 2)]
+    return items[0]
+
+
+def moments_graph(X, axis=1, *, check_finite=False):
+    """A ``dask.delayed`` :class:`~numbabn.stats.Moments` of the Dask array ``X`` per
+    channel of ``axis`` (statistics over every other axis), not yet computed.
+
+    ``check_finite``: each chunk task raises scikit-learn's ValueError on NaN or
+    infinity (as ``validate_data`` does for NumPy input).
+    """
+    import dask
+
+    fn = "numbabn.distributed.dask.moments"
+    if not is_dask_array(X):
+        raise TypeError(f"{fn}: X must be a dask.array.Array, got {type(X).__name__}")
+    if X.ndim < 2:
+        raise ValueError(f"{fn}: X must have at least 2 dimensions (samples and channels), got shape {X.shape}")
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)) or not -X.ndim <= axis < X.ndim:
+        raise ValueError(f"{fn}: axis must be an int in [{-X.ndim}, {X.ndim}), got {axis!r}")
+    axis = int(axis) % X.ndim
+    block_moments = dask.delayed(_block_moments, pure=True)
+    merge = dask.delayed(merge_moments, pure=True)
+    groups = np.moveaxis(X.to_delayed(), axis, 0)
+    per_group = [_tree([block_moments(b, axis, check_finite) for b in group.ravel()], merge) for group in groups]
+    if len(per_group) == 1:
+        return per_group[0]
+    return dask.delayed(_concat_channels, pure=True)(per_group)
+
+
+def moments(X, axis=1):
+    """:class:`~numbabn.stats.Moments` (count, mean, m2) of the Dask array ``X`` per
+    channel of ``axis``, computed with the current Dask scheduler: the Dask
+    counterpart of :func:`numbabn.moments`."""
+    return moments_graph(X, axis).compute()
+
+
+# ---------------------------------------------------------------- scikit-learn hooks
+def check_array(estimator, X, reset):
+    """What ``validate_data(estimator, X, reset=reset, dtype=(float64, float32))`` checks,
+    without computing anything: 2-D, numeric (float32/float64 kept, other dtypes
+    cast lazily to float64), at least one feature, the fitted number of features
+    (``reset=False``) or a new one (``reset=True`` sets ``n_features_in_``).
+    NaN/infinity are rejected later, by the chunk tasks. Returns the (lazy) array.
+    """
+    name = type(estimator).__name__
+    if X.ndim != 2:
+        raise ValueError(f"{name}: expected a 2D Dask array (n_samples, n_features), got shape {X.shape}")
+    if X.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: X must be numeric (bool, integer or float), got dtype {X.dtype}")
+    if X.dtype not in _KEEP_DTYPES:
+        X = X.astype(np.float64)
+    n_features = X.shape[1]
+    if n_features == 0:
+        raise ValueError(f"Found array with 0 feature(s) (shape={X.shape}) while a minimum of 1 is required "
+                         f"by {name}.")
+    if reset:
+        estimator.n_features_in_ = n_features
+        estimator.__dict__.pop("feature_names_in_", None)
+        return X
+    if n_features != estimator.n_features_in_:
+        raise ValueError(f"X has {n_features} features, but {name} is expecting "
+                         f"{estimator.n_features_in_} features as input.")
+    if hasattr(estimator, "feature_names_in_"):
+        warnings.warn(f"X does not have valid feature names, but {name} was fitted with feature names",
+                      UserWarning, stacklevel=3)
+    return X
+
+
+class FitBatch:
+    """A validated Dask batch reduced for fitting: ``shape`` (n_samples, n_features)
+    and the merged ``moments``. Returned by :func:`fit_batch` in place of the array."""
+
+    __slots__ = ("shape", "moments")
+
+    def __init__(self, moments_):
+        self.moments = moments_
+        self.shape = (moments_.count, moments_.channels)
+
+
+def fit_batch(estimator, X, reset):
+    """:func:`check_array`, then the chunk moments merged in a tree, computed with the
+    current scheduler (one pass over the chunks, NaN/infinity rejected there).
+
+    Reducing while validating means a bad chunk raises inside the estimator's
+    validation step, which restores its fitted state on errors.
+    """
+    X = check_array(estimator, X, reset)
+    batch = FitBatch(moments_graph(X, axis=1, check_finite=True).compute())
+    if batch.moments.count == 0:
+        raise ValueError(f"Found array with 0 sample(s) (shape={batch.shape}) while a minimum of 1 is required "
+                         f"by {type(estimator).__name__}.")
+    return batch
+
+
+def _transform_block(block, gamma, beta, running_mean, running_var, eps, block_info=None):
+    assert_all_finite(block, input_name="X")
+    cols = slice(*block_info[0]["array-location"][1])
+    with _KERNEL_LOCK:
+        return batch_norm_forward(block, gamma[cols], beta[cols], running_mean=running_mean[cols],
+                                  running_var=running_var[cols], training=False, eps=eps)[0]
+
+
+def transform(X, gamma, beta, running_mean, running_var, eps, training=False):
+    """Lazy eval-mode batch norm of a 2-D Dask array: ``map_blocks`` of
+    :func:`numbabn.batch_norm_forward` (``training=False``) with each chunk's columns
+    of the per-feature ``gamma``, ``beta``, ``running_mean``, ``running_var`` (NumPy,
+    of X's dtype). Same chunks and dtype as ``X``; NaN/infinity raise when computed."""
+    if training:
+        raise ValueError("numbabn.distributed.dask.transform: only the eval-mode (training=False) "
+                         "transform is lazy and chunk-wise; batch statistics need moments() first")
+    return X.map_blocks(_transform_block, gamma=gamma, beta=beta, running_mean=running_mean,
+                        running_var=running_var, eps=eps, dtype=X.dtype, meta=np.empty((0, 0), X.dtype))

@@ -1,0 +1,460 @@
+"""SyncBatchNorm over real MPI ranks (``mpiexec -n 2`` and ``-n 3`` from the mpich wheel).
+
+The MPI tests start this very file under ``mpiexec ... python -m mpi4py`` (an
+exception on one rank then aborts the job instead of leaving the others waiting).
+Every rank builds the same global batches, keeps its slice -- unequal sizes and
+empty slices included -- and runs forward, backward and running-statistics
+updates through SyncBatchNorm1d/2d. Rank 0 gathers the slices and compares them
+with ONE plain BatchNorm on the concatenated batch, and checks that the
+statistics and parameter gradients are bit-identical on all ranks. The numbers
+(ranks, max abs differences, payload bytes) are written to the terminal even
+without ``-s`` and are part of every assertion message.
+
+The in-process tests (errors, a mirror communicator, PyTorch's payload) need no MPI.
+"""
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from numbabn.distributed import SyncBatchNorm1d, SyncBatchNorm2d, allreduce_gradients, global_mean, rank_slice
+from numbabn.distributed import comm as comm_module
+from numbabn.distributed.comm import check_comm
+from numbabn.layers import BatchNorm1d, BatchNorm2d, Linear, Sequential
+
+C_PAYLOAD = 256
+TIMEOUT = 300
+
+# (name, layer class, constructor kwargs, shape of one sample, dtype)
+CONFIGS = [
+    ("1d NC relu", "1d", dict(num_features=5, activation="relu"), (5,), np.float64),
+    ("1d NCL cumulative", "1d", dict(num_features=3, momentum=None), (3, 4), np.float64),
+    ("2d NCHW", "2d", dict(num_features=3), (3, 2, 3), np.float64),
+    ("2d NHWC float32", "2d", dict(num_features=4, channels_last=True), (4, 2, 3), np.float32),
+    ("1d no running stats", "1d", dict(num_features=4, track_running_stats=False), (4,), np.float64),
+]
+# Per world size: rows of the global batch held by each rank, for each of two steps.
+SPLITS = {
+    2: [[(5, 3), (0, 7)], [(8, 0), (1, 1)]],
+    3: [[(4, 0, 3), (1, 5, 2)], [(0, 0, 6), (2, 2, 2)]],
+}
+
+
+def _classes(kind, sync):
+    if kind == "1d":
+        return SyncBatchNorm1d if sync else BatchNorm1d
+    return SyncBatchNorm2d if sync else BatchNorm2d
+
+
+def _make(kind, kwargs, dtype, sync, comm=None):
+    layer = _classes(kind, sync)(dtype=dtype, **kwargs, **({"comm": comm} if sync else {}))
+    rng = np.random.default_rng(7)
+    if layer.affine:
+        layer.weight.value[...] = rng.uniform(0.5, 1.5, layer.num_features)
+        layer.bias.value[...] = rng.standard_normal(layer.num_features)
+    return layer
+
+
+def _to_channels(x, layer):
+    """Samples are drawn channels-first; NHWC layers get them channels-last."""
+    return np.moveaxis(x, 1, -1).copy() if getattr(layer, "channels_last", False) else x
+
+
+def _global_batch(rng, n, sample_shape, dtype):
+    return ((rng.standard_normal((n,) + sample_shape) * 3 + 40).astype(dtype),
+            rng.standard_normal((n,) + sample_shape).astype(dtype))
+
+
+# ---------------------------------------------------------------- the MPI worker
+def _worker(out_path):
+    """Runs on every rank; rank 0 writes the results as JSON to ``out_path``."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    size, rank = comm.Get_size(), comm.Get_rank()
+    results = []
+    for case, (name, kind, kwargs, sample_shape, dtype) in enumerate(CONFIGS):
+        for split, steps in enumerate(SPLITS[size]):
+            sync = _make(kind, kwargs, dtype, True, comm)
+            ref = _make(kind, kwargs, dtype, False) if rank == 0 else None
+            rng = np.random.default_rng([case, split])     # the same global data on every rank
+            diffs = dict(y=0.0, dx=0.0, dgamma=0.0, dbeta=0.0, running=0.0, eval_y=0.0)
+            identical = True
+            for counts in steps:
+                x, dy = _global_batch(rng, sum(counts), sample_shape, dtype)
+                x, dy = _to_channels(x, sync), _to_channels(dy, sync)
+                lo = sum(counts[:rank])
+                mine = slice(lo, lo + counts[rank])
+                y = sync.forward(x[mine])
+                dx = sync.backward(dy[mine])
+                grads = [p.grad for p in sync.parameters()]
+                state = list(sync.state_dict().values())
+                y_all, dx_all = comm.gather(y, root=0), comm.gather(dx, root=0)
+                shared = comm.gather([*grads, *state], root=0)
+                if rank == 0:
+                    identical &= all(np.array_equal(a, b) for other in shared for a, b in zip(other, shared[0]))
+                    y_ref = ref.forward(x)
+                    dx_ref = ref.backward(dy)
+                    diffs["y"] = max(diffs["y"], float(np.max(np.abs(np.concatenate(y_all) - y_ref))))
+                    diffs["dx"] = max(diffs["dx"], float(np.max(np.abs(np.concatenate(dx_all) - dx_ref))))
+                    if ref.affine:
+                        diffs["dgamma"] = max(diffs["dgamma"], float(np.max(np.abs(grads[0] - ref.weight.grad))))
+                        diffs["dbeta"] = max(diffs["dbeta"], float(np.max(np.abs(grads[1] - ref.bias.grad))))
+                    for key, value in ref.state_dict().items():
+                        diffs["running"] = max(diffs["running"], float(np.max(np.abs(
+                            sync.state_dict()[key].astype(np.float64) - value))))
+            # Eval mode: running statistics, local forward; the backward still sums dgamma, dbeta.
+            x, dy = _global_batch(rng, 6, sample_shape, dtype)
+            x, dy = _to_channels(x, sync), _to_channels(dy, sync)
+            mine = rank_slice(6, comm)
+            y = sync.eval().forward(x[mine])
+            sync.backward(dy[mine])
+            y_all = comm.gather(y, root=0)
+            eval_grads = comm.gather([p.grad for p in sync.parameters()], root=0)
+            if rank == 0:
+                diffs["eval_y"] = float(np.max(np.abs(np.concatenate(y_all) - ref.eval().forward(x))))
+                ref.backward(dy)
+                for g_sync, g_ref in zip(eval_grads[0], [p.grad for p in ref.parameters()]):
+                    diffs["dgamma"] = max(diffs["dgamma"], float(np.max(np.abs(g_sync - g_ref))))
+                identical &= all(np.array_equal(a, b) for other in eval_grads for a, b in zip(other, eval_grads[0]))
+                results.append(dict(name=name, splits=[list(c) for c in steps], dtype=np.dtype(dtype).name,
+                                    identical=bool(identical), **diffs))
+
+    # A global batch of ONE row (all on the last rank): every rank raises the same error
+    # after the collective -- nobody is left waiting.
+    layer = SyncBatchNorm1d(3, dtype=np.float64, comm=comm)
+    try:
+        layer.forward(np.ones((1 if rank == size - 1 else 0, 3)))
+        error = ""
+    except ValueError as exc:
+        error = str(exc)
+    errors = comm.gather(error, root=0)
+
+    # Payload of one training step of a SyncBatchNorm1d(256): the buffers actually passed.
+    counting = _CountingComm(comm)
+    layer = SyncBatchNorm1d(C_PAYLOAD, comm=counting)
+    x = np.random.default_rng(rank).standard_normal((3 + rank, C_PAYLOAD)).astype(np.float32)
+    layer.backward(layer.forward(x))
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(dict(size=size, results=results, errors=errors, payload=counting.calls), f)
+
+
+class _CountingComm:
+    """Wraps a communicator and records the bytes of every Allgather's buffers."""
+
+    def __init__(self, comm):
+        self.comm, self.calls = comm, []
+
+    def Get_rank(self):
+        return self.comm.Get_rank()
+
+    def Get_size(self):
+        return self.comm.Get_size()
+
+    def Allgather(self, send, recv):
+        self.calls.append(dict(sent=int(send.nbytes), received=int(recv.nbytes), dtype=send.dtype.name))
+        self.comm.Allgather(send, recv)
+
+
+# ---------------------------------------------------------------- launching
+def _mpiexec():
+    """The mpiexec next to this Python (the mpich wheel's), else the one on PATH."""
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.exists() else shutil.which("mpiexec")
+
+
+def _mpi_missing():
+    if importlib.util.find_spec("mpi4py") is None:
+        return "mpi4py is not installed (pip install -e '.[mpi]')"
+    if _mpiexec() is None:
+        return "no mpiexec next to the Python executable or on PATH (pip install -e '.[mpi]')"
+    return None
+
+
+needs_mpi = pytest.mark.skipif(_mpi_missing() is not None, reason=str(_mpi_missing()))
+
+
+def _launch(n, args, timeout=TIMEOUT):
+    """``mpiexec -n n python ...args`` on this machine; stdout+stderr, checked exit status."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "MPIR_"))}
+    env["NUMBA_NUM_THREADS"] = "1"          # the ranks share this machine's cores
+    cmd = [_mpiexec(), "-n", str(n), sys.executable, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=Path(__file__).resolve().parent.parent)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited with {proc.returncode}:\n{output[-4000:]}"
+    return output
+
+
+def _report(capsys, text):
+    """Show ``text`` in the test log whether or not pytest captures output."""
+    with capsys.disabled():
+        print("\n" + text)
+
+
+TOLERANCES = {"float64": 1e-11, "float32": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def worker_results(tmp_path_factory):
+    """``worker_results(ranks)``: the worker's JSON for that world size, launched once."""
+    cache = {}
+
+    def run(ranks):
+        if ranks not in cache:
+            out = tmp_path_factory.mktemp(f"mpi{ranks}") / "result.json"
+            _launch(ranks, ["-m", "mpi4py", __file__, str(out)])
+            cache[ranks] = json.loads(out.read_text())
+        return cache[ranks]
+
+    return run
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_sync_batch_norm_equals_batch_norm_on_the_concatenated_batch(ranks, worker_results, capsys):
+    data = worker_results(ranks)
+    assert data["size"] == ranks
+    lines = []
+    worst = 0.0
+    for r in data["results"]:
+        keys = ("y", "dx", "dgamma", "dbeta", "running", "eval_y")
+        diff = max(r[k] for k in keys)
+        worst = max(worst, diff)
+        lines.append(f"mpi parity: ranks={ranks} {r['name']:<20} rows/rank per step={r['splits']} "
+                     f"max abs diff={diff:.2e} ({', '.join(f'{k} {r[k]:.1e}' for k in keys)}) "
+                     f"identical on all ranks={r['identical']}")
+    text = "\n".join(lines)
+    _report(capsys, text)
+    for r in data["results"]:
+        assert r["identical"], f"statistics or gradients differ between ranks:\n{text}"
+        for key in ("y", "dx", "dgamma", "dbeta", "running", "eval_y"):
+            assert r[key] <= TOLERANCES[r["dtype"]], f"{r['name']}: {key} differs:\n{text}"
+    assert len(data["errors"]) == ranks
+    assert all("Expected more than 1 value per channel" in e for e in data["errors"]), data["errors"]
+
+
+@needs_mpi
+def test_payload_per_layer_per_step(worker_results, capsys):
+    calls = worker_results(2)["payload"]
+    C = C_PAYLOAD
+    assert calls == [dict(sent=(2 * C + 1) * 8, received=2 * (2 * C + 1) * 8, dtype="float64"),   # forward
+                     dict(sent=2 * C * 8, received=2 * 2 * C * 8, dtype="float64")], calls      # backward
+    _report(capsys, f"payload numbabn SyncBatchNorm1d(C={C}), 2 ranks, one step: {calls}")
+
+
+@needs_mpi
+def test_data_parallel_example_matches_the_single_process_run(capsys):
+    output = _launch(2, ["-m", "numbabn.distributed.example", "--check", "--steps", "60"])
+    check = [line for line in output.splitlines() if line.startswith("check:")]
+    _report(capsys, "\n".join(["example (2 ranks):"] + check))
+    assert "parameters bit-identical on all 2 rank(s): yes" in output, output
+    diff = float(check[0].split(": ")[-1].split()[0])
+    assert diff <= 1e-9, output
+
+
+# ---------------------------------------------------------------- in process, no MPI
+class MirrorComm:
+    """P ranks holding identical data (Allgather repeats this rank's buffer): the
+    synchronized result must equal BatchNorm on P copies of the batch."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return self.size
+
+    def Allgather(self, send, recv):
+        recv[...] = send
+
+
+@pytest.mark.parametrize("kind, kwargs, shape", [
+    ("1d", dict(num_features=4, activation="relu"), (5, 4, 3)),
+    ("2d", dict(num_features=3, channels_last=True), (2, 3, 2, 3)),
+])
+def test_mirror_comm_equals_batch_norm_on_copies(kind, kwargs, shape):
+    rng = np.random.default_rng(0)
+    x, dy = rng.standard_normal(shape) + 3, rng.standard_normal(shape)
+    sync = _make(kind, kwargs, np.float64, True, MirrorComm(3))
+    ref = _make(kind, kwargs, np.float64, False)
+    np.testing.assert_allclose(sync.forward(x), ref.forward(np.concatenate([x] * 3))[:len(x)], atol=1e-12)
+    np.testing.assert_allclose(sync.backward(dy), ref.backward(np.concatenate([dy] * 3))[:len(x)], atol=1e-12)
+    np.testing.assert_allclose(sync.weight.grad, ref.weight.grad, rtol=1e-12)
+    np.testing.assert_allclose(sync.bias.grad, ref.bias.grad, rtol=1e-12)
+    for key, value in ref.state_dict().items():
+        np.testing.assert_allclose(sync.state_dict()[key], value, rtol=1e-12, err_msg=key)
+
+
+def test_without_mpi_it_is_exactly_batch_norm():
+    """comm=None in a single process (COMM_WORLD of size 1, or no mpi4py): the same
+    bits as BatchNorm, in training and eval, forward and backward."""
+    rng = np.random.default_rng(1)
+    x, dy = rng.standard_normal((6, 3, 4)) + 2, rng.standard_normal((6, 3, 4))
+    for mode in (True, False):
+        sync = _make("1d", dict(num_features=3), np.float32, True).train(mode)
+        ref = _make("1d", dict(num_features=3), np.float32, False).train(mode)
+        np.testing.assert_array_equal(sync.forward(x.astype(np.float32)), ref.forward(x.astype(np.float32)))
+        np.testing.assert_array_equal(sync.backward(dy.astype(np.float32)), ref.backward(dy.astype(np.float32)))
+        np.testing.assert_array_equal(sync.weight.grad, ref.weight.grad)
+        for key, value in ref.state_dict().items():
+            np.testing.assert_array_equal(sync.state_dict()[key], value)
+
+
+@pytest.fixture
+def no_mpi4py(monkeypatch):
+    """``from mpi4py import MPI`` fails, as when mpi4py is not installed."""
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    monkeypatch.delitem(sys.modules, "mpi4py.MPI", raising=False)
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    comm_module.world.cache_clear()
+    yield monkeypatch
+    comm_module.world.cache_clear()
+
+
+def test_without_mpi4py_it_is_exactly_batch_norm(no_mpi4py):
+    assert comm_module.world() is None
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((5, 4)) + 1).astype(np.float32)
+    sync = _make("1d", dict(num_features=4), np.float32, True)
+    ref = _make("1d", dict(num_features=4), np.float32, False)
+    np.testing.assert_array_equal(sync.forward(x), ref.forward(x))
+    np.testing.assert_array_equal(sync.backward(x), ref.backward(x))
+    assert rank_slice(5) == slice(0, 5) and global_mean(0.5, 5) == 0.5
+
+
+def test_launched_by_mpiexec_without_mpi4py_is_an_error(no_mpi4py):
+    no_mpi4py.setenv("PMI_SIZE", "2")
+    with pytest.raises(RuntimeError, match="one of 2 MPI ranks, but mpi4py cannot be used"):
+        SyncBatchNorm1d(3).forward(np.ones((4, 3), np.float32))
+
+
+def test_data_parallel_helpers_on_a_mirror_comm():
+    comm = MirrorComm(4)
+    assert rank_slice(10, comm) == slice(0, 3)          # array_split: 3, 3, 2, 2
+    assert rank_slice(2, MirrorComm(3)) == slice(0, 1)
+    assert rank_slice(7, None) == slice(0, 7)
+    assert global_mean(2.5, 3, comm) == 2.5
+    assert global_mean(float("nan"), 0, comm) != global_mean(float("nan"), 0, comm)   # NaN: no rows anywhere
+    rng = np.random.default_rng(2)
+    model = Sequential(Linear(3, 4, rng=rng, dtype=np.float64),
+                       SyncBatchNorm1d(4, dtype=np.float64, comm=comm), Linear(4, 2, rng=rng, dtype=np.float64))
+    model.backward(model.forward(rng.standard_normal((5, 3))))
+    before = {q: p.grad.copy() for q, p in model.named_parameters()}
+    allreduce_gradients(model, comm)
+    for q, p in model.named_parameters():
+        factor = 1 if q.startswith("1.") else 4          # sync BN grads are already global
+        np.testing.assert_allclose(p.grad, factor * before[q], rtol=1e-15, err_msg=q)
+
+
+def test_clear_errors():
+    with pytest.raises(TypeError, match="comm must be None or an mpi4py.MPI.Intracomm.*no Get_rank"):
+        SyncBatchNorm1d(3, comm="MPI.COMM_WORLD")
+    with pytest.raises(TypeError, match="no Allgather"):
+        SyncBatchNorm2d(3, comm=type("HalfComm", (), {"Get_rank": lambda s: 0, "Get_size": lambda s: 2})())
+    with pytest.raises(TypeError, match="model must be a numbabn Layer"):
+        allreduce_gradients([1, 2], MirrorComm(2))
+    with pytest.raises(ValueError, match="n must be a non-negative int"):
+        rank_slice(-1, MirrorComm(2))
+    if _mpi_missing() is None:
+        from mpi4py import MPI
+
+        with pytest.raises(TypeError, match="intracommunicator"):
+            check_comm("SyncBatchNorm1d", MPI.COMM_NULL)
+
+
+def test_repr_and_state_dict_interchangeable_with_batch_norm():
+    layer = SyncBatchNorm1d(3, comm=MirrorComm(2))
+    assert repr(layer).startswith("SyncBatchNorm1d(3, ") and repr(layer).endswith("comm=MirrorComm)")
+    plain = BatchNorm1d(3)
+    plain.load_state_dict(layer.state_dict())
+    assert copy.deepcopy(layer).comm is not None
+
+
+def _torch_cpu_stand_ins(torch):
+    """CPU versions of the CUDA-only kernels PyTorch's SyncBatchNorm calls, returning
+    what the CUDA kernels return for float32 input (float32 statistics)."""
+    def dims(t):
+        return [d for d in range(t.dim()) if d != 1]
+
+    def bcast(v, t):
+        return v.reshape([1, -1] + [1] * (t.dim() - 2))
+
+    def stats(x, eps):
+        mean = x.mean(dims(x))
+        return mean, torch.rsqrt(x.var(dims(x), unbiased=False) + eps)
+
+    def gather_stats_with_counts(x, mean_all, invstd_all, running_mean, running_var, momentum, eps, counts):
+        w = (counts / counts.sum()).reshape(-1, 1)
+        mean = (w * mean_all).sum(0)
+        var = (w * (invstd_all.pow(-2) - eps + (mean_all - mean) ** 2)).sum(0)
+        return mean, torch.rsqrt(var + eps)
+
+    def elemt(x, weight, bias, mean, invstd, eps):
+        return (x - bcast(mean, x)) * bcast(invstd * weight, x) + bcast(bias, x)
+
+    def backward_reduce(dy, x, mean, invstd, weight, *needs):
+        sum_dy, sum_dy_xmu = dy.sum(dims(x)), (dy * (x - bcast(mean, x))).sum(dims(x))
+        return sum_dy, sum_dy_xmu, sum_dy_xmu * invstd, sum_dy
+
+    def backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+        m = count.sum()
+        xhat = (x - bcast(mean, x)) * bcast(invstd, x)
+        return bcast(weight * invstd, x) * (dy - bcast(sum_dy / m, x) - xhat * bcast(sum_dy_xmu * invstd / m, x))
+
+    return dict(batch_norm_stats=stats, batch_norm_gather_stats_with_counts=gather_stats_with_counts,
+                batch_norm_elemt=elemt, batch_norm_backward_reduce=backward_reduce,
+                batch_norm_backward_elemt=backward_elemt)
+
+
+def test_pytorch_payload(capsys):
+    """PyTorch's SyncBatchNorm buffers for C=256, world size 2, float32 input: its own
+    autograd Function runs with the collectives replaced by recorders. Its statistics
+    kernels exist only for CUDA, so CPU stand-ins with the CUDA kernels' output dtype
+    (float32 for float32 input) supply the numbers; the buffers are PyTorch's code."""
+    torch = pytest.importorskip("torch")
+    from unittest import mock
+
+    import torch.distributed as dist
+    from torch.nn.modules._functions import SyncBatchNorm as TorchSyncBN
+
+    calls = []
+
+    def all_gather(tensors, tensor, group=None, async_op=False):
+        calls.append(dict(op="all_gather", sent=tensor.nbytes, received=sum(t.nbytes for t in tensors),
+                          dtype=str(tensor.dtype)))
+        for t in tensors:
+            t.copy_(tensor)
+
+    def all_reduce(tensor, op=None, group=None, async_op=False):
+        calls.append(dict(op="all_reduce", sent=tensor.nbytes, received=tensor.nbytes, dtype=str(tensor.dtype)))
+        tensor.mul_(2)
+
+    group = mock.Mock()
+    group._get_backend_name.return_value = "gloo"       # the all_gather (list) code path
+    C = C_PAYLOAD
+    x = torch.randn(4, C, requires_grad=True)
+    w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
+    with mock.patch.multiple(torch, **_torch_cpu_stand_ins(torch)), \
+            mock.patch.object(dist, "all_gather", all_gather), mock.patch.object(dist, "all_reduce", all_reduce):
+        y = TorchSyncBN.apply(x, w, b, torch.zeros(C), torch.ones(C), 1e-5, 0.1, group, 2)
+        y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert calls == [dict(op="all_gather", sent=(2 * C + 1) * 4, received=2 * (2 * C + 1) * 4, dtype="torch.float32"),
+                     dict(op="all_reduce", sent=2 * C * 4, received=2 * C * 4, dtype="torch.float32")], calls
+    _report(capsys, f"payload PyTorch SyncBatchNorm(C={C}), world size 2, one step: {calls}")
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
