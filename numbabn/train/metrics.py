@@ -227,7 +227,8 @@ def internal_covariate_shift(model, loss, optimizer, batch, layers=None):
     step; every preceding parameter must be managed by ``optimizer``. Layer 0 has no
     predecessor, so its ICS is l2 = 0, cosine = 1. ``cosine`` is NaN when G or G′ is 0.
 
-    Returns ``{i: {"l2": float, "cosine": float}}``. Leaves model, optimizer and
+    Returns ``{i: {"l2": float, "cosine": float, "grad_norm": ‖G‖₂}}`` (``grad_norm``
+    puts l2 on the gradient's scale, which BN changes). Leaves model, optimizer and
     generators as found (module docstring).
     """
     fn = "internal_covariate_shift"
@@ -254,7 +255,8 @@ def internal_covariate_shift(model, loss, optimizer, batch, layers=None):
             G2 = _grad_of(layer.weight).ravel()
             norms = np.linalg.norm(G[i]) * np.linalg.norm(G2)
             result[i] = {"l2": float(np.linalg.norm(G[i] - G2)),
-                         "cosine": float(G[i] @ G2 / norms) if norms > 0 else float("nan")}
+                         "cosine": float(G[i] @ G2 / norms) if norms > 0 else float("nan"),
+                         "grad_norm": float(np.linalg.norm(G[i]))}
     return result
 
 

@@ -1,0 +1,61 @@
+"""Figure helpers for :mod:`numbabn.train.experiments` (matplotlib, Agg, no pyplot).
+
+Figures are built on :class:`matplotlib.figure.Figure` directly, so running an
+experiment never changes the caller's pyplot backend or opens a window. PNGs are
+written at a modest dpi (each well under 300 KB).
+"""
+import numpy as np
+
+DPI = 80
+COLORS = {"standard": "tab:blue", "bn": "tab:red", "noisy": "tab:green", "l1": "tab:purple", "l2": "tab:orange",
+          "linf": "tab:brown"}
+LABELS = {"standard": "standard", "bn": "batch norm", "noisy": "noisy batch norm", "l1": "ℓ1 batch norm",
+          "l2": "ℓ2 batch norm", "linf": "ℓ∞ batch norm"}
+
+
+def figure(rows, cols, title, width=4.0, height=3.0):
+    """``(fig, axes)`` with ``axes`` a 2-D array, and the suptitle naming the paper figure."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * cols, height * rows + 0.5), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
+    fig.suptitle(title)
+    return fig, axes
+
+
+def save(fig, out, name):
+    """Write ``out / name`` (PNG) and return its path as a string."""
+    path = out / name
+    fig.savefig(path, dpi=DPI)
+    return str(path)
+
+
+def label(ax, xlabel, ylabel, title, log=False):
+    """Axis labels, title, legend and grid; ``log`` for a log-scaled y axis."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize="medium")
+    if log:
+        ax.set_yscale("log")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+
+
+def band(ax, steps, low, high, net, line=None):
+    """A shaded [low, high] band per step (and an optional line inside it) for ``net``."""
+    color = COLORS.get(net)
+    ax.fill_between(steps, low, high, color=color, alpha=0.3, label=LABELS.get(net, net))
+    if line is not None:
+        ax.plot(steps, line, color=color, lw=1)
+
+
+def line(ax, steps, values, net, **kwargs):
+    ax.plot(steps, values, color=COLORS.get(net), label=LABELS.get(net, net), lw=1.2, **kwargs)
+
+
+def moving_average(values, window):
+    """``(steps, means)`` of the trailing mean over ``window`` steps (aligned at its end)."""
+    values = np.asarray(values, dtype=np.float64)
+    window = max(1, min(window, len(values)))
+    means = np.lib.stride_tricks.sliding_window_view(values, window).mean(axis=1)
+    return np.arange(window - 1, len(values)), means
