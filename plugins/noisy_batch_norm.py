@@ -2,7 +2,6 @@
 Normalization Help Optimization?", NeurIPS, Section 2.1 and Appendix A.2.1)."""
 import numpy as np
 
-from numbabn.functional import batch_norm_backward
 from numbabn.layers import BatchNormBase
 from numbabn.layers.base import check_rng
 
