@@ -78,8 +78,8 @@ def layout_of(fn, name, shape, axis):
     C = int(shape[axis])
     if C == 0:
         raise ValueError(f"{fn}: {name} has no channels (shape {tuple(shape)}, axis={axis})")
-    N = prod(shape[:axis])
-    L = prod(shape[axis + 1:])
+    N = prod(shape[:axis]) if axis != 1 else shape[0]
+    L = prod(shape[axis + 1:]) if axis != ndim - 1 else 1
     if L == 1 or axis == ndim - 1:
         M = N * L
         return axis, "mc", (M, C), C, M
@@ -133,13 +133,14 @@ def check_param(fn, name, value, channels, dtype, *, inplace=False):
             f"{fn}: {name} must have shape ({channels},) (one value per channel), got shape {value.shape}")
     if value.dtype != dtype:
         raise TypeError(f"{fn}: {name} must have dtype {dtype} to match the input, got {value.dtype}")
+    flags = value.flags
     if inplace:
-        if not value.flags.writeable:
+        if not flags.writeable:
             raise ValueError(f"{fn}: {name} is updated in place but is read-only")
-        if not value.flags.c_contiguous:
+        if not flags.c_contiguous:
             raise ValueError(f"{fn}: {name} is updated in place and must be contiguous")
         return value
-    if not (value.flags.c_contiguous and value.flags.writeable):
+    if not (flags.c_contiguous and flags.writeable):
         value = value.copy()   # read-only or strided copies avoid extra kernel specialisations
     return value
 

@@ -5,6 +5,8 @@ functional layer passes them in as arguments.
 
 ``NUMBABN_CHUNK``            elements per CPU work chunk (default 16384). Results are
                              bit-identical for any thread count at a fixed chunk size.
+``NUMBABN_SERIAL_MAX``       inputs of at most this many elements run on the calling
+                             thread alone (default 32768, PyTorch's grain size).
 ``NUMBABN_CUDA_THREADS``     threads per CUDA block (default 256; tests use 32).
 """
 import os
@@ -24,4 +26,5 @@ def _positive_int(name, default):
 
 
 CHUNK = _positive_int("NUMBABN_CHUNK", 16384)
+SERIAL_MAX = _positive_int("NUMBABN_SERIAL_MAX", 32768)
 CUDA_THREADS = _positive_int("NUMBABN_CUDA_THREADS", 256)

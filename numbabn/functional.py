@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _validation as V
-from . import config
+from . import _threads, config
 from .kernels import cpu
 from .stats import Moments
 
@@ -172,8 +172,8 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
     else:
         y = np.empty(cx.shape, dt)
     kernel = cpu.forward_ncl if cx.layout == "ncl" else cpu.forward_mc
-    mean, invstd = kernel(cx.array, g, b, rm, rv, factor, eps, training, relu,
-                          config.CHUNK, stats, count, y.reshape(cx.array.shape))
+    mean, invstd = _threads.run(kernel, cx.array.size, cx.array, g, b, rm, rv, factor, eps, training,
+                                relu, config.CHUNK, stats, count, y.reshape(cx.array.shape))
     if tracking and nbt is not None:
         nbt += 1
     if cx.dtype != dt:
@@ -219,11 +219,12 @@ def batch_norm_backward(dy, ctx, *, out=None, allreduce=None):
     dx = out if out is not None and ctx.dtype == dt else np.empty(ctx.shape, dt)
     ncl = ctx.layout == "ncl"
     args = (cdy.array, ctx.x, ctx.mean, ctx.invstd, ctx.gamma, ctx.beta)
-    sums = (cpu.grad_sums_ncl if ncl else cpu.grad_sums_mc)(*args, ctx.relu, config.CHUNK)
+    size = ctx.x.size
+    sums = _threads.run(cpu.grad_sums_ncl if ncl else cpu.grad_sums_mc, size, *args, ctx.relu, config.CHUNK)
     if allreduce is not None:
         sums = V.check_sums(fn, allreduce(sums), sums.shape)
-    dgamma, dbeta = (cpu.grad_apply_ncl if ncl else cpu.grad_apply_mc)(
-        *args, ctx.training, ctx.relu, config.CHUNK, sums, ctx.count, dx.reshape(ctx.x.shape))
+    dgamma, dbeta = _threads.run(cpu.grad_apply_ncl if ncl else cpu.grad_apply_mc, size, *args, ctx.training,
+                                 ctx.relu, config.CHUNK, sums, ctx.count, dx.reshape(ctx.x.shape))
     if ctx.dtype != dt:
         if out is None:
             dx = dx.astype(ctx.dtype)
@@ -250,5 +251,5 @@ def moments(x, axis=1, *, backend=None):
     if cx.count == 0:
         return Moments.empty(cx.channels)
     kernel = cpu.moments_ncl if cx.layout == "ncl" else cpu.moments_mc
-    mean, m2 = kernel(cx.array, config.CHUNK)
+    mean, m2 = _threads.run(kernel, cx.array.size, cx.array, config.CHUNK)
     return Moments(cx.count, mean, m2)
