@@ -311,3 +311,19 @@ def test_moments_and_allreduce_errors():
         numbabn.batch_norm_backward(x, ctx, allreduce=3)
     with pytest.raises(ValueError, match="allreduce must return an array of shape"):
         numbabn.batch_norm_backward(x, ctx, allreduce=lambda s: s[0])
+
+
+def test_serial_path_for_small_inputs_is_bit_identical(rng, monkeypatch):
+    """Small inputs run on the calling thread; the result must not depend on it,
+    and the caller's thread count must be restored."""
+    x, g, b = make_inputs(rng, (64, 3, 50), 1, np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    threads = numba.get_num_threads()
+    results = []
+    for serial_max in (0, 10**9):
+        monkeypatch.setattr(config, "SERIAL_MAX", serial_max)
+        y, ctx = numbabn.batch_norm_forward(x, g, b)
+        results.append((y,) + numbabn.batch_norm_backward(dy, ctx))
+        assert numba.get_num_threads() == threads
+    for a, b_ in zip(*results):
+        assert np.array_equal(a, b_)
