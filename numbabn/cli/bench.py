@@ -13,7 +13,7 @@ import click
 from ._common import CLIError, LazyGroup, Settings
 
 # name -> "module:attribute" of a click command, imported only when it is run.
-SUBCOMMANDS = {}
+SUBCOMMANDS = {"sklearn": "numbabn.cli.bench_sklearn:sklearn"}
 
 # numbabn.benchmark.OPS, spelled out because importing the harness imports NumPy, and
 # --help must not (tests/test_cli.py checks that the two agree).

@@ -1,0 +1,53 @@
+"""``numbabn bench sklearn``: the scikit-learn estimators against scikit-learn's own
+(:mod:`numbabn.sklearn.benchmark`)."""
+import json
+
+import click
+
+from ._common import Settings
+
+_PARTS = ("transformer", "mlp")    # numbabn.sklearn.benchmark.PARTS, without importing it for --help
+
+
+@click.command()
+@click.option("--part", "parts", multiple=True, type=click.Choice(_PARTS),
+              help="transformer or mlp; repeatable [default: both].")
+@click.option("--samples", type=click.IntRange(min=2), default=1_000_000, show_default=True,
+              help="transformer: rows of X.")
+@click.option("--features", type=click.IntRange(min=1), default=64, show_default=True,
+              help="transformer: columns of X.")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "float64"]),
+              help="transformer: repeatable [default: float32 and float64].")
+@click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True,
+              help="transformer: timed calls per side; the median is reported.")
+@click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True,
+              help="mlp: epochs (partial_fit calls) per run.")
+@click.option("--seed", "seeds", multiple=True, type=int, help="mlp: random_state of a run; repeatable [default: 0 1 2].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Cap Numba and BLAS threads for both sides [default: the libraries' own].")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write the rows as JSON; '-' writes them to stdout and the tables to stderr.")
+@click.pass_context
+def sklearn(ctx, parts, samples, features, dtypes, repeat, epochs, seeds, threads, json_path):
+    """BatchNormTransformer vs StandardScaler (fit + transform, median time) and
+    BNMLPClassifier vs MLPClassifier on digits (test accuracy, training time, epochs
+    to 95% test accuracy at the same budget), measured in the same run."""
+    from numbabn.sklearn.benchmark import format_table, run_sklearn_bench
+
+    settings = ctx.find_object(Settings) or Settings()
+    if threads is not None:
+        import numba
+
+        if threads > numba.config.NUMBA_NUM_THREADS:
+            raise click.BadParameter(f"{threads} is more than Numba's {numba.config.NUMBA_NUM_THREADS} threads "
+                                     "(NUMBA_NUM_THREADS)", ctx=ctx, param_hint="'--threads'")
+    if settings.verbose:
+        click.echo(f"running: {', '.join(parts or _PARTS)}", err=True)
+    rows = run_sklearn_bench(parts or _PARTS, n_samples=samples, n_features=features,
+                             dtypes=dtypes or ("float32", "float64"), repeat=repeat, epochs=epochs,
+                             seeds=seeds or (0, 1, 2), threads=threads)
+    click.echo(format_table(rows), err=json_path == "-")
+    if json_path is not None:
+        with click.open_file(json_path, "w") as f:
+            json.dump(rows, f, indent=2)
+            f.write("\n")

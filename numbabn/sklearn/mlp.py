@@ -1,0 +1,420 @@
+"""``BNMLPClassifier`` / ``BNMLPRegressor``: multi-layer perceptrons with batch norm,
+built on :mod:`numbabn.layers`, :mod:`numbabn.optim` and :class:`numbabn.train.Trainer`,
+mirroring :class:`sklearn.neural_network.MLPClassifier` / ``MLPRegressor``.
+
+Network for ``hidden_layer_sizes=(h1, ..., hk)``, ``batch_norm=True``::
+
+    [Linear(no bias) -> BatchNorm1d -> activation] x k -> Linear -> output
+
+(the batch norm's beta replaces the linear bias; ReLU is fused into the batch-norm
+kernel). With ``batch_norm=False`` each block is ``Linear -> activation``. Per hidden
+unit, over the mini-batch (Ioffe & Szegedy 2015)::
+
+    y = gamma * (z - mean_batch) / sqrt(var_batch + eps) + beta       (training)
+    y = gamma * (z - running_mean) / sqrt(running_var + eps) + beta   (predict)
+
+    running_mean <- 0.9*running_mean + 0.1*mean_batch
+    running_var  <- 0.9*running_var  + 0.1*var_batch*m/(m - 1)
+
+Losses, per mini-batch of N samples (Adam or SGD with momentum on their gradient)::
+
+    classifier: (1/N) sum_n [ logsumexp(z_n) - z_n[t_n] ]     softmax cross-entropy
+    regressor:  (1/(N*K)) sum (prediction - y)^2               mean squared error
+
+An epoch is one :meth:`Trainer.fit` call with ``epochs=1``: a fresh permutation cut
+into floor(n / batch_size) mini-batches (the n mod batch_size samples left over are
+skipped that epoch, so no batch-norm batch is degenerate). ``loss_curve_`` holds the
+mean mini-batch loss of each epoch. Stopping follows scikit-learn: training stops when
+the training loss (or, with ``early_stopping``, the validation score) has not improved
+by ``tol`` for more than ``n_iter_no_change`` consecutive epochs; otherwise
+``max_iter`` epochs run and a ``ConvergenceWarning`` is issued. Float32 input trains
+a float32 network; any other input trains in float64.
+"""
+import numbers
+import warnings
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import accuracy_score, r2_score
+from sklearn.model_selection import train_test_split
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets, unique_labels
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+FLOAT_DTYPES = (np.float64, np.float32)
+ACTIVATIONS = ("relu", "tanh", "logistic")
+SOLVERS = ("sgd", "adam")
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and np.isfinite(value)
+
+
+def _named_metrics():
+    """``record_metrics`` names -> the measurement toolkit's metric classes (default
+    arguments; pass a configured instance for anything else)."""
+    from ..train import GradientNorm, InternalCovariateShift, LandscapeProbe, WeightNorm
+
+    return {"ics": InternalCovariateShift, "landscape": LandscapeProbe, "grad_norm": GradientNorm,
+            "weight_norm": WeightNorm}
+
+
+class _BaseBNMLP(BaseEstimator):
+    """What the classifier and the regressor share: parameters, network, training loop."""
+
+    def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, batch_norm=True, solver="adam",
+                 learning_rate_init=0.001, momentum=0.9, batch_size="auto", max_iter=200, tol=1e-4,
+                 n_iter_no_change=10, early_stopping=False, validation_fraction=0.1, random_state=None,
+                 verbose=False, record_metrics=(), record_every=1):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.batch_norm = batch_norm
+        self.solver = solver
+        self.learning_rate_init = learning_rate_init
+        self.momentum = momentum
+        self.batch_size = batch_size
+        self.max_iter = max_iter
+        self.tol = tol
+        self.n_iter_no_change = n_iter_no_change
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.random_state = random_state
+        self.verbose = verbose
+        self.record_metrics = record_metrics
+        self.record_every = record_every
+
+    # ------------------------------------------------------------ parameters
+    def _check_params(self):
+        """Clear errors for bad hyper-parameters; returns (hidden sizes as a tuple, metrics)."""
+        name = type(self).__name__
+        sizes = self.hidden_layer_sizes
+        sizes = (sizes,) if _is_int(sizes) else sizes
+        try:
+            sizes = tuple(sizes)
+        except TypeError:
+            sizes = None
+        if sizes is None or not all(_is_int(h) and h > 0 for h in sizes):
+            raise ValueError(f"{name}: hidden_layer_sizes must be a positive int or a sequence of positive "
+                             f"ints, got {self.hidden_layer_sizes!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"{name}: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"{name}: solver must be one of {SOLVERS}, got {self.solver!r}")
+        for param in ("batch_norm", "early_stopping", "verbose"):
+            if not isinstance(getattr(self, param), (bool, np.bool_)):
+                raise ValueError(f"{name}: {param} must be a bool, got {getattr(self, param)!r}")
+        checks = [("learning_rate_init", _is_real, lambda v: v > 0, "a number > 0"),
+                  ("momentum", _is_real, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                  ("tol", _is_real, lambda v: v >= 0, "a number >= 0"),
+                  ("validation_fraction", _is_real, lambda v: 0 < v < 1, "a number in (0, 1)"),
+                  ("max_iter", _is_int, lambda v: v > 0, "an int > 0"),
+                  ("n_iter_no_change", _is_int, lambda v: v > 0, "an int > 0"),
+                  ("record_every", _is_int, lambda v: v > 0, "an int > 0")]
+        for param, kind, ok, what in checks:
+            value = getattr(self, param)
+            if not (kind(value) and ok(value)):
+                raise ValueError(f"{name}: {param} must be {what}, got {value!r}")
+        if self.batch_size != "auto" and not (_is_int(self.batch_size) and self.batch_size > 1):
+            raise ValueError(f"{name}: batch_size must be 'auto' or an int > 1 (batch norm needs two "
+                             f"samples per batch), got {self.batch_size!r}")
+        return sizes, self._metrics()
+
+    def _metrics(self):
+        """``record_metrics`` as Trainer metrics: names of the toolkit's metrics
+        ("ics", "landscape", "grad_norm", "weight_norm") or metric callables."""
+        if isinstance(self.record_metrics, str):
+            raise ValueError(f"{type(self).__name__}: record_metrics must be a sequence of names or metrics, "
+                             f"got the string {self.record_metrics!r} (write [{self.record_metrics!r}])")
+        named = _named_metrics()
+        metrics = []
+        for item in self.record_metrics:
+            if isinstance(item, str):
+                if item not in named:
+                    raise ValueError(f"{type(self).__name__}: unknown metric {item!r} in record_metrics; "
+                                     f"names: {sorted(named)}, or pass a metric object from numbabn.train "
+                                     "(e.g. ActivationPercentiles(layer=2))")
+                item = named[item]()
+            metrics.append(item)
+        return metrics
+
+    # ------------------------------------------------------------ network
+    @staticmethod
+    def _build(arch, rng):
+        """The network (see the module docstring) and its optimizer, from ``arch``: the
+        settings they were fitted with (so a later set_params cannot change them)."""
+        from ..layers import BatchNorm1d, Linear, ReLU, Sequential, Sigmoid, Tanh
+        from ..optim import SGD, Adam
+
+        layers = []
+        n_in, dtype, activation, bn = arch["n_in"], arch["dtype"], arch["activation"], arch["batch_norm"]
+        init = "he" if activation == "relu" else "glorot"
+        for width in arch["sizes"]:
+            layers.append(Linear(n_in, width, bias=not bn, init=init, rng=rng, dtype=dtype))
+            if bn:
+                layers.append(BatchNorm1d(width, activation="relu" if activation == "relu" else None, dtype=dtype))
+            if not (bn and activation == "relu"):
+                layers.append({"relu": ReLU, "tanh": Tanh, "logistic": Sigmoid}[activation]())
+            n_in = width
+        layers.append(Linear(n_in, arch["n_out"], init="glorot", rng=rng, dtype=dtype))
+        model = Sequential(*layers)
+        if arch["solver"] == "adam":
+            optimizer = Adam(model.parameters(), lr=arch["lr"])
+        else:
+            optimizer = SGD(model.parameters(), lr=arch["lr"], momentum=arch["momentum"])
+        return model, optimizer
+
+    def _initialize(self, sizes, n_in, n_out, dtype):
+        rs = check_random_state(self.random_state)
+        self._rng = np.random.default_rng(rs.randint(np.iinfo(np.int32).max))
+        self._dtype = np.dtype(dtype)
+        self._arch = dict(sizes=sizes, n_in=n_in, n_out=n_out, dtype=self._dtype, activation=self.activation,
+                          batch_norm=self.batch_norm, solver=self.solver, lr=self.learning_rate_init,
+                          momentum=self.momentum)
+        self._model, self._optimizer = self._build(self._arch, self._rng)
+        self.n_iter_ = 0
+        self.loss_curve_ = []
+        self.best_loss_ = np.inf
+        self.history_ = None
+
+    def _trainer(self, n_samples, metrics):
+        """A Trainer over the fitted network, seeded from the estimator's generator."""
+        from ..train import Trainer
+
+        batch_size = min(200 if self.batch_size == "auto" else self.batch_size, n_samples)
+        return Trainer(self._model, self._loss_fn(), self._optimizer, batch_size=batch_size,
+                       seed=int(self._rng.integers(np.iinfo(np.int32).max)), metrics=metrics,
+                       record_every=self.record_every, verbose=0)
+
+    def _epoch(self, trainer, X, targets):
+        """One epoch (see the module docstring); appends to loss_curve_ and history_."""
+        part = trainer.fit(X, targets, epochs=1)
+        loss = float(np.mean(part.loss))
+        self.n_iter_ += 1
+        self.loss_curve_.append(loss)
+        self.best_loss_ = min(self.best_loss_, loss)
+        if self.history_ is None:
+            self.history_ = part
+        else:
+            history = self.history_
+            history.step += part.step
+            history.loss += part.loss
+            if history.accuracy is not None:
+                history.accuracy += part.accuracy
+            for name, series in part.metrics.items():
+                total = history.metrics.setdefault(name, {"step": [], "value": []})
+                total["step"] += series["step"]
+                total["value"] += series["value"]
+        if self.verbose:
+            print(f"Iteration {self.n_iter_}, loss = {loss:.8f}")
+        return loss
+
+    def _forward(self, X):
+        """Network output for validated X, in eval mode (running statistics)."""
+        self._model.eval()
+        return self._model.forward(np.asarray(X, dtype=self._dtype))
+
+    # ------------------------------------------------------------ fitting
+    def _validate_xy(self, X, y, reset):
+        X, y = validate_data(self, X, y, reset=reset, dtype=FLOAT_DTYPES, accept_sparse=False,
+                             multi_output=self._regression, y_numeric=self._regression)
+        if self.batch_norm and X.shape[0] < 2:
+            raise ValueError(f"{type(self).__name__} with batch_norm=True needs at least 2 samples to train "
+                             f"(batch statistics), got 1 sample")
+        return X, y
+
+    def fit(self, X, y):
+        """Train from scratch for up to ``max_iter`` epochs (see the module docstring)."""
+        sizes, metrics = self._check_params()
+        X, y = self._validate_xy(X, y, reset=True)
+        targets = self._encode_targets(y, fitting=True)
+        self._initialize(sizes, X.shape[1], self._n_outputs(), X.dtype)
+        if self.early_stopping:
+            stratify = targets if isinstance(self, ClassifierMixin) else None
+            X, X_val, targets, t_val = train_test_split(
+                X, targets, test_size=self.validation_fraction, stratify=stratify,
+                random_state=int(self._rng.integers(np.iinfo(np.int32).max)))
+            self.validation_scores_ = []
+            self.best_validation_score_ = -np.inf
+            best_state = self._model.state_dict()
+        targets = self._as_training_targets(targets)
+        trainer = self._trainer(X.shape[0], metrics)
+        no_improvement = 0
+        for _ in range(self.max_iter):
+            best_loss = self.best_loss_
+            loss = self._epoch(trainer, X, targets)
+            if self.early_stopping:
+                score = self._score_targets(X_val, t_val)
+                self.validation_scores_.append(score)
+                if self.verbose:
+                    print(f"Validation score: {score:f}")
+                improved = score >= self.best_validation_score_ + self.tol
+                if score > self.best_validation_score_:
+                    self.best_validation_score_ = score
+                    best_state = self._model.state_dict()
+            else:
+                improved = loss <= best_loss - self.tol
+            no_improvement = 0 if improved else no_improvement + 1
+            if no_improvement > self.n_iter_no_change:
+                if self.verbose:
+                    what = "Validation score" if self.early_stopping else "Training loss"
+                    print(f"{what} did not improve more than tol={self.tol:f} for "
+                          f"{self.n_iter_no_change} consecutive epochs. Stopping.")
+                break
+        else:
+            warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
+                          "optimization hasn't converged yet.", ConvergenceWarning)
+        if self.early_stopping:
+            self._model.load_state_dict(best_state)
+        return self
+
+    def _partial_fit(self, X, y, classes=None):
+        sizes, metrics = self._check_params()
+        first = not hasattr(self, "_model")
+        X, y = self._validate_xy(X, y, reset=first)
+        targets = self._encode_targets(y, fitting=first, classes=classes)
+        if first:
+            self._initialize(sizes, X.shape[1], self._n_outputs(), X.dtype)
+        X = np.asarray(X, dtype=self._dtype)
+        self._epoch(self._trainer(X.shape[0], metrics), X, self._as_training_targets(targets))
+        return self
+
+    # Pickles hold the network's parameters and buffers and the optimizer state, not the
+    # layer objects: no cached activations of the last batch, and unpickling rebuilds
+    # writeable arrays even from read-only memory maps (joblib's mmap_mode="r").
+    def __getstate__(self):
+        state = dict(super().__getstate__())     # object.__getstate__ may return __dict__ itself
+        if "_model" in state:
+            state["_model"] = self._model.state_dict()
+            state["_optimizer"] = self._optimizer.state_dict()
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_model" in state:
+            self._model, self._optimizer = self._build(self._arch, np.random.default_rng(0))
+            self._model.load_state_dict(state["_model"])
+            self._optimizer.load_state_dict(state["_optimizer"])
+
+
+class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
+    """Multi-layer perceptron classifier with batch norm (softmax cross-entropy).
+
+    Parameters mirror :class:`sklearn.neural_network.MLPClassifier`:
+    ``hidden_layer_sizes``, ``activation`` ("relu", "tanh", "logistic"),
+    ``solver`` ("adam": Adam with betas (0.9, 0.999), eps 1e-8; "sgd": SGD with
+    ``momentum``), ``learning_rate_init``, ``batch_size`` ("auto" = min(200, n)),
+    ``max_iter`` (epochs), ``tol``, ``n_iter_no_change``, ``early_stopping``,
+    ``validation_fraction``, ``random_state``, ``verbose``. Added: ``batch_norm``
+    (True: BatchNorm1d after every hidden linear layer), ``record_metrics`` (names
+    "ics", "landscape", "grad_norm", "weight_norm" or metric objects of
+    :mod:`numbabn.train`, recorded by the Trainer every ``record_every`` steps).
+
+    Attributes: ``classes_``, ``loss_curve_``, ``n_iter_``, ``best_loss_`` (lowest
+    epoch loss), ``validation_scores_`` and ``best_validation_score_`` (early
+    stopping), ``history_`` (the :class:`numbabn.train.History` of all epochs: per-step
+    loss and accuracy, and the recorded metrics), ``n_features_in_``,
+    ``feature_names_in_``. See the module docstring for the math.
+    """
+
+    _regression = False
+
+    def _loss_fn(self):
+        from ..layers import SoftmaxCrossEntropy
+        return SoftmaxCrossEntropy()
+
+    def _n_outputs(self):
+        return len(self.classes_)
+
+    def _encode_targets(self, y, fitting, classes=None):
+        """Labels -> indices into classes_ (set when fitting: from ``classes`` or y)."""
+        check_classification_targets(y)
+        name = type(self).__name__
+        if fitting:
+            self.classes_ = unique_labels(y) if classes is None else unique_labels(classes)
+        elif classes is not None and not np.array_equal(unique_labels(classes), self.classes_):
+            raise ValueError(f"{name}.partial_fit: classes={list(classes)!r} differs from the classes of "
+                             f"the first call {list(self.classes_)!r}")
+        unknown = np.setdiff1d(y, self.classes_)
+        if unknown.size:
+            raise ValueError(f"{name}: y contains labels {unknown.tolist()} that are not in classes_ "
+                             f"{self.classes_.tolist()}")
+        return np.searchsorted(self.classes_, y)
+
+    @staticmethod
+    def _as_training_targets(targets):
+        return targets
+
+    def _score_targets(self, X, targets):
+        return accuracy_score(targets, self._forward(X).argmax(axis=1))
+
+    def partial_fit(self, X, y, classes=None):
+        """One epoch over (X, y); ``classes`` (every label) is required on the first call."""
+        if classes is None and not hasattr(self, "classes_"):
+            raise ValueError(f"{type(self).__name__}.partial_fit: classes must be given on the first call "
+                             "(every label that will ever appear)")
+        return self._partial_fit(X, y, classes)
+
+    def predict_proba(self, X):
+        """Softmax of the network output (eval mode), shape (n_samples, n_classes)."""
+        check_is_fitted(self)
+        z = self._forward(validate_data(self, X, reset=False, dtype=FLOAT_DTYPES, accept_sparse=False))
+        z = z - z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        return p
+
+    def predict(self, X):
+        """The class of highest probability."""
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
+
+
+class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
+    """Multi-layer perceptron regressor with batch norm (mean squared error, identity
+    output); parameters and attributes as :class:`BNMLPClassifier` (no ``classes_``;
+    ``history_`` has no accuracy). ``y`` may have several columns (``n_outputs_``);
+    predictions of a single target are 1-D."""
+
+    _regression = True
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
+
+    def _loss_fn(self):
+        from ..layers import MSELoss
+        return MSELoss()
+
+    def _n_outputs(self):
+        return self.n_outputs_
+
+    def _encode_targets(self, y, fitting, classes=None):
+        y = y.reshape(y.shape[0], -1)
+        if fitting:
+            self.n_outputs_ = y.shape[1]
+        elif y.shape[1] != self.n_outputs_:
+            raise ValueError(f"{type(self).__name__}: y has {y.shape[1]} targets, but the model was "
+                             f"fitted with {self.n_outputs_}")
+        return y
+
+    def _as_training_targets(self, targets):
+        return np.asarray(targets, dtype=self._dtype)
+
+    def _score_targets(self, X, targets):
+        return r2_score(targets, self._forward(X))
+
+    def partial_fit(self, X, y):
+        """One epoch over (X, y); the first call initialises the network."""
+        return self._partial_fit(X, y)
+
+    def predict(self, X):
+        """Network output (eval mode): (n_samples,) for one target, else (n_samples, n_targets)."""
+        check_is_fitted(self)
+        out = self._forward(validate_data(self, X, reset=False, dtype=FLOAT_DTYPES, accept_sparse=False))
+        return out.ravel() if self.n_outputs_ == 1 else out

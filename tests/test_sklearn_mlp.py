@@ -1,0 +1,237 @@
+"""BNMLPClassifier / BNMLPRegressor: scikit-learn's estimator checks, partial_fit,
+model selection, dtypes, stopping rules, recorded metrics, pickling and errors."""
+import pickle
+import warnings
+
+import numba
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+from sklearn.base import clone
+from sklearn.datasets import load_digits, make_blobs, make_regression
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import GridSearchCV, train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from numbabn.sklearn import BatchNormTransformer, BNMLPClassifier, BNMLPRegressor
+
+# Short training budgets are the point of these tests; the warning is tested once, explicitly.
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+
+@pytest.fixture(autouse=True)
+def one_numba_thread():
+    """These tests check estimator semantics on tiny batches. On a busy 2-core machine
+    every OpenMP parallel region of a tiny kernel call can wait milliseconds for a
+    descheduled worker; one thread keeps the module fast (kernels are tested elsewhere)."""
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(previous)
+
+
+FAST = dict(hidden_layer_sizes=(16,), max_iter=50, learning_rate_init=0.01)
+
+
+@parametrize_with_checks(
+    [BNMLPClassifier(**FAST), BNMLPRegressor(**FAST),
+     BNMLPClassifier(hidden_layer_sizes=(16, 8), activation="tanh", solver="sgd", learning_rate_init=0.05,
+                     max_iter=50, early_stopping=True, validation_fraction=0.2),
+     BNMLPRegressor(hidden_layer_sizes=(16,), activation="logistic", batch_norm=False, max_iter=50,
+                    learning_rate_init=0.01, record_metrics=("grad_norm",), record_every=5)],
+    xfail_strict=True)
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    X = X / 16.0
+    return train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
+
+
+def test_classifier_learns_digits(digits):
+    X_tr, X_te, y_tr, y_te = digits
+    clf = BNMLPClassifier(hidden_layer_sizes=(64,), max_iter=15, learning_rate_init=0.01, random_state=0)
+    clf.fit(X_tr, y_tr)
+    assert clf.score(X_te, y_te) > 0.95
+    assert clf.n_iter_ == len(clf.loss_curve_) == 15
+    assert clf.loss_curve_[-1] < clf.loss_curve_[0] / 5
+    assert clf.best_loss_ == min(clf.loss_curve_)
+    proba = clf.predict_proba(X_te)
+    assert proba.shape == (len(X_te), 10)
+    assert_allclose(proba.sum(axis=1), 1.0)
+    assert_array_equal(clf.predict(X_te), clf.classes_[proba.argmax(axis=1)])
+    # history_: one entry per Trainer step, floor(n / batch_size) steps per epoch.
+    steps_per_epoch = len(X_tr) // 200
+    assert clf.history_.step == list(range(15 * steps_per_epoch))
+    assert len(clf.history_.accuracy) == 15 * steps_per_epoch
+    assert_allclose(clf.loss_curve_[0], np.mean(clf.history_.loss[:steps_per_epoch]))
+
+
+def test_partial_fit_classifier(digits):
+    X_tr, X_te, y_tr, y_te = digits
+    clf = BNMLPClassifier(hidden_layer_sizes=(32,), learning_rate_init=0.01, random_state=0)
+    with pytest.raises(ValueError, match="classes must be given on the first call"):
+        clf.partial_fit(X_tr, y_tr)
+    half = len(X_tr) // 2
+    clf.partial_fit(X_tr[:half], y_tr[:half], classes=np.arange(10))
+    assert clf.n_iter_ == 1
+    for _ in range(6):
+        clf.partial_fit(X_tr, y_tr)
+    assert clf.n_iter_ == 7 and len(clf.loss_curve_) == 7
+    assert clf.loss_curve_[-1] < clf.loss_curve_[0]
+    assert clf.score(X_te, y_te) > 0.9
+    with pytest.raises(ValueError, match="differs from the classes of the first call"):
+        clf.partial_fit(X_tr, y_tr, classes=np.arange(11))
+    with pytest.raises(ValueError, match=r"labels \[42\] that are not in classes_"):
+        clf.partial_fit(X_tr[:10], np.full(10, 42))
+    with pytest.raises(ValueError, match="X has 3 features"):
+        clf.partial_fit(X_tr[:, :3], y_tr)
+
+
+def test_partial_fit_classes_may_be_absent_from_first_batch():
+    X, y = make_blobs(n_samples=120, centers=3, random_state=0)
+    clf = BNMLPClassifier(hidden_layer_sizes=(8,), random_state=0)
+    clf.partial_fit(X[y != 2], y[y != 2], classes=[0, 1, 2])
+    assert_array_equal(clf.classes_, [0, 1, 2])
+    assert clf.predict_proba(X).shape == (120, 3)
+
+
+def test_partial_fit_regressor_continues_fit():
+    X, y = make_regression(n_samples=200, n_features=5, noise=1.0, random_state=0)
+    y = (y - y.mean()) / y.std()
+    reg = BNMLPRegressor(hidden_layer_sizes=(32,), max_iter=5, learning_rate_init=0.01, random_state=0)
+    reg.fit(X, y)
+    before = reg.score(X, y)
+    for _ in range(30):
+        reg.partial_fit(X, y)
+    assert reg.n_iter_ == 35
+    assert reg.score(X, y) > max(before, 0.9)
+
+
+def test_regressor_multi_output_and_float32():
+    X, y = make_regression(n_samples=150, n_features=4, n_targets=3, random_state=0)
+    y = (y - y.mean(0)) / y.std(0)
+    X32, y32 = X.astype(np.float32), y.astype(np.float32)
+    reg = BNMLPRegressor(**FAST, random_state=0)
+    reg.fit(X32, y32)
+    pred = reg.predict(X32)
+    assert pred.shape == (150, 3) and pred.dtype == np.float32
+    assert reg.n_outputs_ == 3
+    assert reg.score(X32, y32) > 0.8
+    assert reg.history_.accuracy is None
+
+
+def test_float32_classifier_trains_in_float32():
+    X, y = make_blobs(n_samples=100, random_state=0)
+    clf32 = BNMLPClassifier(**FAST, random_state=0).fit(X.astype(np.float32), y)
+    clf64 = BNMLPClassifier(**FAST, random_state=0).fit(X, y)
+    assert clf32.predict_proba(X).dtype == np.float32
+    assert clf64.predict_proba(X).dtype == np.float64
+    # Same initial draw, same batches: the float32 run follows the float64 one closely.
+    assert_allclose(clf32.loss_curve_[:5], clf64.loss_curve_[:5], rtol=1e-3)
+
+
+def test_stopping_rules(digits):
+    X_tr, _, y_tr, _ = digits
+    clf = BNMLPClassifier(hidden_layer_sizes=(32,), max_iter=500, tol=1e-2, n_iter_no_change=2, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)      # stopped by tol, not by max_iter
+        clf.fit(X_tr, y_tr)
+    assert clf.n_iter_ < 500
+    with pytest.warns(ConvergenceWarning, match=r"Maximum iterations \(2\) reached"):
+        BNMLPClassifier(hidden_layer_sizes=(8,), max_iter=2, random_state=0).fit(X_tr, y_tr)
+
+
+def test_early_stopping_restores_best_validation_state(digits):
+    X_tr, _, y_tr, _ = digits
+    clf = BNMLPClassifier(hidden_layer_sizes=(32,), max_iter=40, early_stopping=True, n_iter_no_change=3,
+                          validation_fraction=0.2, random_state=0)
+    clf.fit(X_tr, y_tr)
+    assert len(clf.validation_scores_) == clf.n_iter_
+    assert clf.best_validation_score_ == max(clf.validation_scores_)
+    assert clf.best_validation_score_ > 0.9
+    if clf.n_iter_ < 40:   # stopped: the last n_iter_no_change + 1 scores did not beat the best by tol
+        assert max(clf.validation_scores_[-4:]) < clf.best_validation_score_ + clf.tol
+
+
+def test_record_metrics_reach_history(digits):
+    X_tr, _, y_tr, _ = digits
+    clf = BNMLPClassifier(hidden_layer_sizes=(16, 16), max_iter=2, record_metrics=["grad_norm", "ics"],
+                          record_every=3, random_state=0)
+    clf.fit(X_tr, y_tr)
+    steps = clf.history_.step
+    for name in ("grad_norm", "ics"):
+        rec_steps, values = clf.history_.metric(name)
+        assert rec_steps == [s for s in steps if s % 3 == 0]
+        assert len(values) == len(rec_steps)
+    grad_norms = clf.history_.metric("grad_norm")[1][0]
+    assert set(grad_norms) == {name for name, _ in clf._model.named_parameters()}
+    with pytest.raises(ValueError, match="unknown metric 'nope'"):
+        BNMLPClassifier(record_metrics=["nope"]).fit(X_tr, y_tr)
+    with pytest.raises(ValueError, match="sequence of names"):
+        BNMLPClassifier(record_metrics="ics").fit(X_tr, y_tr)
+
+
+def test_batch_norm_false_has_no_batchnorm_layers():
+    from numbabn.layers import BatchNorm1d, Linear
+
+    X, y = make_blobs(n_samples=60, random_state=0)
+    with_bn = BNMLPClassifier(**FAST, random_state=0).fit(X, y)
+    without = BNMLPClassifier(**FAST, batch_norm=False, random_state=0).fit(X, y)
+    assert [type(layer) for layer in with_bn._model] == [Linear, BatchNorm1d, Linear]
+    assert with_bn._model[0].bias is None
+    assert not any(isinstance(layer, BatchNorm1d) for layer in without._model)
+    assert without._model[0].bias is not None
+
+
+def test_pickle_round_trip_keeps_predictions_and_training_state():
+    X, y = make_blobs(n_samples=80, random_state=1)
+    clf = BNMLPClassifier(**FAST, random_state=0).fit(X, y)
+    copy = pickle.loads(pickle.dumps(clf))
+    assert_array_equal(copy.predict_proba(X), clf.predict_proba(X))
+    clf.partial_fit(X, y)
+    copy.partial_fit(X, y)    # same generator, optimizer and running-statistics state
+    assert_array_equal(copy.predict_proba(X), clf.predict_proba(X))
+
+
+def test_clone_grid_search_pipeline(digits):
+    X_tr, X_te, y_tr, y_te = digits
+    pipe = make_pipeline(BatchNormTransformer(), BNMLPClassifier(hidden_layer_sizes=(16,), max_iter=5,
+                                                                 random_state=0))
+    grid = GridSearchCV(pipe, {"bnmlpclassifier__learning_rate_init": [1e-3, 1e-2],
+                               "bnmlpclassifier__solver": ["adam", "sgd"]}, cv=2)
+    grid.fit(X_tr, y_tr)
+    assert grid.score(X_te, y_te) > 0.8
+    fitted = grid.best_estimator_[-1]
+    fresh = clone(fitted)
+    assert fresh.get_params() == fitted.get_params()
+    assert not hasattr(fresh, "classes_")
+
+
+@pytest.mark.parametrize("params, match", [
+    (dict(hidden_layer_sizes=(10, 0)), "hidden_layer_sizes must be a positive int"),
+    (dict(hidden_layer_sizes="wide"), "hidden_layer_sizes must be a positive int"),
+    (dict(activation="gelu"), "activation must be one of"),
+    (dict(solver="lbfgs"), "solver must be one of"),
+    (dict(learning_rate_init=0), "learning_rate_init must be a number > 0"),
+    (dict(momentum=1.5), r"momentum must be a number in \[0, 1\]"),
+    (dict(batch_size=1), "batch_size must be 'auto' or an int > 1"),
+    (dict(max_iter=0), "max_iter must be an int > 0"),
+    (dict(validation_fraction=1.0), r"validation_fraction must be a number in \(0, 1\)"),
+    (dict(batch_norm="yes"), "batch_norm must be a bool"),
+    (dict(record_every=0), "record_every must be an int > 0"),
+])
+def test_bad_parameters_raise_clear_errors(params, match):
+    X, y = make_blobs(n_samples=20, random_state=0)
+    for est in (BNMLPClassifier(**params), BNMLPRegressor(**params)):
+        with pytest.raises(ValueError, match=match):
+            est.fit(X, y.astype(float))
+
+
+def test_one_sample_with_batch_norm_is_refused():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        BNMLPRegressor().fit([[1.0, 2.0]], [1.0])
