@@ -70,12 +70,8 @@ def forward(fn, x, gamma, beta, running_mean, running_var, num_batches_tracked, 
     """:func:`numbabn.functional.batch_norm_forward` on the GPU (scalars already checked)."""
     host = not V.is_device_array(x)
     cx = V.canonical_device(fn, "x", x, axis)
-    dt = V.compute_dtype(cx.dtype)
-    g = V.check_device_param(fn, "gamma", gamma, cx.channels, dt)
-    b = V.check_device_param(fn, "beta", beta, cx.channels, dt)
-    rm = V.check_device_param(fn, "running_mean", running_mean, cx.channels, dt, inplace=True)
-    rv = V.check_device_param(fn, "running_var", running_var, cx.channels, dt, inplace=True)
-    nbt = V.check_counter(fn, num_batches_tracked)
+    g, b, rm, rv, nbt = V.check_forward_params(fn, cx, gamma, beta, running_mean, running_var,
+                                               num_batches_tracked, V.check_device_param)
     tracking = training and running_mean is not None
     V.check_training_batch(fn, cx.count, cx.shape, training, tracking, momentum, nbt)
     y = _output_buffer(fn, out, cx, host, (x,), "out must not overlap x (the backward pass reads x)")

@@ -153,11 +153,8 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
 
     cx = V.canonical_host(fn, "x", x, axis)
     dt = V.compute_dtype(cx.dtype)
-    g = V.check_param(fn, "gamma", gamma, cx.channels, dt)
-    b = V.check_param(fn, "beta", beta, cx.channels, dt)
-    rm = V.check_param(fn, "running_mean", running_mean, cx.channels, dt, inplace=True)
-    rv = V.check_param(fn, "running_var", running_var, cx.channels, dt, inplace=True)
-    nbt = V.check_counter(fn, num_batches_tracked)
+    g, b, rm, rv, nbt = V.check_forward_params(fn, cx, gamma, beta, running_mean, running_var,
+                                               num_batches_tracked)
     tracking = training and running_mean is not None
     stats, count = V.check_moments(fn, moments, cx, training)
     V.check_training_batch(fn, count, cx.shape, training, tracking, momentum, nbt)
