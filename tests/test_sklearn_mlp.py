@@ -3,7 +3,6 @@ model selection, dtypes, stopping rules, recorded metrics, pickling and errors."
 import pickle
 import warnings
 
-import numba
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
@@ -18,17 +17,6 @@ from numbabn.sklearn import BatchNormTransformer, BNMLPClassifier, BNMLPRegresso
 
 # Short training budgets are the point of these tests; the warning is tested once, explicitly.
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
-
-
-@pytest.fixture(autouse=True)
-def one_numba_thread():
-    """These tests check estimator semantics on tiny batches. On a busy 2-core machine
-    every OpenMP parallel region of a tiny kernel call can wait milliseconds for a
-    descheduled worker; one thread keeps the module fast (kernels are tested elsewhere)."""
-    previous = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(previous)
 
 
 FAST = dict(hidden_layer_sizes=(16,), max_iter=50, learning_rate_init=0.01)
