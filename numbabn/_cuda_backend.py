@@ -71,7 +71,7 @@ def forward(fn, x, gamma, beta, running_mean, running_var, num_batches_tracked, 
     host = not V.is_device_array(x)
     cx = V.canonical_device(fn, "x", x, axis)
     g, b, rm, rv, nbt = V.check_forward_params(fn, cx, gamma, beta, running_mean, running_var,
-                                               num_batches_tracked, V.check_device_param)
+                                               num_batches_tracked, training, V.check_device_param)
     tracking = training and running_mean is not None
     V.check_training_batch(fn, cx.count, cx.shape, training, tracking, momentum, nbt)
     y = _output_buffer(fn, out, cx, host, (x,), "out must not overlap x (the backward pass reads x)")

@@ -146,16 +146,18 @@ def check_param(fn, name, value, channels, dtype, *, inplace=False):
 
 
 def check_forward_params(fn, cx, gamma, beta, running_mean, running_var, num_batches_tracked,
-                         check=None):
+                         training, check=None):
     """The per-channel arguments of a forward pass, checked against the input ``cx``
     with ``check`` (:func:`check_param`, or :func:`check_device_param` on the GPU).
+    Running statistics are updated in place only in training mode; in eval mode
+    they are only read, so read-only ones are fine there.
     Returns (gamma, beta, running_mean, running_var, num_batches_tracked)."""
     check = check or check_param
     dt = compute_dtype(cx.dtype)
     return (check(fn, "gamma", gamma, cx.channels, dt),
             check(fn, "beta", beta, cx.channels, dt),
-            check(fn, "running_mean", running_mean, cx.channels, dt, inplace=True),
-            check(fn, "running_var", running_var, cx.channels, dt, inplace=True),
+            check(fn, "running_mean", running_mean, cx.channels, dt, inplace=training),
+            check(fn, "running_var", running_var, cx.channels, dt, inplace=training),
             check_counter(fn, num_batches_tracked))
 
 

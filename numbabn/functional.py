@@ -154,7 +154,7 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
     cx = V.canonical_host(fn, "x", x, axis)
     dt = V.compute_dtype(cx.dtype)
     g, b, rm, rv, nbt = V.check_forward_params(fn, cx, gamma, beta, running_mean, running_var,
-                                               num_batches_tracked)
+                                               num_batches_tracked, training)
     tracking = training and running_mean is not None
     stats, count = V.check_moments(fn, moments, cx, training)
     V.check_training_batch(fn, count, cx.shape, training, tracking, momentum, nbt)

@@ -117,3 +117,11 @@ def test_no_numba_typing_errors_leak_for_odd_python_inputs():
     assert y.dtype == np.float64
     with pytest.raises(TypeError, match="floating dtype"):
         numbabn.batch_norm_forward([["a", "b"], ["c", "d"]])
+
+
+def test_readonly_running_stats_are_fine_in_eval_mode():
+    rm, rv, _ = _state()
+    rm.setflags(write=False)
+    rv.setflags(write=False)
+    y, _ = numbabn.batch_norm_forward(X, running_mean=rm, running_var=rv, training=False)
+    np.testing.assert_allclose(y, (X - rm[None, :, None]) / np.sqrt(rv[None, :, None] + 1e-5), rtol=1e-5)
