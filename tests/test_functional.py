@@ -150,9 +150,10 @@ def test_huge_c_tiny_m(rng):
 
 
 def test_multi_chunk_paths(rng, monkeypatch):
-    """Small chunks force many chunks per channel, partial rows and ragged tails."""
+    """Small chunks force many chunks per channel, partial rows and ragged tails
+    (channels-last blocks hold >= 256 rows, so those cases have > 256 rows)."""
     monkeypatch.setattr(config, "CHUNK", 7)
-    for shape, axis in [((5, 3, 11), 1), ((23, 4), 1), ((4, 5, 3), -1)]:
+    for shape, axis in [((5, 3, 11), 1), ((600, 4), 1), ((40, 10, 3), -1), ((3, 2, 40), 1)]:
         x, g, b = make_inputs(rng, shape, axis, np.float64, loc=100.0)
         y, ctx = numbabn.batch_norm_forward(x, g, b, axis=axis, activation="relu")
         np.testing.assert_allclose(y, R.forward(x, g, b, axis=axis, relu=True)[0], rtol=1e-10, atol=1e-10)
