@@ -1,6 +1,6 @@
 """Parallel CPU batch-norm kernels (Numba ``parallel=True``) on the canonical layouts.
 
-Layouts (see ``numbabn._validation.canonicalize``):
+Layouts (see ``numbabn._validation.canonical_host``):
 
 * ``ncl`` -- ``x`` of shape ``(N, C, L)``, C-contiguous; channel ``c`` holds the
   ``m = N*L`` values ``x[:, c, :]``.
@@ -16,12 +16,14 @@ value) it sums ``d`` and ``d*d`` in float64, then ``M2 = sum(d*d) - sum(d)**2/n`
 Because ``(x0 - mean)**2 <= n*var`` for any sample ``x0`` of the chunk, the
 cancellation costs at most a factor ``n`` (the chunk size, ~1.6e4) in float64
 rounding: relative error <~ n * 2**-53 ~ 2e-12, however large ``|mean|/std`` is.
-Chunks are then merged exactly with Chan et al.'s formula. All per-element arithmetic is done in float64 and rounded
-once when stored, so float32 outputs are within float32 rounding of the float64
-reference. Outputs have the input dtype. Every kernel subtracts the mean before
-scaling (``a*(x - mean) + beta`` rather than the folded ``a*x + b``): one more
-subtraction, free in a memory-bound loop, and float64 outputs keep their accuracy
-when ``|mean| >> std`` instead of losing ``log10(|mean|/std)`` digits.
+Chunks are then merged exactly with Chan et al.'s formula.
+
+Element-wise passes run in the input's own dtype (float32 math vectorises twice
+as wide as float64) on a mean split in two
+(``mean = hi + lo``): ``x - hi`` is exact when ``|mean| >> std`` (Sterbenz), so
+float32 outputs stay within a few float32 ulps of the float64 reference however
+large ``|mean|/std`` is, and float64 outputs keep full accuracy. Reductions
+accumulate in float64. Outputs have the input dtype.
 
 Formulas (per channel, ``g`` = upstream gradient, times the ReLU mask if fused)::
 
@@ -39,7 +41,7 @@ from numba import njit, prange
 # Reassociation lets LLVM vectorise the float64 sums; it changes nothing between
 # runs or thread counts (the chunking is fixed). 'contract' is left out on purpose:
 # the ReLU mask is recomputed as a*(x - mean) + b in the backward and must round
-# exactly as it did in the forward.
+# exactly as it did in the forward (see also _center).
 _REDUCE = {"reassoc"}
 _OPTS = dict(cache=True, nogil=True)
 
@@ -126,47 +128,66 @@ def _mc_blk_sums(x, r0, r1, shift, s, q):
 
 
 @njit(**_OPTS)
-def _ncl_blk_apply(x, n0, n1, c0, c1, l0, l1, mean, a, b, relu, y):
+def _center(xv, hi, lo):
+    """x - mean in x's dtype, with mean = hi + lo split in two so that float32 keeps
+    ~float32 accuracy even when |mean| >> std (x - hi is exact there, Sterbenz).
+    It carries no fast-math flags: the grad-sum kernels reassociate, and
+    (x - hi) - lo must never become x - (hi + lo)."""
+    return (xv - hi) - lo
+
+
+@njit(**_OPTS)
+def _ncl_blk_apply(x, n0, n1, c0, c1, l0, l1, coef, relu, y):
+    z = x.dtype.type(0)
     for n in range(n0, n1):
         for c in range(c0, c1):
             row = x[n, c, l0:l1]
             out = y[n, c, l0:l1]
-            mc = mean[c]
-            ac = a[c]
-            bc = b[c]
+            hi = coef[0, c]
+            lo = coef[1, c]
+            ac = coef[2, c]
+            bc = coef[3, c]
             for j in range(row.size):
-                v = (row[j] - mc) * ac + bc
-                out[j] = max(v, 0.0) if relu else v
+                v = _center(row[j], hi, lo) * ac + bc
+                if relu and v < z:
+                    v = z
+                out[j] = v
 
 
 @njit(**_OPTS)
-def _mc_blk_apply(x, r0, r1, mean, a, b, relu, y):
+def _mc_blk_apply(x, r0, r1, coef, relu, y):
+    z = x.dtype.type(0)
+    hi, lo, a, b = coef[0], coef[1], coef[2], coef[3]
     for i in range(r0, r1):
         row = x[i]
         out = y[i]
         for c in range(row.size):
-            v = (row[c] - mean[c]) * a[c] + b[c]
-            out[c] = max(v, 0.0) if relu else v
+            v = _center(row[c], hi[c], lo[c]) * a[c] + b[c]
+            if relu and v < z:
+                v = z
+            out[c] = v
 
 
 @njit(fastmath=_REDUCE, **_OPTS)
-def _ncl_blk_grad_sums(dy, x, n0, n1, c0, c1, l0, l1, mu, a, b, relu, s0, s1):
-    """Per channel of the block: s0 += sum g, s1 += sum g*(x - mu[c]), g masked by
-    the forward's ReLU."""
+def _ncl_blk_grad_sums(dy, x, n0, n1, c0, c1, l0, l1, coef, relu, s0, s1):
+    """Per channel of the block: s0 += sum g, s1 += sum g*(x - mean) in float64,
+    g masked by the forward's ReLU (recomputed exactly as the forward did)."""
+    z = x.dtype.type(0)
     for n in range(n0, n1):
         for c in range(c0, c1):
             row = x[n, c, l0:l1]
             grow = dy[n, c, l0:l1]
-            mc = mu[c]
-            ac = a[c]
-            bc = b[c]
+            hi = coef[0, c]
+            lo = coef[1, c]
+            ac = coef[2, c]
+            bc = coef[3, c]
             p0 = 0.0
             p1 = 0.0
             for j in range(row.size):
-                d = row[j] - mc
-                g = grow[j] * 1.0
-                if relu and not (d * ac + bc > 0.0):
-                    g = 0.0
+                d = _center(row[j], hi, lo)
+                g = grow[j]
+                if relu and not (d * ac + bc > z):
+                    g = z
                 p0 += g
                 p1 += g * d
             s0[c] += p0
@@ -174,51 +195,58 @@ def _ncl_blk_grad_sums(dy, x, n0, n1, c0, c1, l0, l1, mu, a, b, relu, s0, s1):
 
 
 @njit(**_OPTS)
-def _mc_blk_grad_sums(dy, x, r0, r1, mu, a, b, relu, s0, s1):
+def _mc_blk_grad_sums(dy, x, r0, r1, coef, relu, s0, s1):
+    z = x.dtype.type(0)
+    hi, lo, a, b = coef[0], coef[1], coef[2], coef[3]
     for i in range(r0, r1):
         row = x[i]
         grow = dy[i]
         for c in range(row.size):
-            d = row[c] - mu[c]
-            g = grow[c] * 1.0
-            if relu and not (d * a[c] + b[c] > 0.0):
-                g = 0.0
+            d = _center(row[c], hi[c], lo[c])
+            g = grow[c]
+            if relu and not (d * a[c] + b[c] > z):
+                g = z
             s0[c] += g
             s1[c] += g * d
 
 
 @njit(**_OPTS)
-def _ncl_blk_grad_apply(dy, x, n0, n1, c0, c1, l0, l1, mean, a, b, relu, A, B, D, dx):
+def _ncl_blk_grad_apply(dy, x, n0, n1, c0, c1, l0, l1, coef, relu, gcoef, dx):
+    z = x.dtype.type(0)
     for n in range(n0, n1):
         for c in range(c0, c1):
             row = x[n, c, l0:l1]
             grow = dy[n, c, l0:l1]
             out = dx[n, c, l0:l1]
-            mc = mean[c]
-            ac = a[c]
-            bc = b[c]
-            Ac = A[c]
-            Bc = B[c]
-            Dc = D[c]
+            hi = coef[0, c]
+            lo = coef[1, c]
+            ac = coef[2, c]
+            bc = coef[3, c]
+            A = gcoef[0, c]
+            B = gcoef[1, c]
+            D = gcoef[2, c]
             for j in range(row.size):
-                d = row[j] - mc
-                g = grow[j] * 1.0
-                if relu and not (d * ac + bc > 0.0):
-                    g = 0.0
-                out[j] = Ac * g + Bc * d + Dc
+                d = _center(row[j], hi, lo)
+                g = grow[j]
+                if relu and not (d * ac + bc > z):
+                    g = z
+                out[j] = A * g + B * d + D
 
 
 @njit(**_OPTS)
-def _mc_blk_grad_apply(dy, x, r0, r1, mean, a, b, relu, A, B, D, dx):
+def _mc_blk_grad_apply(dy, x, r0, r1, coef, relu, gcoef, dx):
+    z = x.dtype.type(0)
+    hi, lo, a, b = coef[0], coef[1], coef[2], coef[3]
+    A, B, D = gcoef[0], gcoef[1], gcoef[2]
     for i in range(r0, r1):
         row = x[i]
         grow = dy[i]
         out = dx[i]
         for c in range(row.size):
-            d = row[c] - mean[c]
-            g = grow[c] * 1.0
-            if relu and not (d * a[c] + b[c] > 0.0):
-                g = 0.0
+            d = _center(row[c], hi[c], lo[c])
+            g = grow[c]
+            if relu and not (d * a[c] + b[c] > z):
+                g = z
             out[c] = A[c] * g + B[c] * d + D[c]
 
 
@@ -333,32 +361,40 @@ def _eval_stats(running_mean, running_var, eps):
 
 
 @njit(**_OPTS)
-def _affine(invstd, gamma, beta):
-    """Per-channel (a, b) with y = a*(x - mean) + b; empty gamma/beta mean 1 and 0."""
-    a = invstd.copy()
-    if gamma.size > 0:
-        a *= gamma
-    b = np.zeros(invstd.size)
-    if beta.size > 0:
-        b += beta
-    return a, b
+def _affine(x, mean, invstd, gamma, beta):
+    """(4, C) coefficients in x's dtype: hi, lo (mean = hi + lo), a = gamma*invstd
+    and b = beta, for y = ((x - hi) - lo)*a + b. Empty gamma/beta mean 1 and 0.
+
+    Element-wise passes then run in x's own dtype (twice the SIMD width of float64
+    for float32), and the split mean keeps them within a few float32 ulps of the
+    float64 reference even when |mean| >> std.
+    """
+    t = x.dtype.type
+    coef = np.empty((4, mean.size), x.dtype)
+    for c in range(mean.size):
+        hi = t(mean[c])
+        coef[0, c] = hi
+        coef[1, c] = t(mean[c] - hi)
+        coef[2, c] = t(invstd[c] * gamma[c]) if gamma.size > 0 else t(invstd[c])
+        coef[3, c] = beta[c] if beta.size > 0 else t(0)
+    return coef
 
 
 @njit(parallel=True, **_OPTS)
-def _ncl_apply(x, mean, a, b, relu, chunk, y):
+def _ncl_apply(x, coef, relu, chunk, y):
     N, C, L = x.shape
     R, G, W, P, KN, KC = _ncl_grid(N, C, L, chunk)
     for t in prange(KN * KC):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, N, C, L, R, G, W, P, KC)
-        _ncl_blk_apply(x, n0, n1, c0, c1, l0, l1, mean, a, b, relu, y)
+        _ncl_blk_apply(x, n0, n1, c0, c1, l0, l1, coef, relu, y)
 
 
 @njit(parallel=True, **_OPTS)
-def _mc_apply(x, mean, a, b, relu, chunk, y):
+def _mc_apply(x, coef, relu, chunk, y):
     M, C = x.shape
     R, K = _mc_grid(M, C, chunk)
     for k in prange(K):
-        _mc_blk_apply(x, k * R, min(k * R + R, M), mean, a, b, relu, y)
+        _mc_blk_apply(x, k * R, min(k * R + R, M), coef, relu, y)
 
 
 @njit(**_OPTS)
@@ -393,8 +429,7 @@ def forward_ncl(x, gamma, beta, running_mean, running_var, momentum, eps,
     if training and stats.size == 0:
         stats, count = _pack(*moments_ncl(x, chunk)), N * L
     mean, invstd = _forward_stats(stats, count, running_mean, running_var, momentum, eps, training)
-    a, b = _affine(invstd, gamma, beta)
-    _ncl_apply(x, mean, a, b, relu, chunk, y)
+    _ncl_apply(x, _affine(x, mean, invstd, gamma, beta), relu, chunk, y)
     return mean, invstd
 
 
@@ -406,8 +441,7 @@ def forward_mc(x, gamma, beta, running_mean, running_var, momentum, eps,
     if training and stats.size == 0:
         stats, count = _pack(*moments_mc(x, chunk)), M
     mean, invstd = _forward_stats(stats, count, running_mean, running_var, momentum, eps, training)
-    a, b = _affine(invstd, gamma, beta)
-    _mc_apply(x, mean, a, b, relu, chunk, y)
+    _mc_apply(x, _affine(x, mean, invstd, gamma, beta), relu, chunk, y)
     return mean, invstd
 
 
@@ -415,7 +449,7 @@ def forward_mc(x, gamma, beta, running_mean, running_var, momentum, eps,
 
 
 @njit(parallel=True, **_OPTS)
-def _ncl_grad_partials(dy, x, mean, a, b, relu, chunk):
+def _ncl_grad_partials(dy, x, coef, relu, chunk):
     """Per-block sums of g and g*(x - mean), shape (K, C)."""
     N, C, L = x.shape
     R, G, W, P, KN, KC = _ncl_grid(N, C, L, chunk)
@@ -423,19 +457,19 @@ def _ncl_grad_partials(dy, x, mean, a, b, relu, chunk):
     sgx = np.zeros((KN, C))
     for t in prange(KN * KC):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, N, C, L, R, G, W, P, KC)
-        _ncl_blk_grad_sums(dy, x, n0, n1, c0, c1, l0, l1, mean, a, b, relu, sg[kn], sgx[kn])
+        _ncl_blk_grad_sums(dy, x, n0, n1, c0, c1, l0, l1, coef, relu, sg[kn], sgx[kn])
     return sg, sgx
 
 
 @njit(parallel=True, **_OPTS)
-def _mc_grad_partials(dy, x, mean, a, b, relu, chunk):
+def _mc_grad_partials(dy, x, coef, relu, chunk):
     """Per-block sums of g and g*(x - mean), shape (K, C)."""
     M, C = x.shape
     R, K = _mc_grid(M, C, chunk)
     sg = np.zeros((K, C))
     sgx = np.zeros((K, C))
     for k in prange(K):
-        _mc_blk_grad_sums(dy, x, k * R, min(k * R + R, M), mean, a, b, relu, sg[k], sgx[k])
+        _mc_blk_grad_sums(dy, x, k * R, min(k * R + R, M), coef, relu, sg[k], sgx[k])
     return sg, sgx
 
 
@@ -452,57 +486,54 @@ def _sum_blocks(sg, sgx):
 
 
 @njit(**_OPTS)
-def _grad_coeffs(sums, m, invstd, gamma, training):
-    """dgamma, dbeta and the coefficients of dx = A*g + B*(x - mean) + D.
+def _grad_coeffs(x, sums, m, invstd, gamma, training):
+    """dgamma, dbeta (float64) and the (3, C) coefficients, in x's dtype, of
+    dx = A*g + B*(x - mean) + D.
 
     Training: A = gamma*invstd, B = -A*invstd*dgamma/m, D = -A*dbeta/m, which is
     gamma*invstd/m * (m*g - dbeta - xhat*dgamma). Eval: B = D = 0.
     """
-    C = invstd.size
     dbeta = sums[0].copy()
     dgamma = sums[1] * invstd
     A = invstd.copy()
     if gamma.size > 0:
         A *= gamma
+    gcoef = np.zeros((3, invstd.size), x.dtype)
+    gcoef[0] = A
     if training:
-        B = -A * invstd * dgamma / m
-        D = -A * dbeta / m
-    else:
-        B = np.zeros(C)
-        D = np.zeros(C)
-    return dgamma, dbeta, A, B, D
+        gcoef[1] = -A * invstd * dgamma / m
+        gcoef[2] = -A * dbeta / m
+    return dgamma, dbeta, gcoef
 
 
 @njit(parallel=True, **_OPTS)
-def _ncl_grad_apply(dy, x, mean, a, b, A, B, D, relu, chunk, dx):
+def _ncl_grad_apply(dy, x, coef, gcoef, relu, chunk, dx):
     N, C, L = x.shape
     R, G, W, P, KN, KC = _ncl_grid(N, C, L, chunk)
     for t in prange(KN * KC):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, N, C, L, R, G, W, P, KC)
-        _ncl_blk_grad_apply(dy, x, n0, n1, c0, c1, l0, l1, mean, a, b, relu, A, B, D, dx)
+        _ncl_blk_grad_apply(dy, x, n0, n1, c0, c1, l0, l1, coef, relu, gcoef, dx)
 
 
 @njit(parallel=True, **_OPTS)
-def _mc_grad_apply(dy, x, mean, a, b, A, B, D, relu, chunk, dx):
+def _mc_grad_apply(dy, x, coef, gcoef, relu, chunk, dx):
     M, C = x.shape
     R, K = _mc_grid(M, C, chunk)
     for k in prange(K):
-        _mc_blk_grad_apply(dy, x, k * R, min(k * R + R, M), mean, a, b, relu, A, B, D, dx)
+        _mc_blk_grad_apply(dy, x, k * R, min(k * R + R, M), coef, relu, gcoef, dx)
 
 
 @njit(**_OPTS)
 def grad_sums_ncl(dy, x, mean, invstd, gamma, beta, relu, chunk):
     """Backward reduction pass over (N, C, L) arrays: (2, C) float64 sums
     [sum g, sum g*(x - mean)] (g masked by the forward's ReLU). 2S of traffic."""
-    a, b = _affine(invstd, gamma, beta)
-    return _sum_blocks(*_ncl_grad_partials(dy, x, mean, a, b, relu, chunk))
+    return _sum_blocks(*_ncl_grad_partials(dy, x, _affine(x, mean, invstd, gamma, beta), relu, chunk))
 
 
 @njit(**_OPTS)
 def grad_sums_mc(dy, x, mean, invstd, gamma, beta, relu, chunk):
     """Backward reduction pass over (M, C) arrays; see :func:`grad_sums_ncl`."""
-    a, b = _affine(invstd, gamma, beta)
-    return _sum_blocks(*_mc_grad_partials(dy, x, mean, a, b, relu, chunk))
+    return _sum_blocks(*_mc_grad_partials(dy, x, _affine(x, mean, invstd, gamma, beta), relu, chunk))
 
 
 @njit(**_OPTS)
@@ -512,16 +543,14 @@ def grad_apply_ncl(dy, x, mean, invstd, gamma, beta, training, relu, chunk, sums
     ``sums`` come from :func:`grad_sums_ncl` (possibly all-reduced over ranks, then
     ``m`` is the global count). 3S of traffic; with the reduction, 5S.
     """
-    a, b = _affine(invstd, gamma, beta)
-    dgamma, dbeta, A, B, D = _grad_coeffs(sums, m, invstd, gamma, training)
-    _ncl_grad_apply(dy, x, mean, a, b, A, B, D, relu, chunk, dx)
+    dgamma, dbeta, gcoef = _grad_coeffs(x, sums, m, invstd, gamma, training)
+    _ncl_grad_apply(dy, x, _affine(x, mean, invstd, gamma, beta), gcoef, relu, chunk, dx)
     return dgamma, dbeta
 
 
 @njit(**_OPTS)
 def grad_apply_mc(dy, x, mean, invstd, gamma, beta, training, relu, chunk, sums, m, dx):
     """Backward apply pass over (M, C) arrays; see :func:`grad_apply_ncl`."""
-    a, b = _affine(invstd, gamma, beta)
-    dgamma, dbeta, A, B, D = _grad_coeffs(sums, m, invstd, gamma, training)
-    _mc_grad_apply(dy, x, mean, a, b, A, B, D, relu, chunk, dx)
+    dgamma, dbeta, gcoef = _grad_coeffs(x, sums, m, invstd, gamma, training)
+    _mc_grad_apply(dy, x, _affine(x, mean, invstd, gamma, beta), gcoef, relu, chunk, dx)
     return dgamma, dbeta
