@@ -12,21 +12,30 @@ from numba.np.ufunc import parallel as _parallel
 
 from . import config
 
-# Numba's public get/set_num_threads re-check their argument and the pool on every
-# call (~1.5 us each); the unchecked setters below cost ~0.3 us. They exist in every
-# Numba release this package supports (pinned to 0.68); fall back to the public ones.
-_get = getattr(_parallel, "_get_num_threads", numba.get_num_threads)
-_set = getattr(_parallel, "_set_num_threads", numba.set_num_threads)
+_raw = None
+
+
+def _raw_get_set():
+    """Numba's unchecked thread-count getter and setter (~0.3 us a call, against
+    ~1.5 us for the public ones, which re-check the pool and argument every time).
+    They are bound when the pool starts, so start it first; the public functions
+    stand in should a Numba release rename them."""
+    numba.get_num_threads()
+    return (getattr(_parallel, "_get_num_threads", None) or numba.get_num_threads,
+            getattr(_parallel, "_set_num_threads", None) or numba.set_num_threads)
 
 
 def run(kernel, size, *args):
     """``kernel(*args)``, on one thread when ``size`` <= config.SERIAL_MAX elements."""
     if size > config.SERIAL_MAX:
         return kernel(*args)
-    numba.get_num_threads()          # makes sure the pool exists before the raw setter
-    prev = _get()
-    _set(1)
+    global _raw
+    if _raw is None:
+        _raw = _raw_get_set()
+    get, set_ = _raw
+    prev = get()
+    set_(1)
     try:
         return kernel(*args)
     finally:
-        _set(prev)
+        set_(prev)
