@@ -10,7 +10,7 @@ Attributes are imported lazily (PEP 562) so that ``import numbabn`` -- and the C
 ``--help`` -- stay fast and never import Numba or touch the CUDA driver until a
 kernel is actually needed.
 """
-from importlib import import_module
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -24,17 +24,4 @@ _LAZY = {
     "merge_moments": "numbabn.stats",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
-
-
-def __getattr__(name):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'numbabn' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(globals(), _LAZY, ["__version__"])

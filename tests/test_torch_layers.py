@@ -88,6 +88,18 @@ def test_batch_norm_matches_torch_over_training_steps(rng, cls, kwargs, shape, p
             np.testing.assert_allclose(sd[k], tsd[k].numpy(), **TOL[dtype], err_msg=k)
 
 
+def _compare_float64(ours, theirs, x, rng):
+    """Output, input gradient and weight/bias gradients of a float64 layer vs torch."""
+    xt = t(x)
+    yt = theirs(xt)
+    dy = rng.standard_normal(tuple(yt.shape))
+    yt.backward(torch.tensor(dy))
+    close(ours.forward(x), yt, np.float64, f"{ours!r} output")
+    close(ours.backward(dy), xt.grad, np.float64, f"{ours!r} input gradient")
+    close(ours.weight.grad, theirs.weight.grad, np.float64, f"{ours!r} weight gradient")
+    close(ours.bias.grad, theirs.bias.grad, np.float64, f"{ours!r} bias gradient")
+
+
 def test_linear_and_conv2d_match_torch(rng):
     lin = Linear(5, 3, rng=rng, dtype=np.float64)
     tlin = torch.nn.Linear(5, 3, dtype=torch.float64)
@@ -96,14 +108,7 @@ def test_linear_and_conv2d_match_torch(rng):
     for ours, theirs, shape in [(lin, tlin, (4, 5)), (conv, tconv, (2, 2, 7, 6))]:
         ours.load_state_dict({k: v.numpy().copy() for k, v in theirs.state_dict().items()})
         x = rng.standard_normal(shape)
-        xt = t(x)
-        yt = theirs(xt)
-        dy = rng.standard_normal(tuple(yt.shape))
-        yt.backward(torch.tensor(dy))
-        close(ours.forward(x), yt, np.float64, f"{ours!r} output")
-        close(ours.backward(dy), xt.grad, np.float64, f"{ours!r} input gradient")
-        close(ours.weight.grad, theirs.weight.grad, np.float64, f"{ours!r} weight gradient")
-        close(ours.bias.grad, theirs.bias.grad, np.float64, f"{ours!r} bias gradient")
+        _compare_float64(ours, theirs, x, rng)
 
 
 def test_layer_norm_and_group_norm_match_torch(rng):
@@ -115,14 +120,7 @@ def test_layer_norm_and_group_norm_match_torch(rng):
             theirs.bias.normal_()
         ours.load_state_dict({k: v.numpy().copy() for k, v in theirs.state_dict().items()})
         x = rng.standard_normal(shape) * 3 + 1
-        xt = t(x)
-        yt = theirs(xt)
-        dy = rng.standard_normal(shape)
-        yt.backward(torch.tensor(dy))
-        close(ours.forward(x), yt, np.float64, f"{ours!r} output")
-        close(ours.backward(dy), xt.grad, np.float64, f"{ours!r} input gradient")
-        close(ours.weight.grad, theirs.weight.grad, np.float64, f"{ours!r} weight gradient")
-        close(ours.bias.grad, theirs.bias.grad, np.float64, f"{ours!r} bias gradient")
+        _compare_float64(ours, theirs, x, rng)
 
 
 def test_losses_match_torch(rng):

@@ -14,7 +14,7 @@ mpi4py and dask are optional (extras ``numbabn[mpi]`` and ``numbabn[dask]``) and
 imported only when used. Names are loaded lazily (PEP 562), so importing
 ``numbabn.distributed.dask`` does not import the layers.
 """
-from importlib import import_module
+from numbabn._lazy import lazy_exports
 
 _LAZY = {
     "SyncBatchNorm1d": "numbabn.distributed.sync_batchnorm",
@@ -24,17 +24,4 @@ _LAZY = {
     "allreduce_gradients": "numbabn.distributed.data_parallel",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'numbabn.distributed' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(globals(), _LAZY)
