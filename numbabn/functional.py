@@ -214,23 +214,25 @@ def batch_norm_backward(dy, ctx, *, out=None, allreduce=None):
         if np.may_share_memory(out, ctx.x) or np.may_share_memory(out, dy):
             raise ValueError(f"{fn}: out must not overlap dy or the forward input")
     dx = out if out is not None and ctx.dtype == dt else np.empty(ctx.shape, dt)
-    ncl = ctx.layout == "ncl"
-    args = (cdy.array, ctx.x, ctx.mean, ctx.invstd, ctx.gamma, ctx.beta)
-    size = ctx.x.size
-    sums = _threads.run(cpu.grad_sums_ncl if ncl else cpu.grad_sums_mc, size, *args, ctx.relu, config.CHUNK)
-    if allreduce is not None:
-        sums = V.check_sums(fn, allreduce(sums), sums.shape)
-    dgamma, dbeta = _threads.run(cpu.grad_apply_ncl if ncl else cpu.grad_apply_mc, size, *args, ctx.training,
-                                 ctx.relu, config.CHUNK, sums, ctx.count, dx.reshape(ctx.x.shape))
+    dgamma, dbeta = _threads.run(_backward_cpu, ctx.x.size, fn, cdy.array, ctx, allreduce, dx.reshape(ctx.x.shape))
     if ctx.dtype != dt:
         if out is None:
             dx = dx.astype(ctx.dtype)
         else:
             out[...] = dx
             dx = out
-    return (dx,
-            dgamma.astype(dt) if ctx.has_gamma else None,
-            dbeta.astype(dt) if ctx.has_beta else None)
+    return dx, dgamma if ctx.has_gamma else None, dbeta if ctx.has_beta else None
+
+
+def _backward_cpu(fn, dy, ctx, allreduce, dx):
+    """Reduction pass, optional all-reduce of its (2, C) sums, apply pass."""
+    ncl = ctx.layout == "ncl"
+    args = (dy, ctx.x, ctx.mean, ctx.invstd, ctx.gamma, ctx.beta)
+    sums = (cpu.grad_sums_ncl if ncl else cpu.grad_sums_mc)(*args, ctx.relu, config.CHUNK)
+    if allreduce is not None:
+        sums = V.check_sums(fn, allreduce(sums), sums.shape)
+    return (cpu.grad_apply_ncl if ncl else cpu.grad_apply_mc)(*args, ctx.training, ctx.relu, config.CHUNK,
+                                                              sums, ctx.count, dx)
 
 
 def moments(x, axis=1, *, backend=None):

@@ -75,8 +75,10 @@ def _ncl_grid(N, C, L, chunk):
 
 
 @njit(inline="always")
-def _ncl_block(t, N, C, L, R, G, W, P, KC):
-    """Block t (row-block-major) -> (kn, n0, n1, c0, c1, l0, l1)."""
+def _ncl_block(t, shape, grid):
+    """Block t (row-block-major) of the grid -> (kn, n0, n1, c0, c1, l0, l1)."""
+    N, C, L = shape
+    R, G, W, P, KN, KC = grid
     kn = t // KC
     kc = t - kn * KC
     nb = kn // P
@@ -137,7 +139,8 @@ def _center(xv, hi, lo):
 
 
 @njit(**_OPTS)
-def _ncl_blk_apply(x, n0, n1, c0, c1, l0, l1, coef, relu, y):
+def _ncl_blk_apply(x, t, grid, coef, relu, y):
+    kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
     z = x.dtype.type(0)
     for n in range(n0, n1):
         for c in range(c0, c1):
@@ -155,10 +158,10 @@ def _ncl_blk_apply(x, n0, n1, c0, c1, l0, l1, coef, relu, y):
 
 
 @njit(**_OPTS)
-def _mc_blk_apply(x, r0, r1, coef, relu, y):
+def _mc_blk_apply(x, k, R, coef, relu, y):
     z = x.dtype.type(0)
     hi, lo, a, b = coef[0], coef[1], coef[2], coef[3]
-    for i in range(r0, r1):
+    for i in range(k * R, min(k * R + R, x.shape[0])):
         row = x[i]
         out = y[i]
         for c in range(row.size):
@@ -169,9 +172,12 @@ def _mc_blk_apply(x, r0, r1, coef, relu, y):
 
 
 @njit(fastmath=_REDUCE, **_OPTS)
-def _ncl_blk_grad_sums(dy, x, n0, n1, c0, c1, l0, l1, coef, relu, s0, s1):
-    """Per channel of the block: s0 += sum g, s1 += sum g*(x - mean) in float64,
-    g masked by the forward's ReLU (recomputed exactly as the forward did)."""
+def _ncl_blk_grad_sums(dy, x, t, grid, coef, relu, sg, sgx):
+    """Per channel of block t: sg[kn, c] += sum g, sgx[kn, c] += sum g*(x - mean) in
+    float64, g masked by the forward's ReLU (recomputed exactly as the forward did)."""
+    kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
+    s0 = sg[kn]
+    s1 = sgx[kn]
     z = x.dtype.type(0)
     for n in range(n0, n1):
         for c in range(c0, c1):
@@ -195,10 +201,12 @@ def _ncl_blk_grad_sums(dy, x, n0, n1, c0, c1, l0, l1, coef, relu, s0, s1):
 
 
 @njit(**_OPTS)
-def _mc_blk_grad_sums(dy, x, r0, r1, coef, relu, s0, s1):
+def _mc_blk_grad_sums(dy, x, k, R, coef, relu, sg, sgx):
+    s0 = sg[k]
+    s1 = sgx[k]
     z = x.dtype.type(0)
     hi, lo, a, b = coef[0], coef[1], coef[2], coef[3]
-    for i in range(r0, r1):
+    for i in range(k * R, min(k * R + R, x.shape[0])):
         row = x[i]
         grow = dy[i]
         for c in range(row.size):
@@ -211,7 +219,8 @@ def _mc_blk_grad_sums(dy, x, r0, r1, coef, relu, s0, s1):
 
 
 @njit(**_OPTS)
-def _ncl_blk_grad_apply(dy, x, n0, n1, c0, c1, l0, l1, coef, relu, gcoef, dx):
+def _ncl_blk_grad_apply(dy, x, t, grid, coef, relu, gcoef, dx):
+    kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
     z = x.dtype.type(0)
     for n in range(n0, n1):
         for c in range(c0, c1):
@@ -234,11 +243,11 @@ def _ncl_blk_grad_apply(dy, x, n0, n1, c0, c1, l0, l1, coef, relu, gcoef, dx):
 
 
 @njit(**_OPTS)
-def _mc_blk_grad_apply(dy, x, r0, r1, coef, relu, gcoef, dx):
+def _mc_blk_grad_apply(dy, x, k, R, coef, relu, gcoef, dx):
     z = x.dtype.type(0)
     hi, lo, a, b = coef[0], coef[1], coef[2], coef[3]
     A, B, D = gcoef[0], gcoef[1], gcoef[2]
-    for i in range(r0, r1):
+    for i in range(k * R, min(k * R + R, x.shape[0])):
         row = x[i]
         grow = dy[i]
         out = dx[i]
@@ -253,26 +262,52 @@ def _mc_blk_grad_apply(dy, x, r0, r1, coef, relu, gcoef, dx):
 # ---------------------------------------------------------------- statistics
 
 
+@njit(**_OPTS)
+def _ncl_blk_moments(x, t, grid, cnt, pmean, pm2):
+    """Block t's count, and per channel its mean and M2 (shifted single pass)."""
+    kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
+    n = float((n1 - n0) * (l1 - l0))
+    shift = x[n0, :, l0].astype(np.float64)
+    s = pmean[kn]
+    q = pm2[kn]
+    _ncl_blk_sums(x, n0, n1, c0, c1, l0, l1, shift, s, q)
+    for c in range(c0, c1):
+        q[c] = max(q[c] - s[c] * s[c] / n, 0.0)
+        s[c] = shift[c] + s[c] / n
+    cnt[kn] = n
+
+
 @njit(parallel=True, **_OPTS)
 def _ncl_partials(x, chunk):
-    """Per-block (count, mean, M2); arrays of shape (K,) and (K, C)."""
+    """Per-block (count, mean, M2); arrays of shape (KN,) and (KN, C)."""
     N, C, L = x.shape
-    R, G, W, P, KN, KC = _ncl_grid(N, C, L, chunk)
-    cnt = np.empty(KN)
-    pmean = np.zeros((KN, C))
-    pm2 = np.zeros((KN, C))
-    for t in prange(KN * KC):
-        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, N, C, L, R, G, W, P, KC)
-        n = float((n1 - n0) * (l1 - l0))
-        shift = x[n0, :, l0].astype(np.float64)
-        s = pmean[kn]
-        q = pm2[kn]
-        _ncl_blk_sums(x, n0, n1, c0, c1, l0, l1, shift, s, q)
-        for c in range(c0, c1):
-            q[c] = max(q[c] - s[c] * s[c] / n, 0.0)
-            s[c] = shift[c] + s[c] / n
-        cnt[kn] = n
+    grid = _ncl_grid(N, C, L, chunk)
+    T = grid[4] * grid[5]
+    cnt = np.empty(grid[4])
+    pmean = np.zeros((grid[4], C))
+    pm2 = np.zeros((grid[4], C))
+    if T == 1:    # one block: skip the parallel launch (~1 us, most of a tiny call)
+        _ncl_blk_moments(x, 0, grid, cnt, pmean, pm2)
+    else:
+        for t in prange(T):
+            _ncl_blk_moments(x, t, grid, cnt, pmean, pm2)
     return cnt, pmean, pm2
+
+
+@njit(**_OPTS)
+def _mc_blk_moments(x, k, R, cnt, pmean, pm2):
+    """Block k's count, and per channel its mean and M2 (shifted single pass)."""
+    r0 = k * R
+    r1 = min(r0 + R, x.shape[0])
+    n = float(r1 - r0)
+    shift = x[r0].astype(np.float64)
+    s = pmean[k]
+    q = pm2[k]
+    _mc_blk_sums(x, r0, r1, shift, s, q)
+    for c in range(x.shape[1]):
+        q[c] = max(q[c] - s[c] * s[c] / n, 0.0)
+        s[c] = shift[c] + s[c] / n
+    cnt[k] = n
 
 
 @njit(parallel=True, **_OPTS)
@@ -283,18 +318,11 @@ def _mc_partials(x, chunk):
     cnt = np.empty(K)
     pmean = np.zeros((K, C))
     pm2 = np.zeros((K, C))
-    for k in prange(K):
-        r0 = k * R
-        r1 = min(r0 + R, M)
-        n = float(r1 - r0)
-        shift = x[r0].astype(np.float64)
-        s = pmean[k]
-        q = pm2[k]
-        _mc_blk_sums(x, r0, r1, shift, s, q)
-        for c in range(C):
-            q[c] = max(q[c] - s[c] * s[c] / n, 0.0)
-            s[c] = shift[c] + s[c] / n
-        cnt[k] = n
+    if K == 1:
+        _mc_blk_moments(x, 0, R, cnt, pmean, pm2)
+    else:
+        for k in prange(K):
+            _mc_blk_moments(x, k, R, cnt, pmean, pm2)
     return cnt, pmean, pm2
 
 
@@ -383,18 +411,24 @@ def _affine(x, mean, invstd, gamma, beta):
 @njit(parallel=True, **_OPTS)
 def _ncl_apply(x, coef, relu, chunk, y):
     N, C, L = x.shape
-    R, G, W, P, KN, KC = _ncl_grid(N, C, L, chunk)
-    for t in prange(KN * KC):
-        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, N, C, L, R, G, W, P, KC)
-        _ncl_blk_apply(x, n0, n1, c0, c1, l0, l1, coef, relu, y)
+    grid = _ncl_grid(N, C, L, chunk)
+    T = grid[4] * grid[5]
+    if T == 1:
+        _ncl_blk_apply(x, 0, grid, coef, relu, y)
+    else:
+        for t in prange(T):
+            _ncl_blk_apply(x, t, grid, coef, relu, y)
 
 
 @njit(parallel=True, **_OPTS)
 def _mc_apply(x, coef, relu, chunk, y):
     M, C = x.shape
     R, K = _mc_grid(M, C, chunk)
-    for k in prange(K):
-        _mc_blk_apply(x, k * R, min(k * R + R, M), coef, relu, y)
+    if K == 1:
+        _mc_blk_apply(x, 0, R, coef, relu, y)
+    else:
+        for k in prange(K):
+            _mc_blk_apply(x, k, R, coef, relu, y)
 
 
 @njit(**_OPTS)
@@ -450,14 +484,17 @@ def forward_mc(x, gamma, beta, running_mean, running_var, momentum, eps,
 
 @njit(parallel=True, **_OPTS)
 def _ncl_grad_partials(dy, x, coef, relu, chunk):
-    """Per-block sums of g and g*(x - mean), shape (K, C)."""
+    """Per-block sums of g and g*(x - mean), shape (KN, C)."""
     N, C, L = x.shape
-    R, G, W, P, KN, KC = _ncl_grid(N, C, L, chunk)
-    sg = np.zeros((KN, C))
-    sgx = np.zeros((KN, C))
-    for t in prange(KN * KC):
-        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, N, C, L, R, G, W, P, KC)
-        _ncl_blk_grad_sums(dy, x, n0, n1, c0, c1, l0, l1, coef, relu, sg[kn], sgx[kn])
+    grid = _ncl_grid(N, C, L, chunk)
+    T = grid[4] * grid[5]
+    sg = np.zeros((grid[4], C))
+    sgx = np.zeros((grid[4], C))
+    if T == 1:
+        _ncl_blk_grad_sums(dy, x, 0, grid, coef, relu, sg, sgx)
+    else:
+        for t in prange(T):
+            _ncl_blk_grad_sums(dy, x, t, grid, coef, relu, sg, sgx)
     return sg, sgx
 
 
@@ -468,8 +505,11 @@ def _mc_grad_partials(dy, x, coef, relu, chunk):
     R, K = _mc_grid(M, C, chunk)
     sg = np.zeros((K, C))
     sgx = np.zeros((K, C))
-    for k in prange(K):
-        _mc_blk_grad_sums(dy, x, k * R, min(k * R + R, M), coef, relu, sg[k], sgx[k])
+    if K == 1:
+        _mc_blk_grad_sums(dy, x, 0, R, coef, relu, sg, sgx)
+    else:
+        for k in prange(K):
+            _mc_blk_grad_sums(dy, x, k, R, coef, relu, sg, sgx)
     return sg, sgx
 
 
@@ -509,18 +549,24 @@ def _grad_coeffs(x, sums, m, invstd, gamma, training):
 @njit(parallel=True, **_OPTS)
 def _ncl_grad_apply(dy, x, coef, gcoef, relu, chunk, dx):
     N, C, L = x.shape
-    R, G, W, P, KN, KC = _ncl_grid(N, C, L, chunk)
-    for t in prange(KN * KC):
-        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, N, C, L, R, G, W, P, KC)
-        _ncl_blk_grad_apply(dy, x, n0, n1, c0, c1, l0, l1, coef, relu, gcoef, dx)
+    grid = _ncl_grid(N, C, L, chunk)
+    T = grid[4] * grid[5]
+    if T == 1:
+        _ncl_blk_grad_apply(dy, x, 0, grid, coef, relu, gcoef, dx)
+    else:
+        for t in prange(T):
+            _ncl_blk_grad_apply(dy, x, t, grid, coef, relu, gcoef, dx)
 
 
 @njit(parallel=True, **_OPTS)
 def _mc_grad_apply(dy, x, coef, gcoef, relu, chunk, dx):
     M, C = x.shape
     R, K = _mc_grid(M, C, chunk)
-    for k in prange(K):
-        _mc_blk_grad_apply(dy, x, k * R, min(k * R + R, M), coef, relu, gcoef, dx)
+    if K == 1:
+        _mc_blk_grad_apply(dy, x, 0, R, coef, relu, gcoef, dx)
+    else:
+        for k in prange(K):
+            _mc_blk_grad_apply(dy, x, k, R, coef, relu, gcoef, dx)
 
 
 @njit(**_OPTS)
@@ -538,14 +584,15 @@ def grad_sums_mc(dy, x, mean, invstd, gamma, beta, relu, chunk):
 
 @njit(**_OPTS)
 def grad_apply_ncl(dy, x, mean, invstd, gamma, beta, training, relu, chunk, sums, m, dx):
-    """Backward apply pass over (N, C, L) arrays into ``dx``; returns (dgamma, dbeta).
+    """Backward apply pass over (N, C, L) arrays into ``dx``; returns (dgamma, dbeta)
+    in x's dtype.
 
     ``sums`` come from :func:`grad_sums_ncl` (possibly all-reduced over ranks, then
     ``m`` is the global count). 3S of traffic; with the reduction, 5S.
     """
     dgamma, dbeta, gcoef = _grad_coeffs(x, sums, m, invstd, gamma, training)
     _ncl_grad_apply(dy, x, _affine(x, mean, invstd, gamma, beta), gcoef, relu, chunk, dx)
-    return dgamma, dbeta
+    return dgamma.astype(x.dtype), dbeta.astype(x.dtype)
 
 
 @njit(**_OPTS)
@@ -553,4 +600,4 @@ def grad_apply_mc(dy, x, mean, invstd, gamma, beta, training, relu, chunk, sums,
     """Backward apply pass over (M, C) arrays; see :func:`grad_apply_ncl`."""
     dgamma, dbeta, gcoef = _grad_coeffs(x, sums, m, invstd, gamma, training)
     _mc_grad_apply(dy, x, _affine(x, mean, invstd, gamma, beta), gcoef, relu, chunk, dx)
-    return dgamma, dbeta
+    return dgamma.astype(x.dtype), dbeta.astype(x.dtype)
