@@ -150,15 +150,29 @@ def check_forward_params(fn, cx, gamma, beta, running_mean, running_var, num_bat
     """The per-channel arguments of a forward pass, checked against the input ``cx``
     with ``check`` (:func:`check_param`, or :func:`check_device_param` on the GPU).
     Running statistics are updated in place only in training mode; in eval mode
-    they are only read, so read-only ones are fine there.
+    they are only read, so read-only ones are fine there, and float64 ones are
+    accepted for float32 input too.
     Returns (gamma, beta, running_mean, running_var, num_batches_tracked)."""
     check = check or check_param
     dt = compute_dtype(cx.dtype)
     return (check(fn, "gamma", gamma, cx.channels, dt),
             check(fn, "beta", beta, cx.channels, dt),
-            check(fn, "running_mean", running_mean, cx.channels, dt, inplace=training),
-            check(fn, "running_var", running_var, cx.channels, dt, inplace=training),
+            *(check(fn, name, value, cx.channels, _stats_dtype(value, dt, training), inplace=training)
+              for name, value in (("running_mean", running_mean), ("running_var", running_var))),
             check_counter(fn, num_batches_tracked))
+
+
+_FLOAT64 = np.dtype(np.float64)
+
+
+def _stats_dtype(value, dt, training):
+    """The dtype running statistics must have: the compute dtype, except that eval mode
+    (where they are only read, and the kernels turn them into float64 coefficients)
+    also takes float64 statistics for float32 input -- e.g. a float64 ``mean_`` with
+    ``|mean| >> std``, which rounding to float32 first would spoil."""
+    if not training and getattr(value, "dtype", None) == _FLOAT64:
+        return _FLOAT64
+    return dt
 
 
 def check_counter(fn, value):

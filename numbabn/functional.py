@@ -71,13 +71,51 @@ class BatchNormContext:
     relu: bool
     count: int
 
+    def __repr__(self):
+        # The arrays (the saved input above all) are left out: a repr is one short line.
+        return (f"BatchNormContext(backend={self.backend!r}, layout={self.layout!r}, shape={tuple(self.shape)}, "
+                f"axis={self.axis}, dtype={np.dtype(self.dtype).name}, channels={self.mean.shape[0]}, "
+                f"count={self.count}, training={self.training}, relu={self.relu}, "
+                f"gamma={'given' if self.has_gamma else 'None'}, beta={'given' if self.has_beta else 'None'})")
+
 
 def _choose_backend(fn, x, backend):
     if backend is None:
-        return "cuda" if V.is_device_array(x) else "cpu"
-    if backend not in _BACKENDS:
+        backend = "cuda" if V.is_device_array(x) else "cpu"
+    elif backend not in _BACKENDS:
         raise ValueError(f"{fn}: backend must be None, 'cpu' or 'cuda', got {backend!r}")
+    if backend == "cuda":
+        _check_cuda_usable(fn)
     return backend
+
+
+_cuda_usable = []
+
+
+def _check_cuda_usable(fn):
+    """numbabn's one-line error when the CUDA backend cannot run here (instead of
+    Numba's multi-line ``CudaSupportError`` from the first device allocation). The
+    CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) counts as usable."""
+    try:
+        from numba import cuda
+    except ImportError as exc:        # numba-cuda missing or broken
+        raise RuntimeError(f"{fn}: backend='cuda' needs numba-cuda, which cannot be imported "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                           "use backend='cpu'") from None
+    if _cuda_usable or cuda.config.ENABLE_CUDASIM:
+        return
+    if cuda.is_available():
+        _cuda_usable.append(True)     # a GPU does not go away: ask the driver once
+        return
+    reason = ""
+    try:
+        from numba.cuda.cudadrv.driver import driver
+        text = str(getattr(driver, "initialization_error", None) or "").strip()
+        reason = f" ({text.splitlines()[0].rstrip('.')})" if text else ""
+    except Exception:                 # the driver module moved: no reason, still one line
+        pass
+    raise RuntimeError(f"{fn}: backend='cuda' needs a CUDA GPU, and none is usable here{reason}; use "
+                       "backend='cpu', or set NUMBA_ENABLE_CUDASIM=1 to run the CUDA code on Numba's simulator") from None
 
 
 def _cuda():

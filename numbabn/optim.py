@@ -47,8 +47,7 @@ class Optimizer:
         for p in params:
             if not isinstance(p, Parameter):
                 raise TypeError(f"{fn}: params must be Parameters (layer.parameters()), got {V.describe(p)}")
-        self._index = {id(p): i for i, p in enumerate(params)}
-        if len(self._index) != len(params):
+        if len({id(p) for p in params}) != len(params):
             raise ValueError(f"{fn}: params contains the same Parameter more than once")
         self.params = params
         self.state = [{} for _ in params]
@@ -61,26 +60,59 @@ class Optimizer:
 
     def step(self, params=None):
         """Apply one update to each parameter with a gradient: all managed ones, or only
-        those in ``params`` (a subset of the managed parameters)."""
+        those in ``params`` (a subset of the managed parameters, each at most once).
+
+        All or nothing: every selected parameter, its gradient and its state are
+        checked and every update is computed before any value or state is written, so
+        a step that raises leaves the parameters and the optimizer as they were.
+        """
         fn = f"{type(self).__name__}.step"
-        if params is None:
-            indices = range(len(self.params))
-        else:
-            indices = []
-            for p in params:
-                i = self._index.get(id(p))
-                if i is None:
-                    raise ValueError(f"{fn}: {p!r} is not managed by this optimizer")
-                indices.append(i)
+        hyper = self._hyperparameters(**self.hyperparameters())   # an assigned lr=-1 is caught here
+        indices = self._select(fn, params)
+        todo = []
         for i in indices:
             p = self.params[i]
-            grad = p.grad
-            if grad is None:
+            if p.grad is None:
                 continue
-            if not isinstance(grad, np.ndarray) or grad.shape != p.value.shape or grad.dtype != p.value.dtype:
-                raise ValueError(f"{fn}: the grad of {p!r} must be an array of its value's shape "
-                                 f"{p.value.shape} and dtype {p.value.dtype}, got {V.describe(grad)}")
-            self._update(p.value, grad, self.state[i])
+            self._check_entry(fn, p, self.state[i])
+            todo.append(i)
+        updates = [self._update(hyper, self.params[i].value, self.params[i].grad, self.state[i]) for i in todo]
+        for i, (value, state) in zip(todo, updates):       # nothing below can fail
+            np.copyto(self.params[i].value, value)
+            self.state[i] = state
+
+    def _select(self, fn, params):
+        """Positions in ``self.params`` of the parameters to update.
+
+        Parameters are matched by identity against the managed list at call time (no
+        stored ``id()`` table: that goes stale after pickling or deep-copying the
+        optimizer, and a new object can reuse an old address)."""
+        if params is None:
+            return range(len(self.params))
+        position = {id(p): i for i, p in enumerate(self.params)}   # ids of live objects, valid for this call
+        indices = []
+        for p in params:
+            i = position.get(id(p))
+            if i is None or self.params[i] is not p:
+                raise ValueError(f"{fn}: {p!r} is not managed by this optimizer")
+            indices.append(i)
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"{fn}: params names the same Parameter more than once")
+        return indices
+
+    def _check_entry(self, fn, p, state):
+        value, grad = p.value, p.grad
+        if not isinstance(value, np.ndarray) or not value.flags.writeable:
+            raise ValueError(f"{fn}: the value of {p!r} must be a writeable NumPy array (it is updated in place), "
+                             f"got {'a read-only array' if isinstance(value, np.ndarray) else V.describe(value)}")
+        if not isinstance(grad, np.ndarray) or grad.shape != value.shape or grad.dtype != value.dtype:
+            raise ValueError(f"{fn}: the grad of {p!r} must be an array of its value's shape "
+                             f"{value.shape} and dtype {value.dtype}, got {V.describe(grad)}")
+        for key, arr in state.items():
+            if key != "step" and (not isinstance(arr, np.ndarray) or arr.shape != value.shape
+                                  or arr.dtype != value.dtype):
+                raise ValueError(f"{fn}: the optimizer state {key!r} of {p!r} no longer matches its value "
+                                 f"({value.shape}, {value.dtype}), got {V.describe(arr)}")
 
     # ------------------------------------------------------------ state
     def hyperparameters(self):
@@ -162,18 +194,22 @@ class SGD(Optimizer):
             raise ValueError(f"{fn}: nesterov=True needs momentum > 0")
         return out
 
-    def _update(self, value, grad, state):
-        if self.weight_decay:
-            grad = grad + self.weight_decay * value
-        if self.momentum:
+    def _update(self, hyper, value, grad, state):
+        """(new value, new state), computed without writing to ``value`` or ``state``."""
+        lr, momentum, nesterov, weight_decay = (hyper[k] for k in self.HYPERPARAMETERS)
+        if weight_decay:
+            grad = grad + weight_decay * value
+        new_state = {}
+        if momentum:
             buf = state.get("momentum_buffer")
             if buf is None:
-                buf = state["momentum_buffer"] = grad.copy()
+                buf = grad.copy()
             else:
-                buf *= self.momentum
+                buf = buf * momentum
                 buf += grad
-            grad = grad + self.momentum * buf if self.nesterov else buf
-        value -= self.lr * grad
+            new_state["momentum_buffer"] = buf
+            grad = grad + momentum * buf if nesterov else buf
+        return value - lr * grad, new_state
 
 
 class Adam(Optimizer):
@@ -202,18 +238,18 @@ class Adam(Optimizer):
                     eps=_real(fn, "eps", eps, low_open=True),
                     weight_decay=_real(fn, "weight_decay", weight_decay))
 
-    def _update(self, value, grad, state):
-        beta1, beta2 = self.betas
-        if self.weight_decay:
-            grad = grad + self.weight_decay * value
-        if not state:
-            state.update(step=0, exp_avg=np.zeros_like(value), exp_avg_sq=np.zeros_like(value))
-        state["step"] = t = state["step"] + 1
-        m, v = state["exp_avg"], state["exp_avg_sq"]
+    def _update(self, hyper, value, grad, state):
+        """(new value, new state), computed without writing to ``value`` or ``state``."""
+        lr, (beta1, beta2), eps, weight_decay = (hyper[k] for k in self.HYPERPARAMETERS)
+        if weight_decay:
+            grad = grad + weight_decay * value
+        if state:
+            t, m, v = state["step"] + 1, state["exp_avg"].copy(), state["exp_avg_sq"] * beta2
+        else:
+            t, m, v = 1, np.zeros_like(value), np.zeros_like(value)
         m += (1 - beta1) * (grad - m)            # = beta1*m + (1-beta1)*g, PyTorch's lerp form
-        v *= beta2
         v += (1 - beta2) * grad * grad
         denom = np.sqrt(v)
         denom /= np.sqrt(1 - beta2 ** t)
-        denom += self.eps
-        value -= (self.lr / (1 - beta1 ** t)) * (m / denom)
+        denom += eps
+        return value - (lr / (1 - beta1 ** t)) * (m / denom), {"step": t, "exp_avg": m, "exp_avg_sq": v}

@@ -185,3 +185,109 @@ def test_constructor_and_step_errors(rng):
     with pytest.raises(ValueError, match="shape .* and dtype float64"):
         opt.step()
     assert "lr=0.1" in repr(opt)
+
+
+# ---------------------------------------------------------------- a failed step changes nothing
+def _snapshot(params, opt):
+    return [p.value.copy() for p in params], opt.state_dict(), [p.grad for p in params]
+
+
+def _assert_unchanged(params, opt, snap):
+    values, state, grads = snap
+    for p, v, g in zip(params, values, grads):
+        np.testing.assert_array_equal(p.value, v)
+        assert p.grad is g
+    after = opt.state_dict()
+    assert after["hyperparameters"] == state["hyperparameters"]
+    for s_after, s_before in zip(after["state"], state["state"]):
+        assert s_after.keys() == s_before.keys()
+        for key in s_before:
+            np.testing.assert_array_equal(s_after[key], s_before[key])
+
+
+@pytest.mark.parametrize("cls, kwargs", [(SGD, SGD_CASES[1]), (Adam, ADAM_CASES[0])])
+@pytest.mark.parametrize("first_step", [True, False])
+def test_one_bad_gradient_updates_nothing(rng, cls, kwargs, first_step):
+    """The last parameter's grad has the wrong dtype: no parameter before it is updated
+    and no momentum / Adam state is created or advanced."""
+    params = make_params(rng)
+    opt = cls(params, **kwargs)
+    if not first_step:
+        run(opt, params, grads_for(rng, 2))
+    for p, g in zip(params, grads_for(rng, 1)[0]):
+        p.grad = g
+    params[-1].grad = params[-1].grad.astype(np.float32)
+    snap = _snapshot(params, opt)
+    with pytest.raises(ValueError, match="dtype float64"):
+        opt.step()
+    _assert_unchanged(params, opt, snap)
+    params[-1].grad = params[-1].grad.astype(np.float64)
+    opt.step()                                       # fixed: the step runs
+    assert not np.array_equal(params[0].value, snap[0][0])
+
+
+@pytest.mark.parametrize("cls", [SGD, Adam])
+def test_other_failed_steps_change_nothing(rng, cls):
+    params = make_params(rng)
+    opt = cls(params, lr=0.1)
+    run(opt, params, grads_for(rng, 1))
+    for p, g in zip(params, grads_for(rng, 1)[0]):
+        p.grad = g
+    snap = _snapshot(params, opt)
+    params[1].value.setflags(write=False)            # e.g. loaded with mmap_mode="r"
+    with pytest.raises(ValueError, match="writeable"):
+        opt.step()
+    _assert_unchanged(params, opt, snap)
+    params[1].value.setflags(write=True)
+    with pytest.raises(ValueError, match="same Parameter more than once"):
+        opt.step([params[0], params[0]])
+    with pytest.raises(ValueError, match="not managed"):
+        opt.step([params[0], Parameter("stranger", np.zeros(3))])
+    opt.lr = -1.0                                    # an assigned hyperparameter is checked at step time
+    with pytest.raises(ValueError, match="lr must be"):
+        opt.step()
+    opt.lr = 0.1
+    _assert_unchanged(params, opt, snap)
+
+
+@pytest.mark.parametrize("cls", [SGD, Adam])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_subset_step_after_copying_model_and_optimizer(rng, cls, how):
+    """Parameters are matched by identity at call time: after pickling or deep-copying
+    (model, optimizer) together a subset step updates exactly the named parameters."""
+    import pickle
+
+    model = tiny_model(rng)
+    opt = cls(model.parameters(), lr=0.1)
+    x, t = rng.standard_normal((8, 4)), rng.integers(0, 3, 8)
+    train_step(model, opt, x, t)
+    model2, opt2 = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    assert opt2.params[0] is model2.parameters()[0]
+    _, d = SoftmaxCrossEntropy()(model2.forward(x), t)
+    model2.backward(d)
+    before = model2.state_dict()
+    opt2.step(model2[:1].parameters())               # the first Linear only
+    after = model2.state_dict()
+    changed = sorted(k for k in before if not np.array_equal(before[k], after[k]))
+    assert changed == ["0.bias", "0.weight"]
+    with pytest.raises(ValueError, match="not managed"):
+        opt2.step(model.parameters()[:1])            # the original's parameter is a stranger to the copy
+
+
+def test_new_object_at_an_old_address_is_not_mistaken_for_a_managed_one(rng):
+    """The copied optimizer's parameters are new objects; an old parameter's address
+    may be reused by another object. Membership is by identity, never by address."""
+    params = make_params(rng)
+    opt2 = copy.deepcopy(SGD(params, lr=0.1))
+    del params
+    strangers = [Parameter(f"s{i}", np.zeros(2)) for i in range(200)]   # some reuse the old addresses
+    for p in strangers:
+        with pytest.raises(ValueError, match="not managed"):
+            opt2.step([p])
+    for p in opt2.params:
+        p.grad = np.ones_like(p.value)
+    before = [p.value.copy() for p in opt2.params]
+    opt2.step([opt2.params[0]])
+    np.testing.assert_allclose(opt2.params[0].value, before[0] - 0.1)
+    for p, b in zip(opt2.params[1:], before[1:]):
+        np.testing.assert_array_equal(p.value, b)

@@ -9,7 +9,7 @@ import click
 
 from numbabn import __version__
 
-from ._common import LazyGroup, Settings
+from ._common import RootGroup, Settings
 
 COMMANDS = {
     "info": "numbabn.cli.info:info",
@@ -19,7 +19,7 @@ COMMANDS = {
 }
 
 
-@click.group(cls=LazyGroup, lazy_subcommands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=RootGroup, lazy_subcommands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="numbabn")
 @click.option("-v", "--verbose", count=True, help="More detail (repeatable).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes on stderr.")

@@ -1,10 +1,29 @@
-"""What the ``numbabn`` commands share: settings, the error type, the lazy group.
+"""What the ``numbabn`` commands share: settings, the error type, the lazy group, the
+one-line error rule and the output-file rules.
 
-Only click is imported here: loading the CLI and rendering ``--help`` must not
-import Numba, PyTorch or matplotlib (that would cost seconds per invocation).
+Only click (and the standard library) is imported here: loading the CLI and rendering
+``--help`` must not import Numba, PyTorch or matplotlib (that would cost seconds per
+invocation).
+
+Errors: every failure the user can fix (a bad option, an output that cannot be
+written, not enough memory, no GPU) is ONE line ``Error: ...`` on stderr and exit
+code 2 -- click's usage errors included (their "Usage:"/"Try ..." lines are dropped).
+
+Outputs (``bench --json/--csv/--plot FILE``, ``experiment --out DIR``) follow one rule:
+the directory an output goes into must already exist; numbabn creates at most the last
+path component (the file, or the ``--out`` directory itself). Each output is checked
+before any work starts, and written all-or-nothing at the end: a regular file is
+written to a temporary file beside it and renamed over it, so a failed write leaves
+the previous file as it was.
 """
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import import_module
+import os
+from pathlib import Path
+import shutil
+import stat
+import tempfile
 
 import click
 
@@ -17,12 +36,21 @@ class Settings:
     quiet: bool = False
 
 
+def one_line(text):
+    """``text`` with every run of whitespace (newlines included) as one space."""
+    return " ".join(str(text).split())
+
+
 class CLIError(click.ClickException):
     """A one-line error with exit code 2, for a request this machine cannot serve
-    (CUDA without a GPU, torch not installed): no usage hint, since the command
-    line itself is well-formed, but the same exit code as a usage error."""
+    (CUDA without a GPU, torch not installed, an unwritable output, too little
+    memory): no usage hint, since the command line itself is well-formed, but the
+    same exit code as a usage error."""
 
     exit_code = 2
+
+    def __init__(self, message):
+        super().__init__(one_line(message))
 
 
 class LazyGroup(click.Group):
@@ -46,3 +74,165 @@ class LazyGroup(click.Group):
             return super().get_command(ctx, cmd_name)
         module, attribute = target.split(":")
         return getattr(import_module(module), attribute)
+
+
+def _as_one_line(exc):
+    """click's usage errors (and running out of memory) as a one-line CLIError."""
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):   # prints the help: leave it alone
+        return None
+    if isinstance(exc, click.UsageError):
+        return CLIError(exc.format_message())
+    if isinstance(exc, MemoryError):
+        return CLIError(f"out of memory ({type(exc).__name__}: {exc}); try smaller inputs")
+    return None
+
+
+class RootGroup(LazyGroup):
+    """The ``numbabn`` group: its own and every subcommand's usage errors become one
+    line (see the module docstring)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except (click.UsageError, MemoryError) as exc:
+            error = _as_one_line(exc)
+            if error is None:
+                raise
+            raise error from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.UsageError, MemoryError) as exc:
+            error = _as_one_line(exc)
+            if error is None:
+                raise
+            raise error from None
+
+
+# ------------------------------------------------------------------ outputs
+def check_output_file(value, param_hint):
+    """Check before the work that ``value`` (a file path, or '-' for stdout) can be
+    written; click.BadParameter (one line, exit 2) if not. Nothing is left behind."""
+    if value is None or value == "-":
+        return value
+    path = Path(value)
+    parent = path.parent
+    if not parent.exists():
+        raise click.BadParameter(f"directory {str(parent)!r} does not exist", param_hint=param_hint)
+    if not parent.is_dir():
+        raise click.BadParameter(f"{str(parent)!r} is not a directory", param_hint=param_hint)
+    if path.is_dir():
+        raise click.BadParameter(f"{value!r} is a directory", param_hint=param_hint)
+    try:
+        if path.exists():
+            mode = path.stat().st_mode
+            if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+                return value               # opening a pipe for writing could block: accept it
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            try:
+                if not stat.S_ISREG(mode):
+                    os.write(fd, b"")      # devices: /dev/full refuses even an empty write
+            finally:
+                os.close(fd)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            os.close(fd)
+            os.unlink(path)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot write {value!r}: {exc.strerror or exc}", param_hint=param_hint) from None
+    return value
+
+
+def write_output(value, write, what, mode="w"):
+    """Write an output checked by :func:`check_output_file`: ``write(file)`` fills it.
+
+    '-' is stdout; a regular (or new) file is written to a temporary file in the same
+    directory and renamed over the target only when complete; other files (devices)
+    are written directly. Any OSError becomes a one-line CLIError."""
+    if value == "-":
+        with click.open_file("-", mode) as f:
+            write(f)
+        return
+    path = Path(os.path.realpath(value))
+    try:
+        if path.exists() and not path.is_file():
+            with open(path, mode) as f:
+                write(f)
+            return
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, mode) as f:
+                write(f)
+            if path.exists():
+                os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+            else:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise CLIError(f"cannot write {what} to {value!r}: {exc.strerror or exc}") from None
+
+
+def check_output_dir(value, param_hint):
+    """``--out DIR``: its parent must exist; DIR itself may exist (then it must be a
+    writeable directory) or not (then it must be creatable; it is created only when
+    the command runs, see :func:`output_dir`). click.BadParameter if not."""
+    if value is None:
+        return None
+    path = Path(value)
+    parent = path.parent
+    if path.exists():
+        if not path.is_dir():
+            raise click.BadParameter(f"{str(path)!r} exists and is not a directory", param_hint=param_hint)
+        probe_dir = path
+    elif not parent.exists():
+        raise click.BadParameter(f"directory {str(parent)!r} does not exist (only the last component of "
+                                 f"--out is created)", param_hint=param_hint)
+    elif not parent.is_dir():
+        raise click.BadParameter(f"{str(parent)!r} is not a directory", param_hint=param_hint)
+    else:
+        probe_dir = parent
+    try:
+        tempfile.TemporaryDirectory(dir=probe_dir, prefix=".numbabn-probe-").cleanup()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot write into {str(probe_dir)!r}: {exc.strerror or exc}",
+                                 param_hint=param_hint) from None
+    return path
+
+
+@contextmanager
+def staged_output_dir(path):
+    """Yield a fresh temporary directory to write ``path``'s files into; on success move
+    them into ``path`` (created now if missing), on failure delete them: a command
+    that raises leaves ``path`` as it was. Yields ``(stage, publish)``, where
+    ``publish(value)`` rewrites stage paths inside strings of ``value`` to ``path``."""
+    path = Path(path)
+    existed = path.exists()
+    stage = Path(tempfile.mkdtemp(dir=path if existed else path.parent, prefix=f".{path.name}.numbabn-"))
+
+    def publish(value):
+        if isinstance(value, str):
+            return value.replace(str(stage), str(path))
+        if isinstance(value, dict):
+            return {k: publish(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(publish(v) for v in value)
+        return value
+
+    try:
+        yield stage, publish
+        if existed:
+            for entry in stage.iterdir():
+                os.replace(entry, path / entry.name)
+            stage.rmdir()
+        else:
+            os.rename(stage, path)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from ._common import CLIError, LazyGroup, Settings
+from ._common import CLIError, LazyGroup, Settings, check_output_file, write_output
 
 # name -> "module:attribute" of a click command, imported only when it is run.
 SUBCOMMANDS = {"sklearn": "numbabn.cli.bench_sklearn:sklearn"}
@@ -67,16 +67,68 @@ def _compare_option(ctx, param, value):
 
 def _output_option(ctx, param, value):
     """Check an output path before the (long) run instead of failing after it."""
-    from pathlib import Path
+    if param.name == "plot_path" and value is not None:
+        from pathlib import Path
 
-    if value is None or value == "-":
-        return value
-    path = Path(value)
-    if not path.parent.is_dir():
-        raise click.BadParameter(f"directory {str(path.parent)!r} does not exist")
-    if param.name == "plot_path" and path.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise click.BadParameter(f"expected a .png, .svg or .pdf file name, got {value!r}")
-    return value
+        if Path(value).suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise click.BadParameter(f"expected a .png, .svg or .pdf file name, got {value!r}")
+    return check_output_file(value, None)
+
+
+def _available_memory():
+    """Bytes of memory available to a new allocation (Linux' MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def case_memory(shape, dtype, compare, backend="cpu"):
+    """Host bytes one case needs at its peak, roughly (an estimate, on the high side):
+    x, dy, y and dx of ``dtype`` (S each); the NumPy reference works in float64 (about
+    five float64 copies); PyTorch holds its own inputs and outputs (about four S).
+    On the CUDA backend the device holds numbabn's four arrays, the host only x and dy."""
+    itemsize = 4 if dtype == "float32" else 8
+    n = math.prod(shape)
+    S = n * itemsize
+    need = (2 * S if backend == "cuda" else 4 * S)
+    if "numpy" in compare:
+        need += 5 * n * 8
+    if "torch" in compare and backend != "cuda":
+        need += 4 * S
+    return need
+
+
+def _check_memory(cases, dtype, compare, backend):
+    """A one-line error before the run when a case cannot fit in the memory available
+    (instead of a MemoryError traceback from the copy-bandwidth probe or a kernel)."""
+    available = _available_memory()
+    if available is None:
+        return
+    for case in cases:
+        need = max(case_memory(case.shape, dtype, compare, backend),
+                   2 * math.prod(case.shape) * (4 if dtype == "float32" else 8))   # the copy probe
+        if need > available:
+            shape = "x".join(map(str, case.shape))
+            raise CLIError(f"case {case.name!r} ({shape}, {dtype}) needs about {need / 1e9:.1f} GB of memory "
+                           f"(inputs, outputs and the {', '.join(compare) or 'no'} comparison), but only "
+                           f"{available / 1e9:.1f} GB is available; use a smaller --shape"
+                           + (" or --compare none" if compare else ""))
+    if backend == "cuda":
+        from numba import cuda
+
+        free, _ = cuda.current_context().get_memory_info()
+        for case in cases:
+            need = 4 * math.prod(case.shape) * (4 if dtype == "float32" else 8)
+            if "torch" in compare:
+                need *= 2
+            if need > free:
+                raise CLIError(f"case {case.name!r} ({'x'.join(map(str, case.shape))}, {dtype}) needs about "
+                               f"{need / 1e9:.1f} GB of GPU memory, but only {free / 1e9:.1f} GB is free")
 
 
 def _torch_installed():
@@ -127,9 +179,11 @@ def _footer(report):
 
 
 def _write_json(report, path):
-    with click.open_file(path, "w") as f:
+    def write(f):
         json.dump(report.to_dict(), f, indent=2)
         f.write("\n")
+
+    write_output(path, write, "the JSON report")
 
 
 def _write_csv(report, path):
@@ -138,11 +192,13 @@ def _write_csv(report, path):
 
     from numbabn.benchmark import Row
 
-    with click.open_file(path, "w") as f:
+    def write(f):
         writer = csv.DictWriter(f, [fld.name for fld in fields(Row)], lineterminator="\n")
         writer.writeheader()
         for row in report.rows:
             writer.writerow({**asdict(row), "shape": "x".join(map(str, row.shape))})
+
+    write_output(path, write, "the CSV report")
 
 
 def _plot(report, path):
@@ -167,10 +223,12 @@ def _plot(report, path):
     ax.set_ylabel("effective bandwidth, GB/s (bytes moved / time)")
     ax.set_title(f"numbabn {meta['backend']} batch norm ({meta['dtype']}) vs the copy-bandwidth limit", fontsize=10)
     ax.legend()
-    fig.savefig(path, dpi=120)
+    fmt = path.rsplit(".", 1)[-1].lower()
+    write_output(path, lambda f: fig.savefig(f, dpi=120, format=fmt), "the plot", mode="wb")
 
 
-@click.group(cls=LazyGroup, lazy_subcommands=SUBCOMMANDS, invoke_without_command=True)
+@click.group(cls=LazyGroup, lazy_subcommands=SUBCOMMANDS, invoke_without_command=True,
+             short_help="Time the kernels (forward, eval, backward) against NumPy and PyTorch.")
 @click.option("--op", "ops", multiple=True, metavar="OP[,OP]", callback=_ops_option,
               help="forward, eval, backward or all; repeatable or a comma list [default: all].")
 @click.option("--shape", "shapes", multiple=True, metavar="NxCxHxW", callback=_shapes_option,
@@ -226,6 +284,7 @@ def bench(ctx, ops, shapes, layout, suite, dtype, backend, threads, repeat, comp
             raise click.BadParameter(f"{threads} is more than Numba's {numba.config.NUMBA_NUM_THREADS} "
                                      "threads (NUMBA_NUM_THREADS)", ctx=ctx, param_hint="'--threads'")
     compare = _resolve_compare(compare, backend)
+    _check_memory(cases, dtype, compare, backend)
     if settings.verbose:
         click.echo(f"timing {len(cases)} cases x {len(ops)} ops on {backend} ({dtype}), median of {repeat}, "
                    f"compare: {', '.join(compare) or 'none'}", err=True)

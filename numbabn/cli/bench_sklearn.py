@@ -9,7 +9,7 @@ from ._common import Settings
 _PARTS = ("transformer", "mlp")    # numbabn.sklearn.benchmark.PARTS, without importing it for --help
 
 
-@click.command()
+@click.command(short_help="BatchNormTransformer vs StandardScaler, BNMLPClassifier vs MLPClassifier.")
 @click.option("--part", "parts", multiple=True, type=click.Choice(_PARTS),
               help="transformer or mlp; repeatable [default: both].")
 @click.option("--samples", type=click.IntRange(min=2), default=1_000_000, show_default=True,

@@ -92,7 +92,7 @@ def _format_cuda(c):
             f"{c['memory_total_bytes'] / 2**30:.1f} GiB ({c['memory_free_bytes'] / 2**30:.1f} GiB free)")
 
 
-@click.command()
+@click.command(short_help="Versions, threading, CUDA status, kernel cache, layers.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.pass_context
 def info(ctx, as_json):

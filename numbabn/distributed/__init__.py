@@ -3,7 +3,9 @@ data-parallel training, Dask for out-of-core statistics. No networking of our ow
 
 * :class:`SyncBatchNorm1d`, :class:`SyncBatchNorm2d` -- batch norm whose statistics
   and gradients are those of the batch spread over all MPI ranks (exact Chan merge
-  of per-rank moments; see :mod:`numbabn.distributed.sync_batchnorm`).
+  of per-rank moments; see :mod:`numbabn.distributed.sync_batchnorm`); ranks that
+  disagree (channels, dtype, mode, call order) or reject their input all raise the
+  same :class:`SyncError` instead of hanging.
 * :func:`rank_slice`, :func:`global_mean`, :func:`allreduce_gradients` --
   data-parallel training (:mod:`numbabn.distributed.data_parallel`); a runnable
   example: ``mpiexec -n 2 python -m numbabn.distributed.example --check``.
@@ -19,6 +21,7 @@ from numbabn._lazy import lazy_exports
 _LAZY = {
     "SyncBatchNorm1d": "numbabn.distributed.sync_batchnorm",
     "SyncBatchNorm2d": "numbabn.distributed.sync_batchnorm",
+    "SyncError": "numbabn.distributed.comm",
     "rank_slice": "numbabn.distributed.data_parallel",
     "global_mean": "numbabn.distributed.data_parallel",
     "allreduce_gradients": "numbabn.distributed.data_parallel",

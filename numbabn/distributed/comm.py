@@ -20,6 +20,16 @@ any MPI implementation. The price is received volume (P rows instead of one);
 for batch-norm statistics (a few KB per layer) the collective is latency-bound and
 this does not matter -- see :mod:`numbabn.distributed.sync_batchnorm` for the bytes.
 
+Before each of them the synchronized layers exchange a fixed-size header
+(:func:`agree`, one more ``Allgather`` of 8 float64): what every rank is about to do
+(forward or backward, the layer's call number, channels, dtype, batch or running
+statistics) and whether its own input check failed. Every rank checks every row and,
+when they differ or any rank failed, raises the same :class:`SyncError` -- nobody is
+left waiting in a collective, and no payload of mismatched size is ever exchanged
+(MPI requires equal counts: "Message truncated", or garbage merged, otherwise). The
+header needs its own collective because it must be exchanged *before* the sizes of
+the payload are known to agree.
+
 Communicators: an ``mpi4py.MPI.Intracomm`` (``MPI.COMM_WORLD``, a ``Split``/``Dup``
 of it) or any object with the same ``Get_rank``, ``Get_size`` and
 ``Allgather(sendbuf, recvbuf)`` methods. ``None`` means ``MPI.COMM_WORLD`` when
@@ -36,6 +46,19 @@ from .. import _validation as V
 from ..stats import Moments, merge_moments
 
 _METHODS = ("Get_rank", "Get_size", "Allgather")
+
+# The header of every synchronized exchange (see the module docstring and :func:`agree`).
+HEADER = ("magic", "version", "exchange", "call", "channels", "itemsize", "mode", "error")
+_MAGIC, _VERSION = 1.2512e9, 1.0      # any value no statistic is likely to start with
+EXCHANGES = {1: "forward", 2: "backward"}
+MODES = {1: "batch statistics", 0: "running statistics"}
+
+
+class SyncError(RuntimeError):
+    """The ranks of a synchronized layer disagree (channels, dtype, mode, forward vs
+    backward, call number) or one of them rejected its input. Raised on EVERY rank,
+    with the same message, before any state changes (on the rank whose own check
+    failed, that error is chained as ``__cause__``)."""
 
 # Environment variables through which MPI launchers announce the number of ranks
 # (MPICH/Intel MPI's Hydra, Open MPI): used only to refuse silently running
@@ -127,3 +150,50 @@ def sum_in_rank_order(comm, local):
     for row in rows[1:]:
         total += row
     return total.reshape(np.shape(local))
+
+
+def header(exchange, call, channels, itemsize, mode, error):
+    """The 8 float64 header values of one exchange (see :data:`HEADER`)."""
+    return np.array([_MAGIC, _VERSION, exchange, call, channels, itemsize, mode, 1.0 if error else 0.0])
+
+
+def _values(rows, field, fmt):
+    return "; ".join(f"rank {r}: {fmt(row[HEADER.index(field)])}" for r, row in enumerate(rows))
+
+
+def describe_disagreement(rows):
+    """The error message for gathered headers, or None when they agree (a function of
+    ``rows`` only, so every rank builds the same text)."""
+    P = len(rows)
+    strangers = [r for r, row in enumerate(rows) if row[0] != _MAGIC or row[1] != _VERSION]
+    if strangers:
+        return (f"SyncBatchNorm: rank(s) {strangers} of {P} sent no synchronized-batch-norm header: they are in "
+                "another collective on this communicator (the ranks do not run the same program order)")
+    failed = [r for r, row in enumerate(rows) if row[HEADER.index("error")]]
+    if failed:
+        what = sorted({EXCHANGES.get(int(row[2]), "?") for row in rows})
+        return (f"SyncBatchNorm {'/'.join(what)}: the input was rejected on rank(s) {failed} of {P} (that rank's "
+                "own error is chained to its exception); every rank raises this error and no layer changed")
+    formats = {
+        "exchange": lambda v: EXCHANGES.get(int(v), f"? ({v})"),
+        "channels": lambda v: f"{int(v)} channels",
+        "itemsize": lambda v: {4: "float32", 8: "float64"}.get(int(v), f"? ({v})"),
+        "mode": lambda v: MODES.get(int(v), f"? ({v})"),
+        "call": lambda v: f"call #{int(v)}",
+    }
+    differ = [field for field in formats if len({row[HEADER.index(field)] for row in rows}) > 1]
+    if not differ:
+        return None
+    return (f"SyncBatchNorm: the {P} ranks disagree -- "
+            + " | ".join(f"{field}: {_values(rows, field, formats[field])}" for field in differ)
+            + " -- every rank raises this error and no layer changed (every rank must call the same layers, "
+            "in the same order and mode, with the same settings)")
+
+
+def agree(comm, values, local_error=None):
+    """Exchange this rank's :func:`header` ``values`` (one Allgather) and raise
+    :class:`SyncError` on every rank unless all rows agree and none has its error flag
+    set; ``local_error`` (this rank's own failure) becomes the ``__cause__``."""
+    message = describe_disagreement(allgather_rows(comm, values))
+    if message is not None:
+        raise SyncError(message) from local_error

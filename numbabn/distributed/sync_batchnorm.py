@@ -1,9 +1,19 @@
 """Synchronized batch norm over MPI ranks: ``SyncBatchNorm1d`` and ``SyncBatchNorm2d``.
 
 Each rank holds a slice of the global batch (any size, zero included). The layers
-are :class:`~numbabn.layers.BatchNorm1d` / ``BatchNorm2d`` plus two collectives;
+are :class:`~numbabn.layers.BatchNorm1d` / ``BatchNorm2d`` plus their collectives;
 all the math stays in :mod:`numbabn.functional`:
 
+header (every forward and backward, eval mode included)
+    one ``Allgather`` of 8 float64 per rank: forward or backward, the layer's call
+    number, channels, dtype, batch or running statistics, and an error flag set by a
+    rank whose own input check failed (such a rank still takes part). Unless all rows
+    agree and no flag is set, EVERY rank raises the same
+    :class:`~numbabn.distributed.comm.SyncError` before anything changes: ranks in
+    different modes, with different channel counts or dtypes, one in forward and one
+    in backward, or one rejecting its input no longer hang, crash inside MPI or mix
+    statistics. (The header is a collective of its own: it must be exchanged before
+    the payload sizes, which depend on the channels, are known to agree.)
 forward (batch statistics: training mode, or ``track_running_stats=False``)
     local ``numbabn.moments(x)`` -> ONE ``Allgather`` of ``Moments.to_array()``
     ``[count, mean(C), m2(C)]`` (2C+1 float64) -> exact Chan merge in rank order
@@ -22,9 +32,7 @@ Result: the same as one ``BatchNorm`` on the concatenation of the ranks' batches
 rank order (to float rounding), bit-identical statistics and parameter gradients on
 every rank. Every rank must call forward and backward the same number of times, in
 the same layer order (the collectives are blocking; a rank with an empty batch still
-takes part). An input error raised on one rank only (wrong shape) leaves the others
-waiting in the collective, as in any MPI program: launch scripts with
-``python -m mpi4py`` (or catch and ``comm.Abort()``) so that one rank's exception ends the job.
+takes part); the header turns a violation into the same SyncError on every rank.
 
 ``comm=None`` means ``MPI.COMM_WORLD`` when mpi4py can start MPI; in a single process
 (no mpiexec, or mpi4py missing) the layers are exactly ``BatchNorm1d``/``BatchNorm2d``:
@@ -39,27 +47,36 @@ statistics, float32 for float32 input; both measured in
 =========================  =========================  ==============================
                            numbabn (Allgather both)   PyTorch SyncBatchNorm
 =========================  =========================  ==============================
+header, sent per rank      8*8 = 64 B, forward and    none
+                           backward (P*64 B received)
 forward, sent per rank     (2C+1)*8 = 4104 B          (2C+1)*4 = 2052 B (all_gather
                            [count, mean, m2]          of [mean, invstd, count])
 forward, received          P*4104 B                   P*2052 B
 backward, sent per rank    2C*8 = 4096 B              2C*4 = 2048 B (all_reduce of
                            [sum g, sum g*(x-mean)]    [sum_dy, sum_dy_xmu])
 backward, received         P*4096 B                   2048 B (the reduced buffer)
-per step, sent             8200 B                     4100 B
+per step, sent             8328 B in 4 collectives    4100 B in 2 collectives
 =========================  =========================  ==============================
 
-Twice PyTorch's bytes (float64 instead of float32) and P rows received in the
-backward instead of one; at these sizes an MPI collective costs its latency rather
-than its bandwidth. What the doubling buys:
+Twice PyTorch's bytes (float64 instead of float32), P rows received in the
+backward instead of one, and twice the collectives (the headers); at these sizes an
+MPI collective costs its latency rather than its bandwidth. What this buys: ranks
+that disagree raise instead of hanging, and
 exact statistics (Chan merge of m2, not a variance rebuilt from float32 invstd),
 and results identical on all ranks by construction (see :mod:`.comm`).
 """
 import numpy as np
 
+from .. import _validation as V
 from ..functional import batch_norm_backward, batch_norm_forward, moments
 from ..layers.batchnorm import BatchNorm1d, BatchNorm2d
 from ..registry import register_layer
-from .comm import active, check_comm, merge_in_rank_order, sum_in_rank_order
+from .comm import SyncError, active, agree, check_comm, header, merge_in_rank_order, sum_in_rank_order
+
+__all__ = ["SyncBatchNorm1d", "SyncBatchNorm2d", "SyncError"]
+
+
+_FORWARD, _BACKWARD = 1, 2
 
 
 class SyncBatchNormMixin:
@@ -71,28 +88,74 @@ class SyncBatchNormMixin:
 
     def _set_comm(self, comm):
         self.comm = check_comm(type(self).__name__, comm)
+        self._sync_calls = [0, 0]      # successful synchronized forward / backward calls
 
-    def _bn_forward(self, x, gamma, beta, out=None):
-        comm = self._sync_comm = active(self.comm)
-        if comm is None or not self.uses_batch_stats:
-            return super()._bn_forward(x, gamma, beta, out)
-        merged = merge_in_rank_order(comm, moments(x, axis=self.axis))
-        return batch_norm_forward(
-            x, gamma, beta, running_mean=self.running_mean, running_var=self.running_var,
-            num_batches_tracked=self.num_batches_tracked, training=True, momentum=self.momentum,
-            eps=self.eps, axis=self.axis, activation=self.activation, out=out, moments=merged)
+    def _agree(self, comm, exchange, mode, error):
+        """The header exchange before every synchronized call (see :mod:`.comm`): all
+        ranks raise the same SyncError unless they agree and none failed locally."""
+        calls = getattr(self, "_sync_calls", None) or [0, 0]
+        agree(comm, header(exchange, calls[exchange - 1], self.num_features, self.dtype.itemsize,
+                           1 if mode else 0, error is not None), error)
+
+    def _count(self, exchange):
+        calls = getattr(self, "_sync_calls", None) or [0, 0]
+        calls[exchange - 1] += 1
+        self._sync_calls = calls
+
+    def _local_forward_check(self, x):
+        """Everything batch_norm_forward checks that does not need the other ranks."""
+        x = self._check_input(x)
+        fn = f"{type(self).__name__}.forward"
+        cx = V.canonical_host(fn, "x", x, self.axis)
+        V.check_forward_params(fn, cx, *self._affine_values(), self.running_mean, self.running_var,
+                               self.num_batches_tracked, self.uses_batch_stats)
+        return x
+
+    def forward(self, x):
+        """y = BN(x) with the statistics of the global batch (training, or no running
+        statistics) or the running statistics (eval). Every rank takes part in the
+        header exchange, in eval mode too, so that ranks in different modes, or one
+        whose input is rejected, make every rank raise the same SyncError instead of
+        hanging or mixing statistics."""
+        comm = active(self.comm)
+        if comm is None:
+            self._sync_comm = None
+            return super().forward(x)
+        try:
+            x, error = self._local_forward_check(x), None
+        except Exception as exc:
+            error = exc
+        batch_stats = self.uses_batch_stats
+        self._agree(comm, _FORWARD, batch_stats, error)
+        gamma, beta = self._affine_values()
+        if batch_stats:
+            merged = merge_in_rank_order(comm, moments(x, axis=self.axis))
+            y, ctx = batch_norm_forward(
+                x, gamma, beta, running_mean=self.running_mean, running_var=self.running_var,
+                num_batches_tracked=self.num_batches_tracked, training=True, momentum=self.momentum,
+                eps=self.eps, axis=self.axis, activation=self.activation, moments=merged)
+        else:
+            y, ctx = super()._bn_forward(x, gamma, beta)
+        self._ctx, self._sync_comm = ctx, comm
+        self._count(_FORWARD)
+        return y
 
     def backward(self, dy):
         """dx (this rank's slice); weight.grad and bias.grad of the global batch."""
-        comm = self._sync_comm
+        comm = self._sync_comm if self._sync_comm is not None else active(self.comm)
         if comm is None:
             return super().backward(dy)
-        ctx = self._cached("_ctx")
-        dx, dgamma, dbeta = batch_norm_backward(
-            self._check_dy(dy, ctx.shape, ctx.dtype), ctx, allreduce=lambda sums: sum_in_rank_order(comm, sums))
+        try:
+            ctx = self._cached("_ctx")
+            dy, error = self._check_dy(dy, ctx.shape, ctx.dtype), None
+        except Exception as exc:
+            ctx, error = None, exc
+        self._agree(comm, _BACKWARD, ctx.training if ctx is not None else self.uses_batch_stats, error)
+        dx, dgamma, dbeta = batch_norm_backward(dy, ctx, allreduce=lambda sums: sum_in_rank_order(comm, sums))
         if self.affine:
             self.weight.grad = dgamma
             self.bias.grad = dbeta
+        self._count(_BACKWARD)
         return dx
 
     def extra_repr(self):

@@ -186,6 +186,9 @@ class Layer:
                 raise ValueError(f"{fn}: {key!r} must have shape {target.shape}, got {value.shape}")
             if value.dtype != target.dtype:
                 raise TypeError(f"{fn}: {key!r} must have dtype {target.dtype}, got {value.dtype}")
+            if not target.flags.writeable:
+                raise ValueError(f"{fn}: the layer's {key!r} is a read-only array (e.g. memory-mapped with "
+                                 f"mmap_mode='r'); nothing was loaded (make it writeable first)")
         for key, target in targets.items():
             np.copyto(target, state[key])
 

@@ -12,7 +12,8 @@ read + write to normalise), over the numbabn time.
 
 ``mlp``: ``BNMLPClassifier`` against ``MLPClassifier`` on scikit-learn's digits
 (pixels / 16, stratified 75/25 split), the same hidden sizes (default (100, 100, 100)),
-solver (Adam, learning rate 1e-3), batch size (200) and budget: ``epochs`` calls of
+solver (Adam, each at its default learning rate: 1e-2 with batch norm, scikit-learn's
+1e-3 without), batch size (200) and budget: ``epochs`` calls of
 ``partial_fit`` (one epoch each) per seed. After every epoch the test accuracy is
 measured (not timed); reported per seed: final test accuracy, best test accuracy,
 training wall time (partial_fit calls only) and the first epoch whose test accuracy

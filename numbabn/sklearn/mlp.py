@@ -30,6 +30,7 @@ by ``tol`` for more than ``n_iter_no_change`` consecutive epochs; otherwise
 ``max_iter`` epochs run and a ``ConvergenceWarning`` is issued. Float32 input trains
 a float32 network; any other input trains in float64.
 """
+import copy
 import numbers
 import warnings
 
@@ -68,7 +69,7 @@ class _BaseBNMLP(BaseEstimator):
     """What the classifier and the regressor share: parameters, network, training loop."""
 
     def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, batch_norm=True, solver="adam",
-                 learning_rate_init=0.001, momentum=0.9, batch_size="auto", max_iter=200, tol=1e-4,
+                 learning_rate_init=0.01, momentum=0.9, batch_size="auto", max_iter=200, tol=1e-4,
                  n_iter_no_change=10, early_stopping=False, validation_fraction=0.1, random_state=None,
                  verbose=False, record_metrics=(), record_every=1):
         self.hidden_layer_sizes = hidden_layer_sizes
@@ -191,24 +192,29 @@ class _BaseBNMLP(BaseEstimator):
                        record_every=self.record_every, verbose=0)
 
     def _epoch(self, trainer, X, targets):
-        """One epoch (see the module docstring); appends to loss_curve_ and history_."""
+        """One epoch (see the module docstring); appends to loss_curve_ and history_
+        (as new objects: a working copy shares the committed ones, see :meth:`_working_copy`)."""
+        from ..train import History
+
         part = trainer.fit(X, targets, epochs=1)
         loss = float(np.mean(part.loss))
         self.n_iter_ += 1
-        self.loss_curve_.append(loss)
+        self.loss_curve_ = self.loss_curve_ + [loss]
         self.best_loss_ = min(self.best_loss_, loss)
         if self.history_ is None:
             self.history_ = part
         else:
-            history = self.history_
-            history.step += part.step
-            history.loss += part.loss
-            if history.accuracy is not None:
-                history.accuracy += part.accuracy
+            old, merged = self.history_, History(classification=part.accuracy is not None, meta=self.history_.meta)
+            merged.step, merged.loss = old.step + part.step, old.loss + part.loss
+            if old.accuracy is not None:
+                merged.accuracy = old.accuracy + part.accuracy
+            merged.eval = {k: list(v) for k, v in old.eval.items()}
+            merged.metrics = {name: {k: list(v) for k, v in series.items()} for name, series in old.metrics.items()}
             for name, series in part.metrics.items():
-                total = history.metrics.setdefault(name, {"step": [], "value": []})
+                total = merged.metrics.setdefault(name, {"step": [], "value": []})
                 total["step"] += series["step"]
                 total["value"] += series["value"]
+            self.history_ = merged
         if self.verbose:
             print(f"Iteration {self.n_iter_}, loss = {loss:.8f}")
         return loss
@@ -227,8 +233,45 @@ class _BaseBNMLP(BaseEstimator):
                              f"(batch statistics), got 1 sample")
         return X, y
 
+    # Fitting works on a copy of the estimator and commits it only when it succeeds: a
+    # call that raises (bad X or y, a stratified split that cannot be made, a failing
+    # metric, an interrupt) leaves the estimator exactly as it was -- still fitted with
+    # the previous model, or still unfitted.
+    _FITTED_PRIVATE = ("_rng", "_dtype", "_arch", "_model", "_optimizer")
+
+    @classmethod
+    def _is_fitted_attribute(cls, name):
+        return (name.endswith("_") and not name.startswith("__")) or name in cls._FITTED_PRIVATE
+
+    def _working_copy(self, fresh):
+        """A copy to train: without any fitted state (``fresh``, for :meth:`fit`), or with
+        copies of the mutable fitted state (network, optimizer, generator) for
+        :meth:`partial_fit`. Hyper-parameters are shared, not copied."""
+        work = object.__new__(type(self))
+        work.__dict__.update((k, v) for k, v in self.__dict__.items()
+                             if not (fresh and self._is_fitted_attribute(k)))
+        if not fresh and "_model" in self.__dict__:
+            work._model, work._optimizer = self._build(self._arch, np.random.default_rng(0))
+            work._model.load_state_dict(self._model.state_dict())
+            work._optimizer.load_state_dict(self._optimizer.state_dict())
+            work._rng = copy.deepcopy(self._rng)
+        return work
+
+    def _commit(self, work):
+        self.__dict__.clear()
+        self.__dict__.update(work.__dict__)
+        return self
+
     def fit(self, X, y):
-        """Train from scratch for up to ``max_iter`` epochs (see the module docstring)."""
+        """Train from scratch for up to ``max_iter`` epochs (see the module docstring).
+
+        Trains a fresh network and replaces the fitted state only on success: on an
+        error the previous fit (or the unfitted state) is kept unchanged."""
+        work = self._working_copy(fresh=True)
+        work._fit(X, y)
+        return self._commit(work)
+
+    def _fit(self, X, y):
         sizes, metrics = self._check_params()
         X, y = self._validate_xy(X, y, reset=True)
         targets = self._encode_targets(y, fitting=True)
@@ -273,6 +316,12 @@ class _BaseBNMLP(BaseEstimator):
         return self
 
     def _partial_fit(self, X, y, classes=None):
+        """One epoch on a working copy, committed on success (see :meth:`fit`)."""
+        work = self._working_copy(fresh=False)
+        work._partial_fit_epoch(X, y, classes)
+        return self._commit(work)
+
+    def _partial_fit_epoch(self, X, y, classes):
         sizes, metrics = self._check_params()
         first = not hasattr(self, "_model")
         X, y = self._validate_xy(X, y, reset=first)

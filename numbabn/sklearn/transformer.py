@@ -217,8 +217,11 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
                               accept_sparse=False, ensure_all_finite=True)
         eps, _, gamma, beta = self._check_params(X.shape[1])
         dt = X.dtype
+        # The float64 statistics go to the kernel as they are (eval mode accepts them for
+        # float32 input and folds them into float64 coefficients): rounding mean_ to
+        # float32 first would cost up to half a float32 ulp of |mean_| in every output.
         args = dict(gamma=gamma.astype(dt), beta=beta.astype(dt), training=False, eps=eps,
-                    running_mean=self.mean_.astype(dt), running_var=self.var_.astype(dt))
+                    running_mean=self.mean_, running_var=self.var_)
         if dask_support.is_dask_array(X):     # lazy: a Dask array of the same chunks
             return dask_support.transform(X, **args)
         if copy or not X.flags.writeable:
