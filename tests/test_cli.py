@@ -6,6 +6,7 @@ are never asserted (they are noise on a shared machine), only what the report ho
 import csv
 import importlib
 import json
+import os
 import subprocess
 import sys
 import types
@@ -313,7 +314,7 @@ def test_experiment_seam(fake_experiments, tmp_path):
     assert "toy" in listing and "Toy experiment standing in" in listing
     assert all(opt in invoke("experiment", "toy", "--help").output
                for opt in ("--steps", "--seed", "--lr", "--out", "--json"))
-    out = tmp_path / "new" / "dir"
+    out = tmp_path / "new"                                 # the last component is created
     result = invoke("experiment", "toy", "--steps", "5", "--seed", "3", "--lr", "0.5", "--out", str(out), "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"steps": 5, "seed": 3, "lr": 0.5, "out": str(out)}
@@ -321,6 +322,9 @@ def test_experiment_seam(fake_experiments, tmp_path):
     assert invoke("experiment", "toy").output.splitlines() == ["steps: None", "seed: 0", "lr: None", "out: None"]
     assert invoke("experiment", "toy", "--steps", "0").exit_code == 2
     assert invoke("experiment", "nope").exit_code == 2
+    missing = invoke("experiment", "toy", "--out", str(tmp_path / "no" / "such"))   # one rule with bench
+    assert missing.exit_code == 2 and "does not exist" in error_line(missing)
+    assert not (tmp_path / "no").exists()
 
 
 def test_experiment_group_without_module(monkeypatch):
@@ -343,3 +347,64 @@ def test_experiment_real_registry():
         assert name in listing
         result = invoke("experiment", name, "--help")
         assert result.exit_code == 0 and "--steps" in result.output
+
+
+# --- one-line errors, outputs checked first --------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--json", "/sys/x.json"], "Error: Invalid value for '--json': cannot write '/sys/x.json': "),
+    (["bench", "--csv", "/dev/full"], "Error: Invalid value for '--csv': cannot write '/dev/full': No space left"),
+    (["bench", "--plot", "/sys/x.png"], "Error: Invalid value for '--plot': cannot write '/sys/x.png': "),
+    (["bench", "--json", "/etc/passwd/x.json"], "Error: Invalid value for '--json': '/etc/passwd' is not a directory"),
+    (["bench", "--shape", "100000x100000"], "Error: case '100000x100000' (100000x100000, float32) needs about "),
+    (["experiment", "ioffe", "--out", "/proc/foo"], "Error: Invalid value for '--out': cannot write into '/proc'"),
+    (["experiment", "ioffe", "--out", "/etc/passwd/foo"], "Error: Invalid value for '--out': '/etc/passwd' is not a"),
+    (["experiment", "ioffe", "--out", "/etc/passwd"], "Error: Invalid value for '--out': Directory '/etc/passwd' is a"),
+    (["bench", "--shape", "64x64xfoo"], "Error: Invalid value for '--shape': shape must look like 64x64x56x56, got"),
+    (["nope"], "Error: No such command 'nope'."),
+])
+def test_errors_are_one_line_before_any_work(args, message, monkeypatch):
+    """Each of these used to run the whole benchmark (or experiment) first, or print a
+    traceback, or click's four lines. Now: one line, exit 2, nothing run."""
+    monkeypatch.setattr("numbabn.benchmark.run", lambda *a, **k: pytest.fail("the benchmark ran"))
+    monkeypatch.setattr("numbabn.train.experiments.EXPERIMENTS", {"ioffe": lambda **kw: pytest.fail("it ran")})
+    if args[-1].startswith("/sys/") and os.access("/sys", os.W_OK) and not Path("/sys/class").exists():
+        pytest.skip("/sys is not sysfs here")
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and result.output.startswith(message), result.output
+
+
+def test_memory_check_uses_what_is_available(monkeypatch):
+    from numbabn.benchmark import Case
+
+    monkeypatch.setattr(bench_cli, "_available_memory", lambda: 10 * 2**20)       # 10 MiB left
+    bench_cli._check_memory([Case("small", (256, 1024))], "float32", (), "cpu")    # 1 MiB x 4: fits
+    with pytest.raises(bench_cli.CLIError, match="needs about 0.1 GB of memory .* only 0.0 GB"):
+        bench_cli._check_memory([Case("big", (1024, 1024))], "float32", ("numpy",), "cpu")
+    monkeypatch.setattr(bench_cli, "_available_memory", lambda: None)             # unknown: no check
+    bench_cli._check_memory([Case("big", (1024, 1024))], "float32", ("numpy",), "cpu")
+
+
+def test_readme_error_examples_are_what_the_cli_prints():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("Errors are one line and exit code 2")[1].split("```")[1]
+    commands = [line[len("$ numbabn "):] for line in block.splitlines() if line.startswith("$ numbabn ")]
+    expected = [line for line in block.splitlines() if line.startswith("Error:")]
+    assert len(commands) == len(expected) >= 3
+    for command, line in zip(commands, expected):
+        if "--backend cuda" in command and numbabn.cuda_available():
+            continue
+        result = invoke(*command.split())
+        assert result.exit_code == 2 and result.output == line + "\n", (command, result.output)
+
+
+def test_help_texts_are_whole_sentences():
+    """Listings show each command's whole first paragraph (wrapped, never cut with '...')."""
+    for args in (["--help"], ["experiment", "--help"], ["bench", "--help"]):
+        text = invoke(*args).output
+        assert "..." not in text.split("Commands:")[-1], text
+    listing = invoke("experiment", "--help").output
+    assert "standard vs batch norm vs noisy batch norm." in " ".join(listing.split())
+    out_help = " ".join(invoke("experiment", "ioffe", "--help").output.split())
+    assert "raw series (JSON) and the figures (PNG)" in out_help and "CSV" not in out_help

@@ -377,3 +377,19 @@ def test_cuda_array_interface_zero_copy(rng):
     d_out = cuda.device_array(x.shape, np.float32)
     y, _ = numbabn.batch_norm_forward(Foreign(cuda.to_device(x)), out=Foreign(d_out))
     np.testing.assert_allclose(d_out.copy_to_host(), R.forward(x)[0], **TOL[np.float32])
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_eval_with_float64_statistics_for_float32_input(on_device):
+    """Eval mode accepts float64 running statistics for float32 input on the GPU too
+    (host or device arrays), with the CPU backend's result."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((6, 3, 5)) + 1e6).astype(np.float32)
+    rm, rv = x.astype(np.float64).mean(axis=(0, 2)), np.full(3, 0.8)
+    expected, _ = numbabn.batch_norm_forward(x, running_mean=rm, running_var=rv, training=False)
+    stats = (cuda.to_device(rm), cuda.to_device(rv)) if on_device else (rm, rv)
+    y, _ = numbabn.batch_norm_forward(cuda.to_device(x) if on_device else x, running_mean=stats[0],
+                                      running_var=stats[1], training=False, backend="cuda")
+    np.testing.assert_allclose(host(y), expected, rtol=0, atol=2e-6)
+    ref = (x.astype(np.float64) - rm[None, :, None]) / np.sqrt(0.8 + 1e-5)
+    assert np.abs(host(y) - ref).max() < 2e-6

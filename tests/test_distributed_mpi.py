@@ -147,6 +147,131 @@ def _worker(out_path):
             json.dump(dict(size=size, results=results, errors=errors, payload=counting.calls), f)
 
 
+# ---------------------------------------------------------------- ranks that disagree
+def _mismatch_cases(comm):
+    """name -> (expected message fragment, action(rank, size) -> (layers touched, call)).
+
+    Each case makes the ranks disagree in one way; every rank must raise the same
+    SyncError and leave its layers exactly as they were."""
+    from numbabn.distributed import SyncBatchNorm1d as S1
+
+    def rows(n, C, dtype=np.float64, seed=0):
+        return np.random.default_rng(seed).standard_normal((n, C)).astype(dtype)
+
+    def trained(C=4, dtype=np.float64):
+        layer = S1(C, dtype=dtype, comm=comm)
+        layer.backward(layer.forward(rows(3, C, dtype)))    # one agreed step: ctx, grads, counters set
+        return layer
+
+    def channels(rank, size):
+        layer = S1(4 if rank == 0 else 400, dtype=np.float64, comm=comm)
+        return [layer], lambda: layer.forward(rows(3, layer.num_features))
+
+    def dtype(rank, size):
+        dt = np.float32 if rank == 0 else np.float64
+        layer = S1(4, dtype=dt, comm=comm)
+        return [layer], lambda: layer.forward(rows(3, 4, dt))
+
+    def mode(rank, size):
+        layer = trained()
+        layer.train(rank != 0)                               # rank 0 in eval, the others training
+        return [layer], lambda: layer.forward(rows(3, 4))
+
+    def forward_vs_backward(rank, size):
+        layer = trained()
+        layer.forward(rows(3, 4))
+        if rank == 0:
+            return [layer], lambda: layer.backward(rows(3, 4))
+        return [layer], lambda: layer.forward(rows(3, 4))
+
+    def call_order(rank, size):
+        a, b = trained(), S1(4, dtype=np.float64, comm=comm)     # same shape; a was called before
+        return [a, b], (lambda: a.forward(rows(3, 4))) if rank == 0 else (lambda: b.forward(rows(3, 4)))
+
+    def bad_input_shape(rank, size):
+        layer = trained()
+        return [layer], lambda: layer.forward(rows(3, 5 if rank == size - 1 else 4))
+
+    def bad_input_dtype(rank, size):
+        layer = trained(dtype=np.float32)
+        return [layer], lambda: layer.forward(rows(3, 4, np.float64 if rank == 0 else np.float32))
+
+    def bad_dy(rank, size):
+        layer = trained()
+        layer.forward(rows(3, 4))
+        return [layer], lambda: layer.backward(rows(2 if rank == 1 else 3, 4))
+
+    def backward_before_forward(rank, size):
+        layer = trained()
+        layer.forward(rows(3, 4))
+        if rank == 0:
+            layer = S1(4, dtype=np.float64, comm=comm)          # a fresh layer: nothing to go back through
+        return [layer], lambda: layer.backward(rows(3, 4))
+
+    return {
+        "channels": ("channels: rank 0: 4 channels; rank 1: 400 channels", channels),
+        "dtype": ("dtype: rank 0: float32; rank 1: float64", dtype),
+        "mode": ("mode: rank 0: running statistics; rank 1: batch statistics", mode),
+        "forward vs backward": ("operation: rank 0: backward; rank 1: forward", forward_vs_backward),
+        "call order": ("call number: rank 0: call #1; rank 1: call #0", call_order),
+        "input shape": ("the input was rejected on rank(s) [LAST]", bad_input_shape),
+        "input dtype": ("the input was rejected on rank(s) [0]", bad_input_dtype),
+        "dy shape": ("the input was rejected on rank(s) [1]", bad_dy),
+        "backward before forward": ("the input was rejected on rank(s) [0]", backward_before_forward),
+    }
+
+
+def _layer_snapshot(layers):
+    out = []
+    for layer in layers:
+        out.append((layer.state_dict(), [None if p.grad is None else p.grad.copy() for p in layer.parameters()],
+                    layer._ctx, list(getattr(layer, "_sync_calls", [])), layer.training))
+    return out
+
+
+def _same_snapshot(a, b):
+    for (state_a, grads_a, ctx_a, calls_a, mode_a), (state_b, grads_b, ctx_b, calls_b, mode_b) in zip(a, b):
+        if state_a.keys() != state_b.keys() or not all(np.array_equal(state_a[k], state_b[k]) for k in state_a):
+            return False
+        if any((x is None) != (y is None) or (x is not None and not np.array_equal(x, y))
+               for x, y in zip(grads_a, grads_b)):
+            return False
+        if ctx_a is not ctx_b or calls_a != calls_b or mode_a != mode_b:
+            return False
+    return True
+
+
+def _mismatch_worker(out_path):
+    """Runs every mismatch case on every rank; rank 0 writes what each rank raised."""
+    from mpi4py import MPI
+
+    from numbabn.distributed import SyncBatchNorm1d
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    report = {}
+    for name, (fragment, make) in _mismatch_cases(comm).items():
+        layers, call = make(rank, size)
+        before = _layer_snapshot(layers)
+        try:
+            call()
+            outcome = dict(type=None, message="no error")
+        except Exception as exc:       # noqa: BLE001 -- recorded and compared across ranks
+            outcome = dict(type=type(exc).__name__, message=str(exc),
+                           cause=None if exc.__cause__ is None else type(exc.__cause__).__name__)
+        outcome["unchanged"] = _same_snapshot(before, _layer_snapshot(layers))
+        # The ranks still agree on what comes next: a fresh layer takes a normal step.
+        check = SyncBatchNorm1d(2, dtype=np.float64, comm=comm)
+        check.backward(check.forward(np.arange(6.0).reshape(3, 2) * (rank + 1)))
+        outcome["after"] = float(check.weight.grad[0])
+        outcomes = comm.gather(outcome, root=0)
+        if rank == 0:
+            report[name] = dict(fragment=fragment.replace("LAST", str(size - 1)), ranks=outcomes)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(dict(size=size, cases=report), f)
+
+
 class _CountingComm:
     """Wraps a communicator and records the bytes of every Allgather's buffers."""
 
@@ -183,11 +308,14 @@ needs_mpi = pytest.mark.skipif(_mpi_missing() is not None, reason=str(_mpi_missi
 
 
 def _launch(n, args, timeout=TIMEOUT):
-    """``mpiexec -n n python ...args`` on this machine; stdout+stderr, checked exit status."""
+    """``timeout mpiexec -n n python ...args`` on this machine; stdout+stderr, checked exit
+    status. coreutils' ``timeout`` (when present) ends the whole job, so a rank left
+    waiting in a collective fails the test instead of hanging it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "MPIR_"))}
     env["NUMBA_NUM_THREADS"] = "1"          # the ranks share this machine's cores
-    cmd = [_mpiexec(), "-n", str(n), sys.executable, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+    guard = [shutil.which("timeout"), "-k", "10", str(timeout)] if shutil.which("timeout") else []
+    cmd = [*guard, _mpiexec(), "-n", str(n), sys.executable, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30, env=env,
                           cwd=Path(__file__).resolve().parent.parent)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} exited with {proc.returncode}:\n{output[-4000:]}"
@@ -242,12 +370,43 @@ def test_sync_batch_norm_equals_batch_norm_on_the_concatenated_batch(ranks, work
     assert all("Expected more than 1 value per channel" in e for e in data["errors"]), data["errors"]
 
 
+MISMATCH_TIMEOUT = 120
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ranks_that_disagree_all_raise_the_same_error(ranks, tmp_path, capsys):
+    """Each way of disagreeing (channels, dtype, mode, forward vs backward, call order, a
+    rank whose input or dy is rejected, backward before forward): under a timeout, every
+    rank raises the same SyncError, no layer changes, and the ranks go on in step."""
+    out = tmp_path / "mismatch.json"
+    _launch(ranks, ["-m", "mpi4py", __file__, "--mismatch", str(out)], timeout=MISMATCH_TIMEOUT)
+    data = json.loads(out.read_text())
+    assert data["size"] == ranks
+    lines = []
+    for name, case in data["cases"].items():
+        first = case["ranks"][0]
+        lines.append(f"mismatch ranks={ranks} {name:<24} {first['type']}: {first['message'][:150]}")
+        for r, outcome in enumerate(case["ranks"]):
+            assert outcome["type"] == "SyncError", (name, r, outcome)
+            assert outcome["message"] == first["message"], (name, r, outcome, first)
+            assert outcome["unchanged"], (name, r, "a layer changed")
+            assert outcome["after"] == case["ranks"][0]["after"], (name, "the next step differs between ranks")
+        assert case["fragment"] in first["message"], (name, first["message"])
+    causes = {name: [o["cause"] for o in case["ranks"]] for name, case in data["cases"].items()}
+    assert causes["input shape"][-1] == "ValueError" and causes["input dtype"][0] == "TypeError"
+    assert causes["dy shape"][1] == "ValueError" and causes["backward before forward"][0] == "RuntimeError"
+    assert causes["channels"] == [None] * ranks
+    _report(capsys, "\n".join(lines))
+
+
 @needs_mpi
 def test_payload_per_layer_per_step(worker_results, capsys):
     calls = worker_results(2)["payload"]
     C = C_PAYLOAD
-    assert calls == [dict(sent=(2 * C + 1) * 8, received=2 * (2 * C + 1) * 8, dtype="float64"),   # forward
-                     dict(sent=2 * C * 8, received=2 * 2 * C * 8, dtype="float64")], calls      # backward
+    head = dict(sent=8 * 8, received=2 * 8 * 8, dtype="float64")                                 # the header
+    assert calls == [head, dict(sent=(2 * C + 1) * 8, received=2 * (2 * C + 1) * 8, dtype="float64"),   # forward
+                     head, dict(sent=2 * C * 8, received=2 * 2 * C * 8, dtype="float64")], calls      # backward
     _report(capsys, f"payload numbabn SyncBatchNorm1d(C={C}), 2 ranks, one step: {calls}")
 
 
@@ -457,4 +616,7 @@ def test_pytorch_payload(capsys):
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    if sys.argv[1] == "--mismatch":
+        _mismatch_worker(sys.argv[2])
+    else:
+        _worker(sys.argv[1])

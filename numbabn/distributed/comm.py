@@ -157,6 +157,10 @@ def header(exchange, call, channels, itemsize, mode, error):
     return np.array([_MAGIC, _VERSION, exchange, call, channels, itemsize, mode, 1.0 if error else 0.0])
 
 
+_LABELS = {"exchange": "operation", "channels": "channels", "itemsize": "dtype", "mode": "mode",
+           "call": "call number"}
+
+
 def _values(rows, field, fmt):
     return "; ".join(f"rank {r}: {fmt(row[HEADER.index(field)])}" for r, row in enumerate(rows))
 
@@ -185,7 +189,7 @@ def describe_disagreement(rows):
     if not differ:
         return None
     return (f"SyncBatchNorm: the {P} ranks disagree -- "
-            + " | ".join(f"{field}: {_values(rows, field, formats[field])}" for field in differ)
+            + " | ".join(f"{_LABELS[field]}: {_values(rows, field, formats[field])}" for field in differ)
             + " -- every rank raises this error and no layer changed (every rank must call the same layers, "
             "in the same order and mode, with the same settings)")
 

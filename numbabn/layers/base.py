@@ -43,6 +43,64 @@ class Parameter:
         return f"Parameter(name={self.name!r}, shape={self.value.shape}, dtype={self.value.dtype}, grad={grad})"
 
 
+def _all_layers(layer):
+    out = [layer]
+    for child in layer._children.values():
+        out.extend(_all_layers(child))
+    return out
+
+
+def capture(layer, parameters=False, optimizer=None, forward=True, backward=True):
+    """Everything a call on ``layer`` may change, saved so that :func:`restore` puts it
+    back exactly: every sub-layer's attributes (forward caches, training flag), buffers
+    (copied), random generators' states and parameter gradients (references; layers
+    rebind ``.grad`` rather than writing into it), plus, with ``parameters``, copies of
+    the parameter values and, with ``optimizer``, its state. Buffers are small (C values
+    per layer); parameter copies are for calls that update them (a training run).
+    ``forward``/``backward`` False leave out what only the other pass changes (the
+    buffers and generators, or the gradients), which makes a capture cheaper."""
+    layers = _all_layers(layer)
+    attrs, buffers, rngs, grads = [], [], [], []
+    for l in layers:
+        d = vars(l)
+        attrs.append((l, d.copy()))
+        if forward:        # what a forward pass changes: running statistics, generators
+            buffers.extend((b, b.copy()) for b in l._buffers.values())
+            rngs.extend((g, g.bit_generator.state) for g in d.values() if type(g) is np.random.Generator)
+        if backward:       # what a backward pass changes: gradients
+            grads.extend((p, p.grad) for p in l._parameters.values())
+    saved = {"attrs": attrs, "buffers": buffers, "rngs": rngs, "grads": grads}
+    if parameters:
+        saved["values"] = [(p.value, p.value.copy()) for p in layer.parameters()]
+    if optimizer is not None:
+        has_state = callable(getattr(optimizer, "state_dict", None)) and callable(
+            getattr(optimizer, "load_state_dict", None))
+        saved["optimizer"] = (optimizer, dict(vars(optimizer)) if hasattr(optimizer, "__dict__") else None,
+                              optimizer.state_dict() if has_state else None)
+    return saved
+
+
+def restore(saved):
+    """Undo everything since :func:`capture` (arrays are written back in place)."""
+    for l, attrs in saved["attrs"]:
+        vars(l).clear()
+        vars(l).update(attrs)
+    for target, copy in saved["buffers"] + saved.get("values", []):
+        if target.flags.writeable:
+            np.copyto(target, copy)
+    for g, state in saved["rngs"]:
+        g.bit_generator.state = state
+    for p, grad in saved["grads"]:
+        p.grad = grad
+    if "optimizer" in saved:
+        optimizer, attrs, state = saved["optimizer"]
+        if attrs is not None:
+            vars(optimizer).clear()
+            vars(optimizer).update(attrs)
+        if state is not None:
+            optimizer.load_state_dict(state)
+
+
 def check_layer_dtype(owner, dtype):
     """The dtype a layer computes in: float32 or float64 (float16 has no layers)."""
     dt = np.dtype(dtype)

@@ -1,6 +1,6 @@
 """Containers: layers made of layers."""
 from ..registry import register_layer
-from .base import Layer
+from .base import Layer, capture, restore
 from .batchnorm import BatchNorm1d
 from .linear import Linear
 
@@ -13,6 +13,9 @@ class Sequential(Layer):
     objects (shared parameters, so ``opt.step(seq[:i].parameters())`` updates the
     first i layers of ``seq``), ``len(seq)``, ``iter(seq)`` and ``seq.layers``
     (a tuple) work as expected. State-dict keys are "<index>.<name>".
+
+    ``forward`` and ``backward`` are all or nothing: if a layer raises, every layer
+    of the chain is put back as it was (running statistics, caches, gradients).
     """
 
     def __init__(self, *layers):
@@ -21,14 +24,27 @@ class Sequential(Layer):
             self.add_child(str(i), layer)
         self.layers = tuple(layers)
 
+    # All or nothing: when a layer raises, the layers before it have already updated
+    # their running statistics and caches (forward) or gradients (backward); they are
+    # put back, so a failed call leaves the whole chain as it was.
     def forward(self, x):
-        for layer in self.layers:
-            x = layer.forward(x)
+        saved = capture(self, backward=False)
+        try:
+            for layer in self.layers:
+                x = layer.forward(x)
+        except Exception:
+            restore(saved)
+            raise
         return x
 
     def backward(self, dy):
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
+        saved = capture(self, forward=False)
+        try:
+            for layer in reversed(self.layers):
+                dy = layer.backward(dy)
+        except Exception:
+            restore(saved)
+            raise
         return dy
 
     def __getitem__(self, index):

@@ -172,12 +172,14 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
 
         ``y`` is ignored. On an error the previous fit is kept.
         """
-        fitted = {k: self.__dict__.pop(k) for k in
-                  ("n_samples_seen_", "mean_", "var_", "_moments", *_NAME_ATTRS) if k in self.__dict__}
+        saved = dict(self.__dict__)
+        for k in ("n_samples_seen_", "mean_", "var_", "_moments", *_NAME_ATTRS):
+            self.__dict__.pop(k, None)
         try:
             return self.partial_fit(X)
-        except Exception:
-            self.__dict__.update(fitted)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)     # same objects, same order: exactly as before
             raise
 
     def partial_fit(self, X, y=None):
@@ -186,20 +188,26 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         ``momentum=None``: exact merge of the batch's moments into those seen so far.
         Otherwise one moving-average step (see the module docstring). ``y`` is ignored.
         """
-        X, (eps, momentum, gamma, beta) = self._validate_fit(X)
-        batch = self._batch_moments(X)
-        if momentum is None:
-            total = merge_moments(getattr(self, "_moments", Moments.empty(batch.channels)), batch)
-            self._moments = total
-            self.mean_, self.var_ = total.mean, total.var()
-        else:
-            n = batch.count
-            mean = getattr(self, "mean_", np.zeros(batch.channels))
-            var = getattr(self, "var_", np.ones(batch.channels))
-            keep = 1.0 - momentum
-            self.mean_ = keep * mean + momentum * batch.mean
-            self.var_ = keep * var + momentum * (batch.m2 / n) * (n / (n - 1.0))
-        self.n_samples_seen_ = getattr(self, "n_samples_seen_", 0) + batch.count
+        saved = dict(self.__dict__)
+        try:
+            X, (eps, momentum, gamma, beta) = self._validate_fit(X)
+            batch = self._batch_moments(X)
+            new = {"n_samples_seen_": getattr(self, "n_samples_seen_", 0) + batch.count}
+            if momentum is None:
+                total = merge_moments(getattr(self, "_moments", Moments.empty(batch.channels)), batch)
+                new.update(_moments=total, mean_=total.mean, var_=total.var())
+            else:
+                n = batch.count
+                mean = getattr(self, "mean_", np.zeros(batch.channels))
+                var = getattr(self, "var_", np.ones(batch.channels))
+                keep = 1.0 - momentum
+                new.update(mean_=keep * mean + momentum * batch.mean,
+                           var_=keep * var + momentum * (batch.m2 / n) * (n / (n - 1.0)))
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)      # validate_data may have set n_features_in_
+            raise
+        self.__dict__.update(new)            # computed in full first: nothing below can fail
         return self
 
     # ------------------------------------------------------------ transforming

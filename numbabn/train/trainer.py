@@ -143,7 +143,25 @@ class Trainer:
     # ------------------------------------------------------------ the loop
     def fit(self, X, y, steps=None, epochs=None):
         """Train for ``steps`` steps or ``epochs`` epochs (exactly one of them) and
-        return the :class:`History` of this call."""
+        return the :class:`History` of this call.
+
+        All or nothing: if any step raises (a loss that rejects a label, a metric that
+        fails, a layer that rejects a batch), the model (parameters, buffers, caches,
+        gradients, generators), the optimizer and the trainer (batch order, step
+        count) are put back as they were before the call. An interrupt (Ctrl-C) is not
+        an error: the steps done so far are kept."""
+        from ..layers.base import capture, restore
+
+        saved = capture(self.model, parameters=True, optimizer=self.optimizer)
+        trainer_state = (self.rng.bit_generator.state, self.steps_done)
+        try:
+            return self._fit(X, y, steps, epochs)
+        except Exception:
+            restore(saved)
+            self.rng.bit_generator.state, self.steps_done = trainer_state
+            raise
+
+    def _fit(self, X, y, steps, epochs):
         fn = "Trainer.fit"
         X, y = _check_data(fn, X, y)
         if (steps is None) == (epochs is None):
