@@ -362,11 +362,13 @@ def test_experiment_real_registry():
     (["experiment", "ioffe", "--out", "/etc/passwd"], "Error: Invalid value for '--out': Directory '/etc/passwd' is a"),
     (["bench", "--shape", "64x64xfoo"], "Error: Invalid value for '--shape': shape must look like 64x64x56x56, got"),
     (["nope"], "Error: No such command 'nope'."),
+    (["bench", "sklearn", "--json", "/sys/x.json"], "Error: Invalid value for '--json': cannot write '/sys/x.json'"),
 ])
 def test_errors_are_one_line_before_any_work(args, message, monkeypatch):
     """Each of these used to run the whole benchmark (or experiment) first, or print a
     traceback, or click's four lines. Now: one line, exit 2, nothing run."""
     monkeypatch.setattr("numbabn.benchmark.run", lambda *a, **k: pytest.fail("the benchmark ran"))
+    monkeypatch.setattr("numbabn.sklearn.benchmark.run_sklearn_bench", lambda *a, **k: pytest.fail("it ran"))
     monkeypatch.setattr("numbabn.train.experiments.EXPERIMENTS", {"ioffe": lambda **kw: pytest.fail("it ran")})
     if args[-1].startswith("/sys/") and os.access("/sys", os.W_OK) and not Path("/sys/class").exists():
         pytest.skip("/sys is not sysfs here")

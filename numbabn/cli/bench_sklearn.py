@@ -4,7 +4,7 @@ import json
 
 import click
 
-from ._common import Settings
+from ._common import Settings, check_output_file, write_output
 
 _PARTS = ("transformer", "mlp")    # numbabn.sklearn.benchmark.PARTS, without importing it for --help
 
@@ -26,6 +26,7 @@ _PARTS = ("transformer", "mlp")    # numbabn.sklearn.benchmark.PARTS, without im
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Cap Numba and BLAS threads for both sides [default: the libraries' own].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True),
+              callback=lambda ctx, param, value: check_output_file(value, None),
               help="Write the rows as JSON; '-' writes them to stdout and the tables to stderr.")
 @click.pass_context
 def sklearn(ctx, parts, samples, features, dtypes, repeat, epochs, seeds, threads, json_path):
@@ -48,6 +49,8 @@ def sklearn(ctx, parts, samples, features, dtypes, repeat, epochs, seeds, thread
                              seeds=seeds or (0, 1, 2), threads=threads)
     click.echo(format_table(rows), err=json_path == "-")
     if json_path is not None:
-        with click.open_file(json_path, "w") as f:
+        def write(f):
             json.dump(rows, f, indent=2)
             f.write("\n")
+
+        write_output(json_path, write, "the JSON rows")

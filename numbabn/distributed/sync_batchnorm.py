@@ -98,7 +98,10 @@ class SyncBatchNormMixin:
                            1 if mode else 0, error is not None), error)
 
     def _count(self, exchange):
-        calls = getattr(self, "_sync_calls", None) or [0, 0]
+        # A new list, not an in-place update: a caller that restores the layer's
+        # attributes after a later failure (Sequential, Trainer) restores the count too,
+        # and the next exchange then tells every rank that this one fell out of step.
+        calls = list(getattr(self, "_sync_calls", None) or [0, 0])
         calls[exchange - 1] += 1
         self._sync_calls = calls
 
