@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from ._common import CLIError, LazyGroup, Settings
+from ._common import CLIError, LazyGroup, Settings, check_threads
 
 # name -> "module:attribute" of a click command, imported only when it is run.
 SUBCOMMANDS = {"sklearn": "numbabn.cli.bench_sklearn:sklearn"}
@@ -220,11 +220,7 @@ def bench(ctx, ops, shapes, layout, suite, dtype, backend, threads, repeat, comp
         if not numbabn.cuda_available():
             raise CLIError("CUDA backend requested but no GPU is available (simulator timings are refused)")
     elif threads is not None:
-        import numba
-
-        if threads > numba.config.NUMBA_NUM_THREADS:
-            raise click.BadParameter(f"{threads} is more than Numba's {numba.config.NUMBA_NUM_THREADS} "
-                                     "threads (NUMBA_NUM_THREADS)", ctx=ctx, param_hint="'--threads'")
+        check_threads(ctx, threads)
     compare = _resolve_compare(compare, backend)
     if settings.verbose:
         click.echo(f"timing {len(cases)} cases x {len(ops)} ops on {backend} ({dtype}), median of {repeat}, "
