@@ -224,8 +224,12 @@ def test_cpu_tensors_are_viewed_without_copies():
     perm = _bridge.channels_last_perm(x)
     a = _bridge.to_array(x, perm)
     assert perm == (0, 2, 3, 1) and a.flags.c_contiguous and a.ctypes.data == x.data_ptr()
-    y = _bridge.to_tensor(a, x, perm)
-    assert y.data_ptr() == x.data_ptr() and y.is_contiguous(memory_format=torch.channels_last)
+    y, out = _bridge.empty_like(x, perm)
+    assert y._base is None and y.is_contiguous(memory_format=torch.channels_last)
+    assert out.shape == (4, 5, 5, 3) and out.flags.c_contiguous and out.ctypes.data == y.data_ptr()
+    ncl = torch.randn(2, 7, 3).transpose(1, 2)   # (N, C, L) stored as (N, L, C)
+    y, out = _bridge.empty_like(ncl, _bridge.channels_last_perm(ncl))
+    assert y.stride() == ncl.stride() and out.flags.c_contiguous
     assert _bridge.channels_last_perm(torch.randn(4, 3, 5, 5)) is None
 
 
@@ -250,8 +254,8 @@ class FakeCudaTensor:
 def test_cuda_tensors_go_to_numbabn_as_they_are(monkeypatch):
     """The dispatch logic of the CUDA path, without a device: a CUDA tensor is handed
     to numbabn itself (made contiguous in numbabn's layout), so numbabn's functional API
-    sees ``__cuda_array_interface__`` and picks its CUDA backend; a numba device array
-    coming back is wrapped with torch.as_tensor on the input's device."""
+    sees ``__cuda_array_interface__`` and picks its CUDA backend; a per-channel numba
+    device array coming back is wrapped with torch.as_tensor on the input's device."""
     fake = FakeCudaTensor(torch.randn(2, 3, 4, 4))
     assert _bridge.to_array(fake, (0, 2, 3, 1)) is fake
     assert fake.calls == [("permute", (0, 2, 3, 1)), ("contiguous",)]
@@ -259,13 +263,12 @@ def test_cuda_tensors_go_to_numbabn_as_they_are(monkeypatch):
 
     def as_tensor(obj, device=None):
         seen.update(obj=obj, device=device)
-        return torch.zeros(2, 4, 4, 3)
+        return torch.zeros(3)
 
     monkeypatch.setattr(torch, "as_tensor", as_tensor)
     device_array = object()
-    out = _bridge.to_tensor(device_array, fake, (0, 2, 3, 1))
+    _bridge.to_tensor(device_array, fake)
     assert seen == dict(obj=device_array, device=fake.device)
-    assert out.shape == (2, 3, 4, 4)
 
     from numbabn import _validation   # numbabn's own dispatch rule for such an object
     assert _validation.is_device_array(type("T", (), {"__cuda_array_interface__": {}})())

@@ -2,17 +2,18 @@
 
 * CPU tensors become NumPy views (``tensor.numpy()``): numbabn reads the tensor's
   memory directly, and its in-place updates of the running statistics land in the
-  module's buffers. Results (fresh NumPy arrays) are wrapped with
-  ``torch.from_numpy``, again without a copy.
+  module's buffers. Outputs are allocated by torch and filled by numbabn through
+  ``out=``; per-channel results are wrapped with ``torch.from_numpy``.
 * CUDA tensors are handed over as they are: they expose ``__cuda_array_interface__``,
-  so numbabn's CUDA backend views them on the device (zero copy) and returns numba
-  device arrays, which ``torch.as_tensor`` wraps on the same device (zero copy).
+  so numbabn's CUDA backend views them on the device (zero copy), writes outputs
+  into torch CUDA tensors (``out=``) and returns per-channel results as numba device
+  arrays, which ``torch.as_tensor`` wraps on the same device (zero copy).
 
 Memory format: numbabn views an input as ``(N, C, L)`` when it is C-contiguous, or as
 ``(M, C)`` when the channels are its last, contiguous axis. A ``channels_last``
 (NHWC) or ``channels_last_3d`` tensor is therefore handed over as its permuted,
-contiguous N...C view with ``axis=-1``, and the results are permuted back: they keep
-the input's memory format, as ``torch.nn.BatchNorm2d``'s do. Other strides are
+contiguous N...C view with ``axis=-1``, and the results are written into tensors of
+the input's memory format (as ``torch.nn.BatchNorm2d``'s are). Other strides are
 copied once (by numbabn on the CPU, here on the GPU, whose kernels need contiguous
 input).
 """
@@ -32,10 +33,6 @@ def channels_last_perm(t):
     return perm if t.permute(perm).is_contiguous() else None
 
 
-def _inverse(perm):
-    return tuple(int(i) for i in np.argsort(perm))
-
-
 def to_array(t, perm=None):
     """What numbabn is given for tensor ``t`` (permuted by ``perm`` first): a NumPy
     view on the CPU, the (contiguous) tensor itself on a CUDA device."""
@@ -47,10 +44,25 @@ def to_array(t, perm=None):
     return t.contiguous()
 
 
-def to_tensor(a, like, perm=None):
-    """A numbabn result ``a`` as a tensor on ``like``'s device, un-permuted by ``perm``."""
-    t = torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.as_tensor(a, device=like.device)
-    return t if perm is None else t.permute(_inverse(perm))
+def empty_like(t, perm=None):
+    """A new tensor of ``t``'s shape, dtype and device laid out like numbabn's view of
+    ``t`` (C-contiguous, or channels-last when ``perm`` is given), and the array
+    numbabn writes into it (``out=``). Allocated by torch and not a view, so callers
+    may modify the result in place (``ReLU(inplace=True)``)."""
+    shape = tuple(t.shape)
+    order = perm or tuple(range(len(shape)))
+    strides = [0] * len(shape)
+    step = 1
+    for axis in reversed(order):   # innermost axis of numbabn's view gets stride 1
+        strides[axis] = step
+        step *= shape[axis]
+    out = torch.empty_strided(shape, strides, dtype=t.dtype, device=t.device)
+    return out, to_array(out, perm)
+
+
+def to_tensor(a, like):
+    """A per-channel numbabn result ``a`` as a tensor on ``like``'s device."""
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.as_tensor(a, device=like.device)
 
 
 def optional_array(t):

@@ -45,11 +45,12 @@ class BatchNormFunction(torch.autograd.Function):
         # copies, written back only once the forward has succeeded.
         staged = [(buf, buf if buf is None or buf.dtype == cdt else buf.to(cdt))
                   for buf in (running_mean, running_var)]
-        y, bn = numbabn.batch_norm_forward(
+        y, out = B.empty_like(x, perm)
+        _, bn = numbabn.batch_norm_forward(
             B.to_array(x, perm), B.optional_array(weight), B.optional_array(bias),
             running_mean=B.optional_array(staged[0][1]), running_var=B.optional_array(staged[1][1]),
             training=training, momentum=momentum, eps=eps, axis=1 if perm is None else -1,
-            activation="relu" if relu else None, moments=moments)
+            activation="relu" if relu else None, moments=moments, out=out)
         for buf, copy in staged:
             if copy is not buf and training:
                 buf.copy_(copy)
@@ -57,7 +58,7 @@ class BatchNormFunction(torch.autograd.Function):
         # numbabn's context reads x and weight by reference: saving them lets autograd
         # refuse a backward after either was modified in place.
         ctx.save_for_backward(x, weight)
-        return B.to_tensor(y, x, perm)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -69,13 +70,14 @@ class BatchNormFunction(torch.autograd.Function):
             def allreduce(sums):
                 local.append(sums)
                 return ctx.allreduce(sums)
-        dx, dgamma, dbeta = numbabn.batch_norm_backward(B.to_array(dy, perm), bn, allreduce=allreduce)
+        x = saved[0]
+        dx, out = B.empty_like(x, perm)
+        _, dgamma, dbeta = numbabn.batch_norm_backward(B.to_array(dy, perm), bn, allreduce=allreduce, out=out)
         if local:   # this rank's share of the parameter gradients (see the module docstring)
             sums = local[0]
             dgamma = (sums[1] * bn.invstd).astype(bn.gamma.dtype) if dgamma is not None else None
             dbeta = sums[0].astype(bn.gamma.dtype) if dbeta is not None else None
-        x = saved[0]
-        grads = [B.to_tensor(dx, x, perm) if ctx.needs_input_grad[0] else None,
+        grads = [dx if ctx.needs_input_grad[0] else None,
                  B.to_tensor(dgamma, x) if dgamma is not None and ctx.needs_input_grad[1] else None,
                  B.to_tensor(dbeta, x) if dbeta is not None and ctx.needs_input_grad[2] else None]
         if torch.is_grad_enabled():   # backward(create_graph=True): no second derivative here
