@@ -4,7 +4,7 @@ import json
 
 import click
 
-from ._common import CLIError, Settings
+from ._common import CLIError, Settings, check_threads
 
 _PARTS = ("bn", "step")    # numbabn.torch.benchmark's measurements, without importing it for --help
 
@@ -14,7 +14,7 @@ _PARTS = ("bn", "step")    # numbabn.torch.benchmark's measurements, without imp
               help="bn (BN forward+backward per default-suite case) or step (ResNet-18 training "
                    "step); repeatable [default: both].")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for both PyTorch and Numba [default: Numba's].")
+              help="CPU threads for both PyTorch and numbabn [default: numbabn's].")
 @click.option("--repeat", type=click.IntRange(min=1), default=None,
               help="Interleaved rounds per measurement; medians are reported [default: bn 20, step 10].")
 @click.option("--batch", type=click.IntRange(min=2), default=64, show_default=True, help="step: batch size.")
@@ -32,11 +32,7 @@ def torch(ctx, parts, threads, repeat, batch, json_path):
         raise CLIError("numbabn bench torch needs PyTorch: pip install 'numbabn[torch]'")
     settings = ctx.find_object(Settings) or Settings()
     if threads is not None:
-        import numba
-
-        if threads > numba.config.NUMBA_NUM_THREADS:
-            raise click.BadParameter(f"{threads} is more than Numba's {numba.config.NUMBA_NUM_THREADS} threads "
-                                     "(NUMBA_NUM_THREADS)", ctx=ctx, param_hint="'--threads'")
+        check_threads(ctx, threads)
     from numbabn.torch import benchmark
 
     out = {}
@@ -49,9 +45,9 @@ def torch(ctx, parts, threads, repeat, batch, json_path):
         else:
             out[part] = benchmark.run_step(threads=threads, batch=batch, **({"repeat": repeat} if repeat else {}))
             table = benchmark.format_step(out[part])
-        rows = out[part]
-        click.echo(f"{part}: torch threads {rows[0]['threads']}, numba threads {rows[0]['numba_threads']}\n{table}\n",
-                   err=json_path == "-")
+        first = out[part][0]
+        click.echo(f"{part}: torch threads {first['threads']}, numbabn threads {first['numbabn_threads']}\n"
+                   f"{table}\n", err=json_path == "-")
     if json_path is not None:
         with click.open_file(json_path, "w") as f:
             json.dump(out, f, indent=2)

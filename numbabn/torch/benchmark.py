@@ -1,7 +1,7 @@
 """numbabn.torch against PyTorch's own batch norm inside autograd (``numbabn bench torch``).
 
 Two measurements, both in one process with the same thread count for PyTorch and
-Numba (``torch.set_num_threads`` and ``numba.set_num_threads``), float32:
+numbabn (``torch.set_num_threads`` and ``numbabn.set_num_threads``), float32:
 
 ``bn``
     Per case of ``numbabn.benchmark.SUITES["default"]``: one training-mode forward
@@ -33,12 +33,12 @@ from .resnet import resnet18
 
 
 def _set_threads(threads):
-    import numba
+    import numbabn
 
     if threads is not None:
         torch.set_num_threads(threads)
-        numba.set_num_threads(threads)
-    return torch.get_num_threads(), numba.get_num_threads()
+        numbabn.set_num_threads(threads)
+    return torch.get_num_threads(), numbabn.get_num_threads()
 
 
 def _interleaved(fns, repeat, warmup=2):
@@ -83,7 +83,7 @@ def run_bn(cases=None, threads=None, repeat=20):
 
     from . import modules
 
-    torch_threads, numba_threads = _set_threads(threads)
+    torch_threads, numbabn_threads = _set_threads(threads)
     rows = []
     for case in cases or SUITES["default"]:
         name, x, dy = _bn_case(case)
@@ -99,13 +99,13 @@ def run_bn(cases=None, threads=None, repeat=20):
                          speedup=t["native"] / t["numbabn"],
                          native_relu_ms=t["native+relu"] * 1e3, fused_ms=t["numbabn fused"] * 1e3,
                          relu_speedup=t["native+relu"] / t["numbabn fused"],
-                         threads=torch_threads, numba_threads=numba_threads))
+                         threads=torch_threads, numbabn_threads=numbabn_threads))
     return rows
 
 
 def run_step(threads=None, repeat=10, batch=64, seed=0):
     """Rows (dicts) of the ``step`` measurement; see the module docstring."""
-    torch_threads, numba_threads = _set_threads(threads)
+    torch_threads, numbabn_threads = _set_threads(threads)
     torch.manual_seed(seed)
     base = resnet18()
     x = torch.randn(batch, 3, 32, 32)
@@ -129,7 +129,7 @@ def run_step(threads=None, repeat=10, batch=64, seed=0):
     t = _interleaved({name: stepper(name, m) for name, m in models.items()}, repeat)
     native = t["native BN"]
     return [dict(variant=name, step_ms=sec * 1e3, speedup=native / sec, final_loss=losses[name],
-                 batch=batch, threads=torch_threads, numba_threads=numba_threads) for name, sec in t.items()]
+                 batch=batch, threads=torch_threads, numbabn_threads=numbabn_threads) for name, sec in t.items()]
 
 
 def _table(rows, columns):
