@@ -12,6 +12,7 @@ moved (DESIGN.md §3) and the GB/s at the median time.
 import numpy as np
 import pytest
 
+import numbabn
 from numbabn import benchmark as harness
 
 
@@ -46,5 +47,5 @@ def test_torch(benchmark, case, op, data):
 
     x, dy, gamma, beta, _, _ = data
     # Same thread count as Numba, as in numbabn bench.
-    ops = harness._torch_ops(case, x, gamma, beta, dy, numba.get_num_threads())
+    ops = harness._torch_ops(case, x, gamma, beta, dy, numbabn.get_num_threads())
     _time(benchmark, ops[op], case, op, x)

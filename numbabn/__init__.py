@@ -22,6 +22,10 @@ _LAZY = {
     "cuda_available": "numbabn.functional",
     "Moments": "numbabn.stats",
     "merge_moments": "numbabn.stats",
+    "get_num_threads": "numbabn._threads",
+    "set_num_threads": "numbabn._threads",
+    "limit_threads": "numbabn._threads",
+    "available_cpus": "numbabn._threads",
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(globals(), _LAZY, ["__version__"])

@@ -1,41 +1,189 @@
-"""Run small inputs on the calling thread alone.
+"""The one scheduler of the CPU kernels: fixed blocks, a persistent pool of Python
+threads, kernels that release the GIL.
 
-Waking Numba's thread pool costs several microseconds, and idle pool threads spin
-for a while afterwards; on a small input (a BN layer in an MLP with batch 60) that
-is more than the work itself, and the spinning threads then compete with BLAS's
-own threads for the same cores. PyTorch does the same (``at::parallel_for`` runs
-serially below a grain size of 32768 elements). Results do not change: the
-kernels' chunking never depends on the thread count.
+A kernel processes the blocks ``t0 <= t < t1`` of a fixed grid (its geometry
+depends on the shape and ``config.CHUNK`` only) and writes per-block partial
+results, which the driver merges in block order. How the blocks are split over
+threads therefore never changes a result: outputs are bit-identical for any
+thread count, and concurrent calls from several Python threads give what serial
+calls give.
+
+Why Python threads rather than Numba's ``parallel=True``: serial kernels compile
+several times faster than parfors; no OpenMP/TBB/workqueue runtime is loaded, so a
+forked child (``multiprocessing``, joblib) works after the parent used the kernels,
+and several Python threads may call kernels at once under any Numba threading
+configuration; idle pool threads block on a queue instead of spinning against BLAS.
+See the README's "Kernel runtime" section for the measurements behind the choice.
+
+Thread count: :func:`set_num_threads`, else ``NUMBABN_NUM_THREADS``, else the CPUs
+this process may use (:func:`available_cpus`: affinity mask and cgroup CPU quota).
+Inputs of at most ``config.SERIAL_MAX`` elements run on the calling thread alone
+(PyTorch's grain size is the same 32768).
 """
-import numba
-from numba.np.ufunc import parallel as _parallel
+import contextlib
+import os
+import queue
+import threading
 
 from . import config
 
-_raw = None
+_lock = threading.Lock()
+_pool = None          # _Pool, created on first parallel use
+_threads = None       # the setting; None until first read
 
 
-def _raw_get_set():
-    """Numba's unchecked thread-count getter and setter (~0.3 us a call, against
-    ~1.5 us for the public ones, which re-check the pool and argument every time).
-    They are bound when the pool starts, so start it first; the public functions
-    stand in should a Numba release rename them."""
-    numba.get_num_threads()
-    return (getattr(_parallel, "_get_num_threads", None) or numba.get_num_threads,
-            getattr(_parallel, "_set_num_threads", None) or numba.set_num_threads)
-
-
-def run(kernel, size, *args):
-    """``kernel(*args)``, on one thread when ``size`` <= config.SERIAL_MAX elements."""
-    if size > config.SERIAL_MAX:
-        return kernel(*args)
-    global _raw
-    if _raw is None:
-        _raw = _raw_get_set()
-    get, set_ = _raw
-    prev = get()
-    set_(1)
+def available_cpus():
+    """CPUs this process may run on: the affinity mask, capped by a cgroup v2/v1
+    CPU quota (containers), at least 1."""
     try:
-        return kernel(*args)
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        n = min(n, quota)
+    return max(1, n)
+
+
+def _cgroup_quota():
+    """ceil(quota / period) from cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_*``; None if unlimited."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota == "max":
+            return None
+        return max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+            quota = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+            period = int(f.read())
+        return None if quota <= 0 else max(1, -(-quota // period))
+    except (OSError, ValueError):
+        return None
+
+
+def get_num_threads():
+    """Threads the CPU kernels use for inputs larger than ``config.SERIAL_MAX``."""
+    global _threads
+    if _threads is None:
+        _threads = config.NUM_THREADS or available_cpus()
+    return _threads
+
+
+def set_num_threads(n):
+    """Use ``n`` threads (1 <= n; more than :func:`available_cpus` is allowed but
+    only oversubscribes). Returns the previous setting. Results do not depend on it."""
+    if isinstance(n, bool) or not isinstance(n, int) and not hasattr(n, "__index__"):
+        raise TypeError(f"set_num_threads: n must be a positive int, got {type(n).__name__} {n!r}")
+    n = int(n.__index__()) if not isinstance(n, int) else n
+    if n < 1:
+        raise ValueError(f"set_num_threads: n must be a positive int, got {n}")
+    global _threads
+    with _lock:
+        previous = get_num_threads()
+        _threads = n
+    return previous
+
+
+@contextlib.contextmanager
+def limit_threads(n):
+    """``with limit_threads(n):`` the kernels use ``n`` threads (None: no change);
+    the previous setting is restored on exit. The setting is process-wide."""
+    if n is None:
+        yield
+        return
+    previous = set_num_threads(n)
+    try:
+        yield
     finally:
-        set_(prev)
+        set_num_threads(previous)
+
+
+class _Pool:
+    """Worker threads taking (function, args, done) jobs from one queue."""
+
+    def __init__(self, workers):
+        self.size = workers
+        self.jobs = queue.SimpleQueue()
+        for _ in range(workers):
+            threading.Thread(target=self._work, daemon=True, name="numbabn-kernel").start()
+
+    def _work(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            fn, args, done = job
+            try:
+                fn(*args)
+            except BaseException as exc:   # handed to the caller, which re-raises
+                done.error = exc
+            done.release()
+
+    def close(self):
+        for _ in range(self.size):
+            self.jobs.put(None)
+
+
+class _Done:
+    """Counts finished jobs of one call (a semaphore plus the first error)."""
+
+    __slots__ = ("sem", "error")
+
+    def __init__(self):
+        self.sem = threading.Semaphore(0)
+        self.error = None
+
+    def release(self):
+        self.sem.release()
+
+
+def _get_pool(workers):
+    global _pool
+    with _lock:
+        if _pool is None or _pool.size != workers:
+            if _pool is not None:
+                _pool.close()
+            _pool = _Pool(workers)
+        return _pool
+
+
+def _after_fork():
+    # The child has no copy of the parent's worker threads; its pool (and the
+    # lock, which a parent thread may have held at fork time) start afresh.
+    global _pool, _lock
+    _pool = None
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def parallel_for(kernel, blocks, size, *args):
+    """Run ``kernel(*args, t0, t1)`` over the blocks ``0 <= t < blocks``.
+
+    Serial (one call on this thread) when ``size`` <= ``config.SERIAL_MAX`` elements,
+    when there is one block, or with one thread; otherwise the blocks are cut into
+    one contiguous span per thread, the calling thread runs the first span and the
+    pool the others.
+    """
+    threads = get_num_threads()
+    if size <= config.SERIAL_MAX or blocks <= 1 or threads <= 1:
+        kernel(*args, 0, blocks)
+        return
+    spans = min(threads, blocks)
+    pool = _get_pool(threads - 1)
+    done = _Done()
+    bounds = [blocks * i // spans for i in range(spans + 1)]
+    for i in range(1, spans):
+        pool.jobs.put((kernel, (*args, bounds[i], bounds[i + 1]), done))
+    try:
+        kernel(*args, bounds[0], bounds[1])
+    finally:
+        for _ in range(spans - 1):      # never leave while a worker still writes our arrays
+            done.sem.acquire()
+    if done.error is not None:
+        raise done.error

@@ -24,10 +24,13 @@ _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): n
 _FLOAT32 = np.dtype(np.float32)
 
 
+_FLOAT64 = np.dtype(np.float64)
+
+
 def compute_dtype(dtype):
-    """float16 -> float32; float32/float64 unchanged."""
-    dtype = np.dtype(dtype)
-    return _FLOAT32 if dtype.char == "e" else dtype
+    """The native dtype the kernels compute in: float16 -> float32; float32/float64
+    of either byte order -> native float32/float64."""
+    return _FLOAT64 if np.dtype(dtype).char == "d" else _FLOAT32
 
 
 def empty_param(dtype):
@@ -107,7 +110,8 @@ def canonical_host(fn, name, x, axis):
             raise TypeError(f"{fn}: {name} must be an array, got {describe(x)}") from exc
     check_float_dtype(fn, name, x.dtype)
     axis, layout, cshape, C, m = layout_of(fn, name, x.shape, axis)
-    if x.flags.c_contiguous and x.dtype.char != "e":
+    flags = x.flags
+    if flags.c_contiguous and flags.aligned and x.dtype.isnative and x.dtype.char != "e":
         arr = x.reshape(cshape)
     else:
         arr = np.ascontiguousarray(x, dtype=compute_dtype(x.dtype)).reshape(cshape)
@@ -134,6 +138,10 @@ def check_param(fn, name, value, channels, dtype, *, inplace=False):
     if value.dtype != dtype:
         raise TypeError(f"{fn}: {name} must have dtype {dtype} to match the input, got {value.dtype}")
     flags = value.flags
+    if not flags.aligned:
+        if inplace:
+            raise ValueError(f"{fn}: {name} is updated in place and must be an aligned array")
+        value = value.copy()
     if inplace:
         if not flags.writeable:
             raise ValueError(f"{fn}: {name} is updated in place but is read-only")
@@ -235,14 +243,11 @@ def check_out(fn, name, out, shape, dtype):
     return out
 
 
-_NO_STATS = np.empty((0, 0))
-
-
 def check_moments(fn, moments, cx, training):
     """Given moments for the forward -> ((2, C) float64 stats, count); none given ->
-    (empty, the batch's count)."""
+    (None, the batch's count)."""
     if moments is None:
-        return _NO_STATS, cx.count
+        return None, cx.count
     from .stats import Moments
     if not isinstance(moments, Moments):
         raise TypeError(f"{fn}: moments must be a numbabn.Moments or None, got {describe(moments)}")

@@ -226,11 +226,13 @@ def run(cases, ops=OPS, dtype="float32", backend="cpu", repeat=10, compare=("num
     """
     import numba
 
+    from . import _threads
+
     if backend != "cpu":
         raise ValueError("this harness times the CPU backend; use backend='cuda' through run_cuda")
     if threads is not None:
-        numba.set_num_threads(threads)
-    threads = numba.get_num_threads()
+        _threads.set_num_threads(threads)
+    threads = _threads.get_num_threads()
     dt = np.dtype(dtype)
     rng = np.random.default_rng(0)
     rows = []
@@ -262,17 +264,8 @@ def run(cases, ops=OPS, dtype="float32", backend="cpu", repeat=10, compare=("num
             rows.append(row)
     meta = {"backend": backend, "threads": threads, "copy_gbps": copy_gbps, "dtype": dt.name,
             "repeat": repeat, "numba": numba.__version__, "numpy": np.__version__,
-            "torch": torch_version, "threading_layer": _threading_layer()}
+            "torch": torch_version, "threading_layer": "python threads"}
     return Report(rows, meta)
-
-
-def _threading_layer():
-    import numba
-
-    try:
-        return numba.threading_layer()
-    except ValueError:   # no parallel region has run yet
-        return None
 
 
 def format_table(report):

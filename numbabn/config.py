@@ -8,6 +8,10 @@ functional layer passes them in as arguments.
 ``NUMBABN_SERIAL_MAX``       inputs of at most this many elements run on the calling
                              thread alone (default 32768, PyTorch's grain size).
 ``NUMBABN_CUDA_THREADS``     threads per CUDA block (default 256; tests use 32).
+``NUMBABN_NUM_THREADS``      CPU kernel threads (default: the CPUs this process may
+                             use, see ``numbabn.set_num_threads``).
+``NUMBABN_QUIET``            1 silences the one-line notice printed before the first
+                             kernel compile of a process.
 """
 import os
 
@@ -28,3 +32,5 @@ def _positive_int(name, default):
 CHUNK = _positive_int("NUMBABN_CHUNK", 16384)
 SERIAL_MAX = _positive_int("NUMBABN_SERIAL_MAX", 32768)
 CUDA_THREADS = _positive_int("NUMBABN_CUDA_THREADS", 256)
+NUM_THREADS = _positive_int("NUMBABN_NUM_THREADS", 0) if os.environ.get("NUMBABN_NUM_THREADS") else None
+QUIET = os.environ.get("NUMBABN_QUIET", "") not in ("", "0")

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _validation as V
-from . import _threads, config
-from .kernels import cpu
+from . import config
+from .kernels import cpu_driver
 from .stats import Moments
 
 _BACKENDS = ("cpu", "cuda")
@@ -70,6 +70,7 @@ class BatchNormContext:
     training: bool
     relu: bool
     count: int
+    coef: object = None   # CPU: the forward's (4, C) element coefficients (kernels.cpu)
 
     def __repr__(self):
         # The arrays (the saved input above all) are left out: a repr is one short line.
@@ -206,9 +207,10 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
         y = out
     else:
         y = np.empty(cx.shape, dt)
-    kernel = cpu.forward_ncl if cx.layout == "ncl" else cpu.forward_mc
-    mean, invstd = _threads.run(kernel, cx.array.size, cx.array, g, b, rm, rv, factor, eps, training,
-                                relu, config.CHUNK, stats, count, y.reshape(cx.array.shape))
+    # Not tracking in training means running_mean is None: the empty arrays the
+    # parameter check returns tell the kernel not to update anything.
+    mean, invstd, coef = cpu_driver.forward(cx.array, cx.layout, g, b, rm, rv, factor, eps, training,
+                                            relu, stats, count, y.reshape(cx.array.shape), config.CHUNK)
     if tracking and nbt is not None:
         nbt += 1
     if cx.dtype != dt:
@@ -218,7 +220,7 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
             out[...] = y
             y = out
     ctx = BatchNormContext("cpu", cx.layout, cx.shape, cx.axis, cx.dtype, cx.array, mean, invstd,
-                           g, b, gamma is not None, beta is not None, training, relu, count)
+                           g, b, gamma is not None, beta is not None, training, relu, count, coef)
     return y, ctx
 
 
@@ -252,7 +254,13 @@ def batch_norm_backward(dy, ctx, *, out=None, allreduce=None):
         if np.may_share_memory(out, ctx.x) or np.may_share_memory(out, dy):
             raise ValueError(f"{fn}: out must not overlap dy or the forward input")
     dx = out if out is not None and ctx.dtype == dt else np.empty(ctx.shape, dt)
-    dgamma, dbeta = _threads.run(_backward_cpu, ctx.x.size, fn, cdy.array, ctx, allreduce, dx.reshape(ctx.x.shape))
+    combine = None
+    if allreduce is not None:
+        def combine(sums):
+            return V.check_sums(fn, allreduce(sums), sums.shape)
+    dgamma, dbeta = cpu_driver.backward(cdy.array, ctx.x, ctx.layout, ctx.coef, ctx.invstd, ctx.gamma,
+                                        ctx.training, ctx.relu, ctx.count, combine,
+                                        dx.reshape(ctx.x.shape), config.CHUNK)
     if ctx.dtype != dt:
         if out is None:
             dx = dx.astype(ctx.dtype)
@@ -260,17 +268,6 @@ def batch_norm_backward(dy, ctx, *, out=None, allreduce=None):
             out[...] = dx
             dx = out
     return dx, dgamma if ctx.has_gamma else None, dbeta if ctx.has_beta else None
-
-
-def _backward_cpu(fn, dy, ctx, allreduce, dx):
-    """Reduction pass, optional all-reduce of its (2, C) sums, apply pass."""
-    ncl = ctx.layout == "ncl"
-    args = (dy, ctx.x, ctx.mean, ctx.invstd, ctx.gamma, ctx.beta)
-    sums = (cpu.grad_sums_ncl if ncl else cpu.grad_sums_mc)(*args, ctx.relu, config.CHUNK)
-    if allreduce is not None:
-        sums = V.check_sums(fn, allreduce(sums), sums.shape)
-    return (cpu.grad_apply_ncl if ncl else cpu.grad_apply_mc)(*args, ctx.training, ctx.relu, config.CHUNK,
-                                                              sums, ctx.count, dx)
 
 
 def moments(x, axis=1, *, backend=None):
@@ -287,6 +284,5 @@ def moments(x, axis=1, *, backend=None):
     cx = V.canonical_host(fn, "x", x, axis)
     if cx.count == 0:
         return Moments.empty(cx.channels)
-    kernel = cpu.moments_ncl if cx.layout == "ncl" else cpu.moments_mc
-    mean, m2 = _threads.run(kernel, cx.array.size, cx.array, config.CHUNK)
+    mean, m2 = cpu_driver.batch_moments(cx.array, cx.layout, config.CHUNK)
     return Moments(cx.count, mean, m2)

@@ -54,4 +54,4 @@ def test_cli_bench_sklearn_listed_and_usage_errors():
     result = runner.invoke(main, ["bench", "sklearn", "--part", "scaler"])
     assert result.exit_code == 2 and "'scaler' is not one of" in result.output
     result = runner.invoke(main, ["bench", "sklearn", "--threads", "100000"])
-    assert result.exit_code == 2 and "NUMBA_NUM_THREADS" in result.output
+    assert result.exit_code == 2 and "CPUs this process may use" in result.output

@@ -1,4 +1,4 @@
-"""The ``numbabn`` command line: ``numbabn info | bench | layers | experiment``.
+"""The ``numbabn`` command line: ``numbabn info | bench | layers | experiment | warmup``.
 
 Each command lives in its own module (``numbabn/cli/<command>.py``) and is
 registered in :data:`COMMANDS`. Command modules import only click at module level;
@@ -16,6 +16,7 @@ COMMANDS = {
     "bench": "numbabn.cli.bench:bench",
     "layers": "numbabn.cli.layers:layers",
     "experiment": "numbabn.cli.experiment:experiment",
+    "warmup": "numbabn.cli.warmup:warmup",
 }
 
 

@@ -53,6 +53,16 @@ class CLIError(click.ClickException):
         super().__init__(one_line(message))
 
 
+def check_threads(ctx, threads):
+    """``--threads`` may not exceed the CPUs this process may use (affinity, cgroup quota)."""
+    from numbabn._threads import available_cpus
+
+    cpus = available_cpus()
+    if threads > cpus:
+        raise click.BadParameter(f"{threads} is more than the {cpus} CPUs this process may use",
+                                 ctx=ctx, param_hint="'--threads'")
+
+
 class LazyGroup(click.Group):
     """A group whose subcommands live in other modules and are imported on first use.
 

@@ -10,10 +10,10 @@ import sys
 
 import click
 
-from ._common import CLIError, LazyGroup, Settings, check_output_file, write_output
+from ._common import CLIError, LazyGroup, Settings, check_output_file, check_threads, write_output
 
 # name -> "module:attribute" of a click command, imported only when it is run.
-SUBCOMMANDS = {"sklearn": "numbabn.cli.bench_sklearn:sklearn"}
+SUBCOMMANDS = {"sklearn": "numbabn.cli.bench_sklearn:sklearn", "torch": "numbabn.cli.bench_torch:torch"}
 
 # numbabn.benchmark.OPS, spelled out because importing the harness imports NumPy, and
 # --help must not (tests/test_cli.py checks that the two agree).
@@ -278,11 +278,7 @@ def bench(ctx, ops, shapes, layout, suite, dtype, backend, threads, repeat, comp
         if not numbabn.cuda_available():
             raise CLIError("CUDA backend requested but no GPU is available (simulator timings are refused)")
     elif threads is not None:
-        import numba
-
-        if threads > numba.config.NUMBA_NUM_THREADS:
-            raise click.BadParameter(f"{threads} is more than Numba's {numba.config.NUMBA_NUM_THREADS} "
-                                     "threads (NUMBA_NUM_THREADS)", ctx=ctx, param_hint="'--threads'")
+        check_threads(ctx, threads)
     compare = _resolve_compare(compare, backend)
     _check_memory(cases, dtype, compare, backend)
     if settings.verbose:

@@ -4,7 +4,7 @@ import json
 
 import click
 
-from ._common import Settings, check_output_file, write_output
+from ._common import Settings, check_output_file, check_threads, write_output
 
 _PARTS = ("transformer", "mlp")    # numbabn.sklearn.benchmark.PARTS, without importing it for --help
 
@@ -37,11 +37,7 @@ def sklearn(ctx, parts, samples, features, dtypes, repeat, epochs, seeds, thread
 
     settings = ctx.find_object(Settings) or Settings()
     if threads is not None:
-        import numba
-
-        if threads > numba.config.NUMBA_NUM_THREADS:
-            raise click.BadParameter(f"{threads} is more than Numba's {numba.config.NUMBA_NUM_THREADS} threads "
-                                     "(NUMBA_NUM_THREADS)", ctx=ctx, param_hint="'--threads'")
+        check_threads(ctx, threads)
     if settings.verbose:
         click.echo(f"running: {', '.join(parts or _PARTS)}", err=True)
     rows = run_sklearn_bench(parts or _PARTS, n_samples=samples, n_features=features,

@@ -22,14 +22,10 @@ def _versions():
 
 
 def _threading():
-    import numba
-    from numba.np.ufunc import parallel
+    from numbabn import _threads
 
-    # numba.threading_layer() only answers once the pool is up; this starts it
-    # (what Numba does before the first parallel region) without compiling anything.
-    parallel._launch_threads()
-    return {"layer": numba.threading_layer(), "requested": numba.config.THREADING_LAYER,
-            "threads": numba.get_num_threads(), "max_threads": numba.config.NUMBA_NUM_THREADS}
+    return {"layer": "python threads (serial nogil kernels)", "threads": _threads.get_num_threads(),
+            "available_cpus": _threads.available_cpus()}
 
 
 def _cuda():
@@ -50,16 +46,15 @@ def _cuda():
             "memory_total_bytes": total, "memory_free_bytes": free}
 
 
-def _cache_dir():
-    """Where Numba caches numbabn's compiled CPU kernels (asked of the kernels themselves,
-    so NUMBA_CACHE_DIR and Numba's fallbacks for read-only installs are accounted for)."""
-    from numba.core.dispatcher import Dispatcher
+def _kernel_cache():
+    """Where the compiled CPU kernels are cached (asked of Numba's cache locators, so
+    NUMBA_CACHE_DIR and the fallbacks for read-only installs are accounted for) and
+    how many compiled signatures are stored there."""
+    from numbabn import _jit
+    from numbabn.kernels import cpu  # noqa: F401  (defines the kernels)
 
-    from numbabn.kernels import cpu
-
-    paths = {v._cache.cache_path for v in vars(cpu).values() if isinstance(v, Dispatcher)}
-    paths.discard(None)   # kernels compiled without cache=True
-    return sorted(paths)[0] if paths else None
+    entries, dirs = _jit.cached_entries()
+    return {"dir": dirs[0] if dirs else None, "entries": entries, "kernels": len(_jit.kernels())}
 
 
 def _layers():
@@ -81,7 +76,7 @@ def collect():
 
     return {"versions": _versions(), "python": sys.version.split()[0], "executable": sys.executable,
             "platform": platform.platform(), "threading": _threading(), "cuda": _cuda(),
-            "numba_cache_dir": _cache_dir(), "layers": _layers()}
+            "kernel_cache": _kernel_cache(), "layers": _layers()}
 
 
 def _format_cuda(c):
@@ -102,15 +97,15 @@ def info(ctx, as_json):
         click.echo(json.dumps(data, indent=2))
         return
     settings = ctx.find_object(Settings) or Settings()
-    t = data["threading"]
+    t, k = data["threading"], data["kernel_cache"]
     lines = [f"{name:<16}{version or 'not installed'}" for name, version in data["versions"].items()]
     lines += [
         f"{'python':<16}{data['python']} ({data['executable']})",
         f"{'platform':<16}{data['platform']}",
-        f"{'threading':<16}{t['layer']} (requested: {t['requested']}), {t['threads']} threads "
-        f"(max {t['max_threads']})",
+        f"{'threading':<16}{t['layer']}, {t['threads']} threads ({t['available_cpus']} CPUs available)",
         f"{'CUDA':<16}{_format_cuda(data['cuda'])}",
-        f"{'numba cache':<16}{data['numba_cache_dir'] or 'none (kernels are not cached)'}",
+        f"{'kernel cache':<16}" + (f"{k['entries']} compiled signatures of {k['kernels']} kernels in {k['dir']}"
+                                    if k["dir"] else "none (kernels are not cached)"),
     ]
     layers = data["layers"]
     if layers is None:

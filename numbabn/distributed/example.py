@@ -110,13 +110,12 @@ def share_cores(comm):
     """
     if comm is None:
         return
-    import os
-
-    import numba
     from mpi4py import MPI
 
+    from numbabn import _threads
+
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, (os.cpu_count() or 1) // node.Get_size())))
+    _threads.set_num_threads(max(1, _threads.available_cpus() // node.Get_size()))
     node.Free()
 
 

@@ -1,4 +1,4 @@
-"""Parallel CPU batch-norm kernels (Numba ``parallel=True``) on the canonical layouts.
+"""CPU batch-norm kernels: serial, GIL-free Numba block kernels and their drivers.
 
 Layouts (see ``numbabn._validation.canonical_host``):
 
@@ -6,29 +6,38 @@ Layouts (see ``numbabn._validation.canonical_host``):
   ``m = N*L`` values ``x[:, c, :]``.
 * ``mc``  -- ``x`` of shape ``(M, C)``, C-contiguous (channels last); ``m = M``.
 
-Work is split into *fixed* chunks of about ``chunk`` elements that do not depend on
-the thread count. Each chunk writes its own partial statistics; partials are merged
-per channel in chunk order. Results are therefore bit-identical for any number of
-threads (no ``acc[c] += ...`` races inside ``prange``).
+Each pass is one kernel per layout that walks the blocks ``t0 <= t < t1`` of a fixed
+grid (about ``chunk`` values a block; the geometry never depends on the thread
+count). :func:`numbabn._threads.parallel_for` hands spans of blocks to threads.
+Reductions write one partial per (block row, channel), merged in block order, so
+results are bit-identical for any number of threads. The arithmetic on one element
+lives in the shared element helpers (:func:`_centre`, :func:`_normalise`,
+:func:`_masked`); the kernels are loops around them. A fused variant (say a residual
+add) changes those helpers and ``kernels/reference.py``.
 
-Statistics take one pass per chunk: with ``d = x - x0`` (``x0`` the chunk's first
-value) it sums ``d`` and ``d*d`` in float64, then ``M2 = sum(d*d) - sum(d)**2/n``.
-Because ``(x0 - mean)**2 <= n*var`` for any sample ``x0`` of the chunk, the
-cancellation costs at most a factor ``n`` (the chunk size, ~1.6e4) in float64
-rounding: relative error <~ n * 2**-53 ~ 2e-12, however large ``|mean|/std`` is.
-Chunks are then merged exactly with Chan et al.'s formula.
+Statistics (one pass): per block and channel, with ``d = x - s`` (``s`` the block's
+first value of that channel, kept exactly in float64), sums of ``d`` and ``d*d`` in
+float64; ``M2 = sum d*d - (sum d)**2/n``. Since ``(s - mean)**2 <= n*var``, the
+cancellation costs at most a factor ``n`` (~1.6e4) of float64 rounding. Blocks are
+merged with Chan et al.'s formula on means *relative to the first block's shift*
+(exact differences of input values), so the merge adds no rounding proportional to
+``|mean|`` either: a column of 1 +- 1e-5 among many others keeps float64 accuracy.
 
-Element-wise passes run in the input's own dtype (float32 math vectorises twice
-as wide as float64) on a mean split in two
-(``mean = hi + lo``): ``x - hi`` is exact when ``|mean| >> std`` (Sterbenz), so
-float32 outputs stay within a few float32 ulps of the float64 reference however
-large ``|mean|/std`` is, and float64 outputs keep full accuracy. Reductions
-accumulate in float64. Outputs have the input dtype.
+Element-wise passes run in the input's own dtype (float32 vectorises twice as wide)
+on a mean split in two, ``mean = hi + lo``, and on *halved* values::
 
-Formulas (per channel, ``g`` = upstream gradient, times the ReLU mask if fused)::
+    d = (x*0.5 - hi') - lo'          hi' + lo' = mean/2   (= (x - mean)/2)
+    y = d*a' + b                     a' = 2*gamma*invstd  (then max(y, 0) if relu)
+
+``x*0.5 - hi'`` is exact when ``|mean| >> std`` (Sterbenz), so float32 stays within a
+few ulps of the float64 reference however large ``|mean|/std``; halving is exact
+(outside the subnormal range) and keeps ``x - mean`` finite for any finite float32
+``x`` and ``mean``, so an exactly representable output never overflows on the way.
+
+Formulas (per channel, ``g`` = upstream gradient times the ReLU mask if fused)::
 
     mean = (1/m) sum x ;  var = (1/m) sum (x - mean)^2 ;  invstd = 1/sqrt(var + eps)
-    y    = a*(x - mean) + beta,  a = gamma*invstd             (then max(y, 0) if relu)
+    y    = gamma*invstd*(x - mean) + beta
     dbeta = sum g ;  dgamma = sum g*xhat,  xhat = (x - mean)*invstd
     dx   = gamma*invstd/m * (m*g - dbeta - xhat*dgamma)        (training)
     dx   = gamma*invstd*g                                      (eval)
@@ -36,36 +45,65 @@ Formulas (per channel, ``g`` = upstream gradient, times the ReLU mask if fused):
 Memory traffic: training forward 3S, eval forward 2S, backward 5S (S = bytes of x).
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit, types
+
+from .._jit import kernel
+from .._threads import parallel_for
 
 # Reassociation lets LLVM vectorise the float64 sums; it changes nothing between
-# runs or thread counts (the chunking is fixed). 'contract' is left out on purpose:
-# the ReLU mask is recomputed as a*(x - mean) + b in the backward and must round
-# exactly as it did in the forward (see also _center).
+# runs or thread counts (the blocks are fixed). The element helpers carry no
+# fast-math flags: the ReLU mask is recomputed in the backward and must round
+# exactly as in the forward, and (x*0.5 - hi) - lo must never become x*0.5 - (hi + lo).
 _REDUCE = {"reassoc"}
-_OPTS = dict(cache=True, nogil=True)
+
+# Rows of the (4, C) forward coefficients and the (3, C) gradient coefficients.
+HI, LO, A, B = 0, 1, 2, 3          # d = (x/2 - HI) - LO ;  y = A*d + B
+GA, GB, GD = 0, 1, 2               # dx = GA*g + GB*d + GD
+# Rows of the (3, K, C) statistics partials and the (2, K, C) gradient partials.
+SHIFT, SUM, SQ = 0, 1, 2
+SG, SGD = 0, 1
 
 
-# ------------------------------------------------------------------ chunking
-# A chunk is a block of one channel (ncl) or of all channels (mc) holding about
-# `chunk` values. Its geometry depends only on the shape and `chunk`, never on the
-# thread count. Per-block helpers take the whole array plus the block bounds and
-# loop over unit-stride rows, which LLVM vectorises; one call per block keeps the
-# call overhead negligible even for short rows.
+# ------------------------------------------------------------------ element helpers
 
 
+@njit
+def _centre(v, half, hi, lo):
+    """(x - mean)/2 in x's dtype from the halved split mean (hi, lo)."""
+    return (v * half - hi) - lo
+
+
+@njit
+def _normalise(d, a, b, relu, zero):
+    """y = a*d + b, then ReLU if fused (NaN passes through)."""
+    y = d * a + b
+    if relu and y < zero:
+        y = zero
+    return y
+
+
+@njit
+def _masked(g, d, a, b, relu, zero):
+    """g times the forward's ReLU mask (y > 0), y recomputed exactly as the forward did."""
+    if relu and not (d * a + b > zero):
+        return zero
+    return g
+
+
+# ------------------------------------------------------------------ block grids
 # Short rows (small L) are grouped over G neighbouring channels so that every block
-# reads runs of >= _RUN contiguous values: hardware prefetchers need long runs, and
-# channel-by-channel blocks would jump C*L values between rows of L.
+# reads runs of >= _RUN contiguous values: hardware prefetchers need long runs.
 _RUN = 4096
+# Channels-last blocks keep at least this many rows: the per-block partials are
+# (K, C) float64, and with ~chunk/C rows they would grow to 1/8 of the input.
+_MC_MIN_ROWS = 256
 
 
-@njit(**_OPTS)
-def _ncl_grid(N, C, L, chunk):
+@njit
+def _ncl_grid(shape, chunk):
     """Blocks of R rows x G channels x W columns (rows cut in P pieces when L > chunk).
-
-    Returns (R, G, W, P, KN, KC): KN blocks along N (times pieces), KC along C.
-    """
+    Returns (R, G, W, P, KN, KC): KN block rows along N (times pieces), KC along C."""
+    N, C, L = shape
     if L >= chunk:
         P = (L + chunk - 1) // chunk
         return 1, 1, (L + P - 1) // P, P, N * P, C
@@ -74,9 +112,9 @@ def _ncl_grid(N, C, L, chunk):
     return R, G, L, 1, (N + R - 1) // R, (C + G - 1) // G
 
 
-@njit(inline="always")
+@njit
 def _ncl_block(t, shape, grid):
-    """Block t (row-block-major) of the grid -> (kn, n0, n1, c0, c1, l0, l1)."""
+    """Block t (block-row-major) -> (kn, n0, n1, c0, c1, l0, l1)."""
     N, C, L = shape
     R, G, W, P, KN, KC = grid
     kn = t // KC
@@ -86,518 +124,322 @@ def _ncl_block(t, shape, grid):
     return kn, nb * R, min(nb * R + R, N), kc * G, min(kc * G + G, C), p * W, min(p * W + W, L)
 
 
-# Wide channels-last inputs keep at least this many rows per block: the per-block
-# partials are (K, C) float64, and with ~chunk/C rows (16 for C=1024) they grow to
-# 1/8 of the input's bytes, freshly faulted in on every call (3-5x slower).
-_MC_MIN_ROWS = 256
+def ncl_blocks(shape, chunk):
+    """(blocks, partial rows) of the (N, C, L) grid -- the driver's view of _ncl_grid."""
+    N, C, L = shape
+    if L >= chunk:
+        P = -(-L // chunk)
+        return N * P * C, N * P
+    G = min(C, -(-_RUN // L))
+    R = max(1, chunk // (G * L))
+    KN = -(-N // R)
+    return KN * -(-C // G), KN
 
 
-@njit(**_OPTS)
-def _mc_grid(M, C, chunk):
-    """Blocks of R rows of all C channels."""
+@njit
+def _mc_rows(shape, chunk):
+    return max(_MC_MIN_ROWS, chunk // shape[1])
+
+
+def mc_blocks(shape, chunk):
+    """(blocks, partial rows) of the (M, C) grid: blocks of R rows of all channels."""
+    M, C = shape
     R = max(_MC_MIN_ROWS, chunk // C)
-    return R, (M + R - 1) // R
+    K = -(-M // R)
+    return K, K
 
 
-# ------------------------------------------------------------------ blocks
+# ------------------------------------------------------------------ statistics
 
 
-@njit(fastmath=_REDUCE, **_OPTS)
-def _ncl_blk_sums(x, n0, n1, c0, c1, l0, l1, shift, s, q):
-    """Per channel c0..c1 of the block: s += sum d, q += sum d*d, d = x - shift[c]."""
-    for n in range(n0, n1):
+@kernel(fastmath=_REDUCE)
+def stats_ncl(x, chunk, cnt, part, t0, t1):
+    """Per block of (N, C, L) ``x``: ``cnt[kn]`` values per channel, and per channel
+    ``part[SHIFT]`` (first value), ``part[SUM]`` = sum d, ``part[SQ]`` = M2 about the
+    block mean, with d = x - shift (float64)."""
+    grid = _ncl_grid(x.shape, chunk)
+    for t in range(t0, t1):
+        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
+        sh, s, q = part[SHIFT, kn], part[SUM, kn], part[SQ, kn]
         for c in range(c0, c1):
-            row = x[n, c, l0:l1]
-            sh = shift[c]
-            s1 = 0.0
-            s2 = 0.0
-            for j in range(row.size):
-                d = row[j] - sh
-                s1 += d
-                s2 += d * d
-            s[c] += s1
-            q[c] += s2
-
-
-@njit(**_OPTS)
-def _mc_blk_sums(x, r0, r1, shift, s, q):
-    for i in range(r0, r1):
-        row = x[i]
-        for c in range(row.size):
-            d = row[c] - shift[c]
-            s[c] += d
-            q[c] += d * d
-
-
-@njit(**_OPTS)
-def _center(xv, hi, lo):
-    """x - mean in x's dtype, with mean = hi + lo split in two so that float32 keeps
-    ~float32 accuracy even when |mean| >> std (x - hi is exact there, Sterbenz).
-    It carries no fast-math flags: the grad-sum kernels reassociate, and
-    (x - hi) - lo must never become x - (hi + lo)."""
-    return (xv - hi) - lo
-
-
-@njit(**_OPTS)
-def _ncl_blk_apply(x, t, grid, coef, relu, y):
-    kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
-    z = x.dtype.type(0)
-    for n in range(n0, n1):
+            sh[c] = x[n0, c, l0]
+            s[c] = 0.0
+            q[c] = 0.0
+        for n in range(n0, n1):
+            for c in range(c0, c1):
+                row = x[n, c, l0:l1]
+                shc = sh[c]
+                s1 = 0.0
+                s2 = 0.0
+                for j in range(row.size):
+                    d = row[j] - shc
+                    s1 += d
+                    s2 += d * d
+                s[c] += s1
+                q[c] += s2
+        n = float((n1 - n0) * (l1 - l0))
         for c in range(c0, c1):
-            row = x[n, c, l0:l1]
-            out = y[n, c, l0:l1]
-            hi = coef[0, c]
-            lo = coef[1, c]
-            ac = coef[2, c]
-            bc = coef[3, c]
-            for j in range(row.size):
-                v = _center(row[j], hi, lo) * ac + bc
-                if relu and v < z:
-                    v = z
-                out[j] = v
+            q[c] = max(q[c] - s[c] * s[c] / n, 0.0)
+        cnt[kn] = n
 
 
-@njit(**_OPTS)
-def _mc_blk_apply(x, k, R, coef, relu, y):
-    z = x.dtype.type(0)
-    hi, lo, a, b = coef[0], coef[1], coef[2], coef[3]
-    for i in range(k * R, min(k * R + R, x.shape[0])):
-        row = x[i]
-        out = y[i]
-        for c in range(row.size):
-            v = _center(row[c], hi[c], lo[c]) * a[c] + b[c]
-            if relu and v < z:
-                v = z
-            out[c] = v
-
-
-@njit(fastmath=_REDUCE, **_OPTS)
-def _ncl_blk_grad_sums(dy, x, t, grid, coef, relu, sg, sgx):
-    """Per channel of block t: sg[kn, c] += sum g, sgx[kn, c] += sum g*(x - mean) in
-    float64, g masked by the forward's ReLU (recomputed exactly as the forward did)."""
-    kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
-    s0 = sg[kn]
-    s1 = sgx[kn]
-    z = x.dtype.type(0)
-    for n in range(n0, n1):
-        for c in range(c0, c1):
-            row = x[n, c, l0:l1]
-            grow = dy[n, c, l0:l1]
-            hi = coef[0, c]
-            lo = coef[1, c]
-            ac = coef[2, c]
-            bc = coef[3, c]
-            p0 = 0.0
-            p1 = 0.0
-            for j in range(row.size):
-                d = _center(row[j], hi, lo)
-                g = grow[j]
-                if relu and not (d * ac + bc > z):
-                    g = z
-                p0 += g
-                p1 += g * d
-            s0[c] += p0
-            s1[c] += p1
-
-
-@njit(**_OPTS)
-def _mc_blk_grad_sums(dy, x, k, R, coef, relu, sg, sgx):
-    s0 = sg[k]
-    s1 = sgx[k]
-    z = x.dtype.type(0)
-    hi, lo, a, b = coef[0], coef[1], coef[2], coef[3]
-    for i in range(k * R, min(k * R + R, x.shape[0])):
-        row = x[i]
-        grow = dy[i]
-        for c in range(row.size):
-            d = _center(row[c], hi[c], lo[c])
-            g = grow[c]
-            if relu and not (d * a[c] + b[c] > z):
-                g = z
-            s0[c] += g
-            s1[c] += g * d
-
-
-@njit(**_OPTS)
-def _ncl_blk_grad_apply(dy, x, t, grid, coef, relu, gcoef, dx):
-    kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
-    z = x.dtype.type(0)
-    for n in range(n0, n1):
-        for c in range(c0, c1):
-            row = x[n, c, l0:l1]
-            grow = dy[n, c, l0:l1]
-            out = dx[n, c, l0:l1]
-            hi = coef[0, c]
-            lo = coef[1, c]
-            ac = coef[2, c]
-            bc = coef[3, c]
-            A = gcoef[0, c]
-            B = gcoef[1, c]
-            D = gcoef[2, c]
-            for j in range(row.size):
-                d = _center(row[j], hi, lo)
-                g = grow[j]
-                if relu and not (d * ac + bc > z):
-                    g = z
-                out[j] = A * g + B * d + D
-
-
-@njit(**_OPTS)
-def _mc_blk_grad_apply(dy, x, k, R, coef, relu, gcoef, dx):
-    z = x.dtype.type(0)
-    hi, lo, a, b = coef[0], coef[1], coef[2], coef[3]
-    A, B, D = gcoef[0], gcoef[1], gcoef[2]
-    for i in range(k * R, min(k * R + R, x.shape[0])):
-        row = x[i]
-        grow = dy[i]
-        out = dx[i]
-        for c in range(row.size):
-            d = _center(row[c], hi[c], lo[c])
-            g = grow[c]
-            if relu and not (d * a[c] + b[c] > z):
-                g = z
-            out[c] = A[c] * g + B[c] * d + D[c]
-
-
-# ---------------------------------------------------------------- statistics
-
-
-@njit(**_OPTS)
-def _ncl_blk_moments(x, t, grid, cnt, pmean, pm2):
-    """Block t's count, and per channel its mean and M2 (shifted single pass)."""
-    kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
-    n = float((n1 - n0) * (l1 - l0))
-    shift = x[n0, :, l0].astype(np.float64)
-    s = pmean[kn]
-    q = pm2[kn]
-    _ncl_blk_sums(x, n0, n1, c0, c1, l0, l1, shift, s, q)
-    for c in range(c0, c1):
-        q[c] = max(q[c] - s[c] * s[c] / n, 0.0)
-        s[c] = shift[c] + s[c] / n
-    cnt[kn] = n
-
-
-@njit(parallel=True, **_OPTS)
-def _ncl_partials(x, chunk):
-    """Per-block (count, mean, M2); arrays of shape (KN,) and (KN, C)."""
-    N, C, L = x.shape
-    grid = _ncl_grid(N, C, L, chunk)
-    T = grid[4] * grid[5]
-    cnt = np.empty(grid[4])
-    pmean = np.zeros((grid[4], C))
-    pm2 = np.zeros((grid[4], C))
-    if T == 1:    # one block: skip the parallel launch (~1 us, most of a tiny call)
-        _ncl_blk_moments(x, 0, grid, cnt, pmean, pm2)
-    else:
-        for t in prange(T):
-            _ncl_blk_moments(x, t, grid, cnt, pmean, pm2)
-    return cnt, pmean, pm2
-
-
-@njit(**_OPTS)
-def _mc_blk_moments(x, k, R, cnt, pmean, pm2):
-    """Block k's count, and per channel its mean and M2 (shifted single pass)."""
-    r0 = k * R
-    r1 = min(r0 + R, x.shape[0])
-    n = float(r1 - r0)
-    shift = x[r0].astype(np.float64)
-    s = pmean[k]
-    q = pm2[k]
-    _mc_blk_sums(x, r0, r1, shift, s, q)
-    for c in range(x.shape[1]):
-        q[c] = max(q[c] - s[c] * s[c] / n, 0.0)
-        s[c] = shift[c] + s[c] / n
-    cnt[k] = n
-
-
-@njit(parallel=True, **_OPTS)
-def _mc_partials(x, chunk):
-    """Per-block (count, mean, M2); arrays of shape (K,) and (K, C)."""
+@kernel(fastmath=_REDUCE)
+def stats_mc(x, chunk, cnt, part, t0, t1):
+    """Per block of rows of (M, C) ``x``; see :func:`stats_ncl`."""
+    R = _mc_rows(x.shape, chunk)
     M, C = x.shape
-    R, K = _mc_grid(M, C, chunk)
-    cnt = np.empty(K)
-    pmean = np.zeros((K, C))
-    pm2 = np.zeros((K, C))
-    if K == 1:
-        _mc_blk_moments(x, 0, R, cnt, pmean, pm2)
-    else:
-        for k in prange(K):
-            _mc_blk_moments(x, k, R, cnt, pmean, pm2)
-    return cnt, pmean, pm2
+    for k in range(t0, t1):
+        r0 = k * R
+        r1 = min(r0 + R, M)
+        sh, s, q = part[SHIFT, k], part[SUM, k], part[SQ, k]
+        for c in range(C):
+            sh[c] = x[r0, c]
+            s[c] = 0.0
+            q[c] = 0.0
+        for i in range(r0, r1):
+            row = x[i]
+            for c in range(C):
+                d = row[c] - sh[c]
+                s[c] += d
+                q[c] += d * d
+        n = float(r1 - r0)
+        for c in range(C):
+            q[c] = max(q[c] - s[c] * s[c] / n, 0.0)
+        cnt[k] = n
 
 
-@njit(**_OPTS)
-def _chan_merge(cnt, pmean, pm2):
-    """Merge per-block (count, mean, M2) over axis 0 in block order (Chan et al.).
-
-    Walks blocks in the outer loop so every inner loop is unit-stride over channels.
-    """
-    K, C = pmean.shape
-    mean = pmean[0].copy()
-    m2 = pm2[0].copy()
+@kernel()
+def merge_stats(cnt, part, out):
+    """Chan et al.'s merge of the block partials, in block order, into ``out`` =
+    (2, C) float64 [mean, M2]. Block means are taken relative to block 0's shift
+    (``shift_k - shift_0`` is an exact difference of input values), so their
+    differences carry no rounding of order ``|mean|``."""
+    K = cnt.shape[0]
+    C = part.shape[2]
+    ref = part[SHIFT, 0]
+    mean = out[0]
+    m2 = out[1]
     na = cnt[0]
+    for c in range(C):
+        mean[c] = part[SUM, 0, c] / na
+        m2[c] = part[SQ, 0, c]
     for k in range(1, K):
         nb = cnt[k]
         n = na + nb
         wb = nb / n
         wab = na * nb / n
         for c in range(C):
-            d = pmean[k, c] - mean[c]
+            d = ((part[SHIFT, k, c] - ref[c]) + part[SUM, k, c] / nb) - mean[c]
             mean[c] += d * wb
-            m2[c] += pm2[k, c] + d * d * wab
+            m2[c] += part[SQ, k, c] + d * d * wab
         na = n
-    return mean, m2
+    for c in range(C):
+        mean[c] += ref[c]
 
 
-@njit(**_OPTS)
-def moments_ncl(x, chunk):
-    """(mean, M2) per channel of an (N, C, L) array, float64, shape (C,) each."""
-    return _chan_merge(*_ncl_partials(x, chunk))
+# ------------------------------------------------------------------ coefficients
 
 
-@njit(**_OPTS)
-def moments_mc(x, chunk):
-    """(mean, M2) per channel of an (M, C) array, float64, shape (C,) each."""
-    return _chan_merge(*_mc_partials(x, chunk))
-
-
-# ---------------------------------------------------------------- forward
-
-
-@njit(**_OPTS)
-def _train_stats(mean, m2, m, running_mean, running_var, momentum, eps):
-    """invstd from the batch moments; updates running stats in place when given.
-
-    running_mean <- (1-momentum)*running_mean + momentum*mean
-    running_var  <- (1-momentum)*running_var  + momentum*var*m/(m-1)
-    """
-    var = m2 / m
-    if running_mean.size > 0:
-        keep = 1.0 - momentum
-        unbiased = m / (m - 1.0)
-        for c in range(mean.size):
-            running_mean[c] = keep * running_mean[c] + momentum * mean[c]
-            running_var[c] = keep * running_var[c] + momentum * var[c] * unbiased
-    return 1.0 / np.sqrt(var + eps)
-
-
-@njit(**_OPTS)
-def _eval_stats(running_mean, running_var, eps):
-    mean = running_mean.astype(np.float64)
-    invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
-    return mean, invstd
-
-
-@njit(**_OPTS)
-def _affine(x, mean, invstd, gamma, beta):
-    """(4, C) coefficients in x's dtype: hi, lo (mean = hi + lo), a = gamma*invstd
-    and b = beta, for y = ((x - hi) - lo)*a + b. Empty gamma/beta mean 1 and 0.
-
-    Element-wise passes then run in x's own dtype (twice the SIMD width of float64
-    for float32), and the split mean keeps them within a few float32 ulps of the
-    float64 reference even when |mean| >> std.
-    """
-    t = x.dtype.type
-    coef = np.empty((4, mean.size), x.dtype)
+@njit
+def _fill_coef(mean, invstd, gamma, beta, coef):
+    """coef (4, C) in x's dtype: the halved split mean, a' = 2*gamma*invstd, b = beta.
+    Empty gamma/beta mean 1 and 0."""
+    t = coef.dtype.type
     for c in range(mean.size):
-        hi = t(mean[c])
-        coef[0, c] = hi
-        coef[1, c] = t(mean[c] - hi)
-        coef[2, c] = t(invstd[c] * gamma[c]) if gamma.size > 0 else t(invstd[c])
-        coef[3, c] = beta[c] if beta.size > 0 else t(0)
-    return coef
+        half = 0.5 * mean[c]
+        hi = t(half)
+        coef[HI, c] = hi
+        coef[LO, c] = t(half - hi)
+        coef[A, c] = t(2.0 * invstd[c] * gamma[c]) if gamma.size > 0 else t(2.0 * invstd[c])
+        coef[B, c] = beta[c] if beta.size > 0 else t(0)
 
 
-@njit(parallel=True, **_OPTS)
-def _ncl_apply(x, coef, relu, chunk, y):
-    N, C, L = x.shape
-    grid = _ncl_grid(N, C, L, chunk)
-    T = grid[4] * grid[5]
-    if T == 1:
-        _ncl_blk_apply(x, 0, grid, coef, relu, y)
-    else:
-        for t in prange(T):
-            _ncl_blk_apply(x, t, grid, coef, relu, y)
+@kernel()
+def batch_coefficients(stats, count, gamma, beta, running_mean, running_var, momentum, eps,
+                       mean, invstd, coef):
+    """Training: ``stats`` = (2, C) float64 [mean, M2] of ``count`` values per channel.
+    Fills ``mean``, ``invstd`` (float64) and ``coef``; updates the running statistics
+    in place when they are non-empty::
 
-
-@njit(parallel=True, **_OPTS)
-def _mc_apply(x, coef, relu, chunk, y):
-    M, C = x.shape
-    R, K = _mc_grid(M, C, chunk)
-    if K == 1:
-        _mc_blk_apply(x, 0, R, coef, relu, y)
-    else:
-        for k in prange(K):
-            _mc_blk_apply(x, k, R, coef, relu, y)
-
-
-@njit(**_OPTS)
-def _pack(mean, m2):
-    stats = np.empty((2, mean.size))
-    stats[0] = mean
-    stats[1] = m2
-    return stats
-
-
-@njit(**_OPTS)
-def _forward_stats(stats, count, running_mean, running_var, momentum, eps, training):
-    """(mean, invstd): from ``stats`` = (mean, M2) of ``count`` values in training,
-    from the running statistics in eval."""
-    if not training:
-        return _eval_stats(running_mean, running_var, eps)
-    mean = stats[0].copy()
-    return mean, _train_stats(mean, stats[1], count, running_mean, running_var, momentum, eps)
-
-
-@njit(**_OPTS)
-def forward_ncl(x, gamma, beta, running_mean, running_var, momentum, eps,
-                training, relu, chunk, stats, count, y):
-    """Batch-norm forward of (N, C, L) ``x`` into ``y``; returns (mean, invstd) used.
-
-    Training: the batch's statistics, or when ``stats`` is non-empty the given
-    (2, C) (mean, M2) of ``count`` values (e.g. merged over MPI ranks); running
-    statistics updated in place when non-empty.
-    Eval: the running statistics (one subtract and one multiply-add per element).
+        running_mean <- (1-momentum)*running_mean + momentum*mean
+        running_var  <- (1-momentum)*running_var  + momentum*var*m/(m-1)
     """
-    N, C, L = x.shape
-    if training and stats.size == 0:
-        stats, count = _pack(*moments_ncl(x, chunk)), N * L
-    mean, invstd = _forward_stats(stats, count, running_mean, running_var, momentum, eps, training)
-    _ncl_apply(x, _affine(x, mean, invstd, gamma, beta), relu, chunk, y)
-    return mean, invstd
+    keep = 1.0 - momentum
+    unbiased = count / (count - 1.0)
+    for c in range(mean.size):
+        mean[c] = stats[0, c]
+        var = stats[1, c] / count
+        invstd[c] = 1.0 / np.sqrt(var + eps)
+        if running_mean.size > 0:
+            running_mean[c] = keep * running_mean[c] + momentum * mean[c]
+            running_var[c] = keep * running_var[c] + momentum * var * unbiased
+    _fill_coef(mean, invstd, gamma, beta, coef)
 
 
-@njit(**_OPTS)
-def forward_mc(x, gamma, beta, running_mean, running_var, momentum, eps,
-               training, relu, chunk, stats, count, y):
-    """Batch-norm forward of (M, C) ``x`` into ``y``; see :func:`forward_ncl`."""
-    M, C = x.shape
-    if training and stats.size == 0:
-        stats, count = _pack(*moments_mc(x, chunk)), M
-    mean, invstd = _forward_stats(stats, count, running_mean, running_var, momentum, eps, training)
-    _mc_apply(x, _affine(x, mean, invstd, gamma, beta), relu, chunk, y)
-    return mean, invstd
+@kernel()
+def running_coefficients(gamma, beta, running_mean, running_var, eps, mean, invstd, coef):
+    """Eval: mean and invstd from the running statistics (any float dtype), then coef."""
+    for c in range(mean.size):
+        mean[c] = running_mean[c]
+        invstd[c] = 1.0 / np.sqrt(np.float64(running_var[c]) + eps)
+    _fill_coef(mean, invstd, gamma, beta, coef)
 
 
-# ---------------------------------------------------------------- backward
+# ------------------------------------------------------------------ forward apply
 
 
-@njit(parallel=True, **_OPTS)
-def _ncl_grad_partials(dy, x, coef, relu, chunk):
-    """Per-block sums of g and g*(x - mean), shape (KN, C)."""
-    N, C, L = x.shape
-    grid = _ncl_grid(N, C, L, chunk)
-    T = grid[4] * grid[5]
-    sg = np.zeros((grid[4], C))
-    sgx = np.zeros((grid[4], C))
-    if T == 1:
-        _ncl_blk_grad_sums(dy, x, 0, grid, coef, relu, sg, sgx)
-    else:
-        for t in prange(T):
-            _ncl_blk_grad_sums(dy, x, t, grid, coef, relu, sg, sgx)
-    return sg, sgx
+@kernel()
+def apply_ncl(x, coef, relu, chunk, y, t0, t1):
+    """y = normalise(x) over the blocks t0..t1 of (N, C, L) arrays."""
+    grid = _ncl_grid(x.shape, chunk)
+    half = x.dtype.type(0.5)
+    zero = x.dtype.type(0)
+    for t in range(t0, t1):
+        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
+        for n in range(n0, n1):
+            for c in range(c0, c1):
+                row = x[n, c, l0:l1]
+                out = y[n, c, l0:l1]
+                hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
+                for j in range(row.size):
+                    out[j] = _normalise(_centre(row[j], half, hi, lo), a, b, relu, zero)
 
 
-@njit(parallel=True, **_OPTS)
-def _mc_grad_partials(dy, x, coef, relu, chunk):
-    """Per-block sums of g and g*(x - mean), shape (K, C)."""
-    M, C = x.shape
-    R, K = _mc_grid(M, C, chunk)
-    sg = np.zeros((K, C))
-    sgx = np.zeros((K, C))
-    if K == 1:
-        _mc_blk_grad_sums(dy, x, 0, R, coef, relu, sg, sgx)
-    else:
-        for k in prange(K):
-            _mc_blk_grad_sums(dy, x, k, R, coef, relu, sg, sgx)
-    return sg, sgx
+@kernel()
+def apply_mc(x, coef, relu, chunk, y, t0, t1):
+    """y = normalise(x) over the row blocks t0..t1 of (M, C) arrays."""
+    R = _mc_rows(x.shape, chunk)
+    half = x.dtype.type(0.5)
+    zero = x.dtype.type(0)
+    hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
+    for i in range(t0 * R, min(t1 * R, x.shape[0])):
+        row = x[i]
+        out = y[i]
+        for c in range(row.size):
+            out[c] = _normalise(_centre(row[c], half, hi[c], lo[c]), a[c], b[c], relu, zero)
 
 
-@njit(**_OPTS)
-def _sum_blocks(sg, sgx):
-    """Sum per-block partials (K, C) in block order -> (2, C): [sum g, sum g*(x-mean)]."""
-    K, C = sg.shape
-    sums = np.zeros((2, C))
-    for k in range(K):
-        for c in range(C):
-            sums[0, c] += sg[k, c]
-            sums[1, c] += sgx[k, c]
-    return sums
+# ------------------------------------------------------------------ backward
 
 
-@njit(**_OPTS)
-def _grad_coeffs(x, sums, m, invstd, gamma, training):
-    """dgamma, dbeta (float64) and the (3, C) coefficients, in x's dtype, of
-    dx = A*g + B*(x - mean) + D.
+@kernel(fastmath=_REDUCE)
+def grad_sums_ncl(dy, x, coef, relu, chunk, part, t0, t1):
+    """Per block row and channel: part[SG] = sum g, part[SGD] = sum g*d (float64),
+    g = dy masked by the forward's ReLU, d = (x - mean)/2."""
+    grid = _ncl_grid(x.shape, chunk)
+    half = x.dtype.type(0.5)
+    zero = x.dtype.type(0)
+    for t in range(t0, t1):
+        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
+        sg, sgd = part[SG, kn], part[SGD, kn]
+        for c in range(c0, c1):
+            sg[c] = 0.0
+            sgd[c] = 0.0
+        for n in range(n0, n1):
+            for c in range(c0, c1):
+                row = x[n, c, l0:l1]
+                grow = dy[n, c, l0:l1]
+                hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
+                p0 = 0.0
+                p1 = 0.0
+                for j in range(row.size):
+                    d = _centre(row[j], half, hi, lo)
+                    g = _masked(grow[j], d, a, b, relu, zero)
+                    p0 += g
+                    p1 += np.float64(g) * np.float64(d)
+                sg[c] += p0
+                sgd[c] += p1
 
-    Training: A = gamma*invstd, B = -A*invstd*dgamma/m, D = -A*dbeta/m, which is
-    gamma*invstd/m * (m*g - dbeta - xhat*dgamma). Eval: B = D = 0.
+
+@kernel(fastmath=_REDUCE)
+def grad_sums_mc(dy, x, coef, relu, chunk, part, t0, t1):
+    """Per row block of (M, C) arrays; see :func:`grad_sums_ncl`."""
+    R = _mc_rows(x.shape, chunk)
+    half = x.dtype.type(0.5)
+    zero = x.dtype.type(0)
+    hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
+    for k in range(t0, t1):
+        sg, sgd = part[SG, k], part[SGD, k]
+        sg[:] = 0.0
+        sgd[:] = 0.0
+        for i in range(k * R, min(k * R + R, x.shape[0])):
+            row = x[i]
+            grow = dy[i]
+            for c in range(row.size):
+                d = _centre(row[c], half, hi[c], lo[c])
+                g = _masked(grow[c], d, a[c], b[c], relu, zero)
+                sg[c] += g
+                sgd[c] += np.float64(g) * np.float64(d)
+
+
+@kernel()
+def sum_partials(part, sums):
+    """sums (2, C) = [sum g, sum g*(x - mean)] from the (2, K, C) partials, summed over
+    blocks in block order (the partials hold sum g*(x - mean)/2: doubled, exactly)."""
+    K = part.shape[1]
+    for r in range(2):
+        out = sums[r]
+        out[:] = 0.0
+        for k in range(K):
+            p = part[r, k]
+            for c in range(out.size):
+                out[c] += p[c]
+    sums[SGD] *= 2.0
+
+
+@kernel()
+def grad_coefficients(sums, count, invstd, gamma, training, gcoef, dgamma, dbeta):
+    """From sums = [sum g, sum g*(x - mean)] (float64; over all ranks when synchronized):
+    dgamma = invstd*sums[1], dbeta = sums[0] (in x's dtype), and gcoef (3, C) of
+    dx = GA*g + GB*d + GD with d = (x - mean)/2 as the element passes compute it::
+
+        GA = gamma*invstd,  GB = -2*GA*invstd*dgamma/m,  GD = -GA*dbeta/m   (training)
+        GB = GD = 0                                                        (eval)
     """
-    dbeta = sums[0].copy()
-    dgamma = sums[1] * invstd
-    A = invstd.copy()
-    if gamma.size > 0:
-        A *= gamma
-    gcoef = np.zeros((3, invstd.size), x.dtype)
-    gcoef[0] = A
-    if training:
-        gcoef[1] = -A * invstd * dgamma / m
-        gcoef[2] = -A * dbeta / m
-    return dgamma, dbeta, gcoef
+    t = gcoef.dtype.type
+    for c in range(invstd.size):
+        db = sums[0, c]
+        dg = sums[1, c] * invstd[c]
+        ga = invstd[c] * gamma[c] if gamma.size > 0 else invstd[c]
+        gcoef[GA, c] = t(ga)
+        gcoef[GB, c] = t(-2.0 * ga * invstd[c] * dg / count) if training else t(0)
+        gcoef[GD, c] = t(-ga * db / count) if training else t(0)
+        dgamma[c] = t(dg)
+        dbeta[c] = t(db)
 
 
-@njit(parallel=True, **_OPTS)
-def _ncl_grad_apply(dy, x, coef, gcoef, relu, chunk, dx):
-    N, C, L = x.shape
-    grid = _ncl_grid(N, C, L, chunk)
-    T = grid[4] * grid[5]
-    if T == 1:
-        _ncl_blk_grad_apply(dy, x, 0, grid, coef, relu, gcoef, dx)
-    else:
-        for t in prange(T):
-            _ncl_blk_grad_apply(dy, x, t, grid, coef, relu, gcoef, dx)
+@kernel()
+def grad_apply_ncl(dy, x, coef, gcoef, relu, chunk, dx, t0, t1):
+    """dx over the blocks t0..t1 of (N, C, L) arrays."""
+    grid = _ncl_grid(x.shape, chunk)
+    half = x.dtype.type(0.5)
+    zero = x.dtype.type(0)
+    for t in range(t0, t1):
+        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
+        for n in range(n0, n1):
+            for c in range(c0, c1):
+                row = x[n, c, l0:l1]
+                grow = dy[n, c, l0:l1]
+                out = dx[n, c, l0:l1]
+                hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
+                ga, gb, gd = gcoef[GA, c], gcoef[GB, c], gcoef[GD, c]
+                for j in range(row.size):
+                    d = _centre(row[j], half, hi, lo)
+                    out[j] = ga * _masked(grow[j], d, a, b, relu, zero) + gb * d + gd
 
 
-@njit(parallel=True, **_OPTS)
-def _mc_grad_apply(dy, x, coef, gcoef, relu, chunk, dx):
-    M, C = x.shape
-    R, K = _mc_grid(M, C, chunk)
-    if K == 1:
-        _mc_blk_grad_apply(dy, x, 0, R, coef, relu, gcoef, dx)
-    else:
-        for k in prange(K):
-            _mc_blk_grad_apply(dy, x, k, R, coef, relu, gcoef, dx)
-
-
-@njit(**_OPTS)
-def grad_sums_ncl(dy, x, mean, invstd, gamma, beta, relu, chunk):
-    """Backward reduction pass over (N, C, L) arrays: (2, C) float64 sums
-    [sum g, sum g*(x - mean)] (g masked by the forward's ReLU). 2S of traffic."""
-    return _sum_blocks(*_ncl_grad_partials(dy, x, _affine(x, mean, invstd, gamma, beta), relu, chunk))
-
-
-@njit(**_OPTS)
-def grad_sums_mc(dy, x, mean, invstd, gamma, beta, relu, chunk):
-    """Backward reduction pass over (M, C) arrays; see :func:`grad_sums_ncl`."""
-    return _sum_blocks(*_mc_grad_partials(dy, x, _affine(x, mean, invstd, gamma, beta), relu, chunk))
-
-
-@njit(**_OPTS)
-def grad_apply_ncl(dy, x, mean, invstd, gamma, beta, training, relu, chunk, sums, m, dx):
-    """Backward apply pass over (N, C, L) arrays into ``dx``; returns (dgamma, dbeta)
-    in x's dtype.
-
-    ``sums`` come from :func:`grad_sums_ncl` (possibly all-reduced over ranks, then
-    ``m`` is the global count). 3S of traffic; with the reduction, 5S.
-    """
-    dgamma, dbeta, gcoef = _grad_coeffs(x, sums, m, invstd, gamma, training)
-    _ncl_grad_apply(dy, x, _affine(x, mean, invstd, gamma, beta), gcoef, relu, chunk, dx)
-    return dgamma.astype(x.dtype), dbeta.astype(x.dtype)
-
-
-@njit(**_OPTS)
-def grad_apply_mc(dy, x, mean, invstd, gamma, beta, training, relu, chunk, sums, m, dx):
-    """Backward apply pass over (M, C) arrays; see :func:`grad_apply_ncl`."""
-    dgamma, dbeta, gcoef = _grad_coeffs(x, sums, m, invstd, gamma, training)
-    _mc_grad_apply(dy, x, _affine(x, mean, invstd, gamma, beta), gcoef, relu, chunk, dx)
-    return dgamma.astype(x.dtype), dbeta.astype(x.dtype)
+@kernel()
+def grad_apply_mc(dy, x, coef, gcoef, relu, chunk, dx, t0, t1):
+    """dx over the row blocks t0..t1 of (M, C) arrays."""
+    R = _mc_rows(x.shape, chunk)
+    half = x.dtype.type(0.5)
+    zero = x.dtype.type(0)
+    hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
+    ga, gb, gd = gcoef[GA], gcoef[GB], gcoef[GD]
+    for i in range(t0 * R, min(t1 * R, x.shape[0])):
+        row = x[i]
+        grow = dy[i]
+        out = dx[i]
+        for c in range(row.size):
+            d = _centre(row[c], half, hi[c], lo[c])
+            out[c] = ga[c] * _masked(grow[c], d, a[c], b[c], relu, zero) + gb[c] * d + gd[c]

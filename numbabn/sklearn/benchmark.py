@@ -105,16 +105,12 @@ def _thread_limit(threads):
     if threads is None:
         yield
         return
-    import numba
     from threadpoolctl import threadpool_limits
 
-    previous = numba.get_num_threads()
-    numba.set_num_threads(threads)
-    try:
-        with threadpool_limits(limits=threads):
-            yield
-    finally:
-        numba.set_num_threads(previous)
+    from .._threads import limit_threads
+
+    with limit_threads(threads), threadpool_limits(limits=threads):
+        yield
 
 
 def run_sklearn_bench(parts=PARTS, *, n_samples=1_000_000, n_features=64, dtypes=("float32", "float64"),

@@ -52,16 +52,12 @@ def single_threaded():
     arithmetic, and on a loaded machine two threads per step were measured at 5-50 ms
     against 0.75 ms on one. One thread also makes BLAS results reproducible.
     """
-    import numba
     from threadpoolctl import threadpool_limits
 
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        with threadpool_limits(1):
-            yield
-    finally:
-        numba.set_num_threads(before)
+    from .._threads import limit_threads
+
+    with limit_threads(1), threadpool_limits(1):
+        yield
 
 
 def digits(seed, images=False):

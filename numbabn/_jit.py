@@ -1,0 +1,170 @@
+"""How numbabn compiles its CPU kernels: explicit signatures, a cache that cannot
+stop the package, and one line on stderr when a compile is about to happen.
+
+Every kernel is a serial ``@njit(nogil=True)`` function (threads come from
+:mod:`numbabn._threads`). A kernel is compiled only for the signatures its driver
+asks for (:func:`ensure`): one per dtype and layout, with read-only input arrays in
+the signature, so writeable, read-only, C-contiguous views of any origin all reuse
+that one machine-code specialisation (Numba converts a writeable array to a
+read-only one for free when compilation at call time is disabled, which it is).
+
+The on-disk cache (Numba's ``cache=True`` machinery, in ``__pycache__`` next to
+the source or Numba's user-wide fallback, or ``NUMBA_CACHE_DIR``) is wrapped so that
+
+* no writable cache location -> compile without caching, warn once;
+* a corrupted index or data file (truncated, garbage) -> warn once, drop that
+  function's cache entry, recompile (and save a good entry for later processes).
+
+Numba has no public hook for either, so the wrapper is a subclass of Numba's
+``FunctionCache`` installed on the dispatcher; ``tests/test_runtime.py`` checks
+both behaviours against the installed Numba.
+
+``NUMBABN_QUIET=1`` (or ``numbabn.config.QUIET = True``) silences the compile notice.
+"""
+import sys
+import threading
+import warnings
+
+from numba import njit
+from numba.core.caching import FunctionCache, NullCache
+
+from . import config
+
+_KERNELS = []              # every kernel made by `kernel`, for warmup and info
+_lock = threading.RLock()
+_noticed = False
+_warned = set()
+
+
+class CacheWarning(UserWarning):
+    """The kernel cache could not be used; kernels still work (compiled in memory)."""
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, CacheWarning, stacklevel=4)
+
+
+def _notice(where):
+    """The one stderr line of a process that is about to compile."""
+    global _noticed
+    if _noticed or config.QUIET:
+        return
+    _noticed = True
+    place = f"cached in {where}" if where else "not cached: no writable cache location"
+    print(f"numbabn: compiling CPU kernels (first use on this machine, a few seconds; {place}; "
+          "`numbabn warmup` does it ahead of time, NUMBABN_QUIET=1 silences this)",
+          file=sys.stderr, flush=True)
+
+
+class _GuardedCache(FunctionCache):
+    """Numba's per-function disk cache, but a fault in it is a warning, not an error."""
+
+    def load_overload(self, sig, target_context):
+        try:
+            data = super().load_overload(sig, target_context)
+        except Exception as exc:   # truncated/garbage pickle, bad object code, I/O error
+            _warn_once(("load", self.cache_path),
+                       f"numbabn: ignoring a corrupted kernel cache entry in {self.cache_path} "
+                       f"({type(exc).__name__}: {exc}); recompiling it")
+            try:
+                self.flush()       # drops the index: the recompiled entry replaces it
+            except OSError:
+                pass
+            data = None
+        if data is None:
+            _notice(self.cache_path)
+        return data
+
+    def save_overload(self, sig, data):
+        try:
+            super().save_overload(sig, data)
+        except Exception as exc:   # disk full, permissions changed, ...
+            _warn_once(("save", self.cache_path),
+                       f"numbabn: could not write the kernel cache in {self.cache_path} "
+                       f"({type(exc).__name__}: {exc}); kernels are compiled in memory only")
+
+
+class _NoCache(NullCache):
+    """No writable cache location: every process compiles (and says so once)."""
+
+    def load_overload(self, sig, target_context):
+        _notice(None)
+
+
+class Kernel:
+    """A kernel's Python function plus its compiled specialisations, one Numba
+    dispatcher per signature, each compiled eagerly and closed to further
+    compilation (so a call can never compile behind the driver's back)."""
+
+    def __init__(self, fn, fastmath):
+        self.py_func = fn
+        self.name = fn.__name__
+        self.fastmath = fastmath
+        self._specs = {}
+
+    def specialize(self, signature):
+        """The dispatcher of ``signature`` (a tuple of Numba types), compiled or
+        loaded from the disk cache on first request."""
+        disp = self._specs.get(signature)
+        if disp is None:
+            with _lock:
+                disp = self._specs.get(signature)
+                if disp is None:
+                    disp = njit(nogil=True, fastmath=self.fastmath)(self.py_func)
+                    disp._cache = _cache_for(self.py_func)   # see the module docstring
+                    disp.compile(signature)
+                    disp.disable_compile()
+                    self._specs[signature] = disp
+        return disp
+
+
+def _cache_for(fn):
+    try:
+        return _GuardedCache(fn)
+    except RuntimeError as exc:   # Numba: "cannot cache function ...: no locator available"
+        _warn_once("locator", f"numbabn: kernels will not be cached ({exc}); "
+                              "set NUMBA_CACHE_DIR to a writable directory to cache them")
+        return _NoCache()
+
+
+def kernel(fastmath=False):
+    """Decorator: a serial, GIL-free Numba kernel compiled per explicit signature
+    (:meth:`Kernel.specialize`)."""
+    def wrap(fn):
+        k = Kernel(fn, fastmath)
+        _KERNELS.append(k)
+        return k
+    return wrap
+
+
+def kernels():
+    """Every :class:`Kernel` defined so far."""
+    return list(_KERNELS)
+
+
+def cached_entries():
+    """(number of cached signatures on disk, cache directories) over all kernels."""
+    import glob
+    import os
+    import pickle
+    count = 0
+    dirs = set()
+    for k in _KERNELS:
+        try:
+            path = _GuardedCache(k.py_func).cache_path
+        except RuntimeError:
+            continue
+        dirs.add(path)
+        qual = k.py_func.__qualname__
+        module = k.py_func.__module__.rsplit(".", 1)[-1]
+        for index in glob.glob(os.path.join(path, f"{module}.{qual}-*.nbi")):
+            try:
+                with open(index, "rb") as f:
+                    pickle.load(f)             # the version stamp
+                    entries = pickle.loads(f.read())[1]
+                count += len(entries)
+            except Exception:
+                continue
+    return count, sorted(dirs)

@@ -1,0 +1,40 @@
+"""``numbabn warmup``: compile (or load from the cache) every CPU kernel ahead of time."""
+import sys
+import time
+
+import click
+
+from ._common import Settings
+
+
+@click.command()
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "float64"]),
+              help="Only these dtypes (repeatable; default both). float16 input computes in float32.")
+@click.option("--layout", "layouts", multiple=True, type=click.Choice(["ncl", "mc"]),
+              help="Only these layouts (repeatable; default both): ncl = channels not last "
+                   "(NCHW, NCL), mc = channels last or (N, C).")
+@click.pass_context
+def warmup(ctx, dtypes, layouts):
+    """Compile every CPU kernel variant now, so that no later call waits for the JIT.
+
+    Compiled kernels are cached on disk (see `numbabn info`): run this once after
+    installing, e.g. in a Docker image build, and every later process only loads them.
+    """
+    from numbabn import config
+    from numbabn.kernels import cpu_driver
+
+    settings = ctx.find_object(Settings) or Settings()
+    config.QUIET = True     # the progress bar says what is happening
+    plan = cpu_driver.warmup_plan(dtypes or ("float32", "float64"), layouts or ("ncl", "mc"))
+    t0 = time.perf_counter()
+    with click.progressbar(plan, label="compiling kernels", file=sys.stderr,
+                           hidden=settings.quiet or not sys.stderr.isatty(),
+                           item_show_func=lambda item: item[0] if item else None) as bar:
+        for _, compile_one in bar:
+            compile_one()
+    if not settings.quiet:
+        from numbabn import _jit
+
+        entries, dirs = _jit.cached_entries()
+        where = f"{entries} signatures cached in {dirs[0]}" if dirs else "not cached: no writable cache location"
+        click.echo(f"{len(plan)} kernel variants ready in {time.perf_counter() - t0:.1f} s ({where})", err=True)

@@ -1,0 +1,164 @@
+"""Drivers of the CPU kernels: pick the specialisation, allocate partials, schedule.
+
+Each kernel is compiled for exactly one signature per dtype (float32, float64) and
+layout (``ncl`` = 3-D, ``mc`` = 2-D), with read-only input arrays, so read-only,
+writeable and freshly copied inputs all share it (:mod:`numbabn._jit`). Eval with
+float64 running statistics on float32 input adds one small coefficient kernel.
+Callers (``numbabn.functional``) pass canonical arrays: C-contiguous, aligned,
+native byte order, float32/float64.
+"""
+import numpy as np
+from numba import from_dtype, types
+
+from .. import _threads
+from . import cpu
+
+_F64 = types.float64
+_I64 = types.int64
+_BOOL = types.boolean
+
+
+def _arr(dtype, ndim, readonly=False):
+    return types.Array(from_dtype(np.dtype(dtype)), ndim, "C", readonly=readonly)
+
+
+class _Specs:
+    """The compiled kernels of one (dtype, layout), specialised on first use."""
+
+    def __init__(self, dtype, layout):
+        nd = 3 if layout == "ncl" else 2
+        X, Y = _arr(dtype, nd, True), _arr(dtype, nd)
+        P, W = _arr(dtype, 1, True), _arr(dtype, 1)
+        CO, CW = _arr(dtype, 2, True), _arr(dtype, 2)
+        f1, f2, f3 = _arr(np.float64, 1), _arr(np.float64, 2), _arr(np.float64, 3)
+        f1r, f2r, f3r = _arr(np.float64, 1, True), _arr(np.float64, 2, True), _arr(np.float64, 3, True)
+        suffix = "_" + layout
+        self.layout = layout
+        self.blocks = cpu.ncl_blocks if layout == "ncl" else cpu.mc_blocks
+        self._sigs = {
+            "stats": (getattr(cpu, "stats" + suffix), (X, _I64, f1, f3, _I64, _I64)),
+            "merge": (cpu.merge_stats, (f1r, f3r, f2)),
+            "batch_coef": (cpu.batch_coefficients, (f2r, _F64, P, P, W, W, _F64, _F64, f1, f1, CW)),
+            "apply": (getattr(cpu, "apply" + suffix), (X, CO, _BOOL, _I64, Y, _I64, _I64)),
+            "grad_sums": (getattr(cpu, "grad_sums" + suffix), (X, X, CO, _BOOL, _I64, f3, _I64, _I64)),
+            "sum_partials": (cpu.sum_partials, (f3r, f2)),
+            "grad_coef": (cpu.grad_coefficients, (f2r, _F64, f1r, P, _BOOL, CW, W, W)),
+            "grad_apply": (getattr(cpu, "grad_apply" + suffix), (X, X, CO, CO, _BOOL, _I64, Y, _I64, _I64)),
+        }
+        self._dtype = np.dtype(dtype)
+
+    def __getattr__(self, name):
+        # First use of a kernel of this (dtype, layout): compile or load it, then
+        # keep the dispatcher as a plain attribute (no lookup on later calls).
+        try:
+            kern, sig = self._sigs[name]
+        except KeyError:
+            raise AttributeError(name) from None
+        disp = kern.specialize(sig)
+        setattr(self, name, disp)
+        return disp
+
+    def running_coef(self, stats_dtype):
+        """Eval coefficients from running statistics of ``stats_dtype``."""
+        name = "running_coef_" + np.dtype(stats_dtype).char
+        disp = self.__dict__.get(name)
+        if disp is None:
+            P = _arr(self._dtype, 1, True)
+            R = _arr(stats_dtype, 1, True)
+            f1 = _arr(np.float64, 1)
+            disp = cpu.running_coefficients.specialize((P, P, R, R, _F64, f1, f1, _arr(self._dtype, 2)))
+            setattr(self, name, disp)
+        return disp
+
+    def all_names(self):
+        return list(self._sigs)
+
+
+_SPECS = {}
+
+
+def specs(dtype, layout):
+    """The :class:`_Specs` of ``dtype`` ("float32"/"float64") and ``layout``."""
+    key = (np.dtype(dtype).char, layout)
+    s = _SPECS.get(key)
+    if s is None:
+        s = _SPECS.setdefault(key, _Specs(dtype, layout))
+    return s
+
+
+def batch_moments(x, layout, chunk):
+    """(2, C) float64 [mean, M2] of canonical ``x``."""
+    k = specs(x.dtype, layout)
+    blocks, rows = k.blocks(x.shape, chunk)
+    C = x.shape[1]
+    cnt = np.empty(rows)
+    part = np.empty((3, rows, C))
+    _threads.parallel_for(k.stats, blocks, x.size, x, chunk, cnt, part)
+    out = np.empty((2, C))
+    k.merge(cnt, part, out)
+    return out
+
+
+def forward(x, layout, gamma, beta, running_mean, running_var, momentum, eps, training, relu,
+            stats, count, y, chunk):
+    """Normalise canonical ``x`` into ``y``; returns (mean, invstd, coef).
+
+    Training: the batch statistics, or ``stats`` ((2, C) [mean, M2] of ``count``
+    values, e.g. merged over ranks) when given; running statistics updated in
+    place when non-empty. Eval: the running statistics."""
+    k = specs(x.dtype, layout)
+    C = x.shape[1]
+    mean = np.empty(C)
+    invstd = np.empty(C)
+    coef = np.empty((4, C), x.dtype)
+    if training:
+        if stats is None:
+            stats, count = batch_moments(x, layout, chunk), x.size // C
+        k.batch_coef(stats, float(count), gamma, beta, running_mean, running_var, momentum, eps,
+                     mean, invstd, coef)
+    else:
+        k.running_coef(running_mean.dtype)(gamma, beta, running_mean, running_var, eps, mean, invstd, coef)
+    if x.size:
+        blocks, _ = k.blocks(x.shape, chunk)
+        _threads.parallel_for(k.apply, blocks, x.size, x, coef, relu, chunk, y)
+    return mean, invstd, coef
+
+
+def backward(dy, x, layout, coef, invstd, gamma, training, relu, count, combine, dx, chunk):
+    """dx into ``dx``; returns (dgamma, dbeta) in x's dtype.
+
+    ``combine``, if given, maps this process's (2, C) float64 sums
+    [sum g, sum g*(x - mean)/2] to the sums over all processes (synchronized BN);
+    ``count`` is then the global number of values per channel."""
+    k = specs(x.dtype, layout)
+    C = x.shape[1]
+    blocks, rows = k.blocks(x.shape, chunk)
+    sums = np.zeros((2, C))
+    if x.size:
+        part = np.empty((2, rows, C))
+        _threads.parallel_for(k.grad_sums, blocks, x.size, dy, x, coef, relu, chunk, part)
+        k.sum_partials(part, sums)
+    if combine is not None:
+        sums = combine(sums)
+    gcoef = np.empty((3, C), x.dtype)
+    dgamma = np.empty(C, x.dtype)
+    dbeta = np.empty(C, x.dtype)
+    k.grad_coef(sums, float(count), invstd, gamma, training, gcoef, dgamma, dbeta)
+    if x.size:
+        _threads.parallel_for(k.grad_apply, blocks, x.size, dy, x, coef, gcoef, relu, chunk, dx)
+    return dgamma, dbeta
+
+
+def warmup_plan(dtypes=("float32", "float64"), layouts=("ncl", "mc")):
+    """[(label, compile callable)] for every kernel specialisation of ``dtypes`` x
+    ``layouts``, eval with float64 running statistics included: what
+    ``numbabn warmup`` runs, one step of its progress bar each."""
+    plan = []
+    for dt in dtypes:
+        for layout in layouts:
+            k = specs(dt, layout)
+            plan += [(f"{name} {np.dtype(dt).name} {layout}", lambda k=k, name=name: getattr(k, name))
+                     for name in k.all_names()]
+            plan += [(f"running_coef {np.dtype(dt).name}/{np.dtype(st).name} {layout}",
+                      lambda k=k, st=st: k.running_coef(st)) for st in sorted({np.dtype(dt).name, "float64"})]
+    return plan

@@ -1,0 +1,277 @@
+"""The kernel runtime as users meet it: fork pools, Python threads, the disk cache,
+specialisations, overflow, thread settings (issue 11).
+
+Cache tests run in fresh processes with their own ``NUMBA_CACHE_DIR``, so they see
+an empty cache whatever this process has compiled.
+"""
+import multiprocessing
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import numbabn
+from numbabn import _jit, config
+from numbabn.kernels import reference as R
+
+# A script run in a fresh process: one float32 NCHW forward + backward, results
+# pickled to stdout so the parent can compare them.
+_SCRIPT = textwrap.dedent("""
+    import pickle, sys
+    import numpy as np
+    import numbabn
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 6)).astype(np.float32)
+    y, ctx = numbabn.batch_norm_forward(x, np.ones(3, np.float32), np.zeros(3, np.float32))
+    dx = numbabn.batch_norm_backward(y * 0.5, ctx)[0]
+    sys.stdout.buffer.write(pickle.dumps((y, dx)))
+""")
+
+
+def _fresh(cache_dir, script=_SCRIPT, **env):
+    full = {k: v for k, v in os.environ.items() if k != "NUMBABN_QUIET"}
+    full.update(NUMBA_CACHE_DIR=str(cache_dir), **env)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, env=full, timeout=600)
+
+
+def _expected():
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 6)).astype(np.float32)
+    y, ctx = numbabn.batch_norm_forward(x, np.ones(3, np.float32), np.zeros(3, np.float32))
+    return y, numbabn.batch_norm_backward(y * 0.5, ctx)[0]
+
+
+def _same(result, expected):
+    assert result.returncode == 0, result.stderr.decode()
+    for a, b in zip(pickle.loads(result.stdout), expected):
+        assert np.array_equal(a, b)
+
+
+# ------------------------------------------------------------------ disk cache
+
+
+@pytest.fixture(scope="module")
+def populated(tmp_path_factory):
+    """A cache filled by one cold process, and what that process printed."""
+    cache = tmp_path_factory.mktemp("kernel-cache")
+    first = _fresh(cache)
+    _same(first, _expected())
+    return cache, first.stderr.decode()
+
+
+def _copy(cache, tmp_path):
+    shutil.copytree(cache, tmp_path / "cache")
+    return tmp_path / "cache"
+
+
+def test_compile_notice_once_then_cached(populated):
+    cache, err = populated
+    notes = [line for line in err.splitlines() if line.startswith("numbabn: compiling")]
+    assert len(notes) == 1 and str(cache) in notes[0]
+    warm = _fresh(cache)                           # loads from the cache: nothing to say
+    _same(warm, _expected())
+    assert warm.stderr == b""
+
+
+def test_corrupted_cache_recompiles_warns_once_and_heals(populated, tmp_path):
+    cache = _copy(populated[0], tmp_path)
+    files = [p for p in cache.rglob("*") if p.suffix in (".nbi", ".nbc")]
+    assert files
+    for p in files:                                # truncate every index and data file
+        p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 3])
+    hurt = _fresh(cache, NUMBABN_QUIET="1")        # quiet: no compile notice, warnings stay
+    _same(hurt, _expected())
+    err = hurt.stderr.decode()
+    assert err.count("CacheWarning") == 1 and "corrupted kernel cache" in err
+    assert "numbabn: compiling" not in err
+    healed = _fresh(cache)                         # the recompiled entries were saved
+    _same(healed, _expected())
+    assert healed.stderr == b""
+
+
+def test_garbage_cache_files_recompile(populated, tmp_path):
+    cache = _copy(populated[0], tmp_path)
+    for p in cache.rglob("*.nbc"):
+        p.write_bytes(b"not a pickle at all" * 10)
+    _same(_fresh(cache), _expected())
+
+
+def test_no_writable_cache_location_compiles_in_memory(tmp_path):
+    # As in a read-only install with no writable home: Numba finds no cache locator.
+    script = "import numba.core.caching as c; c.CacheImpl._locator_classes = []\n" + _SCRIPT
+    result = _fresh(tmp_path, script)
+    _same(result, _expected())
+    err = result.stderr.decode()
+    assert err.count("CacheWarning") == 1 and "will not be cached" in err
+    assert "not cached: no writable cache location" in err
+    assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ fork and threads
+
+
+def _child_forward(seed):
+    x = np.random.default_rng(seed).standard_normal((64, 8, 300)).astype(np.float32)
+    y, ctx = numbabn.batch_norm_forward(x, None, None)
+    return y, numbabn.batch_norm_backward(x, ctx)[0]
+
+
+@pytest.mark.parametrize("serial_max", [10**9, 0])   # calling thread only / thread pool
+def test_fork_pool_after_the_parent_used_the_kernels(monkeypatch, serial_max):
+    monkeypatch.setattr(config, "SERIAL_MAX", serial_max)
+    with numbabn.limit_threads(2):
+        expected = [_child_forward(s) for s in range(4)]   # parent uses kernels (and pool) first
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            got = pool.map_async(_child_forward, range(4)).get(timeout=300)
+    for (y, dx), (ey, edx) in zip(got, expected):
+        assert np.array_equal(y, ey) and np.array_equal(dx, edx)
+
+
+def test_python_threads_match_serial_calls(rng, monkeypatch):
+    monkeypatch.setattr(config, "SERIAL_MAX", 0)            # every call uses the pool too
+    xs = [rng.standard_normal((16, 4, 40)).astype(np.float32) for _ in range(4)]
+    g, b = np.full(4, 1.5, np.float32), np.full(4, 0.25, np.float32)
+
+    def once(x):
+        y, ctx = numbabn.batch_norm_forward(x, g, b, activation="relu")
+        return (y,) + numbabn.batch_norm_backward(x, ctx)
+
+    expected = [once(x) for x in xs]
+    failures = []
+
+    def worker(i):
+        for _ in range(200):
+            for a, e in zip(once(xs[i]), expected[i]):
+                if not np.array_equal(a, e):
+                    failures.append(i)
+                    return
+
+    with numbabn.limit_threads(2):
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    assert not failures and not any(t.is_alive() for t in threads)
+
+
+def test_threads_under_numba_workqueue_layer(tmp_path):
+    """The abort reported with Numba's workqueue layer: no Numba threading layer is
+    involved any more, so 4 Python threads are fine under any NUMBA_THREADING_LAYER."""
+    script = textwrap.dedent("""
+        import threading, numpy as np, numbabn
+        from numbabn import config
+        config.SERIAL_MAX = 0
+        x = np.random.default_rng(0).standard_normal((64, 8, 100)).astype(np.float32)
+        ref = numbabn.batch_norm_forward(x)[0]
+        bad = []
+        def work():
+            for _ in range(50):
+                if not np.array_equal(numbabn.batch_norm_forward(x)[0], ref):
+                    bad.append(1)
+        ts = [threading.Thread(target=work) for _ in range(4)]
+        [t.start() for t in ts]; [t.join() for t in ts]
+        print("ok" if not bad else "mismatch")
+    """)
+    result = _fresh(tmp_path, script, NUMBA_THREADING_LAYER="workqueue", NUMBABN_NUM_THREADS="2")
+    assert result.returncode == 0 and result.stdout.strip() == b"ok", result.stderr.decode()
+
+
+# ------------------------------------------------------------------ thread settings
+
+
+def test_thread_settings(monkeypatch):
+    assert 1 <= numbabn.available_cpus() <= (os.cpu_count() or 1)
+    before = numbabn.get_num_threads()
+    with numbabn.limit_threads(3):
+        assert numbabn.get_num_threads() == 3
+    assert numbabn.get_num_threads() == before
+    for bad, exc in [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError), ("2", TypeError)]:
+        with pytest.raises(exc, match="set_num_threads: n must be a positive int"):
+            numbabn.set_num_threads(bad)
+    assert numbabn.get_num_threads() == before
+
+
+def test_thread_count_from_environment(tmp_path):
+    script = "import numbabn; print(numbabn.get_num_threads(), numbabn.available_cpus())"
+    env = _fresh(tmp_path, script, NUMBABN_NUM_THREADS="5")
+    assert env.stdout.split()[0] == b"5"
+    default = _fresh(tmp_path, script)
+    threads, cpus = default.stdout.split()
+    assert threads == cpus
+
+
+# ------------------------------------------------------------------ specialisations
+
+
+def _specialisations():
+    return sum(len(k._specs) for k in _jit.kernels())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unusual_input_views_compile_nothing_new(rng, dtype):
+    x = rng.standard_normal((6, 4, 10)).astype(dtype)
+    g, b = np.ones(4, dtype), np.zeros(4, dtype)
+    rm, rv = np.zeros(4, dtype), np.ones(4, dtype)
+
+    def both(xi):
+        y, ctx = numbabn.batch_norm_forward(xi, g, b, running_mean=rm.copy(), running_var=rv.copy())
+        dy = np.ones_like(xi)
+        dx = numbabn.batch_norm_backward(dy, ctx)[0]
+        ye, _ = numbabn.batch_norm_forward(xi, g, b, running_mean=rm, running_var=rv, training=False)
+        return y, dx, ye
+
+    reference = both(x)
+    before = _specialisations()
+    readonly = x.copy()
+    readonly.flags.writeable = False
+    ro_stats = rm.copy(), rv.copy()
+    for s in ro_stats:
+        s.flags.writeable = False
+    variants = [readonly, np.asfortranarray(x), x.astype(x.dtype.newbyteorder(">")),
+                np.repeat(x, 2, axis=2)[:, :, ::2]]
+    for v in variants:
+        for a, e in zip(both(v), reference):
+            np.testing.assert_array_equal(a, e)
+    numbabn.batch_norm_forward(x, g, b, running_mean=ro_stats[0], running_var=ro_stats[1], training=False)
+    assert _specialisations() == before
+
+
+# ------------------------------------------------------------------ numerics
+
+
+def test_float32_extremes_do_not_overflow():
+    x = np.array([[3e38], [-3e38], [3e38]], np.float32)
+    y, ctx = numbabn.batch_norm_forward(x, eps=1e-5)
+    np.testing.assert_allclose(y[:, 0], [2 ** -0.5, -2 ** 0.5, 2 ** -0.5], rtol=1e-6)
+    dx = numbabn.batch_norm_backward(np.array([[1.0], [0.0], [-1.0]], np.float32), ctx)[0]
+    assert np.all(np.isfinite(dx))
+    ye, _ = numbabn.batch_norm_forward(x, running_mean=np.array([1e38], np.float32),
+                                       running_var=np.array([1e30], np.float32), training=False)
+    np.testing.assert_allclose(ye[:, 0], (x[:, 0].astype(np.float64) - 1e38) / 1e15, rtol=1e-6)
+
+
+def test_moments_of_a_near_constant_column_among_many():
+    """Block means enter the merge relative to an exact shift: the variance of a
+    column of 1 +- 1e-5 fitted with 49 others stays at float64 accuracy."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((10_000, 50)) * rng.uniform(0.1, 100, 50) + rng.uniform(-1e3, 1e3, 50)
+    X[:, 7] = 1 + 1e-5 * rng.standard_normal(10_000)
+    m = numbabn.moments(X, axis=1)
+    exact_mean = np.array([np.sum(c.astype(np.longdouble)) / len(c) for c in X.T])
+    exact_m2 = np.array([np.sum((c.astype(np.longdouble) - mu) ** 2) for c, mu in zip(X.T, exact_mean)])
+    np.testing.assert_allclose(m.m2, exact_m2.astype(np.float64), rtol=5e-14)
+    np.testing.assert_allclose(m.mean, exact_mean.astype(np.float64), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(2, 3000, 16), (300, 64)])
+def test_many_channels_small_rows_against_reference(rng, shape):
+    """The shapes that were quadratic in C (per-block gathers of all channels)."""
+    x = rng.standard_normal(shape) + 5.0
+    y, ctx = numbabn.batch_norm_forward(x, axis=1)
+    yr = R.forward(x, axis=1)[0]
+    np.testing.assert_allclose(y, yr, rtol=1e-12, atol=1e-12)
