@@ -100,23 +100,21 @@ _MC_MIN_ROWS = 256
 
 
 @njit
-def _ncl_grid(shape, chunk):
-    """Blocks of R rows x G channels x W columns (rows cut in P pieces when L > chunk).
-    Returns (R, G, W, P, KN, KC): KN block rows along N (times pieces), KC along C."""
+def _ncl_block(t, shape, chunk):
+    """Block t of the (N, C, L) grid -> (kn, n0, n1, c0, c1, l0, l1).
+
+    Blocks hold R rows x G channels x W columns, rows cut in P pieces when L > chunk;
+    they are numbered block-row-major: KN block rows along N (times pieces), KC
+    blocks along C. kn is the block's row in the (KN, C) partials."""
     N, C, L = shape
     if L >= chunk:
         P = (L + chunk - 1) // chunk
-        return 1, 1, (L + P - 1) // P, P, N * P, C
-    G = min(C, (_RUN + L - 1) // L)
-    R = max(1, chunk // (G * L))
-    return R, G, L, 1, (N + R - 1) // R, (C + G - 1) // G
-
-
-@njit
-def _ncl_block(t, shape, grid):
-    """Block t (block-row-major) -> (kn, n0, n1, c0, c1, l0, l1)."""
-    N, C, L = shape
-    R, G, W, P, KN, KC = grid
+        R, G, W = 1, 1, (L + P - 1) // P
+    else:
+        P = 1
+        G = min(C, (_RUN + L - 1) // L)
+        R, W = max(1, chunk // (G * L)), L
+    KC = (C + G - 1) // G
     kn = t // KC
     kc = t - kn * KC
     nb = kn // P
@@ -125,7 +123,7 @@ def _ncl_block(t, shape, grid):
 
 
 def ncl_blocks(shape, chunk):
-    """(blocks, partial rows) of the (N, C, L) grid -- the driver's view of _ncl_grid."""
+    """(blocks, partial rows) of the (N, C, L) grid of :func:`_ncl_block`."""
     N, C, L = shape
     if L >= chunk:
         P = -(-L // chunk)
@@ -157,9 +155,8 @@ def stats_ncl(x, chunk, cnt, part, t0, t1):
     """Per block of (N, C, L) ``x``: ``cnt[kn]`` values per channel, and per channel
     ``part[SHIFT]`` (first value), ``part[SUM]`` = sum d, ``part[SQ]`` = M2 about the
     block mean, with d = x - shift (float64)."""
-    grid = _ncl_grid(x.shape, chunk)
     for t in range(t0, t1):
-        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
+        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         sh, s, q = part[SHIFT, kn], part[SUM, kn], part[SQ, kn]
         for c in range(c0, c1):
             sh[c] = x[n0, c, l0]
@@ -240,12 +237,35 @@ def merge_stats(cnt, part, out):
 # ------------------------------------------------------------------ coefficients
 
 
-@njit
-def _fill_coef(mean, invstd, gamma, beta, coef):
-    """coef (4, C) in x's dtype: the halved split mean, a' = 2*gamma*invstd, b = beta.
-    Empty gamma/beta mean 1 and 0."""
+@kernel()
+def coefficients(stats, count, gamma, beta, running_mean, running_var, momentum, eps, training,
+                 mean, invstd, coef):
+    """Fills ``mean``, ``invstd`` (float64) and ``coef`` (4, C) in x's dtype: the halved
+    split mean (HI + LO = mean/2), A = 2*gamma*invstd, B = beta (empty gamma/beta
+    mean 1 and 0).
+
+    Training: from ``stats`` = (2, C) float64 [mean, M2] of ``count`` values per
+    channel, and the running statistics, when non-empty, are updated in place::
+
+        running_mean <- (1-momentum)*running_mean + momentum*mean
+        running_var  <- (1-momentum)*running_var  + momentum*var*m/(m-1)
+
+    Eval: from the running statistics (read only).
+    """
     t = coef.dtype.type
+    keep = 1.0 - momentum
+    unbiased = count / (count - 1.0)
     for c in range(mean.size):
+        if training:
+            mean[c] = stats[0, c]
+            var = stats[1, c] / count
+            if running_mean.size > 0:
+                running_mean[c] = keep * running_mean[c] + momentum * mean[c]
+                running_var[c] = keep * running_var[c] + momentum * var * unbiased
+        else:
+            mean[c] = running_mean[c]
+            var = np.float64(running_var[c])
+        invstd[c] = 1.0 / np.sqrt(var + eps)
         half = 0.5 * mean[c]
         hi = t(half)
         coef[HI, c] = hi
@@ -254,48 +274,16 @@ def _fill_coef(mean, invstd, gamma, beta, coef):
         coef[B, c] = beta[c] if beta.size > 0 else t(0)
 
 
-@kernel()
-def batch_coefficients(stats, count, gamma, beta, running_mean, running_var, momentum, eps,
-                       mean, invstd, coef):
-    """Training: ``stats`` = (2, C) float64 [mean, M2] of ``count`` values per channel.
-    Fills ``mean``, ``invstd`` (float64) and ``coef``; updates the running statistics
-    in place when they are non-empty::
-
-        running_mean <- (1-momentum)*running_mean + momentum*mean
-        running_var  <- (1-momentum)*running_var  + momentum*var*m/(m-1)
-    """
-    keep = 1.0 - momentum
-    unbiased = count / (count - 1.0)
-    for c in range(mean.size):
-        mean[c] = stats[0, c]
-        var = stats[1, c] / count
-        invstd[c] = 1.0 / np.sqrt(var + eps)
-        if running_mean.size > 0:
-            running_mean[c] = keep * running_mean[c] + momentum * mean[c]
-            running_var[c] = keep * running_var[c] + momentum * var * unbiased
-    _fill_coef(mean, invstd, gamma, beta, coef)
-
-
-@kernel()
-def running_coefficients(gamma, beta, running_mean, running_var, eps, mean, invstd, coef):
-    """Eval: mean and invstd from the running statistics (any float dtype), then coef."""
-    for c in range(mean.size):
-        mean[c] = running_mean[c]
-        invstd[c] = 1.0 / np.sqrt(np.float64(running_var[c]) + eps)
-    _fill_coef(mean, invstd, gamma, beta, coef)
-
-
 # ------------------------------------------------------------------ forward apply
 
 
 @kernel()
 def apply_ncl(x, coef, relu, chunk, y, t0, t1):
     """y = normalise(x) over the blocks t0..t1 of (N, C, L) arrays."""
-    grid = _ncl_grid(x.shape, chunk)
     half = x.dtype.type(0.5)
     zero = x.dtype.type(0)
     for t in range(t0, t1):
-        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
+        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         for n in range(n0, n1):
             for c in range(c0, c1):
                 row = x[n, c, l0:l1]
@@ -326,11 +314,10 @@ def apply_mc(x, coef, relu, chunk, y, t0, t1):
 def grad_sums_ncl(dy, x, coef, relu, chunk, part, t0, t1):
     """Per block row and channel: part[SG] = sum g, part[SGD] = sum g*d (float64),
     g = dy masked by the forward's ReLU, d = (x - mean)/2."""
-    grid = _ncl_grid(x.shape, chunk)
     half = x.dtype.type(0.5)
     zero = x.dtype.type(0)
     for t in range(t0, t1):
-        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
+        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         sg, sgd = part[SG, kn], part[SGD, kn]
         for c in range(c0, c1):
             sg[c] = 0.0
@@ -360,8 +347,9 @@ def grad_sums_mc(dy, x, coef, relu, chunk, part, t0, t1):
     hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
     for k in range(t0, t1):
         sg, sgd = part[SG, k], part[SGD, k]
-        sg[:] = 0.0
-        sgd[:] = 0.0
+        for c in range(sg.size):
+            sg[c] = 0.0
+            sgd[c] = 0.0
         for i in range(k * R, min(k * R + R, x.shape[0])):
             row = x[i]
             grow = dy[i]
@@ -376,15 +364,16 @@ def grad_sums_mc(dy, x, coef, relu, chunk, part, t0, t1):
 def sum_partials(part, sums):
     """sums (2, C) = [sum g, sum g*(x - mean)] from the (2, K, C) partials, summed over
     blocks in block order (the partials hold sum g*(x - mean)/2: doubled, exactly)."""
-    K = part.shape[1]
+    K, C = part.shape[1], part.shape[2]
     for r in range(2):
-        out = sums[r]
-        out[:] = 0.0
+        scale = 2.0 if r == SGD else 1.0
+        for c in range(C):
+            sums[r, c] = 0.0
         for k in range(K):
-            p = part[r, k]
-            for c in range(out.size):
-                out[c] += p[c]
-    sums[SGD] *= 2.0
+            for c in range(C):
+                sums[r, c] += part[r, k, c]
+        for c in range(C):
+            sums[r, c] *= scale
 
 
 @kernel()
@@ -411,11 +400,10 @@ def grad_coefficients(sums, count, invstd, gamma, training, gcoef, dgamma, dbeta
 @kernel()
 def grad_apply_ncl(dy, x, coef, gcoef, relu, chunk, dx, t0, t1):
     """dx over the blocks t0..t1 of (N, C, L) arrays."""
-    grid = _ncl_grid(x.shape, chunk)
     half = x.dtype.type(0.5)
     zero = x.dtype.type(0)
     for t in range(t0, t1):
-        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
+        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         for n in range(n0, n1):
             for c in range(c0, c1):
                 row = x[n, c, l0:l1]
