@@ -11,8 +11,8 @@ grid (about ``chunk`` values a block; the geometry never depends on the thread
 count). :func:`numbabn._threads.parallel_for` hands spans of blocks to threads.
 Reductions write one partial per (block row, channel), merged in block order, so
 results are bit-identical for any number of threads. The arithmetic on one element
-lives in the shared element helpers (:func:`_centre`, :func:`_normalise`,
-:func:`_masked`); the kernels are loops around them. A fused variant (say a residual
+lives in the shared element helpers (:func:`_normalise`, :func:`_masked`); the
+kernels are loops around them. A fused variant (say a residual
 add) changes those helpers and ``kernels/reference.py``.
 
 Statistics (one pass): per block and channel, with ``d = x - s`` (``s`` the block's
@@ -67,27 +67,24 @@ SG, SGD = 0, 1
 # ------------------------------------------------------------------ element helpers
 
 
-@njit
-def _centre(v, half, hi, lo):
-    """(x - mean)/2 in x's dtype from the halved split mean (hi, lo)."""
-    return (v * half - hi) - lo
-
-
-@njit
-def _normalise(d, a, b, relu, zero):
-    """y = a*d + b, then ReLU if fused (NaN passes through)."""
+@njit(error_model="numpy")
+def _normalise(v, half, hi, lo, a, b, relu, zero):
+    """(d, y) of one element: d = (x - mean)/2 in x's dtype from the halved split mean
+    (hi, lo), y = a*d + b, then ReLU if fused (NaN passes through)."""
+    d = (v * half - hi) - lo
     y = d * a + b
     if relu and y < zero:
         y = zero
-    return y
+    return d, y
 
 
-@njit
-def _masked(g, d, a, b, relu, zero):
-    """g times the forward's ReLU mask (y > 0), y recomputed exactly as the forward did."""
-    if relu and not (d * a + b > zero):
-        return zero
-    return g
+@njit(error_model="numpy")
+def _masked(v, g, half, hi, lo, a, b, relu, zero):
+    """(d, g times the forward's ReLU mask y > 0), y recomputed exactly as the forward did."""
+    d, y = _normalise(v, half, hi, lo, a, b, relu, zero)
+    if relu and not y > zero:
+        return d, zero
+    return d, g
 
 
 # ------------------------------------------------------------------ block grids
@@ -99,7 +96,7 @@ _RUN = 4096
 _MC_MIN_ROWS = 256
 
 
-@njit
+@njit(error_model="numpy")
 def _ncl_block(t, shape, chunk):
     """Block t of the (N, C, L) grid -> (kn, n0, n1, c0, c1, l0, l1).
 
@@ -134,7 +131,7 @@ def ncl_blocks(shape, chunk):
     return KN * -(-C // G), KN
 
 
-@njit
+@njit(error_model="numpy")
 def _mc_rows(shape, chunk):
     return max(_MC_MIN_ROWS, chunk // shape[1])
 
@@ -290,7 +287,7 @@ def apply_ncl(x, coef, relu, chunk, y, t0, t1):
                 out = y[n, c, l0:l1]
                 hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
                 for j in range(row.size):
-                    out[j] = _normalise(_centre(row[j], half, hi, lo), a, b, relu, zero)
+                    out[j] = _normalise(row[j], half, hi, lo, a, b, relu, zero)[1]
 
 
 @kernel()
@@ -304,7 +301,7 @@ def apply_mc(x, coef, relu, chunk, y, t0, t1):
         row = x[i]
         out = y[i]
         for c in range(row.size):
-            out[c] = _normalise(_centre(row[c], half, hi[c], lo[c]), a[c], b[c], relu, zero)
+            out[c] = _normalise(row[c], half, hi[c], lo[c], a[c], b[c], relu, zero)[1]
 
 
 # ------------------------------------------------------------------ backward
@@ -330,8 +327,7 @@ def grad_sums_ncl(dy, x, coef, relu, chunk, part, t0, t1):
                 p0 = 0.0
                 p1 = 0.0
                 for j in range(row.size):
-                    d = _centre(row[j], half, hi, lo)
-                    g = _masked(grow[j], d, a, b, relu, zero)
+                    d, g = _masked(row[j], grow[j], half, hi, lo, a, b, relu, zero)
                     p0 += g
                     p1 += np.float64(g) * np.float64(d)
                 sg[c] += p0
@@ -354,8 +350,7 @@ def grad_sums_mc(dy, x, coef, relu, chunk, part, t0, t1):
             row = x[i]
             grow = dy[i]
             for c in range(row.size):
-                d = _centre(row[c], half, hi[c], lo[c])
-                g = _masked(grow[c], d, a[c], b[c], relu, zero)
+                d, g = _masked(row[c], grow[c], half, hi[c], lo[c], a[c], b[c], relu, zero)
                 sg[c] += g
                 sgd[c] += np.float64(g) * np.float64(d)
 
@@ -412,8 +407,8 @@ def grad_apply_ncl(dy, x, coef, gcoef, relu, chunk, dx, t0, t1):
                 hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
                 ga, gb, gd = gcoef[GA, c], gcoef[GB, c], gcoef[GD, c]
                 for j in range(row.size):
-                    d = _centre(row[j], half, hi, lo)
-                    out[j] = ga * _masked(grow[j], d, a, b, relu, zero) + gb * d + gd
+                    d, g = _masked(row[j], grow[j], half, hi, lo, a, b, relu, zero)
+                    out[j] = ga * g + gb * d + gd
 
 
 @kernel()
@@ -429,5 +424,5 @@ def grad_apply_mc(dy, x, coef, gcoef, relu, chunk, dx, t0, t1):
         grow = dy[i]
         out = dx[i]
         for c in range(row.size):
-            d = _centre(row[c], half, hi[c], lo[c])
-            out[c] = ga[c] * _masked(grow[c], d, a[c], b[c], relu, zero) + gb[c] * d + gd[c]
+            d, g = _masked(row[c], grow[c], half, hi[c], lo[c], a[c], b[c], relu, zero)
+            out[c] = ga[c] * g + gb[c] * d + gd[c]
