@@ -31,7 +31,17 @@ Backward (Santurkar et al. 2018, Fact C.1), with g = dy (times the ReLU mask)::
 
 NaN and Inf propagate: a NaN in a channel makes that channel's statistics and
 outputs NaN (nothing is silently dropped). Float32 inputs give float32 outputs
-(statistics accumulate in float64 internally); float16 is computed in float32.
+(statistics accumulate in float64 internally); float16 is computed in float32
+(float32 gamma, beta and running statistics; float16 output), as PyTorch's CPU
+batch norm does. Big-endian input is converted to the native byte order (the
+output is native); masked arrays with masked values are refused.
+
+Empty batches (PyTorch's semantics): an input without values (N = 0, or a
+zero-length spatial axis) gives an empty output and, in the backward, an empty
+``dx`` and zero ``dgamma``/``dbeta``; the running statistics are left as they were
+(the counter still counts the call, as ``torch.nn.BatchNorm`` modules do). No
+kernel runs for it. Exactly one value per channel in training is an error, as in
+PyTorch.
 """
 from dataclasses import dataclass
 
@@ -109,22 +119,23 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
         None for 1 and 0 (their gradients are then None).
     running_mean, running_var : (C,) NumPy arrays, updated in place when
         ``training``; read (required) when not ``training``. Both or neither.
-    num_batches_tracked : one-element integer array, incremented in place in
-        training mode when running statistics are tracked; required for
-        ``momentum=None`` (cumulative average).
+    num_batches_tracked : one-element int64 array holding a count >= 0,
+        incremented in place in training mode when running statistics are tracked
+        (also for an empty batch); required for ``momentum=None`` (cumulative average).
     training : batch statistics (True) or running statistics (False).
     momentum : float in [0, 1] or None, see the module docstring.
     eps : float > 0 added to the variance.
     activation : None or "relu" (fused, no extra pass over memory).
     out : optional preallocated output, same shape and dtype as ``x``, C-contiguous,
-        not overlapping ``x``.
+        not overlapping ``x``, gamma, beta or the running statistics.
     backend : None (from the input type), "cpu" or "cuda".
     moments : optional :class:`~numbabn.stats.Moments` to normalise with instead of
         the batch's own statistics (training mode, CPU backend). This is how
         synchronized BN works: each rank computes ``moments(x)``, the ranks merge
         them exactly (Chan), and every rank normalises with the merged moments;
         the running statistics then see the global count. ``x`` may then hold no
-        rows at all (an empty local batch).
+        rows at all (an empty local batch). ``moments.count`` must be an int at
+        least x's own count, ``m2`` >= 0; a count of 0 is an empty global batch.
 
     CUDA backend (see :mod:`numbabn._cuda_backend`): GPU input (anything with
     ``__cuda_array_interface__``) is used without copying and ``y`` is a numba device
@@ -156,14 +167,21 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
     g, b, rm, rv, nbt = V.check_forward_params(fn, cx, gamma, beta, running_mean, running_var,
                                                num_batches_tracked, training)
     tracking = training and running_mean is not None
+    if tracking:
+        V.check_running_stats_apart(fn, running_mean, running_var)
     stats, count = V.check_moments(fn, moments, cx, training)
     V.check_training_batch(fn, count, cx.shape, training, tracking, momentum, nbt)
     if out is not None:
         V.check_out(fn, "out", out, cx.shape, cx.dtype)
         if np.may_share_memory(out, x):
             raise ValueError(f"{fn}: out must not overlap x (the backward pass reads x)")
+        V.check_no_overlap(fn, out, (gamma, beta, running_mean, running_var),
+                           "gamma, beta or the running statistics (the forward reads or updates them)")
 
     factor = V.resolve_momentum(tracking, momentum, nbt)
+    if cx.array.size == 0:
+        return _forward_empty(cx, g, b, rm, rv, nbt, tracking, factor, eps, training, relu, stats, count,
+                              gamma is not None, beta is not None, out)
     if out is not None and cx.dtype == dt:
         y = out
     else:
@@ -181,6 +199,38 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
             y = out
     ctx = BatchNormContext("cpu", cx.layout, cx.shape, cx.axis, cx.dtype, cx.array, mean, invstd,
                            g, b, gamma is not None, beta is not None, training, relu, count)
+    return y, ctx
+
+
+def _forward_empty(cx, g, b, rm, rv, nbt, tracking, factor, eps, training, relu, stats, count,
+                   has_gamma, has_beta, out):
+    """Forward of an input without values, without any kernel (see the module
+    docstring). The statistics the context keeps are those a backward needs:
+    the running ones in eval mode, the given (global) moments in training with
+    ``moments=`` -- the running statistics then move with them exactly as the
+    kernels move them on the ranks that hold data (same float64 operations in the
+    same order, so every rank ends with the same bits) -- and zeros otherwise
+    (nothing to normalise; the gradients are zero)."""
+    C = cx.channels
+    if not training:
+        mean = rm.astype(np.float64)
+        invstd = 1.0 / np.sqrt(rv.astype(np.float64) + eps)
+    elif count > 0:
+        mean = stats[0].copy()
+        var = stats[1] / count
+        if tracking:
+            keep = 1.0 - factor
+            unbiased = count / (count - 1.0)
+            rm[...] = keep * rm.astype(np.float64) + factor * mean
+            rv[...] = keep * rv.astype(np.float64) + factor * var * unbiased
+        invstd = 1.0 / np.sqrt(var + eps)
+    else:
+        mean, invstd = np.zeros(C), np.zeros(C)
+    if tracking and nbt is not None:
+        nbt += 1
+    y = out if out is not None else np.empty(cx.shape, cx.dtype)
+    ctx = BatchNormContext("cpu", cx.layout, cx.shape, cx.axis, cx.dtype, cx.array, mean, invstd,
+                           g, b, has_gamma, has_beta, training, relu, count)
     return y, ctx
 
 
@@ -213,6 +263,8 @@ def batch_norm_backward(dy, ctx, *, out=None, allreduce=None):
         V.check_out(fn, "out", out, ctx.shape, ctx.dtype)
         if np.may_share_memory(out, ctx.x) or np.may_share_memory(out, dy):
             raise ValueError(f"{fn}: out must not overlap dy or the forward input")
+    if ctx.x.size == 0:
+        return _backward_empty(fn, ctx, allreduce, dt, out)
     dx = out if out is not None and ctx.dtype == dt else np.empty(ctx.shape, dt)
     dgamma, dbeta = _threads.run(_backward_cpu, ctx.x.size, fn, cdy.array, ctx, allreduce, dx.reshape(ctx.x.shape))
     if ctx.dtype != dt:
@@ -222,6 +274,19 @@ def batch_norm_backward(dy, ctx, *, out=None, allreduce=None):
             out[...] = dx
             dx = out
     return dx, dgamma if ctx.has_gamma else None, dbeta if ctx.has_beta else None
+
+
+def _backward_empty(fn, ctx, allreduce, dt, out):
+    """Backward of an empty forward input, without kernels: empty dx; zero sums,
+    all-reduced when asked (a rank without rows still takes part), so dgamma and
+    dbeta are zero -- or the other ranks' sums."""
+    sums = np.zeros((2, ctx.mean.shape[0]))
+    if allreduce is not None:
+        sums = V.check_sums(fn, allreduce(sums), sums.shape)
+    dx = out if out is not None else np.empty(ctx.shape, ctx.dtype)
+    dgamma = (sums[1] * ctx.invstd).astype(dt) if ctx.has_gamma else None
+    dbeta = sums[0].astype(dt) if ctx.has_beta else None
+    return dx, dgamma, dbeta
 
 
 def _backward_cpu(fn, dy, ctx, allreduce, dx):
@@ -241,14 +306,19 @@ def moments(x, axis=1, *, backend=None):
     Exact two-pass statistics per chunk merged with Chan et al., float64. An input
     with no values per channel gives ``Moments.empty(C)``. On the CUDA backend:
     Welford per thread, Chan merges per block and across blocks; NumPy results.
+    ``m2`` is clipped at 0 (a sum of squares; rounding must not make it negative,
+    which :func:`~numbabn.merge_moments` and ``moments=`` refuse).
     """
     fn = "moments"
     backend = _choose_backend(fn, x, backend)
     if backend == "cuda":
-        return _cuda().moments(fn, x, axis)
-    cx = V.canonical_host(fn, "x", x, axis)
-    if cx.count == 0:
-        return Moments.empty(cx.channels)
-    kernel = cpu.moments_ncl if cx.layout == "ncl" else cpu.moments_mc
-    mean, m2 = _threads.run(kernel, cx.array.size, cx.array, config.CHUNK)
-    return Moments(cx.count, mean, m2)
+        m = _cuda().moments(fn, x, axis)
+    else:
+        cx = V.canonical_host(fn, "x", x, axis)
+        if cx.count == 0:
+            return Moments.empty(cx.channels)
+        kernel = cpu.moments_ncl if cx.layout == "ncl" else cpu.moments_mc
+        mean, m2 = _threads.run(kernel, cx.array.size, cx.array, config.CHUNK)
+        m = Moments(cx.count, mean, m2)
+    np.maximum(m.m2, 0.0, out=m.m2)
+    return m
