@@ -68,6 +68,7 @@ class SyncBatchNormMixin:
     communicator given (None: ``MPI.COMM_WORLD`` if available)."""
 
     _sync_comm = None    # the communicator the last forward used; None: it ran locally
+    _transient = ("_sync_comm",)
 
     def _set_comm(self, comm):
         self.comm = check_comm(type(self).__name__, comm)
@@ -78,8 +79,7 @@ class SyncBatchNormMixin:
             return super()._bn_forward(x, gamma, beta, out)
         merged = merge_in_rank_order(comm, moments(x, axis=self.axis))
         return batch_norm_forward(
-            x, gamma, beta, running_mean=self.running_mean, running_var=self.running_var,
-            num_batches_tracked=self.num_batches_tracked, training=True, momentum=self.momentum,
+            x, gamma, beta, **self._running_args(), training=True, momentum=self.momentum,
             eps=self.eps, axis=self.axis, activation=self.activation, out=out, moments=merged)
 
     def backward(self, dy):

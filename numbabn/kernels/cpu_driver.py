@@ -142,9 +142,9 @@ def backward(dy, x, layout, coef, invstd, gamma, training, relu, count, combine,
     ``count`` is then the global number of values per channel."""
     k = specs(x.dtype, layout)
     C = x.shape[1]
-    blocks, rows = k.blocks(x.shape, chunk)
     sums = np.zeros((2, C))
     if x.size:
+        blocks, rows = k.blocks(x.shape, chunk)
         part = np.empty((2, rows, C))
         _threads.parallel_for(k.grad_sums, blocks, x.size, dy, x, coef, relu, chunk, part)
         k.sum_partials(part, sums)
