@@ -13,7 +13,7 @@ import click
 from ._common import CLIError, LazyGroup, Settings, check_threads
 
 # name -> "module:attribute" of a click command, imported only when it is run.
-SUBCOMMANDS = {"sklearn": "numbabn.cli.bench_sklearn:sklearn"}
+SUBCOMMANDS = {"sklearn": "numbabn.cli.bench_sklearn:sklearn", "torch": "numbabn.cli.bench_torch:torch"}
 
 # numbabn.benchmark.OPS, spelled out because importing the harness imports NumPy, and
 # --help must not (tests/test_cli.py checks that the two agree).

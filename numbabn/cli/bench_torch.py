@@ -1,0 +1,54 @@
+"""``numbabn bench torch``: numbabn.torch against PyTorch's batch norm inside autograd
+(:mod:`numbabn.torch.benchmark`)."""
+import json
+
+import click
+
+from ._common import CLIError, Settings, check_threads
+
+_PARTS = ("bn", "step")    # numbabn.torch.benchmark's measurements, without importing it for --help
+
+
+@click.command()
+@click.option("--part", "parts", multiple=True, type=click.Choice(_PARTS),
+              help="bn (BN forward+backward per default-suite case) or step (ResNet-18 training "
+                   "step); repeatable [default: both].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for both PyTorch and numbabn [default: numbabn's].")
+@click.option("--repeat", type=click.IntRange(min=1), default=None,
+              help="Interleaved rounds per measurement; medians are reported [default: bn 20, step 10].")
+@click.option("--batch", type=click.IntRange(min=2), default=64, show_default=True, help="step: batch size.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write the rows as JSON; '-' writes them to stdout and the tables to stderr.")
+@click.pass_context
+def torch(ctx, parts, threads, repeat, batch, json_path):
+    """BatchNorm forward+backward through autograd, native vs numbabn (also with
+    ReLU: native BN then ReLU vs numbabn's fused one), and a ResNet-18 CPU training
+    step (32x32, SGD) with native BN, numbabn BN and numbabn BN + fused ReLU; same
+    threads for both libraries, variants interleaved, medians, ratios from the same run."""
+    from importlib.util import find_spec
+
+    if find_spec("torch") is None:
+        raise CLIError("numbabn bench torch needs PyTorch: pip install 'numbabn[torch]'")
+    settings = ctx.find_object(Settings) or Settings()
+    if threads is not None:
+        check_threads(ctx, threads)
+    from numbabn.torch import benchmark
+
+    out = {}
+    for part in parts or _PARTS:
+        if settings.verbose:
+            click.echo(f"running {part}", err=True)
+        if part == "bn":
+            out[part] = benchmark.run_bn(threads=threads, **({"repeat": repeat} if repeat else {}))
+            table = benchmark.format_bn(out[part])
+        else:
+            out[part] = benchmark.run_step(threads=threads, batch=batch, **({"repeat": repeat} if repeat else {}))
+            table = benchmark.format_step(out[part])
+        first = out[part][0]
+        click.echo(f"{part}: torch threads {first['threads']}, numbabn threads {first['numbabn_threads']}\n"
+                   f"{table}\n", err=json_path == "-")
+    if json_path is not None:
+        with click.open_file(json_path, "w") as f:
+            json.dump(out, f, indent=2)
+            f.write("\n")

@@ -1,0 +1,70 @@
+"""Tensors to and from the arrays numbabn's functional API takes, without copying.
+
+* CPU tensors become NumPy views (``tensor.numpy()``): numbabn reads the tensor's
+  memory directly, and its in-place updates of the running statistics land in the
+  module's buffers. Outputs are allocated by torch and filled by numbabn through
+  ``out=``; per-channel results are wrapped with ``torch.from_numpy``.
+* CUDA tensors are handed over as they are: they expose ``__cuda_array_interface__``,
+  so numbabn's CUDA backend views them on the device (zero copy), writes outputs
+  into torch CUDA tensors (``out=``) and returns per-channel results as numba device
+  arrays, which ``torch.as_tensor`` wraps on the same device (zero copy).
+
+Memory format: numbabn views an input as ``(N, C, L)`` when it is C-contiguous, or as
+``(M, C)`` when the channels are its last, contiguous axis. A ``channels_last``
+(NHWC) or ``channels_last_3d`` tensor is therefore handed over as its permuted,
+contiguous N...C view with ``axis=-1``, and the results are written into tensors of
+the input's memory format (as ``torch.nn.BatchNorm2d``'s are). Other strides are
+copied once (by numbabn on the CPU, here on the GPU, whose kernels need contiguous
+input).
+"""
+import numpy as np
+import torch
+
+# Input dtype -> the dtype numbabn computes in (and wants parameters in).
+COMPUTE_DTYPE = {torch.float16: torch.float32, torch.float32: torch.float32, torch.float64: torch.float64}
+
+
+def channels_last_perm(t):
+    """The permutation (0, 2, ..., ndim-1, 1) when ``t`` is stored channels-last
+    (that permuted view is C-contiguous while ``t`` itself is not), else None."""
+    if t.dim() < 3 or t.is_contiguous():
+        return None
+    perm = (0, *range(2, t.dim()), 1)
+    return perm if t.permute(perm).is_contiguous() else None
+
+
+def to_array(t, perm=None):
+    """What numbabn is given for tensor ``t`` (permuted by ``perm`` first): a NumPy
+    view on the CPU, the (contiguous) tensor itself on a CUDA device."""
+    t = t.detach()
+    if perm is not None:
+        t = t.permute(perm)
+    if t.device.type == "cpu":
+        return t.numpy()
+    return t.contiguous()
+
+
+def empty_like(t, perm=None):
+    """A new tensor of ``t``'s shape, dtype and device laid out like numbabn's view of
+    ``t`` (C-contiguous, or channels-last when ``perm`` is given), and the array
+    numbabn writes into it (``out=``). Allocated by torch and not a view, so callers
+    may modify the result in place (``ReLU(inplace=True)``)."""
+    shape = tuple(t.shape)
+    order = perm or tuple(range(len(shape)))
+    strides = [0] * len(shape)
+    step = 1
+    for axis in reversed(order):   # innermost axis of numbabn's view gets stride 1
+        strides[axis] = step
+        step *= shape[axis]
+    out = torch.empty_strided(shape, strides, dtype=t.dtype, device=t.device)
+    return out, to_array(out, perm)
+
+
+def to_tensor(a, like):
+    """A per-channel numbabn result ``a`` as a tensor on ``like``'s device."""
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.as_tensor(a, device=like.device)
+
+
+def optional_array(t):
+    """:func:`to_array` for an optional per-channel tensor (None stays None)."""
+    return None if t is None else to_array(t)

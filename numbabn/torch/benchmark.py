@@ -1,0 +1,153 @@
+"""numbabn.torch against PyTorch's own batch norm inside autograd (``numbabn bench torch``).
+
+Two measurements, both in one process with the same thread count for PyTorch and
+numbabn (``torch.set_num_threads`` and ``numbabn.set_num_threads``), float32:
+
+``bn``
+    Per case of ``numbabn.benchmark.SUITES["default"]``: one training-mode forward
+    plus backward through autograd (``y = m(x); y.backward(dy)``), native
+    ``torch.nn.BatchNorm*`` against :mod:`numbabn.torch`'s, then native BN followed by
+    ``torch.relu`` against numbabn's fused ``activation="relu"``. Channels-last cases
+    use channels_last tensors, (N, C) cases BatchNorm1d.
+``step``
+    One training step of ResNet-18 at 32x32 (:mod:`numbabn.torch.resnet`), batch 64,
+    cross-entropy, SGD(lr=0.05, momentum=0.9): zero_grad, forward, loss, backward,
+    optimizer step. Variants from the same initial weights and batch: native BN,
+    numbabn BN (``convert_batchnorm``), numbabn BN with fused ReLU
+    (``fuse_relu=True``). The final loss of each variant is reported as a check that
+    all three trained the same network.
+
+Timing: warm-up calls first (JIT compile excluded), then ``repeat`` rounds in which
+every variant runs once, interleaved, so that machine noise hits them alike; the
+median per variant is reported, and ratios are native time / numbabn time from the
+same rounds.
+"""
+import copy
+import statistics
+import time
+
+import torch
+
+from .convert import convert_batchnorm
+from .resnet import resnet18
+
+
+def _set_threads(threads):
+    import numbabn
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+        numbabn.set_num_threads(threads)
+    return torch.get_num_threads(), numbabn.get_num_threads()
+
+
+def _interleaved(fns, repeat, warmup=2):
+    """Median seconds per function over ``repeat`` rounds that run each once."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _bn_case(case):
+    """(torch.nn module class name, input tensor, gradient) for a harness case."""
+    g = torch.Generator().manual_seed(0)
+    shape = list(case.shape)
+    channels_last = case.axis in (-1, len(shape) - 1) and len(shape) > 2
+    if channels_last:   # numbabn's NHWC case = a channels_last NCHW tensor
+        shape = [shape[0], shape[-1], *shape[1:-1]]
+    x = torch.randn(shape, generator=g) * 2 + 1
+    dy = torch.randn(shape, generator=g)
+    if channels_last:
+        x, dy = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
+    return f"BatchNorm{max(1, len(shape) - 2)}d", x.requires_grad_(), dy
+
+
+def _fwd_bwd(module, x, dy, after=None):
+    def run():
+        y = module(x)
+        (after(y) if after else y).backward(dy)
+        x.grad = None
+    return run
+
+
+def run_bn(cases=None, threads=None, repeat=20):
+    """Rows (dicts) of the ``bn`` measurement; see the module docstring."""
+    from numbabn.benchmark import SUITES
+
+    from . import modules
+
+    torch_threads, numbabn_threads = _set_threads(threads)
+    rows = []
+    for case in cases or SUITES["default"]:
+        name, x, dy = _bn_case(case)
+        C = x.shape[1]
+        native, ours = getattr(torch.nn, name)(C), getattr(modules, name)(C)
+        fused = getattr(modules, name)(C, activation="relu")
+        t = _interleaved({"native": _fwd_bwd(native, x, dy), "numbabn": _fwd_bwd(ours, x, dy),
+                          "native+relu": _fwd_bwd(native, x, dy, torch.relu),
+                          "numbabn fused": _fwd_bwd(fused, x, dy)}, repeat)
+        rows.append(dict(case=case.name, shape="x".join(map(str, x.shape)),
+                         layout="channels_last" if not x.is_contiguous() else "contiguous",
+                         native_ms=t["native"] * 1e3, numbabn_ms=t["numbabn"] * 1e3,
+                         speedup=t["native"] / t["numbabn"],
+                         native_relu_ms=t["native+relu"] * 1e3, fused_ms=t["numbabn fused"] * 1e3,
+                         relu_speedup=t["native+relu"] / t["numbabn fused"],
+                         threads=torch_threads, numbabn_threads=numbabn_threads))
+    return rows
+
+
+def run_step(threads=None, repeat=10, batch=64, seed=0):
+    """Rows (dicts) of the ``step`` measurement; see the module docstring."""
+    torch_threads, numbabn_threads = _set_threads(threads)
+    torch.manual_seed(seed)
+    base = resnet18()
+    x = torch.randn(batch, 3, 32, 32)
+    labels = torch.randint(0, 10, (batch,))
+    models = {"native BN": copy.deepcopy(base),
+              "numbabn BN": convert_batchnorm(copy.deepcopy(base)),
+              "numbabn BN + fused ReLU": convert_batchnorm(copy.deepcopy(base), fuse_relu=True)}
+    losses = {}
+
+    def stepper(name, model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x), labels)
+            loss.backward()
+            opt.step()
+            losses[name] = loss.item()
+        return step
+
+    t = _interleaved({name: stepper(name, m) for name, m in models.items()}, repeat)
+    native = t["native BN"]
+    return [dict(variant=name, step_ms=sec * 1e3, speedup=native / sec, final_loss=losses[name],
+                 batch=batch, threads=torch_threads, numbabn_threads=numbabn_threads) for name, sec in t.items()]
+
+
+def _table(rows, columns):
+    """Aligned text table; ``columns`` maps a row key to (header, format)."""
+    head = [h for h, _ in columns.values()]
+    body = [[format(r[k], f) for k, (_, f) in columns.items()] for r in rows]
+    widths = [max(len(c) for c in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def format_bn(rows):
+    return _table(rows, {"case": ("case", "s"), "shape": ("shape", "s"), "layout": ("layout", "s"),
+                         "native_ms": ("native ms", ".2f"), "numbabn_ms": ("numbabn ms", ".2f"),
+                         "speedup": ("x", ".2f"), "native_relu_ms": ("native+ReLU ms", ".2f"),
+                         "fused_ms": ("fused ms", ".2f"), "relu_speedup": ("x", ".2f")})
+
+
+def format_step(rows):
+    return _table(rows, {"variant": ("ResNet-18 step", "s"), "step_ms": ("ms", ".1f"),
+                         "speedup": ("x native", ".3f"), "final_loss": ("final loss", ".4f")})

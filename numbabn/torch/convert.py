@@ -1,0 +1,131 @@
+"""Model surgery: swap PyTorch's batch norm for numbabn's, and fold batch norm away
+for inference.
+
+``convert_batchnorm`` works like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``:
+the new modules take over the old ones' Parameter and buffer objects (not copies),
+so an optimizer built before the conversion keeps updating the right tensors and
+``state_dict`` keys do not change.
+"""
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
+
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, NumbabnBatchNorm
+from .sync import SyncBatchNorm
+
+# torch class -> the numbabn.torch class replacing it (isinstance order: numbabn's are subclasses).
+_LOCAL = ((torch.nn.BatchNorm1d, BatchNorm1d), (torch.nn.BatchNorm2d, BatchNorm2d),
+          (torch.nn.BatchNorm3d, BatchNorm3d))
+_FOLDABLE = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
+
+
+def _target(module, sync):
+    """The numbabn.torch class that replaces ``module``, or None to leave it alone."""
+    if not isinstance(module, _BatchNorm) or isinstance(module, _LazyNormBase):
+        return None
+    if sync or isinstance(module, (torch.nn.SyncBatchNorm, SyncBatchNorm)):
+        return SyncBatchNorm
+    return next((ours for theirs, ours in _LOCAL if isinstance(module, theirs)), None)
+
+
+def _convert_one(module, sync, process_group):
+    cls = _target(module, sync)
+    if cls is None or type(module) is cls:
+        return module
+    kwargs = dict(bias=module.bias is not None) if module.affine else {}
+    if cls is SyncBatchNorm:
+        kwargs["process_group"] = process_group or getattr(module, "process_group", None)
+    new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+              activation=getattr(module, "activation", None), **kwargs)
+    for name in ("weight", "bias"):
+        if getattr(module, name) is not None:
+            setattr(new, name, getattr(module, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        new.register_buffer(name, getattr(module, name))
+    new.train(module.training)
+    if hasattr(module, "qconfig"):
+        new.qconfig = module.qconfig
+    return new
+
+
+def convert_batchnorm(module, *, sync=False, fuse_relu=False, process_group=None):
+    """Replace every batch norm in ``module`` by numbabn.torch's, in place.
+
+    ``torch.nn.BatchNorm1d/2d/3d`` become :class:`BatchNorm1d/2d/3d`; with
+    ``sync=True`` every batch norm (numbabn's included) becomes a
+    :class:`SyncBatchNorm` over ``process_group`` (None: the default group).
+    ``torch.nn.SyncBatchNorm`` always becomes numbabn's ``SyncBatchNorm`` (keeping its
+    process group). Parameters and buffers are the same objects as before; train/eval
+    mode is kept. With ``fuse_relu=True``, a ``torch.nn.ReLU`` that directly follows a
+    converted batch norm inside a ``torch.nn.Sequential`` is folded into it
+    (``activation="relu"``) and replaced by ``torch.nn.Identity`` (indices and
+    state_dict keys stay). ReLUs called in a ``forward`` (torchvision's BasicBlock)
+    cannot be seen and stay as they are.
+
+    Returns ``module`` itself, or its replacement when ``module`` is a batch norm.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"convert_batchnorm: module must be a torch.nn.Module, got {type(module).__name__}")
+    converted = _convert_one(module, sync, process_group)
+    if converted is not module:
+        return converted
+    for name, child in module.named_children():
+        new = convert_batchnorm(child, sync=sync, fuse_relu=fuse_relu, process_group=process_group)
+        if new is not child:
+            setattr(module, name, new)
+    if fuse_relu and isinstance(module, torch.nn.Sequential):
+        for i in range(len(module) - 1):
+            bn, nxt = module[i], module[i + 1]
+            if isinstance(bn, NumbabnBatchNorm) and bn.activation is None and type(nxt) is torch.nn.ReLU:
+                bn.activation = "relu"
+                module[i + 1] = torch.nn.Identity()
+    return module
+
+
+def _fold_pairs(module):
+    """(sequential, index) of every Conv/Linear directly followed by a batch norm."""
+    for seq in module.modules():
+        if isinstance(seq, torch.nn.Sequential):
+            for i in range(len(seq) - 1):
+                if type(seq[i]) in _FOLDABLE and isinstance(seq[i + 1], _BatchNorm):
+                    yield seq, i
+
+
+@torch.no_grad()
+def fold_batchnorm(module):
+    """Fold every eval-mode batch norm that directly follows a ``Conv1d/2d/3d`` or
+    ``Linear`` inside a ``torch.nn.Sequential`` into that layer, in place, for
+    inference. Per output channel c (float64, then cast to the layer's dtype)::
+
+        a_c = gamma_c / sqrt(running_var_c + eps)
+        W'[c] = a_c * W[c];   b'_c = a_c * (b_c - running_mean_c) + beta_c
+
+    The batch norm is replaced by ``torch.nn.Identity`` (``torch.nn.ReLU`` when it
+    had a fused ReLU). Raises ValueError, changing nothing, when such a batch norm
+    is in training mode or has no running statistics. Returns ``module``.
+    """
+    pairs = list(_fold_pairs(module))
+    for seq, i in pairs:
+        bn = seq[i + 1]
+        if bn.training or bn.running_mean is None:
+            raise ValueError(f"fold_batchnorm: {type(bn).__name__} at index {i + 1} of a Sequential must be in "
+                             "eval mode with running statistics (call model.eval() first); nothing was folded")
+        if bn.num_features != seq[i].weight.shape[0]:
+            raise ValueError(f"fold_batchnorm: {type(bn).__name__}({bn.num_features}) follows a layer with "
+                             f"{seq[i].weight.shape[0]} outputs; nothing was folded")
+    for seq, i in pairs:
+        layer, bn = seq[i], seq[i + 1]
+        w = layer.weight.double()
+        C = w.shape[0]
+        mean, var = bn.running_mean.double(), bn.running_var.double()
+        gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)
+        beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
+        bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(mean)
+        a = gamma / torch.sqrt(var + bn.eps)
+        layer.weight.copy_(w * a.reshape(C, *[1] * (w.dim() - 1)))
+        new_bias = a * (bias - mean) + beta
+        if layer.bias is None:
+            layer.bias = torch.nn.Parameter(new_bias.to(layer.weight.dtype))
+        else:
+            layer.bias.copy_(new_bias)
+        seq[i + 1] = torch.nn.ReLU() if getattr(bn, "activation", None) == "relu" else torch.nn.Identity()
+    return module

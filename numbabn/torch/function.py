@@ -1,0 +1,101 @@
+"""The autograd Function behind every numbabn.torch module: numbabn's kernels
+forward and backward, on tensors viewed without copying (:mod:`._bridge`).
+
+Formulas (numbabn.functional), per channel over its m values, g = dy (times the
+ReLU mask when fused)::
+
+    y  = gamma*(x - mean)*invstd + beta           (then max(y, 0) if relu)
+    dx = gamma*invstd/m * (m*g - sum g - xhat*sum(g*xhat))      (batch statistics)
+    dx = gamma*invstd_running * g                               (running statistics)
+    dgamma = sum g*xhat;  dbeta = sum g
+
+Synchronized statistics enter through two optional arguments: ``moments``, the
+merged :class:`numbabn.Moments` of all ranks to normalise with, and ``allreduce``,
+which turns this rank's (2, C) float64 sums ``[sum g, sum g*(x - mean)]`` into the
+sums over all ranks for ``dx``. Then ``dgamma``/``dbeta`` are this rank's own share
+(``sum g*xhat`` and ``sum g`` over the local batch), as in
+``torch.nn.SyncBatchNorm``, so that DistributedDataParallel's gradient averaging
+completes them like every other parameter's.
+"""
+import torch
+
+import numbabn
+
+from . import _bridge as B
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """``apply(x, weight, bias, running_mean, running_var, training, momentum, eps,
+    relu, moments, allreduce) -> y``.
+
+    ``x``: (N, C, ...) float16/32/64 tensor (any memory format); ``weight``/``bias``:
+    (C,) tensors of the compute dtype (float32 for float16 input) or None;
+    ``running_mean``/``running_var``: (C,) buffers updated in place when
+    ``training`` (pass None not to track), read when not; ``momentum``: the update
+    factor of this step (the module resolves ``momentum=None`` to 1/num_batches).
+    Backward is first-order only: differentiating the gradients raises.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
+                moments=None, allreduce=None):
+        perm = B.channels_last_perm(x)
+        cdt = B.COMPUTE_DTYPE[x.dtype]
+        # Buffers of another dtype (a float16 module) are updated through compute-dtype
+        # copies, written back only once the forward has succeeded.
+        staged = [(buf, buf if buf is None or buf.dtype == cdt else buf.to(cdt))
+                  for buf in (running_mean, running_var)]
+        y, out = B.empty_like(x, perm)
+        _, bn = numbabn.batch_norm_forward(
+            B.to_array(x, perm), B.optional_array(weight), B.optional_array(bias),
+            running_mean=B.optional_array(staged[0][1]), running_var=B.optional_array(staged[1][1]),
+            training=training, momentum=momentum, eps=eps, axis=1 if perm is None else -1,
+            activation="relu" if relu else None, moments=moments, out=out)
+        for buf, copy in staged:
+            if copy is not buf and training:
+                buf.copy_(copy)
+        ctx.bn, ctx.perm, ctx.allreduce = bn, perm, allreduce
+        # numbabn's context reads x and weight by reference: saving them lets autograd
+        # refuse a backward after either was modified in place.
+        ctx.save_for_backward(x, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved = ctx.saved_tensors
+        bn, perm = ctx.bn, ctx.perm
+        local = []
+        allreduce = None
+        if ctx.allreduce is not None:
+            def allreduce(sums):
+                local.append(sums)
+                return ctx.allreduce(sums)
+        x = saved[0]
+        dx, out = B.empty_like(x, perm)
+        _, dgamma, dbeta = numbabn.batch_norm_backward(B.to_array(dy, perm), bn, allreduce=allreduce, out=out)
+        if local:   # this rank's share of the parameter gradients (see the module docstring)
+            sums = local[0]
+            dgamma = (sums[1] * bn.invstd).astype(bn.gamma.dtype) if dgamma is not None else None
+            dbeta = sums[0].astype(bn.gamma.dtype) if dbeta is not None else None
+        grads = [dx if ctx.needs_input_grad[0] else None,
+                 B.to_tensor(dgamma, x) if dgamma is not None and ctx.needs_input_grad[1] else None,
+                 B.to_tensor(dbeta, x) if dbeta is not None and ctx.needs_input_grad[2] else None]
+        if torch.is_grad_enabled():   # backward(create_graph=True): no second derivative here
+            grads = [None if g is None else _FirstOrderOnly.apply(g, *saved) for g in grads]
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes a gradient through; differentiating it raises a clear error (numbabn's
+    backward is not itself differentiable). Used only under ``create_graph=True``."""
+
+    @staticmethod
+    def forward(ctx, grad, *inputs):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "numbabn.torch batch norm: double backward (differentiating the gradients, e.g. a "
+            "gradient penalty) is not supported by numbabn's kernels; use torch.nn.BatchNorm* "
+            "for this module (its state_dict loads unchanged)")

@@ -1,0 +1,150 @@
+"""Drop-in ``torch.nn.BatchNorm1d/2d/3d`` running numbabn's kernels.
+
+Each class subclasses its torch.nn counterpart, so constructor arguments,
+parameters, buffers, ``state_dict`` keys, ``reset_parameters``, ``train()/eval()``
+and ``isinstance(m, torch.nn.BatchNorm2d)`` are PyTorch's own; only ``forward``
+differs, going through :class:`~numbabn.torch.function.BatchNormFunction`. One
+keyword is added: ``activation=None | "relu"`` fuses a ReLU into the same pass over
+memory (forward and backward).
+
+Semantics are ``torch.nn.BatchNorm*``'s (batch statistics in training mode and when
+``track_running_stats=False``; running statistics in eval mode)::
+
+    running_mean <- (1 - f)*running_mean + f*mean
+    running_var  <- (1 - f)*running_var  + f*var*m/(m - 1)
+    f = momentum, or 1/num_batches_tracked when momentum=None (cumulative average)
+
+Where numbabn differs from PyTorch:
+
+* A call that raises changes nothing: PyTorch increments ``num_batches_tracked``
+  before it looks at the input; numbabn increments it after a successful forward.
+* Statistics accumulate in float64 (PyTorch's CPU kernels: float32 sums for float32
+  input), so results agree with PyTorch to float32 rounding, not bit for bit.
+* An input with no values (N = 0) takes PyTorch's own path (nothing to compute).
+
+Dtypes: float32 and float64 run natively; float16 input with float32 parameters is
+computed in float32 by numbabn (output float16). bfloat16 has no NumPy dtype: the
+module converts the input to float32 with a torch op and the output back, which
+costs an extra read and write of the input and of the output (and of both
+gradients), and keeps the float32 copy of the input alive for the backward --
+3x the bfloat16 input's memory instead of 1x. Parameters and buffers may be float32
+or the input's 16-bit dtype (``module.half()``); they are used in float32.
+
+Memory formats: contiguous and ``channels_last``/``channels_last_3d`` inputs are
+read in place and the output has the input's format. CUDA tensors run on numbabn's
+CUDA backend through ``__cuda_array_interface__`` (zero copy; see :mod:`._bridge`).
+Double backward raises a clear error.
+"""
+import torch
+from torch.nn import functional as F
+
+from . import _bridge as B
+from .function import BatchNormFunction
+
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_activation(owner, activation):
+    """``activation`` validated: None or "relu"."""
+    if activation not in (None, "relu"):
+        raise ValueError(f"{owner}: activation must be None or 'relu', got {activation!r}")
+    return activation
+
+
+def _compute_dtype(dtype):
+    return torch.float32 if dtype == torch.bfloat16 else B.COMPUTE_DTYPE[dtype]
+
+
+class NumbabnBatchNorm:
+    """The ``forward`` shared by every numbabn.torch module (mixed into a subclass
+    of ``torch.nn.modules.batchnorm._BatchNorm``).
+
+    Subclasses may override :meth:`_synchronize` (statistics from several
+    processes) and :meth:`_input_rejected` (tell them when the input is refused).
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, *, bias=True, activation=None):
+        # ``bias=`` is new in torch 2.13; older releases accept the call without it.
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **({} if bias else {"bias": False}))
+        self._set_activation(activation)
+
+    def _set_activation(self, activation):
+        self.activation = check_activation(type(self).__name__, activation)
+
+    def extra_repr(self):
+        text = super().extra_repr()
+        return text if self.activation is None else f"{text}, activation={self.activation!r}"
+
+    def _check_input(self, input):
+        """dtype, channel count and device of ``input``: clear errors before anything changes."""
+        name = type(self).__name__
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
+        self._check_input_dim(input)
+        if input.dtype not in _INPUT_DTYPES:
+            raise TypeError(f"{name}: input must be float16, bfloat16, float32 or float64, got {input.dtype}")
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"{name}: expected input with {self.num_features} channels (dim 1), "
+                             f"got shape {tuple(input.shape)}")
+        ref = next((t for t in (self.weight, self.bias, self.running_mean) if t is not None), None)
+        if ref is None:
+            return
+        if ref.device != input.device:
+            raise ValueError(f"{name}: input is on {input.device} but the module's parameters/buffers "
+                             f"are on {ref.device}")
+        if ref.dtype not in (_compute_dtype(input.dtype), input.dtype):
+            raise TypeError(f"{name}: input has dtype {input.dtype} but the module's parameters/buffers have "
+                            f"{ref.dtype}; convert one of them (module.to(dtype) or input.to(dtype))")
+
+    def _input_rejected(self, error):
+        """Called with the input's validation error just before it is raised."""
+
+    def _synchronize(self, x, batch_stats):
+        """``(moments, allreduce)`` for :class:`BatchNormFunction`: (None, None) here,
+        i.e. this process's batch alone."""
+        return None, None
+
+    def forward(self, input):
+        try:
+            self._check_input(input)
+        except (TypeError, ValueError) as exc:
+            self._input_rejected(exc)
+            raise
+        tracking = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if tracking and self.momentum is None:
+            momentum = 1.0 / (int(self.num_batches_tracked) + 1)
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        running_mean, running_var = (self.running_mean, self.running_var) if use_buffers else (None, None)
+        # bfloat16 -> float32 as a torch op (see the module docstring for what it costs).
+        x = input.float() if input.dtype == torch.bfloat16 else input
+        cdt = B.COMPUTE_DTYPE[x.dtype]
+        weight, bias = (None if p is None else p.to(cdt) for p in (self.weight, self.bias))
+        moments, allreduce = self._synchronize(x, batch_stats)
+        if x.numel() == 0 and moments is None:
+            y = F.batch_norm(x, running_mean, running_var, weight, bias, batch_stats, momentum, self.eps)
+            y = F.relu(y) if self.activation == "relu" else y
+        else:
+            y = BatchNormFunction.apply(x, weight, bias, running_mean, running_var, batch_stats, momentum,
+                                        self.eps, self.activation == "relu", moments, allreduce)
+        if tracking:
+            self.num_batches_tracked.add_(1)
+        return y.to(input.dtype)
+
+
+class BatchNorm1d(NumbabnBatchNorm, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` on numbabn's kernels: (N, C) or (N, C, L) input.
+    ``activation="relu"`` fuses a ReLU. See :mod:`numbabn.torch.modules`."""
+
+
+class BatchNorm2d(NumbabnBatchNorm, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` on numbabn's kernels: (N, C, H, W) input, contiguous
+    or channels_last. ``activation="relu"`` fuses a ReLU. See :mod:`numbabn.torch.modules`."""
+
+
+class BatchNorm3d(NumbabnBatchNorm, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` on numbabn's kernels: (N, C, D, H, W) input, contiguous
+    or channels_last_3d. ``activation="relu"`` fuses a ReLU. See :mod:`numbabn.torch.modules`."""

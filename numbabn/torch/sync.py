@@ -1,0 +1,148 @@
+"""``SyncBatchNorm`` for CPU tensors over ``torch.distributed`` (gloo), which
+``torch.nn.SyncBatchNorm`` refuses ("expected input tensor to be on GPU").
+
+Each rank holds a slice of the global batch (any size, zero included). In training
+mode, per layer and step:
+
+forward
+    local ``numbabn.moments(x)`` -> ONE ``all_gather`` of a float64 row
+    ``[ok, C, call, dtype, count, mean(C), m2(C)]`` -> every rank checks the headers
+    and merges the moments exactly (Chan) in rank order -> ``batch_norm_forward(...,
+    moments=merged)``. Running statistics see the global count m (``var*m/(m-1)``).
+backward
+    this rank's (2, C) sums ``[sum g, sum g*(x - mean)]`` -> ONE ``all_gather`` of
+    ``[call, C, sums(2C)]`` -> summed in rank order -> ``dx``.
+
+Every rank gathers the same bytes and reduces them with the same code in the same
+order, so statistics and ``dx`` are bit-identical on all ranks, whatever the
+backend's reduction order (this is why it is all_gather, not all_reduce). The
+result equals one BatchNorm on the concatenation of the ranks' batches in rank
+order, to float rounding. ``weight.grad``/``bias.grad`` are this rank's share, as in
+``torch.nn.SyncBatchNorm``: summed over the ranks they are the global batch's
+gradients, and DistributedDataParallel's averaging completes them like any other
+parameter's.
+
+The header makes misuse fail on every rank instead of hanging or merging garbage:
+an input refused on one rank (wrong channel count, dtype, ...) still takes part in
+the exchange with ``ok=0``, and then every rank raises; ranks that disagree on the
+channel count, the dtype or how many synchronized calls this layer made (layers
+called in different orders) raise too. Nothing is updated when it raises.
+
+In eval mode (and with one process, or torch.distributed not initialised) the layer
+is a plain numbabn BatchNorm. CUDA tensors are not synchronized by numbabn: use
+``torch.nn.SyncBatchNorm`` (NCCL) there.
+"""
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import numbabn
+
+from . import _bridge as B
+from .modules import NumbabnBatchNorm
+
+_DTYPE_CODE = {torch.float16: 16, torch.float32: 32, torch.float64: 64}
+_HEADER = 4   # ok, channels, call, dtype
+
+
+class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
+    """Batch norm over (N, C, ...) input (any ndim >= 2, contiguous or channels-last)
+    synchronized across the ranks of ``process_group`` (None: the default group).
+
+    Same constructor, parameters, buffers and state_dict keys as
+    ``torch.nn.SyncBatchNorm``, plus ``activation=None | "relu"`` (fused ReLU). It is
+    deliberately not a subclass of ``torch.nn.SyncBatchNorm``: DistributedDataParallel
+    refuses CPU modules containing one. See :mod:`numbabn.torch.sync` for the protocol.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, device=None, dtype=None, *, bias=True, activation=None):
+        _BatchNorm.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                            **({} if bias else {"bias": False}))
+        self.process_group = process_group
+        self._set_activation(activation)
+        self._sync_calls = 0
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _group(self):
+        """The process group to synchronize over, or None when there is nothing to do."""
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group or dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    def _input_rejected(self, error):
+        group = self._group()
+        if group is not None:   # the other ranks are about to wait for this one
+            self._gather_moments(group, None, None)
+
+    def _synchronize(self, x, batch_stats):
+        group = self._group() if batch_stats else None
+        if group is None:
+            return None, None
+        if x.device.type != "cpu":
+            self._gather_moments(group, None, None)
+            raise NotImplementedError(f"{type(self).__name__}: numbabn synchronizes CPU tensors only; "
+                                      f"for {x.device} tensors use torch.nn.SyncBatchNorm")
+        perm = B.channels_last_perm(x)
+        try:
+            local = numbabn.moments(B.to_array(x, perm), axis=1 if perm is None else -1)
+        except Exception:
+            self._gather_moments(group, None, None)
+            raise
+        merged, call = self._gather_moments(group, local, x.dtype)
+        C = self.num_features
+
+        def allreduce(sums):
+            rows = _all_gather(group, np.concatenate(([call, C], sums.ravel())))
+            _check_agree(self, rows, ("synchronized call", "channel count"))
+            total = rows[0, 2:].copy()
+            for row in rows[1:]:
+                total += row[2:]
+            return total.reshape(sums.shape)
+
+        return merged, allreduce
+
+    def _gather_moments(self, group, local, dtype):
+        """One all_gather of header + packed moments; ``local=None`` announces a
+        refused input. Returns (merged moments in rank order, this call's index)."""
+        call = self._sync_calls
+        self._sync_calls += 1
+        C = self.num_features
+        packed = local.to_array() if local is not None else np.zeros(2 * C + 1)
+        header = [float(local is not None), C, call, _DTYPE_CODE.get(dtype, 0)]
+        rows = _all_gather(group, np.concatenate((header, packed)))
+        if local is None:
+            return None, call
+        refused = [r for r, row in enumerate(rows) if row[0] != 1]
+        if refused:
+            raise RuntimeError(f"{type(self).__name__}: rank(s) {refused} of the process group refused their "
+                               "input (see the error raised there); nothing was updated")
+        _check_agree(self, rows[:, 1:], ("channel count", "synchronized call", "input dtype"))
+        merged = numbabn.Moments.empty(C)
+        for row in rows:
+            merged = numbabn.merge_moments(merged, numbabn.Moments.from_array(row[_HEADER:]))
+        return merged, call
+
+
+def _all_gather(group, row):
+    """(P, row.size) float64: row r is group rank r's ``row`` (one all_gather)."""
+    t = torch.from_numpy(np.ascontiguousarray(row, dtype=np.float64))
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t, group=group)
+    return torch.stack(parts).numpy()
+
+
+def _check_agree(module, rows, names):
+    """The leading columns of ``rows`` (one name each) must be equal on every rank."""
+    for col, name in enumerate(names):
+        values = rows[:, col]
+        if (values != values[0]).any():
+            raise RuntimeError(
+                f"{type(module).__name__}: the ranks of the process group disagree on the {name} "
+                f"({[int(v) for v in values]} by rank); every rank must call the same layers in the "
+                "same order with inputs of the same channels and dtype")

@@ -1,0 +1,35 @@
+"""The numbabn.torch benchmark harness runs and its variants compute the same thing
+(timings are never asserted: see bench/torch_bench.py for the measurements)."""
+import pytest
+
+pytest.importorskip("torch", reason="PyTorch is not installed")
+
+from click.testing import CliRunner  # noqa: E402
+
+from numbabn.benchmark import SUITES  # noqa: E402
+from numbabn.cli import main  # noqa: E402
+from numbabn.torch import benchmark  # noqa: E402
+
+
+def test_bn_rows_cover_the_cases_with_both_layouts():
+    rows = benchmark.run_bn(SUITES["tiny"], threads=1, repeat=1)
+    assert [r["case"] for r in rows] == ["tiny", "tiny-conv"]
+    assert all(r["native_ms"] > 0 and r["fused_ms"] > 0 and r["threads"] == r["numbabn_threads"] == 1 for r in rows)
+    assert "native+ReLU ms" in benchmark.format_bn(rows)
+    name, x, _ = benchmark._bn_case(SUITES["default"][2])   # resnet-nhwc
+    assert name == "BatchNorm2d" and x.shape == (64, 64, 56, 56) and not x.is_contiguous()
+
+
+def test_step_variants_train_the_same_network():
+    rows = benchmark.run_step(threads=1, repeat=1, batch=4)
+    assert [r["variant"] for r in rows] == ["native BN", "numbabn BN", "numbabn BN + fused ReLU"]
+    losses = [r["final_loss"] for r in rows]
+    assert max(losses) - min(losses) < 1e-3 * max(1.0, abs(losses[0]))
+    assert "x native" in benchmark.format_step(rows)
+
+
+def test_cli_lists_the_torch_benchmark():
+    result = CliRunner().invoke(main, ["bench", "torch", "--help"])
+    assert result.exit_code == 0 and "ResNet-18" in result.output
+    result = CliRunner().invoke(main, ["bench", "torch", "--threads", "100000"])
+    assert result.exit_code == 2 and "--threads" in result.output

@@ -1,0 +1,167 @@
+"""convert_batchnorm and fold_batchnorm on ResNets built here (no weights download).
+
+``TorchvisionResNet`` copies torchvision's BasicBlock structure (attributes conv1,
+bn1, relu, conv2, bn2, downsample; the ReLU called in ``forward``) at a small size;
+:func:`numbabn.torch.resnet.resnet18` has its conv-BN-ReLU in Sequentials, which is
+what ``fuse_relu`` can fold.
+"""
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+from torch import nn  # noqa: E402
+
+import numbabn.torch as nbt  # noqa: E402
+from numbabn.torch.resnet import resnet18  # noqa: E402
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class TorchvisionResNet(nn.Module):
+    def __init__(self, widths=(8, 16), num_classes=5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        blocks, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            blocks.append(nn.Sequential(BasicBlock(cin, w, 2 if i else 1), BasicBlock(w, w)))
+            cin = w
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def bn_types(model):
+    return [type(m) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def train_side_by_side(a, b, steps=3, shape=(6, 3, 12, 12), fmt=None):
+    """SGD steps on both models with the same batches; compare loss, grads, state."""
+    oa = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
+    ob = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        x = torch.randn(shape, generator=g)
+        x = x.to(memory_format=fmt) if fmt else x
+        t = torch.randint(0, 5, (shape[0],), generator=g)
+        la = nn.functional.cross_entropy(a(x), t)
+        lb = nn.functional.cross_entropy(b(x), t)
+        torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
+        la.backward(), lb.backward()
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=f"{name}.grad step {step}")
+        oa.step(), ob.step(), oa.zero_grad(), ob.zero_grad()
+    for (name, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(v, w, rtol=1e-3, atol=1e-4, msg=name)
+    a.eval(), b.eval()
+    x = torch.randn(shape, generator=g)
+    torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+def test_converted_torchvision_resnet_trains_like_the_original(fmt):
+    torch.manual_seed(0)
+    original = TorchvisionResNet()
+    if fmt:
+        original = original.to(memory_format=fmt)
+    converted = copy.deepcopy(original)
+    params_before = [id(p) for p in converted.parameters()]
+    keys_before = list(converted.state_dict())
+    assert nbt.convert_batchnorm(converted) is converted
+    assert bn_types(converted) == [nbt.BatchNorm2d] * len(bn_types(original)) == [nbt.BatchNorm2d] * 10
+    assert [id(p) for p in converted.parameters()] == params_before   # same Parameter objects
+    assert list(converted.state_dict()) == keys_before
+    assert converted.relu.__class__ is nn.ReLU   # called in forward: cannot be fused, left alone
+    train_side_by_side(converted, original, fmt=fmt)
+
+
+def test_optimizer_built_before_conversion_keeps_working():
+    torch.manual_seed(1)
+    model = TorchvisionResNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    nbt.convert_batchnorm(model)
+    before = model.bn1.weight.detach().clone()
+    nn.functional.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 3])).backward()
+    opt.step()
+    assert not torch.equal(model.bn1.weight, before)
+
+
+def test_fuse_relu_folds_the_sequential_relus_and_changes_nothing_else():
+    torch.manual_seed(2)
+    original = resnet18(num_classes=5)
+    fused = nbt.convert_batchnorm(copy.deepcopy(original), fuse_relu=True)
+    assert sum(getattr(m, "activation", None) == "relu" for m in fused.modules()) == 9
+    assert not any(type(m) is nn.ReLU for m in fused.modules())
+    assert list(fused.state_dict()) == list(original.state_dict())
+    train_side_by_side(fused, original, steps=2, shape=(4, 3, 16, 16))
+
+
+def test_sync_conversion_and_back_from_torch_sync_batch_norm():
+    torch.manual_seed(3)
+    model = TorchvisionResNet()
+    synced = nbt.convert_batchnorm(copy.deepcopy(model), sync=True)
+    assert set(bn_types(synced)) == {nbt.SyncBatchNorm}
+    train_side_by_side(synced, model, steps=2)   # one process: plain batch norm
+    group = object()
+    torch_sync = nn.SyncBatchNorm.convert_sync_batchnorm(TorchvisionResNet(), process_group=group)
+    ours = nbt.convert_batchnorm(torch_sync)
+    assert set(bn_types(ours)) == {nbt.SyncBatchNorm}
+    assert all(m.process_group is group for m in ours.modules() if isinstance(m, nbt.SyncBatchNorm))
+
+
+def test_a_batch_norm_root_is_returned_converted():
+    bn = nn.BatchNorm1d(4, momentum=None, affine=False).eval()
+    new = nbt.convert_batchnorm(bn, fuse_relu=True)
+    assert type(new) is nbt.BatchNorm1d and not new.training and new.momentum is None and new.weight is None
+    assert new.running_mean is bn.running_mean
+    with pytest.raises(TypeError, match="convert_batchnorm: module must be a torch.nn.Module, got int"):
+        nbt.convert_batchnorm(3)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_fold_batchnorm_gives_the_same_outputs(activation):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), nbt.BatchNorm2d(6, activation=activation),
+                          nn.Flatten(), nn.Linear(6 * 4 * 4, 5), nn.BatchNorm1d(5))
+    for _ in range(3):
+        model(torch.randn(8, 3, 6, 6) * 2 + 1)
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5), model[4].bias.uniform_(-1, 1)
+    model.eval()
+    x = torch.randn(4, 3, 6, 6)
+    expected = model(x)
+    nbt.fold_batchnorm(model)
+    assert type(model[1]) is (nn.ReLU if activation else nn.Identity) and type(model[4]) is nn.Identity
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_batchnorm_refuses_training_mode_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2), nn.BatchNorm1d(2))
+    model[1].eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="index 3 .* eval mode"):
+        nbt.fold_batchnorm(model)
+    assert type(model[1]) is nn.BatchNorm1d
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -1,0 +1,279 @@
+"""numbabn.torch's BatchNorm1d/2d/3d against torch.nn's over several training steps.
+
+Each case runs both modules side by side for several SGD steps (forward, backward,
+update), comparing outputs, input and parameter gradients, running statistics and
+the batch counter every step, then the eval-mode forward; plus gradcheck in float64,
+state-dict round trips, mixed precision, errors that change nothing, double backward,
+and the CUDA dispatch logic (on CPU tensors: no GPU here).
+"""
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+
+import numbabn.torch as nbt  # noqa: E402
+from numbabn.torch import _bridge  # noqa: E402
+
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
+
+CASES = [  # (class name, kwargs, input shape, memory format)
+    ("BatchNorm1d", {}, (16, 5), None),
+    ("BatchNorm1d", dict(momentum=None), (8, 3, 7), None),
+    ("BatchNorm1d", dict(affine=False, momentum=0.3), (8, 3, 7), None),
+    ("BatchNorm2d", {}, (4, 3, 5, 6), None),
+    ("BatchNorm2d", {}, (4, 3, 5, 6), torch.channels_last),
+    ("BatchNorm2d", dict(momentum=None), (4, 3, 5, 6), torch.channels_last),
+    ("BatchNorm2d", dict(track_running_stats=False), (4, 3, 5, 6), None),
+    ("BatchNorm2d", dict(bias=False), (3, 4, 2, 5), None),
+    ("BatchNorm3d", {}, (2, 3, 4, 3, 5), None),
+    ("BatchNorm3d", dict(momentum=0.5), (2, 3, 4, 3, 5), torch.channels_last_3d),
+]
+
+
+def assert_close(ours, theirs, what):
+    assert ours.dtype == theirs.dtype, what
+    torch.testing.assert_close(ours, theirs, **TOL.get(theirs.dtype, dict(rtol=0, atol=0)), msg=what)
+
+
+def pair(name, C, kwargs, dtype, activation=None):
+    """(numbabn module, torch module) with the same random affine parameters."""
+    ours = getattr(nbt, name)(C, dtype=dtype, activation=activation, **kwargs)
+    theirs = getattr(torch.nn, name)(ours.num_features, dtype=dtype, **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    if ours.weight is not None:
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 1.5)
+            theirs.weight.copy_(ours.weight)
+    return ours, theirs
+
+
+def inputs(shape, fmt, dtype, step):
+    x = torch.randn(shape, dtype=dtype) * (1 + step) + step
+    dy = torch.randn(shape, dtype=dtype)
+    if fmt is not None:
+        x, dy = x.to(memory_format=fmt), dy.to(memory_format=fmt)
+    return x, dy
+
+
+@pytest.mark.parametrize("name, kwargs, shape, fmt", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_matches_torch_over_training_steps_and_eval(name, kwargs, shape, fmt, dtype, activation):
+    torch.manual_seed(0)
+    ours, theirs = pair(name, shape[1], kwargs, dtype, activation)
+    after = torch.relu if activation else (lambda y: y)
+    params = [p for p in ours.parameters()]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9) if params else None
+    topt = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9) if params else None
+    for step in range(4):
+        x, dy = inputs(shape, fmt, dtype, step)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), after(theirs(xb))
+        assert_close(ya, yb, f"output, step {step}")
+        if fmt is not None:
+            assert ya.is_contiguous(memory_format=fmt), "output keeps the input's memory format"
+        ya.backward(dy)
+        yb.backward(dy)
+        assert_close(xa.grad, xb.grad, f"input gradient, step {step}")
+        for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            assert_close(p.grad, q.grad, f"{n}.grad, step {step}")
+        for (n, b), c in zip(ours.named_buffers(), theirs.buffers()):
+            assert_close(b, c, f"buffer {n}, step {step}")
+        if opt:
+            opt.step(), topt.step(), opt.zero_grad(), topt.zero_grad()
+    ours.eval(), theirs.eval()
+    x, dy = inputs(shape, fmt, dtype, 5)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), after(theirs(xb))
+    assert_close(ya, yb, "eval output")
+    ya.backward(dy), yb.backward(dy)
+    assert_close(xa.grad, xb.grad, "eval input gradient")
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_gradcheck_float64(training, activation):
+    torch.manual_seed(1)
+    bn = nbt.BatchNorm2d(3, dtype=torch.float64, activation=activation).train(training)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(3, 3, 4, 2, dtype=torch.float64, requires_grad=True)
+    momentum = bn.momentum
+    bn.momentum = 0.0   # gradcheck calls forward many times: keep the running statistics fixed
+    assert torch.autograd.gradcheck(lambda x, w, b: bn(x), (x, bn.weight, bn.bias))
+    bn.momentum = momentum
+
+
+def test_state_dict_round_trips_with_torch():
+    torch.manual_seed(2)
+    theirs = torch.nn.BatchNorm2d(4)
+    theirs(torch.randn(8, 4, 3, 3) * 3 + 1)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5), theirs.bias.uniform_(-1, 1)
+    ours = nbt.BatchNorm2d(4, activation="relu")
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    back = torch.nn.BatchNorm2d(4)
+    back.load_state_dict(ours.state_dict())
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    assert isinstance(ours, torch.nn.BatchNorm2d)
+    assert "activation='relu'" in repr(ours)
+    ours.eval(), theirs.eval()
+    x = torch.randn(5, 4, 3, 3)
+    torch.testing.assert_close(ours(x), torch.relu(theirs(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_input_with_float32_parameters_like_torch(dtype):
+    torch.manual_seed(3)
+    ours, theirs = nbt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    x = (torch.randn(4, 3, 5, 5) * 2 + 1).to(dtype)
+    dy = torch.randn(4, 3, 5, 5).to(dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), theirs(xb)
+    assert ya.dtype == dtype and xa.grad is None
+    ya.backward(dy), yb.backward(dy)
+    tol = dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ya.float(), yb.float(), **tol)
+    torch.testing.assert_close(xa.grad.float(), xb.grad.float(), **tol)
+    assert xa.grad.dtype == dtype and ours.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-3, atol=1e-3)
+
+
+def test_half_module_updates_its_half_buffers():
+    torch.manual_seed(4)
+    ours, theirs = nbt.BatchNorm1d(6).half(), torch.nn.BatchNorm1d(6).half()
+    x = torch.randn(10, 6).half()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-2, atol=1e-2)
+    assert ours.running_mean.dtype == torch.float16
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-2, atol=1e-3)
+
+
+def test_empty_batch_follows_torch():
+    ours, theirs = nbt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    x = torch.zeros(0, 3, 4, 4, requires_grad=True)
+    y = ours(x)
+    assert y.shape == x.shape
+    theirs(torch.zeros(0, 3, 4, 4))
+    for a, b in zip(ours.buffers(), theirs.buffers()):
+        assert torch.equal(a, b)
+
+
+BAD = [  # (input, error type, words the message must contain)
+    (torch.randn(4, 5, 3, 3), ValueError, ["BatchNorm2d", "3 channels", "(4, 5, 3, 3)"]),
+    (torch.randn(4, 3, 3), ValueError, ["4D"]),
+    (torch.randn(4, 3, 3, 3, dtype=torch.float64), TypeError, ["float64", "float32"]),
+    (torch.ones(4, 3, 3, 3, dtype=torch.int32), TypeError, ["int32"]),
+    (torch.randn(1, 3, 1, 1), ValueError, ["more than 1 value per channel"]),
+]
+
+
+@pytest.mark.parametrize("x, error, words", BAD)
+def test_a_refused_input_changes_nothing_mid_training(x, error, words):
+    torch.manual_seed(5)
+    bn = nbt.BatchNorm2d(3, momentum=None)
+    opt = torch.optim.SGD(bn.parameters(), lr=0.1)
+    for _ in range(2):
+        bn(torch.randn(4, 3, 3, 3)).square().sum().backward()
+        opt.step()
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(error) as info:
+        bn(x)
+    for word in words:
+        assert word in str(info.value)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    bn(torch.randn(4, 3, 3, 3)).sum().backward()   # training goes on
+    assert int(bn.num_batches_tracked) == 3
+
+
+def test_bad_activation_names_the_argument():
+    with pytest.raises(ValueError, match="activation must be None or 'relu', got 'gelu'"):
+        nbt.BatchNorm1d(3, activation="gelu")
+
+
+def test_double_backward_raises_a_clear_error():
+    bn = nbt.BatchNorm1d(3)
+    x = torch.randn(6, 3, requires_grad=True)
+    (gx,) = torch.autograd.grad(bn(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
+
+
+def test_backward_after_in_place_change_of_the_input_is_refused():
+    bn = nbt.BatchNorm1d(3)
+    z = torch.randn(6, 3, requires_grad=True) * 1
+    y = bn(z)
+    with torch.no_grad():
+        z.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_cpu_tensors_are_viewed_without_copies():
+    x = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
+    perm = _bridge.channels_last_perm(x)
+    a = _bridge.to_array(x, perm)
+    assert perm == (0, 2, 3, 1) and a.flags.c_contiguous and a.ctypes.data == x.data_ptr()
+    y, out = _bridge.empty_like(x, perm)
+    assert y._base is None and y.is_contiguous(memory_format=torch.channels_last)
+    assert out.shape == (4, 5, 5, 3) and out.flags.c_contiguous and out.ctypes.data == y.data_ptr()
+    ncl = torch.randn(2, 7, 3).transpose(1, 2)   # (N, C, L) stored as (N, L, C)
+    y, out = _bridge.empty_like(ncl, _bridge.channels_last_perm(ncl))
+    assert y.stride() == ncl.stride() and out.flags.c_contiguous
+    assert _bridge.channels_last_perm(torch.randn(4, 3, 5, 5)) is None
+
+
+class FakeCudaTensor:
+    """Stands in for a CUDA tensor in the bridge (no GPU here): records what it is asked."""
+
+    def __init__(self, t):
+        self.t, self.device, self.calls = t, torch.device("cuda", 0), []
+
+    def detach(self):
+        return self
+
+    def permute(self, perm):
+        self.calls.append(("permute", perm))
+        return self
+
+    def contiguous(self):
+        self.calls.append(("contiguous",))
+        return self
+
+
+def test_cuda_tensors_go_to_numbabn_as_they_are(monkeypatch):
+    """The dispatch logic of the CUDA path, without a device: a CUDA tensor is handed
+    to numbabn itself (made contiguous in numbabn's layout), so numbabn's functional API
+    sees ``__cuda_array_interface__`` and picks its CUDA backend; a per-channel numba
+    device array coming back is wrapped with torch.as_tensor on the input's device."""
+    fake = FakeCudaTensor(torch.randn(2, 3, 4, 4))
+    assert _bridge.to_array(fake, (0, 2, 3, 1)) is fake
+    assert fake.calls == [("permute", (0, 2, 3, 1)), ("contiguous",)]
+    seen = {}
+
+    def as_tensor(obj, device=None):
+        seen.update(obj=obj, device=device)
+        return torch.zeros(3)
+
+    monkeypatch.setattr(torch, "as_tensor", as_tensor)
+    device_array = object()
+    _bridge.to_tensor(device_array, fake)
+    assert seen == dict(obj=device_array, device=fake.device)
+
+    from numbabn import _validation   # numbabn's own dispatch rule for such an object
+    assert _validation.is_device_array(type("T", (), {"__cuda_array_interface__": {}})())
+
+
+def test_importing_numbabn_does_not_import_torch():
+    code = "import sys, numbabn; numbabn.batch_norm_forward; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bfloat16_cost_is_stated():
+    assert "bfloat16" in nbt.modules.__doc__ and "3x" in nbt.modules.__doc__

@@ -1,0 +1,179 @@
+"""numbabn.torch.SyncBatchNorm across spawned gloo process groups (2 and 3 ranks).
+
+Every rank holds a slice of one global batch (unequal sizes, one rank empty) and is
+compared with a single-process ``torch.nn.BatchNorm2d`` on the concatenated batch:
+outputs and input gradients (this rank's slice), parameter gradients (summed over
+the ranks), running statistics (bit-identical on every rank), eval mode; then a
+refused input in the middle of training, layers called out of order, and training
+under DistributedDataParallel on CPU against one process on the whole batch.
+"""
+from datetime import timedelta
+import traceback
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("this PyTorch has no gloo backend", allow_module_level=True)
+
+import torch.multiprocessing as mp  # noqa: E402
+
+import numbabn.torch as nbt  # noqa: E402
+
+F64 = dict(rtol=1e-9, atol=1e-10)
+C = 3
+
+
+def _global_batch(step, sizes, shape=(4, 5)):
+    g = torch.Generator().manual_seed(100 + step)
+    n = sum(sizes)
+    x = torch.randn(n, C, *shape, generator=g, dtype=torch.float64) * (1 + step) + step
+    return x, torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+
+def _my_slice(rank, sizes):
+    lo = sum(sizes[:rank])
+    return slice(lo, lo + sizes[rank])
+
+
+def _same_on_all_ranks(t):
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return all(torch.equal(p, parts[0]) for p in parts)
+
+
+def _summed(t):
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def check_concatenated_batch(rank, sizes, fmt=None, activation=None, momentum=0.1):
+    torch.manual_seed(0)
+    ours = nbt.SyncBatchNorm(C, dtype=torch.float64, activation=activation, momentum=momentum)
+    ref = torch.nn.BatchNorm2d(C, dtype=torch.float64, momentum=momentum)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5), ours.bias.uniform_(-1, 1)
+    ref.load_state_dict(ours.state_dict())
+    after = torch.relu if activation else (lambda y: y)
+    mine = _my_slice(rank, sizes)
+    for step in range(3):
+        X, DY = _global_batch(step, sizes)
+        x = X[mine].clone()
+        x = (x.to(memory_format=fmt) if fmt else x).requires_grad_()
+        y = ours(x)
+        y.backward(DY[mine])
+        Xr = X.clone().requires_grad_()
+        yr = after(ref(Xr))
+        yr.backward(DY)
+        what = f"step {step} rank {rank} sizes {sizes}"
+        torch.testing.assert_close(y, yr[mine], **F64, msg=f"output, {what}")
+        torch.testing.assert_close(x.grad, Xr.grad[mine], **F64, msg=f"input grad, {what}")
+        torch.testing.assert_close(_summed(ours.weight.grad), ref.weight.grad, **F64, msg=f"weight grad, {what}")
+        torch.testing.assert_close(_summed(ours.bias.grad), ref.bias.grad, **F64, msg=f"bias grad, {what}")
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            mine_buf = getattr(ours, name)
+            assert _same_on_all_ranks(mine_buf), f"{name} differs between ranks, {what}"
+            torch.testing.assert_close(mine_buf, getattr(ref, name), **F64, msg=f"{name}, {what}")
+        ours.zero_grad(), ref.zero_grad()
+    ours.eval(), ref.eval()
+    X, _ = _global_batch(9, sizes)
+    torch.testing.assert_close(ours(X[mine]), after(ref(X[mine])), **F64)
+
+
+def check_refused_input_mid_training(rank, sizes):
+    """A bad input on one rank: every rank raises, nothing changes, training goes on."""
+    bn = nbt.SyncBatchNorm(C, dtype=torch.float64)
+    mine = _my_slice(rank, sizes)
+    X, DY = _global_batch(0, sizes)
+    bn(X[mine]).backward(DY[mine])
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    bad = X[mine] if rank != 1 else torch.randn(2, C + 1, 4, 5, dtype=torch.float64)
+    with pytest.raises(ValueError if rank == 1 else RuntimeError) as info:
+        bn(bad)
+    if rank != 1:
+        assert "rank(s) [1]" in str(info.value) and "refused" in str(info.value)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    bn(X[mine]).backward(DY[mine])
+    assert int(bn.num_batches_tracked) == 2
+
+
+def check_layers_out_of_order(rank, sizes):
+    a, b = nbt.SyncBatchNorm(C), nbt.SyncBatchNorm(C)
+    x = torch.randn(4, C, 3)
+    a(x)
+    with pytest.raises(RuntimeError, match="disagree on the synchronized call"):
+        (a if rank == 0 else b)(x)
+
+
+def check_ddp_training(rank, sizes):
+    """DDP on CPU with numbabn SyncBatchNorm (+ fused ReLU) = one process on the whole batch."""
+    def model():
+        torch.manual_seed(7)
+        return torch.nn.Sequential(torch.nn.Conv2d(2, C, 3, padding=1), torch.nn.BatchNorm2d(C), torch.nn.ReLU(),
+                                   torch.nn.Flatten(), torch.nn.Linear(C * 4 * 5, 2)).double()
+
+    ref = model()
+    ddp = torch.nn.parallel.DistributedDataParallel(nbt.convert_batchnorm(model(), sync=True, fuse_relu=True))
+    assert isinstance(ddp.module[1], nbt.SyncBatchNorm) and ddp.module[1].activation == "relu"
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    ropt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    n, mine, world = sum(sizes), _my_slice(rank, sizes), len(sizes)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        X = torch.randn(n, 2, 4, 5, generator=g, dtype=torch.float64)
+        T = torch.randn(n, 2, generator=g, dtype=torch.float64)
+        # DDP averages gradients over the ranks: scale so the average is the global mean loss's.
+        ((ddp(X[mine]) - T[mine]).square().sum() * (world / n)).backward()
+        ((ref(X) - T).square().sum() / n).backward()
+        opt.step(), ropt.step(), opt.zero_grad(), ropt.zero_grad()
+    for (name, p), q in zip(ddp.module.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(p, q, **F64, msg=name)
+
+
+SCENARIOS = {
+    2: [(check_concatenated_batch, {}), (check_concatenated_batch, dict(fmt=torch.channels_last, activation="relu")),
+        (check_refused_input_mid_training, {}), (check_layers_out_of_order, {}),
+        (check_ddp_training, {})],
+    3: [(check_concatenated_batch, dict(momentum=None)), (check_concatenated_batch, dict(activation="relu")),
+        (check_refused_input_mid_training, {}), (check_ddp_training, {})],
+}
+SIZES = {2: (5, 3), 3: (4, 0, 3)}
+
+
+def _worker(rank, world, store, sizes, failures):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    try:
+        for check, kwargs in SCENARIOS[world]:
+            # DDP needs a rank with data: the empty-rank layout runs the layer-level checks only.
+            run_sizes = (4, 1, 3) if check is check_ddp_training and 0 in sizes else sizes
+            try:
+                check(rank, run_sizes, **kwargs)
+            except Exception:
+                failures.put(f"rank {rank}, {check.__name__}{kwargs}:\n{traceback.format_exc()}")
+                raise
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sync_batch_norm_equals_one_process_on_the_concatenated_batch(world, tmp_path):
+    ctx = mp.get_context("spawn")
+    failures = ctx.Queue()
+    try:
+        mp.spawn(_worker, args=(world, tmp_path / "store", SIZES[world], failures), nprocs=world, join=True)
+    except mp.ProcessRaisedException:
+        pytest.fail(failures.get(timeout=5) if not failures.empty() else "a rank failed")
+
+
+def test_single_process_without_a_process_group_is_plain_batch_norm():
+    assert not dist.is_initialized()
+    ours, ref = nbt.SyncBatchNorm(C), torch.nn.BatchNorm2d(C)
+    x = torch.randn(4, C, 3, 3)
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
