@@ -1,55 +1,113 @@
-"""Cold (JIT compile) and warm (Numba on-disk cache) first-call times, each in a
-new process, with a private NUMBA_CACHE_DIR so the cold run really compiles.
+"""Cold and warm first calls, and where the compile time goes (per kernel).
 
-    python bench/first_call.py
+    python bench/first_call.py            # each step in a fresh process, empty cache
+    python bench/first_call.py --table    # also the per-kernel compile table
+
+Every measurement runs in a new Python process with its own empty
+``NUMBA_CACHE_DIR`` (cold) or the one the cold run filled (warm). Per-kernel times
+come from Numba's event API (``numba.core.event``, "numba:compile" events of the
+kernel dispatchers; nested helper compiles are included in their caller's time).
 """
+import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
 
-CHILD = r"""
-import json, time
+_STEPS = r"""
+import json, sys, time
 t0 = time.perf_counter()
-import numpy as np, numbabn
-t_import = time.perf_counter() - t0
-rows = {}
-for name, shape, axis in [("ncl", (8, 4, 6, 6), 1), ("mc", (32, 8), 1)]:
-    for dt in (np.float32, np.float64):
-        x = np.random.default_rng(0).standard_normal(shape).astype(dt)
-        g = np.ones(shape[axis], dt)
-        rm, rv = np.zeros(shape[axis], dt), np.ones(shape[axis], dt)
-        t = time.perf_counter()
-        y, ctx = numbabn.batch_norm_forward(x, g, g, running_mean=rm, running_var=rv, axis=axis)
-        t_fwd = time.perf_counter() - t
-        t = time.perf_counter()
-        numbabn.batch_norm_backward(y, ctx)
-        t_bwd = time.perf_counter() - t
-        t = time.perf_counter()
-        numbabn.batch_norm_forward(x, g, g, running_mean=rm, running_var=rv, training=False, axis=axis)
-        t_eval = time.perf_counter() - t
-        rows[f"{name}-{np.dtype(dt).name}"] = {"forward": t_fwd, "backward": t_bwd, "eval": t_eval}
-print(json.dumps({"import_s": t_import, "first_call_s": rows}))
+import numpy as np
+import numbabn
+from numba.core import event as ev
+rec = ev.RecordingListener()
+ev.register("numba:compile", rec)
+out = {"import numbabn": time.perf_counter() - t0}
+rng = np.random.default_rng(0)
+
+def timed(label, fn):
+    t = time.perf_counter(); fn(); out[label] = time.perf_counter() - t
+
+def bn(shape, dtype, axis=1, training=True):
+    x = rng.standard_normal(shape).astype(dtype)
+    C = shape[axis]
+    p = np.ones(C, dtype), np.zeros(C, dtype)
+    rs = np.zeros(C, dtype), np.ones(C, dtype)
+    return x, p, rs
+
+x, p, rs = bn((8, 16, 10, 10), np.float32)
+state = {}
+timed("first forward float32 NCHW", lambda: state.update(r=numbabn.batch_norm_forward(x, *p, running_mean=rs[0], running_var=rs[1])))
+timed("first backward float32 NCHW", lambda: numbabn.batch_norm_backward(x, state["r"][1]))
+timed("then eval float32 NCHW", lambda: numbabn.batch_norm_forward(x, *p, running_mean=rs[0], running_var=rs[1], training=False))
+if "--all" in sys.argv:
+    x64, p64, rs64 = bn((8, 16, 10, 10), np.float64)
+    timed("then forward+backward float64 NCHW", lambda: numbabn.batch_norm_backward(x64, numbabn.batch_norm_forward(x64, *p64)[1]))
+    xm, pm, rsm = bn((64, 16), np.float32)
+    timed("then forward+backward float32 (N, C)", lambda: numbabn.batch_norm_backward(xm, numbabn.batch_norm_forward(xm, *pm)[1]))
+    ro = x.copy(); ro.flags.writeable = False
+    timed("then read-only/Fortran/strided float32 NCHW", lambda: [numbabn.batch_norm_forward(v, *p) for v in (ro, np.asfortranarray(x), x[:, :, ::2])])
+    from numbabn.kernels import cpu_driver
+    timed("then every remaining variant (warmup)", lambda: [f() for _, f in cpu_driver.warmup_plan()])
+kernels = {}
+for e in rec.buffer:
+    _, event = e
+    if event.is_start:
+        continue
+    disp = event.data["dispatcher"]
+    name = disp.py_func.__name__
+    kernels.setdefault(name, []).append(event.data.get("args"))
+out["compiles"] = {k: len(v) for k, v in kernels.items()}
+print(json.dumps(out))
+"""
+
+_TIMED_EVENTS = r"""
+import json, time, numpy as np
+from numba.core import event as ev
+starts, rows = {}, []
+class L(ev.Listener):
+    def on_start(self, event):
+        starts[id(event.data["dispatcher"]), str(event.data["args"])] = time.perf_counter()
+    def on_end(self, event):
+        d = event.data["dispatcher"]
+        t = time.perf_counter() - starts.pop((id(d), str(event.data["args"])))
+        rows.append((d.py_func.__name__, str(event.data["args"])[:60], t))
+ev.register("numba:compile", L())
+from numbabn.kernels import cpu_driver
+t = time.perf_counter()
+for label, f in cpu_driver.warmup_plan():
+    f()
+rows.append(("TOTAL (every entry point)", "", time.perf_counter() - t))
+print(json.dumps(rows))
 """
 
 
+def _run(code, cache, *args):
+    env = {**os.environ, "NUMBA_CACHE_DIR": cache, "NUMBABN_QUIET": "1"}
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--table", action="store_true", help="per-kernel compile times (another cold process)")
+    args = ap.parse_args()
     with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-        runs = {}
-        for label in ("cold", "warm"):
-            out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True)
-            runs[label] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"{'variant':>12} {'op':>9} {'cold s':>8} {'warm s':>8}")
-    for key in runs["cold"]["first_call_s"]:
-        for op in ("forward", "backward", "eval"):
-            c = runs["cold"]["first_call_s"][key][op]
-            w = runs["warm"]["first_call_s"][key][op]
-            print(f"{key:>12} {op:>9} {c:8.3f} {w:8.3f}")
-    total = {k: sum(sum(v.values()) for v in r["first_call_s"].values()) for k, r in runs.items()}
-    print(f"total: cold {total['cold']:.1f} s, warm {total['warm']:.2f} s; "
-          f"import numbabn {runs['warm']['import_s'] * 1e3:.0f} ms")
+        cold = _run(_STEPS, cache, "--all")
+        warm = _run(_STEPS, cache)
+    print(f"{'step':<46}{'cold s':>8}{'warm s':>8}")
+    for k, v in cold.items():
+        if k != "compiles":
+            w = warm.get(k)
+            print(f"{k:<46}{v:8.2f}" + (f"{w:8.2f}" if w is not None else f"{'':>8}"))
+    print("specialisations compiled (cold, per kernel):", cold["compiles"])
+    if args.table:
+        with tempfile.TemporaryDirectory() as cache:
+            rows = _run(_TIMED_EVENTS, cache)
+        print(f"\n{'kernel (incl. nested helpers)':<32}{'signature':<62}{'s':>6}")
+        for name, sig, t in sorted(rows, key=lambda r: -r[2]):
+            print(f"{name:<32}{sig:<62}{t:6.2f}")
 
 
 if __name__ == "__main__":

@@ -58,11 +58,28 @@ def _deliver(buf, shape, dtype, out, host):
             return res.astype(dtype, copy=False)
         out[...] = res
         return out
+    if buf.dtype != dtype and buf.size == 0:
+        return cuda.device_array(shape, dtype) if out is None else out
     if buf.dtype != dtype:   # float16: convert on the device
         target = cuda.device_array(shape, dtype) if out is None else V.as_device(out)
         K.cast(buf, target, config.CUDA_THREADS)
         return target if out is None else out
     return buf.reshape(shape) if out is None else out
+
+
+def _check_apart(fn, a, b, message):
+    """Raise ``message`` when arrays ``a`` and ``b`` (host or device; None skipped) share memory."""
+    if a is None or b is None:
+        return
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        overlap = b.size > 0 and np.may_share_memory(a, b)
+    elif V.is_device_array(a) and V.is_device_array(b):
+        da, db = V.as_device(a), V.as_device(b)
+        overlap = da.size > 0 and db.size > 0 and V.device_overlap(da, db)
+    else:
+        overlap = False
+    if overlap:
+        raise ValueError(f"{fn}: {message}")
 
 
 def forward(fn, x, gamma, beta, running_mean, running_var, num_batches_tracked, *,
@@ -73,10 +90,26 @@ def forward(fn, x, gamma, beta, running_mean, running_var, num_batches_tracked, 
     g, b, rm, rv, nbt = V.check_forward_params(fn, cx, gamma, beta, running_mean, running_var,
                                                num_batches_tracked, training, V.check_device_param)
     tracking = training and running_mean is not None
+    if tracking:
+        _check_apart(fn, running_mean, running_var,
+                     "running_mean and running_var must not overlap (both are updated in place)")
     V.check_training_batch(fn, cx.count, cx.shape, training, tracking, momentum, nbt)
     y = _output_buffer(fn, out, cx, host, (x,), "out must not overlap x (the backward pass reads x)")
+    if out is not None:
+        for other in (gamma, beta, running_mean, running_var):
+            _check_apart(fn, out, other, "out must not overlap gamma, beta or the running statistics "
+                                         "(the forward reads or updates them)")
 
     factor = V.resolve_momentum(tracking, momentum, nbt)
+    if cx.array.size == 0:
+        # Nothing to normalise (see functional's module docstring): no kernel, the
+        # running statistics stay, the counter counts the call.
+        if tracking and nbt is not None:
+            nbt += 1
+        zeros = cuda.to_device(np.zeros(cx.channels))
+        ctx = BatchNormContext("cuda", cx.layout, cx.shape, cx.axis, cx.dtype, cx.array, zeros, zeros,
+                               g, b, gamma is not None, beta is not None, training, relu, cx.count)
+        return _deliver(y, cx.shape, cx.dtype, out, host), ctx
     mean, invstd = K.forward(_ncl(cx.array, cx.layout), g, b, rm, rv, factor, eps, training, relu,
                              config.CUDA_THREADS, _ncl(y, cx.layout))
     if tracking:
@@ -98,6 +131,11 @@ def backward(fn, dy, ctx, out):
     dx = _output_buffer(fn, out, cdy, host, (dy, ctx.x), "out must not overlap dy or the forward input")
     dt = V.compute_dtype(ctx.dtype)
     C = ctx.mean.shape[0]
+    if ctx.x.size == 0:     # empty forward input: empty dx, zero parameter gradients, no kernel
+        zeros = np.zeros(C, dt)
+        dgamma, dbeta = (zeros, zeros.copy()) if host else (cuda.to_device(zeros), cuda.to_device(zeros))
+        return (_deliver(dx, ctx.shape, ctx.dtype, out, host),
+                dgamma if ctx.has_gamma else None, dbeta if ctx.has_beta else None)
     dgamma = cuda.device_array(C, dt)
     dbeta = cuda.device_array(C, dt)
     K.backward(_ncl(cdy.array, ctx.layout), _ncl(ctx.x, ctx.layout), ctx.mean, ctx.invstd,

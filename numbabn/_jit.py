@@ -1,8 +1,10 @@
 """How numbabn compiles its CPU kernels: explicit signatures, a cache that cannot
 stop the package, and one line on stderr when a compile is about to happen.
 
-Every kernel is a serial ``@njit(nogil=True)`` function (threads come from
-:mod:`numbabn._threads`). A kernel is compiled only for the signatures its driver
+Every kernel is a serial ``@njit(nogil=True, error_model="numpy")`` function
+(threads come from :mod:`numbabn._threads`; no divisor in the kernels can be zero,
+and Python's error model would add a zero check, with its exception machinery, to
+every division). A kernel is compiled only for the signatures its driver
 asks for (:func:`ensure`): one per dtype and layout, with read-only input arrays in
 the signature, so writeable, read-only, C-contiguous views of any origin all reuse
 that one machine-code specialisation (Numba converts a writeable array to a
@@ -112,7 +114,7 @@ class Kernel:
             with _lock:
                 disp = self._specs.get(signature)
                 if disp is None:
-                    disp = njit(nogil=True, fastmath=self.fastmath)(self.py_func)
+                    disp = njit(nogil=True, fastmath=self.fastmath, error_model="numpy")(self.py_func)
                     disp._cache = _cache_for(self.py_func)   # see the module docstring
                     disp.compile(signature)
                     disp.disable_compile()

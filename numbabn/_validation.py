@@ -8,6 +8,13 @@ Canonical layouts: an input with channel axis ``axis`` is viewed as
 zero-copy for C-contiguous input; other inputs are copied once into that layout.
 float16 is computed in float32.
 
+Host arrays are taken as they come with two exceptions, handled alike for every
+array argument (:func:`host_array`): non-native byte order (big-endian data read
+from a file) is converted to the native order, since it is a valid float array
+the kernels cannot read; a masked array with masked values is refused (batch norm
+has no notion of a missing value, and silently using the data under the mask
+would be wrong), one without any is used as its data.
+
 The CUDA backend uses :func:`canonical_device` and :func:`check_device_param`: the
 same rules and messages, with GPU arrays viewed on the device (numba.cuda is
 imported only there).
@@ -98,16 +105,35 @@ def is_device_array(x):
     return hasattr(x, "__cuda_array_interface__") or bool(getattr(x, "__cuda_ndarray__", False))
 
 
+def host_array(fn, name, x):
+    """``x`` as a NumPy array in native byte order (see the module docstring):
+    converted from array-likes and from big-endian data; masked arrays with masked
+    values refused. Plain native arrays come back as they are (no copy)."""
+    if type(x) is not np.ndarray:
+        if isinstance(x, np.ma.MaskedArray):
+            if np.ma.is_masked(x):
+                raise ValueError(
+                    f"{fn}: {name} is a masked array with {int(np.ma.count_masked(x))} masked value(s); "
+                    "batch norm has no notion of a missing value: fill them (x.filled(value)) or drop "
+                    "those samples first")
+            x = x.data
+        else:
+            try:
+                x = np.asarray(x)
+            except Exception as exc:
+                raise TypeError(f"{fn}: {name} must be an array, got {describe(x)}") from exc
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    return x
+
+
 def canonical_host(fn, name, x, axis):
     """Check a host (NumPy) input and view it in its canonical layout."""
     if is_device_array(x):
         raise TypeError(
             f"{fn}: {name} is a GPU array ({type(x).__name__}) but backend='cpu' was requested")
-    if type(x) is not np.ndarray:
-        try:
-            x = np.asarray(x)
-        except Exception as exc:
-            raise TypeError(f"{fn}: {name} must be an array, got {describe(x)}") from exc
+    if type(x) is not np.ndarray or not x.dtype.isnative:
+        x = host_array(fn, name, x)
     check_float_dtype(fn, name, x.dtype)
     axis, layout, cshape, C, m = layout_of(fn, name, x.shape, axis)
     flags = x.flags
@@ -127,11 +153,17 @@ def check_param(fn, name, value, channels, dtype, *, inplace=False):
     """
     if value is None:
         return empty_param(dtype)
-    if not isinstance(value, np.ndarray):
+    if type(value) is not np.ndarray or not value.dtype.isnative:
         if inplace:
-            raise TypeError(
-                f"{fn}: {name} is updated in place and must be a NumPy array, got {describe(value)}")
-        value = np.asarray(value)
+            if not isinstance(value, np.ndarray) or isinstance(value, np.ma.MaskedArray):
+                raise TypeError(
+                    f"{fn}: {name} is updated in place and must be a NumPy array, got {describe(value)}")
+            if not value.dtype.isnative:
+                raise TypeError(
+                    f"{fn}: {name} is updated in place and must be in native byte order, got "
+                    f"dtype {value.dtype.str} (convert it with .astype({value.dtype.name!r}))")
+        else:
+            value = host_array(fn, name, value)
     if value.shape != (channels,):
         raise ValueError(
             f"{fn}: {name} must have shape ({channels},) (one value per channel), got shape {value.shape}")
@@ -183,15 +215,22 @@ def _stats_dtype(value, dt, training):
     return dt
 
 
-def check_counter(fn, value):
-    """num_batches_tracked: None or a writeable integer array with one element."""
+_INT64 = np.dtype(np.int64)
+
+
+def check_counter(fn, value, *, inplace=True):
+    """num_batches_tracked: None or a one-element int64 array holding a count >= 0
+    (writeable when ``inplace``). int64 as in PyTorch: a narrower counter would wrap
+    (uint8: 255 -> 0, and the cumulative average would restart from one batch)."""
     if value is None:
         return None
-    if not isinstance(value, np.ndarray) or value.size != 1 or value.dtype.kind not in "iu":
+    if not isinstance(value, np.ndarray) or value.size != 1 or value.dtype != _INT64:
         raise TypeError(
-            f"{fn}: num_batches_tracked must be a one-element integer NumPy array "
+            f"{fn}: num_batches_tracked must be a one-element int64 NumPy array "
             f"(updated in place), got {describe(value)}")
-    if not value.flags.writeable:
+    if value.item() < 0:
+        raise ValueError(f"{fn}: num_batches_tracked counts batches and must be >= 0, got {value.item()}")
+    if inplace and not value.flags.writeable:
         raise ValueError(f"{fn}: num_batches_tracked is updated in place but is read-only")
     return value
 
@@ -243,6 +282,24 @@ def check_out(fn, name, out, shape, dtype):
     return out
 
 
+def check_no_overlap(fn, out, others, what):
+    """``out`` must share no memory with any array in ``others`` (None skipped):
+    the kernels read those while they write ``out``, or update them in place."""
+    for other in others:
+        if isinstance(other, np.ndarray) and other.size and np.may_share_memory(out, other):
+            raise ValueError(f"{fn}: out must not overlap {what}")
+
+
+def check_running_stats_apart(fn, running_mean, running_var):
+    """running_mean and running_var are updated in place: not the same memory."""
+    # Two arrays that own their memory (base None: the layers' buffers) overlap only if
+    # they are the same object; only views need the (slower) address check.
+    if running_mean is running_var or (
+            (running_mean.base is not None or running_var.base is not None)
+            and np.may_share_memory(running_mean, running_var)):
+        raise ValueError(f"{fn}: running_mean and running_var must not overlap (both are updated in place)")
+
+
 def check_moments(fn, moments, cx, training):
     """Given moments for the forward -> ((2, C) float64 stats, count); none given ->
     (None, the batch's count)."""
@@ -253,14 +310,43 @@ def check_moments(fn, moments, cx, training):
         raise TypeError(f"{fn}: moments must be a numbabn.Moments or None, got {describe(moments)}")
     if not training:
         raise ValueError(f"{fn}: moments= replaces the batch statistics and needs training=True")
+    check_moments_value(fn, "moments", moments)
     if moments.mean.shape != (cx.channels,) or moments.m2.shape != (cx.channels,):
         raise ValueError(
             f"{fn}: moments must have {cx.channels} channels like x, got mean of shape {moments.mean.shape}")
+    if moments.count < cx.count:
+        raise ValueError(
+            f"{fn}: moments must summarise at least x's own values, got count {moments.count} for x "
+            f"with {cx.count} value(s) per channel")
     return np.ascontiguousarray(np.stack([moments.mean, moments.m2]), dtype=np.float64), int(moments.count)
+
+
+def check_moments_value(fn, name, m):
+    """A :class:`~numbabn.stats.Moments` a caller built: an integer count >= 0, and
+    mean and m2 real floating 1-D arrays of one shape with m2 >= 0 (NaN passes:
+    it is what a NaN in the data gives)."""
+    count = m.count
+    if isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral):
+        raise TypeError(f"{fn}: {name}.count must be an int (values per channel), got {describe(count)}")
+    if count < 0:
+        raise ValueError(f"{fn}: {name}.count must be >= 0, got {count}")
+    for field in ("mean", "m2"):
+        a = getattr(m, field)
+        if not isinstance(a, np.ndarray) or a.dtype.kind != "f" or a.ndim != 1:
+            raise TypeError(f"{fn}: {name}.{field} must be a 1-D real floating NumPy array, got {describe(a)}")
+    if m.mean.shape != m.m2.shape:
+        raise ValueError(f"{fn}: {name}.mean and {name}.m2 differ in shape ({m.mean.shape} vs {m.m2.shape})")
+    if np.any(m.m2 < 0):
+        raise ValueError(f"{fn}: {name}.m2 (sum of squared deviations) must be >= 0, got {float(m.m2.min())!r}")
 
 
 def check_sums(fn, sums, shape):
     """What an ``allreduce`` callable returned: a float64 array of ``shape``."""
+    if not isinstance(sums, np.ndarray):
+        raise TypeError(f"{fn}: allreduce must return the summed {shape} array (a NumPy array), "
+                        f"got {describe(sums)}")
+    if sums.dtype.kind not in "fiu":
+        raise TypeError(f"{fn}: allreduce must return a real array, got dtype {sums.dtype}")
     sums = np.ascontiguousarray(sums, dtype=np.float64)
     if sums.shape != shape:
         raise ValueError(f"{fn}: allreduce must return an array of shape {shape}, got {sums.shape}")
@@ -268,9 +354,10 @@ def check_sums(fn, sums, shape):
 
 
 def check_training_batch(fn, count, shape, training, tracking, momentum, nbt):
-    """Rules that depend on the batch: more than one value per channel to train,
-    and a counter for the cumulative average (``momentum=None``)."""
-    if training and count <= 1:
+    """Rules that depend on the batch: not exactly one value per channel to train
+    (none is an empty batch, as in PyTorch), and a counter for the cumulative
+    average (``momentum=None``)."""
+    if training and count == 1:
         raise ValueError(
             f"{fn}: Expected more than 1 value per channel when training, got input of shape {shape}")
     if tracking and momentum is None and nbt is None:
@@ -282,7 +369,7 @@ def resolve_momentum(tracking, momentum, nbt):
     1/num_batches_tracked after this step for the cumulative average; 0 when not tracking."""
     if not tracking:
         return 0.0
-    return momentum if momentum is not None else 1.0 / (int(nbt.flat[0]) + 1)
+    return momentum if momentum is not None else 1.0 / (nbt.item() + 1)
 
 
 def check_like_forward(fn, cdy, ctx):
@@ -343,7 +430,9 @@ def canonical_device(fn, name, x, axis):
             "make it C-contiguous first (e.g. cupy.ascontiguousarray, tensor.contiguous())")
     arr = d.reshape(cshape)
     dt = compute_dtype(d.dtype)
-    if dt != d.dtype:
+    if dt != d.dtype and d.size == 0:
+        arr = cuda.device_array(cshape, dt)
+    elif dt != d.dtype:
         from . import config
         from .kernels import cuda as cuda_kernels
         converted = cuda.device_array(cshape, dt)

@@ -31,7 +31,17 @@ Backward (Santurkar et al. 2018, Fact C.1), with g = dy (times the ReLU mask)::
 
 NaN and Inf propagate: a NaN in a channel makes that channel's statistics and
 outputs NaN (nothing is silently dropped). Float32 inputs give float32 outputs
-(statistics accumulate in float64 internally); float16 is computed in float32.
+(statistics accumulate in float64 internally); float16 is computed in float32
+(float32 gamma, beta and running statistics; float16 output), as PyTorch's CPU
+batch norm does. Big-endian input is converted to the native byte order (the
+output is native); masked arrays with masked values are refused.
+
+Empty batches (PyTorch's semantics): an input without values (N = 0, or a
+zero-length spatial axis) gives an empty output and, in the backward, an empty
+``dx`` and zero ``dgamma``/``dbeta``; the running statistics are left as they were
+(the counter still counts the call, as ``torch.nn.BatchNorm`` modules do). No
+kernel runs for it. Exactly one value per channel in training is an error, as in
+PyTorch.
 """
 from dataclasses import dataclass
 
@@ -148,22 +158,23 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
         None for 1 and 0 (their gradients are then None).
     running_mean, running_var : (C,) NumPy arrays, updated in place when
         ``training``; read (required) when not ``training``. Both or neither.
-    num_batches_tracked : one-element integer array, incremented in place in
-        training mode when running statistics are tracked; required for
-        ``momentum=None`` (cumulative average).
+    num_batches_tracked : one-element int64 array holding a count >= 0,
+        incremented in place in training mode when running statistics are tracked
+        (also for an empty batch); required for ``momentum=None`` (cumulative average).
     training : batch statistics (True) or running statistics (False).
     momentum : float in [0, 1] or None, see the module docstring.
     eps : float > 0 added to the variance.
     activation : None or "relu" (fused, no extra pass over memory).
     out : optional preallocated output, same shape and dtype as ``x``, C-contiguous,
-        not overlapping ``x``.
+        not overlapping ``x``, gamma, beta or the running statistics.
     backend : None (from the input type), "cpu" or "cuda".
     moments : optional :class:`~numbabn.stats.Moments` to normalise with instead of
         the batch's own statistics (training mode, CPU backend). This is how
         synchronized BN works: each rank computes ``moments(x)``, the ranks merge
         them exactly (Chan), and every rank normalises with the merged moments;
         the running statistics then see the global count. ``x`` may then hold no
-        rows at all (an empty local batch).
+        rows at all (an empty local batch). ``moments.count`` must be an int at
+        least x's own count, ``m2`` >= 0; a count of 0 is an empty global batch.
 
     CUDA backend (see :mod:`numbabn._cuda_backend`): GPU input (anything with
     ``__cuda_array_interface__``) is used without copying and ``y`` is a numba device
@@ -195,22 +206,35 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
     g, b, rm, rv, nbt = V.check_forward_params(fn, cx, gamma, beta, running_mean, running_var,
                                                num_batches_tracked, training)
     tracking = training and running_mean is not None
+    if tracking:
+        V.check_running_stats_apart(fn, running_mean, running_var)
     stats, count = V.check_moments(fn, moments, cx, training)
     V.check_training_batch(fn, count, cx.shape, training, tracking, momentum, nbt)
     if out is not None:
         V.check_out(fn, "out", out, cx.shape, cx.dtype)
         if np.may_share_memory(out, x):
             raise ValueError(f"{fn}: out must not overlap x (the backward pass reads x)")
+        V.check_no_overlap(fn, out, (gamma, beta, running_mean, running_var),
+                           "gamma, beta or the running statistics (the forward reads or updates them)")
 
     factor = V.resolve_momentum(tracking, momentum, nbt)
     if out is not None and cx.dtype == dt:
         y = out
     else:
         y = np.empty(cx.shape, dt)
-    # Not tracking in training means running_mean is None: the empty arrays the
-    # parameter check returns tell the kernel not to update anything.
-    mean, invstd, coef = cpu_driver.forward(cx.array, cx.layout, g, b, rm, rv, factor, eps, training,
-                                            relu, stats, count, y.reshape(cx.array.shape), config.CHUNK)
+    if training and count == 0:
+        # An empty batch and no statistics from elsewhere: nothing to normalise, the
+        # running statistics stay (the call is still counted, as in PyTorch), and the
+        # zero statistics give zero parameter gradients.
+        C = cx.channels
+        mean, invstd, coef = np.zeros(C), np.zeros(C), np.zeros((4, C), dt)
+    else:
+        # Not tracking in training means running_mean is None: the empty arrays the
+        # parameter check returns tell the kernel not to update anything. An input
+        # without values (a SyncBN rank with no rows) runs no pass over data, but the
+        # same coefficient kernel as the other ranks: the same running statistics.
+        mean, invstd, coef = cpu_driver.forward(cx.array, cx.layout, g, b, rm, rv, factor, eps, training,
+                                                relu, stats, count, y.reshape(cx.array.shape), config.CHUNK)
     if tracking and nbt is not None:
         nbt += 1
     if cx.dtype != dt:
@@ -276,13 +300,18 @@ def moments(x, axis=1, *, backend=None):
     Exact two-pass statistics per chunk merged with Chan et al., float64. An input
     with no values per channel gives ``Moments.empty(C)``. On the CUDA backend:
     Welford per thread, Chan merges per block and across blocks; NumPy results.
+    ``m2`` is clipped at 0 (a sum of squares; rounding must not make it negative,
+    which :func:`~numbabn.merge_moments` and ``moments=`` refuse).
     """
     fn = "moments"
     backend = _choose_backend(fn, x, backend)
     if backend == "cuda":
-        return _cuda().moments(fn, x, axis)
-    cx = V.canonical_host(fn, "x", x, axis)
-    if cx.count == 0:
-        return Moments.empty(cx.channels)
-    mean, m2 = cpu_driver.batch_moments(cx.array, cx.layout, config.CHUNK)
-    return Moments(cx.count, mean, m2)
+        m = _cuda().moments(fn, x, axis)
+    else:
+        cx = V.canonical_host(fn, "x", x, axis)
+        if cx.count == 0:
+            return Moments.empty(cx.channels)
+        mean, m2 = cpu_driver.batch_moments(cx.array, cx.layout, config.CHUNK)
+        m = Moments(cx.count, mean, m2)
+    np.maximum(m.m2, 0.0, out=m.m2)
+    return m

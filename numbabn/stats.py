@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._validation import check_moments_value
+
 
 @dataclass(frozen=True)
 class Moments:
@@ -55,10 +57,15 @@ class Moments:
 
 
 def merge_moments(a, b):
-    """Exact merge of two :class:`Moments` of disjoint data (Chan et al.)."""
+    """Exact merge of two :class:`Moments` of disjoint data (Chan et al.).
+
+    Each must be a valid summary: an int count >= 0, real float mean and m2 of one
+    shape, m2 >= 0 (a clear error otherwise, before any arithmetic)."""
     if not isinstance(a, Moments) or not isinstance(b, Moments):
         raise TypeError(
             f"merge_moments expects two Moments, got {type(a).__name__} and {type(b).__name__}")
+    check_moments_value("merge_moments", "a", a)
+    check_moments_value("merge_moments", "b", b)
     if a.channels != b.channels:
         raise ValueError(
             f"merge_moments: channel counts differ ({a.channels} vs {b.channels})")
@@ -66,7 +73,7 @@ def merge_moments(a, b):
         return a
     if a.count == 0:
         return b
-    n = a.count + b.count
+    n = int(a.count) + int(b.count)
     delta = b.mean - a.mean
     mean = a.mean + delta * (b.count / n)
     m2 = a.m2 + b.m2 + delta * delta * (a.count * b.count / n)

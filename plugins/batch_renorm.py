@@ -46,8 +46,13 @@ class BatchRenorm(BatchNormBase):
     variance, not the paper's moving average of sigma; sigma is derived from
     running_var. They are always tracked (the correction needs them).
 
+    ``track_running_stats`` switched off after construction freezes the running
+    statistics: training still corrects towards them but no longer updates them.
+
     Input (N, C, ...), channels on axis 1.
     """
+
+    _transient = ("_rd",)
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, activation=None, dtype=np.float32,
                  rmax=3.0, dmax=5.0, relax_from=5000, rmax_until=40000, dmax_until=25000):
@@ -79,9 +84,12 @@ class BatchRenorm(BatchNormBase):
             self._rd = None
             return super().forward(x)
         batch = moments(x, axis=self.axis)
-        if batch.count <= 1:
+        if batch.count == 1:
             raise ValueError(f"{self._short()}: training needs more than 1 value per channel, got input "
                              f"of shape {x.shape}")
+        if batch.count == 0:      # empty batch: nothing to correct (batch norm's empty-batch rules)
+            self._rd = None
+            return super().forward(x)
         sigma_b = np.sqrt(batch.var() + self.eps)
         sigma = np.sqrt(self.running_var.astype(np.float64) + self.eps)
         rmax, dmax = self.limits()

@@ -21,8 +21,10 @@ class GhostBatchNorm(BatchNormBase):
     ones; without them it uses the virtual batches' statistics, like training.
 
     Input (N, C, ...), channels on axis 1; with N <= virtual_batch_size it is plain
-    batch norm.
+    batch norm (an empty batch included: one call, counted once).
     """
+
+    _transient = ("_parts",)
 
     def __init__(self, num_features, virtual_batch_size=32, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, activation=None, dtype=np.float32):
@@ -42,21 +44,23 @@ class GhostBatchNorm(BatchNormBase):
     def forward(self, x):
         x = self._check_input(x)
         gamma, beta = self._affine_values()
-        if not self.uses_batch_stats:
+        if not self.uses_batch_stats or x.size == 0:
+            # Running statistics, or an empty batch (one call: the counter counts it once).
             y, ctx = self._bn_forward(x, gamma, beta)
-            self._parts = (x.shape, [(slice(None), ctx)])
+            self._parts = (x.shape, x.dtype, [(slice(None), ctx)])
             return y
         # Contiguous slices along N of a C-contiguous array are C-contiguous, so each
         # call reads its part of x and writes its part of y without copies.
         x = np.ascontiguousarray(x)
         y = np.empty_like(x)
-        self._parts = (x.shape, [(s, self._bn_forward(x[s], gamma, beta, out=y[s])[1]) for s in self._slices(x)])
+        self._parts = (x.shape, x.dtype,
+                       [(s, self._bn_forward(x[s], gamma, beta, out=y[s])[1]) for s in self._slices(x)])
         return y
 
     def backward(self, dy):
         """dx per virtual batch; gamma/beta gradients summed over the virtual batches."""
-        shape, parts = self._cached("_parts")
-        dy = np.ascontiguousarray(self._check_dy(dy, shape, self.dtype))
+        shape, dtype, parts = self._cached("_parts")
+        dy = np.ascontiguousarray(self._check_dy(dy, shape, dtype))
         dx = np.empty_like(dy)
         grads = [batch_norm_backward(dy[s], ctx, out=dx[s])[1:] for s, ctx in parts]
         if self.affine:

@@ -2,6 +2,7 @@
 Normalization Help Optimization?", NeurIPS, Section 3.3 and Appendix A)."""
 import numpy as np
 
+from numbabn import _validation as V
 from numbabn.layers import BatchNormBase
 
 P_VALUES = (1, 2, np.inf)
@@ -35,25 +36,36 @@ class LpBatchNorm(BatchNormBase):
     dx = dy * gamma / (running_norm + eps)).
 
     Input (N, C, ...), channels on axis 1. Computed in NumPy in the layer's dtype,
-    reductions in float64.
+    reductions in float64 (float16 input of a float32 layer is computed in float32
+    and returned as float16). Running statistics follow batch norm's rules for
+    ``track_running_stats`` switched after construction and for empty batches (see
+    :mod:`numbabn.layers.batchnorm`).
     """
+
+    _transient = ("_cache",)
 
     def __init__(self, num_features, p=2, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  dtype=np.float32):
-        if p not in P_VALUES:
+        if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, float, np.integer, np.floating)) \
+                or p not in P_VALUES:
             raise ValueError(f"{type(self).__name__}: p must be 1, 2 or numpy.inf, got {p!r}")
-        self.p = p
+        self.p = np.inf if p == np.inf else int(p)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, None, dtype)
         self._cache = None
 
     def _add_running_stats(self, C):
         self.running_mean = self.add_buffer("running_mean", np.zeros(C, self.dtype))
         self.running_norm = self.add_buffer("running_norm", np.ones(C, self.dtype))
-        self.num_batches_tracked = self.add_buffer("num_batches_tracked", np.zeros((), np.int64))
+        self._add_counter()
 
-    def _sum(self, a):
+    @staticmethod
+    def _sum(a):
         """Per-channel float64 sum over every axis but 1."""
         return a.sum(axis=(0,) + tuple(range(2, a.ndim)), dtype=np.float64)
+
+    def _bcast(self, v, ndim):
+        """A per-channel vector in the layer's dtype, shaped to broadcast over axis 1."""
+        return np.asarray(v, dtype=self.dtype).reshape((1, self.num_features) + (1,) * (ndim - 2))
 
     def _norm(self, u, m):
         if self.p == np.inf:
@@ -62,64 +74,69 @@ class LpBatchNorm(BatchNormBase):
             return self._sum(np.abs(u)) / m
         return np.sqrt(self._sum(u * u) / m)
 
-    def _dnorm(self, u, s, m, bcast):
+    def _dnorm(self, u, s, m):
         """ds/du (shape of u) for the batch's norm s (float64, (C,))."""
         if self.p == 1:
             return np.sign(u) / m
         if self.p == 2:
             inv = np.divide(1.0, m * s, out=np.zeros_like(s), where=s > 0)   # constant channel: u = 0
-            return u * bcast(inv)
-        is_max = np.abs(u) == bcast(s)
-        return np.sign(u) * is_max / bcast(self._sum(is_max))
+            return u * self._bcast(inv, u.ndim)
+        is_max = np.abs(u) == self._bcast(s, u.ndim)
+        return np.sign(u) * is_max / self._bcast(self._sum(is_max), u.ndim)
 
     def forward(self, x):
         x = self._check_input(x)
-        C, dt = self.num_features, self.dtype
+        out_dtype = x.dtype
+        x = x.astype(self.dtype, copy=False)       # float16 -> float32
+        C = self.num_features
         m = x.size // C
-        shape = (1, C) + (1,) * (x.ndim - 2)
-
-        def bcast(v):
-            return np.asarray(v, dtype=dt).reshape(shape)
-
         batch = self.uses_batch_stats
+        update = self.updates_running_stats
+        nbt = V.check_counter(self._short(), self.num_batches_tracked) if update else None
+        if batch and m == 1:
+            raise ValueError(f"{self._short()}: training needs more than 1 value per channel, "
+                             f"got input of shape {x.shape}")
+        if m == 0:       # empty batch: empty output, zero gradients, running statistics kept
+            if update:
+                nbt += 1
+            self._cache = (x, None, None, x, batch, out_dtype)
+            return np.empty(x.shape, out_dtype)
         if batch:
-            if m <= 1:
-                raise ValueError(f"{self._short()}: training needs more than 1 value per channel, "
-                                 f"got input of shape {x.shape}")
             mean = self._sum(x) / m
-            u = x - bcast(mean)
+            u = x - self._bcast(mean, x.ndim)
             s = self._norm(u, m)
-            if self.track_running_stats:
-                nbt = self.num_batches_tracked
-                f = self.momentum if self.momentum is not None else 1.0 / (int(nbt) + 1)
+            if update:
+                f = V.resolve_momentum(True, self.momentum, nbt)
                 self.running_mean[...] = (1 - f) * self.running_mean + f * mean
                 self.running_norm[...] = (1 - f) * self.running_norm + f * s
                 nbt += 1
         else:
-            u = x - self.running_mean.reshape(shape)
+            u = x - self._bcast(self.running_mean, x.ndim)
             s = self.running_norm.astype(np.float64)
         D = s + self.eps
-        xhat = u / bcast(D)
-        self._cache = (u, s, D, xhat, batch, bcast)
+        xhat = u / self._bcast(D, x.ndim)
+        self._cache = (u, s, D, xhat, batch, out_dtype)
         if not self.affine:
-            return xhat
-        return xhat * bcast(self.weight.value) + bcast(self.bias.value)
+            return xhat.astype(out_dtype, copy=False)
+        y = xhat * self._bcast(self.weight.value, x.ndim) + self._bcast(self.bias.value, x.ndim)
+        return y.astype(out_dtype, copy=False)
 
     def backward(self, dy):
-        u, s, D, xhat, batch, bcast = self._cached("_cache")
-        dy = self._check_dy(dy, u.shape, self.dtype)
+        u, s, D, xhat, batch, out_dtype = self._cached("_cache")
+        dy = self._check_dy(dy, u.shape, out_dtype).astype(self.dtype, copy=False)
         h = dy
         if self.affine:
             self.weight.grad = self._sum(dy * xhat).astype(self.dtype)
             self.bias.grad = self._sum(dy).astype(self.dtype)
-            h = dy * bcast(self.weight.value)
-        du = h / bcast(D)
-        if not batch:
-            return du
-        m = u.size // self.num_features
-        du -= bcast(self._sum(h * u) / D**2) * self._dnorm(u, s, m, bcast)
-        du -= bcast(self._sum(du) / m)
-        return du
+            h = dy * self._bcast(self.weight.value, dy.ndim)
+        if u.size == 0:
+            return np.empty(u.shape, out_dtype)
+        du = h / self._bcast(D, h.ndim)
+        if batch:
+            m = u.size // self.num_features
+            du -= self._bcast(self._sum(h * u) / D**2, h.ndim) * self._dnorm(u, s, m)
+            du -= self._bcast(self._sum(du) / m, h.ndim)
+        return du.astype(out_dtype, copy=False)
 
     def extra_repr(self):
         return super().extra_repr() + f", p={self.p}"

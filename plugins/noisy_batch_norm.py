@@ -23,20 +23,26 @@ class NoisyBatchNorm(BatchNormBase):
     norm: the noise perturbs training only.
 
     Draws come from ``rng`` (a numpy Generator; None for fresh entropy), in the
-    layer's dtype. Input (N, C, ...), channels on axis 1.
+    layer's dtype. Input (N, C, ...), channels on axis 1 (float16 input of a float32
+    layer: batch norm and noise in float32, float16 output).
     """
+
+    _transient = ("_scale", "_out_dtype")
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  dtype=np.float32, rng=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, None, dtype)
         self.rng = check_rng(type(self).__name__, rng)
-        self._scale = None
+        self._scale = self._out_dtype = None
 
     def forward(self, x):
-        y = super().forward(x)
+        x = self._check_input(x)
+        out_dtype = x.dtype
+        y = super().forward(x.astype(self.dtype, copy=False))    # float16: noise in float32 too
+        self._out_dtype = out_dtype
         if not self.training:
             self._scale = None
-            return y
+            return y.astype(out_dtype, copy=False)
         rng, dt = self.rng, self.dtype
         unit = (1, self.num_features) + (1,) * (y.ndim - 2)     # broadcast over all but channels
         mu_t = (rng.random(unit, dtype=dt) - 0.5)
@@ -46,14 +52,14 @@ class NoisyBatchNorm(BatchNormBase):
         y *= s
         y += m
         self._scale = s
-        return y
+        return y.astype(out_dtype, copy=False)
 
     def backward(self, dy):
         ctx = self._cached("_ctx")
-        dy = self._check_dy(dy, ctx.shape, ctx.dtype)
+        dy = self._check_dy(dy, ctx.shape, self._out_dtype).astype(ctx.dtype, copy=False)
         if self._scale is not None:
             dy = dy * self._scale
-        return super().backward(dy)
+        return super().backward(dy).astype(self._out_dtype, copy=False)
 
     @classmethod
     def _contract_example(cls, rng, dtype):

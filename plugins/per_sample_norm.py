@@ -10,6 +10,19 @@ C-contiguous input.
 
     xhat = (v - mean_group) / sqrt(var_group + eps)          (biased variance)
     y    = weight * xhat + bias                              (per feature)
+
+As in ``torch.nn``, and without calling the kernels:
+
+* a group of ONE value normalises to 0 (``x - mean = 0``), so the output is the
+  bias (``LayerNorm(1)``, ``GroupNorm(C, C)`` on (N, C)) and the input gradient 0;
+* an input without values (zero-size leading or spatial dimensions) gives an empty
+  output, an empty input gradient and zero weight/bias gradients (PyTorch gives NaN
+  for GroupNorm's weight gradient when the spatial size is 0; numbabn gives 0, the
+  gradient of a sum over nothing).
+
+Both take float16 input in a float32 layer (statistics and arithmetic in float32,
+float16 output and input gradient), as PyTorch's CPU kernels do. Neither has
+running statistics: train and eval mode compute the same thing.
 """
 from math import prod
 
@@ -26,60 +39,84 @@ class _PerSampleNorm(Layer):
     ``_groups(x) -> (R, D)``, ``_affine_shape(x)`` (weight broadcast shape) and
     ``_affine_axes(x)`` (axes the weight is constant along, summed for its grad)."""
 
-    def __init__(self, eps, affine, affine_shape, dtype):
+    _accepts_float16 = True
+    _transient = ("_cache",)
+
+    def __init__(self, eps, affine, affine_shape, dtype, bias=True):
         super().__init__()
         owner = type(self).__name__
         self.eps = V.check_eps(owner, eps)
         self.affine = V.check_bool(owner, "affine", affine)
+        bias = V.check_bool(owner, "bias", bias)
         self.dtype = check_layer_dtype(owner, dtype)
         self.weight = self.add_parameter("weight", np.ones(affine_shape, self.dtype)) if affine else None
-        self.bias = self.add_parameter("bias", np.zeros(affine_shape, self.dtype)) if affine else None
+        self.bias = self.add_parameter("bias", np.zeros(affine_shape, self.dtype)) if affine and bias else None
         self._cache = None
+
+    def _init_parameters(self):
+        """weight = 1, bias = 0."""
+        self.weight.value[...] = 1
+        if self.bias is not None:
+            self.bias.value[...] = 0
 
     def forward(self, x):
         """Normalised per (sample, group) in either mode (no running statistics)."""
         x = self._check_input(x)
-        xhat, ctx = batch_norm_forward(x.reshape((1,) + self._groups(x)), eps=self.eps, axis=1)
-        xhat = xhat.reshape(x.shape)
-        self._cache = (ctx, xhat)
-        if not self.affine:
-            return xhat
-        shape = self._affine_shape(x)
-        return xhat * self.weight.value.reshape(shape) + self.bias.value.reshape(shape)
+        out_dtype = x.dtype
+        x = x.astype(self.dtype, copy=False)       # float16 -> float32
+        R, D = self._groups(x)
+        if R == 0 or D <= 1:                       # nothing to normalise: xhat = 0, no kernel
+            ctx, xhat = None, np.zeros(x.shape, self.dtype)
+        else:
+            xhat, ctx = batch_norm_forward(x.reshape((1, R, D)), eps=self.eps, axis=1)
+            xhat = xhat.reshape(x.shape)
+        self._cache = (ctx, xhat, out_dtype)
+        y = xhat
+        if self.weight is not None:
+            y = xhat * self.weight.value.reshape(self._affine_shape(x))
+        if self.bias is not None:
+            y = y + self.bias.value.reshape(self._affine_shape(x))
+        return y.astype(out_dtype, copy=False)
 
     def backward(self, dy):
         """dxhat = dy*weight; dweight = sum dy*xhat, dbias = sum dy over the other axes."""
-        ctx, xhat = self._cached("_cache")
-        dy = self._check_dy(dy, xhat.shape, self.dtype)
-        if self.affine:
-            axes = self._affine_axes(xhat)
-            self.weight.grad = (dy * xhat).sum(axis=axes).reshape(self.weight.value.shape)
+        ctx, xhat, out_dtype = self._cached("_cache")
+        dy = self._check_dy(dy, xhat.shape, out_dtype).astype(self.dtype, copy=False)
+        axes = self._affine_axes(xhat)
+        if self.bias is not None:
             self.bias.grad = dy.sum(axis=axes).reshape(self.bias.value.shape)
+        if self.weight is not None:
+            self.weight.grad = (dy * xhat).sum(axis=axes).reshape(self.weight.value.shape)
             dy = dy * self.weight.value.reshape(self._affine_shape(xhat))
-        dx, _, _ = batch_norm_backward(dy.reshape(ctx.shape), ctx)
-        return dx.reshape(xhat.shape)
+        if ctx is None:
+            dx = np.zeros(xhat.shape, self.dtype)
+        else:
+            dx = batch_norm_backward(dy.reshape(ctx.shape), ctx)[0].reshape(xhat.shape)
+        return dx.astype(out_dtype, copy=False)
 
 
 class LayerNorm(_PerSampleNorm):
     """Layer norm over the trailing ``normalized_shape`` dimensions of (*, *normalized_shape)
-    input, like ``torch.nn.LayerNorm``: one group per leading index, D = prod(normalized_shape)
-    values; weight and bias have shape ``normalized_shape``.
+    input, like ``torch.nn.LayerNorm``: one group per leading index (none at all is
+    one group; zero-size leading dimensions give an empty output), D =
+    prod(normalized_shape) values; weight and bias have shape ``normalized_shape``.
+    ``elementwise_affine=False`` drops both, ``bias=False`` only the bias (PyTorch's
+    arguments). ``LayerNorm(1)`` normalises single values: its output is the bias.
     """
 
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, dtype=np.float32):
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, dtype=np.float32, *, bias=True):
         owner = type(self).__name__
         shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
+        if not shape:
+            raise ValueError(f"{owner}: normalized_shape must name at least one dimension, got {normalized_shape!r}")
         self.normalized_shape = tuple(check_positive_int(owner, "normalized_shape", d) for d in shape)
-        if not self.normalized_shape or prod(self.normalized_shape) < 2:
-            raise ValueError(f"{owner}: normalized_shape must hold at least 2 values to normalise, "
-                             f"got {normalized_shape!r}")
-        super().__init__(eps, elementwise_affine, self.normalized_shape, dtype)
+        super().__init__(eps, elementwise_affine, self.normalized_shape, dtype, bias)
 
     def _check_input(self, x):
         x = self._input(x)
         k = len(self.normalized_shape)
-        if x.ndim <= k or x.shape[-k:] != self.normalized_shape:
-            raise self._shape_error(f"(N, ..., {', '.join(map(str, self.normalized_shape))})", x)
+        if x.ndim < k or x.shape[x.ndim - k:] != self.normalized_shape:
+            raise self._shape_error(f"(..., {', '.join(map(str, self.normalized_shape))})", x)
         return x
 
     def _groups(self, x):
@@ -93,7 +130,8 @@ class LayerNorm(_PerSampleNorm):
         return tuple(range(x.ndim - len(self.normalized_shape)))
 
     def extra_repr(self):
-        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.affine}"
+        text = f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.affine}"
+        return text + (", bias=False" if self.affine and self.bias is None else "")
 
     @classmethod
     def _contract_example(cls, rng, dtype):
@@ -106,7 +144,8 @@ class LayerNorm(_PerSampleNorm):
 class GroupNorm(_PerSampleNorm):
     """Group norm of (N, C, ...) input, like ``torch.nn.GroupNorm``: the C channels
     of each sample split into ``num_groups`` groups of C/G consecutive channels, each
-    normalised over its channels and spatial positions; per-channel weight and bias.
+    normalised over its channels and spatial positions; per-channel weight and bias
+    (none with ``affine=False``). A group of one value normalises to 0.
     """
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32):
@@ -122,13 +161,10 @@ class GroupNorm(_PerSampleNorm):
         x = self._input(x)
         if x.ndim < 2 or x.shape[1] != self.num_channels:
             raise self._shape_error(f"(N, {self.num_channels}, ...)", x)
-        if x.size // x.shape[0] // self.num_groups < 2:
-            raise ValueError(f"{self._short()}: each group needs at least 2 values, got input of shape {x.shape}")
         return x
 
     def _groups(self, x):
-        R = x.shape[0] * self.num_groups
-        return R, x.size // R
+        return x.shape[0] * self.num_groups, prod(x.shape[1:]) // self.num_groups
 
     def _affine_shape(self, x):
         return (self.num_channels,) + (1,) * (x.ndim - 2)

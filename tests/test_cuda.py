@@ -283,6 +283,38 @@ def test_moments_of_empty_batch():
     assert m.count == 0 and m.channels == 3
 
 
+@pytest.mark.parametrize("shape,axis", [((0, 3), 1), ((0, 3, 4), 1), ((4, 3, 0), 1), ((2, 0, 3), -1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("on_device", [True, False])
+def test_empty_batch(shape, axis, dtype, on_device):
+    """No values per channel: empty output and dx, zero dgamma/dbeta, running
+    statistics kept, the counter counting the training call; no kernel launch."""
+    pdt = param_dtype(dtype)
+    rm, rv, nbt = np.full(3, 0.5, pdt), np.full(3, 2.0, pdt), np.zeros((), np.int64)
+    x = np.empty(shape, dtype)
+    inp = cuda.to_device(x) if on_device else x
+    for training in (True, False):
+        y, ctx = numbabn.batch_norm_forward(inp, np.ones(3, pdt), np.zeros(3, pdt), running_mean=rm, running_var=rv,
+                                            num_batches_tracked=nbt, training=training, axis=axis, backend="cuda")
+        dx, dg, db = numbabn.batch_norm_backward(cuda.to_device(x) if on_device else x, ctx)
+        assert host(y).shape == host(dx).shape == shape and host(y).dtype == host(dx).dtype == dtype
+        assert np.all(host(dg) == 0) and np.all(host(db) == 0) and host(dg).dtype == pdt
+        if on_device:
+            assert_device(y, dx, dg, db)
+    assert int(nbt) == 1 and np.all(rm == 0.5) and np.all(rv == 2.0)
+
+
+def test_out_overlapping_running_stats_on_the_device(rng):
+    x = cuda.to_device(rng.standard_normal((4, 3)).astype(np.float32))
+    buf = cuda.device_array((4, 3), np.float32)
+    rm = buf.reshape(12)[:3]
+    with pytest.raises(ValueError, match="out must not overlap gamma, beta or the running statistics"):
+        numbabn.batch_norm_forward(x, running_mean=rm, running_var=cuda.to_device(np.ones(3, np.float32)), out=buf)
+    rv = cuda.to_device(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="running_mean and running_var must not overlap"):
+        numbabn.batch_norm_forward(x, running_mean=rv, running_var=rv)
+
+
 # ---------------------------------------------------------------- errors
 
 

@@ -125,3 +125,176 @@ def test_readonly_running_stats_are_fine_in_eval_mode():
     rv.setflags(write=False)
     y, _ = numbabn.batch_norm_forward(X, running_mean=rm, running_var=rv, training=False)
     np.testing.assert_allclose(y, (X - rm[None, :, None]) / np.sqrt(rv[None, :, None] + 1e-5), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- issue 12: inputs accepted that should
+# not be, or refused badly
+
+
+def test_big_endian_input_is_converted_everywhere():
+    """A big-endian float array is valid data: every entry point converts it alike."""
+    x = np.random.default_rng(1).standard_normal((6, 3, 4))
+    big = x.astype(">f8")
+    g, b = np.linspace(0.5, 1.5, 3), np.linspace(-1, 1, 3)
+    y, ctx = numbabn.batch_norm_forward(x, g, b)
+    y_big, ctx_big = numbabn.batch_norm_forward(big, g.astype(">f8"), b.astype(">f8"))
+    np.testing.assert_array_equal(y_big, y)
+    assert y_big.dtype == np.float64 and y_big.dtype.isnative
+    dy = np.ones_like(x)
+    for a, c in zip(numbabn.batch_norm_backward(dy.astype(">f8"), ctx_big), numbabn.batch_norm_backward(dy, ctx)):
+        np.testing.assert_array_equal(a, c)
+    m, m_big = numbabn.moments(x), numbabn.moments(big)
+    np.testing.assert_array_equal(m_big.mean, m.mean)
+    np.testing.assert_array_equal(m_big.m2, m.m2)
+    # read-only running statistics (eval) convert; in-place ones (training) are refused clearly
+    rm, rv = np.zeros(3, ">f8"), np.ones(3, ">f8")
+    y_eval, _ = numbabn.batch_norm_forward(big, running_mean=rm, running_var=rv, training=False)
+    np.testing.assert_allclose(y_eval, x / np.sqrt(1 + 1e-5), rtol=1e-12)
+    with pytest.raises(TypeError, match="running_mean is updated in place and must be in native byte order"):
+        numbabn.batch_norm_forward(big, running_mean=rm, running_var=rv)
+    np.testing.assert_array_equal(rm, 0)
+    from numbabn.layers import BatchNorm1d
+    layer = BatchNorm1d(3, dtype=np.float64)
+    np.testing.assert_array_equal(layer.forward(big), numbabn.batch_norm_forward(x)[0])
+    assert layer.backward(dy.astype(">f8")).dtype == np.float64
+    assert layer.load_state_dict({k: v.astype(v.dtype.newbyteorder(">")) for k, v in layer.state_dict().items()}) \
+        == ([], [])
+
+
+def test_masked_arrays_with_masked_values_are_refused():
+    x = np.ma.masked_array(X, mask=np.zeros(X.shape, bool))
+    y, _ = numbabn.batch_norm_forward(x)                    # nothing masked: the data
+    np.testing.assert_array_equal(y, numbabn.batch_norm_forward(X)[0])
+    x[0, 0, 0] = np.ma.masked
+    rm, rv, nbt = _state()
+    with pytest.raises(ValueError, match="x is a masked array with 1 masked value"):
+        numbabn.batch_norm_forward(x, running_mean=rm, running_var=rv, num_batches_tracked=nbt)
+    assert int(nbt) == 5 and np.array_equal(rm, _state()[0])
+    gamma = np.ma.masked_array(np.ones(3, np.float32), mask=[0, 1, 0])
+    with pytest.raises(ValueError, match="gamma is a masked array"):
+        numbabn.batch_norm_forward(X, gamma)
+    with pytest.raises(ValueError, match="masked"):
+        numbabn.moments(x)
+
+
+def test_out_overlapping_parameters_or_running_stats_is_refused():
+    for target in ("running_mean", "running_var", "gamma"):
+        rm, rv, nbt = _state()
+        out = np.zeros((4, 3, 5), np.float32)
+        args = dict(gamma=np.ones(3, np.float32), running_mean=rm, running_var=rv)
+        args[target] = out[0, :, 0].copy()
+        view = out.reshape(-1)[:3]                          # contiguous (3,) view into out
+        view[...] = args[target]
+        args[target] = view
+        before = view.copy()
+        with pytest.raises(ValueError, match="out must not overlap gamma, beta or the running statistics"):
+            numbabn.batch_norm_forward(X, args.pop("gamma"), num_batches_tracked=nbt, out=out, **args)
+        np.testing.assert_array_equal(view, before)
+        assert int(nbt) == 5
+    rm, _, _ = _state()
+    with pytest.raises(ValueError, match="running_mean and running_var must not overlap"):
+        numbabn.batch_norm_forward(X, running_mean=rm, running_var=rm)
+    np.testing.assert_array_equal(rm, _state()[0])
+
+
+@pytest.mark.parametrize("counter, exc, fragment", [
+    (np.array(3, np.uint8), TypeError, "one-element int64"),
+    (np.array([3], np.int32), TypeError, "one-element int64"),
+    (np.array(-1, np.int64), ValueError, "must be >= 0, got -1"),
+    (np.array(-3, np.int64), ValueError, "must be >= 0, got -3"),
+])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_num_batches_tracked_dtype_and_value(counter, exc, fragment, momentum):
+    rm, rv, _ = _state()
+    with pytest.raises(exc, match=fragment):
+        numbabn.batch_norm_forward(X, running_mean=rm, running_var=rv, num_batches_tracked=counter,
+                                   momentum=momentum)
+    np.testing.assert_array_equal(rm, _state()[0])
+    np.testing.assert_array_equal(rv, _state()[1])
+
+
+def test_layer_counter_value_checked_in_forward_and_load_state_dict():
+    from numbabn.layers import BatchNorm1d
+    layer = BatchNorm1d(3, momentum=None)
+    layer.num_batches_tracked[...] = -1
+    with pytest.raises(ValueError, match="num_batches_tracked counts batches and must be >= 0"):
+        layer.forward(X[:, :, 0])
+    layer.num_batches_tracked[...] = 0
+    state = layer.state_dict()
+    bad = {**state, "running_mean": state["running_mean"] + 1, "num_batches_tracked": np.array(-2, np.int64)}
+    with pytest.raises(ValueError, match="'num_batches_tracked' counts batches and must be >= 0, got -2"):
+        layer.load_state_dict(bad)
+    np.testing.assert_array_equal(layer.running_mean, 0)
+
+
+def test_moments_validation():
+    m = numbabn.moments(X)
+    Moments = numbabn.Moments
+    bad = [
+        (Moments(-1, m.mean, m.m2), ValueError, "count must be >= 0, got -1"),
+        (Moments(20.0, m.mean, m.m2), TypeError, "count must be an int"),
+        (Moments(True, m.mean, m.m2), TypeError, "count must be an int"),
+        (Moments(20, m.mean, -m.m2 - 1), ValueError, r"m2 \(sum of squared deviations\) must be >= 0"),
+        (Moments(20, m.mean.astype(complex), m.m2), TypeError, "mean must be a 1-D real floating"),
+        (Moments(20, list(m.mean), m.m2), TypeError, "mean must be a 1-D real floating"),
+        (Moments(20, m.mean, m.m2[:2]), ValueError, "differ in shape"),
+    ]
+    for moments, exc, fragment in bad:
+        with pytest.raises(exc, match=fragment):
+            numbabn.merge_moments(m, moments)
+        with pytest.raises(exc, match=fragment):
+            numbabn.merge_moments(moments, m)
+        rm, rv, nbt = _state()
+        with pytest.raises(exc, match=fragment):
+            numbabn.batch_norm_forward(X, running_mean=rm, running_var=rv, num_batches_tracked=nbt, moments=moments)
+        assert int(nbt) == 5 and np.array_equal(rm, _state()[0])
+    with pytest.raises(ValueError, match="at least x's own values, got count 3"):
+        numbabn.batch_norm_forward(X, moments=Moments(3, m.mean, m.m2))
+    assert numbabn.merge_moments(m, numbabn.Moments.empty(3)) is m
+    assert np.all(numbabn.moments(np.full((7, 2), 0.1) + np.array([0.0, 1e-17])).m2 >= 0)
+
+
+def test_allreduce_returning_none_or_garbage():
+    _, ctx = numbabn.batch_norm_forward(X)
+    with pytest.raises(TypeError, match=r"allreduce must return the summed \(2, 3\) array .*got NoneType None"):
+        numbabn.batch_norm_backward(X, ctx, allreduce=lambda sums: None)
+    with pytest.raises(TypeError, match="allreduce must return a real array"):
+        numbabn.batch_norm_backward(X, ctx, allreduce=lambda sums: sums.astype(complex))
+    with pytest.raises(ValueError, match=r"allreduce must return an array of shape \(2, 3\), got \(3,\)"):
+        numbabn.batch_norm_backward(X, ctx, allreduce=lambda sums: sums[0])
+
+
+def test_layer_backward_wrong_dtype_is_a_type_error_like_the_functional_api():
+    from numbabn.layers import BatchNorm1d
+    layer = BatchNorm1d(3)
+    y = layer.forward(X)
+    with pytest.raises(TypeError, match="dy of the output's dtype float32"):
+        layer.backward(y.astype(np.float64))
+    with pytest.raises(TypeError, match="dy must have the forward input's dtype float32"):
+        numbabn.batch_norm_backward(y.astype(np.float64), layer._ctx)
+    with pytest.raises(ValueError, match="shape"):
+        layer.backward(y[:2])
+    with pytest.raises(TypeError, match="as a NumPy array"):
+        layer.backward(y.tolist())
+
+
+def test_layer_constructor_arguments():
+    from numbabn.layers import BatchNorm1d, BatchNorm3d, Linear
+    from numbabn_plugins.lp_batch_norm import LpBatchNorm
+    for cls, args in [(BatchNorm1d, (3,)), (BatchNorm3d, (3,)), (Linear, (2, 3))]:
+        with pytest.raises(TypeError, match="dtype must be float32 or float64, got None"):
+            cls(*args, dtype=None)
+        with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+            cls(*args, dtype="complex-ish")
+    for p in (True, False, np.bool_(True), 3, "2", 0.5):
+        with pytest.raises(ValueError, match="p must be 1, 2 or numpy.inf"):
+            LpBatchNorm(3, p=p)
+    assert LpBatchNorm(3, p=2.0).p == 2 and LpBatchNorm(3, p=np.float64(np.inf)).p == np.inf
+
+
+def test_float16_input_refused_by_float64_layers_and_float64_by_float32():
+    from numbabn.layers import BatchNorm1d
+    with pytest.raises(TypeError, match="float16 input is taken by float32 normalisation layers"):
+        BatchNorm1d(3, dtype=np.float64).forward(X[:, :, 0].astype(np.float16))
+    with pytest.raises(TypeError, match="must have the layer's dtype float32, got float64"):
+        BatchNorm1d(3).forward(X[:, :, 0].astype(np.float64))

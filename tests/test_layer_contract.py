@@ -7,20 +7,32 @@ is installed) is covered as soon as it is registered.
 Finite differences run on deep copies of the example layer: each evaluation starts
 from the same running statistics and random-generator state, so stateful or noisy
 layers (running stats, NoisyBatchNorm) are deterministic functions for the check.
+
+Beyond the forward/backward pair, every layer must (as ``torch.nn`` modules do):
+take an empty batch (N = 0) in both modes, load a partial state dict with
+``strict=False`` and report the missing and unexpected keys, reset its buffers and
+parameters in place, pickle without its forward caches, and either refuse float16
+input with a TypeError or compute it in float32 and return float16.
 """
 import copy
+import pickle
 
 import numpy as np
 import pytest
 
 from numbabn.layers import Layer
+from numbabn.layers.base import IncompatibleKeys
 from numbabn.registry import available_layers, layer_class
 
 from .helpers import central_diff
 
 NAMES = list(available_layers())
-BUILTIN = {"linear", "relu", "sigmoid", "tanh", "flatten", "batch_norm1d", "batch_norm2d", "conv2d", "sequential"}
-PLUGINS = {"batch_renorm", "ghost_batch_norm", "noisy_batch_norm", "lp_batch_norm", "layer_norm", "group_norm"}
+BUILTIN = {"linear", "relu", "sigmoid", "tanh", "flatten", "batch_norm1d", "batch_norm2d", "batch_norm3d", "conv2d",
+           "sequential"}
+PLUGINS = {"batch_renorm", "ghost_batch_norm", "noisy_batch_norm", "lp_batch_norm", "layer_norm", "group_norm",
+           "instance_norm1d", "instance_norm2d"}
+# Buffers whose value at construction is known by name (PyTorch's and numbabn's conventions).
+BUFFER_START = {"running_mean": 0, "running_var": 1, "running_norm": 1, "num_batches_tracked": 0}
 
 
 def example(name, dtype=np.float64, seed=0):
@@ -166,6 +178,134 @@ class TestLayerContract:
         layer.forward(x)
         with pytest.raises(ValueError, match="shape"):
             layer.backward(np.ones((y.shape[0] + 1,) + y.shape[1:]))
+        with pytest.raises(TypeError, match="dtype"):         # as the functional API: TypeError
+            layer.backward(np.ones(y.shape, np.float32))
+
+    # ------------------------------------------------------------ torch.nn behaviours
+    @pytest.mark.parametrize("mode", ["train", "eval"])
+    def test_empty_batch(self, name, mode):
+        """N = 0: empty output and input gradient, zero parameter gradients; float
+        buffers unchanged, counters at most counting the call (training only)."""
+        layer, x = example(name)
+        layer.train(mode == "train")
+        y_shape = copy.deepcopy(layer).forward(x).shape
+        before = layer.state_dict()
+        y = layer.forward(x[:0])
+        assert y.shape == (0,) + y_shape[1:] and y.dtype == x.dtype
+        for key, value in layer.state_dict().items():
+            if value.dtype.kind == "f" or mode == "eval":
+                np.testing.assert_array_equal(value, before[key], err_msg=key)
+            else:
+                assert int(value) - int(before[key]) in (0, 1), key
+        dx = layer.backward(np.ones(y.shape))
+        assert dx.shape == x[:0].shape and dx.dtype == x.dtype
+        for qname, p in layer.named_parameters():
+            assert p.grad is not None and p.grad.shape == p.value.shape and p.grad.dtype == p.value.dtype, qname
+            assert np.all(p.grad == 0), qname
+        y = layer.forward(x)                                # and it goes on as before
+        assert y.shape == y_shape and np.all(np.isfinite(y))
+
+    def test_load_state_dict_strict_false(self, name):
+        layer, _ = example(name)
+        saved = layer.state_dict()
+        result = layer.load_state_dict({"nonexistent": np.zeros(1)}, strict=False)
+        assert isinstance(result, IncompatibleKeys)
+        assert result.missing_keys == list(saved) and result.unexpected_keys == ["nonexistent"]
+        assert_state_equal(layer.state_dict(), saved)
+        assert layer.load_state_dict(saved) == ([], [])
+        if not saved:
+            return
+        new = {k: np.asarray(v + 1, dtype=v.dtype) for k, v in saved.items()}
+        first, last = list(saved)[0], list(saved)[-1]
+        partial = {k: v for k, v in new.items() if k != first}
+        result = layer.load_state_dict({**partial, "extra.weight": np.zeros(2)}, strict=False)
+        assert result == ([first], ["extra.weight"])
+        assert_state_equal(layer.state_dict(), {**partial, first: saved[first]})
+        # Shapes and dtypes are still checked, before anything is written.
+        layer.load_state_dict(saved)
+        bad = {**partial, last: np.zeros(saved[last].shape + (2,), saved[last].dtype)}
+        with pytest.raises(ValueError, match="shape"):
+            layer.load_state_dict(bad, strict=False)
+        assert_state_equal(layer.state_dict(), saved)
+        with pytest.raises(TypeError, match="strict must be a bool"):
+            layer.load_state_dict(saved, strict="no")
+
+    def test_reset_running_stats_and_reset_parameters(self, name):
+        layer, x = example(name)
+        layer.train().forward(x)                           # buffers move
+        params = {q: p.value for q, p in layer.named_parameters()}
+        values = {q: v.copy() for q, v in params.items()}
+        buffers = dict(layer.named_buffers())
+        assert layer.reset_running_stats() is None
+        for qname, v in params.items():
+            np.testing.assert_array_equal(v, values[qname], err_msg=f"{qname} changed by reset_running_stats")
+        for qname, buf in layer.named_buffers():
+            assert buf is buffers[qname], qname            # in place
+            start = BUFFER_START.get(qname.rsplit(".", 1)[-1])
+            if start is not None:
+                assert np.all(buf == start), qname
+        reset = layer.state_dict()
+        layer.forward(x)
+        layer.reset_running_stats()
+        assert_state_equal(layer.state_dict(), reset)
+
+        for p in layer.parameters():
+            p.value += 0.5
+        layer.forward(x)
+        assert layer.reset_parameters() is None
+        for qname, p in layer.named_parameters():
+            assert p.value is params[qname], qname          # in place
+            assert not np.array_equal(p.value, values[qname] + 0.5), f"{qname} not re-initialised"
+        for key, value in layer.named_buffers():
+            np.testing.assert_array_equal(value, reset[key], err_msg=key)
+        y = layer.forward(x)
+        assert layer.backward(np.ones_like(y)).shape == x.shape
+
+    def test_pickle_holds_no_forward_caches(self, name):
+        layer, x = example(name)
+        fresh = len(pickle.dumps(layer))
+        y = layer.train().forward(x)
+        assert len(pickle.dumps(layer)) <= fresh + 64, "forward caches pickled"
+        layer.backward(np.ones_like(y))
+        grads = sum(p.value.nbytes + 200 for p in layer.parameters())
+        assert len(pickle.dumps(layer)) <= fresh + grads + 64
+        clone = pickle.loads(pickle.dumps(layer))
+        assert_state_equal(clone.state_dict(), layer.state_dict())
+        with pytest.raises(RuntimeError, match="before forward"):
+            clone.backward(np.ones_like(y))
+        np.testing.assert_array_equal(clone.eval().forward(x), layer.eval().forward(x))
+        y = clone.train().forward(x)
+        assert clone.backward(np.ones_like(y)).shape == x.shape
+
+    def test_float16_input_refused_or_computed_in_float32(self, name):
+        layer, x = example(name, np.float32)
+        x16 = x.astype(np.float16)
+        reference = copy.deepcopy(layer)
+        try:
+            y = layer.forward(x16)
+        except TypeError as exc:
+            assert "dtype" in str(exc)
+            return
+        assert y.dtype == np.float16
+        y32 = reference.forward(x16.astype(np.float32))
+        np.testing.assert_allclose(y.astype(np.float32), y32, rtol=2e-3, atol=2e-3)
+        dx = layer.backward(np.ones_like(y))
+        assert dx.dtype == np.float16 and dx.shape == x.shape
+        for qname, p in layer.named_parameters():
+            assert p.grad.dtype == p.value.dtype == np.float32, qname
+
+    def test_big_endian_and_masked_input(self, name):
+        layer, x = example(name)
+        swapped = x.astype(x.dtype.newbyteorder(">" if x.dtype.byteorder in "=<" else "<"))
+        y = copy.deepcopy(layer).forward(x)
+        np.testing.assert_array_equal(copy.deepcopy(layer).forward(swapped), y)
+        masked = np.ma.masked_array(x, mask=np.zeros(x.shape, bool))
+        np.testing.assert_array_equal(copy.deepcopy(layer).forward(masked), y)    # nothing masked: its data
+        masked[(0,) * x.ndim] = np.ma.masked
+        before = layer.state_dict()
+        with pytest.raises(ValueError, match="masked"):
+            layer.forward(masked)
+        assert_state_equal(layer.state_dict(), before)
 
     def test_repr(self, name):
         layer, _ = example(name)

@@ -85,6 +85,7 @@ class SyncBatchNormMixin:
     communicator given (None: ``MPI.COMM_WORLD`` if available)."""
 
     _sync_comm = None    # the communicator the last forward used; None: it ran locally
+    _transient = ("_sync_comm",)
 
     def _set_comm(self, comm):
         self.comm = check_comm(type(self).__name__, comm)
@@ -110,8 +111,9 @@ class SyncBatchNormMixin:
         x = self._check_input(x)
         fn = f"{type(self).__name__}.forward"
         cx = V.canonical_host(fn, "x", x, self.axis)
-        V.check_forward_params(fn, cx, *self._affine_values(), self.running_mean, self.running_var,
-                               self.num_batches_tracked, self.uses_batch_stats)
+        running = self._running_args()
+        V.check_forward_params(fn, cx, *self._affine_values(), running["running_mean"], running["running_var"],
+                               running["num_batches_tracked"], self.uses_batch_stats)
         return x
 
     def forward(self, x):
@@ -134,8 +136,7 @@ class SyncBatchNormMixin:
         if batch_stats:
             merged = merge_in_rank_order(comm, moments(x, axis=self.axis))
             y, ctx = batch_norm_forward(
-                x, gamma, beta, running_mean=self.running_mean, running_var=self.running_var,
-                num_batches_tracked=self.num_batches_tracked, training=True, momentum=self.momentum,
+                x, gamma, beta, **self._running_args(), training=True, momentum=self.momentum,
                 eps=self.eps, axis=self.axis, activation=self.activation, moments=merged)
         else:
             y, ctx = super()._bn_forward(x, gamma, beta)

@@ -11,8 +11,8 @@ grid (about ``chunk`` values a block; the geometry never depends on the thread
 count). :func:`numbabn._threads.parallel_for` hands spans of blocks to threads.
 Reductions write one partial per (block row, channel), merged in block order, so
 results are bit-identical for any number of threads. The arithmetic on one element
-lives in the shared element helpers (:func:`_centre`, :func:`_normalise`,
-:func:`_masked`); the kernels are loops around them. A fused variant (say a residual
+lives in the shared element helpers (:func:`_normalise`, :func:`_masked`); the
+kernels are loops around them. A fused variant (say a residual
 add) changes those helpers and ``kernels/reference.py``.
 
 Statistics (one pass): per block and channel, with ``d = x - s`` (``s`` the block's
@@ -67,27 +67,24 @@ SG, SGD = 0, 1
 # ------------------------------------------------------------------ element helpers
 
 
-@njit
-def _centre(v, half, hi, lo):
-    """(x - mean)/2 in x's dtype from the halved split mean (hi, lo)."""
-    return (v * half - hi) - lo
-
-
-@njit
-def _normalise(d, a, b, relu, zero):
-    """y = a*d + b, then ReLU if fused (NaN passes through)."""
+@njit(error_model="numpy")
+def _normalise(v, half, hi, lo, a, b, relu, zero):
+    """(d, y) of one element: d = (x - mean)/2 in x's dtype from the halved split mean
+    (hi, lo), y = a*d + b, then ReLU if fused (NaN passes through)."""
+    d = (v * half - hi) - lo
     y = d * a + b
     if relu and y < zero:
         y = zero
-    return y
+    return d, y
 
 
-@njit
-def _masked(g, d, a, b, relu, zero):
-    """g times the forward's ReLU mask (y > 0), y recomputed exactly as the forward did."""
-    if relu and not (d * a + b > zero):
-        return zero
-    return g
+@njit(error_model="numpy")
+def _masked(v, g, half, hi, lo, a, b, relu, zero):
+    """(d, g times the forward's ReLU mask y > 0), y recomputed exactly as the forward did."""
+    d, y = _normalise(v, half, hi, lo, a, b, relu, zero)
+    if relu and not y > zero:
+        return d, zero
+    return d, g
 
 
 # ------------------------------------------------------------------ block grids
@@ -99,24 +96,22 @@ _RUN = 4096
 _MC_MIN_ROWS = 256
 
 
-@njit
-def _ncl_grid(shape, chunk):
-    """Blocks of R rows x G channels x W columns (rows cut in P pieces when L > chunk).
-    Returns (R, G, W, P, KN, KC): KN block rows along N (times pieces), KC along C."""
+@njit(error_model="numpy")
+def _ncl_block(t, shape, chunk):
+    """Block t of the (N, C, L) grid -> (kn, n0, n1, c0, c1, l0, l1).
+
+    Blocks hold R rows x G channels x W columns, rows cut in P pieces when L > chunk;
+    they are numbered block-row-major: KN block rows along N (times pieces), KC
+    blocks along C. kn is the block's row in the (KN, C) partials."""
     N, C, L = shape
     if L >= chunk:
         P = (L + chunk - 1) // chunk
-        return 1, 1, (L + P - 1) // P, P, N * P, C
-    G = min(C, (_RUN + L - 1) // L)
-    R = max(1, chunk // (G * L))
-    return R, G, L, 1, (N + R - 1) // R, (C + G - 1) // G
-
-
-@njit
-def _ncl_block(t, shape, grid):
-    """Block t (block-row-major) -> (kn, n0, n1, c0, c1, l0, l1)."""
-    N, C, L = shape
-    R, G, W, P, KN, KC = grid
+        R, G, W = 1, 1, (L + P - 1) // P
+    else:
+        P = 1
+        G = min(C, (_RUN + L - 1) // L)
+        R, W = max(1, chunk // (G * L)), L
+    KC = (C + G - 1) // G
     kn = t // KC
     kc = t - kn * KC
     nb = kn // P
@@ -125,7 +120,7 @@ def _ncl_block(t, shape, grid):
 
 
 def ncl_blocks(shape, chunk):
-    """(blocks, partial rows) of the (N, C, L) grid -- the driver's view of _ncl_grid."""
+    """(blocks, partial rows) of the (N, C, L) grid of :func:`_ncl_block`."""
     N, C, L = shape
     if L >= chunk:
         P = -(-L // chunk)
@@ -136,7 +131,7 @@ def ncl_blocks(shape, chunk):
     return KN * -(-C // G), KN
 
 
-@njit
+@njit(error_model="numpy")
 def _mc_rows(shape, chunk):
     return max(_MC_MIN_ROWS, chunk // shape[1])
 
@@ -157,9 +152,8 @@ def stats_ncl(x, chunk, cnt, part, t0, t1):
     """Per block of (N, C, L) ``x``: ``cnt[kn]`` values per channel, and per channel
     ``part[SHIFT]`` (first value), ``part[SUM]`` = sum d, ``part[SQ]`` = M2 about the
     block mean, with d = x - shift (float64)."""
-    grid = _ncl_grid(x.shape, chunk)
     for t in range(t0, t1):
-        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
+        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         sh, s, q = part[SHIFT, kn], part[SUM, kn], part[SQ, kn]
         for c in range(c0, c1):
             sh[c] = x[n0, c, l0]
@@ -240,12 +234,35 @@ def merge_stats(cnt, part, out):
 # ------------------------------------------------------------------ coefficients
 
 
-@njit
-def _fill_coef(mean, invstd, gamma, beta, coef):
-    """coef (4, C) in x's dtype: the halved split mean, a' = 2*gamma*invstd, b = beta.
-    Empty gamma/beta mean 1 and 0."""
+@kernel()
+def coefficients(stats, count, gamma, beta, running_mean, running_var, momentum, eps, training,
+                 mean, invstd, coef):
+    """Fills ``mean``, ``invstd`` (float64) and ``coef`` (4, C) in x's dtype: the halved
+    split mean (HI + LO = mean/2), A = 2*gamma*invstd, B = beta (empty gamma/beta
+    mean 1 and 0).
+
+    Training: from ``stats`` = (2, C) float64 [mean, M2] of ``count`` values per
+    channel, and the running statistics, when non-empty, are updated in place::
+
+        running_mean <- (1-momentum)*running_mean + momentum*mean
+        running_var  <- (1-momentum)*running_var  + momentum*var*m/(m-1)
+
+    Eval: from the running statistics (read only).
+    """
     t = coef.dtype.type
+    keep = 1.0 - momentum
+    unbiased = count / (count - 1.0)
     for c in range(mean.size):
+        if training:
+            mean[c] = stats[0, c]
+            var = stats[1, c] / count
+            if running_mean.size > 0:
+                running_mean[c] = keep * running_mean[c] + momentum * mean[c]
+                running_var[c] = keep * running_var[c] + momentum * var * unbiased
+        else:
+            mean[c] = running_mean[c]
+            var = np.float64(running_var[c])
+        invstd[c] = 1.0 / np.sqrt(var + eps)
         half = 0.5 * mean[c]
         hi = t(half)
         coef[HI, c] = hi
@@ -254,55 +271,23 @@ def _fill_coef(mean, invstd, gamma, beta, coef):
         coef[B, c] = beta[c] if beta.size > 0 else t(0)
 
 
-@kernel()
-def batch_coefficients(stats, count, gamma, beta, running_mean, running_var, momentum, eps,
-                       mean, invstd, coef):
-    """Training: ``stats`` = (2, C) float64 [mean, M2] of ``count`` values per channel.
-    Fills ``mean``, ``invstd`` (float64) and ``coef``; updates the running statistics
-    in place when they are non-empty::
-
-        running_mean <- (1-momentum)*running_mean + momentum*mean
-        running_var  <- (1-momentum)*running_var  + momentum*var*m/(m-1)
-    """
-    keep = 1.0 - momentum
-    unbiased = count / (count - 1.0)
-    for c in range(mean.size):
-        mean[c] = stats[0, c]
-        var = stats[1, c] / count
-        invstd[c] = 1.0 / np.sqrt(var + eps)
-        if running_mean.size > 0:
-            running_mean[c] = keep * running_mean[c] + momentum * mean[c]
-            running_var[c] = keep * running_var[c] + momentum * var * unbiased
-    _fill_coef(mean, invstd, gamma, beta, coef)
-
-
-@kernel()
-def running_coefficients(gamma, beta, running_mean, running_var, eps, mean, invstd, coef):
-    """Eval: mean and invstd from the running statistics (any float dtype), then coef."""
-    for c in range(mean.size):
-        mean[c] = running_mean[c]
-        invstd[c] = 1.0 / np.sqrt(np.float64(running_var[c]) + eps)
-    _fill_coef(mean, invstd, gamma, beta, coef)
-
-
 # ------------------------------------------------------------------ forward apply
 
 
 @kernel()
 def apply_ncl(x, coef, relu, chunk, y, t0, t1):
     """y = normalise(x) over the blocks t0..t1 of (N, C, L) arrays."""
-    grid = _ncl_grid(x.shape, chunk)
     half = x.dtype.type(0.5)
     zero = x.dtype.type(0)
     for t in range(t0, t1):
-        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
+        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         for n in range(n0, n1):
             for c in range(c0, c1):
                 row = x[n, c, l0:l1]
                 out = y[n, c, l0:l1]
                 hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
                 for j in range(row.size):
-                    out[j] = _normalise(_centre(row[j], half, hi, lo), a, b, relu, zero)
+                    out[j] = _normalise(row[j], half, hi, lo, a, b, relu, zero)[1]
 
 
 @kernel()
@@ -316,7 +301,7 @@ def apply_mc(x, coef, relu, chunk, y, t0, t1):
         row = x[i]
         out = y[i]
         for c in range(row.size):
-            out[c] = _normalise(_centre(row[c], half, hi[c], lo[c]), a[c], b[c], relu, zero)
+            out[c] = _normalise(row[c], half, hi[c], lo[c], a[c], b[c], relu, zero)[1]
 
 
 # ------------------------------------------------------------------ backward
@@ -326,11 +311,10 @@ def apply_mc(x, coef, relu, chunk, y, t0, t1):
 def grad_sums_ncl(dy, x, coef, relu, chunk, part, t0, t1):
     """Per block row and channel: part[SG] = sum g, part[SGD] = sum g*d (float64),
     g = dy masked by the forward's ReLU, d = (x - mean)/2."""
-    grid = _ncl_grid(x.shape, chunk)
     half = x.dtype.type(0.5)
     zero = x.dtype.type(0)
     for t in range(t0, t1):
-        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
+        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         sg, sgd = part[SG, kn], part[SGD, kn]
         for c in range(c0, c1):
             sg[c] = 0.0
@@ -343,8 +327,7 @@ def grad_sums_ncl(dy, x, coef, relu, chunk, part, t0, t1):
                 p0 = 0.0
                 p1 = 0.0
                 for j in range(row.size):
-                    d = _centre(row[j], half, hi, lo)
-                    g = _masked(grow[j], d, a, b, relu, zero)
+                    d, g = _masked(row[j], grow[j], half, hi, lo, a, b, relu, zero)
                     p0 += g
                     p1 += np.float64(g) * np.float64(d)
                 sg[c] += p0
@@ -360,14 +343,14 @@ def grad_sums_mc(dy, x, coef, relu, chunk, part, t0, t1):
     hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
     for k in range(t0, t1):
         sg, sgd = part[SG, k], part[SGD, k]
-        sg[:] = 0.0
-        sgd[:] = 0.0
+        for c in range(sg.size):
+            sg[c] = 0.0
+            sgd[c] = 0.0
         for i in range(k * R, min(k * R + R, x.shape[0])):
             row = x[i]
             grow = dy[i]
             for c in range(row.size):
-                d = _centre(row[c], half, hi[c], lo[c])
-                g = _masked(grow[c], d, a[c], b[c], relu, zero)
+                d, g = _masked(row[c], grow[c], half, hi[c], lo[c], a[c], b[c], relu, zero)
                 sg[c] += g
                 sgd[c] += np.float64(g) * np.float64(d)
 
@@ -376,15 +359,16 @@ def grad_sums_mc(dy, x, coef, relu, chunk, part, t0, t1):
 def sum_partials(part, sums):
     """sums (2, C) = [sum g, sum g*(x - mean)] from the (2, K, C) partials, summed over
     blocks in block order (the partials hold sum g*(x - mean)/2: doubled, exactly)."""
-    K = part.shape[1]
+    K, C = part.shape[1], part.shape[2]
     for r in range(2):
-        out = sums[r]
-        out[:] = 0.0
+        scale = 2.0 if r == SGD else 1.0
+        for c in range(C):
+            sums[r, c] = 0.0
         for k in range(K):
-            p = part[r, k]
-            for c in range(out.size):
-                out[c] += p[c]
-    sums[SGD] *= 2.0
+            for c in range(C):
+                sums[r, c] += part[r, k, c]
+        for c in range(C):
+            sums[r, c] *= scale
 
 
 @kernel()
@@ -411,11 +395,10 @@ def grad_coefficients(sums, count, invstd, gamma, training, gcoef, dgamma, dbeta
 @kernel()
 def grad_apply_ncl(dy, x, coef, gcoef, relu, chunk, dx, t0, t1):
     """dx over the blocks t0..t1 of (N, C, L) arrays."""
-    grid = _ncl_grid(x.shape, chunk)
     half = x.dtype.type(0.5)
     zero = x.dtype.type(0)
     for t in range(t0, t1):
-        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, grid)
+        kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         for n in range(n0, n1):
             for c in range(c0, c1):
                 row = x[n, c, l0:l1]
@@ -424,8 +407,8 @@ def grad_apply_ncl(dy, x, coef, gcoef, relu, chunk, dx, t0, t1):
                 hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
                 ga, gb, gd = gcoef[GA, c], gcoef[GB, c], gcoef[GD, c]
                 for j in range(row.size):
-                    d = _centre(row[j], half, hi, lo)
-                    out[j] = ga * _masked(grow[j], d, a, b, relu, zero) + gb * d + gd
+                    d, g = _masked(row[j], grow[j], half, hi, lo, a, b, relu, zero)
+                    out[j] = ga * g + gb * d + gd
 
 
 @kernel()
@@ -441,5 +424,5 @@ def grad_apply_mc(dy, x, coef, gcoef, relu, chunk, dx, t0, t1):
         grow = dy[i]
         out = dx[i]
         for c in range(row.size):
-            d = _centre(row[c], half, hi[c], lo[c])
-            out[c] = ga[c] * _masked(grow[c], d, a[c], b[c], relu, zero) + gb[c] * d + gd[c]
+            d, g = _masked(row[c], grow[c], half, hi[c], lo[c], a[c], b[c], relu, zero)
+            out[c] = ga[c] * g + gb[c] * d + gd[c]

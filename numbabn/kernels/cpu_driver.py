@@ -38,7 +38,7 @@ class _Specs:
         self._sigs = {
             "stats": (getattr(cpu, "stats" + suffix), (X, _I64, f1, f3, _I64, _I64)),
             "merge": (cpu.merge_stats, (f1r, f3r, f2)),
-            "batch_coef": (cpu.batch_coefficients, (f2r, _F64, P, P, W, W, _F64, _F64, f1, f1, CW)),
+            "coef": (cpu.coefficients, (f2r, _F64, P, P, W, W, _F64, _F64, _BOOL, f1, f1, CW)),
             "apply": (getattr(cpu, "apply" + suffix), (X, CO, _BOOL, _I64, Y, _I64, _I64)),
             "grad_sums": (getattr(cpu, "grad_sums" + suffix), (X, X, CO, _BOOL, _I64, f3, _I64, _I64)),
             "sum_partials": (cpu.sum_partials, (f3r, f2)),
@@ -58,15 +58,17 @@ class _Specs:
         setattr(self, name, disp)
         return disp
 
-    def running_coef(self, stats_dtype):
-        """Eval coefficients from running statistics of ``stats_dtype``."""
-        name = "running_coef_" + np.dtype(stats_dtype).char
+    def coef_with(self, stats_dtype):
+        """:func:`cpu.coefficients` for running statistics of another dtype (float64
+        statistics of float32 input, in eval)."""
+        if np.dtype(stats_dtype) == self._dtype:
+            return self.coef
+        name = "coef_" + np.dtype(stats_dtype).char
         disp = self.__dict__.get(name)
         if disp is None:
-            P = _arr(self._dtype, 1, True)
-            R = _arr(stats_dtype, 1, True)
-            f1 = _arr(np.float64, 1)
-            disp = cpu.running_coefficients.specialize((P, P, R, R, _F64, f1, f1, _arr(self._dtype, 2)))
+            kern, sig = self._sigs["coef"]
+            R = _arr(stats_dtype, 1)
+            disp = kern.specialize(sig[:4] + (R, R) + sig[6:])
             setattr(self, name, disp)
         return disp
 
@@ -75,6 +77,7 @@ class _Specs:
 
 
 _SPECS = {}
+_NO_STATS = np.empty((2, 0))
 
 
 def specs(dtype, layout):
@@ -114,10 +117,17 @@ def forward(x, layout, gamma, beta, running_mean, running_var, momentum, eps, tr
     if training:
         if stats is None:
             stats, count = batch_moments(x, layout, chunk), x.size // C
-        k.batch_coef(stats, float(count), gamma, beta, running_mean, running_var, momentum, eps,
-                     mean, invstd, coef)
+        k.coef(stats, float(count), gamma, beta, running_mean, running_var, momentum, eps, True,
+               mean, invstd, coef)
     else:
-        k.running_coef(running_mean.dtype)(gamma, beta, running_mean, running_var, eps, mean, invstd, coef)
+        # Eval only reads the running statistics; the kernel's signature takes them
+        # writeable (training updates them), so read-only ones are copied (C values).
+        if not running_mean.flags.writeable:
+            running_mean = running_mean.copy()
+        if not running_var.flags.writeable:
+            running_var = running_var.copy()
+        k.coef_with(running_mean.dtype)(_NO_STATS, 2.0, gamma, beta, running_mean, running_var, 0.0, eps,
+                                        False, mean, invstd, coef)
     if x.size:
         blocks, _ = k.blocks(x.shape, chunk)
         _threads.parallel_for(k.apply, blocks, x.size, x, coef, relu, chunk, y)
@@ -132,9 +142,9 @@ def backward(dy, x, layout, coef, invstd, gamma, training, relu, count, combine,
     ``count`` is then the global number of values per channel."""
     k = specs(x.dtype, layout)
     C = x.shape[1]
-    blocks, rows = k.blocks(x.shape, chunk)
     sums = np.zeros((2, C))
     if x.size:
+        blocks, rows = k.blocks(x.shape, chunk)
         part = np.empty((2, rows, C))
         _threads.parallel_for(k.grad_sums, blocks, x.size, dy, x, coef, relu, chunk, part)
         k.sum_partials(part, sums)
@@ -159,6 +169,7 @@ def warmup_plan(dtypes=("float32", "float64"), layouts=("ncl", "mc")):
             k = specs(dt, layout)
             plan += [(f"{name} {np.dtype(dt).name} {layout}", lambda k=k, name=name: getattr(k, name))
                      for name in k.all_names()]
-            plan += [(f"running_coef {np.dtype(dt).name}/{np.dtype(st).name} {layout}",
-                      lambda k=k, st=st: k.running_coef(st)) for st in sorted({np.dtype(dt).name, "float64"})]
+            if np.dtype(dt) != np.float64:
+                plan.append((f"coef {np.dtype(dt).name}/float64 statistics {layout}",
+                             lambda k=k: k.coef_with(np.float64)))
     return plan

@@ -20,6 +20,8 @@ class _Elementwise(Layer):
     Outputs may be that kept array: do not modify them in place before backward.
     """
 
+    _transient = ("_saved", "_out_dtype")
+
     def __init__(self):
         super().__init__()
         self._saved = None

@@ -7,7 +7,10 @@ A layer is a small object with a hand-written backward pass::
     layer.parameters()         # [Parameter(name, value, grad), ...], children included
     layer.train() / .eval()    # both return the layer; .training tells the mode
     layer.state_dict()         # {"0.weight": array, "1.running_mean": array, ...}
-    layer.load_state_dict(d)   # validated first, then copied in place
+    layer.load_state_dict(d)   # validated first, then copied in place; strict=False
+                               # loads the keys both sides have -> (missing, unexpected)
+    layer.reset_parameters()   # parameters re-initialised, buffers back to their start
+    layer.reset_running_stats()   # buffers only (running statistics, counters)
 
 ``backward`` *sets* ``.grad`` (it does not accumulate): one forward, one backward,
 one gradient. ``optim.Optimizer.zero_grad`` sets grads to None so that a parameter a
@@ -16,10 +19,28 @@ backward pass did not reach is skipped by the next step, as in PyTorch.
 State (parameters and buffers such as running statistics) lives in NumPy arrays that
 are updated in place and never replaced, so optimizers and callers can hold on to
 them. ``load_state_dict`` copies into those arrays.
+
+Pickles (and ``copy.deepcopy``) hold the state and the settings, not what the last
+forward cached for its backward (each class names those attributes in
+``_transient``): a pickled layer is as small after a forward as before one, and
+its ``backward`` needs a new ``forward``.
+
+Normalisation layers (``_accepts_float16``) of dtype float32 also take float16
+input, as PyTorch's CPU kernels do: statistics and arithmetic in float32, output
+and input gradient float16, parameter gradients float32. Every other dtype
+mismatch is refused. Big-endian input is converted to the native byte order, and
+a masked array with masked values is refused (see :mod:`numbabn._validation`).
 """
+from collections import namedtuple
+
 import numpy as np
 
 from .. import _validation as V
+
+IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
+IncompatibleKeys.__doc__ = """What :meth:`Layer.load_state_dict` returns, as in PyTorch: the layer's keys
+absent from the state dict and the state dict's keys the layer does not have
+(both empty after a strict load)."""
 
 
 class Parameter:
@@ -102,8 +123,14 @@ def restore(saved):
 
 
 def check_layer_dtype(owner, dtype):
-    """The dtype a layer computes in: float32 or float64 (float16 has no layers)."""
-    dt = np.dtype(dtype)
+    """The dtype a layer computes in: float32 or float64 (float16 has no layers).
+    ``None`` is refused (``np.dtype(None)`` would silently mean float64)."""
+    if dtype is None:
+        raise TypeError(f"{owner}: dtype must be float32 or float64, got None")
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{owner}: dtype must be float32 or float64, got {dtype!r}") from None
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"{owner}: dtype must be float32 or float64, got {dt}")
     return dt
@@ -136,11 +163,15 @@ class Layer:
     """
 
     dtype = None     # None: the layer follows its input's dtype (activations, containers)
+    _accepts_float16 = False   # float16 input into a float32 layer (normalisation layers)
+    _transient = ()            # attributes holding forward caches: not pickled
 
     def __init__(self):
         self.training = True
         self._parameters = {}
         self._buffers = {}
+        self._buffer_init = {}
+        self._buffer_checks = {}
         self._children = {}
 
     # ------------------------------------------------------------ declaring state
@@ -150,9 +181,16 @@ class Layer:
         self._parameters[name] = param
         return param
 
-    def add_buffer(self, name, value):
-        """Register a non-trainable array saved in the state dict (running stats)."""
+    def add_buffer(self, name, value, check=None):
+        """Register a non-trainable array saved in the state dict (running stats).
+
+        Its value now is what :meth:`reset_running_stats` restores. ``check(fn, key,
+        value)``, if given, validates a value :meth:`load_state_dict` is about to
+        copy in (beyond shape and dtype) and raises on a bad one."""
         self._buffers[name] = value
+        self._buffer_init[name] = np.array(value, copy=True)
+        if check is not None:
+            self._buffer_checks[name] = check
         return value
 
     def add_child(self, name, layer):
@@ -204,6 +242,12 @@ class Layer:
             out.extend(child._named_state(f"{prefix}{cname}."))
         return out
 
+    def _named_buffer_checks(self, prefix=""):
+        out = [(prefix + name, check) for name, check in self._buffer_checks.items()]
+        for cname, child in self._children.items():
+            out.extend(child._named_buffer_checks(f"{prefix}{cname}."))
+        return out
+
     def train(self, mode=True):
         """Set training mode (recursively); returns ``self``."""
         mode = V.check_bool(f"{type(self).__name__}.train", "mode", mode)
@@ -216,52 +260,109 @@ class Layer:
         """Set evaluation mode (recursively); returns ``self``."""
         return self.train(False)
 
+    # ------------------------------------------------------------ pickling
+    def __getstate__(self):
+        """The instance dict without forward caches (see the module docstring)."""
+        state = self.__dict__.copy()
+        for cls in type(self).__mro__:
+            for name in vars(cls).get("_transient", ()):
+                if name in state:
+                    state[name] = None
+        return state
+
+    # ------------------------------------------------------------ resetting
+    def reset_running_stats(self):
+        """Put every buffer (running statistics, ``num_batches_tracked``) back to its
+        value at construction, in place; children too. Parameters are untouched."""
+        self._reset_own_buffers()
+        for child in self._children.values():
+            child.reset_running_stats()
+
+    def reset_parameters(self):
+        """Re-initialise every parameter in place as the constructor did (random
+        initialisations draw anew from the layer's generator) and reset the buffers
+        (:meth:`reset_running_stats`); children too. As ``torch.nn``'s
+        ``reset_parameters``; the arrays keep their identity."""
+        if self._parameters:
+            self._init_parameters()
+        self._reset_own_buffers()
+        for child in self._children.values():
+            child.reset_parameters()
+
+    def _reset_own_buffers(self):
+        for name, buf in self._buffers.items():
+            np.copyto(buf, self._buffer_init[name])
+
+    def _init_parameters(self):
+        """Fill this layer's own parameters with their initial values, in place.
+        Every layer that declares parameters implements it."""
+        raise NotImplementedError(f"{type(self).__name__} has parameters but does not implement "
+                                  "_init_parameters()")
+
     # ------------------------------------------------------------ state
     def state_dict(self):
         """``{qualified name: copy}`` of every parameter and buffer (NumPy arrays)."""
         return {name: np.array(arr, copy=True) for name, arr in self._named_state()}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state, strict=True):
         """Copy ``state`` into the parameters and buffers, in place.
 
-        Keys must match exactly and each value must be a NumPy array of the same
-        shape and dtype. Everything is checked before anything is written, so on an
-        error the layer is unchanged.
+        ``strict=True``: the keys must match exactly. ``strict=False``: the keys both
+        sides have are loaded, the layer's other entries keep their values and the
+        state's other keys are ignored. Either way each loaded value must be a NumPy
+        array of the entry's shape and dtype (byte order aside: big-endian arrays
+        load), and buffers pass their own checks (``num_batches_tracked`` >= 0).
+        Everything is checked before anything is written, so on an error the layer
+        is unchanged. Returns ``IncompatibleKeys(missing_keys, unexpected_keys)``
+        as PyTorch does.
         """
         fn = f"{type(self).__name__}.load_state_dict"
         if not isinstance(state, dict):
             raise TypeError(f"{fn}: state must be a dict of NumPy arrays, got {V.describe(state)}")
+        strict = V.check_bool(fn, "strict", strict)
         targets = dict(self._named_state())
         missing = [k for k in targets if k not in state]
         unexpected = [k for k in state if k not in targets]
-        if missing or unexpected:
+        if strict and (missing or unexpected):
             raise ValueError(f"{fn}: keys do not match the layer (missing: {missing}, unexpected: {unexpected})")
+        checks = dict(self._named_buffer_checks())
         for key, target in targets.items():
+            if key not in state:
+                continue
             value = state[key]
             if not isinstance(value, np.ndarray):
                 raise TypeError(f"{fn}: {key!r} must be a NumPy array, got {V.describe(value)}")
             if value.shape != target.shape:
                 raise ValueError(f"{fn}: {key!r} must have shape {target.shape}, got {value.shape}")
-            if value.dtype != target.dtype:
+            if value.dtype != target.dtype and value.dtype.newbyteorder("=") != target.dtype:
                 raise TypeError(f"{fn}: {key!r} must have dtype {target.dtype}, got {value.dtype}")
             if not target.flags.writeable:
                 raise ValueError(f"{fn}: the layer's {key!r} is a read-only array (e.g. memory-mapped with "
                                  f"mmap_mode='r'); nothing was loaded (make it writeable first)")
+            if key in checks:
+                checks[key](fn, key, value)
         for key, target in targets.items():
-            np.copyto(target, state[key])
+            if key in state:
+                np.copyto(target, state[key])
+        return IncompatibleKeys(missing, unexpected)
 
     # ------------------------------------------------------------ input checks
     def _input(self, x):
-        """``x`` as a floating NumPy array; of the layer's dtype when it has one."""
-        if not isinstance(x, np.ndarray):
-            x = np.asarray(x)
+        """``x`` as a floating NumPy array (native byte order); of the layer's dtype
+        when it has one, or float16 for a float32 layer that ``_accepts_float16``."""
+        if type(x) is not np.ndarray or not x.dtype.isnative:
+            x = V.host_array(self._short(), "input", x)
         if x.dtype.kind != "f":
             raise TypeError(f"{self._short()}: input must be a floating-point array, got dtype {x.dtype}")
-        if self.dtype is not None and x.dtype != self.dtype:
-            raise TypeError(
-                f"{self._short()}: input must have the layer's dtype {self.dtype}, got {x.dtype} "
-                f"(convert the input, or build the layer with dtype={x.dtype.name})")
+        if self.dtype is not None and x.dtype != self.dtype and not self._takes_float16(x.dtype):
+            hint = (" (float16 input is taken by float32 normalisation layers)"
+                    if x.dtype == np.float16 and self._accepts_float16 else
+                    f" (convert the input, or build the layer with dtype={x.dtype.name})")
+            raise TypeError(f"{self._short()}: input must have the layer's dtype {self.dtype}, got {x.dtype}{hint}")
         return x
+
+    def _takes_float16(self, dtype):
+        return self._accepts_float16 and dtype == np.float16 and self.dtype == np.float32
 
     def _shape_error(self, expected, x):
         return ValueError(f"{self._short()}: expected input of shape {expected}, got {tuple(x.shape)}")
@@ -274,9 +375,21 @@ class Layer:
         return value
 
     def _check_dy(self, dy, shape, dtype):
-        if not isinstance(dy, np.ndarray) or dy.shape != shape or dy.dtype != dtype:
+        """dy of the output's shape (else ValueError) and dtype (else TypeError, as
+        the functional API); big-endian dy is converted, masked values refused."""
+        if isinstance(dy, np.ndarray) and not dy.dtype.isnative or isinstance(dy, np.ma.MaskedArray):
+            dy = V.host_array(self._short() + ".backward", "dy", dy)
+        if not isinstance(dy, np.ndarray):
+            raise TypeError(
+                f"{self._short()}: backward expects dy as a NumPy array of the output's shape {shape} and "
+                f"dtype {dtype}, got {V.describe(dy)}")
+        if dy.shape != shape:
             raise ValueError(
                 f"{self._short()}: backward expects dy of the output's shape {shape} and dtype {dtype}, "
+                f"got {V.describe(dy)}")
+        if dy.dtype != dtype:
+            raise TypeError(
+                f"{self._short()}: backward expects dy of the output's dtype {dtype} (shape {shape}), "
                 f"got {V.describe(dy)}")
         return dy
 

@@ -12,14 +12,34 @@ channel c over its m values (Ioffe & Szegedy 2015, Alg. 1)::
     running_var  <- (1 - momentum)*running_var  + momentum*var*m/(m - 1)
     momentum=None: cumulative average, momentum_t = 1/num_batches_tracked
 
-Which statistics normalise, as in PyTorch:
+Which statistics normalise, as in PyTorch. The buffers exist when the layer was
+built with ``track_running_stats=True``; the flag may be switched afterwards, and
+then, as in ``torch.nn``, the *flag* decides whether training updates the buffers
+and the *buffers* decide what eval mode uses:
 
-=====================  =============================  ========================
-mode                   track_running_stats=True       track_running_stats=False
-=====================  =============================  ========================
-train()                batch stats; running updated   batch stats
-eval()                 running stats                  batch stats
-=====================  =============================  ========================
+============  ===================================  ==============================
+mode          buffers exist                        no buffers
+============  ===================================  ==============================
+train()       batch stats; buffers updated only    batch stats
+              while ``track_running_stats`` is on
+eval()        running stats (never updated)        batch stats
+============  ===================================  ==============================
+
+So ``bn.track_running_stats = False`` freezes the running statistics (training
+uses batch statistics, eval still normalises with the frozen ones), and eval mode
+never changes any state.
+
+Empty batches (N = 0, or a zero-length spatial axis) give an empty output; the
+backward gives an empty input gradient and zero weight/bias gradients. The
+running statistics keep their values and ``num_batches_tracked`` counts the call,
+as in ``torch.nn``. One value per channel in training raises, as in PyTorch.
+
+Mixed precision: a float32 layer takes float16 input (statistics and arithmetic
+in float32, float16 output and input gradient, float32 parameter gradients), as
+PyTorch's CPU batch norm does.
+
+Layers: :class:`BatchNorm1d` ((N, C) or (N, C, L)), :class:`BatchNorm2d` (NCHW or
+NHWC) and :class:`BatchNorm3d` (NCDHW or NDHWC).
 """
 import numpy as np
 
@@ -35,12 +55,18 @@ class BatchNormBase(Layer):
 
     Parameters ``weight`` (gamma, ones) and ``bias`` (beta, zeros) of shape (C,) when
     ``affine``; buffers ``running_mean`` (zeros), ``running_var`` (ones) and
-    ``num_batches_tracked`` (int64 scalar) when ``track_running_stats``.
+    ``num_batches_tracked`` (int64 scalar, >= 0) when ``track_running_stats``.
     ``activation="relu"`` fuses a ReLU into the same pass. This base accepts any
     (N, C, ...) input with channels on axis 1.
+
+    Subclasses that compute outside ``batch_norm_forward`` follow the module
+    docstring's table through :attr:`uses_batch_stats` and
+    :attr:`updates_running_stats`.
     """
 
     axis = 1
+    _accepts_float16 = True
+    _transient = ("_ctx",)
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  activation=None, dtype=np.float32):
@@ -65,7 +91,16 @@ class BatchNormBase(Layer):
         """Buffers of the running statistics; variants tracking other ones override it."""
         self.running_mean = self.add_buffer("running_mean", np.zeros(C, self.dtype))
         self.running_var = self.add_buffer("running_var", np.ones(C, self.dtype))
-        self.num_batches_tracked = self.add_buffer("num_batches_tracked", np.zeros((), np.int64))
+        self._add_counter()
+
+    def _add_counter(self):
+        self.num_batches_tracked = self.add_buffer("num_batches_tracked", np.zeros((), np.int64),
+                                                   check=_check_loaded_counter)
+
+    def _init_parameters(self):
+        """gamma = 1, beta = 0 (``reset_parameters`` also resets the running statistics)."""
+        self.weight.value[...] = 1
+        self.bias.value[...] = 0
 
     # ------------------------------------------------------------ input
     def _expected_shape(self):
@@ -80,8 +115,25 @@ class BatchNormBase(Layer):
     # ------------------------------------------------------------ functional calls
     @property
     def uses_batch_stats(self):
-        """True when the forward normalises with the batch's statistics."""
-        return self.training or not self.track_running_stats
+        """True when the forward normalises with the batch's statistics: in training,
+        and in eval mode when the layer has no running statistics (see the module
+        docstring's table)."""
+        return self.training or self.running_mean is None
+
+    @property
+    def updates_running_stats(self):
+        """True when the forward moves the running statistics: training mode, the
+        buffers exist and ``track_running_stats`` is (still) on."""
+        return self.training and bool(self.track_running_stats) and self.running_mean is not None
+
+    def _running_args(self):
+        """The running statistics to hand to ``batch_norm_forward`` (read in eval mode,
+        updated in training), as ``torch.nn`` passes them: none in training while
+        ``track_running_stats`` is off."""
+        if self.training and not self.updates_running_stats:
+            return dict(running_mean=None, running_var=None, num_batches_tracked=None)
+        return dict(running_mean=self.running_mean, running_var=self.running_var,
+                    num_batches_tracked=self.num_batches_tracked)
 
     def _affine_values(self):
         if self.affine:
@@ -91,8 +143,7 @@ class BatchNormBase(Layer):
     def _bn_forward(self, x, gamma, beta, out=None):
         """batch_norm_forward with this layer's state and settings -> (y, ctx)."""
         return batch_norm_forward(
-            x, gamma, beta, running_mean=self.running_mean, running_var=self.running_var,
-            num_batches_tracked=self.num_batches_tracked, training=self.uses_batch_stats,
+            x, gamma, beta, **self._running_args(), training=self.uses_batch_stats,
             momentum=self.momentum, eps=self.eps, axis=self.axis, activation=self.activation, out=out)
 
     def forward(self, x):
@@ -132,6 +183,12 @@ class BatchNormBase(Layer):
         return self
 
 
+def _check_loaded_counter(fn, key, value):
+    """``num_batches_tracked`` from a state dict: a count, >= 0."""
+    if value.item() < 0:
+        raise ValueError(f"{fn}: {key!r} counts batches and must be >= 0, got {value.item()}")
+
+
 @register_layer("batch_norm1d")
 class BatchNorm1d(BatchNormBase):
     """Batch norm over (N, C) or (N, C, L) input (statistics over N, or N and L).
@@ -155,10 +212,12 @@ class BatchNorm1d(BatchNormBase):
         return layer, (rng.standard_normal((5, 3, 2)) + 0.5).astype(dtype)
 
 
-@register_layer("batch_norm2d")
-class BatchNorm2d(BatchNormBase):
-    """Batch norm over images: NCHW, or NHWC with ``channels_last=True`` (statistics
-    over N, H and W per channel). Same semantics as ``torch.nn.BatchNorm2d``."""
+class _SpatialBatchNorm(BatchNormBase):
+    """Batch norm over inputs with ``_spatial`` spatial axes: channels on axis 1, or
+    last with ``channels_last=True`` (statistics over N and the spatial axes)."""
+
+    _spatial = 2
+    _dims = "H, W"
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  activation=None, dtype=np.float32, channels_last=False):
@@ -168,18 +227,39 @@ class BatchNorm2d(BatchNormBase):
 
     def _expected_shape(self):
         C = self.num_features
-        return f"(N, H, W, {C}) (channels_last)" if self.channels_last else f"(N, {C}, H, W)"
+        return f"(N, {self._dims}, {C}) (channels_last)" if self.channels_last else f"(N, {C}, {self._dims})"
 
     def _check_input(self, x):
         x = self._input(x)
-        if x.ndim != 4 or x.shape[self.axis] != self.num_features:
+        if x.ndim != self._spatial + 2 or x.shape[self.axis] != self.num_features:
             raise self._shape_error(self._expected_shape(), x)
         return x
 
     def extra_repr(self):
         return super().extra_repr() + (", channels_last=True" if self.channels_last else "")
 
+
+@register_layer("batch_norm2d")
+class BatchNorm2d(_SpatialBatchNorm):
+    """Batch norm over images: NCHW, or NHWC with ``channels_last=True`` (statistics
+    over N, H and W per channel). Same semantics as ``torch.nn.BatchNorm2d``."""
+
     @classmethod
     def _contract_example(cls, rng, dtype):
         layer = cls(2, channels_last=True, dtype=dtype)._randomize_state(rng)
         return layer, rng.standard_normal((2, 3, 2, 2)).astype(dtype)
+
+
+@register_layer("batch_norm3d")
+class BatchNorm3d(_SpatialBatchNorm):
+    """Batch norm over volumes: NCDHW, or NDHWC with ``channels_last=True``
+    (statistics over N, D, H and W per channel). Same semantics as
+    ``torch.nn.BatchNorm3d`` (whose channels-last 3-D memory format is NDHWC)."""
+
+    _spatial = 3
+    _dims = "D, H, W"
+
+    @classmethod
+    def _contract_example(cls, rng, dtype):
+        layer = cls(2, dtype=dtype)._randomize_state(rng)
+        return layer, (rng.standard_normal((3, 2, 2, 1, 2)) - 0.3).astype(dtype)

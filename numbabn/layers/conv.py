@@ -34,6 +34,8 @@ class Conv2d(Layer):
     offset (u, v), so overlapping windows accumulate.
     """
 
+    _transient = ("_cache",)
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  init="glorot", rng=None, dtype=np.float32):
         super().__init__()
@@ -46,11 +48,20 @@ class Conv2d(Layer):
         self.dtype = check_layer_dtype(owner, dtype)
         kh, kw = self.kernel_size
         shape = (self.out_channels, self.in_channels, kh, kw)
+        self.init = init
+        self.rng = check_rng(owner, rng)
         self.weight = self.add_parameter("weight", init_weight(
-            owner, init, shape, self.in_channels * kh * kw, self.out_channels * kh * kw,
-            check_rng(owner, rng), self.dtype))
+            owner, init, shape, self.in_channels * kh * kw, self.out_channels * kh * kw, self.rng, self.dtype))
         self.bias = self.add_parameter("bias", np.zeros(self.out_channels, self.dtype)) if bias else None
         self._cache = None
+
+    def _init_parameters(self):
+        """Weights drawn anew from ``rng`` with the layer's ``init``; bias zeros."""
+        kh, kw = self.kernel_size
+        self.weight.value[...] = init_weight("Conv2d", self.init, self.weight.value.shape, self.in_channels * kh * kw,
+                                             self.out_channels * kh * kw, self.rng, self.dtype)
+        if self.bias is not None:
+            self.bias.value[...] = 0
 
     def _padded(self, x):
         ph, pw = self.padding

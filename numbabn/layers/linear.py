@@ -33,7 +33,12 @@ class Linear(Layer):
     Backward, with g = dy::
 
         dW = g^T x    db = sum_n g_n    dx = g W
+
+    ``reset_parameters()`` draws new weights from ``rng`` (the generator given, kept
+    by the layer) and zeroes the bias.
     """
+
+    _transient = ("_x",)
 
     def __init__(self, in_features, out_features, bias=True, init="glorot", rng=None, dtype=np.float32):
         super().__init__()
@@ -41,12 +46,20 @@ class Linear(Layer):
         self.in_features = check_positive_int(owner, "in_features", in_features)
         self.out_features = check_positive_int(owner, "out_features", out_features)
         self.dtype = check_layer_dtype(owner, dtype)
-        rng = check_rng(owner, rng)
+        self.init = init
+        self.rng = check_rng(owner, rng)
         self.weight = self.add_parameter("weight", init_weight(
             owner, init, (self.out_features, self.in_features), self.in_features, self.out_features,
-            rng, self.dtype))
+            self.rng, self.dtype))
         self.bias = self.add_parameter("bias", np.zeros(self.out_features, self.dtype)) if bias else None
         self._x = None
+
+    def _init_parameters(self):
+        """Weights drawn anew from ``rng`` with the layer's ``init``; bias zeros."""
+        self.weight.value[...] = init_weight("Linear", self.init, self.weight.value.shape, self.in_features,
+                                             self.out_features, self.rng, self.dtype)
+        if self.bias is not None:
+            self.bias.value[...] = 0
 
     def forward(self, x):
         x = self._input(x)

@@ -12,6 +12,8 @@ class Flatten(Layer):
     Follows the input's dtype. The output is a view of the input when it can be.
     """
 
+    _transient = ("_in",)
+
     def __init__(self):
         super().__init__()
         self._in = None
@@ -21,7 +23,7 @@ class Flatten(Layer):
         if x.ndim < 2:
             raise self._shape_error("(N, d1, ...) with at least 2 dimensions", x)
         self._in = (x.shape, x.dtype)
-        return x.reshape(x.shape[0], -1)
+        return x.reshape(x.shape[0], prod(x.shape[1:]))   # -1 fails for N = 0
 
     def backward(self, dy):
         shape, dtype = self._cached("_in")
