@@ -404,10 +404,13 @@ def test_readme_error_examples_are_what_the_cli_prints():
 
 
 def test_help_texts_are_whole_sentences():
-    """Listings show each command's whole first paragraph (wrapped, never cut with '...')."""
+    """Listings show each command's whole first paragraph (wrapped, never cut with '...'),
+    and the README shows the top-level listing as it is."""
     for args in (["--help"], ["experiment", "--help"], ["bench", "--help"]):
         text = invoke(*args).output
         assert "..." not in text.split("Commands:")[-1], text
+    listing = invoke("--help").output.split("Commands:")[1]
+    assert listing in (ROOT / "README.md").read_text()
     listing = invoke("experiment", "--help").output
     assert "standard vs batch norm vs noisy batch norm." in " ".join(listing.split())
     out_help = " ".join(invoke("experiment", "ioffe", "--help").output.split())

@@ -85,6 +85,25 @@ class LazyGroup(click.Group):
         module, attribute = target.split(":")
         return getattr(import_module(module), attribute)
 
+    def format_commands(self, ctx, formatter):
+        """The command list with each command's whole short help (click would cut it
+        at 45 characters with '...')."""
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, whole_short_help(cmd)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def whole_short_help(cmd):
+    """``cmd.short_help``, or the first paragraph of its help, on one line (not cut)."""
+    if cmd.short_help:
+        return one_line(cmd.short_help)
+    return one_line((cmd.help or "").strip().split("\n\n")[0])
+
 
 def _as_one_line(exc):
     """click's usage errors (and running out of memory) as a one-line CLIError."""

@@ -9,7 +9,7 @@ from ._common import CLIError, Settings, check_output_file, check_threads, write
 _PARTS = ("bn", "step")    # numbabn.torch.benchmark's measurements, without importing it for --help
 
 
-@click.command()
+@click.command(short_help="numbabn.torch vs PyTorch's batch norm through autograd, and a ResNet-18 step.")
 @click.option("--part", "parts", multiple=True, type=click.Choice(_PARTS),
               help="bn (BN forward+backward per default-suite case) or step (ResNet-18 training "
                    "step); repeatable [default: both].")
