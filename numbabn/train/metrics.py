@@ -47,7 +47,8 @@ the step optimises.
 Layers are addressed in the order a forward pass runs them: a :class:`Sequential`
 is flattened recursively into its leaves (:func:`leaf_layers`); any other layer is
 one leaf. "Parameterized layers" (the W_i of Definition 2.1) are the Linear and
-Conv2d leaves (:func:`weight_layers`), indexed 0, 1, ... in that order.
+Conv2d leaves (:func:`weight_layers`), indexed 0, 1, ... in that order. PyTorch
+models are probed through :func:`numbabn.train.torch_adapter.from_torch`.
 """
 import numpy as np
 
@@ -68,8 +69,11 @@ def leaf_layers(model):
 
 
 def weight_layers(model):
-    """``[(leaf position, layer)]`` for the Linear/Conv2d leaves, in forward order."""
-    return [(pos, leaf) for pos, leaf in enumerate(leaf_layers(model)) if isinstance(leaf, WEIGHT_LAYER_TYPES)]
+    """``[(leaf position, layer)]`` for the Linear/Conv2d leaves (and any leaf that
+    says ``is_weight_layer``, such as a wrapped torch Linear/Conv, see
+    :mod:`numbabn.train.torch_adapter`), in forward order."""
+    return [(pos, leaf) for pos, leaf in enumerate(leaf_layers(model))
+            if isinstance(leaf, WEIGHT_LAYER_TYPES) or getattr(leaf, "is_weight_layer", False)]
 
 
 def _check_model(fn, model):
