@@ -15,7 +15,7 @@ STEPS = 4
 
 # experiment -> (networks, metrics recorded per run, check of one landscape/ics record)
 EXPECTED = {
-    "ioffe": (["standard", "bn"], {"percentiles"}),
+    "ioffe": (["standard", "bn"], {"percentiles", "population_test_accuracy"}),
     "landscape": (["standard", "bn"], {"landscape", "hessian"}),
     "vgg": (["standard", "bn"], {"landscape", "hessian"}),
     "ics": (["standard", "bn", "noisy"], {"ics"}),
@@ -127,3 +127,26 @@ def test_cli_options():
     assert both.exit_code != 0 and "not both" in both.output
     assert "--depth" not in runner.invoke(main, ["experiment", "ics", "--help"]).output
     assert "--depth" in runner.invoke(main, ["experiment", "landscape", "--help"]).output
+
+
+def test_population_accuracy_is_ioffe_algorithm_2():
+    """Inference statistics = the average of the batch means and of the unbiased batch
+    variances of the current network over the training set; the model is left as found."""
+    rng = np.random.default_rng(4)
+    model = experiments.mlp("bn", 0, widths=(6, 5, 3))
+    X, y = rng.standard_normal((130, 6)), rng.integers(0, 3, 130)
+    X_te, y_te = rng.standard_normal((400, 6)), rng.integers(0, 3, 400)
+    experiments._train(model, experiments.SoftmaxCrossEntropy(), (X, None, y, None), steps=7, lr=0.5, seed=0,
+                       progress=False, label="t", batch_size=20)
+    state = model.state_dict()
+    metric = experiments.PopulationAccuracy(X, X_te, y_te, batch_size=20)
+    got = metric(model, None, None, None)
+    after = model.state_dict()
+    assert all(np.array_equal(after[k], v) for k, v in state.items()) and model[1].momentum == 0.1
+    h = [X[s:s + 20] @ model[0].weight.value.T + model[0].bias.value for s in range(0, 101, 20)]   # 6 full batches
+    mean = np.mean([b.mean(0) for b in h], axis=0)
+    var = np.mean([b.var(0) * 20 / 19 for b in h], axis=0)
+    model[1].running_mean[...], model[1].running_var[...] = mean, var
+    expected = np.mean(np.argmax(model.eval().forward(X_te), axis=1) == y_te)
+    model.train()
+    assert got == expected

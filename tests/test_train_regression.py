@@ -1,0 +1,39 @@
+"""The documented outcomes (README "What batch norm really does", docs/what_bn_does.md)
+rerun on the seed-0 configuration of each experiment's defaults. Marked slow (each
+takes 10-60 s of one CPU core); deselect with ``-m "not slow"``.
+
+Each test asserts the qualitative statement the docs make, with margins well inside
+what the seed-0 run measured (the docs give the numbers), so that a change of
+numerics that keeps the science passes and a change of the science fails.
+"""
+import pytest
+
+from numbabn.train.experiments import EXPERIMENTS
+
+pytestmark = pytest.mark.slow
+
+
+def run(name, **kwargs):
+    return EXPERIMENTS[name](seeds=[0], progress=False, **kwargs)
+
+
+def test_dln_bn_sits_at_the_stability_edge_and_trains_faster():
+    out = run("dln")
+    for lr in ("lr=0.01", "lr=0.05"):
+        entry = out[lr]
+        bn, std = entry["edge"]["bn"], entry["edge"]["standard"]
+        assert 0.8 < bn["beta_lr_over_2"]["median"] < 1.25 and 0.8 < bn["hessian_lr_over_2"]["median"] < 1.5
+        assert entry["final"]["bn"]["train_loss"]["median"] < entry["final"]["standard"]["train_loss"]["median"]
+        # BN does not reduce ICS in the deep linear network (the paper's Fig. 3b): larger ‖G − G′‖ at layer #9
+        assert entry["ics"]["layer8"]["bn"]["l2"]["median"] > entry["ics"]["layer8"]["standard"]["l2"]["median"]
+    # at lr 0.01 the standard net is far from its edge, so BN's β is much larger there
+    small = out["lr=0.01"]
+    assert small["edge"]["standard"]["beta_lr_over_2"]["median"] < 0.2
+    assert small["measures"]["beta_smoothness"]["all"]["ratio"]["median"] > 10
+
+
+def test_ics_bn_does_not_reduce_internal_covariate_shift():
+    entry = run("ics")["lr=0.1"]["layer1"]
+    assert entry["bn"]["l2"]["median"] > entry["standard"]["l2"]["median"]
+    assert entry["bn"]["cosine"]["median"] < entry["standard"]["cosine"]["median"]
+    assert entry["noisy"]["l2"]["median"] > entry["bn"]["l2"]["median"]
