@@ -28,8 +28,9 @@ EXPECTED = {
 
 @pytest.fixture(autouse=True)
 def short_searches(monkeypatch):
-    """The learning-rate searches run 5-step trials here (100 in the experiments)."""
-    monkeypatch.setattr(experiments, "SEARCH_STEPS", 5)
+    """The learning-rate searches run 30-step trials here (100 in the experiments):
+    long enough for a classifier at lr 0.1 to halve its loss, the success criterion."""
+    monkeypatch.setattr(experiments, "SEARCH_STEPS", 30)
 
 
 def test_registry_matches():
@@ -59,11 +60,10 @@ def test_experiment_writes_json_and_figures(name, tmp_path):
             assert run["eval"]["step"][0] == 0 and run["eval"]["step"][-1] == STEPS
     if "landscape" in metrics and name != "lp":
         # probe range the paper's way: the top η is the standard net's stable edge, recorded with its rule
-        top = config["eta_top"]["1"]
+        top = config["eta_top"]
         assert top > 0 and "largest stable learning rate" in config["eta_rule"]
-        trials = config["eta_search"]["1"]
-        assert any(t["lr"] == top and t["trained"] for t in trials)
-        assert config["standard_diverges_at"]["1"] is None or config["standard_diverges_at"]["1"] > top
+        assert any(t["lr"] == top and t["trained"] for t in config["eta_search"])
+        assert config["standard_fails_at"] is None or config["standard_fails_at"] > top
         etas = data["runs"][experiments.key(lr, 1, "bn")]["metrics"]["landscape"]["value"][0]["etas"]
         assert etas[-1] == pytest.approx(top) and etas[0] == pytest.approx(top / (3000 if name == "dln" else 8))
         assert summary[f"lr={lr:g}"]["measures"]["beta_smoothness"]["all"]["seeds"]["n"] == 1

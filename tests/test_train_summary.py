@@ -63,7 +63,8 @@ def test_compare_counts_probes_and_seeds():
 
 # ------------------------------------------------------------------ learning-rate edge
 def test_trains_rule():
-    assert trains([2.0, 1.5, 1.0])
+    assert trains([2.0, 1.5, 1.0]) and not trains([2.0, 1.5, 1.0], fraction=0.5)
+    assert trains([2.0, 1.5, 0.9], fraction=0.5)
     assert not trains([1.0, 1.5, 2.0]) and not trains([1.0, np.nan, 0.5]) and not trains([1.0, 0.5, np.inf])
     assert not trains([])
 
@@ -93,6 +94,6 @@ def test_largest_stable_lr_no_divergence_and_errors():
     assert res["diverged_lr"] is None and res["stable_lr"] == 8.0
     res = largest_stable_lr(lambda lr: [1.0, 2.0], 1.0, max_trials=5)
     assert res["stable_lr"] is None and len(res["trials"]) == 5
-    for kwargs in ({"lr0": 0.0}, {"lr0": 1.0, "factor": 1.0}, {"lr0": np.nan}):
+    for kwargs in ({"lr0": 0.0}, {"lr0": 1.0, "factor": 1.0}, {"lr0": np.nan}, {"lr0": 1.0, "fraction": 0}):
         with pytest.raises(ValueError, match="largest_stable_lr"):
             largest_stable_lr(lambda lr: [1.0], **kwargs)

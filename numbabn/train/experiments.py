@@ -32,11 +32,11 @@ are the line-search measurements of :mod:`numbabn.train.metrics` (same batch,
 
 Probe step sizes, the paper's way: Santurkar et al. put the top η just below the
 learning rate at which the standard network diverges. The landscape experiments
-find that rate per seed with :func:`~numbabn.train.lr_search.largest_stable_lr`
+find that rate on the first seed with :func:`~numbabn.train.lr_search.largest_stable_lr`
 (short runs of the standard network) and probe η over [top/8, top] (VGG: the paper's
 [½, 4]·lr spans 8×) or, for the deep linear network, 10 geometric points over
 [top/3000, top] (the paper's [1/100, 30]·lr spans 3000×). The rule, the search's
-trials and each seed's top η are in the JSON.
+trials and the top η are in the JSON.
 
 The papers: Ioffe & Szegedy 2015, "Batch Normalization: Accelerating Deep Network
 Training by Reducing Internal Covariate Shift" (ICML); Santurkar, Tsipras, Ilyas &
@@ -69,6 +69,7 @@ HIDDEN = (100, 100, 100)
 SEEDS = 3              # default number of seeds
 EARLY = 0.25           # "early" = the first quarter of the probes of a run
 SEARCH_STEPS = 100     # length of the short runs of the learning-rate search
+HESSIAN_ITERS = 10     # power-iteration products per probe (warm-started: the median run needs ~11 at tol 1e-3)
 VGG_ETA_SPAN = 8.0     # Santurkar Fig. 4: η in [½, 4]·lr
 DLN_ETA_SPAN = 3000.0  # Santurkar's deep linear network: η in [1/100, 30]·lr
 
@@ -305,14 +306,16 @@ LANDSCAPE = {   # measure -> (metric, value of one record)
     "grad_pred_max": ("landscape", lambda r: r["grad_diff_max"]),
     "grad_pred_relative": ("landscape", lambda r: r["grad_diff_max"] / r["grad_norm"]),
     "beta_smoothness": ("landscape", lambda r: r["beta_smoothness"]),
-    "hessian_top": ("hessian", lambda r: r["eigenvalue"]),
+    "hessian_norm": ("hessian", lambda r: abs(r["eigenvalue"])),     # ‖H‖₂ = |λ| of largest magnitude
 }
 
 
 def _landscape_summary(runs, lr, seeds):
     """Per measure and phase, :func:`summary.compare` of BN against standard; and the
-    scale-free edge measures β·lr/2 and λ_max·lr/2 per network (1 = the stability
-    edge of gradient descent at this lr)."""
+    scale-free edge measures β·lr/2 and ‖H‖₂·lr/2 per network (1 = the stability
+    edge of gradient descent at this lr). ‖H‖₂ is the magnitude of the eigenvalue
+    the power iteration finds (the JSON keeps its sign: a ReLU network's smoothed
+    Hessian can have its largest-magnitude eigenvalue negative)."""
     out = {"measures": {}, "edge": {}}
     for measure, (metric, value) in LANDSCAPE.items():
         bn, std = (_stack(runs, lr, seeds, net, metric, value)[1] for net in ("bn", "standard"))
@@ -320,7 +323,7 @@ def _landscape_summary(runs, lr, seeds):
                                     for phase, sl in _phases(bn.shape[1]).items()}
     for net in ("standard", "bn"):
         beta = _stack(runs, lr, seeds, net, "landscape", LANDSCAPE["beta_smoothness"][1])[1]
-        lam = _stack(runs, lr, seeds, net, "hessian", LANDSCAPE["hessian_top"][1])[1]
+        lam = _stack(runs, lr, seeds, net, "hessian", LANDSCAPE["hessian_norm"][1])[1]
         out["edge"][net] = {"beta_lr_over_2": S.spread(beta * lr / 2), "hessian_lr_over_2": S.spread(lam * lr / 2)}
     return out
 
@@ -393,7 +396,7 @@ def _versus_loss(ax, runs, lr, seeds, nets, metric, value, ylabel, title, edge=N
 def _landscape_figure(runs, lr, seeds, title, eta_text, name):
     """Row 1: Santurkar Fig. 4 (a) loss band and (b) gradient-predictiveness band over
     η for the first seed, (c) β-smoothness over seeds with the 2/lr line. Rows 2-3:
-    the scale-free measures β·lr/2, λ_max·lr/2 (1 = stability edge) and
+    the scale-free measures β·lr/2, ‖H‖₂·lr/2 (1 = stability edge) and
     max_η‖Δ∇L‖/‖g‖, against step and against training loss."""
     nets = ("standard", "bn")
 
@@ -413,7 +416,7 @@ def _landscape_figure(runs, lr, seeds, title, eta_text, name):
         _seed_panel(axes[0, 2], runs, lr, seeds, nets, "landscape", LANDSCAPE["beta_smoothness"][1],
                     "max_η ‖Δ∇L‖ / ‖ηg‖", "(c) effective β-smoothness", edge=(2 / lr, "2/lr"))
         scale_free = [("landscape", lambda r: r["beta_smoothness"] * lr / 2, "β·lr/2", (1.0, "edge: 1")),
-                      ("hessian", lambda r: r["eigenvalue"] * lr / 2, "λ_max·lr/2", (1.0, "edge: 1")),
+                      ("hessian", lambda r: abs(r["eigenvalue"]) * lr / 2, "‖H‖₂·lr/2", (1.0, "edge: 1")),
                       ("landscape", LANDSCAPE["grad_pred_relative"][1], "max_η ‖Δ∇L‖ / ‖g‖", None)]
         for col, (metric, value, ylabel, edge) in enumerate(scale_free):
             _seed_panel(axes[1, col], runs, lr, seeds, nets, metric, value, ylabel, f"{ylabel} vs step", edge=edge)
@@ -423,21 +426,29 @@ def _landscape_figure(runs, lr, seeds, title, eta_text, name):
     return fig
 
 
-def _eta_search(name, build, loss, data, seed, batch_size, top_lr0):
-    """The standard network's largest stable learning rate for ``seed`` (short runs of
-    :data:`SEARCH_STEPS` steps, :func:`largest_stable_lr`)."""
+def _fraction(loss):
+    """The :func:`~numbabn.train.lr_search.trains` criterion: classifiers must halve
+    their loss (a too-large rate collapses them to chance without overflowing),
+    regression must only decrease it (too large a rate overflows)."""
+    return 0.5 if isinstance(loss, SoftmaxCrossEntropy) else 1.0
+
+
+def _edge(name, build, net, loss, data, seed, batch_size, lr0, steps):
+    """``net``'s largest stable learning rate for ``seed``: short runs of ``steps``
+    steps, :func:`~numbabn.train.lr_search.largest_stable_lr` from ``lr0``."""
     def run(lr):
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            h = _train(build("standard", seed), loss, (data[0], None, data[2], None), steps=SEARCH_STEPS, lr=lr,
-                       seed=seed, batch_size=batch_size, progress=False, label=f"{name} lr search")
+            h = _train(build(net, seed), loss, (data[0], None, data[2], None), steps=steps, lr=lr, seed=seed,
+                       batch_size=batch_size, progress=False, label=f"{name} lr search")
         return h.loss
-    return largest_stable_lr(run, top_lr0)
+    return largest_stable_lr(run, lr0, fraction=_fraction(loss))
 
 
-LR_SEARCH_RULE = ("largest stable learning rate per network and seed: SGD runs of {steps} steps from the "
-                  "initialisation, bracketed by doubling and bisected 3 times (9 % resolution); 'stable' = all "
-                  "losses finite and the mean of the last tenth below the first")
-ETA_RULE = ("top η = the standard network's " + LR_SEARCH_RULE + "; η over [top/{span:g}, top], {num} points, "
+LR_SEARCH_RULE = ("largest stable learning rate: SGD runs of {steps} steps from the initialisation, bracketed "
+                  "by doubling from {lr0:g} and bisected 3 times (9 % resolution); 'stable' = all losses finite "
+                  "and the mean of the last tenth below the first (classifiers: below half the first)")
+ETA_RULE = ("top η = the standard network's " + LR_SEARCH_RULE + ", searched on the first seed and used for "
+            "all (one η range per network, as in the paper); η over [top/{span:g}, top], {num} points, "
             "{spacing} spacing")
 
 
@@ -445,37 +456,35 @@ def _landscape_experiment(name, build, loss, data_for, *, steps, seeds, lrs, spa
                           batch_size, extra_metrics=(), progress, records=RECORDS):
     """Train standard and BN networks at every (lr, seed), probing the landscape along
     the gradient with the paper's η rule (module docstring) and the top Hessian
-    eigenvalue. Returns ``(runs, etas)``: the histories and, per seed, the search."""
-    runs, etas = {}, {}
-    for seed in seeds:
-        data = data_for(seed)
-        etas[seed] = _eta_search(name, build, loss, data, seed, batch_size, lrs[0])
+    eigenvalue. Returns ``(runs, search)``: the histories and the η search."""
+    runs = {}
+    search = _edge(name, build, "standard", loss, data_for(seeds[0]), seeds[0], batch_size, lrs[0], SEARCH_STEPS)
+    top = search["stable_lr"]
+    if top is None:
+        raise RuntimeError(f"experiment {name}: the standard network failed at every learning rate tried: "
+                           f"{search['trials']}")
     for lr in lrs:
         for seed in seeds:
-            data, top = data_for(seed), etas[seed]["stable_lr"]
-            if top is None:
-                raise RuntimeError(f"experiment {name}: the standard network diverged at every learning rate tried "
-                                   f"for seed {seed}: {etas[seed]['trials']}")
+            data = data_for(seed)
             for net in ("standard", "bn"):
                 metrics = [LandscapeProbe(lr=top, low=1 / span, high=1.0, num=num, spacing=spacing),
-                           HessianEigenvalue(tol=1e-3), *[m() for m in extra_metrics]]
+                           HessianEigenvalue(iters=HESSIAN_ITERS, tol=1e-3), *[m() for m in extra_metrics]]
                 with np.errstate(over="ignore", invalid="ignore"):
                     runs[(lr, seed, net)] = _train(build(net, seed), loss, data, steps=steps, lr=lr, seed=seed,
                                                    metrics=metrics, batch_size=batch_size, progress=progress,
                                                    label=f"{name} lr {lr:g} seed {seed} {net}", records=records)
-    return runs, etas
+    return runs, search
 
 
-def _eta_config(etas, span, num, spacing):
-    return {"eta_rule": ETA_RULE.format(steps=SEARCH_STEPS, span=span, num=num, spacing=spacing),
-            "eta_top": {str(s): e["stable_lr"] for s, e in etas.items()},
-            "standard_diverges_at": {str(s): e["diverged_lr"] for s, e in etas.items()},
-            "eta_search": {str(s): e["trials"] for s, e in etas.items()}}
+def _eta_config(search, lrs, span, num, spacing):
+    return {"eta_rule": ETA_RULE.format(steps=SEARCH_STEPS, lr0=lrs[0], span=span, num=num, spacing=spacing),
+            "eta_top": search["stable_lr"], "standard_fails_at": search["diverged_lr"],
+            "eta_search": search["trials"]}
 
 
-def _eta_text(etas, span):
-    tops = [e["stable_lr"] for e in etas.values()]
-    return f"η ∈ [top/{span:g}, top], top = {min(tops):.3g}–{max(tops):.3g} (standard net's stable edge)"
+def _eta_text(search, span):
+    top = search["stable_lr"]
+    return f"η ∈ [{top / span:.3g}, {top:.3g}] = [top/{span:g}, top], top just below the standard net's failing lr"
 
 
 class PopulationAccuracy(Metric):
@@ -584,7 +593,8 @@ def ioffe(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
     return _finish("ioffe", out, config, runs, summary, [_per_lr(lrs, make)], started)
 
 
-def _mlp_landscape(name, title, build, images, *, steps, seeds, lr, depth, full, out, progress, defaults, arch):
+def _mlp_landscape(name, title, build, images, *, steps, seeds, lr, depth, full, out, progress, defaults, arch,
+                   records=RECORDS):
     started = time.perf_counter()
     steps, seeds, lrs, depth = _options(name, steps=steps, seeds=seeds, lr=lr, full=full, depth=depth,
                                         defaults=defaults)
@@ -594,21 +604,21 @@ def _mlp_landscape(name, title, build, images, *, steps, seeds, lr, depth, full,
         def data_for(seed):
             return datasets.setdefault(seed, digits(seed, images=images))
 
-        runs, etas = _landscape_experiment(name, lambda net, seed: build(net, seed, depth),
+        runs, search = _landscape_experiment(name, lambda net, seed: build(net, seed, depth),
                                            SoftmaxCrossEntropy(), data_for, steps=steps, seeds=seeds, lrs=lrs,
                                            span=VGG_ETA_SPAN, num=8, spacing="linear", batch_size=BATCH,
-                                           progress=progress)
-    summary = {"eta_top": {str(s): e["stable_lr"] for s, e in etas.items()}}
+                                           progress=progress, records=records)
+    summary = {"eta_top": search["stable_lr"]}
     for lr in lrs:
         summary[f"lr={lr:g}"] = {**_landscape_summary(runs, lr, seeds),
                                  "final": _final(runs, lr, seeds, ("standard", "bn"))}
     arch_text = f"{arch}, depth {depth}"
     figures = [_per_lr(lrs, lambda lr, suffix: _landscape_figure(
-        runs, lr, seeds, f"{title} ({arch_text})", _eta_text(etas, VGG_ETA_SPAN), f"{name}_fig4{suffix}.png"))]
+        runs, lr, seeds, f"{title} ({arch_text})", _eta_text(search, VGG_ETA_SPAN), f"{name}_fig4{suffix}.png"))]
     config = {"paper": "Santurkar et al. 2018 Fig. 4", "architecture": arch_text, "steps": steps, "lr": lrs,
-              "seeds": seeds, "batch": BATCH, "depth": depth, "probe_every": max(1, steps // RECORDS),
-              "early_probes": f"first {EARLY:.0%} of the probes of a run",
-              **_eta_config(etas, VGG_ETA_SPAN, 8, "linear")}
+              "seeds": seeds, "batch": BATCH, "depth": depth, "probe_every": max(1, steps // records),
+              "early_probes": f"first {EARLY:.0%} of the probes of a run", "hessian_iterations": HESSIAN_ITERS,
+              **_eta_config(search, lrs, VGG_ETA_SPAN, 8, "linear")}
     return _finish(name, out, config, runs, summary, figures, started)
 
 
@@ -627,7 +637,7 @@ def landscape(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=No
     [top/8, top], top just below the standard net's divergence rate, module
     docstring) and the top Hessian eigenvalue (power iteration). The summary
     compares BN with standard over all, early and late probes (median ratio with
-    IQR, win counts over probes and seeds) and gives β·lr/2 and λ_max·lr/2.
+    IQR, win counts over probes and seeds) and gives β·lr/2 and ‖H‖₂·lr/2.
     """
     return _mlp_landscape("landscape", "Santurkar et al. 2018, Fig. 4 (digits)", _deep_mlp, False, steps=steps,
                           seeds=seeds, lr=lr, depth=depth, full=full, out=out, progress=progress, arch="ReLU MLP",
@@ -643,12 +653,14 @@ def vgg(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
     ``depth`` 3×3 conv layers (default 4; BatchNorm2d → ReLU after each, a stride-2
     conv instead of pooling) + a linear classifier on the 8×8 digit images, SGD
     (default 300 steps, lr 0.1; ``full``: 1000 steps, 5 seeds, lr 0.05 and 0.1),
-    batch 60, probed as in ``landscape``.
+    batch 60, probed as in ``landscape`` but every steps/20 steps (conv passes
+    are the slow ones).
     """
     return _mlp_landscape("vgg", "Santurkar et al. 2018, Fig. 4 (digits images)", cnn, True, steps=steps,
                           seeds=seeds, lr=lr, depth=depth, full=full, out=out, progress=progress,
-                          arch="3×3 conv net", defaults={"default": {"steps": 300, "lr": (0.1,), "depth": 4},
-                                                         "full": {"steps": 1000, "seeds": 5, "lr": (0.05, 0.1)}})
+                          arch="3×3 conv net", records=20,
+                          defaults={"default": {"steps": 300, "lr": (0.1,), "depth": 4},
+                                    "full": {"steps": 1000, "seeds": 5, "lr": (0.05, 0.1)}})
 
 
 def _ics_summary(runs, lr, seeds, nets, layers):
@@ -854,12 +866,12 @@ def dln(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
         return datasets.setdefault(seed, dln_data(seed))
 
     with single_threaded():
-        runs, etas = _landscape_experiment(
+        runs, search = _landscape_experiment(
             "dln", lambda net, seed: deep_linear(net, seed, depth), MSELoss(), data_for,
             steps=steps, seeds=seeds, lrs=lrs, span=DLN_ETA_SPAN, num=10, spacing="log", batch_size=1000,
             extra_metrics=[lambda: InternalCovariateShift(layers=layers)], progress=progress, records=20)
     nets = ("standard", "bn")
-    summary = {"eta_top": {str(s): e["stable_lr"] for s, e in etas.items()}}
+    summary = {"eta_top": search["stable_lr"]}
     for lr in lrs:
         summary[f"lr={lr:g}"] = {"two_over_lr": 2 / lr, "lr_on_sum_of_squares": lr / 10_000,
                                  **_landscape_summary(runs, lr, seeds), "final": _final(runs, lr, seeds, nets),
@@ -867,7 +879,7 @@ def dln(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
 
     def make(lr, suffix):
         title = f"Santurkar et al. 2018 (arXiv v3), Fig. 10: {depth}-layer deep linear network"
-        landscape_fig = _landscape_figure(runs, lr, seeds, title, _eta_text(etas, DLN_ETA_SPAN),
+        landscape_fig = _landscape_figure(runs, lr, seeds, title, _eta_text(search, DLN_ETA_SPAN),
                                           f"dln_fig10{suffix}.png")
         ics_fig = _ics_figure(runs, lr, seeds, nets, layers, "Santurkar et al. 2018, Fig. 3b: ICS, deep linear "
                               "network", f"dln_ics_fig3{suffix}.png", paper_layers=[x + 1 for x in layers])
@@ -889,7 +901,7 @@ def dln(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
               "lr": lrs, "seeds": seeds, "depth": depth, "width": 10, "samples": 1000, "bias": False,
               "loss": "mean of the 1000×10 squared errors; lr/10000 on the sum of squared errors",
               "ics_layers": layers, "probe_every": max(1, steps // 20), "early_probes": f"first {EARLY:.0%} of probes",
-              **_eta_config(etas, DLN_ETA_SPAN, 10, "log")}
+              **_eta_config(search, lrs, DLN_ETA_SPAN, 10, "log")}
     return _finish("dln", out, config, runs, summary, [figures], started)
 
 
@@ -917,14 +929,9 @@ def maxlr(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
     with single_threaded():
         for arch, (build, data_for, loss, batch) in archs.items():
             for seed in seeds:
-                data = data_for(seed)
                 for net in ("standard", "bn"):
-                    def run(rate, net=net, seed=seed):
-                        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                            return _train(build(net, seed), loss, (data[0], None, data[2], None), steps=steps,
-                                          lr=rate, seed=seed, batch_size=batch, progress=False,
-                                          label=f"maxlr {arch}").loss
-                    edges[(arch, seed, net)] = largest_stable_lr(run, lrs[0])
+                    edges[(arch, seed, net)] = _edge("maxlr", build, net, loss, data_for(seed), seed, batch, lrs[0],
+                                                     steps)
     summary = {}
     for arch in archs:
         stable = {net: np.array([edges[(arch, s, net)]["stable_lr"] or np.nan for s in seeds], dtype=np.float64)
@@ -949,7 +956,7 @@ def maxlr(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
         return P.save(f, out, "maxlr_fig1.png")
 
     config = {"paper": "Santurkar et al. 2018 Fig. 1 (larger learning rates with BN)", "steps": steps,
-              "start_lr": lrs[0], "seeds": seeds, "rule": LR_SEARCH_RULE.format(steps=steps),
+              "start_lr": lrs[0], "seeds": seeds, "rule": LR_SEARCH_RULE.format(steps=steps, lr0=lrs[0]),
               "searches": {f"{a}/seed={s}/{n}": e for (a, s, n), e in edges.items()}}
     return _finish("maxlr", out, config, {}, summary, [lambda out: [fig1(out)]], started)
 
