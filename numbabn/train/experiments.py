@@ -77,7 +77,8 @@ DLN_ETA_SPAN = 3000.0  # Santurkar's deep linear network: η in [1/100, 30]·lr
 # ---------------------------------------------------------------- set-up helpers
 @contextmanager
 def single_threaded():
-    """Numba kernels, BLAS and OpenMP on one thread while an experiment runs.
+    """numbabn's kernels (:func:`numbabn.set_num_threads`) and BLAS/OpenMP
+    (threadpoolctl) on one thread while an experiment runs.
 
     These models are tiny (batch 60, width 100): thread hand-offs cost more than the
     arithmetic, and on a loaded machine two threads per step were measured at 5-50 ms
@@ -85,10 +86,14 @@ def single_threaded():
     """
     from threadpoolctl import threadpool_limits
 
-    from .._threads import limit_threads
+    from .._threads import set_num_threads
 
-    with limit_threads(1), threadpool_limits(1):
-        yield
+    before = set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        set_num_threads(before)
 
 
 def _split(X, y, seed):
