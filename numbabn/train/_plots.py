@@ -2,7 +2,7 @@
 
 Figures are built on :class:`matplotlib.figure.Figure` directly, so running an
 experiment never changes the caller's pyplot backend or opens a window. PNGs are
-written at a modest dpi (each well under 300 KB).
+written at a modest dpi as palette PNGs (each under 200 KB).
 """
 import warnings
 
@@ -26,9 +26,19 @@ def figure(rows, cols, title, width=4.0, height=3.0):
 
 
 def save(fig, out, name):
-    """Write ``out / name`` (PNG) and return its path as a string."""
+    """Write ``out / name`` (PNG) and return its path as a string. The image is
+    quantised to a 256-colour palette (Pillow, matplotlib's own dependency): line
+    plots lose nothing visible and the files shrink about threefold."""
+    import io
+
+    from PIL import Image
+
     path = out / name
-    fig.savefig(path, dpi=DPI)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, format="png")
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(colors=256).save(path, format="PNG", optimize=True)
     return str(path)
 
 
