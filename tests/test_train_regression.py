@@ -37,3 +37,36 @@ def test_ics_bn_does_not_reduce_internal_covariate_shift():
     assert entry["bn"]["l2"]["median"] > entry["standard"]["l2"]["median"]
     assert entry["bn"]["cosine"]["median"] < entry["standard"]["cosine"]["median"]
     assert entry["noisy"]["l2"]["median"] > entry["bn"]["l2"]["median"]
+
+
+def test_vgg_bn_is_smoother_on_every_measure():
+    out = run("vgg")["lr=0.1"]
+    for measure in ("loss_band_width", "grad_pred_max", "grad_pred_relative", "beta_smoothness", "hessian_norm"):
+        assert out["measures"][measure]["all"]["ratio"]["median"] < 0.6, measure          # seed 0: 0.003-0.31
+    assert out["edge"]["bn"]["beta_lr_over_2"]["median"] < out["edge"]["standard"]["beta_lr_over_2"]["median"]
+    assert out["final"]["bn"]["train_loss"]["median"] < out["final"]["standard"]["train_loss"]["median"]
+
+
+def test_landscape_mlp_bn_smoother_early_rougher_late():
+    out = run("landscape")["lr=0.1"]
+    band = out["measures"]["loss_band_width"]
+    assert band["early"]["ratio"]["median"] < 0.2 and band["late"]["ratio"]["median"] > 1.5     # seed 0: 0.015, 2.8
+    assert out["measures"]["grad_pred_relative"]["early"]["ratio"]["median"] < 0.5             # seed 0: 0.19
+    assert out["final"]["standard"]["train_loss"]["median"] < out["final"]["bn"]["train_loss"]["median"]
+
+
+def test_maxlr_bn_allows_larger_learning_rates():
+    out = run("maxlr")
+    for arch in ("mlp3", "mlp8", "vgg4", "dln25"):
+        assert out[arch]["bn_larger"]["k"] == 1, arch
+        assert out[arch]["ratio_bn_over_standard"]["median"] > 2, arch                          # 3 seeds: 2.6-13.5
+
+
+def test_noisy_and_lp_train_faster_than_standard():
+    noisy = run("noisy")["lr=0.1"]["steps_to_95pct_train"]
+    assert noisy["bn_first"]["k"] == noisy["noisy_first"]["k"] == 1
+    lp = run("lp")["lr=0.1"]
+    speed = lp["steps_to_95pct_train"]
+    assert speed["l1_first"]["k"] == speed["l2_first"]["k"] == speed["bn_first"]["k"] == 1
+    assert speed["linf_first"]["k"] == 0                       # ℓ∞ is slower than the standard net
+    assert lp["bn"]["beta_vs_standard"]["ratio"]["median"] > 1  # no smoother than the standard net here

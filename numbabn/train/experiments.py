@@ -948,8 +948,8 @@ def maxlr(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
                          "ratio_bn_over_standard": S.spread(stable["bn"] / stable["standard"])}
 
     def fig1(out):
-        f, axes = P.figure(1, 1, f"Santurkar et al. 2018, Fig. 1: largest stable learning rate "
-                                 f"({steps}-step runs, {len(seeds)} seeds)", width=6)
+        f, axes = P.figure(1, 1, f"Santurkar et al. 2018, Fig. 1: largest stable learning rate\n"
+                                 f"({steps}-step SGD runs, {len(seeds)} seeds)", width=6)
         ax = axes[0, 0]
         for i, arch in enumerate(archs):
             for j, net in enumerate(("standard", "bn")):
