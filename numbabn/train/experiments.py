@@ -535,8 +535,10 @@ def ioffe(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
     accuracy with population statistics (:class:`PopulationAccuracy`, the paper's
     inference rule; the running averages' accuracy is recorded too) and the {15,
     50, 85}th percentiles over the batch of the input to unit 0 of the last hidden
-    layer's sigmoid (Fig. 1 a-c). Not the paper's: Glorot-uniform instead of "small
-    random Gaussian" initial weights (no scale given), 5000 images instead of 60 000.
+    layer's sigmoid (Fig. 1 a-c). The summary counts steps to 85 % test accuracy
+    (trained on 3500 MNIST images, both networks saturate near 89 %). Not the
+    paper's: Glorot-uniform instead of "small random Gaussian" initial weights (no
+    scale given), 5000 images instead of 60 000.
     """
     started = time.perf_counter()
     steps, seeds, lrs, _ = _options("ioffe", steps=steps, seeds=seeds, lr=lr, full=full, defaults={
@@ -567,7 +569,7 @@ def ioffe(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
         for net in nets:
             entry[net]["last_population_test_accuracy"] = S.spread(
                 [test_accuracy(runs[(lr, s, net)])[1][-1] for s in seeds])
-        entry["steps_to_90pct_test"] = _speed(runs, lr, seeds, nets, 0.9, test_accuracy)
+        entry["steps_to_85pct_test"] = _speed(runs, lr, seeds, nets, 0.85, test_accuracy)
         for net in nets:
             med = np.array([np.array(runs[(lr, s, net)].metric("percentiles")[1])[:, 1] for s in seeds])
             entry[net]["median_input_range"] = S.spread(med.max(axis=1) - med.min(axis=1))
