@@ -452,14 +452,14 @@ def test_failing_experiment_leaves_out_as_it_was(tmp_path, monkeypatch):
 
     import numbabn.cli.experiment as experiment_cli
 
-    def broken(*, steps=None, seed=0, lr=None, out=None, progress=True):
+    def broken(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=True):
         """Writes a file, then fails."""
         (out / "partial.json").write_text("{}")
         raise ValueError("experiment broke")
 
     calls = []
 
-    def fine(*, steps=None, seed=0, lr=None, out=None, progress=True):
+    def fine(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=True):
         """Records how it was called."""
         calls.append(progress)
         (out / "fine.json").write_text("{}")

@@ -2,28 +2,31 @@
 
 The seam. ``numbabn.train.experiments`` defines a registry::
 
-    EXPERIMENTS = {"ioffe-digits": ioffe_digits, ...}     # command name -> function
+    EXPERIMENTS = {"ioffe": ioffe, ...}                  # command name -> function
 
-    def ioffe_digits(*, steps=None, seed=0, lr=None, out=None, progress=True):
+    def ioffe(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=True):
         '''First paragraph: the short help in ``numbabn experiment --help``.
 
-        The whole docstring is the help of ``numbabn experiment ioffe-digits``.
+        The whole docstring is the help of ``numbabn experiment ioffe``.
         '''
         ...
-        return {"test_accuracy": 0.97, ...}              # JSON-serialisable summary
+        return {"lr=0.2": {...}, ...}                    # JSON-serialisable summary
 
-Every experiment gets the same options, passed as keyword arguments:
-``steps`` and ``lr`` (None: the experiment's own default set-up), ``seed`` (int),
-``out`` (a ``pathlib.Path`` to an existing, empty directory for its files, or None:
-write nothing) and, when the function accepts it, ``progress`` (False with
-``numbabn -q``). The returned dict is printed as ``key: value`` lines, or as JSON with
-``--json``. Adding an experiment is therefore one entry in ``EXPERIMENTS``; nothing
-here changes.
+Every experiment gets the same options, passed as keyword arguments: ``steps``
+(None: its own set-up), ``lr`` (``--lr``, repeatable: a tuple of rates, or None),
+``seeds`` (``--seeds N``: seeds 0..N−1; ``--seed S``, repeatable: exactly those;
+None: the experiment's default), ``full`` (the longer preset), ``out`` (a
+``pathlib.Path`` to an existing, empty directory for its figures and JSON, or None:
+write nothing) and, when the function takes it, ``progress`` (False with
+``numbabn -q``). An experiment whose function takes ``depth`` also gets ``--depth``.
+The returned dict is printed as ``key: value`` lines, or as JSON with ``--json``.
+Adding an experiment is therefore one entry in ``EXPERIMENTS``; nothing here changes.
 
 ``--out DIR`` follows the command line's output rule (:mod:`numbabn.cli._common`): the
-parent of DIR must exist, DIR is created if missing, and everything is checked before
-the experiment starts. The experiment writes into a temporary directory beside DIR
-whose files are moved into DIR only when it succeeds; paths in the summary name DIR.
+parent of DIR must exist, DIR is created if missing, and this is checked before the
+experiment starts. The experiment writes into a temporary directory beside DIR whose
+files move into DIR only when it succeeds (paths in the summary name DIR), so a run
+that fails leaves DIR as it was.
 
 The module is imported only when the experiments are listed or run (it imports the
 layers and Numba), never for ``numbabn --help``. Without it the group lists none.
@@ -34,7 +37,7 @@ from importlib import import_module
 
 import click
 
-from ._common import Settings, check_output_dir, staged_output_dir
+from ._common import Settings, check_output_dir, staged_output_dir, whole_short_help
 
 EXPERIMENTS_MODULE = "numbabn.train.experiments"
 
@@ -50,35 +53,20 @@ def registry():
     return module.EXPERIMENTS
 
 
-def short_help(doc):
-    """A docstring's first paragraph on one line: the listing wraps it, never cuts it."""
-    return " ".join((doc or "").strip().split("\n\n")[0].split()) or None
-
-
-def _out_option(ctx, param, value):
-    return check_output_dir(value, None)
-
-
 def _command(name, fn):
     """Wrap one experiment function as a click command with the common options."""
-    takes_progress = "progress" in inspect.signature(fn).parameters
+    parameters = inspect.signature(fn).parameters
+    takes_depth, takes_progress = "depth" in parameters, "progress" in parameters
 
-    @click.command(name=name, help=fn.__doc__, short_help=short_help(fn.__doc__))
-    @click.option("--steps", type=click.IntRange(min=1), default=None,
-                  help="Training steps [default: the experiment's set-up].")
-    @click.option("--seed", type=int, default=0, show_default=True, help="Seed for data order and initialisation.")
-    @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-                  help="Learning rate [default: the experiment's set-up].")
-    @click.option("--out", type=click.Path(file_okay=False), default=None, callback=_out_option,
-                  help="Directory for the raw series (JSON) and the figures (PNG); its parent must exist. "
-                       "Nothing is written without it.")
-    @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
     @click.pass_context
-    def run(ctx, steps, seed, lr, out, as_json):
+    def run(ctx, steps, seeds, seed, lr, full, out, as_json, depth=None):
+        if seeds is not None and seed:
+            raise click.UsageError("give --seeds N or --seed S (repeatable), not both")
         settings = ctx.find_object(Settings) or Settings()
-        kwargs = dict(steps=steps, seed=seed, lr=lr)
+        kwargs = {"depth": depth} if takes_depth else {}
         if takes_progress:
             kwargs["progress"] = not settings.quiet
+        kwargs.update(steps=steps, seeds=list(seed) if seed else seeds, lr=tuple(lr) or None, full=full)
         if out is None:
             summary = fn(out=None, **kwargs)
         else:
@@ -90,7 +78,29 @@ def _command(name, fn):
         else:
             click.echo("\n".join(f"{key}: {value}" for key, value in summary.items()))
 
-    return run
+    options = [
+        click.option("--steps", type=click.IntRange(min=1), default=None,
+                     help="Training steps [default: the experiment's set-up]."),
+        click.option("--seeds", type=click.IntRange(min=1), default=None,
+                     help="Run seeds 0..N-1 [default: 3; with --full: 5]."),
+        click.option("--seed", type=int, multiple=True, help="Run exactly this seed (repeatable)."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), multiple=True,
+                     help="Learning rate (repeatable: a sweep) [default: the experiment's set-up]."),
+        click.option("--full", is_flag=True, help="The longer preset (more steps, seeds and rates) used for the docs."),
+        click.option("--out", type=click.Path(file_okay=False), default=None,
+                     callback=lambda ctx, param, value: check_output_dir(value, None),
+                     help="Directory for the raw series (JSON) and the figures (PNG); its parent must "
+                          "exist. Nothing is written without it."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+    ]
+    if takes_depth:
+        options.append(click.option("--depth", type=click.IntRange(min=1), default=None,
+                                    help="Network depth [default: the experiment's set-up]."))
+    for option in reversed(options):
+        run = option(run)
+    command = click.command(name=name, help=fn.__doc__)(run)
+    command.short_help = whole_short_help(command) or None
+    return command
 
 
 class ExperimentGroup(click.Group):
