@@ -61,7 +61,7 @@ class _Specs:
     def coef_with(self, stats_dtype):
         """:func:`cpu.coefficients` for running statistics of another dtype (float64
         statistics of float32 input, in eval)."""
-        if np.dtype(stats_dtype) == self._dtype:
+        if stats_dtype is self._dtype or np.dtype(stats_dtype) == self._dtype:
             return self.coef
         name = "coef_" + np.dtype(stats_dtype).char
         disp = self.__dict__.get(name)
@@ -81,11 +81,10 @@ _NO_STATS = np.empty((2, 0))
 
 
 def specs(dtype, layout):
-    """The :class:`_Specs` of ``dtype`` ("float32"/"float64") and ``layout``."""
-    key = (np.dtype(dtype).char, layout)
-    s = _SPECS.get(key)
+    """The :class:`_Specs` of ``dtype`` (a native float32/float64 np.dtype) and ``layout``."""
+    s = _SPECS.get((dtype.char, layout))
     if s is None:
-        s = _SPECS.setdefault(key, _Specs(dtype, layout))
+        s = _SPECS.setdefault((np.dtype(dtype).char, layout), _Specs(dtype, layout))
     return s
 
 
@@ -166,7 +165,7 @@ def warmup_plan(dtypes=("float32", "float64"), layouts=("ncl", "mc")):
     plan = []
     for dt in dtypes:
         for layout in layouts:
-            k = specs(dt, layout)
+            k = specs(np.dtype(dt), layout)
             plan += [(f"{name} {np.dtype(dt).name} {layout}", lambda k=k, name=name: getattr(k, name))
                      for name in k.all_names()]
             if np.dtype(dt) != np.float64:
