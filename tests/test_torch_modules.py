@@ -273,7 +273,3 @@ def test_cuda_tensors_go_to_numbabn_as_they_are(monkeypatch):
 def test_importing_numbabn_does_not_import_torch():
     code = "import sys, numbabn; numbabn.batch_norm_forward; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_bfloat16_cost_is_stated():
-    assert "bfloat16" in nbt.modules.__doc__ and "3x" in nbt.modules.__doc__

@@ -17,11 +17,13 @@ _PARTS = ("bn", "step")    # numbabn.torch.benchmark's measurements, without imp
               help="CPU threads for both PyTorch and numbabn [default: numbabn's].")
 @click.option("--repeat", type=click.IntRange(min=1), default=None,
               help="Interleaved rounds per measurement; medians are reported [default: bn 20, step 10].")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="bn: input dtype (parameters float32).")
 @click.option("--batch", type=click.IntRange(min=2), default=64, show_default=True, help="step: batch size.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True),
               help="Write the rows as JSON; '-' writes them to stdout and the tables to stderr.")
 @click.pass_context
-def torch(ctx, parts, threads, repeat, batch, json_path):
+def torch(ctx, parts, threads, repeat, dtype, batch, json_path):
     """BatchNorm forward+backward through autograd, native vs numbabn (also with
     ReLU: native BN then ReLU vs numbabn's fused one), and a ResNet-18 CPU training
     step (32x32, SGD) with native BN, numbabn BN and numbabn BN + fused ReLU; same
@@ -40,7 +42,7 @@ def torch(ctx, parts, threads, repeat, batch, json_path):
         if settings.verbose:
             click.echo(f"running {part}", err=True)
         if part == "bn":
-            out[part] = benchmark.run_bn(threads=threads, **({"repeat": repeat} if repeat else {}))
+            out[part] = benchmark.run_bn(threads=threads, dtype=dtype, **({"repeat": repeat} if repeat else {}))
             table = benchmark.format_bn(out[part])
         else:
             out[part] = benchmark.run_step(threads=threads, batch=batch, **({"repeat": repeat} if repeat else {}))

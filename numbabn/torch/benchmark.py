@@ -1,17 +1,18 @@
 """numbabn.torch against PyTorch's own batch norm inside autograd (``numbabn bench torch``).
 
 Two measurements, both in one process with the same thread count for PyTorch and
-numbabn (``torch.set_num_threads`` and ``numbabn.set_num_threads``), float32:
+numbabn (``torch.set_num_threads`` and ``numbabn.set_num_threads``):
 
 ``bn``
     Per case of ``numbabn.benchmark.SUITES["default"]``: one training-mode forward
     plus backward through autograd (``y = m(x); y.backward(dy)``), native
     ``torch.nn.BatchNorm*`` against :mod:`numbabn.torch`'s, then native BN followed by
     ``torch.relu`` against numbabn's fused ``activation="relu"``. Channels-last cases
-    use channels_last tensors, (N, C) cases BatchNorm1d.
+    use channels_last tensors, (N, C) cases BatchNorm1d. Input dtype float32 by
+    default; float16/bfloat16 (parameters float32) show what 16-bit input costs.
 ``step``
     One training step of ResNet-18 at 32x32 (:mod:`numbabn.torch.resnet`), batch 64,
-    cross-entropy, SGD(lr=0.05, momentum=0.9): zero_grad, forward, loss, backward,
+    float32, cross-entropy, SGD(lr=0.05, momentum=0.9): zero_grad, forward, loss, backward,
     optimizer step. Variants from the same initial weights and batch: native BN,
     numbabn BN (``convert_batchnorm``), numbabn BN with fused ReLU
     (``fuse_relu=True``). The final loss of each variant is reported as a check that
@@ -55,15 +56,15 @@ def _interleaved(fns, repeat, warmup=2):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _bn_case(case):
-    """(torch.nn module class name, input tensor, gradient) for a harness case."""
+def _bn_case(case, dtype=torch.float32):
+    """(torch.nn module class name, input tensor, gradient) of ``dtype`` for a harness case."""
     g = torch.Generator().manual_seed(0)
     shape = list(case.shape)
     channels_last = case.axis in (-1, len(shape) - 1) and len(shape) > 2
     if channels_last:   # numbabn's NHWC case = a channels_last NCHW tensor
         shape = [shape[0], shape[-1], *shape[1:-1]]
-    x = torch.randn(shape, generator=g) * 2 + 1
-    dy = torch.randn(shape, generator=g)
+    x = (torch.randn(shape, generator=g) * 2 + 1).to(dtype)
+    dy = torch.randn(shape, generator=g).to(dtype)
     if channels_last:
         x, dy = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
     return f"BatchNorm{max(1, len(shape) - 2)}d", x.requires_grad_(), dy
@@ -77,7 +78,7 @@ def _fwd_bwd(module, x, dy, after=None):
     return run
 
 
-def run_bn(cases=None, threads=None, repeat=20):
+def run_bn(cases=None, threads=None, repeat=20, dtype="float32"):
     """Rows (dicts) of the ``bn`` measurement; see the module docstring."""
     from numbabn.benchmark import SUITES
 
@@ -86,14 +87,14 @@ def run_bn(cases=None, threads=None, repeat=20):
     torch_threads, numbabn_threads = _set_threads(threads)
     rows = []
     for case in cases or SUITES["default"]:
-        name, x, dy = _bn_case(case)
+        name, x, dy = _bn_case(case, getattr(torch, dtype))
         C = x.shape[1]
         native, ours = getattr(torch.nn, name)(C), getattr(modules, name)(C)
         fused = getattr(modules, name)(C, activation="relu")
         t = _interleaved({"native": _fwd_bwd(native, x, dy), "numbabn": _fwd_bwd(ours, x, dy),
                           "native+relu": _fwd_bwd(native, x, dy, torch.relu),
                           "numbabn fused": _fwd_bwd(fused, x, dy)}, repeat)
-        rows.append(dict(case=case.name, shape="x".join(map(str, x.shape)),
+        rows.append(dict(case=case.name, shape="x".join(map(str, x.shape)), dtype=dtype,
                          layout="channels_last" if not x.is_contiguous() else "contiguous",
                          native_ms=t["native"] * 1e3, numbabn_ms=t["numbabn"] * 1e3,
                          speedup=t["native"] / t["numbabn"],
@@ -142,7 +143,8 @@ def _table(rows, columns):
 
 
 def format_bn(rows):
-    return _table(rows, {"case": ("case", "s"), "shape": ("shape", "s"), "layout": ("layout", "s"),
+    return _table(rows, {"case": ("case", "s"), "shape": ("shape", "s"), "dtype": ("dtype", "s"),
+                         "layout": ("layout", "s"),
                          "native_ms": ("native ms", ".2f"), "numbabn_ms": ("numbabn ms", ".2f"),
                          "speedup": ("x", ".2f"), "native_relu_ms": ("native+ReLU ms", ".2f"),
                          "fused_ms": ("fused ms", ".2f"), "relu_speedup": ("x", ".2f")})

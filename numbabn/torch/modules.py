@@ -22,13 +22,15 @@ Where numbabn differs from PyTorch:
   input), so results agree with PyTorch to float32 rounding, not bit for bit.
 * An input with no values (N = 0) takes PyTorch's own path (nothing to compute).
 
-Dtypes: float32 and float64 run natively; float16 input with float32 parameters is
-computed in float32 by numbabn (output float16). bfloat16 has no NumPy dtype: the
-module converts the input to float32 with a torch op and the output back, which
-costs an extra read and write of the input and of the output (and of both
-gradients), and keeps the float32 copy of the input alive for the backward --
-3x the bfloat16 input's memory instead of 1x. Parameters and buffers may be float32
-or the input's 16-bit dtype (``module.half()``); they are used in float32.
+Dtypes: float32 and float64 run natively. float16 input with float32 parameters is
+computed in float32 by numbabn's functional API (output float16), which converts the
+input to a float32 copy and keeps it for the backward. bfloat16 has no NumPy dtype:
+the module converts the input to float32 with a torch op and the output back. Either
+way this costs an extra read of the 16-bit input and write of its float32 copy
+(likewise for the gradients), and the copy kept for the backward is 2x the 16-bit
+input's memory, where PyTorch keeps the input itself (1x). Parameters and buffers
+may be float32 or the input's 16-bit dtype (``module.half()``); they are used in
+float32.
 
 Memory formats: contiguous and ``channels_last``/``channels_last_3d`` inputs are
 read in place and the output has the input's format. CUDA tensors run on numbabn's
