@@ -292,14 +292,14 @@ def test_bench_subcommand_seam(monkeypatch):
 
 # --- experiment ------------------------------------------------------------------------
 
-def toy_experiment(*, steps=None, seed=0, lr=None, out=None):
+def toy_experiment(*, steps=None, seeds=None, lr=None, full=False, out=None):
     """Toy experiment standing in for numbabn.train.experiments.
 
     Writes one file to --out and echoes its arguments.
     """
     if out is not None:
         (out / "toy.txt").write_text("done")
-    return {"steps": steps, "seed": seed, "lr": lr, "out": None if out is None else str(out)}
+    return {"steps": steps, "seeds": seeds, "lr": lr, "full": full, "out": None if out is None else str(out)}
 
 
 @pytest.fixture
@@ -314,13 +314,17 @@ def test_experiment_seam(fake_experiments, tmp_path):
     listing = invoke("experiment", "--help").output
     assert "toy" in listing and "Toy experiment standing in" in listing
     assert all(opt in invoke("experiment", "toy", "--help").output
-               for opt in ("--steps", "--seed", "--lr", "--out", "--json"))
+               for opt in ("--steps", "--seeds", "--seed", "--lr", "--full", "--out", "--json"))
+    assert "--depth" not in invoke("experiment", "toy", "--help").output      # toy takes no depth
     out = tmp_path / "new" / "dir"
-    result = invoke("experiment", "toy", "--steps", "5", "--seed", "3", "--lr", "0.5", "--out", str(out), "--json")
+    result = invoke("experiment", "toy", "--steps", "5", "--seed", "3", "--seed", "4", "--lr", "0.5", "--lr", "0.2",
+                    "--full", "--out", str(out), "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output) == {"steps": 5, "seed": 3, "lr": 0.5, "out": str(out)}
+    assert json.loads(result.output) == {"steps": 5, "seeds": [3, 4], "lr": [0.5, 0.2], "full": True, "out": str(out)}
     assert (out / "toy.txt").read_text() == "done"
-    assert invoke("experiment", "toy").output.splitlines() == ["steps: None", "seed: 0", "lr: None", "out: None"]
+    assert json.loads(invoke("experiment", "toy", "--seeds", "2", "--json").output)["seeds"] == 2
+    assert invoke("experiment", "toy").output.splitlines() == ["steps: None", "seeds: None", "lr: None",
+                                                               "full: False", "out: None"]
     assert invoke("experiment", "toy", "--steps", "0").exit_code == 2
     assert invoke("experiment", "nope").exit_code == 2
 

@@ -1,5 +1,6 @@
-"""numbabn.train.experiments: every registered experiment runs a few steps, writes its
-JSON of raw series and its PNG figures, and rejects bad arguments."""
+"""numbabn.train.experiments: every registered experiment runs a few steps over a
+sweep, writes its JSON of raw series and its PNG figures, and rejects bad arguments.
+(The documented outcomes are rerun by tests/test_train_regression.py, marked slow.)"""
 import json
 
 import numpy as np
@@ -7,22 +8,29 @@ import pytest
 from click.testing import CliRunner
 
 from numbabn.cli import main
+from numbabn.train import experiments
 from numbabn.train.experiments import EXPERIMENTS
 
 STEPS = 4
 
-# experiment -> (runs, metric name, check of one recorded value)
+# experiment -> (networks, metrics recorded per run, check of one landscape/ics record)
 EXPECTED = {
-    "ioffe": (["standard", "bn"], "percentiles", lambda v: np.shape(v) == (3,)),
-    "landscape": (["mlp_standard", "mlp_bn", "cnn_standard", "cnn_bn"], "landscape",
-                  lambda v: len(v["etas"]) == len(v["losses"]) == len(v["grad_diffs"]) == 8),
-    "ics": (["standard", "bn", "noisy"], "ics",
-            lambda v: set(v) == {"1", "3"} and all(set(r) == {"l2", "cosine", "grad_norm"} for r in v.values())),
-    "noisy": (["standard", "bn", "noisy"], "percentiles", lambda v: np.shape(v) == (3,)),
-    "lp": (["standard", "bn", "l1", "l2", "linf"], "landscape", lambda v: len(v["grad_diffs"]) == 8),
-    "dln": (["standard", "bn"], "landscape",
-            lambda v: len(v["etas"]) == 10 and np.allclose([v["etas"][0], v["etas"][-1]], [0.01 * 0.01, 30 * 0.01])),
+    "ioffe": (["standard", "bn"], {"percentiles", "population_test_accuracy"}),
+    "landscape": (["standard", "bn"], {"landscape", "hessian"}),
+    "vgg": (["standard", "bn"], {"landscape", "hessian"}),
+    "ics": (["standard", "bn", "noisy"], {"ics"}),
+    "noisy": (["standard", "bn", "noisy"], {"percentiles"}),
+    "lp": (["standard", "bn", "l1", "l2", "linf"], {"landscape"}),
+    "dln": (["standard", "bn"], {"landscape", "hessian", "ics"}),
+    "maxlr": ([], set()),
 }
+
+
+@pytest.fixture(autouse=True)
+def short_searches(monkeypatch):
+    """The learning-rate searches run 30-step trials here (100 in the experiments):
+    long enough for a classifier at lr 0.1 to halve its loss, the success criterion."""
+    monkeypatch.setattr(experiments, "SEARCH_STEPS", 30)
 
 
 def test_registry_matches():
@@ -31,44 +39,114 @@ def test_registry_matches():
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_experiment_writes_json_and_figures(name, tmp_path):
-    summary = EXPERIMENTS[name](steps=STEPS, seed=1, out=tmp_path, progress=False)
+    kwargs = {"depth": 3} if name in ("landscape", "vgg", "dln") else {}
+    kwargs.update({"lr": 0.05} if name == "dln" else {})
+    summary = EXPERIMENTS[name](steps=STEPS, seeds=[1], out=tmp_path, progress=False, **kwargs)
     json.dumps(summary)                                  # the CLI prints it as JSON
     data = json.loads((tmp_path / f"{name}.json").read_text())
     assert summary["json"] == str(tmp_path / f"{name}.json")
-    assert data["experiment"] == name and data["config"]["steps"] == STEPS and data["config"]["seed"] == 1
-    runs, metric, check = EXPECTED[name]
-    assert list(data["runs"]) == runs
+    config = data["config"]
+    assert data["experiment"] == name and config["steps"] == STEPS and config["seeds"] == [1]
+    nets, metrics = EXPECTED[name]
+    lrs = config["lr"] if nets else []
+    assert list(data["runs"]) == [experiments.key(lr, 1, net) for lr in lrs for net in nets]
+    lr = lrs[0] if lrs else None
     for run in data["runs"].values():
         assert run["step"] == list(range(STEPS)) and len(run["loss"]) == STEPS
-        assert run["metrics"][metric]["step"] == list(range(STEPS))      # steps // 40 < 1: every step
-        assert all(check(v) for v in run["metrics"][metric]["value"])
+        assert set(run["metrics"]) == metrics
+        for metric in metrics:
+            assert run["metrics"][metric]["step"] == list(range(STEPS))     # steps // 40 < 1: every step
         if name != "dln":
-            assert run["eval"]["step"] == list(range(STEPS + 1)) and len(run["accuracy"]) == STEPS
+            assert run["eval"]["step"][0] == 0 and run["eval"]["step"][-1] == STEPS
+    if "landscape" in metrics and name != "lp":
+        # probe range the paper's way: the top η is the standard net's stable edge, recorded with its rule
+        top = config["eta_top"]
+        assert top > 0 and "largest stable learning rate" in config["eta_rule"]
+        assert any(t["lr"] == top and t["trained"] for t in config["eta_search"])
+        assert config["standard_fails_at"] is None or config["standard_fails_at"] > top
+        etas = data["runs"][experiments.key(lr, 1, "bn")]["metrics"]["landscape"]["value"][0]["etas"]
+        assert etas[-1] == pytest.approx(top) and etas[0] == pytest.approx(top / (3000 if name == "dln" else 8))
+        assert summary[f"lr={lr:g}"]["measures"]["beta_smoothness"]["all"]["seeds"]["n"] == 1
     pngs = sorted(tmp_path.glob("*.png"))
     assert [str(p) for p in pngs] == sorted(summary["figures"]) and pngs
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 300_000
 
 
+def test_sweep_over_rates_and_seeds(tmp_path):
+    summary = EXPERIMENTS["ics"](steps=2, seeds=2, lr=(0.05, 0.1), out=tmp_path, progress=False)
+    assert set(summary) >= {"lr=0.05", "lr=0.1"}
+    for lr in ("lr=0.05", "lr=0.1"):
+        entry = summary[lr]["layer1"]
+        assert entry["bn_vs_standard_l2"]["seeds"]["n"] == 2
+        assert entry["bn_vs_standard_l2"]["probes"]["n"] == 4        # 2 seeds × 2 probes
+        assert entry["bn"]["l2"]["n"] == 4 and entry["bn"]["l2"]["q25"] <= entry["bn"]["l2"]["median"]
+    data = json.loads((tmp_path / "ics.json").read_text())
+    assert len(data["runs"]) == 2 * 2 * 3 and "lr=0.1/seed=1/noisy" in data["runs"]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["ics_fig3_lr0.05.png", "ics_fig3_lr0.1.png"]
+
+
 def test_no_out_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    summary = EXPERIMENTS["ics"](steps=2, progress=False)
+    summary = EXPERIMENTS["ics"](steps=2, seeds=1, progress=False)
     assert "json" not in summary and "figures" not in summary and not list(tmp_path.iterdir())
-    assert summary["layer1"]["bn"]["median_l2"] >= 0
+    assert summary["lr=0.1"]["layer1"]["bn"]["l2"]["median"] >= 0
 
 
-@pytest.mark.parametrize("kwargs", [{"steps": 0}, {"steps": 2.5}, {"lr": -1.0}, {"lr": float("nan")}])
+@pytest.mark.parametrize("kwargs", [{"steps": 0}, {"steps": 2.5}, {"lr": -1.0}, {"lr": float("nan")}, {"lr": ()},
+                                    {"lr": (0.1, "x")}, {"seeds": 0}, {"seeds": [1, 1]}, {"seeds": []},
+                                    {"seeds": 1.5}])
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError, match="experiment ics"):
         EXPERIMENTS["ics"](progress=False, **kwargs)
 
 
+def test_bad_depth():
+    with pytest.raises(ValueError, match="experiment dln: depth"):
+        EXPERIMENTS["dln"](depth=1, progress=False)
+    with pytest.raises(TypeError):
+        EXPERIMENTS["ics"](depth=3, progress=False)       # no depth: the MLP of the paper's figure
+
+
 def test_cli_runs_an_experiment(tmp_path):
     result = CliRunner().invoke(main, ["experiment", "dln", "--steps", "2", "--seed", "3", "--lr", "0.02",
-                                       "--out", str(tmp_path / "o"), "--json"])
+                                       "--lr", "0.04", "--depth", "4", "--out", str(tmp_path / "o"), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert summary["two_over_lr"] == pytest.approx(100.0)
-    assert (tmp_path / "o" / "dln_fig9.png").exists()
+    assert summary["lr=0.02"]["two_over_lr"] == pytest.approx(100.0)
+    assert summary["lr=0.04"]["lr_on_sum_of_squares"] == pytest.approx(4e-6)
+    assert (tmp_path / "o" / "dln_fig10_lr0.02.png").exists() and (tmp_path / "o" / "dln_ics_fig3_lr0.04.png").exists()
     config = json.loads((tmp_path / "o" / "dln.json").read_text())["config"]
-    assert config["lr"] == 0.02 and config["seed"] == 3 and config["steps"] == 2
+    assert config["lr"] == [0.02, 0.04] and config["seeds"] == [3] and config["steps"] == 2 and config["depth"] == 4
+    assert config["ics_layers"] == [3]               # depth 4 has no layer 8 or 16: the last one
+
+
+def test_cli_options():
+    runner = CliRunner()
+    both = runner.invoke(main, ["experiment", "ics", "--seeds", "2", "--seed", "1"])
+    assert both.exit_code != 0 and "not both" in both.output
+    assert "--depth" not in runner.invoke(main, ["experiment", "ics", "--help"]).output
+    assert "--depth" in runner.invoke(main, ["experiment", "landscape", "--help"]).output
+
+
+def test_population_accuracy_is_ioffe_algorithm_2():
+    """Inference statistics = the average of the batch means and of the unbiased batch
+    variances of the current network over the training set; the model is left as found."""
+    rng = np.random.default_rng(4)
+    model = experiments.mlp("bn", 0, widths=(6, 5, 3))
+    X, y = rng.standard_normal((130, 6)), rng.integers(0, 3, 130)
+    X_te, y_te = rng.standard_normal((400, 6)), rng.integers(0, 3, 400)
+    experiments._train(model, experiments.SoftmaxCrossEntropy(), (X, None, y, None), steps=7, lr=0.5, seed=0,
+                       progress=False, label="t", batch_size=20)
+    state = model.state_dict()
+    metric = experiments.PopulationAccuracy(X, X_te, y_te, batch_size=20)
+    got = metric(model, None, None, None)
+    after = model.state_dict()
+    assert all(np.array_equal(after[k], v) for k, v in state.items()) and model[1].momentum == 0.1
+    h = [X[s:s + 20] @ model[0].weight.value.T + model[0].bias.value for s in range(0, 101, 20)]   # 6 full batches
+    mean = np.mean([b.mean(0) for b in h], axis=0)
+    var = np.mean([b.var(0) * 20 / 19 for b in h], axis=0)
+    model[1].running_mean[...], model[1].running_var[...] = mean, var
+    expected = np.mean(np.argmax(model.eval().forward(X_te), axis=1) == y_te)
+    model.train()
+    assert got == expected

@@ -8,9 +8,10 @@ import pytest
 from numbabn.layers import (BatchNorm1d, BatchNorm2d, Conv2d, Layer, Linear, MSELoss, ReLU, Sequential, Sigmoid,
                             SoftmaxCrossEntropy)
 from numbabn.optim import SGD, Adam
-from numbabn.train import (ActivationPercentiles, GradientNorm, History, InternalCovariateShift, LandscapeProbe,
-                           Trainer, WeightNorm, activation_percentiles, eta_grid, gradient_norm,
-                           internal_covariate_shift, landscape_probe, leaf_layers, weight_layers, weight_norm)
+from numbabn.train import (ActivationPercentiles, GradientNorm, HessianEigenvalue, History, InternalCovariateShift,
+                           LandscapeProbe, Trainer, WeightNorm, activation_percentiles, eta_grid, gradient_norm,
+                           hessian_top_eigenvalue, internal_covariate_shift, landscape_probe, leaf_layers,
+                           weight_layers, weight_norm)
 from numbabn_plugins.noisy_batch_norm import NoisyBatchNorm
 
 F64 = np.float64
@@ -92,6 +93,68 @@ def test_eta_grid():
     for kwargs in ({"lr": 0}, {"lr": 1, "low": 2, "high": 1}, {"lr": 1, "num": 0}, {"lr": 1, "spacing": "cubic"}):
         with pytest.raises(ValueError):
             eta_grid(**kwargs)
+
+
+# ------------------------------------------------------------------ top Hessian eigenvalue
+def test_hessian_quadratic_exact(quadratic):
+    layer, loss, A, theta = quadratic
+    eigenvalues = np.linalg.eigvalsh(A)
+    res = hessian_top_eigenvalue(layer, loss, (None, None), iters=500, tol=1e-13)
+    np.testing.assert_allclose(res["eigenvalue"], eigenvalues[-1], rtol=1e-9)
+    assert res["residual"] < 1e-5 and res["iterations"] < 500
+    v = np.linalg.eigh(A)[1][:, -1]
+    assert abs(abs(res["vector"] @ v) - 1) < 1e-8
+    assert np.array_equal(layer.theta.value, theta)        # restored
+    # warm start from the eigenvector: converged after two products
+    again = hessian_top_eigenvalue(layer, loss, (None, None), iters=50, tol=1e-10, v0=res["vector"])
+    assert again["iterations"] <= 2 and again["eigenvalue"] == pytest.approx(eigenvalues[-1], rel=1e-9)
+    # an indefinite quadratic: the largest |λ| wins, sign kept
+    B = np.diag([1.0, -5.0, 2.0])
+    neg = hessian_top_eigenvalue(Theta([1.0, 1.0, 1.0]), QuadraticLoss(B), (None, None), iters=300, tol=1e-12)
+    assert neg["eigenvalue"] == pytest.approx(-5.0, rel=1e-8)
+
+
+def test_hessian_matches_dense_finite_difference_hessian(rng):
+    """A small tanh network with BN: power iteration against the eigenvalues of the
+    full Hessian built column by column from central differences of the gradient."""
+    model = Sequential(Linear(3, 4, rng=rng, dtype=F64), BatchNorm1d(4, dtype=F64), Sigmoid(),
+                       Linear(4, 3, rng=rng, dtype=F64))
+    batch = (rng.standard_normal((10, 3)), rng.integers(0, 3, 10))
+    loss = SoftmaxCrossEntropy()
+    params = model.parameters()
+    theta = [p.value.copy() for p in params]
+    sizes = [p.value.size for p in params]
+
+    def grad(flat):
+        offset = 0
+        for p, t, n in zip(params, theta, sizes):
+            p.value[...] = t + flat[offset:offset + n].reshape(t.shape)
+            offset += n
+        _, d = loss(model.forward(batch[0]), batch[1])
+        model.backward(d)
+        return np.concatenate([p.grad.ravel() for p in params])
+
+    P, h = sum(sizes), 1e-5
+    H = np.array([(grad(h * e) - grad(-h * e)) / (2 * h) for e in np.eye(P)])
+    grad(np.zeros(P))                                      # back to θ
+    eig = np.linalg.eigvalsh((H + H.T) / 2)
+    top = eig[np.argmax(np.abs(eig))]
+    state = model.state_dict()
+    res = hessian_top_eigenvalue(model, loss, batch, iters=2000, tol=1e-12)
+    np.testing.assert_allclose(res["eigenvalue"], top, rtol=1e-5)
+    after = model.state_dict()
+    assert all(np.array_equal(after[k], v) for k, v in state.items())
+
+
+def test_hessian_errors(quadratic):
+    layer, loss, _, _ = quadratic
+    for kwargs in ({"iters": 0}, {"tol": 0.0}, {"eps": -1.0}, {"eps": np.inf}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            hessian_top_eigenvalue(layer, loss, (None, None), **kwargs)
+    with pytest.raises(ValueError, match="v0"):
+        hessian_top_eigenvalue(layer, loss, (None, None), v0=np.zeros(6))
+    with pytest.raises(ValueError, match="v0"):
+        hessian_top_eigenvalue(layer, loss, (None, None), v0=np.ones(5))
 
 
 # ------------------------------------------------------------------ internal covariate shift
@@ -244,7 +307,7 @@ def _data(seed, n=120):
 
 def _all_metrics():
     return [InternalCovariateShift(), LandscapeProbe(), ActivationPercentiles(5, unit=1), GradientNorm(),
-            WeightNorm()]
+            WeightNorm(), HessianEigenvalue(iters=3, eps=1e-2)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, F64])
@@ -302,7 +365,7 @@ def test_trainer_with_metrics_is_bit_identical():
     assert hist.loss == plain.loss and hist.accuracy == plain.accuracy and hist.eval == plain.eval
     a, b = plain_model.state_dict(), model.state_dict()
     assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert set(hist.metrics) == {"ics", "landscape", "percentiles", "grad_norm", "weight_norm"}
+    assert set(hist.metrics) == {"ics", "landscape", "percentiles", "grad_norm", "weight_norm", "hessian"}
     assert hist.metrics["ics"]["step"] == list(range(0, 25, 3))
     # the probes evaluate the training step's own function (same batch, same noise draw)
     for step, value in zip(*hist.metric("landscape")):

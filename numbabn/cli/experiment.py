@@ -2,26 +2,30 @@
 
 The seam. ``numbabn.train.experiments`` defines a registry::
 
-    EXPERIMENTS = {"ioffe-digits": ioffe_digits, ...}     # command name -> function
+    EXPERIMENTS = {"ioffe": ioffe, ...}                  # command name -> function
 
-    def ioffe_digits(*, steps=None, seed=0, lr=None, out=None):
+    def ioffe(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=True):
         '''First docstring line: the short help in ``numbabn experiment --help``.
 
-        The whole docstring is the help of ``numbabn experiment ioffe-digits``.
+        The whole docstring is the help of ``numbabn experiment ioffe``.
         '''
         ...
-        return {"test_accuracy": 0.97, ...}              # JSON-serialisable summary
+        return {"lr=0.2": {...}, ...}                    # JSON-serialisable summary
 
-Every experiment gets the same options, passed as keyword arguments:
-``steps`` and ``lr`` (None: the experiment's own default set-up), ``seed`` (int) and
-``out`` (a ``pathlib.Path`` to an existing directory for figures/CSV, created by the
-CLI, or None: write nothing). The returned dict is printed as ``key: value`` lines, or
-as JSON with ``--json``. Adding an experiment is therefore one entry in
-``EXPERIMENTS``; nothing here changes.
+Every experiment gets the same options, passed as keyword arguments: ``steps``
+(None: its own set-up), ``lr`` (``--lr``, repeatable: a tuple of rates, or None),
+``seeds`` (``--seeds N``: seeds 0..N−1; ``--seed S``, repeatable: exactly those;
+None: the experiment's default), ``full`` (the longer preset) and ``out`` (a
+``pathlib.Path`` to an existing directory for figures and JSON, created by the CLI,
+or None: write nothing). An experiment whose function takes ``depth`` also gets
+``--depth``. The returned dict is printed as ``key: value`` lines, or as JSON with
+``--json``. Adding an experiment is therefore one entry in ``EXPERIMENTS``; nothing
+here changes.
 
 The module is imported only when the experiments are listed or run (it imports the
 layers and Numba), never for ``numbabn --help``. Without it the group lists none.
 """
+import inspect
 import json
 from importlib import import_module
 from pathlib import Path
@@ -44,26 +48,41 @@ def registry():
 
 def _command(name, fn):
     """Wrap one experiment function as a click command with the common options."""
+    takes_depth = "depth" in inspect.signature(fn).parameters
 
-    @click.command(name=name, help=fn.__doc__, short_help=(fn.__doc__ or "").strip().split("\n")[0] or None)
-    @click.option("--steps", type=click.IntRange(min=1), default=None,
-                  help="Training steps [default: the experiment's set-up].")
-    @click.option("--seed", type=int, default=0, show_default=True, help="Seed for data order and initialisation.")
-    @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-                  help="Learning rate [default: the experiment's set-up].")
-    @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-                  help="Directory for figures and CSV (created); nothing is written without it.")
-    @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-    def run(steps, seed, lr, out, as_json):
+    def run(steps, seeds, seed, lr, full, out, as_json, depth=None):
+        if seeds is not None and seed:
+            raise click.UsageError("give --seeds N or --seed S (repeatable), not both")
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-        summary = fn(steps=steps, seed=seed, lr=lr, out=out)
+        kwargs = {"depth": depth} if takes_depth else {}
+        summary = fn(steps=steps, seeds=list(seed) if seed else seeds, lr=tuple(lr) or None, full=full, out=out,
+                     **kwargs)
         if as_json:
             click.echo(json.dumps(summary, indent=2, default=str))
         else:
             click.echo("\n".join(f"{key}: {value}" for key, value in summary.items()))
 
-    return run
+    options = [
+        click.option("--steps", type=click.IntRange(min=1), default=None,
+                     help="Training steps [default: the experiment's set-up]."),
+        click.option("--seeds", type=click.IntRange(min=1), default=None,
+                     help="Run seeds 0..N-1 [default: 3; with --full: 5]."),
+        click.option("--seed", type=int, multiple=True, help="Run exactly this seed (repeatable)."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), multiple=True,
+                     help="Learning rate (repeatable: a sweep) [default: the experiment's set-up]."),
+        click.option("--full", is_flag=True, help="The longer preset (more steps, seeds and rates) used for the docs."),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Directory for figures and JSON (created); nothing is written without it."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+    ]
+    if takes_depth:
+        options.append(click.option("--depth", type=click.IntRange(min=1), default=None,
+                                    help="Network depth [default: the experiment's set-up]."))
+    for option in reversed(options):
+        run = option(run)
+    first_paragraph = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
+    return click.command(name=name, help=fn.__doc__, short_help=first_paragraph or None)(run)
 
 
 class ExperimentGroup(click.Group):

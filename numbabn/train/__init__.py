@@ -3,16 +3,18 @@
 :class:`Trainer` runs mini-batch training on NumPy arrays and returns a
 :class:`History`; :mod:`numbabn.train.metrics` holds the probes (internal covariate
 shift, loss landscape / gradient predictiveness / effective β-smoothness along the
-gradient, activation percentiles, gradient and weight norms).
+gradient, the top Hessian eigenvalue, activation percentiles, gradient and weight norms);
+:mod:`numbabn.train.summary` the medians/IQR and win counts over seeds.
 :mod:`numbabn.train.experiments` (imported on demand: it needs matplotlib and
 scikit-learn's data) reproduces the papers' figures at small scale.
 """
 from .history import History
-from .metrics import (ActivationPercentiles, GradientNorm, InternalCovariateShift, LandscapeProbe, Metric,
-                      WeightNorm, activation_percentiles, eta_grid, gradient_norm, internal_covariate_shift,
-                      landscape_probe, leaf_layers, weight_layers, weight_norm)
+from .metrics import (ActivationPercentiles, GradientNorm, HessianEigenvalue, InternalCovariateShift, LandscapeProbe,
+                      Metric, WeightNorm, activation_percentiles, eta_grid, gradient_norm, hessian_top_eigenvalue,
+                      internal_covariate_shift, landscape_probe, leaf_layers, weight_layers, weight_norm)
 from .trainer import Trainer
 
-__all__ = ["ActivationPercentiles", "GradientNorm", "History", "InternalCovariateShift", "LandscapeProbe", "Metric",
-           "Trainer", "WeightNorm", "activation_percentiles", "eta_grid", "gradient_norm", "internal_covariate_shift",
-           "landscape_probe", "leaf_layers", "weight_layers", "weight_norm"]
+__all__ = ["ActivationPercentiles", "GradientNorm", "HessianEigenvalue", "History", "InternalCovariateShift",
+           "LandscapeProbe", "Metric", "Trainer", "WeightNorm", "activation_percentiles", "eta_grid", "gradient_norm",
+           "hessian_top_eigenvalue", "internal_covariate_shift", "landscape_probe", "leaf_layers", "weight_layers",
+           "weight_norm"]

@@ -1,0 +1,81 @@
+"""The largest learning rate at which a network still trains, by a short search.
+
+Santurkar et al. 2018 pick the top step size of their landscape probes just below
+the learning rate at which the standard (no-BN) network diverges, and their Fig. 1
+rests on "BN allows a larger learning rate". Both need the same number: the edge
+between training and diverging, found here by
+
+1. **bracketing**: a short run at ``lr0``; while it trains, double the rate
+   (halve it while it does not) until one side of the edge is found;
+2. **bisection** in log space, ``refine`` times (factor 2 → 2^(1/2^refine)
+   resolution: 9 % for the default 3).
+
+A short run *trains* when every step loss is finite and the mean of its last tenth
+is below ``fraction`` × the loss of its first step; otherwise it diverged or
+stalled. ``fraction`` 1 (any decrease) suits regression, where a diverging run
+overflows; classifiers use ½, because a too-large rate there often does not
+overflow but collapses the network to chance (loss ≈ ln C, just below a slightly
+worse initial loss). The edge need not be sharp (a rate can train in one window
+and fail in a longer one), so the answer is specific to the run length, which is
+recorded with it.
+"""
+import math
+
+import numpy as np
+
+
+def trains(losses, fraction=1.0):
+    """True when every loss is finite and the mean of the last tenth is below
+    ``fraction`` × the first loss."""
+    losses = np.asarray(losses, dtype=np.float64)
+    if losses.size == 0 or not np.all(np.isfinite(losses)):
+        return False
+    tail = losses[-max(1, losses.size // 10):]
+    return bool(tail.mean() < fraction * losses[0])
+
+
+def largest_stable_lr(run, lr0, *, fraction=1.0, factor=2.0, refine=3, max_trials=24, lr_max=1e4):
+    """Bracket and bisect the edge between training and diverging (module docstring).
+
+    ``run(lr)`` trains a fresh network for a short, fixed number of steps and
+    returns its step losses; ``fraction`` is the :func:`trains` criterion. Returns ``{"stable_lr", "diverged_lr", "trials":
+    [{"lr", "trained", "final_loss"}]}``: ``stable_lr`` is the largest rate seen to
+    train with no smaller rate failing above it (None if even the smallest tried
+    failed) and ``diverged_lr`` the smallest that failed (None when nothing up to
+    ``lr_max`` failed).
+    """
+    for name, value in (("lr0", lr0), ("factor", factor), ("lr_max", lr_max), ("fraction", fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"largest_stable_lr: {name} must be a finite number > 0, got {value!r}")
+    if factor <= 1:
+        raise ValueError(f"largest_stable_lr: factor must be > 1, got {factor!r}")
+    trials = []
+
+    def trial(lr):
+        losses = np.asarray(run(lr), dtype=np.float64)
+        ok = trains(losses, fraction)
+        trials.append({"lr": float(lr), "trained": ok, "final_loss": float(losses[-1]) if losses.size else None})
+        return ok
+
+    stable = diverged = None
+    lr = float(lr0)
+    while len(trials) < max_trials:
+        if trial(lr):
+            stable = lr
+            if diverged is not None or lr * factor > lr_max:
+                break
+            lr *= factor
+        else:
+            diverged = lr
+            if stable is not None:
+                break
+            lr /= factor
+    for _ in range(refine):
+        if stable is None or diverged is None or len(trials) >= max_trials:
+            break
+        mid = math.sqrt(stable * diverged)
+        if trial(mid):
+            stable = mid
+        else:
+            diverged = mid
+    return {"stable_lr": stable, "diverged_lr": diverged, "trials": trials}

@@ -1,0 +1,84 @@
+"""Summaries of repeated measurements: medians with interquartile bands, and win
+counts with binomial confidence intervals.
+
+An experiment repeated over seeds (and probed many times per run) gives, per
+network, a ``(seeds, probes)`` array of one measure. What the experiments report:
+
+``spread(values)``
+    ``{"median", "q25", "q75", "n"}`` over every finite value (NaN/inf dropped and
+    counted in ``"dropped"``): the median with its interquartile band.
+``win_count(k, n)``
+    "BN smaller on k of n" with the exact (Clopper–Pearson) two-sided 95 % interval
+    for the underlying probability. The interval assumes n independent trials.
+``compare(bn, standard)``
+    Both: the ratio bn/standard per (seed, probe) summarised by ``spread``; the
+    win count over all probes (``probes``); and the win count over seeds
+    (``seeds``: on how many seeds BN's median over probes is the smaller one).
+    Probes of one run are strongly correlated (consecutive steps of one
+    trajectory), so the probe-level interval is too narrow to be read as
+    independent evidence; the seed-level count is the one whose interval is
+    honest. Both are reported, the seed count first in the docs.
+"""
+import numpy as np
+
+CONFIDENCE = 0.95
+
+
+def spread(values):
+    """Median and interquartile band of the finite entries of ``values`` (any shape)."""
+    arr = np.asarray(values, dtype=np.float64).ravel()
+    finite = arr[np.isfinite(arr)]
+    out = {"n": int(finite.size), "dropped": int(arr.size - finite.size)}
+    if finite.size == 0:
+        return {"median": float("nan"), "q25": float("nan"), "q75": float("nan"), **out}
+    q25, med, q75 = np.percentile(finite, [25, 50, 75])
+    return {"median": float(med), "q25": float(q25), "q75": float(q75), **out}
+
+
+def binomial_interval(k, n, confidence=CONFIDENCE):
+    """Exact (Clopper–Pearson) two-sided interval for p given k successes in n trials::
+
+        lower = Beta⁻¹(α/2; k, n − k + 1)        (0 when k = 0)
+        upper = Beta⁻¹(1 − α/2; k + 1, n − k)    (1 when k = n),   α = 1 − confidence
+    """
+    from scipy.stats import beta
+
+    for name, value in (("k", k), ("n", n)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"binomial_interval: {name} must be an int >= 0, got {value!r}")
+    if k > n:
+        raise ValueError(f"binomial_interval: k must be <= n, got k={k}, n={n}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"binomial_interval: confidence must be in (0, 1), got {confidence!r}")
+    if n == 0:
+        return 0.0, 1.0
+    alpha = 1.0 - confidence
+    lower = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    upper = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return lower, upper
+
+
+def win_count(k, n, confidence=CONFIDENCE):
+    """``{"k", "n", "fraction", "ci"}``: k wins of n with the Clopper–Pearson interval."""
+    lower, upper = binomial_interval(int(k), int(n), confidence)
+    return {"k": int(k), "n": int(n), "fraction": float(k / n) if n else float("nan"), "ci": [lower, upper]}
+
+
+def compare(bn, standard):
+    """BN against the standard network on one measure (module docstring).
+
+    ``bn``, ``standard``: arrays of shape (seeds, probes), the same probe steps in
+    both. Pairs where either value is not finite (a diverged run) are left out of
+    the ratio and of the counts.
+    """
+    bn, standard = np.atleast_2d(np.asarray(bn, dtype=np.float64)), np.atleast_2d(np.asarray(standard, np.float64))
+    if bn.shape != standard.shape:
+        raise ValueError(f"compare: bn and standard must have the same (seeds, probes) shape, "
+                         f"got {bn.shape} and {standard.shape}")
+    ok = np.isfinite(bn) & np.isfinite(standard)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(ok, bn / standard, np.nan)
+    seed_wins = [np.median(b[m]) < np.median(s[m]) for b, s, m in zip(bn, standard, ok) if m.any()]
+    return {"ratio": spread(ratio), "probes": win_count(int(np.sum((bn < standard) & ok)), int(ok.sum())),
+            "seeds": win_count(int(np.sum(seed_wins)), len(seed_wins)),
+            "bn": spread(np.where(ok, bn, np.nan)), "standard": spread(np.where(ok, standard, np.nan))}
