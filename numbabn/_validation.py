@@ -270,6 +270,8 @@ def check_activation(fn, activation):
 
 
 def check_bool(fn, name, value):
+    if value is True or value is False:
+        return value
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{fn}: {name} must be a bool, got {describe(value)}")
     return bool(value)

@@ -84,6 +84,8 @@ class BatchNormContext:
 
 
 def _choose_backend(fn, x, backend):
+    if backend is None and type(x) is np.ndarray:
+        return "cpu"
     if backend is None:
         return "cuda" if V.is_device_array(x) else "cpu"
     if backend not in _BACKENDS:

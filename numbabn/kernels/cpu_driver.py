@@ -34,7 +34,8 @@ class _Specs:
         f1r, f2r, f3r = _arr(np.float64, 1, True), _arr(np.float64, 2, True), _arr(np.float64, 3, True)
         suffix = "_" + layout
         self.layout = layout
-        self.blocks = cpu.ncl_blocks if layout == "ncl" else cpu.mc_blocks
+        self._grid = cpu.ncl_blocks if layout == "ncl" else cpu.mc_blocks
+        self._grids = {}
         self._sigs = {
             "stats": (getattr(cpu, "stats" + suffix), (X, _I64, f1, f3, _I64, _I64)),
             "merge": (cpu.merge_stats, (f1r, f3r, f2)),
@@ -46,6 +47,15 @@ class _Specs:
             "grad_apply": (getattr(cpu, "grad_apply" + suffix), (X, X, CO, CO, _BOOL, _I64, Y, _I64, _I64)),
         }
         self._dtype = np.dtype(dtype)
+
+    def blocks(self, shape, chunk):
+        """(blocks, partial rows) of the grid of ``shape`` (memoised: few shapes recur)."""
+        grid = self._grids.get((shape, chunk))
+        if grid is None:
+            grid = self._grid(shape, chunk)
+            if len(self._grids) < 4096:
+                self._grids[(shape, chunk)] = grid
+        return grid
 
     def __getattr__(self, name):
         # First use of a kernel of this (dtype, layout): compile or load it, then
