@@ -170,8 +170,11 @@ def parallel_for(kernel, blocks, size, *args):
     one contiguous span per thread, the calling thread runs the first span and the
     pool the others.
     """
+    if size <= config.SERIAL_MAX or blocks <= 1:
+        kernel(*args, 0, blocks)
+        return
     threads = get_num_threads()
-    if size <= config.SERIAL_MAX or blocks <= 1 or threads <= 1:
+    if threads <= 1:
         kernel(*args, 0, blocks)
         return
     spans = min(threads, blocks)

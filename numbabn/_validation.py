@@ -74,8 +74,22 @@ def check_float_dtype(fn, name, dtype):
             f"{fn}: {name} must have a floating dtype (float16, float32 or float64), got {dtype}")
 
 
+_LAYOUTS = {}   # (shape, axis) -> layout_of's answer: most programs call with few shapes
+
+
 def layout_of(fn, name, shape, axis):
     """Normalise ``axis`` and return (axis, layout, canonical shape, C, m)."""
+    if type(axis) is int:
+        known = _LAYOUTS.get((shape, axis))
+        if known is not None:
+            return known
+    result = _layout_of(fn, name, shape, axis)
+    if type(axis) is int and len(_LAYOUTS) < 4096:
+        _LAYOUTS[(tuple(shape), axis)] = result
+    return result
+
+
+def _layout_of(fn, name, shape, axis):
     ndim = len(shape)
     if ndim < 2:
         raise ValueError(
@@ -129,15 +143,17 @@ def host_array(fn, name, x):
 
 def canonical_host(fn, name, x, axis):
     """Check a host (NumPy) input and view it in its canonical layout."""
-    if is_device_array(x):
-        raise TypeError(
-            f"{fn}: {name} is a GPU array ({type(x).__name__}) but backend='cpu' was requested")
     if type(x) is not np.ndarray or not x.dtype.isnative:
+        if is_device_array(x):
+            raise TypeError(
+                f"{fn}: {name} is a GPU array ({type(x).__name__}) but backend='cpu' was requested")
         x = host_array(fn, name, x)
-    check_float_dtype(fn, name, x.dtype)
+    dtype = x.dtype
+    if dtype.char not in "fd":
+        check_float_dtype(fn, name, dtype)
     axis, layout, cshape, C, m = layout_of(fn, name, x.shape, axis)
     flags = x.flags
-    if flags.c_contiguous and flags.aligned and x.dtype.isnative and x.dtype.char != "e":
+    if flags.c_contiguous and flags.aligned and dtype.char != "e":
         arr = x.reshape(cshape)
     else:
         arr = np.ascontiguousarray(x, dtype=compute_dtype(x.dtype)).reshape(cshape)
@@ -153,6 +169,10 @@ def check_param(fn, name, value, channels, dtype, *, inplace=False):
     """
     if value is None:
         return empty_param(dtype)
+    if type(value) is np.ndarray and value.dtype is dtype and value.shape == (channels,):
+        flags = value.flags           # the common case, checked in one go
+        if flags.c_contiguous and flags.aligned and (flags.writeable or not inplace):
+            return value
     if type(value) is not np.ndarray or not value.dtype.isnative:
         if inplace:
             if not isinstance(value, np.ndarray) or isinstance(value, np.ma.MaskedArray):
@@ -180,8 +200,8 @@ def check_param(fn, name, value, channels, dtype, *, inplace=False):
         if not flags.c_contiguous:
             raise ValueError(f"{fn}: {name} is updated in place and must be contiguous")
         return value
-    if not (flags.c_contiguous and flags.writeable):
-        value = value.copy()   # read-only or strided copies avoid extra kernel specialisations
+    if not flags.c_contiguous:
+        value = value.copy()   # the kernels take contiguous parameters (read-only ones too)
     return value
 
 
@@ -264,6 +284,8 @@ def check_activation(fn, activation):
 
 
 def check_bool(fn, name, value):
+    if value is True or value is False:
+        return value
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{fn}: {name} must be a bool, got {describe(value)}")
     return bool(value)

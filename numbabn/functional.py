@@ -91,6 +91,8 @@ class BatchNormContext:
 
 
 def _choose_backend(fn, x, backend):
+    if backend is None and type(x) is np.ndarray:
+        return "cpu"
     if backend is None:
         backend = "cuda" if V.is_device_array(x) else "cpu"
     elif backend not in _BACKENDS:

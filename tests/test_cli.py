@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 
 import click
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -352,6 +353,27 @@ def test_experiment_real_registry():
         assert name in listing
         result = invoke("experiment", name, "--help")
         assert result.exit_code == 0 and "--steps" in result.output
+
+
+# --- warmup ----------------------------------------------------------------------------
+
+def test_warmup_compiles_the_requested_variants_and_info_counts_them():
+    from numbabn.kernels import cpu_driver
+
+    result = invoke("warmup", "--dtype", "float32", "--layout", "mc")
+    assert result.exit_code == 0, result.output
+    plan = cpu_driver.warmup_plan(("float32",), ("mc",))
+    assert f"{len(plan)} kernel variants ready" in result.output
+    k = cpu_driver.specs(np.dtype(np.float32), "mc")
+    assert all(name in vars(k) for name in k.all_names())    # every kernel is compiled now
+    cache = json.loads(invoke("info", "--json").output)["kernel_cache"]
+    if cache["dir"]:
+        assert cache["entries"] >= len(plan) - 2   # merge/sum kernels are shared across dtypes
+
+
+def test_warmup_rejects_unknown_dtype():
+    result = invoke("warmup", "--dtype", "float16")
+    assert result.exit_code == 2 and "'float16' is not one of" in result.output
 
 
 # --- one-line errors, outputs checked first --------------------------------------------

@@ -34,7 +34,8 @@ class _Specs:
         f1r, f2r, f3r = _arr(np.float64, 1, True), _arr(np.float64, 2, True), _arr(np.float64, 3, True)
         suffix = "_" + layout
         self.layout = layout
-        self.blocks = cpu.ncl_blocks if layout == "ncl" else cpu.mc_blocks
+        self._grid = cpu.ncl_blocks if layout == "ncl" else cpu.mc_blocks
+        self._grids = {}
         self._sigs = {
             "stats": (getattr(cpu, "stats" + suffix), (X, _I64, f1, f3, _I64, _I64)),
             "merge": (cpu.merge_stats, (f1r, f3r, f2)),
@@ -46,6 +47,15 @@ class _Specs:
             "grad_apply": (getattr(cpu, "grad_apply" + suffix), (X, X, CO, CO, _BOOL, _I64, Y, _I64, _I64)),
         }
         self._dtype = np.dtype(dtype)
+
+    def blocks(self, shape, chunk):
+        """(blocks, partial rows) of the grid of ``shape`` (memoised: few shapes recur)."""
+        grid = self._grids.get((shape, chunk))
+        if grid is None:
+            grid = self._grid(shape, chunk)
+            if len(self._grids) < 4096:
+                self._grids[(shape, chunk)] = grid
+        return grid
 
     def __getattr__(self, name):
         # First use of a kernel of this (dtype, layout): compile or load it, then
@@ -61,7 +71,7 @@ class _Specs:
     def coef_with(self, stats_dtype):
         """:func:`cpu.coefficients` for running statistics of another dtype (float64
         statistics of float32 input, in eval)."""
-        if np.dtype(stats_dtype) == self._dtype:
+        if stats_dtype is self._dtype or np.dtype(stats_dtype) == self._dtype:
             return self.coef
         name = "coef_" + np.dtype(stats_dtype).char
         disp = self.__dict__.get(name)
@@ -81,11 +91,10 @@ _NO_STATS = np.empty((2, 0))
 
 
 def specs(dtype, layout):
-    """The :class:`_Specs` of ``dtype`` ("float32"/"float64") and ``layout``."""
-    key = (np.dtype(dtype).char, layout)
-    s = _SPECS.get(key)
+    """The :class:`_Specs` of ``dtype`` (a native float32/float64 np.dtype) and ``layout``."""
+    s = _SPECS.get((dtype.char, layout))
     if s is None:
-        s = _SPECS.setdefault(key, _Specs(dtype, layout))
+        s = _SPECS.setdefault((np.dtype(dtype).char, layout), _Specs(dtype, layout))
     return s
 
 
@@ -166,7 +175,7 @@ def warmup_plan(dtypes=("float32", "float64"), layouts=("ncl", "mc")):
     plan = []
     for dt in dtypes:
         for layout in layouts:
-            k = specs(dt, layout)
+            k = specs(np.dtype(dt), layout)
             plan += [(f"{name} {np.dtype(dt).name} {layout}", lambda k=k, name=name: getattr(k, name))
                      for name in k.all_names()]
             if np.dtype(dt) != np.float64:

@@ -1,6 +1,6 @@
 """CPU data-parallel training with synchronized batch norm (gloo), the launch in the README:
 
-    torchrun --nproc-per-node 2 -m numbabn.torch.example [--steps 5] [--batch 32]
+    torchrun --standalone --nproc-per-node 2 -m numbabn.torch.example [--steps 5] [--batch 32]
 
 Each rank trains the 32x32 ResNet-18 of :mod:`numbabn.torch.resnet` on its slice of
 a random global batch under DistributedDataParallel, with every batch norm turned

@@ -28,7 +28,8 @@ input to a float32 copy and keeps it for the backward. bfloat16 has no NumPy dty
 the module converts the input to float32 with a torch op and the output back. Either
 way this costs an extra read of the 16-bit input and write of its float32 copy
 (likewise for the gradients), and the copy kept for the backward is 2x the 16-bit
-input's memory, where PyTorch keeps the input itself (1x). Parameters and buffers
+input's memory, where PyTorch keeps the input itself (1x). Measured: 0.2-0.7x the
+speed of PyTorch's native 16-bit kernels on large inputs (README). Parameters and buffers
 may be float32 or the input's 16-bit dtype (``module.half()``); they are used in
 float32.
 

@@ -4,7 +4,9 @@
 :class:`History`; :mod:`numbabn.train.metrics` holds the probes (internal covariate
 shift, loss landscape / gradient predictiveness / effective β-smoothness along the
 gradient, the top Hessian eigenvalue, activation percentiles, gradient and weight norms);
-:mod:`numbabn.train.summary` the medians/IQR and win counts over seeds.
+:mod:`numbabn.train.summary` the medians/IQR and win counts over seeds;
+:mod:`numbabn.train.lr_search` the largest stable learning rate;
+:mod:`numbabn.train.torch_adapter` runs the same probes on a PyTorch model.
 :mod:`numbabn.train.experiments` (imported on demand: it needs matplotlib and
 scikit-learn's data) reproduces the papers' figures at small scale.
 """
