@@ -217,22 +217,22 @@ def check_forward_params(fn, cx, gamma, beta, running_mean, running_var, num_bat
     dt = compute_dtype(cx.dtype)
     return (check(fn, "gamma", gamma, cx.channels, dt),
             check(fn, "beta", beta, cx.channels, dt),
-            *(check(fn, name, value, cx.channels, _stats_dtype(value, dt, training), inplace=training)
-              for name, value in (("running_mean", running_mean), ("running_var", running_var))),
+            check(fn, "running_mean", running_mean, cx.channels,
+                  dt if training else _stats_dtype(running_mean, dt), inplace=training),
+            check(fn, "running_var", running_var, cx.channels,
+                  dt if training else _stats_dtype(running_var, dt), inplace=training),
             check_counter(fn, num_batches_tracked))
 
 
 _FLOAT64 = np.dtype(np.float64)
 
 
-def _stats_dtype(value, dt, training):
+def _stats_dtype(value, dt):
     """The dtype running statistics must have: the compute dtype, except that eval mode
     (where they are only read, and the kernels turn them into float64 coefficients)
     also takes float64 statistics for float32 input -- e.g. a float64 ``mean_`` with
     ``|mean| >> std``, which rounding to float32 first would spoil."""
-    if not training and getattr(value, "dtype", None) == _FLOAT64:
-        return _FLOAT64
-    return dt
+    return _FLOAT64 if getattr(value, "dtype", None) == _FLOAT64 else dt
 
 
 _INT64 = np.dtype(np.int64)
