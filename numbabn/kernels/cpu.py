@@ -45,10 +45,9 @@ Formulas (per channel, ``g`` = upstream gradient times the ReLU mask if fused)::
 Memory traffic: training forward 3S, eval forward 2S, backward 5S (S = bytes of x).
 """
 import numpy as np
-from numba import njit, types
+from numba import njit
 
 from .._jit import kernel
-from .._threads import parallel_for
 
 # Reassociation lets LLVM vectorise the float64 sums; it changes nothing between
 # runs or thread counts (the blocks are fixed). The element helpers carry no
