@@ -17,17 +17,21 @@ import tempfile
 
 _STEPS = r"""
 import json, sys, time
-t0 = time.perf_counter()
 import numpy as np
+out = {}
+
+def timed(label, fn):
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    out[label] = (time.perf_counter() - t, time.process_time() - c)
+
+timed("import numbabn", lambda: __import__("numbabn"))
 import numbabn
+timed("import numba (part of the first call)", lambda: __import__("numba.core.event"))
 from numba.core import event as ev
 rec = ev.RecordingListener()
 ev.register("numba:compile", rec)
-out = {"import numbabn": time.perf_counter() - t0}
 rng = np.random.default_rng(0)
-
-def timed(label, fn):
-    t = time.perf_counter(); fn(); out[label] = time.perf_counter() - t
 
 def bn(shape, dtype, axis=1, training=True):
     x = rng.standard_normal(shape).astype(dtype)
@@ -96,11 +100,10 @@ def main():
     with tempfile.TemporaryDirectory() as cache:
         cold = _run(_STEPS, cache, "--all")
         warm = _run(_STEPS, cache)
-    print(f"{'step':<46}{'cold s':>8}{'warm s':>8}")
-    for k, v in cold.items():
-        if k != "compiles":
-            w = warm.get(k)
-            print(f"{k:<46}{v:8.2f}" + (f"{w:8.2f}" if w is not None else f"{'':>8}"))
+    print(f"{'step (wall s / CPU s of this process)':<46}{'cold':>14}{'warm':>14}")
+    for k, (v, cpu) in ((k, v) for k, v in cold.items() if k != "compiles"):
+        w = warm.get(k)
+        print(f"{k:<46}{v:7.2f}/{cpu:5.2f} " + (f"{w[0]:7.2f}/{w[1]:5.2f}" if w is not None else ""))
     print("specialisations compiled (cold, per kernel):", cold["compiles"])
     if args.table:
         with tempfile.TemporaryDirectory() as cache:

@@ -43,9 +43,7 @@ def test_numbabn(benchmark, case, op, data):
 @pytest.mark.parametrize("op", harness.OPS)
 def test_torch(benchmark, case, op, data):
     pytest.importorskip("torch", reason="PyTorch is not installed (pip install torch)")
-    import numba
-
     x, dy, gamma, beta, _, _ = data
-    # Same thread count as Numba, as in numbabn bench.
+    # Same thread count as numbabn's kernels, as in numbabn bench.
     ops = harness._torch_ops(case, x, gamma, beta, dy, numbabn.get_num_threads())
     _time(benchmark, ops[op], case, op, x)

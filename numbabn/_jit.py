@@ -2,10 +2,11 @@
 stop the package, and one line on stderr when a compile is about to happen.
 
 Every kernel is a serial ``@njit(nogil=True, error_model="numpy")`` function
-(threads come from :mod:`numbabn._threads`; no divisor in the kernels can be zero,
-and Python's error model would add a zero check, with its exception machinery, to
-every division). A kernel is compiled only for the signatures its driver
-asks for (:func:`ensure`): one per dtype and layout, with read-only input arrays in
+(threads come from :mod:`numbabn._threads`). The NumPy error model drops the zero
+check, and its exception machinery, that Python's would add to every division: the
+only zero divisor is an empty batch's count, whose inf/NaN coefficients no element
+uses. A kernel is compiled only for the signatures its driver asks for
+(:meth:`Kernel.specialize`): one per dtype and layout, with read-only input arrays in
 the signature, so writeable, read-only, C-contiguous views of any origin all reuse
 that one machine-code specialisation (Numba converts a writeable array to a
 read-only one for free when compilation at call time is disabled, which it is).
@@ -23,6 +24,7 @@ both behaviours against the installed Numba.
 
 ``NUMBABN_QUIET=1`` (or ``numbabn.config.QUIET = True``) silences the compile notice.
 """
+import os
 import sys
 import threading
 import warnings
@@ -36,6 +38,15 @@ _KERNELS = []              # every kernel made by `kernel`, for warmup and info
 _lock = threading.RLock()
 _noticed = False
 _warned = set()
+
+
+def _after_fork():
+    # A parent thread may have held the lock at fork time; the child has no such thread.
+    global _lock
+    _lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class CacheWarning(UserWarning):
@@ -149,7 +160,6 @@ def kernels():
 def cached_entries():
     """(number of cached signatures on disk, cache directories) over all kernels."""
     import glob
-    import os
     import pickle
     count = 0
     dirs = set()

@@ -273,3 +273,20 @@ def test_cuda_tensors_go_to_numbabn_as_they_are(monkeypatch):
 def test_importing_numbabn_does_not_import_torch():
     code = "import sys, numbabn; numbabn.batch_norm_forward; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_inference_mode_and_cpu_autocast_like_torch():
+    torch.manual_seed(6)
+    ours, theirs = nbt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    conv = torch.nn.Conv2d(3, 3, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = conv(x)
+        ya, yb = ours(h), theirs(h)
+    assert ya.dtype == yb.dtype == torch.bfloat16
+    torch.testing.assert_close(ya.float(), yb.float(), rtol=2e-2, atol=2e-2)
+    ya.float().sum().backward()
+    assert ours.weight.grad.dtype == torch.float32 and conv.weight.grad is not None

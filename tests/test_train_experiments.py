@@ -150,3 +150,14 @@ def test_population_accuracy_is_ioffe_algorithm_2():
     expected = np.mean(np.argmax(model.eval().forward(X_te), axis=1) == y_te)
     model.train()
     assert got == expected
+
+
+def test_options_presets_and_explicit_values():
+    defaults = {"default": {"steps": 100, "lr": (0.1,), "depth": 3}, "full": {"steps": 900, "seeds": 5, "lr": (0.05, 0.1)}}
+    opts = experiments._options("x", steps=None, seeds=None, lr=None, full=False, defaults=defaults)
+    assert opts == (100, [0, 1, 2], (0.1,), 3)
+    assert experiments._options("x", steps=None, seeds=None, lr=None, full=True, defaults=defaults) == \
+        (900, [0, 1, 2, 3, 4], (0.05, 0.1), 3)
+    # explicit arguments win over the preset; repeated rates count once
+    assert experiments._options("x", steps=7, seeds=[4, 2], lr=(0.3, 0.3, 0.2), full=True, depth=5,
+                                defaults=defaults) == (7, [4, 2], (0.3, 0.2), 5)

@@ -146,6 +146,24 @@ def test_hessian_matches_dense_finite_difference_hessian(rng):
     assert all(np.array_equal(after[k], v) for k, v in state.items())
 
 
+def test_hessian_default_eps_sits_on_the_relu_plateau():
+    """A ReLU network's Hessian is piecewise constant; a difference that crosses a
+    kink measures a gradient jump. The default ε gives the same eigenvalue as 10×
+    smaller and larger ones (no kink crossed), where ε = 0.1 does not."""
+    rng = np.random.default_rng(7)
+    model = Sequential(Linear(10, 60, rng=rng, dtype=F64), BatchNorm1d(60, dtype=F64), ReLU(),
+                       Linear(60, 60, rng=rng, dtype=F64), ReLU(), Linear(60, 3, rng=rng, dtype=F64))
+    X, y = rng.standard_normal((200, 10)), rng.integers(0, 3, 200)
+    Trainer(model, SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.1), batch_size=40, seed=0,
+            verbose=0).fit(X, y, steps=40)
+    batch, loss = (X[:40], y[:40]), SoftmaxCrossEntropy()
+    values = {eps: hessian_top_eigenvalue(model, loss, batch, iters=300, tol=1e-10, eps=eps)["eigenvalue"]
+              for eps in (1e-7, 1e-6, 1e-5, 1e-1)}
+    assert values[1e-7] == pytest.approx(values[1e-6], rel=1e-5)
+    assert values[1e-5] == pytest.approx(values[1e-6], rel=1e-5)
+    assert values[1e-1] != pytest.approx(values[1e-6], rel=1e-3)
+
+
 def test_hessian_errors(quadratic):
     layer, loss, _, _ = quadratic
     for kwargs in ({"iters": 0}, {"tol": 0.0}, {"eps": -1.0}, {"eps": np.inf}):

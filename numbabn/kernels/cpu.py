@@ -45,10 +45,9 @@ Formulas (per channel, ``g`` = upstream gradient times the ReLU mask if fused)::
 Memory traffic: training forward 3S, eval forward 2S, backward 5S (S = bytes of x).
 """
 import numpy as np
-from numba import njit, types
+from numba import njit
 
 from .._jit import kernel
-from .._threads import parallel_for
 
 # Reassociation lets LLVM vectorise the float64 sums; it changes nothing between
 # runs or thread counts (the blocks are fixed). The element helpers carry no
@@ -202,57 +201,54 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
         cnt[k] = n
 
 
-@kernel()
-def merge_stats(cnt, part, out):
-    """Chan et al.'s merge of the block partials, in block order, into ``out`` =
-    (2, C) float64 [mean, M2]. Block means are taken relative to block 0's shift
-    (``shift_k - shift_0`` is an exact difference of input values), so their
-    differences carry no rounding of order ``|mean|``."""
-    K = cnt.shape[0]
-    C = part.shape[2]
-    ref = part[SHIFT, 0]
-    mean = out[0]
-    m2 = out[1]
-    na = cnt[0]
-    for c in range(C):
-        mean[c] = part[SUM, 0, c] / na
-        m2[c] = part[SQ, 0, c]
-    for k in range(1, K):
-        nb = cnt[k]
-        n = na + nb
-        wb = nb / n
-        wab = na * nb / n
-        for c in range(C):
-            d = ((part[SHIFT, k, c] - ref[c]) + part[SUM, k, c] / nb) - mean[c]
-            mean[c] += d * wb
-            m2[c] += part[SQ, k, c] + d * d * wab
-        na = n
-    for c in range(C):
-        mean[c] += ref[c]
-
-
 # ------------------------------------------------------------------ coefficients
 
 
 @kernel()
-def coefficients(stats, count, gamma, beta, running_mean, running_var, momentum, eps, training,
-                 mean, invstd, coef):
+def coefficients(cnt, part, gamma, beta, running_mean, running_var, momentum, eps, training,
+                 stats, mean, invstd, coef):
     """Fills ``mean``, ``invstd`` (float64) and ``coef`` (4, C) in x's dtype: the halved
     split mean (HI + LO = mean/2), A = 2*gamma*invstd, B = beta (empty gamma/beta
     mean 1 and 0).
 
-    Training: from ``stats`` = (2, C) float64 [mean, M2] of ``count`` values per
-    channel, and the running statistics, when non-empty, are updated in place::
+    Training: first merges the block partials (``cnt`` (K,), ``part`` (3, K, C), see
+    :func:`stats_ncl`) with Chan et al.'s formula, in block order, into ``stats`` =
+    (2, C) float64 [mean, M2] of m = sum(cnt) values per channel. Block means enter the
+    merge relative to block 0's shift (``shift_k - shift_0`` is an exact difference of
+    input values), so their differences carry no rounding of order ``|mean|``. Given
+    moments arrive as one block: shift = mean, sum = 0, M2. The running statistics,
+    when non-empty, are then updated in place::
 
         running_mean <- (1-momentum)*running_mean + momentum*mean
         running_var  <- (1-momentum)*running_var  + momentum*var*m/(m-1)
 
-    Eval: from the running statistics (read only).
+    Eval: from the running statistics (read only); ``cnt``/``part`` are ignored.
     """
+    C = mean.size
+    count = 0.0
+    if training:
+        ref = part[SHIFT, 0]
+        na = cnt[0]
+        for c in range(C):
+            stats[0, c] = part[SUM, 0, c] / na
+            stats[1, c] = part[SQ, 0, c]
+        for k in range(1, cnt.size):
+            nb = cnt[k]
+            n = na + nb
+            wb = nb / n
+            wab = na * nb / n
+            for c in range(C):
+                d = ((part[SHIFT, k, c] - ref[c]) + part[SUM, k, c] / nb) - stats[0, c]
+                stats[0, c] += d * wb
+                stats[1, c] += part[SQ, k, c] + d * d * wab
+            na = n
+        count = na
+        for c in range(C):
+            stats[0, c] += ref[c]
     t = coef.dtype.type
     keep = 1.0 - momentum
     unbiased = count / (count - 1.0)
-    for c in range(mean.size):
+    for c in range(C):
         if training:
             mean[c] = stats[0, c]
             var = stats[1, c] / count
@@ -356,34 +352,25 @@ def grad_sums_mc(dy, x, coef, relu, chunk, part, t0, t1):
 
 
 @kernel()
-def sum_partials(part, sums):
-    """sums (2, C) = [sum g, sum g*(x - mean)] from the (2, K, C) partials, summed over
-    blocks in block order (the partials hold sum g*(x - mean)/2: doubled, exactly)."""
-    K, C = part.shape[1], part.shape[2]
-    for r in range(2):
-        scale = 2.0 if r == SGD else 1.0
-        for c in range(C):
-            sums[r, c] = 0.0
-        for k in range(K):
-            for c in range(C):
-                sums[r, c] += part[r, k, c]
-        for c in range(C):
-            sums[r, c] *= scale
-
-
-@kernel()
-def grad_coefficients(sums, count, invstd, gamma, training, gcoef, dgamma, dbeta):
-    """From sums = [sum g, sum g*(x - mean)] (float64; over all ranks when synchronized):
-    dgamma = invstd*sums[1], dbeta = sums[0] (in x's dtype), and gcoef (3, C) of
-    dx = GA*g + GB*d + GD with d = (x - mean)/2 as the element passes compute it::
+def grad_coefficients(part, scale, count, invstd, gamma, training, gcoef, dgamma, dbeta):
+    """From the (2, K, C) float64 partials [sum g, sum g*d], summed over blocks in block
+    order with the second row times ``scale`` (2 for the kernels' partials, whose d is
+    (x - mean)/2; 1 for sums over all ranks, passed as one block) into
+    S = [sum g, sum g*(x - mean)]: dgamma = invstd*S[1], dbeta = S[0] (in x's dtype),
+    and gcoef (3, C) of dx = GA*g + GB*d + GD with d = (x - mean)/2::
 
         GA = gamma*invstd,  GB = -2*GA*invstd*dgamma/m,  GD = -GA*dbeta/m   (training)
         GB = GD = 0                                                        (eval)
     """
     t = gcoef.dtype.type
+    K = part.shape[1]
     for c in range(invstd.size):
-        db = sums[0, c]
-        dg = sums[1, c] * invstd[c]
+        db = 0.0
+        sgd = 0.0
+        for k in range(K):
+            db += part[SG, k, c]
+            sgd += part[SGD, k, c]
+        dg = sgd * scale * invstd[c]
         ga = invstd[c] * gamma[c] if gamma.size > 0 else invstd[c]
         gcoef[GA, c] = t(ga)
         gcoef[GB, c] = t(-2.0 * ga * invstd[c] * dg / count) if training else t(0)

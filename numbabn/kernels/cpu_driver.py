@@ -38,12 +38,10 @@ class _Specs:
         self._grids = {}
         self._sigs = {
             "stats": (getattr(cpu, "stats" + suffix), (X, _I64, f1, f3, _I64, _I64)),
-            "merge": (cpu.merge_stats, (f1r, f3r, f2)),
-            "coef": (cpu.coefficients, (f2r, _F64, P, P, W, W, _F64, _F64, _BOOL, f1, f1, CW)),
+            "coef": (cpu.coefficients, (f1r, f3r, P, P, W, W, _F64, _F64, _BOOL, f2, f1, f1, CW)),
             "apply": (getattr(cpu, "apply" + suffix), (X, CO, _BOOL, _I64, Y, _I64, _I64)),
             "grad_sums": (getattr(cpu, "grad_sums" + suffix), (X, X, CO, _BOOL, _I64, f3, _I64, _I64)),
-            "sum_partials": (cpu.sum_partials, (f3r, f2)),
-            "grad_coef": (cpu.grad_coefficients, (f2r, _F64, f1r, P, _BOOL, CW, W, W)),
+            "grad_coef": (cpu.grad_coefficients, (f3r, _F64, _F64, f1r, P, _BOOL, CW, W, W)),
             "grad_apply": (getattr(cpu, "grad_apply" + suffix), (X, X, CO, CO, _BOOL, _I64, Y, _I64, _I64)),
         }
         self._dtype = np.dtype(dtype)
@@ -78,7 +76,7 @@ class _Specs:
         if disp is None:
             kern, sig = self._sigs["coef"]
             R = _arr(stats_dtype, 1)
-            disp = kern.specialize(sig[:4] + (R, R) + sig[6:])
+            disp = kern.specialize(sig[:4] + (R, R) + sig[6:])   # running_mean, running_var
             setattr(self, name, disp)
         return disp
 
@@ -87,7 +85,8 @@ class _Specs:
 
 
 _SPECS = {}
-_NO_STATS = np.empty((2, 0))
+_NO_CNT, _NO_PART, _NO_STATS = np.empty(0), np.empty((3, 0, 0)), np.empty((2, 0))
+_EMPTY = {"f": np.empty(0, np.float32), "d": np.empty(0, np.float64)}
 
 
 def specs(dtype, layout):
@@ -98,17 +97,33 @@ def specs(dtype, layout):
     return s
 
 
-def batch_moments(x, layout, chunk):
-    """(2, C) float64 [mean, M2] of canonical ``x``."""
-    k = specs(x.dtype, layout)
+def _block_stats(k, x, chunk):
+    """The statistics pass: per-block (cnt (K,), part (3, K, C)) of canonical ``x``."""
     blocks, rows = k.blocks(x.shape, chunk)
-    C = x.shape[1]
     cnt = np.empty(rows)
-    part = np.empty((3, rows, C))
+    part = np.empty((3, rows, x.shape[1]))
     _threads.parallel_for(k.stats, blocks, x.size, x, chunk, cnt, part)
-    out = np.empty((2, C))
-    k.merge(cnt, part, out)
-    return out
+    return cnt, part
+
+
+def _one_block(stats, count):
+    """Given (2, C) [mean, M2] of ``count`` values as the partials of one block."""
+    part = np.zeros((3, 1, stats.shape[1]))
+    part[cpu.SHIFT, 0] = stats[0]
+    part[cpu.SQ, 0] = stats[1]
+    return np.array([float(count)]), part
+
+
+def batch_moments(x, layout, chunk):
+    """(2, C) float64 [mean, M2] of canonical ``x`` (the training forward's merge,
+    without its normalisation)."""
+    k = specs(x.dtype, layout)
+    C = x.shape[1]
+    stats = np.empty((2, C))
+    empty = _EMPTY[x.dtype.char]
+    k.coef(*_block_stats(k, x, chunk), empty, empty, empty, empty, 0.0, 1.0, True,
+           stats, np.empty(C), np.empty(C), np.empty((4, C), x.dtype))
+    return stats
 
 
 def forward(x, layout, gamma, beta, running_mean, running_var, momentum, eps, training, relu,
@@ -124,10 +139,9 @@ def forward(x, layout, gamma, beta, running_mean, running_var, momentum, eps, tr
     invstd = np.empty(C)
     coef = np.empty((4, C), x.dtype)
     if training:
-        if stats is None:
-            stats, count = batch_moments(x, layout, chunk), x.size // C
-        k.coef(stats, float(count), gamma, beta, running_mean, running_var, momentum, eps, True,
-               mean, invstd, coef)
+        partials = _block_stats(k, x, chunk) if stats is None else _one_block(stats, count)
+        k.coef(*partials, gamma, beta, running_mean, running_var, momentum, eps, True,
+               np.empty((2, C)), mean, invstd, coef)
     else:
         # Eval only reads the running statistics; the kernel's signature takes them
         # writeable (training updates them), so read-only ones are copied (C values).
@@ -135,8 +149,8 @@ def forward(x, layout, gamma, beta, running_mean, running_var, momentum, eps, tr
             running_mean = running_mean.copy()
         if not running_var.flags.writeable:
             running_var = running_var.copy()
-        k.coef_with(running_mean.dtype)(_NO_STATS, 2.0, gamma, beta, running_mean, running_var, 0.0, eps,
-                                        False, mean, invstd, coef)
+        k.coef_with(running_mean.dtype)(_NO_CNT, _NO_PART, gamma, beta, running_mean, running_var, 0.0, eps,
+                                        False, _NO_STATS, mean, invstd, coef)
     if x.size:
         blocks, _ = k.blocks(x.shape, chunk)
         _threads.parallel_for(k.apply, blocks, x.size, x, coef, relu, chunk, y)
@@ -147,22 +161,25 @@ def backward(dy, x, layout, coef, invstd, gamma, training, relu, count, combine,
     """dx into ``dx``; returns (dgamma, dbeta) in x's dtype.
 
     ``combine``, if given, maps this process's (2, C) float64 sums
-    [sum g, sum g*(x - mean)/2] to the sums over all processes (synchronized BN);
+    [sum g, sum g*(x - mean)] to the sums over all processes (synchronized BN);
     ``count`` is then the global number of values per channel."""
     k = specs(x.dtype, layout)
     C = x.shape[1]
-    sums = np.zeros((2, C))
+    scale = 2.0                       # the partials hold sum g*(x - mean)/2
     if x.size:
         blocks, rows = k.blocks(x.shape, chunk)
         part = np.empty((2, rows, C))
         _threads.parallel_for(k.grad_sums, blocks, x.size, dy, x, coef, relu, chunk, part)
-        k.sum_partials(part, sums)
+    else:
+        part = np.zeros((2, 1, C))
     if combine is not None:
-        sums = combine(sums)
+        sums = part.sum(axis=1)       # block order, as the kernel sums
+        sums[1] *= scale
+        part, scale = combine(sums).reshape(2, 1, C), 1.0
     gcoef = np.empty((3, C), x.dtype)
     dgamma = np.empty(C, x.dtype)
     dbeta = np.empty(C, x.dtype)
-    k.grad_coef(sums, float(count), invstd, gamma, training, gcoef, dgamma, dbeta)
+    k.grad_coef(part, scale, float(count), invstd, gamma, training, gcoef, dgamma, dbeta)
     if x.size:
         _threads.parallel_for(k.grad_apply, blocks, x.size, dy, x, coef, gcoef, relu, chunk, dx)
     return dgamma, dbeta
