@@ -165,3 +165,18 @@ def test_fold_batchnorm_refuses_training_mode_and_changes_nothing():
     assert type(model[1]) is nn.BatchNorm1d
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_fold_batchnorm_removes_every_batch_norm_of_the_resnet():
+    torch.manual_seed(5)
+    model = nbt.convert_batchnorm(resnet18(num_classes=5), fuse_relu=True)
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 16, 16) * 2 + 1)
+    model.eval()
+    x = torch.randn(4, 3, 16, 16)
+    expected = model(x)
+    nbt.fold_batchnorm(model)
+    assert bn_types(model) == []
+    assert sum(type(m) is nn.ReLU for m in model.modules()) == 9   # the fused ReLUs come back
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
