@@ -40,11 +40,10 @@ from ..stats import Moments, merge_moments
 
 _KEEP_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
-# One kernel call at a time per process: each Numba kernel already runs on every core
-# (parallel=True), and Numba's "workqueue" threading layer -- the one used when neither
-# OpenMP nor TBB is available -- aborts the process when two threads call parallel
-# kernels at once, which Dask's threaded scheduler (its default for arrays) would do.
-# Reading and preparing chunks still overlaps; only the kernels take turns.
+# One kernel call at a time per process: each kernel call already runs on numbabn's
+# threads (every CPU by default), so letting Dask's threaded scheduler (its default for
+# arrays) call several at once would only oversubscribe the cores. Concurrent calls are
+# safe (tests/test_runtime.py); reading and preparing chunks still overlaps.
 _KERNEL_LOCK = threading.Lock()
 
 
