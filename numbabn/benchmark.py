@@ -5,7 +5,7 @@ Method (DESIGN.md §7): one warm-up call per case (its time is reported separate
 ``repeat`` timed calls. For each case the bytes moved follow DESIGN.md §3 (S = bytes of
 x): training forward 3S, eval forward 2S, backward 5S. GB/s is bytes/time; ``pct_copy``
 compares it with the machine's copy bandwidth measured in the same run (the faster of
-NumPy's ``copyto`` and a parallel Numba copy, 2 bytes moved per byte copied).
+NumPy's ``copyto`` and a copy on the kernels' thread pool, 2 bytes moved per byte copied).
 PyTorch (``torch.nn.functional.batch_norm`` for forward/eval, ATen's
 ``native_batch_norm_backward`` for backward, i.e. exactly the kernels autograd calls)
 and the NumPy float64 reference are timed in the same run on the same data; both
