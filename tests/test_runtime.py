@@ -184,8 +184,28 @@ def test_threads_under_numba_workqueue_layer(tmp_path):
 # ------------------------------------------------------------------ thread settings
 
 
+def test_available_cpus_follows_affinity_and_quota():
+    from numbabn import _threads
+    quota = _threads._cgroup_quota()
+    expected = len(os.sched_getaffinity(0))
+    assert numbabn.available_cpus() == (expected if quota is None else min(expected, quota))
+
+
+def test_default_threads_follow_a_narrowed_affinity_mask(tmp_path):
+    # The CPUs this process may use, not the machine's: a child pinned to one CPU
+    # gets one thread by default and still computes the same result.
+    script = textwrap.dedent("""
+        import os, sys
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+        import numbabn
+        print(numbabn.available_cpus(), numbabn.get_num_threads())
+    """)
+    result = _fresh(tmp_path, script)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.split() == [b"1", b"1"]
+
+
 def test_thread_settings(monkeypatch):
-    assert 1 <= numbabn.available_cpus() <= (os.cpu_count() or 1)
     before = numbabn.get_num_threads()
     with numbabn.limit_threads(3):
         assert numbabn.get_num_threads() == 3
@@ -266,6 +286,24 @@ def test_moments_of_a_near_constant_column_among_many():
     exact_m2 = np.array([np.sum((c.astype(np.longdouble) - mu) ** 2) for c, mu in zip(X.T, exact_mean)])
     np.testing.assert_allclose(m.m2, exact_m2.astype(np.float64), rtol=5e-14)
     np.testing.assert_allclose(m.mean, exact_mean.astype(np.float64), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("shape,chunk", [((7, 5, 3), 16), ((3, 9000, 2), 64), ((2, 3, 100), 16),
+                                         ((5, 4, 40), 16), ((1, 5000, 16), 512)])
+def test_python_block_count_matches_the_kernel_grid(shape, chunk):
+    """ncl_blocks (the driver's count, in Python) and _ncl_block (the kernels' geometry)
+    must describe the same grid: the blocks tile every element exactly once, and the
+    partial rows are exactly the block rows used."""
+    from numbabn.kernels import cpu
+    blocks, rows = cpu.ncl_blocks(shape, chunk)
+    seen = np.zeros(shape, np.int64)
+    used_rows = set()
+    for t in range(blocks):
+        kn, n0, n1, c0, c1, l0, l1 = cpu._ncl_block.py_func(t, shape, chunk)
+        seen[n0:n1, c0:c1, l0:l1] += 1
+        used_rows.add(kn)
+    assert np.all(seen == 1)
+    assert used_rows == set(range(rows))
 
 
 @pytest.mark.parametrize("shape", [(2, 3000, 16), (300, 64)])

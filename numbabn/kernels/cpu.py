@@ -119,7 +119,9 @@ def _ncl_block(t, shape, chunk):
 
 
 def ncl_blocks(shape, chunk):
-    """(blocks, partial rows) of the (N, C, L) grid of :func:`_ncl_block`."""
+    """(blocks, partial rows) of the (N, C, L) grid of :func:`_ncl_block`, in Python for
+    the driver (a jitted call per shape would cost a compile); tests/test_runtime.py
+    checks that the two agree block for block."""
     N, C, L = shape
     if L >= chunk:
         P = -(-L // chunk)
