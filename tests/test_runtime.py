@@ -100,6 +100,51 @@ def test_garbage_cache_files_recompile(populated, tmp_path):
     _same(_fresh(cache), _expected())
 
 
+# Channels-last float64 with fused ReLU, its backward, and eval of float32 input with
+# float64 running statistics: kernels the float32 NCHW script does not load.
+_VARIANTS = textwrap.dedent("""
+    import pickle, sys
+    import numpy as np
+    import numbabn
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((40, 6)) * 3 + 1
+    g, b = rng.standard_normal(6), rng.standard_normal(6)
+    y, ctx = numbabn.batch_norm_forward(x, g, b, activation="relu")
+    dx, dg, db = numbabn.batch_norm_backward(np.cos(x), ctx)
+    x32 = x.astype(np.float32)
+    rm, rv = np.linspace(-1, 1, 6), np.linspace(0.5, 2, 6)
+    ye, _ = numbabn.batch_norm_forward(x32, None, None, running_mean=rm, running_var=rv,
+                                       training=False)
+    sys.stdout.buffer.write(pickle.dumps((y, dx, dg, db, ye)))
+    sys.stderr.write("linalg loaded\\n" if "numba.np.linalg" in sys.modules else "")
+""")
+
+
+def test_warm_process_loads_every_variant_without_compiling(tmp_path):
+    cold = _fresh(tmp_path, _VARIANTS)
+    assert cold.returncode == 0, cold.stderr.decode()
+    y, dx, dg, db, ye = pickle.loads(cold.stdout)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((40, 6)) * 3 + 1
+    g, b = rng.standard_normal(6), rng.standard_normal(6)
+    ry = R.forward(x, g, b, relu=True)[0]
+    rdx, rdg, rdb = R.backward(np.cos(x), x, g, b, relu=True)
+    np.testing.assert_allclose(y, ry, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, rdx, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dg, rdg, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(db, rdb, rtol=1e-10, atol=1e-12)
+    rm, rv = np.linspace(-1, 1, 6), np.linspace(0.5, 2, 6)
+    np.testing.assert_allclose(ye, (x.astype(np.float32) - rm) / np.sqrt(rv + 1e-5), rtol=1e-5,
+                               atol=1e-5)
+    warm = _fresh(tmp_path, _VARIANTS)
+    assert warm.returncode == 0, warm.stderr.decode()
+    # Nothing compiled, nothing said, and Numba's compiler registries (which import
+    # SciPy's BLAS) were never loaded: a warm first call only rebuilds object code.
+    assert warm.stderr == b""
+    for a, b_ in zip(pickle.loads(warm.stdout), pickle.loads(cold.stdout)):
+        assert np.array_equal(a, b_)
+
+
 def test_no_writable_cache_location_compiles_in_memory(tmp_path):
     # As in a read-only install with no writable home: Numba finds no cache locator.
     script = "import numba.core.caching as c; c.CacheImpl._locator_classes = []\n" + _SCRIPT
