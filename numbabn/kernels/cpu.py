@@ -63,6 +63,18 @@ SHIFT, SUM, SQ = 0, 1, 2
 SG, SGD = 0, 1
 
 
+# Numba compiles builtin min/max as separate overloads per argument type (about 0.1 s
+# each on a cold start); these two inline into their callers.
+@njit(error_model="numpy", inline="always")
+def _min(a, b):
+    return b if b < a else a
+
+
+@njit(error_model="numpy", inline="always")
+def _max(a, b):
+    return b if b > a else a
+
+
 # ------------------------------------------------------------------ element helpers
 
 
@@ -108,14 +120,14 @@ def _ncl_block(t, shape, chunk):
         R, G, W = 1, 1, (L + P - 1) // P
     else:
         P = 1
-        G = min(C, (_RUN + L - 1) // L)
-        R, W = max(1, chunk // (G * L)), L
+        G = _min(C, (_RUN + L - 1) // L)
+        R, W = _max(1, chunk // (G * L)), L
     KC = (C + G - 1) // G
     kn = t // KC
     kc = t - kn * KC
     nb = kn // P
     p = kn - nb * P
-    return kn, nb * R, min(nb * R + R, N), kc * G, min(kc * G + G, C), p * W, min(p * W + W, L)
+    return kn, nb * R, _min(nb * R + R, N), kc * G, _min(kc * G + G, C), p * W, _min(p * W + W, L)
 
 
 def ncl_blocks(shape, chunk):
@@ -134,7 +146,7 @@ def ncl_blocks(shape, chunk):
 
 @njit(error_model="numpy")
 def _mc_rows(shape, chunk):
-    return max(_MC_MIN_ROWS, chunk // shape[1])
+    return _max(_MC_MIN_ROWS, chunk // shape[1])
 
 
 def mc_blocks(shape, chunk):
@@ -174,7 +186,7 @@ def stats_ncl(x, chunk, cnt, part, t0, t1):
                 q[c] += s2
         n = float((n1 - n0) * (l1 - l0))
         for c in range(c0, c1):
-            q[c] = max(q[c] - s[c] * s[c] / n, 0.0)
+            q[c] = _max(q[c] - s[c] * s[c] / n, 0.0)
         cnt[kn] = n
 
 
@@ -185,7 +197,7 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
     M, C = x.shape
     for k in range(t0, t1):
         r0 = k * R
-        r1 = min(r0 + R, M)
+        r1 = _min(r0 + R, M)
         sh, s, q = part[SHIFT, k], part[SUM, k], part[SQ, k]
         for c in range(C):
             sh[c] = x[r0, c]
@@ -199,7 +211,7 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
                 q[c] += d * d
         n = float(r1 - r0)
         for c in range(C):
-            q[c] = max(q[c] - s[c] * s[c] / n, 0.0)
+            q[c] = _max(q[c] - s[c] * s[c] / n, 0.0)
         cnt[k] = n
 
 
@@ -295,7 +307,7 @@ def apply_mc(x, coef, relu, chunk, y, t0, t1):
     half = x.dtype.type(0.5)
     zero = x.dtype.type(0)
     hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
-    for i in range(t0 * R, min(t1 * R, x.shape[0])):
+    for i in range(t0 * R, _min(t1 * R, x.shape[0])):
         row = x[i]
         out = y[i]
         for c in range(row.size):
@@ -344,7 +356,7 @@ def grad_sums_mc(dy, x, coef, relu, chunk, part, t0, t1):
         for c in range(sg.size):
             sg[c] = 0.0
             sgd[c] = 0.0
-        for i in range(k * R, min(k * R + R, x.shape[0])):
+        for i in range(k * R, _min(k * R + R, x.shape[0])):
             row = x[i]
             grow = dy[i]
             for c in range(row.size):
@@ -408,7 +420,7 @@ def grad_apply_mc(dy, x, coef, gcoef, relu, chunk, dx, t0, t1):
     zero = x.dtype.type(0)
     hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
     ga, gb, gd = gcoef[GA], gcoef[GB], gcoef[GD]
-    for i in range(t0 * R, min(t1 * R, x.shape[0])):
+    for i in range(t0 * R, _min(t1 * R, x.shape[0])):
         row = x[i]
         grow = dy[i]
         out = dx[i]
