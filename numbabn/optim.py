@@ -17,7 +17,7 @@ import numbers
 
 import numpy as np
 
-from . import _validation as V
+from . import _checks as V
 from .layers.base import Parameter
 
 

@@ -102,16 +102,13 @@ class BatchRenorm(BatchNormBase):
         self._rd = (r, d)
         return y
 
-    def backward(self, dy):
-        ctx = self._cached("_ctx")
-        dx, dgamma, dbeta = batch_norm_backward(self._check_dy(dy, ctx.shape, ctx.dtype), ctx)
-        if self.affine:
-            if self._rd is not None:
-                r, d = self._rd
-                dgamma = (r * dgamma + d * dbeta).astype(self.dtype)
-            self.weight.grad = dgamma
-            self.bias.grad = dbeta
-        return dx
+    def _bn_backward(self, dy):
+        # r and d are constants of the backward: dgamma = r*dgamma' + d*dbeta'.
+        dx, dgamma, dbeta = super()._bn_backward(dy)
+        if self.affine and self._rd is not None:
+            r, d = self._rd
+            dgamma = (r * dgamma + d * dbeta).astype(self.dtype)
+        return dx, dgamma, dbeta
 
     def extra_repr(self):
         return (super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}, relax_from={self.relax_from}, "

@@ -33,12 +33,12 @@ def host(a):
 
 def assert_device(*arrays):
     for a in arrays:
-        assert numbabn._validation.is_device_array(a), type(a)
+        assert numbabn._layout.is_device_array(a), type(a)
 
 
 def ncl_plan(x, axis):
     """The plan the kernels use for ``x`` (channel axis ``axis``)."""
-    _, layout, cshape, C, m = numbabn._validation.layout_of("t", "x", x.shape, axis)
+    _, layout, cshape, C, m = numbabn._layout.layout_of("t", "x", x.shape, axis)
     return K.plan(C, m, cshape[2] if layout == "ncl" else 1, config.CUDA_THREADS)
 
 

@@ -26,7 +26,7 @@ from contextlib import nullcontext
 import click
 import numpy as np
 
-from .. import _validation as V
+from .. import _checks as V
 from ..layers import Layer, SoftmaxCrossEntropy
 from .history import History
 
