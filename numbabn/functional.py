@@ -1,6 +1,8 @@
-"""Public functional batch norm: the only place that dispatches to kernels.
+"""Public functional batch norm: the one dispatcher in front of the two backends.
 
-Data flows one way: validation -> canonical layout -> kernel -> result.
+Data flows one way: checks (once, for both backends) -> canonical layout (by the
+backend) -> backend operations (moments, forward, gradient sums, gradient apply;
+see :mod:`numbabn.backends`) -> result.
 
 Formulas (per channel c over its m values; biased variance normalises)::
 
@@ -138,14 +140,14 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
         not overlapping ``x``, gamma, beta or the running statistics.
     backend : None (from the input type), "cpu" or "cuda".
     moments : optional :class:`~numbabn.stats.Moments` to normalise with instead of
-        the batch's own statistics (training mode, CPU backend). This is how
+        the batch's own statistics (training mode, either backend). This is how
         synchronized BN works: each rank computes ``moments(x)``, the ranks merge
         them exactly (Chan), and every rank normalises with the merged moments;
         the running statistics then see the global count. ``x`` may then hold no
         rows at all (an empty local batch). ``moments.count`` must be an int at
         least x's own count, ``m2`` >= 0; a count of 0 is an empty global batch.
 
-    CUDA backend (see :mod:`numbabn._cuda_backend`): GPU input (anything with
+    CUDA backend (see :mod:`numbabn.backends.cuda`): GPU input (anything with
     ``__cuda_array_interface__``) is used without copying and ``y`` is a numba device
     array (or ``out``, a GPU array); NumPy input with ``backend="cuda"`` is copied
     to the device and back. Running statistics may be GPU arrays (updated in place
@@ -207,9 +209,11 @@ def batch_norm_backward(dy, ctx, *, out=None, allreduce=None):
     receives dx (same rules as the forward's ``out``). After a CUDA forward, GPU ``dy``
     gives device arrays and NumPy ``dy`` gives NumPy arrays.
 
-    ``allreduce`` (CPU backend): a callable that receives this process's (2, C)
+    ``allreduce`` (either backend): a callable that receives this process's (2, C)
     float64 sums ``[sum g, sum g*(x - mean)]`` and returns the sums over all ranks
     (e.g. an MPI Allreduce), for synchronized BN after a forward with ``moments=``.
+    On the CUDA backend these sums (2*C values) are copied from the device for the
+    call and the result copied back: the combination always runs on the host.
     """
     fn = "batch_norm_backward"
     if not isinstance(ctx, BatchNormContext):

@@ -1,7 +1,9 @@
 """Synchronized batch norm over MPI ranks: ``SyncBatchNorm1d`` and ``SyncBatchNorm2d``.
 
-Each rank holds a slice of the global batch (any size, zero included). The layers
-are :class:`~numbabn.layers.BatchNorm1d` / ``BatchNorm2d`` plus their collectives;
+Each rank holds a slice of the global batch (any size, zero included), as a NumPy
+array or a GPU array (the CUDA backend; the exchanged per-channel sums are copied
+to the host for the collectives, and gradients of the host parameters come back as
+NumPy arrays). The layers are :class:`~numbabn.layers.BatchNorm1d` / ``BatchNorm2d`` plus their collectives;
 all the math stays in :mod:`numbabn.functional`:
 
 header (every forward and backward, eval mode included)
