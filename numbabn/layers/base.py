@@ -137,10 +137,7 @@ def check_layer_dtype(owner, dtype):
     return dt
 
 
-def check_positive_int(owner, name, value):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
-    return int(value)
+check_positive_int = V.check_int   # (owner, name, value) -> int >= 1
 
 
 def check_rng(owner, rng):
