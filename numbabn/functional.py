@@ -1,6 +1,8 @@
-"""Public functional batch norm: the only place that dispatches to kernels.
+"""Public functional batch norm: the one dispatcher in front of the two backends.
 
-Data flows one way: validation -> canonical layout -> kernel -> result.
+Data flows one way: checks (once, for both backends) -> canonical layout (by the
+backend) -> backend operations (moments, forward, gradient sums, gradient apply;
+see :mod:`numbabn.backends`) -> result.
 
 Formulas (per channel c over its m values; biased variance normalises)::
 
@@ -43,63 +45,36 @@ zero-length spatial axis) gives an empty output and, in the backward, an empty
 kernel runs for it. Exactly one value per channel in training is an error, as in
 PyTorch.
 """
-from dataclasses import dataclass
-
 import numpy as np
 
-from . import _validation as V
-from . import config
-from .kernels import cpu_driver
+from . import _bn_checks as B
+from ._checks import check_activation, check_bool, check_eps, check_momentum, describe
+from ._context import BatchNormContext
+from ._layout import is_device_array
+from .backends import cpu as _cpu_backend, get as _get_backend
 from .stats import Moments
+
+__all__ = ["BatchNormContext", "batch_norm_backward", "batch_norm_forward", "cuda_available", "moments"]
 
 _BACKENDS = ("cpu", "cuda")
 
 
-@dataclass(eq=False)
-class BatchNormContext:
-    """What :func:`batch_norm_backward` needs from the forward pass.
-
-    ``x`` is the canonical (compute-dtype) view of the input, kept by reference: do
-    not modify the input in place between forward and backward. ``mean``/``invstd``
-    (float64, shape (C,)) are the statistics the forward used: batch statistics in
-    training mode, running statistics in eval mode.
-    """
-
-    backend: str
-    layout: str
-    shape: tuple
-    axis: int
-    dtype: np.dtype
-    x: object
-    mean: object
-    invstd: object
-    gamma: object
-    beta: object
-    has_gamma: bool
-    has_beta: bool
-    training: bool
-    relu: bool
-    count: int
-    coef: object = None   # CPU: the forward's (4, C) element coefficients (kernels.cpu)
-
-    def __repr__(self):
-        # The arrays (the saved input above all) are left out: a repr is one short line.
-        return (f"BatchNormContext(backend={self.backend!r}, layout={self.layout!r}, shape={tuple(self.shape)}, "
-                f"axis={self.axis}, dtype={np.dtype(self.dtype).name}, channels={self.mean.shape[0]}, "
-                f"count={self.count}, training={self.training}, relu={self.relu}, "
-                f"gamma={'given' if self.has_gamma else 'None'}, beta={'given' if self.has_beta else 'None'})")
-
-
-def _choose_backend(fn, x, backend):
-    if backend is None and type(x) is np.ndarray:
-        return "cpu"
+def _dispatch(fn, x, backend):
+    """(backend module, whether ``x`` is a host array): asks "device array?" once."""
+    if type(x) is np.ndarray:
+        if backend is None or backend == "cpu":
+            return _cpu_backend, True
+        host = True
+    else:
+        host = not is_device_array(x)
     if backend is None:
-        backend = "cuda" if V.is_device_array(x) else "cpu"
+        backend = "cpu" if host else "cuda"
     elif backend not in _BACKENDS:
         raise ValueError(f"{fn}: backend must be None, 'cpu' or 'cuda', got {backend!r}")
-    if backend == "cuda":
-        _check_cuda_usable(fn)
-    return backend
+    if backend == "cpu":
+        return _cpu_backend, host
+    _check_cuda_usable(fn)
+    return _get_backend("cuda"), host
 
 
 _cuda_usable = []
@@ -129,12 +104,6 @@ def _check_cuda_usable(fn):
         pass
     raise RuntimeError(f"{fn}: backend='cuda' needs a CUDA GPU, and none is usable here{reason}; use "
                        "backend='cpu', or set NUMBA_ENABLE_CUDASIM=1 to run the CUDA code on Numba's simulator") from None
-
-
-def _cuda():
-    """The CUDA glue, imported on first use: it imports numba.cuda."""
-    from . import _cuda_backend
-    return _cuda_backend
 
 
 def cuda_available():
@@ -171,14 +140,14 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
         not overlapping ``x``, gamma, beta or the running statistics.
     backend : None (from the input type), "cpu" or "cuda".
     moments : optional :class:`~numbabn.stats.Moments` to normalise with instead of
-        the batch's own statistics (training mode, CPU backend). This is how
+        the batch's own statistics (training mode, either backend). This is how
         synchronized BN works: each rank computes ``moments(x)``, the ranks merge
         them exactly (Chan), and every rank normalises with the merged moments;
         the running statistics then see the global count. ``x`` may then hold no
         rows at all (an empty local batch). ``moments.count`` must be an int at
         least x's own count, ``m2`` >= 0; a count of 0 is an empty global batch.
 
-    CUDA backend (see :mod:`numbabn._cuda_backend`): GPU input (anything with
+    CUDA backend (see :mod:`numbabn.backends.cuda`): GPU input (anything with
     ``__cuda_array_interface__``) is used without copying and ``y`` is a numba device
     array (or ``out``, a GPU array); NumPy input with ``backend="cuda"`` is copied
     to the device and back. Running statistics may be GPU arrays (updated in place
@@ -187,67 +156,48 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
     On any error nothing is modified (running statistics, counter, ``out``).
     """
     fn = "batch_norm_forward"
-    backend = _choose_backend(fn, x, backend)
-    training = V.check_bool(fn, "training", training)
-    eps = V.check_eps(fn, eps)
-    momentum = V.check_momentum(fn, momentum)
-    relu = V.check_activation(fn, activation)
+    be, host = _dispatch(fn, x, backend)
+    training = check_bool(fn, "training", training)
+    eps = check_eps(fn, eps)
+    momentum = check_momentum(fn, momentum)
+    relu = check_activation(fn, activation)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{fn}: running_mean and running_var must be given together (got only one)")
     if not training and running_mean is None:
         raise ValueError(f"{fn}: training=False uses running statistics, but running_mean/running_var are None")
-    if moments is not None and backend == "cuda":
-        raise NotImplementedError(f"{fn}: moments= (synchronized statistics) is only supported on the CPU backend")
-    if backend == "cuda":
-        return _cuda().forward(fn, x, gamma, beta, running_mean, running_var, num_batches_tracked,
-                               training=training, momentum=momentum, eps=eps, axis=axis,
-                               relu=relu, out=out)
-
-    cx = V.canonical_host(fn, "x", x, axis)
-    dt = V.compute_dtype(cx.dtype)
-    g, b, rm, rv, nbt = V.check_forward_params(fn, cx, gamma, beta, running_mean, running_var,
-                                               num_batches_tracked, training)
+    cx = be.canonical(fn, "x", x, axis)
+    g, b, rm, rv, nbt = B.check_forward_params(fn, cx, gamma, beta, running_mean, running_var,
+                                               num_batches_tracked, training, be.param)
     tracking = training and running_mean is not None
     if tracking:
-        V.check_running_stats_apart(fn, running_mean, running_var)
-    stats, count = V.check_moments(fn, moments, cx, training)
-    V.check_training_batch(fn, count, cx.shape, training, tracking, momentum, nbt)
+        be.check_apart(fn, running_mean, running_var,
+                       "running_mean and running_var must not overlap (both are updated in place)")
+    stats, count = B.check_moments(fn, moments, cx, training)
+    B.check_training_batch(fn, count, cx.shape, training, tracking, momentum, nbt)
+    y = be.output(fn, out, cx, host, (x,), "out must not overlap x (the backward pass reads x)")
     if out is not None:
-        V.check_out(fn, "out", out, cx.shape, cx.dtype)
-        if np.may_share_memory(out, x):
-            raise ValueError(f"{fn}: out must not overlap x (the backward pass reads x)")
-        V.check_no_overlap(fn, out, (gamma, beta, running_mean, running_var),
-                           "gamma, beta or the running statistics (the forward reads or updates them)")
+        for other in (gamma, beta, running_mean, running_var):
+            be.check_apart(fn, out, other, "out must not overlap gamma, beta or the running statistics "
+                                           "(the forward reads or updates them)")
 
-    factor = V.resolve_momentum(tracking, momentum, nbt)
-    if out is not None and cx.dtype == dt:
-        y = out
-    else:
-        y = np.empty(cx.shape, dt)
+    factor = B.resolve_momentum(tracking, momentum, nbt)
     if training and count == 0:
         # An empty batch and no statistics from elsewhere: nothing to normalise, the
         # running statistics stay (the call is still counted, as in PyTorch), and the
         # zero statistics give zero parameter gradients.
-        C = cx.channels
-        mean, invstd, coef = np.zeros(C), np.zeros(C), np.zeros((4, C), dt)
+        mean, invstd, coef = be.zero_stats(cx.channels, y.dtype)
     else:
         # Not tracking in training means running_mean is None: the empty arrays the
-        # parameter check returns tell the kernel not to update anything. An input
+        # parameter check returns tell the kernels not to update anything. An input
         # without values (a SyncBN rank with no rows) runs no pass over data, but the
-        # same coefficient kernel as the other ranks: the same running statistics.
-        mean, invstd, coef = cpu_driver.forward(cx.array, cx.layout, g, b, rm, rv, factor, eps, training,
-                                                relu, stats, count, y.reshape(cx.array.shape), config.CHUNK)
+        # same per-channel kernel as the other ranks: the same running statistics.
+        mean, invstd, coef = be.forward(cx, g, b, rm, rv, factor, eps, training, relu, stats, count, y,
+                                        (running_mean, running_var))
     if tracking and nbt is not None:
         nbt += 1
-    if cx.dtype != dt:
-        if out is None:
-            y = y.astype(cx.dtype)
-        else:
-            out[...] = y
-            y = out
-    ctx = BatchNormContext("cpu", cx.layout, cx.shape, cx.axis, cx.dtype, cx.array, mean, invstd,
+    ctx = BatchNormContext(be.NAME, cx.layout, cx.shape, cx.axis, cx.dtype, cx.array, mean, invstd,
                            g, b, gamma is not None, beta is not None, training, relu, count, coef)
-    return y, ctx
+    return be.deliver(y, cx.shape, cx.dtype, out, host), ctx
 
 
 def batch_norm_backward(dy, ctx, *, out=None, allreduce=None):
@@ -259,41 +209,31 @@ def batch_norm_backward(dy, ctx, *, out=None, allreduce=None):
     receives dx (same rules as the forward's ``out``). After a CUDA forward, GPU ``dy``
     gives device arrays and NumPy ``dy`` gives NumPy arrays.
 
-    ``allreduce`` (CPU backend): a callable that receives this process's (2, C)
+    ``allreduce`` (either backend): a callable that receives this process's (2, C)
     float64 sums ``[sum g, sum g*(x - mean)]`` and returns the sums over all ranks
     (e.g. an MPI Allreduce), for synchronized BN after a forward with ``moments=``.
+    On the CUDA backend these sums (2*C values) are copied from the device for the
+    call and the result copied back: the combination always runs on the host.
     """
     fn = "batch_norm_backward"
     if not isinstance(ctx, BatchNormContext):
-        raise TypeError(f"{fn}: ctx must be the context returned by batch_norm_forward, got {V.describe(ctx)}")
+        raise TypeError(f"{fn}: ctx must be the context returned by batch_norm_forward, got {describe(ctx)}")
     if allreduce is not None and not callable(allreduce):
-        raise TypeError(f"{fn}: allreduce must be a callable or None, got {V.describe(allreduce)}")
-    if allreduce is not None and ctx.backend == "cuda":
-        raise NotImplementedError(f"{fn}: allreduce= is only supported on the CPU backend")
-    if ctx.backend == "cuda":
-        return _cuda().backward(fn, dy, ctx, out)
-    cdy = V.canonical_host(fn, "dy", dy, ctx.axis)
-    V.check_like_forward(fn, cdy, ctx)
-    dt = V.compute_dtype(ctx.dtype)
-    if out is not None:
-        V.check_out(fn, "out", out, ctx.shape, ctx.dtype)
-        if np.may_share_memory(out, ctx.x) or np.may_share_memory(out, dy):
-            raise ValueError(f"{fn}: out must not overlap dy or the forward input")
-    dx = out if out is not None and ctx.dtype == dt else np.empty(ctx.shape, dt)
-    combine = None
+        raise TypeError(f"{fn}: allreduce must be a callable or None, got {describe(allreduce)}")
+    if ctx.backend == "cpu":
+        be, host = _cpu_backend, True
+    else:
+        be, host = _get_backend(ctx.backend), not is_device_array(dy)
+    cdy = be.canonical(fn, "dy", dy, ctx.axis)
+    B.check_like_forward(fn, cdy, ctx)
+    dx = be.output(fn, out, cdy, host, (dy, ctx.x), "out must not overlap dy or the forward input")
+    partials = be.grad_sums(cdy, ctx)
     if allreduce is not None:
-        def combine(sums):
-            return V.check_sums(fn, allreduce(sums), sums.shape)
-    dgamma, dbeta = cpu_driver.backward(cdy.array, ctx.x, ctx.layout, ctx.coef, ctx.invstd, ctx.gamma,
-                                        ctx.training, ctx.relu, ctx.count, combine,
-                                        dx.reshape(ctx.x.shape), config.CHUNK)
-    if ctx.dtype != dt:
-        if out is None:
-            dx = dx.astype(ctx.dtype)
-        else:
-            out[...] = dx
-            dx = out
-    return dx, dgamma if ctx.has_gamma else None, dbeta if ctx.has_beta else None
+        sums = be.pack_grad_sums(partials)
+        partials = be.unpack_grad_sums(B.check_sums(fn, allreduce(sums), sums.shape))
+    dgamma, dbeta = be.grad_apply(cdy, ctx, partials, dx, host)
+    return (be.deliver(dx, ctx.shape, ctx.dtype, out, host),
+            dgamma if ctx.has_gamma else None, dbeta if ctx.has_beta else None)
 
 
 def moments(x, axis=1, *, backend=None):
@@ -306,14 +246,10 @@ def moments(x, axis=1, *, backend=None):
     which :func:`~numbabn.merge_moments` and ``moments=`` refuse).
     """
     fn = "moments"
-    backend = _choose_backend(fn, x, backend)
-    if backend == "cuda":
-        m = _cuda().moments(fn, x, axis)
-    else:
-        cx = V.canonical_host(fn, "x", x, axis)
-        if cx.count == 0:
-            return Moments.empty(cx.channels)
-        mean, m2 = cpu_driver.batch_moments(cx.array, cx.layout, config.CHUNK)
-        m = Moments(cx.count, mean, m2)
-    np.maximum(m.m2, 0.0, out=m.m2)
-    return m
+    be, _ = _dispatch(fn, x, backend)
+    cx = be.canonical(fn, "x", x, axis)
+    if cx.count == 0:
+        return Moments.empty(cx.channels)
+    mean, m2 = be.moments(cx)
+    np.maximum(m2, 0.0, out=m2)
+    return Moments(cx.count, mean, m2)

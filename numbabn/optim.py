@@ -13,16 +13,14 @@ That is what the internal-covariate-shift probe needs (DESIGN §5)::
 
 Updates stay in the parameters' dtype (float32 parameters get float32 state).
 """
-import numbers
-
 import numpy as np
 
-from . import _validation as V
+from . import _checks as V
 from .layers.base import Parameter
 
 
 def _real(fn, name, value, *, low=0.0, high=None, low_open=False, high_open=True):
-    ok = (not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Real) and np.isfinite(value)
+    ok = (V.is_real(value)
           and (value > low if low_open else value >= low)
           and (high is None or (value < high if high_open else value <= high)))
     if not ok:
@@ -149,9 +147,7 @@ class Optimizer:
             entry = {}
             for key, value in s.items():
                 if key == "step":
-                    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-                        raise ValueError(f"{fn}: state[{i}]['step'] must be an int >= 0, got {value!r}")
-                    entry[key] = int(value)
+                    entry[key] = V.check_int(fn, f"state[{i}]['step']", value, 0)
                 elif (not isinstance(value, np.ndarray) or value.shape != p.value.shape
                       or value.dtype != p.value.dtype):
                     raise ValueError(f"{fn}: state[{i}][{key!r}] must be an array of the parameter's shape "

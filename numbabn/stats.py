@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validation import check_moments_value
+from ._checks import check_moments_value
 
 
 @dataclass(frozen=True)

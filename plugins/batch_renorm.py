@@ -4,7 +4,8 @@ import numbers
 
 import numpy as np
 
-from numbabn.functional import batch_norm_backward, moments
+from numbabn._checks import check_int
+from numbabn.functional import moments
 from numbabn.layers import BatchNormBase
 
 
@@ -63,8 +64,7 @@ class BatchRenorm(BatchNormBase):
         if isinstance(dmax, bool) or not (isinstance(dmax, numbers.Real) and dmax >= 0):
             raise ValueError(f"{owner}: dmax must be a number >= 0, got {dmax!r}")
         for name, value in (("relax_from", relax_from), ("rmax_until", rmax_until), ("dmax_until", dmax_until)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-                raise ValueError(f"{owner}: {name} must be an int >= 0, got {value!r}")
+            check_int(owner, name, value, 0)
         if rmax_until < relax_from or dmax_until < relax_from:
             raise ValueError(f"{owner}: rmax_until and dmax_until must be >= relax_from, "
                              f"got {rmax_until}, {dmax_until} < {relax_from}")
@@ -102,16 +102,13 @@ class BatchRenorm(BatchNormBase):
         self._rd = (r, d)
         return y
 
-    def backward(self, dy):
-        ctx = self._cached("_ctx")
-        dx, dgamma, dbeta = batch_norm_backward(self._check_dy(dy, ctx.shape, ctx.dtype), ctx)
-        if self.affine:
-            if self._rd is not None:
-                r, d = self._rd
-                dgamma = (r * dgamma + d * dbeta).astype(self.dtype)
-            self.weight.grad = dgamma
-            self.bias.grad = dbeta
-        return dx
+    def _bn_backward(self, dy):
+        # r and d are constants of the backward: dgamma = r*dgamma' + d*dbeta'.
+        dx, dgamma, dbeta = super()._bn_backward(dy)
+        if self.affine and self._rd is not None:
+            r, d = self._rd
+            dgamma = (r * dgamma + d * dbeta).astype(self.dtype)
+        return dx, dgamma, dbeta
 
     def extra_repr(self):
         return (super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}, relax_from={self.relax_from}, "

@@ -5,7 +5,7 @@ from math import prod
 
 import numpy as np
 
-from numbabn import _validation as V
+from numbabn import _bn_checks as V
 from numbabn.functional import batch_norm_backward, batch_norm_forward
 from numbabn.layers import BatchNormBase
 

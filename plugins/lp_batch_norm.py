@@ -2,7 +2,7 @@
 Normalization Help Optimization?", NeurIPS, Section 3.3 and Appendix A)."""
 import numpy as np
 
-from numbabn import _validation as V
+from numbabn import _bn_checks as V
 from numbabn.layers import BatchNormBase
 
 P_VALUES = (1, 2, np.inf)

@@ -5,6 +5,7 @@ per block, so these tests run (slowly, one Python thread per CUDA thread) on any
 machine: shapes stay small but still give several blocks, tail tiles and channels
 split over several blocks. On a machine with a GPU the same tests run for real.
 """
+import functools
 import subprocess
 import sys
 
@@ -33,12 +34,12 @@ def host(a):
 
 def assert_device(*arrays):
     for a in arrays:
-        assert numbabn._validation.is_device_array(a), type(a)
+        assert numbabn._layout.is_device_array(a), type(a)
 
 
 def ncl_plan(x, axis):
     """The plan the kernels use for ``x`` (channel axis ``axis``)."""
-    _, layout, cshape, C, m = numbabn._validation.layout_of("t", "x", x.shape, axis)
+    _, layout, cshape, C, m = numbabn._layout.layout_of("t", "x", x.shape, axis)
     return K.plan(C, m, cshape[2] if layout == "ncl" else 1, config.CUDA_THREADS)
 
 
@@ -425,3 +426,88 @@ def test_eval_with_float64_statistics_for_float32_input(on_device):
     np.testing.assert_allclose(host(y), expected, rtol=0, atol=2e-6)
     ref = (x.astype(np.float64) - rm[None, :, None]) / np.sqrt(0.8 + 1e-5)
     assert np.abs(host(y) - ref).max() < 2e-6
+
+
+# ---------------------------------------------------------------- synchronized statistics
+
+
+def _ranks_functional(xs, dys, gamma, beta, axis, device, act):
+    """Synchronized BN over the ranks' batches ``xs`` through the functional hooks, one
+    rank after the other in this process: merged moments into every forward, and the
+    backward's sums combined over ranks (first each rank's own sums are collected,
+    then every rank's backward receives their total). Returns per-rank outputs,
+    input gradients, parameter gradients and the running statistics of rank 0."""
+    put = cuda.to_device if device else (lambda a: a)
+    merged = functools.reduce(numbabn.merge_moments, [numbabn.moments(put(x), axis=axis) for x in xs])
+    rm, rv = np.zeros(gamma.size, gamma.dtype), np.ones(gamma.size, gamma.dtype)
+    outs, ctxs = [], []
+    for rank, x in enumerate(xs):
+        # Every rank updates its own running statistics; rank 0's are compared.
+        run = (rm, rv) if rank == 0 else (rm.copy(), rv.copy())
+        y, ctx = numbabn.batch_norm_forward(put(x), gamma, beta, running_mean=run[0], running_var=run[1],
+                                            axis=axis, activation=act, moments=merged)
+        outs.append(host(y))
+        ctxs.append(ctx)
+    local = []
+    for dy, ctx in zip(dys, ctxs):
+        numbabn.batch_norm_backward(put(dy), ctx, allreduce=lambda s: local.append(s.copy()) or s)
+    total = np.sum(local, axis=0)
+    grads = [numbabn.batch_norm_backward(put(dy), ctx, allreduce=lambda s: total) for dy, ctx in zip(dys, ctxs)]
+    return outs, [host(g[0]) for g in grads], [(host(g[1]), host(g[2])) for g in grads], (rm, rv)
+
+
+@pytest.mark.parametrize("sizes", [(3, 5), (4, 0, 2)])
+@pytest.mark.parametrize("shape_tail,axis", [((3, 4), 1), ((5,), 1), ((2, 3), -1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_moments_and_allreduce_on_device_match_the_cpu_path(rng, sizes, shape_tail, axis, dtype):
+    """moments= and allreduce= on device arrays, 2 and 3 ranks (one of them empty):
+    outputs, input gradients, parameter gradients and running statistics as on the CPU."""
+    xs = [(rng.standard_normal((n,) + shape_tail) * 2 + 1).astype(dtype) for n in sizes]
+    dys = [rng.standard_normal(x.shape).astype(dtype) for x in xs]
+    C = shape_tail[0] if axis == 1 else shape_tail[-1]
+    gamma, beta = rng.uniform(0.5, 1.5, C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    gpu = _ranks_functional(xs, dys, gamma, beta, axis, True, "relu")
+    cpu = _ranks_functional(xs, dys, gamma, beta, axis, False, "relu")
+    tol = CPU_TOL[dtype]
+    for a, b in zip(gpu[0] + gpu[1], cpu[0] + cpu[1]):
+        np.testing.assert_allclose(a, b, **tol)
+    for (ga, ba), (gb, bb) in zip(gpu[2], cpu[2]):
+        np.testing.assert_allclose(ga, gb, **tol)
+        np.testing.assert_allclose(ba, bb, **tol)
+    np.testing.assert_allclose(gpu[3][0], cpu[3][0], **tol)
+    np.testing.assert_allclose(gpu[3][1], cpu[3][1], **tol)
+    # and the CPU path is batch norm of the concatenated batch
+    ref_y, ctx = numbabn.batch_norm_forward(np.concatenate(xs), gamma, beta, axis=axis, activation="relu")
+    np.testing.assert_allclose(np.concatenate(cpu[0]), ref_y, **tol)
+    ref_dx, ref_dg, ref_db = numbabn.batch_norm_backward(np.concatenate(dys), ctx)
+    np.testing.assert_allclose(np.concatenate(cpu[1]), ref_dx, **tol)
+    np.testing.assert_allclose(cpu[2][0][0], ref_dg, **tol)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("kind,shape", [("1d", (4, 3, 2)), ("2d", (2, 3, 2, 3))])
+def test_sync_batch_norm_takes_device_arrays(rng, ranks, kind, shape):
+    """SyncBatchNorm1d/2d on device input, ``ranks`` ranks holding identical batches
+    (a mirror communicator): the CPU layer on the concatenated copies."""
+    from numbabn.distributed import SyncBatchNorm1d, SyncBatchNorm2d
+
+    from .test_distributed_mpi import MirrorComm
+
+    cls, ref_cls = (SyncBatchNorm1d, numbabn.layers.BatchNorm1d) if kind == "1d" else \
+        (SyncBatchNorm2d, numbabn.layers.BatchNorm2d)
+    x = (rng.standard_normal(shape) + 2).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    sync = cls(3, activation="relu", comm=MirrorComm(ranks))._randomize_state(rng)
+    ref = ref_cls(3, activation="relu")
+    ref.load_state_dict(sync.state_dict())
+    y = sync.forward(cuda.to_device(x))
+    dx = sync.backward(cuda.to_device(dy))
+    assert_device(y, dx)
+    n = len(x)
+    np.testing.assert_allclose(host(y), ref.forward(np.concatenate([x] * ranks))[:n], **CPU_TOL[np.float32])
+    np.testing.assert_allclose(host(dx), ref.backward(np.concatenate([dy] * ranks))[:n], **CPU_TOL[np.float32])
+    assert isinstance(sync.weight.grad, np.ndarray)
+    np.testing.assert_allclose(sync.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sync.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5)
+    for key, value in ref.state_dict().items():
+        np.testing.assert_allclose(sync.state_dict()[key], value, rtol=1e-5, err_msg=key)

@@ -266,8 +266,8 @@ def test_cuda_tensors_go_to_numbabn_as_they_are(monkeypatch):
     _bridge.to_tensor(device_array, fake)
     assert seen == dict(obj=device_array, device=fake.device)
 
-    from numbabn import _validation   # numbabn's own dispatch rule for such an object
-    assert _validation.is_device_array(type("T", (), {"__cuda_array_interface__": {}})())
+    from numbabn import _layout   # numbabn's own dispatch rule for such an object
+    assert _layout.is_device_array(type("T", (), {"__cuda_array_interface__": {}})())
 
 
 def test_importing_numbabn_does_not_import_torch():

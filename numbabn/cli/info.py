@@ -51,7 +51,7 @@ def _kernel_cache():
     NUMBA_CACHE_DIR and the fallbacks for read-only installs are accounted for) and
     how many compiled signatures are stored there."""
     from numbabn import _jit
-    from numbabn.kernels import cpu  # noqa: F401  (defines the kernels)
+    from numbabn.backends import cpu  # noqa: F401  (its import defines the kernels)
 
     entries, dirs = _jit.cached_entries()
     return {"dir": dirs[0] if dirs else None, "entries": entries, "kernels": len(_jit.kernels())}

@@ -21,11 +21,11 @@ def warmup(ctx, dtypes, layouts):
     installing, e.g. in a Docker image build, and every later process only loads them.
     """
     from numbabn import config
-    from numbabn.kernels import cpu_driver
+    from numbabn.backends import cpu
 
     settings = ctx.find_object(Settings) or Settings()
     config.QUIET = True     # the progress bar says what is happening
-    plan = cpu_driver.warmup_plan(dtypes or ("float32", "float64"), layouts or ("ncl", "mc"))
+    plan = cpu.warmup_plan(dtypes or ("float32", "float64"), layouts or ("ncl", "mc"))
     t0 = time.perf_counter()
     with click.progressbar(plan, label="compiling kernels", file=sys.stderr,
                            hidden=settings.quiet or not sys.stderr.isatty(),

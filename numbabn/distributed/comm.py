@@ -42,7 +42,7 @@ import sys
 
 import numpy as np
 
-from .. import _validation as V
+from .. import _checks as V
 from ..stats import Moments, merge_moments
 
 _METHODS = ("Get_rank", "Get_size", "Allgather")

@@ -23,7 +23,7 @@ every rank holds bit-identical gradients and the models never drift apart.
 """
 import numpy as np
 
-from .. import _validation as V
+from .. import _checks as V
 from ..layers.base import Layer
 from .comm import active, check_comm, sum_in_rank_order
 from .sync_batchnorm import SyncBatchNormMixin

@@ -1,7 +1,9 @@
 """Synchronized batch norm over MPI ranks: ``SyncBatchNorm1d`` and ``SyncBatchNorm2d``.
 
-Each rank holds a slice of the global batch (any size, zero included). The layers
-are :class:`~numbabn.layers.BatchNorm1d` / ``BatchNorm2d`` plus their collectives;
+Each rank holds a slice of the global batch (any size, zero included), as a NumPy
+array or a GPU array (the CUDA backend; the exchanged per-channel sums are copied
+to the host for the collectives, and gradients of the host parameters come back as
+NumPy arrays). The layers are :class:`~numbabn.layers.BatchNorm1d` / ``BatchNorm2d`` plus their collectives;
 all the math stays in :mod:`numbabn.functional`:
 
 header (every forward and backward, eval mode included)
@@ -67,8 +69,10 @@ and results identical on all ranks by construction (see :mod:`.comm`).
 """
 import numpy as np
 
-from .. import _validation as V
-from ..functional import batch_norm_backward, batch_norm_forward, moments
+from .. import _bn_checks as B
+from .._layout import is_device_array
+from ..backends import get as backend
+from ..functional import batch_norm_backward, moments
 from ..layers.batchnorm import BatchNorm1d, BatchNorm2d
 from ..registry import register_layer
 from .comm import SyncError, active, agree, check_comm, header, merge_in_rank_order, sum_in_rank_order
@@ -110,10 +114,11 @@ class SyncBatchNormMixin:
         """Everything batch_norm_forward checks that does not need the other ranks."""
         x = self._check_input(x)
         fn = f"{type(self).__name__}.forward"
-        cx = V.canonical_host(fn, "x", x, self.axis)
+        be = backend("cuda" if is_device_array(x) else "cpu")
+        cx = be.canonical(fn, "x", x, self.axis)
         running = self._running_args()
-        V.check_forward_params(fn, cx, *self._affine_values(), running["running_mean"], running["running_var"],
-                               running["num_batches_tracked"], self.uses_batch_stats)
+        B.check_forward_params(fn, cx, *self._affine_values(), running["running_mean"], running["running_var"],
+                               running["num_batches_tracked"], self.uses_batch_stats, be.param)
         return x
 
     def forward(self, x):
@@ -132,35 +137,27 @@ class SyncBatchNormMixin:
             error = exc
         batch_stats = self.uses_batch_stats
         self._agree(comm, _FORWARD, batch_stats, error)
-        gamma, beta = self._affine_values()
-        if batch_stats:
-            merged = merge_in_rank_order(comm, moments(x, axis=self.axis))
-            y, ctx = batch_norm_forward(
-                x, gamma, beta, **self._running_args(), training=True, momentum=self.momentum,
-                eps=self.eps, axis=self.axis, activation=self.activation, moments=merged)
-        else:
-            y, ctx = super()._bn_forward(x, gamma, beta)
+        merged = merge_in_rank_order(comm, moments(x, axis=self.axis)) if batch_stats else None
+        y, ctx = self._bn_forward(x, *self._affine_values(), moments=merged)
         self._ctx, self._sync_comm = ctx, comm
         self._count(_FORWARD)
         return y
 
-    def backward(self, dy):
-        """dx (this rank's slice); weight.grad and bias.grad of the global batch."""
+    def _bn_backward(self, dy):
+        """dx (this rank's slice), dgamma and dbeta of the global batch: the gradient
+        sums are summed over the ranks between the two backward passes."""
         comm = self._sync_comm if self._sync_comm is not None else active(self.comm)
         if comm is None:
-            return super().backward(dy)
+            return super()._bn_backward(dy)
         try:
             ctx = self._cached("_ctx")
             dy, error = self._check_dy(dy, ctx.shape, ctx.dtype), None
         except Exception as exc:
             ctx, error = None, exc
         self._agree(comm, _BACKWARD, ctx.training if ctx is not None else self.uses_batch_stats, error)
-        dx, dgamma, dbeta = batch_norm_backward(dy, ctx, allreduce=lambda sums: sum_in_rank_order(comm, sums))
-        if self.affine:
-            self.weight.grad = dgamma
-            self.bias.grad = dbeta
+        grads = batch_norm_backward(dy, ctx, allreduce=lambda sums: sum_in_rank_order(comm, sums))
         self._count(_BACKWARD)
-        return dx
+        return grads
 
     def extra_repr(self):
         text = super().extra_repr()

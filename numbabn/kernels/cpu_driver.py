@@ -4,7 +4,7 @@ Each kernel is compiled for exactly one signature per dtype (float32, float64) a
 layout (``ncl`` = 3-D, ``mc`` = 2-D), with read-only input arrays, so read-only,
 writeable and freshly copied inputs all share it (:mod:`numbabn._jit`). Eval with
 float64 running statistics on float32 input adds one small coefficient kernel.
-Callers (``numbabn.functional``) pass canonical arrays: C-contiguous, aligned,
+Callers (:mod:`numbabn.backends.cpu`) pass canonical arrays: C-contiguous, aligned,
 native byte order, float32/float64.
 """
 import numpy as np
@@ -157,30 +157,45 @@ def forward(x, layout, gamma, beta, running_mean, running_var, momentum, eps, tr
     return mean, invstd, coef
 
 
-def backward(dy, x, layout, coef, invstd, gamma, training, relu, count, combine, dx, chunk):
-    """dx into ``dx``; returns (dgamma, dbeta) in x's dtype.
+def grad_sums(dy, x, layout, coef, relu, chunk):
+    """The backward's reduction pass -> partials ``(part, scale)``: ``part`` (2, K, C)
+    float64 per-block sums [sum g, sum g*(x - mean)/scale] (g = dy times the ReLU
+    mask); zeros for an input without values."""
+    C = x.shape[1]
+    if not x.size:
+        return np.zeros((2, 1, C)), 1.0
+    k = specs(x.dtype, layout)
+    blocks, rows = k.blocks(x.shape, chunk)
+    part = np.empty((2, rows, C))
+    _threads.parallel_for(k.grad_sums, blocks, x.size, dy, x, coef, relu, chunk, part)
+    return part, 2.0                  # the kernel stores sum g*(x - mean)/2
 
-    ``combine``, if given, maps this process's (2, C) float64 sums
-    [sum g, sum g*(x - mean)] to the sums over all processes (synchronized BN);
-    ``count`` is then the global number of values per channel."""
+
+def pack_grad_sums(partials):
+    """Partials -> (2, C) float64 [sum g, sum g*(x - mean)], summed in block order."""
+    part, scale = partials
+    sums = part.sum(axis=1)
+    sums[1] *= scale
+    return sums
+
+
+def unpack_grad_sums(sums):
+    """(2, C) float64 sums (e.g. over all ranks) -> partials of one block."""
+    return sums.reshape(2, 1, sums.shape[1]), 1.0
+
+
+def grad_apply(dy, x, layout, coef, invstd, gamma, training, relu, count, partials, dx, chunk):
+    """dx into ``dx`` from the partials of :func:`grad_sums` (or combined ones, with
+    ``count`` the number of values they summarise); returns (dgamma, dbeta) in x's dtype."""
     k = specs(x.dtype, layout)
     C = x.shape[1]
-    scale = 2.0                       # the partials hold sum g*(x - mean)/2
-    if x.size:
-        blocks, rows = k.blocks(x.shape, chunk)
-        part = np.empty((2, rows, C))
-        _threads.parallel_for(k.grad_sums, blocks, x.size, dy, x, coef, relu, chunk, part)
-    else:
-        part = np.zeros((2, 1, C))
-    if combine is not None:
-        sums = part.sum(axis=1)       # block order, as the kernel sums
-        sums[1] *= scale
-        part, scale = combine(sums).reshape(2, 1, C), 1.0
+    part, scale = partials
     gcoef = np.empty((3, C), x.dtype)
     dgamma = np.empty(C, x.dtype)
     dbeta = np.empty(C, x.dtype)
     k.grad_coef(part, scale, float(count), invstd, gamma, training, gcoef, dgamma, dbeta)
     if x.size:
+        blocks, _ = k.blocks(x.shape, chunk)
         _threads.parallel_for(k.grad_apply, blocks, x.size, dy, x, coef, gcoef, relu, chunk, dx)
     return dgamma, dbeta
 

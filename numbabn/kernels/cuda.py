@@ -1,6 +1,6 @@
 """CUDA batch-norm kernels (``numba.cuda``) on the canonical layouts.
 
-Imported lazily (only by the CUDA branch of :mod:`numbabn.functional`), because
+Imported lazily (only by :mod:`numbabn.backends.cuda`), because
 importing ``numba.cuda`` initialises the CUDA bindings.
 
 Layouts. Every kernel sees ``x`` as a C-contiguous device array of shape
@@ -445,51 +445,67 @@ def moments(x, threads):
 
 
 def forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, relu,
-            threads, y):
+            threads, y, stats=None, count=0):
     """Batch-norm forward of the (N, C, L) device array ``x`` into ``y``.
 
     ``gamma``/``beta``: (C,) device arrays of x's dtype, or empty for 1/0.
-    Training: batch statistics; ``running_mean``/``running_var`` ((C,) device
+    Training: batch statistics, or ``stats`` when given (host (2, C) float64
+    [mean, M2] of ``count`` values, e.g. merged over ranks; copied to the device as
+    the partials of one split); ``running_mean``/``running_var`` ((C,) device
     arrays, or empty) are updated in place with factor ``momentum``. Eval: the
     running statistics. Returns the (mean, invstd) used, float64 device arrays.
-    Launches: stats + per-channel merge + apply in training, per-channel + apply in eval.
+    Launches: stats + per-channel merge + apply in training, per-channel + apply in
+    eval; no data pass over an ``x`` without values.
     """
     N, C, L = x.shape
     m = N * L
     p = _plan_for(x, threads)
-    if training:
+    span = p.span
+    if stats is not None:
+        pmean = cuda.to_device(np.ascontiguousarray(stats[0].reshape(C, 1)))
+        pm2 = cuda.to_device(np.ascontiguousarray(stats[1].reshape(C, 1)))
+        span = m = count
+    elif training:
         pmean, pm2 = _stats(x, p)
     else:
         pmean = pm2 = cuda.device_array((0, 0))
     mean = cuda.device_array(C)
     invstd = cuda.device_array(C)
     _forward_stats_kernel[_per_channel(C, threads)](
-        pmean, pm2, p.span, m, training, running_mean, running_var, momentum, eps, mean, invstd)
-    _apply_kernel[p.blocks, p.threads](
-        x, mean, invstd, gamma, beta, relu, p.G, p.W, p.cfast, p.S, p.span, y)
+        pmean, pm2, span, m, training, running_mean, running_var, momentum, eps, mean, invstd)
+    if x.size:
+        _apply_kernel[p.blocks, p.threads](
+            x, mean, invstd, gamma, beta, relu, p.G, p.W, p.cfast, p.S, p.span, y)
     return mean, invstd
 
 
-def backward(dy, x, mean, invstd, gamma, beta, training, relu, threads, dx, dgamma, dbeta):
-    """Batch-norm backward of (N, C, L) device arrays into ``dx``, ``dgamma``, ``dbeta``.
-
-    ``mean``/``invstd`` are what the forward used (batch or running statistics);
-    ``dgamma``/``dbeta`` are (C,) device arrays of x's dtype. One reduction pass
-    and one apply pass over (x, dy): 5S of traffic.
-    """
-    N, C, L = x.shape
-    m = N * L
+def grad_sums(dy, x, mean, invstd, gamma, beta, relu, threads):
+    """The backward's reduction pass over (N, C, L) device arrays -> (psg, psgx):
+    (C, S) float64 device partials of sum g and sum g*(x - mean) per split."""
+    C = x.shape[1]
+    if not x.size:
+        return cuda.to_device(np.zeros((C, 1))), cuda.to_device(np.zeros((C, 1)))
     p = _plan_for(x, threads)
     psg, psgx = _partials(C, p)
     _grad_sums_kernel[p.blocks, p.threads, 0, 2 * 8 * p.threads](
         dy, x, mean, invstd, gamma, beta, relu, p.G, p.W, p.cfast, p.S, p.span, psg, psgx)
+    return psg, psgx
+
+
+def grad_apply(dy, x, mean, invstd, gamma, beta, training, relu, threads, psg, psgx, m, dx, dgamma, dbeta):
+    """dx, dgamma, dbeta from the partials of :func:`grad_sums` (or combined ones,
+    (C, 1), with ``m`` >= 1 the number of values they summarise). One per-channel
+    launch and one apply pass over (x, dy): with the sums pass, 5S of traffic."""
+    C = x.shape[1]
     A = cuda.device_array(C)
     B = cuda.device_array(C)
     D = cuda.device_array(C)
     _grad_coeffs_kernel[_per_channel(C, threads)](
         psg, psgx, m, mean, invstd, gamma, training, dgamma, dbeta, A, B, D)
-    _grad_apply_kernel[p.blocks, p.threads](
-        dy, x, mean, invstd, gamma, beta, relu, A, B, D, p.G, p.W, p.cfast, p.S, p.span, dx)
+    if x.size:
+        p = _plan_for(x, threads)
+        _grad_apply_kernel[p.blocks, p.threads](
+            dy, x, mean, invstd, gamma, beta, relu, A, B, D, p.G, p.W, p.cfast, p.S, p.span, dx)
 
 
 def cast(src, dst, threads):

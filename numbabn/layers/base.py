@@ -29,13 +29,14 @@ Normalisation layers (``_accepts_float16``) of dtype float32 also take float16
 input, as PyTorch's CPU kernels do: statistics and arithmetic in float32, output
 and input gradient float16, parameter gradients float32. Every other dtype
 mismatch is refused. Big-endian input is converted to the native byte order, and
-a masked array with masked values is refused (see :mod:`numbabn._validation`).
+a masked array with masked values is refused (see :mod:`numbabn._layout`).
 """
 from collections import namedtuple
 
 import numpy as np
 
-from .. import _validation as V
+from .. import _checks as V
+from .._layout import host_array, is_device_array
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 IncompatibleKeys.__doc__ = """What :meth:`Layer.load_state_dict` returns, as in PyTorch: the layer's keys
@@ -136,10 +137,7 @@ def check_layer_dtype(owner, dtype):
     return dt
 
 
-def check_positive_int(owner, name, value):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
-    return int(value)
+check_positive_int = V.check_int   # (owner, name, value) -> int >= 1
 
 
 def check_rng(owner, rng):
@@ -165,6 +163,7 @@ class Layer:
     dtype = None     # None: the layer follows its input's dtype (activations, containers)
     _accepts_float16 = False   # float16 input into a float32 layer (normalisation layers)
     _transient = ()            # attributes holding forward caches: not pickled
+    _accepts_device = False    # GPU input and dy kept on the device (layers computing only via functional)
 
     def __init__(self):
         self.training = True
@@ -350,9 +349,11 @@ class Layer:
     def _input(self, x):
         """``x`` as a floating NumPy array (native byte order); of the layer's dtype
         when it has one, or float16 for a float32 layer that ``_accepts_float16``."""
-        if type(x) is not np.ndarray or not x.dtype.isnative:
-            x = V.host_array(self._short(), "input", x)
-        if x.dtype.kind != "f":
+        if type(x) is not np.ndarray and self._accepts_device and is_device_array(x):
+            pass                      # GPU input stays there: the functional API takes it
+        elif type(x) is not np.ndarray or not x.dtype.isnative:
+            x = host_array(self._short(), "input", x)
+        if np.dtype(x.dtype).kind != "f":
             raise TypeError(f"{self._short()}: input must be a floating-point array, got dtype {x.dtype}")
         if self.dtype is not None and x.dtype != self.dtype and not self._takes_float16(x.dtype):
             hint = (" (float16 input is taken by float32 normalisation layers)"
@@ -378,12 +379,12 @@ class Layer:
         """dy of the output's shape (else ValueError) and dtype (else TypeError, as
         the functional API); big-endian dy is converted, masked values refused."""
         if isinstance(dy, np.ndarray) and not dy.dtype.isnative or isinstance(dy, np.ma.MaskedArray):
-            dy = V.host_array(self._short() + ".backward", "dy", dy)
-        if not isinstance(dy, np.ndarray):
+            dy = host_array(self._short() + ".backward", "dy", dy)
+        if not isinstance(dy, np.ndarray) and not (self._accepts_device and is_device_array(dy)):
             raise TypeError(
                 f"{self._short()}: backward expects dy as a NumPy array of the output's shape {shape} and "
                 f"dtype {dtype}, got {V.describe(dy)}")
-        if dy.shape != shape:
+        if tuple(dy.shape) != shape:
             raise ValueError(
                 f"{self._short()}: backward expects dy of the output's shape {shape} and dtype {dtype}, "
                 f"got {V.describe(dy)}")

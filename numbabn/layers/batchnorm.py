@@ -43,7 +43,7 @@ NHWC) and :class:`BatchNorm3d` (NCDHW or NDHWC).
 """
 import numpy as np
 
-from .. import _validation as V
+from .. import _checks as V
 from ..functional import batch_norm_backward, batch_norm_forward
 from ..registry import register_layer
 from .base import Layer, check_layer_dtype, check_positive_int
@@ -140,11 +140,13 @@ class BatchNormBase(Layer):
             return self.weight.value, self.bias.value
         return None, None
 
-    def _bn_forward(self, x, gamma, beta, out=None):
-        """batch_norm_forward with this layer's state and settings -> (y, ctx)."""
+    def _bn_forward(self, x, gamma, beta, out=None, moments=None):
+        """batch_norm_forward with this layer's state and settings -> (y, ctx);
+        ``moments``: statistics to normalise with instead of the batch's (SyncBN)."""
         return batch_norm_forward(
             x, gamma, beta, **self._running_args(), training=self.uses_batch_stats,
-            momentum=self.momentum, eps=self.eps, axis=self.axis, activation=self.activation, out=out)
+            momentum=self.momentum, eps=self.eps, axis=self.axis, activation=self.activation, out=out,
+            moments=moments)
 
     def forward(self, x):
         """y = BN(x) (see the module docstring); same shape and dtype as x."""
@@ -153,13 +155,20 @@ class BatchNormBase(Layer):
         return y
 
     def backward(self, dy):
-        """dx; sets weight.grad = sum g*xhat and bias.grad = sum g (per channel)."""
-        ctx = self._cached("_ctx")
-        dx, dgamma, dbeta = batch_norm_backward(self._check_dy(dy, ctx.shape, ctx.dtype), ctx)
+        """dx; sets weight.grad = sum g*xhat and bias.grad = sum g (per channel),
+        NumPy arrays also for GPU input (the parameters live on the host)."""
+        dx, dgamma, dbeta = self._bn_backward(dy)
         if self.affine:
-            self.weight.grad = dgamma
-            self.bias.grad = dbeta
+            self.weight.grad = _on_host(dgamma)
+            self.bias.grad = _on_host(dbeta)
         return dx
+
+    def _bn_backward(self, dy):
+        """The one backward hook -> (dx, dgamma, dbeta) of the cached forward: variants
+        change how the gradient sums are combined (SyncBN: over ranks) or how the
+        parameter gradients map back (BatchRenorm: through r and d)."""
+        ctx = self._cached("_ctx")
+        return batch_norm_backward(self._check_dy(dy, ctx.shape, ctx.dtype), ctx)
 
     # ------------------------------------------------------------ repr / examples
     def extra_repr(self):
@@ -183,6 +192,11 @@ class BatchNormBase(Layer):
         return self
 
 
+def _on_host(a):
+    """A gradient as a NumPy array (device arrays, from GPU input, are copied back)."""
+    return a if a is None or isinstance(a, np.ndarray) else a.copy_to_host()
+
+
 def _check_loaded_counter(fn, key, value):
     """``num_batches_tracked`` from a state dict: a count, >= 0."""
     if value.item() < 0:
@@ -196,6 +210,8 @@ class BatchNorm1d(BatchNormBase):
     See :class:`BatchNormBase` for the arguments and the module docstring for the
     formulas; ``torch.nn.BatchNorm1d`` has the same semantics.
     """
+
+    _accepts_device = True
 
     def _expected_shape(self):
         return f"(N, {self.num_features}) or (N, {self.num_features}, L)"
@@ -215,6 +231,8 @@ class BatchNorm1d(BatchNormBase):
 class _SpatialBatchNorm(BatchNormBase):
     """Batch norm over inputs with ``_spatial`` spatial axes: channels on axis 1, or
     last with ``channels_last=True`` (statistics over N and the spatial axes)."""
+
+    _accepts_device = True
 
     _spatial = 2
     _dims = "H, W"

@@ -5,7 +5,7 @@ prediction's shape and dtype and is what the network's ``backward`` takes.
 """
 import numpy as np
 
-from .. import _validation as V
+from .. import _checks as V
 
 
 class _Loss:

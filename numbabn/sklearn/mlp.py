@@ -43,7 +43,6 @@ be stratified, a failing metric, an interrupt) leaves the estimator exactly as i
 still fitted with its previous model -- or still unfitted (``NotFittedError``).
 """
 import copy
-import numbers
 import warnings
 
 import numpy as np
@@ -55,17 +54,14 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .._checks import is_int, is_real
+
 FLOAT_DTYPES = (np.float64, np.float32)
 ACTIVATIONS = ("relu", "tanh", "logistic")
 SOLVERS = ("sgd", "adam")
 
 
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_real(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and np.isfinite(value)
+_is_int, _is_real = is_int, is_real   # the shared checks: not bool; finite
 
 
 def _named_metrics():

@@ -32,13 +32,13 @@ Two ways to learn the statistics:
 
 ``fit(X)`` forgets previous statistics and is one ``partial_fit(X)``.
 """
-import numbers
 
 import numpy as np
 from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
 from sklearn.utils import check_array
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .._checks import is_real
 from ..distributed import dask as dask_support
 from ..functional import batch_norm_forward, moments
 from ..stats import Moments, merge_moments
@@ -53,8 +53,7 @@ _INPLACE_VALUES = 1 << 20
 _NAME_ATTRS = ("n_features_in_", "feature_names_in_")
 
 
-def _is_real(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+_is_real = is_real   # the shared check: a finite number, not bool
 
 
 class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):

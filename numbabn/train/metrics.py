@@ -52,7 +52,7 @@ models are probed through :func:`numbabn.train.torch_adapter.from_torch`.
 """
 import numpy as np
 
-from .. import _validation as V
+from .. import _checks as V
 from ..layers import Conv2d, Layer, Linear, Sequential
 
 WEIGHT_LAYER_TYPES = (Linear, Conv2d)

@@ -26,15 +26,12 @@ from contextlib import nullcontext
 import click
 import numpy as np
 
-from .. import _validation as V
+from .. import _checks as V
 from ..layers import Layer, SoftmaxCrossEntropy
 from .history import History
 
 
-def _positive_int(fn, name, value):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
-    return int(value)
+_positive_int = V.check_int   # (fn, name, value) -> int >= 1
 
 
 def _metric_name(fn, metric):
@@ -86,7 +83,7 @@ class Trainer:
             raise TypeError(f"{fn}: optimizer must have step() and zero_grad(), got {V.describe(optimizer)}")
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.batch_size = _positive_int(fn, "batch_size", batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        if not V.is_int(seed):
             raise TypeError(f"{fn}: seed must be an int, got {seed!r}")
         self.seed = int(seed)
         self.rng = np.random.default_rng(self.seed)

@@ -1,0 +1,130 @@
+"""The rules of one batch-norm call, checked once by :mod:`numbabn.functional` for
+both backends (and by layers that call the kernels through it): per-channel
+arguments against the input, the batch counter, ``moments=``, what an
+``allreduce`` returned, the batch size, and ``dy`` against the forward.
+"""
+import numpy as np
+
+from ._checks import check_moments_value, describe
+from ._layout import check_param, compute_dtype
+
+_FLOAT64 = np.dtype(np.float64)
+
+
+def check_forward_params(fn, cx, gamma, beta, running_mean, running_var, num_batches_tracked,
+                         training, check=None):
+    """The per-channel arguments of a forward pass, checked against the input ``cx``
+    with ``check`` (:func:`check_param`, or :func:`check_device_param` on the GPU).
+    Running statistics are updated in place only in training mode; in eval mode
+    they are only read, so read-only ones are fine there, and float64 ones are
+    accepted for float32 input too.
+    Returns (gamma, beta, running_mean, running_var, num_batches_tracked)."""
+    check = check or check_param
+    dt = compute_dtype(cx.dtype)
+    return (check(fn, "gamma", gamma, cx.channels, dt),
+            check(fn, "beta", beta, cx.channels, dt),
+            check(fn, "running_mean", running_mean, cx.channels,
+                  dt if training else _stats_dtype(running_mean, dt), inplace=training),
+            check(fn, "running_var", running_var, cx.channels,
+                  dt if training else _stats_dtype(running_var, dt), inplace=training),
+            check_counter(fn, num_batches_tracked))
+
+
+
+def _stats_dtype(value, dt):
+    """The dtype running statistics must have: the compute dtype, except that eval mode
+    (where they are only read, and the kernels turn them into float64 coefficients)
+    also takes float64 statistics for float32 input -- e.g. a float64 ``mean_`` with
+    ``|mean| >> std``, which rounding to float32 first would spoil."""
+    return _FLOAT64 if getattr(value, "dtype", None) == _FLOAT64 else dt
+
+
+_INT64 = np.dtype(np.int64)
+
+
+def check_counter(fn, value, *, inplace=True):
+    """num_batches_tracked: None or a one-element int64 array holding a count >= 0
+    (writeable when ``inplace``). int64 as in PyTorch: a narrower counter would wrap
+    (uint8: 255 -> 0, and the cumulative average would restart from one batch)."""
+    if value is None:
+        return None
+    if not isinstance(value, np.ndarray) or value.size != 1 or value.dtype != _INT64:
+        raise TypeError(
+            f"{fn}: num_batches_tracked must be a one-element int64 NumPy array "
+            f"(updated in place), got {describe(value)}")
+    if value.item() < 0:
+        raise ValueError(f"{fn}: num_batches_tracked counts batches and must be >= 0, got {value.item()}")
+    if inplace and not value.flags.writeable:
+        raise ValueError(f"{fn}: num_batches_tracked is updated in place but is read-only")
+    return value
+
+
+def check_running_stats_apart(fn, running_mean, running_var):
+    """running_mean and running_var are updated in place: not the same memory."""
+    # Two arrays that own their memory (base None: the layers' buffers) overlap only if
+    # they are the same object; only views need the (slower) address check.
+    if running_mean is running_var or (
+            (running_mean.base is not None or running_var.base is not None)
+            and np.may_share_memory(running_mean, running_var)):
+        raise ValueError(f"{fn}: running_mean and running_var must not overlap (both are updated in place)")
+
+
+def check_moments(fn, moments, cx, training):
+    """Given moments for the forward -> ((2, C) float64 stats, count); none given ->
+    (None, the batch's count)."""
+    if moments is None:
+        return None, cx.count
+    from .stats import Moments
+    if not isinstance(moments, Moments):
+        raise TypeError(f"{fn}: moments must be a numbabn.Moments or None, got {describe(moments)}")
+    if not training:
+        raise ValueError(f"{fn}: moments= replaces the batch statistics and needs training=True")
+    check_moments_value(fn, "moments", moments)
+    if moments.mean.shape != (cx.channels,) or moments.m2.shape != (cx.channels,):
+        raise ValueError(
+            f"{fn}: moments must have {cx.channels} channels like x, got mean of shape {moments.mean.shape}")
+    if moments.count < cx.count:
+        raise ValueError(
+            f"{fn}: moments must summarise at least x's own values, got count {moments.count} for x "
+            f"with {cx.count} value(s) per channel")
+    return np.ascontiguousarray(np.stack([moments.mean, moments.m2]), dtype=np.float64), int(moments.count)
+
+
+def check_sums(fn, sums, shape):
+    """What an ``allreduce`` callable returned: a float64 array of ``shape``."""
+    if not isinstance(sums, np.ndarray):
+        raise TypeError(f"{fn}: allreduce must return the summed {shape} array (a NumPy array), "
+                        f"got {describe(sums)}")
+    if sums.dtype.kind not in "fiu":
+        raise TypeError(f"{fn}: allreduce must return a real array, got dtype {sums.dtype}")
+    sums = np.ascontiguousarray(sums, dtype=np.float64)
+    if sums.shape != shape:
+        raise ValueError(f"{fn}: allreduce must return an array of shape {shape}, got {sums.shape}")
+    return sums
+
+
+def check_training_batch(fn, count, shape, training, tracking, momentum, nbt):
+    """Rules that depend on the batch: not exactly one value per channel to train
+    (none is an empty batch, as in PyTorch), and a counter for the cumulative
+    average (``momentum=None``)."""
+    if training and count == 1:
+        raise ValueError(
+            f"{fn}: Expected more than 1 value per channel when training, got input of shape {shape}")
+    if tracking and momentum is None and nbt is None:
+        raise ValueError(f"{fn}: momentum=None (cumulative average) needs num_batches_tracked")
+
+
+def resolve_momentum(tracking, momentum, nbt):
+    """The running-statistics factor of this step: ``momentum``, or
+    1/num_batches_tracked after this step for the cumulative average; 0 when not tracking."""
+    if not tracking:
+        return 0.0
+    return momentum if momentum is not None else 1.0 / (nbt.item() + 1)
+
+
+def check_like_forward(fn, cdy, ctx):
+    """dy (canonical) must have the forward input's shape and dtype."""
+    if cdy.shape != ctx.shape:
+        raise ValueError(f"{fn}: dy must have the forward input's shape {ctx.shape}, got {cdy.shape}")
+    if cdy.dtype != ctx.dtype:
+        raise TypeError(f"{fn}: dy must have the forward input's dtype {ctx.dtype}, got {cdy.dtype}")

@@ -1,0 +1,119 @@
+"""Argument checks shared by every module: one rule, one message per kind of value.
+
+Each check takes the caller's name ``fn`` (a function or class name, first in the
+message), the argument's ``name``, and the value; it returns the value in its
+canonical Python type or raises with what was expected and what came. ``bool`` is
+never taken for a number (``True`` is an int to Python, not to a user), and NumPy
+scalars are taken where Python ones are.
+"""
+from math import isfinite
+import numbers
+
+import numpy as np
+
+
+def describe(value):
+    """Short description of what came, for error messages."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"{type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"{type(value).__name__} {value!r}"[:120]
+
+
+def is_int(value):
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value):
+    """A finite real number (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and isfinite(value)
+
+
+def check_int(fn, name, value, minimum=1, *, error=ValueError):
+    """An int >= ``minimum``; the message says "a positive int" for ``minimum=1``."""
+    if type(value) is int and value >= minimum:
+        return value
+    if not is_int(value) or value < minimum:
+        expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise error(f"{fn}: {name} must be {expected}, got {value!r}")
+    return int(value)
+
+
+def check_number(fn, name, value, low=None, high=None, *, low_open=False, high_open=False, expected=None):
+    """A finite real number in the interval from ``low`` to ``high`` (None: unbounded;
+    ``*_open``: the bound itself excluded). Returns a float. ``expected`` replaces
+    the generated description ("a number in [0, 1]", "a number > 0", ...)."""
+    ok = is_real(value) and (low is None or (value > low if low_open else value >= low)) \
+        and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        raise ValueError(f"{fn}: {name} must be {expected or _interval(low, high, low_open, high_open)}, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def _interval(low, high, low_open, high_open):
+    if high is None:
+        return "a finite number" if low is None else f"a number {'>' if low_open else '>='} {low}"
+    if low is None:
+        return f"a number {'<' if high_open else '<='} {high}"
+    return f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def check_bool(fn, name, value):
+    if value is True or value is False:
+        return value
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{fn}: {name} must be a bool, got {describe(value)}")
+    return bool(value)
+
+
+def check_choice(fn, name, value, choices):
+    """One of ``choices`` (compared with ==); the message lists them."""
+    if any(value == c for c in choices if isinstance(c, str) == isinstance(value, str)):
+        return value
+    listed = ", ".join(repr(c) for c in choices)
+    raise ValueError(f"{fn}: {name} must be one of {listed}, got {value!r}")
+
+
+def check_eps(fn, eps):
+    if type(eps) is float and eps > 0 and isfinite(eps):
+        return eps
+    return check_number(fn, "eps", eps, 0, low_open=True, expected="a finite number > 0")
+
+
+def check_momentum(fn, momentum):
+    if momentum is None:
+        return None
+    if type(momentum) is float and 0.0 <= momentum <= 1.0:
+        return momentum
+    if not (is_real(momentum) and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"{fn}: momentum must be None or a number in [0, 1], got {momentum!r}")
+    return float(momentum)
+
+
+def check_activation(fn, activation):
+    """None or "relu" -> whether a ReLU is fused."""
+    if activation is None:
+        return False
+    if activation == "relu":
+        return True
+    raise ValueError(f"{fn}: activation must be None or 'relu', got {activation!r}")
+
+
+def check_moments_value(fn, name, m):
+    """A :class:`~numbabn.stats.Moments` a caller built: an integer count >= 0, and
+    mean and m2 real floating 1-D arrays of one shape with m2 >= 0 (NaN passes:
+    it is what a NaN in the data gives)."""
+    count = m.count
+    if not is_int(count):
+        raise TypeError(f"{fn}: {name}.count must be an int (values per channel), got {describe(count)}")
+    if count < 0:
+        raise ValueError(f"{fn}: {name}.count must be >= 0, got {count}")
+    for field in ("mean", "m2"):
+        a = getattr(m, field)
+        if not isinstance(a, np.ndarray) or a.dtype.kind != "f" or a.ndim != 1:
+            raise TypeError(f"{fn}: {name}.{field} must be a 1-D real floating NumPy array, got {describe(a)}")
+    if m.mean.shape != m.m2.shape:
+        raise ValueError(f"{fn}: {name}.mean and {name}.m2 differ in shape ({m.mean.shape} vs {m.m2.shape})")
+    if np.any(m.m2 < 0):
+        raise ValueError(f"{fn}: {name}.m2 (sum of squared deviations) must be >= 0, got {float(m.m2.min())!r}")

@@ -1,0 +1,47 @@
+"""What a batch-norm forward hands to its backward: :class:`BatchNormContext`.
+
+Its own module so that :mod:`numbabn.functional` (which builds it) and the backends
+(which read it) import it from one place, and no backend imports the dispatcher.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(eq=False)
+class BatchNormContext:
+    """What :func:`~numbabn.functional.batch_norm_backward` needs from the forward pass.
+
+    ``x`` is the canonical (compute-dtype) view of the input, kept by reference: do
+    not modify the input in place between forward and backward; it lives where the
+    backend computes (a NumPy array, or a device array for ``backend="cuda"``).
+    ``mean``/``invstd`` (float64, shape (C,)) are the statistics the forward used:
+    batch (or given ``moments=``) statistics in training mode, running statistics
+    in eval mode. ``count`` is the number of values per channel those statistics
+    summarise (the global count under ``moments=``). ``coef`` is backend data the
+    backward reuses (CPU: the forward's (4, C) element coefficients; CUDA: None).
+    """
+
+    backend: str
+    layout: str
+    shape: tuple
+    axis: int
+    dtype: np.dtype
+    x: object
+    mean: object
+    invstd: object
+    gamma: object
+    beta: object
+    has_gamma: bool
+    has_beta: bool
+    training: bool
+    relu: bool
+    count: int
+    coef: object = None
+
+    def __repr__(self):
+        # The arrays (the saved input above all) are left out: a repr is one short line.
+        return (f"BatchNormContext(backend={self.backend!r}, layout={self.layout!r}, shape={tuple(self.shape)}, "
+                f"axis={self.axis}, dtype={np.dtype(self.dtype).name}, channels={self.mean.shape[0]}, "
+                f"count={self.count}, training={self.training}, relu={self.relu}, "
+                f"gamma={'given' if self.has_gamma else 'None'}, beta={'given' if self.has_beta else 'None'})")

@@ -1,0 +1,216 @@
+"""Canonical layouts of array inputs (host views), and the checks of array arguments.
+
+Bad input gets a clear error (which argument, what was expected, what came) before
+any kernel runs or any state changes, and kernels only ever see canonical,
+well-typed arrays. Scalar checks are in :mod:`numbabn._checks`, the rules of a
+batch-norm call in :mod:`numbabn._bn_checks`, GPU arrays in
+:mod:`numbabn.backends.cuda`.
+
+Canonical layouts: an input with channel axis ``axis`` is viewed as
+``(N, C, L)`` ("ncl") when the channel axis is not last and ``L > 1``, or as
+``(M, C)`` ("mc") otherwise (channels-last, or a plain (N, C) matrix). The view is
+zero-copy for C-contiguous input; other inputs are copied once into that layout.
+float16 is computed in float32.
+
+Host arrays are taken as they come with two exceptions, handled alike for every
+array argument (:func:`host_array`): non-native byte order (big-endian data read
+from a file) is converted to the native order, since it is a valid float array
+the kernels cannot read; a masked array with masked values is refused (batch norm
+has no notion of a missing value, and silently using the data under the mask
+would be wrong), one without any is used as its data.
+"""
+from math import prod
+from typing import NamedTuple
+
+import numpy as np
+
+from ._checks import describe, is_int
+
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
+_FLOAT32 = np.dtype(np.float32)
+_FLOAT64 = np.dtype(np.float64)
+
+
+def compute_dtype(dtype):
+    """The native dtype the kernels compute in: float16 -> float32; float32/float64
+    of either byte order -> native float32/float64."""
+    return _FLOAT64 if np.dtype(dtype).char == "d" else _FLOAT32
+
+
+def empty_param(dtype):
+    """The shared zero-length array that kernels read as 'parameter absent'."""
+    return _EMPTY[np.dtype(dtype)]
+
+
+class Canonical(NamedTuple):
+    """An input viewed in its canonical layout (see module docstring).
+
+    A NamedTuple rather than a dataclass: one is built on every call, and the
+    per-call Python overhead decides the speed on tiny inputs.
+    """
+
+    array: object        # (N, C, L) or (M, C), C-contiguous, compute dtype
+    layout: str          # "ncl" or "mc"
+    shape: tuple         # the caller's shape
+    axis: int            # normalised channel axis
+    dtype: np.dtype      # the caller's dtype
+    channels: int
+    count: int           # values per channel (m = N*L or M)
+
+
+def check_float_dtype(fn, name, dtype):
+    if np.dtype(dtype).char not in "efd":
+        raise TypeError(
+            f"{fn}: {name} must have a floating dtype (float16, float32 or float64), got {dtype}")
+
+
+_LAYOUTS = {}   # (shape, axis) -> layout_of's answer: most programs call with few shapes
+
+
+def layout_of(fn, name, shape, axis):
+    """Normalise ``axis`` and return (axis, layout, canonical shape, C, m)."""
+    if type(axis) is int:
+        known = _LAYOUTS.get((shape, axis))
+        if known is not None:
+            return known
+    result = _layout_of(fn, name, shape, axis)
+    if type(axis) is int and len(_LAYOUTS) < 4096:
+        _LAYOUTS[(tuple(shape), axis)] = result
+    return result
+
+
+def _layout_of(fn, name, shape, axis):
+    ndim = len(shape)
+    if ndim < 2:
+        raise ValueError(
+            f"{fn}: {name} must have at least 2 dimensions (batch, channels, ...), got shape {tuple(shape)}")
+    if type(axis) is not int and not is_int(axis):
+        raise TypeError(f"{fn}: axis must be an int, got {describe(axis)}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{fn}: axis={axis} is out of range for {name} with {ndim} dimensions")
+    axis = int(axis) % ndim
+    C = int(shape[axis])
+    if C == 0:
+        raise ValueError(f"{fn}: {name} has no channels (shape {tuple(shape)}, axis={axis})")
+    N = prod(shape[:axis]) if axis != 1 else shape[0]
+    L = prod(shape[axis + 1:]) if axis != ndim - 1 else 1
+    if L == 1 or axis == ndim - 1:
+        M = N * L
+        return axis, "mc", (M, C), C, M
+    return axis, "ncl", (N, C, L), C, N * L
+
+
+def is_device_array(x):
+    """True for a GPU array: one exposing ``__cuda_array_interface__`` (numba device
+    arrays, CuPy, PyTorch CUDA tensors) or a numba device array (those of the CUDA
+    simulator have no such interface)."""
+    if isinstance(x, np.ndarray):
+        return False
+    return hasattr(x, "__cuda_array_interface__") or bool(getattr(x, "__cuda_ndarray__", False))
+
+
+def host_array(fn, name, x):
+    """``x`` as a NumPy array in native byte order (see the module docstring):
+    converted from array-likes and from big-endian data; masked arrays with masked
+    values refused. Plain native arrays come back as they are (no copy)."""
+    if type(x) is not np.ndarray:
+        if isinstance(x, np.ma.MaskedArray):
+            if np.ma.is_masked(x):
+                raise ValueError(
+                    f"{fn}: {name} is a masked array with {int(np.ma.count_masked(x))} masked value(s); "
+                    "batch norm has no notion of a missing value: fill them (x.filled(value)) or drop "
+                    "those samples first")
+            x = x.data
+        else:
+            try:
+                x = np.asarray(x)
+            except Exception as exc:
+                raise TypeError(f"{fn}: {name} must be an array, got {describe(x)}") from exc
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    return x
+
+
+def canonical_host(fn, name, x, axis):
+    """Check a host (NumPy) input and view it in its canonical layout."""
+    if type(x) is not np.ndarray or not x.dtype.isnative:
+        if is_device_array(x):
+            raise TypeError(
+                f"{fn}: {name} is a GPU array ({type(x).__name__}) but backend='cpu' was requested")
+        x = host_array(fn, name, x)
+    dtype = x.dtype
+    if dtype.char not in "fd":
+        check_float_dtype(fn, name, dtype)
+    axis, layout, cshape, C, m = layout_of(fn, name, x.shape, axis)
+    flags = x.flags
+    if flags.c_contiguous and flags.aligned and dtype.char != "e":
+        arr = x.reshape(cshape)
+    else:
+        arr = np.ascontiguousarray(x, dtype=compute_dtype(x.dtype)).reshape(cshape)
+    return Canonical(arr, layout, x.shape, axis, x.dtype, C, m)
+
+
+def check_param(fn, name, value, channels, dtype, *, inplace=False):
+    """A per-channel 1-D parameter of ``dtype`` and length ``channels``.
+
+    ``inplace`` parameters (running statistics) are updated by the kernels, so they
+    must be writeable C-contiguous NumPy arrays; others are copied if needed.
+    Returns the array, or the shared empty array when ``value`` is None.
+    """
+    if value is None:
+        return empty_param(dtype)
+    if type(value) is np.ndarray and value.dtype is dtype and value.shape == (channels,):
+        flags = value.flags           # the common case, checked in one go
+        if flags.c_contiguous and flags.aligned and (flags.writeable or not inplace):
+            return value
+    if type(value) is not np.ndarray or not value.dtype.isnative:
+        if inplace:
+            if not isinstance(value, np.ndarray) or isinstance(value, np.ma.MaskedArray):
+                raise TypeError(
+                    f"{fn}: {name} is updated in place and must be a NumPy array, got {describe(value)}")
+            if not value.dtype.isnative:
+                raise TypeError(
+                    f"{fn}: {name} is updated in place and must be in native byte order, got "
+                    f"dtype {value.dtype.str} (convert it with .astype({value.dtype.name!r}))")
+        else:
+            value = host_array(fn, name, value)
+    if value.shape != (channels,):
+        raise ValueError(
+            f"{fn}: {name} must have shape ({channels},) (one value per channel), got shape {value.shape}")
+    if value.dtype != dtype:
+        raise TypeError(f"{fn}: {name} must have dtype {dtype} to match the input, got {value.dtype}")
+    flags = value.flags
+    if not flags.aligned:
+        if inplace:
+            raise ValueError(f"{fn}: {name} is updated in place and must be an aligned array")
+        value = value.copy()
+    if inplace:
+        if not flags.writeable:
+            raise ValueError(f"{fn}: {name} is updated in place but is read-only")
+        if not flags.c_contiguous:
+            raise ValueError(f"{fn}: {name} is updated in place and must be contiguous")
+        return value
+    if not flags.c_contiguous:
+        value = value.copy()   # the kernels take contiguous parameters (read-only ones too)
+    return value
+
+
+def check_out(fn, name, out, shape, dtype):
+    """A caller-provided output: writeable, C-contiguous, exactly ``shape``/``dtype``."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{fn}: {name} must be a NumPy array, got {describe(out)}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{fn}: {name} must have shape {tuple(shape)}, got {out.shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"{fn}: {name} must have dtype {dtype}, got {out.dtype}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"{fn}: {name} must be a writeable C-contiguous array")
+    return out
+
+
+def check_no_overlap(fn, out, others, what):
+    """``out`` must share no memory with any array in ``others`` (None skipped):
+    the kernels read those while they write ``out``, or update them in place."""
+    for other in others:
+        if isinstance(other, np.ndarray) and other.size and np.may_share_memory(out, other):
+            raise ValueError(f"{fn}: out must not overlap {what}")

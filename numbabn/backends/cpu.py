@@ -1,0 +1,91 @@
+"""The CPU backend: NumPy arrays, kernels of :mod:`numbabn.kernels.cpu` run by
+:mod:`numbabn.kernels.cpu_driver` on numbabn's thread pool.
+
+Operations as listed in :mod:`numbabn.backends`; arrays are host arrays throughout
+(``host`` arguments are ignored). Buffers are allocated in the compute dtype and
+the canonical shape; :func:`deliver` returns them in the caller's shape and dtype.
+"""
+import numpy as np
+
+from .. import config
+from .._layout import canonical_host, check_out, check_param
+from ..kernels import cpu_driver
+
+NAME = "cpu"
+canonical = canonical_host
+param = check_param
+
+
+def check_apart(fn, a, b, message):
+    """Raise ``message`` when NumPy arrays ``a`` and ``b`` share memory (anything
+    else, None included, is skipped)."""
+    if not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray) or not b.size:
+        return
+    # Two arrays that own their memory (base None: the layers' buffers) overlap only if
+    # they are the same object; only views need the (slower) address check.
+    if a is b or ((a.base is not None or b.base is not None) and np.may_share_memory(a, b)):
+        raise ValueError(f"{fn}: {message}")
+
+
+def output(fn, out, cx, host, inputs, overlap_msg):
+    """Check ``out`` (a NumPy array of the caller's shape and dtype, apart from
+    ``inputs``) and return the compute-dtype buffer (canonical shape) the kernels
+    write: ``out`` itself when its dtype is the compute dtype."""
+    dt = cx.array.dtype
+    if out is not None:
+        check_out(fn, "out", out, cx.shape, cx.dtype)
+        if any(np.may_share_memory(out, a) for a in inputs):
+            raise ValueError(f"{fn}: {overlap_msg}")
+        if cx.dtype == dt:
+            return out.reshape(cx.array.shape)
+    return np.empty(cx.array.shape, dt)
+
+
+def deliver(buf, shape, dtype, out, host):
+    """The buffer as the caller's result: shape ``shape``, dtype ``dtype`` (float16
+    converted back), in ``out`` when given."""
+    if buf.dtype != dtype:
+        if out is None:
+            return buf.reshape(shape).astype(dtype)
+        out[...] = buf.reshape(shape)
+        return out
+    return buf.reshape(shape) if out is None else out
+
+
+def moments(cx):
+    """(2, C) float64 [mean, M2] of the canonical input (at least one value per channel)."""
+    return cpu_driver.batch_moments(cx.array, cx.layout, config.CHUNK)
+
+
+def zero_stats(C, dtype):
+    """(mean, invstd, coef) of a batch without values: zeros (zero gradients follow)."""
+    return np.zeros(C), np.zeros(C), np.zeros((4, C), dtype)
+
+
+def forward(cx, gamma, beta, running_mean, running_var, momentum, eps, training, relu, stats, count, y,
+            given_running):
+    """Normalise ``cx`` into ``y`` -> (mean, invstd, coef); see :func:`cpu_driver.forward`.
+    ``given_running`` (the caller's running statistics) is for backends that copy them."""
+    return cpu_driver.forward(cx.array, cx.layout, gamma, beta, running_mean, running_var, momentum, eps,
+                              training, relu, stats, count, y, config.CHUNK)
+
+
+def grad_sums(cdy, ctx):
+    return cpu_driver.grad_sums(cdy.array, ctx.x, ctx.layout, ctx.coef, ctx.relu, config.CHUNK)
+
+
+pack_grad_sums = cpu_driver.pack_grad_sums
+unpack_grad_sums = cpu_driver.unpack_grad_sums
+
+
+def grad_apply(cdy, ctx, partials, dx, host):
+    """dx into ``dx`` (canonical buffer) -> (dgamma, dbeta), NumPy arrays of the compute dtype."""
+    return cpu_driver.grad_apply(cdy.array, ctx.x, ctx.layout, ctx.coef, ctx.invstd, ctx.gamma, ctx.training,
+                                 ctx.relu, ctx.count, partials, dx, config.CHUNK)
+
+
+def warmup_plan(dtypes=("float32", "float64"), layouts=("ncl", "mc")):
+    """[(label, compile callable)] for every CPU kernel specialisation of ``dtypes`` x
+    ``layouts`` (what ``numbabn warmup`` runs, one step each)."""
+    return cpu_driver.warmup_plan(dtypes, layouts)
+

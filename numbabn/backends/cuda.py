@@ -1,0 +1,248 @@
+"""The CUDA backend: placement, GPU array checks, kernel launches of :mod:`numbabn.kernels.cuda`.
+
+Imported only when the CUDA backend is used (it imports ``numba.cuda``). Operations
+as listed in :mod:`numbabn.backends`; this module decides where arrays live:
+
+* ``x`` on the GPU (anything with ``__cuda_array_interface__``: numba device
+  arrays, CuPy, PyTorch CUDA tensors) is used in place, without copying; ``y``,
+  ``dx``, ``dgamma`` and ``dbeta`` come back as numba device arrays (or in the
+  caller's ``out``, which must then be a GPU array too).
+* ``x`` on the host with ``backend="cuda"``: copied to the device and the results
+  copied back, as NumPy arrays (``out`` must then be a NumPy array).
+* ``gamma``/``beta`` may be host or device arrays either way (host ones are copied).
+* ``running_mean``/``running_var``: GPU arrays are updated in place on the device;
+  NumPy arrays are copied to the device, updated there, and copied back into the
+  same arrays once the kernels have run. ``num_batches_tracked`` is a host counter.
+* ``moments=`` and ``allreduce=`` (synchronized BN): the packed per-channel
+  partials -- (2, C) float64 [mean, M2] into the forward, [sum g, sum g*(x - mean)]
+  out of and back into the backward -- are C values per field, so they travel
+  between device and host (one small copy each way) and the caller's combination
+  runs on the host, in the same format as on the CPU backend.
+
+Validation follows the CPU path's rules and messages (:mod:`numbabn._layout`,
+:mod:`numbabn._bn_checks`); all of it happens before any kernel runs, so bad input
+modifies nothing.
+"""
+import numpy as np
+from numba import cuda
+
+from .. import config
+from .._checks import describe
+from .._layout import Canonical, canonical_host, check_float_dtype, check_out, check_param, compute_dtype, \
+    is_device_array, layout_of
+from ..kernels import cuda as K
+
+NAME = "cuda"
+
+
+def _ncl(a, layout):
+    """The kernels' (N, C, L) view: channels-last (M, C) becomes (M, C, 1)."""
+    return a if layout == "ncl" else a.reshape(a.shape[0], a.shape[1], 1)
+
+
+# ------------------------------------------------------------------ GPU arrays
+
+
+def as_device(x):
+    """A numba device array viewing the GPU array ``x`` (zero copy)."""
+    if getattr(x, "__cuda_ndarray__", False):
+        return x
+    return cuda.as_cuda_array(x)
+
+
+def _device_readonly(x):
+    iface = getattr(x, "__cuda_array_interface__", None)
+    return bool(iface and iface["data"][1])
+
+
+def device_overlap(a, b):
+    """Whether two C-contiguous device arrays share bytes (by address range)."""
+    def extent(d):
+        # The simulator's device arrays wrap NumPy arrays and have only the host interface.
+        iface = getattr(d, "__cuda_array_interface__", None) or d.__array_interface__
+        start = iface["data"][0]
+        return start, start + d.nbytes
+
+    (a0, a1), (b0, b1) = extent(a), extent(b)
+    return a0 < b1 and b0 < a1
+
+
+def _check_device_out(fn, name, out, shape, dtype):
+    """:func:`~numbabn._layout.check_out` for a GPU output; returns the numba device view of it."""
+    if not is_device_array(out):
+        raise TypeError(f"{fn}: {name} must be a GPU array like the input, got {describe(out)}")
+    d = as_device(out)
+    if tuple(d.shape) != tuple(shape):
+        raise ValueError(f"{fn}: {name} must have shape {tuple(shape)}, got {tuple(d.shape)}")
+    if d.dtype != dtype:
+        raise TypeError(f"{fn}: {name} must have dtype {dtype}, got {d.dtype}")
+    if not d.is_c_contiguous() or _device_readonly(out):
+        raise ValueError(f"{fn}: {name} must be a writeable C-contiguous array")
+    return d
+
+
+def canonical(fn, name, x, axis):
+    """Check an input of the CUDA backend and view it in its canonical layout on the device.
+
+    GPU arrays (see :func:`~numbabn._layout.is_device_array`) are viewed without
+    copying and must be C-contiguous; anything else goes through
+    :func:`~numbabn._layout.canonical_host` and is copied to the device once.
+    float16 is converted to a float32 device copy.
+    """
+    if not is_device_array(x):
+        cx = canonical_host(fn, name, x, axis)
+        return cx._replace(array=cuda.to_device(cx.array))
+    d = as_device(x)
+    check_float_dtype(fn, name, d.dtype)
+    axis, layout, cshape, C, m = layout_of(fn, name, tuple(d.shape), axis)
+    if not d.is_c_contiguous():
+        raise ValueError(
+            f"{fn}: {name} is a non-contiguous GPU array (strides {tuple(d.strides)}); "
+            "make it C-contiguous first (e.g. cupy.ascontiguousarray, tensor.contiguous())")
+    arr = d.reshape(cshape)
+    dt = compute_dtype(d.dtype)
+    if dt != d.dtype and d.size == 0:
+        arr = cuda.device_array(cshape, dt)
+    elif dt != d.dtype:
+        converted = cuda.device_array(cshape, dt)
+        K.cast(arr, converted, config.CUDA_THREADS)
+        arr = converted
+    return Canonical(arr, layout, tuple(d.shape), axis, np.dtype(d.dtype), C, m)
+
+
+def param(fn, name, value, channels, dtype, *, inplace=False):
+    """:func:`~numbabn._layout.check_param` for the CUDA backend; returns a device array.
+
+    GPU arrays are used in place (they must be C-contiguous); host arrays are
+    checked by :func:`~numbabn._layout.check_param` and copied to the device
+    (:func:`forward` copies in-place parameters back). None gives an empty device array.
+    """
+    if not is_device_array(value):
+        return cuda.to_device(check_param(fn, name, value, channels, dtype, inplace=inplace))
+    d = as_device(value)
+    if tuple(d.shape) != (channels,):
+        raise ValueError(
+            f"{fn}: {name} must have shape ({channels},) (one value per channel), got shape {tuple(d.shape)}")
+    if d.dtype != dtype:
+        raise TypeError(f"{fn}: {name} must have dtype {dtype} to match the input, got {d.dtype}")
+    if not d.is_c_contiguous():
+        raise ValueError(f"{fn}: {name} must be a contiguous GPU array")
+    if inplace and _device_readonly(value):
+        raise ValueError(f"{fn}: {name} is updated in place but is read-only")
+    return d
+
+
+def check_apart(fn, a, b, message):
+    """Raise ``message`` when arrays ``a`` and ``b`` (host or device; None skipped) share memory."""
+    if a is None or b is None:
+        return
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        overlap = b.size > 0 and np.may_share_memory(a, b)
+    elif is_device_array(a) and is_device_array(b):
+        da, db = as_device(a), as_device(b)
+        overlap = da.size > 0 and db.size > 0 and device_overlap(da, db)
+    else:
+        overlap = False
+    if overlap:
+        raise ValueError(f"{fn}: {message}")
+
+
+def output(fn, out, cx, host, inputs, overlap_msg):
+    """Check ``out`` and return the compute-dtype device buffer (canonical shape)
+    the kernels write: ``out`` itself when it is a device array of that dtype."""
+    dt = compute_dtype(cx.dtype)
+    if out is not None:
+        if host:
+            check_out(fn, "out", out, cx.shape, cx.dtype)
+            overlaps = any(np.may_share_memory(out, a) for a in inputs if isinstance(a, np.ndarray))
+        else:
+            d = _check_device_out(fn, "out", out, cx.shape, cx.dtype)
+            overlaps = any(device_overlap(d, as_device(a)) for a in inputs if is_device_array(a))
+        if overlaps:
+            raise ValueError(f"{fn}: {overlap_msg}")
+        if not host and cx.dtype == dt:
+            return d.reshape(cx.array.shape)
+    return cuda.device_array(cx.array.shape, dt)
+
+
+def deliver(buf, shape, dtype, out, host):
+    """The device result ``buf`` as the caller's kind of array, in ``out`` if given."""
+    if host:
+        res = buf.copy_to_host().reshape(shape)
+        if out is None:
+            return res.astype(dtype, copy=False)
+        out[...] = res
+        return out
+    if buf.dtype != dtype and buf.size == 0:
+        return cuda.device_array(shape, dtype) if out is None else out
+    if buf.dtype != dtype:   # float16: convert on the device
+        target = cuda.device_array(shape, dtype) if out is None else as_device(out)
+        K.cast(buf, target, config.CUDA_THREADS)
+        return target if out is None else out
+    return buf.reshape(shape) if out is None else out
+
+
+# ------------------------------------------------------------------ operations
+
+
+def moments(cx):
+    """(2, C) float64 [mean, M2] (NumPy) of the canonical device input (at least one
+    value per channel): Welford per thread, Chan merges per block and across blocks."""
+    mean, m2 = K.moments(_ncl(cx.array, cx.layout), config.CUDA_THREADS)
+    return np.stack([mean.copy_to_host(), m2.copy_to_host()])
+
+
+def zero_stats(C, dtype):
+    """(mean, invstd, coef) of a batch without values: zeros (zero gradients follow)."""
+    zeros = cuda.to_device(np.zeros(C))
+    return zeros, zeros, None
+
+
+def forward(cx, gamma, beta, running_mean, running_var, momentum, eps, training, relu, stats, count, y,
+            given_running):
+    """Normalise ``cx`` into the device buffer ``y`` -> (mean, invstd, None), float64
+    device arrays. ``stats``: host (2, C) [mean, M2] of ``count`` values to use
+    instead of the batch's (copied to the device). Running statistics given as
+    NumPy arrays (``given_running``) receive the device update in place."""
+    mean, invstd = K.forward(_ncl(cx.array, cx.layout), gamma, beta, running_mean, running_var, momentum, eps,
+                             training, relu, config.CUDA_THREADS, _ncl(y, cx.layout), stats, count)
+    if training and running_mean.size:
+        for given, updated in zip(given_running, (running_mean, running_var)):
+            if not is_device_array(given):
+                updated.copy_to_host(given)
+    return mean, invstd, None
+
+
+def grad_sums(cdy, ctx):
+    """Device partials (psg, psgx), (C, S) float64, of sum g and sum g*(x - mean)."""
+    return K.grad_sums(_ncl(cdy.array, ctx.layout), _ncl(ctx.x, ctx.layout), ctx.mean, ctx.invstd,
+                       ctx.gamma, ctx.beta, ctx.relu, config.CUDA_THREADS)
+
+
+def pack_grad_sums(partials):
+    """Device partials -> host (2, C) float64 [sum g, sum g*(x - mean)], summed in split order."""
+    return np.stack([p.copy_to_host().sum(axis=1) for p in partials])
+
+
+def unpack_grad_sums(sums):
+    """Host (2, C) float64 sums (e.g. over all ranks) -> device partials of one split."""
+    return tuple(cuda.to_device(np.ascontiguousarray(s.reshape(-1, 1))) for s in sums)
+
+
+def grad_apply(cdy, ctx, partials, dx, host):
+    """dx into the device buffer ``dx`` -> (dgamma, dbeta) of the compute dtype:
+    NumPy arrays when ``host`` (dy came from the host), device arrays otherwise."""
+    C = ctx.mean.shape[0]
+    dt = compute_dtype(ctx.dtype)
+    if ctx.count == 0:      # no values anywhere: zero parameter gradients, no kernel
+        zeros = np.zeros(C, dt)
+        return (zeros, zeros.copy()) if host else (cuda.to_device(zeros), cuda.to_device(zeros))
+    dgamma = cuda.device_array(C, dt)
+    dbeta = cuda.device_array(C, dt)
+    psg, psgx = partials
+    K.grad_apply(_ncl(cdy.array, ctx.layout), _ncl(ctx.x, ctx.layout), ctx.mean, ctx.invstd, ctx.gamma,
+                 ctx.beta, ctx.training, ctx.relu, config.CUDA_THREADS, psg, psgx, ctx.count,
+                 _ncl(dx, ctx.layout), dgamma, dbeta)
+    if host:
+        return dgamma.copy_to_host(), dbeta.copy_to_host()
+    return dgamma, dbeta
