@@ -1,6 +1,6 @@
 """CPU batch-norm kernels: serial, GIL-free Numba block kernels and their drivers.
 
-Layouts (see ``numbabn._validation.canonical_host``):
+Layouts (see ``numbabn._layout.canonical_host``):
 
 * ``ncl`` -- ``x`` of shape ``(N, C, L)``, C-contiguous; channel ``c`` holds the
   ``m = N*L`` values ``x[:, c, :]``.
