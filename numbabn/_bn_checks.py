@@ -128,3 +128,12 @@ def check_like_forward(fn, cdy, ctx):
         raise ValueError(f"{fn}: dy must have the forward input's shape {ctx.shape}, got {cdy.shape}")
     if cdy.dtype != ctx.dtype:
         raise TypeError(f"{fn}: dy must have the forward input's dtype {ctx.dtype}, got {cdy.dtype}")
+
+
+def check_residual(fn, cres, cx):
+    """The residual (canonical) must have the input's shape and dtype; returns it."""
+    if cres.shape != cx.shape:
+        raise ValueError(f"{fn}: residual must have the shape of x {tuple(cx.shape)}, got {tuple(cres.shape)}")
+    if cres.dtype != cx.dtype:
+        raise TypeError(f"{fn}: residual must have the dtype of x ({cx.dtype}), got {cres.dtype}")
+    return cres

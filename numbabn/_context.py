@@ -20,6 +20,8 @@ class BatchNormContext:
     in eval mode. ``count`` is the number of values per channel those statistics
     summarise (the global count under ``moments=``). ``coef`` is backend data the
     backward reuses (CPU: the forward's (4, C) element coefficients; CUDA: None).
+    ``residual`` is the canonical view of the fused residual input (kept by reference
+    like ``x``; the backward recomputes the ReLU mask from it), or None.
     """
 
     backend: str
@@ -38,10 +40,12 @@ class BatchNormContext:
     relu: bool
     count: int
     coef: object = None
+    residual: object = None
 
     def __repr__(self):
         # The arrays (the saved input above all) are left out: a repr is one short line.
         return (f"BatchNormContext(backend={self.backend!r}, layout={self.layout!r}, shape={tuple(self.shape)}, "
                 f"axis={self.axis}, dtype={np.dtype(self.dtype).name}, channels={self.mean.shape[0]}, "
                 f"count={self.count}, training={self.training}, relu={self.relu}, "
+                f"residual={'given' if self.residual is not None else 'None'}, "
                 f"gamma={'given' if self.has_gamma else 'None'}, beta={'given' if self.has_beta else 'None'})")

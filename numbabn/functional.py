@@ -10,6 +10,7 @@ Formulas (per channel c over its m values; biased variance normalises)::
     var    = (1/m) sum (x_i - mean)^2
     invstd = 1 / sqrt(var + eps)
     y_i    = gamma * (x_i - mean) * invstd + beta        (then max(y, 0) if relu)
+    y_i    = act(gamma * (x_i - mean) * invstd + beta + r_i)   (with residual=r)
 
 Eval mode uses the running statistics: ``a = gamma*invstd_running``,
 ``y = a*(x - running_mean) + beta``. (DESIGN.md suggests folding this into one FMA
@@ -24,7 +25,8 @@ Running statistics (PyTorch's convention), updated in place in training mode::
 ``momentum=None`` is the cumulative average (momentum_t = 1/num_batches_tracked,
 Ioffe & Szegedy's Algorithm 2). Keras' ``momentum=0.99`` is our ``momentum=0.01``.
 
-Backward (Santurkar et al. 2018, Fact C.1), with g = dy (times the ReLU mask)::
+Backward (Santurkar et al. 2018, Fact C.1), with g = dy (times the ReLU mask; with a
+residual, the residual's gradient is g too)::
 
     dbeta  = sum g_i
     dgamma = sum g_i * xhat_i
@@ -118,7 +120,7 @@ def cuda_available():
 
 def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
                        num_batches_tracked=None, training=True, momentum=0.1, eps=1e-5,
-                       axis=1, activation=None, out=None, backend=None, moments=None):
+                       axis=1, activation=None, out=None, backend=None, moments=None, residual=None):
     """Batch-norm forward pass. Returns ``(y, ctx)``.
 
     Parameters
@@ -136,6 +138,12 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
     momentum : float in [0, 1] or None, see the module docstring.
     eps : float > 0 added to the variance.
     activation : None or "relu" (fused, no extra pass over memory).
+    residual : optional array added before the activation (a ResNet block's
+        ``relu(bn(x) + identity)`` in one pass): same shape and dtype as ``x``
+        (float16 computed in float32 like ``x``), same backend; any strides (copied
+        to the canonical layout like ``x`` when needed). Kept by reference for the
+        backward (do not modify it in between); ``out`` must not overlap it.
+        :func:`batch_norm_backward` then also returns its gradient.
     out : optional preallocated output, same shape and dtype as ``x``, C-contiguous,
         not overlapping ``x``, gamma, beta or the running statistics.
     backend : None (from the input type), "cpu" or "cuda".
@@ -166,6 +174,11 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
     if not training and running_mean is None:
         raise ValueError(f"{fn}: training=False uses running statistics, but running_mean/running_var are None")
     cx = be.canonical(fn, "x", x, axis)
+    cres = None
+    if residual is not None:
+        if not host and not is_device_array(residual):
+            raise TypeError(f"{fn}: residual must be a GPU array like x, got {describe(residual)}")
+        cres = B.check_residual(fn, be.canonical(fn, "residual", residual, cx.axis), cx)
     g, b, rm, rv, nbt = B.check_forward_params(fn, cx, gamma, beta, running_mean, running_var,
                                                num_batches_tracked, training, be.param)
     tracking = training and running_mean is not None
@@ -174,7 +187,9 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
                        "running_mean and running_var must not overlap (both are updated in place)")
     stats, count = B.check_moments(fn, moments, cx, training)
     B.check_training_batch(fn, count, cx.shape, training, tracking, momentum, nbt)
-    y = be.output(fn, out, cx, host, (x,), "out must not overlap x (the backward pass reads x)")
+    y = be.output(fn, out, cx, host, (x,) if residual is None else (x, residual),
+                  "out must not overlap x (the backward pass reads x)" if residual is None else
+                  "out must not overlap x or residual (the backward pass reads them)")
     if out is not None:
         for other in (gamma, beta, running_mean, running_var):
             be.check_apart(fn, out, other, "out must not overlap gamma, beta or the running statistics "
@@ -192,22 +207,30 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
         # without values (a SyncBN rank with no rows) runs no pass over data, but the
         # same per-channel kernel as the other ranks: the same running statistics.
         mean, invstd, coef = be.forward(cx, g, b, rm, rv, factor, eps, training, relu, stats, count, y,
-                                        (running_mean, running_var))
+                                        (running_mean, running_var),
+                                        **({} if cres is None else {"residual": cres.array}))
     if tracking and nbt is not None:
         nbt += 1
     ctx = BatchNormContext(be.NAME, cx.layout, cx.shape, cx.axis, cx.dtype, cx.array, mean, invstd,
-                           g, b, gamma is not None, beta is not None, training, relu, count, coef)
+                           g, b, gamma is not None, beta is not None, training, relu, count, coef,
+                           None if cres is None else cres.array)
     return be.deliver(y, cx.shape, cx.dtype, out, host), ctx
 
 
-def batch_norm_backward(dy, ctx, *, out=None, allreduce=None):
-    """Batch-norm backward pass. Returns ``(dx, dgamma, dbeta)``.
+def batch_norm_backward(dy, ctx, *, out=None, allreduce=None, residual_out=None):
+    """Batch-norm backward pass. Returns ``(dx, dgamma, dbeta)``, or
+    ``(dx, dgamma, dbeta, dresidual)`` when the forward had a ``residual``.
 
     ``dy`` has the shape and dtype of the forward input; ``ctx`` is what
     :func:`batch_norm_forward` returned. Dispatches on ``ctx.backend``. ``dgamma``
     and ``dbeta`` are None where the forward had no gamma/beta. ``out`` optionally
     receives dx (same rules as the forward's ``out``). After a CUDA forward, GPU ``dy``
     gives device arrays and NumPy ``dy`` gives NumPy arrays.
+
+    ``dresidual`` (residual forward only) is ``dy`` times the ReLU mask (with
+    ``activation="relu"``, written by the same pass that computes dx), or a copy of
+    ``dy`` without activation; ``residual_out`` optionally receives it (same rules
+    as ``out``, not overlapping ``out``).
 
     ``allreduce`` (either backend): a callable that receives this process's (2, C)
     float64 sums ``[sum g, sum g*(x - mean)]`` and returns the sums over all ranks
@@ -226,14 +249,30 @@ def batch_norm_backward(dy, ctx, *, out=None, allreduce=None):
         be, host = _get_backend(ctx.backend), not is_device_array(dy)
     cdy = be.canonical(fn, "dy", dy, ctx.axis)
     B.check_like_forward(fn, cdy, ctx)
-    dx = be.output(fn, out, cdy, host, (dy, ctx.x), "out must not overlap dy or the forward input")
+    residual = ctx.residual is not None
+    if residual_out is not None and not residual:
+        raise ValueError(f"{fn}: residual_out is for the gradient of a residual, but the forward had none")
+    inputs = (dy, ctx.x) if not residual else (dy, ctx.x, ctx.residual)
+    dx = be.output(fn, out, cdy, host, inputs, "out must not overlap dy or the forward input" if not residual
+                   else "out must not overlap dy or the forward input or residual")
+    dres = None
+    if residual:
+        dres = be.output(fn, residual_out, cdy, host, inputs + ((out,) if out is not None else ()),
+                         "residual_out must not overlap dy, out or the forward input or residual")
     partials = be.grad_sums(cdy, ctx)
     if allreduce is not None:
         sums = be.pack_grad_sums(partials)
         partials = be.unpack_grad_sums(B.check_sums(fn, allreduce(sums), sums.shape))
-    dgamma, dbeta = be.grad_apply(cdy, ctx, partials, dx, host)
+    if not residual:
+        dgamma, dbeta = be.grad_apply(cdy, ctx, partials, dx, host)
+        return (be.deliver(dx, ctx.shape, ctx.dtype, out, host),
+                dgamma if ctx.has_gamma else None, dbeta if ctx.has_beta else None)
+    dgamma, dbeta = be.grad_apply(cdy, ctx, partials, dx, host, dres)
+    if not ctx.relu:                  # no mask: the residual's gradient is dy itself
+        be.copy(cdy.array, dres)
     return (be.deliver(dx, ctx.shape, ctx.dtype, out, host),
-            dgamma if ctx.has_gamma else None, dbeta if ctx.has_beta else None)
+            dgamma if ctx.has_gamma else None, dbeta if ctx.has_beta else None,
+            be.deliver(dres, ctx.shape, ctx.dtype, residual_out, host))
 
 
 def moments(x, axis=1, *, backend=None):

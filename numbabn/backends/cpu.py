@@ -63,25 +63,32 @@ def zero_stats(C, dtype):
 
 
 def forward(cx, gamma, beta, running_mean, running_var, momentum, eps, training, relu, stats, count, y,
-            given_running):
+            given_running, residual=None):
     """Normalise ``cx`` into ``y`` -> (mean, invstd, coef); see :func:`cpu_driver.forward`.
-    ``given_running`` (the caller's running statistics) is for backends that copy them."""
+    ``given_running`` (the caller's running statistics) is for backends that copy them;
+    ``residual`` (canonical, like ``cx.array``, or None) is added before the ReLU."""
     return cpu_driver.forward(cx.array, cx.layout, gamma, beta, running_mean, running_var, momentum, eps,
-                              training, relu, stats, count, y, config.CHUNK)
+                              training, relu, stats, count, y, config.CHUNK, residual)
 
 
 def grad_sums(cdy, ctx):
-    return cpu_driver.grad_sums(cdy.array, ctx.x, ctx.layout, ctx.coef, ctx.relu, config.CHUNK)
+    return cpu_driver.grad_sums(cdy.array, ctx.x, ctx.layout, ctx.coef, ctx.relu, config.CHUNK, ctx.residual)
+
+
+def copy(src, dst):
+    """dst[...] = src (canonical buffers of one shape and dtype)."""
+    np.copyto(dst, src)
 
 
 pack_grad_sums = cpu_driver.pack_grad_sums
 unpack_grad_sums = cpu_driver.unpack_grad_sums
 
 
-def grad_apply(cdy, ctx, partials, dx, host):
-    """dx into ``dx`` (canonical buffer) -> (dgamma, dbeta), NumPy arrays of the compute dtype."""
+def grad_apply(cdy, ctx, partials, dx, host, dres=None):
+    """dx into ``dx`` (canonical buffer) -> (dgamma, dbeta), NumPy arrays of the compute dtype.
+    With a fused residual and ReLU, its gradient into ``dres`` (canonical buffer)."""
     return cpu_driver.grad_apply(cdy.array, ctx.x, ctx.layout, ctx.coef, ctx.invstd, ctx.gamma, ctx.training,
-                                 ctx.relu, ctx.count, partials, dx, config.CHUNK)
+                                 ctx.relu, ctx.count, partials, dx, config.CHUNK, ctx.residual, dres)
 
 
 def warmup_plan(dtypes=("float32", "float64"), layouts=("ncl", "mc")):

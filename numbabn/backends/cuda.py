@@ -199,13 +199,14 @@ def zero_stats(C, dtype):
 
 
 def forward(cx, gamma, beta, running_mean, running_var, momentum, eps, training, relu, stats, count, y,
-            given_running):
+            given_running, residual=None):
     """Normalise ``cx`` into the device buffer ``y`` -> (mean, invstd, None), float64
     device arrays. ``stats``: host (2, C) [mean, M2] of ``count`` values to use
     instead of the batch's (copied to the device). Running statistics given as
     NumPy arrays (``given_running``) receive the device update in place."""
     mean, invstd = K.forward(_ncl(cx.array, cx.layout), gamma, beta, running_mean, running_var, momentum, eps,
-                             training, relu, config.CUDA_THREADS, _ncl(y, cx.layout), stats, count)
+                             training, relu, config.CUDA_THREADS, _ncl(y, cx.layout), stats, count,
+                             None if residual is None else _ncl(residual, cx.layout))
     if training and running_mean.size:
         for given, updated in zip(given_running, (running_mean, running_var)):
             if not is_device_array(given):
@@ -216,7 +217,8 @@ def forward(cx, gamma, beta, running_mean, running_var, momentum, eps, training,
 def grad_sums(cdy, ctx):
     """Device partials (psg, psgx), (C, S) float64, of sum g and sum g*(x - mean)."""
     return K.grad_sums(_ncl(cdy.array, ctx.layout), _ncl(ctx.x, ctx.layout), ctx.mean, ctx.invstd,
-                       ctx.gamma, ctx.beta, ctx.relu, config.CUDA_THREADS)
+                       ctx.gamma, ctx.beta, ctx.relu, config.CUDA_THREADS,
+                       None if ctx.residual is None else _ncl(ctx.residual, ctx.layout))
 
 
 def pack_grad_sums(partials):
@@ -229,7 +231,12 @@ def unpack_grad_sums(sums):
     return tuple(cuda.to_device(np.ascontiguousarray(s.reshape(-1, 1))) for s in sums)
 
 
-def grad_apply(cdy, ctx, partials, dx, host):
+def copy(src, dst):
+    """dst[...] = src (canonical device buffers of one shape and dtype)."""
+    dst.copy_to_device(src)
+
+
+def grad_apply(cdy, ctx, partials, dx, host, dres=None):
     """dx into the device buffer ``dx`` -> (dgamma, dbeta) of the compute dtype:
     NumPy arrays when ``host`` (dy came from the host), device arrays otherwise."""
     C = ctx.mean.shape[0]
@@ -242,7 +249,9 @@ def grad_apply(cdy, ctx, partials, dx, host):
     psg, psgx = partials
     K.grad_apply(_ncl(cdy.array, ctx.layout), _ncl(ctx.x, ctx.layout), ctx.mean, ctx.invstd, ctx.gamma,
                  ctx.beta, ctx.training, ctx.relu, config.CUDA_THREADS, psg, psgx, ctx.count,
-                 _ncl(dx, ctx.layout), dgamma, dbeta)
+                 _ncl(dx, ctx.layout), dgamma, dbeta,
+                 None if ctx.residual is None else _ncl(ctx.residual, ctx.layout),
+                 None if dres is None else _ncl(dres, ctx.layout))
     if host:
         return dgamma.copy_to_host(), dbeta.copy_to_host()
     return dgamma, dbeta

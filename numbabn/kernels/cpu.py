@@ -12,8 +12,16 @@ count). :func:`numbabn._threads.parallel_for` hands spans of blocks to threads.
 Reductions write one partial per (block row, channel), merged in block order, so
 results are bit-identical for any number of threads. The arithmetic on one element
 lives in the shared element helpers (:func:`_normalise`, :func:`_masked`); the
-kernels are loops around them. A fused variant (say a residual
-add) changes those helpers and ``kernels/reference.py``.
+kernels are loops around them.
+
+Residual fusion (``y = act(gamma*xhat + beta + r)``): the kernels take the residual
+``res`` (and, in the backward, its gradient output ``dres``) as an array of x's shape
+or ``None``. Numba prunes ``if res is None`` branches at compile time for a
+None-typed argument, so the default signature (``None``) keeps the plain machine
+code, and the residual path is one more signature of the same bodies, compiled on
+first use. With ReLU the backward stores ``dres = g`` (dy times the mask, recomputed
+with the residual exactly as the forward rounded it); without ReLU ``dres = dy``
+needs no kernel.
 
 Statistics (one pass): per block and channel, with ``d = x - s`` (``s`` the block's
 first value of that channel, kept exactly in float64), sums of ``d`` and ``d*d`` in
@@ -78,21 +86,47 @@ def _max(a, b):
 # ------------------------------------------------------------------ element helpers
 
 
+@njit(error_model="numpy", inline="always")
+def _at(arr, i):
+    """``arr[i]``, or None for an absent (None) residual: pruned at compile time."""
+    if arr is None:
+        return None
+    return arr[i]
+
+
+@njit(error_model="numpy", inline="always")
+def _row(arr, n, c, l0, l1):
+    """``arr[n, c, l0:l1]``, or None for an absent residual."""
+    if arr is None:
+        return None
+    return arr[n, c, l0:l1]
+
+
+@njit(error_model="numpy", inline="always")
+def _store(arr, i, v):
+    """``arr[i] = v`` unless ``arr`` is None (no residual gradient to store)."""
+    if arr is not None:
+        arr[i] = v
+
+
 @njit(error_model="numpy")
-def _normalise(v, half, hi, lo, a, b, relu, zero):
+def _normalise(v, half, hi, lo, a, b, relu, zero, r):
     """(d, y) of one element: d = (x - mean)/2 in x's dtype from the halved split mean
-    (hi, lo), y = a*d + b, then ReLU if fused (NaN passes through)."""
+    (hi, lo), y = a*d + b (+ r, the residual, unless None), then ReLU if fused (NaN
+    passes through)."""
     d = (v * half - hi) - lo
     y = d * a + b
+    if r is not None:
+        y = y + r
     if relu and y < zero:
         y = zero
     return d, y
 
 
 @njit(error_model="numpy")
-def _masked(v, g, half, hi, lo, a, b, relu, zero):
+def _masked(v, g, half, hi, lo, a, b, relu, zero, r):
     """(d, g times the forward's ReLU mask y > 0), y recomputed exactly as the forward did."""
-    d, y = _normalise(v, half, hi, lo, a, b, relu, zero)
+    d, y = _normalise(v, half, hi, lo, a, b, relu, zero, r)
     if relu and not y > zero:
         return d, zero
     return d, g
@@ -285,8 +319,8 @@ def coefficients(cnt, part, gamma, beta, running_mean, running_var, momentum, ep
 
 
 @kernel()
-def apply_ncl(x, coef, relu, chunk, y, t0, t1):
-    """y = normalise(x) over the blocks t0..t1 of (N, C, L) arrays."""
+def apply_ncl(x, res, coef, relu, chunk, y, t0, t1):
+    """y = normalise(x) (+ res) over the blocks t0..t1 of (N, C, L) arrays."""
     half = x.dtype.type(0.5)
     zero = x.dtype.type(0)
     for t in range(t0, t1):
@@ -295,14 +329,15 @@ def apply_ncl(x, coef, relu, chunk, y, t0, t1):
             for c in range(c0, c1):
                 row = x[n, c, l0:l1]
                 out = y[n, c, l0:l1]
+                rrow = _row(res, n, c, l0, l1)
                 hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
                 for j in range(row.size):
-                    out[j] = _normalise(row[j], half, hi, lo, a, b, relu, zero)[1]
+                    out[j] = _normalise(row[j], half, hi, lo, a, b, relu, zero, _at(rrow, j))[1]
 
 
 @kernel()
-def apply_mc(x, coef, relu, chunk, y, t0, t1):
-    """y = normalise(x) over the row blocks t0..t1 of (M, C) arrays."""
+def apply_mc(x, res, coef, relu, chunk, y, t0, t1):
+    """y = normalise(x) (+ res) over the row blocks t0..t1 of (M, C) arrays."""
     R = _mc_rows(x.shape, chunk)
     half = x.dtype.type(0.5)
     zero = x.dtype.type(0)
@@ -310,15 +345,16 @@ def apply_mc(x, coef, relu, chunk, y, t0, t1):
     for i in range(t0 * R, _min(t1 * R, x.shape[0])):
         row = x[i]
         out = y[i]
+        rrow = _at(res, i)
         for c in range(row.size):
-            out[c] = _normalise(row[c], half, hi[c], lo[c], a[c], b[c], relu, zero)[1]
+            out[c] = _normalise(row[c], half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))[1]
 
 
 # ------------------------------------------------------------------ backward
 
 
 @kernel(fastmath=_REDUCE)
-def grad_sums_ncl(dy, x, coef, relu, chunk, part, t0, t1):
+def grad_sums_ncl(dy, x, res, coef, relu, chunk, part, t0, t1):
     """Per block row and channel: part[SG] = sum g, part[SGD] = sum g*d (float64),
     g = dy masked by the forward's ReLU, d = (x - mean)/2."""
     half = x.dtype.type(0.5)
@@ -333,11 +369,12 @@ def grad_sums_ncl(dy, x, coef, relu, chunk, part, t0, t1):
             for c in range(c0, c1):
                 row = x[n, c, l0:l1]
                 grow = dy[n, c, l0:l1]
+                rrow = _row(res, n, c, l0, l1)
                 hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
                 p0 = 0.0
                 p1 = 0.0
                 for j in range(row.size):
-                    d, g = _masked(row[j], grow[j], half, hi, lo, a, b, relu, zero)
+                    d, g = _masked(row[j], grow[j], half, hi, lo, a, b, relu, zero, _at(rrow, j))
                     p0 += g
                     p1 += np.float64(g) * np.float64(d)
                 sg[c] += p0
@@ -345,7 +382,7 @@ def grad_sums_ncl(dy, x, coef, relu, chunk, part, t0, t1):
 
 
 @kernel(fastmath=_REDUCE)
-def grad_sums_mc(dy, x, coef, relu, chunk, part, t0, t1):
+def grad_sums_mc(dy, x, res, coef, relu, chunk, part, t0, t1):
     """Per row block of (M, C) arrays; see :func:`grad_sums_ncl`."""
     R = _mc_rows(x.shape, chunk)
     half = x.dtype.type(0.5)
@@ -359,8 +396,9 @@ def grad_sums_mc(dy, x, coef, relu, chunk, part, t0, t1):
         for i in range(k * R, _min(k * R + R, x.shape[0])):
             row = x[i]
             grow = dy[i]
+            rrow = _at(res, i)
             for c in range(row.size):
-                d, g = _masked(row[c], grow[c], half, hi[c], lo[c], a[c], b[c], relu, zero)
+                d, g = _masked(row[c], grow[c], half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))
                 sg[c] += g
                 sgd[c] += np.float64(g) * np.float64(d)
 
@@ -394,8 +432,8 @@ def grad_coefficients(part, scale, count, invstd, gamma, training, gcoef, dgamma
 
 
 @kernel()
-def grad_apply_ncl(dy, x, coef, gcoef, relu, chunk, dx, t0, t1):
-    """dx over the blocks t0..t1 of (N, C, L) arrays."""
+def grad_apply_ncl(dy, x, res, coef, gcoef, relu, chunk, dx, dres, t0, t1):
+    """dx (and dres = g unless None) over the blocks t0..t1 of (N, C, L) arrays."""
     half = x.dtype.type(0.5)
     zero = x.dtype.type(0)
     for t in range(t0, t1):
@@ -405,16 +443,19 @@ def grad_apply_ncl(dy, x, coef, gcoef, relu, chunk, dx, t0, t1):
                 row = x[n, c, l0:l1]
                 grow = dy[n, c, l0:l1]
                 out = dx[n, c, l0:l1]
+                rrow = _row(res, n, c, l0, l1)
+                rout = _row(dres, n, c, l0, l1)
                 hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
                 ga, gb, gd = gcoef[GA, c], gcoef[GB, c], gcoef[GD, c]
                 for j in range(row.size):
-                    d, g = _masked(row[j], grow[j], half, hi, lo, a, b, relu, zero)
+                    d, g = _masked(row[j], grow[j], half, hi, lo, a, b, relu, zero, _at(rrow, j))
                     out[j] = ga * g + gb * d + gd
+                    _store(rout, j, g)
 
 
 @kernel()
-def grad_apply_mc(dy, x, coef, gcoef, relu, chunk, dx, t0, t1):
-    """dx over the row blocks t0..t1 of (M, C) arrays."""
+def grad_apply_mc(dy, x, res, coef, gcoef, relu, chunk, dx, dres, t0, t1):
+    """dx (and dres = g unless None) over the row blocks t0..t1 of (M, C) arrays."""
     R = _mc_rows(x.shape, chunk)
     half = x.dtype.type(0.5)
     zero = x.dtype.type(0)
@@ -424,6 +465,9 @@ def grad_apply_mc(dy, x, coef, gcoef, relu, chunk, dx, t0, t1):
         row = x[i]
         grow = dy[i]
         out = dx[i]
+        rrow = _at(res, i)
+        rout = _at(dres, i)
         for c in range(row.size):
-            d, g = _masked(row[c], grow[c], half, hi[c], lo[c], a[c], b[c], relu, zero)
+            d, g = _masked(row[c], grow[c], half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))
             out[c] = ga[c] * g + gb[c] * d + gd[c]
+            _store(rout, c, g)

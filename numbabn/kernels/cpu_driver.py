@@ -16,6 +16,7 @@ from . import cpu
 _F64 = types.float64
 _I64 = types.int64
 _BOOL = types.boolean
+_NONE = types.none
 
 
 def _arr(dtype, ndim, readonly=False):
@@ -39,10 +40,17 @@ class _Specs:
         self._sigs = {
             "stats": (getattr(cpu, "stats" + suffix), (X, _I64, f1, f3, _I64, _I64)),
             "coef": (cpu.coefficients, (f1r, f3r, P, P, W, W, _F64, _F64, _BOOL, f2, f1, f1, CW)),
-            "apply": (getattr(cpu, "apply" + suffix), (X, CO, _BOOL, _I64, Y, _I64, _I64)),
-            "grad_sums": (getattr(cpu, "grad_sums" + suffix), (X, X, CO, _BOOL, _I64, f3, _I64, _I64)),
+            "apply": (getattr(cpu, "apply" + suffix), (X, _NONE, CO, _BOOL, _I64, Y, _I64, _I64)),
+            "grad_sums": (getattr(cpu, "grad_sums" + suffix), (X, X, _NONE, CO, _BOOL, _I64, f3, _I64, _I64)),
             "grad_coef": (cpu.grad_coefficients, (f3r, _F64, _F64, f1r, P, _BOOL, CW, W, W)),
-            "grad_apply": (getattr(cpu, "grad_apply" + suffix), (X, X, CO, CO, _BOOL, _I64, Y, _I64, _I64)),
+            "grad_apply": (getattr(cpu, "grad_apply" + suffix),
+                           (X, X, _NONE, CO, CO, _BOOL, _I64, Y, _NONE, _I64, _I64)),
+            # Residual fusion: the same kernel bodies with the residual (and its
+            # gradient) as arrays instead of None; compiled only when first used.
+            "apply_res": (getattr(cpu, "apply" + suffix), (X, X, CO, _BOOL, _I64, Y, _I64, _I64)),
+            "grad_sums_res": (getattr(cpu, "grad_sums" + suffix), (X, X, X, CO, _BOOL, _I64, f3, _I64, _I64)),
+            "grad_apply_res": (getattr(cpu, "grad_apply" + suffix),
+                               (X, X, X, CO, CO, _BOOL, _I64, Y, Y, _I64, _I64)),
         }
         self._dtype = np.dtype(dtype)
 
@@ -127,8 +135,9 @@ def batch_moments(x, layout, chunk):
 
 
 def forward(x, layout, gamma, beta, running_mean, running_var, momentum, eps, training, relu,
-            stats, count, y, chunk):
-    """Normalise canonical ``x`` into ``y``; returns (mean, invstd, coef).
+            stats, count, y, chunk, residual=None):
+    """Normalise canonical ``x`` into ``y`` (adding canonical ``residual`` before the
+    ReLU when given); returns (mean, invstd, coef).
 
     Training: the batch statistics, or ``stats`` ((2, C) [mean, M2] of ``count``
     values, e.g. merged over ranks) when given; running statistics updated in
@@ -153,21 +162,25 @@ def forward(x, layout, gamma, beta, running_mean, running_var, momentum, eps, tr
                                         False, _NO_STATS, mean, invstd, coef)
     if x.size:
         blocks, _ = k.blocks(x.shape, chunk)
-        _threads.parallel_for(k.apply, blocks, x.size, x, coef, relu, chunk, y)
+        apply = k.apply if residual is None else k.apply_res
+        _threads.parallel_for(apply, blocks, x.size, x, residual, coef, relu, chunk, y)
     return mean, invstd, coef
 
 
-def grad_sums(dy, x, layout, coef, relu, chunk):
+def grad_sums(dy, x, layout, coef, relu, chunk, residual=None):
     """The backward's reduction pass -> partials ``(part, scale)``: ``part`` (2, K, C)
     float64 per-block sums [sum g, sum g*(x - mean)/scale] (g = dy times the ReLU
-    mask); zeros for an input without values."""
+    mask, which a ``residual`` enters); zeros for an input without values."""
     C = x.shape[1]
     if not x.size:
         return np.zeros((2, 1, C)), 1.0
     k = specs(x.dtype, layout)
     blocks, rows = k.blocks(x.shape, chunk)
     part = np.empty((2, rows, C))
-    _threads.parallel_for(k.grad_sums, blocks, x.size, dy, x, coef, relu, chunk, part)
+    # Without ReLU the residual does not enter the gradient sums: the plain kernel.
+    res = residual if relu else None
+    sums = k.grad_sums if res is None else k.grad_sums_res
+    _threads.parallel_for(sums, blocks, x.size, dy, x, res, coef, relu, chunk, part)
     return part, 2.0                  # the kernel stores sum g*(x - mean)/2
 
 
@@ -184,9 +197,11 @@ def unpack_grad_sums(sums):
     return sums.reshape(2, 1, sums.shape[1]), 1.0
 
 
-def grad_apply(dy, x, layout, coef, invstd, gamma, training, relu, count, partials, dx, chunk):
+def grad_apply(dy, x, layout, coef, invstd, gamma, training, relu, count, partials, dx, chunk,
+               residual=None, dres=None):
     """dx into ``dx`` from the partials of :func:`grad_sums` (or combined ones, with
-    ``count`` the number of values they summarise); returns (dgamma, dbeta) in x's dtype."""
+    ``count`` the number of values they summarise); returns (dgamma, dbeta) in x's dtype.
+    With ReLU and a ``residual``, also its gradient (dy times the mask) into ``dres``."""
     k = specs(x.dtype, layout)
     C = x.shape[1]
     part, scale = partials
@@ -196,7 +211,10 @@ def grad_apply(dy, x, layout, coef, invstd, gamma, training, relu, count, partia
     k.grad_coef(part, scale, float(count), invstd, gamma, training, gcoef, dgamma, dbeta)
     if x.size:
         blocks, _ = k.blocks(x.shape, chunk)
-        _threads.parallel_for(k.grad_apply, blocks, x.size, dy, x, coef, gcoef, relu, chunk, dx)
+        res = residual if relu else None
+        fn = k.grad_apply if res is None else k.grad_apply_res
+        _threads.parallel_for(fn, blocks, x.size, dy, x, res, coef, gcoef, relu, chunk, dx,
+                              None if res is None else dres)
     return dgamma, dbeta
 
 

@@ -42,6 +42,13 @@ Formulas (per channel, ``g`` = upstream gradient times the ReLU mask if fused)::
                            D = -A*dbeta/m - B*mean                 (training)
                            A = gamma*invstd, B = D = 0             (eval)
 
+Residual fusion (``y = act(a*x + b + r)``): the apply and gradient kernels take the
+residual ``res`` (and the backward its gradient output ``dres``) as a device array
+of x's shape or ``None``; Numba compiles the ``None`` case without the residual code
+(``if res is None`` branches on a None-typed argument are pruned), so the plain path
+is unchanged and the residual path is another specialisation of the same kernels,
+compiled on first use. With ReLU, ``dres = g`` (the masked gradient).
+
 Memory traffic: training forward 3S, eval forward 2S, backward 5S (S = bytes of x).
 """
 from dataclasses import dataclass
@@ -228,9 +235,26 @@ def _affine(c, mean, invstd, gamma, beta):
 
 
 @cuda.jit(device=True)
-def _masked_grad(gv, xv, a, b, relu):
+def _res_at(res, n, c, l):
+    """The residual value in float64, or None without a residual (pruned)."""
+    if res is None:
+        return None
+    return float64(res[n, c, l])
+
+
+@cuda.jit(device=True)
+def _pre(xv, a, b, r):
+    """a*x + b (+ r unless None): the value the fused ReLU sees, rounded alike everywhere."""
+    v = cuda.fma(xv, a, b)
+    if r is not None:
+        v += r
+    return v
+
+
+@cuda.jit(device=True)
+def _masked_grad(gv, xv, a, b, relu, r):
     """The upstream gradient in float64, zero where the fused ReLU was inactive."""
-    if relu and not (cuda.fma(xv, a, b) > 0.0):
+    if relu and not (_pre(xv, a, b, r) > 0.0):
         return 0.0
     return float64(gv)
 
@@ -306,8 +330,8 @@ def _forward_stats_kernel(pmean, pm2, span, m, training, running_mean, running_v
 
 
 @cuda.jit
-def _apply_kernel(x, mean, invstd, gamma, beta, relu, G, W, cfast, S, span, y):
-    """y = a*x + b per channel (then max(y, 0) if relu); same layout as ``x``."""
+def _apply_kernel(x, res, mean, invstd, gamma, beta, relu, G, W, cfast, S, span, y):
+    """y = a*x + b (+ res) per channel (then max(y, 0) if relu); same layout as ``x``."""
     N, C, L = x.shape
     c, split, lane = _coords(G, W, cfast, S)
     n, l, dn, dl, count = _thread_range(c, C, split, lane, N * L, L, W, span)
@@ -315,13 +339,13 @@ def _apply_kernel(x, mean, invstd, gamma, beta, relu, G, W, cfast, S, span, y):
         return
     a, b = _affine(c, mean, invstd, gamma, beta)
     for _ in range(count):
-        v = cuda.fma(float64(x[n, c, l]), a, b)
+        v = _pre(float64(x[n, c, l]), a, b, _res_at(res, n, c, l))
         y[n, c, l] = max(v, 0.0) if relu else v
         n, l = _advance(n, l, dn, dl, L)
 
 
 @cuda.jit
-def _grad_sums_kernel(dy, x, mean, invstd, gamma, beta, relu, G, W, cfast, S, span, psg, psgx):
+def _grad_sums_kernel(dy, x, res, mean, invstd, gamma, beta, relu, G, W, cfast, S, span, psg, psgx):
     """Partial sums of g and g*(x - mean) per (channel, split) into (C, S) arrays.
 
     Dynamic shared memory: 2 float64 per thread.
@@ -336,7 +360,7 @@ def _grad_sums_kernel(dy, x, mean, invstd, gamma, beta, relu, G, W, cfast, S, sp
         mu = mean[c]
         for _ in range(count):
             xv = float64(x[n, c, l])
-            g = _masked_grad(dy[n, c, l], xv, a, b, relu)
+            g = _masked_grad(dy[n, c, l], xv, a, b, relu, _res_at(res, n, c, l))
             s0 += g
             s1 += g * (xv - mu)
             n, l = _advance(n, l, dn, dl, L)
@@ -382,8 +406,8 @@ def _grad_coeffs_kernel(psg, psgx, m, mean, invstd, gamma, training, dgamma, dbe
 
 
 @cuda.jit
-def _grad_apply_kernel(dy, x, mean, invstd, gamma, beta, relu, A, B, D, G, W, cfast, S, span, dx):
-    """dx = A*g + B*x + D per channel; same layout as ``x``."""
+def _grad_apply_kernel(dy, x, res, mean, invstd, gamma, beta, relu, A, B, D, G, W, cfast, S, span, dx, dres):
+    """dx = A*g + B*x + D per channel (and dres = g unless None); same layout as ``x``."""
     N, C, L = x.shape
     c, split, lane = _coords(G, W, cfast, S)
     n, l, dn, dl, count = _thread_range(c, C, split, lane, N * L, L, W, span)
@@ -395,7 +419,10 @@ def _grad_apply_kernel(dy, x, mean, invstd, gamma, beta, relu, A, B, D, G, W, cf
     dc = D[c]
     for _ in range(count):
         xv = float64(x[n, c, l])
-        dx[n, c, l] = ac * _masked_grad(dy[n, c, l], xv, a, b, relu) + bc * xv + dc
+        g = _masked_grad(dy[n, c, l], xv, a, b, relu, _res_at(res, n, c, l))
+        dx[n, c, l] = ac * g + bc * xv + dc
+        if dres is not None:
+            dres[n, c, l] = g
         n, l = _advance(n, l, dn, dl, L)
 
 
@@ -445,7 +472,7 @@ def moments(x, threads):
 
 
 def forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, relu,
-            threads, y, stats=None, count=0):
+            threads, y, stats=None, count=0, res=None):
     """Batch-norm forward of the (N, C, L) device array ``x`` into ``y``.
 
     ``gamma``/``beta``: (C,) device arrays of x's dtype, or empty for 1/0.
@@ -475,27 +502,31 @@ def forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, 
         pmean, pm2, span, m, training, running_mean, running_var, momentum, eps, mean, invstd)
     if x.size:
         _apply_kernel[p.blocks, p.threads](
-            x, mean, invstd, gamma, beta, relu, p.G, p.W, p.cfast, p.S, p.span, y)
+            x, res, mean, invstd, gamma, beta, relu, p.G, p.W, p.cfast, p.S, p.span, y)
     return mean, invstd
 
 
-def grad_sums(dy, x, mean, invstd, gamma, beta, relu, threads):
+def grad_sums(dy, x, mean, invstd, gamma, beta, relu, threads, res=None):
     """The backward's reduction pass over (N, C, L) device arrays -> (psg, psgx):
-    (C, S) float64 device partials of sum g and sum g*(x - mean) per split."""
+    (C, S) float64 device partials of sum g and sum g*(x - mean) per split
+    (``res``: the fused residual, used only for the ReLU mask)."""
     C = x.shape[1]
     if not x.size:
         return cuda.to_device(np.zeros((C, 1))), cuda.to_device(np.zeros((C, 1)))
     p = _plan_for(x, threads)
     psg, psgx = _partials(C, p)
     _grad_sums_kernel[p.blocks, p.threads, 0, 2 * 8 * p.threads](
-        dy, x, mean, invstd, gamma, beta, relu, p.G, p.W, p.cfast, p.S, p.span, psg, psgx)
+        dy, x, res if relu else None, mean, invstd, gamma, beta, relu, p.G, p.W, p.cfast, p.S, p.span,
+        psg, psgx)
     return psg, psgx
 
 
-def grad_apply(dy, x, mean, invstd, gamma, beta, training, relu, threads, psg, psgx, m, dx, dgamma, dbeta):
+def grad_apply(dy, x, mean, invstd, gamma, beta, training, relu, threads, psg, psgx, m, dx, dgamma, dbeta,
+               res=None, dres=None):
     """dx, dgamma, dbeta from the partials of :func:`grad_sums` (or combined ones,
     (C, 1), with ``m`` >= 1 the number of values they summarise). One per-channel
-    launch and one apply pass over (x, dy): with the sums pass, 5S of traffic."""
+    launch and one apply pass over (x, dy): with the sums pass, 5S of traffic.
+    With ReLU and a residual ``res``, its gradient (the masked dy) into ``dres``."""
     C = x.shape[1]
     A = cuda.device_array(C)
     B = cuda.device_array(C)
@@ -505,7 +536,8 @@ def grad_apply(dy, x, mean, invstd, gamma, beta, training, relu, threads, psg, p
     if x.size:
         p = _plan_for(x, threads)
         _grad_apply_kernel[p.blocks, p.threads](
-            dy, x, mean, invstd, gamma, beta, relu, A, B, D, p.G, p.W, p.cfast, p.S, p.span, dx)
+            dy, x, res if relu else None, mean, invstd, gamma, beta, relu, A, B, D, p.G, p.W, p.cfast, p.S,
+            p.span, dx, dres if relu and res is not None else None)
 
 
 def cast(src, dst, threads):

@@ -29,8 +29,8 @@ def moments(x, axis=1):
     return count, mean, m2
 
 
-def forward(x, gamma=None, beta=None, *, mean=None, var=None, eps=1e-5, axis=1, relu=False):
-    """y = gamma*(x - mean)/sqrt(var + eps) + beta (then max(y, 0) if relu).
+def forward(x, gamma=None, beta=None, *, mean=None, var=None, eps=1e-5, axis=1, relu=False, residual=None):
+    """y = gamma*(x - mean)/sqrt(var + eps) + beta (+ residual) (then max(y, 0) if relu).
 
     Batch statistics (biased var) when ``mean``/``var`` are None, otherwise the given
     ones (eval mode with running statistics). Returns (y, mean, var), all float64.
@@ -47,6 +47,8 @@ def forward(x, gamma=None, beta=None, *, mean=None, var=None, eps=1e-5, axis=1, 
         y = y * _bcast(gamma, x, axis)
     if beta is not None:
         y = y + _bcast(beta, x, axis)
+    if residual is not None:
+        y = y + np.asarray(residual, dtype=np.float64)
     if relu:
         y = np.maximum(y, 0.0)
     return y, mean, var
@@ -61,8 +63,9 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
 
 
 def backward(dy, x, gamma=None, beta=None, *, mean=None, var=None, eps=1e-5, axis=1,
-             relu=False, training=True):
-    """Gradients (dx, dgamma, dbeta) of sum(dy * forward(x)) by the chain rule.
+             relu=False, training=True, residual=None):
+    """Gradients (dx, dgamma, dbeta) of sum(dy * forward(x)) by the chain rule; with a
+    ``residual`` (added before the ReLU) (dx, dgamma, dbeta, dresidual).
 
     ``training=True``: mean/var are the batch statistics (recomputed when None) and
     depend on x. ``training=False``: mean/var are constants (running statistics).
@@ -70,9 +73,13 @@ def backward(dy, x, gamma=None, beta=None, *, mean=None, var=None, eps=1e-5, axi
     x = np.asarray(x, dtype=np.float64)
     dy = np.asarray(dy, dtype=np.float64)
     axes, axis = _reduce_axes(x, axis)
-    y, mean, var = forward(x, gamma, beta, mean=mean, var=var, eps=eps, axis=axis, relu=relu)
+    y, mean, var = forward(x, gamma, beta, mean=mean, var=var, eps=eps, axis=axis, relu=relu,
+                           residual=residual)
     if relu:
         dy = dy * (y > 0)
+    if residual is not None:
+        return (*backward(dy, x, gamma, beta, mean=mean if not training else None,
+                          var=var if not training else None, eps=eps, axis=axis, training=training), dy)
     mu = _bcast(mean, x, axis)
     v = _bcast(var, x, axis)
     g = _bcast(1.0 if gamma is None else gamma, x, axis)

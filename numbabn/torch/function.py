@@ -4,10 +4,10 @@ forward and backward, on tensors viewed without copying (:mod:`._bridge`).
 Formulas (numbabn.functional), per channel over its m values, g = dy (times the
 ReLU mask when fused)::
 
-    y  = gamma*(x - mean)*invstd + beta           (then max(y, 0) if relu)
+    y  = gamma*(x - mean)*invstd + beta (+ residual)   (then max(y, 0) if relu)
     dx = gamma*invstd/m * (m*g - sum g - xhat*sum(g*xhat))      (batch statistics)
     dx = gamma*invstd_running * g                               (running statistics)
-    dgamma = sum g*xhat;  dbeta = sum g
+    dgamma = sum g*xhat;  dbeta = sum g;  dresidual = g
 
 Synchronized statistics enter through two optional arguments: ``moments``, the
 merged :class:`numbabn.Moments` of all ranks to normalise with, and ``allreduce``,
@@ -26,19 +26,22 @@ from . import _bridge as B
 
 class BatchNormFunction(torch.autograd.Function):
     """``apply(x, weight, bias, running_mean, running_var, training, momentum, eps,
-    relu, moments, allreduce) -> y``.
+    relu, moments, allreduce, residual) -> y``.
 
     ``x``: (N, C, ...) float16/32/64 tensor (any memory format); ``weight``/``bias``:
     (C,) tensors of the compute dtype (float32 for float16 input) or None;
     ``running_mean``/``running_var``: (C,) buffers updated in place when
     ``training`` (pass None not to track), read when not; ``momentum``: the update
     factor of this step (the module resolves ``momentum=None`` to 1/num_batches).
+    ``residual``: None, or a tensor of x's shape, dtype and device added before the
+    ReLU (``relu(bn(x) + residual)`` in one pass); its gradient is dy times the
+    ReLU mask (dy itself without ReLU).
     Backward is first-order only: differentiating the gradients raises.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
-                moments=None, allreduce=None):
+                moments=None, allreduce=None, residual=None):
         perm = B.channels_last_perm(x)
         cdt = B.COMPUTE_DTYPE[x.dtype]
         # Buffers of another dtype (a float16 module) are updated through compute-dtype
@@ -50,14 +53,16 @@ class BatchNormFunction(torch.autograd.Function):
             B.to_array(x, perm), B.optional_array(weight), B.optional_array(bias),
             running_mean=B.optional_array(staged[0][1]), running_var=B.optional_array(staged[1][1]),
             training=training, momentum=momentum, eps=eps, axis=1 if perm is None else -1,
-            activation="relu" if relu else None, moments=moments, out=out)
+            activation="relu" if relu else None, moments=moments, out=out,
+            residual=None if residual is None else B.to_array(residual, perm))
         for buf, copy in staged:
             if copy is not buf and training:
                 buf.copy_(copy)
         ctx.bn, ctx.perm, ctx.allreduce = bn, perm, allreduce
         # numbabn's context reads x and weight by reference: saving them lets autograd
         # refuse a backward after either was modified in place.
-        ctx.save_for_backward(x, weight)
+        ctx.relu, ctx.has_residual = relu, residual is not None
+        ctx.save_for_backward(x, weight, *(() if residual is None else (residual,)))
         return y
 
     @staticmethod
@@ -72,7 +77,16 @@ class BatchNormFunction(torch.autograd.Function):
                 return ctx.allreduce(sums)
         x = saved[0]
         dx, out = B.empty_like(x, perm)
-        _, dgamma, dbeta = numbabn.batch_norm_backward(B.to_array(dy, perm), bn, allreduce=allreduce, out=out)
+        dres = None
+        if ctx.has_residual and ctx.relu:   # the masked gradient, from the same pass as dx
+            dres, res_out = B.empty_like(x, perm)
+            _, dgamma, dbeta, _ = numbabn.batch_norm_backward(B.to_array(dy, perm), bn, allreduce=allreduce,
+                                                              out=out, residual_out=res_out)
+        else:
+            _, dgamma, dbeta = numbabn.batch_norm_backward(
+                B.to_array(dy, perm), _without_residual(bn), allreduce=allreduce, out=out)
+            if ctx.has_residual:            # no mask: the residual's gradient is dy (as for an add)
+                dres = dy
         if local:   # this rank's share of the parameter gradients (see the module docstring)
             sums = local[0]
             dgamma = (sums[1] * bn.invstd).astype(bn.gamma.dtype) if dgamma is not None else None
@@ -80,9 +94,19 @@ class BatchNormFunction(torch.autograd.Function):
         grads = [dx if ctx.needs_input_grad[0] else None,
                  B.to_tensor(dgamma, x) if dgamma is not None and ctx.needs_input_grad[1] else None,
                  B.to_tensor(dbeta, x) if dbeta is not None and ctx.needs_input_grad[2] else None]
+        grads.append(dres if ctx.has_residual and ctx.needs_input_grad[11] else None)
         if torch.is_grad_enabled():   # backward(create_graph=True): no second derivative here
             grads = [None if g is None else _FirstOrderOnly.apply(g, *saved) for g in grads]
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads[:3], None, None, None, None, None, None, None, None, grads[3])
+
+
+def _without_residual(bn):
+    """The forward's context without the residual (no ReLU: the residual does not
+    enter dx, and its gradient is dy itself, so numbabn need not copy dy)."""
+    if bn.residual is None:
+        return bn
+    import dataclasses
+    return dataclasses.replace(bn, residual=None)
 
 
 class _FirstOrderOnly(torch.autograd.Function):

@@ -5,7 +5,9 @@ parameters, buffers, ``state_dict`` keys, ``reset_parameters``, ``train()/eval()
 and ``isinstance(m, torch.nn.BatchNorm2d)`` are PyTorch's own; only ``forward``
 differs, going through :class:`~numbabn.torch.function.BatchNormFunction`. One
 keyword is added: ``activation=None | "relu"`` fuses a ReLU into the same pass over
-memory (forward and backward).
+memory (forward and backward). ``forward(input, residual=None)`` optionally adds a
+residual before the activation: ``relu(bn(input) + residual)``, a ResNet block's tail,
+in one pass forward and one backward (the residual's gradient is dy times the mask).
 
 Semantics are ``torch.nn.BatchNorm*``'s (batch statistics in training mode and when
 ``track_running_stats=False``; running statistics in eval mode)::
@@ -109,9 +111,24 @@ class NumbabnBatchNorm:
         i.e. this process's batch alone."""
         return None, None
 
-    def forward(self, input):
+    def _check_residual(self, input, residual):
+        name = type(self).__name__
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"{name}: residual must be a torch.Tensor or None, got {type(residual).__name__}")
+        if residual.shape != input.shape:
+            raise ValueError(f"{name}: residual must have the input's shape {tuple(input.shape)}, "
+                             f"got {tuple(residual.shape)}")
+        if residual.dtype != input.dtype:
+            raise TypeError(f"{name}: residual must have the input's dtype {input.dtype}, got {residual.dtype}")
+        if residual.device != input.device:
+            raise ValueError(f"{name}: residual is on {residual.device} but the input is on {input.device}")
+
+    def forward(self, input, residual=None):
+        """``bn(input)``, then ``+ residual`` when given, then the fused activation."""
         try:
             self._check_input(input)
+            if residual is not None:
+                self._check_residual(input, residual)
         except (TypeError, ValueError) as exc:
             self._input_rejected(exc)
             raise
@@ -124,15 +141,18 @@ class NumbabnBatchNorm:
         running_mean, running_var = (self.running_mean, self.running_var) if use_buffers else (None, None)
         # bfloat16 -> float32 as a torch op (see the module docstring for what it costs).
         x = input.float() if input.dtype == torch.bfloat16 else input
+        if residual is not None and residual.dtype == torch.bfloat16:
+            residual = residual.float()
         cdt = B.COMPUTE_DTYPE[x.dtype]
         weight, bias = (None if p is None else p.to(cdt) for p in (self.weight, self.bias))
         moments, allreduce = self._synchronize(x, batch_stats)
         if x.numel() == 0 and moments is None:
             y = F.batch_norm(x, running_mean, running_var, weight, bias, batch_stats, momentum, self.eps)
+            y = y if residual is None else y + residual
             y = F.relu(y) if self.activation == "relu" else y
         else:
             y = BatchNormFunction.apply(x, weight, bias, running_mean, running_var, batch_stats, momentum,
-                                        self.eps, self.activation == "relu", moments, allreduce)
+                                        self.eps, self.activation == "relu", moments, allreduce, residual)
         if tracking:
             self.num_batches_tracked.add_(1)
         return y.to(input.dtype)

@@ -1,7 +1,12 @@
 """ResNet-18 for 32x32 images (CIFAR-style stem), written so that every
 conv -> BN -> ReLU is a ``torch.nn.Sequential``: :func:`convert_batchnorm` with
 ``fuse_relu=True`` can then fold those ReLUs into the batch norms (9 of the 20).
-The ReLU after each residual addition stays separate. Used by the benchmark
+The ReLU after each residual addition stays separate unless :func:`fuse_residual`
+folds the addition and that ReLU into the block's last batch norm (a numbabn
+``BatchNorm2d(activation="relu")`` called as ``bn(out, residual=identity)``: 8 more
+fused BNs). :func:`convert_batchnorm` cannot do this for an arbitrary model: the
+addition lives in a block's ``forward`` code, not in a ``Sequential``; a user writes
+it as this module's :class:`BasicBlock` does. Used by the benchmark
 (:mod:`numbabn.torch.benchmark`) and the converter tests; no weights, no download.
 
 Layout (torchvision's resnet18 with a 3x3 stride-1 stem and no max-pool)::
@@ -29,7 +34,33 @@ class BasicBlock(nn.Module):
         self.shortcut = nn.Sequential(*_conv_bn(cin, cout, 1, stride, False)) if changes else nn.Identity()
 
     def forward(self, x):
-        return torch.relu(self.branch(x) + self.shortcut(x))
+        identity = self.shortcut(x)
+        bn = self.branch[-1]
+        if getattr(bn, "fuses_residual", False):
+            # relu(bn(out) + identity) as one numbabn op, forward and backward.
+            out = x
+            for i in range(len(self.branch) - 1):
+                out = self.branch[i](out)
+            return bn(out, residual=identity)
+        return torch.relu(self.branch(x) + identity)
+
+
+def fuse_residual(model):
+    """Fold each :class:`BasicBlock`'s residual addition and ReLU into its last batch
+    norm, in place (after :func:`~numbabn.torch.convert_batchnorm`, which makes them
+    numbabn modules); returns ``model``. Parameters, buffers and outputs are unchanged."""
+    from .modules import NumbabnBatchNorm
+
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    for block in blocks:
+        bn = block.branch[-1]
+        if not isinstance(bn, NumbabnBatchNorm) or bn.activation is not None:
+            raise TypeError(f"fuse_residual: a block's last batch norm must be a numbabn.torch module without "
+                            f"activation (run convert_batchnorm first), got {bn!r}")
+    for block in blocks:
+        block.branch[-1].activation = "relu"
+        block.branch[-1].fuses_residual = True
+    return model
 
 
 def resnet18(num_classes=10):
