@@ -16,13 +16,16 @@ def test_bn_rows_cover_the_cases_with_both_layouts():
     assert [r["case"] for r in rows] == ["tiny", "tiny-conv"]
     assert all(r["native_ms"] > 0 and r["fused_ms"] > 0 and r["threads"] == r["numbabn_threads"] == 1 for r in rows)
     assert "native+ReLU ms" in benchmark.format_bn(rows)
+    assert all(r["native_res_ms"] > 0 and r["res_fused_ms"] > 0 for r in rows)
+    assert "native+add+ReLU ms" in benchmark.format_bn(rows)
     name, x, _ = benchmark._bn_case(SUITES["default"][2])   # resnet-nhwc
     assert name == "BatchNorm2d" and x.shape == (64, 64, 56, 56) and not x.is_contiguous()
 
 
 def test_step_variants_train_the_same_network():
     rows = benchmark.run_step(threads=1, repeat=1, batch=4)
-    assert [r["variant"] for r in rows] == ["native BN", "numbabn BN", "numbabn BN + fused ReLU"]
+    assert [r["variant"] for r in rows] == ["native BN", "numbabn BN", "numbabn BN + fused ReLU",
+                                            "numbabn BN + fused ReLU + residual"]
     losses = [r["final_loss"] for r in rows]
     assert max(losses) - min(losses) < 1e-3 * max(1.0, abs(losses[0]))
     assert "x native" in benchmark.format_step(rows)

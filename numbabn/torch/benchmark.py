@@ -8,14 +8,17 @@ numbabn (``torch.set_num_threads`` and ``numbabn.set_num_threads``):
     plus backward through autograd (``y = m(x); y.backward(dy)``), native
     ``torch.nn.BatchNorm*`` against :mod:`numbabn.torch`'s, then native BN followed by
     ``torch.relu`` against numbabn's fused ``activation="relu"``. Channels-last cases
-    use channels_last tensors, (N, C) cases BatchNorm1d. Input dtype float32 by
+    use channels_last tensors, (N, C) cases BatchNorm1d. Residual fusion: native
+    ``torch.relu(bn(x) + r)`` against numbabn's ``bn(x, residual=r)`` with fused ReLU
+    (``r`` of x's shape, also requiring its gradient). Input dtype float32 by
     default; float16/bfloat16 (parameters float32) show what 16-bit input costs.
 ``step``
     One training step of ResNet-18 at 32x32 (:mod:`numbabn.torch.resnet`), batch 64,
     float32, cross-entropy, SGD(lr=0.05, momentum=0.9): zero_grad, forward, loss, backward,
     optimizer step. Variants from the same initial weights and batch: native BN,
     numbabn BN (``convert_batchnorm``), numbabn BN with fused ReLU
-    (``fuse_relu=True``). The final loss of each variant is reported as a check that
+    (``fuse_relu=True``), and that plus the residual addition and its ReLU fused into
+    each block's last BN (:func:`~numbabn.torch.resnet.fuse_residual`). The final loss of each variant is reported as a check that
     all three trained the same network.
 
 Timing: warm-up calls first (JIT compile excluded), then ``repeat`` rounds in which
@@ -30,7 +33,7 @@ import time
 import torch
 
 from .convert import convert_batchnorm
-from .resnet import resnet18
+from .resnet import fuse_residual, resnet18
 
 
 def _set_threads(threads):
@@ -70,11 +73,18 @@ def _bn_case(case, dtype=torch.float32):
     return f"BatchNorm{max(1, len(shape) - 2)}d", x.requires_grad_(), dy
 
 
-def _fwd_bwd(module, x, dy, after=None):
+def _fwd_bwd(module, x, dy, after=None, residual=None):
     def run():
-        y = module(x)
+        if residual is None:
+            y = module(x)
+        elif after is None:                 # numbabn: the residual fused into the BN
+            y = module(x, residual=residual)
+        else:
+            y = module(x) + residual
         (after(y) if after else y).backward(dy)
         x.grad = None
+        if residual is not None:
+            residual.grad = None
     return run
 
 
@@ -91,15 +101,22 @@ def run_bn(cases=None, threads=None, repeat=20, dtype="float32"):
         C = x.shape[1]
         native, ours = getattr(torch.nn, name)(C), getattr(modules, name)(C)
         fused = getattr(modules, name)(C, activation="relu")
+        r = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
+        r = r.to(memory_format=torch.channels_last) if not x.is_contiguous() else r
+        r.requires_grad_()
         t = _interleaved({"native": _fwd_bwd(native, x, dy), "numbabn": _fwd_bwd(ours, x, dy),
                           "native+relu": _fwd_bwd(native, x, dy, torch.relu),
-                          "numbabn fused": _fwd_bwd(fused, x, dy)}, repeat)
+                          "numbabn fused": _fwd_bwd(fused, x, dy),
+                          "native+add+relu": _fwd_bwd(native, x, dy, torch.relu, r),
+                          "numbabn residual": _fwd_bwd(fused, x, dy, None, r)}, repeat)
         rows.append(dict(case=case.name, shape="x".join(map(str, x.shape)), dtype=dtype,
                          layout="channels_last" if not x.is_contiguous() else "contiguous",
                          native_ms=t["native"] * 1e3, numbabn_ms=t["numbabn"] * 1e3,
                          speedup=t["native"] / t["numbabn"],
                          native_relu_ms=t["native+relu"] * 1e3, fused_ms=t["numbabn fused"] * 1e3,
                          relu_speedup=t["native+relu"] / t["numbabn fused"],
+                         native_res_ms=t["native+add+relu"] * 1e3, res_fused_ms=t["numbabn residual"] * 1e3,
+                         res_speedup=t["native+add+relu"] / t["numbabn residual"],
                          threads=torch_threads, numbabn_threads=numbabn_threads))
     return rows
 
@@ -113,7 +130,9 @@ def run_step(threads=None, repeat=10, batch=64, seed=0):
     labels = torch.randint(0, 10, (batch,))
     models = {"native BN": copy.deepcopy(base),
               "numbabn BN": convert_batchnorm(copy.deepcopy(base)),
-              "numbabn BN + fused ReLU": convert_batchnorm(copy.deepcopy(base), fuse_relu=True)}
+              "numbabn BN + fused ReLU": convert_batchnorm(copy.deepcopy(base), fuse_relu=True),
+              "numbabn BN + fused ReLU + residual": fuse_residual(convert_batchnorm(copy.deepcopy(base),
+                                                                                    fuse_relu=True))}
     losses = {}
 
     def stepper(name, model):
@@ -147,7 +166,9 @@ def format_bn(rows):
                          "layout": ("layout", "s"),
                          "native_ms": ("native ms", ".2f"), "numbabn_ms": ("numbabn ms", ".2f"),
                          "speedup": ("x", ".2f"), "native_relu_ms": ("native+ReLU ms", ".2f"),
-                         "fused_ms": ("fused ms", ".2f"), "relu_speedup": ("x", ".2f")})
+                         "fused_ms": ("fused ms", ".2f"), "relu_speedup": ("x", ".2f"),
+                         "native_res_ms": ("native+add+ReLU ms", ".2f"), "res_fused_ms": ("fused res ms", ".2f"),
+                         "res_speedup": ("x", ".2f")})
 
 
 def format_step(rows):
