@@ -26,9 +26,10 @@ _PARTS = ("bn", "step")    # numbabn.torch.benchmark's measurements, without imp
 @click.pass_context
 def torch(ctx, parts, threads, repeat, dtype, batch, json_path):
     """BatchNorm forward+backward through autograd, native vs numbabn (also with
-    ReLU: native BN then ReLU vs numbabn's fused one), and a ResNet-18 CPU training
-    step (32x32, SGD) with native BN, numbabn BN and numbabn BN + fused ReLU; same
-    threads for both libraries, variants interleaved, medians, ratios from the same run."""
+    ReLU: native BN then ReLU vs numbabn's fused one; and relu(BN(x) + r) vs numbabn's
+    fused residual), and a ResNet-18 CPU training step (32x32, SGD) with native BN,
+    numbabn BN, numbabn BN + fused ReLU and + fused residual; same threads for both
+    libraries, variants interleaved, medians, ratios from the same run."""
     from importlib.util import find_spec
 
     if find_spec("torch") is None:
