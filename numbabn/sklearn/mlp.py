@@ -68,15 +68,6 @@ def _is_real(value):
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and np.isfinite(value)
 
 
-def _named_metrics():
-    """``record_metrics`` names -> the measurement toolkit's metric classes (default
-    arguments; pass a configured instance for anything else)."""
-    from ..train import GradientNorm, InternalCovariateShift, LandscapeProbe, WeightNorm
-
-    return {"ics": InternalCovariateShift, "landscape": LandscapeProbe, "grad_norm": GradientNorm,
-            "weight_norm": WeightNorm}
-
-
 class _BaseBNMLP(BaseEstimator):
     """What the classifier and the regressor share: parameters, network, training loop."""
 
@@ -143,7 +134,8 @@ class _BaseBNMLP(BaseEstimator):
         if isinstance(self.record_metrics, str):
             raise ValueError(f"{type(self).__name__}: record_metrics must be a sequence of names or metrics, "
                              f"got the string {self.record_metrics!r} (write [{self.record_metrics!r}])")
-        named = _named_metrics()
+        from ..train.metrics import METRIC_NAMES as named   # the measurement toolkit, loaded when used
+
         metrics = []
         for item in self.record_metrics:
             if isinstance(item, str):
