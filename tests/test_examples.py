@@ -20,11 +20,11 @@ TIMEOUT = 120
 
 
 def _run(cmd):
-    """Run ``cmd`` from the repository root with one Numba thread per process (the
-    processes share this machine's cores); coreutils' ``timeout`` ends the whole job
+    """Run ``cmd`` from the repository root with one Numba and one OpenMP thread per
+    process (the processes share this machine's cores); coreutils' ``timeout`` ends the whole job
     if a process is left waiting in a collective. Returns stdout+stderr."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "MPIR_"))}
-    env["NUMBA_NUM_THREADS"] = "1"
+    env["NUMBA_NUM_THREADS"] = env["OMP_NUM_THREADS"] = "1"
     guard = [shutil.which("timeout"), "-k", "10", str(TIMEOUT)] if shutil.which("timeout") else []
     proc = subprocess.run([*guard, *cmd], capture_output=True, text=True, timeout=TIMEOUT + 30, env=env, cwd=ROOT)
     output = proc.stdout + proc.stderr
