@@ -188,7 +188,7 @@ class CPUBackend:
     torch_device = "cpu"
     threading_layer = "python threads"
 
-    def __init__(self, compare, threads=None):
+    def __init__(self, threads=None):
         from .. import _threads
 
         if threads is not None:
@@ -215,7 +215,7 @@ class CPUBackend:
 
 def _backend(name, compare, threads):
     if name == "cpu":
-        return CPUBackend(compare, threads)
+        return CPUBackend(threads)
     if name == "cuda":
         if threads is not None:
             raise ValueError("threads sets CPU threads; it does not apply to backend='cuda'")
