@@ -177,16 +177,6 @@ def test_importing_numbabn_does_not_import_numba_cuda():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_cuda_available_and_bandwidth():
-    if SIMULATOR:
-        assert numbabn.cuda_available() is False
-        with pytest.raises(RuntimeError, match="simulator"):
-            K.device_copy_bandwidth(1 << 20)
-    else:
-        assert numbabn.cuda_available() is True
-        assert K.device_copy_bandwidth(1 << 24, repeats=3) > 0
-
-
 @pytest.mark.skipif(SIMULATOR, reason="foreign __cuda_array_interface__ objects need a real GPU")
 def test_cuda_array_interface_zero_copy(rng):
     class Foreign:    # what CuPy / PyTorch expose

@@ -2,7 +2,7 @@
 conv -> BN -> ReLU is a ``torch.nn.Sequential``: :func:`convert_batchnorm` with
 ``fuse_relu=True`` can then fold those ReLUs into the batch norms (9 of the 20).
 The ReLU after each residual addition stays separate. Used by the benchmark
-(:mod:`numbabn.torch.benchmark`) and the converter tests; no weights, no download.
+(:mod:`numbabn.bench.torch_modules`) and the converter tests; no weights, no download.
 
 Layout (torchvision's resnet18 with a 3x3 stride-1 stem and no max-pool)::
 
