@@ -1,4 +1,4 @@
-"""pytest-benchmark suite settings: which harness suite (numbabn.benchmark.SUITES) and dtype.
+"""pytest-benchmark suite settings: which harness suite (numbabn.bench.cases.SUITES) and dtype.
 
     pytest bench/ --benchmark-only                                  # default suite, float32
     pytest bench/ --benchmark-only --bench-suite resnet --bench-dtype float64
@@ -14,13 +14,13 @@ import pytest
 def pytest_addoption(parser):
     group = parser.getgroup("numbabn bench")
     group.addoption("--bench-suite", default="default",
-                    help="numbabn.benchmark.SUITES name, or 'all' (default: default)")
+                    help="numbabn.bench.cases.SUITES name, or 'all' (default: default)")
     group.addoption("--bench-dtype", default="float32", choices=("float32", "float64"),
                     help="input dtype (default: float32)")
 
 
 def pytest_configure(config):
-    from numbabn.benchmark import SUITES
+    from numbabn.bench.cases import SUITES
 
     name = config.getoption("--bench-suite")
     if name not in (*SUITES, "all"):
@@ -30,7 +30,7 @@ def pytest_configure(config):
 def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
-    from numbabn.benchmark import SUITES
+    from numbabn.bench.cases import SUITES
 
     name = metafunc.config.getoption("--bench-suite")
     suites = SUITES if name == "all" else (name,)

@@ -1,5 +1,5 @@
 """scikit-learn benchmarks: BatchNormTransformer vs StandardScaler, and BNMLPClassifier
-vs MLPClassifier on digits. A thin script over :mod:`numbabn.sklearn.benchmark`, which
+vs MLPClassifier on digits. A thin script over :mod:`numbabn.bench.sklearn_estimators`, which
 ``numbabn bench sklearn`` uses too.
 
     python bench/sklearn_bench.py [--parts transformer mlp] [--samples N] [--features C]
@@ -9,7 +9,7 @@ vs MLPClassifier on digits. A thin script over :mod:`numbabn.sklearn.benchmark`,
 import argparse
 import json
 
-from numbabn.sklearn.benchmark import PARTS, format_table, run_sklearn_bench
+from numbabn.bench.sklearn_estimators import PARTS, format_table, run_sklearn_bench
 
 
 def main(argv=None):

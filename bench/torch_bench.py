@@ -1,6 +1,6 @@
 """numbabn.torch vs PyTorch's native batch norm, run twice (the machine is noisy).
 
-Runs ``numbabn bench torch`` (:mod:`numbabn.torch.benchmark`: BN forward+backward
+Runs ``numbabn bench torch`` (:mod:`numbabn.bench.torch_modules`: BN forward+backward
 through autograd on the default shapes, and a ResNet-18 32x32 batch-64 SGD training
 step with native BN, numbabn BN and numbabn BN + fused ReLU) ``--runs`` times in
 fresh processes with the same thread count for PyTorch and numbabn, and writes each
@@ -13,12 +13,14 @@ from pathlib import Path
 import subprocess
 import sys
 
+from numbabn.bench.cases import TORCH_PARTS
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--part", action="append", choices=("bn", "step"))
+    parser.add_argument("--part", action="append", choices=TORCH_PARTS)
     parser.add_argument("--out", default="results")
     args = parser.parse_args()
     Path(args.out).mkdir(exist_ok=True)

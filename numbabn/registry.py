@@ -12,13 +12,12 @@ Three ways in, one table::
     layer = get_layer("my_norm", num_features=16)
     available_layers()   # {"batch_norm1d": "builtin", "my_norm": "my-dist 1.0 (my_package.module:MyNorm)", ...}
 
-Discovery is lazy and runs once: the first lookup imports the built-in layers
-(:mod:`numbabn.layers`, which register themselves) and loads every entry point of
-the group ``numbabn.layers``. A plugin that fails to load (import error, not a
+Discovery is lazy and runs once: the first lookup registers the built-in layers
+(:data:`numbabn.layers.BUILTIN_LAYERS`; the layer modules never import this one) and
+loads every entry point of the group ``numbabn.layers``. A plugin that fails to load (import error, not a
 Layer, name clash) produces one warning naming it and is skipped; it never breaks
 ``import numbabn`` or the other layers.
 """
-import importlib
 import importlib.metadata
 import threading
 import warnings
@@ -117,7 +116,10 @@ def _ensure_discovered():
             return
         # Set first so that a plugin looking layers up while it loads does not recurse.
         _discovered = True
-        importlib.import_module("numbabn.layers")    # built-ins register on import
+        from .layers import BUILTIN_LAYERS
+
+        for name, cls in BUILTIN_LAYERS.items():
+            _add(name, cls, "builtin")
         _load_entry_points()
 
 

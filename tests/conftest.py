@@ -20,7 +20,15 @@ if not _gpu_present():
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from .helpers import BACKENDS, Backend  # noqa: E402
+
 
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """The backend under test: "cpu", then "cuda" (on Numba's simulator without a GPU)."""
+    return Backend(request.param)

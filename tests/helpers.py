@@ -1,5 +1,6 @@
-"""Shared test helpers: cases, tolerances, finite differences."""
+"""Shared test helpers: cases, tolerances, finite differences, the backend under test."""
 import numpy as np
+import pytest
 
 # (shape, axis) covering both canonical layouts, L == 1, channels-last, odd sizes.
 CASES = [
@@ -45,3 +46,71 @@ def central_diff(f, x, eps=1e-6):
         flat[i] = old
         gf[i] = (fp - fm) / (2 * eps)
     return g
+
+
+class Backend:
+    """One compute backend as the numeric tests see it: ``put`` moves a NumPy input
+    to where the backend computes (the GPU for "cuda", unchanged for "cpu"),
+    ``host`` brings a result back as a NumPy array, so that a test body is written
+    once for both. Under the CUDA simulator "cuda" runs Numba's simulator."""
+
+    def __init__(self, name):
+        self.name = name
+        self.device = name == "cuda"
+        if self.device:
+            from numba import cuda
+            self._cuda = cuda
+
+    def __repr__(self):
+        return f"Backend({self.name!r})"
+
+    def put(self, a):
+        """``a`` on the backend's device (None and scalars unchanged)."""
+        if self.device and isinstance(a, np.ndarray) and a.ndim:
+            return self._cuda.to_device(a)
+        return a
+
+    @staticmethod
+    def host(a):
+        """A NumPy array of ``a`` (device arrays copied back; None unchanged)."""
+        return a.copy_to_host() if hasattr(a, "copy_to_host") else a
+
+    def empty(self, shape, dtype):
+        """An uninitialised output array of the backend's kind."""
+        return self._cuda.device_array(shape, dtype) if self.device else np.empty(shape, dtype)
+
+    def assert_native(self, *arrays):
+        """Results are arrays of the backend's kind: NumPy on "cpu", device arrays on "cuda"."""
+        from numbabn._layout import is_device_array
+
+        for a in arrays:
+            if self.device:
+                assert is_device_array(a), type(a)
+            else:
+                assert isinstance(a, np.ndarray), type(a)
+
+    def force_partitions(self, monkeypatch):
+        """Make the kernels split the work finely, so that the multi-part paths
+        run on small inputs: 7-element chunks on the CPU, 32 threads per block on CUDA."""
+        from numbabn import config
+
+        if self.device:
+            monkeypatch.setattr(config, "CUDA_THREADS", 32)
+        else:
+            monkeypatch.setattr(config, "CHUNK", 7)
+
+
+BACKENDS = ("cpu", "cuda")
+
+
+def by_backend(argnames, cpu, cuda):
+    """``pytest.mark.parametrize`` over ``backend`` plus ``argnames`` with different
+    cases per backend (the CUDA simulator is slow: its cases stay small).
+    ``cpu`` and ``cuda`` are lists of value tuples (or single values) for ``argnames``."""
+    names = [n.strip() for n in argnames.split(",")]
+    params = []
+    for name, cases in (("cpu", cpu), ("cuda", cuda)):
+        for case in cases:
+            values = case if len(names) > 1 else (case,)
+            params.append(pytest.param(name, *values))
+    return pytest.mark.parametrize(["backend"] + names, params, indirect=["backend"])

@@ -4,6 +4,9 @@ Runs with Dask's local schedulers only (synchronous and threads): statistics equ
 the NumPy ones to float64 rounding, transform is lazy (nothing computed until asked,
 and then equal to the NumPy transform bit for bit), errors match the NumPy path.
 """
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -167,3 +170,19 @@ def test_errors_and_state_kept(rng):
         nd.moments(da.from_array(x), axis=2)
     with pytest.raises(ValueError, match="only the eval-mode"):
         nd.transform(da.from_array(x), *([np.ones(3)] * 4), eps=1e-5, training=True)
+
+
+def test_transformer_finds_dask_support_without_importing_it():
+    """The transformer names no Dask code: Dask support registers itself, loaded by the
+    transformer only once dask.array is imported, and a Dask array still gets the lazy path."""
+    code = ("import sys, numpy as np\n"
+            "from numbabn.sklearn import BatchNormTransformer\n"
+            "X = np.arange(40.0).reshape(10, 4)\n"
+            "BatchNormTransformer().fit(X).transform(X)\n"
+            "assert 'numbabn.distributed.dask' not in sys.modules and 'dask' not in sys.modules\n"
+            "import dask.array as da\n"
+            "Y = BatchNormTransformer().fit(da.from_array(X, chunks=(5, 2))).transform(da.from_array(X, chunks=(5, 2)))\n"
+            "assert isinstance(Y, da.Array) and 'numbabn.distributed.dask' in sys.modules\n"
+            "ref = BatchNormTransformer().fit(X).transform(X)\n"
+            "assert np.allclose(Y.compute(), ref, rtol=1e-12, atol=1e-12)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

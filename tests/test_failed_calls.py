@@ -430,7 +430,7 @@ def _invoke(*args):
 def test_bench_failing_write_leaves_the_old_file(tmp_path, monkeypatch):
     """The JSON cannot be written at the end (disk full): one line, exit 2, and the
     previous report is still there, byte for byte."""
-    import numbabn.cli.bench as bench_cli
+    from numbabn.bench import report
 
     target = tmp_path / "report.json"
     target.write_text('{"old": true}\n')
@@ -438,7 +438,7 @@ def test_bench_failing_write_leaves_the_old_file(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(bench_cli.json, "dump", full)
+    monkeypatch.setattr(report.json, "dump", full)
     result = _invoke("-q", "bench", "--suite", "tiny", "--repeat", "1", "--compare", "none", "--json", str(target))
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() [-1] == (

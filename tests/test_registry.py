@@ -141,3 +141,12 @@ def test_a_broken_plugin_never_breaks_lookups(fresh_registry):
     with pytest.warns(RuntimeWarning, match="exploding"):
         layer = registry.get_layer("batch_norm1d", 2, dtype=np.float64)
     assert isinstance(layer, BatchNorm1d)
+
+
+def test_layers_do_not_import_the_registry():
+    """One direction only: the registry reads numbabn.layers.BUILTIN_LAYERS; importing
+    the layers leaves the registry unloaded."""
+    code = ("import sys, numbabn.layers; assert 'numbabn.registry' not in sys.modules, 'registry imported'; "
+            "from numbabn import registry; from numbabn.layers import BUILTIN_LAYERS; "
+            "assert all(registry.layer_class(n) is c for n, c in BUILTIN_LAYERS.items())")
+    subprocess.run([sys.executable, "-c", code], check=True)

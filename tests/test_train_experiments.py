@@ -90,7 +90,15 @@ def test_no_out_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     summary = EXPERIMENTS["ics"](steps=2, seeds=1, progress=False)
     assert "json" not in summary and "figures" not in summary and not list(tmp_path.iterdir())
-    assert summary["lr=0.1"]["layer1"]["bn"]["l2"]["median"] >= 0
+    # The same run written out: the summary is the median of the recorded per-probe
+    # ‖G − G′‖₂ of layer 1 (seed 0, probes at steps 0 and 1), positive under BN.
+    written = EXPERIMENTS["ics"](steps=2, seeds=1, progress=False, out=tmp_path)
+    assert {k: v for k, v in written.items() if k not in ("json", "figures", "seconds")} == {
+        k: v for k, v in summary.items() if k != "seconds"}
+    run = json.loads((tmp_path / "ics.json").read_text())["runs"]["lr=0.1/seed=0/bn"]
+    l2 = [probe["1"]["l2"] for probe in run["metrics"]["ics"]["value"]]
+    assert len(l2) == 2 and min(l2) > 0
+    assert summary["lr=0.1"]["layer1"]["bn"]["l2"]["median"] == pytest.approx(float(np.median(l2)), rel=1e-12)
 
 
 @pytest.mark.parametrize("kwargs", [{"steps": 0}, {"steps": 2.5}, {"lr": -1.0}, {"lr": float("nan")}, {"lr": ()},

@@ -1,20 +1,16 @@
-"""numbabn.train: the measurement probes on cases with known answers, the promise that
-they leave everything untouched, and the Trainer / History."""
-import json
-
+"""numbabn.train.metrics: the measurement probes on cases with known answers, and the
+promise that they leave everything untouched (the Trainer and History are in
+test_train_trainer.py)."""
 import numpy as np
 import pytest
 
 from numbabn.layers import (BatchNorm1d, BatchNorm2d, Conv2d, Layer, Linear, MSELoss, ReLU, Sequential, Sigmoid,
                             SoftmaxCrossEntropy)
 from numbabn.optim import SGD, Adam
-from numbabn.train import (ActivationPercentiles, GradientNorm, HessianEigenvalue, History, InternalCovariateShift,
-                           LandscapeProbe, Trainer, WeightNorm, activation_percentiles, eta_grid, gradient_norm,
-                           hessian_top_eigenvalue, internal_covariate_shift, landscape_probe, leaf_layers,
-                           weight_layers, weight_norm)
-from numbabn_plugins.noisy_batch_norm import NoisyBatchNorm
+from numbabn.train import (Trainer, activation_percentiles, eta_grid, gradient_norm, hessian_top_eigenvalue,
+                           internal_covariate_shift, landscape_probe, leaf_layers, weight_layers, weight_norm)
 
-F64 = np.float64
+from .train_nets import F64, all_metrics, bn_net, data, two_layer
 
 
 # ------------------------------------------------------------------ a quadratic "network"
@@ -185,12 +181,6 @@ def test_ics_one_layer_is_exactly_zero(rng):
     assert res == {0: {"l2": 0.0, "cosine": pytest.approx(1.0, abs=1e-15), "grad_norm": pytest.approx(g, rel=1e-15)}}
 
 
-def _two_layer(rng):
-    model = Sequential(Linear(3, 4, rng=rng, dtype=F64), Linear(4, 2, rng=rng, dtype=F64))
-    model[0].bias.value[...] = rng.standard_normal(4)
-    return model
-
-
 def _mse_grads(W1, b1, W2, b2, x, t):
     """Hand-written backward of out = (x W1ᵀ + b1) W2ᵀ + b2, L = mean((out − t)²)."""
     h = x @ W1.T + b1
@@ -203,7 +193,7 @@ def _mse_grads(W1, b1, W2, b2, x, t):
 @pytest.mark.parametrize("make_opt", [lambda p: SGD(p, lr=0.3, momentum=0.9, weight_decay=0.01),
                                       lambda p: Adam(p, lr=0.05)], ids=["sgd-momentum", "adam"])
 def test_ics_two_layer_linear_by_hand(rng, make_opt):
-    model = _two_layer(rng)
+    model = two_layer(rng)
     loss = MSELoss()
     opt = make_opt(model.parameters())
     x, t = rng.standard_normal((7, 3)), rng.standard_normal((7, 2))
@@ -237,7 +227,7 @@ def test_ics_two_layer_linear_by_hand(rng, make_opt):
 
 
 def test_ics_bad_layers(rng):
-    model = _two_layer(rng)
+    model = two_layer(rng)
     opt = SGD(model.parameters(), lr=0.1)
     batch = (rng.standard_normal((4, 3)), rng.standard_normal((4, 2)))
     with pytest.raises(ValueError, match="unknown layer index 2: the model has 2 parameterized"):
@@ -299,7 +289,7 @@ def test_percentiles_errors(rng):
 
 
 def test_gradient_and_weight_norm(rng):
-    model = _two_layer(rng)
+    model = two_layer(rng)
     x, t = rng.standard_normal((7, 3)), rng.standard_normal((7, 2))
     g = _mse_grads(model[0].weight.value, model[0].bias.value, model[1].weight.value, model[1].bias.value, x, t)
     norms = gradient_norm(model, MSELoss(), (x, t))
@@ -310,29 +300,11 @@ def test_gradient_and_weight_norm(rng):
 
 
 # ------------------------------------------------------------------ nothing is touched
-def _bn_net(seed, dtype=F64, noisy=True):
-    rng = np.random.default_rng(seed)
-    norm = (NoisyBatchNorm(8, dtype=dtype, rng=np.random.default_rng(seed + 1)) if noisy
-            else BatchNorm1d(8, dtype=dtype))
-    return Sequential(Linear(5, 8, rng=rng, dtype=dtype), norm, ReLU(), Linear(8, 6, rng=rng, dtype=dtype),
-                      BatchNorm1d(6, dtype=dtype), Sigmoid(), Linear(6, 3, rng=rng, dtype=dtype))
-
-
-def _data(seed, n=120):
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((n, 5)), rng.integers(0, 3, n)
-
-
-def _all_metrics():
-    return [InternalCovariateShift(), LandscapeProbe(), ActivationPercentiles(5, unit=1), GradientNorm(),
-            WeightNorm(), HessianEigenvalue(iters=3, eps=1e-2)]
-
-
 @pytest.mark.parametrize("dtype", [np.float32, F64])
 @pytest.mark.parametrize("make_opt", [lambda p: SGD(p, lr=0.1, momentum=0.9), lambda p: Adam(p, lr=0.01)],
                          ids=["sgd", "adam"])
 def test_metrics_leave_everything_untouched(dtype, make_opt):
-    model, (X, y) = _bn_net(0, dtype), _data(1)
+    model, (X, y) = bn_net(0, dtype), data(1)
     X = X.astype(dtype)
     loss = SoftmaxCrossEntropy()
     opt = make_opt(model.parameters())
@@ -351,7 +323,7 @@ def test_metrics_leave_everything_untouched(dtype, make_opt):
     rng_state = noise.bit_generator.state
     cached = {id(layer): dict(vars(layer)) for layer in leaf_layers(model)}
 
-    for metric in _all_metrics():
+    for metric in all_metrics():
         metric(model, loss, opt, batch)
         assert noise.bit_generator.state == rng_state, metric
         after = model.state_dict()
@@ -367,82 +339,3 @@ def test_metrics_leave_everything_untouched(dtype, make_opt):
         assert model.training
     model.backward(d)                   # the caches of the pending forward are intact
     assert all(np.array_equal(p.grad, grads[n]) for n, p in model.named_parameters())
-
-
-def _train(seed, metrics, steps=25, noisy=True):
-    model, (X, y) = _bn_net(seed, noisy=noisy), _data(seed + 7)
-    opt = SGD(model.parameters(), lr=0.2, momentum=0.9)
-    trainer = Trainer(model, SoftmaxCrossEntropy(), opt, batch_size=16, seed=seed, metrics=metrics,
-                      record_every=3, eval_data=_data(99, 40), verbose=0)
-    return model, trainer.fit(X, y, steps=steps)
-
-
-def test_trainer_with_metrics_is_bit_identical():
-    plain_model, plain = _train(3, [])
-    model, hist = _train(3, _all_metrics())
-    assert hist.loss == plain.loss and hist.accuracy == plain.accuracy and hist.eval == plain.eval
-    a, b = plain_model.state_dict(), model.state_dict()
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert set(hist.metrics) == {"ics", "landscape", "percentiles", "grad_norm", "weight_norm", "hessian"}
-    assert hist.metrics["ics"]["step"] == list(range(0, 25, 3))
-    # the probes evaluate the training step's own function (same batch, same noise draw)
-    for step, value in zip(*hist.metric("landscape")):
-        assert value["loss"] == pytest.approx(hist.loss[step], rel=1e-12)
-    assert hist.metrics["ics"]["value"][0]["0"]["l2"] == 0.0
-
-
-def test_trainer_determinism_and_batches():
-    _, a = _train(5, [], noisy=False)
-    model_b, b = _train(5, [], noisy=False)
-    _, c = _train(6, [], noisy=False)
-    assert a.loss == b.loss and a.step == list(range(25))
-    assert a.loss != c.loss
-    assert a.eval["step"] == [0, 3, 6, 9, 12, 15, 18, 21, 24, 25]
-    # 120 samples / batch 16: 7 batches per epoch, 25 steps -> ceil(25/7) = 4 epochs
-    X, y = _data(5 + 7)
-    tr = Trainer(model_b, SoftmaxCrossEntropy(), SGD(model_b.parameters(), lr=0.1), batch_size=16, seed=0,
-                 verbose=0)
-    assert len(tr.fit(X, y, epochs=2).step) == 14
-    assert tr.steps_done == 14
-
-
-def test_trainer_errors(rng):
-    model = _two_layer(rng)
-    opt = SGD(model.parameters(), lr=0.1)
-    X, y = rng.standard_normal((10, 3)), rng.standard_normal((10, 2))
-    tr = Trainer(model, MSELoss(), opt, batch_size=4, seed=0, verbose=0)
-    with pytest.raises(ValueError, match="exactly one of steps and epochs"):
-        tr.fit(X, y)
-    with pytest.raises(ValueError, match="exactly one of steps and epochs"):
-        tr.fit(X, y, steps=2, epochs=1)
-    with pytest.raises(ValueError, match="same"):
-        tr.fit(X, y[:5], steps=2)
-    with pytest.raises(ValueError, match="larger than the 10"):
-        Trainer(model, MSELoss(), opt, batch_size=11, seed=0).fit(X, y, steps=1)
-    with pytest.raises(ValueError, match="batch_size"):
-        Trainer(model, MSELoss(), opt, batch_size=0, seed=0)
-    with pytest.raises(ValueError, match="distinct"):
-        Trainer(model, MSELoss(), opt, batch_size=2, seed=0, metrics=[GradientNorm(), GradientNorm()])
-    with pytest.raises(TypeError, match="callable"):
-        Trainer(model, MSELoss(), opt, batch_size=2, seed=0, metrics=[3])
-    with pytest.raises(ValueError, match="spacing"):
-        LandscapeProbe(spacing="cubic")
-    hist = tr.fit(X, y, steps=3)
-    assert hist.accuracy is None and "accuracy" not in hist.eval
-
-
-def test_history_json_round_trip():
-    _, hist = _train(2, _all_metrics(), steps=7)
-    text = hist.to_json()
-    back = History.from_json(text)
-    assert back.to_dict() == json.loads(text) == hist.to_dict()
-    assert back.metric("ics") == hist.metric("ics")
-    with pytest.raises(KeyError, match="no metric"):
-        back.metric("nope")
-    with pytest.raises(ValueError, match="keys"):
-        History.from_json('{"loss": []}')
-    pd = pytest.importorskip("pandas")
-    frame = back.to_frame()
-    assert isinstance(frame, pd.DataFrame) and list(frame.index) == list(range(8))
-    assert frame.loc[3, "landscape.beta_smoothness"] == hist.metrics["landscape"]["value"][1]["beta_smoothness"]
-    assert np.isnan(frame.loc[1, "ics.1.l2"]) and frame.loc[7, "eval_loss"] == hist.eval["loss"][-1]

@@ -1,24 +1,20 @@
-"""``numbabn bench``: time the kernels with the shared harness (:mod:`numbabn.benchmark`).
+"""``numbabn bench``: time the kernels with the shared harness (:mod:`numbabn.bench.harness`).
 
 ``numbabn bench`` itself runs a suite; further benchmarks are subcommands
 (``numbabn bench NAME``), registered in :data:`SUBCOMMANDS` in one line each.
 """
 import itertools
-import json
 import math
 import sys
 
 import click
 
+from numbabn.bench.cases import COMPARE, OPS, SUITES, Case, parse_shape
+
 from ._common import CLIError, LazyGroup, Settings, check_output_file, check_threads, write_output
 
 # name -> "module:attribute" of a click command, imported only when it is run.
 SUBCOMMANDS = {"sklearn": "numbabn.cli.bench_sklearn:sklearn", "torch": "numbabn.cli.bench_torch:torch"}
-
-# numbabn.benchmark.OPS, spelled out because importing the harness imports NumPy, and
-# --help must not (tests/test_cli.py checks that the two agree).
-_OPS = ("forward", "eval", "backward")
-_COMPARE = ("numpy", "torch")
 
 
 def _split(values):
@@ -28,16 +24,14 @@ def _split(values):
 
 def _ops_option(ctx, param, values):
     ops = _split(values) or ["all"]
-    unknown = sorted(set(ops) - {*_OPS, "all"})
+    unknown = sorted(set(ops) - {*OPS, "all"})
     if unknown:
-        raise click.BadParameter(f"unknown op {unknown[0]!r}; choose from {', '.join(_OPS)} or all")
+        raise click.BadParameter(f"unknown op {unknown[0]!r}; choose from {', '.join(OPS)} or all")
     # Harness order, whatever order they were given in.
-    return _OPS if "all" in ops else tuple(op for op in _OPS if op in ops)
+    return OPS if "all" in ops else tuple(op for op in OPS if op in ops)
 
 
 def _shapes_option(ctx, param, values):
-    from numbabn.benchmark import parse_shape
-
     try:
         return tuple((text, parse_shape(text)) for text in values)
     except ValueError as exc:
@@ -45,8 +39,6 @@ def _shapes_option(ctx, param, values):
 
 
 def _suite_option(ctx, param, value):
-    from numbabn.benchmark import SUITES
-
     if value not in (*SUITES, "all"):
         raise click.BadParameter(f"unknown suite {value!r}; choose from {', '.join([*SUITES, 'all'])}")
     return value
@@ -59,10 +51,10 @@ def _compare_option(ctx, param, value):
     names = _split([value])
     if names == ["none"]:
         return ()
-    unknown = sorted(set(names) - set(_COMPARE))
+    unknown = sorted(set(names) - set(COMPARE))
     if unknown or not names:
-        raise click.BadParameter(f"expected a comma list of {', '.join(_COMPARE)}, or none; got {value!r}")
-    return tuple(n for n in _COMPARE if n in names)
+        raise click.BadParameter(f"expected a comma list of {', '.join(COMPARE)}, or none; got {value!r}")
+    return tuple(n for n in COMPARE if n in names)
 
 
 def _output_option(ctx, param, value):
@@ -155,8 +147,6 @@ def _resolve_compare(compare, backend):
 
 def _cases(ctx, shapes, layout, suite):
     """--shape cases (channel axis from --layout), plus --suite when it was given too."""
-    from numbabn.benchmark import SUITES, Case
-
     cases = []
     for text, shape in shapes:
         case = Case(text, shape, -1 if layout == "nhwc" else 1)
@@ -169,62 +159,6 @@ def _cases(ctx, shapes, layout, suite):
         names = SUITES if suite == "all" else (suite,)
         cases += [case for name in names for case in SUITES[name]]
     return list(dict.fromkeys(cases))   # "all" repeats cases that several suites share
-
-
-def _footer(report):
-    slowest = max(report.rows, key=lambda r: r.first_s)
-    total = sum(r.first_s for r in report.rows)
-    return (f"first calls (JIT compile or Numba cache load; not in the timings): {total:.2f} s in all, "
-            f"slowest {slowest.first_s:.2f} s ({slowest.op} {slowest.case})")
-
-
-def _write_json(report, path):
-    def write(f):
-        json.dump(report.to_dict(), f, indent=2)
-        f.write("\n")
-
-    write_output(path, write, "the JSON report")
-
-
-def _write_csv(report, path):
-    import csv
-    from dataclasses import asdict, fields
-
-    from numbabn.benchmark import Row
-
-    def write(f):
-        writer = csv.DictWriter(f, [fld.name for fld in fields(Row)], lineterminator="\n")
-        writer.writeheader()
-        for row in report.rows:
-            writer.writerow({**asdict(row), "shape": "x".join(map(str, row.shape))})
-
-    write_output(path, write, "the CSV report")
-
-
-def _plot(report, path):
-    """Roofline-style bars: numbabn's (and PyTorch's) GB/s per case/op under the copy bandwidth."""
-    import numpy as np
-    from matplotlib.figure import Figure   # Agg through Figure.savefig: no pyplot, no GUI backend
-
-    rows, meta = report.rows, report.meta
-    torch_gbps = [r.gbps * r.ms / r.torch_ms if r.torch_ms else 0.0 for r in rows]
-    with_torch = any(torch_gbps)
-    pos = np.arange(len(rows))
-    width = 0.4 if with_torch else 0.8
-    fig = Figure(figsize=(max(6.0, 0.7 * len(rows) + 2), 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    ax.bar(pos - (width / 2 if with_torch else 0), [r.gbps for r in rows], width, label="numbabn")
-    if with_torch:
-        ax.bar(pos + width / 2, torch_gbps, width, label=f"PyTorch {meta['torch']}")
-    ax.axhline(meta["copy_gbps"], color="black", linestyle="--",
-               label=f"{'device ' if meta['backend'] == 'cuda' else ''}copy bandwidth {meta['copy_gbps']:.1f} GB/s")
-    ax.set_xticks(pos, [f"{r.case}\n{r.op}" for r in rows], rotation=90 if len(rows) > 8 else 0, fontsize=8)
-    ax.set_xlabel("case / op")
-    ax.set_ylabel("effective bandwidth, GB/s (bytes moved / time)")
-    ax.set_title(f"numbabn {meta['backend']} batch norm ({meta['dtype']}) vs the copy-bandwidth limit", fontsize=10)
-    ax.legend()
-    fmt = path.rsplit(".", 1)[-1].lower()
-    write_output(path, lambda f: fig.savefig(f, dpi=120, format=fmt), "the plot", mode="wb")
 
 
 @click.group(cls=LazyGroup, lazy_subcommands=SUBCOMMANDS, invoke_without_command=True,
@@ -264,7 +198,7 @@ def bench(ctx, ops, shapes, layout, suite, dtype, backend, threads, repeat, comp
     """
     if ctx.invoked_subcommand is not None:
         return
-    from numbabn import benchmark
+    from numbabn.bench import harness, report as output
 
     settings = ctx.find_object(Settings) or Settings()
     if json_path == "-" and csv_path == "-":
@@ -295,19 +229,17 @@ def bench(ctx, ops, shapes, layout, suite, dtype, backend, threads, repeat, comp
         def progress(name):
             bar.update(1 if next(calls) else 0, name)
 
-        if backend == "cuda":
-            report = benchmark.run_cuda(cases, ops, dtype, repeat, compare, progress)
-        else:
-            report = benchmark.run(cases, ops, dtype, "cpu", repeat, compare, threads, progress)
+        report = harness.run(cases, ops, dtype, backend, repeat, compare, threads, progress)
         bar.update(1)
 
     data_on_stdout = "-" in (json_path, csv_path)
-    click.echo(benchmark.format_table(report) + "\n" + _footer(report), err=data_on_stdout)
+    click.echo(output.format_table(report) + "\n" + output.footer(report), err=data_on_stdout)
     if json_path is not None:
-        _write_json(report, json_path)
+        write_output(json_path, lambda f: output.write_json(report, f), "the JSON report")
     if csv_path is not None:
-        _write_csv(report, csv_path)
+        write_output(csv_path, lambda f: output.write_csv(report, f), "the CSV report")
     if plot_path is not None:
-        _plot(report, plot_path)
+        fmt = plot_path.rsplit(".", 1)[-1].lower()
+        write_output(plot_path, lambda f: output.plot(report, f, fmt), "the plot", mode="wb")
         if not settings.quiet:
             click.echo(f"plot written to {plot_path}", err=True)

@@ -1,16 +1,16 @@
 """``numbabn bench sklearn``: the scikit-learn estimators against scikit-learn's own
-(:mod:`numbabn.sklearn.benchmark`)."""
+(:mod:`numbabn.bench.sklearn_estimators`)."""
 import json
 
 import click
 
-from ._common import Settings, check_output_file, check_threads, write_output
+from numbabn.bench.cases import SKLEARN_PARTS
 
-_PARTS = ("transformer", "mlp")    # numbabn.sklearn.benchmark.PARTS, without importing it for --help
+from ._common import Settings, check_output_file, check_threads, write_output
 
 
 @click.command(short_help="BatchNormTransformer vs StandardScaler, BNMLPClassifier vs MLPClassifier.")
-@click.option("--part", "parts", multiple=True, type=click.Choice(_PARTS),
+@click.option("--part", "parts", multiple=True, type=click.Choice(SKLEARN_PARTS),
               help="transformer or mlp; repeatable [default: both].")
 @click.option("--samples", type=click.IntRange(min=2), default=1_000_000, show_default=True,
               help="transformer: rows of X.")
@@ -33,14 +33,14 @@ def sklearn(ctx, parts, samples, features, dtypes, repeat, epochs, seeds, thread
     """BatchNormTransformer vs StandardScaler (fit + transform, median time) and
     BNMLPClassifier vs MLPClassifier on digits (test accuracy, training time, epochs
     to 95% test accuracy at the same budget), measured in the same run."""
-    from numbabn.sklearn.benchmark import format_table, run_sklearn_bench
+    from numbabn.bench.sklearn_estimators import format_table, run_sklearn_bench
 
     settings = ctx.find_object(Settings) or Settings()
     if threads is not None:
         check_threads(ctx, threads)
     if settings.verbose:
-        click.echo(f"running: {', '.join(parts or _PARTS)}", err=True)
-    rows = run_sklearn_bench(parts or _PARTS, n_samples=samples, n_features=features,
+        click.echo(f"running: {', '.join(parts or SKLEARN_PARTS)}", err=True)
+    rows = run_sklearn_bench(parts or SKLEARN_PARTS, n_samples=samples, n_features=features,
                              dtypes=dtypes or ("float32", "float64"), repeat=repeat, epochs=epochs,
                              seeds=seeds or (0, 1, 2), threads=threads)
     click.echo(format_table(rows), err=json_path == "-")

@@ -1,16 +1,16 @@
 """``numbabn bench torch``: numbabn.torch against PyTorch's batch norm inside autograd
-(:mod:`numbabn.torch.benchmark`)."""
+(:mod:`numbabn.bench.torch_modules`)."""
 import json
 
 import click
 
-from ._common import CLIError, Settings, check_output_file, check_threads, write_output
+from numbabn.bench.cases import TORCH_PARTS
 
-_PARTS = ("bn", "step")    # numbabn.torch.benchmark's measurements, without importing it for --help
+from ._common import CLIError, Settings, check_output_file, check_threads, write_output
 
 
 @click.command(short_help="numbabn.torch vs PyTorch's batch norm through autograd, and a ResNet-18 step.")
-@click.option("--part", "parts", multiple=True, type=click.Choice(_PARTS),
+@click.option("--part", "parts", multiple=True, type=click.Choice(TORCH_PARTS),
               help="bn (BN forward+backward per default-suite case) or step (ResNet-18 training "
                    "step); repeatable [default: both].")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -37,10 +37,10 @@ def torch(ctx, parts, threads, repeat, dtype, batch, json_path):
     settings = ctx.find_object(Settings) or Settings()
     if threads is not None:
         check_threads(ctx, threads)
-    from numbabn.torch import benchmark
+    from numbabn.bench import torch_modules as benchmark
 
     out = {}
-    for part in parts or _PARTS:
+    for part in parts or TORCH_PARTS:
         if settings.verbose:
             click.echo(f"running {part}", err=True)
         if part == "bn":

@@ -36,6 +36,7 @@ from sklearn.utils import assert_all_finite
 
 from ..functional import batch_norm_forward
 from ..functional import moments as numpy_moments
+from ..sklearn.transformer import register_array_kind
 from ..stats import Moments, merge_moments
 
 _KEEP_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -185,3 +186,8 @@ def transform(X, gamma, beta, running_mean, running_var, eps, training=False):
                          "transform is lazy and chunk-wise; batch statistics need moments() first")
     return X.map_blocks(_transform_block, gamma=gamma, beta=beta, running_mean=running_mean,
                         running_var=running_var, eps=eps, dtype=X.dtype, meta=np.empty((0, 0), X.dtype))
+
+
+# Dask arrays take these paths in numbabn.sklearn.BatchNormTransformer (it imports this
+# module once dask.array is loaded; the transformer never names Dask's functions).
+register_array_kind(is_dask_array, sys.modules[__name__])

@@ -53,7 +53,6 @@ Memory traffic: training forward 3S, eval forward 2S, backward 5S (S = bytes of 
 """
 from dataclasses import dataclass
 import math
-import statistics
 
 import numpy as np
 from numba import cuda, float64
@@ -546,34 +545,3 @@ def cast(src, dst, threads):
     if src.size:
         blocks = min(_cdiv(src.size, threads * MIN_PER_THREAD), TARGET_BLOCKS)
         _cast_kernel[blocks, threads](src, dst.reshape(dst.size))
-
-
-def device_copy_bandwidth(nbytes, repeats=20):
-    """Device-to-device copy bandwidth in GB/s, the speed limit of memory-bound kernels.
-
-    Copies ``nbytes`` between two device buffers ``repeats`` times (after one
-    warm-up copy), timing each with CUDA events, and returns
-    ``2*nbytes / median time / 1e9``: a copy reads and writes ``nbytes``, counted
-    like the bytes moved by the batch-norm kernels (numbabn DESIGN §3).
-    Raises RuntimeError under the CUDA simulator (its timings mean nothing).
-    """
-    if cuda.config.ENABLE_CUDASIM:
-        raise RuntimeError(
-            "device_copy_bandwidth: refusing to time the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
-    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes <= 0:
-        raise ValueError(f"device_copy_bandwidth: nbytes must be a positive int, got {nbytes!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats <= 0:
-        raise ValueError(f"device_copy_bandwidth: repeats must be a positive int, got {repeats!r}")
-    src = cuda.device_array(int(nbytes), np.uint8)
-    dst = cuda.device_array(int(nbytes), np.uint8)
-    dst.copy_to_device(src)
-    start = cuda.event()
-    stop = cuda.event()
-    seconds = []
-    for _ in range(repeats):
-        start.record()
-        dst.copy_to_device(src)
-        stop.record()
-        stop.synchronize()
-        seconds.append(cuda.event_elapsed_time(start, stop) / 1e3)
-    return 2 * int(nbytes) / statistics.median(seconds) / 1e9

@@ -1,7 +1,8 @@
 """Explicit layers (no autograd): each has ``forward(x)`` and ``backward(dy)``.
 
-See :mod:`numbabn.layers.base` for the contract. Importing this package registers
-the built-in layers in :mod:`numbabn.registry`.
+See :mod:`numbabn.layers.base` for the contract. :data:`BUILTIN_LAYERS` names the
+built-in layers; :mod:`numbabn.registry` reads it on its first lookup (the layers
+never import the registry, so there is no import circle).
 """
 from .activations import ReLU, Sigmoid, Tanh
 from .base import Layer, Parameter
@@ -14,3 +15,10 @@ from .shape import Flatten
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "Conv2d", "Flatten", "Layer", "Linear",
            "MSELoss", "Parameter", "ReLU", "Sequential", "Sigmoid", "SoftmaxCrossEntropy", "Tanh"]
+
+# Registry names of the built-in layers (numbabn.registry.get_layer(name, ...)).
+BUILTIN_LAYERS = {
+    "batch_norm1d": BatchNorm1d, "batch_norm2d": BatchNorm2d, "batch_norm3d": BatchNorm3d,
+    "conv2d": Conv2d, "flatten": Flatten, "linear": Linear, "relu": ReLU, "sequential": Sequential,
+    "sigmoid": Sigmoid, "tanh": Tanh,
+}

@@ -10,7 +10,6 @@ Tanh       y = tanh(x)                 dx = g * (1 - y^2)
 """
 import numpy as np
 
-from ..registry import register_layer
 from .base import Layer
 
 
@@ -42,7 +41,6 @@ class _Elementwise(Layer):
         return cls(), rng.standard_normal((4, 3, 2)).astype(dtype)
 
 
-@register_layer("relu")
 class ReLU(_Elementwise):
     """y = max(x, 0); dx = dy * [x > 0]. Any shape."""
 
@@ -55,7 +53,6 @@ class ReLU(_Elementwise):
         return dy * mask
 
 
-@register_layer("sigmoid")
 class Sigmoid(_Elementwise):
     """y = 1 / (1 + exp(-x)); dx = dy * y * (1 - y). Any shape."""
 
@@ -73,7 +70,6 @@ class Sigmoid(_Elementwise):
         return dy * y * (1 - y)
 
 
-@register_layer("tanh")
 class Tanh(_Elementwise):
     """y = tanh(x); dx = dy * (1 - y^2). Any shape."""
 

@@ -45,7 +45,6 @@ import numpy as np
 
 from .. import _checks as V
 from ..functional import batch_norm_backward, batch_norm_forward
-from ..registry import register_layer
 from .base import Layer, check_layer_dtype, check_positive_int
 
 
@@ -203,7 +202,6 @@ def _check_loaded_counter(fn, key, value):
         raise ValueError(f"{fn}: {key!r} counts batches and must be >= 0, got {value.item()}")
 
 
-@register_layer("batch_norm1d")
 class BatchNorm1d(BatchNormBase):
     """Batch norm over (N, C) or (N, C, L) input (statistics over N, or N and L).
 
@@ -257,7 +255,6 @@ class _SpatialBatchNorm(BatchNormBase):
         return super().extra_repr() + (", channels_last=True" if self.channels_last else "")
 
 
-@register_layer("batch_norm2d")
 class BatchNorm2d(_SpatialBatchNorm):
     """Batch norm over images: NCHW, or NHWC with ``channels_last=True`` (statistics
     over N, H and W per channel). Same semantics as ``torch.nn.BatchNorm2d``."""
@@ -268,7 +265,6 @@ class BatchNorm2d(_SpatialBatchNorm):
         return layer, rng.standard_normal((2, 3, 2, 2)).astype(dtype)
 
 
-@register_layer("batch_norm3d")
 class BatchNorm3d(_SpatialBatchNorm):
     """Batch norm over volumes: NCDHW, or NDHWC with ``channels_last=True``
     (statistics over N, D, H and W per channel). Same semantics as

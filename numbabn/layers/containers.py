@@ -1,11 +1,9 @@
 """Containers: layers made of layers."""
-from ..registry import register_layer
 from .base import Layer, capture, restore
 from .batchnorm import BatchNorm1d
 from .linear import Linear
 
 
-@register_layer("sequential")
 class Sequential(Layer):
     """Chains layers: ``forward`` runs them in order, ``backward`` in reverse.
 

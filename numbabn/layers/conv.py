@@ -2,7 +2,6 @@
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..registry import register_layer
 from .base import Layer, check_layer_dtype, check_positive_int, check_rng
 from .linear import init_weight
 
@@ -15,7 +14,6 @@ def _pair(owner, name, value, minimum):
     return int(pair[0]), int(pair[1])
 
 
-@register_layer("conv2d")
 class Conv2d(Layer):
     """y[n, o, i, j] = b[o] + sum_{c, u, v} W[o, c, u, v] * xp[n, c, i*sh + u, j*sw + v]
 

@@ -1,7 +1,6 @@
 """Fully connected layer and the weight initialisations shared with Conv2d."""
 import numpy as np
 
-from ..registry import register_layer
 from .base import Layer, check_layer_dtype, check_positive_int, check_rng
 
 INITS = ("glorot", "he")
@@ -23,7 +22,6 @@ def init_weight(owner, init, shape, fan_in, fan_out, rng, dtype):
     return w.astype(dtype)
 
 
-@register_layer("linear")
 class Linear(Layer):
     """y = x W^T + b.
 

@@ -1,11 +1,9 @@
 """Layers that only change the shape of their input."""
 from math import prod
 
-from ..registry import register_layer
 from .base import Layer
 
 
-@register_layer("flatten")
 class Flatten(Layer):
     """(N, d1, d2, ...) -> (N, d1*d2*...); backward reshapes dy back.
 

@@ -64,15 +64,6 @@ SOLVERS = ("sgd", "adam")
 _is_int, _is_real = is_int, is_real   # the shared checks: not bool; finite
 
 
-def _named_metrics():
-    """``record_metrics`` names -> the measurement toolkit's metric classes (default
-    arguments; pass a configured instance for anything else)."""
-    from ..train import GradientNorm, InternalCovariateShift, LandscapeProbe, WeightNorm
-
-    return {"ics": InternalCovariateShift, "landscape": LandscapeProbe, "grad_norm": GradientNorm,
-            "weight_norm": WeightNorm}
-
-
 class _BaseBNMLP(BaseEstimator):
     """What the classifier and the regressor share: parameters, network, training loop."""
 
@@ -139,7 +130,8 @@ class _BaseBNMLP(BaseEstimator):
         if isinstance(self.record_metrics, str):
             raise ValueError(f"{type(self).__name__}: record_metrics must be a sequence of names or metrics, "
                              f"got the string {self.record_metrics!r} (write [{self.record_metrics!r}])")
-        named = _named_metrics()
+        from ..train.metrics import METRIC_NAMES as named   # the measurement toolkit, loaded when used
+
         metrics = []
         for item in self.record_metrics:
             if isinstance(item, str):

@@ -32,6 +32,8 @@ Two ways to learn the statistics:
 
 ``fit(X)`` forgets previous statistics and is one ``partial_fit(X)``.
 """
+import importlib
+import sys
 
 import numpy as np
 from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
@@ -39,7 +41,6 @@ from sklearn.utils import check_array
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._checks import is_real
-from ..distributed import dask as dask_support
 from ..functional import batch_norm_forward, moments
 from ..stats import Moments, merge_moments
 
@@ -133,24 +134,19 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         return arr
 
     # ------------------------------------------------------------ fitting
-    def _batch_moments(self, X):
-        """Moments(n, mean, m2) of one validated 2-D batch over its rows.
-
-        A Dask array arrives already reduced by its validation (chunk moments merged
-        in a tree, see :mod:`numbabn.distributed.dask`) as a ``FitBatch``.
-        """
-        if isinstance(X, dask_support.FitBatch):
-            return X.moments
-        return moments(X, axis=1)
-
     def _validate_fit(self, X):
         """validate_data for fitting, plus the parameters. On the first batch,
         validate_data(reset=True) sets n_features_in_ (and feature_names_in_) before
-        it checks X: they are removed again if anything is rejected."""
+        it checks X: they are removed again if anything is rejected.
+
+        Returns (X, params, batch moments): an array kind registered with
+        :func:`register_array_kind` validates and reduces X itself (a Dask array comes
+        back as a batch with ``shape`` and its chunk moments merged in a tree)."""
         first = not hasattr(self, "n_samples_seen_")
         try:
-            if dask_support.is_dask_array(X):
-                X = dask_support.fit_batch(self, X, reset=first)
+            kind = _array_kind(X)
+            if kind is not None:
+                X = kind.fit_batch(self, X, reset=first)
             else:
                 X = validate_data(self, X, reset=first, dtype=FLOAT_DTYPES, copy=False,
                                   accept_sparse=False, ensure_all_finite=True)
@@ -164,7 +160,7 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
                 for k in _NAME_ATTRS:
                     self.__dict__.pop(k, None)
             raise
-        return X, params
+        return X, params, (X.moments if kind is not None else moments(X, axis=1))
 
     def fit(self, X, y=None):
         """Forget previous statistics, then :meth:`partial_fit` ``X``. Returns self.
@@ -189,8 +185,7 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         """
         saved = dict(self.__dict__)
         try:
-            X, (eps, momentum, gamma, beta) = self._validate_fit(X)
-            batch = self._batch_moments(X)
+            X, (eps, momentum, gamma, beta), batch = self._validate_fit(X)
             new = {"n_samples_seen_": getattr(self, "n_samples_seen_", 0) + batch.count}
             if momentum is None:
                 total = merge_moments(getattr(self, "_moments", Moments.empty(batch.channels)), batch)
@@ -217,8 +212,9 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         """
         check_is_fitted(self)
         copy = self.copy if copy is None else copy
-        if dask_support.is_dask_array(X):
-            X = dask_support.check_array(self, X, reset=False)
+        kind = _array_kind(X)
+        if kind is not None:
+            X = kind.check_array(self, X, reset=False)
         else:
             X = validate_data(self, X, reset=False, dtype=FLOAT_DTYPES, copy=False,
                               accept_sparse=False, ensure_all_finite=True)
@@ -229,8 +225,8 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         # float32 first would cost up to half a float32 ulp of |mean_| in every output.
         args = dict(gamma=gamma.astype(dt), beta=beta.astype(dt), training=False, eps=eps,
                     running_mean=self.mean_, running_var=self.var_)
-        if dask_support.is_dask_array(X):     # lazy: a Dask array of the same chunks
-            return dask_support.transform(X, **args)
+        if kind is not None:     # lazy: e.g. a Dask array of the same chunks
+            return kind.transform(X, **args)
         if copy or not X.flags.writeable:
             return batch_norm_forward(X, **args)[0]
         rows = max(1, _INPLACE_VALUES // X.shape[1])
@@ -265,3 +261,30 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         X *= scale.astype(X.dtype)
         X += shift.astype(X.dtype)
         return X
+
+
+# ---------------------------------------------------------------- other array kinds
+# Array kinds that are not NumPy-compatible register how the transformer handles them:
+# (is_kind(X) -> bool, support), support having fit_batch(estimator, X, reset) -> a
+# batch with ``shape`` and ``moments``, check_array(estimator, X, reset) -> X, and
+# transform(X, gamma, beta, running_mean, running_var, eps, training) -> Y. The support
+# module of a library registers itself when imported; the transformer imports it only
+# once that library is loaded (no array of its kind can exist before), so a Dask array
+# takes the Dask path with no extra import by the user, and NumPy-only users never
+# load Dask support.
+_ARRAY_KINDS = []
+_SUPPORT_MODULES = {"dask.array": "numbabn.distributed.dask"}   # library module -> support module
+
+
+def register_array_kind(is_kind, support):
+    """Route arrays for which ``is_kind(X)`` is true to ``support`` (see above)."""
+    if (is_kind, support) not in _ARRAY_KINDS:
+        _ARRAY_KINDS.append((is_kind, support))
+
+
+def _array_kind(X):
+    """The registered support for X's kind, or None for anything NumPy-compatible."""
+    for library, module in _SUPPORT_MODULES.items():
+        if library in sys.modules and module not in sys.modules:
+            importlib.import_module(module)
+    return next((support for is_kind, support in _ARRAY_KINDS if is_kind(X)), None)

@@ -7,7 +7,7 @@ folds the addition and that ReLU into the block's last batch norm (a numbabn
 fused BNs). :func:`convert_batchnorm` cannot do this for an arbitrary model: the
 addition lives in a block's ``forward`` code, not in a ``Sequential``; a user writes
 it as this module's :class:`BasicBlock` does. Used by the benchmark
-(:mod:`numbabn.torch.benchmark`) and the converter tests; no weights, no download.
+(:mod:`numbabn.bench.torch_modules`) and the converter tests; no weights, no download.
 
 Layout (torchvision's resnet18 with a 3x3 stride-1 stem and no max-pool)::
 

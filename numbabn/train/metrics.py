@@ -540,3 +540,9 @@ class WeightNorm(Metric):
 
     def __call__(self, model, loss, optimizer, batch):
         return weight_norm(model)
+
+
+# Short names of the metrics that need no arguments (``BNMLPClassifier(record_metrics=
+# ["ics", ...])``); a configured instance covers anything else.
+METRIC_NAMES = {"ics": InternalCovariateShift, "landscape": LandscapeProbe, "grad_norm": GradientNorm,
+                "weight_norm": WeightNorm}

@@ -23,7 +23,6 @@ change it.
 import sys
 from contextlib import nullcontext
 
-import click
 import numpy as np
 
 from .. import _checks as V
@@ -134,7 +133,7 @@ class Trainer:
 
     def _progress(self, steps):
         if self.verbose and sys.stderr.isatty():
-            return click.progressbar(length=steps, label=self.label, file=sys.stderr)
+            return _TextProgress(self.label, steps, sys.stderr)
         return nullcontext()
 
     # ------------------------------------------------------------ the loop
@@ -194,3 +193,37 @@ class Trainer:
         if self.eval_data is not None:
             history.record_eval(self.steps_done, *self.evaluate(*self.eval_data))
         return history
+
+
+class _TextProgress:
+    """``label  [####    ]  step/total`` redrawn in place on a terminal, at most once
+    per percent. The library's own few lines, so that training does not load the
+    command-line toolkit (click) for a progress bar."""
+
+    WIDTH = 30
+
+    def __init__(self, label, total, file):
+        self.label, self.total, self.file = label, max(total, 1), file
+        self.done, self._shown = 0, -1
+
+    def __enter__(self):
+        self._draw()
+        return self
+
+    def update(self, n):
+        self.done += n
+        self._draw()
+
+    def _draw(self):
+        percent = 100 * self.done // self.total
+        if percent == self._shown:
+            return
+        self._shown = percent
+        filled = self.WIDTH * self.done // self.total
+        self.file.write(f"\r{self.label}  [{'#' * filled}{' ' * (self.WIDTH - filled)}]  "
+                        f"{self.done}/{self.total}  {percent:3d}%")
+        self.file.flush()
+
+    def __exit__(self, *exc):
+        self.file.write("\n")
+        self.file.flush()

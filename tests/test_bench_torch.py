@@ -1,4 +1,4 @@
-"""The numbabn.torch benchmark harness runs and its variants compute the same thing
+"""The numbabn.torch benchmark (numbabn.bench.torch_modules) runs and its variants compute the same thing
 (timings are never asserted: see bench/torch_bench.py for the measurements)."""
 import pytest
 
@@ -6,9 +6,9 @@ pytest.importorskip("torch", reason="PyTorch is not installed")
 
 from click.testing import CliRunner  # noqa: E402
 
-from numbabn.benchmark import SUITES  # noqa: E402
+from numbabn.bench import torch_modules as benchmark  # noqa: E402
+from numbabn.bench.cases import SUITES  # noqa: E402
 from numbabn.cli import main  # noqa: E402
-from numbabn.torch import benchmark  # noqa: E402
 
 
 def test_bn_rows_cover_the_cases_with_both_layouts():

@@ -2,9 +2,11 @@
 
 Run::
 
-    mpiexec -n 2 python -m numbabn.distributed.example            # 2 ranks
-    mpiexec -n 2 python -m numbabn.distributed.example --check    # + single-process reference
-    python -m numbabn.distributed.example                         # 1 process, no MPI needed
+    mpiexec -n 2 python examples/data_parallel_mpi.py            # 2 ranks
+    mpiexec -n 2 python examples/data_parallel_mpi.py --check    # + single-process reference
+    python examples/data_parallel_mpi.py                         # 1 process, no MPI needed
+
+(``pip install 'numbabn[mpi]'`` brings mpi4py and the mpich wheel's ``mpiexec``.)
 
 Model: Linear(64, h) - SyncBatchNorm1d(h) - ReLU - Linear(h, h) - SyncBatchNorm1d(h) -
 ReLU - Linear(h, 10) (the ReLUs fused into the batch-norm passes), float64,
@@ -29,12 +31,11 @@ import sys
 
 import numpy as np
 
-from ..layers import BatchNorm1d, Linear, Sequential, SoftmaxCrossEntropy
-from ..optim import SGD
-from ..train import Trainer
-from .comm import world
-from .data_parallel import allreduce_gradients, global_mean, rank_slice
-from .sync_batchnorm import SyncBatchNorm1d
+from numbabn.distributed import SyncBatchNorm1d, allreduce_gradients, global_mean, rank_slice
+from numbabn.distributed.comm import world
+from numbabn.layers import BatchNorm1d, Linear, Sequential, SoftmaxCrossEntropy
+from numbabn.optim import SGD
+from numbabn.train import Trainer
 
 
 def load_data(seed):
@@ -120,7 +121,7 @@ def share_cores(comm):
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m numbabn.distributed.example", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python examples/data_parallel_mpi.py", description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=150, help="SGD steps (global batches)")
     p.add_argument("--batch", type=int, default=64, help="global batch size, split over the ranks")
     p.add_argument("--hidden", type=int, default=64, help="hidden units per layer")

@@ -1,6 +1,6 @@
 """CPU data-parallel training with synchronized batch norm (gloo), the launch in the README:
 
-    torchrun --standalone --nproc-per-node 2 -m numbabn.torch.example [--steps 5] [--batch 32]
+    torchrun --standalone --nproc-per-node 2 examples/torch_ddp_syncbn.py [--steps 5] [--batch 32]
 
 Each rank trains the 32x32 ResNet-18 of :mod:`numbabn.torch.resnet` on its slice of
 a random global batch under DistributedDataParallel, with every batch norm turned
@@ -13,8 +13,8 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from . import convert_batchnorm
-from .resnet import resnet18
+from numbabn.torch import convert_batchnorm
+from numbabn.torch.resnet import resnet18
 
 
 def main(argv=None):

@@ -4,7 +4,7 @@ Two measurements, both in one process with the same thread count for PyTorch and
 numbabn (``torch.set_num_threads`` and ``numbabn.set_num_threads``):
 
 ``bn``
-    Per case of ``numbabn.benchmark.SUITES["default"]``: one training-mode forward
+    Per case of ``numbabn.bench.cases.SUITES["default"]``: one training-mode forward
     plus backward through autograd (``y = m(x); y.backward(dy)``), native
     ``torch.nn.BatchNorm*`` against :mod:`numbabn.torch`'s, then native BN followed by
     ``torch.relu`` against numbabn's fused ``activation="relu"``. Channels-last cases
@@ -32,8 +32,10 @@ import time
 
 import torch
 
-from .convert import convert_batchnorm
-from .resnet import fuse_residual, resnet18
+from ..torch.convert import convert_batchnorm
+from ..torch.resnet import fuse_residual, resnet18
+from .cases import SUITES
+from .report import text_table
 
 
 def _set_threads(threads):
@@ -90,9 +92,7 @@ def _fwd_bwd(module, x, dy, after=None, residual=None):
 
 def run_bn(cases=None, threads=None, repeat=20, dtype="float32"):
     """Rows (dicts) of the ``bn`` measurement; see the module docstring."""
-    from numbabn.benchmark import SUITES
-
-    from . import modules
+    from ..torch import modules
 
     torch_threads, numbabn_threads = _set_threads(threads)
     rows = []
@@ -154,11 +154,8 @@ def run_step(threads=None, repeat=10, batch=64, seed=0):
 
 def _table(rows, columns):
     """Aligned text table; ``columns`` maps a row key to (header, format)."""
-    head = [h for h, _ in columns.values()]
-    body = [[format(r[k], f) for k, (_, f) in columns.items()] for r in rows]
-    widths = [max(len(c) for c in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+    return text_table([h for h, _ in columns.values()],
+                      [[format(r[k], f) for k, (_, f) in columns.items()] for r in rows])
 
 
 def format_bn(rows):

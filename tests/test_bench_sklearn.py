@@ -1,17 +1,12 @@
-"""The scikit-learn benchmark (numbabn.sklearn.benchmark) and ``numbabn bench sklearn``
+"""The scikit-learn benchmark (numbabn.bench.sklearn_estimators) and ``numbabn bench sklearn``
 on tiny sizes: what the rows hold, never the timings (noise on a shared machine)."""
 import json
 
 import pytest
 from click.testing import CliRunner
 
-import numbabn.cli.bench_sklearn as bench_sklearn_cli
 from numbabn.cli import main
-from numbabn.sklearn.benchmark import PARTS, format_table, run_sklearn_bench
-
-
-def test_cli_parts_match_the_benchmark():
-    assert bench_sklearn_cli._PARTS == PARTS
+from numbabn.bench.sklearn_estimators import format_table, run_sklearn_bench
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")

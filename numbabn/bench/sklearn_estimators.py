@@ -1,7 +1,6 @@
 """Benchmarks of the scikit-learn estimators against scikit-learn's own, same run.
 
-Used by ``numbabn bench sklearn`` and ``bench/sklearn_bench.py`` (it lives in the
-package so that the command works from a regular install).
+Used by ``numbabn bench sklearn`` and ``bench/sklearn_bench.py``.
 
 ``transformer``: ``BatchNormTransformer().fit(X).transform(X)`` against
 ``StandardScaler().fit(X).transform(X)`` on the same ``X`` (default (1_000_000, 64),
@@ -31,7 +30,8 @@ import time
 
 import numpy as np
 
-PARTS = ("transformer", "mlp")
+from .cases import SKLEARN_PARTS as PARTS
+from .report import text_table
 
 
 def _timed(fn, repeat):
@@ -51,7 +51,7 @@ def bench_transformer(n_samples=1_000_000, n_features=64, dtypes=("float32", "fl
     """Rows comparing fit+transform of BatchNormTransformer and StandardScaler."""
     from sklearn.preprocessing import StandardScaler
 
-    from .transformer import BatchNormTransformer
+    from ..sklearn.transformer import BatchNormTransformer
 
     rows = []
     rng = np.random.default_rng(seed)
@@ -74,7 +74,7 @@ def bench_mlp_digits(epochs=50, seeds=(0, 1, 2), hidden=(100, 100, 100), target=
     from sklearn.model_selection import train_test_split
     from sklearn.neural_network import MLPClassifier
 
-    from .mlp import BNMLPClassifier
+    from ..sklearn.mlp import BNMLPClassifier
 
     X, y = load_digits(return_X_y=True)
     X = (X / 16.0).astype(dtype)
@@ -156,8 +156,5 @@ def format_table(rows):
     for kind in dict.fromkeys(r["bench"] for r in rows):
         cols = _COLUMNS[kind]
         body = [[fmt.format(r[name]) for name, fmt in cols] for r in rows if r["bench"] == kind]
-        widths = [max(len(name), *(len(line[i]) for line in body)) for i, (name, _) in enumerate(cols)]
-        lines = [_TITLES[kind], "  ".join(name.rjust(w) for (name, _), w in zip(cols, widths))]
-        lines += ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in body]
-        blocks.append("\n".join(lines))
+        blocks.append(_TITLES[kind] + "\n" + text_table([name for name, _ in cols], body, rule=False))
     return "\n\n".join(blocks)

@@ -1,0 +1,111 @@
+"""The CUDA side of the benchmark harness (:func:`numbabn.bench.harness.run` with
+``backend='cuda'``); imported only then, since it imports ``numba.cuda``.
+
+Inputs, parameters and running statistics are device arrays and the outputs are
+preallocated on the device, so no host<->device copy is timed. Each call is timed with
+CUDA events (:func:`event_time`); the first call per op (kernel compilation) is
+reported as ``first_s``. ``pct_copy`` compares with the device-to-device copy
+bandwidth (:func:`device_copy_bandwidth`) measured in the same run. "torch" times
+``F.batch_norm`` / ``native_batch_norm_backward`` on CUDA tensors of the same data
+(PyTorch must see the GPU); "numpy" times the float64 reference on the host.
+"""
+from importlib.metadata import version
+import statistics
+
+from numba import cuda
+import numpy as np
+
+from .. import config
+from .harness import numbabn_ops
+
+
+def event_time(fn, repeat):
+    """Median seconds of ``fn`` between two CUDA events on the default stream.
+
+    Waiting for the stop event synchronises with the device, so the time covers every
+    kernel the call launched; the GPU is idle when the start event is recorded, so
+    host-side launch overhead inside the call counts too.
+    """
+    start, stop = cuda.event(), cuda.event()
+    times = []
+    for _ in range(repeat):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)   # milliseconds
+    return statistics.median(times)
+
+
+def device_copy_bandwidth(nbytes, repeats=20):
+    """Device-to-device copy bandwidth in GB/s, the speed limit of memory-bound kernels.
+
+    Copies ``nbytes`` between two device buffers ``repeats`` times (after one
+    warm-up copy), timing each with CUDA events, and returns
+    ``2*nbytes / median time / 1e9``: a copy reads and writes ``nbytes``, counted
+    like the bytes moved by the batch-norm kernels (numbabn DESIGN §3).
+    Raises RuntimeError under the CUDA simulator (its timings mean nothing).
+    """
+    if cuda.config.ENABLE_CUDASIM:
+        raise RuntimeError(
+            "device_copy_bandwidth: refusing to time the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes <= 0:
+        raise ValueError(f"device_copy_bandwidth: nbytes must be a positive int, got {nbytes!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats <= 0:
+        raise ValueError(f"device_copy_bandwidth: repeats must be a positive int, got {repeats!r}")
+    src = cuda.device_array(int(nbytes), np.uint8)
+    dst = cuda.device_array(int(nbytes), np.uint8)
+    dst.copy_to_device(src)
+    start = cuda.event()
+    stop = cuda.event()
+    seconds = []
+    for _ in range(repeats):
+        start.record()
+        dst.copy_to_device(src)
+        stop.record()
+        stop.synchronize()
+        seconds.append(cuda.event_elapsed_time(start, stop) / 1e3)
+    return 2 * int(nbytes) / statistics.median(seconds) / 1e9
+
+
+class CUDABackend:
+    """Strategy for device arrays (module docstring)."""
+
+    name = "cuda"
+    torch_device = "cuda"
+    threading_layer = None
+    sync = staticmethod(cuda.synchronize)
+    time = staticmethod(event_time)
+
+    def __init__(self, compare):
+        if cuda.config.ENABLE_CUDASIM:
+            raise RuntimeError("cuda benchmark: refusing to time the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
+        if not cuda.is_available():
+            raise RuntimeError("cuda benchmark: no CUDA GPU is available")
+        self.torch_threads = None
+        if "torch" in compare:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise RuntimeError(
+                    f"cuda benchmark: compare='torch' needs a PyTorch that sees the GPU (torch {torch.__version__})")
+            self.torch_threads = torch.get_num_threads()
+        self.threads = config.CUDA_THREADS
+
+    def where(self):
+        return {"device": cuda.get_current_device().name}
+
+    def versions(self):
+        return {"numba": version("numba"), "numba_cuda": version("numba-cuda")}
+
+    def copy_bandwidth(self, nbytes):
+        return device_copy_bandwidth(nbytes)
+
+    def ops(self, case, *host):
+        """Device copies of the host arrays, preallocated outputs; synchronised so the
+        setup time includes compiling the forward kernels."""
+        x, dy, gamma, beta, rm, rv = (cuda.to_device(a) for a in host)
+        ops = numbabn_ops(case, x, gamma, beta, dy, rm, rv, "cuda",
+                          y=cuda.device_array_like(x), dx=cuda.device_array_like(x))
+        cuda.synchronize()
+        return ops

@@ -1,0 +1,288 @@
+"""The timing harness shared by ``numbabn bench`` and the pytest-benchmark suite.
+
+Method (DESIGN.md §7): one warm-up call per case and op (its time is reported
+separately as ``first_s``: JIT compile, or loading Numba's on-disk cache), then the
+median of ``repeat`` timed calls. For each case the bytes moved follow DESIGN.md §3
+(S = bytes of x, :data:`~numbabn.bench.cases.TRAFFIC`): training forward 3S, eval
+forward 2S, backward 5S. GB/s is bytes/time; ``pct_copy`` compares it with the copy
+bandwidth of the backend's memory measured in the same run. PyTorch
+(``torch.nn.functional.batch_norm`` for forward/eval, ATen's
+``native_batch_norm_backward`` for backward, i.e. exactly the kernels autograd calls)
+and the NumPy float64 reference are timed in the same run on the same data.
+
+What differs between backends is a strategy object (:class:`CPUBackend` here,
+:class:`numbabn.bench.cuda.CUDABackend` for device arrays): where the data lives, how a
+call is timed, which copy bandwidth is the reference. :func:`run` is the same loop for
+both.
+
+CPU: host arrays; both sides allocate their outputs; wall-clock timing; the copy
+reference is the faster of NumPy's ``copyto`` and a copy on the kernels' thread pool
+(2 bytes moved per byte copied); PyTorch gets the same thread count as Numba.
+"""
+from dataclasses import asdict, dataclass, field
+import statistics
+import time
+
+import numpy as np
+
+from .cases import OPS, TRAFFIC
+
+
+@dataclass
+class Row:
+    """One (case, op): numbabn's median ``ms``, ``gbps`` and ``pct_copy`` of the copy
+    bandwidth, the first call's seconds, and the comparisons' median ms with their
+    ratios ``vs_numpy = numpy_ms / ms`` and ``vs_torch = torch_ms / ms`` (> 1: numbabn
+    is faster)."""
+
+    op: str
+    case: str
+    shape: tuple
+    layout: str
+    dtype: str
+    backend: str
+    ms: float
+    gbps: float
+    pct_copy: float
+    first_s: float
+    numpy_ms: float | None = None
+    torch_ms: float | None = None
+    vs_numpy: float | None = None
+    vs_torch: float | None = None
+
+
+@dataclass
+class Report:
+    rows: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self):
+        return {"meta": self.meta, "rows": [asdict(r) for r in self.rows]}
+
+
+def median_time(fn, repeat, sync=None):
+    """Median wall-clock seconds of ``repeat`` calls of ``fn`` (each followed by ``sync``)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def first_call(fn, sync=None):
+    """Seconds of one call of ``fn`` (and ``sync``): the JIT compile or cache load."""
+    t0 = time.perf_counter()
+    fn()
+    if sync is not None:
+        sync()
+    return time.perf_counter() - t0
+
+
+def copy_bandwidth(nbytes=256 << 20, repeat=5):
+    """Host copy bandwidth in GB/s (2*bytes/time): the best of NumPy's copy and a copy
+    on the kernels' own threads (serial nogil blocks through the same scheduler), so
+    the reference uses the cores the way the kernels do."""
+    from numba import njit
+
+    from .._threads import parallel_for
+
+    block = 1 << 16
+
+    @njit(nogil=True)
+    def copy_blocks(src, dst, t0, t1):
+        for i in range(t0 * block, min(t1 * block, src.size)):
+            dst[i] = src[i]
+
+    src = np.ones(nbytes // 8)
+    dst = np.empty_like(src)
+    blocks = -(-src.size // block)
+
+    def threaded():
+        parallel_for(copy_blocks, blocks, src.size, src, dst)
+
+    threaded()
+    best = min(median_time(lambda: np.copyto(dst, src), repeat), median_time(threaded, repeat))
+    return 2 * src.nbytes / best / 1e9
+
+
+def inputs(case, dtype, rng):
+    """Host arrays for one case: x, dy, gamma, beta, running mean and variance."""
+    dt = np.dtype(dtype)
+    x = (rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1).astype(dt)
+    dy = rng.standard_normal(case.shape, dtype=np.float32).astype(dt)
+    C = case.channels
+    gamma = rng.uniform(0.5, 1.5, C).astype(dt)
+    beta = rng.standard_normal(C).astype(dt)
+    return x, dy, gamma, beta, np.zeros(C, dt), np.ones(C, dt)
+
+
+def numbabn_ops(case, x, gamma, beta, dy, rm, rv, backend="cpu", y=None, dx=None):
+    """{op: callable} timing numbabn's functional API on ``x`` (host or device arrays).
+
+    ``y``/``dx``: preallocated outputs (``out=``); the CUDA backend passes device
+    arrays, since Numba allocates with cudaMalloc and PyTorch from its cache:
+    allocating per call would time the allocator, not the kernels.
+    """
+    import numbabn
+
+    kw = dict(axis=case.axis, backend=backend)
+    # The setup call (it compiles or loads the forward kernels) updates copies of the
+    # host running statistics, so every timed call starts from the same ones; device
+    # arrays have no .copy(), and the CUDA setup call runs without them.
+    stats = dict(running_mean=rm.copy(), running_var=rv.copy()) if isinstance(rm, np.ndarray) else {}
+    _, ctx = numbabn.batch_norm_forward(x, gamma, beta, **stats, **kw)
+    return {
+        "forward": lambda: numbabn.batch_norm_forward(x, gamma, beta, running_mean=rm, running_var=rv,
+                                                      out=y, **kw),
+        "eval": lambda: numbabn.batch_norm_forward(x, gamma, beta, running_mean=rm, running_var=rv,
+                                                   training=False, out=y, **kw),
+        "backward": lambda: numbabn.batch_norm_backward(dy, ctx, out=dx),
+    }
+
+
+def numpy_ops(case, x, gamma, beta, dy, rm, rv):
+    """{op: callable} timing the float64 NumPy reference on host arrays."""
+    from ..kernels import reference as R
+
+    return {
+        "forward": lambda: R.forward(x, gamma, beta, axis=case.axis),
+        "eval": lambda: R.forward(x, gamma, beta, mean=rm, var=rv, axis=case.axis),
+        "backward": lambda: R.backward(dy, x, gamma, beta, axis=case.axis),
+    }
+
+
+def torch_ops(case, x, gamma, beta, dy, threads, device="cpu"):
+    """{op: callable} timing PyTorch's batch norm on tensors of the host arrays' data
+    on ``device``, with ``threads`` CPU threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    F = torch.nn.functional
+    ax = case.axis % len(case.shape)
+    dev = lambda a: torch.from_numpy(a).to(device)  # noqa: E731  (.to() keeps channels-last strides)
+    if ax != 1:   # torch's channel axis is 1: channels-last memory, channels-first view
+        to = lambda a: dev(np.moveaxis(a, ax, 1))  # noqa: E731
+    else:
+        to = dev
+    tx, tdy = to(x), to(dy)
+    tg, tb = dev(gamma), dev(beta)
+    C = case.channels
+    rm, rv = torch.zeros(C, dtype=tg.dtype, device=device), torch.ones(C, dtype=tg.dtype, device=device)
+    _, save_mean, save_invstd, *_ = torch.ops.aten.native_batch_norm(tx, tg, tb, rm, rv, True, 0.1, 1e-5)
+    return {
+        "forward": lambda: F.batch_norm(tx, rm, rv, tg, tb, training=True, momentum=0.1, eps=1e-5),
+        "eval": lambda: F.batch_norm(tx, rm, rv, tg, tb, training=False, eps=1e-5),
+        "backward": lambda: torch.ops.aten.native_batch_norm_backward(
+            tdy, tx, tg, rm, rv, save_mean, save_invstd, True, 1e-5, [True, True, True]),
+    }
+
+
+class CPUBackend:
+    """Strategy for host arrays: the kernels' thread pool, wall-clock timing."""
+
+    name = "cpu"
+    sync = None
+    torch_device = "cpu"
+    threading_layer = "python threads"
+
+    def __init__(self, threads=None):
+        from .. import _threads
+
+        if threads is not None:
+            _threads.set_num_threads(threads)
+        self.threads = self.torch_threads = _threads.get_num_threads()
+
+    def where(self):
+        return {}
+
+    def versions(self):
+        import numba
+
+        return {"numba": numba.__version__}
+
+    def copy_bandwidth(self, nbytes):
+        return copy_bandwidth(nbytes)
+
+    def ops(self, case, x, dy, gamma, beta, rm, rv):
+        """{op: callable} on the host arrays of :func:`inputs`."""
+        return numbabn_ops(case, x, gamma, beta, dy, rm, rv)
+
+    time = staticmethod(median_time)
+
+
+def _backend(name, compare, threads):
+    if name == "cpu":
+        return CPUBackend(threads)
+    if name == "cuda":
+        if threads is not None:
+            raise ValueError("threads sets CPU threads; it does not apply to backend='cuda'")
+        from .cuda import CUDABackend   # imports numba.cuda: only when asked for
+
+        return CUDABackend(compare)
+    raise ValueError(f"backend must be 'cpu' or 'cuda', got {name!r}")
+
+
+def _compare(row, others, op, repeat, torch_time):
+    """Time the NumPy reference and PyTorch on ``op`` (after one untimed call each)
+    and fill ``row``'s comparison columns. ``torch_time(fn, repeat)`` -> seconds."""
+    if "numpy" in others:
+        f = others["numpy"][op]
+        f()
+        row.numpy_ms = median_time(f, max(1, min(repeat, 3))) * 1e3
+        row.vs_numpy = row.numpy_ms / row.ms
+    if "torch" in others:
+        f = others["torch"][op]
+        f()
+        row.torch_ms = torch_time(f, repeat) * 1e3
+        row.vs_torch = row.torch_ms / row.ms
+
+
+def run(cases, ops=OPS, dtype="float32", backend="cpu", repeat=10, compare=("numpy", "torch"),
+        threads=None, progress=None):
+    """Time every (case, op) of numbabn on ``backend`` ('cpu' or 'cuda'), with the
+    ``compare`` libraries on the same data, and return a :class:`Report`.
+
+    ``threads``: CPU threads for Numba and PyTorch (CPU only; None keeps Numba's).
+    ``progress`` is called with a short label before each case (for progress bars).
+    On 'cuda' (see :mod:`numbabn.bench.cuda`) raises RuntimeError under the CUDA
+    simulator (its timings mean nothing) and when no GPU is usable.
+    """
+    side = _backend(backend, compare, threads)
+    dt = np.dtype(dtype)
+    rng = np.random.default_rng(0)
+    biggest = max(int(np.prod(c.shape)) * dt.itemsize for c in cases)
+    copy_gbps = side.copy_bandwidth(max(biggest, 64 << 20))
+    torch_version = None
+    if "torch" in compare:
+        import torch
+        torch_version = torch.__version__
+    rows = []
+    for case in cases:
+        if progress is not None:
+            progress(case.name)
+        host = inputs(case, dt, rng)
+        t0 = time.perf_counter()
+        ours = side.ops(case, *host)
+        setup_s = time.perf_counter() - t0   # includes compile/cache load of forward
+        x, dy, gamma, beta, rm, rv = host
+        others = {}
+        if "numpy" in compare:
+            others["numpy"] = numpy_ops(case, x, gamma, beta, dy, rm, rv)
+        if "torch" in compare:
+            others["torch"] = torch_ops(case, x, gamma, beta, dy, side.torch_threads, device=side.torch_device)
+        S = x.nbytes
+        for op in ops:
+            first = first_call(ours[op], side.sync) + (setup_s if op == "forward" else 0.0)
+            sec = side.time(ours[op], repeat)
+            gbps = TRAFFIC[op] * S / sec / 1e9
+            row = Row(op, case.name, case.shape, case.layout, dt.name, side.name, sec * 1e3, gbps,
+                      100 * gbps / copy_gbps, first)
+            _compare(row, others, op, repeat, side.time)
+            rows.append(row)
+    meta = {"backend": side.name, **side.where(), "threads": side.threads, "copy_gbps": copy_gbps,
+            "dtype": dt.name, "repeat": repeat, **side.versions(), "numpy": np.__version__,
+            "torch": torch_version, "threading_layer": side.threading_layer}
+    return Report(rows, meta)

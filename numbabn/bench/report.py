@@ -1,0 +1,95 @@
+"""What a benchmark run shows: the text table, JSON, CSV and plot of a harness
+:class:`~numbabn.bench.harness.Report`, and :func:`text_table`, the one table formatter
+of every benchmark.
+
+Writers take an open file (the CLI decides where it goes: a path, written atomically,
+or stdout). Why a hand-written :func:`text_table` rather than a table library:
+the tables need right-aligned, preformatted cells separated by two spaces under a
+dashed rule, which is six lines; ``tabulate``, the obvious library, pads every header
+by a fixed two spaces (a module-global setting), which would widen the published
+tables, and would add a dependency and about 0.1 s of import time for those six lines.
+"""
+import csv
+from dataclasses import asdict, fields
+import json
+
+from .harness import Row
+
+TABLE_COLUMNS = ("op", "case", "shape", "layout", "ms", "GB/s", "%copy", "first s", "numpy ms", "x numpy",
+                 "torch ms", "x torch")
+
+
+def text_table(head, body, rule=True):
+    """Right-aligned columns of the strings ``head`` and rows ``body``, two spaces
+    apart, with a dashed rule under the header when ``rule``."""
+    widths = [max(len(c) for c in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head)] + ([line(["-" * w for w in widths])] if rule else []) + [line(b) for b in body])
+
+
+def _cell(v, fmt):
+    return "-" if v is None else format(v, fmt)
+
+
+def format_table(report):
+    """The title line and table of a harness report: per (case, op) numbabn's median
+    ms, GB/s, % of the copy bandwidth and first-call seconds, then the NumPy
+    reference's and PyTorch's median ms with "x numpy"/"x torch" = their ms / ours."""
+    body = [[r.op, r.case, "x".join(map(str, r.shape)), r.layout, _cell(r.ms, ".3f"), _cell(r.gbps, ".1f"),
+             _cell(r.pct_copy, ".0f"), _cell(r.first_s, ".2f"), _cell(r.numpy_ms, ".2f"), _cell(r.vs_numpy, ".1f"),
+             _cell(r.torch_ms, ".3f"), _cell(r.vs_torch, ".2f")] for r in report.rows]
+    m = report.meta
+    where = (f"{m['device']}, {m['threads']} threads/block, device" if m["backend"] == "cuda"
+             else f"{m['threads']} threads ({m['threading_layer']}),")
+    title = (f"numbabn {m['backend']} bench: {m['dtype']}, {where} "
+             f"copy bandwidth {m['copy_gbps']:.1f} GB/s, torch {m['torch'] or 'n/a'}, median of {m['repeat']}")
+    return title + "\n" + text_table(TABLE_COLUMNS, body)
+
+
+def footer(report):
+    """One line: the first calls' total and slowest (compile or cache load)."""
+    slowest = max(report.rows, key=lambda r: r.first_s)
+    total = sum(r.first_s for r in report.rows)
+    return (f"first calls (JIT compile or Numba cache load; not in the timings): {total:.2f} s in all, "
+            f"slowest {slowest.first_s:.2f} s ({slowest.op} {slowest.case})")
+
+
+def write_json(report, f):
+    """``{"meta": ..., "rows": [...]}``, indented."""
+    json.dump(report.to_dict(), f, indent=2)
+    f.write("\n")
+
+
+def write_csv(report, f):
+    """One row per (case, op), the :class:`~numbabn.bench.harness.Row` fields as
+    columns, the shape as ``NxCxHxW``."""
+    writer = csv.DictWriter(f, [fld.name for fld in fields(Row)], lineterminator="\n")
+    writer.writeheader()
+    for row in report.rows:
+        writer.writerow({**asdict(row), "shape": "x".join(map(str, row.shape))})
+
+
+def plot(report, f, fmt):
+    """Roofline-style bars into the binary file ``f`` (``fmt``: png, svg or pdf):
+    numbabn's (and PyTorch's) GB/s per case/op under the copy bandwidth."""
+    import numpy as np
+    from matplotlib.figure import Figure   # Agg through Figure.savefig: no pyplot, no GUI backend
+
+    rows, meta = report.rows, report.meta
+    torch_gbps = [r.gbps * r.ms / r.torch_ms if r.torch_ms else 0.0 for r in rows]
+    with_torch = any(torch_gbps)
+    pos = np.arange(len(rows))
+    width = 0.4 if with_torch else 0.8
+    fig = Figure(figsize=(max(6.0, 0.7 * len(rows) + 2), 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.bar(pos - (width / 2 if with_torch else 0), [r.gbps for r in rows], width, label="numbabn")
+    if with_torch:
+        ax.bar(pos + width / 2, torch_gbps, width, label=f"PyTorch {meta['torch']}")
+    ax.axhline(meta["copy_gbps"], color="black", linestyle="--",
+               label=f"{'device ' if meta['backend'] == 'cuda' else ''}copy bandwidth {meta['copy_gbps']:.1f} GB/s")
+    ax.set_xticks(pos, [f"{r.case}\n{r.op}" for r in rows], rotation=90 if len(rows) > 8 else 0, fontsize=8)
+    ax.set_xlabel("case / op")
+    ax.set_ylabel("effective bandwidth, GB/s (bytes moved / time)")
+    ax.set_title(f"numbabn {meta['backend']} batch norm ({meta['dtype']}) vs the copy-bandwidth limit", fontsize=10)
+    ax.legend()
+    fig.savefig(f, dpi=120, format=fmt)

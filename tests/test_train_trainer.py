@@ -1,0 +1,119 @@
+"""numbabn.train.Trainer and History: determinism, metrics that change nothing,
+errors, the progress bar, and the JSON round trip."""
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from numbabn.layers import MSELoss, SoftmaxCrossEntropy
+from numbabn.optim import SGD
+from numbabn.train import GradientNorm, History, LandscapeProbe, Trainer
+
+from .train_nets import all_metrics, bn_net, data, two_layer
+
+
+def _train(seed, metrics, steps=25, noisy=True):
+    model, (X, y) = bn_net(seed, noisy=noisy), data(seed + 7)
+    opt = SGD(model.parameters(), lr=0.2, momentum=0.9)
+    trainer = Trainer(model, SoftmaxCrossEntropy(), opt, batch_size=16, seed=seed, metrics=metrics,
+                      record_every=3, eval_data=data(99, 40), verbose=0)
+    return model, trainer.fit(X, y, steps=steps)
+
+
+def test_trainer_with_metrics_is_bit_identical():
+    plain_model, plain = _train(3, [])
+    model, hist = _train(3, all_metrics())
+    assert hist.loss == plain.loss and hist.accuracy == plain.accuracy and hist.eval == plain.eval
+    a, b = plain_model.state_dict(), model.state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert set(hist.metrics) == {"ics", "landscape", "percentiles", "grad_norm", "weight_norm", "hessian"}
+    assert hist.metrics["ics"]["step"] == list(range(0, 25, 3))
+    # the probes evaluate the training step's own function (same batch, same noise draw)
+    for step, value in zip(*hist.metric("landscape")):
+        assert value["loss"] == pytest.approx(hist.loss[step], rel=1e-12)
+    assert hist.metrics["ics"]["value"][0]["0"]["l2"] == 0.0
+
+
+def test_trainer_determinism_and_batches():
+    _, a = _train(5, [], noisy=False)
+    model_b, b = _train(5, [], noisy=False)
+    _, c = _train(6, [], noisy=False)
+    assert a.loss == b.loss and a.step == list(range(25))
+    assert a.loss != c.loss
+    assert a.eval["step"] == [0, 3, 6, 9, 12, 15, 18, 21, 24, 25]
+    # 120 samples / batch 16: 7 batches per epoch, 25 steps -> ceil(25/7) = 4 epochs
+    X, y = data(5 + 7)
+    tr = Trainer(model_b, SoftmaxCrossEntropy(), SGD(model_b.parameters(), lr=0.1), batch_size=16, seed=0,
+                 verbose=0)
+    assert len(tr.fit(X, y, epochs=2).step) == 14
+    assert tr.steps_done == 14
+
+
+def test_trainer_errors(rng):
+    model = two_layer(rng)
+    opt = SGD(model.parameters(), lr=0.1)
+    X, y = rng.standard_normal((10, 3)), rng.standard_normal((10, 2))
+    tr = Trainer(model, MSELoss(), opt, batch_size=4, seed=0, verbose=0)
+    with pytest.raises(ValueError, match="exactly one of steps and epochs"):
+        tr.fit(X, y)
+    with pytest.raises(ValueError, match="exactly one of steps and epochs"):
+        tr.fit(X, y, steps=2, epochs=1)
+    with pytest.raises(ValueError, match="same"):
+        tr.fit(X, y[:5], steps=2)
+    with pytest.raises(ValueError, match="larger than the 10"):
+        Trainer(model, MSELoss(), opt, batch_size=11, seed=0).fit(X, y, steps=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        Trainer(model, MSELoss(), opt, batch_size=0, seed=0)
+    with pytest.raises(ValueError, match="distinct"):
+        Trainer(model, MSELoss(), opt, batch_size=2, seed=0, metrics=[GradientNorm(), GradientNorm()])
+    with pytest.raises(TypeError, match="callable"):
+        Trainer(model, MSELoss(), opt, batch_size=2, seed=0, metrics=[3])
+    with pytest.raises(ValueError, match="spacing"):
+        LandscapeProbe(spacing="cubic")
+    hist = tr.fit(X, y, steps=3)
+    assert hist.accuracy is None and "accuracy" not in hist.eval
+
+
+def test_history_json_round_trip():
+    _, hist = _train(2, all_metrics(), steps=7)
+    text = hist.to_json()
+    back = History.from_json(text)
+    assert back.to_dict() == json.loads(text) == hist.to_dict()
+    assert back.metric("ics") == hist.metric("ics")
+    with pytest.raises(KeyError, match="no metric"):
+        back.metric("nope")
+    with pytest.raises(ValueError, match="keys"):
+        History.from_json('{"loss": []}')
+    pd = pytest.importorskip("pandas")
+    frame = back.to_frame()
+    assert isinstance(frame, pd.DataFrame) and list(frame.index) == list(range(8))
+    assert frame.loc[3, "landscape.beta_smoothness"] == hist.metrics["landscape"]["value"][1]["beta_smoothness"]
+    assert np.isnan(frame.loc[1, "ics.1.l2"]) and frame.loc[7, "eval_loss"] == hist.eval["loss"][-1]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal_only(monkeypatch, rng):
+    model = two_layer(rng)
+    X, y = rng.standard_normal((40, 3)), rng.standard_normal((40, 2))
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    Trainer(model, MSELoss(), SGD(model.parameters(), lr=0.01), batch_size=4, seed=0, label="fit").fit(X, y, steps=3)
+    frames = terminal.getvalue().split("\r")[1:]
+    assert [f.split()[-2:] for f in frames] == [["0/3", "0%"], ["1/3", "33%"], ["2/3", "66%"], ["3/3", "100%"]]
+    assert frames[-1] == f"fit  [{'#' * 30}]  3/3  100%\n"
+    pipe = io.StringIO()                      # not a terminal: nothing drawn
+    monkeypatch.setattr(sys, "stderr", pipe)
+    Trainer(model, MSELoss(), SGD(model.parameters(), lr=0.01), batch_size=4, seed=0).fit(X, y, steps=3)
+    assert pipe.getvalue() == ""
+
+
+def test_training_does_not_load_the_command_line_toolkit():
+    code = "import sys, numbabn.train, numbabn.sklearn.mlp; assert 'click' not in sys.modules, 'click imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
