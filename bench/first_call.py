@@ -54,6 +54,8 @@ if "--all" in sys.argv:
     timed("then read-only/Fortran/strided float32 NCHW", lambda: [numbabn.batch_norm_forward(v, *p) for v in (ro, np.asfortranarray(x), x[:, :, ::2])])
     from numbabn.kernels import cpu_driver
     timed("then every remaining variant (warmup)", lambda: [f() for _, f in cpu_driver.warmup_plan()])
+    timed("then the fused-residual variants (warmup --residual)",
+          lambda: [f() for _, f in cpu_driver.warmup_plan(residual=True)])
 kernels = {}
 for e in rec.buffer:
     _, event = e

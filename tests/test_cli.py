@@ -327,6 +327,18 @@ def test_warmup_compiles_the_requested_variants_and_info_counts_them():
         assert cache["entries"] >= len(plan) - 2   # merge/sum kernels are shared across dtypes
 
 
+def test_warmup_residual_adds_the_fused_residual_variants():
+    from numbabn.kernels import cpu_driver
+
+    result = invoke("warmup", "--dtype", "float32", "--layout", "mc", "--residual")
+    assert result.exit_code == 0, result.output
+    plan = cpu_driver.warmup_plan(("float32",), ("mc",), residual=True)
+    assert len(plan) == len(cpu_driver.warmup_plan(("float32",), ("mc",))) + 3
+    assert f"{len(plan)} kernel variants ready" in result.output
+    k = cpu_driver.specs(np.dtype(np.float32), "mc")
+    assert {"apply_res", "grad_sums_res", "grad_apply_res"} <= set(vars(k))
+
+
 def test_warmup_rejects_unknown_dtype():
     result = invoke("warmup", "--dtype", "float16")
     assert result.exit_code == 2 and "'float16' is not one of" in result.output

@@ -91,8 +91,9 @@ def grad_apply(cdy, ctx, partials, dx, host, dres=None):
                                  ctx.relu, ctx.count, partials, dx, config.CHUNK, ctx.residual, dres)
 
 
-def warmup_plan(dtypes=("float32", "float64"), layouts=("ncl", "mc")):
+def warmup_plan(dtypes=("float32", "float64"), layouts=("ncl", "mc"), residual=False):
     """[(label, compile callable)] for every CPU kernel specialisation of ``dtypes`` x
-    ``layouts`` (what ``numbabn warmup`` runs, one step each)."""
-    return cpu_driver.warmup_plan(dtypes, layouts)
+    ``layouts``, the fused-residual ones only if ``residual`` (what ``numbabn warmup``
+    runs, one step each)."""
+    return cpu_driver.warmup_plan(dtypes, layouts, residual)
 

@@ -13,8 +13,11 @@ from ._common import Settings
 @click.option("--layout", "layouts", multiple=True, type=click.Choice(["ncl", "mc"]),
               help="Only these layouts (repeatable; default both): ncl = channels not last "
                    "(NCHW, NCL), mc = channels last or (N, C).")
+@click.option("--residual", is_flag=True,
+              help="Also the fused residual variants (batch_norm_forward(residual=...), "
+                   "numbabn.torch's fused ResNet blocks): 3 more kernels per dtype and layout.")
 @click.pass_context
-def warmup(ctx, dtypes, layouts):
+def warmup(ctx, dtypes, layouts, residual):
     """Compile every CPU kernel variant now, so that no later call waits for the JIT.
 
     Compiled kernels are cached on disk (see `numbabn info`): run this once after
@@ -25,7 +28,7 @@ def warmup(ctx, dtypes, layouts):
 
     settings = ctx.find_object(Settings) or Settings()
     config.QUIET = True     # the progress bar says what is happening
-    plan = cpu.warmup_plan(dtypes or ("float32", "float64"), layouts or ("ncl", "mc"))
+    plan = cpu.warmup_plan(dtypes or ("float32", "float64"), layouts or ("ncl", "mc"), residual)
     t0 = time.perf_counter()
     with click.progressbar(plan, label="compiling kernels", file=sys.stderr,
                            hidden=settings.quiet or not sys.stderr.isatty(),

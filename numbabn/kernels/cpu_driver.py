@@ -88,8 +88,9 @@ class _Specs:
             setattr(self, name, disp)
         return disp
 
-    def all_names(self):
-        return list(self._sigs)
+    def all_names(self, residual=False):
+        """The kernel names, the fused-residual variants only if ``residual``."""
+        return [n for n in self._sigs if residual or not n.endswith("_res")]
 
 
 _SPECS = {}
@@ -218,16 +219,18 @@ def grad_apply(dy, x, layout, coef, invstd, gamma, training, relu, count, partia
     return dgamma, dbeta
 
 
-def warmup_plan(dtypes=("float32", "float64"), layouts=("ncl", "mc")):
+def warmup_plan(dtypes=("float32", "float64"), layouts=("ncl", "mc"), residual=False):
     """[(label, compile callable)] for every kernel specialisation of ``dtypes`` x
     ``layouts``, eval with float64 running statistics included: what
-    ``numbabn warmup`` runs, one step of its progress bar each."""
+    ``numbabn warmup`` runs, one step of its progress bar each. The fused-residual
+    variants (``residual=``, used by numbabn.torch's fused ResNet blocks) only when
+    ``residual``: 3 more per dtype and layout, about as many as all the others."""
     plan = []
     for dt in dtypes:
         for layout in layouts:
             k = specs(np.dtype(dt), layout)
             plan += [(f"{name} {np.dtype(dt).name} {layout}", lambda k=k, name=name: getattr(k, name))
-                     for name in k.all_names()]
+                     for name in k.all_names(residual)]
             if np.dtype(dt) != np.float64:
                 plan.append((f"coef {np.dtype(dt).name}/float64 statistics {layout}",
                              lambda k=k: k.coef_with(np.float64)))
