@@ -16,7 +16,7 @@ functional layer passes them in as arguments.
 import os
 
 
-def _positive_int(name, default):
+def _positive_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None:
         return default
