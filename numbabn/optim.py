@@ -85,7 +85,7 @@ class Optimizer:
             self._check_entry(fn, p, self.state[i])
             todo.append(i)
         updates = [self._update(hyper, self.params[i].value, self.params[i].grad, self.state[i]) for i in todo]
-        for i, (value, state) in zip(todo, updates):       # nothing below can fail
+        for i, (value, state) in zip(todo, updates, strict=True):       # nothing below can fail
             np.copyto(self.params[i].value, value)
             self.state[i] = state
 
@@ -151,7 +151,7 @@ class Optimizer:
             raise ValueError(f"{fn}: state must be a list with one dict per parameter ({len(self.params)}), "
                              f"got {V.describe(states)}")
         new = []
-        for i, (p, s) in enumerate(zip(self.params, states)):
+        for i, (p, s) in enumerate(zip(self.params, states, strict=True)):
             if not isinstance(s, dict) or (s and set(s) != set(self.STATE_KEYS)):
                 raise ValueError(f"{fn}: state[{i}] must be an empty dict or one with exactly the keys "
                                  f"{self.STATE_KEYS}, got {V.describe(s)}")

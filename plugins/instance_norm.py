@@ -92,7 +92,10 @@ class _InstanceNorm(BatchNormBase):
             if update:
                 factor = V.resolve_momentum(True, self.momentum, nbt)
                 rm, rv = np.tile(self.running_mean, N), np.tile(self.running_var, N)
-            tile = (lambda v: None if v is None else np.tile(v, N))
+
+            def tile(v):
+                return None if v is None else np.tile(v, N)
+
             y, ctx = batch_norm_forward(xb.reshape(1, N * C, L), tile(gamma), tile(beta), running_mean=rm,
                                         running_var=rv, training=True, momentum=factor, eps=self.eps, axis=1)
             y = y.reshape(x.shape)

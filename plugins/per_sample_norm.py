@@ -28,10 +28,10 @@ from math import prod
 
 import numpy as np
 
+from numbabn import _validation as V
 from numbabn.functional import batch_norm_backward, batch_norm_forward
 from numbabn.layers import Layer
 from numbabn.layers.base import check_layer_dtype, check_positive_int
-from numbabn import _validation as V
 
 
 class _PerSampleNorm(Layer):

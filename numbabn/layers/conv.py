@@ -2,8 +2,8 @@
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike, DTypeLike
 from numpy.lib.stride_tricks import sliding_window_view
+from numpy.typing import ArrayLike, DTypeLike
 
 from .._typing import FloatArray
 from ..registry import register_layer

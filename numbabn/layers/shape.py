@@ -6,7 +6,6 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .._typing import FloatArray
-
 from ..registry import register_layer
 from .base import Layer
 

@@ -322,7 +322,7 @@ class _BaseBNMLP(BaseEstimator):
                 break
         else:
             warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
-                          "optimization hasn't converged yet.", ConvergenceWarning)
+                          "optimization hasn't converged yet.", ConvergenceWarning, stacklevel=2)
         if self.early_stopping:
             self._model.load_state_dict(best_state)
         return self

@@ -58,9 +58,9 @@ from numpy.typing import ArrayLike, NDArray
 
 from .. import _validation as V
 from .._typing import FloatArray
+from ..layers import Conv2d, Layer, Linear, Sequential
 from ..layers.base import Parameter
 from ..optim import Optimizer
-from ..layers import Conv2d, Layer, Linear, Sequential
 
 WEIGHT_LAYER_TYPES = (Linear, Conv2d)
 PAPER_ETA_RANGE = (0.5, 4.0)     # Santurkar et al. Fig. 4 (VGG): η in [1/2, 4]·lr
@@ -198,10 +198,10 @@ class _Snapshot:
             self.optimizer.state = self.opt_objects
             for name, value in self.opt_hyper.items():
                 setattr(self.optimizer, name, value)
-        for layer, attrs in zip(self.layers, self.attrs):
+        for layer, attrs in zip(self.layers, self.attrs, strict=True):
             vars(layer).clear()
             vars(layer).update(attrs)
-        for p, (grad, saved) in zip(self.params, self.grads):
+        for p, (grad, saved) in zip(self.params, self.grads, strict=True):
             p.grad = grad
             if grad is not None:
                 np.copyto(grad, saved)
@@ -267,7 +267,7 @@ def internal_covariate_shift(model: Layer, loss: Any, optimizer: Optimizer, batc
             position, layer = weights[i]
             before = [p for leaf in leaves[:position] for p in leaf.parameters()]
             snap.reset()
-            for p, g in zip(snap.params, grads):
+            for p, g in zip(snap.params, grads, strict=True):
                 p.grad = g
             optimizer.step(before)
             _forward_backward(model, loss, x, y)
@@ -313,7 +313,7 @@ def landscape_probe(model: Layer, loss: Any, batch: tuple[FloatArray, ArrayLike]
         with np.errstate(over="ignore", invalid="ignore"):
             for eta in etas:
                 snap.reset()
-                for p, s in zip(params, steps):
+                for p, s in zip(params, steps, strict=True):
                     p.value -= (eta * s).astype(p.value.dtype)
                 losses.append(float(_forward_backward(model, loss, x, y)))
                 diffs.append(float(np.linalg.norm(g - _flat_grad(params))))
@@ -325,8 +325,8 @@ def landscape_probe(model: Layer, loss: Any, batch: tuple[FloatArray, ArrayLike]
             "grad_diff_min": float(diffs.min()), "grad_diff_max": float(diffs.max()), "beta_smoothness": beta}
 
 
-def hessian_top_eigenvalue(model: Layer, loss: Any, batch: tuple[FloatArray, ArrayLike], iters: int = 20, tol: float = 1e-4,
-                           eps: float = 1e-6, v0: ArrayLike | None = None) -> dict[str, Any]:
+def hessian_top_eigenvalue(model: Layer, loss: Any, batch: tuple[FloatArray, ArrayLike], iters: int = 20,
+                           tol: float = 1e-4, eps: float = 1e-6, v0: ArrayLike | None = None) -> dict[str, Any]:
     """Top (largest-magnitude) eigenvalue of the Hessian of L(θ; x_t, y_t) over all
     parameters, by power iteration with finite-difference Hessian-vector products::
 
@@ -372,14 +372,14 @@ def hessian_top_eigenvalue(model: Layer, loss: Any, batch: tuple[FloatArray, Arr
         def grad_at(direction: NDArray[np.float64]) -> NDArray[np.float64]:
             snap.reset()
             offset = 0
-            for p, (shape, n) in zip(params, shapes):
+            for p, (shape, n) in zip(params, shapes, strict=True):
                 p.value += direction[offset:offset + n].reshape(shape).astype(p.value.dtype)
                 offset += n
             _forward_backward(model, loss, x, y)
             return _flat_grad(params)
 
         lam, k = float("nan"), 0
-        for k in range(1, iters + 1):
+        for k in range(1, iters + 1):  # noqa: B007  (k is returned: the iterations used)
             hv = (grad_at(eps * v) - grad_at(-eps * v)) / (2 * eps)
             previous, lam = lam, float(v @ hv)
             norm = np.linalg.norm(hv)

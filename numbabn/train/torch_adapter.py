@@ -31,7 +31,6 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .._typing import FloatArray
-
 from ..layers import Layer, Sequential
 
 
