@@ -23,6 +23,20 @@ class Sequential(Layer):
 
     ``forward`` and ``backward`` are all or nothing: if a layer raises, every layer
     of the chain is put back as it was (running statistics, caches, gradients).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numbabn.layers import Linear, ReLU, Sequential
+    >>> rng = np.random.default_rng(0)
+    >>> model = Sequential(Linear(3, 4, rng=rng), ReLU(), Linear(4, 2, rng=rng))
+    >>> y = model.forward(np.ones((5, 3), np.float32))
+    >>> y.shape, y.dtype
+    ((5, 2), dtype('float32'))
+    >>> model.backward(np.ones_like(y)).shape
+    (5, 3)
+    >>> len(model), len(model[1:]), model[1:][0] is model[1]
+    (3, 2, True)
     """
 
     def __init__(self, *layers: Layer) -> None:
