@@ -195,7 +195,7 @@ class SGD(Optimizer):
                  weight_decay: float = 0.0) -> None:
         super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
-    def _hyperparameters(self, lr: float, momentum: float, nesterov: bool,  # type: ignore[override]
+    def _hyperparameters(self, lr: float, momentum: float, nesterov: bool,
                          weight_decay: float) -> dict[str, Any]:
         fn = type(self).__name__
         out = dict(lr=_real(fn, "lr", lr), momentum=_real(fn, "momentum", momentum),
@@ -205,7 +205,7 @@ class SGD(Optimizer):
             raise ValueError(f"{fn}: nesterov=True needs momentum > 0")
         return out
 
-    def _update(self, hyper: dict[str, Any], value: FloatArray, grad: FloatArray,  # type: ignore[override]
+    def _update(self, hyper: dict[str, Any], value: FloatArray, grad: FloatArray,
                 state: dict[str, Any]) -> tuple[FloatArray, dict[str, Any]]:
         """(new value, new state), computed without writing to ``value`` or ``state``."""
         lr, momentum, nesterov, weight_decay = (hyper[k] for k in self.HYPERPARAMETERS)
@@ -242,7 +242,7 @@ class Adam(Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
-    def _hyperparameters(self, lr: float, betas: tuple[float, float],  # type: ignore[override]
+    def _hyperparameters(self, lr: float, betas: tuple[float, float],
                          eps: float, weight_decay: float) -> dict[str, Any]:
         fn = type(self).__name__
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -252,7 +252,7 @@ class Adam(Optimizer):
                     eps=_real(fn, "eps", eps, low_open=True),
                     weight_decay=_real(fn, "weight_decay", weight_decay))
 
-    def _update(self, hyper: dict[str, Any], value: FloatArray, grad: FloatArray,  # type: ignore[override]
+    def _update(self, hyper: dict[str, Any], value: FloatArray, grad: FloatArray,
                 state: dict[str, Any]) -> tuple[FloatArray, dict[str, Any]]:
         """(new value, new state), computed without writing to ``value`` or ``state``."""
         lr, (beta1, beta2), eps, weight_decay = (hyper[k] for k in self.HYPERPARAMETERS)

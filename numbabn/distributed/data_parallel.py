@@ -24,7 +24,6 @@ every rank holds bit-identical gradients and the models never drift apart.
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike
 
 from .. import _validation as V
 from ..layers.base import Layer
@@ -47,7 +46,7 @@ def rank_slice(n: int, comm: Any = None) -> slice:
     return slice(start, start + base + (rank < extra))
 
 
-def global_mean(local_mean: ArrayLike, local_count: int, comm: Any = None) -> float:
+def global_mean(local_mean: float, local_count: int, comm: Any = None) -> float:
     """``sum(count_r * mean_r) / sum(count_r)`` over the ranks (one collective): the
     mean over the whole batch of per-rank means over ``local_count`` items. A rank
     with ``local_count == 0`` contributes nothing (its mean, typically NaN, is ignored)."""

@@ -11,7 +11,7 @@ Tanh       y = tanh(x)                 dx = g * (1 - y^2)
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import NDArray
 
 from .._typing import FloatArray
 from ..registry import register_layer
@@ -31,13 +31,13 @@ class _Elementwise(Layer):
         self._saved = None
         self._out_dtype = None
 
-    def forward(self, x: ArrayLike) -> FloatArray:
+    def forward(self, x: FloatArray) -> FloatArray:
         x = self._input(x)
         self._out_dtype = x.dtype
         y, self._saved = self._apply(x)
         return y
 
-    def backward(self, dy: ArrayLike) -> FloatArray:
+    def backward(self, dy: FloatArray) -> FloatArray:
         saved = self._cached("_saved")
         return self._grad(self._check_dy(dy, saved.shape, self._out_dtype), saved)
 

@@ -3,7 +3,6 @@ from collections.abc import Iterator
 from typing import Any, overload
 
 import numpy as np
-from numpy.typing import ArrayLike
 
 from .._typing import FloatArray
 from ..registry import register_layer
@@ -48,7 +47,7 @@ class Sequential(Layer):
     # All or nothing: when a layer raises, the layers before it have already updated
     # their running statistics and caches (forward) or gradients (backward); they are
     # put back, so a failed call leaves the whole chain as it was.
-    def forward(self, x: ArrayLike) -> FloatArray:
+    def forward(self, x: FloatArray) -> FloatArray:
         saved = capture(self, backward=False)
         try:
             for layer in self.layers:
@@ -58,7 +57,7 @@ class Sequential(Layer):
             raise
         return x
 
-    def backward(self, dy: ArrayLike) -> FloatArray:
+    def backward(self, dy: FloatArray) -> FloatArray:
         saved = capture(self, forward=False)
         try:
             for layer in reversed(self.layers):

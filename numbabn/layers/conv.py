@@ -3,7 +3,7 @@ from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from numpy.typing import ArrayLike, DTypeLike
+from numpy.typing import DTypeLike
 
 from .._typing import FloatArray
 from ..registry import register_layer
@@ -75,7 +75,7 @@ class Conv2d(Layer):
             return x
         return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
 
-    def forward(self, x: ArrayLike) -> FloatArray:
+    def forward(self, x: FloatArray) -> FloatArray:
         x = self._input(x)
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise self._shape_error(f"(N, {self.in_channels}, H, W)", x)
@@ -95,7 +95,7 @@ class Conv2d(Layer):
         # (N*Ho*Wo, out) -> NCHW, contiguous so a following BatchNorm2d reads it without a copy.
         return np.ascontiguousarray(y.reshape(N, Ho, Wo, self.out_channels).transpose(0, 3, 1, 2))
 
-    def backward(self, dy: ArrayLike) -> FloatArray:
+    def backward(self, dy: FloatArray) -> FloatArray:
         cols, x_shape, xp_shape, (N, Ho, Wo) = self._cached("_cache")
         dy = self._check_dy(dy, (N, self.out_channels, Ho, Wo), self.dtype)
         g = dy.transpose(0, 2, 3, 1).reshape(N * Ho * Wo, self.out_channels)

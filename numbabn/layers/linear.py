@@ -2,7 +2,7 @@
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike, DTypeLike
+from numpy.typing import DTypeLike
 
 from .._typing import FloatArray
 from ..registry import register_layer
@@ -67,7 +67,7 @@ class Linear(Layer):
         if self.bias is not None:
             self.bias.value[...] = 0
 
-    def forward(self, x: ArrayLike) -> FloatArray:
+    def forward(self, x: FloatArray) -> FloatArray:
         x = self._input(x)
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise self._shape_error(f"(N, {self.in_features})", x)
@@ -77,7 +77,7 @@ class Linear(Layer):
             y += self.bias.value
         return y
 
-    def backward(self, dy: ArrayLike) -> FloatArray:
+    def backward(self, dy: FloatArray) -> FloatArray:
         x = self._cached("_x")
         dy = self._check_dy(dy, (x.shape[0], self.out_features), self.dtype)
         self.weight.grad = dy.T @ x

@@ -41,7 +41,7 @@ class SoftmaxCrossEntropy(_Loss):
     logsumexp(z) = max(z) + log(sum exp(z - max(z))) never overflows.
     """
 
-    def forward(self, logits: FloatArray, labels: ArrayLike) -> tuple[float, FloatArray]:  # type: ignore[override]
+    def forward(self, logits: FloatArray, labels: ArrayLike) -> tuple[float, FloatArray]:
         z = self._prediction(logits)
         if z.ndim != 2:
             raise ValueError(f"{self!r}: logits must have shape (N, K), got {z.shape}")
@@ -69,7 +69,7 @@ class MSELoss(_Loss):
         dpred = 2 (pred - target) / S
     """
 
-    def forward(self, prediction: FloatArray, target: ArrayLike) -> tuple[float, FloatArray]:  # type: ignore[override]
+    def forward(self, prediction: FloatArray, target: ArrayLike) -> tuple[float, FloatArray]:
         pred = self._prediction(prediction)
         target = np.asarray(target)
         if target.shape != pred.shape:

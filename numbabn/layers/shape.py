@@ -3,7 +3,6 @@ from math import prod
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike
 
 from .._typing import FloatArray
 from ..registry import register_layer
@@ -23,14 +22,14 @@ class Flatten(Layer):
         super().__init__()
         self._in = None
 
-    def forward(self, x: ArrayLike) -> FloatArray:
+    def forward(self, x: FloatArray) -> FloatArray:
         x = self._input(x)
         if x.ndim < 2:
             raise self._shape_error("(N, d1, ...) with at least 2 dimensions", x)
         self._in = (x.shape, x.dtype)
         return x.reshape(x.shape[0], prod(x.shape[1:]))   # -1 fails for N = 0
 
-    def backward(self, dy: ArrayLike) -> FloatArray:
+    def backward(self, dy: FloatArray) -> FloatArray:
         shape, dtype = self._cached("_in")
         dy = self._check_dy(dy, (shape[0], prod(shape[1:])), dtype)
         return dy.reshape(shape)

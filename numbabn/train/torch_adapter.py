@@ -28,7 +28,6 @@ Tensors must live on the CPU (NumPy views); CUDA modules are refused.
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike
 
 from .._typing import FloatArray
 from ..layers import Layer, Sequential
@@ -59,7 +58,7 @@ class TorchLayer(Layer):
         self.training = module.training
         self._graph = None
 
-    def forward(self, x: ArrayLike) -> FloatArray:
+    def forward(self, x: FloatArray) -> FloatArray:
         import torch
 
         x_t = torch.from_numpy(np.ascontiguousarray(x))
@@ -70,7 +69,7 @@ class TorchLayer(Layer):
         self._graph = (x_t, y)
         return y.detach().numpy()
 
-    def backward(self, dy: ArrayLike) -> FloatArray | None:
+    def backward(self, dy: FloatArray) -> FloatArray | None:
         import torch
 
         if self._graph is None:
