@@ -124,7 +124,7 @@ class Optimizer:
 
     # ------------------------------------------------------------ state
     def hyperparameters(self) -> dict[str, Any]:
-        """The current settings, ``{name: value}`` in :attr:`HYPERPARAMETERS` order."""
+        """The current settings, ``{name: value}`` in ``HYPERPARAMETERS`` order."""
         return {name: getattr(self, name) for name in self.HYPERPARAMETERS}
 
     def state_dict(self) -> dict[str, Any]:

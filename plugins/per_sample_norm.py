@@ -96,7 +96,7 @@ class _PerSampleNorm(Layer):
 
 
 class LayerNorm(_PerSampleNorm):
-    """Layer norm over the trailing ``normalized_shape`` dimensions of (*, *normalized_shape)
+    """Layer norm over the trailing ``normalized_shape`` dimensions of ``(*, *normalized_shape)``
     input, like ``torch.nn.LayerNorm``: one group per leading index (none at all is
     one group; zero-size leading dimensions give an empty output), D =
     prod(normalized_shape) values; weight and bias have shape ``normalized_shape``.

@@ -157,7 +157,7 @@ def sum_in_rank_order(comm: Any, local: ArrayLike) -> NDArray[np.float64]:
 
 def header(exchange: float, call: float, channels: int, itemsize: int, mode: float, error: bool,
            ) -> NDArray[np.float64]:
-    """The 8 float64 header values of one exchange (see :data:`HEADER`)."""
+    """The 8 float64 header values of one exchange (field names in ``HEADER``)."""
     return np.array([_MAGIC, _VERSION, exchange, call, channels, itemsize, mode, 1.0 if error else 0.0])
 
 

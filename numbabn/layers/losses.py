@@ -63,9 +63,11 @@ class SoftmaxCrossEntropy(_Loss):
 
 
 class MSELoss(_Loss):
-    """Mean squared error over all elements (PyTorch's reduction='mean')::
+    """Mean squared error over all elements (PyTorch's reduction='mean').
 
-        loss = (1/S) sum (pred - target)^2      S = pred.size
+    With S = pred.size::
+
+        loss = (1/S) sum (pred - target)^2
         dpred = 2 (pred - target) / S
     """
 

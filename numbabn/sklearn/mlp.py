@@ -21,7 +21,7 @@ Losses, per mini-batch of N samples (Adam or SGD with momentum on their gradient
     classifier: (1/N) sum_n [ logsumexp(z_n) - z_n[t_n] ]     softmax cross-entropy
     regressor:  (1/(N*K)) sum (prediction - y)^2               mean squared error
 
-An epoch is one :meth:`Trainer.fit` call with ``epochs=1``: a fresh permutation cut
+An epoch is one :meth:`numbabn.train.Trainer.fit` call with ``epochs=1``: a fresh permutation cut
 into floor(n / batch_size) mini-batches (the n mod batch_size samples left over are
 skipped that epoch, so no batch-norm batch is degenerate). ``loss_curve_`` holds the
 mean mini-batch loss of each epoch. Stopping follows scikit-learn: training stops when

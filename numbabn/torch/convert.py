@@ -50,7 +50,7 @@ def _convert_one(module, sync, process_group):
 def convert_batchnorm(module, *, sync=False, fuse_relu=False, process_group=None):
     """Replace every batch norm in ``module`` by numbabn.torch's, in place.
 
-    ``torch.nn.BatchNorm1d/2d/3d`` become :class:`BatchNorm1d/2d/3d`; with
+    ``torch.nn.BatchNorm1d/2d/3d`` become :class:`numbabn.torch.BatchNorm1d` (2d, 3d); with
     ``sync=True`` every batch norm (numbabn's included) becomes a
     :class:`SyncBatchNorm` over ``process_group`` (None: the default group).
     ``torch.nn.SyncBatchNorm`` always becomes numbabn's ``SyncBatchNorm`` (keeping its

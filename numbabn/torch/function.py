@@ -1,5 +1,5 @@
 """The autograd Function behind every numbabn.torch module: numbabn's kernels
-forward and backward, on tensors viewed without copying (:mod:`._bridge`).
+forward and backward, on tensors viewed without copying (``numbabn.torch._bridge``).
 
 Formulas (numbabn.functional), per channel over its m values, g = dy (times the
 ReLU mask when fused)::
@@ -39,6 +39,8 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
                 moments=None, allreduce=None):
+        """Normalise ``x`` of shape ``(N, C, ...)`` on the numbabn kernels; saves what backward needs.
+        Returns y, of ``x``'s shape and dtype."""
         perm = B.channels_last_perm(x)
         cdt = B.COMPUTE_DTYPE[x.dtype]
         # Buffers of another dtype (a float16 module) are updated through compute-dtype
@@ -62,6 +64,7 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        """Gradients of x, weight and bias (None for the other inputs), from ``dy``."""
         saved = ctx.saved_tensors
         bn, perm = ctx.bn, ctx.perm
         local = []

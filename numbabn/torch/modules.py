@@ -35,7 +35,7 @@ float32.
 
 Memory formats: contiguous and ``channels_last``/``channels_last_3d`` inputs are
 read in place and the output has the input's format. CUDA tensors run on numbabn's
-CUDA backend through ``__cuda_array_interface__`` (zero copy; see :mod:`._bridge`).
+CUDA backend through ``__cuda_array_interface__`` (zero copy; see ``numbabn.torch._bridge``).
 Double backward raises a clear error.
 """
 import torch
@@ -62,8 +62,8 @@ class NumbabnBatchNorm:
     """The ``forward`` shared by every numbabn.torch module (mixed into a subclass
     of ``torch.nn.modules.batchnorm._BatchNorm``).
 
-    Subclasses may override :meth:`_synchronize` (statistics from several
-    processes) and :meth:`_input_rejected` (tell them when the input is refused).
+    Subclasses may override ``_synchronize`` (statistics from several
+    processes) and ``_input_rejected`` (tell them when the input is refused).
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,

@@ -1,8 +1,8 @@
 """ResNet-18 for 32x32 images (CIFAR-style stem), written so that every
-conv -> BN -> ReLU is a ``torch.nn.Sequential``: :func:`convert_batchnorm` with
+conv -> BN -> ReLU is a ``torch.nn.Sequential``: :func:`numbabn.torch.convert_batchnorm` with
 ``fuse_relu=True`` can then fold those ReLUs into the batch norms (9 of the 20).
 The ReLU after each residual addition stays separate. Used by the benchmark
-(:mod:`numbabn.torch.benchmark`) and the converter tests; no weights, no download.
+(``numbabn.torch.benchmark``) and the converter tests; no weights, no download.
 
 Layout (torchvision's resnet18 with a 3x3 stride-1 stem and no max-pool)::
 
@@ -22,6 +22,9 @@ def _conv_bn(cin, cout, kernel, stride, relu):
 
 
 class BasicBlock(nn.Module):
+    """ResNet basic block: relu(conv-bn-relu-conv-bn(x) + shortcut(x)); the shortcut is a
+    strided 1x1 conv-bn when the stride or the channel count changes, else the identity."""
+
     def __init__(self, cin, cout, stride):
         super().__init__()
         self.branch = nn.Sequential(*_conv_bn(cin, cout, 3, stride, True), *_conv_bn(cout, cout, 3, 1, False))

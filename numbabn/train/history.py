@@ -11,7 +11,7 @@ update:
 ``metrics``
     ``{name: {"step": [...], "value": [...]}}``: each metric's value every
     ``record_every`` steps. Values are stored JSON-ready (arrays as nested lists,
-    dict keys as strings), so a :meth:`to_json` / :meth:`from_json` round trip is exact.
+    dict keys as strings), so a :meth:`History.to_json` / :meth:`History.from_json` round trip is exact.
 ``eval``
     ``{"step": [...], "loss": [...], "accuracy": [...]}`` on the held-out data,
     measured in eval mode at step 0, every ``eval_every`` steps and after the last
@@ -59,7 +59,7 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
 
 
 class History:
-    """Series recorded by :meth:`Trainer.fit` (see the module docstring)."""
+    """Series recorded by :meth:`numbabn.train.Trainer.fit` (see the module docstring)."""
 
     def __init__(self, classification: bool = True, meta: dict[str, Any] | None = None) -> None:
         self.step = []

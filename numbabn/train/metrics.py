@@ -333,7 +333,7 @@ def hessian_top_eigenvalue(model: Layer, loss: Any, batch: tuple[FloatArray, Arr
         H v ≈ (∇L(θ_t + εv) − ∇L(θ_t − εv)) / (2ε)         ‖v‖₂ = 1
         λ_k = v_kᵀ H v_k,   v_{k+1} = H v_k / ‖H v_k‖₂
 
-    stopping when |λ_k − λ_{k−1}| <= tol·|λ_k| or after ``iters`` products (two
+    stopping when ``|λ_k − λ_{k−1}| <= tol·|λ_k|`` or after ``iters`` products (two
     backward passes each). The difference is exact for a quadratic L, with error
     O(ε²) where L is smooth. ``eps`` is absolute (v has unit norm) and must be small
     enough that θ ± εv crosses no ReLU kink: a difference across a kink measures
