@@ -39,11 +39,10 @@ autodoc_type_aliases = {"FloatArray": "numbabn._typing.FloatArray"}
 numpydoc_show_class_members = False
 numpydoc_xref_param_type = False
 
-# The numpydoc checks every public docstring passes (see README "Documentation"):
+# The numpydoc checks every documented object passes (README "Documentation and development"):
 #   GL06  no unknown section names        GL07  sections in numpydoc order
 #   GL08  every documented object has a docstring
 #   PR02  no documented parameter that the signature lacks (catches stale docstrings)
-#   SS05  the summary does not start with "Returns"/"Return" in third person
 numpydoc_validation_checks = {"GL06", "GL07", "GL08", "PR02"}
 numpydoc_validation_exclude = {
     r"\.__init__$",        # constructor arguments are documented on the class
