@@ -35,7 +35,6 @@ autodoc_member_order = "bysource"
 # Type hints appear in the signatures; the numpydoc "Parameters" sections keep the
 # prose (shapes, dtypes, formulas).
 autodoc_typehints = "signature"
-autodoc_type_aliases = {"FloatArray": "numbabn._typing.FloatArray"}
 numpydoc_show_class_members = False
 numpydoc_xref_param_type = False
 
