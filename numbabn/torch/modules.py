@@ -38,6 +38,8 @@ read in place and the output has the input's format. CUDA tensors run on numbabn
 CUDA backend through ``__cuda_array_interface__`` (zero copy; see ``numbabn.torch._bridge``).
 Double backward raises a clear error.
 """
+from typing import Any
+
 import torch
 from torch.nn import functional as F
 
@@ -47,14 +49,14 @@ from .function import BatchNormFunction
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_activation(owner, activation):
+def check_activation(owner: str, activation: str | None) -> str | None:
     """``activation`` validated: None or "relu"."""
     if activation not in (None, "relu"):
         raise ValueError(f"{owner}: activation must be None or 'relu', got {activation!r}")
     return activation
 
 
-def _compute_dtype(dtype):
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 else B.COMPUTE_DTYPE[dtype]
 
 
@@ -66,21 +68,23 @@ class NumbabnBatchNorm:
     processes) and ``_input_rejected`` (tell them when the input is refused).
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, *, bias=True, activation=None):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device: Any = None, dtype: torch.dtype | None = None, *,
+                 bias: bool = True, activation: str | None = None) -> None:
         # ``bias=`` is new in torch 2.13; older releases accept the call without it.
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+        # A mixin: super() is the torch.nn.BatchNorm*d class listed after it.
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,  # type: ignore[call-arg]
                          **({} if bias else {"bias": False}))
         self._set_activation(activation)
 
-    def _set_activation(self, activation):
+    def _set_activation(self, activation: str | None) -> None:
         self.activation = check_activation(type(self).__name__, activation)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         text = super().extra_repr()
         return text if self.activation is None else f"{text}, activation={self.activation!r}"
 
-    def _check_input(self, input):
+    def _check_input(self, input: torch.Tensor) -> None:
         """dtype, channel count and device of ``input``: clear errors before anything changes."""
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
@@ -101,15 +105,15 @@ class NumbabnBatchNorm:
             raise TypeError(f"{name}: input has dtype {input.dtype} but the module's parameters/buffers have "
                             f"{ref.dtype}; convert one of them (module.to(dtype) or input.to(dtype))")
 
-    def _input_rejected(self, error):
+    def _input_rejected(self, error: Exception) -> None:
         """Called with the input's validation error just before it is raised."""
 
-    def _synchronize(self, x, batch_stats):
+    def _synchronize(self, x: torch.Tensor, batch_stats: bool) -> tuple[Any, Any]:
         """``(moments, allreduce)`` for :class:`BatchNormFunction`: (None, None) here,
         i.e. this process's batch alone."""
         return None, None
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         try:
             self._check_input(input)
         except (TypeError, ValueError) as exc:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 
-def _conv_bn(cin, cout, kernel, stride, relu):
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int, relu: bool) -> list[nn.Module]:
     layers = [nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout)]
     return layers + [nn.ReLU(inplace=True)] if relu else layers
 
@@ -25,17 +25,17 @@ class BasicBlock(nn.Module):
     """ResNet basic block: relu(conv-bn-relu-conv-bn(x) + shortcut(x)); the shortcut is a
     strided 1x1 conv-bn when the stride or the channel count changes, else the identity."""
 
-    def __init__(self, cin, cout, stride):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.branch = nn.Sequential(*_conv_bn(cin, cout, 3, stride, True), *_conv_bn(cout, cout, 3, 1, False))
         changes = stride != 1 or cin != cout
         self.shortcut = nn.Sequential(*_conv_bn(cin, cout, 1, stride, False)) if changes else nn.Identity()
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.branch(x) + self.shortcut(x))
 
 
-def resnet18(num_classes=10):
+def resnet18(num_classes: int = 10) -> nn.Sequential:
     """The network described in the module docstring, with torch.nn.BatchNorm2d."""
     layers = _conv_bn(3, 64, 3, 1, True)
     cin = 64
