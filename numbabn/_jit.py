@@ -30,6 +30,8 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 from numba import njit
 from numba.core.caching import FunctionCache, NullCache
@@ -37,13 +39,13 @@ from numba.core.runtime import rtsys
 
 from . import config
 
-_KERNELS = []              # every kernel made by `kernel`, for warmup and info
+_KERNELS: list["Kernel"] = []              # every kernel made by `kernel`, for warmup and info
 _lock = threading.RLock()
 _noticed = False
-_warned = set()
+_warned: set[str] = set()
 
 
-def _after_fork():
+def _after_fork() -> None:
     # A parent thread may have held the lock at fork time; the child has no such thread.
     global _lock
     _lock = threading.RLock()
@@ -56,13 +58,13 @@ class CacheWarning(UserWarning):
     """The kernel cache could not be used; kernels still work (compiled in memory)."""
 
 
-def _warn_once(key, message):
+def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, CacheWarning, stacklevel=4)
 
 
-def _notice(where):
+def _notice(where: str | None) -> None:
     """The one stderr line of a process that is about to compile."""
     global _noticed
     if _noticed or config.QUIET:
@@ -77,7 +79,7 @@ def _notice(where):
 class _GuardedCache(FunctionCache):
     """Numba's per-function disk cache, but a fault in it is a warning, not an error."""
 
-    def load_overload(self, sig, target_context):
+    def load_overload(self, sig: Any, target_context: Any) -> Any:
         try:
             data = self._load_only(sig, target_context)
         except Exception as exc:   # truncated/garbage pickle, bad object code, I/O error
@@ -106,7 +108,7 @@ class _GuardedCache(FunctionCache):
         rtsys.initialize(target_context)
         return load(sig, target_context)
 
-    def save_overload(self, sig, data):
+    def save_overload(self, sig: Any, data: Any) -> None:
         try:
             super().save_overload(sig, data)
         except Exception as exc:   # disk full, permissions changed, ...
@@ -118,7 +120,7 @@ class _GuardedCache(FunctionCache):
 class _NoCache(NullCache):
     """No writable cache location: every process compiles (and says so once)."""
 
-    def load_overload(self, sig, target_context):
+    def load_overload(self, sig: Any, target_context: Any) -> Any:
         _notice(None)
 
 
@@ -127,13 +129,13 @@ class Kernel:
     dispatcher per signature, each compiled eagerly and closed to further
     compilation (so a call can never compile behind the driver's back)."""
 
-    def __init__(self, fn, fastmath):
+    def __init__(self, fn: Callable[..., Any], fastmath: bool) -> None:
         self.py_func = fn
         self.name = fn.__name__
         self.fastmath = fastmath
-        self._specs = {}
+        self._specs: dict[tuple[Any, ...], Any] = {}
 
-    def specialize(self, signature):
+    def specialize(self, signature: tuple[Any, ...]) -> Any:
         """The dispatcher of ``signature`` (a tuple of Numba types), compiled or
         loaded from the disk cache on first request."""
         disp = self._specs.get(signature)
@@ -149,7 +151,7 @@ class Kernel:
         return disp
 
 
-def _cache_for(fn):
+def _cache_for(fn: Callable[..., Any]) -> "FunctionCache | NullCache":
     try:
         return _GuardedCache(fn)
     except RuntimeError as exc:   # Numba: "cannot cache function ...: no locator available"
@@ -158,22 +160,22 @@ def _cache_for(fn):
         return _NoCache()
 
 
-def kernel(fastmath=False):
+def kernel(fastmath: bool = False) -> Callable[[Callable[..., Any]], "Kernel"]:
     """Decorator: a serial, GIL-free Numba kernel compiled per explicit signature
     (:meth:`Kernel.specialize`)."""
-    def wrap(fn):
+    def wrap(fn: Callable[..., Any]) -> Kernel:
         k = Kernel(fn, fastmath)
         _KERNELS.append(k)
         return k
     return wrap
 
 
-def kernels():
+def kernels() -> list["Kernel"]:
     """Every :class:`Kernel` defined so far."""
     return list(_KERNELS)
 
 
-def cached_entries():
+def cached_entries() -> tuple[int, list[str]]:
     """(number of cached signatures on disk, cache directories) over all kernels."""
     import glob
     import pickle

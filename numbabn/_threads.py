@@ -24,15 +24,17 @@ import contextlib
 import os
 import queue
 import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from . import config
 
 _lock = threading.Lock()
-_pool = None          # _Pool, created on first parallel use
-_threads = None       # the setting; None until first read
+_pool: "_Pool | None" = None          # _Pool, created on first parallel use
+_threads: int | None = None       # the setting; None until first read
 
 
-def available_cpus():
+def available_cpus() -> int:
     """CPUs this process may run on: the affinity mask, capped by a cgroup v2/v1
     CPU quota (containers), at least 1."""
     try:
@@ -45,7 +47,7 @@ def available_cpus():
     return max(1, n)
 
 
-def _cgroup_quota():
+def _cgroup_quota() -> int | None:
     """ceil(quota / period) from cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_*``; None if unlimited."""
     try:
         with open("/sys/fs/cgroup/cpu.max") as f:
@@ -65,7 +67,7 @@ def _cgroup_quota():
         return None
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """Threads the CPU kernels use for inputs larger than ``config.SERIAL_MAX``."""
     global _threads
     if _threads is None:
@@ -73,7 +75,7 @@ def get_num_threads():
     return _threads
 
 
-def set_num_threads(n):
+def set_num_threads(n: int) -> int:
     """Use ``n`` threads (1 <= n; more than :func:`available_cpus` is allowed but
     only oversubscribes). Returns the previous setting. Results do not depend on it."""
     if isinstance(n, bool) or not isinstance(n, int) and not hasattr(n, "__index__"):
@@ -89,7 +91,7 @@ def set_num_threads(n):
 
 
 @contextlib.contextmanager
-def limit_threads(n):
+def limit_threads(n: int | None) -> Iterator[None]:
     """``with limit_threads(n):`` the kernels use ``n`` threads (None: no change);
     the previous setting is restored on exit. The setting is process-wide."""
     if n is None:
@@ -105,13 +107,13 @@ def limit_threads(n):
 class _Pool:
     """Worker threads taking (function, args, done) jobs from one queue."""
 
-    def __init__(self, workers):
+    def __init__(self, workers: int) -> None:
         self.size = workers
         self.jobs = queue.SimpleQueue()
         for _ in range(workers):
             threading.Thread(target=self._work, daemon=True, name="numbabn-kernel").start()
 
-    def _work(self):
+    def _work(self) -> None:
         while True:
             job = self.jobs.get()
             if job is None:
@@ -123,7 +125,7 @@ class _Pool:
                 done.error = exc
             done.release()
 
-    def close(self):
+    def close(self) -> None:
         for _ in range(self.size):
             self.jobs.put(None)
 
@@ -133,15 +135,15 @@ class _Done:
 
     __slots__ = ("sem", "error")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.sem = threading.Semaphore(0)
         self.error = None
 
-    def release(self):
+    def release(self) -> None:
         self.sem.release()
 
 
-def _get_pool(workers):
+def _get_pool(workers: int) -> "_Pool":
     global _pool
     with _lock:
         if _pool is None or _pool.size != workers:
@@ -151,7 +153,7 @@ def _get_pool(workers):
         return _pool
 
 
-def _after_fork():
+def _after_fork() -> None:
     # The child has no copy of the parent's worker threads; its pool (and the
     # lock, which a parent thread may have held at fork time) start afresh.
     global _pool, _lock
@@ -162,7 +164,7 @@ def _after_fork():
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def parallel_for(kernel, blocks, size, *args):
+def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any) -> None:
     """Run ``kernel(*args, t0, t1)`` over the blocks ``0 <= t < blocks``.
 
     Serial (one call on this thread) when ``size`` <= ``config.SERIAL_MAX`` elements,

@@ -3,20 +3,25 @@
 Kernels never read these globals (Numba would freeze them at compile time); the
 functional layer passes them in as arguments.
 
-``NUMBABN_CHUNK``            elements per CPU work chunk (default 16384). Results are
-                             bit-identical for any thread count at a fixed chunk size.
-``NUMBABN_SERIAL_MAX``       inputs of at most this many elements run on the calling
-                             thread alone (default 32768, PyTorch's grain size).
-``NUMBABN_CUDA_THREADS``     threads per CUDA block (default 256; tests use 32).
-``NUMBABN_NUM_THREADS``      CPU kernel threads (default: the CPUs this process may
-                             use, see ``numbabn.set_num_threads``).
-``NUMBABN_QUIET``            1 silences the one-line notice printed before the first
-                             kernel compile of a process.
+``NUMBABN_CHUNK``
+    elements per CPU work chunk (default 16384). Results are bit-identical for any
+    thread count at a fixed chunk size.
+``NUMBABN_SERIAL_MAX``
+    inputs of at most this many elements run on the calling thread alone (default
+    32768, PyTorch's grain size).
+``NUMBABN_CUDA_THREADS``
+    threads per CUDA block (default 256; tests use 32).
+``NUMBABN_NUM_THREADS``
+    CPU kernel threads (default: the CPUs this process may use, see
+    ``numbabn.set_num_threads``).
+``NUMBABN_QUIET``
+    1 silences the one-line notice printed before the first kernel compile of a
+    process.
 """
 import os
 
 
-def _positive_int(name, default):
+def _positive_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None:
         return default

@@ -13,13 +13,18 @@ That is what the internal-covariate-shift probe needs (DESIGN §5)::
 
 Updates stay in the parameters' dtype (float32 parameters get float32 state).
 """
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import numpy as np
 
 from . import _checks as V
+from ._typing import FloatArray
 from .layers.base import Parameter
 
 
-def _real(fn, name, value, *, low=0.0, high=None, low_open=False, high_open=True):
+def _real(fn: str, name: str, value: Any, *, low: float = 0.0, high: float | None = None,
+          low_open: bool = False, high_open: bool = True) -> float:
     ok = (V.is_real(value)
           and (value > low if low_open else value >= low)
           and (high is None or (value < high if high_open else value <= high)))
@@ -34,10 +39,14 @@ class Optimizer:
     """Base: holds the parameter list and per-parameter state; subclasses define
     ``_hyperparameters(...)`` (validation) and ``_update(value, grad, state)``."""
 
-    HYPERPARAMETERS = ()   # the settings, as attributes (assignable, e.g. for a lr schedule)
-    STATE_KEYS = ()        # the arrays (and counters) one parameter's state may hold
+    HYPERPARAMETERS: tuple[str, ...] = ()   # the settings, as attributes (assignable, e.g. for a lr schedule)
+    STATE_KEYS: tuple[str, ...] = ()        # the arrays (and counters) one parameter's state may hold
 
-    def __init__(self, params, **hyperparameters):
+    # Defined by each subclass; declared here for the type checker.
+    _hyperparameters: Callable[..., dict[str, Any]]
+    _update: Callable[[dict[str, Any], FloatArray, FloatArray, dict[str, Any]], tuple[FloatArray, dict[str, Any]]]
+
+    def __init__(self, params: Iterable[Parameter], **hyperparameters: Any) -> None:
         fn = type(self).__name__
         params = list(params)
         if not params:
@@ -48,15 +57,15 @@ class Optimizer:
         if len({id(p) for p in params}) != len(params):
             raise ValueError(f"{fn}: params contains the same Parameter more than once")
         self.params = params
-        self.state = [{} for _ in params]
+        self.state: list[dict[str, Any]] = [{} for _ in params]
         self.__dict__.update(self._hyperparameters(**hyperparameters))
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         """Set every managed parameter's grad to None (it is skipped until set again)."""
         for p in self.params:
             p.grad = None
 
-    def step(self, params=None):
+    def step(self, params: Iterable[Parameter] | None = None) -> None:
         """Apply one update to each parameter with a gradient: all managed ones, or only
         those in ``params`` (a subset of the managed parameters, each at most once).
 
@@ -75,11 +84,11 @@ class Optimizer:
             self._check_entry(fn, p, self.state[i])
             todo.append(i)
         updates = [self._update(hyper, self.params[i].value, self.params[i].grad, self.state[i]) for i in todo]
-        for i, (value, state) in zip(todo, updates):       # nothing below can fail
+        for i, (value, state) in zip(todo, updates, strict=True):       # nothing below can fail
             np.copyto(self.params[i].value, value)
             self.state[i] = state
 
-    def _select(self, fn, params):
+    def _select(self, fn: str, params: Iterable[Parameter] | None) -> "range | list[int]":
         """Positions in ``self.params`` of the parameters to update.
 
         Parameters are matched by identity against the managed list at call time (no
@@ -98,7 +107,7 @@ class Optimizer:
             raise ValueError(f"{fn}: params names the same Parameter more than once")
         return indices
 
-    def _check_entry(self, fn, p, state):
+    def _check_entry(self, fn: str, p: Parameter, state: dict[str, Any]) -> None:
         value, grad = p.value, p.grad
         if not isinstance(value, np.ndarray) or not value.flags.writeable:
             raise ValueError(f"{fn}: the value of {p!r} must be a writeable NumPy array (it is updated in place), "
@@ -113,17 +122,18 @@ class Optimizer:
                                  f"({value.shape}, {value.dtype}), got {V.describe(arr)}")
 
     # ------------------------------------------------------------ state
-    def hyperparameters(self):
+    def hyperparameters(self) -> dict[str, Any]:
+        """The current settings, ``{name: value}`` in ``HYPERPARAMETERS`` order."""
         return {name: getattr(self, name) for name in self.HYPERPARAMETERS}
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """``{"hyperparameters": {...}, "state": [per-parameter dict]}``, deep-copied;
         list position = position in ``params``."""
         return {"hyperparameters": self.hyperparameters(),
                 "state": [{k: np.array(v, copy=True) if isinstance(v, np.ndarray) else v for k, v in s.items()}
                           for s in self.state]}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (copied). Checked completely first; on error
         nothing changes."""
         fn = f"{type(self).__name__}.load_state_dict"
@@ -140,11 +150,11 @@ class Optimizer:
             raise ValueError(f"{fn}: state must be a list with one dict per parameter ({len(self.params)}), "
                              f"got {V.describe(states)}")
         new = []
-        for i, (p, s) in enumerate(zip(self.params, states)):
+        for i, (p, s) in enumerate(zip(self.params, states, strict=True)):
             if not isinstance(s, dict) or (s and set(s) != set(self.STATE_KEYS)):
                 raise ValueError(f"{fn}: state[{i}] must be an empty dict or one with exactly the keys "
                                  f"{self.STATE_KEYS}, got {V.describe(s)}")
-            entry = {}
+            entry: dict[str, Any] = {}
             for key, value in s.items():
                 if key == "step":
                     entry[key] = V.check_int(fn, f"state[{i}]['step']", value, 0)
@@ -158,7 +168,7 @@ class Optimizer:
         self.__dict__.update(hyper)
         self.state = new
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({len(self.params)} parameters, {args})"
 
@@ -178,10 +188,12 @@ class SGD(Optimizer):
     HYPERPARAMETERS = ("lr", "momentum", "nesterov", "weight_decay")
     STATE_KEYS = ("momentum_buffer",)
 
-    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+    def __init__(self, params: Iterable[Parameter], lr: float, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0) -> None:
         super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
-    def _hyperparameters(self, lr, momentum, nesterov, weight_decay):
+    def _hyperparameters(self, lr: float, momentum: float, nesterov: bool,
+                         weight_decay: float) -> dict[str, Any]:
         fn = type(self).__name__
         out = dict(lr=_real(fn, "lr", lr), momentum=_real(fn, "momentum", momentum),
                    nesterov=V.check_bool(fn, "nesterov", nesterov),
@@ -190,7 +202,8 @@ class SGD(Optimizer):
             raise ValueError(f"{fn}: nesterov=True needs momentum > 0")
         return out
 
-    def _update(self, hyper, value, grad, state):
+    def _update(self, hyper: dict[str, Any], value: FloatArray, grad: FloatArray,
+                state: dict[str, Any]) -> tuple[FloatArray, dict[str, Any]]:
         """(new value, new state), computed without writing to ``value`` or ``state``."""
         lr, momentum, nesterov, weight_decay = (hyper[k] for k in self.HYPERPARAMETERS)
         if weight_decay:
@@ -222,10 +235,12 @@ class Adam(Optimizer):
     HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
     STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, params: Iterable[Parameter], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
-    def _hyperparameters(self, lr, betas, eps, weight_decay):
+    def _hyperparameters(self, lr: float, betas: tuple[float, float],
+                         eps: float, weight_decay: float) -> dict[str, Any]:
         fn = type(self).__name__
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"{fn}: betas must be a pair (beta1, beta2), got {betas!r}")
@@ -234,7 +249,8 @@ class Adam(Optimizer):
                     eps=_real(fn, "eps", eps, low_open=True),
                     weight_decay=_real(fn, "weight_decay", weight_decay))
 
-    def _update(self, hyper, value, grad, state):
+    def _update(self, hyper: dict[str, Any], value: FloatArray, grad: FloatArray,
+                state: dict[str, Any]) -> tuple[FloatArray, dict[str, Any]]:
         """(new value, new state), computed without writing to ``value`` or ``state``."""
         lr, (beta1, beta2), eps, weight_decay = (hyper[k] for k in self.HYPERPARAMETERS)
         if weight_decay:

@@ -1,7 +1,11 @@
 """Ghost batch norm (Hoffer, Hubara & Soudry 2017, "Train longer, generalize better",
 Algorithm 1): batch statistics over small virtual ("ghost") batches."""
-import numpy as np
+from typing import Any
 
+import numpy as np
+from numpy.typing import DTypeLike
+
+from numbabn._typing import FloatArray
 from numbabn.functional import batch_norm_backward
 from numbabn.layers import BatchNormBase
 from numbabn.layers.base import check_positive_int
@@ -26,13 +30,14 @@ class GhostBatchNorm(BatchNormBase):
 
     _transient = ("_parts",)
 
-    def __init__(self, num_features, virtual_batch_size=32, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, activation=None, dtype=np.float32):
+    def __init__(self, num_features: int, virtual_batch_size: int = 32, eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 activation: str | None = None, dtype: DTypeLike = np.float32) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, dtype)
         self.virtual_batch_size = check_positive_int(type(self).__name__, "virtual_batch_size", virtual_batch_size)
         self._parts = None
 
-    def _slices(self, x):
+    def _slices(self, x: FloatArray) -> list[slice]:
         N, B = x.shape[0], self.virtual_batch_size
         per_sample = x.size // max(N, 1) // self.num_features
         last = N - B * ((N - 1) // B)
@@ -41,7 +46,7 @@ class GhostBatchNorm(BatchNormBase):
                              f"{last * per_sample} value(s) per channel; batch statistics need more than 1")
         return [slice(i, i + B) for i in range(0, N, B)]
 
-    def forward(self, x):
+    def forward(self, x: FloatArray) -> FloatArray:
         x = self._check_input(x)
         gamma, beta = self._affine_values()
         if not self.uses_batch_stats or x.size == 0:
@@ -57,7 +62,7 @@ class GhostBatchNorm(BatchNormBase):
                        [(s, self._bn_forward(x[s], gamma, beta, out=y[s])[1]) for s in self._slices(x)])
         return y
 
-    def backward(self, dy):
+    def backward(self, dy: FloatArray) -> FloatArray:
         """dx per virtual batch; gamma/beta gradients summed over the virtual batches."""
         shape, dtype, parts = self._cached("_parts")
         dy = np.ascontiguousarray(self._check_dy(dy, shape, dtype))
@@ -68,10 +73,10 @@ class GhostBatchNorm(BatchNormBase):
             self.bias.grad = np.sum([db for _, db in grads], axis=0)
         return dx
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
 
     @classmethod
-    def _contract_example(cls, rng, dtype):
+    def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["GhostBatchNorm", FloatArray]:
         layer = cls(3, virtual_batch_size=3, dtype=dtype)._randomize_state(rng)
         return layer, rng.standard_normal((8, 3, 2)).astype(dtype)

@@ -2,10 +2,13 @@
 Normalization: The Missing Ingredient for Fast Stylization") on the batch-norm
 kernels: ``InstanceNorm1d`` and ``InstanceNorm2d``, like ``torch.nn``'s."""
 from math import prod
+from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from numbabn import _bn_checks as V
+from numbabn._typing import FloatArray
 from numbabn.functional import batch_norm_backward, batch_norm_forward
 from numbabn.layers import BatchNormBase
 
@@ -48,28 +51,28 @@ class _InstanceNorm(BatchNormBase):
     _dims = "L"
     _transient = ("_cache",)
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False,
-                 dtype=np.float32):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = False,
+                 track_running_stats: bool = False, dtype: DTypeLike = np.float32) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, None, dtype)
         self._cache = None
 
     @property
-    def uses_batch_stats(self):
+    def uses_batch_stats(self) -> bool:
         """Instance statistics: in training, and whenever ``track_running_stats`` is off."""
         return self.training or not self.track_running_stats or self.running_mean is None
 
-    def _expected_shape(self):
+    def _expected_shape(self) -> str:
         C = self.num_features
         return f"(N, {C}, {self._dims}) or ({C}, {self._dims})"
 
-    def _check_input(self, x):
+    def _check_input(self, x: FloatArray) -> FloatArray:
         x = self._input(x)
         k = self._spatial
         if x.ndim not in (k + 1, k + 2) or x.shape[x.ndim - k - 1] != self.num_features:
             raise self._shape_error(self._expected_shape(), x)
         return x
 
-    def forward(self, x):
+    def forward(self, x: FloatArray) -> FloatArray:
         x = self._check_input(x)
         xb = x if x.ndim == self._spatial + 2 else x[None]
         N, C, L = xb.shape[0], self.num_features, prod(xb.shape[2:])
@@ -92,7 +95,10 @@ class _InstanceNorm(BatchNormBase):
             if update:
                 factor = V.resolve_momentum(True, self.momentum, nbt)
                 rm, rv = np.tile(self.running_mean, N), np.tile(self.running_var, N)
-            tile = (lambda v: None if v is None else np.tile(v, N))
+
+            def tile(v: FloatArray | None) -> FloatArray | None:
+                return None if v is None else np.tile(v, N)
+
             y, ctx = batch_norm_forward(xb.reshape(1, N * C, L), tile(gamma), tile(beta), running_mean=rm,
                                         running_var=rv, training=True, momentum=factor, eps=self.eps, axis=1)
             y = y.reshape(x.shape)
@@ -104,7 +110,7 @@ class _InstanceNorm(BatchNormBase):
         self._cache = (x.shape, x.dtype, ctx, N)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy: FloatArray) -> FloatArray:
         """dx; weight.grad = sum over samples and positions of dy*xhat, bias.grad = sum of dy."""
         shape, dtype, ctx, N = self._cached("_cache")
         dy = self._check_dy(dy, shape, dtype)
@@ -129,7 +135,7 @@ class InstanceNorm1d(_InstanceNorm):
     the running statistics."""
 
     @classmethod
-    def _contract_example(cls, rng, dtype):
+    def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["_InstanceNorm", FloatArray]:
         layer = cls(3, affine=True, track_running_stats=True, dtype=dtype)._randomize_state(rng)
         return layer, (rng.standard_normal((4, 3, 5)) + 0.5).astype(dtype)
 
@@ -142,6 +148,6 @@ class InstanceNorm2d(_InstanceNorm):
     _dims = "H, W"
 
     @classmethod
-    def _contract_example(cls, rng, dtype):
+    def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["_InstanceNorm", FloatArray]:
         layer = cls(2, affine=True, dtype=dtype)._randomize_state(rng)
         return layer, rng.standard_normal((3, 2, 2, 3)).astype(dtype)

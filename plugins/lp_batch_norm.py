@@ -1,8 +1,12 @@
 """lp batch norm (Santurkar, Tsipras, Ilyas & Madry 2018, "How Does Batch
 Normalization Help Optimization?", NeurIPS, Section 3.3 and Appendix A)."""
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from numbabn import _bn_checks as V
+from numbabn._typing import FloatArray
 from numbabn.layers import BatchNormBase
 
 P_VALUES = (1, 2, np.inf)
@@ -44,8 +48,8 @@ class LpBatchNorm(BatchNormBase):
 
     _transient = ("_cache",)
 
-    def __init__(self, num_features, p=2, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32):
+    def __init__(self, num_features: int, p: float = 2, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, dtype: DTypeLike = np.float32) -> None:
         if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, float, np.integer, np.floating)) \
                 or p not in P_VALUES:
             raise ValueError(f"{type(self).__name__}: p must be 1, 2 or numpy.inf, got {p!r}")
@@ -53,28 +57,28 @@ class LpBatchNorm(BatchNormBase):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, None, dtype)
         self._cache = None
 
-    def _add_running_stats(self, C):
+    def _add_running_stats(self, C: int) -> None:
         self.running_mean = self.add_buffer("running_mean", np.zeros(C, self.dtype))
         self.running_norm = self.add_buffer("running_norm", np.ones(C, self.dtype))
         self._add_counter()
 
     @staticmethod
-    def _sum(a):
+    def _sum(a: NDArray[Any]) -> NDArray[np.float64]:
         """Per-channel float64 sum over every axis but 1."""
         return a.sum(axis=(0,) + tuple(range(2, a.ndim)), dtype=np.float64)
 
-    def _bcast(self, v, ndim):
+    def _bcast(self, v: ArrayLike, ndim: int) -> FloatArray:
         """A per-channel vector in the layer's dtype, shaped to broadcast over axis 1."""
         return np.asarray(v, dtype=self.dtype).reshape((1, self.num_features) + (1,) * (ndim - 2))
 
-    def _norm(self, u, m):
+    def _norm(self, u: FloatArray, m: int) -> NDArray[np.float64]:
         if self.p == np.inf:
             return np.abs(u).max(axis=(0,) + tuple(range(2, u.ndim))).astype(np.float64)
         if self.p == 1:
             return self._sum(np.abs(u)) / m
         return np.sqrt(self._sum(u * u) / m)
 
-    def _dnorm(self, u, s, m):
+    def _dnorm(self, u: FloatArray, s: NDArray[np.float64], m: int) -> FloatArray:
         """ds/du (shape of u) for the batch's norm s (float64, (C,))."""
         if self.p == 1:
             return np.sign(u) / m
@@ -84,7 +88,7 @@ class LpBatchNorm(BatchNormBase):
         is_max = np.abs(u) == self._bcast(s, u.ndim)
         return np.sign(u) * is_max / self._bcast(self._sum(is_max), u.ndim)
 
-    def forward(self, x):
+    def forward(self, x: FloatArray) -> FloatArray:
         x = self._check_input(x)
         out_dtype = x.dtype
         x = x.astype(self.dtype, copy=False)       # float16 -> float32
@@ -121,7 +125,7 @@ class LpBatchNorm(BatchNormBase):
         y = xhat * self._bcast(self.weight.value, x.ndim) + self._bcast(self.bias.value, x.ndim)
         return y.astype(out_dtype, copy=False)
 
-    def backward(self, dy):
+    def backward(self, dy: FloatArray) -> FloatArray:
         u, s, D, xhat, batch, out_dtype = self._cached("_cache")
         dy = self._check_dy(dy, u.shape, out_dtype).astype(self.dtype, copy=False)
         h = dy
@@ -138,11 +142,11 @@ class LpBatchNorm(BatchNormBase):
             du -= self._bcast(self._sum(du) / m, h.ndim)
         return du.astype(out_dtype, copy=False)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return super().extra_repr() + f", p={self.p}"
 
     @classmethod
-    def _contract_example(cls, rng, dtype):
+    def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["LpBatchNorm", FloatArray]:
         # p = inf: the one whose backward (a single active element) is easiest to get wrong.
         layer = cls(3, p=np.inf, dtype=dtype)._randomize_state(rng)
         return layer, rng.standard_normal((5, 3, 2)).astype(dtype)

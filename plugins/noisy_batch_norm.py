@@ -1,7 +1,11 @@
 """Noisy batch norm (Santurkar, Tsipras, Ilyas & Madry 2018, "How Does Batch
 Normalization Help Optimization?", NeurIPS, Section 2.1 and Appendix A.2.1)."""
-import numpy as np
+from typing import Any
 
+import numpy as np
+from numpy.typing import DTypeLike
+
+from numbabn._typing import FloatArray
 from numbabn.layers import BatchNormBase
 from numbabn.layers.base import check_rng
 
@@ -29,13 +33,14 @@ class NoisyBatchNorm(BatchNormBase):
 
     _transient = ("_scale", "_out_dtype")
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32, rng=None):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, dtype: DTypeLike = np.float32,
+                 rng: np.random.Generator | int | None = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, None, dtype)
         self.rng = check_rng(type(self).__name__, rng)
         self._scale = self._out_dtype = None
 
-    def forward(self, x):
+    def forward(self, x: FloatArray) -> FloatArray:
         x = self._check_input(x)
         out_dtype = x.dtype
         y = super().forward(x.astype(self.dtype, copy=False))    # float16: noise in float32 too
@@ -54,7 +59,7 @@ class NoisyBatchNorm(BatchNormBase):
         self._scale = s
         return y.astype(out_dtype, copy=False)
 
-    def backward(self, dy):
+    def backward(self, dy: FloatArray) -> FloatArray:
         ctx = self._cached("_ctx")
         dy = self._check_dy(dy, ctx.shape, self._out_dtype).astype(ctx.dtype, copy=False)
         if self._scale is not None:
@@ -62,6 +67,6 @@ class NoisyBatchNorm(BatchNormBase):
         return super().backward(dy).astype(self._out_dtype, copy=False)
 
     @classmethod
-    def _contract_example(cls, rng, dtype):
+    def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["NoisyBatchNorm", FloatArray]:
         layer = cls(3, dtype=dtype, rng=np.random.default_rng(rng.integers(2**32)))._randomize_state(rng)
         return layer, rng.standard_normal((5, 3, 2)).astype(dtype)

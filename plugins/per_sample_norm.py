@@ -24,14 +24,18 @@ Both take float16 input in a float32 layer (statistics and arithmetic in float32
 float16 output and input gradient), as PyTorch's CPU kernels do. Neither has
 running statistics: train and eval mode compute the same thing.
 """
+from collections.abc import Sequence
 from math import prod
+from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
+from numbabn import _checks as V
+from numbabn._typing import FloatArray
 from numbabn.functional import batch_norm_backward, batch_norm_forward
 from numbabn.layers import Layer
 from numbabn.layers.base import check_layer_dtype, check_positive_int
-from numbabn import _checks as V
 
 
 class _PerSampleNorm(Layer):
@@ -42,7 +46,8 @@ class _PerSampleNorm(Layer):
     _accepts_float16 = True
     _transient = ("_cache",)
 
-    def __init__(self, eps, affine, affine_shape, dtype, bias=True):
+    def __init__(self, eps: float, affine: bool, affine_shape: tuple[int, ...], dtype: DTypeLike,
+                 bias: bool = True) -> None:
         super().__init__()
         owner = type(self).__name__
         self.eps = V.check_eps(owner, eps)
@@ -53,13 +58,13 @@ class _PerSampleNorm(Layer):
         self.bias = self.add_parameter("bias", np.zeros(affine_shape, self.dtype)) if affine and bias else None
         self._cache = None
 
-    def _init_parameters(self):
+    def _init_parameters(self) -> None:
         """weight = 1, bias = 0."""
         self.weight.value[...] = 1
         if self.bias is not None:
             self.bias.value[...] = 0
 
-    def forward(self, x):
+    def forward(self, x: FloatArray) -> FloatArray:
         """Normalised per (sample, group) in either mode (no running statistics)."""
         x = self._check_input(x)
         out_dtype = x.dtype
@@ -78,7 +83,7 @@ class _PerSampleNorm(Layer):
             y = y + self.bias.value.reshape(self._affine_shape(x))
         return y.astype(out_dtype, copy=False)
 
-    def backward(self, dy):
+    def backward(self, dy: FloatArray) -> FloatArray:
         """dxhat = dy*weight; dweight = sum dy*xhat, dbias = sum dy over the other axes."""
         ctx, xhat, out_dtype = self._cached("_cache")
         dy = self._check_dy(dy, xhat.shape, out_dtype).astype(self.dtype, copy=False)
@@ -96,7 +101,7 @@ class _PerSampleNorm(Layer):
 
 
 class LayerNorm(_PerSampleNorm):
-    """Layer norm over the trailing ``normalized_shape`` dimensions of (*, *normalized_shape)
+    """Layer norm over the trailing ``normalized_shape`` dimensions of ``(*, *normalized_shape)``
     input, like ``torch.nn.LayerNorm``: one group per leading index (none at all is
     one group; zero-size leading dimensions give an empty output), D =
     prod(normalized_shape) values; weight and bias have shape ``normalized_shape``.
@@ -104,7 +109,8 @@ class LayerNorm(_PerSampleNorm):
     arguments). ``LayerNorm(1)`` normalises single values: its output is the bias.
     """
 
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, dtype=np.float32, *, bias=True):
+    def __init__(self, normalized_shape: int | Sequence[int], eps: float = 1e-5, elementwise_affine: bool = True,
+                 dtype: DTypeLike = np.float32, *, bias: bool = True) -> None:
         owner = type(self).__name__
         shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
         if not shape:
@@ -112,29 +118,29 @@ class LayerNorm(_PerSampleNorm):
         self.normalized_shape = tuple(check_positive_int(owner, "normalized_shape", d) for d in shape)
         super().__init__(eps, elementwise_affine, self.normalized_shape, dtype, bias)
 
-    def _check_input(self, x):
+    def _check_input(self, x: FloatArray) -> FloatArray:
         x = self._input(x)
         k = len(self.normalized_shape)
         if x.ndim < k or x.shape[x.ndim - k:] != self.normalized_shape:
             raise self._shape_error(f"(..., {', '.join(map(str, self.normalized_shape))})", x)
         return x
 
-    def _groups(self, x):
+    def _groups(self, x: FloatArray) -> tuple[int, int]:
         D = prod(self.normalized_shape)
         return x.size // D, D
 
-    def _affine_shape(self, x):
+    def _affine_shape(self, x: FloatArray) -> tuple[int, ...]:
         return self.normalized_shape
 
-    def _affine_axes(self, x):
+    def _affine_axes(self, x: FloatArray) -> tuple[int, ...]:
         return tuple(range(x.ndim - len(self.normalized_shape)))
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         text = f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.affine}"
         return text + (", bias=False" if self.affine and self.bias is None else "")
 
     @classmethod
-    def _contract_example(cls, rng, dtype):
+    def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["LayerNorm", FloatArray]:
         layer = cls((2, 3), dtype=dtype)
         layer.weight.value[...] = rng.uniform(0.5, 1.5, (2, 3))
         layer.bias.value[...] = rng.standard_normal((2, 3))
@@ -148,7 +154,8 @@ class GroupNorm(_PerSampleNorm):
     (none with ``affine=False``). A group of one value normalises to 0.
     """
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32):
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 dtype: DTypeLike = np.float32) -> None:
         owner = type(self).__name__
         self.num_groups = check_positive_int(owner, "num_groups", num_groups)
         self.num_channels = check_positive_int(owner, "num_channels", num_channels)
@@ -157,26 +164,26 @@ class GroupNorm(_PerSampleNorm):
                              f"({num_groups})")
         super().__init__(eps, affine, (self.num_channels,), dtype)
 
-    def _check_input(self, x):
+    def _check_input(self, x: FloatArray) -> FloatArray:
         x = self._input(x)
         if x.ndim < 2 or x.shape[1] != self.num_channels:
             raise self._shape_error(f"(N, {self.num_channels}, ...)", x)
         return x
 
-    def _groups(self, x):
+    def _groups(self, x: FloatArray) -> tuple[int, int]:
         return x.shape[0] * self.num_groups, prod(x.shape[1:]) // self.num_groups
 
-    def _affine_shape(self, x):
+    def _affine_shape(self, x: FloatArray) -> tuple[int, ...]:
         return (self.num_channels,) + (1,) * (x.ndim - 2)
 
-    def _affine_axes(self, x):
+    def _affine_axes(self, x: FloatArray) -> tuple[int, ...]:
         return (0,) + tuple(range(2, x.ndim))
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
 
     @classmethod
-    def _contract_example(cls, rng, dtype):
+    def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["GroupNorm", FloatArray]:
         layer = cls(2, 4, dtype=dtype)
         layer.weight.value[...] = rng.uniform(0.5, 1.5, 4)
         layer.bias.value[...] = rng.standard_normal(4)

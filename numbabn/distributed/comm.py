@@ -39,8 +39,11 @@ size 1 never communicates.
 import functools
 import os
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from .. import _checks as V
 from ..stats import Moments, merge_moments
@@ -66,7 +69,7 @@ class SyncError(RuntimeError):
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
 
 
-def check_comm(owner, comm):
+def check_comm(owner: str, comm: Any) -> Any:
     """``comm`` validated: None, or an intracommunicator (clear TypeError otherwise)."""
     if comm is None:
         return None
@@ -83,7 +86,7 @@ def check_comm(owner, comm):
     return comm
 
 
-def _launched_size():
+def _launched_size() -> int:
     """The number of ranks an MPI launcher announced (1 when none did)."""
     for var in _LAUNCHER_SIZE_VARS:
         value = os.environ.get(var, "")
@@ -93,7 +96,7 @@ def _launched_size():
 
 
 @functools.cache
-def world():
+def world() -> Any:
     """``MPI.COMM_WORLD``, or None when mpi4py is not installed or cannot load an
     MPI library (a single process then: nothing to synchronize).
 
@@ -113,7 +116,7 @@ def world():
     return MPI.COMM_WORLD
 
 
-def active(comm):
+def active(comm: Any) -> Any:
     """The communicator to synchronize over, or None for a single process:
     ``comm`` (``world()`` when None) unless it has only one rank."""
     if comm is None:
@@ -121,7 +124,7 @@ def active(comm):
     return comm if comm is not None and comm.Get_size() > 1 else None
 
 
-def allgather_rows(comm, values):
+def allgather_rows(comm: Any, values: ArrayLike) -> NDArray[np.float64]:
     """``(P, values.size)`` float64: row r is rank r's ``values`` (one ``Allgather``).
 
     Every rank must pass the same number of values.
@@ -132,7 +135,7 @@ def allgather_rows(comm, values):
     return rows
 
 
-def merge_in_rank_order(comm, local):
+def merge_in_rank_order(comm: Any, local: Moments) -> Moments:
     """The exact :class:`~numbabn.stats.Moments` of all ranks' data, bit-identical on
     every rank: one Allgather of the packed ``[count, mean, m2]`` (2C+1 float64), then
     Chan merges in rank order. Ranks without data contribute ``Moments.empty(C)``."""
@@ -142,7 +145,7 @@ def merge_in_rank_order(comm, local):
     return merged
 
 
-def sum_in_rank_order(comm, local):
+def sum_in_rank_order(comm: Any, local: ArrayLike) -> NDArray[np.float64]:
     """Sum of ``local`` (float64, same shape on every rank) over all ranks, added in
     rank order, bit-identical on every rank (one Allgather)."""
     rows = allgather_rows(comm, local)
@@ -152,8 +155,9 @@ def sum_in_rank_order(comm, local):
     return total.reshape(np.shape(local))
 
 
-def header(exchange, call, channels, itemsize, mode, error):
-    """The 8 float64 header values of one exchange (see :data:`HEADER`)."""
+def header(exchange: float, call: float, channels: int, itemsize: int, mode: float, error: bool,
+           ) -> NDArray[np.float64]:
+    """The 8 float64 header values of one exchange (field names in ``HEADER``)."""
     return np.array([_MAGIC, _VERSION, exchange, call, channels, itemsize, mode, 1.0 if error else 0.0])
 
 
@@ -161,11 +165,11 @@ _LABELS = {"exchange": "operation", "channels": "channels", "itemsize": "dtype",
            "call": "call number"}
 
 
-def _values(rows, field, fmt):
+def _values(rows: Sequence[Sequence[float]], field: str, fmt: Callable[[float], str]) -> str:
     return "; ".join(f"rank {r}: {fmt(row[HEADER.index(field)])}" for r, row in enumerate(rows))
 
 
-def describe_disagreement(rows):
+def describe_disagreement(rows: Sequence[Sequence[float]]) -> str | None:
     """The error message for gathered headers, or None when they agree (a function of
     ``rows`` only, so every rank builds the same text)."""
     P = len(rows)
@@ -194,7 +198,7 @@ def describe_disagreement(rows):
             "in the same order and mode, with the same settings)")
 
 
-def agree(comm, values, local_error=None):
+def agree(comm: Any, values: ArrayLike, local_error: BaseException | None = None) -> None:
     """Exchange this rank's :func:`header` ``values`` (one Allgather) and raise
     :class:`SyncError` on every rank unless all rows agree and none has its error flag
     set; ``local_error`` (this rank's own failure) becomes the ``__cause__``."""

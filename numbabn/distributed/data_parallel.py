@@ -21,6 +21,8 @@ global batch's), which is why the scaling happens before ``backward`` and not af
 All reductions run through :mod:`.comm` (Allgather, then a fixed-order sum), so
 every rank holds bit-identical gradients and the models never drift apart.
 """
+from typing import Any
+
 import numpy as np
 
 from .. import _checks as V
@@ -29,7 +31,7 @@ from .comm import active, check_comm, sum_in_rank_order
 from .sync_batchnorm import SyncBatchNormMixin
 
 
-def rank_slice(n, comm=None):
+def rank_slice(n: int, comm: Any = None) -> slice:
     """The rows of a global batch of ``n`` that this rank takes: contiguous, in rank
     order, sizes differing by at most one (``numpy.array_split``'s split); ranks
     beyond ``n`` get an empty slice. One process: ``slice(0, n)``."""
@@ -44,7 +46,7 @@ def rank_slice(n, comm=None):
     return slice(start, start + base + (rank < extra))
 
 
-def global_mean(local_mean, local_count, comm=None):
+def global_mean(local_mean: float, local_count: int, comm: Any = None) -> float:
     """``sum(count_r * mean_r) / sum(count_r)`` over the ranks (one collective): the
     mean over the whole batch of per-rank means over ``local_count`` items. A rank
     with ``local_count == 0`` contributes nothing (its mean, typically NaN, is ignored)."""
@@ -56,14 +58,14 @@ def global_mean(local_mean, local_count, comm=None):
     return total / count if count else float("nan")
 
 
-def _sync_layers(layer):
+def _sync_layers(layer: Layer) -> list[Layer]:
     if isinstance(layer, SyncBatchNormMixin):
         yield layer
     for child in layer.children():
         yield from _sync_layers(child)
 
 
-def allreduce_gradients(model, comm=None):
+def allreduce_gradients(model: Layer, comm: Any = None) -> None:
     """Replace every parameter gradient of ``model`` by its sum over the ranks, in place
     (one collective for all of them; float64 sums cast back to each gradient's dtype).
 

@@ -8,8 +8,12 @@ Sigmoid    y = 1 / (1 + exp(-x))       dx = g * y * (1 - y)
 Tanh       y = tanh(x)                 dx = g * (1 - y^2)
 =========  ==========================  ===========================
 """
-import numpy as np
+from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
+
+from .._typing import FloatArray
 from .base import Layer
 
 
@@ -21,23 +25,23 @@ class _Elementwise(Layer):
 
     _transient = ("_saved", "_out_dtype")
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self._saved = None
         self._out_dtype = None
 
-    def forward(self, x):
+    def forward(self, x: FloatArray) -> FloatArray:
         x = self._input(x)
         self._out_dtype = x.dtype
         y, self._saved = self._apply(x)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy: FloatArray) -> FloatArray:
         saved = self._cached("_saved")
         return self._grad(self._check_dy(dy, saved.shape, self._out_dtype), saved)
 
     @classmethod
-    def _contract_example(cls, rng, dtype):
+    def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["_Elementwise", FloatArray]:
         return cls(), rng.standard_normal((4, 3, 2)).astype(dtype)
 
 
@@ -45,11 +49,11 @@ class ReLU(_Elementwise):
     """y = max(x, 0); dx = dy * [x > 0]. Any shape."""
 
     @staticmethod
-    def _apply(x):
+    def _apply(x: FloatArray) -> tuple[FloatArray, NDArray[np.bool_]]:
         return np.maximum(x, 0), x > 0
 
     @staticmethod
-    def _grad(dy, mask):
+    def _grad(dy: FloatArray, mask: NDArray[np.bool_]) -> FloatArray:
         return dy * mask
 
 
@@ -57,7 +61,7 @@ class Sigmoid(_Elementwise):
     """y = 1 / (1 + exp(-x)); dx = dy * y * (1 - y). Any shape."""
 
     @staticmethod
-    def _apply(x):
+    def _apply(x: FloatArray) -> tuple[FloatArray, FloatArray]:
         # 0.5 + 0.5*tanh(x/2) is the same function without exp overflow warnings
         # for large |x|, and it stays in the input's dtype.
         y = np.tanh(x * 0.5)
@@ -66,7 +70,7 @@ class Sigmoid(_Elementwise):
         return y, y
 
     @staticmethod
-    def _grad(dy, y):
+    def _grad(dy: FloatArray, y: FloatArray) -> FloatArray:
         return dy * y * (1 - y)
 
 
@@ -74,10 +78,10 @@ class Tanh(_Elementwise):
     """y = tanh(x); dx = dy * (1 - y^2). Any shape."""
 
     @staticmethod
-    def _apply(x):
+    def _apply(x: FloatArray) -> tuple[FloatArray, FloatArray]:
         y = np.tanh(x)
         return y, y
 
     @staticmethod
-    def _grad(dy, y):
+    def _grad(dy: FloatArray, y: FloatArray) -> FloatArray:
         return dy * (1 - y * y)

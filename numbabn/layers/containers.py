@@ -1,4 +1,10 @@
 """Containers: layers made of layers."""
+from collections.abc import Iterator
+from typing import Any, overload
+
+import numpy as np
+
+from .._typing import FloatArray
 from .base import Layer, capture, restore
 from .batchnorm import BatchNorm1d
 from .linear import Linear
@@ -14,9 +20,23 @@ class Sequential(Layer):
 
     ``forward`` and ``backward`` are all or nothing: if a layer raises, every layer
     of the chain is put back as it was (running statistics, caches, gradients).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numbabn.layers import Linear, ReLU, Sequential
+    >>> rng = np.random.default_rng(0)
+    >>> model = Sequential(Linear(3, 4, rng=rng), ReLU(), Linear(4, 2, rng=rng))
+    >>> y = model.forward(np.ones((5, 3), np.float32))
+    >>> y.shape, y.dtype
+    ((5, 2), dtype('float32'))
+    >>> model.backward(np.ones_like(y)).shape
+    (5, 3)
+    >>> len(model), len(model[1:]), model[1:][0] is model[1]
+    (3, 2, True)
     """
 
-    def __init__(self, *layers):
+    def __init__(self, *layers: Layer) -> None:
         super().__init__()
         for i, layer in enumerate(layers):
             self.add_child(str(i), layer)
@@ -25,7 +45,7 @@ class Sequential(Layer):
     # All or nothing: when a layer raises, the layers before it have already updated
     # their running statistics and caches (forward) or gradients (backward); they are
     # put back, so a failed call leaves the whole chain as it was.
-    def forward(self, x):
+    def forward(self, x: FloatArray) -> FloatArray:
         saved = capture(self, backward=False)
         try:
             for layer in self.layers:
@@ -35,7 +55,7 @@ class Sequential(Layer):
             raise
         return x
 
-    def backward(self, dy):
+    def backward(self, dy: FloatArray) -> FloatArray:
         saved = capture(self, forward=False)
         try:
             for layer in reversed(self.layers):
@@ -45,19 +65,23 @@ class Sequential(Layer):
             raise
         return dy
 
-    def __getitem__(self, index):
+    @overload
+    def __getitem__(self, index: int) -> Layer: ...
+    @overload
+    def __getitem__(self, index: slice) -> "Sequential": ...
+    def __getitem__(self, index: int | slice) -> "Layer | Sequential":
         if isinstance(index, slice):
             return Sequential(*self.layers[index]).train(self.training)
         return self.layers[index]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.layers)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Layer]:
         return iter(self.layers)
 
     @classmethod
-    def _contract_example(cls, rng, dtype):
+    def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["Sequential", FloatArray]:
         layer = cls(Linear(3, 4, rng=rng, dtype=dtype), BatchNorm1d(4, dtype=dtype, activation="relu"),
                     Linear(4, 2, rng=rng, dtype=dtype))
         return layer, rng.standard_normal((6, 3)).astype(dtype)

@@ -1,12 +1,16 @@
 """2-D convolution (cross-correlation, as in PyTorch) by im2col + one BLAS matmul."""
+from typing import Any
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from numpy.typing import DTypeLike
 
+from .._typing import FloatArray
 from .base import Layer, check_layer_dtype, check_positive_int, check_rng
 from .linear import init_weight
 
 
-def _pair(owner, name, value, minimum):
+def _pair(owner: str, name: str, value: Any, minimum: int) -> tuple[int, int]:
     pair = value if isinstance(value, tuple) else (value, value)
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum
                              for v in pair):
@@ -34,8 +38,10 @@ class Conv2d(Layer):
 
     _transient = ("_cache",)
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
-                 init="glorot", rng=None, dtype=np.float32):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0, bias: bool = True,
+                 init: str = "glorot", rng: np.random.Generator | int | None = None,
+                 dtype: DTypeLike = np.float32) -> None:
         super().__init__()
         owner = "Conv2d"
         self.in_channels = check_positive_int(owner, "in_channels", in_channels)
@@ -53,7 +59,7 @@ class Conv2d(Layer):
         self.bias = self.add_parameter("bias", np.zeros(self.out_channels, self.dtype)) if bias else None
         self._cache = None
 
-    def _init_parameters(self):
+    def _init_parameters(self) -> None:
         """Weights drawn anew from ``rng`` with the layer's ``init``; bias zeros."""
         kh, kw = self.kernel_size
         self.weight.value[...] = init_weight("Conv2d", self.init, self.weight.value.shape, self.in_channels * kh * kw,
@@ -61,13 +67,13 @@ class Conv2d(Layer):
         if self.bias is not None:
             self.bias.value[...] = 0
 
-    def _padded(self, x):
+    def _padded(self, x: FloatArray) -> FloatArray:
         ph, pw = self.padding
         if ph == 0 and pw == 0:
             return x
         return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
 
-    def forward(self, x):
+    def forward(self, x: FloatArray) -> FloatArray:
         x = self._input(x)
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise self._shape_error(f"(N, {self.in_channels}, H, W)", x)
@@ -87,7 +93,7 @@ class Conv2d(Layer):
         # (N*Ho*Wo, out) -> NCHW, contiguous so a following BatchNorm2d reads it without a copy.
         return np.ascontiguousarray(y.reshape(N, Ho, Wo, self.out_channels).transpose(0, 3, 1, 2))
 
-    def backward(self, dy):
+    def backward(self, dy: FloatArray) -> FloatArray:
         cols, x_shape, xp_shape, (N, Ho, Wo) = self._cached("_cache")
         dy = self._check_dy(dy, (N, self.out_channels, Ho, Wo), self.dtype)
         g = dy.transpose(0, 2, 3, 1).reshape(N * Ho * Wo, self.out_channels)
@@ -104,12 +110,12 @@ class Conv2d(Layer):
         ph, pw = self.padding
         return dxp[:, :, ph:ph + x_shape[2], pw:pw + x_shape[3]]
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
 
     @classmethod
-    def _contract_example(cls, rng, dtype):
+    def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["Conv2d", FloatArray]:
         layer = cls(2, 3, 3, stride=2, padding=1, rng=rng, dtype=dtype)
         layer.bias.value[...] = rng.standard_normal(3)
         return layer, rng.standard_normal((2, 2, 5, 6)).astype(dtype)

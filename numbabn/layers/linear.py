@@ -1,12 +1,17 @@
 """Fully connected layer and the weight initialisations shared with Conv2d."""
-import numpy as np
+from typing import Any
 
+import numpy as np
+from numpy.typing import DTypeLike
+
+from .._typing import FloatArray
 from .base import Layer, check_layer_dtype, check_positive_int, check_rng
 
 INITS = ("glorot", "he")
 
 
-def init_weight(owner, init, shape, fan_in, fan_out, rng, dtype):
+def init_weight(owner: str, init: str, shape: tuple[int, ...], fan_in: int, fan_out: int,
+                rng: np.random.Generator, dtype: DTypeLike) -> FloatArray:
     """Random weights drawn in float64 and rounded once to ``dtype``.
 
     glorot (Glorot & Bengio 2010, uniform): U(-a, a), a = sqrt(6 / (fan_in + fan_out))
@@ -38,7 +43,8 @@ class Linear(Layer):
 
     _transient = ("_x",)
 
-    def __init__(self, in_features, out_features, bias=True, init="glorot", rng=None, dtype=np.float32):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init: str = "glorot",
+                 rng: np.random.Generator | int | None = None, dtype: DTypeLike = np.float32) -> None:
         super().__init__()
         owner = "Linear"
         self.in_features = check_positive_int(owner, "in_features", in_features)
@@ -52,14 +58,14 @@ class Linear(Layer):
         self.bias = self.add_parameter("bias", np.zeros(self.out_features, self.dtype)) if bias else None
         self._x = None
 
-    def _init_parameters(self):
+    def _init_parameters(self) -> None:
         """Weights drawn anew from ``rng`` with the layer's ``init``; bias zeros."""
         self.weight.value[...] = init_weight("Linear", self.init, self.weight.value.shape, self.in_features,
                                              self.out_features, self.rng, self.dtype)
         if self.bias is not None:
             self.bias.value[...] = 0
 
-    def forward(self, x):
+    def forward(self, x: FloatArray) -> FloatArray:
         x = self._input(x)
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise self._shape_error(f"(N, {self.in_features})", x)
@@ -69,7 +75,7 @@ class Linear(Layer):
             y += self.bias.value
         return y
 
-    def backward(self, dy):
+    def backward(self, dy: FloatArray) -> FloatArray:
         x = self._cached("_x")
         dy = self._check_dy(dy, (x.shape[0], self.out_features), self.dtype)
         self.weight.grad = dy.T @ x
@@ -77,9 +83,9 @@ class Linear(Layer):
             self.bias.grad = dy.sum(axis=0)
         return dy @ self.weight.value
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
     @classmethod
-    def _contract_example(cls, rng, dtype):
+    def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["Linear", FloatArray]:
         return cls(4, 3, rng=rng, dtype=dtype), rng.standard_normal((5, 4)).astype(dtype)

@@ -3,19 +3,27 @@
 The loss is a Python float, the mean over the batch; the gradient has the
 prediction's shape and dtype and is what the network's ``backward`` takes.
 """
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .. import _checks as V
+from .._typing import FloatArray
 
 
 class _Loss:
-    def __call__(self, prediction, target):
+    # Defined by each subclass; declared here for the type checker.
+    forward: Callable[[Any, Any], tuple[float, FloatArray]]
+
+    def __call__(self, prediction: FloatArray, target: ArrayLike) -> tuple[float, FloatArray]:
         return self.forward(prediction, target)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
-    def _prediction(self, prediction):
+    def _prediction(self, prediction: Any) -> FloatArray:
         if not isinstance(prediction, np.ndarray) or prediction.dtype.kind != "f":
             raise TypeError(f"{self!r}: prediction must be a floating-point NumPy array, "
                             f"got {V.describe(prediction)}")
@@ -33,7 +41,7 @@ class SoftmaxCrossEntropy(_Loss):
     logsumexp(z) = max(z) + log(sum exp(z - max(z))) never overflows.
     """
 
-    def forward(self, logits, labels):
+    def forward(self, logits: FloatArray, labels: ArrayLike) -> tuple[float, FloatArray]:
         z = self._prediction(logits)
         if z.ndim != 2:
             raise ValueError(f"{self!r}: logits must have shape (N, K), got {z.shape}")
@@ -55,13 +63,15 @@ class SoftmaxCrossEntropy(_Loss):
 
 
 class MSELoss(_Loss):
-    """Mean squared error over all elements (PyTorch's reduction='mean')::
+    """Mean squared error over all elements (PyTorch's reduction='mean').
 
-        loss = (1/S) sum (pred - target)^2      S = pred.size
+    With S = pred.size::
+
+        loss = (1/S) sum (pred - target)^2
         dpred = 2 (pred - target) / S
     """
 
-    def forward(self, prediction, target):
+    def forward(self, prediction: FloatArray, target: ArrayLike) -> tuple[float, FloatArray]:
         pred = self._prediction(prediction)
         target = np.asarray(target)
         if target.shape != pred.shape:

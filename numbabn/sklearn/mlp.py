@@ -21,7 +21,7 @@ Losses, per mini-batch of N samples (Adam or SGD with momentum on their gradient
     classifier: (1/N) sum_n [ logsumexp(z_n) - z_n[t_n] ]     softmax cross-entropy
     regressor:  (1/(N*K)) sum (prediction - y)^2               mean squared error
 
-An epoch is one :meth:`Trainer.fit` call with ``epochs=1``: a fresh permutation cut
+An epoch is one :meth:`numbabn.train.Trainer.fit` call with ``epochs=1``: a fresh permutation cut
 into floor(n / batch_size) mini-batches (the n mod batch_size samples left over are
 skipped that epoch, so no batch-norm batch is degenerate). ``loss_curve_`` holds the
 mean mini-batch loss of each epoch. Stopping follows scikit-learn: training stops when
@@ -44,8 +44,11 @@ still fitted with its previous model -- or still unfitted (``NotFittedError``).
 """
 import copy
 import warnings
+from collections.abc import Sequence
+from typing import Any, Self
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, r2_score
@@ -67,10 +70,12 @@ _is_int, _is_real = is_int, is_real   # the shared checks: not bool; finite
 class _BaseBNMLP(BaseEstimator):
     """What the classifier and the regressor share: parameters, network, training loop."""
 
-    def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, batch_norm=True, solver="adam",
-                 learning_rate_init=0.01, momentum=0.9, batch_size="auto", max_iter=200, tol=1e-4,
-                 n_iter_no_change=10, early_stopping=False, validation_fraction=0.1, random_state=None,
-                 verbose=False, record_metrics=(), record_every=1):
+    def __init__(self, hidden_layer_sizes: Sequence[int] = (100,), activation: str = "relu", *,
+                 batch_norm: bool = True, solver: str = "adam", learning_rate_init: float = 0.01,
+                 momentum: float = 0.9, batch_size: int | str = "auto", max_iter: int = 200, tol: float = 1e-4,
+                 n_iter_no_change: int = 10, early_stopping: bool = False, validation_fraction: float = 0.1,
+                 random_state: int | np.random.RandomState | None = None, verbose: bool = False,
+                 record_metrics: Sequence[Any] = (), record_every: int = 1) -> None:
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.batch_norm = batch_norm
@@ -89,7 +94,7 @@ class _BaseBNMLP(BaseEstimator):
         self.record_every = record_every
 
     # ------------------------------------------------------------ parameters
-    def _check_params(self):
+    def _check_params(self) -> tuple[tuple[int, ...], list[Any]]:
         """Clear errors for bad hyper-parameters; returns (hidden sizes as a tuple, metrics)."""
         name = type(self).__name__
         sizes = self.hidden_layer_sizes
@@ -124,7 +129,7 @@ class _BaseBNMLP(BaseEstimator):
                              f"samples per batch), got {self.batch_size!r}")
         return sizes, self._metrics()
 
-    def _metrics(self):
+    def _metrics(self) -> list[Any]:
         """``record_metrics`` as Trainer metrics: names of the toolkit's metrics
         ("ics", "landscape", "grad_norm", "weight_norm") or metric callables."""
         if isinstance(self.record_metrics, str):
@@ -145,7 +150,7 @@ class _BaseBNMLP(BaseEstimator):
 
     # ------------------------------------------------------------ network
     @staticmethod
-    def _build(arch, rng):
+    def _build(arch: Any, rng: np.random.Generator) -> tuple[Any, Any]:
         """The network (see the module docstring) and its optimizer, from ``arch``: the
         settings they were fitted with (so a later set_params cannot change them)."""
         from ..layers import BatchNorm1d, Linear, ReLU, Sequential, Sigmoid, Tanh
@@ -169,7 +174,7 @@ class _BaseBNMLP(BaseEstimator):
             optimizer = SGD(model.parameters(), lr=arch["lr"], momentum=arch["momentum"])
         return model, optimizer
 
-    def _initialize(self, sizes, n_in, n_out, dtype):
+    def _initialize(self, sizes: Sequence[int], n_in: int, n_out: int, dtype: DTypeLike) -> None:
         rs = check_random_state(self.random_state)
         self._rng = np.random.default_rng(rs.randint(np.iinfo(np.int32).max))
         self._dtype = np.dtype(dtype)
@@ -182,7 +187,7 @@ class _BaseBNMLP(BaseEstimator):
         self.best_loss_ = np.inf
         self.history_ = None
 
-    def _trainer(self, n_samples, metrics):
+    def _trainer(self, n_samples: int, metrics: list[Any]) -> Any:
         """A Trainer over the fitted network, seeded from the estimator's generator."""
         from ..train import Trainer
 
@@ -191,7 +196,7 @@ class _BaseBNMLP(BaseEstimator):
                        seed=int(self._rng.integers(np.iinfo(np.int32).max)), metrics=metrics,
                        record_every=self.record_every, verbose=0)
 
-    def _epoch(self, trainer, X, targets):
+    def _epoch(self, trainer: Any, X: NDArray[Any], targets: NDArray[Any]) -> float:
         """One epoch (see the module docstring); appends to loss_curve_ and history_
         (as new objects: a working copy shares the committed ones, see :meth:`_working_copy`)."""
         from ..train import History
@@ -219,13 +224,13 @@ class _BaseBNMLP(BaseEstimator):
             print(f"Iteration {self.n_iter_}, loss = {loss:.8f}")
         return loss
 
-    def _forward(self, X):
+    def _forward(self, X: ArrayLike) -> NDArray[np.floating[Any]]:
         """Network output for validated X, in eval mode (running statistics)."""
         self._model.eval()
         return self._model.forward(np.asarray(X, dtype=self._dtype))
 
     # ------------------------------------------------------------ fitting
-    def _validate_xy(self, X, y, reset):
+    def _validate_xy(self, X: ArrayLike, y: ArrayLike, reset: bool) -> tuple[NDArray[Any], NDArray[Any]]:
         X, y = validate_data(self, X, y, reset=reset, dtype=FLOAT_DTYPES, accept_sparse=False,
                              multi_output=self._regression, y_numeric=self._regression)
         if self.batch_norm and X.shape[0] < 2:
@@ -240,10 +245,10 @@ class _BaseBNMLP(BaseEstimator):
     _FITTED_PRIVATE = ("_rng", "_dtype", "_arch", "_model", "_optimizer")
 
     @classmethod
-    def _is_fitted_attribute(cls, name):
+    def _is_fitted_attribute(cls, name: str) -> bool:
         return (name.endswith("_") and not name.startswith("__")) or name in cls._FITTED_PRIVATE
 
-    def _working_copy(self, fresh):
+    def _working_copy(self, fresh: bool) -> Self:
         """A copy to train: without any fitted state (``fresh``, for :meth:`fit`), or with
         copies of the mutable fitted state (network, optimizer, generator) for
         :meth:`partial_fit`. Hyper-parameters are shared, not copied."""
@@ -257,12 +262,12 @@ class _BaseBNMLP(BaseEstimator):
             work._rng = copy.deepcopy(self._rng)
         return work
 
-    def _commit(self, work):
+    def _commit(self, work: Self) -> Self:
         self.__dict__.clear()
         self.__dict__.update(work.__dict__)
         return self
 
-    def fit(self, X, y):
+    def fit(self, X: ArrayLike, y: ArrayLike) -> Self:
         """Train from scratch for up to ``max_iter`` epochs (see the module docstring).
 
         Trains a fresh network and replaces the fitted state only on success: on an
@@ -271,7 +276,7 @@ class _BaseBNMLP(BaseEstimator):
         work._fit(X, y)
         return self._commit(work)
 
-    def _fit(self, X, y):
+    def _fit(self, X: ArrayLike, y: ArrayLike) -> None:
         sizes, metrics = self._check_params()
         X, y = self._validate_xy(X, y, reset=True)
         targets = self._encode_targets(y, fitting=True)
@@ -310,18 +315,18 @@ class _BaseBNMLP(BaseEstimator):
                 break
         else:
             warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
-                          "optimization hasn't converged yet.", ConvergenceWarning)
+                          "optimization hasn't converged yet.", ConvergenceWarning, stacklevel=2)
         if self.early_stopping:
             self._model.load_state_dict(best_state)
         return self
 
-    def _partial_fit(self, X, y, classes=None):
+    def _partial_fit(self, X: ArrayLike, y: ArrayLike, classes: ArrayLike | None = None) -> Self:
         """One epoch on a working copy, committed on success (see :meth:`fit`)."""
         work = self._working_copy(fresh=False)
         work._partial_fit_epoch(X, y, classes)
         return self._commit(work)
 
-    def _partial_fit_epoch(self, X, y, classes):
+    def _partial_fit_epoch(self, X: ArrayLike, y: ArrayLike, classes: ArrayLike | None) -> Self:
         sizes, metrics = self._check_params()
         first = not hasattr(self, "_model")
         X, y = self._validate_xy(X, y, reset=first)
@@ -335,14 +340,14 @@ class _BaseBNMLP(BaseEstimator):
     # Pickles hold the network's parameters and buffers and the optimizer state, not the
     # layer objects: no cached activations of the last batch, and unpickling rebuilds
     # writeable arrays even from read-only memory maps (joblib's mmap_mode="r").
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())     # object.__getstate__ may return __dict__ itself
         if "_model" in state:
             state["_model"] = self._model.state_dict()
             state["_optimizer"] = self._optimizer.state_dict()
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if "_model" in state:
             self._model, self._optimizer = self._build(self._arch, np.random.default_rng(0))
@@ -373,14 +378,14 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
 
     _regression = False
 
-    def _loss_fn(self):
+    def _loss_fn(self) -> Any:
         from ..layers import SoftmaxCrossEntropy
         return SoftmaxCrossEntropy()
 
-    def _n_outputs(self):
+    def _n_outputs(self) -> int:
         return len(self.classes_)
 
-    def _encode_targets(self, y, fitting, classes=None):
+    def _encode_targets(self, y: ArrayLike, fitting: bool, classes: ArrayLike | None = None) -> NDArray[Any]:
         """Labels -> indices into classes_ (set when fitting: from ``classes`` or y)."""
         check_classification_targets(y)
         name = type(self).__name__
@@ -396,20 +401,20 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
         return np.searchsorted(self.classes_, y)
 
     @staticmethod
-    def _as_training_targets(targets):
+    def _as_training_targets(targets: NDArray[Any]) -> NDArray[Any]:
         return targets
 
-    def _score_targets(self, X, targets):
+    def _score_targets(self, X: ArrayLike, targets: NDArray[Any]) -> float:
         return accuracy_score(targets, self._forward(X).argmax(axis=1))
 
-    def partial_fit(self, X, y, classes=None):
+    def partial_fit(self, X: ArrayLike, y: ArrayLike, classes: ArrayLike | None = None) -> Self:
         """One epoch over (X, y); ``classes`` (every label) is required on the first call."""
         if classes is None and not hasattr(self, "classes_"):
             raise ValueError(f"{type(self).__name__}.partial_fit: classes must be given on the first call "
                              "(every label that will ever appear)")
         return self._partial_fit(X, y, classes)
 
-    def predict_proba(self, X):
+    def predict_proba(self, X: ArrayLike) -> NDArray[np.floating[Any]]:
         """Softmax of the network output (eval mode), shape (n_samples, n_classes)."""
         check_is_fitted(self)
         z = self._forward(validate_data(self, X, reset=False, dtype=FLOAT_DTYPES, accept_sparse=False))
@@ -418,7 +423,7 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
         p /= p.sum(axis=1, keepdims=True)
         return p
 
-    def predict(self, X):
+    def predict(self, X: ArrayLike) -> NDArray[Any]:
         """The class of highest probability."""
         proba = self.predict_proba(X)
         return self.classes_[np.argmax(proba, axis=1)]
@@ -432,19 +437,19 @@ class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
 
     _regression = True
 
-    def __sklearn_tags__(self):
+    def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         return tags
 
-    def _loss_fn(self):
+    def _loss_fn(self) -> Any:
         from ..layers import MSELoss
         return MSELoss()
 
-    def _n_outputs(self):
+    def _n_outputs(self) -> int:
         return self.n_outputs_
 
-    def _encode_targets(self, y, fitting, classes=None):
+    def _encode_targets(self, y: ArrayLike, fitting: bool, classes: ArrayLike | None = None) -> NDArray[Any]:
         y = y.reshape(y.shape[0], -1)
         if fitting:
             self.n_outputs_ = y.shape[1]
@@ -453,17 +458,17 @@ class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
                              f"fitted with {self.n_outputs_}")
         return y
 
-    def _as_training_targets(self, targets):
+    def _as_training_targets(self, targets: NDArray[Any]) -> NDArray[Any]:
         return np.asarray(targets, dtype=self._dtype)
 
-    def _score_targets(self, X, targets):
+    def _score_targets(self, X: ArrayLike, targets: NDArray[Any]) -> float:
         return r2_score(targets, self._forward(X))
 
-    def partial_fit(self, X, y):
+    def partial_fit(self, X: ArrayLike, y: ArrayLike) -> Self:
         """One epoch over (X, y); the first call initialises the network."""
         return self._partial_fit(X, y)
 
-    def predict(self, X):
+    def predict(self, X: ArrayLike) -> NDArray[Any]:
         """Network output (eval mode): (n_samples,) for one target, else (n_samples, n_targets)."""
         check_is_fitted(self)
         out = self._forward(validate_data(self, X, reset=False, dtype=FLOAT_DTYPES, accept_sparse=False))

@@ -17,14 +17,17 @@ the input's memory format (as ``torch.nn.BatchNorm2d``'s are). Other strides are
 copied once (by numbabn on the CPU, here on the GPU, whose kernels need contiguous
 input).
 """
+from typing import Any
+
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 # Input dtype -> the dtype numbabn computes in (and wants parameters in).
 COMPUTE_DTYPE = {torch.float16: torch.float32, torch.float32: torch.float32, torch.float64: torch.float64}
 
 
-def channels_last_perm(t):
+def channels_last_perm(t: torch.Tensor) -> tuple[int, ...] | None:
     """The permutation (0, 2, ..., ndim-1, 1) when ``t`` is stored channels-last
     (that permuted view is C-contiguous while ``t`` itself is not), else None."""
     if t.dim() < 3 or t.is_contiguous():
@@ -33,7 +36,7 @@ def channels_last_perm(t):
     return perm if t.permute(perm).is_contiguous() else None
 
 
-def to_array(t, perm=None):
+def to_array(t: torch.Tensor, perm: tuple[int, ...] | None = None) -> Any:
     """What numbabn is given for tensor ``t`` (permuted by ``perm`` first): a NumPy
     view on the CPU, the (contiguous) tensor itself on a CUDA device."""
     t = t.detach()
@@ -44,7 +47,7 @@ def to_array(t, perm=None):
     return t.contiguous()
 
 
-def empty_like(t, perm=None):
+def empty_like(t: torch.Tensor, perm: tuple[int, ...] | None = None) -> tuple[torch.Tensor, Any]:
     """A new tensor of ``t``'s shape, dtype and device laid out like numbabn's view of
     ``t`` (C-contiguous, or channels-last when ``perm`` is given), and the array
     numbabn writes into it (``out=``). Allocated by torch and not a view, so callers
@@ -60,11 +63,11 @@ def empty_like(t, perm=None):
     return out, to_array(out, perm)
 
 
-def to_tensor(a, like):
+def to_tensor(a: ArrayLike, like: torch.Tensor) -> torch.Tensor:
     """A per-channel numbabn result ``a`` as a tensor on ``like``'s device."""
     return torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.as_tensor(a, device=like.device)
 
 
-def optional_array(t):
+def optional_array(t: torch.Tensor | None) -> Any:
     """:func:`to_array` for an optional per-channel tensor (None stays None)."""
     return None if t is None else to_array(t)

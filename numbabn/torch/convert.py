@@ -6,6 +6,9 @@ the new modules take over the old ones' Parameter and buffer objects (not copies
 so an optimizer built before the conversion keeps updating the right tensors and
 ``state_dict`` keys do not change.
 """
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
@@ -18,7 +21,7 @@ _LOCAL = ((torch.nn.BatchNorm1d, BatchNorm1d), (torch.nn.BatchNorm2d, BatchNorm2
 _FOLDABLE = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
 
 
-def _target(module, sync):
+def _target(module: torch.nn.Module, sync: bool) -> type[torch.nn.Module] | None:
     """The numbabn.torch class that replaces ``module``, or None to leave it alone."""
     if not isinstance(module, _BatchNorm) or isinstance(module, _LazyNormBase):
         return None
@@ -27,7 +30,7 @@ def _target(module, sync):
     return next((ours for theirs, ours in _LOCAL if isinstance(module, theirs)), None)
 
 
-def _convert_one(module, sync, process_group):
+def _convert_one(module: torch.nn.Module, sync: bool, process_group: Any) -> torch.nn.Module:
     cls = _target(module, sync)
     if cls is None or type(module) is cls:
         return module
@@ -47,10 +50,11 @@ def _convert_one(module, sync, process_group):
     return new
 
 
-def convert_batchnorm(module, *, sync=False, fuse_relu=False, process_group=None):
+def convert_batchnorm(module: torch.nn.Module, *, sync: bool = False, fuse_relu: bool = False,
+                      process_group: Any = None) -> torch.nn.Module:
     """Replace every batch norm in ``module`` by numbabn.torch's, in place.
 
-    ``torch.nn.BatchNorm1d/2d/3d`` become :class:`BatchNorm1d/2d/3d`; with
+    ``torch.nn.BatchNorm1d/2d/3d`` become :class:`numbabn.torch.BatchNorm1d` (2d, 3d); with
     ``sync=True`` every batch norm (numbabn's included) becomes a
     :class:`SyncBatchNorm` over ``process_group`` (None: the default group).
     ``torch.nn.SyncBatchNorm`` always becomes numbabn's ``SyncBatchNorm`` (keeping its
@@ -81,7 +85,7 @@ def convert_batchnorm(module, *, sync=False, fuse_relu=False, process_group=None
     return module
 
 
-def _fold_pairs(module):
+def _fold_pairs(module: torch.nn.Module) -> Iterator[tuple[torch.nn.Sequential, int]]:
     """(sequential, index) of every Conv/Linear directly followed by a batch norm."""
     for seq in module.modules():
         if isinstance(seq, torch.nn.Sequential):
@@ -91,7 +95,7 @@ def _fold_pairs(module):
 
 
 @torch.no_grad()
-def fold_batchnorm(module):
+def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     """Fold every eval-mode batch norm that directly follows a ``Conv1d/2d/3d`` or
     ``Linear`` inside a ``torch.nn.Sequential`` into that layer, in place, for
     inference. Per output channel c (float64, then cast to the layer's dtype)::

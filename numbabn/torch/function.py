@@ -1,5 +1,5 @@
 """The autograd Function behind every numbabn.torch module: numbabn's kernels
-forward and backward, on tensors viewed without copying (:mod:`._bridge`).
+forward and backward, on tensors viewed without copying (``numbabn.torch._bridge``).
 
 Formulas (numbabn.functional), per channel over its m values, g = dy (times the
 ReLU mask when fused)::
@@ -17,6 +17,10 @@ sums over all ranks for ``dx``. Then ``dgamma``/``dbeta`` are this rank's own sh
 ``torch.nn.SyncBatchNorm``, so that DistributedDataParallel's gradient averaging
 completes them like every other parameter's.
 """
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 import torch
 
 import numbabn
@@ -40,8 +44,14 @@ class BatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
-                moments=None, allreduce=None, residual=None):
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
+                momentum: float, eps: float, relu: bool, moments: Any = None,
+                allreduce: Callable[[np.ndarray], np.ndarray] | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise ``x`` of shape ``(N, C, ...)`` on the numbabn kernels (plus ``residual``
+        before the activation when given); saves what backward needs.
+        Returns y, of ``x``'s shape and dtype."""
         perm = B.channels_last_perm(x)
         cdt = B.COMPUTE_DTYPE[x.dtype]
         # Buffers of another dtype (a float16 module) are updated through compute-dtype
@@ -66,13 +76,14 @@ class BatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Gradients of x, weight and bias (None for the other inputs), from ``dy``."""
         saved = ctx.saved_tensors
         bn, perm = ctx.bn, ctx.perm
         local = []
         allreduce = None
         if ctx.allreduce is not None:
-            def allreduce(sums):
+            def allreduce(sums: np.ndarray) -> np.ndarray:
                 local.append(sums)
                 return ctx.allreduce(sums)
         x = saved[0]
@@ -114,11 +125,11 @@ class _FirstOrderOnly(torch.autograd.Function):
     backward is not itself differentiable). Used only under ``create_graph=True``."""
 
     @staticmethod
-    def forward(ctx, grad, *inputs):
+    def forward(ctx: Any, grad: torch.Tensor, *inputs: Any) -> torch.Tensor:
         return grad.clone()
 
     @staticmethod
-    def backward(ctx, *_):
+    def backward(ctx: Any, *_: Any) -> Any:
         raise RuntimeError(
             "numbabn.torch batch norm: double backward (differentiating the gradients, e.g. a "
             "gradient penalty) is not supported by numbabn's kernels; use torch.nn.BatchNorm* "

@@ -37,9 +37,11 @@ float32.
 
 Memory formats: contiguous and ``channels_last``/``channels_last_3d`` inputs are
 read in place and the output has the input's format. CUDA tensors run on numbabn's
-CUDA backend through ``__cuda_array_interface__`` (zero copy; see :mod:`._bridge`).
+CUDA backend through ``__cuda_array_interface__`` (zero copy; see ``numbabn.torch._bridge``).
 Double backward raises a clear error.
 """
+from typing import Any
+
 import torch
 from torch.nn import functional as F
 
@@ -49,14 +51,14 @@ from .function import BatchNormFunction
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_activation(owner, activation):
+def check_activation(owner: str, activation: str | None) -> str | None:
     """``activation`` validated: None or "relu"."""
     if activation not in (None, "relu"):
         raise ValueError(f"{owner}: activation must be None or 'relu', got {activation!r}")
     return activation
 
 
-def _compute_dtype(dtype):
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 else B.COMPUTE_DTYPE[dtype]
 
 
@@ -64,25 +66,27 @@ class NumbabnBatchNorm:
     """The ``forward`` shared by every numbabn.torch module (mixed into a subclass
     of ``torch.nn.modules.batchnorm._BatchNorm``).
 
-    Subclasses may override :meth:`_synchronize` (statistics from several
-    processes) and :meth:`_input_rejected` (tell them when the input is refused).
+    Subclasses may override ``_synchronize`` (statistics from several
+    processes) and ``_input_rejected`` (tell them when the input is refused).
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, *, bias=True, activation=None):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device: Any = None, dtype: torch.dtype | None = None, *,
+                 bias: bool = True, activation: str | None = None) -> None:
         # ``bias=`` is new in torch 2.13; older releases accept the call without it.
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+        # A mixin: super() is the torch.nn.BatchNorm*d class listed after it.
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,  # type: ignore[call-arg]
                          **({} if bias else {"bias": False}))
         self._set_activation(activation)
 
-    def _set_activation(self, activation):
+    def _set_activation(self, activation: str | None) -> None:
         self.activation = check_activation(type(self).__name__, activation)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         text = super().extra_repr()
         return text if self.activation is None else f"{text}, activation={self.activation!r}"
 
-    def _check_input(self, input):
+    def _check_input(self, input: torch.Tensor) -> None:
         """dtype, channel count and device of ``input``: clear errors before anything changes."""
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
@@ -103,15 +107,15 @@ class NumbabnBatchNorm:
             raise TypeError(f"{name}: input has dtype {input.dtype} but the module's parameters/buffers have "
                             f"{ref.dtype}; convert one of them (module.to(dtype) or input.to(dtype))")
 
-    def _input_rejected(self, error):
+    def _input_rejected(self, error: Exception) -> None:
         """Called with the input's validation error just before it is raised."""
 
-    def _synchronize(self, x, batch_stats):
+    def _synchronize(self, x: torch.Tensor, batch_stats: bool) -> tuple[Any, Any]:
         """``(moments, allreduce)`` for :class:`BatchNormFunction`: (None, None) here,
         i.e. this process's batch alone."""
         return None, None
 
-    def _check_residual(self, input, residual):
+    def _check_residual(self, input: torch.Tensor, residual: Any) -> None:
         name = type(self).__name__
         if not isinstance(residual, torch.Tensor):
             raise TypeError(f"{name}: residual must be a torch.Tensor or None, got {type(residual).__name__}")
@@ -123,7 +127,7 @@ class NumbabnBatchNorm:
         if residual.device != input.device:
             raise ValueError(f"{name}: residual is on {residual.device} but the input is on {input.device}")
 
-    def forward(self, input, residual=None):
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``bn(input)``, then ``+ residual`` when given, then the fused activation."""
         try:
             self._check_input(input)

@@ -1,5 +1,5 @@
 """ResNet-18 for 32x32 images (CIFAR-style stem), written so that every
-conv -> BN -> ReLU is a ``torch.nn.Sequential``: :func:`convert_batchnorm` with
+conv -> BN -> ReLU is a ``torch.nn.Sequential``: :func:`numbabn.torch.convert_batchnorm` with
 ``fuse_relu=True`` can then fold those ReLUs into the batch norms (9 of the 20).
 The ReLU after each residual addition stays separate unless :func:`fuse_residual`
 folds the addition and that ReLU into the block's last batch norm (a numbabn
@@ -21,19 +21,22 @@ import torch
 from torch import nn
 
 
-def _conv_bn(cin, cout, kernel, stride, relu):
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int, relu: bool) -> list[nn.Module]:
     layers = [nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout)]
     return layers + [nn.ReLU(inplace=True)] if relu else layers
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
+    """ResNet basic block: relu(conv-bn-relu-conv-bn(x) + shortcut(x)); the shortcut is a
+    strided 1x1 conv-bn when the stride or the channel count changes, else the identity."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.branch = nn.Sequential(*_conv_bn(cin, cout, 3, stride, True), *_conv_bn(cout, cout, 3, 1, False))
         changes = stride != 1 or cin != cout
         self.shortcut = nn.Sequential(*_conv_bn(cin, cout, 1, stride, False)) if changes else nn.Identity()
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = self.shortcut(x)
         bn = self.branch[-1]
         if getattr(bn, "fuses_residual", False):
@@ -45,7 +48,7 @@ class BasicBlock(nn.Module):
         return torch.relu(self.branch(x) + identity)
 
 
-def fuse_residual(model):
+def fuse_residual(model: torch.nn.Module) -> torch.nn.Module:
     """Fold each :class:`BasicBlock`'s residual addition and ReLU into its last batch
     norm, in place (after :func:`~numbabn.torch.convert_batchnorm`, which makes them
     numbabn modules); returns ``model``. Parameters, buffers and outputs are unchanged."""
@@ -63,7 +66,7 @@ def fuse_residual(model):
     return model
 
 
-def resnet18(num_classes=10):
+def resnet18(num_classes: int = 10) -> nn.Sequential:
     """The network described in the module docstring, with torch.nn.BatchNorm2d."""
     layers = _conv_bn(3, 64, 3, 1, True)
     cin = 64

@@ -32,6 +32,9 @@ In eval mode (and with one process, or torch.distributed not initialised) the la
 is a plain numbabn BatchNorm. CUDA tensors are not synchronized by numbabn: use
 ``torch.nn.SyncBatchNorm`` (NCCL) there.
 """
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -56,31 +59,32 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
     refuses CPU modules containing one. See :mod:`numbabn.torch.sync` for the protocol.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 process_group=None, device=None, dtype=None, *, bias=True, activation=None):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group: Any = None, device: Any = None,
+                 dtype: torch.dtype | None = None, *, bias: bool = True, activation: str | None = None) -> None:
         _BatchNorm.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype,
                             **({} if bias else {"bias": False}))
         self.process_group = process_group
         self._set_activation(activation)
         self._sync_calls = 0
 
-    def _check_input_dim(self, input):
+    def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
-    def _group(self):
+    def _group(self) -> Any:
         """The process group to synchronize over, or None when there is nothing to do."""
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return None
         group = self.process_group or dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
 
-    def _input_rejected(self, error):
+    def _input_rejected(self, error: Exception) -> None:
         group = self._group()
         if group is not None:   # the other ranks are about to wait for this one
             self._gather_moments(group, None, None)
 
-    def _synchronize(self, x, batch_stats):
+    def _synchronize(self, x: torch.Tensor, batch_stats: bool) -> tuple[Any, Any]:
         group = self._group() if batch_stats else None
         if group is None:
             return None, None
@@ -97,7 +101,7 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
         merged, call = self._gather_moments(group, local, x.dtype)
         C = self.num_features
 
-        def allreduce(sums):
+        def allreduce(sums: np.ndarray) -> np.ndarray:
             rows = _all_gather(group, np.concatenate(([call, C], sums.ravel())))
             _check_agree(self, rows, ("synchronized call", "channel count"))
             total = rows[0, 2:].copy()
@@ -107,7 +111,7 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
 
         return merged, allreduce
 
-    def _gather_moments(self, group, local, dtype):
+    def _gather_moments(self, group: Any, local: Any, dtype: torch.dtype) -> tuple[Any, int]:
         """One all_gather of header + packed moments; ``local=None`` announces a
         refused input. Returns (merged moments in rank order, this call's index)."""
         call = self._sync_calls
@@ -129,7 +133,7 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
         return merged, call
 
 
-def _all_gather(group, row):
+def _all_gather(group: Any, row: np.ndarray) -> np.ndarray:
     """(P, row.size) float64: row r is group rank r's ``row`` (one all_gather)."""
     t = torch.from_numpy(np.ascontiguousarray(row, dtype=np.float64))
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
@@ -137,7 +141,7 @@ def _all_gather(group, row):
     return torch.stack(parts).numpy()
 
 
-def _check_agree(module, rows, names):
+def _check_agree(module: torch.nn.Module, rows: np.ndarray, names: Sequence[str]) -> None:
     """The leading columns of ``rows`` (one name each) must be equal on every rank."""
     for col, name in enumerate(names):
         values = rows[:, col]

@@ -11,9 +11,24 @@ gradient, the top Hessian eigenvalue, activation percentiles, gradient and weigh
 scikit-learn's data) reproduces the papers' figures at small scale.
 """
 from .history import History
-from .metrics import (ActivationPercentiles, GradientNorm, HessianEigenvalue, InternalCovariateShift, LandscapeProbe,
-                      Metric, WeightNorm, activation_percentiles, eta_grid, gradient_norm, hessian_top_eigenvalue,
-                      internal_covariate_shift, landscape_probe, leaf_layers, weight_layers, weight_norm)
+from .metrics import (
+                      ActivationPercentiles,
+                      GradientNorm,
+                      HessianEigenvalue,
+                      InternalCovariateShift,
+                      LandscapeProbe,
+                      Metric,
+                      WeightNorm,
+                      activation_percentiles,
+                      eta_grid,
+                      gradient_norm,
+                      hessian_top_eigenvalue,
+                      internal_covariate_shift,
+                      landscape_probe,
+                      leaf_layers,
+                      weight_layers,
+                      weight_norm,
+)
 from .trainer import Trainer
 
 __all__ = ["ActivationPercentiles", "GradientNorm", "HessianEigenvalue", "History", "InternalCovariateShift",

@@ -11,7 +11,7 @@ update:
 ``metrics``
     ``{name: {"step": [...], "value": [...]}}``: each metric's value every
     ``record_every`` steps. Values are stored JSON-ready (arrays as nested lists,
-    dict keys as strings), so a :meth:`to_json` / :meth:`from_json` round trip is exact.
+    dict keys as strings), so a :meth:`History.to_json` / :meth:`History.from_json` round trip is exact.
 ``eval``
     ``{"step": [...], "loss": [...], "accuracy": [...]}`` on the held-out data,
     measured in eval mode at step 0, every ``eval_every`` steps and after the last
@@ -21,11 +21,12 @@ update:
 """
 import json
 import math
+from typing import Any
 
 import numpy as np
 
 
-def jsonable(value):
+def jsonable(value: Any) -> Any:
     """``value`` with NumPy scalars/arrays as Python numbers/lists, tuples as lists and
     dict keys as strings (what JSON stores, so a round trip gives it back unchanged)."""
     if isinstance(value, dict):
@@ -45,7 +46,7 @@ def jsonable(value):
     raise TypeError(f"History: cannot store a value of type {type(value).__name__} ({value!r:.80}) as JSON")
 
 
-def _flatten(prefix, value, out):
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     """Nested dicts/lists -> ``{"prefix.key.0": number}``."""
     if isinstance(value, dict):
         for k, v in value.items():
@@ -58,9 +59,9 @@ def _flatten(prefix, value, out):
 
 
 class History:
-    """Series recorded by :meth:`Trainer.fit` (see the module docstring)."""
+    """Series recorded by :meth:`numbabn.train.Trainer.fit` (see the module docstring)."""
 
-    def __init__(self, classification=True, meta=None):
+    def __init__(self, classification: bool = True, meta: dict[str, Any] | None = None) -> None:
         self.step = []
         self.loss = []
         self.accuracy = [] if classification else None
@@ -69,25 +70,25 @@ class History:
         self.meta = jsonable(meta or {})
 
     # ------------------------------------------------------------ recording
-    def record_step(self, step, loss, accuracy=None):
+    def record_step(self, step: int, loss: float, accuracy: float | None = None) -> None:
         self.step.append(int(step))
         self.loss.append(float(loss))
         if self.accuracy is not None:
             self.accuracy.append(float(accuracy))
 
-    def record_metric(self, name, step, value):
+    def record_metric(self, name: str, step: int, value: Any) -> None:
         series = self.metrics.setdefault(name, {"step": [], "value": []})
         series["step"].append(int(step))
         series["value"].append(jsonable(value))
 
-    def record_eval(self, step, loss, accuracy=None):
+    def record_eval(self, step: int, loss: float, accuracy: float | None = None) -> None:
         self.eval["step"].append(int(step))
         self.eval["loss"].append(float(loss))
         if "accuracy" in self.eval:
             self.eval["accuracy"].append(float(accuracy))
 
     # ------------------------------------------------------------ access
-    def metric(self, name):
+    def metric(self, name: str) -> tuple[list[int], list[Any]]:
         """``(steps, values)`` of one metric."""
         if name not in self.metrics:
             raise KeyError(f"History: no metric {name!r}; recorded: {sorted(self.metrics)}")
@@ -95,16 +96,16 @@ class History:
         return series["step"], series["value"]
 
     # ------------------------------------------------------------ serialisation
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "loss": self.loss, "accuracy": self.accuracy, "metrics": self.metrics,
                 "eval": self.eval, "meta": self.meta}
 
-    def to_json(self, **dumps_kwargs):
+    def to_json(self, **dumps_kwargs: Any) -> str:
         """The history as a JSON string (non-finite floats written as NaN/Infinity)."""
         return json.dumps(self.to_dict(), **dumps_kwargs)
 
     @classmethod
-    def from_dict(cls, data):
+    def from_dict(cls, data: dict[str, Any]) -> "History":
         keys = {"step", "loss", "accuracy", "metrics", "eval", "meta"}
         if not isinstance(data, dict) or set(data) != keys:
             raise ValueError(f"History.from_dict: expected a dict with keys {sorted(keys)}, "
@@ -115,11 +116,11 @@ class History:
         return history
 
     @classmethod
-    def from_json(cls, text):
+    def from_json(cls, text: str) -> "History":
         """The :class:`History` that :meth:`to_json` wrote."""
         return cls.from_dict(json.loads(text))
 
-    def to_frame(self):
+    def to_frame(self) -> Any:
         """One pandas DataFrame indexed by step: ``loss``, ``accuracy``, ``eval_loss``,
         ``eval_accuracy`` and every metric flattened to ``name.key.index`` columns (NaN
         where a column was not recorded at that step). Needs pandas."""
@@ -145,6 +146,6 @@ class History:
         frame.index.name = "step"
         return frame
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"History({len(self.step)} steps, metrics={sorted(self.metrics)}, "
                 f"{len(self.eval['step'])} evaluations)")

@@ -50,10 +50,17 @@ one leaf. "Parameterized layers" (the W_i of Definition 2.1) are the Linear and
 Conv2d leaves (:func:`weight_layers`), indexed 0, 1, ... in that order. PyTorch
 models are probed through :func:`numbabn.train.torch_adapter.from_torch`.
 """
+from collections.abc import Iterable, Sequence
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from .. import _checks as V
+from .._typing import FloatArray
 from ..layers import Conv2d, Layer, Linear, Sequential
+from ..layers.base import Parameter
+from ..optim import Optimizer
 
 WEIGHT_LAYER_TYPES = (Linear, Conv2d)
 PAPER_ETA_RANGE = (0.5, 4.0)     # Santurkar et al. Fig. 4 (VGG): η in [1/2, 4]·lr
@@ -61,14 +68,14 @@ DLN_ETA_RANGE = (0.01, 30.0)     # Santurkar et al. Fig. 9 (deep linear network)
 
 
 # ---------------------------------------------------------------- layer addressing
-def leaf_layers(model):
+def leaf_layers(model: Layer) -> list[Layer]:
     """The layers a forward pass of ``model`` runs, in order (Sequentials flattened)."""
     if isinstance(model, Sequential):
         return [leaf for layer in model.layers for leaf in leaf_layers(layer)]
     return [model]
 
 
-def weight_layers(model):
+def weight_layers(model: Layer) -> list[tuple[int, Layer]]:
     """``[(leaf position, layer)]`` for the Linear/Conv2d leaves (and any leaf that
     says ``is_weight_layer``, such as a wrapped torch Linear/Conv, see
     :mod:`numbabn.train.torch_adapter`), in forward order."""
@@ -76,18 +83,19 @@ def weight_layers(model):
             if isinstance(leaf, WEIGHT_LAYER_TYPES) or getattr(leaf, "is_weight_layer", False)]
 
 
-def _check_model(fn, model):
+def _check_model(fn: str, model: Any) -> None:
     if not isinstance(model, Layer):
         raise TypeError(f"{fn}: model must be a numbabn Layer, got {V.describe(model)}")
 
 
-def _check_batch(fn, batch):
+def _check_batch(fn: str, batch: Any) -> tuple[Any, Any]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(f"{fn}: batch must be a pair (x, y), got {V.describe(batch)}")
     return batch
 
 
-def _check_layer_indices(fn, model, layers):
+def _check_layer_indices(fn: str, model: Layer, layers: Iterable[int] | None,
+                         ) -> tuple[list[int], list[tuple[int, Layer]]]:
     """Validated indices into :func:`weight_layers` (None: all of them)."""
     weights = weight_layers(model)
     if not weights:
@@ -109,7 +117,8 @@ def _check_layer_indices(fn, model, layers):
     return indices, weights
 
 
-def eta_grid(lr, low=PAPER_ETA_RANGE[0], high=PAPER_ETA_RANGE[1], num=8, spacing="linear"):
+def eta_grid(lr: float, low: float = PAPER_ETA_RANGE[0], high: float = PAPER_ETA_RANGE[1], num: int = 8,
+             spacing: str = "linear") -> NDArray[np.float64]:
     """Step sizes ``lr·[low, high]`` with ``num`` points, evenly ("linear") or
     geometrically ("log") spaced. The default is Santurkar et al.'s grid for VGG."""
     fn = "eta_grid"
@@ -128,7 +137,7 @@ def eta_grid(lr, low=PAPER_ETA_RANGE[0], high=PAPER_ETA_RANGE[1], num=8, spacing
     raise ValueError(f"{fn}: spacing must be 'linear' or 'log', got {spacing!r}")
 
 
-def _check_etas(fn, etas):
+def _check_etas(fn: str, etas: ArrayLike) -> NDArray[np.float64]:
     arr = np.asarray(etas, dtype=np.float64) if not isinstance(etas, str) else None
     if arr is None or arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
         raise ValueError(f"{fn}: bad eta grid: etas must be a non-empty 1-D sequence of finite step sizes "
@@ -137,7 +146,7 @@ def _check_etas(fn, etas):
 
 
 # ---------------------------------------------------------------- snapshot / restore
-def _all_layers(model):
+def _all_layers(model: Layer) -> list[Layer]:
     out = [model]
     for child in model.children():
         out.extend(_all_layers(child))
@@ -156,7 +165,7 @@ class _Snapshot:
     saved references still hold the values a pending backward needs.
     """
 
-    def __init__(self, model, optimizer=None):
+    def __init__(self, model: Layer, optimizer: Optimizer | None = None) -> None:
         self.model, self.optimizer = model, optimizer
         self.state = model.state_dict()
         self.params = model.parameters()
@@ -170,11 +179,11 @@ class _Snapshot:
             self.opt_state = optimizer.state_dict()
             optimizer.load_state_dict(self.opt_state)    # the probe works on a copy
 
-    def __enter__(self):
+    def __enter__(self) -> "_Snapshot":
         self.model.train()
         return self
 
-    def reset(self):
+    def reset(self) -> None:
         """θ_t, the buffers and the optimizer state as saved, and every generator
         rewound: the start of a forward pass of the probe."""
         self.model.load_state_dict(self.state)
@@ -183,23 +192,23 @@ class _Snapshot:
         for g, state in self.rngs:
             g.bit_generator.state = state
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> bool:
         self.reset()
         if self.optimizer is not None:
             self.optimizer.state = self.opt_objects
             for name, value in self.opt_hyper.items():
                 setattr(self.optimizer, name, value)
-        for layer, attrs in zip(self.layers, self.attrs):
+        for layer, attrs in zip(self.layers, self.attrs, strict=True):
             vars(layer).clear()
             vars(layer).update(attrs)
-        for p, (grad, saved) in zip(self.params, self.grads):
+        for p, (grad, saved) in zip(self.params, self.grads, strict=True):
             p.grad = grad
             if grad is not None:
                 np.copyto(grad, saved)
         return False
 
 
-def _forward_backward(model, loss, x, y):
+def _forward_backward(model: Layer, loss: Any, x: FloatArray, y: ArrayLike) -> float:
     """One training-mode pass: sets every parameter's .grad; returns the loss."""
     value, dout = loss(model.forward(x), y)
     for p in model.parameters():
@@ -208,19 +217,20 @@ def _forward_backward(model, loss, x, y):
     return value
 
 
-def _grad_of(param):
+def _grad_of(param: Parameter) -> NDArray[np.float64]:
     """``param.grad`` as float64 (zeros when the backward pass did not reach it)."""
     if param.grad is None:
         return np.zeros(param.value.shape)
     return param.grad.astype(np.float64)
 
 
-def _flat_grad(params):
+def _flat_grad(params: Iterable[Parameter]) -> NDArray[np.float64]:
     return np.concatenate([_grad_of(p).ravel() for p in params])
 
 
 # ---------------------------------------------------------------- the measurements
-def internal_covariate_shift(model, loss, optimizer, batch, layers=None):
+def internal_covariate_shift(model: Layer, loss: Any, optimizer: Optimizer, batch: tuple[FloatArray, ArrayLike],
+                             layers: Sequence[int] | None = None) -> dict[str, Any]:
     """Internal covariate shift of parameterized layers (Santurkar et al. 2018, Def. 2.1).
 
     For each chosen layer i (index into :func:`weight_layers`; None: all)::
@@ -257,7 +267,7 @@ def internal_covariate_shift(model, loss, optimizer, batch, layers=None):
             position, layer = weights[i]
             before = [p for leaf in leaves[:position] for p in leaf.parameters()]
             snap.reset()
-            for p, g in zip(snap.params, grads):
+            for p, g in zip(snap.params, grads, strict=True):
                 p.grad = g
             optimizer.step(before)
             _forward_backward(model, loss, x, y)
@@ -269,7 +279,8 @@ def internal_covariate_shift(model, loss, optimizer, batch, layers=None):
     return result
 
 
-def landscape_probe(model, loss, batch, lr, etas=None):
+def landscape_probe(model: Layer, loss: Any, batch: tuple[FloatArray, ArrayLike], lr: float,
+                    etas: ArrayLike | None = None) -> dict[str, Any]:
     """Loss landscape, gradient predictiveness and effective β-smoothness along the
     gradient, by line-search probes on one batch (Santurkar et al. 2018, §3.1, Fig. 4).
 
@@ -302,7 +313,7 @@ def landscape_probe(model, loss, batch, lr, etas=None):
         with np.errstate(over="ignore", invalid="ignore"):
             for eta in etas:
                 snap.reset()
-                for p, s in zip(params, steps):
+                for p, s in zip(params, steps, strict=True):
                     p.value -= (eta * s).astype(p.value.dtype)
                 losses.append(float(_forward_backward(model, loss, x, y)))
                 diffs.append(float(np.linalg.norm(g - _flat_grad(params))))
@@ -314,14 +325,15 @@ def landscape_probe(model, loss, batch, lr, etas=None):
             "grad_diff_min": float(diffs.min()), "grad_diff_max": float(diffs.max()), "beta_smoothness": beta}
 
 
-def hessian_top_eigenvalue(model, loss, batch, iters=20, tol=1e-4, eps=1e-6, v0=None):
+def hessian_top_eigenvalue(model: Layer, loss: Any, batch: tuple[FloatArray, ArrayLike], iters: int = 20,
+                           tol: float = 1e-4, eps: float = 1e-6, v0: ArrayLike | None = None) -> dict[str, Any]:
     """Top (largest-magnitude) eigenvalue of the Hessian of L(θ; x_t, y_t) over all
     parameters, by power iteration with finite-difference Hessian-vector products::
 
         H v ≈ (∇L(θ_t + εv) − ∇L(θ_t − εv)) / (2ε)         ‖v‖₂ = 1
         λ_k = v_kᵀ H v_k,   v_{k+1} = H v_k / ‖H v_k‖₂
 
-    stopping when |λ_k − λ_{k−1}| <= tol·|λ_k| or after ``iters`` products (two
+    stopping when ``|λ_k − λ_{k−1}| <= tol·|λ_k|`` or after ``iters`` products (two
     backward passes each). The difference is exact for a quadratic L, with error
     O(ε²) where L is smooth. ``eps`` is absolute (v has unit norm) and must be small
     enough that θ ± εv crosses no ReLU kink: a difference across a kink measures
@@ -357,17 +369,17 @@ def hessian_top_eigenvalue(model, loss, batch, iters=20, tol=1e-4, eps=1e-6, v0=
         v /= np.linalg.norm(v)
         shapes = [(p.value.shape, p.value.size) for p in params]
 
-        def grad_at(direction):
+        def grad_at(direction: NDArray[np.float64]) -> NDArray[np.float64]:
             snap.reset()
             offset = 0
-            for p, (shape, n) in zip(params, shapes):
+            for p, (shape, n) in zip(params, shapes, strict=True):
                 p.value += direction[offset:offset + n].reshape(shape).astype(p.value.dtype)
                 offset += n
             _forward_backward(model, loss, x, y)
             return _flat_grad(params)
 
         lam, k = float("nan"), 0
-        for k in range(1, iters + 1):
+        for k in range(1, iters + 1):  # noqa: B007  (k is returned: the iterations used)
             hv = (grad_at(eps * v) - grad_at(-eps * v)) / (2 * eps)
             previous, lam = lam, float(v @ hv)
             norm = np.linalg.norm(hv)
@@ -380,7 +392,7 @@ def hessian_top_eigenvalue(model, loss, batch, iters=20, tol=1e-4, eps=1e-6, v0=
     return {"eigenvalue": lam, "iterations": k, "residual": residual, "vector": v}
 
 
-def _leaf_index(fn, model, layer):
+def _leaf_index(fn: str, model: Layer, layer: "int | Layer") -> tuple[int, list[Layer]]:
     leaves = leaf_layers(model)
     if isinstance(layer, Layer):
         for k, leaf in enumerate(leaves):
@@ -395,7 +407,8 @@ def _leaf_index(fn, model, layer):
     return int(layer), leaves
 
 
-def activation_percentiles(model, layer, batch, q=(15, 50, 85), unit=None):
+def activation_percentiles(model: Layer, layer: "int | Layer", batch: Any, q: ArrayLike = (15, 50, 85),
+                           unit: int | None = None) -> NDArray[np.float64]:
     """Percentiles over the batch of the input to ``layer`` (Ioffe & Szegedy 2015, Fig. 1).
 
     ``layer``: a leaf layer of the model, or its position in :func:`leaf_layers`.
@@ -432,7 +445,7 @@ def activation_percentiles(model, layer, batch, q=(15, 50, 85), unit=None):
     return np.percentile(values, q, axis=0)
 
 
-def gradient_norm(model, loss, batch):
+def gradient_norm(model: Layer, loss: Any, batch: tuple[FloatArray, ArrayLike]) -> dict[str, float]:
     """``{name: ‖∇_p L(θ_t; x_t, y_t)‖₂}`` per named parameter (training mode)."""
     fn = "gradient_norm"
     _check_model(fn, model)
@@ -443,7 +456,7 @@ def gradient_norm(model, loss, batch):
         return {name: float(np.linalg.norm(_grad_of(p))) for name, p in model.named_parameters()}
 
 
-def weight_norm(model):
+def weight_norm(model: Layer) -> dict[str, float]:
     """``{name: ‖p‖₂}`` per named parameter (computed in float64)."""
     _check_model("weight_norm", model)
     return {name: float(np.linalg.norm(p.value.astype(np.float64))) for name, p in model.named_parameters()}
@@ -459,20 +472,20 @@ class Metric:
 
     name = "metric"
 
-    def __call__(self, model, loss, optimizer, batch):
+    def __call__(self, model: Layer, loss: Any, optimizer: Optimizer, batch: tuple[FloatArray, ArrayLike]) -> Any:
         raise NotImplementedError
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
 class InternalCovariateShift(Metric):
     """:func:`internal_covariate_shift` of ``layers`` with the trainer's optimizer."""
 
-    def __init__(self, layers=None, name="ics"):
+    def __init__(self, layers: Sequence[int] | None = None, name: str = "ics") -> None:
         self.layers, self.name = layers, name
 
-    def __call__(self, model, loss, optimizer, batch):
+    def __call__(self, model: Layer, loss: Any, optimizer: Optimizer, batch: tuple[FloatArray, ArrayLike]) -> Any:
         return internal_covariate_shift(model, loss, optimizer, batch, layers=self.layers)
 
 
@@ -480,12 +493,12 @@ class LandscapeProbe(Metric):
     """:func:`landscape_probe` with η = ``lr``·[low, high] (``num`` points, ``spacing``
     "linear" or "log"); ``lr`` None: the optimizer's current ``lr``."""
 
-    def __init__(self, lr=None, low=PAPER_ETA_RANGE[0], high=PAPER_ETA_RANGE[1], num=8, spacing="linear",
-                 name="landscape"):
+    def __init__(self, lr: float | None = None, low: float = PAPER_ETA_RANGE[0], high: float = PAPER_ETA_RANGE[1],
+                 num: int = 8, spacing: str = "linear", name: str = "landscape") -> None:
         eta_grid(1.0 if lr is None else lr, low, high, num, spacing)     # validate now, not mid-training
         self.lr, self.low, self.high, self.num, self.spacing, self.name = lr, low, high, num, spacing, name
 
-    def __call__(self, model, loss, optimizer, batch):
+    def __call__(self, model: Layer, loss: Any, optimizer: Optimizer, batch: tuple[FloatArray, ArrayLike]) -> Any:
         lr = self.lr if self.lr is not None else getattr(optimizer, "lr", None)
         if lr is None:
             raise ValueError(f"{self!r}: no lr given and the optimizer has no 'lr'")
@@ -499,11 +512,11 @@ class HessianEigenvalue(Metric):
     products instead of ``iters``). Records ``eigenvalue``, ``iterations`` and
     ``residual`` (not the vector)."""
 
-    def __init__(self, iters=20, tol=1e-4, eps=1e-6, name="hessian"):
+    def __init__(self, iters: int = 20, tol: float = 1e-4, eps: float = 1e-6, name: str = "hessian") -> None:
         self.iters, self.tol, self.eps, self.name = iters, tol, eps, name
         self._vector = None
 
-    def __call__(self, model, loss, optimizer, batch):
+    def __call__(self, model: Layer, loss: Any, optimizer: Optimizer, batch: tuple[FloatArray, ArrayLike]) -> Any:
         v0 = self._vector
         if v0 is not None and v0.size != sum(p.value.size for p in model.parameters()):
             v0 = None                  # another model: start afresh
@@ -515,30 +528,31 @@ class HessianEigenvalue(Metric):
 class ActivationPercentiles(Metric):
     """:func:`activation_percentiles` of the input to ``layer`` (position or leaf)."""
 
-    def __init__(self, layer, q=(15, 50, 85), unit=None, name="percentiles"):
+    def __init__(self, layer: "int | Layer", q: ArrayLike = (15, 50, 85), unit: int | None = None,
+                 name: str = "percentiles") -> None:
         self.layer, self.q, self.unit, self.name = layer, tuple(q), unit, name
 
-    def __call__(self, model, loss, optimizer, batch):
+    def __call__(self, model: Layer, loss: Any, optimizer: Optimizer, batch: tuple[FloatArray, ArrayLike]) -> Any:
         return activation_percentiles(model, self.layer, batch, q=self.q, unit=self.unit)
 
 
 class GradientNorm(Metric):
     """:func:`gradient_norm` per named parameter."""
 
-    def __init__(self, name="grad_norm"):
+    def __init__(self, name: str = "grad_norm") -> None:
         self.name = name
 
-    def __call__(self, model, loss, optimizer, batch):
+    def __call__(self, model: Layer, loss: Any, optimizer: Optimizer, batch: tuple[FloatArray, ArrayLike]) -> Any:
         return gradient_norm(model, loss, batch)
 
 
 class WeightNorm(Metric):
     """:func:`weight_norm` per named parameter."""
 
-    def __init__(self, name="weight_norm"):
+    def __init__(self, name: str = "weight_norm") -> None:
         self.name = name
 
-    def __call__(self, model, loss, optimizer, batch):
+    def __call__(self, model: Layer, loss: Any, optimizer: Optimizer, batch: tuple[FloatArray, ArrayLike]) -> Any:
         return weight_norm(model)
 
 

@@ -25,15 +25,18 @@ run is bit-identical to an unprobed one, with one exception: layers drawing from
 torch's global generator (dropout) see different draws in the probes' passes.
 Tensors must live on the CPU (NumPy views); CUDA modules are refused.
 """
+from typing import Any
+
 import numpy as np
 
+from .._typing import FloatArray
 from ..layers import Layer, Sequential
 
 
 class TorchLayer(Layer):
     """One ``torch.nn.Module`` as a numbabn leaf layer (module docstring)."""
 
-    def __init__(self, module):
+    def __init__(self, module: Any) -> None:
         import torch
 
         super().__init__()
@@ -55,7 +58,7 @@ class TorchLayer(Layer):
         self.training = module.training
         self._graph = None
 
-    def forward(self, x):
+    def forward(self, x: FloatArray) -> FloatArray:
         import torch
 
         x_t = torch.from_numpy(np.ascontiguousarray(x))
@@ -66,7 +69,7 @@ class TorchLayer(Layer):
         self._graph = (x_t, y)
         return y.detach().numpy()
 
-    def backward(self, dy):
+    def backward(self, dy: FloatArray) -> FloatArray | None:
         import torch
 
         if self._graph is None:
@@ -81,16 +84,16 @@ class TorchLayer(Layer):
             p.grad = None if grad is None else grad.detach().numpy().copy()
         return None if x_t.grad is None else x_t.grad.detach().numpy().copy()
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> "TorchLayer":
         super().train(mode)
         self.module.train(mode)
         return self
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return repr(self.module)
 
 
-def from_torch(module):
+def from_torch(module: Any) -> Layer:
     """A numbabn layer over ``module``: an ``nn.Sequential`` becomes a
     :class:`~numbabn.layers.Sequential` of :class:`TorchLayer` children (nested
     Sequentials flattened by the probes' addressing), anything else one

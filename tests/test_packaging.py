@@ -1,0 +1,83 @@
+"""Packaging promises: a CPU-only install works without numba-cuda, the version has one
+source, and the type information ships with the package."""
+import importlib.metadata
+import importlib.resources
+import os
+import subprocess
+import sys
+import textwrap
+
+import numbabn
+
+# Runs in a fresh interpreter where the named modules cannot be imported, as in an
+# environment where they were never installed.
+_BLOCKED_RUN = textwrap.dedent("""
+    import importlib.abc, sys
+    BLOCKED = {blocked!r}
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+            return None
+
+    sys.meta_path.insert(0, Block())
+    import numpy as np
+    import numbabn
+    print("cuda_available", numbabn.cuda_available())
+    x = np.random.default_rng(0).standard_normal((6, 3, 4)).astype(np.float32)
+    y, ctx = numbabn.batch_norm_forward(x, np.ones(3, np.float32), np.zeros(3, np.float32))
+    dx, dgamma, dbeta = numbabn.batch_norm_backward(np.ones_like(y), ctx)
+    print("cpu", y.shape, dx.shape, bool(abs(y.mean(axis=(0, 2))).max() < 1e-5))
+    try:
+        numbabn.batch_norm_forward(x, backend="cuda")
+    except RuntimeError as exc:
+        print("cuda backend refused:", exc)
+    from click.testing import CliRunner
+    from numbabn.cli import main
+    result = CliRunner().invoke(main, ["info"])
+    print("info exit", result.exit_code)
+    print(result.output)
+""")
+
+
+def test_cpu_only_install_works_without_numba_cuda():
+    """With numba-cuda and numba.cuda unimportable (the strictest CPU-only environment:
+    a Numba that no longer ships its own numba.cuda): import, cuda_available(), a CPU
+    forward/backward and ``numbabn info`` work; backend='cuda' is refused with
+    numbabn's one-line error."""
+    blocked = ("numba_cuda", "numba.cuda")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["NUMBABN_QUIET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _BLOCKED_RUN.format(blocked=blocked)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "cuda_available False" in out
+    assert "cpu (6, 3, 4) (6, 3, 4) True" in out
+    assert ("cuda backend refused: batch_norm_forward: backend='cuda' needs numba-cuda, "
+            "which cannot be imported") in out
+    assert "info exit 0" in out
+    assert "numba-cuda" in out and "CUDA" in out
+
+
+def test_version_has_one_source():
+    """The installed distribution's version is numbabn.__version__ (pyproject reads it)."""
+    assert importlib.metadata.version("numbabn") == numbabn.__version__
+
+
+def test_type_information_ships():
+    """PEP 561 marker inside the installed package, so type checkers use the hints."""
+    assert importlib.resources.files("numbabn").joinpath("py.typed").is_file()
+
+
+def test_every_subpackage_is_listed_for_installation():
+    # setuptools installs only the packages pyproject.toml names: a new subpackage
+    # left out works in an editable checkout and breaks `pip install .`.
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "numbabn").rglob("__init__.py")}
+    assert found - listed == set(), f"not installed by pyproject.toml: {sorted(found - listed)}"
