@@ -834,7 +834,7 @@ def lp(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=True):
     def make(lr, suffix):
         def fig5(out):
             f, axes = P.figure(2, 2, f"Santurkar et al. 2018, Fig. 5 / 12: ℓp batch norm (digits MLP, lr {lr:g}, "
-                                     f"{len(seeds)} seeds)")
+                                     f"{len(seeds)} seeds)\nη ∈ [{lr / 2:.3g}, {4 * lr:.3g}] = [½, 4]·lr")
             _accuracy_panels(axes[0, 0], axes[0, 1], runs, lr, seeds, nets, window)
             _seed_panel(axes[1, 0], runs, lr, seeds, nets, "landscape", LANDSCAPE["grad_pred_max"][1],
                         "max_η ‖∇L(θ) − ∇L(θ − ηg)‖", "gradient predictiveness (worst η)")
@@ -845,7 +845,9 @@ def lp(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=True):
 
     config = {"paper": "Santurkar et al. 2018 Fig. 5 and 12", "steps": steps, "lr": lrs, "seeds": seeds,
               "batch": BATCH, "probe_every": max(1, steps // RECORDS), "smoothing_window": window,
-              "eta_range_times_lr": [0.5, 4.0]}
+              "eta_rule": "η over [½, 4]·lr (Santurkar Fig. 4's VGG range), 8 points, linear spacing: one range "
+                          "for all five normalisations at each rate",
+              "eta_range_times_lr": [0.5, 4.0], "eta_range": {f"lr={lr:g}": [lr / 2, 4 * lr] for lr in lrs}}
     return _finish("lp", out, config, runs, summary, [_per_lr(lrs, make)], started)
 
 
