@@ -67,6 +67,14 @@ def test_experiment_writes_json_and_figures(name, tmp_path):
         etas = data["runs"][experiments.key(lr, 1, "bn")]["metrics"]["landscape"]["value"][0]["etas"]
         assert etas[-1] == pytest.approx(top) and etas[0] == pytest.approx(top / (3000 if name == "dln" else 8))
         assert summary[f"lr={lr:g}"]["measures"]["beta_smoothness"]["all"]["seeds"]["n"] == 1
+    if name == "lp":
+        assert "[½, 4]·lr" in config["eta_rule"] and config["eta_range"] == {f"lr={lr:g}": [lr / 2, 4 * lr]}
+    if name == "maxlr":
+        # BN's search starts at the standard net's edge on the same seed (the start lr if there is none)
+        for arch in ("mlp3", "mlp8", "vgg4", "dln25"):
+            std, bn = (config["searches"][f"{arch}/seed=1/{net}"] for net in ("standard", "bn"))
+            assert bn["trials"][0]["lr"] == (std["stable_lr"] or config["start_lr"])
+            assert std["trials"][0]["lr"] == config["start_lr"]
     pngs = sorted(tmp_path.glob("*.png"))
     assert [str(p) for p in pngs] == sorted(summary["figures"]) and pngs
     for png in pngs:

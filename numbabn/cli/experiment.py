@@ -82,7 +82,7 @@ def _command(name, fn):
         click.option("--steps", type=click.IntRange(min=1), default=None,
                      help="Training steps [default: the experiment's set-up]."),
         click.option("--seeds", type=click.IntRange(min=1), default=None,
-                     help="Run seeds 0..N-1 [default: 3; with --full: 5]."),
+                     help="Run seeds 0..N-1 [default: 3 (maxlr: 2); with --full: 5]."),
         click.option("--seed", type=int, multiple=True, help="Run exactly this seed (repeatable)."),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), multiple=True,
                      help="Learning rate (repeatable: a sweep) [default: the experiment's set-up]."),

@@ -6,7 +6,8 @@ out=None, progress=True)``, plus ``depth=None`` where the network has a depth:
 
 - ``steps``, ``lr``, ``depth`` None: the set-up described in its docstring;
   ``lr`` may be one number or a sequence (a sweep: every seed runs at every rate);
-- ``seeds``: an int N (seeds 0..N−1) or a sequence of ints; None: 3 (``full``: 5).
+- ``seeds``: an int N (seeds 0..N−1) or a sequence of ints; None: 3 (``full``: 5;
+  ``maxlr``: 2, to stay within two CPU minutes).
   Each seed fixes the data split, the initialisation, the batch order and the noise;
 - ``full``: a longer preset (more steps, seeds and rates) for the figures in the
   docs; explicit arguments still win;
@@ -474,10 +475,13 @@ def _landscape_experiment(name, build, loss, data_for, *, steps, seeds, lrs, spa
             for net in ("standard", "bn"):
                 metrics = [LandscapeProbe(lr=top, low=1 / span, high=1.0, num=num, spacing=spacing),
                            HessianEigenvalue(iters=HESSIAN_ITERS, tol=1e-3), *[m() for m in extra_metrics]]
+                # test accuracy at the start and the end only: the summaries use the last value, and
+                # evaluating the held-out set at every probe cost a third of the conv net's training
                 with np.errstate(over="ignore", invalid="ignore"):
                     runs[(lr, seed, net)] = _train(build(net, seed), loss, data, steps=steps, lr=lr, seed=seed,
-                                                   metrics=metrics, batch_size=batch_size, progress=progress,
-                                                   label=f"{name} lr {lr:g} seed {seed} {net}", records=records)
+                                                   metrics=metrics, eval_every=steps, batch_size=batch_size,
+                                                   progress=progress, label=f"{name} lr {lr:g} seed {seed} {net}",
+                                                   records=records)
     return runs, search
 
 
@@ -660,12 +664,13 @@ def vgg(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
     ``depth`` 3×3 conv layers (default 4; BatchNorm2d → ReLU after each, a stride-2
     conv instead of pooling) + a linear classifier on the 8×8 digit images, SGD
     (default 300 steps, lr 0.1; ``full``: 1000 steps, 5 seeds, lr 0.05 and 0.1),
-    batch 60, probed as in ``landscape`` but every steps/20 steps (conv passes
-    are the slow ones).
+    batch 60, probed as in ``landscape`` but every steps/10 steps (``full``:
+    steps/20): conv passes are the slow ones, and 10 probes keep the default
+    within two CPU minutes.
     """
     return _mlp_landscape("vgg", "Santurkar et al. 2018, Fig. 4 (digits images)", cnn, True, steps=steps,
                           seeds=seeds, lr=lr, depth=depth, full=full, out=out, progress=progress,
-                          arch="3×3 conv net", records=20,
+                          arch="3×3 conv net", records=20 if full else 10,
                           defaults={"default": {"steps": 300, "lr": (0.1,), "depth": 4},
                                     "full": {"steps": 1000, "seeds": 5, "lr": (0.05, 0.1)}})
 
@@ -830,7 +835,7 @@ def lp(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=True):
     def make(lr, suffix):
         def fig5(out):
             f, axes = P.figure(2, 2, f"Santurkar et al. 2018, Fig. 5 / 12: ℓp batch norm (digits MLP, lr {lr:g}, "
-                                     f"{len(seeds)} seeds)")
+                                     f"{len(seeds)} seeds)\nη ∈ [{lr / 2:.3g}, {4 * lr:.3g}] = [½, 4]·lr")
             _accuracy_panels(axes[0, 0], axes[0, 1], runs, lr, seeds, nets, window)
             _seed_panel(axes[1, 0], runs, lr, seeds, nets, "landscape", LANDSCAPE["grad_pred_max"][1],
                         "max_η ‖∇L(θ) − ∇L(θ − ηg)‖", "gradient predictiveness (worst η)")
@@ -841,7 +846,9 @@ def lp(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=True):
 
     config = {"paper": "Santurkar et al. 2018 Fig. 5 and 12", "steps": steps, "lr": lrs, "seeds": seeds,
               "batch": BATCH, "probe_every": max(1, steps // RECORDS), "smoothing_window": window,
-              "eta_range_times_lr": [0.5, 4.0]}
+              "eta_rule": "η over [½, 4]·lr (Santurkar Fig. 4's VGG range), 8 points, linear spacing: one range "
+                          "for all five normalisations at each rate",
+              "eta_range_times_lr": [0.5, 4.0], "eta_range": {f"lr={lr:g}": [lr / 2, 4 * lr] for lr in lrs}}
     return _finish("lp", out, config, runs, summary, [_per_lr(lrs, make)], started)
 
 
@@ -918,14 +925,21 @@ def maxlr(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
 
     For the 3×100 and 8×100 ReLU MLPs and the 4-layer conv net on digits (batch 60)
     and the 25-layer deep linear network (full batch), per seed: short SGD runs
-    (default 100 steps; ``full``: 300 steps, 5 seeds) from ``lr`` (default 0.1)
-    bracketed by doubling and bisected 3 times (:mod:`numbabn.train.lr_search`; a
-    run is stable when its losses stay finite and end below the first). Reports the
+    (default 100 steps and 2 seeds, within two CPU minutes — the docs' table and
+    figure are from ``--seeds 3``; ``full``: 300 steps, 5 seeds, about 15 CPU
+    minutes) bracketed by doubling and bisected 3 times
+    (:mod:`numbabn.train.lr_search`; a run is stable when its losses stay finite
+    and end below the first, classifiers below half the first). Not shorter runs:
+    in 50 steps the standard 8-layer MLP halves its loss at no rate (a plateau),
+    so its edge would be undefined.
+    The standard net's search starts from ``lr`` (default 0.1), the BN net's from
+    the standard net's edge on the same seed (it saves the BN search the doublings
+    the standard one already made; it halves from there if BN fails). Reports the
     edge per network and on how many seeds BN's edge is the larger.
     """
     started = time.perf_counter()
     steps, seeds, lrs, _ = _options("maxlr", steps=steps, seeds=seeds, lr=lr, full=full, defaults={
-        "default": {"steps": SEARCH_STEPS, "lr": (0.1,)}, "full": {"steps": 300, "seeds": 5}})
+        "default": {"steps": SEARCH_STEPS, "lr": (0.1,), "seeds": 2}, "full": {"steps": 300, "seeds": 5}})
     archs = {"mlp3": (lambda net, seed: mlp(net, seed), lambda seed: digits(seed), SoftmaxCrossEntropy(), BATCH),
              "mlp8": (lambda net, seed: _deep_mlp(net, seed, 8), lambda seed: digits(seed), SoftmaxCrossEntropy(),
                       BATCH),
@@ -936,9 +950,11 @@ def maxlr(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
     with single_threaded():
         for arch, (build, data_for, loss, batch) in archs.items():
             for seed in seeds:
-                for net in ("standard", "bn"):
-                    edges[(arch, seed, net)] = _edge("maxlr", build, net, loss, data_for(seed), seed, batch, lrs[0],
-                                                     steps)
+                data = data_for(seed)
+                std = edges[(arch, seed, "standard")] = _edge("maxlr", build, "standard", loss, data, seed, batch,
+                                                              lrs[0], steps)
+                edges[(arch, seed, "bn")] = _edge("maxlr", build, "bn", loss, data, seed, batch,
+                                                  std["stable_lr"] or lrs[0], steps)
     summary = {}
     for arch in archs:
         stable = {net: np.array([edges[(arch, s, net)]["stable_lr"] or np.nan for s in seeds], dtype=np.float64)
@@ -963,7 +979,9 @@ def maxlr(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
         return P.save(f, out, "maxlr_fig1.png")
 
     config = {"paper": "Santurkar et al. 2018 Fig. 1 (larger learning rates with BN)", "steps": steps,
-              "start_lr": lrs[0], "seeds": seeds, "rule": LR_SEARCH_RULE.format(steps=steps, lr0=lrs[0]),
+              "start_lr": lrs[0], "seeds": seeds,
+              "rule": LR_SEARCH_RULE.format(steps=steps, lr0=lrs[0]) + "; the BN net's search starts from the "
+                      "standard net's edge on the same seed (from the start lr if the standard net failed at all)",
               "searches": {f"{a}/seed={s}/{n}": e for (a, s, n), e in edges.items()}}
     return _finish("maxlr", out, config, {}, summary, [lambda out: [fig1(out)]], started)
 
