@@ -64,7 +64,7 @@ from ..optim import Optimizer
 
 WEIGHT_LAYER_TYPES = (Linear, Conv2d)
 PAPER_ETA_RANGE = (0.5, 4.0)     # Santurkar et al. Fig. 4 (VGG): η in [1/2, 4]·lr
-DLN_ETA_RANGE = (0.01, 30.0)     # Santurkar et al. Fig. 9 (deep linear network): [1/100, 30]·lr
+DLN_ETA_RANGE = (0.01, 30.0)     # Santurkar et al. Fig. 10 of arXiv v3 (deep linear network): [1/100, 30]·lr
 
 
 # ---------------------------------------------------------------- layer addressing
