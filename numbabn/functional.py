@@ -155,6 +155,8 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
         rows at all (an empty local batch). ``moments.count`` must be an int at
         least x's own count, ``m2`` >= 0; a count of 0 is an empty global batch.
 
+    Notes
+    -----
     CUDA backend (see :mod:`numbabn.backends.cuda`): GPU input (anything with
     ``__cuda_array_interface__``) is used without copying and ``y`` is a numba device
     array (or ``out``, a GPU array); NumPy input with ``backend="cuda"`` is copied
@@ -276,7 +278,7 @@ def batch_norm_backward(dy, ctx, *, out=None, allreduce=None, residual_out=None)
 
 
 def moments(x, axis=1, *, backend=None):
-    """Per-channel :class:`~numbabn.moments.Moments` (count, mean, m2) of ``x``.
+    """Per-channel :class:`~numbabn.stats.Moments` (count, mean, m2) of ``x``.
 
     Exact two-pass statistics per chunk merged with Chan et al., float64. An input
     with no values per channel gives ``Moments.empty(C)``. On the CUDA backend:

@@ -13,7 +13,7 @@ Three ways in, one table::
     available_layers()   # {"batch_norm1d": "builtin", "my_norm": "my-dist 1.0 (my_package.module:MyNorm)", ...}
 
 Discovery is lazy and runs once: the first lookup registers the built-in layers
-(:data:`numbabn.layers.BUILTIN_LAYERS`; the layer modules never import this one) and
+(``numbabn.layers.BUILTIN_LAYERS``; the layer modules never import this one) and
 loads every entry point of the group ``numbabn.layers``. A plugin that fails to load (import error, not a
 Layer, name clash) produces one warning naming it and is skipped; it never breaks
 ``import numbabn`` or the other layers.

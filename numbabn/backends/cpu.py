@@ -1,9 +1,9 @@
-"""The CPU backend: NumPy arrays, kernels of :mod:`numbabn.kernels.cpu` run by
-:mod:`numbabn.kernels.cpu_driver` on numbabn's thread pool.
+"""The CPU backend: NumPy arrays, kernels of ``numbabn.kernels.cpu`` run by
+``numbabn.kernels.cpu_driver`` on numbabn's thread pool.
 
 Operations as listed in :mod:`numbabn.backends`; arrays are host arrays throughout
 (``host`` arguments are ignored). Buffers are allocated in the compute dtype and
-the canonical shape; :func:`deliver` returns them in the caller's shape and dtype.
+the canonical shape; ``deliver`` returns them in the caller's shape and dtype.
 """
 import numpy as np
 

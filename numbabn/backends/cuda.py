@@ -1,4 +1,4 @@
-"""The CUDA backend: placement, GPU array checks, kernel launches of :mod:`numbabn.kernels.cuda`.
+"""The CUDA backend: placement, GPU array checks, kernel launches of ``numbabn.kernels.cuda``.
 
 Imported only when the CUDA backend is used (it imports ``numba.cuda``). Operations
 as listed in :mod:`numbabn.backends`; this module decides where arrays live:
@@ -19,8 +19,8 @@ as listed in :mod:`numbabn.backends`; this module decides where arrays live:
   between device and host (one small copy each way) and the caller's combination
   runs on the host, in the same format as on the CPU backend.
 
-Validation follows the CPU path's rules and messages (:mod:`numbabn._layout`,
-:mod:`numbabn._bn_checks`); all of it happens before any kernel runs, so bad input
+Validation follows the CPU path's rules and messages (``numbabn._layout``,
+``numbabn._bn_checks``); all of it happens before any kernel runs, so bad input
 modifies nothing.
 """
 import numpy as np

@@ -3,7 +3,7 @@
 Method (DESIGN.md §7): one warm-up call per case and op (its time is reported
 separately as ``first_s``: JIT compile, or loading Numba's on-disk cache), then the
 median of ``repeat`` timed calls. For each case the bytes moved follow DESIGN.md §3
-(S = bytes of x, :data:`~numbabn.bench.cases.TRAFFIC`): training forward 3S, eval
+(S = bytes of x, ``numbabn.bench.cases.TRAFFIC``): training forward 3S, eval
 forward 2S, backward 5S. GB/s is bytes/time; ``pct_copy`` compares it with the copy
 bandwidth of the backend's memory measured in the same run. PyTorch
 (``torch.nn.functional.batch_norm`` for forward/eval, ATen's

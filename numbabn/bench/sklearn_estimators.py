@@ -116,7 +116,7 @@ def _thread_limit(threads):
 def run_sklearn_bench(parts=PARTS, *, n_samples=1_000_000, n_features=64, dtypes=("float32", "float64"),
                       repeat=5, seed=0, epochs=50, seeds=(0, 1, 2), hidden=(100, 100, 100), target=0.95,
                       threads=None):
-    """Run the chosen ``parts`` (see :data:`PARTS`); returns a list of row dicts.
+    """Run the chosen ``parts`` (see ``numbabn.bench.cases.SKLEARN_PARTS``); returns a list of row dicts.
 
     ``n_samples``, ``n_features``, ``dtypes``, ``repeat``, ``seed``: the transformer
     part; ``epochs``, ``seeds``, ``hidden``, ``target``: the MLP part; ``threads``:

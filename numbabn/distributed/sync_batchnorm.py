@@ -46,19 +46,19 @@ P ranks, float64 here; PyTorch's ``SyncBatchNorm`` buffers have the dtype of its
 statistics, float32 for float32 input; both measured in
 ``tests/test_distributed_mpi.py``). For C = 256:
 
-=========================  =========================  ==============================
-                           numbabn (Allgather both)   PyTorch SyncBatchNorm
-=========================  =========================  ==============================
-header, sent per rank      8*8 = 64 B, forward and    none
+=========================  ===========================  ==============================
+                           numbabn (Allgather both)     PyTorch SyncBatchNorm
+=========================  ===========================  ==============================
+header, sent per rank      8*8 = 64 B, forward and      none
                            backward (P*64 B received)
-forward, sent per rank     (2C+1)*8 = 4104 B          (2C+1)*4 = 2052 B (all_gather
-                           [count, mean, m2]          of [mean, invstd, count])
-forward, received          P*4104 B                   P*2052 B
-backward, sent per rank    2C*8 = 4096 B              2C*4 = 2048 B (all_reduce of
-                           [sum g, sum g*(x-mean)]    [sum_dy, sum_dy_xmu])
-backward, received         P*4096 B                   2048 B (the reduced buffer)
-per step, sent             8328 B in 4 collectives    4100 B in 2 collectives
-=========================  =========================  ==============================
+forward, sent per rank     (2C+1)*8 = 4104 B            (2C+1)*4 = 2052 B (all_gather
+                           [count, mean, m2]            of [mean, invstd, count])
+forward, received          P*4104 B                     P*2052 B
+backward, sent per rank    2C*8 = 4096 B                2C*4 = 2048 B (all_reduce of
+                           [sum g, sum g*(x-mean)]      [sum_dy, sum_dy_xmu])
+backward, received         P*4096 B                     2048 B (the reduced buffer)
+per step, sent             8328 B in 4 collectives      4100 B in 2 collectives
+=========================  ===========================  ==============================
 
 Twice PyTorch's bytes (float64 instead of float32), P rows received in the
 backward instead of one, and twice the collectives (the headers); at these sizes an
@@ -77,7 +77,7 @@ from ..layers.batchnorm import BatchNorm1d, BatchNorm2d
 from ..registry import register_layer
 from .comm import SyncError, active, agree, check_comm, header, merge_in_rank_order, sum_in_rank_order
 
-__all__ = ["SyncBatchNorm1d", "SyncBatchNorm2d", "SyncError"]
+__all__ = ["SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNormMixin", "SyncError"]
 
 
 _FORWARD, _BACKWARD = 1, 2

@@ -29,7 +29,7 @@ Normalisation layers (``_accepts_float16``) of dtype float32 also take float16
 input, as PyTorch's CPU kernels do: statistics and arithmetic in float32, output
 and input gradient float16, parameter gradients float32. Every other dtype
 mismatch is refused. Big-endian input is converted to the native byte order, and
-a masked array with masked values is refused (see :mod:`numbabn._layout`).
+a masked array with masked values is refused (see ``numbabn._layout``).
 """
 from collections import namedtuple
 
@@ -151,7 +151,7 @@ def check_rng(owner, rng):
 
 class Layer:
     """Base class. Subclasses implement ``forward`` and ``backward`` and declare
-    their state with :meth:`add_parameter`, :meth:`add_buffer` and :meth:`add_child`
+    their state with :meth:`add_parameter`, :meth:`add_buffer` and :meth:`Layer.add_child`
     (which also gives ``parameters``, ``state_dict``, ``train``/``eval`` and ``repr``
     their order). A layer made for the registry also provides the classmethod
     ``_contract_example(rng, dtype) -> (layer, x)`` used by the contract test.
@@ -193,6 +193,7 @@ class Layer:
         return value
 
     def add_child(self, name, layer):
+        """Register ``layer`` (a :class:`Layer`) as the child ``name``, in order."""
         if not isinstance(layer, Layer):
             raise TypeError(f"{type(self).__name__}: child {name!r} must be a Layer, got {V.describe(layer)}")
         self._children[name] = layer

@@ -8,8 +8,8 @@ Per feature j, with statistics ``mean_[j]`` and ``var_[j]`` learnt by ``fit`` /
 
 ``transform`` is the eval-mode pass of :func:`numbabn.batch_norm_forward`
 (``training=False``, ``running_mean=mean_``, ``running_var=var_``): the Numba
-kernel folds it into one multiply-add per element, ``y = a*x + b`` with
-``a = gamma/sqrt(var_ + eps)`` and ``b = beta - mean_*a`` (computed in float64).
+kernel computes ``y = a*(x - mean_) + beta`` per element, with
+``a = gamma/sqrt(var_ + eps)`` computed in float64.
 
 Two ways to learn the statistics:
 
@@ -206,7 +206,7 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
 
     # ------------------------------------------------------------ transforming
     def transform(self, X, copy=None):
-        """y = gamma*(X - mean_)/sqrt(var_ + eps) + beta, by the eval-mode Numba kernel.
+        """``y = gamma*(X - mean_)/sqrt(var_ + eps) + beta``, by the eval-mode Numba kernel.
 
         ``copy`` overrides the constructor's ``copy`` for this call.
         """
@@ -237,7 +237,7 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         return X
 
     def inverse_transform(self, X, copy=None):
-        """x = (X - beta)*sqrt(var_ + eps)/gamma + mean_ (undoes :meth:`transform`).
+        """``x = (X - beta)*sqrt(var_ + eps)/gamma + mean_`` (undoes :meth:`transform`).
 
         Needs every gamma != 0. ``copy`` overrides the constructor's ``copy``.
         """

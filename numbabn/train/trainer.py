@@ -55,20 +55,33 @@ def _check_data(fn, X, y):
 class Trainer:
     """Train ``model`` with ``loss`` and ``optimizer`` on mini-batches (module docstring).
 
-    Arguments:
-        model: a :class:`~numbabn.layers.Layer` (usually a Sequential).
-        loss: ``loss(prediction, target) -> (value, dprediction)``. With
-            :class:`~numbabn.layers.SoftmaxCrossEntropy` the accuracy is recorded too.
-        optimizer: a :mod:`numbabn.optim` optimizer over the model's parameters.
-        batch_size: samples per step (at most the number of training samples).
-        seed: seeds the generator that orders the batches.
-        metrics: callables ``metric(model, loss, optimizer, batch)`` (e.g. those of
-            :mod:`numbabn.train.metrics`), named by ``.name`` (else ``__name__``).
-        record_every: the metrics run at steps 0, k, 2k, ...
-        eval_data: ``(X, y)`` evaluated in eval mode at step 0, every ``eval_every``
-            steps (default ``record_every``) and after the last step.
-        verbose: 0 silent; 1 a progress bar on stderr when stderr is a terminal.
-        label: the progress bar's label.
+    Parameters
+    ----------
+    model : Layer
+        A :class:`~numbabn.layers.Layer` (usually a Sequential).
+    loss : callable
+        ``loss(prediction, target) -> (value, dprediction)``. With
+        :class:`~numbabn.layers.SoftmaxCrossEntropy` the accuracy is recorded too.
+    optimizer : optimizer
+        A :mod:`numbabn.optim` optimizer over the model's parameters.
+    batch_size : int
+        Samples per step (at most the number of training samples).
+    seed : int
+        Seeds the generator that orders the batches.
+    metrics : sequence of callables
+        ``metric(model, loss, optimizer, batch)`` (e.g. those of
+        :mod:`numbabn.train.metrics`), named by ``.name`` (else ``__name__``).
+    record_every : int
+        The metrics run at steps 0, k, 2k, ...
+    eval_data : tuple or None
+        ``(X, y)`` evaluated in eval mode at step 0, every ``eval_every`` steps and
+        after the last step.
+    eval_every : int or None
+        Steps between evaluations of ``eval_data`` (default ``record_every``).
+    verbose : int
+        0 silent; 1 a progress bar on stderr when stderr is a terminal.
+    label : str
+        The progress bar's label.
     """
 
     def __init__(self, model, loss, optimizer, *, batch_size, seed, metrics=(), record_every=1, eval_data=None,
