@@ -6,8 +6,8 @@ canonical Python type or raises with what was expected and what came. ``bool`` i
 never taken for a number (``True`` is an int to Python, not to a user), and NumPy
 scalars are taken where Python ones are.
 """
-from math import isfinite
 import numbers
+from math import isfinite
 
 import numpy as np
 

@@ -53,7 +53,8 @@ from . import _bn_checks as B
 from ._checks import check_activation, check_bool, check_eps, check_momentum, describe
 from ._context import BatchNormContext
 from ._layout import is_device_array
-from .backends import cpu as _cpu_backend, get as _get_backend
+from .backends import cpu as _cpu_backend
+from .backends import get as _get_backend
 from .stats import Moments
 
 __all__ = ["BatchNormContext", "batch_norm_backward", "batch_norm_forward", "cuda_available", "moments"]
@@ -105,7 +106,8 @@ def _check_cuda_usable(fn):
     except Exception:                 # the driver module moved: no reason, still one line
         pass
     raise RuntimeError(f"{fn}: backend='cuda' needs a CUDA GPU, and none is usable here{reason}; use "
-                       "backend='cpu', or set NUMBA_ENABLE_CUDASIM=1 to run the CUDA code on Numba's simulator") from None
+                       "backend='cpu', or set NUMBA_ENABLE_CUDASIM=1 to run the CUDA code on Numba's "
+                       "simulator") from None
 
 
 def cuda_available():

@@ -28,8 +28,16 @@ from numba import cuda
 
 from .. import config
 from .._checks import describe
-from .._layout import Canonical, canonical_host, check_float_dtype, check_out, check_param, compute_dtype, \
-    is_device_array, layout_of
+from .._layout import (
+    Canonical,
+    canonical_host,
+    check_float_dtype,
+    check_out,
+    check_param,
+    compute_dtype,
+    is_device_array,
+    layout_of,
+)
 from ..kernels import cuda as K
 
 NAME = "cuda"
@@ -208,7 +216,7 @@ def forward(cx, gamma, beta, running_mean, running_var, momentum, eps, training,
                              training, relu, config.CUDA_THREADS, _ncl(y, cx.layout), stats, count,
                              None if residual is None else _ncl(residual, cx.layout))
     if training and running_mean.size:
-        for given, updated in zip(given_running, (running_mean, running_var)):
+        for given, updated in zip(given_running, (running_mean, running_var), strict=True):
             if not is_device_array(given):
                 updated.copy_to_host(given)
     return mean, invstd, None

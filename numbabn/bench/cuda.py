@@ -9,11 +9,11 @@ bandwidth (:func:`device_copy_bandwidth`) measured in the same run. "torch" time
 ``F.batch_norm`` / ``native_batch_norm_backward`` on CUDA tensors of the same data
 (PyTorch must see the GPU); "numpy" times the float64 reference on the host.
 """
-from importlib.metadata import version
 import statistics
+from importlib.metadata import version
 
-from numba import cuda
 import numpy as np
+from numba import cuda
 
 from .. import config
 from .harness import numbabn_ops

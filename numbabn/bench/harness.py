@@ -19,9 +19,9 @@ CPU: host arrays; both sides allocate their outputs; wall-clock timing; the copy
 reference is the faster of NumPy's ``copyto`` and a copy on the kernels' thread pool
 (2 bytes moved per byte copied); PyTorch gets the same thread count as Numba.
 """
-from dataclasses import asdict, dataclass, field
 import statistics
 import time
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -219,7 +219,7 @@ def _backend(name, compare, threads):
     if name == "cuda":
         if threads is not None:
             raise ValueError("threads sets CPU threads; it does not apply to backend='cuda'")
-        from .cuda import CUDABackend   # imports numba.cuda: only when asked for
+        from .cuda import CUDABackend  # imports numba.cuda: only when asked for
 
         return CUDABackend(compare)
     raise ValueError(f"backend must be 'cpu' or 'cuda', got {name!r}")

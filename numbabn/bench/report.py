@@ -10,8 +10,8 @@ by a fixed two spaces (a module-global setting), which would widen the published
 tables, and would add a dependency and about 0.1 s of import time for those six lines.
 """
 import csv
-from dataclasses import asdict, fields
 import json
+from dataclasses import asdict, fields
 
 from .harness import Row
 
@@ -22,8 +22,8 @@ TABLE_COLUMNS = ("op", "case", "shape", "layout", "ms", "GB/s", "%copy", "first 
 def text_table(head, body, rule=True):
     """Right-aligned columns of the strings ``head`` and rows ``body``, two spaces
     apart, with a dashed rule under the header when ``rule``."""
-    widths = [max(len(c) for c in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    widths = [max(len(c) for c in col) for col in zip(head, *body, strict=True)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     return "\n".join([line(head)] + ([line(["-" * w for w in widths])] if rule else []) + [line(b) for b in body])
 
 
@@ -73,7 +73,7 @@ def plot(report, f, fmt):
     """Roofline-style bars into the binary file ``f`` (``fmt``: png, svg or pdf):
     numbabn's (and PyTorch's) GB/s per case/op under the copy bandwidth."""
     import numpy as np
-    from matplotlib.figure import Figure   # Agg through Figure.savefig: no pyplot, no GUI backend
+    from matplotlib.figure import Figure  # Agg through Figure.savefig: no pyplot, no GUI backend
 
     rows, meta = report.rows, report.meta
     torch_gbps = [r.gbps * r.ms / r.torch_ms if r.torch_ms else 0.0 for r in rows]

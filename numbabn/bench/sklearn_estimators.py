@@ -24,9 +24,9 @@ left over each epoch (6 steps per epoch here against scikit-learn's 7).
 threadpoolctl, the BLAS threads of both sides: for the small matrices of the MLP part,
 thread hand-offs dominate on a busy machine.
 """
-from contextlib import contextmanager
 import statistics
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -57,8 +57,8 @@ def bench_transformer(n_samples=1_000_000, n_features=64, dtypes=("float32", "fl
     rng = np.random.default_rng(seed)
     for dtype in dtypes:
         X = (rng.standard_normal((n_samples, n_features)) * 3.0 + 100.0).astype(dtype)
-        first, ours_s, ours = _timed(lambda: BatchNormTransformer(eps=1e-30).fit(X).transform(X), repeat)
-        _, ref_s, ref = _timed(lambda: StandardScaler().fit(X).transform(X), repeat)
+        first, ours_s, ours = _timed(lambda X=X: BatchNormTransformer(eps=1e-30).fit(X).transform(X), repeat)
+        _, ref_s, ref = _timed(lambda X=X: StandardScaler().fit(X).transform(X), repeat)
         rows.append(dict(
             bench="transformer", case=f"{n_samples}x{n_features}", dtype=np.dtype(dtype).name,
             numbabn_ms=ours_s * 1e3, sklearn_ms=ref_s * 1e3, speedup=ref_s / ours_s,
@@ -137,7 +137,8 @@ def run_sklearn_bench(parts=PARTS, *, n_samples=1_000_000, n_features=64, dtypes
 
 
 _COLUMNS = {
-    "transformer": [("case", "{}"), ("dtype", "{}"), ("threads", "{}"), ("numbabn_ms", "{:.1f}"), ("sklearn_ms", "{:.1f}"),
+    "transformer": [("case", "{}"), ("dtype", "{}"), ("threads", "{}"), ("numbabn_ms", "{:.1f}"),
+                    ("sklearn_ms", "{:.1f}"),
                     ("speedup", "{:.2f}x"), ("gbps", "{:.2f}"), ("first_s", "{:.2f}"),
                     ("max_abs_diff", "{:.1e}")],
     "mlp": [("estimator", "{}"), ("seed", "{}"), ("hidden", "{}"), ("threads", "{}"), ("epochs", "{}"),

@@ -18,7 +18,8 @@ numbabn (``torch.set_num_threads`` and ``numbabn.set_num_threads``):
     optimizer step. Variants from the same initial weights and batch: native BN,
     numbabn BN (``convert_batchnorm``), numbabn BN with fused ReLU
     (``fuse_relu=True``), and that plus the residual addition and its ReLU fused into
-    each block's last BN (:func:`~numbabn.torch.resnet.fuse_residual`). The final loss of each variant is reported as a check that
+    each block's last BN (:func:`~numbabn.torch.resnet.fuse_residual`). The final loss of each variant is reported as a
+    check that
     all three trained the same network.
 
 Timing: warm-up calls first (JIT compile excluded), then ``repeat`` rounds in which

@@ -16,14 +16,14 @@ before any work starts, and written all-or-nothing at the end: a regular file is
 written to a temporary file beside it and renamed over it, so a failed write leaves
 the previous file as it was.
 """
-from contextlib import contextmanager
-from dataclasses import dataclass
-from importlib import import_module
 import os
-from pathlib import Path
 import shutil
 import stat
 import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import import_module
+from pathlib import Path
 
 import click
 

@@ -198,7 +198,8 @@ def bench(ctx, ops, shapes, layout, suite, dtype, backend, threads, repeat, comp
     """
     if ctx.invoked_subcommand is not None:
         return
-    from numbabn.bench import harness, report as output
+    from numbabn.bench import harness
+    from numbabn.bench import report as output
 
     settings = ctx.find_object(Settings) or Settings()
     if json_path == "-" and csv_path == "-":

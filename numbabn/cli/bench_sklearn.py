@@ -22,7 +22,8 @@ from ._common import Settings, check_output_file, check_threads, write_output
               help="transformer: timed calls per side; the median is reported.")
 @click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True,
               help="mlp: epochs (partial_fit calls) per run.")
-@click.option("--seed", "seeds", multiple=True, type=int, help="mlp: random_state of a run; repeatable [default: 0 1 2].")
+@click.option("--seed", "seeds", multiple=True, type=int,
+              help="mlp: random_state of a run; repeatable [default: 0 1 2].")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Cap Numba and BLAS threads for both sides [default: the libraries' own].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True),

@@ -30,4 +30,4 @@ def layers(ctx, as_json):
     columns = ("name", "origin", "class") if settings.verbose else ("name", "origin")
     widths = [max(len(col), *(len(r[col]) for r in rows)) for col in columns]
     for cells in [columns, ["-" * w for w in widths]] + [[r[c] for c in columns] for r in rows]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+        click.echo("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())

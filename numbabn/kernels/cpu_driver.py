@@ -32,7 +32,7 @@ class _Specs:
         P, W = _arr(dtype, 1, True), _arr(dtype, 1)
         CO, CW = _arr(dtype, 2, True), _arr(dtype, 2)
         f1, f2, f3 = _arr(np.float64, 1), _arr(np.float64, 2), _arr(np.float64, 3)
-        f1r, f2r, f3r = _arr(np.float64, 1, True), _arr(np.float64, 2, True), _arr(np.float64, 3, True)
+        f1r, f3r = _arr(np.float64, 1, True), _arr(np.float64, 3, True)
         suffix = "_" + layout
         self.layout = layout
         self._grid = cpu.ncl_blocks if layout == "ncl" else cpu.mc_blocks

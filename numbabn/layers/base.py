@@ -83,14 +83,14 @@ def capture(layer, parameters=False, optimizer=None, forward=True, backward=True
     buffers and generators, or the gradients), which makes a capture cheaper."""
     layers = _all_layers(layer)
     attrs, buffers, rngs, grads = [], [], [], []
-    for l in layers:
-        d = vars(l)
-        attrs.append((l, d.copy()))
+    for lay in layers:
+        d = vars(lay)
+        attrs.append((lay, d.copy()))
         if forward:        # what a forward pass changes: running statistics, generators
-            buffers.extend((b, b.copy()) for b in l._buffers.values())
+            buffers.extend((b, b.copy()) for b in lay._buffers.values())
             rngs.extend((g, g.bit_generator.state) for g in d.values() if type(g) is np.random.Generator)
         if backward:       # what a backward pass changes: gradients
-            grads.extend((p, p.grad) for p in l._parameters.values())
+            grads.extend((p, p.grad) for p in lay._parameters.values())
     saved = {"attrs": attrs, "buffers": buffers, "rngs": rngs, "grads": grads}
     if parameters:
         saved["values"] = [(p.value, p.value.copy()) for p in layer.parameters()]
@@ -104,9 +104,9 @@ def capture(layer, parameters=False, optimizer=None, forward=True, backward=True
 
 def restore(saved):
     """Undo everything since :func:`capture` (arrays are written back in place)."""
-    for l, attrs in saved["attrs"]:
-        vars(l).clear()
-        vars(l).update(attrs)
+    for lay, attrs in saved["attrs"]:
+        vars(lay).clear()
+        vars(lay).update(attrs)
     for target, copy in saved["buffers"] + saved.get("values", []):
         if target.flags.writeable:
             np.copyto(target, copy)

@@ -29,7 +29,6 @@ from .. import _checks as V
 from ..layers import Layer, SoftmaxCrossEntropy
 from .history import History
 
-
 _positive_int = V.check_int   # (fn, name, value) -> int >= 1
 
 
@@ -192,7 +191,7 @@ class Trainer:
                     history.record_eval(t, *self.evaluate(*self.eval_data))
                 xb, yb = X[idx], y[idx]
                 if t % self.record_every == 0:
-                    for name, metric in zip(self.metric_names, self.metrics):
+                    for name, metric in zip(self.metric_names, self.metrics, strict=True):
                         history.record_metric(name, t, metric(model, loss, optimizer, (xb, yb)))
                 out = model.forward(xb)
                 value, dout = loss(out, yb)
