@@ -20,7 +20,7 @@ has no notion of a missing value, and silently using the data under the mask
 would be wrong), one without any is used as its data.
 """
 from math import prod
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -55,7 +55,7 @@ class Canonical(NamedTuple):
     axis: int            # normalised channel axis
     dtype: np.dtype      # the caller's dtype
     channels: int
-    count: int           # values per channel (m = N*L or M)
+    count: int  # type: ignore[assignment]  # values per channel (m = N*L or M); shadows tuple.count on purpose
 
 
 def check_float_dtype(fn, name, dtype):
@@ -64,7 +64,7 @@ def check_float_dtype(fn, name, dtype):
             f"{fn}: {name} must have a floating dtype (float16, float32 or float64), got {dtype}")
 
 
-_LAYOUTS = {}   # (shape, axis) -> layout_of's answer: most programs call with few shapes
+_LAYOUTS: dict[tuple[Any, ...], Any] = {}   # (shape, axis) -> layout_of's answer: most programs call with few shapes
 
 
 def layout_of(fn, name, shape, axis):

@@ -7,6 +7,8 @@ float64 running statistics on float32 input adds one small coefficient kernel.
 Callers (:mod:`numbabn.backends.cpu`) pass canonical arrays: C-contiguous, aligned,
 native byte order, float32/float64.
 """
+from typing import Any
+
 import numpy as np
 from numba import from_dtype, types
 
@@ -93,7 +95,7 @@ class _Specs:
         return [n for n in self._sigs if residual or not n.endswith("_res")]
 
 
-_SPECS = {}
+_SPECS: dict[Any, Any] = {}
 _NO_CNT, _NO_PART, _NO_STATS = np.empty(0), np.empty((3, 0, 0)), np.empty((2, 0))
 _EMPTY = {"f": np.empty(0, np.float32), "d": np.empty(0, np.float64)}
 
