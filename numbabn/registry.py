@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from .layers.base import Layer
 
-L = TypeVar("L", bound="type[Layer]")
+_LayerT = TypeVar("_LayerT", bound="type[Layer]")
 
 ENTRY_POINT_GROUP = "numbabn.layers"
 
@@ -67,7 +67,7 @@ def _add(name: str, cls: "type[Layer]", origin: str) -> str | None:
     return None
 
 
-def register_layer(name: str) -> Callable[[L], L]:
+def register_layer(name: str) -> Callable[[_LayerT], _LayerT]:
     """Class decorator: register a :class:`~numbabn.layers.Layer` subclass as ``name``.
 
     The origin shown by :func:`available_layers` is "builtin" for numbabn's own
@@ -77,7 +77,7 @@ def register_layer(name: str) -> Callable[[L], L]:
     fn = "register_layer"
     _check_name(fn, name)
 
-    def decorator(cls: L) -> L:
+    def decorator(cls: _LayerT) -> _LayerT:
         if not _is_layer_class(cls):
             raise TypeError(f"{fn}({name!r}): expected a Layer subclass, got {cls!r}")
         module = cls.__module__
