@@ -26,7 +26,9 @@ thread hand-offs dominate on a busy machine.
 """
 import statistics
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +36,7 @@ from .cases import SKLEARN_PARTS as PARTS
 from .report import text_table
 
 
-def _timed(fn, repeat):
+def _timed(fn: Callable[..., Any], repeat: int) -> tuple[float, float, Any]:
     """(first call seconds, median of ``repeat`` further calls in seconds, last result)."""
     t0 = time.perf_counter()
     out = fn()
@@ -47,7 +49,8 @@ def _timed(fn, repeat):
     return first, statistics.median(times), out
 
 
-def bench_transformer(n_samples=1_000_000, n_features=64, dtypes=("float32", "float64"), repeat=5, seed=0):
+def bench_transformer(n_samples: int = 1_000_000, n_features: int = 64, dtypes: Sequence[str] = ("float32", "float64"),
+                  repeat: int = 5, seed: int = 0) -> list[dict[str, Any]]:
     """Rows comparing fit+transform of BatchNormTransformer and StandardScaler."""
     from sklearn.preprocessing import StandardScaler
 
@@ -68,7 +71,8 @@ def bench_transformer(n_samples=1_000_000, n_features=64, dtypes=("float32", "fl
     return rows
 
 
-def bench_mlp_digits(epochs=50, seeds=(0, 1, 2), hidden=(100, 100, 100), target=0.95, dtype="float32"):
+def bench_mlp_digits(epochs: int = 50, seeds: Sequence[int] = (0, 1, 2), hidden: tuple[int, ...] = (100, 100, 100),
+                 target: float = 0.95, dtype: str = "float32") -> list[dict[str, Any]]:
     """Rows comparing BNMLPClassifier and MLPClassifier on digits (module docstring)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -100,7 +104,7 @@ def bench_mlp_digits(epochs=50, seeds=(0, 1, 2), hidden=(100, 100, 100), target=
 
 
 @contextmanager
-def _thread_limit(threads):
+def _thread_limit(threads: int | None) -> Iterator[None]:
     """Numba and BLAS limited to ``threads`` inside the block (no limit for None)."""
     if threads is None:
         yield
@@ -113,9 +117,10 @@ def _thread_limit(threads):
         yield
 
 
-def run_sklearn_bench(parts=PARTS, *, n_samples=1_000_000, n_features=64, dtypes=("float32", "float64"),
-                      repeat=5, seed=0, epochs=50, seeds=(0, 1, 2), hidden=(100, 100, 100), target=0.95,
-                      threads=None):
+def run_sklearn_bench(parts: Sequence[str] = PARTS, *, n_samples: int = 1_000_000, n_features: int = 64,
+                  dtypes: Sequence[str] = ("float32", "float64"), repeat: int = 5, seed: int = 0, epochs: int = 50,
+                  seeds: Sequence[int] = (0, 1, 2), hidden: tuple[int, ...] = (100, 100, 100), target: float = 0.95,
+                  threads: int | None = None) -> list[dict[str, Any]]:
     """Run the chosen ``parts`` (see ``numbabn.bench.cases.SKLEARN_PARTS``); returns a list of row dicts.
 
     ``n_samples``, ``n_features``, ``dtypes``, ``repeat``, ``seed``: the transformer
@@ -151,7 +156,7 @@ _TITLES = {
 }
 
 
-def format_table(rows):
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Plain-text tables, one per bench kind, in the order the rows came."""
     blocks = []
     for kind in dict.fromkeys(r["bench"] for r in rows):

@@ -1,6 +1,7 @@
 """``numbabn bench sklearn``: the scikit-learn estimators against scikit-learn's own
 (:mod:`numbabn.bench.sklearn_estimators`)."""
 import json
+from typing import IO
 
 import click
 
@@ -30,7 +31,8 @@ from ._common import Settings, check_output_file, check_threads, write_output
               callback=lambda ctx, param, value: check_output_file(value, None),
               help="Write the rows as JSON; '-' writes them to stdout and the tables to stderr.")
 @click.pass_context
-def sklearn(ctx, parts, samples, features, dtypes, repeat, epochs, seeds, threads, json_path):
+def sklearn(ctx: click.Context, parts: tuple[str, ...], samples: int, features: int, dtypes: tuple[str, ...],
+        repeat: int, epochs: int, seeds: tuple[int, ...], threads: int | None, json_path: str | None) -> None:
     """BatchNormTransformer vs StandardScaler (fit + transform, median time) and
     BNMLPClassifier vs MLPClassifier on digits (test accuracy, training time, epochs
     to 95% test accuracy at the same budget), measured in the same run."""
@@ -46,7 +48,7 @@ def sklearn(ctx, parts, samples, features, dtypes, repeat, epochs, seeds, thread
                              seeds=seeds or (0, 1, 2), threads=threads)
     click.echo(format_table(rows), err=json_path == "-")
     if json_path is not None:
-        def write(f):
+        def write(f: IO[str]) -> None:
             json.dump(rows, f, indent=2)
             f.write("\n")
 

@@ -9,7 +9,7 @@ from ._common import Settings
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 @click.pass_context
-def layers(ctx, as_json):
+def layers(ctx: click.Context, as_json: bool) -> None:
     """List the registered layers and where each comes from.
 
     Origins: "builtin" (numbabn itself), "<distribution> <version> (<module>:<class>)"
