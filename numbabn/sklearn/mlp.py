@@ -183,7 +183,7 @@ class _BaseBNMLP(BaseEstimator):
                           momentum=self.momentum)
         self._model, self._optimizer = self._build(self._arch, self._rng)
         self.n_iter_ = 0
-        self.loss_curve_ = []
+        self.loss_curve_: list[float] = []
         self.best_loss_ = np.inf
         self.history_ = None
 
