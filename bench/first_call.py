@@ -42,16 +42,21 @@ def bn(shape, dtype, axis=1, training=True):
 
 x, p, rs = bn((8, 16, 10, 10), np.float32)
 state = {}
-timed("first forward float32 NCHW", lambda: state.update(r=numbabn.batch_norm_forward(x, *p, running_mean=rs[0], running_var=rs[1])))
+timed("first forward float32 NCHW",
+      lambda: state.update(r=numbabn.batch_norm_forward(x, *p, running_mean=rs[0], running_var=rs[1])))
 timed("first backward float32 NCHW", lambda: numbabn.batch_norm_backward(x, state["r"][1]))
-timed("then eval float32 NCHW", lambda: numbabn.batch_norm_forward(x, *p, running_mean=rs[0], running_var=rs[1], training=False))
+timed("then eval float32 NCHW",
+      lambda: numbabn.batch_norm_forward(x, *p, running_mean=rs[0], running_var=rs[1], training=False))
 if "--all" in sys.argv:
     x64, p64, rs64 = bn((8, 16, 10, 10), np.float64)
-    timed("then forward+backward float64 NCHW", lambda: numbabn.batch_norm_backward(x64, numbabn.batch_norm_forward(x64, *p64)[1]))
+    timed("then forward+backward float64 NCHW",
+          lambda: numbabn.batch_norm_backward(x64, numbabn.batch_norm_forward(x64, *p64)[1]))
     xm, pm, rsm = bn((64, 16), np.float32)
-    timed("then forward+backward float32 (N, C)", lambda: numbabn.batch_norm_backward(xm, numbabn.batch_norm_forward(xm, *pm)[1]))
+    timed("then forward+backward float32 (N, C)",
+          lambda: numbabn.batch_norm_backward(xm, numbabn.batch_norm_forward(xm, *pm)[1]))
     ro = x.copy(); ro.flags.writeable = False
-    timed("then read-only/Fortran/strided float32 NCHW", lambda: [numbabn.batch_norm_forward(v, *p) for v in (ro, np.asfortranarray(x), x[:, :, ::2])])
+    timed("then read-only/Fortran/strided float32 NCHW",
+          lambda: [numbabn.batch_norm_forward(v, *p) for v in (ro, np.asfortranarray(x), x[:, :, ::2])])
     from numbabn.kernels import cpu_driver
     timed("then every remaining variant (warmup)", lambda: [f() for _, f in cpu_driver.warmup_plan()])
     timed("then the fused-residual variants (warmup --residual)",

@@ -50,7 +50,7 @@ def main():
     args = parser.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
     warnings.filterwarnings("ignore")
-    print(f"| data (score) | max_iter | sklearn MLP | numbabn BN-MLP |\n|---|---:|---:|---:|")
+    print("| data (score) | max_iter | sklearn MLP | numbabn BN-MLP |\n|---|---:|---:|---:|")
     for name, kind, X_tr, X_te, y_tr, y_te in datasets():
         ours, theirs = (BNMLPRegressor, MLPRegressor) if kind == "reg" else (BNMLPClassifier, MLPClassifier)
         for budget in budgets:

@@ -42,10 +42,12 @@ def main():
             C = x.shape[1]
             rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
             _, ctx = numbabn.batch_norm_forward(x)
-            ms = [_median_ms(lambda: numbabn.batch_norm_forward(x, running_mean=rm, running_var=rv), args.repeat),
-                  _median_ms(lambda: numbabn.batch_norm_forward(x, running_mean=rm, running_var=rv,
-                                                                training=False), args.repeat),
-                  _median_ms(lambda: numbabn.batch_norm_backward(x, ctx), args.repeat)]
+            # the lambdas bind this iteration's arrays (they are timed right away)
+            ms = [_median_ms(lambda x=x, rm=rm, rv=rv: numbabn.batch_norm_forward(x, running_mean=rm, running_var=rv),
+                             args.repeat),
+                  _median_ms(lambda x=x, rm=rm, rv=rv: numbabn.batch_norm_forward(x, running_mean=rm, running_var=rv,
+                                                                                  training=False), args.repeat),
+                  _median_ms(lambda x=x, ctx=ctx: numbabn.batch_norm_backward(x, ctx), args.repeat)]
             print(f"{label:<28}{n:>10}" + "".join(f"{m * 1e6 / x.size:11.2f}" for m in ms))
 
 

@@ -9,9 +9,9 @@ run's JSON under ``results/`` (git-ignored).
     python bench/torch_bench.py [--runs 2] [--threads 2] [--part bn|step]
 """
 import argparse
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 from numbabn.bench.cases import TORCH_PARTS
 

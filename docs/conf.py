@@ -48,9 +48,6 @@ numpydoc_validation_exclude = {
     # Overrides of the Layer / torch.nn.Module contract methods: documented once, on
     # numbabn.layers.Layer (forward, backward, train, extra_repr) and by PyTorch.
     r"\.(forward|backward|train|extra_repr)$",
-    # phase 2: its Parameters section has unindented continuation lines that numpydoc
-    # reads as parameter names (numbabn/functional.py is being restructured).
-    r"(^|\.)batch_norm_forward$",
 }
 
 # No network in CI, so no intersphinx: names of Python, NumPy and the optional
@@ -66,29 +63,18 @@ nitpick_ignore_regex = [
     # numpy.typing.DTypeLike expanded by autodoc into its members.
     (r"py:class", r".*numpy\._typing\..*"),
 ]
-# phase 2: references in files being restructured (issues 14, 16) that name objects
-# which are private, undocumented or gone; the lead removes these after fixing them
-# (see the report of issue 17 for each fix).
+# References that name objects which are private, undocumented or gone.
 nitpick_ignore = [
-    ("py:class", "numbabn.distributed.sync_batchnorm.SyncBatchNormMixin"),  # no docstring
-    ("py:mod", "numbabn._validation"),                # layers/base.py module docstring
-    ("py:meth", "add_child"),                         # layers/base.py: Layer docstring
-    ("py:class", "numbabn.moments.Moments"),          # functional.py: numbabn.stats.Moments
-    ("py:func", "run_cuda"),                          # benchmark.py module docstring
-    ("py:class", "Report"),                           # benchmark.py module docstring
-    ("py:mod", "numbabn.cli.experiment"),             # train/experiments.py module docstring
-    ("py:meth", "History.to_dict"),                   # train/experiments.py module docstring
-    ("py:func", "_split"),                            # train/experiments.py digits, mnist_or_digits
+    # issue 16 in flight: numbabn/train/experiments.py is being edited; the lead fixes
+    # these references in its module docstring and in digits/mnist_or_digits.
+    ("py:mod", "numbabn.cli.experiment"),
+    ("py:meth", "History.to_dict"),
+    ("py:func", "_split"),
 ]
-# phase 2: docstrings whose reStructuredText is broken (a malformed table, unindented
-# blocks, "::" with nothing after it, "mean_" read as a link target), in files being
-# restructured; shown verbatim until fixed, then removed from this set.
+# Docstrings whose reStructuredText is broken (unindented blocks, "::" with nothing
+# after it), shown verbatim until fixed, then removed from this set.
 _VERBATIM_PHASE2 = {
-    "numbabn.distributed.sync_batchnorm",
-    "numbabn.train.trainer.Trainer",
-    "numbabn.train.summary.binomial_interval",
-    "numbabn.sklearn.transformer.BatchNormTransformer.transform",
-    "numbabn.sklearn.transformer.BatchNormTransformer.inverse_transform",
+    "numbabn.train.summary.binomial_interval",   # issue 16 in flight (train/summary.py)
 }
 
 

@@ -3,16 +3,24 @@ both backends (and by layers that call the kernels through it): per-channel
 arguments against the input, the batch counter, ``moments=``, what an
 ``allreduce`` returned, the batch size, and ``dy`` against the forward.
 """
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+from numpy.typing import NDArray
 
 from ._checks import check_moments_value, describe
-from ._layout import check_param, compute_dtype
+from ._layout import Canonical, check_param, compute_dtype
+
+if TYPE_CHECKING:
+    from ._context import BatchNormContext
 
 _FLOAT64 = np.dtype(np.float64)
 
 
-def check_forward_params(fn, cx, gamma, beta, running_mean, running_var, num_batches_tracked,
-                         training, check=None):
+def check_forward_params(fn: str, cx: Canonical, gamma: Any, beta: Any, running_mean: Any, running_var: Any,
+                     num_batches_tracked: Any, training: bool,
+                     check: Callable[..., Any] | None = None) -> tuple[Any, Any, Any, Any, Any]:
     """The per-channel arguments of a forward pass, checked against the input ``cx``
     with ``check`` (:func:`check_param`, or :func:`check_device_param` on the GPU).
     Running statistics are updated in place only in training mode; in eval mode
@@ -31,7 +39,7 @@ def check_forward_params(fn, cx, gamma, beta, running_mean, running_var, num_bat
 
 
 
-def _stats_dtype(value, dt):
+def _stats_dtype(value: Any, dt: np.dtype[Any]) -> np.dtype[Any]:
     """The dtype running statistics must have: the compute dtype, except that eval mode
     (where they are only read, and the kernels turn them into float64 coefficients)
     also takes float64 statistics for float32 input -- e.g. a float64 ``mean_`` with
@@ -42,7 +50,7 @@ def _stats_dtype(value, dt):
 _INT64 = np.dtype(np.int64)
 
 
-def check_counter(fn, value, *, inplace=True):
+def check_counter(fn: str, value: Any, *, inplace: bool = True) -> Any:
     """num_batches_tracked: None or a one-element int64 array holding a count >= 0
     (writeable when ``inplace``). int64 as in PyTorch: a narrower counter would wrap
     (uint8: 255 -> 0, and the cumulative average would restart from one batch)."""
@@ -59,7 +67,7 @@ def check_counter(fn, value, *, inplace=True):
     return value
 
 
-def check_running_stats_apart(fn, running_mean, running_var):
+def check_running_stats_apart(fn: str, running_mean: Any, running_var: Any) -> None:
     """running_mean and running_var are updated in place: not the same memory."""
     # Two arrays that own their memory (base None: the layers' buffers) overlap only if
     # they are the same object; only views need the (slower) address check.
@@ -69,7 +77,7 @@ def check_running_stats_apart(fn, running_mean, running_var):
         raise ValueError(f"{fn}: running_mean and running_var must not overlap (both are updated in place)")
 
 
-def check_moments(fn, moments, cx, training):
+def check_moments(fn: str, moments: Any, cx: Canonical, training: bool) -> tuple[NDArray[np.float64] | None, int]:
     """Given moments for the forward -> ((2, C) float64 stats, count); none given ->
     (None, the batch's count)."""
     if moments is None:
@@ -90,7 +98,7 @@ def check_moments(fn, moments, cx, training):
     return np.ascontiguousarray(np.stack([moments.mean, moments.m2]), dtype=np.float64), int(moments.count)
 
 
-def check_sums(fn, sums, shape):
+def check_sums(fn: str, sums: Any, shape: tuple[int, ...]) -> NDArray[np.float64]:
     """What an ``allreduce`` callable returned: a float64 array of ``shape``."""
     if not isinstance(sums, np.ndarray):
         raise TypeError(f"{fn}: allreduce must return the summed {shape} array (a NumPy array), "
@@ -103,7 +111,8 @@ def check_sums(fn, sums, shape):
     return sums
 
 
-def check_training_batch(fn, count, shape, training, tracking, momentum, nbt):
+def check_training_batch(fn: str, count: int, shape: tuple[int, ...], training: bool, tracking: bool,
+                     momentum: float | None, nbt: Any) -> None:
     """Rules that depend on the batch: not exactly one value per channel to train
     (none is an empty batch, as in PyTorch), and a counter for the cumulative
     average (``momentum=None``)."""
@@ -114,7 +123,7 @@ def check_training_batch(fn, count, shape, training, tracking, momentum, nbt):
         raise ValueError(f"{fn}: momentum=None (cumulative average) needs num_batches_tracked")
 
 
-def resolve_momentum(tracking, momentum, nbt):
+def resolve_momentum(tracking: bool, momentum: float | None, nbt: Any) -> float:
     """The running-statistics factor of this step: ``momentum``, or
     1/num_batches_tracked after this step for the cumulative average; 0 when not tracking."""
     if not tracking:
@@ -122,7 +131,7 @@ def resolve_momentum(tracking, momentum, nbt):
     return momentum if momentum is not None else 1.0 / (nbt.item() + 1)
 
 
-def check_like_forward(fn, cdy, ctx):
+def check_like_forward(fn: str, cdy: Canonical, ctx: "BatchNormContext") -> None:
     """dy (canonical) must have the forward input's shape and dtype."""
     if cdy.shape != ctx.shape:
         raise ValueError(f"{fn}: dy must have the forward input's shape {ctx.shape}, got {cdy.shape}")
@@ -130,7 +139,7 @@ def check_like_forward(fn, cdy, ctx):
         raise TypeError(f"{fn}: dy must have the forward input's dtype {ctx.dtype}, got {cdy.dtype}")
 
 
-def check_residual(fn, cres, cx):
+def check_residual(fn: str, cres: Canonical, cx: Canonical) -> Canonical:
     """The residual (canonical) must have the input's shape and dtype; returns it."""
     if cres.shape != cx.shape:
         raise ValueError(f"{fn}: residual must have the shape of x {tuple(cx.shape)}, got {tuple(cres.shape)}")

@@ -6,30 +6,32 @@ canonical Python type or raises with what was expected and what came. ``bool`` i
 never taken for a number (``True`` is an int to Python, not to a user), and NumPy
 scalars are taken where Python ones are.
 """
-from math import isfinite
 import numbers
+from collections.abc import Collection
+from math import isfinite
+from typing import Any
 
 import numpy as np
 
 
-def describe(value):
+def describe(value: Any) -> str:
     """Short description of what came, for error messages."""
     if hasattr(value, "shape") and hasattr(value, "dtype"):
         return f"{type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
     return f"{type(value).__name__} {value!r}"[:120]
 
 
-def is_int(value):
+def is_int(value: Any) -> bool:
     """An integer (Python or NumPy), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
-def is_real(value):
+def is_real(value: Any) -> bool:
     """A finite real number (Python or NumPy), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and isfinite(value)
 
 
-def check_int(fn, name, value, minimum=1, *, error=ValueError):
+def check_int(fn: str, name: str, value: Any, minimum: int = 1, *, error: type[Exception] = ValueError) -> int:
     """An int >= ``minimum``; the message says "a positive int" for ``minimum=1``."""
     if type(value) is int and value >= minimum:
         return value
@@ -39,7 +41,8 @@ def check_int(fn, name, value, minimum=1, *, error=ValueError):
     return int(value)
 
 
-def check_number(fn, name, value, low=None, high=None, *, low_open=False, high_open=False, expected=None):
+def check_number(fn: str, name: str, value: Any, low: float | None = None, high: float | None = None, *,
+             low_open: bool = False, high_open: bool = False, expected: str | None = None) -> float:
     """A finite real number in the interval from ``low`` to ``high`` (None: unbounded;
     ``*_open``: the bound itself excluded). Returns a float. ``expected`` replaces
     the generated description ("a number in [0, 1]", "a number > 0", ...)."""
@@ -51,7 +54,7 @@ def check_number(fn, name, value, low=None, high=None, *, low_open=False, high_o
     return float(value)
 
 
-def _interval(low, high, low_open, high_open):
+def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     if high is None:
         return "a finite number" if low is None else f"a number {'>' if low_open else '>='} {low}"
     if low is None:
@@ -59,7 +62,7 @@ def _interval(low, high, low_open, high_open):
     return f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
 
 
-def check_bool(fn, name, value):
+def check_bool(fn: str, name: str, value: Any) -> bool:
     if value is True or value is False:
         return value
     if not isinstance(value, (bool, np.bool_)):
@@ -67,7 +70,7 @@ def check_bool(fn, name, value):
     return bool(value)
 
 
-def check_choice(fn, name, value, choices):
+def check_choice(fn: str, name: str, value: Any, choices: Collection[Any]) -> Any:
     """One of ``choices`` (compared with ==); the message lists them."""
     if any(value == c for c in choices if isinstance(c, str) == isinstance(value, str)):
         return value
@@ -75,13 +78,13 @@ def check_choice(fn, name, value, choices):
     raise ValueError(f"{fn}: {name} must be one of {listed}, got {value!r}")
 
 
-def check_eps(fn, eps):
+def check_eps(fn: str, eps: Any) -> float:
     if type(eps) is float and eps > 0 and isfinite(eps):
         return eps
     return check_number(fn, "eps", eps, 0, low_open=True, expected="a finite number > 0")
 
 
-def check_momentum(fn, momentum):
+def check_momentum(fn: str, momentum: Any) -> float | None:
     if momentum is None:
         return None
     if type(momentum) is float and 0.0 <= momentum <= 1.0:
@@ -91,7 +94,7 @@ def check_momentum(fn, momentum):
     return float(momentum)
 
 
-def check_activation(fn, activation):
+def check_activation(fn: str, activation: Any) -> bool:
     """None or "relu" -> whether a ReLU is fused."""
     if activation is None:
         return False
@@ -100,7 +103,7 @@ def check_activation(fn, activation):
     raise ValueError(f"{fn}: activation must be None or 'relu', got {activation!r}")
 
 
-def check_moments_value(fn, name, m):
+def check_moments_value(fn: str, name: str, m: Any) -> None:
     """A :class:`~numbabn.stats.Moments` a caller built: an integer count >= 0, and
     mean and m2 real floating 1-D arrays of one shape with m2 >= 0 (NaN passes:
     it is what a NaN in the data gives)."""

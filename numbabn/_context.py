@@ -4,8 +4,11 @@ Its own module so that :mod:`numbabn.functional` (which builds it) and the backe
 (which read it) import it from one place, and no backend imports the dispatcher.
 """
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from ._typing import AnyArray
 
 
 @dataclass(eq=False)
@@ -29,20 +32,20 @@ class BatchNormContext:
     shape: tuple
     axis: int
     dtype: np.dtype
-    x: object
-    mean: object
-    invstd: object
-    gamma: object
-    beta: object
+    x: AnyArray
+    mean: AnyArray
+    invstd: AnyArray
+    gamma: AnyArray
+    beta: AnyArray
     has_gamma: bool
     has_beta: bool
     training: bool
     relu: bool
     count: int
-    coef: object = None
-    residual: object = None
+    coef: Any = None
+    residual: AnyArray | None = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         # The arrays (the saved input above all) are left out: a repr is one short line.
         return (f"BatchNormContext(backend={self.backend!r}, layout={self.layout!r}, shape={tuple(self.shape)}, "
                 f"axis={self.axis}, dtype={np.dtype(self.dtype).name}, channels={self.mean.shape[0]}, "

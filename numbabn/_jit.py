@@ -95,7 +95,7 @@ class _GuardedCache(FunctionCache):
             _notice(self.cache_path)
         return data
 
-    def _load_only(self, sig, target_context):
+    def _load_only(self, sig: Any, target_context: Any) -> Any:
         # Numba's Cache.load_overload first runs target_context.refresh(), which imports
         # every lowering registry of Numba (and SciPy's BLAS through numba.np.linalg):
         # about 0.6 s of a warm first call. Rebuilding cached object code needs only

@@ -19,25 +19,28 @@ the kernels cannot read; a masked array with masked values is refused (batch nor
 has no notion of a missing value, and silently using the data under the mask
 would be wrong), one without any is used as its data.
 """
+from collections.abc import Iterable
 from math import prod
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.typing import DTypeLike, NDArray
 
 from ._checks import describe, is_int
 
-_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
+_EMPTY: dict[np.dtype[Any], NDArray[Any]] = {np.dtype(np.float32): np.empty(0, np.float32),
+                                              np.dtype(np.float64): np.empty(0, np.float64)}
 _FLOAT32 = np.dtype(np.float32)
 _FLOAT64 = np.dtype(np.float64)
 
 
-def compute_dtype(dtype):
+def compute_dtype(dtype: DTypeLike) -> np.dtype[Any]:
     """The native dtype the kernels compute in: float16 -> float32; float32/float64
     of either byte order -> native float32/float64."""
     return _FLOAT64 if np.dtype(dtype).char == "d" else _FLOAT32
 
 
-def empty_param(dtype):
+def empty_param(dtype: DTypeLike) -> NDArray[Any]:
     """The shared zero-length array that kernels read as 'parameter absent'."""
     return _EMPTY[np.dtype(dtype)]
 
@@ -49,25 +52,25 @@ class Canonical(NamedTuple):
     per-call Python overhead decides the speed on tiny inputs.
     """
 
-    array: object        # (N, C, L) or (M, C), C-contiguous, compute dtype
+    array: Any           # (N, C, L) or (M, C), C-contiguous, compute dtype
     layout: str          # "ncl" or "mc"
     shape: tuple         # the caller's shape
     axis: int            # normalised channel axis
     dtype: np.dtype      # the caller's dtype
     channels: int
-    count: int           # values per channel (m = N*L or M)
+    count: int  # type: ignore[assignment]  # values per channel (m = N*L or M); shadows tuple.count on purpose
 
 
-def check_float_dtype(fn, name, dtype):
+def check_float_dtype(fn: str, name: str, dtype: DTypeLike) -> None:
     if np.dtype(dtype).char not in "efd":
         raise TypeError(
             f"{fn}: {name} must have a floating dtype (float16, float32 or float64), got {dtype}")
 
 
-_LAYOUTS = {}   # (shape, axis) -> layout_of's answer: most programs call with few shapes
+_LAYOUTS: dict[tuple[Any, ...], Any] = {}   # (shape, axis) -> layout_of's answer: most programs call with few shapes
 
 
-def layout_of(fn, name, shape, axis):
+def layout_of(fn: str, name: str, shape: tuple[int, ...], axis: int) -> tuple[Any, ...]:
     """Normalise ``axis`` and return (axis, layout, canonical shape, C, m)."""
     if type(axis) is int:
         known = _LAYOUTS.get((shape, axis))
@@ -79,7 +82,7 @@ def layout_of(fn, name, shape, axis):
     return result
 
 
-def _layout_of(fn, name, shape, axis):
+def _layout_of(fn: str, name: str, shape: tuple[int, ...], axis: int) -> tuple[Any, ...]:
     ndim = len(shape)
     if ndim < 2:
         raise ValueError(
@@ -100,7 +103,7 @@ def _layout_of(fn, name, shape, axis):
     return axis, "ncl", (N, C, L), C, N * L
 
 
-def is_device_array(x):
+def is_device_array(x: Any) -> bool:
     """True for a GPU array: one exposing ``__cuda_array_interface__`` (numba device
     arrays, CuPy, PyTorch CUDA tensors) or a numba device array (those of the CUDA
     simulator have no such interface)."""
@@ -109,7 +112,7 @@ def is_device_array(x):
     return hasattr(x, "__cuda_array_interface__") or bool(getattr(x, "__cuda_ndarray__", False))
 
 
-def host_array(fn, name, x):
+def host_array(fn: str, name: str, x: Any) -> NDArray[Any]:
     """``x`` as a NumPy array in native byte order (see the module docstring):
     converted from array-likes and from big-endian data; masked arrays with masked
     values refused. Plain native arrays come back as they are (no copy)."""
@@ -131,7 +134,7 @@ def host_array(fn, name, x):
     return x
 
 
-def canonical_host(fn, name, x, axis):
+def canonical_host(fn: str, name: str, x: Any, axis: int) -> Canonical:
     """Check a host (NumPy) input and view it in its canonical layout."""
     if type(x) is not np.ndarray or not x.dtype.isnative:
         if is_device_array(x):
@@ -150,7 +153,8 @@ def canonical_host(fn, name, x, axis):
     return Canonical(arr, layout, x.shape, axis, x.dtype, C, m)
 
 
-def check_param(fn, name, value, channels, dtype, *, inplace=False):
+def check_param(fn: str, name: str, value: Any, channels: int, dtype: DTypeLike, *,
+            inplace: bool = False) -> NDArray[Any]:
     """A per-channel 1-D parameter of ``dtype`` and length ``channels``.
 
     ``inplace`` parameters (running statistics) are updated by the kernels, so they
@@ -195,7 +199,7 @@ def check_param(fn, name, value, channels, dtype, *, inplace=False):
     return value
 
 
-def check_out(fn, name, out, shape, dtype):
+def check_out(fn: str, name: str, out: Any, shape: tuple[int, ...], dtype: DTypeLike) -> NDArray[Any]:
     """A caller-provided output: writeable, C-contiguous, exactly ``shape``/``dtype``."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{fn}: {name} must be a NumPy array, got {describe(out)}")
@@ -208,7 +212,7 @@ def check_out(fn, name, out, shape, dtype):
     return out
 
 
-def check_no_overlap(fn, out, others, what):
+def check_no_overlap(fn: str, out: Any, others: Iterable[Any], what: str) -> None:
     """``out`` must share no memory with any array in ``others`` (None skipped):
     the kernels read those while they write ``out``, or update them in place."""
     for other in others:

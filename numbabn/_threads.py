@@ -109,7 +109,7 @@ class _Pool:
 
     def __init__(self, workers: int) -> None:
         self.size = workers
-        self.jobs = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(workers):
             threading.Thread(target=self._work, daemon=True, name="numbabn-kernel").start()
 

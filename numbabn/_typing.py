@@ -11,3 +11,8 @@ from numpy.typing import NDArray
 
 FloatArray = NDArray[np.floating[Any]]
 """An ndarray of float16, float32 or float64."""
+
+AnyArray = Any
+"""A NumPy array or, on the CUDA backend, a GPU array (anything with
+``__cuda_array_interface__``, e.g. a numba device array): the array arguments of
+:mod:`numbabn.functional`, whose kind selects the backend at run time."""

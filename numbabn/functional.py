@@ -47,13 +47,19 @@ zero-length spatial axis) gives an empty output and, in the backward, an empty
 kernel runs for it. Exactly one value per channel in training is an error, as in
 PyTorch.
 """
+from collections.abc import Callable
+from types import ModuleType
+
 import numpy as np
+from numpy.typing import NDArray
 
 from . import _bn_checks as B
 from ._checks import check_activation, check_bool, check_eps, check_momentum, describe
 from ._context import BatchNormContext
 from ._layout import is_device_array
-from .backends import cpu as _cpu_backend, get as _get_backend
+from ._typing import AnyArray
+from .backends import cpu as _cpu_backend
+from .backends import get as _get_backend
 from .stats import Moments
 
 __all__ = ["BatchNormContext", "batch_norm_backward", "batch_norm_forward", "cuda_available", "moments"]
@@ -61,7 +67,7 @@ __all__ = ["BatchNormContext", "batch_norm_backward", "batch_norm_forward", "cud
 _BACKENDS = ("cpu", "cuda")
 
 
-def _dispatch(fn, x, backend):
+def _dispatch(fn: str, x: AnyArray, backend: str | None) -> tuple[ModuleType, bool]:
     """(backend module, whether ``x`` is a host array): asks "device array?" once."""
     if type(x) is np.ndarray:
         if backend is None or backend == "cpu":
@@ -79,10 +85,10 @@ def _dispatch(fn, x, backend):
     return _get_backend("cuda"), host
 
 
-_cuda_usable = []
+_cuda_usable: list[bool] = []
 
 
-def _check_cuda_usable(fn):
+def _check_cuda_usable(fn: str) -> None:
     """numbabn's one-line error when the CUDA backend cannot run here (instead of
     Numba's multi-line ``CudaSupportError`` from the first device allocation). The
     CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) counts as usable."""
@@ -92,7 +98,7 @@ def _check_cuda_usable(fn):
         raise RuntimeError(f"{fn}: backend='cuda' needs numba-cuda, which cannot be imported "
                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                            "use backend='cpu'") from None
-    if _cuda_usable or cuda.config.ENABLE_CUDASIM:
+    if _cuda_usable or cuda.config.ENABLE_CUDASIM:  # type: ignore[attr-defined]  # set from the environment at import
         return
     if cuda.is_available():
         _cuda_usable.append(True)     # a GPU does not go away: ask the driver once
@@ -105,22 +111,26 @@ def _check_cuda_usable(fn):
     except Exception:                 # the driver module moved: no reason, still one line
         pass
     raise RuntimeError(f"{fn}: backend='cuda' needs a CUDA GPU, and none is usable here{reason}; use "
-                       "backend='cpu', or set NUMBA_ENABLE_CUDASIM=1 to run the CUDA code on Numba's simulator") from None
+                       "backend='cpu', or set NUMBA_ENABLE_CUDASIM=1 to run the CUDA code on Numba's "
+                       "simulator") from None
 
 
-def cuda_available():
+def cuda_available() -> bool:
     """True when a real CUDA GPU is usable (False without one, and under the
     CUDA simulator, where the CUDA backend still runs, slowly)."""
     try:
         from numba import cuda
     except ImportError:
         return False
-    return not cuda.config.ENABLE_CUDASIM and cuda.is_available()
+    return not cuda.config.ENABLE_CUDASIM and cuda.is_available()  # type: ignore[attr-defined]  # (see above)
 
 
-def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_var=None,
-                       num_batches_tracked=None, training=True, momentum=0.1, eps=1e-5,
-                       axis=1, activation=None, out=None, backend=None, moments=None, residual=None):
+def batch_norm_forward(x: AnyArray, gamma: AnyArray | None = None, beta: AnyArray | None = None, *,
+                       running_mean: AnyArray | None = None, running_var: AnyArray | None = None,
+                       num_batches_tracked: NDArray[np.int64] | None = None, training: bool = True,
+                       momentum: float | None = 0.1, eps: float = 1e-5, axis: int = 1, activation: str | None = None,
+                       out: AnyArray | None = None, backend: str | None = None, moments: Moments | None = None,
+                       residual: AnyArray | None = None) -> tuple[AnyArray, BatchNormContext]:
     """Batch-norm forward pass. Returns ``(y, ctx)``.
 
     Parameters
@@ -155,6 +165,8 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
         rows at all (an empty local batch). ``moments.count`` must be an int at
         least x's own count, ``m2`` >= 0; a count of 0 is an empty global batch.
 
+    Notes
+    -----
     CUDA backend (see :mod:`numbabn.backends.cuda`): GPU input (anything with
     ``__cuda_array_interface__``) is used without copying and ``y`` is a numba device
     array (or ``out``, a GPU array); NumPy input with ``backend="cuda"`` is copied
@@ -217,7 +229,9 @@ def batch_norm_forward(x, gamma=None, beta=None, *, running_mean=None, running_v
     return be.deliver(y, cx.shape, cx.dtype, out, host), ctx
 
 
-def batch_norm_backward(dy, ctx, *, out=None, allreduce=None, residual_out=None):
+def batch_norm_backward(dy: AnyArray, ctx: BatchNormContext, *, out: AnyArray | None = None,
+                        allreduce: Callable[[NDArray[np.float64]], NDArray[np.float64]] | None = None,
+                        residual_out: AnyArray | None = None) -> tuple[AnyArray, ...]:
     """Batch-norm backward pass. Returns ``(dx, dgamma, dbeta)``, or
     ``(dx, dgamma, dbeta, dresidual)`` when the forward had a ``residual``.
 
@@ -275,8 +289,8 @@ def batch_norm_backward(dy, ctx, *, out=None, allreduce=None, residual_out=None)
             be.deliver(dres, ctx.shape, ctx.dtype, residual_out, host))
 
 
-def moments(x, axis=1, *, backend=None):
-    """Per-channel :class:`~numbabn.moments.Moments` (count, mean, m2) of ``x``.
+def moments(x: AnyArray, axis: int = 1, *, backend: str | None = None) -> Moments:
+    """Per-channel :class:`~numbabn.stats.Moments` (count, mean, m2) of ``x``.
 
     Exact two-pass statistics per chunk merged with Chan et al., float64. An input
     with no values per channel gives ``Moments.empty(C)``. On the CUDA backend:

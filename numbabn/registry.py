@@ -13,7 +13,7 @@ Three ways in, one table::
     available_layers()   # {"batch_norm1d": "builtin", "my_norm": "my-dist 1.0 (my_package.module:MyNorm)", ...}
 
 Discovery is lazy and runs once: the first lookup registers the built-in layers
-(:data:`numbabn.layers.BUILTIN_LAYERS`; the layer modules never import this one) and
+(``numbabn.layers.BUILTIN_LAYERS``; the layer modules never import this one) and
 loads every entry point of the group ``numbabn.layers``. A plugin that fails to load (import error, not a
 Layer, name clash) produces one warning naming it and is skipped; it never breaks
 ``import numbabn`` or the other layers.
@@ -21,10 +21,17 @@ Layer, name clash) produces one warning naming it and is skipped; it never break
 import importlib.metadata
 import threading
 import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from .layers.base import Layer
+
+_LayerT = TypeVar("_LayerT", bound="type[Layer]")
 
 ENTRY_POINT_GROUP = "numbabn.layers"
 
-_registry = {}          # name -> (class, origin)
+_registry: dict[str, tuple[Any, str]] = {}          # name -> (class, origin)
 _discovered = False
 _lock = threading.RLock()   # re-entrant: a plugin module may itself look layers up while loading
 
@@ -32,23 +39,23 @@ _lock = threading.RLock()   # re-entrant: a plugin module may itself look layers
 class UnknownLayerError(KeyError):
     """Raised for a name nothing registered; the message lists what is available."""
 
-    def __str__(self):   # KeyError would print the message in quotes
+    def __str__(self) -> str:   # KeyError would print the message in quotes
         return str(self.args[0])
 
 
-def _check_name(fn, name):
+def _check_name(fn: str, name: Any) -> str:
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"{fn}: name must be a Python identifier string such as 'batch_norm1d', got {name!r}")
     return name
 
 
-def _is_layer_class(obj):
+def _is_layer_class(obj: Any) -> bool:
     from .layers.base import Layer
 
     return isinstance(obj, type) and issubclass(obj, Layer)
 
 
-def _add(name, cls, origin):
+def _add(name: str, cls: "type[Layer]", origin: str) -> str | None:
     """Register; the same class under the same name again is a no-op. Returns the
     error message on a clash (the caller decides: raise or warn)."""
     current = _registry.get(name)
@@ -60,7 +67,7 @@ def _add(name, cls, origin):
     return None
 
 
-def register_layer(name):
+def register_layer(name: str) -> Callable[[_LayerT], _LayerT]:
     """Class decorator: register a :class:`~numbabn.layers.Layer` subclass as ``name``.
 
     The origin shown by :func:`available_layers` is "builtin" for numbabn's own
@@ -70,7 +77,7 @@ def register_layer(name):
     fn = "register_layer"
     _check_name(fn, name)
 
-    def decorator(cls):
+    def decorator(cls: _LayerT) -> _LayerT:
         if not _is_layer_class(cls):
             raise TypeError(f"{fn}({name!r}): expected a Layer subclass, got {cls!r}")
         module = cls.__module__
@@ -84,7 +91,7 @@ def register_layer(name):
     return decorator
 
 
-def _load_entry_points():
+def _load_entry_points() -> None:
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "unknown distribution"
         label = f"layer plugin {ep.name!r} = {ep.value!r} from {dist}"
@@ -107,7 +114,7 @@ def _load_entry_points():
             warnings.warn(f"numbabn: skipped {label}: {clash}", RuntimeWarning, stacklevel=4)
 
 
-def _ensure_discovered():
+def _ensure_discovered() -> None:
     global _discovered
     if _discovered:
         return
@@ -123,7 +130,7 @@ def _ensure_discovered():
         _load_entry_points()
 
 
-def available_layers():
+def available_layers() -> dict[str, str]:
     """``{name: origin}`` of every registered layer, sorted by name. Origin is
     "builtin", the module of an in-process registration, or
     "<distribution> <version> (<module>:<attr>)" for an entry point."""
@@ -131,7 +138,7 @@ def available_layers():
     return {name: _registry[name][1] for name in sorted(_registry)}
 
 
-def layer_class(name):
+def layer_class(name: str) -> "type[Layer]":
     """The class registered as ``name`` (:class:`UnknownLayerError`, a KeyError
     listing the available names, if there is none)."""
     _ensure_discovered()
@@ -141,6 +148,6 @@ def layer_class(name):
     return entry[0]
 
 
-def get_layer(name, *args, **kwargs):
+def get_layer(name: str, *args: Any, **kwargs: Any) -> "Layer":
     """Construct the layer registered as ``name``: ``layer_class(name)(*args, **kwargs)``."""
     return layer_class(name)(*args, **kwargs)

@@ -1,15 +1,18 @@
 """Batch Renormalization (Ioffe 2017, "Batch Renormalization: Towards Reducing
 Minibatch Dependence in Batch-Normalized Models", NeurIPS, Algorithm 1)."""
 import numbers
+from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike, NDArray
 
 from numbabn._checks import check_int
+from numbabn._typing import AnyArray, FloatArray
 from numbabn.functional import moments
 from numbabn.layers import BatchNormBase
 
 
-def _ramp(t, start, end):
+def _ramp(t: float, start: float, end: float) -> float:
     """0 before ``start``, 1 from ``end`` on, linear in between."""
     if t < start:
         return 0.0
@@ -55,8 +58,9 @@ class BatchRenorm(BatchNormBase):
 
     _transient = ("_rd",)
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, activation=None, dtype=np.float32,
-                 rmax=3.0, dmax=5.0, relax_from=5000, rmax_until=40000, dmax_until=25000):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+             activation: str | None = None, dtype: DTypeLike = np.float32, rmax: float = 3.0, dmax: float = 5.0,
+             relax_from: int = 5000, rmax_until: int = 40000, dmax_until: int = 25000) -> None:
         super().__init__(num_features, eps, momentum, affine, True, activation, dtype)
         owner = type(self).__name__
         if isinstance(rmax, bool) or not (isinstance(rmax, numbers.Real) and rmax >= 1):
@@ -68,17 +72,20 @@ class BatchRenorm(BatchNormBase):
         if rmax_until < relax_from or dmax_until < relax_from:
             raise ValueError(f"{owner}: rmax_until and dmax_until must be >= relax_from, "
                              f"got {rmax_until}, {dmax_until} < {relax_from}")
-        self.rmax, self.dmax = float(rmax), float(dmax)
-        self.relax_from, self.rmax_until, self.dmax_until = relax_from, rmax_until, dmax_until
-        self._rd = None
+        self.rmax: float = float(rmax)
+        self.dmax: float = float(dmax)
+        self.relax_from: int = relax_from
+        self.rmax_until: int = rmax_until
+        self.dmax_until: int = dmax_until
+        self._rd: tuple[NDArray[np.float64], NDArray[np.float64]] | None = None
 
-    def limits(self):
+    def limits(self) -> tuple[float, float]:
         """(rmax, dmax) in force for the next training step."""
         t = int(self.num_batches_tracked)
         return (1.0 + (self.rmax - 1.0) * _ramp(t, self.relax_from, self.rmax_until),
                 self.dmax * _ramp(t, self.relax_from, self.dmax_until))
 
-    def forward(self, x):
+    def forward(self, x: FloatArray) -> FloatArray:
         x = self._check_input(x)
         if not self.training:
             self._rd = None
@@ -95,6 +102,8 @@ class BatchRenorm(BatchNormBase):
         rmax, dmax = self.limits()
         r = np.clip(sigma_b / sigma, 1.0 / rmax, rmax)
         d = np.clip((batch.mean - self.running_mean) / sigma, -dmax, dmax)
+        gamma: Any
+        beta: Any
         gamma, beta = self._affine_values()
         if gamma is None:
             gamma, beta = 1.0, 0.0
@@ -102,7 +111,7 @@ class BatchRenorm(BatchNormBase):
         self._rd = (r, d)
         return y
 
-    def _bn_backward(self, dy):
+    def _bn_backward(self, dy: AnyArray) -> tuple[AnyArray, ...]:
         # r and d are constants of the backward: dgamma = r*dgamma' + d*dbeta'.
         dx, dgamma, dbeta = super()._bn_backward(dy)
         if self.affine and self._rd is not None:
@@ -110,12 +119,12 @@ class BatchRenorm(BatchNormBase):
             dgamma = (r * dgamma + d * dbeta).astype(self.dtype)
         return dx, dgamma, dbeta
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}, relax_from={self.relax_from}, "
                 f"rmax_until={self.rmax_until}, dmax_until={self.dmax_until}")
 
     @classmethod
-    def _contract_example(cls, rng, dtype):
+    def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["BatchRenorm", FloatArray]:
         # Limits in force from step 0, and running statistics far from the batch's so
         # that r and d sit on their clip bounds: there the constant-(r, d) backward is
         # the true gradient, which the finite-difference check can verify.

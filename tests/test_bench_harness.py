@@ -31,7 +31,7 @@ def test_cpu_report_rows_and_derived_columns(cpu_report):
     assert [r.layout for r in rep.rows[::3]] == ["nchw", "nhwc", "nc"]
     assert set(rep.meta) == META_KEYS
     assert rep.meta["backend"] == "cpu" and rep.meta["threads"] == 1 and rep.meta["copy_gbps"] > 0
-    for r, case in zip(rep.rows, [c for c in cases for _ in OPS]):
+    for r, case in zip(rep.rows, [c for c in cases for _ in OPS], strict=True):
         S = int(np.prod(case.shape)) * 4
         assert r.backend == "cpu" and r.dtype == "float32" and r.shape == case.shape
         assert r.gbps == pytest.approx(TRAFFIC[r.op] * S / (r.ms / 1e3) / 1e9)
@@ -46,10 +46,11 @@ def test_timed_calls_compute_batch_norm():
 
     case = Case("c", (8, 3, 4))
     x, dy, gamma, beta, rm, rv = harness.inputs(case, "float64", np.random.default_rng(1))
-    ours, ref = harness.numbabn_ops(case, x, gamma, beta, dy, rm, rv), harness.numpy_ops(case, x, gamma, beta, dy, rm, rv)
+    ours = harness.numbabn_ops(case, x, gamma, beta, dy, rm, rv)
+    ref = harness.numpy_ops(case, x, gamma, beta, dy, rm, rv)
     np.testing.assert_allclose(ours["forward"]()[0], ref["forward"]()[0], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(ours["eval"]()[0], ref["eval"]()[0], rtol=1e-10, atol=1e-12)
-    for a, b in zip(ours["backward"](), ref["backward"]()):
+    for a, b in zip(ours["backward"](), ref["backward"](), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(ref["forward"]()[0], R.forward(x, gamma, beta, axis=1)[0])
 

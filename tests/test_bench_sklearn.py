@@ -5,8 +5,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from numbabn.cli import main
 from numbabn.bench.sklearn_estimators import format_table, run_sklearn_bench
+from numbabn.cli import main
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")

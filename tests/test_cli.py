@@ -388,7 +388,7 @@ def test_readme_error_examples_are_what_the_cli_prints():
     commands = [line[len("$ numbabn "):] for line in block.splitlines() if line.startswith("$ numbabn ")]
     expected = [line for line in block.splitlines() if line.startswith("Error:")]
     assert len(commands) == len(expected) >= 3
-    for command, line in zip(commands, expected):
+    for command, line in zip(commands, expected, strict=True):
         if "--backend cuda" in command and numbabn.cuda_available():
             continue
         result = invoke(*command.split())

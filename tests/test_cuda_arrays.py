@@ -14,7 +14,6 @@ import pytest
 from numba import cuda
 
 import numbabn
-from numbabn.kernels import cuda as K
 from numbabn.kernels import reference as R
 
 from .helpers import TOL, make_inputs, param_dtype

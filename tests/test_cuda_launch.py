@@ -72,5 +72,5 @@ def test_bit_identical_runs(rng, threads32):
     for _ in range(2):
         y, ctx = numbabn.batch_norm_forward(dxd, g, b, axis=axis, activation="relu")
         runs.append([host(a) for a in (y, ctx.mean, ctx.invstd, *numbabn.batch_norm_backward(dy, ctx))])
-    for a, b_ in zip(*runs):
+    for a, b_ in zip(*runs, strict=True):
         assert np.array_equal(a, b_)

@@ -181,7 +181,8 @@ def test_transformer_finds_dask_support_without_importing_it():
             "BatchNormTransformer().fit(X).transform(X)\n"
             "assert 'numbabn.distributed.dask' not in sys.modules and 'dask' not in sys.modules\n"
             "import dask.array as da\n"
-            "Y = BatchNormTransformer().fit(da.from_array(X, chunks=(5, 2))).transform(da.from_array(X, chunks=(5, 2)))\n"
+            "Y = BatchNormTransformer().fit(da.from_array(X, chunks=(5, 2)))"
+            ".transform(da.from_array(X, chunks=(5, 2)))\n"
             "assert isinstance(Y, da.Array) and 'numbabn.distributed.dask' in sys.modules\n"
             "ref = BatchNormTransformer().fit(X).transform(X)\n"
             "assert np.allclose(Y.compute(), ref, rtol=1e-12, atol=1e-12)\n")

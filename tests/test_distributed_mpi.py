@@ -99,7 +99,8 @@ def _worker(out_path):
                 y_all, dx_all = comm.gather(y, root=0), comm.gather(dx, root=0)
                 shared = comm.gather([*grads, *state], root=0)
                 if rank == 0:
-                    identical &= all(np.array_equal(a, b) for other in shared for a, b in zip(other, shared[0]))
+                    identical &= all(np.array_equal(a, b) for other in shared
+                                     for a, b in zip(other, shared[0], strict=True))
                     y_ref = ref.forward(x)
                     dx_ref = ref.backward(dy)
                     diffs["y"] = max(diffs["y"], float(np.max(np.abs(np.concatenate(y_all) - y_ref))))
@@ -121,9 +122,10 @@ def _worker(out_path):
             if rank == 0:
                 diffs["eval_y"] = float(np.max(np.abs(np.concatenate(y_all) - ref.eval().forward(x))))
                 ref.backward(dy)
-                for g_sync, g_ref in zip(eval_grads[0], [p.grad for p in ref.parameters()]):
+                for g_sync, g_ref in zip(eval_grads[0], [p.grad for p in ref.parameters()], strict=True):
                     diffs["dgamma"] = max(diffs["dgamma"], float(np.max(np.abs(g_sync - g_ref))))
-                identical &= all(np.array_equal(a, b) for other in eval_grads for a, b in zip(other, eval_grads[0]))
+                identical &= all(np.array_equal(a, b) for other in eval_grads
+                                 for a, b in zip(other, eval_grads[0], strict=True))
                 results.append(dict(name=name, splits=[list(c) for c in steps], dtype=np.dtype(dtype).name,
                                     identical=bool(identical), **diffs))
 
@@ -230,11 +232,12 @@ def _layer_snapshot(layers):
 
 
 def _same_snapshot(a, b):
-    for (state_a, grads_a, ctx_a, calls_a, mode_a), (state_b, grads_b, ctx_b, calls_b, mode_b) in zip(a, b):
+    for (state_a, grads_a, ctx_a, calls_a, mode_a), (state_b, grads_b, ctx_b, calls_b, mode_b) in zip(
+            a, b, strict=True):
         if state_a.keys() != state_b.keys() or not all(np.array_equal(state_a[k], state_b[k]) for k in state_a):
             return False
         if any((x is None) != (y is None) or (x is not None and not np.array_equal(x, y))
-               for x, y in zip(grads_a, grads_b)):
+               for x, y in zip(grads_a, grads_b, strict=True)):
             return False
         if ctx_a is not ctx_b or calls_a != calls_b or mode_a != mode_b:
             return False

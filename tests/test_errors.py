@@ -141,7 +141,8 @@ def test_big_endian_input_is_converted_everywhere():
     np.testing.assert_array_equal(y_big, y)
     assert y_big.dtype == np.float64 and y_big.dtype.isnative
     dy = np.ones_like(x)
-    for a, c in zip(numbabn.batch_norm_backward(dy.astype(">f8"), ctx_big), numbabn.batch_norm_backward(dy, ctx)):
+    for a, c in zip(numbabn.batch_norm_backward(dy.astype(">f8"), ctx_big), numbabn.batch_norm_backward(dy, ctx),
+                    strict=True):
         np.testing.assert_array_equal(a, c)
     m, m_big = numbabn.moments(x), numbabn.moments(big)
     np.testing.assert_array_equal(m_big.mean, m.mean)
@@ -279,8 +280,9 @@ def test_layer_backward_wrong_dtype_is_a_type_error_like_the_functional_api():
 
 
 def test_layer_constructor_arguments():
-    from numbabn.layers import BatchNorm1d, BatchNorm3d, Linear
     from numbabn_plugins.lp_batch_norm import LpBatchNorm
+
+    from numbabn.layers import BatchNorm1d, BatchNorm3d, Linear
     for cls, args in [(BatchNorm1d, (3,)), (BatchNorm3d, (3,)), (Linear, (2, 3))]:
         with pytest.raises(TypeError, match="dtype must be float32 or float64, got None"):
             cls(*args, dtype=None)

@@ -7,10 +7,10 @@ statistics agree. Each skips only when its extra is not installed.
 """
 import importlib.util
 import os
-from pathlib import Path
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 

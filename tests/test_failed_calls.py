@@ -38,10 +38,10 @@ def fingerprint(layer):
     """Everything observable about a layer tree: attributes (by identity), parameter
     and buffer values, gradients (identity and values), generator states."""
     out = []
-    for l in _all_layers(layer):
-        attrs = dict(vars(l))
+    for lay in _all_layers(layer):
+        attrs = dict(vars(lay))
         rngs = {k: v.bit_generator.state for k, v in attrs.items() if isinstance(v, np.random.Generator)}
-        out.append((l, attrs, rngs))
+        out.append((lay, attrs, rngs))
     state = layer.state_dict()
     grads = [(p, p.grad, None if p.grad is None else p.grad.copy()) for p in layer.parameters()]
     return out, state, grads
@@ -50,16 +50,16 @@ def fingerprint(layer):
 def assert_unchanged(layer, before):
     layers, state, grads = before
     after_layers, after_state, after_grads = fingerprint(layer)
-    for (l, attrs, rngs), (l2, attrs2, rngs2) in zip(layers, after_layers):
-        assert l is l2
-        assert attrs.keys() == attrs2.keys(), type(l).__name__
+    for (lay, attrs, rngs), (lay2, attrs2, rngs2) in zip(layers, after_layers, strict=True):
+        assert lay is lay2
+        assert attrs.keys() == attrs2.keys(), type(lay).__name__
         for k in attrs:
-            assert attrs[k] is attrs2[k], f"{type(l).__name__}.{k} was rebound"
-        assert rngs == rngs2, f"{type(l).__name__}: a generator advanced"
+            assert attrs[k] is attrs2[k], f"{type(lay).__name__}.{k} was rebound"
+        assert rngs == rngs2, f"{type(lay).__name__}: a generator advanced"
     assert state.keys() == after_state.keys()
     for k in state:
         np.testing.assert_array_equal(state[k], after_state[k], err_msg=k)
-    for (p, g, copy), (p2, g2, _) in zip(grads, after_grads):
+    for (p, g, copy), (p2, g2, _) in zip(grads, after_grads, strict=True):
         assert p is p2 and g is g2, f"{p!r}: grad rebound"
         if g is not None:
             np.testing.assert_array_equal(g, copy)
@@ -175,7 +175,7 @@ def test_trainer_fit_that_fails_midway_changes_nothing(opt_cls):
     assert trainer.rng.bit_generator.state == rng_state and trainer.steps_done == steps
     after = opt.state_dict()
     assert after["hyperparameters"] == opt_before["hyperparameters"]
-    for s, s0 in zip(after["state"], opt_before["state"]):
+    for s, s0 in zip(after["state"], opt_before["state"], strict=True):
         assert s.keys() == s0.keys() and all(np.array_equal(s[k], s0[k]) for k in s)
     # ... and the run then continues exactly as if the failed call never happened.
     twin_model = _mlp(np.random.default_rng(1))
@@ -184,7 +184,7 @@ def test_trainer_fit_that_fails_midway_changes_nothing(opt_cls):
     twin.fit(X, y, steps=3)
     trainer.fit(X, y, steps=2)
     twin.fit(X, y, steps=2)
-    for (k, a), b in zip(model.state_dict().items(), twin_model.state_dict().values()):
+    for (k, a), b in zip(model.state_dict().items(), twin_model.state_dict().values(), strict=True):
         np.testing.assert_array_equal(a, b, err_msg=k)
 
 
@@ -217,7 +217,7 @@ def test_cuda_backend_without_a_gpu_is_a_one_line_error():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     lines = out.strip().splitlines()
     assert len(lines) == 2, out
-    for line, fn in zip(lines, ("batch_norm_forward", "moments")):
+    for line, fn in zip(lines, ("batch_norm_forward", "moments"), strict=True):
         assert line.startswith(f"RuntimeError | {fn}: backend='cuda' needs a CUDA GPU"), line
         assert "<NEWLINE>" not in line and "backend='cpu'" in line
 
@@ -318,9 +318,9 @@ def test_transformer_calls_that_raise_change_nothing():
         before = pickle.dumps(t)
         X_nan = X[:, :3].copy()
         X_nan[0, 0] = np.nan
-        bad_calls = [lambda: t.fit(X_nan), lambda: t.partial_fit(X[:, :2]),
-                     lambda: t.partial_fit(np.full((5, 4), np.nan)), lambda: t.transform(X[:, :1]),
-                     lambda: t.set_params(eps=-1.0).partial_fit(X)]
+        bad_calls = [lambda t=t, X_nan=X_nan: t.fit(X_nan), lambda t=t: t.partial_fit(X[:, :2]),
+                     lambda t=t: t.partial_fit(np.full((5, 4), np.nan)), lambda t=t: t.transform(X[:, :1]),
+                     lambda t=t: t.set_params(eps=-1.0).partial_fit(X)]
         for call in bad_calls:
             with pytest.raises(ValueError):
                 call()

@@ -27,7 +27,7 @@ def test_bit_identical_across_thread_counts(rng, shape, axis, monkeypatch):
             y, ctx = numbabn.batch_norm_forward(x, g, b, axis=axis)
             results.append((y, ctx.mean, ctx.invstd) + numbabn.batch_norm_backward(dy, ctx))
     for other in results[1:]:
-        for a, b_ in zip(results[0], other):
+        for a, b_ in zip(results[0], other, strict=True):
             assert np.array_equal(a, b_)
 
 
@@ -78,5 +78,5 @@ def test_serial_path_for_small_inputs_is_bit_identical(rng, monkeypatch):
         y, ctx = numbabn.batch_norm_forward(x, g, b)
         results.append((y,) + numbabn.batch_norm_backward(dy, ctx))
         assert numbabn.get_num_threads() == threads
-    for a, b_ in zip(*results):
+    for a, b_ in zip(*results, strict=True):
         assert np.array_equal(a, b_)

@@ -10,16 +10,16 @@ import pickle
 import joblib
 import numpy as np
 import pytest
-
-import numbabn
-from numbabn.distributed import SyncBatchNorm1d
-from numbabn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, Linear, Sequential
 from numbabn_plugins.batch_renorm import BatchRenorm
 from numbabn_plugins.ghost_batch_norm import GhostBatchNorm
 from numbabn_plugins.instance_norm import InstanceNorm1d, InstanceNorm2d
 from numbabn_plugins.lp_batch_norm import LpBatchNorm
 from numbabn_plugins.noisy_batch_norm import NoisyBatchNorm
 from numbabn_plugins.per_sample_norm import GroupNorm, LayerNorm
+
+import numbabn
+from numbabn.distributed import SyncBatchNorm1d
+from numbabn.layers import BatchNorm1d, BatchNorm3d, Linear, Sequential
 
 F64 = dict(rtol=1e-10, atol=1e-12)
 
@@ -142,7 +142,7 @@ def test_synchronized_empty_rank_updates_running_stats_like_the_kernels(rng):
                                                 num_batches_tracked=nbt, moments=merged)
             _, dg, _ = numbabn.batch_norm_backward(np.ones_like(local), ctx, allreduce=lambda s: s + 1)
             states.append((rm, rv, ctx.mean, ctx.invstd, int(nbt)))
-        for a, b in zip(*states):
+        for a, b in zip(*states, strict=True):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         numbabn.batch_norm_forward(x[:0], moments=numbabn.Moments(1, np.zeros(3), np.zeros(3)))

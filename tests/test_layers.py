@@ -5,18 +5,29 @@ import warnings
 
 import numpy as np
 import pytest
-from scipy.signal import correlate2d
-from scipy.special import expit
-
-from numbabn.kernels import reference as R
-from numbabn.layers import (BatchNorm1d, BatchNorm2d, Conv2d, Flatten, Linear, MSELoss, ReLU, Sequential,
-                            Sigmoid, SoftmaxCrossEntropy, Tanh)
-from numbabn.optim import SGD
 from numbabn_plugins.batch_renorm import BatchRenorm
 from numbabn_plugins.ghost_batch_norm import GhostBatchNorm
 from numbabn_plugins.lp_batch_norm import LpBatchNorm
 from numbabn_plugins.noisy_batch_norm import NoisyBatchNorm
 from numbabn_plugins.per_sample_norm import GroupNorm, LayerNorm
+from scipy.signal import correlate2d
+from scipy.special import expit
+
+from numbabn.kernels import reference as R
+from numbabn.layers import (
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    Flatten,
+    Linear,
+    MSELoss,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    SoftmaxCrossEntropy,
+    Tanh,
+)
+from numbabn.optim import SGD
 
 from .helpers import central_diff
 

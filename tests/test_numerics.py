@@ -35,7 +35,7 @@ def _cpu_agrees(backend, dtype, got, x, dy, gamma, beta, **kw):
         return
     y_cpu, ctx_cpu = numbabn.batch_norm_forward(x, gamma, beta, **kw)
     want = (y_cpu,) + numbabn.batch_norm_backward(dy, ctx_cpu)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         if b is not None:
             np.testing.assert_allclose(backend.host(a), b, **CPU_TOL[dtype])
 
@@ -304,14 +304,14 @@ def test_sharded_batch_with_merged_moments_equals_whole_batch(backend, rng, shap
     # Pass 1 collects each shard's local sums; pass 2 hands every shard their total
     # (what an MPI Allreduce does when the ranks run concurrently).
     parts = []
-    for s, ctx in zip(shards, ctxs):
+    for s, ctx in zip(shards, ctxs, strict=True):
         numbabn.batch_norm_backward(backend.put(dy[s]), ctx, allreduce=lambda v: parts.append(v.copy()) or v)
     assert len(parts) == 3 and np.all(parts[1] == 0)            # the empty shard adds nothing
     grads = [[backend.host(a) for a in numbabn.batch_norm_backward(backend.put(dy[s]), ctx,
                                                                    allreduce=lambda v: sum(parts))]
-             for s, ctx in zip(shards, ctxs)]
+             for s, ctx in zip(shards, ctxs, strict=True)]
     np.testing.assert_allclose(np.concatenate([gr[0] for gr in grads]), dx_full, rtol=1e-10, atol=1e-12)
-    for dx, dg, db in grads:
+    for _dx, dg, db in grads:
         np.testing.assert_allclose(dg, dg_full, rtol=1e-10)
         np.testing.assert_allclose(db, db_full, rtol=1e-10)
 
@@ -334,10 +334,11 @@ def _ranks_functional(backend, xs, dys, gamma, beta, axis, act):
         outs.append(host(y))
         ctxs.append(ctx)
     local = []
-    for dy, ctx in zip(dys, ctxs):
+    for dy, ctx in zip(dys, ctxs, strict=True):
         numbabn.batch_norm_backward(put(dy), ctx, allreduce=lambda s: local.append(s.copy()) or s)
     total = np.sum(local, axis=0)
-    grads = [numbabn.batch_norm_backward(put(dy), ctx, allreduce=lambda s: total) for dy, ctx in zip(dys, ctxs)]
+    grads = [numbabn.batch_norm_backward(put(dy), ctx, allreduce=lambda s: total)
+             for dy, ctx in zip(dys, ctxs, strict=True)]
     return outs, [host(g[0]) for g in grads], [(host(g[1]), host(g[2])) for g in grads], (rm, rv)
 
 

@@ -23,7 +23,7 @@ def grads_for(rng, steps, dtype=np.float64):
 
 def run(opt, params, grads):
     for step in grads:
-        for p, g in zip(params, step):
+        for p, g in zip(params, step, strict=True):
             p.grad = g.copy()
         opt.step()
 
@@ -37,12 +37,12 @@ def test_matches_torch_optim(rng, cls, kwargs, dtype):
     opt = cls(params, **kwargs)
     topt = getattr(torch.optim, cls.__name__)(tparams, **kwargs)
     for step in grads_for(rng, 6, dtype):
-        for p, tp, g in zip(params, tparams, step):
+        for p, tp, g in zip(params, tparams, step, strict=True):
             p.grad, tp.grad = g.copy(), torch.tensor(g)
         opt.step()
         topt.step()
         tol = dict(rtol=1e-12, atol=1e-14) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-6)
-        for p, tp in zip(params, tparams):
+        for p, tp in zip(params, tparams, strict=True):
             assert p.value.dtype == dtype
             np.testing.assert_allclose(p.value, tp.detach().numpy(), **tol)
 
@@ -54,7 +54,7 @@ def test_zero_grad_skips_parameters_without_gradient(rng):
     params[0].grad = np.ones(SHAPES[0])
     opt.step()
     np.testing.assert_allclose(params[0].value, before[0] - 0.1)
-    for p, b in zip(params[1:], before[1:]):
+    for p, b in zip(params[1:], before[1:], strict=True):
         np.testing.assert_array_equal(p.value, b)
     assert opt.state[1] == {}
     opt.zero_grad()
@@ -70,7 +70,7 @@ def test_subset_step_equals_a_full_step_on_those_parameters(rng, cls, kwargs):
     run(opt, params, history[:2])                 # build up momentum / moments
     reference = copy.deepcopy((params, opt))
     ref_params, ref_opt = reference
-    for p, rp, g in zip(params, ref_params, history[2]):
+    for p, rp, g in zip(params, ref_params, history[2], strict=True):
         p.grad, rp.grad = g.copy(), g.copy()
     untouched = params[2].value.copy(), copy.deepcopy(opt.state[2])
     opt.step(params[:2])
@@ -122,7 +122,7 @@ def test_snapshot_probe_restore_leaves_training_unchanged(rng, cls, kwargs):
 
     for m, o in ((model, opt), twin):
         train_step(m, o, x, t)
-    for (k, a), (_, b) in zip(model.state_dict().items(), twin[0].state_dict().items()):
+    for (k, a), (_, b) in zip(model.state_dict().items(), twin[0].state_dict().items(), strict=True):
         np.testing.assert_array_equal(a, b, err_msg=k)
 
 
@@ -162,7 +162,7 @@ def test_load_state_dict_errors_leave_state_untouched(rng):
         with pytest.raises(ValueError, match=match):
             opt.load_state_dict(state)
         assert opt.lr == 0.1
-        for s, g in zip(opt.state, good["state"]):
+        for s, g in zip(opt.state, good["state"], strict=True):
             np.testing.assert_array_equal(s["momentum_buffer"], g["momentum_buffer"])
 
 
@@ -194,12 +194,12 @@ def _snapshot(params, opt):
 
 def _assert_unchanged(params, opt, snap):
     values, state, grads = snap
-    for p, v, g in zip(params, values, grads):
+    for p, v, g in zip(params, values, grads, strict=True):
         np.testing.assert_array_equal(p.value, v)
         assert p.grad is g
     after = opt.state_dict()
     assert after["hyperparameters"] == state["hyperparameters"]
-    for s_after, s_before in zip(after["state"], state["state"]):
+    for s_after, s_before in zip(after["state"], state["state"], strict=True):
         assert s_after.keys() == s_before.keys()
         for key in s_before:
             np.testing.assert_array_equal(s_after[key], s_before[key])
@@ -214,7 +214,7 @@ def test_one_bad_gradient_updates_nothing(rng, cls, kwargs, first_step):
     opt = cls(params, **kwargs)
     if not first_step:
         run(opt, params, grads_for(rng, 2))
-    for p, g in zip(params, grads_for(rng, 1)[0]):
+    for p, g in zip(params, grads_for(rng, 1)[0], strict=True):
         p.grad = g
     params[-1].grad = params[-1].grad.astype(np.float32)
     snap = _snapshot(params, opt)
@@ -231,7 +231,7 @@ def test_other_failed_steps_change_nothing(rng, cls):
     params = make_params(rng)
     opt = cls(params, lr=0.1)
     run(opt, params, grads_for(rng, 1))
-    for p, g in zip(params, grads_for(rng, 1)[0]):
+    for p, g in zip(params, grads_for(rng, 1)[0], strict=True):
         p.grad = g
     snap = _snapshot(params, opt)
     params[1].value.setflags(write=False)            # e.g. loaded with mmap_mode="r"
@@ -289,5 +289,5 @@ def test_new_object_at_an_old_address_is_not_mistaken_for_a_managed_one(rng):
     before = [p.value.copy() for p in opt2.params]
     opt2.step([opt2.params[0]])
     np.testing.assert_allclose(opt2.params[0].value, before[0] - 0.1)
-    for p, b in zip(opt2.params[1:], before[1:]):
+    for p, b in zip(opt2.params[1:], before[1:], strict=True):
         np.testing.assert_array_equal(p.value, b)

@@ -1,6 +1,7 @@
 """Property tests over random shapes, axes and dtypes (hypothesis)."""
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import numbabn
 from numbabn.kernels import reference as R

@@ -7,10 +7,10 @@ import types
 
 import numpy as np
 import pytest
+from numbabn_plugins.batch_renorm import BatchRenorm
 
 from numbabn import registry
 from numbabn.layers import BatchNorm1d, Layer, Linear
-from numbabn_plugins.batch_renorm import BatchRenorm
 
 PLUGIN_ENTRY_POINTS = {
     "batch_renorm": "numbabn_plugins.batch_renorm:BatchRenorm",

@@ -7,7 +7,7 @@ import pytest
 from numba import cuda
 
 import numbabn
-from numbabn import _jit, config
+from numbabn import config
 from numbabn.kernels import reference as R
 
 TOL = {np.float64: dict(rtol=1e-10, atol=1e-10), np.float32: dict(rtol=2e-5, atol=2e-5),
@@ -46,7 +46,7 @@ def _check(rng, shape, axis, dtype, relu, training, backend=None, to=lambda a: a
     assert len(grads) == 4
     ref = R.backward(dy, x, g, b, axis=axis, relu=relu, training=training, residual=r, **stats)
     scale = [1.0, np.abs(ref[1]).max() + 1, np.abs(ref[2]).max() + 1, 1.0]
-    for got, want, s in zip(grads, ref, scale):
+    for got, want, s in zip(grads, ref, scale, strict=True):
         got = back(got)
         np.testing.assert_allclose(got / s, want / s, **tol)
     dr = back(grads[3])
@@ -92,7 +92,7 @@ def test_strided_and_foreign_layout_residual(rng):
     y, ctx = numbabn.batch_norm_forward(x, g, b, activation="relu", residual=rf)
     y2, ctx2 = numbabn.batch_norm_forward(x, g, b, activation="relu", residual=r)
     np.testing.assert_array_equal(y, y2)
-    for a, b_ in zip(numbabn.batch_norm_backward(dy, ctx), numbabn.batch_norm_backward(dy, ctx2)):
+    for a, b_ in zip(numbabn.batch_norm_backward(dy, ctx), numbabn.batch_norm_backward(dy, ctx2), strict=True):
         np.testing.assert_array_equal(a, b_)
 
 
@@ -105,7 +105,7 @@ def test_out_arguments(rng):
     dx_out, dr_out = np.empty_like(x), np.empty_like(x)
     dx, dg, db, dr = numbabn.batch_norm_backward(dy, ctx, out=dx_out, residual_out=dr_out)
     assert dx is dx_out and dr is dr_out
-    for a, b_ in zip((dx, dg, db, dr), numbabn.batch_norm_backward(dy, ctx0)):
+    for a, b_ in zip((dx, dg, db, dr), numbabn.batch_norm_backward(dy, ctx0), strict=True):
         np.testing.assert_array_equal(a, b_)
     with pytest.raises(ValueError, match="out must not overlap x or residual"):
         numbabn.batch_norm_forward(x, g, b, residual=r, out=r)
@@ -126,7 +126,7 @@ def test_one_and_two_threads_are_bit_identical(rng, monkeypatch, shape, axis):
         with numbabn.limit_threads(threads):
             y, ctx = numbabn.batch_norm_forward(x, g, b, axis=axis, activation="relu", residual=r)
             results.append((y, *numbabn.batch_norm_backward(dy, ctx)))
-    for a, b_ in zip(*results):
+    for a, b_ in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b_)
 
 

@@ -47,7 +47,7 @@ def _expected():
 
 def _same(result, expected):
     assert result.returncode == 0, result.stderr.decode()
-    for a, b in zip(pickle.loads(result.stdout), expected):
+    for a, b in zip(pickle.loads(result.stdout), expected, strict=True):
         assert np.array_equal(a, b)
 
 
@@ -141,7 +141,7 @@ def test_warm_process_loads_every_variant_without_compiling(tmp_path):
     # Nothing compiled, nothing said, and Numba's compiler registries (which import
     # SciPy's BLAS) were never loaded: a warm first call only rebuilds object code.
     assert warm.stderr == b""
-    for a, b_ in zip(pickle.loads(warm.stdout), pickle.loads(cold.stdout)):
+    for a, b_ in zip(pickle.loads(warm.stdout), pickle.loads(cold.stdout), strict=True):
         assert np.array_equal(a, b_)
 
 
@@ -172,7 +172,7 @@ def test_fork_pool_after_the_parent_used_the_kernels(monkeypatch, serial_max):
         expected = [_child_forward(s) for s in range(4)]   # parent uses kernels (and pool) first
         with multiprocessing.get_context("fork").Pool(2) as pool:
             got = pool.map_async(_child_forward, range(4)).get(timeout=300)
-    for (y, dx), (ey, edx) in zip(got, expected):
+    for (y, dx), (ey, edx) in zip(got, expected, strict=True):
         assert np.array_equal(y, ey) and np.array_equal(dx, edx)
 
 
@@ -190,7 +190,7 @@ def test_python_threads_match_serial_calls(rng, monkeypatch):
 
     def worker(i):
         for _ in range(200):
-            for a, e in zip(once(xs[i]), expected[i]):
+            for a, e in zip(once(xs[i]), expected[i], strict=True):
                 if not np.array_equal(a, e):
                     failures.append(i)
                     return
@@ -300,7 +300,7 @@ def test_unusual_input_views_compile_nothing_new(rng, dtype):
     variants = [readonly, np.asfortranarray(x), x.astype(x.dtype.newbyteorder(">")),
                 np.repeat(x, 2, axis=2)[:, :, ::2]]
     for v in variants:
-        for a, e in zip(both(v), reference):
+        for a, e in zip(both(v), reference, strict=True):
             np.testing.assert_array_equal(a, e)
     numbabn.batch_norm_forward(x, g, b, running_mean=ro_stats[0], running_var=ro_stats[1], training=False)
     assert _specialisations() == before
@@ -328,7 +328,7 @@ def test_moments_of_a_near_constant_column_among_many():
     X[:, 7] = 1 + 1e-5 * rng.standard_normal(10_000)
     m = numbabn.moments(X, axis=1)
     exact_mean = np.array([np.sum(c.astype(np.longdouble)) / len(c) for c in X.T])
-    exact_m2 = np.array([np.sum((c.astype(np.longdouble) - mu) ** 2) for c, mu in zip(X.T, exact_mean)])
+    exact_m2 = np.array([np.sum((c.astype(np.longdouble) - mu) ** 2) for c, mu in zip(X.T, exact_mean, strict=True)])
     np.testing.assert_allclose(m.m2, exact_m2.astype(np.float64), rtol=5e-14)
     np.testing.assert_allclose(m.mean, exact_mean.astype(np.float64), rtol=1e-15, atol=0)
 

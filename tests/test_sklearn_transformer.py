@@ -45,7 +45,7 @@ def test_partial_fit_equals_fit_on_concatenation(rng):
     sizes = [1, 2, 100, 17, 500, 381]
     bounds = np.cumsum([0] + sizes)
     inc = BatchNormTransformer()
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         inc.partial_fit(X[a:b])
     full = BatchNormTransformer().fit(X)
     assert inc.n_samples_seen_ == full.n_samples_seen_ == 1001

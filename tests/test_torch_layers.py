@@ -6,10 +6,10 @@ statistics and the batch counter at every step, then the eval-mode forward.
 """
 import numpy as np
 import pytest
+from numbabn_plugins.per_sample_norm import GroupNorm, LayerNorm
 
 from numbabn.layers import BatchNorm1d, BatchNorm2d, Conv2d, Linear, MSELoss, SoftmaxCrossEntropy
 from numbabn.optim import SGD
-from numbabn_plugins.per_sample_norm import GroupNorm, LayerNorm
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: no reference layers to compare with")
 

@@ -69,10 +69,10 @@ def train_side_by_side(a, b, steps=3, shape=(6, 3, 12, 12), fmt=None):
         lb = nn.functional.cross_entropy(b(x), t)
         torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
         la.backward(), lb.backward()
-        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=f"{name}.grad step {step}")
         oa.step(), ob.step(), oa.zero_grad(), ob.zero_grad()
-    for (name, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(v, w, rtol=1e-3, atol=1e-4, msg=name)
     a.eval(), b.eval()
     x = torch.randn(shape, generator=g)

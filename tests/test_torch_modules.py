@@ -77,9 +77,9 @@ def test_matches_torch_over_training_steps_and_eval(name, kwargs, shape, fmt, dt
         ya.backward(dy)
         yb.backward(dy)
         assert_close(xa.grad, xb.grad, f"input gradient, step {step}")
-        for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        for (n, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
             assert_close(p.grad, q.grad, f"{n}.grad, step {step}")
-        for (n, b), c in zip(ours.named_buffers(), theirs.buffers()):
+        for (n, b), c in zip(ours.named_buffers(), theirs.buffers(), strict=True):
             assert_close(b, c, f"buffer {n}, step {step}")
         if opt:
             opt.step(), topt.step(), opt.zero_grad(), topt.zero_grad()
@@ -160,7 +160,7 @@ def test_empty_batch_follows_torch():
     y = ours(x)
     assert y.shape == x.shape
     theirs(torch.zeros(0, 3, 4, 4))
-    for a, b in zip(ours.buffers(), theirs.buffers()):
+    for a, b in zip(ours.buffers(), theirs.buffers(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -266,7 +266,7 @@ def test_cuda_tensors_go_to_numbabn_as_they_are(monkeypatch):
     _bridge.to_tensor(device_array, fake)
     assert seen == dict(obj=device_array, device=fake.device)
 
-    from numbabn import _layout   # numbabn's own dispatch rule for such an object
+    from numbabn import _layout  # numbabn's own dispatch rule for such an object
     assert _layout.is_device_array(type("T", (), {"__cuda_array_interface__": {}})())
 
 

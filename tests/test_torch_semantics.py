@@ -11,13 +11,13 @@ plugin layers (InstanceNorm, LayerNorm, GroupNorm) are all driven this way.
 """
 import numpy as np
 import pytest
+from numbabn_plugins.instance_norm import InstanceNorm1d, InstanceNorm2d
+from numbabn_plugins.per_sample_norm import GroupNorm, LayerNorm
 
 from numbabn import batch_norm_backward, batch_norm_forward
 from numbabn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from numbabn.optim import SGD
 from numbabn.registry import get_layer
-from numbabn_plugins.instance_norm import InstanceNorm1d, InstanceNorm2d
-from numbabn_plugins.per_sample_norm import GroupNorm, LayerNorm
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: no reference layers to compare with")
 
@@ -92,7 +92,7 @@ def run_steps(ours, theirs, steps, *, perm=None, compare_counter=True, compare_s
 
 def batches(rng, shapes, dtype, settings, loc=0.0):
     return [((rng.standard_normal(s) * (1 + i % 3) + loc + i).astype(dtype), rng.standard_normal(s).astype(dtype),
-             st) for i, (s, st) in enumerate(zip(shapes, settings))]
+             st) for i, (s, st) in enumerate(zip(shapes, settings, strict=True))]
 
 
 TRAIN, EVAL = {"training": True}, {"training": False}
@@ -264,7 +264,8 @@ def test_layer_norm_shapes_match_torch(rng, normalized_shape, kwargs, shapes, dt
     for p in ours.parameters():
         p.value[...] = rng.uniform(0.5, 1.5, p.value.shape)
     settings = [TRAIN] * (len(shapes) - 1) + [EVAL]
-    run_steps(ours, theirs, batches(rng, shapes, dtype, settings, loc=1.0), tol=ONE_VALUE_TOL.get((shapes[0][-1], dtype)))
+    run_steps(ours, theirs, batches(rng, shapes, dtype, settings, loc=1.0),
+              tol=ONE_VALUE_TOL.get((shapes[0][-1], dtype)))
 
 
 GROUP_NORM_CASES = [  # (num_groups, num_channels, kwargs, input shapes per step)

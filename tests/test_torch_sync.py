@@ -8,8 +8,8 @@ refused input in the middle of training, layers called out of order, and trainin
 under DistributedDataParallel on CPU against one process on the whole batch. (The
 README's torchrun launch of examples/torch_ddp_syncbn.py runs in test_examples.py.)
 """
-from datetime import timedelta
 import traceback
+from datetime import timedelta
 
 import pytest
 
@@ -130,7 +130,7 @@ def check_ddp_training(rank, sizes):
         ((ddp(X[mine]) - T[mine]).square().sum() * (world / n)).backward()
         ((ref(X) - T).square().sum() / n).backward()
         opt.step(), ropt.step(), opt.zero_grad(), ropt.zero_grad()
-    for (name, p), q in zip(ddp.module.state_dict().items(), ref.state_dict().values()):
+    for (name, p), q in zip(ddp.module.state_dict().items(), ref.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, **F64, msg=name)
 
 

@@ -4,11 +4,31 @@ test_train_trainer.py)."""
 import numpy as np
 import pytest
 
-from numbabn.layers import (BatchNorm1d, BatchNorm2d, Conv2d, Layer, Linear, MSELoss, ReLU, Sequential, Sigmoid,
-                            SoftmaxCrossEntropy)
+from numbabn.layers import (
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    Layer,
+    Linear,
+    MSELoss,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    SoftmaxCrossEntropy,
+)
 from numbabn.optim import SGD, Adam
-from numbabn.train import (Trainer, activation_percentiles, eta_grid, gradient_norm, hessian_top_eigenvalue,
-                           internal_covariate_shift, landscape_probe, leaf_layers, weight_layers, weight_norm)
+from numbabn.train import (
+    Trainer,
+    activation_percentiles,
+    eta_grid,
+    gradient_norm,
+    hessian_top_eigenvalue,
+    internal_covariate_shift,
+    landscape_probe,
+    leaf_layers,
+    weight_layers,
+    weight_norm,
+)
 
 from .train_nets import F64, all_metrics, bn_net, data, two_layer
 
@@ -123,7 +143,7 @@ def test_hessian_matches_dense_finite_difference_hessian(rng):
 
     def grad(flat):
         offset = 0
-        for p, t, n in zip(params, theta, sizes):
+        for p, t, n in zip(params, theta, sizes, strict=True):
             p.value[...] = t + flat[offset:offset + n].reshape(t.shape)
             offset += n
         _, d = loss(model.forward(batch[0]), batch[1])
@@ -333,7 +353,7 @@ def test_metrics_leave_everything_untouched(dtype, make_opt):
         now = opt.state_dict()
         assert now["hyperparameters"] == opt_state["hyperparameters"]
         assert all(s.keys() == t.keys() and all(np.array_equal(s[k], t[k]) for k in s)
-                   for s, t in zip(now["state"], opt_state["state"])), metric
+                   for s, t in zip(now["state"], opt_state["state"], strict=True)), metric
         for layer in leaf_layers(model):
             assert all(vars(layer)[k] is v for k, v in cached[id(layer)].items()), (metric, layer)
         assert model.training

@@ -6,9 +6,18 @@ import pytest
 
 from numbabn.layers import BatchNorm1d, Linear, ReLU, Sequential, SoftmaxCrossEntropy
 from numbabn.optim import SGD
-from numbabn.train import (ActivationPercentiles, HessianEigenvalue, InternalCovariateShift, LandscapeProbe, Trainer,
-                           activation_percentiles, hessian_top_eigenvalue, internal_covariate_shift, landscape_probe,
-                           weight_layers)
+from numbabn.train import (
+    ActivationPercentiles,
+    HessianEigenvalue,
+    InternalCovariateShift,
+    LandscapeProbe,
+    Trainer,
+    activation_percentiles,
+    hessian_top_eigenvalue,
+    internal_covariate_shift,
+    landscape_probe,
+    weight_layers,
+)
 
 torch = pytest.importorskip("torch")
 from numbabn.train.torch_adapter import TorchLayer, from_torch  # noqa: E402
@@ -55,7 +64,7 @@ def _pair(seed):
                               torch.nn.Linear(8, 3)).double()
     ours = Sequential(Linear(5, 8, dtype=np.float64), BatchNorm1d(8, dtype=np.float64), ReLU(),
                       Linear(8, 3, dtype=np.float64))
-    for (_, p), q in zip(net.named_parameters(), ours.parameters()):
+    for (_, p), q in zip(net.named_parameters(), ours.parameters(), strict=True):
         q.value[...] = p.detach().numpy()
     return from_torch(net), ours
 

@@ -32,7 +32,7 @@ def test_trainer_with_metrics_is_bit_identical():
     assert set(hist.metrics) == {"ics", "landscape", "percentiles", "grad_norm", "weight_norm", "hessian"}
     assert hist.metrics["ics"]["step"] == list(range(0, 25, 3))
     # the probes evaluate the training step's own function (same batch, same noise draw)
-    for step, value in zip(*hist.metric("landscape")):
+    for step, value in zip(*hist.metric("landscape"), strict=True):
         assert value["loss"] == pytest.approx(hist.loss[step], rel=1e-12)
     assert hist.metrics["ics"]["value"][0]["0"]["l2"] == 0.0
 

@@ -1,10 +1,16 @@
 """Small networks and data shared by the numbabn.train tests."""
 import numpy as np
+from numbabn_plugins.noisy_batch_norm import NoisyBatchNorm
 
 from numbabn.layers import BatchNorm1d, Linear, ReLU, Sequential, Sigmoid
-from numbabn.train import (ActivationPercentiles, GradientNorm, HessianEigenvalue, InternalCovariateShift,
-                           LandscapeProbe, WeightNorm)
-from numbabn_plugins.noisy_batch_norm import NoisyBatchNorm
+from numbabn.train import (
+    ActivationPercentiles,
+    GradientNorm,
+    HessianEigenvalue,
+    InternalCovariateShift,
+    LandscapeProbe,
+    WeightNorm,
+)
 
 F64 = np.float64
 

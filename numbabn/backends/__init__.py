@@ -14,12 +14,13 @@ own kind of arrays, called by the dispatcher after every shared check has passed
   [sum g, sum g*(x - mean)] that an ``allreduce`` combines; ``grad_apply(...)`` ->
   dx, dgamma, dbeta.
 
-Only these modules import :mod:`numbabn.kernels`. The CUDA module imports
+Only these modules import ``numbabn.kernels``. The CUDA module imports
 ``numba.cuda`` and is imported on first use (:func:`get`).
 """
+from types import ModuleType
 
 
-def get(name):
+def get(name: str) -> ModuleType:
     """The backend module ``name`` ("cpu" or "cuda")."""
     if name == "cpu":
         from . import cpu

@@ -1,22 +1,30 @@
-"""The CPU backend: NumPy arrays, kernels of :mod:`numbabn.kernels.cpu` run by
-:mod:`numbabn.kernels.cpu_driver` on numbabn's thread pool.
+"""The CPU backend: NumPy arrays, kernels of ``numbabn.kernels.cpu`` run by
+``numbabn.kernels.cpu_driver`` on numbabn's thread pool.
 
 Operations as listed in :mod:`numbabn.backends`; arrays are host arrays throughout
 (``host`` arguments are ignored). Buffers are allocated in the compute dtype and
-the canonical shape; :func:`deliver` returns them in the caller's shape and dtype.
+the canonical shape; ``deliver`` returns them in the caller's shape and dtype.
 """
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+from numpy.typing import NDArray
 
 from .. import config
-from .._layout import canonical_host, check_out, check_param
+from .._layout import Canonical, canonical_host, check_out, check_param
+from .._typing import AnyArray
 from ..kernels import cpu_driver
+
+if TYPE_CHECKING:
+    from .._context import BatchNormContext
 
 NAME = "cpu"
 canonical = canonical_host
 param = check_param
 
 
-def check_apart(fn, a, b, message):
+def check_apart(fn: str, a: AnyArray, b: AnyArray, message: str) -> None:
     """Raise ``message`` when NumPy arrays ``a`` and ``b`` share memory (anything
     else, None included, is skipped)."""
     if not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray) or not b.size:
@@ -27,7 +35,8 @@ def check_apart(fn, a, b, message):
         raise ValueError(f"{fn}: {message}")
 
 
-def output(fn, out, cx, host, inputs, overlap_msg):
+def output(fn: str, out: AnyArray | None, cx: Canonical, host: bool, inputs: Sequence[Any],
+           overlap_msg: str) -> AnyArray:
     """Check ``out`` (a NumPy array of the caller's shape and dtype, apart from
     ``inputs``) and return the compute-dtype buffer (canonical shape) the kernels
     write: ``out`` itself when its dtype is the compute dtype."""
@@ -41,7 +50,7 @@ def output(fn, out, cx, host, inputs, overlap_msg):
     return np.empty(cx.array.shape, dt)
 
 
-def deliver(buf, shape, dtype, out, host):
+def deliver(buf: AnyArray, shape: tuple[int, ...], dtype: Any, out: AnyArray | None, host: bool) -> AnyArray:
     """The buffer as the caller's result: shape ``shape``, dtype ``dtype`` (float16
     converted back), in ``out`` when given."""
     if buf.dtype != dtype:
@@ -52,18 +61,19 @@ def deliver(buf, shape, dtype, out, host):
     return buf.reshape(shape) if out is None else out
 
 
-def moments(cx):
+def moments(cx: Canonical) -> NDArray[np.float64]:
     """(2, C) float64 [mean, M2] of the canonical input (at least one value per channel)."""
     return cpu_driver.batch_moments(cx.array, cx.layout, config.CHUNK)
 
 
-def zero_stats(C, dtype):
+def zero_stats(C: int, dtype: Any) -> tuple[Any, Any, Any]:
     """(mean, invstd, coef) of a batch without values: zeros (zero gradients follow)."""
     return np.zeros(C), np.zeros(C), np.zeros((4, C), dtype)
 
 
-def forward(cx, gamma, beta, running_mean, running_var, momentum, eps, training, relu, stats, count, y,
-            given_running, residual=None):
+def forward(cx: Canonical, gamma: AnyArray, beta: AnyArray, running_mean: AnyArray, running_var: AnyArray,
+        momentum: float, eps: float, training: bool, relu: bool, stats: Any, count: int, y: AnyArray,
+        given_running: Any, residual: AnyArray | None = None) -> tuple[Any, Any, Any]:
     """Normalise ``cx`` into ``y`` -> (mean, invstd, coef); see :func:`cpu_driver.forward`.
     ``given_running`` (the caller's running statistics) is for backends that copy them;
     ``residual`` (canonical, like ``cx.array``, or None) is added before the ReLU."""
@@ -71,11 +81,11 @@ def forward(cx, gamma, beta, running_mean, running_var, momentum, eps, training,
                               training, relu, stats, count, y, config.CHUNK, residual)
 
 
-def grad_sums(cdy, ctx):
+def grad_sums(cdy: Canonical, ctx: "BatchNormContext") -> Any:
     return cpu_driver.grad_sums(cdy.array, ctx.x, ctx.layout, ctx.coef, ctx.relu, config.CHUNK, ctx.residual)
 
 
-def copy(src, dst):
+def copy(src: AnyArray, dst: AnyArray) -> None:
     """dst[...] = src (canonical buffers of one shape and dtype)."""
     np.copyto(dst, src)
 
@@ -84,14 +94,16 @@ pack_grad_sums = cpu_driver.pack_grad_sums
 unpack_grad_sums = cpu_driver.unpack_grad_sums
 
 
-def grad_apply(cdy, ctx, partials, dx, host, dres=None):
+def grad_apply(cdy: Canonical, ctx: "BatchNormContext", partials: Any, dx: AnyArray, host: bool,
+           dres: AnyArray | None = None) -> tuple[Any, Any]:
     """dx into ``dx`` (canonical buffer) -> (dgamma, dbeta), NumPy arrays of the compute dtype.
     With a fused residual and ReLU, its gradient into ``dres`` (canonical buffer)."""
     return cpu_driver.grad_apply(cdy.array, ctx.x, ctx.layout, ctx.coef, ctx.invstd, ctx.gamma, ctx.training,
                                  ctx.relu, ctx.count, partials, dx, config.CHUNK, ctx.residual, dres)
 
 
-def warmup_plan(dtypes=("float32", "float64"), layouts=("ncl", "mc"), residual=False):
+def warmup_plan(dtypes: Sequence[str] = ("float32", "float64"), layouts: Sequence[str] = ("ncl", "mc"),
+            residual: bool = False) -> list[tuple[str, Callable[..., Any]]]:
     """[(label, compile callable)] for every CPU kernel specialisation of ``dtypes`` x
     ``layouts``, the fused-residual ones only if ``residual`` (what ``numbabn warmup``
     runs, one step each)."""

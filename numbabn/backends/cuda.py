@@ -1,4 +1,4 @@
-"""The CUDA backend: placement, GPU array checks, kernel launches of :mod:`numbabn.kernels.cuda`.
+"""The CUDA backend: placement, GPU array checks, kernel launches of ``numbabn.kernels.cuda``.
 
 Imported only when the CUDA backend is used (it imports ``numba.cuda``). Operations
 as listed in :mod:`numbabn.backends`; this module decides where arrays live:
@@ -19,23 +19,39 @@ as listed in :mod:`numbabn.backends`; this module decides where arrays live:
   between device and host (one small copy each way) and the caller's combination
   runs on the host, in the same format as on the CPU backend.
 
-Validation follows the CPU path's rules and messages (:mod:`numbabn._layout`,
-:mod:`numbabn._bn_checks`); all of it happens before any kernel runs, so bad input
+Validation follows the CPU path's rules and messages (``numbabn._layout``,
+``numbabn._bn_checks``); all of it happens before any kernel runs, so bad input
 modifies nothing.
 """
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 from numba import cuda
+from numpy.typing import NDArray
 
 from .. import config
 from .._checks import describe
-from .._layout import Canonical, canonical_host, check_float_dtype, check_out, check_param, compute_dtype, \
-    is_device_array, layout_of
+from .._layout import (
+    Canonical,
+    canonical_host,
+    check_float_dtype,
+    check_out,
+    check_param,
+    compute_dtype,
+    is_device_array,
+    layout_of,
+)
+from .._typing import AnyArray
 from ..kernels import cuda as K
+
+if TYPE_CHECKING:
+    from .._context import BatchNormContext
 
 NAME = "cuda"
 
 
-def _ncl(a, layout):
+def _ncl(a: AnyArray, layout: str) -> AnyArray:
     """The kernels' (N, C, L) view: channels-last (M, C) becomes (M, C, 1)."""
     return a if layout == "ncl" else a.reshape(a.shape[0], a.shape[1], 1)
 
@@ -43,21 +59,21 @@ def _ncl(a, layout):
 # ------------------------------------------------------------------ GPU arrays
 
 
-def as_device(x):
+def as_device(x: AnyArray) -> AnyArray:
     """A numba device array viewing the GPU array ``x`` (zero copy)."""
     if getattr(x, "__cuda_ndarray__", False):
         return x
     return cuda.as_cuda_array(x)
 
 
-def _device_readonly(x):
+def _device_readonly(x: AnyArray) -> bool:
     iface = getattr(x, "__cuda_array_interface__", None)
     return bool(iface and iface["data"][1])
 
 
-def device_overlap(a, b):
+def device_overlap(a: AnyArray, b: AnyArray) -> bool:
     """Whether two C-contiguous device arrays share bytes (by address range)."""
-    def extent(d):
+    def extent(d: AnyArray) -> tuple[int, int]:
         # The simulator's device arrays wrap NumPy arrays and have only the host interface.
         iface = getattr(d, "__cuda_array_interface__", None) or d.__array_interface__
         start = iface["data"][0]
@@ -67,7 +83,7 @@ def device_overlap(a, b):
     return a0 < b1 and b0 < a1
 
 
-def _check_device_out(fn, name, out, shape, dtype):
+def _check_device_out(fn: str, name: str, out: AnyArray, shape: tuple[int, ...], dtype: Any) -> AnyArray:
     """:func:`~numbabn._layout.check_out` for a GPU output; returns the numba device view of it."""
     if not is_device_array(out):
         raise TypeError(f"{fn}: {name} must be a GPU array like the input, got {describe(out)}")
@@ -81,7 +97,7 @@ def _check_device_out(fn, name, out, shape, dtype):
     return d
 
 
-def canonical(fn, name, x, axis):
+def canonical(fn: str, name: str, x: AnyArray, axis: int) -> Canonical:
     """Check an input of the CUDA backend and view it in its canonical layout on the device.
 
     GPU arrays (see :func:`~numbabn._layout.is_device_array`) are viewed without
@@ -110,7 +126,8 @@ def canonical(fn, name, x, axis):
     return Canonical(arr, layout, tuple(d.shape), axis, np.dtype(d.dtype), C, m)
 
 
-def param(fn, name, value, channels, dtype, *, inplace=False):
+def param(fn: str, name: str, value: AnyArray | None, channels: int, dtype: Any, *,
+      inplace: bool = False) -> AnyArray:
     """:func:`~numbabn._layout.check_param` for the CUDA backend; returns a device array.
 
     GPU arrays are used in place (they must be C-contiguous); host arrays are
@@ -132,7 +149,7 @@ def param(fn, name, value, channels, dtype, *, inplace=False):
     return d
 
 
-def check_apart(fn, a, b, message):
+def check_apart(fn: str, a: AnyArray, b: AnyArray, message: str) -> None:
     """Raise ``message`` when arrays ``a`` and ``b`` (host or device; None skipped) share memory."""
     if a is None or b is None:
         return
@@ -147,7 +164,8 @@ def check_apart(fn, a, b, message):
         raise ValueError(f"{fn}: {message}")
 
 
-def output(fn, out, cx, host, inputs, overlap_msg):
+def output(fn: str, out: AnyArray | None, cx: Canonical, host: bool, inputs: Sequence[Any],
+           overlap_msg: str) -> AnyArray:
     """Check ``out`` and return the compute-dtype device buffer (canonical shape)
     the kernels write: ``out`` itself when it is a device array of that dtype."""
     dt = compute_dtype(cx.dtype)
@@ -165,7 +183,7 @@ def output(fn, out, cx, host, inputs, overlap_msg):
     return cuda.device_array(cx.array.shape, dt)
 
 
-def deliver(buf, shape, dtype, out, host):
+def deliver(buf: AnyArray, shape: tuple[int, ...], dtype: Any, out: AnyArray | None, host: bool) -> AnyArray:
     """The device result ``buf`` as the caller's kind of array, in ``out`` if given."""
     if host:
         res = buf.copy_to_host().reshape(shape)
@@ -185,21 +203,22 @@ def deliver(buf, shape, dtype, out, host):
 # ------------------------------------------------------------------ operations
 
 
-def moments(cx):
+def moments(cx: Canonical) -> NDArray[np.float64]:
     """(2, C) float64 [mean, M2] (NumPy) of the canonical device input (at least one
     value per channel): Welford per thread, Chan merges per block and across blocks."""
     mean, m2 = K.moments(_ncl(cx.array, cx.layout), config.CUDA_THREADS)
     return np.stack([mean.copy_to_host(), m2.copy_to_host()])
 
 
-def zero_stats(C, dtype):
+def zero_stats(C: int, dtype: Any) -> tuple[Any, Any, Any]:
     """(mean, invstd, coef) of a batch without values: zeros (zero gradients follow)."""
     zeros = cuda.to_device(np.zeros(C))
     return zeros, zeros, None
 
 
-def forward(cx, gamma, beta, running_mean, running_var, momentum, eps, training, relu, stats, count, y,
-            given_running, residual=None):
+def forward(cx: Canonical, gamma: AnyArray, beta: AnyArray, running_mean: AnyArray, running_var: AnyArray,
+        momentum: float, eps: float, training: bool, relu: bool, stats: Any, count: int, y: AnyArray,
+        given_running: Any, residual: AnyArray | None = None) -> tuple[Any, Any, Any]:
     """Normalise ``cx`` into the device buffer ``y`` -> (mean, invstd, None), float64
     device arrays. ``stats``: host (2, C) [mean, M2] of ``count`` values to use
     instead of the batch's (copied to the device). Running statistics given as
@@ -208,35 +227,36 @@ def forward(cx, gamma, beta, running_mean, running_var, momentum, eps, training,
                              training, relu, config.CUDA_THREADS, _ncl(y, cx.layout), stats, count,
                              None if residual is None else _ncl(residual, cx.layout))
     if training and running_mean.size:
-        for given, updated in zip(given_running, (running_mean, running_var)):
+        for given, updated in zip(given_running, (running_mean, running_var), strict=True):
             if not is_device_array(given):
                 updated.copy_to_host(given)
     return mean, invstd, None
 
 
-def grad_sums(cdy, ctx):
+def grad_sums(cdy: Canonical, ctx: "BatchNormContext") -> Any:
     """Device partials (psg, psgx), (C, S) float64, of sum g and sum g*(x - mean)."""
     return K.grad_sums(_ncl(cdy.array, ctx.layout), _ncl(ctx.x, ctx.layout), ctx.mean, ctx.invstd,
                        ctx.gamma, ctx.beta, ctx.relu, config.CUDA_THREADS,
                        None if ctx.residual is None else _ncl(ctx.residual, ctx.layout))
 
 
-def pack_grad_sums(partials):
+def pack_grad_sums(partials: Any) -> NDArray[np.float64]:
     """Device partials -> host (2, C) float64 [sum g, sum g*(x - mean)], summed in split order."""
     return np.stack([p.copy_to_host().sum(axis=1) for p in partials])
 
 
-def unpack_grad_sums(sums):
+def unpack_grad_sums(sums: NDArray[np.float64]) -> Any:
     """Host (2, C) float64 sums (e.g. over all ranks) -> device partials of one split."""
     return tuple(cuda.to_device(np.ascontiguousarray(s.reshape(-1, 1))) for s in sums)
 
 
-def copy(src, dst):
+def copy(src: AnyArray, dst: AnyArray) -> None:
     """dst[...] = src (canonical device buffers of one shape and dtype)."""
     dst.copy_to_device(src)
 
 
-def grad_apply(cdy, ctx, partials, dx, host, dres=None):
+def grad_apply(cdy: Canonical, ctx: "BatchNormContext", partials: Any, dx: AnyArray, host: bool,
+           dres: AnyArray | None = None) -> tuple[Any, Any]:
     """dx into the device buffer ``dx`` -> (dgamma, dbeta) of the compute dtype:
     NumPy arrays when ``host`` (dy came from the host), device arrays otherwise."""
     C = ctx.mean.shape[0]

@@ -22,13 +22,13 @@ class Case:
     axis: int = 1
 
     @property
-    def layout(self):
+    def layout(self) -> str:
         if len(self.shape) == 2:
             return "nc"
         return "nhwc" if self.axis in (-1, len(self.shape) - 1) else "nchw"
 
     @property
-    def channels(self):
+    def channels(self) -> int:
         return self.shape[self.axis]
 
 
@@ -59,7 +59,7 @@ SUITES = {
 }
 
 
-def parse_shape(text):
+def parse_shape(text: str) -> tuple[int, ...]:
     """'64x64x56x56' -> (64, 64, 56, 56); ValueError with the offending text."""
     try:
         shape = tuple(int(p) for p in text.lower().split("x"))

@@ -9,17 +9,20 @@ bandwidth (:func:`device_copy_bandwidth`) measured in the same run. "torch" time
 ``F.batch_norm`` / ``native_batch_norm_backward`` on CUDA tensors of the same data
 (PyTorch must see the GPU); "numpy" times the float64 reference on the host.
 """
-from importlib.metadata import version
 import statistics
+from collections.abc import Callable, Sequence
+from importlib.metadata import version
+from typing import Any
 
-from numba import cuda
 import numpy as np
+from numba import cuda
 
 from .. import config
+from .cases import Case
 from .harness import numbabn_ops
 
 
-def event_time(fn, repeat):
+def event_time(fn: Callable[[], Any], repeat: int) -> float:
     """Median seconds of ``fn`` between two CUDA events on the default stream.
 
     Waiting for the stop event synchronises with the device, so the time covers every
@@ -37,7 +40,7 @@ def event_time(fn, repeat):
     return statistics.median(times)
 
 
-def device_copy_bandwidth(nbytes, repeats=20):
+def device_copy_bandwidth(nbytes: int, repeats: int = 20) -> float:
     """Device-to-device copy bandwidth in GB/s, the speed limit of memory-bound kernels.
 
     Copies ``nbytes`` between two device buffers ``repeats`` times (after one
@@ -46,7 +49,7 @@ def device_copy_bandwidth(nbytes, repeats=20):
     like the bytes moved by the batch-norm kernels (numbabn DESIGN §3).
     Raises RuntimeError under the CUDA simulator (its timings mean nothing).
     """
-    if cuda.config.ENABLE_CUDASIM:
+    if cuda.config.ENABLE_CUDASIM:  # type: ignore[attr-defined]  # set from the environment at import
         raise RuntimeError(
             "device_copy_bandwidth: refusing to time the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
     if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes <= 0:
@@ -77,8 +80,8 @@ class CUDABackend:
     sync = staticmethod(cuda.synchronize)
     time = staticmethod(event_time)
 
-    def __init__(self, compare):
-        if cuda.config.ENABLE_CUDASIM:
+    def __init__(self, compare: Sequence[str]) -> None:
+        if cuda.config.ENABLE_CUDASIM:  # type: ignore[attr-defined]  # (see above)
             raise RuntimeError("cuda benchmark: refusing to time the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
         if not cuda.is_available():
             raise RuntimeError("cuda benchmark: no CUDA GPU is available")
@@ -92,16 +95,16 @@ class CUDABackend:
             self.torch_threads = torch.get_num_threads()
         self.threads = config.CUDA_THREADS
 
-    def where(self):
+    def where(self) -> dict[str, Any]:
         return {"device": cuda.get_current_device().name}
 
-    def versions(self):
+    def versions(self) -> dict[str, str]:
         return {"numba": version("numba"), "numba_cuda": version("numba-cuda")}
 
-    def copy_bandwidth(self, nbytes):
+    def copy_bandwidth(self, nbytes: int) -> float:
         return device_copy_bandwidth(nbytes)
 
-    def ops(self, case, *host):
+    def ops(self, case: Case, *host: Any) -> dict[str, Callable[[], Any]]:
         """Device copies of the host arrays, preallocated outputs; synchronised so the
         setup time includes compiling the forward kernels."""
         x, dy, gamma, beta, rm, rv = (cuda.to_device(a) for a in host)

@@ -3,7 +3,7 @@
 Method (DESIGN.md §7): one warm-up call per case and op (its time is reported
 separately as ``first_s``: JIT compile, or loading Numba's on-disk cache), then the
 median of ``repeat`` timed calls. For each case the bytes moved follow DESIGN.md §3
-(S = bytes of x, :data:`~numbabn.bench.cases.TRAFFIC`): training forward 3S, eval
+(S = bytes of x, ``numbabn.bench.cases.TRAFFIC``): training forward 3S, eval
 forward 2S, backward 5S. GB/s is bytes/time; ``pct_copy`` compares it with the copy
 bandwidth of the backend's memory measured in the same run. PyTorch
 (``torch.nn.functional.batch_norm`` for forward/eval, ATen's
@@ -19,13 +19,16 @@ CPU: host arrays; both sides allocate their outputs; wall-clock timing; the copy
 reference is the faster of NumPy's ``copyto`` and a copy on the kernels' thread pool
 (2 bytes moved per byte copied); PyTorch gets the same thread count as Numba.
 """
-from dataclasses import asdict, dataclass, field
 import statistics
 import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
-from .cases import OPS, TRAFFIC
+from .cases import OPS, TRAFFIC, Case
 
 
 @dataclass
@@ -56,11 +59,11 @@ class Report:
     rows: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         return {"meta": self.meta, "rows": [asdict(r) for r in self.rows]}
 
 
-def median_time(fn, repeat, sync=None):
+def median_time(fn: Callable[[], Any], repeat: int, sync: Callable[[], Any] | None = None) -> float:
     """Median wall-clock seconds of ``repeat`` calls of ``fn`` (each followed by ``sync``)."""
     times = []
     for _ in range(repeat):
@@ -72,7 +75,7 @@ def median_time(fn, repeat, sync=None):
     return statistics.median(times)
 
 
-def first_call(fn, sync=None):
+def first_call(fn: Callable[[], Any], sync: Callable[[], Any] | None = None) -> float:
     """Seconds of one call of ``fn`` (and ``sync``): the JIT compile or cache load."""
     t0 = time.perf_counter()
     fn()
@@ -81,7 +84,7 @@ def first_call(fn, sync=None):
     return time.perf_counter() - t0
 
 
-def copy_bandwidth(nbytes=256 << 20, repeat=5):
+def copy_bandwidth(nbytes: int = 256 << 20, repeat: int = 5) -> float:
     """Host copy bandwidth in GB/s (2*bytes/time): the best of NumPy's copy and a copy
     on the kernels' own threads (serial nogil blocks through the same scheduler), so
     the reference uses the cores the way the kernels do."""
@@ -92,7 +95,7 @@ def copy_bandwidth(nbytes=256 << 20, repeat=5):
     block = 1 << 16
 
     @njit(nogil=True)
-    def copy_blocks(src, dst, t0, t1):
+    def copy_blocks(src: Any, dst: Any, t0: int, t1: int) -> None:
         for i in range(t0 * block, min(t1 * block, src.size)):
             dst[i] = src[i]
 
@@ -100,7 +103,7 @@ def copy_bandwidth(nbytes=256 << 20, repeat=5):
     dst = np.empty_like(src)
     blocks = -(-src.size // block)
 
-    def threaded():
+    def threaded() -> None:
         parallel_for(copy_blocks, blocks, src.size, src, dst)
 
     threaded()
@@ -108,7 +111,7 @@ def copy_bandwidth(nbytes=256 << 20, repeat=5):
     return 2 * src.nbytes / best / 1e9
 
 
-def inputs(case, dtype, rng):
+def inputs(case: Case, dtype: Any, rng: np.random.Generator) -> tuple[NDArray[Any], ...]:
     """Host arrays for one case: x, dy, gamma, beta, running mean and variance."""
     dt = np.dtype(dtype)
     x = (rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1).astype(dt)
@@ -119,7 +122,8 @@ def inputs(case, dtype, rng):
     return x, dy, gamma, beta, np.zeros(C, dt), np.ones(C, dt)
 
 
-def numbabn_ops(case, x, gamma, beta, dy, rm, rv, backend="cpu", y=None, dx=None):
+def numbabn_ops(case: Case, x: Any, gamma: Any, beta: Any, dy: Any, rm: Any, rv: Any, backend: str = "cpu",
+            y: Any = None, dx: Any = None) -> dict[str, Callable[[], Any]]:
     """{op: callable} timing numbabn's functional API on ``x`` (host or device arrays).
 
     ``y``/``dx``: preallocated outputs (``out=``); the CUDA backend passes device
@@ -143,7 +147,8 @@ def numbabn_ops(case, x, gamma, beta, dy, rm, rv, backend="cpu", y=None, dx=None
     }
 
 
-def numpy_ops(case, x, gamma, beta, dy, rm, rv):
+def numpy_ops(case: Case, x: Any, gamma: Any, beta: Any, dy: Any, rm: Any,
+              rv: Any) -> dict[str, Callable[[], Any]]:
     """{op: callable} timing the float64 NumPy reference on host arrays."""
     from ..kernels import reference as R
 
@@ -154,7 +159,8 @@ def numpy_ops(case, x, gamma, beta, dy, rm, rv):
     }
 
 
-def torch_ops(case, x, gamma, beta, dy, threads, device="cpu"):
+def torch_ops(case: Case, x: Any, gamma: Any, beta: Any, dy: Any, threads: int,
+          device: str = "cpu") -> dict[str, Callable[[], Any]]:
     """{op: callable} timing PyTorch's batch norm on tensors of the host arrays' data
     on ``device``, with ``threads`` CPU threads."""
     import torch
@@ -188,44 +194,45 @@ class CPUBackend:
     torch_device = "cpu"
     threading_layer = "python threads"
 
-    def __init__(self, threads=None):
+    def __init__(self, threads: int | None = None) -> None:
         from .. import _threads
 
         if threads is not None:
             _threads.set_num_threads(threads)
         self.threads = self.torch_threads = _threads.get_num_threads()
 
-    def where(self):
+    def where(self) -> dict[str, Any]:
         return {}
 
-    def versions(self):
+    def versions(self) -> dict[str, str]:
         import numba
 
         return {"numba": numba.__version__}
 
-    def copy_bandwidth(self, nbytes):
+    def copy_bandwidth(self, nbytes: int) -> float:
         return copy_bandwidth(nbytes)
 
-    def ops(self, case, x, dy, gamma, beta, rm, rv):
+    def ops(self, case: Case, x: Any, dy: Any, gamma: Any, beta: Any, rm: Any,
+            rv: Any) -> dict[str, Callable[[], Any]]:
         """{op: callable} on the host arrays of :func:`inputs`."""
         return numbabn_ops(case, x, gamma, beta, dy, rm, rv)
 
     time = staticmethod(median_time)
 
 
-def _backend(name, compare, threads):
+def _backend(name: str, compare: Sequence[str], threads: int | None) -> Any:
     if name == "cpu":
         return CPUBackend(threads)
     if name == "cuda":
         if threads is not None:
             raise ValueError("threads sets CPU threads; it does not apply to backend='cuda'")
-        from .cuda import CUDABackend   # imports numba.cuda: only when asked for
+        from .cuda import CUDABackend  # imports numba.cuda: only when asked for
 
         return CUDABackend(compare)
     raise ValueError(f"backend must be 'cpu' or 'cuda', got {name!r}")
 
 
-def _compare(row, others, op, repeat, torch_time):
+def _compare(row: Row, others: dict[str, Any], op: str, repeat: int, torch_time: Any) -> None:
     """Time the NumPy reference and PyTorch on ``op`` (after one untimed call each)
     and fill ``row``'s comparison columns. ``torch_time(fn, repeat)`` -> seconds."""
     if "numpy" in others:
@@ -240,8 +247,9 @@ def _compare(row, others, op, repeat, torch_time):
         row.vs_torch = row.torch_ms / row.ms
 
 
-def run(cases, ops=OPS, dtype="float32", backend="cpu", repeat=10, compare=("numpy", "torch"),
-        threads=None, progress=None):
+def run(cases: Iterable[Case], ops: Sequence[str] = OPS, dtype: str = "float32", backend: str = "cpu",
+    repeat: int = 10, compare: Sequence[str] = ("numpy", "torch"), threads: int | None = None,
+    progress: Callable[..., Any] | None = None) -> Report:
     """Time every (case, op) of numbabn on ``backend`` ('cpu' or 'cuda'), with the
     ``compare`` libraries on the same data, and return a :class:`Report`.
 

@@ -10,28 +10,30 @@ by a fixed two spaces (a module-global setting), which would widen the published
 tables, and would add a dependency and about 0.1 s of import time for those six lines.
 """
 import csv
-from dataclasses import asdict, fields
 import json
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+from typing import IO, Any
 
-from .harness import Row
+from .harness import Report, Row
 
 TABLE_COLUMNS = ("op", "case", "shape", "layout", "ms", "GB/s", "%copy", "first s", "numpy ms", "x numpy",
                  "torch ms", "x torch")
 
 
-def text_table(head, body, rule=True):
+def text_table(head: Sequence[str], body: Sequence[Sequence[str]], rule: bool = True) -> str:
     """Right-aligned columns of the strings ``head`` and rows ``body``, two spaces
     apart, with a dashed rule under the header when ``rule``."""
-    widths = [max(len(c) for c in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    widths = [max(len(c) for c in col) for col in zip(head, *body, strict=True)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     return "\n".join([line(head)] + ([line(["-" * w for w in widths])] if rule else []) + [line(b) for b in body])
 
 
-def _cell(v, fmt):
+def _cell(v: Any, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def format_table(report):
+def format_table(report: Report) -> str:
     """The title line and table of a harness report: per (case, op) numbabn's median
     ms, GB/s, % of the copy bandwidth and first-call seconds, then the NumPy
     reference's and PyTorch's median ms with "x numpy"/"x torch" = their ms / ours."""
@@ -46,7 +48,7 @@ def format_table(report):
     return title + "\n" + text_table(TABLE_COLUMNS, body)
 
 
-def footer(report):
+def footer(report: Report) -> str:
     """One line: the first calls' total and slowest (compile or cache load)."""
     slowest = max(report.rows, key=lambda r: r.first_s)
     total = sum(r.first_s for r in report.rows)
@@ -54,13 +56,13 @@ def footer(report):
             f"slowest {slowest.first_s:.2f} s ({slowest.op} {slowest.case})")
 
 
-def write_json(report, f):
+def write_json(report: Report, f: IO[str]) -> None:
     """``{"meta": ..., "rows": [...]}``, indented."""
     json.dump(report.to_dict(), f, indent=2)
     f.write("\n")
 
 
-def write_csv(report, f):
+def write_csv(report: Report, f: IO[str]) -> None:
     """One row per (case, op), the :class:`~numbabn.bench.harness.Row` fields as
     columns, the shape as ``NxCxHxW``."""
     writer = csv.DictWriter(f, [fld.name for fld in fields(Row)], lineterminator="\n")
@@ -69,11 +71,11 @@ def write_csv(report, f):
         writer.writerow({**asdict(row), "shape": "x".join(map(str, row.shape))})
 
 
-def plot(report, f, fmt):
+def plot(report: Report, f: Any, fmt: str) -> None:
     """Roofline-style bars into the binary file ``f`` (``fmt``: png, svg or pdf):
     numbabn's (and PyTorch's) GB/s per case/op under the copy bandwidth."""
     import numpy as np
-    from matplotlib.figure import Figure   # Agg through Figure.savefig: no pyplot, no GUI backend
+    from matplotlib.figure import Figure  # Agg through Figure.savefig: no pyplot, no GUI backend
 
     rows, meta = report.rows, report.meta
     torch_gbps = [r.gbps * r.ms / r.torch_ms if r.torch_ms else 0.0 for r in rows]

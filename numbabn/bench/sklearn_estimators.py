@@ -24,9 +24,11 @@ left over each epoch (6 steps per epoch here against scikit-learn's 7).
 threadpoolctl, the BLAS threads of both sides: for the small matrices of the MLP part,
 thread hand-offs dominate on a busy machine.
 """
-from contextlib import contextmanager
 import statistics
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +36,7 @@ from .cases import SKLEARN_PARTS as PARTS
 from .report import text_table
 
 
-def _timed(fn, repeat):
+def _timed(fn: Callable[..., Any], repeat: int) -> tuple[float, float, Any]:
     """(first call seconds, median of ``repeat`` further calls in seconds, last result)."""
     t0 = time.perf_counter()
     out = fn()
@@ -47,7 +49,8 @@ def _timed(fn, repeat):
     return first, statistics.median(times), out
 
 
-def bench_transformer(n_samples=1_000_000, n_features=64, dtypes=("float32", "float64"), repeat=5, seed=0):
+def bench_transformer(n_samples: int = 1_000_000, n_features: int = 64, dtypes: Sequence[str] = ("float32", "float64"),
+                  repeat: int = 5, seed: int = 0) -> list[dict[str, Any]]:
     """Rows comparing fit+transform of BatchNormTransformer and StandardScaler."""
     from sklearn.preprocessing import StandardScaler
 
@@ -57,8 +60,8 @@ def bench_transformer(n_samples=1_000_000, n_features=64, dtypes=("float32", "fl
     rng = np.random.default_rng(seed)
     for dtype in dtypes:
         X = (rng.standard_normal((n_samples, n_features)) * 3.0 + 100.0).astype(dtype)
-        first, ours_s, ours = _timed(lambda: BatchNormTransformer(eps=1e-30).fit(X).transform(X), repeat)
-        _, ref_s, ref = _timed(lambda: StandardScaler().fit(X).transform(X), repeat)
+        first, ours_s, ours = _timed(lambda X=X: BatchNormTransformer(eps=1e-30).fit(X).transform(X), repeat)
+        _, ref_s, ref = _timed(lambda X=X: StandardScaler().fit(X).transform(X), repeat)
         rows.append(dict(
             bench="transformer", case=f"{n_samples}x{n_features}", dtype=np.dtype(dtype).name,
             numbabn_ms=ours_s * 1e3, sklearn_ms=ref_s * 1e3, speedup=ref_s / ours_s,
@@ -68,7 +71,8 @@ def bench_transformer(n_samples=1_000_000, n_features=64, dtypes=("float32", "fl
     return rows
 
 
-def bench_mlp_digits(epochs=50, seeds=(0, 1, 2), hidden=(100, 100, 100), target=0.95, dtype="float32"):
+def bench_mlp_digits(epochs: int = 50, seeds: Sequence[int] = (0, 1, 2), hidden: tuple[int, ...] = (100, 100, 100),
+                 target: float = 0.95, dtype: str = "float32") -> list[dict[str, Any]]:
     """Rows comparing BNMLPClassifier and MLPClassifier on digits (module docstring)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -100,7 +104,7 @@ def bench_mlp_digits(epochs=50, seeds=(0, 1, 2), hidden=(100, 100, 100), target=
 
 
 @contextmanager
-def _thread_limit(threads):
+def _thread_limit(threads: int | None) -> Iterator[None]:
     """Numba and BLAS limited to ``threads`` inside the block (no limit for None)."""
     if threads is None:
         yield
@@ -113,10 +117,11 @@ def _thread_limit(threads):
         yield
 
 
-def run_sklearn_bench(parts=PARTS, *, n_samples=1_000_000, n_features=64, dtypes=("float32", "float64"),
-                      repeat=5, seed=0, epochs=50, seeds=(0, 1, 2), hidden=(100, 100, 100), target=0.95,
-                      threads=None):
-    """Run the chosen ``parts`` (see :data:`PARTS`); returns a list of row dicts.
+def run_sklearn_bench(parts: Sequence[str] = PARTS, *, n_samples: int = 1_000_000, n_features: int = 64,
+                  dtypes: Sequence[str] = ("float32", "float64"), repeat: int = 5, seed: int = 0, epochs: int = 50,
+                  seeds: Sequence[int] = (0, 1, 2), hidden: tuple[int, ...] = (100, 100, 100), target: float = 0.95,
+                  threads: int | None = None) -> list[dict[str, Any]]:
+    """Run the chosen ``parts`` (see ``numbabn.bench.cases.SKLEARN_PARTS``); returns a list of row dicts.
 
     ``n_samples``, ``n_features``, ``dtypes``, ``repeat``, ``seed``: the transformer
     part; ``epochs``, ``seeds``, ``hidden``, ``target``: the MLP part; ``threads``:
@@ -137,7 +142,8 @@ def run_sklearn_bench(parts=PARTS, *, n_samples=1_000_000, n_features=64, dtypes
 
 
 _COLUMNS = {
-    "transformer": [("case", "{}"), ("dtype", "{}"), ("threads", "{}"), ("numbabn_ms", "{:.1f}"), ("sklearn_ms", "{:.1f}"),
+    "transformer": [("case", "{}"), ("dtype", "{}"), ("threads", "{}"), ("numbabn_ms", "{:.1f}"),
+                    ("sklearn_ms", "{:.1f}"),
                     ("speedup", "{:.2f}x"), ("gbps", "{:.2f}"), ("first_s", "{:.2f}"),
                     ("max_abs_diff", "{:.1e}")],
     "mlp": [("estimator", "{}"), ("seed", "{}"), ("hidden", "{}"), ("threads", "{}"), ("epochs", "{}"),
@@ -150,7 +156,7 @@ _TITLES = {
 }
 
 
-def format_table(rows):
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Plain-text tables, one per bench kind, in the order the rows came."""
     blocks = []
     for kind in dict.fromkeys(r["bench"] for r in rows):

@@ -18,7 +18,8 @@ numbabn (``torch.set_num_threads`` and ``numbabn.set_num_threads``):
     optimizer step. Variants from the same initial weights and batch: native BN,
     numbabn BN (``convert_batchnorm``), numbabn BN with fused ReLU
     (``fuse_relu=True``), and that plus the residual addition and its ReLU fused into
-    each block's last BN (:func:`~numbabn.torch.resnet.fuse_residual`). The final loss of each variant is reported as a check that
+    each block's last BN (:func:`~numbabn.torch.resnet.fuse_residual`). The final loss of each variant is reported as a
+    check that
     all three trained the same network.
 
 Timing: warm-up calls first (JIT compile excluded), then ``repeat`` rounds in which
@@ -29,6 +30,8 @@ same rounds.
 import copy
 import statistics
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -38,7 +41,7 @@ from .cases import SUITES
 from .report import text_table
 
 
-def _set_threads(threads):
+def _set_threads(threads: int | None) -> tuple[int, int]:
     import numbabn
 
     if threads is not None:
@@ -47,12 +50,12 @@ def _set_threads(threads):
     return torch.get_num_threads(), numbabn.get_num_threads()
 
 
-def _interleaved(fns, repeat, warmup=2):
+def _interleaved(fns: dict[str, Callable[[], Any]], repeat: int, warmup: int = 2) -> dict[str, float]:
     """Median seconds per function over ``repeat`` rounds that run each once."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times = {name: [] for name in fns}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
             t0 = time.perf_counter()
@@ -61,7 +64,7 @@ def _interleaved(fns, repeat, warmup=2):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _bn_case(case, dtype=torch.float32):
+def _bn_case(case: Any, dtype: Any = torch.float32) -> tuple[Any, ...]:
     """(torch.nn module class name, input tensor, gradient) of ``dtype`` for a harness case."""
     g = torch.Generator().manual_seed(0)
     shape = list(case.shape)
@@ -75,8 +78,8 @@ def _bn_case(case, dtype=torch.float32):
     return f"BatchNorm{max(1, len(shape) - 2)}d", x.requires_grad_(), dy
 
 
-def _fwd_bwd(module, x, dy, after=None, residual=None):
-    def run():
+def _fwd_bwd(module: Any, x: Any, dy: Any, after: Any = None, residual: Any = None) -> Callable[[], None]:
+    def run() -> None:
         if residual is None:
             y = module(x)
         elif after is None:                 # numbabn: the residual fused into the BN
@@ -90,7 +93,8 @@ def _fwd_bwd(module, x, dy, after=None, residual=None):
     return run
 
 
-def run_bn(cases=None, threads=None, repeat=20, dtype="float32"):
+def run_bn(cases: Sequence[Any] | None = None, threads: int | None = None, repeat: int = 20,
+       dtype: str = "float32") -> list[dict[str, Any]]:
     """Rows (dicts) of the ``bn`` measurement; see the module docstring."""
     from ..torch import modules
 
@@ -121,7 +125,7 @@ def run_bn(cases=None, threads=None, repeat=20, dtype="float32"):
     return rows
 
 
-def run_step(threads=None, repeat=10, batch=64, seed=0):
+def run_step(threads: int | None = None, repeat: int = 10, batch: int = 64, seed: int = 0) -> list[dict[str, Any]]:
     """Rows (dicts) of the ``step`` measurement; see the module docstring."""
     torch_threads, numbabn_threads = _set_threads(threads)
     torch.manual_seed(seed)
@@ -135,10 +139,10 @@ def run_step(threads=None, repeat=10, batch=64, seed=0):
                                                                                     fuse_relu=True))}
     losses = {}
 
-    def stepper(name, model):
+    def stepper(name: str, model: Any) -> Callable[[], None]:
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
-        def step():
+        def step() -> None:
             opt.zero_grad(set_to_none=True)
             loss = torch.nn.functional.cross_entropy(model(x), labels)
             loss.backward()
@@ -152,13 +156,13 @@ def run_step(threads=None, repeat=10, batch=64, seed=0):
                  batch=batch, threads=torch_threads, numbabn_threads=numbabn_threads) for name, sec in t.items()]
 
 
-def _table(rows, columns):
+def _table(rows: Sequence[dict[str, Any]], columns: dict[str, tuple[str, str]]) -> str:
     """Aligned text table; ``columns`` maps a row key to (header, format)."""
     return text_table([h for h, _ in columns.values()],
                       [[format(r[k], f) for k, (_, f) in columns.items()] for r in rows])
 
 
-def format_bn(rows):
+def format_bn(rows: Sequence[dict[str, Any]]) -> str:
     return _table(rows, {"case": ("case", "s"), "shape": ("shape", "s"), "dtype": ("dtype", "s"),
                          "layout": ("layout", "s"),
                          "native_ms": ("native ms", ".2f"), "numbabn_ms": ("numbabn ms", ".2f"),
@@ -168,6 +172,6 @@ def format_bn(rows):
                          "res_speedup": ("x", ".2f")})
 
 
-def format_step(rows):
+def format_step(rows: Sequence[dict[str, Any]]) -> str:
     return _table(rows, {"variant": ("ResNet-18 step", "s"), "step_ms": ("ms", ".1f"),
                          "speedup": ("x native", ".3f"), "final_loss": ("final loss", ".4f")})

@@ -25,7 +25,7 @@ COMMANDS = {
 @click.option("-v", "--verbose", count=True, help="More detail (repeatable).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes on stderr.")
 @click.pass_context
-def main(ctx, verbose, quiet):
+def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Batch normalization for NumPy on Numba kernels: inspect, benchmark, experiment."""
     if verbose and quiet:
         raise click.UsageError("-v/--verbose and -q/--quiet exclude each other")

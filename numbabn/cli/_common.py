@@ -16,14 +16,16 @@ before any work starts, and written all-or-nothing at the end: a regular file is
 written to a temporary file beside it and renamed over it, so a failed write leaves
 the previous file as it was.
 """
-from contextlib import contextmanager
-from dataclasses import dataclass
-from importlib import import_module
 import os
-from pathlib import Path
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import import_module
+from pathlib import Path
+from typing import IO, Any
 
 import click
 
@@ -36,7 +38,7 @@ class Settings:
     quiet: bool = False
 
 
-def one_line(text):
+def one_line(text: Any) -> str:
     """``text`` with every run of whitespace (newlines included) as one space."""
     return " ".join(str(text).split())
 
@@ -49,11 +51,11 @@ class CLIError(click.ClickException):
 
     exit_code = 2
 
-    def __init__(self, message):
+    def __init__(self, message: str) -> None:
         super().__init__(one_line(message))
 
 
-def check_threads(ctx, threads):
+def check_threads(ctx: click.Context, threads: int) -> None:
     """``--threads`` may not exceed the CPUs this process may use (affinity, cgroup quota)."""
     from numbabn._threads import available_cpus
 
@@ -71,21 +73,21 @@ class LazyGroup(click.Group):
     command modules (which import nothing heavy at module level).
     """
 
-    def __init__(self, *args, lazy_subcommands=None, **kwargs):
+    def __init__(self, *args: Any, lazy_subcommands: dict[str, str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lazy_subcommands = lazy_subcommands if lazy_subcommands is not None else {}
 
-    def list_commands(self, ctx):
+    def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy_subcommands})
 
-    def get_command(self, ctx, cmd_name):
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         target = self.lazy_subcommands.get(cmd_name)
         if target is None:
             return super().get_command(ctx, cmd_name)
         module, attribute = target.split(":")
         return getattr(import_module(module), attribute)
 
-    def format_commands(self, ctx, formatter):
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The command list with each command's whole short help (click would cut it
         at 45 characters with '...')."""
         rows = []
@@ -98,14 +100,14 @@ class LazyGroup(click.Group):
                 formatter.write_dl(rows)
 
 
-def whole_short_help(cmd):
+def whole_short_help(cmd: click.Command) -> str:
     """``cmd.short_help``, or the first paragraph of its help, on one line (not cut)."""
     if cmd.short_help:
         return one_line(cmd.short_help)
     return one_line((cmd.help or "").strip().split("\n\n")[0])
 
 
-def _as_one_line(exc):
+def _as_one_line(exc: BaseException) -> "CLIError | None":
     """click's usage errors (and running out of memory) as a one-line CLIError."""
     if isinstance(exc, click.exceptions.NoArgsIsHelpError):   # prints the help: leave it alone
         return None
@@ -120,7 +122,8 @@ class RootGroup(LazyGroup):
     """The ``numbabn`` group: its own and every subcommand's usage errors become one
     line (see the module docstring)."""
 
-    def make_context(self, info_name, args, parent=None, **extra):
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                 **extra: Any) -> click.Context:
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except (click.UsageError, MemoryError) as exc:
@@ -129,7 +132,7 @@ class RootGroup(LazyGroup):
                 raise
             raise error from None
 
-    def invoke(self, ctx):
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.UsageError, MemoryError) as exc:
@@ -140,7 +143,7 @@ class RootGroup(LazyGroup):
 
 
 # ------------------------------------------------------------------ outputs
-def check_output_file(value, param_hint):
+def check_output_file(value: str | None, param_hint: str | None) -> str | None:
     """Check before the work that ``value`` (a file path, or '-' for stdout) can be
     written; click.BadParameter (one line, exit 2) if not. Nothing is left behind."""
     if value is None or value == "-":
@@ -173,7 +176,7 @@ def check_output_file(value, param_hint):
     return value
 
 
-def write_output(value, write, what, mode="w"):
+def write_output(value: str, write: Callable[[IO[Any]], Any], what: str, mode: str = "w") -> None:
     """Write an output checked by :func:`check_output_file`: ``write(file)`` fills it.
 
     '-' is stdout; a regular (or new) file is written to a temporary file in the same
@@ -208,7 +211,7 @@ def write_output(value, write, what, mode="w"):
         raise CLIError(f"cannot write {what} to {value!r}: {exc.strerror or exc}") from None
 
 
-def check_output_dir(value, param_hint):
+def check_output_dir(value: str | None, param_hint: str | None) -> Path | None:
     """``--out DIR``: its parent must exist; DIR itself may exist (then it must be a
     writeable directory) or not (then it must be creatable; it is created only when
     the command runs, see :func:`output_dir`). click.BadParameter if not."""
@@ -236,7 +239,7 @@ def check_output_dir(value, param_hint):
 
 
 @contextmanager
-def staged_output_dir(path):
+def staged_output_dir(path: Path | str) -> Iterator[tuple[Path, Callable[[Any], Any]]]:
     """Yield a fresh temporary directory to write ``path``'s files into; on success move
     them into ``path`` (created now if missing), on failure delete them: a command
     that raises leaves ``path`` as it was. Yields ``(stage, publish)``, where
@@ -245,7 +248,7 @@ def staged_output_dir(path):
     existed = path.exists()
     stage = Path(tempfile.mkdtemp(dir=path if existed else path.parent, prefix=f".{path.name}.numbabn-"))
 
-    def publish(value):
+    def publish(value: Any) -> Any:
         if isinstance(value, str):
             return value.replace(str(stage), str(path))
         if isinstance(value, dict):

@@ -6,6 +6,7 @@
 import itertools
 import math
 import sys
+from collections.abc import Iterable, Sequence
 
 import click
 
@@ -17,12 +18,12 @@ from ._common import CLIError, LazyGroup, Settings, check_output_file, check_thr
 SUBCOMMANDS = {"sklearn": "numbabn.cli.bench_sklearn:sklearn", "torch": "numbabn.cli.bench_torch:torch"}
 
 
-def _split(values):
+def _split(values: Iterable[str]) -> list[str]:
     """Repeatable options that also take comma lists: ('a,b', 'c') -> ['a', 'b', 'c']."""
     return [v.strip().lower() for value in values for v in value.split(",") if v.strip()]
 
 
-def _ops_option(ctx, param, values):
+def _ops_option(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
     ops = _split(values) or ["all"]
     unknown = sorted(set(ops) - {*OPS, "all"})
     if unknown:
@@ -31,20 +32,21 @@ def _ops_option(ctx, param, values):
     return OPS if "all" in ops else tuple(op for op in OPS if op in ops)
 
 
-def _shapes_option(ctx, param, values):
+def _shapes_option(ctx: click.Context, param: click.Parameter,
+               values: tuple[str, ...]) -> tuple[tuple[str, tuple[int, ...]], ...]:
     try:
         return tuple((text, parse_shape(text)) for text in values)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
 
-def _suite_option(ctx, param, value):
+def _suite_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if value not in (*SUITES, "all"):
         raise click.BadParameter(f"unknown suite {value!r}; choose from {', '.join([*SUITES, 'all'])}")
     return value
 
 
-def _compare_option(ctx, param, value):
+def _compare_option(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
     """None (the default: decided once the backend is known) or a tuple of names."""
     if value is None:
         return None
@@ -57,7 +59,7 @@ def _compare_option(ctx, param, value):
     return tuple(n for n in COMPARE if n in names)
 
 
-def _output_option(ctx, param, value):
+def _output_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Check an output path before the (long) run instead of failing after it."""
     if param.name == "plot_path" and value is not None:
         from pathlib import Path
@@ -67,7 +69,7 @@ def _output_option(ctx, param, value):
     return check_output_file(value, None)
 
 
-def _available_memory():
+def _available_memory() -> int | None:
     """Bytes of memory available to a new allocation (Linux' MemAvailable), or None."""
     try:
         with open("/proc/meminfo") as f:
@@ -79,7 +81,7 @@ def _available_memory():
     return None
 
 
-def case_memory(shape, dtype, compare, backend="cpu"):
+def case_memory(shape: tuple[int, ...], dtype: str, compare: Sequence[str], backend: str = "cpu") -> int:
     """Host bytes one case needs at its peak, roughly (an estimate, on the high side):
     x, dy, y and dx of ``dtype`` (S each); the NumPy reference works in float64 (about
     five float64 copies); PyTorch holds its own inputs and outputs (about four S).
@@ -95,7 +97,7 @@ def case_memory(shape, dtype, compare, backend="cpu"):
     return need
 
 
-def _check_memory(cases, dtype, compare, backend):
+def _check_memory(cases: Sequence[Case], dtype: str, compare: Sequence[str], backend: str) -> None:
     """A one-line error before the run when a case cannot fit in the memory available
     (instead of a MemoryError traceback from the copy-bandwidth probe or a kernel)."""
     available = _available_memory()
@@ -123,13 +125,13 @@ def _check_memory(cases, dtype, compare, backend):
                                f"{need / 1e9:.1f} GB of GPU memory, but only {free / 1e9:.1f} GB is free")
 
 
-def _torch_installed():
+def _torch_installed() -> bool:
     from importlib.util import find_spec
 
     return find_spec("torch") is not None
 
 
-def _resolve_compare(compare, backend):
+def _resolve_compare(compare: tuple[str, ...] | None, backend: str) -> tuple[str, ...]:
     """The comparisons to time: explicit ones must be possible; the default takes what is there."""
     torch_usable = _torch_installed()
     reason = "PyTorch is not installed"
@@ -145,7 +147,8 @@ def _resolve_compare(compare, backend):
     return compare
 
 
-def _cases(ctx, shapes, layout, suite):
+def _cases(ctx: click.Context, shapes: tuple[tuple[str, tuple[int, ...]], ...], layout: str,
+           suite: str) -> list[Case]:
     """--shape cases (channel axis from --layout), plus --suite when it was given too."""
     cases = []
     for text, shape in shapes:
@@ -186,8 +189,9 @@ def _cases(ctx, shapes, layout, suite):
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), callback=_output_option,
               help="Draw GB/s per case/op against the copy bandwidth (.png, .svg or .pdf).")
 @click.pass_context
-def bench(ctx, ops, shapes, layout, suite, dtype, backend, threads, repeat, compare, json_path, csv_path,
-          plot_path):
+def bench(ctx: click.Context, ops: tuple[str, ...], shapes: tuple[tuple[str, tuple[int, ...]], ...], layout: str,
+      suite: str, dtype: str, backend: str, threads: int | None, repeat: int, compare: tuple[str, ...] | None,
+      json_path: str | None, csv_path: str | None, plot_path: str | None) -> None:
     """Time batch norm forward (training), eval and backward per case.
 
     Each case/op: one untimed first call (JIT compile or cache load, summed in the
@@ -198,7 +202,8 @@ def bench(ctx, ops, shapes, layout, suite, dtype, backend, threads, repeat, comp
     """
     if ctx.invoked_subcommand is not None:
         return
-    from numbabn.bench import harness, report as output
+    from numbabn.bench import harness
+    from numbabn.bench import report as output
 
     settings = ctx.find_object(Settings) or Settings()
     if json_path == "-" and csv_path == "-":
@@ -226,7 +231,7 @@ def bench(ctx, ops, shapes, layout, suite, dtype, backend, threads, repeat, comp
 
         # Called as each case starts, so the previous one is done; the first call's
         # 0-step update still renders (update_min_steps=0), showing the first case's name.
-        def progress(name):
+        def progress(name: str) -> None:
             bar.update(1 if next(calls) else 0, name)
 
         report = harness.run(cases, ops, dtype, backend, repeat, compare, threads, progress)

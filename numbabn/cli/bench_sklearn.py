@@ -1,6 +1,7 @@
 """``numbabn bench sklearn``: the scikit-learn estimators against scikit-learn's own
 (:mod:`numbabn.bench.sklearn_estimators`)."""
 import json
+from typing import IO
 
 import click
 
@@ -22,14 +23,16 @@ from ._common import Settings, check_output_file, check_threads, write_output
               help="transformer: timed calls per side; the median is reported.")
 @click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True,
               help="mlp: epochs (partial_fit calls) per run.")
-@click.option("--seed", "seeds", multiple=True, type=int, help="mlp: random_state of a run; repeatable [default: 0 1 2].")
+@click.option("--seed", "seeds", multiple=True, type=int,
+              help="mlp: random_state of a run; repeatable [default: 0 1 2].")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Cap Numba and BLAS threads for both sides [default: the libraries' own].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True),
               callback=lambda ctx, param, value: check_output_file(value, None),
               help="Write the rows as JSON; '-' writes them to stdout and the tables to stderr.")
 @click.pass_context
-def sklearn(ctx, parts, samples, features, dtypes, repeat, epochs, seeds, threads, json_path):
+def sklearn(ctx: click.Context, parts: tuple[str, ...], samples: int, features: int, dtypes: tuple[str, ...],
+        repeat: int, epochs: int, seeds: tuple[int, ...], threads: int | None, json_path: str | None) -> None:
     """BatchNormTransformer vs StandardScaler (fit + transform, median time) and
     BNMLPClassifier vs MLPClassifier on digits (test accuracy, training time, epochs
     to 95% test accuracy at the same budget), measured in the same run."""
@@ -45,7 +48,7 @@ def sklearn(ctx, parts, samples, features, dtypes, repeat, epochs, seeds, thread
                              seeds=seeds or (0, 1, 2), threads=threads)
     click.echo(format_table(rows), err=json_path == "-")
     if json_path is not None:
-        def write(f):
+        def write(f: IO[str]) -> None:
             json.dump(rows, f, indent=2)
             f.write("\n")
 

@@ -1,6 +1,7 @@
 """``numbabn bench torch``: numbabn.torch against PyTorch's batch norm inside autograd
 (:mod:`numbabn.bench.torch_modules`)."""
 import json
+from typing import IO, Any
 
 import click
 
@@ -24,7 +25,8 @@ from ._common import CLIError, Settings, check_output_file, check_threads, write
               callback=lambda ctx, param, value: check_output_file(value, None),
               help="Write the rows as JSON; '-' writes them to stdout and the tables to stderr.")
 @click.pass_context
-def torch(ctx, parts, threads, repeat, dtype, batch, json_path):
+def torch(ctx: click.Context, parts: tuple[str, ...], threads: int | None, repeat: int, dtype: str, batch: int,
+      json_path: str | None) -> None:
     """BatchNorm forward+backward through autograd, native vs numbabn (also with
     ReLU: native BN then ReLU vs numbabn's fused one; and relu(BN(x) + r) vs numbabn's
     fused residual), and a ResNet-18 CPU training step (32x32, SGD) with native BN,
@@ -40,20 +42,21 @@ def torch(ctx, parts, threads, repeat, dtype, batch, json_path):
     from numbabn.bench import torch_modules as benchmark
 
     out = {}
+    extra: dict[str, Any] = {"repeat": repeat} if repeat else {}
     for part in parts or TORCH_PARTS:
         if settings.verbose:
             click.echo(f"running {part}", err=True)
         if part == "bn":
-            out[part] = benchmark.run_bn(threads=threads, dtype=dtype, **({"repeat": repeat} if repeat else {}))
+            out[part] = benchmark.run_bn(threads=threads, dtype=dtype, **extra)
             table = benchmark.format_bn(out[part])
         else:
-            out[part] = benchmark.run_step(threads=threads, batch=batch, **({"repeat": repeat} if repeat else {}))
+            out[part] = benchmark.run_step(threads=threads, batch=batch, **extra)
             table = benchmark.format_step(out[part])
         first = out[part][0]
         click.echo(f"{part}: torch threads {first['threads']}, numbabn threads {first['numbabn_threads']}\n"
                    f"{table}\n", err=json_path == "-")
     if json_path is not None:
-        def write(f):
+        def write(f: IO[str]) -> None:
             json.dump(out, f, indent=2)
             f.write("\n")
 

@@ -1,5 +1,6 @@
 """``numbabn info``: versions, Numba threading, CUDA, cache directory, layers."""
 import json
+from typing import Any
 
 import click
 
@@ -8,11 +9,11 @@ from ._common import Settings
 _PACKAGES = ("numbabn", "numpy", "numba", "numba-cuda", "scikit-learn", "click", "torch", "matplotlib")
 
 
-def _versions():
+def _versions() -> dict[str, str | None]:
     """Installed versions from package metadata: nothing is imported (torch takes seconds)."""
     from importlib import metadata
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in _PACKAGES:
         try:
             versions[name] = metadata.version(name)
@@ -21,20 +22,20 @@ def _versions():
     return versions
 
 
-def _threading():
+def _threading() -> dict[str, Any]:
     from numbabn import _threads
 
     return {"layer": "python threads (serial nogil kernels)", "threads": _threads.get_num_threads(),
             "available_cpus": _threads.available_cpus()}
 
 
-def _cuda():
+def _cuda() -> dict[str, Any]:
     """'gpu' (with the device), 'simulator' or 'none'; never raises without a driver."""
     import numba
 
     import numbabn
 
-    if numba.config.ENABLE_CUDASIM:
+    if numba.config.ENABLE_CUDASIM:  # type: ignore[attr-defined]  # set from the environment at import
         return {"status": "simulator", "note": "NUMBA_ENABLE_CUDASIM=1: the CUDA backend runs on the CPU, slowly"}
     if not numbabn.cuda_available():
         return {"status": "none", "note": "no CUDA driver or GPU found"}
@@ -46,7 +47,7 @@ def _cuda():
             "memory_total_bytes": total, "memory_free_bytes": free}
 
 
-def _kernel_cache():
+def _kernel_cache() -> dict[str, Any]:
     """Where the compiled CPU kernels are cached (asked of Numba's cache locators, so
     NUMBA_CACHE_DIR and the fallbacks for read-only installs are accounted for) and
     how many compiled signatures are stored there."""
@@ -57,7 +58,7 @@ def _kernel_cache():
     return {"dir": dirs[0] if dirs else None, "entries": entries, "kernels": len(_jit.kernels())}
 
 
-def _layers():
+def _layers() -> dict[str, str] | None:
     from importlib import import_module
 
     try:
@@ -69,7 +70,7 @@ def _layers():
     return registry.available_layers()
 
 
-def collect():
+def collect() -> dict[str, Any]:
     """Everything ``numbabn info`` reports, as a JSON-serialisable dict."""
     import platform
     import sys
@@ -79,7 +80,7 @@ def collect():
             "kernel_cache": _kernel_cache(), "layers": _layers()}
 
 
-def _format_cuda(c):
+def _format_cuda(c: dict[str, Any]) -> str:
     if c["status"] != "gpu":
         return f"{c['status']} ({c['note']})"
     cc = ".".join(map(str, c["compute_capability"]))
@@ -90,7 +91,7 @@ def _format_cuda(c):
 @click.command(short_help="Versions, threading, CUDA status, kernel cache, layers.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.pass_context
-def info(ctx, as_json):
+def info(ctx: click.Context, as_json: bool) -> None:
     """Versions, Numba threading, CUDA status, kernel cache and registered layers."""
     data = collect()
     if as_json:

@@ -9,7 +9,7 @@ from ._common import Settings
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 @click.pass_context
-def layers(ctx, as_json):
+def layers(ctx: click.Context, as_json: bool) -> None:
     """List the registered layers and where each comes from.
 
     Origins: "builtin" (numbabn itself), "<distribution> <version> (<module>:<class>)"
@@ -30,4 +30,4 @@ def layers(ctx, as_json):
     columns = ("name", "origin", "class") if settings.verbose else ("name", "origin")
     widths = [max(len(col), *(len(r[col]) for r in rows)) for col in columns]
     for cells in [columns, ["-" * w for w in widths]] + [[r[c] for c in columns] for r in rows]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+        click.echo("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())

@@ -17,7 +17,7 @@ from ._common import Settings
               help="Also the fused residual variants (batch_norm_forward(residual=...), "
                    "numbabn.torch's fused ResNet blocks): 3 more kernels per dtype and layout.")
 @click.pass_context
-def warmup(ctx, dtypes, layouts, residual):
+def warmup(ctx: click.Context, dtypes: tuple[str, ...], layouts: tuple[str, ...], residual: bool) -> None:
     """Compile every CPU kernel variant now, so that no later call waits for the JIT.
 
     Compiled kernels are cached on disk (see `numbabn info`): run this once after

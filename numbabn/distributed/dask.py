@@ -30,8 +30,11 @@ NumPy input only.
 import sys
 import threading
 import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from sklearn.utils import assert_all_finite
 
 from ..functional import batch_norm_forward
@@ -48,7 +51,7 @@ _KEEP_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _KERNEL_LOCK = threading.Lock()
 
 
-def is_dask_array(X):
+def is_dask_array(X: Any) -> bool:
     """True for a ``dask.array.Array`` (without importing Dask: none can exist unless
     Dask was imported)."""
     da = sys.modules.get("dask.array")
@@ -56,7 +59,7 @@ def is_dask_array(X):
 
 
 # ---------------------------------------------------------------- statistics
-def _block_moments(block, axis, check_finite):
+def _block_moments(block: NDArray[Any], axis: int, check_finite: bool) -> Moments:
     """Moments of one chunk by the Numba kernel (one task per chunk)."""
     if check_finite:
         assert_all_finite(block, input_name="X")
@@ -64,12 +67,12 @@ def _block_moments(block, axis, check_finite):
         return numpy_moments(block, axis=axis)
 
 
-def _concat_channels(parts):
+def _concat_channels(parts: Sequence[Moments]) -> Moments:
     """Moments of consecutive channel groups (same rows) as one summary."""
     return Moments(parts[0].count, np.concatenate([p.mean for p in parts]), np.concatenate([p.m2 for p in parts]))
 
 
-def _tree(items, combine):
+def _tree(items: list[Any], combine: Callable[[Any, Any], Any]) -> Any:
     """Pairwise tree over ``items`` (neighbours merged level by level, order kept)."""
     while len(items) > 1:
         items = [combine(items[i], items[i + 1]) if i + 1 < len(items) else items[i]
@@ -77,7 +80,7 @@ def _tree(items, combine):
     return items[0]
 
 
-def moments_graph(X, axis=1, *, check_finite=False):
+def moments_graph(X: Any, axis: int = 1, *, check_finite: bool = False) -> Any:
     """A ``dask.delayed`` :class:`~numbabn.stats.Moments` of the Dask array ``X`` per
     channel of ``axis`` (statistics over every other axis), not yet computed.
 
@@ -103,7 +106,7 @@ def moments_graph(X, axis=1, *, check_finite=False):
     return dask.delayed(_concat_channels, pure=True)(per_group)
 
 
-def moments(X, axis=1):
+def moments(X: Any, axis: int = 1) -> Moments:
     """:class:`~numbabn.stats.Moments` (count, mean, m2) of the Dask array ``X`` per
     channel of ``axis``, computed with the current Dask scheduler: the Dask
     counterpart of :func:`numbabn.moments`."""
@@ -111,7 +114,7 @@ def moments(X, axis=1):
 
 
 # ---------------------------------------------------------------- scikit-learn hooks
-def check_array(estimator, X, reset):
+def check_array(estimator: Any, X: Any, reset: bool) -> Any:
     """What ``validate_data(estimator, X, reset=reset, dtype=(float64, float32))`` checks,
     without computing anything: 2-D, numeric (float32/float64 kept, other dtypes
     cast lazily to float64), at least one feature, the fitted number of features
@@ -148,12 +151,12 @@ class FitBatch:
 
     __slots__ = ("shape", "moments")
 
-    def __init__(self, moments_):
+    def __init__(self, moments_: Any) -> None:
         self.moments = moments_
         self.shape = (moments_.count, moments_.channels)
 
 
-def fit_batch(estimator, X, reset):
+def fit_batch(estimator: Any, X: Any, reset: bool) -> FitBatch:
     """:func:`check_array`, then the chunk moments merged in a tree, computed with the
     current scheduler (one pass over the chunks, NaN/infinity rejected there).
 
@@ -168,7 +171,8 @@ def fit_batch(estimator, X, reset):
     return batch
 
 
-def _transform_block(block, gamma, beta, running_mean, running_var, eps, block_info=None):
+def _transform_block(block: NDArray[Any], gamma: NDArray[Any], beta: NDArray[Any], running_mean: NDArray[Any],
+                 running_var: NDArray[Any], eps: float, block_info: Any = None) -> NDArray[Any]:
     assert_all_finite(block, input_name="X")
     cols = slice(*block_info[0]["array-location"][1])
     with _KERNEL_LOCK:
@@ -176,7 +180,8 @@ def _transform_block(block, gamma, beta, running_mean, running_var, eps, block_i
                                   running_var=running_var[cols], training=False, eps=eps)[0]
 
 
-def transform(X, gamma, beta, running_mean, running_var, eps, training=False):
+def transform(X: Any, gamma: NDArray[Any], beta: NDArray[Any], running_mean: NDArray[Any], running_var: NDArray[Any],
+          eps: float, training: bool = False) -> Any:
     """Lazy eval-mode batch norm of a 2-D Dask array: ``map_blocks`` of
     :func:`numbabn.batch_norm_forward` (``training=False``) with each chunk's columns
     of the per-feature ``gamma``, ``beta``, ``running_mean``, ``running_var`` (NumPy,

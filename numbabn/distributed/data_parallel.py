@@ -21,6 +21,7 @@ global batch's), which is why the scaling happens before ``backward`` and not af
 All reductions run through :mod:`.comm` (Allgather, then a fixed-order sum), so
 every rank holds bit-identical gradients and the models never drift apart.
 """
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -58,7 +59,7 @@ def global_mean(local_mean: float, local_count: int, comm: Any = None) -> float:
     return total / count if count else float("nan")
 
 
-def _sync_layers(layer: Layer) -> list[Layer]:
+def _sync_layers(layer: Layer) -> Iterator[Layer]:
     if isinstance(layer, SyncBatchNormMixin):
         yield layer
     for child in layer.children():

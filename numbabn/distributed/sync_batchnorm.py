@@ -46,19 +46,19 @@ P ranks, float64 here; PyTorch's ``SyncBatchNorm`` buffers have the dtype of its
 statistics, float32 for float32 input; both measured in
 ``tests/test_distributed_mpi.py``). For C = 256:
 
-=========================  =========================  ==============================
-                           numbabn (Allgather both)   PyTorch SyncBatchNorm
-=========================  =========================  ==============================
-header, sent per rank      8*8 = 64 B, forward and    none
+=========================  ===========================  ==============================
+                           numbabn (Allgather both)     PyTorch SyncBatchNorm
+=========================  ===========================  ==============================
+header, sent per rank      8*8 = 64 B, forward and      none
                            backward (P*64 B received)
-forward, sent per rank     (2C+1)*8 = 4104 B          (2C+1)*4 = 2052 B (all_gather
-                           [count, mean, m2]          of [mean, invstd, count])
-forward, received          P*4104 B                   P*2052 B
-backward, sent per rank    2C*8 = 4096 B              2C*4 = 2048 B (all_reduce of
-                           [sum g, sum g*(x-mean)]    [sum_dy, sum_dy_xmu])
-backward, received         P*4096 B                   2048 B (the reduced buffer)
-per step, sent             8328 B in 4 collectives    4100 B in 2 collectives
-=========================  =========================  ==============================
+forward, sent per rank     (2C+1)*8 = 4104 B            (2C+1)*4 = 2052 B (all_gather
+                           [count, mean, m2]            of [mean, invstd, count])
+forward, received          P*4104 B                     P*2052 B
+backward, sent per rank    2C*8 = 4096 B                2C*4 = 2048 B (all_reduce of
+                           [sum g, sum g*(x-mean)]      [sum_dy, sum_dy_xmu])
+backward, received         P*4096 B                     2048 B (the reduced buffer)
+per step, sent             8328 B in 4 collectives      4100 B in 2 collectives
+=========================  ===========================  ==============================
 
 Twice PyTorch's bytes (float64 instead of float32), P rows received in the
 backward instead of one, and twice the collectives (the headers); at these sizes an
@@ -67,42 +67,52 @@ that disagree raise instead of hanging, and
 exact statistics (Chan merge of m2, not a variance rebuilt from float32 invstd),
 and results identical on all ranks by construction (see :mod:`.comm`).
 """
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .. import _bn_checks as B
 from .._layout import is_device_array
+from .._typing import AnyArray, FloatArray
 from ..backends import get as backend
 from ..functional import batch_norm_backward, moments
-from ..layers.batchnorm import BatchNorm1d, BatchNorm2d
+from ..layers.batchnorm import BatchNorm1d, BatchNorm2d, BatchNormBase
 from ..registry import register_layer
 from .comm import SyncError, active, agree, check_comm, header, merge_in_rank_order, sum_in_rank_order
 
-__all__ = ["SyncBatchNorm1d", "SyncBatchNorm2d", "SyncError"]
+__all__ = ["SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNormMixin", "SyncError"]
 
 
 _FORWARD, _BACKWARD = 1, 2
 
 
-class SyncBatchNormMixin:
+if TYPE_CHECKING:      # the mixin is used only with BatchNormBase subclasses
+    _MixinBase = BatchNormBase
+else:
+    _MixinBase = object
+
+
+class SyncBatchNormMixin(_MixinBase):
     """The synchronization shared by :class:`SyncBatchNorm1d` and
     :class:`SyncBatchNorm2d` (see the module docstring). ``self.comm`` is the
     communicator given (None: ``MPI.COMM_WORLD`` if available)."""
 
-    _sync_comm = None    # the communicator the last forward used; None: it ran locally
-    _transient = ("_sync_comm",)
+    _sync_comm: Any = None    # the communicator the last forward used; None: it ran locally
+    _transient: tuple[str, ...] = ("_sync_comm",)
 
-    def _set_comm(self, comm):
+    def _set_comm(self, comm: Any) -> None:
         self.comm = check_comm(type(self).__name__, comm)
         self._sync_calls = [0, 0]      # successful synchronized forward / backward calls
 
-    def _agree(self, comm, exchange, mode, error):
+    def _agree(self, comm: Any, exchange: int, mode: bool, error: BaseException | None) -> None:
         """The header exchange before every synchronized call (see :mod:`.comm`): all
         ranks raise the same SyncError unless they agree and none failed locally."""
         calls = getattr(self, "_sync_calls", None) or [0, 0]
         agree(comm, header(exchange, calls[exchange - 1], self.num_features, self.dtype.itemsize,
                            1 if mode else 0, error is not None), error)
 
-    def _count(self, exchange):
+    def _count(self, exchange: int) -> None:
         # A new list, not an in-place update: a caller that restores the layer's
         # attributes after a later failure (Sequential, Trainer) restores the count too,
         # and the next exchange then tells every rank that this one fell out of step.
@@ -110,7 +120,7 @@ class SyncBatchNormMixin:
         calls[exchange - 1] += 1
         self._sync_calls = calls
 
-    def _local_forward_check(self, x):
+    def _local_forward_check(self, x: Any) -> FloatArray:
         """Everything batch_norm_forward checks that does not need the other ranks."""
         x = self._check_input(x)
         fn = f"{type(self).__name__}.forward"
@@ -121,7 +131,7 @@ class SyncBatchNormMixin:
                                running["num_batches_tracked"], self.uses_batch_stats, be.param)
         return x
 
-    def forward(self, x):
+    def forward(self, x: FloatArray) -> FloatArray:
         """y = BN(x) with the statistics of the global batch (training, or no running
         statistics) or the running statistics (eval). Every rank takes part in the
         header exchange, in eval mode too, so that ranks in different modes, or one
@@ -143,7 +153,7 @@ class SyncBatchNormMixin:
         self._count(_FORWARD)
         return y
 
-    def _bn_backward(self, dy):
+    def _bn_backward(self, dy: AnyArray) -> tuple[AnyArray, ...]:
         """dx (this rank's slice), dgamma and dbeta of the global batch: the gradient
         sums are summed over the ranks between the two backward passes."""
         comm = self._sync_comm if self._sync_comm is not None else active(self.comm)
@@ -159,7 +169,7 @@ class SyncBatchNormMixin:
         self._count(_BACKWARD)
         return grads
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         text = super().extra_repr()
         if self.comm is not None:
             name = self.comm.Get_name() if callable(getattr(self.comm, "Get_name", None)) else ""
@@ -177,8 +187,9 @@ class SyncBatchNorm1d(SyncBatchNormMixin, BatchNorm1d):
     layer-contract example (``_contract_example``) is BatchNorm1d's, inherited.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 activation=None, dtype=np.float32, comm=None):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+             track_running_stats: bool = True, activation: str | None = None, dtype: DTypeLike = np.float32,
+             comm: Any = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, dtype)
         self._set_comm(comm)
 
@@ -191,8 +202,9 @@ class SyncBatchNorm2d(SyncBatchNormMixin, BatchNorm2d):
     ``comm``: as for :class:`SyncBatchNorm1d`.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 activation=None, dtype=np.float32, channels_last=False, comm=None):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+             track_running_stats: bool = True, activation: str | None = None, dtype: DTypeLike = np.float32,
+             channels_last: bool = False, comm: Any = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, dtype,
                          channels_last)
         self._set_comm(comm)

@@ -7,8 +7,12 @@ float64 running statistics on float32 input adds one small coefficient kernel.
 Callers (:mod:`numbabn.backends.cpu`) pass canonical arrays: C-contiguous, aligned,
 native byte order, float32/float64.
 """
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import numpy as np
 from numba import from_dtype, types
+from numpy.typing import NDArray
 
 from .. import _threads
 from . import cpu
@@ -19,24 +23,24 @@ _BOOL = types.boolean
 _NONE = types.none
 
 
-def _arr(dtype, ndim, readonly=False):
+def _arr(dtype: Any, ndim: int, readonly: bool = False) -> Any:
     return types.Array(from_dtype(np.dtype(dtype)), ndim, "C", readonly=readonly)
 
 
 class _Specs:
     """The compiled kernels of one (dtype, layout), specialised on first use."""
 
-    def __init__(self, dtype, layout):
+    def __init__(self, dtype: Any, layout: str) -> None:
         nd = 3 if layout == "ncl" else 2
         X, Y = _arr(dtype, nd, True), _arr(dtype, nd)
         P, W = _arr(dtype, 1, True), _arr(dtype, 1)
         CO, CW = _arr(dtype, 2, True), _arr(dtype, 2)
         f1, f2, f3 = _arr(np.float64, 1), _arr(np.float64, 2), _arr(np.float64, 3)
-        f1r, f2r, f3r = _arr(np.float64, 1, True), _arr(np.float64, 2, True), _arr(np.float64, 3, True)
+        f1r, f3r = _arr(np.float64, 1, True), _arr(np.float64, 3, True)
         suffix = "_" + layout
         self.layout = layout
         self._grid = cpu.ncl_blocks if layout == "ncl" else cpu.mc_blocks
-        self._grids = {}
+        self._grids: dict[Any, Any] = {}
         self._sigs = {
             "stats": (getattr(cpu, "stats" + suffix), (X, _I64, f1, f3, _I64, _I64)),
             "coef": (cpu.coefficients, (f1r, f3r, P, P, W, W, _F64, _F64, _BOOL, f2, f1, f1, CW)),
@@ -54,7 +58,7 @@ class _Specs:
         }
         self._dtype = np.dtype(dtype)
 
-    def blocks(self, shape, chunk):
+    def blocks(self, shape: tuple[int, ...], chunk: int) -> Any:
         """(blocks, partial rows) of the grid of ``shape`` (memoised: few shapes recur)."""
         grid = self._grids.get((shape, chunk))
         if grid is None:
@@ -63,7 +67,7 @@ class _Specs:
                 self._grids[(shape, chunk)] = grid
         return grid
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         # First use of a kernel of this (dtype, layout): compile or load it, then
         # keep the dispatcher as a plain attribute (no lookup on later calls).
         try:
@@ -74,7 +78,7 @@ class _Specs:
         setattr(self, name, disp)
         return disp
 
-    def coef_with(self, stats_dtype):
+    def coef_with(self, stats_dtype: Any) -> Any:
         """:func:`cpu.coefficients` for running statistics of another dtype (float64
         statistics of float32 input, in eval)."""
         if stats_dtype is self._dtype or np.dtype(stats_dtype) == self._dtype:
@@ -88,17 +92,17 @@ class _Specs:
             setattr(self, name, disp)
         return disp
 
-    def all_names(self, residual=False):
+    def all_names(self, residual: bool = False) -> list[str]:
         """The kernel names, the fused-residual variants only if ``residual``."""
         return [n for n in self._sigs if residual or not n.endswith("_res")]
 
 
-_SPECS = {}
+_SPECS: dict[Any, Any] = {}
 _NO_CNT, _NO_PART, _NO_STATS = np.empty(0), np.empty((3, 0, 0)), np.empty((2, 0))
 _EMPTY = {"f": np.empty(0, np.float32), "d": np.empty(0, np.float64)}
 
 
-def specs(dtype, layout):
+def specs(dtype: Any, layout: str) -> "_Specs":
     """The :class:`_Specs` of ``dtype`` (a native float32/float64 np.dtype) and ``layout``."""
     s = _SPECS.get((dtype.char, layout))
     if s is None:
@@ -106,7 +110,7 @@ def specs(dtype, layout):
     return s
 
 
-def _block_stats(k, x, chunk):
+def _block_stats(k: Any, x: NDArray[Any], chunk: int) -> tuple[Any, Any]:
     """The statistics pass: per-block (cnt (K,), part (3, K, C)) of canonical ``x``."""
     blocks, rows = k.blocks(x.shape, chunk)
     cnt = np.empty(rows)
@@ -115,7 +119,7 @@ def _block_stats(k, x, chunk):
     return cnt, part
 
 
-def _one_block(stats, count):
+def _one_block(stats: Any, count: int) -> tuple[Any, Any]:
     """Given (2, C) [mean, M2] of ``count`` values as the partials of one block."""
     part = np.zeros((3, 1, stats.shape[1]))
     part[cpu.SHIFT, 0] = stats[0]
@@ -123,7 +127,7 @@ def _one_block(stats, count):
     return np.array([float(count)]), part
 
 
-def batch_moments(x, layout, chunk):
+def batch_moments(x: NDArray[Any], layout: str, chunk: int) -> NDArray[np.float64]:
     """(2, C) float64 [mean, M2] of canonical ``x`` (the training forward's merge,
     without its normalisation)."""
     k = specs(x.dtype, layout)
@@ -135,8 +139,9 @@ def batch_moments(x, layout, chunk):
     return stats
 
 
-def forward(x, layout, gamma, beta, running_mean, running_var, momentum, eps, training, relu,
-            stats, count, y, chunk, residual=None):
+def forward(x: NDArray[Any], layout: str, gamma: NDArray[Any], beta: NDArray[Any], running_mean: NDArray[Any],
+        running_var: NDArray[Any], momentum: float, eps: float, training: bool, relu: bool, stats: Any, count: int,
+        y: NDArray[Any], chunk: int, residual: NDArray[Any] | None = None) -> tuple[Any, Any, Any]:
     """Normalise canonical ``x`` into ``y`` (adding canonical ``residual`` before the
     ReLU when given); returns (mean, invstd, coef).
 
@@ -168,7 +173,8 @@ def forward(x, layout, gamma, beta, running_mean, running_var, momentum, eps, tr
     return mean, invstd, coef
 
 
-def grad_sums(dy, x, layout, coef, relu, chunk, residual=None):
+def grad_sums(dy: NDArray[Any], x: NDArray[Any], layout: str, coef: Any, relu: bool, chunk: int,
+          residual: NDArray[Any] | None = None) -> tuple[Any, float]:
     """The backward's reduction pass -> partials ``(part, scale)``: ``part`` (2, K, C)
     float64 per-block sums [sum g, sum g*(x - mean)/scale] (g = dy times the ReLU
     mask, which a ``residual`` enters); zeros for an input without values."""
@@ -185,7 +191,7 @@ def grad_sums(dy, x, layout, coef, relu, chunk, residual=None):
     return part, 2.0                  # the kernel stores sum g*(x - mean)/2
 
 
-def pack_grad_sums(partials):
+def pack_grad_sums(partials: Any) -> NDArray[np.float64]:
     """Partials -> (2, C) float64 [sum g, sum g*(x - mean)], summed in block order."""
     part, scale = partials
     sums = part.sum(axis=1)
@@ -193,13 +199,14 @@ def pack_grad_sums(partials):
     return sums
 
 
-def unpack_grad_sums(sums):
+def unpack_grad_sums(sums: NDArray[np.float64]) -> tuple[Any, float]:
     """(2, C) float64 sums (e.g. over all ranks) -> partials of one block."""
     return sums.reshape(2, 1, sums.shape[1]), 1.0
 
 
-def grad_apply(dy, x, layout, coef, invstd, gamma, training, relu, count, partials, dx, chunk,
-               residual=None, dres=None):
+def grad_apply(dy: NDArray[Any], x: NDArray[Any], layout: str, coef: Any, invstd: Any, gamma: Any, training: bool,
+           relu: bool, count: int, partials: Any, dx: NDArray[Any], chunk: int,
+           residual: NDArray[Any] | None = None, dres: NDArray[Any] | None = None) -> tuple[Any, Any]:
     """dx into ``dx`` from the partials of :func:`grad_sums` (or combined ones, with
     ``count`` the number of values they summarise); returns (dgamma, dbeta) in x's dtype.
     With ReLU and a ``residual``, also its gradient (dy times the mask) into ``dres``."""
@@ -219,13 +226,14 @@ def grad_apply(dy, x, layout, coef, invstd, gamma, training, relu, count, partia
     return dgamma, dbeta
 
 
-def warmup_plan(dtypes=("float32", "float64"), layouts=("ncl", "mc"), residual=False):
+def warmup_plan(dtypes: Sequence[str] = ("float32", "float64"), layouts: Sequence[str] = ("ncl", "mc"),
+            residual: bool = False) -> list[tuple[str, Callable[..., Any]]]:
     """[(label, compile callable)] for every kernel specialisation of ``dtypes`` x
     ``layouts``, eval with float64 running statistics included: what
     ``numbabn warmup`` runs, one step of its progress bar each. The fused-residual
     variants (``residual=``, used by numbabn.torch's fused ResNet blocks) only when
     ``residual``: 3 more per dtype and layout, about as many as all the others."""
-    plan = []
+    plan: list[tuple[str, Callable[..., Any]]] = []
     for dt in dtypes:
         for layout in layouts:
             k = specs(np.dtype(dt), layout)

@@ -51,8 +51,8 @@ compiled on first use. With ReLU, ``dres = g`` (the masked gradient).
 
 Memory traffic: training forward 3S, eval forward 2S, backward 5S (S = bytes of x).
 """
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from numba import cuda, float64

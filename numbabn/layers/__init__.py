@@ -1,6 +1,6 @@
 """Explicit layers (no autograd): each has ``forward(x)`` and ``backward(dy)``.
 
-See :mod:`numbabn.layers.base` for the contract. :data:`BUILTIN_LAYERS` names the
+See :mod:`numbabn.layers.base` for the contract. ``BUILTIN_LAYERS`` names the
 built-in layers; :mod:`numbabn.registry` reads it on its first lookup (the layers
 never import the registry, so there is no import circle).
 """

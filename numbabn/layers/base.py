@@ -29,14 +29,18 @@ Normalisation layers (``_accepts_float16``) of dtype float32 also take float16
 input, as PyTorch's CPU kernels do: statistics and arithmetic in float32, output
 and input gradient float16, parameter gradients float32. Every other dtype
 mismatch is refused. Big-endian input is converted to the native byte order, and
-a masked array with masked values is refused (see :mod:`numbabn._layout`).
+a masked array with masked values is refused (see ``numbabn._layout``).
 """
 from collections import namedtuple
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .. import _checks as V
 from .._layout import host_array, is_device_array
+from .._typing import FloatArray
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 IncompatibleKeys.__doc__ = """What :meth:`Layer.load_state_dict` returns, as in PyTorch: the layer's keys
@@ -55,24 +59,25 @@ class Parameter:
 
     __slots__ = ("name", "value", "grad")
 
-    def __init__(self, name, value, grad=None):
+    def __init__(self, name: str, value: FloatArray, grad: FloatArray | None = None) -> None:
         self.name = name
         self.value = value
         self.grad = grad
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         grad = "None" if self.grad is None else "set"
         return f"Parameter(name={self.name!r}, shape={self.value.shape}, dtype={self.value.dtype}, grad={grad})"
 
 
-def _all_layers(layer):
+def _all_layers(layer: "Layer") -> list["Layer"]:
     out = [layer]
     for child in layer._children.values():
         out.extend(_all_layers(child))
     return out
 
 
-def capture(layer, parameters=False, optimizer=None, forward=True, backward=True):
+def capture(layer: "Layer", parameters: bool = False, optimizer: Any = None, forward: bool = True,
+        backward: bool = True) -> dict[str, Any]:
     """Everything a call on ``layer`` may change, saved so that :func:`restore` puts it
     back exactly: every sub-layer's attributes (forward caches, training flag), buffers
     (copied), random generators' states and parameter gradients (references; layers
@@ -82,16 +87,19 @@ def capture(layer, parameters=False, optimizer=None, forward=True, backward=True
     ``forward``/``backward`` False leave out what only the other pass changes (the
     buffers and generators, or the gradients), which makes a capture cheaper."""
     layers = _all_layers(layer)
-    attrs, buffers, rngs, grads = [], [], [], []
-    for l in layers:
-        d = vars(l)
-        attrs.append((l, d.copy()))
+    attrs: list[Any] = []
+    buffers: list[Any] = []
+    rngs: list[Any] = []
+    grads: list[Any] = []
+    for lay in layers:
+        d = vars(lay)
+        attrs.append((lay, d.copy()))
         if forward:        # what a forward pass changes: running statistics, generators
-            buffers.extend((b, b.copy()) for b in l._buffers.values())
+            buffers.extend((b, b.copy()) for b in lay._buffers.values())
             rngs.extend((g, g.bit_generator.state) for g in d.values() if type(g) is np.random.Generator)
         if backward:       # what a backward pass changes: gradients
-            grads.extend((p, p.grad) for p in l._parameters.values())
-    saved = {"attrs": attrs, "buffers": buffers, "rngs": rngs, "grads": grads}
+            grads.extend((p, p.grad) for p in lay._parameters.values())
+    saved: dict[str, Any] = {"attrs": attrs, "buffers": buffers, "rngs": rngs, "grads": grads}
     if parameters:
         saved["values"] = [(p.value, p.value.copy()) for p in layer.parameters()]
     if optimizer is not None:
@@ -102,11 +110,11 @@ def capture(layer, parameters=False, optimizer=None, forward=True, backward=True
     return saved
 
 
-def restore(saved):
+def restore(saved: dict[str, Any]) -> None:
     """Undo everything since :func:`capture` (arrays are written back in place)."""
-    for l, attrs in saved["attrs"]:
-        vars(l).clear()
-        vars(l).update(attrs)
+    for lay, attrs in saved["attrs"]:
+        vars(lay).clear()
+        vars(lay).update(attrs)
     for target, copy in saved["buffers"] + saved.get("values", []):
         if target.flags.writeable:
             np.copyto(target, copy)
@@ -123,7 +131,7 @@ def restore(saved):
             optimizer.load_state_dict(state)
 
 
-def check_layer_dtype(owner, dtype):
+def check_layer_dtype(owner: str, dtype: DTypeLike) -> np.dtype[Any]:
     """The dtype a layer computes in: float32 or float64 (float16 has no layers).
     ``None`` is refused (``np.dtype(None)`` would silently mean float64)."""
     if dtype is None:
@@ -140,7 +148,7 @@ def check_layer_dtype(owner, dtype):
 check_positive_int = V.check_int   # (owner, name, value) -> int >= 1
 
 
-def check_rng(owner, rng):
+def check_rng(owner: str, rng: np.random.Generator | None) -> np.random.Generator:
     """``None`` (fresh entropy) or a ``numpy.random.Generator``."""
     if rng is None:
         return np.random.default_rng()
@@ -151,7 +159,7 @@ def check_rng(owner, rng):
 
 class Layer:
     """Base class. Subclasses implement ``forward`` and ``backward`` and declare
-    their state with :meth:`add_parameter`, :meth:`add_buffer` and :meth:`add_child`
+    their state with :meth:`add_parameter`, :meth:`add_buffer` and :meth:`Layer.add_child`
     (which also gives ``parameters``, ``state_dict``, ``train``/``eval`` and ``repr``
     their order). A layer made for the registry also provides the classmethod
     ``_contract_example(rng, dtype) -> (layer, x)`` used by the contract test.
@@ -160,27 +168,27 @@ class Layer:
     inputs of another dtype instead of silently promoting them.
     """
 
-    dtype = None     # None: the layer follows its input's dtype (activations, containers)
+    dtype: np.dtype[Any] | None = None     # None: the layer follows its input's dtype (activations, containers)
     _accepts_float16 = False   # float16 input into a float32 layer (normalisation layers)
-    _transient = ()            # attributes holding forward caches: not pickled
+    _transient: tuple[str, ...] = ()            # attributes holding forward caches: not pickled
     _accepts_device = False    # GPU input and dy kept on the device (layers computing only via functional)
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.training = True
-        self._parameters = {}
-        self._buffers = {}
-        self._buffer_init = {}
-        self._buffer_checks = {}
-        self._children = {}
+        self._parameters: dict[str, Parameter] = {}
+        self._buffers: dict[str, Any] = {}
+        self._buffer_init: dict[str, Any] = {}
+        self._buffer_checks: dict[str, Callable[..., Any]] = {}
+        self._children: dict[str, Layer] = {}
 
     # ------------------------------------------------------------ declaring state
-    def add_parameter(self, name, value):
+    def add_parameter(self, name: str, value: FloatArray) -> Parameter:
         """Register a trainable array; returns its :class:`Parameter`."""
         param = Parameter(name, value)
         self._parameters[name] = param
         return param
 
-    def add_buffer(self, name, value, check=None):
+    def add_buffer(self, name: str, value: Any, check: Callable[..., Any] | None = None) -> Any:
         """Register a non-trainable array saved in the state dict (running stats).
 
         Its value now is what :meth:`reset_running_stats` restores. ``check(fn, key,
@@ -192,48 +200,49 @@ class Layer:
             self._buffer_checks[name] = check
         return value
 
-    def add_child(self, name, layer):
+    def add_child(self, name: str, layer: "Layer") -> "Layer":
+        """Register ``layer`` (a :class:`Layer`) as the child ``name``, in order."""
         if not isinstance(layer, Layer):
             raise TypeError(f"{type(self).__name__}: child {name!r} must be a Layer, got {V.describe(layer)}")
         self._children[name] = layer
         return layer
 
     # ------------------------------------------------------------ computation
-    def forward(self, x):
+    def forward(self, x: FloatArray) -> FloatArray:
         raise NotImplementedError(f"{type(self).__name__} does not implement forward")
 
-    def backward(self, dy):
+    def backward(self, dy: FloatArray) -> FloatArray:
         raise NotImplementedError(f"{type(self).__name__} does not implement backward")
 
-    def __call__(self, x):
+    def __call__(self, x: FloatArray) -> FloatArray:
         return self.forward(x)
 
     @classmethod
-    def _contract_example(cls, rng, dtype):
+    def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["Layer", FloatArray]:
         """A small ``(layer, x)`` of ``dtype`` for the layer contract test."""
         raise NotImplementedError(f"{cls.__name__} does not provide _contract_example(rng, dtype)")
 
     # ------------------------------------------------------------ traversal
-    def children(self):
+    def children(self) -> list["Layer"]:
         return list(self._children.values())
 
-    def named_parameters(self, prefix=""):
+    def named_parameters(self, prefix: str = "") -> list[tuple[str, Parameter]]:
         """``[(qualified_name, Parameter)]``: own parameters first, then children's."""
         out = [(prefix + name, p) for name, p in self._parameters.items()]
         for cname, child in self._children.items():
             out.extend(child.named_parameters(f"{prefix}{cname}."))
         return out
 
-    def parameters(self):
+    def parameters(self) -> list[Parameter]:
         return [p for _, p in self.named_parameters()]
 
-    def named_buffers(self, prefix=""):
+    def named_buffers(self, prefix: str = "") -> list[tuple[str, Any]]:
         out = [(prefix + name, b) for name, b in self._buffers.items()]
         for cname, child in self._children.items():
             out.extend(child.named_buffers(f"{prefix}{cname}."))
         return out
 
-    def _named_state(self, prefix=""):
+    def _named_state(self, prefix: str = "") -> list[tuple[str, Any]]:
         # PyTorch's order: per layer its parameters, then its buffers, then children.
         out = [(prefix + name, p.value) for name, p in self._parameters.items()]
         out += [(prefix + name, b) for name, b in self._buffers.items()]
@@ -241,13 +250,13 @@ class Layer:
             out.extend(child._named_state(f"{prefix}{cname}."))
         return out
 
-    def _named_buffer_checks(self, prefix=""):
+    def _named_buffer_checks(self, prefix: str = "") -> list[tuple[str, Any]]:
         out = [(prefix + name, check) for name, check in self._buffer_checks.items()]
         for cname, child in self._children.items():
             out.extend(child._named_buffer_checks(f"{prefix}{cname}."))
         return out
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> "Layer":
         """Set training mode (recursively); returns ``self``."""
         mode = V.check_bool(f"{type(self).__name__}.train", "mode", mode)
         self.training = mode
@@ -255,12 +264,12 @@ class Layer:
             child.train(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> "Layer":
         """Set evaluation mode (recursively); returns ``self``."""
         return self.train(False)
 
     # ------------------------------------------------------------ pickling
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         """The instance dict without forward caches (see the module docstring)."""
         state = self.__dict__.copy()
         for cls in type(self).__mro__:
@@ -270,14 +279,14 @@ class Layer:
         return state
 
     # ------------------------------------------------------------ resetting
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
         """Put every buffer (running statistics, ``num_batches_tracked``) back to its
         value at construction, in place; children too. Parameters are untouched."""
         self._reset_own_buffers()
         for child in self._children.values():
             child.reset_running_stats()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         """Re-initialise every parameter in place as the constructor did (random
         initialisations draw anew from the layer's generator) and reset the buffers
         (:meth:`reset_running_stats`); children too. As ``torch.nn``'s
@@ -288,22 +297,22 @@ class Layer:
         for child in self._children.values():
             child.reset_parameters()
 
-    def _reset_own_buffers(self):
+    def _reset_own_buffers(self) -> None:
         for name, buf in self._buffers.items():
             np.copyto(buf, self._buffer_init[name])
 
-    def _init_parameters(self):
+    def _init_parameters(self) -> None:
         """Fill this layer's own parameters with their initial values, in place.
         Every layer that declares parameters implements it."""
         raise NotImplementedError(f"{type(self).__name__} has parameters but does not implement "
                                   "_init_parameters()")
 
     # ------------------------------------------------------------ state
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """``{qualified name: copy}`` of every parameter and buffer (NumPy arrays)."""
         return {name: np.array(arr, copy=True) for name, arr in self._named_state()}
 
-    def load_state_dict(self, state, strict=True):
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> Any:
         """Copy ``state`` into the parameters and buffers, in place.
 
         ``strict=True``: the keys must match exactly. ``strict=False``: the keys both
@@ -346,7 +355,7 @@ class Layer:
         return IncompatibleKeys(missing, unexpected)
 
     # ------------------------------------------------------------ input checks
-    def _input(self, x):
+    def _input(self, x: Any) -> FloatArray:
         """``x`` as a floating NumPy array (native byte order); of the layer's dtype
         when it has one, or float16 for a float32 layer that ``_accepts_float16``."""
         if type(x) is not np.ndarray and self._accepts_device and is_device_array(x):
@@ -362,20 +371,20 @@ class Layer:
             raise TypeError(f"{self._short()}: input must have the layer's dtype {self.dtype}, got {x.dtype}{hint}")
         return x
 
-    def _takes_float16(self, dtype):
+    def _takes_float16(self, dtype: Any) -> bool:
         return self._accepts_float16 and dtype == np.float16 and self.dtype == np.float32
 
-    def _shape_error(self, expected, x):
+    def _shape_error(self, expected: Any, x: Any) -> ValueError:
         return ValueError(f"{self._short()}: expected input of shape {expected}, got {tuple(x.shape)}")
 
-    def _cached(self, attr):
+    def _cached(self, attr: str) -> Any:
         """What forward cached; a clear error when backward comes first."""
         value = getattr(self, attr, None)
         if value is None:
             raise RuntimeError(f"{self._short()}: backward called before forward")
         return value
 
-    def _check_dy(self, dy, shape, dtype):
+    def _check_dy(self, dy: Any, shape: tuple[int, ...], dtype: Any) -> FloatArray:
         """dy of the output's shape (else ValueError) and dtype (else TypeError, as
         the functional API); big-endian dy is converted, masked values refused."""
         if isinstance(dy, np.ndarray) and not dy.dtype.isnative or isinstance(dy, np.ma.MaskedArray):
@@ -395,14 +404,14 @@ class Layer:
         return dy
 
     # ------------------------------------------------------------ repr
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         """The constructor arguments shown inside ``Name(...)``."""
         return ""
 
-    def _short(self):
+    def _short(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         if not self._children:
             return self._short()
         lines = [f"{type(self).__name__}("]

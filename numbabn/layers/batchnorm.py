@@ -41,11 +41,17 @@ PyTorch's CPU batch norm does.
 Layers: :class:`BatchNorm1d` ((N, C) or (N, C, L)), :class:`BatchNorm2d` (NCHW or
 NHWC) and :class:`BatchNorm3d` (NCDHW or NDHWC).
 """
+from typing import Any, Self
+
 import numpy as np
+from numpy.typing import DTypeLike, NDArray
 
 from .. import _checks as V
+from .._context import BatchNormContext
+from .._typing import AnyArray, FloatArray
 from ..functional import batch_norm_backward, batch_norm_forward
-from .base import Layer, check_layer_dtype, check_positive_int
+from ..stats import Moments
+from .base import Layer, Parameter, check_layer_dtype, check_positive_int
 
 
 class BatchNormBase(Layer):
@@ -65,10 +71,19 @@ class BatchNormBase(Layer):
 
     axis = 1
     _accepts_float16 = True
-    _transient = ("_ctx",)
+    _transient: tuple[str, ...] = ("_ctx",)
+    dtype: np.dtype[Any]              # always set (the Layer default None means "follows its input")
+    weight: Parameter | None          # None unless affine
+    bias: Parameter | None
+    # (C,) arrays (a 0-d int64 counter) when track_running_stats, else None; the
+    # layer's code reads them under that condition, which the types cannot express.
+    running_mean: Any
+    running_var: Any
+    num_batches_tracked: Any
+    _ctx: BatchNormContext | None
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 activation=None, dtype=np.float32):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+             track_running_stats: bool = True, activation: str | None = None, dtype: DTypeLike = np.float32) -> None:
         super().__init__()
         owner = type(self).__name__
         self.num_features = C = check_positive_int(owner, "num_features", num_features)
@@ -86,26 +101,27 @@ class BatchNormBase(Layer):
             self._add_running_stats(C)
         self._ctx = None
 
-    def _add_running_stats(self, C):
+    def _add_running_stats(self, C: int) -> None:
         """Buffers of the running statistics; variants tracking other ones override it."""
         self.running_mean = self.add_buffer("running_mean", np.zeros(C, self.dtype))
         self.running_var = self.add_buffer("running_var", np.ones(C, self.dtype))
         self._add_counter()
 
-    def _add_counter(self):
+    def _add_counter(self) -> None:
         self.num_batches_tracked = self.add_buffer("num_batches_tracked", np.zeros((), np.int64),
                                                    check=_check_loaded_counter)
 
-    def _init_parameters(self):
+    def _init_parameters(self) -> None:
         """gamma = 1, beta = 0 (``reset_parameters`` also resets the running statistics)."""
-        self.weight.value[...] = 1
-        self.bias.value[...] = 0
+        if self.weight is not None and self.bias is not None:     # affine
+            self.weight.value[...] = 1
+            self.bias.value[...] = 0
 
     # ------------------------------------------------------------ input
-    def _expected_shape(self):
+    def _expected_shape(self) -> str:
         return f"(N, {self.num_features}, ...)"
 
-    def _check_input(self, x):
+    def _check_input(self, x: Any) -> FloatArray:
         x = self._input(x)
         if x.ndim < 2 or x.shape[self.axis] != self.num_features:
             raise self._shape_error(self._expected_shape(), x)
@@ -113,19 +129,19 @@ class BatchNormBase(Layer):
 
     # ------------------------------------------------------------ functional calls
     @property
-    def uses_batch_stats(self):
+    def uses_batch_stats(self) -> bool:
         """True when the forward normalises with the batch's statistics: in training,
         and in eval mode when the layer has no running statistics (see the module
         docstring's table)."""
         return self.training or self.running_mean is None
 
     @property
-    def updates_running_stats(self):
+    def updates_running_stats(self) -> bool:
         """True when the forward moves the running statistics: training mode, the
         buffers exist and ``track_running_stats`` is (still) on."""
         return self.training and bool(self.track_running_stats) and self.running_mean is not None
 
-    def _running_args(self):
+    def _running_args(self) -> dict[str, Any]:
         """The running statistics to hand to ``batch_norm_forward`` (read in eval mode,
         updated in training), as ``torch.nn`` passes them: none in training while
         ``track_running_stats`` is off."""
@@ -134,12 +150,13 @@ class BatchNormBase(Layer):
         return dict(running_mean=self.running_mean, running_var=self.running_var,
                     num_batches_tracked=self.num_batches_tracked)
 
-    def _affine_values(self):
-        if self.affine:
+    def _affine_values(self) -> tuple[FloatArray | None, FloatArray | None]:
+        if self.weight is not None and self.bias is not None:     # affine
             return self.weight.value, self.bias.value
         return None, None
 
-    def _bn_forward(self, x, gamma, beta, out=None, moments=None):
+    def _bn_forward(self, x: AnyArray, gamma: AnyArray | None, beta: AnyArray | None, out: AnyArray | None = None,
+                moments: Moments | None = None) -> tuple[AnyArray, BatchNormContext]:
         """batch_norm_forward with this layer's state and settings -> (y, ctx);
         ``moments``: statistics to normalise with instead of the batch's (SyncBN)."""
         return batch_norm_forward(
@@ -147,22 +164,22 @@ class BatchNormBase(Layer):
             momentum=self.momentum, eps=self.eps, axis=self.axis, activation=self.activation, out=out,
             moments=moments)
 
-    def forward(self, x):
+    def forward(self, x: FloatArray) -> FloatArray:
         """y = BN(x) (see the module docstring); same shape and dtype as x."""
         x = self._check_input(x)
         y, self._ctx = self._bn_forward(x, *self._affine_values())
         return y
 
-    def backward(self, dy):
+    def backward(self, dy: FloatArray) -> FloatArray:
         """dx; sets weight.grad = sum g*xhat and bias.grad = sum g (per channel),
         NumPy arrays also for GPU input (the parameters live on the host)."""
         dx, dgamma, dbeta = self._bn_backward(dy)
-        if self.affine:
+        if self.weight is not None and self.bias is not None:     # affine
             self.weight.grad = _on_host(dgamma)
             self.bias.grad = _on_host(dbeta)
         return dx
 
-    def _bn_backward(self, dy):
+    def _bn_backward(self, dy: AnyArray) -> tuple[AnyArray, ...]:
         """The one backward hook -> (dx, dgamma, dbeta) of the cached forward: variants
         change how the gradient sums are combined (SyncBN: over ranks) or how the
         parameter gradients map back (BatchRenorm: through r and d)."""
@@ -170,17 +187,17 @@ class BatchNormBase(Layer):
         return batch_norm_backward(self._check_dy(dy, ctx.shape, ctx.dtype), ctx)
 
     # ------------------------------------------------------------ repr / examples
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         text = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}")
         if self.activation is not None:
             text += f", activation={self.activation!r}"
         return text
 
-    def _randomize_state(self, rng):
+    def _randomize_state(self, rng: np.random.Generator) -> Self:
         """Non-trivial gamma, beta and running statistics (for tests and examples)."""
         C = self.num_features
-        if self.affine:
+        if self.weight is not None and self.bias is not None:     # affine
             self.weight.value[...] = rng.uniform(0.5, 1.5, C)
             self.bias.value[...] = rng.standard_normal(C)
         for name, buf in self._buffers.items():
@@ -191,12 +208,12 @@ class BatchNormBase(Layer):
         return self
 
 
-def _on_host(a):
+def _on_host(a: AnyArray | None) -> NDArray[Any] | None:
     """A gradient as a NumPy array (device arrays, from GPU input, are copied back)."""
     return a if a is None or isinstance(a, np.ndarray) else a.copy_to_host()
 
 
-def _check_loaded_counter(fn, key, value):
+def _check_loaded_counter(fn: str, key: str, value: Any) -> None:
     """``num_batches_tracked`` from a state dict: a count, >= 0."""
     if value.item() < 0:
         raise ValueError(f"{fn}: {key!r} counts batches and must be >= 0, got {value.item()}")
@@ -211,17 +228,17 @@ class BatchNorm1d(BatchNormBase):
 
     _accepts_device = True
 
-    def _expected_shape(self):
+    def _expected_shape(self) -> str:
         return f"(N, {self.num_features}) or (N, {self.num_features}, L)"
 
-    def _check_input(self, x):
+    def _check_input(self, x: Any) -> FloatArray:
         x = super()._check_input(x)
         if x.ndim > 3:
             raise self._shape_error(self._expected_shape(), x)
         return x
 
     @classmethod
-    def _contract_example(cls, rng, dtype):
+    def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["BatchNorm1d", FloatArray]:
         layer = cls(3, activation="relu", dtype=dtype)._randomize_state(rng)
         return layer, (rng.standard_normal((5, 3, 2)) + 0.5).astype(dtype)
 
@@ -235,23 +252,24 @@ class _SpatialBatchNorm(BatchNormBase):
     _spatial = 2
     _dims = "H, W"
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 activation=None, dtype=np.float32, channels_last=False):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+             track_running_stats: bool = True, activation: str | None = None, dtype: DTypeLike = np.float32,
+             channels_last: bool = False) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, dtype)
         self.channels_last = V.check_bool(type(self).__name__, "channels_last", channels_last)
         self.axis = -1 if self.channels_last else 1
 
-    def _expected_shape(self):
+    def _expected_shape(self) -> str:
         C = self.num_features
         return f"(N, {self._dims}, {C}) (channels_last)" if self.channels_last else f"(N, {C}, {self._dims})"
 
-    def _check_input(self, x):
+    def _check_input(self, x: Any) -> FloatArray:
         x = self._input(x)
         if x.ndim != self._spatial + 2 or x.shape[self.axis] != self.num_features:
             raise self._shape_error(self._expected_shape(), x)
         return x
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return super().extra_repr() + (", channels_last=True" if self.channels_last else "")
 
 
@@ -260,7 +278,7 @@ class BatchNorm2d(_SpatialBatchNorm):
     over N, H and W per channel). Same semantics as ``torch.nn.BatchNorm2d``."""
 
     @classmethod
-    def _contract_example(cls, rng, dtype):
+    def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["BatchNorm2d", FloatArray]:
         layer = cls(2, channels_last=True, dtype=dtype)._randomize_state(rng)
         return layer, rng.standard_normal((2, 3, 2, 2)).astype(dtype)
 
@@ -274,6 +292,6 @@ class BatchNorm3d(_SpatialBatchNorm):
     _dims = "D, H, W"
 
     @classmethod
-    def _contract_example(cls, rng, dtype):
+    def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["BatchNorm3d", FloatArray]:
         layer = cls(2, dtype=dtype)._randomize_state(rng)
         return layer, (rng.standard_normal((3, 2, 2, 1, 2)) - 0.3).astype(dtype)

@@ -135,7 +135,7 @@ class _BaseBNMLP(BaseEstimator):
         if isinstance(self.record_metrics, str):
             raise ValueError(f"{type(self).__name__}: record_metrics must be a sequence of names or metrics, "
                              f"got the string {self.record_metrics!r} (write [{self.record_metrics!r}])")
-        from ..train.metrics import METRIC_NAMES as named   # the measurement toolkit, loaded when used
+        from ..train.metrics import METRIC_NAMES as named  # the measurement toolkit, loaded when used
 
         metrics = []
         for item in self.record_metrics:
@@ -183,7 +183,7 @@ class _BaseBNMLP(BaseEstimator):
                           momentum=self.momentum)
         self._model, self._optimizer = self._build(self._arch, self._rng)
         self.n_iter_ = 0
-        self.loss_curve_ = []
+        self.loss_curve_: list[float] = []
         self.best_loss_ = np.inf
         self.history_ = None
 

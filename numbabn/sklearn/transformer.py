@@ -8,8 +8,8 @@ Per feature j, with statistics ``mean_[j]`` and ``var_[j]`` learnt by ``fit`` /
 
 ``transform`` is the eval-mode pass of :func:`numbabn.batch_norm_forward`
 (``training=False``, ``running_mean=mean_``, ``running_var=var_``): the Numba
-kernel folds it into one multiply-add per element, ``y = a*x + b`` with
-``a = gamma/sqrt(var_ + eps)`` and ``b = beta - mean_*a`` (computed in float64).
+kernel computes ``y = a*(x - mean_) + beta`` per element, with
+``a = gamma/sqrt(var_ + eps)`` computed in float64.
 
 Two ways to learn the statistics:
 
@@ -34,8 +34,11 @@ Two ways to learn the statistics:
 """
 import importlib
 import sys
+from collections.abc import Callable
+from typing import Any, Self
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
 from sklearn.utils import check_array
 from sklearn.utils.validation import check_is_fitted, validate_data
@@ -90,20 +93,21 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
     parameters) leaves the fitted state as it was.
     """
 
-    def __init__(self, eps=1e-5, momentum=None, gamma=1.0, beta=0.0, copy=True):
+    def __init__(self, eps: float = 1e-5, momentum: float | None = None, gamma: ArrayLike = 1.0, beta: ArrayLike = 0.0,
+             copy: bool = True) -> None:
         self.eps = eps
         self.momentum = momentum
         self.gamma = gamma
         self.beta = beta
         self.copy = copy
 
-    def __sklearn_tags__(self):
+    def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
 
     # ------------------------------------------------------------ parameters
-    def _check_params(self, n_features):
+    def _check_params(self, n_features: int) -> tuple[Any, ...]:
         """Validated (eps, momentum, gamma, beta); gamma and beta as float64 (n_features,)."""
         name = type(self).__name__
         eps, momentum = self.eps, self.momentum
@@ -116,7 +120,7 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         return float(eps), momentum if momentum is None else float(momentum), *affine
 
     @staticmethod
-    def _check_affine(name, param, value, n_features):
+    def _check_affine(name: str, param: Any, value: Any, n_features: int) -> NDArray[np.float64]:
         try:
             arr = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):
@@ -134,7 +138,7 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         return arr
 
     # ------------------------------------------------------------ fitting
-    def _validate_fit(self, X):
+    def _validate_fit(self, X: Any) -> tuple[Any, tuple[Any, ...], Moments]:
         """validate_data for fitting, plus the parameters. On the first batch,
         validate_data(reset=True) sets n_features_in_ (and feature_names_in_) before
         it checks X: they are removed again if anything is rejected.
@@ -162,7 +166,7 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
             raise
         return X, params, (X.moments if kind is not None else moments(X, axis=1))
 
-    def fit(self, X, y=None):
+    def fit(self, X: Any, y: Any = None) -> Self:
         """Forget previous statistics, then :meth:`partial_fit` ``X``. Returns self.
 
         ``y`` is ignored. On an error the previous fit is kept.
@@ -177,7 +181,7 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
             self.__dict__.update(saved)     # same objects, same order: exactly as before
             raise
 
-    def partial_fit(self, X, y=None):
+    def partial_fit(self, X: Any, y: Any = None) -> Self:
         """Update the statistics with one batch ``X`` (n_samples, n_features). Returns self.
 
         ``momentum=None``: exact merge of the batch's moments into those seen so far.
@@ -205,8 +209,8 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         return self
 
     # ------------------------------------------------------------ transforming
-    def transform(self, X, copy=None):
-        """y = gamma*(X - mean_)/sqrt(var_ + eps) + beta, by the eval-mode Numba kernel.
+    def transform(self, X: Any, copy: bool | None = None) -> Any:
+        """``y = gamma*(X - mean_)/sqrt(var_ + eps) + beta``, by the eval-mode Numba kernel.
 
         ``copy`` overrides the constructor's ``copy`` for this call.
         """
@@ -236,8 +240,8 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
             X[r0:r0 + rows] = batch_norm_forward(block, out=buf[:block.shape[0]], **args)[0]
         return X
 
-    def inverse_transform(self, X, copy=None):
-        """x = (X - beta)*sqrt(var_ + eps)/gamma + mean_ (undoes :meth:`transform`).
+    def inverse_transform(self, X: Any, copy: bool | None = None) -> Any:
+        """``x = (X - beta)*sqrt(var_ + eps)/gamma + mean_`` (undoes :meth:`transform`).
 
         Needs every gamma != 0. ``copy`` overrides the constructor's ``copy``.
         """
@@ -272,17 +276,17 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
 # once that library is loaded (no array of its kind can exist before), so a Dask array
 # takes the Dask path with no extra import by the user, and NumPy-only users never
 # load Dask support.
-_ARRAY_KINDS = []
+_ARRAY_KINDS: list[tuple[Callable[[Any], bool], Any]] = []
 _SUPPORT_MODULES = {"dask.array": "numbabn.distributed.dask"}   # library module -> support module
 
 
-def register_array_kind(is_kind, support):
+def register_array_kind(is_kind: Callable[[Any], bool], support: Any) -> None:
     """Route arrays for which ``is_kind(X)`` is true to ``support`` (see above)."""
     if (is_kind, support) not in _ARRAY_KINDS:
         _ARRAY_KINDS.append((is_kind, support))
 
 
-def _array_kind(X):
+def _array_kind(X: Any) -> Any:
     """The registered support for X's kind, or None for anything NumPy-compatible."""
     for library, module in _SUPPORT_MODULES.items():
         if library in sys.modules and module not in sys.modules:

@@ -111,7 +111,7 @@ class BatchNormFunction(torch.autograd.Function):
         return (*grads[:3], None, None, None, None, None, None, None, None, grads[3])
 
 
-def _without_residual(bn):
+def _without_residual(bn: Any) -> Any:
     """The forward's context without the residual (no ReLU: the residual does not
     enter dx, and its gradient is dy itself, so numbabn need not copy dy)."""
     if bn.residual is None:

@@ -4,7 +4,7 @@ conv -> BN -> ReLU is a ``torch.nn.Sequential``: :func:`numbabn.torch.convert_ba
 The ReLU after each residual addition stays separate unless :func:`fuse_residual`
 folds the addition and that ReLU into the block's last batch norm (a numbabn
 ``BatchNorm2d(activation="relu")`` called as ``bn(out, residual=identity)``: 8 more
-fused BNs). :func:`convert_batchnorm` cannot do this for an arbitrary model: the
+fused BNs). :func:`~numbabn.torch.convert_batchnorm` cannot do this for an arbitrary model: the
 addition lives in a block's ``forward`` code, not in a ``Sequential``; a user writes
 it as this module's :class:`BasicBlock` does. Used by the benchmark
 (:mod:`numbabn.bench.torch_modules`) and the converter tests; no weights, no download.

@@ -62,11 +62,12 @@ class History:
     """Series recorded by :meth:`numbabn.train.Trainer.fit` (see the module docstring)."""
 
     def __init__(self, classification: bool = True, meta: dict[str, Any] | None = None) -> None:
-        self.step = []
-        self.loss = []
-        self.accuracy = [] if classification else None
-        self.metrics = {}
-        self.eval = {"step": [], "loss": [], "accuracy": []} if classification else {"step": [], "loss": []}
+        self.step: list[int] = []
+        self.loss: list[float] = []
+        self.accuracy: list[float] | None = [] if classification else None
+        self.metrics: dict[str, Any] = {}
+        self.eval: dict[str, list[Any]] = ({"step": [], "loss": [], "accuracy": []} if classification
+                                           else {"step": [], "loss": []})
         self.meta = jsonable(meta or {})
 
     # ------------------------------------------------------------ recording
@@ -136,7 +137,7 @@ class History:
         for name, series in self.metrics.items():
             rows = []
             for value in series["value"]:
-                flat = {}
+                flat: dict[str, Any] = {}
                 _flatten(name, value, flat)
                 rows.append(flat)
             part = pd.DataFrame(rows, index=series["step"])

@@ -51,7 +51,7 @@ Conv2d leaves (:func:`weight_layers`), indexed 0, 1, ... in that order. PyTorch
 models are probed through :func:`numbabn.train.torch_adapter.from_torch`.
 """
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -88,7 +88,7 @@ def _check_model(fn: str, model: Any) -> None:
         raise TypeError(f"{fn}: model must be a numbabn Layer, got {V.describe(model)}")
 
 
-def _check_batch(fn: str, batch: Any) -> tuple[Any, Any]:
+def _check_batch(fn: str, batch: Any) -> Sequence[Any]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(f"{fn}: batch must be a pair (x, y), got {V.describe(batch)}")
     return batch
@@ -192,7 +192,7 @@ class _Snapshot:
         for g, state in self.rngs:
             g.bit_generator.state = state
 
-    def __exit__(self, *exc: object) -> bool:
+    def __exit__(self, *exc: object) -> Literal[False]:
         self.reset()
         if self.optimizer is not None:
             self.optimizer.state = self.opt_objects

@@ -21,19 +21,21 @@ metrics (which restore everything they touch, :mod:`numbabn.train.metrics`) do n
 change it.
 """
 import sys
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, TextIO
 
 import numpy as np
+from numpy.typing import NDArray
 
 from .. import _checks as V
 from ..layers import Layer, SoftmaxCrossEntropy
 from .history import History
 
-
 _positive_int = V.check_int   # (fn, name, value) -> int >= 1
 
 
-def _metric_name(fn, metric):
+def _metric_name(fn: str, metric: Any) -> str:
     if not callable(metric):
         raise TypeError(f"{fn}: each metric must be callable as metric(model, loss, optimizer, batch), "
                         f"got {V.describe(metric)}")
@@ -43,7 +45,7 @@ def _metric_name(fn, metric):
     return name
 
 
-def _check_data(fn, X, y):
+def _check_data(fn: str, X: Any, y: Any) -> tuple[NDArray[Any], NDArray[Any]]:
     if not isinstance(X, np.ndarray) or not isinstance(y, np.ndarray):
         raise TypeError(f"{fn}: X and y must be NumPy arrays, got {V.describe(X)} and {V.describe(y)}")
     if X.ndim < 1 or y.ndim < 1 or len(X) != len(y) or len(X) == 0:
@@ -55,24 +57,39 @@ def _check_data(fn, X, y):
 class Trainer:
     """Train ``model`` with ``loss`` and ``optimizer`` on mini-batches (module docstring).
 
-    Arguments:
-        model: a :class:`~numbabn.layers.Layer` (usually a Sequential).
-        loss: ``loss(prediction, target) -> (value, dprediction)``. With
-            :class:`~numbabn.layers.SoftmaxCrossEntropy` the accuracy is recorded too.
-        optimizer: a :mod:`numbabn.optim` optimizer over the model's parameters.
-        batch_size: samples per step (at most the number of training samples).
-        seed: seeds the generator that orders the batches.
-        metrics: callables ``metric(model, loss, optimizer, batch)`` (e.g. those of
-            :mod:`numbabn.train.metrics`), named by ``.name`` (else ``__name__``).
-        record_every: the metrics run at steps 0, k, 2k, ...
-        eval_data: ``(X, y)`` evaluated in eval mode at step 0, every ``eval_every``
-            steps (default ``record_every``) and after the last step.
-        verbose: 0 silent; 1 a progress bar on stderr when stderr is a terminal.
-        label: the progress bar's label.
+    Parameters
+    ----------
+    model : Layer
+        A :class:`~numbabn.layers.Layer` (usually a Sequential).
+    loss : callable
+        ``loss(prediction, target) -> (value, dprediction)``. With
+        :class:`~numbabn.layers.SoftmaxCrossEntropy` the accuracy is recorded too.
+    optimizer : optimizer
+        A :mod:`numbabn.optim` optimizer over the model's parameters.
+    batch_size : int
+        Samples per step (at most the number of training samples).
+    seed : int
+        Seeds the generator that orders the batches.
+    metrics : sequence of callables
+        ``metric(model, loss, optimizer, batch)`` (e.g. those of
+        :mod:`numbabn.train.metrics`), named by ``.name`` (else ``__name__``).
+    record_every : int
+        The metrics run at steps 0, k, 2k, ...
+    eval_data : tuple or None
+        ``(X, y)`` evaluated in eval mode at step 0, every ``eval_every`` steps and
+        after the last step.
+    eval_every : int or None
+        Steps between evaluations of ``eval_data`` (default ``record_every``).
+    verbose : int
+        0 silent; 1 a progress bar on stderr when stderr is a terminal.
+    label : str
+        The progress bar's label.
     """
 
-    def __init__(self, model, loss, optimizer, *, batch_size, seed, metrics=(), record_every=1, eval_data=None,
-                 eval_every=None, verbose=1, label="training"):
+    def __init__(self, model: Layer, loss: Callable[..., Any], optimizer: Any, *, batch_size: int, seed: int,
+             metrics: Sequence[Callable[..., Any]] = (), record_every: int = 1,
+             eval_data: tuple[NDArray[Any], NDArray[Any]] | None = None, eval_every: int | None = None,
+             verbose: int = 1, label: str = "training") -> None:
         fn = "Trainer"
         if not isinstance(model, Layer):
             raise TypeError(f"{fn}: model must be a numbabn Layer, got {V.describe(model)}")
@@ -106,7 +123,7 @@ class Trainer:
         self.steps_done = 0
 
     # ------------------------------------------------------------ pieces
-    def _batches(self, n, steps):
+    def _batches(self, n: int, steps: int) -> Iterator[NDArray[np.intp]]:
         """Index arrays of ``steps`` batches, epoch after epoch (module docstring)."""
         per_epoch = n // self.batch_size
         done = 0
@@ -117,10 +134,10 @@ class Trainer:
             done += per_epoch
 
     @staticmethod
-    def _accuracy(out, target):
+    def _accuracy(out: NDArray[Any], target: NDArray[Any]) -> float:
         return float(np.mean(np.argmax(out, axis=1) == target))
 
-    def evaluate(self, X, y):
+    def evaluate(self, X: NDArray[Any], y: NDArray[Any]) -> tuple[float, float | None]:
         """``(loss, accuracy or None)`` of the model in eval mode on (X, y); the model is
         put back in training mode afterwards."""
         self.model.eval()
@@ -131,13 +148,13 @@ class Trainer:
         value, _ = self.loss(out, y)
         return value, (self._accuracy(out, y) if self.classification else None)
 
-    def _progress(self, steps):
+    def _progress(self, steps: int) -> AbstractContextManager[Any]:
         if self.verbose and sys.stderr.isatty():
             return _TextProgress(self.label, steps, sys.stderr)
         return nullcontext()
 
     # ------------------------------------------------------------ the loop
-    def fit(self, X, y, steps=None, epochs=None):
+    def fit(self, X: NDArray[Any], y: NDArray[Any], steps: int | None = None, epochs: int | None = None) -> History:
         """Train for ``steps`` steps or ``epochs`` epochs (exactly one of them) and
         return the :class:`History` of this call.
 
@@ -157,7 +174,7 @@ class Trainer:
             self.rng.bit_generator.state, self.steps_done = trainer_state
             raise
 
-    def _fit(self, X, y, steps, epochs):
+    def _fit(self, X: NDArray[Any], y: NDArray[Any], steps: int | None, epochs: int | None) -> History:
         fn = "Trainer.fit"
         X, y = _check_data(fn, X, y)
         if (steps is None) == (epochs is None):
@@ -179,7 +196,7 @@ class Trainer:
                     history.record_eval(t, *self.evaluate(*self.eval_data))
                 xb, yb = X[idx], y[idx]
                 if t % self.record_every == 0:
-                    for name, metric in zip(self.metric_names, self.metrics):
+                    for name, metric in zip(self.metric_names, self.metrics, strict=True):
                         history.record_metric(name, t, metric(model, loss, optimizer, (xb, yb)))
                 out = model.forward(xb)
                 value, dout = loss(out, yb)
@@ -202,19 +219,19 @@ class _TextProgress:
 
     WIDTH = 30
 
-    def __init__(self, label, total, file):
+    def __init__(self, label: str, total: int, file: TextIO) -> None:
         self.label, self.total, self.file = label, max(total, 1), file
         self.done, self._shown = 0, -1
 
-    def __enter__(self):
+    def __enter__(self) -> "_TextProgress":
         self._draw()
         return self
 
-    def update(self, n):
+    def update(self, n: int) -> None:
         self.done += n
         self._draw()
 
-    def _draw(self):
+    def _draw(self) -> None:
         percent = 100 * self.done // self.total
         if percent == self._shown:
             return
@@ -224,6 +241,6 @@ class _TextProgress:
                         f"{self.done}/{self.total}  {percent:3d}%")
         self.file.flush()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.file.write("\n")
         self.file.flush()
