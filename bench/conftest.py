@@ -7,16 +7,19 @@
 ``case`` is parametrized per module scope so that pytest runs all tests of one case
 together and each case's arrays are built once (the large ones are ~50 MB).
 """
+
 import numpy as np
 import pytest
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("numbabn bench")
-    group.addoption("--bench-suite", default="default",
-                    help="numbabn.bench.cases.SUITES name, or 'all' (default: default)")
-    group.addoption("--bench-dtype", default="float32", choices=("float32", "float64"),
-                    help="input dtype (default: float32)")
+    group.addoption(
+        "--bench-suite", default="default", help="numbabn.bench.cases.SUITES name, or 'all' (default: default)"
+    )
+    group.addoption(
+        "--bench-dtype", default="float32", choices=("float32", "float64"), help="input dtype (default: float32)"
+    )
 
 
 def pytest_configure(config):

@@ -8,6 +8,7 @@ Every measurement runs in a new Python process with its own empty
 come from Numba's event API (``numba.core.event``, "numba:compile" events of the
 kernel dispatchers; nested helper compiles are included in their caller's time).
 """
+
 import argparse
 import json
 import os

@@ -17,6 +17,7 @@ cores each BN kernel launch can then wait for the scheduler (milliseconds).
 
     python bench/layers_step.py [--steps 300] [--rounds 3]
 """
+
 import argparse
 import contextlib
 import time
@@ -105,7 +106,7 @@ def main():
 
     data = batches(args.steps)
     default, one_blas_thread = contextlib.nullcontext, lambda: threadpool_limits(1, user_api="blas")
-    rows = {}          # name -> (step function, its batches, context to time it in)
+    rows = {}  # name -> (step function, its batches, context to time it in)
     for fused in (False, True):
         for label, context in (("", default), (", BLAS 1 thread", one_blas_thread)):
             rows[f"numbabn{' fused' if fused else ''}{label}"] = (numbabn_step(fused), data, context)
@@ -117,17 +118,19 @@ def main():
         torch.set_num_threads(2)
         rows["torch"] = (torch_step(), [(torch.from_numpy(x), torch.from_numpy(t)) for x, t in data], default)
 
-    for step, batch_list, context in rows.values():       # warm-up: JIT compilation, allocator, caches
+    for step, batch_list, context in rows.values():  # warm-up: JIT compilation, allocator, caches
         with context():
-            time_steps(step, batch_list[:args.warmup])
+            time_steps(step, batch_list[: args.warmup])
     times = {name: [] for name in rows}
     for _ in range(args.rounds):
         for name, (step, batch_list, context) in rows.items():
             with context():
                 times[name].append(time_steps(step, batch_list))
 
-    print(f"BN-MLP {DEPTH}x{WIDTH}, batch {BATCH}, float32, SGD(momentum={MOMENTUM}); "
-          f"median of {args.rounds}x{args.steps} steps per row")
+    print(
+        f"BN-MLP {DEPTH}x{WIDTH}, batch {BATCH}, float32, SGD(momentum={MOMENTUM}); "
+        f"median of {args.rounds}x{args.steps} steps per row"
+    )
     medians = {name: np.median(np.concatenate(t)) * 1e3 for name, t in times.items()}
     for name, ms in medians.items():
         ratio = f"  ({ms / medians['torch']:.2f}x torch)" if "torch" in medians else ""

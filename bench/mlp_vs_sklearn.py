@@ -11,6 +11,7 @@ data are scored on the training data, as ``check_regressors_train`` /
 a held-out 25 % split (features standardised with the training split; regression
 targets too).
 """
+
 import argparse
 import warnings
 
@@ -56,8 +57,9 @@ def main():
         for budget in budgets:
             cells = []
             for cls in (theirs, ours):
-                scores = [cls(max_iter=budget, random_state=s).fit(X_tr, y_tr).score(X_te, y_te)
-                          for s in range(args.seeds)]
+                scores = [
+                    cls(max_iter=budget, random_state=s).fit(X_tr, y_tr).score(X_te, y_te) for s in range(args.seeds)
+                ]
                 cells.append(f"{np.mean(scores):.3f} [{min(scores):.3f}, {max(scores):.3f}]")
             print(f"| {name} | {budget} | {cells[0]} | {cells[1]} |", flush=True)
 

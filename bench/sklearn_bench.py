@@ -6,6 +6,7 @@ vs MLPClassifier on digits. A thin script over :mod:`numbabn.bench.sklearn_estim
                                   [--repeat R] [--epochs E] [--seeds 0 1 2] [--threads T]
                                   [--json PATH]
 """
+
 import argparse
 import json
 
@@ -24,9 +25,16 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="cap Numba and BLAS threads (both sides)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    rows = run_sklearn_bench(args.parts, n_samples=args.samples, n_features=args.features, dtypes=args.dtypes,
-                             repeat=args.repeat, epochs=args.epochs, seeds=tuple(args.seeds),
-                             threads=args.threads)
+    rows = run_sklearn_bench(
+        args.parts,
+        n_samples=args.samples,
+        n_features=args.features,
+        dtypes=args.dtypes,
+        repeat=args.repeat,
+        epochs=args.epochs,
+        seeds=tuple(args.seeds),
+        threads=args.threads,
+    )
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as fh:

@@ -9,6 +9,7 @@ moved (DESIGN.md §3) and the GB/s at the median time.
 
     pytest bench/ --benchmark-only
 """
+
 import numpy as np
 import pytest
 
@@ -24,13 +25,14 @@ def data(case, dtype):
 
 
 def _time(benchmark, fn, case, op, x):
-    fn()   # warm-up: compile / cache load stays out of the timing
+    fn()  # warm-up: compile / cache load stays out of the timing
     moved = TRAFFIC[op] * x.nbytes
     benchmark.group = op
-    benchmark.extra_info.update(case=case.name, shape="x".join(map(str, case.shape)), layout=case.layout,
-                                dtype=x.dtype.name, bytes_moved=moved)
+    benchmark.extra_info.update(
+        case=case.name, shape="x".join(map(str, case.shape)), layout=case.layout, dtype=x.dtype.name, bytes_moved=moved
+    )
     benchmark(fn)
-    if benchmark.stats is not None:   # None under --benchmark-disable (one plain call)
+    if benchmark.stats is not None:  # None under --benchmark-disable (one plain call)
         benchmark.extra_info["gbps"] = moved / benchmark.stats.stats.median / 1e9
 
 

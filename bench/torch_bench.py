@@ -8,6 +8,7 @@ run's JSON under ``results/`` (git-ignored).
 
     python bench/torch_bench.py [--runs 2] [--threads 2] [--part bn|step]
 """
+
 import argparse
 import subprocess
 import sys
@@ -27,8 +28,21 @@ def main():
     parts = [a for p in (args.part or []) for a in ("--part", p)]
     for run in range(1, args.runs + 1):
         print(f"== run {run} of {args.runs}", flush=True)
-        subprocess.run([sys.executable, "-m", "numbabn", "bench", "torch", "--threads", str(args.threads), *parts,
-                        "--json", str(Path(args.out) / f"torch_bench_run{run}.json")], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "numbabn",
+                "bench",
+                "torch",
+                "--threads",
+                str(args.threads),
+                *parts,
+                "--json",
+                str(Path(args.out) / f"torch_bench_run{run}.json"),
+            ],
+            check=True,
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Build: ``python -m sphinx -W -n --keep-going -b html docs <outdir>`` (what CI runs):
 warnings are errors and every cross-reference must resolve (nitpicky).
 """
+
 import importlib
 import os
 import re
@@ -44,7 +45,7 @@ numpydoc_xref_param_type = False
 #   PR02  no documented parameter that the signature lacks (catches stale docstrings)
 numpydoc_validation_checks = {"GL06", "GL07", "GL08", "PR02"}
 numpydoc_validation_exclude = {
-    r"\.__init__$",        # constructor arguments are documented on the class
+    r"\.__init__$",  # constructor arguments are documented on the class
     # Overrides of the Layer / torch.nn.Module contract methods: documented once, on
     # numbabn.layers.Layer (forward, backward, train, extra_repr) and by PyTorch.
     r"\.(forward|backward|train|extra_repr)$",
@@ -53,10 +54,16 @@ numpydoc_validation_exclude = {
 # No network in CI, so no intersphinx: names of Python, NumPy and the optional
 # frameworks in signatures cannot be resolved and are not treated as broken references.
 nitpick_ignore_regex = [
-    (r"py:.*", r"(numpy|np|numpy\.typing|numba|torch|sklearn|mpi4py|dask|pandas|click|matplotlib"
-               r"|typing|collections\.abc|contextlib|types|dataclasses|queue|threading)(\..*)?"),
-    (r"py:.*", r"(int|float|bool|str|bytes|object|None|tuple|list|dict|set|type|slice|range"
-               r"|Exception|ValueError|TypeError|RuntimeError|UserWarning|Any|Callable|Iterator|Iterable)"),
+    (
+        r"py:.*",
+        r"(numpy|np|numpy\.typing|numba|torch|sklearn|mpi4py|dask|pandas|click|matplotlib"
+        r"|typing|collections\.abc|contextlib|types|dataclasses|queue|threading)(\..*)?",
+    ),
+    (
+        r"py:.*",
+        r"(int|float|bool|str|bytes|object|None|tuple|list|dict|set|type|slice|range"
+        r"|Exception|ValueError|TypeError|RuntimeError|UserWarning|Any|Callable|Iterator|Iterable)",
+    ),
     (r"py:.*", r"(NDArray|ArrayLike|DTypeLike|FloatArray|Generator|Module|Tensor)"),
     # Private base classes (shown by show-inheritance) are not part of the reference.
     (r"py:class", r"(.*\.)?_[A-Za-z]\w*"),
@@ -74,7 +81,7 @@ nitpick_ignore = [
 # Docstrings whose reStructuredText is broken (unindented blocks, "::" with nothing
 # after it), shown verbatim until fixed, then removed from this set.
 _VERBATIM_PHASE2 = {
-    "numbabn.train.summary.binomial_interval",   # issue 16 in flight (train/summary.py)
+    "numbabn.train.summary.binomial_interval",  # issue 16 in flight (train/summary.py)
 }
 
 
@@ -111,8 +118,7 @@ def _resolve_reexport(app, env, node, contnode):
     real = f"{module}.{qualname}"
     if real == node["reftarget"]:
         return None
-    return env.get_domain("py").resolve_xref(env, node["refdoc"], app.builder, node["reftype"], real,
-                                             node, contnode)
+    return env.get_domain("py").resolve_xref(env, node["refdoc"], app.builder, node["reftype"], real, node, contnode)
 
 
 # scikit-learn adds set_*_request methods (metadata routing) to every estimator; their
@@ -130,6 +136,6 @@ def _verbatim(app, what, name, obj, options, lines):
 
 
 def setup(app):
-    app.connect("autodoc-process-docstring", _verbatim, priority=900)   # after numpydoc
+    app.connect("autodoc-process-docstring", _verbatim, priority=900)  # after numpydoc
     app.connect("missing-reference", _resolve_reexport)
     app.connect("autodoc-skip-member", _skip_member)

@@ -26,6 +26,7 @@ max abs difference of the two loss curves and whether the parameters are
 bit-identical on all ranks; it exits with status 1 when the difference exceeds
 ``--tol`` or the ranks disagree.
 """
+
 import argparse
 import sys
 
@@ -56,9 +57,13 @@ def build_model(hidden, seed, comm, sync=True):
             return SyncBatchNorm1d(hidden, activation="relu", dtype=np.float64, comm=comm)
         return BatchNorm1d(hidden, activation="relu", dtype=np.float64)
 
-    return Sequential(Linear(64, hidden, init="he", rng=rng, dtype=np.float64), bn(),
-                      Linear(hidden, hidden, init="he", rng=rng, dtype=np.float64), bn(),
-                      Linear(hidden, 10, rng=rng, dtype=np.float64))
+    return Sequential(
+        Linear(64, hidden, init="he", rng=rng, dtype=np.float64),
+        bn(),
+        Linear(hidden, hidden, init="he", rng=rng, dtype=np.float64),
+        bn(),
+        Linear(hidden, 10, rng=rng, dtype=np.float64),
+    )
 
 
 def global_batches(n_train, batch, steps, seed):
@@ -69,7 +74,7 @@ def global_batches(n_train, batch, steps, seed):
     out = []
     while len(out) < steps:
         perm = rng.permutation(n_train)
-        out.extend(perm[k * batch:(k + 1) * batch] for k in range(per_epoch))
+        out.extend(perm[k * batch : (k + 1) * batch] for k in range(per_epoch))
     return out[:steps]
 
 
@@ -89,7 +94,7 @@ def train(model, X, y, batches, lr, comm):
         logits = model.forward(X[rows])
         if len(rows):
             loss_local, dlogits = loss_fn(logits, y[rows])
-        else:                       # a rank without rows still joins every collective
+        else:  # a rank without rows still joins every collective
             loss_local, dlogits = float("nan"), np.zeros_like(logits)
         losses.append(global_mean(loss_local, len(rows), comm))
         model.backward(dlogits * (len(rows) / len(idx)))
@@ -151,8 +156,10 @@ def run(argv=None):
     acc = accuracy(model, X_test, y_test)
     status = 0
     if rank == 0:
-        print(f"data-parallel BN-MLP on digits: {size} rank{'s' if size > 1 else ''}, global batch {args.batch} "
-              f"(local {'/'.join(map(str, local_sizes))}), {args.steps} steps")
+        print(
+            f"data-parallel BN-MLP on digits: {size} rank{'s' if size > 1 else ''}, global batch {args.batch} "
+            f"(local {'/'.join(map(str, local_sizes))}), {args.steps} steps"
+        )
         for step in range(0, args.steps, args.every):
             print(f"step {step:5d}  loss {losses[step]:.10f}")
         print(f"step {args.steps - 1:5d}  loss {losses[-1]:.10f}")
@@ -162,14 +169,17 @@ def run(argv=None):
         gathered = [flat] if comm is None else comm.gather(flat, root=0)
         if rank == 0:
             ref = build_model(args.hidden, args.seed, None, sync=False)
-            trainer = Trainer(ref, SoftmaxCrossEntropy(), optimizer(ref, args.lr), batch_size=args.batch,
-                              seed=args.seed, verbose=0)
+            trainer = Trainer(
+                ref, SoftmaxCrossEntropy(), optimizer(ref, args.lr), batch_size=args.batch, seed=args.seed, verbose=0
+            )
             ref_losses = np.array(trainer.fit(X_train, y_train, steps=args.steps).loss)
             diff = float(np.max(np.abs(losses - ref_losses)))
             same = all(np.array_equal(g, gathered[0]) for g in gathered)
             ref_flat = np.concatenate([p.value.ravel() for p in ref.parameters()])
-            print(f"check: max abs difference of the loss curves, {size} rank(s) vs single process: "
-                  f"{diff:.3e} ({args.steps} steps)")
+            print(
+                f"check: max abs difference of the loss curves, {size} rank(s) vs single process: "
+                f"{diff:.3e} ({args.steps} steps)"
+            )
             print(f"check: max abs difference of the final parameters: {np.max(np.abs(flat - ref_flat)):.3e}")
             print(f"check: parameters bit-identical on all {size} rank(s): {'yes' if same else 'NO'}")
             status = 0 if diff <= args.tol and same else 1
@@ -190,6 +200,7 @@ def main():
         if comm is None or comm.Get_size() == 1:
             raise
         import traceback
+
         traceback.print_exc()
         sys.stderr.flush()
         comm.Abort(1)

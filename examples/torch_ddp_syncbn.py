@@ -8,6 +8,7 @@ into numbabn's SyncBatchNorm (and the Sequential ReLUs fused into them). Rank 0
 prints the loss per step; at the end every rank checks that its running statistics
 are bit-identical to rank 0's.
 """
+
 import argparse
 
 import torch
@@ -24,7 +25,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)   # same initial weights everywhere (DDP also broadcasts rank 0's)
+    torch.manual_seed(0)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     model = torch.nn.parallel.DistributedDataParallel(convert_batchnorm(resnet18(), sync=True, fuse_relu=True))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     mine = slice(rank * args.batch // world, (rank + 1) * args.batch // world)

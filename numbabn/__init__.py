@@ -10,6 +10,7 @@ Attributes are imported lazily (PEP 562) so that ``import numbabn`` -- and the C
 ``--help`` -- stay fast and never import Numba or touch the CUDA driver until a
 kernel is actually needed.
 """
+
 from ._lazy import lazy_exports
 
 __version__ = "0.1.0"

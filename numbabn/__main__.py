@@ -1,4 +1,5 @@
 """``python -m numbabn``: the same as the ``numbabn`` command."""
+
 if __name__ == "__main__":
     from numbabn.cli import main
 

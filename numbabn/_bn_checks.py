@@ -3,6 +3,7 @@ both backends (and by layers that call the kernels through it): per-channel
 arguments against the input, the batch counter, ``moments=``, what an
 ``allreduce`` returned, the batch size, and ``dy`` against the forward.
 """
+
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,9 +19,17 @@ if TYPE_CHECKING:
 _FLOAT64 = np.dtype(np.float64)
 
 
-def check_forward_params(fn: str, cx: Canonical, gamma: Any, beta: Any, running_mean: Any, running_var: Any,
-                     num_batches_tracked: Any, training: bool,
-                     check: Callable[..., Any] | None = None) -> tuple[Any, Any, Any, Any, Any]:
+def check_forward_params(
+    fn: str,
+    cx: Canonical,
+    gamma: Any,
+    beta: Any,
+    running_mean: Any,
+    running_var: Any,
+    num_batches_tracked: Any,
+    training: bool,
+    check: Callable[..., Any] | None = None,
+) -> tuple[Any, Any, Any, Any, Any]:
     """The per-channel arguments of a forward pass, checked against the input ``cx``
     with ``check`` (:func:`check_param`, or :func:`check_device_param` on the GPU).
     Running statistics are updated in place only in training mode; in eval mode
@@ -29,14 +38,27 @@ def check_forward_params(fn: str, cx: Canonical, gamma: Any, beta: Any, running_
     Returns (gamma, beta, running_mean, running_var, num_batches_tracked)."""
     check = check or check_param
     dt = compute_dtype(cx.dtype)
-    return (check(fn, "gamma", gamma, cx.channels, dt),
-            check(fn, "beta", beta, cx.channels, dt),
-            check(fn, "running_mean", running_mean, cx.channels,
-                  dt if training else _stats_dtype(running_mean, dt), inplace=training),
-            check(fn, "running_var", running_var, cx.channels,
-                  dt if training else _stats_dtype(running_var, dt), inplace=training),
-            check_counter(fn, num_batches_tracked))
-
+    return (
+        check(fn, "gamma", gamma, cx.channels, dt),
+        check(fn, "beta", beta, cx.channels, dt),
+        check(
+            fn,
+            "running_mean",
+            running_mean,
+            cx.channels,
+            dt if training else _stats_dtype(running_mean, dt),
+            inplace=training,
+        ),
+        check(
+            fn,
+            "running_var",
+            running_var,
+            cx.channels,
+            dt if training else _stats_dtype(running_var, dt),
+            inplace=training,
+        ),
+        check_counter(fn, num_batches_tracked),
+    )
 
 
 def _stats_dtype(value: Any, dt: np.dtype[Any]) -> np.dtype[Any]:
@@ -59,7 +81,8 @@ def check_counter(fn: str, value: Any, *, inplace: bool = True) -> Any:
     if not isinstance(value, np.ndarray) or value.size != 1 or value.dtype != _INT64:
         raise TypeError(
             f"{fn}: num_batches_tracked must be a one-element int64 NumPy array "
-            f"(updated in place), got {describe(value)}")
+            f"(updated in place), got {describe(value)}"
+        )
     if value.item() < 0:
         raise ValueError(f"{fn}: num_batches_tracked counts batches and must be >= 0, got {value.item()}")
     if inplace and not value.flags.writeable:
@@ -72,8 +95,9 @@ def check_running_stats_apart(fn: str, running_mean: Any, running_var: Any) -> N
     # Two arrays that own their memory (base None: the layers' buffers) overlap only if
     # they are the same object; only views need the (slower) address check.
     if running_mean is running_var or (
-            (running_mean.base is not None or running_var.base is not None)
-            and np.may_share_memory(running_mean, running_var)):
+        (running_mean.base is not None or running_var.base is not None)
+        and np.may_share_memory(running_mean, running_var)
+    ):
         raise ValueError(f"{fn}: running_mean and running_var must not overlap (both are updated in place)")
 
 
@@ -83,6 +107,7 @@ def check_moments(fn: str, moments: Any, cx: Canonical, training: bool) -> tuple
     if moments is None:
         return None, cx.count
     from .stats import Moments
+
     if not isinstance(moments, Moments):
         raise TypeError(f"{fn}: moments must be a numbabn.Moments or None, got {describe(moments)}")
     if not training:
@@ -90,19 +115,20 @@ def check_moments(fn: str, moments: Any, cx: Canonical, training: bool) -> tuple
     check_moments_value(fn, "moments", moments)
     if moments.mean.shape != (cx.channels,) or moments.m2.shape != (cx.channels,):
         raise ValueError(
-            f"{fn}: moments must have {cx.channels} channels like x, got mean of shape {moments.mean.shape}")
+            f"{fn}: moments must have {cx.channels} channels like x, got mean of shape {moments.mean.shape}"
+        )
     if moments.count < cx.count:
         raise ValueError(
             f"{fn}: moments must summarise at least x's own values, got count {moments.count} for x "
-            f"with {cx.count} value(s) per channel")
+            f"with {cx.count} value(s) per channel"
+        )
     return np.ascontiguousarray(np.stack([moments.mean, moments.m2]), dtype=np.float64), int(moments.count)
 
 
 def check_sums(fn: str, sums: Any, shape: tuple[int, ...]) -> NDArray[np.float64]:
     """What an ``allreduce`` callable returned: a float64 array of ``shape``."""
     if not isinstance(sums, np.ndarray):
-        raise TypeError(f"{fn}: allreduce must return the summed {shape} array (a NumPy array), "
-                        f"got {describe(sums)}")
+        raise TypeError(f"{fn}: allreduce must return the summed {shape} array (a NumPy array), got {describe(sums)}")
     if sums.dtype.kind not in "fiu":
         raise TypeError(f"{fn}: allreduce must return a real array, got dtype {sums.dtype}")
     sums = np.ascontiguousarray(sums, dtype=np.float64)
@@ -111,14 +137,14 @@ def check_sums(fn: str, sums: Any, shape: tuple[int, ...]) -> NDArray[np.float64
     return sums
 
 
-def check_training_batch(fn: str, count: int, shape: tuple[int, ...], training: bool, tracking: bool,
-                     momentum: float | None, nbt: Any) -> None:
+def check_training_batch(
+    fn: str, count: int, shape: tuple[int, ...], training: bool, tracking: bool, momentum: float | None, nbt: Any
+) -> None:
     """Rules that depend on the batch: not exactly one value per channel to train
     (none is an empty batch, as in PyTorch), and a counter for the cumulative
     average (``momentum=None``)."""
     if training and count == 1:
-        raise ValueError(
-            f"{fn}: Expected more than 1 value per channel when training, got input of shape {shape}")
+        raise ValueError(f"{fn}: Expected more than 1 value per channel when training, got input of shape {shape}")
     if tracking and momentum is None and nbt is None:
         raise ValueError(f"{fn}: momentum=None (cumulative average) needs num_batches_tracked")
 

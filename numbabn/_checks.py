@@ -6,6 +6,7 @@ canonical Python type or raises with what was expected and what came. ``bool`` i
 never taken for a number (``True`` is an int to Python, not to a user), and NumPy
 scalars are taken where Python ones are.
 """
+
 import numbers
 from collections.abc import Collection
 from math import isfinite
@@ -41,16 +42,27 @@ def check_int(fn: str, name: str, value: Any, minimum: int = 1, *, error: type[E
     return int(value)
 
 
-def check_number(fn: str, name: str, value: Any, low: float | None = None, high: float | None = None, *,
-             low_open: bool = False, high_open: bool = False, expected: str | None = None) -> float:
+def check_number(
+    fn: str,
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    expected: str | None = None,
+) -> float:
     """A finite real number in the interval from ``low`` to ``high`` (None: unbounded;
     ``*_open``: the bound itself excluded). Returns a float. ``expected`` replaces
     the generated description ("a number in [0, 1]", "a number > 0", ...)."""
-    ok = is_real(value) and (low is None or (value > low if low_open else value >= low)) \
+    ok = (
+        is_real(value)
+        and (low is None or (value > low if low_open else value >= low))
         and (high is None or (value < high if high_open else value <= high))
+    )
     if not ok:
-        raise ValueError(f"{fn}: {name} must be {expected or _interval(low, high, low_open, high_open)}, "
-                         f"got {value!r}")
+        raise ValueError(f"{fn}: {name} must be {expected or _interval(low, high, low_open, high_open)}, got {value!r}")
     return float(value)
 
 

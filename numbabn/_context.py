@@ -3,6 +3,7 @@
 Its own module so that :mod:`numbabn.functional` (which builds it) and the backends
 (which read it) import it from one place, and no backend imports the dispatcher.
 """
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +48,10 @@ class BatchNormContext:
 
     def __repr__(self) -> str:
         # The arrays (the saved input above all) are left out: a repr is one short line.
-        return (f"BatchNormContext(backend={self.backend!r}, layout={self.layout!r}, shape={tuple(self.shape)}, "
-                f"axis={self.axis}, dtype={np.dtype(self.dtype).name}, channels={self.mean.shape[0]}, "
-                f"count={self.count}, training={self.training}, relu={self.relu}, "
-                f"residual={'given' if self.residual is not None else 'None'}, "
-                f"gamma={'given' if self.has_gamma else 'None'}, beta={'given' if self.has_beta else 'None'})")
+        return (
+            f"BatchNormContext(backend={self.backend!r}, layout={self.layout!r}, shape={tuple(self.shape)}, "
+            f"axis={self.axis}, dtype={np.dtype(self.dtype).name}, channels={self.mean.shape[0]}, "
+            f"count={self.count}, training={self.training}, relu={self.relu}, "
+            f"residual={'given' if self.residual is not None else 'None'}, "
+            f"gamma={'given' if self.has_gamma else 'None'}, beta={'given' if self.has_beta else 'None'})"
+        )

@@ -26,6 +26,7 @@ registries (0.8 -> 0.17 s CPU for the first forward of a warm process).
 
 ``NUMBABN_QUIET=1`` (or ``numbabn.config.QUIET = True``) silences the compile notice.
 """
+
 import os
 import sys
 import threading
@@ -39,7 +40,7 @@ from numba.core.runtime import rtsys
 
 from . import config
 
-_KERNELS: list["Kernel"] = []              # every kernel made by `kernel`, for warmup and info
+_KERNELS: list["Kernel"] = []  # every kernel made by `kernel`, for warmup and info
 _lock = threading.RLock()
 _noticed = False
 _warned: set[str] = set()
@@ -71,9 +72,12 @@ def _notice(where: str | None) -> None:
         return
     _noticed = True
     place = f"cached in {where}" if where else "not cached: no writable cache location"
-    print(f"numbabn: compiling CPU kernels (first use on this machine, a few seconds; {place}; "
-          "`numbabn warmup` does it ahead of time, NUMBABN_QUIET=1 silences this)",
-          file=sys.stderr, flush=True)
+    print(
+        f"numbabn: compiling CPU kernels (first use on this machine, a few seconds; {place}; "
+        "`numbabn warmup` does it ahead of time, NUMBABN_QUIET=1 silences this)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 class _GuardedCache(FunctionCache):
@@ -82,12 +86,14 @@ class _GuardedCache(FunctionCache):
     def load_overload(self, sig: Any, target_context: Any) -> Any:
         try:
             data = self._load_only(sig, target_context)
-        except Exception as exc:   # truncated/garbage pickle, bad object code, I/O error
-            _warn_once(("load", self.cache_path),
-                       f"numbabn: ignoring a corrupted kernel cache entry in {self.cache_path} "
-                       f"({type(exc).__name__}: {exc}); recompiling it")
+        except Exception as exc:  # truncated/garbage pickle, bad object code, I/O error
+            _warn_once(
+                ("load", self.cache_path),
+                f"numbabn: ignoring a corrupted kernel cache entry in {self.cache_path} "
+                f"({type(exc).__name__}: {exc}); recompiling it",
+            )
             try:
-                self.flush()       # drops the index: the recompiled entry replaces it
+                self.flush()  # drops the index: the recompiled entry replaces it
             except OSError:
                 pass
             data = None
@@ -111,10 +117,12 @@ class _GuardedCache(FunctionCache):
     def save_overload(self, sig: Any, data: Any) -> None:
         try:
             super().save_overload(sig, data)
-        except Exception as exc:   # disk full, permissions changed, ...
-            _warn_once(("save", self.cache_path),
-                       f"numbabn: could not write the kernel cache in {self.cache_path} "
-                       f"({type(exc).__name__}: {exc}); kernels are compiled in memory only")
+        except Exception as exc:  # disk full, permissions changed, ...
+            _warn_once(
+                ("save", self.cache_path),
+                f"numbabn: could not write the kernel cache in {self.cache_path} "
+                f"({type(exc).__name__}: {exc}); kernels are compiled in memory only",
+            )
 
 
 class _NoCache(NullCache):
@@ -144,7 +152,7 @@ class Kernel:
                 disp = self._specs.get(signature)
                 if disp is None:
                     disp = njit(nogil=True, fastmath=self.fastmath, error_model="numpy")(self.py_func)
-                    disp._cache = _cache_for(self.py_func)   # see the module docstring
+                    disp._cache = _cache_for(self.py_func)  # see the module docstring
                     disp.compile(signature)
                     disp.disable_compile()
                     self._specs[signature] = disp
@@ -154,19 +162,23 @@ class Kernel:
 def _cache_for(fn: Callable[..., Any]) -> "FunctionCache | NullCache":
     try:
         return _GuardedCache(fn)
-    except RuntimeError as exc:   # Numba: "cannot cache function ...: no locator available"
-        _warn_once("locator", f"numbabn: kernels will not be cached ({exc}); "
-                              "set NUMBA_CACHE_DIR to a writable directory to cache them")
+    except RuntimeError as exc:  # Numba: "cannot cache function ...: no locator available"
+        _warn_once(
+            "locator",
+            f"numbabn: kernels will not be cached ({exc}); set NUMBA_CACHE_DIR to a writable directory to cache them",
+        )
         return _NoCache()
 
 
 def kernel(fastmath: bool = False) -> Callable[[Callable[..., Any]], "Kernel"]:
     """Decorator: a serial, GIL-free Numba kernel compiled per explicit signature
     (:meth:`Kernel.specialize`)."""
+
     def wrap(fn: Callable[..., Any]) -> Kernel:
         k = Kernel(fn, fastmath)
         _KERNELS.append(k)
         return k
+
     return wrap
 
 
@@ -179,6 +191,7 @@ def cached_entries() -> tuple[int, list[str]]:
     """(number of cached signatures on disk, cache directories) over all kernels."""
     import glob
     import pickle
+
     count = 0
     dirs = set()
     for k in _KERNELS:
@@ -192,7 +205,7 @@ def cached_entries() -> tuple[int, list[str]]:
         for index in glob.glob(os.path.join(path, f"{module}.{qual}-*.nbi")):
             try:
                 with open(index, "rb") as f:
-                    pickle.load(f)             # the version stamp
+                    pickle.load(f)  # the version stamp
                     entries = pickle.loads(f.read())[1]
                 count += len(entries)
             except Exception:

@@ -19,6 +19,7 @@ the kernels cannot read; a masked array with masked values is refused (batch nor
 has no notion of a missing value, and silently using the data under the mask
 would be wrong), one without any is used as its data.
 """
+
 from collections.abc import Iterable
 from math import prod
 from typing import Any, NamedTuple
@@ -28,8 +29,10 @@ from numpy.typing import DTypeLike, NDArray
 
 from ._checks import describe, is_int
 
-_EMPTY: dict[np.dtype[Any], NDArray[Any]] = {np.dtype(np.float32): np.empty(0, np.float32),
-                                              np.dtype(np.float64): np.empty(0, np.float64)}
+_EMPTY: dict[np.dtype[Any], NDArray[Any]] = {
+    np.dtype(np.float32): np.empty(0, np.float32),
+    np.dtype(np.float64): np.empty(0, np.float64),
+}
 _FLOAT32 = np.dtype(np.float32)
 _FLOAT64 = np.dtype(np.float64)
 
@@ -52,22 +55,21 @@ class Canonical(NamedTuple):
     per-call Python overhead decides the speed on tiny inputs.
     """
 
-    array: Any           # (N, C, L) or (M, C), C-contiguous, compute dtype
-    layout: str          # "ncl" or "mc"
-    shape: tuple         # the caller's shape
-    axis: int            # normalised channel axis
-    dtype: np.dtype      # the caller's dtype
+    array: Any  # (N, C, L) or (M, C), C-contiguous, compute dtype
+    layout: str  # "ncl" or "mc"
+    shape: tuple  # the caller's shape
+    axis: int  # normalised channel axis
+    dtype: np.dtype  # the caller's dtype
     channels: int
     count: int  # type: ignore[assignment]  # values per channel (m = N*L or M); shadows tuple.count on purpose
 
 
 def check_float_dtype(fn: str, name: str, dtype: DTypeLike) -> None:
     if np.dtype(dtype).char not in "efd":
-        raise TypeError(
-            f"{fn}: {name} must have a floating dtype (float16, float32 or float64), got {dtype}")
+        raise TypeError(f"{fn}: {name} must have a floating dtype (float16, float32 or float64), got {dtype}")
 
 
-_LAYOUTS: dict[tuple[Any, ...], Any] = {}   # (shape, axis) -> layout_of's answer: most programs call with few shapes
+_LAYOUTS: dict[tuple[Any, ...], Any] = {}  # (shape, axis) -> layout_of's answer: most programs call with few shapes
 
 
 def layout_of(fn: str, name: str, shape: tuple[int, ...], axis: int) -> tuple[Any, ...]:
@@ -86,7 +88,8 @@ def _layout_of(fn: str, name: str, shape: tuple[int, ...], axis: int) -> tuple[A
     ndim = len(shape)
     if ndim < 2:
         raise ValueError(
-            f"{fn}: {name} must have at least 2 dimensions (batch, channels, ...), got shape {tuple(shape)}")
+            f"{fn}: {name} must have at least 2 dimensions (batch, channels, ...), got shape {tuple(shape)}"
+        )
     if type(axis) is not int and not is_int(axis):
         raise TypeError(f"{fn}: axis must be an int, got {describe(axis)}")
     if not -ndim <= axis < ndim:
@@ -96,7 +99,7 @@ def _layout_of(fn: str, name: str, shape: tuple[int, ...], axis: int) -> tuple[A
     if C == 0:
         raise ValueError(f"{fn}: {name} has no channels (shape {tuple(shape)}, axis={axis})")
     N = prod(shape[:axis]) if axis != 1 else shape[0]
-    L = prod(shape[axis + 1:]) if axis != ndim - 1 else 1
+    L = prod(shape[axis + 1 :]) if axis != ndim - 1 else 1
     if L == 1 or axis == ndim - 1:
         M = N * L
         return axis, "mc", (M, C), C, M
@@ -122,7 +125,8 @@ def host_array(fn: str, name: str, x: Any) -> NDArray[Any]:
                 raise ValueError(
                     f"{fn}: {name} is a masked array with {int(np.ma.count_masked(x))} masked value(s); "
                     "batch norm has no notion of a missing value: fill them (x.filled(value)) or drop "
-                    "those samples first")
+                    "those samples first"
+                )
             x = x.data
         else:
             try:
@@ -138,8 +142,7 @@ def canonical_host(fn: str, name: str, x: Any, axis: int) -> Canonical:
     """Check a host (NumPy) input and view it in its canonical layout."""
     if type(x) is not np.ndarray or not x.dtype.isnative:
         if is_device_array(x):
-            raise TypeError(
-                f"{fn}: {name} is a GPU array ({type(x).__name__}) but backend='cpu' was requested")
+            raise TypeError(f"{fn}: {name} is a GPU array ({type(x).__name__}) but backend='cpu' was requested")
         x = host_array(fn, name, x)
     dtype = x.dtype
     if dtype.char not in "fd":
@@ -153,8 +156,9 @@ def canonical_host(fn: str, name: str, x: Any, axis: int) -> Canonical:
     return Canonical(arr, layout, x.shape, axis, x.dtype, C, m)
 
 
-def check_param(fn: str, name: str, value: Any, channels: int, dtype: DTypeLike, *,
-            inplace: bool = False) -> NDArray[Any]:
+def check_param(
+    fn: str, name: str, value: Any, channels: int, dtype: DTypeLike, *, inplace: bool = False
+) -> NDArray[Any]:
     """A per-channel 1-D parameter of ``dtype`` and length ``channels``.
 
     ``inplace`` parameters (running statistics) are updated by the kernels, so they
@@ -164,23 +168,22 @@ def check_param(fn: str, name: str, value: Any, channels: int, dtype: DTypeLike,
     if value is None:
         return empty_param(dtype)
     if type(value) is np.ndarray and value.dtype is dtype and value.shape == (channels,):
-        flags = value.flags           # the common case, checked in one go
+        flags = value.flags  # the common case, checked in one go
         if flags.c_contiguous and flags.aligned and (flags.writeable or not inplace):
             return value
     if type(value) is not np.ndarray or not value.dtype.isnative:
         if inplace:
             if not isinstance(value, np.ndarray) or isinstance(value, np.ma.MaskedArray):
-                raise TypeError(
-                    f"{fn}: {name} is updated in place and must be a NumPy array, got {describe(value)}")
+                raise TypeError(f"{fn}: {name} is updated in place and must be a NumPy array, got {describe(value)}")
             if not value.dtype.isnative:
                 raise TypeError(
                     f"{fn}: {name} is updated in place and must be in native byte order, got "
-                    f"dtype {value.dtype.str} (convert it with .astype({value.dtype.name!r}))")
+                    f"dtype {value.dtype.str} (convert it with .astype({value.dtype.name!r}))"
+                )
         else:
             value = host_array(fn, name, value)
     if value.shape != (channels,):
-        raise ValueError(
-            f"{fn}: {name} must have shape ({channels},) (one value per channel), got shape {value.shape}")
+        raise ValueError(f"{fn}: {name} must have shape ({channels},) (one value per channel), got shape {value.shape}")
     if value.dtype != dtype:
         raise TypeError(f"{fn}: {name} must have dtype {dtype} to match the input, got {value.dtype}")
     flags = value.flags
@@ -195,7 +198,7 @@ def check_param(fn: str, name: str, value: Any, channels: int, dtype: DTypeLike,
             raise ValueError(f"{fn}: {name} is updated in place and must be contiguous")
         return value
     if not flags.c_contiguous:
-        value = value.copy()   # the kernels take contiguous parameters (read-only ones too)
+        value = value.copy()  # the kernels take contiguous parameters (read-only ones too)
     return value
 
 

@@ -1,12 +1,16 @@
 """Lazy attribute exports for packages (PEP 562), so that importing a package does
 not import its heavy modules (Numba, mpi4py, ...) until a name is used."""
+
 from collections.abc import Callable, Iterable, Mapping
 from importlib import import_module
 from typing import Any
 
 
-def lazy_exports(namespace: dict[str, Any], exports: Mapping[str, str], extra: Iterable[str] = (),
-                 ) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
+def lazy_exports(
+    namespace: dict[str, Any],
+    exports: Mapping[str, str],
+    extra: Iterable[str] = (),
+) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
     """Module-level ``(__getattr__, __dir__, __all__)`` for ``exports`` = {name: module}.
 
     ``namespace`` is the package's ``globals()``: a resolved name is cached there so

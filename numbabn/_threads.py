@@ -20,6 +20,7 @@ this process may use (:func:`available_cpus`: affinity mask and cgroup CPU quota
 Inputs of at most ``config.SERIAL_MAX`` elements run on the calling thread alone
 (PyTorch's grain size is the same 32768).
 """
+
 import contextlib
 import os
 import queue
@@ -30,8 +31,8 @@ from typing import Any
 from . import config
 
 _lock = threading.Lock()
-_pool: "_Pool | None" = None          # _Pool, created on first parallel use
-_threads: int | None = None       # the setting; None until first read
+_pool: "_Pool | None" = None  # _Pool, created on first parallel use
+_threads: int | None = None  # the setting; None until first read
 
 
 def available_cpus() -> int:
@@ -121,7 +122,7 @@ class _Pool:
             fn, args, done = job
             try:
                 fn(*args)
-            except BaseException as exc:   # handed to the caller, which re-raises
+            except BaseException as exc:  # handed to the caller, which re-raises
                 done.error = exc
             done.release()
 
@@ -188,7 +189,7 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
     try:
         kernel(*args, bounds[0], bounds[1])
     finally:
-        for _ in range(spans - 1):      # never leave while a worker still writes our arrays
+        for _ in range(spans - 1):  # never leave while a worker still writes our arrays
             done.sem.acquire()
     if done.error is not None:
         raise done.error

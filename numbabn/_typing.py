@@ -4,6 +4,7 @@
 kernels check the exact dtype at run time, with an error naming the argument, so the
 static type only promises "a floating-point ndarray".
 """
+
 from typing import Any
 
 import numpy as np

@@ -18,6 +18,7 @@ functional layer passes them in as arguments.
     1 silences the one-line notice printed before the first kernel compile of a
     process.
 """
+
 import os
 
 

@@ -47,6 +47,7 @@ zero-length spatial axis) gives an empty output and, in the backward, an empty
 kernel runs for it. Exactly one value per channel in training is an error, as in
 PyTorch.
 """
+
 from collections.abc import Callable
 from types import ModuleType
 
@@ -94,25 +95,30 @@ def _check_cuda_usable(fn: str) -> None:
     CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) counts as usable."""
     try:
         from numba import cuda
-    except ImportError as exc:        # numba-cuda missing or broken
-        raise RuntimeError(f"{fn}: backend='cuda' needs numba-cuda, which cannot be imported "
-                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                           "use backend='cpu'") from None
+    except ImportError as exc:  # numba-cuda missing or broken
+        raise RuntimeError(
+            f"{fn}: backend='cuda' needs numba-cuda, which cannot be imported "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "use backend='cpu'"
+        ) from None
     if _cuda_usable or cuda.config.ENABLE_CUDASIM:  # type: ignore[attr-defined]  # set from the environment at import
         return
     if cuda.is_available():
-        _cuda_usable.append(True)     # a GPU does not go away: ask the driver once
+        _cuda_usable.append(True)  # a GPU does not go away: ask the driver once
         return
     reason = ""
     try:
         from numba.cuda.cudadrv.driver import driver
+
         text = str(getattr(driver, "initialization_error", None) or "").strip()
         reason = f" ({text.splitlines()[0].rstrip('.')})" if text else ""
-    except Exception:                 # the driver module moved: no reason, still one line
+    except Exception:  # the driver module moved: no reason, still one line
         pass
-    raise RuntimeError(f"{fn}: backend='cuda' needs a CUDA GPU, and none is usable here{reason}; use "
-                       "backend='cpu', or set NUMBA_ENABLE_CUDASIM=1 to run the CUDA code on Numba's "
-                       "simulator") from None
+    raise RuntimeError(
+        f"{fn}: backend='cuda' needs a CUDA GPU, and none is usable here{reason}; use "
+        "backend='cpu', or set NUMBA_ENABLE_CUDASIM=1 to run the CUDA code on Numba's "
+        "simulator"
+    ) from None
 
 
 def cuda_available() -> bool:
@@ -125,12 +131,24 @@ def cuda_available() -> bool:
     return not cuda.config.ENABLE_CUDASIM and cuda.is_available()  # type: ignore[attr-defined]  # (see above)
 
 
-def batch_norm_forward(x: AnyArray, gamma: AnyArray | None = None, beta: AnyArray | None = None, *,
-                       running_mean: AnyArray | None = None, running_var: AnyArray | None = None,
-                       num_batches_tracked: NDArray[np.int64] | None = None, training: bool = True,
-                       momentum: float | None = 0.1, eps: float = 1e-5, axis: int = 1, activation: str | None = None,
-                       out: AnyArray | None = None, backend: str | None = None, moments: Moments | None = None,
-                       residual: AnyArray | None = None) -> tuple[AnyArray, BatchNormContext]:
+def batch_norm_forward(
+    x: AnyArray,
+    gamma: AnyArray | None = None,
+    beta: AnyArray | None = None,
+    *,
+    running_mean: AnyArray | None = None,
+    running_var: AnyArray | None = None,
+    num_batches_tracked: NDArray[np.int64] | None = None,
+    training: bool = True,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    activation: str | None = None,
+    out: AnyArray | None = None,
+    backend: str | None = None,
+    moments: Moments | None = None,
+    residual: AnyArray | None = None,
+) -> tuple[AnyArray, BatchNormContext]:
     """Batch-norm forward pass. Returns ``(y, ctx)``.
 
     Parameters
@@ -191,21 +209,34 @@ def batch_norm_forward(x: AnyArray, gamma: AnyArray | None = None, beta: AnyArra
         if not host and not is_device_array(residual):
             raise TypeError(f"{fn}: residual must be a GPU array like x, got {describe(residual)}")
         cres = B.check_residual(fn, be.canonical(fn, "residual", residual, cx.axis), cx)
-    g, b, rm, rv, nbt = B.check_forward_params(fn, cx, gamma, beta, running_mean, running_var,
-                                               num_batches_tracked, training, be.param)
+    g, b, rm, rv, nbt = B.check_forward_params(
+        fn, cx, gamma, beta, running_mean, running_var, num_batches_tracked, training, be.param
+    )
     tracking = training and running_mean is not None
     if tracking:
-        be.check_apart(fn, running_mean, running_var,
-                       "running_mean and running_var must not overlap (both are updated in place)")
+        be.check_apart(
+            fn, running_mean, running_var, "running_mean and running_var must not overlap (both are updated in place)"
+        )
     stats, count = B.check_moments(fn, moments, cx, training)
     B.check_training_batch(fn, count, cx.shape, training, tracking, momentum, nbt)
-    y = be.output(fn, out, cx, host, (x,) if residual is None else (x, residual),
-                  "out must not overlap x (the backward pass reads x)" if residual is None else
-                  "out must not overlap x or residual (the backward pass reads them)")
+    y = be.output(
+        fn,
+        out,
+        cx,
+        host,
+        (x,) if residual is None else (x, residual),
+        "out must not overlap x (the backward pass reads x)"
+        if residual is None
+        else "out must not overlap x or residual (the backward pass reads them)",
+    )
     if out is not None:
         for other in (gamma, beta, running_mean, running_var):
-            be.check_apart(fn, out, other, "out must not overlap gamma, beta or the running statistics "
-                                           "(the forward reads or updates them)")
+            be.check_apart(
+                fn,
+                out,
+                other,
+                "out must not overlap gamma, beta or the running statistics (the forward reads or updates them)",
+            )
 
     factor = B.resolve_momentum(tracking, momentum, nbt)
     if training and count == 0:
@@ -218,20 +249,54 @@ def batch_norm_forward(x: AnyArray, gamma: AnyArray | None = None, beta: AnyArra
         # parameter check returns tell the kernels not to update anything. An input
         # without values (a SyncBN rank with no rows) runs no pass over data, but the
         # same per-channel kernel as the other ranks: the same running statistics.
-        mean, invstd, coef = be.forward(cx, g, b, rm, rv, factor, eps, training, relu, stats, count, y,
-                                        (running_mean, running_var),
-                                        **({} if cres is None else {"residual": cres.array}))
+        mean, invstd, coef = be.forward(
+            cx,
+            g,
+            b,
+            rm,
+            rv,
+            factor,
+            eps,
+            training,
+            relu,
+            stats,
+            count,
+            y,
+            (running_mean, running_var),
+            **({} if cres is None else {"residual": cres.array}),
+        )
     if tracking and nbt is not None:
         nbt += 1
-    ctx = BatchNormContext(be.NAME, cx.layout, cx.shape, cx.axis, cx.dtype, cx.array, mean, invstd,
-                           g, b, gamma is not None, beta is not None, training, relu, count, coef,
-                           None if cres is None else cres.array)
+    ctx = BatchNormContext(
+        be.NAME,
+        cx.layout,
+        cx.shape,
+        cx.axis,
+        cx.dtype,
+        cx.array,
+        mean,
+        invstd,
+        g,
+        b,
+        gamma is not None,
+        beta is not None,
+        training,
+        relu,
+        count,
+        coef,
+        None if cres is None else cres.array,
+    )
     return be.deliver(y, cx.shape, cx.dtype, out, host), ctx
 
 
-def batch_norm_backward(dy: AnyArray, ctx: BatchNormContext, *, out: AnyArray | None = None,
-                        allreduce: Callable[[NDArray[np.float64]], NDArray[np.float64]] | None = None,
-                        residual_out: AnyArray | None = None) -> tuple[AnyArray, ...]:
+def batch_norm_backward(
+    dy: AnyArray,
+    ctx: BatchNormContext,
+    *,
+    out: AnyArray | None = None,
+    allreduce: Callable[[NDArray[np.float64]], NDArray[np.float64]] | None = None,
+    residual_out: AnyArray | None = None,
+) -> tuple[AnyArray, ...]:
     """Batch-norm backward pass. Returns ``(dx, dgamma, dbeta)``, or
     ``(dx, dgamma, dbeta, dresidual)`` when the forward had a ``residual``.
 
@@ -267,26 +332,46 @@ def batch_norm_backward(dy: AnyArray, ctx: BatchNormContext, *, out: AnyArray | 
     if residual_out is not None and not residual:
         raise ValueError(f"{fn}: residual_out is for the gradient of a residual, but the forward had none")
     inputs = (dy, ctx.x) if not residual else (dy, ctx.x, ctx.residual)
-    dx = be.output(fn, out, cdy, host, inputs, "out must not overlap dy or the forward input" if not residual
-                   else "out must not overlap dy or the forward input or residual")
+    dx = be.output(
+        fn,
+        out,
+        cdy,
+        host,
+        inputs,
+        "out must not overlap dy or the forward input"
+        if not residual
+        else "out must not overlap dy or the forward input or residual",
+    )
     dres = None
     if residual:
-        dres = be.output(fn, residual_out, cdy, host, inputs + ((out,) if out is not None else ()),
-                         "residual_out must not overlap dy, out or the forward input or residual")
+        dres = be.output(
+            fn,
+            residual_out,
+            cdy,
+            host,
+            inputs + ((out,) if out is not None else ()),
+            "residual_out must not overlap dy, out or the forward input or residual",
+        )
     partials = be.grad_sums(cdy, ctx)
     if allreduce is not None:
         sums = be.pack_grad_sums(partials)
         partials = be.unpack_grad_sums(B.check_sums(fn, allreduce(sums), sums.shape))
     if not residual:
         dgamma, dbeta = be.grad_apply(cdy, ctx, partials, dx, host)
-        return (be.deliver(dx, ctx.shape, ctx.dtype, out, host),
-                dgamma if ctx.has_gamma else None, dbeta if ctx.has_beta else None)
+        return (
+            be.deliver(dx, ctx.shape, ctx.dtype, out, host),
+            dgamma if ctx.has_gamma else None,
+            dbeta if ctx.has_beta else None,
+        )
     dgamma, dbeta = be.grad_apply(cdy, ctx, partials, dx, host, dres)
-    if not ctx.relu:                  # no mask: the residual's gradient is dy itself
+    if not ctx.relu:  # no mask: the residual's gradient is dy itself
         be.copy(cdy.array, dres)
-    return (be.deliver(dx, ctx.shape, ctx.dtype, out, host),
-            dgamma if ctx.has_gamma else None, dbeta if ctx.has_beta else None,
-            be.deliver(dres, ctx.shape, ctx.dtype, residual_out, host))
+    return (
+        be.deliver(dx, ctx.shape, ctx.dtype, out, host),
+        dgamma if ctx.has_gamma else None,
+        dbeta if ctx.has_beta else None,
+        be.deliver(dres, ctx.shape, ctx.dtype, residual_out, host),
+    )
 
 
 def moments(x: AnyArray, axis: int = 1, *, backend: str | None = None) -> Moments:

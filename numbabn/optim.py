@@ -13,6 +13,7 @@ That is what the internal-covariate-shift probe needs (DESIGN §5)::
 
 Updates stay in the parameters' dtype (float32 parameters get float32 state).
 """
+
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,11 +24,21 @@ from ._typing import FloatArray
 from .layers.base import Parameter
 
 
-def _real(fn: str, name: str, value: Any, *, low: float = 0.0, high: float | None = None,
-          low_open: bool = False, high_open: bool = True) -> float:
-    ok = (V.is_real(value)
-          and (value > low if low_open else value >= low)
-          and (high is None or (value < high if high_open else value <= high)))
+def _real(
+    fn: str,
+    name: str,
+    value: Any,
+    *,
+    low: float = 0.0,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = True,
+) -> float:
+    ok = (
+        V.is_real(value)
+        and (value > low if low_open else value >= low)
+        and (high is None or (value < high if high_open else value <= high))
+    )
     if not ok:
         lo = "(" if low_open else "["
         hi = "inf)" if high is None else (f"{high})" if high_open else f"{high}]")
@@ -39,8 +50,8 @@ class Optimizer:
     """Base: holds the parameter list and per-parameter state; subclasses define
     ``_hyperparameters(...)`` (validation) and ``_update(value, grad, state)``."""
 
-    HYPERPARAMETERS: tuple[str, ...] = ()   # the settings, as attributes (assignable, e.g. for a lr schedule)
-    STATE_KEYS: tuple[str, ...] = ()        # the arrays (and counters) one parameter's state may hold
+    HYPERPARAMETERS: tuple[str, ...] = ()  # the settings, as attributes (assignable, e.g. for a lr schedule)
+    STATE_KEYS: tuple[str, ...] = ()  # the arrays (and counters) one parameter's state may hold
 
     # Defined by each subclass; declared here for the type checker.
     _hyperparameters: Callable[..., dict[str, Any]]
@@ -74,7 +85,7 @@ class Optimizer:
         a step that raises leaves the parameters and the optimizer as they were.
         """
         fn = f"{type(self).__name__}.step"
-        hyper = self._hyperparameters(**self.hyperparameters())   # an assigned lr=-1 is caught here
+        hyper = self._hyperparameters(**self.hyperparameters())  # an assigned lr=-1 is caught here
         indices = self._select(fn, params)
         todo = []
         for i in indices:
@@ -84,7 +95,7 @@ class Optimizer:
             self._check_entry(fn, p, self.state[i])
             todo.append(i)
         updates = [self._update(hyper, self.params[i].value, self.params[i].grad, self.state[i]) for i in todo]
-        for i, (value, state) in zip(todo, updates, strict=True):       # nothing below can fail
+        for i, (value, state) in zip(todo, updates, strict=True):  # nothing below can fail
             np.copyto(self.params[i].value, value)
             self.state[i] = state
 
@@ -96,7 +107,7 @@ class Optimizer:
         optimizer, and a new object can reuse an old address)."""
         if params is None:
             return range(len(self.params))
-        position = {id(p): i for i, p in enumerate(self.params)}   # ids of live objects, valid for this call
+        position = {id(p): i for i, p in enumerate(self.params)}  # ids of live objects, valid for this call
         indices = []
         for p in params:
             i = position.get(id(p))
@@ -110,16 +121,23 @@ class Optimizer:
     def _check_entry(self, fn: str, p: Parameter, state: dict[str, Any]) -> None:
         value, grad = p.value, p.grad
         if not isinstance(value, np.ndarray) or not value.flags.writeable:
-            raise ValueError(f"{fn}: the value of {p!r} must be a writeable NumPy array (it is updated in place), "
-                             f"got {'a read-only array' if isinstance(value, np.ndarray) else V.describe(value)}")
+            raise ValueError(
+                f"{fn}: the value of {p!r} must be a writeable NumPy array (it is updated in place), "
+                f"got {'a read-only array' if isinstance(value, np.ndarray) else V.describe(value)}"
+            )
         if not isinstance(grad, np.ndarray) or grad.shape != value.shape or grad.dtype != value.dtype:
-            raise ValueError(f"{fn}: the grad of {p!r} must be an array of its value's shape "
-                             f"{value.shape} and dtype {value.dtype}, got {V.describe(grad)}")
+            raise ValueError(
+                f"{fn}: the grad of {p!r} must be an array of its value's shape "
+                f"{value.shape} and dtype {value.dtype}, got {V.describe(grad)}"
+            )
         for key, arr in state.items():
-            if key != "step" and (not isinstance(arr, np.ndarray) or arr.shape != value.shape
-                                  or arr.dtype != value.dtype):
-                raise ValueError(f"{fn}: the optimizer state {key!r} of {p!r} no longer matches its value "
-                                 f"({value.shape}, {value.dtype}), got {V.describe(arr)}")
+            if key != "step" and (
+                not isinstance(arr, np.ndarray) or arr.shape != value.shape or arr.dtype != value.dtype
+            ):
+                raise ValueError(
+                    f"{fn}: the optimizer state {key!r} of {p!r} no longer matches its value "
+                    f"({value.shape}, {value.dtype}), got {V.describe(arr)}"
+                )
 
     # ------------------------------------------------------------ state
     def hyperparameters(self) -> dict[str, Any]:
@@ -129,39 +147,49 @@ class Optimizer:
     def state_dict(self) -> dict[str, Any]:
         """``{"hyperparameters": {...}, "state": [per-parameter dict]}``, deep-copied;
         list position = position in ``params``."""
-        return {"hyperparameters": self.hyperparameters(),
-                "state": [{k: np.array(v, copy=True) if isinstance(v, np.ndarray) else v for k, v in s.items()}
-                          for s in self.state]}
+        return {
+            "hyperparameters": self.hyperparameters(),
+            "state": [
+                {k: np.array(v, copy=True) if isinstance(v, np.ndarray) else v for k, v in s.items()}
+                for s in self.state
+            ],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (copied). Checked completely first; on error
         nothing changes."""
         fn = f"{type(self).__name__}.load_state_dict"
         if not isinstance(state_dict, dict) or set(state_dict) != {"hyperparameters", "state"}:
-            raise ValueError(f"{fn}: expected a dict with keys 'hyperparameters' and 'state', "
-                             f"got {V.describe(state_dict)}")
+            raise ValueError(
+                f"{fn}: expected a dict with keys 'hyperparameters' and 'state', got {V.describe(state_dict)}"
+            )
         hyper = state_dict["hyperparameters"]
         if not isinstance(hyper, dict) or set(hyper) != set(self.HYPERPARAMETERS):
-            raise ValueError(f"{fn}: hyperparameters must have the keys {list(self.HYPERPARAMETERS)}, "
-                             f"got {V.describe(hyper)}")
+            raise ValueError(
+                f"{fn}: hyperparameters must have the keys {list(self.HYPERPARAMETERS)}, got {V.describe(hyper)}"
+            )
         hyper = self._hyperparameters(**hyper)
         states = state_dict["state"]
         if not isinstance(states, list) or len(states) != len(self.params):
-            raise ValueError(f"{fn}: state must be a list with one dict per parameter ({len(self.params)}), "
-                             f"got {V.describe(states)}")
+            raise ValueError(
+                f"{fn}: state must be a list with one dict per parameter ({len(self.params)}), got {V.describe(states)}"
+            )
         new = []
         for i, (p, s) in enumerate(zip(self.params, states, strict=True)):
             if not isinstance(s, dict) or (s and set(s) != set(self.STATE_KEYS)):
-                raise ValueError(f"{fn}: state[{i}] must be an empty dict or one with exactly the keys "
-                                 f"{self.STATE_KEYS}, got {V.describe(s)}")
+                raise ValueError(
+                    f"{fn}: state[{i}] must be an empty dict or one with exactly the keys "
+                    f"{self.STATE_KEYS}, got {V.describe(s)}"
+                )
             entry: dict[str, Any] = {}
             for key, value in s.items():
                 if key == "step":
                     entry[key] = V.check_int(fn, f"state[{i}]['step']", value, 0)
-                elif (not isinstance(value, np.ndarray) or value.shape != p.value.shape
-                      or value.dtype != p.value.dtype):
-                    raise ValueError(f"{fn}: state[{i}][{key!r}] must be an array of the parameter's shape "
-                                     f"{p.value.shape} and dtype {p.value.dtype}, got {V.describe(value)}")
+                elif not isinstance(value, np.ndarray) or value.shape != p.value.shape or value.dtype != p.value.dtype:
+                    raise ValueError(
+                        f"{fn}: state[{i}][{key!r}] must be an array of the parameter's shape "
+                        f"{p.value.shape} and dtype {p.value.dtype}, got {V.describe(value)}"
+                    )
                 else:
                     entry[key] = value.copy()
             new.append(entry)
@@ -188,22 +216,31 @@ class SGD(Optimizer):
     HYPERPARAMETERS = ("lr", "momentum", "nesterov", "weight_decay")
     STATE_KEYS = ("momentum_buffer",)
 
-    def __init__(self, params: Iterable[Parameter], lr: float, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Iterable[Parameter],
+        lr: float,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
-    def _hyperparameters(self, lr: float, momentum: float, nesterov: bool,
-                         weight_decay: float) -> dict[str, Any]:
+    def _hyperparameters(self, lr: float, momentum: float, nesterov: bool, weight_decay: float) -> dict[str, Any]:
         fn = type(self).__name__
-        out = dict(lr=_real(fn, "lr", lr), momentum=_real(fn, "momentum", momentum),
-                   nesterov=V.check_bool(fn, "nesterov", nesterov),
-                   weight_decay=_real(fn, "weight_decay", weight_decay))
+        out = dict(
+            lr=_real(fn, "lr", lr),
+            momentum=_real(fn, "momentum", momentum),
+            nesterov=V.check_bool(fn, "nesterov", nesterov),
+            weight_decay=_real(fn, "weight_decay", weight_decay),
+        )
         if out["nesterov"] and out["momentum"] == 0:
             raise ValueError(f"{fn}: nesterov=True needs momentum > 0")
         return out
 
-    def _update(self, hyper: dict[str, Any], value: FloatArray, grad: FloatArray,
-                state: dict[str, Any]) -> tuple[FloatArray, dict[str, Any]]:
+    def _update(
+        self, hyper: dict[str, Any], value: FloatArray, grad: FloatArray, state: dict[str, Any]
+    ) -> tuple[FloatArray, dict[str, Any]]:
         """(new value, new state), computed without writing to ``value`` or ``state``."""
         lr, momentum, nesterov, weight_decay = (hyper[k] for k in self.HYPERPARAMETERS)
         if weight_decay:
@@ -235,22 +272,32 @@ class Adam(Optimizer):
     HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
     STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
-    def __init__(self, params: Iterable[Parameter], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Iterable[Parameter],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
-    def _hyperparameters(self, lr: float, betas: tuple[float, float],
-                         eps: float, weight_decay: float) -> dict[str, Any]:
+    def _hyperparameters(
+        self, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+    ) -> dict[str, Any]:
         fn = type(self).__name__
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"{fn}: betas must be a pair (beta1, beta2), got {betas!r}")
-        return dict(lr=_real(fn, "lr", lr),
-                    betas=(_real(fn, "betas[0]", betas[0], high=1.0), _real(fn, "betas[1]", betas[1], high=1.0)),
-                    eps=_real(fn, "eps", eps, low_open=True),
-                    weight_decay=_real(fn, "weight_decay", weight_decay))
+        return dict(
+            lr=_real(fn, "lr", lr),
+            betas=(_real(fn, "betas[0]", betas[0], high=1.0), _real(fn, "betas[1]", betas[1], high=1.0)),
+            eps=_real(fn, "eps", eps, low_open=True),
+            weight_decay=_real(fn, "weight_decay", weight_decay),
+        )
 
-    def _update(self, hyper: dict[str, Any], value: FloatArray, grad: FloatArray,
-                state: dict[str, Any]) -> tuple[FloatArray, dict[str, Any]]:
+    def _update(
+        self, hyper: dict[str, Any], value: FloatArray, grad: FloatArray, state: dict[str, Any]
+    ) -> tuple[FloatArray, dict[str, Any]]:
         """(new value, new state), computed without writing to ``value`` or ``state``."""
         lr, (beta1, beta2), eps, weight_decay = (hyper[k] for k in self.HYPERPARAMETERS)
         if weight_decay:
@@ -259,9 +306,9 @@ class Adam(Optimizer):
             t, m, v = state["step"] + 1, state["exp_avg"].copy(), state["exp_avg_sq"] * beta2
         else:
             t, m, v = 1, np.zeros_like(value), np.zeros_like(value)
-        m += (1 - beta1) * (grad - m)            # = beta1*m + (1-beta1)*g, PyTorch's lerp form
+        m += (1 - beta1) * (grad - m)  # = beta1*m + (1-beta1)*g, PyTorch's lerp form
         v += (1 - beta2) * grad * grad
         denom = np.sqrt(v)
-        denom /= np.sqrt(1 - beta2 ** t)
+        denom /= np.sqrt(1 - beta2**t)
         denom += eps
-        return value - (lr / (1 - beta1 ** t)) * (m / denom), {"step": t, "exp_avg": m, "exp_avg_sq": v}
+        return value - (lr / (1 - beta1**t)) * (m / denom), {"step": t, "exp_avg": m, "exp_avg_sq": v}

@@ -18,6 +18,7 @@ loads every entry point of the group ``numbabn.layers``. A plugin that fails to 
 Layer, name clash) produces one warning naming it and is skipped; it never breaks
 ``import numbabn`` or the other layers.
 """
+
 import importlib.metadata
 import threading
 import warnings
@@ -31,15 +32,15 @@ _LayerT = TypeVar("_LayerT", bound="type[Layer]")
 
 ENTRY_POINT_GROUP = "numbabn.layers"
 
-_registry: dict[str, tuple[Any, str]] = {}          # name -> (class, origin)
+_registry: dict[str, tuple[Any, str]] = {}  # name -> (class, origin)
 _discovered = False
-_lock = threading.RLock()   # re-entrant: a plugin module may itself look layers up while loading
+_lock = threading.RLock()  # re-entrant: a plugin module may itself look layers up while loading
 
 
 class UnknownLayerError(KeyError):
     """Raised for a name nothing registered; the message lists what is available."""
 
-    def __str__(self) -> str:   # KeyError would print the message in quotes
+    def __str__(self) -> str:  # KeyError would print the message in quotes
         return str(self.args[0])
 
 
@@ -60,8 +61,10 @@ def _add(name: str, cls: "type[Layer]", origin: str) -> str | None:
     error message on a clash (the caller decides: raise or warn)."""
     current = _registry.get(name)
     if current is not None and current[0] is not cls:
-        return (f"the name {name!r} is already registered to {current[0].__module__}.{current[0].__qualname__} "
-                f"({current[1]})")
+        return (
+            f"the name {name!r} is already registered to {current[0].__module__}.{current[0].__qualname__} "
+            f"({current[1]})"
+        )
     if current is None:
         _registry[name] = (cls, origin)
     return None
@@ -98,16 +101,17 @@ def _load_entry_points() -> None:
         try:
             obj = ep.load()
         except Exception as exc:  # a broken plugin must never break numbabn
-            warnings.warn(f"numbabn: could not load {label}: {type(exc).__name__}: {exc}",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(f"numbabn: could not load {label}: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=4)
             continue
         if not _is_layer_class(obj):
-            warnings.warn(f"numbabn: skipped {label}: it is {obj!r}, not a numbabn Layer subclass",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"numbabn: skipped {label}: it is {obj!r}, not a numbabn Layer subclass", RuntimeWarning, stacklevel=4
+            )
             continue
         if not ep.name.isidentifier():
-            warnings.warn(f"numbabn: skipped {label}: the name is not a Python identifier",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"numbabn: skipped {label}: the name is not a Python identifier", RuntimeWarning, stacklevel=4
+            )
             continue
         clash = _add(ep.name, obj, f"{dist} ({ep.value})")
         if clash:

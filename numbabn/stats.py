@@ -13,6 +13,7 @@ Two summaries of disjoint data merge exactly::
 This is what SyncBatchNorm exchanges, what ``partial_fit`` accumulates and what Dask
 chunk reductions combine (not (mean, invstd), which loses precision).
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +56,7 @@ class Moments:
         """Inverse of :meth:`to_array`."""
         packed = np.asarray(packed, dtype=np.float64)
         C = (packed.shape[0] - 1) // 2
-        return cls(int(round(packed[0])), packed[1:1 + C].copy(), packed[1 + C:].copy())
+        return cls(int(round(packed[0])), packed[1 : 1 + C].copy(), packed[1 + C :].copy())
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
@@ -77,13 +78,11 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     (4, array([2.5]), array([1.25]))
     """
     if not isinstance(a, Moments) or not isinstance(b, Moments):
-        raise TypeError(
-            f"merge_moments expects two Moments, got {type(a).__name__} and {type(b).__name__}")
+        raise TypeError(f"merge_moments expects two Moments, got {type(a).__name__} and {type(b).__name__}")
     check_moments_value("merge_moments", "a", a)
     check_moments_value("merge_moments", "b", b)
     if a.channels != b.channels:
-        raise ValueError(
-            f"merge_moments: channel counts differ ({a.channels} vs {b.channels})")
+        raise ValueError(f"merge_moments: channel counts differ ({a.channels} vs {b.channels})")
     if b.count == 0:
         return a
     if a.count == 0:

@@ -1,5 +1,6 @@
 """Batch Renormalization (Ioffe 2017, "Batch Renormalization: Towards Reducing
 Minibatch Dependence in Batch-Normalized Models", NeurIPS, Algorithm 1)."""
+
 import numbers
 from typing import Any
 
@@ -58,9 +59,20 @@ class BatchRenorm(BatchNormBase):
 
     _transient = ("_rd",)
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-             activation: str | None = None, dtype: DTypeLike = np.float32, rmax: float = 3.0, dmax: float = 5.0,
-             relax_from: int = 5000, rmax_until: int = 40000, dmax_until: int = 25000) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        activation: str | None = None,
+        dtype: DTypeLike = np.float32,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        relax_from: int = 5000,
+        rmax_until: int = 40000,
+        dmax_until: int = 25000,
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, True, activation, dtype)
         owner = type(self).__name__
         if isinstance(rmax, bool) or not (isinstance(rmax, numbers.Real) and rmax >= 1):
@@ -70,8 +82,10 @@ class BatchRenorm(BatchNormBase):
         for name, value in (("relax_from", relax_from), ("rmax_until", rmax_until), ("dmax_until", dmax_until)):
             check_int(owner, name, value, 0)
         if rmax_until < relax_from or dmax_until < relax_from:
-            raise ValueError(f"{owner}: rmax_until and dmax_until must be >= relax_from, "
-                             f"got {rmax_until}, {dmax_until} < {relax_from}")
+            raise ValueError(
+                f"{owner}: rmax_until and dmax_until must be >= relax_from, "
+                f"got {rmax_until}, {dmax_until} < {relax_from}"
+            )
         self.rmax: float = float(rmax)
         self.dmax: float = float(dmax)
         self.relax_from: int = relax_from
@@ -82,8 +96,10 @@ class BatchRenorm(BatchNormBase):
     def limits(self) -> tuple[float, float]:
         """(rmax, dmax) in force for the next training step."""
         t = int(self.num_batches_tracked)
-        return (1.0 + (self.rmax - 1.0) * _ramp(t, self.relax_from, self.rmax_until),
-                self.dmax * _ramp(t, self.relax_from, self.dmax_until))
+        return (
+            1.0 + (self.rmax - 1.0) * _ramp(t, self.relax_from, self.rmax_until),
+            self.dmax * _ramp(t, self.relax_from, self.dmax_until),
+        )
 
     def forward(self, x: FloatArray) -> FloatArray:
         x = self._check_input(x)
@@ -92,9 +108,10 @@ class BatchRenorm(BatchNormBase):
             return super().forward(x)
         batch = moments(x, axis=self.axis)
         if batch.count == 1:
-            raise ValueError(f"{self._short()}: training needs more than 1 value per channel, got input "
-                             f"of shape {x.shape}")
-        if batch.count == 0:      # empty batch: nothing to correct (batch norm's empty-batch rules)
+            raise ValueError(
+                f"{self._short()}: training needs more than 1 value per channel, got input of shape {x.shape}"
+            )
+        if batch.count == 0:  # empty batch: nothing to correct (batch norm's empty-batch rules)
             self._rd = None
             return super().forward(x)
         sigma_b = np.sqrt(batch.var() + self.eps)
@@ -120,8 +137,10 @@ class BatchRenorm(BatchNormBase):
         return dx, dgamma, dbeta
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}, relax_from={self.relax_from}, "
-                f"rmax_until={self.rmax_until}, dmax_until={self.dmax_until}")
+        return (
+            super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}, relax_from={self.relax_from}, "
+            f"rmax_until={self.rmax_until}, dmax_until={self.dmax_until}"
+        )
 
     @classmethod
     def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["BatchRenorm", FloatArray]:

@@ -1,5 +1,6 @@
 """Ghost batch norm (Hoffer, Hubara & Soudry 2017, "Train longer, generalize better",
 Algorithm 1): batch statistics over small virtual ("ghost") batches."""
+
 from typing import Any
 
 import numpy as np
@@ -30,9 +31,17 @@ class GhostBatchNorm(BatchNormBase):
 
     _transient = ("_parts",)
 
-    def __init__(self, num_features: int, virtual_batch_size: int = 32, eps: float = 1e-5,
-                 momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
-                 activation: str | None = None, dtype: DTypeLike = np.float32) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        virtual_batch_size: int = 32,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        activation: str | None = None,
+        dtype: DTypeLike = np.float32,
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, dtype)
         self.virtual_batch_size = check_positive_int(type(self).__name__, "virtual_batch_size", virtual_batch_size)
         self._parts = None
@@ -42,8 +51,10 @@ class GhostBatchNorm(BatchNormBase):
         per_sample = x.size // max(N, 1) // self.num_features
         last = N - B * ((N - 1) // B)
         if last * per_sample <= 1:
-            raise ValueError(f"{self._short()}: the last virtual batch of an input of shape {x.shape} holds "
-                             f"{last * per_sample} value(s) per channel; batch statistics need more than 1")
+            raise ValueError(
+                f"{self._short()}: the last virtual batch of an input of shape {x.shape} holds "
+                f"{last * per_sample} value(s) per channel; batch statistics need more than 1"
+            )
         return [slice(i, i + B) for i in range(0, N, B)]
 
     def forward(self, x: FloatArray) -> FloatArray:
@@ -58,8 +69,11 @@ class GhostBatchNorm(BatchNormBase):
         # call reads its part of x and writes its part of y without copies.
         x = np.ascontiguousarray(x)
         y = np.empty_like(x)
-        self._parts = (x.shape, x.dtype,
-                       [(s, self._bn_forward(x[s], gamma, beta, out=y[s])[1]) for s in self._slices(x)])
+        self._parts = (
+            x.shape,
+            x.dtype,
+            [(s, self._bn_forward(x[s], gamma, beta, out=y[s])[1]) for s in self._slices(x)],
+        )
         return y
 
     def backward(self, dy: FloatArray) -> FloatArray:

@@ -1,6 +1,7 @@
 """Instance normalization (Ulyanov, Vedaldi & Lempitsky 2016, "Instance
 Normalization: The Missing Ingredient for Fast Stylization") on the batch-norm
 kernels: ``InstanceNorm1d`` and ``InstanceNorm2d``, like ``torch.nn``'s."""
+
 from math import prod
 from typing import Any
 
@@ -51,8 +52,15 @@ class _InstanceNorm(BatchNormBase):
     _dims = "L"
     _transient = ("_cache",)
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = False,
-                 track_running_stats: bool = False, dtype: DTypeLike = np.float32) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        dtype: DTypeLike = np.float32,
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, None, dtype)
         self._cache = None
 
@@ -77,14 +85,23 @@ class _InstanceNorm(BatchNormBase):
         xb = x if x.ndim == self._spatial + 2 else x[None]
         N, C, L = xb.shape[0], self.num_features, prod(xb.shape[2:])
         gamma, beta = self._affine_values()
-        if not self.uses_batch_stats:       # eval with running statistics: batch norm's eval pass
-            y, ctx = batch_norm_forward(xb.reshape(N, C, L), gamma, beta, running_mean=self.running_mean,
-                                        running_var=self.running_var, training=False, eps=self.eps, axis=1)
+        if not self.uses_batch_stats:  # eval with running statistics: batch norm's eval pass
+            y, ctx = batch_norm_forward(
+                xb.reshape(N, C, L),
+                gamma,
+                beta,
+                running_mean=self.running_mean,
+                running_var=self.running_var,
+                training=False,
+                eps=self.eps,
+                axis=1,
+            )
             self._cache = (x.shape, x.dtype, ctx, None)
             return y.reshape(x.shape)
         if L == 1 and N > 0:
-            raise ValueError(f"{self._short()}: Expected more than 1 spatial element when training, got input "
-                             f"of shape {x.shape}")
+            raise ValueError(
+                f"{self._short()}: Expected more than 1 spatial element when training, got input of shape {x.shape}"
+            )
         update = self.updates_running_stats
         nbt = V.check_counter(self._short(), self.num_batches_tracked) if update else None
         if xb.size == 0:
@@ -99,8 +116,17 @@ class _InstanceNorm(BatchNormBase):
             def tile(v: FloatArray | None) -> FloatArray | None:
                 return None if v is None else np.tile(v, N)
 
-            y, ctx = batch_norm_forward(xb.reshape(1, N * C, L), tile(gamma), tile(beta), running_mean=rm,
-                                        running_var=rv, training=True, momentum=factor, eps=self.eps, axis=1)
+            y, ctx = batch_norm_forward(
+                xb.reshape(1, N * C, L),
+                tile(gamma),
+                tile(beta),
+                running_mean=rm,
+                running_var=rv,
+                training=True,
+                momentum=factor,
+                eps=self.eps,
+                axis=1,
+            )
             y = y.reshape(x.shape)
             if update:
                 self.running_mean[...] = rm.reshape(N, C).mean(axis=0, dtype=np.float64)
@@ -115,12 +141,12 @@ class _InstanceNorm(BatchNormBase):
         shape, dtype, ctx, N = self._cached("_cache")
         dy = self._check_dy(dy, shape, dtype)
         C = self.num_features
-        if ctx is None:         # empty batch
+        if ctx is None:  # empty batch
             dx, dgamma, dbeta = np.empty(shape, dtype), np.zeros(C, self.dtype), np.zeros(C, self.dtype)
         else:
             dx, dgamma, dbeta = batch_norm_backward(dy.reshape(ctx.shape), ctx)
             dx = dx.reshape(shape)
-            if N is not None and self.affine:     # per-instance channels: sum the samples
+            if N is not None and self.affine:  # per-instance channels: sum the samples
                 dgamma = dgamma.reshape(N, C).sum(axis=0, dtype=np.float64).astype(self.dtype)
                 dbeta = dbeta.reshape(N, C).sum(axis=0, dtype=np.float64).astype(self.dtype)
         if self.affine:

@@ -1,5 +1,6 @@
 """lp batch norm (Santurkar, Tsipras, Ilyas & Madry 2018, "How Does Batch
 Normalization Help Optimization?", NeurIPS, Section 3.3 and Appendix A)."""
+
 from typing import Any
 
 import numpy as np
@@ -48,10 +49,21 @@ class LpBatchNorm(BatchNormBase):
 
     _transient = ("_cache",)
 
-    def __init__(self, num_features: int, p: float = 2, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, dtype: DTypeLike = np.float32) -> None:
-        if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, float, np.integer, np.floating)) \
-                or p not in P_VALUES:
+    def __init__(
+        self,
+        num_features: int,
+        p: float = 2,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        dtype: DTypeLike = np.float32,
+    ) -> None:
+        if (
+            isinstance(p, (bool, np.bool_))
+            or not isinstance(p, (int, float, np.integer, np.floating))
+            or p not in P_VALUES
+        ):
             raise ValueError(f"{type(self).__name__}: p must be 1, 2 or numpy.inf, got {p!r}")
         self.p = np.inf if p == np.inf else int(p)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, None, dtype)
@@ -83,7 +95,7 @@ class LpBatchNorm(BatchNormBase):
         if self.p == 1:
             return np.sign(u) / m
         if self.p == 2:
-            inv = np.divide(1.0, m * s, out=np.zeros_like(s), where=s > 0)   # constant channel: u = 0
+            inv = np.divide(1.0, m * s, out=np.zeros_like(s), where=s > 0)  # constant channel: u = 0
             return u * self._bcast(inv, u.ndim)
         is_max = np.abs(u) == self._bcast(s, u.ndim)
         return np.sign(u) * is_max / self._bcast(self._sum(is_max), u.ndim)
@@ -91,16 +103,17 @@ class LpBatchNorm(BatchNormBase):
     def forward(self, x: FloatArray) -> FloatArray:
         x = self._check_input(x)
         out_dtype = x.dtype
-        x = x.astype(self.dtype, copy=False)       # float16 -> float32
+        x = x.astype(self.dtype, copy=False)  # float16 -> float32
         C = self.num_features
         m = x.size // C
         batch = self.uses_batch_stats
         update = self.updates_running_stats
         nbt = V.check_counter(self._short(), self.num_batches_tracked) if update else None
         if batch and m == 1:
-            raise ValueError(f"{self._short()}: training needs more than 1 value per channel, "
-                             f"got input of shape {x.shape}")
-        if m == 0:       # empty batch: empty output, zero gradients, running statistics kept
+            raise ValueError(
+                f"{self._short()}: training needs more than 1 value per channel, got input of shape {x.shape}"
+            )
+        if m == 0:  # empty batch: empty output, zero gradients, running statistics kept
             if update:
                 nbt += 1
             self._cache = (x, None, None, x, batch, out_dtype)

@@ -1,5 +1,6 @@
 """Noisy batch norm (Santurkar, Tsipras, Ilyas & Madry 2018, "How Does Batch
 Normalization Help Optimization?", NeurIPS, Section 2.1 and Appendix A.2.1)."""
+
 from typing import Any
 
 import numpy as np
@@ -33,9 +34,16 @@ class NoisyBatchNorm(BatchNormBase):
 
     _transient = ("_scale", "_out_dtype")
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, dtype: DTypeLike = np.float32,
-                 rng: np.random.Generator | int | None = None) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        dtype: DTypeLike = np.float32,
+        rng: np.random.Generator | int | None = None,
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, None, dtype)
         self.rng = check_rng(type(self).__name__, rng)
         self._scale = self._out_dtype = None
@@ -43,14 +51,14 @@ class NoisyBatchNorm(BatchNormBase):
     def forward(self, x: FloatArray) -> FloatArray:
         x = self._check_input(x)
         out_dtype = x.dtype
-        y = super().forward(x.astype(self.dtype, copy=False))    # float16: noise in float32 too
+        y = super().forward(x.astype(self.dtype, copy=False))  # float16: noise in float32 too
         self._out_dtype = out_dtype
         if not self.training:
             self._scale = None
             return y.astype(out_dtype, copy=False)
         rng, dt = self.rng, self.dtype
-        unit = (1, self.num_features) + (1,) * (y.ndim - 2)     # broadcast over all but channels
-        mu_t = (rng.random(unit, dtype=dt) - 0.5)
+        unit = (1, self.num_features) + (1,) * (y.ndim - 2)  # broadcast over all but channels
+        mu_t = rng.random(unit, dtype=dt) - 0.5
         sigma_t = 1 + 0.25 * rng.random(unit, dtype=dt)
         m = mu_t + 0.2 * rng.random(y.shape, dtype=dt) - 0.1
         s = sigma_t + 0.1 * rng.standard_normal(y.shape, dtype=dt)

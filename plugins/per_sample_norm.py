@@ -24,6 +24,7 @@ Both take float16 input in a float32 layer (statistics and arithmetic in float32
 float16 output and input gradient), as PyTorch's CPU kernels do. Neither has
 running statistics: train and eval mode compute the same thing.
 """
+
 from collections.abc import Sequence
 from math import prod
 from typing import Any
@@ -46,8 +47,9 @@ class _PerSampleNorm(Layer):
     _accepts_float16 = True
     _transient = ("_cache",)
 
-    def __init__(self, eps: float, affine: bool, affine_shape: tuple[int, ...], dtype: DTypeLike,
-                 bias: bool = True) -> None:
+    def __init__(
+        self, eps: float, affine: bool, affine_shape: tuple[int, ...], dtype: DTypeLike, bias: bool = True
+    ) -> None:
         super().__init__()
         owner = type(self).__name__
         self.eps = V.check_eps(owner, eps)
@@ -68,9 +70,9 @@ class _PerSampleNorm(Layer):
         """Normalised per (sample, group) in either mode (no running statistics)."""
         x = self._check_input(x)
         out_dtype = x.dtype
-        x = x.astype(self.dtype, copy=False)       # float16 -> float32
+        x = x.astype(self.dtype, copy=False)  # float16 -> float32
         R, D = self._groups(x)
-        if R == 0 or D <= 1:                       # nothing to normalise: xhat = 0, no kernel
+        if R == 0 or D <= 1:  # nothing to normalise: xhat = 0, no kernel
             ctx, xhat = None, np.zeros(x.shape, self.dtype)
         else:
             xhat, ctx = batch_norm_forward(x.reshape((1, R, D)), eps=self.eps, axis=1)
@@ -109,8 +111,15 @@ class LayerNorm(_PerSampleNorm):
     arguments). ``LayerNorm(1)`` normalises single values: its output is the bias.
     """
 
-    def __init__(self, normalized_shape: int | Sequence[int], eps: float = 1e-5, elementwise_affine: bool = True,
-                 dtype: DTypeLike = np.float32, *, bias: bool = True) -> None:
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        dtype: DTypeLike = np.float32,
+        *,
+        bias: bool = True,
+    ) -> None:
         owner = type(self).__name__
         shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
         if not shape:
@@ -121,7 +130,7 @@ class LayerNorm(_PerSampleNorm):
     def _check_input(self, x: FloatArray) -> FloatArray:
         x = self._input(x)
         k = len(self.normalized_shape)
-        if x.ndim < k or x.shape[x.ndim - k:] != self.normalized_shape:
+        if x.ndim < k or x.shape[x.ndim - k :] != self.normalized_shape:
             raise self._shape_error(f"(..., {', '.join(map(str, self.normalized_shape))})", x)
         return x
 
@@ -154,14 +163,14 @@ class GroupNorm(_PerSampleNorm):
     (none with ``affine=False``). A group of one value normalises to 0.
     """
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 dtype: DTypeLike = np.float32) -> None:
+    def __init__(
+        self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, dtype: DTypeLike = np.float32
+    ) -> None:
         owner = type(self).__name__
         self.num_groups = check_positive_int(owner, "num_groups", num_groups)
         self.num_channels = check_positive_int(owner, "num_channels", num_channels)
         if num_channels % num_groups:
-            raise ValueError(f"{owner}: num_channels ({num_channels}) must be divisible by num_groups "
-                             f"({num_groups})")
+            raise ValueError(f"{owner}: num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
         super().__init__(eps, affine, (self.num_channels,), dtype)
 
     def _check_input(self, x: FloatArray) -> FloatArray:

@@ -3,6 +3,7 @@
 Without a usable GPU the CUDA tests run on Numba's CUDA simulator: the variable
 must be set before numba.cuda is first imported, so it is done here, at collection.
 """
+
 import os
 
 

@@ -1,22 +1,25 @@
 """Shared test helpers: cases, tolerances, finite differences, the backend under test."""
+
 import numpy as np
 import pytest
 
 # (shape, axis) covering both canonical layouts, L == 1, channels-last, odd sizes.
 CASES = [
-    ((4, 3, 5, 7), 1),      # NCHW -> ncl
-    ((6, 5), 1),            # NC -> mc
-    ((3, 4, 9), 1),         # NCL -> ncl
-    ((5, 4, 3, 6), -1),     # NHWC -> mc
-    ((2, 7, 1), 1),         # L == 1 -> mc
-    ((7, 3), 0),            # channel axis first on a matrix
-    ((2, 1, 33), 1),        # C == 1
-    ((2, 3, 4, 5, 2), 2),   # channel axis in the middle of 5-D
+    ((4, 3, 5, 7), 1),  # NCHW -> ncl
+    ((6, 5), 1),  # NC -> mc
+    ((3, 4, 9), 1),  # NCL -> ncl
+    ((5, 4, 3, 6), -1),  # NHWC -> mc
+    ((2, 7, 1), 1),  # L == 1 -> mc
+    ((7, 3), 0),  # channel axis first on a matrix
+    ((2, 1, 33), 1),  # C == 1
+    ((2, 3, 4, 5, 2), 2),  # channel axis in the middle of 5-D
 ]
 
-TOL = {np.float64: dict(rtol=1e-10, atol=1e-11),
-       np.float32: dict(rtol=2e-5, atol=2e-5),
-       np.float16: dict(rtol=3e-3, atol=3e-3)}
+TOL = {
+    np.float64: dict(rtol=1e-10, atol=1e-11),
+    np.float32: dict(rtol=2e-5, atol=2e-5),
+    np.float16: dict(rtol=3e-3, atol=3e-3),
+}
 
 
 def param_dtype(dtype):
@@ -59,6 +62,7 @@ class Backend:
         self.device = name == "cuda"
         if self.device:
             from numba import cuda
+
             self._cuda = cuda
 
     def __repr__(self):

@@ -3,6 +3,7 @@
 Timings are never asserted (noise on a shared machine); the derived columns are
 checked against the timings they come from.
 """
+
 import csv
 import io
 import json
@@ -64,7 +65,11 @@ def test_run_rejects_bad_backends():
 
 def test_text_table_aligns_right_under_a_rule():
     assert report.text_table(["a", "long"], [["xyz", "1"], ["1", "22"]]).splitlines() == [
-        "  a  long", "---  ----", "xyz     1", "  1    22"]
+        "  a  long",
+        "---  ----",
+        "xyz     1",
+        "  1    22",
+    ]
     assert report.text_table(["a"], [["xyz"]], rule=False) == "  a\nxyz"
 
 
@@ -72,10 +77,27 @@ def test_report_writers(cpu_report):
     _, rep = cpu_report
     text = report.format_table(rep).splitlines()
     assert text[0].startswith("numbabn cpu bench: float32, 1 threads (python threads), copy bandwidth ")
-    assert text[1].split() == ["op", "case", "shape", "layout", "ms", "GB/s", "%copy", "first", "s", "numpy", "ms",
-                               "x", "numpy", "torch", "ms", "x", "torch"]
+    assert text[1].split() == [
+        "op",
+        "case",
+        "shape",
+        "layout",
+        "ms",
+        "GB/s",
+        "%copy",
+        "first",
+        "s",
+        "numpy",
+        "ms",
+        "x",
+        "numpy",
+        "torch",
+        "ms",
+        "x",
+        "torch",
+    ]
     assert len(text) == 3 + len(rep.rows) and text[3].split()[:4] == ["forward", "ncl", "6x3x5", "nchw"]
-    assert text[3].split()[-2:] == ["-", "-"]     # no torch comparison
+    assert text[3].split()[-2:] == ["-", "-"]  # no torch comparison
     assert report.footer(rep).startswith("first calls (JIT compile or Numba cache load; not in the timings): ")
     f = io.StringIO()
     report.write_json(rep, f)
@@ -88,12 +110,15 @@ def test_report_writers(cpu_report):
 
 
 def test_harness_does_not_import_numba_cuda():
-    code = ("import sys; import numbabn.bench.harness, numbabn.bench.report, numbabn.cli.bench; "
-            "assert not any(m.startswith('numba.cuda') for m in sys.modules)")
+    code = (
+        "import sys; import numbabn.bench.harness, numbabn.bench.report, numbabn.cli.bench; "
+        "assert not any(m.startswith('numba.cuda') for m in sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # --- the CUDA strategy, on the simulator --------------------------------------------------
+
 
 def test_device_copy_bandwidth():
     from numba import cuda
@@ -133,8 +158,11 @@ def test_cuda_run_bookkeeping_on_the_simulator(monkeypatch):
     cases = [Case("ncl", (4, 3, 5)), Case("nlc", (4, 5, 3), -1)]
     rep = harness.run(cases, ops=("forward", "backward"), backend="cuda", repeat=1, compare=("numpy",))
     assert [(r.case, r.op, r.layout, r.backend) for r in rep.rows] == [
-        ("ncl", "forward", "nchw", "cuda"), ("ncl", "backward", "nchw", "cuda"),
-        ("nlc", "forward", "nhwc", "cuda"), ("nlc", "backward", "nhwc", "cuda")]
+        ("ncl", "forward", "nchw", "cuda"),
+        ("ncl", "backward", "nchw", "cuda"),
+        ("nlc", "forward", "nhwc", "cuda"),
+        ("nlc", "backward", "nhwc", "cuda"),
+    ]
     assert all(r.numpy_ms > 0 and r.torch_ms is None for r in rep.rows)
     assert set(rep.meta) == META_KEYS | {"device", "numba_cuda"}
     assert rep.meta["device"] == "simulated GPU" and rep.meta["backend"] == "cuda" and rep.meta["copy_gbps"] == 1.0

@@ -1,5 +1,6 @@
 """The scikit-learn benchmark (numbabn.bench.sklearn_estimators) and ``numbabn bench sklearn``
 on tiny sizes: what the rows hold, never the timings (noise on a shared machine)."""
+
 import json
 
 import pytest
@@ -19,7 +20,7 @@ def test_run_sklearn_bench_rows():
         assert r["out_dtype"] == r["dtype"] and r["threads"] == 1
         assert r["numbabn_ms"] > 0 and r["sklearn_ms"] > 0
         assert r["speedup"] == pytest.approx(r["sklearn_ms"] / r["numbabn_ms"])
-        assert r["max_abs_diff"] < (1e-3 if r["dtype"] == "float32" else 1e-9)   # same normalisation
+        assert r["max_abs_diff"] < (1e-3 if r["dtype"] == "float32" else 1e-9)  # same normalisation
     assert [r["estimator"] for r in mlp] == ["BNMLPClassifier", "MLPClassifier"]
     for r in mlp:
         assert r["epochs"] == 2 and 0 <= r["test_accuracy"] <= r["best_accuracy"] <= 1
@@ -34,9 +35,27 @@ def test_unknown_part():
 
 
 def test_cli_bench_sklearn_json_to_stdout():
-    result = CliRunner().invoke(main, ["bench", "sklearn", "--part", "transformer", "--samples", "300",
-                                       "--features", "2", "--dtype", "float32", "--repeat", "1",
-                                       "--threads", "1", "--json", "-"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "sklearn",
+            "--part",
+            "transformer",
+            "--samples",
+            "300",
+            "--features",
+            "2",
+            "--dtype",
+            "float32",
+            "--repeat",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            "-",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert len(rows) == 1 and rows[0]["case"] == "300x2" and rows[0]["dtype"] == "float32"

@@ -1,5 +1,6 @@
 """The numbabn.torch benchmark (numbabn.bench.torch_modules) runs and its variants compute the same thing
 (timings are never asserted: see bench/torch_bench.py for the measurements)."""
+
 import pytest
 
 pytest.importorskip("torch", reason="PyTorch is not installed")
@@ -18,14 +19,18 @@ def test_bn_rows_cover_the_cases_with_both_layouts():
     assert "native+ReLU ms" in benchmark.format_bn(rows)
     assert all(r["native_res_ms"] > 0 and r["res_fused_ms"] > 0 for r in rows)
     assert "native+add+ReLU ms" in benchmark.format_bn(rows)
-    name, x, _ = benchmark._bn_case(SUITES["default"][2])   # resnet-nhwc
+    name, x, _ = benchmark._bn_case(SUITES["default"][2])  # resnet-nhwc
     assert name == "BatchNorm2d" and x.shape == (64, 64, 56, 56) and not x.is_contiguous()
 
 
 def test_step_variants_train_the_same_network():
     rows = benchmark.run_step(threads=1, repeat=1, batch=4)
-    assert [r["variant"] for r in rows] == ["native BN", "numbabn BN", "numbabn BN + fused ReLU",
-                                            "numbabn BN + fused ReLU + residual"]
+    assert [r["variant"] for r in rows] == [
+        "native BN",
+        "numbabn BN",
+        "numbabn BN + fused ReLU",
+        "numbabn BN + fused ReLU + residual",
+    ]
     losses = [r["final_loss"] for r in rows]
     assert max(losses) - min(losses) < 1e-3 * max(1.0, abs(losses[0]))
     assert "x native" in benchmark.format_step(rows)

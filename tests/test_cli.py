@@ -3,6 +3,7 @@
 Benchmarks run on tiny shapes with ``--repeat 2`` to stay fast; the timings themselves
 are never asserted (they are noise on a shared machine), only what the report holds.
 """
+
 import csv
 import importlib
 import json
@@ -24,14 +25,28 @@ from numbabn.bench.cases import SUITES, Case
 from numbabn.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-ROW_KEYS = {"op", "case", "shape", "layout", "dtype", "backend", "ms", "gbps", "pct_copy", "first_s",
-            "numpy_ms", "torch_ms", "vs_numpy", "vs_torch"}
+ROW_KEYS = {
+    "op",
+    "case",
+    "shape",
+    "layout",
+    "dtype",
+    "backend",
+    "ms",
+    "gbps",
+    "pct_copy",
+    "first_s",
+    "numpy_ms",
+    "torch_ms",
+    "vs_numpy",
+    "vs_torch",
+}
 
 
 def invoke(*args):
     result = CliRunner().invoke(main, list(args))
     if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception   # show the real traceback, not just exit code 1
+        raise result.exception  # show the real traceback, not just exit code 1
     return result
 
 
@@ -43,6 +58,7 @@ def error_line(result):
 
 
 # --- the group -------------------------------------------------------------------------
+
 
 def test_version():
     result = invoke("--version")
@@ -95,6 +111,7 @@ def test_entry_points_in_subprocesses():
 
 # --- info ------------------------------------------------------------------------------
 
+
 def test_info_json():
     import numba
 
@@ -117,16 +134,17 @@ def test_info_text_verbose():
     assert result.exit_code == 0
     for label in ("numba ", "threading", "CUDA", "kernel cache", "layers"):
         assert label in result.output
-    assert "batch_norm2d (builtin)" in result.output   # -v: one line per layer
+    assert "batch_norm2d (builtin)" in result.output  # -v: one line per layer
 
 
 def test_info_without_registry(monkeypatch):
-    monkeypatch.setitem(sys.modules, "numbabn.registry", None)   # import now fails as if absent
+    monkeypatch.setitem(sys.modules, "numbabn.registry", None)  # import now fails as if absent
     assert json.loads(invoke("info", "--json").output)["layers"] is None
     assert "registry not installed" in invoke("info").output
 
 
 # --- layers ----------------------------------------------------------------------------
+
 
 def test_layers():
     from numbabn import registry
@@ -142,17 +160,33 @@ def test_layers():
 
 # --- bench -----------------------------------------------------------------------------
 
+
 def test_bench_json_to_stdout_csv_and_plot(tmp_path):
     csv_path, png = tmp_path / "b.csv", tmp_path / "b.png"
-    result = invoke("-q", "bench", "--suite", "tiny", "--repeat", "2", "--compare", "none",
-                    "--json", "-", "--csv", str(csv_path), "--plot", str(png))
+    result = invoke(
+        "-q",
+        "bench",
+        "--suite",
+        "tiny",
+        "--repeat",
+        "2",
+        "--compare",
+        "none",
+        "--json",
+        "-",
+        "--csv",
+        str(csv_path),
+        "--plot",
+        str(png),
+    )
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)   # stdout holds the JSON and nothing else
+    report = json.loads(result.stdout)  # stdout holds the JSON and nothing else
     assert "numbabn cpu bench" in result.stderr and "first calls" in result.stderr
-    assert "plot written" not in result.stderr   # -q
+    assert "plot written" not in result.stderr  # -q
     rows = report["rows"]
-    assert [(r["case"], r["op"]) for r in rows] == [(c.name, op) for c in SUITES["tiny"]
-                                                    for op in ("forward", "eval", "backward")]
+    assert [(r["case"], r["op"]) for r in rows] == [
+        (c.name, op) for c in SUITES["tiny"] for op in ("forward", "eval", "backward")
+    ]
     for r in rows:
         assert set(r) == ROW_KEYS
         assert r["ms"] > 0 and r["gbps"] > 0 and r["first_s"] >= 0
@@ -161,27 +195,58 @@ def test_bench_json_to_stdout_csv_and_plot(tmp_path):
     with open(csv_path, newline="") as f:
         table = list(csv.DictReader(f))
     assert [(t["case"], t["op"], t["shape"]) for t in table] == [
-        (r["case"], r["op"], "x".join(map(str, r["shape"]))) for r in rows]
+        (r["case"], r["op"], "x".join(map(str, r["shape"]))) for r in rows
+    ]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_shapes_layout_ops_and_default_compare(monkeypatch):
-    monkeypatch.setattr(bench_cli, "_torch_installed", lambda: False)   # default = what is installed
-    result = invoke("-v", "bench", "--shape", "8x6x5x4", "--shape", "32x10", "--layout", "nhwc",
-                    "--op", "backward,eval", "--repeat", "2", "--json", "-")
+    monkeypatch.setattr(bench_cli, "_torch_installed", lambda: False)  # default = what is installed
+    result = invoke(
+        "-v",
+        "bench",
+        "--shape",
+        "8x6x5x4",
+        "--shape",
+        "32x10",
+        "--layout",
+        "nhwc",
+        "--op",
+        "backward,eval",
+        "--repeat",
+        "2",
+        "--json",
+        "-",
+    )
     assert result.exit_code == 0, result.output
-    assert "timing 2 cases x 2 ops" in result.stderr   # -v
+    assert "timing 2 cases x 2 ops" in result.stderr  # -v
     rows = json.loads(result.stdout)["rows"]
     assert [(r["case"], r["op"], r["layout"]) for r in rows] == [
-        ("8x6x5x4", "eval", "nhwc"), ("8x6x5x4", "backward", "nhwc"),
-        ("32x10", "eval", "nc"), ("32x10", "backward", "nc")]
+        ("8x6x5x4", "eval", "nhwc"),
+        ("8x6x5x4", "backward", "nhwc"),
+        ("32x10", "eval", "nc"),
+        ("32x10", "backward", "nc"),
+    ]
     assert all(r["numpy_ms"] > 0 and r["vs_numpy"] > 0 and r["torch_ms"] is None for r in rows)
 
 
 def test_bench_compare_torch():
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
-    result = invoke("bench", "--shape", "16x8x3", "--layout", "nhwc", "--op", "forward", "--repeat", "2",
-                    "--compare", "torch", "--csv", "-")
+    result = invoke(
+        "bench",
+        "--shape",
+        "16x8x3",
+        "--layout",
+        "nhwc",
+        "--op",
+        "forward",
+        "--repeat",
+        "2",
+        "--compare",
+        "torch",
+        "--csv",
+        "-",
+    )
     assert result.exit_code == 0, result.output
     (row,) = list(csv.DictReader(result.stdout.splitlines()))
     assert float(row["torch_ms"]) > 0 and row["numpy_ms"] == ""
@@ -193,21 +258,24 @@ def test_bench_help_lists_the_suites():
     assert all(name in help_text for name in SUITES)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--shape", "64xfoo"], "shape must look like"),
-    (["--shape", "0x3"], "positive sizes"),
-    (["--shape", "1x16"], "fewer than 2 values per channel"),
-    (["--op", "forward,sideways"], "unknown op 'sideways'"),
-    (["--suite", "huge"], "unknown suite 'huge'"),
-    (["--compare", "jax"], "expected a comma list"),
-    (["--dtype", "float16"], "'float16' is not one of"),
-    (["--threads", "0"], "not in the range"),
-    (["--threads", "100000"], "CPUs this process may use"),
-    (["--backend", "cuda", "--threads", "2"], "does not apply to --backend cuda"),
-    (["--json", "-", "--csv", "-"], "cannot both write to stdout"),
-    (["--plot", "plot.txt"], ".png, .svg or .pdf"),
-    (["--json", "no/such/dir/x.json"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shape", "64xfoo"], "shape must look like"),
+        (["--shape", "0x3"], "positive sizes"),
+        (["--shape", "1x16"], "fewer than 2 values per channel"),
+        (["--op", "forward,sideways"], "unknown op 'sideways'"),
+        (["--suite", "huge"], "unknown suite 'huge'"),
+        (["--compare", "jax"], "expected a comma list"),
+        (["--dtype", "float16"], "'float16' is not one of"),
+        (["--threads", "0"], "not in the range"),
+        (["--threads", "100000"], "CPUs this process may use"),
+        (["--backend", "cuda", "--threads", "2"], "does not apply to --backend cuda"),
+        (["--json", "-", "--csv", "-"], "cannot both write to stdout"),
+        (["--plot", "plot.txt"], ".png, .svg or .pdf"),
+        (["--json", "no/such/dir/x.json"], "does not exist"),
+    ],
+)
 def test_bench_usage_errors(args, message):
     result = invoke("bench", *args)
     assert result.exit_code == 2
@@ -218,8 +286,9 @@ def test_bench_cuda_without_gpu(monkeypatch):
     monkeypatch.setattr(numbabn, "cuda_available", lambda: False)
     result = invoke("bench", "--backend", "cuda", "--suite", "tiny")
     assert result.exit_code == 2
-    assert result.output.strip() == ("Error: CUDA backend requested but no GPU is available "
-                                     "(simulator timings are refused)")
+    assert result.output.strip() == (
+        "Error: CUDA backend requested but no GPU is available (simulator timings are refused)"
+    )
 
 
 def test_bench_torch_not_installed(monkeypatch):
@@ -231,16 +300,18 @@ def test_bench_torch_not_installed(monkeypatch):
 
 @pytest.mark.skipif(not numbabn.cuda_available(), reason="needs a real CUDA GPU (not the simulator)")
 def test_bench_cuda_on_gpu():
-    result = invoke("bench", "--backend", "cuda", "--suite", "tiny", "--repeat", "2", "--compare", "numpy",
-                    "--json", "-")
+    result = invoke(
+        "bench", "--backend", "cuda", "--suite", "tiny", "--repeat", "2", "--compare", "numpy", "--json", "-"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["meta"]["backend"] == "cuda" and report["meta"]["copy_gbps"] > 0
     assert all(r["backend"] == "cuda" and r["ms"] > 0 and r["numpy_ms"] > 0 for r in report["rows"])
 
 
-FAKE_BENCH = click.Command("fake", callback=lambda: click.echo("fake benchmark ran"),
-                           help="A stand-in for a benchmark subcommand module.")
+FAKE_BENCH = click.Command(
+    "fake", callback=lambda: click.echo("fake benchmark ran"), help="A stand-in for a benchmark subcommand module."
+)
 
 
 def test_bench_subcommand_seam(monkeypatch):
@@ -253,6 +324,7 @@ def test_bench_subcommand_seam(monkeypatch):
 
 
 # --- experiment ------------------------------------------------------------------------
+
 
 def toy_experiment(*, steps=None, seeds=None, lr=None, full=False, out=None):
     """Toy experiment standing in for numbabn.train.experiments.
@@ -275,21 +347,44 @@ def fake_experiments(monkeypatch):
 def test_experiment_seam(fake_experiments, tmp_path):
     listing = invoke("experiment", "--help").output
     assert "toy" in listing and "Toy experiment standing in" in listing
-    assert all(opt in invoke("experiment", "toy", "--help").output
-               for opt in ("--steps", "--seeds", "--seed", "--lr", "--full", "--out", "--json"))
-    assert "--depth" not in invoke("experiment", "toy", "--help").output      # toy takes no depth
-    out = tmp_path / "new"                                 # the last component is created
-    result = invoke("experiment", "toy", "--steps", "5", "--seed", "3", "--seed", "4", "--lr", "0.5", "--lr", "0.2",
-                    "--full", "--out", str(out), "--json")
+    assert all(
+        opt in invoke("experiment", "toy", "--help").output
+        for opt in ("--steps", "--seeds", "--seed", "--lr", "--full", "--out", "--json")
+    )
+    assert "--depth" not in invoke("experiment", "toy", "--help").output  # toy takes no depth
+    out = tmp_path / "new"  # the last component is created
+    result = invoke(
+        "experiment",
+        "toy",
+        "--steps",
+        "5",
+        "--seed",
+        "3",
+        "--seed",
+        "4",
+        "--lr",
+        "0.5",
+        "--lr",
+        "0.2",
+        "--full",
+        "--out",
+        str(out),
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"steps": 5, "seeds": [3, 4], "lr": [0.5, 0.2], "full": True, "out": str(out)}
     assert (out / "toy.txt").read_text() == "done"
     assert json.loads(invoke("experiment", "toy", "--seeds", "2", "--json").output)["seeds"] == 2
-    assert invoke("experiment", "toy").output.splitlines() == ["steps: None", "seeds: None", "lr: None",
-                                                               "full: False", "out: None"]
+    assert invoke("experiment", "toy").output.splitlines() == [
+        "steps: None",
+        "seeds: None",
+        "lr: None",
+        "full: False",
+        "out: None",
+    ]
     assert invoke("experiment", "toy", "--steps", "0").exit_code == 2
     assert invoke("experiment", "nope").exit_code == 2
-    missing = invoke("experiment", "toy", "--out", str(tmp_path / "no" / "such"))   # one rule with bench
+    missing = invoke("experiment", "toy", "--out", str(tmp_path / "no" / "such"))  # one rule with bench
     assert missing.exit_code == 2 and "does not exist" in error_line(missing)
     assert not (tmp_path / "no").exists()
 
@@ -313,6 +408,7 @@ def test_experiment_real_registry():
 
 # --- warmup ----------------------------------------------------------------------------
 
+
 def test_warmup_compiles_the_requested_variants_and_info_counts_them():
     from numbabn.kernels import cpu_driver
 
@@ -321,10 +417,10 @@ def test_warmup_compiles_the_requested_variants_and_info_counts_them():
     plan = cpu_driver.warmup_plan(("float32",), ("mc",))
     assert f"{len(plan)} kernel variants ready" in result.output
     k = cpu_driver.specs(np.dtype(np.float32), "mc")
-    assert all(name in vars(k) for name in k.all_names())    # every kernel is compiled now
+    assert all(name in vars(k) for name in k.all_names())  # every kernel is compiled now
     cache = json.loads(invoke("info", "--json").output)["kernel_cache"]
     if cache["dir"]:
-        assert cache["entries"] >= len(plan) - 2   # merge/sum kernels are shared across dtypes
+        assert cache["entries"] >= len(plan) - 2  # merge/sum kernels are shared across dtypes
 
 
 def test_warmup_residual_adds_the_fused_residual_variants():
@@ -346,20 +442,39 @@ def test_warmup_rejects_unknown_dtype():
 
 # --- one-line errors, outputs checked first --------------------------------------------
 
-@pytest.mark.parametrize("args, message", [
-    (["bench", "--json", "/sys/x.json"], "Error: Invalid value for '--json': cannot write '/sys/x.json': "),
-    (["bench", "--csv", "/dev/full"], "Error: Invalid value for '--csv': cannot write '/dev/full': No space left"),
-    (["bench", "--plot", "/sys/x.png"], "Error: Invalid value for '--plot': cannot write '/sys/x.png': "),
-    (["bench", "--json", "/etc/passwd/x.json"], "Error: Invalid value for '--json': '/etc/passwd' is not a directory"),
-    (["bench", "--shape", "100000x100000"], "Error: case '100000x100000' (100000x100000, float32) needs about "),
-    (["experiment", "ioffe", "--out", "/proc/foo"], "Error: Invalid value for '--out': cannot write into '/proc'"),
-    (["experiment", "ioffe", "--out", "/etc/passwd/foo"], "Error: Invalid value for '--out': '/etc/passwd' is not a"),
-    (["experiment", "ioffe", "--out", "/etc/passwd"], "Error: Invalid value for '--out': Directory '/etc/passwd' is a"),
-    (["bench", "--shape", "64x64xfoo"], "Error: Invalid value for '--shape': shape must look like 64x64x56x56, got"),
-    (["nope"], "Error: No such command 'nope'."),
-    (["bench", "sklearn", "--json", "/sys/x.json"], "Error: Invalid value for '--json': cannot write '/sys/x.json'"),
-    (["bench", "torch", "--json", "/sys/x.json"], "Error: Invalid value for '--json': cannot write '/sys/x.json'"),
-])
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bench", "--json", "/sys/x.json"], "Error: Invalid value for '--json': cannot write '/sys/x.json': "),
+        (["bench", "--csv", "/dev/full"], "Error: Invalid value for '--csv': cannot write '/dev/full': No space left"),
+        (["bench", "--plot", "/sys/x.png"], "Error: Invalid value for '--plot': cannot write '/sys/x.png': "),
+        (
+            ["bench", "--json", "/etc/passwd/x.json"],
+            "Error: Invalid value for '--json': '/etc/passwd' is not a directory",
+        ),
+        (["bench", "--shape", "100000x100000"], "Error: case '100000x100000' (100000x100000, float32) needs about "),
+        (["experiment", "ioffe", "--out", "/proc/foo"], "Error: Invalid value for '--out': cannot write into '/proc'"),
+        (
+            ["experiment", "ioffe", "--out", "/etc/passwd/foo"],
+            "Error: Invalid value for '--out': '/etc/passwd' is not a",
+        ),
+        (
+            ["experiment", "ioffe", "--out", "/etc/passwd"],
+            "Error: Invalid value for '--out': Directory '/etc/passwd' is a",
+        ),
+        (
+            ["bench", "--shape", "64x64xfoo"],
+            "Error: Invalid value for '--shape': shape must look like 64x64x56x56, got",
+        ),
+        (["nope"], "Error: No such command 'nope'."),
+        (
+            ["bench", "sklearn", "--json", "/sys/x.json"],
+            "Error: Invalid value for '--json': cannot write '/sys/x.json'",
+        ),
+        (["bench", "torch", "--json", "/sys/x.json"], "Error: Invalid value for '--json': cannot write '/sys/x.json'"),
+    ],
+)
 def test_errors_are_one_line_before_any_work(args, message, monkeypatch):
     """Each of these used to run the whole benchmark (or experiment) first, or print a
     traceback, or click's four lines. Now: one line, exit 2, nothing run."""
@@ -374,18 +489,18 @@ def test_errors_are_one_line_before_any_work(args, message, monkeypatch):
 
 
 def test_memory_check_uses_what_is_available(monkeypatch):
-    monkeypatch.setattr(bench_cli, "_available_memory", lambda: 10 * 2**20)       # 10 MiB left
-    bench_cli._check_memory([Case("small", (256, 1024))], "float32", (), "cpu")    # 1 MiB x 4: fits
+    monkeypatch.setattr(bench_cli, "_available_memory", lambda: 10 * 2**20)  # 10 MiB left
+    bench_cli._check_memory([Case("small", (256, 1024))], "float32", (), "cpu")  # 1 MiB x 4: fits
     with pytest.raises(bench_cli.CLIError, match="needs about 0.1 GB of memory .* only 0.0 GB"):
         bench_cli._check_memory([Case("big", (1024, 1024))], "float32", ("numpy",), "cpu")
-    monkeypatch.setattr(bench_cli, "_available_memory", lambda: None)             # unknown: no check
+    monkeypatch.setattr(bench_cli, "_available_memory", lambda: None)  # unknown: no check
     bench_cli._check_memory([Case("big", (1024, 1024))], "float32", ("numpy",), "cpu")
 
 
 def test_readme_error_examples_are_what_the_cli_prints():
     readme = (ROOT / "README.md").read_text()
     block = readme.split("Errors are one line and exit code 2")[1].split("```")[1]
-    commands = [line[len("$ numbabn "):] for line in block.splitlines() if line.startswith("$ numbabn ")]
+    commands = [line[len("$ numbabn ") :] for line in block.splitlines() if line.startswith("$ numbabn ")]
     expected = [line for line in block.splitlines() if line.startswith("Error:")]
     assert len(commands) == len(expected) >= 3
     for command, line in zip(commands, expected, strict=True):

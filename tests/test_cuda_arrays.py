@@ -6,6 +6,7 @@ availability checks.
 Without a GPU these run on Numba's CUDA simulator (tests/conftest.py). The numbers
 themselves are checked for both backends in test_numerics.py.
 """
+
 import subprocess
 import sys
 
@@ -66,8 +67,17 @@ def test_empty_batch_numpy_input_with_cuda_backend(shape, axis, dtype):
     rm, rv, nbt = np.full(3, 0.5, pdt), np.full(3, 2.0, pdt), np.zeros((), np.int64)
     x = np.empty(shape, dtype)
     for training in (True, False):
-        y, ctx = numbabn.batch_norm_forward(x, np.ones(3, pdt), np.zeros(3, pdt), running_mean=rm, running_var=rv,
-                                            num_batches_tracked=nbt, training=training, axis=axis, backend="cuda")
+        y, ctx = numbabn.batch_norm_forward(
+            x,
+            np.ones(3, pdt),
+            np.zeros(3, pdt),
+            running_mean=rm,
+            running_var=rv,
+            num_batches_tracked=nbt,
+            training=training,
+            axis=axis,
+            backend="cuda",
+        )
         assert ctx.backend == "cuda"
         dx, dg, db = numbabn.batch_norm_backward(x, ctx)
         for a in (y, dx, dg, db):
@@ -107,13 +117,16 @@ def test_out_overlapping_running_stats_on_the_device(rng):
 
 def _device_kwargs(kw):
     """The same call with every NumPy array argument on the device."""
-    return {k: cuda.to_device(v) if isinstance(v, np.ndarray) and v.ndim and k != "num_batches_tracked"
-            else v for k, v in kw.items()}
+    return {
+        k: cuda.to_device(v) if isinstance(v, np.ndarray) and v.ndim and k != "num_batches_tracked" else v
+        for k, v in kw.items()
+    }
 
 
 # Host out= arrays with device input are a different error (see test_device_errors).
-ERROR_CASES = [case + (False,) for case in BAD_FORWARD] + \
-    [case + (True,) for case in BAD_FORWARD if "out" not in case[0]]
+ERROR_CASES = [case + (False,) for case in BAD_FORWARD] + [
+    case + (True,) for case in BAD_FORWARD if "out" not in case[0]
+]
 
 
 @pytest.mark.parametrize("override,exc,fragment,on_device", ERROR_CASES)
@@ -121,8 +134,15 @@ def test_forward_errors_match_cpu_and_leave_state_untouched(override, exc, fragm
     """Every CPU validation error, with backend='cuda' (NumPy input) or device input."""
     X = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
     rm, rv, nbt = np.arange(3, dtype=np.float32), np.full(3, 2, np.float32), np.array(5, np.int64)
-    kw = dict(x=X, gamma=np.ones(3, np.float32), beta=np.zeros(3, np.float32),
-              running_mean=rm, running_var=rv, num_batches_tracked=nbt, backend="cuda")
+    kw = dict(
+        x=X,
+        gamma=np.ones(3, np.float32),
+        beta=np.zeros(3, np.float32),
+        running_mean=rm,
+        running_var=rv,
+        num_batches_tracked=nbt,
+        backend="cuda",
+    )
     kw.update(override)
     if on_device:
         kw = _device_kwargs(kw)
@@ -143,8 +163,7 @@ def test_device_errors():
     with pytest.raises(TypeError, match="gamma must have dtype float32"):
         numbabn.batch_norm_forward(x, cuda.to_device(np.ones(3)), running_mean=rm, running_var=rv)
     with pytest.raises(ValueError, match=r"beta must have shape \(3,\)"):
-        numbabn.batch_norm_forward(x, None, cuda.to_device(np.ones(4, np.float32)),
-                                   running_mean=rm, running_var=rv)
+        numbabn.batch_norm_forward(x, None, cuda.to_device(np.ones(4, np.float32)), running_mean=rm, running_var=rv)
     np.testing.assert_array_equal(host(rm), np.arange(3))
     with pytest.raises(TypeError, match="x is a GPU array .* but backend='cpu'"):
         numbabn.batch_norm_forward(x, backend="cpu")
@@ -171,14 +190,16 @@ def test_device_errors():
 
 
 def test_importing_numbabn_does_not_import_numba_cuda():
-    code = ("import sys, numbabn, numbabn.functional; numbabn.batch_norm_forward; "
-            "assert not any(m.startswith('numba.cuda') for m in sys.modules), 'numba.cuda imported'")
+    code = (
+        "import sys, numbabn, numbabn.functional; numbabn.batch_norm_forward; "
+        "assert not any(m.startswith('numba.cuda') for m in sys.modules), 'numba.cuda imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.skipif(SIMULATOR, reason="foreign __cuda_array_interface__ objects need a real GPU")
 def test_cuda_array_interface_zero_copy(rng):
-    class Foreign:    # what CuPy / PyTorch expose
+    class Foreign:  # what CuPy / PyTorch expose
         def __init__(self, d):
             self.__cuda_array_interface__ = d.__cuda_array_interface__
 
@@ -197,8 +218,9 @@ def test_sync_batch_norm_takes_device_arrays(rng, ranks, kind, shape):
 
     from .test_distributed_mpi import MirrorComm
 
-    cls, ref_cls = (SyncBatchNorm1d, numbabn.layers.BatchNorm1d) if kind == "1d" else \
-        (SyncBatchNorm2d, numbabn.layers.BatchNorm2d)
+    cls, ref_cls = (
+        (SyncBatchNorm1d, numbabn.layers.BatchNorm1d) if kind == "1d" else (SyncBatchNorm2d, numbabn.layers.BatchNorm2d)
+    )
     x = (rng.standard_normal(shape) + 2).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
     sync = cls(3, activation="relu", comm=MirrorComm(ranks))._randomize_state(rng)

@@ -5,6 +5,7 @@ Without a GPU these run on Numba's CUDA simulator (tests/conftest.py). The numbe
 of the partitioned paths these plans produce are checked in test_numerics.py
 (test_partitioned_paths, which uses the same shapes).
 """
+
 import numpy as np
 import pytest
 from numba import cuda
@@ -39,23 +40,26 @@ def test_multi_block_shapes_launch_several_blocks(threads32, shape, axis):
 
 def test_plans_cover_the_multi_block_cases(threads32):
     plans = [ncl_plan(np.empty(s), a) for s, a in MULTI_BLOCK]
-    assert plans[0].S > 1 and not plans[0].cfast             # ncl channel split over blocks
-    assert plans[1].S > 1 and plans[1].cfast and plans[1].G == 3   # channels-last split
-    assert plans[2].G == 32 and 37 % plans[2].G                  # tail tile of channels
-    assert plans[3].G > 1 and plans[3].S == 1                    # several channels per block
+    assert plans[0].S > 1 and not plans[0].cfast  # ncl channel split over blocks
+    assert plans[1].S > 1 and plans[1].cfast and plans[1].G == 3  # channels-last split
+    assert plans[2].G == 32 and 37 % plans[2].G  # tail tile of channels
+    assert plans[3].G > 1 and plans[3].S == 1  # several channels per block
 
 
-@pytest.mark.parametrize("C,m,L,check", [
-    (100_000, 64, 8, lambda p: p.G > 1 and p.S == 1),      # many small channels: packed
-    (2, 10**8, 10**4, lambda p: p.G == 1 and p.W == 256),  # few huge channels: split
-    (3, 10**7, 1, lambda p: p.cfast and p.G == 3),         # channels-last, few channels
-])
+@pytest.mark.parametrize(
+    "C,m,L,check",
+    [
+        (100_000, 64, 8, lambda p: p.G > 1 and p.S == 1),  # many small channels: packed
+        (2, 10**8, 10**4, lambda p: p.G == 1 and p.W == 256),  # few huge channels: split
+        (3, 10**7, 1, lambda p: p.cfast and p.G == 3),  # channels-last, few channels
+    ],
+)
 def test_plan_saturates_both_extremes(C, m, L, check):
     p = K.plan(C, m, L, threads=256)
     assert check(p)
     assert p.threads == p.G * p.W <= 256
     assert p.blocks >= K.TARGET_BLOCKS // 2
-    assert (p.S - 1) * p.span < m <= p.S * p.span           # every split non-empty
+    assert (p.S - 1) * p.span < m <= p.S * p.span  # every split non-empty
 
 
 def test_plan_rejects_bad_block_size():
@@ -64,7 +68,7 @@ def test_plan_rejects_bad_block_size():
 
 
 def test_bit_identical_runs(rng, threads32):
-    shape, axis = (4, 3, 130), 1          # several blocks per channel at 32 threads
+    shape, axis = (4, 3, 130), 1  # several blocks per channel at 32 threads
     x, g, b = make_inputs(rng, shape, axis, np.float32, loc=3.0)
     dy = cuda.to_device(rng.standard_normal(shape).astype(np.float32))
     dxd = cuda.to_device(x)

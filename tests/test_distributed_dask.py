@@ -4,6 +4,7 @@ Runs with Dask's local schedulers only (synchronous and threads): statistics equ
 the NumPy ones to float64 rounding, transform is lazy (nothing computed until asked,
 and then equal to the NumPy transform bit for bit), errors match the NumPy path.
 """
+
 import subprocess
 import sys
 
@@ -59,8 +60,10 @@ def test_moments_equal_numpy(rng, scheduler, chunks):
     np.testing.assert_allclose(m.m2, ref.m2, rtol=1e-11)
 
 
-@pytest.mark.parametrize("shape, axis, chunks", [((6, 3, 5, 4), 1, (2, 2, 3, 2)), ((6, 5, 4, 3), -1, (4, 5, 3, 1)),
-                                                 ((9, 2), 0, (4, 1)), ((5, 3), 1, (1, 3))])
+@pytest.mark.parametrize(
+    "shape, axis, chunks",
+    [((6, 3, 5, 4), 1, (2, 2, 3, 2)), ((6, 5, 4, 3), -1, (4, 5, 3, 1)), ((9, 2), 0, (4, 1)), ((5, 3), 1, (1, 3))],
+)
 def test_moments_any_axis(rng, shape, axis, chunks):
     x = rng.standard_normal(shape) + 3
     m = nd.moments(da.from_array(x, chunks=chunks), axis=axis)
@@ -72,12 +75,12 @@ def test_moments_any_axis(rng, shape, axis, chunks):
 
 def test_moments_tree_is_deterministic_and_one_task_per_chunk(rng):
     x = data(rng, n=1200, p=4)
-    X = da.from_array(x, chunks=(100, 2))            # 12 x 2 chunks
+    X = da.from_array(x, chunks=(100, 2))  # 12 x 2 chunks
     graph = nd.moments_graph(X)
     tasks = dict(graph.__dask_graph__())
     chunk_tasks = [k for k in tasks if str(k).startswith("_block_moments")]
     merges = [k for k in tasks if str(k).startswith("merge_moments")]
-    assert len(chunk_tasks) == 24 and len(merges) == 2 * 11   # a binary tree per channel group
+    assert len(chunk_tasks) == 24 and len(merges) == 2 * 11  # a binary tree per channel group
     with dask.config.set(scheduler="threads"):
         a = graph.compute()
     with dask.config.set(scheduler="synchronous"):
@@ -122,10 +125,10 @@ def test_transform_is_lazy(rng):
     X = da.from_array(x, chunks=(100, 7))
     with Counter() as counter:
         y = est.transform(X)
-        assert counter.tasks == 0                    # building the graph computes nothing
+        assert counter.tasks == 0  # building the graph computes nothing
         assert isinstance(y, da.Array) and y.shape == x.shape and y.numblocks == X.numblocks
         first = y[:100].compute()
-    assert 0 < counter.tasks < X.npartitions         # only what the slice needs
+    assert 0 < counter.tasks < X.npartitions  # only what the slice needs
     np.testing.assert_array_equal(first, est.transform(x[:100]))
 
 
@@ -147,9 +150,9 @@ def test_errors_and_state_kept(rng):
     bad[37, 1] = np.nan
     with pytest.raises(ValueError, match="Input X contains NaN"):
         est.fit(da.from_array(bad, chunks=(10, 3)))
-    np.testing.assert_array_equal(est.mean_, mean)                 # previous fit kept
+    np.testing.assert_array_equal(est.mean_, mean)  # previous fit kept
     with pytest.raises(ValueError, match="Input X contains NaN"):
-        est.transform(da.from_array(bad, chunks=(10, 3))).compute()   # lazy: raises when computed
+        est.transform(da.from_array(bad, chunks=(10, 3))).compute()  # lazy: raises when computed
     with pytest.raises(ValueError, match="X has 2 features, but BatchNormTransformer is expecting 3"):
         est.transform(da.from_array(x[:, :2], chunks=10))
     with pytest.raises(ValueError, match="2D Dask array"):
@@ -163,7 +166,7 @@ def test_errors_and_state_kept(rng):
     fresh = BatchNormTransformer()
     with pytest.raises(ValueError, match="Input X contains infinity"):
         fresh.fit(da.from_array(np.where(bad != bad, np.inf, bad), chunks=(10, 3)))
-    assert not hasattr(fresh, "n_features_in_")                     # a failed first fit leaves nothing
+    assert not hasattr(fresh, "n_features_in_")  # a failed first fit leaves nothing
     with pytest.raises(TypeError, match="X must be a dask.array.Array"):
         nd.moments(x)
     with pytest.raises(ValueError, match="axis must be an int"):
@@ -175,15 +178,17 @@ def test_errors_and_state_kept(rng):
 def test_transformer_finds_dask_support_without_importing_it():
     """The transformer names no Dask code: Dask support registers itself, loaded by the
     transformer only once dask.array is imported, and a Dask array still gets the lazy path."""
-    code = ("import sys, numpy as np\n"
-            "from numbabn.sklearn import BatchNormTransformer\n"
-            "X = np.arange(40.0).reshape(10, 4)\n"
-            "BatchNormTransformer().fit(X).transform(X)\n"
-            "assert 'numbabn.distributed.dask' not in sys.modules and 'dask' not in sys.modules\n"
-            "import dask.array as da\n"
-            "Y = BatchNormTransformer().fit(da.from_array(X, chunks=(5, 2)))"
-            ".transform(da.from_array(X, chunks=(5, 2)))\n"
-            "assert isinstance(Y, da.Array) and 'numbabn.distributed.dask' in sys.modules\n"
-            "ref = BatchNormTransformer().fit(X).transform(X)\n"
-            "assert np.allclose(Y.compute(), ref, rtol=1e-12, atol=1e-12)\n")
+    code = (
+        "import sys, numpy as np\n"
+        "from numbabn.sklearn import BatchNormTransformer\n"
+        "X = np.arange(40.0).reshape(10, 4)\n"
+        "BatchNormTransformer().fit(X).transform(X)\n"
+        "assert 'numbabn.distributed.dask' not in sys.modules and 'dask' not in sys.modules\n"
+        "import dask.array as da\n"
+        "Y = BatchNormTransformer().fit(da.from_array(X, chunks=(5, 2)))"
+        ".transform(da.from_array(X, chunks=(5, 2)))\n"
+        "assert isinstance(Y, da.Array) and 'numbabn.distributed.dask' in sys.modules\n"
+        "ref = BatchNormTransformer().fit(X).transform(X)\n"
+        "assert np.allclose(Y.compute(), ref, rtol=1e-12, atol=1e-12)\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,6 +12,7 @@ without ``-s`` and are part of every assertion message.
 
 The in-process tests (errors, a mirror communicator, PyTorch's payload) need no MPI.
 """
+
 import copy
 import importlib.util
 import json
@@ -68,8 +69,10 @@ def _to_channels(x, layer):
 
 
 def _global_batch(rng, n, sample_shape, dtype):
-    return ((rng.standard_normal((n,) + sample_shape) * 3 + 40).astype(dtype),
-            rng.standard_normal((n,) + sample_shape).astype(dtype))
+    return (
+        (rng.standard_normal((n,) + sample_shape) * 3 + 40).astype(dtype),
+        rng.standard_normal((n,) + sample_shape).astype(dtype),
+    )
 
 
 # ---------------------------------------------------------------- the MPI worker
@@ -84,7 +87,7 @@ def _worker(out_path):
         for split, steps in enumerate(SPLITS[size]):
             sync = _make(kind, kwargs, dtype, True, comm)
             ref = _make(kind, kwargs, dtype, False) if rank == 0 else None
-            rng = np.random.default_rng([case, split])     # the same global data on every rank
+            rng = np.random.default_rng([case, split])  # the same global data on every rank
             diffs = dict(y=0.0, dx=0.0, dgamma=0.0, dbeta=0.0, running=0.0, eval_y=0.0)
             identical = True
             for counts in steps:
@@ -99,8 +102,9 @@ def _worker(out_path):
                 y_all, dx_all = comm.gather(y, root=0), comm.gather(dx, root=0)
                 shared = comm.gather([*grads, *state], root=0)
                 if rank == 0:
-                    identical &= all(np.array_equal(a, b) for other in shared
-                                     for a, b in zip(other, shared[0], strict=True))
+                    identical &= all(
+                        np.array_equal(a, b) for other in shared for a, b in zip(other, shared[0], strict=True)
+                    )
                     y_ref = ref.forward(x)
                     dx_ref = ref.backward(dy)
                     diffs["y"] = max(diffs["y"], float(np.max(np.abs(np.concatenate(y_all) - y_ref))))
@@ -109,8 +113,9 @@ def _worker(out_path):
                         diffs["dgamma"] = max(diffs["dgamma"], float(np.max(np.abs(grads[0] - ref.weight.grad))))
                         diffs["dbeta"] = max(diffs["dbeta"], float(np.max(np.abs(grads[1] - ref.bias.grad))))
                     for key, value in ref.state_dict().items():
-                        diffs["running"] = max(diffs["running"], float(np.max(np.abs(
-                            sync.state_dict()[key].astype(np.float64) - value))))
+                        diffs["running"] = max(
+                            diffs["running"], float(np.max(np.abs(sync.state_dict()[key].astype(np.float64) - value)))
+                        )
             # Eval mode: running statistics, local forward; the backward still sums dgamma, dbeta.
             x, dy = _global_batch(rng, 6, sample_shape, dtype)
             x, dy = _to_channels(x, sync), _to_channels(dy, sync)
@@ -124,10 +129,18 @@ def _worker(out_path):
                 ref.backward(dy)
                 for g_sync, g_ref in zip(eval_grads[0], [p.grad for p in ref.parameters()], strict=True):
                     diffs["dgamma"] = max(diffs["dgamma"], float(np.max(np.abs(g_sync - g_ref))))
-                identical &= all(np.array_equal(a, b) for other in eval_grads
-                                 for a, b in zip(other, eval_grads[0], strict=True))
-                results.append(dict(name=name, splits=[list(c) for c in steps], dtype=np.dtype(dtype).name,
-                                    identical=bool(identical), **diffs))
+                identical &= all(
+                    np.array_equal(a, b) for other in eval_grads for a, b in zip(other, eval_grads[0], strict=True)
+                )
+                results.append(
+                    dict(
+                        name=name,
+                        splits=[list(c) for c in steps],
+                        dtype=np.dtype(dtype).name,
+                        identical=bool(identical),
+                        **diffs,
+                    )
+                )
 
     # A global batch of ONE row (all on the last rank): every rank raises the same error
     # after the collective -- nobody is left waiting.
@@ -162,7 +175,7 @@ def _mismatch_cases(comm):
 
     def trained(C=4, dtype=np.float64):
         layer = S1(C, dtype=dtype, comm=comm)
-        layer.backward(layer.forward(rows(3, C, dtype)))    # one agreed step: ctx, grads, counters set
+        layer.backward(layer.forward(rows(3, C, dtype)))  # one agreed step: ctx, grads, counters set
         return layer
 
     def channels(rank, size):
@@ -176,7 +189,7 @@ def _mismatch_cases(comm):
 
     def mode(rank, size):
         layer = trained()
-        layer.train(rank != 0)                               # rank 0 in eval, the others training
+        layer.train(rank != 0)  # rank 0 in eval, the others training
         return [layer], lambda: layer.forward(rows(3, 4))
 
     def forward_vs_backward(rank, size):
@@ -187,7 +200,7 @@ def _mismatch_cases(comm):
         return [layer], lambda: layer.forward(rows(3, 4))
 
     def call_order(rank, size):
-        a, b = trained(), S1(4, dtype=np.float64, comm=comm)     # same shape; a was called before
+        a, b = trained(), S1(4, dtype=np.float64, comm=comm)  # same shape; a was called before
         return [a, b], (lambda: a.forward(rows(3, 4))) if rank == 0 else (lambda: b.forward(rows(3, 4)))
 
     def bad_input_shape(rank, size):
@@ -207,7 +220,7 @@ def _mismatch_cases(comm):
         layer = trained()
         layer.forward(rows(3, 4))
         if rank == 0:
-            layer = S1(4, dtype=np.float64, comm=comm)          # a fresh layer: nothing to go back through
+            layer = S1(4, dtype=np.float64, comm=comm)  # a fresh layer: nothing to go back through
         return [layer], lambda: layer.backward(rows(3, 4))
 
     return {
@@ -226,18 +239,28 @@ def _mismatch_cases(comm):
 def _layer_snapshot(layers):
     out = []
     for layer in layers:
-        out.append((layer.state_dict(), [None if p.grad is None else p.grad.copy() for p in layer.parameters()],
-                    layer._ctx, list(getattr(layer, "_sync_calls", [])), layer.training))
+        out.append(
+            (
+                layer.state_dict(),
+                [None if p.grad is None else p.grad.copy() for p in layer.parameters()],
+                layer._ctx,
+                list(getattr(layer, "_sync_calls", [])),
+                layer.training,
+            )
+        )
     return out
 
 
 def _same_snapshot(a, b):
     for (state_a, grads_a, ctx_a, calls_a, mode_a), (state_b, grads_b, ctx_b, calls_b, mode_b) in zip(
-            a, b, strict=True):
+        a, b, strict=True
+    ):
         if state_a.keys() != state_b.keys() or not all(np.array_equal(state_a[k], state_b[k]) for k in state_a):
             return False
-        if any((x is None) != (y is None) or (x is not None and not np.array_equal(x, y))
-               for x, y in zip(grads_a, grads_b, strict=True)):
+        if any(
+            (x is None) != (y is None) or (x is not None and not np.array_equal(x, y))
+            for x, y in zip(grads_a, grads_b, strict=True)
+        ):
             return False
         if ctx_a is not ctx_b or calls_a != calls_b or mode_a != mode_b:
             return False
@@ -259,9 +282,12 @@ def _mismatch_worker(out_path):
         try:
             call()
             outcome = dict(type=None, message="no error")
-        except Exception as exc:       # noqa: BLE001 -- recorded and compared across ranks
-            outcome = dict(type=type(exc).__name__, message=str(exc),
-                           cause=None if exc.__cause__ is None else type(exc.__cause__).__name__)
+        except Exception as exc:  # noqa: BLE001 -- recorded and compared across ranks
+            outcome = dict(
+                type=type(exc).__name__,
+                message=str(exc),
+                cause=None if exc.__cause__ is None else type(exc.__cause__).__name__,
+            )
         outcome["unchanged"] = _same_snapshot(before, _layer_snapshot(layers))
         # The ranks still agree on what comes next: a fresh layer takes a normal step.
         check = SyncBatchNorm1d(2, dtype=np.float64, comm=comm)
@@ -315,11 +341,12 @@ def _launch(n, args, timeout=TIMEOUT):
     status. coreutils' ``timeout`` (when present) ends the whole job, so a rank left
     waiting in a collective fails the test instead of hanging it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "MPIR_"))}
-    env["NUMBA_NUM_THREADS"] = "1"          # the ranks share this machine's cores
+    env["NUMBA_NUM_THREADS"] = "1"  # the ranks share this machine's cores
     guard = [shutil.which("timeout"), "-k", "10", str(timeout)] if shutil.which("timeout") else []
     cmd = [*guard, _mpiexec(), "-n", str(n), sys.executable, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30, env=env,
-                          cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout + 30, env=env, cwd=Path(__file__).resolve().parent.parent
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} exited with {proc.returncode}:\n{output[-4000:]}"
     return output
@@ -360,9 +387,11 @@ def test_sync_batch_norm_equals_batch_norm_on_the_concatenated_batch(ranks, work
         keys = ("y", "dx", "dgamma", "dbeta", "running", "eval_y")
         diff = max(r[k] for k in keys)
         worst = max(worst, diff)
-        lines.append(f"mpi parity: ranks={ranks} {r['name']:<20} rows/rank per step={r['splits']} "
-                     f"max abs diff={diff:.2e} ({', '.join(f'{k} {r[k]:.1e}' for k in keys)}) "
-                     f"identical on all ranks={r['identical']}")
+        lines.append(
+            f"mpi parity: ranks={ranks} {r['name']:<20} rows/rank per step={r['splits']} "
+            f"max abs diff={diff:.2e} ({', '.join(f'{k} {r[k]:.1e}' for k in keys)}) "
+            f"identical on all ranks={r['identical']}"
+        )
     text = "\n".join(lines)
     _report(capsys, text)
     for r in data["results"]:
@@ -407,9 +436,13 @@ def test_ranks_that_disagree_all_raise_the_same_error(ranks, tmp_path, capsys):
 def test_payload_per_layer_per_step(worker_results, capsys):
     calls = worker_results(2)["payload"]
     C = C_PAYLOAD
-    head = dict(sent=8 * 8, received=2 * 8 * 8, dtype="float64")                                 # the header
-    assert calls == [head, dict(sent=(2 * C + 1) * 8, received=2 * (2 * C + 1) * 8, dtype="float64"),   # forward
-                     head, dict(sent=2 * C * 8, received=2 * 2 * C * 8, dtype="float64")], calls      # backward
+    head = dict(sent=8 * 8, received=2 * 8 * 8, dtype="float64")  # the header
+    assert calls == [
+        head,
+        dict(sent=(2 * C + 1) * 8, received=2 * (2 * C + 1) * 8, dtype="float64"),  # forward
+        head,
+        dict(sent=2 * C * 8, received=2 * 2 * C * 8, dtype="float64"),
+    ], calls  # backward
     _report(capsys, f"payload numbabn SyncBatchNorm1d(C={C}), 2 ranks, one step: {calls}")
 
 
@@ -431,17 +464,20 @@ class MirrorComm:
         recv[...] = send
 
 
-@pytest.mark.parametrize("kind, kwargs, shape", [
-    ("1d", dict(num_features=4, activation="relu"), (5, 4, 3)),
-    ("2d", dict(num_features=3, channels_last=True), (2, 3, 2, 3)),
-])
+@pytest.mark.parametrize(
+    "kind, kwargs, shape",
+    [
+        ("1d", dict(num_features=4, activation="relu"), (5, 4, 3)),
+        ("2d", dict(num_features=3, channels_last=True), (2, 3, 2, 3)),
+    ],
+)
 def test_mirror_comm_equals_batch_norm_on_copies(kind, kwargs, shape):
     rng = np.random.default_rng(0)
     x, dy = rng.standard_normal(shape) + 3, rng.standard_normal(shape)
     sync = _make(kind, kwargs, np.float64, True, MirrorComm(3))
     ref = _make(kind, kwargs, np.float64, False)
-    np.testing.assert_allclose(sync.forward(x), ref.forward(np.concatenate([x] * 3))[:len(x)], atol=1e-12)
-    np.testing.assert_allclose(sync.backward(dy), ref.backward(np.concatenate([dy] * 3))[:len(x)], atol=1e-12)
+    np.testing.assert_allclose(sync.forward(x), ref.forward(np.concatenate([x] * 3))[: len(x)], atol=1e-12)
+    np.testing.assert_allclose(sync.backward(dy), ref.backward(np.concatenate([dy] * 3))[: len(x)], atol=1e-12)
     np.testing.assert_allclose(sync.weight.grad, ref.weight.grad, rtol=1e-12)
     np.testing.assert_allclose(sync.bias.grad, ref.bias.grad, rtol=1e-12)
     for key, value in ref.state_dict().items():
@@ -494,19 +530,22 @@ def test_launched_by_mpiexec_without_mpi4py_is_an_error(no_mpi4py):
 
 def test_data_parallel_helpers_on_a_mirror_comm():
     comm = MirrorComm(4)
-    assert rank_slice(10, comm) == slice(0, 3)          # array_split: 3, 3, 2, 2
+    assert rank_slice(10, comm) == slice(0, 3)  # array_split: 3, 3, 2, 2
     assert rank_slice(2, MirrorComm(3)) == slice(0, 1)
     assert rank_slice(7, None) == slice(0, 7)
     assert global_mean(2.5, 3, comm) == 2.5
-    assert global_mean(float("nan"), 0, comm) != global_mean(float("nan"), 0, comm)   # NaN: no rows anywhere
+    assert global_mean(float("nan"), 0, comm) != global_mean(float("nan"), 0, comm)  # NaN: no rows anywhere
     rng = np.random.default_rng(2)
-    model = Sequential(Linear(3, 4, rng=rng, dtype=np.float64),
-                       SyncBatchNorm1d(4, dtype=np.float64, comm=comm), Linear(4, 2, rng=rng, dtype=np.float64))
+    model = Sequential(
+        Linear(3, 4, rng=rng, dtype=np.float64),
+        SyncBatchNorm1d(4, dtype=np.float64, comm=comm),
+        Linear(4, 2, rng=rng, dtype=np.float64),
+    )
     model.backward(model.forward(rng.standard_normal((5, 3))))
     before = {q: p.grad.copy() for q, p in model.named_parameters()}
     allreduce_gradients(model, comm)
     for q, p in model.named_parameters():
-        factor = 1 if q.startswith("1.") else 4          # sync BN grads are already global
+        factor = 1 if q.startswith("1.") else 4  # sync BN grads are already global
         np.testing.assert_allclose(p.grad, factor * before[q], rtol=1e-15, err_msg=q)
 
 
@@ -537,6 +576,7 @@ def test_repr_and_state_dict_interchangeable_with_batch_norm():
 def _torch_cpu_stand_ins(torch):
     """CPU versions of the CUDA-only kernels PyTorch's SyncBatchNorm calls, returning
     what the CUDA kernels return for float32 input (float32 statistics)."""
+
     def dims(t):
         return [d for d in range(t.dim()) if d != 1]
 
@@ -565,9 +605,13 @@ def _torch_cpu_stand_ins(torch):
         xhat = (x - bcast(mean, x)) * bcast(invstd, x)
         return bcast(weight * invstd, x) * (dy - bcast(sum_dy / m, x) - xhat * bcast(sum_dy_xmu * invstd / m, x))
 
-    return dict(batch_norm_stats=stats, batch_norm_gather_stats_with_counts=gather_stats_with_counts,
-                batch_norm_elemt=elemt, batch_norm_backward_reduce=backward_reduce,
-                batch_norm_backward_elemt=backward_elemt)
+    return dict(
+        batch_norm_stats=stats,
+        batch_norm_gather_stats_with_counts=gather_stats_with_counts,
+        batch_norm_elemt=elemt,
+        batch_norm_backward_reduce=backward_reduce,
+        batch_norm_backward_elemt=backward_elemt,
+    )
 
 
 def test_pytorch_payload(capsys):
@@ -584,8 +628,9 @@ def test_pytorch_payload(capsys):
     calls = []
 
     def all_gather(tensors, tensor, group=None, async_op=False):
-        calls.append(dict(op="all_gather", sent=tensor.nbytes, received=sum(t.nbytes for t in tensors),
-                          dtype=str(tensor.dtype)))
+        calls.append(
+            dict(op="all_gather", sent=tensor.nbytes, received=sum(t.nbytes for t in tensors), dtype=str(tensor.dtype))
+        )
         for t in tensors:
             t.copy_(tensor)
 
@@ -594,17 +639,22 @@ def test_pytorch_payload(capsys):
         tensor.mul_(2)
 
     group = mock.Mock()
-    group._get_backend_name.return_value = "gloo"       # the all_gather (list) code path
+    group._get_backend_name.return_value = "gloo"  # the all_gather (list) code path
     C = C_PAYLOAD
     x = torch.randn(4, C, requires_grad=True)
     w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
-    with mock.patch.multiple(torch, **_torch_cpu_stand_ins(torch)), \
-            mock.patch.object(dist, "all_gather", all_gather), mock.patch.object(dist, "all_reduce", all_reduce):
+    with (
+        mock.patch.multiple(torch, **_torch_cpu_stand_ins(torch)),
+        mock.patch.object(dist, "all_gather", all_gather),
+        mock.patch.object(dist, "all_reduce", all_reduce),
+    ):
         y = TorchSyncBN.apply(x, w, b, torch.zeros(C), torch.ones(C), 1e-5, 0.1, group, 2)
         y.sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
-    assert calls == [dict(op="all_gather", sent=(2 * C + 1) * 4, received=2 * (2 * C + 1) * 4, dtype="torch.float32"),
-                     dict(op="all_reduce", sent=2 * C * 4, received=2 * C * 4, dtype="torch.float32")], calls
+    assert calls == [
+        dict(op="all_gather", sent=(2 * C + 1) * 4, received=2 * (2 * C + 1) * 4, dtype="torch.float32"),
+        dict(op="all_reduce", sent=2 * C * 4, received=2 * C * 4, dtype="torch.float32"),
+    ], calls
     _report(capsys, f"payload PyTorch SyncBatchNorm(C={C}), world size 2, one step: {calls}")
 
 

@@ -1,4 +1,5 @@
 """Bad input gets a clear error naming the argument, and changes nothing."""
+
 import numpy as np
 import pytest
 
@@ -50,8 +51,14 @@ BAD_FORWARD = [
 @pytest.mark.parametrize("override,exc,fragment", BAD_FORWARD)
 def test_forward_errors_leave_state_untouched(override, exc, fragment):
     rm, rv, nbt = _state()
-    kw = dict(x=X.copy(), gamma=np.ones(3, np.float32), beta=np.zeros(3, np.float32),
-              running_mean=rm, running_var=rv, num_batches_tracked=nbt)
+    kw = dict(
+        x=X.copy(),
+        gamma=np.ones(3, np.float32),
+        beta=np.zeros(3, np.float32),
+        running_mean=rm,
+        running_var=rv,
+        num_batches_tracked=nbt,
+    )
     kw.update(override)
     out = kw.get("out")
     out_before = None if out is None else out.copy()
@@ -87,11 +94,14 @@ def test_running_stats_must_be_numpy():
         numbabn.batch_norm_forward(X, running_mean=[0.0] * 3, running_var=np.ones(3, np.float32))
 
 
-@pytest.mark.parametrize("dy,exc,fragment", [
-    (np.ones((4, 3, 6), np.float32), ValueError, "dy must have the forward input's shape"),
-    (np.ones((4, 3, 5), np.float64), TypeError, "dy must have the forward input's dtype float32"),
-    (np.ones((4, 3, 5), np.int32), TypeError, "floating dtype"),
-])
+@pytest.mark.parametrize(
+    "dy,exc,fragment",
+    [
+        (np.ones((4, 3, 6), np.float32), ValueError, "dy must have the forward input's shape"),
+        (np.ones((4, 3, 5), np.float64), TypeError, "dy must have the forward input's dtype float32"),
+        (np.ones((4, 3, 5), np.int32), TypeError, "floating dtype"),
+    ],
+)
 def test_backward_errors(dy, exc, fragment):
     _, ctx = numbabn.batch_norm_forward(X)
     with pytest.raises(exc, match=fragment):
@@ -141,8 +151,9 @@ def test_big_endian_input_is_converted_everywhere():
     np.testing.assert_array_equal(y_big, y)
     assert y_big.dtype == np.float64 and y_big.dtype.isnative
     dy = np.ones_like(x)
-    for a, c in zip(numbabn.batch_norm_backward(dy.astype(">f8"), ctx_big), numbabn.batch_norm_backward(dy, ctx),
-                    strict=True):
+    for a, c in zip(
+        numbabn.batch_norm_backward(dy.astype(">f8"), ctx_big), numbabn.batch_norm_backward(dy, ctx), strict=True
+    ):
         np.testing.assert_array_equal(a, c)
     m, m_big = numbabn.moments(x), numbabn.moments(big)
     np.testing.assert_array_equal(m_big.mean, m.mean)
@@ -155,16 +166,19 @@ def test_big_endian_input_is_converted_everywhere():
         numbabn.batch_norm_forward(big, running_mean=rm, running_var=rv)
     np.testing.assert_array_equal(rm, 0)
     from numbabn.layers import BatchNorm1d
+
     layer = BatchNorm1d(3, dtype=np.float64)
     np.testing.assert_array_equal(layer.forward(big), numbabn.batch_norm_forward(x)[0])
     assert layer.backward(dy.astype(">f8")).dtype == np.float64
-    assert layer.load_state_dict({k: v.astype(v.dtype.newbyteorder(">")) for k, v in layer.state_dict().items()}) \
-        == ([], [])
+    assert layer.load_state_dict({k: v.astype(v.dtype.newbyteorder(">")) for k, v in layer.state_dict().items()}) == (
+        [],
+        [],
+    )
 
 
 def test_masked_arrays_with_masked_values_are_refused():
     x = np.ma.masked_array(X, mask=np.zeros(X.shape, bool))
-    y, _ = numbabn.batch_norm_forward(x)                    # nothing masked: the data
+    y, _ = numbabn.batch_norm_forward(x)  # nothing masked: the data
     np.testing.assert_array_equal(y, numbabn.batch_norm_forward(X)[0])
     x[0, 0, 0] = np.ma.masked
     rm, rv, nbt = _state()
@@ -184,7 +198,7 @@ def test_out_overlapping_parameters_or_running_stats_is_refused():
         out = np.zeros((4, 3, 5), np.float32)
         args = dict(gamma=np.ones(3, np.float32), running_mean=rm, running_var=rv)
         args[target] = out[0, :, 0].copy()
-        view = out.reshape(-1)[:3]                          # contiguous (3,) view into out
+        view = out.reshape(-1)[:3]  # contiguous (3,) view into out
         view[...] = args[target]
         args[target] = view
         before = view.copy()
@@ -198,24 +212,27 @@ def test_out_overlapping_parameters_or_running_stats_is_refused():
     np.testing.assert_array_equal(rm, _state()[0])
 
 
-@pytest.mark.parametrize("counter, exc, fragment", [
-    (np.array(3, np.uint8), TypeError, "one-element int64"),
-    (np.array([3], np.int32), TypeError, "one-element int64"),
-    (np.array(-1, np.int64), ValueError, "must be >= 0, got -1"),
-    (np.array(-3, np.int64), ValueError, "must be >= 0, got -3"),
-])
+@pytest.mark.parametrize(
+    "counter, exc, fragment",
+    [
+        (np.array(3, np.uint8), TypeError, "one-element int64"),
+        (np.array([3], np.int32), TypeError, "one-element int64"),
+        (np.array(-1, np.int64), ValueError, "must be >= 0, got -1"),
+        (np.array(-3, np.int64), ValueError, "must be >= 0, got -3"),
+    ],
+)
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_num_batches_tracked_dtype_and_value(counter, exc, fragment, momentum):
     rm, rv, _ = _state()
     with pytest.raises(exc, match=fragment):
-        numbabn.batch_norm_forward(X, running_mean=rm, running_var=rv, num_batches_tracked=counter,
-                                   momentum=momentum)
+        numbabn.batch_norm_forward(X, running_mean=rm, running_var=rv, num_batches_tracked=counter, momentum=momentum)
     np.testing.assert_array_equal(rm, _state()[0])
     np.testing.assert_array_equal(rv, _state()[1])
 
 
 def test_layer_counter_value_checked_in_forward_and_load_state_dict():
     from numbabn.layers import BatchNorm1d
+
     layer = BatchNorm1d(3, momentum=None)
     layer.num_batches_tracked[...] = -1
     with pytest.raises(ValueError, match="num_batches_tracked counts batches and must be >= 0"):
@@ -267,6 +284,7 @@ def test_allreduce_returning_none_or_garbage():
 
 def test_layer_backward_wrong_dtype_is_a_type_error_like_the_functional_api():
     from numbabn.layers import BatchNorm1d
+
     layer = BatchNorm1d(3)
     y = layer.forward(X)
     with pytest.raises(TypeError, match="dy of the output's dtype float32"):
@@ -283,6 +301,7 @@ def test_layer_constructor_arguments():
     from numbabn_plugins.lp_batch_norm import LpBatchNorm
 
     from numbabn.layers import BatchNorm1d, BatchNorm3d, Linear
+
     for cls, args in [(BatchNorm1d, (3,)), (BatchNorm3d, (3,)), (Linear, (2, 3))]:
         with pytest.raises(TypeError, match="dtype must be float32 or float64, got None"):
             cls(*args, dtype=None)
@@ -296,6 +315,7 @@ def test_layer_constructor_arguments():
 
 def test_float16_input_refused_by_float64_layers_and_float64_by_float32():
     from numbabn.layers import BatchNorm1d
+
     with pytest.raises(TypeError, match="float16 input is taken by float32 normalisation layers"):
         BatchNorm1d(3, dtype=np.float64).forward(X[:, :, 0].astype(np.float16))
     with pytest.raises(TypeError, match="must have the layer's dtype float32, got float64"):

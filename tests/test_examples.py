@@ -5,6 +5,7 @@ with ``--check``: two ranks reproduce the single-process run. The PyTorch exampl
 ``torch.distributed.run`` (torchrun) with 2 gloo processes: the ranks' running
 statistics agree. Each skips only when its extra is not installed.
 """
+
 import importlib.util
 import os
 import shutil
@@ -41,11 +42,25 @@ def test_every_example_is_tested():
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == ["data_parallel_mpi.py", "torch_ddp_syncbn.py"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None or _mpiexec() is None,
-                    reason="needs mpi4py and mpiexec (pip install -e '.[mpi]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("mpi4py") is None or _mpiexec() is None,
+    reason="needs mpi4py and mpiexec (pip install -e '.[mpi]')",
+)
 def test_data_parallel_mpi_matches_the_single_process_run():
-    output = _run([_mpiexec(), "-n", "2", sys.executable, str(EXAMPLES / "data_parallel_mpi.py"), "--check",
-                   "--steps", "20", "--every", "10"])
+    output = _run(
+        [
+            _mpiexec(),
+            "-n",
+            "2",
+            sys.executable,
+            str(EXAMPLES / "data_parallel_mpi.py"),
+            "--check",
+            "--steps",
+            "20",
+            "--every",
+            "10",
+        ]
+    )
     assert "parameters bit-identical on all 2 rank(s): yes" in output, output
     check = [line for line in output.splitlines() if line.startswith("check: max abs difference of the loss")]
     assert float(check[0].split(": ")[-1].split()[0]) <= 1e-9, output
@@ -55,8 +70,21 @@ def test_torch_ddp_syncbn_ranks_agree():
     torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install -e '.[torch]')")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("this PyTorch has no gloo backend")
-    output = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                   str(EXAMPLES / "torch_ddp_syncbn.py"), "--steps", "2", "--batch", "8"])
+    output = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(EXAMPLES / "torch_ddp_syncbn.py"),
+            "--steps",
+            "2",
+            "--batch",
+            "8",
+        ]
+    )
     assert "step 1: loss on rank 0's slice" in output, output
     for rank in (0, 1):
         assert f"rank {rank}: running statistics identical to rank 0's" in output, output

@@ -6,6 +6,7 @@ Each test takes a fingerprint of the objects, makes a call fail, and compares.
 (The functional kernels' own checks are in test_errors.py, the optimizers' in
 test_optim.py, synchronized BN over real MPI ranks in test_distributed_mpi.py.)
 """
+
 import json
 import os
 import pickle
@@ -84,7 +85,7 @@ def test_layer_calls_that_raise_change_nothing(name):
         layer, _ = _trained_example(name)
         before = fingerprint(layer)
         try:
-            layer.forward(bad)          # activations, for one, take any shape and float dtype
+            layer.forward(bad)  # activations, for one, take any shape and float dtype
         except (TypeError, ValueError):
             raised += 1
             assert_unchanged(layer, before)
@@ -100,7 +101,7 @@ def test_layer_calls_that_raise_change_nothing(name):
         bad_state = layer.state_dict()
         last = list(bad_state)[-1]
         bad_state = {k: np.array(v + 1) for k, v in bad_state.items()}
-        bad_state[last] = np.zeros((7, 7))                    # every other entry is fine, and different
+        bad_state[last] = np.zeros((7, 7))  # every other entry is fine, and different
         with pytest.raises((TypeError, ValueError)):
             layer.load_state_dict(bad_state)
         assert_unchanged(layer, before)
@@ -115,20 +116,24 @@ def test_load_state_dict_into_a_read_only_array_writes_nothing(name):
     new = {k: np.array(v + 1) for k, v in state.items()}
     targets = dict(layer._named_state())
     last = list(targets)[-1]
-    targets[last].setflags(write=False)                   # e.g. loaded with joblib mmap_mode="r"
+    targets[last].setflags(write=False)  # e.g. loaded with joblib mmap_mode="r"
     before = fingerprint(layer)
     with pytest.raises(ValueError, match="read-only"):
         layer.load_state_dict(new)
     assert_unchanged(layer, before)
     targets[last].setflags(write=True)
-    layer.load_state_dict(new)                            # writeable again: it loads
+    layer.load_state_dict(new)  # writeable again: it loads
     for k, v in layer.state_dict().items():
         np.testing.assert_array_equal(v, new[k])
 
 
 def _mlp(rng):
-    return Sequential(Linear(4, 6, rng=rng, dtype=np.float64), BatchNorm1d(6, dtype=np.float64), ReLU(),
-                      Linear(6, 3, rng=rng, dtype=np.float64))
+    return Sequential(
+        Linear(4, 6, rng=rng, dtype=np.float64),
+        BatchNorm1d(6, dtype=np.float64),
+        ReLU(),
+        Linear(6, 3, rng=rng, dtype=np.float64),
+    )
 
 
 def test_sequential_is_all_or_nothing():
@@ -138,14 +143,14 @@ def test_sequential_is_all_or_nothing():
     model = _mlp(rng)
     x = rng.standard_normal((8, 4))
     model.backward(np.ones_like(model.forward(x)))
-    model.layers[3].in_features = 5                       # the last Linear now rejects its input
+    model.layers[3].in_features = 5  # the last Linear now rejects its input
     before = fingerprint(model)
     with pytest.raises(ValueError, match="expected input of shape"):
         model.forward(x + 10)
     assert_unchanged(model, before)
     model.layers[3].in_features = 6
     model.forward(x)
-    model.layers[0]._x = None                              # the first layer fails in backward
+    model.layers[0]._x = None  # the first layer fails in backward
     before = fingerprint(model)
     with pytest.raises(RuntimeError, match="backward called before forward"):
         model.backward(np.ones((8, 3)))
@@ -208,11 +213,13 @@ def test_context_repr_is_short():
 def test_cuda_backend_without_a_gpu_is_a_one_line_error():
     if numbabn.cuda_available():
         pytest.skip("a real GPU is present")
-    code = ("import numpy as np, numbabn\n"
-            "for call in (lambda: numbabn.batch_norm_forward(np.ones((4, 3)), backend='cuda'),\n"
-            "             lambda: numbabn.moments(np.ones((4, 3)), backend='cuda')):\n"
-            "    try:\n        call()\n    except Exception as exc:\n"
-            "        print(type(exc).__name__, '|', str(exc).replace(chr(10), '<NEWLINE>'))\n")
+    code = (
+        "import numpy as np, numbabn\n"
+        "for call in (lambda: numbabn.batch_norm_forward(np.ones((4, 3)), backend='cuda'),\n"
+        "             lambda: numbabn.moments(np.ones((4, 3)), backend='cuda')):\n"
+        "    try:\n        call()\n    except Exception as exc:\n"
+        "        print(type(exc).__name__, '|', str(exc).replace(chr(10), '<NEWLINE>'))\n"
+    )
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     lines = out.strip().splitlines()
@@ -244,14 +251,14 @@ def test_failed_classifier_refit_keeps_the_trained_model(blobs):
     clf = BNMLPClassifier(hidden_layer_sizes=(16,), max_iter=30, random_state=0, early_stopping=True).fit(X, y)
     before, score, n_iter, pred = _fitted_bytes(clf), clf.score(X, y), clf.n_iter_, clf.predict(X)
     y_bad = y.copy()
-    y_bad[0] = 9                                          # class 9 has one member
+    y_bad[0] = 9  # class 9 has one member
     with pytest.raises(ValueError):
         clf.fit(X, y_bad)
     assert _fitted_bytes(clf) == before
     assert clf.score(X, y) == score and clf.n_iter_ == n_iter and 9 not in clf.classes_
     np.testing.assert_array_equal(clf.predict(X), pred)
     with pytest.raises(ValueError):
-        clf.fit(X[:, :3], y_bad)                           # a different feature count, and a bad y
+        clf.fit(X[:, :3], y_bad)  # a different feature count, and a bad y
     assert clf.n_features_in_ == 5 and _fitted_bytes(clf) == before
     np.testing.assert_array_equal(clf.predict(X), pred)
     with pytest.raises(ValueError, match="labels"):
@@ -275,7 +282,7 @@ def test_failed_regressor_refit_keeps_the_trained_model(blobs):
         assert _fitted_bytes(reg) == before and reg.n_features_in_ == 5
         np.testing.assert_array_equal(reg.predict(X), pred)
     with pytest.raises(ValueError):
-        reg.partial_fit(X, np.c_[y, y])                   # 2 targets where the model has 1
+        reg.partial_fit(X, np.c_[y, y])  # 2 targets where the model has 1
     assert _fitted_bytes(reg) == before
 
 
@@ -284,10 +291,17 @@ def test_failed_first_fit_leaves_the_estimator_unfitted(blobs, call):
     from numbabn.sklearn import BNMLPClassifier, BNMLPRegressor
 
     X, y = blobs
-    cases = [(BNMLPClassifier(), lambda e: getattr(e, call)(X, y, **({"classes": [0]} if call == "partial_fit"
-                                                                       else {})) if call == "partial_fit"
-              else e.set_params(early_stopping=True).fit(X, np.r_[y[:-1], 9])),
-             (BNMLPRegressor(), lambda e: getattr(e, call)(X, np.array(["a"] * len(y))))]
+    cases = [
+        (
+            BNMLPClassifier(),
+            lambda e: (
+                getattr(e, call)(X, y, **({"classes": [0]} if call == "partial_fit" else {}))
+                if call == "partial_fit"
+                else e.set_params(early_stopping=True).fit(X, np.r_[y[:-1], 9])
+            ),
+        ),
+        (BNMLPRegressor(), lambda e: getattr(e, call)(X, np.array(["a"] * len(y)))),
+    ]
     for est, fail in cases:
         with pytest.raises(ValueError):
             fail(est)
@@ -318,9 +332,13 @@ def test_transformer_calls_that_raise_change_nothing():
         before = pickle.dumps(t)
         X_nan = X[:, :3].copy()
         X_nan[0, 0] = np.nan
-        bad_calls = [lambda t=t, X_nan=X_nan: t.fit(X_nan), lambda t=t: t.partial_fit(X[:, :2]),
-                     lambda t=t: t.partial_fit(np.full((5, 4), np.nan)), lambda t=t: t.transform(X[:, :1]),
-                     lambda t=t: t.set_params(eps=-1.0).partial_fit(X)]
+        bad_calls = [
+            lambda t=t, X_nan=X_nan: t.fit(X_nan),
+            lambda t=t: t.partial_fit(X[:, :2]),
+            lambda t=t: t.partial_fit(np.full((5, 4), np.nan)),
+            lambda t=t: t.transform(X[:, :1]),
+            lambda t=t: t.set_params(eps=-1.0).partial_fit(X),
+        ]
         for call in bad_calls:
             with pytest.raises(ValueError):
                 call()
@@ -372,13 +390,16 @@ class _PeerComm:
         recv[1] = self.peer(send.copy())
 
 
-@pytest.mark.parametrize("field, value, fragment", [
-    (4, 400.0, "channels: rank 0: 4 channels; rank 1: 400 channels"),
-    (5, 4.0, "dtype: rank 0: float64; rank 1: float32"),
-    (6, 0.0, "mode: rank 0: batch statistics; rank 1: running statistics"),
-    (7, 1.0, "the input was rejected on rank(s) [1]"),
-    (0, 3.5, "sent no synchronized-batch-norm header"),
-])
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        (4, 400.0, "channels: rank 0: 4 channels; rank 1: 400 channels"),
+        (5, 4.0, "dtype: rank 0: float64; rank 1: float32"),
+        (6, 0.0, "mode: rank 0: batch statistics; rank 1: running statistics"),
+        (7, 1.0, "the input was rejected on rank(s) [1]"),
+        (0, 3.5, "sent no synchronized-batch-norm header"),
+    ],
+)
 def test_sync_batch_norm_disagreeing_peer(field, value, fragment):
     from numbabn.distributed import SyncBatchNorm1d, SyncError
 
@@ -393,7 +414,7 @@ def test_sync_batch_norm_disagreeing_peer(field, value, fragment):
     x = np.random.default_rng(0).standard_normal((5, 4))
     layer.backward(layer.forward(x))
     y = layer.forward(x)
-    bad.append(True)                                       # from now on the peer disagrees
+    bad.append(True)  # from now on the peer disagrees
     before = fingerprint(layer)
     with pytest.raises(SyncError) as info:
         layer.backward(np.ones_like(y))
@@ -441,10 +462,11 @@ def test_bench_failing_write_leaves_the_old_file(tmp_path, monkeypatch):
     monkeypatch.setattr(report.json, "dump", full)
     result = _invoke("-q", "bench", "--suite", "tiny", "--repeat", "1", "--compare", "none", "--json", str(target))
     assert result.exit_code == 2, result.output
-    assert result.output.strip().splitlines() [-1] == (
-        f"Error: cannot write the JSON report to '{target}': No space left on device")
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: cannot write the JSON report to '{target}': No space left on device"
+    )
     assert target.read_text() == '{"old": true}\n'
-    assert sorted(os.listdir(tmp_path)) == ["report.json"]          # no temporary file left
+    assert sorted(os.listdir(tmp_path)) == ["report.json"]  # no temporary file left
 
 
 def test_failing_experiment_leaves_out_as_it_was(tmp_path, monkeypatch):
@@ -480,6 +502,6 @@ def test_failing_experiment_leaves_out_as_it_was(tmp_path, monkeypatch):
     result = _invoke("-q", "experiment", "fine", "--out", str(new), "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"json": str(new / "fine.json")} and (new / "fine.json").exists()
-    assert calls == [False]                                  # -q: no progress bars
+    assert calls == [False]  # -q: no progress bars
     _invoke("experiment", "fine")
     assert calls == [False, True]

@@ -5,6 +5,7 @@ read-only / strided host input and host ``out`` arrays.
 The numbers of both backends (reference, finite differences, running statistics,
 moments, synchronized statistics) are checked in test_numerics.py.
 """
+
 import numpy as np
 import pytest
 
@@ -17,12 +18,12 @@ from .helpers import make_inputs
 
 @pytest.mark.parametrize("shape,axis", [((8, 16, 300), 1), ((3000, 24), 1)])
 def test_bit_identical_across_thread_counts(rng, shape, axis, monkeypatch):
-    monkeypatch.setattr(config, "CHUNK", 512)   # many chunks, so threads really split the work
+    monkeypatch.setattr(config, "CHUNK", 512)  # many chunks, so threads really split the work
     x, g, b = make_inputs(rng, shape, axis, np.float32, loc=3.0)
     dy = rng.standard_normal(shape).astype(np.float32)
     monkeypatch.setattr(config, "SERIAL_MAX", 0)  # every size goes through the thread pool
     results = []
-    for threads in (1, 2, 3, 7):   # more threads than CPUs is allowed (only oversubscribes)
+    for threads in (1, 2, 3, 7):  # more threads than CPUs is allowed (only oversubscribes)
         with numbabn.limit_threads(threads):
             y, ctx = numbabn.batch_norm_forward(x, g, b, axis=axis)
             results.append((y, ctx.mean, ctx.invstd) + numbabn.batch_norm_backward(dy, ctx))
@@ -35,8 +36,8 @@ def test_layouts_agree_and_zero_copy(rng):
     x = rng.standard_normal((4, 5, 3, 3)).astype(np.float32)
     g = rng.standard_normal(5).astype(np.float32)
     y1, ctx1 = numbabn.batch_norm_forward(x, g)
-    assert np.shares_memory(ctx1.x, x)                       # canonical view, no copy
-    xl = np.ascontiguousarray(x.transpose(0, 2, 3, 1))       # NHWC copy
+    assert np.shares_memory(ctx1.x, x)  # canonical view, no copy
+    xl = np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # NHWC copy
     y2, ctx2 = numbabn.batch_norm_forward(xl, g, axis=-1)
     assert ctx2.layout == "mc" and ctx1.layout == "ncl"
     np.testing.assert_allclose(y2.transpose(0, 3, 1, 2), y1, rtol=1e-6, atol=1e-6)
@@ -47,7 +48,7 @@ def test_layouts_agree_and_zero_copy(rng):
 
 def test_readonly_noncontiguous_and_out(rng):
     base = rng.standard_normal((6, 8, 10))
-    x = base[:, ::2, 1::2]                                   # strided view
+    x = base[:, ::2, 1::2]  # strided view
     x_ro = np.array(x)
     x_ro.setflags(write=False)
     y1, ctx = numbabn.batch_norm_forward(x)

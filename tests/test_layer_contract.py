@@ -14,6 +14,7 @@ take an empty batch (N = 0) in both modes, load a partial state dict with
 parameters in place, pickle without its forward caches, and either refuse float16
 input with a TypeError or compute it in float32 and return float16.
 """
+
 import copy
 import pickle
 
@@ -27,10 +28,28 @@ from numbabn.registry import available_layers, layer_class
 from .helpers import central_diff
 
 NAMES = list(available_layers())
-BUILTIN = {"linear", "relu", "sigmoid", "tanh", "flatten", "batch_norm1d", "batch_norm2d", "batch_norm3d", "conv2d",
-           "sequential"}
-PLUGINS = {"batch_renorm", "ghost_batch_norm", "noisy_batch_norm", "lp_batch_norm", "layer_norm", "group_norm",
-           "instance_norm1d", "instance_norm2d"}
+BUILTIN = {
+    "linear",
+    "relu",
+    "sigmoid",
+    "tanh",
+    "flatten",
+    "batch_norm1d",
+    "batch_norm2d",
+    "batch_norm3d",
+    "conv2d",
+    "sequential",
+}
+PLUGINS = {
+    "batch_renorm",
+    "ghost_batch_norm",
+    "noisy_batch_norm",
+    "lp_batch_norm",
+    "layer_norm",
+    "group_norm",
+    "instance_norm1d",
+    "instance_norm2d",
+}
 # Buffers whose value at construction is known by name (PyTorch's and numbabn's conventions).
 BUFFER_START = {"running_mean": 0, "running_var": 1, "running_norm": 1, "num_batches_tracked": 0}
 
@@ -76,8 +95,13 @@ class TestLayerContract:
         layer = copy.deepcopy(layer0)
         layer.forward(x)
         dx = layer.backward(w)
-        np.testing.assert_allclose(dx, central_diff(lambda v: objective(copy.deepcopy(layer0), v), x.copy()),
-                                   rtol=1e-5, atol=1e-7, err_msg="input gradient")
+        np.testing.assert_allclose(
+            dx,
+            central_diff(lambda v: objective(copy.deepcopy(layer0), v), x.copy()),
+            rtol=1e-5,
+            atol=1e-7,
+            err_msg="input gradient",
+        )
         grads = {q: p.grad for q, p in layer.named_parameters()}
         for qname, p0 in layer0.named_parameters():
             assert grads[qname] is not None, f"backward left {qname}.grad unset"
@@ -87,8 +111,13 @@ class TestLayerContract:
                 dict(trial.named_parameters())[qname].value[...] = value
                 return objective(trial, x)
 
-            np.testing.assert_allclose(grads[qname], central_diff(perturbed, p0.value.copy()),
-                                       rtol=1e-5, atol=1e-7, err_msg=f"gradient of {qname}")
+            np.testing.assert_allclose(
+                grads[qname],
+                central_diff(perturbed, p0.value.copy()),
+                rtol=1e-5,
+                atol=1e-7,
+                err_msg=f"gradient of {qname}",
+            )
 
     @pytest.mark.parametrize("mode", ["train", "eval"])
     def test_float32_stays_float32(self, name, mode):
@@ -106,7 +135,7 @@ class TestLayerContract:
     def test_input_of_another_dtype_is_refused_or_followed(self, name):
         layer, x = example(name, np.float32)
         if all(sub.dtype is None for sub in all_layers(layer)):
-            assert layer.forward(x.astype(np.float64)).dtype == np.float64   # dtype-free layers follow
+            assert layer.forward(x.astype(np.float64)).dtype == np.float64  # dtype-free layers follow
         else:
             with pytest.raises(TypeError, match="dtype"):
                 layer.forward(x.astype(np.float64))
@@ -120,33 +149,33 @@ class TestLayerContract:
 
         before = layer.state_dict()
         layer.forward(x)
-        if layer.named_buffers():     # running statistics move in training mode
+        if layer.named_buffers():  # running statistics move in training mode
             after = layer.state_dict()
             assert any(not np.array_equal(before[k], after[k]) for k, _ in layer.named_buffers())
 
         layer.eval()
         before = layer.state_dict()
         y = layer.forward(x)
-        assert_state_equal(layer.state_dict(), before)          # eval changes no state
-        np.testing.assert_array_equal(layer.forward(x), y)       # and is deterministic
-        k = max(1, x.shape[0] // 2)                              # and per sample
+        assert_state_equal(layer.state_dict(), before)  # eval changes no state
+        np.testing.assert_array_equal(layer.forward(x), y)  # and is deterministic
+        k = max(1, x.shape[0] // 2)  # and per sample
         np.testing.assert_allclose(layer.forward(x[:k]), y[:k], rtol=1e-12, atol=1e-12)
 
     def test_state_dict_round_trip(self, name):
         layer, x = example(name)
         saved = layer.state_dict()
         for key, value in layer._named_state():
-            assert saved[key] is not value and isinstance(saved[key], np.ndarray)   # copies
+            assert saved[key] is not value and isinstance(saved[key], np.ndarray)  # copies
         y_eval = layer.eval().forward(x)
 
-        layer.train().forward(x)            # move buffers ...
-        for p in layer.parameters():        # ... and parameters
+        layer.train().forward(x)  # move buffers ...
+        for p in layer.parameters():  # ... and parameters
             p.value += 0.5
         layer.load_state_dict(saved)
         assert_state_equal(layer.state_dict(), saved)
         np.testing.assert_array_equal(layer.eval().forward(x), y_eval)
 
-        other, _ = example(name, seed=7)    # another instance takes the same state
+        other, _ = example(name, seed=7)  # another instance takes the same state
         other.load_state_dict(saved)
         np.testing.assert_array_equal(other.eval().forward(x), y_eval)
 
@@ -161,10 +190,12 @@ class TestLayerContract:
         # writes while it validates would visibly change the layer.
         new = {k: np.asarray(v + 1, dtype=v.dtype) for k, v in saved.items()}
         key = list(saved)[-1]
-        broken = [({k: v for k, v in new.items() if k != key}, ValueError, "missing"),
-                  ({**new, key: np.zeros(saved[key].shape + (2,), saved[key].dtype)}, ValueError, "shape"),
-                  ({**new, key: saved[key].astype(np.float16)}, TypeError, "dtype"),
-                  ({**new, key: saved[key].tolist()}, TypeError, "NumPy array")]
+        broken = [
+            ({k: v for k, v in new.items() if k != key}, ValueError, "missing"),
+            ({**new, key: np.zeros(saved[key].shape + (2,), saved[key].dtype)}, ValueError, "shape"),
+            ({**new, key: saved[key].astype(np.float16)}, TypeError, "dtype"),
+            ({**new, key: saved[key].tolist()}, TypeError, "NumPy array"),
+        ]
         for state, err, match in broken:
             with pytest.raises(err, match=match):
                 layer.load_state_dict(state)
@@ -178,7 +209,7 @@ class TestLayerContract:
         layer.forward(x)
         with pytest.raises(ValueError, match="shape"):
             layer.backward(np.ones((y.shape[0] + 1,) + y.shape[1:]))
-        with pytest.raises(TypeError, match="dtype"):         # as the functional API: TypeError
+        with pytest.raises(TypeError, match="dtype"):  # as the functional API: TypeError
             layer.backward(np.ones(y.shape, np.float32))
 
     # ------------------------------------------------------------ torch.nn behaviours
@@ -202,7 +233,7 @@ class TestLayerContract:
         for qname, p in layer.named_parameters():
             assert p.grad is not None and p.grad.shape == p.value.shape and p.grad.dtype == p.value.dtype, qname
             assert np.all(p.grad == 0), qname
-        y = layer.forward(x)                                # and it goes on as before
+        y = layer.forward(x)  # and it goes on as before
         assert y.shape == y_shape and np.all(np.isfinite(y))
 
     def test_load_state_dict_strict_false(self, name):
@@ -232,7 +263,7 @@ class TestLayerContract:
 
     def test_reset_running_stats_and_reset_parameters(self, name):
         layer, x = example(name)
-        layer.train().forward(x)                           # buffers move
+        layer.train().forward(x)  # buffers move
         params = {q: p.value for q, p in layer.named_parameters()}
         values = {q: v.copy() for q, v in params.items()}
         buffers = dict(layer.named_buffers())
@@ -240,7 +271,7 @@ class TestLayerContract:
         for qname, v in params.items():
             np.testing.assert_array_equal(v, values[qname], err_msg=f"{qname} changed by reset_running_stats")
         for qname, buf in layer.named_buffers():
-            assert buf is buffers[qname], qname            # in place
+            assert buf is buffers[qname], qname  # in place
             start = BUFFER_START.get(qname.rsplit(".", 1)[-1])
             if start is not None:
                 assert np.all(buf == start), qname
@@ -254,7 +285,7 @@ class TestLayerContract:
         layer.forward(x)
         assert layer.reset_parameters() is None
         for qname, p in layer.named_parameters():
-            assert p.value is params[qname], qname          # in place
+            assert p.value is params[qname], qname  # in place
             assert not np.array_equal(p.value, values[qname] + 0.5), f"{qname} not re-initialised"
         for key, value in layer.named_buffers():
             np.testing.assert_array_equal(value, reset[key], err_msg=key)
@@ -300,7 +331,7 @@ class TestLayerContract:
         y = copy.deepcopy(layer).forward(x)
         np.testing.assert_array_equal(copy.deepcopy(layer).forward(swapped), y)
         masked = np.ma.masked_array(x, mask=np.zeros(x.shape, bool))
-        np.testing.assert_array_equal(copy.deepcopy(layer).forward(masked), y)    # nothing masked: its data
+        np.testing.assert_array_equal(copy.deepcopy(layer).forward(masked), y)  # nothing masked: its data
         masked[(0,) * x.ndim] = np.ma.masked
         before = layer.state_dict()
         with pytest.raises(ValueError, match="masked"):

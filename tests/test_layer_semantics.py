@@ -3,6 +3,7 @@
 empty batches, BatchNorm3d, InstanceNorm, LayerNorm shapes, reset methods and
 pickles. (Against PyTorch itself: tests/test_torch_semantics.py; for every
 registered layer: tests/test_layer_contract.py.)"""
+
 import copy
 import io
 import pickle
@@ -78,7 +79,7 @@ def test_switching_tracking_off_freezes_the_running_statistics(rng, make):
     x = rng.standard_normal((8, 3, 2)) * 2 + 1
     layer.forward(x)
     reference = copy.deepcopy(layer).eval()
-    if isinstance(layer, InstanceNorm1d):     # torch.nn.InstanceNorm: flag off -> instance statistics
+    if isinstance(layer, InstanceNorm1d):  # torch.nn.InstanceNorm: flag off -> instance statistics
         reference.track_running_stats = False
     saved = buffers(layer)
     layer.track_running_stats = False
@@ -86,7 +87,7 @@ def test_switching_tracking_off_freezes_the_running_statistics(rng, make):
     assert_buffers(layer, saved)
     y = layer.eval().forward(x)
     assert_buffers(layer, saved)
-    np.testing.assert_allclose(y, reference.forward(x), **F64)     # BN: the frozen running statistics
+    np.testing.assert_allclose(y, reference.forward(x), **F64)  # BN: the frozen running statistics
     layer.track_running_stats = True
     layer.train().forward(x)
     assert any(not np.array_equal(v, saved[k]) for k, v in layer.named_buffers())
@@ -115,14 +116,22 @@ def test_empty_batches_in_the_functional_api_run_no_pass_over_data(rng, monkeypa
     def boom(*args):
         raise AssertionError("a pass over data ran on an empty input")
 
-    monkeypatch.setattr(cpu_driver._threads, "parallel_for", boom)   # every data pass goes through it
+    monkeypatch.setattr(cpu_driver._threads, "parallel_for", boom)  # every data pass goes through it
     rm, rv, nbt = np.zeros(3), np.ones(3), np.zeros((), np.int64)
     for shape in [(0, 3), (0, 3, 4), (4, 3, 0), (2, 0, 5, 3)]:
         axis = 1 if shape[1] == 3 else -1
         x = np.zeros(shape)
         for training in (True, False):
-            y, ctx = numbabn.batch_norm_forward(x, np.ones(3), np.zeros(3), running_mean=rm, running_var=rv,
-                                                num_batches_tracked=nbt, training=training, axis=axis)
+            y, ctx = numbabn.batch_norm_forward(
+                x,
+                np.ones(3),
+                np.zeros(3),
+                running_mean=rm,
+                running_var=rv,
+                num_batches_tracked=nbt,
+                training=training,
+                axis=axis,
+            )
             dx, dg, db = numbabn.batch_norm_backward(np.zeros(shape), ctx)
             assert y.shape == dx.shape == shape and np.all(dg == 0) and np.all(db == 0)
         assert numbabn.moments(x, axis=axis).count == 0
@@ -138,15 +147,16 @@ def test_synchronized_empty_rank_updates_running_stats_like_the_kernels(rng):
         states = []
         for local in (x.astype(dtype), x[:0].astype(dtype)):
             rm, rv, nbt = np.full(3, 0.5, dtype), np.full(3, 2.0, dtype), np.zeros((), np.int64)
-            _, ctx = numbabn.batch_norm_forward(local, np.ones(3, dtype), running_mean=rm, running_var=rv,
-                                                num_batches_tracked=nbt, moments=merged)
+            _, ctx = numbabn.batch_norm_forward(
+                local, np.ones(3, dtype), running_mean=rm, running_var=rv, num_batches_tracked=nbt, moments=merged
+            )
             _, dg, _ = numbabn.batch_norm_backward(np.ones_like(local), ctx, allreduce=lambda s: s + 1)
             states.append((rm, rv, ctx.mean, ctx.invstd, int(nbt)))
         for a, b in zip(*states, strict=True):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         numbabn.batch_norm_forward(x[:0], moments=numbabn.Moments(1, np.zeros(3), np.zeros(3)))
-    y, ctx = numbabn.batch_norm_forward(x[:0], moments=numbabn.Moments.empty(3))    # empty everywhere
+    y, ctx = numbabn.batch_norm_forward(x[:0], moments=numbabn.Moments.empty(3))  # empty everywhere
     assert y.shape == (0, 3, 4)
 
 
@@ -166,16 +176,16 @@ def test_batchnorm3d_channels_last_equals_ncdhw(rng):
     ndhwc.load_state_dict(ncdhw.state_dict())
     to_first = (0, 4, 1, 2, 3)
     np.testing.assert_allclose(ndhwc.forward(x).transpose(to_first), ncdhw.forward(x.transpose(to_first)), **F64)
-    np.testing.assert_allclose(ndhwc.backward(dy).transpose(to_first), ncdhw.backward(dy.transpose(to_first)),
-                               **F64)
+    np.testing.assert_allclose(ndhwc.backward(dy).transpose(to_first), ncdhw.backward(dy.transpose(to_first)), **F64)
     np.testing.assert_allclose(ndhwc.weight.grad, ncdhw.weight.grad, **F64)
     np.testing.assert_allclose(ndhwc.running_var, ncdhw.running_var, **F64)
     with pytest.raises(ValueError, match=r"expected input of shape \(N, D, H, W, 4\) \(channels_last\)"):
         ndhwc.forward(x[..., 0])
     with pytest.raises(ValueError, match=r"expected input of shape \(N, 4, D, H, W\)"):
         ncdhw.forward(x)
-    assert "channels_last=True" in repr(ndhwc) and isinstance(numbabn.registry.get_layer("batch_norm3d", 2),
-                                                                BatchNorm3d)
+    assert "channels_last=True" in repr(ndhwc) and isinstance(
+        numbabn.registry.get_layer("batch_norm3d", 2), BatchNorm3d
+    )
 
 
 def test_instance_norm_formulas_and_running_statistics(rng):
@@ -188,15 +198,15 @@ def test_instance_norm_formulas_and_running_statistics(rng):
     layer.forward(x2)
     # cumulative average over the two steps of the per-step mean over samples
     np.testing.assert_allclose(layer.running_mean, (x.mean(2).mean(0) + x2.mean(2).mean(0)) / 2, **F64)
-    np.testing.assert_allclose(layer.running_var,
-                               (x.var(2, ddof=1).mean(0) + x2.var(2, ddof=1).mean(0)) / 2, **F64)
+    np.testing.assert_allclose(layer.running_var, (x.var(2, ddof=1).mean(0) + x2.var(2, ddof=1).mean(0)) / 2, **F64)
     assert int(layer.num_batches_tracked) == 2
     saved = buffers(layer)
-    layer.forward(np.zeros((0, 3, 5)))                     # empty: kept, counted
+    layer.forward(np.zeros((0, 3, 5)))  # empty: kept, counted
     assert_buffers(layer, {**saved, "num_batches_tracked": saved["num_batches_tracked"] + 1})
     layer.eval()
-    np.testing.assert_allclose(layer.forward(x), (x - layer.running_mean[:, None]) /
-                               np.sqrt(layer.running_var[:, None] + 1e-5), **F64)
+    np.testing.assert_allclose(
+        layer.forward(x), (x - layer.running_mean[:, None]) / np.sqrt(layer.running_var[:, None] + 1e-5), **F64
+    )
     unbatched = InstanceNorm2d(2, dtype=np.float64)
     z = rng.standard_normal((2, 3, 4))
     np.testing.assert_allclose(unbatched.forward(z), unbatched.forward(z[None])[0], **F64)
@@ -207,7 +217,7 @@ def test_instance_norm_formulas_and_running_statistics(rng):
 
 def test_layer_norm_on_an_empty_middle_dimension_and_single_values(rng):
     layer = LayerNorm(10)
-    y = layer.forward(np.zeros((1, 0, 10), np.float32))        # was: "x has no channels"
+    y = layer.forward(np.zeros((1, 0, 10), np.float32))  # was: "x has no channels"
     assert y.shape == (1, 0, 10)
     one = LayerNorm(1, dtype=np.float64)
     one.bias.value[...] = 0.25
@@ -232,7 +242,7 @@ def test_reset_parameters_redraws_random_weights_from_the_layer_generator():
     np.testing.assert_allclose(w.std(), first.std(), rtol=0.15)
     b = Linear(30, 20, rng=np.random.default_rng(4), dtype=np.float64)
     b.reset_parameters()
-    np.testing.assert_array_equal(b.weight.value, w)         # reproducible from the same generator
+    np.testing.assert_array_equal(b.weight.value, w)  # reproducible from the same generator
 
 
 def test_reset_on_a_model_resets_every_layer(rng):
@@ -251,12 +261,12 @@ def test_pickles_hold_no_forward_caches():
     bn = BatchNorm1d(16)
     before = len(pickle.dumps(bn))
     bn.forward(np.random.default_rng(0).standard_normal((10_000, 16)).astype(np.float32))
-    assert len(pickle.dumps(bn)) == before           # the issue measured 971 -> 641 559 bytes
+    assert len(pickle.dumps(bn)) == before  # the issue measured 971 -> 641 559 bytes
     lp = LpBatchNorm(4, p=np.inf)
     y = lp.forward(np.random.default_rng(1).standard_normal((50, 4)).astype(np.float32))
     lp.backward(np.ones_like(y))
     buf = io.BytesIO()
-    joblib.dump(Sequential(lp, BatchNorm1d(4)), buf)            # was: a local function in the state
+    joblib.dump(Sequential(lp, BatchNorm1d(4)), buf)  # was: a local function in the state
     buf.seek(0)
     clone = joblib.load(buf)
     np.testing.assert_array_equal(clone[0].running_norm, lp.running_norm)

@@ -1,5 +1,6 @@
 """Layer-specific behaviour beyond the contract (tests/test_layer_contract.py):
 values against independent formulas, semantics, errors, and training on digits."""
+
 import copy
 import warnings
 
@@ -61,8 +62,9 @@ def test_linear_init_distributions(rng, init, fan_in, fan_out):
         np.testing.assert_allclose(w.std(), np.sqrt(2 / fan_in), rtol=0.02)
     assert abs(w.mean()) < 0.01
     same = Linear(fan_in, fan_out, init=init, rng=np.random.default_rng(3), dtype=np.float64).weight.value
-    np.testing.assert_array_equal(same, Linear(fan_in, fan_out, init=init, rng=np.random.default_rng(3),
-                                               dtype=np.float64).weight.value)
+    np.testing.assert_array_equal(
+        same, Linear(fan_in, fan_out, init=init, rng=np.random.default_rng(3), dtype=np.float64).weight.value
+    )
 
 
 def test_linear_errors():
@@ -75,8 +77,11 @@ def test_linear_errors():
     with pytest.raises(TypeError, match="dtype must be float32 or float64"):
         Linear(2, 3, dtype=np.float16)
     layer = Linear(4, 3)
-    with pytest.raises(ValueError, match=r"Linear\(in_features=4, out_features=3, bias=True\): "
-                                         r"expected input of shape \(N, 4\), got \(2, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Linear\(in_features=4, out_features=3, bias=True\): "
+        r"expected input of shape \(N, 4\), got \(2, 5\)",
+    ):
         layer.forward(np.zeros((2, 5), np.float32))
     with pytest.raises(TypeError, match="must have the layer's dtype float32, got float64"):
         layer.forward(np.zeros((2, 4)))
@@ -168,8 +173,11 @@ def test_batchnorm2d_channels_last_equals_nchw(rng):
 
 
 def test_batchnorm_input_errors_name_the_layer_and_shape():
-    with pytest.raises(ValueError, match=r"BatchNorm1d\(3, .*\): expected input of shape \(N, 3\) or \(N, 3, L\), "
-                                         r"got \(2, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"BatchNorm1d\(3, .*\): expected input of shape \(N, 3\) or \(N, 3, L\), "
+        r"got \(2, 4\)",
+    ):
         BatchNorm1d(3).forward(np.zeros((2, 4), np.float32))
     with pytest.raises(ValueError, match=r"expected input of shape \(N, 3\) or \(N, 3, L\), got \(2, 3, 1, 1\)"):
         BatchNorm1d(3).forward(np.zeros((2, 3, 1, 1), np.float32))
@@ -192,8 +200,17 @@ def test_conv2d_matches_scipy_correlation(rng, stride, padding):
     (sh, sw), (ph, pw) = conv.stride, conv.padding
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     W = conv.weight.value
-    expected = np.stack([np.stack([sum(correlate2d(xp[n, c], W[o, c], mode="valid") for c in range(3))[::sh, ::sw]
-                                   + conv.bias.value[o] for o in range(2)]) for n in range(2)])
+    expected = np.stack(
+        [
+            np.stack(
+                [
+                    sum(correlate2d(xp[n, c], W[o, c], mode="valid") for c in range(3))[::sh, ::sw] + conv.bias.value[o]
+                    for o in range(2)
+                ]
+            )
+            for n in range(2)
+        ]
+    )
     y = conv.forward(x)
     np.testing.assert_allclose(y, expected, **F64)
     assert y.flags.c_contiguous
@@ -201,8 +218,11 @@ def test_conv2d_matches_scipy_correlation(rng, stride, padding):
 
 def test_conv2d_errors():
     conv = Conv2d(2, 4, 3)
-    with pytest.raises(ValueError, match=r"Conv2d\(2, 4, .*\): expected input of shape \(N, 2, H, W\), "
-                                         r"got \(1, 3, 5, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Conv2d\(2, 4, .*\): expected input of shape \(N, 2, H, W\), "
+        r"got \(1, 3, 5, 5\)",
+    ):
         conv.forward(np.zeros((1, 3, 5, 5), np.float32))
     with pytest.raises(ValueError, match="smaller than the kernel"):
         conv.forward(np.zeros((1, 2, 2, 5), np.float32))
@@ -216,8 +236,9 @@ def test_small_cnn_with_batchnorm2d_learns(rng):
     t = rng.integers(0, 2, 64)
     x[t == 1, :, :3] += 1.0
     x[t == 0, :, 3:] += 1.0
-    model = Sequential(Conv2d(1, 4, 3, padding=1, rng=rng), BatchNorm2d(4, activation="relu"), Flatten(),
-                       Linear(4 * 36, 2, rng=rng))
+    model = Sequential(
+        Conv2d(1, 4, 3, padding=1, rng=rng), BatchNorm2d(4, activation="relu"), Flatten(), Linear(4 * 36, 2, rng=rng)
+    )
     loss_fn, opt = SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.1, momentum=0.9)
     losses = []
     for _ in range(30):
@@ -249,9 +270,10 @@ def test_softmax_cross_entropy_is_stable_and_exact(rng):
     loss, dz = SoftmaxCrossEntropy()(z, t)
     p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
     np.testing.assert_allclose(loss, -np.mean(np.log(p[np.arange(5), t])), rtol=1e-12)
-    np.testing.assert_allclose(dz, central_diff(lambda v: SoftmaxCrossEntropy()(v, t)[0], z.copy()),
-                               rtol=1e-6, atol=1e-9)
-    big, dbig = SoftmaxCrossEntropy()((z * 1e4).astype(np.float32), t)      # exp would overflow
+    np.testing.assert_allclose(
+        dz, central_diff(lambda v: SoftmaxCrossEntropy()(v, t)[0], z.copy()), rtol=1e-6, atol=1e-9
+    )
+    big, dbig = SoftmaxCrossEntropy()((z * 1e4).astype(np.float32), t)  # exp would overflow
     assert np.isfinite(big) and np.all(np.isfinite(dbig)) and dbig.dtype == np.float32
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
         SoftmaxCrossEntropy()(z, t + 4)
@@ -274,17 +296,22 @@ def test_bn_mlp_learns_digits():
     from sklearn.model_selection import train_test_split
 
     X, y = load_digits(return_X_y=True)
-    X_tr, X_te, y_tr, y_te = train_test_split((X / 16).astype(np.float32), y, test_size=0.25, random_state=0,
-                                              stratify=y)
+    X_tr, X_te, y_tr, y_te = train_test_split(
+        (X / 16).astype(np.float32), y, test_size=0.25, random_state=0, stratify=y
+    )
     rng = np.random.default_rng(0)
-    model = Sequential(Linear(64, 100, init="he", rng=rng), BatchNorm1d(100, activation="relu"),
-                       Linear(100, 100, init="he", rng=rng), BatchNorm1d(100, activation="relu"),
-                       Linear(100, 10, rng=rng))
+    model = Sequential(
+        Linear(64, 100, init="he", rng=rng),
+        BatchNorm1d(100, activation="relu"),
+        Linear(100, 100, init="he", rng=rng),
+        BatchNorm1d(100, activation="relu"),
+        Linear(100, 10, rng=rng),
+    )
     loss_fn, opt = SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(4):                                   # epochs of 23 steps
+    for _ in range(4):  # epochs of 23 steps
         order = rng.permutation(len(X_tr))
         for i in range(0, len(order) - 59, 60):
-            idx = order[i:i + 60]
+            idx = order[i : i + 60]
             _, dlogits = loss_fn(model.train().forward(X_tr[idx]), y_tr[idx])
             opt.zero_grad()
             model.backward(dlogits)
@@ -296,8 +323,15 @@ def test_bn_mlp_learns_digits():
 # ---------------------------------------------------------------- plugins: specifics
 def test_batch_renorm_schedule_and_limits():
     layer = BatchRenorm(2, rmax=3.0, dmax=5.0, relax_from=10, rmax_until=30, dmax_until=20)
-    for t, expected in [(0, (1.0, 0.0)), (9, (1.0, 0.0)), (10, (1.0, 0.0)), (15, (1.5, 2.5)), (20, (2.0, 5.0)),
-                        (30, (3.0, 5.0)), (100, (3.0, 5.0))]:
+    for t, expected in [
+        (0, (1.0, 0.0)),
+        (9, (1.0, 0.0)),
+        (10, (1.0, 0.0)),
+        (15, (1.5, 2.5)),
+        (20, (2.0, 5.0)),
+        (30, (3.0, 5.0)),
+        (100, (3.0, 5.0)),
+    ]:
         layer.num_batches_tracked[...] = t
         assert layer.limits() == pytest.approx(expected)
     with pytest.raises(ValueError, match="rmax must be a number >= 1"):
@@ -319,16 +353,21 @@ def test_batch_renorm_corrects_with_constant_r_and_d(rng):
     """Unclipped r, d: forward = gamma*(xhat*r + d) + beta, backward = BN's with r, d constant."""
     x, dy = randn(rng, 8, 3, 2, loc=0.3, scale=1.2), randn(rng, 8, 3, 2)
     layer = BatchRenorm(3, dtype=np.float64, relax_from=0, rmax_until=0, dmax_until=0)._randomize_state(rng)
-    g, b, rm, rv = (layer.weight.value.copy(), layer.bias.value.copy(), layer.running_mean.copy(),
-                    layer.running_var.copy())
+    g, b, rm, rv = (
+        layer.weight.value.copy(),
+        layer.bias.value.copy(),
+        layer.running_mean.copy(),
+        layer.running_var.copy(),
+    )
     mean, var = x.mean(axis=(0, 2)), x.var(axis=(0, 2))
     r = np.sqrt(var + layer.eps) / np.sqrt(rv + layer.eps)
     d = (mean - rm) / np.sqrt(rv + layer.eps)
-    assert np.all((r > 1 / 3) & (r < 3) & (np.abs(d) < 5)) and not np.allclose(r, 1)   # really unclipped
+    assert np.all((r > 1 / 3) & (r < 3) & (np.abs(d) < 5)) and not np.allclose(r, 1)  # really unclipped
     xhat = R.forward(x, eps=layer.eps)[0]
     bc = (1, 3, 1)
-    np.testing.assert_allclose(layer.forward(x), g.reshape(bc) * (xhat * r.reshape(bc) + d.reshape(bc))
-                               + b.reshape(bc), **F64)
+    np.testing.assert_allclose(
+        layer.forward(x), g.reshape(bc) * (xhat * r.reshape(bc) + d.reshape(bc)) + b.reshape(bc), **F64
+    )
     dx_ref, dgr, dbeta = R.backward(dy, x, g * r, eps=layer.eps)
     np.testing.assert_allclose(layer.backward(dy), dx_ref, **F64)
     np.testing.assert_allclose(layer.weight.grad, (dy * (xhat * r.reshape(bc) + d.reshape(bc))).sum((0, 2)), **F64)
@@ -368,7 +407,7 @@ def test_noisy_batch_norm_noise_statistics(rng):
     np.testing.assert_allclose(s.std(0), 0.1, rtol=0.05)
     assert np.all(np.abs(mu_t) < 0.51) and np.ptp(mu_t) > 0.05
     m = y - s * clean
-    np.testing.assert_allclose(np.ptp(m, axis=0), 0.2, rtol=0.01)          # U(mu_t - 0.1, mu_t + 0.1)
+    np.testing.assert_allclose(np.ptp(m, axis=0), 0.2, rtol=0.01)  # U(mu_t - 0.1, mu_t + 0.1)
     np.testing.assert_allclose(m.std(0), 0.2 / np.sqrt(12), rtol=0.05)
     # noise changes every step, is reproducible from the seed, and is absent in eval
     assert not np.allclose(noisy.forward(x), y)
@@ -384,15 +423,19 @@ def test_lp_batch_norm_forward_and_backward(rng, p):
     x, dy = randn(rng, 7, 3, 2, loc=0.5), randn(rng, 7, 3, 2)
     layer = LpBatchNorm(3, p=p, dtype=np.float64)._randomize_state(rng)
     u = x - x.mean(axis=(0, 2), keepdims=True)
-    s = np.abs(u).max(axis=(0, 2), keepdims=True) if p == np.inf else \
-        (np.mean(np.abs(u) ** p, axis=(0, 2), keepdims=True)) ** (1 / p)
+    s = (
+        np.abs(u).max(axis=(0, 2), keepdims=True)
+        if p == np.inf
+        else (np.mean(np.abs(u) ** p, axis=(0, 2), keepdims=True)) ** (1 / p)
+    )
     bc = (1, 3, 1)
     expected = layer.weight.value.reshape(bc) * u / (s + layer.eps) + layer.bias.value.reshape(bc)
     probe = copy.deepcopy(layer)
     np.testing.assert_allclose(layer.forward(x), expected, **F64)
     dx = layer.backward(dy)
-    np.testing.assert_allclose(dx, central_diff(lambda v: np.sum(dy * copy.deepcopy(probe).forward(v)), x.copy()),
-                               rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(
+        dx, central_diff(lambda v: np.sum(dy * copy.deepcopy(probe).forward(v)), x.copy()), rtol=1e-6, atol=1e-8
+    )
     np.testing.assert_allclose(layer.running_norm, 0.9 * probe.running_norm + 0.1 * s.ravel(), **F64)
     with pytest.raises(ValueError, match="p must be 1, 2 or numpy.inf"):
         LpBatchNorm(3, p=3)
@@ -400,8 +443,12 @@ def test_lp_batch_norm_forward_and_backward(rng, p):
 
 def test_lp2_is_close_to_batch_norm(rng):
     x = randn(rng, 50, 4, loc=2.0, scale=3.0)
-    np.testing.assert_allclose(LpBatchNorm(4, p=2, eps=1e-12, dtype=np.float64).forward(x),
-                               BatchNorm1d(4, eps=1e-12, dtype=np.float64).forward(x), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        LpBatchNorm(4, p=2, eps=1e-12, dtype=np.float64).forward(x),
+        BatchNorm1d(4, eps=1e-12, dtype=np.float64).forward(x),
+        rtol=1e-9,
+        atol=1e-9,
+    )
 
 
 def test_layer_norm_and_group_norm_formulas(rng):

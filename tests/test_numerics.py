@@ -12,6 +12,7 @@ Backend-specific behaviour lives elsewhere: CPU threads, chunking and host-array
 semantics in test_functional.py, device arrays and host/device mixing in
 test_cuda_arrays.py, CUDA launch geometry in test_cuda_launch.py.
 """
+
 import functools
 
 import numpy as np
@@ -24,9 +25,11 @@ from .helpers import CASES, TOL, by_backend, central_diff, make_inputs, param_dt
 
 DTYPES = [np.float32, np.float64, np.float16]
 # CUDA vs CPU: both round once from float64, but reduce in different orders.
-CPU_TOL = {np.float64: dict(rtol=1e-12, atol=1e-12),
-           np.float32: dict(rtol=3e-6, atol=3e-6),
-           np.float16: dict(rtol=2e-3, atol=2e-3)}
+CPU_TOL = {
+    np.float64: dict(rtol=1e-12, atol=1e-12),
+    np.float32: dict(rtol=3e-6, atol=3e-6),
+    np.float16: dict(rtol=2e-3, atol=2e-3),
+}
 
 
 def _cpu_agrees(backend, dtype, got, x, dy, gamma, beta, **kw):
@@ -44,8 +47,11 @@ def _cpu_agrees(backend, dtype, got, x, dy, gamma, beta, **kw):
 @pytest.mark.parametrize("dtype", DTYPES)
 # CUDA (slow on the simulator) keeps the three combinations it has always run:
 # ReLU off and no gamma/beta each occur in one of them.
-@by_backend("relu,affine", cpu=[(False, True), (True, True), (False, False), (True, False)],
-            cuda=[(False, True), (True, True), (True, False)])
+@by_backend(
+    "relu,affine",
+    cpu=[(False, True), (True, True), (False, False), (True, False)],
+    cuda=[(False, True), (True, True), (True, False)],
+)
 def test_train_forward_backward_vs_reference(backend, rng, shape, axis, dtype, relu, affine):
     x, gamma, beta = make_inputs(rng, shape, axis, dtype)
     if not affine:
@@ -84,16 +90,23 @@ def test_eval_forward_backward_vs_reference(backend, rng, shape, axis, dtype, re
     d_rm, d_rv = backend.put(rm.copy()), backend.put(rv.copy())
     act = "relu" if relu else None
     # gamma on the backend's side, beta from the host: both are accepted.
-    y, ctx = numbabn.batch_norm_forward(backend.put(x), backend.put(gamma), beta, running_mean=d_rm,
-                                        running_var=d_rv, training=False, axis=axis, activation=act)
+    y, ctx = numbabn.batch_norm_forward(
+        backend.put(x),
+        backend.put(gamma),
+        beta,
+        running_mean=d_rm,
+        running_var=d_rv,
+        training=False,
+        axis=axis,
+        activation=act,
+    )
     y_ref, _, _ = R.forward(x, gamma, beta, mean=rm, var=rv, axis=axis, relu=relu)
     np.testing.assert_allclose(backend.host(y), y_ref, **TOL[dtype])
-    np.testing.assert_array_equal(backend.host(d_rm), rm)     # eval never touches running stats
+    np.testing.assert_array_equal(backend.host(d_rm), rm)  # eval never touches running stats
     np.testing.assert_array_equal(backend.host(d_rv), rv)
     dy = rng.standard_normal(shape).astype(dtype)
     dx, dg, db = numbabn.batch_norm_backward(backend.put(dy), ctx)
-    dx_ref, dg_ref, db_ref = R.backward(dy, x, gamma, beta, mean=rm, var=rv, axis=axis,
-                                        relu=relu, training=False)
+    dx_ref, dg_ref, db_ref = R.backward(dy, x, gamma, beta, mean=rm, var=rv, axis=axis, relu=relu, training=False)
     np.testing.assert_allclose(backend.host(dx), dx_ref, **TOL[dtype])
     np.testing.assert_allclose(backend.host(dg), dg_ref, **TOL[dtype])
     np.testing.assert_allclose(backend.host(db), db_ref, **TOL[dtype])
@@ -105,14 +118,15 @@ def test_backward_matches_finite_differences(backend, rng, shape, axis, training
     x, gamma, beta = make_inputs(rng, shape, axis, np.float64)
     C = shape[axis]
     rm, rv = rng.standard_normal(C), rng.uniform(0.5, 2, C)
-    w = rng.standard_normal(shape)     # loss = sum(w * y)
+    w = rng.standard_normal(shape)  # loss = sum(w * y)
     kw = dict(axis=axis, training=training)
     if not training:
         kw.update(running_mean=rm, running_var=rv)
 
     def loss(x_=None, g_=None, b_=None):
-        y, _ = numbabn.batch_norm_forward(backend.put(x if x_ is None else x_), gamma if g_ is None else g_,
-                                          beta if b_ is None else b_, **kw)
+        y, _ = numbabn.batch_norm_forward(
+            backend.put(x if x_ is None else x_), gamma if g_ is None else g_, beta if b_ is None else b_, **kw
+        )
         return float((w * backend.host(y)).sum())
 
     _, ctx = numbabn.batch_norm_forward(backend.put(x), gamma, beta, **kw)
@@ -125,10 +139,11 @@ def test_backward_matches_finite_differences(backend, rng, shape, axis, training
 RUNNING_SHAPES = [((6, 3, 4), 1), ((8, 5), 1), ((3, 2, 2, 4), -1)]
 
 
-@by_backend("momentum,shape,axis,stats_on_device",
-            cpu=[(mom, s, a, False) for mom in (0.1, 0.5, None) for s, a in RUNNING_SHAPES],
-            cuda=[(mom, s, a, dev) for mom in (0.1, 0.5, None) for s, a in RUNNING_SHAPES
-                  for dev in (False, True)])
+@by_backend(
+    "momentum,shape,axis,stats_on_device",
+    cpu=[(mom, s, a, False) for mom in (0.1, 0.5, None) for s, a in RUNNING_SHAPES],
+    cuda=[(mom, s, a, dev) for mom in (0.1, 0.5, None) for s, a in RUNNING_SHAPES for dev in (False, True)],
+)
 def test_running_stats_over_steps(backend, rng, momentum, shape, axis, stats_on_device):
     """Training steps update the running statistics as PyTorch does; on CUDA the
     statistics may be host arrays (copied back in place) or device arrays."""
@@ -140,8 +155,14 @@ def test_running_stats_over_steps(backend, rng, momentum, shape, axis, stats_on_
     batch_means, batch_vars = [], []
     for step in range(1, 5):
         x, _, _ = make_inputs(rng, shape, axis, np.float64, loc=step)
-        numbabn.batch_norm_forward(backend.put(x), running_mean=stats[0], running_var=stats[1],
-                                   num_batches_tracked=nbt, momentum=momentum, axis=axis)
+        numbabn.batch_norm_forward(
+            backend.put(x),
+            running_mean=stats[0],
+            running_var=stats[1],
+            num_batches_tracked=nbt,
+            momentum=momentum,
+            axis=axis,
+        )
         count, mean, m2 = R.moments(x, axis)
         batch_means.append(mean)
         batch_vars.append(m2 / (count - 1))
@@ -149,7 +170,7 @@ def test_running_stats_over_steps(backend, rng, momentum, shape, axis, stats_on_
         ref_m, ref_v = R.update_running(ref_m, ref_v, mean, m2 / count, count, mom)
         assert int(nbt) == step
     got_m, got_v = backend.host(stats[0]), backend.host(stats[1])
-    if stats_on_device:   # the host arrays were only the initial values
+    if stats_on_device:  # the host arrays were only the initial values
         np.testing.assert_array_equal(rm, 0)
         np.testing.assert_array_equal(rv, 1)
     np.testing.assert_allclose(got_m, ref_m, rtol=1e-12)
@@ -161,18 +182,18 @@ def test_running_stats_over_steps(backend, rng, momentum, shape, axis, stats_on_
         np.testing.assert_allclose(got_v, np.mean(batch_vars, axis=0), rtol=1e-12)
 
 
-@by_backend("loc,shape,axis",
-            cpu=[(loc, s, a) for loc in (1e4, 1e5, 1e6)
-                 for s, a in [((16, 3, 50), 1), ((200, 4), 1), ((10, 5, 4, 3), -1)]],
-            cuda=[(1e4, s, a) for s, a in [((8, 3, 40), 1), ((200, 4), 1), ((6, 5, 4, 3), -1)]])
+@by_backend(
+    "loc,shape,axis",
+    cpu=[(loc, s, a) for loc in (1e4, 1e5, 1e6) for s, a in [((16, 3, 50), 1), ((200, 4), 1), ((10, 5, 4, 3), -1)]],
+    cuda=[(1e4, s, a) for s, a in [((8, 3, 40), 1), ((200, 4), 1), ((6, 5, 4, 3), -1)]],
+)
 def test_large_mean_float32_within_rounding(backend, rng, loc, shape, axis):
     """|mean| >> std: a naive E[x^2]-E[x]^2 in float32 would give garbage."""
     x, gamma, beta = make_inputs(rng, shape, axis, np.float32, loc=loc, scale=1.0)
     y, ctx = numbabn.batch_norm_forward(backend.put(x), gamma, beta, axis=axis)
-    y_ref, mean, var = R.forward(x, gamma, beta, axis=axis)   # float64 of the same float32 input
+    y_ref, mean, var = R.forward(x, gamma, beta, axis=axis)  # float64 of the same float32 input
     # Within a few float32 ulps of the output (|y| = O(1..5)).
-    np.testing.assert_allclose(backend.host(y), y_ref, rtol=0,
-                               atol=4 * np.finfo(np.float32).eps * np.abs(y_ref).max())
+    np.testing.assert_allclose(backend.host(y), y_ref, rtol=0, atol=4 * np.finfo(np.float32).eps * np.abs(y_ref).max())
     np.testing.assert_allclose(backend.host(ctx.mean), mean, rtol=1e-14)
     np.testing.assert_allclose(1 / backend.host(ctx.invstd) ** 2 - 1e-5, var, rtol=1e-9)
     dy = rng.standard_normal(shape).astype(np.float32)
@@ -186,10 +207,10 @@ def test_constant_channel_and_two_values(backend, rng):
     x = np.ones((4, 2, 3), np.float32) * 7
     x[:, 1] = rng.standard_normal((4, 3))
     y, ctx = numbabn.batch_norm_forward(backend.put(x))
-    np.testing.assert_array_equal(backend.host(y)[:, 0], 0)            # var 0 -> x - mean = 0 exactly
+    np.testing.assert_array_equal(backend.host(y)[:, 0], 0)  # var 0 -> x - mean = 0 exactly
     dx, _, _ = numbabn.batch_norm_backward(backend.put(np.ones_like(x)), ctx)
     assert np.all(np.isfinite(backend.host(dx)))
-    x2 = np.array([[1.0, -3.0], [2.0, 5.0]])                            # m = 2
+    x2 = np.array([[1.0, -3.0], [2.0, 5.0]])  # m = 2
     y2, _ = numbabn.batch_norm_forward(backend.put(x2))
     np.testing.assert_allclose(backend.host(y2), R.forward(x2)[0], rtol=1e-12)
 
@@ -199,7 +220,7 @@ def test_many_channels_tiny_m(backend, rng, C):
     """Two values per channel and many channels (on CUDA: several tiles of channels)."""
     x = rng.standard_normal((2, C)).astype(np.float32)
     y, ctx = numbabn.batch_norm_forward(backend.put(x))
-    np.testing.assert_allclose(backend.host(y), R.forward(x)[0], atol=1e-3)   # m=2: y = +-1/sqrt(1+eps/var)
+    np.testing.assert_allclose(backend.host(y), R.forward(x)[0], atol=1e-3)  # m=2: y = +-1/sqrt(1+eps/var)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     dx, _, _ = numbabn.batch_norm_backward(backend.put(dy), ctx)
     np.testing.assert_allclose(backend.host(dx), R.backward(dy, x)[0], rtol=1e-3, atol=1e-2)
@@ -228,7 +249,7 @@ def test_partitioned_paths(backend, rng, monkeypatch, shape, axis):
     np.testing.assert_allclose(backend.host(db), rdb, rtol=1e-9, atol=1e-10)
     m = numbabn.moments(backend.put(x), axis=axis)
     count, mean, m2 = R.moments(x, axis)
-    assert m.count == count and isinstance(m.mean, np.ndarray)     # moments are host arrays
+    assert m.count == count and isinstance(m.mean, np.ndarray)  # moments are host arrays
     np.testing.assert_allclose(m.mean, mean, rtol=1e-13)
     np.testing.assert_allclose(m.m2, m2, rtol=1e-11)
 
@@ -282,7 +303,7 @@ def test_sharded_batch_with_merged_moments_equals_whole_batch(backend, rng, shap
     x, g, b = make_inputs(rng, shape, axis, np.float64, loc=50.0)
     dy = rng.standard_normal(shape)
     C = shape[axis]
-    shards = [slice(0, 4), slice(4, 4), slice(4, None)]        # includes an empty shard
+    shards = [slice(0, 4), slice(4, 4), slice(4, None)]  # includes an empty shard
     merged = numbabn.Moments.empty(C)
     for s in shards:
         merged = numbabn.merge_moments(merged, numbabn.moments(backend.put(x[s]), axis=axis))
@@ -294,8 +315,9 @@ def test_sharded_batch_with_merged_moments_equals_whole_batch(backend, rng, shap
     ctxs, ys = [], []
     for s in shards:
         rm_s, rv_s = np.zeros(C), np.ones(C)
-        y, ctx = numbabn.batch_norm_forward(backend.put(x[s]), g, b, running_mean=rm_s, running_var=rv_s,
-                                            axis=axis, moments=merged)
+        y, ctx = numbabn.batch_norm_forward(
+            backend.put(x[s]), g, b, running_mean=rm_s, running_var=rv_s, axis=axis, moments=merged
+        )
         np.testing.assert_allclose(rm_s, rm, rtol=1e-12)
         np.testing.assert_allclose(rv_s, rv, rtol=1e-12)
         ys.append(backend.host(y))
@@ -306,10 +328,11 @@ def test_sharded_batch_with_merged_moments_equals_whole_batch(backend, rng, shap
     parts = []
     for s, ctx in zip(shards, ctxs, strict=True):
         numbabn.batch_norm_backward(backend.put(dy[s]), ctx, allreduce=lambda v: parts.append(v.copy()) or v)
-    assert len(parts) == 3 and np.all(parts[1] == 0)            # the empty shard adds nothing
-    grads = [[backend.host(a) for a in numbabn.batch_norm_backward(backend.put(dy[s]), ctx,
-                                                                   allreduce=lambda v: sum(parts))]
-             for s, ctx in zip(shards, ctxs, strict=True)]
+    assert len(parts) == 3 and np.all(parts[1] == 0)  # the empty shard adds nothing
+    grads = [
+        [backend.host(a) for a in numbabn.batch_norm_backward(backend.put(dy[s]), ctx, allreduce=lambda v: sum(parts))]
+        for s, ctx in zip(shards, ctxs, strict=True)
+    ]
     np.testing.assert_allclose(np.concatenate([gr[0] for gr in grads]), dx_full, rtol=1e-10, atol=1e-12)
     for _dx, dg, db in grads:
         np.testing.assert_allclose(dg, dg_full, rtol=1e-10)
@@ -329,16 +352,18 @@ def _ranks_functional(backend, xs, dys, gamma, beta, axis, act):
     for rank, x in enumerate(xs):
         # Every rank updates its own running statistics; rank 0's are compared.
         run = (rm, rv) if rank == 0 else (rm.copy(), rv.copy())
-        y, ctx = numbabn.batch_norm_forward(put(x), gamma, beta, running_mean=run[0], running_var=run[1],
-                                            axis=axis, activation=act, moments=merged)
+        y, ctx = numbabn.batch_norm_forward(
+            put(x), gamma, beta, running_mean=run[0], running_var=run[1], axis=axis, activation=act, moments=merged
+        )
         outs.append(host(y))
         ctxs.append(ctx)
     local = []
     for dy, ctx in zip(dys, ctxs, strict=True):
         numbabn.batch_norm_backward(put(dy), ctx, allreduce=lambda s: local.append(s.copy()) or s)
     total = np.sum(local, axis=0)
-    grads = [numbabn.batch_norm_backward(put(dy), ctx, allreduce=lambda s: total)
-             for dy, ctx in zip(dys, ctxs, strict=True)]
+    grads = [
+        numbabn.batch_norm_backward(put(dy), ctx, allreduce=lambda s: total) for dy, ctx in zip(dys, ctxs, strict=True)
+    ]
     return outs, [host(g[0]) for g in grads], [(host(g[1]), host(g[2])) for g in grads], (rm, rv)
 
 
@@ -356,13 +381,15 @@ def test_ranks_with_moments_and_allreduce_match_the_whole_batch(backend, rng, si
     got = _ranks_functional(backend, xs, dys, gamma, beta, axis, "relu")
     # the reference: the float64 formulas on the concatenated batch, and the CPU path on it
     x_all, dy_all = np.concatenate(xs), np.concatenate(dys)
-    np.testing.assert_allclose(np.concatenate(got[0]), R.forward(x_all, gamma, beta, axis=axis, relu=True)[0],
-                               **TOL[dtype])
+    np.testing.assert_allclose(
+        np.concatenate(got[0]), R.forward(x_all, gamma, beta, axis=axis, relu=True)[0], **TOL[dtype]
+    )
     ref_dx, ref_dg, ref_db = R.backward(dy_all, x_all, gamma, beta, axis=axis, relu=True)
     np.testing.assert_allclose(np.concatenate(got[1]), ref_dx, **TOL[dtype])
     rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
-    y_all, ctx = numbabn.batch_norm_forward(x_all, gamma, beta, running_mean=rm, running_var=rv, axis=axis,
-                                            activation="relu")
+    y_all, ctx = numbabn.batch_norm_forward(
+        x_all, gamma, beta, running_mean=rm, running_var=rv, axis=axis, activation="relu"
+    )
     dx_all, dg_all, db_all = numbabn.batch_norm_backward(dy_all, ctx)
     tol = CPU_TOL[dtype]
     np.testing.assert_allclose(np.concatenate(got[0]), y_all, **tol)
@@ -385,8 +412,16 @@ def test_empty_batch(backend, shape, axis, dtype):
     rm, rv, nbt = np.full(3, 0.5, pdt), np.full(3, 2.0, pdt), np.zeros((), np.int64)
     x = np.empty(shape, dtype)
     for training in (True, False):
-        y, ctx = numbabn.batch_norm_forward(backend.put(x), np.ones(3, pdt), np.zeros(3, pdt), running_mean=rm,
-                                            running_var=rv, num_batches_tracked=nbt, training=training, axis=axis)
+        y, ctx = numbabn.batch_norm_forward(
+            backend.put(x),
+            np.ones(3, pdt),
+            np.zeros(3, pdt),
+            running_mean=rm,
+            running_var=rv,
+            num_batches_tracked=nbt,
+            training=training,
+            axis=axis,
+        )
         dx, dg, db = numbabn.batch_norm_backward(backend.put(x), ctx)
         assert backend.host(y).shape == backend.host(dx).shape == shape
         assert backend.host(y).dtype == backend.host(dx).dtype == dtype
@@ -404,8 +439,9 @@ def test_eval_with_float64_statistics_for_float32_input(backend):
     ref = (x.astype(np.float64) - rm[None, :, None]) / np.sqrt(0.8 + 1e-5)
     expected, _ = numbabn.batch_norm_forward(x, running_mean=rm, running_var=rv, training=False)
     assert np.abs(expected - ref).max() < 2e-6
-    y, _ = numbabn.batch_norm_forward(backend.put(x), running_mean=backend.put(rm), running_var=backend.put(rv),
-                                      training=False)
+    y, _ = numbabn.batch_norm_forward(
+        backend.put(x), running_mean=backend.put(rm), running_var=backend.put(rv), training=False
+    )
     np.testing.assert_allclose(backend.host(y), expected, rtol=0, atol=2e-6)
     assert np.abs(backend.host(y) - ref).max() < 2e-6
 
@@ -416,11 +452,12 @@ def test_moments_and_allreduce_errors(backend):
         numbabn.batch_norm_forward(x, moments=(1, 2))
     with pytest.raises(ValueError, match="moments must have 3 channels"):
         numbabn.batch_norm_forward(x, moments=numbabn.Moments.empty(2))
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):   # one value in all
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):  # one value in all
         numbabn.batch_norm_forward(backend.put(np.ones((0, 3))), moments=numbabn.Moments(1, np.zeros(3), np.zeros(3)))
     with pytest.raises(ValueError, match="needs training=True"):
-        numbabn.batch_norm_forward(x, running_mean=np.zeros(3), running_var=np.ones(3), training=False,
-                                   moments=numbabn.moments(x))
+        numbabn.batch_norm_forward(
+            x, running_mean=np.zeros(3), running_var=np.ones(3), training=False, moments=numbabn.moments(x)
+        )
     _, ctx = numbabn.batch_norm_forward(backend.put(np.ones((4, 3)) + np.arange(4)[:, None]))
     with pytest.raises(TypeError, match="allreduce must be a callable"):
         numbabn.batch_norm_backward(x, ctx, allreduce=3)

@@ -1,4 +1,5 @@
 """Optimizers: PyTorch parity, subset steps, state copy/restore, errors."""
+
 import copy
 
 import numpy as np
@@ -8,8 +9,12 @@ from numbabn.layers import BatchNorm1d, Linear, Parameter, ReLU, Sequential, Sof
 from numbabn.optim import SGD, Adam
 
 SHAPES = [(3, 4), (4,), (2, 2, 3)]
-SGD_CASES = [dict(lr=0.1), dict(lr=0.05, momentum=0.9), dict(lr=0.05, momentum=0.9, nesterov=True),
-             dict(lr=0.1, momentum=0.5, weight_decay=0.01)]
+SGD_CASES = [
+    dict(lr=0.1),
+    dict(lr=0.05, momentum=0.9),
+    dict(lr=0.05, momentum=0.9, nesterov=True),
+    dict(lr=0.1, momentum=0.5, weight_decay=0.01),
+]
 ADAM_CASES = [dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)]
 
 
@@ -67,7 +72,7 @@ def test_subset_step_equals_a_full_step_on_those_parameters(rng, cls, kwargs):
     params = make_params(rng)
     opt = cls(params, **kwargs)
     history = grads_for(rng, 3)
-    run(opt, params, history[:2])                 # build up momentum / moments
+    run(opt, params, history[:2])  # build up momentum / moments
     reference = copy.deepcopy((params, opt))
     ref_params, ref_opt = reference
     for p, rp, g in zip(params, ref_params, history[2], strict=True):
@@ -88,8 +93,12 @@ def test_subset_step_equals_a_full_step_on_those_parameters(rng, cls, kwargs):
 
 
 def tiny_model(rng):
-    return Sequential(Linear(4, 6, rng=rng, dtype=np.float64), BatchNorm1d(6, dtype=np.float64), ReLU(),
-                      Linear(6, 3, rng=rng, dtype=np.float64))
+    return Sequential(
+        Linear(4, 6, rng=rng, dtype=np.float64),
+        BatchNorm1d(6, dtype=np.float64),
+        ReLU(),
+        Linear(6, 3, rng=rng, dtype=np.float64),
+    )
 
 
 def train_step(model, opt, x, t):
@@ -138,7 +147,7 @@ def test_state_dict_is_a_copy_and_round_trips(rng):
     opt.load_state_dict(saved)
     assert opt.state[0]["step"] == 2
     np.testing.assert_array_equal(opt.state[1]["exp_avg_sq"], saved["state"][1]["exp_avg_sq"])
-    opt.lr = 0.5                                   # hyperparameters are part of the state
+    opt.lr = 0.5  # hyperparameters are part of the state
     opt.load_state_dict(saved)
     assert opt.lr == 0.01
 
@@ -157,8 +166,13 @@ def test_load_state_dict_errors_leave_state_untouched(rng):
     bad_count["state"].pop()
     bad_hyper = copy.deepcopy(good)
     bad_hyper["hyperparameters"]["lr"] = -1.0
-    for state, match in [(bad_shape, "shape"), (bad_dtype, "dtype"), (bad_count, "one dict per parameter"),
-                         (bad_hyper, "lr must be"), ({"state": []}, "keys")]:
+    for state, match in [
+        (bad_shape, "shape"),
+        (bad_dtype, "dtype"),
+        (bad_count, "one dict per parameter"),
+        (bad_hyper, "lr must be"),
+        ({"state": []}, "keys"),
+    ]:
         with pytest.raises(ValueError, match=match):
             opt.load_state_dict(state)
         assert opt.lr == 0.1
@@ -222,7 +236,7 @@ def test_one_bad_gradient_updates_nothing(rng, cls, kwargs, first_step):
         opt.step()
     _assert_unchanged(params, opt, snap)
     params[-1].grad = params[-1].grad.astype(np.float64)
-    opt.step()                                       # fixed: the step runs
+    opt.step()  # fixed: the step runs
     assert not np.array_equal(params[0].value, snap[0][0])
 
 
@@ -234,7 +248,7 @@ def test_other_failed_steps_change_nothing(rng, cls):
     for p, g in zip(params, grads_for(rng, 1)[0], strict=True):
         p.grad = g
     snap = _snapshot(params, opt)
-    params[1].value.setflags(write=False)            # e.g. loaded with mmap_mode="r"
+    params[1].value.setflags(write=False)  # e.g. loaded with mmap_mode="r"
     with pytest.raises(ValueError, match="writeable"):
         opt.step()
     _assert_unchanged(params, opt, snap)
@@ -243,7 +257,7 @@ def test_other_failed_steps_change_nothing(rng, cls):
         opt.step([params[0], params[0]])
     with pytest.raises(ValueError, match="not managed"):
         opt.step([params[0], Parameter("stranger", np.zeros(3))])
-    opt.lr = -1.0                                    # an assigned hyperparameter is checked at step time
+    opt.lr = -1.0  # an assigned hyperparameter is checked at step time
     with pytest.raises(ValueError, match="lr must be"):
         opt.step()
     opt.lr = 0.1
@@ -266,12 +280,12 @@ def test_subset_step_after_copying_model_and_optimizer(rng, cls, how):
     _, d = SoftmaxCrossEntropy()(model2.forward(x), t)
     model2.backward(d)
     before = model2.state_dict()
-    opt2.step(model2[:1].parameters())               # the first Linear only
+    opt2.step(model2[:1].parameters())  # the first Linear only
     after = model2.state_dict()
     changed = sorted(k for k in before if not np.array_equal(before[k], after[k]))
     assert changed == ["0.bias", "0.weight"]
     with pytest.raises(ValueError, match="not managed"):
-        opt2.step(model.parameters()[:1])            # the original's parameter is a stranger to the copy
+        opt2.step(model.parameters()[:1])  # the original's parameter is a stranger to the copy
 
 
 def test_new_object_at_an_old_address_is_not_mistaken_for_a_managed_one(rng):
@@ -280,7 +294,7 @@ def test_new_object_at_an_old_address_is_not_mistaken_for_a_managed_one(rng):
     params = make_params(rng)
     opt2 = copy.deepcopy(SGD(params, lr=0.1))
     del params
-    strangers = [Parameter(f"s{i}", np.zeros(2)) for i in range(200)]   # some reuse the old addresses
+    strangers = [Parameter(f"s{i}", np.zeros(2)) for i in range(200)]  # some reuse the old addresses
     for p in strangers:
         with pytest.raises(ValueError, match="not managed"):
             opt2.step([p])

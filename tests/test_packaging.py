@@ -1,5 +1,6 @@
 """Packaging promises: a CPU-only install works without numba-cuda, the version has one
 source, and the type information ships with the package."""
+
 import importlib.metadata
 import importlib.resources
 import os
@@ -49,14 +50,20 @@ def test_cpu_only_install_works_without_numba_cuda():
     blocked = ("numba_cuda", "numba.cuda")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env["NUMBABN_QUIET"] = "1"
-    proc = subprocess.run([sys.executable, "-c", _BLOCKED_RUN.format(blocked=blocked)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _BLOCKED_RUN.format(blocked=blocked)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "cuda_available False" in out
     assert "cpu (6, 3, 4) (6, 3, 4) True" in out
-    assert ("cuda backend refused: batch_norm_forward: backend='cuda' needs numba-cuda, "
-            "which cannot be imported") in out
+    assert (
+        "cuda backend refused: batch_norm_forward: backend='cuda' needs numba-cuda, which cannot be imported"
+    ) in out
     assert "info exit 0" in out
     assert "numba-cuda" in out and "CUDA" in out
 

@@ -1,4 +1,5 @@
 """Property tests over random shapes, axes and dtypes (hypothesis)."""
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,7 +15,7 @@ def problems(draw):
     ndim = draw(st.integers(2, 4))
     shape = tuple(draw(st.lists(st.integers(1, 6), min_size=ndim, max_size=ndim)))
     axis = draw(st.integers(-ndim, ndim - 1))
-    if np.prod(shape) // shape[axis] < 2:                   # training needs m >= 2
+    if np.prod(shape) // shape[axis] < 2:  # training needs m >= 2
         shape = (shape[0] + 1,) + shape[1:] if axis % ndim != 0 else shape[:1] + (shape[1] + 1,) + shape[2:]
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     seed = draw(st.integers(0, 2**31 - 1))

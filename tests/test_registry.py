@@ -1,5 +1,6 @@
 """Registry: built-ins, discovery through the real entry points, fake third-party
 entry points (good, broken, clashing), the decorator, and import laziness."""
+
 import importlib.metadata
 import subprocess
 import sys
@@ -59,7 +60,7 @@ class FakeEntryPoint:
 @pytest.fixture
 def fresh_registry(monkeypatch):
     """A private copy of the table with discovery not yet run; restored afterwards."""
-    registry.available_layers()                       # make sure the built-ins are in the copy
+    registry.available_layers()  # make sure the built-ins are in the copy
     monkeypatch.setattr(registry, "_registry", dict(registry._registry))
     monkeypatch.setattr(registry, "_discovered", False)
     return monkeypatch
@@ -81,10 +82,12 @@ def acme_module(monkeypatch):
 
 def test_fake_third_party_entry_points(fresh_registry, acme_module):
     calls = []
-    fakes = [FakeEntryPoint("acme_norm", "acme_norms:AcmeNorm"),
-             FakeEntryPoint("broken_norm", "acme_missing_module:Norm", dist="broken-dist", version="0.1"),
-             FakeEntryPoint("odd_norm", "acme_norms:not_a_layer"),
-             FakeEntryPoint("linear", "acme_norms:AcmeNorm")]
+    fakes = [
+        FakeEntryPoint("acme_norm", "acme_norms:AcmeNorm"),
+        FakeEntryPoint("broken_norm", "acme_missing_module:Norm", dist="broken-dist", version="0.1"),
+        FakeEntryPoint("odd_norm", "acme_norms:not_a_layer"),
+        FakeEntryPoint("linear", "acme_norms:AcmeNorm"),
+    ]
 
     def entry_points(**kwargs):
         calls.append(kwargs)
@@ -95,8 +98,10 @@ def test_fake_third_party_entry_points(fresh_registry, acme_module):
         layers = registry.available_layers()
     messages = [str(w.message) for w in record]
     assert len(messages) == 3
-    assert any("could not load layer plugin 'broken_norm'" in m and "broken-dist 0.1" in m
-               and "ModuleNotFoundError" in m for m in messages)
+    assert any(
+        "could not load layer plugin 'broken_norm'" in m and "broken-dist 0.1" in m and "ModuleNotFoundError" in m
+        for m in messages
+    )
     assert any("skipped layer plugin 'odd_norm'" in m and "not a numbabn Layer subclass" in m for m in messages)
     assert any("skipped layer plugin 'linear'" in m and "already registered" in m for m in messages)
 
@@ -105,7 +110,7 @@ def test_fake_third_party_entry_points(fresh_registry, acme_module):
     assert layers["linear"] == "builtin" and registry.layer_class("linear") is Linear
     assert isinstance(registry.get_layer("acme_norm"), acme_module.AcmeNorm)
     registry.get_layer("batch_norm1d", 3)
-    assert calls == [{"group": registry.ENTRY_POINT_GROUP}]          # discovered lazily, once
+    assert calls == [{"group": registry.ENTRY_POINT_GROUP}]  # discovered lazily, once
 
 
 def test_register_layer_decorator(fresh_registry):
@@ -115,7 +120,7 @@ def test_register_layer_decorator(fresh_registry):
             return 2 * x
 
     assert registry.available_layers()["scaled_identity"] == __name__
-    assert registry.register_layer("scaled_identity")(ScaledIdentity) is ScaledIdentity    # idempotent
+    assert registry.register_layer("scaled_identity")(ScaledIdentity) is ScaledIdentity  # idempotent
     with pytest.raises(ValueError, match="'batch_norm1d' is already registered to .*BatchNorm1d"):
         registry.register_layer("batch_norm1d")(ScaledIdentity)
     with pytest.raises(TypeError, match="expected a Layer subclass"):
@@ -126,9 +131,11 @@ def test_register_layer_decorator(fresh_registry):
 
 
 def test_importing_numbabn_and_the_registry_stays_light():
-    code = ("import sys, numbabn, numbabn.registry; "
-            "heavy = [m for m in ('numba', 'numbabn.layers', 'numbabn_plugins') if m in sys.modules]; "
-            "print(heavy)")
+    code = (
+        "import sys, numbabn, numbabn.registry; "
+        "heavy = [m for m in ('numba', 'numbabn.layers', 'numbabn_plugins') if m in sys.modules]; "
+        "print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -146,7 +153,9 @@ def test_a_broken_plugin_never_breaks_lookups(fresh_registry):
 def test_layers_do_not_import_the_registry():
     """One direction only: the registry reads numbabn.layers.BUILTIN_LAYERS; importing
     the layers leaves the registry unloaded."""
-    code = ("import sys, numbabn.layers; assert 'numbabn.registry' not in sys.modules, 'registry imported'; "
-            "from numbabn import registry; from numbabn.layers import BUILTIN_LAYERS; "
-            "assert all(registry.layer_class(n) is c for n, c in BUILTIN_LAYERS.items())")
+    code = (
+        "import sys, numbabn.layers; assert 'numbabn.registry' not in sys.modules, 'registry imported'; "
+        "from numbabn import registry; from numbabn.layers import BUILTIN_LAYERS; "
+        "assert all(registry.layer_class(n) is c for n, c in BUILTIN_LAYERS.items())"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

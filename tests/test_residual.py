@@ -2,6 +2,7 @@
 reference (forward, backward, the residual's gradient), both backends, both layouts,
 training and eval; thread-count independence; failed calls change nothing; and the
 compile-time contract (no new specialisation for calls without a residual)."""
+
 import numpy as np
 import pytest
 from numba import cuda
@@ -10,8 +11,11 @@ import numbabn
 from numbabn import config
 from numbabn.kernels import reference as R
 
-TOL = {np.float64: dict(rtol=1e-10, atol=1e-10), np.float32: dict(rtol=2e-5, atol=2e-5),
-       np.float16: dict(rtol=2e-2, atol=2e-2)}
+TOL = {
+    np.float64: dict(rtol=1e-10, atol=1e-10),
+    np.float32: dict(rtol=2e-5, atol=2e-5),
+    np.float16: dict(rtol=2e-2, atol=2e-2),
+}
 CPU_CASES = [((6, 4, 5, 7), 1), ((50, 6), 1), ((3, 4, 5, 6), -1), ((7, 5, 9), 1)]
 
 
@@ -31,8 +35,18 @@ def _check(rng, shape, axis, dtype, relu, training, backend=None, to=lambda a: a
     rm, rv = rng.standard_normal(C).astype(pdt), (1 + rng.random(C)).astype(pdt)
     rm0, rv0 = rm.copy(), rv.copy()
     act = "relu" if relu else None
-    y, ctx = numbabn.batch_norm_forward(to(x), g, b, running_mean=rm, running_var=rv, training=training,
-                                        axis=axis, activation=act, residual=to(r), backend=backend)
+    y, ctx = numbabn.batch_norm_forward(
+        to(x),
+        g,
+        b,
+        running_mean=rm,
+        running_var=rv,
+        training=training,
+        axis=axis,
+        activation=act,
+        residual=to(r),
+        backend=backend,
+    )
     stats = {} if training else dict(mean=rm0, var=rv0)
     ey, mean, var = R.forward(x, g, b, axis=axis, relu=relu, residual=r, **stats)
     tol = TOL[dtype]
@@ -74,9 +88,9 @@ def test_float16_is_computed_in_float32(rng):
 @pytest.mark.parametrize("relu,training", [(True, True), (False, True), (True, False)])
 def test_cuda_against_reference(rng, shape, axis, dtype, relu, training):
     """CUDA backend (Numba's simulator without a GPU): device input and residual."""
-    host = lambda a: a.copy_to_host() if hasattr(a, "copy_to_host") else a   # noqa: E731
+    host = lambda a: a.copy_to_host() if hasattr(a, "copy_to_host") else a  # noqa: E731
     _check(rng, shape, axis, dtype, relu, training, to=cuda.to_device, back=host)
-    _check(rng, shape, axis, dtype, relu, training, backend="cuda")      # NumPy in, NumPy out
+    _check(rng, shape, axis, dtype, relu, training, backend="cuda")  # NumPy in, NumPy out
 
 
 def test_cuda_residual_must_live_with_x(rng):
@@ -114,7 +128,7 @@ def test_out_arguments(rng):
     _, plain = numbabn.batch_norm_forward(x, g, b)
     with pytest.raises(ValueError, match="forward had none"):
         numbabn.batch_norm_backward(dy, plain, residual_out=dr_out)
-    assert len(numbabn.batch_norm_backward(dy, plain)) == 3      # existing calls unchanged
+    assert len(numbabn.batch_norm_backward(dy, plain)) == 3  # existing calls unchanged
 
 
 @pytest.mark.parametrize("shape,axis", [((16, 8, 700), 1), ((3000, 24), 1)])
@@ -130,21 +144,24 @@ def test_one_and_two_threads_are_bit_identical(rng, monkeypatch, shape, axis):
         np.testing.assert_array_equal(a, b_)
 
 
-@pytest.mark.parametrize("bad,exc,match", [
-    ("shape", ValueError, r"residual must have the shape of x \(4, 3, 5\), got \(4, 3, 4\)"),
-    ("dtype", TypeError, r"residual must have the dtype of x \(float32\), got float64"),
-    ("ndim", ValueError, r"residual must have at least 2 dimensions"),
-    ("int", TypeError, r"residual must have a floating dtype"),
-])
+@pytest.mark.parametrize(
+    "bad,exc,match",
+    [
+        ("shape", ValueError, r"residual must have the shape of x \(4, 3, 5\), got \(4, 3, 4\)"),
+        ("dtype", TypeError, r"residual must have the dtype of x \(float32\), got float64"),
+        ("ndim", ValueError, r"residual must have at least 2 dimensions"),
+        ("int", TypeError, r"residual must have a floating dtype"),
+    ],
+)
 def test_failed_call_changes_nothing(rng, bad, exc, match):
     x, r, *_ = _inputs(rng, (4, 3, 5), 1, np.float32)
-    residual = {"shape": r[..., :4], "dtype": r.astype(np.float64), "ndim": r.ravel(),
-                "int": r.astype(np.int32)}[bad]
+    residual = {"shape": r[..., :4], "dtype": r.astype(np.float64), "ndim": r.ravel(), "int": r.astype(np.int32)}[bad]
     rm, rv, nbt = np.zeros(3, np.float32), np.ones(3, np.float32), np.zeros(1, np.int64)
     out = np.full_like(x, 7.0)
     with pytest.raises(exc, match=match):
-        numbabn.batch_norm_forward(x, running_mean=rm, running_var=rv, num_batches_tracked=nbt,
-                                   residual=residual, activation="relu", out=out)
+        numbabn.batch_norm_forward(
+            x, running_mean=rm, running_var=rv, num_batches_tracked=nbt, residual=residual, activation="relu", out=out
+        )
     assert np.all(rm == 0) and np.all(rv == 1) and nbt[0] == 0 and np.all(out == 7.0)
 
 
@@ -196,9 +213,9 @@ def test_specialisations():
     import os
     import subprocess
     import sys
+
     env = {**os.environ, "NUMBABN_QUIET": "1"}
-    res = subprocess.run([sys.executable, "-c", _SPECS_CHILD], capture_output=True, text=True, env=env,
-                         timeout=600)
+    res = subprocess.run([sys.executable, "-c", _SPECS_CHILD], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["plain"] == 10

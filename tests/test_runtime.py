@@ -4,6 +4,7 @@ specialisations, overflow, thread settings (issue 11).
 Cache tests run in fresh processes with their own ``NUMBA_CACHE_DIR``, so they see
 an empty cache whatever this process has compiled.
 """
+
 import multiprocessing
 import os
 import pickle
@@ -72,7 +73,7 @@ def test_compile_notice_once_then_cached(populated):
     cache, err = populated
     notes = [line for line in err.splitlines() if line.startswith("numbabn: compiling")]
     assert len(notes) == 1 and str(cache) in notes[0]
-    warm = _fresh(cache)                           # loads from the cache: nothing to say
+    warm = _fresh(cache)  # loads from the cache: nothing to say
     _same(warm, _expected())
     assert warm.stderr == b""
 
@@ -81,14 +82,14 @@ def test_corrupted_cache_recompiles_warns_once_and_heals(populated, tmp_path):
     cache = _copy(populated[0], tmp_path)
     files = [p for p in cache.rglob("*") if p.suffix in (".nbi", ".nbc")]
     assert files
-    for p in files:                                # truncate every index and data file
+    for p in files:  # truncate every index and data file
         p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 3])
-    hurt = _fresh(cache, NUMBABN_QUIET="1")        # quiet: no compile notice, warnings stay
+    hurt = _fresh(cache, NUMBABN_QUIET="1")  # quiet: no compile notice, warnings stay
     _same(hurt, _expected())
     err = hurt.stderr.decode()
     assert err.count("CacheWarning") == 1 and "corrupted kernel cache" in err
     assert "numbabn: compiling" not in err
-    healed = _fresh(cache)                         # the recompiled entries were saved
+    healed = _fresh(cache)  # the recompiled entries were saved
     _same(healed, _expected())
     assert healed.stderr == b""
 
@@ -134,8 +135,7 @@ def test_warm_process_loads_every_variant_without_compiling(tmp_path):
     np.testing.assert_allclose(dg, rdg, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(db, rdb, rtol=1e-10, atol=1e-12)
     rm, rv = np.linspace(-1, 1, 6), np.linspace(0.5, 2, 6)
-    np.testing.assert_allclose(ye, (x.astype(np.float32) - rm) / np.sqrt(rv + 1e-5), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(ye, (x.astype(np.float32) - rm) / np.sqrt(rv + 1e-5), rtol=1e-5, atol=1e-5)
     warm = _fresh(tmp_path, _VARIANTS)
     assert warm.returncode == 0, warm.stderr.decode()
     # Nothing compiled, nothing said, and Numba's compiler registries (which import
@@ -165,11 +165,11 @@ def _child_forward(seed):
     return y, numbabn.batch_norm_backward(x, ctx)[0]
 
 
-@pytest.mark.parametrize("serial_max", [10**9, 0])   # calling thread only / thread pool
+@pytest.mark.parametrize("serial_max", [10**9, 0])  # calling thread only / thread pool
 def test_fork_pool_after_the_parent_used_the_kernels(monkeypatch, serial_max):
     monkeypatch.setattr(config, "SERIAL_MAX", serial_max)
     with numbabn.limit_threads(2):
-        expected = [_child_forward(s) for s in range(4)]   # parent uses kernels (and pool) first
+        expected = [_child_forward(s) for s in range(4)]  # parent uses kernels (and pool) first
         with multiprocessing.get_context("fork").Pool(2) as pool:
             got = pool.map_async(_child_forward, range(4)).get(timeout=300)
     for (y, dx), (ey, edx) in zip(got, expected, strict=True):
@@ -177,7 +177,7 @@ def test_fork_pool_after_the_parent_used_the_kernels(monkeypatch, serial_max):
 
 
 def test_python_threads_match_serial_calls(rng, monkeypatch):
-    monkeypatch.setattr(config, "SERIAL_MAX", 0)            # every call uses the pool too
+    monkeypatch.setattr(config, "SERIAL_MAX", 0)  # every call uses the pool too
     xs = [rng.standard_normal((16, 4, 40)).astype(np.float32) for _ in range(4)]
     g, b = np.full(4, 1.5, np.float32), np.full(4, 0.25, np.float32)
 
@@ -231,6 +231,7 @@ def test_threads_under_numba_workqueue_layer(tmp_path):
 
 def test_available_cpus_follows_affinity_and_quota():
     from numbabn import _threads
+
     quota = _threads._cgroup_quota()
     expected = len(os.sched_getaffinity(0))
     assert numbabn.available_cpus() == (expected if quota is None else min(expected, quota))
@@ -297,8 +298,7 @@ def test_unusual_input_views_compile_nothing_new(rng, dtype):
     ro_stats = rm.copy(), rv.copy()
     for s in ro_stats:
         s.flags.writeable = False
-    variants = [readonly, np.asfortranarray(x), x.astype(x.dtype.newbyteorder(">")),
-                np.repeat(x, 2, axis=2)[:, :, ::2]]
+    variants = [readonly, np.asfortranarray(x), x.astype(x.dtype.newbyteorder(">")), np.repeat(x, 2, axis=2)[:, :, ::2]]
     for v in variants:
         for a, e in zip(both(v), reference, strict=True):
             np.testing.assert_array_equal(a, e)
@@ -312,11 +312,12 @@ def test_unusual_input_views_compile_nothing_new(rng, dtype):
 def test_float32_extremes_do_not_overflow():
     x = np.array([[3e38], [-3e38], [3e38]], np.float32)
     y, ctx = numbabn.batch_norm_forward(x, eps=1e-5)
-    np.testing.assert_allclose(y[:, 0], [2 ** -0.5, -2 ** 0.5, 2 ** -0.5], rtol=1e-6)
+    np.testing.assert_allclose(y[:, 0], [2**-0.5, -(2**0.5), 2**-0.5], rtol=1e-6)
     dx = numbabn.batch_norm_backward(np.array([[1.0], [0.0], [-1.0]], np.float32), ctx)[0]
     assert np.all(np.isfinite(dx))
-    ye, _ = numbabn.batch_norm_forward(x, running_mean=np.array([1e38], np.float32),
-                                       running_var=np.array([1e30], np.float32), training=False)
+    ye, _ = numbabn.batch_norm_forward(
+        x, running_mean=np.array([1e38], np.float32), running_var=np.array([1e30], np.float32), training=False
+    )
     np.testing.assert_allclose(ye[:, 0], (x[:, 0].astype(np.float64) - 1e38) / 1e15, rtol=1e-6)
 
 
@@ -333,13 +334,15 @@ def test_moments_of_a_near_constant_column_among_many():
     np.testing.assert_allclose(m.mean, exact_mean.astype(np.float64), rtol=1e-15, atol=0)
 
 
-@pytest.mark.parametrize("shape,chunk", [((7, 5, 3), 16), ((3, 9000, 2), 64), ((2, 3, 100), 16),
-                                         ((5, 4, 40), 16), ((1, 5000, 16), 512)])
+@pytest.mark.parametrize(
+    "shape,chunk", [((7, 5, 3), 16), ((3, 9000, 2), 64), ((2, 3, 100), 16), ((5, 4, 40), 16), ((1, 5000, 16), 512)]
+)
 def test_python_block_count_matches_the_kernel_grid(shape, chunk):
     """ncl_blocks (the driver's count, in Python) and _ncl_block (the kernels' geometry)
     must describe the same grid: the blocks tile every element exactly once, and the
     partial rows are exactly the block rows used."""
     from numbabn.kernels import cpu
+
     blocks, rows = cpu.ncl_blocks(shape, chunk)
     seen = np.zeros(shape, np.int64)
     used_rows = set()

@@ -1,5 +1,6 @@
 """BNMLPClassifier / BNMLPRegressor: scikit-learn's estimator checks, partial_fit,
 model selection, dtypes, stopping rules, recorded metrics, pickling and errors."""
+
 import pickle
 import warnings
 
@@ -23,12 +24,30 @@ FAST = dict(hidden_layer_sizes=(16,), max_iter=50, learning_rate_init=0.01)
 
 
 @parametrize_with_checks(
-    [BNMLPClassifier(**FAST), BNMLPRegressor(**FAST),
-     BNMLPClassifier(hidden_layer_sizes=(16, 8), activation="tanh", solver="sgd", learning_rate_init=0.05,
-                     max_iter=50, early_stopping=True, validation_fraction=0.2),
-     BNMLPRegressor(hidden_layer_sizes=(16,), activation="logistic", batch_norm=False, max_iter=50,
-                    learning_rate_init=0.01, record_metrics=("grad_norm",), record_every=5)],
-    xfail_strict=True)
+    [
+        BNMLPClassifier(**FAST),
+        BNMLPRegressor(**FAST),
+        BNMLPClassifier(
+            hidden_layer_sizes=(16, 8),
+            activation="tanh",
+            solver="sgd",
+            learning_rate_init=0.05,
+            max_iter=50,
+            early_stopping=True,
+            validation_fraction=0.2,
+        ),
+        BNMLPRegressor(
+            hidden_layer_sizes=(16,),
+            activation="logistic",
+            batch_norm=False,
+            max_iter=50,
+            learning_rate_init=0.01,
+            record_metrics=("grad_norm",),
+            record_every=5,
+        ),
+    ],
+    xfail_strict=True,
+)
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 
@@ -127,7 +146,7 @@ def test_stopping_rules(digits):
     X_tr, _, y_tr, _ = digits
     clf = BNMLPClassifier(hidden_layer_sizes=(32,), max_iter=500, tol=1e-2, n_iter_no_change=2, random_state=0)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", ConvergenceWarning)      # stopped by tol, not by max_iter
+        warnings.simplefilter("error", ConvergenceWarning)  # stopped by tol, not by max_iter
         clf.fit(X_tr, y_tr)
     assert clf.n_iter_ < 500
     with pytest.warns(ConvergenceWarning, match=r"Maximum iterations \(2\) reached"):
@@ -136,20 +155,27 @@ def test_stopping_rules(digits):
 
 def test_early_stopping_restores_best_validation_state(digits):
     X_tr, _, y_tr, _ = digits
-    clf = BNMLPClassifier(hidden_layer_sizes=(32,), max_iter=40, early_stopping=True, n_iter_no_change=3,
-                          validation_fraction=0.2, random_state=0)
+    clf = BNMLPClassifier(
+        hidden_layer_sizes=(32,),
+        max_iter=40,
+        early_stopping=True,
+        n_iter_no_change=3,
+        validation_fraction=0.2,
+        random_state=0,
+    )
     clf.fit(X_tr, y_tr)
     assert len(clf.validation_scores_) == clf.n_iter_
     assert clf.best_validation_score_ == max(clf.validation_scores_)
     assert clf.best_validation_score_ > 0.9
-    if clf.n_iter_ < 40:   # stopped: the last n_iter_no_change + 1 scores did not beat the best by tol
+    if clf.n_iter_ < 40:  # stopped: the last n_iter_no_change + 1 scores did not beat the best by tol
         assert max(clf.validation_scores_[-4:]) < clf.best_validation_score_ + clf.tol
 
 
 def test_record_metrics_reach_history(digits):
     X_tr, _, y_tr, _ = digits
-    clf = BNMLPClassifier(hidden_layer_sizes=(16, 16), max_iter=2, record_metrics=["grad_norm", "ics"],
-                          record_every=3, random_state=0)
+    clf = BNMLPClassifier(
+        hidden_layer_sizes=(16, 16), max_iter=2, record_metrics=["grad_norm", "ics"], record_every=3, random_state=0
+    )
     clf.fit(X_tr, y_tr)
     steps = clf.history_.step
     for name in ("grad_norm", "ics"):
@@ -182,16 +208,16 @@ def test_pickle_round_trip_keeps_predictions_and_training_state():
     copy = pickle.loads(pickle.dumps(clf))
     assert_array_equal(copy.predict_proba(X), clf.predict_proba(X))
     clf.partial_fit(X, y)
-    copy.partial_fit(X, y)    # same generator, optimizer and running-statistics state
+    copy.partial_fit(X, y)  # same generator, optimizer and running-statistics state
     assert_array_equal(copy.predict_proba(X), clf.predict_proba(X))
 
 
 def test_clone_grid_search_pipeline(digits):
     X_tr, X_te, y_tr, y_te = digits
-    pipe = make_pipeline(BatchNormTransformer(), BNMLPClassifier(hidden_layer_sizes=(16,), max_iter=5,
-                                                                 random_state=0))
-    grid = GridSearchCV(pipe, {"bnmlpclassifier__learning_rate_init": [1e-3, 1e-2],
-                               "bnmlpclassifier__solver": ["adam", "sgd"]}, cv=2)
+    pipe = make_pipeline(BatchNormTransformer(), BNMLPClassifier(hidden_layer_sizes=(16,), max_iter=5, random_state=0))
+    grid = GridSearchCV(
+        pipe, {"bnmlpclassifier__learning_rate_init": [1e-3, 1e-2], "bnmlpclassifier__solver": ["adam", "sgd"]}, cv=2
+    )
     grid.fit(X_tr, y_tr)
     assert grid.score(X_te, y_te) > 0.8
     fitted = grid.best_estimator_[-1]
@@ -200,19 +226,22 @@ def test_clone_grid_search_pipeline(digits):
     assert not hasattr(fresh, "classes_")
 
 
-@pytest.mark.parametrize("params, match", [
-    (dict(hidden_layer_sizes=(10, 0)), "hidden_layer_sizes must be a positive int"),
-    (dict(hidden_layer_sizes="wide"), "hidden_layer_sizes must be a positive int"),
-    (dict(activation="gelu"), "activation must be one of"),
-    (dict(solver="lbfgs"), "solver must be one of"),
-    (dict(learning_rate_init=0), "learning_rate_init must be a number > 0"),
-    (dict(momentum=1.5), r"momentum must be a number in \[0, 1\]"),
-    (dict(batch_size=1), "batch_size must be 'auto' or an int > 1"),
-    (dict(max_iter=0), "max_iter must be an int > 0"),
-    (dict(validation_fraction=1.0), r"validation_fraction must be a number in \(0, 1\)"),
-    (dict(batch_norm="yes"), "batch_norm must be a bool"),
-    (dict(record_every=0), "record_every must be an int > 0"),
-])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(hidden_layer_sizes=(10, 0)), "hidden_layer_sizes must be a positive int"),
+        (dict(hidden_layer_sizes="wide"), "hidden_layer_sizes must be a positive int"),
+        (dict(activation="gelu"), "activation must be one of"),
+        (dict(solver="lbfgs"), "solver must be one of"),
+        (dict(learning_rate_init=0), "learning_rate_init must be a number > 0"),
+        (dict(momentum=1.5), r"momentum must be a number in \[0, 1\]"),
+        (dict(batch_size=1), "batch_size must be 'auto' or an int > 1"),
+        (dict(max_iter=0), "max_iter must be an int > 0"),
+        (dict(validation_fraction=1.0), r"validation_fraction must be a number in \(0, 1\)"),
+        (dict(batch_norm="yes"), "batch_norm must be a bool"),
+        (dict(record_every=0), "record_every must be an int > 0"),
+    ],
+)
 def test_bad_parameters_raise_clear_errors(params, match):
     X, y = make_blobs(n_samples=20, random_state=0)
     for est in (BNMLPClassifier(**params), BNMLPRegressor(**params)):

@@ -1,6 +1,7 @@
 """BatchNormTransformer: scikit-learn's estimator checks, composition with the
 model-selection tools, pandas, dtypes, exact partial_fit, EMA parity with the
 BatchNorm1d layer, StandardScaler parity, in-place transforms and clear errors."""
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -18,16 +19,22 @@ from numbabn.sklearn import transformer as transformer_module
 
 def _expected_failed_checks(estimator):
     if not estimator.copy:
-        return {"check_methods_sample_order_invariance":
-                "copy=False transforms X in place by design, so the check's second transform "
-                "of the same array sees already-normalised data (StandardScaler(copy=False) too)"}
+        return {
+            "check_methods_sample_order_invariance": "copy=False transforms X in place by design, so the "
+            "check's second transform of the same array sees already-normalised data (StandardScaler(copy=False) too)"
+        }
     return {}
 
 
 @parametrize_with_checks(
-    [BatchNormTransformer(), BatchNormTransformer(momentum=0.1),
-     BatchNormTransformer(momentum=1.0, gamma=2.0, beta=-1.0, copy=False)],
-    expected_failed_checks=_expected_failed_checks, xfail_strict=True)
+    [
+        BatchNormTransformer(),
+        BatchNormTransformer(momentum=0.1),
+        BatchNormTransformer(momentum=1.0, gamma=2.0, beta=-1.0, copy=False),
+    ],
+    expected_failed_checks=_expected_failed_checks,
+    xfail_strict=True,
+)
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 
@@ -147,7 +154,7 @@ def test_copy_true_never_modifies_input(rng):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_copy_false_transforms_in_place_over_several_blocks(rng, dtype, monkeypatch):
-    monkeypatch.setattr(transformer_module, "_INPLACE_VALUES", 30)   # 10 rows per kernel call
+    monkeypatch.setattr(transformer_module, "_INPLACE_VALUES", 30)  # 10 rows per kernel call
     X = rng.normal(1.0, 2.0, size=(95, 3)).astype(dtype)
     t = BatchNormTransformer(copy=False, gamma=1.5, beta=-2.0).fit(X)
     expected = BatchNormTransformer(gamma=1.5, beta=-2.0).fit(X).transform(X)
@@ -177,8 +184,9 @@ def test_pipeline_grid_search_cross_val_score_clone(rng):
     pipe = make_pipeline(BatchNormTransformer(), LogisticRegression())
     scores = cross_val_score(pipe, X, y, cv=3)
     assert scores.shape == (3,) and scores.mean() > 0.9
-    grid = GridSearchCV(pipe, {"batchnormtransformer__momentum": [None, 0.5],
-                               "batchnormtransformer__eps": [1e-5, 1e-1]}, cv=3).fit(X, y)
+    grid = GridSearchCV(
+        pipe, {"batchnormtransformer__momentum": [None, 0.5], "batchnormtransformer__eps": [1e-5, 1e-1]}, cv=3
+    ).fit(X, y)
     assert set(grid.best_params_) == {"batchnormtransformer__momentum", "batchnormtransformer__eps"}
     assert grid.score(X, y) > 0.9
     fitted = BatchNormTransformer(momentum=0.3, gamma=2.0).fit(X)
@@ -226,18 +234,21 @@ def test_sparse_input_rejected(rng):
         BatchNormTransformer().fit(sp.csr_matrix(rng.normal(size=(5, 2))))
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(eps=0.0), ValueError, "eps must be a finite number > 0"),
-    (dict(eps=float("nan")), ValueError, "eps must be a finite number > 0"),
-    (dict(eps="1e-5"), ValueError, "eps must be a finite number > 0"),
-    (dict(momentum=0.0), ValueError, r"momentum must be None .* \(0, 1\]"),
-    (dict(momentum=1.5), ValueError, r"momentum must be None .* \(0, 1\]"),
-    (dict(momentum=True), ValueError, r"momentum must be None"),
-    (dict(gamma=[1.0, 2.0]), ValueError, r"gamma must be a scalar or have shape \(3,\)"),
-    (dict(beta=np.ones((3, 1))), ValueError, r"beta must be a scalar or have shape \(3,\)"),
-    (dict(gamma="big"), TypeError, "gamma must be a number or an array of n_features=3"),
-    (dict(beta=[0.0, np.nan, 1.0]), ValueError, "beta must be finite"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(eps=0.0), ValueError, "eps must be a finite number > 0"),
+        (dict(eps=float("nan")), ValueError, "eps must be a finite number > 0"),
+        (dict(eps="1e-5"), ValueError, "eps must be a finite number > 0"),
+        (dict(momentum=0.0), ValueError, r"momentum must be None .* \(0, 1\]"),
+        (dict(momentum=1.5), ValueError, r"momentum must be None .* \(0, 1\]"),
+        (dict(momentum=True), ValueError, r"momentum must be None"),
+        (dict(gamma=[1.0, 2.0]), ValueError, r"gamma must be a scalar or have shape \(3,\)"),
+        (dict(beta=np.ones((3, 1))), ValueError, r"beta must be a scalar or have shape \(3,\)"),
+        (dict(gamma="big"), TypeError, "gamma must be a number or an array of n_features=3"),
+        (dict(beta=[0.0, np.nan, 1.0]), ValueError, "beta must be finite"),
+    ],
+)
 def test_bad_parameters_raise_clear_errors(rng, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         BatchNormTransformer(**kwargs).fit(rng.normal(size=(10, 3)))
@@ -262,8 +273,14 @@ def test_rejected_partial_fit_leaves_state_untouched(rng, momentum):
     bad_nan.iloc[0, 0] = np.nan
     sparse = sp.csr_matrix(np.ones((4, 2)))
     # A new fit may change the width; partial_fit may not.
-    attempts = [(t.partial_fit, bad_nan), (t.partial_fit, df.assign(c=1.0)), (t.partial_fit, sparse),
-                (t.fit, bad_nan), (t.fit, sparse), (t.fit, bad_nan.assign(c=1.0))]
+    attempts = [
+        (t.partial_fit, bad_nan),
+        (t.partial_fit, df.assign(c=1.0)),
+        (t.partial_fit, sparse),
+        (t.fit, bad_nan),
+        (t.fit, sparse),
+        (t.fit, bad_nan.assign(c=1.0)),
+    ]
     for method, bad in attempts:
         with pytest.raises((ValueError, TypeError)):
             method(bad)

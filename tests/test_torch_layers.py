@@ -4,6 +4,7 @@ Batch norm runs several training steps on both sides -- forward, backward, an SG
 update of gamma/beta -- comparing outputs, input and parameter gradients, running
 statistics and the batch counter at every step, then the eval-mode forward.
 """
+
 import numpy as np
 import pytest
 from numbabn_plugins.per_sample_norm import GroupNorm, LayerNorm
@@ -41,15 +42,18 @@ BN_CASES = [  # (layer class, kwargs, input shape, permutation making the torch 
 def test_batch_norm_matches_torch_over_training_steps(rng, cls, kwargs, shape, perm, dtype):
     ours = cls(shape[-1] if perm else shape[1], dtype=dtype, **kwargs)
     torch_kwargs = {k: v for k, v in kwargs.items() if k != "channels_last"}
-    theirs = getattr(torch.nn, cls.__name__)(ours.num_features, dtype=getattr(torch, np.dtype(dtype).name),
-                                             **torch_kwargs)
+    theirs = getattr(torch.nn, cls.__name__)(
+        ours.num_features, dtype=getattr(torch, np.dtype(dtype).name), **torch_kwargs
+    )
     if ours.affine:
         gamma = rng.uniform(0.5, 1.5, ours.num_features).astype(dtype)
         ours.weight.value[...] = gamma
         with torch.no_grad():
             theirs.weight.copy_(torch.tensor(gamma))
-        opt, topt = SGD(ours.parameters(), lr=0.1, momentum=0.9), torch.optim.SGD(theirs.parameters(), lr=0.1,
-                                                                                  momentum=0.9)
+        opt, topt = (
+            SGD(ours.parameters(), lr=0.1, momentum=0.9),
+            torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9),
+        )
     to_torch = (lambda a: a.transpose(perm)) if perm else (lambda a: a)
 
     for step in range(4):
@@ -112,8 +116,10 @@ def test_linear_and_conv2d_match_torch(rng):
 
 
 def test_layer_norm_and_group_norm_match_torch(rng):
-    cases = [(LayerNorm((4, 5), dtype=np.float64), torch.nn.LayerNorm((4, 5), dtype=torch.float64), (3, 4, 5)),
-             (GroupNorm(2, 6, dtype=np.float64), torch.nn.GroupNorm(2, 6, dtype=torch.float64), (3, 6, 4, 2))]
+    cases = [
+        (LayerNorm((4, 5), dtype=np.float64), torch.nn.LayerNorm((4, 5), dtype=torch.float64), (3, 4, 5)),
+        (GroupNorm(2, 6, dtype=np.float64), torch.nn.GroupNorm(2, 6, dtype=torch.float64), (3, 6, 4, 2)),
+    ]
     for ours, theirs, shape in cases:
         with torch.no_grad():
             theirs.weight.uniform_(0.5, 1.5)
@@ -125,8 +131,10 @@ def test_layer_norm_and_group_norm_match_torch(rng):
 
 def test_losses_match_torch(rng):
     z = rng.standard_normal((6, 4)) * 5
-    cases = [(SoftmaxCrossEntropy(), torch.nn.functional.cross_entropy, rng.integers(0, 4, 6), "cross-entropy"),
-             (MSELoss(), torch.nn.functional.mse_loss, rng.standard_normal((6, 4)), "MSE")]
+    cases = [
+        (SoftmaxCrossEntropy(), torch.nn.functional.cross_entropy, rng.integers(0, 4, 6), "cross-entropy"),
+        (MSELoss(), torch.nn.functional.mse_loss, rng.standard_normal((6, 4)), "MSE"),
+    ]
     for ours, theirs, target, what in cases:
         zt = t(z)
         lt = theirs(zt, torch.tensor(target))

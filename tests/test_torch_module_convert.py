@@ -5,6 +5,7 @@ bn1, relu, conv2, bn2, downsample; the ReLU called in ``forward``) at a small si
 :func:`numbabn.torch.resnet.resnet18` has its conv-BN-ReLU in Sequentials, which is
 what ``fuse_relu`` can fold.
 """
+
 import copy
 
 import pytest
@@ -90,9 +91,9 @@ def test_converted_torchvision_resnet_trains_like_the_original(fmt):
     keys_before = list(converted.state_dict())
     assert nbt.convert_batchnorm(converted) is converted
     assert bn_types(converted) == [nbt.BatchNorm2d] * len(bn_types(original)) == [nbt.BatchNorm2d] * 10
-    assert [id(p) for p in converted.parameters()] == params_before   # same Parameter objects
+    assert [id(p) for p in converted.parameters()] == params_before  # same Parameter objects
     assert list(converted.state_dict()) == keys_before
-    assert converted.relu.__class__ is nn.ReLU   # called in forward: cannot be fused, left alone
+    assert converted.relu.__class__ is nn.ReLU  # called in forward: cannot be fused, left alone
     train_side_by_side(converted, original, fmt=fmt)
 
 
@@ -122,7 +123,7 @@ def test_sync_conversion_and_back_from_torch_sync_batch_norm():
     model = TorchvisionResNet()
     synced = nbt.convert_batchnorm(copy.deepcopy(model), sync=True)
     assert set(bn_types(synced)) == {nbt.SyncBatchNorm}
-    train_side_by_side(synced, model, steps=2)   # one process: plain batch norm
+    train_side_by_side(synced, model, steps=2)  # one process: plain batch norm
     group = object()
     torch_sync = nn.SyncBatchNorm.convert_sync_batchnorm(TorchvisionResNet(), process_group=group)
     ours = nbt.convert_batchnorm(torch_sync)
@@ -142,8 +143,13 @@ def test_a_batch_norm_root_is_returned_converted():
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_fold_batchnorm_gives_the_same_outputs(activation):
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), nbt.BatchNorm2d(6, activation=activation),
-                          nn.Flatten(), nn.Linear(6 * 4 * 4, 5), nn.BatchNorm1d(5))
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, bias=False),
+        nbt.BatchNorm2d(6, activation=activation),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 5),
+        nn.BatchNorm1d(5),
+    )
     for _ in range(3):
         model(torch.randn(8, 3, 6, 6) * 2 + 1)
     with torch.no_grad():
@@ -178,5 +184,5 @@ def test_fold_batchnorm_removes_every_batch_norm_of_the_resnet():
     expected = model(x)
     nbt.fold_batchnorm(model)
     assert bn_types(model) == []
-    assert sum(type(m) is nn.ReLU for m in model.modules()) == 9   # the fused ReLUs come back
+    assert sum(type(m) is nn.ReLU for m in model.modules()) == 9  # the fused ReLUs come back
     torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)

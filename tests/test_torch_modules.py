@@ -6,6 +6,7 @@ the batch counter every step, then the eval-mode forward; plus gradcheck in floa
 state-dict round trips, mixed precision, errors that change nothing, double backward,
 and the CUDA dispatch logic (on CPU tensors: no GPU here).
 """
+
 import subprocess
 import sys
 
@@ -102,7 +103,7 @@ def test_gradcheck_float64(training, activation):
         bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
     x = torch.randn(3, 3, 4, 2, dtype=torch.float64, requires_grad=True)
     momentum = bn.momentum
-    bn.momentum = 0.0   # gradcheck calls forward many times: keep the running statistics fixed
+    bn.momentum = 0.0  # gradcheck calls forward many times: keep the running statistics fixed
     assert torch.autograd.gradcheck(lambda x, w, b: bn(x), (x, bn.weight, bn.bias))
     bn.momentum = momentum
 
@@ -188,7 +189,7 @@ def test_a_refused_input_changes_nothing_mid_training(x, error, words):
         assert word in str(info.value)
     for k, v in bn.state_dict().items():
         assert torch.equal(v, before[k]), k
-    bn(torch.randn(4, 3, 3, 3)).sum().backward()   # training goes on
+    bn(torch.randn(4, 3, 3, 3)).sum().backward()  # training goes on
     assert int(bn.num_batches_tracked) == 3
 
 
@@ -223,7 +224,7 @@ def test_cpu_tensors_are_viewed_without_copies():
     y, out = _bridge.empty_like(x, perm)
     assert y._base is None and y.is_contiguous(memory_format=torch.channels_last)
     assert out.shape == (4, 5, 5, 3) and out.flags.c_contiguous and out.ctypes.data == y.data_ptr()
-    ncl = torch.randn(2, 7, 3).transpose(1, 2)   # (N, C, L) stored as (N, L, C)
+    ncl = torch.randn(2, 7, 3).transpose(1, 2)  # (N, C, L) stored as (N, L, C)
     y, out = _bridge.empty_like(ncl, _bridge.channels_last_perm(ncl))
     assert y.stride() == ncl.stride() and out.flags.c_contiguous
     assert _bridge.channels_last_perm(torch.randn(4, 3, 5, 5)) is None
@@ -267,6 +268,7 @@ def test_cuda_tensors_go_to_numbabn_as_they_are(monkeypatch):
     assert seen == dict(obj=device_array, device=fake.device)
 
     from numbabn import _layout  # numbabn's own dispatch rule for such an object
+
     assert _layout.is_device_array(type("T", (), {"__cuda_array_interface__": {}})())
 
 

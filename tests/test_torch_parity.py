@@ -1,4 +1,5 @@
 """Parity with torch.nn.functional.batch_norm + autograd (skipped without torch)."""
+
 import numpy as np
 import pytest
 
@@ -26,9 +27,17 @@ def test_training_steps_match_torch(rng, shape, axis, dtype, momentum, relu):
     for step in range(1, 4):
         x = (rng.standard_normal(shape) * step + step).astype(dtype)
         dy = rng.standard_normal(shape).astype(dtype)
-        y, ctx = numbabn.batch_norm_forward(x, gamma, beta, running_mean=rm, running_var=rv,
-                                            num_batches_tracked=nbt, momentum=momentum, axis=axis,
-                                            activation="relu" if relu else None)
+        y, ctx = numbabn.batch_norm_forward(
+            x,
+            gamma,
+            beta,
+            running_mean=rm,
+            running_var=rv,
+            num_batches_tracked=nbt,
+            momentum=momentum,
+            axis=axis,
+            activation="relu" if relu else None,
+        )
         dx, dg, db = numbabn.batch_norm_backward(dy, ctx)
 
         tx = torch.tensor(_to_channels_first(x, axis).copy(), requires_grad=True)
@@ -48,8 +57,7 @@ def test_training_steps_match_torch(rng, shape, axis, dtype, momentum, relu):
 
     # eval mode with the accumulated statistics
     x = rng.standard_normal(shape).astype(dtype)
-    y, ctx = numbabn.batch_norm_forward(x, gamma, beta, running_mean=rm, running_var=rv,
-                                        training=False, axis=axis)
+    y, ctx = numbabn.batch_norm_forward(x, gamma, beta, running_mean=rm, running_var=rv, training=False, axis=axis)
     dy = rng.standard_normal(shape).astype(dtype)
     dx, dg, db = numbabn.batch_norm_backward(dy, ctx)
     tx = torch.tensor(_to_channels_first(x, axis).copy(), requires_grad=True)

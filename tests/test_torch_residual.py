@@ -1,5 +1,6 @@
 """numbabn.torch residual fusion: ``bn(x, residual=r)`` with ``activation="relu"`` is
 ``torch.relu(batch_norm(x) + r)`` in one op (issue 15, item 5)."""
+
 import copy
 
 import pytest
@@ -23,8 +24,10 @@ def test_gradcheck_through_the_function(relu, training):
     rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
 
     def f(x, w, b, r):
-        return BatchNormFunction.apply(x, w, b, None if training else rm, None if training else rv, training,
-                                       0.1, 1e-5, relu, None, None, r)
+        return BatchNormFunction.apply(
+            x, w, b, None if training else rm, None if training else rv, training, 0.1, 1e-5, relu, None, None, r
+        )
+
     assert torch.autograd.gradcheck(f, (x, w, b, r))
 
 
@@ -55,9 +58,15 @@ def test_parity_with_torch_over_steps_and_eval(dtype, channels_last, relu):
         ya.backward(dy)
         yb.backward(dy)
         assert ya.is_contiguous(memory_format=fmt)
-        for a, b in [(ya, yb), (xa.grad, xb.grad), (ra.grad, rb.grad), (ours.weight.grad, ref.weight.grad),
-                     (ours.bias.grad, ref.bias.grad), (ours.running_mean, ref.running_mean),
-                     (ours.running_var, ref.running_var)]:
+        for a, b in [
+            (ya, yb),
+            (xa.grad, xb.grad),
+            (ra.grad, rb.grad),
+            (ours.weight.grad, ref.weight.grad),
+            (ours.bias.grad, ref.bias.grad),
+            (ours.running_mean, ref.running_mean),
+            (ours.running_var, ref.running_var),
+        ]:
             torch.testing.assert_close(a, b, **TOL[dtype])
         assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
         ours.zero_grad()
@@ -71,16 +80,22 @@ def test_without_residual_the_module_is_unchanged():
     torch.testing.assert_close(m(x), m(x, residual=None))
 
 
-@pytest.mark.parametrize("bad,exc,match", [
-    ("shape", ValueError, r"residual must have the input's shape \(4, 3, 5, 5\), got \(4, 3, 5, 4\)"),
-    ("dtype", TypeError, "residual must have the input's dtype torch.float32, got torch.float64"),
-    ("type", TypeError, "residual must be a torch.Tensor or None, got ndarray"),
-])
+@pytest.mark.parametrize(
+    "bad,exc,match",
+    [
+        ("shape", ValueError, r"residual must have the input's shape \(4, 3, 5, 5\), got \(4, 3, 5, 4\)"),
+        ("dtype", TypeError, "residual must have the input's dtype torch.float32, got torch.float64"),
+        ("type", TypeError, "residual must be a torch.Tensor or None, got ndarray"),
+    ],
+)
 def test_bad_residual_changes_nothing(bad, exc, match):
     m = nbt.BatchNorm2d(3, activation="relu")
     x = torch.randn(4, 3, 5, 5)
-    r = {"shape": torch.randn(4, 3, 5, 4), "dtype": torch.randn(4, 3, 5, 5, dtype=torch.float64),
-         "type": torch.randn(4, 3, 5, 5).numpy()}[bad]
+    r = {
+        "shape": torch.randn(4, 3, 5, 4),
+        "dtype": torch.randn(4, 3, 5, 5, dtype=torch.float64),
+        "type": torch.randn(4, 3, 5, 5).numpy(),
+    }[bad]
     state = copy.deepcopy(m.state_dict())
     with pytest.raises(exc, match=match):
         m(x, residual=r)

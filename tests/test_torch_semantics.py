@@ -9,6 +9,7 @@ gradients and every state-dict entry after every step, in float64 and float32 (a
 float16 input for the mixed-precision cases). The layer, the functional API and the
 plugin layers (InstanceNorm, LayerNorm, GroupNorm) are all driven this way.
 """
+
 import numpy as np
 import pytest
 from numbabn_plugins.instance_norm import InstanceNorm1d, InstanceNorm2d
@@ -21,9 +22,11 @@ from numbabn.registry import get_layer
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: no reference layers to compare with")
 
-TOL = {np.dtype(np.float64): dict(rtol=1e-10, atol=1e-10),
-       np.dtype(np.float32): dict(rtol=1e-4, atol=1e-5),
-       np.dtype(np.float16): dict(rtol=1e-2, atol=1e-2)}
+TOL = {
+    np.dtype(np.float64): dict(rtol=1e-10, atol=1e-10),
+    np.dtype(np.float32): dict(rtol=1e-4, atol=1e-5),
+    np.dtype(np.float16): dict(rtol=1e-2, atol=1e-2),
+}
 DTYPES = [np.float64, np.float32]
 
 
@@ -54,6 +57,7 @@ def run_steps(ours, theirs, steps, *, perm=None, compare_counter=True, compare_s
     both first ({"training": bool, "track_running_stats": bool}); compare after each.
     float16 inputs compare everything at float16's tolerance (PyTorch rounds some
     float32 results, e.g. LayerNorm's weight gradient, through float16)."""
+
     def to_t(a):
         return np.ascontiguousarray(a.transpose(perm)) if perm else a
 
@@ -91,8 +95,10 @@ def run_steps(ours, theirs, steps, *, perm=None, compare_counter=True, compare_s
 
 
 def batches(rng, shapes, dtype, settings, loc=0.0):
-    return [((rng.standard_normal(s) * (1 + i % 3) + loc + i).astype(dtype), rng.standard_normal(s).astype(dtype),
-             st) for i, (s, st) in enumerate(zip(shapes, settings, strict=True))]
+    return [
+        ((rng.standard_normal(s) * (1 + i % 3) + loc + i).astype(dtype), rng.standard_normal(s).astype(dtype), st)
+        for i, (s, st) in enumerate(zip(shapes, settings, strict=True))
+    ]
 
 
 TRAIN, EVAL = {"training": True}, {"training": False}
@@ -111,8 +117,12 @@ BN_IDS = ["bn1d", "bn1d-ncl-cumulative", "bn2d", "bn2d-nhwc-cumulative", "bn3d",
 
 def bn_pair(cls, tname, kwargs, dtype, C, **extra):
     ours = cls(C, dtype=dtype, **kwargs, **extra)
-    theirs = getattr(torch.nn, tname)(C, dtype=getattr(torch, np.dtype(dtype).name),
-                                      **{k: v for k, v in kwargs.items() if k != "channels_last"}, **extra)
+    theirs = getattr(torch.nn, tname)(
+        C,
+        dtype=getattr(torch, np.dtype(dtype).name),
+        **{k: v for k, v in kwargs.items() if k != "channels_last"},
+        **extra,
+    )
     return ours, theirs
 
 
@@ -127,8 +137,15 @@ def test_track_running_stats_switched_after_construction(rng, cls, tname, kwargs
     eval keeps normalising with the frozen buffers and changes nothing. On again:
     updates resume."""
     ours, theirs = bn_pair(cls, tname, kwargs, dtype, channels(shape(1), perm))
-    settings = [TRAIN, {"training": True, "track_running_stats": False}, TRAIN, EVAL,
-                {"training": True, "track_running_stats": True}, TRAIN, EVAL]
+    settings = [
+        TRAIN,
+        {"training": True, "track_running_stats": False},
+        TRAIN,
+        EVAL,
+        {"training": True, "track_running_stats": True},
+        TRAIN,
+        EVAL,
+    ]
     run_steps(ours, theirs, batches(rng, [shape(5)] * len(settings), dtype, settings), perm=perm)
 
 
@@ -157,8 +174,10 @@ def test_empty_batches_over_training_steps(rng, cls, tname, kwargs, shape, perm,
 def test_zero_length_spatial_axis(rng, dtype):
     """(N, C, 0) and (N, C, 0, W): no values per channel although N > 0 (eval mode
     used to crash in the kernel grid)."""
-    for cls, tname, shapes in [(BatchNorm1d, "BatchNorm1d", [(4, 3, 5), (4, 3, 0), (4, 3, 0), (2, 3, 5)]),
-                               (BatchNorm2d, "BatchNorm2d", [(2, 3, 2, 2), (2, 3, 0, 3), (2, 3, 0, 3), (2, 3, 1, 2)])]:
+    for cls, tname, shapes in [
+        (BatchNorm1d, "BatchNorm1d", [(4, 3, 5), (4, 3, 0), (4, 3, 0), (2, 3, 5)]),
+        (BatchNorm2d, "BatchNorm2d", [(2, 3, 2, 2), (2, 3, 0, 3), (2, 3, 0, 3), (2, 3, 1, 2)]),
+    ]:
         ours, theirs = bn_pair(cls, tname, {}, dtype, 3)
         run_steps(ours, theirs, batches(rng, shapes, dtype, [TRAIN, TRAIN, EVAL, EVAL]))
 
@@ -183,8 +202,16 @@ def test_functional_api_over_training_steps(rng, dtype, momentum):
         xt = torch.tensor(x, requires_grad=True)
         yt = theirs(xt)
         yt.backward(torch.tensor(dy))
-        y, ctx = batch_norm_forward(x, gamma, beta, running_mean=rm, running_var=rv, num_batches_tracked=nbt,
-                                    training=training, momentum=momentum)
+        y, ctx = batch_norm_forward(
+            x,
+            gamma,
+            beta,
+            running_mean=rm,
+            running_var=rv,
+            num_batches_tracked=nbt,
+            training=training,
+            momentum=momentum,
+        )
         dx, dgamma, dbeta = batch_norm_backward(dy, ctx)
         what = f"step {i}: n={n}, training={training}"
         close(y, yt, f"output, {what}", dtype)
@@ -201,14 +228,26 @@ INSTANCE_CASES = [  # (class, kwargs, shapes per step, settings per step)
     (InstanceNorm1d, {}, [(4, 3, 6), (0, 3, 6), (2, 3, 5)], [TRAIN, TRAIN, EVAL]),
     # (PyTorch's affine InstanceNorm fails on N = 0 with an IndexError: no empty batch there.)
     (InstanceNorm1d, dict(affine=True), [(4, 3, 6), (3, 3, 2), (2, 3, 5)], [TRAIN, TRAIN, EVAL]),
-    (InstanceNorm1d, dict(affine=True, track_running_stats=True, momentum=0.3), [(4, 3, 6), (3, 3, 5), (2, 3, 4)] * 2,
-     [TRAIN, TRAIN, TRAIN, EVAL, TRAIN, EVAL]),
-    (InstanceNorm1d, dict(track_running_stats=True), [(3, 7), (3, 5), (3, 4)], [TRAIN, TRAIN, EVAL]),   # unbatched
-    (InstanceNorm2d, dict(affine=True, track_running_stats=True), [(4, 2, 3, 5), (2, 2, 2, 2), (3, 2, 3, 3)],
-     [TRAIN, TRAIN, EVAL]),
+    (
+        InstanceNorm1d,
+        dict(affine=True, track_running_stats=True, momentum=0.3),
+        [(4, 3, 6), (3, 3, 5), (2, 3, 4)] * 2,
+        [TRAIN, TRAIN, TRAIN, EVAL, TRAIN, EVAL],
+    ),
+    (InstanceNorm1d, dict(track_running_stats=True), [(3, 7), (3, 5), (3, 4)], [TRAIN, TRAIN, EVAL]),  # unbatched
+    (
+        InstanceNorm2d,
+        dict(affine=True, track_running_stats=True),
+        [(4, 2, 3, 5), (2, 2, 2, 2), (3, 2, 3, 3)],
+        [TRAIN, TRAIN, EVAL],
+    ),
     (InstanceNorm2d, {}, [(4, 2, 3, 3), (0, 2, 3, 3), (2, 2, 1, 2)], [TRAIN, EVAL, EVAL]),
-    (InstanceNorm2d, dict(affine=True, track_running_stats=True),       # switched off: instance statistics
-     [(3, 2, 2, 3)] * 4, [TRAIN, {"training": False, "track_running_stats": False}, TRAIN, EVAL]),
+    (
+        InstanceNorm2d,
+        dict(affine=True, track_running_stats=True),  # switched off: instance statistics
+        [(3, 2, 2, 3)] * 4,
+        [TRAIN, {"training": False, "track_running_stats": False}, TRAIN, EVAL],
+    ),
 ]
 
 
@@ -247,10 +286,10 @@ def test_instance_norm_is_registered():
 ONE_VALUE_TOL = {(1, np.float32): dict(rtol=1e-4, atol=2e-4), (True, np.float32): dict(rtol=1e-4, atol=2e-4)}
 
 LAYER_NORM_CASES = [  # (normalized_shape, kwargs, input shapes per step)
-    ((2, 3), {}, [(2, 3)] * 3),                                  # no leading dimension
-    (1, {}, [(5, 1), (2, 3, 1), (4, 1)]),                        # one value per group: output = bias
-    (4, {}, [(3, 4), (0, 4), (2, 0, 4), (1, 4)]),                # zero-size leading dimensions
-    (3, {}, [(3,), (3,), (3,)]),                                 # a single vector
+    ((2, 3), {}, [(2, 3)] * 3),  # no leading dimension
+    (1, {}, [(5, 1), (2, 3, 1), (4, 1)]),  # one value per group: output = bias
+    (4, {}, [(3, 4), (0, 4), (2, 0, 4), (1, 4)]),  # zero-size leading dimensions
+    (3, {}, [(3,), (3,), (3,)]),  # a single vector
     ((2, 2), dict(elementwise_affine=False), [(3, 1, 2, 2), (2, 2, 2)]),
     (5, dict(bias=False), [(4, 5), (2, 3, 5)]),
 ]
@@ -264,14 +303,15 @@ def test_layer_norm_shapes_match_torch(rng, normalized_shape, kwargs, shapes, dt
     for p in ours.parameters():
         p.value[...] = rng.uniform(0.5, 1.5, p.value.shape)
     settings = [TRAIN] * (len(shapes) - 1) + [EVAL]
-    run_steps(ours, theirs, batches(rng, shapes, dtype, settings, loc=1.0),
-              tol=ONE_VALUE_TOL.get((shapes[0][-1], dtype)))
+    run_steps(
+        ours, theirs, batches(rng, shapes, dtype, settings, loc=1.0), tol=ONE_VALUE_TOL.get((shapes[0][-1], dtype))
+    )
 
 
 GROUP_NORM_CASES = [  # (num_groups, num_channels, kwargs, input shapes per step)
     (2, 4, dict(affine=False), [(3, 4, 5), (2, 4, 2, 2)]),
-    (4, 4, {}, [(3, 4), (2, 4, 1)]),                            # one value per group
-    (2, 6, {}, [(2, 6, 2, 2), (0, 6, 2, 2), (1, 6, 3)]),        # an empty batch between
+    (4, 4, {}, [(3, 4), (2, 4, 1)]),  # one value per group
+    (2, 6, {}, [(2, 6, 2, 2), (0, 6, 2, 2), (1, 6, 3)]),  # an empty batch between
 ]
 
 
@@ -305,8 +345,12 @@ FLOAT16_CASES = [  # (our layer, torch layer, input shapes, permutation)
     (lambda: BatchNorm1d(3), lambda: torch.nn.BatchNorm1d(3), [(8, 3), (0, 3), (6, 3, 2)], None),
     (lambda: BatchNorm2d(2, channels_last=True), lambda: torch.nn.BatchNorm2d(2), [(4, 3, 3, 2)] * 2, (0, 3, 1, 2)),
     (lambda: BatchNorm3d(2), lambda: torch.nn.BatchNorm3d(2), [(3, 2, 2, 2, 2)] * 2, None),
-    (lambda: InstanceNorm1d(3, affine=True, track_running_stats=True),
-     lambda: torch.nn.InstanceNorm1d(3, affine=True, track_running_stats=True), [(4, 3, 6)] * 2, None),
+    (
+        lambda: InstanceNorm1d(3, affine=True, track_running_stats=True),
+        lambda: torch.nn.InstanceNorm1d(3, affine=True, track_running_stats=True),
+        [(4, 3, 6)] * 2,
+        None,
+    ),
     (lambda: LayerNorm((2, 3)), lambda: torch.nn.LayerNorm((2, 3)), [(4, 2, 3)] * 2, None),
     (lambda: GroupNorm(2, 4), lambda: torch.nn.GroupNorm(2, 4), [(3, 4, 3)] * 2, None),
 ]
@@ -325,19 +369,31 @@ def test_float16_input_into_float32_layers_matches_torch(rng, make, make_torch, 
     run_steps(ours, theirs, steps, perm=perm, compare_counter=not is_instance)
 
 
-@pytest.mark.parametrize("make, make_torch", [
-    (lambda: BatchNorm2d(3, dtype=np.float64), lambda: torch.nn.BatchNorm2d(3, dtype=torch.float64)),
-    (lambda: InstanceNorm1d(3, affine=True, track_running_stats=True, dtype=np.float64),
-     lambda: torch.nn.InstanceNorm1d(3, affine=True, track_running_stats=True, dtype=torch.float64)),
-    (lambda: LayerNorm(4, dtype=np.float64), lambda: torch.nn.LayerNorm(4, dtype=torch.float64)),
-    (lambda: GroupNorm(2, 4, dtype=np.float64), lambda: torch.nn.GroupNorm(2, 4, dtype=torch.float64)),
-])
+@pytest.mark.parametrize(
+    "make, make_torch",
+    [
+        (lambda: BatchNorm2d(3, dtype=np.float64), lambda: torch.nn.BatchNorm2d(3, dtype=torch.float64)),
+        (
+            lambda: InstanceNorm1d(3, affine=True, track_running_stats=True, dtype=np.float64),
+            lambda: torch.nn.InstanceNorm1d(3, affine=True, track_running_stats=True, dtype=torch.float64),
+        ),
+        (lambda: LayerNorm(4, dtype=np.float64), lambda: torch.nn.LayerNorm(4, dtype=torch.float64)),
+        (lambda: GroupNorm(2, 4, dtype=np.float64), lambda: torch.nn.GroupNorm(2, 4, dtype=torch.float64)),
+    ],
+)
 def test_reset_methods_match_torch(rng, make, make_torch):
     ours, theirs = make(), make_torch()
-    shape = (4, 3, 2, 2) if isinstance(ours, BatchNorm2d) else (4, 3, 5) if isinstance(ours, InstanceNorm1d) \
-        else (5, 4, 2) if isinstance(ours, GroupNorm) else (3, 4)
+    shape = (
+        (4, 3, 2, 2)
+        if isinstance(ours, BatchNorm2d)
+        else (4, 3, 5)
+        if isinstance(ours, InstanceNorm1d)
+        else (5, 4, 2)
+        if isinstance(ours, GroupNorm)
+        else (3, 4)
+    )
     run_steps(ours, theirs, batches(rng, [shape] * 3, np.float64, [TRAIN] * 3), compare_counter=False)
-    if hasattr(theirs, "reset_running_stats"):    # torch.nn has it on the layers with running statistics
+    if hasattr(theirs, "reset_running_stats"):  # torch.nn has it on the layers with running statistics
         for layer in (ours, theirs):
             layer.reset_running_stats()
         for key, value in ours.state_dict().items():
@@ -348,10 +404,13 @@ def test_reset_methods_match_torch(rng, make, make_torch):
         close(value, theirs.state_dict()[key], f"{key} after reset_parameters")
 
 
-@pytest.mark.parametrize("make, make_torch", [
-    (lambda: BatchNorm1d(3, dtype=np.float64), lambda: torch.nn.BatchNorm1d(3, dtype=torch.float64)),
-    (lambda: LayerNorm((2, 3), dtype=np.float64), lambda: torch.nn.LayerNorm((2, 3), dtype=torch.float64)),
-])
+@pytest.mark.parametrize(
+    "make, make_torch",
+    [
+        (lambda: BatchNorm1d(3, dtype=np.float64), lambda: torch.nn.BatchNorm1d(3, dtype=torch.float64)),
+        (lambda: LayerNorm((2, 3), dtype=np.float64), lambda: torch.nn.LayerNorm((2, 3), dtype=torch.float64)),
+    ],
+)
 def test_load_state_dict_strict_false_matches_torch(rng, make, make_torch):
     ours, theirs = make(), make_torch()
     source = make_torch()

@@ -8,6 +8,7 @@ refused input in the middle of training, layers called out of order, and trainin
 under DistributedDataParallel on CPU against one process on the whole batch. (The
 README's torchrun launch of examples/torch_ddp_syncbn.py runs in test_examples.py.)
 """
+
 import traceback
 from datetime import timedelta
 
@@ -111,10 +112,16 @@ def check_layers_out_of_order(rank, sizes):
 
 def check_ddp_training(rank, sizes):
     """DDP on CPU with numbabn SyncBatchNorm (+ fused ReLU) = one process on the whole batch."""
+
     def model():
         torch.manual_seed(7)
-        return torch.nn.Sequential(torch.nn.Conv2d(2, C, 3, padding=1), torch.nn.BatchNorm2d(C), torch.nn.ReLU(),
-                                   torch.nn.Flatten(), torch.nn.Linear(C * 4 * 5, 2)).double()
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(2, C, 3, padding=1),
+            torch.nn.BatchNorm2d(C),
+            torch.nn.ReLU(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(C * 4 * 5, 2),
+        ).double()
 
     ref = model()
     ddp = torch.nn.parallel.DistributedDataParallel(nbt.convert_batchnorm(model(), sync=True, fuse_relu=True))
@@ -135,18 +142,27 @@ def check_ddp_training(rank, sizes):
 
 
 SCENARIOS = {
-    2: [(check_concatenated_batch, {}), (check_concatenated_batch, dict(fmt=torch.channels_last, activation="relu")),
-        (check_refused_input_mid_training, {}), (check_layers_out_of_order, {}),
-        (check_ddp_training, {})],
-    3: [(check_concatenated_batch, dict(momentum=None)), (check_concatenated_batch, dict(activation="relu")),
-        (check_refused_input_mid_training, {}), (check_ddp_training, {})],
+    2: [
+        (check_concatenated_batch, {}),
+        (check_concatenated_batch, dict(fmt=torch.channels_last, activation="relu")),
+        (check_refused_input_mid_training, {}),
+        (check_layers_out_of_order, {}),
+        (check_ddp_training, {}),
+    ],
+    3: [
+        (check_concatenated_batch, dict(momentum=None)),
+        (check_concatenated_batch, dict(activation="relu")),
+        (check_refused_input_mid_training, {}),
+        (check_ddp_training, {}),
+    ],
 }
 SIZES = {2: (5, 3), 3: (4, 0, 3)}
 
 
 def _worker(rank, world, store, sizes, failures):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
     torch.set_num_threads(1)
     try:
         for check, kwargs in SCENARIOS[world]:

@@ -1,6 +1,7 @@
 """numbabn.train.metrics: the measurement probes on cases with known answers, and the
 promise that they leave everything untouched (the Trainer and History are in
 test_train_trainer.py)."""
+
 import numpy as np
 import pytest
 
@@ -63,7 +64,7 @@ class QuadraticLoss:
 def quadratic(rng):
     d = 6
     M = rng.standard_normal((d, d))
-    A = M @ M.T + np.eye(d)            # symmetric positive definite
+    A = M @ M.T + np.eye(d)  # symmetric positive definite
     theta = rng.standard_normal(d)
     return Theta(theta), QuadraticLoss(A), A, theta
 
@@ -85,7 +86,7 @@ def test_landscape_quadratic_exact(quadratic, wrap):
     assert res["loss_min"] == min(res["losses"]) and res["loss_max"] == max(res["losses"])
     np.testing.assert_allclose(res["loss"], 0.5 * theta @ A @ theta, rtol=1e-14)
     np.testing.assert_allclose(res["grad_norm"], np.linalg.norm(g), rtol=1e-14)
-    assert np.array_equal(layer.theta.value, theta)       # restored
+    assert np.array_equal(layer.theta.value, theta)  # restored
 
 
 def test_landscape_custom_grid_and_errors(quadratic):
@@ -120,7 +121,7 @@ def test_hessian_quadratic_exact(quadratic):
     assert res["residual"] < 1e-5 and res["iterations"] < 500
     v = np.linalg.eigh(A)[1][:, -1]
     assert abs(abs(res["vector"] @ v) - 1) < 1e-8
-    assert np.array_equal(layer.theta.value, theta)        # restored
+    assert np.array_equal(layer.theta.value, theta)  # restored
     # warm start from the eigenvector: converged after two products
     again = hessian_top_eigenvalue(layer, loss, (None, None), iters=50, tol=1e-10, v0=res["vector"])
     assert again["iterations"] <= 2 and again["eigenvalue"] == pytest.approx(eigenvalues[-1], rel=1e-9)
@@ -133,8 +134,9 @@ def test_hessian_quadratic_exact(quadratic):
 def test_hessian_matches_dense_finite_difference_hessian(rng):
     """A small tanh network with BN: power iteration against the eigenvalues of the
     full Hessian built column by column from central differences of the gradient."""
-    model = Sequential(Linear(3, 4, rng=rng, dtype=F64), BatchNorm1d(4, dtype=F64), Sigmoid(),
-                       Linear(4, 3, rng=rng, dtype=F64))
+    model = Sequential(
+        Linear(3, 4, rng=rng, dtype=F64), BatchNorm1d(4, dtype=F64), Sigmoid(), Linear(4, 3, rng=rng, dtype=F64)
+    )
     batch = (rng.standard_normal((10, 3)), rng.integers(0, 3, 10))
     loss = SoftmaxCrossEntropy()
     params = model.parameters()
@@ -144,7 +146,7 @@ def test_hessian_matches_dense_finite_difference_hessian(rng):
     def grad(flat):
         offset = 0
         for p, t, n in zip(params, theta, sizes, strict=True):
-            p.value[...] = t + flat[offset:offset + n].reshape(t.shape)
+            p.value[...] = t + flat[offset : offset + n].reshape(t.shape)
             offset += n
         _, d = loss(model.forward(batch[0]), batch[1])
         model.backward(d)
@@ -152,7 +154,7 @@ def test_hessian_matches_dense_finite_difference_hessian(rng):
 
     P, h = sum(sizes), 1e-5
     H = np.array([(grad(h * e) - grad(-h * e)) / (2 * h) for e in np.eye(P)])
-    grad(np.zeros(P))                                      # back to θ
+    grad(np.zeros(P))  # back to θ
     eig = np.linalg.eigvalsh((H + H.T) / 2)
     top = eig[np.argmax(np.abs(eig))]
     state = model.state_dict()
@@ -167,14 +169,23 @@ def test_hessian_default_eps_sits_on_the_relu_plateau():
     kink measures a gradient jump. The default ε gives the same eigenvalue as 10×
     smaller and larger ones (no kink crossed), where ε = 0.1 does not."""
     rng = np.random.default_rng(7)
-    model = Sequential(Linear(10, 60, rng=rng, dtype=F64), BatchNorm1d(60, dtype=F64), ReLU(),
-                       Linear(60, 60, rng=rng, dtype=F64), ReLU(), Linear(60, 3, rng=rng, dtype=F64))
+    model = Sequential(
+        Linear(10, 60, rng=rng, dtype=F64),
+        BatchNorm1d(60, dtype=F64),
+        ReLU(),
+        Linear(60, 60, rng=rng, dtype=F64),
+        ReLU(),
+        Linear(60, 3, rng=rng, dtype=F64),
+    )
     X, y = rng.standard_normal((200, 10)), rng.integers(0, 3, 200)
-    Trainer(model, SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.1), batch_size=40, seed=0,
-            verbose=0).fit(X, y, steps=40)
+    Trainer(model, SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.1), batch_size=40, seed=0, verbose=0).fit(
+        X, y, steps=40
+    )
     batch, loss = (X[:40], y[:40]), SoftmaxCrossEntropy()
-    values = {eps: hessian_top_eigenvalue(model, loss, batch, iters=300, tol=1e-10, eps=eps)["eigenvalue"]
-              for eps in (1e-7, 1e-6, 1e-5, 1e-1)}
+    values = {
+        eps: hessian_top_eigenvalue(model, loss, batch, iters=300, tol=1e-10, eps=eps)["eigenvalue"]
+        for eps in (1e-7, 1e-6, 1e-5, 1e-1)
+    }
     assert values[1e-7] == pytest.approx(values[1e-6], rel=1e-5)
     assert values[1e-5] == pytest.approx(values[1e-6], rel=1e-5)
     assert values[1e-1] != pytest.approx(values[1e-6], rel=1e-3)
@@ -210,8 +221,11 @@ def _mse_grads(W1, b1, W2, b2, x, t):
     return {"W1": dh.T @ x, "b1": dh.sum(0), "W2": dout.T @ h}
 
 
-@pytest.mark.parametrize("make_opt", [lambda p: SGD(p, lr=0.3, momentum=0.9, weight_decay=0.01),
-                                      lambda p: Adam(p, lr=0.05)], ids=["sgd-momentum", "adam"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [lambda p: SGD(p, lr=0.3, momentum=0.9, weight_decay=0.01), lambda p: Adam(p, lr=0.05)],
+    ids=["sgd-momentum", "adam"],
+)
 def test_ics_two_layer_linear_by_hand(rng, make_opt):
     model = two_layer(rng)
     loss = MSELoss()
@@ -239,10 +253,9 @@ def test_ics_two_layer_linear_by_hand(rng, make_opt):
 
     res = internal_covariate_shift(model, loss, opt, (x, t), layers=[1, 0])
     np.testing.assert_allclose(res[1]["l2"], np.linalg.norm(G - G2), rtol=1e-10)
-    np.testing.assert_allclose(res[1]["cosine"], np.sum(G * G2) / np.linalg.norm(G) / np.linalg.norm(G2),
-                               rtol=1e-12)
+    np.testing.assert_allclose(res[1]["cosine"], np.sum(G * G2) / np.linalg.norm(G) / np.linalg.norm(G2), rtol=1e-12)
     np.testing.assert_allclose(res[1]["grad_norm"], np.linalg.norm(G), rtol=1e-12)
-    assert res[1]["l2"] > 1e-3                    # a real shift, not a trivial zero
+    assert res[1]["l2"] > 1e-3  # a real shift, not a trivial zero
     assert res[0]["l2"] == 0.0
 
 
@@ -260,7 +273,7 @@ def test_ics_bad_layers(rng):
         internal_covariate_shift(model, MSELoss(), opt, batch, layers=[1, 1])
     with pytest.raises(ValueError, match="no parameterized layer"):
         internal_covariate_shift(Sequential(ReLU()), MSELoss(), opt, batch)
-    other = SGD(Sequential(Linear(3, 4)).parameters(), lr=0.1)   # does not manage the model's parameters
+    other = SGD(Sequential(Linear(3, 4)).parameters(), lr=0.1)  # does not manage the model's parameters
     with pytest.raises(ValueError, match="not managed"):
         internal_covariate_shift(model, MSELoss(), other, batch, layers=[1])
 
@@ -279,14 +292,15 @@ def test_percentiles_match_numpy(rng):
     h = x @ model[0].weight.value.T + model[0].bias.value
     q = (15, 50, 85)
     np.testing.assert_array_equal(activation_percentiles(model, 1, (x, None)), np.percentile(h, q, axis=0))
-    np.testing.assert_array_equal(activation_percentiles(model, model[1], x, q=(5, 95), unit=2),
-                                  np.percentile(h[:, 2], (5, 95)))
+    np.testing.assert_array_equal(
+        activation_percentiles(model, model[1], x, q=(5, 95), unit=2), np.percentile(h[:, 2], (5, 95))
+    )
     np.testing.assert_array_equal(activation_percentiles(model, 0, x), np.percentile(x, q, axis=0))
 
 
 def test_percentiles_conv_bn_training_mode(rng):
     model = Sequential(Conv2d(2, 3, 3, padding=1, rng=rng, dtype=F64), BatchNorm2d(3, dtype=F64), ReLU())
-    model.eval()                        # the probe runs in training mode regardless, and restores the flag
+    model.eval()  # the probe runs in training mode regardless, and restores the flag
     x = rng.standard_normal((6, 2, 5, 5)) * 3 + 1
     c = model[0].forward(x)
     xhat = (c - c.mean(axis=(0, 2, 3), keepdims=True)) / np.sqrt(c.var(axis=(0, 2, 3), keepdims=True) + 1e-5)
@@ -314,28 +328,32 @@ def test_gradient_and_weight_norm(rng):
     g = _mse_grads(model[0].weight.value, model[0].bias.value, model[1].weight.value, model[1].bias.value, x, t)
     norms = gradient_norm(model, MSELoss(), (x, t))
     assert list(norms) == ["0.weight", "0.bias", "1.weight", "1.bias"]
-    np.testing.assert_allclose([norms["0.weight"], norms["0.bias"], norms["1.weight"]],
-                               [np.linalg.norm(g["W1"]), np.linalg.norm(g["b1"]), np.linalg.norm(g["W2"])], rtol=1e-12)
+    np.testing.assert_allclose(
+        [norms["0.weight"], norms["0.bias"], norms["1.weight"]],
+        [np.linalg.norm(g["W1"]), np.linalg.norm(g["b1"]), np.linalg.norm(g["W2"])],
+        rtol=1e-12,
+    )
     assert weight_norm(model)["1.weight"] == pytest.approx(np.linalg.norm(model[1].weight.value), rel=1e-15)
 
 
 # ------------------------------------------------------------------ nothing is touched
 @pytest.mark.parametrize("dtype", [np.float32, F64])
-@pytest.mark.parametrize("make_opt", [lambda p: SGD(p, lr=0.1, momentum=0.9), lambda p: Adam(p, lr=0.01)],
-                         ids=["sgd", "adam"])
+@pytest.mark.parametrize(
+    "make_opt", [lambda p: SGD(p, lr=0.1, momentum=0.9), lambda p: Adam(p, lr=0.01)], ids=["sgd", "adam"]
+)
 def test_metrics_leave_everything_untouched(dtype, make_opt):
     model, (X, y) = bn_net(0, dtype), data(1)
     X = X.astype(dtype)
     loss = SoftmaxCrossEntropy()
     opt = make_opt(model.parameters())
-    for k in range(2):                  # optimizer state and running statistics become non-trivial
-        _, d = loss(model.forward(X[k * 20:(k + 1) * 20]), y[k * 20:(k + 1) * 20])
+    for k in range(2):  # optimizer state and running statistics become non-trivial
+        _, d = loss(model.forward(X[k * 20 : (k + 1) * 20]), y[k * 20 : (k + 1) * 20])
         opt.zero_grad()
         model.backward(d)
         opt.step()
     model.eval().train()
     batch = (X[40:60], y[40:60])
-    _, d = loss(model.forward(batch[0]), batch[1])     # a pending backward: caches must survive
+    _, d = loss(model.forward(batch[0]), batch[1])  # a pending backward: caches must survive
     model.backward(d)
     grads = {name: p.grad.copy() for name, p in model.named_parameters()}
     state, opt_state = model.state_dict(), opt.state_dict()
@@ -348,14 +366,16 @@ def test_metrics_leave_everything_untouched(dtype, make_opt):
         assert noise.bit_generator.state == rng_state, metric
         after = model.state_dict()
         assert all(np.array_equal(after[k], v) and after[k].dtype == v.dtype for k, v in state.items()), metric
-        assert int(after["1.num_batches_tracked"]) == 3      # 2 steps + the pending forward
+        assert int(after["1.num_batches_tracked"]) == 3  # 2 steps + the pending forward
         assert all(np.array_equal(p.grad, grads[n]) for n, p in model.named_parameters()), metric
         now = opt.state_dict()
         assert now["hyperparameters"] == opt_state["hyperparameters"]
-        assert all(s.keys() == t.keys() and all(np.array_equal(s[k], t[k]) for k in s)
-                   for s, t in zip(now["state"], opt_state["state"], strict=True)), metric
+        assert all(
+            s.keys() == t.keys() and all(np.array_equal(s[k], t[k]) for k in s)
+            for s, t in zip(now["state"], opt_state["state"], strict=True)
+        ), metric
         for layer in leaf_layers(model):
             assert all(vars(layer)[k] is v for k, v in cached[id(layer)].items()), (metric, layer)
         assert model.training
-    model.backward(d)                   # the caches of the pending forward are intact
+    model.backward(d)  # the caches of the pending forward are intact
     assert all(np.array_equal(p.grad, grads[n]) for n, p in model.named_parameters())

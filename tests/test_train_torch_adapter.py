@@ -1,6 +1,7 @@
 """numbabn.train.torch_adapter: the probes on a PyTorch model give the known answers
 of the quadratic case, the same numbers as on the identical numbabn network, and a
 probed training run stays bit-identical to an unprobed one."""
+
 import numpy as np
 import pytest
 
@@ -38,6 +39,7 @@ def quadratic_loss(A):
     def loss(prediction, target):
         p = prediction[0]
         return 0.5 * float(p @ A @ p), (A @ p)[None, :]
+
     return loss
 
 
@@ -54,16 +56,18 @@ def test_quadratic_known_answers(rng):
     np.testing.assert_allclose(res["beta_smoothness"], np.linalg.norm(A @ g) / np.linalg.norm(g), rtol=1e-10)
     top = hessian_top_eigenvalue(model, quadratic_loss(A), batch, iters=500, tol=1e-13)
     np.testing.assert_allclose(top["eigenvalue"], np.linalg.eigvalsh(A)[-1], rtol=1e-9)
-    np.testing.assert_array_equal(model.module.theta.detach().numpy(), theta)     # restored, in the torch model
+    np.testing.assert_array_equal(model.module.theta.detach().numpy(), theta)  # restored, in the torch model
 
 
 def _pair(seed):
     """The same MLP with BN as a torch nn.Sequential (wrapped) and as numbabn layers."""
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
-                              torch.nn.Linear(8, 3)).double()
-    ours = Sequential(Linear(5, 8, dtype=np.float64), BatchNorm1d(8, dtype=np.float64), ReLU(),
-                      Linear(8, 3, dtype=np.float64))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    ).double()
+    ours = Sequential(
+        Linear(5, 8, dtype=np.float64), BatchNorm1d(8, dtype=np.float64), ReLU(), Linear(8, 3, dtype=np.float64)
+    )
     for (_, p), q in zip(net.named_parameters(), ours.parameters(), strict=True):
         q.value[...] = p.detach().numpy()
     return from_torch(net), ours
@@ -81,8 +85,9 @@ def test_probes_match_the_identical_numbabn_network(rng):
     for i in (0, 1):
         assert ics[0][i]["l2"] == pytest.approx(ics[1][i]["l2"], rel=1e-7, abs=1e-14)
         assert ics[0][i]["cosine"] == pytest.approx(ics[1][i]["cosine"], rel=1e-10)
-    np.testing.assert_allclose(activation_percentiles(wrapped, 2, batch), activation_percentiles(ours, 2, batch),
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        activation_percentiles(wrapped, 2, batch), activation_percentiles(ours, 2, batch), rtol=1e-10, atol=1e-12
+    )
     h = [hessian_top_eigenvalue(m, loss, batch, iters=100, tol=1e-9)["eigenvalue"] for m in (wrapped, ours)]
     assert h[0] == pytest.approx(h[1], rel=1e-5)
 
@@ -91,19 +96,28 @@ def _train(metrics, seed=1):
     wrapped, _ = _pair(seed)
     rng = np.random.default_rng(seed)
     X, y = rng.standard_normal((96, 5)), rng.integers(0, 3, 96)
-    trainer = Trainer(wrapped, SoftmaxCrossEntropy(), SGD(wrapped.parameters(), lr=0.2, momentum=0.9), batch_size=16,
-                      seed=seed, metrics=metrics, record_every=2, verbose=0)
+    trainer = Trainer(
+        wrapped,
+        SoftmaxCrossEntropy(),
+        SGD(wrapped.parameters(), lr=0.2, momentum=0.9),
+        batch_size=16,
+        seed=seed,
+        metrics=metrics,
+        record_every=2,
+        verbose=0,
+    )
     return wrapped, trainer.fit(X, y, steps=12)
 
 
 def test_probed_torch_run_is_bit_identical():
     plain_model, plain = _train([])
-    model, probed = _train([InternalCovariateShift(), LandscapeProbe(), HessianEigenvalue(iters=3),
-                            ActivationPercentiles(2, unit=1)])
+    model, probed = _train(
+        [InternalCovariateShift(), LandscapeProbe(), HessianEigenvalue(iters=3), ActivationPercentiles(2, unit=1)]
+    )
     assert probed.loss == plain.loss and probed.accuracy == plain.accuracy
     a, b = plain_model.state_dict(), model.state_dict()
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    assert int(b["1.num_batches_tracked"]) == 12        # torch's own counter: the probes' passes were undone
+    assert int(b["1.num_batches_tracked"]) == 12  # torch's own counter: the probes' passes were undone
     assert set(probed.metrics) == {"ics", "landscape", "hessian", "percentiles"}
 
 

@@ -1,5 +1,6 @@
 """numbabn.train.Trainer and History: determinism, metrics that change nothing,
 errors, the progress bar, and the JSON round trip."""
+
 import io
 import json
 import subprocess
@@ -18,8 +19,17 @@ from .train_nets import all_metrics, bn_net, data, two_layer
 def _train(seed, metrics, steps=25, noisy=True):
     model, (X, y) = bn_net(seed, noisy=noisy), data(seed + 7)
     opt = SGD(model.parameters(), lr=0.2, momentum=0.9)
-    trainer = Trainer(model, SoftmaxCrossEntropy(), opt, batch_size=16, seed=seed, metrics=metrics,
-                      record_every=3, eval_data=data(99, 40), verbose=0)
+    trainer = Trainer(
+        model,
+        SoftmaxCrossEntropy(),
+        opt,
+        batch_size=16,
+        seed=seed,
+        metrics=metrics,
+        record_every=3,
+        eval_data=data(99, 40),
+        verbose=0,
+    )
     return model, trainer.fit(X, y, steps=steps)
 
 
@@ -46,8 +56,7 @@ def test_trainer_determinism_and_batches():
     assert a.eval["step"] == [0, 3, 6, 9, 12, 15, 18, 21, 24, 25]
     # 120 samples / batch 16: 7 batches per epoch, 25 steps -> ceil(25/7) = 4 epochs
     X, y = data(5 + 7)
-    tr = Trainer(model_b, SoftmaxCrossEntropy(), SGD(model_b.parameters(), lr=0.1), batch_size=16, seed=0,
-                 verbose=0)
+    tr = Trainer(model_b, SoftmaxCrossEntropy(), SGD(model_b.parameters(), lr=0.1), batch_size=16, seed=0, verbose=0)
     assert len(tr.fit(X, y, epochs=2).step) == 14
     assert tr.steps_done == 14
 
@@ -108,7 +117,7 @@ def test_progress_bar_on_a_terminal_only(monkeypatch, rng):
     frames = terminal.getvalue().split("\r")[1:]
     assert [f.split()[-2:] for f in frames] == [["0/3", "0%"], ["1/3", "33%"], ["2/3", "66%"], ["3/3", "100%"]]
     assert frames[-1] == f"fit  [{'#' * 30}]  3/3  100%\n"
-    pipe = io.StringIO()                      # not a terminal: nothing drawn
+    pipe = io.StringIO()  # not a terminal: nothing drawn
     monkeypatch.setattr(sys, "stderr", pipe)
     Trainer(model, MSELoss(), SGD(model.parameters(), lr=0.01), batch_size=4, seed=0).fit(X, y, steps=3)
     assert pipe.getvalue() == ""

@@ -1,4 +1,5 @@
 """Small networks and data shared by the numbabn.train tests."""
+
 import numpy as np
 from numbabn_plugins.noisy_batch_norm import NoisyBatchNorm
 
@@ -23,10 +24,16 @@ def two_layer(rng):
 
 def bn_net(seed, dtype=F64, noisy=True):
     rng = np.random.default_rng(seed)
-    norm = (NoisyBatchNorm(8, dtype=dtype, rng=np.random.default_rng(seed + 1)) if noisy
-            else BatchNorm1d(8, dtype=dtype))
-    return Sequential(Linear(5, 8, rng=rng, dtype=dtype), norm, ReLU(), Linear(8, 6, rng=rng, dtype=dtype),
-                      BatchNorm1d(6, dtype=dtype), Sigmoid(), Linear(6, 3, rng=rng, dtype=dtype))
+    norm = NoisyBatchNorm(8, dtype=dtype, rng=np.random.default_rng(seed + 1)) if noisy else BatchNorm1d(8, dtype=dtype)
+    return Sequential(
+        Linear(5, 8, rng=rng, dtype=dtype),
+        norm,
+        ReLU(),
+        Linear(8, 6, rng=rng, dtype=dtype),
+        BatchNorm1d(6, dtype=dtype),
+        Sigmoid(),
+        Linear(6, 3, rng=rng, dtype=dtype),
+    )
 
 
 def data(seed, n=120):
@@ -35,5 +42,11 @@ def data(seed, n=120):
 
 
 def all_metrics():
-    return [InternalCovariateShift(), LandscapeProbe(), ActivationPercentiles(5, unit=1), GradientNorm(),
-            WeightNorm(), HessianEigenvalue(iters=3, eps=1e-2)]
+    return [
+        InternalCovariateShift(),
+        LandscapeProbe(),
+        ActivationPercentiles(5, unit=1),
+        GradientNorm(),
+        WeightNorm(),
+        HessianEigenvalue(iters=3, eps=1e-2),
+    ]

@@ -17,6 +17,7 @@ own kind of arrays, called by the dispatcher after every shared check has passed
 Only these modules import ``numbabn.kernels``. The CUDA module imports
 ``numba.cuda`` and is imported on first use (:func:`get`).
 """
+
 from types import ModuleType
 
 
@@ -24,6 +25,8 @@ def get(name: str) -> ModuleType:
     """The backend module ``name`` ("cpu" or "cuda")."""
     if name == "cpu":
         from . import cpu
+
         return cpu
     from . import cuda
+
     return cuda

@@ -5,6 +5,7 @@ Operations as listed in :mod:`numbabn.backends`; arrays are host arrays througho
 (``host`` arguments are ignored). Buffers are allocated in the compute dtype and
 the canonical shape; ``deliver`` returns them in the caller's shape and dtype.
 """
+
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +36,9 @@ def check_apart(fn: str, a: AnyArray, b: AnyArray, message: str) -> None:
         raise ValueError(f"{fn}: {message}")
 
 
-def output(fn: str, out: AnyArray | None, cx: Canonical, host: bool, inputs: Sequence[Any],
-           overlap_msg: str) -> AnyArray:
+def output(
+    fn: str, out: AnyArray | None, cx: Canonical, host: bool, inputs: Sequence[Any], overlap_msg: str
+) -> AnyArray:
     """Check ``out`` (a NumPy array of the caller's shape and dtype, apart from
     ``inputs``) and return the compute-dtype buffer (canonical shape) the kernels
     write: ``out`` itself when its dtype is the compute dtype."""
@@ -71,14 +73,42 @@ def zero_stats(C: int, dtype: Any) -> tuple[Any, Any, Any]:
     return np.zeros(C), np.zeros(C), np.zeros((4, C), dtype)
 
 
-def forward(cx: Canonical, gamma: AnyArray, beta: AnyArray, running_mean: AnyArray, running_var: AnyArray,
-        momentum: float, eps: float, training: bool, relu: bool, stats: Any, count: int, y: AnyArray,
-        given_running: Any, residual: AnyArray | None = None) -> tuple[Any, Any, Any]:
+def forward(
+    cx: Canonical,
+    gamma: AnyArray,
+    beta: AnyArray,
+    running_mean: AnyArray,
+    running_var: AnyArray,
+    momentum: float,
+    eps: float,
+    training: bool,
+    relu: bool,
+    stats: Any,
+    count: int,
+    y: AnyArray,
+    given_running: Any,
+    residual: AnyArray | None = None,
+) -> tuple[Any, Any, Any]:
     """Normalise ``cx`` into ``y`` -> (mean, invstd, coef); see :func:`cpu_driver.forward`.
     ``given_running`` (the caller's running statistics) is for backends that copy them;
     ``residual`` (canonical, like ``cx.array``, or None) is added before the ReLU."""
-    return cpu_driver.forward(cx.array, cx.layout, gamma, beta, running_mean, running_var, momentum, eps,
-                              training, relu, stats, count, y, config.CHUNK, residual)
+    return cpu_driver.forward(
+        cx.array,
+        cx.layout,
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        momentum,
+        eps,
+        training,
+        relu,
+        stats,
+        count,
+        y,
+        config.CHUNK,
+        residual,
+    )
 
 
 def grad_sums(cdy: Canonical, ctx: "BatchNormContext") -> Any:
@@ -94,18 +124,33 @@ pack_grad_sums = cpu_driver.pack_grad_sums
 unpack_grad_sums = cpu_driver.unpack_grad_sums
 
 
-def grad_apply(cdy: Canonical, ctx: "BatchNormContext", partials: Any, dx: AnyArray, host: bool,
-           dres: AnyArray | None = None) -> tuple[Any, Any]:
+def grad_apply(
+    cdy: Canonical, ctx: "BatchNormContext", partials: Any, dx: AnyArray, host: bool, dres: AnyArray | None = None
+) -> tuple[Any, Any]:
     """dx into ``dx`` (canonical buffer) -> (dgamma, dbeta), NumPy arrays of the compute dtype.
     With a fused residual and ReLU, its gradient into ``dres`` (canonical buffer)."""
-    return cpu_driver.grad_apply(cdy.array, ctx.x, ctx.layout, ctx.coef, ctx.invstd, ctx.gamma, ctx.training,
-                                 ctx.relu, ctx.count, partials, dx, config.CHUNK, ctx.residual, dres)
+    return cpu_driver.grad_apply(
+        cdy.array,
+        ctx.x,
+        ctx.layout,
+        ctx.coef,
+        ctx.invstd,
+        ctx.gamma,
+        ctx.training,
+        ctx.relu,
+        ctx.count,
+        partials,
+        dx,
+        config.CHUNK,
+        ctx.residual,
+        dres,
+    )
 
 
-def warmup_plan(dtypes: Sequence[str] = ("float32", "float64"), layouts: Sequence[str] = ("ncl", "mc"),
-            residual: bool = False) -> list[tuple[str, Callable[..., Any]]]:
+def warmup_plan(
+    dtypes: Sequence[str] = ("float32", "float64"), layouts: Sequence[str] = ("ncl", "mc"), residual: bool = False
+) -> list[tuple[str, Callable[..., Any]]]:
     """[(label, compile callable)] for every CPU kernel specialisation of ``dtypes`` x
     ``layouts``, the fused-residual ones only if ``residual`` (what ``numbabn warmup``
     runs, one step each)."""
     return cpu_driver.warmup_plan(dtypes, layouts, residual)
-

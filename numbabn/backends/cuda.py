@@ -23,6 +23,7 @@ Validation follows the CPU path's rules and messages (``numbabn._layout``,
 ``numbabn._bn_checks``); all of it happens before any kernel runs, so bad input
 modifies nothing.
 """
+
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +74,7 @@ def _device_readonly(x: AnyArray) -> bool:
 
 def device_overlap(a: AnyArray, b: AnyArray) -> bool:
     """Whether two C-contiguous device arrays share bytes (by address range)."""
+
     def extent(d: AnyArray) -> tuple[int, int]:
         # The simulator's device arrays wrap NumPy arrays and have only the host interface.
         iface = getattr(d, "__cuda_array_interface__", None) or d.__array_interface__
@@ -114,7 +116,8 @@ def canonical(fn: str, name: str, x: AnyArray, axis: int) -> Canonical:
     if not d.is_c_contiguous():
         raise ValueError(
             f"{fn}: {name} is a non-contiguous GPU array (strides {tuple(d.strides)}); "
-            "make it C-contiguous first (e.g. cupy.ascontiguousarray, tensor.contiguous())")
+            "make it C-contiguous first (e.g. cupy.ascontiguousarray, tensor.contiguous())"
+        )
     arr = d.reshape(cshape)
     dt = compute_dtype(d.dtype)
     if dt != d.dtype and d.size == 0:
@@ -126,8 +129,7 @@ def canonical(fn: str, name: str, x: AnyArray, axis: int) -> Canonical:
     return Canonical(arr, layout, tuple(d.shape), axis, np.dtype(d.dtype), C, m)
 
 
-def param(fn: str, name: str, value: AnyArray | None, channels: int, dtype: Any, *,
-      inplace: bool = False) -> AnyArray:
+def param(fn: str, name: str, value: AnyArray | None, channels: int, dtype: Any, *, inplace: bool = False) -> AnyArray:
     """:func:`~numbabn._layout.check_param` for the CUDA backend; returns a device array.
 
     GPU arrays are used in place (they must be C-contiguous); host arrays are
@@ -139,7 +141,8 @@ def param(fn: str, name: str, value: AnyArray | None, channels: int, dtype: Any,
     d = as_device(value)
     if tuple(d.shape) != (channels,):
         raise ValueError(
-            f"{fn}: {name} must have shape ({channels},) (one value per channel), got shape {tuple(d.shape)}")
+            f"{fn}: {name} must have shape ({channels},) (one value per channel), got shape {tuple(d.shape)}"
+        )
     if d.dtype != dtype:
         raise TypeError(f"{fn}: {name} must have dtype {dtype} to match the input, got {d.dtype}")
     if not d.is_c_contiguous():
@@ -164,8 +167,9 @@ def check_apart(fn: str, a: AnyArray, b: AnyArray, message: str) -> None:
         raise ValueError(f"{fn}: {message}")
 
 
-def output(fn: str, out: AnyArray | None, cx: Canonical, host: bool, inputs: Sequence[Any],
-           overlap_msg: str) -> AnyArray:
+def output(
+    fn: str, out: AnyArray | None, cx: Canonical, host: bool, inputs: Sequence[Any], overlap_msg: str
+) -> AnyArray:
     """Check ``out`` and return the compute-dtype device buffer (canonical shape)
     the kernels write: ``out`` itself when it is a device array of that dtype."""
     dt = compute_dtype(cx.dtype)
@@ -193,7 +197,7 @@ def deliver(buf: AnyArray, shape: tuple[int, ...], dtype: Any, out: AnyArray | N
         return out
     if buf.dtype != dtype and buf.size == 0:
         return cuda.device_array(shape, dtype) if out is None else out
-    if buf.dtype != dtype:   # float16: convert on the device
+    if buf.dtype != dtype:  # float16: convert on the device
         target = cuda.device_array(shape, dtype) if out is None else as_device(out)
         K.cast(buf, target, config.CUDA_THREADS)
         return target if out is None else out
@@ -216,16 +220,42 @@ def zero_stats(C: int, dtype: Any) -> tuple[Any, Any, Any]:
     return zeros, zeros, None
 
 
-def forward(cx: Canonical, gamma: AnyArray, beta: AnyArray, running_mean: AnyArray, running_var: AnyArray,
-        momentum: float, eps: float, training: bool, relu: bool, stats: Any, count: int, y: AnyArray,
-        given_running: Any, residual: AnyArray | None = None) -> tuple[Any, Any, Any]:
+def forward(
+    cx: Canonical,
+    gamma: AnyArray,
+    beta: AnyArray,
+    running_mean: AnyArray,
+    running_var: AnyArray,
+    momentum: float,
+    eps: float,
+    training: bool,
+    relu: bool,
+    stats: Any,
+    count: int,
+    y: AnyArray,
+    given_running: Any,
+    residual: AnyArray | None = None,
+) -> tuple[Any, Any, Any]:
     """Normalise ``cx`` into the device buffer ``y`` -> (mean, invstd, None), float64
     device arrays. ``stats``: host (2, C) [mean, M2] of ``count`` values to use
     instead of the batch's (copied to the device). Running statistics given as
     NumPy arrays (``given_running``) receive the device update in place."""
-    mean, invstd = K.forward(_ncl(cx.array, cx.layout), gamma, beta, running_mean, running_var, momentum, eps,
-                             training, relu, config.CUDA_THREADS, _ncl(y, cx.layout), stats, count,
-                             None if residual is None else _ncl(residual, cx.layout))
+    mean, invstd = K.forward(
+        _ncl(cx.array, cx.layout),
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        momentum,
+        eps,
+        training,
+        relu,
+        config.CUDA_THREADS,
+        _ncl(y, cx.layout),
+        stats,
+        count,
+        None if residual is None else _ncl(residual, cx.layout),
+    )
     if training and running_mean.size:
         for given, updated in zip(given_running, (running_mean, running_var), strict=True):
             if not is_device_array(given):
@@ -235,9 +265,17 @@ def forward(cx: Canonical, gamma: AnyArray, beta: AnyArray, running_mean: AnyArr
 
 def grad_sums(cdy: Canonical, ctx: "BatchNormContext") -> Any:
     """Device partials (psg, psgx), (C, S) float64, of sum g and sum g*(x - mean)."""
-    return K.grad_sums(_ncl(cdy.array, ctx.layout), _ncl(ctx.x, ctx.layout), ctx.mean, ctx.invstd,
-                       ctx.gamma, ctx.beta, ctx.relu, config.CUDA_THREADS,
-                       None if ctx.residual is None else _ncl(ctx.residual, ctx.layout))
+    return K.grad_sums(
+        _ncl(cdy.array, ctx.layout),
+        _ncl(ctx.x, ctx.layout),
+        ctx.mean,
+        ctx.invstd,
+        ctx.gamma,
+        ctx.beta,
+        ctx.relu,
+        config.CUDA_THREADS,
+        None if ctx.residual is None else _ncl(ctx.residual, ctx.layout),
+    )
 
 
 def pack_grad_sums(partials: Any) -> NDArray[np.float64]:
@@ -255,23 +293,38 @@ def copy(src: AnyArray, dst: AnyArray) -> None:
     dst.copy_to_device(src)
 
 
-def grad_apply(cdy: Canonical, ctx: "BatchNormContext", partials: Any, dx: AnyArray, host: bool,
-           dres: AnyArray | None = None) -> tuple[Any, Any]:
+def grad_apply(
+    cdy: Canonical, ctx: "BatchNormContext", partials: Any, dx: AnyArray, host: bool, dres: AnyArray | None = None
+) -> tuple[Any, Any]:
     """dx into the device buffer ``dx`` -> (dgamma, dbeta) of the compute dtype:
     NumPy arrays when ``host`` (dy came from the host), device arrays otherwise."""
     C = ctx.mean.shape[0]
     dt = compute_dtype(ctx.dtype)
-    if ctx.count == 0:      # no values anywhere: zero parameter gradients, no kernel
+    if ctx.count == 0:  # no values anywhere: zero parameter gradients, no kernel
         zeros = np.zeros(C, dt)
         return (zeros, zeros.copy()) if host else (cuda.to_device(zeros), cuda.to_device(zeros))
     dgamma = cuda.device_array(C, dt)
     dbeta = cuda.device_array(C, dt)
     psg, psgx = partials
-    K.grad_apply(_ncl(cdy.array, ctx.layout), _ncl(ctx.x, ctx.layout), ctx.mean, ctx.invstd, ctx.gamma,
-                 ctx.beta, ctx.training, ctx.relu, config.CUDA_THREADS, psg, psgx, ctx.count,
-                 _ncl(dx, ctx.layout), dgamma, dbeta,
-                 None if ctx.residual is None else _ncl(ctx.residual, ctx.layout),
-                 None if dres is None else _ncl(dres, ctx.layout))
+    K.grad_apply(
+        _ncl(cdy.array, ctx.layout),
+        _ncl(ctx.x, ctx.layout),
+        ctx.mean,
+        ctx.invstd,
+        ctx.gamma,
+        ctx.beta,
+        ctx.training,
+        ctx.relu,
+        config.CUDA_THREADS,
+        psg,
+        psgx,
+        ctx.count,
+        _ncl(dx, ctx.layout),
+        dgamma,
+        dbeta,
+        None if ctx.residual is None else _ncl(ctx.residual, ctx.layout),
+        None if dres is None else _ncl(dres, ctx.layout),
+    )
     if host:
         return dgamma.copy_to_host(), dbeta.copy_to_host()
     return dgamma, dbeta

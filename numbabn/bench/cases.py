@@ -4,13 +4,14 @@ scikit-learn and PyTorch benchmarks.
 Imports nothing beyond the standard library: the CLI builds its option choices from
 these names while answering ``--help``.
 """
+
 from dataclasses import dataclass
 
 OPS = ("forward", "eval", "backward")
-TRAFFIC = {"forward": 3, "eval": 2, "backward": 5}   # bytes moved, multiples of S = bytes of x (DESIGN.md §3)
-COMPARE = ("numpy", "torch")                         # what the kernels can be timed against
-SKLEARN_PARTS = ("transformer", "mlp")               # numbabn.bench.sklearn_estimators
-TORCH_PARTS = ("bn", "step")                         # numbabn.bench.torch_modules
+TRAFFIC = {"forward": 3, "eval": 2, "backward": 5}  # bytes moved, multiples of S = bytes of x (DESIGN.md §3)
+COMPARE = ("numpy", "torch")  # what the kernels can be timed against
+SKLEARN_PARTS = ("transformer", "mlp")  # numbabn.bench.sklearn_estimators
+TORCH_PARTS = ("bn", "step")  # numbabn.bench.torch_modules
 
 
 @dataclass(frozen=True)

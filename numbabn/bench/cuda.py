@@ -9,6 +9,7 @@ bandwidth (:func:`device_copy_bandwidth`) measured in the same run. "torch" time
 ``F.batch_norm`` / ``native_batch_norm_backward`` on CUDA tensors of the same data
 (PyTorch must see the GPU); "numpy" times the float64 reference on the host.
 """
+
 import statistics
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
@@ -36,7 +37,7 @@ def event_time(fn: Callable[[], Any], repeat: int) -> float:
         fn()
         stop.record()
         stop.synchronize()
-        times.append(start.elapsed_time(stop) / 1e3)   # milliseconds
+        times.append(start.elapsed_time(stop) / 1e3)  # milliseconds
     return statistics.median(times)
 
 
@@ -50,8 +51,7 @@ def device_copy_bandwidth(nbytes: int, repeats: int = 20) -> float:
     Raises RuntimeError under the CUDA simulator (its timings mean nothing).
     """
     if cuda.config.ENABLE_CUDASIM:  # type: ignore[attr-defined]  # set from the environment at import
-        raise RuntimeError(
-            "device_copy_bandwidth: refusing to time the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
+        raise RuntimeError("device_copy_bandwidth: refusing to time the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
     if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes <= 0:
         raise ValueError(f"device_copy_bandwidth: nbytes must be a positive int, got {nbytes!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats <= 0:
@@ -91,7 +91,8 @@ class CUDABackend:
 
             if not torch.cuda.is_available():
                 raise RuntimeError(
-                    f"cuda benchmark: compare='torch' needs a PyTorch that sees the GPU (torch {torch.__version__})")
+                    f"cuda benchmark: compare='torch' needs a PyTorch that sees the GPU (torch {torch.__version__})"
+                )
             self.torch_threads = torch.get_num_threads()
         self.threads = config.CUDA_THREADS
 
@@ -108,7 +109,8 @@ class CUDABackend:
         """Device copies of the host arrays, preallocated outputs; synchronised so the
         setup time includes compiling the forward kernels."""
         x, dy, gamma, beta, rm, rv = (cuda.to_device(a) for a in host)
-        ops = numbabn_ops(case, x, gamma, beta, dy, rm, rv, "cuda",
-                          y=cuda.device_array_like(x), dx=cuda.device_array_like(x))
+        ops = numbabn_ops(
+            case, x, gamma, beta, dy, rm, rv, "cuda", y=cuda.device_array_like(x), dx=cuda.device_array_like(x)
+        )
         cuda.synchronize()
         return ops

@@ -19,6 +19,7 @@ CPU: host arrays; both sides allocate their outputs; wall-clock timing; the copy
 reference is the faster of NumPy's ``copyto`` and a copy on the kernels' thread pool
 (2 bytes moved per byte copied); PyTorch gets the same thread count as Numba.
 """
+
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -122,8 +123,18 @@ def inputs(case: Case, dtype: Any, rng: np.random.Generator) -> tuple[NDArray[An
     return x, dy, gamma, beta, np.zeros(C, dt), np.ones(C, dt)
 
 
-def numbabn_ops(case: Case, x: Any, gamma: Any, beta: Any, dy: Any, rm: Any, rv: Any, backend: str = "cpu",
-            y: Any = None, dx: Any = None) -> dict[str, Callable[[], Any]]:
+def numbabn_ops(
+    case: Case,
+    x: Any,
+    gamma: Any,
+    beta: Any,
+    dy: Any,
+    rm: Any,
+    rv: Any,
+    backend: str = "cpu",
+    y: Any = None,
+    dx: Any = None,
+) -> dict[str, Callable[[], Any]]:
     """{op: callable} timing numbabn's functional API on ``x`` (host or device arrays).
 
     ``y``/``dx``: preallocated outputs (``out=``); the CUDA backend passes device
@@ -139,16 +150,15 @@ def numbabn_ops(case: Case, x: Any, gamma: Any, beta: Any, dy: Any, rm: Any, rv:
     stats = dict(running_mean=rm.copy(), running_var=rv.copy()) if isinstance(rm, np.ndarray) else {}
     _, ctx = numbabn.batch_norm_forward(x, gamma, beta, **stats, **kw)
     return {
-        "forward": lambda: numbabn.batch_norm_forward(x, gamma, beta, running_mean=rm, running_var=rv,
-                                                      out=y, **kw),
-        "eval": lambda: numbabn.batch_norm_forward(x, gamma, beta, running_mean=rm, running_var=rv,
-                                                   training=False, out=y, **kw),
+        "forward": lambda: numbabn.batch_norm_forward(x, gamma, beta, running_mean=rm, running_var=rv, out=y, **kw),
+        "eval": lambda: numbabn.batch_norm_forward(
+            x, gamma, beta, running_mean=rm, running_var=rv, training=False, out=y, **kw
+        ),
         "backward": lambda: numbabn.batch_norm_backward(dy, ctx, out=dx),
     }
 
 
-def numpy_ops(case: Case, x: Any, gamma: Any, beta: Any, dy: Any, rm: Any,
-              rv: Any) -> dict[str, Callable[[], Any]]:
+def numpy_ops(case: Case, x: Any, gamma: Any, beta: Any, dy: Any, rm: Any, rv: Any) -> dict[str, Callable[[], Any]]:
     """{op: callable} timing the float64 NumPy reference on host arrays."""
     from ..kernels import reference as R
 
@@ -159,8 +169,9 @@ def numpy_ops(case: Case, x: Any, gamma: Any, beta: Any, dy: Any, rm: Any,
     }
 
 
-def torch_ops(case: Case, x: Any, gamma: Any, beta: Any, dy: Any, threads: int,
-          device: str = "cpu") -> dict[str, Callable[[], Any]]:
+def torch_ops(
+    case: Case, x: Any, gamma: Any, beta: Any, dy: Any, threads: int, device: str = "cpu"
+) -> dict[str, Callable[[], Any]]:
     """{op: callable} timing PyTorch's batch norm on tensors of the host arrays' data
     on ``device``, with ``threads`` CPU threads."""
     import torch
@@ -169,7 +180,7 @@ def torch_ops(case: Case, x: Any, gamma: Any, beta: Any, dy: Any, threads: int,
     F = torch.nn.functional
     ax = case.axis % len(case.shape)
     dev = lambda a: torch.from_numpy(a).to(device)  # noqa: E731  (.to() keeps channels-last strides)
-    if ax != 1:   # torch's channel axis is 1: channels-last memory, channels-first view
+    if ax != 1:  # torch's channel axis is 1: channels-last memory, channels-first view
         to = lambda a: dev(np.moveaxis(a, ax, 1))  # noqa: E731
     else:
         to = dev
@@ -182,7 +193,8 @@ def torch_ops(case: Case, x: Any, gamma: Any, beta: Any, dy: Any, threads: int,
         "forward": lambda: F.batch_norm(tx, rm, rv, tg, tb, training=True, momentum=0.1, eps=1e-5),
         "eval": lambda: F.batch_norm(tx, rm, rv, tg, tb, training=False, eps=1e-5),
         "backward": lambda: torch.ops.aten.native_batch_norm_backward(
-            tdy, tx, tg, rm, rv, save_mean, save_invstd, True, 1e-5, [True, True, True]),
+            tdy, tx, tg, rm, rv, save_mean, save_invstd, True, 1e-5, [True, True, True]
+        ),
     }
 
 
@@ -212,8 +224,7 @@ class CPUBackend:
     def copy_bandwidth(self, nbytes: int) -> float:
         return copy_bandwidth(nbytes)
 
-    def ops(self, case: Case, x: Any, dy: Any, gamma: Any, beta: Any, rm: Any,
-            rv: Any) -> dict[str, Callable[[], Any]]:
+    def ops(self, case: Case, x: Any, dy: Any, gamma: Any, beta: Any, rm: Any, rv: Any) -> dict[str, Callable[[], Any]]:
         """{op: callable} on the host arrays of :func:`inputs`."""
         return numbabn_ops(case, x, gamma, beta, dy, rm, rv)
 
@@ -247,9 +258,16 @@ def _compare(row: Row, others: dict[str, Any], op: str, repeat: int, torch_time:
         row.vs_torch = row.torch_ms / row.ms
 
 
-def run(cases: Iterable[Case], ops: Sequence[str] = OPS, dtype: str = "float32", backend: str = "cpu",
-    repeat: int = 10, compare: Sequence[str] = ("numpy", "torch"), threads: int | None = None,
-    progress: Callable[..., Any] | None = None) -> Report:
+def run(
+    cases: Iterable[Case],
+    ops: Sequence[str] = OPS,
+    dtype: str = "float32",
+    backend: str = "cpu",
+    repeat: int = 10,
+    compare: Sequence[str] = ("numpy", "torch"),
+    threads: int | None = None,
+    progress: Callable[..., Any] | None = None,
+) -> Report:
     """Time every (case, op) of numbabn on ``backend`` ('cpu' or 'cuda'), with the
     ``compare`` libraries on the same data, and return a :class:`Report`.
 
@@ -266,6 +284,7 @@ def run(cases: Iterable[Case], ops: Sequence[str] = OPS, dtype: str = "float32",
     torch_version = None
     if "torch" in compare:
         import torch
+
         torch_version = torch.__version__
     rows = []
     for case in cases:
@@ -274,7 +293,7 @@ def run(cases: Iterable[Case], ops: Sequence[str] = OPS, dtype: str = "float32",
         host = inputs(case, dt, rng)
         t0 = time.perf_counter()
         ours = side.ops(case, *host)
-        setup_s = time.perf_counter() - t0   # includes compile/cache load of forward
+        setup_s = time.perf_counter() - t0  # includes compile/cache load of forward
         x, dy, gamma, beta, rm, rv = host
         others = {}
         if "numpy" in compare:
@@ -286,11 +305,30 @@ def run(cases: Iterable[Case], ops: Sequence[str] = OPS, dtype: str = "float32",
             first = first_call(ours[op], side.sync) + (setup_s if op == "forward" else 0.0)
             sec = side.time(ours[op], repeat)
             gbps = TRAFFIC[op] * S / sec / 1e9
-            row = Row(op, case.name, case.shape, case.layout, dt.name, side.name, sec * 1e3, gbps,
-                      100 * gbps / copy_gbps, first)
+            row = Row(
+                op,
+                case.name,
+                case.shape,
+                case.layout,
+                dt.name,
+                side.name,
+                sec * 1e3,
+                gbps,
+                100 * gbps / copy_gbps,
+                first,
+            )
             _compare(row, others, op, repeat, side.time)
             rows.append(row)
-    meta = {"backend": side.name, **side.where(), "threads": side.threads, "copy_gbps": copy_gbps,
-            "dtype": dt.name, "repeat": repeat, **side.versions(), "numpy": np.__version__,
-            "torch": torch_version, "threading_layer": side.threading_layer}
+    meta = {
+        "backend": side.name,
+        **side.where(),
+        "threads": side.threads,
+        "copy_gbps": copy_gbps,
+        "dtype": dt.name,
+        "repeat": repeat,
+        **side.versions(),
+        "numpy": np.__version__,
+        "torch": torch_version,
+        "threading_layer": side.threading_layer,
+    }
     return Report(rows, meta)

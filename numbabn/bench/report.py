@@ -9,6 +9,7 @@ dashed rule, which is six lines; ``tabulate``, the obvious library, pads every h
 by a fixed two spaces (a module-global setting), which would widen the published
 tables, and would add a dependency and about 0.1 s of import time for those six lines.
 """
+
 import csv
 import json
 from collections.abc import Sequence
@@ -17,8 +18,20 @@ from typing import IO, Any
 
 from .harness import Report, Row
 
-TABLE_COLUMNS = ("op", "case", "shape", "layout", "ms", "GB/s", "%copy", "first s", "numpy ms", "x numpy",
-                 "torch ms", "x torch")
+TABLE_COLUMNS = (
+    "op",
+    "case",
+    "shape",
+    "layout",
+    "ms",
+    "GB/s",
+    "%copy",
+    "first s",
+    "numpy ms",
+    "x numpy",
+    "torch ms",
+    "x torch",
+)
 
 
 def text_table(head: Sequence[str], body: Sequence[Sequence[str]], rule: bool = True) -> str:
@@ -37,14 +50,33 @@ def format_table(report: Report) -> str:
     """The title line and table of a harness report: per (case, op) numbabn's median
     ms, GB/s, % of the copy bandwidth and first-call seconds, then the NumPy
     reference's and PyTorch's median ms with "x numpy"/"x torch" = their ms / ours."""
-    body = [[r.op, r.case, "x".join(map(str, r.shape)), r.layout, _cell(r.ms, ".3f"), _cell(r.gbps, ".1f"),
-             _cell(r.pct_copy, ".0f"), _cell(r.first_s, ".2f"), _cell(r.numpy_ms, ".2f"), _cell(r.vs_numpy, ".1f"),
-             _cell(r.torch_ms, ".3f"), _cell(r.vs_torch, ".2f")] for r in report.rows]
+    body = [
+        [
+            r.op,
+            r.case,
+            "x".join(map(str, r.shape)),
+            r.layout,
+            _cell(r.ms, ".3f"),
+            _cell(r.gbps, ".1f"),
+            _cell(r.pct_copy, ".0f"),
+            _cell(r.first_s, ".2f"),
+            _cell(r.numpy_ms, ".2f"),
+            _cell(r.vs_numpy, ".1f"),
+            _cell(r.torch_ms, ".3f"),
+            _cell(r.vs_torch, ".2f"),
+        ]
+        for r in report.rows
+    ]
     m = report.meta
-    where = (f"{m['device']}, {m['threads']} threads/block, device" if m["backend"] == "cuda"
-             else f"{m['threads']} threads ({m['threading_layer']}),")
-    title = (f"numbabn {m['backend']} bench: {m['dtype']}, {where} "
-             f"copy bandwidth {m['copy_gbps']:.1f} GB/s, torch {m['torch'] or 'n/a'}, median of {m['repeat']}")
+    where = (
+        f"{m['device']}, {m['threads']} threads/block, device"
+        if m["backend"] == "cuda"
+        else f"{m['threads']} threads ({m['threading_layer']}),"
+    )
+    title = (
+        f"numbabn {m['backend']} bench: {m['dtype']}, {where} "
+        f"copy bandwidth {m['copy_gbps']:.1f} GB/s, torch {m['torch'] or 'n/a'}, median of {m['repeat']}"
+    )
     return title + "\n" + text_table(TABLE_COLUMNS, body)
 
 
@@ -52,8 +84,10 @@ def footer(report: Report) -> str:
     """One line: the first calls' total and slowest (compile or cache load)."""
     slowest = max(report.rows, key=lambda r: r.first_s)
     total = sum(r.first_s for r in report.rows)
-    return (f"first calls (JIT compile or Numba cache load; not in the timings): {total:.2f} s in all, "
-            f"slowest {slowest.first_s:.2f} s ({slowest.op} {slowest.case})")
+    return (
+        f"first calls (JIT compile or Numba cache load; not in the timings): {total:.2f} s in all, "
+        f"slowest {slowest.first_s:.2f} s ({slowest.op} {slowest.case})"
+    )
 
 
 def write_json(report: Report, f: IO[str]) -> None:
@@ -87,8 +121,12 @@ def plot(report: Report, f: Any, fmt: str) -> None:
     ax.bar(pos - (width / 2 if with_torch else 0), [r.gbps for r in rows], width, label="numbabn")
     if with_torch:
         ax.bar(pos + width / 2, torch_gbps, width, label=f"PyTorch {meta['torch']}")
-    ax.axhline(meta["copy_gbps"], color="black", linestyle="--",
-               label=f"{'device ' if meta['backend'] == 'cuda' else ''}copy bandwidth {meta['copy_gbps']:.1f} GB/s")
+    ax.axhline(
+        meta["copy_gbps"],
+        color="black",
+        linestyle="--",
+        label=f"{'device ' if meta['backend'] == 'cuda' else ''}copy bandwidth {meta['copy_gbps']:.1f} GB/s",
+    )
     ax.set_xticks(pos, [f"{r.case}\n{r.op}" for r in rows], rotation=90 if len(rows) > 8 else 0, fontsize=8)
     ax.set_xlabel("case / op")
     ax.set_ylabel("effective bandwidth, GB/s (bytes moved / time)")

@@ -24,6 +24,7 @@ left over each epoch (6 steps per epoch here against scikit-learn's 7).
 threadpoolctl, the BLAS threads of both sides: for the small matrices of the MLP part,
 thread hand-offs dominate on a busy machine.
 """
+
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -49,8 +50,13 @@ def _timed(fn: Callable[..., Any], repeat: int) -> tuple[float, float, Any]:
     return first, statistics.median(times), out
 
 
-def bench_transformer(n_samples: int = 1_000_000, n_features: int = 64, dtypes: Sequence[str] = ("float32", "float64"),
-                  repeat: int = 5, seed: int = 0) -> list[dict[str, Any]]:
+def bench_transformer(
+    n_samples: int = 1_000_000,
+    n_features: int = 64,
+    dtypes: Sequence[str] = ("float32", "float64"),
+    repeat: int = 5,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Rows comparing fit+transform of BatchNormTransformer and StandardScaler."""
     from sklearn.preprocessing import StandardScaler
 
@@ -62,17 +68,31 @@ def bench_transformer(n_samples: int = 1_000_000, n_features: int = 64, dtypes: 
         X = (rng.standard_normal((n_samples, n_features)) * 3.0 + 100.0).astype(dtype)
         first, ours_s, ours = _timed(lambda X=X: BatchNormTransformer(eps=1e-30).fit(X).transform(X), repeat)
         _, ref_s, ref = _timed(lambda X=X: StandardScaler().fit(X).transform(X), repeat)
-        rows.append(dict(
-            bench="transformer", case=f"{n_samples}x{n_features}", dtype=np.dtype(dtype).name,
-            numbabn_ms=ours_s * 1e3, sklearn_ms=ref_s * 1e3, speedup=ref_s / ours_s,
-            gbps=3 * X.nbytes / ours_s / 1e9, first_s=first, out_dtype=ours.dtype.name,
-            max_abs_diff=float(np.max(np.abs(ours.astype(np.float64) - ref)))))
+        rows.append(
+            dict(
+                bench="transformer",
+                case=f"{n_samples}x{n_features}",
+                dtype=np.dtype(dtype).name,
+                numbabn_ms=ours_s * 1e3,
+                sklearn_ms=ref_s * 1e3,
+                speedup=ref_s / ours_s,
+                gbps=3 * X.nbytes / ours_s / 1e9,
+                first_s=first,
+                out_dtype=ours.dtype.name,
+                max_abs_diff=float(np.max(np.abs(ours.astype(np.float64) - ref))),
+            )
+        )
         del ours, ref
     return rows
 
 
-def bench_mlp_digits(epochs: int = 50, seeds: Sequence[int] = (0, 1, 2), hidden: tuple[int, ...] = (100, 100, 100),
-                 target: float = 0.95, dtype: str = "float32") -> list[dict[str, Any]]:
+def bench_mlp_digits(
+    epochs: int = 50,
+    seeds: Sequence[int] = (0, 1, 2),
+    hidden: tuple[int, ...] = (100, 100, 100),
+    target: float = 0.95,
+    dtype: str = "float32",
+) -> list[dict[str, Any]]:
     """Rows comparing BNMLPClassifier and MLPClassifier on digits (module docstring)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -84,8 +104,10 @@ def bench_mlp_digits(epochs: int = 50, seeds: Sequence[int] = (0, 1, 2), hidden:
     X = (X / 16.0).astype(dtype)
     X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
     classes = np.unique(y)
-    makers = {"BNMLPClassifier": lambda s: BNMLPClassifier(hidden_layer_sizes=hidden, random_state=s),
-              "MLPClassifier": lambda s: MLPClassifier(hidden_layer_sizes=hidden, random_state=s)}
+    makers = {
+        "BNMLPClassifier": lambda s: BNMLPClassifier(hidden_layer_sizes=hidden, random_state=s),
+        "MLPClassifier": lambda s: MLPClassifier(hidden_layer_sizes=hidden, random_state=s),
+    }
     rows = []
     for seed in seeds:
         for name, make in makers.items():
@@ -96,10 +118,21 @@ def bench_mlp_digits(epochs: int = 50, seeds: Sequence[int] = (0, 1, 2), hidden:
                 train_s += time.perf_counter() - t0
                 accuracy.append(clf.score(X_te, y_te))
             reached = [e + 1 for e, a in enumerate(accuracy) if a >= target]
-            rows.append(dict(bench="mlp", estimator=name, seed=seed, hidden="x".join(map(str, hidden)),
-                             dtype=np.dtype(dtype).name, epochs=epochs, test_accuracy=accuracy[-1],
-                             best_accuracy=max(accuracy), train_s=train_s, target=target,
-                             epochs_to_target=reached[0] if reached else None))
+            rows.append(
+                dict(
+                    bench="mlp",
+                    estimator=name,
+                    seed=seed,
+                    hidden="x".join(map(str, hidden)),
+                    dtype=np.dtype(dtype).name,
+                    epochs=epochs,
+                    test_accuracy=accuracy[-1],
+                    best_accuracy=max(accuracy),
+                    train_s=train_s,
+                    target=target,
+                    epochs_to_target=reached[0] if reached else None,
+                )
+            )
     return rows
 
 
@@ -117,10 +150,20 @@ def _thread_limit(threads: int | None) -> Iterator[None]:
         yield
 
 
-def run_sklearn_bench(parts: Sequence[str] = PARTS, *, n_samples: int = 1_000_000, n_features: int = 64,
-                  dtypes: Sequence[str] = ("float32", "float64"), repeat: int = 5, seed: int = 0, epochs: int = 50,
-                  seeds: Sequence[int] = (0, 1, 2), hidden: tuple[int, ...] = (100, 100, 100), target: float = 0.95,
-                  threads: int | None = None) -> list[dict[str, Any]]:
+def run_sklearn_bench(
+    parts: Sequence[str] = PARTS,
+    *,
+    n_samples: int = 1_000_000,
+    n_features: int = 64,
+    dtypes: Sequence[str] = ("float32", "float64"),
+    repeat: int = 5,
+    seed: int = 0,
+    epochs: int = 50,
+    seeds: Sequence[int] = (0, 1, 2),
+    hidden: tuple[int, ...] = (100, 100, 100),
+    target: float = 0.95,
+    threads: int | None = None,
+) -> list[dict[str, Any]]:
     """Run the chosen ``parts`` (see ``numbabn.bench.cases.SKLEARN_PARTS``); returns a list of row dicts.
 
     ``n_samples``, ``n_features``, ``dtypes``, ``repeat``, ``seed``: the transformer
@@ -142,13 +185,28 @@ def run_sklearn_bench(parts: Sequence[str] = PARTS, *, n_samples: int = 1_000_00
 
 
 _COLUMNS = {
-    "transformer": [("case", "{}"), ("dtype", "{}"), ("threads", "{}"), ("numbabn_ms", "{:.1f}"),
-                    ("sklearn_ms", "{:.1f}"),
-                    ("speedup", "{:.2f}x"), ("gbps", "{:.2f}"), ("first_s", "{:.2f}"),
-                    ("max_abs_diff", "{:.1e}")],
-    "mlp": [("estimator", "{}"), ("seed", "{}"), ("hidden", "{}"), ("threads", "{}"), ("epochs", "{}"),
-            ("test_accuracy", "{:.4f}"), ("best_accuracy", "{:.4f}"), ("train_s", "{:.2f}"),
-            ("epochs_to_target", "{}")],
+    "transformer": [
+        ("case", "{}"),
+        ("dtype", "{}"),
+        ("threads", "{}"),
+        ("numbabn_ms", "{:.1f}"),
+        ("sklearn_ms", "{:.1f}"),
+        ("speedup", "{:.2f}x"),
+        ("gbps", "{:.2f}"),
+        ("first_s", "{:.2f}"),
+        ("max_abs_diff", "{:.1e}"),
+    ],
+    "mlp": [
+        ("estimator", "{}"),
+        ("seed", "{}"),
+        ("hidden", "{}"),
+        ("threads", "{}"),
+        ("epochs", "{}"),
+        ("test_accuracy", "{:.4f}"),
+        ("best_accuracy", "{:.4f}"),
+        ("train_s", "{:.2f}"),
+        ("epochs_to_target", "{}"),
+    ],
 }
 _TITLES = {
     "transformer": "BatchNormTransformer vs StandardScaler, fit + transform (median ms)",

@@ -27,6 +27,7 @@ every variant runs once, interleaved, so that machine noise hits them alike; the
 median per variant is reported, and ratios are native time / numbabn time from the
 same rounds.
 """
+
 import copy
 import statistics
 import time
@@ -69,7 +70,7 @@ def _bn_case(case: Any, dtype: Any = torch.float32) -> tuple[Any, ...]:
     g = torch.Generator().manual_seed(0)
     shape = list(case.shape)
     channels_last = case.axis in (-1, len(shape) - 1) and len(shape) > 2
-    if channels_last:   # numbabn's NHWC case = a channels_last NCHW tensor
+    if channels_last:  # numbabn's NHWC case = a channels_last NCHW tensor
         shape = [shape[0], shape[-1], *shape[1:-1]]
     x = (torch.randn(shape, generator=g) * 2 + 1).to(dtype)
     dy = torch.randn(shape, generator=g).to(dtype)
@@ -82,7 +83,7 @@ def _fwd_bwd(module: Any, x: Any, dy: Any, after: Any = None, residual: Any = No
     def run() -> None:
         if residual is None:
             y = module(x)
-        elif after is None:                 # numbabn: the residual fused into the BN
+        elif after is None:  # numbabn: the residual fused into the BN
             y = module(x, residual=residual)
         else:
             y = module(x) + residual
@@ -90,11 +91,13 @@ def _fwd_bwd(module: Any, x: Any, dy: Any, after: Any = None, residual: Any = No
         x.grad = None
         if residual is not None:
             residual.grad = None
+
     return run
 
 
-def run_bn(cases: Sequence[Any] | None = None, threads: int | None = None, repeat: int = 20,
-       dtype: str = "float32") -> list[dict[str, Any]]:
+def run_bn(
+    cases: Sequence[Any] | None = None, threads: int | None = None, repeat: int = 20, dtype: str = "float32"
+) -> list[dict[str, Any]]:
     """Rows (dicts) of the ``bn`` measurement; see the module docstring."""
     from ..torch import modules
 
@@ -108,20 +111,36 @@ def run_bn(cases: Sequence[Any] | None = None, threads: int | None = None, repea
         r = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
         r = r.to(memory_format=torch.channels_last) if not x.is_contiguous() else r
         r.requires_grad_()
-        t = _interleaved({"native": _fwd_bwd(native, x, dy), "numbabn": _fwd_bwd(ours, x, dy),
-                          "native+relu": _fwd_bwd(native, x, dy, torch.relu),
-                          "numbabn fused": _fwd_bwd(fused, x, dy),
-                          "native+add+relu": _fwd_bwd(native, x, dy, torch.relu, r),
-                          "numbabn residual": _fwd_bwd(fused, x, dy, None, r)}, repeat)
-        rows.append(dict(case=case.name, shape="x".join(map(str, x.shape)), dtype=dtype,
-                         layout="channels_last" if not x.is_contiguous() else "contiguous",
-                         native_ms=t["native"] * 1e3, numbabn_ms=t["numbabn"] * 1e3,
-                         speedup=t["native"] / t["numbabn"],
-                         native_relu_ms=t["native+relu"] * 1e3, fused_ms=t["numbabn fused"] * 1e3,
-                         relu_speedup=t["native+relu"] / t["numbabn fused"],
-                         native_res_ms=t["native+add+relu"] * 1e3, res_fused_ms=t["numbabn residual"] * 1e3,
-                         res_speedup=t["native+add+relu"] / t["numbabn residual"],
-                         threads=torch_threads, numbabn_threads=numbabn_threads))
+        t = _interleaved(
+            {
+                "native": _fwd_bwd(native, x, dy),
+                "numbabn": _fwd_bwd(ours, x, dy),
+                "native+relu": _fwd_bwd(native, x, dy, torch.relu),
+                "numbabn fused": _fwd_bwd(fused, x, dy),
+                "native+add+relu": _fwd_bwd(native, x, dy, torch.relu, r),
+                "numbabn residual": _fwd_bwd(fused, x, dy, None, r),
+            },
+            repeat,
+        )
+        rows.append(
+            dict(
+                case=case.name,
+                shape="x".join(map(str, x.shape)),
+                dtype=dtype,
+                layout="channels_last" if not x.is_contiguous() else "contiguous",
+                native_ms=t["native"] * 1e3,
+                numbabn_ms=t["numbabn"] * 1e3,
+                speedup=t["native"] / t["numbabn"],
+                native_relu_ms=t["native+relu"] * 1e3,
+                fused_ms=t["numbabn fused"] * 1e3,
+                relu_speedup=t["native+relu"] / t["numbabn fused"],
+                native_res_ms=t["native+add+relu"] * 1e3,
+                res_fused_ms=t["numbabn residual"] * 1e3,
+                res_speedup=t["native+add+relu"] / t["numbabn residual"],
+                threads=torch_threads,
+                numbabn_threads=numbabn_threads,
+            )
+        )
     return rows
 
 
@@ -132,11 +151,12 @@ def run_step(threads: int | None = None, repeat: int = 10, batch: int = 64, seed
     base = resnet18()
     x = torch.randn(batch, 3, 32, 32)
     labels = torch.randint(0, 10, (batch,))
-    models = {"native BN": copy.deepcopy(base),
-              "numbabn BN": convert_batchnorm(copy.deepcopy(base)),
-              "numbabn BN + fused ReLU": convert_batchnorm(copy.deepcopy(base), fuse_relu=True),
-              "numbabn BN + fused ReLU + residual": fuse_residual(convert_batchnorm(copy.deepcopy(base),
-                                                                                    fuse_relu=True))}
+    models = {
+        "native BN": copy.deepcopy(base),
+        "numbabn BN": convert_batchnorm(copy.deepcopy(base)),
+        "numbabn BN + fused ReLU": convert_batchnorm(copy.deepcopy(base), fuse_relu=True),
+        "numbabn BN + fused ReLU + residual": fuse_residual(convert_batchnorm(copy.deepcopy(base), fuse_relu=True)),
+    }
     losses = {}
 
     def stepper(name: str, model: Any) -> Callable[[], None]:
@@ -148,30 +168,60 @@ def run_step(threads: int | None = None, repeat: int = 10, batch: int = 64, seed
             loss.backward()
             opt.step()
             losses[name] = loss.item()
+
         return step
 
     t = _interleaved({name: stepper(name, m) for name, m in models.items()}, repeat)
     native = t["native BN"]
-    return [dict(variant=name, step_ms=sec * 1e3, speedup=native / sec, final_loss=losses[name],
-                 batch=batch, threads=torch_threads, numbabn_threads=numbabn_threads) for name, sec in t.items()]
+    return [
+        dict(
+            variant=name,
+            step_ms=sec * 1e3,
+            speedup=native / sec,
+            final_loss=losses[name],
+            batch=batch,
+            threads=torch_threads,
+            numbabn_threads=numbabn_threads,
+        )
+        for name, sec in t.items()
+    ]
 
 
 def _table(rows: Sequence[dict[str, Any]], columns: dict[str, tuple[str, str]]) -> str:
     """Aligned text table; ``columns`` maps a row key to (header, format)."""
-    return text_table([h for h, _ in columns.values()],
-                      [[format(r[k], f) for k, (_, f) in columns.items()] for r in rows])
+    return text_table(
+        [h for h, _ in columns.values()], [[format(r[k], f) for k, (_, f) in columns.items()] for r in rows]
+    )
 
 
 def format_bn(rows: Sequence[dict[str, Any]]) -> str:
-    return _table(rows, {"case": ("case", "s"), "shape": ("shape", "s"), "dtype": ("dtype", "s"),
-                         "layout": ("layout", "s"),
-                         "native_ms": ("native ms", ".2f"), "numbabn_ms": ("numbabn ms", ".2f"),
-                         "speedup": ("x", ".2f"), "native_relu_ms": ("native+ReLU ms", ".2f"),
-                         "fused_ms": ("fused ms", ".2f"), "relu_speedup": ("x", ".2f"),
-                         "native_res_ms": ("native+add+ReLU ms", ".2f"), "res_fused_ms": ("fused res ms", ".2f"),
-                         "res_speedup": ("x", ".2f")})
+    return _table(
+        rows,
+        {
+            "case": ("case", "s"),
+            "shape": ("shape", "s"),
+            "dtype": ("dtype", "s"),
+            "layout": ("layout", "s"),
+            "native_ms": ("native ms", ".2f"),
+            "numbabn_ms": ("numbabn ms", ".2f"),
+            "speedup": ("x", ".2f"),
+            "native_relu_ms": ("native+ReLU ms", ".2f"),
+            "fused_ms": ("fused ms", ".2f"),
+            "relu_speedup": ("x", ".2f"),
+            "native_res_ms": ("native+add+ReLU ms", ".2f"),
+            "res_fused_ms": ("fused res ms", ".2f"),
+            "res_speedup": ("x", ".2f"),
+        },
+    )
 
 
 def format_step(rows: Sequence[dict[str, Any]]) -> str:
-    return _table(rows, {"variant": ("ResNet-18 step", "s"), "step_ms": ("ms", ".1f"),
-                         "speedup": ("x native", ".3f"), "final_loss": ("final loss", ".4f")})
+    return _table(
+        rows,
+        {
+            "variant": ("ResNet-18 step", "s"),
+            "step_ms": ("ms", ".1f"),
+            "speedup": ("x native", ".3f"),
+            "final_loss": ("final loss", ".4f"),
+        },
+    )

@@ -5,6 +5,7 @@ registered in :data:`COMMANDS`. Command modules import only click at module leve
 NumPy, Numba, PyTorch and matplotlib are imported inside the command functions, so
 ``numbabn --help`` stays fast and never compiles or loads a kernel.
 """
+
 import click
 
 from numbabn import __version__

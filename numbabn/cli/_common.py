@@ -16,6 +16,7 @@ before any work starts, and written all-or-nothing at the end: a regular file is
 written to a temporary file beside it and renamed over it, so a failed write leaves
 the previous file as it was.
 """
+
 import os
 import shutil
 import stat
@@ -61,8 +62,9 @@ def check_threads(ctx: click.Context, threads: int) -> None:
 
     cpus = available_cpus()
     if threads > cpus:
-        raise click.BadParameter(f"{threads} is more than the {cpus} CPUs this process may use",
-                                 ctx=ctx, param_hint="'--threads'")
+        raise click.BadParameter(
+            f"{threads} is more than the {cpus} CPUs this process may use", ctx=ctx, param_hint="'--threads'"
+        )
 
 
 class LazyGroup(click.Group):
@@ -109,7 +111,7 @@ def whole_short_help(cmd: click.Command) -> str:
 
 def _as_one_line(exc: BaseException) -> "CLIError | None":
     """click's usage errors (and running out of memory) as a one-line CLIError."""
-    if isinstance(exc, click.exceptions.NoArgsIsHelpError):   # prints the help: leave it alone
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # prints the help: leave it alone
         return None
     if isinstance(exc, click.UsageError):
         return CLIError(exc.format_message())
@@ -122,8 +124,9 @@ class RootGroup(LazyGroup):
     """The ``numbabn`` group: its own and every subcommand's usage errors become one
     line (see the module docstring)."""
 
-    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
-                 **extra: Any) -> click.Context:
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except (click.UsageError, MemoryError) as exc:
@@ -160,11 +163,11 @@ def check_output_file(value: str | None, param_hint: str | None) -> str | None:
         if path.exists():
             mode = path.stat().st_mode
             if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-                return value               # opening a pipe for writing could block: accept it
+                return value  # opening a pipe for writing could block: accept it
             fd = os.open(path, os.O_WRONLY | os.O_APPEND)
             try:
                 if not stat.S_ISREG(mode):
-                    os.write(fd, b"")      # devices: /dev/full refuses even an empty write
+                    os.write(fd, b"")  # devices: /dev/full refuses even an empty write
             finally:
                 os.close(fd)
         else:
@@ -224,8 +227,10 @@ def check_output_dir(value: str | None, param_hint: str | None) -> Path | None:
             raise click.BadParameter(f"{str(path)!r} exists and is not a directory", param_hint=param_hint)
         probe_dir = path
     elif not parent.exists():
-        raise click.BadParameter(f"directory {str(parent)!r} does not exist (only the last component of "
-                                 f"--out is created)", param_hint=param_hint)
+        raise click.BadParameter(
+            f"directory {str(parent)!r} does not exist (only the last component of --out is created)",
+            param_hint=param_hint,
+        )
     elif not parent.is_dir():
         raise click.BadParameter(f"{str(parent)!r} is not a directory", param_hint=param_hint)
     else:
@@ -233,8 +238,9 @@ def check_output_dir(value: str | None, param_hint: str | None) -> Path | None:
     try:
         tempfile.TemporaryDirectory(dir=probe_dir, prefix=".numbabn-probe-").cleanup()
     except OSError as exc:
-        raise click.BadParameter(f"cannot write into {str(probe_dir)!r}: {exc.strerror or exc}",
-                                 param_hint=param_hint) from None
+        raise click.BadParameter(
+            f"cannot write into {str(probe_dir)!r}: {exc.strerror or exc}", param_hint=param_hint
+        ) from None
     return path
 
 

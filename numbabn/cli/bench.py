@@ -3,6 +3,7 @@
 ``numbabn bench`` itself runs a suite; further benchmarks are subcommands
 (``numbabn bench NAME``), registered in :data:`SUBCOMMANDS` in one line each.
 """
+
 import itertools
 import math
 import sys
@@ -32,8 +33,9 @@ def _ops_option(ctx: click.Context, param: click.Parameter, values: tuple[str, .
     return OPS if "all" in ops else tuple(op for op in OPS if op in ops)
 
 
-def _shapes_option(ctx: click.Context, param: click.Parameter,
-               values: tuple[str, ...]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+def _shapes_option(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> tuple[tuple[str, tuple[int, ...]], ...]:
     try:
         return tuple((text, parse_shape(text)) for text in values)
     except ValueError as exc:
@@ -89,7 +91,7 @@ def case_memory(shape: tuple[int, ...], dtype: str, compare: Sequence[str], back
     itemsize = 4 if dtype == "float32" else 8
     n = math.prod(shape)
     S = n * itemsize
-    need = (2 * S if backend == "cuda" else 4 * S)
+    need = 2 * S if backend == "cuda" else 4 * S
     if "numpy" in compare:
         need += 5 * n * 8
     if "torch" in compare and backend != "cuda":
@@ -104,14 +106,18 @@ def _check_memory(cases: Sequence[Case], dtype: str, compare: Sequence[str], bac
     if available is None:
         return
     for case in cases:
-        need = max(case_memory(case.shape, dtype, compare, backend),
-                   2 * math.prod(case.shape) * (4 if dtype == "float32" else 8))   # the copy probe
+        need = max(
+            case_memory(case.shape, dtype, compare, backend),
+            2 * math.prod(case.shape) * (4 if dtype == "float32" else 8),
+        )  # the copy probe
         if need > available:
             shape = "x".join(map(str, case.shape))
-            raise CLIError(f"case {case.name!r} ({shape}, {dtype}) needs about {need / 1e9:.1f} GB of memory "
-                           f"(inputs, outputs and the {', '.join(compare) or 'no'} comparison), but only "
-                           f"{available / 1e9:.1f} GB is available; use a smaller --shape"
-                           + (" or --compare none" if compare else ""))
+            raise CLIError(
+                f"case {case.name!r} ({shape}, {dtype}) needs about {need / 1e9:.1f} GB of memory "
+                f"(inputs, outputs and the {', '.join(compare) or 'no'} comparison), but only "
+                f"{available / 1e9:.1f} GB is available; use a smaller --shape"
+                + (" or --compare none" if compare else "")
+            )
     if backend == "cuda":
         from numba import cuda
 
@@ -121,8 +127,10 @@ def _check_memory(cases: Sequence[Case], dtype: str, compare: Sequence[str], bac
             if "torch" in compare:
                 need *= 2
             if need > free:
-                raise CLIError(f"case {case.name!r} ({'x'.join(map(str, case.shape))}, {dtype}) needs about "
-                               f"{need / 1e9:.1f} GB of GPU memory, but only {free / 1e9:.1f} GB is free")
+                raise CLIError(
+                    f"case {case.name!r} ({'x'.join(map(str, case.shape))}, {dtype}) needs about "
+                    f"{need / 1e9:.1f} GB of GPU memory, but only {free / 1e9:.1f} GB is free"
+                )
 
 
 def _torch_installed() -> bool:
@@ -147,51 +155,116 @@ def _resolve_compare(compare: tuple[str, ...] | None, backend: str) -> tuple[str
     return compare
 
 
-def _cases(ctx: click.Context, shapes: tuple[tuple[str, tuple[int, ...]], ...], layout: str,
-           suite: str) -> list[Case]:
+def _cases(ctx: click.Context, shapes: tuple[tuple[str, tuple[int, ...]], ...], layout: str, suite: str) -> list[Case]:
     """--shape cases (channel axis from --layout), plus --suite when it was given too."""
     cases = []
     for text, shape in shapes:
         case = Case(text, shape, -1 if layout == "nhwc" else 1)
         if math.prod(shape) // case.channels < 2:
-            raise click.BadParameter(f"{text!r} has {case.channels} channels but fewer than 2 values per "
-                                     f"channel ({case.layout}); training batch norm needs at least 2",
-                                     ctx=ctx, param_hint="'--shape'")
+            raise click.BadParameter(
+                f"{text!r} has {case.channels} channels but fewer than 2 values per "
+                f"channel ({case.layout}); training batch norm needs at least 2",
+                ctx=ctx,
+                param_hint="'--shape'",
+            )
         cases.append(case)
     if not shapes or ctx.get_parameter_source("suite") is not click.core.ParameterSource.DEFAULT:
         names = SUITES if suite == "all" else (suite,)
         cases += [case for name in names for case in SUITES[name]]
-    return list(dict.fromkeys(cases))   # "all" repeats cases that several suites share
+    return list(dict.fromkeys(cases))  # "all" repeats cases that several suites share
 
 
-@click.group(cls=LazyGroup, lazy_subcommands=SUBCOMMANDS, invoke_without_command=True,
-             short_help="Time the kernels (forward, eval, backward) against NumPy and PyTorch.")
-@click.option("--op", "ops", multiple=True, metavar="OP[,OP]", callback=_ops_option,
-              help="forward, eval, backward or all; repeatable or a comma list [default: all].")
-@click.option("--shape", "shapes", multiple=True, metavar="NxCxHxW", callback=_shapes_option,
-              help="Time this shape instead of the suite (repeatable), e.g. 64x64x56x56.")
-@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True,
-              help="Channel axis of --shape: 1 (nchw) or the last one (nhwc).")
-@click.option("--suite", default="default", show_default=True, callback=_suite_option,
-              help="default, resnet, mlp, tiny or all (with --shape: only when given).")
+@click.group(
+    cls=LazyGroup,
+    lazy_subcommands=SUBCOMMANDS,
+    invoke_without_command=True,
+    short_help="Time the kernels (forward, eval, backward) against NumPy and PyTorch.",
+)
+@click.option(
+    "--op",
+    "ops",
+    multiple=True,
+    metavar="OP[,OP]",
+    callback=_ops_option,
+    help="forward, eval, backward or all; repeatable or a comma list [default: all].",
+)
+@click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    metavar="NxCxHxW",
+    callback=_shapes_option,
+    help="Time this shape instead of the suite (repeatable), e.g. 64x64x56x56.",
+)
+@click.option(
+    "--layout",
+    type=click.Choice(["nchw", "nhwc"]),
+    default="nchw",
+    show_default=True,
+    help="Channel axis of --shape: 1 (nchw) or the last one (nhwc).",
+)
+@click.option(
+    "--suite",
+    default="default",
+    show_default=True,
+    callback=_suite_option,
+    help="default, resnet, mlp, tiny or all (with --shape: only when given).",
+)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--backend", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for Numba and PyTorch [default: Numba's].")
-@click.option("--repeat", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Timed calls per case and op; the median is reported.")
-@click.option("--compare", metavar="numpy,torch|none", callback=_compare_option,
-              help="Also time these on the same data [default: numpy, and torch when installed].")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), callback=_output_option,
-              help="Write the report as JSON; '-' writes it to stdout and the table to stderr.")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, allow_dash=True), callback=_output_option,
-              help="Write one CSV row per case and op; '-' as for --json.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), callback=_output_option,
-              help="Draw GB/s per case/op against the copy bandwidth (.png, .svg or .pdf).")
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="CPU threads for Numba and PyTorch [default: Numba's]."
+)
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Timed calls per case and op; the median is reported.",
+)
+@click.option(
+    "--compare",
+    metavar="numpy,torch|none",
+    callback=_compare_option,
+    help="Also time these on the same data [default: numpy, and torch when installed].",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    callback=_output_option,
+    help="Write the report as JSON; '-' writes it to stdout and the table to stderr.",
+)
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    callback=_output_option,
+    help="Write one CSV row per case and op; '-' as for --json.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    callback=_output_option,
+    help="Draw GB/s per case/op against the copy bandwidth (.png, .svg or .pdf).",
+)
 @click.pass_context
-def bench(ctx: click.Context, ops: tuple[str, ...], shapes: tuple[tuple[str, tuple[int, ...]], ...], layout: str,
-      suite: str, dtype: str, backend: str, threads: int | None, repeat: int, compare: tuple[str, ...] | None,
-      json_path: str | None, csv_path: str | None, plot_path: str | None) -> None:
+def bench(
+    ctx: click.Context,
+    ops: tuple[str, ...],
+    shapes: tuple[tuple[str, tuple[int, ...]], ...],
+    layout: str,
+    suite: str,
+    dtype: str,
+    backend: str,
+    threads: int | None,
+    repeat: int,
+    compare: tuple[str, ...] | None,
+    json_path: str | None,
+    csv_path: str | None,
+    plot_path: str | None,
+) -> None:
     """Time batch norm forward (training), eval and backward per case.
 
     Each case/op: one untimed first call (JIT compile or cache load, summed in the
@@ -221,12 +294,20 @@ def bench(ctx: click.Context, ops: tuple[str, ...], shapes: tuple[tuple[str, tup
     compare = _resolve_compare(compare, backend)
     _check_memory(cases, dtype, compare, backend)
     if settings.verbose:
-        click.echo(f"timing {len(cases)} cases x {len(ops)} ops on {backend} ({dtype}), median of {repeat}, "
-                   f"compare: {', '.join(compare) or 'none'}", err=True)
+        click.echo(
+            f"timing {len(cases)} cases x {len(ops)} ops on {backend} ({dtype}), median of {repeat}, "
+            f"compare: {', '.join(compare) or 'none'}",
+            err=True,
+        )
 
-    with click.progressbar(length=len(cases), label=f"bench {backend}", file=sys.stderr,
-                           hidden=settings.quiet or not sys.stderr.isatty(),
-                           item_show_func=lambda name: name, update_min_steps=0) as bar:
+    with click.progressbar(
+        length=len(cases),
+        label=f"bench {backend}",
+        file=sys.stderr,
+        hidden=settings.quiet or not sys.stderr.isatty(),
+        item_show_func=lambda name: name,
+        update_min_steps=0,
+    ) as bar:
         calls = itertools.count()
 
         # Called as each case starts, so the previous one is done; the first call's

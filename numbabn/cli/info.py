@@ -1,4 +1,5 @@
 """``numbabn info``: versions, Numba threading, CUDA, cache directory, layers."""
+
 import json
 from typing import Any
 
@@ -25,8 +26,11 @@ def _versions() -> dict[str, str | None]:
 def _threading() -> dict[str, Any]:
     from numbabn import _threads
 
-    return {"layer": "python threads (serial nogil kernels)", "threads": _threads.get_num_threads(),
-            "available_cpus": _threads.available_cpus()}
+    return {
+        "layer": "python threads (serial nogil kernels)",
+        "threads": _threads.get_num_threads(),
+        "available_cpus": _threads.available_cpus(),
+    }
 
 
 def _cuda() -> dict[str, Any]:
@@ -43,8 +47,13 @@ def _cuda() -> dict[str, Any]:
 
     device = cuda.get_current_device()
     free, total = cuda.current_context().get_memory_info()
-    return {"status": "gpu", "device": device.name, "compute_capability": list(device.compute_capability),
-            "memory_total_bytes": total, "memory_free_bytes": free}
+    return {
+        "status": "gpu",
+        "device": device.name,
+        "compute_capability": list(device.compute_capability),
+        "memory_total_bytes": total,
+        "memory_free_bytes": free,
+    }
 
 
 def _kernel_cache() -> dict[str, Any]:
@@ -75,17 +84,26 @@ def collect() -> dict[str, Any]:
     import platform
     import sys
 
-    return {"versions": _versions(), "python": sys.version.split()[0], "executable": sys.executable,
-            "platform": platform.platform(), "threading": _threading(), "cuda": _cuda(),
-            "kernel_cache": _kernel_cache(), "layers": _layers()}
+    return {
+        "versions": _versions(),
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "threading": _threading(),
+        "cuda": _cuda(),
+        "kernel_cache": _kernel_cache(),
+        "layers": _layers(),
+    }
 
 
 def _format_cuda(c: dict[str, Any]) -> str:
     if c["status"] != "gpu":
         return f"{c['status']} ({c['note']})"
     cc = ".".join(map(str, c["compute_capability"]))
-    return (f"gpu: {c['device']}, compute capability {cc}, "
-            f"{c['memory_total_bytes'] / 2**30:.1f} GiB ({c['memory_free_bytes'] / 2**30:.1f} GiB free)")
+    return (
+        f"gpu: {c['device']}, compute capability {cc}, "
+        f"{c['memory_total_bytes'] / 2**30:.1f} GiB ({c['memory_free_bytes'] / 2**30:.1f} GiB free)"
+    )
 
 
 @click.command(short_help="Versions, threading, CUDA status, kernel cache, layers.")
@@ -105,8 +123,12 @@ def info(ctx: click.Context, as_json: bool) -> None:
         f"{'platform':<16}{data['platform']}",
         f"{'threading':<16}{t['layer']}, {t['threads']} threads ({t['available_cpus']} CPUs available)",
         f"{'CUDA':<16}{_format_cuda(data['cuda'])}",
-        f"{'kernel cache':<16}" + (f"{k['entries']} compiled signatures of {k['kernels']} kernels in {k['dir']}"
-                                    if k["dir"] else "none (kernels are not cached)"),
+        f"{'kernel cache':<16}"
+        + (
+            f"{k['entries']} compiled signatures of {k['kernels']} kernels in {k['dir']}"
+            if k["dir"]
+            else "none (kernels are not cached)"
+        ),
     ]
     layers = data["layers"]
     if layers is None:

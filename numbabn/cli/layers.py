@@ -1,4 +1,5 @@
 """``numbabn layers``: the layer registry, built-in layers and plugins."""
+
 import json
 
 import click

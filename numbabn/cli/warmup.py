@@ -1,4 +1,5 @@
 """``numbabn warmup``: compile (or load from the cache) every CPU kernel ahead of time."""
+
 import sys
 import time
 
@@ -8,14 +9,27 @@ from ._common import Settings
 
 
 @click.command()
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "float64"]),
-              help="Only these dtypes (repeatable; default both). float16 input computes in float32.")
-@click.option("--layout", "layouts", multiple=True, type=click.Choice(["ncl", "mc"]),
-              help="Only these layouts (repeatable; default both): ncl = channels not last "
-                   "(NCHW, NCL), mc = channels last or (N, C).")
-@click.option("--residual", is_flag=True,
-              help="Also the fused residual variants (batch_norm_forward(residual=...), "
-                   "numbabn.torch's fused ResNet blocks): 3 more kernels per dtype and layout.")
+@click.option(
+    "--dtype",
+    "dtypes",
+    multiple=True,
+    type=click.Choice(["float32", "float64"]),
+    help="Only these dtypes (repeatable; default both). float16 input computes in float32.",
+)
+@click.option(
+    "--layout",
+    "layouts",
+    multiple=True,
+    type=click.Choice(["ncl", "mc"]),
+    help="Only these layouts (repeatable; default both): ncl = channels not last "
+    "(NCHW, NCL), mc = channels last or (N, C).",
+)
+@click.option(
+    "--residual",
+    is_flag=True,
+    help="Also the fused residual variants (batch_norm_forward(residual=...), "
+    "numbabn.torch's fused ResNet blocks): 3 more kernels per dtype and layout.",
+)
 @click.pass_context
 def warmup(ctx: click.Context, dtypes: tuple[str, ...], layouts: tuple[str, ...], residual: bool) -> None:
     """Compile every CPU kernel variant now, so that no later call waits for the JIT.
@@ -27,12 +41,16 @@ def warmup(ctx: click.Context, dtypes: tuple[str, ...], layouts: tuple[str, ...]
     from numbabn.backends import cpu
 
     settings = ctx.find_object(Settings) or Settings()
-    config.QUIET = True     # the progress bar says what is happening
+    config.QUIET = True  # the progress bar says what is happening
     plan = cpu.warmup_plan(dtypes or ("float32", "float64"), layouts or ("ncl", "mc"), residual)
     t0 = time.perf_counter()
-    with click.progressbar(plan, label="compiling kernels", file=sys.stderr,
-                           hidden=settings.quiet or not sys.stderr.isatty(),
-                           item_show_func=lambda item: item[0] if item else None) as bar:
+    with click.progressbar(
+        plan,
+        label="compiling kernels",
+        file=sys.stderr,
+        hidden=settings.quiet or not sys.stderr.isatty(),
+        item_show_func=lambda item: item[0] if item else None,
+    ) as bar:
         for _, compile_one in bar:
             compile_one()
     if not settings.quiet:

@@ -16,6 +16,7 @@ mpi4py and dask are optional (extras ``numbabn[mpi]`` and ``numbabn[dask]``) and
 imported only when used. Names are loaded lazily (PEP 562), so importing
 ``numbabn.distributed.dask`` does not import the layers.
 """
+
 from numbabn._lazy import lazy_exports
 
 _LAZY = {

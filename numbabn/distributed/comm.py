@@ -36,6 +36,7 @@ of it) or any object with the same ``Get_rank``, ``Get_size`` and
 mpi4py can start MPI, and no synchronization at all otherwise. A communicator of
 size 1 never communicates.
 """
+
 import functools
 import os
 import sys
@@ -52,7 +53,7 @@ _METHODS = ("Get_rank", "Get_size", "Allgather")
 
 # The header of every synchronized exchange (see the module docstring and :func:`agree`).
 HEADER = ("magic", "version", "exchange", "call", "channels", "itemsize", "mode", "error")
-_MAGIC, _VERSION = 1.2512e9, 1.0      # any value no statistic is likely to start with
+_MAGIC, _VERSION = 1.2512e9, 1.0  # any value no statistic is likely to start with
 EXCHANGES = {1: "forward", 2: "backward"}
 MODES = {1: "batch statistics", 0: "running statistics"}
 
@@ -62,6 +63,7 @@ class SyncError(RuntimeError):
     backward, call number) or one of them rejected its input. Raised on EVERY rank,
     with the same message, before any state changes (on the rank whose own check
     failed, that error is chained as ``__cause__``)."""
+
 
 # Environment variables through which MPI launchers announce the number of ranks
 # (MPICH/Intel MPI's Hydra, Open MPI): used only to refuse silently running
@@ -77,12 +79,14 @@ def check_comm(owner: str, comm: Any) -> Any:
     if mpi is not None and isinstance(comm, mpi.Comm) and not isinstance(comm, mpi.Intracomm):
         raise TypeError(
             f"{owner}: comm must be an intracommunicator such as MPI.COMM_WORLD, got "
-            f"{type(comm).__name__} {comm.Get_name() if comm != mpi.COMM_NULL else 'MPI.COMM_NULL'}")
+            f"{type(comm).__name__} {comm.Get_name() if comm != mpi.COMM_NULL else 'MPI.COMM_NULL'}"
+        )
     missing = [m for m in _METHODS if not callable(getattr(comm, m, None))]
     if missing:
         raise TypeError(
             f"{owner}: comm must be None or an mpi4py.MPI.Intracomm (e.g. MPI.COMM_WORLD), got "
-            f"{V.describe(comm)}, which has no {', '.join(missing)} method")
+            f"{V.describe(comm)}, which has no {', '.join(missing)} method"
+        )
     return comm
 
 
@@ -111,7 +115,8 @@ def world() -> Any:
         if ranks > 1:
             raise RuntimeError(
                 f"numbabn.distributed: this process is one of {ranks} MPI ranks, but mpi4py cannot be "
-                f"used ({type(exc).__name__}: {exc}); install it with: pip install 'numbabn[mpi]'") from exc
+                f"used ({type(exc).__name__}: {exc}); install it with: pip install 'numbabn[mpi]'"
+            ) from exc
         return None
     return MPI.COMM_WORLD
 
@@ -155,14 +160,19 @@ def sum_in_rank_order(comm: Any, local: ArrayLike) -> NDArray[np.float64]:
     return total.reshape(np.shape(local))
 
 
-def header(exchange: float, call: float, channels: int, itemsize: int, mode: float, error: bool,
-           ) -> NDArray[np.float64]:
+def header(
+    exchange: float,
+    call: float,
+    channels: int,
+    itemsize: int,
+    mode: float,
+    error: bool,
+) -> NDArray[np.float64]:
     """The 8 float64 header values of one exchange (field names in ``HEADER``)."""
     return np.array([_MAGIC, _VERSION, exchange, call, channels, itemsize, mode, 1.0 if error else 0.0])
 
 
-_LABELS = {"exchange": "operation", "channels": "channels", "itemsize": "dtype", "mode": "mode",
-           "call": "call number"}
+_LABELS = {"exchange": "operation", "channels": "channels", "itemsize": "dtype", "mode": "mode", "call": "call number"}
 
 
 def _values(rows: Sequence[Sequence[float]], field: str, fmt: Callable[[float], str]) -> str:
@@ -175,13 +185,17 @@ def describe_disagreement(rows: Sequence[Sequence[float]]) -> str | None:
     P = len(rows)
     strangers = [r for r, row in enumerate(rows) if row[0] != _MAGIC or row[1] != _VERSION]
     if strangers:
-        return (f"SyncBatchNorm: rank(s) {strangers} of {P} sent no synchronized-batch-norm header: they are in "
-                "another collective on this communicator (the ranks do not run the same program order)")
+        return (
+            f"SyncBatchNorm: rank(s) {strangers} of {P} sent no synchronized-batch-norm header: they are in "
+            "another collective on this communicator (the ranks do not run the same program order)"
+        )
     failed = [r for r, row in enumerate(rows) if row[HEADER.index("error")]]
     if failed:
         what = sorted({EXCHANGES.get(int(row[2]), "?") for row in rows})
-        return (f"SyncBatchNorm {'/'.join(what)}: the input was rejected on rank(s) {failed} of {P} (that rank's "
-                "own error is chained to its exception); every rank raises this error and no layer changed")
+        return (
+            f"SyncBatchNorm {'/'.join(what)}: the input was rejected on rank(s) {failed} of {P} (that rank's "
+            "own error is chained to its exception); every rank raises this error and no layer changed"
+        )
     formats = {
         "exchange": lambda v: EXCHANGES.get(int(v), f"? ({v})"),
         "channels": lambda v: f"{int(v)} channels",
@@ -192,10 +206,12 @@ def describe_disagreement(rows: Sequence[Sequence[float]]) -> str | None:
     differ = [field for field in formats if len({row[HEADER.index(field)] for row in rows}) > 1]
     if not differ:
         return None
-    return (f"SyncBatchNorm: the {P} ranks disagree -- "
-            + " | ".join(f"{_LABELS[field]}: {_values(rows, field, formats[field])}" for field in differ)
-            + " -- every rank raises this error and no layer changed (every rank must call the same layers, "
-            "in the same order and mode, with the same settings)")
+    return (
+        f"SyncBatchNorm: the {P} ranks disagree -- "
+        + " | ".join(f"{_LABELS[field]}: {_values(rows, field, formats[field])}" for field in differ)
+        + " -- every rank raises this error and no layer changed (every rank must call the same layers, "
+        "in the same order and mode, with the same settings)"
+    )
 
 
 def agree(comm: Any, values: ArrayLike, local_error: BaseException | None = None) -> None:

@@ -27,6 +27,7 @@ DataFrames are not accepted (convert with ``.to_dask_array(lengths=True)``), so
 ``feature_names_in_`` is never set from a Dask input; ``inverse_transform`` takes
 NumPy input only.
 """
+
 import sys
 import threading
 import warnings
@@ -75,8 +76,7 @@ def _concat_channels(parts: Sequence[Moments]) -> Moments:
 def _tree(items: list[Any], combine: Callable[[Any, Any], Any]) -> Any:
     """Pairwise tree over ``items`` (neighbours merged level by level, order kept)."""
     while len(items) > 1:
-        items = [combine(items[i], items[i + 1]) if i + 1 < len(items) else items[i]
-                 for i in range(0, len(items), 2)]
+        items = [combine(items[i], items[i + 1]) if i + 1 < len(items) else items[i] for i in range(0, len(items), 2)]
     return items[0]
 
 
@@ -130,18 +130,19 @@ def check_array(estimator: Any, X: Any, reset: bool) -> Any:
         X = X.astype(np.float64)
     n_features = X.shape[1]
     if n_features == 0:
-        raise ValueError(f"Found array with 0 feature(s) (shape={X.shape}) while a minimum of 1 is required "
-                         f"by {name}.")
+        raise ValueError(f"Found array with 0 feature(s) (shape={X.shape}) while a minimum of 1 is required by {name}.")
     if reset:
         estimator.n_features_in_ = n_features
         estimator.__dict__.pop("feature_names_in_", None)
         return X
     if n_features != estimator.n_features_in_:
-        raise ValueError(f"X has {n_features} features, but {name} is expecting "
-                         f"{estimator.n_features_in_} features as input.")
+        raise ValueError(
+            f"X has {n_features} features, but {name} is expecting {estimator.n_features_in_} features as input."
+        )
     if hasattr(estimator, "feature_names_in_"):
-        warnings.warn(f"X does not have valid feature names, but {name} was fitted with feature names",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            f"X does not have valid feature names, but {name} was fitted with feature names", UserWarning, stacklevel=3
+        )
     return X
 
 
@@ -166,31 +167,64 @@ def fit_batch(estimator: Any, X: Any, reset: bool) -> FitBatch:
     X = check_array(estimator, X, reset)
     batch = FitBatch(moments_graph(X, axis=1, check_finite=True).compute())
     if batch.moments.count == 0:
-        raise ValueError(f"Found array with 0 sample(s) (shape={batch.shape}) while a minimum of 1 is required "
-                         f"by {type(estimator).__name__}.")
+        raise ValueError(
+            f"Found array with 0 sample(s) (shape={batch.shape}) while a minimum of 1 is required "
+            f"by {type(estimator).__name__}."
+        )
     return batch
 
 
-def _transform_block(block: NDArray[Any], gamma: NDArray[Any], beta: NDArray[Any], running_mean: NDArray[Any],
-                 running_var: NDArray[Any], eps: float, block_info: Any = None) -> NDArray[Any]:
+def _transform_block(
+    block: NDArray[Any],
+    gamma: NDArray[Any],
+    beta: NDArray[Any],
+    running_mean: NDArray[Any],
+    running_var: NDArray[Any],
+    eps: float,
+    block_info: Any = None,
+) -> NDArray[Any]:
     assert_all_finite(block, input_name="X")
     cols = slice(*block_info[0]["array-location"][1])
     with _KERNEL_LOCK:
-        return batch_norm_forward(block, gamma[cols], beta[cols], running_mean=running_mean[cols],
-                                  running_var=running_var[cols], training=False, eps=eps)[0]
+        return batch_norm_forward(
+            block,
+            gamma[cols],
+            beta[cols],
+            running_mean=running_mean[cols],
+            running_var=running_var[cols],
+            training=False,
+            eps=eps,
+        )[0]
 
 
-def transform(X: Any, gamma: NDArray[Any], beta: NDArray[Any], running_mean: NDArray[Any], running_var: NDArray[Any],
-          eps: float, training: bool = False) -> Any:
+def transform(
+    X: Any,
+    gamma: NDArray[Any],
+    beta: NDArray[Any],
+    running_mean: NDArray[Any],
+    running_var: NDArray[Any],
+    eps: float,
+    training: bool = False,
+) -> Any:
     """Lazy eval-mode batch norm of a 2-D Dask array: ``map_blocks`` of
     :func:`numbabn.batch_norm_forward` (``training=False``) with each chunk's columns
     of the per-feature ``gamma``, ``beta``, ``running_mean``, ``running_var`` (NumPy,
     of X's dtype). Same chunks and dtype as ``X``; NaN/infinity raise when computed."""
     if training:
-        raise ValueError("numbabn.distributed.dask.transform: only the eval-mode (training=False) "
-                         "transform is lazy and chunk-wise; batch statistics need moments() first")
-    return X.map_blocks(_transform_block, gamma=gamma, beta=beta, running_mean=running_mean,
-                        running_var=running_var, eps=eps, dtype=X.dtype, meta=np.empty((0, 0), X.dtype))
+        raise ValueError(
+            "numbabn.distributed.dask.transform: only the eval-mode (training=False) "
+            "transform is lazy and chunk-wise; batch statistics need moments() first"
+        )
+    return X.map_blocks(
+        _transform_block,
+        gamma=gamma,
+        beta=beta,
+        running_mean=running_mean,
+        running_var=running_var,
+        eps=eps,
+        dtype=X.dtype,
+        meta=np.empty((0, 0), X.dtype),
+    )
 
 
 # Dask arrays take these paths in numbabn.sklearn.BatchNormTransformer (it imports this

@@ -21,6 +21,7 @@ global batch's), which is why the scaling happens before ``backward`` and not af
 All reductions run through :mod:`.comm` (Allgather, then a fixed-order sum), so
 every rank holds bit-identical gradients and the models never drift apart.
 """
+
 from collections.abc import Iterator
 from typing import Any
 
@@ -88,5 +89,5 @@ def allreduce_gradients(model: Layer, comm: Any = None) -> None:
     offset = 0
     for p in params:
         size = p.grad.size
-        p.grad = total[offset:offset + size].reshape(p.grad.shape).astype(p.grad.dtype)
+        p.grad = total[offset : offset + size].reshape(p.grad.shape).astype(p.grad.dtype)
         offset += size

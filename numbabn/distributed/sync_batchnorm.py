@@ -67,6 +67,7 @@ that disagree raise instead of hanging, and
 exact statistics (Chan merge of m2, not a variance rebuilt from float32 invstd),
 and results identical on all ranks by construction (see :mod:`.comm`).
 """
+
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -87,7 +88,7 @@ __all__ = ["SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNormMixin", "SyncErro
 _FORWARD, _BACKWARD = 1, 2
 
 
-if TYPE_CHECKING:      # the mixin is used only with BatchNormBase subclasses
+if TYPE_CHECKING:  # the mixin is used only with BatchNormBase subclasses
     _MixinBase = BatchNormBase
 else:
     _MixinBase = object
@@ -98,19 +99,29 @@ class SyncBatchNormMixin(_MixinBase):
     :class:`SyncBatchNorm2d` (see the module docstring). ``self.comm`` is the
     communicator given (None: ``MPI.COMM_WORLD`` if available)."""
 
-    _sync_comm: Any = None    # the communicator the last forward used; None: it ran locally
+    _sync_comm: Any = None  # the communicator the last forward used; None: it ran locally
     _transient: tuple[str, ...] = ("_sync_comm",)
 
     def _set_comm(self, comm: Any) -> None:
         self.comm = check_comm(type(self).__name__, comm)
-        self._sync_calls = [0, 0]      # successful synchronized forward / backward calls
+        self._sync_calls = [0, 0]  # successful synchronized forward / backward calls
 
     def _agree(self, comm: Any, exchange: int, mode: bool, error: BaseException | None) -> None:
         """The header exchange before every synchronized call (see :mod:`.comm`): all
         ranks raise the same SyncError unless they agree and none failed locally."""
         calls = getattr(self, "_sync_calls", None) or [0, 0]
-        agree(comm, header(exchange, calls[exchange - 1], self.num_features, self.dtype.itemsize,
-                           1 if mode else 0, error is not None), error)
+        agree(
+            comm,
+            header(
+                exchange,
+                calls[exchange - 1],
+                self.num_features,
+                self.dtype.itemsize,
+                1 if mode else 0,
+                error is not None,
+            ),
+            error,
+        )
 
     def _count(self, exchange: int) -> None:
         # A new list, not an in-place update: a caller that restores the layer's
@@ -127,8 +138,16 @@ class SyncBatchNormMixin(_MixinBase):
         be = backend("cuda" if is_device_array(x) else "cpu")
         cx = be.canonical(fn, "x", x, self.axis)
         running = self._running_args()
-        B.check_forward_params(fn, cx, *self._affine_values(), running["running_mean"], running["running_var"],
-                               running["num_batches_tracked"], self.uses_batch_stats, be.param)
+        B.check_forward_params(
+            fn,
+            cx,
+            *self._affine_values(),
+            running["running_mean"],
+            running["running_var"],
+            running["num_batches_tracked"],
+            self.uses_batch_stats,
+            be.param,
+        )
         return x
 
     def forward(self, x: FloatArray) -> FloatArray:
@@ -187,9 +206,17 @@ class SyncBatchNorm1d(SyncBatchNormMixin, BatchNorm1d):
     layer-contract example (``_contract_example``) is BatchNorm1d's, inherited.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-             track_running_stats: bool = True, activation: str | None = None, dtype: DTypeLike = np.float32,
-             comm: Any = None) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        activation: str | None = None,
+        dtype: DTypeLike = np.float32,
+        comm: Any = None,
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, dtype)
         self._set_comm(comm)
 
@@ -202,9 +229,17 @@ class SyncBatchNorm2d(SyncBatchNormMixin, BatchNorm2d):
     ``comm``: as for :class:`SyncBatchNorm1d`.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-             track_running_stats: bool = True, activation: str | None = None, dtype: DTypeLike = np.float32,
-             channels_last: bool = False, comm: Any = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, dtype,
-                         channels_last)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        activation: str | None = None,
+        dtype: DTypeLike = np.float32,
+        channels_last: bool = False,
+        comm: Any = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, dtype, channels_last)
         self._set_comm(comm)

@@ -52,6 +52,7 @@ Formulas (per channel, ``g`` = upstream gradient times the ReLU mask if fused)::
 
 Memory traffic: training forward 3S, eval forward 2S, backward 5S (S = bytes of x).
 """
+
 import numpy as np
 from numba import njit
 
@@ -64,8 +65,8 @@ from .._jit import kernel
 _REDUCE = {"reassoc"}
 
 # Rows of the (4, C) forward coefficients and the (3, C) gradient coefficients.
-HI, LO, A, B = 0, 1, 2, 3          # d = (x/2 - HI) - LO ;  y = A*d + B
-GA, GB, GD = 0, 1, 2               # dx = GA*g + GB*d + GD
+HI, LO, A, B = 0, 1, 2, 3  # d = (x/2 - HI) - LO ;  y = A*d + B
+GA, GB, GD = 0, 1, 2  # dx = GA*g + GB*d + GD
 # Rows of the (3, K, C) statistics partials and the (2, K, C) gradient partials.
 SHIFT, SUM, SQ = 0, 1, 2
 SG, SGD = 0, 1
@@ -253,8 +254,7 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
 
 
 @kernel()
-def coefficients(cnt, part, gamma, beta, running_mean, running_var, momentum, eps, training,
-                 stats, mean, invstd, coef):
+def coefficients(cnt, part, gamma, beta, running_mean, running_var, momentum, eps, training, stats, mean, invstd, coef):
     """Fills ``mean``, ``invstd`` (float64) and ``coef`` (4, C) in x's dtype: the halved
     split mean (HI + LO = mean/2), A = 2*gamma*invstd, B = beta (empty gamma/beta
     mean 1 and 0).

@@ -7,6 +7,7 @@ float64 running statistics on float32 input adds one small coefficient kernel.
 Callers (:mod:`numbabn.backends.cpu`) pass canonical arrays: C-contiguous, aligned,
 native byte order, float32/float64.
 """
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,14 +48,15 @@ class _Specs:
             "apply": (getattr(cpu, "apply" + suffix), (X, _NONE, CO, _BOOL, _I64, Y, _I64, _I64)),
             "grad_sums": (getattr(cpu, "grad_sums" + suffix), (X, X, _NONE, CO, _BOOL, _I64, f3, _I64, _I64)),
             "grad_coef": (cpu.grad_coefficients, (f3r, _F64, _F64, f1r, P, _BOOL, CW, W, W)),
-            "grad_apply": (getattr(cpu, "grad_apply" + suffix),
-                           (X, X, _NONE, CO, CO, _BOOL, _I64, Y, _NONE, _I64, _I64)),
+            "grad_apply": (
+                getattr(cpu, "grad_apply" + suffix),
+                (X, X, _NONE, CO, CO, _BOOL, _I64, Y, _NONE, _I64, _I64),
+            ),
             # Residual fusion: the same kernel bodies with the residual (and its
             # gradient) as arrays instead of None; compiled only when first used.
             "apply_res": (getattr(cpu, "apply" + suffix), (X, X, CO, _BOOL, _I64, Y, _I64, _I64)),
             "grad_sums_res": (getattr(cpu, "grad_sums" + suffix), (X, X, X, CO, _BOOL, _I64, f3, _I64, _I64)),
-            "grad_apply_res": (getattr(cpu, "grad_apply" + suffix),
-                               (X, X, X, CO, CO, _BOOL, _I64, Y, Y, _I64, _I64)),
+            "grad_apply_res": (getattr(cpu, "grad_apply" + suffix), (X, X, X, CO, CO, _BOOL, _I64, Y, Y, _I64, _I64)),
         }
         self._dtype = np.dtype(dtype)
 
@@ -88,7 +90,7 @@ class _Specs:
         if disp is None:
             kern, sig = self._sigs["coef"]
             R = _arr(stats_dtype, 1)
-            disp = kern.specialize(sig[:4] + (R, R) + sig[6:])   # running_mean, running_var
+            disp = kern.specialize(sig[:4] + (R, R) + sig[6:])  # running_mean, running_var
             setattr(self, name, disp)
         return disp
 
@@ -134,14 +136,40 @@ def batch_moments(x: NDArray[Any], layout: str, chunk: int) -> NDArray[np.float6
     C = x.shape[1]
     stats = np.empty((2, C))
     empty = _EMPTY[x.dtype.char]
-    k.coef(*_block_stats(k, x, chunk), empty, empty, empty, empty, 0.0, 1.0, True,
-           stats, np.empty(C), np.empty(C), np.empty((4, C), x.dtype))
+    k.coef(
+        *_block_stats(k, x, chunk),
+        empty,
+        empty,
+        empty,
+        empty,
+        0.0,
+        1.0,
+        True,
+        stats,
+        np.empty(C),
+        np.empty(C),
+        np.empty((4, C), x.dtype),
+    )
     return stats
 
 
-def forward(x: NDArray[Any], layout: str, gamma: NDArray[Any], beta: NDArray[Any], running_mean: NDArray[Any],
-        running_var: NDArray[Any], momentum: float, eps: float, training: bool, relu: bool, stats: Any, count: int,
-        y: NDArray[Any], chunk: int, residual: NDArray[Any] | None = None) -> tuple[Any, Any, Any]:
+def forward(
+    x: NDArray[Any],
+    layout: str,
+    gamma: NDArray[Any],
+    beta: NDArray[Any],
+    running_mean: NDArray[Any],
+    running_var: NDArray[Any],
+    momentum: float,
+    eps: float,
+    training: bool,
+    relu: bool,
+    stats: Any,
+    count: int,
+    y: NDArray[Any],
+    chunk: int,
+    residual: NDArray[Any] | None = None,
+) -> tuple[Any, Any, Any]:
     """Normalise canonical ``x`` into ``y`` (adding canonical ``residual`` before the
     ReLU when given); returns (mean, invstd, coef).
 
@@ -155,8 +183,9 @@ def forward(x: NDArray[Any], layout: str, gamma: NDArray[Any], beta: NDArray[Any
     coef = np.empty((4, C), x.dtype)
     if training:
         partials = _block_stats(k, x, chunk) if stats is None else _one_block(stats, count)
-        k.coef(*partials, gamma, beta, running_mean, running_var, momentum, eps, True,
-               np.empty((2, C)), mean, invstd, coef)
+        k.coef(
+            *partials, gamma, beta, running_mean, running_var, momentum, eps, True, np.empty((2, C)), mean, invstd, coef
+        )
     else:
         # Eval only reads the running statistics; the kernel's signature takes them
         # writeable (training updates them), so read-only ones are copied (C values).
@@ -164,8 +193,9 @@ def forward(x: NDArray[Any], layout: str, gamma: NDArray[Any], beta: NDArray[Any
             running_mean = running_mean.copy()
         if not running_var.flags.writeable:
             running_var = running_var.copy()
-        k.coef_with(running_mean.dtype)(_NO_CNT, _NO_PART, gamma, beta, running_mean, running_var, 0.0, eps,
-                                        False, _NO_STATS, mean, invstd, coef)
+        k.coef_with(running_mean.dtype)(
+            _NO_CNT, _NO_PART, gamma, beta, running_mean, running_var, 0.0, eps, False, _NO_STATS, mean, invstd, coef
+        )
     if x.size:
         blocks, _ = k.blocks(x.shape, chunk)
         apply = k.apply if residual is None else k.apply_res
@@ -173,8 +203,15 @@ def forward(x: NDArray[Any], layout: str, gamma: NDArray[Any], beta: NDArray[Any
     return mean, invstd, coef
 
 
-def grad_sums(dy: NDArray[Any], x: NDArray[Any], layout: str, coef: Any, relu: bool, chunk: int,
-          residual: NDArray[Any] | None = None) -> tuple[Any, float]:
+def grad_sums(
+    dy: NDArray[Any],
+    x: NDArray[Any],
+    layout: str,
+    coef: Any,
+    relu: bool,
+    chunk: int,
+    residual: NDArray[Any] | None = None,
+) -> tuple[Any, float]:
     """The backward's reduction pass -> partials ``(part, scale)``: ``part`` (2, K, C)
     float64 per-block sums [sum g, sum g*(x - mean)/scale] (g = dy times the ReLU
     mask, which a ``residual`` enters); zeros for an input without values."""
@@ -188,7 +225,7 @@ def grad_sums(dy: NDArray[Any], x: NDArray[Any], layout: str, coef: Any, relu: b
     res = residual if relu else None
     sums = k.grad_sums if res is None else k.grad_sums_res
     _threads.parallel_for(sums, blocks, x.size, dy, x, res, coef, relu, chunk, part)
-    return part, 2.0                  # the kernel stores sum g*(x - mean)/2
+    return part, 2.0  # the kernel stores sum g*(x - mean)/2
 
 
 def pack_grad_sums(partials: Any) -> NDArray[np.float64]:
@@ -204,9 +241,22 @@ def unpack_grad_sums(sums: NDArray[np.float64]) -> tuple[Any, float]:
     return sums.reshape(2, 1, sums.shape[1]), 1.0
 
 
-def grad_apply(dy: NDArray[Any], x: NDArray[Any], layout: str, coef: Any, invstd: Any, gamma: Any, training: bool,
-           relu: bool, count: int, partials: Any, dx: NDArray[Any], chunk: int,
-           residual: NDArray[Any] | None = None, dres: NDArray[Any] | None = None) -> tuple[Any, Any]:
+def grad_apply(
+    dy: NDArray[Any],
+    x: NDArray[Any],
+    layout: str,
+    coef: Any,
+    invstd: Any,
+    gamma: Any,
+    training: bool,
+    relu: bool,
+    count: int,
+    partials: Any,
+    dx: NDArray[Any],
+    chunk: int,
+    residual: NDArray[Any] | None = None,
+    dres: NDArray[Any] | None = None,
+) -> tuple[Any, Any]:
     """dx into ``dx`` from the partials of :func:`grad_sums` (or combined ones, with
     ``count`` the number of values they summarise); returns (dgamma, dbeta) in x's dtype.
     With ReLU and a ``residual``, also its gradient (dy times the mask) into ``dres``."""
@@ -221,13 +271,15 @@ def grad_apply(dy: NDArray[Any], x: NDArray[Any], layout: str, coef: Any, invstd
         blocks, _ = k.blocks(x.shape, chunk)
         res = residual if relu else None
         fn = k.grad_apply if res is None else k.grad_apply_res
-        _threads.parallel_for(fn, blocks, x.size, dy, x, res, coef, gcoef, relu, chunk, dx,
-                              None if res is None else dres)
+        _threads.parallel_for(
+            fn, blocks, x.size, dy, x, res, coef, gcoef, relu, chunk, dx, None if res is None else dres
+        )
     return dgamma, dbeta
 
 
-def warmup_plan(dtypes: Sequence[str] = ("float32", "float64"), layouts: Sequence[str] = ("ncl", "mc"),
-            residual: bool = False) -> list[tuple[str, Callable[..., Any]]]:
+def warmup_plan(
+    dtypes: Sequence[str] = ("float32", "float64"), layouts: Sequence[str] = ("ncl", "mc"), residual: bool = False
+) -> list[tuple[str, Callable[..., Any]]]:
     """[(label, compile callable)] for every kernel specialisation of ``dtypes`` x
     ``layouts``, eval with float64 running statistics included: what
     ``numbabn warmup`` runs, one step of its progress bar each. The fused-residual
@@ -237,9 +289,12 @@ def warmup_plan(dtypes: Sequence[str] = ("float32", "float64"), layouts: Sequenc
     for dt in dtypes:
         for layout in layouts:
             k = specs(np.dtype(dt), layout)
-            plan += [(f"{name} {np.dtype(dt).name} {layout}", lambda k=k, name=name: getattr(k, name))
-                     for name in k.all_names(residual)]
+            plan += [
+                (f"{name} {np.dtype(dt).name} {layout}", lambda k=k, name=name: getattr(k, name))
+                for name in k.all_names(residual)
+            ]
             if np.dtype(dt) != np.float64:
-                plan.append((f"coef {np.dtype(dt).name}/float64 statistics {layout}",
-                             lambda k=k: k.coef_with(np.float64)))
+                plan.append(
+                    (f"coef {np.dtype(dt).name}/float64 statistics {layout}", lambda k=k: k.coef_with(np.float64))
+                )
     return plan

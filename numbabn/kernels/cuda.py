@@ -51,6 +51,7 @@ compiled on first use. With ReLU, ``dres = g`` (the masked gradient).
 
 Memory traffic: training forward 3S, eval forward 2S, backward 5S (S = bytes of x).
 """
+
 import math
 from dataclasses import dataclass
 
@@ -59,10 +60,10 @@ from numba import cuda, float64
 
 # Launch tuning. Read on the host only and derived from the shape alone, so the
 # reduction tree -- and therefore every result bit -- is the same on any GPU.
-TARGET_BLOCKS = 1024   # ~8 resident blocks of 256 threads on each of an H100's 132 SMs
-MIN_PER_THREAD = 8     # values a thread reduces before its partial is merged
+TARGET_BLOCKS = 1024  # ~8 resident blocks of 256 threads on each of an H100's 132 SMs
+MIN_PER_THREAD = 8  # values a thread reduces before its partial is merged
 WARP = 32
-MAX_THREADS = 1024     # CUDA's limit on threads per block
+MAX_THREADS = 1024  # CUDA's limit on threads per block
 
 
 def _cdiv(a, b):
@@ -117,7 +118,7 @@ def plan(C, m, L, threads):
     S = max(1, min(_cdiv(TARGET_BLOCKS, tiles), _cdiv(m, W * MIN_PER_THREAD)))
     span = _cdiv(m, S)
     if span:
-        S = _cdiv(m, span)   # no empty split
+        S = _cdiv(m, span)  # no empty split
     return Plan(G, W, L == 1, S, span, tiles * S, G * W)
 
 
@@ -303,8 +304,7 @@ def _moments_kernel(pmean, pm2, span, m, mean, m2):
 
 
 @cuda.jit
-def _forward_stats_kernel(pmean, pm2, span, m, training, running_mean, running_var,
-                          momentum, eps, mean, invstd):
+def _forward_stats_kernel(pmean, pm2, span, m, training, running_mean, running_var, momentum, eps, mean, invstd):
     """Per channel (one thread each): the (mean, invstd) the forward normalises with.
 
     Training: batch statistics merged from the partials, and the running statistics
@@ -453,8 +453,7 @@ def _plan_for(x, threads):
 def _stats(x, p):
     """Split partials (pmean, pm2), shape (C, S), of (N, C, L) ``x`` under plan ``p``."""
     pmean, pm2 = _partials(x.shape[1], p)
-    _stats_kernel[p.blocks, p.threads, 0, 3 * 8 * p.threads](
-        x, p.G, p.W, p.cfast, p.S, p.span, pmean, pm2)
+    _stats_kernel[p.blocks, p.threads, 0, 3 * 8 * p.threads](x, p.G, p.W, p.cfast, p.S, p.span, pmean, pm2)
     return pmean, pm2
 
 
@@ -470,8 +469,9 @@ def moments(x, threads):
     return mean, m2
 
 
-def forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, relu,
-            threads, y, stats=None, count=0, res=None):
+def forward(
+    x, gamma, beta, running_mean, running_var, momentum, eps, training, relu, threads, y, stats=None, count=0, res=None
+):
     """Batch-norm forward of the (N, C, L) device array ``x`` into ``y``.
 
     ``gamma``/``beta``: (C,) device arrays of x's dtype, or empty for 1/0.
@@ -498,10 +498,10 @@ def forward(x, gamma, beta, running_mean, running_var, momentum, eps, training, 
     mean = cuda.device_array(C)
     invstd = cuda.device_array(C)
     _forward_stats_kernel[_per_channel(C, threads)](
-        pmean, pm2, span, m, training, running_mean, running_var, momentum, eps, mean, invstd)
+        pmean, pm2, span, m, training, running_mean, running_var, momentum, eps, mean, invstd
+    )
     if x.size:
-        _apply_kernel[p.blocks, p.threads](
-            x, res, mean, invstd, gamma, beta, relu, p.G, p.W, p.cfast, p.S, p.span, y)
+        _apply_kernel[p.blocks, p.threads](x, res, mean, invstd, gamma, beta, relu, p.G, p.W, p.cfast, p.S, p.span, y)
     return mean, invstd
 
 
@@ -515,13 +515,14 @@ def grad_sums(dy, x, mean, invstd, gamma, beta, relu, threads, res=None):
     p = _plan_for(x, threads)
     psg, psgx = _partials(C, p)
     _grad_sums_kernel[p.blocks, p.threads, 0, 2 * 8 * p.threads](
-        dy, x, res if relu else None, mean, invstd, gamma, beta, relu, p.G, p.W, p.cfast, p.S, p.span,
-        psg, psgx)
+        dy, x, res if relu else None, mean, invstd, gamma, beta, relu, p.G, p.W, p.cfast, p.S, p.span, psg, psgx
+    )
     return psg, psgx
 
 
-def grad_apply(dy, x, mean, invstd, gamma, beta, training, relu, threads, psg, psgx, m, dx, dgamma, dbeta,
-               res=None, dres=None):
+def grad_apply(
+    dy, x, mean, invstd, gamma, beta, training, relu, threads, psg, psgx, m, dx, dgamma, dbeta, res=None, dres=None
+):
     """dx, dgamma, dbeta from the partials of :func:`grad_sums` (or combined ones,
     (C, 1), with ``m`` >= 1 the number of values they summarise). One per-channel
     launch and one apply pass over (x, dy): with the sums pass, 5S of traffic.
@@ -530,13 +531,29 @@ def grad_apply(dy, x, mean, invstd, gamma, beta, training, relu, threads, psg, p
     A = cuda.device_array(C)
     B = cuda.device_array(C)
     D = cuda.device_array(C)
-    _grad_coeffs_kernel[_per_channel(C, threads)](
-        psg, psgx, m, mean, invstd, gamma, training, dgamma, dbeta, A, B, D)
+    _grad_coeffs_kernel[_per_channel(C, threads)](psg, psgx, m, mean, invstd, gamma, training, dgamma, dbeta, A, B, D)
     if x.size:
         p = _plan_for(x, threads)
         _grad_apply_kernel[p.blocks, p.threads](
-            dy, x, res if relu else None, mean, invstd, gamma, beta, relu, A, B, D, p.G, p.W, p.cfast, p.S,
-            p.span, dx, dres if relu and res is not None else None)
+            dy,
+            x,
+            res if relu else None,
+            mean,
+            invstd,
+            gamma,
+            beta,
+            relu,
+            A,
+            B,
+            D,
+            p.G,
+            p.W,
+            p.cfast,
+            p.S,
+            p.span,
+            dx,
+            dres if relu and res is not None else None,
+        )
 
 
 def cast(src, dst, threads):

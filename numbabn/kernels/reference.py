@@ -5,6 +5,7 @@ statistics reduce over every other axis (m values per channel). All results are
 float64. The backward uses the chain rule through mean and variance (Ioffe &
 Szegedy 2015, Sec. 3), deliberately not the compact form the kernels use.
 """
+
 import numpy as np
 
 
@@ -62,8 +63,9 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
     return rm, rv
 
 
-def backward(dy, x, gamma=None, beta=None, *, mean=None, var=None, eps=1e-5, axis=1,
-             relu=False, training=True, residual=None):
+def backward(
+    dy, x, gamma=None, beta=None, *, mean=None, var=None, eps=1e-5, axis=1, relu=False, training=True, residual=None
+):
     """Gradients (dx, dgamma, dbeta) of sum(dy * forward(x)) by the chain rule; with a
     ``residual`` (added before the ReLU) (dx, dgamma, dbeta, dresidual).
 
@@ -73,13 +75,24 @@ def backward(dy, x, gamma=None, beta=None, *, mean=None, var=None, eps=1e-5, axi
     x = np.asarray(x, dtype=np.float64)
     dy = np.asarray(dy, dtype=np.float64)
     axes, axis = _reduce_axes(x, axis)
-    y, mean, var = forward(x, gamma, beta, mean=mean, var=var, eps=eps, axis=axis, relu=relu,
-                           residual=residual)
+    y, mean, var = forward(x, gamma, beta, mean=mean, var=var, eps=eps, axis=axis, relu=relu, residual=residual)
     if relu:
         dy = dy * (y > 0)
     if residual is not None:
-        return (*backward(dy, x, gamma, beta, mean=mean if not training else None,
-                          var=var if not training else None, eps=eps, axis=axis, training=training), dy)
+        return (
+            *backward(
+                dy,
+                x,
+                gamma,
+                beta,
+                mean=mean if not training else None,
+                var=var if not training else None,
+                eps=eps,
+                axis=axis,
+                training=training,
+            ),
+            dy,
+        )
     mu = _bcast(mean, x, axis)
     v = _bcast(var, x, axis)
     g = _bcast(1.0 if gamma is None else gamma, x, axis)
@@ -91,7 +104,8 @@ def backward(dy, x, gamma=None, beta=None, *, mean=None, var=None, eps=1e-5, axi
         return dxhat / np.sqrt(v + eps), dgamma, dbeta
     m = x.size // x.shape[axis]
     dvar = (dxhat * (x - mu) * -0.5 * (v + eps) ** -1.5).sum(axis=axes, keepdims=True)
-    dmean = (-dxhat / np.sqrt(v + eps)).sum(axis=axes, keepdims=True) \
-        + dvar * (-2.0 * (x - mu)).sum(axis=axes, keepdims=True) / m
+    dmean = (-dxhat / np.sqrt(v + eps)).sum(axis=axes, keepdims=True) + dvar * (-2.0 * (x - mu)).sum(
+        axis=axes, keepdims=True
+    ) / m
     dx = dxhat / np.sqrt(v + eps) + dvar * 2.0 * (x - mu) / m + dmean / m
     return dx, dgamma, dbeta

@@ -8,6 +8,7 @@ Sigmoid    y = 1 / (1 + exp(-x))       dx = g * y * (1 - y)
 Tanh       y = tanh(x)                 dx = g * (1 - y^2)
 =========  ==========================  ===========================
 """
+
 from typing import Any
 
 import numpy as np

@@ -31,6 +31,7 @@ and input gradient float16, parameter gradients float32. Every other dtype
 mismatch is refused. Big-endian input is converted to the native byte order, and
 a masked array with masked values is refused (see ``numbabn._layout``).
 """
+
 from collections import namedtuple
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -76,8 +77,9 @@ def _all_layers(layer: "Layer") -> list["Layer"]:
     return out
 
 
-def capture(layer: "Layer", parameters: bool = False, optimizer: Any = None, forward: bool = True,
-        backward: bool = True) -> dict[str, Any]:
+def capture(
+    layer: "Layer", parameters: bool = False, optimizer: Any = None, forward: bool = True, backward: bool = True
+) -> dict[str, Any]:
     """Everything a call on ``layer`` may change, saved so that :func:`restore` puts it
     back exactly: every sub-layer's attributes (forward caches, training flag), buffers
     (copied), random generators' states and parameter gradients (references; layers
@@ -94,19 +96,23 @@ def capture(layer: "Layer", parameters: bool = False, optimizer: Any = None, for
     for lay in layers:
         d = vars(lay)
         attrs.append((lay, d.copy()))
-        if forward:        # what a forward pass changes: running statistics, generators
+        if forward:  # what a forward pass changes: running statistics, generators
             buffers.extend((b, b.copy()) for b in lay._buffers.values())
             rngs.extend((g, g.bit_generator.state) for g in d.values() if type(g) is np.random.Generator)
-        if backward:       # what a backward pass changes: gradients
+        if backward:  # what a backward pass changes: gradients
             grads.extend((p, p.grad) for p in lay._parameters.values())
     saved: dict[str, Any] = {"attrs": attrs, "buffers": buffers, "rngs": rngs, "grads": grads}
     if parameters:
         saved["values"] = [(p.value, p.value.copy()) for p in layer.parameters()]
     if optimizer is not None:
         has_state = callable(getattr(optimizer, "state_dict", None)) and callable(
-            getattr(optimizer, "load_state_dict", None))
-        saved["optimizer"] = (optimizer, dict(vars(optimizer)) if hasattr(optimizer, "__dict__") else None,
-                              optimizer.state_dict() if has_state else None)
+            getattr(optimizer, "load_state_dict", None)
+        )
+        saved["optimizer"] = (
+            optimizer,
+            dict(vars(optimizer)) if hasattr(optimizer, "__dict__") else None,
+            optimizer.state_dict() if has_state else None,
+        )
     return saved
 
 
@@ -145,7 +151,7 @@ def check_layer_dtype(owner: str, dtype: DTypeLike) -> np.dtype[Any]:
     return dt
 
 
-check_positive_int = V.check_int   # (owner, name, value) -> int >= 1
+check_positive_int = V.check_int  # (owner, name, value) -> int >= 1
 
 
 def check_rng(owner: str, rng: np.random.Generator | None) -> np.random.Generator:
@@ -168,10 +174,10 @@ class Layer:
     inputs of another dtype instead of silently promoting them.
     """
 
-    dtype: np.dtype[Any] | None = None     # None: the layer follows its input's dtype (activations, containers)
-    _accepts_float16 = False   # float16 input into a float32 layer (normalisation layers)
-    _transient: tuple[str, ...] = ()            # attributes holding forward caches: not pickled
-    _accepts_device = False    # GPU input and dy kept on the device (layers computing only via functional)
+    dtype: np.dtype[Any] | None = None  # None: the layer follows its input's dtype (activations, containers)
+    _accepts_float16 = False  # float16 input into a float32 layer (normalisation layers)
+    _transient: tuple[str, ...] = ()  # attributes holding forward caches: not pickled
+    _accepts_device = False  # GPU input and dy kept on the device (layers computing only via functional)
 
     def __init__(self) -> None:
         self.training = True
@@ -304,8 +310,7 @@ class Layer:
     def _init_parameters(self) -> None:
         """Fill this layer's own parameters with their initial values, in place.
         Every layer that declares parameters implements it."""
-        raise NotImplementedError(f"{type(self).__name__} has parameters but does not implement "
-                                  "_init_parameters()")
+        raise NotImplementedError(f"{type(self).__name__} has parameters but does not implement _init_parameters()")
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -345,8 +350,10 @@ class Layer:
             if value.dtype != target.dtype and value.dtype.newbyteorder("=") != target.dtype:
                 raise TypeError(f"{fn}: {key!r} must have dtype {target.dtype}, got {value.dtype}")
             if not target.flags.writeable:
-                raise ValueError(f"{fn}: the layer's {key!r} is a read-only array (e.g. memory-mapped with "
-                                 f"mmap_mode='r'); nothing was loaded (make it writeable first)")
+                raise ValueError(
+                    f"{fn}: the layer's {key!r} is a read-only array (e.g. memory-mapped with "
+                    f"mmap_mode='r'); nothing was loaded (make it writeable first)"
+                )
             if key in checks:
                 checks[key](fn, key, value)
         for key, target in targets.items():
@@ -359,15 +366,17 @@ class Layer:
         """``x`` as a floating NumPy array (native byte order); of the layer's dtype
         when it has one, or float16 for a float32 layer that ``_accepts_float16``."""
         if type(x) is not np.ndarray and self._accepts_device and is_device_array(x):
-            pass                      # GPU input stays there: the functional API takes it
+            pass  # GPU input stays there: the functional API takes it
         elif type(x) is not np.ndarray or not x.dtype.isnative:
             x = host_array(self._short(), "input", x)
         if np.dtype(x.dtype).kind != "f":
             raise TypeError(f"{self._short()}: input must be a floating-point array, got dtype {x.dtype}")
         if self.dtype is not None and x.dtype != self.dtype and not self._takes_float16(x.dtype):
-            hint = (" (float16 input is taken by float32 normalisation layers)"
-                    if x.dtype == np.float16 and self._accepts_float16 else
-                    f" (convert the input, or build the layer with dtype={x.dtype.name})")
+            hint = (
+                " (float16 input is taken by float32 normalisation layers)"
+                if x.dtype == np.float16 and self._accepts_float16
+                else f" (convert the input, or build the layer with dtype={x.dtype.name})"
+            )
             raise TypeError(f"{self._short()}: input must have the layer's dtype {self.dtype}, got {x.dtype}{hint}")
         return x
 
@@ -392,15 +401,18 @@ class Layer:
         if not isinstance(dy, np.ndarray) and not (self._accepts_device and is_device_array(dy)):
             raise TypeError(
                 f"{self._short()}: backward expects dy as a NumPy array of the output's shape {shape} and "
-                f"dtype {dtype}, got {V.describe(dy)}")
+                f"dtype {dtype}, got {V.describe(dy)}"
+            )
         if tuple(dy.shape) != shape:
             raise ValueError(
                 f"{self._short()}: backward expects dy of the output's shape {shape} and dtype {dtype}, "
-                f"got {V.describe(dy)}")
+                f"got {V.describe(dy)}"
+            )
         if dy.dtype != dtype:
             raise TypeError(
                 f"{self._short()}: backward expects dy of the output's dtype {dtype} (shape {shape}), "
-                f"got {V.describe(dy)}")
+                f"got {V.describe(dy)}"
+            )
         return dy
 
     # ------------------------------------------------------------ repr

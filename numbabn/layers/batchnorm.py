@@ -41,6 +41,7 @@ PyTorch's CPU batch norm does.
 Layers: :class:`BatchNorm1d` ((N, C) or (N, C, L)), :class:`BatchNorm2d` (NCHW or
 NHWC) and :class:`BatchNorm3d` (NCDHW or NDHWC).
 """
+
 from typing import Any, Self
 
 import numpy as np
@@ -72,8 +73,8 @@ class BatchNormBase(Layer):
     axis = 1
     _accepts_float16 = True
     _transient: tuple[str, ...] = ("_ctx",)
-    dtype: np.dtype[Any]              # always set (the Layer default None means "follows its input")
-    weight: Parameter | None          # None unless affine
+    dtype: np.dtype[Any]  # always set (the Layer default None means "follows its input")
+    weight: Parameter | None  # None unless affine
     bias: Parameter | None
     # (C,) arrays (a 0-d int64 counter) when track_running_stats, else None; the
     # layer's code reads them under that condition, which the types cannot express.
@@ -82,8 +83,16 @@ class BatchNormBase(Layer):
     num_batches_tracked: Any
     _ctx: BatchNormContext | None
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-             track_running_stats: bool = True, activation: str | None = None, dtype: DTypeLike = np.float32) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        activation: str | None = None,
+        dtype: DTypeLike = np.float32,
+    ) -> None:
         super().__init__()
         owner = type(self).__name__
         self.num_features = C = check_positive_int(owner, "num_features", num_features)
@@ -108,12 +117,13 @@ class BatchNormBase(Layer):
         self._add_counter()
 
     def _add_counter(self) -> None:
-        self.num_batches_tracked = self.add_buffer("num_batches_tracked", np.zeros((), np.int64),
-                                                   check=_check_loaded_counter)
+        self.num_batches_tracked = self.add_buffer(
+            "num_batches_tracked", np.zeros((), np.int64), check=_check_loaded_counter
+        )
 
     def _init_parameters(self) -> None:
         """gamma = 1, beta = 0 (``reset_parameters`` also resets the running statistics)."""
-        if self.weight is not None and self.bias is not None:     # affine
+        if self.weight is not None and self.bias is not None:  # affine
             self.weight.value[...] = 1
             self.bias.value[...] = 0
 
@@ -147,22 +157,38 @@ class BatchNormBase(Layer):
         ``track_running_stats`` is off."""
         if self.training and not self.updates_running_stats:
             return dict(running_mean=None, running_var=None, num_batches_tracked=None)
-        return dict(running_mean=self.running_mean, running_var=self.running_var,
-                    num_batches_tracked=self.num_batches_tracked)
+        return dict(
+            running_mean=self.running_mean, running_var=self.running_var, num_batches_tracked=self.num_batches_tracked
+        )
 
     def _affine_values(self) -> tuple[FloatArray | None, FloatArray | None]:
-        if self.weight is not None and self.bias is not None:     # affine
+        if self.weight is not None and self.bias is not None:  # affine
             return self.weight.value, self.bias.value
         return None, None
 
-    def _bn_forward(self, x: AnyArray, gamma: AnyArray | None, beta: AnyArray | None, out: AnyArray | None = None,
-                moments: Moments | None = None) -> tuple[AnyArray, BatchNormContext]:
+    def _bn_forward(
+        self,
+        x: AnyArray,
+        gamma: AnyArray | None,
+        beta: AnyArray | None,
+        out: AnyArray | None = None,
+        moments: Moments | None = None,
+    ) -> tuple[AnyArray, BatchNormContext]:
         """batch_norm_forward with this layer's state and settings -> (y, ctx);
         ``moments``: statistics to normalise with instead of the batch's (SyncBN)."""
         return batch_norm_forward(
-            x, gamma, beta, **self._running_args(), training=self.uses_batch_stats,
-            momentum=self.momentum, eps=self.eps, axis=self.axis, activation=self.activation, out=out,
-            moments=moments)
+            x,
+            gamma,
+            beta,
+            **self._running_args(),
+            training=self.uses_batch_stats,
+            momentum=self.momentum,
+            eps=self.eps,
+            axis=self.axis,
+            activation=self.activation,
+            out=out,
+            moments=moments,
+        )
 
     def forward(self, x: FloatArray) -> FloatArray:
         """y = BN(x) (see the module docstring); same shape and dtype as x."""
@@ -174,7 +200,7 @@ class BatchNormBase(Layer):
         """dx; sets weight.grad = sum g*xhat and bias.grad = sum g (per channel),
         NumPy arrays also for GPU input (the parameters live on the host)."""
         dx, dgamma, dbeta = self._bn_backward(dy)
-        if self.weight is not None and self.bias is not None:     # affine
+        if self.weight is not None and self.bias is not None:  # affine
             self.weight.grad = _on_host(dgamma)
             self.bias.grad = _on_host(dbeta)
         return dx
@@ -188,8 +214,10 @@ class BatchNormBase(Layer):
 
     # ------------------------------------------------------------ repr / examples
     def extra_repr(self) -> str:
-        text = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}")
+        text = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
         if self.activation is not None:
             text += f", activation={self.activation!r}"
         return text
@@ -197,13 +225,13 @@ class BatchNormBase(Layer):
     def _randomize_state(self, rng: np.random.Generator) -> Self:
         """Non-trivial gamma, beta and running statistics (for tests and examples)."""
         C = self.num_features
-        if self.weight is not None and self.bias is not None:     # affine
+        if self.weight is not None and self.bias is not None:  # affine
             self.weight.value[...] = rng.uniform(0.5, 1.5, C)
             self.bias.value[...] = rng.standard_normal(C)
         for name, buf in self._buffers.items():
             if name == "running_mean":
                 buf[...] = rng.standard_normal(C) * 0.3
-            elif buf.dtype.kind == "f":    # scales: running_var and the like
+            elif buf.dtype.kind == "f":  # scales: running_var and the like
                 buf[...] = rng.uniform(0.5, 2.0, C)
         return self
 
@@ -252,9 +280,17 @@ class _SpatialBatchNorm(BatchNormBase):
     _spatial = 2
     _dims = "H, W"
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-             track_running_stats: bool = True, activation: str | None = None, dtype: DTypeLike = np.float32,
-             channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        activation: str | None = None,
+        dtype: DTypeLike = np.float32,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, dtype)
         self.channels_last = V.check_bool(type(self).__name__, "channels_last", channels_last)
         self.axis = -1 if self.channels_last else 1

@@ -1,4 +1,5 @@
 """Containers: layers made of layers."""
+
 from collections.abc import Iterator
 from typing import Any, overload
 
@@ -82,6 +83,9 @@ class Sequential(Layer):
 
     @classmethod
     def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["Sequential", FloatArray]:
-        layer = cls(Linear(3, 4, rng=rng, dtype=dtype), BatchNorm1d(4, dtype=dtype, activation="relu"),
-                    Linear(4, 2, rng=rng, dtype=dtype))
+        layer = cls(
+            Linear(3, 4, rng=rng, dtype=dtype),
+            BatchNorm1d(4, dtype=dtype, activation="relu"),
+            Linear(4, 2, rng=rng, dtype=dtype),
+        )
         return layer, rng.standard_normal((6, 3)).astype(dtype)

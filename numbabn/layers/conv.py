@@ -1,4 +1,5 @@
 """2-D convolution (cross-correlation, as in PyTorch) by im2col + one BLAS matmul."""
+
 from typing import Any
 
 import numpy as np
@@ -12,8 +13,7 @@ from .linear import init_weight
 
 def _pair(owner: str, name: str, value: Any, minimum: int) -> tuple[int, int]:
     pair = value if isinstance(value, tuple) else (value, value)
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum
-                             for v in pair):
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum for v in pair):
         raise ValueError(f"{owner}: {name} must be an int >= {minimum} or a pair of them, got {value!r}")
     return int(pair[0]), int(pair[1])
 
@@ -38,10 +38,18 @@ class Conv2d(Layer):
 
     _transient = ("_cache",)
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
-                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0, bias: bool = True,
-                 init: str = "glorot", rng: np.random.Generator | int | None = None,
-                 dtype: DTypeLike = np.float32) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        bias: bool = True,
+        init: str = "glorot",
+        rng: np.random.Generator | int | None = None,
+        dtype: DTypeLike = np.float32,
+    ) -> None:
         super().__init__()
         owner = "Conv2d"
         self.in_channels = check_positive_int(owner, "in_channels", in_channels)
@@ -54,16 +62,27 @@ class Conv2d(Layer):
         shape = (self.out_channels, self.in_channels, kh, kw)
         self.init = init
         self.rng = check_rng(owner, rng)
-        self.weight = self.add_parameter("weight", init_weight(
-            owner, init, shape, self.in_channels * kh * kw, self.out_channels * kh * kw, self.rng, self.dtype))
+        self.weight = self.add_parameter(
+            "weight",
+            init_weight(
+                owner, init, shape, self.in_channels * kh * kw, self.out_channels * kh * kw, self.rng, self.dtype
+            ),
+        )
         self.bias = self.add_parameter("bias", np.zeros(self.out_channels, self.dtype)) if bias else None
         self._cache = None
 
     def _init_parameters(self) -> None:
         """Weights drawn anew from ``rng`` with the layer's ``init``; bias zeros."""
         kh, kw = self.kernel_size
-        self.weight.value[...] = init_weight("Conv2d", self.init, self.weight.value.shape, self.in_channels * kh * kw,
-                                             self.out_channels * kh * kw, self.rng, self.dtype)
+        self.weight.value[...] = init_weight(
+            "Conv2d",
+            self.init,
+            self.weight.value.shape,
+            self.in_channels * kh * kw,
+            self.out_channels * kh * kw,
+            self.rng,
+            self.dtype,
+        )
         if self.bias is not None:
             self.bias.value[...] = 0
 
@@ -80,8 +99,10 @@ class Conv2d(Layer):
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         xp = self._padded(x)
         if xp.shape[2] < kh or xp.shape[3] < kw:
-            raise ValueError(f"{self._short()}: the padded input {xp.shape[2:]} is smaller than the kernel "
-                             f"{self.kernel_size} (input shape {x.shape})")
+            raise ValueError(
+                f"{self._short()}: the padded input {xp.shape[2:]} is smaller than the kernel "
+                f"{self.kernel_size} (input shape {x.shape})"
+            )
         # (N, C, Ho, Wo, kh, kw) view -> (N, Ho, Wo, C, kh, kw) rows: one copy.
         win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
         N, C, Ho, Wo = win.shape[:4]
@@ -106,13 +127,15 @@ class Conv2d(Layer):
         dxp = np.zeros(xp_shape, self.dtype)
         for u in range(kh):
             for v in range(kw):
-                dxp[:, :, u:u + sh * Ho:sh, v:v + sw * Wo:sw] += dcols[..., u, v].transpose(0, 3, 1, 2)
+                dxp[:, :, u : u + sh * Ho : sh, v : v + sw * Wo : sw] += dcols[..., u, v].transpose(0, 3, 1, 2)
         ph, pw = self.padding
-        return dxp[:, :, ph:ph + x_shape[2], pw:pw + x_shape[3]]
+        return dxp[:, :, ph : ph + x_shape[2], pw : pw + x_shape[3]]
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}"
+        )
 
     @classmethod
     def _contract_example(cls, rng: np.random.Generator, dtype: Any) -> tuple["Conv2d", FloatArray]:

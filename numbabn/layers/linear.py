@@ -1,4 +1,5 @@
 """Fully connected layer and the weight initialisations shared with Conv2d."""
+
 from typing import Any
 
 import numpy as np
@@ -10,8 +11,9 @@ from .base import Layer, check_layer_dtype, check_positive_int, check_rng
 INITS = ("glorot", "he")
 
 
-def init_weight(owner: str, init: str, shape: tuple[int, ...], fan_in: int, fan_out: int,
-                rng: np.random.Generator, dtype: DTypeLike) -> FloatArray:
+def init_weight(
+    owner: str, init: str, shape: tuple[int, ...], fan_in: int, fan_out: int, rng: np.random.Generator, dtype: DTypeLike
+) -> FloatArray:
     """Random weights drawn in float64 and rounded once to ``dtype``.
 
     glorot (Glorot & Bengio 2010, uniform): U(-a, a), a = sqrt(6 / (fan_in + fan_out))
@@ -43,8 +45,15 @@ class Linear(Layer):
 
     _transient = ("_x",)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, init: str = "glorot",
-                 rng: np.random.Generator | int | None = None, dtype: DTypeLike = np.float32) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        init: str = "glorot",
+        rng: np.random.Generator | int | None = None,
+        dtype: DTypeLike = np.float32,
+    ) -> None:
         super().__init__()
         owner = "Linear"
         self.in_features = check_positive_int(owner, "in_features", in_features)
@@ -52,16 +61,26 @@ class Linear(Layer):
         self.dtype = check_layer_dtype(owner, dtype)
         self.init = init
         self.rng = check_rng(owner, rng)
-        self.weight = self.add_parameter("weight", init_weight(
-            owner, init, (self.out_features, self.in_features), self.in_features, self.out_features,
-            self.rng, self.dtype))
+        self.weight = self.add_parameter(
+            "weight",
+            init_weight(
+                owner,
+                init,
+                (self.out_features, self.in_features),
+                self.in_features,
+                self.out_features,
+                self.rng,
+                self.dtype,
+            ),
+        )
         self.bias = self.add_parameter("bias", np.zeros(self.out_features, self.dtype)) if bias else None
         self._x = None
 
     def _init_parameters(self) -> None:
         """Weights drawn anew from ``rng`` with the layer's ``init``; bias zeros."""
-        self.weight.value[...] = init_weight("Linear", self.init, self.weight.value.shape, self.in_features,
-                                             self.out_features, self.rng, self.dtype)
+        self.weight.value[...] = init_weight(
+            "Linear", self.init, self.weight.value.shape, self.in_features, self.out_features, self.rng, self.dtype
+        )
         if self.bias is not None:
             self.bias.value[...] = 0
 

@@ -3,6 +3,7 @@
 The loss is a Python float, the mean over the batch; the gradient has the
 prediction's shape and dtype and is what the network's ``backward`` takes.
 """
+
 from collections.abc import Callable
 from typing import Any
 
@@ -25,8 +26,7 @@ class _Loss:
 
     def _prediction(self, prediction: Any) -> FloatArray:
         if not isinstance(prediction, np.ndarray) or prediction.dtype.kind != "f":
-            raise TypeError(f"{self!r}: prediction must be a floating-point NumPy array, "
-                            f"got {V.describe(prediction)}")
+            raise TypeError(f"{self!r}: prediction must be a floating-point NumPy array, got {V.describe(prediction)}")
         return prediction
 
 

@@ -1,4 +1,5 @@
 """Layers that only change the shape of their input."""
+
 from math import prod
 from typing import Any
 
@@ -25,7 +26,7 @@ class Flatten(Layer):
         if x.ndim < 2:
             raise self._shape_error("(N, d1, ...) with at least 2 dimensions", x)
         self._in = (x.shape, x.dtype)
-        return x.reshape(x.shape[0], prod(x.shape[1:]))   # -1 fails for N = 0
+        return x.reshape(x.shape[0], prod(x.shape[1:]))  # -1 fails for N = 0
 
     def backward(self, dy: FloatArray) -> FloatArray:
         shape, dtype = self._cached("_in")

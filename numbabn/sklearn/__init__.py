@@ -5,6 +5,7 @@
 * :class:`BNMLPClassifier`, :class:`BNMLPRegressor` -- multi-layer perceptrons with
   batch norm, mirroring scikit-learn's MLPClassifier / MLPRegressor.
 """
+
 from .mlp import BNMLPClassifier, BNMLPRegressor
 from .transformer import BatchNormTransformer
 

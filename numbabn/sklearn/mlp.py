@@ -42,6 +42,7 @@ when they succeed: a call that raises (bad X or y, an early-stopping split that 
 be stratified, a failing metric, an interrupt) leaves the estimator exactly as it was,
 still fitted with its previous model -- or still unfitted (``NotFittedError``).
 """
+
 import copy
 import warnings
 from collections.abc import Sequence
@@ -64,18 +65,32 @@ ACTIVATIONS = ("relu", "tanh", "logistic")
 SOLVERS = ("sgd", "adam")
 
 
-_is_int, _is_real = is_int, is_real   # the shared checks: not bool; finite
+_is_int, _is_real = is_int, is_real  # the shared checks: not bool; finite
 
 
 class _BaseBNMLP(BaseEstimator):
     """What the classifier and the regressor share: parameters, network, training loop."""
 
-    def __init__(self, hidden_layer_sizes: Sequence[int] = (100,), activation: str = "relu", *,
-                 batch_norm: bool = True, solver: str = "adam", learning_rate_init: float = 0.01,
-                 momentum: float = 0.9, batch_size: int | str = "auto", max_iter: int = 200, tol: float = 1e-4,
-                 n_iter_no_change: int = 10, early_stopping: bool = False, validation_fraction: float = 0.1,
-                 random_state: int | np.random.RandomState | None = None, verbose: bool = False,
-                 record_metrics: Sequence[Any] = (), record_every: int = 1) -> None:
+    def __init__(
+        self,
+        hidden_layer_sizes: Sequence[int] = (100,),
+        activation: str = "relu",
+        *,
+        batch_norm: bool = True,
+        solver: str = "adam",
+        learning_rate_init: float = 0.01,
+        momentum: float = 0.9,
+        batch_size: int | str = "auto",
+        max_iter: int = 200,
+        tol: float = 1e-4,
+        n_iter_no_change: int = 10,
+        early_stopping: bool = False,
+        validation_fraction: float = 0.1,
+        random_state: int | np.random.RandomState | None = None,
+        verbose: bool = False,
+        record_metrics: Sequence[Any] = (),
+        record_every: int = 1,
+    ) -> None:
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.batch_norm = batch_norm
@@ -104,8 +119,10 @@ class _BaseBNMLP(BaseEstimator):
         except TypeError:
             sizes = None
         if sizes is None or not all(_is_int(h) and h > 0 for h in sizes):
-            raise ValueError(f"{name}: hidden_layer_sizes must be a positive int or a sequence of positive "
-                             f"ints, got {self.hidden_layer_sizes!r}")
+            raise ValueError(
+                f"{name}: hidden_layer_sizes must be a positive int or a sequence of positive "
+                f"ints, got {self.hidden_layer_sizes!r}"
+            )
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"{name}: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.solver not in SOLVERS:
@@ -113,37 +130,45 @@ class _BaseBNMLP(BaseEstimator):
         for param in ("batch_norm", "early_stopping", "verbose"):
             if not isinstance(getattr(self, param), (bool, np.bool_)):
                 raise ValueError(f"{name}: {param} must be a bool, got {getattr(self, param)!r}")
-        checks = [("learning_rate_init", _is_real, lambda v: v > 0, "a number > 0"),
-                  ("momentum", _is_real, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-                  ("tol", _is_real, lambda v: v >= 0, "a number >= 0"),
-                  ("validation_fraction", _is_real, lambda v: 0 < v < 1, "a number in (0, 1)"),
-                  ("max_iter", _is_int, lambda v: v > 0, "an int > 0"),
-                  ("n_iter_no_change", _is_int, lambda v: v > 0, "an int > 0"),
-                  ("record_every", _is_int, lambda v: v > 0, "an int > 0")]
+        checks = [
+            ("learning_rate_init", _is_real, lambda v: v > 0, "a number > 0"),
+            ("momentum", _is_real, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+            ("tol", _is_real, lambda v: v >= 0, "a number >= 0"),
+            ("validation_fraction", _is_real, lambda v: 0 < v < 1, "a number in (0, 1)"),
+            ("max_iter", _is_int, lambda v: v > 0, "an int > 0"),
+            ("n_iter_no_change", _is_int, lambda v: v > 0, "an int > 0"),
+            ("record_every", _is_int, lambda v: v > 0, "an int > 0"),
+        ]
         for param, kind, ok, what in checks:
             value = getattr(self, param)
             if not (kind(value) and ok(value)):
                 raise ValueError(f"{name}: {param} must be {what}, got {value!r}")
         if self.batch_size != "auto" and not (_is_int(self.batch_size) and self.batch_size > 1):
-            raise ValueError(f"{name}: batch_size must be 'auto' or an int > 1 (batch norm needs two "
-                             f"samples per batch), got {self.batch_size!r}")
+            raise ValueError(
+                f"{name}: batch_size must be 'auto' or an int > 1 (batch norm needs two "
+                f"samples per batch), got {self.batch_size!r}"
+            )
         return sizes, self._metrics()
 
     def _metrics(self) -> list[Any]:
         """``record_metrics`` as Trainer metrics: names of the toolkit's metrics
         ("ics", "landscape", "grad_norm", "weight_norm") or metric callables."""
         if isinstance(self.record_metrics, str):
-            raise ValueError(f"{type(self).__name__}: record_metrics must be a sequence of names or metrics, "
-                             f"got the string {self.record_metrics!r} (write [{self.record_metrics!r}])")
+            raise ValueError(
+                f"{type(self).__name__}: record_metrics must be a sequence of names or metrics, "
+                f"got the string {self.record_metrics!r} (write [{self.record_metrics!r}])"
+            )
         from ..train.metrics import METRIC_NAMES as named  # the measurement toolkit, loaded when used
 
         metrics = []
         for item in self.record_metrics:
             if isinstance(item, str):
                 if item not in named:
-                    raise ValueError(f"{type(self).__name__}: unknown metric {item!r} in record_metrics; "
-                                     f"names: {sorted(named)}, or pass a metric object from numbabn.train "
-                                     "(e.g. ActivationPercentiles(layer=2))")
+                    raise ValueError(
+                        f"{type(self).__name__}: unknown metric {item!r} in record_metrics; "
+                        f"names: {sorted(named)}, or pass a metric object from numbabn.train "
+                        "(e.g. ActivationPercentiles(layer=2))"
+                    )
                 item = named[item]()
             metrics.append(item)
         return metrics
@@ -178,9 +203,17 @@ class _BaseBNMLP(BaseEstimator):
         rs = check_random_state(self.random_state)
         self._rng = np.random.default_rng(rs.randint(np.iinfo(np.int32).max))
         self._dtype = np.dtype(dtype)
-        self._arch = dict(sizes=sizes, n_in=n_in, n_out=n_out, dtype=self._dtype, activation=self.activation,
-                          batch_norm=self.batch_norm, solver=self.solver, lr=self.learning_rate_init,
-                          momentum=self.momentum)
+        self._arch = dict(
+            sizes=sizes,
+            n_in=n_in,
+            n_out=n_out,
+            dtype=self._dtype,
+            activation=self.activation,
+            batch_norm=self.batch_norm,
+            solver=self.solver,
+            lr=self.learning_rate_init,
+            momentum=self.momentum,
+        )
         self._model, self._optimizer = self._build(self._arch, self._rng)
         self.n_iter_ = 0
         self.loss_curve_: list[float] = []
@@ -192,9 +225,16 @@ class _BaseBNMLP(BaseEstimator):
         from ..train import Trainer
 
         batch_size = min(200 if self.batch_size == "auto" else self.batch_size, n_samples)
-        return Trainer(self._model, self._loss_fn(), self._optimizer, batch_size=batch_size,
-                       seed=int(self._rng.integers(np.iinfo(np.int32).max)), metrics=metrics,
-                       record_every=self.record_every, verbose=0)
+        return Trainer(
+            self._model,
+            self._loss_fn(),
+            self._optimizer,
+            batch_size=batch_size,
+            seed=int(self._rng.integers(np.iinfo(np.int32).max)),
+            metrics=metrics,
+            record_every=self.record_every,
+            verbose=0,
+        )
 
     def _epoch(self, trainer: Any, X: NDArray[Any], targets: NDArray[Any]) -> float:
         """One epoch (see the module docstring); appends to loss_curve_ and history_
@@ -231,11 +271,21 @@ class _BaseBNMLP(BaseEstimator):
 
     # ------------------------------------------------------------ fitting
     def _validate_xy(self, X: ArrayLike, y: ArrayLike, reset: bool) -> tuple[NDArray[Any], NDArray[Any]]:
-        X, y = validate_data(self, X, y, reset=reset, dtype=FLOAT_DTYPES, accept_sparse=False,
-                             multi_output=self._regression, y_numeric=self._regression)
+        X, y = validate_data(
+            self,
+            X,
+            y,
+            reset=reset,
+            dtype=FLOAT_DTYPES,
+            accept_sparse=False,
+            multi_output=self._regression,
+            y_numeric=self._regression,
+        )
         if self.batch_norm and X.shape[0] < 2:
-            raise ValueError(f"{type(self).__name__} with batch_norm=True needs at least 2 samples to train "
-                             f"(batch statistics), got 1 sample")
+            raise ValueError(
+                f"{type(self).__name__} with batch_norm=True needs at least 2 samples to train "
+                f"(batch statistics), got 1 sample"
+            )
         return X, y
 
     # Fitting works on a copy of the estimator and commits it only when it succeeds: a
@@ -253,8 +303,7 @@ class _BaseBNMLP(BaseEstimator):
         copies of the mutable fitted state (network, optimizer, generator) for
         :meth:`partial_fit`. Hyper-parameters are shared, not copied."""
         work = object.__new__(type(self))
-        work.__dict__.update((k, v) for k, v in self.__dict__.items()
-                             if not (fresh and self._is_fitted_attribute(k)))
+        work.__dict__.update((k, v) for k, v in self.__dict__.items() if not (fresh and self._is_fitted_attribute(k)))
         if not fresh and "_model" in self.__dict__:
             work._model, work._optimizer = self._build(self._arch, np.random.default_rng(0))
             work._model.load_state_dict(self._model.state_dict())
@@ -284,8 +333,12 @@ class _BaseBNMLP(BaseEstimator):
         if self.early_stopping:
             stratify = targets if isinstance(self, ClassifierMixin) else None
             X, X_val, targets, t_val = train_test_split(
-                X, targets, test_size=self.validation_fraction, stratify=stratify,
-                random_state=int(self._rng.integers(np.iinfo(np.int32).max)))
+                X,
+                targets,
+                test_size=self.validation_fraction,
+                stratify=stratify,
+                random_state=int(self._rng.integers(np.iinfo(np.int32).max)),
+            )
             self.validation_scores_ = []
             self.best_validation_score_ = -np.inf
             best_state = self._model.state_dict()
@@ -310,12 +363,18 @@ class _BaseBNMLP(BaseEstimator):
             if no_improvement > self.n_iter_no_change:
                 if self.verbose:
                     what = "Validation score" if self.early_stopping else "Training loss"
-                    print(f"{what} did not improve more than tol={self.tol:f} for "
-                          f"{self.n_iter_no_change} consecutive epochs. Stopping.")
+                    print(
+                        f"{what} did not improve more than tol={self.tol:f} for "
+                        f"{self.n_iter_no_change} consecutive epochs. Stopping."
+                    )
                 break
         else:
-            warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
-                          "optimization hasn't converged yet.", ConvergenceWarning, stacklevel=2)
+            warnings.warn(
+                f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
+                "optimization hasn't converged yet.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
         if self.early_stopping:
             self._model.load_state_dict(best_state)
         return self
@@ -341,7 +400,7 @@ class _BaseBNMLP(BaseEstimator):
     # layer objects: no cached activations of the last batch, and unpickling rebuilds
     # writeable arrays even from read-only memory maps (joblib's mmap_mode="r").
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__())     # object.__getstate__ may return __dict__ itself
+        state = dict(super().__getstate__())  # object.__getstate__ may return __dict__ itself
         if "_model" in state:
             state["_model"] = self._model.state_dict()
             state["_optimizer"] = self._optimizer.state_dict()
@@ -380,6 +439,7 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
 
     def _loss_fn(self) -> Any:
         from ..layers import SoftmaxCrossEntropy
+
         return SoftmaxCrossEntropy()
 
     def _n_outputs(self) -> int:
@@ -392,12 +452,15 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
         if fitting:
             self.classes_ = unique_labels(y) if classes is None else unique_labels(classes)
         elif classes is not None and not np.array_equal(unique_labels(classes), self.classes_):
-            raise ValueError(f"{name}.partial_fit: classes={list(classes)!r} differs from the classes of "
-                             f"the first call {list(self.classes_)!r}")
+            raise ValueError(
+                f"{name}.partial_fit: classes={list(classes)!r} differs from the classes of "
+                f"the first call {list(self.classes_)!r}"
+            )
         unknown = np.setdiff1d(y, self.classes_)
         if unknown.size:
-            raise ValueError(f"{name}: y contains labels {unknown.tolist()} that are not in classes_ "
-                             f"{self.classes_.tolist()}")
+            raise ValueError(
+                f"{name}: y contains labels {unknown.tolist()} that are not in classes_ {self.classes_.tolist()}"
+            )
         return np.searchsorted(self.classes_, y)
 
     @staticmethod
@@ -410,8 +473,10 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     def partial_fit(self, X: ArrayLike, y: ArrayLike, classes: ArrayLike | None = None) -> Self:
         """One epoch over (X, y); ``classes`` (every label) is required on the first call."""
         if classes is None and not hasattr(self, "classes_"):
-            raise ValueError(f"{type(self).__name__}.partial_fit: classes must be given on the first call "
-                             "(every label that will ever appear)")
+            raise ValueError(
+                f"{type(self).__name__}.partial_fit: classes must be given on the first call "
+                "(every label that will ever appear)"
+            )
         return self._partial_fit(X, y, classes)
 
     def predict_proba(self, X: ArrayLike) -> NDArray[np.floating[Any]]:
@@ -444,6 +509,7 @@ class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
 
     def _loss_fn(self) -> Any:
         from ..layers import MSELoss
+
         return MSELoss()
 
     def _n_outputs(self) -> int:
@@ -454,8 +520,9 @@ class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
         if fitting:
             self.n_outputs_ = y.shape[1]
         elif y.shape[1] != self.n_outputs_:
-            raise ValueError(f"{type(self).__name__}: y has {y.shape[1]} targets, but the model was "
-                             f"fitted with {self.n_outputs_}")
+            raise ValueError(
+                f"{type(self).__name__}: y has {y.shape[1]} targets, but the model was fitted with {self.n_outputs_}"
+            )
         return y
 
     def _as_training_targets(self, targets: NDArray[Any]) -> NDArray[Any]:

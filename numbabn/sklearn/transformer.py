@@ -32,6 +32,7 @@ Two ways to learn the statistics:
 
 ``fit(X)`` forgets previous statistics and is one ``partial_fit(X)``.
 """
+
 import importlib
 import sys
 from collections.abc import Callable
@@ -57,7 +58,7 @@ _INPLACE_VALUES = 1 << 20
 _NAME_ATTRS = ("n_features_in_", "feature_names_in_")
 
 
-_is_real = is_real   # the shared check: a finite number, not bool
+_is_real = is_real  # the shared check: a finite number, not bool
 
 
 class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
@@ -93,8 +94,14 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
     parameters) leaves the fitted state as it was.
     """
 
-    def __init__(self, eps: float = 1e-5, momentum: float | None = None, gamma: ArrayLike = 1.0, beta: ArrayLike = 0.0,
-             copy: bool = True) -> None:
+    def __init__(
+        self,
+        eps: float = 1e-5,
+        momentum: float | None = None,
+        gamma: ArrayLike = 1.0,
+        beta: ArrayLike = 0.0,
+        copy: bool = True,
+    ) -> None:
         self.eps = eps
         self.momentum = momentum
         self.gamma = gamma
@@ -115,7 +122,8 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
             raise ValueError(f"{name}: eps must be a finite number > 0, got {eps!r}")
         if momentum is not None and (not _is_real(momentum) or not 0 < momentum <= 1):
             raise ValueError(
-                f"{name}: momentum must be None (exact statistics) or a number in (0, 1], got {momentum!r}")
+                f"{name}: momentum must be None (exact statistics) or a number in (0, 1], got {momentum!r}"
+            )
         affine = [self._check_affine(name, p, getattr(self, p), n_features) for p in ("gamma", "beta")]
         return float(eps), momentum if momentum is None else float(momentum), *affine
 
@@ -126,13 +134,15 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         except (TypeError, ValueError):
             raise TypeError(
                 f"{name}: {param} must be a number or an array of n_features={n_features} numbers, "
-                f"got {type(value).__name__} {value!r}"[:200]) from None
+                f"got {type(value).__name__} {value!r}"[:200]
+            ) from None
         if arr.ndim == 0:
             arr = np.full(n_features, float(arr))
         elif arr.shape != (n_features,):
             raise ValueError(
                 f"{name}: {param} must be a scalar or have shape ({n_features},) (one value per "
-                f"feature), got shape {arr.shape}")
+                f"feature), got shape {arr.shape}"
+            )
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"{name}: {param} must be finite, got {value!r}"[:200])
         return arr
@@ -152,13 +162,15 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
             if kind is not None:
                 X = kind.fit_batch(self, X, reset=first)
             else:
-                X = validate_data(self, X, reset=first, dtype=FLOAT_DTYPES, copy=False,
-                                  accept_sparse=False, ensure_all_finite=True)
+                X = validate_data(
+                    self, X, reset=first, dtype=FLOAT_DTYPES, copy=False, accept_sparse=False, ensure_all_finite=True
+                )
             params = self._check_params(X.shape[1])
             if params[1] is not None and X.shape[0] < 2:
                 raise ValueError(
                     f"{type(self).__name__} with momentum={params[1]} needs at least 2 samples per "
-                    f"batch for the unbiased batch variance var*n/(n-1), got 1 sample")
+                    f"batch for the unbiased batch variance var*n/(n-1), got 1 sample"
+                )
         except Exception:
             if first:
                 for k in _NAME_ATTRS:
@@ -178,7 +190,7 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
             return self.partial_fit(X)
         except BaseException:
             self.__dict__.clear()
-            self.__dict__.update(saved)     # same objects, same order: exactly as before
+            self.__dict__.update(saved)  # same objects, same order: exactly as before
             raise
 
     def partial_fit(self, X: Any, y: Any = None) -> Self:
@@ -199,13 +211,15 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
                 mean = getattr(self, "mean_", np.zeros(batch.channels))
                 var = getattr(self, "var_", np.ones(batch.channels))
                 keep = 1.0 - momentum
-                new.update(mean_=keep * mean + momentum * batch.mean,
-                           var_=keep * var + momentum * (batch.m2 / n) * (n / (n - 1.0)))
+                new.update(
+                    mean_=keep * mean + momentum * batch.mean,
+                    var_=keep * var + momentum * (batch.m2 / n) * (n / (n - 1.0)),
+                )
         except BaseException:
             self.__dict__.clear()
-            self.__dict__.update(saved)      # validate_data may have set n_features_in_
+            self.__dict__.update(saved)  # validate_data may have set n_features_in_
             raise
-        self.__dict__.update(new)            # computed in full first: nothing below can fail
+        self.__dict__.update(new)  # computed in full first: nothing below can fail
         return self
 
     # ------------------------------------------------------------ transforming
@@ -220,24 +234,31 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         if kind is not None:
             X = kind.check_array(self, X, reset=False)
         else:
-            X = validate_data(self, X, reset=False, dtype=FLOAT_DTYPES, copy=False,
-                              accept_sparse=False, ensure_all_finite=True)
+            X = validate_data(
+                self, X, reset=False, dtype=FLOAT_DTYPES, copy=False, accept_sparse=False, ensure_all_finite=True
+            )
         eps, _, gamma, beta = self._check_params(X.shape[1])
         dt = X.dtype
         # The float64 statistics go to the kernel as they are (eval mode accepts them for
         # float32 input and folds them into float64 coefficients): rounding mean_ to
         # float32 first would cost up to half a float32 ulp of |mean_| in every output.
-        args = dict(gamma=gamma.astype(dt), beta=beta.astype(dt), training=False, eps=eps,
-                    running_mean=self.mean_, running_var=self.var_)
-        if kind is not None:     # lazy: e.g. a Dask array of the same chunks
+        args = dict(
+            gamma=gamma.astype(dt),
+            beta=beta.astype(dt),
+            training=False,
+            eps=eps,
+            running_mean=self.mean_,
+            running_var=self.var_,
+        )
+        if kind is not None:  # lazy: e.g. a Dask array of the same chunks
             return kind.transform(X, **args)
         if copy or not X.flags.writeable:
             return batch_norm_forward(X, **args)[0]
         rows = max(1, _INPLACE_VALUES // X.shape[1])
         buf = np.empty((min(rows, X.shape[0]), X.shape[1]), dt)
         for r0 in range(0, X.shape[0], rows):
-            block = X[r0:r0 + rows]
-            X[r0:r0 + rows] = batch_norm_forward(block, out=buf[:block.shape[0]], **args)[0]
+            block = X[r0 : r0 + rows]
+            X[r0 : r0 + rows] = batch_norm_forward(block, out=buf[: block.shape[0]], **args)[0]
         return X
 
     def inverse_transform(self, X: Any, copy: bool | None = None) -> Any:
@@ -247,17 +268,26 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         """
         check_is_fitted(self)
         copy = self.copy if copy is None else copy
-        X = check_array(X, dtype=FLOAT_DTYPES, copy=copy, accept_sparse=False,
-                        ensure_all_finite=True, input_name="X", estimator=self)
+        X = check_array(
+            X,
+            dtype=FLOAT_DTYPES,
+            copy=copy,
+            accept_sparse=False,
+            ensure_all_finite=True,
+            input_name="X",
+            estimator=self,
+        )
         if X.shape[1] != self.n_features_in_:
             raise ValueError(
                 f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
-                f"{self.n_features_in_} features as input.")
+                f"{self.n_features_in_} features as input."
+            )
         eps, _, gamma, beta = self._check_params(X.shape[1])
         if np.any(gamma == 0):
             raise ValueError(
                 f"{type(self).__name__}.inverse_transform needs gamma != 0 for every feature "
-                f"(zero at features {np.flatnonzero(gamma == 0).tolist()})")
+                f"(zero at features {np.flatnonzero(gamma == 0).tolist()})"
+            )
         scale = np.sqrt(self.var_ + eps) / gamma
         shift = self.mean_ - beta * scale
         if not X.flags.writeable:
@@ -277,7 +307,7 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
 # takes the Dask path with no extra import by the user, and NumPy-only users never
 # load Dask support.
 _ARRAY_KINDS: list[tuple[Callable[[Any], bool], Any]] = []
-_SUPPORT_MODULES = {"dask.array": "numbabn.distributed.dask"}   # library module -> support module
+_SUPPORT_MODULES = {"dask.array": "numbabn.distributed.dask"}  # library module -> support module
 
 
 def register_array_kind(is_kind: Callable[[Any], bool], support: Any) -> None:

@@ -7,10 +7,18 @@ SyncBatchNorm over torch.distributed, and model converters.
 
 Needs PyTorch (``pip install 'numbabn[torch]'``); ``import numbabn`` never imports it.
 """
+
 from .convert import convert_batchnorm, fold_batchnorm
 from .function import BatchNormFunction
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .sync import SyncBatchNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "BatchNormFunction",
-           "convert_batchnorm", "fold_batchnorm"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "SyncBatchNorm",
+    "BatchNormFunction",
+    "convert_batchnorm",
+    "fold_batchnorm",
+]

@@ -17,6 +17,7 @@ the input's memory format (as ``torch.nn.BatchNorm2d``'s are). Other strides are
 copied once (by numbabn on the CPU, here on the GPU, whose kernels need contiguous
 input).
 """
+
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,7 @@ def empty_like(t: torch.Tensor, perm: tuple[int, ...] | None = None) -> tuple[to
     order = perm or tuple(range(len(shape)))
     strides = [0] * len(shape)
     step = 1
-    for axis in reversed(order):   # innermost axis of numbabn's view gets stride 1
+    for axis in reversed(order):  # innermost axis of numbabn's view gets stride 1
         strides[axis] = step
         step *= shape[axis]
     out = torch.empty_strided(shape, strides, dtype=t.dtype, device=t.device)

@@ -6,6 +6,7 @@ the new modules take over the old ones' Parameter and buffer objects (not copies
 so an optimizer built before the conversion keeps updating the right tensors and
 ``state_dict`` keys do not change.
 """
+
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,8 +17,7 @@ from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, NumbabnBatchNorm
 from .sync import SyncBatchNorm
 
 # torch class -> the numbabn.torch class replacing it (isinstance order: numbabn's are subclasses).
-_LOCAL = ((torch.nn.BatchNorm1d, BatchNorm1d), (torch.nn.BatchNorm2d, BatchNorm2d),
-          (torch.nn.BatchNorm3d, BatchNorm3d))
+_LOCAL = ((torch.nn.BatchNorm1d, BatchNorm1d), (torch.nn.BatchNorm2d, BatchNorm2d), (torch.nn.BatchNorm3d, BatchNorm3d))
 _FOLDABLE = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
 
 
@@ -37,8 +37,15 @@ def _convert_one(module: torch.nn.Module, sync: bool, process_group: Any) -> tor
     kwargs = dict(bias=module.bias is not None) if module.affine else {}
     if cls is SyncBatchNorm:
         kwargs["process_group"] = process_group or getattr(module, "process_group", None)
-    new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-              activation=getattr(module, "activation", None), **kwargs)
+    new = cls(
+        module.num_features,
+        module.eps,
+        module.momentum,
+        module.affine,
+        module.track_running_stats,
+        activation=getattr(module, "activation", None),
+        **kwargs,
+    )
     for name in ("weight", "bias"):
         if getattr(module, name) is not None:
             setattr(new, name, getattr(module, name))
@@ -50,8 +57,9 @@ def _convert_one(module: torch.nn.Module, sync: bool, process_group: Any) -> tor
     return new
 
 
-def convert_batchnorm(module: torch.nn.Module, *, sync: bool = False, fuse_relu: bool = False,
-                      process_group: Any = None) -> torch.nn.Module:
+def convert_batchnorm(
+    module: torch.nn.Module, *, sync: bool = False, fuse_relu: bool = False, process_group: Any = None
+) -> torch.nn.Module:
     """Replace every batch norm in ``module`` by numbabn.torch's, in place.
 
     ``torch.nn.BatchNorm1d/2d/3d`` become :class:`numbabn.torch.BatchNorm1d` (2d, 3d); with
@@ -111,11 +119,15 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     for seq, i in pairs:
         bn = seq[i + 1]
         if bn.training or bn.running_mean is None:
-            raise ValueError(f"fold_batchnorm: {type(bn).__name__} at index {i + 1} of a Sequential must be in "
-                             "eval mode with running statistics (call model.eval() first); nothing was folded")
+            raise ValueError(
+                f"fold_batchnorm: {type(bn).__name__} at index {i + 1} of a Sequential must be in "
+                "eval mode with running statistics (call model.eval() first); nothing was folded"
+            )
         if bn.num_features != seq[i].weight.shape[0]:
-            raise ValueError(f"fold_batchnorm: {type(bn).__name__}({bn.num_features}) follows a layer with "
-                             f"{seq[i].weight.shape[0]} outputs; nothing was folded")
+            raise ValueError(
+                f"fold_batchnorm: {type(bn).__name__}({bn.num_features}) follows a layer with "
+                f"{seq[i].weight.shape[0]} outputs; nothing was folded"
+            )
     for seq, i in pairs:
         layer, bn = seq[i], seq[i + 1]
         w = layer.weight.double()

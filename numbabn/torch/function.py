@@ -17,6 +17,7 @@ sums over all ranks for ``dx``. Then ``dgamma``/``dbeta`` are this rank's own sh
 ``torch.nn.SyncBatchNorm``, so that DistributedDataParallel's gradient averaging
 completes them like every other parameter's.
 """
+
 from collections.abc import Callable
 from typing import Any
 
@@ -44,11 +45,21 @@ class BatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
-                momentum: float, eps: float, relu: bool, moments: Any = None,
-                allreduce: Callable[[np.ndarray], np.ndarray] | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+        relu: bool,
+        moments: Any = None,
+        allreduce: Callable[[np.ndarray], np.ndarray] | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Normalise ``x`` of shape ``(N, C, ...)`` on the numbabn kernels (plus ``residual``
         before the activation when given); saves what backward needs.
         Returns y, of ``x``'s shape and dtype."""
@@ -56,15 +67,23 @@ class BatchNormFunction(torch.autograd.Function):
         cdt = B.COMPUTE_DTYPE[x.dtype]
         # Buffers of another dtype (a float16 module) are updated through compute-dtype
         # copies, written back only once the forward has succeeded.
-        staged = [(buf, buf if buf is None or buf.dtype == cdt else buf.to(cdt))
-                  for buf in (running_mean, running_var)]
+        staged = [(buf, buf if buf is None or buf.dtype == cdt else buf.to(cdt)) for buf in (running_mean, running_var)]
         y, out = B.empty_like(x, perm)
         _, bn = numbabn.batch_norm_forward(
-            B.to_array(x, perm), B.optional_array(weight), B.optional_array(bias),
-            running_mean=B.optional_array(staged[0][1]), running_var=B.optional_array(staged[1][1]),
-            training=training, momentum=momentum, eps=eps, axis=1 if perm is None else -1,
-            activation="relu" if relu else None, moments=moments, out=out,
-            residual=None if residual is None else B.to_array(residual, perm))
+            B.to_array(x, perm),
+            B.optional_array(weight),
+            B.optional_array(bias),
+            running_mean=B.optional_array(staged[0][1]),
+            running_var=B.optional_array(staged[1][1]),
+            training=training,
+            momentum=momentum,
+            eps=eps,
+            axis=1 if perm is None else -1,
+            activation="relu" if relu else None,
+            moments=moments,
+            out=out,
+            residual=None if residual is None else B.to_array(residual, perm),
+        )
         for buf, copy in staged:
             if copy is not buf and training:
                 buf.copy_(copy)
@@ -83,30 +102,36 @@ class BatchNormFunction(torch.autograd.Function):
         local = []
         allreduce = None
         if ctx.allreduce is not None:
+
             def allreduce(sums: np.ndarray) -> np.ndarray:
                 local.append(sums)
                 return ctx.allreduce(sums)
+
         x = saved[0]
         dx, out = B.empty_like(x, perm)
         dres = None
-        if ctx.has_residual and ctx.relu:   # the masked gradient, from the same pass as dx
+        if ctx.has_residual and ctx.relu:  # the masked gradient, from the same pass as dx
             dres, res_out = B.empty_like(x, perm)
-            _, dgamma, dbeta, _ = numbabn.batch_norm_backward(B.to_array(dy, perm), bn, allreduce=allreduce,
-                                                              out=out, residual_out=res_out)
+            _, dgamma, dbeta, _ = numbabn.batch_norm_backward(
+                B.to_array(dy, perm), bn, allreduce=allreduce, out=out, residual_out=res_out
+            )
         else:
             _, dgamma, dbeta = numbabn.batch_norm_backward(
-                B.to_array(dy, perm), _without_residual(bn), allreduce=allreduce, out=out)
-            if ctx.has_residual:            # no mask: the residual's gradient is dy (as for an add)
+                B.to_array(dy, perm), _without_residual(bn), allreduce=allreduce, out=out
+            )
+            if ctx.has_residual:  # no mask: the residual's gradient is dy (as for an add)
                 dres = dy
-        if local:   # this rank's share of the parameter gradients (see the module docstring)
+        if local:  # this rank's share of the parameter gradients (see the module docstring)
             sums = local[0]
             dgamma = (sums[1] * bn.invstd).astype(bn.gamma.dtype) if dgamma is not None else None
             dbeta = sums[0].astype(bn.gamma.dtype) if dbeta is not None else None
-        grads = [dx if ctx.needs_input_grad[0] else None,
-                 B.to_tensor(dgamma, x) if dgamma is not None and ctx.needs_input_grad[1] else None,
-                 B.to_tensor(dbeta, x) if dbeta is not None and ctx.needs_input_grad[2] else None]
+        grads = [
+            dx if ctx.needs_input_grad[0] else None,
+            B.to_tensor(dgamma, x) if dgamma is not None and ctx.needs_input_grad[1] else None,
+            B.to_tensor(dbeta, x) if dbeta is not None and ctx.needs_input_grad[2] else None,
+        ]
         grads.append(dres if ctx.has_residual and ctx.needs_input_grad[11] else None)
-        if torch.is_grad_enabled():   # backward(create_graph=True): no second derivative here
+        if torch.is_grad_enabled():  # backward(create_graph=True): no second derivative here
             grads = [None if g is None else _FirstOrderOnly.apply(g, *saved) for g in grads]
         return (*grads[:3], None, None, None, None, None, None, None, None, grads[3])
 
@@ -117,6 +142,7 @@ def _without_residual(bn: Any) -> Any:
     if bn.residual is None:
         return bn
     import dataclasses
+
     return dataclasses.replace(bn, residual=None)
 
 
@@ -133,4 +159,5 @@ class _FirstOrderOnly(torch.autograd.Function):
         raise RuntimeError(
             "numbabn.torch batch norm: double backward (differentiating the gradients, e.g. a "
             "gradient penalty) is not supported by numbabn's kernels; use torch.nn.BatchNorm* "
-            "for this module (its state_dict loads unchanged)")
+            "for this module (its state_dict loads unchanged)"
+        )

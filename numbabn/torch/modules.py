@@ -40,6 +40,7 @@ read in place and the output has the input's format. CUDA tensors run on numbabn
 CUDA backend through ``__cuda_array_interface__`` (zero copy; see ``numbabn.torch._bridge``).
 Double backward raises a clear error.
 """
+
 from typing import Any
 
 import torch
@@ -70,13 +71,31 @@ class NumbabnBatchNorm:
     processes) and ``_input_rejected`` (tell them when the input is refused).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device: Any = None, dtype: torch.dtype | None = None, *,
-                 bias: bool = True, activation: str | None = None) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+    ) -> None:
         # ``bias=`` is new in torch 2.13; older releases accept the call without it.
         # A mixin: super() is the torch.nn.BatchNorm*d class listed after it.
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,  # type: ignore[call-arg]
-                         **({} if bias else {"bias": False}))
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,  # type: ignore[call-arg]
+            **({} if bias else {"bias": False}),
+        )
         self._set_activation(activation)
 
     def _set_activation(self, activation: str | None) -> None:
@@ -95,17 +114,21 @@ class NumbabnBatchNorm:
         if input.dtype not in _INPUT_DTYPES:
             raise TypeError(f"{name}: input must be float16, bfloat16, float32 or float64, got {input.dtype}")
         if input.shape[1] != self.num_features:
-            raise ValueError(f"{name}: expected input with {self.num_features} channels (dim 1), "
-                             f"got shape {tuple(input.shape)}")
+            raise ValueError(
+                f"{name}: expected input with {self.num_features} channels (dim 1), got shape {tuple(input.shape)}"
+            )
         ref = next((t for t in (self.weight, self.bias, self.running_mean) if t is not None), None)
         if ref is None:
             return
         if ref.device != input.device:
-            raise ValueError(f"{name}: input is on {input.device} but the module's parameters/buffers "
-                             f"are on {ref.device}")
+            raise ValueError(
+                f"{name}: input is on {input.device} but the module's parameters/buffers are on {ref.device}"
+            )
         if ref.dtype not in (_compute_dtype(input.dtype), input.dtype):
-            raise TypeError(f"{name}: input has dtype {input.dtype} but the module's parameters/buffers have "
-                            f"{ref.dtype}; convert one of them (module.to(dtype) or input.to(dtype))")
+            raise TypeError(
+                f"{name}: input has dtype {input.dtype} but the module's parameters/buffers have "
+                f"{ref.dtype}; convert one of them (module.to(dtype) or input.to(dtype))"
+            )
 
     def _input_rejected(self, error: Exception) -> None:
         """Called with the input's validation error just before it is raised."""
@@ -120,8 +143,9 @@ class NumbabnBatchNorm:
         if not isinstance(residual, torch.Tensor):
             raise TypeError(f"{name}: residual must be a torch.Tensor or None, got {type(residual).__name__}")
         if residual.shape != input.shape:
-            raise ValueError(f"{name}: residual must have the input's shape {tuple(input.shape)}, "
-                             f"got {tuple(residual.shape)}")
+            raise ValueError(
+                f"{name}: residual must have the input's shape {tuple(input.shape)}, got {tuple(residual.shape)}"
+            )
         if residual.dtype != input.dtype:
             raise TypeError(f"{name}: residual must have the input's dtype {input.dtype}, got {residual.dtype}")
         if residual.device != input.device:
@@ -155,8 +179,20 @@ class NumbabnBatchNorm:
             y = y if residual is None else y + residual
             y = F.relu(y) if self.activation == "relu" else y
         else:
-            y = BatchNormFunction.apply(x, weight, bias, running_mean, running_var, batch_stats, momentum,
-                                        self.eps, self.activation == "relu", moments, allreduce, residual)
+            y = BatchNormFunction.apply(
+                x,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                batch_stats,
+                momentum,
+                self.eps,
+                self.activation == "relu",
+                moments,
+                allreduce,
+                residual,
+            )
         if tracking:
             self.num_batches_tracked.add_(1)
         return y.to(input.dtype)

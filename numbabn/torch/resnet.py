@@ -17,6 +17,7 @@ Layout (torchvision's resnet18 with a 3x3 stride-1 stem and no max-pool)::
                shortcut = identity, or conv1x1(stride) BN when the shape changes
     global average pool, Linear(512, num_classes)
 """
+
 import torch
 from torch import nn
 
@@ -58,8 +59,10 @@ def fuse_residual(model: torch.nn.Module) -> torch.nn.Module:
     for block in blocks:
         bn = block.branch[-1]
         if not isinstance(bn, NumbabnBatchNorm) or bn.activation is not None:
-            raise TypeError(f"fuse_residual: a block's last batch norm must be a numbabn.torch module without "
-                            f"activation (run convert_batchnorm first), got {bn!r}")
+            raise TypeError(
+                f"fuse_residual: a block's last batch norm must be a numbabn.torch module without "
+                f"activation (run convert_batchnorm first), got {bn!r}"
+            )
     for block in blocks:
         block.branch[-1].activation = "relu"
         block.branch[-1].fuses_residual = True

@@ -32,6 +32,7 @@ In eval mode (and with one process, or torch.distributed not initialised) the la
 is a plain numbabn BatchNorm. CUDA tensors are not synchronized by numbabn: use
 ``torch.nn.SyncBatchNorm`` (NCCL) there.
 """
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,7 +47,7 @@ from . import _bridge as B
 from .modules import NumbabnBatchNorm
 
 _DTYPE_CODE = {torch.float16: 16, torch.float32: 32, torch.float64: 64}
-_HEADER = 4   # ok, channels, call, dtype
+_HEADER = 4  # ok, channels, call, dtype
 
 
 class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
@@ -59,11 +60,31 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
     refuses CPU modules containing one. See :mod:`numbabn.torch.sync` for the protocol.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group: Any = None, device: Any = None,
-                 dtype: torch.dtype | None = None, *, bias: bool = True, activation: str | None = None) -> None:
-        _BatchNorm.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                            **({} if bias else {"bias": False}))
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+    ) -> None:
+        _BatchNorm.__init__(
+            self,
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            **({} if bias else {"bias": False}),
+        )
         self.process_group = process_group
         self._set_activation(activation)
         self._sync_calls = 0
@@ -81,7 +102,7 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
 
     def _input_rejected(self, error: Exception) -> None:
         group = self._group()
-        if group is not None:   # the other ranks are about to wait for this one
+        if group is not None:  # the other ranks are about to wait for this one
             self._gather_moments(group, None, None)
 
     def _synchronize(self, x: torch.Tensor, batch_stats: bool) -> tuple[Any, Any]:
@@ -90,8 +111,10 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
             return None, None
         if x.device.type != "cpu":
             self._gather_moments(group, None, None)
-            raise NotImplementedError(f"{type(self).__name__}: numbabn synchronizes CPU tensors only; "
-                                      f"for {x.device} tensors use torch.nn.SyncBatchNorm")
+            raise NotImplementedError(
+                f"{type(self).__name__}: numbabn synchronizes CPU tensors only; "
+                f"for {x.device} tensors use torch.nn.SyncBatchNorm"
+            )
         perm = B.channels_last_perm(x)
         try:
             local = numbabn.moments(B.to_array(x, perm), axis=1 if perm is None else -1)
@@ -124,8 +147,10 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
             return None, call
         refused = [r for r, row in enumerate(rows) if row[0] != 1]
         if refused:
-            raise RuntimeError(f"{type(self).__name__}: rank(s) {refused} of the process group refused their "
-                               "input (see the error raised there); nothing was updated")
+            raise RuntimeError(
+                f"{type(self).__name__}: rank(s) {refused} of the process group refused their "
+                "input (see the error raised there); nothing was updated"
+            )
         _check_agree(self, rows[:, 1:], ("channel count", "synchronized call", "input dtype"))
         merged = numbabn.Moments.empty(C)
         for row in rows:
@@ -149,4 +174,5 @@ def _check_agree(module: torch.nn.Module, rows: np.ndarray, names: Sequence[str]
             raise RuntimeError(
                 f"{type(module).__name__}: the ranks of the process group disagree on the {name} "
                 f"({[int(v) for v in values]} by rank); every rank must call the same layers in the "
-                "same order with inputs of the same channels and dtype")
+                "same order with inputs of the same channels and dtype"
+            )

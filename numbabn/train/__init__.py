@@ -10,28 +10,45 @@ gradient, the top Hessian eigenvalue, activation percentiles, gradient and weigh
 :mod:`numbabn.train.experiments` (imported on demand: it needs matplotlib and
 scikit-learn's data) reproduces the papers' figures at small scale.
 """
+
 from .history import History
 from .metrics import (
-                      ActivationPercentiles,
-                      GradientNorm,
-                      HessianEigenvalue,
-                      InternalCovariateShift,
-                      LandscapeProbe,
-                      Metric,
-                      WeightNorm,
-                      activation_percentiles,
-                      eta_grid,
-                      gradient_norm,
-                      hessian_top_eigenvalue,
-                      internal_covariate_shift,
-                      landscape_probe,
-                      leaf_layers,
-                      weight_layers,
-                      weight_norm,
+    ActivationPercentiles,
+    GradientNorm,
+    HessianEigenvalue,
+    InternalCovariateShift,
+    LandscapeProbe,
+    Metric,
+    WeightNorm,
+    activation_percentiles,
+    eta_grid,
+    gradient_norm,
+    hessian_top_eigenvalue,
+    internal_covariate_shift,
+    landscape_probe,
+    leaf_layers,
+    weight_layers,
+    weight_norm,
 )
 from .trainer import Trainer
 
-__all__ = ["ActivationPercentiles", "GradientNorm", "HessianEigenvalue", "History", "InternalCovariateShift",
-           "LandscapeProbe", "Metric", "Trainer", "WeightNorm", "activation_percentiles", "eta_grid", "gradient_norm",
-           "hessian_top_eigenvalue", "internal_covariate_shift", "landscape_probe", "leaf_layers", "weight_layers",
-           "weight_norm"]
+__all__ = [
+    "ActivationPercentiles",
+    "GradientNorm",
+    "HessianEigenvalue",
+    "History",
+    "InternalCovariateShift",
+    "LandscapeProbe",
+    "Metric",
+    "Trainer",
+    "WeightNorm",
+    "activation_percentiles",
+    "eta_grid",
+    "gradient_norm",
+    "hessian_top_eigenvalue",
+    "internal_covariate_shift",
+    "landscape_probe",
+    "leaf_layers",
+    "weight_layers",
+    "weight_norm",
+]

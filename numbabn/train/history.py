@@ -19,6 +19,7 @@ update:
 ``meta``
     Free-form JSON-ready settings of the run (batch size, seed, ...).
 """
+
 import json
 import math
 from typing import Any
@@ -66,8 +67,9 @@ class History:
         self.loss: list[float] = []
         self.accuracy: list[float] | None = [] if classification else None
         self.metrics: dict[str, Any] = {}
-        self.eval: dict[str, list[Any]] = ({"step": [], "loss": [], "accuracy": []} if classification
-                                           else {"step": [], "loss": []})
+        self.eval: dict[str, list[Any]] = (
+            {"step": [], "loss": [], "accuracy": []} if classification else {"step": [], "loss": []}
+        )
         self.meta = jsonable(meta or {})
 
     # ------------------------------------------------------------ recording
@@ -98,8 +100,14 @@ class History:
 
     # ------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "loss": self.loss, "accuracy": self.accuracy, "metrics": self.metrics,
-                "eval": self.eval, "meta": self.meta}
+        return {
+            "step": self.step,
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "metrics": self.metrics,
+            "eval": self.eval,
+            "meta": self.meta,
+        }
 
     def to_json(self, **dumps_kwargs: Any) -> str:
         """The history as a JSON string (non-finite floats written as NaN/Infinity)."""
@@ -109,8 +117,10 @@ class History:
     def from_dict(cls, data: dict[str, Any]) -> "History":
         keys = {"step", "loss", "accuracy", "metrics", "eval", "meta"}
         if not isinstance(data, dict) or set(data) != keys:
-            raise ValueError(f"History.from_dict: expected a dict with keys {sorted(keys)}, "
-                             f"got {sorted(data) if isinstance(data, dict) else type(data).__name__}")
+            raise ValueError(
+                f"History.from_dict: expected a dict with keys {sorted(keys)}, "
+                f"got {sorted(data) if isinstance(data, dict) else type(data).__name__}"
+            )
         history = cls(classification=data["accuracy"] is not None, meta=data["meta"])
         history.step, history.loss, history.accuracy = data["step"], data["loss"], data["accuracy"]
         history.metrics, history.eval = data["metrics"], data["eval"]
@@ -128,8 +138,9 @@ class History:
         try:
             import pandas as pd
         except ImportError as exc:
-            raise ImportError("History.to_frame needs pandas (pip install pandas); "
-                              "History.to_dict() gives the same data without it") from exc
+            raise ImportError(
+                "History.to_frame needs pandas (pip install pandas); History.to_dict() gives the same data without it"
+            ) from exc
         frame = pd.DataFrame({"loss": self.loss}, index=pd.Index(self.step, name="step"))
         if self.accuracy is not None:
             frame["accuracy"] = self.accuracy
@@ -148,5 +159,4 @@ class History:
         return frame
 
     def __repr__(self) -> str:
-        return (f"History({len(self.step)} steps, metrics={sorted(self.metrics)}, "
-                f"{len(self.eval['step'])} evaluations)")
+        return f"History({len(self.step)} steps, metrics={sorted(self.metrics)}, {len(self.eval['step'])} evaluations)"

@@ -50,6 +50,7 @@ one leaf. "Parameterized layers" (the W_i of Definition 2.1) are the Linear and
 Conv2d leaves (:func:`weight_layers`), indexed 0, 1, ... in that order. PyTorch
 models are probed through :func:`numbabn.train.torch_adapter.from_torch`.
 """
+
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -63,8 +64,8 @@ from ..layers.base import Parameter
 from ..optim import Optimizer
 
 WEIGHT_LAYER_TYPES = (Linear, Conv2d)
-PAPER_ETA_RANGE = (0.5, 4.0)     # Santurkar et al. Fig. 4 (VGG): η in [1/2, 4]·lr
-DLN_ETA_RANGE = (0.01, 30.0)     # Santurkar et al. Fig. 10 of arXiv v3 (deep linear network): [1/100, 30]·lr
+PAPER_ETA_RANGE = (0.5, 4.0)  # Santurkar et al. Fig. 4 (VGG): η in [1/2, 4]·lr
+DLN_ETA_RANGE = (0.01, 30.0)  # Santurkar et al. Fig. 10 of arXiv v3 (deep linear network): [1/100, 30]·lr
 
 
 # ---------------------------------------------------------------- layer addressing
@@ -79,8 +80,11 @@ def weight_layers(model: Layer) -> list[tuple[int, Layer]]:
     """``[(leaf position, layer)]`` for the Linear/Conv2d leaves (and any leaf that
     says ``is_weight_layer``, such as a wrapped torch Linear/Conv, see
     :mod:`numbabn.train.torch_adapter`), in forward order."""
-    return [(pos, leaf) for pos, leaf in enumerate(leaf_layers(model))
-            if isinstance(leaf, WEIGHT_LAYER_TYPES) or getattr(leaf, "is_weight_layer", False)]
+    return [
+        (pos, leaf)
+        for pos, leaf in enumerate(leaf_layers(model))
+        if isinstance(leaf, WEIGHT_LAYER_TYPES) or getattr(leaf, "is_weight_layer", False)
+    ]
 
 
 def _check_model(fn: str, model: Any) -> None:
@@ -94,8 +98,11 @@ def _check_batch(fn: str, batch: Any) -> Sequence[Any]:
     return batch
 
 
-def _check_layer_indices(fn: str, model: Layer, layers: Iterable[int] | None,
-                         ) -> tuple[list[int], list[tuple[int, Layer]]]:
+def _check_layer_indices(
+    fn: str,
+    model: Layer,
+    layers: Iterable[int] | None,
+) -> tuple[list[int], list[tuple[int, Layer]]]:
     """Validated indices into :func:`weight_layers` (None: all of them)."""
     weights = weight_layers(model)
     if not weights:
@@ -109,22 +116,29 @@ def _check_layer_indices(fn: str, model: Layer, layers: Iterable[int] | None,
         if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
             raise TypeError(f"{fn}: layer indices must be ints, got {i!r}")
         if not 0 <= i < len(weights):
-            raise ValueError(f"{fn}: unknown layer index {i}: the model has {len(weights)} parameterized "
-                             f"layers (Linear/Conv2d), indices 0..{len(weights) - 1}")
+            raise ValueError(
+                f"{fn}: unknown layer index {i}: the model has {len(weights)} parameterized "
+                f"layers (Linear/Conv2d), indices 0..{len(weights) - 1}"
+            )
         indices.append(int(i))
     if len(set(indices)) != len(indices) or not indices:
         raise ValueError(f"{fn}: layers must be distinct indices, at least one, got {list(layers)!r}")
     return indices, weights
 
 
-def eta_grid(lr: float, low: float = PAPER_ETA_RANGE[0], high: float = PAPER_ETA_RANGE[1], num: int = 8,
-             spacing: str = "linear") -> NDArray[np.float64]:
+def eta_grid(
+    lr: float, low: float = PAPER_ETA_RANGE[0], high: float = PAPER_ETA_RANGE[1], num: int = 8, spacing: str = "linear"
+) -> NDArray[np.float64]:
     """Step sizes ``lr·[low, high]`` with ``num`` points, evenly ("linear") or
     geometrically ("log") spaced. The default is Santurkar et al.'s grid for VGG."""
     fn = "eta_grid"
     for name, value in (("lr", lr), ("low", low), ("high", high)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-                or not np.isfinite(value) or value <= 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float, np.floating, np.integer))
+            or not np.isfinite(value)
+            or value <= 0
+        ):
             raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value!r}")
     if high < low:
         raise ValueError(f"{fn}: high must be >= low, got low={low!r}, high={high!r}")
@@ -140,8 +154,9 @@ def eta_grid(lr: float, low: float = PAPER_ETA_RANGE[0], high: float = PAPER_ETA
 def _check_etas(fn: str, etas: ArrayLike) -> NDArray[np.float64]:
     arr = np.asarray(etas, dtype=np.float64) if not isinstance(etas, str) else None
     if arr is None or arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise ValueError(f"{fn}: bad eta grid: etas must be a non-empty 1-D sequence of finite step sizes "
-                         f"> 0, got {etas!r}")
+        raise ValueError(
+            f"{fn}: bad eta grid: etas must be a non-empty 1-D sequence of finite step sizes > 0, got {etas!r}"
+        )
     return arr
 
 
@@ -172,12 +187,16 @@ class _Snapshot:
         self.grads = [(p.grad, None if p.grad is None else p.grad.copy()) for p in self.params]
         self.layers = _all_layers(model)
         self.attrs = [dict(vars(layer)) for layer in self.layers]
-        self.rngs = [(g, g.bit_generator.state) for layer in self.layers
-                     for g in vars(layer).values() if isinstance(g, np.random.Generator)]
+        self.rngs = [
+            (g, g.bit_generator.state)
+            for layer in self.layers
+            for g in vars(layer).values()
+            if isinstance(g, np.random.Generator)
+        ]
         if optimizer is not None:
             self.opt_objects, self.opt_hyper = optimizer.state, optimizer.hyperparameters()
             self.opt_state = optimizer.state_dict()
-            optimizer.load_state_dict(self.opt_state)    # the probe works on a copy
+            optimizer.load_state_dict(self.opt_state)  # the probe works on a copy
 
     def __enter__(self) -> "_Snapshot":
         self.model.train()
@@ -229,8 +248,13 @@ def _flat_grad(params: Iterable[Parameter]) -> NDArray[np.float64]:
 
 
 # ---------------------------------------------------------------- the measurements
-def internal_covariate_shift(model: Layer, loss: Any, optimizer: Optimizer, batch: tuple[FloatArray, ArrayLike],
-                             layers: Sequence[int] | None = None) -> dict[str, Any]:
+def internal_covariate_shift(
+    model: Layer,
+    loss: Any,
+    optimizer: Optimizer,
+    batch: tuple[FloatArray, ArrayLike],
+    layers: Sequence[int] | None = None,
+) -> dict[str, Any]:
     """Internal covariate shift of parameterized layers (Santurkar et al. 2018, Def. 2.1).
 
     For each chosen layer i (index into :func:`weight_layers`; None: all)::
@@ -261,7 +285,7 @@ def internal_covariate_shift(model: Layer, loss: Any, optimizer: Optimizer, batc
     with _Snapshot(model, optimizer) as snap:
         snap.reset()
         _forward_backward(model, loss, x, y)
-        grads = [p.grad for p in snap.params]      # g_t of every parameter (new arrays per backward)
+        grads = [p.grad for p in snap.params]  # g_t of every parameter (new arrays per backward)
         G = {i: _grad_of(weights[i][1].weight).ravel() for i in indices}
         for i in indices:
             position, layer = weights[i]
@@ -273,14 +297,17 @@ def internal_covariate_shift(model: Layer, loss: Any, optimizer: Optimizer, batc
             _forward_backward(model, loss, x, y)
             G2 = _grad_of(layer.weight).ravel()
             norms = np.linalg.norm(G[i]) * np.linalg.norm(G2)
-            result[i] = {"l2": float(np.linalg.norm(G[i] - G2)),
-                         "cosine": float(G[i] @ G2 / norms) if norms > 0 else float("nan"),
-                         "grad_norm": float(np.linalg.norm(G[i]))}
+            result[i] = {
+                "l2": float(np.linalg.norm(G[i] - G2)),
+                "cosine": float(G[i] @ G2 / norms) if norms > 0 else float("nan"),
+                "grad_norm": float(np.linalg.norm(G[i])),
+            }
     return result
 
 
-def landscape_probe(model: Layer, loss: Any, batch: tuple[FloatArray, ArrayLike], lr: float,
-                    etas: ArrayLike | None = None) -> dict[str, Any]:
+def landscape_probe(
+    model: Layer, loss: Any, batch: tuple[FloatArray, ArrayLike], lr: float, etas: ArrayLike | None = None
+) -> dict[str, Any]:
     """Loss landscape, gradient predictiveness and effective β-smoothness along the
     gradient, by line-search probes on one batch (Santurkar et al. 2018, §3.1, Fig. 4).
 
@@ -320,13 +347,29 @@ def landscape_probe(model: Layer, loss: Any, batch: tuple[FloatArray, ArrayLike]
     losses, diffs = np.array(losses), np.array(diffs)
     with np.errstate(divide="ignore", invalid="ignore"):
         beta = float(np.max(diffs / (etas * gnorm))) if gnorm > 0 else float("nan")
-    return {"loss": float(loss0), "grad_norm": gnorm, "etas": etas.tolist(), "losses": losses.tolist(),
-            "grad_diffs": diffs.tolist(), "loss_min": float(losses.min()), "loss_max": float(losses.max()),
-            "grad_diff_min": float(diffs.min()), "grad_diff_max": float(diffs.max()), "beta_smoothness": beta}
+    return {
+        "loss": float(loss0),
+        "grad_norm": gnorm,
+        "etas": etas.tolist(),
+        "losses": losses.tolist(),
+        "grad_diffs": diffs.tolist(),
+        "loss_min": float(losses.min()),
+        "loss_max": float(losses.max()),
+        "grad_diff_min": float(diffs.min()),
+        "grad_diff_max": float(diffs.max()),
+        "beta_smoothness": beta,
+    }
 
 
-def hessian_top_eigenvalue(model: Layer, loss: Any, batch: tuple[FloatArray, ArrayLike], iters: int = 20,
-                           tol: float = 1e-4, eps: float = 1e-6, v0: ArrayLike | None = None) -> dict[str, Any]:
+def hessian_top_eigenvalue(
+    model: Layer,
+    loss: Any,
+    batch: tuple[FloatArray, ArrayLike],
+    iters: int = 20,
+    tol: float = 1e-4,
+    eps: float = 1e-6,
+    v0: ArrayLike | None = None,
+) -> dict[str, Any]:
     """Top (largest-magnitude) eigenvalue of the Hessian of L(θ; x_t, y_t) over all
     parameters, by power iteration with finite-difference Hessian-vector products::
 
@@ -364,8 +407,9 @@ def hessian_top_eigenvalue(model: Layer, loss: Any, batch: tuple[FloatArray, Arr
         size = sum(p.value.size for p in params)
         v = np.random.default_rng(0).standard_normal(size) if v0 is None else np.array(v0, dtype=np.float64)
         if v.shape != (size,) or not np.all(np.isfinite(v)) or not np.any(v):
-            raise ValueError(f"{fn}: v0 must be a finite non-zero vector of the {size} parameters, "
-                             f"got shape {np.shape(v0)}")
+            raise ValueError(
+                f"{fn}: v0 must be a finite non-zero vector of the {size} parameters, got shape {np.shape(v0)}"
+            )
         v /= np.linalg.norm(v)
         shapes = [(p.value.shape, p.value.size) for p in params]
 
@@ -373,7 +417,7 @@ def hessian_top_eigenvalue(model: Layer, loss: Any, batch: tuple[FloatArray, Arr
             snap.reset()
             offset = 0
             for p, (shape, n) in zip(params, shapes, strict=True):
-                p.value += direction[offset:offset + n].reshape(shape).astype(p.value.dtype)
+                p.value += direction[offset : offset + n].reshape(shape).astype(p.value.dtype)
                 offset += n
             _forward_backward(model, loss, x, y)
             return _flat_grad(params)
@@ -402,13 +446,16 @@ def _leaf_index(fn: str, model: Layer, layer: "int | Layer") -> tuple[int, list[
     if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)):
         raise TypeError(f"{fn}: layer must be a leaf Layer of the model or its position (int), got {layer!r}")
     if not 0 <= layer < len(leaves):
-        raise ValueError(f"{fn}: unknown layer position {layer}: the model has {len(leaves)} leaf layers, "
-                         f"positions 0..{len(leaves) - 1}")
+        raise ValueError(
+            f"{fn}: unknown layer position {layer}: the model has {len(leaves)} leaf layers, "
+            f"positions 0..{len(leaves) - 1}"
+        )
     return int(layer), leaves
 
 
-def activation_percentiles(model: Layer, layer: "int | Layer", batch: Any, q: ArrayLike = (15, 50, 85),
-                           unit: int | None = None) -> NDArray[np.float64]:
+def activation_percentiles(
+    model: Layer, layer: "int | Layer", batch: Any, q: ArrayLike = (15, 50, 85), unit: int | None = None
+) -> NDArray[np.float64]:
     """Percentiles over the batch of the input to ``layer`` (Ioffe & Szegedy 2015, Fig. 1).
 
     ``layer``: a leaf layer of the model, or its position in :func:`leaf_layers`.
@@ -439,8 +486,9 @@ def activation_percentiles(model: Layer, layer: "int | Layer", batch: Any, q: Ar
     values = np.moveaxis(h, 1, -1).reshape(-1, units)
     if unit is not None:
         if isinstance(unit, (bool, np.bool_)) or not isinstance(unit, (int, np.integer)) or not 0 <= unit < units:
-            raise ValueError(f"{fn}: unit must be an int in [0, {units}) for the input to layer {position}, "
-                             f"got {unit!r}")
+            raise ValueError(
+                f"{fn}: unit must be an int in [0, {units}) for the input to layer {position}, got {unit!r}"
+            )
         return np.percentile(values[:, unit], q)
     return np.percentile(values, q, axis=0)
 
@@ -493,9 +541,16 @@ class LandscapeProbe(Metric):
     """:func:`landscape_probe` with η = ``lr``·[low, high] (``num`` points, ``spacing``
     "linear" or "log"); ``lr`` None: the optimizer's current ``lr``."""
 
-    def __init__(self, lr: float | None = None, low: float = PAPER_ETA_RANGE[0], high: float = PAPER_ETA_RANGE[1],
-                 num: int = 8, spacing: str = "linear", name: str = "landscape") -> None:
-        eta_grid(1.0 if lr is None else lr, low, high, num, spacing)     # validate now, not mid-training
+    def __init__(
+        self,
+        lr: float | None = None,
+        low: float = PAPER_ETA_RANGE[0],
+        high: float = PAPER_ETA_RANGE[1],
+        num: int = 8,
+        spacing: str = "linear",
+        name: str = "landscape",
+    ) -> None:
+        eta_grid(1.0 if lr is None else lr, low, high, num, spacing)  # validate now, not mid-training
         self.lr, self.low, self.high, self.num, self.spacing, self.name = lr, low, high, num, spacing, name
 
     def __call__(self, model: Layer, loss: Any, optimizer: Optimizer, batch: tuple[FloatArray, ArrayLike]) -> Any:
@@ -519,7 +574,7 @@ class HessianEigenvalue(Metric):
     def __call__(self, model: Layer, loss: Any, optimizer: Optimizer, batch: tuple[FloatArray, ArrayLike]) -> Any:
         v0 = self._vector
         if v0 is not None and v0.size != sum(p.value.size for p in model.parameters()):
-            v0 = None                  # another model: start afresh
+            v0 = None  # another model: start afresh
         result = hessian_top_eigenvalue(model, loss, batch, iters=self.iters, tol=self.tol, eps=self.eps, v0=v0)
         self._vector = result.pop("vector")
         return result
@@ -528,8 +583,9 @@ class HessianEigenvalue(Metric):
 class ActivationPercentiles(Metric):
     """:func:`activation_percentiles` of the input to ``layer`` (position or leaf)."""
 
-    def __init__(self, layer: "int | Layer", q: ArrayLike = (15, 50, 85), unit: int | None = None,
-                 name: str = "percentiles") -> None:
+    def __init__(
+        self, layer: "int | Layer", q: ArrayLike = (15, 50, 85), unit: int | None = None, name: str = "percentiles"
+    ) -> None:
         self.layer, self.q, self.unit, self.name = layer, tuple(q), unit, name
 
     def __call__(self, model: Layer, loss: Any, optimizer: Optimizer, batch: tuple[FloatArray, ArrayLike]) -> Any:
@@ -558,5 +614,9 @@ class WeightNorm(Metric):
 
 # Short names of the metrics that need no arguments (``BNMLPClassifier(record_metrics=
 # ["ics", ...])``); a configured instance covers anything else.
-METRIC_NAMES = {"ics": InternalCovariateShift, "landscape": LandscapeProbe, "grad_norm": GradientNorm,
-                "weight_norm": WeightNorm}
+METRIC_NAMES = {
+    "ics": InternalCovariateShift,
+    "landscape": LandscapeProbe,
+    "grad_norm": GradientNorm,
+    "weight_norm": WeightNorm,
+}

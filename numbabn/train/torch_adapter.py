@@ -25,6 +25,7 @@ run is bit-identical to an unprobed one, with one exception: layers drawing from
 torch's global generator (dropout) see different draws in the probes' passes.
 Tensors must live on the CPU (NumPy views); CUDA modules are refused.
 """
+
 from typing import Any
 
 import numpy as np
@@ -46,8 +47,10 @@ class TorchLayer(Layer):
         self.tensors = {}
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             if tensor.device.type != "cpu":
-                raise ValueError(f"TorchLayer: {name!r} is on {tensor.device}; the probes need CPU tensors "
-                                 f"(NumPy views of their memory)")
+                raise ValueError(
+                    f"TorchLayer: {name!r} is on {tensor.device}; the probes need CPU tensors "
+                    f"(NumPy views of their memory)"
+                )
             self.tensors[name] = tensor
         for name, p in module.named_parameters():
             self.add_parameter(name, p.detach().numpy())
@@ -77,8 +80,9 @@ class TorchLayer(Layer):
         x_t, y = self._graph
         for tensor in self.tensors.values():
             tensor.grad = None
-        torch.autograd.backward(y, torch.from_numpy(np.ascontiguousarray(dy, dtype=y.detach().numpy().dtype)),
-                                retain_graph=True)
+        torch.autograd.backward(
+            y, torch.from_numpy(np.ascontiguousarray(dy, dtype=y.detach().numpy().dtype)), retain_graph=True
+        )
         for name, p in self._parameters.items():
             grad = self.tensors[name].grad
             p.grad = None if grad is None else grad.detach().numpy().copy()

@@ -20,6 +20,7 @@ model's initial state and the data: the same inputs give a bit-identical run, an
 metrics (which restore everything they touch, :mod:`numbabn.train.metrics`) do not
 change it.
 """
+
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -32,13 +33,14 @@ from .. import _checks as V
 from ..layers import Layer, SoftmaxCrossEntropy
 from .history import History
 
-_positive_int = V.check_int   # (fn, name, value) -> int >= 1
+_positive_int = V.check_int  # (fn, name, value) -> int >= 1
 
 
 def _metric_name(fn: str, metric: Any) -> str:
     if not callable(metric):
-        raise TypeError(f"{fn}: each metric must be callable as metric(model, loss, optimizer, batch), "
-                        f"got {V.describe(metric)}")
+        raise TypeError(
+            f"{fn}: each metric must be callable as metric(model, loss, optimizer, batch), got {V.describe(metric)}"
+        )
     name = getattr(metric, "name", None) or getattr(metric, "__name__", None)
     if not isinstance(name, str):
         raise TypeError(f"{fn}: metric {metric!r} has neither a 'name' nor a '__name__'")
@@ -49,8 +51,9 @@ def _check_data(fn: str, X: Any, y: Any) -> tuple[NDArray[Any], NDArray[Any]]:
     if not isinstance(X, np.ndarray) or not isinstance(y, np.ndarray):
         raise TypeError(f"{fn}: X and y must be NumPy arrays, got {V.describe(X)} and {V.describe(y)}")
     if X.ndim < 1 or y.ndim < 1 or len(X) != len(y) or len(X) == 0:
-        raise ValueError(f"{fn}: X and y must hold the same (non-zero) number of samples, "
-                         f"got shapes {X.shape} and {y.shape}")
+        raise ValueError(
+            f"{fn}: X and y must hold the same (non-zero) number of samples, got shapes {X.shape} and {y.shape}"
+        )
     return X, y
 
 
@@ -86,10 +89,21 @@ class Trainer:
         The progress bar's label.
     """
 
-    def __init__(self, model: Layer, loss: Callable[..., Any], optimizer: Any, *, batch_size: int, seed: int,
-             metrics: Sequence[Callable[..., Any]] = (), record_every: int = 1,
-             eval_data: tuple[NDArray[Any], NDArray[Any]] | None = None, eval_every: int | None = None,
-             verbose: int = 1, label: str = "training") -> None:
+    def __init__(
+        self,
+        model: Layer,
+        loss: Callable[..., Any],
+        optimizer: Any,
+        *,
+        batch_size: int,
+        seed: int,
+        metrics: Sequence[Callable[..., Any]] = (),
+        record_every: int = 1,
+        eval_data: tuple[NDArray[Any], NDArray[Any]] | None = None,
+        eval_every: int | None = None,
+        verbose: int = 1,
+        label: str = "training",
+    ) -> None:
         fn = "Trainer"
         if not isinstance(model, Layer):
             raise TypeError(f"{fn}: model must be a numbabn Layer, got {V.describe(model)}")
@@ -130,7 +144,7 @@ class Trainer:
         while done < steps:
             order = self.rng.permutation(n)
             for b in range(min(per_epoch, steps - done)):
-                yield order[b * self.batch_size:(b + 1) * self.batch_size]
+                yield order[b * self.batch_size : (b + 1) * self.batch_size]
             done += per_epoch
 
     @staticmethod
@@ -182,11 +196,22 @@ class Trainer:
         n = len(X)
         if self.batch_size > n:
             raise ValueError(f"{fn}: batch_size {self.batch_size} is larger than the {n} training samples")
-        total = (_positive_int(fn, "steps", steps) if steps is not None
-                 else _positive_int(fn, "epochs", epochs) * (n // self.batch_size))
-        history = History(classification=self.classification,
-                          meta={"batch_size": self.batch_size, "seed": self.seed, "record_every": self.record_every,
-                                "eval_every": self.eval_every, "samples": n, "first_step": self.steps_done})
+        total = (
+            _positive_int(fn, "steps", steps)
+            if steps is not None
+            else _positive_int(fn, "epochs", epochs) * (n // self.batch_size)
+        )
+        history = History(
+            classification=self.classification,
+            meta={
+                "batch_size": self.batch_size,
+                "seed": self.seed,
+                "record_every": self.record_every,
+                "eval_every": self.eval_every,
+                "samples": n,
+                "first_step": self.steps_done,
+            },
+        )
         model, loss, optimizer = self.model, self.loss, self.optimizer
         model.train()
         with self._progress(total) as bar:
@@ -237,8 +262,9 @@ class _TextProgress:
             return
         self._shown = percent
         filled = self.WIDTH * self.done // self.total
-        self.file.write(f"\r{self.label}  [{'#' * filled}{' ' * (self.WIDTH - filled)}]  "
-                        f"{self.done}/{self.total}  {percent:3d}%")
+        self.file.write(
+            f"\r{self.label}  [{'#' * filled}{' ' * (self.WIDTH - filled)}]  {self.done}/{self.total}  {percent:3d}%"
+        )
         self.file.flush()
 
     def __exit__(self, *exc: object) -> None:
