@@ -34,7 +34,8 @@ are the line-search measurements of :mod:`numbabn.train.metrics` (same batch,
 Probe step sizes, the paper's way: Santurkar et al. put the top η just below the
 learning rate at which the standard network diverges. The landscape experiments
 find that rate on the first seed with :func:`~numbabn.train.lr_search.largest_stable_lr`
-(short runs of the standard network) and probe η over [top/8, top] (VGG: the paper's
+(short runs of the standard network, from 4× the training rate: the same doubling
+lattice, :data:`SEARCH_START`) and probe η over [top/8, top] (VGG: the paper's
 [½, 4]·lr spans 8×) or, for the deep linear network, 10 geometric points over
 [top/3000, top] (the paper's [1/100, 30]·lr spans 3000×). The rule, the search's
 trials and the top η are in the JSON.
