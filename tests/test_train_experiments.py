@@ -168,6 +168,17 @@ def test_population_accuracy_is_ioffe_algorithm_2():
     assert got == expected
 
 
+def test_population_accuracy_without_bn_is_the_plain_test_accuracy():
+    """No BN layer: no training-set pass, the eval-mode test accuracy, model untouched."""
+    rng = np.random.default_rng(5)
+    model = experiments.mlp("standard", 0, widths=(6, 5, 3))
+    X, X_te, y_te = rng.standard_normal((130, 6)), rng.standard_normal((400, 6)), rng.integers(0, 3, 400)
+    state = model.state_dict()
+    got = experiments.PopulationAccuracy(X, X_te, y_te, batch_size=20)(model, None, None, None)
+    assert all(np.array_equal(model.state_dict()[k], v) for k, v in state.items()) and model.training
+    assert got == np.mean(np.argmax(model.eval().forward(X_te), axis=1) == y_te)
+
+
 def test_options_presets_and_explicit_values():
     defaults = {"default": {"steps": 100, "lr": (0.1,), "depth": 3}, "full": {"steps": 900, "seeds": 5, "lr": (0.05, 0.1)}}
     opts = experiments._options("x", steps=None, seeds=None, lr=None, full=False, defaults=defaults)

