@@ -1,6 +1,7 @@
 """numbabn.train.experiments: every registered experiment runs a few steps over a
 sweep, writes its JSON of raw series and its PNG figures, and rejects bad arguments.
 (The documented outcomes are rerun by tests/test_train_regression.py, marked slow.)"""
+
 import json
 
 import numpy as np
@@ -42,7 +43,7 @@ def test_experiment_writes_json_and_figures(name, tmp_path):
     kwargs = {"depth": 3} if name in ("landscape", "vgg", "dln") else {}
     kwargs.update({"lr": 0.05} if name == "dln" else {})
     summary = EXPERIMENTS[name](steps=STEPS, seeds=[1], out=tmp_path, progress=False, **kwargs)
-    json.dumps(summary)                                  # the CLI prints it as JSON
+    json.dumps(summary)  # the CLI prints it as JSON
     data = json.loads((tmp_path / f"{name}.json").read_text())
     assert summary["json"] == str(tmp_path / f"{name}.json")
     config = data["config"]
@@ -55,7 +56,7 @@ def test_experiment_writes_json_and_figures(name, tmp_path):
         assert run["step"] == list(range(STEPS)) and len(run["loss"]) == STEPS
         assert set(run["metrics"]) == metrics
         for metric in metrics:
-            assert run["metrics"][metric]["step"] == list(range(STEPS))     # steps // 40 < 1: every step
+            assert run["metrics"][metric]["step"] == list(range(STEPS))  # steps // 40 < 1: every step
         if name != "dln":
             assert run["eval"]["step"][0] == 0 and run["eval"]["step"][-1] == STEPS
     if "landscape" in metrics and name != "lp":
@@ -87,7 +88,7 @@ def test_sweep_over_rates_and_seeds(tmp_path):
     for lr in ("lr=0.05", "lr=0.1"):
         entry = summary[lr]["layer1"]
         assert entry["bn_vs_standard_l2"]["seeds"]["n"] == 2
-        assert entry["bn_vs_standard_l2"]["probes"]["n"] == 4        # 2 seeds × 2 probes
+        assert entry["bn_vs_standard_l2"]["probes"]["n"] == 4  # 2 seeds × 2 probes
         assert entry["bn"]["l2"]["n"] == 4 and entry["bn"]["l2"]["q25"] <= entry["bn"]["l2"]["median"]
     data = json.loads((tmp_path / "ics.json").read_text())
     assert len(data["runs"]) == 2 * 2 * 3 and "lr=0.1/seed=1/noisy" in data["runs"]
@@ -102,16 +103,29 @@ def test_no_out_writes_nothing(tmp_path, monkeypatch):
     # ‖G − G′‖₂ of layer 1 (seed 0, probes at steps 0 and 1), positive under BN.
     written = EXPERIMENTS["ics"](steps=2, seeds=1, progress=False, out=tmp_path)
     assert {k: v for k, v in written.items() if k not in ("json", "figures", "seconds")} == {
-        k: v for k, v in summary.items() if k != "seconds"}
+        k: v for k, v in summary.items() if k != "seconds"
+    }
     run = json.loads((tmp_path / "ics.json").read_text())["runs"]["lr=0.1/seed=0/bn"]
     l2 = [probe["1"]["l2"] for probe in run["metrics"]["ics"]["value"]]
     assert len(l2) == 2 and min(l2) > 0
     assert summary["lr=0.1"]["layer1"]["bn"]["l2"]["median"] == pytest.approx(float(np.median(l2)), rel=1e-12)
 
 
-@pytest.mark.parametrize("kwargs", [{"steps": 0}, {"steps": 2.5}, {"lr": -1.0}, {"lr": float("nan")}, {"lr": ()},
-                                    {"lr": (0.1, "x")}, {"seeds": 0}, {"seeds": [1, 1]}, {"seeds": []},
-                                    {"seeds": 1.5}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"steps": 0},
+        {"steps": 2.5},
+        {"lr": -1.0},
+        {"lr": float("nan")},
+        {"lr": ()},
+        {"lr": (0.1, "x")},
+        {"seeds": 0},
+        {"seeds": [1, 1]},
+        {"seeds": []},
+        {"seeds": 1.5},
+    ],
+)
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError, match="experiment ics"):
         EXPERIMENTS["ics"](progress=False, **kwargs)
@@ -121,12 +135,30 @@ def test_bad_depth():
     with pytest.raises(ValueError, match="experiment dln: depth"):
         EXPERIMENTS["dln"](depth=1, progress=False)
     with pytest.raises(TypeError):
-        EXPERIMENTS["ics"](depth=3, progress=False)       # no depth: the MLP of the paper's figure
+        EXPERIMENTS["ics"](depth=3, progress=False)  # no depth: the MLP of the paper's figure
 
 
 def test_cli_runs_an_experiment(tmp_path):
-    result = CliRunner().invoke(main, ["experiment", "dln", "--steps", "2", "--seed", "3", "--lr", "0.02",
-                                       "--lr", "0.04", "--depth", "4", "--out", str(tmp_path / "o"), "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "experiment",
+            "dln",
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "--lr",
+            "0.02",
+            "--lr",
+            "0.04",
+            "--depth",
+            "4",
+            "--out",
+            str(tmp_path / "o"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["lr=0.02"]["two_over_lr"] == pytest.approx(100.0)
@@ -134,7 +166,7 @@ def test_cli_runs_an_experiment(tmp_path):
     assert (tmp_path / "o" / "dln_fig10_lr0.02.png").exists() and (tmp_path / "o" / "dln_ics_fig3_lr0.04.png").exists()
     config = json.loads((tmp_path / "o" / "dln.json").read_text())["config"]
     assert config["lr"] == [0.02, 0.04] and config["seeds"] == [3] and config["steps"] == 2 and config["depth"] == 4
-    assert config["ics_layers"] == [3]               # depth 4 has no layer 8 or 16: the last one
+    assert config["ics_layers"] == [3]  # depth 4 has no layer 8 or 16: the last one
 
 
 def test_cli_options():
@@ -152,14 +184,23 @@ def test_population_accuracy_is_ioffe_algorithm_2():
     model = experiments.mlp("bn", 0, widths=(6, 5, 3))
     X, y = rng.standard_normal((130, 6)), rng.integers(0, 3, 130)
     X_te, y_te = rng.standard_normal((400, 6)), rng.integers(0, 3, 400)
-    experiments._train(model, experiments.SoftmaxCrossEntropy(), (X, None, y, None), steps=7, lr=0.5, seed=0,
-                       progress=False, label="t", batch_size=20)
+    experiments._train(
+        model,
+        experiments.SoftmaxCrossEntropy(),
+        (X, None, y, None),
+        steps=7,
+        lr=0.5,
+        seed=0,
+        progress=False,
+        label="t",
+        batch_size=20,
+    )
     state = model.state_dict()
     metric = experiments.PopulationAccuracy(X, X_te, y_te, batch_size=20)
     got = metric(model, None, None, None)
     after = model.state_dict()
     assert all(np.array_equal(after[k], v) for k, v in state.items()) and model[1].momentum == 0.1
-    h = [X[s:s + 20] @ model[0].weight.value.T + model[0].bias.value for s in range(0, 101, 20)]   # 6 full batches
+    h = [X[s : s + 20] @ model[0].weight.value.T + model[0].bias.value for s in range(0, 101, 20)]  # 6 full batches
     mean = np.mean([b.mean(0) for b in h], axis=0)
     var = np.mean([b.var(0) * 20 / 19 for b in h], axis=0)
     model[1].running_mean[...], model[1].running_var[...] = mean, var
@@ -180,11 +221,19 @@ def test_population_accuracy_without_bn_is_the_plain_test_accuracy():
 
 
 def test_options_presets_and_explicit_values():
-    defaults = {"default": {"steps": 100, "lr": (0.1,), "depth": 3}, "full": {"steps": 900, "seeds": 5, "lr": (0.05, 0.1)}}
+    defaults = {
+        "default": {"steps": 100, "lr": (0.1,), "depth": 3},
+        "full": {"steps": 900, "seeds": 5, "lr": (0.05, 0.1)},
+    }
     opts = experiments._options("x", steps=None, seeds=None, lr=None, full=False, defaults=defaults)
     assert opts == (100, [0, 1, 2], (0.1,), 3)
-    assert experiments._options("x", steps=None, seeds=None, lr=None, full=True, defaults=defaults) == \
-        (900, [0, 1, 2, 3, 4], (0.05, 0.1), 3)
+    assert experiments._options("x", steps=None, seeds=None, lr=None, full=True, defaults=defaults) == (
+        900,
+        [0, 1, 2, 3, 4],
+        (0.05, 0.1),
+        3,
+    )
     # explicit arguments win over the preset; repeated rates count once
-    assert experiments._options("x", steps=7, seeds=[4, 2], lr=(0.3, 0.3, 0.2), full=True, depth=5,
-                                defaults=defaults) == (7, [4, 2], (0.3, 0.2), 5)
+    assert experiments._options(
+        "x", steps=7, seeds=[4, 2], lr=(0.3, 0.3, 0.2), full=True, depth=5, defaults=defaults
+    ) == (7, [4, 2], (0.3, 0.2), 5)

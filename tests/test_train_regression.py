@@ -6,6 +6,7 @@ Each test asserts the qualitative statement the docs make, with margins well ins
 what the seed-0 run measured (the docs give the numbers), so that a change of
 numerics that keeps the science passes and a change of the science fails.
 """
+
 import pytest
 
 from numbabn.train.experiments import EXPERIMENTS
@@ -21,7 +22,7 @@ def test_dln_bn_sits_at_the_stability_edge_and_trains_faster():
     out = run("dln")
     for lr in ("lr=0.01", "lr=0.05"):
         entry = out[lr]
-        bn, std = entry["edge"]["bn"], entry["edge"]["standard"]
+        bn = entry["edge"]["bn"]
         assert 0.8 < bn["beta_lr_over_2"]["median"] < 1.25 and 0.8 < bn["hessian_lr_over_2"]["median"] < 1.5
         assert entry["final"]["bn"]["train_loss"]["median"] < entry["final"]["standard"]["train_loss"]["median"]
         # BN does not reduce ICS in the deep linear network (the paper's Fig. 3b): larger ‖G − G′‖ at layer #9
@@ -42,7 +43,7 @@ def test_ics_bn_does_not_reduce_internal_covariate_shift():
 def test_vgg_bn_is_smoother_on_every_measure():
     out = run("vgg")["lr=0.1"]
     for measure in ("loss_band_width", "grad_pred_max", "grad_pred_relative", "beta_smoothness", "hessian_norm"):
-        assert out["measures"][measure]["all"]["ratio"]["median"] < 0.6, measure          # seed 0: 0.005-0.36
+        assert out["measures"][measure]["all"]["ratio"]["median"] < 0.6, measure  # seed 0: 0.005-0.36
     assert out["edge"]["bn"]["beta_lr_over_2"]["median"] < out["edge"]["standard"]["beta_lr_over_2"]["median"]
     assert out["final"]["bn"]["train_loss"]["median"] < out["final"]["standard"]["train_loss"]["median"]
 
@@ -50,8 +51,8 @@ def test_vgg_bn_is_smoother_on_every_measure():
 def test_landscape_mlp_bn_smoother_early_rougher_late():
     out = run("landscape")["lr=0.1"]
     band = out["measures"]["loss_band_width"]
-    assert band["early"]["ratio"]["median"] < 0.2 and band["late"]["ratio"]["median"] > 1.5     # seed 0: 0.015, 2.8
-    assert out["measures"]["grad_pred_relative"]["early"]["ratio"]["median"] < 0.5             # seed 0: 0.19
+    assert band["early"]["ratio"]["median"] < 0.2 and band["late"]["ratio"]["median"] > 1.5  # seed 0: 0.015, 2.8
+    assert out["measures"]["grad_pred_relative"]["early"]["ratio"]["median"] < 0.5  # seed 0: 0.19
     assert out["final"]["standard"]["train_loss"]["median"] < out["final"]["bn"]["train_loss"]["median"]
 
 
@@ -59,7 +60,7 @@ def test_maxlr_bn_allows_larger_learning_rates():
     out = run("maxlr")
     for arch in ("mlp3", "mlp8", "vgg4", "dln25"):
         assert out[arch]["bn_larger"]["k"] == 1, arch
-        assert out[arch]["ratio_bn_over_standard"]["median"] > 2, arch                          # 3 seeds: 2.6-13.5
+        assert out[arch]["ratio_bn_over_standard"]["median"] > 2, arch  # 3 seeds: 2.6-13.5
 
 
 def test_noisy_and_lp_train_faster_than_standard():
@@ -68,11 +69,11 @@ def test_noisy_and_lp_train_faster_than_standard():
     lp = run("lp")["lr=0.1"]
     speed = lp["steps_to_95pct_train"]
     assert speed["l1_first"]["k"] == speed["l2_first"]["k"] == speed["bn_first"]["k"] == 1
-    assert speed["linf_first"]["k"] == 0                       # ℓ∞ is slower than the standard net
+    assert speed["linf_first"]["k"] == 0  # ℓ∞ is slower than the standard net
     assert lp["bn"]["beta_vs_standard"]["ratio"]["median"] > 1  # no smoother than the standard net here
 
 
 def test_ioffe_bn_reaches_the_test_accuracy_first():
     out = run("ioffe")["lr=0.2"]
-    assert out["steps_to_85pct_test"]["bn_first"]["k"] == 1          # seed 0: step 100 vs 600 (MNIST, probed every 100)
+    assert out["steps_to_85pct_test"]["bn_first"]["k"] == 1  # seed 0: step 100 vs 600 (MNIST, probed every 100)
     assert out["bn"]["median_input_range"]["median"] < out["standard"]["median_input_range"]["median"]

@@ -1,5 +1,6 @@
 """numbabn.train.summary (medians/IQR, Clopper–Pearson win counts) and
 numbabn.train.lr_search (the edge between training and diverging)."""
+
 import math
 
 import numpy as np
@@ -24,7 +25,7 @@ def test_clopper_pearson_closed_forms():
     assert binomial_interval(0, n) == (0.0, pytest.approx(1 - 0.025 ** (1 / n), rel=1e-12))
     assert binomial_interval(n, n) == (pytest.approx(0.025 ** (1 / n), rel=1e-12), 1.0)
     assert binomial_interval(0, 0) == (0.0, 1.0)
-    lo, hi = binomial_interval(3, 3)               # "BN wins on 3 of 3 seeds" is weak evidence
+    lo, hi = binomial_interval(3, 3)  # "BN wins on 3 of 3 seeds" is weak evidence
     assert hi == 1.0 and lo == pytest.approx(0.2924, abs=1e-4)
 
 
@@ -33,7 +34,9 @@ def test_clopper_pearson_closed_forms():
 def test_clopper_pearson_coverage_is_at_least_95_percent(n, p):
     """Exact coverage: the probability, over k ~ Binomial(n, p), that the interval of k
     contains p. Clopper–Pearson is conservative: never below the nominal level."""
-    covered = sum(binom.pmf(k, n, p) for k in range(n + 1) if binomial_interval(k, n)[0] <= p <= binomial_interval(k, n)[1])
+    covered = sum(
+        binom.pmf(k, n, p) for k in range(n + 1) if binomial_interval(k, n)[0] <= p <= binomial_interval(k, n)[1]
+    )
     assert covered >= 0.95 - 1e-12
 
 
@@ -48,9 +51,13 @@ def test_win_count_and_errors():
 
 def test_compare_counts_probes_and_seeds():
     std = np.array([[1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0], [1.0, 1.0, 1.0, 1.0]])
-    bn = np.array([[0.5, 0.5, 2.0, 0.5],        # median 0.5 < 1: seed win
-                   [4.0, 4.0, 1.0, np.nan],     # one pair dropped; median 4 > 2: seed loss
-                   [0.1, 0.2, 0.3, 0.4]])       # seed win
+    bn = np.array(
+        [
+            [0.5, 0.5, 2.0, 0.5],  # median 0.5 < 1: seed win
+            [4.0, 4.0, 1.0, np.nan],  # one pair dropped; median 4 > 2: seed loss
+            [0.1, 0.2, 0.3, 0.4],
+        ]
+    )  # seed win
     out = compare(bn, std)
     assert out["probes"]["k"] == 3 + 1 + 4 and out["probes"]["n"] == 11
     assert out["seeds"]["k"] == 2 and out["seeds"]["n"] == 3
@@ -71,12 +78,14 @@ def test_trains_rule():
 
 def _gd_on_quadratic(curvature, steps=100):
     """Gradient descent on L = ½·a·θ²: diverges exactly when lr > 2/a."""
+
     def run(lr):
         theta, losses = 1.0, []
         for _ in range(steps):
-            losses.append(0.5 * curvature * theta ** 2)
+            losses.append(0.5 * curvature * theta**2)
             theta -= lr * curvature * theta
         return losses
+
     return run
 
 
@@ -85,7 +94,7 @@ def test_largest_stable_lr_brackets_two_over_curvature(curvature, lr0):
     edge = 2 / curvature
     res = largest_stable_lr(_gd_on_quadratic(curvature), lr0)
     assert res["stable_lr"] < edge <= res["diverged_lr"]
-    assert res["diverged_lr"] / res["stable_lr"] <= 2 ** (1 / 8) * (1 + 1e-12)     # 3 bisections of a doubling
+    assert res["diverged_lr"] / res["stable_lr"] <= 2 ** (1 / 8) * (1 + 1e-12)  # 3 bisections of a doubling
     assert all(t["trained"] == (t["lr"] < edge) for t in res["trials"])
 
 

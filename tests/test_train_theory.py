@@ -13,6 +13,7 @@ so Theorem 4.1 holds with equality when its last term is ⟨g, ŷ⟩²/m, and it
 1/√m form (which subtracts more) fails whenever ⟨g, ŷ⟩ ≠ 0. Theorem 4.2 is an
 equality too (second directional derivative of ŷ along v ⊥ {1, ŷ} is −ŷ‖v‖²/(mσ²)).
 """
+
 import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
@@ -20,7 +21,7 @@ from scipy.optimize import minimize_scalar
 from numbabn.layers import BatchNorm1d, Linear, Sequential, SoftmaxCrossEntropy, Tanh
 
 F64 = np.float64
-TINY_EPS = 1e-14        # ε → 0 of the theorems (y has variance ~1, so ε/σ² ~ 1e-14)
+TINY_EPS = 1e-14  # ε → 0 of the theorems (y has variance ~1, so ε/σ² ~ 1e-14)
 SEEDS = range(25)
 
 
@@ -65,11 +66,11 @@ def test_theorem_4_1_gradient_norm_last_term_is_one_over_m(seed):
     m, gamma = len(y), bn.weight.value
     ones_term = g.sum(0) ** 2 / m
     yhat_term = (g * yhat).sum(0) ** 2
-    lhs = (dy ** 2).sum(0)
-    bound_1_over_m = gamma ** 2 / sigma ** 2 * ((g ** 2).sum(0) - ones_term - yhat_term / m)
-    bound_1_over_sqrt_m = gamma ** 2 / sigma ** 2 * ((g ** 2).sum(0) - ones_term - yhat_term / np.sqrt(m))
-    np.testing.assert_allclose(lhs, bound_1_over_m, rtol=1e-9)          # equality at ε → 0
-    assert np.all(lhs > bound_1_over_sqrt_m)                             # the printed 1/√m form fails
+    lhs = (dy**2).sum(0)
+    bound_1_over_m = gamma**2 / sigma**2 * ((g**2).sum(0) - ones_term - yhat_term / m)
+    bound_1_over_sqrt_m = gamma**2 / sigma**2 * ((g**2).sum(0) - ones_term - yhat_term / np.sqrt(m))
+    np.testing.assert_allclose(lhs, bound_1_over_m, rtol=1e-9)  # equality at ε → 0
+    assert np.all(lhs > bound_1_over_sqrt_m)  # the printed 1/√m form fails
     # the reduction from the standard network's gradient: ‖∂L̂/∂y‖ <= (|γ|/σ) ‖g‖
     assert np.all(np.sqrt(lhs) <= np.abs(gamma) / sigma * np.linalg.norm(g, axis=0) * (1 + 1e-12))
 
@@ -84,10 +85,9 @@ def test_theorem_4_1_with_positive_eps_is_an_inequality(seed):
     m, gamma = len(y), bn.weight.value
     r = y.var(0) / (y.var(0) + 0.1)
     a, b = g.sum(0), (g * yhat).sum(0)
-    exact = gamma ** 2 / sigma ** 2 * ((g ** 2).sum(0) - a ** 2 / m - (2 - r) * b ** 2 / m)
-    np.testing.assert_allclose((dy ** 2).sum(0), exact, rtol=1e-9)
-    assert np.all((dy ** 2).sum(0) <= gamma ** 2 / sigma ** 2 * ((g ** 2).sum(0) - a ** 2 / m - b ** 2 / m)
-                  * (1 + 1e-12))
+    exact = gamma**2 / sigma**2 * ((g**2).sum(0) - a**2 / m - (2 - r) * b**2 / m)
+    np.testing.assert_allclose((dy**2).sum(0), exact, rtol=1e-9)
+    assert np.all((dy**2).sum(0) <= gamma**2 / sigma**2 * ((g**2).sum(0) - a**2 / m - b**2 / m) * (1 + 1e-12))
 
 
 def _directional_curvature(grad_fn, x, column, v, h=1e-4):
@@ -113,8 +113,8 @@ def test_theorem_4_2_quadratic_form_of_the_hessian(seed):
         v, gamma = dy[:, j], bn.weight.value[j]
         lhs = _directional_curvature(lambda yy: _loss_y(bn, head, yy, target)[1], y, j, v)
         vHv = _directional_curvature(lambda zz: _loss_z(head, zz, target)[1], z, j, v)
-        rhs = gamma ** 2 / sigma[j] ** 2 * (vHv - (g[:, j] @ yhat[:, j]) * (v @ v) / (m * gamma))
-        np.testing.assert_allclose(lhs, rhs, rtol=1e-5, atol=1e-9 * abs(vHv) * gamma ** 2 / sigma[j] ** 2)
+        rhs = gamma**2 / sigma[j] ** 2 * (vHv - (g[:, j] @ yhat[:, j]) * (v @ v) / (m * gamma))
+        np.testing.assert_allclose(lhs, rhs, rtol=1e-5, atol=1e-9 * abs(vHv) * gamma**2 / sigma[j] ** 2)
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -124,27 +124,32 @@ def test_lemma_4_5_bn_optima_form_rays_closer_to_the_initialisation(seed):
     with ⟨W₀, W*⟩ > 0 is at squared distance
     ‖W₀ − W*‖² − (‖W*‖² − ⟨W*, W₀⟩)² / ‖W*‖² <= ‖W₀ − W*‖²."""
     rng = np.random.default_rng(seed)
-    net = Sequential(Linear(5, 6, bias=False, rng=rng, dtype=F64), BatchNorm1d(6, eps=TINY_EPS, dtype=F64), Tanh(),
-                     Linear(6, 3, rng=rng, dtype=F64))
+    net = Sequential(
+        Linear(5, 6, bias=False, rng=rng, dtype=F64),
+        BatchNorm1d(6, eps=TINY_EPS, dtype=F64),
+        Tanh(),
+        Linear(6, 3, rng=rng, dtype=F64),
+    )
     x, t = rng.standard_normal((30, 5)), rng.integers(0, 3, 30)
     loss = SoftmaxCrossEntropy()
     W0 = net[0].weight.value.copy()
-    for _ in range(200):                           # W* = where gradient descent gets to
+    for _ in range(200):  # W* = where gradient descent gets to
         _, d = loss(net.forward(x), t)
         net.backward(d)
         for p in net.parameters():
             p.value -= 0.5 * p.grad
     W_star = net[0].weight.value.copy()
     base = loss(net.forward(x), t)[0]
-    for c in (0.05, 0.7, 3.0, 40.0):               # the ray of optima: the loss does not move
+    for c in (0.05, 0.7, 3.0, 40.0):  # the ray of optima: the loss does not move
         net[0].weight.value[...] = c * W_star
         assert loss(net.forward(x), t)[0] == pytest.approx(base, rel=1e-9)
-    inner, norm2 = float(np.sum(W0 * W_star)), float(np.sum(W_star ** 2))
+    inner, norm2 = float(np.sum(W0 * W_star)), float(np.sum(W_star**2))
     if inner <= 0:
-        W0 = -W0                                   # the lemma assumes ⟨W₀, W*⟩ > 0
+        W0 = -W0  # the lemma assumes ⟨W₀, W*⟩ > 0
         inner = -inner
     lemma = np.sum((W0 - W_star) ** 2) - (norm2 - inner) ** 2 / norm2
-    closest = minimize_scalar(lambda c: np.sum((W0 - c * W_star) ** 2), bounds=(0, 1e3), method="bounded",
-                              options={"xatol": 1e-12})
+    closest = minimize_scalar(
+        lambda c: np.sum((W0 - c * W_star) ** 2), bounds=(0, 1e3), method="bounded", options={"xatol": 1e-12}
+    )
     assert closest.fun == pytest.approx(lemma, rel=1e-7)
     assert lemma <= np.sum((W0 - W_star) ** 2)

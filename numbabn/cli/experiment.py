@@ -31,6 +31,7 @@ that fails leaves DIR as it was.
 The module is imported only when the experiments are listed or run (it imports the
 layers and Numba), never for ``numbabn --help``. Without it the group lists none.
 """
+
 import inspect
 import json
 from importlib import import_module
@@ -48,7 +49,7 @@ def registry():
         module = import_module(EXPERIMENTS_MODULE)
     except ModuleNotFoundError as exc:
         if exc.name not in ("numbabn.train", EXPERIMENTS_MODULE):
-            raise   # the module exists but one of its own imports is broken: show it
+            raise  # the module exists but one of its own imports is broken: show it
         return {}
     return module.EXPERIMENTS
 
@@ -79,23 +80,45 @@ def _command(name, fn):
             click.echo("\n".join(f"{key}: {value}" for key, value in summary.items()))
 
     options = [
-        click.option("--steps", type=click.IntRange(min=1), default=None,
-                     help="Training steps [default: the experiment's set-up]."),
-        click.option("--seeds", type=click.IntRange(min=1), default=None,
-                     help="Run seeds 0..N-1 [default: 3 (maxlr: 2); with --full: 5]."),
+        click.option(
+            "--steps",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Training steps [default: the experiment's set-up].",
+        ),
+        click.option(
+            "--seeds",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Run seeds 0..N-1 [default: 3 (maxlr: 2); with --full: 5].",
+        ),
         click.option("--seed", type=int, multiple=True, help="Run exactly this seed (repeatable)."),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), multiple=True,
-                     help="Learning rate (repeatable: a sweep) [default: the experiment's set-up]."),
+        click.option(
+            "--lr",
+            type=click.FloatRange(min=0, min_open=True),
+            multiple=True,
+            help="Learning rate (repeatable: a sweep) [default: the experiment's set-up].",
+        ),
         click.option("--full", is_flag=True, help="The longer preset (more steps, seeds and rates) used for the docs."),
-        click.option("--out", type=click.Path(file_okay=False), default=None,
-                     callback=lambda ctx, param, value: check_output_dir(value, None),
-                     help="Directory for the raw series (JSON) and the figures (PNG); its parent must "
-                          "exist. Nothing is written without it."),
+        click.option(
+            "--out",
+            type=click.Path(file_okay=False),
+            default=None,
+            callback=lambda ctx, param, value: check_output_dir(value, None),
+            help="Directory for the raw series (JSON) and the figures (PNG); its parent must "
+            "exist. Nothing is written without it.",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
     ]
     if takes_depth:
-        options.append(click.option("--depth", type=click.IntRange(min=1), default=None,
-                                    help="Network depth [default: the experiment's set-up]."))
+        options.append(
+            click.option(
+                "--depth",
+                type=click.IntRange(min=1),
+                default=None,
+                help="Network depth [default: the experiment's set-up].",
+            )
+        )
     for option in reversed(options):
         run = option(run)
     command = click.command(name=name, help=fn.__doc__)(run)

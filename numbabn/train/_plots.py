@@ -4,15 +4,28 @@ Figures are built on :class:`matplotlib.figure.Figure` directly, so running an
 experiment never changes the caller's pyplot backend or opens a window. PNGs are
 written at a modest dpi as palette PNGs (each under 200 KB).
 """
+
 import warnings
 
 import numpy as np
 
 DPI = 80
-COLORS = {"standard": "tab:blue", "bn": "tab:red", "noisy": "tab:green", "l1": "tab:purple", "l2": "tab:orange",
-          "linf": "tab:brown"}
-LABELS = {"standard": "standard", "bn": "batch norm", "noisy": "noisy batch norm", "l1": "ℓ1 batch norm",
-          "l2": "ℓ2 batch norm", "linf": "ℓ∞ batch norm"}
+COLORS = {
+    "standard": "tab:blue",
+    "bn": "tab:red",
+    "noisy": "tab:green",
+    "l1": "tab:purple",
+    "l2": "tab:orange",
+    "linf": "tab:brown",
+}
+LABELS = {
+    "standard": "standard",
+    "bn": "batch norm",
+    "noisy": "noisy batch norm",
+    "l1": "ℓ1 batch norm",
+    "l2": "ℓ2 batch norm",
+    "linf": "ℓ∞ batch norm",
+}
 
 
 def figure(rows, cols, title, width=4.0, height=3.0):
@@ -72,7 +85,7 @@ def seed_band(ax, steps, values, net):
     values = np.asarray(values, dtype=np.float64)
     masked = np.where(np.isfinite(values), values, np.nan)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)     # all-NaN columns (a diverged step)
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (a diverged step)
         low, mid, high = np.nanmin(masked, 0), np.nanmedian(masked, 0), np.nanmax(masked, 0)
     color = COLORS.get(net)
     if values.shape[0] > 1:

@@ -45,6 +45,7 @@ Training by Reducing Internal Covariate Shift" (ICML); Santurkar, Tsipras, Ilyas
 Madry 2018, "How Does Batch Normalization Help Optimization?" (NeurIPS; figure
 numbers of arXiv:1805.11604v3 — v5 numbers the appendix figures differently).
 """
+
 import functools
 import json
 import math
@@ -53,29 +54,47 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..layers import (BatchNorm1d, BatchNorm2d, BatchNormBase, Conv2d, Flatten, Linear, MSELoss, ReLU, Sequential,
-                      Sigmoid, SoftmaxCrossEntropy)
+from ..layers import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNormBase,
+    Conv2d,
+    Flatten,
+    Linear,
+    MSELoss,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    SoftmaxCrossEntropy,
+)
 from ..optim import SGD
 from ..registry import get_layer
 from . import _plots as P
 from . import summary as S
 from .history import jsonable
 from .lr_search import largest_stable_lr
-from .metrics import (ActivationPercentiles, HessianEigenvalue, InternalCovariateShift, LandscapeProbe, Metric,
-                      _Snapshot, leaf_layers)
+from .metrics import (
+    ActivationPercentiles,
+    HessianEigenvalue,
+    InternalCovariateShift,
+    LandscapeProbe,
+    Metric,
+    _Snapshot,
+    leaf_layers,
+)
 from .trainer import Trainer
 
 DTYPE = np.float64
-BATCH = 60             # Ioffe & Szegedy's MNIST batch size, used throughout
-RECORDS = 40           # probes per run: every steps // RECORDS steps
+BATCH = 60  # Ioffe & Szegedy's MNIST batch size, used throughout
+RECORDS = 40  # probes per run: every steps // RECORDS steps
 HIDDEN = (100, 100, 100)
-SEEDS = 3              # default number of seeds
-EARLY = 0.25           # "early" = the first quarter of the probes of a run
-SEARCH_STEPS = 100     # length of the short runs of the learning-rate search
-SEARCH_START = 4       # the η search starts at 4 × the training lr: on the doubling lattice from lr (same edge),
-                       # without the two doublings below it that every network here trains at
-HESSIAN_ITERS = 10     # power-iteration products per probe (warm-started: the median run needs ~11 at tol 1e-3)
-VGG_ETA_SPAN = 8.0     # Santurkar Fig. 4: η in [½, 4]·lr
+SEEDS = 3  # default number of seeds
+EARLY = 0.25  # "early" = the first quarter of the probes of a run
+SEARCH_STEPS = 100  # length of the short runs of the learning-rate search
+SEARCH_START = 4  # the η search starts at 4 × the training lr: on the doubling lattice from lr (same edge),
+# without the two doublings below it that every network here trains at
+HESSIAN_ITERS = 10  # power-iteration products per probe (warm-started: the median run needs ~11 at tol 1e-3)
+VGG_ETA_SPAN = 8.0  # Santurkar Fig. 4: η in [½, 4]·lr
 DLN_ETA_SPAN = 3000.0  # Santurkar's deep linear network: η in [1/100, 30]·lr
 
 
@@ -106,8 +125,9 @@ def _split(X, y, seed):
     feature (constant features → 0)."""
     from sklearn.model_selection import train_test_split
 
-    X_tr, X_te, y_tr, y_te = train_test_split(X.astype(DTYPE), y.astype(np.int64), test_size=0.3,
-                                              random_state=seed, stratify=y)
+    X_tr, X_te, y_tr, y_te = train_test_split(
+        X.astype(DTYPE), y.astype(np.int64), test_size=0.3, random_state=seed, stratify=y
+    )
     mean, std = X_tr.mean(axis=0), X_tr.std(axis=0)
     std[std == 0] = 1.0
     return (X_tr - mean) / std, (X_te - mean) / std, y_tr, y_te
@@ -185,7 +205,7 @@ def mlp(kind, seed, activation=ReLU, widths=(64, *HIDDEN, 10)):
     & Szegedy §3.2."""
     rng, norm = np.random.default_rng(seed), norm_factory(kind, seed)
     layers = []
-    for fan_in, fan_out in zip(widths[:-2], widths[1:-1]):
+    for fan_in, fan_out in zip(widths[:-2], widths[1:-1], strict=True):
         layers.append(Linear(fan_in, fan_out, rng=rng, dtype=DTYPE))
         if norm is not None:
             layers.append(norm(fan_out))
@@ -249,8 +269,11 @@ def _options(name, *, steps, seeds, lr, full, defaults, depth=None, min_depth=1)
         if seeds < 1:
             raise ValueError(f"experiment {name}: seeds must be >= 1 (a count) or a list of ints, got {seeds!r}")
         seeds = list(range(int(seeds)))
-    elif isinstance(seeds, (list, tuple)) and seeds and all(
-            isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
+    elif (
+        isinstance(seeds, (list, tuple))
+        and seeds
+        and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds)
+    ):
         seeds = [int(s) for s in seeds]
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"experiment {name}: seeds must be distinct, got {seeds!r}")
@@ -281,13 +304,36 @@ def _sweep(nets, seeds, lrs, run_one):
     return {(lr, seed, net): run_one(net, seed, lr) for lr in lrs for seed in seeds for net in nets}
 
 
-def _train(model, loss, data, *, steps, lr, seed, metrics=(), eval_every=None, batch_size=BATCH, progress, label,
-           records=RECORDS):
+def _train(
+    model,
+    loss,
+    data,
+    *,
+    steps,
+    lr,
+    seed,
+    metrics=(),
+    eval_every=None,
+    batch_size=BATCH,
+    progress,
+    label,
+    records=RECORDS,
+):
     X_tr, X_te, y_tr, y_te = data
     every = max(1, steps // records)
-    trainer = Trainer(model, loss, SGD(model.parameters(), lr=lr), batch_size=batch_size, seed=seed,
-                      metrics=metrics, record_every=every, eval_every=eval_every or every,
-                      eval_data=None if X_te is None else (X_te, y_te), verbose=int(bool(progress)), label=label)
+    trainer = Trainer(
+        model,
+        loss,
+        SGD(model.parameters(), lr=lr),
+        batch_size=batch_size,
+        seed=seed,
+        metrics=metrics,
+        record_every=every,
+        eval_every=eval_every or every,
+        eval_data=None if X_te is None else (X_te, y_te),
+        verbose=int(bool(progress)),
+        label=label,
+    )
     return trainer.fit(X_tr, y_tr, steps=steps)
 
 
@@ -297,8 +343,12 @@ def _finish(name, out, config, runs, summary, figures, started):
     if out is not None:
         summary["figures"] = [path for fig in figures for path in fig(out)]
         path = out / f"{name}.json"
-        payload = {"experiment": name, "config": jsonable(config), "summary": summary,
-                   "runs": {key(*k): h.to_dict() for k, h in runs.items()}}
+        payload = {
+            "experiment": name,
+            "config": jsonable(config),
+            "summary": summary,
+            "runs": {key(*k): h.to_dict() for k, h in runs.items()},
+        }
         path.write_text(json.dumps(payload))
         summary["json"] = str(path)
     summary["seconds"] = round(time.perf_counter() - started, 2)
@@ -308,8 +358,10 @@ def _finish(name, out, config, runs, summary, figures, started):
 def _per_lr(lrs, make):
     """``[fn(out) -> [paths]]`` calling ``make(lr, suffix)(out)`` for every rate; the
     file names carry ``_lr<lr>`` only when there is more than one rate."""
+
     def figures(out):
         return [make(lr, "" if len(lrs) == 1 else f"_lr{lr:g}")(out) for lr in lrs]
+
     return figures
 
 
@@ -331,12 +383,12 @@ def _phases(n):
     return {"all": slice(None), "early": slice(0, cut), "late": slice(cut, None)}
 
 
-LANDSCAPE = {   # measure -> (metric, value of one record)
+LANDSCAPE = {  # measure -> (metric, value of one record)
     "loss_band_width": ("landscape", lambda r: r["loss_max"] - r["loss_min"]),
     "grad_pred_max": ("landscape", lambda r: r["grad_diff_max"]),
     "grad_pred_relative": ("landscape", lambda r: r["grad_diff_max"] / r["grad_norm"]),
     "beta_smoothness": ("landscape", lambda r: r["beta_smoothness"]),
-    "hessian_norm": ("hessian", lambda r: abs(r["eigenvalue"])),     # ‖H‖₂ = |λ| of largest magnitude
+    "hessian_norm": ("hessian", lambda r: abs(r["eigenvalue"])),  # ‖H‖₂ = |λ| of largest magnitude
 }
 
 
@@ -349,8 +401,9 @@ def _landscape_summary(runs, lr, seeds):
     out = {"measures": {}, "edge": {}}
     for measure, (metric, value) in LANDSCAPE.items():
         bn, std = (_stack(runs, lr, seeds, net, metric, value)[1] for net in ("bn", "standard"))
-        out["measures"][measure] = {phase: S.compare(bn[:, sl], std[:, sl])
-                                    for phase, sl in _phases(bn.shape[1]).items()}
+        out["measures"][measure] = {
+            phase: S.compare(bn[:, sl], std[:, sl]) for phase, sl in _phases(bn.shape[1]).items()
+        }
     for net in ("standard", "bn"):
         beta = _stack(runs, lr, seeds, net, "landscape", LANDSCAPE["beta_smoothness"][1])[1]
         lam = _stack(runs, lr, seeds, net, "hessian", LANDSCAPE["hessian_norm"][1])[1]
@@ -360,7 +413,7 @@ def _landscape_summary(runs, lr, seeds):
 
 def _tail_loss(history):
     """Mean training loss over the last tenth of the steps."""
-    return float(np.mean(history.loss[-max(1, len(history.loss) // 10):]))
+    return float(np.mean(history.loss[-max(1, len(history.loss) // 10) :]))
 
 
 def _final(runs, lr, seeds, nets):
@@ -385,14 +438,15 @@ def _speed(runs, lr, seeds, nets, threshold, series):
     per network (spread over seeds; never reached: dropped and counted), and for
     every other network against "standard": on how many seeds it got there first
     (ties and runs where neither got there are left out)."""
-    reach = {net: np.array([_first_reach(*series(runs[(lr, seed, net)]), threshold) for seed in seeds])
-             for net in nets}
+    reach = {net: np.array([_first_reach(*series(runs[(lr, seed, net)]), threshold) for seed in seeds]) for net in nets}
     out = {net: S.spread(r) for net, r in reach.items()}
     for net in nets:
         if net != "standard":
-            a, b = np.where(np.isnan(reach[net]), np.inf, reach[net]), np.where(
-                np.isnan(reach["standard"]), np.inf, reach["standard"])
-            decided = (a != b)
+            a, b = (
+                np.where(np.isnan(reach[net]), np.inf, reach[net]),
+                np.where(np.isnan(reach["standard"]), np.inf, reach["standard"]),
+            )
+            decided = a != b
             out[f"{net}_first"] = S.win_count(int(np.sum((a < b) & decided)), int(decided.sum()))
     return out
 
@@ -441,18 +495,33 @@ def _landscape_figure(runs, lr, seeds, title, eta_text, name):
             ghi = _stack(runs, lr, [first], net, "landscape", lambda r: r["grad_diff_max"])[1]
             P.band(axes[0, 1], steps, glo[0], ghi[0], net)
         P.label(axes[0, 0], "step", "L(θ − ηg) over η", f"(a) loss landscape (seed {first})", log=True)
-        P.label(axes[0, 1], "step", "‖∇L(θ) − ∇L(θ − ηg)‖ over η", f"(b) gradient predictiveness (seed {first})",
-                log=True)
-        _seed_panel(axes[0, 2], runs, lr, seeds, nets, "landscape", LANDSCAPE["beta_smoothness"][1],
-                    "max_η ‖Δ∇L‖ / ‖ηg‖", "(c) effective β-smoothness", edge=(2 / lr, "2/lr"))
-        scale_free = [("landscape", lambda r: r["beta_smoothness"] * lr / 2, "β·lr/2", (1.0, "edge: 1")),
-                      ("hessian", lambda r: abs(r["eigenvalue"]) * lr / 2, "‖H‖₂·lr/2", (1.0, "edge: 1")),
-                      ("landscape", LANDSCAPE["grad_pred_relative"][1], "max_η ‖Δ∇L‖ / ‖g‖", None)]
+        P.label(
+            axes[0, 1], "step", "‖∇L(θ) − ∇L(θ − ηg)‖ over η", f"(b) gradient predictiveness (seed {first})", log=True
+        )
+        _seed_panel(
+            axes[0, 2],
+            runs,
+            lr,
+            seeds,
+            nets,
+            "landscape",
+            LANDSCAPE["beta_smoothness"][1],
+            "max_η ‖Δ∇L‖ / ‖ηg‖",
+            "(c) effective β-smoothness",
+            edge=(2 / lr, "2/lr"),
+        )
+        scale_free = [
+            ("landscape", lambda r: r["beta_smoothness"] * lr / 2, "β·lr/2", (1.0, "edge: 1")),
+            ("hessian", lambda r: abs(r["eigenvalue"]) * lr / 2, "‖H‖₂·lr/2", (1.0, "edge: 1")),
+            ("landscape", LANDSCAPE["grad_pred_relative"][1], "max_η ‖Δ∇L‖ / ‖g‖", None),
+        ]
         for col, (metric, value, ylabel, edge) in enumerate(scale_free):
             _seed_panel(axes[1, col], runs, lr, seeds, nets, metric, value, ylabel, f"{ylabel} vs step", edge=edge)
-            _versus_loss(axes[2, col], runs, lr, seeds, nets, metric, value, ylabel, f"{ylabel} vs training loss",
-                         edge=edge)
+            _versus_loss(
+                axes[2, col], runs, lr, seeds, nets, metric, value, ylabel, f"{ylabel} vs training loss", edge=edge
+            )
         return P.save(f, out, name)
+
     return fig
 
 
@@ -466,55 +535,102 @@ def _fraction(loss):
 def _edge(name, build, net, loss, data, seed, batch_size, lr0, steps):
     """``net``'s largest stable learning rate for ``seed``: short runs of ``steps``
     steps, :func:`~numbabn.train.lr_search.largest_stable_lr` from ``lr0``."""
+
     def run(lr):
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            h = _train(build(net, seed), loss, (data[0], None, data[2], None), steps=steps, lr=lr, seed=seed,
-                       batch_size=batch_size, progress=False, label=f"{name} lr search")
+            h = _train(
+                build(net, seed),
+                loss,
+                (data[0], None, data[2], None),
+                steps=steps,
+                lr=lr,
+                seed=seed,
+                batch_size=batch_size,
+                progress=False,
+                label=f"{name} lr search",
+            )
         return h.loss
+
     return largest_stable_lr(run, lr0, fraction=_fraction(loss))
 
 
-LR_SEARCH_RULE = ("largest stable learning rate: SGD runs of {steps} steps from the initialisation, bracketed "
-                  "by doubling from {lr0:g} and bisected 3 times (9 % resolution); 'stable' = all losses finite "
-                  "and the mean of the last tenth below the first (classifiers: below half the first)")
-ETA_RULE = ("top η = the standard network's " + LR_SEARCH_RULE + ", searched on the first seed and used for "
-            "all (one η range per network, as in the paper); η over [top/{span:g}, top], {num} points, "
-            "{spacing} spacing")
+LR_SEARCH_RULE = (
+    "largest stable learning rate: SGD runs of {steps} steps from the initialisation, bracketed "
+    "by doubling from {lr0:g} and bisected 3 times (9 % resolution); 'stable' = all losses finite "
+    "and the mean of the last tenth below the first (classifiers: below half the first)"
+)
+ETA_RULE = (
+    "top η = the standard network's " + LR_SEARCH_RULE + ", searched on the first seed and used for "
+    "all (one η range per network, as in the paper); η over [top/{span:g}, top], {num} points, "
+    "{spacing} spacing"
+)
 
 
-def _landscape_experiment(name, build, loss, data_for, *, steps, seeds, lrs, span, num, spacing,
-                          batch_size, extra_metrics=(), progress, records=RECORDS):
+def _landscape_experiment(
+    name,
+    build,
+    loss,
+    data_for,
+    *,
+    steps,
+    seeds,
+    lrs,
+    span,
+    num,
+    spacing,
+    batch_size,
+    extra_metrics=(),
+    progress,
+    records=RECORDS,
+):
     """Train standard and BN networks at every (lr, seed), probing the landscape along
     the gradient with the paper's η rule (module docstring) and the top Hessian
     eigenvalue. Returns ``(runs, search)``: the histories and the η search."""
     runs = {}
-    search = _edge(name, build, "standard", loss, data_for(seeds[0]), seeds[0], batch_size, SEARCH_START * lrs[0],
-                   SEARCH_STEPS)
+    search = _edge(
+        name, build, "standard", loss, data_for(seeds[0]), seeds[0], batch_size, SEARCH_START * lrs[0], SEARCH_STEPS
+    )
     top = search["stable_lr"]
     if top is None:
-        raise RuntimeError(f"experiment {name}: the standard network failed at every learning rate tried: "
-                           f"{search['trials']}")
+        raise RuntimeError(
+            f"experiment {name}: the standard network failed at every learning rate tried: {search['trials']}"
+        )
     for lr in lrs:
         for seed in seeds:
             data = data_for(seed)
             for net in ("standard", "bn"):
-                metrics = [LandscapeProbe(lr=top, low=1 / span, high=1.0, num=num, spacing=spacing),
-                           HessianEigenvalue(iters=HESSIAN_ITERS, tol=1e-3), *[m() for m in extra_metrics]]
+                metrics = [
+                    LandscapeProbe(lr=top, low=1 / span, high=1.0, num=num, spacing=spacing),
+                    HessianEigenvalue(iters=HESSIAN_ITERS, tol=1e-3),
+                    *[m() for m in extra_metrics],
+                ]
                 # test accuracy at the start and the end only: the summaries use the last value, and
                 # evaluating the held-out set at every probe cost a third of the conv net's training
                 with np.errstate(over="ignore", invalid="ignore"):
-                    runs[(lr, seed, net)] = _train(build(net, seed), loss, data, steps=steps, lr=lr, seed=seed,
-                                                   metrics=metrics, eval_every=steps, batch_size=batch_size,
-                                                   progress=progress, label=f"{name} lr {lr:g} seed {seed} {net}",
-                                                   records=records)
+                    runs[(lr, seed, net)] = _train(
+                        build(net, seed),
+                        loss,
+                        data,
+                        steps=steps,
+                        lr=lr,
+                        seed=seed,
+                        metrics=metrics,
+                        eval_every=steps,
+                        batch_size=batch_size,
+                        progress=progress,
+                        label=f"{name} lr {lr:g} seed {seed} {net}",
+                        records=records,
+                    )
     return runs, search
 
 
 def _eta_config(search, lrs, span, num, spacing):
-    return {"eta_rule": ETA_RULE.format(steps=SEARCH_STEPS, lr0=SEARCH_START * lrs[0], span=span, num=num,
-                                        spacing=spacing),
-            "eta_top": search["stable_lr"], "standard_fails_at": search["diverged_lr"],
-            "eta_search": search["trials"]}
+    return {
+        "eta_rule": ETA_RULE.format(steps=SEARCH_STEPS, lr0=SEARCH_START * lrs[0], span=span, num=num, spacing=spacing),
+        "eta_top": search["stable_lr"],
+        "standard_fails_at": search["diverged_lr"],
+        "eta_search": search["trials"],
+    }
 
 
 def _eta_text(search, span):
@@ -538,7 +654,7 @@ class PopulationAccuracy(Metric):
 
     def __call__(self, model, loss, optimizer, batch):
         bns = [leaf for leaf in leaf_layers(model) if isinstance(leaf, BatchNormBase)]
-        if not bns:       # no statistics to collect: the training-set pass would change nothing
+        if not bns:  # no statistics to collect: the training-set pass would change nothing
             with _Snapshot(model):
                 model.eval()
                 return float(np.mean(np.argmax(model.forward(self.X_test), axis=1) == self.y_test))
@@ -550,11 +666,11 @@ class PopulationAccuracy(Metric):
                     bn.momentum = None
                     bn.running_mean[...], bn.running_var[...], bn.num_batches_tracked[...] = 0.0, 1.0, 0
                 for start in range(0, len(self.X_train) - self.batch_size + 1, self.batch_size):
-                    model.forward(self.X_train[start:start + self.batch_size])
+                    model.forward(self.X_train[start : start + self.batch_size])
                 model.eval()
                 return float(np.mean(np.argmax(model.forward(self.X_test), axis=1) == self.y_test))
             finally:
-                for bn, momentum in zip(bns, momenta):
+                for bn, momentum in zip(bns, momenta, strict=True):
                     bn.momentum = momentum
 
 
@@ -575,9 +691,15 @@ def ioffe(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
     scale given), 5000 images instead of 60 000.
     """
     started = time.perf_counter()
-    steps, seeds, lrs, _ = _options("ioffe", steps=steps, seeds=seeds, lr=lr, full=full, defaults={
-        "default": {"steps": 3000, "lr": (0.2,)}, "full": {"steps": 6000, "seeds": 5}})
-    records = 30       # every 100 steps: the population statistics pass over the training set dominated at 60
+    steps, seeds, lrs, _ = _options(
+        "ioffe",
+        steps=steps,
+        seeds=seeds,
+        lr=lr,
+        full=full,
+        defaults={"default": {"steps": 3000, "lr": (0.2,)}, "full": {"steps": 6000, "seeds": 5}},
+    )
+    records = 30  # every 100 steps: the population statistics pass over the training set dominated at 60
     every = max(1, steps // records)
     nets = ("standard", "bn")
     with single_threaded():
@@ -588,11 +710,23 @@ def ioffe(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
             model = mlp(net, seed, activation=Sigmoid, widths=(inputs, *HIDDEN, 10))
             last_sigmoid = max(k for k, leaf in enumerate(leaf_layers(model)) if isinstance(leaf, Sigmoid))
             X_tr, X_te, _, y_te = datasets[seed][1]
-            return _train(model, SoftmaxCrossEntropy(), datasets[seed][1], steps=steps, lr=lr, seed=seed,
-                          metrics=[ActivationPercentiles(last_sigmoid, q=(15, 50, 85), unit=0),
-                                   PopulationAccuracy(X_tr, X_te, y_te)],
-                          eval_every=every, progress=progress, label=f"ioffe lr {lr:g} seed {seed} {net}",
-                          records=records)
+            return _train(
+                model,
+                SoftmaxCrossEntropy(),
+                datasets[seed][1],
+                steps=steps,
+                lr=lr,
+                seed=seed,
+                metrics=[
+                    ActivationPercentiles(last_sigmoid, q=(15, 50, 85), unit=0),
+                    PopulationAccuracy(X_tr, X_te, y_te),
+                ],
+                eval_every=every,
+                progress=progress,
+                label=f"ioffe lr {lr:g} seed {seed} {net}",
+                records=records,
+            )
+
         runs = _sweep(nets, seeds, lrs, run_one)
 
     def test_accuracy(h):
@@ -603,7 +737,8 @@ def ioffe(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
         entry = _final(runs, lr, seeds, nets)
         for net in nets:
             entry[net]["last_population_test_accuracy"] = S.spread(
-                [test_accuracy(runs[(lr, s, net)])[1][-1] for s in seeds])
+                [test_accuracy(runs[(lr, s, net)])[1][-1] for s in seeds]
+            )
         entry["steps_to_85pct_test"] = _speed(runs, lr, seeds, nets, 0.85, test_accuracy)
         for net in nets:
             med = np.array([np.array(runs[(lr, s, net)].metric("percentiles")[1])[:, 1] for s in seeds])
@@ -612,55 +747,107 @@ def ioffe(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
 
     def make(lr, suffix):
         def fig1(out):
-            f, axes = P.figure(1, 3, f"Ioffe & Szegedy 2015, Fig. 1 ({summary['data']}; 3×100 sigmoid, batch 60, "
-                                     f"lr {lr:g}, {len(seeds)} seeds)")
+            f, axes = P.figure(
+                1,
+                3,
+                f"Ioffe & Szegedy 2015, Fig. 1 ({summary['data']}; 3×100 sigmoid, batch 60, "
+                f"lr {lr:g}, {len(seeds)} seeds)",
+            )
             for net in nets:
                 series = [test_accuracy(runs[(lr, s, net)]) for s in seeds]
                 P.seed_band(axes[0, 0], series[0][0], np.array([v for _, v in series]), net)
-            P.label(axes[0, 0], "step", "test accuracy (population statistics)",
-                    "(a) test accuracy (median, range over seeds)")
-            for ax, net in zip(axes[0, 1:], nets):
+            P.label(
+                axes[0, 0],
+                "step",
+                "test accuracy (population statistics)",
+                "(a) test accuracy (median, range over seeds)",
+            )
+            for ax, net in zip(axes[0, 1:], nets, strict=True):
                 s, v = runs[(lr, seeds[0], net)].metric("percentiles")
                 v = np.array(v)
                 ax.fill_between(s, v[:, 0], v[:, 2], color=P.COLORS[net], alpha=0.3, label="15th-85th percentile")
                 ax.plot(s, v[:, 1], color=P.COLORS[net], label="median")
-                P.label(ax, "step", "sigmoid input (last hidden layer, unit 0)",
-                        f"({'b' if net == 'standard' else 'c'}) {P.LABELS[net]} (seed {seeds[0]})")
+                P.label(
+                    ax,
+                    "step",
+                    "sigmoid input (last hidden layer, unit 0)",
+                    f"({'b' if net == 'standard' else 'c'}) {P.LABELS[net]} (seed {seeds[0]})",
+                )
             axes[0, 2].sharey(axes[0, 1])
             return P.save(f, out, f"ioffe_fig1{suffix}.png")
+
         return fig1
 
-    config = {"paper": "Ioffe & Szegedy 2015 Fig. 1", "data": summary["data"], "steps": steps, "lr": lrs,
-              "seeds": seeds, "batch": BATCH, "hidden": HIDDEN, "activation": "sigmoid", "percentile_every": every}
+    config = {
+        "paper": "Ioffe & Szegedy 2015 Fig. 1",
+        "data": summary["data"],
+        "steps": steps,
+        "lr": lrs,
+        "seeds": seeds,
+        "batch": BATCH,
+        "hidden": HIDDEN,
+        "activation": "sigmoid",
+        "percentile_every": every,
+    }
     return _finish("ioffe", out, config, runs, summary, [_per_lr(lrs, make)], started)
 
 
-def _mlp_landscape(name, title, build, images, *, steps, seeds, lr, depth, full, out, progress, defaults, arch,
-                   records=RECORDS):
+def _mlp_landscape(
+    name, title, build, images, *, steps, seeds, lr, depth, full, out, progress, defaults, arch, records=RECORDS
+):
     started = time.perf_counter()
-    steps, seeds, lrs, depth = _options(name, steps=steps, seeds=seeds, lr=lr, full=full, depth=depth,
-                                        defaults=defaults)
+    steps, seeds, lrs, depth = _options(
+        name, steps=steps, seeds=seeds, lr=lr, full=full, depth=depth, defaults=defaults
+    )
     with single_threaded():
         datasets = {}
 
         def data_for(seed):
             return datasets.setdefault(seed, digits(seed, images=images))
 
-        runs, search = _landscape_experiment(name, lambda net, seed: build(net, seed, depth),
-                                           SoftmaxCrossEntropy(), data_for, steps=steps, seeds=seeds, lrs=lrs,
-                                           span=VGG_ETA_SPAN, num=8, spacing="linear", batch_size=BATCH,
-                                           progress=progress, records=records)
+        runs, search = _landscape_experiment(
+            name,
+            lambda net, seed: build(net, seed, depth),
+            SoftmaxCrossEntropy(),
+            data_for,
+            steps=steps,
+            seeds=seeds,
+            lrs=lrs,
+            span=VGG_ETA_SPAN,
+            num=8,
+            spacing="linear",
+            batch_size=BATCH,
+            progress=progress,
+            records=records,
+        )
     summary = {"eta_top": search["stable_lr"]}
     for lr in lrs:
-        summary[f"lr={lr:g}"] = {**_landscape_summary(runs, lr, seeds),
-                                 "final": _final(runs, lr, seeds, ("standard", "bn"))}
+        summary[f"lr={lr:g}"] = {
+            **_landscape_summary(runs, lr, seeds),
+            "final": _final(runs, lr, seeds, ("standard", "bn")),
+        }
     arch_text = f"{arch}, depth {depth}"
-    figures = [_per_lr(lrs, lambda lr, suffix: _landscape_figure(
-        runs, lr, seeds, f"{title} ({arch_text})", _eta_text(search, VGG_ETA_SPAN), f"{name}_fig4{suffix}.png"))]
-    config = {"paper": "Santurkar et al. 2018 Fig. 4", "architecture": arch_text, "steps": steps, "lr": lrs,
-              "seeds": seeds, "batch": BATCH, "depth": depth, "probe_every": max(1, steps // records),
-              "early_probes": f"first {EARLY:.0%} of the probes of a run", "hessian_iterations": HESSIAN_ITERS,
-              **_eta_config(search, lrs, VGG_ETA_SPAN, 8, "linear")}
+    figures = [
+        _per_lr(
+            lrs,
+            lambda lr, suffix: _landscape_figure(
+                runs, lr, seeds, f"{title} ({arch_text})", _eta_text(search, VGG_ETA_SPAN), f"{name}_fig4{suffix}.png"
+            ),
+        )
+    ]
+    config = {
+        "paper": "Santurkar et al. 2018 Fig. 4",
+        "architecture": arch_text,
+        "steps": steps,
+        "lr": lrs,
+        "seeds": seeds,
+        "batch": BATCH,
+        "depth": depth,
+        "probe_every": max(1, steps // records),
+        "early_probes": f"first {EARLY:.0%} of the probes of a run",
+        "hessian_iterations": HESSIAN_ITERS,
+        **_eta_config(search, lrs, VGG_ETA_SPAN, 8, "linear"),
+    }
     return _finish(name, out, config, runs, summary, figures, started)
 
 
@@ -681,10 +868,24 @@ def landscape(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=No
     compares BN with standard over all, early and late probes (median ratio with
     IQR, win counts over probes and seeds) and gives β·lr/2 and ‖H‖₂·lr/2.
     """
-    return _mlp_landscape("landscape", "Santurkar et al. 2018, Fig. 4 (digits)", _deep_mlp, False, steps=steps,
-                          seeds=seeds, lr=lr, depth=depth, full=full, out=out, progress=progress, arch="ReLU MLP",
-                          defaults={"default": {"steps": 600, "lr": (0.1,), "depth": 8},
-                                    "full": {"steps": 1000, "seeds": 5, "lr": (0.05, 0.1, 0.2)}})
+    return _mlp_landscape(
+        "landscape",
+        "Santurkar et al. 2018, Fig. 4 (digits)",
+        _deep_mlp,
+        False,
+        steps=steps,
+        seeds=seeds,
+        lr=lr,
+        depth=depth,
+        full=full,
+        out=out,
+        progress=progress,
+        arch="ReLU MLP",
+        defaults={
+            "default": {"steps": 600, "lr": (0.1,), "depth": 8},
+            "full": {"steps": 1000, "seeds": 5, "lr": (0.05, 0.1, 0.2)},
+        },
+    )
 
 
 def vgg(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, progress=True):
@@ -699,11 +900,25 @@ def vgg(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
     steps/20): conv passes are the slow ones, and 10 probes keep the default
     within two CPU minutes.
     """
-    return _mlp_landscape("vgg", "Santurkar et al. 2018, Fig. 4 (digits images)", cnn, True, steps=steps,
-                          seeds=seeds, lr=lr, depth=depth, full=full, out=out, progress=progress,
-                          arch="3×3 conv net", records=20 if full else 10,
-                          defaults={"default": {"steps": 300, "lr": (0.1,), "depth": 4},
-                                    "full": {"steps": 1000, "seeds": 5, "lr": (0.05, 0.1)}})
+    return _mlp_landscape(
+        "vgg",
+        "Santurkar et al. 2018, Fig. 4 (digits images)",
+        cnn,
+        True,
+        steps=steps,
+        seeds=seeds,
+        lr=lr,
+        depth=depth,
+        full=full,
+        out=out,
+        progress=progress,
+        arch="3×3 conv net",
+        records=20 if full else 10,
+        defaults={
+            "default": {"steps": 300, "lr": (0.1,), "depth": 4},
+            "full": {"steps": 1000, "seeds": 5, "lr": (0.05, 0.1)},
+        },
+    )
 
 
 def _ics_summary(runs, lr, seeds, nets, layers):
@@ -713,15 +928,22 @@ def _ics_summary(runs, lr, seeds, nets, layers):
     out = {}
     for layer in layers:
         entry = {}
-        series = {net: {k: _stack(runs, lr, seeds, net, "ics", lambda r, k=k: r[str(layer)][k])[1]
-                        for k in ("l2", "cosine", "grad_norm")} for net in nets}
+        series = {
+            net: {
+                k: _stack(runs, lr, seeds, net, "ics", lambda r, k=k, layer=layer: r[str(layer)][k])[1]
+                for k in ("l2", "cosine", "grad_norm")
+            }
+            for net in nets
+        }
         for net in nets:
             v = series[net]
-            entry[net] = {"l2": S.spread(v["l2"]), "cosine": S.spread(v["cosine"]),
-                          "relative_l2": S.spread(v["l2"] / v["grad_norm"])}
+            entry[net] = {
+                "l2": S.spread(v["l2"]),
+                "cosine": S.spread(v["cosine"]),
+                "relative_l2": S.spread(v["l2"] / v["grad_norm"]),
+            }
         entry["bn_vs_standard_l2"] = S.compare(series["bn"]["l2"], series["standard"]["l2"])
-        entry["bn_vs_standard_1_minus_cosine"] = S.compare(1 - series["bn"]["cosine"],
-                                                           1 - series["standard"]["cosine"])
+        entry["bn_vs_standard_1_minus_cosine"] = S.compare(1 - series["bn"]["cosine"], 1 - series["standard"]["cosine"])
         out[f"layer{layer}"] = entry
     return out
 
@@ -732,9 +954,20 @@ def _ics_figure(runs, lr, seeds, nets, layers, title, name, paper_layers=None):
         for row, layer in enumerate(layers):
             shown = layer if paper_layers is None else f"{layer} (paper's #{paper_layers[row]})"
             for col, (k, ylabel, log) in enumerate((("l2", "‖G − G′‖₂", True), ("cosine", "cos(G, G′)", False))):
-                _seed_panel(axes[row, col], runs, lr, seeds, nets, "ics", lambda r, k=k, L=layer: r[str(L)][k],
-                            ylabel, f"weight layer {shown}: {k}", log=log)
+                _seed_panel(
+                    axes[row, col],
+                    runs,
+                    lr,
+                    seeds,
+                    nets,
+                    "ics",
+                    lambda r, k=k, L=layer: r[str(L)][k],
+                    ylabel,
+                    f"weight layer {shown}: {k}",
+                    log=log,
+                )
         return P.save(f, out, name)
+
     return fig
 
 
@@ -749,29 +982,68 @@ def ics(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=True)
     network's ICS is measured by ``dln``.)
     """
     started = time.perf_counter()
-    steps, seeds, lrs, _ = _options("ics", steps=steps, seeds=seeds, lr=lr, full=full, defaults={
-        "default": {"steps": 1000, "lr": (0.1,)}, "full": {"seeds": 5, "lr": (0.05, 0.1)}})
+    steps, seeds, lrs, _ = _options(
+        "ics",
+        steps=steps,
+        seeds=seeds,
+        lr=lr,
+        full=full,
+        defaults={"default": {"steps": 1000, "lr": (0.1,)}, "full": {"seeds": 5, "lr": (0.05, 0.1)}},
+    )
     layers = (1, 3)
     nets = ("standard", "bn", "noisy")
     with single_threaded():
         datasets = {seed: digits(seed) for seed in seeds}
-        runs = _sweep(nets, seeds, lrs, lambda net, seed, lr: _train(
-            mlp(net, seed), SoftmaxCrossEntropy(), datasets[seed], steps=steps, lr=lr, seed=seed,
-            metrics=[InternalCovariateShift(layers=layers)], progress=progress,
-            label=f"ics lr {lr:g} seed {seed} {net}"))
-    summary = {f"lr={lr:g}": {**_ics_summary(runs, lr, seeds, nets, layers), "final": _final(runs, lr, seeds, nets)}
-               for lr in lrs}
-    figures = [_per_lr(lrs, lambda lr, suffix: _ics_figure(
-        runs, lr, seeds, nets, layers, "Santurkar et al. 2018, Fig. 3: internal covariate shift (digits MLP)",
-        f"ics_fig3{suffix}.png"))]
-    config = {"paper": "Santurkar et al. 2018 Fig. 3", "steps": steps, "lr": lrs, "seeds": seeds, "batch": BATCH,
-              "layers": layers, "probe_every": max(1, steps // RECORDS)}
+        runs = _sweep(
+            nets,
+            seeds,
+            lrs,
+            lambda net, seed, lr: _train(
+                mlp(net, seed),
+                SoftmaxCrossEntropy(),
+                datasets[seed],
+                steps=steps,
+                lr=lr,
+                seed=seed,
+                metrics=[InternalCovariateShift(layers=layers)],
+                progress=progress,
+                label=f"ics lr {lr:g} seed {seed} {net}",
+            ),
+        )
+    summary = {
+        f"lr={lr:g}": {**_ics_summary(runs, lr, seeds, nets, layers), "final": _final(runs, lr, seeds, nets)}
+        for lr in lrs
+    }
+    figures = [
+        _per_lr(
+            lrs,
+            lambda lr, suffix: _ics_figure(
+                runs,
+                lr,
+                seeds,
+                nets,
+                layers,
+                "Santurkar et al. 2018, Fig. 3: internal covariate shift (digits MLP)",
+                f"ics_fig3{suffix}.png",
+            ),
+        )
+    ]
+    config = {
+        "paper": "Santurkar et al. 2018 Fig. 3",
+        "steps": steps,
+        "lr": lrs,
+        "seeds": seeds,
+        "batch": BATCH,
+        "layers": layers,
+        "probe_every": max(1, steps // RECORDS),
+    }
     return _finish("ics", out, config, runs, summary, figures, started)
 
 
 def _train_accuracy(window):
     def series(h):
         return P.moving_average(h.accuracy, window)
+
     return series
 
 
@@ -786,8 +1058,10 @@ def _accuracy_panels(ax_train, ax_test, runs, lr, seeds, nets, window):
 
 
 def _accuracy_summary(runs, lr, seeds, nets, window):
-    return {**_final(runs, lr, seeds, nets),
-            "steps_to_95pct_train": _speed(runs, lr, seeds, nets, 0.95, _train_accuracy(window))}
+    return {
+        **_final(runs, lr, seeds, nets),
+        "steps_to_95pct_train": _speed(runs, lr, seeds, nets, 0.95, _train_accuracy(window)),
+    }
 
 
 def noisy(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=True):
@@ -800,8 +1074,14 @@ def noisy(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
     second hidden layer's ReLU (unit 0): the distribution the noise makes unstable.
     """
     started = time.perf_counter()
-    steps, seeds, lrs, _ = _options("noisy", steps=steps, seeds=seeds, lr=lr, full=full, defaults={
-        "default": {"steps": 1000, "lr": (0.1,)}, "full": {"seeds": 5}})
+    steps, seeds, lrs, _ = _options(
+        "noisy",
+        steps=steps,
+        seeds=seeds,
+        lr=lr,
+        full=full,
+        defaults={"default": {"steps": 1000, "lr": (0.1,)}, "full": {"seeds": 5}},
+    )
     nets = ("standard", "bn", "noisy")
     window = max(1, min(20, steps // 10))
     with single_threaded():
@@ -810,28 +1090,46 @@ def noisy(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
         def run_one(net, seed, lr):
             model = mlp(net, seed)
             relus = [k for k, leaf in enumerate(leaf_layers(model)) if isinstance(leaf, ReLU)]
-            return _train(model, SoftmaxCrossEntropy(), datasets[seed], steps=steps, lr=lr, seed=seed,
-                          metrics=[ActivationPercentiles(relus[1], unit=0)], progress=progress,
-                          label=f"noisy lr {lr:g} seed {seed} {net}")
+            return _train(
+                model,
+                SoftmaxCrossEntropy(),
+                datasets[seed],
+                steps=steps,
+                lr=lr,
+                seed=seed,
+                metrics=[ActivationPercentiles(relus[1], unit=0)],
+                progress=progress,
+                label=f"noisy lr {lr:g} seed {seed} {net}",
+            )
+
         runs = _sweep(nets, seeds, lrs, run_one)
     summary = {f"lr={lr:g}": _accuracy_summary(runs, lr, seeds, nets, window) for lr in lrs}
 
     def make(lr, suffix):
         def fig2(out):
-            f, axes = P.figure(1, 3, f"Santurkar et al. 2018, Fig. 2: noisy batch norm (digits MLP, lr {lr:g}, "
-                                     f"{len(seeds)} seeds)")
+            f, axes = P.figure(
+                1, 3, f"Santurkar et al. 2018, Fig. 2: noisy batch norm (digits MLP, lr {lr:g}, {len(seeds)} seeds)"
+            )
             _accuracy_panels(axes[0, 0], axes[0, 1], runs, lr, seeds, nets, window)
             for net in nets:
                 s, v = runs[(lr, seeds[0], net)].metric("percentiles")
                 v = np.array(v)
                 P.band(axes[0, 2], s, v[:, 0], v[:, 2], net, line=v[:, 1])
-            P.label(axes[0, 2], "step", "input to ReLU (layer 2, unit 0)",
-                    f"15th/50th/85th percentiles (seed {seeds[0]})")
+            P.label(
+                axes[0, 2], "step", "input to ReLU (layer 2, unit 0)", f"15th/50th/85th percentiles (seed {seeds[0]})"
+            )
             return P.save(f, out, f"noisy_fig2{suffix}.png")
+
         return fig2
 
-    config = {"paper": "Santurkar et al. 2018 Fig. 2", "steps": steps, "lr": lrs, "seeds": seeds, "batch": BATCH,
-              "smoothing_window": window}
+    config = {
+        "paper": "Santurkar et al. 2018 Fig. 2",
+        "steps": steps,
+        "lr": lrs,
+        "seeds": seeds,
+        "batch": BATCH,
+        "smoothing_window": window,
+    }
     return _finish("noisy", out, config, runs, summary, [_per_lr(lrs, make)], started)
 
 
@@ -844,15 +1142,34 @@ def lp(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=True):
     the gradient predictiveness and effective β-smoothness.
     """
     started = time.perf_counter()
-    steps, seeds, lrs, _ = _options("lp", steps=steps, seeds=seeds, lr=lr, full=full, defaults={
-        "default": {"steps": 1000, "lr": (0.1,)}, "full": {"seeds": 5}})
+    steps, seeds, lrs, _ = _options(
+        "lp",
+        steps=steps,
+        seeds=seeds,
+        lr=lr,
+        full=full,
+        defaults={"default": {"steps": 1000, "lr": (0.1,)}, "full": {"seeds": 5}},
+    )
     nets = ("standard", "bn", "l1", "l2", "linf")
     window = max(1, min(20, steps // 10))
     with single_threaded():
         datasets = {seed: digits(seed) for seed in seeds}
-        runs = _sweep(nets, seeds, lrs, lambda net, seed, lr: _train(
-            mlp(net, seed), SoftmaxCrossEntropy(), datasets[seed], steps=steps, lr=lr, seed=seed,
-            metrics=[LandscapeProbe()], progress=progress, label=f"lp lr {lr:g} seed {seed} {net}"))
+        runs = _sweep(
+            nets,
+            seeds,
+            lrs,
+            lambda net, seed, lr: _train(
+                mlp(net, seed),
+                SoftmaxCrossEntropy(),
+                datasets[seed],
+                steps=steps,
+                lr=lr,
+                seed=seed,
+                metrics=[LandscapeProbe()],
+                progress=progress,
+                label=f"lp lr {lr:g} seed {seed} {net}",
+            ),
+        )
     summary = {}
     for lr in lrs:
         entry = _accuracy_summary(runs, lr, seeds, nets, window)
@@ -865,25 +1182,57 @@ def lp(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=True):
 
     def make(lr, suffix):
         def fig5(out):
-            f, axes = P.figure(2, 2, f"Santurkar et al. 2018, Fig. 5 / 12: ℓp batch norm (digits MLP, lr {lr:g}, "
-                                     f"{len(seeds)} seeds)\nη ∈ [{lr / 2:.3g}, {4 * lr:.3g}] = [½, 4]·lr")
+            f, axes = P.figure(
+                2,
+                2,
+                f"Santurkar et al. 2018, Fig. 5 / 12: ℓp batch norm (digits MLP, lr {lr:g}, "
+                f"{len(seeds)} seeds)\nη ∈ [{lr / 2:.3g}, {4 * lr:.3g}] = [½, 4]·lr",
+            )
             _accuracy_panels(axes[0, 0], axes[0, 1], runs, lr, seeds, nets, window)
-            _seed_panel(axes[1, 0], runs, lr, seeds, nets, "landscape", LANDSCAPE["grad_pred_max"][1],
-                        "max_η ‖∇L(θ) − ∇L(θ − ηg)‖", "gradient predictiveness (worst η)")
-            _seed_panel(axes[1, 1], runs, lr, seeds, nets, "landscape", LANDSCAPE["beta_smoothness"][1],
-                        "max_η ‖Δ∇L‖ / ‖ηg‖", "effective β-smoothness", edge=(2 / lr, "2/lr"))
+            _seed_panel(
+                axes[1, 0],
+                runs,
+                lr,
+                seeds,
+                nets,
+                "landscape",
+                LANDSCAPE["grad_pred_max"][1],
+                "max_η ‖∇L(θ) − ∇L(θ − ηg)‖",
+                "gradient predictiveness (worst η)",
+            )
+            _seed_panel(
+                axes[1, 1],
+                runs,
+                lr,
+                seeds,
+                nets,
+                "landscape",
+                LANDSCAPE["beta_smoothness"][1],
+                "max_η ‖Δ∇L‖ / ‖ηg‖",
+                "effective β-smoothness",
+                edge=(2 / lr, "2/lr"),
+            )
             return P.save(f, out, f"lp_fig5{suffix}.png")
+
         return fig5
 
-    config = {"paper": "Santurkar et al. 2018 Fig. 5 and 12", "steps": steps, "lr": lrs, "seeds": seeds,
-              "batch": BATCH, "probe_every": max(1, steps // RECORDS), "smoothing_window": window,
-              "eta_rule": "η over [½, 4]·lr (Santurkar Fig. 4's VGG range), 8 points, linear spacing: one range "
-                          "for all five normalisations at each rate",
-              "eta_range_times_lr": [0.5, 4.0], "eta_range": {f"lr={lr:g}": [lr / 2, 4 * lr] for lr in lrs}}
+    config = {
+        "paper": "Santurkar et al. 2018 Fig. 5 and 12",
+        "steps": steps,
+        "lr": lrs,
+        "seeds": seeds,
+        "batch": BATCH,
+        "probe_every": max(1, steps // RECORDS),
+        "smoothing_window": window,
+        "eta_rule": "η over [½, 4]·lr (Santurkar Fig. 4's VGG range), 8 points, linear spacing: one range "
+        "for all five normalisations at each rate",
+        "eta_range_times_lr": [0.5, 4.0],
+        "eta_range": {f"lr={lr:g}": [lr / 2, 4 * lr] for lr in lrs},
+    }
     return _finish("lp", out, config, runs, summary, [_per_lr(lrs, make)], started)
 
 
-DLN_ICS_LAYERS = (8, 16)    # 0-based: the paper's layers #9 and #17 (Fig. 3b)
+DLN_ICS_LAYERS = (8, 16)  # 0-based: the paper's layers #9 and #17 (Fig. 3b)
 
 
 def dln(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, progress=True):
@@ -903,9 +1252,19 @@ def dln(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
     Hessian eigenvalue, and ICS of weight layers 8 and 16 (the paper's #9, #17).
     """
     started = time.perf_counter()
-    steps, seeds, lrs, depth = _options("dln", steps=steps, seeds=seeds, lr=lr, full=full, depth=depth, min_depth=2,
-                                        defaults={"default": {"steps": 500, "lr": (0.01, 0.05), "depth": 25},
-                                                  "full": {"steps": 2000, "seeds": 5, "lr": (0.001, 0.01, 0.05)}})
+    steps, seeds, lrs, depth = _options(
+        "dln",
+        steps=steps,
+        seeds=seeds,
+        lr=lr,
+        full=full,
+        depth=depth,
+        min_depth=2,
+        defaults={
+            "default": {"steps": 500, "lr": (0.01, 0.05), "depth": 25},
+            "full": {"steps": 2000, "seeds": 5, "lr": (0.001, 0.01, 0.05)},
+        },
+    )
     layers = tuple(layer for layer in DLN_ICS_LAYERS if layer < depth) or (depth - 1,)
     records = 20 if full else 10
     datasets = {}
@@ -915,22 +1274,47 @@ def dln(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
 
     with single_threaded():
         runs, search = _landscape_experiment(
-            "dln", lambda net, seed: deep_linear(net, seed, depth), MSELoss(), data_for,
-            steps=steps, seeds=seeds, lrs=lrs, span=DLN_ETA_SPAN, num=10, spacing="log", batch_size=1000,
-            extra_metrics=[lambda: InternalCovariateShift(layers=layers)], progress=progress, records=records)
+            "dln",
+            lambda net, seed: deep_linear(net, seed, depth),
+            MSELoss(),
+            data_for,
+            steps=steps,
+            seeds=seeds,
+            lrs=lrs,
+            span=DLN_ETA_SPAN,
+            num=10,
+            spacing="log",
+            batch_size=1000,
+            extra_metrics=[lambda: InternalCovariateShift(layers=layers)],
+            progress=progress,
+            records=records,
+        )
     nets = ("standard", "bn")
     summary = {"eta_top": search["stable_lr"]}
     for lr in lrs:
-        summary[f"lr={lr:g}"] = {"two_over_lr": 2 / lr, "lr_on_sum_of_squares": lr / 10_000,
-                                 **_landscape_summary(runs, lr, seeds), "final": _final(runs, lr, seeds, nets),
-                                 "ics": _ics_summary(runs, lr, seeds, nets, layers)}
+        summary[f"lr={lr:g}"] = {
+            "two_over_lr": 2 / lr,
+            "lr_on_sum_of_squares": lr / 10_000,
+            **_landscape_summary(runs, lr, seeds),
+            "final": _final(runs, lr, seeds, nets),
+            "ics": _ics_summary(runs, lr, seeds, nets, layers),
+        }
 
     def make(lr, suffix):
         title = f"Santurkar et al. 2018 (arXiv v3), Fig. 10: {depth}-layer deep linear network"
-        landscape_fig = _landscape_figure(runs, lr, seeds, title, _eta_text(search, DLN_ETA_SPAN),
-                                          f"dln_fig10{suffix}.png")
-        ics_fig = _ics_figure(runs, lr, seeds, nets, layers, "Santurkar et al. 2018, Fig. 3b: ICS, deep linear "
-                              "network", f"dln_ics_fig3{suffix}.png", paper_layers=[x + 1 for x in layers])
+        landscape_fig = _landscape_figure(
+            runs, lr, seeds, title, _eta_text(search, DLN_ETA_SPAN), f"dln_fig10{suffix}.png"
+        )
+        ics_fig = _ics_figure(
+            runs,
+            lr,
+            seeds,
+            nets,
+            layers,
+            "Santurkar et al. 2018, Fig. 3b: ICS, deep linear network",
+            f"dln_ics_fig3{suffix}.png",
+            paper_layers=[x + 1 for x in layers],
+        )
 
         def loss_fig(out):
             f, axes = P.figure(1, 1, f"deep linear network: training loss (lr {lr:g}, {len(seeds)} seeds)")
@@ -945,12 +1329,21 @@ def dln(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
     def figures(out):
         return [path for lr in lrs for path in make(lr, "" if len(lrs) == 1 else f"_lr{lr:g}")(out)]
 
-    config = {"paper": "Santurkar et al. 2018, deep linear network (arXiv v3 Fig. 10; ICS Fig. 3b)", "steps": steps,
-              "lr": lrs, "seeds": seeds, "depth": depth, "width": 10, "samples": 1000, "bias": False,
-              "loss": "mean of the 1000×10 squared errors; lr/10000 on the sum of squared errors",
-              "ics_layers": layers, "probe_every": max(1, steps // records),
-              "early_probes": f"first {EARLY:.0%} of probes",
-              **_eta_config(search, lrs, DLN_ETA_SPAN, 10, "log")}
+    config = {
+        "paper": "Santurkar et al. 2018, deep linear network (arXiv v3 Fig. 10; ICS Fig. 3b)",
+        "steps": steps,
+        "lr": lrs,
+        "seeds": seeds,
+        "depth": depth,
+        "width": 10,
+        "samples": 1000,
+        "bias": False,
+        "loss": "mean of the 1000×10 squared errors; lr/10000 on the sum of squared errors",
+        "ics_layers": layers,
+        "probe_every": max(1, steps // records),
+        "early_probes": f"first {EARLY:.0%} of probes",
+        **_eta_config(search, lrs, DLN_ETA_SPAN, 10, "log"),
+    }
     return _finish("dln", out, config, runs, summary, [figures], started)
 
 
@@ -975,53 +1368,89 @@ def maxlr(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
     edge per network and on how many seeds BN's edge is the larger.
     """
     started = time.perf_counter()
-    steps, seeds, lrs, _ = _options("maxlr", steps=steps, seeds=seeds, lr=lr, full=full, defaults={
-        "default": {"steps": SEARCH_STEPS, "lr": (0.4,), "seeds": 2}, "full": {"steps": 300, "seeds": 5}})
-    archs = {"mlp3": (lambda net, seed: mlp(net, seed), lambda seed: digits(seed), SoftmaxCrossEntropy(), BATCH),
-             "mlp8": (lambda net, seed: _deep_mlp(net, seed, 8), lambda seed: digits(seed), SoftmaxCrossEntropy(),
-                      BATCH),
-             "vgg4": (lambda net, seed: cnn(net, seed, 4), lambda seed: digits(seed, images=True),
-                      SoftmaxCrossEntropy(), BATCH),
-             "dln25": (lambda net, seed: deep_linear(net, seed), dln_data, MSELoss(), 1000)}
+    steps, seeds, lrs, _ = _options(
+        "maxlr",
+        steps=steps,
+        seeds=seeds,
+        lr=lr,
+        full=full,
+        defaults={"default": {"steps": SEARCH_STEPS, "lr": (0.4,), "seeds": 2}, "full": {"steps": 300, "seeds": 5}},
+    )
+    archs = {
+        "mlp3": (lambda net, seed: mlp(net, seed), lambda seed: digits(seed), SoftmaxCrossEntropy(), BATCH),
+        "mlp8": (lambda net, seed: _deep_mlp(net, seed, 8), lambda seed: digits(seed), SoftmaxCrossEntropy(), BATCH),
+        "vgg4": (
+            lambda net, seed: cnn(net, seed, 4),
+            lambda seed: digits(seed, images=True),
+            SoftmaxCrossEntropy(),
+            BATCH,
+        ),
+        "dln25": (lambda net, seed: deep_linear(net, seed), dln_data, MSELoss(), 1000),
+    }
     edges = {}
     with single_threaded():
         for arch, (build, data_for, loss, batch) in archs.items():
             for seed in seeds:
                 data = data_for(seed)
-                std = edges[(arch, seed, "standard")] = _edge("maxlr", build, "standard", loss, data, seed, batch,
-                                                              lrs[0], steps)
-                edges[(arch, seed, "bn")] = _edge("maxlr", build, "bn", loss, data, seed, batch,
-                                                  std["stable_lr"] or lrs[0], steps)
+                std = edges[(arch, seed, "standard")] = _edge(
+                    "maxlr", build, "standard", loss, data, seed, batch, lrs[0], steps
+                )
+                edges[(arch, seed, "bn")] = _edge(
+                    "maxlr", build, "bn", loss, data, seed, batch, std["stable_lr"] or lrs[0], steps
+                )
     summary = {}
     for arch in archs:
-        stable = {net: np.array([edges[(arch, s, net)]["stable_lr"] or np.nan for s in seeds], dtype=np.float64)
-                  for net in ("standard", "bn")}
+        stable = {
+            net: np.array([edges[(arch, s, net)]["stable_lr"] or np.nan for s in seeds], dtype=np.float64)
+            for net in ("standard", "bn")
+        }
         capped = {net: sum(edges[(arch, s, net)]["diverged_lr"] is None for s in seeds) for net in stable}
-        summary[arch] = {**{net: {"stable_lr": S.spread(v), "no_divergence_found": capped[net]}
-                            for net, v in stable.items()},
-                         "bn_larger": S.win_count(int(np.sum(stable["bn"] > stable["standard"])), len(seeds)),
-                         "ratio_bn_over_standard": S.spread(stable["bn"] / stable["standard"])}
+        summary[arch] = {
+            **{net: {"stable_lr": S.spread(v), "no_divergence_found": capped[net]} for net, v in stable.items()},
+            "bn_larger": S.win_count(int(np.sum(stable["bn"] > stable["standard"])), len(seeds)),
+            "ratio_bn_over_standard": S.spread(stable["bn"] / stable["standard"]),
+        }
 
     def fig1(out):
-        f, axes = P.figure(1, 1, f"Santurkar et al. 2018, Fig. 1: largest stable learning rate\n"
-                                 f"({steps}-step SGD runs, {len(seeds)} seeds)", width=6)
+        f, axes = P.figure(
+            1,
+            1,
+            f"Santurkar et al. 2018, Fig. 1: largest stable learning rate\n({steps}-step SGD runs, {len(seeds)} seeds)",
+            width=6,
+        )
         ax = axes[0, 0]
         for i, arch in enumerate(archs):
             for j, net in enumerate(("standard", "bn")):
                 values = [edges[(arch, s, net)]["stable_lr"] for s in seeds]
-                ax.scatter(np.full(len(values), i + (j - 0.5) * 0.3), values, color=P.COLORS[net],
-                           label=P.LABELS[net] if i == 0 else None)
+                ax.scatter(
+                    np.full(len(values), i + (j - 0.5) * 0.3),
+                    values,
+                    color=P.COLORS[net],
+                    label=P.LABELS[net] if i == 0 else None,
+                )
         ax.set_xticks(range(len(archs)), list(archs))
         P.label(ax, "network", "largest stable lr", "one dot per seed", log=True)
         return P.save(f, out, "maxlr_fig1.png")
 
-    config = {"paper": "Santurkar et al. 2018 Fig. 1 (larger learning rates with BN)", "steps": steps,
-              "start_lr": lrs[0], "seeds": seeds,
-              "rule": LR_SEARCH_RULE.format(steps=steps, lr0=lrs[0]) + "; the BN net's search starts from the "
-                      "standard net's edge on the same seed (from the start lr if the standard net failed at all)",
-              "searches": {f"{a}/seed={s}/{n}": e for (a, s, n), e in edges.items()}}
+    config = {
+        "paper": "Santurkar et al. 2018 Fig. 1 (larger learning rates with BN)",
+        "steps": steps,
+        "start_lr": lrs[0],
+        "seeds": seeds,
+        "rule": LR_SEARCH_RULE.format(steps=steps, lr0=lrs[0]) + "; the BN net's search starts from the "
+        "standard net's edge on the same seed (from the start lr if the standard net failed at all)",
+        "searches": {f"{a}/seed={s}/{n}": e for (a, s, n), e in edges.items()},
+    }
     return _finish("maxlr", out, config, {}, summary, [lambda out: [fig1(out)]], started)
 
 
-EXPERIMENTS = {"ioffe": ioffe, "landscape": landscape, "vgg": vgg, "ics": ics, "noisy": noisy, "lp": lp, "dln": dln,
-               "maxlr": maxlr}
+EXPERIMENTS = {
+    "ioffe": ioffe,
+    "landscape": landscape,
+    "vgg": vgg,
+    "ics": ics,
+    "noisy": noisy,
+    "lp": lp,
+    "dln": dln,
+    "maxlr": maxlr,
+}

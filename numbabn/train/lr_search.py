@@ -19,6 +19,7 @@ worse initial loss). The edge need not be sharp (a rate can train in one window
 and fail in a longer one), so the answer is specific to the run length, which is
 recorded with it.
 """
+
 import math
 
 import numpy as np
@@ -30,7 +31,7 @@ def trains(losses, fraction=1.0):
     losses = np.asarray(losses, dtype=np.float64)
     if losses.size == 0 or not np.all(np.isfinite(losses)):
         return False
-    tail = losses[-max(1, losses.size // 10):]
+    tail = losses[-max(1, losses.size // 10) :]
     return bool(tail.mean() < fraction * losses[0])
 
 
@@ -38,11 +39,11 @@ def largest_stable_lr(run, lr0, *, fraction=1.0, factor=2.0, refine=3, max_trial
     """Bracket and bisect the edge between training and diverging (module docstring).
 
     ``run(lr)`` trains a fresh network for a short, fixed number of steps and
-    returns its step losses; ``fraction`` is the :func:`trains` criterion. Returns ``{"stable_lr", "diverged_lr", "trials":
-    [{"lr", "trained", "final_loss"}]}``: ``stable_lr`` is the largest rate seen to
-    train with no smaller rate failing above it (None if even the smallest tried
-    failed) and ``diverged_lr`` the smallest that failed (None when nothing up to
-    ``lr_max`` failed).
+    returns its step losses; ``fraction`` is the :func:`trains` criterion. Returns
+    ``{"stable_lr", "diverged_lr", "trials": [{"lr", "trained", "final_loss"}]}``:
+    ``stable_lr`` is the largest rate seen to train with no smaller rate failing above
+    it (None if even the smallest tried failed) and ``diverged_lr`` the smallest that
+    failed (None when nothing up to ``lr_max`` failed).
     """
     for name, value in (("lr0", lr0), ("factor", factor), ("lr_max", lr_max), ("fraction", fraction)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:

@@ -19,6 +19,7 @@ network, a ``(seeds, probes)`` array of one measure. What the experiments report
     independent evidence; the seed-level count is the one whose interval is
     honest. Both are reported, the seed count first in the docs.
 """
+
 import numpy as np
 
 CONFIDENCE = 0.95
@@ -38,8 +39,8 @@ def spread(values):
 def binomial_interval(k, n, confidence=CONFIDENCE):
     """Exact (Clopper–Pearson) two-sided interval for p given k successes in n trials::
 
-        lower = Beta⁻¹(α/2; k, n − k + 1)        (0 when k = 0)
-        upper = Beta⁻¹(1 − α/2; k + 1, n − k)    (1 when k = n),   α = 1 − confidence
+    lower = Beta⁻¹(α/2; k, n − k + 1)        (0 when k = 0)
+    upper = Beta⁻¹(1 − α/2; k + 1, n − k)    (1 when k = n),   α = 1 − confidence
     """
     from scipy.stats import beta
 
@@ -73,12 +74,17 @@ def compare(bn, standard):
     """
     bn, standard = np.atleast_2d(np.asarray(bn, dtype=np.float64)), np.atleast_2d(np.asarray(standard, np.float64))
     if bn.shape != standard.shape:
-        raise ValueError(f"compare: bn and standard must have the same (seeds, probes) shape, "
-                         f"got {bn.shape} and {standard.shape}")
+        raise ValueError(
+            f"compare: bn and standard must have the same (seeds, probes) shape, got {bn.shape} and {standard.shape}"
+        )
     ok = np.isfinite(bn) & np.isfinite(standard)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(ok, bn / standard, np.nan)
-    seed_wins = [np.median(b[m]) < np.median(s[m]) for b, s, m in zip(bn, standard, ok) if m.any()]
-    return {"ratio": spread(ratio), "probes": win_count(int(np.sum((bn < standard) & ok)), int(ok.sum())),
-            "seeds": win_count(int(np.sum(seed_wins)), len(seed_wins)),
-            "bn": spread(np.where(ok, bn, np.nan)), "standard": spread(np.where(ok, standard, np.nan))}
+    seed_wins = [np.median(b[m]) < np.median(s[m]) for b, s, m in zip(bn, standard, ok, strict=True) if m.any()]
+    return {
+        "ratio": spread(ratio),
+        "probes": win_count(int(np.sum((bn < standard) & ok)), int(ok.sum())),
+        "seeds": win_count(int(np.sum(seed_wins)), len(seed_wins)),
+        "bn": spread(np.where(ok, bn, np.nan)),
+        "standard": spread(np.where(ok, standard, np.nan)),
+    }
