@@ -34,7 +34,9 @@ layers and Numba), never for ``numbabn --help``. Without it the group lists none
 
 import inspect
 import json
+from collections.abc import Callable
 from importlib import import_module
+from typing import Any
 
 import click
 
@@ -43,7 +45,7 @@ from ._common import Settings, check_output_dir, staged_output_dir, whole_short_
 EXPERIMENTS_MODULE = "numbabn.train.experiments"
 
 
-def registry():
+def registry() -> dict[str, Callable[..., dict[str, Any]]]:
     """The ``EXPERIMENTS`` dict, or ``{}`` while :mod:`numbabn.train.experiments` does not exist."""
     try:
         module = import_module(EXPERIMENTS_MODULE)
@@ -54,17 +56,27 @@ def registry():
     return module.EXPERIMENTS
 
 
-def _command(name, fn):
+def _command(name: str, fn: Callable[..., dict[str, Any]]) -> click.Command:
     """Wrap one experiment function as a click command with the common options."""
     parameters = inspect.signature(fn).parameters
     takes_depth, takes_progress = "depth" in parameters, "progress" in parameters
 
     @click.pass_context
-    def run(ctx, steps, seeds, seed, lr, full, out, as_json, depth=None):
+    def run(
+        ctx: click.Context,
+        steps: int | None,
+        seeds: int | None,
+        seed: tuple[int, ...],
+        lr: tuple[float, ...],
+        full: bool,
+        out: str | None,
+        as_json: bool,
+        depth: int | None = None,
+    ) -> None:
         if seeds is not None and seed:
             raise click.UsageError("give --seeds N or --seed S (repeatable), not both")
         settings = ctx.find_object(Settings) or Settings()
-        kwargs = {"depth": depth} if takes_depth else {}
+        kwargs: dict[str, Any] = {"depth": depth} if takes_depth else {}
         if takes_progress:
             kwargs["progress"] = not settings.quiet
         kwargs.update(steps=steps, seeds=list(seed) if seed else seeds, lr=tuple(lr) or None, full=full)
@@ -129,14 +141,14 @@ def _command(name, fn):
 class ExperimentGroup(click.Group):
     """Subcommands built on demand from the experiment registry."""
 
-    def list_commands(self, ctx):
+    def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(registry())
 
-    def get_command(self, ctx, cmd_name):
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         fn = registry().get(cmd_name)
         return None if fn is None else _command(cmd_name, fn)
 
-    def format_commands(self, ctx, formatter):
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         if registry():
             super().format_commands(ctx, formatter)
         else:
@@ -145,5 +157,5 @@ class ExperimentGroup(click.Group):
 
 
 @click.group(cls=ExperimentGroup, short_help="Reproduce the batch-norm papers' experiments at small scale.")
-def experiment():
+def experiment() -> None:
     """Reproduce the batch-norm papers' experiments at small scale (one subcommand each)."""

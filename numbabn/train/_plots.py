@@ -6,8 +6,13 @@ written at a modest dpi as palette PNGs (each under 200 KB).
 """
 
 import warnings
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from .._typing import FloatArray
 
 DPI = 80
 COLORS = {
@@ -28,7 +33,7 @@ LABELS = {
 }
 
 
-def figure(rows, cols, title, width=4.0, height=3.0):
+def figure(rows: int, cols: int, title: str, width: float = 4.0, height: float = 3.0) -> tuple[Any, NDArray[Any]]:
     """``(fig, axes)`` with ``axes`` a 2-D array, and the suptitle naming the paper figure."""
     from matplotlib.figure import Figure
 
@@ -38,7 +43,7 @@ def figure(rows, cols, title, width=4.0, height=3.0):
     return fig, axes
 
 
-def save(fig, out, name):
+def save(fig: Any, out: Path, name: str) -> str:
     """Write ``out / name`` (PNG) and return its path as a string. The image is
     quantised to a 256-colour palette (Pillow, matplotlib's own dependency): line
     plots lose nothing visible and the files shrink about threefold."""
@@ -55,7 +60,7 @@ def save(fig, out, name):
     return str(path)
 
 
-def label(ax, xlabel, ylabel, title, log=False):
+def label(ax: Any, xlabel: str, ylabel: str, title: str, log: bool = False) -> None:
     """Axis labels, title, legend and grid; ``log`` for a log-scaled y axis."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -66,7 +71,7 @@ def label(ax, xlabel, ylabel, title, log=False):
     ax.grid(alpha=0.3)
 
 
-def band(ax, steps, low, high, net, line=None):
+def band(ax: Any, steps: ArrayLike, low: ArrayLike, high: ArrayLike, net: str, line: ArrayLike | None = None) -> None:
     """A shaded [low, high] band per step (and an optional line inside it) for ``net``."""
     color = COLORS.get(net)
     ax.fill_between(steps, low, high, color=color, alpha=0.3, label=LABELS.get(net, net))
@@ -74,12 +79,12 @@ def band(ax, steps, low, high, net, line=None):
         ax.plot(steps, line, color=color, lw=1)
 
 
-def line(ax, steps, values, net, nolabel=False, **kwargs):
+def line(ax: Any, steps: ArrayLike, values: ArrayLike, net: str, nolabel: bool = False, **kwargs: Any) -> None:
     """One line for ``net`` (``nolabel``: kept out of the legend, e.g. its second seed)."""
     ax.plot(steps, values, color=COLORS.get(net), label=None if nolabel else LABELS.get(net, net), lw=1.2, **kwargs)
 
 
-def seed_band(ax, steps, values, net):
+def seed_band(ax: Any, steps: ArrayLike, values: ArrayLike, net: str) -> None:
     """``values`` of shape (seeds, steps): the median over seeds as a line and the
     range over seeds (min to max) as a shaded band. Non-finite values are left out."""
     values = np.asarray(values, dtype=np.float64)
@@ -93,12 +98,12 @@ def seed_band(ax, steps, values, net):
     ax.plot(steps, mid, color=color, lw=1.2, label=LABELS.get(net, net))
 
 
-def reference(ax, value, text):
+def reference(ax: Any, value: float, text: str) -> None:
     """A dashed horizontal reference line (2/lr, the stability edge) with its label."""
     ax.axhline(value, color="k", ls="--", lw=0.8, label=text)
 
 
-def moving_average(values, window):
+def moving_average(values: ArrayLike, window: int) -> tuple[NDArray[np.intp], FloatArray]:
     """``(steps, means)`` of the trailing mean over ``window`` steps (aligned at its end)."""
     values = np.asarray(values, dtype=np.float64)
     window = max(1, min(window, len(values)))

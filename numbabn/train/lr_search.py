@@ -21,11 +21,14 @@ recorded with it.
 """
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
-def trains(losses, fraction=1.0):
+def trains(losses: ArrayLike, fraction: float = 1.0) -> bool:
     """True when every loss is finite and the mean of the last tenth is below
     ``fraction`` × the first loss."""
     losses = np.asarray(losses, dtype=np.float64)
@@ -35,7 +38,16 @@ def trains(losses, fraction=1.0):
     return bool(tail.mean() < fraction * losses[0])
 
 
-def largest_stable_lr(run, lr0, *, fraction=1.0, factor=2.0, refine=3, max_trials=24, lr_max=1e4):
+def largest_stable_lr(
+    run: Callable[[float], ArrayLike],
+    lr0: float,
+    *,
+    fraction: float = 1.0,
+    factor: float = 2.0,
+    refine: int = 3,
+    max_trials: int = 24,
+    lr_max: float = 1e4,
+) -> dict[str, Any]:
     """Bracket and bisect the edge between training and diverging (module docstring).
 
     ``run(lr)`` trains a fresh network for a short, fixed number of steps and
@@ -50,15 +62,16 @@ def largest_stable_lr(run, lr0, *, fraction=1.0, factor=2.0, refine=3, max_trial
             raise ValueError(f"largest_stable_lr: {name} must be a finite number > 0, got {value!r}")
     if factor <= 1:
         raise ValueError(f"largest_stable_lr: factor must be > 1, got {factor!r}")
-    trials = []
+    trials: list[dict[str, Any]] = []
 
-    def trial(lr):
+    def trial(lr: float) -> bool:
         losses = np.asarray(run(lr), dtype=np.float64)
         ok = trains(losses, fraction)
         trials.append({"lr": float(lr), "trained": ok, "final_loss": float(losses[-1]) if losses.size else None})
         return ok
 
-    stable = diverged = None
+    stable: float | None = None
+    diverged: float | None = None
     lr = float(lr0)
     while len(trials) < max_trials:
         if trial(lr):

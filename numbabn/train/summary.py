@@ -20,12 +20,15 @@ network, a ``(seeds, probes)`` array of one measure. What the experiments report
     honest. Both are reported, the seed count first in the docs.
 """
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 CONFIDENCE = 0.95
 
 
-def spread(values):
+def spread(values: ArrayLike) -> dict[str, Any]:
     """Median and interquartile band of the finite entries of ``values`` (any shape)."""
     arr = np.asarray(values, dtype=np.float64).ravel()
     finite = arr[np.isfinite(arr)]
@@ -36,7 +39,7 @@ def spread(values):
     return {"median": float(med), "q25": float(q25), "q75": float(q75), **out}
 
 
-def binomial_interval(k, n, confidence=CONFIDENCE):
+def binomial_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Exact (Clopper–Pearson) two-sided interval for p given k successes in n trials::
 
     lower = Beta⁻¹(α/2; k, n − k + 1)        (0 when k = 0)
@@ -59,13 +62,13 @@ def binomial_interval(k, n, confidence=CONFIDENCE):
     return lower, upper
 
 
-def win_count(k, n, confidence=CONFIDENCE):
+def win_count(k: int, n: int, confidence: float = CONFIDENCE) -> dict[str, Any]:
     """``{"k", "n", "fraction", "ci"}``: k wins of n with the Clopper–Pearson interval."""
     lower, upper = binomial_interval(int(k), int(n), confidence)
     return {"k": int(k), "n": int(n), "fraction": float(k / n) if n else float("nan"), "ci": [lower, upper]}
 
 
-def compare(bn, standard):
+def compare(bn: ArrayLike, standard: ArrayLike) -> dict[str, Any]:
     """BN against the standard network on one measure (module docstring).
 
     ``bn``, ``standard``: arrays of shape (seeds, probes), the same probe steps in
