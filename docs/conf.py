@@ -71,18 +71,10 @@ nitpick_ignore_regex = [
     (r"py:class", r".*numpy\._typing\..*"),
 ]
 # References that name objects which are private, undocumented or gone.
-nitpick_ignore = [
-    # issue 16 in flight: numbabn/train/experiments.py is being edited; the lead fixes
-    # these references in its module docstring and in digits/mnist_or_digits.
-    ("py:mod", "numbabn.cli.experiment"),
-    ("py:meth", "History.to_dict"),
-    ("py:func", "_split"),
-]
+nitpick_ignore: list[tuple[str, str]] = []
 # Docstrings whose reStructuredText is broken (unindented blocks, "::" with nothing
 # after it), shown verbatim until fixed, then removed from this set.
-_VERBATIM_PHASE2 = {
-    "numbabn.train.summary.binomial_interval",  # issue 16 in flight (train/summary.py)
-}
+_VERBATIM_PHASE2: set[str] = set()
 
 
 def _python_object(target, module):

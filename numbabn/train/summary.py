@@ -40,10 +40,12 @@ def spread(values: ArrayLike) -> dict[str, Any]:
 
 
 def binomial_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Exact (Clopper–Pearson) two-sided interval for p given k successes in n trials::
+    """Exact (Clopper–Pearson) two-sided interval for p given k successes in n trials.
 
-    lower = Beta⁻¹(α/2; k, n − k + 1)        (0 when k = 0)
-    upper = Beta⁻¹(1 − α/2; k + 1, n − k)    (1 when k = n),   α = 1 − confidence
+    Formulas::
+
+        lower = Beta⁻¹(α/2; k, n − k + 1)        (0 when k = 0)
+        upper = Beta⁻¹(1 − α/2; k + 1, n − k)    (1 when k = n),   α = 1 − confidence
     """
     from scipy.stats import beta
 
