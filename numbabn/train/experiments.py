@@ -12,7 +12,7 @@ out=None, progress=True)``, plus ``depth=None`` where the network has a depth:
 - ``full``: a longer preset (more steps, seeds and rates) for the figures in the
   docs; explicit arguments still win;
 - ``out``: an existing directory that receives ``<name>.json`` (the configuration,
-  every raw series as :meth:`numbabn.train.History.to_dict` keyed ``"lr=…/seed=…/net"``, and the
+  every raw series as :meth:`numbabn.train.history.History.to_dict` keyed ``"lr=…/seed=…/net"``, and the
   summary) and PNG figures, or None to write nothing;
 - ``progress``: progress bars on a terminal.
 
@@ -35,7 +35,7 @@ Probe step sizes, the paper's way: Santurkar et al. put the top η just below th
 learning rate at which the standard network diverges. The landscape experiments
 find that rate on the first seed with :func:`~numbabn.train.lr_search.largest_stable_lr`
 (short runs of the standard network, from 4× the training rate: the same doubling
-lattice, :data:`SEARCH_START`) and probe η over [top/8, top] (VGG: the paper's
+lattice, ``SEARCH_START``) and probe η over [top/8, top] (VGG: the paper's
 [½, 4]·lr spans 8×) or, for the deep linear network, 10 geometric points over
 [top/3000, top] (the paper's [1/100, 30]·lr spans 3000×). The rule, the search's
 trials and the top η are in the JSON.
