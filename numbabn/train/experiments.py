@@ -12,7 +12,7 @@ out=None, progress=True)``, plus ``depth=None`` where the network has a depth:
 - ``full``: a longer preset (more steps, seeds and rates) for the figures in the
   docs; explicit arguments still win;
 - ``out``: an existing directory that receives ``<name>.json`` (the configuration,
-  every raw series as :meth:`numbabn.train.history.History.to_dict` keyed ``"lr=…/seed=…/net"``, and the
+  every raw series as ``History.to_dict()`` keyed ``"lr=…/seed=…/net"``, and the
   summary) and PNG figures, or None to write nothing;
 - ``progress``: progress bars on a terminal.
 
