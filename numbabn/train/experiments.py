@@ -835,7 +835,7 @@ def _mlp_landscape(
         name, steps=steps, seeds=seeds, lr=lr, full=full, depth=depth, defaults=defaults
     )
     with single_threaded():
-        datasets: dict[Any, Any] = {}
+        datasets = {}
 
         def data_for(seed):
             return datasets.setdefault(seed, digits(seed, images=images))
