@@ -230,6 +230,28 @@ def test_cpu_tensors_are_viewed_without_copies():
     assert _bridge.channels_last_perm(torch.randn(4, 3, 5, 5)) is None
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_outputs_may_be_modified_in_place(channels_last):
+    """The output and the input gradient wrap NumPy memory (huge pages); they are not
+    views, so in-place ops (ReLU(inplace=True), gradient accumulation) work as on
+    torch's own outputs, and the results match torch.nn.BatchNorm2d."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x0 = torch.randn(4, 3, 5, 5).to(memory_format=fmt)
+    dy = torch.randn(4, 3, 5, 5)
+    grads = []
+    for bn in (nbt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)):
+        x = x0.clone().requires_grad_()
+        y = bn(x)
+        assert y._base is None and y.is_contiguous(memory_format=fmt)
+        y = torch.relu_(y) * 1
+        y.backward(dy)
+        y2 = bn(x)  # a second backward accumulates into x.grad in place
+        y2.backward(dy)
+        grads.append((y.detach(), x.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-5, rtol=1e-5)
+
+
 class FakeCudaTensor:
     """Stands in for a CUDA tensor in the bridge (no GPU here): records what it is asked."""
 
