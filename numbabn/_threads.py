@@ -22,6 +22,7 @@ Inputs of at most ``config.SERIAL_MAX`` elements run on the calling thread alone
 """
 
 import contextlib
+import itertools
 import os
 import queue
 import threading
@@ -33,6 +34,7 @@ from . import config
 _lock = threading.Lock()
 _pool: "_Pool | None" = None  # _Pool, created on first parallel use
 _threads: int | None = None  # the setting; None until first read
+_PIECES_PER_THREAD = 4
 
 
 def available_cpus() -> int:
@@ -106,7 +108,7 @@ def limit_threads(n: int | None) -> Iterator[None]:
 
 
 class _Pool:
-    """Worker threads taking (function, args, done) jobs from one queue."""
+    """Worker threads taking (function, args) jobs from one queue."""
 
     def __init__(self, workers: int) -> None:
         self.size = workers
@@ -119,12 +121,8 @@ class _Pool:
             job = self.jobs.get()
             if job is None:
                 return
-            fn, args, done = job
-            try:
-                fn(*args)
-            except BaseException as exc:  # handed to the caller, which re-raises
-                done.error = exc
-            done.release()
+            fn, args = job
+            fn(*args)  # never raises: parallel_for's pieces record their errors
 
     def close(self) -> None:
         for _ in range(self.size):
@@ -132,13 +130,13 @@ class _Pool:
 
 
 class _Done:
-    """Counts finished jobs of one call (a semaphore plus the first error)."""
+    """Counts the finished pieces of one call (a semaphore plus the first error)."""
 
     __slots__ = ("sem", "error")
 
     def __init__(self) -> None:
         self.sem = threading.Semaphore(0)
-        self.error = None
+        self.error: BaseException | None = None
 
     def release(self) -> None:
         self.sem.release()
@@ -169,9 +167,14 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
     """Run ``kernel(*args, t0, t1)`` over the blocks ``0 <= t < blocks``.
 
     Serial (one call on this thread) when ``size`` <= ``config.SERIAL_MAX`` elements,
-    when there is one block, or with one thread; otherwise the blocks are cut into
-    one contiguous span per thread, the calling thread runs the first span and the
-    pool the others.
+    when there is one block, or with one thread. Otherwise the blocks are cut into
+    up to 4 contiguous pieces per thread (each of at least ``config.SERIAL_MAX``
+    elements), and the calling thread and the pool's workers take pieces in turn
+    until none is left. Taking pieces rather than being handed one fixed span each
+    matters on a busy machine: a thread that gets less CPU (another process,
+    PyTorch's OpenMP workers spinning after their last parallel region) leaves its
+    pieces to the others instead of holding up the call, and the call returns as
+    soon as every piece is done, even if a worker never got to run.
     """
     if size <= config.SERIAL_MAX or blocks <= 1:
         kernel(*args, 0, blocks)
@@ -180,16 +183,31 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
     if threads <= 1:
         kernel(*args, 0, blocks)
         return
-    spans = min(threads, blocks)
-    pool = _get_pool(threads - 1)
+    pieces = min(blocks, threads * _PIECES_PER_THREAD, max(threads, size // max(1, config.SERIAL_MAX)))
+    bounds = [blocks * i // pieces for i in range(pieces + 1)]
+    claim = itertools.count().__next__  # one C call: atomic under the GIL
     done = _Done()
-    bounds = [blocks * i // spans for i in range(spans + 1)]
-    for i in range(1, spans):
-        pool.jobs.put((kernel, (*args, bounds[i], bounds[i + 1]), done))
+
+    def work() -> None:  # a worker: take pieces until none is left; one release per piece
+        while (i := claim()) < pieces:
+            try:
+                kernel(*args, bounds[i], bounds[i + 1])
+            except BaseException as exc:  # handed to the caller, which re-raises
+                done.error = done.error or exc
+            done.release()
+
+    pool = _get_pool(threads - 1)
+    for _ in range(min(threads, pieces) - 1):
+        pool.jobs.put((work, ()))
+    mine = 0
     try:
-        kernel(*args, bounds[0], bounds[1])
+        while (i := claim()) < pieces:
+            mine += 1
+            kernel(*args, bounds[i], bounds[i + 1])
     finally:
-        for _ in range(spans - 1):  # never leave while a worker still writes our arrays
+        # Never leave while a worker still writes our arrays: wait for the pieces
+        # the workers took (after an error here too, the workers finish the rest).
+        for _ in range(pieces - mine):
             done.sem.acquire()
     if done.error is not None:
         raise done.error

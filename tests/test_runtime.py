@@ -5,6 +5,7 @@ Cache tests run in fresh processes with their own ``NUMBA_CACHE_DIR``, so they s
 an empty cache whatever this process has compiled.
 """
 
+import itertools
 import multiprocessing
 import os
 import pickle
@@ -260,6 +261,45 @@ def test_thread_settings(monkeypatch):
         with pytest.raises(exc, match="set_num_threads: n must be a positive int"):
             numbabn.set_num_threads(bad)
     assert numbabn.get_num_threads() == before
+
+
+def test_pieces_of_a_stalled_worker_are_taken_by_the_caller(monkeypatch):
+    """A worker that gets no CPU (another process, PyTorch's spinning OpenMP threads)
+    does not hold up a call: the calling thread takes every piece and returns. Here
+    the pool never runs its jobs at all."""
+    import queue
+
+    from numbabn import _threads
+
+    class StalledPool:
+        size = 1
+        jobs: queue.SimpleQueue = queue.SimpleQueue()  # nobody takes these
+
+    monkeypatch.setattr(_threads, "_get_pool", lambda workers: StalledPool)
+    seen = []
+    with numbabn.limit_threads(2):
+        call = threading.Thread(target=_threads.parallel_for, args=(lambda t0, t1: seen.append((t0, t1)), 64, 10**7))
+        call.start()
+        call.join(timeout=30)
+    assert not call.is_alive(), "parallel_for waited for a worker that never ran"
+    assert seen[0][0] == 0 and seen[-1][1] == 64 and len(seen) == 8  # 4 pieces per thread
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(seen))  # every block once, in order
+    assert StalledPool.jobs.qsize() == 1
+
+
+def test_a_failing_piece_raises_after_every_other_piece_is_done():
+    from numbabn import _threads
+
+    done = []
+
+    def kernel(t0, t1):
+        if t0 == 0:
+            raise FloatingPointError("piece 0")
+        done.append(t0)
+
+    with numbabn.limit_threads(2), pytest.raises(FloatingPointError, match="piece 0"):
+        _threads.parallel_for(kernel, 64, 10**7)
+    assert sorted(done) == [8 * i for i in range(1, 8)]
 
 
 def test_thread_count_from_environment(tmp_path):
