@@ -8,7 +8,7 @@ Layouts (see ``numbabn._layout.canonical_host``):
 
 Each pass is one kernel per layout that walks the blocks ``t0 <= t < t1`` of a fixed
 grid (about ``chunk`` values a block; the geometry never depends on the thread
-count). :func:`numbabn._threads.parallel_for` hands spans of blocks to threads.
+count). :func:`numbabn._threads.parallel_for` hands pieces of blocks to threads.
 Reductions write one partial per (block row, channel), merged in block order, so
 results are bit-identical for any number of threads. The arithmetic on one element
 lives in the shared element helpers (:func:`_normalise`, :func:`_masked`); the
