@@ -22,6 +22,7 @@ Inputs of at most ``config.SERIAL_MAX`` elements run on the calling thread alone
 """
 
 import contextlib
+import contextvars
 import itertools
 import os
 import queue
@@ -129,19 +130,6 @@ class _Pool:
             self.jobs.put(None)
 
 
-class _Done:
-    """Counts the finished pieces of one call (a semaphore plus the first error)."""
-
-    __slots__ = ("sem", "error")
-
-    def __init__(self) -> None:
-        self.sem = threading.Semaphore(0)
-        self.error: BaseException | None = None
-
-    def release(self) -> None:
-        self.sem.release()
-
-
 def _get_pool(workers: int) -> "_Pool":
     global _pool
     with _lock:
@@ -163,6 +151,27 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
+# A team runner, ``run(body, n)``: runs ``body()`` on ``n`` threads (the calling one
+# among them) and returns when every one has returned. None: numbabn's own pool.
+# numbabn.torch sets PyTorch's OpenMP team here around its kernel calls.
+_team: contextvars.ContextVar[Callable[[Callable[[], Any], int], None] | None] = contextvars.ContextVar(
+    "numbabn_team", default=None
+)
+
+
+@contextlib.contextmanager
+def use_team(run: Callable[[Callable[[], Any], int], None] | None) -> Iterator[None]:
+    """``with use_team(run):`` the kernels called in this context (this thread or
+    task) run their pieces through ``run(body, n)``, which must call ``body()`` on
+    ``n`` threads, the calling one included, and return when all have returned
+    (None: numbabn's own pool). Results do not depend on it."""
+    token = _team.set(run)
+    try:
+        yield
+    finally:
+        _team.reset(token)
+
+
 def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any) -> None:
     """Run ``kernel(*args, t0, t1)`` over the blocks ``0 <= t < blocks``.
 
@@ -174,7 +183,10 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
     matters on a busy machine: a thread that gets less CPU (another process,
     PyTorch's OpenMP workers spinning after their last parallel region) leaves its
     pieces to the others instead of holding up the call, and the call returns as
-    soon as every piece is done, even if a worker never got to run.
+    soon as every piece is done, even if a worker never got to run. Inside
+    :func:`use_team` the team's threads take the pieces instead of the pool's.
+    A piece that raises does not stop the others; the first error is raised once
+    all are done.
     """
     if size <= config.SERIAL_MAX or blocks <= 1:
         kernel(*args, 0, blocks)
@@ -186,28 +198,31 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
     pieces = min(blocks, threads * _PIECES_PER_THREAD, max(threads, size // max(1, config.SERIAL_MAX)))
     bounds = [blocks * i // pieces for i in range(pieces + 1)]
     claim = itertools.count().__next__  # one C call: atomic under the GIL
-    done = _Done()
+    errors: list[BaseException] = []
 
-    def work() -> None:  # a worker: take pieces until none is left; one release per piece
+    def take(after_each: Callable[[], Any] | None = None) -> int:
+        """Run pieces until none is left; returns how many this thread ran."""
+        n = 0
         while (i := claim()) < pieces:
             try:
                 kernel(*args, bounds[i], bounds[i + 1])
-            except BaseException as exc:  # handed to the caller, which re-raises
-                done.error = done.error or exc
-            done.release()
+            except BaseException as exc:  # raised by the caller once all pieces are done
+                errors.append(exc)
+            n += 1
+            if after_each is not None:
+                after_each()
+        return n
 
-    pool = _get_pool(threads - 1)
-    for _ in range(min(threads, pieces) - 1):
-        pool.jobs.put((work, ()))
-    mine = 0
-    try:
-        while (i := claim()) < pieces:
-            mine += 1
-            kernel(*args, bounds[i], bounds[i + 1])
-    finally:
-        # Never leave while a worker still writes our arrays: wait for the pieces
-        # the workers took (after an error here too, the workers finish the rest).
-        for _ in range(pieces - mine):
-            done.sem.acquire()
-    if done.error is not None:
-        raise done.error
+    team = _team.get()
+    if team is not None:
+        team(take, min(threads, pieces))
+    else:
+        done = threading.Semaphore(0)  # released once per piece a worker ran
+        pool = _get_pool(threads - 1)
+        for _ in range(min(threads, pieces) - 1):
+            pool.jobs.put((take, (done.release,)))
+        # Never leave while a worker still writes our arrays: wait for its pieces.
+        for _ in range(pieces - take()):
+            done.acquire()
+    if errors:
+        raise errors[0]

@@ -17,6 +17,9 @@ functional layer passes them in as arguments.
 ``NUMBABN_QUIET``
     1 silences the one-line notice printed before the first kernel compile of a
     process.
+``NUMBABN_TORCH_OPENMP``
+    0 makes numbabn.torch run the kernels on numbabn's own threads instead of
+    PyTorch's OpenMP team (default 1; see ``numbabn.torch._openmp``).
 """
 
 import os
@@ -40,3 +43,4 @@ SERIAL_MAX = _positive_int("NUMBABN_SERIAL_MAX", 32768)
 CUDA_THREADS = _positive_int("NUMBABN_CUDA_THREADS", 256)
 NUM_THREADS = _positive_int("NUMBABN_NUM_THREADS", 0) if os.environ.get("NUMBABN_NUM_THREADS") else None
 QUIET = os.environ.get("NUMBABN_QUIET", "") not in ("", "0")
+TORCH_OPENMP = os.environ.get("NUMBABN_TORCH_OPENMP", "1") != "0"

@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 import numbabn
+from numbabn import _threads
 
 from . import _bridge as B
+from . import _openmp
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -69,21 +71,22 @@ class BatchNormFunction(torch.autograd.Function):
         # copies, written back only once the forward has succeeded.
         staged = [(buf, buf if buf is None or buf.dtype == cdt else buf.to(cdt)) for buf in (running_mean, running_var)]
         y, out = B.empty_like(x, perm)
-        _, bn = numbabn.batch_norm_forward(
-            B.to_array(x, perm),
-            B.optional_array(weight),
-            B.optional_array(bias),
-            running_mean=B.optional_array(staged[0][1]),
-            running_var=B.optional_array(staged[1][1]),
-            training=training,
-            momentum=momentum,
-            eps=eps,
-            axis=1 if perm is None else -1,
-            activation="relu" if relu else None,
-            moments=moments,
-            out=out,
-            residual=None if residual is None else B.to_array(residual, perm),
-        )
+        with _threads.use_team(_openmp.team()):  # PyTorch's OpenMP threads (see _openmp)
+            _, bn = numbabn.batch_norm_forward(
+                B.to_array(x, perm),
+                B.optional_array(weight),
+                B.optional_array(bias),
+                running_mean=B.optional_array(staged[0][1]),
+                running_var=B.optional_array(staged[1][1]),
+                training=training,
+                momentum=momentum,
+                eps=eps,
+                axis=1 if perm is None else -1,
+                activation="relu" if relu else None,
+                moments=moments,
+                out=out,
+                residual=None if residual is None else B.to_array(residual, perm),
+            )
         for buf, copy in staged:
             if copy is not buf and training:
                 buf.copy_(copy)
@@ -110,17 +113,18 @@ class BatchNormFunction(torch.autograd.Function):
         x = saved[0]
         dx, out = B.empty_like(x, perm)
         dres = None
-        if ctx.has_residual and ctx.relu:  # the masked gradient, from the same pass as dx
-            dres, res_out = B.empty_like(x, perm)
-            _, dgamma, dbeta, _ = numbabn.batch_norm_backward(
-                B.to_array(dy, perm), bn, allreduce=allreduce, out=out, residual_out=res_out
-            )
-        else:
-            _, dgamma, dbeta = numbabn.batch_norm_backward(
-                B.to_array(dy, perm), _without_residual(bn), allreduce=allreduce, out=out
-            )
-            if ctx.has_residual:  # no mask: the residual's gradient is dy (as for an add)
-                dres = dy
+        with _threads.use_team(_openmp.team()):
+            if ctx.has_residual and ctx.relu:  # the masked gradient, from the same pass as dx
+                dres, res_out = B.empty_like(x, perm)
+                _, dgamma, dbeta, _ = numbabn.batch_norm_backward(
+                    B.to_array(dy, perm), bn, allreduce=allreduce, out=out, residual_out=res_out
+                )
+            else:
+                _, dgamma, dbeta = numbabn.batch_norm_backward(
+                    B.to_array(dy, perm), _without_residual(bn), allreduce=allreduce, out=out
+                )
+                if ctx.has_residual:  # no mask: the residual's gradient is dy (as for an add)
+                    dres = dy
         if local:  # this rank's share of the parameter gradients (see the module docstring)
             sums = local[0]
             dgamma = (sums[1] * bn.invstd).astype(bn.gamma.dtype) if dgamma is not None else None

@@ -1,0 +1,131 @@
+"""numbabn.torch runs numbabn's kernels on PyTorch's OpenMP team (numbabn/torch/_openmp.py):
+used for large inputs, same results as numbabn's own pool, never after fork, and
+switched off by NUMBABN_TORCH_OPENMP=0."""
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+
+import numbabn  # noqa: E402
+import numbabn.torch as nbt  # noqa: E402
+from numbabn import _threads  # noqa: E402
+from numbabn.torch import _openmp  # noqa: E402
+
+needs_openmp = pytest.mark.skipif(
+    "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info() or not sys.platform.startswith("linux"),
+    reason="this PyTorch does not run on OpenMP, or the runtime cannot be found on this OS",
+)
+SHAPE = (8, 16, 48, 48)  # 294 912 values: above SERIAL_MAX, so the kernels go parallel
+
+
+@pytest.fixture(autouse=True)
+def _two_torch_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _fwd_bwd(seed, channels_last=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g)
+    dy = torch.randn(SHAPE, generator=g)
+    if channels_last:
+        x, dy = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
+    out = []
+    for bn in (nbt.BatchNorm2d(SHAPE[1], activation="relu"), torch.nn.BatchNorm2d(SHAPE[1])):
+        xr = x.clone().requires_grad_()
+        y = bn(xr)
+        y = y if isinstance(bn, nbt.BatchNorm2d) else torch.relu(y)
+        y.backward(dy)
+        out.append((y.detach(), xr.grad, bn.weight.grad, bn.running_var.clone()))
+    return out
+
+
+@needs_openmp
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_calls_run_on_the_openmp_team_not_the_pool(monkeypatch, channels_last):
+    calls = []
+    run = _openmp.team()
+    assert run is not None
+
+    def counting(body, n):
+        calls.append(n)
+        return run(body, n)
+
+    def no_pool(workers):
+        raise AssertionError("numbabn's own pool was used inside numbabn.torch")
+
+    monkeypatch.setattr(_openmp, "team", lambda: counting)
+    monkeypatch.setattr(_threads, "_get_pool", no_pool)
+    with numbabn.limit_threads(2):
+        ours, native = _fwd_bwd(0, channels_last)
+    assert len(calls) >= 4 and set(calls) == {2}  # statistics, apply, gradient sums, gradient apply
+    for a, b in zip(ours, native, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_openmp
+@pytest.mark.parametrize("threads", [2, 3])
+def test_team_and_pool_give_identical_results(threads):
+    x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    dy = np.random.default_rng(2).standard_normal(SHAPE).astype(np.float32)
+    g, b = np.full(SHAPE[1], 1.5, np.float32), np.full(SHAPE[1], 0.25, np.float32)
+    results = []
+    for run in (None, _openmp.team()):
+        with numbabn.limit_threads(threads), _threads.use_team(run):
+            y, ctx = numbabn.batch_norm_forward(x, g, b, activation="relu")
+            results.append((y, *numbabn.batch_norm_backward(dy, ctx)))
+    for a, b_ in zip(*results, strict=True):
+        assert np.array_equal(a, b_)
+
+
+@needs_openmp
+def test_python_threads_each_get_their_own_team():
+    with numbabn.limit_threads(2):
+        expected = [_fwd_bwd(s)[0] for s in range(4)]
+        got = {}
+        workers = [threading.Thread(target=lambda s=s: got.update({s: _fwd_bwd(s)[0]})) for s in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=120)
+    assert sorted(got) == [0, 1, 2, 3]
+    for s in range(4):
+        for a, b in zip(got[s], expected[s], strict=True):
+            assert torch.equal(a, b)
+
+
+def _child(seed):
+    x = np.random.default_rng(seed).standard_normal(SHAPE).astype(np.float32)
+    bn = nbt.BatchNorm2d(SHAPE[1])
+    with torch.no_grad():
+        y = bn(torch.from_numpy(x))
+    ref, _ = numbabn.batch_norm_forward(x, None, None)
+    return _openmp.team() is None, bool(np.allclose(y.numpy(), ref, atol=1e-5))
+
+
+@needs_openmp
+def test_a_forked_child_uses_numbabns_pool():
+    """The OpenMP team does not survive fork (PyTorch's own parallel ops hang in such
+    a child); numbabn.torch falls back to numbabn's pool there and works."""
+    with numbabn.limit_threads(2):
+        _fwd_bwd(0)  # the parent uses the team first
+        assert _openmp.team() is not None
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            got = pool.map_async(_child, [0, 1]).get(timeout=120)
+    assert got == [(True, True), (True, True)]
+
+
+def test_switched_off_by_the_environment():
+    code = "import numbabn.torch._openmp as o; print(o.team() is None)"
+    env = dict(os.environ, NUMBABN_TORCH_OPENMP="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
