@@ -35,7 +35,9 @@ from . import config
 _lock = threading.Lock()
 _pool: "_Pool | None" = None  # _Pool, created on first parallel use
 _threads: int | None = None  # the setting; None until first read
-_PIECES_PER_THREAD = 4
+# 2, not more: each piece boundary costs a GIL hand-over; with 4 a quiet machine
+# lost 1-10 % (README, "Kernel runtime").
+_PIECES_PER_THREAD = 2
 
 
 def available_cpus() -> int:
@@ -177,7 +179,7 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
 
     Serial (one call on this thread) when ``size`` <= ``config.SERIAL_MAX`` elements,
     when there is one block, or with one thread. Otherwise the blocks are cut into
-    up to 4 contiguous pieces per thread (each of at least ``config.SERIAL_MAX``
+    up to 2 contiguous pieces per thread (each of at least ``config.SERIAL_MAX``
     elements), and the calling thread and the pool's workers take pieces in turn
     until none is left. Taking pieces rather than being handed one fixed span each
     matters on a busy machine: a thread that gets less CPU (another process,

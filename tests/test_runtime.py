@@ -282,7 +282,7 @@ def test_pieces_of_a_stalled_worker_are_taken_by_the_caller(monkeypatch):
         call.start()
         call.join(timeout=30)
     assert not call.is_alive(), "parallel_for waited for a worker that never ran"
-    assert seen[0][0] == 0 and seen[-1][1] == 64 and len(seen) == 8  # 4 pieces per thread
+    assert seen[0][0] == 0 and seen[-1][1] == 64 and len(seen) == 4  # 2 pieces per thread
     assert all(a[1] == b[0] for a, b in itertools.pairwise(seen))  # every block once, in order
     assert StalledPool.jobs.qsize() == 1
 
