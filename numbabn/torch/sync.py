@@ -42,8 +42,10 @@ import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import numbabn
+from numbabn import _threads
 
 from . import _bridge as B
+from . import _openmp
 from .modules import NumbabnBatchNorm
 
 _DTYPE_CODE = {torch.float16: 16, torch.float32: 32, torch.float64: 64}
@@ -117,7 +119,8 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
             )
         perm = B.channels_last_perm(x)
         try:
-            local = numbabn.moments(B.to_array(x, perm), axis=1 if perm is None else -1)
+            with _threads.use_team(_openmp.team()):  # PyTorch's OpenMP threads, as in BatchNormFunction
+                local = numbabn.moments(B.to_array(x, perm), axis=1 if perm is None else -1)
         except Exception:
             self._gather_moments(group, None, None)
             raise
