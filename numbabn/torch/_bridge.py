@@ -64,13 +64,13 @@ def empty_like(t: torch.Tensor, perm: tuple[int, ...] | None = None) -> tuple[to
     tensor cannot be resized in place (``resize_``); everything else is as usual.
     """
     shape = tuple(t.shape)
-    order = perm or tuple(range(len(shape)))
     if t.device.type == "cpu":
         if perm is None:
             arr = np.empty(shape, dtype=NUMPY_DTYPE[t.dtype])
             return torch.from_numpy(arr), arr
         arr = np.empty([shape[axis] for axis in perm], dtype=NUMPY_DTYPE[t.dtype])
         return torch.from_numpy(arr.transpose([perm.index(axis) for axis in range(len(perm))])), arr
+    order = perm or tuple(range(len(shape)))
     strides = [0] * len(shape)
     step = 1
     for axis in reversed(order):  # innermost axis of numbabn's view gets stride 1

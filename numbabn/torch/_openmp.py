@@ -6,10 +6,11 @@ project's machine, measured with ``time.process_time`` around a sleep after a
 ``Tensor.mul_``). In a network every batch norm follows a convolution, so
 numbabn's own worker threads would share the cores with those spinning threads.
 Handing the pieces to the same OpenMP team instead puts them on the threads that
-are spinning anyway, waiting for work: a ResNet-18 CPU step went from 0.99x to
-1.09x native with numbabn BN, and the 4096x1024 BN forward+backward from 15.6-17.1 ms
-to 12.6-13.0 ms (native 12.8-16.2 ms), measured in one session (README, "Use it from
-PyTorch").
+are spinning anyway, waiting for work. BN forward+backward through autograd, same
+machine, alternating processes: 4096x1024 from 15.6-17.1 ms to 12.6-13.0 ms (native
+12.8-16.9 ms), 128x256x14x14 from 22.2-25.8 ms to 16.7-19.4 ms (native 28.0-36.3 ms);
+64x64x56x56 unchanged within the noise. (A ResNet-18 step is 89 % convolutions on
+that machine and moves by less than its noise; README, "Use it from PyTorch".)
 
 How: ``GOMP_parallel`` of the OpenMP runtime PyTorch loaded (GNU's ``libgomp``, or
 Intel's/LLVM's, which export the same entry point), called through :mod:`ctypes`
