@@ -55,6 +55,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import _bn_checks as B
+from . import _fast_args
 from ._checks import check_activation, check_bool, check_eps, check_momentum, describe
 from ._context import BatchNormContext
 from ._layout import is_device_array
@@ -194,49 +195,65 @@ def batch_norm_forward(
     On any error nothing is modified (running statistics, counter, ``out``).
     """
     fn = "batch_norm_forward"
-    be, host = _dispatch(fn, x, backend)
-    training = check_bool(fn, "training", training)
-    eps = check_eps(fn, eps)
-    momentum = check_momentum(fn, momentum)
-    relu = check_activation(fn, activation)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{fn}: running_mean and running_var must be given together (got only one)")
-    if not training and running_mean is None:
-        raise ValueError(f"{fn}: training=False uses running statistics, but running_mean/running_var are None")
-    cx = be.canonical(fn, "x", x, axis)
-    cres = None
-    if residual is not None:
-        if not host and not is_device_array(residual):
-            raise TypeError(f"{fn}: residual must be a GPU array like x, got {describe(residual)}")
-        cres = B.check_residual(fn, be.canonical(fn, "residual", residual, cx.axis), cx)
-    g, b, rm, rv, nbt = B.check_forward_params(
-        fn, cx, gamma, beta, running_mean, running_var, num_batches_tracked, training, be.param
-    )
-    tracking = training and running_mean is not None
-    if tracking:
-        be.check_apart(
-            fn, running_mean, running_var, "running_mean and running_var must not overlap (both are updated in place)"
+    fast = (
+        _fast_args.forward_args(
+            x, gamma, beta, running_mean, running_var, num_batches_tracked, training, momentum, eps, axis, activation
         )
-    stats, count = B.check_moments(fn, moments, cx, training)
-    B.check_training_batch(fn, count, cx.shape, training, tracking, momentum, nbt)
-    y = be.output(
-        fn,
-        out,
-        cx,
-        host,
-        (x,) if residual is None else (x, residual),
-        "out must not overlap x (the backward pass reads x)"
-        if residual is None
-        else "out must not overlap x or residual (the backward pass reads them)",
+        if out is None and moments is None and residual is None and (backend is None or backend == "cpu")
+        else None
     )
-    if out is not None:
-        for other in (gamma, beta, running_mean, running_var):
+    if fast is not None:  # the common host case, accepted as the checks below would
+        cx, g, b, rm, rv, nbt, relu = fast
+        be, host, cres, stats, count = _cpu_backend, True, None, None, cx.count
+        tracking = training and running_mean is not None
+        y = np.empty(cx.array.shape, cx.array.dtype)
+    else:
+        be, host = _dispatch(fn, x, backend)
+        training = check_bool(fn, "training", training)
+        eps = check_eps(fn, eps)
+        momentum = check_momentum(fn, momentum)
+        relu = check_activation(fn, activation)
+        if (running_mean is None) != (running_var is None):
+            raise ValueError(f"{fn}: running_mean and running_var must be given together (got only one)")
+        if not training and running_mean is None:
+            raise ValueError(f"{fn}: training=False uses running statistics, but running_mean/running_var are None")
+        cx = be.canonical(fn, "x", x, axis)
+        cres = None
+        if residual is not None:
+            if not host and not is_device_array(residual):
+                raise TypeError(f"{fn}: residual must be a GPU array like x, got {describe(residual)}")
+            cres = B.check_residual(fn, be.canonical(fn, "residual", residual, cx.axis), cx)
+        g, b, rm, rv, nbt = B.check_forward_params(
+            fn, cx, gamma, beta, running_mean, running_var, num_batches_tracked, training, be.param
+        )
+        tracking = training and running_mean is not None
+        if tracking:
             be.check_apart(
                 fn,
-                out,
-                other,
-                "out must not overlap gamma, beta or the running statistics (the forward reads or updates them)",
+                running_mean,
+                running_var,
+                "running_mean and running_var must not overlap (both are updated in place)",
             )
+        stats, count = B.check_moments(fn, moments, cx, training)
+        B.check_training_batch(fn, count, cx.shape, training, tracking, momentum, nbt)
+        y = be.output(
+            fn,
+            out,
+            cx,
+            host,
+            (x,) if residual is None else (x, residual),
+            "out must not overlap x (the backward pass reads x)"
+            if residual is None
+            else "out must not overlap x or residual (the backward pass reads them)",
+        )
+        if out is not None:
+            for other in (gamma, beta, running_mean, running_var):
+                be.check_apart(
+                    fn,
+                    out,
+                    other,
+                    "out must not overlap gamma, beta or the running statistics (the forward reads or updates them)",
+                )
 
     factor = B.resolve_momentum(tracking, momentum, nbt)
     if training and count == 0:
@@ -318,40 +335,49 @@ def batch_norm_backward(
     call and the result copied back: the combination always runs on the host.
     """
     fn = "batch_norm_backward"
-    if not isinstance(ctx, BatchNormContext):
-        raise TypeError(f"{fn}: ctx must be the context returned by batch_norm_forward, got {describe(ctx)}")
-    if allreduce is not None and not callable(allreduce):
-        raise TypeError(f"{fn}: allreduce must be a callable or None, got {describe(allreduce)}")
-    if ctx.backend == "cpu":
-        be, host = _cpu_backend, True
-    else:
-        be, host = _get_backend(ctx.backend), not is_device_array(dy)
-    cdy = be.canonical(fn, "dy", dy, ctx.axis)
-    B.check_like_forward(fn, cdy, ctx)
-    residual = ctx.residual is not None
-    if residual_out is not None and not residual:
-        raise ValueError(f"{fn}: residual_out is for the gradient of a residual, but the forward had none")
-    inputs = (dy, ctx.x) if not residual else (dy, ctx.x, ctx.residual)
-    dx = be.output(
-        fn,
-        out,
-        cdy,
-        host,
-        inputs,
-        "out must not overlap dy or the forward input"
-        if not residual
-        else "out must not overlap dy or the forward input or residual",
+    cdy = (
+        _fast_args.backward_dy(dy, ctx)
+        if out is None and residual_out is None and (allreduce is None or callable(allreduce))
+        else None
     )
-    dres = None
-    if residual:
-        dres = be.output(
+    if cdy is not None:  # the common host case, accepted as the checks below would
+        be, host, residual, dres = _cpu_backend, True, False, None
+        dx = np.empty(ctx.x.shape, ctx.x.dtype)
+    else:
+        if not isinstance(ctx, BatchNormContext):
+            raise TypeError(f"{fn}: ctx must be the context returned by batch_norm_forward, got {describe(ctx)}")
+        if allreduce is not None and not callable(allreduce):
+            raise TypeError(f"{fn}: allreduce must be a callable or None, got {describe(allreduce)}")
+        if ctx.backend == "cpu":
+            be, host = _cpu_backend, True
+        else:
+            be, host = _get_backend(ctx.backend), not is_device_array(dy)
+        cdy = be.canonical(fn, "dy", dy, ctx.axis)
+        B.check_like_forward(fn, cdy, ctx)
+        residual = ctx.residual is not None
+        if residual_out is not None and not residual:
+            raise ValueError(f"{fn}: residual_out is for the gradient of a residual, but the forward had none")
+        inputs = (dy, ctx.x) if not residual else (dy, ctx.x, ctx.residual)
+        dx = be.output(
             fn,
-            residual_out,
+            out,
             cdy,
             host,
-            inputs + ((out,) if out is not None else ()),
-            "residual_out must not overlap dy, out or the forward input or residual",
+            inputs,
+            "out must not overlap dy or the forward input"
+            if not residual
+            else "out must not overlap dy or the forward input or residual",
         )
+        dres = None
+        if residual:
+            dres = be.output(
+                fn,
+                residual_out,
+                cdy,
+                host,
+                inputs + ((out,) if out is not None else ()),
+                "residual_out must not overlap dy, out or the forward input or residual",
+            )
     partials = be.grad_sums(cdy, ctx)
     if allreduce is not None:
         sums = be.pack_grad_sums(partials)

@@ -1,0 +1,143 @@
+"""The common case of a host call, accepted in a few attribute reads.
+
+Most calls of the functional API on the CPU repeat one pattern: NumPy arrays of
+the compute dtype, C-contiguous, per-channel parameters that fit, the input shape
+seen before, default options. On a small input (a (64, 100) batch) the full checks
+-- one small function per rule, each ready with its message -- cost more than the
+kernels, where PyTorch runs its checks in C++. The functions here recognise exactly
+that case and return what the full checks would have returned, or None: then the
+full checks run, and raise where something is wrong. They never raise and never
+change anything; what they accept is a subset of what the full checks accept, with
+the same resulting values (``tests/test_fast_args.py`` compares both on generated
+calls).
+
+Identity tests (``x.dtype is float32``) are deliberate: an array in native byte
+order of a builtin dtype carries NumPy's dtype singleton; anything else (big-endian
+data, subclasses, a dtype object made elsewhere) simply takes the full path.
+"""
+
+from math import inf
+from typing import Any
+
+import numpy as np
+
+from ._context import BatchNormContext
+from ._layout import _LAYOUTS, Canonical, empty_param
+
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+_I64 = np.dtype(np.int64)
+
+
+def _param_ok(p: Any, dt: np.dtype[Any], shape: tuple[int], inplace: bool) -> bool:
+    """A per-channel parameter the kernels take as it is (see ``check_param``)."""
+    if type(p) is not np.ndarray or p.dtype is not dt or p.shape != shape:
+        return False
+    flags = p.flags
+    return flags.c_contiguous and flags.aligned and (flags.writeable or not inplace)
+
+
+def canonical_input(x: Any, axis: Any) -> Canonical | None:
+    """``canonical_host(x, axis)`` for a C-contiguous, aligned float32/float64 NumPy
+    array whose (shape, axis) was seen before; None otherwise."""
+    if type(x) is not np.ndarray or type(axis) is not int:
+        return None
+    dt = x.dtype
+    if dt is not _F32 and dt is not _F64:
+        return None
+    known = _LAYOUTS.get((x.shape, axis))
+    if known is None:
+        return None
+    flags = x.flags
+    if not (flags.c_contiguous and flags.aligned):
+        return None
+    ax, layout, cshape, C, m = known
+    return Canonical(x.reshape(cshape), layout, x.shape, ax, dt, C, m)
+
+
+def forward_args(
+    x: Any,
+    gamma: Any,
+    beta: Any,
+    running_mean: Any,
+    running_var: Any,
+    num_batches_tracked: Any,
+    training: Any,
+    momentum: Any,
+    eps: Any,
+    axis: Any,
+    activation: Any,
+) -> tuple[Any, ...] | None:
+    """The checked arguments of a host ``batch_norm_forward`` without ``out``,
+    ``moments`` or ``residual``: (cx, gamma, beta, running_mean, running_var,
+    num_batches_tracked, relu), with absent parameters as the shared empty arrays,
+    exactly as the full checks return them; or None.
+
+    Accepted: ``training`` a bool; ``activation`` None or "relu"; ``eps`` a finite
+    float > 0; ``momentum`` None or a float in [0, 1]; gamma/beta None or arrays of
+    x's dtype and shape (C,); running statistics both None (training only) or both
+    such arrays, writeable in training, each owning its memory and not the same
+    array; the counter None or a writeable one-element int64 array >= 0; in
+    training more than one value per channel, and a counter for ``momentum=None``.
+    """
+    if training is not True and training is not False:
+        return None
+    if activation is None:
+        relu = False
+    elif type(activation) is str and activation == "relu":
+        relu = True
+    else:
+        return None
+    if type(eps) is not float or not 0.0 < eps < inf:
+        return None
+    if momentum is not None and (type(momentum) is not float or not 0.0 <= momentum <= 1.0):
+        return None
+    cx = canonical_input(x, axis)
+    if cx is None:
+        return None
+    dt = cx.array.dtype
+    shape = (cx.channels,)
+    if gamma is None:
+        gamma = empty_param(dt)
+    elif not _param_ok(gamma, dt, shape, False):
+        return None
+    if beta is None:
+        beta = empty_param(dt)
+    elif not _param_ok(beta, dt, shape, False):
+        return None
+    if running_mean is None and running_var is None:
+        if not training:
+            return None
+        running_mean = running_var = empty_param(dt)
+    elif (
+        running_mean is running_var
+        or not _param_ok(running_mean, dt, shape, training)
+        or not _param_ok(running_var, dt, shape, training)
+        or running_mean.base is not None
+        or running_var.base is not None
+    ):
+        return None
+    nbt = num_batches_tracked
+    if nbt is not None:
+        if type(nbt) is not np.ndarray or nbt.dtype is not _I64 or nbt.size != 1 or not nbt.flags.writeable:
+            return None
+        if nbt.item() < 0:
+            return None
+    if training:
+        if cx.count == 1:
+            return None
+        if momentum is None and nbt is None and running_mean.size:
+            return None
+    return cx, gamma, beta, running_mean, running_var, nbt, relu
+
+
+def backward_dy(dy: Any, ctx: Any) -> Canonical | None:
+    """The canonical ``dy`` of a host ``batch_norm_backward`` of a CPU forward
+    without a residual, when ``dy`` is like the forward's input (shape, dtype,
+    C-contiguous); None otherwise."""
+    if type(ctx) is not BatchNormContext or ctx.backend != "cpu" or ctx.residual is not None:
+        return None
+    cdy = canonical_input(dy, ctx.axis)
+    if cdy is None or cdy.shape != ctx.shape or cdy.dtype is not ctx.dtype:
+        return None
+    return cdy
