@@ -104,7 +104,7 @@ CHANGES = [
     _x("strided", lambda x: np.repeat(x, 2, axis=0)[::2]),
     _x("one_value_per_channel", lambda x: x[:1] if x.ndim == 2 else x[:1, :, :1]),
     _x("empty", lambda x: x[:0]),
-    _x("list", lambda x: x.tolist()),
+    _set("as_list", True),  # x as nested lists, made last (see _call)
     _axis(lambda nd: 1 - nd),
     _axis(np.int64(1)),
     _axis(True),
@@ -143,6 +143,8 @@ def _call(dtype, shape, training, activation, changes, seed=0):
     )
     for change in changes:
         x, axis = change(x, axis, kw, np.dtype(dtype))
+    if kw.pop("as_list", False):
+        x = x.tolist()
     return x, axis, kw
 
 

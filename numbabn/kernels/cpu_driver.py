@@ -40,8 +40,7 @@ class _Specs:
         f1r, f3r = _arr(np.float64, 1, True), _arr(np.float64, 3, True)
         suffix = "_" + layout
         self.layout = layout
-        self._grid = cpu.ncl_blocks if layout == "ncl" else cpu.mc_blocks
-        self._grids: dict[Any, Any] = {}
+        self.grid = cpu.ncl_blocks if layout == "ncl" else cpu.mc_blocks
         self._sigs = {
             "stats": (getattr(cpu, "stats" + suffix), (X, _I64, f1, f3, _I64, _I64)),
             "coef": (cpu.coefficients, (f1r, f3r, P, P, W, W, _F64, _F64, _BOOL, f2, f1, f1, CW)),
@@ -59,15 +58,6 @@ class _Specs:
             "grad_apply_res": (getattr(cpu, "grad_apply" + suffix), (X, X, X, CO, CO, _BOOL, _I64, Y, Y, _I64, _I64)),
         }
         self._dtype = np.dtype(dtype)
-
-    def blocks(self, shape: tuple[int, ...], chunk: int) -> Any:
-        """(blocks, partial rows) of the grid of ``shape`` (memoised: few shapes recur)."""
-        grid = self._grids.get((shape, chunk))
-        if grid is None:
-            grid = self._grid(shape, chunk)
-            if len(self._grids) < 4096:
-                self._grids[(shape, chunk)] = grid
-        return grid
 
     def __getattr__(self, name: str) -> Any:
         # First use of a kernel of this (dtype, layout): compile or load it, then
@@ -112,9 +102,25 @@ def specs(dtype: Any, layout: str) -> "_Specs":
     return s
 
 
-def _block_stats(k: Any, x: NDArray[Any], chunk: int) -> tuple[Any, Any]:
+_PLANS: dict[Any, Any] = {}
+
+
+def plan(x: NDArray[Any], layout: str, chunk: int) -> tuple["_Specs", int, int]:
+    """(kernels, blocks, partial rows) for canonical ``x``: its :class:`_Specs` and the
+    block grid of its shape. Memoised in one lookup (few shapes recur; on a small
+    input the driver's Python time is what a call costs); the layout is x's ndim."""
+    key = (x.shape, x.dtype.char, chunk)
+    p = _PLANS.get(key)
+    if p is None:
+        k = specs(x.dtype, layout)
+        p = (k, *k.grid(x.shape, chunk))
+        if len(_PLANS) < 4096:
+            _PLANS[key] = p
+    return p
+
+
+def _block_stats(k: Any, x: NDArray[Any], blocks: int, rows: int, chunk: int) -> tuple[Any, Any]:
     """The statistics pass: per-block (cnt (K,), part (3, K, C)) of canonical ``x``."""
-    blocks, rows = k.blocks(x.shape, chunk)
     cnt = np.empty(rows)
     part = np.empty((3, rows, x.shape[1]))
     _threads.parallel_for(k.stats, blocks, x.size, x, chunk, cnt, part)
@@ -132,12 +138,12 @@ def _one_block(stats: Any, count: int) -> tuple[Any, Any]:
 def batch_moments(x: NDArray[Any], layout: str, chunk: int) -> NDArray[np.float64]:
     """(2, C) float64 [mean, M2] of canonical ``x`` (the training forward's merge,
     without its normalisation)."""
-    k = specs(x.dtype, layout)
+    k, blocks, rows = plan(x, layout, chunk)
     C = x.shape[1]
     stats = np.empty((2, C))
     empty = _EMPTY[x.dtype.char]
     k.coef(
-        *_block_stats(k, x, chunk),
+        *_block_stats(k, x, blocks, rows, chunk),
         empty,
         empty,
         empty,
@@ -176,13 +182,13 @@ def forward(
     Training: the batch statistics, or ``stats`` ((2, C) [mean, M2] of ``count``
     values, e.g. merged over ranks) when given; running statistics updated in
     place when non-empty. Eval: the running statistics."""
-    k = specs(x.dtype, layout)
+    k, blocks, rows = plan(x, layout, chunk)
     C = x.shape[1]
     mean = np.empty(C)
     invstd = np.empty(C)
     coef = np.empty((4, C), x.dtype)
     if training:
-        partials = _block_stats(k, x, chunk) if stats is None else _one_block(stats, count)
+        partials = _block_stats(k, x, blocks, rows, chunk) if stats is None else _one_block(stats, count)
         k.coef(
             *partials, gamma, beta, running_mean, running_var, momentum, eps, True, np.empty((2, C)), mean, invstd, coef
         )
@@ -197,7 +203,6 @@ def forward(
             _NO_CNT, _NO_PART, gamma, beta, running_mean, running_var, 0.0, eps, False, _NO_STATS, mean, invstd, coef
         )
     if x.size:
-        blocks, _ = k.blocks(x.shape, chunk)
         apply = k.apply if residual is None else k.apply_res
         _threads.parallel_for(apply, blocks, x.size, x, residual, coef, relu, chunk, y)
     return mean, invstd, coef
@@ -218,8 +223,7 @@ def grad_sums(
     C = x.shape[1]
     if not x.size:
         return np.zeros((2, 1, C)), 1.0
-    k = specs(x.dtype, layout)
-    blocks, rows = k.blocks(x.shape, chunk)
+    k, blocks, rows = plan(x, layout, chunk)
     part = np.empty((2, rows, C))
     # Without ReLU the residual does not enter the gradient sums: the plain kernel.
     res = residual if relu else None
@@ -260,7 +264,7 @@ def grad_apply(
     """dx into ``dx`` from the partials of :func:`grad_sums` (or combined ones, with
     ``count`` the number of values they summarise); returns (dgamma, dbeta) in x's dtype.
     With ReLU and a ``residual``, also its gradient (dy times the mask) into ``dres``."""
-    k = specs(x.dtype, layout)
+    k, blocks, _ = plan(x, layout, chunk)
     C = x.shape[1]
     part, scale = partials
     gcoef = np.empty((3, C), x.dtype)
@@ -268,7 +272,6 @@ def grad_apply(
     dbeta = np.empty(C, x.dtype)
     k.grad_coef(part, scale, float(count), invstd, gamma, training, gcoef, dgamma, dbeta)
     if x.size:
-        blocks, _ = k.blocks(x.shape, chunk)
         res = residual if relu else None
         fn = k.grad_apply if res is None else k.grad_apply_res
         _threads.parallel_for(
