@@ -27,6 +27,7 @@ from ._layout import _LAYOUTS, Canonical, empty_param
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _I64 = np.dtype(np.int64)
+_new = tuple.__new__
 
 
 def _param_ok(p: Any, dt: np.dtype[Any], shape: tuple[int], inplace: bool) -> bool:
@@ -52,7 +53,8 @@ def canonical_input(x: Any, axis: Any) -> Canonical | None:
     if not (flags.c_contiguous and flags.aligned):
         return None
     ax, layout, cshape, C, m = known
-    return Canonical(x.reshape(cshape), layout, x.shape, ax, dt, C, m)
+    # tuple.__new__ skips the NamedTuple's generated __new__ (0.3 us of a 10 us call)
+    return _new(Canonical, (x.reshape(cshape), layout, x.shape, ax, dt, C, m))
 
 
 def forward_args(

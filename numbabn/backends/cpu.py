@@ -60,7 +60,9 @@ def deliver(buf: AnyArray, shape: tuple[int, ...], dtype: Any, out: AnyArray | N
             return buf.reshape(shape).astype(dtype)
         out[...] = buf.reshape(shape)
         return out
-    return buf.reshape(shape) if out is None else out
+    if out is not None:
+        return out
+    return buf if buf.shape == shape else buf.reshape(shape)
 
 
 def moments(cx: Canonical) -> NDArray[np.float64]:
