@@ -69,11 +69,13 @@ def forward_args(
     eps: Any,
     axis: Any,
     activation: Any,
+    out: Any,
 ) -> tuple[Any, ...] | None:
-    """The checked arguments of a host ``batch_norm_forward`` without ``out``,
-    ``moments`` or ``residual``: (cx, gamma, beta, running_mean, running_var,
-    num_batches_tracked, relu), with absent parameters as the shared empty arrays,
-    exactly as the full checks return them; or None.
+    """The checked arguments of a host ``batch_norm_forward`` without ``moments`` or
+    ``residual``: (cx, gamma, beta, running_mean, running_var, num_batches_tracked,
+    relu, y), with absent parameters as the shared empty arrays, exactly as the full
+    checks return them, and ``y`` the buffer the kernels write (``out`` in the
+    canonical shape, or a new array); or None.
 
     Accepted: ``training`` a bool; ``activation`` None or "relu"; ``eps`` a finite
     float > 0; ``momentum`` None or a float in [0, 1]; gamma/beta None or arrays of
@@ -130,16 +132,43 @@ def forward_args(
             return None
         if momentum is None and nbt is None and running_mean.size:
             return None
-    return cx, gamma, beta, running_mean, running_var, nbt, relu
+    if out is None:
+        y = np.empty(cx.array.shape, dt)
+    else:
+        y = _output(out, x, dt, cx.array.shape, (x, gamma, beta, running_mean, running_var))
+        if y is None:
+            return None
+    return cx, gamma, beta, running_mean, running_var, nbt, relu, y
 
 
-def backward_dy(dy: Any, ctx: Any) -> Canonical | None:
-    """The canonical ``dy`` of a host ``batch_norm_backward`` of a CPU forward
-    without a residual, when ``dy`` is like the forward's input (shape, dtype,
-    C-contiguous); None otherwise."""
+def _output(out: Any, like: Any, dt: np.dtype[Any], cshape: tuple[int, ...], apart: tuple[Any, ...]) -> Any:
+    """``out`` viewed in the canonical shape when it is a writeable C-contiguous array
+    of ``like``'s shape and of dtype ``dt``, sharing no memory with the arrays in
+    ``apart``; else None."""
+    if type(out) is not np.ndarray or out.dtype is not dt or out.shape != like.shape:
+        return None
+    flags = out.flags
+    if not (flags.c_contiguous and flags.aligned and flags.writeable):
+        return None
+    for other in apart:
+        if other.size and np.may_share_memory(out, other):
+            return None
+    return out.reshape(cshape)
+
+
+def backward_args(dy: Any, ctx: Any, out: Any) -> tuple[Canonical, Any] | None:
+    """(canonical ``dy``, the buffer dx is written to) of a host ``batch_norm_backward``
+    of a CPU forward without a residual, when ``dy`` is like the forward's input
+    (shape, dtype, C-contiguous) and ``out`` is None or a writeable C-contiguous array
+    of that shape and dtype sharing no memory with ``dy`` or the forward's input;
+    None otherwise."""
     if type(ctx) is not BatchNormContext or ctx.backend != "cpu" or ctx.residual is not None:
         return None
     cdy = canonical_input(dy, ctx.axis)
     if cdy is None or cdy.shape != ctx.shape or cdy.dtype is not ctx.dtype:
         return None
-    return cdy
+    cshape = ctx.x.shape
+    if out is None:
+        return cdy, np.empty(cshape, ctx.x.dtype)
+    dx = _output(out, dy, ctx.dtype, cshape, (dy, ctx.x))
+    return None if dx is None else (cdy, dx)

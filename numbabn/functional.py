@@ -197,16 +197,26 @@ def batch_norm_forward(
     fn = "batch_norm_forward"
     fast = (
         _fast_args.forward_args(
-            x, gamma, beta, running_mean, running_var, num_batches_tracked, training, momentum, eps, axis, activation
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            training,
+            momentum,
+            eps,
+            axis,
+            activation,
+            out,
         )
-        if out is None and moments is None and residual is None and (backend is None or backend == "cpu")
+        if moments is None and residual is None and (backend is None or backend == "cpu")
         else None
     )
     if fast is not None:  # the common host case, accepted as the checks below would
-        cx, g, b, rm, rv, nbt, relu = fast
+        cx, g, b, rm, rv, nbt, relu, y = fast
         be, host, cres, stats, count = _cpu_backend, True, None, None, cx.count
         tracking = training and running_mean is not None
-        y = np.empty(cx.array.shape, cx.array.dtype)
     else:
         be, host = _dispatch(fn, x, backend)
         training = check_bool(fn, "training", training)
@@ -335,14 +345,14 @@ def batch_norm_backward(
     call and the result copied back: the combination always runs on the host.
     """
     fn = "batch_norm_backward"
-    cdy = (
-        _fast_args.backward_dy(dy, ctx)
-        if out is None and residual_out is None and (allreduce is None or callable(allreduce))
+    fast = (
+        _fast_args.backward_args(dy, ctx, out)
+        if residual_out is None and (allreduce is None or callable(allreduce))
         else None
     )
-    if cdy is not None:  # the common host case, accepted as the checks below would
+    if fast is not None:  # the common host case, accepted as the checks below would
+        cdy, dx = fast
         be, host, residual, dres = _cpu_backend, True, False, None
-        dx = np.empty(ctx.x.shape, ctx.x.dtype)
     else:
         if not isinstance(ctx, BatchNormContext):
             raise TypeError(f"{fn}: ctx must be the context returned by batch_norm_forward, got {describe(ctx)}")

@@ -126,6 +126,21 @@ CHANGES = [
     *[_set("momentum", v) for v in (None, 0.0, 1.0, 1.5, -0.1, np.float32(0.1), 1, float("nan"))],
     *[_set("eps", v) for v in (1e-3, 0.0, -1.0, float("inf"), float("nan"), np.float64(1e-5), 1, np.float32(1e-5))],
     *[_set("activation", v) for v in ("tanh", 0, np.str_("relu"), "RELU")],
+    *[
+        _set("out", kind)  # made by _run
+        for kind in (
+            "fresh",
+            "x",
+            "x_view",
+            "holds_gamma",
+            "holds_running_mean",
+            "other_dtype",
+            "wrong_shape",
+            "readonly",
+            "fortran",
+        )
+    ],
+    *[_set("dx_out", kind) for kind in ("fresh", "dy", "x", "other_dtype", "readonly")],
 ]
 
 
@@ -156,20 +171,69 @@ def _copy(value):
     return list(value) if isinstance(value, list) else value
 
 
+def _out(kind, x, kw):
+    """The forward's ``out`` of one kind (made here: some share memory with x or gamma)."""
+    dt = np.asarray(x).dtype if np.asarray(x).dtype.kind == "f" else np.float64
+    shape = np.shape(x)
+    if kind == "fresh":
+        return np.empty(shape, dt)
+    if kind == "x":
+        return x
+    if kind == "x_view":
+        return np.asarray(x).reshape(-1).reshape(shape)
+    if kind in ("holds_gamma", "holds_running_mean"):
+        out = np.empty(shape, dt)
+        name = "gamma" if kind == "holds_gamma" else "running_mean"
+        kw[name] = out.reshape(-1)[:C]
+        kw[name][...] = _VALUES[name]
+        return out
+    if kind == "other_dtype":
+        return np.empty(shape, np.float32 if dt == np.float64 else np.float64)
+    if kind == "wrong_shape":
+        return np.empty((*shape, 1), dt)
+    if kind == "readonly":
+        out = np.empty(shape, dt)
+        out.flags.writeable = False
+        return out
+    if kind == "fortran":
+        return np.asfortranarray(np.empty(shape, dt))
+    raise AssertionError(kind)
+
+
+def _dx_out(kind, dy, x):
+    """The backward's ``out`` of one kind."""
+    if kind == "fresh":
+        return np.empty_like(dy)
+    if kind == "dy":
+        return dy
+    if kind == "x":
+        return x
+    if kind == "other_dtype":
+        return np.empty(dy.shape, np.float32 if dy.dtype == np.float64 else np.float64)
+    if kind == "readonly":
+        out = np.empty_like(dy)
+        out.flags.writeable = False
+        return out
+    raise AssertionError(kind)
+
+
 def _run(fast, x, axis, kw):
     """(outcome, state after) of one forward (and backward on success)."""
     kw = {k: _copy(v) for k, v in kw.items()}
+    dx_kind = kw.pop("dx_out", None)
+    if "out" in kw:
+        kw["out"] = _out(kw["out"], x, kw)
     with pytest.MonkeyPatch.context() as m:
         if not fast:
             m.setattr(_fast_args, "forward_args", lambda *a: None)
-            m.setattr(_fast_args, "backward_dy", lambda *a: None)
+            m.setattr(_fast_args, "backward_args", lambda *a: None)
         try:
             y, ctx = numbabn.batch_norm_forward(x, axis=axis, **kw)
+            dy = np.ones_like(y)
+            out = None if dx_kind is None else _dx_out(dx_kind, dy, ctx.x)
+            outcome = (y, *numbabn.batch_norm_backward(dy, ctx, out=out))
         except Exception as exc:
             outcome = (type(exc), str(exc))
-        else:
-            dy = np.ones_like(y)
-            outcome = (y, *numbabn.batch_norm_backward(dy, ctx))
     state = [kw[k] for k in ("running_mean", "running_var", "num_batches_tracked")]
     return outcome, state
 
@@ -218,7 +282,7 @@ def test_common_calls_take_the_fast_path(monkeypatch):
     """A layer-style call (float32 NCHW, affine, running statistics, counter) and its
     backward are accepted; so is eval, and so are the layout's later shapes."""
     taken = []
-    real_forward, real_backward = _fast_args.forward_args, _fast_args.backward_dy
+    real_forward, real_backward = _fast_args.forward_args, _fast_args.backward_args
     monkeypatch.setattr(_fast_args, "forward_args", lambda *a: taken.append(real_forward(*a) is not None) or None)
     x = np.random.default_rng(0).standard_normal((4, 3, 2, 2)).astype(np.float32)
     g, b = np.ones(3, np.float32), np.zeros(3, np.float32)
@@ -230,8 +294,9 @@ def test_common_calls_take_the_fast_path(monkeypatch):
     assert taken[1:] == [True, True]  # the first call of a shape teaches the layout cache
     monkeypatch.setattr(_fast_args, "forward_args", real_forward)
     _, ctx = numbabn.batch_norm_forward(x, g, b)
-    assert _fast_args.backward_dy(np.ones_like(x), ctx) is not None
-    assert real_backward(np.ones_like(x, dtype=np.float64), ctx) is None
+    assert _fast_args.backward_args(np.ones_like(x), ctx, None) is not None
+    assert _fast_args.backward_args(np.ones_like(x), ctx, np.empty_like(x)) is not None
+    assert real_backward(np.ones_like(x, dtype=np.float64), ctx, None) is None
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -108,7 +108,10 @@ _PLANS: dict[Any, Any] = {}
 def plan(x: NDArray[Any], layout: str, chunk: int) -> tuple["_Specs", int, int]:
     """(kernels, blocks, partial rows) for canonical ``x``: its :class:`_Specs` and the
     block grid of its shape. Memoised in one lookup (few shapes recur; on a small
-    input the driver's Python time is what a call costs); the layout is x's ndim."""
+    input the driver's Python time is what a call costs); the layout is x's ndim.
+    An input without values has no blocks (and an (N, C, 0) one no grid)."""
+    if not x.size:
+        return specs(x.dtype, layout), 0, 0
     key = (x.shape, x.dtype.char, chunk)
     p = _PLANS.get(key)
     if p is None:
