@@ -80,8 +80,7 @@ def forward_args(
     Accepted: ``training`` a bool; ``activation`` None or "relu"; ``eps`` a finite
     float > 0; ``momentum`` None or a float in [0, 1]; gamma/beta None or arrays of
     x's dtype and shape (C,); running statistics both None (training only) or both
-    such arrays, writeable in training, each owning its memory and not the same
-    array; the counter None or a writeable one-element int64 array >= 0; in
+    such arrays, writeable in training, sharing no memory; the counter None or a writeable one-element int64 array >= 0; in
     training more than one value per channel, and a counter for ``momentum=None``.
     """
     if training is not True and training is not False:
@@ -117,8 +116,11 @@ def forward_args(
         running_mean is running_var
         or not _param_ok(running_mean, dt, shape, training)
         or not _param_ok(running_var, dt, shape, training)
-        or running_mean.base is not None
-        or running_var.base is not None
+        or (
+            # views (NumPy views of torch buffers, too) need the address check
+            (running_mean.base is not None or running_var.base is not None)
+            and np.may_share_memory(running_mean, running_var)
+        )
     ):
         return None
     nbt = num_batches_tracked
