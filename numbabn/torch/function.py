@@ -18,6 +18,7 @@ sums over all ranks for ``dx``. Then ``dgamma``/``dbeta`` are this rank's own sh
 completes them like every other parameter's.
 """
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 import numbabn
-from numbabn import _threads
+from numbabn import _threads, config
 
 from . import _bridge as B
 from . import _openmp
@@ -71,7 +72,7 @@ class BatchNormFunction(torch.autograd.Function):
         # copies, written back only once the forward has succeeded.
         staged = [(buf, buf if buf is None or buf.dtype == cdt else buf.to(cdt)) for buf in (running_mean, running_var)]
         y, out = B.empty_like(x, perm)
-        with _threads.use_team(_openmp.team()):  # PyTorch's OpenMP threads (see _openmp)
+        with _team(x):  # PyTorch's OpenMP threads (see _openmp)
             _, bn = numbabn.batch_norm_forward(
                 B.to_array(x, perm),
                 B.optional_array(weight),
@@ -113,7 +114,7 @@ class BatchNormFunction(torch.autograd.Function):
         x = saved[0]
         dx, out = B.empty_like(x, perm)
         dres = None
-        with _threads.use_team(_openmp.team()):
+        with _team(x):
             if ctx.has_residual and ctx.relu:  # the masked gradient, from the same pass as dx
                 dres, res_out = B.empty_like(x, perm)
                 _, dgamma, dbeta, _ = numbabn.batch_norm_backward(
@@ -138,6 +139,15 @@ class BatchNormFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # backward(create_graph=True): no second derivative here
             grads = [None if g is None else _FirstOrderOnly.apply(g, *saved) for g in grads]
         return (*grads[:3], None, None, None, None, None, None, None, None, grads[3])
+
+
+def _team(x: torch.Tensor) -> Any:
+    """The context the kernels run in: PyTorch's OpenMP team (:mod:`._openmp`) for
+    inputs large enough to run in parallel; a no-op context for small ones, which
+    run on the calling thread anyway (entering the team's context costs ~2 us)."""
+    if x.numel() <= config.SERIAL_MAX:
+        return contextlib.nullcontext()
+    return _threads.use_team(_openmp.team())
 
 
 def _without_residual(bn: Any) -> Any:

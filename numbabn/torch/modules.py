@@ -172,7 +172,8 @@ class NumbabnBatchNorm:
         if residual is not None and residual.dtype == torch.bfloat16:
             residual = residual.float()
         cdt = B.COMPUTE_DTYPE[x.dtype]
-        weight, bias = (None if p is None else p.to(cdt) for p in (self.weight, self.bias))
+        # .to() only where the dtype differs: each call is a torch op (1-2 us on a small batch)
+        weight, bias = (p if p is None or p.dtype == cdt else p.to(cdt) for p in (self.weight, self.bias))
         moments, allreduce = self._synchronize(x, batch_stats)
         if x.numel() == 0 and moments is None:
             y = F.batch_norm(x, running_mean, running_var, weight, bias, batch_stats, momentum, self.eps)
@@ -195,7 +196,7 @@ class NumbabnBatchNorm:
             )
         if tracking:
             self.num_batches_tracked.add_(1)
-        return y.to(input.dtype)
+        return y if y.dtype == input.dtype else y.to(input.dtype)
 
 
 class BatchNorm1d(NumbabnBatchNorm, torch.nn.BatchNorm1d):
