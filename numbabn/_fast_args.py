@@ -22,20 +22,12 @@ from typing import Any
 import numpy as np
 
 from ._context import BatchNormContext
-from ._layout import _LAYOUTS, Canonical, empty_param
+from ._layout import _LAYOUTS, Canonical, empty_param, param_as_is
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _I64 = np.dtype(np.int64)
 _new = tuple.__new__
-
-
-def _param_ok(p: Any, dt: np.dtype[Any], shape: tuple[int], inplace: bool) -> bool:
-    """A per-channel parameter the kernels take as it is (see ``check_param``)."""
-    if type(p) is not np.ndarray or p.dtype is not dt or p.shape != shape:
-        return False
-    flags = p.flags
-    return flags.c_contiguous and flags.aligned and (flags.writeable or not inplace)
 
 
 def canonical_input(x: Any, axis: Any) -> Canonical | None:
@@ -105,11 +97,11 @@ def forward_args(
     shape = (cx.channels,)
     if gamma is None:
         gamma = empty_param(dt)
-    elif not _param_ok(gamma, dt, shape, False):
+    elif not param_as_is(gamma, dt, shape, False):
         return None
     if beta is None:
         beta = empty_param(dt)
-    elif not _param_ok(beta, dt, shape, False):
+    elif not param_as_is(beta, dt, shape, False):
         return None
     if running_mean is None and running_var is None:
         if not training:
@@ -117,8 +109,8 @@ def forward_args(
         running_mean = running_var = empty_param(dt)
     elif (
         running_mean is running_var
-        or not _param_ok(running_mean, dt, shape, training)
-        or not _param_ok(running_var, dt, shape, training)
+        or not param_as_is(running_mean, dt, shape, training)
+        or not param_as_is(running_var, dt, shape, training)
         or (
             # views (NumPy views of torch buffers, too) need the address check
             (running_mean.base is not None or running_var.base is not None)

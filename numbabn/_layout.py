@@ -156,6 +156,16 @@ def canonical_host(fn: str, name: str, x: Any, axis: int) -> Canonical:
     return Canonical(arr, layout, x.shape, axis, x.dtype, C, m)
 
 
+def param_as_is(value: Any, dtype: Any, shape: tuple[int], inplace: bool) -> bool:
+    """Whether ``value`` is a per-channel array the kernels take as it is: a NumPy
+    array of exactly ``dtype`` (the same dtype object) and ``shape``, C-contiguous,
+    aligned, and writeable if updated in place (``inplace``)."""
+    if type(value) is not np.ndarray or value.dtype is not dtype or value.shape != shape:
+        return False
+    flags = value.flags
+    return bool(flags.c_contiguous and flags.aligned and (flags.writeable or not inplace))
+
+
 def check_param(
     fn: str, name: str, value: Any, channels: int, dtype: DTypeLike, *, inplace: bool = False
 ) -> NDArray[Any]:
@@ -167,10 +177,8 @@ def check_param(
     """
     if value is None:
         return empty_param(dtype)
-    if type(value) is np.ndarray and value.dtype is dtype and value.shape == (channels,):
-        flags = value.flags  # the common case, checked in one go
-        if flags.c_contiguous and flags.aligned and (flags.writeable or not inplace):
-            return value
+    if param_as_is(value, dtype, (channels,), inplace):  # the common case, checked in one go
+        return value
     if type(value) is not np.ndarray or not value.dtype.isnative:
         if inplace:
             if not isinstance(value, np.ndarray) or isinstance(value, np.ma.MaskedArray):
