@@ -228,6 +228,8 @@ def test_cpu_tensors_are_viewed_without_copies():
     y, out = _bridge.empty_like(ncl, _bridge.channels_last_perm(ncl))
     assert y.stride() == ncl.stride() and out.flags.c_contiguous
     assert _bridge.channels_last_perm(torch.randn(4, 3, 5, 5)) is None
+    w = torch.nn.Parameter(torch.randn(3))  # requires grad: viewed through a detached alias
+    assert _bridge.to_array(w).ctypes.data == w.data_ptr() and w.requires_grad
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -254,6 +256,8 @@ def test_outputs_may_be_modified_in_place(channels_last):
 
 class FakeCudaTensor:
     """Stands in for a CUDA tensor in the bridge (no GPU here): records what it is asked."""
+
+    is_cpu = False
 
     def __init__(self, t):
         self.t, self.device, self.calls = t, torch.device("cuda", 0), []
