@@ -170,3 +170,37 @@ def test_cuda_run_bookkeeping_on_the_simulator(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="PyTorch that sees the GPU"):
             harness.run(cases, backend="cuda", compare=("torch",))
+
+
+def test_interleaved_alternates_samples_and_sizes_them():
+    """Rounds time every function in turn (so a drift of the machine hits all alike);
+    a fast function's sample is several calls (at least min_sample_s), a slow one's one
+    call; the result is the median seconds per call."""
+    seen = []
+    per_call = {"fast": 2e-5, "slow": 3e-3}
+    fns = {name: (lambda n=name: n) for name in per_call}
+    # the machine's speed per sample: calibration samples first, then 4 rounds
+    drift = iter([1.0, 1.0, 1.0, 1.0, 1.3, 1.3, 1.1, 1.1, 1.2, 1.2])
+
+    def sample(fn, calls):
+        name = fn()
+        seen.append((name, calls))
+        return per_call[name] * next(drift)
+
+    medians = harness.interleaved(fns, 4, sample, min_sample_s=1e-3)
+    assert seen[:2] == [("fast", 1), ("slow", 1)]  # calibration: one call each
+    assert seen[2:] == [("fast", 50), ("slow", 1)] * 4
+    assert medians["fast"] == pytest.approx(2e-5 * 1.15) and medians["slow"] == pytest.approx(3e-3 * 1.15)
+
+
+def test_interleaved_without_a_minimum_sample_times_single_calls():
+    """CUDA events time one call exactly (and the simulator's are fake, possibly 0):
+    no calibration call, one call per sample."""
+    seen = []
+
+    def sample(fn, calls):
+        seen.append(calls)
+        return 0.0
+
+    assert harness.interleaved({"a": lambda: None}, 3, sample, min_sample_s=0.0) == {"a": 0.0}
+    assert seen == [1, 1, 1]

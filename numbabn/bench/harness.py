@@ -1,8 +1,12 @@
 """The timing harness shared by ``numbabn bench`` and the pytest-benchmark suite.
 
 Method (DESIGN.md §7): one warm-up call per case and op (its time is reported
-separately as ``first_s``: JIT compile, or loading Numba's on-disk cache), then the
-median of ``repeat`` timed calls. For each case the bytes moved follow DESIGN.md §3
+separately as ``first_s``: JIT compile, or loading Numba's on-disk cache), then
+the median per call of ``repeat`` samples of numbabn, then of PyTorch (each sample
+is enough back-to-back calls to last ``MIN_SAMPLE_S``, one call on large inputs:
+single calls of ~20 us carry the jitter of one scheduler tick). The two libraries are
+timed one after the other, not interleaved (see :func:`run`), so on a noisy machine
+run the benchmark twice and compare ratios. For each case the bytes moved follow DESIGN.md §3
 (S = bytes of x, ``numbabn.bench.cases.TRAFFIC``): training forward 3S, eval
 forward 2S, backward 5S. GB/s is bytes/time; ``pct_copy`` compares it with the copy
 bandwidth of the backend's memory measured in the same run. PyTorch
@@ -20,6 +24,7 @@ reference is the faster of NumPy's ``copyto`` and a copy on the kernels' thread 
 (2 bytes moved per byte copied); PyTorch gets the same thread count as Numba.
 """
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -74,6 +79,55 @@ def median_time(fn: Callable[[], Any], repeat: int, sync: Callable[[], Any] | No
             sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def wall_time(fn: Callable[[], Any], calls: int) -> float:
+    """Wall-clock seconds per call of ``calls`` back-to-back calls of ``fn``."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+# A sample of a fast call is this long (several calls): single calls of ~20 us are
+# timed with the jitter of one scheduler tick, and the calibration costs one call.
+MIN_SAMPLE_S = 1e-3
+
+
+def interleaved(
+    fns: dict[str, Callable[[], Any]],
+    repeat: int,
+    sample: Callable[[Callable[[], Any], int], float] = wall_time,
+    min_sample_s: float = MIN_SAMPLE_S,
+) -> dict[str, float]:
+    """Median seconds per call of each of ``fns`` over ``repeat`` rounds, each round
+    timing one sample of every function in turn, so that a drift of the machine's
+    speed hits all of them alike. ``sample(fn, calls)`` times ``calls`` back-to-back
+    calls and returns seconds per call; ``calls`` is fixed per function from one timed
+    call so that a sample lasts at least ``min_sample_s`` (at most 10 000 calls; one
+    call, and no calibration, for ``min_sample_s=0``).
+    Interleave only what runs on the same threads: between samples of two libraries
+    with their own thread pools, the other's threads still spin or its memory is still
+    being returned (see :func:`run`)."""
+    calls = {
+        name: max(1, min(10_000, math.ceil(min_sample_s / max(sample(fn, 1), 1e-9)))) if min_sample_s > 0 else 1
+        for name, fn in fns.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            times[name].append(sample(fn, calls[name]))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+Sampler = Callable[[Callable[[], Any], int], float]  # (fn, calls) -> seconds per call
+
+
+def per_call(
+    fn: Callable[[], Any], repeat: int, sample: Sampler = wall_time, min_sample_s: float = MIN_SAMPLE_S
+) -> float:
+    """Median seconds per call of ``fn`` over ``repeat`` samples (see :func:`interleaved`)."""
+    return interleaved({"fn": fn}, repeat, sample, min_sample_s)["fn"]
 
 
 def first_call(fn: Callable[[], Any], sync: Callable[[], Any] | None = None) -> float:
@@ -228,7 +282,8 @@ class CPUBackend:
         """{op: callable} on the host arrays of :func:`inputs`."""
         return numbabn_ops(case, x, gamma, beta, dy, rm, rv)
 
-    time = staticmethod(median_time)
+    sample = staticmethod(wall_time)
+    min_sample_s = MIN_SAMPLE_S
 
 
 def _backend(name: str, compare: Sequence[str], threads: int | None) -> Any:
@@ -243,9 +298,10 @@ def _backend(name: str, compare: Sequence[str], threads: int | None) -> Any:
     raise ValueError(f"backend must be 'cpu' or 'cuda', got {name!r}")
 
 
-def _compare(row: Row, others: dict[str, Any], op: str, repeat: int, torch_time: Any) -> None:
-    """Time the NumPy reference and PyTorch on ``op`` (after one untimed call each)
-    and fill ``row``'s comparison columns. ``torch_time(fn, repeat)`` -> seconds."""
+def _compare(row: Row, others: dict[str, Any], op: str, repeat: int, side: Any) -> None:
+    """Time the NumPy reference (at most 3 calls: it is slow) and PyTorch (like
+    numbabn: :func:`per_call` with ``side``'s sampler) on ``op``, after one untimed
+    call each, and fill ``row``'s comparison columns."""
     if "numpy" in others:
         f = others["numpy"][op]
         f()
@@ -254,7 +310,7 @@ def _compare(row: Row, others: dict[str, Any], op: str, repeat: int, torch_time:
     if "torch" in others:
         f = others["torch"][op]
         f()
-        row.torch_ms = torch_time(f, repeat) * 1e3
+        row.torch_ms = per_call(f, repeat, side.sample, side.min_sample_s) * 1e3
         row.vs_torch = row.torch_ms / row.ms
 
 
@@ -303,7 +359,12 @@ def run(
         S = x.nbytes
         for op in ops:
             first = first_call(ours[op], side.sync) + (setup_s if op == "forward" else 0.0)
-            sec = side.time(ours[op], repeat)
+            # One library after the other, not interleaved: right after a PyTorch call
+            # its OpenMP workers spin for 4-10 ms on the cores numbabn's threads need,
+            # and alternating 51 MB allocations of both changes how fast the kernel
+            # hands out fresh pages (measured: 64x64x56x56 forward 13.7-17.7 ms alone,
+            # 26-28 ms interleaved with PyTorch, with or without a 20 ms pause).
+            sec = per_call(ours[op], repeat, side.sample, side.min_sample_s)
             gbps = TRAFFIC[op] * S / sec / 1e9
             row = Row(
                 op,
@@ -317,7 +378,7 @@ def run(
                 100 * gbps / copy_gbps,
                 first,
             )
-            _compare(row, others, op, repeat, side.time)
+            _compare(row, others, op, repeat, side)
             rows.append(row)
     meta = {
         "backend": side.name,

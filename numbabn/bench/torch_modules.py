@@ -23,14 +23,13 @@ numbabn (``torch.set_num_threads`` and ``numbabn.set_num_threads``):
     all three trained the same network.
 
 Timing: warm-up calls first (JIT compile excluded), then ``repeat`` rounds in which
-every variant runs once, interleaved, so that machine noise hits them alike; the
-median per variant is reported, and ratios are native time / numbabn time from the
-same rounds.
+every variant runs one sample, interleaved, so that machine noise hits them alike (a
+sample is one call, or several back-to-back calls of a fast one:
+:func:`numbabn.bench.harness.interleaved`); the median per call is reported, and ratios
+are native time / numbabn time from the same rounds.
 """
 
 import copy
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,6 +38,7 @@ import torch
 from ..torch.convert import convert_batchnorm
 from ..torch.resnet import fuse_residual, resnet18
 from .cases import SUITES
+from .harness import interleaved
 from .report import text_table
 
 
@@ -52,17 +52,12 @@ def _set_threads(threads: int | None) -> tuple[int, int]:
 
 
 def _interleaved(fns: dict[str, Callable[[], Any]], repeat: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per function over ``repeat`` rounds that run each once."""
+    """Median seconds per call of each function over ``repeat`` interleaved rounds
+    (:func:`numbabn.bench.harness.interleaved`), after ``warmup`` untimed calls each."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return interleaved(fns, repeat)
 
 
 def _bn_case(case: Any, dtype: Any = torch.float32) -> tuple[Any, ...]:

@@ -220,7 +220,7 @@ def _cases(ctx: click.Context, shapes: tuple[tuple[str, tuple[int, ...]], ...], 
     type=click.IntRange(min=1),
     default=10,
     show_default=True,
-    help="Timed calls per case and op; the median is reported.",
+    help="Timed samples per case and op (a sample: at least 1 ms of calls); the median is reported.",
 )
 @click.option(
     "--compare",
@@ -268,8 +268,9 @@ def bench(
     """Time batch norm forward (training), eval and backward per case.
 
     Each case/op: one untimed first call (JIT compile or cache load, summed in the
-    footer), then the median of --repeat calls; GB/s from the bytes moved (3x, 2x and
-    5x the input for forward, eval and backward) and as % of the copy bandwidth
+    footer), then the median per call of --repeat samples (a sample: at least 1 ms of
+    back-to-back calls, one call on large inputs); GB/s from the bytes moved (3x, 2x
+    and 5x the input for forward, eval and backward) and as % of the copy bandwidth
     measured in the same run; the NumPy reference and PyTorch are timed on the same
     data ("x numpy", "x torch": how many times faster numbabn is).
     """
