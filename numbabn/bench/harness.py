@@ -4,11 +4,11 @@ Method (DESIGN.md §7): one warm-up call per case and op (its time is reported
 separately as ``first_s``: JIT compile, or loading Numba's on-disk cache), then
 the median per call of ``repeat`` samples of numbabn, then of PyTorch (each sample
 is enough back-to-back calls to last ``MIN_SAMPLE_S``, one call on large inputs:
-single calls of ~20 us carry the jitter of one scheduler tick). The two libraries are
-timed one after the other, not interleaved (see :func:`run`), so on a noisy machine
-run the benchmark twice and compare ratios. For each case the bytes moved follow DESIGN.md §3
-(S = bytes of x, ``numbabn.bench.cases.TRAFFIC``): training forward 3S, eval
-forward 2S, backward 5S. GB/s is bytes/time; ``pct_copy`` compares it with the copy
+single calls of ~20 us carry the jitter of one scheduler tick). The two libraries
+are timed one after the other, not interleaved (see :func:`run`), so on a noisy
+machine run the benchmark twice and compare ratios. For each case the bytes moved
+follow DESIGN.md §3 (S = bytes of x, ``numbabn.bench.cases.TRAFFIC``): training
+forward 3S, eval forward 2S, backward 5S. GB/s is bytes/time; ``pct_copy`` compares it with the copy
 bandwidth of the backend's memory measured in the same run. PyTorch
 (``torch.nn.functional.batch_norm`` for forward/eval, ATen's
 ``native_batch_norm_backward`` for backward, i.e. exactly the kernels autograd calls)
@@ -92,12 +92,13 @@ def wall_time(fn: Callable[[], Any], calls: int) -> float:
 # A sample of a fast call is this long (several calls): single calls of ~20 us are
 # timed with the jitter of one scheduler tick, and the calibration costs one call.
 MIN_SAMPLE_S = 1e-3
+Sampler = Callable[[Callable[[], Any], int], float]  # (fn, calls) -> seconds per call
 
 
 def interleaved(
     fns: dict[str, Callable[[], Any]],
     repeat: int,
-    sample: Callable[[Callable[[], Any], int], float] = wall_time,
+    sample: Sampler = wall_time,
     min_sample_s: float = MIN_SAMPLE_S,
 ) -> dict[str, float]:
     """Median seconds per call of each of ``fns`` over ``repeat`` rounds, each round
@@ -118,9 +119,6 @@ def interleaved(
         for name, fn in fns.items():
             times[name].append(sample(fn, calls[name]))
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-Sampler = Callable[[Callable[[], Any], int], float]  # (fn, calls) -> seconds per call
 
 
 def per_call(
