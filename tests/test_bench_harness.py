@@ -204,3 +204,11 @@ def test_interleaved_without_a_minimum_sample_times_single_calls():
 
     assert harness.interleaved({"a": lambda: None}, 3, sample, min_sample_s=0.0) == {"a": 0.0}
     assert seen == [1, 1, 1]
+
+
+@pytest.mark.parametrize("repeat", [0, -1, 2.0, True])
+def test_interleaved_rejects_a_bad_repeat(repeat):
+    calls = []
+    with pytest.raises(ValueError, match=f"interleaved: repeat must be a positive int, got {repeat!r}"):
+        harness.interleaved({"a": lambda: calls.append(1)}, repeat, lambda fn, n: fn() or 1.0)
+    assert calls == []  # nothing ran

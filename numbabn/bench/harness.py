@@ -69,18 +69,6 @@ class Report:
         return {"meta": self.meta, "rows": [asdict(r) for r in self.rows]}
 
 
-def median_time(fn: Callable[[], Any], repeat: int, sync: Callable[[], Any] | None = None) -> float:
-    """Median wall-clock seconds of ``repeat`` calls of ``fn`` (each followed by ``sync``)."""
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        if sync is not None:
-            sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def wall_time(fn: Callable[[], Any], calls: int) -> float:
     """Wall-clock seconds per call of ``calls`` back-to-back calls of ``fn``."""
     t0 = time.perf_counter()
@@ -110,6 +98,8 @@ def interleaved(
     Interleave only what runs on the same threads: between samples of two libraries
     with their own thread pools, the other's threads still spin or its memory is still
     being returned (see :func:`run`)."""
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"interleaved: repeat must be a positive int, got {repeat!r}")
     calls = {
         name: max(1, min(10_000, math.ceil(min_sample_s / max(sample(fn, 1), 1e-9)))) if min_sample_s > 0 else 1
         for name, fn in fns.items()
@@ -160,7 +150,9 @@ def copy_bandwidth(nbytes: int = 256 << 20, repeat: int = 5) -> float:
         parallel_for(copy_blocks, blocks, src.size, src, dst)
 
     threaded()
-    best = min(median_time(lambda: np.copyto(dst, src), repeat), median_time(threaded, repeat))
+    best = min(
+        per_call(lambda: np.copyto(dst, src), repeat, min_sample_s=0), per_call(threaded, repeat, min_sample_s=0)
+    )
     return 2 * src.nbytes / best / 1e9
 
 
@@ -303,7 +295,7 @@ def _compare(row: Row, others: dict[str, Any], op: str, repeat: int, side: Any) 
     if "numpy" in others:
         f = others["numpy"][op]
         f()
-        row.numpy_ms = median_time(f, max(1, min(repeat, 3))) * 1e3
+        row.numpy_ms = per_call(f, max(1, min(repeat, 3)), min_sample_s=0) * 1e3
         row.vs_numpy = row.numpy_ms / row.ms
     if "torch" in others:
         f = others["torch"][op]
