@@ -318,3 +318,44 @@ def test_inference_mode_and_cpu_autocast_like_torch():
     torch.testing.assert_close(ya.float(), yb.float(), rtol=2e-2, atol=2e-2)
     ya.float().sum().backward()
     assert ours.weight.grad.dtype == torch.float32 and conv.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"])
+def test_meta_tensors_give_torch_shapes(name):
+    """A model on the meta device (shapes only: model-size tools, deferred init) runs
+    its forward as torch.nn's does: an output of the right shape, dtype and memory
+    format on the meta device, with the fused ReLU and the residual accepted."""
+    shape = {"BatchNorm1d": (4, 3, 7), "BatchNorm3d": (2, 3, 4, 3, 5)}.get(name, (4, 3, 5, 6))
+    ref = getattr(torch.nn, "BatchNorm2d" if name == "SyncBatchNorm" else name)(3, device="meta")
+    x = torch.empty(shape, device="meta")
+    if len(shape) == 4:
+        x = x.to(memory_format=torch.channels_last)
+    for kwargs in ({}, {"activation": "relu"}):
+        bn = getattr(nbt, name)(3, device="meta", **kwargs)
+        for y in (bn(x), bn(x, residual=torch.empty_like(x))):
+            expected = ref(x)
+            assert y.is_meta and y.shape == expected.shape and y.dtype == expected.dtype
+            assert y.stride() == expected.stride()
+        assert bn.num_batches_tracked.is_meta
+        bn.eval()
+        assert bn(x).shape == x.shape
+
+
+def test_torch_compile_runs_the_same_steps():
+    """``torch.compile`` (graph-breaking at the batch norm, whose kernels are not torch
+    ops) trains exactly as the eager module does: outputs, gradients, running stats."""
+    torch.manual_seed(7)
+    eager = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), nbt.BatchNorm2d(4, activation="relu"))
+    compiled_model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), nbt.BatchNorm2d(4, activation="relu"))
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, backend="eager")
+    for step in range(3):
+        x = torch.randn(4, 3, 5, 5) + step
+        ya, yb = eager(x), compiled(x)
+        assert torch.equal(ya, yb)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        for (name, a), b in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
+            assert torch.equal(a.grad, b.grad), name
+    for a, b in zip(eager.buffers(), compiled_model.buffers(), strict=True):
+        assert torch.equal(a, b)

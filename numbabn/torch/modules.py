@@ -22,7 +22,13 @@ Where numbabn differs from PyTorch:
   before it looks at the input; numbabn increments it after a successful forward.
 * Statistics accumulate in float64 (PyTorch's CPU kernels: float32 sums for float32
   input), so results agree with PyTorch to float32 rounding, not bit for bit.
-* An input with no values (N = 0) takes PyTorch's own path (nothing to compute).
+* An input with no values (N = 0) takes PyTorch's own path (nothing to compute),
+  as does one on the ``meta`` device (shapes only; SyncBatchNorm exchanges nothing).
+* ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``) and TorchScript
+  scripting are not supported: the kernels run outside PyTorch's operator set
+  (PyTorch then raises its own error). ``torch.compile`` works, with a graph
+  break at each batch norm; ``torch.autograd.grad`` and
+  ``torch.autograd.functional`` work.
 
 Dtypes: float32 and float64 run natively. float16 input with float32 parameters is
 computed in float32 by numbabn's functional API (output float16), which converts the
@@ -174,8 +180,11 @@ class NumbabnBatchNorm:
         cdt = B.COMPUTE_DTYPE[x.dtype]
         # .to() only where the dtype differs: each call is a torch op (1-2 us on a small batch)
         weight, bias = (p if p is None or p.dtype == cdt else p.to(cdt) for p in (self.weight, self.bias))
-        moments, allreduce = self._synchronize(x, batch_stats)
-        if x.numel() == 0 and moments is None:
+        # A meta tensor has a shape but no values (model-size tools, ``device="meta"``
+        # initialisation): PyTorch's own op works out the output, with no exchange.
+        meta = x.is_meta
+        moments, allreduce = (None, None) if meta else self._synchronize(x, batch_stats)
+        if (meta or x.numel() == 0) and moments is None:
             y = F.batch_norm(x, running_mean, running_var, weight, bias, batch_stats, momentum, self.eps)
             y = y if residual is None else y + residual
             y = F.relu(y) if self.activation == "relu" else y
