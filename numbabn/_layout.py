@@ -10,7 +10,9 @@ Canonical layouts: an input with channel axis ``axis`` is viewed as
 ``(N, C, L)`` ("ncl") when the channel axis is not last and ``L > 1``, or as
 ``(M, C)`` ("mc") otherwise (channels-last, or a plain (N, C) matrix). The view is
 zero-copy for C-contiguous input; other inputs are copied once into that layout.
-float16 is computed in float32.
+float16 (and bfloat16, which only numbabn.torch hands over: :data:`BFLOAT16`) keeps
+its 16 bits: the canonical array is the integer view the CPU kernels read
+(:data:`numbabn.kernels.storage.STORAGE`), computed in float32.
 
 Host arrays are taken as they come with two exceptions, handled alike for every
 array argument (:func:`host_array`): non-native byte order (big-endian data read
@@ -36,6 +38,21 @@ _EMPTY: dict[np.dtype[Any], NDArray[Any]] = {
 _FLOAT32 = np.dtype(np.float32)
 _FLOAT64 = np.dtype(np.float64)
 
+#: bfloat16 data as numbabn.torch passes it (NumPy has no bfloat16 dtype): the 16-bit
+#: patterns under a one-field structured dtype, which no ordinary array carries, so
+#: it cannot be mistaken for integer data. Internal: the public API takes float16,
+#: float32 and float64.
+BFLOAT16 = np.dtype([("bfloat16", np.uint16)])
+# The integer view the kernels read for each 16-bit dtype (kernels.storage.STORAGE).
+_STORAGE = {np.dtype(np.float16): np.dtype(np.int16), BFLOAT16: np.dtype(np.uint16)}
+
+
+def storage_view(a: NDArray[Any]) -> NDArray[Any]:
+    """``a`` as the kernels read and write it: float16/bfloat16 as their 16-bit
+    integer view (no copy), anything else as it is."""
+    st = _STORAGE.get(a.dtype)
+    return a if st is None else a.view(st)
+
 
 def compute_dtype(dtype: DTypeLike) -> np.dtype[Any]:
     """The native dtype the kernels compute in: float16 -> float32; float32/float64
@@ -55,7 +72,7 @@ class Canonical(NamedTuple):
     per-call Python overhead decides the speed on tiny inputs.
     """
 
-    array: Any  # (N, C, L) or (M, C), C-contiguous, compute dtype
+    array: Any  # (N, C, L) or (M, C), C-contiguous, float32/float64 or 16-bit storage
     layout: str  # "ncl" or "mc"
     shape: tuple  # the caller's shape
     axis: int  # normalised channel axis
@@ -145,15 +162,15 @@ def canonical_host(fn: str, name: str, x: Any, axis: int) -> Canonical:
             raise TypeError(f"{fn}: {name} is a GPU array ({type(x).__name__}) but backend='cpu' was requested")
         x = host_array(fn, name, x)
     dtype = x.dtype
-    if dtype.char not in "fd":
+    if dtype.char not in "fd" and dtype != BFLOAT16:
         check_float_dtype(fn, name, dtype)
     axis, layout, cshape, C, m = layout_of(fn, name, x.shape, axis)
     flags = x.flags
-    if flags.c_contiguous and flags.aligned and dtype.char != "e":
+    if flags.c_contiguous and flags.aligned:
         arr = x.reshape(cshape)
     else:
-        arr = np.ascontiguousarray(x, dtype=compute_dtype(x.dtype)).reshape(cshape)
-    return Canonical(arr, layout, x.shape, axis, x.dtype, C, m)
+        arr = np.ascontiguousarray(x).reshape(cshape)
+    return Canonical(storage_view(arr), layout, x.shape, axis, x.dtype, C, m)
 
 
 def param_as_is(value: Any, dtype: Any, shape: tuple[int], inplace: bool) -> bool:

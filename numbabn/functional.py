@@ -37,7 +37,9 @@ NaN and Inf propagate: a NaN in a channel makes that channel's statistics and
 outputs NaN (nothing is silently dropped). Float32 inputs give float32 outputs
 (statistics accumulate in float64 internally); float16 is computed in float32
 (float32 gamma, beta and running statistics; float16 output), as PyTorch's CPU
-batch norm does. Big-endian input is converted to the native byte order (the
+batch norm does: the CPU kernels read and write the 16-bit data directly (no
+float32 copy; :mod:`numbabn.kernels.storage`), and the result is exactly the
+float32 computation on the same values, rounded to float16 (ties to even). Big-endian input is converted to the native byte order (the
 output is native); masked arrays with masked values are refused.
 
 Empty batches (PyTorch's semantics): an input without values (N = 0, or a
@@ -58,7 +60,7 @@ from . import _bn_checks as B
 from . import _fast_args
 from ._checks import check_activation, check_bool, check_eps, check_momentum, describe
 from ._context import BatchNormContext
-from ._layout import is_device_array
+from ._layout import compute_dtype, is_device_array
 from ._typing import AnyArray
 from .backends import cpu as _cpu_backend
 from .backends import get as _get_backend
@@ -270,7 +272,7 @@ def batch_norm_forward(
         # An empty batch and no statistics from elsewhere: nothing to normalise, the
         # running statistics stay (the call is still counted, as in PyTorch), and the
         # zero statistics give zero parameter gradients.
-        mean, invstd, coef = be.zero_stats(cx.channels, y.dtype)
+        mean, invstd, coef = be.zero_stats(cx.channels, compute_dtype(cx.dtype))
     else:
         # Not tracking in training means running_mean is None: the empty arrays the
         # parameter check returns tell the kernels not to update anything. An input

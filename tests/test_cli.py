@@ -435,9 +435,18 @@ def test_warmup_residual_adds_the_fused_residual_variants():
     assert {"apply_res", "grad_sums_res", "grad_apply_res"} <= set(vars(k))
 
 
+def test_warmup_of_a_16_bit_dtype_compiles_its_data_kernels():
+    from numbabn.kernels import cpu_driver
+
+    result = invoke("warmup", "--dtype", "bfloat16", "--layout", "mc")
+    assert result.exit_code == 0, result.output
+    k = cpu_driver.specs(np.dtype(np.uint16), "mc")  # bfloat16's 16-bit storage
+    assert set(k.all_names()) <= set(vars(k)) and k.compute == np.float32
+
+
 def test_warmup_rejects_unknown_dtype():
-    result = invoke("warmup", "--dtype", "float16")
-    assert result.exit_code == 2 and "'float16' is not one of" in result.output
+    result = invoke("warmup", "--dtype", "int8")
+    assert result.exit_code == 2 and "'int8' is not one of" in result.output
 
 
 # --- one-line errors, outputs checked first --------------------------------------------

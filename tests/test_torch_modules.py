@@ -146,6 +146,42 @@ def test_16_bit_input_with_float32_parameters_like_torch(dtype):
     torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+@pytest.mark.parametrize("residual", [False, True])
+def test_16_bit_input_is_float32_batch_norm_rounded_without_copies(dtype, fmt, residual):
+    """16-bit input runs on the kernels' 16-bit path: outputs and input gradients are
+    exactly the float32 module's on the same values, rounded to the 16-bit dtype
+    (parameter gradients and running statistics equal), and the backward keeps the
+    16-bit input itself, not a float32 copy."""
+    torch.manual_seed(8)
+    a, b = nbt.BatchNorm2d(6, activation="relu"), nbt.BatchNorm2d(6, activation="relu")
+    with torch.no_grad():
+        a.weight.uniform_(0.5, 1.5)
+    b.load_state_dict(a.state_dict())
+    x16 = (torch.randn(4, 6, 5, 7) * 2 + 1).to(dtype)
+    dy16 = torch.randn(4, 6, 5, 7).to(dtype)
+    r16 = torch.randn(4, 6, 5, 7).to(dtype) if residual else None
+    if fmt is not None:
+        x16, dy16 = x16.to(memory_format=fmt), dy16.to(memory_format=fmt)
+        r16 = None if r16 is None else r16.to(memory_format=fmt)
+    x16.requires_grad_()
+    x32 = x16.detach().float().requires_grad_()
+    y16 = a(x16) if r16 is None else a(x16, residual=r16)
+    y32 = b(x32) if r16 is None else b(x32, residual=r16.float())
+    assert y16.dtype == dtype and torch.equal(y16, y32.to(dtype))
+    assert fmt is None or y16.is_contiguous(memory_format=fmt)
+    kept = y16.grad_fn.bn.x
+    assert kept.dtype.itemsize == 2
+    assert kept.__array_interface__["data"][0] == x16.data_ptr()
+    y16.backward(dy16)
+    y32.backward(dy16.float())
+    assert x16.grad.dtype == dtype and torch.equal(x16.grad, x32.grad.to(dtype))
+    assert torch.equal(a.weight.grad, b.weight.grad) and torch.equal(a.bias.grad, b.bias.grad)
+    for p, q in zip(a.buffers(), b.buffers(), strict=True):
+        assert torch.equal(p, q)
+
+
 def test_half_module_updates_its_half_buffers():
     torch.manual_seed(4)
     ours, theirs = nbt.BatchNorm1d(6).half(), torch.nn.BatchNorm1d(6).half()

@@ -2,8 +2,10 @@
 ``numbabn.kernels.cpu_driver`` on numbabn's thread pool.
 
 Operations as listed in :mod:`numbabn.backends`; arrays are host arrays throughout
-(``host`` arguments are ignored). Buffers are allocated in the compute dtype and
-the canonical shape; ``deliver`` returns them in the caller's shape and dtype.
+(``host`` arguments are ignored). Buffers are allocated in the canonical shape and
+the kernels' storage dtype (the caller's dtype; float16 and bfloat16 as their 16-bit
+integer view, :func:`numbabn._layout.storage_view`); ``deliver`` returns them in the
+caller's shape and dtype, without a copy.
 """
 
 from collections.abc import Callable, Sequence
@@ -13,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .. import config
-from .._layout import Canonical, canonical_host, check_out, check_param
+from .._layout import Canonical, canonical_host, check_out, check_param, storage_view
 from .._typing import AnyArray
 from ..kernels import cpu_driver
 
@@ -40,28 +42,24 @@ def output(
     fn: str, out: AnyArray | None, cx: Canonical, host: bool, inputs: Sequence[Any], overlap_msg: str
 ) -> AnyArray:
     """Check ``out`` (a NumPy array of the caller's shape and dtype, apart from
-    ``inputs``) and return the compute-dtype buffer (canonical shape) the kernels
-    write: ``out`` itself when its dtype is the compute dtype."""
-    dt = cx.array.dtype
+    ``inputs``) and return the buffer (canonical shape, storage dtype) the kernels
+    write: a view of ``out`` when given."""
     if out is not None:
         check_out(fn, "out", out, cx.shape, cx.dtype)
         if any(np.may_share_memory(out, a) for a in inputs):
             raise ValueError(f"{fn}: {overlap_msg}")
-        if cx.dtype == dt:
-            return out.reshape(cx.array.shape)
-    return np.empty(cx.array.shape, dt)
+        return storage_view(out).reshape(cx.array.shape)
+    return np.empty(cx.array.shape, cx.array.dtype)
 
 
 def deliver(buf: AnyArray, shape: tuple[int, ...], dtype: Any, out: AnyArray | None, host: bool) -> AnyArray:
-    """The buffer as the caller's result: shape ``shape``, dtype ``dtype`` (float16
-    converted back), in ``out`` when given."""
-    if buf.dtype != dtype:
-        if out is None:
-            return buf.reshape(shape).astype(dtype)
-        out[...] = buf.reshape(shape)
-        return out
+    """The buffer as the caller's result: shape ``shape``, dtype ``dtype`` (a 16-bit
+    storage buffer viewed as float16/bfloat16 again), or ``out`` itself when given
+    (the buffer is a view of it)."""
     if out is not None:
         return out
+    if buf.dtype != dtype:
+        buf = buf.view(dtype)
     return buf if buf.shape == shape else buf.reshape(shape)
 
 

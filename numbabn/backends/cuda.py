@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 from .. import config
 from .._checks import describe
 from .._layout import (
+    BFLOAT16,
     Canonical,
     canonical_host,
     check_float_dtype,
@@ -109,7 +110,12 @@ def canonical(fn: str, name: str, x: AnyArray, axis: int) -> Canonical:
     """
     if not is_device_array(x):
         cx = canonical_host(fn, name, x, axis)
-        return cx._replace(array=cuda.to_device(cx.array))
+        arr = cx.array
+        if cx.dtype == BFLOAT16:
+            raise TypeError(f"{fn}: bfloat16 {name} runs on the CPU backend only")
+        if arr.dtype != cx.dtype:  # float16's 16-bit storage view (the CPU kernels' format)
+            arr = arr.view(cx.dtype).astype(compute_dtype(cx.dtype))
+        return cx._replace(array=cuda.to_device(arr))
     d = as_device(x)
     check_float_dtype(fn, name, d.dtype)
     axis, layout, cshape, C, m = layout_of(fn, name, tuple(d.shape), axis)

@@ -13,8 +13,9 @@ from ._common import Settings
     "--dtype",
     "dtypes",
     multiple=True,
-    type=click.Choice(["float32", "float64"]),
-    help="Only these dtypes (repeatable; default both). float16 input computes in float32.",
+    type=click.Choice(["float32", "float64", "float16", "bfloat16"]),
+    help="Only these dtypes (repeatable; default float32 and float64). float16 and "
+    "bfloat16 (numbabn.torch) have their own data kernels and share float32's others.",
 )
 @click.option(
     "--layout",

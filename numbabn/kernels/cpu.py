@@ -57,6 +57,7 @@ import numpy as np
 from numba import njit
 
 from .._jit import kernel
+from .storage import load, store
 
 # Reassociation lets LLVM vectorise the float64 sums; it changes nothing between
 # runs or thread counts (the blocks are fixed). The element helpers carry no
@@ -89,7 +90,15 @@ def _max(a, b):
 
 @njit(error_model="numpy", inline="always")
 def _at(arr, i):
-    """``arr[i]``, or None for an absent (None) residual: pruned at compile time."""
+    """``load(arr, i)``, or None for an absent (None) residual: pruned at compile time."""
+    if arr is None:
+        return None
+    return load(arr, i)
+
+
+@njit(error_model="numpy", inline="always")
+def _line(arr, i):
+    """``arr[i]`` (a row of an (M, C) array), or None for an absent residual."""
     if arr is None:
         return None
     return arr[i]
@@ -105,9 +114,9 @@ def _row(arr, n, c, l0, l1):
 
 @njit(error_model="numpy", inline="always")
 def _store(arr, i, v):
-    """``arr[i] = v`` unless ``arr`` is None (no residual gradient to store)."""
+    """``store(arr, i, v)`` unless ``arr`` is None (no residual gradient to store)."""
     if arr is not None:
-        arr[i] = v
+        store(arr, i, v)
 
 
 @njit(error_model="numpy")
@@ -204,7 +213,7 @@ def stats_ncl(x, chunk, cnt, part, t0, t1):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         sh, s, q = part[SHIFT, kn], part[SUM, kn], part[SQ, kn]
         for c in range(c0, c1):
-            sh[c] = x[n0, c, l0]
+            sh[c] = load(x, (n0, c, l0))
             s[c] = 0.0
             q[c] = 0.0
         for n in range(n0, n1):
@@ -214,7 +223,7 @@ def stats_ncl(x, chunk, cnt, part, t0, t1):
                 s1 = 0.0
                 s2 = 0.0
                 for j in range(row.size):
-                    d = row[j] - shc
+                    d = load(row, j) - shc
                     s1 += d
                     s2 += d * d
                 s[c] += s1
@@ -235,13 +244,13 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
         r1 = _min(r0 + R, M)
         sh, s, q = part[SHIFT, k], part[SUM, k], part[SQ, k]
         for c in range(C):
-            sh[c] = x[r0, c]
+            sh[c] = load(x, (r0, c))
             s[c] = 0.0
             q[c] = 0.0
         for i in range(r0, r1):
             row = x[i]
             for c in range(C):
-                d = row[c] - sh[c]
+                d = load(row, c) - sh[c]
                 s[c] += d
                 q[c] += d * d
         n = float(r1 - r0)
@@ -321,8 +330,8 @@ def coefficients(cnt, part, gamma, beta, running_mean, running_var, momentum, ep
 @kernel()
 def apply_ncl(x, res, coef, relu, chunk, y, t0, t1):
     """y = normalise(x) (+ res) over the blocks t0..t1 of (N, C, L) arrays."""
-    half = x.dtype.type(0.5)
-    zero = x.dtype.type(0)
+    half = coef.dtype.type(0.5)
+    zero = coef.dtype.type(0)
     for t in range(t0, t1):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         for n in range(n0, n1):
@@ -332,22 +341,22 @@ def apply_ncl(x, res, coef, relu, chunk, y, t0, t1):
                 rrow = _row(res, n, c, l0, l1)
                 hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
                 for j in range(row.size):
-                    out[j] = _normalise(row[j], half, hi, lo, a, b, relu, zero, _at(rrow, j))[1]
+                    store(out, j, _normalise(load(row, j), half, hi, lo, a, b, relu, zero, _at(rrow, j))[1])
 
 
 @kernel()
 def apply_mc(x, res, coef, relu, chunk, y, t0, t1):
     """y = normalise(x) (+ res) over the row blocks t0..t1 of (M, C) arrays."""
     R = _mc_rows(x.shape, chunk)
-    half = x.dtype.type(0.5)
-    zero = x.dtype.type(0)
+    half = coef.dtype.type(0.5)
+    zero = coef.dtype.type(0)
     hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
     for i in range(t0 * R, _min(t1 * R, x.shape[0])):
         row = x[i]
         out = y[i]
-        rrow = _at(res, i)
+        rrow = _line(res, i)
         for c in range(row.size):
-            out[c] = _normalise(row[c], half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))[1]
+            store(out, c, _normalise(load(row, c), half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))[1])
 
 
 # ------------------------------------------------------------------ backward
@@ -357,8 +366,8 @@ def apply_mc(x, res, coef, relu, chunk, y, t0, t1):
 def grad_sums_ncl(dy, x, res, coef, relu, chunk, part, t0, t1):
     """Per block row and channel: part[SG] = sum g, part[SGD] = sum g*d (float64),
     g = dy masked by the forward's ReLU, d = (x - mean)/2."""
-    half = x.dtype.type(0.5)
-    zero = x.dtype.type(0)
+    half = coef.dtype.type(0.5)
+    zero = coef.dtype.type(0)
     for t in range(t0, t1):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         sg, sgd = part[SG, kn], part[SGD, kn]
@@ -374,7 +383,7 @@ def grad_sums_ncl(dy, x, res, coef, relu, chunk, part, t0, t1):
                 p0 = 0.0
                 p1 = 0.0
                 for j in range(row.size):
-                    d, g = _masked(row[j], grow[j], half, hi, lo, a, b, relu, zero, _at(rrow, j))
+                    d, g = _masked(load(row, j), load(grow, j), half, hi, lo, a, b, relu, zero, _at(rrow, j))
                     p0 += g
                     p1 += np.float64(g) * np.float64(d)
                 sg[c] += p0
@@ -385,8 +394,8 @@ def grad_sums_ncl(dy, x, res, coef, relu, chunk, part, t0, t1):
 def grad_sums_mc(dy, x, res, coef, relu, chunk, part, t0, t1):
     """Per row block of (M, C) arrays; see :func:`grad_sums_ncl`."""
     R = _mc_rows(x.shape, chunk)
-    half = x.dtype.type(0.5)
-    zero = x.dtype.type(0)
+    half = coef.dtype.type(0.5)
+    zero = coef.dtype.type(0)
     hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
     for k in range(t0, t1):
         sg, sgd = part[SG, k], part[SGD, k]
@@ -396,9 +405,9 @@ def grad_sums_mc(dy, x, res, coef, relu, chunk, part, t0, t1):
         for i in range(k * R, _min(k * R + R, x.shape[0])):
             row = x[i]
             grow = dy[i]
-            rrow = _at(res, i)
+            rrow = _line(res, i)
             for c in range(row.size):
-                d, g = _masked(row[c], grow[c], half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))
+                d, g = _masked(load(row, c), load(grow, c), half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))
                 sg[c] += g
                 sgd[c] += np.float64(g) * np.float64(d)
 
@@ -434,8 +443,8 @@ def grad_coefficients(part, scale, count, invstd, gamma, training, gcoef, dgamma
 @kernel()
 def grad_apply_ncl(dy, x, res, coef, gcoef, relu, chunk, dx, dres, t0, t1):
     """dx (and dres = g unless None) over the blocks t0..t1 of (N, C, L) arrays."""
-    half = x.dtype.type(0.5)
-    zero = x.dtype.type(0)
+    half = coef.dtype.type(0.5)
+    zero = coef.dtype.type(0)
     for t in range(t0, t1):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         for n in range(n0, n1):
@@ -448,8 +457,8 @@ def grad_apply_ncl(dy, x, res, coef, gcoef, relu, chunk, dx, dres, t0, t1):
                 hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
                 ga, gb, gd = gcoef[GA, c], gcoef[GB, c], gcoef[GD, c]
                 for j in range(row.size):
-                    d, g = _masked(row[j], grow[j], half, hi, lo, a, b, relu, zero, _at(rrow, j))
-                    out[j] = ga * g + gb * d + gd
+                    d, g = _masked(load(row, j), load(grow, j), half, hi, lo, a, b, relu, zero, _at(rrow, j))
+                    store(out, j, ga * g + gb * d + gd)
                     _store(rout, j, g)
 
 
@@ -457,17 +466,17 @@ def grad_apply_ncl(dy, x, res, coef, gcoef, relu, chunk, dx, dres, t0, t1):
 def grad_apply_mc(dy, x, res, coef, gcoef, relu, chunk, dx, dres, t0, t1):
     """dx (and dres = g unless None) over the row blocks t0..t1 of (M, C) arrays."""
     R = _mc_rows(x.shape, chunk)
-    half = x.dtype.type(0.5)
-    zero = x.dtype.type(0)
+    half = coef.dtype.type(0.5)
+    zero = coef.dtype.type(0)
     hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
     ga, gb, gd = gcoef[GA], gcoef[GB], gcoef[GD]
     for i in range(t0 * R, _min(t1 * R, x.shape[0])):
         row = x[i]
         grow = dy[i]
         out = dx[i]
-        rrow = _at(res, i)
-        rout = _at(dres, i)
+        rrow = _line(res, i)
+        rout = _line(dres, i)
         for c in range(row.size):
-            d, g = _masked(row[c], grow[c], half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))
-            out[c] = ga[c] * g + gb[c] * d + gd[c]
+            d, g = _masked(load(row, c), load(grow, c), half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))
+            store(out, c, ga[c] * g + gb[c] * d + gd[c])
             _store(rout, c, g)

@@ -1,11 +1,15 @@
 """Drivers of the CPU kernels: pick the specialisation, allocate partials, schedule.
 
-Each kernel is compiled for exactly one signature per dtype (float32, float64) and
-layout (``ncl`` = 3-D, ``mc`` = 2-D), with read-only input arrays, so read-only,
-writeable and freshly copied inputs all share it (:mod:`numbabn._jit`). Eval with
-float64 running statistics on float32 input adds one small coefficient kernel.
+Each kernel is compiled for exactly one signature per storage dtype and layout
+(``ncl`` = 3-D, ``mc`` = 2-D), with read-only input arrays, so read-only, writeable
+and freshly copied inputs all share it (:mod:`numbabn._jit`). Eval with float64
+running statistics on float32 input adds one small coefficient kernel.
 Callers (:mod:`numbabn.backends.cpu`) pass canonical arrays: C-contiguous, aligned,
-native byte order, float32/float64.
+native byte order, float32/float64, or the 16-bit storage of float16/bfloat16 data
+(:data:`numbabn.kernels.storage.STORAGE`), computed in float32: coefficients,
+parameters, running statistics and parameter gradients are then float32. The
+per-channel kernels (coefficients) depend on the compute dtype only, so a 16-bit
+input shares them with float32.
 """
 
 from collections.abc import Callable, Sequence
@@ -17,6 +21,7 @@ from numpy.typing import NDArray
 
 from .. import _threads
 from . import cpu
+from .storage import STORAGE
 
 _F64 = types.float64
 _I64 = types.int64
@@ -28,14 +33,24 @@ def _arr(dtype: Any, ndim: int, readonly: bool = False) -> Any:
     return types.Array(from_dtype(np.dtype(dtype)), ndim, "C", readonly=readonly)
 
 
+def compute_dtype(storage: Any) -> np.dtype[Any]:
+    """The dtype kernels compute in for data of ``storage`` dtype: float32 for the
+    16-bit storage integers, else the dtype itself."""
+    return _F32_DTYPE if storage.kind in "iu" else np.dtype(storage)
+
+
+_F32_DTYPE = np.dtype(np.float32)
+
+
 class _Specs:
-    """The compiled kernels of one (dtype, layout), specialised on first use."""
+    """The compiled kernels of one (storage dtype, layout), specialised on first use."""
 
     def __init__(self, dtype: Any, layout: str) -> None:
         nd = 3 if layout == "ncl" else 2
+        cdt = compute_dtype(np.dtype(dtype))
         X, Y = _arr(dtype, nd, True), _arr(dtype, nd)
-        P, W = _arr(dtype, 1, True), _arr(dtype, 1)
-        CO, CW = _arr(dtype, 2, True), _arr(dtype, 2)
+        P, W = _arr(cdt, 1, True), _arr(cdt, 1)
+        CO, CW = _arr(cdt, 2, True), _arr(cdt, 2)
         f1, f2, f3 = _arr(np.float64, 1), _arr(np.float64, 2), _arr(np.float64, 3)
         f1r, f3r = _arr(np.float64, 1, True), _arr(np.float64, 3, True)
         suffix = "_" + layout
@@ -57,7 +72,7 @@ class _Specs:
             "grad_sums_res": (getattr(cpu, "grad_sums" + suffix), (X, X, X, CO, _BOOL, _I64, f3, _I64, _I64)),
             "grad_apply_res": (getattr(cpu, "grad_apply" + suffix), (X, X, X, CO, CO, _BOOL, _I64, Y, Y, _I64, _I64)),
         }
-        self._dtype = np.dtype(dtype)
+        self.compute = cdt  # of coefficients, parameters and running statistics
 
     def __getattr__(self, name: str) -> Any:
         # First use of a kernel of this (dtype, layout): compile or load it, then
@@ -73,7 +88,7 @@ class _Specs:
     def coef_with(self, stats_dtype: Any) -> Any:
         """:func:`cpu.coefficients` for running statistics of another dtype (float64
         statistics of float32 input, in eval)."""
-        if stats_dtype is self._dtype or np.dtype(stats_dtype) == self._dtype:
+        if stats_dtype is self.compute or np.dtype(stats_dtype) == self.compute:
             return self.coef
         name = "coef_" + np.dtype(stats_dtype).char
         disp = self.__dict__.get(name)
@@ -95,7 +110,8 @@ _EMPTY = {"f": np.empty(0, np.float32), "d": np.empty(0, np.float64)}
 
 
 def specs(dtype: Any, layout: str) -> "_Specs":
-    """The :class:`_Specs` of ``dtype`` (a native float32/float64 np.dtype) and ``layout``."""
+    """The :class:`_Specs` of ``dtype`` (a native float32/float64 np.dtype, or a 16-bit
+    storage dtype) and ``layout``."""
     s = _SPECS.get((dtype.char, layout))
     if s is None:
         s = _SPECS.setdefault((np.dtype(dtype).char, layout), _Specs(dtype, layout))
@@ -144,7 +160,7 @@ def batch_moments(x: NDArray[Any], layout: str, chunk: int) -> NDArray[np.float6
     k, blocks, rows = plan(x, layout, chunk)
     C = x.shape[1]
     stats = np.empty((2, C))
-    empty = _EMPTY[x.dtype.char]
+    empty = _EMPTY[k.compute.char]
     k.coef(
         *_block_stats(k, x, blocks, rows, chunk),
         empty,
@@ -157,7 +173,7 @@ def batch_moments(x: NDArray[Any], layout: str, chunk: int) -> NDArray[np.float6
         stats,
         np.empty(C),
         np.empty(C),
-        np.empty((4, C), x.dtype),
+        np.empty((4, C), k.compute),
     )
     return stats
 
@@ -189,7 +205,7 @@ def forward(
     C = x.shape[1]
     # Two allocations: unpacking one (2, C) array into its rows costs 3x as much (1.5 us).
     mean, invstd = np.empty(C), np.empty(C)
-    coef = np.empty((4, C), x.dtype)
+    coef = np.empty((4, C), k.compute)
     if training:
         partials = _block_stats(k, x, blocks, rows, chunk) if stats is None else _one_block(stats, count)
         k.coef(
@@ -265,14 +281,14 @@ def grad_apply(
     dres: NDArray[Any] | None = None,
 ) -> tuple[Any, Any]:
     """dx into ``dx`` from the partials of :func:`grad_sums` (or combined ones, with
-    ``count`` the number of values they summarise); returns (dgamma, dbeta) in x's dtype.
+    ``count`` the number of values they summarise); returns (dgamma, dbeta) in the compute dtype.
     With ReLU and a ``residual``, also its gradient (dy times the mask) into ``dres``."""
     k, blocks, _ = plan(x, layout, chunk)
     C = x.shape[1]
     part, scale = partials
-    gcoef = np.empty((3, C), x.dtype)
-    dgamma = np.empty(C, x.dtype)
-    dbeta = np.empty(C, x.dtype)
+    gcoef = np.empty((3, C), k.compute)
+    dgamma = np.empty(C, k.compute)
+    dbeta = np.empty(C, k.compute)
     k.grad_coef(part, scale, float(count), invstd, gamma, training, gcoef, dgamma, dbeta)
     if x.size:
         res = residual if relu else None
@@ -286,21 +302,19 @@ def grad_apply(
 def warmup_plan(
     dtypes: Sequence[str] = ("float32", "float64"), layouts: Sequence[str] = ("ncl", "mc"), residual: bool = False
 ) -> list[tuple[str, Callable[..., Any]]]:
-    """[(label, compile callable)] for every kernel specialisation of ``dtypes`` x
-    ``layouts``, eval with float64 running statistics included: what
-    ``numbabn warmup`` runs, one step of its progress bar each. The fused-residual
+    """[(label, compile callable)] for every kernel specialisation of ``dtypes`` (names:
+    float32, float64, float16, bfloat16) x ``layouts``, eval with float64 running
+    statistics included: what ``numbabn warmup`` runs, one step of its progress bar
+    each (a 16-bit dtype's per-channel kernels are float32's). The fused-residual
     variants (``residual=``, used by numbabn.torch's fused ResNet blocks) only when
     ``residual``: 3 more per dtype and layout, about as many as all the others."""
     plan: list[tuple[str, Callable[..., Any]]] = []
     for dt in dtypes:
         for layout in layouts:
-            k = specs(np.dtype(dt), layout)
+            k = specs(STORAGE.get(dt) or np.dtype(dt), layout)
             plan += [
-                (f"{name} {np.dtype(dt).name} {layout}", lambda k=k, name=name: getattr(k, name))
-                for name in k.all_names(residual)
+                (f"{name} {dt} {layout}", lambda k=k, name=name: getattr(k, name)) for name in k.all_names(residual)
             ]
-            if np.dtype(dt) != np.float64:
-                plan.append(
-                    (f"coef {np.dtype(dt).name}/float64 statistics {layout}", lambda k=k: k.coef_with(np.float64))
-                )
+            if k.compute != np.float64:
+                plan.append((f"coef {dt}/float64 statistics {layout}", lambda k=k: k.coef_with(np.float64)))
     return plan

@@ -25,9 +25,22 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
+from numbabn._layout import BFLOAT16
+
 # Input dtype -> the dtype numbabn computes in (and wants parameters in).
-COMPUTE_DTYPE = {torch.float16: torch.float32, torch.float32: torch.float32, torch.float64: torch.float64}
-NUMPY_DTYPE = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+COMPUTE_DTYPE = {
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+}
+# bfloat16 has no NumPy dtype: its 16-bit patterns travel as numbabn's BFLOAT16 view.
+NUMPY_DTYPE: dict[torch.dtype, np.dtype[Any]] = {
+    torch.float16: np.dtype(np.float16),
+    torch.bfloat16: BFLOAT16,
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+}
 
 
 def channels_last_perm(t: torch.Tensor) -> tuple[int, ...] | None:
@@ -47,7 +60,10 @@ def to_array(t: torch.Tensor, perm: tuple[int, ...] | None = None) -> Any:
     if t.is_cpu:
         # .numpy() refuses a tensor that requires grad; detach only those (a parameter),
         # since every tensor op costs ~1 us, a noticeable share of a small batch's call.
-        return (t.detach() if t.requires_grad else t).numpy()
+        t = t.detach() if t.requires_grad else t
+        if t.dtype == torch.bfloat16:  # no NumPy bfloat16: hand over the bit patterns
+            return t.view(torch.int16).numpy().view(BFLOAT16)
+        return t.numpy()
     return t.detach().contiguous()
 
 
@@ -66,11 +82,11 @@ def empty_like(t: torch.Tensor, perm: tuple[int, ...] | None = None) -> tuple[to
     """
     shape = tuple(t.shape)
     if t.is_cpu:
-        if perm is None:
-            arr = np.empty(shape, dtype=NUMPY_DTYPE[t.dtype])
-            return torch.from_numpy(arr), arr
-        arr = np.empty([shape[axis] for axis in perm], dtype=NUMPY_DTYPE[t.dtype])
-        return torch.from_numpy(arr.transpose([perm.index(axis) for axis in range(len(perm))])), arr
+        arr = np.empty(shape if perm is None else [shape[axis] for axis in perm], dtype=NUMPY_DTYPE[t.dtype])
+        wrapped = arr if perm is None else arr.transpose([perm.index(axis) for axis in range(len(perm))])
+        if t.dtype == torch.bfloat16:
+            return torch.from_numpy(wrapped.view(np.int16)).view(torch.bfloat16), arr
+        return torch.from_numpy(wrapped), arr
     order = perm or tuple(range(len(shape)))
     strides = [0] * len(shape)
     step = 1

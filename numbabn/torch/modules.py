@@ -30,14 +30,12 @@ Where numbabn differs from PyTorch:
   break at each batch norm; ``torch.autograd.grad`` and
   ``torch.autograd.functional`` work.
 
-Dtypes: float32 and float64 run natively. float16 input with float32 parameters is
-computed in float32 by numbabn's functional API (output float16), which converts the
-input to a float32 copy and keeps it for the backward. bfloat16 has no NumPy dtype:
-the module converts the input to float32 with a torch op and the output back. Either
-way this costs an extra read of the 16-bit input and write of its float32 copy
-(likewise for the gradients), and the copy kept for the backward is 2x the 16-bit
-input's memory, where PyTorch keeps the input itself (1x). Measured: 0.2-0.7x the
-speed of PyTorch's native 16-bit kernels on large inputs (README). Parameters and buffers
+Dtypes: float32 and float64 run natively, and so do float16 and bfloat16 on the
+CPU: the kernels read and write their 16 bits and compute in float32 with float32
+parameters, as PyTorch's CPU kernels do (:mod:`numbabn.kernels.storage`; bfloat16,
+which NumPy lacks, travels as its bit patterns). The backward keeps the 16-bit
+input itself, as PyTorch does. On a GPU, bfloat16 is converted to float32 with a
+torch op around numbabn's CUDA kernels. Parameters and buffers
 may be float32 or the input's 16-bit dtype (``module.half()``); they are used in
 float32.
 
@@ -173,9 +171,10 @@ class NumbabnBatchNorm:
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         use_buffers = not self.training or self.track_running_stats
         running_mean, running_var = (self.running_mean, self.running_var) if use_buffers else (None, None)
-        # bfloat16 -> float32 as a torch op (see the module docstring for what it costs).
-        x = input.float() if input.dtype == torch.bfloat16 else input
-        if residual is not None and residual.dtype == torch.bfloat16:
+        # bfloat16 on a GPU -> float32 as a torch op: numbabn's CUDA kernels read
+        # float16/32/64 (on the CPU its 16-bit patterns go to the kernels as they are).
+        x = input.float() if input.dtype == torch.bfloat16 and not input.is_cpu else input
+        if residual is not None and residual.dtype == torch.bfloat16 and not residual.is_cpu:
             residual = residual.float()
         cdt = B.COMPUTE_DTYPE[x.dtype]
         # .to() only where the dtype differs: each call is a torch op (1-2 us on a small batch)

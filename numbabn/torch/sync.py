@@ -48,7 +48,7 @@ from . import _bridge as B
 from . import _openmp
 from .modules import NumbabnBatchNorm
 
-_DTYPE_CODE = {torch.float16: 16, torch.float32: 32, torch.float64: 64}
+_DTYPE_CODE = {torch.float16: 16, torch.bfloat16: 116, torch.float32: 32, torch.float64: 64}  # compared for equality
 _HEADER = 4  # ok, channels, call, dtype
 
 
