@@ -150,38 +150,43 @@ def _bits(a, fmt):
 @pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
 @pytest.mark.parametrize("shape, axis", CASES)
 @pytest.mark.parametrize("relu", [False, True])
-def test_16_bit_batch_norm_is_float32_batch_norm_rounded(rng, fmt, shape, axis, relu):
-    """Forward (training, then eval), backward: the 16-bit result is exactly the
-    float32 computation on the same values, rounded; the per-channel results are
-    the float32 ones themselves, and the input is read where it lies (no copy)."""
+@pytest.mark.parametrize("residual", [False, True])
+def test_16_bit_batch_norm_is_float32_batch_norm_rounded(rng, fmt, shape, axis, relu, residual):
+    """Forward (training, then eval), backward, with and without a fused residual:
+    the 16-bit result is exactly the float32 computation on the same values,
+    rounded; the per-channel results are the float32 ones themselves, and the input
+    is read where it lies (no copy)."""
     C = shape[axis]
-    x32 = (rng.standard_normal(shape) * 3 + 5).astype(np.float32)
-    dy32 = rng.standard_normal(shape).astype(np.float32)
-    if fmt == "float16":
-        x16, x32 = x32.astype(np.float16), x32.astype(np.float16).astype(np.float32)
-        dy16, dy32 = dy32.astype(np.float16), dy32.astype(np.float16).astype(np.float32)
-    else:
-        x16, x32 = _as_bfloat16(x32)
-        dy16, dy32 = _as_bfloat16(dy32)
+
+    def pair(a32):
+        if fmt == "float16":
+            return a32.astype(np.float16), a32.astype(np.float16).astype(np.float32)
+        return _as_bfloat16(a32)
+
+    x16, x32 = pair((rng.standard_normal(shape) * 3 + 5).astype(np.float32))
+    dy16, dy32 = pair(rng.standard_normal(shape).astype(np.float32))
+    r16, r32 = pair(rng.standard_normal(shape).astype(np.float32)) if residual else (None, None)
     g, b = rng.uniform(0.5, 1.5, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
     state16 = [np.zeros(C, np.float32), np.ones(C, np.float32)]
     state32 = [s.copy() for s in state16]
     act = "relu" if relu else None
     y16, ctx16 = numbabn.batch_norm_forward(
-        x16, g, b, running_mean=state16[0], running_var=state16[1], axis=axis, activation=act
+        x16, g, b, running_mean=state16[0], running_var=state16[1], axis=axis, activation=act, residual=r16
     )
     y32, ctx32 = numbabn.batch_norm_forward(
-        x32, g, b, running_mean=state32[0], running_var=state32[1], axis=axis, activation=act
+        x32, g, b, running_mean=state32[0], running_var=state32[1], axis=axis, activation=act, residual=r32
     )
     assert y16.dtype == x16.dtype and np.shares_memory(ctx16.x, x16)
     assert np.array_equal(_bits(y16, fmt), _bits(_rounded(y32, fmt), fmt))
     for s16, s32 in zip(state16, state32, strict=True):
         assert np.array_equal(s16, s32)
-    dx16, dg16, db16 = numbabn.batch_norm_backward(dy16, ctx16)
-    dx32, dg32, db32 = numbabn.batch_norm_backward(dy32, ctx32)
+    dx16, dg16, db16, *dr16 = numbabn.batch_norm_backward(dy16, ctx16)
+    dx32, dg32, db32, *dr32 = numbabn.batch_norm_backward(dy32, ctx32)
     assert dx16.dtype == x16.dtype and dg16.dtype == np.float32
     assert np.array_equal(_bits(dx16, fmt), _bits(_rounded(dx32, fmt), fmt))
     assert np.array_equal(dg16, dg32) and np.array_equal(db16, db32)
+    for a, e in zip(dr16, dr32, strict=True):  # the residual's gradient
+        assert a.dtype == x16.dtype and np.array_equal(_bits(a, fmt), _bits(_rounded(e, fmt), fmt))
     out = np.empty_like(x16)
     ye, _ = numbabn.batch_norm_forward(
         x16, g, b, running_mean=state16[0], running_var=state16[1], training=False, axis=axis, out=out

@@ -54,7 +54,8 @@ Memory traffic: training forward 3S, eval forward 2S, backward 5S (S = bytes of 
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from .._jit import kernel
 from .storage import load, store
@@ -64,6 +65,7 @@ from .storage import load, store
 # fast-math flags: the ReLU mask is recomputed in the backward and must round
 # exactly as in the forward, and (x*0.5 - hi) - lo must never become x*0.5 - (hi + lo).
 _REDUCE = {"reassoc"}
+_JIT = {"error_model": "numpy"}
 
 # Rows of the (4, C) forward coefficients and the (3, C) gradient coefficients.
 HI, LO, A, B = 0, 1, 2, 3  # d = (x/2 - HI) - LO ;  y = A*d + B
@@ -88,35 +90,52 @@ def _max(a, b):
 # ------------------------------------------------------------------ element helpers
 
 
-@njit(error_model="numpy", inline="always")
-def _at(arr, i):
-    """``load(arr, i)``, or None for an absent (None) residual: pruned at compile time."""
-    if arr is None:
-        return None
-    return load(arr, i)
+# The residual helpers take an array, or None for "no residual". They choose by type
+# at compile time (an overload per argument type): a helper that branched on
+# ``arr is None`` at run time would return Optional(array) and put a None check, and
+# its exception path, into the inner loops, which then no longer vectorise.
+def _absent(arr):  # type: ignore[no-untyped-def]
+    return isinstance(arr, types.NoneType)
 
 
-@njit(error_model="numpy", inline="always")
-def _line(arr, i):
+def _at(arr, i):  # type: ignore[no-untyped-def]
+    """``load(arr, i)``, or None for an absent residual."""
+
+
+def _line(arr, i):  # type: ignore[no-untyped-def]
     """``arr[i]`` (a row of an (M, C) array), or None for an absent residual."""
-    if arr is None:
-        return None
-    return arr[i]
 
 
-@njit(error_model="numpy", inline="always")
-def _row(arr, n, c, l0, l1):
+def _row(arr, n, c, l0, l1):  # type: ignore[no-untyped-def]
     """``arr[n, c, l0:l1]``, or None for an absent residual."""
-    if arr is None:
-        return None
-    return arr[n, c, l0:l1]
 
 
-@njit(error_model="numpy", inline="always")
-def _store(arr, i, v):
-    """``store(arr, i, v)`` unless ``arr`` is None (no residual gradient to store)."""
-    if arr is not None:
-        store(arr, i, v)
+def _store(arr, i, v):  # type: ignore[no-untyped-def]
+    """``store(arr, i, v)``, or nothing for an absent residual gradient."""
+
+
+@overload(_at, jit_options=_JIT)
+def _at_impl(arr, i):  # type: ignore[no-untyped-def]
+    return (lambda arr, i: None) if _absent(arr) else (lambda arr, i: load(arr, i))
+
+
+@overload(_line, jit_options=_JIT)
+def _line_impl(arr, i):  # type: ignore[no-untyped-def]
+    return (lambda arr, i: None) if _absent(arr) else (lambda arr, i: arr[i])
+
+
+@overload(_row, jit_options=_JIT)
+def _row_impl(arr, n, c, l0, l1):  # type: ignore[no-untyped-def]
+    if _absent(arr):
+        return lambda arr, n, c, l0, l1: None
+    return lambda arr, n, c, l0, l1: arr[n, c, l0:l1]
+
+
+@overload(_store, jit_options=_JIT)
+def _store_impl(arr, i, v):  # type: ignore[no-untyped-def]
+    if _absent(arr):
+        return lambda arr, i, v: None
+    return lambda arr, i, v: store(arr, i, v)
 
 
 @njit(error_model="numpy")
