@@ -10,19 +10,19 @@ from numba import njit
 
 import numbabn
 from numbabn._layout import BFLOAT16
-from numbabn.kernels.storage import load, store
+from numbabn.kernels import storage
 
 
 @njit
 def _decode(bits, out):
     for i in range(bits.size):
-        out[i] = load(bits, i)
+        out[i] = storage.decode(bits[i])
 
 
 @njit
 def _encode(values, out):
     for i in range(values.size):
-        store(out, i, values[i])
+        out[i] = storage.encode(values[i], out)
 
 
 ALL_BITS = np.arange(1 << 16, dtype=np.uint16)

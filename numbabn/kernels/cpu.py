@@ -54,18 +54,16 @@ Memory traffic: training forward 3S, eval forward 2S, backward 5S (S = bytes of 
 """
 
 import numpy as np
-from numba import njit, types
-from numba.extending import overload
+from numba import njit
 
 from .._jit import kernel
-from .storage import load, store
+from .storage import decode, encode
 
 # Reassociation lets LLVM vectorise the float64 sums; it changes nothing between
 # runs or thread counts (the blocks are fixed). The element helpers carry no
 # fast-math flags: the ReLU mask is recomputed in the backward and must round
 # exactly as in the forward, and (x*0.5 - hi) - lo must never become x*0.5 - (hi + lo).
 _REDUCE = {"reassoc"}
-_JIT = {"error_model": "numpy"}
 
 # Rows of the (4, C) forward coefficients and the (3, C) gradient coefficients.
 HI, LO, A, B = 0, 1, 2, 3  # d = (x/2 - HI) - LO ;  y = A*d + B
@@ -90,52 +88,35 @@ def _max(a, b):
 # ------------------------------------------------------------------ element helpers
 
 
-# The residual helpers take an array, or None for "no residual". They choose by type
-# at compile time (an overload per argument type): a helper that branched on
-# ``arr is None`` at run time would return Optional(array) and put a None check, and
-# its exception path, into the inner loops, which then no longer vectorise.
-def _absent(arr):  # type: ignore[no-untyped-def]
-    return isinstance(arr, types.NoneType)
+@njit(error_model="numpy", inline="always")
+def _at(arr, i):
+    """``decode(arr[i])``, or None for an absent (None) residual: pruned at compile time."""
+    if arr is None:
+        return None
+    return decode(arr[i])
 
 
-def _at(arr, i):  # type: ignore[no-untyped-def]
-    """``load(arr, i)``, or None for an absent residual."""
-
-
-def _line(arr, i):  # type: ignore[no-untyped-def]
+@njit(error_model="numpy", inline="always")
+def _line(arr, i):
     """``arr[i]`` (a row of an (M, C) array), or None for an absent residual."""
+    if arr is None:
+        return None
+    return arr[i]
 
 
-def _row(arr, n, c, l0, l1):  # type: ignore[no-untyped-def]
+@njit(error_model="numpy", inline="always")
+def _row(arr, n, c, l0, l1):
     """``arr[n, c, l0:l1]``, or None for an absent residual."""
+    if arr is None:
+        return None
+    return arr[n, c, l0:l1]
 
 
-def _store(arr, i, v):  # type: ignore[no-untyped-def]
-    """``store(arr, i, v)``, or nothing for an absent residual gradient."""
-
-
-@overload(_at, jit_options=_JIT)
-def _at_impl(arr, i):  # type: ignore[no-untyped-def]
-    return (lambda arr, i: None) if _absent(arr) else (lambda arr, i: load(arr, i))
-
-
-@overload(_line, jit_options=_JIT)
-def _line_impl(arr, i):  # type: ignore[no-untyped-def]
-    return (lambda arr, i: None) if _absent(arr) else (lambda arr, i: arr[i])
-
-
-@overload(_row, jit_options=_JIT)
-def _row_impl(arr, n, c, l0, l1):  # type: ignore[no-untyped-def]
-    if _absent(arr):
-        return lambda arr, n, c, l0, l1: None
-    return lambda arr, n, c, l0, l1: arr[n, c, l0:l1]
-
-
-@overload(_store, jit_options=_JIT)
-def _store_impl(arr, i, v):  # type: ignore[no-untyped-def]
-    if _absent(arr):
-        return lambda arr, i, v: None
-    return lambda arr, i, v: store(arr, i, v)
+@njit(error_model="numpy", inline="always")
+def _store(arr, i, v):
+    """``arr[i] = encode(v, arr)`` unless ``arr`` is None (no residual gradient to store)."""
+    if arr is not None:
+        arr[i] = encode(v, arr)
 
 
 @njit(error_model="numpy")
@@ -232,7 +213,7 @@ def stats_ncl(x, chunk, cnt, part, t0, t1):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         sh, s, q = part[SHIFT, kn], part[SUM, kn], part[SQ, kn]
         for c in range(c0, c1):
-            sh[c] = load(x, (n0, c, l0))
+            sh[c] = decode(x[n0, c, l0])
             s[c] = 0.0
             q[c] = 0.0
         for n in range(n0, n1):
@@ -242,7 +223,7 @@ def stats_ncl(x, chunk, cnt, part, t0, t1):
                 s1 = 0.0
                 s2 = 0.0
                 for j in range(row.size):
-                    d = load(row, j) - shc
+                    d = decode(row[j]) - shc
                     s1 += d
                     s2 += d * d
                 s[c] += s1
@@ -263,13 +244,13 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
         r1 = _min(r0 + R, M)
         sh, s, q = part[SHIFT, k], part[SUM, k], part[SQ, k]
         for c in range(C):
-            sh[c] = load(x, (r0, c))
+            sh[c] = decode(x[r0, c])
             s[c] = 0.0
             q[c] = 0.0
         for i in range(r0, r1):
             row = x[i]
             for c in range(C):
-                d = load(row, c) - sh[c]
+                d = decode(row[c]) - sh[c]
                 s[c] += d
                 q[c] += d * d
         n = float(r1 - r0)
@@ -360,7 +341,7 @@ def apply_ncl(x, res, coef, relu, chunk, y, t0, t1):
                 rrow = _row(res, n, c, l0, l1)
                 hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
                 for j in range(row.size):
-                    store(out, j, _normalise(load(row, j), half, hi, lo, a, b, relu, zero, _at(rrow, j))[1])
+                    out[j] = encode(_normalise(decode(row[j]), half, hi, lo, a, b, relu, zero, _at(rrow, j))[1], out)
 
 
 @kernel()
@@ -375,7 +356,9 @@ def apply_mc(x, res, coef, relu, chunk, y, t0, t1):
         out = y[i]
         rrow = _line(res, i)
         for c in range(row.size):
-            store(out, c, _normalise(load(row, c), half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))[1])
+            out[c] = encode(
+                _normalise(decode(row[c]), half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))[1], out
+            )
 
 
 # ------------------------------------------------------------------ backward
@@ -402,7 +385,7 @@ def grad_sums_ncl(dy, x, res, coef, relu, chunk, part, t0, t1):
                 p0 = 0.0
                 p1 = 0.0
                 for j in range(row.size):
-                    d, g = _masked(load(row, j), load(grow, j), half, hi, lo, a, b, relu, zero, _at(rrow, j))
+                    d, g = _masked(decode(row[j]), decode(grow[j]), half, hi, lo, a, b, relu, zero, _at(rrow, j))
                     p0 += g
                     p1 += np.float64(g) * np.float64(d)
                 sg[c] += p0
@@ -426,7 +409,9 @@ def grad_sums_mc(dy, x, res, coef, relu, chunk, part, t0, t1):
             grow = dy[i]
             rrow = _line(res, i)
             for c in range(row.size):
-                d, g = _masked(load(row, c), load(grow, c), half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))
+                d, g = _masked(
+                    decode(row[c]), decode(grow[c]), half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c)
+                )
                 sg[c] += g
                 sgd[c] += np.float64(g) * np.float64(d)
 
@@ -476,8 +461,8 @@ def grad_apply_ncl(dy, x, res, coef, gcoef, relu, chunk, dx, dres, t0, t1):
                 hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
                 ga, gb, gd = gcoef[GA, c], gcoef[GB, c], gcoef[GD, c]
                 for j in range(row.size):
-                    d, g = _masked(load(row, j), load(grow, j), half, hi, lo, a, b, relu, zero, _at(rrow, j))
-                    store(out, j, ga * g + gb * d + gd)
+                    d, g = _masked(decode(row[j]), decode(grow[j]), half, hi, lo, a, b, relu, zero, _at(rrow, j))
+                    out[j] = encode(ga * g + gb * d + gd, out)
                     _store(rout, j, g)
 
 
@@ -496,6 +481,6 @@ def grad_apply_mc(dy, x, res, coef, gcoef, relu, chunk, dx, dres, t0, t1):
         rrow = _line(res, i)
         rout = _line(dres, i)
         for c in range(row.size):
-            d, g = _masked(load(row, c), load(grow, c), half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))
-            store(out, c, ga[c] * g + gb[c] * d + gd[c])
+            d, g = _masked(decode(row[c]), decode(grow[c]), half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))
+            out[c] = encode(ga[c] * g + gb[c] * d + gd[c], out)
             _store(rout, c, g)
