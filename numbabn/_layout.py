@@ -12,7 +12,7 @@ Canonical layouts: an input with channel axis ``axis`` is viewed as
 zero-copy for C-contiguous input; other inputs are copied once into that layout.
 float16 (and bfloat16, which only numbabn.torch hands over: :data:`BFLOAT16`) keeps
 its 16 bits: the canonical array is the integer view the CPU kernels read
-(:data:`numbabn.kernels.storage.STORAGE`), computed in float32.
+(:data:`STORAGE`), computed in float32 (:mod:`numbabn.kernels.storage`).
 
 Host arrays are taken as they come with two exceptions, handled alike for every
 array argument (:func:`host_array`): non-native byte order (big-endian data read
@@ -43,14 +43,14 @@ _FLOAT64 = np.dtype(np.float64)
 #: it cannot be mistaken for integer data. Internal: the public API takes float16,
 #: float32 and float64.
 BFLOAT16 = np.dtype([("bfloat16", np.uint16)])
-# The integer view the kernels read for each 16-bit dtype (kernels.storage.STORAGE).
-_STORAGE = {np.dtype(np.float16): np.dtype(np.int16), BFLOAT16: np.dtype(np.uint16)}
+#: The integer view the CPU kernels read and write for each 16-bit float dtype.
+STORAGE = {np.dtype(np.float16): np.dtype(np.int16), BFLOAT16: np.dtype(np.uint16)}
 
 
 def storage_view(a: NDArray[Any]) -> NDArray[Any]:
     """``a`` as the kernels read and write it: float16/bfloat16 as their 16-bit
     integer view (no copy), anything else as it is."""
-    st = _STORAGE.get(a.dtype)
+    st = STORAGE.get(a.dtype)
     return a if st is None else a.view(st)
 
 

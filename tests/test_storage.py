@@ -34,8 +34,8 @@ def decode(bits):
     return out
 
 
-def encode(values, storage):
-    out = np.empty(values.size, storage)
+def encode(values, dtype):
+    out = np.empty(values.size, dtype)
     _encode(values.astype(np.float32), out)
     return out
 

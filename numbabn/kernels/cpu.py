@@ -31,8 +31,10 @@ merged with Chan et al.'s formula on means *relative to the first block's shift*
 (exact differences of input values), so the merge adds no rounding proportional to
 ``|mean|`` either: a column of 1 +- 1e-5 among many others keeps float64 accuracy.
 
-Element-wise passes run in the input's own dtype (float32 vectorises twice as wide)
-on a mean split in two, ``mean = hi + lo``, and on *halved* values::
+Element-wise passes run in the compute dtype -- the input's own (float32 vectorises
+twice as wide), float32 for float16/bfloat16 data, which the kernels read and write as
+16 bits (:mod:`numbabn.kernels.storage`: ``decode``/``encode``) -- on a mean split in
+two, ``mean = hi + lo``, and on *halved* values::
 
     d = (x*0.5 - hi') - lo'          hi' + lo' = mean/2   (= (x - mean)/2)
     y = d*a' + b                     a' = 2*gamma*invstd  (then max(y, 0) if relu)
@@ -121,7 +123,7 @@ def _store(arr, i, v):
 
 @njit(error_model="numpy")
 def _normalise(v, half, hi, lo, a, b, relu, zero, r):
-    """(d, y) of one element: d = (x - mean)/2 in x's dtype from the halved split mean
+    """(d, y) of one element: d = (x - mean)/2 in the compute dtype from the halved split mean
     (hi, lo), y = a*d + b (+ r, the residual, unless None), then ReLU if fused (NaN
     passes through)."""
     d = (v * half - hi) - lo
@@ -264,7 +266,7 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
 
 @kernel()
 def coefficients(cnt, part, gamma, beta, running_mean, running_var, momentum, eps, training, stats, mean, invstd, coef):
-    """Fills ``mean``, ``invstd`` (float64) and ``coef`` (4, C) in x's dtype: the halved
+    """Fills ``mean``, ``invstd`` (float64) and ``coef`` (4, C) in the compute dtype: the halved
     split mean (HI + LO = mean/2), A = 2*gamma*invstd, B = beta (empty gamma/beta
     mean 1 and 0).
 
@@ -421,7 +423,7 @@ def grad_coefficients(part, scale, count, invstd, gamma, training, gcoef, dgamma
     """From the (2, K, C) float64 partials [sum g, sum g*d], summed over blocks in block
     order with the second row times ``scale`` (2 for the kernels' partials, whose d is
     (x - mean)/2; 1 for sums over all ranks, passed as one block) into
-    S = [sum g, sum g*(x - mean)]: dgamma = invstd*S[1], dbeta = S[0] (in x's dtype),
+    S = [sum g, sum g*(x - mean)]: dgamma = invstd*S[1], dbeta = S[0] (in the compute dtype),
     and gcoef (3, C) of dx = GA*g + GB*d + GD with d = (x - mean)/2::
 
         GA = gamma*invstd,  GB = -2*GA*invstd*dgamma/m,  GD = -GA*dbeta/m   (training)

@@ -6,7 +6,7 @@ and freshly copied inputs all share it (:mod:`numbabn._jit`). Eval with float64
 running statistics on float32 input adds one small coefficient kernel.
 Callers (:mod:`numbabn.backends.cpu`) pass canonical arrays: C-contiguous, aligned,
 native byte order, float32/float64, or the 16-bit storage of float16/bfloat16 data
-(:data:`numbabn.kernels.storage.STORAGE`), computed in float32: coefficients,
+(:data:`numbabn._layout.STORAGE`), computed in float32: coefficients,
 parameters, running statistics and parameter gradients are then float32. The
 per-channel kernels (coefficients) depend on the compute dtype only, so a 16-bit
 input shares them with float32.
@@ -20,8 +20,8 @@ from numba import from_dtype, types
 from numpy.typing import NDArray
 
 from .. import _threads
+from .._layout import BFLOAT16, STORAGE
 from . import cpu
-from .storage import STORAGE
 
 _F64 = types.float64
 _I64 = types.int64
@@ -311,7 +311,8 @@ def warmup_plan(
     plan: list[tuple[str, Callable[..., Any]]] = []
     for dt in dtypes:
         for layout in layouts:
-            k = specs(STORAGE.get(dt) or np.dtype(dt), layout)
+            dtype = BFLOAT16 if dt == "bfloat16" else np.dtype(dt)
+            k = specs(STORAGE.get(dtype, dtype), layout)
             plan += [
                 (f"{name} {dt} {layout}", lambda k=k, name=name: getattr(k, name)) for name in k.all_names(residual)
             ]

@@ -2,9 +2,9 @@
 float16 and bfloat16 as 16-bit patterns converted exactly to and from float32.
 
 Numba has no float16 (or bfloat16) type on the CPU, so a 16-bit input reaches the
-kernels as an integer view of its bytes (:data:`STORAGE`: float16 as ``int16``,
-bfloat16 as ``uint16``), and the kernels compute in float32, as PyTorch's CPU
-kernels do. Two intrinsics are the only places that know::
+kernels as an integer view of its bytes (:data:`numbabn._layout.STORAGE`: float16
+as ``int16``, bfloat16 as ``uint16``), and the kernels compute in float32, as
+PyTorch's CPU kernels do. Two intrinsics are the only places that know::
 
     decode(arr[i])          an element as the compute type (16-bit -> float32)
     arr[i] = encode(v, arr) v rounded to arr's format (round to nearest even)
@@ -23,13 +23,9 @@ extra compile time (helper functions, even inlined ones, cost a cold start about
 0.1-0.3 s: measured).
 """
 
-import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
-
-#: Integer dtype the kernels see for each 16-bit float format.
-STORAGE = {"float16": np.dtype(np.int16), "bfloat16": np.dtype(np.uint16)}
 
 _F32, _I16, _I32 = ir.FloatType(), ir.IntType(16), ir.IntType(32)
 
