@@ -38,7 +38,7 @@ outputs NaN (nothing is silently dropped). Float32 inputs give float32 outputs
 (statistics accumulate in float64 internally); float16 is computed in float32
 (float32 gamma, beta and running statistics; float16 output), as PyTorch's CPU
 batch norm does: the CPU kernels read and write the 16-bit data directly (no
-float32 copy; :mod:`numbabn.kernels.storage`), and the result is exactly the
+float32 copy; ``numbabn.kernels.storage``), and the result is exactly the
 float32 computation on the same values, rounded to float16 (ties to even).
 Big-endian input is converted to the native byte order (the output is native);
 masked arrays with masked values are refused.

@@ -4,7 +4,7 @@
 Operations as listed in :mod:`numbabn.backends`; arrays are host arrays throughout
 (``host`` arguments are ignored). Buffers are allocated in the canonical shape and
 the kernels' storage dtype (the caller's dtype; float16 and bfloat16 as their 16-bit
-integer view, :func:`numbabn._layout.storage_view`); ``deliver`` returns them in the
+integer view, ``numbabn._layout.storage_view``); ``deliver`` returns them in the
 caller's shape and dtype, without a copy.
 """
 

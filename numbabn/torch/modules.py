@@ -32,7 +32,7 @@ Where numbabn differs from PyTorch:
 
 Dtypes: float32 and float64 run natively, and so do float16 and bfloat16 on the
 CPU: the kernels read and write their 16 bits and compute in float32 with float32
-parameters, as PyTorch's CPU kernels do (:mod:`numbabn.kernels.storage`; bfloat16,
+parameters, as PyTorch's CPU kernels do (``numbabn.kernels.storage``; bfloat16,
 which NumPy lacks, travels as its bit patterns). The backward keeps the 16-bit
 input itself, as PyTorch does. On a GPU, bfloat16 is converted to float32 with a
 torch op around numbabn's CUDA kernels. Parameters and buffers
