@@ -87,6 +87,27 @@ def test_empty_batch_numpy_input_with_cuda_backend(shape, axis, dtype):
     assert int(nbt) == 1 and np.all(rm == 0.5) and np.all(rv == 2.0)
 
 
+def test_float16_numpy_input_with_cuda_backend_matches_the_cpu(rng):
+    """float16 NumPy input, backend="cuda": converted to float32 on the host for the
+    device (the CPU kernels' 16-bit view must not reach the CUDA kernels), float16
+    results like the CPU backend's; a bfloat16 view is refused with a clear error."""
+    x = (rng.standard_normal((6, 3, 5)) * 2 + 1).astype(np.float16)
+    dy = rng.standard_normal(x.shape).astype(np.float16)
+    g, b = np.ones(3, np.float32), np.zeros(3, np.float32)
+    results = {}
+    for be in ("cpu", "cuda"):
+        y, ctx = numbabn.batch_norm_forward(x, g, b, activation="relu", backend=be)
+        dx, dg, db = numbabn.batch_norm_backward(dy, ctx)
+        results[be] = [host(a) for a in (y, dx, dg, db)]
+    for a, c in zip(results["cuda"], results["cpu"], strict=True):
+        assert a.dtype == c.dtype
+        np.testing.assert_allclose(a.astype(np.float32), c.astype(np.float32), rtol=2e-3, atol=2e-3)
+    from numbabn._layout import BFLOAT16
+
+    with pytest.raises(TypeError, match="bfloat16 x runs on the CPU backend only"):
+        numbabn.batch_norm_forward(np.zeros((4, 3), np.uint16).view(BFLOAT16), backend="cuda")
+
+
 def test_eval_with_float64_statistics_numpy_input_with_cuda_backend():
     """Eval mode with float64 running statistics for float32 NumPy input on the CUDA
     backend: the CPU backend's result (device input: test_numerics.py)."""
