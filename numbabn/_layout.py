@@ -55,8 +55,9 @@ def storage_view(a: NDArray[Any]) -> NDArray[Any]:
 
 
 def compute_dtype(dtype: DTypeLike) -> np.dtype[Any]:
-    """The native dtype the kernels compute in: float16 -> float32; float32/float64
-    of either byte order -> native float32/float64."""
+    """The native dtype the kernels compute in: float16 and bfloat16 (and their
+    storage integers, :data:`STORAGE`) -> float32; float32/float64 of either byte
+    order -> native float32/float64."""
     return _FLOAT64 if np.dtype(dtype).char == "d" else _FLOAT32
 
 

@@ -20,7 +20,7 @@ from numba import from_dtype, types
 from numpy.typing import NDArray
 
 from .. import _threads
-from .._layout import BFLOAT16, STORAGE
+from .._layout import BFLOAT16, STORAGE, compute_dtype
 from . import cpu
 
 _F64 = types.float64
@@ -33,21 +33,12 @@ def _arr(dtype: Any, ndim: int, readonly: bool = False) -> Any:
     return types.Array(from_dtype(np.dtype(dtype)), ndim, "C", readonly=readonly)
 
 
-def compute_dtype(storage: Any) -> np.dtype[Any]:
-    """The dtype kernels compute in for data of ``storage`` dtype: float32 for the
-    16-bit storage integers, else the dtype itself."""
-    return _F32_DTYPE if storage.kind in "iu" else np.dtype(storage)
-
-
-_F32_DTYPE = np.dtype(np.float32)
-
-
 class _Specs:
     """The compiled kernels of one (storage dtype, layout), specialised on first use."""
 
     def __init__(self, dtype: Any, layout: str) -> None:
         nd = 3 if layout == "ncl" else 2
-        cdt = compute_dtype(np.dtype(dtype))
+        cdt = compute_dtype(dtype)  # float32 for the 16-bit storage integers
         X, Y = _arr(dtype, nd, True), _arr(dtype, nd)
         P, W = _arr(cdt, 1, True), _arr(cdt, 1)
         CO, CW = _arr(cdt, 2, True), _arr(cdt, 2)
