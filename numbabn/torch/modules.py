@@ -63,10 +63,6 @@ def check_activation(owner: str, activation: str | None) -> str | None:
     return activation
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype == torch.bfloat16 else B.COMPUTE_DTYPE[dtype]
-
-
 class NumbabnBatchNorm:
     """The ``forward`` shared by every numbabn.torch module (mixed into a subclass
     of ``torch.nn.modules.batchnorm._BatchNorm``).
@@ -128,7 +124,7 @@ class NumbabnBatchNorm:
             raise ValueError(
                 f"{name}: input is on {input.device} but the module's parameters/buffers are on {ref.device}"
             )
-        if ref.dtype not in (_compute_dtype(input.dtype), input.dtype):
+        if ref.dtype not in (B.COMPUTE_DTYPE[input.dtype], input.dtype):
             raise TypeError(
                 f"{name}: input has dtype {input.dtype} but the module's parameters/buffers have "
                 f"{ref.dtype}; convert one of them (module.to(dtype) or input.to(dtype))"
