@@ -137,7 +137,7 @@ class Kernel:
     dispatcher per signature, each compiled eagerly and closed to further
     compilation (so a call can never compile behind the driver's back)."""
 
-    def __init__(self, fn: Callable[..., Any], fastmath: bool) -> None:
+    def __init__(self, fn: Callable[..., Any], fastmath: bool | set[str]) -> None:
         self.py_func = fn
         self.name = fn.__name__
         self.fastmath = fastmath
@@ -170,7 +170,7 @@ def _cache_for(fn: Callable[..., Any]) -> "FunctionCache | NullCache":
         return _NoCache()
 
 
-def kernel(fastmath: bool = False) -> Callable[[Callable[..., Any]], "Kernel"]:
+def kernel(fastmath: bool | set[str] = False) -> Callable[[Callable[..., Any]], "Kernel"]:
     """Decorator: a serial, GIL-free Numba kernel compiled per explicit signature
     (:meth:`Kernel.specialize`)."""
 

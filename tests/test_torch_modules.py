@@ -377,6 +377,86 @@ def test_meta_tensors_give_torch_shapes(name):
         assert bn(x).shape == x.shape
 
 
+class _Block(torch.nn.Module):
+    """conv -> BN (+ the conv's input as residual) -> ReLU, in numbabn's or torch's form."""
+
+    def __init__(self, ours: bool):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nbt.BatchNorm2d(3, activation="relu") if ours else torch.nn.BatchNorm2d(3)
+        self.ours = ours
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y, residual=x) if self.ours else torch.relu(self.bn(y) + x)
+
+
+def _trained_pair():
+    """The block in both forms with the same state, after a numbabn training step (so
+    the running statistics are not the defaults)."""
+    ours, ref = _Block(True), _Block(False)
+    ours(torch.randn(4, 3, 6, 6))
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_traced_module_holds_torch_batch_norm_and_saves(training, tmp_path):
+    """``torch.jit.trace`` records PyTorch's batch_norm (the kernels are Python calls no
+    graph can hold), so the traced module saves, loads and computes what torch.nn's
+    does, running statistics included; before, ``torch.jit.save`` refused it."""
+    ours, ref = _trained_pair()
+    ours.train(training), ref.train(training)
+    x = torch.randn(4, 3, 6, 6)
+    with pytest.warns(Warning):  # torch.jit.trace is deprecated in 2.13
+        traced = torch.jit.trace(ours, x, check_trace=False)
+    graph = str(traced.inlined_graph)
+    assert "aten::batch_norm" in graph and "PythonOp" not in graph
+    ref(x)  # tracing ran the forward once
+    torch.jit.save(traced, tmp_path / "block.pt")
+    loaded = torch.jit.load(tmp_path / "block.pt")
+    x2 = torch.randn(4, 3, 6, 6) + 1
+    ref_before = {k: v.clone() for k, v in ref.state_dict().items()}
+    torch.testing.assert_close(loaded(x2), ref(x2), rtol=0, atol=0)
+    for name, buf in loaded.bn.named_buffers():
+        if name != "num_batches_tracked":  # a traced graph does not count calls
+            assert torch.equal(buf, ref.bn.state_dict()[name]), name
+    assert training or all(torch.equal(v, ref.state_dict()[k]) for k, v in ref_before.items())
+
+
+def test_exported_program_holds_torch_batch_norm():
+    """``torch.export`` (and so ``torch.onnx.export``) records PyTorch's batch norm;
+    it used to fail inside the kernels' NumPy view of its fake tensors."""
+    ours, ref = _trained_pair()
+    ours.eval(), ref.eval()
+    x = torch.randn(4, 3, 6, 6)
+    program = torch.export.export(ours, (x,))
+    assert "batch_norm" in str(program.graph)
+    x2 = torch.randn(4, 3, 6, 6) - 1
+    torch.testing.assert_close(program.module()(x2), ref(x2), rtol=0, atol=0)
+    torch.testing.assert_close(program.module()(x2), ours(x2), rtol=1e-5, atol=1e-6)
+
+
+class _Tagged(torch.Tensor):
+    """A user's tensor subclass (as torchvision's tv_tensors are)."""
+
+
+def test_tensor_subclasses_take_torch_batch_norm():
+    """A tensor subclass (``FakeTensor``, ``DTensor``, a user's own) has no memory numbabn
+    may view: the module computes exactly what torch.nn's does, subclass kept."""
+    torch.manual_seed(0)
+    ours, ref = nbt.BatchNorm2d(3, activation="relu"), torch.nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5).as_subclass(_Tagged)
+    y = ours(x)
+    assert type(y) is _Tagged and torch.equal(y, torch.relu(ref(x)))
+    assert torch.equal(ours.running_var, ref.running_var) and int(ours.num_batches_tracked) == 1
+    fake_tensor = pytest.importorskip("torch._subclasses.fake_tensor")
+    with fake_tensor.FakeTensorMode(allow_non_fake_inputs=True) as mode:  # real parameters
+        fake = mode.from_tensor(torch.randn(4, 3, 5, 5))
+        assert ours(fake, residual=fake).shape == (4, 3, 5, 5)
+
+
 def test_torch_compile_runs_the_same_steps():
     """``torch.compile`` (graph-breaking at the batch norm, whose kernels are not torch
     ops) trains exactly as the eager module does: outputs, gradients, running stats."""

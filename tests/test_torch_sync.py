@@ -102,6 +102,26 @@ def check_refused_input_mid_training(rank, sizes):
     assert int(bn.num_batches_tracked) == 2
 
 
+def check_recording_refused(rank, sizes):
+    """Tracing a layer that would synchronize raises on every rank and changes nothing;
+    training goes on; in eval mode (no exchange) the trace records torch's op."""
+    bn = nbt.SyncBatchNorm(C, dtype=torch.float64)
+    mine = _my_slice(rank, sizes)
+    X, DY = _global_batch(0, sizes)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(NotImplementedError, match="torch.jit.trace or torch.export"):
+        torch.jit.trace(bn, X[mine], check_trace=False)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    bn(X[mine]).backward(DY[mine])
+    assert int(bn.num_batches_tracked) == 1
+    bn.eval()
+    if rank == 0:
+        traced = torch.jit.trace(bn, X[mine], check_trace=False)
+        assert "aten::batch_norm" in str(traced.inlined_graph)
+        torch.testing.assert_close(traced(X[mine]), bn(X[mine]), **F64)
+
+
 def check_layers_out_of_order(rank, sizes):
     a, b = nbt.SyncBatchNorm(C), nbt.SyncBatchNorm(C)
     x = torch.randn(4, C, 3)
@@ -146,6 +166,7 @@ SCENARIOS = {
         (check_concatenated_batch, {}),
         (check_concatenated_batch, dict(fmt=torch.channels_last, activation="relu")),
         (check_refused_input_mid_training, {}),
+        (check_recording_refused, {}),
         (check_layers_out_of_order, {}),
         (check_ddp_training, {}),
     ],

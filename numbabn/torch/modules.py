@@ -23,7 +23,14 @@ Where numbabn differs from PyTorch:
 * Statistics accumulate in float64 (PyTorch's CPU kernels: float32 sums for float32
   input), so results agree with PyTorch to float32 rounding, not bit for bit.
 * An input with no values (N = 0) takes PyTorch's own path (nothing to compute),
-  as does one on the ``meta`` device (shapes only; SyncBatchNorm exchanges nothing).
+  as does one on the ``meta`` device (shapes only; SyncBatchNorm exchanges nothing),
+  a tensor subclass (``FakeTensor``, ``DTensor``, ...), and every call while
+  ``torch.jit.trace`` or ``torch.export`` (and so ``torch.onnx.export``) record a
+  graph: the recorded graph holds PyTorch's ``batch_norm`` (then the residual
+  addition and ReLU), so a traced module can be saved and an exported one runs
+  anywhere PyTorch's ops do. SyncBatchNorm cannot be recorded while it would
+  synchronize (training mode, several processes): it raises, on every rank that
+  records.
 * ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``) and TorchScript
   scripting are not supported: the kernels run outside PyTorch's operator set
   (PyTorch then raises its own error). ``torch.compile`` works, with a graph
@@ -61,6 +68,20 @@ def check_activation(owner: str, activation: str | None) -> str | None:
     if activation not in (None, "relu"):
         raise ValueError(f"{owner}: activation must be None or 'relu', got {activation!r}")
     return activation
+
+
+def _native_only(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """Whether PyTorch's own ops must stand in for numbabn's kernels: for tensors with
+    no memory of their own (``meta``, whose shapes PyTorch works out; tensor subclasses
+    such as ``FakeTensor`` or ``DTensor``) and while ``torch.jit.trace`` or
+    ``torch.export`` record a graph. A recorded graph then holds PyTorch's batch norm
+    (plus the residual addition and ReLU), which TorchScript, ONNX and
+    ``torch.export`` consumers can run; numbabn's kernels are Python calls that no
+    recorded graph can hold. ``torch.compile`` is not recording in this sense: it
+    breaks the graph at the layer and runs the kernels."""
+    if x.is_meta or type(x) is not torch.Tensor or (residual is not None and type(residual) is not torch.Tensor):
+        return True
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
 class NumbabnBatchNorm:
@@ -138,6 +159,10 @@ class NumbabnBatchNorm:
         i.e. this process's batch alone."""
         return None, None
 
+    def _without_kernels(self, x: torch.Tensor, batch_stats: bool) -> None:
+        """Called when PyTorch's own batch norm stands in for the kernels (see
+        :func:`_native_only`), before anything changes."""
+
     def _check_residual(self, input: torch.Tensor, residual: Any) -> None:
         name = type(self).__name__
         if not isinstance(residual, torch.Tensor):
@@ -175,11 +200,11 @@ class NumbabnBatchNorm:
         cdt = B.COMPUTE_DTYPE[x.dtype]
         # .to() only where the dtype differs: each call is a torch op (1-2 us on a small batch)
         weight, bias = (p if p is None or p.dtype == cdt else p.to(cdt) for p in (self.weight, self.bias))
-        # A meta tensor has a shape but no values (model-size tools, ``device="meta"``
-        # initialisation): PyTorch's own op works out the output, with no exchange.
-        meta = x.is_meta
-        moments, allreduce = (None, None) if meta else self._synchronize(x, batch_stats)
-        if (meta or x.numel() == 0) and moments is None:
+        native = _native_only(x, residual)
+        if native:
+            self._without_kernels(x, batch_stats)
+        moments, allreduce = (None, None) if native else self._synchronize(x, batch_stats)
+        if (native or x.numel() == 0) and moments is None:
             y = F.batch_norm(x, running_mean, running_var, weight, bias, batch_stats, momentum, self.eps)
             y = y if residual is None else y + residual
             y = F.relu(y) if self.activation == "relu" else y
