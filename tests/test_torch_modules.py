@@ -438,6 +438,21 @@ def test_exported_program_holds_torch_batch_norm():
     torch.testing.assert_close(program.module()(x2), ours(x2), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_fx_symbolic_trace_records_torch_batch_norm(training):
+    """``torch.fx.symbolic_trace`` (feature extraction, FX quantization) traces through
+    the layer, which records torch.nn's own forward; it used to raise "input must be a
+    torch.Tensor, got Proxy". The GraphModule computes what torch.nn's block does."""
+    ours, ref = _trained_pair()
+    ours.train(training), ref.train(training)
+    graph_module = torch.fx.symbolic_trace(ours)
+    assert "batch_norm" in graph_module.code and "relu" in graph_module.code
+    x = torch.randn(4, 3, 6, 6) * 2
+    torch.testing.assert_close(graph_module(x), ref(x), rtol=0, atol=0)
+    for name, buf in ref.bn.named_buffers():
+        assert torch.equal(buf, ours.bn.state_dict()[name]), name
+
+
 class _Tagged(torch.Tensor):
     """A user's tensor subclass (as torchvision's tv_tensors are)."""
 

@@ -25,8 +25,9 @@ Where numbabn differs from PyTorch:
 * An input with no values (N = 0) takes PyTorch's own path (nothing to compute),
   as does one on the ``meta`` device (shapes only; SyncBatchNorm exchanges nothing),
   a tensor subclass (``FakeTensor``, ``DTensor``, ...), and every call while
-  ``torch.jit.trace`` or ``torch.export`` (and so ``torch.onnx.export``) record a
-  graph: the recorded graph holds PyTorch's ``batch_norm`` (then the residual
+  ``torch.jit.trace``, ``torch.export`` (and so ``torch.onnx.export``) or
+  ``torch.fx.symbolic_trace`` record a graph: the recorded graph holds PyTorch's
+  ``batch_norm`` as torch.nn's layer calls it (then the residual
   addition and ReLU), so a traced module can be saved and an exported one runs
   anywhere PyTorch's ops do. SyncBatchNorm cannot be recorded while it would
   synchronize (training mode, several processes): it raises, on every rank that
@@ -74,8 +75,9 @@ def _native_only(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
     """Whether PyTorch's own ops must stand in for numbabn's kernels: for tensors with
     no memory of their own (``meta``, whose shapes PyTorch works out; tensor subclasses
     such as ``FakeTensor`` or ``DTensor``) and while ``torch.jit.trace`` or
-    ``torch.export`` record a graph. A recorded graph then holds PyTorch's batch norm
-    (plus the residual addition and ReLU), which TorchScript, ONNX and
+    ``torch.export`` record a graph (``torch.fx.symbolic_trace``, whose input is a
+    Proxy, is caught before). A recorded graph then holds PyTorch's batch norm (plus
+    the residual addition and ReLU), which TorchScript, ONNX, FX and
     ``torch.export`` consumers can run; numbabn's kernels are Python calls that no
     recorded graph can hold. ``torch.compile`` is not recording in this sense: it
     breaks the graph at the layer and runs the kernels."""
@@ -159,9 +161,9 @@ class NumbabnBatchNorm:
         i.e. this process's batch alone."""
         return None, None
 
-    def _without_kernels(self, x: torch.Tensor, batch_stats: bool) -> None:
+    def _without_kernels(self, meta: bool, batch_stats: bool) -> None:
         """Called when PyTorch's own batch norm stands in for the kernels (see
-        :func:`_native_only`), before anything changes."""
+        :func:`_native_only`; ``meta``: for a meta tensor), before anything changes."""
 
     def _check_residual(self, input: torch.Tensor, residual: Any) -> None:
         name = type(self).__name__
@@ -178,6 +180,8 @@ class NumbabnBatchNorm:
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``bn(input)``, then ``+ residual`` when given, then the fused activation."""
+        if isinstance(input, torch.fx.Proxy):  # torch.fx.symbolic_trace: nothing to check yet
+            return self._torch_forward(input, residual)
         try:
             self._check_input(input)
             if residual is not None:
@@ -185,13 +189,9 @@ class NumbabnBatchNorm:
         except (TypeError, ValueError) as exc:
             self._input_rejected(exc)
             raise
-        tracking = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if tracking and self.momentum is None:
-            momentum = 1.0 / (int(self.num_batches_tracked) + 1)
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        use_buffers = not self.training or self.track_running_stats
-        running_mean, running_var = (self.running_mean, self.running_var) if use_buffers else (None, None)
+        if _native_only(input, residual):
+            return self._torch_forward(input, residual, input.is_meta)
+        tracking, momentum, batch_stats, running_mean, running_var = self._settings()
         # bfloat16 on a GPU -> float32 as a torch op: numbabn's CUDA kernels read
         # float16/32/64 (on the CPU its 16-bit patterns go to the kernels as they are).
         x = input.float() if input.dtype == torch.bfloat16 and not input.is_cpu else input
@@ -200,32 +200,54 @@ class NumbabnBatchNorm:
         cdt = B.COMPUTE_DTYPE[x.dtype]
         # .to() only where the dtype differs: each call is a torch op (1-2 us on a small batch)
         weight, bias = (p if p is None or p.dtype == cdt else p.to(cdt) for p in (self.weight, self.bias))
-        native = _native_only(x, residual)
-        if native:
-            self._without_kernels(x, batch_stats)
-        moments, allreduce = (None, None) if native else self._synchronize(x, batch_stats)
-        if (native or x.numel() == 0) and moments is None:
-            y = F.batch_norm(x, running_mean, running_var, weight, bias, batch_stats, momentum, self.eps)
-            y = y if residual is None else y + residual
-            y = F.relu(y) if self.activation == "relu" else y
-        else:
-            y = BatchNormFunction.apply(
-                x,
-                weight,
-                bias,
-                running_mean,
-                running_var,
-                batch_stats,
-                momentum,
-                self.eps,
-                self.activation == "relu",
-                moments,
-                allreduce,
-                residual,
-            )
+        moments, allreduce = self._synchronize(x, batch_stats)
+        if x.numel() == 0 and moments is None:  # nothing to compute
+            return self._torch_forward(input, residual)
+        y = BatchNormFunction.apply(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            batch_stats,
+            momentum,
+            self.eps,
+            self.activation == "relu",
+            moments,
+            allreduce,
+            residual,
+        )
         if tracking:
             self.num_batches_tracked.add_(1)
         return y if y.dtype == input.dtype else y.to(input.dtype)
+
+    def _settings(self) -> tuple[bool, float, bool, Any, Any]:
+        """(tracking, momentum, batch_stats, running_mean, running_var) of this call, as
+        torch.nn computes them: ``tracking`` = count the call; momentum=None gives
+        1/(calls so far + 1); batch statistics in training mode and without buffers;
+        the buffers unless training without ``track_running_stats``."""
+        tracking = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if tracking and self.momentum is None:
+            momentum = 1.0 / (int(self.num_batches_tracked) + 1)
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        running_mean, running_var = (self.running_mean, self.running_var) if use_buffers else (None, None)
+        return tracking, momentum, batch_stats, running_mean, running_var
+
+    def _torch_forward(self, input: torch.Tensor, residual: torch.Tensor | None, meta: bool = False) -> torch.Tensor:
+        """PyTorch's ops in place of the kernels (see :func:`_native_only`; an empty
+        input; ``meta``: a meta tensor): ``F.batch_norm`` as torch.nn's layer calls it,
+        then ``+ residual``, then the activation. No input checks here: under
+        ``torch.fx.symbolic_trace`` the input is a Proxy, which cannot answer them."""
+        tracking, momentum, batch_stats, running_mean, running_var = self._settings()
+        self._without_kernels(meta, batch_stats)
+        y = F.batch_norm(input, running_mean, running_var, self.weight, self.bias, batch_stats, momentum, self.eps)
+        if tracking:
+            self.num_batches_tracked.add_(1)
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if self.activation == "relu" else y
 
 
 class BatchNorm1d(NumbabnBatchNorm, torch.nn.BatchNorm1d):

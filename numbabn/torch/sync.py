@@ -107,14 +107,14 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
         if group is not None:  # the other ranks are about to wait for this one
             self._gather_moments(group, None, None)
 
-    def _without_kernels(self, x: torch.Tensor, batch_stats: bool) -> None:
+    def _without_kernels(self, meta: bool, batch_stats: bool) -> None:
         # No exchange to tell the other ranks (a recorder would record the collective
         # too): a script that records on every rank raises on every rank.
-        if not x.is_meta and batch_stats and self._group() is not None:  # meta: shapes only
+        if not meta and batch_stats and self._group() is not None:  # meta: shapes only
             raise NotImplementedError(
-                f"{type(self).__name__}: cannot synchronize batch statistics while torch.jit.trace or "
-                "torch.export record a graph, nor for a tensor subclass input; record the model in eval "
-                "mode or in a single process"
+                f"{type(self).__name__}: cannot synchronize batch statistics while torch.jit.trace, "
+                "torch.export or torch.fx record a graph, nor for a tensor subclass input; record the "
+                "model in eval mode or in a single process"
             )
 
     def _synchronize(self, x: torch.Tensor, batch_stats: bool) -> tuple[Any, Any]:
