@@ -453,6 +453,36 @@ def test_fx_symbolic_trace_records_torch_batch_norm(training):
         assert torch.equal(buf, ours.bn.state_dict()[name]), name
 
 
+def test_torch_func_transforms_run_torch_batch_norm():
+    """Under torch.func transforms (``jacrev``, ``vmap``, ``grad`` through
+    ``functional_call``) the layer computes exactly what torch.nn's does; it used to
+    raise (the kernels' autograd.Function has no ``setup_context``)."""
+    from torch.func import functional_call, grad, jacrev, vmap
+
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(4, 3), nbt.BatchNorm1d(3, activation="relu"))
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.ReLU())
+    ours(torch.randn(8, 4))  # running statistics that are not the defaults
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 4)
+
+    def loss(model):
+        return lambda params, buffers, x: functional_call(model, (params, buffers), (x,)).square().sum()
+
+    buffers = [{k: v.clone() for k, v in model.named_buffers()} for model in (ours, ref)]
+    grads = [
+        grad(loss(model))(dict(model.named_parameters()), b, x) for model, b in zip((ours, ref), buffers, strict=True)
+    ]
+    for name in grads[1]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+    for name in buffers[1]:  # training mode: the passed buffers were updated alike
+        assert torch.equal(buffers[0][name], buffers[1][name]), name
+    ours.eval(), ref.eval()
+    assert torch.equal(jacrev(ours)(x), jacrev(ref)(x))
+    xs = torch.randn(3, 5, 4)
+    assert torch.equal(vmap(ours)(xs), vmap(ref)(xs))
+
+
 class _Tagged(torch.Tensor):
     """A user's tensor subclass (as torchvision's tv_tensors are)."""
 

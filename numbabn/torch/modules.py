@@ -32,11 +32,11 @@ Where numbabn differs from PyTorch:
   anywhere PyTorch's ops do. SyncBatchNorm cannot be recorded while it would
   synchronize (training mode, several processes): it raises, on every rank that
   records.
-* ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``) and TorchScript
-  scripting are not supported: the kernels run outside PyTorch's operator set
-  (PyTorch then raises its own error). ``torch.compile`` works, with a graph
-  break at each batch norm; ``torch.autograd.grad`` and
-  ``torch.autograd.functional`` work.
+* Under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ...) the layers
+  run PyTorch's ``batch_norm`` too (the transforms' wrapped tensors have no memory
+  numbabn may view). TorchScript scripting is not supported (PyTorch raises its own
+  error). ``torch.compile`` works, with a graph break at each batch norm;
+  ``torch.autograd.grad`` and ``torch.autograd.functional`` run the kernels.
 
 Dtypes: float32 and float64 run natively, and so do float16 and bfloat16 on the
 CPU: the kernels read and write their 16 bits and compute in float32 with float32
@@ -74,8 +74,9 @@ def check_activation(owner: str, activation: str | None) -> str | None:
 def _native_only(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
     """Whether PyTorch's own ops must stand in for numbabn's kernels: for tensors with
     no memory of their own (``meta``, whose shapes PyTorch works out; tensor subclasses
-    such as ``FakeTensor`` or ``DTensor``) and while ``torch.jit.trace`` or
-    ``torch.export`` record a graph (``torch.fx.symbolic_trace``, whose input is a
+    such as ``FakeTensor`` or ``DTensor``), under ``torch.func`` transforms (whose
+    wrapped tensors have no memory numbabn may view either) and while
+    ``torch.jit.trace`` or ``torch.export`` record a graph (``torch.fx.symbolic_trace``, whose input is a
     Proxy, is caught before). A recorded graph then holds PyTorch's batch norm (plus
     the residual addition and ReLU), which TorchScript, ONNX, FX and
     ``torch.export`` consumers can run; numbabn's kernels are Python calls that no
@@ -83,7 +84,13 @@ def _native_only(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
     breaks the graph at the layer and runs the kernels."""
     if x.is_meta or type(x) is not torch.Tensor or (residual is not None and type(residual) is not torch.Tensor):
         return True
-    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+    return torch.jit.is_tracing() or torch.compiler.is_exporting() or _functorch_active()
+
+
+# torch.func transforms wrap tensors in C++ wrappers of type torch.Tensor that no
+# public API tells apart; PyTorch's own check, or (if a release drops it) never, in
+# which case torch.func raises its own error about the kernels' autograd.Function.
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 class NumbabnBatchNorm:
