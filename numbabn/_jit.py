@@ -188,26 +188,21 @@ def kernels() -> list["Kernel"]:
 
 
 def cached_entries() -> tuple[int, list[str]]:
-    """(number of cached signatures on disk, cache directories) over all kernels."""
-    import glob
-    import pickle
-
+    """(number of cached signatures a call could load now, cache directories) over all
+    kernels. Index files of other source versions (a kernel that sat at another line,
+    or a file that changed since: left behind by edits and in-place upgrades) are
+    not counted: Numba ignores them, and so does this count, which reads each
+    kernel's index as Numba's loader does (an unreadable or stale index counts 0)."""
     count = 0
     dirs = set()
     for k in _KERNELS:
         try:
-            path = _GuardedCache(k.py_func).cache_path
+            cache = _GuardedCache(k.py_func)
         except RuntimeError:
             continue
-        dirs.add(path)
-        qual = k.py_func.__qualname__
-        module = k.py_func.__module__.rsplit(".", 1)[-1]
-        for index in glob.glob(os.path.join(path, f"{module}.{qual}-*.nbi")):
-            try:
-                with open(index, "rb") as f:
-                    pickle.load(f)  # the version stamp
-                    entries = pickle.loads(f.read())[1]
-                count += len(entries)
-            except Exception:
-                continue
+        dirs.add(cache.cache_path)
+        try:
+            count += len(cache._cache_file._load_index())  # {} when stale or absent
+        except Exception:  # corrupted: the next call recompiles it
+            continue
     return count, sorted(dirs)

@@ -102,6 +102,35 @@ def test_garbage_cache_files_recompile(populated, tmp_path):
     _same(_fresh(cache), _expected())
 
 
+_COUNT = "from numbabn import _jit; import numbabn.backends.cpu; print(_jit.cached_entries()[0])"
+
+
+def test_cache_count_skips_index_files_of_other_sources(populated, tmp_path):
+    """``numbabn info``/``warmup`` count the signatures this numbabn can load: not index
+    files left by other versions of the source (a kernel that moved to another line
+    after an upgrade or edit, or whose file changed), which Numba ignores. They used
+    to be counted (a working copy showed 299 entries where 61 were loadable)."""
+    cache = _copy(populated[0], tmp_path)
+
+    def count():
+        result = _fresh(cache, _COUNT)
+        assert result.returncode == 0, result.stderr.decode()
+        return int(result.stdout)
+
+    indexes = sorted(cache.rglob("*.nbi"))
+    assert count() == len(indexes) == 6  # float32 NCHW forward + backward: six kernels, one signature each
+    for p in indexes:  # the same kernels, as if they had been at line 1 of an older file
+        shutil.copy(p, p.with_name(p.name.split("-")[0] + "-1.py" + p.name.split(".py")[1]))
+    assert count() == 6
+    with open(indexes[0], "rb") as f:  # one index written for other source bytes
+        version = pickle.load(f)
+        stamp, overloads = pickle.loads(f.read())
+    with open(indexes[0], "wb") as f:
+        pickle.dump(version, f)
+        f.write(pickle.dumps(((stamp[0] - 1, stamp[1] + 1), overloads)))
+    assert count() == 5
+
+
 # Channels-last float64 with fused ReLU, its backward, and eval of float32 input with
 # float64 running statistics: kernels the float32 NCHW script does not load.
 _VARIANTS = textwrap.dedent("""
