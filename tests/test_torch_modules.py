@@ -7,8 +7,10 @@ state-dict round trips, mixed precision, errors that change nothing, double back
 and the CUDA dispatch logic (on CPU tensors: no GPU here).
 """
 
+import copy
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -409,8 +411,14 @@ def test_traced_module_holds_torch_batch_norm_and_saves(training, tmp_path):
     ours, ref = _trained_pair()
     ours.train(training), ref.train(training)
     x = torch.randn(4, 3, 6, 6)
-    with pytest.warns(Warning):  # torch.jit.trace is deprecated in 2.13
-        traced = torch.jit.trace(ours, x, check_trace=False)
+    traces, tracer_warnings = [], []
+    for model in (ours, copy.deepcopy(ref)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            traces.append(torch.jit.trace(model, x, check_trace=False))
+        tracer_warnings.append({str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)})
+    assert tracer_warnings[0] == tracer_warnings[1]  # torch.nn's own (training: F.batch_norm's batch check)
+    traced = traces[0]
     graph = str(traced.inlined_graph)
     assert "aten::batch_norm" in graph and "PythonOp" not in graph
     ref(x)  # tracing ran the forward once

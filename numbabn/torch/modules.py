@@ -29,7 +29,8 @@ Where numbabn differs from PyTorch:
   ``torch.fx.symbolic_trace`` record a graph: the recorded graph holds PyTorch's
   ``batch_norm`` as torch.nn's layer calls it (then the residual
   addition and ReLU), so a traced module can be saved and an exported one runs
-  anywhere PyTorch's ops do. SyncBatchNorm cannot be recorded while it would
+  anywhere PyTorch's ops do (PyTorch's op also checks such input, with its own
+  errors, as torch.nn's layers do). SyncBatchNorm cannot be recorded while it would
   synchronize (training mode, several processes): it raises, on every rank that
   records.
 * Under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ...) the layers
@@ -187,8 +188,12 @@ class NumbabnBatchNorm:
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``bn(input)``, then ``+ residual`` when given, then the fused activation."""
-        if isinstance(input, torch.fx.Proxy):  # torch.fx.symbolic_trace: nothing to check yet
+        if isinstance(input, torch.fx.Proxy):  # torch.fx.symbolic_trace
             return self._torch_forward(input, residual)
+        if isinstance(input, torch.Tensor) and _native_only(input, residual):
+            # PyTorch's op checks its input itself; ours would put data-dependent
+            # branches into a traced graph (TracerWarning), as torch.nn's layers do not.
+            return self._torch_forward(input, residual, input.is_meta)
         try:
             self._check_input(input)
             if residual is not None:
@@ -196,8 +201,6 @@ class NumbabnBatchNorm:
         except (TypeError, ValueError) as exc:
             self._input_rejected(exc)
             raise
-        if _native_only(input, residual):
-            return self._torch_forward(input, residual, input.is_meta)
         tracking, momentum, batch_stats, running_mean, running_var = self._settings()
         # bfloat16 on a GPU -> float32 as a torch op: numbabn's CUDA kernels read
         # float16/32/64 (on the CPU its 16-bit patterns go to the kernels as they are).
