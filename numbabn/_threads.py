@@ -17,8 +17,10 @@ See the README's "Kernel runtime" section for the measurements behind the choice
 
 Thread count: :func:`set_num_threads`, else ``NUMBABN_NUM_THREADS``, else the CPUs
 this process may use (:func:`available_cpus`: affinity mask and cgroup CPU quota).
-Inputs of at most ``config.SERIAL_MAX`` elements run on the calling thread alone
-(PyTorch's grain size is the same 32768).
+Inputs of at most ``config.SERIAL_MAX`` elements (default 2**18) run on the calling
+thread alone: a parallel call wakes a blocked pool thread (28-52 us a round trip on
+the project's VM), and below that size one thread was faster (README, "Kernel
+runtime"; PyTorch's OpenMP grain is 32768, but its workers spin between regions).
 """
 
 import contextlib

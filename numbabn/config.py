@@ -8,7 +8,8 @@ functional layer passes them in as arguments.
     thread count at a fixed chunk size.
 ``NUMBABN_SERIAL_MAX``
     inputs of at most this many elements run on the calling thread alone (default
-    32768, PyTorch's grain size).
+    262144 = 1 MB of float32: below it, waking a pool thread costs more than it
+    saves; measured in the README's "Kernel runtime").
 ``NUMBABN_CUDA_THREADS``
     threads per CUDA block (default 256; tests use 32).
 ``NUMBABN_NUM_THREADS``
@@ -39,7 +40,7 @@ def _positive_int(name: str, default: int) -> int:
 
 
 CHUNK = _positive_int("NUMBABN_CHUNK", 16384)
-SERIAL_MAX = _positive_int("NUMBABN_SERIAL_MAX", 32768)
+SERIAL_MAX = _positive_int("NUMBABN_SERIAL_MAX", 1 << 18)
 CUDA_THREADS = _positive_int("NUMBABN_CUDA_THREADS", 256)
 NUM_THREADS = _positive_int("NUMBABN_NUM_THREADS", 0) if os.environ.get("NUMBABN_NUM_THREADS") else None
 QUIET = os.environ.get("NUMBABN_QUIET", "") not in ("", "0")

@@ -341,6 +341,35 @@ def test_importing_numbabn_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+def test_calls_without_a_graph_compute_what_the_autograd_path_does(training, fmt):
+    """Where no gradient can flow (``no_grad``, ``inference_mode``, no input requiring
+    grad) the module skips ``autograd.Function``: same output bit for bit, same
+    running statistics and counter, no graph node."""
+    torch.manual_seed(2)
+    x = torch.randn(4, 3, 5, 6) * 2 + 1
+    x = x if fmt is None else x.to(memory_format=fmt)
+    r = torch.randn_like(x)
+    modules = [nbt.BatchNorm2d(3, activation="relu").train(training) for _ in range(4)]
+    for m in modules[1:]:
+        m.load_state_dict(modules[0].state_dict())
+    with_graph = modules[0](x.clone().requires_grad_(), residual=r)
+    assert with_graph.grad_fn is not None
+    with torch.no_grad():
+        no_grad = modules[1](x, residual=r)
+    with torch.inference_mode():
+        inference = modules[2](x, residual=r)
+    modules[3].weight.requires_grad_(False), modules[3].bias.requires_grad_(False)
+    frozen = modules[3](x, residual=r)  # nothing requires grad
+    for y in (no_grad, inference, frozen):
+        assert y.grad_fn is None and torch.equal(y, with_graph.detach())
+        assert y.is_contiguous(memory_format=fmt or torch.contiguous_format)
+    for m in modules[1:]:
+        for (name, a), b in zip(modules[0].state_dict().items(), m.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+
+
 def test_inference_mode_and_cpu_autocast_like_torch():
     torch.manual_seed(6)
     ours, theirs = nbt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)

@@ -60,7 +60,7 @@ import torch
 from torch.nn import functional as F
 
 from . import _bridge as B
-from .function import BatchNormFunction
+from .function import BatchNormFunction, normalize
 
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -83,9 +83,18 @@ def _native_only(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
     ``torch.export`` consumers can run; numbabn's kernels are Python calls that no
     recorded graph can hold. ``torch.compile`` is not recording in this sense: it
     breaks the graph at the layer and runs the kernels."""
-    if x.is_meta or type(x) is not torch.Tensor or (residual is not None and type(residual) is not torch.Tensor):
+    if (
+        x.is_meta
+        or type(x) is not torch.Tensor
+        or (isinstance(residual, torch.Tensor) and type(residual) is not torch.Tensor)
+    ):
         return True
     return torch.jit.is_tracing() or torch.compiler.is_exporting() or _functorch_active()
+
+
+def _needs_graph(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd must record the call: grad mode on and some input requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # torch.func transforms wrap tensors in C++ wrappers of type torch.Tensor that no
@@ -213,20 +222,26 @@ class NumbabnBatchNorm:
         moments, allreduce = self._synchronize(x, batch_stats)
         if x.numel() == 0 and moments is None:  # nothing to compute
             return self._torch_forward(input, residual)
-        y = BatchNormFunction.apply(
-            x,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            batch_stats,
-            momentum,
-            self.eps,
-            self.activation == "relu",
-            moments,
-            allreduce,
-            residual,
-        )
+        relu = self.activation == "relu"
+        if _needs_graph(x, weight, bias, residual):
+            y = BatchNormFunction.apply(
+                x,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                batch_stats,
+                momentum,
+                self.eps,
+                relu,
+                moments,
+                allreduce,
+                residual,
+            )
+        else:  # no gradient can flow (no_grad, inference mode, nothing requires grad): no autograd node
+            y = normalize(
+                x, weight, bias, running_mean, running_var, batch_stats, momentum, self.eps, relu, moments, residual
+            )[0]
         if tracking:
             self.num_batches_tracked.add_(1)
         return y if y.dtype == input.dtype else y.to(input.dtype)
