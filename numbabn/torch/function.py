@@ -19,7 +19,6 @@ completes them like every other parameter's.
 """
 
 import contextlib
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,24 +47,11 @@ class BatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        running_mean: torch.Tensor | None,
-        running_var: torch.Tensor | None,
-        training: bool,
-        momentum: float,
-        eps: float,
-        relu: bool,
-        moments: Any = None,
-        allreduce: Callable[[np.ndarray], np.ndarray] | None = None,
-        residual: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Normalise ``x`` of shape ``(N, C, ...)`` on the numbabn kernels (plus ``residual``
-        before the activation when given); saves what backward needs.
-        Returns y, of ``x``'s shape and dtype."""
+    def forward(ctx: Any, *args: Any) -> torch.Tensor:
+        """Normalise ``x`` on the numbabn kernels (:func:`normalize`; the arguments of
+        ``apply``, see the class docstring); saves what backward needs. Returns y, of
+        ``x``'s shape and dtype."""
+        x, weight, bias, running_mean, running_var, training, momentum, eps, relu, moments, allreduce, residual = args
         y, bn, perm = normalize(
             x, weight, bias, running_mean, running_var, training, momentum, eps, relu, moments, residual
         )
