@@ -118,6 +118,58 @@ def test_fuse_relu_folds_the_sequential_relus_and_changes_nothing_else():
     train_side_by_side(fused, original, steps=2, shape=(4, 3, 16, 16))
 
 
+def _fused_pair():
+    """A conv/BN/ReLU Sequential with trained running statistics, and its copy after
+    convert_batchnorm(fuse_relu=True)."""
+    torch.manual_seed(6)
+    original = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.Conv2d(4, 2, 1))
+    original(torch.randn(8, 3, 6, 6))
+    fused = nbt.convert_batchnorm(copy.deepcopy(original), fuse_relu=True)
+    assert type(fused[2]) is nbt.FusedReLU and fused[2].inplace and fused[1].activation == "relu"
+    return original, fused
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_relu_survives_torch_sync_batchnorm_conversion(training):
+    """PyTorch's convert_sync_batchnorm swaps the fused batch norm for its own, which
+    knows nothing of activation=: the FusedReLU left in the ReLU's place then
+    rectifies again. Before, the ReLU was an Identity and silently vanished."""
+    original, fused = _fused_pair()
+    torch_synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(fused))
+    assert type(torch_synced[1]) is nn.SyncBatchNorm  # one process: plain batch norm
+    for model in (original, torch_synced):
+        model.train(training)
+    x = torch.randn(4, 3, 6, 6)
+    torch.testing.assert_close(torch_synced(x), original(x), rtol=0, atol=0)
+
+
+def test_fused_relu_passes_exactly_the_fused_output_through():
+    original, fused = _fused_pair()
+    x = torch.randn(4, 3, 6, 6)
+    y = fused[1](fused[0](x))
+    assert fused[2](y) is y  # the batch norm's own output: no second pass
+    assert torch.equal(fused[2](y.clone()), y)  # a copy is rectified again: the same values
+    z = y.clone() - 1
+    assert torch.equal(fused[2](z.clone()), torch.relu(z))  # anything else is rectified
+    y.sub_(1)  # changed in place since the batch norm wrote it
+    assert torch.equal(fused[2](y), torch.relu(z))
+    torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_model_pickles_copies_and_compiles(tmp_path):
+    original, fused = _fused_pair()
+    torch.save(fused, tmp_path / "fused.pt")
+    for model in (torch.load(tmp_path / "fused.pt", weights_only=False), copy.deepcopy(fused)):
+        assert type(model[2]) is nbt.FusedReLU and model[1]._feeds_fused_relu
+        x = torch.randn(4, 3, 6, 6)
+        y = model[1](model[0](x))
+        assert model[2](y) is y
+        assert torch.equal(model(x), fused(x))
+    compiled = torch.compile(fused, backend="eager")
+    x = torch.randn(4, 3, 6, 6)
+    assert torch.equal(compiled(x), fused(x))
+
+
 def test_sync_conversion_and_back_from_torch_sync_batch_norm():
     torch.manual_seed(3)
     model = TorchvisionResNet()

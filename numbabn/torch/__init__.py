@@ -10,13 +10,14 @@ Needs PyTorch (``pip install 'numbabn[torch]'``); ``import numbabn`` never impor
 
 from .convert import convert_batchnorm, fold_batchnorm
 from .function import BatchNormFunction
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, FusedReLU
 from .sync import SyncBatchNorm
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "FusedReLU",
     "SyncBatchNorm",
     "BatchNormFunction",
     "convert_batchnorm",

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, NumbabnBatchNorm
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, FusedReLU, NumbabnBatchNorm
 from .sync import SyncBatchNorm
 
 # torch class -> the numbabn.torch class replacing it (isinstance order: numbabn's are subclasses).
@@ -52,6 +52,7 @@ def _convert_one(module: torch.nn.Module, sync: bool, process_group: Any) -> tor
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         new.register_buffer(name, getattr(module, name))
     new.train(module.training)
+    new._feeds_fused_relu = getattr(module, "_feeds_fused_relu", False)
     if hasattr(module, "qconfig"):
         new.qconfig = module.qconfig
     return new
@@ -69,9 +70,12 @@ def convert_batchnorm(
     process group). Parameters and buffers are the same objects as before; train/eval
     mode is kept. With ``fuse_relu=True``, a ``torch.nn.ReLU`` that directly follows a
     converted batch norm inside a ``torch.nn.Sequential`` is folded into it
-    (``activation="relu"``) and replaced by ``torch.nn.Identity`` (indices and
-    state_dict keys stay). ReLUs called in a ``forward`` (torchvision's BasicBlock)
-    cannot be seen and stay as they are.
+    (``activation="relu"``) and replaced by a :class:`~numbabn.torch.modules.FusedReLU`
+    (indices and state_dict keys stay), which passes that batch norm's output through
+    and rectifies anything else: if a later tool swaps the batch norm for one without
+    the fused ReLU (``torch.nn.SyncBatchNorm.convert_sync_batchnorm``), the model keeps
+    its ReLU. ReLUs called in a ``forward`` (torchvision's BasicBlock) cannot be seen
+    and stay as they are.
 
     Returns ``module`` itself, or its replacement when ``module`` is a batch norm.
     """
@@ -89,7 +93,8 @@ def convert_batchnorm(
             bn, nxt = module[i], module[i + 1]
             if isinstance(bn, NumbabnBatchNorm) and bn.activation is None and type(nxt) is torch.nn.ReLU:
                 bn.activation = "relu"
-                module[i + 1] = torch.nn.Identity()
+                bn._feeds_fused_relu = True
+                module[i + 1] = FusedReLU(nxt.inplace)
     return module
 
 
@@ -112,7 +117,8 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
         W'[c] = a_c * W[c];   b'_c = a_c * (b_c - running_mean_c) + beta_c
 
     The batch norm is replaced by ``torch.nn.Identity`` (``torch.nn.ReLU`` when it
-    had a fused ReLU). Raises ValueError, changing nothing, when such a batch norm
+    had a fused ReLU, and the :class:`~numbabn.torch.modules.FusedReLU` after it by
+    ``torch.nn.Identity``). Raises ValueError, changing nothing, when such a batch norm
     is in training mode or has no running statistics. Returns ``module``.
     """
     pairs = list(_fold_pairs(module))
@@ -143,5 +149,8 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
             layer.bias = torch.nn.Parameter(new_bias.to(layer.weight.dtype))
         else:
             layer.bias.copy_(new_bias)
-        seq[i + 1] = torch.nn.ReLU() if getattr(bn, "activation", None) == "relu" else torch.nn.Identity()
+        fused = getattr(bn, "activation", None) == "relu"
+        seq[i + 1] = torch.nn.ReLU() if fused else torch.nn.Identity()
+        if fused and i + 2 < len(seq) and isinstance(seq[i + 2], FusedReLU):
+            seq[i + 2] = torch.nn.Identity()  # the ReLU is back in the batch norm's place
     return module

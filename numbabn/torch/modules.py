@@ -54,6 +54,7 @@ CUDA backend through ``__cuda_array_interface__`` (zero copy; see ``numbabn.torc
 Double backward raises a clear error.
 """
 
+import weakref
 from typing import Any
 
 import torch
@@ -101,6 +102,30 @@ def _needs_graph(*tensors: torch.Tensor | None) -> bool:
 # public API tells apart; PyTorch's own check, or (if a release drops it) never, in
 # which case torch.func raises its own error about the kernels' autograd.Function.
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+# The latest output of a batch norm whose ReLU ``convert_batchnorm(fuse_relu=True)``
+# folded in: (weak reference, version counter). The :class:`FusedReLU` right after it
+# passes exactly that tensor through; one slot suffices, as the FusedReLU is the next
+# module, and a mismatch (another thread's call in between) only costs a ReLU pass.
+_rectified: list[Any] = [None, -1]
+
+
+class FusedReLU(torch.nn.ReLU):
+    """What ``convert_batchnorm(fuse_relu=True)`` leaves where it took a ``ReLU`` out.
+
+    It passes the output of the batch norm that took over its ReLU through unchanged
+    (the very tensor, not modified since), and rectifies anything else: so a tool that
+    swaps that batch norm for one without the fused ReLU (PyTorch's
+    ``SyncBatchNorm.convert_sync_batchnorm`` or ``fuse_conv_bn_eval``, which know
+    nothing of ``activation=``), a hook that returns a new tensor, or an in-place
+    change in between still gets its ReLU. ReLU is idempotent, so the check can cost
+    a pass but never change a result."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        ref, version = _rectified
+        if ref is not None and ref() is input and input._version == version:
+            return input
+        return super().forward(input)
 
 
 class NumbabnBatchNorm:
@@ -195,8 +220,17 @@ class NumbabnBatchNorm:
         if residual.device != input.device:
             raise ValueError(f"{name}: residual is on {residual.device} but the input is on {input.device}")
 
+    # Set by convert_batchnorm(fuse_relu=True) on the batch norms a FusedReLU follows.
+    _feeds_fused_relu = False
+
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``bn(input)``, then ``+ residual`` when given, then the fused activation."""
+        y = self._forward(input, residual)
+        if self._feeds_fused_relu and self.activation == "relu" and isinstance(y, torch.Tensor):
+            _rectified[:] = weakref.ref(y), y._version
+        return y
+
+    def _forward(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if isinstance(input, torch.fx.Proxy):  # torch.fx.symbolic_trace
             return self._torch_forward(input, residual)
         if isinstance(input, torch.Tensor) and _native_only(input, residual):
