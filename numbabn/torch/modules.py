@@ -90,7 +90,12 @@ def _native_only(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         or (isinstance(residual, torch.Tensor) and type(residual) is not torch.Tensor)
     ):
         return True
-    return torch.jit.is_tracing() or torch.compiler.is_exporting() or _functorch_active()
+    return torch.jit.is_tracing() or _is_exporting() or _functorch_active()
+
+
+# PyTorch 2.4 and 2.5 (the oldest the extra allows) have no torch.compiler.is_exporting;
+# their torch.export hands FakeTensors (a subclass, caught above) to non-strict tracing.
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 def _needs_graph(*tensors: torch.Tensor | None) -> bool:
