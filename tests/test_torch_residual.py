@@ -31,6 +31,19 @@ def test_gradcheck_through_the_function(relu, training):
     assert torch.autograd.gradcheck(f, (x, w, b, r))
 
 
+def test_function_takes_the_nine_argument_form():
+    """moments, allreduce and residual may be left out of apply (they default to None)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w, b = torch.ones(3, dtype=torch.float64, requires_grad=True), torch.zeros(3, dtype=torch.float64)
+    short = BatchNormFunction.apply(x, w, b, None, None, True, 0.1, 1e-5, True)
+    full = BatchNormFunction.apply(x, w, b, None, None, True, 0.1, 1e-5, True, None, None, None)
+    assert torch.equal(short, full)
+    (dx_short,) = torch.autograd.grad(short.sum(), x)
+    (dx_full,) = torch.autograd.grad(full.sum(), x)
+    assert torch.equal(dx_short, dx_full)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("relu", [True, False])

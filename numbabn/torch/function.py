@@ -33,7 +33,7 @@ from . import _openmp
 
 class BatchNormFunction(torch.autograd.Function):
     """``apply(x, weight, bias, running_mean, running_var, training, momentum, eps,
-    relu, moments, allreduce, residual) -> y``.
+    relu[, moments[, allreduce[, residual]]]) -> y`` (the last three default to None).
 
     ``x``: (N, C, ...) float16/32/64 tensor (any memory format); ``weight``/``bias``:
     (C,) tensors of the compute dtype (float32 for float16 input) or None;
@@ -51,7 +51,9 @@ class BatchNormFunction(torch.autograd.Function):
         """Normalise ``x`` on the numbabn kernels (:func:`normalize`; the arguments of
         ``apply``, see the class docstring); saves what backward needs. Returns y, of
         ``x``'s shape and dtype."""
-        x, weight, bias, running_mean, running_var, training, momentum, eps, relu, moments, allreduce, residual = args
+        x, weight, bias, running_mean, running_var, training, momentum, eps, relu, moments, allreduce, residual = (
+            args + (None,) * (12 - len(args))  # moments, allreduce, residual are optional
+        )
         y, bn, perm = normalize(
             x, weight, bias, running_mean, running_var, training, momentum, eps, relu, moments, residual
         )
