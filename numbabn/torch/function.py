@@ -120,7 +120,8 @@ def normalize(
     moments: Any = None,
     residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Any, tuple[int, ...] | None]:
-    """The forward of :class:`BatchNormFunction` (same arguments) without autograd:
+    """The forward of :class:`BatchNormFunction` (its arguments but ``allreduce``, which
+    only the backward uses) without autograd:
     ``(y, numbabn's context, channels-last permutation or None)``. The modules call
     it directly when no gradient can flow (``torch.no_grad()``, inference mode, no
     input requiring grad), which saves ``Function.apply``'s ~20 us a call."""
