@@ -4,9 +4,13 @@
     python bench/first_call.py --table    # also the per-kernel compile table
 
 Every measurement runs in a new Python process with its own empty
-``NUMBA_CACHE_DIR`` (cold) or the one the cold run filled (warm). Per-kernel times
-come from Numba's event API (``numba.core.event``, "numba:compile" events of the
-kernel dispatchers; nested helper compiles are included in their caller's time).
+``NUMBA_CACHE_DIR`` (cold) or the one the cold run filled (warm). Cold runs twice:
+as users get it (a training forward's cache miss hands the backward's kernels to a
+helper process, ``numbabn._compile_ahead``) and with ``NUMBABN_COMPILE_AHEAD=0``
+(every kernel compiled by the timed process). CPU seconds are the timed process's
+own (not the helper's). Per-kernel times come from Numba's event API
+(``numba.core.event``, "numba:compile" events of the kernel dispatchers; nested
+helper compiles are included in their caller's time), in a process without helper.
 """
 
 import argparse
@@ -95,8 +99,8 @@ print(json.dumps(rows))
 """
 
 
-def _run(code, cache, *args):
-    env = {**os.environ, "NUMBA_CACHE_DIR": cache, "NUMBABN_QUIET": "1"}
+def _run(code, cache, *args, ahead="1"):
+    env = {**os.environ, "NUMBA_CACHE_DIR": cache, "NUMBABN_QUIET": "1", "NUMBABN_COMPILE_AHEAD": ahead}
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -108,14 +112,21 @@ def main():
     with tempfile.TemporaryDirectory() as cache:
         cold = _run(_STEPS, cache, "--all")
         warm = _run(_STEPS, cache)
-    print(f"{'step (wall s / CPU s of this process)':<46}{'cold':>14}{'warm':>14}")
+    with tempfile.TemporaryDirectory() as cache:
+        alone = _run(_STEPS, cache, "--all", ahead="0")
+    print(f"{'step (wall s / CPU s of this process)':<46}{'cold':>14}{'no helper':>14}{'warm':>14}")
     for k, (v, cpu) in ((k, v) for k, v in cold.items() if k != "compiles"):
-        w = warm.get(k)
-        print(f"{k:<46}{v:7.2f}/{cpu:5.2f} " + (f"{w[0]:7.2f}/{w[1]:5.2f}" if w is not None else ""))
-    print("specialisations compiled (cold, per kernel):", cold["compiles"])
+        a, w = alone.get(k), warm.get(k)
+        print(
+            f"{k:<46}{v:7.2f}/{cpu:5.2f} "
+            + f"{a[0]:7.2f}/{a[1]:5.2f} "
+            + (f"{w[0]:7.2f}/{w[1]:5.2f}" if w is not None else "")
+        )
+    print("specialisations compiled by the timed process (cold, per kernel):", cold["compiles"])
+    print("                                      (no helper, per kernel):", alone["compiles"])
     if args.table:
         with tempfile.TemporaryDirectory() as cache:
-            rows = _run(_TIMED_EVENTS, cache)
+            rows = _run(_TIMED_EVENTS, cache, ahead="0")
         print(f"\n{'kernel (incl. nested helpers)':<32}{'signature':<62}{'s':>6}")
         for name, sig, t in sorted(rows, key=lambda r: -r[2]):
             print(f"{name:<32}{sig:<62}{t:6.2f}")

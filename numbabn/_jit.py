@@ -81,7 +81,11 @@ def _notice(where: str | None) -> None:
 
 
 class _GuardedCache(FunctionCache):
-    """Numba's per-function disk cache, but a fault in it is a warning, not an error."""
+    """Numba's per-function disk cache, but a fault in it is a warning, not an error.
+    ``on_miss`` (if set) is called when a signature is not in the cache, just before
+    Numba compiles it."""
+
+    on_miss: Callable[[], Any] | None = None
 
     def load_overload(self, sig: Any, target_context: Any) -> Any:
         try:
@@ -99,6 +103,8 @@ class _GuardedCache(FunctionCache):
             data = None
         if data is None:
             _notice(self.cache_path)
+            if self.on_miss is not None:
+                self.on_miss()
         return data
 
     def _load_only(self, sig: Any, target_context: Any) -> Any:
@@ -143,9 +149,10 @@ class Kernel:
         self.fastmath = fastmath
         self._specs: dict[tuple[Any, ...], Any] = {}
 
-    def specialize(self, signature: tuple[Any, ...]) -> Any:
+    def specialize(self, signature: tuple[Any, ...], on_miss: Callable[[], Any] | None = None) -> Any:
         """The dispatcher of ``signature`` (a tuple of Numba types), compiled or
-        loaded from the disk cache on first request."""
+        loaded from the disk cache on first request; ``on_miss()`` runs before a
+        compile that a writable disk cache could keep (not without one)."""
         disp = self._specs.get(signature)
         if disp is None:
             with _lock:
@@ -153,6 +160,8 @@ class Kernel:
                 if disp is None:
                     disp = njit(nogil=True, fastmath=self.fastmath, error_model="numpy")(self.py_func)
                     disp._cache = _cache_for(self.py_func)  # see the module docstring
+                    if isinstance(disp._cache, _GuardedCache):
+                        disp._cache.on_miss = on_miss
                     disp.compile(signature)
                     disp.disable_compile()
                     self._specs[signature] = disp

@@ -18,6 +18,10 @@ functional layer passes them in as arguments.
 ``NUMBABN_QUIET``
     1 silences the one-line notice printed before the first kernel compile of a
     process.
+``NUMBABN_COMPILE_AHEAD``
+    0 stops numbabn from compiling the backward's kernels in a helper process while
+    a cold first training forward compiles the forward's (default 1; see
+    ``numbabn._compile_ahead``).
 ``NUMBABN_TORCH_OPENMP``
     0 makes numbabn.torch run the kernels on numbabn's own threads instead of
     PyTorch's OpenMP team (default 1; see ``numbabn.torch._openmp``).
@@ -44,4 +48,5 @@ SERIAL_MAX = _positive_int("NUMBABN_SERIAL_MAX", 1 << 18)
 CUDA_THREADS = _positive_int("NUMBABN_CUDA_THREADS", 256)
 NUM_THREADS = _positive_int("NUMBABN_NUM_THREADS", 0) if os.environ.get("NUMBABN_NUM_THREADS") else None
 QUIET = os.environ.get("NUMBABN_QUIET", "") not in ("", "0")
+COMPILE_AHEAD = os.environ.get("NUMBABN_COMPILE_AHEAD", "1") != "0"
 TORCH_OPENMP = os.environ.get("NUMBABN_TORCH_OPENMP", "1") != "0"

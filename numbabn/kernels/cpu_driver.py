@@ -19,7 +19,7 @@ import numpy as np
 from numba import from_dtype, types
 from numpy.typing import NDArray
 
-from .. import _threads
+from .. import _compile_ahead, _threads
 from .._layout import BFLOAT16, STORAGE, compute_dtype
 from . import cpu
 
@@ -33,10 +33,16 @@ def _arr(dtype: Any, ndim: int, readonly: bool = False) -> Any:
     return types.Array(from_dtype(np.dtype(dtype)), ndim, "C", readonly=readonly)
 
 
+# A cold training forward (its statistics kernel missing from the disk cache) has a
+# helper process compile the backward's kernels meanwhile (numbabn._compile_ahead).
+_AHEAD = {"stats": ("grad_sums", "grad_coef", "grad_apply"), "apply_res": ("grad_sums_res", "grad_apply_res")}
+
+
 class _Specs:
     """The compiled kernels of one (storage dtype, layout), specialised on first use."""
 
     def __init__(self, dtype: Any, layout: str) -> None:
+        self.key = np.dtype(dtype).char
         nd = 3 if layout == "ncl" else 2
         cdt = compute_dtype(dtype)  # float32 for the 16-bit storage integers
         X, Y = _arr(dtype, nd, True), _arr(dtype, nd)
@@ -72,7 +78,10 @@ class _Specs:
             kern, sig = self._sigs[name]
         except KeyError:
             raise AttributeError(name) from None
-        disp = kern.specialize(sig)
+        ahead = tuple(n for n in _AHEAD.get(name, ()) if n not in self.__dict__)
+        on_miss = (lambda: _compile_ahead.start(self.key, self.layout, ahead)) if ahead else None
+        _compile_ahead.wait(self.key, self.layout, name)
+        disp = kern.specialize(sig, on_miss)
         setattr(self, name, disp)
         return disp
 
