@@ -2,6 +2,7 @@
 
     python bench/first_call.py            # each step in a fresh process, empty cache
     python bench/first_call.py --table    # also the per-kernel compile table
+    python bench/first_call.py --alternate 5   # helper on/off, 5 alternating cold runs
 
 Every measurement runs in a new Python process with its own empty
 ``NUMBA_CACHE_DIR`` (cold) or the one the cold run filled (warm). Cold runs twice:
@@ -52,13 +53,14 @@ timed("first forward float32 NCHW",
 timed("first backward float32 NCHW", lambda: numbabn.batch_norm_backward(x, state["r"][1]))
 timed("then eval float32 NCHW",
       lambda: numbabn.batch_norm_forward(x, *p, running_mean=rs[0], running_var=rs[1], training=False))
-if "--all" in sys.argv:
+if "--all" in sys.argv or "--variants" in sys.argv:
     x64, p64, rs64 = bn((8, 16, 10, 10), np.float64)
     timed("then forward+backward float64 NCHW",
           lambda: numbabn.batch_norm_backward(x64, numbabn.batch_norm_forward(x64, *p64)[1]))
     xm, pm, rsm = bn((64, 16), np.float32)
     timed("then forward+backward float32 (N, C)",
           lambda: numbabn.batch_norm_backward(xm, numbabn.batch_norm_forward(xm, *pm)[1]))
+if "--all" in sys.argv:
     ro = x.copy(); ro.flags.writeable = False
     timed("then read-only/Fortran/strided float32 NCHW",
           lambda: [numbabn.batch_norm_forward(v, *p) for v in (ro, np.asfortranarray(x), x[:, :, ::2])])
@@ -108,7 +110,10 @@ def _run(code, cache, *args, ahead="1"):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--table", action="store_true", help="per-kernel compile times (another cold process)")
+    ap.add_argument("--alternate", type=int, metavar="N", help="only N cold runs, compile helper on and off in turn")
     args = ap.parse_args()
+    if args.alternate:
+        return _alternate(args.alternate)
     with tempfile.TemporaryDirectory() as cache:
         cold = _run(_STEPS, cache, "--all")
         warm = _run(_STEPS, cache)
@@ -130,6 +135,25 @@ def main():
         print(f"\n{'kernel (incl. nested helpers)':<32}{'signature':<62}{'s':>6}")
         for name, sig, t in sorted(rows, key=lambda r: -r[2]):
             print(f"{name:<32}{sig:<62}{t:6.2f}")
+
+
+def _alternate(n):
+    runs = {"1": [], "0": []}
+    for _ in range(n):
+        for ahead in runs:
+            with tempfile.TemporaryDirectory() as cache:
+                runs[ahead].append(_run(_STEPS, cache, "--variants", ahead=ahead))
+    steps = [k for k in runs["1"][0] if k != "compiles"]
+    first = steps[1:4]  # Numba's import, first forward, first backward
+    print(f"{n} alternating cold runs, wall s: median [min-max]")
+    print(f"{'step':<46}{'helper':>20}{'no helper':>20}")
+
+    def cell(values):
+        return f"{sorted(values)[len(values) // 2]:.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+    for k in [*steps, "import + first forward + backward"]:
+        cells = [cell([sum(r[s][0] for s in first) if k not in r else r[k][0] for r in runs[ahead]]) for ahead in runs]
+        print(f"{k:<46}{cells[0]:>20}{cells[1]:>20}")
 
 
 if __name__ == "__main__":
