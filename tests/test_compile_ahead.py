@@ -175,3 +175,9 @@ def test_fork_pool_and_threads_during_a_helper_job(tmp_path):
     assert out["pool"] == [step(np.float64, (4, 3, 5, 6))] * 4
     assert out["threads"] == [step(np.float64, (6, 3, 5, 6))] * 4
     assert _gone(out["pids"][0])
+
+
+def test_no_helper_without_a_writable_cache(tmp_path):
+    # As in a read-only install with no writable home: nothing a helper could share.
+    out = _run(tmp_path, [_F32], setup="import numba.core.caching as c\nc.CacheImpl._locator_classes = []")
+    assert _BACKWARD <= set(out["compiled"]) and out["pids"] == [None]
