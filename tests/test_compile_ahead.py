@@ -181,3 +181,14 @@ def test_no_helper_without_a_writable_cache(tmp_path):
     # As in a read-only install with no writable home: nothing a helper could share.
     out = _run(tmp_path, [_F32], setup="import numba.core.caching as c\nc.CacheImpl._locator_classes = []")
     assert _BACKWARD <= set(out["compiled"]) and out["pids"] == [None]
+
+
+def test_warmup_compiles_the_backward_last():
+    # numbabn warmup: the forward's kernels first, so that the helper has the
+    # backward's (queued on the first statistics miss) done when the plan reaches them.
+    from numbabn.kernels import cpu_driver
+
+    labels = [label.split()[0] for label, _ in cpu_driver.warmup_plan(residual=True)]
+    backward = [i for i, name in enumerate(labels) if name.startswith("grad_")]
+    assert backward and backward == list(range(len(labels) - len(backward), len(labels)))
+    assert {"grad_sums", "grad_coef", "grad_apply", "grad_sums_res", "grad_apply_res"} == {labels[i] for i in backward}

@@ -307,15 +307,20 @@ def warmup_plan(
     statistics included: what ``numbabn warmup`` runs, one step of its progress bar
     each (a 16-bit dtype's per-channel kernels are float32's). The fused-residual
     variants (``residual=``, used by numbabn.torch's fused ResNet blocks) only when
-    ``residual``: 3 more per dtype and layout, about as many as all the others."""
+    ``residual``: 3 more per dtype and layout, about as many as all the others. The
+    backward's kernels come last, so that the compile helper
+    (:mod:`numbabn._compile_ahead`) compiles them while the forward's compile here."""
     plan: list[tuple[str, Callable[..., Any]]] = []
+    later: list[tuple[str, Callable[..., Any]]] = []  # the backward's: the compile helper's while
+    backward = {n for names in _AHEAD.values() for n in names}  # the forward's compile here
     for dt in dtypes:
         for layout in layouts:
             dtype = BFLOAT16 if dt == "bfloat16" else np.dtype(dt)
             k = specs(STORAGE.get(dtype, dtype), layout)
-            plan += [
-                (f"{name} {dt} {layout}", lambda k=k, name=name: getattr(k, name)) for name in k.all_names(residual)
-            ]
+            for name in k.all_names(residual):
+                (later if name in backward else plan).append(
+                    (f"{name} {dt} {layout}", lambda k=k, name=name: getattr(k, name))
+                )
             if k.compute != np.float64:
                 plan.append((f"coef {dt}/float64 statistics {layout}", lambda k=k: k.coef_with(np.float64)))
-    return plan
+    return plan + later
