@@ -21,6 +21,7 @@ from click.testing import CliRunner
 import numbabn
 import numbabn.cli.bench as bench_cli
 import numbabn.cli.experiment as experiment_cli
+from numbabn import _compile_ahead
 from numbabn.bench.cases import SUITES, Case
 from numbabn.cli import main
 
@@ -126,7 +127,16 @@ def test_info_json():
         assert data["cuda"]["memory_total_bytes"] > 0 and data["cuda"]["device"]
     cache = data["kernel_cache"]
     assert Path(cache["dir"]).is_absolute() and cache["kernels"] >= 10 and cache["entries"] >= 0
+    assert cache["compile_helper"] is _compile_ahead.enabled()
     assert data["layers"]["batch_norm1d"] == "builtin"
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_info_says_where_kernels_compile(monkeypatch, ahead):
+    monkeypatch.setattr(numbabn.config, "COMPILE_AHEAD", ahead)
+    monkeypatch.setattr(_compile_ahead._threads, "get_num_threads", lambda: 2)
+    line = next(x for x in invoke("info").output.splitlines() if x.startswith("compiling"))
+    assert ("helper process" in line) is ahead and ("calling process only" in line) is not ahead
 
 
 def test_info_text_verbose():

@@ -58,13 +58,19 @@ def _cuda() -> dict[str, Any]:
 
 def _kernel_cache() -> dict[str, Any]:
     """Where the compiled CPU kernels are cached (asked of Numba's cache locators, so
-    NUMBA_CACHE_DIR and the fallbacks for read-only installs are accounted for) and
-    how many compiled signatures are stored there."""
-    from numbabn import _jit
+    NUMBA_CACHE_DIR and the fallbacks for read-only installs are accounted for), how
+    many compiled signatures are stored there, and whether a cold training step may
+    hand the backward's kernels to a helper process (``numbabn._compile_ahead``)."""
+    from numbabn import _compile_ahead, _jit
     from numbabn.backends import cpu  # noqa: F401  (its import defines the kernels)
 
     entries, dirs = _jit.cached_entries()
-    return {"dir": dirs[0] if dirs else None, "entries": entries, "kernels": len(_jit.kernels())}
+    return {
+        "dir": dirs[0] if dirs else None,
+        "entries": entries,
+        "kernels": len(_jit.kernels()),
+        "compile_helper": bool(dirs) and _compile_ahead.enabled(),
+    }
 
 
 def _layers() -> dict[str, str] | None:
@@ -128,6 +134,12 @@ def info(ctx: click.Context, as_json: bool) -> None:
             f"{k['entries']} compiled signatures of {k['kernels']} kernels in {k['dir']}"
             if k["dir"]
             else "none (kernels are not cached)"
+        ),
+        f"{'compiling':<16}"
+        + (
+            "a cold training step compiles the backward's kernels in a helper process (NUMBABN_COMPILE_AHEAD=0: off)"
+            if k["compile_helper"]
+            else "in the calling process only (no cache to share, one thread, or NUMBABN_COMPILE_AHEAD=0)"
         ),
     ]
     layers = data["layers"]
