@@ -35,6 +35,7 @@ import select
 import subprocess
 import sys
 import threading
+import time
 from typing import IO
 
 from . import _threads, config
@@ -60,9 +61,9 @@ serve({idle!r})
 class _Helper:
     """The parent's end of one helper process: numbered jobs in, their numbers out.
 
-    The pipes are plain file descriptors (``os.write``/``os.read``), not Python file
-    objects: a forked child must close its copies, and a buffered file object could
-    be locked by the parent's reader thread at fork time."""
+    No thread reads the results: a caller that needs one reads them (:meth:`poll`).
+    The pipes are plain file descriptors (``os.write``/``os.read``), which a forked
+    child closes; every use is under the module's lock."""
 
     def __init__(self) -> None:
         import numba
@@ -89,64 +90,52 @@ class _Helper:
         finally:
             os.close(jobs_r)
             os.close(done_w)
-        self.pending: dict[str, threading.Event] = {}
-        self.alive = True  # the job pipe is open (cleared before it is closed)
-        self.reading = True  # the result pipe is open (cleared before it is closed)
-        threading.Thread(target=self._read, name="numbabn-compile-ahead", daemon=True).start()
+        self.open = True  # both pipes open (cleared before they are closed)
+        self.finished: set[int] = set()  # job numbers the helper reported done
+        self.buffered = b""
 
-    def submit(self, job: str, words: str) -> threading.Event | None:
-        """Queue one job (``words``: dtype char, layout, kernel names); its event is set
-        when the helper is done with it or gone. None if the helper is gone already."""
-        event = threading.Event()
-        with _lock:  # the job pipe is closed under this lock only (never written closed)
-            if not self.alive:
-                return None
+    def submit(self, job: int, words: str) -> bool:
+        """Queue one job (``words``: dtype char, layout, kernel names); False if the
+        helper is gone (it exits after IDLE_S seconds without a job)."""
+        if self.open and self.proc.poll() is None:
             try:
                 os.write(self.jobs, f"{job} {words}\n".encode())  # < PIPE_BUF: one atomic write
-            except OSError:  # it exited (idle) a moment ago
-                self._gone()
-                return None
-            self.pending[job] = event
-        return event
-
-    def _gone(self) -> list[threading.Event]:
-        """Under ``_lock``: mark the helper gone, close the job pipe, hand back the
-        events still pending (the caller sets them)."""
-        if self.alive:
-            self.alive = False
-            _close(self.jobs)
-        left = list(self.pending.values())
-        self.pending.clear()
-        return left
-
-    def _read(self) -> None:
-        buffered = b""
-        while True:
-            try:
-                chunk = os.read(self.done, 4096)
+                return True
             except OSError:
-                chunk = b""
-            if not chunk:
-                break
-            *lines, buffered = (buffered + chunk).split(b"\n")
-            with _lock:
-                events = [self.pending.pop(line.decode(), None) for line in lines]
-            for event in events:
-                if event is not None:
-                    event.set()
-        self.reading = False
-        _close(self.done)
-        with _lock:  # the helper exited: nothing more will come
-            left = self._gone()
-        for event in left:
-            event.set()
-        self.proc.wait()
+                pass
+        self.close()
+        return False
+
+    def poll(self, job: int, timeout: float) -> bool:
+        """Whether ``job`` is done or the helper gone, reading what it reported within
+        ``timeout`` seconds."""
+        if job in self.finished or not self.open:
+            return True
+        if not select.select([self.done], [], [], timeout)[0]:
+            return False
+        try:
+            chunk = os.read(self.done, 4096)
+        except OSError:
+            chunk = b""
+        if not chunk:  # the helper exited: nothing more will come
+            self.close()
+            return True
+        *lines, self.buffered = (self.buffered + chunk).split(b"\n")
+        self.finished.update(int(line) for line in lines if line.strip().isdigit())
+        return job in self.finished
+
+    def close(self) -> None:
+        """Close both pipes (a helper at end of input exits) and reap it if it has."""
+        if self.open:
+            self.open = False
+            _close(self.jobs)
+            _close(self.done)
+        self.proc.poll()
 
     def stop(self) -> None:
-        """Close the job pipe and kill the helper (a half-written cache entry is never
+        """Close the pipes and kill the helper (a half-written cache entry is never
         visible: Numba writes a temporary file, then renames it)."""
-        with _lock:
-            self._gone()
+        self.close()
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
@@ -159,11 +148,12 @@ def _close(fd: int) -> None:
         pass
 
 
-_lock = threading.Lock()  # a helper's pending jobs
-_start_lock = threading.Lock()  # the helper and the job table
+_lock = threading.Lock()  # the helper, its pipes and the job table
 _helper: _Helper | None = None
-_jobs: dict[tuple[str, str, str], threading.Event] = {}  # (dtype char, layout, kernel) -> done
+_jobs: dict[tuple[str, str, str], tuple[_Helper, int]] = {}  # (dtype char, layout, kernel) -> job
 _numbers = itertools.count()
+#: Seconds a waiting caller holds the lock per look at the result pipe.
+_SLICE = 0.05
 
 
 def enabled() -> bool:
@@ -183,31 +173,38 @@ def start(dtype: str, layout: str, names: tuple[str, ...]) -> None:
     global _helper
     if not enabled():
         return
-    with _start_lock:
+    with _lock:
         todo = [n for n in names if (dtype, layout, n) not in _jobs]
         if not todo:
             return
-        job = str(next(_numbers))
+        job = next(_numbers)
         words = " ".join([dtype, layout, *todo])
         for _ in range(2):  # a second try with a new helper if the old one just exited
-            if _helper is None or not _helper.alive:
+            if _helper is None or not _helper.open:
                 try:
                     _helper = _Helper()
                 except (OSError, ValueError):
                     return
-            event = _helper.submit(job, words)
-            if event is not None:
+            if _helper.submit(job, words):
                 for n in todo:
-                    _jobs[dtype, layout, n] = event
+                    _jobs[dtype, layout, n] = (_helper, job)
                 return
 
 
 def wait(dtype: str, layout: str, name: str) -> None:
     """If the helper was given kernel ``name``, wait until it is done with it (at most
     :data:`WAIT_S`), so that the kernel loads from the disk cache."""
-    event = _jobs.get((dtype, layout, name))
-    if event is not None:
-        event.wait(WAIT_S)
+    entry = _jobs.get((dtype, layout, name))
+    if entry is None:
+        return
+    helper, job = entry
+    deadline = time.monotonic() + WAIT_S
+    while True:  # in slices, so that a thread starting a job is not held up for long
+        with _lock:
+            if helper.poll(job, min(_SLICE, max(0.0, deadline - time.monotonic()))):
+                return
+        if time.monotonic() >= deadline:
+            return
 
 
 def serve(idle: float) -> None:
@@ -249,17 +246,15 @@ def _at_exit() -> None:
 
 def _after_fork() -> None:
     # The helper is the parent's: the child closes its copies of the pipes (so the
-    # helper still sees the parent's exit) and starts its own if it needs one.
-    global _helper, _lock, _start_lock
-    if _helper is not None:
-        if _helper.alive:
-            _close(_helper.jobs)
-        if _helper.reading:
-            _close(_helper.done)
+    # helper still sees the parent's exit) and starts its own if it needs one. The
+    # lock may have been held by a parent thread at fork time: a new one.
+    global _helper, _lock
+    if _helper is not None and _helper.open:
+        _close(_helper.jobs)
+        _close(_helper.done)
     _helper = None
     _jobs.clear()
     _lock = threading.Lock()
-    _start_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork)
