@@ -310,9 +310,10 @@ def warmup_plan(
     ``residual``: 3 more per dtype and layout, about as many as all the others. The
     backward's kernels come last, so that the compile helper
     (:mod:`numbabn._compile_ahead`) compiles them while the forward's compile here."""
+    # The backward's kernels go to `later`: the helper compiles them while the rest compile here.
     plan: list[tuple[str, Callable[..., Any]]] = []
-    later: list[tuple[str, Callable[..., Any]]] = []  # the backward's: the compile helper's while
-    backward = {n for names in _AHEAD.values() for n in names}  # the forward's compile here
+    later: list[tuple[str, Callable[..., Any]]] = []
+    backward = {n for names in _AHEAD.values() for n in names}
     for dt in dtypes:
         for layout in layouts:
             dtype = BFLOAT16 if dt == "bfloat16" else np.dtype(dt)
