@@ -240,8 +240,15 @@ def serve(idle: float) -> None:
 
 @atexit.register
 def _at_exit() -> None:
-    if _helper is not None:
-        _helper.stop()
+    # Under the lock (held at most one slice by a waiting daemon thread), so that no
+    # thread is inside select() on a pipe this closes.
+    locked = _lock.acquire(timeout=1.0)
+    try:
+        if _helper is not None:
+            _helper.stop()
+    finally:
+        if locked:
+            _lock.release()
 
 
 def _after_fork() -> None:
