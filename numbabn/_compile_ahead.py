@@ -192,8 +192,9 @@ def start(dtype: str, layout: str, names: tuple[str, ...]) -> None:
 
 
 def wait(dtype: str, layout: str, name: str) -> None:
-    """If the helper was given kernel ``name``, wait until it is done with it (at most
-    :data:`WAIT_S`), so that the kernel loads from the disk cache."""
+    """If the helper was given kernel ``name``, wait until it is done with it, so that
+    the kernel loads from the disk cache: at most :data:`WAIT_S` per job, after which
+    the caller compiles the job's kernels itself."""
     entry = _jobs.get((dtype, layout, name))
     if entry is None:
         return
@@ -203,8 +204,12 @@ def wait(dtype: str, layout: str, name: str) -> None:
         with _lock:
             if helper.poll(job, min(_SLICE, max(0.0, deadline - time.monotonic()))):
                 return
-        if time.monotonic() >= deadline:
-            return
+            if time.monotonic() >= deadline:
+                # Given up on this job: its other kernels are not waited for again
+                # (one WAIT_S per job, not per kernel); the caller compiles them.
+                for key in [k for k, v in _jobs.items() if v == entry]:
+                    del _jobs[key]
+                return
 
 
 def serve(idle: float) -> None:

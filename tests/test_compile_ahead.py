@@ -142,8 +142,19 @@ def test_a_hung_helper_is_waited_for_briefly_then_killed(tmp_path):
     sleeper = tmp_path / "sleeper"
     sleeper.write_text("#!/bin/sh\nexec sleep 300\n")
     sleeper.chmod(0o755)
-    out = _run(tmp_path, [_F32], setup=f"sys.executable = {str(sleeper)!r}\n_compile_ahead.WAIT_S = 0.5")
+    # Time spent in wait(): one WAIT_S for the job, not one per kernel it holds.
+    timed = textwrap.dedent("""
+        waited = [0.0]
+        def timed_wait(*args, _wait=_compile_ahead.wait):
+            t = time.perf_counter()
+            _wait(*args)
+            waited[0] += time.perf_counter() - t
+        _compile_ahead.wait = timed_wait
+    """)
+    setup = f"sys.executable = {str(sleeper)!r}\n_compile_ahead.WAIT_S = 0.5\n{timed}"
+    out = _run(tmp_path, [_F32], setup=setup, after="out['waited'] = waited[0]")
     assert _BACKWARD <= set(out["compiled"])
+    assert 0.5 <= out["waited"] < 1.0  # 3 kernels in the job
     assert _gone(out["pids"][0])  # killed at the caller's exit, not left sleeping
 
 
