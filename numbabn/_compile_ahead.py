@@ -23,7 +23,10 @@ source file stamp and CPU, so an entry the helper did not write (it failed, was 
 than :data:`WAIT_S`, imported other numbabn sources, or ran under other Numba
 settings) is a cache miss, and the caller compiles that kernel as it would without a
 helper. A helper is used only when compiled kernels can be shared (a writable disk
-cache) and numbabn may use at least two threads (:func:`numbabn.get_num_threads`);
+cache), numbabn may use at least two threads (:func:`numbabn.get_num_threads`), and
+the process did not start together with siblings that compile too (a
+``multiprocessing`` worker, one of several local MPI or torchrun ranks: there a
+helper each made a cold 2-worker pool on 2 CPUs 30 % slower, not faster);
 ``NUMBABN_COMPILE_AHEAD=0`` (or ``numbabn.config.COMPILE_AHEAD = False``) turns it
 off. A forked child neither uses nor stops its parent's helper.
 """
@@ -156,13 +159,36 @@ _numbers = itertools.count()
 _SLICE = 0.05
 
 
+# Launchers' counts of the ranks on this machine: torchrun, MPICH (Hydra), Open MPI.
+_LOCAL_RANKS = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+
+
+def _has_siblings() -> bool:
+    """Whether this process was started with others that compile the same kernels on
+    the same CPUs: a ``multiprocessing`` child (pool, ``concurrent.futures``, joblib's
+    loky workers; its bootstrap imported multiprocessing) or one of several local
+    ranks of a launcher. A helper each would only add processes to busy CPUs."""
+    mp = sys.modules.get("multiprocessing")
+    if mp is not None and mp.parent_process() is not None:
+        return True
+    for name in _LOCAL_RANKS:
+        try:
+            if int(os.environ.get(name, "1")) > 1:
+                return True
+        except ValueError:
+            pass
+    return False
+
+
 def enabled() -> bool:
-    """Whether a cache miss may hand work to a helper (setting, threads, an interpreter)."""
+    """Whether a cache miss may hand work to a helper (setting, threads, an
+    interpreter, a process that compiles alone)."""
     return (
         config.COMPILE_AHEAD
         and _threads.get_num_threads() >= 2
         and bool(sys.executable)
         and not getattr(sys, "frozen", False)
+        and not _has_siblings()
     )
 
 
