@@ -103,6 +103,9 @@ print(json.dumps(rows))
 
 def _run(code, cache, *args, ahead="1"):
     env = {**os.environ, "NUMBA_CACHE_DIR": cache, "NUMBABN_QUIET": "1", "NUMBABN_COMPILE_AHEAD": ahead}
+    # Python's bytecode cache on, as after `pip install`: with PYTHONDONTWRITEBYTECODE
+    # set, every process compiles numbabn's modules from source (30 ms of a warm first call).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
