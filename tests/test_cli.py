@@ -135,6 +135,8 @@ def test_info_json():
 def test_info_says_where_kernels_compile(monkeypatch, ahead):
     monkeypatch.setattr(numbabn.config, "COMPILE_AHEAD", ahead)
     monkeypatch.setattr(_compile_ahead._threads, "get_num_threads", lambda: 2)
+    for name in _compile_ahead._LOCAL_RANKS:  # as a lone process, also when run under a launcher
+        monkeypatch.delenv(name, raising=False)
     line = next(x for x in invoke("info").output.splitlines() if x.startswith("compiling"))
     assert ("helper process" in line) is ahead and ("calling process only" in line) is not ahead
 

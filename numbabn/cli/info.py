@@ -139,7 +139,8 @@ def info(ctx: click.Context, as_json: bool) -> None:
         + (
             "a cold training step compiles the backward's kernels in a helper process (NUMBABN_COMPILE_AHEAD=0: off)"
             if k["compile_helper"]
-            else "in the calling process only (no cache to share, one thread, or NUMBABN_COMPILE_AHEAD=0)"
+            else "in the calling process only (no cache to share, one thread, a multiprocessing worker or "
+            "one of several local ranks, or NUMBABN_COMPILE_AHEAD=0)"
         ),
     ]
     layers = data["layers"]
