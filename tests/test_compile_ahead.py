@@ -64,7 +64,10 @@ def _run(tmp_path, steps, setup="", after="", **env):
     listed = "[" + ", ".join(f"({d}, {s})" for d, s in steps) + "]"
     script = _SCRIPT.replace("STEP\n", inspect.getsource(step)).replace("STEPS", listed)
     script = script.replace("SETUP", setup).replace("AFTER", after)
-    full = {k: v for k, v in os.environ.items() if not k.startswith("NUMBABN_")}
+    # A lone process: no NUMBABN_ settings of this one, no launcher's rank counts.
+    full = {
+        k: v for k, v in os.environ.items() if not k.startswith("NUMBABN_") and k not in _compile_ahead._LOCAL_RANKS
+    }
     full.update(NUMBA_CACHE_DIR=str(tmp_path / "cache"), NUMBABN_NUM_THREADS="2", **env)
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, env=full, timeout=600)
     assert res.returncode == 0, res.stderr.decode()
