@@ -404,20 +404,34 @@ def test_moments_of_a_near_constant_column_among_many():
 
 
 @pytest.mark.parametrize(
-    "shape,chunk", [((7, 5, 3), 16), ((3, 9000, 2), 64), ((2, 3, 100), 16), ((5, 4, 40), 16), ((1, 5000, 16), 512)]
+    "shape,chunk",
+    [
+        ((7, 5, 3), 16),
+        ((3, 9000, 2), 64),
+        ((2, 3, 100), 16),
+        ((5, 4, 40), 16),
+        ((1, 5000, 16), 512),
+        ((9, 2, 3), 16),
+        ((4, 7, 5), 16),
+        ((6, 40, 200), 16384),
+        ((3, 300, 100), 16384),
+    ],
 )
 def test_python_block_count_matches_the_kernel_grid(shape, chunk):
     """ncl_blocks (the driver's count, in Python) and _ncl_block (the kernels' geometry)
-    must describe the same grid: the blocks tile every element exactly once, and the
-    partial rows are exactly the block rows used."""
+    must describe the same grid: the blocks tile every element exactly once, each
+    block is one contiguous run of the C-ordered input, and the partial rows are
+    exactly the block rows used."""
     from numbabn.kernels import cpu
 
     blocks, rows = cpu.ncl_blocks(shape, chunk)
     seen = np.zeros(shape, np.int64)
+    flat = np.arange(np.prod(shape)).reshape(shape)
     used_rows = set()
     for t in range(blocks):
         kn, n0, n1, c0, c1, l0, l1 = cpu._ncl_block.py_func(t, shape, chunk)
         seen[n0:n1, c0:c1, l0:l1] += 1
+        assert np.all(np.diff(flat[n0:n1, c0:c1, l0:l1].ravel()) == 1), (t, n0, n1, c0, c1, l0, l1)
         used_rows.add(kn)
     assert np.all(seen == 1)
     assert used_rows == set(range(rows))
