@@ -444,3 +444,26 @@ def test_many_channels_small_rows_against_reference(rng, shape):
     y, ctx = numbabn.batch_norm_forward(x, axis=1)
     yr = R.forward(x, axis=1)[0]
     np.testing.assert_allclose(y, yr, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("C", [1, 3, 64, 100, 129, 255, 256, 300])
+@pytest.mark.parametrize("M", [7, 301, 1000])
+def test_channels_last_runs_of_rows_against_reference(rng, C, M):
+    """The channels-last reductions walk F = 256 // C rows at a time and fold per
+    channel: row counts not divisible by F, blocks of R rows (chunk 16384: several
+    blocks at M = 1000 for C >= 64), training forward + backward with ReLU and a
+    residual against the float64 reference."""
+    x = rng.standard_normal((M, C)) * 3.0 + 7.0
+    r = rng.standard_normal((M, C))
+    dy = rng.standard_normal((M, C))
+    gamma, beta = rng.uniform(0.5, 2.0, C), rng.standard_normal(C)
+    y, ctx = numbabn.batch_norm_forward(x, gamma, beta, axis=-1, activation="relu", residual=r)
+    dx, dgamma, dbeta, dres = numbabn.batch_norm_backward(dy, ctx)
+    yr = R.forward(x, gamma, beta, axis=-1, relu=True, residual=r)[0]
+    dxr, dgr, dbr, drr = R.backward(dy, x, gamma, beta, axis=-1, relu=True, residual=r)
+    np.testing.assert_allclose(y, yr, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, dxr, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dgamma, dgr, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dbeta, dbr, rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(dres, drr)
+    np.testing.assert_allclose(ctx.mean, x.mean(axis=0), rtol=1e-13, atol=1e-13)

@@ -121,6 +121,14 @@ def _store(arr, i, v):
         arr[i] = encode(v, arr)
 
 
+@njit(error_model="numpy", inline="always")
+def _run(arr, i0, i1):
+    """Values ``i0:i1`` of the flattened C-contiguous ``arr``, or None for an absent residual."""
+    if arr is None:
+        return None
+    return arr.reshape(arr.size)[i0:i1]
+
+
 @njit(error_model="numpy")
 def _normalise(v, half, hi, lo, a, b, relu, zero, r):
     """(d, y) of one element: d = (x - mean)/2 in the compute dtype from the halved split mean
@@ -154,6 +162,15 @@ def _masked(v, g, half, hi, lo, a, b, relu, zero, r):
 # Channels-last blocks keep at least this many rows: the per-block partials are
 # (K, C) float64, and with ~chunk/C rows they would grow to 1/8 of the input.
 _MC_MIN_ROWS = 256
+# The channels-last reductions (statistics, gradient sums) walk F = _FOLD // C rows
+# at a time as one run of F*C values, accumulating per entry of the run (channel
+# j % C) and folding per channel at the end of a block: per row, the loop set-up and
+# the accumulators' load-add-store chain cost as much as the row itself at C = 64.
+# One thread, min of 15, (200704, 64): stats 4.6-6.0 -> 3.0-3.5 ms; (65536, 32):
+# stats 0.91-0.99 -> 0.30-0.50 ms, gradient sums 0.90-1.02 -> 0.52-0.60 ms (runs of
+# 512 values were slower, of 2048 twice as slow: the per-block tiling and folding).
+# The element-wise passes gained nothing from runs and keep their rows.
+_FOLD = 256
 
 
 @njit(error_model="numpy")
@@ -201,6 +218,14 @@ def _mc_rows(shape, chunk):
     return _max(_MC_MIN_ROWS, chunk // shape[1])
 
 
+@njit(error_model="numpy")
+def _fold(C):
+    """Rows F per run of the channels-last kernels (plain Python too: the driver sizes
+    the (4, F*C) coefficients with ``_fold.py_func``)."""
+    F = _FOLD // C if C > 0 else 1
+    return F if F > 1 else 1
+
+
 def mc_blocks(shape, chunk):
     """(blocks, partial rows) of the (M, C) grid: blocks of R rows of all channels."""
     M, C = shape
@@ -244,37 +269,62 @@ def stats_ncl(x, chunk, cnt, part, t0, t1):
 
 @kernel(fastmath=_REDUCE)
 def stats_mc(x, chunk, cnt, part, t0, t1):
-    """Per block of rows of (M, C) ``x``; see :func:`stats_ncl`."""
+    """Per block of rows of (M, C) ``x``; see :func:`stats_ncl`. Sums run per entry of
+    the F-row runs (all about the block's first row) and are folded per channel."""
     R = _mc_rows(x.shape, chunk)
     M, C = x.shape
+    FC = _fold(C) * C
+    xf = x.reshape(x.size)
+    acc = np.empty((3, FC))
     for k in range(t0, t1):
         r0 = k * R
         r1 = _min(r0 + R, M)
-        sh, s, q = part[SHIFT, k], part[SUM, k], part[SQ, k]
+        sf, sj, qj = acc[SHIFT], acc[SUM], acc[SQ]
+        for j in range(FC):
+            sj[j] = 0.0
+            qj[j] = 0.0
         for c in range(C):
-            sh[c] = decode(x[r0, c])
-            s[c] = 0.0
-            q[c] = 0.0
-        for i in range(r0, r1):
-            row = x[i]
-            for c in range(C):
-                d = decode(row[c]) - sh[c]
-                s[c] += d
-                q[c] += d * d
+            sf[c] = decode(x[r0, c])
+        for j in range(C, FC):
+            sf[j] = sf[j - C]
+        for i in range(r0 * C, r1 * C, FC):
+            run = xf[i : _min(i + FC, r1 * C)]
+            for j in range(run.size):
+                d = decode(run[j]) - sf[j]
+                sj[j] += d
+                qj[j] += d * d
+        sh, s, q = part[SHIFT, k], part[SUM, k], part[SQ, k]
         n = float(r1 - r0)
         for c in range(C):
-            q[c] = _max(q[c] - s[c] * s[c] / n, 0.0)
+            s1 = 0.0
+            s2 = 0.0
+            for j in range(c, FC, C):
+                s1 += sj[j]
+                s2 += qj[j]
+            sh[c] = sf[c]
+            s[c] = s1
+            q[c] = _max(s2 - s1 * s1 / n, 0.0)
         cnt[k] = n
 
 
 # ------------------------------------------------------------------ coefficients
 
 
+@njit(error_model="numpy", inline="always")
+def _tile(coef, C):
+    """Repeat the first C columns of (K, F*C) ``coef`` along its rows: entry j of a
+    channels-last run of F rows belongs to channel j % C."""
+    for j in range(C, coef.shape[1]):
+        for r in range(coef.shape[0]):
+            coef[r, j] = coef[r, j - C]
+
+
 @kernel()
 def coefficients(cnt, part, gamma, beta, running_mean, running_var, momentum, eps, training, stats, mean, invstd, coef):
-    """Fills ``mean``, ``invstd`` (float64) and ``coef`` (4, C) in the compute dtype: the halved
+    """Fills ``mean``, ``invstd`` (float64) and ``coef`` (4, F*C) in the compute dtype: the halved
     split mean (HI + LO = mean/2), A = 2*gamma*invstd, B = beta (empty gamma/beta
-    mean 1 and 0).
+    mean 1 and 0), repeated F times along a row (F = 1 but for short channels-last
+    rows, :func:`_fold`).
 
     Training: first merges the block partials (``cnt`` (K,), ``part`` (3, K, C), see
     :func:`stats_ncl`) with Chan et al.'s formula, in block order, into ``stats`` =
@@ -330,6 +380,7 @@ def coefficients(cnt, part, gamma, beta, running_mean, running_var, momentum, ep
         coef[LO, c] = t(half - hi)
         coef[A, c] = t(2.0 * invstd[c] * gamma[c]) if gamma.size > 0 else t(2.0 * invstd[c])
         coef[B, c] = beta[c] if beta.size > 0 else t(0)
+    _tile(coef, C)
 
 
 # ------------------------------------------------------------------ forward apply
@@ -402,26 +453,41 @@ def grad_sums_ncl(dy, x, res, coef, relu, chunk, part, t0, t1):
 
 @kernel(fastmath=_REDUCE)
 def grad_sums_mc(dy, x, res, coef, relu, chunk, part, t0, t1):
-    """Per row block of (M, C) arrays; see :func:`grad_sums_ncl`."""
+    """Per row block of (M, C) arrays, in runs of F rows folded per channel; see
+    :func:`grad_sums_ncl`."""
     R = _mc_rows(x.shape, chunk)
+    M, C = x.shape
+    FC = coef.shape[1]
     half = coef.dtype.type(0.5)
     zero = coef.dtype.type(0)
     hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
+    xf, gf = x.reshape(x.size), dy.reshape(dy.size)
+    acc = np.empty((2, FC))
     for k in range(t0, t1):
-        sg, sgd = part[SG, k], part[SGD, k]
-        for c in range(sg.size):
-            sg[c] = 0.0
-            sgd[c] = 0.0
-        for i in range(k * R, _min(k * R + R, x.shape[0])):
-            row = x[i]
-            grow = dy[i]
-            rrow = _line(res, i)
-            for c in range(row.size):
+        r1 = _min(k * R + R, M)
+        sgj, sgdj = acc[SG], acc[SGD]
+        for j in range(FC):
+            sgj[j] = 0.0
+            sgdj[j] = 0.0
+        for i in range(k * R * C, r1 * C, FC):
+            i1 = _min(i + FC, r1 * C)
+            run, grun = xf[i:i1], gf[i:i1]
+            rrun = _run(res, i, i1)
+            for j in range(run.size):
                 d, g = _masked(
-                    decode(row[c]), decode(grow[c]), half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c)
+                    decode(run[j]), decode(grun[j]), half, hi[j], lo[j], a[j], b[j], relu, zero, _at(rrun, j)
                 )
-                sg[c] += g
-                sgd[c] += np.float64(g) * np.float64(d)
+                sgj[j] += g
+                sgdj[j] += np.float64(g) * np.float64(d)
+        sg, sgd = part[SG, k], part[SGD, k]
+        for c in range(C):
+            p0 = 0.0
+            p1 = 0.0
+            for j in range(c, FC, C):
+                p0 += sgj[j]
+                p1 += sgdj[j]
+            sg[c] = p0
+            sgd[c] = p1
 
 
 @kernel()

@@ -53,6 +53,8 @@ class _Specs:
         suffix = "_" + layout
         self.layout = layout
         self.grid = cpu.ncl_blocks if layout == "ncl" else cpu.mc_blocks
+        # Coefficients repeat F times per row for the channels-last kernels' runs of F rows.
+        self.fold = (lambda C: 1) if layout == "ncl" else cpu._fold.py_func
         self._sigs = {
             "stats": (getattr(cpu, "stats" + suffix), (X, _I64, f1, f3, _I64, _I64)),
             "coef": (cpu.coefficients, (f1r, f3r, P, P, W, W, _F64, _F64, _BOOL, f2, f1, f1, CW)),
@@ -205,7 +207,7 @@ def forward(
     C = x.shape[1]
     # Two allocations: unpacking one (2, C) array into its rows costs 3x as much (1.5 us).
     mean, invstd = np.empty(C), np.empty(C)
-    coef = np.empty((4, C), k.compute)
+    coef = np.empty((4, C * k.fold(C)), k.compute)
     if training:
         partials = _block_stats(k, x, blocks, rows, chunk) if stats is None else _one_block(stats, count)
         k.coef(
