@@ -226,6 +226,20 @@ def _fold(C):
     return F if F > 1 else 1
 
 
+@njit(error_model="numpy", inline="always")
+def _fold_sums(a, b, C, out_a, out_b):
+    """out_a[c], out_b[c] = the sums of a run's per-entry sums ``a``, ``b`` over the
+    entries j of channel c (j % C == c), in order."""
+    for c in range(C):
+        sa = 0.0
+        sb = 0.0
+        for j in range(c, a.size, C):
+            sa += a[j]
+            sb += b[j]
+        out_a[c] = sa
+        out_b[c] = sb
+
+
 def mc_blocks(shape, chunk):
     """(blocks, partial rows) of the (M, C) grid: blocks of R rows of all channels."""
     M, C = shape
@@ -294,16 +308,11 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
                 sj[j] += d
                 qj[j] += d * d
         sh, s, q = part[SHIFT, k], part[SUM, k], part[SQ, k]
+        _fold_sums(sj, qj, C, s, q)
         n = float(r1 - r0)
         for c in range(C):
-            s1 = 0.0
-            s2 = 0.0
-            for j in range(c, FC, C):
-                s1 += sj[j]
-                s2 += qj[j]
             sh[c] = sf[c]
-            s[c] = s1
-            q[c] = _max(s2 - s1 * s1 / n, 0.0)
+            q[c] = _max(q[c] - s[c] * s[c] / n, 0.0)
         cnt[k] = n
 
 
@@ -479,15 +488,7 @@ def grad_sums_mc(dy, x, res, coef, relu, chunk, part, t0, t1):
                 )
                 sgj[j] += g
                 sgdj[j] += np.float64(g) * np.float64(d)
-        sg, sgd = part[SG, k], part[SGD, k]
-        for c in range(C):
-            p0 = 0.0
-            p1 = 0.0
-            for j in range(c, FC, C):
-                p0 += sgj[j]
-                p1 += sgdj[j]
-            sg[c] = p0
-            sgd[c] = p1
+        _fold_sums(sgj, sgdj, C, part[SG, k], part[SGD, k])
 
 
 @kernel()
