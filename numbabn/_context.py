@@ -23,7 +23,8 @@ class BatchNormContext:
     batch (or given ``moments=``) statistics in training mode, running statistics
     in eval mode. ``count`` is the number of values per channel those statistics
     summarise (the global count under ``moments=``). ``coef`` is backend data the
-    backward reuses (CPU: the forward's (4, C) element coefficients; CUDA: None).
+    backward reuses (CPU: the forward's (4, F*C) element coefficients, see
+    ``numbabn.kernels.cpu.coefficients``; CUDA: None).
     ``residual`` is the canonical view of the fused residual input (kept by reference
     like ``x``; the backward recomputes the ReLU mask from it), or None.
     """

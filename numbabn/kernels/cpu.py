@@ -67,7 +67,8 @@ from .storage import decode, encode
 # exactly as in the forward, and (x*0.5 - hi) - lo must never become x*0.5 - (hi + lo).
 _REDUCE = {"reassoc"}
 
-# Rows of the (4, C) forward coefficients and the (3, C) gradient coefficients.
+# Rows of the (4, F*C) forward coefficients (F = 1 but for short channels-last rows,
+# :func:`_fold`) and the (3, C) gradient coefficients.
 HI, LO, A, B = 0, 1, 2, 3  # d = (x/2 - HI) - LO ;  y = A*d + B
 GA, GB, GD = 0, 1, 2  # dx = GA*g + GB*d + GD
 # Rows of the (3, K, C) statistics partials and the (2, K, C) gradient partials.
