@@ -475,7 +475,8 @@ def grad_sums_mc(dy, x, res, coef, relu, chunk, part, t0, t1):
     acc = np.empty((2, FC))
     for k in range(t0, t1):
         r1 = _min(k * R + R, M)
-        sgj, sgdj = acc[SG], acc[SGD]
+        # One row per run (F = 1): the sums go straight into the partials.
+        sgj, sgdj = (acc[SG], acc[SGD]) if FC > C else (part[SG, k], part[SGD, k])
         for j in range(FC):
             sgj[j] = 0.0
             sgdj[j] = 0.0
@@ -489,7 +490,8 @@ def grad_sums_mc(dy, x, res, coef, relu, chunk, part, t0, t1):
                 )
                 sgj[j] += g
                 sgdj[j] += np.float64(g) * np.float64(d)
-        _fold_sums(sgj, sgdj, C, part[SG, k], part[SGD, k])
+        if FC > C:
+            _fold_sums(sgj, sgdj, C, part[SG, k], part[SGD, k])
 
 
 @kernel()
