@@ -156,10 +156,10 @@ def _masked(v, g, half, hi, lo, a, b, relu, zero, r):
 # ------------------------------------------------------------------ block grids
 # Every block of the (N, C, L) grid is one contiguous run of x: G neighbouring
 # channels of one sample (C*L/chunk blocks of about equal size), or R whole samples
-# when C*L <= chunk. Blocks
-# of R samples x G channels (R runs of >= 4096 values, C*L apart) ran the four
-# passes 1.2-2.4x slower single-threaded (128x256x196, 64x64x1024): prefetchers
-# follow few streams, and power-of-two distances alias in the caches.
+# when C*L <= chunk. Blocks of R samples x G channels (R runs of >= 4096 values, C*L
+# apart) ran the four passes 1.2-2.4x slower single-threaded (128x256x196,
+# 64x64x1024): prefetchers follow few streams, and power-of-two distances alias in
+# the caches.
 # Channels-last blocks keep at least this many rows: the per-block partials are
 # (K, C) float64, and with ~chunk/C rows they would grow to 1/8 of the input.
 _MC_MIN_ROWS = 256
@@ -472,7 +472,7 @@ def grad_sums_mc(dy, x, res, coef, relu, chunk, part, t0, t1):
     zero = coef.dtype.type(0)
     hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
     xf, gf = x.reshape(x.size), dy.reshape(dy.size)
-    acc = np.empty((2, FC))
+    acc = np.empty((2, FC if FC > C else 0))
     for k in range(t0, t1):
         r1 = _min(k * R + R, M)
         # One row per run (F = 1): the sums go straight into the partials.
