@@ -100,14 +100,6 @@ def _at(arr, i):
 
 
 @njit(error_model="numpy", inline="always")
-def _line(arr, i):
-    """``arr[i]`` (a row of an (M, C) array), or None for an absent residual."""
-    if arr is None:
-        return None
-    return arr[i]
-
-
-@njit(error_model="numpy", inline="always")
 def _store(arr, i, v):
     """``arr[i] = encode(v, arr)`` unless ``arr`` is None (no residual gradient to store)."""
     if arr is not None:
@@ -119,9 +111,10 @@ def _run(arr, i0, i1):
     """Values ``i0:i1`` of the flattened C-contiguous ``arr``, or None for an absent residual.
 
     The kernels take every row of both layouts as such a slice of the flattened
-    arrays: slicing an (N, C, L) array per row (``x[n, c, l0:l1]``, with its
-    per-axis wraparound and bounds code) made the normalise pass of 14x14 maps
-    1.2-1.3x slower (one thread, 64x256x196 and 128x256x196)."""
+    arrays: slicing the 3-D or 2-D array per row (``x[n, c, l0:l1]``, ``x[i]``, with
+    their per-axis wraparound and bounds code) made the normalise pass 1.2-1.3x
+    slower on 14x14 maps and on 64-channel rows (one thread: 64x256x196,
+    128x256x196; (100352, 64))."""
     if arr is None:
         return None
     return arr.reshape(arr.size)[i0:i1]
@@ -426,11 +419,13 @@ def apply_mc(x, res, coef, relu, chunk, y, t0, t1):
     R = _mc_rows(x.shape, chunk)
     half = coef.dtype.type(0.5)
     zero = coef.dtype.type(0)
+    C = x.shape[1]
     hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
-    for i in range(t0 * R, _min(t1 * R, x.shape[0])):
-        row = x[i]
-        out = y[i]
-        rrow = _line(res, i)
+    xf, yf = x.reshape(x.size), y.reshape(y.size)
+    for i in range(t0 * R * C, _min(t1 * R, x.shape[0]) * C, C):
+        row = xf[i : i + C]
+        out = yf[i : i + C]
+        rrow = _run(res, i, i + C)
         for c in range(row.size):
             out[c] = encode(
                 _normalise(decode(row[c]), half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))[1], out
@@ -565,14 +560,16 @@ def grad_apply_mc(dy, x, res, coef, gcoef, relu, chunk, dx, dres, t0, t1):
     R = _mc_rows(x.shape, chunk)
     half = coef.dtype.type(0.5)
     zero = coef.dtype.type(0)
+    C = x.shape[1]
     hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
     ga, gb, gd = gcoef[GA], gcoef[GB], gcoef[GD]
-    for i in range(t0 * R, _min(t1 * R, x.shape[0])):
-        row = x[i]
-        grow = dy[i]
-        out = dx[i]
-        rrow = _line(res, i)
-        rout = _line(dres, i)
+    xf, gf, of = x.reshape(x.size), dy.reshape(dy.size), dx.reshape(dx.size)
+    for i in range(t0 * R * C, _min(t1 * R, x.shape[0]) * C, C):
+        row = xf[i : i + C]
+        grow = gf[i : i + C]
+        out = of[i : i + C]
+        rrow = _run(res, i, i + C)
+        rout = _run(dres, i, i + C)
         for c in range(row.size):
             d, g = _masked(decode(row[c]), decode(grow[c]), half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))
             out[c] = encode(ga[c] * g + gb[c] * d + gd[c], out)
