@@ -107,17 +107,29 @@ def _store(arr, i, v):
 
 
 @njit(error_model="numpy", inline="always")
-def _run(arr, i0, i1):
-    """Values ``i0:i1`` of the flattened C-contiguous ``arr``, or None for an absent residual.
+def _flat(arr):
+    """The C-contiguous ``arr`` as one row of values, or None for an absent residual.
 
-    The kernels take every row of both layouts as such a slice of the flattened
-    arrays: slicing the 3-D or 2-D array per row (``x[n, c, l0:l1]``, ``x[i]``, with
-    their per-axis wraparound and bounds code) made the normalise pass 1.2-1.3x
-    slower on 14x14 maps and on 64-channel rows (one thread: 64x256x196,
-    128x256x196; (100352, 64))."""
+    The kernels flatten their arrays once per call and take every row of both
+    layouts as a slice of them (:func:`_run`): slicing the 3-D or 2-D array per row
+    (``x[n, c, l0:l1]``, ``x[i]``, with their per-axis wraparound and bounds code)
+    made the normalise pass 1.2-1.3x slower on 14x14 maps and on 64-channel rows
+    (one thread: 64x256x196, 128x256x196; (100352, 64)), and a reshape per row cost
+    the residual kernels 1.3-10x (4x4 maps worst)."""
     if arr is None:
         return None
-    return arr.reshape(arr.size)[i0:i1]
+    return arr.reshape(arr.size)
+
+
+@njit(error_model="numpy", inline="always")
+def _run(arr, flat, i0, i1):
+    """``flat[i0:i1]``, a row of ``arr`` (``flat`` is :func:`_flat` of it), or None for
+    an absent residual. The None test is on ``arr`` itself: Numba prunes it at
+    compile time for a None argument, but not a test on ``flat``, one inlined call
+    further from the argument."""
+    if arr is None:
+        return None
+    return flat[i0:i1]
 
 
 @njit(error_model="numpy")
@@ -398,7 +410,7 @@ def apply_ncl(x, res, coef, relu, chunk, y, t0, t1):
     half = coef.dtype.type(0.5)
     zero = coef.dtype.type(0)
     C, L = x.shape[1], x.shape[2]
-    xf, yf = x.reshape(x.size), y.reshape(y.size)
+    xf, yf, rf = x.reshape(x.size), y.reshape(y.size), _flat(res)
     for t in range(t0, t1):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         for n in range(n0, n1):
@@ -407,7 +419,7 @@ def apply_ncl(x, res, coef, relu, chunk, y, t0, t1):
                 i1 = i + l1 - l0
                 row = xf[i:i1]
                 out = yf[i:i1]
-                rrow = _run(res, i, i1)
+                rrow = _run(res, rf, i, i1)
                 hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
                 for j in range(row.size):
                     out[j] = encode(_normalise(decode(row[j]), half, hi, lo, a, b, relu, zero, _at(rrow, j))[1], out)
@@ -421,11 +433,11 @@ def apply_mc(x, res, coef, relu, chunk, y, t0, t1):
     zero = coef.dtype.type(0)
     C = x.shape[1]
     hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
-    xf, yf = x.reshape(x.size), y.reshape(y.size)
+    xf, yf, rf = x.reshape(x.size), y.reshape(y.size), _flat(res)
     for i in range(t0 * R * C, _min(t1 * R, x.shape[0]) * C, C):
         row = xf[i : i + C]
         out = yf[i : i + C]
-        rrow = _run(res, i, i + C)
+        rrow = _run(res, rf, i, i + C)
         for c in range(row.size):
             out[c] = encode(
                 _normalise(decode(row[c]), half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))[1], out
@@ -442,7 +454,7 @@ def grad_sums_ncl(dy, x, res, coef, relu, chunk, part, t0, t1):
     half = coef.dtype.type(0.5)
     zero = coef.dtype.type(0)
     C, L = x.shape[1], x.shape[2]
-    xf, gf = x.reshape(x.size), dy.reshape(dy.size)
+    xf, gf, rf = x.reshape(x.size), dy.reshape(dy.size), _flat(res)
     for t in range(t0, t1):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         sg, sgd = part[SG, kn], part[SGD, kn]
@@ -455,7 +467,7 @@ def grad_sums_ncl(dy, x, res, coef, relu, chunk, part, t0, t1):
                 i1 = i + l1 - l0
                 row = xf[i:i1]
                 grow = gf[i:i1]
-                rrow = _run(res, i, i1)
+                rrow = _run(res, rf, i, i1)
                 hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
                 p0 = 0.0
                 p1 = 0.0
@@ -477,7 +489,7 @@ def grad_sums_mc(dy, x, res, coef, relu, chunk, part, t0, t1):
     half = coef.dtype.type(0.5)
     zero = coef.dtype.type(0)
     hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
-    xf, gf = x.reshape(x.size), dy.reshape(dy.size)
+    xf, gf, rf = x.reshape(x.size), dy.reshape(dy.size), _flat(res)
     acc = np.empty((2, FC if FC > C else 0))
     for k in range(t0, t1):
         r1 = _min(k * R + R, M)
@@ -489,7 +501,7 @@ def grad_sums_mc(dy, x, res, coef, relu, chunk, part, t0, t1):
         for i in range(k * R * C, r1 * C, FC):
             i1 = _min(i + FC, r1 * C)
             run, grun = xf[i:i1], gf[i:i1]
-            rrun = _run(res, i, i1)
+            rrun = _run(res, rf, i, i1)
             for j in range(run.size):
                 d, g = _masked(
                     decode(run[j]), decode(grun[j]), half, hi[j], lo[j], a[j], b[j], relu, zero, _at(rrun, j)
@@ -535,6 +547,7 @@ def grad_apply_ncl(dy, x, res, coef, gcoef, relu, chunk, dx, dres, t0, t1):
     zero = coef.dtype.type(0)
     C, L = x.shape[1], x.shape[2]
     xf, gf, of = x.reshape(x.size), dy.reshape(dy.size), dx.reshape(dx.size)
+    rf, df = _flat(res), _flat(dres)
     for t in range(t0, t1):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         for n in range(n0, n1):
@@ -544,8 +557,8 @@ def grad_apply_ncl(dy, x, res, coef, gcoef, relu, chunk, dx, dres, t0, t1):
                 row = xf[i:i1]
                 grow = gf[i:i1]
                 out = of[i:i1]
-                rrow = _run(res, i, i1)
-                rout = _run(dres, i, i1)
+                rrow = _run(res, rf, i, i1)
+                rout = _run(dres, df, i, i1)
                 hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
                 ga, gb, gd = gcoef[GA, c], gcoef[GB, c], gcoef[GD, c]
                 for j in range(row.size):
@@ -564,12 +577,13 @@ def grad_apply_mc(dy, x, res, coef, gcoef, relu, chunk, dx, dres, t0, t1):
     hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
     ga, gb, gd = gcoef[GA], gcoef[GB], gcoef[GD]
     xf, gf, of = x.reshape(x.size), dy.reshape(dy.size), dx.reshape(dx.size)
+    rf, df = _flat(res), _flat(dres)
     for i in range(t0 * R * C, _min(t1 * R, x.shape[0]) * C, C):
         row = xf[i : i + C]
         grow = gf[i : i + C]
         out = of[i : i + C]
-        rrow = _run(res, i, i + C)
-        rout = _run(dres, i, i + C)
+        rrow = _run(res, rf, i, i + C)
+        rout = _run(dres, df, i, i + C)
         for c in range(row.size):
             d, g = _masked(decode(row[c]), decode(grow[c]), half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))
             out[c] = encode(ga[c] * g + gb[c] * d + gd[c], out)
