@@ -41,6 +41,29 @@ def test_cpu_report_rows_and_derived_columns(cpu_report):
         assert r.first_s > 0
 
 
+def test_first_calls_of_every_op_come_before_any_timing(monkeypatch):
+    """A cold training forward has a helper process compile the backward's kernels
+    (numbabn._compile_ahead); the backward's first call waits for it. Timings taken
+    before every op's first call would share the cores with that helper."""
+    events = []
+    real_per_call = harness.per_call
+
+    def first_call(fn, sync=None):
+        events.append("first")
+        return harness.wall_time(fn, 1)
+
+    def per_call(fn, repeat, *args, **kwargs):
+        events.append("time")
+        return real_per_call(fn, 1, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "copy_bandwidth", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(harness, "first_call", first_call)
+    monkeypatch.setattr(harness, "per_call", per_call)
+    rep = harness.run([Case("a", (6, 3, 5)), Case("b", (16, 4))], repeat=1, compare=(), threads=1)
+    assert events == (["first"] * len(OPS) + ["time"] * len(OPS)) * 2
+    assert all(r.first_s > 0 for r in rep.rows)
+
+
 def test_timed_calls_compute_batch_norm():
     """The callables the harness times (and bench/ reuses) do what their op says."""
     from numbabn.kernels import reference as R

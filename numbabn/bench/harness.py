@@ -347,8 +347,14 @@ def run(
         if "torch" in compare:
             others["torch"] = torch_ops(case, x, gamma, beta, dy, side.torch_threads, device=side.torch_device)
         S = x.nbytes
+        # Every op's first call before any timing: a cold training forward has a helper
+        # process compile the backward's kernels (numbabn._compile_ahead) while the
+        # caller goes on; the backward's first call waits for it. Timed before that, the
+        # first case's forward and eval share the cores with the helper (64x64x56x56,
+        # empty cache, 2 CPUs: the ten forwards right after the first ran 1.15-1.2x
+        # slower than ten after the backward's first call, three runs).
+        firsts = {op: first_call(ours[op], side.sync) + (setup_s if op == "forward" else 0.0) for op in ops}
         for op in ops:
-            first = first_call(ours[op], side.sync) + (setup_s if op == "forward" else 0.0)
             # One library after the other, not interleaved: right after a PyTorch call
             # its OpenMP workers spin for 4-10 ms on the cores numbabn's threads need,
             # and alternating 51 MB allocations of both changes how fast the kernel
@@ -366,7 +372,7 @@ def run(
                 sec * 1e3,
                 gbps,
                 100 * gbps / copy_gbps,
-                first,
+                firsts[op],
             )
             _compare(row, others, op, repeat, side)
             rows.append(row)

@@ -267,12 +267,12 @@ def bench(
 ) -> None:
     """Time batch norm forward (training), eval and backward per case.
 
-    Each case/op: one untimed first call (JIT compile or cache load, summed in the
-    footer), then the median per call of --repeat samples (a sample: at least 1 ms of
-    back-to-back calls, one call on large inputs); GB/s from the bytes moved (3x, 2x
-    and 5x the input for forward, eval and backward) and as % of the copy bandwidth
-    measured in the same run; the NumPy reference and PyTorch are timed on the same
-    data ("x numpy", "x torch": how many times faster numbabn is).
+    Each case: one untimed first call of every op (JIT compile or cache load, summed
+    in the footer), then per op the median per call of --repeat samples (a sample: at
+    least 1 ms of back-to-back calls, one call on large inputs); GB/s from the bytes
+    moved (3x, 2x and 5x the input for forward, eval and backward) and as % of the
+    copy bandwidth measured in the same run; the NumPy reference and PyTorch are timed
+    on the same data ("x numpy", "x torch": how many times faster numbabn is).
     """
     if ctx.invoked_subcommand is not None:
         return
