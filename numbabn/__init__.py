@@ -27,6 +27,7 @@ _LAZY = {
     "set_num_threads": "numbabn._threads",
     "limit_threads": "numbabn._threads",
     "available_cpus": "numbabn._threads",
+    "empty_cache": "numbabn._buffers",
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(globals(), _LAZY, ["__version__"])

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _buffers
 from ._context import BatchNormContext
 from ._layout import _LAYOUTS, Canonical, empty_param, param_as_is
 
@@ -130,7 +131,7 @@ def forward_args(
         if momentum is None and nbt is None and running_mean.size:
             return None
     if out is None:
-        y = np.empty(cx.array.shape, dt)
+        y = _buffers.empty(cx.array.shape, dt)
     else:
         y = _output(out, x, dt, cx.array.shape, (x, gamma, beta, running_mean, running_var))
         if y is None:
@@ -172,6 +173,6 @@ def backward_args(dy: Any, ctx: Any, out: Any) -> tuple[Canonical, Any] | None:
         return None
     cshape = ctx.x.shape
     if out is None:
-        return cdy, np.empty(cshape, ctx.x.dtype)
+        return cdy, _buffers.empty(cshape, ctx.x.dtype)
     dx = _output(out, dy, ctx.dtype, cshape, (dy, ctx.x))
     return None if dx is None else (cdy, dx)

@@ -22,6 +22,9 @@ functional layer passes them in as arguments.
     0 stops numbabn from compiling the backward's kernels in a helper process while
     a cold first training forward compiles the forward's (default 1; see
     ``numbabn._compile_ahead``).
+``NUMBABN_BUFFER_CACHE_MB``
+    MiB of large output buffers (32 MiB and up) kept for reuse once dropped
+    (default 256; 0 turns the reuse off; see ``numbabn._buffers``).
 ``NUMBABN_TORCH_OPENMP``
     0 makes numbabn.torch run the kernels on numbabn's own threads instead of
     PyTorch's OpenMP team (default 1; see ``numbabn.torch._openmp``).
@@ -30,16 +33,17 @@ functional layer passes them in as arguments.
 import os
 
 
-def _positive_int(name: str, default: int) -> int:
+def _positive_int(name: str, default: int, least: int = 1) -> int:
     raw = os.environ.get(name)
     if raw is None:
         return default
+    kind = "a positive" if least == 1 else "a non-negative"
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be a positive integer, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"environment variable {name} must be a positive integer, got {raw!r}")
+        raise ValueError(f"environment variable {name} must be {kind} integer, got {raw!r}") from None
+    if value < least:
+        raise ValueError(f"environment variable {name} must be {kind} integer, got {raw!r}")
     return value
 
 
@@ -49,4 +53,5 @@ CUDA_THREADS = _positive_int("NUMBABN_CUDA_THREADS", 256)
 NUM_THREADS = _positive_int("NUMBABN_NUM_THREADS", 0) if os.environ.get("NUMBABN_NUM_THREADS") else None
 QUIET = os.environ.get("NUMBABN_QUIET", "") not in ("", "0")
 COMPILE_AHEAD = os.environ.get("NUMBABN_COMPILE_AHEAD", "1") != "0"
+BUFFER_CACHE_MB = _positive_int("NUMBABN_BUFFER_CACHE_MB", 256, least=0)
 TORCH_OPENMP = os.environ.get("NUMBABN_TORCH_OPENMP", "1") != "0"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import numbabn
-from numbabn import _jit, config
+from numbabn import _buffers, _jit, config
 from numbabn.kernels import reference as R
 
 # A script run in a fresh process: one float32 NCHW forward + backward, results
@@ -195,9 +195,18 @@ def _child_forward(seed):
     return y, numbabn.batch_norm_backward(x, ctx)[0]
 
 
+def _pool_every_output(monkeypatch, pooled):
+    """Hand out every output from numbabn._buffers (whose threshold is 32 MiB)."""
+    if pooled:
+        monkeypatch.setattr(_buffers, "MIN_BYTES", 0)
+        monkeypatch.setattr(_buffers, "_pool", [])
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["fresh outputs", "pooled outputs"])
 @pytest.mark.parametrize("serial_max", [10**9, 0])  # calling thread only / thread pool
-def test_fork_pool_after_the_parent_used_the_kernels(monkeypatch, serial_max):
+def test_fork_pool_after_the_parent_used_the_kernels(monkeypatch, serial_max, pooled):
     monkeypatch.setattr(config, "SERIAL_MAX", serial_max)
+    _pool_every_output(monkeypatch, pooled)
     with numbabn.limit_threads(2):
         expected = [_child_forward(s) for s in range(4)]  # parent uses kernels (and pool) first
         with multiprocessing.get_context("fork").Pool(2) as pool:
@@ -206,8 +215,10 @@ def test_fork_pool_after_the_parent_used_the_kernels(monkeypatch, serial_max):
         assert np.array_equal(y, ey) and np.array_equal(dx, edx)
 
 
-def test_python_threads_match_serial_calls(rng, monkeypatch):
+@pytest.mark.parametrize("pooled", [False, True], ids=["fresh outputs", "pooled outputs"])
+def test_python_threads_match_serial_calls(rng, monkeypatch, pooled):
     monkeypatch.setattr(config, "SERIAL_MAX", 0)  # every call uses the pool too
+    _pool_every_output(monkeypatch, pooled)
     xs = [rng.standard_normal((16, 4, 40)).astype(np.float32) for _ in range(4)]
     g, b = np.full(4, 1.5, np.float32), np.full(4, 0.25, np.float32)
 

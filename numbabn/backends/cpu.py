@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from .. import config
+from .. import _buffers, config
 from .._layout import Canonical, canonical_host, check_out, check_param, storage_view
 from .._typing import AnyArray
 from ..kernels import cpu_driver
@@ -49,7 +49,7 @@ def output(
         if any(np.may_share_memory(out, a) for a in inputs):
             raise ValueError(f"{fn}: {overlap_msg}")
         return storage_view(out).reshape(cx.array.shape)
-    return np.empty(cx.array.shape, cx.array.dtype)
+    return _buffers.empty(cx.array.shape, cx.array.dtype)
 
 
 def deliver(buf: AnyArray, shape: tuple[int, ...], dtype: Any, out: AnyArray | None, host: bool) -> AnyArray:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
+from numbabn import _buffers
 from numbabn._layout import BFLOAT16
 
 # Input dtype -> the dtype numbabn computes in (and wants parameters in).
@@ -77,12 +78,14 @@ def empty_like(t: torch.Tensor, perm: tuple[int, ...] | None = None) -> tuple[to
     (``torch.from_numpy``): NumPy asks the kernel for transparent huge pages on
     large arrays (``madvise``), so filling a fresh 51 MB output takes 512 times
     fewer page faults than torch's own allocation, which costs about as much as
-    the batch norm itself (measured in the README's "Use it from PyTorch"). Such a
+    the batch norm itself (measured in the README's "Use it from PyTorch"), and
+    outputs of 32 MiB and more reuse a block of an output that is gone
+    (:mod:`numbabn._buffers`; the tensor keeps its block while it lives). Such a
     tensor cannot be resized in place (``resize_``); everything else is as usual.
     """
     shape = tuple(t.shape)
     if t.is_cpu:
-        arr = np.empty(shape if perm is None else [shape[axis] for axis in perm], dtype=NUMPY_DTYPE[t.dtype])
+        arr = _buffers.empty(tuple(shape if perm is None else [shape[axis] for axis in perm]), NUMPY_DTYPE[t.dtype])
         wrapped = arr if perm is None else arr.transpose([perm.index(axis) for axis in range(len(perm))])
         if t.dtype == torch.bfloat16:
             return torch.from_numpy(wrapped.view(np.int16)).view(torch.bfloat16), arr
