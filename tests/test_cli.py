@@ -129,6 +129,15 @@ def test_info_json():
     assert Path(cache["dir"]).is_absolute() and cache["kernels"] >= 10 and cache["entries"] >= 0
     assert cache["compile_helper"] is _compile_ahead.enabled()
     assert data["layers"]["batch_norm1d"] == "builtin"
+    assert data["output_buffers"]["limit_mib"] == numbabn.config.BUFFER_CACHE_MB
+    assert data["output_buffers"]["min_bytes"] == 32 << 20
+
+
+@pytest.mark.parametrize("limit", [256, 0])
+def test_info_says_whether_outputs_are_reused(monkeypatch, limit):
+    monkeypatch.setattr(numbabn.config, "BUFFER_CACHE_MB", limit)
+    line = next(x for x in invoke("info").output.splitlines() if x.startswith("output buffers"))
+    assert ("up to 256 MiB kept" in line) is bool(limit) and ("newly allocated" in line) is not bool(limit)
 
 
 @pytest.mark.parametrize("ahead", [True, False])

@@ -73,6 +73,20 @@ def _kernel_cache() -> dict[str, Any]:
     }
 
 
+def _output_buffers() -> dict[str, int]:
+    """The reuse of large outputs (``numbabn._buffers``): its size threshold, its limit
+    (``NUMBABN_BUFFER_CACHE_MB``, 0 = off) and what it holds in this process."""
+    from numbabn import _buffers, config
+
+    held, unused = _buffers.pooled_bytes()
+    return {
+        "min_bytes": _buffers.MIN_BYTES,
+        "limit_mib": config.BUFFER_CACHE_MB,
+        "held_bytes": held,
+        "unused_bytes": unused,
+    }
+
+
 def _layers() -> dict[str, str] | None:
     from importlib import import_module
 
@@ -98,6 +112,7 @@ def collect() -> dict[str, Any]:
         "threading": _threading(),
         "cuda": _cuda(),
         "kernel_cache": _kernel_cache(),
+        "output_buffers": _output_buffers(),
         "layers": _layers(),
     }
 
@@ -122,7 +137,7 @@ def info(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     settings = ctx.find_object(Settings) or Settings()
-    t, k = data["threading"], data["kernel_cache"]
+    t, k, ob = data["threading"], data["kernel_cache"], data["output_buffers"]
     lines = [f"{name:<16}{version or 'not installed'}" for name, version in data["versions"].items()]
     lines += [
         f"{'python':<16}{data['python']} ({data['executable']})",
@@ -141,6 +156,13 @@ def info(ctx: click.Context, as_json: bool) -> None:
             if k["compile_helper"]
             else "in the calling process only (no cache to share, one thread, a multiprocessing worker or "
             "one of several local ranks, or NUMBABN_COMPILE_AHEAD=0)"
+        ),
+        f"{'output buffers':<16}"
+        + (
+            f"outputs of {ob['min_bytes'] >> 20} MiB and more reuse dropped ones, up to {ob['limit_mib']} MiB kept "
+            "(NUMBABN_BUFFER_CACHE_MB=0: off)"
+            if ob["limit_mib"]
+            else "every output is newly allocated (NUMBABN_BUFFER_CACHE_MB=0)"
         ),
     ]
     layers = data["layers"]
