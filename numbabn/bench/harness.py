@@ -20,7 +20,7 @@ call is timed, which copy bandwidth is the reference. :func:`run` is the same lo
 both.
 
 CPU: host arrays; both sides allocate their outputs (numbabn's of 32 MiB and more
-reuse the memory of the previous call's dropped output, :mod:`numbabn._buffers`, as
+reuse the memory of the previous call's dropped output, ``numbabn._buffers``, as
 they do in any loop; ``NUMBABN_BUFFER_CACHE_MB=0`` times fresh pages); wall-clock timing; the copy
 reference is the faster of NumPy's ``copyto`` and a copy on the kernels' thread pool
 (2 bytes moved per byte copied); PyTorch gets the same thread count as Numba.

@@ -80,7 +80,7 @@ def empty_like(t: torch.Tensor, perm: tuple[int, ...] | None = None) -> tuple[to
     fewer page faults than torch's own allocation, which costs about as much as
     the batch norm itself (measured in the README's "Use it from PyTorch"), and
     outputs of 32 MiB and more reuse a block of an output that is gone
-    (:mod:`numbabn._buffers`; the tensor keeps its block while it lives). Such a
+    (``numbabn._buffers``; the tensor keeps its block while it lives). Such a
     tensor cannot be resized in place (``resize_``); everything else is as usual.
     """
     shape = tuple(t.shape)
