@@ -9,8 +9,8 @@ the difference between 55 % and 80 % of the copy bandwidth (README, "Output
 buffers"). Below the threshold glibc already reuses freed memory, so only buffers
 of at least :data:`MIN_BYTES` come from here.
 
-How: :func:`empty` hands out a *view* (the requested shape and dtype) of a 1-D
-uint8 block that the pool keeps. The view, and every view or tensor made from it,
+How: :func:`empty` hands out a *view* (the requested shape and dtype, starting at a
+64-byte boundary) of a 1-D uint8 block that the pool keeps. The view, and every view or tensor made from it,
 holds a reference to the block, so a block whose only reference is the pool's is
 one nobody can reach any more: the next request of the same byte size gets it back
 instead of new pages. Blocks are matched by exact size (a training loop asks for
@@ -37,6 +37,10 @@ from . import config
 # blocks come back from malloc's own free lists without page faults.
 MIN_BYTES = 32 << 20
 
+# Views start at a multiple of this many bytes (a cache line), so that rows of the
+# streaming kernels (numbabn.kernels.stream) start on a 32-byte boundary.
+ALIGN = 64
+
 _lock = threading.Lock()
 _pool: list[np.ndarray] = []  # 1-D uint8 blocks, least recently handed out first
 
@@ -57,18 +61,20 @@ def empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     limit = config.BUFFER_CACHE_MB << 20
     if nbytes < MIN_BYTES or nbytes > limit:
         return np.empty(shape, dtype)
+    size = nbytes + ALIGN
     with _lock:
         for i in range(len(_pool)):
-            if _pool[i].nbytes == nbytes and _unused(i):
+            if _pool[i].nbytes == size and _unused(i):
                 block = _pool.pop(i)
                 break
         else:
-            block = np.empty(nbytes, np.uint8)
-            held = nbytes + sum(b.nbytes for b in _pool)
+            block = np.empty(size, np.uint8)
+            held = size + sum(b.nbytes for b in _pool)
             while held > limit:
                 held -= _pool.pop(0).nbytes
         _pool.append(block)
-    return block.view(dtype).reshape(shape)
+    start = -block.ctypes.data % ALIGN
+    return block[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def empty_cache() -> int:

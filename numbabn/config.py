@@ -25,11 +25,17 @@ functional layer passes them in as arguments.
 ``NUMBABN_BUFFER_CACHE_MB``
     MiB of large output buffers (32 MiB and up) kept for reuse once dropped
     (default 256; 0 turns the reuse off; see ``numbabn._buffers``).
+``NUMBABN_STREAM_MIN_MB``
+    outputs of at least this many MiB are written with non-temporal stores, which
+    skip reading the output into the cache first (default: the size of the largest
+    CPU cache Linux reports, 32 MiB where it reports none; see
+    ``numbabn.kernels.stream``).
 ``NUMBABN_TORCH_OPENMP``
     0 makes numbabn.torch run the kernels on numbabn's own threads instead of
     PyTorch's OpenMP team (default 1; see ``numbabn.torch._openmp``).
 """
 
+import glob
 import os
 
 
@@ -47,6 +53,20 @@ def _positive_int(name: str, default: int, least: int = 1) -> int:
     return value
 
 
+def _last_level_cache() -> int:
+    """Bytes of the largest cache of CPU 0 in Linux's sysfs, or 32 MiB if unknown."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    largest = 0
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(index) as f:
+                text = f.read().strip()
+            largest = max(largest, int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+        except (OSError, ValueError, IndexError):
+            continue
+    return largest or 32 << 20
+
+
 CHUNK = _positive_int("NUMBABN_CHUNK", 16384)
 SERIAL_MAX = _positive_int("NUMBABN_SERIAL_MAX", 1 << 18)
 CUDA_THREADS = _positive_int("NUMBABN_CUDA_THREADS", 256)
@@ -54,4 +74,9 @@ NUM_THREADS = _positive_int("NUMBABN_NUM_THREADS", 0) if os.environ.get("NUMBABN
 QUIET = os.environ.get("NUMBABN_QUIET", "") not in ("", "0")
 COMPILE_AHEAD = os.environ.get("NUMBABN_COMPILE_AHEAD", "1") != "0"
 BUFFER_CACHE_MB = _positive_int("NUMBABN_BUFFER_CACHE_MB", 256, least=0)
+STREAM_MIN = (
+    _positive_int("NUMBABN_STREAM_MIN_MB", 0, least=0) << 20
+    if os.environ.get("NUMBABN_STREAM_MIN_MB")
+    else _last_level_cache()
+)
 TORCH_OPENMP = os.environ.get("NUMBABN_TORCH_OPENMP", "1") != "0"

@@ -53,12 +53,16 @@ Formulas (per channel, ``g`` = upstream gradient times the ReLU mask if fused)::
     dx   = gamma*invstd*g                                      (eval)
 
 Memory traffic: training forward 3S, eval forward 2S, backward 5S (S = bytes of x).
+Outputs of at least ``config.STREAM_MIN`` bytes (the last-level cache) are written
+with non-temporal stores (``stream`` argument, :mod:`numbabn.kernels.stream`), which
+skip the read of each output line that an ordinary store makes first.
 """
 
 import numpy as np
 from numba import njit
 
 from .._jit import kernel
+from . import stream as S
 from .storage import decode, encode
 
 # Reassociation lets LLVM vectorise the float64 sums; it changes nothing between
@@ -68,7 +72,7 @@ from .storage import decode, encode
 _REDUCE = {"reassoc"}
 
 # Rows of the (4, F*C) forward coefficients (F = 1 but for short channels-last rows,
-# :func:`_fold`) and the (3, C) gradient coefficients.
+# :func:`_fold`) and the (3, F*C) gradient coefficients.
 HI, LO, A, B = 0, 1, 2, 3  # d = (x/2 - HI) - LO ;  y = A*d + B
 GA, GB, GD = 0, 1, 2  # dx = GA*g + GB*d + GD
 # Rows of the (3, K, C) statistics partials and the (2, K, C) gradient partials.
@@ -172,7 +176,10 @@ _MC_MIN_ROWS = 256
 # One thread, min of 15, (200704, 64): stats 4.6-6.0 -> 3.0-3.5 ms; (65536, 32):
 # stats 0.91-0.99 -> 0.30-0.50 ms, gradient sums 0.90-1.02 -> 0.52-0.60 ms (runs of
 # 512 values were slower, of 2048 twice as slow: the per-block tiling and folding).
-# The element-wise passes gained nothing from runs and keep their rows.
+# The element-wise passes gained nothing from runs while they wrote rows straight
+# into the output; since they stream large outputs through a buffer (see
+# :mod:`numbabn.kernels.stream`) they walk the same runs: with rows of C = 64 values,
+# the per-row buffer bookkeeping made them 1.5-2x slower on two threads.
 _FOLD = 256
 
 
@@ -405,12 +412,15 @@ def coefficients(cnt, part, gamma, beta, running_mean, running_var, momentum, ep
 
 
 @kernel()
-def apply_ncl(x, res, coef, relu, chunk, y, t0, t1):
-    """y = normalise(x) (+ res) over the blocks t0..t1 of (N, C, L) arrays."""
+def apply_ncl(x, res, coef, relu, chunk, stream, y, t0, t1):
+    """y = normalise(x) (+ res) over the blocks t0..t1 of (N, C, L) arrays, written
+    with non-temporal stores if ``stream`` (:mod:`numbabn.kernels.stream`)."""
     half = coef.dtype.type(0.5)
     zero = coef.dtype.type(0)
     C, L = x.shape[1], x.shape[2]
     xf, yf, rf = x.reshape(x.size), y.reshape(y.size), _flat(res)
+    tmp = S.scratch(chunk, y, stream)  # rows are at most chunk values
+    p = base = 0
     for t in range(t0, t1):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         for n in range(n0, n1):
@@ -418,30 +428,40 @@ def apply_ncl(x, res, coef, relu, chunk, y, t0, t1):
                 i = (n * C + c) * L + l0
                 i1 = i + l1 - l0
                 row = xf[i:i1]
-                out = yf[i:i1]
+                out, p, base = S.target(yf, i, i1, tmp, p, base, stream)
                 rrow = _run(res, rf, i, i1)
                 hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
                 for j in range(row.size):
                     out[j] = encode(_normalise(decode(row[j]), half, hi, lo, a, b, relu, zero, _at(rrow, j))[1], out)
+    if stream:
+        S.flush(yf, tmp, p, base)
 
 
 @kernel()
-def apply_mc(x, res, coef, relu, chunk, y, t0, t1):
-    """y = normalise(x) (+ res) over the row blocks t0..t1 of (M, C) arrays."""
+def apply_mc(x, res, coef, relu, chunk, stream, y, t0, t1):
+    """y = normalise(x) (+ res) over the row blocks t0..t1 of (M, C) arrays; see
+    :func:`apply_ncl`."""
     R = _mc_rows(x.shape, chunk)
     half = coef.dtype.type(0.5)
     zero = coef.dtype.type(0)
     C = x.shape[1]
     hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
     xf, yf, rf = x.reshape(x.size), y.reshape(y.size), _flat(res)
-    for i in range(t0 * R * C, _min(t1 * R, x.shape[0]) * C, C):
-        row = xf[i : i + C]
-        out = yf[i : i + C]
-        rrow = _run(res, rf, i, i + C)
-        for c in range(row.size):
-            out[c] = encode(
-                _normalise(decode(row[c]), half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))[1], out
+    FC = coef.shape[1]
+    end = _min(t1 * R, x.shape[0]) * C
+    tmp = S.scratch(_max(chunk, FC), y, stream)
+    p = base = 0
+    for i in range(t0 * R * C, end, FC):
+        i1 = _min(i + FC, end)
+        run = xf[i:i1]
+        out, p, base = S.target(yf, i, i1, tmp, p, base, stream)
+        rrun = _run(res, rf, i, i1)
+        for j in range(run.size):
+            out[j] = encode(
+                _normalise(decode(run[j]), half, hi[j], lo[j], a[j], b[j], relu, zero, _at(rrun, j))[1], out
             )
+    if stream:
+        S.flush(yf, tmp, p, base)
 
 
 # ------------------------------------------------------------------ backward
@@ -518,7 +538,8 @@ def grad_coefficients(part, scale, count, invstd, gamma, training, gcoef, dgamma
     order with the second row times ``scale`` (2 for the kernels' partials, whose d is
     (x - mean)/2; 1 for sums over all ranks, passed as one block) into
     S = [sum g, sum g*(x - mean)]: dgamma = invstd*S[1], dbeta = S[0] (in the compute dtype),
-    and gcoef (3, C) of dx = GA*g + GB*d + GD with d = (x - mean)/2::
+    and gcoef (3, F*C) (repeated F times along a row, as in :func:`coefficients`) of
+    dx = GA*g + GB*d + GD with d = (x - mean)/2::
 
         GA = gamma*invstd,  GB = -2*GA*invstd*dgamma/m,  GD = -GA*dbeta/m   (training)
         GB = GD = 0                                                        (eval)
@@ -538,16 +559,20 @@ def grad_coefficients(part, scale, count, invstd, gamma, training, gcoef, dgamma
         gcoef[GD, c] = t(-ga * db / count) if training else t(0)
         dgamma[c] = t(dg)
         dbeta[c] = t(db)
+    _tile(gcoef, invstd.size)
 
 
 @kernel()
-def grad_apply_ncl(dy, x, res, coef, gcoef, relu, chunk, dx, dres, t0, t1):
-    """dx (and dres = g unless None) over the blocks t0..t1 of (N, C, L) arrays."""
+def grad_apply_ncl(dy, x, res, coef, gcoef, relu, chunk, stream, dx, dres, t0, t1):
+    """dx (and dres = g unless None) over the blocks t0..t1 of (N, C, L) arrays, dx
+    written with non-temporal stores if ``stream``."""
     half = coef.dtype.type(0.5)
     zero = coef.dtype.type(0)
     C, L = x.shape[1], x.shape[2]
     xf, gf, of = x.reshape(x.size), dy.reshape(dy.size), dx.reshape(dx.size)
     rf, df = _flat(res), _flat(dres)
+    tmp = S.scratch(chunk, dx, stream)  # rows are at most chunk values
+    p = base = 0
     for t in range(t0, t1):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         for n in range(n0, n1):
@@ -556,7 +581,7 @@ def grad_apply_ncl(dy, x, res, coef, gcoef, relu, chunk, dx, dres, t0, t1):
                 i1 = i + l1 - l0
                 row = xf[i:i1]
                 grow = gf[i:i1]
-                out = of[i:i1]
+                out, p, base = S.target(of, i, i1, tmp, p, base, stream)
                 rrow = _run(res, rf, i, i1)
                 rout = _run(dres, df, i, i1)
                 hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
@@ -565,11 +590,14 @@ def grad_apply_ncl(dy, x, res, coef, gcoef, relu, chunk, dx, dres, t0, t1):
                     d, g = _masked(decode(row[j]), decode(grow[j]), half, hi, lo, a, b, relu, zero, _at(rrow, j))
                     out[j] = encode(ga * g + gb * d + gd, out)
                     _store(rout, j, g)
+    if stream:
+        S.flush(of, tmp, p, base)
 
 
 @kernel()
-def grad_apply_mc(dy, x, res, coef, gcoef, relu, chunk, dx, dres, t0, t1):
-    """dx (and dres = g unless None) over the row blocks t0..t1 of (M, C) arrays."""
+def grad_apply_mc(dy, x, res, coef, gcoef, relu, chunk, stream, dx, dres, t0, t1):
+    """dx (and dres = g unless None) over the row blocks t0..t1 of (M, C) arrays; see
+    :func:`grad_apply_ncl`."""
     R = _mc_rows(x.shape, chunk)
     half = coef.dtype.type(0.5)
     zero = coef.dtype.type(0)
@@ -578,13 +606,20 @@ def grad_apply_mc(dy, x, res, coef, gcoef, relu, chunk, dx, dres, t0, t1):
     ga, gb, gd = gcoef[GA], gcoef[GB], gcoef[GD]
     xf, gf, of = x.reshape(x.size), dy.reshape(dy.size), dx.reshape(dx.size)
     rf, df = _flat(res), _flat(dres)
-    for i in range(t0 * R * C, _min(t1 * R, x.shape[0]) * C, C):
-        row = xf[i : i + C]
-        grow = gf[i : i + C]
-        out = of[i : i + C]
-        rrow = _run(res, rf, i, i + C)
-        rout = _run(dres, df, i, i + C)
-        for c in range(row.size):
-            d, g = _masked(decode(row[c]), decode(grow[c]), half, hi[c], lo[c], a[c], b[c], relu, zero, _at(rrow, c))
-            out[c] = encode(ga[c] * g + gb[c] * d + gd[c], out)
-            _store(rout, c, g)
+    FC = coef.shape[1]
+    end = _min(t1 * R, x.shape[0]) * C
+    tmp = S.scratch(_max(chunk, FC), dx, stream)
+    p = base = 0
+    for i in range(t0 * R * C, end, FC):
+        i1 = _min(i + FC, end)
+        run = xf[i:i1]
+        grun = gf[i:i1]
+        out, p, base = S.target(of, i, i1, tmp, p, base, stream)
+        rrun = _run(res, rf, i, i1)
+        rout = _run(dres, df, i, i1)
+        for j in range(run.size):
+            d, g = _masked(decode(run[j]), decode(grun[j]), half, hi[j], lo[j], a[j], b[j], relu, zero, _at(rrun, j))
+            out[j] = encode(ga[j] * g + gb[j] * d + gd[j], out)
+            _store(rout, j, g)
+    if stream:
+        S.flush(of, tmp, p, base)

@@ -19,7 +19,7 @@ import numpy as np
 from numba import from_dtype, types
 from numpy.typing import NDArray
 
-from .. import _compile_ahead, _threads
+from .. import _compile_ahead, _threads, config
 from .._layout import BFLOAT16, STORAGE, compute_dtype
 from . import cpu
 
@@ -58,18 +58,21 @@ class _Specs:
         self._sigs = {
             "stats": (getattr(cpu, "stats" + suffix), (X, _I64, f1, f3, _I64, _I64)),
             "coef": (cpu.coefficients, (f1r, f3r, P, P, W, W, _F64, _F64, _BOOL, f2, f1, f1, CW)),
-            "apply": (getattr(cpu, "apply" + suffix), (X, _NONE, CO, _BOOL, _I64, Y, _I64, _I64)),
+            "apply": (getattr(cpu, "apply" + suffix), (X, _NONE, CO, _BOOL, _I64, _BOOL, Y, _I64, _I64)),
             "grad_sums": (getattr(cpu, "grad_sums" + suffix), (X, X, _NONE, CO, _BOOL, _I64, f3, _I64, _I64)),
             "grad_coef": (cpu.grad_coefficients, (f3r, _F64, _F64, f1r, P, _BOOL, CW, W, W)),
             "grad_apply": (
                 getattr(cpu, "grad_apply" + suffix),
-                (X, X, _NONE, CO, CO, _BOOL, _I64, Y, _NONE, _I64, _I64),
+                (X, X, _NONE, CO, CO, _BOOL, _I64, _BOOL, Y, _NONE, _I64, _I64),
             ),
             # Residual fusion: the same kernel bodies with the residual (and its
             # gradient) as arrays instead of None; compiled only when first used.
-            "apply_res": (getattr(cpu, "apply" + suffix), (X, X, CO, _BOOL, _I64, Y, _I64, _I64)),
+            "apply_res": (getattr(cpu, "apply" + suffix), (X, X, CO, _BOOL, _I64, _BOOL, Y, _I64, _I64)),
             "grad_sums_res": (getattr(cpu, "grad_sums" + suffix), (X, X, X, CO, _BOOL, _I64, f3, _I64, _I64)),
-            "grad_apply_res": (getattr(cpu, "grad_apply" + suffix), (X, X, X, CO, CO, _BOOL, _I64, Y, Y, _I64, _I64)),
+            "grad_apply_res": (
+                getattr(cpu, "grad_apply" + suffix),
+                (X, X, X, CO, CO, _BOOL, _I64, _BOOL, Y, Y, _I64, _I64),
+            ),
         }
         self.compute = cdt  # of coefficients, parameters and running statistics
 
@@ -138,6 +141,13 @@ def plan(x: NDArray[Any], layout: str, chunk: int) -> tuple["_Specs", int, int]:
         if len(_PLANS) < 4096:
             _PLANS[key] = p
     return p
+
+
+def _streams(out: NDArray[Any]) -> bool:
+    """Whether the element-wise kernels write ``out`` with non-temporal stores: when
+    it is at least ``config.STREAM_MIN`` bytes (the last-level cache, see
+    :mod:`numbabn.kernels.stream`)."""
+    return out.nbytes >= config.STREAM_MIN
 
 
 def _block_stats(k: Any, x: NDArray[Any], blocks: int, rows: int, chunk: int) -> tuple[Any, Any]:
@@ -225,7 +235,7 @@ def forward(
         )
     if x.size:
         apply = k.apply if residual is None else k.apply_res
-        _threads.parallel_for(apply, blocks, x.size, x, residual, coef, relu, chunk, y)
+        _threads.parallel_for(apply, blocks, x.size, x, residual, coef, relu, chunk, _streams(y), y)
     return mean, invstd, coef
 
 
@@ -288,7 +298,7 @@ def grad_apply(
     k, blocks, _ = plan(x, layout, chunk)
     C = x.shape[1]
     part, scale = partials
-    gcoef = np.empty((3, C), k.compute)
+    gcoef = np.empty((3, C * k.fold(C)), k.compute)
     dgamma = np.empty(C, k.compute)
     dbeta = np.empty(C, k.compute)
     k.grad_coef(part, scale, float(count), invstd, gamma, training, gcoef, dgamma, dbeta)
@@ -296,7 +306,7 @@ def grad_apply(
         res = residual if relu else None
         fn = k.grad_apply if res is None else k.grad_apply_res
         _threads.parallel_for(
-            fn, blocks, x.size, dy, x, res, coef, gcoef, relu, chunk, dx, None if res is None else dres
+            fn, blocks, x.size, dy, x, res, coef, gcoef, relu, chunk, _streams(dx), dx, None if res is None else dres
         )
     return dgamma, dbeta
 
