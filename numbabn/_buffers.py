@@ -52,14 +52,15 @@ def _unused(i: int) -> bool:
     return sys.getrefcount(_pool[i]) == 2
 
 
-def empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """A C-contiguous array of ``shape`` and ``dtype``, contents undefined: a view of
-    a pooled block when it is at least :data:`MIN_BYTES` and the pool is on, else
-    ``np.empty``."""
-    dtype = np.dtype(dtype)
+def empty(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    """A C-contiguous array of ``shape`` and ``dtype`` (a ``np.dtype``), contents
+    undefined: a view of a pooled block when it is at least :data:`MIN_BYTES` and the
+    pool is on, else ``np.empty``."""
     nbytes = prod(shape) * dtype.itemsize
+    if nbytes < MIN_BYTES:  # first and cheap: small calls are all per-call overhead
+        return np.empty(shape, dtype)
     limit = config.BUFFER_CACHE_MB << 20
-    if nbytes < MIN_BYTES or nbytes > limit:
+    if nbytes > limit:
         return np.empty(shape, dtype)
     size = nbytes + ALIGN
     with _lock:

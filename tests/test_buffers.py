@@ -28,14 +28,14 @@ def _addr(a):
 
 
 def test_a_dropped_buffer_is_handed_out_again(pool):
-    y = pool.empty((256, 1024), np.float32)
+    y = pool.empty((256, 1024), np.dtype(np.float32))
     assert y.shape == (256, 1024) and y.dtype == np.float32 and y.flags.c_contiguous and y.flags.writeable
     first = _addr(y)
     assert first % 64 == 0
     del y
-    z = pool.empty((1024, 256), np.float32)  # same byte size, another shape
+    z = pool.empty((1024, 256), np.dtype(np.float32))  # same byte size, another shape
     assert _addr(z) == first
-    w = pool.empty((512, 512), np.float32)  # z is alive: a new block
+    w = pool.empty((512, 512), np.dtype(np.float32))  # z is alive: a new block
     assert _addr(w) != first
     assert pool.pooled_bytes() == (2 * (MiB + A), 0)
 
@@ -54,57 +54,57 @@ def test_a_dropped_buffer_is_handed_out_again(pool):
     ids=["array", "strided view", "reshape", "base", "memoryview", "frombuffer", "in a list"],
 )
 def test_a_buffer_still_reachable_is_never_handed_out(pool, keep):
-    y = pool.empty((256, 1024), np.float32)
+    y = pool.empty((256, 1024), np.dtype(np.float32))
     y[...] = 7.0
     kept = keep(y)
     first = _addr(y)
     del y
-    z = pool.empty((256, 1024), np.float32)
+    z = pool.empty((256, 1024), np.dtype(np.float32))
     z[...] = -1.0
     assert _addr(z) != first
     del kept
     gc.collect()
-    assert _addr(pool.empty((256, 1024), np.float32)) == first
+    assert _addr(pool.empty((256, 1024), np.dtype(np.float32))) == first
 
 
 def test_a_tensor_on_the_buffer_keeps_it(pool):
     torch = pytest.importorskip("torch")
-    y = pool.empty((256, 1024), np.float32)
+    y = pool.empty((256, 1024), np.dtype(np.float32))
     t = torch.from_numpy(y)
     first = _addr(y)
     del y
-    assert _addr(pool.empty((256, 1024), np.float32)) != first
+    assert _addr(pool.empty((256, 1024), np.dtype(np.float32))) != first
     del t
-    assert _addr(pool.empty((256, 1024), np.float32)) == first
+    assert _addr(pool.empty((256, 1024), np.dtype(np.float32))) == first
 
 
 def test_sizes_do_not_mix_and_small_requests_bypass(pool):
-    y = pool.empty((MiB,), np.uint8)
+    y = pool.empty((MiB,), np.dtype(np.uint8))
     first = _addr(y)
     del y
-    assert _addr(pool.empty((2 * MiB,), np.uint8)) != first  # another size: new block
-    assert _addr(pool.empty((MiB // 8,), np.float64)) == first  # same bytes, other dtype
-    pool.empty((MiB - 1,), np.uint8)  # below MIN_BYTES: plain np.empty
+    assert _addr(pool.empty((2 * MiB,), np.dtype(np.uint8))) != first  # another size: new block
+    assert _addr(pool.empty((MiB // 8,), np.dtype(np.float64))) == first  # same bytes, other dtype
+    pool.empty((MiB - 1,), np.dtype(np.uint8))  # below MIN_BYTES: plain np.empty
     assert pool.pooled_bytes()[0] == 3 * MiB + 2 * A
 
 
 def test_pool_limit_and_switch(pool, monkeypatch):
-    held = [pool.empty((MiB,), np.uint8) for _ in range(12)]
+    held = [pool.empty((MiB,), np.dtype(np.uint8)) for _ in range(12)]
     assert pool.pooled_bytes() == (7 * (MiB + A), 0)  # the oldest five forgotten
-    assert pool.empty((9 * MiB,), np.uint8).size == 9 * MiB  # above the limit: not pooled
+    assert pool.empty((9 * MiB,), np.dtype(np.uint8)).size == 9 * MiB  # above the limit: not pooled
     assert pool.pooled_bytes()[0] == 7 * (MiB + A)
     del held
     assert pool.pooled_bytes() == (7 * (MiB + A), 7 * (MiB + A))
     assert numbabn.empty_cache() == 7 * (MiB + A)
     assert pool.pooled_bytes() == (0, 0)
     monkeypatch.setattr(config, "BUFFER_CACHE_MB", 0)
-    y = pool.empty((2 * MiB,), np.uint8)
+    y = pool.empty((2 * MiB,), np.dtype(np.uint8))
     assert pool.pooled_bytes() == (0, 0) and y.flags.owndata
 
 
 def test_empty_cache_keeps_blocks_in_use(pool):
-    a = pool.empty((MiB,), np.uint8)
-    b = pool.empty((MiB,), np.uint8)
+    a = pool.empty((MiB,), np.dtype(np.uint8))
+    b = pool.empty((MiB,), np.dtype(np.uint8))
     del b
     assert numbabn.empty_cache() == MiB + A
     assert pool.pooled_bytes() == (MiB + A, 0) and a.size == MiB
