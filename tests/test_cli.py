@@ -131,6 +131,7 @@ def test_info_json():
     assert data["layers"]["batch_norm1d"] == "builtin"
     assert data["output_buffers"]["limit_mib"] == numbabn.config.BUFFER_CACHE_MB
     assert data["output_buffers"]["min_bytes"] == 32 << 20
+    assert data["output_buffers"]["stream_min_bytes"] == numbabn.config.STREAM_MIN
 
 
 @pytest.mark.parametrize("limit", [256, 0])

@@ -75,7 +75,9 @@ def _kernel_cache() -> dict[str, Any]:
 
 def _output_buffers() -> dict[str, int]:
     """The reuse of large outputs (``numbabn._buffers``): its size threshold, its limit
-    (``NUMBABN_BUFFER_CACHE_MB``, 0 = off) and what it holds in this process."""
+    (``NUMBABN_BUFFER_CACHE_MB``, 0 = off) and what it holds in this process; and the
+    size from which outputs are written with non-temporal stores
+    (``NUMBABN_STREAM_MIN_MB``, ``numbabn.kernels.stream``)."""
     from numbabn import _buffers, config
 
     held, unused = _buffers.pooled_bytes()
@@ -84,6 +86,7 @@ def _output_buffers() -> dict[str, int]:
         "limit_mib": config.BUFFER_CACHE_MB,
         "held_bytes": held,
         "unused_bytes": unused,
+        "stream_min_bytes": config.STREAM_MIN,
     }
 
 
@@ -164,6 +167,8 @@ def info(ctx: click.Context, as_json: bool) -> None:
             if ob["limit_mib"]
             else "every output is newly allocated (NUMBABN_BUFFER_CACHE_MB=0)"
         ),
+        f"{'':<16}outputs of {ob['stream_min_bytes'] / 2**20:g} MiB and more are written with non-temporal stores "
+        "(NUMBABN_STREAM_MIN_MB)",
     ]
     layers = data["layers"]
     if layers is None:
