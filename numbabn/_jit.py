@@ -16,7 +16,9 @@ the source or Numba's user-wide fallback, or ``NUMBA_CACHE_DIR``) is wrapped so 
 
 * no writable cache location -> compile without caching, warn once;
 * a corrupted index or data file (truncated, garbage) -> warn once, drop that
-  function's cache entry, recompile (and save a good entry for later processes).
+  function's cache entry, recompile (and save a good entry for later processes);
+* an entry is valid for the kernel's source file *and* the modules whose helpers it
+  inlines (``_INLINED_FROM``): Numba's own stamp covers the first only.
 
 Numba has no public hook for either, so the wrapper is a subclass of Numba's
 ``FunctionCache`` installed on the dispatcher; ``tests/test_runtime.py`` checks
@@ -27,11 +29,14 @@ registries (0.8 -> 0.17 s CPU for the first forward of a warm process).
 ``NUMBABN_QUIET=1`` (or ``numbabn.config.QUIET = True``) silences the compile notice.
 """
 
+import functools
+import hashlib
 import os
 import sys
 import threading
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from numba import njit
@@ -80,12 +85,32 @@ def _notice(where: str | None) -> None:
     )
 
 
+# Modules whose functions the kernels inline: Numba stamps a cache entry with a hash
+# of the kernel's own source file only, so an edit (or an upgrade) that changes just
+# one of these would otherwise leave the old machine code in the cache.
+_INLINED_FROM = ("kernels/storage.py", "kernels/stream.py")
+
+
+@functools.cache
+def _dependency_stamp() -> str:
+    """A hash of the modules in :data:`_INLINED_FROM`."""
+    digest = hashlib.sha256()
+    for name in _INLINED_FROM:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()
+
+
 class _GuardedCache(FunctionCache):
     """Numba's per-function disk cache, but a fault in it is a warning, not an error.
     ``on_miss`` (if set) is called when a signature is not in the cache, just before
-    Numba compiles it."""
+    Numba compiles it. Entries are stamped with the kernel's source file and the
+    modules it inlines from (:data:`_INLINED_FROM`)."""
 
     on_miss: Callable[[], Any] | None = None
+
+    def __init__(self, py_func: Callable[..., Any]) -> None:
+        super().__init__(py_func)
+        self._cache_file._source_stamp = (self._cache_file._source_stamp, _dependency_stamp())
 
     def load_overload(self, sig: Any, target_context: Any) -> Any:
         try:

@@ -127,8 +127,21 @@ def test_cache_count_skips_index_files_of_other_sources(populated, tmp_path):
         stamp, overloads = pickle.loads(f.read())
     with open(indexes[0], "wb") as f:
         pickle.dump(version, f)
-        f.write(pickle.dumps(((stamp[0] - 1, stamp[1] + 1), overloads)))
+        f.write(pickle.dumps((("another source", stamp), overloads)))
     assert count() == 5
+
+
+def test_an_edit_of_an_inlined_module_invalidates_the_cached_kernels(populated, tmp_path):
+    """Numba stamps an entry with its kernel's own file; the kernels also inline
+    numbabn.kernels.storage and .stream, so an upgrade that changed only one of those
+    used to run the old machine code from the cache (a fix to the streaming stores
+    did not take effect until the cache was cleared)."""
+    cache = _copy(populated[0], tmp_path)
+    edited = "from numbabn import _jit; _jit._dependency_stamp = lambda: 'edited'; " + _COUNT.split("; ", 1)[1]
+    for script, expected in ((_COUNT, 6), (edited, 0)):
+        result = _fresh(cache, script)
+        assert result.returncode == 0, result.stderr.decode()
+        assert int(result.stdout) == expected
 
 
 # Channels-last float64 with fused ReLU, its backward, and eval of float32 input with

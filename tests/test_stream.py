@@ -57,6 +57,25 @@ def test_buffered_rows_land_where_they_belong(capacity):
     np.testing.assert_array_equal(out, expected)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16])
+def test_write_to_an_unaligned_array_uses_ordinary_stores(dtype):
+    src = np.arange(1, 301).astype(dtype)
+    buf = bytearray(src.nbytes + 1)
+    dst = np.frombuffer(buf, dtype, count=src.size, offset=1)  # address not a multiple of itemsize
+    assert not dst.flags.aligned
+    _copy(src, dst)  # a streamed store there would fault
+    np.testing.assert_array_equal(dst, src)
+
+
+def test_unaligned_out_is_written_correctly_when_streaming(monkeypatch, rng):
+    monkeypatch.setattr(config, "STREAM_MIN", 0)
+    x = rng.standard_normal((4, 3, 500)).astype(np.float32)
+    out = np.frombuffer(bytearray(x.nbytes + 1), np.float32, count=x.size, offset=1).reshape(x.shape)
+    y, _ = numbabn.batch_norm_forward(x, out=out)
+    monkeypatch.setattr(config, "STREAM_MIN", 1 << 62)
+    np.testing.assert_array_equal(y, numbabn.batch_norm_forward(x)[0])
+
+
 def _data(rng, dtype, shape):
     a = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
     if dtype == "bfloat16":

@@ -139,7 +139,10 @@ def write(out, tmp):
     """``out[:] = tmp[:out.size]``: ordinary stores up to ``out``'s first 32-byte
     boundary, non-temporal ones from there."""
     n = out.size
-    lead = (-out.ctypes.data) % VECTOR_BYTES // out.itemsize
+    addr = out.ctypes.data
+    # An array whose address is not a multiple of its itemsize (np.frombuffer at an
+    # odd offset) never reaches a 32-byte boundary: ordinary stores throughout.
+    lead = (-addr) % VECTOR_BYTES // out.itemsize if addr % out.itemsize == 0 else n
     h = lead if lead < n else n
     for j in range(h):
         out[j] = tmp[j]
