@@ -17,8 +17,9 @@ the source or Numba's user-wide fallback, or ``NUMBA_CACHE_DIR``) is wrapped so 
 * no writable cache location -> compile without caching, warn once;
 * a corrupted index or data file (truncated, garbage) -> warn once, drop that
   function's cache entry, recompile (and save a good entry for later processes);
-* an entry is valid for the kernel's source file *and* the modules whose helpers it
-  inlines (``_INLINED_FROM``): Numba's own stamp covers the first only.
+* an entry is valid for the kernel's source file *and* the other modules of
+  ``numbabn.kernels``, whose helpers it inlines: Numba's own stamp covers the first
+  only.
 
 Numba has no public hook for either, so the wrapper is a subclass of Numba's
 ``FunctionCache`` installed on the dispatcher; ``tests/test_runtime.py`` checks
@@ -85,18 +86,17 @@ def _notice(where: str | None) -> None:
     )
 
 
-# Modules whose functions the kernels inline: Numba stamps a cache entry with a hash
-# of the kernel's own source file only, so an edit (or an upgrade) that changes just
-# one of these would otherwise leave the old machine code in the cache.
-_INLINED_FROM = ("kernels/storage.py", "kernels/stream.py")
-
-
 @functools.cache
 def _dependency_stamp() -> str:
-    """A hash of the modules in :data:`_INLINED_FROM`."""
+    """A hash of every module of ``numbabn.kernels``. Numba stamps a cache entry with
+    a hash of the kernel's own source file only, but the kernels inline helpers from
+    their sibling modules (``storage``, ``stream``): an edit or an upgrade that
+    changed only one of those would leave the old machine code in the cache. Hashing
+    the whole package (not a list of the modules imported today) also covers a helper
+    module added later; a change to the CUDA kernels costs one needless recompile."""
     digest = hashlib.sha256()
-    for name in _INLINED_FROM:
-        digest.update((Path(__file__).parent / name).read_bytes())
+    for path in sorted((Path(__file__).parent / "kernels").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -104,7 +104,7 @@ class _GuardedCache(FunctionCache):
     """Numba's per-function disk cache, but a fault in it is a warning, not an error.
     ``on_miss`` (if set) is called when a signature is not in the cache, just before
     Numba compiles it. Entries are stamped with the kernel's source file and the
-    modules it inlines from (:data:`_INLINED_FROM`)."""
+    modules of its package (:func:`_dependency_stamp`)."""
 
     on_miss: Callable[[], Any] | None = None
 
