@@ -17,6 +17,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import numbabn
 from numbabn import _buffers, _jit, config
@@ -439,13 +441,16 @@ def test_moments_of_a_near_constant_column_among_many():
         ((4, 7, 5), 16),
         ((6, 40, 200), 16384),
         ((3, 300, 100), 16384),
+        ((2, 5, 9), 16),  # blocks of 2 channels, 18 values: more than the chunk
+        ((3, 5, 90), 256),
     ],
 )
 def test_python_block_count_matches_the_kernel_grid(shape, chunk):
     """ncl_blocks (the driver's count, in Python) and _ncl_block (the kernels' geometry)
     must describe the same grid: the blocks tile every element exactly once, each
-    block is one contiguous run of the C-ordered input, and the partial rows are
-    exactly the block rows used."""
+    block is one contiguous run of the C-ordered input under 2*chunk values (the
+    element-wise kernels buffer a whole block), and the partial rows are exactly
+    the block rows used."""
     from numbabn.kernels import cpu
 
     blocks, rows = cpu.ncl_blocks(shape, chunk)
@@ -456,9 +461,34 @@ def test_python_block_count_matches_the_kernel_grid(shape, chunk):
         kn, n0, n1, c0, c1, l0, l1 = cpu._ncl_block.py_func(t, shape, chunk)
         seen[n0:n1, c0:c1, l0:l1] += 1
         assert np.all(np.diff(flat[n0:n1, c0:c1, l0:l1].ravel()) == 1), (t, n0, n1, c0, c1, l0, l1)
+        assert (n1 - n0) * (c1 - c0) * (l1 - l0) < 2 * chunk, (t, n0, n1, c0, c1, l0, l1)
         used_rows.add(kn)
     assert np.all(seen == 1)
     assert used_rows == set(range(rows))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    N=st.integers(1, 9),
+    C=st.integers(1, 600),
+    L=st.integers(1, 5000),
+    chunk=st.integers(1, 20000),
+    where=st.lists(st.floats(0, 1, exclude_max=True), min_size=1, max_size=8),
+)
+def test_every_block_is_one_run_under_two_chunks(N, C, L, chunk, where):
+    """The bound the element-wise kernels' whole-block output buffer (2*chunk values)
+    relies on, for any shape and chunk: a block is at most one sample's channels (or
+    whole samples), so one contiguous run, and holds fewer than 2*chunk values."""
+    from numbabn.kernels import cpu
+
+    blocks, _ = cpu.ncl_blocks((N, C, L), chunk)
+    for t in {int(f * blocks) for f in where} | {0, blocks - 1}:
+        kn, n0, n1, c0, c1, l0, l1 = cpu._ncl_block.py_func(t, (N, C, L), chunk)
+        if n1 - n0 > 1:
+            assert (c0, c1, l0, l1) == (0, C, 0, L)
+        if c1 - c0 > 1:
+            assert (l0, l1) == (0, L)
+        assert 0 < (n1 - n0) * (c1 - c0) * (l1 - l0) < 2 * chunk
 
 
 @pytest.mark.parametrize("shape", [(2, 3000, 16), (300, 64)])

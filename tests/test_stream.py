@@ -106,8 +106,10 @@ def _run(rng, shape, axis, dtype, relu, residual):
 
 
 CASES = [
-    ((6, 5, 300), 1),  # rows shorter than a block: several rows per buffer flush
+    ((6, 5, 300), 1),  # rows a little longer than the chunk: two pieces per row
     ((3, 4, 1000), 1),  # rows longer than the chunk: pieces, one row per block
+    ((3, 5, 90), 1),  # blocks of 3 channels, 270 values: more than the chunk (256)
+    ((40, 3, 20), 1),  # blocks of 4 whole samples: several blocks per buffer flush
     ((5, 7, 3, 11), -1),  # channels last, C = 11: runs of 23 rows
     ((300, 70), -1),
     ((9, 300), -1),  # C longer than the chunk
@@ -117,8 +119,9 @@ CASES = [
 @pytest.mark.parametrize("shape,axis", CASES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, "bfloat16"])
 @pytest.mark.parametrize("relu,residual", [(False, False), (True, False), (True, True)])
-def test_streamed_outputs_are_the_ordinary_ones(monkeypatch, shape, axis, dtype, relu, residual):
-    monkeypatch.setattr(config, "CHUNK", 256)  # many blocks ...
+@pytest.mark.parametrize("chunk", [256, 1024])  # 1024: channels-last groups of several runs
+def test_streamed_outputs_are_the_ordinary_ones(monkeypatch, shape, axis, dtype, relu, residual, chunk):
+    monkeypatch.setattr(config, "CHUNK", chunk)  # many blocks ...
     monkeypatch.setattr(config, "SERIAL_MAX", 0)  # ... shared by two threads
     got = {}
     with numbabn.limit_threads(2):

@@ -179,7 +179,9 @@ _MC_MIN_ROWS = 256
 # The element-wise passes gained nothing from runs while they wrote rows straight
 # into the output; since they stream large outputs through a buffer (see
 # :mod:`numbabn.kernels.stream`) they walk the same runs: with rows of C = 64 values,
-# the per-row buffer bookkeeping made them 1.5-2x slower on two threads.
+# the per-row buffer bookkeeping made them 1.5-2x slower on two threads. They take
+# the buffer once per group of runs (:func:`_group`, about chunk values), as the
+# NCL ones take it once per block.
 _FOLD = 256
 
 
@@ -190,7 +192,8 @@ def _ncl_block(t, shape, chunk):
     Blocks hold R rows x G channels x W columns, rows cut in P pieces when L > chunk,
     R = 1 unless G = C (so a block is contiguous); they are numbered block-row-major:
     KN block rows along N (times pieces), KC blocks along C. kn is the block's row in
-    the (KN, C) partials."""
+    the (KN, C) partials. A block holds fewer than 2*chunk values (G*L < chunk + L):
+    the element-wise kernels buffer one whole block (tests/test_runtime.py checks it)."""
     N, C, L = shape
     if L >= chunk:
         P = (L + chunk - 1) // chunk
@@ -234,6 +237,13 @@ def _fold(C):
     the (4, F*C) coefficients with ``_fold.py_func``)."""
     F = _FOLD // C if C > 0 else 1
     return F if F > 1 else 1
+
+
+@njit(error_model="numpy", inline="always")
+def _group(chunk, FC):
+    """Values per output group of the channels-last element-wise kernels: whole runs
+    of FC values, about ``chunk`` of them (at least one run)."""
+    return FC * _max(1, chunk // FC)
 
 
 @njit(error_model="numpy", inline="always")
@@ -419,20 +429,23 @@ def apply_ncl(x, res, coef, relu, chunk, stream, y, t0, t1):
     zero = coef.dtype.type(0)
     C, L = x.shape[1], x.shape[2]
     xf, yf, rf = x.reshape(x.size), y.reshape(y.size), _flat(res)
-    tmp = S.scratch(chunk, y, stream)  # rows are at most chunk values
+    tmp = S.scratch(2 * chunk, y, stream)  # blocks are under 2*chunk values
     p = base = 0
     for t in range(t0, t1):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
+        b0 = (n0 * C + c0) * L + l0
+        b1 = ((n1 - 1) * C + c1 - 1) * L + l1
+        blk = xf[b0:b1]
+        out, p, base = S.target(yf, b0, b1, tmp, p, base, stream)
+        rblk = _run(res, rf, b0, b1)
+        w = l1 - l0
         for n in range(n0, n1):
             for c in range(c0, c1):
-                i = (n * C + c) * L + l0
-                i1 = i + l1 - l0
-                row = xf[i:i1]
-                out, p, base = S.target(yf, i, i1, tmp, p, base, stream)
-                rrow = _run(res, rf, i, i1)
+                o = (n * C + c) * L + l0 - b0
+                row, orow, rrow = blk[o : o + w], out[o : o + w], _run(res, rblk, o, o + w)
                 hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
-                for j in range(row.size):
-                    out[j] = encode(_normalise(decode(row[j]), half, hi, lo, a, b, relu, zero, _at(rrow, j))[1], out)
+                for j in range(w):
+                    orow[j] = encode(_normalise(decode(row[j]), half, hi, lo, a, b, relu, zero, _at(rrow, j))[1], orow)
     if stream:
         S.flush(yf, tmp, p, base)
 
@@ -449,17 +462,21 @@ def apply_mc(x, res, coef, relu, chunk, stream, y, t0, t1):
     xf, yf, rf = x.reshape(x.size), y.reshape(y.size), _flat(res)
     FC = coef.shape[1]
     end = _min(t1 * R, x.shape[0]) * C
-    tmp = S.scratch(_max(chunk, FC), y, stream)
+    step = _group(chunk, FC)
+    tmp = S.scratch(step, y, stream)
     p = base = 0
-    for i in range(t0 * R * C, end, FC):
-        i1 = _min(i + FC, end)
-        run = xf[i:i1]
+    for i in range(t0 * R * C, end, step):
+        i1 = _min(i + step, end)
+        grp = xf[i:i1]
         out, p, base = S.target(yf, i, i1, tmp, p, base, stream)
-        rrun = _run(res, rf, i, i1)
-        for j in range(run.size):
-            out[j] = encode(
-                _normalise(decode(run[j]), half, hi[j], lo[j], a[j], b[j], relu, zero, _at(rrun, j))[1], out
-            )
+        rgrp = _run(res, rf, i, i1)
+        for o in range(0, i1 - i, FC):
+            o1 = _min(o + FC, i1 - i)
+            run, orun, rrun = grp[o:o1], out[o:o1], _run(res, rgrp, o, o1)
+            for j in range(run.size):
+                orun[j] = encode(
+                    _normalise(decode(run[j]), half, hi[j], lo[j], a[j], b[j], relu, zero, _at(rrun, j))[1], orun
+                )
     if stream:
         S.flush(yf, tmp, p, base)
 
@@ -571,24 +588,26 @@ def grad_apply_ncl(dy, x, res, coef, gcoef, relu, chunk, stream, dx, dres, t0, t
     C, L = x.shape[1], x.shape[2]
     xf, gf, of = x.reshape(x.size), dy.reshape(dy.size), dx.reshape(dx.size)
     rf, df = _flat(res), _flat(dres)
-    tmp = S.scratch(chunk, dx, stream)  # rows are at most chunk values
+    tmp = S.scratch(2 * chunk, dx, stream)  # blocks are under 2*chunk values
     p = base = 0
     for t in range(t0, t1):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
+        b0 = (n0 * C + c0) * L + l0
+        b1 = ((n1 - 1) * C + c1 - 1) * L + l1
+        blk, gblk = xf[b0:b1], gf[b0:b1]
+        out, p, base = S.target(of, b0, b1, tmp, p, base, stream)
+        rblk, dblk = _run(res, rf, b0, b1), _run(dres, df, b0, b1)
+        w = l1 - l0
         for n in range(n0, n1):
             for c in range(c0, c1):
-                i = (n * C + c) * L + l0
-                i1 = i + l1 - l0
-                row = xf[i:i1]
-                grow = gf[i:i1]
-                out, p, base = S.target(of, i, i1, tmp, p, base, stream)
-                rrow = _run(res, rf, i, i1)
-                rout = _run(dres, df, i, i1)
+                o = (n * C + c) * L + l0 - b0
+                row, grow, orow = blk[o : o + w], gblk[o : o + w], out[o : o + w]
+                rrow, rout = _run(res, rblk, o, o + w), _run(dres, dblk, o, o + w)
                 hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
                 ga, gb, gd = gcoef[GA, c], gcoef[GB, c], gcoef[GD, c]
-                for j in range(row.size):
+                for j in range(w):
                     d, g = _masked(decode(row[j]), decode(grow[j]), half, hi, lo, a, b, relu, zero, _at(rrow, j))
-                    out[j] = encode(ga * g + gb * d + gd, out)
+                    orow[j] = encode(ga * g + gb * d + gd, orow)
                     _store(rout, j, g)
     if stream:
         S.flush(of, tmp, p, base)
@@ -608,18 +627,23 @@ def grad_apply_mc(dy, x, res, coef, gcoef, relu, chunk, stream, dx, dres, t0, t1
     rf, df = _flat(res), _flat(dres)
     FC = coef.shape[1]
     end = _min(t1 * R, x.shape[0]) * C
-    tmp = S.scratch(_max(chunk, FC), dx, stream)
+    step = _group(chunk, FC)
+    tmp = S.scratch(step, dx, stream)
     p = base = 0
-    for i in range(t0 * R * C, end, FC):
-        i1 = _min(i + FC, end)
-        run = xf[i:i1]
-        grun = gf[i:i1]
+    for i in range(t0 * R * C, end, step):
+        i1 = _min(i + step, end)
+        grp, ggrp = xf[i:i1], gf[i:i1]
         out, p, base = S.target(of, i, i1, tmp, p, base, stream)
-        rrun = _run(res, rf, i, i1)
-        rout = _run(dres, df, i, i1)
-        for j in range(run.size):
-            d, g = _masked(decode(run[j]), decode(grun[j]), half, hi[j], lo[j], a[j], b[j], relu, zero, _at(rrun, j))
-            out[j] = encode(ga[j] * g + gb[j] * d + gd[j], out)
-            _store(rout, j, g)
+        rgrp, dgrp = _run(res, rf, i, i1), _run(dres, df, i, i1)
+        for o in range(0, i1 - i, FC):
+            o1 = _min(o + FC, i1 - i)
+            run, grun, orun = grp[o:o1], ggrp[o:o1], out[o:o1]
+            rrun, rout = _run(res, rgrp, o, o1), _run(dres, dgrp, o, o1)
+            for j in range(run.size):
+                d, g = _masked(
+                    decode(run[j]), decode(grun[j]), half, hi[j], lo[j], a[j], b[j], relu, zero, _at(rrun, j)
+                )
+                orun[j] = encode(ga[j] * g + gb[j] * d + gd[j], orun)
+                _store(rout, j, g)
     if stream:
         S.flush(of, tmp, p, base)

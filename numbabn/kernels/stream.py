@@ -8,23 +8,30 @@ cache. Numba has no such store, so :func:`_nt_copy` is an LLVM intrinsic: vector
 stores with ``!nontemporal`` metadata, 32 bytes at a time to 32-byte-aligned
 addresses.
 
-How a kernel uses it, per contiguous row ``out`` of its output (the element
-arithmetic stays in one loop, written once)::
+How a kernel uses it, per contiguous stretch of its output (a block of the NCL
+grid, a group of channels-last runs; the element arithmetic stays in one loop,
+written once)::
 
     tmp = scratch(capacity, y, stream)          # once per call; empty if not streaming
     p = base = 0
-    for each run i..i1 of the output (rows, in memory order):
+    for each stretch i..i1 of the output (in memory order):
         out, p, base = target(yf, i, i1, tmp, p, base, stream)   # buffer, or yf[i:i1]
-        for j in range(i1 - i):
-            out[j] = ...element i + j...
+        for each row o..o1 of the stretch:
+            row = out[o:o1]
+            for j in range(o1 - o):
+                row[j] = ...element i + o + j...
     if stream:
         flush(yf, tmp, p, base)                 # the rest, then a fence
 
-Consecutive runs gather in the buffer (``capacity`` >= ``chunk`` values, in L1 or
-L2) and leave it as one contiguous write when the next run does not continue them
-or does not fit (:func:`reserve`), so only the two ends of each write are partial
-cache lines: streaming each 196-value row of a 128x256x14x14 input on its own made
-its eval 1.8x slower, as neighbouring rows shared lines. Writing straight into the
+Consecutive stretches gather in the buffer (``capacity`` values, at least a
+stretch, in L1 or L2) and leave it as one contiguous write when the next one does
+not continue them or does not fit (:func:`reserve`), so only the two ends of each
+write are partial cache lines: streaming each 196-value row of a 128x256x14x14
+input on its own made its eval 1.8x slower, as neighbouring rows shared lines.
+Taking the buffer once per stretch rather than once per row (``target``'s checks
+and views per 196-value row) made that eval 1.3-1.5x faster again, and the
+channels-last passes (runs of 256 values) 1.1-1.2x (see the README's "Kernel
+runtime"). Writing straight into the
 output in short aligned segments instead measured 3x slower: every segment's array
 views cost Numba's reference counting, and Numba's negative-index handling of a
 loop not starting at 0 stopped LLVM from vectorising. Measured on 51 MB, ``y = a*x + b`` in float32 (a throwaway kernel,
