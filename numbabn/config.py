@@ -30,6 +30,12 @@ functional layer passes them in as arguments.
     skip reading the output into the cache first (default: the size of the largest
     CPU cache Linux reports, 32 MiB where it reports none; see
     ``numbabn.kernels.stream``).
+``NUMBABN_TORCH_NATIVE_BELOW``
+    numbabn.torch's modules hand CPU inputs of fewer elements to PyTorch's own
+    ``batch_norm`` (default 1048576 = 2**20; 0: every input runs numbabn's kernels).
+    Below about that size what numbabn adds around its kernels in a PyTorch call
+    (Python, the autograd Function) costs more than they save (README, "Small
+    inputs"). SyncBatchNorm never hands over while it synchronizes processes.
 ``NUMBABN_TORCH_OPENMP``
     0 makes numbabn.torch run the kernels on numbabn's own threads instead of
     PyTorch's OpenMP team (default 1; see ``numbabn.torch._openmp``).
@@ -79,4 +85,5 @@ STREAM_MIN = (
     if os.environ.get("NUMBABN_STREAM_MIN_MB")
     else _last_level_cache()
 )
+TORCH_NATIVE_BELOW = _positive_int("NUMBABN_TORCH_NATIVE_BELOW", 1 << 20, least=0)
 TORCH_OPENMP = os.environ.get("NUMBABN_TORCH_OPENMP", "1") != "0"

@@ -18,6 +18,11 @@ if not _gpu_present():
     # Small blocks so that several blocks, the tails and the cross-block merge run.
     os.environ.setdefault("NUMBABN_CUDA_THREADS", "32")
 
+# numbabn.torch hands small CPU inputs to PyTorch's own batch norm by default; the
+# suite's small inputs are there to test the kernels (tests/test_torch_small_inputs.py
+# tests that hand-over with its own thresholds). Spawned processes inherit this.
+os.environ.setdefault("NUMBABN_TORCH_NATIVE_BELOW", "0")
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

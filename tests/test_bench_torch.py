@@ -7,13 +7,26 @@ pytest.importorskip("torch", reason="PyTorch is not installed")
 
 from click.testing import CliRunner  # noqa: E402
 
+from numbabn import config  # noqa: E402
 from numbabn.bench import torch_modules as benchmark  # noqa: E402
 from numbabn.bench.cases import SUITES  # noqa: E402
 from numbabn.cli import main  # noqa: E402
 
 
-def test_bn_rows_cover_the_cases_with_both_layouts():
+def test_bn_rows_cover_the_cases_with_both_layouts(monkeypatch):
+    # The numbabn columns time the kernels even where the modules would hand the
+    # input to PyTorch by default (here: every case), and say so.
+    import numbabn
+
+    calls = []
+    forward = numbabn.batch_norm_forward
+    monkeypatch.setattr(numbabn, "batch_norm_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 1 << 30)
     rows = benchmark.run_bn(SUITES["tiny"], threads=1, repeat=1)
+    assert calls and config.TORCH_NATIVE_BELOW == 1 << 30
+    assert [r["default"] for r in rows] == ["torch", "torch"]
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 0)
+    assert [r["default"] for r in benchmark.run_bn(SUITES["tiny"][:1], threads=1, repeat=1)] == ["kernels"]
     assert [r["case"] for r in rows] == ["tiny", "tiny-conv"]
     assert all(r["native_ms"] > 0 and r["fused_ms"] > 0 and r["threads"] == r["numbabn_threads"] == 1 for r in rows)
     assert "native+ReLU ms" in benchmark.format_bn(rows)

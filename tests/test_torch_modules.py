@@ -17,6 +17,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="PyTorch is not installed")
 
 import numbabn.torch as nbt  # noqa: E402
+from numbabn import config  # noqa: E402
 from numbabn.torch import _bridge  # noqa: E402
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
@@ -213,7 +214,9 @@ BAD = [  # (input, error type, words the message must contain)
 
 
 @pytest.mark.parametrize("x, error, words", BAD)
-def test_a_refused_input_changes_nothing_mid_training(x, error, words):
+@pytest.mark.parametrize("native_below", [0, 1 << 30])  # the kernels; PyTorch's op for small input
+def test_a_refused_input_changes_nothing_mid_training(monkeypatch, x, error, words, native_below):
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", native_below)
     torch.manual_seed(5)
     bn = nbt.BatchNorm2d(3, momentum=None)
     opt = torch.optim.SGD(bn.parameters(), lr=0.1)

@@ -22,6 +22,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 import torch.multiprocessing as mp  # noqa: E402
 
 import numbabn.torch as nbt  # noqa: E402
+from numbabn import config  # noqa: E402
 
 F64 = dict(rtol=1e-9, atol=1e-10)
 C = 3
@@ -51,7 +52,17 @@ def _summed(t):
     return t
 
 
-def check_concatenated_batch(rank, sizes, fmt=None, activation=None, momentum=0.1):
+def check_concatenated_batch(rank, sizes, fmt=None, activation=None, momentum=0.1, native_below=0):
+    # native_below: numbabn.torch's size below which the plain modules run PyTorch's
+    # batch norm; SyncBatchNorm must synchronize whatever the local batch's size.
+    config.TORCH_NATIVE_BELOW = native_below
+    try:
+        _check_concatenated_batch(rank, sizes, fmt, activation, momentum)
+    finally:
+        config.TORCH_NATIVE_BELOW = 0
+
+
+def _check_concatenated_batch(rank, sizes, fmt, activation, momentum):
     torch.manual_seed(0)
     ours = nbt.SyncBatchNorm(C, dtype=torch.float64, activation=activation, momentum=momentum)
     ref = torch.nn.BatchNorm2d(C, dtype=torch.float64, momentum=momentum)
@@ -167,6 +178,7 @@ SCENARIOS = {
     2: [
         (check_concatenated_batch, {}),
         (check_concatenated_batch, dict(fmt=torch.channels_last, activation="relu")),
+        (check_concatenated_batch, dict(native_below=1 << 30)),
         (check_refused_input_mid_training, {}),
         (check_recording_refused, {}),
         (check_layers_out_of_order, {}),

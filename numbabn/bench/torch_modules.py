@@ -12,6 +12,10 @@ numbabn (``torch.set_num_threads`` and ``numbabn.set_num_threads``):
     ``torch.relu(bn(x) + r)`` against numbabn's ``bn(x, residual=r)`` with fused ReLU
     (``r`` of x's shape, also requiring its gradient). Input dtype float32 by
     default; float16/bfloat16 (parameters float32) show what 16-bit input costs.
+    The numbabn columns time the kernels on every case: inputs below
+    ``numbabn.config.TORCH_NATIVE_BELOW`` elements, which the modules hand to
+    PyTorch's own batch norm by default, run the kernels here too; the ``default``
+    column says which path a module takes by default.
 ``step``
     One training step of ResNet-18 at 32x32 (:mod:`numbabn.torch.resnet`), batch 64,
     float32, cross-entropy, SGD(lr=0.05, momentum=0.9): zero_grad, forward, loss, backward,
@@ -29,12 +33,14 @@ sample is one call, or several back-to-back calls of a fast one:
 are native time / numbabn time from the same rounds.
 """
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
+from .. import config
 from ..torch.convert import convert_batchnorm
 from ..torch.resnet import fuse_residual, resnet18
 from .cases import SUITES
@@ -100,23 +106,25 @@ def run_bn(
     rows = []
     for case in cases or SUITES["default"]:
         name, x, dy = _bn_case(case, getattr(torch, dtype))
+        below = x.numel() < config.TORCH_NATIVE_BELOW
         C = x.shape[1]
         native, ours = getattr(torch.nn, name)(C), getattr(modules, name)(C)
         fused = getattr(modules, name)(C, activation="relu")
         r = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
         r = r.to(memory_format=torch.channels_last) if not x.is_contiguous() else r
         r.requires_grad_()
-        t = _interleaved(
-            {
-                "native": _fwd_bwd(native, x, dy),
-                "numbabn": _fwd_bwd(ours, x, dy),
-                "native+relu": _fwd_bwd(native, x, dy, torch.relu),
-                "numbabn fused": _fwd_bwd(fused, x, dy),
-                "native+add+relu": _fwd_bwd(native, x, dy, torch.relu, r),
-                "numbabn residual": _fwd_bwd(fused, x, dy, None, r),
-            },
-            repeat,
-        )
+        with _kernels_always():
+            t = _interleaved(
+                {
+                    "native": _fwd_bwd(native, x, dy),
+                    "numbabn": _fwd_bwd(ours, x, dy),
+                    "native+relu": _fwd_bwd(native, x, dy, torch.relu),
+                    "numbabn fused": _fwd_bwd(fused, x, dy),
+                    "native+add+relu": _fwd_bwd(native, x, dy, torch.relu, r),
+                    "numbabn residual": _fwd_bwd(fused, x, dy, None, r),
+                },
+                repeat,
+            )
         rows.append(
             dict(
                 case=case.name,
@@ -132,11 +140,23 @@ def run_bn(
                 native_res_ms=t["native+add+relu"] * 1e3,
                 res_fused_ms=t["numbabn residual"] * 1e3,
                 res_speedup=t["native+add+relu"] / t["numbabn residual"],
+                default="torch" if below else "kernels",
                 threads=torch_threads,
                 numbabn_threads=numbabn_threads,
             )
         )
     return rows
+
+
+@contextlib.contextmanager
+def _kernels_always() -> Iterator[None]:
+    """numbabn.torch's modules run the kernels on inputs of every size meanwhile."""
+    below = config.TORCH_NATIVE_BELOW
+    config.TORCH_NATIVE_BELOW = 0
+    try:
+        yield
+    finally:
+        config.TORCH_NATIVE_BELOW = below
 
 
 def run_step(threads: int | None = None, repeat: int = 10, batch: int = 64, seed: int = 0) -> list[dict[str, Any]]:
@@ -206,6 +226,7 @@ def format_bn(rows: Sequence[dict[str, Any]]) -> str:
             "native_res_ms": ("native+add+ReLU ms", ".2f"),
             "res_fused_ms": ("fused res ms", ".2f"),
             "res_speedup": ("x", ".2f"),
+            "default": ("default", "s"),
         },
     )
 

@@ -22,6 +22,12 @@ Where numbabn differs from PyTorch:
   before it looks at the input; numbabn increments it after a successful forward.
 * Statistics accumulate in float64 (PyTorch's CPU kernels: float32 sums for float32
   input), so results agree with PyTorch to float32 rounding, not bit for bit.
+* A CPU input of fewer than ``numbabn.config.TORCH_NATIVE_BELOW`` values (default
+  2**20; ``NUMBABN_TORCH_NATIVE_BELOW``) runs PyTorch's own ``batch_norm`` (then the
+  residual addition and ReLU), after numbabn's input checks: below about that size
+  what numbabn adds around its kernels per call (~0.2 ms forward + backward on a
+  2-vCPU VM) costs more than the kernels save, so the layer is exactly torch.nn's
+  there (README, "Small inputs"). Not SyncBatchNorm while it synchronizes processes.
 * An input with no values (N = 0) takes PyTorch's own path (nothing to compute),
   as does one on the ``meta`` device (shapes only; SyncBatchNorm exchanges nothing),
   a tensor subclass (``FakeTensor``, ``DTensor``, ...), and every call while
@@ -59,6 +65,8 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
+
+from numbabn import config
 
 from . import _bridge as B
 from .function import BatchNormFunction, normalize
@@ -187,7 +195,8 @@ class NumbabnBatchNorm:
             raise ValueError(
                 f"{name}: expected input with {self.num_features} channels (dim 1), got shape {tuple(input.shape)}"
             )
-        ref = next((t for t in (self.weight, self.bias, self.running_mean) if t is not None), None)
+        weight, bias, running_mean, _, _ = self._state()
+        ref = next((t for t in (weight, bias, running_mean) if t is not None), None)
         if ref is None:
             return
         if ref.device != input.device:
@@ -249,7 +258,8 @@ class NumbabnBatchNorm:
         except (TypeError, ValueError) as exc:
             self._input_rejected(exc)
             raise
-        tracking, momentum, batch_stats, running_mean, running_var = self._settings()
+        settings = self._settings()
+        tracking, momentum, batch_stats, running_mean, running_var = settings
         # bfloat16 on a GPU -> float32 as a torch op: numbabn's CUDA kernels read
         # float16/32/64 (on the CPU its 16-bit patterns go to the kernels as they are).
         x = input.float() if input.dtype == torch.bfloat16 and not input.is_cpu else input
@@ -257,10 +267,14 @@ class NumbabnBatchNorm:
             residual = residual.float()
         cdt = B.COMPUTE_DTYPE[x.dtype]
         # .to() only where the dtype differs: each call is a torch op (1-2 us on a small batch)
-        weight, bias = (p if p is None or p.dtype == cdt else p.to(cdt) for p in (self.weight, self.bias))
+        weight, bias = (p if p is None or p.dtype == cdt else p.to(cdt) for p in self._state()[:2])
         moments, allreduce = self._synchronize(x, batch_stats)
-        if x.numel() == 0 and moments is None:  # nothing to compute
-            return self._torch_forward(input, residual)
+        n = x.numel()
+        if moments is None and (n == 0 or (x.is_cpu and n < config.TORCH_NATIVE_BELOW)):
+            # Nothing to compute, or too little for the kernels to win: below the
+            # crossover, what numbabn adds around them per call (Python, the autograd
+            # Function) costs more than they save (README, "Small inputs").
+            return self._torch_forward(input, residual, settings=settings)
         relu = self.activation == "relu"
         if _needs_graph(x, weight, bias, residual):
             y = BatchNormFunction.apply(
@@ -282,33 +296,58 @@ class NumbabnBatchNorm:
                 x, weight, bias, running_mean, running_var, batch_stats, momentum, self.eps, relu, moments, residual
             )[0]
         if tracking:
-            self.num_batches_tracked.add_(1)
+            self._state()[4].add_(1)
         return y if y.dtype == input.dtype else y.to(input.dtype)
+
+    def _state(self) -> tuple[Any, Any, Any, Any, Any]:
+        """(weight, bias, running_mean, running_var, num_batches_tracked), as
+        ``self.weight`` etc. would give them, read from the module's parameter and
+        buffer dicts where they live: each ``self.weight`` goes through
+        ``Module.__getattr__`` (1.9 us against 0.2 us on a 2-vCPU VM, and a small
+        batch's forward read a dozen). A name not in its dict (a parametrization,
+        a hook that replaced it) is read as an attribute."""
+        p, b = self._parameters, self._buffers
+        return (
+            p["weight"] if "weight" in p else self.weight,
+            p["bias"] if "bias" in p else self.bias,
+            b["running_mean"] if "running_mean" in b else self.running_mean,
+            b["running_var"] if "running_var" in b else self.running_var,
+            b["num_batches_tracked"] if "num_batches_tracked" in b else self.num_batches_tracked,
+        )
 
     def _settings(self) -> tuple[bool, float, bool, Any, Any]:
         """(tracking, momentum, batch_stats, running_mean, running_var) of this call, as
         torch.nn computes them: ``tracking`` = count the call; momentum=None gives
         1/(calls so far + 1); batch statistics in training mode and without buffers;
         the buffers unless training without ``track_running_stats``."""
-        tracking = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        _, _, mean, var, nbt = self._state()
+        tracking = self.training and self.track_running_stats and nbt is not None
         momentum = 0.0 if self.momentum is None else self.momentum
         if tracking and self.momentum is None:
-            momentum = 1.0 / (int(self.num_batches_tracked) + 1)
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+            momentum = 1.0 / (int(nbt) + 1)
+        batch_stats = self.training or (mean is None and var is None)
         use_buffers = not self.training or self.track_running_stats
-        running_mean, running_var = (self.running_mean, self.running_var) if use_buffers else (None, None)
+        running_mean, running_var = (mean, var) if use_buffers else (None, None)
         return tracking, momentum, batch_stats, running_mean, running_var
 
-    def _torch_forward(self, input: torch.Tensor, residual: torch.Tensor | None, meta: bool = False) -> torch.Tensor:
-        """PyTorch's ops in place of the kernels (see :func:`_native_only`; an empty
-        input; ``meta``: a meta tensor): ``F.batch_norm`` as torch.nn's layer calls it,
-        then ``+ residual``, then the activation. No input checks here: under
+    def _torch_forward(
+        self,
+        input: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: bool = False,
+        settings: tuple[bool, float, bool, Any, Any] | None = None,
+    ) -> torch.Tensor:
+        """PyTorch's ops in place of the kernels (see :func:`_native_only`; an input
+        with few or no values; ``meta``: a meta tensor): ``F.batch_norm`` as torch.nn's
+        layer calls it, then ``+ residual``, then the activation; ``settings`` those of
+        :meth:`_settings` when the caller has them. No input checks here: under
         ``torch.fx.symbolic_trace`` the input is a Proxy, which cannot answer them."""
-        tracking, momentum, batch_stats, running_mean, running_var = self._settings()
+        tracking, momentum, batch_stats, running_mean, running_var = settings or self._settings()
         self._without_kernels(meta, batch_stats)
-        y = F.batch_norm(input, running_mean, running_var, self.weight, self.bias, batch_stats, momentum, self.eps)
+        weight, bias, _, _, nbt = self._state()
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, batch_stats, momentum, self.eps)
         if tracking:
-            self.num_batches_tracked.add_(1)
+            nbt.add_(1)
         if residual is not None:
             y = y + residual
         return F.relu(y) if self.activation == "relu" else y

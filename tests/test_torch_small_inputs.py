@@ -1,0 +1,151 @@
+"""numbabn.torch's modules hand CPU inputs of fewer than ``config.TORCH_NATIVE_BELOW``
+elements to PyTorch's own batch norm (the rest of the suite sets it to 0, so that the
+kernels run on its small inputs; here each test sets its own).
+
+Below the threshold a module must be torch.nn's layer exactly (bit for bit: it is
+PyTorch's op), fused ReLU and residual included; at the threshold the kernels run;
+input checks still come first and a refused input changes nothing
+(tests/test_torch_modules.py); SyncBatchNorm
+synchronizing several processes never takes the hand-over (tests/test_torch_sync.py).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+
+import numbabn  # noqa: E402
+import numbabn.torch as nbt  # noqa: E402
+from numbabn import config  # noqa: E402
+
+CASES = [  # (class name, kwargs, shape, memory format, dtype)
+    ("BatchNorm1d", {}, (64, 10), None, torch.float32),
+    ("BatchNorm1d", dict(momentum=None), (8, 3, 7), None, torch.float64),
+    ("BatchNorm2d", dict(affine=False), (4, 3, 5, 6), None, torch.float32),
+    ("BatchNorm2d", {}, (4, 3, 5, 6), torch.channels_last, torch.float32),
+    ("BatchNorm2d", dict(track_running_stats=False), (4, 3, 5, 6), None, torch.float64),
+    ("BatchNorm2d", {}, (4, 3, 5, 6), None, torch.bfloat16),
+    ("BatchNorm3d", dict(momentum=0.5), (2, 3, 4, 3, 5), None, torch.float16),
+]
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The number of numbabn forward calls made so far (a list of one count)."""
+    calls = [0]
+    forward = numbabn.batch_norm_forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(numbabn, "batch_norm_forward", counted)
+    return calls
+
+
+def _modules(name, kwargs, C, dtype, activation):
+    torch.manual_seed(0)
+    pdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    ours = getattr(nbt, name)(C, dtype=pdt, activation=activation, **kwargs)
+    theirs = getattr(torch.nn, name)(C, dtype=pdt, **kwargs)
+    if ours.weight is not None:
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 1.5), ours.bias.uniform_(-0.5, 0.5)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("name, kwargs, shape, fmt, dtype", CASES)
+@pytest.mark.parametrize("activation, residual", [(None, False), ("relu", False), ("relu", True)])
+def test_below_the_threshold_a_module_is_torch_nn_bit_for_bit(
+    monkeypatch, kernel_calls, name, kwargs, shape, fmt, dtype, activation, residual
+):
+    x0 = torch.empty(shape)
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", x0.numel() + 1)
+    ours, theirs = _modules(name, kwargs, shape[1], dtype, activation)
+    params = list(ours.parameters())
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9) if params else None
+    topt = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9) if params else None
+
+    def step(i, train):
+        g = torch.Generator().manual_seed(i)
+        x = (torch.randn(shape, generator=g) * (1 + i) + i).to(dtype)
+        r = torch.randn(shape, generator=g).to(dtype)
+        dy = torch.randn(shape, generator=g).to(dtype)
+        if fmt is not None:
+            x, r, dy = (t.to(memory_format=fmt) for t in (x, r, dy))
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ra, rb = r.clone().requires_grad_(), r.clone().requires_grad_()
+        ya = ours(xa, residual=ra) if residual else ours(xa)
+        yb = theirs(xb)
+        yb = yb + rb if residual else yb
+        yb = torch.relu(yb) if activation else yb
+        assert torch.equal(ya, yb), f"output, step {i}"
+        if fmt is not None:
+            assert ya.is_contiguous(memory_format=fmt)
+        ya.backward(dy), yb.backward(dy)
+        assert torch.equal(xa.grad, xb.grad), f"input gradient, step {i}"
+        if residual:
+            assert torch.equal(ra.grad, rb.grad), f"residual gradient, step {i}"
+        for (n, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad), f"{n}.grad, step {i}"
+        for (n, b), c in zip(ours.named_buffers(), theirs.buffers(), strict=True):
+            assert torch.equal(b, c), f"buffer {n}, step {i}"
+        if train and opt:
+            opt.step(), topt.step(), opt.zero_grad(), topt.zero_grad()
+
+    for i in range(3):
+        step(i, True)
+    ours.eval(), theirs.eval()
+    step(5, False)
+    with torch.no_grad():
+        step_x = torch.randn(shape).to(dtype)
+        assert torch.equal(ours(step_x), torch.relu(theirs(step_x)) if activation else theirs(step_x))
+    assert kernel_calls[0] == 0, "the kernels ran below the threshold"
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_at_the_threshold_the_kernels_run(monkeypatch, kernel_calls, grad):
+    x = torch.randn(16, 5, 3, 3, requires_grad=grad)
+    bn = nbt.BatchNorm2d(5)
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", x.numel())
+    bn(x)
+    assert kernel_calls[0] == 1
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", x.numel() + 1)
+    bn(x)
+    assert kernel_calls[0] == 1
+    assert int(bn.num_batches_tracked) == 2
+
+
+def test_sync_batch_norm_in_one_process_takes_the_hand_over_too(monkeypatch, kernel_calls):
+    # Without a process group there is nothing to synchronize: it is plain batch norm.
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 1 << 30)
+    ours, ref = nbt.SyncBatchNorm(3), torch.nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 3, 3)
+    assert torch.equal(ours(x), ref(x))
+    assert torch.equal(ours.running_var, ref.running_var)
+    assert kernel_calls[0] == 0
+
+
+@pytest.mark.parametrize(
+    "value, expected", [(None, "1048576"), ("0", "0"), ("4096", "4096"), ("-1", "error"), ("1e6", "error")]
+)
+def test_the_threshold_comes_from_the_environment(value, expected):
+    env = {k: v for k, v in os.environ.items() if k != "NUMBABN_TORCH_NATIVE_BELOW"}
+    if value is not None:
+        env["NUMBABN_TORCH_NATIVE_BELOW"] = value
+    run = subprocess.run(
+        [sys.executable, "-c", "from numbabn import config; print(config.TORCH_NATIVE_BELOW)"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if expected == "error":
+        assert run.returncode != 0
+        assert "NUMBABN_TORCH_NATIVE_BELOW must be a non-negative integer" in run.stderr
+    else:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == expected
