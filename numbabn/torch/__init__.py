@@ -5,6 +5,10 @@ SyncBatchNorm over torch.distributed, and model converters.
     nbt.convert_batchnorm(model, fuse_relu=True)     # every BatchNorm*, in place
     nbt.convert_batchnorm(model, sync=True)          # SyncBatchNorm for gloo/CPU DDP
 
+CPU inputs of fewer than ``numbabn.config.TORCH_NATIVE_BELOW`` values (default 2**20)
+run PyTorch's own batch norm, where numbabn's per-call Python would cost more than its
+kernels save (see :mod:`numbabn.torch.modules`).
+
 Needs PyTorch (``pip install 'numbabn[torch]'``); ``import numbabn`` never imports it.
 """
 
