@@ -183,7 +183,7 @@ class NumbabnBatchNorm:
         text = super().extra_repr()
         return text if self.activation is None else f"{text}, activation={self.activation!r}"
 
-    def _check_input(self, input: torch.Tensor) -> None:
+    def _check_input(self, input: torch.Tensor, state: tuple[Any, ...]) -> None:
         """dtype, channel count and device of ``input``: clear errors before anything changes."""
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
@@ -195,7 +195,7 @@ class NumbabnBatchNorm:
             raise ValueError(
                 f"{name}: expected input with {self.num_features} channels (dim 1), got shape {tuple(input.shape)}"
             )
-        weight, bias, running_mean, _, _ = self._state()
+        weight, bias, running_mean, _, _ = state
         ref = next((t for t in (weight, bias, running_mean) if t is not None), None)
         if ref is None:
             return
@@ -252,13 +252,14 @@ class NumbabnBatchNorm:
             # branches into a traced graph (TracerWarning), as torch.nn's layers do not.
             return self._torch_forward(input, residual, input.is_meta)
         try:
-            self._check_input(input)
+            state = self._state()
+            self._check_input(input, state)
             if residual is not None:
                 self._check_residual(input, residual)
         except (TypeError, ValueError) as exc:
             self._input_rejected(exc)
             raise
-        settings = self._settings()
+        settings = self._settings(state)
         tracking, momentum, batch_stats, running_mean, running_var = settings
         # bfloat16 on a GPU -> float32 as a torch op: numbabn's CUDA kernels read
         # float16/32/64 (on the CPU its 16-bit patterns go to the kernels as they are).
@@ -267,14 +268,14 @@ class NumbabnBatchNorm:
             residual = residual.float()
         cdt = B.COMPUTE_DTYPE[x.dtype]
         # .to() only where the dtype differs: each call is a torch op (1-2 us on a small batch)
-        weight, bias = (p if p is None or p.dtype == cdt else p.to(cdt) for p in self._state()[:2])
+        weight, bias = (p if p is None or p.dtype == cdt else p.to(cdt) for p in state[:2])
         moments, allreduce = self._synchronize(x, batch_stats)
         n = x.numel()
         if moments is None and (n == 0 or (x.is_cpu and n < config.TORCH_NATIVE_BELOW)):
             # Nothing to compute, or too little for the kernels to win: below the
             # crossover, what numbabn adds around them per call (Python, the autograd
             # Function) costs more than they save (README, "Small inputs").
-            return self._torch_forward(input, residual, settings=settings)
+            return self._torch_forward(input, residual, settings=settings, state=state)
         relu = self.activation == "relu"
         if _needs_graph(x, weight, bias, residual):
             y = BatchNormFunction.apply(
@@ -296,7 +297,7 @@ class NumbabnBatchNorm:
                 x, weight, bias, running_mean, running_var, batch_stats, momentum, self.eps, relu, moments, residual
             )[0]
         if tracking:
-            self._state()[4].add_(1)
+            state[4].add_(1)
         return y if y.dtype == input.dtype else y.to(input.dtype)
 
     def _state(self) -> tuple[Any, Any, Any, Any, Any]:
@@ -315,12 +316,13 @@ class NumbabnBatchNorm:
             b["num_batches_tracked"] if "num_batches_tracked" in b else self.num_batches_tracked,
         )
 
-    def _settings(self) -> tuple[bool, float, bool, Any, Any]:
+    def _settings(self, state: tuple[Any, ...]) -> tuple[bool, float, bool, Any, Any]:
         """(tracking, momentum, batch_stats, running_mean, running_var) of this call, as
-        torch.nn computes them: ``tracking`` = count the call; momentum=None gives
-        1/(calls so far + 1); batch statistics in training mode and without buffers;
-        the buffers unless training without ``track_running_stats``."""
-        _, _, mean, var, nbt = self._state()
+        torch.nn computes them, from ``state`` (:meth:`_state`): ``tracking`` = count
+        the call; momentum=None gives 1/(calls so far + 1); batch statistics in
+        training mode and without buffers; the buffers unless training without
+        ``track_running_stats``."""
+        _, _, mean, var, nbt = state
         tracking = self.training and self.track_running_stats and nbt is not None
         momentum = 0.0 if self.momentum is None else self.momentum
         if tracking and self.momentum is None:
@@ -336,15 +338,18 @@ class NumbabnBatchNorm:
         residual: torch.Tensor | None,
         meta: bool = False,
         settings: tuple[bool, float, bool, Any, Any] | None = None,
+        state: tuple[Any, ...] | None = None,
     ) -> torch.Tensor:
         """PyTorch's ops in place of the kernels (see :func:`_native_only`; an input
         with few or no values; ``meta``: a meta tensor): ``F.batch_norm`` as torch.nn's
-        layer calls it, then ``+ residual``, then the activation; ``settings`` those of
-        :meth:`_settings` when the caller has them. No input checks here: under
+        layer calls it, then ``+ residual``, then the activation; ``state`` and
+        ``settings`` those of :meth:`_state` and :meth:`_settings` when the caller
+        has them. No input checks here: under
         ``torch.fx.symbolic_trace`` the input is a Proxy, which cannot answer them."""
-        tracking, momentum, batch_stats, running_mean, running_var = settings or self._settings()
+        state = state or self._state()
+        tracking, momentum, batch_stats, running_mean, running_var = settings or self._settings(state)
         self._without_kernels(meta, batch_stats)
-        weight, bias, _, _, nbt = self._state()
+        weight, bias, _, _, nbt = state
         y = F.batch_norm(input, running_mean, running_var, weight, bias, batch_stats, momentum, self.eps)
         if tracking:
             nbt.add_(1)
