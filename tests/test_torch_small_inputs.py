@@ -149,3 +149,19 @@ def test_the_threshold_comes_from_the_environment(value, expected):
     else:
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip() == expected
+
+
+def test_below_the_threshold_double_backward_is_torch_nn(monkeypatch):
+    # The kernels' backward is first-order only (tests/test_torch_modules.py); an input
+    # handed to PyTorch's op has PyTorch's second derivative, e.g. a gradient penalty.
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 1 << 30)
+    ours, theirs = _modules("BatchNorm2d", {}, 3, torch.float64, "relu")
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    penalties = []
+    for bn, after in ((ours, lambda y: y), (theirs, torch.relu)):
+        xa = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(after(bn(xa)).square().sum(), xa, create_graph=True)
+        g.square().sum().backward()
+        penalties.append((g, bn.weight.grad))
+    assert torch.equal(penalties[0][0], penalties[1][0])
+    assert torch.equal(penalties[0][1], penalties[1][1])

@@ -57,7 +57,8 @@ float32.
 Memory formats: contiguous and ``channels_last``/``channels_last_3d`` inputs are
 read in place and the output has the input's format. CUDA tensors run on numbabn's
 CUDA backend through ``__cuda_array_interface__`` (zero copy; see ``numbabn.torch._bridge``).
-Double backward raises a clear error.
+Double backward raises a clear error where the kernels run (an input handed to
+PyTorch's op, below the threshold above, has PyTorch's double backward).
 """
 
 import weakref
