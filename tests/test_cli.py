@@ -132,6 +132,15 @@ def test_info_json():
     assert data["output_buffers"]["limit_mib"] == numbabn.config.BUFFER_CACHE_MB
     assert data["output_buffers"]["min_bytes"] == 32 << 20
     assert data["output_buffers"]["stream_min_bytes"] == numbabn.config.STREAM_MIN
+    assert data["torch_native_below"] == numbabn.config.TORCH_NATIVE_BELOW
+
+
+@pytest.mark.parametrize("below", [1 << 20, 0])
+def test_info_says_which_torch_inputs_run_the_kernels(monkeypatch, below):
+    monkeypatch.setattr(numbabn.config, "TORCH_NATIVE_BELOW", below)
+    line = next(x for x in invoke("info").output.splitlines() if x.startswith("numbabn.torch"))
+    assert ("fewer than 1048576 values run PyTorch's" in line) is bool(below)
+    assert ("every input runs numbabn's kernels" in line) is not bool(below)
 
 
 @pytest.mark.parametrize("limit", [256, 0])

@@ -90,6 +90,14 @@ def _output_buffers() -> dict[str, int]:
     }
 
 
+def _torch_native_below() -> int:
+    """numbabn.torch's modules run PyTorch's batch norm on CPU inputs of fewer values
+    (``NUMBABN_TORCH_NATIVE_BELOW``, :mod:`numbabn.torch.modules`)."""
+    from numbabn import config
+
+    return config.TORCH_NATIVE_BELOW
+
+
 def _layers() -> dict[str, str] | None:
     from importlib import import_module
 
@@ -116,6 +124,7 @@ def collect() -> dict[str, Any]:
         "cuda": _cuda(),
         "kernel_cache": _kernel_cache(),
         "output_buffers": _output_buffers(),
+        "torch_native_below": _torch_native_below(),
         "layers": _layers(),
     }
 
@@ -170,6 +179,15 @@ def info(ctx: click.Context, as_json: bool) -> None:
         f"{'':<16}outputs of {ob['stream_min_bytes'] / 2**20:g} MiB and more are written with non-temporal stores "
         "(NUMBABN_STREAM_MIN_MB)",
     ]
+    below = data["torch_native_below"]
+    lines.append(
+        f"{'numbabn.torch':<16}"
+        + (
+            f"CPU inputs of fewer than {below} values run PyTorch's batch norm (NUMBABN_TORCH_NATIVE_BELOW)"
+            if below
+            else "every input runs numbabn's kernels (NUMBABN_TORCH_NATIVE_BELOW=0)"
+        )
+    )
     layers = data["layers"]
     if layers is None:
         lines.append(f"{'layers':<16}registry not installed")
