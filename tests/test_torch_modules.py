@@ -465,13 +465,15 @@ def test_traced_module_holds_torch_batch_norm_and_saves(training, tmp_path):
     assert training or all(torch.equal(v, ref.state_dict()[k]) for k, v in ref_before.items())
 
 
-def test_exported_program_holds_torch_batch_norm():
+@pytest.mark.parametrize("strict", [False, True])
+def test_exported_program_holds_torch_batch_norm(strict):
     """``torch.export`` (and so ``torch.onnx.export``) records PyTorch's batch norm;
-    it used to fail inside the kernels' NumPy view of its fake tensors."""
+    it used to fail inside the kernels' NumPy view of its fake tensors. Strict export
+    traces with Dynamo, as torch.compile does, but must record the op, not break."""
     ours, ref = _trained_pair()
     ours.eval(), ref.eval()
     x = torch.randn(4, 3, 6, 6)
-    program = torch.export.export(ours, (x,))
+    program = torch.export.export(ours, (x,), strict=strict)
     assert "batch_norm" in str(program.graph)
     x2 = torch.randn(4, 3, 6, 6) - 1
     torch.testing.assert_close(program.module()(x2), ref(x2), rtol=0, atol=0)
@@ -540,6 +542,44 @@ def test_tensor_subclasses_take_torch_batch_norm():
     with fake_tensor.FakeTensorMode(allow_non_fake_inputs=True) as mode:  # real parameters
         fake = mode.from_tensor(torch.randn(4, 3, 5, 5))
         assert ours(fake, residual=fake).shape == (4, 3, 5, 5)
+
+
+class _TwoLayers(torch.nn.Module):
+    """conv -> numbabn BN -> relu -> conv -> numbabn BN, written out (not a Sequential,
+    whose loop Dynamo does not resume after a break)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = torch.nn.Conv2d(3, 4, 3, padding=1), nbt.BatchNorm2d(4)
+        self.c2, self.b2 = torch.nn.Conv2d(4, 4, 3, padding=1), nbt.BatchNorm2d(4, activation="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+
+
+def test_torch_compile_breaks_the_graph_once_per_layer():
+    """Under torch.compile each numbabn layer is one opaque call: the graphs hold the
+    convolutions and the ReLU, nothing of numbabn's Python. It used to trace into the
+    layer (NumPy views, the thread pool's locks): 11 graphs and 10 breaks for this
+    model, a warning per break, and an inductor-compiled step slower than the eager
+    one."""
+    import torch._dynamo
+
+    torch.manual_seed(5)
+    model, x = _TwoLayers(), torch.randn(4, 3, 6, 6)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_count == 2  # c1 | relu, c2 | (nothing after the last layer)
+    assert len(explained.break_reasons) == 2
+    assert explained.op_count == 3
+    eager = _TwoLayers()
+    eager.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="eager")
+    for step in range(2):
+        xs = torch.randn(4, 3, 6, 6) + step
+        assert torch.equal(compiled(xs), eager(xs))
+    for a, b in zip(eager.buffers(), model.buffers(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_torch_compile_runs_the_same_steps():

@@ -42,8 +42,10 @@ Where numbabn differs from PyTorch:
 * Under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ...) the layers
   run PyTorch's ``batch_norm`` too (the transforms' wrapped tensors have no memory
   numbabn may view). TorchScript scripting is not supported (PyTorch raises its own
-  error). ``torch.compile`` works, with a graph break at each batch norm;
-  ``torch.autograd.grad`` and ``torch.autograd.functional`` run the kernels.
+  error). Under ``torch.compile`` each layer is one opaque call (one graph break;
+  Dynamo does not trace numbabn's Python), which runs as it does eagerly, and a
+  :class:`FusedReLU` is a plain ReLU in the graph; ``torch.autograd.grad`` and
+  ``torch.autograd.functional`` run the kernels.
 
 Dtypes: float32 and float64 run natively, and so do float16 and bfloat16 on the
 CPU: the kernels read and write their 16 bits and compute in float32 with float32
@@ -105,6 +107,7 @@ def _native_only(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
 # PyTorch 2.4 and 2.5 (the oldest the extra allows) have no torch.compiler.is_exporting;
 # their torch.export hands FakeTensors (a subclass, caught above) to non-strict tracing.
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+_is_compiling = torch.compiler.is_compiling  # True while Dynamo traces (torch.compile, strict torch.export)
 
 
 def _needs_graph(*tensors: torch.Tensor | None) -> bool:
@@ -136,6 +139,10 @@ class FusedReLU(torch.nn.ReLU):
     a pass but never change a result."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if _is_compiling():
+            # torch.compile: a plain ReLU the graph can hold (and fuse); applied to the
+            # batch norm's rectified output it changes neither values nor gradients.
+            return super().forward(input)
         ref, version = _rectified
         if ref is not None and ref() is input and input._version == version:
             return input
@@ -240,6 +247,16 @@ class NumbabnBatchNorm:
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``bn(input)``, then ``+ residual`` when given, then the fused activation."""
+        if _is_compiling() and not _is_exporting():
+            # torch.compile (torch.export records PyTorch's op instead, see _native_only):
+            # the layer runs as it does eagerly, as one opaque call -- one graph break --
+            # rather than Dynamo tracing numbabn's Python (NumPy views of the tensors,
+            # the kernels' thread pool and its locks, weak references), which broke the
+            # graph four times per layer, with a warning each time.
+            return torch.compiler.disable(self._eager_forward)(input, residual)
+        return self._eager_forward(input, residual)
+
+    def _eager_forward(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         y = self._forward(input, residual)
         if self._feeds_fused_relu and self.activation == "relu" and isinstance(y, torch.Tensor):
             _rectified[:] = weakref.ref(y), y._version
