@@ -570,7 +570,6 @@ def test_torch_compile_breaks_the_graph_once_per_layer():
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model)(x)
     assert explained.graph_count == 2  # c1 | relu, c2 | (nothing after the last layer)
-    assert len(explained.break_reasons) == 2
     assert explained.op_count == 3
     eager = _TwoLayers()
     eager.load_state_dict(model.state_dict())

@@ -9,6 +9,7 @@ input checks still come first and a refused input changes nothing
 synchronizing several processes never takes the hand-over (tests/test_torch_sync.py).
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -165,3 +166,51 @@ def test_below_the_threshold_double_backward_is_torch_nn(monkeypatch):
         penalties.append((g, bn.weight.grad))
     assert torch.equal(penalties[0][0], penalties[1][0])
     assert torch.equal(penalties[0][1], penalties[1][1])
+
+
+class _Block(torch.nn.Module):
+    """conv -> BN with fused ReLU -> conv -> BN + residual, then ReLU (written out)."""
+
+    def __init__(self, bn: type) -> None:
+        super().__init__()
+        kw = {"activation": "relu"} if bn is nbt.BatchNorm2d else {}
+        self.c1, self.b1 = torch.nn.Conv2d(3, 4, 3, padding=1), bn(4, **kw)
+        self.c2, self.b2 = torch.nn.Conv2d(4, 3, 3, padding=1), bn(3)
+        self.fused = bn is nbt.BatchNorm2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b1(self.c1(x)) if self.fused else torch.relu(self.b1(self.c1(x)))
+        return torch.relu(self.b2(self.c2(h)) + x)
+
+
+def test_under_torch_compile_a_small_input_is_traced_into_the_graph(monkeypatch):
+    """torch.compile puts the layers PyTorch computes anyway (below the threshold) into
+    its graph as PyTorch's ops, with no graph break, and trains bit for bit as
+    torch.nn's compiled block does; at the threshold each layer is one break (the
+    kernels, run as eagerly)."""
+    import torch._dynamo
+
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 4 * 4 * 6 * 6 + 1)
+    torch.manual_seed(0)
+    ours, theirs = _Block(nbt.BatchNorm2d), _Block(torch.nn.BatchNorm2d)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 3, 6, 6)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(copy.deepcopy(ours))(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 4 * 4 * 6 * 6)  # the first layer's input size: kernels
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(copy.deepcopy(ours))(x).graph_count == 2  # c1 | c2, BN, add, ReLU
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 4 * 4 * 6 * 6 + 1)
+    torch._dynamo.reset()
+    compiled_ours = torch.compile(ours, backend="aot_eager")
+    compiled_theirs = torch.compile(theirs, backend="aot_eager")
+    for step in range(3):
+        xs = torch.randn(4, 3, 6, 6) + step
+        ya, yb = compiled_ours(xs), compiled_theirs(xs)
+        assert torch.equal(ya, yb)
+        ya.square().sum().backward(), yb.square().sum().backward()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
+    for (name, a), b in zip(ours.named_buffers(), theirs.buffers(), strict=True):
+        assert torch.equal(a, b), name

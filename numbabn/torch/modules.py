@@ -42,9 +42,11 @@ Where numbabn differs from PyTorch:
 * Under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ...) the layers
   run PyTorch's ``batch_norm`` too (the transforms' wrapped tensors have no memory
   numbabn may view). TorchScript scripting is not supported (PyTorch raises its own
-  error). Under ``torch.compile`` each layer is one opaque call (one graph break;
-  Dynamo does not trace numbabn's Python), which runs as it does eagerly, and a
-  :class:`FusedReLU` is a plain ReLU in the graph; ``torch.autograd.grad`` and
+  error). Under ``torch.compile`` an input handed to PyTorch anyway (below the
+  threshold above, not a synchronizing SyncBatchNorm) is traced into the graph as
+  PyTorch's ops; any other makes the layer one opaque call (one graph break; Dynamo
+  does not trace numbabn's Python), which runs as it does eagerly; a
+  :class:`FusedReLU` is a plain ReLU in the graph. ``torch.autograd.grad`` and
   ``torch.autograd.functional`` run the kernels.
 
 Dtypes: float32 and float64 run natively, and so do float16 and bfloat16 on the
@@ -244,15 +246,23 @@ class NumbabnBatchNorm:
 
     # Set by convert_batchnorm(fuse_relu=True) on the batch norms a FusedReLU follows.
     _feeds_fused_relu = False
+    # Whether the layer may exchange statistics with other processes (SyncBatchNorm).
+    _may_synchronize = False
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``bn(input)``, then ``+ residual`` when given, then the fused activation."""
         if _is_compiling() and not _is_exporting():
-            # torch.compile (torch.export records PyTorch's op instead, see _native_only):
-            # the layer runs as it does eagerly, as one opaque call -- one graph break --
-            # rather than Dynamo tracing numbabn's Python (NumPy views of the tensors,
-            # the kernels' thread pool and its locks, weak references), which broke the
-            # graph four times per layer, with a warning each time.
+            # torch.compile (torch.export records PyTorch's op instead, see _native_only).
+            # An input the layer hands to PyTorch anyway (a CPU input below the
+            # threshold) goes into the graph as PyTorch's ops, which the compiler may
+            # fuse; PyTorch's op checks it, as under torch.fx. Anything else runs as it
+            # does eagerly, as one opaque call -- one graph break -- rather than Dynamo
+            # tracing numbabn's Python (NumPy views of the tensors, the kernels' thread
+            # pool and its locks, weak references), which broke the graph four times
+            # per layer, with a warning each time.
+            # (the size first: Dynamo records reading .is_cpu as a graph of its own)
+            if not self._may_synchronize and input.numel() < config.TORCH_NATIVE_BELOW and input.is_cpu:
+                return self._torch_forward(input, residual)
             return torch.compiler.disable(self._eager_forward)(input, residual)
         return self._eager_forward(input, residual)
 

@@ -91,6 +91,8 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
         self._set_activation(activation)
         self._sync_calls = 0
 
+    _may_synchronize = True
+
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
