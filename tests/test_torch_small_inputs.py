@@ -214,3 +214,5 @@ def test_under_torch_compile_a_small_input_is_traced_into_the_graph(monkeypatch)
         assert torch.equal(a.grad, b.grad), name
     for (name, a), b in zip(ours.named_buffers(), theirs.buffers(), strict=True):
         assert torch.equal(a, b), name
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got list"):
+        torch.compile(ours.b1, backend="aot_eager")([1.0, 2.0])  # the eager path's check names it

@@ -260,8 +260,10 @@ class NumbabnBatchNorm:
             # tracing numbabn's Python (NumPy views of the tensors, the kernels' thread
             # pool and its locks, weak references), which broke the graph four times
             # per layer, with a warning each time.
-            # (the size first: Dynamo records reading .is_cpu as a graph of its own)
-            if not self._may_synchronize and input.numel() < config.TORCH_NATIVE_BELOW and input.is_cpu:
+            # (the size before .is_cpu, whose reading Dynamo records as a graph of its own;
+            # anything but a tensor goes to the eager path, whose checks name it)
+            small = isinstance(input, torch.Tensor) and input.numel() < config.TORCH_NATIVE_BELOW
+            if small and not self._may_synchronize and input.is_cpu:
                 return self._torch_forward(input, residual)
             return torch.compiler.disable(self._eager_forward)(input, residual)
         return self._eager_forward(input, residual)
