@@ -112,6 +112,13 @@ _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 _is_compiling = torch.compiler.is_compiling  # True while Dynamo traces (torch.compile, strict torch.export)
 
 
+def _below_threshold(x: torch.Tensor) -> bool:
+    """Whether the layers hand ``x`` to PyTorch's op: a CPU tensor of fewer than
+    ``config.TORCH_NATIVE_BELOW`` values. (The size is tested first: under
+    torch.compile, Dynamo records reading ``.is_cpu`` as a graph of its own.)"""
+    return x.numel() < config.TORCH_NATIVE_BELOW and x.is_cpu
+
+
 def _needs_graph(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd must record the call: grad mode on and some input requires grad."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -260,10 +267,8 @@ class NumbabnBatchNorm:
             # tracing numbabn's Python (NumPy views of the tensors, the kernels' thread
             # pool and its locks, weak references), which broke the graph four times
             # per layer, with a warning each time.
-            # (the size before .is_cpu, whose reading Dynamo records as a graph of its own;
-            # anything but a tensor goes to the eager path, whose checks name it)
-            small = isinstance(input, torch.Tensor) and input.numel() < config.TORCH_NATIVE_BELOW
-            if small and not self._may_synchronize and input.is_cpu:
+            # (anything but a tensor goes to the eager path, whose checks name it)
+            if isinstance(input, torch.Tensor) and not self._may_synchronize and _below_threshold(input):
                 return self._torch_forward(input, residual)
             return torch.compiler.disable(self._eager_forward)(input, residual)
         return self._eager_forward(input, residual)
@@ -301,7 +306,7 @@ class NumbabnBatchNorm:
         weight, bias = (p if p is None or p.dtype == cdt else p.to(cdt) for p in state[:2])
         moments, allreduce = self._synchronize(x, batch_stats)
         n = x.numel()
-        if moments is None and (n == 0 or (x.is_cpu and n < config.TORCH_NATIVE_BELOW)):
+        if moments is None and (n == 0 or _below_threshold(x)):
             # Nothing to compute, or too little for the kernels to win: below the
             # crossover, what numbabn adds around them per call (Python, the autograd
             # Function) costs more than they save (README, "Small inputs").
