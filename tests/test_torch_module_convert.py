@@ -156,6 +156,24 @@ def test_fused_relu_passes_exactly_the_fused_output_through():
     torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_model_runs_under_inference_mode(training):
+    """``torch.inference_mode()`` outputs have no version counter: the fused batch
+    norm used to raise reading it ("Inference tensors do not track version
+    counter"); now the FusedReLU rectifies them again, with torch's results."""
+    original, fused = _fused_pair()
+    original.train(training), fused.train(training)
+    x = torch.randn(4, 3, 6, 6)
+    with torch.inference_mode():
+        y, expected = fused(x), original(x)
+    assert y.is_inference()
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(fused.state_dict().items(), original.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    y = fused[1](fused[0](x))  # outside inference mode the pass-through works again
+    assert fused[2](y) is y
+
+
 def test_fused_model_pickles_copies_and_compiles(tmp_path):
     original, fused = _fused_pair()
     torch.save(fused, tmp_path / "fused.pt")

@@ -234,6 +234,47 @@ def test_a_refused_input_changes_nothing_mid_training(monkeypatch, x, error, wor
     assert int(bn.num_batches_tracked) == 3
 
 
+@pytest.mark.parametrize("native_below", [0, 1 << 30])  # the kernels; PyTorch's op for small input
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_checkpoint_recomputation_counts_like_torch(monkeypatch, native_below, momentum):
+    """``torch.utils.checkpoint(use_reentrant=False)`` runs the forward again in the
+    backward and stops that rerun (by raising) once the last tensor it needs is saved,
+    inside the last layer's op. torch.nn's layers count the call before their op, so
+    the rerun counts; numbabn's counted after it and lost that count (then, with
+    momentum=None, the running averages drift from torch's)."""
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", native_below)
+    torch.manual_seed(7)
+    ref = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4, momentum=momentum),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4, momentum=momentum),
+    )
+    ours = nbt.convert_batchnorm(copy.deepcopy(ref))
+    for _ in range(3):
+        x, w = torch.randn(8, 3, 6, 6, requires_grad=True), torch.randn(8, 4, 6, 6)
+        for model in (ours, ref):
+            checkpoint(model, x, use_reentrant=False).mul(w).sum().backward()
+    assert int(ours[4].num_batches_tracked) == int(ref[4].num_batches_tracked) == 6
+    for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_an_input_pytorch_refuses_changes_nothing():
+    """An input the layer hands to PyTorch's op unchecked (a tensor subclass) and that
+    PyTorch refuses leaves the counter as it was (it is counted before the op)."""
+    bn = nbt.BatchNorm2d(3)
+    with pytest.raises(RuntimeError):
+        bn(torch.randn(4, 5, 3, 3).as_subclass(_Tagged))
+    assert int(bn.num_batches_tracked) == 0
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and torch.equal(bn.running_var, torch.ones(3))
+
+
 def test_bad_activation_names_the_argument():
     with pytest.raises(ValueError, match="activation must be None or 'relu', got 'gelu'"):
         nbt.BatchNorm1d(3, activation="gelu")

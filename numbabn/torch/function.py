@@ -33,7 +33,8 @@ from . import _openmp
 
 class BatchNormFunction(torch.autograd.Function):
     """``apply(x, weight, bias, running_mean, running_var, training, momentum, eps,
-    relu[, moments[, allreduce[, residual]]]) -> y`` (the last three default to None).
+    relu[, moments[, allreduce[, residual[, num_batches_tracked]]]]) -> y`` (the last
+    four default to None).
 
     ``x``: (N, C, ...) float16/32/64 tensor (any memory format); ``weight``/``bias``:
     (C,) tensors of the compute dtype (float32 for float16 input) or None;
@@ -42,7 +43,8 @@ class BatchNormFunction(torch.autograd.Function):
     factor of this step (the module resolves ``momentum=None`` to 1/num_batches).
     ``residual``: None, or a tensor of x's shape, dtype and device added before the
     ReLU (``relu(bn(x) + residual)`` in one pass); its gradient is dy times the
-    ReLU mask (dy itself without ReLU).
+    ReLU mask (dy itself without ReLU). ``num_batches_tracked``: None, or the
+    module's counter, incremented right after the running statistics were updated.
     Backward is first-order only: differentiating the gradients raises.
     """
 
@@ -51,11 +53,11 @@ class BatchNormFunction(torch.autograd.Function):
         """Normalise ``x`` on the numbabn kernels (:func:`normalize`; the arguments of
         ``apply``, see the class docstring); saves what backward needs. Returns y, of
         ``x``'s shape and dtype."""
-        x, weight, bias, running_mean, running_var, training, momentum, eps, relu, moments, allreduce, residual = (
-            args + (None,) * (12 - len(args))  # moments, allreduce, residual are optional
+        x, weight, bias, running_mean, running_var, training, momentum, eps, relu, moments, allreduce, residual, nbt = (
+            args + (None,) * (13 - len(args))  # moments, allreduce, residual, nbt are optional
         )
         y, bn, perm = normalize(
-            x, weight, bias, running_mean, running_var, training, momentum, eps, relu, moments, residual
+            x, weight, bias, running_mean, running_var, training, momentum, eps, relu, moments, residual, nbt
         )
         ctx.bn, ctx.perm, ctx.allreduce = bn, perm, allreduce
         # numbabn's context reads x and weight by reference: saving them lets autograd
@@ -104,7 +106,7 @@ class BatchNormFunction(torch.autograd.Function):
         grads.append(dres if ctx.has_residual and ctx.needs_input_grad[11] else None)
         if torch.is_grad_enabled():  # backward(create_graph=True): no second derivative here
             grads = [None if g is None else _FirstOrderOnly.apply(g, *saved) for g in grads]
-        return (*grads[:3], None, None, None, None, None, None, None, None, grads[3])
+        return (*grads[:3], None, None, None, None, None, None, None, None, grads[3], None)
 
 
 def normalize(
@@ -119,12 +121,19 @@ def normalize(
     relu: bool,
     moments: Any = None,
     residual: torch.Tensor | None = None,
+    num_batches_tracked: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Any, tuple[int, ...] | None]:
     """The forward of :class:`BatchNormFunction` (its arguments but ``allreduce``, which
     only the backward uses) without autograd:
     ``(y, numbabn's context, channels-last permutation or None)``. The modules call
     it directly when no gradient can flow (``torch.no_grad()``, inference mode, no
-    input requiring grad), which saves ``Function.apply``'s ~20 us a call."""
+    input requiring grad), which saves ``Function.apply``'s ~20 us a call.
+
+    ``num_batches_tracked`` (the module's counter, or None) is incremented as soon as
+    the running statistics are, before autograd saves anything: the recomputation
+    of ``torch.utils.checkpoint(use_reentrant=False)`` stops by raising from the
+    save of its last needed tensor, and the call must have been counted by then, as
+    torch.nn's layers count it (they increment before their op)."""
     perm = B.channels_last_perm(x)
     cdt = B.COMPUTE_DTYPE[x.dtype]
     # Buffers of another dtype (a float16 module) are updated through compute-dtype
@@ -150,6 +159,8 @@ def normalize(
     for buf, copy in staged:
         if copy is not buf and training:
             buf.copy_(copy)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     return y, bn, perm
 
 

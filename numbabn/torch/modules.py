@@ -19,7 +19,10 @@ Semantics are ``torch.nn.BatchNorm*``'s (batch statistics in training mode and w
 Where numbabn differs from PyTorch:
 
 * A call that raises changes nothing: PyTorch increments ``num_batches_tracked``
-  before it looks at the input; numbabn increments it after a successful forward.
+  before it looks at the input; numbabn checks the input first and increments it
+  together with the running statistics (also when the recomputation of
+  ``torch.utils.checkpoint(use_reentrant=False)`` stops inside the layer's op, so
+  the count is torch.nn's there too).
 * Statistics accumulate in float64 (PyTorch's CPU kernels: float32 sums for float32
   input), so results agree with PyTorch to float32 rounding, not bit for bit.
 * A CPU input of fewer than ``numbabn.config.TORCH_NATIVE_BELOW`` values (default
@@ -276,7 +279,9 @@ class NumbabnBatchNorm:
     def _eager_forward(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         y = self._forward(input, residual)
         if self._feeds_fused_relu and self.activation == "relu" and isinstance(y, torch.Tensor):
-            _rectified[:] = weakref.ref(y), y._version
+            # An inference-mode tensor has no version counter to tell an in-place
+            # change by: the FusedReLU after it rectifies it again (idempotent).
+            _rectified[:] = (None, -1) if y.is_inference() else (weakref.ref(y), y._version)
         return y
 
     def _forward(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -312,6 +317,7 @@ class NumbabnBatchNorm:
             # Function) costs more than they save (README, "Small inputs").
             return self._torch_forward(input, residual, settings=settings, state=state)
         relu = self.activation == "relu"
+        nbt = state[4] if tracking else None  # counted with the running statistics (see normalize)
         if _needs_graph(x, weight, bias, residual):
             y = BatchNormFunction.apply(
                 x,
@@ -326,13 +332,23 @@ class NumbabnBatchNorm:
                 moments,
                 allreduce,
                 residual,
+                nbt,
             )
         else:  # no gradient can flow (no_grad, inference mode, nothing requires grad): no autograd node
             y = normalize(
-                x, weight, bias, running_mean, running_var, batch_stats, momentum, self.eps, relu, moments, residual
+                x,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                batch_stats,
+                momentum,
+                self.eps,
+                relu,
+                moments,
+                residual,
+                nbt,
             )[0]
-        if tracking:
-            state[4].add_(1)
         return y if y.dtype == input.dtype else y.to(input.dtype)
 
     def _state(self) -> tuple[Any, Any, Any, Any, Any]:
@@ -385,9 +401,17 @@ class NumbabnBatchNorm:
         tracking, momentum, batch_stats, running_mean, running_var = settings or self._settings(state)
         self._without_kernels(meta, batch_stats)
         weight, bias, _, _, nbt = state
-        y = F.batch_norm(input, running_mean, running_var, weight, bias, batch_stats, momentum, self.eps)
+        # Counted before the op, as torch.nn counts: the recomputation of
+        # torch.utils.checkpoint(use_reentrant=False) may stop inside it (by raising,
+        # once it saved its last needed tensor) after it updated the running statistics.
         if tracking:
             nbt.add_(1)
+        try:
+            y = F.batch_norm(input, running_mean, running_var, weight, bias, batch_stats, momentum, self.eps)
+        except (RuntimeError, ValueError, TypeError):  # PyTorch refused the input: nothing changes
+            if tracking:
+                nbt.sub_(1)
+            raise
         if residual is not None:
             y = y + residual
         return F.relu(y) if self.activation == "relu" else y
