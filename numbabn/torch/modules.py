@@ -318,37 +318,11 @@ class NumbabnBatchNorm:
             return self._torch_forward(input, residual, settings=settings, state=state)
         relu = self.activation == "relu"
         nbt = state[4] if tracking else None  # counted with the running statistics (see normalize)
+        args = (x, weight, bias, running_mean, running_var, batch_stats, momentum, self.eps, relu, moments)
         if _needs_graph(x, weight, bias, residual):
-            y = BatchNormFunction.apply(
-                x,
-                weight,
-                bias,
-                running_mean,
-                running_var,
-                batch_stats,
-                momentum,
-                self.eps,
-                relu,
-                moments,
-                allreduce,
-                residual,
-                nbt,
-            )
+            y = BatchNormFunction.apply(*args, allreduce, residual, nbt)
         else:  # no gradient can flow (no_grad, inference mode, nothing requires grad): no autograd node
-            y = normalize(
-                x,
-                weight,
-                bias,
-                running_mean,
-                running_var,
-                batch_stats,
-                momentum,
-                self.eps,
-                relu,
-                moments,
-                residual,
-                nbt,
-            )[0]
+            y = normalize(*args, residual, nbt)[0]
         return y if y.dtype == input.dtype else y.to(input.dtype)
 
     def _state(self) -> tuple[Any, Any, Any, Any, Any]:
