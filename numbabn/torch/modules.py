@@ -29,9 +29,9 @@ Where numbabn differs from PyTorch:
   channels-last format for 3-D tensors). Same values; ``y.view(N, -1)`` then needs
   ``y.reshape``. Copying to PyTorch's layout was measured and not kept: forward plus
   backward of the idiom ``bn(x.transpose(1, 2)).transpose(1, 2)`` at (64, 1024, 256)
-  took 189 ms instead of 47 ms (torch.nn: 557 ms), though 153 instead of 218 ms
-  when the output is used as (N, C, L) with a contiguous gradient (torch.nn: 402; one
-  run each, 2 threads).
+  took 189 ms instead of 47-56 ms (torch.nn: 553-557 ms); used as (N, C, L), with a
+  contiguous gradient (which is then copied once), 153 ms against 138 ms now
+  (torch.nn: 402-411 ms; 2 threads).
 * Statistics accumulate in float64 (PyTorch's CPU kernels: float32 sums for float32
   input), so results agree with PyTorch to float32 rounding, not bit for bit.
 * A CPU input of fewer than ``numbabn.config.TORCH_NATIVE_BELOW`` values (default
