@@ -180,6 +180,11 @@ _MC_MIN_ROWS = 256
 # One thread, min of 15, (200704, 64): stats 4.6-6.0 -> 3.0-3.5 ms; (65536, 32):
 # stats 0.91-0.99 -> 0.30-0.50 ms, gradient sums 0.90-1.02 -> 0.52-0.60 ms (runs of
 # 512 values were slower, of 2048 twice as slow: the per-block tiling and folding).
+# Four runs per pass over the accumulators (one load-add-store of them per four
+# values) made the statistics 1.5x faster in cache, but slower from memory with runs
+# of 256 values (four interleaved streams in a page); with runs of 1024 values, 1.2x
+# on one thread, nothing on two at C = 64, 1.15-1.2x at C = 256 and 1024, and 1-2 us
+# more on a (64, 100) batch: not kept.
 # The element-wise passes gained nothing from runs while they wrote rows straight
 # into the output; since they stream large outputs through a buffer (see
 # :mod:`numbabn.kernels.stream`) they walk the same runs: with rows of C = 64 values,
