@@ -32,6 +32,31 @@ def test_bit_identical_across_thread_counts(rng, shape, axis, monkeypatch):
             assert np.array_equal(a, b_)
 
 
+def _block_endings(C):
+    """Row counts M for (M, C) channels-last statistics that end a block in every way
+    the kernel's loops meet: a partial run, one run, one pair of runs, a pair and a
+    run, a pair, a run and a partial one, and several blocks with a ragged last one
+    (a run is F = _fold(C) rows, a block >= 256 rows)."""
+    from numbabn.kernels import cpu
+
+    F = cpu._fold.py_func(C)
+    return sorted({2, max(2, F - 1), F, 2 * F, 3 * F, 3 * F + 1, 256 + 5 * F + 1, 3 * 256 + 2 * F + 1})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("C", [3, 64, 100, 1024])
+def test_channels_last_statistics_for_every_block_ending(rng, C, dtype):
+    """Channels-last statistics sum runs of F rows two at a time, then the rest one at
+    a time: every way a block ends gives the float64 reference's moments."""
+    for M in _block_endings(C):
+        x = (rng.standard_normal((M, C)) * 3 + 50).astype(dtype)
+        m = numbabn.moments(x, axis=-1)
+        count, mean, m2 = R.moments(x, axis=-1)
+        assert m.count == count
+        np.testing.assert_allclose(m.mean, mean, rtol=1e-12, err_msg=f"M={M}")
+        np.testing.assert_allclose(m.m2, m2, rtol=1e-9, err_msg=f"M={M}")
+
+
 def test_layouts_agree_and_zero_copy(rng):
     x = rng.standard_normal((4, 5, 3, 3)).astype(np.float32)
     g = rng.standard_normal(5).astype(np.float32)

@@ -63,6 +63,7 @@ from numba import njit
 
 from .._jit import kernel
 from . import stream as S
+from .prefetch import AHEAD_BYTES, LINE_BYTES, SHORT_RUN_BYTES, prefetch
 from .storage import decode, encode
 
 # Reassociation lets LLVM vectorise the float64 sums, contraction fuse each product
@@ -180,11 +181,13 @@ _MC_MIN_ROWS = 256
 # One thread, min of 15, (200704, 64): stats 4.6-6.0 -> 3.0-3.5 ms; (65536, 32):
 # stats 0.91-0.99 -> 0.30-0.50 ms, gradient sums 0.90-1.02 -> 0.52-0.60 ms (runs of
 # 512 values were slower, of 2048 twice as slow: the per-block tiling and folding).
-# Four runs per pass over the accumulators (one load-add-store of them per four
-# values) made the statistics 1.5x faster in cache, but slower from memory with runs
-# of 256 values (four interleaved streams in a page); with runs of 1024 values, 1.2x
-# on one thread, nothing on two at C = 64, 1.15-1.2x at C = 256 and 1024, and 1-2 us
-# more on a (64, 100) batch: not kept.
+# The statistics take two runs per pass over the accumulators, prefetching short
+# ones (stats_mc, numbabn.kernels.prefetch): two threads, median of 25, (200704, 64)
+# 5.2-5.4 -> 4.3-4.7 ms, (25088, 256) 2.5-2.6 -> 2.1-2.4, (4096, 1024) 1.6-1.75 ->
+# 1.5-1.8; the float32 kernel compiles in 2.0 s instead of 1.55. Four runs per pass,
+# without prefetching, were 1.5x faster in cache but slower from memory (runs of 256
+# values) or no faster on two threads (runs of 1024), and took 1-2 us more on a
+# (64, 100) batch. The gradient sums still take one run at a time.
 # The element-wise passes gained nothing from runs while they wrote rows straight
 # into the output; since they stream large outputs through a buffer (see
 # :mod:`numbabn.kernels.stream`) they walk the same runs: with rows of C = 64 values,
@@ -325,6 +328,8 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
     # partials there (as grad_sums_mc does) was no faster, and copying the shift back
     # with a slice assignment took the first compile from 1.3 s to 3.7-4.2 s.
     acc = np.empty((3, FC))
+    ahead, line = AHEAD_BYTES // xf.itemsize, LINE_BYTES // xf.itemsize
+    short = FC * xf.itemsize < SHORT_RUN_BYTES
     for k in range(t0, t1):
         r0 = k * R
         r1 = _min(r0 + R, M)
@@ -336,8 +341,25 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
             sf[c] = decode(x[r0, c])
         for j in range(C, FC):
             sf[j] = sf[j - C]
-        for i in range(r0 * C, r1 * C, FC):
-            run = xf[i : _min(i + FC, r1 * C)]
+        # Two runs per pass over the accumulators: their load-add-store bounds the
+        # loop in cache, pairs halve it. Pairs of short runs are prefetched (the
+        # interleaved reads ran slower from memory without; see .prefetch). The last
+        # run or two of a block (the last may be partial) are summed one at a time:
+        # pairing it with a run of shift values (d = 0) instead compiles no faster
+        # and took (200704, 64) from 4.3-4.7 to 5.0-5.3 ms on two threads.
+        i, end = r0 * C, r1 * C
+        while i + 2 * FC <= end:
+            for p in range(i + ahead, _min(i + ahead + 2 * FC, xf.size) if short else 0, line):
+                prefetch(xf, p)
+            a, b = xf[i : i + FC], xf[i + FC : i + 2 * FC]
+            for j in range(FC):
+                d0 = decode(a[j]) - sf[j]
+                d1 = decode(b[j]) - sf[j]
+                sj[j] += d0 + d1
+                qj[j] += d0 * d0 + d1 * d1
+            i += 2 * FC
+        for i0 in range(i, end, FC):
+            run = xf[i0 : _min(i0 + FC, end)]
             for j in range(run.size):
                 d = decode(run[j]) - sf[j]
                 sj[j] += d
