@@ -184,10 +184,13 @@ _MC_MIN_ROWS = 256
 # The statistics take two runs per pass over the accumulators, prefetching short
 # ones (stats_mc, numbabn.kernels.prefetch): two threads, median of 25, (200704, 64)
 # 5.2-5.4 -> 4.3-4.7 ms, (25088, 256) 2.5-2.6 -> 2.1-2.4, (4096, 1024) 1.6-1.75 ->
-# 1.5-1.8; the float32 kernel compiles in 2.0 s instead of 1.55. Four runs per pass,
-# without prefetching, were 1.5x faster in cache but slower from memory (runs of 256
-# values) or no faster on two threads (runs of 1024), and took 1-2 us more on a
-# (64, 100) batch. The gradient sums still take one run at a time.
+# 1.5-1.8; float16 data, (64, 56, 56, 64) forward 10.1-10.6 -> 9.3-9.8 ms. float64
+# data keeps one run at a time (see stats_mc). The float32 kernel compiles in 2.0 s
+# instead of 1.55. Four runs per pass, without prefetching, were 1.5x faster in
+# cache but slower from memory (runs of 256 values) or no faster on two threads
+# (runs of 1024), and took 1-2 us more on a (64, 100) batch. The gradient sums take
+# one run at a time: they read two arrays and ran at this VM's read bandwidth
+# already ((200704, 64): 103 MB in 6.3-7.2 ms on two threads).
 # The element-wise passes gained nothing from runs while they wrote rows straight
 # into the output; since they stream large outputs through a buffer (see
 # :mod:`numbabn.kernels.stream`) they walk the same runs: with rows of C = 64 values,
@@ -330,6 +333,10 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
     acc = np.empty((3, FC))
     ahead, line = AHEAD_BYTES // xf.itemsize, LINE_BYTES // xf.itemsize
     short = FC * xf.itemsize < SHORT_RUN_BYTES
+    # float64 data: one run at a time (it reads 2x the bytes per value summed, and its
+    # single-run loop was bound by memory: (200704, 64) on two threads 6.5-7.4 ms,
+    # paired 7.8-9.7 with or without prefetching).
+    paired = xf.itemsize < 8
     for k in range(t0, t1):
         r0 = k * R
         r1 = _min(r0 + R, M)
@@ -348,7 +355,7 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
         # pairing it with a run of shift values (d = 0) instead compiles no faster
         # and took (200704, 64) from 4.3-4.7 to 5.0-5.3 ms on two threads.
         i, end = r0 * C, r1 * C
-        while i + 2 * FC <= end:
+        while paired and i + 2 * FC <= end:
             for p in range(i + ahead, _min(i + ahead + 2 * FC, xf.size) if short else 0, line):
                 prefetch(xf, p)
             a, b = xf[i : i + FC], xf[i + FC : i + 2 * FC]
