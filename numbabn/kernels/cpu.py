@@ -63,7 +63,7 @@ from numba import njit
 
 from .._jit import kernel
 from . import stream as S
-from .prefetch import AHEAD_BYTES, LINE_BYTES, SHORT_RUN_BYTES, prefetch
+from .prefetch import AHEAD_BYTES, SHORT_RUN_BYTES, prefetch
 from .storage import decode, encode
 
 # Reassociation lets LLVM vectorise the float64 sums, contraction fuse each product
@@ -185,8 +185,9 @@ _MC_MIN_ROWS = 256
 # ones (stats_mc, numbabn.kernels.prefetch): two threads, median of 25, (200704, 64)
 # 5.2-5.4 -> 4.3-4.7 ms, (25088, 256) 2.5-2.6 -> 2.1-2.4, (4096, 1024) 1.6-1.75 ->
 # 1.5-1.8; float16 data, (64, 56, 56, 64) forward 10.1-10.6 -> 9.3-9.8 ms. float64
-# data keeps one run at a time (see stats_mc). The float32 kernel compiles in 2.0 s
-# instead of 1.55. Four runs per pass, without prefetching, were 1.5x faster in
+# data keeps one run at a time (see stats_mc). The kernel compiles in 2.0 s instead
+# of 1.6 (float32) and 1.4 instead of 1.0 (float64, whose paired loop is compiled but
+# never runs). Four runs per pass, without prefetching, were 1.5x faster in
 # cache but slower from memory (runs of 256 values) or no faster on two threads
 # (runs of 1024), and took 1-2 us more on a (64, 100) batch. The gradient sums take
 # one run at a time: they read two arrays and ran at this VM's read bandwidth
@@ -331,7 +332,7 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
     # partials there (as grad_sums_mc does) was no faster, and copying the shift back
     # with a slice assignment took the first compile from 1.3 s to 3.7-4.2 s.
     acc = np.empty((3, FC))
-    ahead, line = AHEAD_BYTES // xf.itemsize, LINE_BYTES // xf.itemsize
+    ahead = AHEAD_BYTES // xf.itemsize
     short = FC * xf.itemsize < SHORT_RUN_BYTES
     # float64 data: one run at a time (it reads 2x the bytes per value summed, and its
     # single-run loop was bound by memory: (200704, 64) on two threads 6.5-7.4 ms,
@@ -356,8 +357,8 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
         # and took (200704, 64) from 4.3-4.7 to 5.0-5.3 ms on two threads.
         i, end = r0 * C, r1 * C
         while paired and i + 2 * FC <= end:
-            for p in range(i + ahead, _min(i + ahead + 2 * FC, xf.size) if short else 0, line):
-                prefetch(xf, p)
+            if short:
+                prefetch(xf, i + ahead, i + ahead + 2 * FC)
             a, b = xf[i : i + FC], xf[i + FC : i + 2 * FC]
             for j in range(FC):
                 d0 = decode(a[j]) - sf[j]
