@@ -90,7 +90,7 @@ def _notice(where: str | None) -> None:
 def _dependency_stamp() -> str:
     """A hash of every module of ``numbabn.kernels``. Numba stamps a cache entry with
     a hash of the kernel's own source file only, but the kernels inline helpers from
-    their sibling modules (``storage``, ``stream``): an edit or an upgrade that
+    their sibling modules (``storage``, ``stream``, ``prefetch``): an edit or an upgrade that
     changed only one of those would leave the old machine code in the cache. Hashing
     the whole package (not a list of the modules imported today) also covers a helper
     module added later; a change to the CUDA kernels costs one needless recompile."""
