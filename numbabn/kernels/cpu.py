@@ -190,8 +190,9 @@ _MC_MIN_ROWS = 256
 # never runs). Four runs per pass, without prefetching, were 1.5x faster in
 # cache but slower from memory (runs of 256 values) or no faster on two threads
 # (runs of 1024), and took 1-2 us more on a (64, 100) batch. The gradient sums take
-# one run at a time: they read two arrays and ran at this VM's read bandwidth
-# already ((200704, 64): 103 MB in 6.3-7.2 ms on two threads).
+# one run at a time: paired and prefetched the same way (four interleaved streams:
+# x and dy of two runs) they ran slower on two threads, (200704, 64) 13.4-16.5
+# against 8.8-9.9 ms (medians of 20, three rounds; with ReLU no clear change).
 # The element-wise passes gained nothing from runs while they wrote rows straight
 # into the output; since they stream large outputs through a buffer (see
 # :mod:`numbabn.kernels.stream`) they walk the same runs: with rows of C = 64 values,
