@@ -3,16 +3,16 @@
 Numba has no prefetch instruction, so :func:`prefetch` is an LLVM intrinsic
 (``llvm.prefetch``: a hint, never a fault, dropped on targets without one) that
 requests the cache lines of a stretch of a 1-D array. It emits its loop itself: the
-same loop written in Numba took 0.15-0.3 s more to compile (range iteration's IR).
+same loop written in Numba took 0.1-0.2 s more to compile per kernel signature.
 
 Why it is needed: the channels-last statistics of float32 and 16-bit data walk two
 consecutive runs of a block at once (one load-add-store of the float64 accumulators
 per two values, see ``stats_mc`` in :mod:`numbabn.kernels.cpu`). That halves the
 accumulators' stores, which bound the loop in cache, but reading ``x[i + j]`` and
-``x[i + FC + j]`` interleaved left this VM's hardware prefetcher (AMD EPYC, Zen 1)
-behind: from memory the paired loop ran 1.23-1.34 G values/s on one thread against
-1.45 for one run at a time. Prefetching the next pair's lines (2 KB ahead) gave
-1.88-2.02 (throwaway kernels, float32, (200704, 64), min of 10).
+``x[i + FC + j]`` interleaved ran slower from memory on this VM (AMD EPYC, Zen 1):
+1.23-1.34 G values/s on one thread against 1.45 for one run at a time. Prefetching
+the next pair's lines (2 KB ahead) gave 1.88-2.02 (throwaway kernels, float32,
+(200704, 64), min of 10).
 """
 
 from llvmlite import ir
