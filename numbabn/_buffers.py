@@ -5,7 +5,7 @@ are freed, but never above 32 MiB on 64-bit Linux) with fresh pages from the
 kernel, and returns them to the kernel on ``free``. Every batch norm of a
 64x64x56x56 float32 input (51 MB) used to fault in and zero a new output: 2.3-2.8 ms
 of an 8 ms eval forward on a 2-vCPU VM even with NumPy's transparent-huge-page hint,
-the difference between 55 % and 80 % of the copy bandwidth (README, "Output
+the difference between 55 % and 80 % of the copy bandwidth (docs/performance.md, "Output
 buffers"). Below the threshold glibc already reuses freed memory, so only buffers
 of at least :data:`MIN_BYTES` come from here.
 

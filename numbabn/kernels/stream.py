@@ -31,7 +31,7 @@ input on its own made its eval 1.8x slower, as neighbouring rows shared lines.
 Taking the buffer once per stretch rather than once per row (``target``'s checks
 and views per 196-value row) made that eval 1.2-1.35x faster again on two threads
 (1.5x on one), and the channels-last passes (runs of 256 values) 1.05-1.15x (see the
-README's "One output buffer per block"). Writing straight into the
+measurement record's "One output buffer per block", docs/performance.md). Writing straight into the
 output in short aligned segments instead measured 3x slower: every segment's array
 views cost Numba's reference counting, and Numba's negative-index handling of a
 loop not starting at 0 stopped LLVM from vectorising. Measured on 51 MB, ``y = a*x + b`` in float32 (a throwaway kernel,
