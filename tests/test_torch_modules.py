@@ -660,3 +660,29 @@ def test_torch_compile_runs_the_same_steps():
             assert torch.equal(a.grad, b.grad), name
     for a, b in zip(eager.buffers(), compiled_model.buffers(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("make", ["bn", "sync", "fused"])
+def test_scripting_raises_a_clear_error_and_changes_nothing(make):
+    """``torch.jit.script`` on a model holding a numbabn layer raises an error that
+    names the layer and what works instead, rather than TorchScript's message about
+    the first Python construct it meets inside the layer; and the model keeps its
+    layers (scripting replaces submodules in the caller's model with what their
+    ``__prepare_scriptable__`` returns)."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers)
+    nbt.convert_batchnorm(model, sync=make == "sync", fuse_relu=make == "fused")
+    if make == "fused":  # the FusedReLU alone, its batch norm put back to torch.nn's
+        model[1] = torch.nn.BatchNorm2d(4)
+    before = list(model)
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    name = type(model[2] if make == "fused" else model[1]).__name__
+    with pytest.raises(
+        RuntimeError, match=rf"torch\.jit\.script cannot compile numbabn\.torch\.{name}: .*torch\.jit\.trace"
+    ):
+        torch.jit.script(model)
+    assert list(model) == before
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)

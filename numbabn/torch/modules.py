@@ -53,9 +53,10 @@ Where numbabn differs from PyTorch:
   records.
 * Under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ...) the layers
   run PyTorch's ``batch_norm`` too (the transforms' wrapped tensors have no memory
-  numbabn may view). TorchScript scripting is not supported (PyTorch raises its own
-  error). Under ``torch.compile`` an input handed to PyTorch anyway (below the
-  threshold above, not a synchronizing SyncBatchNorm) is traced into the graph as
+  numbabn may view). TorchScript scripting is not supported: ``torch.jit.script``
+  raises a RuntimeError that names the layer and the alternatives (tracing, export).
+  Under ``torch.compile`` an input handed to PyTorch anyway (below the threshold
+  above, not a synchronizing SyncBatchNorm) is traced into the graph as
   PyTorch's ops; any other makes the layer one opaque call (one graph break; Dynamo
   does not trace numbabn's Python), which runs as it does eagerly; a
   :class:`FusedReLU` is a plain ReLU in the graph. ``torch.autograd.grad`` and
@@ -148,6 +149,20 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 _rectified: list[Any] = [None, -1]
 
 
+def _not_scriptable(name: str) -> RuntimeError:
+    """The error ``torch.jit.script`` raises for a numbabn module, instead of
+    TorchScript's own message about the first Python construct it cannot compile.
+    Raised from ``__prepare_scriptable__``, which scripting calls on every submodule
+    before it compiles anything. Returning a torch.nn stand-in instead would not do:
+    scripting puts what that hook returns into the caller's own model."""
+    return RuntimeError(
+        f"torch.jit.script cannot compile numbabn.torch.{name}: its forward calls numbabn's "
+        "kernels from Python, which TorchScript cannot hold. torch.jit.trace, torch.export "
+        "(and torch.onnx.export) record PyTorch's batch_norm in its place; torch.compile runs it "
+        "as one opaque call"
+    )
+
+
 class FusedReLU(torch.nn.ReLU):
     """What ``convert_batchnorm(fuse_relu=True)`` leaves where it took a ``ReLU`` out.
 
@@ -168,6 +183,9 @@ class FusedReLU(torch.nn.ReLU):
         if ref is not None and ref() is input and input._version == version:
             return input
         return super().forward(input)
+
+    def __prepare_scriptable__(self) -> "FusedReLU":
+        raise _not_scriptable(type(self).__name__)
 
 
 class NumbabnBatchNorm:
@@ -237,6 +255,9 @@ class NumbabnBatchNorm:
                 f"{name}: input has dtype {input.dtype} but the module's parameters/buffers have "
                 f"{ref.dtype}; convert one of them (module.to(dtype) or input.to(dtype))"
             )
+
+    def __prepare_scriptable__(self) -> "NumbabnBatchNorm":
+        raise _not_scriptable(type(self).__name__)
 
     def _input_rejected(self, error: Exception) -> None:
         """Called with the input's validation error just before it is raised."""
