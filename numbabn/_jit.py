@@ -40,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numba
 from numba import njit
 from numba.core.caching import FunctionCache, NullCache
 from numba.core.runtime import rtsys
@@ -59,6 +60,11 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
+
+
+class CompilerDisabledError(RuntimeError):
+    """Numba's compiler is switched off in this process (``NUMBA_DISABLE_JIT=1``), and
+    the kernels cannot run without it (see :func:`require_compiler`)."""
 
 
 class CacheWarning(UserWarning):
@@ -183,6 +189,7 @@ class Kernel:
             with _lock:
                 disp = self._specs.get(signature)
                 if disp is None:
+                    require_compiler()
                     disp = njit(nogil=True, fastmath=self.fastmath, error_model="numpy")(self.py_func)
                     disp._cache = _cache_for(self.py_func)  # see the module docstring
                     if isinstance(disp._cache, _GuardedCache):
@@ -191,6 +198,20 @@ class Kernel:
                     disp.disable_compile()
                     self._specs[signature] = disp
         return disp
+
+
+def require_compiler() -> None:
+    """Raise if Numba's compiler is switched off in this process. With
+    ``NUMBA_DISABLE_JIT=1`` (how users debug their own Numba code) ``njit`` returns
+    the plain Python function, and the kernels cannot run as Python: they are built
+    on LLVM intrinsics (``numbabn.kernels.storage``, ``stream``, ``prefetch``). Checked
+    before anything is computed, so a call that raises here changes nothing."""
+    if numba.config.DISABLE_JIT:
+        raise CompilerDisabledError(
+            "numbabn's CPU kernels need Numba's compiler, which NUMBA_DISABLE_JIT=1 "
+            "(numba.config.DISABLE_JIT) turns off in this process; they cannot run as plain Python. "
+            "Unset NUMBA_DISABLE_JIT in the process that calls numbabn"
+        )
 
 
 def _cache_for(fn: Callable[..., Any]) -> "FunctionCache | NullCache":

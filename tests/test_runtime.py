@@ -201,6 +201,37 @@ def test_no_writable_cache_location_compiles_in_memory(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_numba_jit_disabled_raises_a_clear_error_before_anything_changes(tmp_path):
+    """NUMBA_DISABLE_JIT=1 (how users debug their own Numba code) turns ``njit`` into
+    a no-op, and the kernels cannot run as Python: a call says so, naming the switch,
+    before it touches the running statistics; ``import numbabn`` still works, and so
+    does the CLI's error convention (one line, exit code 2)."""
+    script = textwrap.dedent("""
+        import numpy as np
+        import numbabn
+        from numbabn._jit import CompilerDisabledError
+        x = np.random.default_rng(0).standard_normal((4, 3, 5, 6)).astype(np.float32)
+        rm, rv = np.full(3, 0.5, np.float32), np.full(3, 2.0, np.float32)
+        try:
+            numbabn.batch_norm_forward(x, None, None, running_mean=rm, running_var=rv)
+        except CompilerDisabledError as exc:
+            assert isinstance(exc, RuntimeError)
+            print(exc)
+        else:
+            raise AssertionError("no error")
+        assert (rm == 0.5).all() and (rv == 2.0).all()
+    """)
+    result = _fresh(tmp_path, script, NUMBA_DISABLE_JIT="1")
+    assert result.returncode == 0, result.stderr.decode()
+    assert "NUMBA_DISABLE_JIT" in result.stdout.decode()
+    assert not any(tmp_path.iterdir())  # nothing compiled, nothing cached
+    for command in (["warmup"], ["bench", "--repeat", "1", "--compare", "none"]):
+        result = _fresh(tmp_path, f"from numbabn.cli import main; main({command!r})", NUMBA_DISABLE_JIT="1")
+        err = result.stderr.decode().strip().splitlines()
+        assert result.returncode == 2 and len(err) == 1, (command, result.stderr.decode())
+        assert err[0].startswith("Error: numbabn's CPU kernels need Numba's compiler"), command
+
+
 # ------------------------------------------------------------------ fork and threads
 
 

@@ -137,9 +137,11 @@ def copy_bandwidth(nbytes: int = 256 << 20, repeat: int = 5) -> float:
     way the kernels do."""
     from numba import njit
 
+    from .._jit import require_compiler
     from .._threads import parallel_for
     from ..kernels.stream import fence, write
 
+    require_compiler()  # the copy below is built on the kernels' intrinsics
     block = 1 << 16
 
     @njit(nogil=True)

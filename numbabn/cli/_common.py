@@ -20,6 +20,7 @@ the previous file as it was.
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -110,13 +111,17 @@ def whole_short_help(cmd: click.Command) -> str:
 
 
 def _as_one_line(exc: BaseException) -> "CLIError | None":
-    """click's usage errors (and running out of memory) as a one-line CLIError."""
+    """click's usage errors, running out of memory and Numba's compiler switched off
+    (``NUMBA_DISABLE_JIT=1``) as a one-line CLIError; None for anything else."""
     if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # prints the help: leave it alone
         return None
     if isinstance(exc, click.UsageError):
         return CLIError(exc.format_message())
     if isinstance(exc, MemoryError):
         return CLIError(f"out of memory ({type(exc).__name__}: {exc}); try smaller inputs")
+    jit = sys.modules.get("numbabn._jit")  # loaded once a command reaches the kernels
+    if jit is not None and isinstance(exc, jit.CompilerDisabledError):  # NUMBA_DISABLE_JIT=1
+        return CLIError(str(exc))
     return None
 
 
@@ -138,7 +143,7 @@ class RootGroup(LazyGroup):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.UsageError, MemoryError) as exc:
+        except Exception as exc:  # re-raised as it came unless _as_one_line knows it
             error = _as_one_line(exc)
             if error is None:
                 raise

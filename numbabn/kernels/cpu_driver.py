@@ -20,6 +20,7 @@ from numba import from_dtype, types
 from numpy.typing import NDArray
 
 from .. import _compile_ahead, _threads, config
+from .._jit import require_compiler
 from .._layout import BFLOAT16, STORAGE, compute_dtype
 from . import cpu
 
@@ -42,6 +43,7 @@ class _Specs:
     """The compiled kernels of one (storage dtype, layout), specialised on first use."""
 
     def __init__(self, dtype: Any, layout: str) -> None:
+        require_compiler()  # before cpu._fold.py_func: with NUMBA_DISABLE_JIT it is a plain function
         self.key = np.dtype(dtype).char
         nd = 3 if layout == "ncl" else 2
         cdt = compute_dtype(dtype)  # float32 for the 16-bit storage integers
