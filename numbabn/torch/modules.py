@@ -79,7 +79,7 @@ PyTorch's op, below the threshold above, has PyTorch's double backward).
 """
 
 import weakref
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch.nn import functional as F
@@ -184,7 +184,7 @@ class FusedReLU(torch.nn.ReLU):
             return input
         return super().forward(input)
 
-    def __prepare_scriptable__(self) -> "FusedReLU":
+    def __prepare_scriptable__(self) -> NoReturn:
         raise _not_scriptable(type(self).__name__)
 
 
@@ -256,7 +256,7 @@ class NumbabnBatchNorm:
                 f"{ref.dtype}; convert one of them (module.to(dtype) or input.to(dtype))"
             )
 
-    def __prepare_scriptable__(self) -> "NumbabnBatchNorm":
+    def __prepare_scriptable__(self) -> NoReturn:
         raise _not_scriptable(type(self).__name__)
 
     def _input_rejected(self, error: Exception) -> None:
