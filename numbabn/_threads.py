@@ -190,7 +190,9 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
     soon as every piece is done, even if a worker never got to run. Inside
     :func:`use_team` the team's threads take the pieces instead of the pool's.
     A piece that raises does not stop the others; the first error is raised once
-    all are done.
+    all are done. Ctrl-C (KeyboardInterrupt) stops every thread at its next piece
+    boundary and is raised once no thread is left in a piece: never while a worker
+    still writes the caller's arrays.
     """
     if size <= config.SERIAL_MAX or blocks <= 1:
         kernel(*args, 0, blocks)
@@ -203,30 +205,74 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
     bounds = [blocks * i // pieces for i in range(pieces + 1)]
     claim = itertools.count().__next__  # one C call: atomic under the GIL
     errors: list[BaseException] = []
+    stop: list[bool] = []  # non-empty: claim no more pieces (the caller was interrupted)
 
-    def take(after_each: Callable[[], Any] | None = None) -> int:
-        """Run pieces until none is left; returns how many this thread ran."""
-        n = 0
-        while (i := claim()) < pieces:
+    def take() -> None:
+        """Run pieces until none is left."""
+        while not stop and (i := claim()) < pieces:
             try:
                 kernel(*args, bounds[i], bounds[i + 1])
             except BaseException as exc:  # raised by the caller once all pieces are done
                 errors.append(exc)
-            n += 1
-            if after_each is not None:
-                after_each()
-        return n
+                if not isinstance(exc, Exception):
+                    stop.append(True)  # Ctrl-C: no thread starts another piece
 
     team = _team.get()
     if team is not None:
-        team(take, min(threads, pieces))
+        team(take, min(threads, pieces))  # returns once every team thread has returned
     else:
-        done = threading.Semaphore(0)  # released once per piece a worker ran
-        pool = _get_pool(threads - 1)
-        for _ in range(min(threads, pieces) - 1):
-            pool.jobs.put((take, (done.release,)))
-        # Never leave while a worker still writes our arrays: wait for its pieces.
-        for _ in range(pieces - take()):
-            done.acquire()
+        _run_on_pool(take, min(threads, pieces) - 1, _get_pool(threads - 1), stop)
     if errors:
         raise errors[0]
+
+
+def _run_on_pool(take: Callable[[], Any], helpers: int, pool: "_Pool", stop: list[bool]) -> None:
+    """Run ``take()`` on this thread and on up to ``helpers`` pool workers; return
+    once this thread's ``take()`` is done and no worker is inside its own.
+
+    A worker whose job starts after this thread has finished takes nothing (every
+    piece is claimed by then), so only workers that got to run are waited for.
+    An exception raised on this thread outside the kernels (Ctrl-C's
+    KeyboardInterrupt, a signal handler's error) stops the claiming (``stop``) but
+    is raised only then: leaving earlier would let a worker go on writing the
+    caller's arrays after the call has raised."""
+    idle = threading.Condition(threading.Lock())
+    state = {"active": 0, "closed": False}
+
+    def job() -> None:
+        with idle:
+            if state["closed"]:
+                return
+            state["active"] += 1
+        try:
+            take()
+        finally:
+            with idle:
+                state["active"] -= 1
+                idle.notify()
+
+    interrupt: BaseException | None = None
+    try:
+        for _ in range(helpers):
+            pool.jobs.put((job, ()))
+    except BaseException as exc:  # fewer helpers: this thread takes their pieces
+        interrupt = exc
+    try:
+        if interrupt is None:
+            take()
+    except BaseException as exc:
+        interrupt = exc
+    if interrupt is not None:
+        stop.append(True)  # the workers finish the piece they are in, then leave
+    finished = False
+    while not finished:
+        try:
+            with idle:
+                state["closed"] = True
+                while state["active"]:
+                    idle.wait()
+            finished = True
+        except BaseException as exc:
+            interrupt = interrupt or exc
+    if interrupt is not None:
+        raise interrupt

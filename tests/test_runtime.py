@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -386,6 +387,55 @@ def test_a_failing_piece_raises_after_every_other_piece_is_done():
     with numbabn.limit_threads(2), pytest.raises(FloatingPointError, match="piece 0"):
         _threads.parallel_for(kernel, 64, 10**7)
     assert sorted(done) == [16, 32, 48]  # the 3 other pieces of 2 threads x 2
+
+
+@pytest.mark.parametrize("when", ["in_a_piece", "waiting"])
+def test_ctrl_c_raises_only_once_no_worker_writes_the_arrays(when):
+    """Ctrl-C (SIGINT on the main thread) during a parallel call, while the calling
+    thread runs a piece or while it waits for a pool worker: the KeyboardInterrupt
+    comes once the worker has left the caller's arrays, no thread starts another
+    piece after it, and the pool serves the next call."""
+    import signal
+
+    from numbabn import _threads
+
+    main = threading.main_thread()
+    assert threading.current_thread() is main  # SIGINT goes to the main thread
+    worker_in, release = threading.Event(), threading.Event()
+    log = []
+    piece_time = 0.5 if when == "in_a_piece" else 0.0
+
+    def kernel(t0, t1):
+        if threading.current_thread() is main:
+            worker_in.wait(30)
+            time.sleep(piece_time)
+        else:
+            worker_in.set()
+            release.wait(30)
+            time.sleep(0.05)
+            log.append("worker left")
+        log.append(t0)
+
+    def ctrl_c():
+        worker_in.wait(30)
+        time.sleep(0.2)
+        signal.pthread_kill(main.ident, signal.SIGINT)
+        time.sleep(0.3)
+        release.set()
+
+    poke = threading.Thread(target=ctrl_c)
+    with numbabn.limit_threads(2):
+        poke.start()
+        with pytest.raises(KeyboardInterrupt):
+            _threads.parallel_for(kernel, 64, 10**7)
+        log.append("raised")
+        poke.join()
+        assert "worker left" in log and log.index("worker left") < log.index("raised")
+        if when == "in_a_piece":  # the worker's piece only: the interrupted one and 2 never started
+            assert [t for t in log if isinstance(t, int)] == [16]
+        seen = []
+        _threads.parallel_for(lambda t0, t1: seen.append((t0, t1)), 64, 10**7)
+    assert sorted(seen) == [(0, 16), (16, 32), (32, 48), (48, 64)]
 
 
 def test_thread_count_from_environment(tmp_path):
