@@ -158,7 +158,8 @@ class _GuardedCache(FunctionCache):
             _warn_once(
                 ("save", self.cache_path),
                 f"numbabn: could not write the kernel cache in {self.cache_path} "
-                f"({type(exc).__name__}: {exc}); kernels are compiled in memory only",
+                f"({type(exc).__name__}: {exc}); a kernel that cannot be written there is compiled "
+                "in memory only, for this process (this warning is shown once)",
             )
 
 

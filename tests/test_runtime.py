@@ -202,6 +202,29 @@ def test_no_writable_cache_location_compiles_in_memory(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_cache_write_that_fails_warns_once_and_compiles_in_memory(tmp_path):
+    """A disk that fills up (or a directory whose permissions change) after Numba chose
+    the cache location: every entry fails to save, the calls still give the right
+    results, and one warning says what happened, not one per kernel."""
+    script = (
+        textwrap.dedent("""
+        import errno
+        import numba.core.caching as c
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        c.IndexDataCacheFile.save = full
+    """)
+        + _SCRIPT
+    )
+    result = _fresh(tmp_path, script, NUMBABN_COMPILE_AHEAD="0")  # the helper's disk is not full
+    _same(result, _expected())
+    err = result.stderr.decode()
+    assert err.count("CacheWarning") == 1, err
+    assert "could not write the kernel cache" in err and "No space left on device" in err
+    assert "compiled in memory only, for this process" in err
+    assert not list(tmp_path.rglob("*.nbc"))
+
+
 def test_numba_jit_disabled_raises_a_clear_error_before_anything_changes(tmp_path):
     """NUMBA_DISABLE_JIT=1 (how users debug their own Numba code) turns ``njit`` into
     a no-op, and the kernels cannot run as Python: a call says so, naming the switch,
