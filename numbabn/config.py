@@ -1,5 +1,9 @@
 """Host-side defaults, read once at import from environment variables.
 
+Integers must parse (and be in range) and switches must be one of 1/true/yes/on or
+0/false/no/off, any case; otherwise ``import numbabn`` raises a ValueError naming
+the variable: a misspelt setting never silently means something else.
+
 Kernels never read these globals (Numba would freeze them at compile time); the
 functional layer passes them in as arguments.
 
@@ -16,7 +20,7 @@ functional layer passes them in as arguments.
     CPU kernel threads (default: the CPUs this process may use, see
     ``numbabn.set_num_threads``).
 ``NUMBABN_QUIET``
-    1 silences the one-line notice printed before the first kernel compile of a
+    1 (a switch) silences the one-line notice printed before the first kernel compile of a
     process.
 ``NUMBABN_COMPILE_AHEAD``
     0 stops numbabn from compiling the backward's kernels in a helper process while
@@ -59,6 +63,25 @@ def _positive_int(name: str, default: int, least: int = 1) -> int:
     return value
 
 
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off")
+
+
+def _switch(name: str, default: bool) -> bool:
+    """An on/off environment variable: 1/true/yes/on or 0/false/no/off (any case);
+    unset or empty: ``default``. Anything else raises, as a bad integer does: a
+    ``NUMBABN_COMPILE_AHEAD=false`` read as "not 0" used to leave the switch on."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if not value:
+        return default
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    raise ValueError(f"environment variable {name} must be one of {'/'.join(_ON)} or {'/'.join(_OFF)}, got {raw!r}")
+
+
 def _last_level_cache() -> int:
     """Bytes of the largest cache of CPU 0 in Linux's sysfs, or 32 MiB if unknown."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -77,8 +100,8 @@ CHUNK = _positive_int("NUMBABN_CHUNK", 16384)
 SERIAL_MAX = _positive_int("NUMBABN_SERIAL_MAX", 1 << 18)
 CUDA_THREADS = _positive_int("NUMBABN_CUDA_THREADS", 256)
 NUM_THREADS = _positive_int("NUMBABN_NUM_THREADS", 0) if os.environ.get("NUMBABN_NUM_THREADS") else None
-QUIET = os.environ.get("NUMBABN_QUIET", "") not in ("", "0")
-COMPILE_AHEAD = os.environ.get("NUMBABN_COMPILE_AHEAD", "1") != "0"
+QUIET = _switch("NUMBABN_QUIET", False)
+COMPILE_AHEAD = _switch("NUMBABN_COMPILE_AHEAD", True)
 BUFFER_CACHE_MB = _positive_int("NUMBABN_BUFFER_CACHE_MB", 256, least=0)
 STREAM_MIN = (
     _positive_int("NUMBABN_STREAM_MIN_MB", 0, least=0) << 20
@@ -86,4 +109,4 @@ STREAM_MIN = (
     else _last_level_cache()
 )
 TORCH_NATIVE_BELOW = _positive_int("NUMBABN_TORCH_NATIVE_BELOW", 1 << 20, least=0)
-TORCH_OPENMP = os.environ.get("NUMBABN_TORCH_OPENMP", "1") != "0"
+TORCH_OPENMP = _switch("NUMBABN_TORCH_OPENMP", True)
