@@ -237,41 +237,36 @@ def _run_on_pool(take: Callable[[], Any], helpers: int, pool: "_Pool", stop: lis
     is raised only then: leaving earlier would let a worker go on writing the
     caller's arrays after the call has raised."""
     idle = threading.Condition(threading.Lock())
-    state = {"active": 0, "closed": False}
+    active, closed = 0, False  # workers inside take(); no worker may enter any more
 
     def job() -> None:
+        nonlocal active
         with idle:
-            if state["closed"]:
+            if closed:
                 return
-            state["active"] += 1
+            active += 1
         try:
             take()
         finally:
             with idle:
-                state["active"] -= 1
+                active -= 1
                 idle.notify()
 
     interrupt: BaseException | None = None
     try:
         for _ in range(helpers):
             pool.jobs.put((job, ()))
-    except BaseException as exc:  # fewer helpers: this thread takes their pieces
+        take()
+    except BaseException as exc:  # only a signal's: take() keeps the kernels' errors
         interrupt = exc
-    try:
-        if interrupt is None:
-            take()
-    except BaseException as exc:
-        interrupt = exc
-    if interrupt is not None:
         stop.append(True)  # the workers finish the piece they are in, then leave
-    finished = False
-    while not finished:
+    while True:
         try:
             with idle:
-                state["closed"] = True
-                while state["active"]:
+                closed = True
+                while active:
                     idle.wait()
-            finished = True
+            break
         except BaseException as exc:
             interrupt = interrupt or exc
     if interrupt is not None:
