@@ -107,6 +107,18 @@ def test_activations_values_and_no_overflow_warnings():
     assert s.dtype == t.dtype == np.float32
 
 
+def test_softmax_cross_entropy_under_numpy_errors_raised():
+    """A logit far below its row's largest underflows to probability 0 by design;
+    with np.seterr(all="raise") (how users hunt their own NaNs) that used to raise
+    FloatingPointError from inside the loss."""
+    z = np.array([[0.0, -200.0, 5.0], [1000.0, 0.0, -1000.0]])
+    with np.errstate(all="raise"):
+        loss, grad = SoftmaxCrossEntropy().forward(z, np.array([2, 0]))
+    expected = (np.log(1 + np.exp(-5.0)) + 0.0) / 2  # row 0: -log softmax(z)[2]; row 1: exactly 0
+    assert loss == pytest.approx(expected, rel=1e-12)
+    assert grad[1, 1] == 0.0 and grad[1, 2] == 0.0 and np.isfinite(grad).all()
+
+
 def test_flatten_round_trip(rng):
     x = randn(rng, 2, 3, 4)
     layer = Flatten()

@@ -252,3 +252,14 @@ def test_bad_parameters_raise_clear_errors(params, match):
 def test_one_sample_with_batch_norm_is_refused():
     with pytest.raises(ValueError, match="at least 2 samples"):
         BNMLPRegressor().fit([[1.0, 2.0]], [1.0])
+
+
+def test_predict_proba_under_numpy_errors_raised():
+    """Far-apart logits underflow to probability 0 by design; under
+    np.seterr(all="raise") predict_proba used to raise FloatingPointError."""
+    X, y = make_blobs(n_samples=60, centers=3, random_state=0)
+    clf = BNMLPClassifier(**FAST, random_state=0).fit(X, y)
+    with np.errstate(all="raise"):
+        proba = clf.predict_proba(X * 1e4)  # eval-mode BN keeps the scale: logits thousands apart
+    assert (proba == 0).any()
+    assert_allclose(proba.sum(axis=1), 1.0)

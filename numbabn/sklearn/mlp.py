@@ -484,8 +484,9 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
         check_is_fitted(self)
         z = self._forward(validate_data(self, X, reset=False, dtype=FLOAT_DTYPES, accept_sparse=False))
         z = z - z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        p /= p.sum(axis=1, keepdims=True)
+        with np.errstate(under="ignore"):  # far smaller logits give 0 by design, also under np.seterr(all="raise")
+            p = np.exp(z)
+            p /= p.sum(axis=1, keepdims=True)
         return p
 
     def predict(self, X: ArrayLike) -> NDArray[Any]:
