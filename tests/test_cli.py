@@ -406,12 +406,12 @@ def test_experiment_seam(fake_experiments, tmp_path):
     assert json.loads(result.output) == {"steps": 5, "seeds": [3, 4], "lr": [0.5, 0.2], "full": True, "out": str(out)}
     assert (out / "toy.txt").read_text() == "done"
     assert json.loads(invoke("experiment", "toy", "--seeds", "2", "--json").output)["seeds"] == 2
-    assert invoke("experiment", "toy").output.splitlines() == [
+    assert invoke("experiment", "toy").output.splitlines() == [  # numbabn.train.summary.format_summary
         "steps: None",
         "seeds: None",
-        "lr: None",
-        "full: False",
-        "out: None",
+        "lr:    None",
+        "full:  False",
+        "out:   None",
     ]
     assert invoke("experiment", "toy", "--steps", "0").exit_code == 2
     assert invoke("experiment", "nope").exit_code == 2

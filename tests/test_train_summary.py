@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import binom
 
 from numbabn.train.lr_search import largest_stable_lr, trains
-from numbabn.train.summary import binomial_interval, compare, spread, win_count
+from numbabn.train.summary import binomial_interval, compare, format_summary, spread, win_count
 
 
 def test_spread_median_and_iqr_drop_non_finite():
@@ -69,6 +69,34 @@ def test_compare_counts_probes_and_seeds():
 
 
 # ------------------------------------------------------------------ learning-rate edge
+def test_format_summary_reads_as_text():
+    """What ``numbabn experiment`` prints without --json: sections indented, names
+    aligned within a section, spreads and win counts in words (it used to print
+    each top-level entry as one Python dict repr)."""
+    bn = np.array([[1.0, 2.0, 3.0, np.nan], [2.0, 2.0, 2.0, 2.0]])
+    standard = np.array([[2.0, 4.0, 1.0, 1.0], [4.0, 4.0, 4.0, 4.0]])
+    summary = {
+        "data": "digits 8×8",
+        "lr=0.1": {"l2": compare(bn, standard), "steps": spread([np.nan, np.inf]), "first": win_count(0, 0)},
+        "figures": ["a.png", "b.png"],
+        "seconds": 3.14159,
+    }
+    assert format_summary(summary).splitlines() == [
+        "data:    digits 8×8",
+        "lr=0.1",
+        "  l2",
+        "    ratio:    median 0.5, IQR 0.5 to 0.5, n=7, 1 dropped",  # the NaN pair
+        "    probes:   6 of 7 (86%; 95% CI 42% to 100%)",
+        "    seeds:    1 of 2 (50%; 95% CI 1% to 99%)",  # seed 0: median 2 against 2, not smaller
+        "    bn:       median 2, IQR 2 to 2, n=7, 1 dropped",
+        "    standard: median 4, IQR 3 to 4, n=7, 1 dropped",
+        "  steps: no finite value, 2 dropped",
+        "  first: 0 of 0",
+        "figures: a.png, b.png",
+        "seconds: 3.142",
+    ]
+
+
 def test_trains_rule():
     assert trains([2.0, 1.5, 1.0]) and not trains([2.0, 1.5, 1.0], fraction=0.5)
     assert trains([2.0, 1.5, 0.9], fraction=0.5)

@@ -19,7 +19,8 @@ None: the experiment's default), ``full`` (the longer preset), ``out`` (a
 ``pathlib.Path`` to an existing, empty directory for its figures and JSON, or None:
 write nothing) and, when the function takes it, ``progress`` (False with
 ``numbabn -q``). An experiment whose function takes ``depth`` also gets ``--depth``.
-The returned dict is printed as ``key: value`` lines, or as JSON with ``--json``.
+The returned dict is printed as indented text
+(:func:`numbabn.train.summary.format_summary`), or as JSON with ``--json``.
 Adding an experiment is therefore one entry in ``EXPERIMENTS``; nothing here changes.
 
 ``--out DIR`` follows the command line's output rule (:mod:`numbabn.cli._common`): the
@@ -89,7 +90,9 @@ def _command(name: str, fn: Callable[..., dict[str, Any]]) -> click.Command:
         if as_json:
             click.echo(json.dumps(summary, indent=2, default=str))
         else:
-            click.echo("\n".join(f"{key}: {value}" for key, value in summary.items()))
+            from ..train.summary import format_summary  # imported with the experiments, not for --help
+
+            click.echo(format_summary(summary))
 
     options = [
         click.option(

@@ -10,6 +10,10 @@ network, a ``(seeds, probes)`` array of one measure. What the experiments report
 ``win_count(k, n)``
     "BN smaller on k of n" with the exact (Clopper–Pearson) two-sided 95 % interval
     for the underlying probability. The interval assumes n independent trials.
+``format_summary(summary)``
+    An experiment's nested summary as indented text, one line per measure, the
+    ``spread`` and ``win_count`` entries in words (what ``numbabn experiment``
+    prints without ``--json``).
 ``compare(bn, standard)``
     Both: the ratio bn/standard per (seed, probe) summarised by ``spread``; the
     win count over all probes (``probes``); and the win count over seeds
@@ -20,6 +24,7 @@ network, a ``(seeds, probes)`` array of one measure. What the experiments report
     honest. Both are reported, the seed count first in the docs.
 """
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -93,3 +98,56 @@ def compare(bn: ArrayLike, standard: ArrayLike) -> dict[str, Any]:
         "bn": spread(np.where(ok, bn, np.nan)),
         "standard": spread(np.where(ok, standard, np.nan)),
     }
+
+
+_SPREAD_KEYS = frozenset({"median", "q25", "q75", "n", "dropped"})
+_WIN_KEYS = frozenset({"k", "n", "fraction", "ci"})
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _leaf(value: Any) -> str | None:
+    """One line for a value that is not a nested section, else None."""
+    if isinstance(value, Mapping):
+        if set(value) == _SPREAD_KEYS:
+            dropped = f", {value['dropped']} dropped" if value["dropped"] else ""
+            if not value["n"]:
+                return f"no finite value{dropped}"
+            return (
+                f"median {_number(value['median'])}, IQR {_number(value['q25'])} to {_number(value['q75'])}, "
+                f"n={value['n']}{dropped}"
+            )
+        if set(value) == _WIN_KEYS:
+            if not value["n"]:
+                return "0 of 0"
+            lower, upper = value["ci"]
+            return f"{value['k']} of {value['n']} ({value['fraction']:.0%}; 95% CI {lower:.0%} to {upper:.0%})"
+        return None
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_number(v) for v in value) if value else "(none)"
+    return _number(value)
+
+
+def format_summary(summary: Mapping[str, Any], indent: int = 0) -> str:
+    """``summary`` (nested dicts of :func:`spread`, :func:`win_count`, numbers,
+    strings and lists) as lines of text: a section's name on its own line with its
+    entries indented below it; ``name: value`` for the rest, names aligned within
+    a section. A spread reads ``median M, IQR Q25 to Q75, n=N`` (``, D dropped``
+    when values were not finite), a win count ``K of N (fraction; 95% CI lower to
+    upper)``."""
+    pad = " " * indent
+    leaves = {key: _leaf(value) for key, value in summary.items()}
+    width = max((len(str(k)) for k, line in leaves.items() if line is not None), default=0)
+    lines = []
+    for key, value in summary.items():
+        line = leaves[key]
+        if line is None:
+            lines.append(f"{pad}{key}")
+            lines.append(format_summary(value, indent + 2))
+        else:
+            lines.append(f"{pad}{str(key) + ':':<{width + 1}} {line}")
+    return "\n".join(lines)
