@@ -137,7 +137,11 @@ class _Pool:
 def _get_pool(workers: int) -> "_Pool":
     global _pool
     with _lock:
-        if _pool is None or _pool.size != workers:
+        # Grown, never shrunk: a caller asking for fewer workers queues fewer jobs,
+        # and idle workers block. (numbabn.torch's calls follow PyTorch's thread
+        # count, numbabn's own follow numbabn's: a pool rebuilt on every change
+        # would start threads on every call that alternates between them.)
+        if _pool is None or _pool.size < workers:
             if _pool is not None:
                 _pool.close()
             _pool = _Pool(workers)
@@ -155,21 +159,24 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-# A team runner, ``run(body, n)``: runs ``body()`` on ``n`` threads (the calling one
-# among them) and returns when every one has returned. None: numbabn's own pool.
-# numbabn.torch sets PyTorch's OpenMP team here around its kernel calls.
-_team: contextvars.ContextVar[Callable[[Callable[[], Any], int], None] | None] = contextvars.ContextVar(
+_Runner = Callable[[Callable[[], Any], int], None]
+# (runner, threads) of :func:`use_team`, or None outside it. A runner ``run(body, n)``
+# runs ``body()`` on ``n`` threads (the calling one among them) and returns when
+# every one has returned; None: numbabn's own pool. numbabn.torch sets PyTorch's
+# OpenMP team and thread count here around its kernel calls.
+_team: contextvars.ContextVar[tuple[_Runner | None, int | None] | None] = contextvars.ContextVar(
     "numbabn_team", default=None
 )
 
 
 @contextlib.contextmanager
-def use_team(run: Callable[[Callable[[], Any], int], None] | None) -> Iterator[None]:
-    """``with use_team(run):`` the kernels called in this context (this thread or
-    task) run their pieces through ``run(body, n)``, which must call ``body()`` on
-    ``n`` threads, the calling one included, and return when all have returned
-    (None: numbabn's own pool). Results do not depend on it."""
-    token = _team.set(run)
+def use_team(run: _Runner | None, threads: int | None = None) -> Iterator[None]:
+    """``with use_team(run, threads):`` the kernels called in this context (this
+    thread or task) use ``threads`` threads (None: :func:`get_num_threads`) and run
+    their pieces through ``run(body, n)``, which must call ``body()`` on ``n``
+    threads, the calling one included, and return when all have returned (None:
+    numbabn's own pool). Results do not depend on either."""
+    token = _team.set((run, threads))
     try:
         yield
     finally:
@@ -180,7 +187,8 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
     """Run ``kernel(*args, t0, t1)`` over the blocks ``0 <= t < blocks``.
 
     Serial (one call on this thread) when ``size`` <= ``config.SERIAL_MAX`` elements,
-    when there is one block, or with one thread. Otherwise the blocks are cut into
+    when there is one block, or with one thread (:func:`get_num_threads`, or the
+    count :func:`use_team` sets). Otherwise the blocks are cut into
     up to 2 contiguous pieces per thread (each of at least ``config.SERIAL_MAX``
     elements), and the calling thread and the pool's workers take pieces in turn
     until none is left. Taking pieces rather than being handed one fixed span each
@@ -197,7 +205,9 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
     if size <= config.SERIAL_MAX or blocks <= 1:
         kernel(*args, 0, blocks)
         return
-    threads = get_num_threads()
+    run, threads = _team.get() or (None, None)
+    if threads is None:
+        threads = get_num_threads()
     if threads <= 1:
         kernel(*args, 0, blocks)
         return
@@ -217,9 +227,8 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
                 if not isinstance(exc, Exception):
                     stop.append(True)  # Ctrl-C: no thread starts another piece
 
-    team = _team.get()
-    if team is not None:
-        team(take, min(threads, pieces))  # returns once every team thread has returned
+    if run is not None:
+        run(take, min(threads, pieces))  # returns once every team thread has returned
     else:
         _run_on_pool(take, min(threads, pieces) - 1, _get_pool(threads - 1), stop)
     if errors:

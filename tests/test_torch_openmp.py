@@ -72,6 +72,41 @@ def test_large_calls_run_on_the_openmp_team_not_the_pool(monkeypatch, channels_l
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("openmp", [True, False])
+@pytest.mark.parametrize(("torch_threads", "numbabn_threads"), [(1, 2), (2, 1), (3, 2)])
+def test_modules_use_pytorchs_thread_count(monkeypatch, openmp, torch_threads, numbabn_threads):
+    """A numbabn.torch layer uses as many threads as torch.set_num_threads allows, as
+    the torch.nn layer it replaces would, whatever numbabn's own setting: with
+    PyTorch limited to one thread (torchrun's OMP_NUM_THREADS=1 per rank) it used to
+    start a second one. On the OpenMP team or on numbabn's pool."""
+    if openmp and (_openmp.team() is None or not sys.platform.startswith("linux")):
+        pytest.skip("this PyTorch does not run on OpenMP, or the runtime cannot be found")
+    teams, helpers = [], []
+    run = _openmp.team() if openmp else None
+    if run is not None:
+        monkeypatch.setattr(_openmp, "team", lambda: lambda body, n: (teams.append(n), run(body, n))[1])
+    else:
+        monkeypatch.setattr(_openmp, "team", lambda: None)
+    on_pool = _threads._run_on_pool
+    monkeypatch.setattr(
+        _threads, "_run_on_pool", lambda take, n, *rest: (helpers.append(n), on_pool(take, n, *rest))[1]
+    )
+    torch.set_num_threads(torch_threads)
+
+    def used():
+        return teams + [n + 1 for n in helpers]  # a pool call's helpers and the caller
+
+    with numbabn.limit_threads(numbabn_threads):
+        ours, native = _fwd_bwd(0)
+        by_torch = used()
+        numbabn.batch_norm_forward(np.zeros(SHAPE, np.float32))  # numbabn's own API: its own setting
+    # statistics, normalise, gradient sums, gradient apply; then numbabn's statistics, normalise
+    assert by_torch == ([] if torch_threads == 1 else [torch_threads] * 4)
+    assert used()[len(by_torch) :] == ([] if numbabn_threads == 1 else [numbabn_threads] * 2)
+    for a, b in zip(ours, native, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @needs_openmp
 @pytest.mark.parametrize("threads", [2, 3])
 def test_team_and_pool_give_identical_results(threads):

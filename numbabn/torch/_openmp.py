@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from numbabn import config
+from numbabn import _threads, config
 
 _Callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _lock = threading.Lock()
@@ -99,6 +99,14 @@ def team() -> Callable[[Callable[[], Any], int], None] | None:
                 _entry = _find_entry()
                 _searched = True
     return _run_on_team if _entry is not None else None
+
+
+def use_torch_threads() -> Any:
+    """The context numbabn.torch calls the kernels in: as many threads as
+    ``torch.get_num_threads()`` (what the ``torch.nn`` layer it replaces would use;
+    ``numbabn.set_num_threads`` applies to numbabn's own API), on PyTorch's OpenMP
+    team when :func:`team` finds it, else on numbabn's pool."""
+    return _threads.use_team(team(), torch.get_num_threads())
 
 
 def _after_fork() -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import numbabn
-from numbabn import _threads, config
+from numbabn import config
 
 from . import _bridge as B
 from . import _openmp
@@ -165,12 +165,13 @@ def normalize(
 
 
 def _team(x: torch.Tensor) -> Any:
-    """The context the kernels run in: PyTorch's OpenMP team (:mod:`._openmp`) for
-    inputs large enough to run in parallel; a no-op context for small ones, which
-    run on the calling thread anyway (entering the team's context costs ~2 us)."""
+    """The context the kernels run in: PyTorch's thread count and OpenMP team
+    (:func:`._openmp.use_torch_threads`) for inputs large enough to run in parallel;
+    a no-op context for small ones, which run on the calling thread anyway
+    (entering the team's context costs ~2 us)."""
     if x.numel() <= config.SERIAL_MAX:
         return contextlib.nullcontext()
-    return _threads.use_team(_openmp.team())
+    return _openmp.use_torch_threads()
 
 
 def _without_residual(bn: Any) -> Any:

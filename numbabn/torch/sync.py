@@ -42,7 +42,6 @@ import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import numbabn
-from numbabn import _threads
 
 from . import _bridge as B
 from . import _openmp
@@ -131,7 +130,7 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
             )
         perm = B.channels_last_perm(x)
         try:
-            with _threads.use_team(_openmp.team()):  # PyTorch's OpenMP threads, as in BatchNormFunction
+            with _openmp.use_torch_threads():  # PyTorch's threads, as in BatchNormFunction
                 local = numbabn.moments(B.to_array(x, perm), axis=1 if perm is None else -1)
         except Exception:
             self._gather_moments(group, None, None)
