@@ -29,6 +29,7 @@ import ctypes
 import os
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ def team() -> Callable[[Callable[[], Any], int], None] | None:
     return _run_on_team if _entry is not None else None
 
 
-def use_torch_threads() -> Any:
+def use_torch_threads() -> AbstractContextManager[None]:
     """The context numbabn.torch calls the kernels in: as many threads as
     ``torch.get_num_threads()`` (what the ``torch.nn`` layer it replaces would use;
     ``numbabn.set_num_threads`` applies to numbabn's own API), on PyTorch's OpenMP
