@@ -424,6 +424,9 @@ def test_ctrl_c_raises_only_once_no_worker_writes_the_arrays(when):
 
     main = threading.main_thread()
     assert threading.current_thread() is main  # SIGINT goes to the main thread
+    # Python's own handler, whatever this process inherited (a background job, or
+    # nohup, starts with SIGINT ignored, and Python then installs none).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     worker_in, release = threading.Event(), threading.Event()
     log = []
     piece_time = 0.5 if when == "in_a_piece" else 0.0
@@ -449,10 +452,13 @@ def test_ctrl_c_raises_only_once_no_worker_writes_the_arrays(when):
     poke = threading.Thread(target=ctrl_c)
     with numbabn.limit_threads(2):
         poke.start()
-        with pytest.raises(KeyboardInterrupt):
-            _threads.parallel_for(kernel, 64, 10**7)
-        log.append("raised")
-        poke.join()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                _threads.parallel_for(kernel, 64, 10**7)
+            log.append("raised")
+        finally:
+            poke.join()
+            signal.signal(signal.SIGINT, previous)
         assert "worker left" in log and log.index("worker left") < log.index("raised")
         if when == "in_a_piece":  # the worker's piece only: the interrupted one and 2 never started
             assert [t for t in log if isinstance(t, int)] == [16]
