@@ -79,6 +79,7 @@ def test_format_summary_reads_as_text():
         "data": "digits 8×8",
         "lr=0.1": {"l2": compare(bn, standard), "steps": spread([np.nan, np.inf]), "first": win_count(0, 0)},
         "figures": ["a.png", "b.png"],
+        "skipped": {},
         "seconds": 3.14159,
     }
     assert format_summary(summary).splitlines() == [
@@ -93,8 +94,10 @@ def test_format_summary_reads_as_text():
         "  steps: no finite value, 2 dropped",
         "  first: 0 of 0",
         "figures: a.png, b.png",
+        "skipped: (empty)",
         "seconds: 3.142",
     ]
+    assert format_summary({}) == ""
 
 
 def test_trains_rule():

@@ -146,8 +146,9 @@ def format_summary(summary: Mapping[str, Any], indent: int = 0) -> str:
     for key, value in summary.items():
         line = leaves[key]
         if line is None:
-            lines.append(f"{pad}{key}")
-            lines.append(format_summary(value, indent + 2))
+            lines.append(f"{pad}{key}" + ("" if value else ": (empty)"))
+            if value:
+                lines.append(format_summary(value, indent + 2))
         else:
             lines.append(f"{pad}{str(key) + ':':<{width + 1}} {line}")
     return "\n".join(lines)
