@@ -85,7 +85,8 @@ def get_num_threads() -> int:
 
 def set_num_threads(n: int) -> int:
     """Use ``n`` threads (1 <= n; more than :func:`available_cpus` is allowed but
-    only oversubscribes). Returns the previous setting. Results do not depend on it."""
+    only oversubscribes). Returns the previous setting. Results do not depend on it.
+    (numbabn.torch's modules use ``torch.get_num_threads()`` threads instead.)"""
     if isinstance(n, bool) or not isinstance(n, int) and not hasattr(n, "__index__"):
         raise TypeError(f"set_num_threads: n must be a positive int, got {type(n).__name__} {n!r}")
     n = int(n.__index__()) if not isinstance(n, int) else n
