@@ -75,7 +75,8 @@ def register_layer(name: str) -> Callable[[_LayerT], _LayerT]:
 
     The origin shown by :func:`available_layers` is "builtin" for numbabn's own
     layers and the defining module otherwise. Registering a different class under a
-    taken name raises ValueError.
+    taken name (a built-in's, a plugin's or an earlier registration's) raises
+    ValueError, whether or not a layer was looked up before.
     """
     fn = "register_layer"
     _check_name(fn, name)
@@ -85,6 +86,9 @@ def register_layer(name: str) -> Callable[[_LayerT], _LayerT]:
             raise TypeError(f"{fn}({name!r}): expected a Layer subclass, got {cls!r}")
         module = cls.__module__
         origin = "builtin" if module == "numbabn" or module.startswith("numbabn.") else module
+        # The built-in and plugin names first: registered before the first lookup, a
+        # class would otherwise take a built-in's name, silently (the built-in skipped).
+        _ensure_discovered()
         with _lock:
             clash = _add(name, cls, origin)
         if clash:

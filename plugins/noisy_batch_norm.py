@@ -27,7 +27,7 @@ class NoisyBatchNorm(BatchNormBase):
     the step): dBN = dy * s, then the batch-norm backward. Eval mode is plain batch
     norm: the noise perturbs training only.
 
-    Draws come from ``rng`` (a numpy Generator; None for fresh entropy), in the
+    Draws come from ``rng`` (a numpy Generator, an int seed, or None for fresh entropy), in the
     layer's dtype. Input (N, C, ...), channels on axis 1 (float16 input of a float32
     layer: batch norm and noise in float32, float16 output).
     """

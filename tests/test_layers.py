@@ -65,13 +65,17 @@ def test_linear_init_distributions(rng, init, fan_in, fan_out):
     np.testing.assert_array_equal(
         same, Linear(fan_in, fan_out, init=init, rng=np.random.default_rng(3), dtype=np.float64).weight.value
     )
+    # an int seed, as the signature says: numpy.random.default_rng(seed)
+    np.testing.assert_array_equal(same, Linear(fan_in, fan_out, init=init, rng=3, dtype=np.float64).weight.value)
 
 
 def test_linear_errors():
     with pytest.raises(ValueError, match="init must be one of"):
         Linear(2, 3, init="xavier")
-    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
-        Linear(2, 3, rng=42)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator, an int seed >= 0 or None"):
+        Linear(2, 3, rng="42")
+    with pytest.raises(ValueError, match="Linear: rng must be an int >= 0, got -1"):
+        Linear(2, 3, rng=-1)
     with pytest.raises(ValueError, match="in_features must be a positive int"):
         Linear(0, 3)
     with pytest.raises(TypeError, match="dtype must be float32 or float64"):
@@ -276,6 +280,21 @@ def test_sequential_indexing_shares_layers(rng):
         Sequential(a, "relu")
 
 
+def test_a_layer_used_twice_in_one_model_is_refused(rng):
+    """A layer keeps its last forward's input for its backward: used twice, the
+    second forward would overwrite it and the weight gradient would be wrong
+    (PyTorch's autograd would sum both uses). Refused when the model is built, also
+    through a nested container, and the error names the layer."""
+    lin, relu = Linear(3, 3, rng=rng), ReLU()
+    with pytest.raises(ValueError, match=r"child '2' would use Linear\(in_features=3, .*a second time in one model"):
+        Sequential(lin, Tanh(), lin)
+    with pytest.raises(ValueError, match=r"child '1' would use ReLU\(\) a second time"):
+        Sequential(Sequential(lin, relu), Sequential(Linear(3, 3, rng=rng), relu))
+    model = Sequential(lin, relu)
+    assert model[0:2][0] is lin  # a slice is a new model holding each layer once
+    Sequential(model, Linear(3, 3, rng=rng))  # a model inside a larger one: each layer still once
+
+
 def test_softmax_cross_entropy_is_stable_and_exact(rng):
     z = randn(rng, 5, 4, scale=3.0)
     t = rng.integers(0, 4, 5)
@@ -300,6 +319,18 @@ def test_mse_loss(rng):
     np.testing.assert_allclose(d, central_diff(lambda v: MSELoss()(v, target)[0], pred.copy()), rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="target must have the prediction's shape"):
         MSELoss()(pred, target[:2])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_losses_of_an_empty_batch_are_nan_like_torch(dtype):
+    """PyTorch's mean losses of an empty batch are NaN with an empty gradient; no
+    ZeroDivisionError, no "Mean of empty slice" warning (turned into an error here)."""
+    pred = np.zeros((0, 3), dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for loss_fn, target in ((MSELoss(), np.zeros((0, 3))), (SoftmaxCrossEntropy(), np.zeros(0, np.int64))):
+            loss, grad = loss_fn(pred, target)
+            assert np.isnan(loss) and grad.shape == (0, 3) and grad.dtype == dtype
 
 
 def test_bn_mlp_learns_digits():

@@ -130,6 +130,20 @@ def test_register_layer_decorator(fresh_registry):
     assert registry.layer_class("batch_norm1d") is BatchNorm1d
 
 
+def test_registering_a_builtin_name_before_any_lookup_raises(monkeypatch):
+    # As in a fresh process: nothing discovered yet, the table empty.
+    monkeypatch.setattr(registry, "_registry", {})
+    monkeypatch.setattr(registry, "_discovered", False)
+
+    class MyLinear(Layer):
+        pass
+
+    with pytest.raises(ValueError, match="'linear' is already registered to .*Linear"):
+        registry.register_layer("linear")(MyLinear)
+    assert registry.layer_class("linear") is Linear
+    assert registry.available_layers()["linear"] == "builtin"
+
+
 def test_importing_numbabn_and_the_registry_stays_light():
     code = (
         "import sys, numbabn, numbabn.registry; "

@@ -154,12 +154,17 @@ def check_layer_dtype(owner: str, dtype: DTypeLike) -> np.dtype[Any]:
 check_positive_int = V.check_int  # (owner, name, value) -> int >= 1
 
 
-def check_rng(owner: str, rng: np.random.Generator | None) -> np.random.Generator:
-    """``None`` (fresh entropy) or a ``numpy.random.Generator``."""
+def check_rng(owner: str, rng: np.random.Generator | int | None) -> np.random.Generator:
+    """``None`` (fresh entropy), a seed (an int >= 0: ``numpy.random.default_rng(seed)``)
+    or a ``numpy.random.Generator`` (kept, not copied)."""
     if rng is None:
         return np.random.default_rng()
+    if V.is_int(rng):
+        return np.random.default_rng(V.check_int(owner, "rng", rng, 0))
     if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"{owner}: rng must be a numpy.random.Generator or None, got {V.describe(rng)}")
+        raise TypeError(
+            f"{owner}: rng must be a numpy.random.Generator, an int seed >= 0 or None, got {V.describe(rng)}"
+        )
     return rng
 
 
@@ -207,9 +212,21 @@ class Layer:
         return value
 
     def add_child(self, name: str, layer: "Layer") -> "Layer":
-        """Register ``layer`` (a :class:`Layer`) as the child ``name``, in order."""
+        """Register ``layer`` (a :class:`Layer`) as the child ``name``, in order.
+
+        A layer may occur once in a model (ValueError otherwise, also through nested
+        containers): its ``forward`` keeps the input that its ``backward`` uses, so a
+        second use would overwrite it and give wrong parameter gradients (PyTorch's
+        autograd records each use instead)."""
         if not isinstance(layer, Layer):
             raise TypeError(f"{type(self).__name__}: child {name!r} must be a Layer, got {V.describe(layer)}")
+        present = {id(x) for x in _all_layers(self)}
+        repeated = next((x for x in _all_layers(layer) if id(x) in present), None)
+        if repeated is not None:
+            raise ValueError(
+                f"{type(self).__name__}: child {name!r} would use {repeated._short()} a second time in one model; "
+                "a layer keeps the input of its forward for its backward, so each use needs a layer of its own"
+            )
         self._children[name] = layer
         return layer
 

@@ -39,8 +39,8 @@ class Linear(Layer):
 
         dW = g^T x    db = sum_n g_n    dx = g W
 
-    ``reset_parameters()`` draws new weights from ``rng`` (the generator given, kept
-    by the layer) and zeroes the bias.
+    ``reset_parameters()`` draws new weights from ``rng`` (the generator given, or one
+    made from an int seed, kept by the layer) and zeroes the bias.
     """
 
     _transient = ("_x",)

@@ -1,7 +1,9 @@
 """Losses: ``loss_fn(prediction, target) -> (loss, dprediction)``.
 
 The loss is a Python float, the mean over the batch; the gradient has the
-prediction's shape and dtype and is what the network's ``backward`` takes.
+prediction's shape and dtype and is what the network's ``backward`` takes. An
+empty batch has a NaN loss (the mean of nothing, as in PyTorch) and an empty
+gradient, without a warning.
 """
 
 from collections.abc import Callable
@@ -51,6 +53,8 @@ class SoftmaxCrossEntropy(_Loss):
             raise ValueError(f"{self!r}: labels must be integers of shape ({N},), got {V.describe(t)}")
         if N and (t.min() < 0 or t.max() >= K):
             raise ValueError(f"{self!r}: labels must lie in [0, {K}), got values in [{t.min()}, {t.max()}]")
+        if not N:
+            return float("nan"), np.zeros_like(z)
         shifted = z - z.max(axis=1, keepdims=True)
         rows = np.arange(N)
         # Probabilities of far smaller logits underflow to 0 by design: not an error,
@@ -80,6 +84,8 @@ class MSELoss(_Loss):
         if target.shape != pred.shape:
             raise ValueError(f"{self!r}: target must have the prediction's shape {pred.shape}, got {target.shape}")
         diff = pred - target.astype(pred.dtype, copy=False)
+        if not diff.size:
+            return float("nan"), diff
         loss = float(np.mean(diff * diff, dtype=np.float64))
         diff *= 2.0 / pred.size
         return loss, diff
