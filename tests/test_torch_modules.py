@@ -210,7 +210,13 @@ BAD = [  # (input, error type, words the message must contain)
     (torch.randn(4, 3, 3, 3, dtype=torch.float64), TypeError, ["float64", "float32"]),
     (torch.ones(4, 3, 3, 3, dtype=torch.int32), TypeError, ["int32"]),
     (torch.randn(1, 3, 1, 1), ValueError, ["more than 1 value per channel"]),
+    (torch.randn(4, 3, 3, 3).to_sparse(), TypeError, ["BatchNorm2d", "dense", "sparse"]),
 ]
+
+
+def _inference_tensor(shape):
+    with torch.inference_mode():
+        return torch.randn(shape)
 
 
 @pytest.mark.parametrize("x, error, words", BAD)
@@ -232,6 +238,60 @@ def test_a_refused_input_changes_nothing_mid_training(monkeypatch, x, error, wor
         assert torch.equal(v, before[k]), k
     bn(torch.randn(4, 3, 3, 3)).sum().backward()  # training goes on
     assert int(bn.num_batches_tracked) == 3
+
+
+SPOILED = [  # (change to a trained module, input, error type, words the message must contain)
+    (lambda bn: setattr(bn, "momentum", 1.5), None, ValueError, ["BatchNorm2d: momentum must be None", "1.5"]),
+    (lambda bn: setattr(bn, "momentum", -0.1), None, ValueError, ["in [0, 1], got -0.1"]),
+    (lambda bn: bn.running_mean.requires_grad_(True), None, RuntimeError, ["running_mean requires grad"]),
+    # the weight requires grad: autograd would save the input, which it cannot
+    (lambda bn: None, _inference_tensor((4, 3, 3, 3)), RuntimeError, ["inference tensors cannot be saved"]),
+]
+
+
+@pytest.mark.parametrize("spoil, x, error, words", SPOILED)
+@pytest.mark.parametrize("native_below", [0, 1 << 30])  # the kernels; PyTorch's op for small input
+def test_what_autograd_or_the_settings_refuse_changes_nothing(monkeypatch, spoil, x, error, words, native_below):
+    """Refused whatever the input's size (PyTorch's op, on small inputs, takes any
+    momentum), and before the kernels would have updated the running statistics
+    (autograd refuses an inference tensor only when it saves it, after the op)."""
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", native_below)
+    torch.manual_seed(5)
+    bn = nbt.BatchNorm2d(3)
+    bn(torch.randn(4, 3, 3, 3)).sum().backward()
+    spoil(bn)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(error) as info:
+        bn(torch.randn(4, 3, 3, 3) if x is None else x)
+    for word in words:
+        assert word in str(info.value)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("native_below", [0, 1 << 30])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_strided_running_buffers_are_updated_like_torch(monkeypatch, native_below, dtype):
+    """Buffers that are strided views (a slice of a larger tensor, as
+    ``load_state_dict(assign=True)`` may leave) are updated in place, as torch.nn
+    updates them; the kernels update contiguous buffers directly, so these went to a
+    copy and the module's statistics never moved."""
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", native_below)
+    ours, theirs = nbt.BatchNorm2d(4, dtype=dtype), torch.nn.BatchNorm2d(4, dtype=dtype)
+    tables = []
+    for m in (ours, theirs):
+        table = torch.zeros(2, 8, dtype=dtype)
+        table[1] = 1
+        m.running_mean, m.running_var = table[0, ::2], table[1, ::2]
+        tables.append(table)
+    for step in range(2):
+        x = (torch.randn(8, 4, 5, 5) * 2 + 3 + step).to(dtype)
+        ours(x)
+        theirs(x)
+    assert ours.running_mean.data_ptr() == tables[0].data_ptr()
+    torch.testing.assert_close(tables[0], tables[1], rtol=2e-3, atol=1e-3)
+    assert tables[0][0, 1::2].eq(0).all() and tables[0][1, 1::2].eq(1).all()  # the other elements untouched
+    assert tables[0][0, ::2].abs().min() > 0.4  # moved: 0.1 * mean 3 and 0.19 * mean 4
 
 
 @pytest.mark.parametrize("native_below", [0, 1 << 30])  # the kernels; PyTorch's op for small input

@@ -136,9 +136,10 @@ def normalize(
     torch.nn's layers count it (they increment before their op)."""
     perm = B.channels_last_perm(x)
     cdt = B.COMPUTE_DTYPE[x.dtype]
-    # Buffers of another dtype (a float16 module) are updated through compute-dtype
-    # copies, written back only once the forward has succeeded.
-    staged = [(buf, buf if buf is None or buf.dtype == cdt else buf.to(cdt)) for buf in (running_mean, running_var)]
+    # Buffers of another dtype (a float16 module) or not contiguous (a strided view,
+    # which the kernels would update a copy of) are updated through contiguous
+    # compute-dtype copies, written back only once the forward has succeeded.
+    staged = [(buf, _staged(buf, cdt)) for buf in (running_mean, running_var)]
     y, out = B.empty_like(x, perm)
     with _team(x):  # PyTorch's OpenMP threads (see _openmp)
         _, bn = numbabn.batch_norm_forward(
@@ -162,6 +163,14 @@ def normalize(
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     return y, bn, perm
+
+
+def _staged(buf: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``buf`` itself when the kernels can update it in place (contiguous, of
+    ``dtype``), else a contiguous copy of that dtype; None stays None."""
+    if buf is None or (buf.dtype == dtype and buf.is_contiguous()):
+        return buf
+    return buf.to(dtype).contiguous()
 
 
 def _team(x: torch.Tensor) -> Any:

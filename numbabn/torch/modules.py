@@ -23,6 +23,9 @@ Where numbabn differs from PyTorch:
   together with the running statistics (also when the recomputation of
   ``torch.utils.checkpoint(use_reentrant=False)`` stops inside the layer's op, so
   the count is torch.nn's there too).
+* ``momentum`` must be None or a number in [0, 1] (checked at every call, whatever
+  the input's size); PyTorch takes any number (outside [0, 1] an extrapolating
+  average, almost surely a mistake).
 * An (N, C, L) input stored as (N, L, C) (``x.transpose(1, 2)`` of sequence data)
   is read in place, and the output has the input's strides; torch.nn's
   ``BatchNorm1d`` returns a contiguous (N, C, L) tensor there (PyTorch has no
@@ -85,6 +88,7 @@ import torch
 from torch.nn import functional as F
 
 from numbabn import config
+from numbabn._checks import is_real
 
 from . import _bridge as B
 from .function import BatchNormFunction, normalize
@@ -235,6 +239,8 @@ class NumbabnBatchNorm:
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
+        if input.layout != torch.strided:
+            raise TypeError(f"{name}: input must be a dense (torch.strided) tensor, got layout {input.layout}")
         self._check_input_dim(input)
         if input.dtype not in _INPUT_DTYPES:
             raise TypeError(f"{name}: input must be float16, bfloat16, float32 or float64, got {input.dtype}")
@@ -254,6 +260,31 @@ class NumbabnBatchNorm:
             raise TypeError(
                 f"{name}: input has dtype {input.dtype} but the module's parameters/buffers have "
                 f"{ref.dtype}; convert one of them (module.to(dtype) or input.to(dtype))"
+            )
+
+    def _check_call(self, input: torch.Tensor, residual: torch.Tensor | None, state: tuple[Any, ...]) -> None:
+        """The module's momentum, and what autograd would refuse only after the kernels
+        had updated the running statistics: checked before anything changes, on every
+        path (PyTorch's own op, for small inputs, would accept any momentum)."""
+        name = type(self).__name__
+        momentum = self.momentum
+        if momentum is not None and not (is_real(momentum) and 0.0 <= momentum <= 1.0):
+            raise ValueError(f"{name}: momentum must be None or a number in [0, 1], got {momentum!r}")
+        if not torch.is_grad_enabled():
+            return
+        weight, bias, running_mean, running_var, _ = state
+        for buffer, tensor in (("running_mean", running_mean), ("running_var", running_var)):
+            if tensor is not None and tensor.requires_grad:
+                raise RuntimeError(
+                    f"{name}: {buffer} requires grad; batch norm is not differentiable with respect to its "
+                    "running statistics (as in torch.nn)"
+                )
+        if _needs_graph(input, weight, bias, residual) and any(
+            t is not None and t.is_inference() for t in (input, weight, residual)
+        ):
+            raise RuntimeError(
+                f"{name}: inference tensors cannot be saved for backward (as in torch.nn): clone a tensor "
+                "made under torch.inference_mode() to use it where autograd records, or use torch.no_grad()"
             )
 
     def __prepare_scriptable__(self) -> NoReturn:
@@ -279,6 +310,8 @@ class NumbabnBatchNorm:
             raise ValueError(
                 f"{name}: residual must have the input's shape {tuple(input.shape)}, got {tuple(residual.shape)}"
             )
+        if residual.layout != torch.strided:
+            raise TypeError(f"{name}: residual must be a dense (torch.strided) tensor, got layout {residual.layout}")
         if residual.dtype != input.dtype:
             raise TypeError(f"{name}: residual must have the input's dtype {input.dtype}, got {residual.dtype}")
         if residual.device != input.device:
@@ -326,7 +359,8 @@ class NumbabnBatchNorm:
             self._check_input(input, state)
             if residual is not None:
                 self._check_residual(input, residual)
-        except (TypeError, ValueError) as exc:
+            self._check_call(input, residual, state)
+        except (TypeError, ValueError, RuntimeError) as exc:
             self._input_rejected(exc)
             raise
         settings = self._settings(state)
