@@ -19,6 +19,7 @@ from numbabn.layers import (
 )
 from numbabn.optim import SGD, Adam
 from numbabn.train import (
+    HessianEigenvalue,
     Trainer,
     activation_percentiles,
     eta_grid,
@@ -200,6 +201,16 @@ def test_hessian_errors(quadratic):
         hessian_top_eigenvalue(layer, loss, (None, None), v0=np.zeros(6))
     with pytest.raises(ValueError, match="v0"):
         hessian_top_eigenvalue(layer, loss, (None, None), v0=np.ones(5))
+
+
+def test_hessian_metric_warm_starts_until_reset():
+    model, (X, y) = bn_net(0), data(1)
+    batch, loss = (X[:20], y[:20]), SoftmaxCrossEntropy()
+    metric = HessianEigenvalue(iters=3, eps=1e-2)
+    cold = metric(model, loss, None, batch)
+    assert metric(model, loss, None, batch) != cold  # started from the first call's vector
+    metric.reset()
+    assert metric(model, loss, None, batch) == cold == HessianEigenvalue(iters=3, eps=1e-2)(model, loss, None, batch)
 
 
 # ------------------------------------------------------------------ internal covariate shift

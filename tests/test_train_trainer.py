@@ -1,8 +1,10 @@
 """numbabn.train.Trainer and History: determinism, metrics that change nothing,
-errors, the progress bar, and the JSON round trip."""
+errors, the progress bar, and the JSON round trip; and the argument checks of
+numbabn.train.lr_search.largest_stable_lr (its search is tested in test_train_summary.py)."""
 
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -11,7 +13,8 @@ import pytest
 
 from numbabn.layers import MSELoss, SoftmaxCrossEntropy
 from numbabn.optim import SGD
-from numbabn.train import GradientNorm, History, LandscapeProbe, Trainer
+from numbabn.train import GradientNorm, HessianEigenvalue, History, LandscapeProbe, Trainer
+from numbabn.train.lr_search import largest_stable_lr
 
 from .train_nets import all_metrics, bn_net, data, two_layer
 
@@ -61,6 +64,53 @@ def test_trainer_determinism_and_batches():
     assert tr.steps_done == 14
 
 
+def test_reused_metric_records_what_a_new_one_does():
+    """A run starts every Metric afresh: a HessianEigenvalue that measured a run
+    before (and holds its warm-start vector) records the same values as a new one."""
+    reused = HessianEigenvalue(iters=3, eps=1e-2)
+    _, first = _train(4, [reused], steps=7)
+    _, again = _train(4, [reused], steps=7)
+    _, new = _train(4, [HessianEigenvalue(iters=3, eps=1e-2)], steps=7)
+    assert again.metrics == first.metrics == new.metrics
+
+
+def test_a_later_fit_continues_the_metrics_state():
+    """Only a run's first fit resets the metrics: two fits of one epoch each record
+    what one fit of two epochs does (the probe of the second fit stays warm-started;
+    reset there, it would start cold and record other values)."""
+    histories = []
+    for parts in ([1, 1], [2]):
+        model, (X, y) = bn_net(4), data(11)
+        opt = SGD(model.parameters(), lr=0.2, momentum=0.9)
+        metrics = [HessianEigenvalue(iters=5, tol=1e-6, eps=1e-2)]
+        tr = Trainer(
+            model, SoftmaxCrossEntropy(), opt, batch_size=16, seed=4, metrics=metrics, record_every=3, verbose=0
+        )
+        runs = [tr.fit(X, y, epochs=epochs).metrics["hessian"] for epochs in parts]
+        histories.append({k: sum((r[k] for r in runs), []) for k in ("step", "value")})
+    assert histories[0]["step"] == histories[1]["step"] == [0, 3, 6, 9, 12]
+    assert histories[0]["value"] == histories[1]["value"]
+
+
+def test_failed_fit_leaves_metric_state_as_before():
+    kept, failed = HessianEigenvalue(iters=3, eps=1e-2), HessianEigenvalue(iters=3, eps=1e-2)
+    for metric in (kept, failed):
+        _train(4, [metric], steps=7)  # both hold the vector of step 6 now
+    calls = []
+
+    def fails_second_time(model, loss, optimizer, batch):
+        calls.append(batch)
+        if len(calls) == 2:
+            raise RuntimeError("probe failed")
+        return 0.0
+
+    with pytest.raises(RuntimeError, match="probe failed"):
+        _train(4, [failed, fails_second_time], steps=7)  # `failed` probes steps 0 and 3 first
+    model, (X, y) = bn_net(4), data(11)
+    batch = (X[:16], y[:16])  # a standalone call warm-starts from the vector kept
+    assert failed(model, SoftmaxCrossEntropy(), None, batch) == kept(model, SoftmaxCrossEntropy(), None, batch)
+
+
 def test_trainer_errors(rng):
     model = two_layer(rng)
     opt = SGD(model.parameters(), lr=0.1)
@@ -76,6 +126,8 @@ def test_trainer_errors(rng):
         Trainer(model, MSELoss(), opt, batch_size=11, seed=0).fit(X, y, steps=1)
     with pytest.raises(ValueError, match="batch_size"):
         Trainer(model, MSELoss(), opt, batch_size=0, seed=0)
+    with pytest.raises(ValueError, match="Trainer: seed must be an int >= 0, got -1"):
+        Trainer(model, MSELoss(), opt, batch_size=2, seed=-1)
     with pytest.raises(ValueError, match="distinct"):
         Trainer(model, MSELoss(), opt, batch_size=2, seed=0, metrics=[GradientNorm(), GradientNorm()])
     with pytest.raises(TypeError, match="callable"):
@@ -84,6 +136,30 @@ def test_trainer_errors(rng):
         LandscapeProbe(spacing="cubic")
     hist = tr.fit(X, y, steps=3)
     assert hist.accuracy is None and "accuracy" not in hist.eval
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"refine": 2.5}, ValueError, "refine must be an int >= 0, got 2.5"),
+        ({"refine": -1}, ValueError, "refine must be an int >= 0, got -1"),
+        ({"max_trials": 0}, ValueError, "max_trials must be a positive int, got 0"),
+        ({"max_trials": "5"}, ValueError, "max_trials must be a positive int, got '5'"),
+        ({"factor": 1.0}, ValueError, "factor must be a finite number > 1, got 1.0"),
+        ({"lr_max": True}, ValueError, "lr_max must be a finite number > 0, got True"),
+        ({"run": 3}, TypeError, "run must be callable as run(lr) -> step losses, got int 3"),
+    ],
+)
+def test_largest_stable_lr_checks_every_argument_before_training(kwargs, error, message):
+    runs = []
+
+    def run(lr):
+        runs.append(lr)
+        return [1.0, 0.5]
+
+    with pytest.raises(error, match=re.escape(f"largest_stable_lr: {message}")):
+        largest_stable_lr(**{"run": run, "lr0": 1.0, **kwargs})
+    assert runs == []
 
 
 def test_history_json_round_trip():

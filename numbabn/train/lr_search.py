@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from .. import _checks as V
+
 
 def trains(losses: ArrayLike, fraction: float = 1.0) -> bool:
     """True when every loss is finite and the mean of the last tenth is below
@@ -55,13 +57,18 @@ def largest_stable_lr(
     ``{"stable_lr", "diverged_lr", "trials": [{"lr", "trained", "final_loss"}]}``:
     ``stable_lr`` is the largest rate seen to train with no smaller rate failing above
     it (None if even the smallest tried failed) and ``diverged_lr`` the smallest that
-    failed (None when nothing up to ``lr_max`` failed).
+    failed (None when nothing up to ``lr_max`` failed). At most ``max_trials`` (>= 1)
+    runs in all, bracketing and ``refine`` (>= 0) bisection steps together. Every
+    argument is checked before the first run.
     """
-    for name, value in (("lr0", lr0), ("factor", factor), ("lr_max", lr_max), ("fraction", fraction)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"largest_stable_lr: {name} must be a finite number > 0, got {value!r}")
-    if factor <= 1:
-        raise ValueError(f"largest_stable_lr: factor must be > 1, got {factor!r}")
+    fn = "largest_stable_lr"
+    if not callable(run):
+        raise TypeError(f"{fn}: run must be callable as run(lr) -> step losses, got {V.describe(run)}")
+    for name, value in (("lr0", lr0), ("lr_max", lr_max), ("fraction", fraction)):
+        V.check_number(fn, name, value, 0, low_open=True, expected="a finite number > 0")
+    V.check_number(fn, "factor", factor, 1, low_open=True, expected="a finite number > 1")
+    refine = V.check_int(fn, "refine", refine, minimum=0)
+    max_trials = V.check_int(fn, "max_trials", max_trials)
     trials: list[dict[str, Any]] = []
 
     def trial(lr: float) -> bool:

@@ -516,9 +516,20 @@ class Metric:
     steps as ``metric(model, loss, optimizer, (x_t, y_t))``, before that step's forward
     pass and optimizer step (so it sees θ_t and the step's batch). ``name`` keys its series in
     the :class:`~numbabn.train.History`. Any callable with that signature works too
-    (its ``__name__`` is the key)."""
+    (its ``__name__`` is the key).
+
+    A metric that carries state from one call to the next keeps it in its attributes
+    and forgets it in :meth:`reset`, which a Trainer's first ``fit`` calls (a run's
+    start; later calls continue it), so a run's values do not depend on what the
+    instance measured before. A
+    ``fit`` that raises puts every Metric's attributes back as they were before the
+    call (as references: state must be rebound, not changed in place)."""
 
     name = "metric"
+
+    def reset(self) -> None:
+        """Forget the state of earlier calls (none here); a Trainer's first ``fit``
+        calls it before the run's first step."""
 
     def __call__(self, model: Layer, loss: Any, optimizer: Optimizer, batch: tuple[FloatArray, ArrayLike]) -> Any:
         raise NotImplementedError
@@ -564,11 +575,17 @@ class LandscapeProbe(Metric):
 class HessianEigenvalue(Metric):
     """:func:`hessian_top_eigenvalue`, warm-started from the previous call's vector
     (the top eigenvector moves little between probes, so later calls need a few
-    products instead of ``iters``). Records ``eigenvalue``, ``iterations`` and
-    ``residual`` (not the vector)."""
+    products instead of ``iters``). The first call after construction or
+    :meth:`reset` (every Trainer's run starts with one), and a call on a model with
+    another number of parameters, start from the function's fixed direction.
+    Records ``eigenvalue``, ``iterations`` and ``residual`` (not the vector)."""
 
     def __init__(self, iters: int = 20, tol: float = 1e-4, eps: float = 1e-6, name: str = "hessian") -> None:
         self.iters, self.tol, self.eps, self.name = iters, tol, eps, name
+        self._vector: NDArray[np.float64] | None = None
+
+    def reset(self) -> None:
+        """Forget the warm-start vector: the next call starts cold."""
         self._vector = None
 
     def __call__(self, model: Layer, loss: Any, optimizer: Optimizer, batch: tuple[FloatArray, ArrayLike]) -> Any:

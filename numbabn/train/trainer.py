@@ -18,7 +18,9 @@ remaining n mod batch_size samples of that epoch are skipped (a batch-norm batch
 one or two samples would be degenerate). So the run is a function of ``seed``, the
 model's initial state and the data: the same inputs give a bit-identical run, and the
 metrics (which restore everything they touch, :mod:`numbabn.train.metrics`) do not
-change it.
+change it. A run starts with a Trainer's first ``fit`` (later calls continue it) and
+starts each :class:`~numbabn.train.metrics.Metric` afresh (its ``reset``), so a metric
+instance reused from an earlier run records the same values as a new one.
 """
 
 import sys
@@ -32,6 +34,7 @@ from numpy.typing import NDArray
 from .. import _checks as V
 from ..layers import Layer, SoftmaxCrossEntropy
 from .history import History
+from .metrics import Metric
 
 _positive_int = V.check_int  # (fn, name, value) -> int >= 1
 
@@ -72,10 +75,12 @@ class Trainer:
     batch_size : int
         Samples per step (at most the number of training samples).
     seed : int
-        Seeds the generator that orders the batches.
+        Seeds the generator that orders the batches (an int >= 0).
     metrics : sequence of callables
         ``metric(model, loss, optimizer, batch)`` (e.g. those of
         :mod:`numbabn.train.metrics`), named by ``.name`` (else ``__name__``).
+        Each :class:`~numbabn.train.metrics.Metric` is ``reset`` by the first
+        ``fit`` (a later ``fit`` continues the run, and the metrics' state).
     record_every : int
         The metrics run at steps 0, k, 2k, ...
     eval_data : tuple or None
@@ -115,7 +120,7 @@ class Trainer:
         self.batch_size = _positive_int(fn, "batch_size", batch_size)
         if not V.is_int(seed):
             raise TypeError(f"{fn}: seed must be an int, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = V.check_int(fn, "seed", seed, minimum=0)
         self.rng = np.random.default_rng(self.seed)
         self.metrics = list(metrics)
         names = [_metric_name(fn, m) for m in self.metrics]
@@ -172,20 +177,31 @@ class Trainer:
         """Train for ``steps`` steps or ``epochs`` epochs (exactly one of them) and
         return the :class:`History` of this call.
 
+        The first call (no step done yet) resets every
+        :class:`~numbabn.train.metrics.Metric` among the metrics before its first
+        step, so a run is a function of the model, the optimizer, the seed and the
+        data alone; a later call continues the run, metrics' state included (a
+        warm-started probe stays warm).
+
         All or nothing: if any step raises (a loss that rejects a label, a metric that
         fails, a layer that rejects a batch), the model (parameters, buffers, caches,
-        gradients, generators), the optimizer and the trainer (batch order, step
-        count) are put back as they were before the call. An interrupt (Ctrl-C) is not
-        an error: the steps done so far are kept."""
+        gradients, generators), the optimizer, the attributes of every Metric (such as
+        a warm-start vector) and the trainer (batch order, step count) are put back as
+        they were before the call. An interrupt (Ctrl-C) is not an error: the steps
+        done so far are kept."""
         from ..layers.base import capture, restore
 
         saved = capture(self.model, parameters=True, optimizer=self.optimizer)
         trainer_state = (self.rng.bit_generator.state, self.steps_done)
+        metric_state = [(m, dict(vars(m))) for m in self.metrics if isinstance(m, Metric)]
         try:
             return self._fit(X, y, steps, epochs)
         except Exception:
             restore(saved)
             self.rng.bit_generator.state, self.steps_done = trainer_state
+            for metric, attrs in metric_state:
+                vars(metric).clear()
+                vars(metric).update(attrs)
             raise
 
     def _fit(self, X: NDArray[Any], y: NDArray[Any], steps: int | None, epochs: int | None) -> History:
@@ -213,6 +229,10 @@ class Trainer:
             },
         )
         model, loss, optimizer = self.model, self.loss, self.optimizer
+        if self.steps_done == 0:  # a new run; a later fit continues this one
+            for metric in self.metrics:
+                if isinstance(metric, Metric):
+                    metric.reset()
         model.train()
         with self._progress(total) as bar:
             for idx in self._batches(n, total):
