@@ -5,9 +5,11 @@ are never asserted (they are noise on a shared machine), only what the report ho
 """
 
 import csv
+import errno
 import importlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import types
@@ -360,9 +362,10 @@ def test_bench_subcommand_seam(monkeypatch):
 def toy_experiment(*, steps=None, seeds=None, lr=None, full=False, out=None):
     """Toy experiment standing in for numbabn.train.experiments.
 
-    Writes one file to --out and echoes its arguments.
+    Writes two files to --out and echoes its arguments.
     """
     if out is not None:
+        (out / "toy.json").write_text("{}")
         (out / "toy.txt").write_text("done")
     return {"steps": steps, "seeds": seeds, "lr": lr, "full": full, "out": None if out is None else str(out)}
 
@@ -437,6 +440,106 @@ def test_experiment_real_registry():
         assert result.exit_code == 0 and "--steps" in result.output
 
 
+@pytest.mark.parametrize(
+    "message, args, expected",
+    [
+        (
+            "experiment toy: seeds must be odd, got [2]",
+            ["--seed", "2"],
+            "Invalid value for '--seed': seeds must be odd",
+        ),
+        (
+            "experiment toy: seeds must be odd, got 2",
+            ["--seeds", "2"],
+            "Invalid value for '--seeds': seeds must be odd",
+        ),
+        ("experiment toy: lr must be < 1, got (2.0,)", ["--lr", "2"], "Invalid value for '--lr': lr must be < 1"),
+    ],
+)
+def test_experiment_argument_check_is_an_option_error(fake_experiments, monkeypatch, message, args, expected):
+    def toy(**kwargs):
+        raise ValueError(message)
+
+    monkeypatch.setitem(sys.modules[experiment_cli.EXPERIMENTS_MODULE].EXPERIMENTS, "toy", toy)
+    result = invoke("experiment", "toy", *args)
+    assert result.exit_code == 2 and result.output.startswith(f"Error: {expected}") and result.output.count("\n") == 1
+
+
+def test_experiment_other_value_errors_are_not_option_errors(fake_experiments, monkeypatch):
+    def toy(**kwargs):
+        raise ValueError("experiment toy: the data must be finite")  # a bug or the data, not an option
+
+    monkeypatch.setitem(sys.modules[experiment_cli.EXPERIMENTS_MODULE].EXPERIMENTS, "toy", toy)
+    with pytest.raises(ValueError, match="the data must be finite"):
+        invoke("experiment", "toy")
+
+
+def test_experiment_json_is_strict(fake_experiments, monkeypatch):
+    """A summary over no finite value (NaN, infinities) prints null: NaN is not JSON."""
+    summary = {"median": float("nan"), "ci": [float("-inf"), 1.0], "max": np.float64("inf")}
+    monkeypatch.setitem(sys.modules[experiment_cli.EXPERIMENTS_MODULE].EXPERIMENTS, "toy", lambda **kw: summary)
+    result = invoke("experiment", "toy", "--json")
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    assert json.loads(result.output, parse_constant=refuse) == {"median": None, "ci": [None, 1.0], "max": None}
+
+
+def test_experiment_out_is_created_with_the_mode_mkdir_gives(fake_experiments, tmp_path):
+    umask = os.umask(0o027)
+    try:
+        result = invoke("experiment", "toy", "--out", str(tmp_path / "new"))
+    finally:
+        os.umask(umask)
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o750  # not mkdtemp's 0o700
+
+
+def test_experiment_out_with_a_directory_in_the_way_moves_nothing(fake_experiments, tmp_path):
+    out = tmp_path / "out"
+    (out / "toy.txt").mkdir(parents=True)
+    (out / "toy.json").write_text("old")
+    result = invoke("experiment", "toy", "--out", str(out))
+    assert result.exit_code == 2
+    assert result.output == f"Error: cannot write '{out / 'toy.txt'}': it is a directory; '{out}' is left as it was\n"
+    assert sorted(p.name for p in out.iterdir()) == ["toy.json", "toy.txt"]
+    assert (out / "toy.json").read_text() == "old" and not list((out / "toy.txt").iterdir())
+
+
+def test_experiment_out_undoes_a_move_that_fails_midway(fake_experiments, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "toy.json").write_text("old")  # replaced first (names in order), then restored
+    replace = os.replace
+
+    def replace_or_fail(src, dst):
+        if Path(dst) == out / "toy.txt":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_or_fail)
+    result = invoke("experiment", "toy", "--out", str(out))
+    assert result.exit_code == 2
+    assert (
+        result.output
+        == f"Error: cannot write '{out / 'toy.txt'}': No space left on device; '{out}' is left as it was\n"
+    )
+    assert [p.name for p in out.iterdir()] == ["toy.json"] and (out / "toy.json").read_text() == "old"
+
+
+def test_experiment_out_that_cannot_be_created_at_the_end(fake_experiments, tmp_path, monkeypatch):
+    def rename_fails(src, dst):
+        raise OSError(errno.ENOTEMPTY, "Directory not empty")
+
+    monkeypatch.setattr(os, "rename", rename_fails)
+    result = invoke("experiment", "toy", "--out", str(tmp_path / "new"))
+    assert result.exit_code == 2
+    assert result.output == f"Error: cannot create '{tmp_path / 'new'}': Directory not empty\n"
+    assert not list(tmp_path.iterdir())
+
+
 # --- warmup ----------------------------------------------------------------------------
 
 
@@ -506,6 +609,24 @@ def test_warmup_rejects_unknown_dtype():
         (
             ["bench", "--shape", "64x64xfoo"],
             "Error: Invalid value for '--shape': shape must look like 64x64x56x56, got",
+        ),
+        (["experiment", "ioffe", "--lr", "nan"], "Error: Invalid value for '--lr': nan is not in the range 0<x<inf."),
+        (["experiment", "ioffe", "--lr", "inf"], "Error: Invalid value for '--lr': inf is not in the range 0<x<inf."),
+        (
+            ["experiment", "ioffe", "--seed", "-1"],
+            "Error: Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295.",
+        ),
+        (
+            ["experiment", "ioffe", "--seed", "99999999999999999999999"],
+            "Error: Invalid value for '--seed': 99999999999999999999999 is not in the range 0<=x<=4294967295.",
+        ),
+        (
+            ["experiment", "ioffe", "--seeds", "99999999999999999999999"],
+            "Error: Invalid value for '--seeds': 99999999999999999999999 is not in the range 1<=x<=4294967296.",
+        ),
+        (
+            ["experiment", "ioffe", "--seed", "1", "--seed", "2", "--seed", "1"],
+            "Error: Invalid value for '--seed': 1 is given twice (seeds must be distinct)",
         ),
         (["nope"], "Error: No such command 'nope'."),
         (

@@ -177,6 +177,15 @@ def test_cli_options():
     assert "--depth" in runner.invoke(main, ["experiment", "landscape", "--help"]).output
 
 
+def test_cli_reports_what_the_experiment_rejects_as_an_option_error(tmp_path):
+    """The experiment's own checks (dln needs depth >= 2) come out as click's one line
+    naming the option, exit 2, before any work: --out is not created."""
+    result = CliRunner().invoke(main, ["experiment", "dln", "--depth", "1", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert result.output == "Error: Invalid value for '--depth': depth must be an int >= 2, got 1\n"
+    assert not list(tmp_path.iterdir())
+
+
 def test_population_accuracy_is_ioffe_algorithm_2():
     """Inference statistics = the average of the batch means and of the unbiased batch
     variances of the current network over the training set; the model is left as found."""

@@ -204,12 +204,7 @@ def write_output(value: str, write: Callable[[IO[Any]], Any], what: str, mode: s
         try:
             with os.fdopen(fd, mode) as f:
                 write(f)
-            if path.exists():
-                os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-            else:
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o666 & ~umask)
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -217,6 +212,13 @@ def write_output(value: str, write: Callable[[IO[Any]], Any], what: str, mode: s
             raise
     except OSError as exc:
         raise CLIError(f"cannot write {what} to {value!r}: {exc.strerror or exc}") from None
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def check_output_dir(value: str | None, param_hint: str | None) -> Path | None:
@@ -252,8 +254,9 @@ def check_output_dir(value: str | None, param_hint: str | None) -> Path | None:
 @contextmanager
 def staged_output_dir(path: Path | str) -> Iterator[tuple[Path, Callable[[Any], Any]]]:
     """Yield a fresh temporary directory to write ``path``'s files into; on success move
-    them into ``path`` (created now if missing), on failure delete them: a command
-    that raises leaves ``path`` as it was. Yields ``(stage, publish)``, where
+    them into ``path`` (created now if missing, with the mode ``mkdir`` gives), on
+    failure delete them: a command that raises, or whose files cannot all move, leaves
+    ``path`` as it was (see :func:`_move_into`). Yields ``(stage, publish)``, where
     ``publish(value)`` rewrites stage paths inside strings of ``value`` to ``path``."""
     path = Path(path)
     existed = path.exists()
@@ -271,11 +274,41 @@ def staged_output_dir(path: Path | str) -> Iterator[tuple[Path, Callable[[Any], 
     try:
         yield stage, publish
         if existed:
-            for entry in stage.iterdir():
-                os.replace(entry, path / entry.name)
-            stage.rmdir()
+            _move_into(stage, path)
         else:
-            os.rename(stage, path)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+            os.chmod(stage, 0o777 & ~_umask())  # mkdtemp made it 0o700
+            try:
+                os.rename(stage, path)
+            except OSError as exc:
+                raise CLIError(f"cannot create {str(path)!r}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # what is left of it: nothing, or the replaced files
+
+
+def _move_into(stage: Path, path: Path) -> None:
+    """Move the entries of ``stage`` (a directory inside ``path``) into ``path``, all
+    or nothing. A directory of ``path`` named like an entry is an error before anything
+    moves; files of ``path`` that entries replace are kept in ``stage`` until every move
+    succeeded, and if one fails, the moved entries go back and those files return.
+    Errors are a one-line CLIError."""
+    names = sorted(os.listdir(stage))
+    for name in names:
+        if (path / name).is_dir() and not (path / name).is_symlink():
+            raise CLIError(f"cannot write {str(path / name)!r}: it is a directory; {str(path)!r} is left as it was")
+    replaced = Path(tempfile.mkdtemp(dir=stage, prefix=".replaced-"))
+    try:
+        for name in names:
+            if os.path.lexists(path / name):
+                os.replace(path / name, replaced / name)
+            os.replace(stage / name, path / name)
+    except BaseException as exc:
+        for moved in names:
+            if not os.path.lexists(stage / moved):
+                os.replace(path / moved, stage / moved)
+        for old in os.listdir(replaced):
+            os.replace(replaced / old, path / old)
+        if isinstance(exc, OSError):
+            raise CLIError(
+                f"cannot write {str(path / name)!r}: {exc.strerror or exc}; {str(path)!r} is left as it was"
+            ) from None
         raise

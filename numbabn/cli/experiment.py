@@ -20,14 +20,24 @@ None: the experiment's default), ``full`` (the longer preset), ``out`` (a
 write nothing) and, when the function takes it, ``progress`` (False with
 ``numbabn -q``). An experiment whose function takes ``depth`` also gets ``--depth``.
 The returned dict is printed as indented text
-(:func:`numbabn.train.summary.format_summary`), or as JSON with ``--json``.
+(:func:`numbabn.train.summary.format_summary`), or as JSON with ``--json`` (strict
+JSON: NaN and infinities, a summary over no finite value, are written as null).
 Adding an experiment is therefore one entry in ``EXPERIMENTS``; nothing here changes.
+
+Option values are checked before any work, as click's one-line usage errors (exit 2):
+the option types hold what every experiment needs (``--lr`` finite and > 0, ``--seed``
+a distinct seed in [0, 2**32 - 1], the range scikit-learn's data split takes), and
+what only the experiment knows (the least ``--depth``: 2 for dln, 1 for the others)
+comes from its own argument check, the first thing it does: a
+``ValueError("experiment NAME: ARG must ...")`` for one of the keyword arguments
+becomes ``Invalid value for '--ARG'``.
 
 ``--out DIR`` follows the command line's output rule (:mod:`numbabn.cli._common`): the
 parent of DIR must exist, DIR is created if missing, and this is checked before the
-experiment starts. The experiment writes into a temporary directory beside DIR whose
-files move into DIR only when it succeeds (paths in the summary name DIR), so a run
-that fails leaves DIR as it was.
+experiment starts. The experiment writes into a temporary directory (inside DIR, or
+beside it while DIR does not exist) whose files move into DIR only when it succeeds,
+all of them or none (:func:`~numbabn.cli._common.staged_output_dir`; paths in the
+summary name DIR), so a run that fails leaves DIR as it was.
 
 The module is imported only when the experiments are listed or run (it imports the
 layers and Numba), never for ``numbabn --help``. Without it the group lists none.
@@ -35,6 +45,8 @@ layers and Numba), never for ``numbabn --help``. Without it the group lists none
 
 import inspect
 import json
+import math
+import re
 from collections.abc import Callable
 from importlib import import_module
 from typing import Any
@@ -44,6 +56,7 @@ import click
 from ._common import Settings, check_output_dir, staged_output_dir, whole_short_help
 
 EXPERIMENTS_MODULE = "numbabn.train.experiments"
+SEED_MAX = 2**32 - 1  # the largest random_state of scikit-learn's train_test_split (the experiments' data split)
 
 
 def registry() -> dict[str, Callable[..., dict[str, Any]]]:
@@ -55,6 +68,50 @@ def registry() -> dict[str, Callable[..., dict[str, Any]]]:
             raise  # the module exists but one of its own imports is broken: show it
         return {}
     return module.EXPERIMENTS
+
+
+class Rate(click.FloatRange):
+    """A learning rate: a float in (0, inf). FloatRange alone lets NaN through (it
+    compares false with every bound)."""
+
+    def __init__(self) -> None:
+        super().__init__(min=0, max=math.inf, min_open=True, max_open=True)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rate = super().convert(value, param, ctx)
+        if math.isnan(rate):
+            self.fail(f"{rate} is not in the range 0<x<inf.", param, ctx)
+        return rate
+
+
+def _distinct(ctx: click.Context, param: click.Parameter, seeds: tuple[int, ...]) -> tuple[int, ...]:
+    """``--seed`` callback: each seed once (a repeated seed would count twice in the summaries)."""
+    for i, seed in enumerate(seeds):
+        if seed in seeds[:i]:
+            raise click.BadParameter(f"{seed} is given twice (seeds must be distinct)", ctx=ctx, param=param)
+    return seeds
+
+
+def _option_error(ctx: click.Context, name: str, exc: ValueError) -> click.BadParameter | None:
+    """The experiment's own check of an argument (``ValueError("experiment NAME: ARG must
+    ...")``) as click's error on that argument's option; None for any other ValueError."""
+    match = re.match(rf"experiment {re.escape(name)}: (\w+) must ", str(exc))
+    if match is None:
+        return None
+    option = "seed" if match[1] == "seeds" and ctx.params["seed"] else match[1]
+    param = next((p for p in ctx.command.params if p.name == option), None)
+    return None if param is None else click.BadParameter(str(exc).split(": ", 1)[1], ctx=ctx, param=param)
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as None: JSON has no NaN or Infinity."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def _command(name: str, fn: Callable[..., dict[str, Any]]) -> click.Command:
@@ -81,14 +138,20 @@ def _command(name: str, fn: Callable[..., dict[str, Any]]) -> click.Command:
         if takes_progress:
             kwargs["progress"] = not settings.quiet
         kwargs.update(steps=steps, seeds=list(seed) if seed else seeds, lr=tuple(lr) or None, full=full)
-        if out is None:
-            summary = fn(out=None, **kwargs)
-        else:
-            with staged_output_dir(out) as (stage, publish):
-                summary = fn(out=stage, **kwargs)
-            summary = publish(summary)
+        try:
+            if out is None:
+                summary = fn(out=None, **kwargs)
+            else:
+                with staged_output_dir(out) as (stage, publish):
+                    summary = fn(out=stage, **kwargs)
+                summary = publish(summary)
+        except ValueError as exc:
+            error = _option_error(ctx, name, exc)
+            if error is None:
+                raise
+            raise error from None
         if as_json:
-            click.echo(json.dumps(summary, indent=2, default=str))
+            click.echo(json.dumps(_finite_or_null(summary), indent=2, default=str, allow_nan=False))
         else:
             from ..train.summary import format_summary  # imported with the experiments, not for --help
 
@@ -103,14 +166,20 @@ def _command(name: str, fn: Callable[..., dict[str, Any]]) -> click.Command:
         ),
         click.option(
             "--seeds",
-            type=click.IntRange(min=1),
+            type=click.IntRange(1, SEED_MAX + 1),
             default=None,
             help="Run seeds 0..N-1 [default: 3 (maxlr: 2); with --full: 5].",
         ),
-        click.option("--seed", type=int, multiple=True, help="Run exactly this seed (repeatable)."),
+        click.option(
+            "--seed",
+            type=click.IntRange(0, SEED_MAX),
+            multiple=True,
+            callback=_distinct,
+            help="Run exactly this seed (repeatable, each seed once).",
+        ),
         click.option(
             "--lr",
-            type=click.FloatRange(min=0, min_open=True),
+            type=Rate(),
             multiple=True,
             help="Learning rate (repeatable: a sweep) [default: the experiment's set-up].",
         ),
@@ -129,9 +198,9 @@ def _command(name: str, fn: Callable[..., dict[str, Any]]) -> click.Command:
         options.append(
             click.option(
                 "--depth",
-                type=click.IntRange(min=1),
+                type=int,
                 default=None,
-                help="Network depth [default: the experiment's set-up].",
+                help="Network depth [default and least value: the experiment's set-up].",
             )
         )
     for option in reversed(options):
