@@ -261,11 +261,14 @@ def test_failed_classifier_refit_keeps_the_trained_model(blobs):
         clf.fit(X[:, :3], y_bad)  # a different feature count, and a bad y
     assert clf.n_features_in_ == 5 and _fitted_bytes(clf) == before
     np.testing.assert_array_equal(clf.predict(X), pred)
+    with pytest.raises(ValueError, match="partial_fit does not support early_stopping=True"):
+        clf.partial_fit(X, y)  # as scikit-learn's MLPClassifier
+    clf.set_params(early_stopping=False)  # then partial_fit's own checks
     with pytest.raises(ValueError, match="labels"):
         clf.partial_fit(X, np.full(len(y), 42))
     with pytest.raises(ValueError):
         clf.partial_fit(X[:, :2], y)
-    assert _fitted_bytes(clf) == before
+    assert _fitted_bytes(clf.set_params(early_stopping=True)) == before
 
 
 def test_failed_regressor_refit_keeps_the_trained_model(blobs):

@@ -3,13 +3,14 @@ model selection, dtypes, stopping rules, recorded metrics, pickling and errors."
 
 import pickle
 import warnings
+from copy import deepcopy
 
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.base import clone
 from sklearn.datasets import load_digits, make_blobs, make_regression
-from sklearn.exceptions import ConvergenceWarning
+from sklearn.exceptions import ConvergenceWarning, DataConversionWarning
 from sklearn.model_selection import GridSearchCV, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
@@ -21,6 +22,17 @@ pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceW
 
 
 FAST = dict(hidden_layer_sizes=(16,), max_iter=50, learning_rate_init=0.01)
+
+
+def _expected_failed_checks(estimator):
+    if not estimator.early_stopping:
+        return {}
+    reason = (
+        "partial_fit raises for early_stopping=True, as scikit-learn's MLPs do "
+        "(MLPClassifier(early_stopping=True) fails these checks too)"
+    )
+    checks = ("check_fit_score_takes_y", "check_n_features_in_after_fitting", "check_estimators_partial_fit_n_features")
+    return dict.fromkeys(checks, reason)
 
 
 @parametrize_with_checks(
@@ -46,6 +58,7 @@ FAST = dict(hidden_layer_sizes=(16,), max_iter=50, learning_rate_init=0.01)
             record_every=5,
         ),
     ],
+    expected_failed_checks=_expected_failed_checks,
     xfail_strict=True,
 )
 def test_sklearn_estimator_checks(estimator, check):
@@ -91,7 +104,10 @@ def test_partial_fit_classifier(digits):
     assert clf.n_iter_ == 7 and len(clf.loss_curve_) == 7
     assert clf.loss_curve_[-1] < clf.loss_curve_[0]
     assert clf.score(X_te, y_te) > 0.9
-    with pytest.raises(ValueError, match="differs from the classes of the first call"):
+    # Plain values in the message, not [np.int64(0), ...].
+    with pytest.raises(
+        ValueError, match=r"classes=\[0, 1, .*, 10\] differs from the classes of the first call \[0, 1,"
+    ):
         clf.partial_fit(X_tr, y_tr, classes=np.arange(11))
     with pytest.raises(ValueError, match=r"labels \[42\] that are not in classes_"):
         clf.partial_fit(X_tr[:10], np.full(10, 42))
@@ -239,6 +255,9 @@ def test_clone_grid_search_pipeline(digits):
         (dict(max_iter=0), "max_iter must be an int > 0"),
         (dict(validation_fraction=1.0), r"validation_fraction must be a number in \(0, 1\)"),
         (dict(batch_norm="yes"), "batch_norm must be a bool"),
+        (dict(verbose=-1), "verbose must be a bool or an int >= 0, got -1"),
+        (dict(verbose=1.5), "verbose must be a bool or an int >= 0, got 1.5"),
+        (dict(verbose="yes"), "verbose must be a bool or an int >= 0, got 'yes'"),
         (dict(record_every=0), "record_every must be an int > 0"),
     ],
 )
@@ -263,3 +282,156 @@ def test_predict_proba_under_numpy_errors_raised():
         proba = clf.predict_proba(X * 1e4)  # eval-mode BN keeps the scale: logits thousands apart
     assert (proba == 0).any()
     assert_allclose(proba.sum(axis=1), 1.0)
+
+
+def _fitted_state(est):
+    """Fitted attributes and network parameters, copied, to compare before/after a failing call."""
+    state = {k: deepcopy(v) for k, v in vars(est).items() if k.endswith("_") and k != "history_"}
+    if hasattr(est, "_model"):
+        state["_model"] = {k: v.copy() for k, v in est._model.state_dict().items()}
+    return state
+
+
+def _assert_same_state(est, state):
+    assert set(state) == set(_fitted_state(est))
+    for k, v in state.items():
+        now = est._model.state_dict() if k == "_model" else getattr(est, k)
+        if isinstance(v, dict):
+            for name in v:
+                assert_array_equal(now[name], v[name], err_msg=f"{k}.{name}")
+        else:
+            assert_array_equal(now, v, err_msg=k)
+
+
+@pytest.mark.parametrize("Est", [BNMLPClassifier, BNMLPRegressor])
+def test_early_stopping_validation_set_too_small(Est):
+    """scikit-learn's check and message: fewer than 2 validation samples give no usable
+    score (R^2 NaN), and the untrained network used to be returned."""
+    X, y = make_blobs(n_samples=40, centers=2, random_state=0)
+    est = Est(hidden_layer_sizes=(8,), early_stopping=True, max_iter=5, random_state=0)
+    with pytest.raises(
+        ValueError,
+        match=r"validation_fraction=0.1 of 10 samples holds out 1 for validation; .*"
+        r"The validation set is too small. Increase 'validation_fraction' or the size of your dataset.",
+    ):
+        est.fit(X[:10], y[:10])
+    assert not [k for k in vars(est) if k.endswith("_")]  # still unfitted
+    est.fit(X, y)  # 4 validation samples: fine
+    state = _fitted_state(est)
+    with pytest.raises(ValueError, match="The validation set is too small"):
+        est.fit(X[:10], y[:10])
+    _assert_same_state(est, state)
+
+
+def test_early_stopping_training_split_too_small():
+    X, y = make_regression(n_samples=3, n_features=2, random_state=0)
+    est = BNMLPRegressor(hidden_layer_sizes=(4,), early_stopping=True, validation_fraction=0.6, max_iter=2)
+    with pytest.raises(
+        ValueError,
+        match=r"validation_fraction=0.6 of 3 samples holds out 2 for validation and "
+        r"leaves 1 to train on; batch_norm=True needs 2 \(batch statistics\)",
+    ):
+        est.fit(X, y)
+    assert not [k for k in vars(est) if k.endswith("_")]
+    est.set_params(batch_norm=False).fit(X, y)  # one training sample is enough without batch norm
+    with pytest.raises(ValueError, match="holds out 3 for validation and leaves 0 to train on; training needs 1"):
+        est.set_params(validation_fraction=0.9).fit(X, y)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflows are the point
+def test_early_stopping_never_selects_a_non_finite_validation_score():
+    """A NaN score (network output not finite; an R^2 that overflowed) is never the best:
+    with no finite score in any epoch, fit raises instead of returning the initial
+    network (regressor) or a diverged one scored by argmax of NaN (classifier)."""
+    X, y = make_blobs(n_samples=200, centers=3, random_state=0)
+    clf = BNMLPClassifier(early_stopping=True, solver="sgd", learning_rate_init=1e200, max_iter=5, random_state=0)
+    with pytest.raises(ValueError, match=r"no epoch with a finite validation score .*\[nan, nan, nan, nan, nan\]"):
+        clf.fit(X, y)
+    assert not hasattr(clf, "classes_")
+    Xr, yr = make_regression(n_samples=100, n_features=5, random_state=0)
+    reg = BNMLPRegressor(early_stopping=True, max_iter=5, random_state=0)
+    with pytest.raises(ValueError, match="no epoch with a finite validation score"):
+        reg.fit(Xr, yr * 1e200)  # finite predictions, but the R^2 sums overflow: NaN
+    # Diverging after some finite epochs: the NaN epochs are recorded, never restored.
+    clf.set_params(learning_rate_init=1e30, max_iter=20).fit(X, y)
+    scores = np.array(clf.validation_scores_)
+    assert np.isnan(scores).any() and clf.best_validation_score_ == np.nanmax(scores)
+    assert np.isfinite(clf.predict_proba(X)).all()
+
+
+def test_constant_validation_targets_score_like_sklearn():
+    """r2_score of constant targets is 0 (or 1), not NaN: training stops as MLPRegressor's."""
+    X, _ = make_regression(n_samples=100, n_features=5, random_state=0)
+    reg = BNMLPRegressor(early_stopping=True, max_iter=30, random_state=0).fit(X, np.ones(100))
+    assert reg.validation_scores_ == [0.0] * reg.n_iter_
+    assert reg.n_iter_ == reg.n_iter_no_change + 2
+
+
+@pytest.mark.parametrize("verbose", [0, 1, 2, np.int64(3), True, np.bool_(False)])
+def test_verbose_accepts_bool_or_non_negative_int(verbose, capsys):
+    X, y = make_blobs(n_samples=40, random_state=0)
+    BNMLPClassifier(hidden_layer_sizes=(4,), max_iter=2, verbose=verbose, random_state=0).fit(X, y)
+    printed = capsys.readouterr().out
+    assert ("Iteration 2, loss = " in printed) == bool(verbose)
+
+
+@pytest.mark.parametrize("Est", [BNMLPClassifier, BNMLPRegressor])
+def test_partial_fit_refuses_early_stopping(Est):
+    X, y = make_blobs(n_samples=60, centers=2, random_state=0)
+    kw = dict(classes=[0, 1]) if Est is BNMLPClassifier else {}
+    est = Est(hidden_layer_sizes=(8,), early_stopping=True, random_state=0)
+    with pytest.raises(ValueError, match="partial_fit does not support early_stopping=True"):
+        est.partial_fit(X, y, **kw)
+    assert not [k for k in vars(est) if k.endswith("_")]  # the first call set nothing
+    est.set_params(early_stopping=False).partial_fit(X, y, **kw)
+    state = _fitted_state(est)
+    with pytest.raises(ValueError, match="partial_fit does not support early_stopping=True"):
+        est.set_params(early_stopping=True).partial_fit(X, y)
+    _assert_same_state(est, state)
+
+
+def test_best_loss_is_none_with_early_stopping():
+    """scikit-learn's convention; a later partial_fit (early_stopping=False) tracks its own epochs."""
+    X, y = make_blobs(n_samples=100, random_state=0)
+    clf = BNMLPClassifier(hidden_layer_sizes=(8,), max_iter=5, early_stopping=True, random_state=0).fit(X, y)
+    assert clf.best_loss_ is None
+    clf.set_params(early_stopping=False).partial_fit(X, y)
+    assert clf.best_loss_ == clf.loss_curve_[-1]
+    clf.partial_fit(X, y)
+    assert clf.best_loss_ == min(clf.loss_curve_[-2:])
+    assert BNMLPClassifier(hidden_layer_sizes=(8,), max_iter=3).fit(X, y).best_loss_ is not None
+
+
+def test_float32_network_refuses_float64_values_beyond_float32():
+    """Cast to the float32 network they would become inf and give NaN probabilities."""
+    X, y = make_blobs(n_samples=60, centers=2, random_state=0)
+    clf = BNMLPClassifier(**FAST, random_state=0).fit(X.astype(np.float32), y)
+    state = _fitted_state(clf)
+    huge = X[:3] * 1e40
+    for call in (clf.predict_proba, clf.predict, lambda X: clf.partial_fit(X, y[:3])):
+        with pytest.raises(
+            ValueError,
+            match=r"X has values up to \d.\d+e\+40 in magnitude, beyond the float32 "
+            r"range \(\+-3.4e\+38\) of the fitted network",
+        ):
+            call(huge)
+    _assert_same_state(clf, state)
+    assert np.isfinite(clf.predict_proba(X * 1e3)).all()  # float64 input in range: rounded to float32
+    Xr, yr = make_regression(n_samples=60, n_features=3, random_state=0)
+    reg = BNMLPRegressor(**FAST)
+    with pytest.raises(ValueError, match="y has values up to .* beyond the float32 range"):
+        reg.fit(Xr.astype(np.float32), yr * 1e40)
+    assert not hasattr(reg, "n_outputs_")
+
+
+def test_regressor_column_y_warns_like_sklearn():
+    X, y = make_regression(n_samples=60, n_features=3, random_state=0)
+    reg = BNMLPRegressor(**FAST, random_state=0)
+    for call in (reg.fit, reg.partial_fit):
+        with pytest.warns(DataConversionWarning, match="column-vector y was passed when a 1d array was expected"):
+            call(X, y[:, None])
+    assert reg.n_outputs_ == 1 and reg.predict(X).shape == (60,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataConversionWarning)
+        reg.fit(X, y)
+        reg.fit(X, np.column_stack([y, y]))  # several targets: no warning

@@ -247,11 +247,50 @@ def test_sparse_input_rejected(rng):
         (dict(beta=np.ones((3, 1))), ValueError, r"beta must be a scalar or have shape \(3,\)"),
         (dict(gamma="big"), TypeError, "gamma must be a number or an array of n_features=3"),
         (dict(beta=[0.0, np.nan, 1.0]), ValueError, "beta must be finite"),
+        (dict(copy="no"), TypeError, "copy must be a bool, got str 'no'"),
+        (dict(copy=1), TypeError, "copy must be a bool, got int 1"),
     ],
 )
 def test_bad_parameters_raise_clear_errors(rng, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         BatchNormTransformer(**kwargs).fit(rng.normal(size=(10, 3)))
+
+
+def test_copy_argument_of_transform_must_be_bool(rng):
+    X = rng.normal(size=(10, 3))
+    t = BatchNormTransformer(copy=np.bool_(False)).fit(X)
+    for method in (t.transform, t.inverse_transform):
+        with pytest.raises(TypeError, match="copy must be a bool, got str 'yes'"):
+            method(X, copy="yes")
+
+
+@pytest.mark.parametrize("first, then", [(None, 0.5), (0.5, None)])
+def test_partial_fit_refuses_to_switch_statistics_mode(rng, first, then):
+    """Exact summary and moving average are different statistics: mixing them used to
+    give a mean_ of neither, with n_samples_seen_ counting samples it did not cover."""
+    X = rng.normal(size=(40, 2))
+    t = BatchNormTransformer(momentum=first).fit(X)
+    state = {k: np.copy(v) for k, v in vars(t).items() if k.endswith("_")}
+    with pytest.raises(
+        ValueError,
+        match=r"momentum is .*, but the statistics partial_fit would continue are "
+        r".*partial_fit cannot mix the two\. Set momentum back, or call fit",
+    ):
+        t.set_params(momentum=then).partial_fit(X + 100.0)
+    for k, v in state.items():
+        assert_array_equal(getattr(t, k), v, err_msg=k)
+    t.fit(X + 100.0)  # fit starts new statistics in the new mode
+    assert t.n_samples_seen_ == 40
+    assert_allclose(t.mean_, (X + 100.0).mean(0) if then is None else 0.5 * (X + 100.0).mean(0))
+
+
+def test_float_momentum_may_change_between_partial_fits(rng):
+    X1, X2 = rng.normal(size=(30, 2)), rng.normal(3.0, 2.0, size=(20, 2))
+    t = BatchNormTransformer(momentum=0.5).fit(X1)
+    t.set_params(momentum=0.25).partial_fit(X2)
+    assert t.n_samples_seen_ == 50
+    assert_allclose(t.mean_, 0.75 * (0.5 * X1.mean(0)) + 0.25 * X2.mean(0))
+    assert_allclose(t.var_, 0.75 * (0.5 + 0.5 * X1.var(0, ddof=1)) + 0.25 * X2.var(0, ddof=1))
 
 
 def test_ema_needs_two_samples_per_batch(rng):

@@ -27,8 +27,25 @@ skipped that epoch, so no batch-norm batch is degenerate). ``loss_curve_`` holds
 mean mini-batch loss of each epoch. Stopping follows scikit-learn: training stops when
 the training loss (or, with ``early_stopping``, the validation score) has not improved
 by ``tol`` for more than ``n_iter_no_change`` consecutive epochs; otherwise
-``max_iter`` epochs run and a ``ConvergenceWarning`` is issued. Float32 input trains
-a float32 network; any other input trains in float64.
+``max_iter`` epochs run and a ``ConvergenceWarning`` is issued.
+
+Early stopping holds out ``ceil(validation_fraction * n)`` samples (scikit-learn's
+split) and needs at least 2 of them -- else the same ``ValueError`` as scikit-learn's
+MLPs ("The validation set is too small ...") -- and at least 2 training samples with
+batch norm (1 without); both are checked before anything is trained. The network of
+the best validation score is restored at the end. A validation score that is not
+finite (NaN when the network's output on the validation set is not finite, for the
+classifier too; an R^2 that overflowed) never counts as an improvement; if no epoch
+had a finite score, ``fit`` raises a ``ValueError`` rather than return the untrained
+network. Constant validation targets give R^2 0 or 1 (scikit-learn's ``r2_score``),
+as in ``MLPRegressor``.
+
+Float32 X trains a float32 network; any other X trains in float64. The network
+computes in the dtype it was fitted in, whatever the input: float64 X given to a
+float32 network (and a regressor's y trained in float32) is rounded to float32, and
+values beyond the float32 range (magnitude > 3.4e38), which would become infinite,
+raise a ``ValueError`` naming X or y. (scikit-learn's MLPs compute float64 input in
+float64 even with float32 weights; here the kernels run in the network's dtype.)
 
 Defaults follow scikit-learn's MLPs except ``learning_rate_init=0.01`` (scikit-learn:
 0.001): batch norm keeps every layer's input normalised, so it tolerates -- and needs,
@@ -46,6 +63,7 @@ still fitted with its previous model -- or still unfitted (``NotFittedError``).
 import copy
 import warnings
 from collections.abc import Sequence
+from math import ceil
 from typing import Any, Self
 
 import numpy as np
@@ -56,7 +74,7 @@ from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from .._checks import is_int, is_real
 
@@ -87,7 +105,7 @@ class _BaseBNMLP(BaseEstimator):
         early_stopping: bool = False,
         validation_fraction: float = 0.1,
         random_state: int | np.random.RandomState | None = None,
-        verbose: bool = False,
+        verbose: bool | int = False,
         record_metrics: Sequence[Any] = (),
         record_every: int = 1,
     ) -> None:
@@ -127,9 +145,11 @@ class _BaseBNMLP(BaseEstimator):
             raise ValueError(f"{name}: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"{name}: solver must be one of {SOLVERS}, got {self.solver!r}")
-        for param in ("batch_norm", "early_stopping", "verbose"):
+        for param in ("batch_norm", "early_stopping"):
             if not isinstance(getattr(self, param), (bool, np.bool_)):
                 raise ValueError(f"{name}: {param} must be a bool, got {getattr(self, param)!r}")
+        if not (isinstance(self.verbose, (bool, np.bool_)) or (_is_int(self.verbose) and self.verbose >= 0)):
+            raise ValueError(f"{name}: verbose must be a bool or an int >= 0, got {self.verbose!r}")
         checks = [
             ("learning_rate_init", _is_real, lambda v: v > 0, "a number > 0"),
             ("momentum", _is_real, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
@@ -217,7 +237,7 @@ class _BaseBNMLP(BaseEstimator):
         self._model, self._optimizer = self._build(self._arch, self._rng)
         self.n_iter_ = 0
         self.loss_curve_: list[float] = []
-        self.best_loss_ = np.inf
+        self.best_loss_: float | None = None if self.early_stopping else np.inf  # scikit-learn's convention
         self.history_ = None
 
     def _trainer(self, n_samples: int, metrics: list[Any]) -> Any:
@@ -245,7 +265,8 @@ class _BaseBNMLP(BaseEstimator):
         loss = float(np.mean(part.loss))
         self.n_iter_ += 1
         self.loss_curve_ = self.loss_curve_ + [loss]
-        self.best_loss_ = min(self.best_loss_, loss)
+        if not self.early_stopping:  # None after an early-stopping fit: partial_fit starts the count
+            self.best_loss_ = min(np.inf if self.best_loss_ is None else self.best_loss_, loss)
         if self.history_ is None:
             self.history_ = part
         else:
@@ -264,10 +285,25 @@ class _BaseBNMLP(BaseEstimator):
             print(f"Iteration {self.n_iter_}, loss = {loss:.8f}")
         return loss
 
-    def _forward(self, X: ArrayLike) -> NDArray[np.floating[Any]]:
+    def _forward(self, X: NDArray[Any]) -> NDArray[np.floating[Any]]:
         """Network output for validated X, in eval mode (running statistics)."""
         self._model.eval()
-        return self._model.forward(np.asarray(X, dtype=self._dtype))
+        return self._model.forward(self._in_network_dtype("X", X))
+
+    def _in_network_dtype(self, arg: str, a: NDArray[Any]) -> NDArray[Any]:
+        """Validated (finite) ``a`` in the network's dtype. Values beyond that dtype's
+        range (float64 X or y for a float32 network) would become infinite: they raise."""
+        limit = float(np.finfo(self._dtype).max)
+        if a.dtype.kind == "f" and np.finfo(a.dtype).max > limit and a.size:
+            largest = float(np.max(np.abs(a)))
+            if largest > limit:
+                raise ValueError(
+                    f"{type(self).__name__}: {arg} has values up to {largest:.3g} in magnitude, beyond the "
+                    f"{self._dtype} range (+-{limit:.3g}) of the fitted network, which "
+                    f"computes in {self._dtype} because it was fitted on {self._dtype} X; scale {arg}, or "
+                    "fit on float64 X"
+                )
+        return np.asarray(a, dtype=self._dtype)
 
     # ------------------------------------------------------------ fitting
     def _validate_xy(self, X: ArrayLike, y: ArrayLike, reset: bool) -> tuple[NDArray[Any], NDArray[Any]]:
@@ -281,6 +317,8 @@ class _BaseBNMLP(BaseEstimator):
             multi_output=self._regression,
             y_numeric=self._regression,
         )
+        if y.ndim == 2 and y.shape[1] == 1:  # scikit-learn's MLPRegressor: one target, warned
+            y = column_or_1d(y, warn=True)
         if self.batch_norm and X.shape[0] < 2:
             raise ValueError(
                 f"{type(self).__name__} with batch_norm=True needs at least 2 samples to train "
@@ -325,10 +363,33 @@ class _BaseBNMLP(BaseEstimator):
         work._fit(X, y)
         return self._commit(work)
 
+    def _check_validation_split(self, n_samples: int) -> None:
+        """Early stopping's split (scikit-learn's sizes: ceil(validation_fraction * n)
+        held out) must leave 2 validation samples for a score and 2 training samples
+        for batch statistics (1 without batch norm)."""
+        name, fraction = type(self).__name__, self.validation_fraction
+        n_val = ceil(fraction * n_samples)
+        if n_val < 2:
+            raise ValueError(
+                f"{name}: early_stopping=True with validation_fraction={fraction!r} of {n_samples} samples "
+                f"holds out {n_val} for validation; a validation score needs at least 2. The validation "
+                "set is too small. Increase 'validation_fraction' or the size of your dataset."
+            )
+        needed = 2 if self.batch_norm else 1
+        if n_samples - n_val < needed:
+            why = "batch_norm=True needs 2 (batch statistics)" if self.batch_norm else "training needs 1"
+            raise ValueError(
+                f"{name}: early_stopping=True with validation_fraction={fraction!r} of {n_samples} samples "
+                f"holds out {n_val} for validation and leaves {n_samples - n_val} to train on; {why}. "
+                "Decrease 'validation_fraction' or increase the size of your dataset."
+            )
+
     def _fit(self, X: ArrayLike, y: ArrayLike) -> None:
         sizes, metrics = self._check_params()
         X, y = self._validate_xy(X, y, reset=True)
         targets = self._encode_targets(y, fitting=True)
+        if self.early_stopping:
+            self._check_validation_split(X.shape[0])
         self._initialize(sizes, X.shape[1], self._n_outputs(), X.dtype)
         if self.early_stopping:
             stratify = targets if isinstance(self, ClassifierMixin) else None
@@ -353,7 +414,7 @@ class _BaseBNMLP(BaseEstimator):
                 self.validation_scores_.append(score)
                 if self.verbose:
                     print(f"Validation score: {score:f}")
-                improved = score >= self.best_validation_score_ + self.tol
+                improved = score >= self.best_validation_score_ + self.tol  # never for NaN
                 if score > self.best_validation_score_:
                     self.best_validation_score_ = score
                     best_state = self._model.state_dict()
@@ -376,6 +437,14 @@ class _BaseBNMLP(BaseEstimator):
                 stacklevel=2,
             )
         if self.early_stopping:
+            if self.best_validation_score_ == -np.inf:
+                raise ValueError(
+                    f"{type(self).__name__}: early stopping found no epoch with a finite validation score "
+                    f"(validation scores of the {self.n_iter_} epochs: {self.validation_scores_[:5]}"
+                    f"{' ...' if self.n_iter_ > 5 else ''}): the network's output on the validation set, or "
+                    "its score, overflowed, so there is no trained state to keep; lower learning_rate_init, "
+                    "or scale X and y"
+                )
             self._model.load_state_dict(best_state)
         return self
 
@@ -387,12 +456,17 @@ class _BaseBNMLP(BaseEstimator):
 
     def _partial_fit_epoch(self, X: ArrayLike, y: ArrayLike, classes: ArrayLike | None) -> Self:
         sizes, metrics = self._check_params()
+        if self.early_stopping:  # scikit-learn's message and rule: no validation split of one batch
+            raise ValueError(
+                f"{type(self).__name__}: partial_fit does not support early_stopping=True "
+                "(set early_stopping=False to train on one batch, or use fit)"
+            )
         first = not hasattr(self, "_model")
         X, y = self._validate_xy(X, y, reset=first)
         targets = self._encode_targets(y, fitting=first, classes=classes)
         if first:
             self._initialize(sizes, X.shape[1], self._n_outputs(), X.dtype)
-        X = np.asarray(X, dtype=self._dtype)
+        X = self._in_network_dtype("X", X)
         self._epoch(self._trainer(X.shape[0], metrics), X, self._as_training_targets(targets))
         return self
 
@@ -422,17 +496,21 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     ``solver`` ("adam": Adam with betas (0.9, 0.999), eps 1e-8; "sgd": SGD with
     ``momentum``), ``learning_rate_init`` (default 0.01, ten times scikit-learn's:
     see the module docstring), ``batch_size`` ("auto" = min(200, n)),
-    ``max_iter`` (epochs), ``tol``, ``n_iter_no_change``, ``early_stopping``,
-    ``validation_fraction``, ``random_state``, ``verbose``. Added: ``batch_norm``
+    ``max_iter`` (epochs), ``tol``, ``n_iter_no_change``, ``early_stopping`` (``fit``
+    only: ``partial_fit`` raises, as scikit-learn's does), ``validation_fraction``,
+    ``random_state``, ``verbose`` (bool or int >= 0; progress is printed when
+    true/nonzero). Added: ``batch_norm``
     (True: BatchNorm1d after every hidden linear layer), ``record_metrics`` (names
     "ics", "landscape", "grad_norm", "weight_norm" or metric objects of
     :mod:`numbabn.train`, recorded by the Trainer every ``record_every`` steps).
 
     Attributes: ``classes_``, ``loss_curve_``, ``n_iter_``, ``best_loss_`` (lowest
-    epoch loss), ``validation_scores_`` and ``best_validation_score_`` (early
-    stopping), ``history_`` (the :class:`numbabn.train.History` of all epochs: per-step
-    loss and accuracy, and the recorded metrics), ``n_features_in_``,
-    ``feature_names_in_``. See the module docstring for the math.
+    epoch loss; None after a fit with early stopping, as in scikit-learn -- a later
+    ``partial_fit`` counts from its own epochs), ``validation_scores_`` and
+    ``best_validation_score_`` (early stopping), ``history_`` (the
+    :class:`numbabn.train.History` of all epochs: per-step loss and accuracy, and the
+    recorded metrics), ``n_features_in_``, ``feature_names_in_``. See the module
+    docstring for the math.
     """
 
     _regression = False
@@ -453,8 +531,8 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
             self.classes_ = unique_labels(y) if classes is None else unique_labels(classes)
         elif classes is not None and not np.array_equal(unique_labels(classes), self.classes_):
             raise ValueError(
-                f"{name}.partial_fit: classes={list(classes)!r} differs from the classes of "
-                f"the first call {list(self.classes_)!r}"
+                f"{name}.partial_fit: classes={np.asarray(classes).tolist()!r} differs from the "
+                f"classes of the first call {self.classes_.tolist()!r}"
             )
         unknown = np.setdiff1d(y, self.classes_)
         if unknown.size:
@@ -467,8 +545,10 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     def _as_training_targets(targets: NDArray[Any]) -> NDArray[Any]:
         return targets
 
-    def _score_targets(self, X: ArrayLike, targets: NDArray[Any]) -> float:
-        return accuracy_score(targets, self._forward(X).argmax(axis=1))
+    def _score_targets(self, X: NDArray[Any], targets: NDArray[Any]) -> float:
+        """Validation accuracy; NaN when the network's output is not finite."""
+        out = self._forward(X)
+        return accuracy_score(targets, out.argmax(axis=1)) if np.isfinite(out).all() else np.nan
 
     def partial_fit(self, X: ArrayLike, y: ArrayLike, classes: ArrayLike | None = None) -> Self:
         """One epoch over (X, y); ``classes`` (every label) is required on the first call."""
@@ -499,7 +579,8 @@ class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
     """Multi-layer perceptron regressor with batch norm (mean squared error, identity
     output); parameters and attributes as :class:`BNMLPClassifier` (no ``classes_``;
     ``history_`` has no accuracy). ``y`` may have several columns (``n_outputs_``);
-    predictions of a single target are 1-D."""
+    predictions of a single target are 1-D. A ``y`` of shape (n_samples, 1) is one
+    target and gives a ``DataConversionWarning``, as in ``MLPRegressor``."""
 
     _regression = True
 
@@ -527,10 +608,12 @@ class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
         return y
 
     def _as_training_targets(self, targets: NDArray[Any]) -> NDArray[Any]:
-        return np.asarray(targets, dtype=self._dtype)
+        return self._in_network_dtype("y", targets)
 
-    def _score_targets(self, X: ArrayLike, targets: NDArray[Any]) -> float:
-        return r2_score(targets, self._forward(X))
+    def _score_targets(self, X: NDArray[Any], targets: NDArray[Any]) -> float:
+        """Validation R^2; NaN when the network's output is not finite."""
+        out = self._forward(X)
+        return r2_score(targets, out) if np.isfinite(out).all() else np.nan
 
     def partial_fit(self, X: ArrayLike, y: ArrayLike) -> Self:
         """One epoch over (X, y); the first call initialises the network."""

@@ -30,7 +30,14 @@ Two ways to learn the statistics:
       mean_ <- (1 - m)*mean_ + m*mean_batch
       var_  <- (1 - m)*var_  + m*var_batch*n/(n - 1)       (unbiased batch variance)
 
-``fit(X)`` forgets previous statistics and is one ``partial_fit(X)``.
+``fit(X)`` forgets previous statistics and is one ``partial_fit(X)``. ``partial_fit``
+continues in the mode ``fit`` (or the first ``partial_fit``) started: an exact summary
+and a moving average are different quantities (one covers every sample equally, the
+other weights recent batches and starts from 0 and 1), so a ``momentum`` switched
+between None and a float after fitting raises a ``ValueError`` instead of mixing them
+(``n_samples_seen_`` would count samples the statistics do not cover). A float
+``momentum`` may change between ``partial_fit`` calls (a moving average with a varying
+rate, as when a batch-norm layer's momentum is changed).
 """
 
 import importlib
@@ -44,7 +51,7 @@ from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
 from sklearn.utils import check_array
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .._checks import is_real
+from .._checks import check_bool, is_real
 from ..functional import batch_norm_forward, moments
 from ..stats import Moments, merge_moments
 
@@ -72,9 +79,11 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         None: exact statistics of all data seen (Chan merge of batch moments).
         A float: exponential moving average of the batch statistics, like a
         batch-norm layer's running statistics (initial mean 0, variance 1).
+        ``partial_fit`` keeps the mode of the statistics it continues: switching
+        between None and a float after fitting raises (call ``fit`` to restart).
     gamma, beta : float or array of shape (n_features,), default 1.0 and 0.0
         Scale and shift applied after normalising.
-    copy : bool, default True
+    copy : bool, default True (a bool or NumPy bool, else ``TypeError``)
         False: ``transform`` and ``inverse_transform`` write their result into ``X``
         and return it when ``X`` is a writeable float32/float64 NumPy array
         (otherwise a new array is returned, as with ``copy=True``). ``X`` is never
@@ -86,7 +95,7 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         The statistics ``transform`` uses. ``var_`` is the biased variance (m2/n) for
         ``momentum=None``, the moving average of unbiased batch variances otherwise.
     n_samples_seen_ : int
-        Samples seen since the last ``fit``.
+        Samples seen since the last ``fit``: all of them are in the statistics.
     n_features_in_, feature_names_in_ : as in scikit-learn.
 
     Input of dtype float32 gives float32 output (float64 for any other dtype);
@@ -124,6 +133,7 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
             raise ValueError(
                 f"{name}: momentum must be None (exact statistics) or a number in (0, 1], got {momentum!r}"
             )
+        check_bool(name, "copy", self.copy)
         affine = [self._check_affine(name, p, getattr(self, p), n_features) for p in ("gamma", "beta")]
         return float(eps), momentum if momentum is None else float(momentum), *affine
 
@@ -166,6 +176,8 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
                     self, X, reset=first, dtype=FLOAT_DTYPES, copy=False, accept_sparse=False, ensure_all_finite=True
                 )
             params = self._check_params(X.shape[1])
+            if not first and (params[1] is None) != ("_moments" in self.__dict__):
+                raise ValueError(self._mode_change_message(params[1]))
             if params[1] is not None and X.shape[0] < 2:
                 raise ValueError(
                     f"{type(self).__name__} with momentum={params[1]} needs at least 2 samples per "
@@ -177,6 +189,17 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
                     self.__dict__.pop(k, None)
             raise
         return X, params, (X.moments if kind is not None else moments(X, axis=1))
+
+    def _mode_change_message(self, momentum: float | None) -> str:
+        name = type(self).__name__
+        if momentum is None:
+            now, then = "None (exact statistics)", "a moving average (fitted with a float momentum)"
+        else:
+            now, then = f"{momentum!r} (a moving average)", "exact (fitted with momentum=None)"
+        return (
+            f"{name}: momentum is {now}, but the statistics partial_fit would continue are {then}; "
+            "partial_fit cannot mix the two. Set momentum back, or call fit to start new statistics."
+        )
 
     def fit(self, X: Any, y: Any = None) -> Self:
         """Forget previous statistics, then :meth:`partial_fit` ``X``. Returns self.
@@ -198,6 +221,8 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
 
         ``momentum=None``: exact merge of the batch's moments into those seen so far.
         Otherwise one moving-average step (see the module docstring). ``y`` is ignored.
+        Raises ``ValueError`` if ``momentum`` switched between None and a float since
+        the statistics were started (see the module docstring).
         """
         saved = dict(self.__dict__)
         try:
@@ -229,7 +254,7 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         ``copy`` overrides the constructor's ``copy`` for this call.
         """
         check_is_fitted(self)
-        copy = self.copy if copy is None else copy
+        copy = check_bool(type(self).__name__, "copy", self.copy if copy is None else copy)
         kind = _array_kind(X)
         if kind is not None:
             X = kind.check_array(self, X, reset=False)
@@ -267,7 +292,7 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         Needs every gamma != 0. ``copy`` overrides the constructor's ``copy``.
         """
         check_is_fitted(self)
-        copy = self.copy if copy is None else copy
+        copy = check_bool(type(self).__name__, "copy", self.copy if copy is None else copy)
         X = check_array(
             X,
             dtype=FLOAT_DTYPES,
