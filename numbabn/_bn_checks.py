@@ -38,6 +38,7 @@ def check_forward_params(
     Returns (gamma, beta, running_mean, running_var, num_batches_tracked)."""
     check = check or check_param
     dt = compute_dtype(cx.dtype)
+    stats_dt = dt if training else _stats_dtype(fn, running_mean, running_var, dt)
     return (
         check(fn, "gamma", gamma, cx.channels, dt),
         check(fn, "beta", beta, cx.channels, dt),
@@ -46,7 +47,7 @@ def check_forward_params(
             "running_mean",
             running_mean,
             cx.channels,
-            dt if training else _stats_dtype(running_mean, dt),
+            stats_dt,
             inplace=training,
         ),
         check(
@@ -54,19 +55,28 @@ def check_forward_params(
             "running_var",
             running_var,
             cx.channels,
-            dt if training else _stats_dtype(running_var, dt),
+            stats_dt,
             inplace=training,
         ),
         check_counter(fn, num_batches_tracked),
     )
 
 
-def _stats_dtype(value: Any, dt: np.dtype[Any]) -> np.dtype[Any]:
-    """The dtype running statistics must have: the compute dtype, except that eval mode
-    (where they are only read, and the kernels turn them into float64 coefficients)
-    also takes float64 statistics for float32 input -- e.g. a float64 ``mean_`` with
-    ``|mean| >> std``, which rounding to float32 first would spoil."""
-    return _FLOAT64 if getattr(value, "dtype", None) == _FLOAT64 else dt
+def _stats_dtype(fn: str, running_mean: Any, running_var: Any, dt: np.dtype[Any]) -> np.dtype[Any]:
+    """The dtype eval-mode running statistics must have: the compute dtype, or float64
+    for both (in any byte order) -- e.g. a float64 ``mean_`` with ``|mean| >> std``,
+    which rounding to float32 first would spoil (they are only read there; the
+    kernels turn them into float64 coefficients). One of each is a TypeError."""
+    wide = [
+        getattr(value, "dtype", None) is not None and np.dtype(value.dtype).kind == "f" and value.dtype.itemsize == 8
+        for value in (running_mean, running_var)
+    ]
+    if wide[0] != wide[1] and dt != _FLOAT64:
+        raise TypeError(
+            f"{fn}: running_mean and running_var must have one dtype, {dt} (the input's) or float64 "
+            f"(read in eval), got {describe(running_mean)} and {describe(running_var)}"
+        )
+    return _FLOAT64 if wide[0] else dt
 
 
 _INT64 = np.dtype(np.int64)

@@ -24,7 +24,11 @@ class LpBatchNorm(BatchNormBase):
         s   = ((1/m) sum |u_i|^p)^(1/p)     p = 1, 2;   s = max_i |u_i|   p = inf
         y_i = gamma * u_i / (s + eps) + beta
 
-    (p = 2 is the standard deviation; eps is added to s, not to s^2.)
+    (p = 2 is the standard deviation; eps is added to s, not to s^2.) No scaling
+    constant, as in Santurkar et al.: on Gaussian input the output's standard
+    deviation is then about sqrt(pi/2) = 1.25 for p = 1 and about 1/sqrt(2 ln m) for
+    p = inf. Hoffer et al. 2018 ("Norm matters") scale their L1 and L-inf batch
+    norms by such constants to mimic standard BN; here gamma can learn them.
 
     Exact backward, with h = dy * gamma, D = s + eps::
 

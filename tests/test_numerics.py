@@ -444,6 +444,17 @@ def test_eval_with_float64_statistics_for_float32_input(backend):
     )
     np.testing.assert_allclose(backend.host(y), expected, rtol=0, atol=2e-6)
     assert np.abs(backend.host(y) - ref).max() < 2e-6
+    if backend.name == "cpu":  # byte order is a host array's property
+        big, _ = numbabn.batch_norm_forward(
+            x, running_mean=rm.astype(">f8"), running_var=rv.astype(">f8"), training=False
+        )
+        np.testing.assert_array_equal(big, expected)
+    # one float64 and one float32 statistic: numbabn's error, not Numba's typing error
+    for mean, var in ((rm, rv.astype(np.float32)), (rm.astype(np.float32), rv)):
+        with pytest.raises(TypeError, match="running_mean and running_var must have one dtype, float32 .* or float64"):
+            numbabn.batch_norm_forward(
+                backend.put(x), running_mean=backend.put(mean), running_var=backend.put(var), training=False
+            )
 
 
 def test_moments_and_allreduce_errors(backend):
