@@ -75,8 +75,8 @@ def register_layer(name: str) -> Callable[[_LayerT], _LayerT]:
 
     The origin shown by :func:`available_layers` is "builtin" for numbabn's own
     layers and the defining module otherwise. Registering a different class under a
-    taken name (a built-in's, a plugin's or an earlier registration's) raises
-    ValueError, whether or not a layer was looked up before.
+    taken name (a built-in's, whether or not a layer was looked up before, a loaded
+    plugin's or an earlier registration's) raises ValueError.
     """
     fn = "register_layer"
     _check_name(fn, name)
@@ -86,10 +86,12 @@ def register_layer(name: str) -> Callable[[_LayerT], _LayerT]:
             raise TypeError(f"{fn}({name!r}): expected a Layer subclass, got {cls!r}")
         module = cls.__module__
         origin = "builtin" if module == "numbabn" or module.startswith("numbabn.") else module
-        # The built-in and plugin names first: registered before the first lookup, a
-        # class would otherwise take a built-in's name, silently (the built-in skipped).
-        _ensure_discovered()
+        # The built-in names first: registered before the first lookup, a class would
+        # otherwise take a built-in's name, silently (the built-in skipped). Entry points
+        # are not loaded here: one may point at the module this decorator runs in (a
+        # circular import); a plugin that clashes is skipped, with a warning, when they are.
         with _lock:
+            _add_builtins()
             clash = _add(name, cls, origin)
         if clash:
             raise ValueError(f"{fn}: {clash}")
@@ -131,11 +133,16 @@ def _ensure_discovered() -> None:
             return
         # Set first so that a plugin looking layers up while it loads does not recurse.
         _discovered = True
-        from .layers import BUILTIN_LAYERS
-
-        for name, cls in BUILTIN_LAYERS.items():
-            _add(name, cls, "builtin")
+        _add_builtins()
         _load_entry_points()
+
+
+def _add_builtins() -> None:
+    """Register numbabn.layers' built-in layers (again: a no-op); under ``_lock``."""
+    from .layers import BUILTIN_LAYERS
+
+    for name, cls in BUILTIN_LAYERS.items():
+        _add(name, cls, "builtin")
 
 
 def available_layers() -> dict[str, str]:

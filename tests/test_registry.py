@@ -154,6 +154,20 @@ def test_importing_numbabn_and_the_registry_stays_light():
     assert out.strip() == "[]"
 
 
+def test_a_module_that_registers_and_is_an_entry_point_imports_without_warnings():
+    """numbabn.distributed.sync_batchnorm registers its layers with @register_layer and
+    is also named by the package's own entry points: registering must not load the
+    entry points (the module, half imported, would be loaded again: a RuntimeWarning
+    per layer, an error under -W error)."""
+    code = (
+        "from numbabn.distributed import SyncBatchNorm1d; import numbabn.registry as r; "
+        "print(r.layer_class('sync_batch_norm1d') is SyncBatchNorm1d, r.available_layers()['sync_batch_norm1d'])"
+    )
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "builtin"] and done.stderr == ""
+
+
 def test_a_broken_plugin_never_breaks_lookups(fresh_registry):
     def entry_points(**kwargs):
         return [FakeEntryPoint("exploding", "acme_does_not_exist:X")]
