@@ -223,7 +223,16 @@ def _mismatch_cases(comm):
             layer = S1(4, dtype=np.float64, comm=comm)  # a fresh layer: nothing to go back through
         return [layer], lambda: layer.backward(rows(3, 4))
 
+    def gradients(rank, size):
+        """allreduce_gradients with a gradient set on rank 0 that rank 1 lacks (MPICH
+        summed the shorter contribution silently: other sums on each rank)."""
+        model = Sequential(Linear(3, 4, rng=0, dtype=np.float64), Linear(4, 2, rng=0, dtype=np.float64))
+        for i, p in enumerate(model.parameters()):
+            p.grad = None if rank == 1 and i >= 2 else np.full_like(p.value, rank + 1.0)
+        return list(model), lambda: allreduce_gradients(model, comm)
+
     return {
+        "gradients": ("rank 0: 4 of 4 parameters, 26 values; rank 1: 2 of 4 parameters, 16 values", gradients),
         "channels": ("channels: rank 0: 4 channels; rank 1: 400 channels", channels),
         "dtype": ("dtype: rank 0: float32; rank 1: float64", dtype),
         "mode": ("mode: rank 0: running statistics; rank 1: batch statistics", mode),
@@ -243,7 +252,7 @@ def _layer_snapshot(layers):
             (
                 layer.state_dict(),
                 [None if p.grad is None else p.grad.copy() for p in layer.parameters()],
-                layer._ctx,
+                getattr(layer, "_ctx", None),
                 list(getattr(layer, "_sync_calls", [])),
                 layer.training,
             )
@@ -409,8 +418,9 @@ MISMATCH_TIMEOUT = 120
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_ranks_that_disagree_all_raise_the_same_error(ranks, tmp_path, capsys):
     """Each way of disagreeing (channels, dtype, mode, forward vs backward, call order, a
-    rank whose input or dy is rejected, backward before forward): under a timeout, every
-    rank raises the same SyncError, no layer changes, and the ranks go on in step."""
+    rank whose input or dy is rejected, backward before forward, the gradients to
+    all-reduce): under a timeout, every rank raises the same SyncError, no layer
+    changes, and the ranks go on in step."""
     out = tmp_path / "mismatch.json"
     _launch(ranks, ["-m", "mpi4py", __file__, "--mismatch", str(out)], timeout=MISMATCH_TIMEOUT)
     data = json.loads(out.read_text())

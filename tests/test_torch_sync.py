@@ -4,7 +4,9 @@ Every rank holds a slice of one global batch (unequal sizes, one rank empty) and
 compared with a single-process ``torch.nn.BatchNorm2d`` on the concatenated batch:
 outputs and input gradients (this rank's slice), parameter gradients (summed over
 the ranks), running statistics (bit-identical on every rank), eval mode; then a
-refused input in the middle of training, layers called out of order, and training
+refused input in the middle of training, layers called out of order, ranks whose
+layers have other channel counts, a backward one rank skipped, a layer too wide for
+one gather, and training
 under DistributedDataParallel on CPU against one process on the whole batch. (The
 README's torchrun launch of examples/torch_ddp_syncbn.py runs in test_examples.py.)
 """
@@ -143,6 +145,55 @@ def check_layers_out_of_order(rank, sizes):
         (a if rank == 0 else b)(x)
 
 
+def check_channel_counts_disagree(rank, sizes):
+    """Layers of other widths on the ranks: every rank raises and nothing changes, also
+    beyond the 512 channels whose payload fits the first gather. (The gathered row has
+    one size whatever the layer; sized by the payload, it differed, and gloo aborted one
+    rank's process while the other read a payload as a header.)"""
+    for c in (C + rank, 600 + rank):
+        bn = nbt.SyncBatchNorm(c, dtype=torch.float64)
+        before = {k: v.clone() for k, v in bn.state_dict().items()}
+        with pytest.raises(RuntimeError, match="disagree on the channel count"):
+            bn(torch.randn(4, c, 3, dtype=torch.float64))
+        for k, v in bn.state_dict().items():
+            assert torch.equal(v, before[k]), k
+
+
+def check_wide_layer(rank, sizes):
+    """600 channels: the payload's rest beyond the first gather (forward moments and
+    backward sums) arrives in a second one; results as one process on the whole batch."""
+    wide = 600
+    torch.manual_seed(3)
+    ours, ref = nbt.SyncBatchNorm(wide, dtype=torch.float64), torch.nn.BatchNorm1d(wide, dtype=torch.float64)
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(sum(sizes), wide, 2, generator=g, dtype=torch.float64) * 3 + 1
+    DY = torch.randn(X.shape, generator=g, dtype=torch.float64)
+    mine = _my_slice(rank, sizes)
+    x = X[mine].clone().requires_grad_()
+    y = ours(x)
+    y.backward(DY[mine])
+    Xr = X.clone().requires_grad_()
+    yr = ref(Xr)
+    yr.backward(DY)
+    torch.testing.assert_close(y, yr[mine], **F64)
+    torch.testing.assert_close(x.grad, Xr.grad[mine], **F64)
+    torch.testing.assert_close(_summed(ours.weight.grad), ref.weight.grad, **F64)
+    torch.testing.assert_close(ours.running_var, ref.running_var, **F64)
+
+
+def check_a_skipped_backward(rank, sizes):
+    """Rank 0 runs the backward while the others skipped it and call the layer again:
+    a forward's exchange meets a backward's, and every rank raises."""
+    bn = nbt.SyncBatchNorm(C, dtype=torch.float64)
+    x = torch.randn(4, C, 3, dtype=torch.float64, requires_grad=True)
+    y = bn(x)
+    with pytest.raises(RuntimeError, match=r"disagree on the exchange \(forward statistics or backward"):
+        if rank == 0:
+            y.sum().backward()
+        else:
+            bn(x)
+
+
 def check_ddp_training(rank, sizes):
     """DDP on CPU with numbabn SyncBatchNorm (+ fused ReLU) = one process on the whole batch."""
 
@@ -182,12 +233,18 @@ SCENARIOS = {
         (check_refused_input_mid_training, {}),
         (check_recording_refused, {}),
         (check_layers_out_of_order, {}),
+        (check_channel_counts_disagree, {}),
+        (check_a_skipped_backward, {}),
+        (check_wide_layer, {}),
         (check_ddp_training, {}),
     ],
     3: [
         (check_concatenated_batch, dict(momentum=None)),
         (check_concatenated_batch, dict(activation="relu")),
         (check_refused_input_mid_training, {}),
+        (check_channel_counts_disagree, {}),
+        (check_a_skipped_backward, {}),
+        (check_wide_layer, {}),
         (check_ddp_training, {}),
     ],
 }

@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import _checks as V
 from ..layers.base import Layer
-from .comm import active, check_comm, sum_in_rank_order
+from .comm import SyncError, active, allgather_rows, check_comm, sum_in_rank_order
 from .sync_batchnorm import SyncBatchNormMixin
 
 
@@ -73,7 +73,11 @@ def allreduce_gradients(model: Layer, comm: Any = None) -> None:
 
     Skipped: parameters whose ``grad`` is None, and those of synchronized batch-norm
     layers, whose backward already produced the global batch's gradients. Every
-    rank must call this with the same model structure and the same gradients set.
+    rank must call this with the same model structure and the same gradients set:
+    the ranks first compare which ones (one more Allgather of 4 values), and if they
+    differ every rank raises the same :class:`SyncError` and no gradient changes
+    (summed as they came, the shorter contributions would mix values of different
+    parameters, differently on each rank).
     """
     fn = "allreduce_gradients"
     if not isinstance(model, Layer):
@@ -82,7 +86,22 @@ def allreduce_gradients(model: Layer, comm: Any = None) -> None:
     if comm is None:
         return
     synced = {id(p) for layer in _sync_layers(model) for p in layer.parameters()}
-    params = [p for p in model.parameters() if p.grad is not None and id(p) not in synced]
+    every = model.parameters()
+    chosen = [i for i, p in enumerate(every) if p.grad is not None and id(p) not in synced]
+    params = [every[i] for i in chosen]
+    # Which gradients, in 4 numbers: parameters, gradients, values, and the gradients'
+    # positions weighted by their sizes (another set of the same count and size differs there).
+    sizes = [every[i].grad.size for i in chosen]
+    summary = [len(every), len(chosen), sum(sizes), sum((i + 1) * n for i, n in zip(chosen, sizes, strict=True))]
+    rows = allgather_rows(comm, summary)
+    if (rows != rows[0]).any():
+        described = "; ".join(
+            f"rank {r}: {int(row[1])} of {int(row[0])} parameters, {int(row[2])} values" for r, row in enumerate(rows)
+        )
+        raise SyncError(
+            f"{fn}: the ranks disagree on the gradients to sum ({described}); every rank must have the same "
+            "parameters' gradients set; no gradient changed"
+        )
     if not params:
         return
     total = sum_in_rank_order(comm, np.concatenate([p.grad.ravel() for p in params]).astype(np.float64))

@@ -34,7 +34,9 @@ Result: the same as one ``BatchNorm`` on the concatenation of the ranks' batches
 rank order (to float rounding), bit-identical statistics and parameter gradients on
 every rank. Every rank must call forward and backward the same number of times, in
 the same layer order (the collectives are blocking; a rank with an empty batch still
-takes part); the header turns a violation into the same SyncError on every rank.
+takes part); the header turns a violation into the same SyncError on every rank,
+except two layers of the same shape, dtype and call count called in swapped order
+(nothing in the exchange tells them apart; nor in ``torch.nn.SyncBatchNorm``'s).
 
 ``comm=None`` means ``MPI.COMM_WORLD`` when mpi4py can start MPI; in a single process
 (no mpiexec, or mpi4py missing) the layers are exactly ``BatchNorm1d``/``BatchNorm2d``:
