@@ -265,26 +265,32 @@ class NumbabnBatchNorm:
     def _check_call(self, input: torch.Tensor, residual: torch.Tensor | None, state: tuple[Any, ...]) -> None:
         """The module's momentum, and what autograd would refuse only after the kernels
         had updated the running statistics: checked before anything changes, on every
-        path (PyTorch's own op, for small inputs, would accept any momentum)."""
-        name = type(self).__name__
+        path (PyTorch's own op, for small inputs, would accept any momentum). Ordered
+        so that the common call pays ~1 us: rare conditions are tested first, the
+        costlier ones (``_needs_graph``, ``is_real``) only when they are met."""
         momentum = self.momentum
-        if momentum is not None and not (is_real(momentum) and 0.0 <= momentum <= 1.0):
-            raise ValueError(f"{name}: momentum must be None or a number in [0, 1], got {momentum!r}")
-        if not torch.is_grad_enabled():
-            return
-        weight, bias, running_mean, running_var, _ = state
-        for buffer, tensor in (("running_mean", running_mean), ("running_var", running_var)):
-            if tensor is not None and tensor.requires_grad:
-                raise RuntimeError(
-                    f"{name}: {buffer} requires grad; batch norm is not differentiable with respect to its "
-                    "running statistics (as in torch.nn)"
-                )
-        if _needs_graph(input, weight, bias, residual) and any(
-            t is not None and t.is_inference() for t in (input, weight, residual)
+        if not (momentum is None or type(momentum) is float and 0.0 <= momentum <= 1.0) and not (
+            is_real(momentum) and 0.0 <= momentum <= 1.0
         ):
+            raise ValueError(f"{type(self).__name__}: momentum must be None or a number in [0, 1], got {momentum!r}")
+        weight, bias, running_mean, running_var, _ = state
+        if (running_mean is not None and running_mean.requires_grad) or (
+            running_var is not None and running_var.requires_grad
+        ):
+            if torch.is_grad_enabled():
+                buffer = "running_mean" if running_mean is not None and running_mean.requires_grad else "running_var"
+                raise RuntimeError(
+                    f"{type(self).__name__}: {buffer} requires grad; batch norm is not differentiable with "
+                    "respect to its running statistics (as in torch.nn)"
+                )
+        if (
+            input.is_inference()
+            or (weight is not None and weight.is_inference())
+            or (residual is not None and residual.is_inference())
+        ) and _needs_graph(input, weight, bias, residual):
             raise RuntimeError(
-                f"{name}: inference tensors cannot be saved for backward (as in torch.nn): clone a tensor "
-                "made under torch.inference_mode() to use it where autograd records, or use torch.no_grad()"
+                f"{type(self).__name__}: inference tensors cannot be saved for backward (as in torch.nn): clone "
+                "a tensor made under torch.inference_mode() to use it where autograd records, or use torch.no_grad()"
             )
 
     def __prepare_scriptable__(self) -> NoReturn:
