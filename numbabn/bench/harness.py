@@ -368,7 +368,11 @@ def run(
             # its OpenMP workers spin for 4-10 ms on the cores numbabn's threads need,
             # and alternating 51 MB allocations of both changes how fast the kernel
             # hands out fresh pages (measured: 64x64x56x56 forward 13.7-17.7 ms alone,
-            # 26-28 ms interleaved with PyTorch, with or without a 20 ms pause).
+            # 26-28 ms interleaved with PyTorch, with or without a 20 ms pause). Small
+            # inputs, which numbabn runs on the calling thread alone, are no exception:
+            # PyTorch runs even a 64x100 batch norm on its OpenMP team, and interleaved
+            # with it numbabn's eval took 14-17 us a call against 10 us alone (forward
+            # 19-24 against 13-14 us; three runs, 2-vCPU VM).
             sec = per_call(ours[op], repeat, side.sample, side.min_sample_s)
             gbps = TRAFFIC[op] * S / sec / 1e9
             row = Row(
