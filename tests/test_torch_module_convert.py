@@ -256,3 +256,43 @@ def test_fold_batchnorm_removes_every_batch_norm_of_the_resnet():
     assert bn_types(model) == []
     assert sum(type(m) is nn.ReLU for m in model.modules()) == 9  # the fused ReLUs come back
     torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [nn.BatchNorm2d, nbt.BatchNorm2d])
+def test_a_batch_norm_used_twice_is_converted_everywhere_and_fused_only_where_a_relu_follows(make):
+    """A batch norm used twice in one Sequential: its second entry used to stay
+    torch.nn's (``named_children`` yields a module once), and a numbabn one, fused for
+    the ReLU after its first use, rectified its second use's output too."""
+    torch.manual_seed(7)
+    bn = make(4)
+    with torch.no_grad():
+        bn.bias.uniform_(-1, 1)
+    head = nn.Sequential(nn.Flatten(), nn.Linear(36, 5))
+    original = nn.Sequential(nn.Conv2d(4, 4, 1), bn, nn.ReLU(), nn.Conv2d(4, 4, 1), bn, head)
+    other = nn.Sequential(nn.Sequential(nn.Conv2d(4, 4, 1), bn, nn.ReLU()), nn.Sequential(nn.Conv2d(4, 4, 1), bn), head)
+    for model in (original, other):
+        converted = nbt.convert_batchnorm(copy.deepcopy(model), fuse_relu=True)
+        assert set(bn_types(converted)) == {nbt.BatchNorm2d}
+        assert all(m.activation is None for m in converted.modules() if isinstance(m, nbt.BatchNorm2d))
+        train_side_by_side(converted, model, steps=2, shape=(4, 4, 3, 3))
+    shared = nbt.convert_batchnorm(copy.deepcopy(original))
+    assert shared[1] is shared[4]  # still one module, as in the original
+
+
+def test_fold_batchnorm_folds_a_shared_layer_once_and_only_where_its_batch_norm_follows_everywhere():
+    """A conv and batch norm used twice in one Sequential were folded twice (the
+    weights scaled twice); a conv also used without the batch norm after it had its
+    other use changed too."""
+    torch.manual_seed(8)
+    conv, bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 1.5)
+    twice = nn.Sequential(conv, bn, nn.ReLU(), conv, bn).eval()
+    elsewhere = nn.Sequential(nn.Sequential(conv, bn), nn.Sequential(conv, nn.ReLU())).eval()
+    x = torch.randn(2, 4, 3, 3)
+    for model, folded_bns in ((twice, 0), (elsewhere, 1)):
+        model = copy.deepcopy(model)
+        expected = model(x)
+        nbt.fold_batchnorm(model)
+        assert len(bn_types(model)) == folded_bns
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)

@@ -77,34 +77,77 @@ def convert_batchnorm(
     its ReLU. ReLUs called in a ``forward`` (torchvision's BasicBlock) cannot be seen
     and stay as they are.
 
+    A batch norm used in several places (twice in one ``Sequential``, or in two
+    parents) becomes one module used in the same places, and its ReLU is fused only
+    when a ReLU follows it in every place ``module`` uses it.
+
     Returns ``module`` itself, or its replacement when ``module`` is a batch norm.
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"convert_batchnorm: module must be a torch.nn.Module, got {type(module).__name__}")
+    converted = _convert_tree(module, sync, process_group, {})
+    if fuse_relu:
+        _fuse_relus(converted)
+    return converted
+
+
+def _convert_tree(module: torch.nn.Module, sync: bool, process_group: Any, memo: dict[int, Any]) -> torch.nn.Module:
+    """:func:`convert_batchnorm` without the ReLU fusion; ``memo``: id(old) -> new for
+    every module seen, so that a shared batch norm is converted once."""
     converted = _convert_one(module, sync, process_group)
     if converted is not module:
         return converted
-    for name, child in module.named_children():
-        new = convert_batchnorm(child, sync=sync, fuse_relu=fuse_relu, process_group=process_group)
-        if new is not child:
-            setattr(module, name, new)
-    if fuse_relu and isinstance(module, torch.nn.Sequential):
-        for i in range(len(module) - 1):
-            bn, nxt = module[i], module[i + 1]
-            if isinstance(bn, NumbabnBatchNorm) and bn.activation is None and type(nxt) is torch.nn.ReLU:
-                bn.activation = "relu"
-                bn._feeds_fused_relu = True
-                module[i + 1] = FusedReLU(nxt.inplace)
+    # _modules, not named_children(): that skips a module's second entry in the same
+    # parent, which stayed torch.nn's batch norm.
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        if id(child) not in memo:
+            memo[id(child)] = _convert_tree(child, sync, process_group, memo)
+        if memo[id(child)] is not child:
+            setattr(module, name, memo[id(child)])
     return module
 
 
+def _fuse_relus(root: torch.nn.Module) -> None:
+    """``activation="relu"`` on every numbabn batch norm of ``root`` that a
+    ``torch.nn.ReLU`` directly follows, in a Sequential, in each place it is used;
+    those ReLUs become :class:`FusedReLU`. A batch norm also used where no ReLU
+    follows keeps its activation: fusing would rectify its output there too."""
+    # id(bn) -> (bn, [(parent, name of the ReLU after it) or None, for each place it is used])
+    places: dict[int, tuple[Any, list[tuple[torch.nn.Module, str] | None]]] = {}
+    for parent in root.modules():
+        items = list(parent._modules.items())
+        for i, (_, bn) in enumerate(items):
+            if isinstance(bn, NumbabnBatchNorm) and bn.activation is None:
+                nxt = items[i + 1] if isinstance(parent, torch.nn.Sequential) and i + 1 < len(items) else None
+                places.setdefault(id(bn), (bn, []))[1].append(
+                    (parent, nxt[0]) if nxt is not None and type(nxt[1]) is torch.nn.ReLU else None
+                )
+    for bn, where in places.values():
+        if all(place is not None for place in where):
+            bn.activation = "relu"
+            bn._feeds_fused_relu = True
+            for parent, name in where:
+                setattr(parent, name, FusedReLU(getattr(parent, name).inplace))
+
+
 def _fold_pairs(module: torch.nn.Module) -> Iterator[tuple[torch.nn.Sequential, int]]:
-    """(sequential, index) of every Conv/Linear directly followed by a batch norm."""
-    for seq in module.modules():
-        if isinstance(seq, torch.nn.Sequential):
-            for i in range(len(seq) - 1):
-                if type(seq[i]) in _FOLDABLE and isinstance(seq[i + 1], _BatchNorm):
-                    yield seq, i
+    """(sequential, index) of every Conv/Linear directly followed by a batch norm, for
+    the layers that the same batch norm follows in every place ``module`` uses them:
+    folding changes the layer's weights, so a layer also used without that batch
+    norm after it is left alone (and one used twice with it is folded once)."""
+    uses: dict[int, list[tuple[torch.nn.Module, int, Any]]] = {}  # id(layer) -> [(parent, index, next)]
+    for parent in module.modules():
+        children = list(parent._modules.values())
+        for i, layer in enumerate(children):
+            if type(layer) in _FOLDABLE:
+                nxt = children[i + 1] if isinstance(parent, torch.nn.Sequential) and i + 1 < len(children) else None
+                uses.setdefault(id(layer), []).append((parent, i, nxt))
+    for places in uses.values():
+        bn = places[0][2]
+        if isinstance(bn, _BatchNorm) and all(nxt is bn for _, _, nxt in places):
+            yield from ((seq, i) for seq, i, _ in places)
 
 
 @torch.no_grad()
@@ -118,8 +161,10 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
 
     The batch norm is replaced by ``torch.nn.Identity`` (``torch.nn.ReLU`` when it
     had a fused ReLU, and the :class:`~numbabn.torch.modules.FusedReLU` after it by
-    ``torch.nn.Identity``). Raises ValueError, changing nothing, when such a batch norm
-    is in training mode or has no running statistics. Returns ``module``.
+    ``torch.nn.Identity``). A layer used in several places is folded only when that
+    batch norm follows it in each of them (once, however many they are): folding
+    changes its weights for every use. Raises ValueError, changing nothing, when such
+    a batch norm is in training mode or has no running statistics. Returns ``module``.
     """
     pairs = list(_fold_pairs(module))
     for seq, i in pairs:
@@ -134,23 +179,32 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
                 f"fold_batchnorm: {type(bn).__name__}({bn.num_features}) follows a layer with "
                 f"{seq[i].weight.shape[0]} outputs; nothing was folded"
             )
+    folded: set[int] = set()
     for seq, i in pairs:
         layer, bn = seq[i], seq[i + 1]
-        w = layer.weight.double()
-        C = w.shape[0]
-        mean, var = bn.running_mean.double(), bn.running_var.double()
-        gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)
-        beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
-        bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(mean)
-        a = gamma / torch.sqrt(var + bn.eps)
-        layer.weight.copy_(w * a.reshape(C, *[1] * (w.dim() - 1)))
-        new_bias = a * (bias - mean) + beta
-        if layer.bias is None:
-            layer.bias = torch.nn.Parameter(new_bias.to(layer.weight.dtype))
-        else:
-            layer.bias.copy_(new_bias)
+        if id(layer) not in folded:  # a layer used twice with its batch norm is folded once
+            folded.add(id(layer))
+            _fold_into(layer, bn)
         fused = getattr(bn, "activation", None) == "relu"
         seq[i + 1] = torch.nn.ReLU() if fused else torch.nn.Identity()
         if fused and i + 2 < len(seq) and isinstance(seq[i + 2], FusedReLU):
             seq[i + 2] = torch.nn.Identity()  # the ReLU is back in the batch norm's place
     return module
+
+
+def _fold_into(layer: torch.nn.Module, bn: Any) -> None:
+    """``bn``'s running statistics and affine parameters into ``layer``'s weight and
+    bias (see :func:`fold_batchnorm`; under no_grad)."""
+    w = layer.weight.double()
+    C = w.shape[0]
+    mean, var = bn.running_mean.double(), bn.running_var.double()
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
+    bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(mean)
+    a = gamma / torch.sqrt(var + bn.eps)
+    layer.weight.copy_(w * a.reshape(C, *[1] * (w.dim() - 1)))
+    new_bias = a * (bias - mean) + beta
+    if layer.bias is None:
+        layer.bias = torch.nn.Parameter(new_bias.to(layer.weight.dtype))
+    else:
+        layer.bias.copy_(new_bias)
