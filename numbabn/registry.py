@@ -33,7 +33,8 @@ _LayerT = TypeVar("_LayerT", bound="type[Layer]")
 ENTRY_POINT_GROUP = "numbabn.layers"
 
 _registry: dict[str, tuple[Any, str]] = {}  # name -> (class, origin)
-_discovered = False
+_discovered = False  # discovery has finished: the table is complete
+_discovering = False  # discovery is running (in the thread that holds _lock)
 _lock = threading.RLock()  # re-entrant: a plugin module may itself look layers up while loading
 
 
@@ -125,16 +126,23 @@ def _load_entry_points() -> None:
 
 
 def _ensure_discovered() -> None:
-    global _discovered
+    global _discovered, _discovering
     if _discovered:
         return
     with _lock:
-        if _discovered:
+        # _discovering: a plugin looking layers up while it loads (the same thread,
+        # the lock is re-entrant) must not start discovery again. _discovered is set
+        # only once the table is complete: set before, another thread's lookup would
+        # skip the lock and miss the layers still loading (even the built-ins).
+        if _discovered or _discovering:
             return
-        # Set first so that a plugin looking layers up while it loads does not recurse.
-        _discovered = True
-        _add_builtins()
-        _load_entry_points()
+        _discovering = True
+        try:
+            _add_builtins()
+            _load_entry_points()
+        finally:
+            _discovering = False
+            _discovered = True
 
 
 def _add_builtins() -> None:

@@ -4,6 +4,7 @@ entry points (good, broken, clashing), the decorator, and import laziness."""
 import importlib.metadata
 import subprocess
 import sys
+import threading
 import types
 
 import numpy as np
@@ -187,3 +188,41 @@ def test_layers_do_not_import_the_registry():
         "assert all(registry.layer_class(n) is c for n, c in BUILTIN_LAYERS.items())"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_lookup_from_another_thread_waits_for_discovery(fresh_registry, acme_module):
+    """While one thread loads the plugins (slow imports), a lookup from another thread
+    waits for the complete table instead of reporting a layer as unknown."""
+    loading, release = threading.Event(), threading.Event()
+
+    class SlowEntryPoint(FakeEntryPoint):
+        def load(self):
+            loading.set()
+            release.wait(5)
+            return super().load()
+
+    fresh_registry.setattr(
+        importlib.metadata, "entry_points", lambda **kwargs: [SlowEntryPoint("acme_norm", "acme_norms:AcmeNorm")]
+    )
+    found, failed = [], []
+
+    def look_up():
+        try:
+            found.append(registry.layer_class("acme_norm"))
+        except KeyError as exc:
+            failed.append(exc)
+
+    discovery = threading.Thread(target=registry.available_layers)
+    discovery.start()
+    try:
+        assert loading.wait(5)
+        lookup = threading.Thread(target=look_up)
+        lookup.start()
+        lookup.join(0.2)
+        assert not failed, failed[0]  # answered from a half-built table
+        assert lookup.is_alive()  # waiting for the discovery
+    finally:
+        release.set()
+        discovery.join(5)
+    lookup.join(5)
+    assert found == [acme_module.AcmeNorm]

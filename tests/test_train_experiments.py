@@ -186,6 +186,34 @@ def test_cli_reports_what_the_experiment_rejects_as_an_option_error(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_rates_that_print_alike_are_refused_before_any_work(tmp_path):
+    """The results of a rate are keyed f"lr={lr:g}" (summary, runs, figure names): two
+    rates alike in 6 significant digits would overwrite each other, so they are an
+    option error, and --out is not created."""
+    with pytest.raises(ValueError, match=r"experiment ics: lr must differ .* got 0\.1 and 0\.1000001"):
+        EXPERIMENTS["ics"](steps=1, seeds=[0], lr=(0.1, 0.1000001), progress=False)
+    result = CliRunner().invoke(
+        main,
+        [
+            "experiment",
+            "ics",
+            "--steps",
+            "1",
+            "--seed",
+            "0",
+            "--lr",
+            "0.1",
+            "--lr",
+            "0.1000001",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: Invalid value for '--lr': lr must differ in the first 6 significant digits")
+    assert not list(tmp_path.iterdir())
+
+
 def test_population_accuracy_is_ioffe_algorithm_2():
     """Inference statistics = the average of the batch means and of the unbiased batch
     variances of the current network over the training set; the model is left as found."""

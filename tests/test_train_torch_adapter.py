@@ -127,3 +127,22 @@ def test_errors():
     layer = from_torch(torch.nn.Linear(2, 2).double())
     with pytest.raises(RuntimeError, match="forward first"):
         layer.backward(np.zeros((1, 2)))
+
+
+def test_backward_sets_gradients_and_checks_dy_like_every_layer():
+    """Layer contract: backward *sets* the gradients (a second backward of one forward
+    gives the same dx and parameter gradients, autograd would add them up), and a dy
+    of the wrong dtype or shape is a TypeError / ValueError, not a cast or torch's error."""
+    torch.manual_seed(0)
+    model = from_torch(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)))
+    y = model.forward(np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32))
+    dy = np.ones_like(y)
+    dx = model.backward(dy).copy()
+    grads = [p.grad.copy() for p in model.parameters()]
+    np.testing.assert_array_equal(model.backward(dy), dx)
+    for p, grad in zip(model.parameters(), grads, strict=True):
+        np.testing.assert_array_equal(p.grad, grad)
+    with pytest.raises(TypeError, match="dtype float32"):
+        model.backward(dy.astype(np.float64))
+    with pytest.raises(ValueError, match=r"shape \(5, 2\)"):
+        model.backward(dy[:2])

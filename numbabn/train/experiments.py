@@ -311,6 +311,15 @@ def _options(
     if not lrs:
         raise ValueError(f"experiment {name}: lr must name at least one learning rate, got {lr!r}")
     lrs = tuple(dict.fromkeys(float(v) for v in lrs))
+    # Summary keys, run keys and figure names show a rate as f"{lr:g}" (6 significant
+    # digits): two rates written alike would overwrite each other's results silently.
+    shown = [f"{v:g}" for v in lrs]
+    for i, text in enumerate(shown):
+        if text in shown[:i]:
+            raise ValueError(
+                f"experiment {name}: lr must differ in the first 6 significant digits (the results are "
+                f"keyed 'lr={text}'), got {lrs[shown.index(text)]!r} and {lrs[i]!r}"
+            )
     if "depth" in preset:
         depth = preset["depth"] if depth is None else depth
         if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < min_depth:

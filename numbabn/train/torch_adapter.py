@@ -78,11 +78,16 @@ class TorchLayer(Layer):
         if self._graph is None:
             raise RuntimeError(f"{type(self).__name__}.backward: call forward first")
         x_t, y = self._graph
+        out = y.detach().numpy()
+        # dy of the output's shape (ValueError) and dtype (TypeError), as every layer
+        # checks it, instead of a silent cast or torch's shape error.
+        dy = self._check_dy(dy, out.shape, out.dtype)
+        # autograd accumulates into .grad: without the reset, a second backward of one
+        # forward would add its dx to the first one's (layers set gradients, never accumulate).
+        x_t.grad = None
         for tensor in self.tensors.values():
             tensor.grad = None
-        torch.autograd.backward(
-            y, torch.from_numpy(np.ascontiguousarray(dy, dtype=y.detach().numpy().dtype)), retain_graph=True
-        )
+        torch.autograd.backward(y, torch.from_numpy(np.ascontiguousarray(dy)), retain_graph=True)
         for name, p in self._parameters.items():
             grad = self.tensors[name].grad
             p.grad = None if grad is None else grad.detach().numpy().copy()
