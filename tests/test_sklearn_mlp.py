@@ -259,6 +259,10 @@ def test_clone_grid_search_pipeline(digits):
         (dict(verbose=1.5), "verbose must be a bool or an int >= 0, got 1.5"),
         (dict(verbose="yes"), "verbose must be a bool or an int >= 0, got 'yes'"),
         (dict(record_every=0), "record_every must be an int > 0"),
+        (dict(random_state=-1), "random_state must be None, an int in"),
+        (dict(random_state=2**32), "random_state must be None, an int in"),
+        (dict(random_state=1.5), "random_state must be None, an int in"),
+        (dict(random_state=np.random.default_rng(0)), "random_state must be None, an int in.*got Generator"),
     ],
 )
 def test_bad_parameters_raise_clear_errors(params, match):
@@ -271,6 +275,35 @@ def test_bad_parameters_raise_clear_errors(params, match):
 def test_one_sample_with_batch_norm_is_refused():
     with pytest.raises(ValueError, match="at least 2 samples"):
         BNMLPRegressor().fit([[1.0, 2.0]], [1.0])
+
+
+def test_batch_size_one_allowed_without_batch_norm():
+    """Batches of one sample are refused only where batch statistics need two; without
+    batch norm they are plain SGD, as MLPRegressor(batch_size=1) allows."""
+    X, y = make_regression(n_samples=30, n_features=3, random_state=0)
+    est = BNMLPRegressor(hidden_layer_sizes=(8,), batch_norm=False, batch_size=1, max_iter=2, random_state=0)
+    assert est.fit(X, y).n_iter_ == 2
+    assert len(est.history_.step) == 2 * 30  # 30 batches of one sample per epoch
+    with pytest.raises(ValueError, match=r"batch_size must be 'auto' or an int > 1 \(batch norm"):
+        BNMLPRegressor(batch_size=1).fit(X, y)
+
+
+def test_partial_fit_sample_rules_follow_the_fitted_network():
+    """partial_fit continues the fitted network whatever set_params(batch_norm=...) says
+    now: its one-sample rules follow that network, not the changed parameter."""
+    X, y = make_regression(n_samples=30, n_features=3, random_state=0)
+    plain = BNMLPRegressor(hidden_layer_sizes=(8,), batch_norm=False, max_iter=2, random_state=0).fit(X, y)
+    plain.set_params(batch_norm=True).partial_fit(X[:1], y[:1])  # no batch norm in that network
+    assert plain.n_iter_ == 3
+    bn = BNMLPRegressor(hidden_layer_sizes=(8,), max_iter=2, random_state=0).fit(X, y)
+    bn.set_params(batch_norm=False)
+    with pytest.raises(
+        ValueError, match=r"BNMLPRegressor with batch_norm=True needs at least 2 samples.*fitted network"
+    ):
+        bn.partial_fit(X[:1], y[:1])
+    with pytest.raises(ValueError, match=r"batch_size must be 'auto' or an int > 1 \(batch norm.*fitted network"):
+        bn.set_params(batch_size=1).partial_fit(X, y)
+    assert bn.n_iter_ == 2
 
 
 def test_predict_proba_under_numpy_errors_raised():
@@ -435,3 +468,31 @@ def test_regressor_column_y_warns_like_sklearn():
         warnings.simplefilter("error", DataConversionWarning)
         reg.fit(X, y)
         reg.fit(X, np.column_stack([y, y]))  # several targets: no warning
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflows are the point
+@pytest.mark.parametrize("Est", [BNMLPClassifier, BNMLPRegressor])
+def test_diverged_training_raises_like_sklearn_and_keeps_state(Est):
+    """MLPClassifier/MLPRegressor raise "Solver produced non-finite parameter weights"
+    when training diverges; returning the NaN network would predict NaN (and the
+    classifier classes_[0] everywhere, argmax of NaN) without a word."""
+    X, y = make_blobs(n_samples=60, centers=2, random_state=0)
+    y = y if Est is BNMLPClassifier else y.astype(float)
+    est = Est(hidden_layer_sizes=(8,), max_iter=3, random_state=0)
+    with pytest.raises(ValueError, match="Solver produced non-finite parameter weights"):
+        est.fit(X * 1e200, y)  # the batch variance overflows
+    assert not hasattr(est, "n_iter_")
+    est.fit(X, y)
+
+    def fitted_state():
+        return pickle.dumps({k: v for k, v in est.__getstate__().items() if k.endswith("_") or k.startswith("_")})
+
+    before = fitted_state()
+    kwargs = dict(classes=np.unique(y)) if Est is BNMLPClassifier else {}
+    with pytest.raises(ValueError, match="Solver produced non-finite parameter weights"):
+        est.partial_fit(X * 1e200, y, **kwargs)
+    assert fitted_state() == before
+    est.set_params(solver="sgd", learning_rate_init=1e300)
+    with pytest.raises(ValueError, match="Solver produced non-finite parameter weights"):
+        est.fit(X, y)  # the steps overflow
+    assert fitted_state() == before

@@ -37,8 +37,11 @@ the best validation score is restored at the end. A validation score that is not
 finite (NaN when the network's output on the validation set is not finite, for the
 classifier too; an R^2 that overflowed) never counts as an improvement; if no epoch
 had a finite score, ``fit`` raises a ``ValueError`` rather than return the untrained
-network. Constant validation targets give R^2 0 or 1 (scikit-learn's ``r2_score``),
-as in ``MLPRegressor``.
+network. With or without early stopping, a ``fit`` or ``partial_fit`` that leaves a weight
+or a running statistic NaN or infinite (training diverged, or X too large) raises
+scikit-learn's ``ValueError`` ("Solver produced non-finite parameter weights ...")
+instead of returning a network that predicts NaN. Constant validation targets give R^2
+0 or 1 (scikit-learn's ``r2_score``), as in ``MLPRegressor``.
 
 Float32 X trains a float32 network; any other X trains in float64. The network
 computes in the dtype it was fitted in, whatever the input: float64 X given to a
@@ -163,12 +166,36 @@ class _BaseBNMLP(BaseEstimator):
             value = getattr(self, param)
             if not (kind(value) and ok(value)):
                 raise ValueError(f"{name}: {param} must be {what}, got {value!r}")
-        if self.batch_size != "auto" and not (_is_int(self.batch_size) and self.batch_size > 1):
+        # Batch statistics need two samples per batch; without batch norm a batch of one
+        # is plain stochastic gradient descent, as scikit-learn's MLPs allow.
+        bn = self._has_batch_norm()
+        smallest = 2 if bn else 1
+        if self.batch_size != "auto" and not (_is_int(self.batch_size) and self.batch_size >= smallest):
+            why = f" (batch norm needs two samples per batch{self._fitted_bn_note()})" if bn else ""
             raise ValueError(
-                f"{name}: batch_size must be 'auto' or an int > 1 (batch norm needs two "
-                f"samples per batch), got {self.batch_size!r}"
+                f"{name}: batch_size must be 'auto' or an int > {smallest - 1}{why}, got {self.batch_size!r}"
+            )
+        # scikit-learn's rule for random_state, checked here so that a bad one is named
+        # (check_random_state's own message does not say which argument it was).
+        rs = self.random_state
+        if not (rs is None or isinstance(rs, np.random.RandomState) or (_is_int(rs) and 0 <= rs < 2**32)):
+            raise ValueError(
+                f"{name}: random_state must be None, an int in [0, 2**32 - 1] or a numpy.random.RandomState "
+                f"instance (as in scikit-learn; for a numpy Generator pass an int drawn from it), got {rs!r}"
             )
         return sizes, self._metrics()
+
+    def _has_batch_norm(self) -> bool:
+        """Whether the network trained has batch norm: the fitted one's architecture when
+        partial_fit continues it (a later set_params(batch_norm=False) changes nothing
+        there), else the ``batch_norm`` parameter."""
+        return bool(self._arch["batch_norm"] if "_arch" in self.__dict__ else self.batch_norm)
+
+    def _fitted_bn_note(self) -> str:
+        """For messages: why batch norm applies although ``batch_norm`` is now False."""
+        if self.batch_norm:
+            return ""
+        return "; the fitted network partial_fit continues has batch norm, batch_norm=False applies from the next fit"
 
     def _metrics(self) -> list[Any]:
         """``record_metrics`` as Trainer metrics: names of the toolkit's metrics
@@ -319,10 +346,10 @@ class _BaseBNMLP(BaseEstimator):
         )
         if y.ndim == 2 and y.shape[1] == 1:  # scikit-learn's MLPRegressor: one target, warned
             y = column_or_1d(y, warn=True)
-        if self.batch_norm and X.shape[0] < 2:
+        if self._has_batch_norm() and X.shape[0] < 2:
             raise ValueError(
                 f"{type(self).__name__} with batch_norm=True needs at least 2 samples to train "
-                f"(batch statistics), got 1 sample"
+                f"(batch statistics{self._fitted_bn_note()}), got 1 sample"
             )
         return X, y
 
@@ -446,6 +473,7 @@ class _BaseBNMLP(BaseEstimator):
                     "or scale X and y"
                 )
             self._model.load_state_dict(best_state)
+        self._check_finite_network()
         return self
 
     def _partial_fit(self, X: ArrayLike, y: ArrayLike, classes: ArrayLike | None = None) -> Self:
@@ -468,7 +496,20 @@ class _BaseBNMLP(BaseEstimator):
             self._initialize(sizes, X.shape[1], self._n_outputs(), X.dtype)
         X = self._in_network_dtype("X", X)
         self._epoch(self._trainer(X.shape[0], metrics), X, self._as_training_targets(targets))
+        self._check_finite_network()
         return self
+
+    def _check_finite_network(self) -> None:
+        """Raise, like scikit-learn's MLPs, when training left a weight or a running
+        statistic NaN or infinite (diverged, or X too large): such a network predicts NaN,
+        so :meth:`fit` / :meth:`partial_fit` fail and keep the previous state instead."""
+        for key, value in self._model.state_dict().items():
+            if np.asarray(value).dtype.kind == "f" and not np.isfinite(value).all():
+                raise ValueError(
+                    f"{type(self).__name__}: Solver produced non-finite parameter weights ({key!r} of the "
+                    "trained network). The input data may contain large values and need to be preprocessed "
+                    "(or lower learning_rate_init)."
+                )
 
     # Pickles hold the network's parameters and buffers and the optimizer state, not the
     # layer objects: no cached activations of the last batch, and unpickling rebuilds
@@ -495,14 +536,15 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     ``hidden_layer_sizes``, ``activation`` ("relu", "tanh", "logistic"),
     ``solver`` ("adam": Adam with betas (0.9, 0.999), eps 1e-8; "sgd": SGD with
     ``momentum``), ``learning_rate_init`` (default 0.01, ten times scikit-learn's:
-    see the module docstring), ``batch_size`` ("auto" = min(200, n)),
-    ``max_iter`` (epochs), ``tol``, ``n_iter_no_change``, ``early_stopping`` (``fit``
-    only: ``partial_fit`` raises, as scikit-learn's does), ``validation_fraction``,
-    ``random_state``, ``verbose`` (bool or int >= 0; progress is printed when
-    true/nonzero). Added: ``batch_norm``
-    (True: BatchNorm1d after every hidden linear layer), ``record_metrics`` (names
-    "ics", "landscape", "grad_norm", "weight_norm" or metric objects of
-    :mod:`numbabn.train`, recorded by the Trainer every ``record_every`` steps).
+    see the module docstring), ``batch_size`` ("auto" = min(200, n); an int >= 2 with
+    batch norm, >= 1 without), ``max_iter`` (epochs), ``tol``, ``n_iter_no_change``,
+    ``early_stopping`` (``fit`` only: ``partial_fit`` raises, as scikit-learn's does),
+    ``validation_fraction``, ``random_state`` (None, an int in [0, 2**32 - 1] or a
+    ``numpy.random.RandomState``, as in scikit-learn), ``verbose`` (bool or int >= 0;
+    progress is printed when true/nonzero). Added: ``batch_norm`` (True: BatchNorm1d
+    after every hidden linear layer), ``record_metrics`` (names "ics", "landscape",
+    "grad_norm", "weight_norm" or metric objects of :mod:`numbabn.train`, recorded by
+    the Trainer every ``record_every`` steps).
 
     Attributes: ``classes_``, ``loss_curve_``, ``n_iter_``, ``best_loss_`` (lowest
     epoch loss; None after a fit with early stopping, as in scikit-learn -- a later
