@@ -43,7 +43,7 @@ two, ``mean = hi + lo``, and on *halved* values::
 few ulps of the float64 reference however large ``|mean|/std``; ``b'`` (rounded once,
 from float64) keeps ``y`` at three coefficients a value instead of four, which the
 normalise pass on cache-resident data is bound by (4096x1024 eval, two threads,
-alternating processes: median 0.78-1.41 ms against 1.41-1.78; largest error unchanged,
+alternating processes: median 0.78-1.41 ms against 1.29-1.78; largest error unchanged,
 under one float32 epsilon of the output's scale for |mean|/std up to 3e7); halving is exact
 (outside the subnormal range) and keeps ``x - mean`` finite for any finite float32
 ``x`` and ``mean``, so an exactly representable output never overflows on the way.
