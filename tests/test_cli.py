@@ -12,6 +12,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -495,6 +496,27 @@ def test_experiment_out_is_created_with_the_mode_mkdir_gives(fake_experiments, t
         os.umask(umask)
     assert result.exit_code == 0, result.output
     assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o750  # not mkdtemp's 0o700
+
+
+def test_experiment_out_empty_is_an_option_error(fake_experiments, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("experiment", "toy", "--out", "")
+    assert result.exit_code == 2 and "Invalid value for '--out': an empty path" in result.output
+    assert result.output.count("\n") == 1 and not list(tmp_path.iterdir())  # nothing written to the cwd
+
+
+def test_staged_output_dir_publishes_paths_joined():
+    """Paths in the stage become the same names in --out (joined: --out / gives /x, not
+    //x); other strings, even ones starting with the stage's name, stay."""
+    from numbabn.cli._common import staged_output_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        with staged_output_dir(out) as (stage, publish):
+            got = publish({"json": str(stage / "a.json"), "figs": [str(stage / "f" / "b.png"), str(stage)]})
+            kept = publish([f"{stage}x/c.json", "toy"])
+        assert got == {"json": str(out / "a.json"), "figs": [str(out / "f" / "b.png"), str(out)]}
+        assert kept == [f"{stage}x/c.json", "toy"]
 
 
 def test_experiment_out_with_a_directory_in_the_way_moves_nothing(fake_experiments, tmp_path):

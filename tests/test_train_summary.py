@@ -134,6 +134,17 @@ def test_largest_stable_lr_no_divergence_and_errors():
     assert res["diverged_lr"] is None and res["stable_lr"] == 8.0
     res = largest_stable_lr(lambda lr: [1.0, 2.0], 1.0, max_trials=5)
     assert res["stable_lr"] is None and len(res["trials"]) == 5
-    for kwargs in ({"lr0": 0.0}, {"lr0": 1.0, "factor": 1.0}, {"lr0": np.nan}, {"lr0": 1.0, "fraction": 0}):
+    for kwargs in (
+        {"lr0": 0.0},
+        {"lr0": 1.0, "factor": 1.0},
+        {"lr0": np.nan},
+        {"lr0": 1.0, "fraction": 0},
+        {"lr0": 20.0, "lr_max": 10.0},
+    ):
         with pytest.raises(ValueError, match="largest_stable_lr"):
             largest_stable_lr(lambda lr: [1.0], **kwargs)
+    # run() returning a scalar or a 2-D array: an error naming what run must return,
+    # not an IndexError from inside the search
+    for bad in (0.5, [[1.0, 0.5]]):
+        with pytest.raises(ValueError, match=r"largest_stable_lr: run\(lr\) must return the step losses as a 1-D"):
+            largest_stable_lr(lambda lr, bad=bad: bad, 1.0)

@@ -227,6 +227,8 @@ def check_output_dir(value: str | None, param_hint: str | None) -> Path | None:
     the command runs, see :func:`output_dir`). click.BadParameter if not."""
     if value is None:
         return None
+    if not value:  # Path("") is the current directory: say so rather than write there unasked
+        raise click.BadParameter("an empty path (use '.' for the current directory)", param_hint=param_hint)
     path = Path(value)
     parent = path.parent
     if path.exists():
@@ -257,14 +259,20 @@ def staged_output_dir(path: Path | str) -> Iterator[tuple[Path, Callable[[Any], 
     them into ``path`` (created now if missing, with the mode ``mkdir`` gives), on
     failure delete them: a command that raises, or whose files cannot all move, leaves
     ``path`` as it was (see :func:`_move_into`). Yields ``(stage, publish)``, where
-    ``publish(value)`` rewrites stage paths inside strings of ``value`` to ``path``."""
+    ``publish(value)`` rewrites the strings of ``value`` that are paths in the stage to
+    paths in ``path``."""
     path = Path(path)
     existed = path.exists()
     stage = Path(tempfile.mkdtemp(dir=path if existed else path.parent, prefix=f".{path.name}.numbabn-"))
 
     def publish(value: Any) -> Any:
         if isinstance(value, str):
-            return value.replace(str(stage), str(path))
+            # joined, not substituted: "--out /" gives "/x.json", not "//x.json"
+            if value == str(stage):
+                return str(path)
+            if value.startswith(str(stage) + os.sep):
+                return str(path / value[len(str(stage)) + 1 :])
+            return value
         if isinstance(value, dict):
             return {k: publish(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):

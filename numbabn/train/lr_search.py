@@ -58,8 +58,9 @@ def largest_stable_lr(
     ``stable_lr`` is the largest rate seen to train with no smaller rate failing above
     it (None if even the smallest tried failed) and ``diverged_lr`` the smallest that
     failed (None when nothing up to ``lr_max`` failed). At most ``max_trials`` (>= 1)
-    runs in all, bracketing and ``refine`` (>= 0) bisection steps together. Every
-    argument is checked before the first run.
+    runs in all, bracketing and ``refine`` (>= 0) bisection steps together;
+    ``lr0 <= lr_max``. Every argument is checked before the first run; a ``run``
+    that returns anything but a 1-D sequence raises ValueError.
     """
     fn = "largest_stable_lr"
     if not callable(run):
@@ -69,10 +70,17 @@ def largest_stable_lr(
     V.check_number(fn, "factor", factor, 1, low_open=True, expected="a finite number > 1")
     refine = V.check_int(fn, "refine", refine, minimum=0)
     max_trials = V.check_int(fn, "max_trials", max_trials)
+    if lr0 > lr_max:
+        raise ValueError(f"{fn}: lr0 must be <= lr_max (the search stays below lr_max), got {lr0!r} > {lr_max!r}")
     trials: list[dict[str, Any]] = []
 
     def trial(lr: float) -> bool:
         losses = np.asarray(run(lr), dtype=np.float64)
+        if losses.ndim != 1:
+            raise ValueError(
+                f"{fn}: run(lr) must return the step losses as a 1-D sequence, got an array of shape "
+                f"{losses.shape} for lr={lr!r}"
+            )
         ok = trains(losses, fraction)
         trials.append({"lr": float(lr), "trained": ok, "final_loss": float(losses[-1]) if losses.size else None})
         return ok
