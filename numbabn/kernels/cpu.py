@@ -262,6 +262,28 @@ def _fold(C):
     return F if F > 1 else 1
 
 
+# The element-wise passes (normalise, dx) walk shorter runs than the reductions: about
+# _APPLY_RUN values, whole rows (F' = 32 // C rows, at most the coefficients' F). On a
+# 51 MB channels-last input, one thread, min of 9 (a throwaway copy of the normalise
+# loop): runs of 64 values (C = 64) took 4.75 ms against 5.35-5.95 for 128-512, C = 16
+# 3.8 ms for runs of 16-32 against 4.4-6.2 for 64-512, C = 8 3.7-3.8 for 16-32 against
+# 4.5-5.6 for 64-256; the same loop over the tiled (4, 256) coefficients in runs of 64
+# took 3.6 ms against 5.4 in runs of 256, so it is the run, not the coefficients' layout.
+# The kernels themselves, one thread, ordinary stores, alternating processes of the
+# code before and after (min of 25 per round, four rounds; AVX-512 VM, 32 MiB L3):
+# normalise (200704, 64) 3.58-3.98 ms against 3.83-6.09, (401408, 32) 3.46-4.31
+# against 4.71-5.15, (802816, 16) 3.38-3.94 against 4.91-5.36; dx 5.45-6.10 against
+# 5.70-7.31 at C = 64, no change at C = 100 (runs of 100 against 200).
+_APPLY_RUN = 32
+
+
+@njit(error_model="numpy", inline="always")
+def _apply_run(C, FC):
+    """Values per run of the channels-last element-wise kernels: whole rows of C values,
+    about :data:`_APPLY_RUN` of them, within the coefficients' F*C = ``FC``."""
+    return C * _max(1, _min(FC // C, _APPLY_RUN // C))
+
+
 @njit(error_model="numpy", inline="always")
 def _group(chunk, FC):
     """Values per output group of the channels-last element-wise kernels: whole runs
@@ -511,7 +533,7 @@ def apply_mc(x, res, coef, relu, chunk, stream, y, t0, t1):
     C = x.shape[1]
     hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
     xf, yf, rf = x.reshape(x.size), y.reshape(y.size), _flat(res)
-    FC = coef.shape[1]
+    FC = _apply_run(C, coef.shape[1])
     end = _min(t1 * R, x.shape[0]) * C
     step = _group(chunk, FC)
     tmp = S.scratch(step, y, stream)
@@ -676,7 +698,7 @@ def grad_apply_mc(dy, x, res, coef, gcoef, relu, chunk, stream, dx, dres, t0, t1
     ga, gb, gd = gcoef[GA], gcoef[GB], gcoef[GD]
     xf, gf, of = x.reshape(x.size), dy.reshape(dy.size), dx.reshape(dx.size)
     rf, df = _flat(res), _flat(dres)
-    FC = coef.shape[1]
+    FC = _apply_run(C, coef.shape[1])
     end = _min(t1 * R, x.shape[0]) * C
     step = _group(chunk, FC)
     tmp = S.scratch(step, dx, stream)
