@@ -486,7 +486,8 @@ def coefficients(cnt, part, gamma, beta, running_mean, running_var, momentum, ep
         coef[LO, c] = lo
         coef[A, c] = a
         # lo*a in float64 from the rounded lo and a, so that a*(x/2 - hi) + B is a*d + beta
-        # up to B's one rounding; skipped when lo is 0 (float64 data; an infinite a)
+        # up to B's one rounding; skipped when lo is 0 (always for float64 data), which
+        # also keeps an infinite a (gamma of 1e38) from making B a NaN (inf*0)
         coef[B, c] = t(b - np.float64(lo) * np.float64(a)) if lo != 0 else t(b)
     _tile(coef, C)
 
