@@ -6,7 +6,8 @@
 Each round runs one fresh process per source tree (``PYTHONPATH`` set to it, so
 ``import numbabn`` takes that tree's package; the kernels compile or load from that
 tree's cache first, untimed) and prints min and median microseconds per call of the
-training forward, eval forward and backward on one float32 input. A shared VM's speed
+training forward, eval forward and backward on one float32 input (the calls and
+inputs of ``numbabn bench``, ``numbabn.bench.harness``). A shared VM's speed
 drifts by up to 1.5x for seconds at a time: alternating processes puts both versions
 in every phase, and the minimum and the spread of medians over the rounds say more
 than one run of each.
@@ -20,23 +21,13 @@ import sys
 _TIMED = r"""
 import sys, timeit
 import numpy as np
-import numbabn
+from numbabn.bench.cases import Case
+from numbabn.bench.harness import inputs, numbabn_ops
 
-shape, axis = tuple(int(s) for s in sys.argv[1].split("x")), int(sys.argv[2])
-rng = np.random.default_rng(0)
-x = rng.standard_normal(shape, dtype=np.float32) * 2 + 1
-C = shape[axis]
-g, b = rng.uniform(0.5, 1.5, C).astype(np.float32), np.zeros(C, np.float32)
-rm, rv, y = np.zeros(C, np.float32), np.ones(C, np.float32), np.empty_like(x)
-ops = {
-    "forward": lambda: numbabn.batch_norm_forward(x, g, b, running_mean=rm, running_var=rv, out=y, axis=axis),
-    "eval": lambda: numbabn.batch_norm_forward(
-        x, g, b, running_mean=rm, running_var=rv, training=False, out=y, axis=axis
-    ),
-}
-_, ctx = ops["forward"]()
-dy = rng.standard_normal(shape, dtype=np.float32)
-ops["backward"] = lambda: numbabn.batch_norm_backward(dy, ctx)
+case = Case("ab", tuple(int(s) for s in sys.argv[1].split("x")), int(sys.argv[2]))
+x, dy, gamma, beta, rm, rv = inputs(case, "float32", np.random.default_rng(0))
+# the benchmark's own timed calls (outputs preallocated, as numbabn bench times them)
+ops = numbabn_ops(case, x, gamma, beta, dy, rm, rv, y=np.empty_like(x), dx=np.empty_like(x))
 cells = []
 for name, fn in ops.items():
     fn()

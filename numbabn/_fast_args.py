@@ -23,19 +23,13 @@ import numpy as np
 
 from . import _buffers
 from ._context import BatchNormContext
-from ._layout import _LAYOUTS, Canonical, empty_param
+from ._layout import _LAYOUTS, C_ALIGNED, OWNDATA, WRITEABLE, Canonical, empty_param, param_as_is
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _I64 = np.dtype(np.int64)
 _new = tuple.__new__
-# NumPy's flag bits (``ndarray.flags.num``; NPY_ARRAY_C_CONTIGUOUS, _ALIGNED and
-# _WRITEABLE of its C API): one attribute read instead of a flags object's three
-# (60-70 ns of a 10 us call per array).
-_C_ALIGNED = 0x0001 | 0x0100
-_WRITEABLE = 0x0400
-_C_ALIGNED_WRITEABLE = _C_ALIGNED | _WRITEABLE
-_OWNDATA = 0x0004
+_C_ALIGNED_WRITEABLE = C_ALIGNED | WRITEABLE
 
 
 def canonical_input(x: Any, axis: Any) -> Canonical | None:
@@ -48,18 +42,12 @@ def canonical_input(x: Any, axis: Any) -> Canonical | None:
         return None
     shape = x.shape
     known = _LAYOUTS.get((shape, axis))
-    if known is None or x.flags.num & _C_ALIGNED != _C_ALIGNED:
+    if known is None or x.flags.num & C_ALIGNED != C_ALIGNED:
         return None
     ax, layout, cshape, C, m = known
     # tuple.__new__ skips the NamedTuple's generated __new__ (0.3 us of a 10 us call);
     # a 2-D channels-last input is its own canonical view (a reshape costs 0.15 us)
     return _new(Canonical, (x if cshape == shape else x.reshape(cshape), layout, shape, ax, dt, C, m))
-
-
-def _param(value: Any, dt: np.dtype[Any], shape: tuple[int], need: int) -> bool:
-    """``param_as_is`` with the flag bits ``need`` (:data:`_C_ALIGNED`, or with
-    :data:`_WRITEABLE` for arrays updated in place)."""
-    return type(value) is np.ndarray and value.dtype is dt and value.shape == shape and value.flags.num & need == need
 
 
 def forward_args(
@@ -110,11 +98,11 @@ def forward_args(
     shape = (cx.channels,)
     if gamma is None:
         gamma = empty_param(dt)
-    elif not _param(gamma, dt, shape, _C_ALIGNED):
+    elif not param_as_is(gamma, dt, shape, False):
         return None
     if beta is None:
         beta = empty_param(dt)
-    elif not _param(beta, dt, shape, _C_ALIGNED):
+    elif not param_as_is(beta, dt, shape, False):
         return None
     if running_mean is None and running_var is None:
         if not training:
@@ -122,8 +110,8 @@ def forward_args(
         running_mean = running_var = empty_param(dt)
     elif (
         running_mean is running_var
-        or not _param(running_mean, dt, shape, _C_ALIGNED_WRITEABLE if training else _C_ALIGNED)
-        or not _param(running_var, dt, shape, _C_ALIGNED_WRITEABLE if training else _C_ALIGNED)
+        or not param_as_is(running_mean, dt, shape, training)
+        or not param_as_is(running_var, dt, shape, training)
         or (
             # views (NumPy views of torch buffers, too) need the address check
             (running_mean.base is not None or running_var.base is not None)
@@ -133,7 +121,7 @@ def forward_args(
         return None
     nbt = num_batches_tracked
     if nbt is not None:
-        if type(nbt) is not np.ndarray or nbt.dtype is not _I64 or nbt.size != 1 or not nbt.flags.num & _WRITEABLE:
+        if type(nbt) is not np.ndarray or nbt.dtype is not _I64 or nbt.size != 1 or not nbt.flags.num & WRITEABLE:
             return None
         if nbt.item() < 0:
             return None
@@ -163,9 +151,9 @@ def _output(out: Any, like: Any, dt: np.dtype[Any], cshape: tuple[int, ...], apa
     # Two distinct arrays that each own their memory (NumPy allocated it for each)
     # cannot overlap: only views need NumPy's bounds check (0.9 us each on a slow VM,
     # five of them on a forward).
-    own = flags & _OWNDATA
+    own = flags & OWNDATA
     for other in apart:
-        if not other.size or own and other is not out and other.flags.num & _OWNDATA:
+        if not other.size or own and other is not out and other.flags.num & OWNDATA:
             continue
         if np.may_share_memory(out, other):
             return None
