@@ -35,19 +35,21 @@ def test_bit_identical_across_thread_counts(rng, shape, axis, monkeypatch):
 def _block_endings(C):
     """Row counts M for (M, C) channels-last statistics that end a block in every way
     the kernel's loops meet: a partial run, one run, one pair of runs, a pair and a
-    run, a pair, a run and a partial one, and several blocks with a ragged last one
-    (a run is F = _fold(C) rows, a block >= 256 rows)."""
+    run, a pair, a run and a partial one, four runs, four and three, and several
+    blocks with a ragged last one (a run is F = _fold(C) rows, a block >= 256 rows)."""
     from numbabn.kernels import cpu
 
     F = cpu._fold.py_func(C)
-    return sorted({2, max(2, F - 1), F, 2 * F, 3 * F, 3 * F + 1, 256 + 5 * F + 1, 3 * 256 + 2 * F + 1})
+    ends = {2, max(2, F - 1), F, 2 * F, 3 * F, 3 * F + 1, 4 * F, 7 * F, 7 * F + 1}
+    return sorted(ends | {256 + 5 * F + 1, 256 + 7 * F, 3 * 256 + 2 * F + 1})
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-@pytest.mark.parametrize("C", [3, 64, 100, 1024])
+@pytest.mark.parametrize("C", [3, 64, 100, 1024, 2048])
 def test_channels_last_statistics_for_every_block_ending(rng, C, dtype):
-    """Channels-last statistics sum runs of F rows two at a time, then the rest one at
-    a time: every way a block ends gives the float64 reference's moments."""
+    """Channels-last statistics sum runs of F rows four at a time (long runs: float32
+    C >= 1024, 16-bit C >= 2048), then two at a time (float32, 16-bit), then one at a
+    time: every way a block ends gives the float64 reference's moments."""
     for M in _block_endings(C):
         x = (rng.standard_normal((M, C)) * 3 + 50).astype(dtype)
         m = numbabn.moments(x, axis=-1)

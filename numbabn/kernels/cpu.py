@@ -195,7 +195,8 @@ _MC_MIN_ROWS = 256
 # of 1.6 (float32) and 1.4 instead of 1.0 (float64, whose paired loop is compiled but
 # never runs). Four runs per pass, without prefetching, were 1.5x faster in
 # cache but slower from memory (runs of 256 values) or no faster on two threads
-# (runs of 1024), and took 1-2 us more on a (64, 100) batch. The gradient sums take
+# (runs of 1024), and took 1-2 us more on a (64, 100) batch, on the AVX2 VM; on the
+# AVX-512 one runs of 1024 and more go four at a time (see stats_mc). The gradient sums take
 # one run at a time: paired and prefetched the same way (four interleaved streams:
 # x and dy of two runs) they ran slower on two threads, (200704, 64) 13.4-16.5
 # against 8.8-9.9 ms (medians of 20, three rounds; with ReLU no clear change).
@@ -378,13 +379,33 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
             sf[c] = decode(x[r0, c])
         for j in range(C, FC):
             sf[j] = sf[j - C]
-        # Two runs per pass over the accumulators: their load-add-store bounds the
-        # loop in cache, pairs halve it. Pairs of short runs are prefetched (the
-        # interleaved reads ran slower from memory without; see .prefetch). The last
-        # run or two of a block (the last may be partial) are summed one at a time:
-        # pairing it with a run of shift values (d = 0) instead compiles no faster
-        # and took (200704, 64) from 4.3-4.7 to 5.0-5.3 ms on two threads.
+        # Several runs per pass over the accumulators: their load-add-store bounds the
+        # loop in cache, pairs halve it. Long runs (>= SHORT_RUN_BYTES: float32 C >=
+        # 1024) go four at a time: with C = 1024 the accumulators fill the 32 KiB L1
+        # and two more runs a pass halve that traffic again (kernel alone, alternating
+        # processes, three rounds, min us: (4096, 1024) one thread 1036-1140 against
+        # 1603-2209, two 635-1109 against 1060-1187; (8192, 2048) one thread
+        # 4213-5059 against 6631-6909; AVX-512 VM, 32 MiB L3). Short runs stay in
+        # pairs: four of them, prefetched alike, were slower ((65536, 64) one thread
+        # 719-1072 against 650-865 us, (25088, 256) 1001-1181 against 916-958). Pairs
+        # of short runs are prefetched (the interleaved reads ran slower from memory
+        # without; see .prefetch). The last run or two of a block (the last may be
+        # partial) are summed one at a time: pairing it with a run of shift values
+        # (d = 0) instead compiles no faster and took (200704, 64) from 4.3-4.7 to
+        # 5.0-5.3 ms on two threads.
         i, end = r0 * C, r1 * C
+        while paired and not short and i + 4 * FC <= end:
+            a, b = xf[i : i + FC], xf[i + FC : i + 2 * FC]
+            e, f = xf[i + 2 * FC : i + 3 * FC], xf[i + 3 * FC : i + 4 * FC]
+            for j in range(FC):
+                s = sf[j]
+                d0 = decode(a[j]) - s
+                d1 = decode(b[j]) - s
+                d2 = decode(e[j]) - s
+                d3 = decode(f[j]) - s
+                sj[j] += (d0 + d1) + (d2 + d3)
+                qj[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            i += 4 * FC
         while paired and i + 2 * FC <= end:
             if short:
                 prefetch(xf, i + ahead, i + ahead + 2 * FC)
