@@ -170,6 +170,14 @@ def _masked(v, g, half, hi, lo, a, b, relu, zero, r):
     return d, g
 
 
+@njit(error_model="numpy")
+def _gd(xs, gs, rs, j, half, hi, lo, a, b, relu, zero):
+    """(g, d) of entry j of the runs ``xs``, ``gs`` (x, dy) and ``rs`` (the residual or
+    None) as float64, for the backward's sums (their products fuse there)."""
+    d, g = _masked(decode(xs[j]), decode(gs[j]), half, hi, lo, a, b, relu, zero, _at(rs, j))
+    return np.float64(g), np.float64(d)
+
+
 # ------------------------------------------------------------------ block grids
 # Every block of the (N, C, L) grid is one contiguous run of x: G neighbouring
 # channels of one sample (C*L/chunk blocks of about equal size), or R whole samples
@@ -207,6 +215,9 @@ _MC_MIN_ROWS = 256
 # the buffer once per group of runs (:func:`_group`, about chunk values), as the
 # NCL ones take it once per block.
 _FOLD = 256
+# Runs of at least this many values are long: the backward's gradient sums walk four
+# at a time (see grad_sums_mc).
+_LONG_RUN = 1024
 
 
 @njit(error_model="numpy")
@@ -604,9 +615,9 @@ def grad_sums_ncl(dy, x, res, coef, relu, chunk, part, t0, t1):
                 p0 = 0.0
                 p1 = 0.0
                 for j in range(row.size):
-                    d, g = _masked(decode(row[j]), decode(grow[j]), half, hi, lo, a, b, relu, zero, _at(rrow, j))
+                    g, d = _gd(row, grow, rrow, j, half, hi, lo, a, b, relu, zero)
                     p0 += g
-                    p1 += np.float64(g) * np.float64(d)
+                    p1 += g * d
                 sg[c] += p0
                 sgd[c] += p1
 
@@ -623,6 +634,7 @@ def grad_sums_mc(dy, x, res, coef, relu, chunk, part, t0, t1):
     hi, lo, a, b = coef[HI], coef[LO], coef[A], coef[B]
     xf, gf, rf = x.reshape(x.size), dy.reshape(dy.size), _flat(res)
     acc = np.empty((2, FC if FC > C else 0))
+    long = FC >= _LONG_RUN and xf.itemsize >= 4
     for k in range(t0, t1):
         r1 = _min(k * R + R, M)
         # One row per run (F = 1): the sums go straight into the partials.
@@ -630,16 +642,43 @@ def grad_sums_mc(dy, x, res, coef, relu, chunk, part, t0, t1):
         for j in range(FC):
             sgj[j] = 0.0
             sgdj[j] = 0.0
-        for i in range(k * R * C, r1 * C, FC):
-            i1 = _min(i + FC, r1 * C)
-            run, grun = xf[i:i1], gf[i:i1]
-            rrun = _run(res, rf, i, i1)
+        # Long runs four at a time: at C = 1024 the float64 sums and the coefficients
+        # fill the 32 KiB L1 (the kernel alone, one thread, alternating processes,
+        # min us: (4096, 1024) 2124-2254 against 2800-3532, (1024, 1024) 231-346
+        # against 394-501, (8192, 2048) 8075-10820 against 11861-13059; float64
+        # (2048, 1024) 1226-1491 against 2124-2161). Pairs gained less ((8192,
+        # 2048) 8935-9769 us, (4096, 1024) no change); float64 (4096, 512) ran
+        # slower in fours (1992-2234 against 1244-1938), float16 (4096, 1024)
+        # through the API no faster.
+        i, end = k * R * C, r1 * C
+        while long and i + 4 * FC <= end:
+            i1, i2, i3 = i + FC, i + 2 * FC, i + 3 * FC
+            x0, x1, x2, x3 = xf[i:i1], xf[i1:i2], xf[i2:i3], xf[i3 : i3 + FC]
+            y0, y1, y2, y3 = gf[i:i1], gf[i1:i2], gf[i2:i3], gf[i3 : i3 + FC]
+            q0, q1, q2, q3 = (
+                _run(res, rf, i, i1),
+                _run(res, rf, i1, i2),
+                _run(res, rf, i2, i3),
+                _run(res, rf, i3, i3 + FC),
+            )
+            for j in range(FC):
+                # (the coefficients as a tuple passed with *: the loop no longer
+                # vectorised, 3x slower)
+                hj, lj, aj, bj = hi[j], lo[j], a[j], b[j]
+                g0, d0 = _gd(x0, y0, q0, j, half, hj, lj, aj, bj, relu, zero)
+                g1, d1 = _gd(x1, y1, q1, j, half, hj, lj, aj, bj, relu, zero)
+                g2, d2 = _gd(x2, y2, q2, j, half, hj, lj, aj, bj, relu, zero)
+                g3, d3 = _gd(x3, y3, q3, j, half, hj, lj, aj, bj, relu, zero)
+                sgj[j] += (g0 + g1) + (g2 + g3)
+                sgdj[j] += (g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3)
+            i += 4 * FC
+        for i0 in range(i, end, FC):
+            i1 = _min(i0 + FC, end)
+            run, grun, rrun = xf[i0:i1], gf[i0:i1], _run(res, rf, i0, i1)
             for j in range(run.size):
-                d, g = _masked(
-                    decode(run[j]), decode(grun[j]), half, hi[j], lo[j], a[j], b[j], relu, zero, _at(rrun, j)
-                )
+                g, d = _gd(run, grun, rrun, j, half, hi[j], lo[j], a[j], b[j], relu, zero)
                 sgj[j] += g
-                sgdj[j] += np.float64(g) * np.float64(d)
+                sgdj[j] += g * d
         if FC > C:
             _fold_sums(sgj, sgdj, C, part[SG, k], part[SGD, k])
 
