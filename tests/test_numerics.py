@@ -279,6 +279,35 @@ def test_nan_propagates_only_in_its_channel(backend):
     assert np.isnan(mean[0]) and np.isfinite(mean[2])
 
 
+@pytest.mark.parametrize("shape,axis", [((4, 3, 5), 1), ((20, 3), 1), ((2, 5, 3), -1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the simulator's dgamma sum: 0*inf
+def test_eval_backward_of_nonfinite_input_is_finite(backend, rng, shape, axis, dtype, relu):
+    """Eval mode: dx = gamma*invstd*g does not depend on x (as in PyTorch), so inf,
+    -inf and NaN inputs give a finite dx: dy*gamma*invstd, or 0 where a fused ReLU
+    masked the output (a NaN output is masked, as PyTorch's ReLU backward does)."""
+    C = shape[axis]
+    x = rng.standard_normal(shape).astype(dtype)
+    flat = x.reshape(-1)
+    flat[[0, 7, 11]] = [np.inf, -np.inf, np.nan]
+    dy = rng.standard_normal(shape).astype(dtype)
+    g = (1 + 0.3 * rng.standard_normal(C)).astype(dtype)
+    rm, rv = rng.standard_normal(C).astype(dtype), (1 + rng.random(C)).astype(dtype)
+    act = "relu" if relu else None
+    y, ctx = numbabn.batch_norm_forward(
+        backend.put(x), g, None, running_mean=rm, running_var=rv, training=False, axis=axis, activation=act
+    )
+    dx = backend.host(numbabn.batch_norm_backward(backend.put(dy), ctx)[0])
+    shp = [1] * x.ndim
+    shp[axis] = C
+    scale = (g.astype(np.float64) / np.sqrt(rv.astype(np.float64) + 1e-5)).reshape(shp)
+    mask = backend.host(y) > 0 if relu else np.ones(shape, bool)
+    want = np.where(mask, dy, 0) * scale
+    assert np.all(np.isfinite(dx))
+    np.testing.assert_allclose(dx, want, **TOL[dtype])
+
+
 def test_moments_merge_equals_concatenation(backend, rng):
     a = rng.standard_normal((7, 3, 5)) + 1e3
     b = rng.standard_normal((4, 3, 5)) * 3 - 1e3

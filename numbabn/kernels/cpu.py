@@ -171,6 +171,15 @@ def _masked(v, g, half, hi, lo, a, b, relu, zero, r):
 
 
 @njit(error_model="numpy")
+def _dx(g, d, ga, gb, gd, zero):
+    """dx = ga*g + gb*d + gd, without the gb*d term where gb is exactly 0 (eval mode):
+    dx then does not depend on x, as in PyTorch, and an infinite or NaN x gives a
+    finite dx instead of 0*inf."""
+    t = gb * d if gb != zero else zero
+    return ga * g + t + gd
+
+
+@njit(error_model="numpy")
 def _gd(xs, gs, rs, j, half, hi, lo, a, b, relu, zero):
     """(g, d) of entry j of the runs ``xs``, ``gs`` (x, dy) and ``rs`` (the residual or
     None) as float64, for the backward's sums (their products fuse there)."""
@@ -741,7 +750,7 @@ def grad_apply_ncl(dy, x, res, coef, gcoef, relu, chunk, stream, dx, dres, t0, t
                 ga, gb, gd = gcoef[GA, c], gcoef[GB, c], gcoef[GD, c]
                 for j in range(w):
                     d, g = _masked(decode(row[j]), decode(grow[j]), half, hi, lo, a, b, relu, zero, _at(rrow, j))
-                    orow[j] = encode(ga * g + gb * d + gd, orow)
+                    orow[j] = encode(_dx(g, d, ga, gb, gd, zero), orow)
                     _store(rout, j, g)
     if stream:
         S.flush(of, tmp, p, base)
@@ -777,7 +786,7 @@ def grad_apply_mc(dy, x, res, coef, gcoef, relu, chunk, stream, dx, dres, t0, t1
                 d, g = _masked(
                     decode(run[j]), decode(grun[j]), half, hi[j], lo[j], a[j], b[j], relu, zero, _at(rrun, j)
                 )
-                orun[j] = encode(ga[j] * g + gb[j] * d + gd[j], orun)
+                orun[j] = encode(_dx(g, d, ga[j], gb[j], gd[j], zero), orun)
                 _store(rout, j, g)
     if stream:
         S.flush(of, tmp, p, base)

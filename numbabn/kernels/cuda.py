@@ -419,7 +419,9 @@ def _grad_apply_kernel(dy, x, res, mean, invstd, gamma, beta, relu, A, B, D, G, 
     for _ in range(count):
         xv = float64(x[n, c, l])
         g = _masked_grad(dy[n, c, l], xv, a, b, relu, _res_at(res, n, c, l))
-        dx[n, c, l] = ac * g + bc * xv + dc
+        # without the x term where B is exactly 0 (eval): dx does not depend on x, as
+        # in PyTorch, and an infinite or NaN x gives a finite dx instead of 0*inf
+        dx[n, c, l] = ac * g + (bc * xv if bc != 0.0 else 0.0) + dc
         if dres is not None:
             dres[n, c, l] = g
         n, l = _advance(n, l, dn, dl, L)
