@@ -99,6 +99,20 @@ def test_linear_without_bias(rng):
     np.testing.assert_allclose(layer.forward(np.eye(3)), layer.weight.value.T, **F64)
 
 
+def test_relu_at_nan_and_zero_follows_torch():
+    """NaN in, NaN out, and the gradient of a NaN passes, as PyTorch's ReLU backward
+    (mask: output <= 0) does; 0 and negative inputs get none."""
+    x = np.array([[np.nan, -1.0, 0.0, 2.0, -np.inf, np.inf]])
+    relu = ReLU()
+    y = relu.forward(x)
+    np.testing.assert_array_equal(y, [[np.nan, 0, 0, 2, 0, np.inf]])
+    np.testing.assert_array_equal(relu.backward(np.full_like(x, 3.0)), [[3, 0, 0, 3, 0, 3]])
+    torch = pytest.importorskip("torch")
+    tx = torch.tensor(x, requires_grad=True)
+    torch.relu(tx).backward(torch.full_like(tx, 3.0))
+    np.testing.assert_array_equal(relu.backward(np.full_like(x, 3.0)), tx.grad.numpy())
+
+
 def test_activations_values_and_no_overflow_warnings():
     x = np.array([[-1000.0, -2.0, 0.0, 3.0, 1000.0]], np.float32)
     with warnings.catch_warnings():

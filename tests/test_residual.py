@@ -67,7 +67,7 @@ def _check(rng, shape, axis, dtype, relu, training, backend=None, to=lambda a: a
     dr = back(grads[3])
     assert dr.dtype == dtype and dr.shape == shape
     # the residual's gradient is exactly dy times the forward's mask (or dy)
-    mask = back(y) > 0 if relu else np.ones(shape, bool)
+    mask = ~(back(y) <= 0) if relu else np.ones(shape, bool)
     np.testing.assert_array_equal(dr, np.where(mask, dy, 0).astype(dtype))
     return y, grads
 

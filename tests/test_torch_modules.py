@@ -269,6 +269,38 @@ def test_what_autograd_or_the_settings_refuse_changes_nothing(monkeypatch, spoil
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_eval_gradients_of_nonfinite_input_like_torch(monkeypatch, fmt, activation):
+    """Eval mode on the kernels: inf, -inf and NaN inputs give torch.nn's finite input
+    gradient (BN then ReLU on the torch side), and non-finite weight gradients where
+    torch.nn's are."""
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 0)
+    torch.manual_seed(0)
+    theirs = torch.nn.BatchNorm2d(3)
+    theirs.running_mean.normal_()
+    theirs.running_var.uniform_(0.5, 2)
+    theirs.weight.data.normal_()
+    ours = nbt.BatchNorm2d(3, activation=activation)
+    ours.load_state_dict(theirs.state_dict())
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(2, 3, 4, 4)
+    x[0, 0, 0, 0], x[1, 2, 1, 1], x[0, 1, 2, 3] = float("inf"), float("nan"), -float("inf")
+    x = x.contiguous(memory_format=fmt)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = theirs(xa)
+    ya = torch.relu(ya) if activation else ya
+    yb = ours(xb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.isfinite(xb.grad).all()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(torch.isfinite(ours.weight.grad), torch.isfinite(theirs.weight.grad))
+    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad)
+
+
 @pytest.mark.parametrize("native_below", [0, 1 << 30])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_strided_running_buffers_are_updated_like_torch(monkeypatch, native_below, dtype):

@@ -163,9 +163,11 @@ def _normalise(v, half, hi, lo, a, b, relu, zero, r):
 
 @njit(error_model="numpy")
 def _masked(v, g, half, hi, lo, a, b, relu, zero, r):
-    """(d, g times the forward's ReLU mask y > 0), y recomputed exactly as the forward did."""
+    """(d, g times the forward's ReLU mask), y recomputed exactly as the forward did. The
+    mask is PyTorch's (its ReLU backward zeroes the gradient where the output is <= 0):
+    it passes the gradient of a NaN output."""
     d, y = _normalise(v, half, hi, lo, a, b, relu, zero, r)
-    if relu and not y > zero:
+    if relu and y <= zero:
         return d, zero
     return d, g
 

@@ -253,8 +253,9 @@ def _pre(xv, a, b, r):
 
 @cuda.jit(device=True)
 def _masked_grad(gv, xv, a, b, relu, r):
-    """The upstream gradient in float64, zero where the fused ReLU was inactive."""
-    if relu and not (_pre(xv, a, b, r) > 0.0):
+    """The upstream gradient in float64, zero where the fused ReLU's output is <= 0
+    (PyTorch's mask: a NaN output passes the gradient)."""
+    if relu and _pre(xv, a, b, r) <= 0.0:
         return 0.0
     return float64(gv)
 

@@ -77,7 +77,7 @@ def backward(
     axes, axis = _reduce_axes(x, axis)
     y, mean, var = forward(x, gamma, beta, mean=mean, var=var, eps=eps, axis=axis, relu=relu, residual=residual)
     if relu:
-        dy = dy * (y > 0)
+        dy = np.where(y <= 0, 0.0, dy)  # PyTorch's ReLU mask: a NaN output passes the gradient
     if residual is not None:
         return (
             *backward(

@@ -3,7 +3,7 @@
 =========  ==========================  ===========================
 layer      forward                     backward (g = dy)
 =========  ==========================  ===========================
-ReLU       y = max(x, 0)               dx = g * [x > 0]
+ReLU       y = max(x, 0)               dx = g * [not x <= 0]
 Sigmoid    y = 1 / (1 + exp(-x))       dx = g * y * (1 - y)
 Tanh       y = tanh(x)                 dx = g * (1 - y^2)
 =========  ==========================  ===========================
@@ -47,11 +47,12 @@ class _Elementwise(Layer):
 
 
 class ReLU(_Elementwise):
-    """y = max(x, 0); dx = dy * [x > 0]. Any shape."""
+    """y = max(x, 0); dx = dy * [not x <= 0]: PyTorch's mask, which passes the gradient
+    of a NaN (NaN in, NaN out). Any shape."""
 
     @staticmethod
     def _apply(x: FloatArray) -> tuple[FloatArray, NDArray[np.bool_]]:
-        return np.maximum(x, 0), x > 0
+        return np.maximum(x, 0), ~(x <= 0)
 
     @staticmethod
     def _grad(dy: FloatArray, mask: NDArray[np.bool_]) -> FloatArray:
