@@ -182,13 +182,12 @@ def _dx(g, d, ga, gb, gd, zero):
 
 
 @njit(error_model="numpy")
-def _gd(xs, gs, rs, j, half, hi, lo, a, b, relu, zero):
-    """(g, d) of entry j of the runs ``xs``, ``gs`` (x, dy) and ``rs`` (the residual or
-    None) as float64, for the four-run loop of the backward's sums (their products
-    fuse there). The loops that take a residual call :func:`_masked` themselves:
-    through this helper the residual gradient sums ran 2-3x slower ((4096, 1024), one
-    thread)."""
-    d, g = _masked(decode(xs[j]), decode(gs[j]), half, hi, lo, a, b, relu, zero, _at(rs, j))
+def _gd(xs, gs, j, half, hi, lo, a, b, relu, zero):
+    """(g, d) of entry j of the runs ``xs``, ``gs`` (x, dy; no residual) as float64, for
+    the four-run loop of the backward's sums (their products fuse there). The loops
+    that take a residual call :func:`_masked` themselves: through a residual argument
+    of this helper, its gradient sums ran 2-3x slower ((4096, 1024), one thread)."""
+    d, g = _masked(decode(xs[j]), decode(gs[j]), half, hi, lo, a, b, relu, zero, None)
     return np.float64(g), np.float64(d)
 
 
@@ -649,11 +648,6 @@ def grad_sums_mc(dy, x, res, coef, relu, chunk, part, t0, t1):
     xf, gf, rf = x.reshape(x.size), dy.reshape(dy.size), _flat(res)
     acc = np.empty((2, FC if FC > C else 0))
     long = FC >= _LONG_RUN and xf.itemsize >= 4
-    # With a residual (pruned per signature) the runs go one at a time: four at a time
-    # through _gd, the residual sums took 10.1-10.3 ms against 3.5-4.5 ((4096, 1024),
-    # one thread, three rounds).
-    if res is not None:
-        long = False
     for k in range(t0, t1):
         r1 = _min(k * R + R, M)
         # One row per run (F = 1): the sums go straight into the partials.
@@ -670,27 +664,25 @@ def grad_sums_mc(dy, x, res, coef, relu, chunk, part, t0, t1):
         # slower in fours (1992-2234 against 1244-1938), float16 (4096, 1024)
         # through the API no faster.
         i, end = k * R * C, r1 * C
-        while long and i + 4 * FC <= end:
-            i1, i2, i3 = i + FC, i + 2 * FC, i + 3 * FC
-            x0, x1, x2, x3 = xf[i:i1], xf[i1:i2], xf[i2:i3], xf[i3 : i3 + FC]
-            y0, y1, y2, y3 = gf[i:i1], gf[i1:i2], gf[i2:i3], gf[i3 : i3 + FC]
-            q0, q1, q2, q3 = (
-                _run(res, rf, i, i1),
-                _run(res, rf, i1, i2),
-                _run(res, rf, i2, i3),
-                _run(res, rf, i3, i3 + FC),
-            )
-            for j in range(FC):
-                # (the coefficients as a tuple passed with *: the loop no longer
-                # vectorised, 3x slower)
-                hj, lj, aj, bj = hi[j], lo[j], a[j], b[j]
-                g0, d0 = _gd(x0, y0, q0, j, half, hj, lj, aj, bj, relu, zero)
-                g1, d1 = _gd(x1, y1, q1, j, half, hj, lj, aj, bj, relu, zero)
-                g2, d2 = _gd(x2, y2, q2, j, half, hj, lj, aj, bj, relu, zero)
-                g3, d3 = _gd(x3, y3, q3, j, half, hj, lj, aj, bj, relu, zero)
-                sgj[j] += (g0 + g1) + (g2 + g3)
-                sgdj[j] += (g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3)
-            i += 4 * FC
+        # With a residual (this branch is pruned for that signature) the runs go one at
+        # a time: four at a time through _gd, the residual sums took 10.1-10.3 ms
+        # against 3.5-4.5 ((4096, 1024), one thread, three rounds).
+        if res is None:
+            while long and i + 4 * FC <= end:
+                i1, i2, i3 = i + FC, i + 2 * FC, i + 3 * FC
+                x0, x1, x2, x3 = xf[i:i1], xf[i1:i2], xf[i2:i3], xf[i3 : i3 + FC]
+                y0, y1, y2, y3 = gf[i:i1], gf[i1:i2], gf[i2:i3], gf[i3 : i3 + FC]
+                for j in range(FC):
+                    # (the coefficients as a tuple passed with *: the loop no longer
+                    # vectorised, 3x slower)
+                    hj, lj, aj, bj = hi[j], lo[j], a[j], b[j]
+                    g0, d0 = _gd(x0, y0, j, half, hj, lj, aj, bj, relu, zero)
+                    g1, d1 = _gd(x1, y1, j, half, hj, lj, aj, bj, relu, zero)
+                    g2, d2 = _gd(x2, y2, j, half, hj, lj, aj, bj, relu, zero)
+                    g3, d3 = _gd(x3, y3, j, half, hj, lj, aj, bj, relu, zero)
+                    sgj[j] += (g0 + g1) + (g2 + g3)
+                    sgdj[j] += (g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3)
+                i += 4 * FC
         for i0 in range(i, end, FC):
             i1 = _min(i0 + FC, end)
             run, grun, rrun = xf[i0:i1], gf[i0:i1], _run(res, rf, i0, i1)
