@@ -52,11 +52,13 @@ def _unused(i: int) -> bool:
     return sys.getrefcount(_pool[i]) == 2
 
 
-def empty(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+def empty(shape: tuple[int, ...], dtype: np.dtype[Any], nbytes: int | None = None) -> np.ndarray:
     """A C-contiguous array of ``shape`` and ``dtype`` (a ``np.dtype``), contents
     undefined: a view of a pooled block when it is at least :data:`MIN_BYTES` and the
-    pool is on, else ``np.empty``."""
-    nbytes = prod(shape) * dtype.itemsize
+    pool is on, else ``np.empty``. ``nbytes``: its size in bytes when the caller has
+    it at hand (an input's ``nbytes``: computing it here costs 0.3 us of a 10 us call)."""
+    if nbytes is None:
+        nbytes = prod(shape) * dtype.itemsize
     if nbytes < MIN_BYTES:  # first and cheap: small calls are all per-call overhead
         return np.empty(shape, dtype)
     limit = config.BUFFER_CACHE_MB << 20

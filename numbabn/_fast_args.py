@@ -131,7 +131,7 @@ def forward_args(
         if momentum is None and nbt is None and running_mean.size:
             return None
     if out is None:
-        y = _buffers.empty(cx.array.shape, dt)
+        y = _buffers.empty(cx.array.shape, dt, x.nbytes)
     else:
         y = _output(out, x, dt, cx.array.shape, (x, gamma, beta, running_mean, running_var))
         if y is None:
@@ -173,6 +173,6 @@ def backward_args(dy: Any, ctx: Any, out: Any) -> tuple[Canonical, Any] | None:
         return None
     cshape = ctx.x.shape
     if out is None:
-        return cdy, _buffers.empty(cshape, ctx.x.dtype)
+        return cdy, _buffers.empty(cshape, ctx.x.dtype, dy.nbytes)
     dx = _output(out, dy, ctx.dtype, cshape, (dy, ctx.x))
     return None if dx is None else (cdy, dx)
