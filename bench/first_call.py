@@ -12,6 +12,10 @@ helper process, ``numbabn._compile_ahead``) and with ``NUMBABN_COMPILE_AHEAD=0``
 own (not the helper's). Per-kernel times come from Numba's event API
 (``numba.core.event``, "numba:compile" events of the kernel dispatchers; nested
 helper compiles are included in their caller's time), in a process without helper.
+
+It measures the numbabn its child processes import: the one in the current directory
+when there is one (``python -c`` puts it first on ``sys.path``), else the installed
+one. To compare two source trees, run it from each tree's directory in turn.
 """
 
 import argparse
