@@ -14,7 +14,7 @@ spread; on a shared VM one run of each says little.
 """
 
 import sys
-import time
+import timeit
 from collections.abc import Callable
 from typing import Any
 
@@ -26,12 +26,8 @@ from numbabn.kernels import cpu_driver as D
 
 def _time(fn: Callable[[], Any], calls: int = 25) -> str:
     fn()
-    ts = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return f"{min(ts) * 1e6:.0f}/{np.median(ts) * 1e6:.0f}"
+    t = sorted(timeit.repeat(fn, number=1, repeat=calls))
+    return f"{t[0] * 1e6:.0f}/{t[calls // 2] * 1e6:.0f}"
 
 
 def passes(shape: tuple[int, ...]) -> str:
