@@ -673,8 +673,8 @@ def grad_sums_mc(dy, x, res, coef, relu, chunk, part, t0, t1):
                 x0, x1, x2, x3 = xf[i:i1], xf[i1:i2], xf[i2:i3], xf[i3 : i3 + FC]
                 y0, y1, y2, y3 = gf[i:i1], gf[i1:i2], gf[i2:i3], gf[i3 : i3 + FC]
                 for j in range(FC):
-                    # (the coefficients as a tuple passed with *: the loop no longer
-                    # vectorised, 3x slower)
+                    # the coefficients as four scalars: passed to _gd as one tuple
+                    # with *, they kept the loop from vectorising (3x slower)
                     hj, lj, aj, bj = hi[j], lo[j], a[j], b[j]
                     g0, d0 = _gd(x0, y0, j, half, hj, lj, aj, bj, relu, zero)
                     g1, d1 = _gd(x1, y1, j, half, hj, lj, aj, bj, relu, zero)
