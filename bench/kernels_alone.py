@@ -63,6 +63,10 @@ def passes(shape: tuple[int, ...]) -> str:
 
 def main() -> None:
     shapes = sys.argv[1:] or ["4096x1024"]
+    for s in shapes:
+        dims = s.split("x")
+        if len(dims) not in (2, 3) or not all(d.isdigit() and int(d) > 0 for d in dims):
+            sys.exit(f"kernels_alone.py: a shape is MxC (channels last) or NxCxL, positive integers; got {s!r}")
     print(f"us per call, min/median of 25; par = {_threads.get_num_threads()} threads")
     for s in shapes:
         print(passes(tuple(int(v) for v in s.split("x"))), flush=True)
