@@ -25,6 +25,7 @@ runtime"; PyTorch's OpenMP grain is 32768, but its workers spin between regions)
 
 import contextlib
 import contextvars
+import functools
 import itertools
 import os
 import queue
@@ -37,9 +38,11 @@ from . import config
 _lock = threading.Lock()
 _pool: "_Pool | None" = None  # _Pool, created on first parallel use
 _threads: int | None = None  # the setting; None until first read
-# 2, not more: each piece boundary costs a GIL hand-over; with 4 a quiet machine
-# lost 1-10 % (README, "Kernel runtime").
-_PIECES_PER_THREAD = 2
+# A piece is 1/(_SHARE * threads) of the blocks not yet cut into pieces (guided
+# scheduling): pieces shrink towards the end, so the threads finish within a small
+# piece of each other. Equal pieces, 2 per thread, left one thread idle for up to
+# a quarter of the call at the end (README, "Kernel runtime").
+_SHARE = 2
 
 
 def available_cpus() -> int:
@@ -189,10 +192,11 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
 
     Serial (one call on this thread) when ``size`` <= ``config.SERIAL_MAX`` elements,
     when there is one block, or with one thread (:func:`get_num_threads`, or the
-    count :func:`use_team` sets). Otherwise the blocks are cut into
-    up to 2 contiguous pieces per thread (each of at least ``config.SERIAL_MAX``
-    elements), and the calling thread and the pool's workers take pieces in turn
-    until none is left. Taking pieces rather than being handed one fixed span each
+    count :func:`use_team` sets). Otherwise the blocks are cut into contiguous
+    pieces, large first and shrinking (:func:`_guided`; each of at least
+    ``config.SERIAL_MAX`` elements where the blocks allow), and the calling thread
+    and the pool's workers take pieces in turn until none is left, so that they
+    finish within one small piece of each other. Taking pieces rather than being handed one fixed span each
     matters on a busy machine: a thread that gets less CPU (another process,
     PyTorch's OpenMP workers spinning after their last parallel region) leaves its
     pieces to the others instead of holding up the call, and the call returns as
@@ -212,8 +216,8 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
     if threads <= 1:
         kernel(*args, 0, blocks)
         return
-    pieces = min(blocks, threads * _PIECES_PER_THREAD, max(threads, size // max(1, config.SERIAL_MAX)))
-    bounds = [blocks * i // pieces for i in range(pieces + 1)]
+    bounds = _guided(blocks, threads, max(1, blocks * config.SERIAL_MAX // size))
+    pieces = len(bounds) - 1
     claim = itertools.count().__next__  # one C call: atomic under the GIL
     errors: list[BaseException] = []
     stop: list[bool] = []  # non-empty: claim no more pieces (the caller was interrupted)
@@ -234,6 +238,21 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
         _run_on_pool(take, min(threads, pieces) - 1, _get_pool(threads - 1), stop)
     if errors:
         raise errors[0]
+
+
+@functools.lru_cache(maxsize=1024)
+def _guided(blocks: int, threads: int, least: int) -> tuple[int, ...]:
+    """Piece bounds ``(0, b1, ..., blocks)``: each piece takes 1/(2*threads) of the
+    blocks not yet in a piece, and at least ``least`` blocks (the last may hold
+    fewer). Large pieces first, the small ones last, where they even out the
+    threads' finishing times. With T threads about 2T * (ln(blocks / (2T * least)) + 1)
+    pieces, each costing one GIL hand-over. Memoised: few (blocks, threads, least) recur."""
+    bounds = [0]
+    t = 0
+    while t < blocks:
+        t = min(blocks, t + max(least, (blocks - t) // (_SHARE * threads)))
+        bounds.append(t)
+    return tuple(bounds)
 
 
 def _run_on_pool(take: Callable[[], Any], helpers: int, pool: "_Pool", stop: list[bool]) -> None:

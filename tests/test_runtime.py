@@ -398,9 +398,27 @@ def test_pieces_of_a_stalled_worker_are_taken_by_the_caller(monkeypatch):
         call.start()
         call.join(timeout=30)
     assert not call.is_alive(), "parallel_for waited for a worker that never ran"
-    assert seen[0][0] == 0 and seen[-1][1] == 64 and len(seen) == 4  # 2 pieces per thread
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(seen))  # every block once, in order
+    assert seen == list(itertools.pairwise(_threads._guided(64, 2, 1)))  # every piece once, in order
+    assert seen[0] == (0, 16) and seen[-1][1] == 64
     assert StalledPool.jobs.qsize() == 1
+
+
+@pytest.mark.parametrize("threads", [2, 3, 7])
+@pytest.mark.parametrize(("blocks", "least"), [(1, 1), (7, 1), (64, 1), (512, 20), (512, 600), (4096, 3)])
+def test_pieces_shrink_towards_the_end_and_cover_every_block_once(blocks, least, threads):
+    """Guided pieces: each takes 1/(2T) of the blocks left, at least ``least``
+    (only the last may hold fewer), so sizes never grow and the last ones are small."""
+    from numbabn import _threads
+
+    bounds = _threads._guided(blocks, threads, least)
+    sizes = [b - a for a, b in itertools.pairwise(bounds)]
+    assert bounds[0] == 0 and bounds[-1] == blocks and all(s > 0 for s in sizes)
+    assert all(a >= b for a, b in itertools.pairwise(sizes[:-1]))  # large first
+    assert all(s >= least for s in sizes[:-1]) and sizes[-1] <= max(least, blocks // (2 * threads) or 1)
+    left = blocks
+    for s in sizes[:-1]:
+        assert s == max(least, left // (2 * threads))
+        left -= s
 
 
 def test_a_failing_piece_raises_after_every_other_piece_is_done():
@@ -415,7 +433,7 @@ def test_a_failing_piece_raises_after_every_other_piece_is_done():
 
     with numbabn.limit_threads(2), pytest.raises(FloatingPointError, match="piece 0"):
         _threads.parallel_for(kernel, 64, 10**7)
-    assert sorted(done) == [16, 32, 48]  # the 3 other pieces of 2 threads x 2
+    assert sorted(done) == list(_threads._guided(64, 2, 1)[1:-1])  # every other piece ran
 
 
 @pytest.mark.parametrize("when", ["in_a_piece", "waiting"])
@@ -466,11 +484,11 @@ def test_ctrl_c_raises_only_once_no_worker_writes_the_arrays(when):
             poke.join()
             signal.signal(signal.SIGINT, previous)
         assert "worker left" in log and log.index("worker left") < log.index("raised")
-        if when == "in_a_piece":  # the worker's piece only: the interrupted one and 2 never started
+        if when == "in_a_piece":  # the worker's piece only: the interrupted one and the rest never started
             assert [t for t in log if isinstance(t, int)] == [16]
         seen = []
         _threads.parallel_for(lambda t0, t1: seen.append((t0, t1)), 64, 10**7)
-    assert sorted(seen) == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    assert sorted(seen) == list(itertools.pairwise(_threads._guided(64, 2, 1)))  # the pool serves again
 
 
 def test_thread_count_from_environment(tmp_path):
