@@ -194,7 +194,8 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
     when there is one block, or with one thread (:func:`get_num_threads`, or the
     count :func:`use_team` sets). Otherwise the blocks are cut into contiguous
     pieces, large first and shrinking (:func:`_guided`; each of at least
-    ``config.SERIAL_MAX`` elements where the blocks allow), and the calling thread
+    ``config.SERIAL_MAX`` elements, or smaller where that would leave a thread
+    without a piece), and the calling thread
     and the pool's workers take pieces in turn until none is left, so that they
     finish within one small piece of each other. Taking pieces rather than being handed one fixed span each
     matters on a busy machine: a thread that gets less CPU (another process,
@@ -216,7 +217,8 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
     if threads <= 1:
         kernel(*args, 0, blocks)
         return
-    bounds = _guided(blocks, threads, max(1, blocks * config.SERIAL_MAX // size))
+    # pieces of at least SERIAL_MAX elements, but never fewer pieces than threads
+    bounds = _guided(blocks, threads, max(1, min(blocks * config.SERIAL_MAX // size, blocks // threads)))
     pieces = len(bounds) - 1
     claim = itertools.count().__next__  # one C call: atomic under the GIL
     errors: list[BaseException] = []
