@@ -88,7 +88,15 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     if a.count == 0:
         return b
     n = int(a.count) + int(b.count)
-    delta = b.mean - a.mean
-    mean = a.mean + delta * (b.count / n)
-    m2 = a.m2 + b.m2 + delta * delta * (a.count * b.count / n)
+    with np.errstate(invalid="ignore", over="ignore"):  # infinite data: see below
+        delta = b.mean - a.mean
+        mean = a.mean + delta * (b.count / n)
+        m2 = a.m2 + b.m2 + delta * delta * (a.count * b.count / n)
+        off = ~np.isfinite(delta)
+        if off.any():
+            # An infinite (or NaN) mean on one side: the weighted mean keeps +-inf where
+            # Chan's update gives inf + (finite - inf) = NaN; the M2 of data holding
+            # infinities is NaN (PyTorch: mean inf, var NaN).
+            mean = np.where(off, a.mean * (a.count / n) + b.mean * (b.count / n), mean)
+            m2 = np.where(off, np.nan, m2)
     return Moments(n, mean, m2)

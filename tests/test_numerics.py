@@ -308,6 +308,63 @@ def test_eval_backward_of_nonfinite_input_is_finite(backend, rng, shape, axis, d
     np.testing.assert_allclose(dx, want, **TOL[dtype])
 
 
+def _with_infinities(x, axis):
+    """x with channel 0 +inf at its first value (a block's shift), 1 +inf in the
+    middle, 2 -inf at its last value, 3 both signs, 4 a NaN; channels 5.. finite."""
+    v = np.moveaxis(x, axis, -1)  # a view, channels last
+    m = v.size // v.shape[-1]
+
+    def at(k, c):  # the k-th value of channel c in x's own order of values
+        return (*np.unravel_index(k, v.shape[:-1]), c)
+
+    v[at(0, 0)] = np.inf
+    v[at(m // 2, 1)] = np.inf
+    v[at(m - 1, 2)] = -np.inf
+    v[at(1, 3)], v[at(m - 2, 3)] = np.inf, -np.inf
+    v[at(m // 3, 4)] = np.nan
+    return x
+
+
+@by_backend(
+    "shape,axis",
+    cpu=[((5, 7, 11), 1), ((600, 7), 1), ((40, 3, 7), -1)],
+    cuda=[((4, 7, 300), 1), ((700, 7), 1)],
+)
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_infinite_values_give_pytorch_statistics(backend, rng, monkeypatch, shape, axis):
+    """PyTorch's batch statistics of a channel holding +inf are mean +inf and var
+    NaN (running_mean +inf, running_var NaN, the channel's output NaN); -inf alike;
+    both signs or a NaN: mean NaN. Wherever the infinity sits: at the first value of a
+    block (the block's shift), in a later block (the merge), on many blocks
+    (partitioned); the finite channels are untouched."""
+    backend.force_partitions(monkeypatch)
+    x = _with_infinities(rng.standard_normal(shape), axis)
+    C = shape[axis]
+    rm, rv = np.zeros(C), np.ones(C)
+    y, ctx = numbabn.batch_norm_forward(backend.put(x), running_mean=rm, running_var=rv, axis=axis)
+    want_mean = np.array([np.inf, np.inf, -np.inf, np.nan, np.nan])
+    np.testing.assert_array_equal(backend.host(ctx.mean)[:5], want_mean)
+    np.testing.assert_array_equal(rm[:5], want_mean * 0.1)
+    assert np.all(np.isnan(rv[:5])) and np.all(np.isnan(backend.host(ctx.invstd)[:5]))
+    yv = np.moveaxis(backend.host(y), axis, -1)
+    assert np.all(np.isnan(yv[..., :5]))
+    finite = np.moveaxis(np.moveaxis(x, axis, -1)[..., 5:], -1, axis)
+    ref = R.forward(finite, axis=axis)[0]
+    np.testing.assert_allclose(yv[..., 5:], np.moveaxis(ref, axis, -1), rtol=1e-10, atol=1e-10)
+    m = numbabn.moments(backend.put(x), axis=axis)
+    np.testing.assert_array_equal(m.mean[:5], want_mean)
+    assert np.all(np.isnan(m.m2[:5])) and np.all(np.isfinite(m.m2[5:]))
+    # merged from two shards, the infinite one first or last
+    half = shape[0] // 2
+    for a, b in [(x[:half], x[half:]), (x[half:], x[:half])]:
+        merged = numbabn.merge_moments(
+            numbabn.moments(backend.put(a), axis=axis), numbabn.moments(backend.put(b), axis=axis)
+        )
+        np.testing.assert_array_equal(merged.mean[:5], want_mean)
+        assert np.all(np.isnan(merged.m2[:5]))
+        np.testing.assert_allclose(merged.mean[5:], m.mean[5:], rtol=1e-12, atol=1e-12)
+
+
 def test_moments_merge_equals_concatenation(backend, rng):
     a = rng.standard_normal((7, 3, 5)) + 1e3
     b = rng.standard_normal((4, 3, 5)) * 3 - 1e3

@@ -301,6 +301,30 @@ def test_eval_gradients_of_nonfinite_input_like_torch(monkeypatch, fmt, activati
     torch.testing.assert_close(ours.bias.grad, theirs.bias.grad)
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_training_statistics_of_infinite_input_like_torch(monkeypatch, fmt):
+    """Training on the kernels with +inf, -inf, both and NaN in four channels: the
+    running statistics and outputs torch.nn gives (running_mean +-inf or NaN,
+    running_var NaN, the channel's output NaN), the finite channels to rounding,
+    over a batch large enough for many blocks (the infinity at a block's start and
+    inside a later one)."""
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 0)
+    torch.manual_seed(0)
+    theirs, ours = torch.nn.BatchNorm2d(6), nbt.BatchNorm2d(6)
+    x = torch.randn(64, 6, 32, 32)
+    x[0, 0, 0, 0], x[40, 1, 7, 3] = float("inf"), float("inf")
+    x[63, 2, 31, 31] = -float("inf")
+    x[5, 3, 1, 1], x[50, 3, 2, 2] = float("inf"), -float("inf")
+    x[33, 4, 0, 0] = float("nan")
+    x = x.contiguous(memory_format=fmt)
+    ya, yb = theirs(x), ours(x)
+    assert torch.equal(torch.isnan(yb), torch.isnan(ya))
+    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5, equal_nan=True)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), equal_nan=True)
+    assert torch.isinf(ours.running_mean[:3]).all() and torch.isnan(ours.running_var[:5]).all()
+
+
 @pytest.mark.parametrize("native_below", [0, 1 << 30])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_strided_running_buffers_are_updated_like_torch(monkeypatch, native_below, dtype):

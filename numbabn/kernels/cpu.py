@@ -24,12 +24,14 @@ with the residual exactly as the forward rounded it); without ReLU ``dres = dy``
 needs no kernel.
 
 Statistics (one pass): per block and channel, with ``d = x - s`` (``s`` the block's
-first value of that channel, kept exactly in float64), sums of ``d`` and ``d*d`` in
-float64; ``M2 = sum d*d - (sum d)**2/n``. Since ``(s - mean)**2 <= n*var``, the
-cancellation costs at most a factor ``n`` (~1.6e4) of float64 rounding. Blocks are
-merged with Chan et al.'s formula on means *relative to the first block's shift*
-(exact differences of input values), so the merge adds no rounding proportional to
-``|mean|`` either: a column of 1 +- 1e-5 among many others keeps float64 accuracy.
+first value of that channel, kept exactly in float64; 0 if that is not finite), sums
+of ``d`` and ``d*d`` in float64; ``M2 = sum d*d - (sum d)**2/n``. Since
+``(s - mean)**2 <= n*var``, the cancellation costs at most a factor ``n`` (~1.6e4) of
+float64 rounding. Blocks are merged with Chan et al.'s formula on means *relative to
+the first block's shift* (exact differences of input values), so the merge adds no
+rounding proportional to ``|mean|`` either: a column of 1 +- 1e-5 among many others
+keeps float64 accuracy. A channel holding infinities gets PyTorch's statistics: mean
++-inf (NaN if both signs or a NaN), M2 NaN.
 
 Element-wise passes run in the compute dtype -- the input's own (float32 vectorises
 twice as wide), float32 for float16/bfloat16 data, which the kernels read and write as
@@ -99,6 +101,14 @@ def _min(a, b):
 @njit(error_model="numpy", inline="always")
 def _max(a, b):
     return b if b > a else a
+
+
+@njit(error_model="numpy", inline="always")
+def _shift(v):
+    """A block's shift: its first value, or 0 where that is infinite or NaN (with an
+    infinite shift, d = x - shift of the block's finite values is infinite and the
+    block's mean inf - inf = NaN, where PyTorch's mean of data holding +inf is +inf)."""
+    return np.float64(v) if abs(v) < np.inf else 0.0
 
 
 # ------------------------------------------------------------------ element helpers
@@ -344,7 +354,7 @@ def mc_blocks(shape, chunk):
 @kernel(fastmath=_REDUCE)
 def stats_ncl(x, chunk, cnt, part, t0, t1):
     """Per block of (N, C, L) ``x``: ``cnt[kn]`` values per channel, and per channel
-    ``part[SHIFT]`` (first value), ``part[SUM]`` = sum d, ``part[SQ]`` = M2 about the
+    ``part[SHIFT]`` (first value, 0 if not finite), ``part[SUM]`` = sum d, ``part[SQ]`` = M2 about the
     block mean, with d = x - shift (float64)."""
     C, L = x.shape[1], x.shape[2]
     xf = x.reshape(x.size)
@@ -352,7 +362,7 @@ def stats_ncl(x, chunk, cnt, part, t0, t1):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
         sh, s, q = part[SHIFT, kn], part[SUM, kn], part[SQ, kn]
         for c in range(c0, c1):
-            sh[c] = decode(xf[(n0 * C + c) * L + l0])
+            sh[c] = _shift(decode(xf[(n0 * C + c) * L + l0]))
             s[c] = 0.0
             q[c] = 0.0
         for n in range(n0, n1):
@@ -400,7 +410,7 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
             sj[j] = 0.0
             qj[j] = 0.0
         for c in range(C):
-            sf[c] = decode(x[r0, c])
+            sf[c] = _shift(decode(x[r0, c]))
         for j in range(C, FC):
             sf[j] = sf[j - C]
         # Several runs per pass over the accumulators: their load-add-store bounds the
@@ -498,12 +508,21 @@ def coefficients(cnt, part, gamma, beta, running_mean, running_var, momentum, ep
         for k in range(1, cnt.size):
             nb = cnt[k]
             n = na + nb
+            wa = na / n
             wb = nb / n
             wab = na * nb / n
             for c in range(C):
-                d = ((part[SHIFT, k, c] - ref[c]) + part[SUM, k, c] / nb) - stats[0, c]
-                stats[0, c] += d * wb
-                stats[1, c] += part[SQ, k, c] + d * d * wab
+                mb = (part[SHIFT, k, c] - ref[c]) + part[SUM, k, c] / nb
+                d = mb - stats[0, c]
+                if abs(d) < np.inf:
+                    stats[0, c] += d * wb
+                    stats[1, c] += part[SQ, k, c] + d * d * wab
+                else:
+                    # An infinity or NaN in the data: the weighted mean keeps a mean of
+                    # +-inf where the difference would turn it into inf - inf = NaN at the
+                    # next finite block (PyTorch: running_mean inf, var NaN).
+                    stats[0, c] = stats[0, c] * wa + mb * wb
+                    stats[1, c] = np.nan
             na = n
         count = na
         for c in range(C):

@@ -169,13 +169,17 @@ def _advance(n, l, dn, dl, L):
 
 @cuda.jit(device=True)
 def _chan(na, ma, qa, nb, mb, qb):
-    """Merge (count, mean, M2) b into a (Chan et al.); an empty b changes nothing."""
+    """Merge (count, mean, M2) b into a (Chan et al.); an empty b changes nothing.
+    Where one mean is infinite or NaN (data holding infinities), the weighted mean
+    keeps +-inf (inf + (finite - inf) would be NaN) and M2 is NaN, as PyTorch's."""
     if nb == 0.0:
         return na, ma, qa
     n = na + nb
     d = mb - ma
     f = nb / n
-    return n, ma + d * f, qa + qb + d * d * na * f
+    if abs(d) < math.inf:
+        return n, ma + d * f, qa + qb + d * d * na * f
+    return n, ma * (na / n) + mb * f, math.nan
 
 
 @cuda.jit(device=True)
@@ -279,8 +283,12 @@ def _stats_kernel(x, G, W, cfast, S, span, pmean, pm2):
         v = float64(x[n, c, l])
         k += 1.0
         d = v - mu
-        mu += d / k
-        q += d * (v - mu)
+        if abs(d) < math.inf:
+            mu += d / k
+            q += d * (v - mu)
+        else:  # an infinity or NaN: as in _chan
+            mu = mu * ((k - 1.0) / k) + v / k
+            q = math.nan
         n, l = _advance(n, l, dn, dl, L)
     t = cuda.threadIdx.x
     T = cuda.blockDim.x
