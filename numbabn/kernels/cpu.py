@@ -477,6 +477,20 @@ def _tile(coef, C):
             coef[r, j] = coef[r, j - C]
 
 
+@njit(error_model="numpy", inline="always")
+def _weighted_mean(cnt, part, c, count, stats):
+    """Channel c's merged (mean - shift_0, M2) of data holding an infinity or NaN, for
+    which the Chan merge's mean is not finite: the count-weighted mean of the block
+    means keeps +-inf where Chan's difference makes inf + (finite - inf) = NaN at a
+    finite block after an infinite one (PyTorch: running_mean +-inf, var NaN)."""
+    ref = part[SHIFT, 0, c]
+    mu = 0.0
+    for k in range(cnt.size):
+        mu += (cnt[k] / count) * ((part[SHIFT, k, c] - ref) + part[SUM, k, c] / cnt[k])
+    stats[0, c] = mu
+    stats[1, c] = np.nan
+
+
 @kernel()
 def coefficients(cnt, part, gamma, beta, running_mean, running_var, momentum, eps, training, stats, mean, invstd, coef):
     """Fills ``mean``, ``invstd`` (float64) and ``coef`` (4, F*C) in the compute dtype: the halved
@@ -508,24 +522,17 @@ def coefficients(cnt, part, gamma, beta, running_mean, running_var, momentum, ep
         for k in range(1, cnt.size):
             nb = cnt[k]
             n = na + nb
-            wa = na / n
             wb = nb / n
             wab = na * nb / n
             for c in range(C):
-                mb = (part[SHIFT, k, c] - ref[c]) + part[SUM, k, c] / nb
-                d = mb - stats[0, c]
-                if abs(d) < np.inf:
-                    stats[0, c] += d * wb
-                    stats[1, c] += part[SQ, k, c] + d * d * wab
-                else:
-                    # An infinity or NaN in the data: the weighted mean keeps a mean of
-                    # +-inf where the difference would turn it into inf - inf = NaN at the
-                    # next finite block (PyTorch: running_mean inf, var NaN).
-                    stats[0, c] = stats[0, c] * wa + mb * wb
-                    stats[1, c] = np.nan
+                d = ((part[SHIFT, k, c] - ref[c]) + part[SUM, k, c] / nb) - stats[0, c]
+                stats[0, c] += d * wb
+                stats[1, c] += part[SQ, k, c] + d * d * wab
             na = n
         count = na
         for c in range(C):
+            if not abs(stats[0, c]) < np.inf:
+                _weighted_mean(cnt, part, c, count, stats)
             stats[0, c] += ref[c]
     t = coef.dtype.type
     keep = 1.0 - momentum
