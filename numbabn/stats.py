@@ -53,10 +53,21 @@ class Moments:
 
     @classmethod
     def from_array(cls, packed: ArrayLike) -> "Moments":
-        """Inverse of :meth:`to_array`."""
+        """Inverse of :meth:`to_array`: a 1-D array of odd length 2C + 1 whose first
+        entry is a whole number >= 0 (the count)."""
         packed = np.asarray(packed, dtype=np.float64)
+        if packed.ndim != 1 or packed.shape[0] % 2 != 1:
+            raise ValueError(
+                f"Moments.from_array: expected a 1-D array [count, mean (C), m2 (C)] of odd length, "
+                f"got shape {packed.shape}"
+            )
+        count = packed[0]
+        if not (np.isfinite(count) and count >= 0 and count == np.floor(count)):
+            raise ValueError(
+                f"Moments.from_array: the count (entry 0) must be a whole number >= 0, got {float(count)!r}"
+            )
         C = (packed.shape[0] - 1) // 2
-        return cls(int(round(packed[0])), packed[1 : 1 + C].copy(), packed[1 + C :].copy())
+        return cls(int(count), packed[1 : 1 + C].copy(), packed[1 + C :].copy())
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
@@ -87,16 +98,19 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
         return a
     if a.count == 0:
         return b
-    n = int(a.count) + int(b.count)
-    with np.errstate(invalid="ignore", over="ignore"):  # infinite data: see below
+    # Python ints: NumPy integer counts (np.int32, or np.int64 products of shapes at
+    # dataset scale) would wrap in na*nb.
+    na, nb = int(a.count), int(b.count)
+    n = na + nb
+    with np.errstate(invalid="ignore"):  # infinite data: see below
         delta = b.mean - a.mean
-        mean = a.mean + delta * (b.count / n)
-        m2 = a.m2 + b.m2 + delta * delta * (a.count * b.count / n)
+        mean = a.mean + delta * (nb / n)
+        m2 = a.m2 + b.m2 + delta * delta * (na * nb / n)
         off = ~np.isfinite(delta)
         if off.any():
             # An infinite (or NaN) mean on one side: the weighted mean keeps +-inf where
             # Chan's update gives inf + (finite - inf) = NaN; the M2 of data holding
             # infinities is NaN (PyTorch: mean inf, var NaN).
-            mean = np.where(off, a.mean * (a.count / n) + b.mean * (b.count / n), mean)
+            mean = np.where(off, a.mean * (na / n) + b.mean * (nb / n), mean)
             m2 = np.where(off, np.nan, m2)
     return Moments(n, mean, m2)

@@ -272,6 +272,42 @@ def test_moments_validation():
     assert np.all(numbabn.moments(np.full((7, 2), 0.1) + np.array([0.0, 1e-17])).m2 >= 0)
 
 
+def test_moments_from_array_validation():
+    m = numbabn.moments(X)
+    back = numbabn.Moments.from_array(m.to_array())
+    assert back.count == m.count and np.array_equal(back.mean, m.mean) and np.array_equal(back.m2, m.m2)
+    for packed, fragment in [
+        ([], r"odd length, got shape \(0,\)"),
+        ([3.0, 1.0], r"odd length, got shape \(2,\)"),
+        (np.ones((3, 3)), r"1-D array .* got shape \(3, 3\)"),
+        ([np.nan, 0.0, 1.0], "count \\(entry 0\\) must be a whole number >= 0, got nan"),
+        ([2.6, 0.0, 1.0], "whole number >= 0, got 2.6"),
+        ([-1.0, 0.0, 1.0], "whole number >= 0, got -1.0"),
+    ]:
+        with pytest.raises(ValueError, match=fragment):
+            numbabn.Moments.from_array(packed)
+
+
+@pytest.mark.parametrize("count_type", [np.int32, np.int64, int])
+def test_merge_moments_with_numpy_integer_counts(count_type):
+    """Counts of any integer type merge as Python ints: np.int32 counts of 50 000 made
+    na*nb wrap (m2 off by a third, silently), as np.int64 counts of 3.5e9 did."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((100_000, 2))
+    a, b = numbabn.moments(x[:50_000]), numbabn.moments(x[50_000:] + 1)
+    want = numbabn.merge_moments(a, b)
+    got = numbabn.merge_moments(
+        numbabn.Moments(count_type(a.count), a.mean, a.m2), numbabn.Moments(count_type(b.count), b.mean, b.m2)
+    )
+    assert got.count == 100_000
+    np.testing.assert_allclose(got.m2, want.m2, rtol=1e-15)
+    big = numbabn.Moments(np.int64(3_500_000_000), a.mean, a.m2 * 70_000)
+    other = numbabn.Moments(np.int64(3_500_000_000), b.mean, b.m2 * 70_000)
+    d = b.mean - a.mean
+    want_m2 = big.m2 + other.m2 + d * d * (3.5e9 * 3.5e9 / 7e9)
+    np.testing.assert_allclose(numbabn.merge_moments(big, other).m2, want_m2, rtol=1e-12)
+
+
 def test_allreduce_returning_none_or_garbage():
     _, ctx = numbabn.batch_norm_forward(X)
     with pytest.raises(TypeError, match=r"allreduce must return the summed \(2, 3\) array .*got NoneType None"):
