@@ -802,3 +802,105 @@ def test_scripting_raises_a_clear_error_and_changes_nothing(make):
         torch.jit.script(model)
     assert list(model) == before
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_second_derivatives_through_the_incoming_gradient_raise(monkeypatch):
+    """Under create_graph=True the kernels' gradients are tied to dy as well as to x
+    and weight: a second derivative through dy (a skip connection around the layer,
+    torch.autograd.functional.jvp, which differentiates a vjp by its vector) raises
+    numbabn's error. It used to count as zero: jvp gave zeros and the skip
+    connection's second derivative a wrong value, with no error."""
+    import torch.autograd.functional as AF
+
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 0)
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="numbabn.torch batch norm: double backward"):
+        AF.jvp(nbt.BatchNorm1d(3, dtype=torch.float64).eval(), x, torch.randn_like(x))
+    bn, head = nbt.BatchNorm1d(3, dtype=torch.float64), torch.nn.Linear(3, 1, dtype=torch.float64)
+    xi = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(head(bn(xi) + xi).pow(2).sum(), xi, create_graph=True)
+    with pytest.raises(RuntimeError, match="numbabn.torch batch norm: double backward"):
+        torch.autograd.grad(gx.pow(2).sum(), head.weight)
+
+
+def test_forward_mode_ad_gives_torch_nn_results(monkeypatch):
+    """Dual tensors (torch.autograd.forward_ad) go to PyTorch's op, whose jvp torch.nn
+    has: tangents and running statistics as torch.nn's; the kernels' autograd
+    Function has no jvp and raised PyTorch's NotImplementedError."""
+    import torch.autograd.forward_ad as fwAD
+
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 0)
+    torch.manual_seed(0)
+    x, v = torch.randn(8, 3, 5, dtype=torch.float64), torch.randn(8, 3, 5, dtype=torch.float64)
+    ours, theirs = nbt.BatchNorm1d(3, dtype=torch.float64), torch.nn.BatchNorm1d(3, dtype=torch.float64)
+    with fwAD.dual_level():
+        a = fwAD.unpack_dual(ours(fwAD.make_dual(x, v)))
+        b = fwAD.unpack_dual(theirs(fwAD.make_dual(x, v)))
+    torch.testing.assert_close(a.primal, b.primal)
+    torch.testing.assert_close(a.tangent, b.tangent)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert int(ours.num_batches_tracked) == 1
+
+
+def test_vectorized_jacobian_raises_a_clear_error(monkeypatch):
+    import torch.autograd.functional as AF
+
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 0)
+    bn = nbt.BatchNorm1d(3, dtype=torch.float64)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="vectorize=True.*not supported by numbabn's kernels"):
+        AF.jacobian(bn, x, vectorize=True)
+    torch.testing.assert_close(AF.jacobian(bn, x), AF.jacobian(torch.nn.BatchNorm1d(3, dtype=torch.float64), x))
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0])
+def test_eps_zero_like_torch(monkeypatch, training, eps):
+    """torch.nn takes eps=0; numbabn's kernels refuse it, so the layer hands such a
+    call to PyTorch's op at any size (it raised above the small-input threshold)."""
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 0)
+    torch.manual_seed(0)
+    ours, theirs = nbt.BatchNorm2d(2, eps=eps), torch.nn.BatchNorm2d(2, eps=eps)
+    ours.train(training)
+    theirs.train(training)
+    x = torch.randn(4, 2, 8, 8)
+    if training:  # refused by PyTorch's op in training; nothing changes
+        with pytest.raises(ValueError, match="eps must be positive"):
+            ours(x)
+        assert int(ours.num_batches_tracked) == 0 and torch.equal(ours.running_var, torch.ones(2))
+        return
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("native_below", [0, 1 << 30])
+def test_inference_mode_buffers_updated_outside_it_raise_and_change_nothing(monkeypatch, native_below):
+    """A layer built under torch.inference_mode() holds inference-tensor buffers; a
+    training call outside inference mode raises PyTorch's error before anything
+    changes, as torch.nn does. On the kernels the running statistics were written
+    through NumPy first, and only the counter's update raised."""
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", native_below)
+    with torch.inference_mode():
+        ours, theirs = nbt.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    x = torch.randn(6, 4, 3, 3) * 3 + 5
+    for m in (ours, theirs):
+        with torch.no_grad(), pytest.raises(RuntimeError, match="[Ii]nference tensor"):
+            m(x)
+        assert torch.equal(m.running_mean, torch.zeros(4)) and torch.equal(m.running_var, torch.ones(4))
+    assert int(ours.num_batches_tracked) == 0  # (torch.nn counts the call before its op raises)
+    with torch.inference_mode():  # where the buffers can be updated: as torch.nn
+        torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+
+
+@pytest.mark.parametrize("native_below", [0, 1 << 30])
+def test_any_channel_count_without_per_channel_state(monkeypatch, native_below):
+    """affine=False, track_running_stats=False: no per-channel state, and torch.nn
+    normalises any channel count; a layer with state still refuses a wrong one."""
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", native_below)
+    x = torch.randn(6, 5, 4)
+    ours = nbt.BatchNorm1d(3, affine=False, track_running_stats=False)
+    theirs = torch.nn.BatchNorm1d(3, affine=False, track_running_stats=False)
+    torch.testing.assert_close(ours(x), theirs(x))
+    with pytest.raises(ValueError, match="expected input with 3 channels"):
+        nbt.BatchNorm1d(3, affine=False)(x)

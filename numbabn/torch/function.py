@@ -80,17 +80,26 @@ class BatchNormFunction(torch.autograd.Function):
                 return ctx.allreduce(sums)
 
         x = saved[0]
+        try:
+            dy_array = B.to_array(dy, perm)
+        except RuntimeError as exc:  # e.g. a vmap-batched gradient: no memory to view
+            raise RuntimeError(
+                "numbabn.torch batch norm: the incoming gradient cannot be read as memory "
+                f"({exc}); vmap-style transforms of the backward, such as "
+                "torch.autograd.functional.jacobian/hessian(vectorize=True), are not supported by "
+                "numbabn's kernels: use vectorize=False, or torch.nn.BatchNorm* for this module"
+            ) from exc
         dx, out = B.empty_like(x, perm)
         dres = None
         with _team(x):
             if ctx.has_residual and ctx.relu:  # the masked gradient, from the same pass as dx
                 dres, res_out = B.empty_like(x, perm)
                 _, dgamma, dbeta, _ = numbabn.batch_norm_backward(
-                    B.to_array(dy, perm), bn, allreduce=allreduce, out=out, residual_out=res_out
+                    dy_array, bn, allreduce=allreduce, out=out, residual_out=res_out
                 )
             else:
                 _, dgamma, dbeta = numbabn.batch_norm_backward(
-                    B.to_array(dy, perm), _without_residual(bn), allreduce=allreduce, out=out
+                    dy_array, _without_residual(bn), allreduce=allreduce, out=out
                 )
                 if ctx.has_residual:  # no mask: the residual's gradient is dy (as for an add)
                     dres = dy
@@ -105,7 +114,10 @@ class BatchNormFunction(torch.autograd.Function):
         ]
         grads.append(dres if ctx.has_residual and ctx.needs_input_grad[11] else None)
         if torch.is_grad_enabled():  # backward(create_graph=True): no second derivative here
-            grads = [None if g is None else _FirstOrderOnly.apply(g, *saved) for g in grads]
+            # Linked to dy too: a second derivative through the incoming gradient (a
+            # skip connection around the layer, torch.autograd.functional.jvp) must
+            # raise, not silently count as zero.
+            grads = [None if g is None else _FirstOrderOnly.apply(g, dy, *saved) for g in grads]
         return (*grads[:3], None, None, None, None, None, None, None, None, grads[3], None)
 
 

@@ -63,7 +63,9 @@ Where numbabn differs from PyTorch:
   PyTorch's ops; any other makes the layer one opaque call (one graph break; Dynamo
   does not trace numbabn's Python), which runs as it does eagerly; a
   :class:`FusedReLU` is a plain ReLU in the graph. ``torch.autograd.grad`` and
-  ``torch.autograd.functional`` run the kernels.
+  the first-order functions of ``torch.autograd.functional`` run the kernels;
+  forward-mode AD (dual tensors), an ``eps`` the kernels refuse (``eps=0``) and
+  ``torch.func`` transforms run PyTorch's op.
 
 Dtypes: float32 and float64 run natively, and so do float16 and bfloat16 on the
 CPU: the kernels read and write their 16 bits and compute in float32 with float32
@@ -78,13 +80,16 @@ Memory formats: contiguous and ``channels_last``/``channels_last_3d`` inputs are
 read in place and the output has the input's format. CUDA tensors run on numbabn's
 CUDA backend through ``__cuda_array_interface__`` (zero copy; see ``numbabn.torch._bridge``).
 Double backward raises a clear error where the kernels run (an input handed to
-PyTorch's op, below the threshold above, has PyTorch's double backward).
+PyTorch's op, below the threshold above, has PyTorch's double backward), whether
+the second derivative goes through the input, the weight or the incoming gradient.
 """
 
+import math
 import weakref
 from typing import Any, NoReturn
 
 import torch
+from torch.autograd import forward_ad as fwAD
 from torch.nn import functional as F
 
 from numbabn import config
@@ -139,6 +144,26 @@ def _below_threshold(x: torch.Tensor) -> bool:
 def _needs_graph(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd must record the call: grad mode on and some input requires grad."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _torch_semantics(eps: Any, x: torch.Tensor, state: tuple[Any, ...], tracking: bool) -> bool:
+    """Whether only PyTorch's op gives torch.nn's answer to this call: an ``eps``
+    numbabn's kernels refuse (not a finite number > 0; torch.nn takes ``eps=0`` and
+    divides by the variance alone); forward-mode AD (``torch.autograd.forward_ad``
+    dual tensors, for which the kernels' autograd Function has no ``jvp``)."""
+    if not (type(eps) is float and 0.0 < eps < math.inf) and not (is_real(eps) and 0.0 < float(eps) < math.inf):
+        return True
+    if _forward_ad_level() >= 0:  # a dual level is open: look for tangents
+        dual = (x, *state[:2])
+        if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in dual):
+            return True
+    return False
+
+
+# The innermost open forward-AD level (-1: none; torch.autograd.forward_ad keeps it
+# as a module global, read here so that calls outside forward AD pay no per-tensor
+# check), or never open if a release drops the name.
+_forward_ad_level = lambda: getattr(fwAD, "_current_level", -1)  # noqa: E731
 
 
 # torch.func transforms wrap tensors in C++ wrappers of type torch.Tensor that no
@@ -244,14 +269,16 @@ class NumbabnBatchNorm:
         self._check_input_dim(input)
         if input.dtype not in _INPUT_DTYPES:
             raise TypeError(f"{name}: input must be float16, bfloat16, float32 or float64, got {input.dtype}")
+        weight, bias, running_mean, _, _ = state
+        ref = next((t for t in (weight, bias, running_mean) if t is not None), None)
+        if ref is None:
+            # No per-channel state (affine=False, track_running_stats=False): any channel
+            # count normalises, as in torch.nn.
+            return
         if input.shape[1] != self.num_features:
             raise ValueError(
                 f"{name}: expected input with {self.num_features} channels (dim 1), got shape {tuple(input.shape)}"
             )
-        weight, bias, running_mean, _, _ = state
-        ref = next((t for t in (weight, bias, running_mean) if t is not None), None)
-        if ref is None:
-            return
         if ref.device != input.device:
             raise ValueError(
                 f"{name}: input is on {input.device} but the module's parameters/buffers are on {ref.device}"
@@ -283,6 +310,20 @@ class NumbabnBatchNorm:
                     f"{type(self).__name__}: {buffer} requires grad; batch norm is not differentiable with "
                     "respect to its running statistics (as in torch.nn)"
                 )
+        if (
+            self.training
+            and self.track_running_stats
+            and running_mean is not None
+            and running_mean.is_inference()
+            and not torch.is_inference_mode_enabled()
+        ):
+            # The kernels would write them through NumPy, which no inference check sees
+            # (torch.nn raises from its op, after counting the call).
+            raise RuntimeError(
+                f"{type(self).__name__}: the running statistics are inference tensors (the layer was made "
+                "under torch.inference_mode()); a training call outside inference mode cannot update them "
+                "in place (as in torch.nn). Clone the buffers, or train inside torch.inference_mode()"
+            )
         if (
             input.is_inference()
             or (weight is not None and weight.is_inference())
@@ -381,10 +422,11 @@ class NumbabnBatchNorm:
         weight, bias = (p if p is None or p.dtype == cdt else p.to(cdt) for p in state[:2])
         moments, allreduce = self._synchronize(x, batch_stats)
         n = x.numel()
-        if moments is None and (n == 0 or _below_threshold(x)):
+        if moments is None and (n == 0 or _below_threshold(x) or _torch_semantics(self.eps, x, state, tracking)):
             # Nothing to compute, or too little for the kernels to win: below the
             # crossover, what numbabn adds around them per call (Python, the autograd
-            # Function) costs more than they save (README, "Small inputs").
+            # Function) costs more than they save (README, "Small inputs"). Or a call
+            # only PyTorch's op answers as torch.nn does (see _torch_semantics).
             return self._torch_forward(input, residual, settings=settings, state=state)
         relu = self.activation == "relu"
         nbt = state[4] if tracking else None  # counted with the running statistics (see normalize)
