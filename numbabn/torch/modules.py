@@ -146,7 +146,7 @@ def _needs_graph(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _torch_semantics(eps: Any, x: torch.Tensor, state: tuple[Any, ...], tracking: bool) -> bool:
+def _torch_semantics(eps: Any, x: torch.Tensor, state: tuple[Any, ...]) -> bool:
     """Whether only PyTorch's op gives torch.nn's answer to this call: an ``eps``
     numbabn's kernels refuse (not a finite number > 0; torch.nn takes ``eps=0`` and
     divides by the variance alone); forward-mode AD (``torch.autograd.forward_ad``
@@ -160,10 +160,11 @@ def _torch_semantics(eps: Any, x: torch.Tensor, state: tuple[Any, ...], tracking
     return False
 
 
-# The innermost open forward-AD level (-1: none; torch.autograd.forward_ad keeps it
-# as a module global, read here so that calls outside forward AD pay no per-tensor
-# check), or never open if a release drops the name.
-_forward_ad_level = lambda: getattr(fwAD, "_current_level", -1)  # noqa: E731
+def _forward_ad_level() -> int:
+    """The innermost open forward-AD level, -1 for none (``torch.autograd.forward_ad``
+    keeps it as a module global; read so that calls outside forward AD pay no
+    per-tensor check), or -1 always if a release drops the name."""
+    return getattr(fwAD, "_current_level", -1)
 
 
 # torch.func transforms wrap tensors in C++ wrappers of type torch.Tensor that no
@@ -422,7 +423,7 @@ class NumbabnBatchNorm:
         weight, bias = (p if p is None or p.dtype == cdt else p.to(cdt) for p in state[:2])
         moments, allreduce = self._synchronize(x, batch_stats)
         n = x.numel()
-        if moments is None and (n == 0 or _below_threshold(x) or _torch_semantics(self.eps, x, state, tracking)):
+        if moments is None and (n == 0 or _below_threshold(x) or _torch_semantics(self.eps, x, state)):
             # Nothing to compute, or too little for the kernels to win: below the
             # crossover, what numbabn adds around them per call (Python, the autograd
             # Function) costs more than they save (README, "Small inputs"). Or a call
