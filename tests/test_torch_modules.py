@@ -904,3 +904,24 @@ def test_any_channel_count_without_per_channel_state(monkeypatch, native_below):
     torch.testing.assert_close(ours(x), theirs(x))
     with pytest.raises(ValueError, match="expected input with 3 channels"):
         nbt.BatchNorm1d(3, affine=False)(x)
+
+
+@pytest.mark.parametrize("native_below", [0, 1 << 30])
+def test_input_errors_are_also_torch_nn_exception_types(monkeypatch, native_below):
+    """Code written against torch.nn catches what it raises (RuntimeError for a wrong
+    channel count or mixed dtypes, NotImplementedError for an integer input); numbabn's
+    own types (ValueError, TypeError) hold too. Nothing changes."""
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", native_below)
+    ours, theirs = nbt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    cases = [
+        (torch.randn(2, 4, 3, 3), RuntimeError, nbt.InputMismatchError, ValueError),
+        (torch.randn(2, 3, 3, 3, dtype=torch.float64), RuntimeError, nbt.InputDtypeError, TypeError),
+        (torch.ones(2, 3, 3, 3, dtype=torch.int64), NotImplementedError, nbt.UnsupportedDtypeError, TypeError),
+    ]
+    for x, torch_type, ours_type, numbabn_type in cases:
+        with pytest.raises(torch_type):
+            theirs(x)
+        with pytest.raises(torch_type) as caught:
+            ours(x)
+        assert isinstance(caught.value, ours_type) and isinstance(caught.value, numbabn_type)
+    assert int(ours.num_batches_tracked) == 0 and torch.equal(ours.running_mean, torch.zeros(3))

@@ -14,7 +14,15 @@ Needs PyTorch (``pip install 'numbabn[torch]'``); ``import numbabn`` never impor
 
 from .convert import convert_batchnorm, fold_batchnorm
 from .function import BatchNormFunction
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, FusedReLU
+from .modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    FusedReLU,
+    InputDtypeError,
+    InputMismatchError,
+    UnsupportedDtypeError,
+)
 from .sync import SyncBatchNorm
 
 __all__ = [
@@ -26,4 +34,7 @@ __all__ = [
     "BatchNormFunction",
     "convert_batchnorm",
     "fold_batchnorm",
+    "InputMismatchError",
+    "InputDtypeError",
+    "UnsupportedDtypeError",
 ]

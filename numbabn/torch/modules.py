@@ -108,6 +108,23 @@ def check_activation(owner: str, activation: str | None) -> str | None:
     return activation
 
 
+class InputMismatchError(ValueError, RuntimeError):
+    """An input whose channel count or device does not fit the layer: a ValueError,
+    as numbabn's checks raise it, and a RuntimeError, as torch.nn's layers raise it,
+    so that code written against either catches it (as NumPy's ``AxisError`` is both
+    a ValueError and an IndexError)."""
+
+
+class InputDtypeError(TypeError, RuntimeError):
+    """An input whose dtype does not fit the layer's parameters and buffers: a
+    TypeError and, as torch.nn raises it, a RuntimeError."""
+
+
+class UnsupportedDtypeError(TypeError, NotImplementedError):
+    """An input dtype batch norm does not compute in (integers, complex): a TypeError
+    and, as torch.nn raises it, a NotImplementedError."""
+
+
 def _native_only(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
     """Whether PyTorch's own ops must stand in for numbabn's kernels: for tensors with
     no memory of their own (``meta``, whose shapes PyTorch works out; tensor subclasses
@@ -269,7 +286,9 @@ class NumbabnBatchNorm:
             raise TypeError(f"{name}: input must be a dense (torch.strided) tensor, got layout {input.layout}")
         self._check_input_dim(input)
         if input.dtype not in _INPUT_DTYPES:
-            raise TypeError(f"{name}: input must be float16, bfloat16, float32 or float64, got {input.dtype}")
+            raise UnsupportedDtypeError(
+                f"{name}: input must be float16, bfloat16, float32 or float64, got {input.dtype}"
+            )
         weight, bias, running_mean, _, _ = state
         ref = next((t for t in (weight, bias, running_mean) if t is not None), None)
         if ref is None:
@@ -277,15 +296,15 @@ class NumbabnBatchNorm:
             # count normalises, as in torch.nn.
             return
         if input.shape[1] != self.num_features:
-            raise ValueError(
+            raise InputMismatchError(
                 f"{name}: expected input with {self.num_features} channels (dim 1), got shape {tuple(input.shape)}"
             )
         if ref.device != input.device:
-            raise ValueError(
+            raise InputMismatchError(
                 f"{name}: input is on {input.device} but the module's parameters/buffers are on {ref.device}"
             )
         if ref.dtype not in (B.COMPUTE_DTYPE[input.dtype], input.dtype):
-            raise TypeError(
+            raise InputDtypeError(
                 f"{name}: input has dtype {input.dtype} but the module's parameters/buffers have "
                 f"{ref.dtype}; convert one of them (module.to(dtype) or input.to(dtype))"
             )
