@@ -199,6 +199,14 @@ def test_sync_conversion_and_back_from_torch_sync_batch_norm():
     ours = nbt.convert_batchnorm(torch_sync)
     assert set(bn_types(ours)) == {nbt.SyncBatchNorm}
     assert all(m.process_group is group for m in ours.modules() if isinstance(m, nbt.SyncBatchNorm))
+    # sync=True with a process_group regroups numbabn's own SyncBatchNorms too, as
+    # torch.nn.SyncBatchNorm.convert_sync_batchnorm regroups its own (they kept theirs)
+    other = object()
+    regrouped = nbt.convert_batchnorm(ours, sync=True, process_group=other)
+    layers = [m for m in regrouped.modules() if isinstance(m, nbt.SyncBatchNorm)]
+    assert layers and all(m.process_group is other for m in layers)
+    assert nn.SyncBatchNorm.convert_sync_batchnorm(torch_sync, process_group=other) is not None
+    assert all(m.process_group is other for m in torch_sync.modules() if isinstance(m, nn.SyncBatchNorm))
 
 
 def test_a_batch_norm_root_is_returned_converted():

@@ -183,7 +183,9 @@ def check_wide_layer(rank, sizes):
 
 def check_a_skipped_backward(rank, sizes):
     """Rank 0 runs the backward while the others skipped it and call the layer again:
-    a forward's exchange meets a backward's, and every rank raises."""
+    a forward's exchange meets a backward's, and every rank raises. Then the layer
+    works again on every rank (the ranks' call counts had drifted apart for good, and
+    every later call raised)."""
     bn = nbt.SyncBatchNorm(C, dtype=torch.float64)
     x = torch.randn(4, C, 3, dtype=torch.float64, requires_grad=True)
     y = bn(x)
@@ -192,6 +194,33 @@ def check_a_skipped_backward(rank, sizes):
             y.sum().backward()
         else:
             bn(x)
+    for _ in range(2):
+        bn(x).sum().backward()
+    assert _same_on_all_ranks(bn.running_mean)
+
+
+def check_inputs_torch_nn_takes(rank, sizes):
+    """A Parameter as input (learned embeddings) synchronizes like a tensor (it was
+    refused as a 'tensor subclass'); forward-mode AD is refused on every rank before
+    anything changes (PyTorch's op cannot stand in for a synchronizing layer); a
+    layer without per-channel state still requires num_features channels."""
+    import torch.autograd.forward_ad as fwAD
+
+    bn = nbt.SyncBatchNorm(C, dtype=torch.float64)
+    emb = torch.nn.Parameter(torch.randn(4, C, dtype=torch.float64) + rank)
+    bn(emb).sum().backward()
+    assert emb.grad is not None and _same_on_all_ranks(bn.running_mean)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    x = torch.randn(4, C, 3, dtype=torch.float64)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        bn(fwAD.make_dual(x, torch.ones_like(x)))
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    bn(x)  # the ranks still agree
+    stateless = nbt.SyncBatchNorm(C, affine=False, track_running_stats=False)
+    with pytest.raises(ValueError, match=f"expected input with {C} channels"):
+        stateless(torch.randn(4, C + 2, 3))
+    stateless(torch.randn(4, C, 3))
 
 
 def check_ddp_training(rank, sizes):
@@ -235,6 +264,7 @@ SCENARIOS = {
         (check_layers_out_of_order, {}),
         (check_channel_counts_disagree, {}),
         (check_a_skipped_backward, {}),
+        (check_inputs_torch_nn_takes, {}),
         (check_wide_layer, {}),
         (check_ddp_training, {}),
     ],

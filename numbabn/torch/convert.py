@@ -32,7 +32,11 @@ def _target(module: torch.nn.Module, sync: bool) -> type[torch.nn.Module] | None
 
 def _convert_one(module: torch.nn.Module, sync: bool, process_group: Any) -> torch.nn.Module:
     cls = _target(module, sync)
-    if cls is None or type(module) is cls:
+    if cls is None:
+        return module
+    if type(module) is cls:
+        if cls is SyncBatchNorm and process_group is not None:
+            module.process_group = process_group  # regrouped, as PyTorch's converter does
         return module
     kwargs = dict(bias=module.bias is not None) if module.affine else {}
     if cls is SyncBatchNorm:

@@ -125,6 +125,11 @@ class UnsupportedDtypeError(TypeError, NotImplementedError):
     and, as torch.nn raises it, a NotImplementedError."""
 
 
+# Tensors with memory of their own: a Parameter (learned embeddings normalised as
+# input) is one; subclasses in general are not (FakeTensor, DTensor).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _native_only(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
     """Whether PyTorch's own ops must stand in for numbabn's kernels: for tensors with
     no memory of their own (``meta``, whose shapes PyTorch works out; tensor subclasses
@@ -136,11 +141,7 @@ def _native_only(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
     ``torch.export`` consumers can run; numbabn's kernels are Python calls that no
     recorded graph can hold. ``torch.compile`` is not recording in this sense: it
     breaks the graph at the layer and runs the kernels."""
-    if (
-        x.is_meta
-        or type(x) is not torch.Tensor
-        or (isinstance(residual, torch.Tensor) and type(residual) is not torch.Tensor)
-    ):
+    if x.is_meta or type(x) not in _PLAIN or (isinstance(residual, torch.Tensor) and type(residual) not in _PLAIN):
         return True
     return torch.jit.is_tracing() or _is_exporting() or _functorch_active()
 
@@ -291,14 +292,17 @@ class NumbabnBatchNorm:
             )
         weight, bias, running_mean, _, _ = state
         ref = next((t for t in (weight, bias, running_mean) if t is not None), None)
-        if ref is None:
+        if ref is None and not self._may_synchronize:
             # No per-channel state (affine=False, track_running_stats=False): any channel
-            # count normalises, as in torch.nn.
+            # count normalises, as in torch.nn. (A SyncBatchNorm keeps num_features: its
+            # ranks exchange and check that count before they gather the moments.)
             return
         if input.shape[1] != self.num_features:
             raise InputMismatchError(
                 f"{name}: expected input with {self.num_features} channels (dim 1), got shape {tuple(input.shape)}"
             )
+        if ref is None:
+            return
         if ref.device != input.device:
             raise InputMismatchError(
                 f"{name}: input is on {input.device} but the module's parameters/buffers are on {ref.device}"
@@ -329,6 +333,16 @@ class NumbabnBatchNorm:
                 raise RuntimeError(
                     f"{type(self).__name__}: {buffer} requires grad; batch norm is not differentiable with "
                     "respect to its running statistics (as in torch.nn)"
+                )
+        if self._may_synchronize and _forward_ad_level() >= 0:
+            dual = (input, weight, bias, residual)
+            if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in dual):
+                # PyTorch's op cannot stand in for a synchronizing layer, and the kernels'
+                # autograd Function has no jvp: refused before anything changes (every
+                # rank is told, see _input_rejected).
+                raise NotImplementedError(
+                    f"{type(self).__name__}: forward-mode AD (dual tensors) is not supported by a "
+                    "synchronizing numbabn layer; use reverse mode, or a single process"
                 )
         if (
             self.training

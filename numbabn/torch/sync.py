@@ -198,16 +198,23 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
             row[_HEAD : _HEAD + min(n, _INLINE)] = payload[:_INLINE]
         rows = _all_gather(group, row)
         heads = rows[:, :_HEAD]
-        _check_agree(self, heads[:, :1], ("exchange (forward statistics or backward gradient sums)",))
-        if payload is None:
-            return None
-        refused = [r for r, head in enumerate(heads) if head[1] != 1]
-        if refused:
-            raise RuntimeError(
-                f"{type(self).__name__}: rank(s) {refused} of the process group refused their "
-                "input (see the error raised there); nothing was updated"
-            )
-        _check_agree(self, heads[:, 2:], ("channel count", "synchronized call", "input dtype"))
+        try:
+            _check_agree(self, heads[:, :1], ("exchange (forward statistics or backward gradient sums)",))
+            if payload is None:
+                return None
+            refused = [r for r, head in enumerate(heads) if head[1] != 1]
+            if refused:
+                raise RuntimeError(
+                    f"{type(self).__name__}: rank(s) {refused} of the process group refused their "
+                    "input (see the error raised there); nothing was updated"
+                )
+            _check_agree(self, heads[:, 2:], ("channel count", "synchronized call", "input dtype"))
+        except RuntimeError:
+            # Every rank saw the same headers: all move their call count past the largest,
+            # so that the next call agrees again (a rank that skipped a backward, then
+            # caught the error, would otherwise disagree on every later call).
+            self._sync_calls = int(heads[:, 3].max()) + 1
+            raise
         if n <= _INLINE:
             return rows[:, _HEAD : _HEAD + n]
         return np.concatenate((rows[:, _HEAD:], _all_gather(group, payload[_INLINE:])), axis=1)
