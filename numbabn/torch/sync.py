@@ -200,7 +200,8 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
         heads = rows[:, :_HEAD]
         try:
             _check_agree(self, heads[:, :1], ("exchange (forward statistics or backward gradient sums)",))
-            if payload is None:
+            if payload is None:  # this rank refused its input and raises its own error
+                self._sync_calls = int(heads[:, 3].max()) + 1  # as the others do below
                 return None
             refused = [r for r, head in enumerate(heads) if head[1] != 1]
             if refused:
@@ -210,9 +211,10 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
                 )
             _check_agree(self, heads[:, 2:], ("channel count", "synchronized call", "input dtype"))
         except RuntimeError:
-            # Every rank saw the same headers: all move their call count past the largest,
-            # so that the next call agrees again (a rank that skipped a backward, then
-            # caught the error, would otherwise disagree on every later call).
+            # Every rank saw the same headers: all move their call count past the largest
+            # (the values need only agree), so that the next call agrees again (a rank
+            # that skipped a backward, then caught the error, would otherwise disagree
+            # on every later call).
             self._sync_calls = int(heads[:, 3].max()) + 1
             raise
         if n <= _INLINE:
