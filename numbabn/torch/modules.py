@@ -171,11 +171,14 @@ def _torch_semantics(eps: Any, x: torch.Tensor, state: tuple[Any, ...]) -> bool:
     dual tensors, for which the kernels' autograd Function has no ``jvp``)."""
     if not (type(eps) is float and 0.0 < eps < math.inf) and not (is_real(eps) and 0.0 < float(eps) < math.inf):
         return True
-    if _forward_ad_level() >= 0:  # a dual level is open: look for tangents
-        dual = (x, *state[:2])
-        if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in dual):
-            return True
-    return False
+    return _has_tangent(x, *state[:2])
+
+
+def _has_tangent(*tensors: torch.Tensor | None) -> bool:
+    """Whether a forward-AD level is open and one of ``tensors`` is a dual tensor."""
+    if _forward_ad_level() < 0:  # no dual level open: no per-tensor check
+        return False
+    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _forward_ad_level() -> int:
@@ -334,16 +337,14 @@ class NumbabnBatchNorm:
                     f"{type(self).__name__}: {buffer} requires grad; batch norm is not differentiable with "
                     "respect to its running statistics (as in torch.nn)"
                 )
-        if self._may_synchronize and _forward_ad_level() >= 0:
-            dual = (input, weight, bias, residual)
-            if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in dual):
-                # PyTorch's op cannot stand in for a synchronizing layer, and the kernels'
-                # autograd Function has no jvp: refused before anything changes (every
-                # rank is told, see _input_rejected).
-                raise NotImplementedError(
-                    f"{type(self).__name__}: forward-mode AD (dual tensors) is not supported by a "
-                    "synchronizing numbabn layer; use reverse mode, or a single process"
-                )
+        if self._may_synchronize and _has_tangent(input, weight, bias, residual):
+            # PyTorch's op cannot stand in for a synchronizing layer, and the kernels'
+            # autograd Function has no jvp: refused before anything changes (every
+            # rank is told, see _input_rejected).
+            raise NotImplementedError(
+                f"{type(self).__name__}: forward-mode AD (dual tensors) is not supported by a "
+                "synchronizing numbabn layer; use reverse mode, or a single process"
+            )
         if (
             self.training
             and self.track_running_stats
