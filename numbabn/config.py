@@ -31,9 +31,10 @@ functional layer passes them in as arguments.
     (default 256; 0 turns the reuse off; see ``numbabn._buffers``).
 ``NUMBABN_STREAM_MIN_MB``
     outputs of at least this many MiB are written with non-temporal stores, which
-    skip reading the output into the cache first (default: the size of the largest
-    CPU cache Linux reports, 32 MiB where it reports none; see
-    ``numbabn.kernels.stream``).
+    skip reading the output into the cache first (see ``numbabn.kernels.stream``).
+    Unset (the default), outputs of at least the largest CPU cache Linux reports
+    (32 MiB where it reports none) use whichever of the two kinds of store timed
+    faster on their first calls (``numbabn._stores``).
 ``NUMBABN_TORCH_NATIVE_BELOW``
     numbabn.torch's modules hand CPU inputs of fewer elements to PyTorch's own
     ``batch_norm`` (default 1048576 = 2**20; 0: every input runs numbabn's kernels).
@@ -108,5 +109,6 @@ STREAM_MIN = (
     if os.environ.get("NUMBABN_STREAM_MIN_MB")
     else _last_level_cache()
 )
+STREAM_AUTO = not os.environ.get("NUMBABN_STREAM_MIN_MB")
 TORCH_NATIVE_BELOW = _positive_int("NUMBABN_TORCH_NATIVE_BELOW", 1 << 20, least=0)
 TORCH_OPENMP = _switch("NUMBABN_TORCH_OPENMP", True)

@@ -135,6 +135,7 @@ def test_info_json():
     assert data["output_buffers"]["limit_mib"] == numbabn.config.BUFFER_CACHE_MB
     assert data["output_buffers"]["min_bytes"] == 32 << 20
     assert data["output_buffers"]["stream_min_bytes"] == numbabn.config.STREAM_MIN
+    assert data["output_buffers"]["stream_timed"] == numbabn.config.STREAM_AUTO
     assert data["torch_native_below"] == numbabn.config.TORCH_NATIVE_BELOW
 
 

@@ -68,6 +68,7 @@ def test_write_to_an_unaligned_array_uses_ordinary_stores(dtype):
 
 
 def test_unaligned_out_is_written_correctly_when_streaming(monkeypatch, rng):
+    monkeypatch.setattr(config, "STREAM_AUTO", False)
     monkeypatch.setattr(config, "STREAM_MIN", 0)
     x = rng.standard_normal((4, 3, 500)).astype(np.float32)
     out = np.frombuffer(bytearray(x.nbytes + 1), np.float32, count=x.size, offset=1).reshape(x.shape)
@@ -123,10 +124,27 @@ CASES = [
 def test_streamed_outputs_are_the_ordinary_ones(monkeypatch, shape, axis, dtype, relu, residual, chunk):
     monkeypatch.setattr(config, "CHUNK", chunk)  # many blocks ...
     monkeypatch.setattr(config, "SERIAL_MAX", 0)  # ... shared by two threads
+    monkeypatch.setattr(config, "STREAM_AUTO", False)  # STREAM_MIN decides
     got = {}
     with numbabn.limit_threads(2):
         for stream_min in (1 << 62, 0):
             monkeypatch.setattr(config, "STREAM_MIN", stream_min)
             got[stream_min] = _run(np.random.default_rng(7), shape, axis, dtype, relu, residual)
+    for plain, streamed in zip(got[1 << 62], got[0], strict=True):
+        np.testing.assert_array_equal(plain, streamed)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("relu,residual", [(False, False), (True, True)])
+def test_rows_longer_than_the_buffer_stream_like_ordinary_ones(monkeypatch, dtype, relu, residual):
+    # The default chunk: 5000-value rows are longer than the streaming buffer
+    # (stream.WINDOW_BYTES: 1024 float32 values), so each is split where it fills.
+    monkeypatch.setattr(config, "SERIAL_MAX", 0)
+    monkeypatch.setattr(config, "STREAM_AUTO", False)
+    got = {}
+    with numbabn.limit_threads(2):
+        for stream_min in (1 << 62, 0):
+            monkeypatch.setattr(config, "STREAM_MIN", stream_min)
+            got[stream_min] = _run(np.random.default_rng(3), (4, 3, 5000), 1, dtype, relu, residual)
     for plain, streamed in zip(got[1 << 62], got[0], strict=True):
         np.testing.assert_array_equal(plain, streamed)

@@ -76,8 +76,9 @@ def _kernel_cache() -> dict[str, Any]:
 def _output_buffers() -> dict[str, int]:
     """The reuse of large outputs (``numbabn._buffers``): its size threshold, its limit
     (``NUMBABN_BUFFER_CACHE_MB``, 0 = off) and what it holds in this process; and the
-    size from which outputs are written with non-temporal stores
-    (``NUMBABN_STREAM_MIN_MB``, ``numbabn.kernels.stream``)."""
+    size from which outputs may be written with non-temporal stores
+    (``NUMBABN_STREAM_MIN_MB``, ``numbabn.kernels.stream``) and whether numbabn times
+    them against ordinary stores there (``numbabn._stores``: unless that is set)."""
     from numbabn import _buffers, config
 
     held, unused = _buffers.pooled_bytes()
@@ -87,6 +88,7 @@ def _output_buffers() -> dict[str, int]:
         "held_bytes": held,
         "unused_bytes": unused,
         "stream_min_bytes": config.STREAM_MIN,
+        "stream_timed": config.STREAM_AUTO,
     }
 
 
@@ -176,8 +178,13 @@ def info(ctx: click.Context, as_json: bool) -> None:
             if ob["limit_mib"]
             else "every output is newly allocated (NUMBABN_BUFFER_CACHE_MB=0)"
         ),
-        f"{'':<16}outputs of {ob['stream_min_bytes'] / 2**20:g} MiB and more are written with non-temporal stores "
-        "(NUMBABN_STREAM_MIN_MB)",
+        f"{'':<16}outputs of {ob['stream_min_bytes'] / 2**20:g} MiB and more "
+        + (
+            "use non-temporal or ordinary stores, whichever times faster on their first calls "
+            "(NUMBABN_STREAM_MIN_MB fixes it)"
+            if ob["stream_timed"]
+            else "are written with non-temporal stores (NUMBABN_STREAM_MIN_MB)"
+        ),
     ]
     below = data["torch_native_below"]
     lines.append(

@@ -284,6 +284,15 @@ def ncl_blocks(shape, chunk):
     return KN * -(-C // G), KN
 
 
+@njit(error_model="numpy", inline="always")
+def _ncl_span(shape, n0, n1, c0, c1, l0, l1):
+    """The block (n0..n1, c0..c1, l0..l1) of :func:`_ncl_block` as one stretch of the
+    flat array -> (b0, b1, w, G): values b0..b1, rows of w values, G channels in
+    turn (a block is contiguous, see there)."""
+    C, L = shape[1], shape[2]
+    return (n0 * C + c0) * L + l0, ((n1 - 1) * C + c1 - 1) * L + l1, l1 - l0, c1 - c0
+
+
 @njit(error_model="numpy")
 def _mc_rows(shape, chunk):
     return _max(_MC_MIN_ROWS, chunk // shape[1])
@@ -320,10 +329,11 @@ def _apply_run(C, FC):
 
 
 @njit(error_model="numpy", inline="always")
-def _group(chunk, FC):
+def _group(n, FC):
     """Values per output group of the channels-last element-wise kernels: whole runs
-    of FC values, about ``chunk`` of them (at least one run)."""
-    return FC * _max(1, chunk // FC)
+    of FC values, about ``n`` of them (at least one run); a group is one buffer of
+    streamed output (:func:`numbabn.kernels.stream.window`)."""
+    return FC * _max(1, n // FC)
 
 
 @njit(error_model="numpy", inline="always")
@@ -572,25 +582,22 @@ def apply_ncl(x, res, coef, relu, chunk, stream, y, t0, t1):
     with non-temporal stores if ``stream`` (:mod:`numbabn.kernels.stream`)."""
     half = coef.dtype.type(0.5)
     zero = coef.dtype.type(0)
-    C, L = x.shape[1], x.shape[2]
     xf, yf, rf = x.reshape(x.size), y.reshape(y.size), _flat(res)
-    tmp = S.scratch(2 * chunk, y, stream)  # blocks are under 2*chunk values
+    tmp = S.scratch(S.window(y), y, stream)
     p = base = 0
     for t in range(t0, t1):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
-        b0 = (n0 * C + c0) * L + l0
-        b1 = ((n1 - 1) * C + c1 - 1) * L + l1
-        blk = xf[b0:b1]
-        out, p, base = S.target(yf, b0, b1, tmp, p, base, stream)
-        rblk = _run(res, rf, b0, b1)
-        w = l1 - l0
-        for n in range(n0, n1):
-            for c in range(c0, c1):
-                o = (n * C + c) * L + l0 - b0
-                row, orow, rrow = blk[o : o + w], out[o : o + w], _run(res, rblk, o, o + w)
-                hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
-                for j in range(w):
-                    orow[j] = encode(_normalise(decode(row[j]), half, hi, lo, a, b, relu, zero, _at(rrow, j))[1], orow)
+        b0, b1, w, G = _ncl_span(x.shape, n0, n1, c0, c1, l0, l1)
+        i = b0
+        while i < b1:  # rows of w values, channels c0..c1 in turn; split where a buffer fills
+            r = (i - b0) // w
+            c = c0 + r % G
+            out, m, p, base = S.target(yf, i, b0 + r * w + w, tmp, p, base, stream)
+            row, rrow = xf[i : i + m], _run(res, rf, i, i + m)
+            hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
+            for j in range(m):
+                out[j] = encode(_normalise(decode(row[j]), half, hi, lo, a, b, relu, zero, _at(rrow, j))[1], out)
+            i += m
     if stream:
         S.flush(yf, tmp, p, base)
 
@@ -607,13 +614,13 @@ def apply_mc(x, res, coef, relu, chunk, stream, y, t0, t1):
     xf, yf, rf = x.reshape(x.size), y.reshape(y.size), _flat(res)
     FC = _apply_run(C, coef.shape[1])
     end = _min(t1 * R, x.shape[0]) * C
-    step = _group(chunk, FC)
+    step = _group(S.window(y), FC)
     tmp = S.scratch(step, y, stream)
     p = base = 0
     for i in range(t0 * R * C, end, step):
         i1 = _min(i + step, end)
         grp = xf[i:i1]
-        out, p, base = S.target(yf, i, i1, tmp, p, base, stream)
+        out, _, p, base = S.target(yf, i, i1, tmp, p, base, stream)
         rgrp = _run(res, rf, i, i1)
         for o in range(0, i1 - i, FC):
             o1 = _min(o + FC, i1 - i)
@@ -758,30 +765,27 @@ def grad_apply_ncl(dy, x, res, coef, gcoef, relu, chunk, stream, dx, dres, t0, t
     written with non-temporal stores if ``stream``."""
     half = coef.dtype.type(0.5)
     zero = coef.dtype.type(0)
-    C, L = x.shape[1], x.shape[2]
     xf, gf, of = x.reshape(x.size), dy.reshape(dy.size), dx.reshape(dx.size)
     rf, df = _flat(res), _flat(dres)
-    tmp = S.scratch(2 * chunk, dx, stream)  # blocks are under 2*chunk values
+    tmp = S.scratch(S.window(dx), dx, stream)
     p = base = 0
     for t in range(t0, t1):
         kn, n0, n1, c0, c1, l0, l1 = _ncl_block(t, x.shape, chunk)
-        b0 = (n0 * C + c0) * L + l0
-        b1 = ((n1 - 1) * C + c1 - 1) * L + l1
-        blk, gblk = xf[b0:b1], gf[b0:b1]
-        out, p, base = S.target(of, b0, b1, tmp, p, base, stream)
-        rblk, dblk = _run(res, rf, b0, b1), _run(dres, df, b0, b1)
-        w = l1 - l0
-        for n in range(n0, n1):
-            for c in range(c0, c1):
-                o = (n * C + c) * L + l0 - b0
-                row, grow, orow = blk[o : o + w], gblk[o : o + w], out[o : o + w]
-                rrow, rout = _run(res, rblk, o, o + w), _run(dres, dblk, o, o + w)
-                hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
-                ga, gb, gd = gcoef[GA, c], gcoef[GB, c], gcoef[GD, c]
-                for j in range(w):
-                    d, g = _masked(decode(row[j]), decode(grow[j]), half, hi, lo, a, b, relu, zero, _at(rrow, j))
-                    orow[j] = encode(_dx(g, d, ga, gb, gd, zero), orow)
-                    _store(rout, j, g)
+        b0, b1, w, G = _ncl_span(x.shape, n0, n1, c0, c1, l0, l1)
+        i = b0
+        while i < b1:  # as in apply_ncl
+            r = (i - b0) // w
+            c = c0 + r % G
+            out, m, p, base = S.target(of, i, b0 + r * w + w, tmp, p, base, stream)
+            row, grow = xf[i : i + m], gf[i : i + m]
+            rrow, rout = _run(res, rf, i, i + m), _run(dres, df, i, i + m)
+            hi, lo, a, b = coef[HI, c], coef[LO, c], coef[A, c], coef[B, c]
+            ga, gb, gd = gcoef[GA, c], gcoef[GB, c], gcoef[GD, c]
+            for j in range(m):
+                d, g = _masked(decode(row[j]), decode(grow[j]), half, hi, lo, a, b, relu, zero, _at(rrow, j))
+                out[j] = encode(_dx(g, d, ga, gb, gd, zero), out)
+                _store(rout, j, g)
+            i += m
     if stream:
         S.flush(of, tmp, p, base)
 
@@ -800,13 +804,13 @@ def grad_apply_mc(dy, x, res, coef, gcoef, relu, chunk, stream, dx, dres, t0, t1
     rf, df = _flat(res), _flat(dres)
     FC = _apply_run(C, coef.shape[1])
     end = _min(t1 * R, x.shape[0]) * C
-    step = _group(chunk, FC)
+    step = _group(S.window(dx), FC)
     tmp = S.scratch(step, dx, stream)
     p = base = 0
     for i in range(t0 * R * C, end, step):
         i1 = _min(i + step, end)
         grp, ggrp = xf[i:i1], gf[i:i1]
-        out, p, base = S.target(of, i, i1, tmp, p, base, stream)
+        out, _, p, base = S.target(of, i, i1, tmp, p, base, stream)
         rgrp, dgrp = _run(res, rf, i, i1), _run(dres, df, i, i1)
         for o in range(0, i1 - i, FC):
             o1 = _min(o + FC, i1 - i)

@@ -19,7 +19,7 @@ import numpy as np
 from numba import from_dtype, types
 from numpy.typing import NDArray
 
-from .. import _compile_ahead, _threads, config
+from .. import _compile_ahead, _stores, _threads, config
 from .._jit import require_compiler
 from .._layout import BFLOAT16, STORAGE, compute_dtype
 from . import cpu
@@ -145,13 +145,6 @@ def plan(x: NDArray[Any], layout: str, chunk: int) -> tuple["_Specs", int, int]:
     return p
 
 
-def _streams(out: NDArray[Any]) -> bool:
-    """Whether the element-wise kernels write ``out`` with non-temporal stores: when
-    it is at least ``config.STREAM_MIN`` bytes (the last-level cache, see
-    :mod:`numbabn.kernels.stream`)."""
-    return out.nbytes >= config.STREAM_MIN
-
-
 def _block_stats(k: Any, x: NDArray[Any], blocks: int, rows: int, chunk: int) -> tuple[Any, Any]:
     """The statistics pass: per-block (cnt (K,), part (3, K, C)) of canonical ``x``."""
     cnt = np.empty(rows)
@@ -237,7 +230,14 @@ def forward(
         )
     if x.size:
         apply = k.apply if residual is None else k.apply_res
-        _threads.parallel_for(apply, blocks, x.size, x, residual, coef, relu, chunk, _streams(y), y)
+        if y.nbytes < config.STREAM_MIN:  # cache-sized: ordinary stores, nothing to time (small calls)
+            _threads.parallel_for(apply, blocks, x.size, x, residual, coef, relu, chunk, False, y)
+        else:
+            _stores.run(
+                ("apply", k.key, layout),
+                y.nbytes,
+                lambda stream: _threads.parallel_for(apply, blocks, x.size, x, residual, coef, relu, chunk, stream, y),
+            )
     return mean, invstd, coef
 
 
@@ -307,9 +307,17 @@ def grad_apply(
     if x.size:
         res = residual if relu else None
         fn = k.grad_apply if res is None else k.grad_apply_res
-        _threads.parallel_for(
-            fn, blocks, x.size, dy, x, res, coef, gcoef, relu, chunk, _streams(dx), dx, None if res is None else dres
-        )
+        dr = None if res is None else dres
+        if dx.nbytes < config.STREAM_MIN:  # as in forward
+            _threads.parallel_for(fn, blocks, x.size, dy, x, res, coef, gcoef, relu, chunk, False, dx, dr)
+        else:
+            _stores.run(
+                ("grad_apply", k.key, layout),
+                dx.nbytes,
+                lambda stream: _threads.parallel_for(
+                    fn, blocks, x.size, dy, x, res, coef, gcoef, relu, chunk, stream, dx, dr
+                ),
+            )
     return dgamma, dbeta
 
 

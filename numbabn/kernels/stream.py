@@ -49,6 +49,9 @@ from numba.extending import intrinsic
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 VECTOR_BYTES = 32
+# The buffer's size: small enough to stay in L1 between the element loop that fills it
+# and the streamed write that empties it (see the module docstring).
+WINDOW_BYTES = 4096
 
 
 @intrinsic
@@ -123,14 +126,25 @@ def reserve(flat, tmp, p, base, i, m):
 
 
 @njit(error_model="numpy", inline="always")
+def window(like):
+    """Elements of ``like``'s dtype in :data:`WINDOW_BYTES`: the buffer's capacity."""
+    return WINDOW_BYTES // like.itemsize
+
+
+@njit(error_model="numpy", inline="always")
 def target(flat, i, i1, tmp, p, base, stream):
-    """Where a kernel computes the run ``flat[i:i1]`` of its output -> (array, p, base):
-    the next ``i1 - i`` elements of the buffer when streaming (see :func:`reserve`),
-    else the run itself."""
+    """Where a kernel computes the start of the run ``flat[i:i1]`` of its output ->
+    (array, m, p, base): the run's first ``m`` values go to ``array[:m]``. Not
+    streaming: the run itself, ``m = i1 - i``. Streaming: the next ``m`` elements of
+    the buffer, as many of the run as fit (see :func:`reserve`); the kernel asks again
+    for the rest."""
     if stream:
-        p, base = reserve(flat, tmp, p, base, i, i1 - i)
-        return tmp[p : p + i1 - i], p + i1 - i, base
-    return flat[i:i1], p, base
+        p, base = reserve(flat, tmp, p, base, i, 1)
+        m = tmp.size - p
+        if i1 - i < m:
+            m = i1 - i
+        return tmp[p : p + m], m, p + m, base
+    return flat[i:i1], i1 - i, p, base
 
 
 @njit(error_model="numpy", inline="always")
