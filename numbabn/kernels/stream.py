@@ -12,31 +12,33 @@ How a kernel uses it, per contiguous stretch of its output (a block of the NCL
 grid, a group of channels-last runs; the element arithmetic stays in one loop,
 written once)::
 
-    tmp = scratch(capacity, y, stream)          # once per call; empty if not streaming
+    tmp = scratch(window(y), y, stream)         # once per call; empty if not streaming
     p = base = 0
-    for each stretch i..i1 of the output (in memory order):
-        out, p, base = target(yf, i, i1, tmp, p, base, stream)   # buffer, or yf[i:i1]
-        for each row o..o1 of the stretch:
-            row = out[o:o1]
-            for j in range(o1 - o):
-                row[j] = ...element i + o + j...
+    for each run i..i1 of the output (in memory order):
+        while i < i1:
+            out, m, p, base = target(yf, i, i1, tmp, p, base, stream)   # buffer, or yf[i:i1]
+            for j in range(m):
+                out[j] = ...element i + j...
+            i += m
     if stream:
         flush(yf, tmp, p, base)                 # the rest, then a fence
 
-Consecutive stretches gather in the buffer (``capacity`` values, at least a
-stretch, in L1 or L2) and leave it as one contiguous write when the next one does
-not continue them or does not fit (:func:`reserve`), so only the two ends of each
-write are partial cache lines: streaming each 196-value row of a 128x256x14x14
-input on its own made its eval 1.8x slower, as neighbouring rows shared lines.
-Taking the buffer once per stretch rather than once per row (``target``'s checks
-and views per 196-value row) made that eval 1.2-1.35x faster again on two threads
-(1.5x on one), and the channels-last passes (runs of 256 values) 1.05-1.15x (see the
-measurement record's "One output buffer per block", docs/performance.md). Writing straight into the
-output in short aligned segments instead measured 3x slower: every segment's array
-views cost Numba's reference counting, and Numba's negative-index handling of a
-loop not starting at 0 stopped LLVM from vectorising. Measured on 51 MB, ``y = a*x + b`` in float32 (a throwaway kernel,
-median of 15): one thread 6.9-7.0 ms with ordinary stores, 4.7 ms streamed; two
-threads 5.3 ms, 3.5 ms; NumPy's ``copyto`` of the same array 4.3 ms.
+Consecutive runs gather in the buffer (:data:`WINDOW_BYTES`, 4 KiB: it stays in L1)
+and leave it as one contiguous write when it is full or the next run does not
+continue it (:func:`reserve`); a run is split where the buffer fills (the
+channels-last kernels pass groups of whole runs that fill it exactly). Only the two
+ends of each write are partial cache lines: streaming each 196-value row of a
+128x256x14x14 input on its own made its eval 1.8x slower, as neighbouring rows
+shared lines. The buffer's size matters: a throwaway ``y = 1.5*x + 0.5`` loop over
+51 MB of float32, two threads, computing into the buffer and streaming it out, ran
+at 43-51 GB/s with buffers of 512-1024 values, 28-36 with 4096 and 26-38 with
+16384 (the size of the blocks, which the kernels used before), where the plain
+streamed copy ran at 46-52 GB/s and ordinary stores at 31-39 (AVX-512 VM, 32 MiB
+L3; docs/performance.md). Whether streaming pays at all depends on the machine:
+:mod:`numbabn._stores` decides per output by timing both. Writing straight into the
+output in short aligned segments measured 3x slower: every segment's array views
+cost Numba's reference counting, and Numba's negative-index handling of a loop not
+starting at 0 stopped LLVM from vectorising.
 """
 
 import platform
