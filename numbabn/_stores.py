@@ -10,14 +10,17 @@ fast or faster on two threads (channels-last eval 2.4-3.4 ms against 3.7-4.5) an
 tells the two apart, so, as ``torch.backends.cudnn.benchmark`` picks a convolution
 algorithm, numbabn times both on the first calls: outputs of at least
 ``config.STREAM_MIN`` bytes (the last-level cache) alternate between the two for
-:data:`TRIALS` calls each, per (kernel, output size, thread count), and from then on
-use the faster by the minimum time. Smaller outputs always use ordinary stores (the
+:data:`TRIALS` calls each, per (kernel, output size class, thread count), and from then
+on use the faster by the minimum time. A size class is a power of two (outputs of
+32-64 MiB share one): batches of varying size do not start the trials again, and
+the choices stay few. Smaller outputs always use ordinary stores (the
 data stays in the cache between passes). The values written are the same bytes
 either way (tests/test_stream.py), so the choice changes speed only.
 ``NUMBABN_STREAM_MIN_MB`` set by the user fixes the choice: streamed from that
 size up, no timing.
 """
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -40,7 +43,7 @@ def run(kernel: Any, nbytes: int, call: Callable[[bool], Any], clock: Callable[[
         return call(False)
     if not config.STREAM_AUTO:
         return call(True)
-    key = (kernel, nbytes, _threads.get_num_threads())
+    key = (kernel, nbytes.bit_length(), _threads.get_num_threads())
     choice = _CHOICE.get(key)
     if choice is not None:
         return call(choice)
@@ -59,9 +62,19 @@ def run(kernel: Any, nbytes: int, call: Callable[[bool], Any], clock: Callable[[
 
 
 def chosen() -> dict[Any, bool]:
-    """{(kernel, output bytes, threads): streamed} decided so far in this process."""
+    """{(kernel, output size class, threads): streamed} decided so far in this
+    process; the class of an output of n bytes is ``n.bit_length()``."""
     with _LOCK:
         return dict(_CHOICE)
+
+
+def _after_fork() -> None:
+    # Another thread of the parent may have held the lock at the fork (as _buffers).
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def forget() -> None:
