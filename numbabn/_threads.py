@@ -105,7 +105,9 @@ def set_num_threads(n: int) -> int:
 @contextlib.contextmanager
 def limit_threads(n: int | None) -> Iterator[None]:
     """``with limit_threads(n):`` the kernels use ``n`` threads (None: no change);
-    the previous setting is restored on exit. The setting is process-wide."""
+    the previous setting is restored on exit. The setting is process-wide: blocks
+    entered by two Python threads at once restore each other's saved values (the
+    last to exit decides what remains), so set it from one thread."""
     if n is None:
         yield
         return
