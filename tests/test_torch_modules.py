@@ -657,17 +657,40 @@ def test_exported_program_holds_torch_batch_norm(strict):
     torch.testing.assert_close(program.module()(x2), ours(x2), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fx_symbolic_trace_keeps_the_layer_as_one_call(momentum):
+    """``torch.fx.symbolic_trace`` (feature extraction, FX quantization) records the
+    layer as one call, as it records torch.nn's: the GraphModule then follows
+    ``train()``/``eval()``, ``momentum=None`` and the batch count like torch.nn's
+    traced block. Tracing through the layer fixed the mode and the momentum as
+    constants and counted a batch at trace time; before that it raised ("input must
+    be a torch.Tensor, got Proxy")."""
+    ours, ref = _trained_pair()
+    ours.bn.momentum = ref.bn.momentum = momentum
+    traced = {name: torch.fx.symbolic_trace(model) for name, model in (("ours", ours), ("ref", ref))}
+    assert "self.bn(" in traced["ours"].code and "batch_norm" not in traced["ours"].code
+    assert int(ours.bn.num_batches_tracked) == int(ref.bn.num_batches_tracked)  # tracing counted nothing
+    for mode in (True, True, True, False, True):
+        for g in traced.values():
+            g.train(mode)
+        x = torch.randn(4, 3, 6, 6) * 2 + 1
+        torch.testing.assert_close(traced["ours"](x), traced["ref"](x), rtol=1e-5, atol=1e-5)
+        state = traced["ref"].state_dict()
+        for name, buf in traced["ours"].state_dict().items():
+            torch.testing.assert_close(buf, state[name], rtol=1e-6, atol=1e-6, msg=name)
+    assert int(ours.bn.num_batches_tracked) == 1 + 4  # _trained_pair's step, four here
+
+
 @pytest.mark.parametrize("training", [False, True])
-def test_fx_symbolic_trace_records_torch_batch_norm(training):
-    """``torch.fx.symbolic_trace`` (feature extraction, FX quantization) traces through
-    the layer, which records torch.nn's own forward; it used to raise "input must be a
-    torch.Tensor, got Proxy". The GraphModule computes what torch.nn's block does."""
+def test_fx_symbolic_trace_of_the_layer_itself_records_torch_batch_norm(training):
+    """Traced as the root module the layer records PyTorch's op, as torch.nn's
+    does (a root is traced through, never a leaf), in the mode it was traced in."""
     ours, ref = _trained_pair()
     ours.train(training), ref.train(training)
-    graph_module = torch.fx.symbolic_trace(ours)
+    graph_module = torch.fx.symbolic_trace(ours.bn)
     assert "batch_norm" in graph_module.code and "relu" in graph_module.code
-    x = torch.randn(4, 3, 6, 6) * 2
-    torch.testing.assert_close(graph_module(x), ref(x), rtol=0, atol=0)
+    x, r = torch.randn(4, 3, 6, 6) * 2, torch.randn(4, 3, 6, 6)
+    torch.testing.assert_close(graph_module(x, r), torch.relu(ref.bn(x) + r), rtol=0, atol=0)
     for name, buf in ref.bn.named_buffers():
         assert torch.equal(buf, ours.bn.state_dict()[name]), name
 

@@ -47,7 +47,9 @@ Where numbabn differs from PyTorch:
   as does one on the ``meta`` device (shapes only; SyncBatchNorm exchanges nothing),
   a tensor subclass (``FakeTensor``, ``DTensor``, ...), and every call while
   ``torch.jit.trace``, ``torch.export`` (and so ``torch.onnx.export``) or
-  ``torch.fx.symbolic_trace`` record a graph: the recorded graph holds PyTorch's
+  ``torch.fx.symbolic_trace`` of the layer itself record a graph (inside a traced
+  model ``torch.fx`` records the layer as one call, as it does torch.nn's): the
+  recorded graph holds PyTorch's
   ``batch_norm`` as torch.nn's layer calls it (then the residual
   addition and ReLU), so a traced module can be saved and an exported one runs
   anywhere PyTorch's ops do (PyTorch's op also checks such input, with its own
@@ -431,6 +433,20 @@ class NumbabnBatchNorm:
 
     def _forward(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if isinstance(input, torch.fx.Proxy):  # torch.fx.symbolic_trace
+            tracer = input.tracer
+            if self is not getattr(tracer, "root", None):
+                # A submodule: recorded as one call of the layer, as torch.fx keeps
+                # torch.nn's layers (its default leaf rule only knows torch.nn's
+                # classes), so the GraphModule follows train()/eval(), momentum=None
+                # and the batch count; tracing through would fix them as constants.
+                try:
+                    path = tracer.path_of_module(self)
+                except NameError:  # not a submodule of the traced root
+                    path = None
+                if path:
+                    args = (input,) if residual is None else (input, residual)
+                    return tracer.create_proxy("call_module", path, args, {})
+            # The traced module itself: its graph holds PyTorch's op, as torch.nn's does.
             return self._torch_forward(input, residual)
         if isinstance(input, torch.Tensor) and _native_only(input, residual):
             # PyTorch's op checks its input itself; ours would put data-dependent
