@@ -948,3 +948,35 @@ def test_input_errors_are_also_torch_nn_exception_types(monkeypatch, native_belo
             ours(x)
         assert isinstance(caught.value, ours_type) and isinstance(caught.value, numbabn_type)
     assert int(ours.num_batches_tracked) == 0 and torch.equal(ours.running_mean, torch.zeros(3))
+
+
+_CL_VIEWS = {
+    "channel split": lambda x: x.chunk(2, dim=1)[1],  # ShuffleNet-style
+    "batch stride": lambda x: x[::2],
+    "width slice": lambda x: x[..., :5],
+    "transposed": lambda x: x.transpose(2, 3),  # no longer channels-last: contiguous output
+}
+
+
+@pytest.mark.parametrize("view", list(_CL_VIEWS))
+@pytest.mark.parametrize("dims", [2, 3])
+def test_views_of_channels_last_data_keep_torch_nns_layouts(monkeypatch, view, dims):
+    """A view into channels-last data that is not dense (a channel split, a batch
+    stride) gives a channels-last output, as torch.nn's layer does (it gave an NCHW
+    one, and the next channels-last convolution a copy); values and gradients and
+    their layouts as torch.nn's."""
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 0)  # the kernels, not PyTorch's op
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    torch.manual_seed(0)
+    base = torch.randn(6, 8, *([7] * dims)).contiguous(memory_format=fmt)
+    results = []
+    for cls in (getattr(torch.nn, f"BatchNorm{dims}d"), getattr(nbt, f"BatchNorm{dims}d")):
+        x = base.clone().requires_grad_()
+        v = _CL_VIEWS[view](x)
+        v.retain_grad()
+        y = cls(v.shape[1])(v)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        results.append((y, v.grad, x.grad))
+    for ref, got in zip(*results, strict=True):
+        assert got.stride() == ref.stride()
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

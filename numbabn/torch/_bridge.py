@@ -19,6 +19,7 @@ copied once (by numbabn on the CPU, here on the GPU, whose kernels need contiguo
 input).
 """
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -45,12 +46,23 @@ NUMPY_DTYPE: dict[torch.dtype, np.dtype[Any]] = {
 
 
 def channels_last_perm(t: torch.Tensor) -> tuple[int, ...] | None:
-    """The permutation (0, 2, ..., ndim-1, 1) when ``t`` is stored channels-last
-    (that permuted view is C-contiguous while ``t`` itself is not), else None."""
+    """The permutation (0, 2, ..., ndim-1, 1) when ``t`` is laid out channels-last,
+    else None: its permuted view is C-contiguous while ``t`` itself is not, or (a
+    view into channels-last data: a batch stride, a channel split) the permuted
+    view's strides fall from the first axis to the last, whose stride is 1, which
+    is the layout PyTorch keeps for such views' outputs too (its batch norm
+    suggests channels-last then). A non-dense one is copied densely by
+    :func:`to_array`."""
     if t.dim() < 3 or t.is_contiguous():
         return None
     perm = (0, *range(2, t.dim()), 1)
-    return perm if t.permute(perm).is_contiguous() else None
+    p = t.permute(perm)
+    if p.is_contiguous():
+        return perm
+    strides = [s for s, n in zip(p.stride(), p.shape, strict=True) if n > 1]
+    if strides and strides[-1] == 1 and p.shape[-1] > 1 and all(a > b for a, b in itertools.pairwise(strides)):
+        return perm
+    return None
 
 
 def to_array(t: torch.Tensor, perm: tuple[int, ...] | None = None) -> Any:
