@@ -801,6 +801,28 @@ def test_torch_compile_runs_the_same_steps():
         assert torch.equal(a, b)
 
 
+def test_torch_compile_with_cumulative_momentum_does_not_recompile_every_step(monkeypatch):
+    """momentum=None in training on a small input (PyTorch's op): the factor
+    1/(count + 1) used to reach the compiled graph as a constant, so every step
+    recompiled it (eight times, then Dynamo gave up on the frame); now that call runs
+    eagerly, as torch.nn's layer does, and matches torch.nn's buffers."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 1 << 20)  # the default: small inputs to PyTorch's op
+    torch._dynamo.reset()
+    counters.clear()
+    ours, ref = nbt.BatchNorm2d(8, momentum=None), torch.nn.BatchNorm2d(8, momentum=None)
+    compiled = torch.compile(ours, backend="eager")
+    for step in range(6):
+        x = torch.randn(4, 8, 6, 6) * (step + 1)
+        torch.testing.assert_close(compiled(x), ref(x), rtol=1e-6, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] <= 1
+    for name, buf in ref.named_buffers():
+        torch.testing.assert_close(ours.get_buffer(name), buf, rtol=1e-6, atol=1e-6, msg=name)
+    torch._dynamo.reset()
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("make", ["bn", "sync", "fused"])
 def test_scripting_raises_a_clear_error_and_changes_nothing(make):

@@ -418,7 +418,16 @@ class NumbabnBatchNorm:
             # pool and its locks, weak references), which broke the graph four times
             # per layer, with a warning each time.
             # (anything but a tensor goes to the eager path, whose checks name it)
-            if isinstance(input, torch.Tensor) and not self._may_synchronize and _below_threshold(input):
+            # Not with momentum=None in training: its factor 1/(count + 1) reaches
+            # PyTorch's op as a Python float, which the graph would hold as a
+            # constant, recompiled every step (torch.nn's layer runs eagerly there).
+            cumulative = self.momentum is None and self.training
+            if (
+                isinstance(input, torch.Tensor)
+                and not self._may_synchronize
+                and not cumulative
+                and _below_threshold(input)
+            ):
                 return self._torch_forward(input, residual)
             return torch.compiler.disable(self._eager_forward)(input, residual)
         return self._eager_forward(input, residual)
