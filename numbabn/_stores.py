@@ -43,7 +43,7 @@ def run(kernel: Any, nbytes: int, call: Callable[[bool], Any], clock: Callable[[
         return call(False)
     if not config.STREAM_AUTO:
         return call(True)
-    key = (kernel, nbytes.bit_length(), _threads.get_num_threads())
+    key = (kernel, nbytes.bit_length(), _threads.threads_in_use())  # numbabn.torch: PyTorch's count
     choice = _CHOICE.get(key)
     if choice is not None:
         return call(choice)

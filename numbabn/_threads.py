@@ -189,6 +189,14 @@ def use_team(run: _Runner | None, threads: int | None = None) -> Iterator[None]:
         _team.reset(token)
 
 
+def threads_in_use() -> int:
+    """Threads a parallel kernel call made here would use: the count :func:`use_team`
+    set in this context, else :func:`get_num_threads`."""
+    team = _team.get()
+    threads = None if team is None else team[1]
+    return get_num_threads() if threads is None else threads
+
+
 def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any) -> None:
     """Run ``kernel(*args, t0, t1)`` over the blocks ``0 <= t < blocks``.
 

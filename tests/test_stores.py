@@ -134,3 +134,15 @@ def test_a_fork_while_another_thread_holds_the_lock_leaves_the_child_working():
     os.waitpid(pid, 0)
     os.close(r)
     assert got == b"ok"
+
+
+def test_the_thread_count_is_the_one_the_call_uses():
+    # numbabn.torch runs the kernels on PyTorch's team and thread count (use_team):
+    # a choice timed there belongs to that count, not to numbabn's own setting
+    from numbabn import _threads
+
+    clock = _Clock({True: 1.0, False: 2.0})
+    with _threads.use_team(None, 1):
+        for _ in range(2 * _stores.TRIALS):
+            _stores.run("apply", 5000, clock.call([]), clock)
+    assert set(_stores.chosen()) == {("apply", 13, 1)}
