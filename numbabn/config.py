@@ -50,7 +50,13 @@ import glob
 import os
 
 
-def _positive_int(name: str, default: int, least: int = 1) -> int:
+class SettingError(ValueError):
+    """An environment variable numbabn reads holds a value it refuses. (The ``numbabn``
+    command prints it as one line; it is raised while this module is imported, so
+    the command recognises it by name and module.)"""
+
+
+def _positive_int(name: str, default: int, least: int = 1, most: int = 1 << 62) -> int:
     raw = os.environ.get(name)
     if raw is None:
         return default
@@ -58,9 +64,11 @@ def _positive_int(name: str, default: int, least: int = 1) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be {kind} integer, got {raw!r}") from None
+        raise SettingError(f"environment variable {name} must be {kind} integer, got {raw!r}") from None
     if value < least:
-        raise ValueError(f"environment variable {name} must be {kind} integer, got {raw!r}")
+        raise SettingError(f"environment variable {name} must be {kind} integer, got {raw!r}")
+    if value > most:
+        raise SettingError(f"environment variable {name} must be at most {most}, got {raw!r}")
     return value
 
 
@@ -80,7 +88,7 @@ def _switch(name: str, default: bool) -> bool:
         return True
     if value in _OFF:
         return False
-    raise ValueError(f"environment variable {name} must be one of {'/'.join(_ON)} or {'/'.join(_OFF)}, got {raw!r}")
+    raise SettingError(f"environment variable {name} must be one of {'/'.join(_ON)} or {'/'.join(_OFF)}, got {raw!r}")
 
 
 def _last_level_cache() -> int:
@@ -99,13 +107,13 @@ def _last_level_cache() -> int:
 
 CHUNK = _positive_int("NUMBABN_CHUNK", 16384)
 SERIAL_MAX = _positive_int("NUMBABN_SERIAL_MAX", 1 << 18)
-CUDA_THREADS = _positive_int("NUMBABN_CUDA_THREADS", 256)
+CUDA_THREADS = _positive_int("NUMBABN_CUDA_THREADS", 256, most=1024)  # CUDA: <= 1024 a block
 NUM_THREADS = _positive_int("NUMBABN_NUM_THREADS", 0) if os.environ.get("NUMBABN_NUM_THREADS") else None
 QUIET = _switch("NUMBABN_QUIET", False)
 COMPILE_AHEAD = _switch("NUMBABN_COMPILE_AHEAD", True)
-BUFFER_CACHE_MB = _positive_int("NUMBABN_BUFFER_CACHE_MB", 256, least=0)
+BUFFER_CACHE_MB = _positive_int("NUMBABN_BUFFER_CACHE_MB", 256, least=0, most=1 << 40)
 STREAM_MIN = (
-    _positive_int("NUMBABN_STREAM_MIN_MB", 0, least=0) << 20
+    _positive_int("NUMBABN_STREAM_MIN_MB", 0, least=0, most=1 << 40) << 20
     if os.environ.get("NUMBABN_STREAM_MIN_MB")
     else _last_level_cache()
 )

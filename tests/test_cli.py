@@ -587,6 +587,10 @@ def test_warmup_residual_adds_the_fused_residual_variants():
     assert result.exit_code == 0, result.output
     plan = cpu_driver.warmup_plan(("float32",), ("mc",), residual=True)
     assert len(plan) == len(cpu_driver.warmup_plan(("float32",), ("mc",))) + 3
+    # a repeated --dtype or --layout counts once ("28 kernel variants ready" for 7)
+    assert len(cpu_driver.warmup_plan(("float32", "float32"), ("mc", "mc"))) == len(
+        cpu_driver.warmup_plan(("float32",), ("mc",))
+    )
     assert f"{len(plan)} kernel variants ready" in result.output
     k = cpu_driver.specs(np.dtype(np.float32), "mc")
     assert {"apply_res", "grad_sums_res", "grad_apply_res"} <= set(vars(k))
@@ -670,6 +674,17 @@ def test_errors_are_one_line_before_any_work(args, message, monkeypatch):
     result = invoke(*args)
     assert result.exit_code == 2, result.output
     assert result.output.count("\n") == 1 and result.output.startswith(message), result.output
+
+
+@pytest.mark.parametrize("name,lr", [("dln", "2600"), ("landscape", "1e308"), ("maxlr", "2e4")])
+def test_a_learning_rate_above_the_searchs_ceiling_is_one_line_before_any_run(monkeypatch, name, lr):
+    # the search starts at 4 x lr (maxlr: at lr) and stops at 1e4; above, it raised
+    # from inside the search, a traceback
+    monkeypatch.setattr("numbabn.train.experiments._train", lambda *a, **k: pytest.fail("a network trained"))
+    result = invoke("experiment", name, "--steps", "1", "--seeds", "1", "--lr", lr)
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1, result.output
+    assert result.output.startswith("Error: Invalid value for '--lr': lr must be small enough"), result.output
 
 
 def test_memory_check_uses_what_is_available(monkeypatch):

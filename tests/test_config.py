@@ -66,6 +66,30 @@ def test_the_settings_as_a_fresh_process_reads_them():
     bad = _import(NUMBABN_COMPILE_AHEAD="nope")
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1] == (
-        "ValueError: environment variable NUMBABN_COMPILE_AHEAD must be one of 1/true/yes/on "
+        "numbabn.config.SettingError: environment variable NUMBABN_COMPILE_AHEAD must be one of 1/true/yes/on "
         "or 0/false/no/off, got 'nope'"
     )
+
+
+def test_integers_have_an_upper_bound(monkeypatch):
+    # a value past int64 used to pass the import and fail at the first kernel call
+    # with a Numba typing error that did not name the variable
+    monkeypatch.setenv("NUMBABN_TEST_INT", str(2**64))
+    with pytest.raises(config.SettingError, match="NUMBABN_TEST_INT must be at most"):
+        config._positive_int("NUMBABN_TEST_INT", 5)
+    monkeypatch.setenv("NUMBABN_TEST_INT", "1024")
+    assert config._positive_int("NUMBABN_TEST_INT", 5, most=1024) == 1024
+
+
+@pytest.mark.parametrize("setting", ["NUMBABN_CHUNK=0", "NUMBABN_QUIET=maybe", "NUMBABN_STREAM_MIN_MB=-1"])
+def test_the_command_prints_a_bad_setting_as_one_line(setting):
+    name, value = setting.split("=")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBABN_")}
+    env[name] = value
+    done = subprocess.run(
+        [sys.executable, "-m", "numbabn", "info"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: environment variable {name} must be "), lines
+    assert "Traceback" not in done.stderr

@@ -111,14 +111,19 @@ def whole_short_help(cmd: click.Command) -> str:
 
 
 def _as_one_line(exc: BaseException) -> "CLIError | None":
-    """click's usage errors, running out of memory and Numba's compiler switched off
-    (``NUMBA_DISABLE_JIT=1``) as a one-line CLIError; None for anything else."""
+    """click's usage errors, running out of memory, a bad ``NUMBABN_*`` environment
+    variable and Numba's compiler switched off (``NUMBA_DISABLE_JIT=1``) as a one-line
+    CLIError; None for anything else."""
     if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # prints the help: leave it alone
         return None
     if isinstance(exc, click.UsageError):
         return CLIError(exc.format_message())
     if isinstance(exc, MemoryError):
         return CLIError(f"out of memory ({type(exc).__name__}: {exc}); try smaller inputs")
+    if type(exc).__name__ == "SettingError" and type(exc).__module__ == "numbabn.config":
+        # a bad NUMBABN_* variable (raised while numbabn.config is imported, which then
+        # is not in sys.modules to compare the class with)
+        return CLIError(str(exc))
     jit = sys.modules.get("numbabn._jit")  # loaded once a command reaches the kernels
     if jit is not None and isinstance(exc, jit.CompilerDisabledError):  # NUMBA_DISABLE_JIT=1
         return CLIError(str(exc))

@@ -333,6 +333,7 @@ def warmup_plan(
     backward's kernels come last, so that the compile helper
     (:mod:`numbabn._compile_ahead`) compiles them while the forward's compile here."""
     # The backward's kernels go to `later`: the helper compiles them while the rest compile here.
+    dtypes, layouts = tuple(dict.fromkeys(dtypes)), tuple(dict.fromkeys(layouts))  # each once (a repeated option)
     plan: list[tuple[str, Callable[..., Any]]] = []
     later: list[tuple[str, Callable[..., Any]]] = []
     backward = {n for names in _AHEAD.values() for n in names}

@@ -47,6 +47,7 @@ numbers of arXiv:1805.11604v3 — v5 numbers the appendix figures differently).
 """
 
 import functools
+import inspect
 import json
 import math
 import os
@@ -568,7 +569,15 @@ def _fraction(loss):
 
 def _edge(name, build, net, loss, data, seed, batch_size, lr0, steps):
     """``net``'s largest stable learning rate for ``seed``: short runs of ``steps``
-    steps, :func:`~numbabn.train.lr_search.largest_stable_lr` from ``lr0``."""
+    steps, :func:`~numbabn.train.lr_search.largest_stable_lr` from ``lr0``. An ``lr0``
+    above the search's ceiling is the caller's ``lr`` set too high: said so before
+    any run (the experiments start the search at ``lr`` or ``SEARCH_START * lr``)."""
+    ceiling = inspect.signature(largest_stable_lr).parameters["lr_max"].default
+    if lr0 > ceiling:
+        raise ValueError(
+            f"experiment {name}: lr must be small enough for the learning-rate search, which would start "
+            f"at {lr0:g}, above its ceiling {ceiling:g}"
+        )
 
     def run(lr):
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
