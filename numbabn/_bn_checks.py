@@ -148,13 +148,24 @@ def check_sums(fn: str, sums: Any, shape: tuple[int, ...]) -> NDArray[np.float64
 
 
 def check_training_batch(
-    fn: str, count: int, shape: tuple[int, ...], training: bool, tracking: bool, momentum: float | None, nbt: Any
+    fn: str,
+    count: int,
+    shape: tuple[int, ...],
+    training: bool,
+    tracking: bool,
+    momentum: float | None,
+    nbt: Any,
+    merged: bool = False,
 ) -> None:
     """Rules that depend on the batch: not exactly one value per channel to train
     (none is an empty batch, as in PyTorch), and a counter for the cumulative
-    average (``momentum=None``)."""
+    average (``momentum=None``). ``merged``: ``count`` is of given moments (a batch
+    merged over processes, SyncBatchNorm), not of this input alone."""
     if training and count == 1:
-        raise ValueError(f"{fn}: Expected more than 1 value per channel when training, got input of shape {shape}")
+        whole = " (1 value per channel in the whole batch the given moments describe)" if merged else ""
+        raise ValueError(
+            f"{fn}: Expected more than 1 value per channel when training, got input of shape {shape}{whole}"
+        )
     if tracking and momentum is None and nbt is None:
         raise ValueError(f"{fn}: momentum=None (cumulative average) needs num_batches_tracked")
 

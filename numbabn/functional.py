@@ -248,7 +248,7 @@ def batch_norm_forward(
                 "running_mean and running_var must not overlap (both are updated in place)",
             )
         stats, count = B.check_moments(fn, moments, cx, training)
-        B.check_training_batch(fn, count, cx.shape, training, tracking, momentum, nbt)
+        B.check_training_batch(fn, count, cx.shape, training, tracking, momentum, nbt, moments is not None)
         y = be.output(
             fn,
             out,
