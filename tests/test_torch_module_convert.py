@@ -304,3 +304,46 @@ def test_fold_batchnorm_folds_a_shared_layer_once_and_only_where_its_batch_norm_
         nbt.fold_batchnorm(model)
         assert len(bn_types(model)) == folded_bns
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.nn.utils.weight_norm is deprecated
+@pytest.mark.parametrize("how", ["weight_norm", "spectral_norm", "hook on the batch norm"])
+def test_fold_refuses_computed_weights_and_hooks_and_changes_nothing(how):
+    """The hook-based weight_norm/spectral_norm rebuild the weight before each call,
+    which undid the fold's scale and kept its shift (errors of 4 and 2000); a hook on
+    the batch norm would be lost with it."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    if how == "weight_norm":
+        conv = torch.nn.utils.weight_norm(conv)
+    elif how == "spectral_norm":
+        conv = torch.nn.utils.spectral_norm(conv)
+    model = torch.nn.Sequential(conv, nbt.BatchNorm2d(4))
+    if how == "hook on the batch norm":
+        model[1].register_forward_hook(lambda m, i, o: o * 2)
+    model(torch.randn(8, 3, 6, 6))
+    model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    before, state = model(x), copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="forward hooks or a computed weight .* nothing was folded"):
+        nbt.fold_batchnorm(model)
+    assert isinstance(model[1], nbt.BatchNorm2d)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_convert_refuses_a_parametrized_batch_norm_before_changing_anything():
+    """It raised from the middle of the model, with the batch norms before it already
+    replaced."""
+    first, second = torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+
+    class Positive(torch.nn.Module):
+        def forward(self, w):
+            return w.abs()
+
+    torch.nn.utils.parametrize.register_parametrization(second, "weight", Positive())
+    model = torch.nn.Sequential(first, torch.nn.ReLU(), second)
+    with pytest.raises(TypeError, match="'2' has parametrized parameters .* nothing was converted"):
+        nbt.convert_batchnorm(model, fuse_relu=True)
+    assert model[0] is first and model[2] is second and isinstance(model[1], torch.nn.ReLU)

@@ -89,6 +89,14 @@ def convert_batchnorm(
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"convert_batchnorm: module must be a torch.nn.Module, got {type(module).__name__}")
+    # Checked before any replacement: a call that raises leaves the model as it was.
+    for name, m in module.named_modules():
+        if _target(m, sync) is not None and torch.nn.utils.parametrize.is_parametrized(m):
+            raise TypeError(
+                f"convert_batchnorm: the {type(m).__name__} at {name or 'the top'!r} has parametrized "
+                "parameters (torch.nn.utils.parametrize), which numbabn's layers do not carry over; "
+                "remove the parametrization first; nothing was converted"
+            )
     converted = _convert_tree(module, sync, process_group, {})
     if fuse_relu:
         _fuse_relus(converted)
@@ -168,7 +176,15 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     ``torch.nn.Identity``). A layer used in several places is folded only when that
     batch norm follows it in each of them (once, however many they are): folding
     changes its weights for every use. Raises ValueError, changing nothing, when such
-    a batch norm is in training mode or has no running statistics. Returns ``module``.
+    a batch norm is in training mode or has no running statistics, or when the layer
+    or the batch norm has forward hooks or a computed weight (the hook-based
+    ``weight_norm`` and ``spectral_norm``, ``parametrize`` on the batch norm; a layer
+    parametrized with ``torch.nn.utils.parametrize`` is of another class and left
+    unfolded). A ``Linear`` is folded with the batch norm
+    normalising its output features, as for (N, features) input: on (N, C, L) input
+    a ``BatchNorm1d`` normalises C, not the Linear's features, and the fold would be
+    wrong (the module cannot see the input's shape; ``torch.nn.utils.fusion``
+    assumes the same). Returns ``module``.
     """
     pairs = list(_fold_pairs(module))
     for seq, i in pairs:
@@ -177,6 +193,13 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
             raise ValueError(
                 f"fold_batchnorm: {type(bn).__name__} at index {i + 1} of a Sequential must be in "
                 "eval mode with running statistics (call model.eval() first); nothing was folded"
+            )
+        layer = seq[i]
+        if _computed_or_hooked(layer) or _computed_or_hooked(bn):
+            raise ValueError(
+                f"fold_batchnorm: the {type(layer).__name__} at index {i} or the {type(bn).__name__} after it "
+                "has forward hooks or a computed weight (weight_norm, spectral_norm, parametrize), which "
+                "would undo the folded weights or be lost; nothing was folded"
             )
         if bn.num_features != seq[i].weight.shape[0]:
             raise ValueError(
@@ -194,6 +217,12 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
         if fused and i + 2 < len(seq) and isinstance(seq[i + 2], FusedReLU):
             seq[i + 2] = torch.nn.Identity()  # the ReLU is back in the batch norm's place
     return module
+
+
+def _computed_or_hooked(m: torch.nn.Module) -> bool:
+    """Whether ``m`` has forward (pre-)hooks -- the hook-based ``weight_norm`` and
+    ``spectral_norm`` recompute the weight in one -- or parametrized parameters."""
+    return bool(m._forward_hooks or m._forward_pre_hooks) or torch.nn.utils.parametrize.is_parametrized(m)
 
 
 def _fold_into(layer: torch.nn.Module, bn: Any) -> None:
