@@ -85,6 +85,12 @@ def convert_batchnorm(
     parents) becomes one module used in the same places, and its ReLU is fused only
     when a ReLU follows it in every place ``module`` uses it.
 
+    As ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does, a subclass of a torch
+    batch norm becomes numbabn's plain layer (its own ``forward`` is not kept) and
+    hooks registered on a replaced batch norm or ReLU do not carry over: convert
+    first, then register hooks. A parametrized batch norm is refused (TypeError)
+    before anything is replaced.
+
     Returns ``module`` itself, or its replacement when ``module`` is a batch norm.
     """
     if not isinstance(module, torch.nn.Module):
