@@ -189,12 +189,16 @@ def use_team(run: _Runner | None, threads: int | None = None) -> Iterator[None]:
         _team.reset(token)
 
 
+def _runner() -> tuple[_Runner | None, int]:
+    """(runner, threads) of a parallel kernel call made here: those :func:`use_team`
+    set in this context, else numbabn's pool and :func:`get_num_threads`."""
+    run, threads = _team.get() or (None, None)
+    return run, get_num_threads() if threads is None else threads
+
+
 def threads_in_use() -> int:
-    """Threads a parallel kernel call made here would use: the count :func:`use_team`
-    set in this context, else :func:`get_num_threads`."""
-    team = _team.get()
-    threads = None if team is None else team[1]
-    return get_num_threads() if threads is None else threads
+    """Threads a parallel kernel call made here would use (see :func:`_runner`)."""
+    return _runner()[1]
 
 
 def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any) -> None:
@@ -221,9 +225,7 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
     if size <= config.SERIAL_MAX or blocks <= 1:
         kernel(*args, 0, blocks)
         return
-    run, threads = _team.get() or (None, None)
-    if threads is None:
-        threads = get_num_threads()
+    run, threads = _runner()
     if threads <= 1:
         kernel(*args, 0, blocks)
         return
