@@ -96,8 +96,8 @@ def test_without_residual_the_module_is_unchanged():
 @pytest.mark.parametrize(
     "bad,exc,match",
     [
-        ("shape", ValueError, r"residual must have the input's shape \(4, 3, 5, 5\), got \(4, 3, 5, 4\)"),
-        ("dtype", TypeError, "residual must have the input's dtype torch.float32, got torch.float64"),
+        ("shape", nbt.InputMismatchError, r"residual must have the input's shape \(4, 3, 5, 5\), got \(4, 3, 5, 4\)"),
+        ("dtype", nbt.InputDtypeError, "residual must have the input's dtype torch.float32, got torch.float64"),
         ("type", TypeError, "residual must be a torch.Tensor or None, got ndarray"),
     ],
 )
@@ -114,6 +114,47 @@ def test_bad_residual_changes_nothing(bad, exc, match):
         m(x, residual=r)
     for k, v in m.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_a_bad_residual_raises_what_torch_raises_too():
+    """Code written against ``bn(x) + r`` catches RuntimeError for a mismatched r."""
+    m = nbt.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    with pytest.raises(RuntimeError):
+        torch.nn.BatchNorm2d(3)(x) + torch.randn(4, 3, 5, 4)
+    with pytest.raises(RuntimeError, match="residual must have the input's shape"):
+        m(x, residual=torch.randn(4, 3, 5, 4))
+    with pytest.raises(RuntimeError, match="residual must have the input's dtype"):
+        m(x, residual=torch.randn(4, 3, 5, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_changing_the_residual_after_the_forward(relu):
+    """Without ReLU, backward does not read the residual: changing it in place after
+    the forward is allowed and the gradients are torch's (``bn(x) + r`` saves no r).
+    With ReLU the fused backward reads it for the mask: autograd refuses the backward
+    instead of returning gradients of other values."""
+    torch.manual_seed(0)
+    ours = nbt.BatchNorm2d(3, activation="relu" if relu else None)
+    ref = torch.nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ra = torch.randn(4, 3, 5, 5)
+    rb = ra.clone()
+    ya = ours(xa, residual=ra)
+    with torch.no_grad():
+        ra.add_(1.0)
+    if relu:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            ya.sum().backward()
+        return
+    yb = ref(xb) + rb
+    with torch.no_grad():
+        rb.add_(1.0)
+    dy = torch.randn_like(yb)
+    ya.backward(dy)
+    yb.backward(dy)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_fused_resnet_trains_like_the_unfused_one():

@@ -60,10 +60,13 @@ class BatchNormFunction(torch.autograd.Function):
             x, weight, bias, running_mean, running_var, training, momentum, eps, relu, moments, residual, nbt
         )
         ctx.bn, ctx.perm, ctx.allreduce = bn, perm, allreduce
-        # numbabn's context reads x and weight by reference: saving them lets autograd
-        # refuse a backward after either was modified in place.
+        # numbabn's context reads x and weight by reference (and the residual, for the
+        # ReLU mask, when fused with one): saving them lets autograd refuse a backward
+        # after one was modified in place. Without ReLU the residual's gradient is dy
+        # and backward never reads it: it is not saved, so changing it after the
+        # forward is allowed, as for torch's ``bn(x) + residual``.
         ctx.relu, ctx.has_residual = relu, residual is not None
-        ctx.save_for_backward(x, weight, *(() if residual is None else (residual,)))
+        ctx.save_for_backward(x, weight, *((residual,) if residual is not None and relu else ()))
         return y
 
     @staticmethod

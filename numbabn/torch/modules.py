@@ -387,19 +387,25 @@ class NumbabnBatchNorm:
         :func:`_native_only`; ``meta``: for a meta tensor), before anything changes."""
 
     def _check_residual(self, input: torch.Tensor, residual: Any) -> None:
+        """``residual`` fits ``input``: a dense tensor of its shape, dtype and device.
+        A mismatch raises numbabn's checks' ValueError/TypeError that are also the
+        RuntimeError ``bn(input) + residual`` raises in torch.nn (a dtype mismatch,
+        which torch would promote, is refused: the fused pass writes the input's dtype)."""
         name = type(self).__name__
         if not isinstance(residual, torch.Tensor):
             raise TypeError(f"{name}: residual must be a torch.Tensor or None, got {type(residual).__name__}")
         if residual.shape != input.shape:
-            raise ValueError(
+            raise InputMismatchError(
                 f"{name}: residual must have the input's shape {tuple(input.shape)}, got {tuple(residual.shape)}"
             )
         if residual.layout != torch.strided:
-            raise TypeError(f"{name}: residual must be a dense (torch.strided) tensor, got layout {residual.layout}")
+            raise InputDtypeError(
+                f"{name}: residual must be a dense (torch.strided) tensor, got layout {residual.layout}"
+            )
         if residual.dtype != input.dtype:
-            raise TypeError(f"{name}: residual must have the input's dtype {input.dtype}, got {residual.dtype}")
+            raise InputDtypeError(f"{name}: residual must have the input's dtype {input.dtype}, got {residual.dtype}")
         if residual.device != input.device:
-            raise ValueError(f"{name}: residual is on {residual.device} but the input is on {input.device}")
+            raise InputMismatchError(f"{name}: residual is on {residual.device} but the input is on {input.device}")
 
     # Set by convert_batchnorm(fuse_relu=True) on the batch norms a FusedReLU follows.
     _feeds_fused_relu = False
