@@ -146,3 +146,22 @@ def test_the_thread_count_is_the_one_the_call_uses():
         for _ in range(2 * _stores.TRIALS):
             _stores.run("apply", 5000, clock.call([]), clock)
     assert set(_stores.chosen()) == {("apply", 13, 1)}
+
+
+def test_the_fused_residual_kernels_are_timed_apart_from_the_plain_ones(rng):
+    # Their extra input stream changes the bytes moved per output byte, so the plain
+    # kernels' choice does not carry over; both runs write the same bytes as before.
+    x = rng.standard_normal((4, 5, 200)).astype(np.float32)
+    r = rng.standard_normal(x.shape).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    for _ in range(2 * _stores.TRIALS):
+        y, ctx = numbabn.batch_norm_forward(x, activation="relu")
+        numbabn.batch_norm_backward(dy, ctx)
+        yr, ctxr = numbabn.batch_norm_forward(x, activation="relu", residual=r)
+        numbabn.batch_norm_backward(dy, ctxr)
+    assert {k[0] for k in _stores.chosen()} == {
+        ("apply", "f", "ncl"),
+        ("grad_apply", "f", "ncl"),
+        ("apply_res", "f", "ncl"),
+        ("grad_apply_res", "f", "ncl"),
+    }

@@ -229,12 +229,14 @@ def forward(
             _NO_CNT, _NO_PART, gamma, beta, running_mean, running_var, 0.0, eps, False, _NO_STATS, mean, invstd, coef
         )
     if x.size:
-        apply = k.apply if residual is None else k.apply_res
+        name = "apply" if residual is None else "apply_res"
+        apply = getattr(k, name)
         if y.nbytes < config.STREAM_MIN:  # cache-sized: ordinary stores, nothing to time (small calls)
             _threads.parallel_for(apply, blocks, x.size, x, residual, coef, relu, chunk, False, y)
         else:
+            # Timed per kernel: the residual's extra input stream can tip the choice.
             _stores.run(
-                ("apply", k.key, layout),
+                (name, k.key, layout),
                 y.nbytes,
                 lambda stream: _threads.parallel_for(apply, blocks, x.size, x, residual, coef, relu, chunk, stream, y),
             )
@@ -306,13 +308,14 @@ def grad_apply(
     k.grad_coef(part, scale, float(count), invstd, gamma, training, gcoef, dgamma, dbeta)
     if x.size:
         res = residual if relu else None
-        fn = k.grad_apply if res is None else k.grad_apply_res
+        name = "grad_apply" if res is None else "grad_apply_res"
+        fn = getattr(k, name)
         dr = None if res is None else dres
         if dx.nbytes < config.STREAM_MIN:  # as in forward
             _threads.parallel_for(fn, blocks, x.size, dy, x, res, coef, gcoef, relu, chunk, False, dx, dr)
         else:
             _stores.run(
-                ("grad_apply", k.key, layout),
+                (name, k.key, layout),
                 dx.nbytes,
                 lambda stream: _threads.parallel_for(
                     fn, blocks, x.size, dy, x, res, coef, gcoef, relu, chunk, stream, dx, dr
