@@ -12,6 +12,11 @@ That is what the internal-covariate-shift probe needs (DESIGN §5)::
     model.load_state_dict(saved_model); opt.load_state_dict(saved_opt)
 
 Updates stay in the parameters' dtype (float32 parameters get float32 state).
+
+``weight_decay`` applies to every managed parameter, or, given ``decayed``, to those
+only (a mask, as in optax's ``add_decayed_weights``): L2 on the weights but not on
+biases or batch-norm gamma/beta, as scikit-learn's MLP ``alpha``. The mask is part of
+the optimizer's structure, like its parameter list, not of its ``state_dict``.
 """
 
 from collections.abc import Callable, Iterable
@@ -57,7 +62,9 @@ class Optimizer:
     _hyperparameters: Callable[..., dict[str, Any]]
     _update: Callable[[dict[str, Any], FloatArray, FloatArray, dict[str, Any]], tuple[FloatArray, dict[str, Any]]]
 
-    def __init__(self, params: Iterable[Parameter], **hyperparameters: Any) -> None:
+    def __init__(
+        self, params: Iterable[Parameter], decayed: Iterable[Parameter] | None = None, **hyperparameters: Any
+    ) -> None:
         fn = type(self).__name__
         params = list(params)
         if not params:
@@ -68,8 +75,11 @@ class Optimizer:
         if len({id(p) for p in params}) != len(params):
             raise ValueError(f"{fn}: params contains the same Parameter more than once")
         self.params = params
+        hyper = self._hyperparameters(**hyperparameters)
+        # Positions, not ids: they stay valid across pickling and deep copies.
+        self.decayed = None if decayed is None else frozenset(self._select(f"{fn}: decayed", decayed))
         self.state: list[dict[str, Any]] = [{} for _ in params]
-        self.__dict__.update(self._hyperparameters(**hyperparameters))
+        self.__dict__.update(hyper)
 
     def zero_grad(self) -> None:
         """Set every managed parameter's grad to None (it is skipped until set again)."""
@@ -94,7 +104,16 @@ class Optimizer:
                 continue
             self._check_entry(fn, p, self.state[i])
             todo.append(i)
-        updates = [self._update(hyper, self.params[i].value, self.params[i].grad, self.state[i]) for i in todo]
+        plain = hyper if self.decayed is None else {**hyper, "weight_decay": 0.0}
+        updates = [
+            self._update(
+                hyper if self.decayed is None or i in self.decayed else plain,
+                self.params[i].value,
+                self.params[i].grad,
+                self.state[i],
+            )
+            for i in todo
+        ]
         for i, (value, state) in zip(todo, updates, strict=True):  # nothing below can fail
             np.copyto(self.params[i].value, value)
             self.state[i] = state
@@ -211,6 +230,7 @@ class SGD(Optimizer):
         p <- p - lr * g
 
     State: "momentum_buffer" (b) once a step has run with momentum > 0.
+    ``decayed``: the parameters ``weight_decay`` applies to (default: all).
     """
 
     HYPERPARAMETERS = ("lr", "momentum", "nesterov", "weight_decay")
@@ -223,8 +243,10 @@ class SGD(Optimizer):
         momentum: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,
+        *,
+        decayed: Iterable[Parameter] | None = None,
     ) -> None:
-        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        super().__init__(params, decayed, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
     def _hyperparameters(self, lr: float, momentum: float, nesterov: bool, weight_decay: float) -> dict[str, Any]:
         fn = type(self).__name__
@@ -267,6 +289,7 @@ class Adam(Optimizer):
         p <- p - lr/(1 - beta1^t) * m / (sqrt(v)/sqrt(1 - beta2^t) + eps)
 
     State: "step" (t, an int), "exp_avg" (m), "exp_avg_sq" (v).
+    ``decayed``: the parameters ``weight_decay`` applies to (default: all).
     """
 
     HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
@@ -279,8 +302,10 @@ class Adam(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        *,
+        decayed: Iterable[Parameter] | None = None,
     ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, decayed, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     def _hyperparameters(
         self, lr: float, betas: tuple[float, float], eps: float, weight_decay: float

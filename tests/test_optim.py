@@ -305,3 +305,42 @@ def test_new_object_at_an_old_address_is_not_mistaken_for_a_managed_one(rng):
     np.testing.assert_allclose(opt2.params[0].value, before[0] - 0.1)
     for p, b in zip(opt2.params[1:], before[1:], strict=True):
         np.testing.assert_array_equal(p.value, b)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [(SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.05)), (Adam, dict(lr=1e-2, weight_decay=0.1))],
+)
+def test_decayed_mask_matches_torch_param_groups(rng, cls, kwargs):
+    # weight_decay on p0 and p2 only = torch's two parameter groups, the other without decay
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: no reference optimizer")
+    params = make_params(rng)
+    tparams = [torch.nn.Parameter(torch.tensor(p.value)) for p in params]
+    opt = copy.deepcopy(cls(params, **kwargs, decayed=[params[2], params[0]]))  # positions survive a copy
+    opt.params = params  # the copy's own parameters are copies; step these
+    groups = [{"params": [tparams[0], tparams[2]]}, {"params": [tparams[1]], "weight_decay": 0.0}]
+    topt = getattr(torch.optim, cls.__name__)(groups, **kwargs)
+    for step in grads_for(rng, 5):
+        for p, tp, g in zip(params, tparams, step, strict=True):
+            p.grad, tp.grad = g.copy(), torch.tensor(g)
+        opt.step()
+        topt.step()
+    for p, tp in zip(params, tparams, strict=True):
+        np.testing.assert_allclose(p.value, tp.detach().numpy(), rtol=1e-12, atol=1e-14)
+    # and the mask matters: decaying everything gives other values
+    full = make_params(np.random.default_rng(0))
+    masked = make_params(np.random.default_rng(0))
+    a, b = cls(full, **kwargs), cls(masked, **kwargs, decayed=masked[:1])
+    run(a, full, grads_for(np.random.default_rng(1), 2))
+    run(b, masked, grads_for(np.random.default_rng(1), 2))
+    np.testing.assert_array_equal(full[0].value, masked[0].value)
+    assert not np.allclose(full[1].value, masked[1].value)
+
+
+def test_decayed_must_be_managed_parameters(rng):
+    params = make_params(rng)
+    other = Parameter("other", np.zeros(3))
+    with pytest.raises(ValueError, match=r"SGD: decayed: .*other.* is not managed by this optimizer"):
+        SGD(params, lr=0.1, weight_decay=0.1, decayed=[params[0], other])
+    with pytest.raises(ValueError, match="the same Parameter more than once"):
+        Adam(params, weight_decay=0.1, decayed=[params[0], params[0]])

@@ -250,6 +250,8 @@ def test_clone_grid_search_pipeline(digits):
         (dict(activation="gelu"), "activation must be one of"),
         (dict(solver="lbfgs"), "solver must be one of"),
         (dict(learning_rate_init=0), "learning_rate_init must be a number > 0"),
+        (dict(alpha=-1e-4), "alpha must be a number >= 0"),
+        (dict(alpha=float("nan")), "alpha must be a number >= 0"),
         (dict(momentum=1.5), r"momentum must be a number in \[0, 1\]"),
         (dict(batch_size=1), "batch_size must be 'auto' or an int > 1"),
         (dict(max_iter=0), "max_iter must be an int > 0"),
@@ -496,3 +498,48 @@ def test_diverged_training_raises_like_sklearn_and_keeps_state(Est):
     with pytest.raises(ValueError, match="Solver produced non-finite parameter weights"):
         est.fit(X, y)  # the steps overflow
     assert fitted_state() == before
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_alpha_is_scikit_learns_l2_penalty_on_the_weights(batch_norm):
+    # One SGD step (one batch of all N samples, no momentum) from the same network W0
+    # (one step without alpha, so that the biases are no longer zero): with alpha the
+    # weight matrices move by a further -lr*alpha*W0/N (scikit-learn's gradient
+    # alpha*W/N), every other parameter as without alpha; alpha is read at each call.
+    X, y = make_blobs(n_samples=40, n_features=5, random_state=0)
+    N, lr, alpha = len(X), 0.1, 0.5
+
+    def second_step(lr_factor, alpha):
+        est = BNMLPClassifier(
+            hidden_layer_sizes=(8, 6),
+            solver="sgd",
+            momentum=0.0,
+            learning_rate_init=lr,
+            alpha=0.0,
+            batch_size=N,
+            batch_norm=batch_norm,
+            random_state=0,
+        )
+        est.partial_fit(X, y, classes=np.unique(y))
+        est._optimizer.lr = lr_factor * lr
+        return est.set_params(alpha=alpha).partial_fit(X, y)._model.state_dict()
+
+    plain, double, penalised = second_step(1, 0.0), second_step(2, 0.0), second_step(1, alpha)
+    weights = [k for k in plain if k.endswith("weight") and plain[k].ndim == 2]
+    assert len(weights) == 3
+    for key in plain:
+        if key in weights:
+            w0 = 2 * plain[key] - double[key]  # W0 - lr*g and W0 - 2*lr*g give W0
+            assert_allclose(penalised[key], plain[key] - lr * alpha / N * w0, rtol=1e-12, atol=1e-14)
+            assert not np.allclose(penalised[key], plain[key])
+        else:  # biases, gamma/beta, running statistics: no penalty
+            assert_array_equal(penalised[key], plain[key])
+
+
+def test_alpha_in_a_grid_search(digits):
+    X_tr, X_te, y_tr, y_te = digits
+    grid = GridSearchCV(
+        BNMLPClassifier(hidden_layer_sizes=(16,), max_iter=5, random_state=0), {"alpha": [0.0, 1.0]}, cv=2
+    )
+    grid.fit(X_tr, y_tr)
+    assert grid.best_params_["alpha"] in (0.0, 1.0) and grid.score(X_te, y_te) > 0.8

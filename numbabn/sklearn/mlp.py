@@ -20,6 +20,15 @@ Losses, per mini-batch of N samples (Adam or SGD with momentum on their gradient
 
     classifier: (1/N) sum_n [ logsumexp(z_n) - z_n[t_n] ]     softmax cross-entropy
     regressor:  (1/(N*K)) sum (prediction - y)^2               mean squared error
+    penalty:    alpha/(2N) * sum of ||W||^2 over every Linear weight matrix W
+
+As scikit-learn's ``alpha`` (default 1e-4): the L2 penalty's gradient alpha*W/N is
+added to the weights' gradients (the optimizer's ``weight_decay`` alpha/N on the
+weights only, :mod:`numbabn.optim`), not to biases or batch-norm gamma/beta, and each
+``fit`` / ``partial_fit`` uses the ``alpha`` set at that call. ``loss_curve_`` holds
+the data loss without the penalty (scikit-learn adds it; with batch norm the weights
+before a batch norm can grow without changing the function, so the penalty's value
+says little about the fit), and the training-loss stopping rule uses the same.
 
 An epoch is one :meth:`numbabn.train.Trainer.fit` call with ``epochs=1``: a fresh permutation cut
 into floor(n / batch_size) mini-batches (the n mod batch_size samples left over are
@@ -99,6 +108,7 @@ class _BaseBNMLP(BaseEstimator):
         *,
         batch_norm: bool = True,
         solver: str = "adam",
+        alpha: float = 0.0001,
         learning_rate_init: float = 0.01,
         momentum: float = 0.9,
         batch_size: int | str = "auto",
@@ -116,6 +126,7 @@ class _BaseBNMLP(BaseEstimator):
         self.activation = activation
         self.batch_norm = batch_norm
         self.solver = solver
+        self.alpha = alpha
         self.learning_rate_init = learning_rate_init
         self.momentum = momentum
         self.batch_size = batch_size
@@ -155,6 +166,7 @@ class _BaseBNMLP(BaseEstimator):
             raise ValueError(f"{name}: verbose must be a bool or an int >= 0, got {self.verbose!r}")
         checks = [
             ("learning_rate_init", _is_real, lambda v: v > 0, "a number > 0"),
+            ("alpha", _is_real, lambda v: v >= 0, "a number >= 0"),
             ("momentum", _is_real, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
             ("tol", _is_real, lambda v: v >= 0, "a number >= 0"),
             ("validation_fraction", _is_real, lambda v: 0 < v < 1, "a number in (0, 1)"),
@@ -240,10 +252,12 @@ class _BaseBNMLP(BaseEstimator):
             n_in = width
         layers.append(Linear(n_in, arch["n_out"], init="glorot", rng=rng, dtype=dtype))
         model = Sequential(*layers)
+        # alpha's L2 on the weight matrices only; its weight_decay is set per fit (_trainer)
+        weights = [layer.weight for layer in layers if isinstance(layer, Linear)]
         if arch["solver"] == "adam":
-            optimizer = Adam(model.parameters(), lr=arch["lr"])
+            optimizer = Adam(model.parameters(), lr=arch["lr"], decayed=weights)
         else:
-            optimizer = SGD(model.parameters(), lr=arch["lr"], momentum=arch["momentum"])
+            optimizer = SGD(model.parameters(), lr=arch["lr"], momentum=arch["momentum"], decayed=weights)
         return model, optimizer
 
     def _initialize(self, sizes: Sequence[int], n_in: int, n_out: int, dtype: DTypeLike) -> None:
@@ -272,6 +286,7 @@ class _BaseBNMLP(BaseEstimator):
         from ..train import Trainer
 
         batch_size = min(200 if self.batch_size == "auto" else self.batch_size, n_samples)
+        self._optimizer.weight_decay = float(self.alpha) / batch_size  # gradient alpha*W/N, N the batch
         return Trainer(
             self._model,
             self._loss_fn(),
@@ -535,7 +550,8 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     Parameters mirror :class:`sklearn.neural_network.MLPClassifier`:
     ``hidden_layer_sizes``, ``activation`` ("relu", "tanh", "logistic"),
     ``solver`` ("adam": Adam with betas (0.9, 0.999), eps 1e-8; "sgd": SGD with
-    ``momentum``), ``learning_rate_init`` (default 0.01, ten times scikit-learn's:
+    ``momentum``), ``alpha`` (L2 penalty on the weight matrices, default 1e-4),
+    ``learning_rate_init`` (default 0.01, ten times scikit-learn's:
     see the module docstring), ``batch_size`` ("auto" = min(200, n); an int >= 2 with
     batch norm, >= 1 without), ``max_iter`` (epochs), ``tol``, ``n_iter_no_change``,
     ``early_stopping`` (``fit`` only: ``partial_fit`` raises, as scikit-learn's does),
@@ -544,7 +560,10 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     progress is printed when true/nonzero). Added: ``batch_norm`` (True: BatchNorm1d
     after every hidden linear layer), ``record_metrics`` (names "ics", "landscape",
     "grad_norm", "weight_norm" or metric objects of :mod:`numbabn.train`, recorded by
-    the Trainer every ``record_every`` steps).
+    the Trainer every ``record_every`` steps). Not offered: the "lbfgs" solver,
+    ``learning_rate`` schedules other than constant, ``warm_start`` (continue a fitted
+    network with ``partial_fit``), ``shuffle=False``, ``nesterovs_momentum``, Adam's
+    ``beta_1``/``beta_2``/``epsilon``, ``max_fun``.
 
     Attributes: ``classes_``, ``loss_curve_``, ``n_iter_``, ``best_loss_`` (lowest
     epoch loss; None after a fit with early stopping, as in scikit-learn -- a later
