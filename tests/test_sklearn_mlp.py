@@ -543,3 +543,62 @@ def test_alpha_in_a_grid_search(digits):
     )
     grid.fit(X_tr, y_tr)
     assert grid.best_params_["alpha"] in (0.0, 1.0) and grid.score(X_te, y_te) > 0.8
+
+
+def _weights(est):
+    return {k: v.copy() for k, v in est._model.state_dict().items() if k.endswith("weight") and v.ndim == 2}
+
+
+@pytest.mark.parametrize("Est", [BNMLPClassifier, BNMLPRegressor])
+def test_warm_start_fit_continues_the_fitted_network(Est):
+    X, y = make_blobs(n_samples=120, n_features=4, random_state=0)
+    y = y if Est is BNMLPClassifier else y.astype(float)
+    est = Est(hidden_layer_sizes=(8,), max_iter=5, warm_start=True, random_state=0).fit(X, y)
+    first = _weights(est)
+    # a second fit with a vanishing learning rate starts from where the first ended ...
+    est.set_params(learning_rate_init=1e-20, max_iter=3).fit(X, y)
+    for key, w in _weights(est).items():
+        assert_allclose(w, first[key], rtol=1e-12)
+    assert est.n_iter_ == 3 and len(est.loss_curve_) == 8  # this call's epochs; the curve carries on
+    assert est._optimizer.lr == 1e-20  # a fresh optimizer with the current settings
+    # ... where a cold fit starts from a new initialisation
+    cold = clone(est).set_params(warm_start=False).fit(X, y)
+    assert any(not np.allclose(w, first[k]) for k, w in _weights(cold).items())
+    assert cold.n_iter_ == 3 and len(cold.loss_curve_) == 3
+
+
+def test_warm_start_early_stopping_scores_carry_on():
+    X, y = make_blobs(n_samples=200, n_features=4, random_state=0)
+    est = BNMLPClassifier(hidden_layer_sizes=(8,), max_iter=4, early_stopping=True, warm_start=True, random_state=0)
+    est.fit(X, y)
+    n1, best = len(est.validation_scores_), est.best_validation_score_
+    est.fit(X, y)
+    assert len(est.validation_scores_) == n1 + est.n_iter_
+    assert est.best_validation_score_ >= best
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(hidden_layer_sizes=(9,)), r"fitted network, which has hidden_layer_sizes=\(8,\), but hidden_layer"),
+        (dict(activation="tanh"), "which has activation='relu', but activation is now 'tanh'"),
+        (dict(batch_norm=False), "which has batch_norm=True, but batch_norm is now False"),
+        ("classes", r"warm_start can only be used where `y` has the same classes as in the previous call to fit"),
+        ("features", "X has 3 features, but BNMLPClassifier is expecting 4 features"),
+    ],
+)
+def test_a_warm_start_that_cannot_continue_raises_and_changes_nothing(change, match):
+    X, y = make_blobs(n_samples=120, n_features=4, centers=3, random_state=0)
+    est = BNMLPClassifier(hidden_layer_sizes=(8,), max_iter=3, warm_start=True, random_state=0).fit(X, y)
+    before = pickle.dumps(est)
+    X2, y2 = X, y
+    if change == "classes":
+        y2 = np.where(y == 2, 1, y)  # one class fewer
+    elif change == "features":
+        X2 = X[:, :3]
+    else:
+        est.set_params(**change)
+        before = pickle.dumps(est)
+    with pytest.raises(ValueError, match=match):
+        est.fit(X2, y2)
+    assert pickle.dumps(est) == before

@@ -101,6 +101,11 @@ _is_int, _is_real = is_int, is_real  # the shared checks: not bool; finite
 class _BaseBNMLP(BaseEstimator):
     """What the classifier and the regressor share: parameters, network, training loop."""
 
+    # Fitted state (see _FITTED_PRIVATE), declared for the type checker.
+    _arch: dict[str, Any]
+    _model: Any
+    _optimizer: Any
+
     def __init__(
         self,
         hidden_layer_sizes: Sequence[int] = (100,),
@@ -117,6 +122,7 @@ class _BaseBNMLP(BaseEstimator):
         n_iter_no_change: int = 10,
         early_stopping: bool = False,
         validation_fraction: float = 0.1,
+        warm_start: bool = False,
         random_state: int | np.random.RandomState | None = None,
         verbose: bool | int = False,
         record_metrics: Sequence[Any] = (),
@@ -135,6 +141,7 @@ class _BaseBNMLP(BaseEstimator):
         self.n_iter_no_change = n_iter_no_change
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
+        self.warm_start = warm_start
         self.random_state = random_state
         self.verbose = verbose
         self.record_metrics = record_metrics
@@ -159,7 +166,7 @@ class _BaseBNMLP(BaseEstimator):
             raise ValueError(f"{name}: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"{name}: solver must be one of {SOLVERS}, got {self.solver!r}")
-        for param in ("batch_norm", "early_stopping"):
+        for param in ("batch_norm", "early_stopping", "warm_start"):
             if not isinstance(getattr(self, param), (bool, np.bool_)):
                 raise ValueError(f"{name}: {param} must be a bool, got {getattr(self, param)!r}")
         if not (isinstance(self.verbose, (bool, np.bool_)) or (_is_int(self.verbose) and self.verbose >= 0)):
@@ -238,7 +245,6 @@ class _BaseBNMLP(BaseEstimator):
         """The network (see the module docstring) and its optimizer, from ``arch``: the
         settings they were fitted with (so a later set_params cannot change them)."""
         from ..layers import BatchNorm1d, Linear, ReLU, Sequential, Sigmoid, Tanh
-        from ..optim import SGD, Adam
 
         layers = []
         n_in, dtype, activation, bn = arch["n_in"], arch["dtype"], arch["activation"], arch["batch_norm"]
@@ -252,13 +258,39 @@ class _BaseBNMLP(BaseEstimator):
             n_in = width
         layers.append(Linear(n_in, arch["n_out"], init="glorot", rng=rng, dtype=dtype))
         model = Sequential(*layers)
-        # alpha's L2 on the weight matrices only; its weight_decay is set per fit (_trainer)
-        weights = [layer.weight for layer in layers if isinstance(layer, Linear)]
+        return model, _BaseBNMLP._new_optimizer(arch, model)
+
+    @staticmethod
+    def _new_optimizer(arch: Any, model: Any) -> Any:
+        """A fresh optimizer of ``arch``'s solver over ``model``'s parameters; alpha's
+        L2 on the weight matrices only (its weight_decay is set per fit, :meth:`_trainer`)."""
+        from ..layers import Linear
+        from ..optim import SGD, Adam
+
+        weights = [layer.weight for layer in model.layers if isinstance(layer, Linear)]
         if arch["solver"] == "adam":
-            optimizer = Adam(model.parameters(), lr=arch["lr"], decayed=weights)
-        else:
-            optimizer = SGD(model.parameters(), lr=arch["lr"], momentum=arch["momentum"], decayed=weights)
-        return model, optimizer
+            return Adam(model.parameters(), lr=arch["lr"], decayed=weights)
+        return SGD(model.parameters(), lr=arch["lr"], momentum=arch["momentum"], decayed=weights)
+
+    def _continue(self, sizes: tuple[int, ...]) -> None:
+        """A ``warm_start`` fit: keep the fitted network (its shape must be the one the
+        parameters ask for) and give it a fresh optimizer with the current ``solver``,
+        ``learning_rate_init`` and ``momentum``, as scikit-learn's warm start does."""
+        arch = self._arch
+        for param, key, value in (
+            ("hidden_layer_sizes", "sizes", sizes),
+            ("activation", "activation", self.activation),
+            ("batch_norm", "batch_norm", self.batch_norm),
+        ):
+            if arch[key] != value:
+                raise ValueError(
+                    f"{type(self).__name__}: warm_start=True continues the fitted network, which has "
+                    f"{param}={arch[key]!r}, but {param} is now {getattr(self, param)!r}; set "
+                    "warm_start=False to fit a new network"
+                )
+        self._arch = {**arch, "solver": self.solver, "lr": self.learning_rate_init, "momentum": self.momentum}
+        self._optimizer = self._new_optimizer(self._arch, self._model)
+        self.n_iter_ = 0  # epochs of this call, as in scikit-learn
 
     def _initialize(self, sizes: Sequence[int], n_in: int, n_out: int, dtype: DTypeLike) -> None:
         rs = check_random_state(self.random_state)
@@ -372,7 +404,7 @@ class _BaseBNMLP(BaseEstimator):
     # call that raises (bad X or y, a stratified split that cannot be made, a failing
     # metric, an interrupt) leaves the estimator exactly as it was -- still fitted with
     # the previous model, or still unfitted.
-    _FITTED_PRIVATE = ("_rng", "_dtype", "_arch", "_model", "_optimizer")
+    _FITTED_PRIVATE = ("_rng", "_dtype", "_arch", "_model", "_optimizer", "_no_improvement_count")
 
     @classmethod
     def _is_fitted_attribute(cls, name: str) -> bool:
@@ -397,13 +429,19 @@ class _BaseBNMLP(BaseEstimator):
         return self
 
     def fit(self, X: ArrayLike, y: ArrayLike) -> Self:
-        """Train from scratch for up to ``max_iter`` epochs (see the module docstring).
+        """Train from scratch for up to ``max_iter`` epochs (see the module docstring),
+        or, with ``warm_start=True`` and a fitted network, continue that network.
 
-        Trains a fresh network and replaces the fitted state only on success: on an
-        error the previous fit (or the unfitted state) is kept unchanged."""
-        work = self._working_copy(fresh=True)
-        work._fit(X, y)
+        Trains a copy and replaces the fitted state only on success: on an error the
+        previous fit (or the unfitted state) is kept unchanged."""
+        warm = bool(self.warm_start) and "_model" in self.__dict__
+        work = self._working_copy(fresh=not warm)
+        work._fit(X, y, warm)
         return self._commit(work)
+
+    def _check_warm_targets(self, y: NDArray[Any]) -> None:
+        """A warm-started fit's y against the fitted network (the classifier's classes;
+        a regressor's target count is checked with the targets)."""
 
     def _check_validation_split(self, n_samples: int) -> None:
         """Early stopping's split (scikit-learn's sizes: ceil(validation_fraction * n)
@@ -426,13 +464,19 @@ class _BaseBNMLP(BaseEstimator):
                 "Decrease 'validation_fraction' or increase the size of your dataset."
             )
 
-    def _fit(self, X: ArrayLike, y: ArrayLike) -> None:
+    def _fit(self, X: ArrayLike, y: ArrayLike, warm: bool) -> None:
         sizes, metrics = self._check_params()
-        X, y = self._validate_xy(X, y, reset=True)
-        targets = self._encode_targets(y, fitting=True)
+        X, y = self._validate_xy(X, y, reset=not warm)
+        if warm:
+            self._check_warm_targets(y)
+        targets = self._encode_targets(y, fitting=not warm)
         if self.early_stopping:
             self._check_validation_split(X.shape[0])
-        self._initialize(sizes, X.shape[1], self._n_outputs(), X.dtype)
+        if warm:
+            self._continue(sizes)
+            X = self._in_network_dtype("X", X)
+        else:
+            self._initialize(sizes, X.shape[1], self._n_outputs(), X.dtype)
         if self.early_stopping:
             stratify = targets if isinstance(self, ClassifierMixin) else None
             X, X_val, targets, t_val = train_test_split(
@@ -442,14 +486,18 @@ class _BaseBNMLP(BaseEstimator):
                 stratify=stratify,
                 random_state=int(self._rng.integers(np.iinfo(np.int32).max)),
             )
-            self.validation_scores_ = []
-            self.best_validation_score_ = -np.inf
+            # A warm start continues an earlier early-stopping fit's scores (new list:
+            # the working copy shares the committed one).
+            self.validation_scores_ = list(getattr(self, "validation_scores_", None) or [])
+            if getattr(self, "best_validation_score_", None) is None:
+                self.best_validation_score_ = -np.inf
             best_state = self._model.state_dict()
         targets = self._as_training_targets(targets)
         trainer = self._trainer(X.shape[0], metrics)
-        no_improvement = 0
+        # scikit-learn keeps the count across warm-started fits
+        no_improvement = getattr(self, "_no_improvement_count", 0) if warm else 0
         for _ in range(self.max_iter):
-            best_loss = self.best_loss_
+            best_loss = np.inf if self.best_loss_ is None else self.best_loss_  # None after early stopping
             loss = self._epoch(trainer, X, targets)
             if self.early_stopping:
                 score = self._score_targets(X_val, t_val)
@@ -463,6 +511,7 @@ class _BaseBNMLP(BaseEstimator):
             else:
                 improved = loss <= best_loss - self.tol
             no_improvement = 0 if improved else no_improvement + 1
+            self._no_improvement_count = no_improvement
             if no_improvement > self.n_iter_no_change:
                 if self.verbose:
                     what = "Validation score" if self.early_stopping else "Training loss"
@@ -560,10 +609,14 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     progress is printed when true/nonzero). Added: ``batch_norm`` (True: BatchNorm1d
     after every hidden linear layer), ``record_metrics`` (names "ics", "landscape",
     "grad_norm", "weight_norm" or metric objects of :mod:`numbabn.train`, recorded by
-    the Trainer every ``record_every`` steps). Not offered: the "lbfgs" solver,
-    ``learning_rate`` schedules other than constant, ``warm_start`` (continue a fitted
-    network with ``partial_fit``), ``shuffle=False``, ``nesterovs_momentum``, Adam's
-    ``beta_1``/``beta_2``/``epsilon``, ``max_fun``.
+    the Trainer every ``record_every`` steps). ``warm_start=True``: ``fit`` continues
+    the fitted network as scikit-learn's does (same classes required; a fresh
+    optimizer with the current solver and learning rate; ``n_iter_`` counts this
+    call's epochs; ``loss_curve_``, ``best_loss_``, the early-stopping scores and the
+    no-improvement count carry on); changing ``hidden_layer_sizes``, ``activation``
+    or ``batch_norm`` in between raises. Not offered: the "lbfgs" solver,
+    ``learning_rate`` schedules other than constant, ``shuffle=False``,
+    ``nesterovs_momentum``, Adam's ``beta_1``/``beta_2``/``epsilon``, ``max_fun``.
 
     Attributes: ``classes_``, ``loss_curve_``, ``n_iter_``, ``best_loss_`` (lowest
     epoch loss; None after a fit with early stopping, as in scikit-learn -- a later
@@ -583,6 +636,15 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
 
     def _n_outputs(self) -> int:
         return len(self.classes_)
+
+    def _check_warm_targets(self, y: NDArray[Any]) -> None:
+        check_classification_targets(y)
+        got = unique_labels(y)
+        if not np.array_equal(got, self.classes_):  # scikit-learn's rule and message
+            raise ValueError(
+                f"{type(self).__name__}: warm_start can only be used where `y` has the same classes as in the "
+                f"previous call to fit. Previously got {self.classes_}, `y` has {got}"
+            )
 
     def _encode_targets(self, y: ArrayLike, fitting: bool, classes: ArrayLike | None = None) -> NDArray[Any]:
         """Labels -> indices into classes_ (set when fitting: from ``classes`` or y)."""
