@@ -618,7 +618,8 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     ``learning_rate`` schedules other than constant, ``shuffle=False``,
     ``nesterovs_momentum``, Adam's ``beta_1``/``beta_2``/``epsilon``, ``max_fun``.
 
-    Attributes: ``classes_``, ``loss_curve_``, ``n_iter_``, ``best_loss_`` (lowest
+    Attributes: ``classes_``, ``loss_curve_``, ``n_iter_`` (epochs of the last ``fit``;
+    each ``partial_fit`` adds one, where scikit-learn's restarts the count at 1), ``best_loss_`` (lowest
     epoch loss; None after a fit with early stopping, as in scikit-learn -- a later
     ``partial_fit`` counts from its own epochs), ``validation_scores_`` and
     ``best_validation_score_`` (early stopping), ``history_`` (the
