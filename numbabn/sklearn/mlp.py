@@ -616,7 +616,9 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     no-improvement count carry on); changing ``hidden_layer_sizes``, ``activation``
     or ``batch_norm`` in between raises. Not offered: the "lbfgs" solver,
     ``learning_rate`` schedules other than constant, ``shuffle=False``,
-    ``nesterovs_momentum``, Adam's ``beta_1``/``beta_2``/``epsilon``, ``max_fun``.
+    ``nesterovs_momentum``, Adam's ``beta_1``/``beta_2``/``epsilon``, ``max_fun``,
+    ``sample_weight`` (scikit-learn >= 1.7 weights each mini-batch's loss and penalty
+    by the batch's weight sum: a per-step weight decay the Trainer does not have).
 
     Attributes: ``classes_``, ``loss_curve_``, ``n_iter_`` (epochs of the last ``fit``;
     each ``partial_fit`` adds one, where scikit-learn's restarts the count at 1), ``best_loss_`` (lowest
