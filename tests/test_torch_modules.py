@@ -972,6 +972,58 @@ def test_input_errors_are_also_torch_nn_exception_types(monkeypatch, native_belo
     assert int(ours.num_batches_tracked) == 0 and torch.equal(ours.running_mean, torch.zeros(3))
 
 
+def _replace(name, make):
+    """A change to a module: its parameter or buffer ``name`` replaced by ``make(old)``."""
+
+    def change(bn):
+        old = getattr(bn, name)
+        if name in bn._parameters:
+            setattr(bn, name, torch.nn.Parameter(make(old.detach())))
+        else:
+            setattr(bn, name, make(old))
+
+    return change
+
+
+MIXED_STATE = [  # (change, numbabn's types, words the message must contain)
+    (_replace("running_mean", lambda t: t.long()), (nbt.InputDtypeError, TypeError), ["running_mean", "int64"]),
+    (_replace("bias", lambda t: t.double()), (nbt.InputDtypeError, TypeError), ["bias has dtype torch.float64"]),
+    (_replace("running_var", lambda t: t.half()), (nbt.InputDtypeError, TypeError), ["running_var", "float16"]),
+    (
+        _replace("weight", lambda t: torch.ones(4)),
+        (nbt.InputMismatchError, ValueError),
+        ["weight must have shape (3,)"],
+    ),
+    (_replace("running_var", lambda t: torch.ones(2)), (nbt.InputMismatchError, ValueError), ["running_var", "(2,)"]),
+]
+
+
+@pytest.mark.parametrize("change, types, words", MIXED_STATE)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("native_below", [0, 1 << 30])
+def test_parameters_and_buffers_that_do_not_fit_each_other_raise_as_in_torch_nn(
+    monkeypatch, change, types, words, training, native_below
+):
+    """Mixed dtypes or a wrong size among weight, bias and the running statistics:
+    torch.nn raises a RuntimeError; so does numbabn, before anything changes (an
+    int64 running_mean was updated and rounded to 0 by the kernels' write-back)."""
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", native_below)
+    x = torch.randn(8, 3, 4, 4) * 2 + 3
+    ours, theirs = nbt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    change(ours), change(theirs)
+    ours.train(training), theirs.train(training)
+    with pytest.raises(RuntimeError):
+        theirs(x)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises(RuntimeError) as caught:
+        ours(x)
+    assert all(isinstance(caught.value, t) for t in types)
+    for word in words:
+        assert word in str(caught.value)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, before[k]) and v.dtype == before[k].dtype, k
+
+
 _CL_VIEWS = {
     "channel split": lambda x: x.chunk(2, dim=1)[1],  # ShuffleNet-style
     "batch stride": lambda x: x[::2],

@@ -111,21 +111,25 @@ def check_activation(owner: str, activation: str | None) -> str | None:
 
 
 class InputMismatchError(ValueError, RuntimeError):
-    """An input whose channel count or device does not fit the layer: a ValueError,
+    """An input whose channel count or device does not fit the layer (or a parameter or
+    buffer of the wrong size or device): a ValueError,
     as numbabn's checks raise it, and a RuntimeError, as torch.nn's layers raise it,
     so that code written against either catches it (as NumPy's ``AxisError`` is both
     a ValueError and an IndexError)."""
 
 
 class InputDtypeError(TypeError, RuntimeError):
-    """An input whose dtype does not fit the layer's parameters and buffers: a
-    TypeError and, as torch.nn raises it, a RuntimeError."""
+    """An input whose dtype does not fit the layer's parameters and buffers (or
+    parameters and buffers of different dtypes): a TypeError and, as torch.nn raises
+    it, a RuntimeError."""
 
 
 class UnsupportedDtypeError(TypeError, NotImplementedError):
     """An input dtype batch norm does not compute in (integers, complex): a TypeError
     and, as torch.nn raises it, a NotImplementedError."""
 
+
+_STATE_NAMES = ("weight", "bias", "running_mean", "running_var")
 
 # Tensors with memory of their own: a Parameter (learned embeddings normalised as
 # input) is one; subclasses in general are not (FakeTensor, DTensor).
@@ -295,8 +299,8 @@ class NumbabnBatchNorm:
             raise UnsupportedDtypeError(
                 f"{name}: input must be float16, bfloat16, float32 or float64, got {input.dtype}"
             )
-        weight, bias, running_mean, _, _ = state
-        ref = next((t for t in (weight, bias, running_mean) if t is not None), None)
+        first = next((i for i in range(3) if state[i] is not None), None)  # weight, bias, running_mean
+        ref = None if first is None else state[first]
         if ref is None and not self._may_synchronize:
             # No per-channel state (affine=False, track_running_stats=False): any channel
             # count normalises, as in torch.nn. (A SyncBatchNorm keeps num_features: its
@@ -317,6 +321,29 @@ class NumbabnBatchNorm:
                 f"{name}: input has dtype {input.dtype} but the module's parameters/buffers have "
                 f"{ref.dtype}; convert one of them (module.to(dtype) or input.to(dtype))"
             )
+        # Each parameter and buffer against the first: torch.nn's op refuses mixed dtypes
+        # and wrong sizes, where the kernels' write-back would round (an int64
+        # running_mean) or numbabn's checks would name them gamma/beta. (A buffer on
+        # another device fails loudly where it is read.) ~1 us on a 2-vCPU VM.
+        dtype, shape = ref.dtype, (self.num_features,)
+        for i in range(4):
+            t = state[i]
+            if t is not None and (t.dtype != dtype or t.shape != shape):
+                self._bad_state(_STATE_NAMES[i], t, _STATE_NAMES[first], ref)
+
+    def _bad_state(self, label: str, t: torch.Tensor, first: str, ref: torch.Tensor) -> None:
+        """Raise the error for parameter or buffer ``label`` whose dtype is not that of
+        ``ref`` (``first``, the first of weight, bias, running_mean) or whose shape is
+        not (num_features,)."""
+        name = type(self).__name__
+        if t.dtype != ref.dtype:
+            raise InputDtypeError(
+                f"{name}: {label} has dtype {t.dtype} but {first} has {ref.dtype}; the parameters and buffers "
+                "must share one dtype (module.to(dtype))"
+            )
+        raise InputMismatchError(
+            f"{name}: {label} must have shape ({self.num_features},) (num_features), got {tuple(t.shape)}"
+        )
 
     def _check_call(self, input: torch.Tensor, residual: torch.Tensor | None, state: tuple[Any, ...]) -> None:
         """The module's momentum, and what autograd would refuse only after the kernels
