@@ -995,6 +995,7 @@ MIXED_STATE = [  # (change, numbabn's types, words the message must contain)
         ["weight must have shape (3,)"],
     ),
     (_replace("running_var", lambda t: torch.ones(2)), (nbt.InputMismatchError, ValueError), ["running_var", "(2,)"]),
+    (lambda bn: setattr(bn, "running_var", None), (nbt.InputMismatchError, ValueError), ["running_var is None"]),
 ]
 
 
@@ -1004,15 +1005,16 @@ MIXED_STATE = [  # (change, numbabn's types, words the message must contain)
 def test_parameters_and_buffers_that_do_not_fit_each_other_raise_as_in_torch_nn(
     monkeypatch, change, types, words, training, native_below
 ):
-    """Mixed dtypes or a wrong size among weight, bias and the running statistics:
-    torch.nn raises a RuntimeError; so does numbabn, before anything changes (an
+    """Mixed dtypes or a wrong size among weight, bias and the running statistics, or
+    one running statistic None: torch.nn raises a RuntimeError (the last, in training,
+    a ValueError); numbabn raises an error of both types, before anything changes (an
     int64 running_mean was updated and rounded to 0 by the kernels' write-back)."""
     monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", native_below)
     x = torch.randn(8, 3, 4, 4) * 2 + 3
     ours, theirs = nbt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
     change(ours), change(theirs)
     ours.train(training), theirs.train(training)
-    with pytest.raises(RuntimeError):
+    with pytest.raises((RuntimeError, ValueError)):  # one running statistic None: ValueError in training
         theirs(x)
     before = {k: v.clone() for k, v in ours.state_dict().items()}
     with pytest.raises(RuntimeError) as caught:

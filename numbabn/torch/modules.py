@@ -299,6 +299,12 @@ class NumbabnBatchNorm:
             raise UnsupportedDtypeError(
                 f"{name}: input must be float16, bfloat16, float32 or float64, got {input.dtype}"
             )
+        if (state[2] is None) != (state[3] is None):  # torch.nn: a RuntimeError in eval, a ValueError in training
+            missing = "running_mean" if state[2] is None else "running_var"
+            raise InputMismatchError(
+                f"{name}: {missing} is None but the other running statistic is not; both are tensors "
+                "(track_running_stats=True) or both None"
+            )
         first = next((i for i in range(3) if state[i] is not None), None)  # weight, bias, running_mean
         ref = None if first is None else state[first]
         if ref is None and not self._may_synchronize:
