@@ -17,8 +17,10 @@ one gradient. What ``forward`` caches is the input itself, by reference, not a c
 (a copy per layer and step would double the memory traffic of a batch norm): do not
 modify ``x`` in place between ``forward`` and ``backward``, or the gradients are
 computed from the modified values. PyTorch detects this with version counters;
-NumPy arrays have none, so here nothing can. ``optim.Optimizer.zero_grad`` sets grads to None so that a parameter a
-backward pass did not reach is skipped by the next step, as in PyTorch.
+NumPy arrays have none, so here nothing can.
+
+``optim.Optimizer.zero_grad`` sets grads to None so that a parameter a backward pass
+did not reach is skipped by the next step, as in PyTorch.
 
 State (parameters and buffers such as running statistics) lives in NumPy arrays that
 are updated in place and never replaced, so optimizers and callers can hold on to
