@@ -337,7 +337,7 @@ class NumbabnBatchNorm:
             if t is not None and (t.dtype != dtype or t.shape != shape):
                 self._bad_state(_STATE_NAMES[i], t, _STATE_NAMES[first], ref)
 
-    def _bad_state(self, label: str, t: torch.Tensor, first: str, ref: torch.Tensor) -> None:
+    def _bad_state(self, label: str, t: torch.Tensor, first: str, ref: torch.Tensor) -> NoReturn:
         """Raise the error for parameter or buffer ``label`` whose dtype is not that of
         ``ref`` (``first``, the first of weight, bias, running_mean) or whose shape is
         not (num_features,)."""
