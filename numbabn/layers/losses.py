@@ -1,16 +1,24 @@
-"""Losses: ``loss_fn(prediction, target) -> (loss, dprediction)``.
+"""Losses: ``loss_fn(prediction, target, sample_weight=None) -> (loss, dprediction)``.
 
 The loss is a Python float, the mean over the batch; the gradient has the
 prediction's shape and dtype and is what the network's ``backward`` takes. An
 empty batch has a NaN loss (the mean of nothing, as in PyTorch) and an empty
 gradient, without a warning.
+
+``sample_weight`` (N,) (finite, >= 0, one per sample) makes the mean a weighted one,
+as scikit-learn's MLP losses: with l_n the loss of sample n and W = sum_n w_n::
+
+    loss = (1/W) sum_n w_n l_n ,   dprediction_n = (w_n/W) dl_n/dprediction_n
+
+(all weights 1 give the unweighted loss, up to rounding). Weights summing to 0 weigh
+nothing: a NaN loss (a weighted mean of nothing) and a zero gradient.
 """
 
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, NDArray
 
 from .. import _checks as V
 from .._typing import FloatArray
@@ -18,10 +26,12 @@ from .._typing import FloatArray
 
 class _Loss:
     # Defined by each subclass; declared here for the type checker.
-    forward: Callable[[Any, Any], tuple[float, FloatArray]]
+    forward: Callable[..., tuple[float, FloatArray]]
 
-    def __call__(self, prediction: FloatArray, target: ArrayLike) -> tuple[float, FloatArray]:
-        return self.forward(prediction, target)
+    def __call__(
+        self, prediction: FloatArray, target: ArrayLike, sample_weight: ArrayLike | None = None
+    ) -> tuple[float, FloatArray]:
+        return self.forward(prediction, target, sample_weight)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -30,6 +40,30 @@ class _Loss:
         if not isinstance(prediction, np.ndarray) or prediction.dtype.kind != "f":
             raise TypeError(f"{self!r}: prediction must be a floating-point NumPy array, got {V.describe(prediction)}")
         return prediction
+
+    def _weights(self, sample_weight: Any, n: int) -> NDArray[np.float64] | None:
+        """``sample_weight`` as (n,) float64 weights, finite and >= 0; None stays None."""
+        if sample_weight is None:
+            return None
+        w = np.asarray(sample_weight)
+        if w.shape != (n,) or w.dtype.kind not in "iuf":
+            raise ValueError(f"{self!r}: sample_weight must be {n} numbers (one per sample), got {V.describe(w)}")
+        w = w.astype(np.float64)
+        if not (np.isfinite(w).all() and (w >= 0).all()):
+            raise ValueError(f"{self!r}: sample_weight must be finite and >= 0, got values in [{w.min()}, {w.max()}]")
+        return w
+
+    @staticmethod
+    def _weighted(per_sample: Any, w: NDArray[np.float64], grad: FloatArray) -> float:
+        """The weighted mean of ``per_sample`` losses; scales the rows of ``grad`` (the
+        per-sample gradients) by w_n/W in place. Weights summing to 0: NaN, zero gradient."""
+        total = float(w.sum())
+        if total == 0.0:
+            grad[...] = 0
+            return float("nan")
+        scale = (w / total).astype(grad.dtype)
+        grad *= scale.reshape((-1,) + (1,) * (grad.ndim - 1))
+        return float(np.dot(w, per_sample) / total)
 
 
 class SoftmaxCrossEntropy(_Loss):
@@ -40,10 +74,14 @@ class SoftmaxCrossEntropy(_Loss):
         loss    = (1/N) sum_n [ logsumexp(z_n) - z_n[t_n] ]
         dlogits = (softmax(z) - onehot(t)) / N
 
+    (with ``sample_weight``, the weighted mean: see the module docstring).
+
     logsumexp(z) = max(z) + log(sum exp(z - max(z))) never overflows.
     """
 
-    def forward(self, logits: FloatArray, labels: ArrayLike) -> tuple[float, FloatArray]:
+    def forward(
+        self, logits: FloatArray, labels: ArrayLike, sample_weight: ArrayLike | None = None
+    ) -> tuple[float, FloatArray]:
         z = self._prediction(logits)
         if z.ndim != 2:
             raise ValueError(f"{self!r}: logits must have shape (N, K), got {z.shape}")
@@ -53,6 +91,7 @@ class SoftmaxCrossEntropy(_Loss):
             raise ValueError(f"{self!r}: labels must be integers of shape ({N},), got {V.describe(t)}")
         if N and (t.min() < 0 or t.max() >= K):
             raise ValueError(f"{self!r}: labels must lie in [0, {K}), got values in [{t.min()}, {t.max()}]")
+        w = self._weights(sample_weight, N)
         if not N:
             return float("nan"), np.zeros_like(z)
         shifted = z - z.max(axis=1, keepdims=True)
@@ -62,11 +101,13 @@ class SoftmaxCrossEntropy(_Loss):
         with np.errstate(under="ignore"):
             p = np.exp(shifted)
             total = p.sum(axis=1, keepdims=True)
-            loss = float(np.mean(np.log(total[:, 0]) - shifted[rows, t]))
+            per_sample = np.log(total[:, 0]) - shifted[rows, t]
             p /= total
             p[rows, t] -= 1
+            if w is not None:
+                return self._weighted(per_sample, w, p), p
             p /= N
-        return loss, p
+        return float(np.mean(per_sample)), p
 
 
 class MSELoss(_Loss):
@@ -76,16 +117,27 @@ class MSELoss(_Loss):
 
         loss = (1/S) sum (pred - target)^2
         dpred = 2 (pred - target) / S
+
+    With ``sample_weight``, the weighted mean over samples of each sample's mean
+    squared error (rows of ``pred``; see the module docstring).
     """
 
-    def forward(self, prediction: FloatArray, target: ArrayLike) -> tuple[float, FloatArray]:
+    def forward(
+        self, prediction: FloatArray, target: ArrayLike, sample_weight: ArrayLike | None = None
+    ) -> tuple[float, FloatArray]:
         pred = self._prediction(prediction)
         target = np.asarray(target)
         if target.shape != pred.shape:
             raise ValueError(f"{self!r}: target must have the prediction's shape {pred.shape}, got {target.shape}")
+        w = None if sample_weight is None else self._weights(sample_weight, pred.shape[0] if pred.ndim else 1)
         diff = pred - target.astype(pred.dtype, copy=False)
         if not diff.size:
             return float("nan"), diff
+        if w is not None:
+            # per sample: the mean of its K = size/N squared errors, gradient 2*diff/K
+            per_sample = np.mean((diff * diff).reshape(len(w), -1), axis=1, dtype=np.float64)
+            diff *= 2.0 * len(w) / pred.size
+            return self._weighted(per_sample, w, diff), diff
         loss = float(np.mean(diff * diff, dtype=np.float64))
         diff *= 2.0 / pred.size
         return loss, diff

@@ -22,6 +22,9 @@ Losses, per mini-batch of N samples (Adam or SGD with momentum on their gradient
     regressor:  (1/(N*K)) sum (prediction - y)^2               mean squared error
     penalty:    alpha/(2N) * sum of ||W||^2 over every Linear weight matrix W
 
+With ``sample_weight`` w, a batch's loss is the weighted mean (1/S) sum_n w_n l_n and its
+penalty alpha/(2S) * sum of ||W||^2, S = sum_n w_n over the batch (scikit-learn's MLPs).
+
 As scikit-learn's ``alpha`` (default 1e-4): the L2 penalty's gradient alpha*W/N is
 added to the weights' gradients (the optimizer's ``weight_decay`` alpha/N on the
 weights only, :mod:`numbabn.optim`), not to biases or batch-norm gamma/beta, and each
@@ -76,6 +79,7 @@ import copy
 import warnings
 from collections.abc import Sequence
 from math import ceil
+from numbers import Real
 from typing import Any, Self
 
 import numpy as np
@@ -313,15 +317,22 @@ class _BaseBNMLP(BaseEstimator):
         self.best_loss_: float | None = None if self.early_stopping else np.inf  # scikit-learn's convention
         self.history_ = None
 
-    def _trainer(self, n_samples: int, metrics: list[Any]) -> Any:
-        """A Trainer over the fitted network, seeded from the estimator's generator."""
+    def _trainer(self, n_samples: int, metrics: list[Any], weighted: bool = False) -> Any:
+        """A Trainer over the fitted network, seeded from the estimator's generator;
+        ``weighted``: its loss sets the weight decay per batch (:mod:`._weighted`)."""
         from ..train import Trainer
 
         batch_size = min(200 if self.batch_size == "auto" else self.batch_size, n_samples)
         self._optimizer.weight_decay = float(self.alpha) / batch_size  # gradient alpha*W/N, N the batch
+        if weighted:
+            from ._weighted import WeightedCrossEntropy, WeightedMSELoss
+
+            loss = (WeightedMSELoss if self._regression else WeightedCrossEntropy)(self._optimizer, self.alpha)
+        else:
+            loss = self._loss_fn()
         return Trainer(
             self._model,
-            self._loss_fn(),
+            loss,
             self._optimizer,
             batch_size=batch_size,
             seed=int(self._rng.integers(np.iinfo(np.int32).max)),
@@ -330,13 +341,23 @@ class _BaseBNMLP(BaseEstimator):
             verbose=0,
         )
 
-    def _epoch(self, trainer: Any, X: NDArray[Any], targets: NDArray[Any]) -> float:
+    def _epoch(
+        self, trainer: Any, X: NDArray[Any], targets: NDArray[Any], weights: NDArray[Any] | None = None
+    ) -> float:
         """One epoch (see the module docstring); appends to loss_curve_ and history_
-        (as new objects: a working copy shares the committed ones, see :meth:`_working_copy`)."""
+        (as new objects: a working copy shares the committed ones, see :meth:`_working_copy`).
+        With ``weights``, the epoch's loss is the mean over the batches whose weights do
+        not sum to 0 (the others have a NaN loss: they weigh nothing)."""
         from ..train import History
 
-        part = trainer.fit(X, targets, epochs=1)
-        loss = float(np.mean(part.loss))
+        if weights is None:
+            part = trainer.fit(X, targets, epochs=1)
+            loss = float(np.mean(part.loss))
+        else:
+            trainer.loss.totals.clear()
+            part = trainer.fit(X, targets, epochs=1, sample_weight=weights)
+            carried = [value for value, total in zip(part.loss, trainer.loss.totals, strict=True) if total > 0]
+            loss = float(np.mean(carried)) if carried else float("nan")
         self.n_iter_ += 1
         self.loss_curve_ = self.loss_curve_ + [loss]
         if not self.early_stopping:  # None after an early-stopping fit: partial_fit starts the count
@@ -428,16 +449,56 @@ class _BaseBNMLP(BaseEstimator):
         self.__dict__.update(work.__dict__)
         return self
 
-    def fit(self, X: ArrayLike, y: ArrayLike) -> Self:
+    def fit(self, X: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | float | None = None) -> Self:
         """Train from scratch for up to ``max_iter`` epochs (see the module docstring),
         or, with ``warm_start=True`` and a fitted network, continue that network.
+
+        ``sample_weight`` (None, a number, or one weight >= 0 per sample), as
+        scikit-learn's MLPs (>= 1.7): each mini-batch's loss is the weighted mean of
+        its samples' losses, and its L2 penalty is divided by the batch's weight sum
+        instead of its size, so all weights 1 fit as no weights (up to rounding) and
+        weight k counts a sample as k copies in the loss and the penalty. Batch norm's
+        batch statistics stay unweighted (as in Keras and PyTorch, where weights enter
+        the loss only): a sample of weight 0 still enters its batch's mean and
+        variance. With early stopping, the validation score is weighted too. Unlike
+        scikit-learn, negative weights are refused (a loss they weigh down is not one
+        to minimise), as are weights summing to 0 (nothing to fit); a batch whose
+        weights sum to 0 makes a step without data gradient or penalty, and
+        ``loss_curve_`` averages the batches that carry weight.
 
         Trains a copy and replaces the fitted state only on success: on an error the
         previous fit (or the unfitted state) is kept unchanged."""
         warm = bool(self.warm_start) and "_model" in self.__dict__
         work = self._working_copy(fresh=not warm)
-        work._fit(X, y, warm)
+        work._fit(X, y, warm, sample_weight)
         return self._commit(work)
+
+    def _sample_weights(self, sample_weight: Any, n_samples: int) -> NDArray[np.float64] | None:
+        """``sample_weight`` of a fit (see :meth:`fit`) as (n_samples,) float64, or None;
+        a ValueError naming it unless finite, >= 0 and not all 0."""
+        if sample_weight is None:
+            return None
+        name = type(self).__name__
+        if isinstance(sample_weight, Real) and not isinstance(sample_weight, (bool, np.bool_)):
+            w = np.full(n_samples, float(sample_weight))
+        else:
+            try:
+                w = np.asarray(sample_weight, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{name}: sample_weight must be a number or {n_samples} numbers, got {sample_weight!r:.80}"
+                ) from None
+            if w.shape != (n_samples,):
+                raise ValueError(
+                    f"{name}: sample_weight.shape == {w.shape}, expected ({n_samples},)! (one weight per sample)"
+                )
+        if not np.isfinite(w).all():
+            raise ValueError(f"{name}: sample_weight must be finite, got values in [{w.min()}, {w.max()}]")
+        if (w < 0).any():
+            raise ValueError(f"{name}: sample_weight must be >= 0, got a smallest weight of {w.min()}")
+        if not w.any():
+            raise ValueError(f"{name}: sample_weight is all zero; weights must contain at least one non-zero number")
+        return w
 
     def _check_warm_targets(self, y: NDArray[Any]) -> None:
         """A warm-started fit's y against the fitted network (the classifier's classes;
@@ -464,9 +525,10 @@ class _BaseBNMLP(BaseEstimator):
                 "Decrease 'validation_fraction' or increase the size of your dataset."
             )
 
-    def _fit(self, X: ArrayLike, y: ArrayLike, warm: bool) -> None:
+    def _fit(self, X: ArrayLike, y: ArrayLike, warm: bool, sample_weight: Any = None) -> None:
         sizes, metrics = self._check_params()
         X, y = self._validate_xy(X, y, reset=not warm)
+        weights = self._sample_weights(sample_weight, X.shape[0])
         if warm:
             self._check_warm_targets(y)
         targets = self._encode_targets(y, fitting=not warm)
@@ -477,15 +539,25 @@ class _BaseBNMLP(BaseEstimator):
             X = self._in_network_dtype("X", X)
         else:
             self._initialize(sizes, X.shape[1], self._n_outputs(), X.dtype)
+        w_val = None
         if self.early_stopping:
             stratify = targets if isinstance(self, ClassifierMixin) else None
-            X, X_val, targets, t_val = train_test_split(
+            X, X_val, targets, t_val, *w_split = train_test_split(
                 X,
                 targets,
+                *(() if weights is None else (weights,)),
                 test_size=self.validation_fraction,
                 stratify=stratify,
                 random_state=int(self._rng.integers(np.iinfo(np.int32).max)),
             )
+            if weights is not None:
+                weights, w_val = w_split
+                for part, held in (("validation", w_val), ("training", weights)):
+                    if not held.any():
+                        raise ValueError(
+                            f"{type(self).__name__}: early_stopping's {part} samples all have sample_weight 0: "
+                            f"there is nothing to {'score' if held is w_val else 'fit'}"
+                        )
             # A warm start continues an earlier early-stopping fit's scores (new list:
             # the working copy shares the committed one).
             self.validation_scores_ = list(getattr(self, "validation_scores_", None) or [])
@@ -493,14 +565,14 @@ class _BaseBNMLP(BaseEstimator):
                 self.best_validation_score_ = -np.inf
             best_state = self._model.state_dict()
         targets = self._as_training_targets(targets)
-        trainer = self._trainer(X.shape[0], metrics)
+        trainer = self._trainer(X.shape[0], metrics, weighted=weights is not None)
         # scikit-learn keeps the count across warm-started fits
         no_improvement = getattr(self, "_no_improvement_count", 0) if warm else 0
         for _ in range(self.max_iter):
             best_loss = np.inf if self.best_loss_ is None else self.best_loss_  # None after early stopping
-            loss = self._epoch(trainer, X, targets)
+            loss = self._epoch(trainer, X, targets, weights)
             if self.early_stopping:
-                score = self._score_targets(X_val, t_val)
+                score = self._score_targets(X_val, t_val, w_val)
                 self.validation_scores_.append(score)
                 if self.verbose:
                     print(f"Validation score: {score:f}")
@@ -540,13 +612,15 @@ class _BaseBNMLP(BaseEstimator):
         self._check_finite_network()
         return self
 
-    def _partial_fit(self, X: ArrayLike, y: ArrayLike, classes: ArrayLike | None = None) -> Self:
+    def _partial_fit(
+        self, X: ArrayLike, y: ArrayLike, classes: ArrayLike | None = None, sample_weight: Any = None
+    ) -> Self:
         """One epoch on a working copy, committed on success (see :meth:`fit`)."""
         work = self._working_copy(fresh=False)
-        work._partial_fit_epoch(X, y, classes)
+        work._partial_fit_epoch(X, y, classes, sample_weight)
         return self._commit(work)
 
-    def _partial_fit_epoch(self, X: ArrayLike, y: ArrayLike, classes: ArrayLike | None) -> Self:
+    def _partial_fit_epoch(self, X: ArrayLike, y: ArrayLike, classes: ArrayLike | None, sample_weight: Any) -> Self:
         sizes, metrics = self._check_params()
         if self.early_stopping:  # scikit-learn's message and rule: no validation split of one batch
             raise ValueError(
@@ -555,11 +629,13 @@ class _BaseBNMLP(BaseEstimator):
             )
         first = not hasattr(self, "_model")
         X, y = self._validate_xy(X, y, reset=first)
+        weights = self._sample_weights(sample_weight, X.shape[0])
         targets = self._encode_targets(y, fitting=first, classes=classes)
         if first:
             self._initialize(sizes, X.shape[1], self._n_outputs(), X.dtype)
         X = self._in_network_dtype("X", X)
-        self._epoch(self._trainer(X.shape[0], metrics), X, self._as_training_targets(targets))
+        trainer = self._trainer(X.shape[0], metrics, weighted=weights is not None)
+        self._epoch(trainer, X, self._as_training_targets(targets), weights)
         self._check_finite_network()
         return self
 
@@ -616,9 +692,9 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     no-improvement count carry on); changing ``hidden_layer_sizes``, ``activation``
     or ``batch_norm`` in between raises. Not offered: the "lbfgs" solver,
     ``learning_rate`` schedules other than constant, ``shuffle=False``,
-    ``nesterovs_momentum``, Adam's ``beta_1``/``beta_2``/``epsilon``, ``max_fun``,
-    ``sample_weight`` (scikit-learn >= 1.7 weights each mini-batch's loss and penalty
-    by the batch's weight sum: a per-step weight decay the Trainer does not have).
+    ``nesterovs_momentum``, Adam's ``beta_1``/``beta_2``/``epsilon``, ``max_fun``.
+    ``fit`` and ``partial_fit`` take ``sample_weight`` as scikit-learn's (see
+    ``fit``; the classifier's ``partial_fit`` takes it by keyword, after ``classes``).
 
     Attributes: ``classes_``, ``loss_curve_``, ``n_iter_`` (epochs of the last ``fit``;
     each ``partial_fit`` adds one, where scikit-learn's restarts the count at 1), ``best_loss_`` (lowest
@@ -671,19 +747,28 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     def _as_training_targets(targets: NDArray[Any]) -> NDArray[Any]:
         return targets
 
-    def _score_targets(self, X: NDArray[Any], targets: NDArray[Any]) -> float:
-        """Validation accuracy; NaN when the network's output is not finite."""
+    def _score_targets(self, X: NDArray[Any], targets: NDArray[Any], weights: NDArray[Any] | None = None) -> float:
+        """Validation accuracy (weighted by ``weights``); NaN when the network's output is not finite."""
         out = self._forward(X)
-        return accuracy_score(targets, out.argmax(axis=1)) if np.isfinite(out).all() else np.nan
+        return accuracy_score(targets, out.argmax(axis=1), sample_weight=weights) if np.isfinite(out).all() else np.nan
 
-    def partial_fit(self, X: ArrayLike, y: ArrayLike, classes: ArrayLike | None = None) -> Self:
-        """One epoch over (X, y); ``classes`` (every label) is required on the first call."""
+    def partial_fit(
+        self,
+        X: ArrayLike,
+        y: ArrayLike,
+        classes: ArrayLike | None = None,
+        *,
+        sample_weight: ArrayLike | float | None = None,
+    ) -> Self:
+        """One epoch over (X, y); ``classes`` (every label) is required on the first call.
+        ``sample_weight`` as in ``fit`` (keyword only: ``classes`` keeps its place,
+        where scikit-learn's third argument is ``sample_weight``)."""
         if classes is None and not hasattr(self, "classes_"):
             raise ValueError(
                 f"{type(self).__name__}.partial_fit: classes must be given on the first call "
                 "(every label that will ever appear)"
             )
-        return self._partial_fit(X, y, classes)
+        return self._partial_fit(X, y, classes, sample_weight)
 
     def predict_proba(self, X: ArrayLike) -> NDArray[np.floating[Any]]:
         """Softmax of the network output (eval mode), shape (n_samples, n_classes)."""
@@ -736,14 +821,15 @@ class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
     def _as_training_targets(self, targets: NDArray[Any]) -> NDArray[Any]:
         return self._in_network_dtype("y", targets)
 
-    def _score_targets(self, X: NDArray[Any], targets: NDArray[Any]) -> float:
-        """Validation R^2; NaN when the network's output is not finite."""
+    def _score_targets(self, X: NDArray[Any], targets: NDArray[Any], weights: NDArray[Any] | None = None) -> float:
+        """Validation R^2 (weighted by ``weights``); NaN when the network's output is not finite."""
         out = self._forward(X)
-        return r2_score(targets, out) if np.isfinite(out).all() else np.nan
+        return r2_score(targets, out, sample_weight=weights) if np.isfinite(out).all() else np.nan
 
-    def partial_fit(self, X: ArrayLike, y: ArrayLike) -> Self:
-        """One epoch over (X, y); the first call initialises the network."""
-        return self._partial_fit(X, y)
+    def partial_fit(self, X: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | float | None = None) -> Self:
+        """One epoch over (X, y); the first call initialises the network. ``sample_weight``
+        as in ``fit``."""
+        return self._partial_fit(X, y, None, sample_weight)
 
     def predict(self, X: ArrayLike) -> NDArray[Any]:
         """Network output (eval mode): (n_samples,) for one target, else (n_samples, n_targets)."""

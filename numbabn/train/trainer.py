@@ -5,6 +5,7 @@ One step t, on the batch (x_t, y_t)::
     metrics, when t % record_every == 0    each probes θ_t on (x_t, y_t), then restores everything
     out = model.forward(x_t)               (training mode)
     L_t, dout = loss(out, y_t)             recorded: L_t and, for classification, accuracy
+                                           (loss(out, y_t, sample_weight=w_t) given weights)
     optimizer.zero_grad(); model.backward(dout)
     optimizer.step()                       θ_{t+1}
 
@@ -48,6 +49,21 @@ def _metric_name(fn: str, metric: Any) -> str:
     if not isinstance(name, str):
         raise TypeError(f"{fn}: metric {metric!r} has neither a 'name' nor a '__name__'")
     return name
+
+
+def _check_weights(fn: str, sample_weight: Any, n: int) -> NDArray[np.float64] | None:
+    """None, or (n,) float64 weights: finite, >= 0."""
+    if sample_weight is None:
+        return None
+    w = sample_weight
+    if not isinstance(w, np.ndarray) or w.shape != (n,) or w.dtype.kind not in "iuf":
+        raise ValueError(
+            f"{fn}: sample_weight must be a NumPy array of {n} numbers (one per sample), got {V.describe(w)}"
+        )
+    w = w.astype(np.float64)
+    if not (np.isfinite(w).all() and (w >= 0).all()):
+        raise ValueError(f"{fn}: sample_weight must be finite and >= 0, got values in [{w.min()}, {w.max()}]")
+    return w
 
 
 def _check_data(fn: str, X: Any, y: Any) -> tuple[NDArray[Any], NDArray[Any]]:
@@ -173,9 +189,21 @@ class Trainer:
         return nullcontext()
 
     # ------------------------------------------------------------ the loop
-    def fit(self, X: NDArray[Any], y: NDArray[Any], steps: int | None = None, epochs: int | None = None) -> History:
+    def fit(
+        self,
+        X: NDArray[Any],
+        y: NDArray[Any],
+        steps: int | None = None,
+        epochs: int | None = None,
+        sample_weight: NDArray[Any] | None = None,
+    ) -> History:
         """Train for ``steps`` steps or ``epochs`` epochs (exactly one of them) and
         return the :class:`History` of this call.
+
+        ``sample_weight``: None, or one weight per sample (finite, >= 0); each step
+        then calls ``loss(out, y_t, sample_weight=w_t)`` with the batch's weights (the
+        losses of :mod:`numbabn.layers` take their weighted mean). The recorded
+        accuracy stays unweighted.
 
         The first call (no step done yet) resets every
         :class:`~numbabn.train.metrics.Metric` among the metrics before its first
@@ -195,7 +223,7 @@ class Trainer:
         trainer_state = (self.rng.bit_generator.state, self.steps_done)
         metric_state = [(m, dict(vars(m))) for m in self.metrics if isinstance(m, Metric)]
         try:
-            return self._fit(X, y, steps, epochs)
+            return self._fit(X, y, steps, epochs, sample_weight)
         except Exception:
             restore(saved)
             self.rng.bit_generator.state, self.steps_done = trainer_state
@@ -204,9 +232,12 @@ class Trainer:
                 vars(metric).update(attrs)
             raise
 
-    def _fit(self, X: NDArray[Any], y: NDArray[Any], steps: int | None, epochs: int | None) -> History:
+    def _fit(
+        self, X: NDArray[Any], y: NDArray[Any], steps: int | None, epochs: int | None, sample_weight: Any
+    ) -> History:
         fn = "Trainer.fit"
         X, y = _check_data(fn, X, y)
+        weights = _check_weights(fn, sample_weight, len(X))
         if (steps is None) == (epochs is None):
             raise ValueError(f"{fn}: give exactly one of steps and epochs, got steps={steps!r}, epochs={epochs!r}")
         n = len(X)
@@ -244,7 +275,7 @@ class Trainer:
                     for name, metric in zip(self.metric_names, self.metrics, strict=True):
                         history.record_metric(name, t, metric(model, loss, optimizer, (xb, yb)))
                 out = model.forward(xb)
-                value, dout = loss(out, yb)
+                value, dout = loss(out, yb) if weights is None else loss(out, yb, sample_weight=weights[idx])
                 history.record_step(t, value, self._accuracy(out, yb) if self.classification else None)
                 optimizer.zero_grad()
                 model.backward(dout)

@@ -1,0 +1,42 @@
+"""The BN-MLPs' losses for a fit with ``sample_weight``: scikit-learn's L2 penalty per
+unit of weight.
+
+scikit-learn's MLPs (>= 1.7) divide a mini-batch's penalty by the batch's weight sum S
+(not its size N): the step's gradient is ``(sum_n w_n dl_n + alpha*W) / S`` for each
+weight matrix W. The loss of :mod:`numbabn.layers` gives the first term (its weighted
+mean); the second is the optimizer's weight decay, which therefore changes from batch
+to batch: these losses set it to ``alpha / S`` when the Trainer calls them with the
+batch's weights, right before the step that uses it (0 for a batch whose weights sum
+to 0: that step has a zero data gradient too). Without weights they are the plain
+losses. Each call with weights also records S (``totals``), from which the
+estimator averages an epoch's loss over the batches that carry weight.
+"""
+
+from typing import Any
+
+import numpy as np
+
+from ..layers import MSELoss, SoftmaxCrossEntropy
+
+
+class _PenaltyPerWeight:
+    """Mixin before a loss of :mod:`numbabn.layers` (see the module docstring)."""
+
+    def __init__(self, optimizer: Any, alpha: float) -> None:
+        self.optimizer, self.alpha = optimizer, float(alpha)
+        self.totals: list[float] = []
+
+    def __call__(self, prediction: Any, target: Any, sample_weight: Any = None) -> Any:
+        if sample_weight is not None:
+            total = float(np.sum(sample_weight))
+            self.optimizer.weight_decay = self.alpha / total if total > 0 else 0.0
+            self.totals.append(total)
+        return super().__call__(prediction, target, sample_weight)  # type: ignore[misc]  # the loss after it
+
+
+class WeightedCrossEntropy(_PenaltyPerWeight, SoftmaxCrossEntropy):
+    """:class:`~numbabn.layers.SoftmaxCrossEntropy` with the penalty per unit of weight."""
+
+
+class WeightedMSELoss(_PenaltyPerWeight, MSELoss):
+    """:class:`~numbabn.layers.MSELoss` with the penalty per unit of weight."""
