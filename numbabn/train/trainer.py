@@ -203,7 +203,8 @@ class Trainer:
         ``sample_weight``: None, or one weight per sample (finite, >= 0); each step
         then calls ``loss(out, y_t, sample_weight=w_t)`` with the batch's weights (the
         losses of :mod:`numbabn.layers` take their weighted mean). The recorded
-        accuracy stays unweighted.
+        accuracy stays unweighted, and the metrics, which take (x, y) batches, probe
+        the unweighted loss.
 
         The first call (no step done yet) resets every
         :class:`~numbabn.train.metrics.Metric` among the metrics before its first
