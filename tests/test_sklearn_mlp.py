@@ -111,7 +111,8 @@ def test_partial_fit_classifier(digits):
     assert clf.n_iter_ == 1
     for _ in range(6):
         clf.partial_fit(X_tr, y_tr)
-    assert clf.n_iter_ == 7 and len(clf.loss_curve_) == 7
+    # as scikit-learn's MLPs: n_iter_ is this call's epochs, the loss curve carries on
+    assert clf.n_iter_ == 1 and len(clf.loss_curve_) == 7
     assert clf.loss_curve_[-1] < clf.loss_curve_[0]
     assert clf.score(X_te, y_te) > 0.9
     # Plain values in the message, not [np.int64(0), ...].
@@ -141,7 +142,7 @@ def test_partial_fit_regressor_continues_fit():
     before = reg.score(X, y)
     for _ in range(30):
         reg.partial_fit(X, y)
-    assert reg.n_iter_ == 35
+    assert reg.n_iter_ == 1 and len(reg.loss_curve_) == 35
     assert reg.score(X, y) > max(before, 0.9)
 
 
@@ -306,7 +307,7 @@ def test_partial_fit_sample_rules_follow_the_fitted_network():
     X, y = make_regression(n_samples=30, n_features=3, random_state=0)
     plain = BNMLPRegressor(hidden_layer_sizes=(8,), batch_norm=False, max_iter=2, random_state=0).fit(X, y)
     plain.set_params(batch_norm=True).partial_fit(X[:1], y[:1])  # no batch norm in that network
-    assert plain.n_iter_ == 3
+    assert plain.n_iter_ == 1 and len(plain.loss_curve_) == 3
     bn = BNMLPRegressor(hidden_layer_sizes=(8,), max_iter=2, random_state=0).fit(X, y)
     bn.set_params(batch_norm=False)
     with pytest.raises(
@@ -612,3 +613,21 @@ def test_a_warm_start_that_cannot_continue_raises_and_changes_nothing(change, ma
     with pytest.raises(ValueError, match=match):
         est.fit(X2, y2)
     assert pickle.dumps(est) == before
+
+
+@pytest.mark.parametrize("ours, theirs", [(BNMLPClassifier, "MLPClassifier"), (BNMLPRegressor, "MLPRegressor")])
+def test_n_iter_and_loss_curve_count_as_in_scikit_learn(ours, theirs):
+    """n_iter_ is the epochs of the last call (1 after partial_fit), loss_curve_ grows
+    across partial_fit calls and restarts with fit: step by step as scikit-learn's."""
+    import sklearn.neural_network as nn
+
+    X, y = make_blobs(40, 3, centers=2, random_state=0)
+    common = dict(hidden_layer_sizes=(4,), max_iter=5, n_iter_no_change=100, random_state=0)
+    pair = (ours(**common), getattr(nn, theirs)(**common))
+    first = {"classes": [0, 1]} if ours is BNMLPClassifier else {}
+    calls = [("partial_fit", first), ("partial_fit", {}), ("fit", {}), ("partial_fit", {})]
+    for method, kwargs in calls:
+        for est in pair:
+            getattr(est, method)(X, y, **kwargs)
+        assert pair[0].n_iter_ == pair[1].n_iter_, method
+        assert len(pair[0].loss_curve_) == len(pair[1].loss_curve_), method

@@ -635,6 +635,7 @@ class _BaseBNMLP(BaseEstimator):
             self._initialize(sizes, X.shape[1], self._n_outputs(), X.dtype)
         X = self._in_network_dtype("X", X)
         trainer = self._trainer(X.shape[0], metrics, weighted=weights is not None)
+        self.n_iter_ = 0  # the epochs of this call (one), as in scikit-learn; loss_curve_ carries on
         self._epoch(trainer, X, self._as_training_targets(targets), weights)
         self._check_finite_network()
         return self
@@ -696,8 +697,8 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     ``fit`` and ``partial_fit`` take ``sample_weight`` as scikit-learn's (see
     ``fit``; the classifier's ``partial_fit`` takes it by keyword, after ``classes``).
 
-    Attributes: ``classes_``, ``loss_curve_``, ``n_iter_`` (epochs of the last ``fit``;
-    each ``partial_fit`` adds one, where scikit-learn's restarts the count at 1), ``best_loss_`` (lowest
+    Attributes: ``classes_``, ``loss_curve_``, ``n_iter_`` (epochs of the last ``fit``
+    or ``partial_fit`` call: 1 after ``partial_fit``, as in scikit-learn), ``best_loss_`` (lowest
     epoch loss; None after a fit with early stopping, as in scikit-learn -- a later
     ``partial_fit`` counts from its own epochs), ``validation_scores_`` and
     ``best_validation_score_`` (early stopping), ``history_`` (the
