@@ -4,6 +4,7 @@ model selection, dtypes, stopping rules, recorded metrics, pickling and errors."
 import pickle
 import warnings
 from copy import deepcopy
+from math import ceil
 
 import numpy as np
 import pytest
@@ -631,3 +632,27 @@ def test_n_iter_and_loss_curve_count_as_in_scikit_learn(ours, theirs):
             getattr(est, method)(X, y, **kwargs)
         assert pair[0].n_iter_ == pair[1].n_iter_, method
         assert len(pair[0].loss_curve_) == len(pair[1].loss_curve_), method
+
+
+@pytest.mark.parametrize("ours, theirs", [(BNMLPClassifier, "MLPClassifier"), (BNMLPRegressor, "MLPRegressor")])
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_fitted_attributes_are_scikit_learns(ours, theirs, early_stopping):
+    """Code written against scikit-learn's MLPs reads the same fitted attributes:
+    loss_ (the last epoch's loss), t_, n_layers_, out_activation_, and
+    validation_scores_ / best_validation_score_ (None without early stopping)."""
+    import sklearn.neural_network as nn
+
+    X, y = make_blobs(60, 3, centers=3, random_state=0)
+    common = dict(hidden_layer_sizes=(4, 5), max_iter=3, batch_size=20, early_stopping=early_stopping, random_state=0)
+    est, ref = ours(**common).fit(X, y), getattr(nn, theirs)(**common).fit(X, y)
+    expected = {k for k in vars(ref) if k.endswith("_") and not k.startswith("_")} - {"coefs_", "intercepts_"}
+    if ours is BNMLPClassifier:
+        expected -= {"n_outputs_"}  # scikit-learn's classifier counts its output units
+    assert expected <= set(vars(est))
+    assert est.loss_ == est.loss_curve_[-1]
+    assert est.n_layers_ == ref.n_layers_ == 4
+    assert est.out_activation_ == ref.out_activation_  # softmax for 3 classes, identity for regression
+    n_train = len(X) - (ceil(0.1 * len(X)) if early_stopping else 0)
+    assert est.t_ == 3 * (n_train // 20) * 20
+    for name in ("validation_scores_", "best_validation_score_"):
+        assert (getattr(est, name) is None) == (getattr(ref, name) is None) == (not early_stopping)

@@ -313,8 +313,14 @@ class _BaseBNMLP(BaseEstimator):
         )
         self._model, self._optimizer = self._build(self._arch, self._rng)
         self.n_iter_ = 0
+        self.t_ = 0
+        self.n_layers_ = len(sizes) + 2  # input, hidden and output layers, as scikit-learn counts
+        self.out_activation_ = "identity" if self._regression else "softmax"
         self.loss_curve_: list[float] = []
         self.best_loss_: float | None = None if self.early_stopping else np.inf  # scikit-learn's convention
+        if not self.early_stopping:  # scikit-learn's: None unless early stopping keeps scores
+            self.validation_scores_: list[float] | None = None
+            self.best_validation_score_: float | None = None
         self.history_ = None
 
     def _trainer(self, n_samples: int, metrics: list[Any], weighted: bool = False) -> Any:
@@ -359,6 +365,9 @@ class _BaseBNMLP(BaseEstimator):
             carried = [value for value, total in zip(part.loss, trainer.loss.totals, strict=True) if total > 0]
             loss = float(np.mean(carried)) if carried else float("nan")
         self.n_iter_ += 1
+        # samples in this epoch's batches (getattr: an estimator pickled before t_ existed)
+        self.t_ = getattr(self, "t_", 0) + len(part.step) * trainer.batch_size
+        self.loss_ = loss
         self.loss_curve_ = self.loss_curve_ + [loss]
         if not self.early_stopping:  # None after an early-stopping fit: partial_fit starts the count
             self.best_loss_ = min(np.inf if self.best_loss_ is None else self.best_loss_, loss)
@@ -697,14 +706,20 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     ``fit`` and ``partial_fit`` take ``sample_weight`` as scikit-learn's (see
     ``fit``; the classifier's ``partial_fit`` takes it by keyword, after ``classes``).
 
-    Attributes: ``classes_``, ``loss_curve_``, ``n_iter_`` (epochs of the last ``fit``
-    or ``partial_fit`` call: 1 after ``partial_fit``, as in scikit-learn), ``best_loss_`` (lowest
+    Attributes: ``classes_``, ``loss_`` (the last epoch's loss), ``loss_curve_``,
+    ``n_iter_`` (epochs of the last ``fit``
+    or ``partial_fit`` call: 1 after ``partial_fit``, as in scikit-learn), ``t_``
+    (training samples in the batches trained on: the n mod batch_size samples an
+    epoch leaves out are not counted, where scikit-learn adds n per epoch),
+    ``n_layers_``, ``out_activation_`` ("softmax", also for two classes, where
+    scikit-learn's binary network has one logistic output), ``best_loss_`` (lowest
     epoch loss; None after a fit with early stopping, as in scikit-learn -- a later
     ``partial_fit`` counts from its own epochs), ``validation_scores_`` and
-    ``best_validation_score_`` (early stopping), ``history_`` (the
+    ``best_validation_score_`` (early stopping; None without, as in scikit-learn), ``history_`` (the
     :class:`numbabn.train.History` of all epochs: per-step loss and accuracy, and the
-    recorded metrics), ``n_features_in_``, ``feature_names_in_``. See the module
-    docstring for the math.
+    recorded metrics), ``n_features_in_``, ``feature_names_in_``. Not offered:
+    ``coefs_``/``intercepts_`` (with batch norm the hidden layers have no biases, and
+    gamma/beta have no place in that layout). See the module docstring for the math.
     """
 
     _regression = False
