@@ -91,19 +91,29 @@ SHIFT, SUM, SQ = 0, 1, 2
 SG, SGD = 0, 1
 
 
+# Small helpers are plain @njit functions: Numba compiles each once per signature in a
+# process and every kernel links that one copy, which LLVM then inlines (the kernels'
+# vectorised loops stay: their optimised IR holds the same vector operations, but for the
+# once-per-block _fold_sums and _tile, now calls; forward + backward on one thread,
+# six alternating rounds, was as fast or faster). Numba's own inline="always" re-types the helper at each
+# call site: every entry point cold took 23.4 and 20.1 s of compile events that way,
+# 21.3 and 18.3 s this way (bench/first_call.py --table, alternating, busy 2-vCPU VM).
+# Only the helpers that take a possibly-None residual stay inline="always" (_at,
+# _store, _flat, _run): as calls, the residual backward's dx loop lost its
+# vectorisation (vector operations in its optimised IR: 126 -> 18).
 # Numba compiles builtin min/max as separate overloads per argument type (about 0.1 s
-# each on a cold start); these two inline into their callers.
-@njit(error_model="numpy", inline="always")
+# each on a cold start); these two replace them.
+@njit(error_model="numpy")
 def _min(a, b):
     return b if b < a else a
 
 
-@njit(error_model="numpy", inline="always")
+@njit(error_model="numpy")
 def _max(a, b):
     return b if b > a else a
 
 
-@njit(error_model="numpy", inline="always")
+@njit(error_model="numpy")
 def _shift(v):
     """A block's shift: its first value, or 0 where that is infinite or NaN (with an
     infinite shift, d = x - shift of the block's finite values is infinite and the
@@ -284,7 +294,7 @@ def ncl_blocks(shape, chunk):
     return KN * -(-C // G), KN
 
 
-@njit(error_model="numpy", inline="always")
+@njit(error_model="numpy")
 def _ncl_span(shape, n0, n1, c0, c1, l0, l1):
     """The block (n0..n1, c0..c1, l0..l1) of :func:`_ncl_block` as one stretch of the
     flat array -> (b0, b1, w): values b0..b1, rows of w values, channels c0..c1 in
@@ -321,14 +331,14 @@ def _fold(C):
 _APPLY_RUN = 32
 
 
-@njit(error_model="numpy", inline="always")
+@njit(error_model="numpy")
 def _apply_run(C, FC):
     """Values per run of the channels-last element-wise kernels: whole rows of C values,
     about :data:`_APPLY_RUN` of them, within the coefficients' F*C = ``FC``."""
     return C * _max(1, _min(FC // C, _APPLY_RUN // C))
 
 
-@njit(error_model="numpy", inline="always")
+@njit(error_model="numpy")
 def _group(n, FC):
     """Values per output group of the channels-last element-wise kernels: whole runs
     of FC values, about ``n`` of them (at least one run): one buffer when streaming
@@ -338,7 +348,7 @@ def _group(n, FC):
     return FC * _max(1, n // FC)
 
 
-@njit(error_model="numpy", inline="always")
+@njit(error_model="numpy")
 def _fold_sums(a, b, C, out_a, out_b):
     """out_a[c], out_b[c] = the sums of a run's per-entry sums ``a``, ``b`` over the
     entries j of channel c (j % C == c), in order."""
@@ -480,7 +490,7 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
 # ------------------------------------------------------------------ coefficients
 
 
-@njit(error_model="numpy", inline="always")
+@njit(error_model="numpy")
 def _tile(coef, C):
     """Repeat the first C columns of (K, F*C) ``coef`` along its rows: entry j of a
     channels-last run of F rows belongs to channel j % C."""
@@ -489,7 +499,7 @@ def _tile(coef, C):
             coef[r, j] = coef[r, j - C]
 
 
-@njit(error_model="numpy", inline="always")
+@njit(error_model="numpy")
 def _weighted_mean(cnt, part, c, count, stats):
     """Channel c's merged (mean - shift_0, M2) of data holding an infinity or NaN, for
     which the Chan merge's mean is not finite: the count-weighted mean of the block
