@@ -13,6 +13,7 @@ from math import isfinite
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 
 def describe(value: Any) -> str:
@@ -132,3 +133,20 @@ def check_moments_value(fn: str, name: str, m: Any) -> None:
         raise ValueError(f"{fn}: {name}.mean and {name}.m2 differ in shape ({m.mean.shape} vs {m.m2.shape})")
     if np.any(m.m2 < 0):
         raise ValueError(f"{fn}: {name}.m2 (sum of squared deviations) must be >= 0, got {float(m.m2.min())!r}")
+
+
+def check_weights(fn: str, value: Any, n: int) -> NDArray[np.float64]:
+    """``sample_weight``: n numbers (one per sample), finite and >= 0, as float64
+    (an array or anything ``np.asarray`` takes)."""
+    try:
+        w = np.asarray(value)
+    except (TypeError, ValueError):
+        w = None
+    if w is None or w.shape != (n,) or w.dtype.kind not in "iuf":
+        raise ValueError(f"{fn}: sample_weight must be {n} numbers (one per sample), got {describe(value)}")
+    w = w.astype(np.float64)
+    if not np.isfinite(w).all():
+        raise ValueError(f"{fn}: sample_weight must be finite, got values in [{w.min()}, {w.max()}]")
+    if (w < 0).any():
+        raise ValueError(f"{fn}: sample_weight must be >= 0, got a smallest weight of {w.min()}")
+    return w

@@ -170,9 +170,10 @@ def test_weights_tilt_the_fit_towards_the_heavy_samples():
         (-np.ones(40), ">= 0"),
         (np.full(40, np.inf), "finite"),
         (np.zeros(40), "all zero"),
-        ("heavy", "number"),
+        ("heavy", r"sample_weight.shape == \(\), expected"),
+        ([[1.0], [1.0, 2.0]], "a number or 40 numbers"),
     ],
-    ids=["shape", "negative", "inf", "zeros", "text"],
+    ids=["shape", "negative", "inf", "zeros", "text", "ragged"],
 )
 def test_bad_weights_raise_naming_them_and_change_nothing(bad, match):
     X, y = make_blobs(40, 3, centers=2, random_state=0)

@@ -42,16 +42,8 @@ class _Loss:
         return prediction
 
     def _weights(self, sample_weight: Any, n: int) -> NDArray[np.float64] | None:
-        """``sample_weight`` as (n,) float64 weights, finite and >= 0; None stays None."""
-        if sample_weight is None:
-            return None
-        w = np.asarray(sample_weight)
-        if w.shape != (n,) or w.dtype.kind not in "iuf":
-            raise ValueError(f"{self!r}: sample_weight must be {n} numbers (one per sample), got {V.describe(w)}")
-        w = w.astype(np.float64)
-        if not (np.isfinite(w).all() and (w >= 0).all()):
-            raise ValueError(f"{self!r}: sample_weight must be finite and >= 0, got values in [{w.min()}, {w.max()}]")
-        return w
+        """``sample_weight`` as (n,) float64 weights (:func:`numbabn._checks.check_weights`); None stays None."""
+        return None if sample_weight is None else V.check_weights(repr(self), sample_weight, n)
 
     @staticmethod
     def _weighted(per_sample: Any, w: NDArray[np.float64], grad: FloatArray) -> float:

@@ -92,7 +92,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
-from .._checks import is_int, is_real
+from .._checks import check_weights, is_int, is_real
 
 FLOAT_DTYPES = (np.float64, np.float32)
 ACTIVATIONS = ("relu", "tanh", "logistic")
@@ -489,22 +489,20 @@ class _BaseBNMLP(BaseEstimator):
             return None
         name = type(self).__name__
         if isinstance(sample_weight, Real) and not isinstance(sample_weight, (bool, np.bool_)):
-            w = np.full(n_samples, float(sample_weight))
-        else:
+            sample_weight = np.full(n_samples, float(sample_weight))
+        else:  # np.asarray, not np.shape: array-likes such as scikit-learn's _NotAnArray refuse the latter
             try:
-                w = np.asarray(sample_weight, dtype=np.float64)
-            except (TypeError, ValueError):
+                sample_weight = np.asarray(sample_weight)
+            except (TypeError, ValueError):  # ragged nested sequences
                 raise ValueError(
                     f"{name}: sample_weight must be a number or {n_samples} numbers, got {sample_weight!r:.80}"
                 ) from None
-            if w.shape != (n_samples,):
+            if sample_weight.shape != (n_samples,):  # scikit-learn's message
                 raise ValueError(
-                    f"{name}: sample_weight.shape == {w.shape}, expected ({n_samples},)! (one weight per sample)"
+                    f"{name}: sample_weight.shape == {sample_weight.shape}, expected ({n_samples},)! "
+                    "(one weight per sample)"
                 )
-        if not np.isfinite(w).all():
-            raise ValueError(f"{name}: sample_weight must be finite, got values in [{w.min()}, {w.max()}]")
-        if (w < 0).any():
-            raise ValueError(f"{name}: sample_weight must be >= 0, got a smallest weight of {w.min()}")
+        w = check_weights(name, sample_weight, n_samples)
         if not w.any():
             raise ValueError(f"{name}: sample_weight is all zero; weights must contain at least one non-zero number")
         return w

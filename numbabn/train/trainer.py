@@ -51,21 +51,6 @@ def _metric_name(fn: str, metric: Any) -> str:
     return name
 
 
-def _check_weights(fn: str, sample_weight: Any, n: int) -> NDArray[np.float64] | None:
-    """None, or (n,) float64 weights: finite, >= 0."""
-    if sample_weight is None:
-        return None
-    w = sample_weight
-    if not isinstance(w, np.ndarray) or w.shape != (n,) or w.dtype.kind not in "iuf":
-        raise ValueError(
-            f"{fn}: sample_weight must be a NumPy array of {n} numbers (one per sample), got {V.describe(w)}"
-        )
-    w = w.astype(np.float64)
-    if not (np.isfinite(w).all() and (w >= 0).all()):
-        raise ValueError(f"{fn}: sample_weight must be finite and >= 0, got values in [{w.min()}, {w.max()}]")
-    return w
-
-
 def _check_data(fn: str, X: Any, y: Any) -> tuple[NDArray[Any], NDArray[Any]]:
     if not isinstance(X, np.ndarray) or not isinstance(y, np.ndarray):
         raise TypeError(f"{fn}: X and y must be NumPy arrays, got {V.describe(X)} and {V.describe(y)}")
@@ -238,7 +223,7 @@ class Trainer:
     ) -> History:
         fn = "Trainer.fit"
         X, y = _check_data(fn, X, y)
-        weights = _check_weights(fn, sample_weight, len(X))
+        weights = None if sample_weight is None else V.check_weights(fn, sample_weight, len(X))
         if (steps is None) == (epochs is None):
             raise ValueError(f"{fn}: give exactly one of steps and epochs, got steps={steps!r}, epochs={epochs!r}")
         n = len(X)
