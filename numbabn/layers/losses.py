@@ -121,7 +121,7 @@ class MSELoss(_Loss):
         target = np.asarray(target)
         if target.shape != pred.shape:
             raise ValueError(f"{self!r}: target must have the prediction's shape {pred.shape}, got {target.shape}")
-        w = None if sample_weight is None else self._weights(sample_weight, pred.shape[0] if pred.ndim else 1)
+        w = self._weights(sample_weight, pred.shape[0] if pred.ndim else 1)
         diff = pred - target.astype(pred.dtype, copy=False)
         if not diff.size:
             return float("nan"), diff
