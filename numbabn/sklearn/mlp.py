@@ -559,11 +559,11 @@ class _BaseBNMLP(BaseEstimator):
             )
             if weights is not None:
                 weights, w_val = w_split
-                for part, held in (("validation", w_val), ("training", weights)):
+                for part, held, task in (("validation", w_val, "score"), ("training", weights, "fit")):
                     if not held.any():
                         raise ValueError(
                             f"{type(self).__name__}: early_stopping's {part} samples all have sample_weight 0: "
-                            f"there is nothing to {'score' if held is w_val else 'fit'}"
+                            f"there is nothing to {task}"
                         )
             # A warm start continues an earlier early-stopping fit's scores (new list:
             # the working copy shares the committed one).
