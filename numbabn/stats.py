@@ -100,17 +100,31 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
         return b
     # Python ints: NumPy integer counts (np.int32, or np.int64 products of shapes at
     # dataset scale) would wrap in na*nb.
-    na, nb = int(a.count), int(b.count)
+    return Moments(*chan_merge(int(a.count), a.mean, a.m2, int(b.count), b.mean, b.m2))
+
+
+def chan_merge(
+    na: float,
+    mean_a: NDArray[np.float64],
+    m2_a: NDArray[np.float64],
+    nb: float,
+    mean_b: NDArray[np.float64],
+    m2_b: NDArray[np.float64],
+) -> tuple[float, NDArray[np.float64], NDArray[np.float64]]:
+    """Chan et al.'s merge of two summaries (count or weight sum, mean, m2) of
+    disjoint data, both counts > 0 -> (na + nb, mean, m2). Counts may be Python ints
+    (exact ``na*nb``) or float weight sums (:class:`~numbabn.sklearn.BatchNormTransformer`
+    with ``sample_weight``, where weight k counts a sample k times)."""
     n = na + nb
     with np.errstate(invalid="ignore"):  # infinite data: see below
-        delta = b.mean - a.mean
-        mean = a.mean + delta * (nb / n)
-        m2 = a.m2 + b.m2 + delta * delta * (na * nb / n)
+        delta = mean_b - mean_a
+        mean = mean_a + delta * (nb / n)
+        m2 = m2_a + m2_b + delta * delta * (na * nb / n)
         off = ~np.isfinite(delta)
         if off.any():
             # An infinite (or NaN) mean on one side: the weighted mean keeps +-inf where
             # Chan's update gives inf + (finite - inf) = NaN; the M2 of data holding
             # infinities is NaN (PyTorch: mean inf, var NaN).
-            mean = np.where(off, a.mean * (na / n) + b.mean * (nb / n), mean)
+            mean = np.where(off, mean_a * (na / n) + mean_b * (nb / n), mean)
             m2 = np.where(off, np.nan, m2)
-    return Moments(n, mean, m2)
+    return n, mean, m2

@@ -25,7 +25,8 @@ Dask array is actually handled. The hooks used by
 Limits: 2-D arrays for the transformer (any ndim for :func:`moments`); Dask
 DataFrames are not accepted (convert with ``.to_dask_array(lengths=True)``), so
 ``feature_names_in_`` is never set from a Dask input; ``inverse_transform`` takes
-NumPy input only.
+NumPy input only; ``fit``/``partial_fit`` take no ``sample_weight`` with a Dask X (a
+TypeError says so).
 """
 
 import sys

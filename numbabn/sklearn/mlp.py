@@ -79,7 +79,6 @@ import copy
 import warnings
 from collections.abc import Sequence
 from math import ceil
-from numbers import Real
 from typing import Any, Self
 
 import numpy as np
@@ -92,7 +91,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
-from .._checks import check_weights, is_int, is_real
+from .._checks import is_int, is_real
+from ._sample_weight import check_sample_weight
 
 FLOAT_DTYPES = (np.float64, np.float32)
 ACTIVATIONS = ("relu", "tanh", "logistic")
@@ -482,31 +482,6 @@ class _BaseBNMLP(BaseEstimator):
         work._fit(X, y, warm, sample_weight)
         return self._commit(work)
 
-    def _sample_weights(self, sample_weight: Any, n_samples: int) -> NDArray[np.float64] | None:
-        """``sample_weight`` of a fit (see :meth:`fit`) as (n_samples,) float64, or None;
-        a ValueError naming it unless finite, >= 0 and not all 0."""
-        if sample_weight is None:
-            return None
-        name = type(self).__name__
-        if isinstance(sample_weight, Real) and not isinstance(sample_weight, (bool, np.bool_)):
-            sample_weight = np.full(n_samples, float(sample_weight))
-        else:  # np.asarray, not np.shape: array-likes such as scikit-learn's _NotAnArray refuse the latter
-            try:
-                sample_weight = np.asarray(sample_weight)
-            except (TypeError, ValueError):  # ragged nested sequences
-                raise ValueError(
-                    f"{name}: sample_weight must be a number or {n_samples} numbers, got {sample_weight!r:.80}"
-                ) from None
-            if sample_weight.shape != (n_samples,):  # scikit-learn's message
-                raise ValueError(
-                    f"{name}: sample_weight.shape == {sample_weight.shape}, expected ({n_samples},)! "
-                    "(one weight per sample)"
-                )
-        w = check_weights(name, sample_weight, n_samples)
-        if not w.any():
-            raise ValueError(f"{name}: sample_weight is all zero; weights must contain at least one non-zero number")
-        return w
-
     def _check_warm_targets(self, y: NDArray[Any]) -> None:
         """A warm-started fit's y against the fitted network (the classifier's classes;
         a regressor's target count is checked with the targets)."""
@@ -535,7 +510,7 @@ class _BaseBNMLP(BaseEstimator):
     def _fit(self, X: ArrayLike, y: ArrayLike, warm: bool, sample_weight: Any = None) -> None:
         sizes, metrics = self._check_params()
         X, y = self._validate_xy(X, y, reset=not warm)
-        weights = self._sample_weights(sample_weight, X.shape[0])
+        weights = check_sample_weight(type(self).__name__, sample_weight, X.shape[0])
         if warm:
             self._check_warm_targets(y)
         targets = self._encode_targets(y, fitting=not warm)
@@ -636,7 +611,7 @@ class _BaseBNMLP(BaseEstimator):
             )
         first = not hasattr(self, "_model")
         X, y = self._validate_xy(X, y, reset=first)
-        weights = self._sample_weights(sample_weight, X.shape[0])
+        weights = check_sample_weight(type(self).__name__, sample_weight, X.shape[0])
         targets = self._encode_targets(y, fitting=first, classes=classes)
         if first:
             self._initialize(sizes, X.shape[1], self._n_outputs(), X.dtype)

@@ -30,6 +30,18 @@ Two ways to learn the statistics:
       mean_ <- (1 - m)*mean_ + m*mean_batch
       var_  <- (1 - m)*var_  + m*var_batch*n/(n - 1)       (unbiased batch variance)
 
+With ``sample_weight`` (``fit`` and ``partial_fit``, as StandardScaler's) the batch's
+mean and m2 are weighted, weight k counting a sample k times, and n is the batch's
+weight sum W (a float)::
+
+    mean = sum(w*x)/W;  m2 = sum(w*(x - mean)**2)
+
+They merge exactly as above, and a moving-average step uses the unbiased
+``m2/(W - 1)`` (weights summing to more than 1). Integer weights therefore give the
+statistics of the data with each sample repeated that many times (0: left out). The
+weighted moments are computed in float64 with NumPy, not by the Numba kernel, which
+has no weights; a Dask X takes no ``sample_weight``.
+
 ``fit(X)`` forgets previous statistics and is one ``partial_fit(X)``. ``partial_fit``
 continues in the mode ``fit`` (or the first ``partial_fit``) started: an exact summary
 and a moving average are different quantities (one covers every sample equally, the
@@ -53,7 +65,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._checks import check_bool, is_real
 from ..functional import batch_norm_forward, moments
-from ..stats import Moments, merge_moments
+from ..stats import chan_merge
+from ._sample_weight import check_sample_weight
 
 FLOAT_DTYPES = (np.float64, np.float32)
 
@@ -63,6 +76,10 @@ _INPLACE_VALUES = 1 << 20
 
 # Fitted attributes that validate_data(reset=True) may write before it rejects X.
 _NAME_ATTRS = ("n_features_in_", "feature_names_in_")
+
+# (n, mean, m2): n values per feature (an int), or their weight sum (a float) once
+# sample_weight was given; mean and m2 float64 (n_features,).
+_Summary = tuple[Any, NDArray[np.float64], NDArray[np.float64]]
 
 
 _is_real = is_real  # the shared check: a finite number, not bool
@@ -94,8 +111,10 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
     mean_, var_ : ndarray of shape (n_features,), float64
         The statistics ``transform`` uses. ``var_`` is the biased variance (m2/n) for
         ``momentum=None``, the moving average of unbiased batch variances otherwise.
-    n_samples_seen_ : int
-        Samples seen since the last ``fit``: all of them are in the statistics.
+    n_samples_seen_ : int or float
+        Samples seen since the last ``fit``: all of them are in the statistics. A
+        float, the sum of the weights seen, once a ``sample_weight`` was given (an
+        unweighted batch counts 1 per sample), as in StandardScaler.
     n_features_in_, feature_names_in_ : as in scikit-learn.
 
     Input of dtype float32 gives float32 output (float64 for any other dtype);
@@ -158,37 +177,49 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         return arr
 
     # ------------------------------------------------------------ fitting
-    def _validate_fit(self, X: Any) -> tuple[Any, tuple[Any, ...], Moments]:
-        """validate_data for fitting, plus the parameters. On the first batch,
-        validate_data(reset=True) sets n_features_in_ (and feature_names_in_) before
-        it checks X: they are removed again if anything is rejected.
+    def _validate_fit(self, X: Any, sample_weight: Any) -> tuple[Any, tuple[Any, ...], _Summary]:
+        """validate_data for fitting, plus the parameters and the weights. On the first
+        batch, validate_data(reset=True) sets n_features_in_ (and feature_names_in_)
+        before it checks X: they are removed again if anything is rejected.
 
-        Returns (X, params, batch moments): an array kind registered with
+        Returns (X, params, the batch's summary (n, mean, m2)): n the number of samples,
+        or their weight sum with ``sample_weight``. An array kind registered with
         :func:`register_array_kind` validates and reduces X itself (a Dask array comes
         back as a batch with ``shape`` and its chunk moments merged in a tree)."""
+        name = type(self).__name__
         first = not hasattr(self, "n_samples_seen_")
         try:
             kind = _array_kind(X)
             if kind is not None:
+                if sample_weight is not None:
+                    raise TypeError(
+                        f"{name}: sample_weight is not supported with a {type(X).__module__}.{type(X).__name__} X; "
+                        "fit NumPy blocks with partial_fit(X_block, sample_weight=w_block) instead"
+                    )
                 X = kind.fit_batch(self, X, reset=first)
             else:
                 X = validate_data(
                     self, X, reset=first, dtype=FLOAT_DTYPES, copy=False, accept_sparse=False, ensure_all_finite=True
                 )
             params = self._check_params(X.shape[1])
+            weights = check_sample_weight(name, sample_weight, X.shape[0])
             if not first and (params[1] is None) != ("_moments" in self.__dict__):
                 raise ValueError(self._mode_change_message(params[1]))
-            if params[1] is not None and X.shape[0] < 2:
+            if params[1] is not None and (X.shape[0] < 2 if weights is None else not weights.sum() > 1.0):
+                got = "1 sample" if weights is None else f"weights summing to {weights.sum()!r}"
                 raise ValueError(
-                    f"{type(self).__name__} with momentum={params[1]} needs at least 2 samples per "
-                    f"batch for the unbiased batch variance var*n/(n-1), got 1 sample"
+                    f"{name} with momentum={params[1]} needs at least 2 samples per batch (with sample_weight: "
+                    f"weights summing to more than 1) for the unbiased batch variance var*n/(n-1), got {got}"
                 )
         except Exception:
             if first:
                 for k in _NAME_ATTRS:
                     self.__dict__.pop(k, None)
             raise
-        return X, params, (X.moments if kind is not None else moments(X, axis=1))
+        if weights is not None:
+            return X, params, _weighted_moments(X, weights)
+        batch = X.moments if kind is not None else moments(X, axis=1)
+        return X, params, (batch.count, batch.mean, batch.m2)
 
     def _mode_change_message(self, momentum: float | None) -> str:
         name = type(self).__name__
@@ -201,8 +232,9 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
             "partial_fit cannot mix the two. Set momentum back, or call fit to start new statistics."
         )
 
-    def fit(self, X: Any, y: Any = None) -> Self:
-        """Forget previous statistics, then :meth:`partial_fit` ``X``. Returns self.
+    def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> Self:
+        """Forget previous statistics, then :meth:`partial_fit` ``X`` (with
+        ``sample_weight``). Returns self.
 
         ``y`` is ignored. On an error the previous fit is kept.
         """
@@ -210,35 +242,37 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         for k in ("n_samples_seen_", "mean_", "var_", "_moments", *_NAME_ATTRS):
             self.__dict__.pop(k, None)
         try:
-            return self.partial_fit(X)
+            return self.partial_fit(X, sample_weight=sample_weight)
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(saved)  # same objects, same order: exactly as before
             raise
 
-    def partial_fit(self, X: Any, y: Any = None) -> Self:
+    def partial_fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> Self:
         """Update the statistics with one batch ``X`` (n_samples, n_features). Returns self.
 
         ``momentum=None``: exact merge of the batch's moments into those seen so far.
         Otherwise one moving-average step (see the module docstring). ``y`` is ignored.
-        Raises ``ValueError`` if ``momentum`` switched between None and a float since
-        the statistics were started (see the module docstring).
+        ``sample_weight`` (None, a number, or one finite weight >= 0 per sample, not all
+        0) weighs the batch's statistics, weight k counting a sample k times (see the
+        module docstring). Raises ``ValueError`` if ``momentum`` switched between None
+        and a float since the statistics were started (see the module docstring).
         """
         saved = dict(self.__dict__)
         try:
-            X, (eps, momentum, gamma, beta), batch = self._validate_fit(X)
-            new = {"n_samples_seen_": getattr(self, "n_samples_seen_", 0) + batch.count}
+            X, (eps, momentum, gamma, beta), batch = self._validate_fit(X, sample_weight)
+            n, batch_mean, batch_m2 = batch
+            new = {"n_samples_seen_": getattr(self, "n_samples_seen_", 0) + n}
             if momentum is None:
-                total = merge_moments(getattr(self, "_moments", Moments.empty(batch.channels)), batch)
-                new.update(_moments=total, mean_=total.mean, var_=total.var())
+                total = _merge(self.__dict__.get("_moments"), batch)
+                new.update(_moments=total, mean_=total[1], var_=total[2] / total[0])
             else:
-                n = batch.count
-                mean = getattr(self, "mean_", np.zeros(batch.channels))
-                var = getattr(self, "var_", np.ones(batch.channels))
+                mean = getattr(self, "mean_", np.zeros(X.shape[1]))
+                var = getattr(self, "var_", np.ones(X.shape[1]))
                 keep = 1.0 - momentum
                 new.update(
-                    mean_=keep * mean + momentum * batch.mean,
-                    var_=keep * var + momentum * (batch.m2 / n) * (n / (n - 1.0)),
+                    mean_=keep * mean + momentum * batch_mean,
+                    var_=keep * var + momentum * (batch_m2 / n) * (n / (n - 1.0)),
                 )
         except BaseException:
             self.__dict__.clear()
@@ -320,6 +354,35 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         X *= scale.astype(X.dtype)
         X += shift.astype(X.dtype)
         return X
+
+
+def _weighted_moments(X: NDArray[Any], w: NDArray[np.float64]) -> _Summary:
+    """(W, mean, m2) of the rows of X (n, C) with weights w (n,), in float64, two passes
+    over row blocks of about ``_INPLACE_VALUES`` values (a float64 copy of X is never
+    made whole)::
+
+        W = sum_i w_i;  mean = sum_i w_i x_i / W;  m2 = sum_i w_i (x_i - mean)**2
+    """
+    rows = max(1, _INPLACE_VALUES // X.shape[1])
+    blocks = range(0, X.shape[0], rows)
+    total = float(w.sum())
+    mean = np.zeros(X.shape[1])
+    for r in blocks:
+        mean += w[r : r + rows] @ X[r : r + rows].astype(np.float64)
+    mean /= total
+    m2 = np.zeros(X.shape[1])
+    for r in blocks:
+        m2 += w[r : r + rows] @ (X[r : r + rows] - mean) ** 2
+    return total, mean, m2
+
+
+def _merge(a: _Summary | None, b: _Summary) -> _Summary:
+    """Summary a (None: nothing yet) merged with the batch's b (:func:`numbabn.stats.chan_merge`)."""
+    if a is None or a[0] == 0:
+        return b
+    if b[0] == 0:
+        return a
+    return chan_merge(*a, *b)
 
 
 # ---------------------------------------------------------------- other array kinds
