@@ -97,6 +97,7 @@ from ._sample_weight import check_sample_weight
 FLOAT_DTYPES = (np.float64, np.float32)
 ACTIVATIONS = ("relu", "tanh", "logistic")
 SOLVERS = ("sgd", "adam")
+SCHEDULES = ("constant", "invscaling", "adaptive")
 
 
 _is_int, _is_real = is_int, is_real  # the shared checks: not bool; finite
@@ -118,9 +119,16 @@ class _BaseBNMLP(BaseEstimator):
         batch_norm: bool = True,
         solver: str = "adam",
         alpha: float = 0.0001,
+        learning_rate: str = "constant",
         learning_rate_init: float = 0.01,
+        power_t: float = 0.5,
         momentum: float = 0.9,
+        nesterovs_momentum: bool = True,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-8,
         batch_size: int | str = "auto",
+        shuffle: bool = True,
         max_iter: int = 200,
         tol: float = 1e-4,
         n_iter_no_change: int = 10,
@@ -137,9 +145,16 @@ class _BaseBNMLP(BaseEstimator):
         self.batch_norm = batch_norm
         self.solver = solver
         self.alpha = alpha
+        self.learning_rate = learning_rate
         self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
         self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
         self.batch_size = batch_size
+        self.shuffle = shuffle
         self.max_iter = max_iter
         self.tol = tol
         self.n_iter_no_change = n_iter_no_change
@@ -170,7 +185,9 @@ class _BaseBNMLP(BaseEstimator):
             raise ValueError(f"{name}: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"{name}: solver must be one of {SOLVERS}, got {self.solver!r}")
-        for param in ("batch_norm", "early_stopping", "warm_start"):
+        if self.learning_rate not in SCHEDULES:
+            raise ValueError(f"{name}: learning_rate must be one of {SCHEDULES}, got {self.learning_rate!r}")
+        for param in ("batch_norm", "early_stopping", "warm_start", "shuffle", "nesterovs_momentum"):
             if not isinstance(getattr(self, param), (bool, np.bool_)):
                 raise ValueError(f"{name}: {param} must be a bool, got {getattr(self, param)!r}")
         if not (isinstance(self.verbose, (bool, np.bool_)) or (_is_int(self.verbose) and self.verbose >= 0)):
@@ -178,7 +195,11 @@ class _BaseBNMLP(BaseEstimator):
         checks = [
             ("learning_rate_init", _is_real, lambda v: v > 0, "a number > 0"),
             ("alpha", _is_real, lambda v: v >= 0, "a number >= 0"),
+            ("power_t", _is_real, lambda v: v >= 0, "a number >= 0"),
             ("momentum", _is_real, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+            ("beta_1", _is_real, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+            ("beta_2", _is_real, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+            ("epsilon", _is_real, lambda v: v > 0, "a number > 0"),
             ("tol", _is_real, lambda v: v >= 0, "a number >= 0"),
             ("validation_fraction", _is_real, lambda v: 0 < v < 1, "a number in (0, 1)"),
             ("max_iter", _is_int, lambda v: v > 0, "an int > 0"),
@@ -272,9 +293,55 @@ class _BaseBNMLP(BaseEstimator):
         from ..optim import SGD, Adam
 
         weights = [layer.weight for layer in model.layers if isinstance(layer, Linear)]
+        # .get: the defaults of an estimator pickled before these settings existed
         if arch["solver"] == "adam":
-            return Adam(model.parameters(), lr=arch["lr"], decayed=weights)
-        return SGD(model.parameters(), lr=arch["lr"], momentum=arch["momentum"], decayed=weights)
+            betas, eps = arch.get("betas", (0.9, 0.999)), arch.get("epsilon", 1e-8)
+            return Adam(model.parameters(), lr=arch["lr"], betas=betas, eps=eps, decayed=weights)
+        momentum = arch["momentum"]
+        nesterov = arch.get("nesterov", False) and momentum > 0  # no Nesterov step without momentum, as scikit-learn
+        return SGD(model.parameters(), lr=arch["lr"], momentum=momentum, nesterov=nesterov, decayed=weights)
+
+    def _solver_settings(self) -> dict[str, Any]:
+        """The optimizer's settings, as the fitted architecture keeps them: a fit (or a
+        warm start) takes them from the parameters, partial_fit continues with them."""
+        return dict(
+            solver=self.solver,
+            lr=self.learning_rate_init,
+            momentum=self.momentum,
+            nesterov=bool(self.nesterovs_momentum),
+            betas=(float(self.beta_1), float(self.beta_2)),
+            epsilon=float(self.epsilon),
+            schedule=self.learning_rate,
+            power_t=float(self.power_t),
+        )
+
+    def _end_epoch(self, improved: bool) -> bool:
+        """scikit-learn's end of an epoch (``fit`` and ``partial_fit``): the SGD learning
+        rate schedule, then the no-improvement count; True when training should stop.
+
+        ``"invscaling"``: lr = learning_rate_init / (t_ + 1)**power_t. ``"adaptive"``:
+        where training would stop (no improvement by ``tol`` for more than
+        ``n_iter_no_change`` epochs) the learning rate is divided by 5 and the count
+        restarts, until it is <= 1e-6. Adam ignores ``learning_rate``, as scikit-learn's."""
+        arch, opt = self._arch, self._optimizer
+        sgd = arch["solver"] == "sgd"
+        if sgd and arch.get("schedule") == "invscaling":
+            opt.lr = float(arch["lr"]) / (self.t_ + 1) ** arch["power_t"]
+        count = 0 if improved else getattr(self, "_no_improvement_count", 0) + 1
+        self._no_improvement_count = count
+        if count <= self.n_iter_no_change:
+            return False
+        what = "Validation score" if self.early_stopping else "Training loss"
+        message = f"{what} did not improve more than tol={self.tol:f} for {self.n_iter_no_change} consecutive epochs."
+        if sgd and arch.get("schedule") == "adaptive" and opt.lr > 1e-6:
+            opt.lr /= 5.0
+            self._no_improvement_count = 0
+            if self.verbose:
+                print(f"{message} Setting learning rate to {opt.lr:f}")
+            return False
+        if self.verbose:
+            print(f"{message} Stopping.")
+        return True
 
     def _continue(self, sizes: tuple[int, ...]) -> None:
         """A ``warm_start`` fit: keep the fitted network (its shape must be the one the
@@ -292,7 +359,7 @@ class _BaseBNMLP(BaseEstimator):
                     f"{param}={arch[key]!r}, but {param} is now {getattr(self, param)!r}; set "
                     "warm_start=False to fit a new network"
                 )
-        self._arch = {**arch, "solver": self.solver, "lr": self.learning_rate_init, "momentum": self.momentum}
+        self._arch = {**arch, **self._solver_settings()}
         self._optimizer = self._new_optimizer(self._arch, self._model)
         self.n_iter_ = 0  # epochs of this call, as in scikit-learn
 
@@ -307,9 +374,7 @@ class _BaseBNMLP(BaseEstimator):
             dtype=self._dtype,
             activation=self.activation,
             batch_norm=self.batch_norm,
-            solver=self.solver,
-            lr=self.learning_rate_init,
-            momentum=self.momentum,
+            **self._solver_settings(),
         )
         self._model, self._optimizer = self._build(self._arch, self._rng)
         self.n_iter_ = 0
@@ -342,6 +407,7 @@ class _BaseBNMLP(BaseEstimator):
             self._optimizer,
             batch_size=batch_size,
             seed=int(self._rng.integers(np.iinfo(np.int32).max)),
+            shuffle=bool(self.shuffle),
             metrics=metrics,
             record_every=self.record_every,
             verbose=0,
@@ -366,7 +432,10 @@ class _BaseBNMLP(BaseEstimator):
             loss = float(np.mean(carried)) if carried else float("nan")
         self.n_iter_ += 1
         # samples in this epoch's batches (getattr: an estimator pickled before t_ existed)
+        # (without shuffling, the epoch's last batch takes the n mod batch_size left over)
         self.t_ = getattr(self, "t_", 0) + len(part.step) * trainer.batch_size
+        if not trainer.shuffle:
+            self.t_ += X.shape[0] % trainer.batch_size
         self.loss_ = loss
         self.loss_curve_ = self.loss_curve_ + [loss]
         if not self.early_stopping:  # None after an early-stopping fit: partial_fit starts the count
@@ -548,8 +617,8 @@ class _BaseBNMLP(BaseEstimator):
             best_state = self._model.state_dict()
         targets = self._as_training_targets(targets)
         trainer = self._trainer(X.shape[0], metrics, weighted=weights is not None)
-        # scikit-learn keeps the count across warm-started fits
-        no_improvement = getattr(self, "_no_improvement_count", 0) if warm else 0
+        # The no-improvement count (_end_epoch) carries on across warm-started fits, as in
+        # scikit-learn; a fresh fit's working copy starts without one.
         for _ in range(self.max_iter):
             best_loss = np.inf if self.best_loss_ is None else self.best_loss_  # None after early stopping
             loss = self._epoch(trainer, X, targets, weights)
@@ -564,15 +633,7 @@ class _BaseBNMLP(BaseEstimator):
                     best_state = self._model.state_dict()
             else:
                 improved = loss <= best_loss - self.tol
-            no_improvement = 0 if improved else no_improvement + 1
-            self._no_improvement_count = no_improvement
-            if no_improvement > self.n_iter_no_change:
-                if self.verbose:
-                    what = "Validation score" if self.early_stopping else "Training loss"
-                    print(
-                        f"{what} did not improve more than tol={self.tol:f} for "
-                        f"{self.n_iter_no_change} consecutive epochs. Stopping."
-                    )
+            if self._end_epoch(improved):
                 break
         else:
             warnings.warn(
@@ -618,7 +679,9 @@ class _BaseBNMLP(BaseEstimator):
         X = self._in_network_dtype("X", X)
         trainer = self._trainer(X.shape[0], metrics, weighted=weights is not None)
         self.n_iter_ = 0  # the epochs of this call (one), as in scikit-learn; loss_curve_ carries on
-        self._epoch(trainer, X, self._as_training_targets(targets), weights)
+        best_loss = np.inf if self.best_loss_ is None else self.best_loss_
+        loss = self._epoch(trainer, X, self._as_training_targets(targets), weights)
+        self._end_epoch(loss <= best_loss - self.tol)  # the schedule; one epoch either way
         self._check_finite_network()
         return self
 
@@ -657,11 +720,16 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
 
     Parameters mirror :class:`sklearn.neural_network.MLPClassifier`:
     ``hidden_layer_sizes``, ``activation`` ("relu", "tanh", "logistic"),
-    ``solver`` ("adam": Adam with betas (0.9, 0.999), eps 1e-8; "sgd": SGD with
-    ``momentum``), ``alpha`` (L2 penalty on the weight matrices, default 1e-4),
-    ``learning_rate_init`` (default 0.01, ten times scikit-learn's:
-    see the module docstring), ``batch_size`` ("auto" = min(200, n); an int >= 2 with
-    batch norm, >= 1 without), ``max_iter`` (epochs), ``tol``, ``n_iter_no_change``,
+    ``solver`` ("adam": Adam with ``beta_1``, ``beta_2``, ``epsilon``; "sgd": SGD with
+    ``momentum``, Nesterov's when ``nesterovs_momentum``), ``alpha`` (L2 penalty on
+    the weight matrices, default 1e-4), ``learning_rate_init`` (default 0.01, ten times
+    scikit-learn's: see the module docstring), ``learning_rate`` (the SGD schedule:
+    "constant"; "invscaling", learning_rate_init / (t_ + 1)**``power_t`` after each
+    epoch; "adaptive", divided by 5 wherever training would stop, until <= 1e-6; Adam
+    ignores it, as scikit-learn's), ``batch_size`` ("auto" = min(200, n); an int >= 2
+    with batch norm, >= 1 without), ``shuffle`` (False: the same batches in order every
+    epoch, the last taking the n mod batch_size samples left over, where scikit-learn
+    makes them a batch of their own), ``max_iter`` (epochs), ``tol``, ``n_iter_no_change``,
     ``early_stopping`` (``fit`` only: ``partial_fit`` raises, as scikit-learn's does),
     ``validation_fraction``, ``random_state`` (None, an int in [0, 2**32 - 1] or a
     ``numpy.random.RandomState``, as in scikit-learn), ``verbose`` (bool or int >= 0;
@@ -673,9 +741,13 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     optimizer with the current solver and learning rate; ``n_iter_`` counts this
     call's epochs; ``loss_curve_``, ``best_loss_``, the early-stopping scores and the
     no-improvement count carry on); changing ``hidden_layer_sizes``, ``activation``
-    or ``batch_norm`` in between raises. Not offered: the "lbfgs" solver,
-    ``learning_rate`` schedules other than constant, ``shuffle=False``,
-    ``nesterovs_momentum``, Adam's ``beta_1``/``beta_2``/``epsilon``, ``max_fun``.
+    or ``batch_norm`` in between raises. ``partial_fit`` continues with the optimizer
+    settings and the (scheduled) learning rate of the fit that started the network.
+    The optimizers are PyTorch's formulations (:mod:`numbabn.optim`): with a constant
+    learning rate SGD steps as scikit-learn's; when a schedule changes it, the momentum
+    buffer carries no old rate (scikit-learn's velocity does), and Adam adds
+    ``epsilon`` to the bias-corrected root (scikit-learn: to the uncorrected one).
+    Not offered: the "lbfgs" solver (and its ``max_fun``).
     ``fit`` and ``partial_fit`` take ``sample_weight`` as scikit-learn's (see
     ``fit``; the classifier's ``partial_fit`` takes it by keyword, after ``classes``).
 

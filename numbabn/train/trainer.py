@@ -16,12 +16,16 @@ noise draw of this very step: they measure the function the step optimises.
 Batches: every epoch draws one permutation of the n samples from
 ``numpy.random.default_rng(seed)`` and cuts it into ⌊n / batch_size⌋ batches; the
 remaining n mod batch_size samples of that epoch are skipped (a batch-norm batch of
-one or two samples would be degenerate). So the run is a function of ``seed``, the
-model's initial state and the data: the same inputs give a bit-identical run, and the
-metrics (which restore everything they touch, :mod:`numbabn.train.metrics`) do not
-change it. A run starts with a Trainer's first ``fit`` (later calls continue it) and
-starts each :class:`~numbabn.train.metrics.Metric` afresh (its ``reset``), so a metric
-instance reused from an earlier run records the same values as a new one.
+one or two samples would be degenerate). With ``shuffle=False`` every epoch takes
+the samples in order, and the n mod batch_size left over join the epoch's last
+batch instead: skipping the same samples every epoch would never train on them.
+
+So the run is a function of ``seed``, the model's initial state and the data: the same
+inputs give a bit-identical run, and the metrics (which restore everything they touch,
+:mod:`numbabn.train.metrics`) do not change it. A run starts with a Trainer's first
+``fit`` (later calls continue it) and starts each
+:class:`~numbabn.train.metrics.Metric` afresh (its ``reset``), so a metric instance
+reused from an earlier run records the same values as a new one.
 """
 
 import sys
@@ -77,6 +81,10 @@ class Trainer:
         Samples per step (at most the number of training samples).
     seed : int
         Seeds the generator that orders the batches (an int >= 0).
+    shuffle : bool
+        True (default): a new random order every epoch. False: the samples in order,
+        the last batch of an epoch taking the n mod batch_size left over (module
+        docstring).
     metrics : sequence of callables
         ``metric(model, loss, optimizer, batch)`` (e.g. those of
         :mod:`numbabn.train.metrics`), named by ``.name`` (else ``__name__``).
@@ -103,6 +111,7 @@ class Trainer:
         *,
         batch_size: int,
         seed: int,
+        shuffle: bool = True,
         metrics: Sequence[Callable[..., Any]] = (),
         record_every: int = 1,
         eval_data: tuple[NDArray[Any], NDArray[Any]] | None = None,
@@ -123,6 +132,7 @@ class Trainer:
             raise TypeError(f"{fn}: seed must be an int, got {seed!r}")
         self.seed = V.check_int(fn, "seed", seed, minimum=0)
         self.rng = np.random.default_rng(self.seed)
+        self.shuffle = V.check_bool(fn, "shuffle", shuffle)
         self.metrics = list(metrics)
         names = [_metric_name(fn, m) for m in self.metrics]
         if len(set(names)) != len(names):
@@ -148,9 +158,10 @@ class Trainer:
         per_epoch = n // self.batch_size
         done = 0
         while done < steps:
-            order = self.rng.permutation(n)
+            order = self.rng.permutation(n) if self.shuffle else np.arange(n)
             for b in range(min(per_epoch, steps - done)):
-                yield order[b * self.batch_size : (b + 1) * self.batch_size]
+                end = n if not self.shuffle and b == per_epoch - 1 else (b + 1) * self.batch_size
+                yield order[b * self.batch_size : end]
             done += per_epoch
 
     @staticmethod
