@@ -68,6 +68,8 @@ def _expected_failed_checks(estimator):
             record_metrics=("grad_norm",),
             record_every=5,
         ),
+        BNMLPClassifier(hidden_layer_sizes=(16,), solver="lbfgs", max_iter=50),
+        BNMLPRegressor(hidden_layer_sizes=(16,), solver="lbfgs", batch_norm=False, max_iter=50),
     ],
     expected_failed_checks=_expected_failed_checks,
     xfail_strict=True,

@@ -16,7 +16,9 @@ unit, over the mini-batch (Ioffe & Szegedy 2015)::
     running_mean <- 0.9*running_mean + 0.1*mean_batch
     running_var  <- 0.9*running_var  + 0.1*var_batch*m/(m - 1)
 
-Losses, per mini-batch of N samples (Adam or SGD with momentum on their gradient)::
+Losses, per mini-batch of N samples (Adam or SGD with momentum on their gradient;
+``solver="lbfgs"`` minimises them on the whole training set at once, penalty
+included, see ``numbabn.sklearn._lbfgs``)::
 
     classifier: (1/N) sum_n [ logsumexp(z_n) - z_n[t_n] ]     softmax cross-entropy
     regressor:  (1/(N*K)) sum (prediction - y)^2               mean squared error
@@ -88,6 +90,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
+from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
@@ -96,7 +99,8 @@ from ._sample_weight import check_sample_weight
 
 FLOAT_DTYPES = (np.float64, np.float32)
 ACTIVATIONS = ("relu", "tanh", "logistic")
-SOLVERS = ("sgd", "adam")
+SOLVERS = ("sgd", "adam", "lbfgs")
+STOCHASTIC = ("sgd", "adam")
 SCHEDULES = ("constant", "invscaling", "adaptive")
 
 
@@ -139,6 +143,7 @@ class _BaseBNMLP(BaseEstimator):
         verbose: bool | int = False,
         record_metrics: Sequence[Any] = (),
         record_every: int = 1,
+        max_fun: int = 15000,
     ) -> None:
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
@@ -165,6 +170,7 @@ class _BaseBNMLP(BaseEstimator):
         self.verbose = verbose
         self.record_metrics = record_metrics
         self.record_every = record_every
+        self.max_fun = max_fun
 
     # ------------------------------------------------------------ parameters
     def _check_params(self) -> tuple[tuple[int, ...], list[Any]]:
@@ -205,6 +211,7 @@ class _BaseBNMLP(BaseEstimator):
             ("max_iter", _is_int, lambda v: v > 0, "an int > 0"),
             ("n_iter_no_change", _is_int, lambda v: v > 0, "an int > 0"),
             ("record_every", _is_int, lambda v: v > 0, "an int > 0"),
+            ("max_fun", _is_int, lambda v: v > 0, "an int > 0"),
         ]
         for param, kind, ok, what in checks:
             value = getattr(self, param)
@@ -227,7 +234,22 @@ class _BaseBNMLP(BaseEstimator):
                 f"{name}: random_state must be None, an int in [0, 2**32 - 1] or a numpy.random.RandomState "
                 f"instance (as in scikit-learn; for a numpy Generator pass an int drawn from it), got {rs!r}"
             )
-        return sizes, self._metrics()
+        metrics = self._metrics()
+        if metrics and self.solver not in STOCHASTIC:
+            raise ValueError(
+                f"{name}: record_metrics are recorded by the mini-batch Trainer of the stochastic solvers "
+                f"{STOCHASTIC}; solver={self.solver!r} has no steps to record them at"
+            )
+        return sizes, metrics
+
+    def _check_solver(self) -> bool:
+        """``partial_fit`` exists for the stochastic solvers only (scikit-learn's rule and
+        message; ``hasattr(estimator, "partial_fit")`` is False for "lbfgs")."""
+        if self.solver not in STOCHASTIC:
+            raise AttributeError(
+                f"partial_fit is only available for stochastic optimizers. {self.solver} is not stochastic."
+            )
+        return True
 
     def _has_batch_norm(self) -> bool:
         """Whether the network trained has batch norm: the fitted one's architecture when
@@ -294,6 +316,8 @@ class _BaseBNMLP(BaseEstimator):
 
         weights = [layer.weight for layer in model.layers if isinstance(layer, Linear)]
         # .get: the defaults of an estimator pickled before these settings existed
+        if arch["solver"] == "lbfgs":
+            return None  # scipy's L-BFGS-B keeps its own state, for one fit (._lbfgs)
         if arch["solver"] == "adam":
             betas, eps = arch.get("betas", (0.9, 0.999)), arch.get("epsilon", 1e-8)
             return Adam(model.parameters(), lr=arch["lr"], betas=betas, eps=eps, decayed=weights)
@@ -359,9 +383,14 @@ class _BaseBNMLP(BaseEstimator):
                     f"{param}={arch[key]!r}, but {param} is now {getattr(self, param)!r}; set "
                     "warm_start=False to fit a new network"
                 )
-        self._arch = {**arch, **self._solver_settings()}
-        self._optimizer = self._new_optimizer(self._arch, self._model)
+        self._new_solver()
         self.n_iter_ = 0  # epochs of this call, as in scikit-learn
+
+    def _new_solver(self) -> None:
+        """A fresh optimizer with the current solver settings for the fitted network."""
+        self._arch = {**self._arch, **self._solver_settings()}
+        self._optimizer = self._new_optimizer(self._arch, self._model)
+        self._start_stochastic()
 
     def _initialize(self, sizes: Sequence[int], n_in: int, n_out: int, dtype: DTypeLike) -> None:
         rs = check_random_state(self.random_state)
@@ -381,12 +410,20 @@ class _BaseBNMLP(BaseEstimator):
         self.t_ = 0
         self.n_layers_ = len(sizes) + 2  # input, hidden and output layers, as scikit-learn counts
         self.out_activation_ = "identity" if self._regression else "softmax"
+        self.history_ = None
+        self._start_stochastic()
+
+    def _start_stochastic(self) -> None:
+        """The epoch records of a stochastic solver, where a network has none yet (a new
+        one, or one fitted by "lbfgs" that a stochastic solver continues); "lbfgs" keeps
+        none, as in scikit-learn."""
+        if self._arch["solver"] not in STOCHASTIC or "loss_curve_" in self.__dict__:
+            return
         self.loss_curve_: list[float] = []
         self.best_loss_: float | None = None if self.early_stopping else np.inf  # scikit-learn's convention
         if not self.early_stopping:  # scikit-learn's: None unless early stopping keeps scores
             self.validation_scores_: list[float] | None = None
             self.best_validation_score_: float | None = None
-        self.history_ = None
 
     def _trainer(self, n_samples: int, metrics: list[Any], weighted: bool = False) -> Any:
         """A Trainer over the fitted network, seeded from the estimator's generator;
@@ -518,7 +555,8 @@ class _BaseBNMLP(BaseEstimator):
         if not fresh and "_model" in self.__dict__:
             work._model, work._optimizer = self._build(self._arch, np.random.default_rng(0))
             work._model.load_state_dict(self._model.state_dict())
-            work._optimizer.load_state_dict(self._optimizer.state_dict())
+            if self._optimizer is not None:
+                work._optimizer.load_state_dict(self._optimizer.state_dict())
             work._rng = copy.deepcopy(self._rng)
         return work
 
@@ -583,13 +621,18 @@ class _BaseBNMLP(BaseEstimator):
         if warm:
             self._check_warm_targets(y)
         targets = self._encode_targets(y, fitting=not warm)
-        if self.early_stopping:
+        stochastic = self.solver in STOCHASTIC  # "lbfgs" ignores early_stopping, as scikit-learn's
+        if self.early_stopping and stochastic:
             self._check_validation_split(X.shape[0])
         if warm:
             self._continue(sizes)
             X = self._in_network_dtype("X", X)
         else:
             self._initialize(sizes, X.shape[1], self._n_outputs(), X.dtype)
+        if not stochastic:
+            self._fit_lbfgs(X, self._as_training_targets(targets), weights)
+            self._check_finite_network()
+            return
         w_val = None
         if self.early_stopping:
             stratify = targets if isinstance(self, ClassifierMixin) else None
@@ -655,6 +698,27 @@ class _BaseBNMLP(BaseEstimator):
         self._check_finite_network()
         return self
 
+    def _fit_lbfgs(self, X: NDArray[Any], targets: NDArray[Any], weights: NDArray[Any] | None) -> None:
+        """``solver="lbfgs"`` (:mod:`._lbfgs`): ``n_iter_`` its iterations, ``loss_`` the
+        objective at the solution (penalty included, as scikit-learn's)."""
+        from ._lbfgs import fit_lbfgs
+
+        result = fit_lbfgs(
+            self._model, self._loss_fn(), X, targets, weights, self.alpha, self.max_iter, self.max_fun, self.tol
+        )
+        self.n_iter_ = min(int(result.nit), self.max_iter)
+        self.loss_ = float(result.fun)
+        if self.verbose:
+            print(f"lbfgs: {result.nit} iterations, {result.nfev} evaluations, loss = {self.loss_:.8f}")
+        if not result.success:
+            warnings.warn(
+                f"lbfgs failed to converge after {result.nit} iteration(s) (status={result.status}): "
+                f"{result.message}. Increase the number of iterations (max_iter={self.max_iter}) "
+                f"or function evaluations (max_fun={self.max_fun}).",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+
     def _partial_fit(
         self, X: ArrayLike, y: ArrayLike, classes: ArrayLike | None = None, sample_weight: Any = None
     ) -> Self:
@@ -676,6 +740,8 @@ class _BaseBNMLP(BaseEstimator):
         targets = self._encode_targets(y, fitting=first, classes=classes)
         if first:
             self._initialize(sizes, X.shape[1], self._n_outputs(), X.dtype)
+        elif self._optimizer is None:  # a network fitted by "lbfgs": the stochastic solver starts, as in scikit-learn
+            self._new_solver()
         X = self._in_network_dtype("X", X)
         trainer = self._trainer(X.shape[0], metrics, weighted=weights is not None)
         self.n_iter_ = 0  # the epochs of this call (one), as in scikit-learn; loss_curve_ carries on
@@ -704,7 +770,7 @@ class _BaseBNMLP(BaseEstimator):
         state = dict(super().__getstate__())  # object.__getstate__ may return __dict__ itself
         if "_model" in state:
             state["_model"] = self._model.state_dict()
-            state["_optimizer"] = self._optimizer.state_dict()
+            state["_optimizer"] = None if self._optimizer is None else self._optimizer.state_dict()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -712,7 +778,8 @@ class _BaseBNMLP(BaseEstimator):
         if "_model" in state:
             self._model, self._optimizer = self._build(self._arch, np.random.default_rng(0))
             self._model.load_state_dict(state["_model"])
-            self._optimizer.load_state_dict(state["_optimizer"])
+            if state["_optimizer"] is not None:
+                self._optimizer.load_state_dict(state["_optimizer"])
 
 
 class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
@@ -721,10 +788,14 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     Parameters mirror :class:`sklearn.neural_network.MLPClassifier`:
     ``hidden_layer_sizes``, ``activation`` ("relu", "tanh", "logistic"),
     ``solver`` ("adam": Adam with ``beta_1``, ``beta_2``, ``epsilon``; "sgd": SGD with
-    ``momentum``, Nesterov's when ``nesterovs_momentum``), ``alpha`` (L2 penalty on
+    ``momentum``, Nesterov's when ``nesterovs_momentum``; "lbfgs": scipy's full-batch
+    L-BFGS-B for up to ``max_iter`` iterations and ``max_fun`` evaluations, ``tol`` its
+    gradient tolerance, batch norm normalising with the whole training set's
+    statistics, see ``numbabn.sklearn._lbfgs``; as in scikit-learn it has no
+    ``partial_fit``, ignores ``early_stopping`` and keeps no ``loss_curve_``), ``alpha`` (L2 penalty on
     the weight matrices, default 1e-4), ``learning_rate_init`` (default 0.01, ten times
     scikit-learn's: see the module docstring), ``learning_rate`` (the SGD schedule:
-    "constant"; "invscaling", learning_rate_init / (t_ + 1)**``power_t`` after each
+    "constant"; "invscaling", ``learning_rate_init / (t_ + 1)**power_t`` after each
     epoch; "adaptive", divided by 5 wherever training would stop, until <= 1e-6; Adam
     ignores it, as scikit-learn's), ``batch_size`` ("auto" = min(200, n); an int >= 2
     with batch norm, >= 1 without), ``shuffle`` (False: the same batches in order every
@@ -747,7 +818,6 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     learning rate SGD steps as scikit-learn's; when a schedule changes it, the momentum
     buffer carries no old rate (scikit-learn's velocity does), and Adam adds
     ``epsilon`` to the bias-corrected root (scikit-learn: to the uncorrected one).
-    Not offered: the "lbfgs" solver (and its ``max_fun``).
     ``fit`` and ``partial_fit`` take ``sample_weight`` as scikit-learn's (see
     ``fit``; the classifier's ``partial_fit`` takes it by keyword, after ``classes``).
 
@@ -813,6 +883,7 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
         out = self._forward(X)
         return accuracy_score(targets, out.argmax(axis=1), sample_weight=weights) if np.isfinite(out).all() else np.nan
 
+    @available_if(_BaseBNMLP._check_solver)
     def partial_fit(
         self,
         X: ArrayLike,
@@ -887,6 +958,7 @@ class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
         out = self._forward(X)
         return r2_score(targets, out, sample_weight=weights) if np.isfinite(out).all() else np.nan
 
+    @available_if(_BaseBNMLP._check_solver)
     def partial_fit(self, X: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | float | None = None) -> Self:
         """One epoch over (X, y); the first call initialises the network. ``sample_weight``
         as in ``fit``."""
