@@ -262,7 +262,7 @@ def test_clone_grid_search_pipeline(digits):
         (dict(hidden_layer_sizes=(10, 0)), "hidden_layer_sizes must be a positive int"),
         (dict(hidden_layer_sizes="wide"), "hidden_layer_sizes must be a positive int"),
         (dict(activation="gelu"), "activation must be one of"),
-        (dict(solver="lbfgs"), "solver must be one of"),
+        (dict(solver="newton"), "solver must be one of"),
         (dict(learning_rate_init=0), "learning_rate_init must be a number > 0"),
         (dict(alpha=-1e-4), "alpha must be a number >= 0"),
         (dict(alpha=float("nan")), "alpha must be a number >= 0"),
