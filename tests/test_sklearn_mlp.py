@@ -658,3 +658,29 @@ def test_fitted_attributes_are_scikit_learns(ours, theirs, early_stopping):
     assert est.t_ == 3 * (n_train // 20) * 20
     for name in ("validation_scores_", "best_validation_score_"):
         assert (getattr(est, name) is None) == (getattr(ref, name) is None) == (not early_stopping)
+
+
+def test_coefs_and_intercepts_in_scikit_learns_layout():
+    """Without batch norm the network is scikit-learn's: its predictions are those of
+    coefs_ and intercepts_ (relu hidden layers, identity output); both are views."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 5)), rng.normal(size=60)
+    est = BNMLPRegressor(hidden_layer_sizes=(7, 3), batch_norm=False, max_iter=5).fit(X, y)
+    assert [c.shape for c in est.coefs_] == [(5, 7), (7, 3), (3, 1)]
+    assert [b.shape for b in est.intercepts_] == [(7,), (3,), (1,)]
+    h = X
+    for W, b in zip(est.coefs_[:-1], est.intercepts_[:-1], strict=True):
+        h = np.maximum(h @ W + b, 0.0)
+    assert_allclose((h @ est.coefs_[-1] + est.intercepts_[-1]).ravel(), est.predict(X), rtol=1e-12)
+    before = est.predict(X)
+    est.coefs_[0][0, 0] += 1.0  # a view: the network changes, as with scikit-learn's arrays
+    assert not np.array_equal(est.predict(X), before)
+    again = pickle.loads(pickle.dumps(est))
+    assert_array_equal(again.coefs_[0], est.coefs_[0])
+
+    bn = BNMLPClassifier(hidden_layer_sizes=(6,), max_iter=3).fit(X, (y > 0).astype(int))
+    assert [c.shape for c in bn.coefs_] == [(5, 6), (6, 2)]
+    assert not hasattr(bn, "intercepts_")
+    with pytest.raises(AttributeError, match="no intercepts_ with batch norm"):
+        _ = bn.intercepts_
+    assert not hasattr(BNMLPClassifier(), "coefs_")

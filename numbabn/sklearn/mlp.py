@@ -495,6 +495,39 @@ class _BaseBNMLP(BaseEstimator):
             print(f"Iteration {self.n_iter_}, loss = {loss:.8f}")
         return loss
 
+    @property
+    def coefs_(self) -> list[NDArray[Any]]:
+        """The weight matrix of every linear layer, in scikit-learn's layout: entry i of
+        shape (units of layer i, units of layer i + 1). Views of the network's weights
+        (writing into one changes the network, as with scikit-learn's arrays). The
+        output layer has one column per class, also for two classes (scikit-learn's
+        binary network has one). AttributeError until fitted."""
+        from ..layers import Linear
+
+        return [layer.weight.value.T for layer in self._fitted_model("coefs_").layers if isinstance(layer, Linear)]
+
+    @property
+    def intercepts_(self) -> list[NDArray[Any]]:
+        """The bias vector of every linear layer (views, like ``coefs_``), for a network
+        without batch norm. With batch norm the hidden linear layers have no bias --
+        batch norm's beta takes its place, after the normalisation, which this layout
+        cannot express -- so the attribute does not exist (AttributeError)."""
+        from ..layers import Linear
+
+        model = self._fitted_model("intercepts_")
+        if self._arch["batch_norm"]:
+            raise AttributeError(
+                f"{type(self).__name__} has no intercepts_ with batch norm: its hidden linear layers have no "
+                "bias (batch norm's beta follows the normalisation); coefs_ holds their weights"
+            )
+        return [layer.bias.value for layer in model.layers if isinstance(layer, Linear)]
+
+    def _fitted_model(self, attribute: str) -> Any:
+        model = self.__dict__.get("_model")
+        if model is None:
+            raise AttributeError(f"{type(self).__name__} has no {attribute} before it is fitted")
+        return model
+
     def _forward(self, X: NDArray[Any]) -> NDArray[np.floating[Any]]:
         """Network output for validated X, in eval mode (running statistics)."""
         self._model.eval()
@@ -832,9 +865,9 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     ``partial_fit`` counts from its own epochs), ``validation_scores_`` and
     ``best_validation_score_`` (early stopping; None without, as in scikit-learn), ``history_`` (the
     :class:`numbabn.train.History` of all epochs: per-step loss and accuracy, and the
-    recorded metrics), ``n_features_in_``, ``feature_names_in_``. Not offered:
-    ``coefs_``/``intercepts_`` (with batch norm the hidden layers have no biases, and
-    gamma/beta have no place in that layout). See the module docstring for the math.
+    recorded metrics), ``n_features_in_``, ``feature_names_in_``, ``coefs_`` and,
+    without batch norm, ``intercepts_`` (scikit-learn's layout, views of the network's
+    arrays). See the module docstring for the math.
     """
 
     _regression = False
