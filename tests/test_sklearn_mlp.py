@@ -684,3 +684,18 @@ def test_coefs_and_intercepts_in_scikit_learns_layout():
     with pytest.raises(AttributeError, match="no intercepts_ with batch norm"):
         _ = bn.intercepts_
     assert not hasattr(BNMLPClassifier(), "coefs_")
+
+
+def test_predict_log_proba_is_log_softmax():
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(50, 4)), rng.integers(0, 3, 50)
+    est = BNMLPClassifier(hidden_layer_sizes=(8,), max_iter=5).fit(X, y)
+    assert_allclose(np.exp(est.predict_log_proba(X)), est.predict_proba(X), rtol=1e-12)
+    # Logits 2000 apart: the smaller probability underflows, its log stays finite and exact.
+    out = est._model.layers[-1]
+    out.weight.value[...] = 0.0
+    out.bias.value[...] = [0.0, -2000.0, 1.0]
+    log_p = est.predict_log_proba(X[:2])
+    assert est.predict_proba(X[:2])[0, 1] == 0.0
+    expected = np.array([0.0, -2000.0, 1.0]) - np.log1p(np.exp(-1.0)) - 1.0
+    assert_allclose(log_p, np.tile(expected, (2, 1)), rtol=1e-12)

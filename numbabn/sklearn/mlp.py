@@ -935,15 +935,27 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
             )
         return self._partial_fit(X, y, classes, sample_weight)
 
-    def predict_proba(self, X: ArrayLike) -> NDArray[np.floating[Any]]:
-        """Softmax of the network output (eval mode), shape (n_samples, n_classes)."""
+    def _shifted_logits(self, X: ArrayLike) -> NDArray[np.floating[Any]]:
+        """The network output (eval mode) minus its row maximum."""
         check_is_fitted(self)
         z = self._forward(validate_data(self, X, reset=False, dtype=FLOAT_DTYPES, accept_sparse=False))
-        z = z - z.max(axis=1, keepdims=True)
+        return z - z.max(axis=1, keepdims=True)
+
+    def predict_proba(self, X: ArrayLike) -> NDArray[np.floating[Any]]:
+        """Softmax of the network output (eval mode), shape (n_samples, n_classes)."""
+        z = self._shifted_logits(X)
         with np.errstate(under="ignore"):  # far smaller logits give 0 by design, also under np.seterr(all="raise")
             p = np.exp(z)
             p /= p.sum(axis=1, keepdims=True)
         return p
+
+    def predict_log_proba(self, X: ArrayLike) -> NDArray[np.floating[Any]]:
+        """Log of :meth:`predict_proba`, as log-softmax of the network output: finite
+        where a probability underflows to 0 (scikit-learn's ``log(predict_proba)``
+        gives -inf there)."""
+        z = self._shifted_logits(X)
+        with np.errstate(under="ignore"):
+            return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
     def predict(self, X: ArrayLike) -> NDArray[Any]:
         """The class of highest probability."""
