@@ -118,3 +118,12 @@ def by_backend(argnames, cpu, cuda):
             values = case if len(names) > 1 else (case,)
             params.append(pytest.param(name, *values))
     return pytest.mark.parametrize(["backend"] + names, params, indirect=["backend"])
+
+
+def load_sklearn_mlp_weights(ours, theirs):
+    """Give a fitted numbabn BN-MLP without batch norm the weights of a fitted
+    scikit-learn MLP of the same shape (coefs_ (in, out) -> Linear weights (out, in))."""
+    state = {}
+    for i, (W, b) in enumerate(zip(theirs.coefs_, theirs.intercepts_, strict=True)):
+        state[f"{2 * i}.weight"], state[f"{2 * i}.bias"] = W.T.copy(), b.copy()
+    ours._model.load_state_dict(state)

@@ -17,6 +17,8 @@ from numbabn.layers import BatchNorm1d, Linear, SoftmaxCrossEntropy
 from numbabn.sklearn import BNMLPClassifier, BNMLPRegressor
 from numbabn.sklearn._lbfgs import objective
 
+from .helpers import central_diff, load_sklearn_mlp_weights
+
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
 
@@ -44,12 +46,7 @@ def test_objective_gradient_matches_central_differences(weighted):
     theta0, f = objective(model, SoftmaxCrossEntropy(), X, y, w, alpha=0.3)
     theta0 = theta0 + np.random.default_rng(2).normal(0.0, 0.1, theta0.size)  # off the solution
     value, grad = f(theta0)
-    h = 1e-6
-    numeric = np.empty_like(theta0)
-    for i in range(theta0.size):
-        e = np.zeros_like(theta0)
-        e[i] = h
-        numeric[i] = (f(theta0 + e)[0] - f(theta0 - e)[0]) / (2 * h)
+    numeric = central_diff(lambda theta: f(theta)[0], theta0.copy())
     assert_allclose(grad, numeric, rtol=1e-5, atol=1e-8)
     # The value: the (weighted) mean cross-entropy plus alpha/(2S) * sum ||W||^2.
     f(theta0)
@@ -62,22 +59,25 @@ def test_objective_gradient_matches_central_differences(weighted):
     assert value == pytest.approx(data + 0.3 / (2 * S) * squares, rel=1e-12)
 
 
-def test_without_batch_norm_it_follows_scikit_learns_lbfgs():
-    """Same objective (mean cross-entropy of 3 classes, alpha/(2n) ||W||^2), same start:
-    scipy takes the same iterations."""
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_without_batch_norm_it_follows_scikit_learns_lbfgs(multilabel):
+    """Same objective (the mean cross-entropy of 3 classes, or the binary cross-entropy
+    summed over 3 labels; alpha/(2n) ||W||^2), same start: scipy takes the same iterations."""
     X, y = _small(n=60)
+    if multilabel:
+        y = (X[:, :3] + 0.5 * np.random.default_rng(5).normal(size=(60, 3)) > 0).astype(int)
     kw = dict(hidden_layer_sizes=(5,), solver="lbfgs", alpha=1e-2, tol=1e-10)
     ours = BNMLPClassifier(batch_norm=False, max_iter=1, random_state=0, **kw).fit(X, y)
     theirs = MLPClassifier(max_iter=1, random_state=0, **kw).fit(X, y)
-    state = {}
-    for i, (W, b) in enumerate(zip(theirs.coefs_, theirs.intercepts_, strict=True)):
-        state[f"{2 * i}.weight"], state[f"{2 * i}.bias"] = W.T.copy(), b.copy()
-    ours._model.load_state_dict(state)
+    load_sklearn_mlp_weights(ours, theirs)
     ours.set_params(warm_start=True, max_iter=12).fit(X, y)
     theirs.set_params(warm_start=True, max_iter=12).fit(X, y)
     assert ours.n_iter_ == theirs.n_iter_ == 12
     assert ours.loss_ == pytest.approx(theirs.loss_, rel=1e-9)
     assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), rtol=1e-7, atol=1e-10)
+    assert_array_equal(ours.predict(X), theirs.predict(X))
+    assert_array_equal(ours.classes_, theirs.classes_)
+    assert (ours.out_activation_ == "logistic") == multilabel == (theirs.out_activation_ == "logistic")
 
 
 def test_running_statistics_are_those_of_the_training_set_at_the_solution(digits):
@@ -119,7 +119,7 @@ def test_scikit_learns_rules_for_lbfgs(digits):
     # The network holds scipy's solution, whose objective loss_ is (not a trial point's).
     model = few._model
     model.train()
-    theta, f = objective(model, few._loss_fn(), X, y[:, None] * 1.0, None, few.alpha)
+    theta, f = objective(model, few._loss_class()(), X, y[:, None] * 1.0, None, few.alpha)
     assert f(theta)[0] == pytest.approx(few.loss_, rel=1e-12)
     with pytest.raises(ValueError, match="max_fun must be an int > 0"):
         BNMLPRegressor(solver="lbfgs", max_fun=0).fit(X, y * 1.0)

@@ -22,6 +22,8 @@ from numbabn.optim import SGD
 from numbabn.sklearn import BNMLPClassifier, BNMLPRegressor
 from numbabn.train import Trainer
 
+from .helpers import load_sklearn_mlp_weights
+
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
 
@@ -37,10 +39,7 @@ def _same_start(ours, theirs, X, y):
     weights and restart both counts: the next warm-started fits start equal."""
     ours.set_params(max_iter=1).fit(X, y)
     theirs.set_params(max_iter=1).fit(X, y)
-    state = {}
-    for i, (W, b) in enumerate(zip(theirs.coefs_, theirs.intercepts_, strict=True)):
-        state[f"{2 * i}.weight"], state[f"{2 * i}.bias"] = W.T.copy(), b.copy()
-    ours._model.load_state_dict(state)
+    load_sklearn_mlp_weights(ours, theirs)
     for est in (ours, theirs):
         est.t_, est._no_improvement_count = 0, 0
         est.set_params(warm_start=True)

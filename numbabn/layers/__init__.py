@@ -11,7 +11,7 @@ from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from .containers import Sequential
 from .conv import Conv2d
 from .linear import Linear
-from .losses import MSELoss, SoftmaxCrossEntropy
+from .losses import MSELoss, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from .shape import Flatten
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "ReLU",
     "Sequential",
     "Sigmoid",
+    "SigmoidBinaryCrossEntropy",
     "SoftmaxCrossEntropy",
     "Tanh",
 ]

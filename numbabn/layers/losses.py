@@ -41,6 +41,12 @@ class _Loss:
             raise TypeError(f"{self!r}: prediction must be a floating-point NumPy array, got {V.describe(prediction)}")
         return prediction
 
+    def _logits(self, logits: Any) -> FloatArray:
+        z = self._prediction(logits)
+        if z.ndim != 2:
+            raise ValueError(f"{self!r}: logits must have shape (N, K), got {z.shape}")
+        return z
+
     def _weights(self, sample_weight: Any, n: int) -> NDArray[np.float64] | None:
         """``sample_weight`` as (n,) float64 weights (:func:`numbabn._checks.check_weights`); None stays None."""
         return None if sample_weight is None else V.check_weights(repr(self), sample_weight, n)
@@ -74,9 +80,7 @@ class SoftmaxCrossEntropy(_Loss):
     def forward(
         self, logits: FloatArray, labels: ArrayLike, sample_weight: ArrayLike | None = None
     ) -> tuple[float, FloatArray]:
-        z = self._prediction(logits)
-        if z.ndim != 2:
-            raise ValueError(f"{self!r}: logits must have shape (N, K), got {z.shape}")
+        z = self._logits(logits)
         N, K = z.shape
         t = np.asarray(labels)
         if t.shape != (N,) or t.dtype.kind not in "iu":
@@ -100,6 +104,43 @@ class SoftmaxCrossEntropy(_Loss):
                 return self._weighted(per_sample, w, p), p
             p /= N
         return float(np.mean(per_sample)), p
+
+
+class SigmoidBinaryCrossEntropy(_Loss):
+    """Binary cross-entropy of sigmoid(logits) against 0/1 targets, summed over the K
+    labels of a sample and averaged over the N samples (scikit-learn's multilabel
+    ``binary_log_loss``; PyTorch's ``BCEWithLogitsLoss`` would also average over K).
+
+    logits z (N, K), targets t (N, K) of 0 and 1::
+
+        loss    = (1/N) sum_n sum_k [ softplus(z_nk) - t_nk z_nk ]
+        dlogits = (sigmoid(z) - t) / N
+
+    (with ``sample_weight``, the weighted mean over samples: see the module docstring).
+    ``softplus(z) = max(z, 0) + log1p(exp(-abs(z)))`` never overflows.
+    """
+
+    def forward(
+        self, logits: FloatArray, targets: ArrayLike, sample_weight: ArrayLike | None = None
+    ) -> tuple[float, FloatArray]:
+        z = self._logits(logits)
+        t = np.asarray(targets)
+        if t.shape != z.shape or not np.isin(t, (0, 1)).all():
+            raise ValueError(f"{self!r}: targets must be 0s and 1s of the logits' shape {z.shape}, got {V.describe(t)}")
+        w = self._weights(sample_weight, z.shape[0])
+        if not z.size:
+            return float("nan"), np.zeros_like(z)
+        t = t.astype(z.dtype, copy=False)
+        with np.errstate(under="ignore", over="ignore"):  # exp(-|z|) of large |z| underflows to 0 by design
+            e = np.exp(-np.abs(z))
+            per_sample = (np.maximum(z, 0) + np.log1p(e) - t * z).sum(axis=1, dtype=np.float64)
+            # sigmoid(z) - t from q = min(sigmoid, 1 - sigmoid): exact also where it is tiny
+            q = e / (1 + e)
+            grad = np.where(z >= 0, (1 - t) - q, q - t)
+        if w is not None:
+            return self._weighted(per_sample, w, grad), grad
+        grad /= z.shape[0]
+        return float(np.mean(per_sample)), grad
 
 
 class MSELoss(_Loss):

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..layers import MSELoss, SoftmaxCrossEntropy
+from ..layers import MSELoss, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 
 
 class _PenaltyPerWeight:
@@ -40,3 +40,15 @@ class WeightedCrossEntropy(_PenaltyPerWeight, SoftmaxCrossEntropy):
 
 class WeightedMSELoss(_PenaltyPerWeight, MSELoss):
     """:class:`~numbabn.layers.MSELoss` with the penalty per unit of weight."""
+
+
+class WeightedBinaryCrossEntropy(_PenaltyPerWeight, SigmoidBinaryCrossEntropy):
+    """:class:`~numbabn.layers.SigmoidBinaryCrossEntropy` with the penalty per unit of weight."""
+
+
+# The estimator's loss class -> its variant with the penalty per unit of weight.
+WEIGHTED = {
+    SoftmaxCrossEntropy: WeightedCrossEntropy,
+    SigmoidBinaryCrossEntropy: WeightedBinaryCrossEntropy,
+    MSELoss: WeightedMSELoss,
+}

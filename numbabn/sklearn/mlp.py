@@ -85,13 +85,14 @@ from typing import Any, Self
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
+from scipy.special import expit, log_expit
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
 from sklearn.utils.metaestimators import available_if
-from sklearn.utils.multiclass import check_classification_targets, unique_labels
+from sklearn.utils.multiclass import check_classification_targets, type_of_target, unique_labels
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from .._checks import is_int, is_real
@@ -409,7 +410,7 @@ class _BaseBNMLP(BaseEstimator):
         self.n_iter_ = 0
         self.t_ = 0
         self.n_layers_ = len(sizes) + 2  # input, hidden and output layers, as scikit-learn counts
-        self.out_activation_ = "identity" if self._regression else "softmax"
+        self.out_activation_ = self._out_activation()
         self.history_ = None
         self._start_stochastic()
 
@@ -433,11 +434,11 @@ class _BaseBNMLP(BaseEstimator):
         batch_size = min(200 if self.batch_size == "auto" else self.batch_size, n_samples)
         self._optimizer.weight_decay = float(self.alpha) / batch_size  # gradient alpha*W/N, N the batch
         if weighted:
-            from ._weighted import WeightedCrossEntropy, WeightedMSELoss
+            from ._weighted import WEIGHTED
 
-            loss = (WeightedMSELoss if self._regression else WeightedCrossEntropy)(self._optimizer, self.alpha)
+            loss = WEIGHTED[self._loss_class()](self._optimizer, self.alpha)
         else:
-            loss = self._loss_fn()
+            loss = self._loss_class()()
         return Trainer(
             self._model,
             loss,
@@ -557,7 +558,7 @@ class _BaseBNMLP(BaseEstimator):
             reset=reset,
             dtype=FLOAT_DTYPES,
             accept_sparse=False,
-            multi_output=self._regression,
+            multi_output=True,  # the classifier checks a 2-D y is a multilabel indicator
             y_numeric=self._regression,
         )
         if y.ndim == 2 and y.shape[1] == 1:  # scikit-learn's MLPRegressor: one target, warned
@@ -668,7 +669,8 @@ class _BaseBNMLP(BaseEstimator):
             return
         w_val = None
         if self.early_stopping:
-            stratify = targets if isinstance(self, ClassifierMixin) else None
+            # scikit-learn's split: stratified for single-label classification only
+            stratify = targets if isinstance(self, ClassifierMixin) and targets.ndim == 1 else None
             X, X_val, targets, t_val, *w_split = train_test_split(
                 X,
                 targets,
@@ -737,7 +739,7 @@ class _BaseBNMLP(BaseEstimator):
         from ._lbfgs import fit_lbfgs
 
         result = fit_lbfgs(
-            self._model, self._loss_fn(), X, targets, weights, self.alpha, self.max_iter, self.max_fun, self.tol
+            self._model, self._loss_class()(), X, targets, weights, self.alpha, self.max_iter, self.max_fun, self.tol
         )
         self.n_iter_ = min(int(result.nit), self.max_iter)
         self.loss_ = float(result.fun)
@@ -853,6 +855,10 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     ``epsilon`` to the bias-corrected root (scikit-learn: to the uncorrected one).
     ``fit`` and ``partial_fit`` take ``sample_weight`` as scikit-learn's (see
     ``fit``; the classifier's ``partial_fit`` takes it by keyword, after ``classes``).
+    A 2-D ``y`` of 0s and 1s (n_samples, n_labels) is multilabel, as in scikit-learn:
+    one sigmoid output per label, the loss :class:`numbabn.layers.SigmoidBinaryCrossEntropy`
+    (summed over labels, averaged over samples), ``classes_`` the label indices,
+    ``predict`` the indicator of probabilities > 0.5, ``score`` the subset accuracy.
 
     Attributes: ``classes_``, ``loss_`` (the last epoch's loss), ``loss_curve_``,
     ``n_iter_`` (epochs of the last ``fit``
@@ -860,7 +866,8 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     (training samples in the batches trained on: the n mod batch_size samples an
     epoch leaves out are not counted, where scikit-learn adds n per epoch),
     ``n_layers_``, ``out_activation_`` ("softmax", also for two classes, where
-    scikit-learn's binary network has one logistic output), ``best_loss_`` (lowest
+    scikit-learn's binary network has one logistic output; "logistic" for multilabel
+    y), ``best_loss_`` (lowest
     epoch loss; None after a fit with early stopping, as in scikit-learn -- a later
     ``partial_fit`` counts from its own epochs), ``validation_scores_`` and
     ``best_validation_score_`` (early stopping; None without, as in scikit-learn), ``history_`` (the
@@ -871,17 +878,28 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     """
 
     _regression = False
+    _FITTED_PRIVATE = _BaseBNMLP._FITTED_PRIVATE + ("_multilabel",)
+    _multilabel = False  # the class default: single-label (also for estimators pickled before multilabel)
 
-    def _loss_fn(self) -> Any:
-        from ..layers import SoftmaxCrossEntropy
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True
+        return tags
 
-        return SoftmaxCrossEntropy()
+    def _loss_class(self) -> Any:
+        from ..layers import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
+
+        return SigmoidBinaryCrossEntropy if self._multilabel else SoftmaxCrossEntropy
+
+    def _out_activation(self) -> str:
+        return "logistic" if self._multilabel else "softmax"
 
     def _n_outputs(self) -> int:
         return len(self.classes_)
 
     def _check_warm_targets(self, y: NDArray[Any]) -> None:
         check_classification_targets(y)
+        self._check_target_kind(y)
         got = unique_labels(y)
         if not np.array_equal(got, self.classes_):  # scikit-learn's rule and message
             raise ValueError(
@@ -889,11 +907,46 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
                 f"previous call to fit. Previously got {self.classes_}, `y` has {got}"
             )
 
+    def _check_target_kind(self, y: NDArray[Any]) -> bool:
+        """Whether ``y`` is a multilabel indicator (n_samples, n_labels) of 0s and 1s,
+        the one 2-D y taken (scikit-learn's rule); for a fitted network, the kind it
+        was fitted on."""
+        kind = type_of_target(y)
+        multilabel = kind == "multilabel-indicator"
+        name = type(self).__name__
+        if y.ndim == 2 and not (multilabel and np.isin(y, (0, 1)).all()):
+            raise ValueError(
+                f"{name}: a 2-D y must be a multilabel indicator (0 or 1 per sample and label), got {kind} "
+                f"of shape {y.shape}"
+            )
+        if "_model" in self.__dict__ and multilabel != self._multilabel:
+            fitted = "multilabel indicators" if self._multilabel else "single labels"
+            raise ValueError(f"{name}: y is {kind}, but the network was fitted on {fitted}")
+        return multilabel
+
     def _encode_targets(self, y: ArrayLike, fitting: bool, classes: ArrayLike | None = None) -> NDArray[Any]:
-        """Labels -> indices into classes_ (set when fitting: from ``classes`` or y)."""
+        """Labels -> indices into classes_ (set when fitting: from ``classes`` or y); a
+        multilabel indicator stays as it is, its classes_ the label indices 0..K-1."""
         check_classification_targets(y)
         name = type(self).__name__
+        multilabel = self._check_target_kind(y)  # (a fit's working copy has no network yet: any kind)
+        if multilabel:
+            labels = np.arange(y.shape[1])
+            if fitting:
+                self._multilabel = True
+                self.classes_ = labels
+            if classes is not None and not np.array_equal(unique_labels(classes), labels):
+                raise ValueError(
+                    f"{name}: a multilabel y of {y.shape[1]} labels has classes {labels.tolist()}, got "
+                    f"classes={np.asarray(classes).tolist()!r}"
+                )
+            if y.shape[1] != len(self.classes_):
+                raise ValueError(
+                    f"{name}: y has {y.shape[1]} labels, but the network was fitted on {len(self.classes_)}"
+                )
+            return y
         if fitting:
+            self._multilabel = False
             self.classes_ = unique_labels(y) if classes is None else unique_labels(classes)
         elif classes is not None and not np.array_equal(unique_labels(classes), self.classes_):
             raise ValueError(
@@ -907,14 +960,20 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
             )
         return np.searchsorted(self.classes_, y)
 
-    @staticmethod
-    def _as_training_targets(targets: NDArray[Any]) -> NDArray[Any]:
-        return targets
+    def _as_training_targets(self, targets: NDArray[Any]) -> NDArray[Any]:
+        return targets.astype(self._dtype) if self._multilabel else targets  # 0/1 per label, or class indices
+
+    def _predicted(self, out: NDArray[Any]) -> NDArray[Any]:
+        """Network output -> class indices, or a multilabel indicator (logit > 0, i.e. probability > 0.5)."""
+        return (out > 0).astype(int) if self._multilabel else out.argmax(axis=1)
 
     def _score_targets(self, X: NDArray[Any], targets: NDArray[Any], weights: NDArray[Any] | None = None) -> float:
-        """Validation accuracy (weighted by ``weights``); NaN when the network's output is not finite."""
+        """Validation accuracy (subset accuracy for multilabel, weighted by ``weights``);
+        NaN when the network's output is not finite."""
         out = self._forward(X)
-        return accuracy_score(targets, out.argmax(axis=1), sample_weight=weights) if np.isfinite(out).all() else np.nan
+        if not np.isfinite(out).all():
+            return np.nan
+        return accuracy_score(targets, self._predicted(out), sample_weight=weights)
 
     @available_if(_BaseBNMLP._check_solver)
     def partial_fit(
@@ -935,32 +994,39 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
             )
         return self._partial_fit(X, y, classes, sample_weight)
 
-    def _shifted_logits(self, X: ArrayLike) -> NDArray[np.floating[Any]]:
-        """The network output (eval mode) minus its row maximum."""
+    def _logits(self, X: ArrayLike) -> NDArray[np.floating[Any]]:
+        """The network output (eval mode), shape (n_samples, n_classes)."""
         check_is_fitted(self)
-        z = self._forward(validate_data(self, X, reset=False, dtype=FLOAT_DTYPES, accept_sparse=False))
-        return z - z.max(axis=1, keepdims=True)
+        return self._forward(validate_data(self, X, reset=False, dtype=FLOAT_DTYPES, accept_sparse=False))
 
     def predict_proba(self, X: ArrayLike) -> NDArray[np.floating[Any]]:
-        """Softmax of the network output (eval mode), shape (n_samples, n_classes)."""
-        z = self._shifted_logits(X)
+        """Softmax of the network output (eval mode), shape (n_samples, n_classes); for
+        multilabel y the sigmoid of each output, one probability per label."""
+        z = self._logits(X)
+        if self._multilabel:
+            return expit(z)
+        z = z - z.max(axis=1, keepdims=True)
         with np.errstate(under="ignore"):  # far smaller logits give 0 by design, also under np.seterr(all="raise")
             p = np.exp(z)
             p /= p.sum(axis=1, keepdims=True)
         return p
 
     def predict_log_proba(self, X: ArrayLike) -> NDArray[np.floating[Any]]:
-        """Log of :meth:`predict_proba`, as log-softmax of the network output: finite
-        where a probability underflows to 0 (scikit-learn's ``log(predict_proba)``
-        gives -inf there)."""
-        z = self._shifted_logits(X)
+        """Log of :meth:`predict_proba`, as log-softmax (log-sigmoid for multilabel) of
+        the network output: finite where a probability underflows to 0
+        (scikit-learn's ``log(predict_proba)`` gives -inf there)."""
+        z = self._logits(X)
+        if self._multilabel:
+            return log_expit(z)
+        z = z - z.max(axis=1, keepdims=True)
         with np.errstate(under="ignore"):
             return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
     def predict(self, X: ArrayLike) -> NDArray[Any]:
-        """The class of highest probability."""
-        proba = self.predict_proba(X)
-        return self.classes_[np.argmax(proba, axis=1)]
+        """The class of highest probability; for multilabel y the indicator of the labels
+        of probability > 0.5 (n_samples, n_labels)."""
+        predicted = self._predicted(self._logits(X))
+        return predicted if self._multilabel else self.classes_[predicted]
 
 
 class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
@@ -977,10 +1043,13 @@ class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
         tags.target_tags.multi_output = True
         return tags
 
-    def _loss_fn(self) -> Any:
+    def _loss_class(self) -> Any:
         from ..layers import MSELoss
 
-        return MSELoss()
+        return MSELoss
+
+    def _out_activation(self) -> str:
+        return "identity"
 
     def _n_outputs(self) -> int:
         return self.n_outputs_
