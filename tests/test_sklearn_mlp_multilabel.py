@@ -112,3 +112,9 @@ def test_integer_weights_equal_repeated_samples_without_batch_norm():
     a = BNMLPClassifier(**kw).fit(X, Y, sample_weight=k)
     b = BNMLPClassifier(**kw).fit(np.repeat(X, k, axis=0), np.repeat(Y, k, axis=0))
     assert_allclose(a.predict_proba(X), b.predict_proba(X), rtol=1e-6, atol=1e-9)
+
+
+def test_n_outputs_counts_the_network_outputs():
+    X, Y = _data(n=40)
+    assert BNMLPClassifier(hidden_layer_sizes=(4,), max_iter=1).fit(X, Y).n_outputs_ == 3
+    assert BNMLPClassifier(hidden_layer_sizes=(4,), max_iter=1).fit(X, Y[:, 0]).n_outputs_ == 2

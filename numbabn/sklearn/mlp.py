@@ -411,6 +411,7 @@ class _BaseBNMLP(BaseEstimator):
         self.t_ = 0
         self.n_layers_ = len(sizes) + 2  # input, hidden and output layers, as scikit-learn counts
         self.out_activation_ = self._out_activation()
+        self.n_outputs_ = n_out  # (the regressor's was set with its targets: the same number)
         self.history_ = None
         self._start_stochastic()
 
@@ -867,7 +868,8 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     epoch leaves out are not counted, where scikit-learn adds n per epoch),
     ``n_layers_``, ``out_activation_`` ("softmax", also for two classes, where
     scikit-learn's binary network has one logistic output; "logistic" for multilabel
-    y), ``best_loss_`` (lowest
+    y), ``n_outputs_`` (the network's outputs: one per class or label, so 2 for two
+    classes where scikit-learn has 1), ``best_loss_`` (lowest
     epoch loss; None after a fit with early stopping, as in scikit-learn -- a later
     ``partial_fit`` counts from its own epochs), ``validation_scores_`` and
     ``best_validation_score_`` (early stopping; None without, as in scikit-learn), ``history_`` (the
