@@ -16,9 +16,9 @@ solver (Adam, each at its default learning rate: 1e-2 with batch norm, scikit-le
 ``partial_fit`` (one epoch each) per seed. After every epoch the test accuracy is
 measured (not timed); reported per seed: final test accuracy, best test accuracy,
 training wall time (partial_fit calls only) and the first epoch whose test accuracy
-reaches ``target`` (None if never). MLPClassifier keeps its default L2 penalty
-alpha=1e-4; BNMLPClassifier has none, and its Trainer skips the n mod 200 samples
-left over each epoch (6 steps per epoch here against scikit-learn's 7).
+reaches ``target`` (None if never). Both keep their default L2 penalty alpha=1e-4;
+BNMLPClassifier's Trainer skips the n mod 200 samples left over each epoch (6 steps
+per epoch here against scikit-learn's 7).
 
 ``threads`` (None: the libraries' defaults) caps Numba's threads and, through
 threadpoolctl, the BLAS threads of both sides: for the small matrices of the MLP part,
