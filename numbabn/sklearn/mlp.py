@@ -316,9 +316,9 @@ class _BaseBNMLP(BaseEstimator):
         from ..optim import SGD, Adam
 
         weights = [layer.weight for layer in model.layers if isinstance(layer, Linear)]
-        # .get: the defaults of an estimator pickled before these settings existed
         if arch["solver"] == "lbfgs":
             return None  # scipy's L-BFGS-B keeps its own state, for one fit (._lbfgs)
+        # .get: the defaults of an estimator pickled before these settings existed
         if arch["solver"] == "adam":
             betas, eps = arch.get("betas", (0.9, 0.999)), arch.get("epsilon", 1e-8)
             return Adam(model.parameters(), lr=arch["lr"], betas=betas, eps=eps, decayed=weights)
