@@ -45,6 +45,14 @@ apart (each layer counts its own calls), as with ``torch.nn.SyncBatchNorm``.
 In eval mode (and with one process, or torch.distributed not initialised) the layer
 is a plain numbabn BatchNorm. CUDA tensors are not synchronized by numbabn: use
 ``torch.nn.SyncBatchNorm`` (NCCL) there.
+
+Every rank must be in the same mode. An eval-mode call exchanges nothing, as in
+``torch.nn.SyncBatchNorm``, so that ranks can evaluate different numbers of batches
+(an uneven validation split); the price is that a rank left in eval mode while the
+others train cannot be detected: the training ranks wait in an exchange that rank
+never joins, or meet its next collective. (numbabn's MPI layer,
+:mod:`numbabn.distributed.sync_batchnorm`, exchanges a header in eval mode too and
+raises instead; it therefore needs the same number of eval calls on every rank.)
 """
 
 from collections.abc import Sequence
