@@ -271,6 +271,39 @@ def test_failed_classifier_refit_keeps_the_trained_model(blobs):
     assert _fitted_bytes(clf.set_params(early_stopping=True)) == before
 
 
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_lbfgs_interrupted_midway_keeps_the_trained_model(blobs, monkeypatch, warm_start):
+    """Ctrl-C inside scipy's L-BFGS-B, after the network's parameters and batch-norm
+    momentum were already changed by the search: the estimator is as it was."""
+    import scipy.optimize
+
+    from numbabn.sklearn import BNMLPClassifier
+
+    X, y = blobs
+    clf = BNMLPClassifier(hidden_layer_sizes=(8,), solver="lbfgs", max_iter=5, random_state=0).fit(X, y)
+    before, pred = _fitted_bytes(clf), clf.predict_proba(X)
+    real = scipy.optimize.minimize
+
+    def interrupted(fun, x0, **kw):
+        calls = []
+
+        def fun_then_interrupt(theta):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return fun(theta)
+
+        return real(fun_then_interrupt, x0, **kw)
+
+    monkeypatch.setattr(scipy.optimize, "minimize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        clf.set_params(warm_start=warm_start).fit(X, y)
+    clf.set_params(warm_start=False)
+    assert _fitted_bytes(clf) == before
+    np.testing.assert_array_equal(clf.predict_proba(X), pred)
+    assert clf._model.layers[1].momentum == 0.1
+
+
 def test_failed_regressor_refit_keeps_the_trained_model(blobs):
     from numbabn.sklearn import BNMLPRegressor
 
