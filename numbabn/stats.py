@@ -15,6 +15,7 @@ chunk reductions combine (not (mean, invstd), which loses precision).
 """
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -128,3 +129,40 @@ def chan_merge(
             mean = np.where(off, mean_a * (na / n) + mean_b * (nb / n), mean)
             m2 = np.where(off, np.nan, m2)
     return n, mean, m2
+
+
+# (n, mean, m2): n values per channel (an int), or their weight sum (a float), with
+# mean and m2 float64 (C,): what a weighted fit accumulates (BatchNormTransformer).
+Summary = tuple[float, NDArray[np.float64], NDArray[np.float64]]
+
+
+def weighted_moments(X: NDArray[Any], w: NDArray[np.float64], rows: int = 1 << 14) -> Summary:
+    """(W, mean, m2) per column of X (n, C) with sample weights w (n,), >= 0 and finite,
+    in float64, two passes over blocks of ``rows`` rows (a float64 copy of X is never
+    made whole)::
+
+        W = sum_i w_i;  mean = sum_i w_i x_i / W;  m2 = sum_i w_i (x_i - mean)**2
+
+    Weight k counts a row k times; weights summing to 0 give (0.0, zeros, zeros), the
+    summary of no data."""
+    total = float(w.sum())
+    mean = np.zeros(X.shape[1])
+    m2 = np.zeros(X.shape[1])
+    if total == 0.0:
+        return 0.0, mean, m2
+    for r in range(0, X.shape[0], rows):
+        mean += w[r : r + rows] @ X[r : r + rows].astype(np.float64)
+    mean /= total
+    for r in range(0, X.shape[0], rows):
+        m2 += w[r : r + rows] @ (X[r : r + rows] - mean) ** 2
+    return total, mean, m2
+
+
+def merge_summaries(a: Summary, b: Summary) -> Summary:
+    """Two summaries (n, mean, m2) of disjoint data as one (:func:`chan_merge`; a count
+    of 0 is no data)."""
+    if a[0] == 0:
+        return b
+    if b[0] == 0:
+        return a
+    return chan_merge(*a, *b)

@@ -1,7 +1,8 @@
 """BatchNormTransformer's ``sample_weight``: weighted statistics against the float64
 reference and against repeated samples, exact partial_fit merges of weighted
-batches, StandardScaler parity, pipelines, and refused weights that change nothing.
-(scikit-learn's own sample-weight checks run in test_sklearn_transformer.py.)"""
+batches, StandardScaler parity, pipelines, Dask input with NumPy or Dask weights, and
+refused weights that change nothing. (scikit-learn's own sample-weight checks run in
+test_sklearn_transformer.py.)"""
 
 import pickle
 
@@ -156,12 +157,44 @@ def test_pipeline_routes_the_weights_to_the_transformer(rng):
     assert_allclose(pipe[0].mean_, mean, rtol=1e-14)
 
 
-def test_dask_input_refuses_weights_and_changes_nothing(rng):
+@pytest.mark.parametrize("dask_weights", [False, True])
+def test_dask_input_takes_weights_along_its_row_chunks(rng, dask_weights):
+    da = pytest.importorskip("dask.array")
+    Xn = _data(rng, n=40)
+    w = rng.uniform(0.0, 2.0, 40)
+    X = da.from_array(Xn, chunks=(7, 2))  # row and column chunks that do not divide evenly
+    weights = da.from_array(w, chunks=11) if dask_weights else w
+    t = BatchNormTransformer().fit(X, sample_weight=weights)
+    ref = BatchNormTransformer().fit(Xn, sample_weight=w)
+    assert t.n_samples_seen_ == pytest.approx(ref.n_samples_seen_, rel=1e-14)
+    assert_allclose(t.mean_, ref.mean_, rtol=1e-14)
+    assert_allclose(t.var_, ref.var_, rtol=1e-10)
+    t.partial_fit(X, sample_weight=weights)  # the same data again: same statistics, twice the weight
+    assert t.n_samples_seen_ == pytest.approx(2 * ref.n_samples_seen_, rel=1e-14)
+    assert_allclose(t.mean_, ref.mean_, rtol=1e-13)
+    assert_allclose(t.var_, ref.var_, rtol=1e-10)
+
+
+def test_dask_weights_refused_when_computed_change_nothing(rng):
     da = pytest.importorskip("dask.array")
     X = da.from_array(_data(rng, n=40), chunks=(10, 5))
-    t = BatchNormTransformer()
-    with pytest.raises(TypeError, match="sample_weight is not supported with a dask"):
-        t.fit(X, sample_weight=np.ones(40))
-    assert not hasattr(t, "n_features_in_") and not hasattr(t, "mean_")
-    t.fit(X)  # still fits without weights
-    assert t.n_samples_seen_ == 40
+    bad = np.ones(40)
+    bad[25] = -1.0
+    for weights, match in [
+        (da.from_array(bad, chunks=10), "sample_weight must be finite and >= 0"),
+        (da.zeros(40, chunks=10), "sample_weight is all zero"),
+        (da.ones(39, chunks=10), r"sample_weight.shape == \(39,\), expected \(40,\)"),
+        (bad, "sample_weight must be >= 0"),
+    ]:
+        t = BatchNormTransformer()
+        with pytest.raises(ValueError, match=match):
+            t.fit(X, sample_weight=weights)
+        assert not hasattr(t, "n_features_in_") and not hasattr(t, "mean_")
+        fitted = BatchNormTransformer().fit(X)
+        before = pickle.dumps(fitted)
+        with pytest.raises(ValueError, match=match):
+            fitted.partial_fit(X, sample_weight=weights)
+        assert pickle.dumps(fitted) == before
+    unknown = X[X[:, 0] > 1000.0]  # boolean indexing: unknown row chunk sizes
+    with pytest.raises(ValueError, match="compute_chunk_sizes"):
+        BatchNormTransformer().fit(unknown, sample_weight=np.ones(5))

@@ -25,15 +25,15 @@ Dask array is actually handled. The hooks used by
 Limits: 2-D arrays for the transformer (any ndim for :func:`moments`); Dask
 DataFrames are not accepted (convert with ``.to_dask_array(lengths=True)``), so
 ``feature_names_in_`` is never set from a Dask input; ``inverse_transform`` takes
-NumPy input only; ``fit``/``partial_fit`` take no ``sample_weight`` with a Dask X (a
-TypeError says so).
+NumPy input only. ``fit``/``partial_fit`` take ``sample_weight`` with a Dask X too
+(NumPy or Dask weights, cut along X's row chunks, which must be known).
 """
 
 import sys
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -42,7 +42,7 @@ from sklearn.utils import assert_all_finite
 from ..functional import batch_norm_forward
 from ..functional import moments as numpy_moments
 from ..sklearn.transformer import register_array_kind
-from ..stats import Moments, merge_moments
+from ..stats import Moments, Summary, merge_moments, merge_summaries, weighted_moments
 
 _KEEP_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -149,28 +149,82 @@ def check_array(estimator: Any, X: Any, reset: bool) -> Any:
 
 class FitBatch:
     """A validated Dask batch reduced for fitting: ``shape`` (n_samples, n_features)
-    and the merged ``moments``. Returned by :func:`fit_batch` in place of the array."""
+    and the merged ``summary`` (n, mean, m2) (``numbabn.stats.Summary``; n the
+    weight sum with ``sample_weight``). Returned by :func:`fit_batch` in place of the array."""
 
-    __slots__ = ("shape", "moments")
+    __slots__ = ("shape", "summary")
 
-    def __init__(self, moments_: Any) -> None:
-        self.moments = moments_
-        self.shape = (moments_.count, moments_.channels)
+    def __init__(self, n_samples: int, summary: Summary) -> None:
+        self.summary = summary
+        self.shape = (n_samples, summary[1].shape[0])
 
 
-def fit_batch(estimator: Any, X: Any, reset: bool) -> FitBatch:
+def _block_weighted(block: NDArray[Any], w: Any, name: str) -> Summary:
+    """Weighted moments of one chunk, its weights checked there (a Dask ``sample_weight``
+    is only seen when computed)."""
+    assert_all_finite(block, input_name="X")
+    w = np.asarray(w, dtype=np.float64)
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"{name}: sample_weight must be finite and >= 0, got values in [{w.min()}, {w.max()}]")
+    return weighted_moments(block, w)
+
+
+def _concat_summaries(parts: Sequence[Summary]) -> Summary:
+    """Summaries of consecutive column groups (same rows) as one."""
+    return parts[0][0], np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
+
+def _weight_blocks(name: str, sample_weight: Any, X: Any) -> list[Any]:
+    """``sample_weight`` cut along X's row chunks: NumPy pieces (checked now, as
+    :func:`numbabn.sklearn._sample_weight.check_sample_weight` does) or, for a Dask
+    array, its rechunked delayed blocks (checked by the chunk tasks)."""
+    from ..sklearn._sample_weight import check_sample_weight
+
+    n = X.shape[0]
+    if np.isnan(n):
+        raise ValueError(
+            f"{name}: sample_weight needs X's row chunk sizes, which are unknown; call X.compute_chunk_sizes() first"
+        )
+    if is_dask_array(sample_weight):
+        if sample_weight.shape != (n,):
+            raise ValueError(
+                f"{name}: sample_weight.shape == {sample_weight.shape}, expected ({n},)! (one weight per sample)"
+            )
+        return list(sample_weight.rechunk((X.chunks[0],)).to_delayed())
+    w = cast(NDArray[np.float64], check_sample_weight(name, sample_weight, int(n)))  # not None: weights given
+    return np.split(w, np.cumsum(X.chunks[0])[:-1])
+
+
+def fit_batch(estimator: Any, X: Any, reset: bool, sample_weight: Any = None) -> FitBatch:
     """:func:`check_array`, then the chunk moments merged in a tree, computed with the
-    current scheduler (one pass over the chunks, NaN/infinity rejected there).
+    current scheduler (one pass over the chunks, NaN/infinity rejected there). With
+    ``sample_weight`` (a number, one weight per sample as NumPy or a Dask array), each
+    chunk's weighted moments (:func:`numbabn.stats.weighted_moments`, NumPy) merge
+    instead, in the same tree.
 
     Reducing while validating means a bad chunk raises inside the estimator's
     validation step, which restores its fitted state on errors.
     """
+    import dask
+
+    name = type(estimator).__name__
     X = check_array(estimator, X, reset)
-    batch = FitBatch(moments_graph(X, axis=1, check_finite=True).compute())
-    if batch.moments.count == 0:
+    if sample_weight is None:
+        m = moments_graph(X, axis=1, check_finite=True).compute()
+        batch = FitBatch(m.count, (m.count, m.mean, m.m2))
+    else:
+        weights = _weight_blocks(name, sample_weight, X)
+        block = dask.delayed(_block_weighted, pure=True)
+        merge = dask.delayed(merge_summaries, pure=True)
+        columns = X.to_delayed().T  # per column group, its chunks in row order
+        groups = [_tree([block(b, w, name) for b, w in zip(col, weights, strict=True)], merge) for col in columns]
+        summary = (groups[0] if len(groups) == 1 else dask.delayed(_concat_summaries, pure=True)(groups)).compute()
+        if summary[0] == 0 and X.shape[0]:
+            raise ValueError(f"{name}: sample_weight is all zero; weights must contain at least one non-zero number")
+        batch = FitBatch(int(X.shape[0]), summary)
+    if batch.shape[0] == 0:
         raise ValueError(
-            f"Found array with 0 sample(s) (shape={batch.shape}) while a minimum of 1 is required "
-            f"by {type(estimator).__name__}."
+            f"Found array with 0 sample(s) (shape={batch.shape}) while a minimum of 1 is required by {name}."
         )
     return batch
 

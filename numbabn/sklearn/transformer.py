@@ -40,7 +40,7 @@ They merge exactly as above, and a moving-average step uses the unbiased
 ``m2/(W - 1)`` (weights summing to more than 1). Integer weights therefore give the
 statistics of the data with each sample repeated that many times (0: left out). The
 weighted moments are computed in float64 with NumPy, not by the Numba kernel, which
-has no weights; a Dask X takes no ``sample_weight``.
+has no weights (per chunk for a Dask X, whose weights may be a NumPy or a Dask array).
 
 ``fit(X)`` forgets previous statistics and is one ``partial_fit(X)``. ``partial_fit``
 continues in the mode ``fit`` (or the first ``partial_fit``) started: an exact summary
@@ -65,7 +65,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._checks import check_bool, is_real
 from ..functional import batch_norm_forward, moments
-from ..stats import chan_merge
+from ..stats import Summary, merge_summaries, weighted_moments
 from ._sample_weight import check_sample_weight
 
 FLOAT_DTYPES = (np.float64, np.float32)
@@ -76,10 +76,6 @@ _INPLACE_VALUES = 1 << 20
 
 # Fitted attributes that validate_data(reset=True) may write before it rejects X.
 _NAME_ATTRS = ("n_features_in_", "feature_names_in_")
-
-# (n, mean, m2): n values per feature (an int), or their weight sum (a float) once
-# sample_weight was given; mean and m2 float64 (n_features,).
-_Summary = tuple[Any, NDArray[np.float64], NDArray[np.float64]]
 
 
 _is_real = is_real  # the shared check: a finite number, not bool
@@ -177,7 +173,7 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         return arr
 
     # ------------------------------------------------------------ fitting
-    def _validate_fit(self, X: Any, sample_weight: Any) -> tuple[Any, tuple[Any, ...], _Summary]:
+    def _validate_fit(self, X: Any, sample_weight: Any) -> tuple[Any, tuple[Any, ...], Summary]:
         """validate_data for fitting, plus the parameters and the weights. On the first
         batch, validate_data(reset=True) sets n_features_in_ (and feature_names_in_)
         before it checks X: they are removed again if anything is rejected.
@@ -190,23 +186,21 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         first = not hasattr(self, "n_samples_seen_")
         try:
             kind = _array_kind(X)
-            if kind is not None:
-                if sample_weight is not None:
-                    raise TypeError(
-                        f"{name}: sample_weight is not supported with a {type(X).__module__}.{type(X).__name__} X; "
-                        "fit NumPy blocks with partial_fit(X_block, sample_weight=w_block) instead"
-                    )
-                X = kind.fit_batch(self, X, reset=first)
+            weights = None
+            if kind is not None:  # reduced while validated: the summary comes back with it
+                X = kind.fit_batch(self, X, reset=first, sample_weight=sample_weight)
+                n = X.summary[0]
             else:
                 X = validate_data(
                     self, X, reset=first, dtype=FLOAT_DTYPES, copy=False, accept_sparse=False, ensure_all_finite=True
                 )
+                weights = check_sample_weight(name, sample_weight, X.shape[0])
+                n = X.shape[0] if weights is None else float(weights.sum())
             params = self._check_params(X.shape[1])
-            weights = check_sample_weight(name, sample_weight, X.shape[0])
             if not first and (params[1] is None) != ("_moments" in self.__dict__):
                 raise ValueError(self._mode_change_message(params[1]))
-            if params[1] is not None and (X.shape[0] < 2 if weights is None else not weights.sum() > 1.0):
-                got = "1 sample" if weights is None else f"weights summing to {weights.sum()!r}"
+            if params[1] is not None and not n > 1:
+                got = f"{n} sample" if sample_weight is None else f"weights summing to {n!r}"
                 raise ValueError(
                     f"{name} with momentum={params[1]} needs at least 2 samples per batch (with sample_weight: "
                     f"weights summing to more than 1) for the unbiased batch variance var*n/(n-1), got {got}"
@@ -216,9 +210,11 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
                 for k in _NAME_ATTRS:
                     self.__dict__.pop(k, None)
             raise
+        if kind is not None:
+            return X, params, X.summary
         if weights is not None:
-            return X, params, _weighted_moments(X, weights)
-        batch = X.moments if kind is not None else moments(X, axis=1)
+            return X, params, weighted_moments(X, weights, max(1, _INPLACE_VALUES // X.shape[1]))
+        batch = moments(X, axis=1)
         return X, params, (batch.count, batch.mean, batch.m2)
 
     def _mode_change_message(self, momentum: float | None) -> str:
@@ -264,7 +260,7 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
             n, batch_mean, batch_m2 = batch
             new = {"n_samples_seen_": getattr(self, "n_samples_seen_", 0) + n}
             if momentum is None:
-                total = _merge(self.__dict__.get("_moments"), batch)
+                total = batch if "_moments" not in self.__dict__ else merge_summaries(self.__dict__["_moments"], batch)
                 new.update(_moments=total, mean_=total[1], var_=total[2] / total[0])
             else:
                 mean = getattr(self, "mean_", np.zeros(X.shape[1]))
@@ -354,35 +350,6 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         X *= scale.astype(X.dtype)
         X += shift.astype(X.dtype)
         return X
-
-
-def _weighted_moments(X: NDArray[Any], w: NDArray[np.float64]) -> _Summary:
-    """(W, mean, m2) of the rows of X (n, C) with weights w (n,), in float64, two passes
-    over row blocks of about ``_INPLACE_VALUES`` values (a float64 copy of X is never
-    made whole)::
-
-        W = sum_i w_i;  mean = sum_i w_i x_i / W;  m2 = sum_i w_i (x_i - mean)**2
-    """
-    rows = max(1, _INPLACE_VALUES // X.shape[1])
-    blocks = range(0, X.shape[0], rows)
-    total = float(w.sum())
-    mean = np.zeros(X.shape[1])
-    for r in blocks:
-        mean += w[r : r + rows] @ X[r : r + rows].astype(np.float64)
-    mean /= total
-    m2 = np.zeros(X.shape[1])
-    for r in blocks:
-        m2 += w[r : r + rows] @ (X[r : r + rows] - mean) ** 2
-    return total, mean, m2
-
-
-def _merge(a: _Summary | None, b: _Summary) -> _Summary:
-    """Summary a (None: nothing yet) merged with the batch's b (:func:`numbabn.stats.chan_merge`)."""
-    if a is None or a[0] == 0:
-        return b
-    if b[0] == 0:
-        return a
-    return chan_merge(*a, *b)
 
 
 # ---------------------------------------------------------------- other array kinds
