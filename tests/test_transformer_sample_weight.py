@@ -198,3 +198,19 @@ def test_dask_weights_refused_when_computed_change_nothing(rng):
     unknown = X[X[:, 0] > 1000.0]  # boolean indexing: unknown row chunk sizes
     with pytest.raises(ValueError, match="compute_chunk_sizes"):
         BatchNormTransformer().fit(unknown, sample_weight=np.ones(5))
+
+
+def test_a_transformer_pickled_before_sample_weight_continues(rng):
+    """Its exact summary was a Moments; partial_fit merges into it as before."""
+    from numbabn.stats import Moments
+
+    X1, X2 = _data(rng, n=30), _data(rng, n=20)
+    old = BatchNormTransformer().fit(X1)
+    n, mean, m2 = old._moments
+    old._moments = Moments(n, mean, m2)  # the fitted state as earlier versions kept it
+    old = pickle.loads(pickle.dumps(old))
+    old.partial_fit(X2, sample_weight=np.full(20, 2.0))
+    ref = BatchNormTransformer().fit(np.vstack([X1, X2]), sample_weight=np.r_[np.ones(30), np.full(20, 2.0)])
+    assert old.n_samples_seen_ == ref.n_samples_seen_ == 70.0
+    assert_allclose(old.mean_, ref.mean_, rtol=1e-14)
+    assert_allclose(old.var_, ref.var_, rtol=1e-10)

@@ -65,7 +65,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._checks import check_bool, is_real
 from ..functional import batch_norm_forward, moments
-from ..stats import Summary, merge_summaries, weighted_moments
+from ..stats import Moments, Summary, merge_summaries, weighted_moments
 from ._sample_weight import check_sample_weight
 
 FLOAT_DTYPES = (np.float64, np.float32)
@@ -260,7 +260,10 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
             n, batch_mean, batch_m2 = batch
             new = {"n_samples_seen_": getattr(self, "n_samples_seen_", 0) + n}
             if momentum is None:
-                total = batch if "_moments" not in self.__dict__ else merge_summaries(self.__dict__["_moments"], batch)
+                seen = self.__dict__.get("_moments")
+                if isinstance(seen, Moments):  # pickled before sample_weight: a Moments, not (n, mean, m2)
+                    seen = (seen.count, seen.mean, seen.m2)
+                total = batch if seen is None else merge_summaries(seen, batch)
                 new.update(_moments=total, mean_=total[1], var_=total[2] / total[0])
             else:
                 mean = getattr(self, "mean_", np.zeros(X.shape[1]))
