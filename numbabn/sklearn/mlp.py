@@ -1036,7 +1036,9 @@ class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
     output); parameters and attributes as :class:`BNMLPClassifier` (no ``classes_``;
     ``history_`` has no accuracy). ``y`` may have several columns (``n_outputs_``);
     predictions of a single target are 1-D. A ``y`` of shape (n_samples, 1) is one
-    target and gives a ``DataConversionWarning``, as in ``MLPRegressor``."""
+    target and gives a ``DataConversionWarning``, as in ``MLPRegressor``. Not offered:
+    ``MLPRegressor``'s ``loss="poisson"`` (scikit-learn >= 1.7); the loss is the mean
+    squared error."""
 
     _regression = True
 
