@@ -78,3 +78,42 @@ def test_bit_identical_runs(rng, threads32):
         runs.append([host(a) for a in (y, ctx.mean, ctx.invstd, *numbabn.batch_norm_backward(dy, ctx))])
     for a, b_ in zip(*runs, strict=True):
         assert np.array_equal(a, b_)
+
+
+class _LaunchChecker:
+    """A kernel whose launches refuse ``None`` arguments, as a real GPU's do (the
+    simulator accepts them): ``kernel[config](*args)`` with a ``None`` in ``args``
+    raises there with ``NotImplementedError: (none, None)``."""
+
+    def __init__(self, name, kernel, launches):
+        self.name, self.kernel, self.launches = name, kernel, launches
+
+    def __getitem__(self, launch_config):
+        def launch(*args):
+            assert all(a is not None for a in args), f"{self.name} launched with a None argument"
+            self.launches.append(self.name)
+            return self.kernel[launch_config](*args)
+
+        return launch
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_no_kernel_is_launched_with_none(monkeypatch, rng, relu, residual, training):
+    """Every launch of a forward and backward, with and without the fused ReLU and
+    residual, in training and eval, passes only arrays and scalars."""
+    launches = []
+    for name in [n for n in vars(K) if n.endswith("_kernel")]:
+        monkeypatch.setattr(K, name, _LaunchChecker(name, getattr(K, name), launches))
+    x, dy = rng.standard_normal((2, 4, 6, 3, 5)).astype(np.float32)
+    r = rng.standard_normal(x.shape).astype(np.float32)
+    kw = dict(training=training, activation="relu" if relu else None)
+    kw["running_mean"] = cuda.to_device(np.zeros(6, np.float32))
+    kw["running_var"] = cuda.to_device(np.ones(6, np.float32))
+    if residual:
+        kw["residual"] = cuda.to_device(r)
+    y, ctx = numbabn.batch_norm_forward(cuda.to_device(x), **kw)
+    grads = numbabn.batch_norm_backward(cuda.to_device(dy), ctx)
+    assert {"_apply_kernel", "_grad_sums_kernel", "_grad_apply_kernel"} <= set(launches)
+    assert len(grads) == (4 if residual else 3)

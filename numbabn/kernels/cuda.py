@@ -44,10 +44,12 @@ Formulas (per channel, ``g`` = upstream gradient times the ReLU mask if fused)::
 
 Residual fusion (``y = act(a*x + b + r)``): the apply and gradient kernels take the
 residual ``res`` (and the backward its gradient output ``dres``) as a device array
-of x's shape or ``None``; Numba compiles the ``None`` case without the residual code
-(``if res is None`` branches on a None-typed argument are pruned), so the plain path
-is unchanged and the residual path is another specialisation of the same kernels,
-compiled on first use. With ReLU, ``dres = g`` (the masked gradient).
+of x's shape, or an empty array of x's dtype without one (the host wrappers take
+``None`` and pass :func:`_absent`). A kernel argument cannot be ``None``: the
+simulator accepts it, but a real GPU's launch refuses it (``NotImplementedError:
+(none, None)``). So the residual is a branch on ``res.size``, the same for every
+thread of a launch, and one compiled kernel serves both cases (no extra
+specialisation to compile). With ReLU, ``dres = g`` (the masked gradient).
 
 Memory traffic: training forward 3S, eval forward 2S, backward 5S (S = bytes of x).
 """
@@ -239,27 +241,20 @@ def _affine(c, mean, invstd, gamma, beta):
 
 
 @cuda.jit(device=True)
-def _res_at(res, n, c, l):
-    """The residual value in float64, or None without a residual (pruned)."""
-    if res is None:
-        return None
-    return float64(res[n, c, l])
-
-
-@cuda.jit(device=True)
-def _pre(xv, a, b, r):
-    """a*x + b (+ r unless None): the value the fused ReLU sees, rounded alike everywhere."""
+def _pre(xv, a, b, res, n, c, l):
+    """a*x + b (+ res[n, c, l] unless ``res`` is empty): the value the fused ReLU
+    sees, rounded alike everywhere."""
     v = cuda.fma(xv, a, b)
-    if r is not None:
-        v += r
+    if res.size > 0:
+        v += float64(res[n, c, l])
     return v
 
 
 @cuda.jit(device=True)
-def _masked_grad(gv, xv, a, b, relu, r):
+def _masked_grad(gv, xv, a, b, relu, res, n, c, l):
     """The upstream gradient in float64, zero where the fused ReLU's output is <= 0
     (PyTorch's mask: a NaN output passes the gradient)."""
-    if relu and _pre(xv, a, b, r) <= 0.0:
+    if relu and _pre(xv, a, b, res, n, c, l) <= 0.0:
         return 0.0
     return float64(gv)
 
@@ -339,7 +334,7 @@ def _forward_stats_kernel(pmean, pm2, span, m, training, running_mean, running_v
 
 @cuda.jit
 def _apply_kernel(x, res, mean, invstd, gamma, beta, relu, G, W, cfast, S, span, y):
-    """y = a*x + b (+ res) per channel (then max(y, 0) if relu); same layout as ``x``."""
+    """y = a*x + b (+ res) per channel (then ReLU if relu: y < 0 -> 0, NaN passes); same layout as ``x``."""
     N, C, L = x.shape
     c, split, lane = _coords(G, W, cfast, S)
     n, l, dn, dl, count = _thread_range(c, C, split, lane, N * L, L, W, span)
@@ -347,8 +342,10 @@ def _apply_kernel(x, res, mean, invstd, gamma, beta, relu, G, W, cfast, S, span,
         return
     a, b = _affine(c, mean, invstd, gamma, beta)
     for _ in range(count):
-        v = _pre(float64(x[n, c, l]), a, b, _res_at(res, n, c, l))
-        y[n, c, l] = max(v, 0.0) if relu else v
+        v = _pre(float64(x[n, c, l]), a, b, res, n, c, l)
+        # not max(v, 0.0): compiled for a GPU it is fmax, which turns NaN into 0;
+        # PyTorch's ReLU (and the CPU kernels) pass NaN and keep -0.0
+        y[n, c, l] = 0.0 if relu and v < 0.0 else v
         n, l = _advance(n, l, dn, dl, L)
 
 
@@ -368,7 +365,7 @@ def _grad_sums_kernel(dy, x, res, mean, invstd, gamma, beta, relu, G, W, cfast, 
         mu = mean[c]
         for _ in range(count):
             xv = float64(x[n, c, l])
-            g = _masked_grad(dy[n, c, l], xv, a, b, relu, _res_at(res, n, c, l))
+            g = _masked_grad(dy[n, c, l], xv, a, b, relu, res, n, c, l)
             s0 += g
             s1 += g * (xv - mu)
             n, l = _advance(n, l, dn, dl, L)
@@ -415,7 +412,7 @@ def _grad_coeffs_kernel(psg, psgx, m, mean, invstd, gamma, training, dgamma, dbe
 
 @cuda.jit
 def _grad_apply_kernel(dy, x, res, mean, invstd, gamma, beta, relu, A, B, D, G, W, cfast, S, span, dx, dres):
-    """dx = A*g + B*x + D per channel (and dres = g unless None); same layout as ``x``."""
+    """dx = A*g + B*x + D per channel (and dres = g unless ``dres`` is empty); same layout as ``x``."""
     N, C, L = x.shape
     c, split, lane = _coords(G, W, cfast, S)
     n, l, dn, dl, count = _thread_range(c, C, split, lane, N * L, L, W, span)
@@ -427,11 +424,11 @@ def _grad_apply_kernel(dy, x, res, mean, invstd, gamma, beta, relu, A, B, D, G, 
     dc = D[c]
     for _ in range(count):
         xv = float64(x[n, c, l])
-        g = _masked_grad(dy[n, c, l], xv, a, b, relu, _res_at(res, n, c, l))
+        g = _masked_grad(dy[n, c, l], xv, a, b, relu, res, n, c, l)
         # without the x term where B is exactly 0 (eval): dx does not depend on x, as
         # in PyTorch, and an infinite or NaN x gives a finite dx instead of 0*inf
         dx[n, c, l] = ac * g + (bc * xv if bc != 0.0 else 0.0) + dc
-        if dres is not None:
+        if dres.size > 0:
             dres[n, c, l] = g
         n, l = _advance(n, l, dn, dl, L)
 
@@ -444,6 +441,17 @@ def _cast_kernel(src, dst):
 
 
 # ---------------------------------------------------------------- host wrappers
+
+
+def _absent(a, like):
+    """``a``, or for ``None`` an empty device array of ``like``'s dtype and rank: the
+    kernels' "no residual" (a launch cannot take ``None``; see the module docstring)."""
+    return cuda.device_array((0,) * like.ndim, like.dtype) if a is None else a
+
+
+def _geometry(p):
+    """The plan's (G, W, cfast, S, span), in the order the data-pass kernels take them."""
+    return p.G, p.W, p.cfast, p.S, p.span
 
 
 def _per_channel(C, threads):
@@ -464,7 +472,7 @@ def _plan_for(x, threads):
 def _stats(x, p):
     """Split partials (pmean, pm2), shape (C, S), of (N, C, L) ``x`` under plan ``p``."""
     pmean, pm2 = _partials(x.shape[1], p)
-    _stats_kernel[p.blocks, p.threads, 0, 3 * 8 * p.threads](x, p.G, p.W, p.cfast, p.S, p.span, pmean, pm2)
+    _stats_kernel[p.blocks, p.threads, 0, 3 * 8 * p.threads](x, *_geometry(p), pmean, pm2)
     return pmean, pm2
 
 
@@ -512,7 +520,7 @@ def forward(
         pmean, pm2, span, m, training, running_mean, running_var, momentum, eps, mean, invstd
     )
     if x.size:
-        _apply_kernel[p.blocks, p.threads](x, res, mean, invstd, gamma, beta, relu, p.G, p.W, p.cfast, p.S, p.span, y)
+        _apply_kernel[p.blocks, p.threads](x, _absent(res, x), mean, invstd, gamma, beta, relu, *_geometry(p), y)
     return mean, invstd
 
 
@@ -525,8 +533,9 @@ def grad_sums(dy, x, mean, invstd, gamma, beta, relu, threads, res=None):
         return cuda.to_device(np.zeros((C, 1))), cuda.to_device(np.zeros((C, 1)))
     p = _plan_for(x, threads)
     psg, psgx = _partials(C, p)
+    r = _absent(res if relu else None, x)
     _grad_sums_kernel[p.blocks, p.threads, 0, 2 * 8 * p.threads](
-        dy, x, res if relu else None, mean, invstd, gamma, beta, relu, p.G, p.W, p.cfast, p.S, p.span, psg, psgx
+        dy, x, r, mean, invstd, gamma, beta, relu, *_geometry(p), psg, psgx
     )
     return psg, psgx
 
@@ -545,25 +554,10 @@ def grad_apply(
     _grad_coeffs_kernel[_per_channel(C, threads)](psg, psgx, m, mean, invstd, gamma, training, dgamma, dbeta, A, B, D)
     if x.size:
         p = _plan_for(x, threads)
+        r = _absent(res if relu else None, x)
+        dr = _absent(dres if relu and res is not None else None, x)
         _grad_apply_kernel[p.blocks, p.threads](
-            dy,
-            x,
-            res if relu else None,
-            mean,
-            invstd,
-            gamma,
-            beta,
-            relu,
-            A,
-            B,
-            D,
-            p.G,
-            p.W,
-            p.cfast,
-            p.S,
-            p.span,
-            dx,
-            dres if relu and res is not None else None,
+            dy, x, r, mean, invstd, gamma, beta, relu, A, B, D, *_geometry(p), dx, dr
         )
 
 
