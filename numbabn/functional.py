@@ -93,6 +93,32 @@ def _dispatch(fn: str, x: AnyArray, backend: str | None) -> tuple[ModuleType, bo
 _cuda_usable: list[bool] = []
 
 
+def cuda_compiler_problem() -> str | None:
+    """Why numba-cuda cannot compile GPU kernels here, in one line; None when it can.
+
+    numba-cuda loads its kernel compiler (``numba.cuda.cudaimpl`` and the NumPy
+    support it registers) at the first compile, so a numba-cuda that does not work
+    with the installed NumPy fails only then, deep inside the first call. numba-cuda
+    0.30.4 (the newest so far) fails so under NumPy 2.5, which removed
+    ``numpy.row_stack``: the ``cuda12``/``cuda13`` extras require NumPy < 2.5.
+    Only meaningful with a real GPU (the simulator does not compile).
+    """
+    from importlib import import_module
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        import_module("numba.cuda.cudaimpl")
+    except Exception as exc:  # any failure here is one the first compile would hit
+        try:
+            nc = f"numba-cuda {version('numba-cuda')}"
+        except PackageNotFoundError:
+            nc = "numba.cuda"
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        hint = "; install numpy<2.5" if not hasattr(np, "row_stack") else ""
+        return f"{nc} fails to load its compiler with NumPy {np.__version__} ({type(exc).__name__}: {first}){hint}"
+    return None
+
+
 def _check_cuda_usable(fn: str) -> None:
     """numbabn's one-line error when the CUDA backend cannot run here (instead of
     Numba's multi-line ``CudaSupportError`` from the first device allocation). The
@@ -108,6 +134,9 @@ def _check_cuda_usable(fn: str) -> None:
     if _cuda_usable or cuda.config.ENABLE_CUDASIM:  # type: ignore[attr-defined]  # set from the environment at import
         return
     if cuda.is_available():
+        problem = cuda_compiler_problem()
+        if problem:
+            raise RuntimeError(f"{fn}: backend='cuda' cannot compile its kernels here: {problem}; use backend='cpu'")
         _cuda_usable.append(True)  # a GPU does not go away: ask the driver once
         return
     reason = ""
@@ -126,13 +155,16 @@ def _check_cuda_usable(fn: str) -> None:
 
 
 def cuda_available() -> bool:
-    """True when a real CUDA GPU is usable (False without one, and under the
-    CUDA simulator, where the CUDA backend still runs, slowly)."""
+    """True when a real CUDA GPU is usable: False without one, when numba-cuda
+    cannot compile kernels here (:func:`cuda_compiler_problem`), and under the CUDA
+    simulator, where the CUDA backend still runs, slowly."""
     try:
         from numba import cuda
     except ImportError:
         return False
-    return not cuda.config.ENABLE_CUDASIM and cuda.is_available()  # type: ignore[attr-defined]  # (see above)
+    if cuda.config.ENABLE_CUDASIM or not cuda.is_available():  # type: ignore[attr-defined]  # (see above)
+        return False
+    return cuda_compiler_problem() is None
 
 
 def batch_norm_forward(

@@ -8,8 +8,11 @@ import os
 
 
 def _gpu_present():
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        return False
+    # An explicit NUMBA_ENABLE_CUDASIM wins: "0" asks for the real GPU, and a test run
+    # that asked for it must fail on a machine without one, not fall back silently.
+    sim = os.environ.get("NUMBA_ENABLE_CUDASIM")
+    if sim is not None:
+        return sim != "1"
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
 
 

@@ -176,6 +176,8 @@ def test_cuda_run_bookkeeping_on_the_simulator(monkeypatch):
     if not cuda.config.ENABLE_CUDASIM:
         pytest.skip("a real GPU is present: test_cli.test_bench_cuda_on_gpu runs it for real")
     monkeypatch.setattr(cuda.config, "ENABLE_CUDASIM", False)
+    # the simulator's numba.cuda has no kernel compiler to load
+    monkeypatch.setattr("numbabn.functional.cuda_compiler_problem", lambda: None)
     monkeypatch.setattr(bench_cuda, "device_copy_bandwidth", lambda nbytes: 1.0)
     monkeypatch.setattr(type(cuda.get_current_device()), "name", "simulated GPU", raising=False)
     cases = [Case("ncl", (4, 3, 5)), Case("nlc", (4, 5, 3), -1)]

@@ -541,3 +541,34 @@ def test_failing_experiment_leaves_out_as_it_was(tmp_path, monkeypatch):
     assert calls == [False]  # -q: no progress bars
     _invoke("experiment", "fine")
     assert calls == [False, True]
+
+
+@pytest.fixture
+def broken_gpu_compiler(monkeypatch):
+    """A "real GPU" whose numba-cuda cannot load its compiler, as numba-cuda 0.30.4
+    under NumPy 2.5 (where numpy.row_stack is gone)."""
+    from numba import cuda
+
+    import numbabn.functional as F
+
+    monkeypatch.setattr(cuda.config, "ENABLE_CUDASIM", False)
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(F, "_cuda_usable", [])
+    monkeypatch.setitem(sys.modules, "numba.cuda.cudaimpl", None)  # its import now fails
+    monkeypatch.delattr(np, "row_stack", raising=False)
+
+
+def test_cuda_backend_whose_compiler_cannot_load_is_a_one_line_error(broken_gpu_compiler):
+    from numbabn.cli import main
+
+    assert numbabn.cuda_available() is False
+    x = np.ones((4, 3))
+    with pytest.raises(RuntimeError) as err:
+        numbabn.batch_norm_forward(x, backend="cuda")
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("batch_norm_forward: backend='cuda' cannot compile its kernels here")
+    assert "numba-cuda" in text and "cudaimpl halted" in text and "install numpy<2.5" in text
+    assert "backend='cpu'" in text
+    result = CliRunner().invoke(main, ["info"])
+    assert result.exit_code == 0
+    assert "unusable (a GPU is present, but numba-cuda" in result.output

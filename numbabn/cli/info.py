@@ -34,17 +34,23 @@ def _threading() -> dict[str, Any]:
 
 
 def _cuda() -> dict[str, Any]:
-    """'gpu' (with the device), 'simulator' or 'none'; never raises without a driver."""
+    """'gpu' (with the device), 'simulator', 'none' or 'unusable' (a GPU, but numba-cuda
+    cannot compile for it here); never raises without a driver."""
     import numba
-
-    import numbabn
 
     if numba.config.ENABLE_CUDASIM:  # type: ignore[attr-defined]  # set from the environment at import
         return {"status": "simulator", "note": "NUMBA_ENABLE_CUDASIM=1: the CUDA backend runs on the CPU, slowly"}
-    if not numbabn.cuda_available():
+    try:
+        from numba import cuda
+    except ImportError:
+        return {"status": "none", "note": "numba-cuda is not installed"}
+    if not cuda.is_available():
         return {"status": "none", "note": "no CUDA driver or GPU found"}
-    from numba import cuda
+    from numbabn.functional import cuda_compiler_problem
 
+    problem = cuda_compiler_problem()
+    if problem:
+        return {"status": "unusable", "note": f"a GPU is present, but {problem}"}
     device = cuda.get_current_device()
     free, total = cuda.current_context().get_memory_info()
     return {
