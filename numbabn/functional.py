@@ -67,7 +67,14 @@ from .backends import cpu as _cpu_backend
 from .backends import get as _get_backend
 from .stats import Moments
 
-__all__ = ["BatchNormContext", "batch_norm_backward", "batch_norm_forward", "cuda_available", "moments"]
+__all__ = [
+    "BatchNormContext",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "cuda_available",
+    "cuda_compiler_problem",
+    "moments",
+]
 
 _BACKENDS = ("cpu", "cuda")
 
