@@ -206,7 +206,7 @@ def test_early_stopping_scores_the_validation_split_with_its_weights():
     ~1/2. Weight on one sample only leaves one side of the split without weight: it
     raises before training."""
     X, y = make_blobs(200, 2, centers=[[0, 0], [0.5, 0.5]], random_state=0)
-    common = dict(hidden_layer_sizes=(8,), max_iter=5, early_stopping=True, random_state=0)
+    common = dict(hidden_layer_sizes=(8,), max_iter=5, batch_size=16, early_stopping=True, random_state=0)
     w = np.where(y == 0, 1.0, 1e-9)
     clf = BNMLPClassifier(**common).fit(X, y, sample_weight=w)
     assert min(clf.validation_scores_[1:]) > 0.95

@@ -679,7 +679,7 @@ def test_coefs_and_intercepts_in_scikit_learns_layout():
     assert_array_equal(again.coefs_[0], est.coefs_[0])
 
     bn = BNMLPClassifier(hidden_layer_sizes=(6,), max_iter=3).fit(X, (y > 0).astype(int))
-    assert [c.shape for c in bn.coefs_] == [(5, 6), (6, 2)]
+    assert [c.shape for c in bn.coefs_] == [(5, 6), (6, 1)]  # two classes: one logistic output
     assert not hasattr(bn, "intercepts_")
     with pytest.raises(AttributeError, match="no intercepts_ with batch norm"):
         _ = bn.intercepts_

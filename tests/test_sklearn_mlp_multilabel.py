@@ -120,4 +120,4 @@ def test_integer_weights_equal_repeated_samples_without_batch_norm():
 def test_n_outputs_counts_the_network_outputs():
     X, Y = _data(n=40)
     assert BNMLPClassifier(hidden_layer_sizes=(4,), max_iter=1).fit(X, Y).n_outputs_ == 3
-    assert BNMLPClassifier(hidden_layer_sizes=(4,), max_iter=1).fit(X, Y[:, 0]).n_outputs_ == 2
+    assert BNMLPClassifier(hidden_layer_sizes=(4,), max_iter=1).fit(X, Y[:, 0]).n_outputs_ == 1

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from numbabn.layers import MSELoss, SoftmaxCrossEntropy
+from numbabn.layers import Linear, MSELoss, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from numbabn.optim import SGD
 from numbabn.train import GradientNorm, HessianEigenvalue, History, LandscapeProbe, Trainer
 from numbabn.train.lr_search import largest_stable_lr
@@ -202,3 +202,19 @@ def test_progress_bar_on_a_terminal_only(monkeypatch, rng):
 def test_training_does_not_load_the_command_line_toolkit():
     code = "import sys, numbabn.train, numbabn.sklearn.mlp; assert 'click' not in sys.modules, 'click imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sigmoid_loss_records_subset_accuracy():
+    """With the sigmoid loss the accuracy is the fraction of samples whose every output
+    has its target's sign (one output: the binary accuracy; several: subset accuracy)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 3)).astype(np.float32)
+    Y = (X @ rng.standard_normal((3, 2)) + rng.standard_normal((40, 2)) > 0).astype(np.float32)
+    model = Linear(3, 2, rng=rng)
+    trainer = Trainer(model, SigmoidBinaryCrossEntropy(), SGD(model.parameters(), lr=0.5), batch_size=40, seed=0)
+    history = trainer.fit(X, Y, epochs=20)
+    assert history.accuracy is not None and len(history.accuracy) == 20
+    out = model.forward(X)
+    _, accuracy = trainer.evaluate(X, Y)
+    assert accuracy == np.mean(((out > 0) == (Y > 0.5)).all(axis=1))
+    assert 0.0 < accuracy < np.mean((out > 0) == (Y > 0.5)) < 1.0  # not the label-wise mean

@@ -21,6 +21,8 @@ Losses, per mini-batch of N samples (Adam or SGD with momentum on their gradient
 included, see ``numbabn.sklearn._lbfgs``)::
 
     classifier: (1/N) sum_n [ logsumexp(z_n) - z_n[t_n] ]     softmax cross-entropy
+                (1/N) sum_n [ log(1 + e^z_n) - t_n z_n ]      two classes: one logistic output,
+                                                              t_n = 1 for classes_[1]
     regressor:  (1/(N*K)) sum (prediction - y)^2               mean squared error
     penalty:    alpha/(2N) * sum of ||W||^2 over every Linear weight matrix W
 
@@ -819,7 +821,8 @@ class _BaseBNMLP(BaseEstimator):
 
 
 class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
-    """Multi-layer perceptron classifier with batch norm (softmax cross-entropy).
+    """Multi-layer perceptron classifier with batch norm (softmax cross-entropy; for two
+    classes one logistic output and the binary cross-entropy, as scikit-learn's).
 
     Parameters mirror :class:`sklearn.neural_network.MLPClassifier`:
     ``hidden_layer_sizes``, ``activation`` ("relu", "tanh", "logistic"),
@@ -866,10 +869,10 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     or ``partial_fit`` call: 1 after ``partial_fit``, as in scikit-learn), ``t_``
     (training samples in the batches trained on: the n mod batch_size samples an
     epoch leaves out are not counted, where scikit-learn adds n per epoch),
-    ``n_layers_``, ``out_activation_`` ("softmax", also for two classes, where
-    scikit-learn's binary network has one logistic output; "logistic" for multilabel
-    y), ``n_outputs_`` (the network's outputs: one per class or label, so 2 for two
-    classes where scikit-learn has 1), ``best_loss_`` (lowest
+    ``n_layers_``, ``out_activation_`` ("softmax" for three or more classes;
+    "logistic" for two classes and for multilabel y), ``n_outputs_`` (the network's
+    outputs: one per class, or one per label, and 1 for two classes, as in
+    scikit-learn), ``best_loss_`` (lowest
     epoch loss; None after a fit with early stopping, as in scikit-learn -- a later
     ``partial_fit`` counts from its own epochs), ``validation_scores_`` and
     ``best_validation_score_`` (early stopping; None without, as in scikit-learn), ``history_`` (the
@@ -880,8 +883,16 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     """
 
     _regression = False
-    _FITTED_PRIVATE = _BaseBNMLP._FITTED_PRIVATE + ("_multilabel",)
+    _FITTED_PRIVATE = _BaseBNMLP._FITTED_PRIVATE + ("_multilabel", "_binary")
     _multilabel = False  # the class default: single-label (also for estimators pickled before multilabel)
+    # Two classes: one logistic output, the probability of classes_[1], trained with the
+    # binary cross-entropy, as scikit-learn's network. The class default (False) keeps the
+    # two softmax outputs of an estimator pickled before, which also continues that way.
+    _binary = False
+
+    def _logistic(self) -> bool:
+        """Whether the outputs are sigmoids (multilabel, or one output for two classes)."""
+        return self._multilabel or self._binary
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -891,13 +902,13 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     def _loss_class(self) -> Any:
         from ..layers import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 
-        return SigmoidBinaryCrossEntropy if self._multilabel else SoftmaxCrossEntropy
+        return SigmoidBinaryCrossEntropy if self._logistic() else SoftmaxCrossEntropy
 
     def _out_activation(self) -> str:
-        return "logistic" if self._multilabel else "softmax"
+        return "logistic" if self._logistic() else "softmax"
 
     def _n_outputs(self) -> int:
-        return len(self.classes_)
+        return 1 if self._binary else len(self.classes_)
 
     def _check_warm_targets(self, y: NDArray[Any]) -> None:
         check_classification_targets(y)
@@ -936,6 +947,7 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
             labels = np.arange(y.shape[1])
             if fitting:
                 self._multilabel = True
+                self._binary = False
                 self.classes_ = labels
             if classes is not None and not np.array_equal(unique_labels(classes), labels):
                 raise ValueError(
@@ -950,6 +962,7 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
         if fitting:
             self._multilabel = False
             self.classes_ = unique_labels(y) if classes is None else unique_labels(classes)
+            self._binary = len(self.classes_) == 2
         elif classes is not None and not np.array_equal(unique_labels(classes), self.classes_):
             raise ValueError(
                 f"{name}.partial_fit: classes={np.asarray(classes).tolist()!r} differs from the "
@@ -963,11 +976,21 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
         return np.searchsorted(self.classes_, y)
 
     def _as_training_targets(self, targets: NDArray[Any]) -> NDArray[Any]:
-        return targets.astype(self._dtype) if self._multilabel else targets  # 0/1 per label, or class indices
+        """Class indices -> what the loss takes: 0/1 per label (multilabel), the index of
+        the class as a (n, 1) 0/1 column (two classes), or the indices (softmax)."""
+        if self._multilabel:
+            return targets.astype(self._dtype)
+        if self._binary:
+            return targets.astype(self._dtype).reshape(-1, 1)
+        return targets
 
     def _predicted(self, out: NDArray[Any]) -> NDArray[Any]:
-        """Network output -> class indices, or a multilabel indicator (logit > 0, i.e. probability > 0.5)."""
-        return (out > 0).astype(int) if self._multilabel else out.argmax(axis=1)
+        """Network output -> class indices (for two classes: logit > 0, i.e. probability
+        of classes_[1] > 0.5), or a multilabel indicator (logit > 0 per label)."""
+        if self._logistic():
+            hit = (out > 0).astype(int)
+            return hit if self._multilabel else hit[:, 0]
+        return out.argmax(axis=1)
 
     def _score_targets(self, X: NDArray[Any], targets: NDArray[Any], weights: NDArray[Any] | None = None) -> float:
         """Validation accuracy (subset accuracy for multilabel, weighted by ``weights``);
@@ -997,16 +1020,19 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
         return self._partial_fit(X, y, classes, sample_weight)
 
     def _logits(self, X: ArrayLike) -> NDArray[np.floating[Any]]:
-        """The network output (eval mode), shape (n_samples, n_classes)."""
+        """The network output (eval mode), shape (n_samples, n_outputs_)."""
         check_is_fitted(self)
         return self._forward(validate_data(self, X, reset=False, dtype=FLOAT_DTYPES, accept_sparse=False))
 
     def predict_proba(self, X: ArrayLike) -> NDArray[np.floating[Any]]:
         """Softmax of the network output (eval mode), shape (n_samples, n_classes); for
-        multilabel y the sigmoid of each output, one probability per label."""
+        two classes [sigmoid(-z), sigmoid(z)] of the one output z; for multilabel y the
+        sigmoid of each output, one probability per label."""
         z = self._logits(X)
         if self._multilabel:
             return expit(z)
+        if self._binary:
+            return expit(np.hstack([-z, z]))  # 1 - p as expit(-z): exact where p is near 1
         z = z - z.max(axis=1, keepdims=True)
         with np.errstate(under="ignore"):  # far smaller logits give 0 by design, also under np.seterr(all="raise")
             p = np.exp(z)
@@ -1020,6 +1046,8 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
         z = self._logits(X)
         if self._multilabel:
             return log_expit(z)
+        if self._binary:
+            return log_expit(np.hstack([-z, z]))
         z = z - z.max(axis=1, keepdims=True)
         with np.errstate(under="ignore"):
             return z - np.log(np.exp(z).sum(axis=1, keepdims=True))

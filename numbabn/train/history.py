@@ -6,8 +6,9 @@ update:
 
 ``step, loss, accuracy``
     Per training step: the mini-batch loss L(θ_t; x_t, y_t) of the training forward
-    pass, and its accuracy (fraction of argmax(logits) == label) for classification
-    losses (``accuracy`` is None otherwise).
+    pass, and its accuracy for classification losses (fraction of argmax(logits) ==
+    label; for the sigmoid loss, of samples with every output on its target's side of
+    0), None otherwise.
 ``metrics``
     ``{name: {"step": [...], "value": [...]}}``: each metric's value every
     ``record_every`` steps. Values are stored JSON-ready (arrays as nested lists,

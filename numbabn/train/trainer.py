@@ -37,7 +37,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .. import _checks as V
-from ..layers import Layer, SoftmaxCrossEntropy
+from ..layers import Layer, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from .history import History
 from .metrics import Metric
 
@@ -74,7 +74,11 @@ class Trainer:
         A :class:`~numbabn.layers.Layer` (usually a Sequential).
     loss : callable
         ``loss(prediction, target) -> (value, dprediction)``. With
-        :class:`~numbabn.layers.SoftmaxCrossEntropy` the accuracy is recorded too.
+        :class:`~numbabn.layers.SoftmaxCrossEntropy` the accuracy is recorded too
+        (argmax against the class index); with
+        :class:`~numbabn.layers.SigmoidBinaryCrossEntropy` the subset accuracy (every
+        output's sign against its 0/1 target: the accuracy of a one-output binary
+        classifier).
     optimizer : optimizer
         A :mod:`numbabn.optim` optimizer over the model's parameters.
     batch_size : int
@@ -149,7 +153,8 @@ class Trainer:
             raise ValueError(f"{fn}: verbose must be 0 or 1, got {verbose!r}")
         self.verbose = int(verbose)
         self.label = str(label)
-        self.classification = isinstance(loss, SoftmaxCrossEntropy)
+        self.classification = isinstance(loss, (SoftmaxCrossEntropy, SigmoidBinaryCrossEntropy))
+        self._sigmoid = isinstance(loss, SigmoidBinaryCrossEntropy)
         self.steps_done = 0
 
     # ------------------------------------------------------------ pieces
@@ -164,8 +169,9 @@ class Trainer:
                 yield order[b * self.batch_size : end]
             done += per_epoch
 
-    @staticmethod
-    def _accuracy(out: NDArray[Any], target: NDArray[Any]) -> float:
+    def _accuracy(self, out: NDArray[Any], target: NDArray[Any]) -> float:
+        if self._sigmoid:
+            return float(np.mean(np.all((out > 0) == (target > 0.5), axis=1)))
         return float(np.mean(np.argmax(out, axis=1) == target))
 
     def evaluate(self, X: NDArray[Any], y: NDArray[Any]) -> tuple[float, float | None]:
