@@ -127,3 +127,19 @@ def load_sklearn_mlp_weights(ours, theirs):
     for i, (W, b) in enumerate(zip(theirs.coefs_, theirs.intercepts_, strict=True)):
         state[f"{2 * i}.weight"], state[f"{2 * i}.bias"] = W.T.copy(), b.copy()
     ours._model.load_state_dict(state)
+
+
+def sgd_settings(**extra):
+    """hidden (6,) relu, plain SGD with momentum, no penalty, one full batch of 48 in order:
+    the settings under which a numbabn MLP without batch norm, given scikit-learn's
+    weights (:func:`load_sklearn_mlp_weights`), steps as scikit-learn's MLP."""
+    return dict(
+        hidden_layer_sizes=(6,),
+        activation="relu",
+        solver="sgd",
+        alpha=0.0,
+        shuffle=False,
+        batch_size=48,
+        momentum=0.9,
+        **extra,
+    )

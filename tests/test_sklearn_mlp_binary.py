@@ -15,6 +15,7 @@ from sklearn.neural_network import MLPClassifier
 
 from numbabn.sklearn import BNMLPClassifier
 
+from .helpers import sgd_settings
 from .test_sklearn_mlp_solver_settings import _same_start
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -64,17 +65,7 @@ def test_sgd_steps_as_scikit_learns_binary_mlp(nesterov):
     """Without batch norm, from scikit-learn's weights: the same log-loss (no factor,
     unlike the regressor's squared loss) and the same steps, epoch after epoch."""
     X, y = _binary(n=48)
-    common = dict(
-        hidden_layer_sizes=(6,),
-        activation="relu",
-        solver="sgd",
-        alpha=0.0,
-        shuffle=False,
-        batch_size=48,
-        learning_rate_init=0.1,
-        momentum=0.9,
-        nesterovs_momentum=nesterov,
-    )
+    common = sgd_settings(learning_rate_init=0.1, nesterovs_momentum=nesterov)
     ours = BNMLPClassifier(batch_norm=False, **common)
     theirs = MLPClassifier(random_state=0, **common)
     _same_start(ours, theirs, X, y)

@@ -174,3 +174,46 @@ class MSELoss(_Loss):
         loss = float(np.mean(diff * diff, dtype=np.float64))
         diff *= 2.0 / pred.size
         return loss, diff
+
+
+class PoissonDeviance(_Loss):
+    """Half the Poisson deviance of the mean exp(z) against counts y >= 0, summed over
+    the K outputs of a sample and averaged over the N samples (scikit-learn's
+    ``MLPRegressor(loss="poisson")``, whose output activation is exp: the log link).
+    log-means z (N, K), targets y (N, K), finite and >= 0::
+
+        loss = (1/N) sum_n sum_k [ y log(y) - y - y z + exp(z) ]    (0 log 0 = 0)
+        dz   = (exp(z) - y) / N
+
+    (with ``sample_weight``, the weighted mean over samples: see the module docstring).
+    The loss is 0 where exp(z) = y. exp(z) overflows to inf for z > ~88 in float32 (709
+    in float64): an infinite loss, which training reports as divergence.
+    """
+
+    def forward(
+        self, log_mean: FloatArray, targets: ArrayLike, sample_weight: ArrayLike | None = None
+    ) -> tuple[float, FloatArray]:
+        z = self._prediction(log_mean)
+        if z.ndim != 2:
+            raise ValueError(f"{self!r}: log-means must have shape (N, K), got {z.shape}")
+        y = np.asarray(targets)
+        if y.shape != z.shape or y.dtype.kind not in "iuf":
+            raise ValueError(
+                f"{self!r}: targets must be numbers of the log-means' shape {z.shape}, got {V.describe(y)}"
+            )
+        if y.size and not (np.isfinite(y).all() and y.min() >= 0):
+            raise ValueError(f"{self!r}: targets must be finite and >= 0 (counts or rates), got min {y.min()}")
+        w = self._weights(sample_weight, z.shape[0])
+        if not z.size:
+            return float("nan"), np.zeros_like(z)
+        y = y.astype(z.dtype, copy=False)
+        with np.errstate(over="ignore", under="ignore"):  # exp(z) of extreme z: inf or 0 by design
+            mu = np.exp(z)
+            y64 = y.astype(np.float64)
+            ylogy = y64 * np.log(np.where(y64 > 0, y64, 1.0))  # 0 where y = 0
+            per_sample = (ylogy - y64 - y64 * z + mu).sum(axis=1, dtype=np.float64)
+            grad = mu - y
+        if w is not None:
+            return self._weighted(per_sample, w, grad), grad
+        grad /= z.shape[0]
+        return float(np.mean(per_sample)), grad

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..layers import MSELoss, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
+from ..layers import MSELoss, PoissonDeviance, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 
 
 class _PenaltyPerWeight:
@@ -46,9 +46,14 @@ class WeightedBinaryCrossEntropy(_PenaltyPerWeight, SigmoidBinaryCrossEntropy):
     """:class:`~numbabn.layers.SigmoidBinaryCrossEntropy` with the penalty per unit of weight."""
 
 
+class WeightedPoissonDeviance(_PenaltyPerWeight, PoissonDeviance):
+    """:class:`~numbabn.layers.PoissonDeviance` with the penalty per unit of weight."""
+
+
 # The estimator's loss class -> its variant with the penalty per unit of weight.
 WEIGHTED = {
     SoftmaxCrossEntropy: WeightedCrossEntropy,
     SigmoidBinaryCrossEntropy: WeightedBinaryCrossEntropy,
     MSELoss: WeightedMSELoss,
+    PoissonDeviance: WeightedPoissonDeviance,
 }

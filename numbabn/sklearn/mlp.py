@@ -24,6 +24,8 @@ included, see ``numbabn.sklearn._lbfgs``)::
                 (1/N) sum_n [ log(1 + e^z_n) - t_n z_n ]      two classes: one logistic output,
                                                               t_n = 1 for classes_[1]
     regressor:  (1/(N*K)) sum (prediction - y)^2               mean squared error
+                (1/N) sum_n sum_k [ y log y - y - y z + e^z ]  loss="poisson": half the
+                                                              deviance, prediction e^z
     penalty:    alpha/(2N) * sum of ||W||^2 over every Linear weight matrix W
 
 With ``sample_weight`` w, a batch's loss is the weighted mean (1/S) sum_n w_n l_n and its
@@ -1060,48 +1062,121 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
 
 
 class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
-    """Multi-layer perceptron regressor with batch norm (mean squared error, identity
-    output); parameters and attributes as :class:`BNMLPClassifier` (no ``classes_``;
-    ``history_`` has no accuracy). ``y`` may have several columns (``n_outputs_``);
-    predictions of a single target are 1-D. A ``y`` of shape (n_samples, 1) is one
-    target and gives a ``DataConversionWarning``, as in ``MLPRegressor``. Not offered:
-    ``MLPRegressor``'s ``loss="poisson"`` (scikit-learn >= 1.7); the loss is the mean
-    squared error."""
+    """Multi-layer perceptron regressor with batch norm; parameters and attributes as
+    :class:`BNMLPClassifier` (no ``classes_``; ``history_`` has no accuracy), plus
+    ``loss``, as ``MLPRegressor``'s (keyword-only here: scikit-learn >= 1.7 made it its
+    first positional parameter, which would change what ``BNMLPRegressor((64,))``
+    means):
+
+    * ``"squared_error"`` (default): the mean squared error, identity output;
+    * ``"poisson"``: half the Poisson deviance (:class:`numbabn.layers.PoissonDeviance`)
+      of the mean exp(z) of the network output z, ``out_activation_`` "exp" (the log
+      link), y finite and >= 0 (counts or rates); ``predict`` returns exp(z).
+
+    The loss a network was fitted with is kept: ``partial_fit`` or a warm-started
+    ``fit`` after ``set_params(loss=...)`` to the other loss raises (a fresh ``fit``
+    takes it). ``y`` may have several columns (``n_outputs_``); predictions of a single
+    target are 1-D. A ``y`` of shape (n_samples, 1) is one target and gives a
+    ``DataConversionWarning``, as in ``MLPRegressor``."""
 
     _regression = True
+    _LOSSES = ("squared_error", "poisson")
+    _FITTED_PRIVATE = _BaseBNMLP._FITTED_PRIVATE + ("_poisson",)
+    # Class defaults for estimators pickled before ``loss`` existed: squared error.
+    loss = "squared_error"
+    _poisson = False
+
+    def __init__(
+        self,
+        hidden_layer_sizes: Sequence[int] = (100,),
+        activation: str = "relu",
+        *,
+        loss: str = "squared_error",
+        batch_norm: bool = True,
+        solver: str = "adam",
+        alpha: float = 0.0001,
+        learning_rate: str = "constant",
+        learning_rate_init: float = 0.01,
+        power_t: float = 0.5,
+        momentum: float = 0.9,
+        nesterovs_momentum: bool = True,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-8,
+        batch_size: int | str = "auto",
+        shuffle: bool = True,
+        max_iter: int = 200,
+        tol: float = 1e-4,
+        n_iter_no_change: int = 10,
+        early_stopping: bool = False,
+        validation_fraction: float = 0.1,
+        warm_start: bool = False,
+        random_state: int | np.random.RandomState | None = None,
+        verbose: bool | int = False,
+        record_metrics: Sequence[Any] = (),
+        record_every: int = 1,
+        max_fun: int = 15000,
+    ) -> None:
+        # scikit-learn reads the parameters from the signature, so each estimator lists them
+        # all (as MLPClassifier and MLPRegressor do); every one but loss is the base's
+        shared = {k: v for k, v in locals().items() if k not in ("self", "loss", "__class__")}
+        super().__init__(**shared)
+        self.loss = loss
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
+        tags.target_tags.positive_only = self.loss == "poisson"  # scikit-learn's checks then draw y >= 0
         return tags
 
-    def _loss_class(self) -> Any:
-        from ..layers import MSELoss
+    def _check_params(self) -> tuple[tuple[int, ...], list[Any]]:
+        if self.loss not in self._LOSSES:
+            raise ValueError(f"{type(self).__name__}: loss must be 'squared_error' or 'poisson', got {self.loss!r}")
+        return super()._check_params()
 
-        return MSELoss
+    def _loss_class(self) -> Any:
+        from ..layers import MSELoss, PoissonDeviance
+
+        return PoissonDeviance if self._poisson else MSELoss
 
     def _out_activation(self) -> str:
-        return "identity"
+        return "exp" if self._poisson else "identity"
 
     def _n_outputs(self) -> int:
         return self.n_outputs_
 
     def _encode_targets(self, y: ArrayLike, fitting: bool, classes: ArrayLike | None = None) -> NDArray[Any]:
+        name = type(self).__name__
         y = y.reshape(y.shape[0], -1)
+        poisson = self.loss == "poisson"
         if fitting:
             self.n_outputs_ = y.shape[1]
+            self._poisson = poisson
         elif y.shape[1] != self.n_outputs_:
+            raise ValueError(f"{name}: y has {y.shape[1]} targets, but the model was fitted with {self.n_outputs_}")
+        elif poisson != self._poisson:
+            fitted = "poisson" if self._poisson else "squared_error"
             raise ValueError(
-                f"{type(self).__name__}: y has {y.shape[1]} targets, but the model was fitted with {self.n_outputs_}"
+                f"{name}: loss={self.loss!r}, but the network was fitted with loss={fitted!r}; set it back, "
+                "or fit a new network (warm_start=False)"
             )
+        if poisson and y.size and y.min() < 0:
+            raise ValueError(f"{name}: loss='poisson' needs y >= 0 (counts or rates), got min(y) = {y.min().item()}")
         return y
+
+    def _predictions(self, out: NDArray[Any]) -> NDArray[Any]:
+        """The network output -> predictions: exp(out) with the Poisson loss (its log link)."""
+        if not self._poisson:
+            return out
+        with np.errstate(over="ignore"):  # a log-mean beyond the dtype's range predicts inf
+            return np.exp(out)
 
     def _as_training_targets(self, targets: NDArray[Any]) -> NDArray[Any]:
         return self._in_network_dtype("y", targets)
 
     def _score_targets(self, X: NDArray[Any], targets: NDArray[Any], weights: NDArray[Any] | None = None) -> float:
-        """Validation R^2 (weighted by ``weights``); NaN when the network's output is not finite."""
-        out = self._forward(X)
+        """Validation R^2 (weighted by ``weights``); NaN when the predictions are not finite."""
+        out = self._predictions(self._forward(X))
         return r2_score(targets, out, sample_weight=weights) if np.isfinite(out).all() else np.nan
 
     @available_if(_BaseBNMLP._check_solver)
@@ -1111,7 +1186,9 @@ class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
         return self._partial_fit(X, y, None, sample_weight)
 
     def predict(self, X: ArrayLike) -> NDArray[Any]:
-        """Network output (eval mode): (n_samples,) for one target, else (n_samples, n_targets)."""
+        """Network output (eval mode; exp of it with ``loss="poisson"``): (n_samples,) for
+        one target, else (n_samples, n_targets)."""
         check_is_fitted(self)
         out = self._forward(validate_data(self, X, reset=False, dtype=FLOAT_DTYPES, accept_sparse=False))
+        out = self._predictions(out)
         return out.ravel() if self.n_outputs_ == 1 else out
