@@ -44,6 +44,11 @@ functional layer passes them in as arguments.
 ``NUMBABN_TORCH_OPENMP``
     0 makes numbabn.torch run the kernels on numbabn's own threads instead of
     PyTorch's OpenMP team (default 1; see ``numbabn.torch._openmp``).
+``NUMBABN_TORCH_CUDA_KERNELS``
+    1 makes numbabn.torch's modules run numbabn's CUDA kernels on CUDA tensors
+    (default 0: they hand CUDA tensors to PyTorch's own ``batch_norm``, cuDNN's,
+    which was 2.3 to 33 times faster on the first GPU measured, an H200; README, "On
+    a GPU"). SyncBatchNorm never hands over while it synchronizes processes.
 """
 
 import glob
@@ -120,3 +125,4 @@ STREAM_MIN = (
 STREAM_AUTO = not os.environ.get("NUMBABN_STREAM_MIN_MB")
 TORCH_NATIVE_BELOW = _positive_int("NUMBABN_TORCH_NATIVE_BELOW", 1 << 20, least=0)
 TORCH_OPENMP = _switch("NUMBABN_TORCH_OPENMP", True)
+TORCH_CUDA_KERNELS = _switch("NUMBABN_TORCH_CUDA_KERNELS", False)

@@ -137,6 +137,7 @@ def test_info_json():
     assert data["output_buffers"]["stream_min_bytes"] == numbabn.config.STREAM_MIN
     assert data["output_buffers"]["stream_timed"] == numbabn.config.STREAM_AUTO
     assert data["torch_native_below"] == numbabn.config.TORCH_NATIVE_BELOW
+    assert data["torch_cuda_kernels"] is numbabn.config.TORCH_CUDA_KERNELS is False
 
 
 @pytest.mark.parametrize("below", [1 << 20, 0])
@@ -144,7 +145,16 @@ def test_info_says_which_torch_inputs_run_the_kernels(monkeypatch, below):
     monkeypatch.setattr(numbabn.config, "TORCH_NATIVE_BELOW", below)
     line = next(x for x in invoke("info").output.splitlines() if x.startswith("numbabn.torch"))
     assert ("fewer than 1048576 values run PyTorch's" in line) is bool(below)
-    assert ("every input runs numbabn's kernels" in line) is not bool(below)
+    assert ("every CPU input runs numbabn's kernels" in line) is not bool(below)
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_info_says_where_cuda_tensors_run(monkeypatch, kernels):
+    monkeypatch.setattr(numbabn.config, "TORCH_CUDA_KERNELS", kernels)
+    lines = invoke("info").output.splitlines()
+    line = lines[next(i for i, x in enumerate(lines) if x.startswith("numbabn.torch")) + 1]
+    assert ("CUDA tensors run numbabn's CUDA kernels" in line) is kernels
+    assert ("CUDA tensors run PyTorch's batch norm" in line) is not kernels
 
 
 @pytest.mark.parametrize("limit", [256, 0])

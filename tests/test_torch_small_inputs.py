@@ -216,3 +216,59 @@ def test_under_torch_compile_a_small_input_is_traced_into_the_graph(monkeypatch)
         assert torch.equal(a, b), name
     with pytest.raises(TypeError, match="input must be a torch.Tensor, got list"):
         torch.compile(ours.b1, backend="aot_eager")([1.0, 2.0])  # the eager path's check names it
+
+
+class _FakeTensor:
+    """What the hand-over rule reads of a tensor (no CUDA device needed)."""
+
+    def __init__(self, numel, device):
+        self._numel, self.is_cpu, self.is_cuda = numel, device == "cpu", device == "cuda"
+
+    def numel(self):
+        return self._numel
+
+
+@pytest.mark.parametrize("cuda_kernels", [False, True])
+def test_cuda_tensors_go_to_pytorch_unless_the_cuda_kernels_are_asked_for(monkeypatch, cuda_kernels):
+    """CUDA tensors of any size take PyTorch's op (cuDNN) by default; with
+    TORCH_CUDA_KERNELS numbabn's CUDA kernels. CPU inputs follow the size threshold."""
+    from numbabn.torch.modules import _hand_to_torch
+
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 100)
+    monkeypatch.setattr(config, "TORCH_CUDA_KERNELS", cuda_kernels)
+    for numel in (10, 10**8):
+        assert _hand_to_torch(_FakeTensor(numel, "cuda")) is not cuda_kernels
+    assert _hand_to_torch(_FakeTensor(10, "cpu")) is True
+    assert _hand_to_torch(_FakeTensor(10**8, "cpu")) is False
+
+
+@pytest.mark.parametrize("value, expected", [("", False), ("0", False), ("1", True), ("yes", True)])
+def test_the_cuda_kernels_switch_comes_from_the_environment(value, expected):
+    env = {**os.environ, "NUMBABN_TORCH_CUDA_KERNELS": value}
+    code = "import numbabn.config as c; print(c.TORCH_CUDA_KERNELS)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs PyTorch with a CUDA GPU")
+@pytest.mark.parametrize("cuda_kernels", [False, True])
+def test_cuda_module_is_torch_nn_on_a_gpu(monkeypatch, kernel_calls, cuda_kernels):
+    """On a real GPU: a module on CUDA tensors against torch.nn's, forward, backward and
+    running statistics, handed to PyTorch (bit for bit) or on numbabn's CUDA kernels
+    (to float32 rounding)."""
+    monkeypatch.setattr(config, "TORCH_CUDA_KERNELS", cuda_kernels)
+    ours, theirs = (m.cuda() for m in _modules("BatchNorm2d", {}, 3, torch.float32, "relu"))
+    g = torch.Generator().manual_seed(0)
+    x, dy = (torch.randn(8, 3, 5, 6, generator=g).cuda() for _ in range(2))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), torch.relu(theirs(xb))
+    ya.backward(dy), yb.backward(dy)
+    tol = dict(rtol=1e-5, atol=1e-5) if cuda_kernels else dict(rtol=0, atol=0)
+    for a, b in [
+        (ya, yb),
+        (xa.grad, xb.grad),
+        (ours.weight.grad, theirs.weight.grad),
+        (ours.running_var, theirs.running_var),
+    ]:
+        torch.testing.assert_close(a, b, **tol)
+    assert kernel_calls[0] == int(cuda_kernels)

@@ -106,6 +106,14 @@ def _torch_native_below() -> int:
     return config.TORCH_NATIVE_BELOW
 
 
+def _torch_cuda_kernels() -> bool:
+    """Whether numbabn.torch's modules run numbabn's CUDA kernels on CUDA tensors
+    (``NUMBABN_TORCH_CUDA_KERNELS``; by default they run PyTorch's batch norm)."""
+    from numbabn import config
+
+    return config.TORCH_CUDA_KERNELS
+
+
 def _layers() -> dict[str, str] | None:
     from importlib import import_module
 
@@ -133,6 +141,7 @@ def collect() -> dict[str, Any]:
         "kernel_cache": _kernel_cache(),
         "output_buffers": _output_buffers(),
         "torch_native_below": _torch_native_below(),
+        "torch_cuda_kernels": _torch_cuda_kernels(),
         "layers": _layers(),
     }
 
@@ -198,7 +207,15 @@ def info(ctx: click.Context, as_json: bool) -> None:
         + (
             f"CPU inputs of fewer than {below} values run PyTorch's batch norm (NUMBABN_TORCH_NATIVE_BELOW)"
             if below
-            else "every input runs numbabn's kernels (NUMBABN_TORCH_NATIVE_BELOW=0)"
+            else "every CPU input runs numbabn's kernels (NUMBABN_TORCH_NATIVE_BELOW=0)"
+        )
+    )
+    lines.append(
+        " " * 16
+        + (
+            "CUDA tensors run numbabn's CUDA kernels (NUMBABN_TORCH_CUDA_KERNELS=1)"
+            if data["torch_cuda_kernels"]
+            else "CUDA tensors run PyTorch's batch norm (NUMBABN_TORCH_CUDA_KERNELS=1: numbabn's kernels)"
         )
     )
     layers = data["layers"]

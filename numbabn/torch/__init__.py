@@ -7,7 +7,9 @@ SyncBatchNorm over torch.distributed, and model converters.
 
 CPU inputs of fewer than ``numbabn.config.TORCH_NATIVE_BELOW`` values (default 2**20)
 run PyTorch's own batch norm, where numbabn's per-call Python would cost more than its
-kernels save (see :mod:`numbabn.torch.modules`).
+kernels save, and so do CUDA tensors, where cuDNN's kernels were faster on the GPU
+measured (``NUMBABN_TORCH_CUDA_KERNELS=1`` runs numbabn's; see
+:mod:`numbabn.torch.modules`).
 
 Needs PyTorch (``pip install 'numbabn[torch]'``); ``import numbabn`` never imports it.
 """

@@ -43,6 +43,13 @@ Where numbabn differs from PyTorch:
   what numbabn adds around its kernels per call (~0.2 ms forward + backward on a
   2-vCPU VM) costs more than the kernels save, so the layer is exactly torch.nn's
   there (README, "Small inputs"). Not SyncBatchNorm while it synchronizes processes.
+* A CUDA tensor runs PyTorch's own ``batch_norm`` (cuDNN's kernels; then the
+  residual addition and ReLU), after numbabn's input checks: on the first GPU they
+  were measured on (an H200, README "On a GPU"), numbabn's CUDA kernels took 2.3 to
+  33 times as long per call as cuDNN's, since launching them from Python costs more
+  than the kernels. ``NUMBABN_TORCH_CUDA_KERNELS=1``
+  (``numbabn.config.TORCH_CUDA_KERNELS``) runs numbabn's kernels instead. Not
+  SyncBatchNorm while it synchronizes processes.
 * An input with no values (N = 0) takes PyTorch's own path (nothing to compute),
   as does one on the ``meta`` device (shapes only; SyncBatchNorm exchanges nothing),
   a tensor subclass (``FakeTensor``, ``DTensor``, ...), and every call while
@@ -158,11 +165,14 @@ _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 _is_compiling = torch.compiler.is_compiling  # True while Dynamo traces (torch.compile, strict torch.export)
 
 
-def _below_threshold(x: torch.Tensor) -> bool:
+def _hand_to_torch(x: torch.Tensor) -> bool:
     """Whether the layers hand ``x`` to PyTorch's op: a CPU tensor of fewer than
-    ``config.TORCH_NATIVE_BELOW`` values. (The size is tested first: under
-    torch.compile, Dynamo records reading ``.is_cpu`` as a graph of its own.)"""
-    return x.numel() < config.TORCH_NATIVE_BELOW and x.is_cpu
+    ``config.TORCH_NATIVE_BELOW`` values, or a CUDA tensor unless
+    ``config.TORCH_CUDA_KERNELS``. (The size is tested first: under torch.compile,
+    Dynamo records reading ``.is_cpu`` as a graph of its own.)"""
+    if x.numel() < config.TORCH_NATIVE_BELOW and x.is_cpu:
+        return True
+    return not config.TORCH_CUDA_KERNELS and x.is_cuda
 
 
 def _needs_graph(*tensors: torch.Tensor | None) -> bool:
@@ -450,7 +460,7 @@ class NumbabnBatchNorm:
         if _is_compiling() and not _is_exporting():
             # torch.compile (torch.export records PyTorch's op instead, see _native_only).
             # An input the layer hands to PyTorch anyway (a CPU input below the
-            # threshold) goes into the graph as PyTorch's ops, which the compiler may
+            # threshold, a CUDA tensor) goes into the graph as PyTorch's ops, which the compiler may
             # fuse; PyTorch's op checks it, as under torch.fx. Anything else runs as it
             # does eagerly, as one opaque call -- one graph break -- rather than Dynamo
             # tracing numbabn's Python (NumPy views of the tensors, the kernels' thread
@@ -465,7 +475,7 @@ class NumbabnBatchNorm:
                 isinstance(input, torch.Tensor)
                 and not self._may_synchronize
                 and not cumulative
-                and _below_threshold(input)
+                and _hand_to_torch(input)
             ):
                 return self._torch_forward(input, residual)
             return torch.compiler.disable(self._eager_forward)(input, residual)
@@ -521,10 +531,11 @@ class NumbabnBatchNorm:
         weight, bias = (p if p is None or p.dtype == cdt else p.to(cdt) for p in state[:2])
         moments, allreduce = self._synchronize(x, batch_stats)
         n = x.numel()
-        if moments is None and (n == 0 or _below_threshold(x) or _torch_semantics(self.eps, x, state)):
+        if moments is None and (n == 0 or _hand_to_torch(x) or _torch_semantics(self.eps, x, state)):
             # Nothing to compute, or too little for the kernels to win: below the
             # crossover, what numbabn adds around them per call (Python, the autograd
-            # Function) costs more than they save (README, "Small inputs"). Or a call
+            # Function) costs more than they save (README, "Small inputs"); on a GPU,
+            # launching them does (README, "On a GPU"). Or a call
             # only PyTorch's op answers as torch.nn does (see _torch_semantics).
             return self._torch_forward(input, residual, settings=settings, state=state)
         relu = self.activation == "relu"
