@@ -252,23 +252,30 @@ def test_the_cuda_kernels_switch_comes_from_the_environment(value, expected):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs PyTorch with a CUDA GPU")
 @pytest.mark.parametrize("cuda_kernels", [False, True])
-def test_cuda_module_is_torch_nn_on_a_gpu(monkeypatch, kernel_calls, cuda_kernels):
-    """On a real GPU: a module on CUDA tensors against torch.nn's, forward, backward and
-    running statistics, handed to PyTorch (bit for bit) or on numbabn's CUDA kernels
-    (to float32 rounding)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_module_is_torch_nn_on_a_gpu(monkeypatch, kernel_calls, cuda_kernels, dtype):
+    """On a real GPU: a module with fused residual and ReLU on CUDA tensors against
+    torch.nn's, forward, backward and running statistics, handed to PyTorch (bit for
+    bit, in the input's dtype: a bfloat16 residual must reach PyTorch unconverted) or
+    on numbabn's CUDA kernels (to the dtype's rounding)."""
     monkeypatch.setattr(config, "TORCH_CUDA_KERNELS", cuda_kernels)
-    ours, theirs = (m.cuda() for m in _modules("BatchNorm2d", {}, 3, torch.float32, "relu"))
+    ours, theirs = (m.cuda() for m in _modules("BatchNorm2d", {}, 3, dtype, "relu"))
     g = torch.Generator().manual_seed(0)
-    x, dy = (torch.randn(8, 3, 5, 6, generator=g).cuda() for _ in range(2))
+    x, r, dy = (torch.randn(8, 3, 5, 6, generator=g).to("cuda", dtype) for _ in range(3))
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = ours(xa), torch.relu(theirs(xb))
+    ya, yb = ours(xa, residual=r), torch.relu(theirs(xb) + r)
+    assert ya.dtype == yb.dtype == dtype
     ya.backward(dy), yb.backward(dy)
-    tol = dict(rtol=1e-5, atol=1e-5) if cuda_kernels else dict(rtol=0, atol=0)
-    for a, b in [
+    if not cuda_kernels:
+        tol = dict(rtol=0, atol=0)
+    else:
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    pairs = [
         (ya, yb),
         (xa.grad, xb.grad),
         (ours.weight.grad, theirs.weight.grad),
         (ours.running_var, theirs.running_var),
-    ]:
+    ]
+    for a, b in pairs:
         torch.testing.assert_close(a, b, **tol)
     assert kernel_calls[0] == int(cuda_kernels)

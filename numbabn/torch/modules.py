@@ -521,6 +521,17 @@ class NumbabnBatchNorm:
             raise
         settings = self._settings(state)
         tracking, momentum, batch_stats, running_mean, running_var = settings
+        moments, allreduce = self._synchronize(input, batch_stats)
+        if moments is None and (
+            input.numel() == 0 or _hand_to_torch(input) or _torch_semantics(self.eps, input, state)
+        ):
+            # Nothing to compute, or too little for the kernels to win: below the
+            # crossover, what numbabn adds around them per call (Python, the autograd
+            # Function) costs more than they save (README, "Small inputs"); on a GPU,
+            # launching them does (README, "On a GPU"). Or a call only PyTorch's op
+            # answers as torch.nn does (see _torch_semantics). Decided before any
+            # conversion below: PyTorch gets the tensors as they came.
+            return self._torch_forward(input, residual, settings=settings, state=state)
         # bfloat16 on a GPU -> float32 as a torch op: numbabn's CUDA kernels read
         # float16/32/64 (on the CPU its 16-bit patterns go to the kernels as they are).
         x = input.float() if input.dtype == torch.bfloat16 and not input.is_cpu else input
@@ -529,15 +540,6 @@ class NumbabnBatchNorm:
         cdt = B.COMPUTE_DTYPE[x.dtype]
         # .to() only where the dtype differs: each call is a torch op (1-2 us on a small batch)
         weight, bias = (p if p is None or p.dtype == cdt else p.to(cdt) for p in state[:2])
-        moments, allreduce = self._synchronize(x, batch_stats)
-        n = x.numel()
-        if moments is None and (n == 0 or _hand_to_torch(x) or _torch_semantics(self.eps, x, state)):
-            # Nothing to compute, or too little for the kernels to win: below the
-            # crossover, what numbabn adds around them per call (Python, the autograd
-            # Function) costs more than they save (README, "Small inputs"); on a GPU,
-            # launching them does (README, "On a GPU"). Or a call
-            # only PyTorch's op answers as torch.nn does (see _torch_semantics).
-            return self._torch_forward(input, residual, settings=settings, state=state)
         relu = self.activation == "relu"
         nbt = state[4] if tracking else None  # counted with the running statistics (see normalize)
         args = (x, weight, bias, running_mean, running_var, batch_stats, momentum, self.eps, relu, moments)
