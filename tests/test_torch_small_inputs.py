@@ -231,8 +231,9 @@ class _FakeTensor:
 @pytest.mark.parametrize("cuda_kernels", [False, True])
 def test_cuda_tensors_go_to_pytorch_unless_the_cuda_kernels_are_asked_for(monkeypatch, cuda_kernels):
     """CUDA tensors of any size take PyTorch's op (cuDNN) by default; with
-    TORCH_CUDA_KERNELS numbabn's CUDA kernels. CPU inputs follow the size threshold."""
-    from numbabn.torch.modules import _hand_to_torch
+    TORCH_CUDA_KERNELS numbabn's CUDA kernels. CPU inputs follow the size threshold;
+    other devices always take PyTorch's op."""
+    from numbabn.torch.modules import _hand_to_torch, _no_kernels_for
 
     monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 100)
     monkeypatch.setattr(config, "TORCH_CUDA_KERNELS", cuda_kernels)
@@ -240,6 +241,8 @@ def test_cuda_tensors_go_to_pytorch_unless_the_cuda_kernels_are_asked_for(monkey
         assert _hand_to_torch(_FakeTensor(numel, "cuda")) is not cuda_kernels
     assert _hand_to_torch(_FakeTensor(10, "cpu")) is True
     assert _hand_to_torch(_FakeTensor(10**8, "cpu")) is False
+    assert not _no_kernels_for(_FakeTensor(10, "cpu")) and not _no_kernels_for(_FakeTensor(10, "cuda"))
+    assert _no_kernels_for(_FakeTensor(10**8, "mps"))  # handed over in the eager path: no numbabn kernels there
 
 
 @pytest.mark.parametrize("value, expected", [("", False), ("0", False), ("1", True), ("yes", True)])

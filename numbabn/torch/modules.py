@@ -43,6 +43,9 @@ Where numbabn differs from PyTorch:
   what numbabn adds around its kernels per call (~0.2 ms forward + backward on a
   2-vCPU VM) costs more than the kernels save, so the layer is exactly torch.nn's
   there (README, "Small inputs"). Not SyncBatchNorm while it synchronizes processes.
+* A tensor on another device than the CPU or a CUDA GPU (MPS, XPU, ...) runs
+  PyTorch's own ``batch_norm``, after numbabn's input checks: numbabn has no kernels
+  for it.
 * A CUDA tensor runs PyTorch's own ``batch_norm`` (cuDNN's kernels; then the
   residual addition and ReLU), after numbabn's input checks: on the first GPU they
   were measured on (an H200, README "On a GPU"), numbabn's CUDA kernels took 2.3 to
@@ -168,11 +171,19 @@ _is_compiling = torch.compiler.is_compiling  # True while Dynamo traces (torch.c
 def _hand_to_torch(x: torch.Tensor) -> bool:
     """Whether the layers hand ``x`` to PyTorch's op: a CPU tensor of fewer than
     ``config.TORCH_NATIVE_BELOW`` values, or a CUDA tensor unless
-    ``config.TORCH_CUDA_KERNELS``. (The size is tested first: under torch.compile,
-    Dynamo records reading ``.is_cpu`` as a graph of its own.)"""
+    ``config.TORCH_CUDA_KERNELS`` (and, decided in the eager path only, a tensor on a
+    device numbabn has no kernels for: :func:`_no_kernels_for`). (The size is tested
+    first: under torch.compile, Dynamo records reading ``.is_cpu`` as a graph of its
+    own; reading ``.is_cuda`` records none.)"""
     if x.numel() < config.TORCH_NATIVE_BELOW and x.is_cpu:
         return True
     return not config.TORCH_CUDA_KERNELS and x.is_cuda
+
+
+def _no_kernels_for(x: torch.Tensor) -> bool:
+    """Whether ``x`` is on a device other than the CPU and CUDA GPUs (MPS, XPU, ...),
+    for which numbabn has no kernels. Eager path only (see :func:`_hand_to_torch`)."""
+    return not (x.is_cpu or x.is_cuda)
 
 
 def _needs_graph(*tensors: torch.Tensor | None) -> bool:
@@ -523,7 +534,10 @@ class NumbabnBatchNorm:
         tracking, momentum, batch_stats, running_mean, running_var = settings
         moments, allreduce = self._synchronize(input, batch_stats)
         if moments is None and (
-            input.numel() == 0 or _hand_to_torch(input) or _torch_semantics(self.eps, input, state)
+            input.numel() == 0
+            or _hand_to_torch(input)
+            or _no_kernels_for(input)
+            or _torch_semantics(self.eps, input, state)
         ):
             # Nothing to compute, or too little for the kernels to win: below the
             # crossover, what numbabn adds around them per call (Python, the autograd
