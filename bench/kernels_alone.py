@@ -41,22 +41,25 @@ def passes(shape: tuple[int, ...]) -> str:
     _, invstd, coef = D.forward(
         x, layout, one, zero, none, none, 0.1, 1e-5, True, False, None, 0, np.empty_like(x), chunk
     )
-    k, blocks, rows = D.plan(x, layout, chunk)
+    k, blocks, rows, el = D.plan(x, layout, chunk)
     cnt, part = np.empty(rows), np.empty((3, rows, C))
     sums = np.empty((2, rows, C))
     gcoef, dg, db = np.empty((3, coef.shape[1]), np.float32), np.empty(C, np.float32), np.empty(C, np.float32)
     k.grad_sums(dy, x, None, coef, False, chunk, sums, 0, blocks)
     k.grad_coef(sums, 2.0, float(x.size // C), invstd, one, True, gcoef, dg, db)
     dx = np.empty_like(x)
+    # the dx pass walks the input as the driver does (short NCL rows: channels-last view)
+    edy, ex, edx = el.views(dy, x, dx)
+    dx_args = (edy, ex, None, el.coefficients(coef), el.coefficients(gcoef), False, chunk, False, edx, None)
     cells = {
-        "stats": ((x, chunk, cnt, part), k.stats),
-        "grad sums": ((dy, x, None, coef, False, chunk, sums), k.grad_sums),
-        "dx": ((dy, x, None, coef, gcoef, False, chunk, False, dx, None), k.grad_apply),
+        "stats": ((x, chunk, cnt, part), k.stats, blocks),
+        "grad sums": ((dy, x, None, coef, False, chunk, sums), k.grad_sums, blocks),
+        "dx": (dx_args, el.specs.grad_apply, el.blocks),
     }
     out = []
-    for name, (args, kern) in cells.items():
-        alone = _time(lambda kern=kern, args=args: kern(*args, 0, blocks))
-        par = _time(lambda kern=kern, args=args: _threads.parallel_for(kern, blocks, x.size, *args))
+    for name, (args, kern, n) in cells.items():
+        alone = _time(lambda kern=kern, args=args, n=n: kern(*args, 0, n))
+        par = _time(lambda kern=kern, args=args, n=n: _threads.parallel_for(kern, n, x.size, *args))
         out.append(f"{name} 1t {alone} par {par}")
     return f"{'x'.join(map(str, shape))}: " + "  ".join(out)
 

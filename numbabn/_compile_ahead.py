@@ -39,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import IO
 
 from . import _threads, config
@@ -98,7 +99,7 @@ class _Helper:
         self.buffered = b""
 
     def submit(self, job: int, words: str) -> bool:
-        """Queue one job (``words``: dtype char, layout, kernel names); False if the
+        """Queue one job (``words``: dtype char, then layout.kernel words); False if the
         helper is gone (it exits after IDLE_S seconds without a job)."""
         if self.open and self.proc.poll() is None:
             try:
@@ -192,19 +193,20 @@ def enabled() -> bool:
     )
 
 
-def start(dtype: str, layout: str, names: tuple[str, ...]) -> None:
-    """Have the helper compile the kernels ``names`` of ``cpu_driver.specs(dtype,
-    layout)`` (``dtype``: a storage dtype's character code), unless it has them
-    already. Never raises: without a helper the caller compiles them itself."""
+def start(dtype: str, kernels: Sequence[tuple[str, str]]) -> None:
+    """Have the helper compile ``kernels``, (layout, name) pairs of
+    ``cpu_driver.specs(dtype, layout)`` (``dtype``: a storage dtype's character
+    code), as one job, unless it has them already. Never raises: without a helper
+    the caller compiles them itself."""
     global _helper
     if not enabled():
         return
     with _lock:
-        todo = [n for n in names if (dtype, layout, n) not in _jobs]
+        todo = [(layout, n) for layout, n in kernels if (dtype, layout, n) not in _jobs]
         if not todo:
             return
         job = next(_numbers)
-        words = " ".join([dtype, layout, *todo])
+        words = " ".join([dtype, *(f"{layout}.{n}" for layout, n in todo)])
         for _ in range(2):  # a second try with a new helper if the old one just exited
             if _helper is None or not _helper.open:
                 try:
@@ -212,7 +214,7 @@ def start(dtype: str, layout: str, names: tuple[str, ...]) -> None:
                 except (OSError, ValueError):
                     return
             if _helper.submit(job, words):
-                for n in todo:
+                for layout, n in todo:
                     _jobs[dtype, layout, n] = (_helper, job)
                 return
 
@@ -239,7 +241,7 @@ def wait(dtype: str, layout: str, name: str) -> None:
 
 
 def serve(idle: float) -> None:
-    """The helper's loop: read ``job dtype layout name...`` lines from stdin, compile
+    """The helper's loop: read ``job dtype layout.name...`` lines from stdin, compile
     (or load) those kernels, write ``job`` back; return at end of input or after
     ``idle`` seconds (the parent's :data:`IDLE_S`) without one."""
     import numpy as np
@@ -258,11 +260,11 @@ def serve(idle: float) -> None:
                 return
             buffered += chunk
         line, buffered = buffered.split(b"\n", 1)
-        job, dtype, layout, *names = line.decode().split()
+        job, dtype, *kernels = line.decode().split()
         try:
-            kernels = cpu_driver.specs(np.dtype(dtype), layout)
-            for name in names:
-                getattr(kernels, name)
+            for kernel in kernels:
+                layout, name = kernel.split(".")
+                getattr(cpu_driver.specs(np.dtype(dtype), layout), name)
         except Exception:  # the parent compiles what is missing, and reports its errors
             pass
         out.write(job + "\n")

@@ -54,8 +54,10 @@ _SCRIPT = textwrap.dedent("""
     print(json.dumps(out))
 """)
 
-_F32 = ("np.float32", (4, 3, 5, 6))
-_F64 = ("np.float64", (4, 3, 5, 6))
+# Rows of 80 values: the NCL kernels throughout (shorter rows run their element-wise
+# passes on the channels-last kernels, see test_short_rows_send_the_channels_last_dx_kernel)
+_F32 = ("np.float32", (4, 3, 8, 10))
+_F64 = ("np.float64", (4, 3, 8, 10))
 _MC = ("np.float32", (16, 5))
 _BACKWARD = {"grad_sums_ncl", "grad_coefficients", "grad_apply_ncl"}
 
@@ -99,6 +101,19 @@ def test_backward_kernels_are_compiled_by_the_helper(tmp_path):
     assert _gone(pids.pop())
     # The parent's one notice; the helper says nothing.
     assert sum(line.startswith("numbabn: compiling") for line in out["stderr"].splitlines()) == 1
+
+
+def test_short_rows_send_the_channels_last_dx_kernel(tmp_path):
+    """A first step on short NCL rows (4x4 maps) runs its element-wise passes on the
+    channels-last kernels: the helper compiles the backward's reductions of the NCL
+    layout and the channels-last dx kernel, as one job, and neither process compiles
+    the NCL element-wise kernels nobody uses."""
+    out = _run(tmp_path, [("np.float32", (4, 3, 4, 4))])
+    assert {"stats_ncl", "coefficients", "apply_mc"} <= set(out["compiled"])
+    backward = {"grad_sums_ncl", "grad_coefficients", "grad_apply_mc"}
+    assert backward <= set(out["loaded"]) and not backward & set(out["compiled"])
+    assert not {"apply_ncl", "grad_apply_ncl"} & set(out["compiled"] + out["loaded"])
+    assert len(set(out["pids"])) == 1 and None not in out["pids"]
 
 
 def test_switched_off_the_caller_compiles_everything(tmp_path):
@@ -209,9 +224,9 @@ def test_a_hung_helper_is_waited_for_briefly_then_killed(tmp_path):
 
 def test_an_idle_helper_exits_and_the_next_miss_starts_another(tmp_path):
     after = "h = _compile_ahead._helper\nh.proc.wait(timeout=60)\nout['idle_exit'] = h.proc.returncode\n"
-    after += "out['f64'] = step(np.float64, (4, 3, 5, 6))\nout['pids'].append(helper_pid())"
+    after += "out['f64'] = step(np.float64, (4, 3, 8, 10))\nout['pids'].append(helper_pid())"
     out = _run(tmp_path, [_F32], setup="_compile_ahead.IDLE_S = 0.5", after=after)
-    assert out["f64"] == step(np.float64, (4, 3, 5, 6))
+    assert out["f64"] == step(np.float64, (4, 3, 8, 10))
     assert out["idle_exit"] == 0
     first, second = out["pids"]
     assert first != second and None not in (first, second)
@@ -224,16 +239,16 @@ def test_fork_pool_and_threads_during_a_helper_job(tmp_path):
     after = textwrap.dedent("""
         import multiprocessing, threading
         with multiprocessing.get_context("fork").Pool(2) as pool:
-            out["pool"] = pool.starmap(step, [(np.float64, (4, 3, 5, 6))] * 4)
+            out["pool"] = pool.starmap(step, [(np.float64, (4, 3, 8, 10))] * 4)
         found = []
-        threads = [threading.Thread(target=lambda: found.append(step(np.float64, (6, 3, 5, 6)))) for _ in range(4)]
+        threads = [threading.Thread(target=lambda: found.append(step(np.float64, (6, 3, 8, 10)))) for _ in range(4)]
         for t in threads: t.start()
         for t in threads: t.join()
         out["threads"] = found
     """)
     out = _run(tmp_path, [_F32], after=after)
-    assert out["pool"] == [step(np.float64, (4, 3, 5, 6))] * 4
-    assert out["threads"] == [step(np.float64, (6, 3, 5, 6))] * 4
+    assert out["pool"] == [step(np.float64, (4, 3, 8, 10))] * 4
+    assert out["threads"] == [step(np.float64, (6, 3, 8, 10))] * 4
     assert _gone(out["pids"][0])
 
 

@@ -13,7 +13,7 @@ import numbabn
 from numbabn import config
 from numbabn.kernels import reference as R
 
-from .helpers import make_inputs
+from .helpers import make_inputs, param_dtype
 
 
 # (900, 1024): wide channels-last rows, whose reductions take four runs a pass
@@ -130,3 +130,56 @@ def test_serial_path_for_small_inputs_is_bit_identical(rng, monkeypatch):
         assert numbabn.get_num_threads() == threads
     for a, b_ in zip(*results, strict=True):
         assert np.array_equal(a, b_)
+
+
+def _step_on_short_rows(rng, shape, dtype, relu, residual):
+    """Training forward (running statistics), backward, eval: every array it makes."""
+    x, g, b = make_inputs(rng, shape, 1, dtype, loc=3.0)
+    dy = rng.standard_normal(shape).astype(dtype)
+    r = rng.standard_normal(shape).astype(dtype) if residual else None
+    pdt = param_dtype(dtype)
+    rm, rv = np.zeros(shape[1], pdt), np.ones(shape[1], pdt)
+    act = "relu" if relu else None
+    y, ctx = numbabn.batch_norm_forward(x, g, b, running_mean=rm, running_var=rv, activation=act, residual=r)
+    grads = numbabn.batch_norm_backward(dy, ctx)
+    ye, ctxe = numbabn.batch_norm_forward(x, g, b, running_mean=rm, running_var=rv, training=False, activation=act)
+    return (y, *grads, rm, rv, ye, *numbabn.batch_norm_backward(dy, ctxe))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("relu,residual", [(False, False), (True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("shape", [(6, 5, 4, 4), (9, 40, 7, 7), (3, 2, 63), (5, 3, 1)])
+def test_short_rows_give_the_ncl_kernels_bits(rng, monkeypatch, shape, dtype, relu, residual):
+    """NCL rows shorter than SHORT_ROW run the element-wise passes (normalise, dx)
+    on the channels-last kernels over the (N, C*L) view with repeated coefficients:
+    the same element helpers on the same coefficient values, so every output is the
+    NCL kernels' bit for bit, on one thread and split among several."""
+    from numbabn.kernels import cpu_driver
+
+    monkeypatch.setattr(config, "CHUNK", 64)  # many blocks, so the threads split the work
+    monkeypatch.setattr(config, "SERIAL_MAX", 0)
+    seed = rng.integers(2**32)
+    canonical = np.empty((shape[0], shape[1], int(np.prod(shape[2:]))), dtype)
+    results = []
+    for short_row, threads in ((0, 1), (cpu_driver.SHORT_ROW, 1), (cpu_driver.SHORT_ROW, 3)):
+        monkeypatch.setattr(cpu_driver, "SHORT_ROW", short_row)
+        monkeypatch.setattr(cpu_driver, "_PLANS", {})  # plans are memoised per shape
+        plan = cpu_driver.plan(canonical.view(np.int16) if dtype == np.float16 else canonical, "ncl", config.CHUNK)
+        assert plan[3].repeat == (canonical.shape[2] if short_row else 0)
+        with numbabn.limit_threads(threads):
+            results.append(_step_on_short_rows(np.random.default_rng(seed), shape, dtype, relu, residual))
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other, strict=True):
+            assert (a is None and b_ is None) or np.array_equal(a, b_, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (300, 64), (5, 5000), (4096, 1024), (3, 16384), (2, 20000)])
+@pytest.mark.parametrize("chunk", [1, 64, 16384])
+def test_channels_last_element_blocks_cover_every_row_once(shape, chunk):
+    """mc_apply_blocks (the driver's count, in Python) and _mc_apply_rows (the element-wise
+    kernels' rows per block) describe the same grid: the blocks cover rows 0..M once."""
+    from numbabn.kernels import cpu
+
+    blocks = cpu.mc_apply_blocks(shape, chunk)
+    R = cpu._mc_apply_rows.py_func(shape, chunk)
+    assert R >= 1 and (blocks - 1) * R < shape[0] <= blocks * R

@@ -179,14 +179,14 @@ def residual_specs():
                   and k.name != "grad_coefficients" and sig[1 if k.name.startswith("apply_") else 2] != types.none)
 rng = np.random.default_rng(0)
 out = {}
-for shape in ((5, 3, 4), (40, 3)):
+for shape in ((5, 3, 80), (40, 3)):  # NCL rows of 80 values: the NCL kernels throughout
     x, r, dy = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
     for act in (None, "relu"):
         y, ctx = numbabn.batch_norm_forward(x, activation=act)
         numbabn.batch_norm_backward(dy, ctx)
 out["plain"] = len(specs())
 out["plain_residual"] = residual_specs()
-x, r, dy = (rng.standard_normal((5, 3, 4)).astype(np.float32) for _ in range(3))
+x, r, dy = (rng.standard_normal((5, 3, 80)).astype(np.float32) for _ in range(3))
 _, ctx = numbabn.batch_norm_forward(x, residual=r)
 numbabn.batch_norm_backward(dy, ctx)
 out["no_relu"] = residual_specs()
@@ -197,6 +197,12 @@ before = specs()
 _, ctx = numbabn.batch_norm_forward(x, activation="relu")
 numbabn.batch_norm_backward(dy, ctx)
 out["plain_again_new"] = len(specs() - before)
+# short NCL rows run their element-wise passes on the channels-last kernels
+xs, dys = (rng.standard_normal((5, 3, 4)).astype(np.float32) for _ in range(2))
+for act in (None, "relu"):
+    _, ctx = numbabn.batch_norm_forward(xs, activation=act)
+    numbabn.batch_norm_backward(dys, ctx)
+out["short_rows_new"] = len(specs() - before)
 print(json.dumps(out))
 """
 
@@ -208,8 +214,9 @@ def test_specialisations():
     = 10);
     the residual adds one specialisation per element kernel it needs, on first use:
     apply without ReLU (the backward then reuses the plain kernels), plus grad_sums
-    and grad_apply with ReLU. In a fresh process (its kernels may load from the disk
-    cache: a specialisation counts either way)."""
+    and grad_apply with ReLU. Short NCL rows (the driver's channels-last view of their
+    element-wise passes) add none. In a fresh process (its kernels may load from the
+    disk cache: a specialisation counts either way)."""
     import json
     import os
     import subprocess
@@ -224,3 +231,4 @@ def test_specialisations():
     assert out["no_relu"] == ["apply_ncl"]
     assert out["relu"] == ["apply_ncl", "grad_apply_ncl", "grad_sums_ncl"]
     assert out["plain_again_new"] == 0
+    assert out["short_rows_new"] == 0

@@ -309,6 +309,16 @@ def _mc_rows(shape, chunk):
 
 
 @njit(error_model="numpy")
+def _mc_apply_rows(shape, chunk):
+    """Rows per block of the channels-last element-wise kernels: about a chunk of
+    values. They keep no per-block partials, so the reductions' floor of
+    :data:`_MC_MIN_ROWS` rows does not apply; without it a batch of fewer rows still
+    splits into pieces for the threads (the short NCL rows of the driver's
+    ``flat_rows`` view are one long row per sample)."""
+    return _max(1, chunk // shape[1])
+
+
+@njit(error_model="numpy")
 def _fold(C):
     """Rows F per run of the channels-last kernels (plain Python too: the driver sizes
     the (4, F*C) coefficients with ``_fold.py_func``)."""
@@ -368,6 +378,12 @@ def mc_blocks(shape, chunk):
     R = max(_MC_MIN_ROWS, chunk // C)
     K = -(-M // R)
     return K, K
+
+
+def mc_apply_blocks(shape, chunk):
+    """Blocks of the (M, C) element-wise kernels (:func:`_mc_apply_rows` rows each)."""
+    M, C = shape
+    return -(-M // max(1, chunk // C))
 
 
 # ------------------------------------------------------------------ statistics
@@ -621,7 +637,7 @@ def apply_ncl(x, res, coef, relu, chunk, stream, y, t0, t1):
 def apply_mc(x, res, coef, relu, chunk, stream, y, t0, t1):
     """y = normalise(x) (+ res) over the row blocks t0..t1 of (M, C) arrays; see
     :func:`apply_ncl`."""
-    R = _mc_rows(x.shape, chunk)
+    R = _mc_apply_rows(x.shape, chunk)
     half = coef.dtype.type(0.5)
     zero = coef.dtype.type(0)
     C = x.shape[1]
@@ -810,7 +826,7 @@ def grad_apply_ncl(dy, x, res, coef, gcoef, relu, chunk, stream, dx, dres, t0, t
 def grad_apply_mc(dy, x, res, coef, gcoef, relu, chunk, stream, dx, dres, t0, t1):
     """dx (and dres = g unless None) over the row blocks t0..t1 of (M, C) arrays; see
     :func:`grad_apply_ncl`."""
-    R = _mc_rows(x.shape, chunk)
+    R = _mc_apply_rows(x.shape, chunk)
     half = coef.dtype.type(0.5)
     zero = coef.dtype.type(0)
     C = x.shape[1]
