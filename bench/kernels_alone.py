@@ -41,7 +41,7 @@ def passes(shape: tuple[int, ...]) -> str:
     _, invstd, coef = D.forward(
         x, layout, one, zero, none, none, 0.1, 1e-5, True, False, None, 0, np.empty_like(x), chunk
     )
-    k, blocks, rows, el = D.plan(x, layout, chunk)
+    k, blocks, rows, _, el = D.plan(x, layout, chunk)
     cnt, part = np.empty(rows), np.empty((3, rows, C))
     sums = np.empty((2, rows, C))
     gcoef, dg, db = np.empty((3, coef.shape[1]), np.float32), np.empty(C, np.float32), np.empty(C, np.float32)

@@ -148,9 +148,9 @@ def _step_on_short_rows(rng, shape, dtype, relu, residual):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("relu,residual", [(False, False), (True, False), (True, True), (False, True)])
-@pytest.mark.parametrize("shape", [(6, 5, 4, 4), (9, 40, 7, 7), (3, 2, 63), (5, 3, 1)])
+@pytest.mark.parametrize("shape", [(6, 5, 4, 4), (9, 40, 7, 7), (3, 2, 31), (3, 2, 63), (5, 3, 1)])
 def test_short_rows_give_the_ncl_kernels_bits(rng, monkeypatch, shape, dtype, relu, residual):
-    """NCL rows shorter than SHORT_ROW run the element-wise passes (normalise, dx)
+    """NCL rows shorter than SHORT_ROW (normalise) or SHORT_ROW_DX (dx) run those passes
     on the channels-last kernels over the (N, C*L) view with repeated coefficients:
     the same element helpers on the same coefficient values, so every output is the
     NCL kernels' bit for bit, on one thread and split among several."""
@@ -161,11 +161,14 @@ def test_short_rows_give_the_ncl_kernels_bits(rng, monkeypatch, shape, dtype, re
     seed = rng.integers(2**32)
     canonical = np.empty((shape[0], shape[1], int(np.prod(shape[2:]))), dtype)
     results = []
-    for short_row, threads in ((0, 1), (cpu_driver.SHORT_ROW, 1), (cpu_driver.SHORT_ROW, 3)):
-        monkeypatch.setattr(cpu_driver, "SHORT_ROW", short_row)
+    L = canonical.shape[2]
+    short = (cpu_driver.SHORT_ROW, cpu_driver.SHORT_ROW_DX)
+    for shorts, threads in (((0, 0), 1), (short, 1), (short, 3)):
+        monkeypatch.setattr(cpu_driver, "SHORT_ROW", shorts[0])
+        monkeypatch.setattr(cpu_driver, "SHORT_ROW_DX", shorts[1])
         monkeypatch.setattr(cpu_driver, "_PLANS", {})  # plans are memoised per shape
         plan = cpu_driver.plan(canonical.view(np.int16) if dtype == np.float16 else canonical, "ncl", config.CHUNK)
-        assert plan[3].repeat == (canonical.shape[2] if short_row else 0)
+        assert plan[3].repeat == (L if L < shorts[0] else 0) and plan[4].repeat == (L if L < shorts[1] else 0)
         with numbabn.limit_threads(threads):
             results.append(_step_on_short_rows(np.random.default_rng(seed), shape, dtype, relu, residual))
     for other in results[1:]:

@@ -58,7 +58,7 @@ class _Specs:
         self.grid = cpu.ncl_blocks if layout == "ncl" else cpu.mc_blocks
         self.dtype = dtype
         # Layouts whose element-wise kernels (grad_apply...) this layout's inputs have
-        # used (see _Elementwise): what a cold forward hands the compile helper.
+        # used (see _Walk): what a cold forward hands the compile helper.
         self.element_layouts: set[str] = set()
         # Coefficients repeat F times per row for the channels-last kernels' runs of F rows.
         self.fold = (lambda C: 1) if layout == "ncl" else cpu._fold.py_func
@@ -145,55 +145,65 @@ def specs(dtype: Any, layout: str) -> "_Specs":
 _PLANS: dict[Any, Any] = {}
 
 
-def plan(x: NDArray[Any], layout: str, chunk: int) -> tuple["_Specs", int, int, Any]:
-    """(kernels, blocks, partial rows, element-wise plan) for canonical ``x``: its
-    :class:`_Specs`, the block grid of its shape, and how the element-wise passes
-    walk it (:class:`_Elementwise`). Memoised in one lookup (few shapes recur; on a
-    small input the driver's Python time is what a call costs); the layout is x's
-    ndim. An input without values has no blocks (and an (N, C, 0) one no grid)."""
+def plan(x: NDArray[Any], layout: str, chunk: int) -> tuple["_Specs", int, int, Any, Any]:
+    """(kernels, blocks, partial rows, normalise walk, dx walk) for canonical ``x``: its
+    :class:`_Specs`, the block grid of its shape, and how the two element-wise passes
+    walk it (:class:`_Walk`). Memoised in one lookup (few shapes recur; on a small
+    input the driver's Python time is what a call costs); the layout is x's ndim. An
+    input without values has no blocks (and an (N, C, 0) one no grid)."""
     if not x.size:
-        return specs(x.dtype, layout), 0, 0, None
+        return specs(x.dtype, layout), 0, 0, None, None
     key = (x.shape, x.dtype.char, chunk)
     p = _PLANS.get(key)
     if p is None:
         k = specs(x.dtype, layout)
         grid = k.grid(x.shape, chunk)
-        p = (k, *grid, _Elementwise(k, x, chunk, grid))
+        p = (k, *grid, _Walk(k, x, chunk, grid, SHORT_ROW), _Walk(k, x, chunk, grid, SHORT_ROW_DX, dx=True))
         if len(_PLANS) < 4096:
             _PLANS[key] = p
     return p
 
 
-#: (N, C, L) inputs with rows of fewer values than this run their element-wise passes
-#: (normalise, dx) as channels-last (N, C*L) arrays, with each channel's coefficients
-#: repeated L times: one vectorised loop over a sample's C*L values instead of C loops
+#: (N, C, L) inputs with rows of fewer values than this run their normalise pass as
+#: channels-last (N, C*L) arrays, with each channel's coefficients repeated L times
+#: (:class:`_Walk`): one vectorised loop over a sample's C*L values instead of C loops
 #: of L values, which on rows this short run mostly in the scalar remainder of the
-#: vectorised loop. float32, two threads, the passes alone (ms, NCL kernels /
-#: channels-last view): normalise 64x512x16 0.37 / 0.19, 64x256x36 0.24 / 0.19,
-#: 64x256x49 0.34 / 0.22, 32x2048x16 0.89 / 0.36, but 64x256x64 0.36 / 0.32 and
-#: 64x128x100 0.23 / 0.24; dx 0.43 / 0.29 at 64x256x49, 0.42 / 0.53 at 64x256x64.
+#: vectorised loop. float32, two threads, the pass alone (ms, NCL kernel / channels-last
+#: view): 64x512x16 0.37 / 0.19, 128x512x16 0.59 / 0.25, 128x512x36 0.69 / 0.42-0.53,
+#: 128x256x49 0.42-0.50 / 0.26, 128x512x49 0.70-0.74 / 0.61, but 64x256x64 0.36 / 0.32
+#: and 64x128x100 0.23 / 0.24.
 SHORT_ROW = 64
-#: ... as long as the repeated coefficients stay cache-sized (4 rows of C*L values; at
+#: The same for the dx pass, which reads seven coefficient rows to normalise's three:
+#: 128x512x16 0.70 / 0.33 ms, 64x2048x16 1.21 / 0.70, 128x512x36 0.88-0.90 / 0.78, but
+#: 128x256x49 0.46-0.52 / 0.44, 128x512x49 0.97-0.99 / 0.98 and 64x256x64 0.42 / 0.53:
+#: too little to pay for repeating the coefficients (tens of us).
+SHORT_ROW_DX = 32
+#: ... both as long as the repeated coefficients stay cache-sized (C*L values a row; at
 #: C*L = 100352, 32x2048x49, normalise was no faster and dx 1.3x slower).
 SHORT_ROW_MAX_ENTRIES = 1 << 15
 
 
-class _Elementwise:
-    """How the element-wise kernels walk canonical ``x`` of one shape: its own
-    kernels and element blocks, or, for short (N, C, L) rows (:data:`SHORT_ROW`),
-    the channels-last kernels of the same dtype on the (N, C*L) view with every
-    coefficient repeated L times (:meth:`coefficients`). The results are the same
-    bits either way: the same element helpers on the same coefficient values."""
+class _Walk:
+    """How one element-wise pass walks canonical ``x`` of one shape: with x's own
+    kernels and element blocks, or, for short (N, C, L) rows (fewer than ``short``
+    values, :data:`SHORT_ROW`), with the channels-last kernels of the same dtype on the
+    (N, C*L) view and every coefficient repeated L times (:meth:`coefficients`). The
+    results are the same bits either way: the same element helpers on the same
+    coefficient values. ``dx``: the backward's pass, whose kernel the compile helper
+    builds ahead (:meth:`_Specs._ahead`) in the layout this walk uses."""
 
-    def __init__(self, own: "_Specs", x: NDArray[Any], chunk: int, grid: tuple[int, int]) -> None:
+    def __init__(
+        self, own: "_Specs", x: NDArray[Any], chunk: int, grid: tuple[int, int], short: int, dx: bool = False
+    ) -> None:
         k = own
         self.repeat = 0
         self.shape = x.shape
-        if k.layout == "ncl" and x.shape[2] < SHORT_ROW and x.shape[1] * x.shape[2] <= SHORT_ROW_MAX_ENTRIES:
+        if k.layout == "ncl" and x.shape[2] < short and x.shape[1] * x.shape[2] <= SHORT_ROW_MAX_ENTRIES:
             self.repeat = x.shape[2]
             self.shape = (x.shape[0], x.shape[1] * x.shape[2])
             k = specs(x.dtype, "mc")
-        own.element_layouts.add(k.layout)
+        if dx:
+            own.element_layouts.add(k.layout)
         self.layout = k.layout
         self.specs = k
         # The element-wise passes keep no partials: channels-last ones take finer blocks.
@@ -229,7 +239,7 @@ def _one_block(stats: Any, count: int) -> tuple[Any, Any]:
 def batch_moments(x: NDArray[Any], layout: str, chunk: int) -> NDArray[np.float64]:
     """(2, C) float64 [mean, M2] of canonical ``x`` (the training forward's merge,
     without its normalisation)."""
-    k, blocks, rows, _ = plan(x, layout, chunk)
+    k, blocks, rows, _, _ = plan(x, layout, chunk)
     C = x.shape[1]
     stats = np.empty((2, C))
     empty = _EMPTY[k.compute.char]
@@ -273,7 +283,7 @@ def forward(
     Training: the batch statistics, or ``stats`` ((2, C) [mean, M2] of ``count``
     values, e.g. merged over ranks) when given; running statistics updated in
     place when non-empty. Eval: the running statistics."""
-    k, blocks, rows, el = plan(x, layout, chunk)
+    k, blocks, rows, el, _ = plan(x, layout, chunk)
     C = x.shape[1]
     # Two allocations: unpacking one (2, C) array into its rows costs 3x as much (1.5 us).
     mean, invstd = np.empty(C), np.empty(C)
@@ -325,7 +335,7 @@ def grad_sums(
     C = x.shape[1]
     if not x.size:
         return np.zeros((2, 1, C)), 1.0
-    k, blocks, rows, _ = plan(x, layout, chunk)
+    k, blocks, rows, _, _ = plan(x, layout, chunk)
     part = np.empty((2, rows, C))
     # Without ReLU the residual does not enter the gradient sums: the plain kernel.
     res = residual if relu else None
@@ -366,7 +376,7 @@ def grad_apply(
     """dx into ``dx`` from the partials of :func:`grad_sums` (or combined ones, with
     ``count`` the number of values they summarise); returns (dgamma, dbeta) in the compute dtype.
     With ReLU and a ``residual``, also its gradient (dy times the mask) into ``dres``."""
-    k, _, _, el = plan(x, layout, chunk)
+    k, _, _, _, el = plan(x, layout, chunk)
     C = x.shape[1]
     part, scale = partials
     gcoef = np.empty((3, C * k.fold(C)), k.compute)
