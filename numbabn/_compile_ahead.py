@@ -193,17 +193,18 @@ def enabled() -> bool:
     )
 
 
-def start(dtype: str, kernels: Sequence[tuple[str, str]]) -> None:
+def start(dtype: str, kernels: Sequence[tuple[str, str]], spawn: bool = True) -> None:
     """Have the helper compile ``kernels``, (layout, name) pairs of
     ``cpu_driver.specs(dtype, layout)`` (``dtype``: a storage dtype's character
-    code), as one job, unless it has them already. Never raises: without a helper
-    the caller compiles them itself."""
+    code), as one job, unless it has them already. ``spawn=False``: only if a helper
+    is running (a kernel that may well be in the disk cache is worth a job, not a new
+    process). Never raises: without a helper the caller compiles them itself."""
     global _helper
     if not enabled():
         return
     with _lock:
         todo = [(layout, n) for layout, n in kernels if (dtype, layout, n) not in _jobs]
-        if not todo:
+        if not todo or not spawn and (_helper is None or not _helper.open):
             return
         job = next(_numbers)
         words = " ".join([dtype, *(f"{layout}.{n}" for layout, n in todo)])

@@ -116,6 +116,30 @@ def test_short_rows_send_the_channels_last_dx_kernel(tmp_path):
     assert len(set(out["pids"])) == 1 and None not in out["pids"]
 
 
+def test_short_rows_after_long_ones_send_their_dx_kernel_to_the_running_helper(tmp_path):
+    """A cold run whose first shape has long rows and a later one short rows (a
+    ResNet's 32x32 then 4x4 maps): the later shape's dx kernel (channels-last) goes to
+    the helper the first miss started, and the parent only loads it."""
+    out = _run(tmp_path, [_F32, ("np.float32", (4, 3, 4, 4))])
+    assert {"stats_ncl", "apply_ncl", "apply_mc"} <= set(out["compiled"])
+    assert {"grad_apply_ncl", "grad_apply_mc"} <= set(out["loaded"])
+    assert not {"grad_apply_ncl", "grad_apply_mc"} & set(out["compiled"])
+    assert len(set(out["pids"])) == 1 and None not in out["pids"]
+
+
+def test_eval_alone_starts_no_helper(tmp_path):
+    """Eval computes no statistics, and a new shape's dx kernel is only handed to a
+    helper that is already running: an inference-only cold process starts none."""
+    setup = textwrap.dedent("""
+        x = np.random.default_rng(0).standard_normal((4, 3, 4, 4)).astype(np.float32)
+        one = np.ones(3, np.float32)
+        numbabn.batch_norm_forward(x, running_mean=one * 0, running_var=one, training=False)
+        out["eval_helper"] = helper_pid()
+    """)
+    out = _run(tmp_path, [], setup=setup)
+    assert out["eval_helper"] is None
+
+
 def test_switched_off_the_caller_compiles_everything(tmp_path):
     out = _run(tmp_path, [_F32], NUMBABN_COMPILE_AHEAD="0")
     assert _BACKWARD <= set(out["compiled"]) and out["pids"] == [None]

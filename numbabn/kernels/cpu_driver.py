@@ -202,8 +202,13 @@ class _Walk:
             self.repeat = x.shape[2]
             self.shape = (x.shape[0], x.shape[1] * x.shape[2])
             k = specs(x.dtype, "mc")
-        if dx:
+        if dx and k.layout not in own.element_layouts:
             own.element_layouts.add(k.layout)
+            if "grad_apply" not in k.__dict__:
+                # A later shape of a cold training run (a ResNet's 4x4 maps after its
+                # 32x32 ones): the statistics kernel's miss, which sent the backward's
+                # kernels to the helper, has passed; a running helper takes this one.
+                _compile_ahead.start(own.key, [(k.layout, "grad_apply")], spawn=False)
         self.layout = k.layout
         self.specs = k
         # The element-wise passes keep no partials: channels-last ones take finer blocks.
