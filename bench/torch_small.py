@@ -1,5 +1,5 @@
-"""Where numbabn.torch's kernels start to beat PyTorch's batch norm (the default of
-``NUMBABN_TORCH_NATIVE_BELOW``).
+"""Where numbabn.torch's kernels start to beat PyTorch's batch norm (the defaults of
+``NUMBABN_TORCH_NATIVE_BELOW`` and, for plain eval, ``NUMBABN_TORCH_NATIVE_EVAL_BELOW``).
 
 Per shape, in one process with the same thread count for both: a training-mode
 forward + backward through autograd (``y = bn(x); y.backward(dy)``) and a no-grad
@@ -60,9 +60,12 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     numbabn.set_num_threads(args.threads)
-    default = config.TORCH_NATIVE_BELOW
-    config.TORCH_NATIVE_BELOW = 0
-    print(f"torch {torch.__version__}, {args.threads} threads; default TORCH_NATIVE_BELOW = {default}")
+    default, eval_default = config.TORCH_NATIVE_BELOW, config.TORCH_NATIVE_EVAL_BELOW
+    config.TORCH_NATIVE_BELOW = config.TORCH_NATIVE_EVAL_BELOW = 0
+    print(
+        f"torch {torch.__version__}, {args.threads} threads; default TORCH_NATIVE_BELOW = {default}, "
+        f"TORCH_NATIVE_EVAL_BELOW = {eval_default} (plain eval)"
+    )
     print(f"{'shape':>14} {'values':>8}  {'mode':5} {'relu':4} {'native ms':>9} {'kernels ms':>10} {'x':>5}  default")
     for text in args.shapes.split(","):
         shape = tuple(int(v) for v in text.split("x"))
@@ -73,10 +76,11 @@ def main():
                 for fn in (a, b, a, b):  # warm-up (and the first-call compile)
                     fn()
                 t = interleaved({"native": a, "kernels": b}, args.repeat)
+                below = eval_default if not train and not relu else default
                 print(
                     f"{text:>14} {n:>8}  {'train' if train else 'eval':5} {'relu' if relu else '':4} "
                     f"{t['native'] * 1e3:9.3f} {t['kernels'] * 1e3:10.3f} {t['native'] / t['kernels']:5.2f}  "
-                    f"{'torch' if n < default else 'kernels'}",
+                    f"{'torch' if n < below else 'kernels'}",
                     flush=True,
                 )
 

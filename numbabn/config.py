@@ -41,6 +41,14 @@ functional layer passes them in as arguments.
     Below about that size what numbabn adds around its kernels in a PyTorch call
     (Python, the autograd Function) costs more than they save (README, "Small
     inputs"). SyncBatchNorm never hands over while it synchronizes processes.
+``NUMBABN_TORCH_NATIVE_EVAL_BELOW``
+    the same for plain inference: a call that records no autograd graph, uses the
+    running statistics and fuses neither ReLU nor a residual hands CPU inputs of fewer
+    elements to PyTorch's ``batch_norm`` (default 8388608 = 2**23; 0: the kernels).
+    There both read x and write y once at the memory's pace, and what numbabn adds
+    (its threads, Python) made it 0.45-0.89x of PyTorch from 2**20 to 6.4M values; from
+    12.8M values up PyTorch's fresh output pages make the kernels 5-7x faster (README,
+    "Small inputs"). The eager path only (under torch.compile: the threshold above).
 ``NUMBABN_TORCH_OPENMP``
     0 makes numbabn.torch run the kernels on numbabn's own threads instead of
     PyTorch's OpenMP team (default 1; see ``numbabn.torch._openmp``).
@@ -124,5 +132,6 @@ STREAM_MIN = (
 )
 STREAM_AUTO = not os.environ.get("NUMBABN_STREAM_MIN_MB")
 TORCH_NATIVE_BELOW = _positive_int("NUMBABN_TORCH_NATIVE_BELOW", 1 << 20, least=0)
+TORCH_NATIVE_EVAL_BELOW = _positive_int("NUMBABN_TORCH_NATIVE_EVAL_BELOW", 1 << 23, least=0)
 TORCH_OPENMP = _switch("NUMBABN_TORCH_OPENMP", True)
 TORCH_CUDA_KERNELS = _switch("NUMBABN_TORCH_CUDA_KERNELS", False)

@@ -25,6 +25,7 @@ if not _gpu_present():
 # suite's small inputs are there to test the kernels (tests/test_torch_small_inputs.py
 # tests that hand-over with its own thresholds). Spawned processes inherit this.
 os.environ.setdefault("NUMBABN_TORCH_NATIVE_BELOW", "0")
+os.environ.setdefault("NUMBABN_TORCH_NATIVE_EVAL_BELOW", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -137,6 +137,7 @@ def test_info_json():
     assert data["output_buffers"]["stream_min_bytes"] == numbabn.config.STREAM_MIN
     assert data["output_buffers"]["stream_timed"] == numbabn.config.STREAM_AUTO
     assert data["torch_native_below"] == numbabn.config.TORCH_NATIVE_BELOW
+    assert data["torch_native_eval_below"] == numbabn.config.TORCH_NATIVE_EVAL_BELOW
     assert data["torch_cuda_kernels"] is numbabn.config.TORCH_CUDA_KERNELS is False
 
 
@@ -148,11 +149,21 @@ def test_info_says_which_torch_inputs_run_the_kernels(monkeypatch, below):
     assert ("every CPU input runs numbabn's kernels" in line) is not bool(below)
 
 
+@pytest.mark.parametrize("eval_below", [1 << 23, 0])
+def test_info_says_which_torch_inference_runs_the_kernels(monkeypatch, eval_below):
+    monkeypatch.setattr(numbabn.config, "TORCH_NATIVE_BELOW", 1 << 20)
+    monkeypatch.setattr(numbabn.config, "TORCH_NATIVE_EVAL_BELOW", eval_below)
+    lines = invoke("info").output.splitlines()
+    line = lines[next(i for i, x in enumerate(lines) if x.startswith("numbabn.torch")) + 1]
+    assert ("inference (no graph, no fused ReLU/residual) of fewer than 8388608 values" in line) is bool(eval_below)
+    assert ("plain CPU inference: as above" in line) is not bool(eval_below)
+
+
 @pytest.mark.parametrize("kernels", [False, True])
 def test_info_says_where_cuda_tensors_run(monkeypatch, kernels):
     monkeypatch.setattr(numbabn.config, "TORCH_CUDA_KERNELS", kernels)
     lines = invoke("info").output.splitlines()
-    line = lines[next(i for i, x in enumerate(lines) if x.startswith("numbabn.torch")) + 1]
+    line = lines[next(i for i, x in enumerate(lines) if x.startswith("numbabn.torch")) + 2]
     assert ("CUDA tensors run numbabn's CUDA kernels" in line) is kernels
     assert ("CUDA tensors run PyTorch's batch norm" in line) is not kernels
 

@@ -282,3 +282,37 @@ def test_cuda_module_is_torch_nn_on_a_gpu(monkeypatch, kernel_calls, cuda_kernel
     for a, b in pairs:
         torch.testing.assert_close(a, b, **tol)
     assert kernel_calls[0] == int(cuda_kernels)
+
+
+@pytest.mark.parametrize("name, shape", [("BatchNorm1d", (64, 10)), ("BatchNorm2d", (4, 3, 5, 6))])
+def test_plain_inference_below_the_eval_threshold_is_torch_nn(monkeypatch, kernel_calls, name, shape):
+    """Plain CPU inference (running statistics, no graph, no fused ReLU or residual) of
+    fewer than TORCH_NATIVE_EVAL_BELOW values runs PyTorch's op, bit for bit torch.nn's;
+    a graph to record, a fused ReLU, a residual, training, or an input at the threshold
+    run the kernels."""
+    x = torch.randn(shape) * 2 + 1
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 0)
+    monkeypatch.setattr(config, "TORCH_NATIVE_EVAL_BELOW", x.numel() + 1)
+    ours, theirs = _modules(name, {}, shape[1], torch.float32, None)
+    relu, _ = _modules(name, {}, shape[1], torch.float32, "relu")
+    ours(x), relu(x)  # training: the kernels
+    assert kernel_calls[0] == 2
+    theirs.load_state_dict(ours.state_dict())
+    relu.load_state_dict(ours.state_dict())
+    for m in (ours, theirs, relu):
+        m.eval()
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+    with torch.inference_mode():
+        assert torch.equal(ours(x), theirs(x))
+    # the parameters require grad: a graph to record, so the kernels (float32 rounding apart)
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert kernel_calls[0] == 3
+    with torch.no_grad():
+        torch.testing.assert_close(relu(x), torch.relu(theirs(x)))  # fused ReLU: the kernels
+        r = torch.randn(shape)
+        torch.testing.assert_close(ours(x, r), theirs(x) + r)  # residual: the kernels
+        assert kernel_calls[0] == 5
+        monkeypatch.setattr(config, "TORCH_NATIVE_EVAL_BELOW", x.numel())
+        torch.testing.assert_close(ours(x), theirs(x))  # at the threshold: the kernels
+        assert kernel_calls[0] == 6

@@ -106,6 +106,14 @@ def _torch_native_below() -> int:
     return config.TORCH_NATIVE_BELOW
 
 
+def _torch_native_eval_below() -> int:
+    """numbabn.torch's modules run PyTorch's batch norm for plain CPU inference of fewer
+    values (``NUMBABN_TORCH_NATIVE_EVAL_BELOW``, :mod:`numbabn.torch.modules`)."""
+    from numbabn import config
+
+    return config.TORCH_NATIVE_EVAL_BELOW
+
+
 def _torch_cuda_kernels() -> bool:
     """Whether numbabn.torch's modules run numbabn's CUDA kernels on CUDA tensors
     (``NUMBABN_TORCH_CUDA_KERNELS``; by default they run PyTorch's batch norm)."""
@@ -141,6 +149,7 @@ def collect() -> dict[str, Any]:
         "kernel_cache": _kernel_cache(),
         "output_buffers": _output_buffers(),
         "torch_native_below": _torch_native_below(),
+        "torch_native_eval_below": _torch_native_eval_below(),
         "torch_cuda_kernels": _torch_cuda_kernels(),
         "layers": _layers(),
     }
@@ -208,6 +217,16 @@ def info(ctx: click.Context, as_json: bool) -> None:
             f"CPU inputs of fewer than {below} values run PyTorch's batch norm (NUMBABN_TORCH_NATIVE_BELOW)"
             if below
             else "every CPU input runs numbabn's kernels (NUMBABN_TORCH_NATIVE_BELOW=0)"
+        )
+    )
+    eval_below = data["torch_native_eval_below"]
+    lines.append(
+        " " * 16
+        + (
+            f"plain CPU inference (no graph, no fused ReLU/residual) of fewer than {eval_below} values "
+            "runs PyTorch's batch norm (NUMBABN_TORCH_NATIVE_EVAL_BELOW)"
+            if eval_below > below
+            else "plain CPU inference: as above (NUMBABN_TORCH_NATIVE_EVAL_BELOW)"
         )
     )
     lines.append(

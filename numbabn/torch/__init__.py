@@ -7,7 +7,9 @@ SyncBatchNorm over torch.distributed, and model converters.
 
 CPU inputs of fewer than ``numbabn.config.TORCH_NATIVE_BELOW`` values (default 2**20)
 run PyTorch's own batch norm, where numbabn's per-call Python would cost more than its
-kernels save, and so do CUDA tensors, where cuDNN's kernels were faster on the GPU
+kernels save, as does plain inference (no graph, no fused ReLU or residual) below
+``TORCH_NATIVE_EVAL_BELOW`` values (2**23), where both read and write memory once, and
+so do CUDA tensors, where cuDNN's kernels were faster on the GPU
 measured (``NUMBABN_TORCH_CUDA_KERNELS=1`` runs numbabn's; see
 :mod:`numbabn.torch.modules`).
 

@@ -43,6 +43,12 @@ Where numbabn differs from PyTorch:
   what numbabn adds around its kernels per call (~0.2 ms forward + backward on a
   2-vCPU VM) costs more than the kernels save, so the layer is exactly torch.nn's
   there (README, "Small inputs"). Not SyncBatchNorm while it synchronizes processes.
+* Plain inference (no autograd graph to record, running statistics, no fused ReLU or
+  residual) of a CPU input of fewer than ``numbabn.config.TORCH_NATIVE_EVAL_BELOW``
+  values (default 2**23; ``NUMBABN_TORCH_NATIVE_EVAL_BELOW``) runs PyTorch's own
+  ``batch_norm`` too: both read x and write y once, and numbabn was 0.45-0.89x of
+  PyTorch there; above, PyTorch's fresh output pages make the kernels 5-7x faster.
+  Decided in the eager path only.
 * A tensor on another device than the CPU or a CUDA GPU (MPS, XPU, ...) runs
   PyTorch's own ``batch_norm``, after numbabn's input checks: numbabn has no kernels
   for it.
@@ -538,6 +544,7 @@ class NumbabnBatchNorm:
             or _hand_to_torch(input)
             or _no_kernels_for(input)
             or _torch_semantics(self.eps, input, state)
+            or (not batch_stats and self._plain_inference(input, residual, state))
         ):
             # Nothing to compute, or too little for the kernels to win: below the
             # crossover, what numbabn adds around them per call (Python, the autograd
@@ -562,6 +569,20 @@ class NumbabnBatchNorm:
         else:  # no gradient can flow (no_grad, inference mode, nothing requires grad): no autograd node
             y = normalize(*args, residual, nbt)[0]
         return y if y.dtype == input.dtype else y.to(input.dtype)
+
+    def _plain_inference(self, x: torch.Tensor, residual: torch.Tensor | None, state: tuple[Any, ...]) -> bool:
+        """Whether this call with running statistics is plain inference that PyTorch's op
+        does at least as fast: a CPU input of fewer than ``config.TORCH_NATIVE_EVAL_BELOW``
+        values, no fused ReLU, no residual, no autograd graph to record. Both then read x
+        and write y once; numbabn's kernels gain nothing there and its threads and Python
+        cost (0.45-0.89x of PyTorch from 2**20 to 6.4M values; README, "Small inputs")."""
+        return (
+            x.numel() < config.TORCH_NATIVE_EVAL_BELOW
+            and x.is_cpu
+            and self.activation is None
+            and residual is None
+            and not _needs_graph(x, state[0], state[1])
+        )
 
     def _state(self) -> tuple[Any, Any, Any, Any, Any]:
         """(weight, bias, running_mean, running_var, num_batches_tracked), as
