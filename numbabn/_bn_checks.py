@@ -58,7 +58,8 @@ def check_forward_params(
             stats_dt,
             inplace=training,
         ),
-        check_counter(fn, num_batches_tracked),
+        # written only where it counts: training with running statistics
+        check_counter(fn, num_batches_tracked, inplace=training and running_mean is not None),
     )
 
 
@@ -98,17 +99,6 @@ def check_counter(fn: str, value: Any, *, inplace: bool = True) -> Any:
     if inplace and not value.flags.writeable:
         raise ValueError(f"{fn}: num_batches_tracked is updated in place but is read-only")
     return value
-
-
-def check_running_stats_apart(fn: str, running_mean: Any, running_var: Any) -> None:
-    """running_mean and running_var are updated in place: not the same memory."""
-    # Two arrays that own their memory (base None: the layers' buffers) overlap only if
-    # they are the same object; only views need the (slower) address check.
-    if running_mean is running_var or (
-        (running_mean.base is not None or running_var.base is not None)
-        and np.may_share_memory(running_mean, running_var)
-    ):
-        raise ValueError(f"{fn}: running_mean and running_var must not overlap (both are updated in place)")
 
 
 def check_moments(fn: str, moments: Any, cx: Canonical, training: bool) -> tuple[NDArray[np.float64] | None, int]:

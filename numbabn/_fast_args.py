@@ -119,6 +119,11 @@ def forward_args(
         )
     ):
         return None
+    if training and running_mean.size:
+        # updated in place before the normalise pass reads x, gamma and beta
+        read = (x, gamma, beta)
+        if _shares(running_mean, running_mean.flags.num, read) or _shares(running_var, running_var.flags.num, read):
+            return None
     nbt = num_batches_tracked
     if nbt is not None:
         if type(nbt) is not np.ndarray or nbt.dtype is not _I64 or nbt.size != 1 or not nbt.flags.num & WRITEABLE:
@@ -146,18 +151,24 @@ def _output(out: Any, like: Any, dt: np.dtype[Any], cshape: tuple[int, ...], apa
     if type(out) is not np.ndarray or out.dtype is not dt or out.shape != like.shape:
         return None
     flags = out.flags.num
-    if flags & _C_ALIGNED_WRITEABLE != _C_ALIGNED_WRITEABLE:
+    if flags & _C_ALIGNED_WRITEABLE != _C_ALIGNED_WRITEABLE or _shares(out, flags, apart):
         return None
+    return out if out.shape == cshape else out.reshape(cshape)
+
+
+def _shares(a: Any, flags: int, others: tuple[Any, ...]) -> bool:
+    """Whether array ``a`` (its ``flags.num`` given) shares memory with a non-empty
+    array of ``others``."""
     # Two distinct arrays that each own their memory (NumPy allocated it for each)
     # cannot overlap: only views need NumPy's bounds check (0.9 us each on a slow VM,
     # five of them on a forward).
     own = flags & OWNDATA
-    for other in apart:
-        if not other.size or own and other is not out and other.flags.num & OWNDATA:
+    for other in others:
+        if not other.size or own and other is not a and other.flags.num & OWNDATA:
             continue
-        if np.may_share_memory(out, other):
-            return None
-    return out if out.shape == cshape else out.reshape(cshape)
+        if np.may_share_memory(a, other):
+            return True
+    return False
 
 
 def backward_args(dy: Any, ctx: Any, out: Any) -> tuple[Canonical, Any] | None:

@@ -88,7 +88,8 @@ def get_num_threads() -> int:
 
 def set_num_threads(n: int) -> int:
     """Use ``n`` threads (1 <= n; more than :func:`available_cpus` is allowed but
-    only oversubscribes). Returns the previous setting. Results do not depend on it.
+    only oversubscribes; a call starts no more threads than it has pieces).
+    Returns the previous setting. Results do not depend on it.
     (numbabn.torch's modules use ``torch.get_num_threads()`` threads instead.)"""
     if isinstance(n, bool) or not isinstance(n, int) and not hasattr(n, "__index__"):
         raise TypeError(f"set_num_threads: n must be a positive int, got {type(n).__name__} {n!r}")
@@ -121,36 +122,35 @@ def limit_threads(n: int | None) -> Iterator[None]:
 class _Pool:
     """Worker threads taking (function, args) jobs from one queue."""
 
-    def __init__(self, workers: int) -> None:
-        self.size = workers
+    def __init__(self) -> None:
+        self.size = 0
         self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        for _ in range(workers):
+
+    def grow(self, workers: int) -> None:
+        """Start workers until there are ``workers`` (called under ``_lock``)."""
+        while self.size < workers:
             threading.Thread(target=self._work, daemon=True, name="numbabn-kernel").start()
+            self.size += 1
 
     def _work(self) -> None:
+        # daemon threads for the life of the process, blocked on the queue when idle
         while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            fn, args = job
+            fn, args = self.jobs.get()
             fn(*args)  # never raises: parallel_for's pieces record their errors
-
-    def close(self) -> None:
-        for _ in range(self.size):
-            self.jobs.put(None)
 
 
 def _get_pool(workers: int) -> "_Pool":
+    """The pool, with at least ``workers`` workers."""
     global _pool
     with _lock:
-        # Grown, never shrunk: a caller asking for fewer workers queues fewer jobs,
-        # and idle workers block. (numbabn.torch's calls follow PyTorch's thread
-        # count, numbabn's own follow numbabn's: a pool rebuilt on every change
-        # would start threads on every call that alternates between them.)
-        if _pool is None or _pool.size < workers:
-            if _pool is not None:
-                _pool.close()
-            _pool = _Pool(workers)
+        # Grown to the most workers a call has used, never shrunk: a caller asking
+        # for fewer queues fewer jobs, and idle workers block. (numbabn.torch's calls
+        # follow PyTorch's thread count, numbabn's own follow numbabn's: a pool
+        # rebuilt on every change would start threads on every call that alternates
+        # between them.)
+        if _pool is None:
+            _pool = _Pool()
+        _pool.grow(workers)
         return _pool
 
 
@@ -249,7 +249,10 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
     if run is not None:
         run(take, min(threads, pieces))  # returns once every team thread has returned
     else:
-        _run_on_pool(take, min(threads, pieces) - 1, _get_pool(threads - 1), stop)
+        # workers for the pieces there are: a thread count far above the CPUs (or
+        # the pieces) starts no thread that could never get work
+        helpers = min(threads, pieces) - 1
+        _run_on_pool(take, helpers, _get_pool(helpers), stop)
     if errors:
         raise errors[0]
 

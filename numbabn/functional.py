@@ -201,7 +201,8 @@ def batch_norm_forward(
     gamma, beta : (C,) arrays of the compute dtype (float32 for float16 input), or
         None for 1 and 0 (their gradients are then None).
     running_mean, running_var : (C,) NumPy arrays, updated in place when
-        ``training``; read (required) when not ``training``. Both or neither.
+        ``training`` (then sharing no memory with each other, x, gamma, beta or
+        residual); read (required) when not ``training``. Both or neither.
     num_batches_tracked : one-element int64 array holding a count >= 0,
         incremented in place in training mode when running statistics are tracked
         (also for an empty batch); required for ``momentum=None`` (cumulative average).
@@ -286,6 +287,15 @@ def batch_norm_forward(
                 running_var,
                 "running_mean and running_var must not overlap (both are updated in place)",
             )
+            for stat in (running_mean, running_var):
+                for read in (x, gamma, beta, residual):
+                    be.check_apart(
+                        fn,
+                        stat,
+                        read,
+                        "running_mean and running_var must not overlap x, gamma, beta or residual "
+                        "(they are updated in place before those are read)",
+                    )
         stats, count = B.check_moments(fn, moments, cx, training)
         B.check_training_batch(fn, count, cx.shape, training, tracking, momentum, nbt, moments is not None)
         y = be.output(
@@ -429,6 +439,7 @@ def batch_norm_backward(
                 host,
                 inputs + ((out,) if out is not None else ()),
                 "residual_out must not overlap dy, out or the forward input or residual",
+                "residual_out",
             )
     partials = be.grad_sums(cdy, ctx)
     if allreduce is not None:

@@ -20,12 +20,15 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ._checks import check_moments_value
+from ._checks import check_moments_value, describe
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Moments:
-    """count (int, values per channel), mean and m2 (float64, shape (C,))."""
+    """count (int, values per channel), mean and m2 (float64, shape (C,)).
+
+    Compared and hashed by identity, as NumPy arrays cannot give a ``==`` that is
+    one bool (compare the fields with ``np.array_equal`` instead)."""
 
     count: int
     mean: NDArray[np.float64]
@@ -56,7 +59,12 @@ class Moments:
     def from_array(cls, packed: ArrayLike) -> "Moments":
         """Inverse of :meth:`to_array`: a 1-D array of odd length 2C + 1 whose first
         entry is a whole number >= 0 (the count)."""
-        packed = np.asarray(packed, dtype=np.float64)
+        packed = np.asarray(packed)
+        if packed.dtype.kind not in "iuf":
+            raise TypeError(
+                f"Moments.from_array: expected real numbers [count, mean (C), m2 (C)], got {describe(packed)}"
+            )
+        packed = packed.astype(np.float64, copy=False)
         if packed.ndim != 1 or packed.shape[0] % 2 != 1:
             raise ValueError(
                 f"Moments.from_array: expected a 1-D array [count, mean (C), m2 (C)] of odd length, "
@@ -72,7 +80,8 @@ class Moments:
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
-    """Exact merge of two :class:`Moments` of disjoint data (Chan et al.).
+    """Exact merge of two :class:`Moments` of disjoint data (Chan et al.); when one
+    holds no data (count 0) the other is returned as it is.
 
     Each must be a valid summary: an int count >= 0, real float mean and m2 of one
     shape, m2 >= 0 (a clear error otherwise, before any arithmetic).

@@ -89,6 +89,22 @@ def test_readonly_running_stats_rejected():
     np.testing.assert_array_equal(rm, _state()[0])
 
 
+def test_readonly_counter_only_where_it_is_written():
+    """num_batches_tracked is incremented only in training with running statistics;
+    eval reads nothing of it, so a read-only one (e.g. from a memory-mapped state
+    dict) is accepted there, as read-only running statistics are."""
+    rm, rv, _ = _state()
+    nbt = np.array([5], np.int64)
+    nbt.setflags(write=False)
+    y, _ = numbabn.batch_norm_forward(X, running_mean=rm, running_var=rv, num_batches_tracked=nbt, training=False)
+    np.testing.assert_array_equal(y, numbabn.batch_norm_forward(X, running_mean=rm, running_var=rv, training=False)[0])
+    numbabn.batch_norm_forward(X, num_batches_tracked=nbt)  # training without running statistics: not counted
+    assert int(nbt[0]) == 5
+    with pytest.raises(ValueError, match="num_batches_tracked is updated in place but is read-only"):
+        numbabn.batch_norm_forward(X, running_mean=rm, running_var=rv, num_batches_tracked=nbt)
+    np.testing.assert_array_equal(rm, _state()[0])
+
+
 def test_running_stats_must_be_numpy():
     with pytest.raises(TypeError, match="running_mean is updated in place and must be a NumPy array"):
         numbabn.batch_norm_forward(X, running_mean=[0.0] * 3, running_var=np.ones(3, np.float32))
@@ -212,6 +228,44 @@ def test_out_overlapping_parameters_or_running_stats_is_refused():
     np.testing.assert_array_equal(rm, _state()[0])
 
 
+@pytest.mark.parametrize("stat", ["running_mean", "running_var"])
+@pytest.mark.parametrize("read", ["gamma", "beta", "x", "residual"])
+@pytest.mark.parametrize("view", [False, True])
+def test_running_stats_overlapping_what_training_reads_are_refused(stat, read, view):
+    """Training updates the running statistics before the normalise pass reads x,
+    gamma, beta and the residual: an overlap would normalise with changed values.
+    ``view``: the shared memory reached through views (NumPy's address check) rather
+    than one object passed twice (the identity check)."""
+    x = X.copy()
+    arrays = dict(
+        gamma=np.full(3, 2.0, np.float32),
+        beta=np.full(3, 0.5, np.float32),
+        running_mean=np.zeros(3, np.float32),
+        running_var=np.ones(3, np.float32),
+        residual=np.ones_like(x),
+        x=x,
+    )
+    shared = arrays[read]
+    if read in ("x", "residual"):  # three values of the input, a view either way
+        shared = shared.reshape(-1)[1:4] if view else shared.reshape(-1)[:3]
+    elif view:
+        shared = shared[:]
+    arrays[stat] = shared
+    before = {k: v.copy() for k, v in arrays.items()}
+    nbt = np.array([5], np.int64)
+    kw = dict(arrays, num_batches_tracked=nbt)
+    if read != "residual":
+        kw.pop("residual")  # the fast path (no residual) must refuse it too
+    with pytest.raises(ValueError, match="running_mean and running_var must not overlap x, gamma, beta or residual"):
+        numbabn.batch_norm_forward(kw.pop("x"), kw.pop("gamma"), kw.pop("beta"), **kw)
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(v, before[k])
+    assert int(nbt[0]) == 5
+    # eval only reads them: sharing is harmless and accepted
+    kw = dict(arrays)
+    numbabn.batch_norm_forward(kw.pop("x"), kw.pop("gamma"), kw.pop("beta"), training=False, **kw)
+
+
 @pytest.mark.parametrize(
     "counter, exc, fragment",
     [
@@ -286,6 +340,18 @@ def test_moments_from_array_validation():
     ]:
         with pytest.raises(ValueError, match=fragment):
             numbabn.Moments.from_array(packed)
+    for packed in ("abc", np.array([3, 1j, 2]), np.array([True, False, True]), [None, 1.0, 2.0]):
+        with pytest.raises(TypeError, match=r"Moments.from_array: expected real numbers \[count"):
+            numbabn.Moments.from_array(packed)
+    assert numbabn.Moments.from_array(np.array([4, 1, 2], np.int32)).count == 4
+
+
+def test_moments_compare_and_hash_by_identity():
+    """Field-wise ``==`` of NumPy arrays is no bool: a Moments is equal only to
+    itself, hashable, and usable in sets and ``in`` tests whatever its C."""
+    a, b = numbabn.moments(X), numbabn.moments(X)
+    assert a == a and a != b and a in [b, a] and b not in [a]
+    assert len({a, b, a}) == 2 and hash(a) != hash(b)
 
 
 @pytest.mark.parametrize("count_type", [np.int32, np.int64, int])

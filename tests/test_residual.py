@@ -132,6 +132,24 @@ def test_out_arguments(rng):
     assert len(numbabn.batch_norm_backward(dy, plain)) == 3  # existing calls unchanged
 
 
+@pytest.mark.parametrize(
+    "bad,error,expected",
+    [
+        (np.empty((4, 3, 5), np.float64), TypeError, "residual_out must have dtype float32"),
+        (np.empty((4, 3, 6), np.float32), ValueError, "residual_out must have shape"),
+        (np.empty((4, 3, 10), np.float32)[..., ::2], ValueError, "residual_out must be a writeable C-contiguous"),
+        ([0.0], TypeError, "residual_out must be"),
+    ],
+)
+def test_residual_out_errors_name_it(rng, bad, error, expected):
+    x, r, dy, g, b = _inputs(rng, (4, 3, 5), 1, np.float32)
+    _, ctx = numbabn.batch_norm_forward(x, g, b, activation="relu", residual=r)
+    dx_out = np.full_like(x, 7.0)
+    with pytest.raises(error, match=expected):
+        numbabn.batch_norm_backward(dy, ctx, out=dx_out, residual_out=bad)
+    assert (dx_out == 7.0).all()  # nothing written
+
+
 @pytest.mark.parametrize("shape,axis", [((16, 8, 700), 1), ((3000, 24), 1)])
 def test_one_and_two_threads_are_bit_identical(rng, monkeypatch, shape, axis):
     monkeypatch.setattr(config, "SERIAL_MAX", 0)

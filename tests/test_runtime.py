@@ -379,6 +379,24 @@ def test_thread_settings(monkeypatch):
     assert numbabn.get_num_threads() == before
 
 
+def test_a_large_thread_count_starts_workers_only_for_the_pieces(monkeypatch):
+    """``set_num_threads(2000)`` is allowed (it only oversubscribes), but a call cut
+    into 8 pieces must not start 1999 threads that can never get work; the pool
+    grows as later calls need more."""
+    from numbabn import _threads
+
+    monkeypatch.setattr(_threads, "_pool", None)  # a pool of this test's own
+    seen = []
+    with numbabn.limit_threads(2000):
+        _threads.parallel_for(lambda t0, t1: seen.append((t0, t1)), 8, 10**8)
+        assert _threads._pool.size == 7
+        _threads.parallel_for(lambda t0, t1: seen.append((t0, t1)), 12, 10**8)
+        assert _threads._pool.size == 11
+        _threads.parallel_for(lambda t0, t1: seen.append((t0, t1)), 5, 10**8)
+        assert _threads._pool.size == 11  # never shrunk
+    assert sorted(seen) == sorted([(t, t + 1) for n in (8, 12, 5) for t in range(n)])
+
+
 def test_pieces_of_a_stalled_worker_are_taken_by_the_caller(monkeypatch):
     """A worker that gets no CPU (another process, PyTorch's spinning OpenMP threads)
     does not hold up a call: the calling thread takes every piece and returns. Here

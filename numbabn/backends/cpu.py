@@ -39,13 +39,19 @@ def check_apart(fn: str, a: AnyArray, b: AnyArray, message: str) -> None:
 
 
 def output(
-    fn: str, out: AnyArray | None, cx: Canonical, host: bool, inputs: Sequence[Any], overlap_msg: str
+    fn: str,
+    out: AnyArray | None,
+    cx: Canonical,
+    host: bool,
+    inputs: Sequence[Any],
+    overlap_msg: str,
+    name: str = "out",
 ) -> AnyArray:
     """Check ``out`` (a NumPy array of the caller's shape and dtype, apart from
-    ``inputs``) and return the buffer (canonical shape, storage dtype) the kernels
+    ``inputs``; called ``name`` in the errors) and return the buffer (canonical shape, storage dtype) the kernels
     write: a view of ``out`` when given."""
     if out is not None:
-        check_out(fn, "out", out, cx.shape, cx.dtype)
+        check_out(fn, name, out, cx.shape, cx.dtype)
         if any(np.may_share_memory(out, a) for a in inputs):
             raise ValueError(f"{fn}: {overlap_msg}")
         return storage_view(out).reshape(cx.array.shape)

@@ -174,17 +174,23 @@ def check_apart(fn: str, a: AnyArray, b: AnyArray, message: str) -> None:
 
 
 def output(
-    fn: str, out: AnyArray | None, cx: Canonical, host: bool, inputs: Sequence[Any], overlap_msg: str
+    fn: str,
+    out: AnyArray | None,
+    cx: Canonical,
+    host: bool,
+    inputs: Sequence[Any],
+    overlap_msg: str,
+    name: str = "out",
 ) -> AnyArray:
-    """Check ``out`` and return the compute-dtype device buffer (canonical shape)
-    the kernels write: ``out`` itself when it is a device array of that dtype."""
+    """Check ``out`` (called ``name`` in the errors) and return the compute-dtype
+    device buffer (canonical shape) the kernels write: ``out`` itself when it is a device array of that dtype."""
     dt = compute_dtype(cx.dtype)
     if out is not None:
         if host:
-            check_out(fn, "out", out, cx.shape, cx.dtype)
+            check_out(fn, name, out, cx.shape, cx.dtype)
             overlaps = any(np.may_share_memory(out, a) for a in inputs if isinstance(a, np.ndarray))
         else:
-            d = _check_device_out(fn, "out", out, cx.shape, cx.dtype)
+            d = _check_device_out(fn, name, out, cx.shape, cx.dtype)
             overlaps = any(device_overlap(d, as_device(a)) for a in inputs if is_device_array(a))
         if overlaps:
             raise ValueError(f"{fn}: {overlap_msg}")
