@@ -7,6 +7,7 @@ state-dict round trips, mixed precision, errors that change nothing, double back
 and the CUDA dispatch logic (on CPU tensors: no GPU here).
 """
 
+import contextlib
 import copy
 import subprocess
 import sys
@@ -18,7 +19,7 @@ torch = pytest.importorskip("torch", reason="PyTorch is not installed")
 
 import numbabn.torch as nbt  # noqa: E402
 from numbabn import config  # noqa: E402
-from numbabn.torch import _bridge  # noqa: E402
+from numbabn.torch import _bridge, function  # noqa: E402
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
@@ -174,7 +175,9 @@ def test_16_bit_input_is_float32_batch_norm_rounded_without_copies(dtype, fmt, r
     y32 = b(x32) if r16 is None else b(x32, residual=r16.float())
     assert y16.dtype == dtype and torch.equal(y16, y32.to(dtype))
     assert fmt is None or y16.is_contiguous(memory_format=fmt)
-    kept = y16.grad_fn.bn.x
+    fn = y16.grad_fn  # the 16-bit input is read as it is (no float32 copy kept)
+    assert fn.bn.x is None and fn.saved_tensors[0].data_ptr() == x16.data_ptr()
+    kept = function._attached(fn.bn, fn.dropped, fn.saved_tensors, fn.perm).x
     assert kept.dtype.itemsize == 2
     assert kept.__array_interface__["data"][0] == x16.data_ptr()
     y16.backward(dy16)
@@ -379,6 +382,81 @@ def test_checkpoint_recomputation_counts_like_torch(monkeypatch, native_below, m
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     for (name, p), q in zip(ours.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+@pytest.mark.parametrize("relu", [False, True])
+def test_checkpoint_frees_the_input_until_the_recomputation(fmt, relu):
+    """Under ``checkpoint(use_reentrant=False)`` autograd keeps no tensor of the
+    segment; the layer must not keep its input's memory alive through numbabn's
+    context either (a 10-layer segment of 4 MiB activations held 44 MiB instead of
+    4). The memory is watched through a weak reference to the tensor's storage
+    (the private hooks torch.multiprocessing uses for this; a Python weakref to
+    the tensor would miss the NumPy view of a detached alias)."""
+    import gc
+
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(3)
+    conv, ref_bn = torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4)
+    bn = nbt.convert_batchnorm(copy.deepcopy(torch.nn.Sequential(ref_bn)))[0]
+    if relu:
+        bn.activation = "relu"
+    inner = []
+
+    def segment(t, layer):
+        h = conv(t)
+        inner.append(h.untyped_storage()._weak_ref())
+        out = layer(h)
+        return torch.relu(out) if relu and layer is ref_bn else out
+
+    x = torch.randn(6, 4, 5, 5).to(memory_format=fmt or torch.contiguous_format).requires_grad_()
+    w = torch.randn(6, 4, 5, 5)
+    grads = []
+    for layer in (bn, ref_bn):
+        inner.clear()
+        x.grad = None
+        y = checkpoint(segment, x, layer, use_reentrant=False)
+        gc.collect()
+        assert torch.UntypedStorage._expired(inner[0]), "the segment's intermediate outlived the forward"
+        torch.UntypedStorage._free_weak_ref(inner[0])
+        y.mul(w).sum().backward()
+        grads.append(x.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("residual", [None, "add", "relu"])
+def test_backward_reads_what_saved_tensors_hooks_unpack(training, residual):
+    """A ``saved_tensors_hooks`` pair that saves a copy: backward must read the
+    unpacked copy, not the input's memory, which the caller changes afterwards (as
+    torch.nn's layers do); numbabn read the changed input and its gradients moved
+    by up to 140."""
+    torch.manual_seed(5)
+    bn = nbt.BatchNorm2d(3, activation="relu" if residual == "relu" else None).train(training)
+    x0, r0 = torch.randn(4, 3, 5, 6) * 2 + 1, torch.randn(4, 3, 5, 6)
+    dy = torch.randn(4, 3, 5, 6)
+    state = copy.deepcopy(bn.state_dict())
+
+    def run(hooked):
+        bn.load_state_dict(state)
+        bn.zero_grad()
+        x = x0.clone().requires_grad_()
+        r = r0.clone().requires_grad_() if residual else None
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+        with hooks if hooked else contextlib.nullcontext():
+            h, hr = x * 1, None if r is None else r * 1
+            y = bn(h) if hr is None else bn(h, residual=hr)
+        if hooked:  # the copies are what backward must see
+            with torch.no_grad():
+                h.mul_(0).add_(5)
+                if hr is not None:
+                    hr.mul_(-1)
+        y.backward(dy)
+        return [t.grad.clone() for t in (x, r, bn.weight, bn.bias) if t is not None]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_an_input_pytorch_refuses_changes_nothing():

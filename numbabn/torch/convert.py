@@ -79,7 +79,9 @@ def convert_batchnorm(
     and rectifies anything else: if a later tool swaps the batch norm for one without
     the fused ReLU (``torch.nn.SyncBatchNorm.convert_sync_batchnorm``), the model keeps
     its ReLU. ReLUs called in a ``forward`` (torchvision's BasicBlock) cannot be seen
-    and stay as they are.
+    and stay as they are. A fused batch norm's own output is rectified: hooks or
+    feature extractors reading it get ``relu(bn(x))``, not ``bn(x)``; do not fuse
+    where pre-activation features are read.
 
     A batch norm used in several places (twice in one ``Sequential``, or in two
     parents) becomes one module used in the same places, and its ReLU is fused only

@@ -19,6 +19,7 @@ completes them like every other parameter's.
 """
 
 import contextlib
+import copy
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch
 
 import numbabn
 from numbabn import config
+from numbabn._layout import storage_view
 
 from . import _bridge as B
 from . import _openmp
@@ -59,21 +61,24 @@ class BatchNormFunction(torch.autograd.Function):
         y, bn, perm = normalize(
             x, weight, bias, running_mean, running_var, training, momentum, eps, relu, moments, residual, nbt
         )
-        ctx.bn, ctx.perm, ctx.allreduce = bn, perm, allreduce
+        ctx.perm, ctx.allreduce = perm, allreduce
         # numbabn's context reads x and weight by reference (and the residual, for the
         # ReLU mask, when fused with one): saving them lets autograd refuse a backward
         # after one was modified in place. Without ReLU the residual's gradient is dy
         # and backward never reads it: it is not saved, so changing it after the
         # forward is allowed, as for torch's ``bn(x) + residual``.
         ctx.relu, ctx.has_residual = relu, residual is not None
-        ctx.save_for_backward(x, weight, *((residual,) if residual is not None and relu else ()))
+        mask = residual is not None and relu
+        ctx.save_for_backward(x, weight, *((residual,) if mask else ()))
+        ctx.bn, ctx.dropped = _detached(bn, x, residual if mask else None, perm)
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Gradients of x, weight and bias (None for the other inputs), from ``dy``."""
         saved = ctx.saved_tensors
-        bn, perm = ctx.bn, ctx.perm
+        perm = ctx.perm
+        bn = _attached(ctx.bn, ctx.dropped, saved, perm)
         local = []
         allreduce = None
         if ctx.allreduce is not None:
@@ -100,10 +105,8 @@ class BatchNormFunction(torch.autograd.Function):
                 _, dgamma, dbeta, _ = numbabn.batch_norm_backward(
                     dy_array, bn, allreduce=allreduce, out=out, residual_out=res_out
                 )
-            else:
-                _, dgamma, dbeta = numbabn.batch_norm_backward(
-                    dy_array, _without_residual(bn), allreduce=allreduce, out=out
-                )
+            else:  # without ReLU the context holds no residual (see _detached)
+                _, dgamma, dbeta = numbabn.batch_norm_backward(dy_array, bn, allreduce=allreduce, out=out)
                 if ctx.has_residual:  # no mask: the residual's gradient is dy (as for an add)
                     dres = dy
         if local:  # this rank's share of the parameter gradients (see the module docstring)
@@ -172,9 +175,9 @@ def normalize(
             out=out,
             residual=None if residual is None else B.to_array(residual, perm),
         )
-    for buf, copy in staged:
-        if copy is not buf and training:
-            buf.copy_(copy)
+    for buf, staging in staged:
+        if staging is not buf and training:
+            buf.copy_(staging)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     return y, bn, perm
@@ -198,14 +201,62 @@ def _team(x: torch.Tensor) -> Any:
     return _openmp.use_torch_threads()
 
 
-def _without_residual(bn: Any) -> Any:
-    """The forward's context without the residual (no ReLU: the residual does not
-    enter dx, and its gradient is dy itself, so numbabn need not copy dy)."""
-    if bn.residual is None:
-        return bn
-    import dataclasses
+def _dense(t: torch.Tensor, perm: tuple[int, ...] | None) -> bool:
+    """Whether :func:`._bridge.to_array` views the CPU tensor ``t`` (permuted by
+    ``perm``) without copying it."""
+    return t.is_cpu and (t if perm is None else t.permute(perm)).is_contiguous()
 
-    return dataclasses.replace(bn, residual=None)
+
+# What :func:`_detached` dropped from a context: (canonical shape, x dropped,
+# residual dropped), or None for nothing.
+_Dropped = tuple[tuple[int, ...], bool, bool] | None
+
+
+def _detached(
+    bn: Any, x: torch.Tensor, residual: torch.Tensor | None, perm: tuple[int, ...] | None
+) -> tuple[Any, _Dropped]:
+    """numbabn's context ``bn`` as autograd keeps it, and what was dropped from it:
+    its views of ``x`` and of the residual (``residual``: the saved one, or None
+    when backward does not read it) where those view the saved tensors themselves.
+    The tensors autograd saved then decide what backward reads (:func:`_attached`):
+    ``torch.utils.checkpoint(use_reentrant=False)`` can free the input until its
+    recomputation, and what a ``saved_tensors_hooks`` unpack returns (offloaded,
+    packed, copied) is what backward reads, as for torch.nn's layers. A copy
+    numbabn made (an input neither contiguous nor channels-last, or on a GPU)
+    stays in the context."""
+    drop_x = _dense(x, perm)
+    drop_res = bn.residual is not None and (residual is None or _dense(residual, perm))
+    if not drop_x and not drop_res:
+        return bn, None
+    shape = bn.x.shape
+    bn = copy.copy(bn)  # not numbabn's object: the caller's views stay as they were
+    if drop_x:
+        bn.x = None
+    if drop_res:
+        bn.residual = None
+    return bn, (shape, drop_x, drop_res and residual is not None)
+
+
+def _attached(bn: Any, dropped: _Dropped, saved: tuple[torch.Tensor, ...], perm: tuple[int, ...] | None) -> Any:
+    """The context backward runs with: ``bn`` with the views :func:`_detached`
+    dropped (``dropped``) made again, of the tensors autograd unpacked (``saved``:
+    x, weight[, residual]). A residual that backward does not read stays None."""
+    if dropped is None:
+        return bn
+    shape, x, residual = dropped
+    bn = copy.copy(bn)  # the retained graph's context stays without them
+    if x:
+        bn.x = _canonical(saved[0], perm, shape)
+    if residual:
+        bn.residual = _canonical(saved[2], perm, shape)
+    return bn
+
+
+def _canonical(t: torch.Tensor, perm: tuple[int, ...] | None, shape: tuple[int, ...]) -> Any:
+    """The kernels' view (``shape``, 16-bit data as its integer storage) of tensor
+    ``t`` as the forward handed it over (permuted by ``perm``); a copy if ``t`` is
+    no longer laid out so (an unpack hook's choice)."""
+    return storage_view(B.to_array(t, perm).reshape(shape))
 
 
 class _FirstOrderOnly(torch.autograd.Function):
