@@ -80,6 +80,12 @@ def test_linear_errors():
         Linear(0, 3)
     with pytest.raises(TypeError, match="dtype must be float32 or float64"):
         Linear(2, 3, dtype=np.float16)
+    for bad in ("no", "False", 0, None):  # truthy strings would have added a bias
+        with pytest.raises(TypeError, match="Linear: bias must be a bool, got"):
+            Linear(2, 3, bias=bad)
+        with pytest.raises(TypeError, match="Conv2d: bias must be a bool, got"):
+            Conv2d(1, 2, 3, bias=bad)
+    assert Linear(2, 3, bias=np.False_).bias is None and Conv2d(1, 2, 3, bias=False).bias is None
     layer = Linear(4, 3)
     with pytest.raises(
         ValueError,

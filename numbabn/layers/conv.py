@@ -6,6 +6,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import DTypeLike
 
+from .._checks import check_bool
 from .._typing import FloatArray
 from .base import Layer, check_layer_dtype, check_positive_int, check_rng
 from .linear import init_weight
@@ -54,6 +55,7 @@ class Conv2d(Layer):
         owner = "Conv2d"
         self.in_channels = check_positive_int(owner, "in_channels", in_channels)
         self.out_channels = check_positive_int(owner, "out_channels", out_channels)
+        bias = check_bool(owner, "bias", bias)  # bias='no' is truthy: it would add one
         self.kernel_size = _pair(owner, "kernel_size", kernel_size, 1)
         self.stride = _pair(owner, "stride", stride, 1)
         self.padding = _pair(owner, "padding", padding, 0)

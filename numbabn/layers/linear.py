@@ -5,6 +5,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
+from .._checks import check_bool
 from .._typing import FloatArray
 from .base import Layer, check_layer_dtype, check_positive_int, check_rng
 
@@ -58,6 +59,7 @@ class Linear(Layer):
         owner = "Linear"
         self.in_features = check_positive_int(owner, "in_features", in_features)
         self.out_features = check_positive_int(owner, "out_features", out_features)
+        bias = check_bool(owner, "bias", bias)  # bias='no' is truthy: it would add one
         self.dtype = check_layer_dtype(owner, dtype)
         self.init = init
         self.rng = check_rng(owner, rng)
