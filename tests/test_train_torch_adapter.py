@@ -129,6 +129,30 @@ def test_errors():
         layer.backward(np.zeros((1, 2)))
 
 
+def test_probes_leave_the_torch_modules_modes_as_found(rng):
+    """The probes run in training mode (``train()`` reaches into the wrapped module)
+    and must hand back every torch submodule's own flag: an eval-mode model left in
+    training mode used batch statistics and moved its running statistics on its next
+    forward (0.67 off). A block with a frozen (eval) BN inside a training model keeps
+    that mix."""
+    wrapped, _ = _pair(1)
+    block = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5)).double()
+    block[1].eval()  # frozen BN in a training block: the probes' train() sets it too
+    mixed = Sequential(TorchLayer(block), TorchLayer(torch.nn.Linear(5, 3).double()))
+    X, y = rng.standard_normal((16, 5)), rng.integers(0, 3, 16)
+    loss = SoftmaxCrossEntropy()
+    for model, x in ((wrapped.eval(), X), (mixed, X[:, :3])):
+        before = [m.training for layer in model.children() for m in layer.module.modules()]
+        flags = [layer.training for layer in model.children()]
+        out = model.forward(x).copy()
+        landscape_probe(model, loss, (x, y), 0.1)
+        internal_covariate_shift(model, loss, SGD(model.parameters(), lr=0.1), (x, y))
+        activation_percentiles(model, 0, (x, y))
+        assert [m.training for layer in model.children() for m in layer.module.modules()] == before
+        assert [layer.training for layer in model.children()] == flags
+        np.testing.assert_array_equal(model.forward(x), out)
+
+
 def test_backward_sets_gradients_and_checks_dy_like_every_layer():
     """Layer contract: backward *sets* the gradients (a second backward of one forward
     gives the same dx and parameter gradients, autograd would add them up), and a dy

@@ -187,6 +187,8 @@ class _Snapshot:
         self.grads = [(p.grad, None if p.grad is None else p.grad.copy()) for p in self.params]
         self.layers = _all_layers(model)
         self.attrs = [dict(vars(layer)) for layer in self.layers]
+        # layers over foreign modules (TorchLayer) keep those modules' flags apart
+        self.modes = [layer.snapshot_modes() for layer in self.layers if hasattr(layer, "snapshot_modes")]
         self.rngs = [
             (g, g.bit_generator.state)
             for layer in self.layers
@@ -220,6 +222,8 @@ class _Snapshot:
         for layer, attrs in zip(self.layers, self.attrs, strict=True):
             vars(layer).clear()
             vars(layer).update(attrs)
+        for restore in self.modes:
+            restore()
         for p, (grad, saved) in zip(self.params, self.grads, strict=True):
             p.grad = grad
             if grad is not None:

@@ -26,6 +26,7 @@ torch's global generator (dropout) see different draws in the probes' passes.
 Tensors must live on the CPU (NumPy views); CUDA modules are refused.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,18 @@ class TorchLayer(Layer):
         super().train(mode)
         self.module.train(mode)
         return self
+
+    def snapshot_modes(self) -> Callable[[], None]:
+        """A callable that sets every submodule's training flag back to what it is
+        now (the probes' snapshot: their ``train()`` reaches into the module, whose
+        flags the layer's own attributes do not hold)."""
+        modes = [(m, m.training) for m in self.module.modules()]
+
+        def restore() -> None:
+            for m, mode in modes:
+                m.training = mode
+
+        return restore
 
     def extra_repr(self) -> str:
         return repr(self.module)
