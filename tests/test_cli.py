@@ -100,6 +100,20 @@ def test_verbose_and_quiet_exclude_each_other():
     assert "exclude each other" in error_line(result)
 
 
+def test_quiet_silences_the_compile_note_for_every_command(tmp_path):
+    """The note of a cold kernel compile is silenced by -q as by NUMBABN_QUIET=1 (it was
+    only by `numbabn warmup`). One empty kernel cache: float32's kernels compile quietly,
+    then float64's, not quietly, print the note."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBABN_QUIET"}
+    env.update(NUMBA_CACHE_DIR=str(tmp_path), NUMBABN_COMPILE_AHEAD="0")  # no helper process: cheaper
+    args = [sys.executable, "-m", "numbabn"]
+    bench = ["bench", "--shape", "8x4", "--repeat", "1", "--compare", "none", "--op", "forward"]
+    quiet = subprocess.run([*args, "-q", *bench], capture_output=True, text=True, env=env, check=True)
+    assert quiet.stderr == "" and "forward" in quiet.stdout
+    loud = subprocess.run([*args, *bench, "--dtype", "float64"], capture_output=True, text=True, env=env, check=True)
+    assert loud.stderr.startswith("numbabn: compiling CPU kernels (first use on this machine"), loud.stderr
+
+
 def test_entry_points_in_subprocesses():
     """The installed console script, ``python -m numbabn`` and the checkout's cli.py."""
     script = Path(sys.executable).with_name("numbabn")
@@ -336,6 +350,31 @@ def test_bench_usage_errors(args, message):
     result = invoke("bench", *args)
     assert result.exit_code == 2
     assert message in error_line(result)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--json", "out.json", "--csv", "out.json"],
+            "--json and --csv name the same file ('out.json' and 'out.json')",
+        ),
+        (["--json", "x.png", "--plot", "./x.png"], "--json and --plot name the same file ('x.png' and './x.png')"),
+        (["--csv", "link.csv", "--json", "sub/../real.csv"], "--json and --csv name the same file"),  # a symlink
+        (["--json", "real.csv", "--csv", "hard.csv"], "--json and --csv name the same file"),  # a hard link
+    ],
+)
+def test_bench_outputs_naming_one_file_are_refused_before_any_work(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "real.csv").write_text("old")
+    (tmp_path / "link.csv").symlink_to("real.csv")
+    os.link(tmp_path / "real.csv", tmp_path / "hard.csv")
+    monkeypatch.setattr("numbabn.bench.harness.run", lambda *a, **k: pytest.fail("the benchmark ran"))
+    result = invoke("bench", "--shape", "8x4", "--repeat", "1", "--compare", "none", *args)
+    assert result.exit_code == 2 and message in error_line(result) and result.output.count("\n") == 1, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.csv", "link.csv", "real.csv", "sub"]
+    assert (tmp_path / "real.csv").read_text() == "old"
 
 
 def test_bench_cuda_without_gpu(monkeypatch):
@@ -584,6 +623,70 @@ def test_experiment_out_that_cannot_be_created_at_the_end(fake_experiments, tmp_
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("named", [False, True])
+@pytest.mark.parametrize("existed", [False, True])
+def test_experiment_out_write_that_fails_is_one_line_and_changes_nothing(
+    fake_experiments, tmp_path, monkeypatch, existed, named
+):
+    """A full disk while the experiment writes its files (PIL's write to an open file
+    names no file; open() names it): one line naming the path and the OS error, exit 2,
+    and --out as it was (not created, or its files unchanged), no stage left behind."""
+    out = tmp_path / "out"
+    if existed:
+        out.mkdir()
+        (out / "toy.json").write_text("old")
+    write_text = Path.write_text
+
+    def disk_full(self, *args, **kwargs):
+        if self.name == "toy.txt":
+            raise OSError(errno.ENOSPC, "No space left on device", *([str(self)] if named else []))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    result = invoke("experiment", "toy", "--out", str(out))
+    assert result.exit_code == 2, result.output
+    where = out / "toy.txt" if named else out
+    assert result.output == f"Error: cannot write '{where}': No space left on device; '{out}' is left as it was\n"
+    if existed:
+        assert [p.name for p in out.iterdir()] == ["toy.json"] and (out / "toy.json").read_text() == "old"
+        assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    else:
+        assert not list(tmp_path.iterdir())
+
+
+def test_experiment_os_error_outside_its_output_is_not_an_output_error(fake_experiments, tmp_path, monkeypatch):
+    """An OSError naming a file outside --out (the data it reads, say) is not reported as
+    a failed write of the outputs."""
+
+    def toy(**kwargs):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "data.csv"))
+
+    monkeypatch.setitem(sys.modules[experiment_cli.EXPERIMENTS_MODULE].EXPERIMENTS, "toy", toy)
+    with pytest.raises(FileNotFoundError, match="data.csv"):
+        invoke("experiment", "toy", "--out", str(tmp_path / "out"))
+    assert not list(tmp_path.iterdir())
+
+
+def test_dangling_symlinks_as_outputs_are_refused_before_any_work(fake_experiments, tmp_path, monkeypatch):
+    monkeypatch.setitem(
+        sys.modules[experiment_cli.EXPERIMENTS_MODULE].EXPERIMENTS, "toy", lambda **kw: pytest.fail("it ran")
+    )
+    monkeypatch.setattr("numbabn.bench.harness.run", lambda *a, **k: pytest.fail("the benchmark ran"))
+    target = tmp_path / "nonexistent"
+    (tmp_path / "dang").symlink_to(target)
+    result = invoke("experiment", "toy", "--out", str(tmp_path / "dang"))
+    assert result.exit_code == 2 and result.output == (
+        f"Error: Invalid value for '--out': '{tmp_path / 'dang'}' is a dangling symbolic link "
+        f"(its target '{target}' does not exist)\n"
+    )
+    result = invoke("bench", "--shape", "8x4", "--json", str(tmp_path / "dang"))
+    assert result.exit_code == 2 and result.output == (
+        f"Error: Invalid value for '--json': cannot write '{tmp_path / 'dang'}': it is a dangling symbolic link "
+        f"(its target '{target}' does not exist)\n"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["dang"] and not target.exists()
+
+
 # --- warmup ----------------------------------------------------------------------------
 
 
@@ -682,6 +785,14 @@ def test_warmup_rejects_unknown_dtype():
             "Error: Invalid value for '--json': cannot write '/sys/x.json'",
         ),
         (["bench", "torch", "--json", "/sys/x.json"], "Error: Invalid value for '--json': cannot write '/sys/x.json'"),
+        (
+            ["bench", "sklearn", "--part", "mlp", "--epochs", "1", "--seed", "-1"],
+            "Error: Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295.",
+        ),
+        (
+            ["bench", "sklearn", "--part", "mlp", "--epochs", "1", "--seed", "4294967296"],
+            "Error: Invalid value for '--seed': 4294967296 is not in the range 0<=x<=4294967295.",
+        ),
     ],
 )
 def test_errors_are_one_line_before_any_work(args, message, monkeypatch):
@@ -702,7 +813,7 @@ def test_a_learning_rate_above_the_searchs_ceiling_is_one_line_before_any_run(mo
     # the search starts at 4 x lr (maxlr: at lr) and stops at 1e4; above, it raised
     # from inside the search, a traceback
     monkeypatch.setattr("numbabn.train.experiments._train", lambda *a, **k: pytest.fail("a network trained"))
-    result = invoke("experiment", name, "--steps", "1", "--seeds", "1", "--lr", lr)
+    result = invoke("experiment", name, "--steps", "2", "--seeds", "1", "--lr", lr)
     assert result.exit_code == 2, result.output
     assert result.output.count("\n") == 1, result.output
     assert result.output.startswith("Error: Invalid value for '--lr': lr must be small enough"), result.output

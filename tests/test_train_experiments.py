@@ -274,3 +274,42 @@ def test_options_presets_and_explicit_values():
     assert experiments._options(
         "x", steps=7, seeds=[4, 2], lr=(0.3, 0.3, 0.2), full=True, depth=5, defaults=defaults
     ) == (7, [4, 2], (0.3, 0.2), 5)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ["--lr", "0.1", "--lr", "0.2"],
+            "Error: Invalid value for '--lr': lr must be one rate, the start of its search, got 2: (0.1, 0.2)\n",
+        ),
+        (
+            ["--steps", "1"],
+            "Error: Invalid value for '--steps': steps must be >= 2: a search run trains when the mean of its last "
+            "tenth ends below its first loss, and the last tenth of a 1-step run is that loss; got 1\n",
+        ),
+    ],
+)
+def test_maxlr_refuses_what_it_cannot_use_before_any_work(tmp_path, monkeypatch, args, expected):
+    """maxlr searches from one rate (a second --lr was silently ignored), and a 1-step
+    search run can never count as training (every edge came out 'no finite value')."""
+    monkeypatch.setattr(experiments, "_train", lambda *a, **k: pytest.fail("a network trained"))
+    result = CliRunner().invoke(main, ["experiment", "maxlr", "--seeds", "1", *args, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and result.output == expected, result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_maxlr_counts_only_seeds_where_both_networks_have_an_edge(monkeypatch):
+    """bn_larger compares the seeds where both searches found a stable rate; the others
+    are counted in bn_larger_dropped (a seed where neither had one counted as a BN loss)."""
+    edges = {0: (None, None), 1: (None, 0.5), 2: (0.1, 0.2)}  # seed -> (standard, bn) stable_lr
+
+    def edge(name, build, net, loss, data, seed, batch_size, lr0, steps):
+        return {"stable_lr": edges[seed][net == "bn"], "diverged_lr": 1.0, "trials": []}
+
+    monkeypatch.setattr(experiments, "_edge", edge)
+    summary = EXPERIMENTS["maxlr"](steps=2, seeds=3, progress=False)
+    for arch in ("mlp3", "mlp8", "vgg4", "dln25"):
+        assert summary[arch]["bn_larger"]["k"] == 1 and summary[arch]["bn_larger"]["n"] == 1
+        assert summary[arch]["bn_larger_dropped"] == 2
+        assert summary[arch]["ratio_bn_over_standard"]["n"] == 1

@@ -31,3 +31,9 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     if verbose and quiet:
         raise click.UsageError("-v/--verbose and -q/--quiet exclude each other")
     ctx.obj = Settings(verbose=verbose, quiet=quiet)
+    if quiet:
+        # the compile notice is printed by the kernels' JIT layer, not by a command:
+        # its switch silences it for every command (numbabn.config is only os and glob)
+        from numbabn import config
+
+        config.QUIET = True

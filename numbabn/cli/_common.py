@@ -14,7 +14,7 @@ the directory an output goes into must already exist; numbabn creates at most th
 path component (the file, or the ``--out`` directory itself). Each output is checked
 before any work starts, and written all-or-nothing at the end: a regular file is
 written to a temporary file beside it and renamed over it, so a failed write leaves
-the previous file as it was.
+the previous file as it was. Two outputs of one command may not name the same file.
 """
 
 import os
@@ -163,6 +163,11 @@ def check_output_file(value: str | None, param_hint: str | None) -> str | None:
         return value
     path = Path(value)
     parent = path.parent
+    if _dangling(path):  # creating it would fail with "File exists", a puzzle beside a missing file
+        raise click.BadParameter(
+            f"cannot write {value!r}: it is a dangling symbolic link (its target {os.readlink(path)!r} does not exist)",
+            param_hint=param_hint,
+        )
     if not parent.exists():
         raise click.BadParameter(f"directory {str(parent)!r} does not exist", param_hint=param_hint)
     if not parent.is_dir():
@@ -187,6 +192,38 @@ def check_output_file(value: str | None, param_hint: str | None) -> str | None:
     except OSError as exc:
         raise click.BadParameter(f"cannot write {value!r}: {exc.strerror or exc}", param_hint=param_hint) from None
     return value
+
+
+def _dangling(path: Path) -> bool:
+    """True for a symbolic link whose target does not exist."""
+    return path.is_symlink() and not path.exists()
+
+
+def check_distinct_outputs(outputs: dict[str, str | None]) -> None:
+    """Refuse two output options (``{"--json": value, ...}``, values checked by
+    :func:`check_output_file`) that name the same file: the later write would replace
+    the earlier one silently. Paths compare resolved (symbolic links, ``..``), and
+    existing files also by identity (hard links); '-' is stdout. click.UsageError."""
+    given = [(option, value) for option, value in outputs.items() if value is not None]
+    for i, (option, value) in enumerate(given):
+        for other, earlier in given[:i]:
+            if value == earlier == "-":
+                raise click.UsageError(f"{other} and {option} cannot both write to stdout ('-')")
+            if "-" not in (value, earlier) and _same_file(earlier, value):
+                raise click.UsageError(
+                    f"{other} and {option} name the same file ({earlier!r} and {value!r}): "
+                    "the second would overwrite the first"
+                )
+
+
+def _same_file(a: str, b: str) -> bool:
+    """True when the paths ``a`` and ``b`` name one file (or one file to be created)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist yet: only the resolved paths, compared above, could match
+        return False
 
 
 def write_output(value: str, write: Callable[[IO[Any]], Any], what: str, mode: str = "w") -> None:
@@ -236,6 +273,11 @@ def check_output_dir(value: str | None, param_hint: str | None) -> Path | None:
         raise click.BadParameter("an empty path (use '.' for the current directory)", param_hint=param_hint)
     path = Path(value)
     parent = path.parent
+    if _dangling(path):  # it would pass the checks below and fail only when the finished run is moved in
+        raise click.BadParameter(
+            f"{value!r} is a dangling symbolic link (its target {os.readlink(path)!r} does not exist)",
+            param_hint=param_hint,
+        )
     if path.exists():
         if not path.is_dir():
             raise click.BadParameter(f"{str(path)!r} exists and is not a directory", param_hint=param_hint)
@@ -263,9 +305,10 @@ def staged_output_dir(path: Path | str) -> Iterator[tuple[Path, Callable[[Any], 
     """Yield a fresh temporary directory to write ``path``'s files into; on success move
     them into ``path`` (created now if missing, with the mode ``mkdir`` gives), on
     failure delete them: a command that raises, or whose files cannot all move, leaves
-    ``path`` as it was (see :func:`_move_into`). Yields ``(stage, publish)``, where
-    ``publish(value)`` rewrites the strings of ``value`` that are paths in the stage to
-    paths in ``path``."""
+    ``path`` as it was (see :func:`_move_into`); an OSError writing into the stage (a
+    full disk) is a one-line CLIError naming the file and the OS error. Yields
+    ``(stage, publish)``, where ``publish(value)`` rewrites the strings of ``value``
+    that are paths in the stage to paths in ``path``."""
     path = Path(path)
     existed = path.exists()
     stage = Path(tempfile.mkdtemp(dir=path if existed else path.parent, prefix=f".{path.name}.numbabn-"))
@@ -285,7 +328,16 @@ def staged_output_dir(path: Path | str) -> Iterator[tuple[Path, Callable[[Any], 
         return value
 
     try:
-        yield stage, publish
+        try:
+            yield stage, publish
+        except OSError as exc:
+            if exc.filename is not None and not _inside(exc.filename, stage):
+                raise  # not a write of the outputs (the data being read, say): not an output error
+            # the file it names, where it was going (a failed write to an open file names none)
+            target = path if exc.filename is None else path / os.path.relpath(os.path.abspath(exc.filename), stage)
+            raise CLIError(
+                f"cannot write {str(target)!r}: {exc.strerror or exc}; {str(path)!r} is left as it was"
+            ) from None
         if existed:
             _move_into(stage, path)
         else:
@@ -296,6 +348,12 @@ def staged_output_dir(path: Path | str) -> Iterator[tuple[Path, Callable[[Any], 
                 raise CLIError(f"cannot create {str(path)!r}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)  # what is left of it: nothing, or the replaced files
+
+
+def _inside(name: Any, folder: Path) -> bool:
+    """True when the path ``name`` is ``folder`` or in it."""
+    name, top = os.path.abspath(os.fsdecode(name)), os.path.abspath(folder)
+    return os.path.commonpath([name, top]) == top
 
 
 def _move_into(stage: Path, path: Path) -> None:

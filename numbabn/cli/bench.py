@@ -13,7 +13,15 @@ import click
 
 from numbabn.bench.cases import COMPARE, OPS, SUITES, Case, parse_shape
 
-from ._common import CLIError, LazyGroup, Settings, check_output_file, check_threads, write_output
+from ._common import (
+    CLIError,
+    LazyGroup,
+    Settings,
+    check_distinct_outputs,
+    check_output_file,
+    check_threads,
+    write_output,
+)
 
 # name -> "module:attribute" of a click command, imported only when it is run.
 SUBCOMMANDS = {"sklearn": "numbabn.cli.bench_sklearn:sklearn", "torch": "numbabn.cli.bench_torch:torch"}
@@ -280,8 +288,7 @@ def bench(
     from numbabn.bench import report as output
 
     settings = ctx.find_object(Settings) or Settings()
-    if json_path == "-" and csv_path == "-":
-        raise click.UsageError("--json and --csv cannot both write to stdout ('-')")
+    check_distinct_outputs({"--json": json_path, "--csv": csv_path, "--plot": plot_path})
     cases = _cases(ctx, shapes, layout, suite)
     if backend == "cuda":
         if threads is not None:

@@ -47,7 +47,11 @@ from ._common import Settings, check_output_file, check_threads, write_output
     help="mlp: epochs (partial_fit calls) per run.",
 )
 @click.option(
-    "--seed", "seeds", multiple=True, type=int, help="mlp: random_state of a run; repeatable [default: 0 1 2]."
+    "--seed",
+    "seeds",
+    multiple=True,
+    type=click.IntRange(0, 2**32 - 1),  # the seeds NumPy's RandomState (the random_state of both MLPs) takes
+    help="mlp: random_state of a run; repeatable [default: 0 1 2].",
 )
 @click.option(
     "--threads",

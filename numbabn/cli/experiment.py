@@ -162,7 +162,7 @@ def _command(name: str, fn: Callable[..., dict[str, Any]]) -> click.Command:
             "--steps",
             type=click.IntRange(min=1),
             default=None,
-            help="Training steps [default: the experiment's set-up].",
+            help="Training steps (maxlr: of each search run, at least 2) [default: the experiment's set-up].",
         ),
         click.option(
             "--seeds",
@@ -181,7 +181,8 @@ def _command(name: str, fn: Callable[..., dict[str, Any]]) -> click.Command:
             "--lr",
             type=Rate(),
             multiple=True,
-            help="Learning rate (repeatable: a sweep) [default: the experiment's set-up].",
+            help="Learning rate (repeatable: a sweep; maxlr takes one, the start of its search) "
+            "[default: the experiment's set-up].",
         ),
         click.option("--full", is_flag=True, help="The longer preset (more steps, seeds and rates) used for the docs."),
         click.option(

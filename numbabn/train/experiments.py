@@ -98,6 +98,7 @@ HIDDEN = (100, 100, 100)
 SEEDS = 3  # default number of seeds
 EARLY = 0.25  # "early" = the first quarter of the probes of a run
 SEARCH_STEPS = 100  # length of the short runs of the learning-rate search
+MAXLR_MIN_STEPS = 2  # maxlr's --steps is its search runs' length; lr_search.trains passes none shorter
 SEARCH_START = 4  # the η search starts at 4 × the training lr: on the doubling lattice from lr (same edge),
 # without the two doublings below it that every network here trains at
 HESSIAN_ITERS = 10  # power-iteration products per probe (warm-started: the median run needs ~11 at tol 1e-3)
@@ -1472,13 +1473,16 @@ def maxlr(
     (:mod:`numbabn.train.lr_search`; a run is stable when its losses stay finite
     and end below the first, classifiers below half the first). Not shorter runs:
     in 50 steps the standard 8-layer MLP halves its loss at no rate (a plateau),
-    so its edge would be undefined.
+    so its edge would be undefined. ``steps`` below 2 are refused: the last tenth
+    of a 1-step run is its first step, which no rate can end below.
     The standard net's search starts from ``lr`` (default 0.4: on the doubling
     lattice from 0.1, so the same bracket as a start at 0.1 whenever no rate
     fails below one that trains, two runs fewer where 0.4 trains), the BN net's from
     the standard net's edge on the same seed (it saves the BN search the doublings
-    the standard one already made; it halves from there if BN fails). Reports the
-    edge per network and on how many seeds BN's edge is the larger.
+    the standard one already made; it halves from there if BN fails). One ``lr``
+    only, the start of the search (more are refused). Reports the edge per network
+    and on how many seeds BN's edge is the larger, of the seeds where both networks
+    have one (``bn_larger_dropped``: the seeds left out).
     """
     started = time.perf_counter()
     steps, seeds, lrs, _ = _options(
@@ -1489,6 +1493,13 @@ def maxlr(
         full=full,
         defaults={"default": {"steps": SEARCH_STEPS, "lr": (0.4,), "seeds": 2}, "full": {"steps": 300, "seeds": 5}},
     )
+    if len(lrs) > 1:
+        raise ValueError(f"experiment maxlr: lr must be one rate, the start of its search, got {len(lrs)}: {lrs!r}")
+    if steps < MAXLR_MIN_STEPS:
+        raise ValueError(
+            f"experiment maxlr: steps must be >= {MAXLR_MIN_STEPS}: a search run trains when the mean of its "
+            f"last tenth ends below its first loss, and the last tenth of a 1-step run is that loss; got {steps}"
+        )
     archs: dict[str, tuple[Callable[..., Sequential], Callable[[int], Any], Any, int]] = {
         "mlp3": (lambda net, seed: mlp(net, seed), lambda seed: digits(seed), SoftmaxCrossEntropy(), BATCH),
         "mlp8": (lambda net, seed: _deep_mlp(net, seed, 8), lambda seed: digits(seed), SoftmaxCrossEntropy(), BATCH),
@@ -1518,9 +1529,12 @@ def maxlr(
             for net in ("standard", "bn")
         }
         capped = {net: sum(edges[(arch, s, net)]["diverged_lr"] is None for s in seeds) for net in stable}
+        # a seed where either net has no edge (it trained at no rate tried) has nothing to compare
+        both = np.isfinite(stable["bn"]) & np.isfinite(stable["standard"])
         summary[arch] = {
             **{net: {"stable_lr": S.spread(v), "no_divergence_found": capped[net]} for net, v in stable.items()},
-            "bn_larger": S.win_count(int(np.sum(stable["bn"] > stable["standard"])), len(seeds)),
+            "bn_larger": S.win_count(int(np.sum(stable["bn"][both] > stable["standard"][both])), int(both.sum())),
+            "bn_larger_dropped": int(both.size - both.sum()),
             "ratio_bn_over_standard": S.spread(stable["bn"] / stable["standard"]),
         }
 
