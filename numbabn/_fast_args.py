@@ -23,7 +23,7 @@ import numpy as np
 
 from . import _buffers
 from ._context import BatchNormContext
-from ._layout import _LAYOUTS, C_ALIGNED, OWNDATA, WRITEABLE, Canonical, empty_param, param_as_is
+from ._layout import _LAYOUTS, C_ALIGNED, WRITEABLE, Canonical, empty_param, param_as_is
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -119,11 +119,8 @@ def forward_args(
         )
     ):
         return None
-    if training and running_mean.size:
-        # updated in place before the normalise pass reads x, gamma and beta
-        read = (x, gamma, beta)
-        if _shares(running_mean, running_mean.flags.num, read) or _shares(running_var, running_var.flags.num, read):
-            return None
+    if training and running_mean.size and _stats_overlap(running_mean, running_var, x, gamma, beta):
+        return None
     nbt = num_batches_tracked
     if nbt is not None:
         if type(nbt) is not np.ndarray or nbt.dtype is not _I64 or nbt.size != 1 or not nbt.flags.num & WRITEABLE:
@@ -151,21 +148,39 @@ def _output(out: Any, like: Any, dt: np.dtype[Any], cshape: tuple[int, ...], apa
     if type(out) is not np.ndarray or out.dtype is not dt or out.shape != like.shape:
         return None
     flags = out.flags.num
-    if flags & _C_ALIGNED_WRITEABLE != _C_ALIGNED_WRITEABLE or _shares(out, flags, apart):
+    if flags & _C_ALIGNED_WRITEABLE != _C_ALIGNED_WRITEABLE or _shares(out, apart):
         return None
     return out if out.shape == cshape else out.reshape(cshape)
 
 
-def _shares(a: Any, flags: int, others: tuple[Any, ...]) -> bool:
-    """Whether array ``a`` (its ``flags.num`` given) shares memory with a non-empty
-    array of ``others``."""
-    # Two distinct arrays that each own their memory (NumPy allocated it for each)
-    # cannot overlap: only views need NumPy's bounds check (0.9 us each on a slow VM,
-    # five of them on a forward).
-    own = flags & OWNDATA
+def _stats_overlap(rm: Any, rv: Any, x: Any, gamma: Any, beta: Any) -> bool:
+    """Whether the running statistics ``rm``/``rv``, updated in place before the
+    normalise pass reads ``x``, ``gamma`` and ``beta``, may share memory with those."""
+    # Arrays that own their memory (base None: the common case, checked first in a
+    # few attribute reads) overlap only if they are the same object; x (ndim >= 2)
+    # never is a running statistic.
+    if rm.base is None and rv.base is None and x.base is None and gamma.base is None and beta.base is None:
+        return rm is gamma or rm is beta or rv is gamma or rv is beta
+    read = (x, gamma, beta)
+    return _shares(rm, read) or _shares(rv, read)
+
+
+def _shares(a: Any, others: tuple[Any, ...]) -> bool:
+    """Whether array ``a`` may share memory with a non-empty array of ``others``."""
+    # Arrays whose memory NumPy allocated for different owners (each its own, base
+    # None, or the base array a view points to) cannot overlap: only the others need
+    # NumPy's bounds check (0.9 us each on a slow VM, five of them on a forward).
+    # Inlined: this runs on every small call.
+    base = a.base
+    mine = a if base is None else base if type(base) is np.ndarray and base.base is None else None
     for other in others:
-        if not other.size or own and other is not a and other.flags.num & OWNDATA:
+        if not other.size:
             continue
+        if other is not a and mine is not None:
+            base = other.base
+            theirs = other if base is None else base if type(base) is np.ndarray and base.base is None else None
+            if theirs is not None and theirs is not mine:
+                continue
         if np.may_share_memory(a, other):
             return True
     return False

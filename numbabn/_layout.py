@@ -174,12 +174,11 @@ def canonical_host(fn: str, name: str, x: Any, axis: int) -> Canonical:
     return Canonical(storage_view(arr), layout, x.shape, axis, x.dtype, C, m)
 
 
-# NumPy's flag bits (``ndarray.flags.num``; NPY_ARRAY_C_CONTIGUOUS, _ALIGNED,
-# _WRITEABLE and _OWNDATA of its C API): one attribute read instead of a flags
-# object's three (60-70 ns of a 10 us call per array on the fast path).
+# NumPy's flag bits (``ndarray.flags.num``; NPY_ARRAY_C_CONTIGUOUS, _ALIGNED and
+# _WRITEABLE of its C API): one attribute read instead of a flags object's three
+# (60-70 ns of a 10 us call per array on the fast path).
 C_ALIGNED = 0x0001 | 0x0100
 WRITEABLE = 0x0400
-OWNDATA = 0x0004
 
 
 def param_as_is(value: Any, dtype: Any, shape: tuple[int], inplace: bool) -> bool:
