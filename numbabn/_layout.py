@@ -214,6 +214,11 @@ def check_param(
                     f"dtype {value.dtype.str} (convert it with .astype({value.dtype.name!r}))"
                 )
         else:
+            if is_device_array(value):  # copying it to the host would hide a misplaced array
+                raise TypeError(
+                    f"{fn}: {name} is a GPU array ({type(value).__name__}) but x is a host array "
+                    f"(backend='cpu'): pass {name} as a NumPy array, or x on the GPU"
+                )
             value = host_array(fn, name, value)
     if value.shape != (channels,):
         raise ValueError(f"{fn}: {name} must have shape ({channels},) (one value per channel), got shape {value.shape}")

@@ -190,6 +190,13 @@ def test_device_errors():
         numbabn.batch_norm_forward(x, backend="cpu")
     with pytest.raises(TypeError, match="x is a GPU array"):
         numbabn.moments(x, backend="cpu")
+    # host x with GPU parameters: refused like a GPU x, not silently copied to the host
+    xh, gd = np.ones((4, 3, 5), np.float32), cuda.to_device(np.ones(3, np.float32))
+    for kw, name in [(dict(gamma=gd), "gamma"), (dict(beta=gd), "beta")]:
+        with pytest.raises(TypeError, match=f"{name} is a GPU array .* but x is a host array"):
+            numbabn.batch_norm_forward(xh, **kw)
+    with pytest.raises(TypeError, match="running_mean is a GPU array .* but x is a host array"):
+        numbabn.batch_norm_forward(xh, running_mean=gd, running_var=np.ones(3, np.float32), training=False)
     with pytest.raises(ValueError, match="non-contiguous GPU array"):
         numbabn.batch_norm_forward(cuda.to_device(np.ones((4, 6, 5), np.float32))[:, ::2])
     with pytest.raises(TypeError, match="out must be a GPU array"):

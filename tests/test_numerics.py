@@ -203,6 +203,19 @@ def test_large_mean_float32_within_rounding(backend, rng, loc, shape, axis):
     np.testing.assert_allclose(backend.host(dg), dg_ref, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("loc", [1e4, 1e8])
+def test_large_mean_float64_eval_subtracts_first(backend, loc):
+    """Eval with |running_mean| >> std in float64: y = a*(x - mean) + beta keeps the
+    output to rounding; a*x + (beta - a*mean) cancels (the CUDA kernels did: 2.9e-12
+    off at a mean of 1e4, 2.6e-8 at 1e8, against 1e-16 on the CPU)."""
+    x = loc + np.arange(12.0).reshape(6, 2) / 7
+    rm, rv = x.mean(0), x.var(0)
+    gamma, beta = np.array([1.5, 0.5]), np.array([0.25, -1.0])
+    y, _ = numbabn.batch_norm_forward(backend.put(x), gamma, beta, running_mean=rm, running_var=rv, training=False)
+    ref = gamma * (x - rm) / np.sqrt(rv + 1e-5) + beta
+    np.testing.assert_allclose(backend.host(y), ref, rtol=0, atol=8 * np.finfo(np.float64).eps)
+
+
 def test_constant_channel_and_two_values(backend, rng):
     x = np.ones((4, 2, 3), np.float32) * 7
     x[:, 1] = rng.standard_normal((4, 3))
