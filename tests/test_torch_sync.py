@@ -5,7 +5,8 @@ compared with a single-process ``torch.nn.BatchNorm2d`` on the concatenated batc
 outputs and input gradients (this rank's slice), parameter gradients (summed over
 the ranks), running statistics (bit-identical on every rank), eval mode; then a
 refused input in the middle of training, layers called out of order, ranks whose
-layers have other channel counts, a backward one rank skipped, a layer too wide for
+layers have other channel counts or settings, a setting or an input (tensor subclass,
+meta tensor) refused on one rank, a backward one rank skipped, a layer too wide for
 one gather, and training
 under DistributedDataParallel on CPU against one process on the whole batch. (The
 README's torchrun launch of examples/torch_ddp_syncbn.py runs in test_examples.py.)
@@ -159,6 +160,105 @@ def check_channel_counts_disagree(rank, sizes):
             assert torch.equal(v, before[k]), k
 
 
+def _unchanged(bn, before):
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# (constructor keyword, rank 1's value, the other ranks' value); the disagreement's
+# error names the setting with each rank's value as it reads in Python.
+SETTINGS = [
+    ("eps", 1e-3, 1e-5),
+    ("momentum", 0.5, 0.1),
+    ("momentum", None, 0.1),
+    ("activation", "relu", None),
+    ("affine", False, True),
+    ("track_running_stats", False, True),
+]
+
+
+def check_settings_disagree(rank, sizes):
+    """Ranks whose layers differ in a setting would compute other outputs, gradients or
+    running statistics from the same moments: every rank raises, naming the setting and
+    every rank's value, and nothing changes. Once the ranks agree the layer works again
+    (the call counts moved past the failed exchange on every rank)."""
+    mine = _my_slice(rank, sizes)
+    X, DY = _global_batch(0, sizes)
+    for name, odd, usual in SETTINGS:
+        bn = nbt.SyncBatchNorm(C, dtype=torch.float64, **{name: odd if rank == 1 else usual})
+        before = {k: v.clone() for k, v in bn.state_dict().items()}
+        by_rank = [odd if r == 1 else usual for r in range(len(sizes))]
+        x = X[mine].clone().requires_grad_()
+        with pytest.raises(RuntimeError, match="disagree on the layer's settings") as info:
+            bn(x)
+        assert f"{name} {by_rank} by rank" in str(info.value), (name, str(info.value))
+        _unchanged(bn, before)
+        if name in ("eps", "momentum", "activation"):  # agree again: training goes on
+            setattr(bn, name, usual)
+            bn(x).backward(DY[mine])
+            assert int(bn.num_batches_tracked) == 1 and _same_on_all_ranks(bn.running_var)
+
+
+def check_eps_refused(rank, sizes):
+    """eps=0 in training: refused before the exchange with SyncBatchNorm's own message
+    (not batch_norm_forward's, after the gather, on one rank only: the others went on,
+    changed their state and waited in the backward). On one rank: every rank raises and
+    nothing changes; on all: every rank raises the message naming the module's eps."""
+    mine = _my_slice(rank, sizes)
+    X, DY = _global_batch(0, sizes)
+    for zero_on in ({1}, set(range(len(sizes)))):
+        bn = nbt.SyncBatchNorm(C, dtype=torch.float64, eps=0.0 if rank in zero_on else 1e-5)
+        before = {k: v.clone() for k, v in bn.state_dict().items()}
+        x = X[mine].clone().requires_grad_()
+        if rank in zero_on:
+            with pytest.raises(
+                ValueError, match=r"eps must be a finite number > 0 .*got 0\.0; set SyncBatchNorm\(eps="
+            ):
+                bn(x)
+        else:
+            with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] of the process group refused their input"):
+                bn(x)
+        _unchanged(bn, before)
+        bn.eps = 1e-5
+        bn(x).backward(DY[mine])
+        assert int(bn.num_batches_tracked) == 1 and _same_on_all_ranks(bn.running_var)
+
+
+class _Subclass(torch.Tensor):
+    """A tensor subclass the layers hand to PyTorch's op unchecked (as a DTensor)."""
+
+
+def check_unsynchronizable_input_on_one_rank(rank, sizes):
+    """A tensor subclass or a meta tensor on rank 1 only: it has no statistics to
+    exchange. Every rank raises and nothing changes (rank 1 raised alone, and the
+    others' forward paired with its next call: no error, wrong statistics); the next
+    step agrees on every rank. A meta input on every rank is shapes only, as in torch.nn."""
+    bn = nbt.SyncBatchNorm(C, dtype=torch.float64)
+    mine = _my_slice(rank, sizes)
+    X, DY = _global_batch(0, sizes)
+    x = X[mine].clone()
+    odd = {
+        "subclass": (x.as_subclass(_Subclass), NotImplementedError, r"tensor subclass input \(_Subclass\)"),
+        "meta": (torch.empty_like(x, device="meta"), RuntimeError, r"rank\(s\) \[1\] .*passed a meta tensor"),
+    }
+    for kind, (bad, error, message) in odd.items():
+        before = {k: v.clone() for k, v in bn.state_dict().items()}
+        if rank == 1:
+            with pytest.raises(error, match=message):
+                bn(bad)
+        else:
+            expected = "refused their input" if kind == "subclass" else "passed a meta tensor"
+            with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] of the process group " + expected):
+                bn(x)
+        _unchanged(bn, before)
+        y = bn(x.clone().requires_grad_())
+        y.backward(DY[mine])
+        assert _same_on_all_ranks(bn.running_mean) and _same_on_all_ranks(bn.running_var)
+    assert int(bn.num_batches_tracked) == 2
+    shapes = nbt.SyncBatchNorm(C, device="meta")
+    assert shapes(torch.empty(4, C, 3, device="meta")).shape == (4, C, 3)
+
+
 def check_wide_layer(rank, sizes):
     """600 channels: the payload's rest beyond the first gather (forward moments and
     backward sums) arrives in a second one; results as one process on the whole batch."""
@@ -263,6 +363,9 @@ SCENARIOS = {
         (check_recording_refused, {}),
         (check_layers_out_of_order, {}),
         (check_channel_counts_disagree, {}),
+        (check_settings_disagree, {}),
+        (check_eps_refused, {}),
+        (check_unsynchronizable_input_on_one_rank, {}),
         (check_a_skipped_backward, {}),
         (check_inputs_torch_nn_takes, {}),
         (check_wide_layer, {}),
@@ -273,6 +376,9 @@ SCENARIOS = {
         (check_concatenated_batch, dict(activation="relu")),
         (check_refused_input_mid_training, {}),
         (check_channel_counts_disagree, {}),
+        (check_settings_disagree, {}),
+        (check_eps_refused, {}),
+        (check_unsynchronizable_input_on_one_rank, {}),
         (check_a_skipped_backward, {}),
         (check_wide_layer, {}),
         (check_ddp_training, {}),
@@ -316,3 +422,15 @@ def test_single_process_without_a_process_group_is_plain_batch_norm():
     x = torch.randn(4, C, 3, 3)
     torch.testing.assert_close(ours(x), ref(x))
     torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+def test_single_process_eps_zero_refused_in_training_taken_in_eval():
+    """SyncBatchNorm refuses eps=0 in training with one process too (its kernels, and
+    PyTorch's op in training, refuse it), naming the module's eps; eval takes it, as torch.nn."""
+    ours, ref = nbt.SyncBatchNorm(C, eps=0.0), torch.nn.BatchNorm2d(C, eps=0.0)
+    x = torch.randn(4, C, 3, 3)
+    with pytest.raises(ValueError, match=r"SyncBatchNorm: eps must be a finite number > 0 in training mode"):
+        ours(x)
+    assert int(ours.num_batches_tracked) == 0
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)

@@ -60,7 +60,7 @@ Where numbabn differs from PyTorch:
   (``numbabn.config.TORCH_CUDA_KERNELS``) runs numbabn's kernels instead. Not
   SyncBatchNorm while it synchronizes processes.
 * An input with no values (N = 0) takes PyTorch's own path (nothing to compute),
-  as does one on the ``meta`` device (shapes only; SyncBatchNorm exchanges nothing),
+  as does one on the ``meta`` device (shapes only),
   a tensor subclass (``FakeTensor``, ``DTensor``, ...), and every call while
   ``torch.jit.trace``, ``torch.export`` (and so ``torch.onnx.export``) or
   ``torch.fx.symbolic_trace`` of the layer itself record a graph (inside a traced
@@ -71,7 +71,9 @@ Where numbabn differs from PyTorch:
   anywhere PyTorch's ops do (PyTorch's op also checks such input, with its own
   errors, as torch.nn's layers do). SyncBatchNorm cannot be recorded while it would
   synchronize (training mode, several processes): it raises, on every rank that
-  records.
+  records. While it synchronizes, a meta input exchanges no statistics (shapes only,
+  when every rank's input is meta; every rank raises otherwise) and a tensor subclass
+  input is refused on every rank (:mod:`numbabn.torch.sync`).
 * Under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ...) the layers
   run PyTorch's ``batch_norm`` too (the transforms' wrapped tensors have no memory
   numbabn may view). TorchScript scripting is not supported: ``torch.jit.script``
@@ -83,7 +85,8 @@ Where numbabn differs from PyTorch:
   :class:`FusedReLU` is a plain ReLU in the graph. ``torch.autograd.grad`` and
   the first-order functions of ``torch.autograd.functional`` run the kernels;
   forward-mode AD (dual tensors), an ``eps`` the kernels refuse (``eps=0``) and
-  ``torch.func`` transforms run PyTorch's op.
+  ``torch.func`` transforms run PyTorch's op (a SyncBatchNorm in training mode
+  refuses such an ``eps`` before anything changes, see :mod:`numbabn.torch.sync`).
 
 Dtypes: float32 and float64 run natively, and so do float16 and bfloat16 on the
 CPU: the kernels read and write their 16 bits and compute in float32 with float32
@@ -277,7 +280,8 @@ class NumbabnBatchNorm:
     of ``torch.nn.modules.batchnorm._BatchNorm``).
 
     Subclasses may override ``_synchronize`` (statistics from several
-    processes) and ``_input_rejected`` (tell them when the input is refused).
+    processes), ``_input_rejected`` (tell them when the input is refused),
+    ``_without_kernels`` (PyTorch's op stands in) and ``_check_call``.
     """
 
     def __init__(
@@ -442,9 +446,10 @@ class NumbabnBatchNorm:
         i.e. this process's batch alone."""
         return None, None
 
-    def _without_kernels(self, meta: bool, batch_stats: bool) -> None:
-        """Called when PyTorch's own batch norm stands in for the kernels (see
-        :func:`_native_only`; ``meta``: for a meta tensor), before anything changes."""
+    def _without_kernels(self, input: Any, residual: Any, batch_stats: bool) -> None:
+        """Called with the call's ``input`` (a tensor, or a ``torch.fx.Proxy``) and
+        ``residual`` when PyTorch's own batch norm stands in for the kernels (see
+        :func:`_native_only`), before anything changes."""
 
     def _check_residual(self, input: torch.Tensor, residual: Any) -> None:
         """``residual`` fits ``input``: a dense tensor of its shape, dtype and device.
@@ -526,7 +531,7 @@ class NumbabnBatchNorm:
         if isinstance(input, torch.Tensor) and _native_only(input, residual):
             # PyTorch's op checks its input itself; ours would put data-dependent
             # branches into a traced graph (TracerWarning), as torch.nn's layers do not.
-            return self._torch_forward(input, residual, input.is_meta)
+            return self._torch_forward(input, residual)
         try:
             state = self._state()
             self._check_input(input, state)
@@ -620,19 +625,18 @@ class NumbabnBatchNorm:
         self,
         input: torch.Tensor,
         residual: torch.Tensor | None,
-        meta: bool = False,
         settings: tuple[bool, float, bool, Any, Any] | None = None,
         state: tuple[Any, ...] | None = None,
     ) -> torch.Tensor:
         """PyTorch's ops in place of the kernels (see :func:`_native_only`; an input
-        with few or no values; ``meta``: a meta tensor): ``F.batch_norm`` as torch.nn's
+        with few or no values): ``F.batch_norm`` as torch.nn's
         layer calls it, then ``+ residual``, then the activation; ``state`` and
         ``settings`` those of :meth:`_state` and :meth:`_settings` when the caller
         has them. No input checks here: under
         ``torch.fx.symbolic_trace`` the input is a Proxy, which cannot answer them."""
         state = state or self._state()
         tracking, momentum, batch_stats, running_mean, running_var = settings or self._settings(state)
-        self._without_kernels(meta, batch_stats)
+        self._without_kernels(input, residual, batch_stats)
         weight, bias, _, _, nbt = state
         # Counted before the op, as torch.nn counts: the recomputation of
         # torch.utils.checkpoint(use_reentrant=False) may stop inside it (by raising,

@@ -6,7 +6,8 @@ mode, per layer and step:
 
 forward
     local ``numbabn.moments(x)`` -> ONE ``all_gather`` of a header
-    ``[exchange, ok, C, call, dtype]`` and the packed moments ``[count, mean(C),
+    ``[exchange, ok, C, call, dtype, eps, momentum, affine, bias,
+    track_running_stats, activation]`` and the packed moments ``[count, mean(C),
     m2(C)]``, the header checked on every rank -> merged exactly (Chan) in rank order
     -> ``batch_norm_forward(..., moments=merged)``. Running statistics see the global
     count m (``var*m/(m-1)``).
@@ -35,12 +36,29 @@ one rank was in a backward and another in a forward: gloo aborted one rank's pro
 from its C++ code, and the other read a payload as a header. A separate header
 gather would cost a second collective per exchange: 2 ms more per layer and step,
 measured with 2 ranks on a 2-vCPU VM.) An
-input refused on one rank (wrong channel count, dtype, ...) still sends its header
-with ``ok=0``, and then every rank raises; ranks that disagree on the exchange
-(forward statistics or backward sums), the channel count, the dtype or how many
-synchronized calls this layer made raise too. Nothing is updated when it raises. Two
-layers of the same channel count called in swapped order on two ranks cannot be told
-apart (each layer counts its own calls), as with ``torch.nn.SyncBatchNorm``.
+input refused on one rank (wrong channel count, dtype, a setting checked below, a
+tensor subclass such as ``DTensor``, ...) still sends its header with ``ok=0``, and
+then every rank raises; ranks that disagree on the exchange (forward statistics or backward sums),
+the channel count, the dtype, how many synchronized calls this layer made, or the
+layer's settings (``eps``, ``momentum`` including None against a number, ``affine``,
+``bias``, ``track_running_stats``, ``activation``; the error lists each that
+differs with every rank's value) raise too. Nothing is updated when it raises, and
+the layer works again once the ranks agree. A meta input (shapes only, a model on the
+meta device) exchanges no statistics: every rank's input must be meta then, or every
+rank raises. Recording the layer while it synchronizes (``torch.jit.trace``,
+``torch.export``, ``torch.fx``, ``torch.func`` transforms) raises without an
+exchange, on every rank that records: a rank that records alone must not wait for
+the others; so does a tensor subclass input under a ``TorchDispatchMode``
+(``FakeTensorMode``'s fake tensors), where the exchange's own tensors would be
+fake. Two layers of the same channel count called in swapped order on two ranks
+cannot be told apart (each layer counts its own calls), as with
+``torch.nn.SyncBatchNorm``.
+
+``eps`` must be a finite number > 0 in training mode (with one process too), checked
+before anything changes: the kernels that synchronize refuse ``eps=0`` (a channel of
+zero variance would give inf), and PyTorch's op, which cannot stand in for them,
+refuses it in training as well. In eval mode ``eps=0`` runs PyTorch's op, as in
+torch.nn.
 
 In eval mode (and with one process, or torch.distributed not initialised) the layer
 is a plain numbabn BatchNorm. CUDA tensors are not synchronized by numbabn: use
@@ -55,7 +73,8 @@ never joins, or meet its next collective. (numbabn's MPI layer,
 raises instead; it therefore needs the same number of eval calls on every rank.)
 """
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -64,14 +83,29 @@ import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import numbabn
+from numbabn._checks import is_real
 
 from . import _bridge as B
 from . import _openmp
-from .modules import NumbabnBatchNorm
+from .modules import _PLAIN, NumbabnBatchNorm, _functorch_active, _is_exporting, check_activation
 
 _DTYPE_CODE = {torch.float16: 16, torch.bfloat16: 116, torch.float32: 32, torch.float64: 64}  # compared for equality
 _FORWARD, _BACKWARD = 1.0, 2.0  # the header's exchange: forward statistics or backward gradient sums
-_HEAD = 5  # exchange, ok, channels, call, dtype
+# The header's ok: this rank's input was refused (it raises its own error), has data,
+# or is a meta tensor (shapes only: nothing to exchange, which every rank must agree on).
+_REFUSED, _OK, _SHAPES_ONLY = 0.0, 1.0, 2.0
+# The layer's settings in the header, each with how a gathered value reads in the
+# error: ranks that differ in any of them would compute different outputs, gradients
+# or running statistics from the same merged moments, silently.
+_SETTINGS: tuple[tuple[str, Callable[[float], Any]], ...] = (
+    ("eps", float),
+    ("momentum", lambda v: None if v < 0 else float(v)),  # None is sent as -1
+    ("affine", bool),  # whether there is a weight
+    ("bias", bool),  # whether there is a bias (bias=False)
+    ("track_running_stats", bool),
+    ("activation", lambda v: "relu" if v else None),
+)
+_HEAD = 5 + len(_SETTINGS)  # exchange, ok, channels, call, dtype, settings
 # Payload values sent in the header's all_gather: a forward's moments (2C + 1 values)
 # or a backward's sums (2C) of up to 512 channels. An all_gather per exchange costs
 # 1-2 ms on a 2-vCPU VM over loopback; 8 KB instead of 1 KB costs nothing measurable.
@@ -85,7 +119,9 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
     Same constructor, parameters, buffers and state_dict keys as
     ``torch.nn.SyncBatchNorm``, plus ``activation=None | "relu"`` (fused ReLU). It is
     deliberately not a subclass of ``torch.nn.SyncBatchNorm``: DistributedDataParallel
-    refuses CPU modules containing one. See :mod:`numbabn.torch.sync` for the protocol.
+    refuses CPU modules containing one. Every rank must give the layer the same
+    settings (checked at every synchronized call); ``eps`` must be a finite number
+    > 0 in training mode. See :mod:`numbabn.torch.sync` for the protocol.
     """
 
     def __init__(
@@ -135,15 +171,51 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
         if group is not None:  # the other ranks are about to wait for this one
             self._gather_moments(group, None, None)
 
-    def _without_kernels(self, meta: bool, batch_stats: bool) -> None:
-        # No exchange to tell the other ranks (a recorder would record the collective
-        # too): a script that records on every rank raises on every rank.
-        if not meta and batch_stats and self._group() is not None:  # meta: shapes only
-            raise NotImplementedError(
-                f"{type(self).__name__}: cannot synchronize batch statistics while torch.jit.trace, "
-                "torch.export or torch.fx record a graph, nor for a tensor subclass input; record the "
-                "model in eval mode or in a single process"
+    def _check_call(self, input: torch.Tensor, residual: torch.Tensor | None, state: tuple[Any, ...]) -> None:
+        """The plain layers' checks, then the settings the ranks exchange: checked here,
+        before the exchange, so that a bad one goes out as a refused input and every
+        rank raises before anything changes. ``eps`` must be a finite number > 0 in
+        training mode: the synchronized kernels refuse anything else, and PyTorch's op
+        cannot stand in for them (torch.nn refuses eps=0 in training too, from its op)."""
+        super()._check_call(input, residual, state)
+        eps = self.eps
+        if self.training and not (type(eps) is float and 0.0 < eps < math.inf) and not (is_real(eps) and eps > 0):
+            raise ValueError(
+                f"{type(self).__name__}: eps must be a finite number > 0 in training mode (it is added to "
+                f"the batch variance, and a channel of zero variance would give inf), got {eps!r}; set "
+                "SyncBatchNorm(eps=...) or the module's eps"
             )
+        check_activation(type(self).__name__, self.activation)  # set after construction, perhaps
+
+    def _without_kernels(self, input: Any, residual: Any, batch_stats: bool) -> None:
+        group = self._group() if batch_stats else None
+        if group is None:
+            return
+        name = type(self).__name__
+        if isinstance(input, torch.fx.Proxy) or torch.jit.is_tracing() or _is_exporting() or _functorch_active():
+            # No exchange to tell the other ranks (a recorder would record the collective
+            # too, and a rank that records alone would wait for the others): a script that
+            # records on every rank raises on every rank.
+            raise NotImplementedError(
+                f"{name}: cannot synchronize batch statistics while torch.jit.trace, torch.export, "
+                "torch.fx or a torch.func transform record a graph; record the model in eval mode or in a "
+                "single process"
+            )
+        if input.is_meta and type(input) in _PLAIN and (residual is None or type(residual) in _PLAIN):
+            # Shapes only (a model on the meta device), which every rank must agree on:
+            # a rank with data would otherwise meet this rank's next exchange.
+            self._gather_moments(group, None, input.dtype, _SHAPES_ONLY)
+            return
+        # A tensor subclass. Under a dispatch mode (FakeTensorMode's fake tensors) the
+        # exchange's own tensors would be fake: this rank raises alone, as a recorder does.
+        if _dispatch_mode() is None:
+            self._gather_moments(group, None, None)  # the others raise too
+        kinds = sorted({type(t).__name__ for t in (input, residual) if t is not None and type(t) not in _PLAIN})
+        raise NotImplementedError(
+            f"{name}: cannot synchronize batch statistics of a tensor subclass input ({', '.join(kinds)}): "
+            "numbabn reads the memory of a plain torch.Tensor; pass one, or call the layer in eval mode "
+            "or in a single process"
+        )
 
     def _synchronize(self, x: torch.Tensor, batch_stats: bool) -> tuple[Any, Any]:
         group = self._group() if batch_stats else None
@@ -162,10 +234,20 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
         except Exception:
             self._gather_moments(group, None, None)
             raise
-        merged, call = self._gather_moments(group, local, x.dtype)
+        weight, bias = self._state()[:2]
+        # Valid numbers here: _check_call checked eps, momentum and activation.
+        settings = (
+            float(self.eps),
+            -1.0 if self.momentum is None else float(self.momentum),
+            weight is not None,
+            bias is not None,
+            bool(self.track_running_stats),
+            self.activation == "relu",
+        )
+        merged, call = self._gather_moments(group, local, x.dtype, _OK, settings)
 
         def allreduce(sums: np.ndarray) -> np.ndarray:
-            rows = self._exchange(group, _BACKWARD, call, 0, sums.ravel())
+            rows = self._exchange(group, _BACKWARD, call, 0, settings, _OK, sums.ravel())
             total = rows[0].copy()
             for row in rows[1:]:
                 total += row
@@ -173,14 +255,28 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
 
         return merged, allreduce
 
-    def _gather_moments(self, group: Any, local: Any, dtype: torch.dtype) -> tuple[Any, int]:
-        """The forward's exchange of this rank's moments (``local=None`` announces a
-        refused input, and returns None). Returns (merged moments in rank order, this
-        call's index)."""
+    def _gather_moments(
+        self,
+        group: Any,
+        local: Any,
+        dtype: torch.dtype | None,
+        ok: float = _REFUSED,
+        settings: Sequence[float] = (0.0,) * len(_SETTINGS),
+    ) -> tuple[Any, int]:
+        """The forward's exchange of this rank's moments (``local``, with ``ok=_OK``
+        and the layer's ``settings``; ``local=None``: ``ok=_REFUSED`` announces a
+        refused input, ``ok=_SHAPES_ONLY`` a meta input). Returns (merged moments in
+        rank order, or None without moments, this call's index)."""
         call = self._sync_calls
         self._sync_calls += 1
         rows = self._exchange(
-            group, _FORWARD, call, _DTYPE_CODE.get(dtype, 0), None if local is None else local.to_array()
+            group,
+            _FORWARD,
+            call,
+            _DTYPE_CODE.get(dtype, 0),
+            settings,
+            ok,
+            None if local is None else local.to_array(),
         )
         if rows is None:
             return None, call
@@ -189,35 +285,46 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
             merged = numbabn.merge_moments(merged, numbabn.Moments.from_array(row))
         return merged, call
 
-    def _exchange(self, group: Any, exchange: float, call: int, dtype: int, payload: Any) -> Any:
+    def _exchange(
+        self, group: Any, exchange: float, call: int, dtype: int, settings: Sequence[float], ok: float, payload: Any
+    ) -> Any:
         """All-gather a row of one size on every rank, whatever the layer: the header
-        ``[exchange, ok, C, call, dtype]`` (``ok``: ``payload`` is not None) and the
-        first :data:`_INLINE` values of ``payload``; check the headers on every rank;
-        gather the rest of ``payload`` (more than 512 channels) in a second all_gather,
-        of one size too once the headers agree. Returns (P, payload.size) float64 rows
-        in rank order, or None for ``payload=None`` (this rank refused its input and
-        raises its own error); every rank raises if another refused or the headers
-        disagree (the same headers, so the same decision on every rank: nobody gathers
-        again)."""
+        ``[exchange, ok, C, call, dtype, *settings]`` and the first :data:`_INLINE`
+        values of ``payload`` (None unless ``ok`` is ``_OK``); check the headers on
+        every rank; gather the rest of ``payload`` (more than 512 channels) in a second
+        all_gather, of one size too once the headers agree. Returns (P, payload.size)
+        float64 rows in rank order, or None for ``payload=None`` (this rank refused
+        its input and raises its own error, or every rank's input is meta); every rank
+        raises if another refused or the headers disagree (the same headers, so the
+        same decision on every rank: nobody gathers again)."""
         n = 0 if payload is None else payload.size
         row = np.zeros(_HEAD + _INLINE)
-        row[:_HEAD] = (exchange, payload is not None, self.num_features, call, dtype)
+        row[:_HEAD] = (exchange, ok, self.num_features, call, dtype, *settings)
         if payload is not None:
             row[_HEAD : _HEAD + min(n, _INLINE)] = payload[:_INLINE]
         rows = _all_gather(group, row)
         heads = rows[:, :_HEAD]
         try:
             _check_agree(self, heads[:, :1], ("exchange (forward statistics or backward gradient sums)",))
-            if payload is None:  # this rank refused its input and raises its own error
+            if ok == _REFUSED:  # this rank refused its input and raises its own error
                 self._sync_calls = int(heads[:, 3].max()) + 1  # as the others do below
                 return None
-            refused = [r for r, head in enumerate(heads) if head[1] != 1]
+            oks = heads[:, 1]
+            refused = [r for r, v in enumerate(oks) if v == _REFUSED]
             if refused:
                 raise RuntimeError(
                     f"{type(self).__name__}: rank(s) {refused} of the process group refused their "
                     "input (see the error raised there); nothing was updated"
                 )
-            _check_agree(self, heads[:, 2:], ("channel count", "synchronized call", "input dtype"))
+            if (oks != oks[0]).any():
+                meta = [r for r, v in enumerate(oks) if v == _SHAPES_ONLY]
+                raise RuntimeError(
+                    f"{type(self).__name__}: rank(s) {meta} of the process group passed a meta tensor "
+                    "(shapes only, no statistics) while the others passed data; every rank must pass "
+                    "data, or every rank a meta tensor; nothing was updated"
+                )
+            _check_agree(self, heads[:, 2:5], ("channel count", "synchronized call", "input dtype"))
+            _check_settings(self, heads[:, 5:])
         except RuntimeError:
             # Every rank saw the same headers: all move their call count past the largest
             # (the values need only agree), so that the next call agrees again (a rank
@@ -225,9 +332,16 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
             # on every later call).
             self._sync_calls = int(heads[:, 3].max()) + 1
             raise
+        if payload is None:  # every rank's input is meta: shapes only
+            return None
         if n <= _INLINE:
             return rows[:, _HEAD : _HEAD + n]
         return np.concatenate((rows[:, _HEAD:], _all_gather(group, payload[_INLINE:])), axis=1)
+
+
+# The innermost active TorchDispatchMode (FakeTensorMode, ...), or None; always None if
+# a release drops the name (then FakeTensorMode's fake tensors fail in the exchange).
+_dispatch_mode = getattr(torch.utils._python_dispatch, "_get_current_dispatch_mode", lambda: None)
 
 
 def _all_gather(group: Any, row: np.ndarray) -> np.ndarray:
@@ -249,3 +363,19 @@ def _check_agree(module: torch.nn.Module, rows: np.ndarray, names: Sequence[str]
                 f"({[int(v) for v in values]} by rank); every rank must call the same layers in the "
                 "same order with inputs of the same channels and dtype"
             )
+
+
+def _check_settings(module: torch.nn.Module, rows: np.ndarray) -> None:
+    """The layer's settings (columns of ``rows``, as in :data:`_SETTINGS`) must be equal
+    on every rank; the error names every one that is not, with each rank's value."""
+    differ = [
+        f"{name} {[read(v) for v in rows[:, col]]} by rank"
+        for col, (name, read) in enumerate(_SETTINGS)
+        if (rows[:, col] != rows[0, col]).any()
+    ]
+    if differ:
+        raise RuntimeError(
+            f"{type(module).__name__}: the ranks of the process group disagree on the layer's settings: "
+            f"{'; '.join(differ)}; every rank must give this layer the same eps, momentum, affine, bias, "
+            "track_running_stats and activation; nothing was updated"
+        )
