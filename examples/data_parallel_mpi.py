@@ -2,8 +2,8 @@
 
 Run::
 
-    mpiexec -n 2 python examples/data_parallel_mpi.py            # 2 ranks
-    mpiexec -n 2 python examples/data_parallel_mpi.py --check    # + single-process reference
+    mpiexec -n 2 python -m mpi4py examples/data_parallel_mpi.py            # 2 ranks
+    mpiexec -n 2 python -m mpi4py examples/data_parallel_mpi.py --check    # + single-process reference
     python examples/data_parallel_mpi.py                         # 1 process, no MPI needed
 
 (``pip install 'numbabn[mpi]'`` brings mpi4py and the mpich wheel's ``mpiexec``.)

@@ -175,6 +175,22 @@ def test_errors_and_state_kept(rng):
         nd.transform(da.from_array(x), *([np.ones(3)] * 4), eps=1e-5, training=True)
 
 
+@pytest.mark.parametrize("bad", [0, 1, 2, 3])
+def test_transform_checks_the_parameter_lengths_eagerly(bad):
+    """Parameters of the wrong length raise at once, naming the parameter and the
+    counts -- not at compute time, with one chunk's slice of them."""
+    names = ["gamma", "beta", "running_mean", "running_var"]
+    params = [np.ones(3)] * 4
+    params[bad] = np.ones(2)
+    with pytest.raises(
+        ValueError, match=rf"{names[bad]} must have one value per channel of X \(3 channels\), got 2 values"
+    ):
+        nd.transform(da.zeros((4, 3), chunks=2), *params, eps=1e-5)
+    params[bad] = np.ones((3, 1))
+    with pytest.raises(ValueError, match=rf"{names[bad]} must .* got an array of shape \(3, 1\)"):
+        nd.transform(da.zeros((4, 3), chunks=2), *params, eps=1e-5)
+
+
 def test_transformer_finds_dask_support_without_importing_it():
     """The transformer names no Dask code: Dask support registers itself, loaded by the
     transformer only once dask.array is imported, and a Dask array still gets the lazy path."""

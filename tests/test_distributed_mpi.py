@@ -25,7 +25,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from numbabn.distributed import SyncBatchNorm1d, SyncBatchNorm2d, allreduce_gradients, global_mean, rank_slice
+from numbabn.distributed import (
+    SyncBatchNorm1d,
+    SyncBatchNorm2d,
+    SyncError,
+    allreduce_gradients,
+    global_mean,
+    rank_slice,
+)
 from numbabn.distributed import comm as comm_module
 from numbabn.distributed.comm import check_comm
 from numbabn.layers import BatchNorm1d, BatchNorm2d, Linear, Sequential
@@ -188,8 +195,44 @@ def _mismatch_cases(comm):
         return [layer], lambda: layer.forward(rows(3, 4, dt))
 
     def mode(rank, size):
+        """Rank 0 in eval (its forward exchanges nothing), the others training: they
+        meet when rank 0 goes back through its eval forward."""
         layer = trained()
-        layer.train(rank != 0)  # rank 0 in eval, the others training
+        if rank == 0:
+            layer.eval().forward(rows(3, 4))
+            return [layer], lambda: layer.backward(rows(3, 4))
+        return [layer], lambda: layer.forward(rows(3, 4))
+
+    def setting(name, value, other):
+        """A layer built with ``name=value`` on rank 0 and ``name=other`` elsewhere."""
+
+        def make(rank, size):
+            layer = S1(4, dtype=np.float64, comm=comm, **{name: value if rank == 0 else other})
+            return [layer], lambda: layer.forward(rows(3, 4))
+
+        return make
+
+    def frozen(rank, size):
+        layer = trained()
+        layer.track_running_stats = rank != 0  # rank 0 stops updating its running statistics
+        return [layer], lambda: layer.forward(rows(3, 4))
+
+    def bad_setting(name, value, on):
+        """A trained layer whose ``name`` was set to an invalid ``value`` on rank ``on``
+        (-1: the last) after construction."""
+
+        def make(rank, size):
+            layer = trained()
+            if rank == on % size:
+                setattr(layer, name, value)
+            return [layer], lambda: layer.forward(rows(3, 4))
+
+        return make
+
+    def read_only_stats(rank, size):
+        layer = trained()
+        if rank == 1:
+            layer.running_mean.setflags(write=False)
         return [layer], lambda: layer.forward(rows(3, 4))
 
     def forward_vs_backward(rank, size):
@@ -231,11 +274,65 @@ def _mismatch_cases(comm):
             p.grad = None if rank == 1 and i >= 2 else np.full_like(p.value, rank + 1.0)
         return list(model), lambda: allreduce_gradients(model, comm)
 
+    def gradient_dtypes(rank, size):
+        """The same gradients in float32 on rank 0, float64 elsewhere: summed as float64
+        and cast back, every rank would hold other numbers."""
+        dt = np.float32 if rank == 0 else np.float64
+        model = Linear(2, 3, rng=0, dtype=dt)
+        for p in model.parameters():
+            p.grad = np.full_like(p.value, rank + 1.0)
+        return [model], lambda: allreduce_gradients(model, comm)
+
+    def not_a_model(rank, size):
+        model = Linear(2, 3, rng=0, dtype=np.float64)
+        for p in model.parameters():
+            p.grad = np.ones_like(p.value)
+        return [model], lambda: allreduce_gradients("notamodel" if rank == 1 else model, comm)
+
+    def mean_args(local_mean, local_count):
+        """global_mean with ``(local_mean, local_count)`` on rank 1, (1.0, 3) elsewhere."""
+        return lambda rank, size: (
+            [],
+            lambda: global_mean(*((local_mean, local_count) if rank == 1 else (1.0, 3)), comm),
+        )
+
     return {
-        "gradients": ("rank 0: 4 of 4 parameters, 26 values; rank 1: 2 of 4 parameters, 16 values", gradients),
+        "gradients": (
+            "rank 0: 4 of 4 parameters, 26 float64 values; rank 1: 2 of 4 parameters, 16 float64 values",
+            gradients,
+        ),
+        "gradient dtypes": (
+            "rank 0: 2 of 2 parameters, 9 float32 values; rank 1: 2 of 2 parameters, 9 float64 values",
+            gradient_dtypes,
+        ),
+        "not a model": ("allreduce_gradients: the model was rejected on rank(s) [1] of", not_a_model),
+        "mean not a number": ("global_mean: the local_mean was rejected on rank(s) [1]", mean_args("abc", 3)),
+        "negative count": ("global_mean: the local_count was rejected on rank(s) [1]", mean_args(1.0, -3)),
+        "fractional count": ("global_mean: the local_count was rejected on rank(s) [1]", mean_args(2.0, 2.5)),
+        "eps": ("eps: rank 0: 1e-05; rank 1: 0.1", setting("eps", 1e-5, 0.1)),
+        "momentum": ("momentum: rank 0: None; rank 1: 0.1", setting("momentum", None, 0.1)),
+        "affine": ("affine: rank 0: False; rank 1: True", setting("affine", False, True)),
+        "activation": ("activation: rank 0: None; rank 1: 'relu'", setting("activation", None, "relu")),
+        "track_running_stats": (
+            "track_running_stats: rank 0: False (running statistics kept, not updated); rank 1: True",
+            frozen,
+        ),
+        "bad momentum": ("the layer's momentum was rejected on rank(s) [1]", bad_setting("momentum", 5.0, 1)),
+        "bad eps": ("the layer's eps was rejected on rank(s) [0]", bad_setting("eps", -1.0, 0)),
+        "bad activation": (
+            "the layer's activation was rejected on rank(s) [LAST]",
+            bad_setting("activation", "gelu", -1),
+        ),
+        "read-only statistics": (
+            "the layer's state (parameters, running statistics) was rejected on rank(s) [1]",
+            read_only_stats,
+        ),
         "channels": ("channels: rank 0: 4 channels; rank 1: 400 channels", channels),
         "dtype": ("dtype: rank 0: float32; rank 1: float64", dtype),
-        "mode": ("mode: rank 0: running statistics; rank 1: batch statistics", mode),
+        "mode": (
+            "operation: rank 0: backward; rank 1: forward",
+            mode,
+        ),
         "forward vs backward": ("operation: rank 0: backward; rank 1: forward", forward_vs_backward),
         "call order": ("call number: rank 0: call #1; rank 1: call #0", call_order),
         "input shape": ("the input was rejected on rank(s) [LAST]", bad_input_shape),
@@ -308,6 +405,81 @@ def _mismatch_worker(out_path):
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(dict(size=size, cases=report), f)
+
+
+def _attempt(call):
+    """``call()`` -> (its result or None, "ok" or "ErrorType: message")."""
+    try:
+        return call(), "ok"
+    except Exception as exc:  # noqa: BLE001 -- recorded and compared across ranks
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _sequence_worker(out_path):
+    """Call sequences that once left the ranks out of step for good, run on every rank;
+    rank 0 writes what each rank saw, and the comparisons, as JSON."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    rng = np.random.default_rng([11, rank])
+    report = {}
+
+    # A later layer fails on rank 1 only, after the batch-norm exchange succeeded:
+    # Sequential rolls back rank 1's batch-norm call, so its call count falls one
+    # behind. The next call raises SyncError on every rank (through Sequential, which
+    # restores the layer's attributes again); the one after works on every rank.
+    bn = SyncBatchNorm1d(3, dtype=np.float64, comm=comm)
+    x = rng.standard_normal((4, 3)) + rank
+    broken = Sequential(bn, Linear(4 if rank == 1 else 3, 2, rng=1, dtype=np.float64))
+    fixed = Sequential(bn, Linear(3, 2, rng=1, dtype=np.float64))
+    steps = [_attempt(lambda: broken.forward(x))[1], _attempt(lambda: fixed.forward(x))[1]]
+
+    def step():
+        y = fixed.forward(x)
+        return y, fixed.backward(np.ones_like(y))
+
+    result, outcome = _attempt(step)
+    steps.append(outcome)
+    gathered = comm.gather((steps, x, result, [p.grad for p in bn.parameters()]), root=0)
+    if rank == 0:
+        ref = Sequential(BatchNorm1d(3, dtype=np.float64), Linear(3, 2, rng=1, dtype=np.float64))
+        diff = None
+        if all(g[2] is not None for g in gathered):
+            y_ref = ref.forward(np.concatenate([g[1] for g in gathered]))
+            dx_ref = ref.backward(np.ones_like(y_ref))
+            diff = max(
+                float(np.max(np.abs(np.concatenate([g[2][0] for g in gathered]) - y_ref))),
+                float(np.max(np.abs(np.concatenate([g[2][1] for g in gathered]) - dx_ref))),
+                *(float(np.max(np.abs(g - r.grad))) for g, r in zip(gathered[0][3], ref[0].parameters(), strict=True)),
+            )
+        report["rolled back"] = dict(
+            steps=[g[0] for g in gathered],
+            diff=diff,
+            identical=all(
+                np.array_equal(a, b)
+                for g in gathered
+                if g[2] is not None
+                for a, b in zip(g[3], gathered[0][3], strict=True)
+            ),
+        )
+
+    # Uneven evaluation: rank 0 evaluates 3 batches, the others 2 (an uneven validation
+    # split); then every rank trains on.
+    bn = SyncBatchNorm1d(3, dtype=np.float64, comm=comm)
+    bn.backward(bn.forward(x))
+    bn.eval()
+    evals = [_attempt(lambda: bn.forward(rng.standard_normal((2, 3))))[1] for _ in range(3 if rank == 0 else 2)]
+    bn.train()
+    _, outcome = _attempt(lambda: bn.backward(bn.forward(x)))
+    gathered = comm.gather((evals + [outcome], [*bn.state_dict().values(), bn.weight.grad]), root=0)
+    if rank == 0:
+        report["uneven eval"] = dict(
+            steps=[g[0] for g in gathered],
+            identical=all(np.array_equal(a, b) for g in gathered for a, b in zip(g[1], gathered[0][1], strict=True)),
+        )
+        with open(out_path, "w") as f:
+            json.dump(report, f)
 
 
 class _CountingComm:
@@ -417,10 +589,11 @@ MISMATCH_TIMEOUT = 120
 @needs_mpi
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_ranks_that_disagree_all_raise_the_same_error(ranks, tmp_path, capsys):
-    """Each way of disagreeing (channels, dtype, mode, forward vs backward, call order, a
-    rank whose input or dy is rejected, backward before forward, the gradients to
-    all-reduce): under a timeout, every rank raises the same SyncError, no layer
-    changes, and the ranks go on in step."""
+    """Each way of disagreeing (channels, dtype, mode, forward vs backward, call order,
+    the layer's settings, a rank whose input, dy, settings or running statistics are
+    rejected, backward before forward, the gradients to all-reduce and their dtypes,
+    global_mean's and allreduce_gradients' arguments): under a timeout, every rank
+    raises the same SyncError, no layer changes, and the ranks go on in step."""
     out = tmp_path / "mismatch.json"
     _launch(ranks, ["-m", "mpi4py", __file__, "--mismatch", str(out)], timeout=MISMATCH_TIMEOUT)
     data = json.loads(out.read_text())
@@ -435,11 +608,42 @@ def test_ranks_that_disagree_all_raise_the_same_error(ranks, tmp_path, capsys):
             assert outcome["unchanged"], (name, r, "a layer changed")
             assert outcome["after"] == case["ranks"][0]["after"], (name, "the next step differs between ranks")
         assert case["fragment"] in first["message"], (name, first["message"])
+    assert "mode: rank 0: running statistics; rank 1: batch statistics" in data["cases"]["mode"]["ranks"][0]["message"]
     causes = {name: [o["cause"] for o in case["ranks"]] for name, case in data["cases"].items()}
     assert causes["input shape"][-1] == "ValueError" and causes["input dtype"][0] == "TypeError"
     assert causes["dy shape"][1] == "ValueError" and causes["backward before forward"][0] == "RuntimeError"
-    assert causes["channels"] == [None] * ranks
+    for name in ("channels", "eps", "momentum", "affine", "activation", "track_running_stats", "gradient dtypes"):
+        assert causes[name] == [None] * ranks, (name, causes[name])
+    assert causes["bad momentum"][1] == causes["bad eps"][0] == causes["bad activation"][-1] == "ValueError"
+    assert causes["read-only statistics"][1] == "ValueError"
+    assert causes["not a model"][1] == causes["mean not a number"][1] == "TypeError"
+    assert causes["negative count"][1] == causes["fractional count"][1] == "ValueError"
     _report(capsys, "\n".join(lines))
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ranks_out_of_step_recover_and_eval_counts_may_differ(ranks, tmp_path, capsys):
+    """(1) A rank whose batch-norm call was rolled back (a later layer failed there
+    only) falls one call behind: the next call raises the same SyncError on every
+    rank, and the one after succeeds on every rank, equal to BatchNorm on the
+    concatenated batch (the call numbers were realigned, through Sequential's
+    rollback too). (2) Ranks evaluating different numbers of batches: eval-mode
+    forwards exchange nothing, so training goes on in step afterwards."""
+    out = tmp_path / "sequences.json"
+    _launch(ranks, ["-m", "mpi4py", __file__, "--sequences", str(out)], timeout=MISMATCH_TIMEOUT)
+    data = json.loads(out.read_text())
+    rolled = data["rolled back"]
+    _report(capsys, f"sequences ranks={ranks}: {json.dumps(data)[:600]}")
+    first, second, third = zip(*rolled["steps"], strict=True)
+    assert first[0] == "ok" and first[1].startswith("ValueError"), first  # rank 1's Linear refused 3 columns
+    assert all(s == second[0] for s in second) and second[0].startswith("SyncError"), second
+    assert "call number: rank 0: call #1; rank 1: call #0" in second[0], second[0]
+    assert third == ("ok",) * ranks, third
+    assert rolled["identical"] and rolled["diff"] is not None and rolled["diff"] < 1e-12, rolled
+    uneven = data["uneven eval"]
+    assert uneven["steps"] == [["ok"] * 4] + [["ok"] * 3] * (ranks - 1), uneven
+    assert uneven["identical"], uneven
 
 
 @needs_mpi
@@ -449,7 +653,8 @@ def test_payload_per_layer_per_step(worker_results, capsys):
     head = dict(sent=8 * 8, received=2 * 8 * 8, dtype="float64")  # the header
     assert calls == [
         head,
-        dict(sent=(2 * C + 1) * 8, received=2 * (2 * C + 1) * 8, dtype="float64"),  # forward
+        # forward: the moments and the layer's 5 settings
+        dict(sent=(2 * C + 1 + 5) * 8, received=2 * (2 * C + 1 + 5) * 8, dtype="float64"),
         head,
         dict(sent=2 * C * 8, received=2 * 2 * C * 8, dtype="float64"),
     ], calls  # backward
@@ -565,7 +770,10 @@ def test_clear_errors():
     with pytest.raises(TypeError, match="no Allgather"):
         SyncBatchNorm2d(3, comm=type("HalfComm", (), {"Get_rank": lambda s: 0, "Get_size": lambda s: 2})())
     with pytest.raises(TypeError, match="model must be a numbabn Layer"):
+        allreduce_gradients([1, 2])
+    with pytest.raises(SyncError, match=r"the model was rejected on rank\(s\) \[0, 1\] of 2") as info:
         allreduce_gradients([1, 2], MirrorComm(2))
+    assert isinstance(info.value.__cause__, TypeError) and "model must be a numbabn Layer" in str(info.value.__cause__)
     with pytest.raises(ValueError, match="n must be a non-negative int"):
         rank_slice(-1, MirrorComm(2))
     if _mpi_missing() is None:
@@ -573,6 +781,120 @@ def test_clear_errors():
 
         with pytest.raises(TypeError, match="intracommunicator"):
             check_comm("SyncBatchNorm1d", MPI.COMM_NULL)
+
+
+def test_global_mean_checks_its_arguments():
+    with pytest.raises(TypeError, match="local_mean must be a real number .* got str 'abc'"):
+        global_mean("abc", 3)
+    with pytest.raises(ValueError, match="local_count must be an int >= 0, got -3"):
+        global_mean(1.0, -3)
+    with pytest.raises(ValueError, match="local_count must be an int >= 0, got 2.5"):
+        global_mean(1.0, 2.5)
+    # With other ranks, the rank still takes part, and every rank raises the same error.
+    with pytest.raises(SyncError, match=r"the local_count was rejected on rank\(s\) \[0, 1\] of 2") as info:
+        global_mean(1.0, 2.5, MirrorComm(2))
+    assert isinstance(info.value.__cause__, ValueError)
+    assert global_mean(np.float32(2.0), np.int64(3), MirrorComm(2)) == 2.0
+
+
+class _PeerComm:
+    """Two ranks; the other rank's row is ``peer(this rank's row)``."""
+
+    def __init__(self, peer):
+        self.peer, self.sizes = peer, []
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 2
+
+    def Allgather(self, send, recv):
+        self.sizes.append(send.size)
+        recv[0] = send
+        recv[1] = self.peer(send.copy())
+
+
+def _state(layer):
+    return [v.copy() for v in layer.state_dict().values()] + [layer._ctx, list(layer._sync_calls)]
+
+
+def _same_state(a, b):
+    return all(
+        np.array_equal(x, y) if isinstance(x, np.ndarray) else x is y or x == y for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_settings_travel_with_the_moments_and_must_agree():
+    """The peer's eps differs: found in the forward's own Allgather (no extra
+    collective), before anything changed, and named with both values."""
+
+    def peer(row):
+        if row.size == 2 * 4 + 1 + 5:  # the forward payload: moments, then the 5 settings
+            row[-5] = 0.1  # eps
+        return row
+
+    layer = SyncBatchNorm1d(4, dtype=np.float64, comm=_PeerComm(peer))
+    before = _state(layer)
+    with pytest.raises(SyncError, match=r"eps: rank 0: 1e-05; rank 1: 0\.1"):
+        layer.forward(np.random.default_rng(0).standard_normal((5, 4)))
+    assert _same_state(before, _state(layer))
+
+
+@pytest.mark.parametrize("name, value", [("momentum", 5.0), ("eps", -1.0), ("activation", "gelu"), ("momentum", "0.1")])
+def test_bad_settings_are_rejected_before_the_exchange(name, value):
+    """A setting made invalid after construction: caught by the rank's own check, which
+    sets the header's error flag, so every rank raises and nothing changes."""
+    layer = SyncBatchNorm1d(4, dtype=np.float64, comm=MirrorComm(2))
+    setattr(layer, name, value)
+    before = _state(layer)
+    with pytest.raises(SyncError, match=rf"the layer's {name} was rejected on rank\(s\) \[0, 1\]") as info:
+        layer.forward(np.random.default_rng(0).standard_normal((5, 4)))
+    assert isinstance(info.value.__cause__, ValueError) and name in str(info.value.__cause__)
+    assert _same_state(before, _state(layer))
+
+
+def test_call_numbers_realign_after_a_disagreement():
+    """The peer's forward call count falls one behind (its call was rolled back): every
+    rank raises, then continues from the same number -- also when Sequential restores
+    the layer's attributes after the error."""
+    peer_next = {1: 0, 2: 0}  # the peer's next call number, by exchange (1 forward, 2 backward)
+
+    def peer(row):
+        """The peer's header: ours with its own call number; it realigns as a rank does."""
+        if row.size == 8:  # the header (3 channels: no payload has 8 values)
+            exchange, ours, theirs = int(row[2]), row[3], peer_next[int(row[2])]
+            row[3] = theirs
+            if theirs == ours:
+                peer_next[exchange] += 1
+            else:
+                peer_next.update({1: int(max(ours, theirs)) + 1, 2: int(max(ours, theirs)) + 1})
+        return row
+
+    layer = SyncBatchNorm1d(3, dtype=np.float64, comm=_PeerComm(peer))
+    model = Sequential(layer)
+    x = np.random.default_rng(0).standard_normal((5, 3))
+    model.backward(model.forward(x))
+    peer_next[1] -= 1
+    with pytest.raises(SyncError, match="call number: rank 0: call #1; rank 1: call #0"):
+        model.forward(x)
+    model.backward(model.forward(x))  # both continue from call #2
+    assert layer._sync_calls == [2, 2] and peer_next == {1: 3, 2: 3}
+
+
+def test_eval_forward_exchanges_nothing():
+    """With running statistics the forward is local (ranks may evaluate different
+    numbers of batches); the backward still sums the parameter gradients."""
+    comm = _PeerComm(lambda row: row)
+    layer = SyncBatchNorm1d(4, dtype=np.float64, comm=comm).eval()
+    x = np.random.default_rng(0).standard_normal((5, 4))
+    ref = BatchNorm1d(4, dtype=np.float64).eval()
+    np.testing.assert_array_equal(layer.forward(x), ref.forward(x))
+    assert comm.sizes == []
+    layer.backward(x)
+    ref.backward(x)
+    assert comm.sizes == [8, 2 * 4]  # header, then the gradient sums
+    np.testing.assert_array_equal(layer.weight.grad, 2 * ref.weight.grad)  # the peer's equal share
 
 
 def test_repr_and_state_dict_interchangeable_with_batch_norm():
@@ -671,5 +993,7 @@ def test_pytorch_payload(capsys):
 if __name__ == "__main__":
     if sys.argv[1] == "--mismatch":
         _mismatch_worker(sys.argv[2])
+    elif sys.argv[1] == "--sequences":
+        _sequence_worker(sys.argv[2])
     else:
         _worker(sys.argv[1])

@@ -4,8 +4,8 @@ data-parallel training, Dask for out-of-core statistics. No networking of our ow
 * :class:`SyncBatchNorm1d`, :class:`SyncBatchNorm2d` -- batch norm whose statistics
   and gradients are those of the batch spread over all MPI ranks (exact Chan merge
   of per-rank moments; see :mod:`numbabn.distributed.sync_batchnorm`); ranks that
-  disagree (channels, dtype, mode, call order) or reject their input all raise the
-  same :class:`SyncError` instead of hanging.
+  disagree (channels, dtype, mode, call order, settings) or reject their input or
+  settings all raise the same :class:`SyncError` instead of hanging.
 * :func:`rank_slice`, :func:`global_mean`, :func:`allreduce_gradients` --
   data-parallel training (:mod:`numbabn.distributed.data_parallel`); a runnable
   example: ``mpiexec -n 2 python examples/data_parallel_mpi.py --check``.

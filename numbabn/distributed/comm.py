@@ -23,12 +23,24 @@ this does not matter -- see :mod:`numbabn.distributed.sync_batchnorm` for the by
 Before each of them the synchronized layers exchange a fixed-size header
 (:func:`agree`, one more ``Allgather`` of 8 float64): what every rank is about to do
 (forward or backward, the layer's call number, channels, dtype, batch or running
-statistics) and whether its own input check failed. Every rank checks every row and,
-when they differ or any rank failed, raises the same :class:`SyncError` -- nobody is
-left waiting in a collective, and no payload of mismatched size is ever exchanged
-(MPI requires equal counts: "Message truncated", or garbage merged, otherwise). The
-header needs its own collective because it must be exchanged *before* the sizes of
-the payload are known to agree.
+statistics) and whether its own check of its arguments failed (and which: the
+input, the layer's state, or one of its settings, :data:`REJECTED`). Every rank
+checks every row and, when they differ or any rank failed, raises the same
+:class:`SyncError` -- nobody is left waiting in a collective, and no payload of
+mismatched size is ever exchanged (MPI requires equal counts: "Message truncated",
+or garbage merged, otherwise). The header needs its own collective because it must
+be exchanged *before* the sizes of the payload are known to agree. The layer's
+settings (eps, momentum, affine, activation, track_running_stats:
+:func:`settings_row`) need none: their size is fixed, so they travel with the
+forward's moments and are compared before anything is computed from them.
+
+After a disagreement every rank moves the layer's call number past the largest
+any rank sent (:func:`next_call`), so that ranks whose counts drifted apart (one
+rolled back a successful call) disagree once, not on every later call.
+
+The data-parallel helpers use the same error-flag protocol without a header: each
+rank's row starts with 0, or the code of the argument its own check refused, and
+every rank raises the same SyncError when any is set (:func:`raise_if_rejected`).
 
 Communicators: an ``mpi4py.MPI.Intracomm`` (``MPI.COMM_WORLD``, a ``Split``/``Dup``
 of it) or any object with the same ``Get_rank``, ``Get_size`` and
@@ -56,13 +68,24 @@ HEADER = ("magic", "version", "exchange", "call", "channels", "itemsize", "mode"
 _MAGIC, _VERSION = 1.2512e9, 1.0  # any value no statistic is likely to start with
 EXCHANGES = {1: "forward", 2: "backward"}
 MODES = {1: "batch statistics", 0: "running statistics"}
+# The header's error field: what a rank's own check refused (0: nothing).
+REJECTED = {
+    1: "the input",
+    2: "the layer's state (parameters, running statistics)",
+    3: "the layer's eps",
+    4: "the layer's momentum",
+    5: "the layer's activation",
+    6: "the layer's track_running_stats",
+}
 
 
 class SyncError(RuntimeError):
-    """The ranks of a synchronized layer disagree (channels, dtype, mode, forward vs
-    backward, call number) or one of them rejected its input. Raised on EVERY rank,
-    with the same message, before any state changes (on the rank whose own check
-    failed, that error is chained as ``__cause__``)."""
+    """The ranks of a synchronized call disagree (channels, dtype, mode, forward vs
+    backward, call number, the layer's settings, the gradients to sum) or one of them
+    rejected its arguments. Raised on EVERY rank, with the same message, before any
+    state changes (on the rank whose own check failed, that error is chained as
+    ``__cause__``). A synchronized layer's call number is the one exception: after a
+    disagreement every rank continues from the same one (see :func:`agree`)."""
 
 
 # Environment variables through which MPI launchers announce the number of ranks
@@ -140,13 +163,23 @@ def allgather_rows(comm: Any, values: ArrayLike) -> NDArray[np.float64]:
     return rows
 
 
-def merge_in_rank_order(comm: Any, local: Moments) -> Moments:
+def merge_in_rank_order(comm: Any, local: Moments, settings: ArrayLike = ()) -> Moments:
     """The exact :class:`~numbabn.stats.Moments` of all ranks' data, bit-identical on
     every rank: one Allgather of the packed ``[count, mean, m2]`` (2C+1 float64), then
-    Chan merges in rank order. Ranks without data contribute ``Moments.empty(C)``."""
+    Chan merges in rank order. Ranks without data contribute ``Moments.empty(C)``.
+
+    ``settings`` (:func:`settings_row`, the same number of values on every rank) travel
+    in the same row: unless they are equal on every rank, every rank raises the same
+    :class:`SyncError` naming each differing setting and its value rank by rank."""
+    n = 2 * local.channels + 1
+    rows = allgather_rows(comm, np.concatenate([local.to_array(), np.asarray(settings, dtype=np.float64)]))
+    if rows.shape[1] > n:
+        differ = _differences(rows[:, n:], SETTINGS, _SETTINGS_FORMATS)
+        if differ is not None:
+            raise SyncError(f"SyncBatchNorm forward: the {len(rows)} ranks disagree -- {differ}{_DISAGREE_TAIL}")
     merged = Moments.empty(local.channels)
-    for row in allgather_rows(comm, local.to_array()):
-        merged = merge_moments(merged, Moments.from_array(row))
+    for row in rows:
+        merged = merge_moments(merged, Moments.from_array(row[:n]))
     return merged
 
 
@@ -166,22 +199,78 @@ def header(
     channels: int,
     itemsize: int,
     mode: float,
-    error: bool,
+    rejected: int,
 ) -> NDArray[np.float64]:
-    """The 8 float64 header values of one exchange (field names in ``HEADER``)."""
-    return np.array([_MAGIC, _VERSION, exchange, call, channels, itemsize, mode, 1.0 if error else 0.0])
+    """The 8 float64 header values of one exchange (field names in ``HEADER``);
+    ``rejected``: 0, or the :data:`REJECTED` code of what this rank's own check refused."""
+    return np.array([_MAGIC, _VERSION, exchange, call, channels, itemsize, mode, float(rejected)])
 
 
-_LABELS = {"exchange": "operation", "channels": "channels", "itemsize": "dtype", "mode": "mode", "call": "call number"}
+def settings_row(
+    eps: float, momentum: float | None, affine: bool, activation: str | None, track_running_stats: bool, buffers: bool
+) -> NDArray[np.float64]:
+    """A synchronized layer's settings, already checked on this rank, as the float64
+    values (named in ``SETTINGS``) that travel with its forward payload. ``buffers``:
+    the layer has running statistics."""
+    return np.array(
+        [
+            eps,
+            -1.0 if momentum is None else momentum,  # valid momenta are in [0, 1]
+            1.0 if affine else 0.0,
+            0.0 if activation is None else 1.0,  # "relu", the one activation there is
+            2.0 * buffers + bool(track_running_stats),
+        ]
+    )
 
 
-def _values(rows: Sequence[Sequence[float]], field: str, fmt: Callable[[float], str]) -> str:
-    return "; ".join(f"rank {r}: {fmt(row[HEADER.index(field)])}" for r, row in enumerate(rows))
+# How the compared columns read in messages, by field: a function of the value only,
+# so that every rank builds the same text.
+_HEADER_FORMATS: dict[str, tuple[str, Callable[[float], str]]] = {
+    "exchange": ("operation", lambda v: EXCHANGES.get(int(v), f"? ({v})")),
+    "channels": ("channels", lambda v: f"{int(v)} channels"),
+    "itemsize": ("dtype", lambda v: {4: "float32", 8: "float64"}.get(int(v), f"? ({v})")),
+    "mode": ("mode", lambda v: MODES.get(int(v), f"? ({v})")),
+    "call": ("call number", lambda v: f"call #{int(v)}"),
+}
+_TRACKING = {
+    3.0: "True",
+    2.0: "False (running statistics kept, not updated)",
+    1.0: "True (no running statistics: built with track_running_stats=False)",
+    0.0: "False",
+}
+_SETTINGS_FORMATS: dict[str, tuple[str, Callable[[float], str]]] = {
+    "eps": ("eps", lambda v: repr(float(v))),
+    "momentum": ("momentum", lambda v: "None" if v == -1 else repr(float(v))),
+    "affine": ("affine", lambda v: str(v == 1)),
+    "activation": ("activation", lambda v: "None" if v == 0 else "'relu'"),
+    "track_running_stats": ("track_running_stats", lambda v: _TRACKING[float(v)]),
+}
+SETTINGS = tuple(_SETTINGS_FORMATS)
 
 
-def describe_disagreement(rows: Sequence[Sequence[float]]) -> str | None:
+def _differences(
+    rows: NDArray[np.float64], names: Sequence[str], formats: dict[str, tuple[str, Callable[[float], str]]]
+) -> str | None:
+    """``label: rank 0: value; rank 1: value`` for each column (named by ``names``)
+    whose value is not the same on every rank, joined by `` | ``; None when all agree."""
+    parts = []
+    for field, (label, fmt) in formats.items():
+        column = rows[:, names.index(field)]
+        if (column != column[0]).any():
+            parts.append(f"{label}: " + "; ".join(f"rank {r}: {fmt(v)}" for r, v in enumerate(column)))
+    return " | ".join(parts) if parts else None
+
+
+_DISAGREE_TAIL = (
+    " -- every rank raises this error and no layer changed (every rank must call the same layers, in the "
+    "same order and mode, with the same settings)"
+)
+
+
+def describe_disagreement(rows: ArrayLike) -> str | None:
     """The error message for gathered headers, or None when they agree (a function of
     ``rows`` only, so every rank builds the same text)."""
+    rows = np.asarray(rows, dtype=np.float64)
     P = len(rows)
     strangers = [r for r, row in enumerate(rows) if row[0] != _MAGIC or row[1] != _VERSION]
     if strangers:
@@ -189,35 +278,82 @@ def describe_disagreement(rows: Sequence[Sequence[float]]) -> str | None:
             f"SyncBatchNorm: rank(s) {strangers} of {P} sent no synchronized-batch-norm header: they are in "
             "another collective on this communicator (the ranks do not run the same program order)"
         )
-    failed = [r for r, row in enumerate(rows) if row[HEADER.index("error")]]
-    if failed:
+    codes = rows[:, HEADER.index("error")]
+    if codes.any():
         what = sorted({EXCHANGES.get(int(row[2]), "?") for row in rows})
-        return (
-            f"SyncBatchNorm {'/'.join(what)}: the input was rejected on rank(s) {failed} of {P} (that rank's "
-            "own error is chained to its exception); every rank raises this error and no layer changed"
+        rejected = "; ".join(
+            f"{REJECTED.get(int(code), f'? ({code})')} was rejected on rank(s) "
+            f"{[r for r, c in enumerate(codes) if c == code]}"
+            for code in sorted(set(codes[codes != 0]))
         )
-    formats = {
-        "exchange": lambda v: EXCHANGES.get(int(v), f"? ({v})"),
-        "channels": lambda v: f"{int(v)} channels",
-        "itemsize": lambda v: {4: "float32", 8: "float64"}.get(int(v), f"? ({v})"),
-        "mode": lambda v: MODES.get(int(v), f"? ({v})"),
-        "call": lambda v: f"call #{int(v)}",
-    }
-    differ = [field for field in formats if len({row[HEADER.index(field)] for row in rows}) > 1]
-    if not differ:
+        return (
+            f"SyncBatchNorm {'/'.join(what)}: {rejected} of {P} (that rank's own error is chained to its "
+            "exception); every rank raises this error and no layer changed"
+        )
+    formats = dict(_HEADER_FORMATS)
+    if len(set(rows[:, HEADER.index("exchange")])) > 1:
+        del formats["call"]  # forward and backward calls are counted apart: nothing to compare
+    differ = _differences(rows, HEADER, formats)
+    if differ is None:
         return None
-    return (
-        f"SyncBatchNorm: the {P} ranks disagree -- "
-        + " | ".join(f"{_LABELS[field]}: {_values(rows, field, formats[field])}" for field in differ)
-        + " -- every rank raises this error and no layer changed (every rank must call the same layers, "
-        "in the same order and mode, with the same settings)"
-    )
+    if "call" in formats and len(set(rows[:, HEADER.index("call")])) > 1:
+        # A rank that rolled back a successful call (Sequential, Trainer) or skipped
+        # one: the numbers continue in step (see agree), the running statistics do not.
+        differ += (
+            " (from the next call on, every rank continues from the same call number; a rank that rolled "
+            "back a successful call keeps its other running statistics)"
+        )
+    return f"SyncBatchNorm: the {P} ranks disagree -- {differ}{_DISAGREE_TAIL}"
 
 
-def agree(comm: Any, values: ArrayLike, local_error: BaseException | None = None) -> None:
+def next_call(rows: ArrayLike) -> int:
+    """The call number every rank continues from after gathered headers disagree: one
+    past the largest any rank sent (the same on every rank: the same rows)."""
+    rows = np.asarray(rows, dtype=np.float64)
+    ours = (rows[:, 0] == _MAGIC) & (rows[:, 1] == _VERSION)  # a stranger's row holds no call number
+    calls = rows[ours, HEADER.index("call")]
+    return int(calls.max()) + 1 if calls.size else 0
+
+
+def agree(
+    comm: Any,
+    values: ArrayLike,
+    local_error: BaseException | None = None,
+    realign: Callable[[int], None] | None = None,
+) -> None:
     """Exchange this rank's :func:`header` ``values`` (one Allgather) and raise
-    :class:`SyncError` on every rank unless all rows agree and none has its error flag
-    set; ``local_error`` (this rank's own failure) becomes the ``__cause__``."""
-    message = describe_disagreement(allgather_rows(comm, values))
+    :class:`SyncError` on every rank unless all rows agree and none rejected its own
+    arguments; ``local_error`` (this rank's own failure) becomes the ``__cause__``.
+
+    Before raising, ``realign(next_call(rows))`` lets the layer continue from the same
+    call number on every rank: otherwise ranks whose counts drifted apart (one rolled
+    back a successful call) would disagree on every later call, for good, as
+    :mod:`numbabn.torch.sync` does too.
+    """
+    rows = allgather_rows(comm, values)
+    message = describe_disagreement(rows)
     if message is not None:
+        if realign is not None:
+            realign(next_call(rows))
         raise SyncError(message) from local_error
+
+
+def raise_if_rejected(
+    fn: str, codes: ArrayLike, names: Sequence[str], local_error: BaseException | None, changed: str
+) -> None:
+    """The error-flag protocol of the collectives without a header (the data-parallel
+    helpers): ``codes`` holds every rank's gathered code, 0 when its arguments passed
+    its own checks, else k for ``names[k - 1]``. Unless all are 0, every rank raises
+    the same :class:`SyncError` (``local_error`` chained); ``changed`` says what stayed
+    as it was."""
+    codes = np.asarray(codes, dtype=np.float64)
+    if not codes.any():
+        return
+    rejected = "; ".join(
+        f"the {names[int(code) - 1]} was rejected on rank(s) {[r for r, c in enumerate(codes) if c == code]}"
+        for code in sorted(set(codes[codes != 0]))
+    )
+    raise SyncError(
+        f"{fn}: {rejected} of {len(codes)} (that rank's own error is chained to its exception); every rank "
+        f"raises this error and {changed}"
+    ) from local_error

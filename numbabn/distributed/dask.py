@@ -264,12 +264,25 @@ def transform(
     """Lazy eval-mode batch norm of a 2-D Dask array: ``map_blocks`` of
     :func:`numbabn.batch_norm_forward` (``training=False``) with each chunk's columns
     of the per-feature ``gamma``, ``beta``, ``running_mean``, ``running_var`` (NumPy,
-    of X's dtype). Same chunks and dtype as ``X``; NaN/infinity raise when computed."""
+    of X's dtype). Same chunks and dtype as ``X``; NaN/infinity raise when computed.
+
+    The parameters' lengths are checked here, against X's columns: each chunk task
+    sees only its columns' slice, whose error would come only at compute time and
+    name the slice, not the mistake."""
+    fn = "numbabn.distributed.dask.transform"
     if training:
         raise ValueError(
-            "numbabn.distributed.dask.transform: only the eval-mode (training=False) "
-            "transform is lazy and chunk-wise; batch statistics need moments() first"
+            f"{fn}: only the eval-mode (training=False) transform is lazy and chunk-wise; batch statistics "
+            "need moments() first"
         )
+    if X.ndim != 2:
+        raise ValueError(f"{fn}: X must be a 2-D Dask array (n_samples, n_features), got shape {X.shape}")
+    channels = X.shape[1]
+    for name, value in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)):
+        shape = np.shape(value)
+        if shape != (channels,):
+            got = f"{shape[0]} values" if len(shape) == 1 else f"an array of shape {shape}"
+            raise ValueError(f"{fn}: {name} must have one value per channel of X ({channels} channels), got {got}")
     return X.map_blocks(
         _transform_block,
         gamma=gamma,

@@ -6,22 +6,37 @@ to the host for the collectives, and gradients of the host parameters come back 
 NumPy arrays). The layers are :class:`~numbabn.layers.BatchNorm1d` / ``BatchNorm2d`` plus their collectives;
 all the math stays in :mod:`numbabn.functional`:
 
-header (every forward and backward, eval mode included)
+header (every synchronized forward, and every backward)
     one ``Allgather`` of 8 float64 per rank: forward or backward, the layer's call
-    number, channels, dtype, batch or running statistics, and an error flag set by a
-    rank whose own input check failed (such a rank still takes part). Unless all rows
-    agree and no flag is set, EVERY rank raises the same
+    number, channels, dtype, batch or running statistics, and an error code set by a
+    rank whose own check failed -- of its input, of the layer's parameters and
+    running statistics, or of its settings (eps, momentum, activation set to invalid
+    values after construction); such a rank still takes part. Unless all rows agree
+    and no code is set, EVERY rank raises the same
     :class:`~numbabn.distributed.comm.SyncError` before anything changes: ranks in
     different modes, with different channel counts or dtypes, one in forward and one
-    in backward, or one rejecting its input no longer hang, crash inside MPI or mix
-    statistics. (The header is a collective of its own: it must be exchanged before
-    the payload sizes, which depend on the channels, are known to agree.)
-forward (batch statistics: training mode, or ``track_running_stats=False``)
+    in backward, or one rejecting its arguments no longer hang, crash inside MPI or
+    mix statistics. (The header is a collective of its own: it must be exchanged
+    before the payload sizes, which depend on the channels, are known to agree.)
+    After a disagreement every rank continues from the same call number, so a layer
+    whose count fell behind on one rank (a later layer failed there only, and
+    ``Sequential`` rolled this layer's call back) raises once and then works again;
+    that rank's running statistics stay those it rolled back to.
+forward (batch statistics: training mode, or no running statistics)
     local ``numbabn.moments(x)`` -> ONE ``Allgather`` of ``Moments.to_array()``
-    ``[count, mean(C), m2(C)]`` (2C+1 float64) -> exact Chan merge in rank order
+    ``[count, mean(C), m2(C)]`` (2C+1 float64) followed by the layer's 5 settings
+    (eps, momentum, affine, activation, track_running_stats), which must be equal on
+    every rank (SyncError naming each differing setting, rank by rank, otherwise) ->
+    exact Chan merge in rank order
     (:func:`~numbabn.distributed.comm.merge_in_rank_order`) ->
     ``batch_norm_forward(x, ..., moments=merged)``. The running statistics see the
     global count m: ``running_var`` gets ``var*m/(m-1)`` of the whole batch.
+forward (running statistics: eval mode)
+    local, exactly ``BatchNorm``'s: nothing is exchanged, so ranks may evaluate
+    different numbers of batches (an uneven validation split), as with
+    ``torch.nn.SyncBatchNorm``. The price: a rank left in eval mode while the others
+    train is found only when its next collective meets theirs (the backward of its
+    eval forward: every rank raises), and its settings are not compared.
 backward (always, also after an eval-mode forward)
     ``batch_norm_backward(dy, ctx, allreduce=...)``: the local (2, C) sums
     ``[sum g, sum g*(x - mean)]`` -> ONE ``Allgather`` -> summed in rank order.
@@ -32,11 +47,14 @@ backward (always, also after an eval-mode forward)
 
 Result: the same as one ``BatchNorm`` on the concatenation of the ranks' batches in
 rank order (to float rounding), bit-identical statistics and parameter gradients on
-every rank. Every rank must call forward and backward the same number of times, in
-the same layer order (the collectives are blocking; a rank with an empty batch still
-takes part); the header turns a violation into the same SyncError on every rank,
-except two layers of the same shape, dtype and call count called in swapped order
-(nothing in the exchange tells them apart; nor in ``torch.nn.SyncBatchNorm``'s).
+every rank. Every rank must make the same training-mode forward calls and the same
+backward calls, in the same layer order (the collectives are blocking; a rank with
+an empty batch still takes part); the header turns a violation into the same
+SyncError on every rank, except two layers of the same shape, dtype and call count
+called in swapped order (nothing in the exchange tells them apart; nor in
+``torch.nn.SyncBatchNorm``'s). A rank that raises an uncaught exception before a
+collective leaves the others waiting in it: run the script with
+``mpiexec -n P python -m mpi4py script.py``, which aborts every rank instead.
 
 ``comm=None`` means ``MPI.COMM_WORLD`` when mpi4py can start MPI; in a single process
 (no mpiexec, or mpi4py missing) the layers are exactly ``BatchNorm1d``/``BatchNorm2d``:
@@ -53,13 +71,13 @@ statistics, float32 for float32 input; both measured in
 =========================  ===========================  ==============================
 header, sent per rank      8*8 = 64 B, forward and      none
                            backward (P*64 B received)
-forward, sent per rank     (2C+1)*8 = 4104 B            (2C+1)*4 = 2052 B (all_gather
-                           [count, mean, m2]            of [mean, invstd, count])
-forward, received          P*4104 B                     P*2052 B
+forward, sent per rank     (2C+6)*8 = 4144 B            (2C+1)*4 = 2052 B (all_gather
+                           [count, mean, m2, settings]  of [mean, invstd, count])
+forward, received          P*4144 B                     P*2052 B
 backward, sent per rank    2C*8 = 4096 B                2C*4 = 2048 B (all_reduce of
                            [sum g, sum g*(x-mean)]      [sum_dy, sum_dy_xmu])
 backward, received         P*4096 B                     2048 B (the reduced buffer)
-per step, sent             8328 B in 4 collectives      4100 B in 2 collectives
+per step, sent             8368 B in 4 collectives      4100 B in 2 collectives
 =========================  ===========================  ==============================
 
 Twice PyTorch's bytes (float64 instead of float32), P rows received in the
@@ -76,13 +94,23 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from .. import _bn_checks as B
+from .. import _checks as V
 from .._layout import is_device_array
 from .._typing import AnyArray, FloatArray
 from ..backends import get as backend
 from ..functional import batch_norm_backward, moments
 from ..layers.batchnorm import BatchNorm1d, BatchNorm2d, BatchNormBase
 from ..registry import register_layer
-from .comm import SyncError, active, agree, check_comm, header, merge_in_rank_order, sum_in_rank_order
+from .comm import (
+    SyncError,
+    active,
+    agree,
+    check_comm,
+    header,
+    merge_in_rank_order,
+    settings_row,
+    sum_in_rank_order,
+)
 
 __all__ = ["SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNormMixin", "SyncError"]
 
@@ -107,22 +135,34 @@ class SyncBatchNormMixin(_MixinBase):
     def _set_comm(self, comm: Any) -> None:
         self.comm = check_comm(type(self).__name__, comm)
         self._sync_calls = [0, 0]  # successful synchronized forward / backward calls
+        # Added to the counts in the header; set after a disagreement so that every rank
+        # continues from the same call number. Updated in place, never rebound: a caller
+        # that restores the layer's attributes after a failure (Sequential, Trainer)
+        # must not undo what all ranks agreed on, or the ranks would disagree for good.
+        self._sync_offset = [0, 0]
 
-    def _agree(self, comm: Any, exchange: int, mode: bool, error: BaseException | None) -> None:
+    def _agree(self, comm: Any, exchange: int, mode: bool, error: BaseException | None, rejected: int) -> None:
         """The header exchange before every synchronized call (see :mod:`.comm`): all
-        ranks raise the same SyncError unless they agree and none failed locally."""
+        ranks raise the same SyncError unless they agree and none rejected its own
+        arguments (``rejected``: 0, or the :data:`~.comm.REJECTED` code of ``error``)."""
         calls = getattr(self, "_sync_calls", None) or [0, 0]
+        offset = self.__dict__.setdefault("_sync_offset", [0, 0])
+
+        def realign(call: int) -> None:
+            offset[:] = [call - calls[0], call - calls[1]]
+
         agree(
             comm,
             header(
                 exchange,
-                calls[exchange - 1],
+                calls[exchange - 1] + offset[exchange - 1],
                 self.num_features,
                 self.dtype.itemsize,
                 1 if mode else 0,
-                error is not None,
+                rejected,
             ),
             error,
+            realign,
         )
 
     def _count(self, exchange: int) -> None:
@@ -133,42 +173,85 @@ class SyncBatchNormMixin(_MixinBase):
         calls[exchange - 1] += 1
         self._sync_calls = calls
 
-    def _local_forward_check(self, x: Any) -> FloatArray:
-        """Everything batch_norm_forward checks that does not need the other ranks."""
-        x = self._check_input(x)
-        fn = f"{type(self).__name__}.forward"
-        be = backend("cuda" if is_device_array(x) else "cpu")
-        cx = be.canonical(fn, "x", x, self.axis)
-        running = self._running_args()
-        B.check_forward_params(
-            fn,
-            cx,
-            *self._affine_values(),
-            running["running_mean"],
-            running["running_var"],
-            running["num_batches_tracked"],
-            self.uses_batch_stats,
-            be.param,
+    def _settings(self) -> Any:
+        """This layer's settings as they travel with the forward payload."""
+        return settings_row(
+            self.eps,
+            self.momentum,
+            self.weight is not None,
+            self.activation,
+            self.track_running_stats,
+            self.running_mean is not None,
         )
-        return x
+
+    def _local_forward_check(self, x: Any) -> tuple[Any, Exception | None, int]:
+        """Everything batch_norm_forward checks that does not need the other ranks:
+        the layer's settings, the input, the parameters and running statistics.
+        Returns (x, None, 0), or (x, the error, its :data:`~.comm.REJECTED` code)."""
+        fn = f"{type(self).__name__}.forward"
+        settings = (
+            (3, lambda: V.check_eps(fn, self.eps)),
+            (4, lambda: V.check_momentum(fn, self.momentum)),
+            (5, lambda: V.check_activation(fn, self.activation)),
+            (6, lambda: bool(self.track_running_stats)),
+        )
+        for code, check in settings:
+            try:
+                check()
+            except Exception as exc:
+                return x, exc, code
+        try:
+            x = self._check_input(x)
+            be = backend("cuda" if is_device_array(x) else "cpu")
+            cx = be.canonical(fn, "x", x, self.axis)
+        except Exception as exc:
+            return x, exc, 1
+        try:
+            running = self._running_args()
+            B.check_forward_params(
+                fn,
+                cx,
+                *self._affine_values(),
+                running["running_mean"],
+                running["running_var"],
+                running["num_batches_tracked"],
+                self.uses_batch_stats,
+                be.param,
+            )
+            # count=0: the one-value-per-channel rule needs the merged count, which is
+            # the same on every rank and is checked after the exchange.
+            B.check_training_batch(
+                fn,
+                0,
+                cx.shape,
+                self.uses_batch_stats,
+                running["running_mean"] is not None and self.uses_batch_stats,
+                self.momentum,
+                running["num_batches_tracked"],
+            )
+        except Exception as exc:
+            return x, exc, 2
+        return x, None, 0
 
     def forward(self, x: FloatArray) -> FloatArray:
         """y = BN(x) with the statistics of the global batch (training, or no running
-        statistics) or the running statistics (eval). Every rank takes part in the
-        header exchange, in eval mode too, so that ranks in different modes, or one
-        whose input is rejected, make every rank raise the same SyncError instead of
-        hanging or mixing statistics."""
+        statistics) or the running statistics (eval).
+
+        With batch statistics every rank takes part in the header exchange, so that
+        ranks in different modes or calls, or one whose input or settings are
+        rejected, make every rank raise the same SyncError instead of hanging or
+        mixing statistics; the settings then travel with the moments. With running
+        statistics (eval) the forward is local and exchanges nothing, so ranks may
+        evaluate different numbers of batches; the backward still sums the parameter
+        gradients over the ranks."""
         comm = active(self.comm)
-        if comm is None:
-            self._sync_comm = None
-            return super().forward(x)
-        try:
-            x, error = self._local_forward_check(x), None
-        except Exception as exc:
-            error = exc
-        batch_stats = self.uses_batch_stats
-        self._agree(comm, _FORWARD, batch_stats, error)
-        merged = merge_in_rank_order(comm, moments(x, axis=self.axis)) if batch_stats else None
+        if comm is None or not self.uses_batch_stats:
+            y = super().forward(x)
+            self._sync_comm = comm
+            return y
+        x, error, rejected = self._local_forward_check(x)
+        self._agree(comm, _FORWARD, True, error, rejected)
+        merged = merge_in_rank_order(comm, moments(x, axis=self.axis), self._settings())
         y, ctx = self._bn_forward(x, *self._affine_values(), moments=merged)
         self._ctx, self._sync_comm = ctx, comm
         self._count(_FORWARD)
@@ -185,7 +268,8 @@ class SyncBatchNormMixin(_MixinBase):
             dy, error = self._check_dy(dy, ctx.shape, ctx.dtype), None
         except Exception as exc:
             ctx, error = None, exc
-        self._agree(comm, _BACKWARD, ctx.training if ctx is not None else self.uses_batch_stats, error)
+        mode = ctx.training if ctx is not None else self.uses_batch_stats
+        self._agree(comm, _BACKWARD, mode, error, 0 if error is None else 1)
         grads = batch_norm_backward(dy, ctx, allreduce=lambda sums: sum_in_rank_order(comm, sums))
         self._count(_BACKWARD)
         return grads
