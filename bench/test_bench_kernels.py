@@ -5,7 +5,7 @@ op. The timed callables come from :mod:`numbabn.bench.harness` itself, so both t
 time exactly the same calls (numbabn's functional API; ``F.batch_norm`` and ATen's
 ``native_batch_norm_backward`` for PyTorch). Each callable runs once before timing,
 so JIT compilation and cache loads are excluded. ``extra_info`` records the bytes
-moved (DESIGN.md §3) and the GB/s at the median time.
+moved (``numbabn.bench.cases.TRAFFIC``) and the GB/s at the median time.
 
     pytest bench/ --benchmark-only
 """

@@ -13,8 +13,8 @@ Formulas (per channel c over its m values; biased variance normalises)::
     y_i    = act(gamma * (x_i - mean) * invstd + beta + r_i)   (with residual=r)
 
 Eval mode uses the running statistics: ``a = gamma*invstd_running``,
-``y = a*(x - running_mean) + beta``. (DESIGN.md suggests folding this into one FMA
-``a*x + b``; the kernels subtract first, which costs nothing in a memory-bound loop
+``y = a*(x - running_mean) + beta``. (Folding this into one FMA ``a*x + b`` would save
+an operation; the kernels subtract first, which costs nothing in a memory-bound loop
 and keeps float64 outputs accurate when ``|mean| >> std``.)
 
 Running statistics (PyTorch's convention), updated in place in training mode::

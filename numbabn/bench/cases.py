@@ -8,7 +8,9 @@ these names while answering ``--help``.
 from dataclasses import dataclass
 
 OPS = ("forward", "eval", "backward")
-TRAFFIC = {"forward": 3, "eval": 2, "backward": 5}  # bytes moved, multiples of S = bytes of x (DESIGN.md §3)
+# Bytes moved, multiples of S = bytes of x: training forward reads x twice and writes
+# y, eval reads x and writes y, backward reads x and dy twice and writes dx.
+TRAFFIC = {"forward": 3, "eval": 2, "backward": 5}
 COMPARE = ("numpy", "torch")  # what the kernels can be timed against
 SKLEARN_PARTS = ("transformer", "mlp")  # numbabn.bench.sklearn_estimators
 TORCH_PARTS = ("bn", "step")  # numbabn.bench.torch_modules

@@ -1,13 +1,13 @@
 """The timing harness shared by ``numbabn bench`` and the pytest-benchmark suite.
 
-Method (DESIGN.md §7): one warm-up call per case and op (its time is reported
+Method: one warm-up call per case and op (its time is reported
 separately as ``first_s``: JIT compile, or loading Numba's on-disk cache), then
 the median per call of ``repeat`` samples of numbabn, then of PyTorch (each sample
 is enough back-to-back calls to last ``MIN_SAMPLE_S``, one call on large inputs:
 single calls of ~20 us carry the jitter of one scheduler tick). The two libraries
 are timed one after the other, not interleaved (see :func:`run`), so on a noisy
 machine run the benchmark twice and compare ratios. For each case the bytes moved
-follow DESIGN.md §3 (S = bytes of x, ``numbabn.bench.cases.TRAFFIC``): training
+follow the passes over memory (S = bytes of x, ``numbabn.bench.cases.TRAFFIC``): training
 forward 3S, eval forward 2S, backward 5S. GB/s is bytes/time; ``pct_copy`` compares it with the copy
 bandwidth of the backend's memory measured in the same run. PyTorch
 (``torch.nn.functional.batch_norm`` for forward/eval, ATen's

@@ -65,7 +65,7 @@ def torch(
     from importlib.util import find_spec
 
     if find_spec("torch") is None:
-        raise CLIError("numbabn bench torch needs PyTorch: pip install 'numbabn[torch]'")
+        raise CLIError("numbabn bench torch needs PyTorch: pip install torch (numbabn's 'torch' extra)")
     settings = ctx.find_object(Settings) or Settings()
     if threads is not None:
         check_threads(ctx, threads)

@@ -12,7 +12,7 @@ data-parallel training, Dask for out-of-core statistics. No networking of our ow
 * :mod:`numbabn.distributed.dask` -- :class:`~numbabn.sklearn.BatchNormTransformer`
   on Dask arrays: chunk moments by the Numba kernels merged in a tree, lazy transform.
 
-mpi4py and dask are optional (extras ``numbabn[mpi]`` and ``numbabn[dask]``) and are
+mpi4py and dask are optional (numbabn's extras ``mpi`` and ``dask``) and are
 imported only when used. Names are loaded lazily (PEP 562), so importing
 ``numbabn.distributed.dask`` does not import the layers.
 """

@@ -138,7 +138,7 @@ def world() -> Any:
         if ranks > 1:
             raise RuntimeError(
                 f"numbabn.distributed: this process is one of {ranks} MPI ranks, but mpi4py cannot be "
-                f"used ({type(exc).__name__}: {exc}); install it with: pip install 'numbabn[mpi]'"
+                f"used ({type(exc).__name__}: {exc}); install it with: pip install mpi4py mpich (numbabn's 'mpi' extra)"
             ) from exc
         return None
     return MPI.COMM_WORLD

@@ -17,7 +17,7 @@ result to float64 rounding (the merges group the data differently). Chan's merge
 ``transform`` stays lazy: ``map_blocks`` of the eval-mode kernel, each chunk with its
 columns' slice of the parameters; nothing is computed until the caller asks.
 
-Dask is optional (``pip install 'numbabn[dask]'``): nothing here imports it until a
+Dask is optional (``pip install 'dask[array]'``, numbabn's ``dask`` extra): nothing here imports it until a
 Dask array is actually handled. The hooks used by
 :class:`~numbabn.sklearn.BatchNormTransformer` are :func:`is_dask_array`,
 :func:`fit_batch`, :func:`check_array` and :func:`transform`.

