@@ -68,7 +68,7 @@ HEADER = ("magic", "version", "exchange", "call", "channels", "itemsize", "mode"
 _MAGIC, _VERSION = 1.2512e9, 1.0  # any value no statistic is likely to start with
 EXCHANGES = {1: "forward", 2: "backward"}
 MODES = {1: "batch statistics", 0: "running statistics"}
-# The header's error field: what a rank's own check refused (0: nothing).
+#: The header's error field: what a rank's own check refused, by code (0: nothing).
 REJECTED = {
     1: "the input",
     2: "the layer's state (parameters, running statistics)",
