@@ -6,7 +6,8 @@ Run::
     mpiexec -n 2 python -m mpi4py examples/data_parallel_mpi.py --check    # + single-process reference
     python examples/data_parallel_mpi.py                         # 1 process, no MPI needed
 
-(``pip install 'numbabn[mpi]'`` brings mpi4py and the mpich wheel's ``mpiexec``.)
+(``pip install '.[mpi]'`` in a clone of the repository brings mpi4py and the mpich
+wheel's ``mpiexec``.)
 
 Model: Linear(64, h) - SyncBatchNorm1d(h) - ReLU - Linear(h, h) - SyncBatchNorm1d(h) -
 ReLU - Linear(h, 10) (the ReLUs fused into the batch-norm passes), float64,

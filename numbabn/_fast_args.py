@@ -73,7 +73,8 @@ def forward_args(
     Accepted: ``training`` a bool; ``activation`` None or "relu"; ``eps`` a finite
     float > 0; ``momentum`` None or a float in [0, 1]; gamma/beta None or arrays of
     x's dtype and shape (C,); running statistics both None (training only) or both
-    such arrays, writeable in training, sharing no memory; the counter None or a
+    such arrays, writeable in training, sharing no memory (with each other, nor in
+    training with x, gamma or beta); the counter None or a
     writeable one-element int64 array >= 0; in training more than one value per
     channel, and a counter for ``momentum=None``; ``out`` None or a writeable,
     C-contiguous array of x's shape and dtype sharing no memory with x or the

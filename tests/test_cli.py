@@ -362,6 +362,7 @@ def test_bench_usage_errors(args, message):
         (["--json", "x.png", "--plot", "./x.png"], "--json and --plot name the same file ('x.png' and './x.png')"),
         (["--csv", "link.csv", "--json", "sub/../real.csv"], "--json and --csv name the same file"),  # a symlink
         (["--json", "real.csv", "--csv", "hard.csv"], "--json and --csv name the same file"),  # a hard link
+        (["--json", "-", "--csv", "/dev/stdout"], "--json and --csv cannot both write to stdout"),
     ],
 )
 def test_bench_outputs_naming_one_file_are_refused_before_any_work(tmp_path, monkeypatch, args, message):
@@ -375,6 +376,29 @@ def test_bench_outputs_naming_one_file_are_refused_before_any_work(tmp_path, mon
     assert result.exit_code == 2 and message in error_line(result) and result.output.count("\n") == 1, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.csv", "link.csv", "real.csv", "sub"]
     assert (tmp_path / "real.csv").read_text() == "old"
+
+
+def test_bench_outputs_may_both_go_to_dev_null(tmp_path, monkeypatch):
+    """A device keeps nothing to overwrite: --json and --csv to /dev/null both run."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke(
+        "-q",
+        "bench",
+        "--shape",
+        "8x4",
+        "--repeat",
+        "1",
+        "--compare",
+        "none",
+        "--op",
+        "forward",
+        "--json",
+        "/dev/null",
+        "--csv",
+        "/dev/null",
+    )
+    assert result.exit_code == 0, result.output
+    assert not list(tmp_path.iterdir())
 
 
 def test_bench_cuda_without_gpu(monkeypatch):
@@ -663,6 +687,21 @@ def test_experiment_os_error_outside_its_output_is_not_an_output_error(fake_expe
 
     monkeypatch.setitem(sys.modules[experiment_cli.EXPERIMENTS_MODULE].EXPERIMENTS, "toy", toy)
     with pytest.raises(FileNotFoundError, match="data.csv"):
+        invoke("experiment", "toy", "--out", str(tmp_path / "out"))
+    assert not list(tmp_path.iterdir())
+
+
+def test_experiment_os_error_without_a_file_is_an_output_error_only_for_a_write(
+    fake_experiments, tmp_path, monkeypatch
+):
+    """An OSError naming no file is reported as a failed write of the outputs only for
+    what a write raises (a full disk, ...); a dropped connection is not relabelled."""
+
+    def toy(**kwargs):
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+    monkeypatch.setitem(sys.modules[experiment_cli.EXPERIMENTS_MODULE].EXPERIMENTS, "toy", toy)
+    with pytest.raises(ConnectionResetError):
         invoke("experiment", "toy", "--out", str(tmp_path / "out"))
     assert not list(tmp_path.iterdir())
 

@@ -17,6 +17,7 @@ written to a temporary file beside it and renamed over it, so a failed write lea
 the previous file as it was. Two outputs of one command may not name the same file.
 """
 
+import errno
 import os
 import shutil
 import stat
@@ -30,6 +31,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import click
+
+# What a failed write of the outputs raises without naming a file (PIL writing to an
+# open file): a full disk or quota, a file too large, an I/O error.
+_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
 
 
 @dataclass
@@ -203,17 +208,34 @@ def check_distinct_outputs(outputs: dict[str, str | None]) -> None:
     """Refuse two output options (``{"--json": value, ...}``, values checked by
     :func:`check_output_file`) that name the same file: the later write would replace
     the earlier one silently. Paths compare resolved (symbolic links, ``..``), and
-    existing files also by identity (hard links); '-' is stdout. click.UsageError."""
-    given = [(option, value) for option, value in outputs.items() if value is not None]
+    existing files also by identity (hard links); '-' and /dev/stdout are stdout.
+    Devices other than stdout (``/dev/null``) may be named twice: they keep nothing
+    to overwrite. click.UsageError."""
+    given = [(option, _stdout_as_dash(value)) for option, value in outputs.items() if value is not None]
     for i, (option, value) in enumerate(given):
         for other, earlier in given[:i]:
             if value == earlier == "-":
                 raise click.UsageError(f"{other} and {option} cannot both write to stdout ('-')")
-            if "-" not in (value, earlier) and _same_file(earlier, value):
+            if "-" not in (value, earlier) and _same_file(earlier, value) and not _device(value):
                 raise click.UsageError(
                     f"{other} and {option} name the same file ({earlier!r} and {value!r}): "
                     "the second would overwrite the first"
                 )
+
+
+def _stdout_as_dash(value: str) -> str:
+    """'-' for a path that is this process's stdout (/dev/stdout, /dev/fd/1), else ``value``."""
+    if value != "-" and os.path.realpath(value) in (os.path.realpath("/dev/stdout"), os.path.realpath("/dev/fd/1")):
+        return "-"
+    return value
+
+
+def _device(path: str) -> bool:
+    """True for an existing file that is not a regular one (a device, a FIFO)."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -333,6 +355,8 @@ def staged_output_dir(path: Path | str) -> Iterator[tuple[Path, Callable[[Any], 
         except OSError as exc:
             if exc.filename is not None and not _inside(exc.filename, stage):
                 raise  # not a write of the outputs (the data being read, say): not an output error
+            if exc.filename is None and exc.errno not in _WRITE_ERRORS:
+                raise  # a broken pipe, a socket: nothing says it was the outputs' write
             # the file it names, where it was going (a failed write to an open file names none)
             target = path if exc.filename is None else path / os.path.relpath(os.path.abspath(exc.filename), stage)
             raise CLIError(
@@ -351,7 +375,9 @@ def staged_output_dir(path: Path | str) -> Iterator[tuple[Path, Callable[[Any], 
 
 
 def _inside(name: Any, folder: Path) -> bool:
-    """True when the path ``name`` is ``folder`` or in it."""
+    """True when the path ``name`` is ``folder`` or in it (a file descriptor is not)."""
+    if not isinstance(name, (str, bytes, os.PathLike)):
+        return False
     name, top = os.path.abspath(os.fsdecode(name)), os.path.abspath(folder)
     return os.path.commonpath([name, top]) == top
 

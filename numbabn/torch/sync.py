@@ -69,8 +69,9 @@ Every rank must be in the same mode. An eval-mode call exchanges nothing, as in
 (an uneven validation split); the price is that a rank left in eval mode while the
 others train cannot be detected: the training ranks wait in an exchange that rank
 never joins, or meet its next collective. (numbabn's MPI layer,
-:mod:`numbabn.distributed.sync_batchnorm`, exchanges a header in eval mode too and
-raises instead; it therefore needs the same number of eval calls on every rank.)
+:mod:`numbabn.distributed.sync_batchnorm`, also exchanges nothing in an eval forward
+with running statistics; without them it synchronizes the batch statistics in eval
+too, where this layer, as torch.nn's, uses the local batch's.)
 """
 
 import math
