@@ -74,7 +74,6 @@ with running statistics; without them it synchronizes the batch statistics in ev
 too, where this layer, as torch.nn's, uses the local batch's.)
 """
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -84,7 +83,7 @@ import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import numbabn
-from numbabn._checks import is_real
+from numbabn._checks import check_number
 
 from . import _bridge as B
 from . import _openmp
@@ -179,12 +178,15 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
         training mode: the synchronized kernels refuse anything else, and PyTorch's op
         cannot stand in for them (torch.nn refuses eps=0 in training too, from its op)."""
         super()._check_call(input, residual, state)
-        eps = self.eps
-        if self.training and not (type(eps) is float and 0.0 < eps < math.inf) and not (is_real(eps) and eps > 0):
-            raise ValueError(
-                f"{type(self).__name__}: eps must be a finite number > 0 in training mode (it is added to "
-                f"the batch variance, and a channel of zero variance would give inf), got {eps!r}; set "
-                "SyncBatchNorm(eps=...) or the module's eps"
+        if self.training:
+            check_number(
+                type(self).__name__,
+                "eps",
+                self.eps,
+                0,
+                low_open=True,
+                expected="a finite number > 0 in training mode (it is added to the batch variance, and a "
+                "channel of zero variance would give inf; set SyncBatchNorm(eps=...) or the module's eps)",
             )
         check_activation(type(self).__name__, self.activation)  # set after construction, perhaps
 
