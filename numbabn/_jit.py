@@ -12,9 +12,11 @@ that one machine-code specialisation (Numba converts a writeable array to a
 read-only one for free when compilation at call time is disabled, which it is).
 
 The on-disk cache (Numba's ``cache=True`` machinery, in ``__pycache__`` next to
-the source or Numba's user-wide fallback, or ``NUMBA_CACHE_DIR``) is wrapped so that
+the source or Numba's user-wide fallback, or only ``NUMBA_CACHE_DIR`` when that is
+set) is wrapped so that
 
-* no writable cache location -> compile without caching, warn once;
+* no writable cache location (or an unwritable ``NUMBA_CACHE_DIR``) -> compile
+  without caching, warn once;
 * a corrupted index or data file (truncated, garbage) -> warn once, drop that
   function's cache entry, recompile (and save a good entry for later processes);
 * an entry is valid for the kernel's source file *and* the other modules of
@@ -42,7 +44,7 @@ from typing import Any
 
 import numba
 from numba import njit
-from numba.core.caching import FunctionCache, NullCache
+from numba.core.caching import CompileResultCacheImpl, FunctionCache, NullCache, UserProvidedCacheLocator
 from numba.core.runtime import rtsys
 
 from . import config
@@ -53,13 +55,24 @@ _noticed = False
 _warned: set[str] = set()
 
 
+def _before_fork() -> None:
+    # A fork waits for a compile in progress on another thread: that thread holds
+    # Numba's own compiler lock too, which a child would inherit held, with no thread
+    # to release it (its first compile would wait for ever).
+    _lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _lock.release()
+
+
 def _after_fork() -> None:
-    # A parent thread may have held the lock at fork time; the child has no such thread.
+    # The child has no other thread: a lock of its own.
     global _lock
     _lock = threading.RLock()
 
 
-os.register_at_fork(after_in_child=_after_fork)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork)
 
 
 class CompilerDisabledError(RuntimeError):
@@ -106,6 +119,14 @@ def _dependency_stamp() -> str:
     return digest.hexdigest()
 
 
+class _UserDirImpl(CompileResultCacheImpl):
+    """The cache where ``NUMBA_CACHE_DIR`` says, or nowhere: Numba would fall back,
+    silently, to the package's own ``__pycache__`` (an editable checkout, or
+    site-packages) when that directory is not writable."""
+
+    _locator_classes = [UserProvidedCacheLocator]
+
+
 class _GuardedCache(FunctionCache):
     """Numba's per-function disk cache, but a fault in it is a warning, not an error.
     ``on_miss`` (if set) is called when a signature is not in the cache, just before
@@ -115,6 +136,8 @@ class _GuardedCache(FunctionCache):
     on_miss: Callable[[], Any] | None = None
 
     def __init__(self, py_func: Callable[..., Any]) -> None:
+        if numba.config.CACHE_DIR:
+            self._impl_class = _UserDirImpl
         super().__init__(py_func)
         self._cache_file._source_stamp = (self._cache_file._source_stamp, _dependency_stamp())
 
@@ -258,7 +281,10 @@ def cached_entries() -> tuple[int, list[str]]:
             continue
         dirs.add(cache.cache_path)
         try:
-            count += len(cache._cache_file._load_index())  # {} when stale or absent
+            index = cache._cache_file._load_index()  # {} when stale or absent
         except Exception:  # corrupted: the next call recompiles it
             continue
+        # an entry whose data file is gone (deleted, or a disk that filled up after the
+        # index was written) is recompiled too
+        count += sum(os.path.exists(os.path.join(cache.cache_path, name)) for name in index.values())
     return count, sorted(dirs)

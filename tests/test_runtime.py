@@ -134,6 +134,18 @@ def test_cache_count_skips_index_files_of_other_sources(populated, tmp_path):
     assert count() == 5
 
 
+def test_cache_count_skips_entries_whose_data_file_is_gone(populated, tmp_path):
+    """An index entry whose data file was deleted, or never written (a disk that filled
+    up after the index), is recompiled by the next call: ``numbabn info`` must not
+    count it."""
+    cache = _copy(populated[0], tmp_path)
+    data = sorted(cache.rglob("*.nbc"))
+    data[0].unlink()
+    result = _fresh(cache, _COUNT)
+    assert result.returncode == 0, result.stderr.decode()
+    assert int(result.stdout) == len(data) - 1 == 5
+
+
 def test_an_edit_of_an_inlined_module_invalidates_the_cached_kernels(populated, tmp_path):
     """Numba stamps an entry with its kernel's own file; the kernels also inline
     numbabn.kernels.storage and .stream, so an upgrade that changed only one of those
@@ -193,13 +205,31 @@ def test_warm_process_loads_every_variant_without_compiling(tmp_path):
 
 def test_no_writable_cache_location_compiles_in_memory(tmp_path):
     # As in a read-only install with no writable home: Numba finds no cache locator.
-    script = "import numba.core.caching as c; c.CacheImpl._locator_classes = []\n" + _SCRIPT
+    script = (
+        "import numba.core.caching as c; c.CacheImpl._locator_classes = []\n"
+        "c.UserProvidedCacheLocator.from_function = classmethod(lambda *a: None)\n" + _SCRIPT
+    )
     result = _fresh(tmp_path, script)
     _same(result, _expected())
     err = result.stderr.decode()
     assert err.count("CacheWarning") == 1 and "will not be cached" in err
     assert "not cached: no writable cache location" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_an_unwritable_cache_dir_is_not_replaced_by_the_package_folder(tmp_path):
+    """NUMBA_CACHE_DIR set but not writable: compile in memory and warn once. Numba's
+    own fallback wrote the entries into the package's __pycache__ (a checkout, or
+    site-packages) without a word. (Unwritable here as a path under a regular file:
+    the tests may run as root, whom permissions do not stop.)"""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    # Numba's next locator would write beside the package; asking it at all fails here
+    script = "import numba.core.caching as c; c.InTreeCacheLocator.from_function = classmethod(lambda *a: 1 / 0)\n"
+    result = _fresh(blocker / "cache", script + _SCRIPT, NUMBABN_COMPILE_AHEAD="0")
+    _same(result, _expected())
+    err = result.stderr.decode()
+    assert err.count("CacheWarning") == 1 and "will not be cached" in err, err
 
 
 def test_a_cache_write_that_fails_warns_once_and_compiles_in_memory(tmp_path):
@@ -366,6 +396,42 @@ def test_default_threads_follow_a_narrowed_affinity_mask(tmp_path):
     result = _fresh(tmp_path, script)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.split() == [b"1", b"1"]
+
+
+def test_a_fork_during_another_threads_compile_gives_a_working_child(tmp_path):
+    """A thread compiles on a cold cache while the main thread forks: the child used to
+    inherit Numba's compiler lock held by a thread it does not have, and its first
+    compile waited for ever. The fork now waits for the compile in progress."""
+    script = textwrap.dedent("""
+        import os, threading, time
+        import numpy as np
+        import numbabn
+        x = np.random.default_rng(0).standard_normal((4, 3, 5))
+        t = threading.Thread(target=numbabn.batch_norm_forward, args=(x,))
+        t.start()
+        time.sleep(0.5)
+        compiling = t.is_alive()
+        pid = os.fork()
+        if pid == 0:
+            y, _ = numbabn.batch_norm_forward(x)
+            os._exit(0 if np.isfinite(y).all() else 3)
+        for _ in range(600):  # up to 60 s
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            status = "hung"
+        t.join()
+        print(compiling, status)
+    """)
+    result = _fresh(tmp_path, script, NUMBABN_COMPILE_AHEAD="0", NUMBABN_QUIET="1")
+    assert result.returncode == 0, result.stderr.decode()
+    compiling, status = result.stdout.split()
+    assert compiling == b"True", "the fork came after the compile: nothing tested"
+    assert status == b"0", status
 
 
 def test_thread_settings(monkeypatch):
