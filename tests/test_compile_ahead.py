@@ -278,7 +278,11 @@ def test_fork_pool_and_threads_during_a_helper_job(tmp_path):
 
 def test_no_helper_without_a_writable_cache(tmp_path):
     # As in a read-only install with no writable home: nothing a helper could share.
-    out = _run(tmp_path, [_F32], setup="import numba.core.caching as c\nc.CacheImpl._locator_classes = []")
+    setup = (
+        "import numba.core.caching as c\nc.CacheImpl._locator_classes = []\n"
+        "c.UserProvidedCacheLocator.from_function = classmethod(lambda *a: None)"
+    )
+    out = _run(tmp_path, [_F32], setup=setup)
     assert _BACKWARD <= set(out["compiled"]) and out["pids"] == [None]
 
 
