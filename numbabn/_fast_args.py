@@ -23,7 +23,7 @@ import numpy as np
 
 from . import _buffers
 from ._context import BatchNormContext
-from ._layout import _LAYOUTS, C_ALIGNED, WRITEABLE, Canonical, empty_param, param_as_is
+from ._layout import _LAYOUTS, C_ALIGNED, WRITEABLE, Canonical, empty_param, may_share, param_as_is
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -110,14 +110,9 @@ def forward_args(
             return None
         running_mean = running_var = empty_param(dt)
     elif (
-        running_mean is running_var
-        or not param_as_is(running_mean, dt, shape, training)
+        not param_as_is(running_mean, dt, shape, training)
         or not param_as_is(running_var, dt, shape, training)
-        or (
-            # views (NumPy views of torch buffers, too) need the address check
-            (running_mean.base is not None or running_var.base is not None)
-            and np.may_share_memory(running_mean, running_var)
-        )
+        or may_share(running_mean, (running_var,))
     ):
         return None
     if training and running_mean.size and _stats_overlap(running_mean, running_var, x, gamma, beta):
@@ -149,7 +144,7 @@ def _output(out: Any, like: Any, dt: np.dtype[Any], cshape: tuple[int, ...], apa
     if type(out) is not np.ndarray or out.dtype is not dt or out.shape != like.shape:
         return None
     flags = out.flags.num
-    if flags & _C_ALIGNED_WRITEABLE != _C_ALIGNED_WRITEABLE or _shares(out, apart):
+    if flags & _C_ALIGNED_WRITEABLE != _C_ALIGNED_WRITEABLE or may_share(out, apart):
         return None
     return out if out.shape == cshape else out.reshape(cshape)
 
@@ -163,28 +158,7 @@ def _stats_overlap(rm: Any, rv: Any, x: Any, gamma: Any, beta: Any) -> bool:
     if rm.base is None and rv.base is None and x.base is None and gamma.base is None and beta.base is None:
         return rm is gamma or rm is beta or rv is gamma or rv is beta
     read = (x, gamma, beta)
-    return _shares(rm, read) or _shares(rv, read)
-
-
-def _shares(a: Any, others: tuple[Any, ...]) -> bool:
-    """Whether array ``a`` may share memory with a non-empty array of ``others``."""
-    # Arrays whose memory NumPy allocated for different owners (each its own, base
-    # None, or the base array a view points to) cannot overlap: only the others need
-    # NumPy's bounds check (0.9 us each on a slow VM, five of them on a forward).
-    # Inlined: this runs on every small call.
-    base = a.base
-    mine = a if base is None else base if type(base) is np.ndarray and base.base is None else None
-    for other in others:
-        if not other.size:
-            continue
-        if other is not a and mine is not None:
-            base = other.base
-            theirs = other if base is None else base if type(base) is np.ndarray and base.base is None else None
-            if theirs is not None and theirs is not mine:
-                continue
-        if np.may_share_memory(a, other):
-            return True
-    return False
+    return may_share(rm, read) or may_share(rv, read)
 
 
 def backward_args(dy: Any, ctx: Any, out: Any) -> tuple[Canonical, Any] | None:

@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .. import _buffers, config
-from .._layout import Canonical, canonical_host, check_out, check_param, storage_view
+from .._layout import Canonical, canonical_host, check_out, check_param, may_share, storage_view
 from .._typing import AnyArray
 from ..kernels import cpu_driver
 
@@ -30,11 +30,7 @@ param = check_param
 def check_apart(fn: str, a: AnyArray, b: AnyArray, message: str) -> None:
     """Raise ``message`` when NumPy arrays ``a`` and ``b`` share memory (anything
     else, None included, is skipped)."""
-    if not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray) or not b.size:
-        return
-    # Two arrays that own their memory (base None: the layers' buffers) overlap only if
-    # they are the same object; only views need the (slower) address check.
-    if a is b or ((a.base is not None or b.base is not None) and np.may_share_memory(a, b)):
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and may_share(a, (b,)):
         raise ValueError(f"{fn}: {message}")
 
 
