@@ -212,7 +212,7 @@ BAD = [  # (input, error type, words the message must contain)
     (torch.randn(4, 3, 3), ValueError, ["4D"]),
     (torch.randn(4, 3, 3, 3, dtype=torch.float64), TypeError, ["float64", "float32"]),
     (torch.ones(4, 3, 3, 3, dtype=torch.int32), TypeError, ["int32"]),
-    (torch.randn(1, 3, 1, 1), ValueError, ["more than 1 value per channel"]),
+    (torch.randn(1, 3, 1, 1), ValueError, ["BatchNorm2d", "more than 1 value per channel", "[1, 3, 1, 1]"]),
     (torch.randn(4, 3, 3, 3).to_sparse(), TypeError, ["BatchNorm2d", "dense", "sparse"]),
 ]
 
@@ -765,12 +765,61 @@ def test_fx_symbolic_trace_of_the_layer_itself_records_torch_batch_norm(training
     does (a root is traced through, never a leaf), in the mode it was traced in."""
     ours, ref = _trained_pair()
     ours.train(training), ref.train(training)
+    count = int(ours.bn.num_batches_tracked)
     graph_module = torch.fx.symbolic_trace(ours.bn)
     assert "batch_norm" in graph_module.code and "relu" in graph_module.code
+    assert int(ours.bn.num_batches_tracked) == count  # tracing counted nothing
+    # With and without the residual (the graph's argument defaults to None; it used to
+    # add None), each call counted by the graph (the GraphModule shares the buffers).
     x, r = torch.randn(4, 3, 6, 6) * 2, torch.randn(4, 3, 6, 6)
     torch.testing.assert_close(graph_module(x, r), torch.relu(ref.bn(x) + r), rtol=0, atol=0)
+    x = torch.randn(4, 3, 6, 6) * 2
+    torch.testing.assert_close(graph_module(x), torch.relu(ref.bn(x)), rtol=0, atol=0)
     for name, buf in ref.bn.named_buffers():
         assert torch.equal(buf, ours.bn.state_dict()[name]), name
+
+
+def test_fx_symbolic_trace_of_the_layer_itself_with_cumulative_momentum_says_why_not():
+    bn = nbt.BatchNorm2d(3, momentum=None)
+    with pytest.raises(TypeError, match="BatchNorm2d: torch.fx.symbolic_trace .*momentum=None"):
+        torch.fx.symbolic_trace(bn)
+    assert int(bn.num_batches_tracked) == 0
+    assert "batch_norm" in torch.fx.symbolic_trace(bn.eval()).code
+
+
+@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("fault", ["wrong shape", "missing key", "unexpected key"])
+def test_a_failed_load_state_dict_changes_nothing(fault, assign):
+    """torch.nn's load copies every key that fits before it raises for the one that
+    does not; the layer's load is all or nothing (the objects too, with assign=True)."""
+    bn = nbt.BatchNorm2d(3)
+    bn(torch.randn(4, 3, 2, 2))
+    held = {name: (t, t.detach().clone()) for name, t in [*bn.named_parameters(), *bn.named_buffers()]}
+    state = {k: v + 5 for k, v in bn.state_dict().items()}
+    if fault == "wrong shape":
+        state["running_var"] = torch.ones(4)
+    elif fault == "missing key":
+        del state["running_var"]
+    else:
+        state["extra"] = torch.ones(1)
+    with pytest.raises(RuntimeError, match="size mismatch|Missing key|Unexpected key"):
+        bn.load_state_dict(state, assign=assign)
+    for name, (t, value) in held.items():
+        assert getattr(bn, name) is t and torch.equal(t, value), name
+    if fault != "wrong shape":
+        bn.load_state_dict(state, strict=False, assign=assign)  # the keys that fit, as torch.nn
+        assert torch.equal(bn.weight, held["weight"][1] + 5)
+
+
+def test_a_wrong_shape_in_a_models_load_leaves_the_layer_as_it_was():
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), nbt.BatchNorm2d(3))
+    before = {k: v.clone() for k, v in model[1].state_dict().items()}
+    state = {k: v + 5 for k, v in model.state_dict().items()}
+    state["1.running_var"] = torch.ones(4)
+    with pytest.raises(RuntimeError, match="size mismatch for 1.running_var"):
+        model.load_state_dict(state)
+    for k, v in model[1].state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_torch_func_transforms_run_torch_batch_norm():

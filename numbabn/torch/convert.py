@@ -149,7 +149,8 @@ def _fuse_relus(root: torch.nn.Module) -> None:
             bn.activation = "relu"
             bn._feeds_fused_relu = True
             for parent, name in where:
-                setattr(parent, name, FusedReLU(getattr(parent, name).inplace))
+                relu = getattr(parent, name)
+                setattr(parent, name, FusedReLU(relu.inplace).train(relu.training))
 
 
 def _fold_pairs(module: torch.nn.Module) -> Iterator[tuple[torch.nn.Sequential, int]]:
@@ -184,7 +185,9 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     ``torch.nn.Identity``). A layer used in several places is folded only when that
     batch norm follows it in each of them (once, however many they are): folding
     changes its weights for every use. Raises ValueError, changing nothing, when such
-    a batch norm is in training mode or has no running statistics, or when the layer
+    a batch norm is in training mode or has no running statistics, when the layer's
+    weight or bias is tied to another module's (it would be rescaled there too;
+    ``torch.nn.utils.fusion.fuse_conv_bn_eval`` builds a new layer instead), or when the layer
     or the batch norm has forward hooks or a computed weight (the hook-based
     ``weight_norm`` and ``spectral_norm``, ``parametrize`` on the batch norm; a layer
     parametrized with ``torch.nn.utils.parametrize`` is of another class and left
@@ -195,14 +198,29 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     assumes the same). Returns ``module``.
     """
     pairs = list(_fold_pairs(module))
+    holders = _holders(module) if pairs else {}
     for seq, i in pairs:
         bn = seq[i + 1]
-        if bn.training or bn.running_mean is None:
+        if bn.training:
             raise ValueError(
                 f"fold_batchnorm: {type(bn).__name__} at index {i + 1} of a Sequential must be in "
-                "eval mode with running statistics (call model.eval() first); nothing was folded"
+                "eval mode (call model.eval() first); nothing was folded"
+            )
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(
+                f"fold_batchnorm: {type(bn).__name__} at index {i + 1} of a Sequential has no running "
+                "statistics (track_running_stats=False): it normalises with each batch's own statistics, "
+                "which no fixed weights can reproduce; nothing was folded"
             )
         layer = seq[i]
+        for label in ("weight", "bias"):
+            t = getattr(layer, label)
+            if t is not None and t.numel() > 0 and holders.get(t.untyped_storage().data_ptr(), set()) - {id(layer)}:
+                raise ValueError(
+                    f"fold_batchnorm: the {label} of the {type(layer).__name__} at index {i} shares its memory "
+                    "with another module's parameter or buffer (tied weights); folding would rescale it there "
+                    "too; nothing was folded"
+                )
         if _computed_or_hooked(layer) or _computed_or_hooked(bn):
             raise ValueError(
                 f"fold_batchnorm: the {type(layer).__name__} at index {i} or the {type(bn).__name__} after it "
@@ -225,6 +243,17 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
         if fused and i + 2 < len(seq) and isinstance(seq[i + 2], FusedReLU):
             seq[i + 2] = torch.nn.Identity()  # the ReLU is back in the batch norm's place
     return module
+
+
+def _holders(module: torch.nn.Module) -> dict[int, set[int]]:
+    """Storage address -> ids of the modules of ``module`` holding a parameter or
+    buffer in that storage (the same tensor, or a view of it)."""
+    holders: dict[int, set[int]] = {}
+    for m in module.modules():
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None and t.numel() > 0:
+                holders.setdefault(t.untyped_storage().data_ptr(), set()).add(id(m))
+    return holders
 
 
 def _computed_or_hooked(m: torch.nn.Module) -> bool:

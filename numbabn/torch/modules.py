@@ -107,6 +107,7 @@ the second derivative goes through the input, the weight or the incoming gradien
 
 import math
 import weakref
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import torch
@@ -434,9 +435,70 @@ class NumbabnBatchNorm:
                 f"{type(self).__name__}: inference tensors cannot be saved for backward (as in torch.nn): clone "
                 "a tensor made under torch.inference_mode() to use it where autograd records, or use torch.no_grad()"
             )
+        if (
+            (self.training or running_mean is None)
+            and not self._may_synchronize
+            and input.numel() == input.shape[1] > 0
+        ):
+            # One value per channel (the product of the other dimensions is 1): the
+            # message of torch.nn's op, named by the layer on both paths.
+            raise ValueError(
+                f"{type(self).__name__}: Expected more than 1 value per channel when training, got input size "
+                f"{input.size()}"
+            )
 
     def __prepare_scriptable__(self) -> NoReturn:
         raise _not_scriptable(type(self).__name__)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """torch.nn's ``load_state_dict``, all or nothing: a load that raises (a wrong
+        shape, or under ``strict`` a missing or unexpected key) leaves the parameters
+        and buffers as they were, where torch.nn's copies every key that fits first."""
+        held = self._holding()
+        try:
+            return super().load_state_dict(state_dict, strict, assign)
+        except BaseException:
+            self._put_back(held)
+            raise
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """The same inside a model's load: a key of this module that does not fit (the
+        error ``load_state_dict`` raises at the end) leaves this module's parameters and
+        buffers as they were. (Whether missing keys are an error is decided by the
+        model's ``strict`` after every module loaded; other modules load as in torch.nn.)"""
+        errors = len(error_msgs)
+        held = self._holding()
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if len(error_msgs) > errors:
+            self._put_back(held)
+
+    def _holding(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """name -> (parameter or buffer, a copy of its values), for :meth:`_put_back`."""
+        return {
+            name: (t, t.detach().clone())
+            for table in (self._parameters, self._buffers)
+            for name, t in table.items()
+            if t is not None
+        }
+
+    @torch.no_grad()
+    def _put_back(self, held: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The parameters and buffers of :meth:`_holding`, objects and values (a load with
+        ``assign=True`` replaced the objects, one without it overwrote the values)."""
+        for name, (t, value) in held.items():
+            t.copy_(value)
+            (self._parameters if name in self._parameters else self._buffers)[name] = t
 
     def _input_rejected(self, error: Exception) -> None:
         """Called with the input's validation error just before it is raised."""
@@ -527,7 +589,19 @@ class NumbabnBatchNorm:
                     args = (input,) if residual is None else (input, residual)
                     return tracer.create_proxy("call_module", path, args, {})
             # The traced module itself: its graph holds PyTorch's op, as torch.nn's does.
-            return self._torch_forward(input, residual)
+            # The batch counter as a proxy: its add_ then goes into the graph, which counts
+            # its calls, instead of counting one batch on the module at trace time.
+            weight, bias, mean, var, nbt = self._state()
+            if self.momentum is None and self.training and self.track_running_stats and nbt is not None:
+                raise TypeError(
+                    f"{type(self).__name__}: torch.fx.symbolic_trace of the layer itself in training mode "
+                    "with momentum=None: its factor 1/(batches + 1) depends on the batch count, which the "
+                    "graph cannot pass to PyTorch's batch_norm; trace a model that contains the layer (it is "
+                    "recorded as one call), trace it in eval mode, or give a momentum"
+                )
+            if nbt is not None:
+                nbt = tracer.create_proxy("get_attr", "num_batches_tracked", (), {})
+            return self._torch_forward(input, residual, state=(weight, bias, mean, var, nbt))
         if isinstance(input, torch.Tensor) and _native_only(input, residual):
             # PyTorch's op checks its input itself; ours would put data-dependent
             # branches into a traced graph (TracerWarning), as torch.nn's layers do not.
@@ -649,9 +723,19 @@ class NumbabnBatchNorm:
             if tracking:
                 nbt.sub_(1)
             raise
-        if residual is not None:
+        if isinstance(residual, torch.fx.Proxy):
+            # An argument of the traced root, None or a tensor only when the graph runs
+            # (its default is None): the graph decides then.
+            y = residual.tracer.create_proxy("call_function", _plus_residual, (y, residual), {})
+        elif residual is not None:
             y = y + residual
         return F.relu(y) if self.activation == "relu" else y
+
+
+def _plus_residual(y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``y + residual``, or ``y`` when there is none: the addition of a traced root
+    layer's graph (see :meth:`NumbabnBatchNorm._torch_forward`)."""
+    return y if residual is None else y + residual
 
 
 class BatchNorm1d(NumbabnBatchNorm, torch.nn.BatchNorm1d):
