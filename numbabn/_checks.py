@@ -142,11 +142,13 @@ def check_weights(fn: str, value: Any, n: int) -> NDArray[np.float64]:
         w = np.asarray(value)
     except (TypeError, ValueError):
         w = None
-    if w is None or w.shape != (n,) or w.dtype.kind not in "iuf":
+    if w is None or w.shape != (n,) or w.dtype.kind not in "biuf":  # bool: a mask, as scikit-learn takes it
         raise ValueError(f"{fn}: sample_weight must be {n} numbers (one per sample), got {describe(value)}")
     w = w.astype(np.float64)
-    if not np.isfinite(w).all():
-        raise ValueError(f"{fn}: sample_weight must be finite, got values in [{w.min()}, {w.max()}]")
+    finite = np.isfinite(w)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        raise ValueError(f"{fn}: sample_weight must be finite, got {w[i]} at index {i}")
     if (w < 0).any():
         raise ValueError(f"{fn}: sample_weight must be >= 0, got a smallest weight of {w.min()}")
     return w

@@ -169,11 +169,12 @@ def test_weights_tilt_the_fit_towards_the_heavy_samples():
         (np.ones(5), r"sample_weight.shape == \(5,\), expected \(40,\)"),
         (-np.ones(40), ">= 0"),
         (np.full(40, np.inf), "finite"),
+        (np.r_[np.ones(39), np.nan], r"must be finite, got nan at index 39"),
         (np.zeros(40), "all zero"),
         ("heavy", r"sample_weight.shape == \(\), expected"),
         ([[1.0], [1.0, 2.0]], "a number or 40 numbers"),
     ],
-    ids=["shape", "negative", "inf", "zeros", "text", "ragged"],
+    ids=["shape", "negative", "inf", "one nan", "zeros", "text", "ragged"],
 )
 def test_bad_weights_raise_naming_them_and_change_nothing(bad, match):
     X, y = make_blobs(40, 3, centers=2, random_state=0)
@@ -183,6 +184,17 @@ def test_bad_weights_raise_naming_them_and_change_nothing(bad, match):
         with pytest.raises(ValueError, match=match):
             call()
         assert pickle.dumps(clf) == before
+
+
+def test_a_boolean_mask_weighs_as_zeros_and_ones():
+    """scikit-learn's estimators take a boolean sample_weight as 0/1 weights."""
+    X, y = make_blobs(40, 3, centers=2, random_state=0)
+    mask = np.arange(40) % 3 > 0
+    fits = [
+        BNMLPClassifier(hidden_layer_sizes=(8,), max_iter=2, random_state=0).fit(X, y, sample_weight=w)
+        for w in (mask, mask.astype(np.float64))
+    ]
+    assert_array_equal(fits[0].predict_proba(X), fits[1].predict_proba(X))
 
 
 def test_partial_fit_and_pipelines_take_weights():

@@ -378,6 +378,33 @@ def test_early_stopping_validation_set_too_small(Est):
     _assert_same_state(est, state)
 
 
+def test_early_stopping_stratifies_only_binary_targets_as_scikit_learn():
+    """scikit-learn stratifies the validation split only where its network has one
+    output: a multiclass y with a class of one sample, or with more classes than
+    validation samples, fits (it used to raise from train_test_split)."""
+    from sklearn.neural_network import MLPClassifier
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 4))
+    singleton = np.r_[np.zeros(30, int), np.ones(29, int), [2]]
+    many = np.arange(60) % 20  # 20 classes, 6 validation samples
+    for y in (singleton, many):
+        MLPClassifier(hidden_layer_sizes=(8,), early_stopping=True, max_iter=3).fit(X, y)  # the reference fits
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf = BNMLPClassifier(hidden_layer_sizes=(8,), early_stopping=True, max_iter=3, random_state=0)
+            assert clf.fit(X, y).n_iter_ >= 1
+
+
+def test_regressor_refuses_a_text_target_naming_it():
+    X = np.random.default_rng(0).standard_normal((20, 3))
+    for loss in ("squared_error", "poisson"):
+        reg = BNMLPRegressor(hidden_layer_sizes=(4,), max_iter=1, loss=loss)
+        with pytest.raises(ValueError, match="BNMLPRegressor: y must hold numbers .* got dtype <U1"):
+            reg.fit(X, np.array(list("12345678901234567890")))
+        assert not [k for k in vars(reg) if k.endswith("_")]
+
+
 def test_early_stopping_training_split_too_small():
     X, y = make_regression(n_samples=3, n_features=2, random_state=0)
     est = BNMLPRegressor(hidden_layer_sizes=(4,), early_stopping=True, validation_fraction=0.6, max_iter=2)

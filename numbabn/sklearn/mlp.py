@@ -505,9 +505,12 @@ class _BaseBNMLP(BaseEstimator):
     def coefs_(self) -> list[NDArray[Any]]:
         """The weight matrix of every linear layer, in scikit-learn's layout: entry i of
         shape (units of layer i, units of layer i + 1). Views of the network's weights
-        (writing into one changes the network, as with scikit-learn's arrays). The
-        output layer has one column per class, also for two classes (scikit-learn's
-        binary network has one). AttributeError until fitted."""
+        (writing into one changes the network, as with scikit-learn's arrays) until the
+        next ``fit`` or ``partial_fit``: those train a copy of the network and swap it in
+        on success (so a call that raises changes nothing), and arrays read before them
+        keep the old weights; read ``coefs_`` again after them. The output layer has one
+        column per class, and one for two classes (as scikit-learn's binary network).
+        AttributeError until fitted."""
         from ..layers import Linear
 
         return [layer.weight.value.T for layer in self._fitted_model("coefs_").layers if isinstance(layer, Linear)]
@@ -566,6 +569,10 @@ class _BaseBNMLP(BaseEstimator):
             multi_output=True,  # the classifier checks a 2-D y is a multilabel indicator
             y_numeric=self._regression,
         )
+        if self._regression and y.dtype.kind not in "biuf":
+            # scikit-learn's y_numeric converts only object arrays: strings would be
+            # parsed as numbers later on, or fail inside NumPy.
+            raise ValueError(f"{type(self).__name__}: y must hold numbers (a regression target), got dtype {y.dtype}")
         if y.ndim == 2 and y.shape[1] == 1:  # scikit-learn's MLPRegressor: one target, warned
             y = column_or_1d(y, warn=True)
         if self._has_batch_norm() and X.shape[0] < 2:
@@ -674,8 +681,11 @@ class _BaseBNMLP(BaseEstimator):
             return
         w_val = None
         if self.early_stopping:
-            # scikit-learn's split: stratified for single-label classification only
-            stratify = targets if isinstance(self, ClassifierMixin) and targets.ndim == 1 else None
+            # scikit-learn's split: stratified only where its network has one output
+            # (binary classification); a multiclass y with a class of one sample, or more
+            # classes than validation samples, must still fit.
+            binary = isinstance(self, ClassifierMixin) and targets.ndim == 1 and self._n_outputs() == 1
+            stratify = targets if binary else None
             X, X_val, targets, t_val, *w_split = train_test_split(
                 X,
                 targets,
