@@ -252,7 +252,15 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
         # workers for the pieces there are: a thread count far above the CPUs (or
         # the pieces) starts no thread that could never get work
         helpers = min(threads, pieces) - 1
-        _run_on_pool(take, helpers, _get_pool(helpers), stop)
+        try:
+            pool = _get_pool(helpers)
+        except RuntimeError:
+            # No thread can be started: Python 3.12 refuses new threads at interpreter
+            # shutdown (an atexit handler's first parallel call), or the system's limit
+            # is reached. The pieces run here instead, with the same results.
+            kernel(*args, 0, blocks)
+            return
+        _run_on_pool(take, helpers, pool, stop)
     if errors:
         raise errors[0]
 

@@ -1,8 +1,11 @@
-"""Host-side defaults, read once at import from environment variables.
+"""Host-side defaults, read once from environment variables when this module is
+first imported: not by ``import numbabn``, but at the first use that needs them (the
+first kernel call, ``import numbabn.layers``, the command line).
 
 Integers must parse (and be in range) and switches must be one of 1/true/yes/on or
-0/false/no/off, any case; otherwise ``import numbabn`` raises a ValueError naming
-the variable: a misspelt setting never silently means something else.
+0/false/no/off, any case; otherwise that import raises :class:`SettingError` (a
+ValueError) naming the variable: a misspelt setting never silently means something
+else. A variable that is unset, empty or only white space takes its default.
 
 Kernels never read these globals (Numba would freeze them at compile time); the
 functional layer passes them in as arguments.
@@ -69,10 +72,15 @@ class SettingError(ValueError):
     the command recognises it by name and module.)"""
 
 
+def _given(name: str) -> bool:
+    """Whether environment variable ``name`` holds a value (not unset, empty or blank)."""
+    return bool(os.environ.get(name, "").strip())
+
+
 def _positive_int(name: str, default: int, least: int = 1, most: int = 1 << 62) -> int:
-    raw = os.environ.get(name)
-    if raw is None:
+    if not _given(name):
         return default
+    raw = os.environ[name]
     kind = "a positive" if least == 1 else "a non-negative"
     try:
         value = int(raw)
@@ -121,16 +129,16 @@ def _last_level_cache() -> int:
 CHUNK = _positive_int("NUMBABN_CHUNK", 16384)
 SERIAL_MAX = _positive_int("NUMBABN_SERIAL_MAX", 1 << 18)
 CUDA_THREADS = _positive_int("NUMBABN_CUDA_THREADS", 256, most=1024)  # CUDA: <= 1024 a block
-NUM_THREADS = _positive_int("NUMBABN_NUM_THREADS", 0) if os.environ.get("NUMBABN_NUM_THREADS") else None
+NUM_THREADS = _positive_int("NUMBABN_NUM_THREADS", 0) if _given("NUMBABN_NUM_THREADS") else None
 QUIET = _switch("NUMBABN_QUIET", False)
 COMPILE_AHEAD = _switch("NUMBABN_COMPILE_AHEAD", True)
 BUFFER_CACHE_MB = _positive_int("NUMBABN_BUFFER_CACHE_MB", 256, least=0, most=1 << 40)
 STREAM_MIN = (
     _positive_int("NUMBABN_STREAM_MIN_MB", 0, least=0, most=1 << 40) << 20
-    if os.environ.get("NUMBABN_STREAM_MIN_MB")
+    if _given("NUMBABN_STREAM_MIN_MB")
     else _last_level_cache()
 )
-STREAM_AUTO = not os.environ.get("NUMBABN_STREAM_MIN_MB")
+STREAM_AUTO = not _given("NUMBABN_STREAM_MIN_MB")
 TORCH_NATIVE_BELOW = _positive_int("NUMBABN_TORCH_NATIVE_BELOW", 1 << 20, least=0)
 TORCH_NATIVE_EVAL_BELOW = _positive_int("NUMBABN_TORCH_NATIVE_EVAL_BELOW", 1 << 23, least=0)
 TORCH_OPENMP = _switch("NUMBABN_TORCH_OPENMP", True)

@@ -235,7 +235,13 @@ def batch_norm_forward(
     to the device and back. Running statistics may be GPU arrays (updated in place
     on the device) or NumPy arrays (copied back in place after the kernels ran).
 
-    On any error nothing is modified (running statistics, counter, ``out``).
+    On any error nothing is modified (running statistics, counter, ``out``). The
+    exception is an interrupt: a KeyboardInterrupt (or another signal handler's
+    exception) that arrives while the kernels run is raised once no thread is inside
+    one, and may leave ``out`` partly written and the running statistics updated
+    without the counter (they are updated before the normalising pass, the counter
+    after it). torch.nn's layers have the same window the other way round: they count
+    before their op. Reload the state from a checkpoint after an interrupted step.
     """
     fn = "batch_norm_forward"
     fast = (

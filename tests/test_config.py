@@ -1,5 +1,6 @@
 """Environment settings (numbabn.config): what each accepts, and that a bad value
-stops ``import numbabn`` with a message naming it instead of meaning something else."""
+stops the import of numbabn.config (at numbabn's first use) with a message naming it
+instead of meaning something else."""
 
 import os
 import subprocess
@@ -69,6 +70,14 @@ def test_the_settings_as_a_fresh_process_reads_them():
         "numbabn.config.SettingError: environment variable NUMBABN_COMPILE_AHEAD must be one of 1/true/yes/on "
         "or 0/false/no/off, got 'nope'"
     )
+
+
+def test_an_empty_or_blank_setting_is_unset_for_every_kind():
+    """Switches took an empty value as unset while integers refused it
+    (``NUMBABN_CHUNK=`` stopped the import); a blank NUMBABN_NUM_THREADS gave 0 threads."""
+    blank = _import(NUMBABN_QUIET="", NUMBABN_COMPILE_AHEAD=" ", NUMBABN_NUM_THREADS=" ", NUMBABN_CHUNK="")
+    assert blank.returncode == 0, blank.stderr
+    assert blank.stdout.split() == ["False", "True", "True", "None", "16384"]
 
 
 def test_integers_have_an_upper_bound(monkeypatch):

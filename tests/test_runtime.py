@@ -463,6 +463,27 @@ def test_a_large_thread_count_starts_workers_only_for_the_pieces(monkeypatch):
     assert sorted(seen) == sorted([(t, t + 1) for n in (8, 12, 5) for t in range(n)])
 
 
+def test_a_call_where_no_thread_can_start_runs_its_pieces_here(monkeypatch, rng):
+    """Python 3.12 refuses new threads at interpreter shutdown: an atexit handler's
+    first parallel call raised "can't create new thread at interpreter shutdown".
+    The call now runs on the calling thread, with the serial call's results."""
+    from numbabn import _threads
+
+    def refuse(self):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    x = rng.standard_normal((16, 8, 64, 64)).astype(np.float32)  # above SERIAL_MAX: parallel
+    with numbabn.limit_threads(1):
+        serial = numbabn.batch_norm_forward(x)[0]
+    monkeypatch.setattr(_threads, "_pool", None)  # no worker started yet
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with numbabn.limit_threads(2):
+        y, ctx = numbabn.batch_norm_forward(x)
+        dx = numbabn.batch_norm_backward(np.ones_like(y), ctx)[0]
+    np.testing.assert_array_equal(y, serial)
+    assert np.isfinite(dx).all() and _threads._pool.size == 0
+
+
 def test_pieces_of_a_stalled_worker_are_taken_by_the_caller(monkeypatch):
     """A worker that gets no CPU (another process, PyTorch's spinning OpenMP threads)
     does not hold up a call: the calling thread takes every piece and returns. Here

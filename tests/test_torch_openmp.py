@@ -164,3 +164,31 @@ def test_switched_off_by_the_environment():
     env = dict(os.environ, NUMBABN_TORCH_OPENMP="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+@needs_openmp
+@pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_as_a_team_thread_enters_the_callback_is_raised_not_lost(error):
+    """A signal handler's exception can be raised as the team's callback starts, before
+    its ``try`` (Ctrl-C, a SIGTERM handler's sys.exit): ctypes dropped it and the call
+    returned normally (1 signal in 6-20). A trace function raising at the callback's
+    'call' event puts the exception at that very point, on this thread."""
+    run = _openmp.team()
+    assert run is not None
+    pieces = []
+    previous = sys.unraisablehook
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "call" and frame.f_code.co_filename == _openmp.__file__:
+            sys.settrace(None)
+            raise error
+        return None
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(error):
+            run(lambda: pieces.append(1), 2)
+    finally:
+        sys.settrace(None)
+    assert sys.unraisablehook is previous  # the hook is put back
+    run(lambda: pieces.append(1), 2)  # and the team works as before

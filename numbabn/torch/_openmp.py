@@ -25,10 +25,12 @@ process forked from one that imported this module (an OpenMP team does not survi
 kernels as everywhere else.
 """
 
+import contextlib
 import ctypes
 import os
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -84,9 +86,48 @@ def _run_on_team(body: Callable[[], Any], threads: int) -> None:
         except BaseException as exc:  # an exception cannot cross the C runtime
             errors.append(exc)
 
-    _entry(_Callback(call), None, threads, 0)
+    with _keeping_lost(call, errors):
+        _entry(_Callback(call), None, threads, 0)
     if errors:
         raise errors[0]
+
+
+# Callbacks on a team now -> their call's error list. A signal handler's exception
+# (Ctrl-C's KeyboardInterrupt, a SIGTERM handler's SystemExit) can be raised as the
+# callback's frame starts, before its ``try``: ctypes then hands it to
+# sys.unraisablehook and drops it, and the call returned normally (1 signal in 6-20
+# was lost so on a 2-vCPU VM). While any call runs on a team, numbabn's hook takes
+# such an exception of its callbacks into their list; anything else goes on to the
+# hook that was there before.
+_running: dict[Any, list[BaseException]] = {}
+_hook_lock = threading.Lock()
+_previous_hook: Any = None
+
+
+def _unraisable(info: Any) -> None:
+    errors = _running.get(info.object)
+    if errors is not None and info.exc_value is not None:
+        errors.append(info.exc_value)
+    else:
+        _previous_hook(info)
+
+
+@contextlib.contextmanager
+def _keeping_lost(callback: Any, errors: list[BaseException]) -> Iterator[None]:
+    """Within: an exception raised in ``callback`` outside its ``try`` goes into ``errors``."""
+    global _previous_hook
+    with _hook_lock:
+        if not _running and sys.unraisablehook is not _unraisable:
+            _previous_hook = sys.unraisablehook
+            sys.unraisablehook = _unraisable
+        _running[callback] = errors
+    try:
+        yield
+    finally:
+        with _hook_lock:
+            del _running[callback]
+            if not _running and sys.unraisablehook is _unraisable:  # unless someone installed theirs since
+                sys.unraisablehook = _previous_hook
 
 
 def team() -> Callable[[Callable[[], Any], int], None] | None:
