@@ -111,7 +111,7 @@ def check_activation(fn: str, activation: Any) -> bool:
     """None or "relu" -> whether a ReLU is fused."""
     if activation is None:
         return False
-    if activation == "relu":
+    if type(activation) is str and activation == "relu":  # not an array's element-wise ==
         return True
     raise ValueError(f"{fn}: activation must be None or 'relu', got {activation!r}")
 

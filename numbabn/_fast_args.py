@@ -75,7 +75,8 @@ def forward_args(
     x's dtype and shape (C,); running statistics both None (training only) or both
     such arrays, writeable in training, sharing no memory (with each other, nor in
     training with x, gamma or beta); the counter None or a
-    writeable one-element int64 array >= 0; in training more than one value per
+    writeable one-element int64 array >= 0 (sharing no memory with the other arrays
+    when it is incremented); in training more than one value per
     channel, and a counter for ``momentum=None``; ``out`` None or a writeable,
     C-contiguous array of x's shape and dtype sharing no memory with x or the
     per-channel arrays.
@@ -115,14 +116,14 @@ def forward_args(
         or may_share(running_mean, (running_var,))
     ):
         return None
-    if training and running_mean.size and _stats_overlap(running_mean, running_var, x, gamma, beta):
-        return None
     nbt = num_batches_tracked
     if nbt is not None:
         if type(nbt) is not np.ndarray or nbt.dtype is not _I64 or nbt.size != 1 or not nbt.flags.num & WRITEABLE:
             return None
         if nbt.item() < 0:
             return None
+    if training and running_mean.size and _written_overlap(running_mean, running_var, nbt, x, gamma, beta):
+        return None
     if training:
         if cx.count == 1:
             return None
@@ -131,7 +132,8 @@ def forward_args(
     if out is None:
         y = _buffers.empty(cx.array.shape, dt, x.nbytes)
     else:
-        y = _output(out, x, dt, cx.array.shape, (x, gamma, beta, running_mean, running_var))
+        apart = (x, gamma, beta, running_mean, running_var)
+        y = _output(out, x, dt, cx.array.shape, apart if nbt is None or not training else (*apart, nbt))
         if y is None:
             return None
     return cx, gamma, beta, running_mean, running_var, nbt, relu, y
@@ -149,16 +151,24 @@ def _output(out: Any, like: Any, dt: np.dtype[Any], cshape: tuple[int, ...], apa
     return out if out.shape == cshape else out.reshape(cshape)
 
 
-def _stats_overlap(rm: Any, rv: Any, x: Any, gamma: Any, beta: Any) -> bool:
+def _written_overlap(rm: Any, rv: Any, nbt: Any, x: Any, gamma: Any, beta: Any) -> bool:
     """Whether the running statistics ``rm``/``rv``, updated in place before the
-    normalise pass reads ``x``, ``gamma`` and ``beta``, may share memory with those."""
+    normalise pass reads ``x``, ``gamma`` and ``beta``, may share memory with those,
+    or the counter ``nbt`` (None, or incremented in place) with any of them."""
     # Arrays that own their memory (base None: the common case, checked first in a
     # few attribute reads) overlap only if they are the same object; x (ndim >= 2)
-    # never is a running statistic.
-    if rm.base is None and rv.base is None and x.base is None and gamma.base is None and beta.base is None:
+    # never is a running statistic, nor the int64 counter a float array.
+    if (
+        rm.base is None
+        and rv.base is None
+        and x.base is None
+        and gamma.base is None
+        and beta.base is None
+        and (nbt is None or nbt.base is None)
+    ):
         return rm is gamma or rm is beta or rv is gamma or rv is beta
     read = (x, gamma, beta)
-    return may_share(rm, read) or may_share(rv, read)
+    return may_share(rm, read) or may_share(rv, read) or (nbt is not None and may_share(nbt, (x, gamma, beta, rm, rv)))
 
 
 def backward_args(dy: Any, ctx: Any, out: Any) -> tuple[Canonical, Any] | None:

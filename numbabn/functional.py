@@ -302,6 +302,15 @@ def batch_norm_forward(
                         "running_mean and running_var must not overlap x, gamma, beta or residual "
                         "(they are updated in place before those are read)",
                     )
+            if num_batches_tracked is not None:
+                for other in (x, gamma, beta, residual, running_mean, running_var):
+                    be.check_apart(
+                        fn,
+                        num_batches_tracked,
+                        other,
+                        "num_batches_tracked must not overlap x, gamma, beta, residual or the running "
+                        "statistics (it is incremented in place)",
+                    )
         stats, count = B.check_moments(fn, moments, cx, training)
         B.check_training_batch(fn, count, cx.shape, training, tracking, momentum, nbt, moments is not None)
         y = be.output(
@@ -315,12 +324,13 @@ def batch_norm_forward(
             else "out must not overlap x or residual (the backward pass reads them)",
         )
         if out is not None:
-            for other in (gamma, beta, running_mean, running_var):
+            for other in (gamma, beta, running_mean, running_var, num_batches_tracked if tracking else None):
                 be.check_apart(
                     fn,
                     out,
                     other,
-                    "out must not overlap gamma, beta or the running statistics (the forward reads or updates them)",
+                    "out must not overlap gamma, beta, the running statistics or num_batches_tracked (the "
+                    "forward reads or updates them)",
                 )
 
     factor = B.resolve_momentum(tracking, momentum, nbt)

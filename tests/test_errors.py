@@ -218,7 +218,7 @@ def test_out_overlapping_parameters_or_running_stats_is_refused():
         view[...] = args[target]
         args[target] = view
         before = view.copy()
-        with pytest.raises(ValueError, match="out must not overlap gamma, beta or the running statistics"):
+        with pytest.raises(ValueError, match="out must not overlap gamma, beta, the running statistics or num"):
             numbabn.batch_norm_forward(X, args.pop("gamma"), num_batches_tracked=nbt, out=out, **args)
         np.testing.assert_array_equal(view, before)
         assert int(nbt) == 5
@@ -264,6 +264,39 @@ def test_running_stats_overlapping_what_training_reads_are_refused(stat, read, v
     # eval only reads them: sharing is harmless and accepted
     kw = dict(arrays)
     numbabn.batch_norm_forward(kw.pop("x"), kw.pop("gamma"), kw.pop("beta"), training=False, **kw)
+
+
+@pytest.mark.parametrize("target", ["x", "gamma", "running_mean", "running_var", "out"])
+def test_a_counter_overlapping_another_array_is_refused(target):
+    """num_batches_tracked is incremented in place: an int64 view into another
+    argument's memory put its +1 into the float bits of x, a running statistic or
+    ``out`` (silently, on both paths)."""
+    x = np.random.default_rng(0).standard_normal((4, 2, 8)).astype(np.float64)
+    arrays = dict(
+        x=x,
+        gamma=np.full(2, 2.0),
+        running_mean=np.zeros(2),
+        running_var=np.ones(2),
+        out=np.zeros_like(x),
+    )
+    nbt = arrays[target].reshape(-1)[:1].view(np.int64)  # float64 memory seen as the counter
+    nbt[...] = 0
+    before = {k: v.copy() for k, v in arrays.items()}
+    kw = dict(arrays, num_batches_tracked=nbt)
+    fragment = "out must not overlap .*num_batches_tracked" if target == "out" else "num_batches_tracked must not"
+    with pytest.raises(ValueError, match=fragment):
+        numbabn.batch_norm_forward(kw.pop("x"), kw.pop("gamma"), **kw)
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(v, before[k])
+    # eval never writes the counter: accepted
+    kw = dict(arrays, num_batches_tracked=nbt)
+    numbabn.batch_norm_forward(kw.pop("x"), kw.pop("gamma"), training=False, **kw)
+
+
+def test_activation_as_an_array_is_refused_naming_it():
+    for value in (np.array(["relu"]), np.array(["relu", "relu"])):
+        with pytest.raises(ValueError, match="activation must be None or 'relu', got array"):
+            numbabn.batch_norm_forward(X, activation=value)
 
 
 @pytest.mark.parametrize(
