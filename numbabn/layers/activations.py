@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy.special import expit
 
 from .._typing import FloatArray
 from .base import Layer
@@ -64,11 +65,10 @@ class Sigmoid(_Elementwise):
 
     @staticmethod
     def _apply(x: FloatArray) -> tuple[FloatArray, FloatArray]:
-        # 0.5 + 0.5*tanh(x/2) is the same function without exp overflow warnings
-        # for large |x|, and it stays in the input's dtype.
-        y = np.tanh(x * 0.5)
-        y *= 0.5
-        y += 0.5
+        # SciPy's expit: in the input's dtype, no overflow warnings, and accurate where
+        # y is tiny (0.5 + 0.5*tanh(x/2) cancelled there: 44 % off at x = -17 in
+        # float32, and 0 from x = -20 where y is 2e-9).
+        y = expit(x)
         return y, y
 
     @staticmethod
