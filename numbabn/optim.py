@@ -66,6 +66,10 @@ class Optimizer:
         self, params: Iterable[Parameter], decayed: Iterable[Parameter] | None = None, **hyperparameters: Any
     ) -> None:
         fn = type(self).__name__
+        if not isinstance(params, Iterable):
+            raise TypeError(
+                f"{fn}: params must be an iterable of Parameters (layer.parameters()), got {V.describe(params)}"
+            )
         params = list(params)
         if not params:
             raise ValueError(f"{fn}: params is empty")
@@ -77,7 +81,7 @@ class Optimizer:
         self.params = params
         hyper = self._hyperparameters(**hyperparameters)
         # Positions, not ids: they stay valid across pickling and deep copies.
-        self.decayed = None if decayed is None else frozenset(self._select(f"{fn}: decayed", decayed))
+        self.decayed = None if decayed is None else frozenset(self._select(fn, "decayed", decayed))
         self.state: list[dict[str, Any]] = [{} for _ in params]
         self.__dict__.update(hyper)
 
@@ -96,7 +100,7 @@ class Optimizer:
         """
         fn = f"{type(self).__name__}.step"
         hyper = self._hyperparameters(**self.hyperparameters())  # an assigned lr=-1 is caught here
-        indices = self._select(fn, params)
+        indices = self._select(fn, "params", params)
         todo = []
         for i in indices:
             p = self.params[i]
@@ -118,23 +122,28 @@ class Optimizer:
             np.copyto(self.params[i].value, value)
             self.state[i] = state
 
-    def _select(self, fn: str, params: Iterable[Parameter] | None) -> "range | list[int]":
-        """Positions in ``self.params`` of the parameters to update.
+    def _select(self, fn: str, name: str, params: Iterable[Parameter] | None) -> "range | list[int]":
+        """Positions in ``self.params`` of the parameters to update (``name``: the
+        argument that gave them, for the errors).
 
         Parameters are matched by identity against the managed list at call time (no
         stored ``id()`` table: that goes stale after pickling or deep-copying the
         optimizer, and a new object can reuse an old address)."""
         if params is None:
             return range(len(self.params))
+        if not isinstance(params, Iterable):
+            raise TypeError(
+                f"{fn}: {name} must be an iterable of Parameters managed by this optimizer, got {V.describe(params)}"
+            )
         position = {id(p): i for i, p in enumerate(self.params)}  # ids of live objects, valid for this call
         indices = []
         for p in params:
             i = position.get(id(p))
             if i is None or self.params[i] is not p:
-                raise ValueError(f"{fn}: {p!r} is not managed by this optimizer")
+                raise ValueError(f"{fn}: {name}: {p!r} is not managed by this optimizer")
             indices.append(i)
         if len(set(indices)) != len(indices):
-            raise ValueError(f"{fn}: params names the same Parameter more than once")
+            raise ValueError(f"{fn}: {name} names the same Parameter more than once")
         return indices
 
     def _check_entry(self, fn: str, p: Parameter, state: dict[str, Any]) -> None:
@@ -267,7 +276,9 @@ class SGD(Optimizer):
         lr, momentum, nesterov, weight_decay = (hyper[k] for k in self.HYPERPARAMETERS)
         if weight_decay:
             grad = grad + weight_decay * value
-        new_state = {}
+        # A step without momentum keeps the buffer as it is, as torch.optim.SGD does: a
+        # momentum set to 0 for a while and then back on carries on from it.
+        new_state = dict(state)
         if momentum:
             buf = state.get("momentum_buffer")
             if buf is None:

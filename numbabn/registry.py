@@ -163,7 +163,9 @@ def available_layers() -> dict[str, str]:
 
 def layer_class(name: str) -> "type[Layer]":
     """The class registered as ``name`` (:class:`UnknownLayerError`, a KeyError
-    listing the available names, if there is none)."""
+    listing the available names, if there is none; TypeError if ``name`` is not a str)."""
+    if not isinstance(name, str):
+        raise TypeError(f"numbabn: name must be a layer's name (a str), got {type(name).__name__} {name!r:.80}")
     _ensure_discovered()
     entry = _registry.get(name)
     if entry is None:

@@ -126,7 +126,9 @@ def test_out_overlapping_running_stats_on_the_device(rng):
     x = cuda.to_device(rng.standard_normal((4, 3)).astype(np.float32))
     buf = cuda.device_array((4, 3), np.float32)
     rm = buf.reshape(12)[:3]
-    with pytest.raises(ValueError, match="out must not overlap gamma, beta, the running statistics or num_batches_tracked"):
+    with pytest.raises(
+        ValueError, match="out must not overlap gamma, beta, the running statistics or num_batches_tracked"
+    ):
         numbabn.batch_norm_forward(x, running_mean=rm, running_var=cuda.to_device(np.ones(3, np.float32)), out=buf)
     rv = cuda.to_device(np.ones(3, np.float32))
     with pytest.raises(ValueError, match="running_mean and running_var must not overlap"):

@@ -243,16 +243,17 @@ def blobs():
 
 
 def test_failed_classifier_refit_keeps_the_trained_model(blobs):
-    """early_stopping with a class of one member: the stratified split fails after the
-    labels were read -- the trained model, classes_, n_iter_, score all stay."""
+    """early_stopping on two classes, one of them with one member: the stratified split
+    (binary targets only, as scikit-learn's) fails after the labels were read -- the
+    trained model, classes_, n_iter_, score all stay."""
     from numbabn.sklearn import BNMLPClassifier
 
     X, y = blobs
     clf = BNMLPClassifier(hidden_layer_sizes=(16,), max_iter=30, random_state=0, early_stopping=True).fit(X, y)
     before, score, n_iter, pred = _fitted_bytes(clf), clf.score(X, y), clf.n_iter_, clf.predict(X)
-    y_bad = y.copy()
-    y_bad[0] = 9  # class 9 has one member
-    with pytest.raises(ValueError):
+    y_bad = np.zeros_like(y)
+    y_bad[0] = 9  # two classes, class 9 with one member
+    with pytest.raises(ValueError, match="least populated class"):
         clf.fit(X, y_bad)
     assert _fitted_bytes(clf) == before
     assert clf.score(X, y) == score and clf.n_iter_ == n_iter and 9 not in clf.classes_
@@ -269,6 +270,32 @@ def test_failed_classifier_refit_keeps_the_trained_model(blobs):
     with pytest.raises(ValueError):
         clf.partial_fit(X[:, :2], y)
     assert _fitted_bytes(clf.set_params(early_stopping=True)) == before
+
+
+@pytest.mark.parametrize("call", ["fit", "partial_fit"])
+def test_sgd_interrupted_midway_keeps_the_trained_model(blobs, monkeypatch, call):
+    """Ctrl-C in the loss of an epoch's third step: the estimator trains a working copy
+    (its trainer saves no per-step state), and the fitted model is as it was."""
+    from numbabn.layers import SoftmaxCrossEntropy
+    from numbabn.sklearn import BNMLPClassifier
+
+    X, y = blobs
+    clf = BNMLPClassifier(hidden_layer_sizes=(8,), batch_size=20, max_iter=3, warm_start=True, random_state=0)
+    clf.fit(X, y)
+    before, pred = _fitted_bytes(clf), clf.predict_proba(X)
+    real, calls = SoftmaxCrossEntropy.forward, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SoftmaxCrossEntropy, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        getattr(clf, call)(X, y)
+    assert _fitted_bytes(clf) == before
+    np.testing.assert_array_equal(clf.predict_proba(X), pred)
 
 
 @pytest.mark.parametrize("warm_start", [False, True])
@@ -333,7 +360,7 @@ def test_failed_first_fit_leaves_the_estimator_unfitted(blobs, call):
             lambda e: (
                 getattr(e, call)(X, y, **({"classes": [0]} if call == "partial_fit" else {}))
                 if call == "partial_fit"
-                else e.set_params(early_stopping=True).fit(X, np.r_[y[:-1], 9])
+                else e.set_params(early_stopping=True).fit(X, np.r_[np.zeros(len(y) - 1, int), 9])
             ),
         ),
         (BNMLPRegressor(), lambda e: getattr(e, call)(X, np.array(["a"] * len(y)))),

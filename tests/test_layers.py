@@ -300,6 +300,20 @@ def test_sequential_indexing_shares_layers(rng):
         Sequential(a, "relu")
 
 
+def test_slicing_a_sequential_keeps_every_layers_mode(rng):
+    """A slice shares the layers: it takes the model's own flag and sets none of theirs
+    (a batch norm frozen in eval mode inside a training model stays frozen)."""
+    lin, norm, out = Linear(3, 4, rng=rng), BatchNorm1d(4), Linear(4, 2, rng=rng)
+    model = Sequential(lin, norm, out)
+    norm.eval()
+    tail = model[1:]
+    assert tail.training and model.training and not norm.training and lin.training and out.training
+    model.eval()
+    lin.train()
+    head = model[:2]
+    assert not head.training and not model.training and lin.training and not norm.training and not out.training
+
+
 def test_a_layer_used_twice_in_one_model_is_refused(rng):
     """A layer keeps its last forward's input for its backward: used twice, the
     second forward would overwrite it and the weight gradient would be wrong

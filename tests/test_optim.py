@@ -26,6 +26,20 @@ def grads_for(rng, steps, dtype=np.float64):
     return [[rng.standard_normal(s).astype(dtype) for s in SHAPES] for _ in range(steps)]
 
 
+def step_both(opt, topt, params, tparams, grads):
+    """One step of numbabn's optimizer and of torch's on the same gradients."""
+    for p, tp, g in zip(params, tparams, grads, strict=True):
+        p.grad, tp.grad = g.copy(), torch_tensor(g)
+    opt.step()
+    topt.step()
+
+
+def torch_tensor(a):
+    import torch
+
+    return torch.tensor(a)
+
+
 def run(opt, params, grads):
     for step in grads:
         for p, g in zip(params, step, strict=True):
@@ -42,14 +56,30 @@ def test_matches_torch_optim(rng, cls, kwargs, dtype):
     opt = cls(params, **kwargs)
     topt = getattr(torch.optim, cls.__name__)(tparams, **kwargs)
     for step in grads_for(rng, 6, dtype):
-        for p, tp, g in zip(params, tparams, step, strict=True):
-            p.grad, tp.grad = g.copy(), torch.tensor(g)
-        opt.step()
-        topt.step()
+        step_both(opt, topt, params, tparams, step)
         tol = dict(rtol=1e-12, atol=1e-14) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-6)
         for p, tp in zip(params, tparams, strict=True):
             assert p.value.dtype == dtype
             np.testing.assert_allclose(p.value, tp.detach().numpy(), **tol)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_switched_off_and_on_again_follows_torch(rng, nesterov):
+    """torch.optim.SGD keeps its momentum buffer through steps with momentum 0 and goes
+    on from it; dropping it made the parameters 0.3-1.0 off from the next step on."""
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: no reference optimizer")
+    params = make_params(rng)
+    tparams = [torch.nn.Parameter(torch.tensor(p.value)) for p in params]
+    opt = SGD(params, lr=0.05, momentum=0.9, nesterov=nesterov)
+    topt = torch.optim.SGD(tparams, lr=0.05, momentum=0.9, nesterov=nesterov)
+    for i, step in enumerate(grads_for(rng, 9)):
+        momentum = 0.0 if i in (3, 4) else 0.9
+        opt.momentum = topt.param_groups[0]["momentum"] = momentum
+        if nesterov:  # nesterov needs momentum > 0 in both: plain steps meanwhile
+            opt.nesterov = topt.param_groups[0]["nesterov"] = momentum > 0
+        step_both(opt, topt, params, tparams, step)
+        for p, tp in zip(params, tparams, strict=True):
+            np.testing.assert_allclose(p.value, tp.detach().numpy(), rtol=1e-12, atol=1e-14)
 
 
 def test_zero_grad_skips_parameters_without_gradient(rng):
@@ -321,10 +351,7 @@ def test_decayed_mask_matches_torch_param_groups(rng, cls, kwargs):
     groups = [{"params": [tparams[0], tparams[2]]}, {"params": [tparams[1]], "weight_decay": 0.0}]
     topt = getattr(torch.optim, cls.__name__)(groups, **kwargs)
     for step in grads_for(rng, 5):
-        for p, tp, g in zip(params, tparams, step, strict=True):
-            p.grad, tp.grad = g.copy(), torch.tensor(g)
-        opt.step()
-        topt.step()
+        step_both(opt, topt, params, tparams, step)
     for p, tp in zip(params, tparams, strict=True):
         np.testing.assert_allclose(p.value, tp.detach().numpy(), rtol=1e-12, atol=1e-14)
     # and the mask matters: decaying everything gives other values
@@ -342,5 +369,21 @@ def test_decayed_must_be_managed_parameters(rng):
     other = Parameter("other", np.zeros(3))
     with pytest.raises(ValueError, match=r"SGD: decayed: .*other.* is not managed by this optimizer"):
         SGD(params, lr=0.1, weight_decay=0.1, decayed=[params[0], other])
-    with pytest.raises(ValueError, match="the same Parameter more than once"):
+    with pytest.raises(ValueError, match="decayed names the same Parameter more than once"):
         Adam(params, weight_decay=0.1, decayed=[params[0], params[0]])
+
+
+def test_an_argument_that_is_not_iterable_is_named(rng):
+    params = make_params(rng)
+    with pytest.raises(TypeError, match=r"^SGD: params must be an iterable of Parameters .*, got int 5$"):
+        SGD(5, lr=0.1)
+    with pytest.raises(TypeError, match=r"^Adam: decayed must be an iterable of Parameters .*, got int 5$"):
+        Adam(params, weight_decay=0.1, decayed=5)
+    opt = SGD(params, lr=0.1, momentum=0.9)
+    run(opt, params, grads_for(rng, 1))
+    for p, g in zip(params, grads_for(rng, 1)[0], strict=True):
+        p.grad = g
+    snap = _snapshot(params, opt)
+    with pytest.raises(TypeError, match=r"^SGD.step: params must be an iterable of Parameters .*, got int 5$"):
+        opt.step(5)
+    _assert_unchanged(params, opt, snap)

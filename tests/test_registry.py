@@ -46,6 +46,12 @@ def test_unknown_name_lists_what_is_available():
     assert "batch_norm1d" in message and "group_norm" in message
 
 
+@pytest.mark.parametrize("lookup", [registry.layer_class, registry.get_layer])
+def test_a_name_that_is_not_a_str_is_a_type_error_naming_it(lookup):
+    with pytest.raises(TypeError, match=r"^numbabn: name must be a layer's name \(a str\), got list \['x'\]$"):
+        lookup(["x"])
+
+
 class FakeEntryPoint:
     """What importlib.metadata yields, with a distribution we control; loading is
     delegated to a real EntryPoint so import errors are genuine."""

@@ -169,6 +169,23 @@ def test_cli_runs_an_experiment(tmp_path):
     assert config["ics_layers"] == [3]  # depth 4 has no layer 8 or 16: the last one
 
 
+def test_cli_json_names_the_published_figures_and_repeats_byte_for_byte(tmp_path):
+    """``--out`` writes in a staging directory first: the JSON names each figure by its
+    path relative to DIR, which holds after the move, so two runs of the same command
+    write the same bytes."""
+    files = []
+    for out in (tmp_path / "first", tmp_path / "second"):
+        command = ["experiment", "ics", "--steps", "2", "--seed", "0", "--out", str(out), "--json"]
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 0, result.output
+        printed = json.loads(result.output)["figures"]
+        figures = json.loads((out / "ics.json").read_text())["summary"]["figures"]
+        assert figures == ["ics_fig3.png"] and printed == [str(out / "ics_fig3.png")]
+        assert all((out / figure).is_file() for figure in figures)
+        files.append((out / "ics.json").read_bytes())
+    assert files[0] == files[1]
+
+
 def test_cli_options():
     runner = CliRunner()
     both = runner.invoke(main, ["experiment", "ics", "--seeds", "2", "--seed", "1"])

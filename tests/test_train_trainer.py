@@ -4,6 +4,7 @@ numbabn.train.lr_search.largest_stable_lr (its search is tested in test_train_su
 
 import io
 import json
+import pickle
 import re
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from numbabn.layers import Linear, MSELoss, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from numbabn.optim import SGD
-from numbabn.train import GradientNorm, HessianEigenvalue, History, LandscapeProbe, Trainer
+from numbabn.train import GradientNorm, HessianEigenvalue, History, LandscapeProbe, Metric, Trainer
 from numbabn.train.lr_search import largest_stable_lr
 
 from .train_nets import all_metrics, bn_net, data, two_layer
@@ -132,10 +133,218 @@ def test_trainer_errors(rng):
         Trainer(model, MSELoss(), opt, batch_size=2, seed=0, metrics=[GradientNorm(), GradientNorm()])
     with pytest.raises(TypeError, match="callable"):
         Trainer(model, MSELoss(), opt, batch_size=2, seed=0, metrics=[3])
+    with pytest.raises(TypeError, match=r"^Trainer: metrics must be a sequence of callables .*, got int 5$"):
+        Trainer(model, MSELoss(), opt, batch_size=2, seed=0, metrics=5)
     with pytest.raises(ValueError, match="spacing"):
         LandscapeProbe(spacing="cubic")
     hist = tr.fit(X, y, steps=3)
     assert hist.accuracy is None and "accuracy" not in hist.eval
+
+
+# ---------------------------------------------------------------- a run split into several fits
+def _state(trainer):
+    """Everything that decides the rest of a run, as bytes and plain values."""
+    model = trainer.model
+    arrays = [v.tobytes() for v in model.state_dict().values()]
+    generators = [layer.rng.bit_generator.state for layer in model if hasattr(layer, "rng")]
+    optimizer = [{k: v.tobytes() for k, v in s.items()} for s in trainer.optimizer.state_dict()["state"]]
+    return arrays, generators, optimizer, trainer.rng.bit_generator.state, trainer.steps_done
+
+
+def _records(histories):
+    """The step records of several fits, joined (the evaluations are left out: every fit
+    evaluates after its last step)."""
+    joined = {"step": [], "loss": [], "accuracy": [], "metrics": {}}
+    for h in histories:
+        for key in ("step", "loss", "accuracy"):
+            joined[key] += getattr(h, key)
+        for name, series in h.metrics.items():
+            for key, values in series.items():
+                joined["metrics"].setdefault(name, {}).setdefault(key, []).extend(values)
+    return joined
+
+
+class _BatchIds:
+    """A metric that notes the samples of each batch it sees (by X's first column)."""
+
+    name = "batch"
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, model, loss, optimizer, batch):
+        self.seen.append(batch[0][:, 0].tolist())
+        return 0.0
+
+
+def _split_run(parts, shuffle=True, weighted=False, loss=None, metrics=()):
+    """A NoisyBatchNorm net (its own generator) trained by one fit per entry of
+    ``parts`` (its step count); 100 samples in batches of 16: 6 steps an epoch."""
+    model, (X, y) = bn_net(4), data(11, 100)
+    ids = _BatchIds()
+    trainer = Trainer(
+        model,
+        loss or SoftmaxCrossEntropy(),
+        SGD(model.parameters(), lr=0.2, momentum=0.9),
+        batch_size=16,
+        seed=4,
+        shuffle=shuffle,
+        metrics=[ids, *metrics],
+        verbose=0,
+    )
+    weights = np.random.default_rng(5).uniform(0.0, 2.0, len(X)) if weighted else None
+    histories = [trainer.fit(X, y, steps=steps, sample_weight=weights) for steps in parts]
+    return trainer, histories, ids.seen
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("parts", [[3, 2], [1] * 5, [4, 5, 5], [6, 8], [5, 1, 8]])
+def test_several_fits_train_as_one_fit(shuffle, weighted, parts):
+    """A later fit continues the epoch in progress: the batches, the records and the
+    final state are those of one fit of all the steps, bit for bit (splits inside an
+    epoch, at its end, and across epochs of 6 steps)."""
+    one, [whole], seen = _split_run([sum(parts)], shuffle, weighted)
+    split, histories, split_seen = _split_run(parts, shuffle, weighted)
+    epoch = [i for batch in seen[:6] for i in batch]
+    assert split_seen == seen and len(set(epoch)) == len(epoch)  # no sample twice in an epoch
+    assert _records(histories) == _records([whole])
+    assert _state(split) == _state(one)
+
+
+def test_other_data_begins_a_new_epoch():
+    """The epoch in progress continues on the same data (equal arrays: a copy does);
+    other data (other values, or the same X with other y) begins a new one."""
+    X, y = data(11, 100)
+    other = X[::-1].copy()
+    orders = np.random.default_rng(4)  # the trainer's generator: one permutation per epoch
+    first, second, third = (orders.permutation(100) for _ in range(3))
+
+    def batch(x, order, b):
+        return x[order[16 * b : 16 * (b + 1)], 0].tolist()
+
+    trainer, _, seen = _split_run([3])
+    trainer.fit(X.copy(), y.copy(), steps=2)
+    trainer.fit(other, y, steps=2)
+    trainer.fit(other, (y + 1) % 3, steps=1)
+    assert seen == [batch(X, first, b) for b in range(5)] + [
+        batch(other, second, 0),
+        batch(other, second, 1),
+        batch(other, third, 0),
+    ]
+    ordered, _, seen = _split_run([3], shuffle=False)
+    ordered.fit(other, y, steps=1)  # in order: the new epoch starts at sample 0
+    assert seen[3] == other[:16, 0].tolist()
+
+
+def test_a_pickled_trainer_continues_the_epoch():
+    one, [whole], seen = _split_run([5])
+    trainer, [first], _ = _split_run([3])
+    copy = pickle.loads(pickle.dumps(trainer))
+    rest = copy.fit(*data(11, 100), steps=2)
+    assert first.loss + rest.loss == whole.loss and copy.metrics[0].seen == seen
+    assert _state(copy) == _state(one)
+
+
+class _Count(Metric):
+    """A metric with state: the number of its calls since the run began."""
+
+    name = "count"
+
+    def __init__(self):
+        self.calls = 0
+
+    def reset(self):
+        self.calls = 0
+
+    def __call__(self, model, loss, optimizer, batch):
+        self.calls += 1
+        return self.calls
+
+
+class _RaiseAt(SoftmaxCrossEntropy):
+    """A loss, or a metric (called with 4 arguments, recording 0), that raises ``error``
+    on its ``at``-th call."""
+
+    name = "raiser"
+
+    def __init__(self, at, error):
+        super().__init__()
+        self.at, self.error, self.calls = at, error, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            raise self.error
+        return 0.0 if len(args) == 4 else super().__call__(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "where, at, error",
+    [
+        ("loss", 4, KeyboardInterrupt),  # after the forward pass of step 3, inside the first epoch
+        ("loss", 7, KeyboardInterrupt),  # the first step of the second epoch
+        ("metric", 5, KeyboardInterrupt),  # before the forward pass, after the counting metric
+        ("loss", 1, SystemExit),  # the first step: nothing is kept
+    ],
+)
+def test_an_interrupt_keeps_the_steps_done_and_the_run_resumes_exactly(where, at, error):
+    """A BaseException that is not an Exception (Ctrl-C) keeps the completed steps and
+    their records (trainer.history) and undoes the step it cut short: running
+    statistics, counters, generators, a Metric's state, the epoch position. A later fit
+    then continues as the uninterrupted run, bit for bit."""
+    steps, done = 10, at - 1
+    one, [whole], _ = _split_run([steps], metrics=[_Count()])
+    raiser = _RaiseAt(at, error())
+    kwargs = {"loss": raiser, "metrics": [_Count()]} if where == "loss" else {"metrics": [_Count(), raiser]}
+    trainer, _, seen = _split_run([], **kwargs)
+    X, y = data(11, 100)
+    with pytest.raises(error):
+        trainer.fit(X, y, steps=steps)
+    assert trainer.steps_done == done and trainer.metrics[1].calls == done
+    kept = [trainer.history] if done else []  # interrupted in its first step, the call changed nothing
+    if done:
+        partial, [head], _ = _split_run([done], metrics=[_Count()])
+        kept[0].metrics.pop("raiser", None)
+        assert _records(kept) == _records([head]) and _state(trainer) == _state(partial)
+    else:
+        assert trainer.history is None and _state(trainer) == _state(_split_run([])[0])
+    rest = trainer.fit(X, y, steps=steps - done)
+    rest.metrics.pop("raiser", None)
+    assert _records([*kept, rest]) == _records([whole]) and _state(trainer) == _state(one)
+    assert seen[:done] + seen[-(steps - done) :] == _split_run([steps])[2]
+
+
+def test_an_interrupt_in_the_final_evaluation_drops_that_evaluation_only():
+    X, y = data(11, 100)
+
+    def trainer(loss):
+        model = bn_net(4)
+        opt = SGD(model.parameters(), lr=0.2, momentum=0.9)
+        return Trainer(model, loss, opt, batch_size=16, seed=4, eval_data=data(99, 40), verbose=0)
+
+    done = trainer(SoftmaxCrossEntropy())
+    whole = done.fit(X, y, steps=3)
+    cut = trainer(_RaiseAt(7, KeyboardInterrupt()))  # each step evaluates, then trains: call 7 is the last evaluation
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit(X, y, steps=3)
+    assert cut.steps_done == 3 and cut.history.eval == {k: v[:-1] for k, v in whole.eval.items()}
+    assert _records([cut.history]) == _records([whole]) and _state(cut) == _state(done)
+
+
+def test_a_failed_fit_also_restores_the_epoch_and_the_history():
+    """An Exception undoes the whole call (unlike an interrupt): the epoch position and
+    ``history`` too, so the run then continues as if the call never happened."""
+    one, [whole], _ = _split_run([5])
+    trainer, [first], _ = _split_run([3])
+    X, y = data(11, 100)
+    trainer.loss = _RaiseAt(2, RuntimeError("bad batch"))
+    with pytest.raises(RuntimeError, match="bad batch"):
+        trainer.fit(X, y, steps=2)
+    assert trainer.history is first and len(first.step) == 3 and trainer.steps_done == 3
+    trainer.loss = SoftmaxCrossEntropy()
+    rest = trainer.fit(X, y, steps=2)
+    assert first.loss + rest.loss == whole.loss and _state(trainer) == _state(one)
 
 
 @pytest.mark.parametrize(

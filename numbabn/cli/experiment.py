@@ -36,8 +36,10 @@ becomes ``Invalid value for '--ARG'``.
 parent of DIR must exist, DIR is created if missing, and this is checked before the
 experiment starts. The experiment writes into a temporary directory (inside DIR, or
 beside it while DIR does not exist) whose files move into DIR only when it succeeds,
-all of them or none (:func:`~numbabn.cli._common.staged_output_dir`; paths in the
-summary name DIR), so a run that fails leaves DIR as it was.
+all of them or none (:func:`~numbabn.cli._common.staged_output_dir`), so a run that
+fails leaves DIR as it was. Paths in the printed summary name DIR; the JSON names its
+figures relative to DIR (their file names), so its bytes do not depend on where it
+was written.
 
 The module is imported only when the experiments are listed or run (it imports the
 layers and Numba), never for ``numbabn --help``. Without it the group lists none.

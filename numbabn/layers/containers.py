@@ -17,7 +17,9 @@ class Sequential(Layer):
     ``seq[i]`` is the i-th layer, ``seq[i:j]`` a Sequential of the *same* layer
     objects (shared parameters, so ``opt.step(seq[:i].parameters())`` updates the
     first i layers of ``seq``), ``len(seq)``, ``iter(seq)`` and ``seq.layers``
-    (a tuple) work as expected. State-dict keys are "<index>.<name>".
+    (a tuple) work as expected. State-dict keys are "<index>.<name>". A slice takes
+    ``seq``'s own training flag and changes no layer's: each keeps its mode (a
+    layer put in eval mode inside a training ``seq`` stays so).
 
     ``forward`` and ``backward`` are all or nothing: if a layer raises, every layer
     of the chain is put back as it was (running statistics, caches, gradients).
@@ -72,7 +74,9 @@ class Sequential(Layer):
     def __getitem__(self, index: slice) -> "Sequential": ...
     def __getitem__(self, index: int | slice) -> "Layer | Sequential":
         if isinstance(index, slice):
-            return Sequential(*self.layers[index]).train(self.training)
+            part = Sequential(*self.layers[index])
+            part.training = self.training  # not .train(): that would set the shared layers' modes
+            return part
         return self.layers[index]
 
     def __len__(self) -> int:

@@ -13,7 +13,8 @@ out=None, progress=True)``, plus ``depth=None`` where the network has a depth:
   docs; explicit arguments still win;
 - ``out``: an existing directory that receives ``<name>.json`` (the configuration,
   every raw series as ``History.to_dict()`` keyed ``"lr=…/seed=…/net"``, and the
-  summary) and PNG figures, or None to write nothing;
+  summary, its ``figures`` relative to ``out``) and PNG figures, or None to write
+  nothing; the returned summary then adds their paths (``figures``, ``json``);
 - ``progress``: progress bars on a terminal.
 
 It returns a JSON-ready summary dict (the numbers quoted in docs/what_bn_does.md).
@@ -374,7 +375,11 @@ def _train(
 
 
 def _finish(name, out, config, runs, summary, figures, started):
-    """Write ``<name>.json`` and the figures (when ``out`` is given); the summary."""
+    """Write ``<name>.json`` and the figures (when ``out`` is given); the summary, with
+    the paths of the figures and of the JSON. The JSON's own summary names the figures
+    relative to ``out`` (their file names): the file then reads the same wherever it
+    lies (``numbabn experiment --out`` writes into a staging directory, then moves the
+    files), and two identical runs write identical bytes."""
     summary = jsonable(summary)
     if out is not None:
         summary["figures"] = [path for fig in figures for path in fig(out)]
@@ -382,7 +387,7 @@ def _finish(name, out, config, runs, summary, figures, started):
         payload = {
             "experiment": name,
             "config": jsonable(config),
-            "summary": summary,
+            "summary": {**summary, "figures": [os.path.relpath(figure, out) for figure in summary["figures"]]},
             "runs": {key(*k): h.to_dict() for k, h in runs.items()},
         }
         path.write_text(json.dumps(payload))
