@@ -244,7 +244,12 @@ def _cache_for(fn: Callable[..., Any]) -> "FunctionCache | NullCache":
     except RuntimeError as exc:  # Numba: "cannot cache function ...: no locator available"
         _warn_once(
             "locator",
-            f"numbabn: kernels will not be cached ({exc}); set NUMBA_CACHE_DIR to a writable directory to cache them",
+            f"numbabn: kernels will not be cached ({exc}); "
+            + (
+                "NUMBA_CACHE_DIR names a directory that cannot be used: point it at a writable one"
+                if os.environ.get("NUMBA_CACHE_DIR")
+                else "set NUMBA_CACHE_DIR to a writable directory to cache them"
+            ),
         )
         return _NoCache()
 

@@ -132,6 +132,24 @@ def test_transform_is_lazy(rng):
     np.testing.assert_array_equal(first, est.transform(x[:100]))
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_inverse_transform_is_lazy_and_equals_numpy(rng, dtype):
+    """It used to compute the whole array and return NumPy (with a FutureWarning)."""
+    x = data(rng, dtype=dtype)
+    est = BatchNormTransformer(gamma=2.0, beta=0.5).fit(x)
+    Y = est.transform(da.from_array(x, chunks=(130, 3)))
+    with Counter() as counter:
+        back = est.inverse_transform(Y)
+        assert counter.tasks == 0 and isinstance(back, da.Array) and back.chunks == Y.chunks
+    assert back.dtype == dtype
+    np.testing.assert_array_equal(back.compute(), est.inverse_transform(est.transform(x)))
+    bad = np.array(Y.compute())
+    bad[5, 1] = np.nan
+    lazy = est.inverse_transform(da.from_array(bad, chunks=(130, 3)))
+    with pytest.raises(ValueError, match="Input X contains NaN.\nBatchNormTransformer does not accept"):
+        lazy.compute()  # the message NumPy input gets, naming the estimator
+
+
 def test_int_dask_input_is_float64_like_numpy(rng):
     x = rng.integers(0, 10, (50, 3))
     est = BatchNormTransformer().fit(da.from_array(x, chunks=(20, 3)))

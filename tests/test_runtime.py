@@ -230,6 +230,8 @@ def test_an_unwritable_cache_dir_is_not_replaced_by_the_package_folder(tmp_path)
     _same(result, _expected())
     err = result.stderr.decode()
     assert err.count("CacheWarning") == 1 and "will not be cached" in err, err
+    # it is set: the advice is to point it elsewhere, not to set it
+    assert "NUMBA_CACHE_DIR names a directory that cannot be used" in err, err
 
 
 def test_a_cache_write_that_fails_warns_once_and_compiles_in_memory(tmp_path):

@@ -354,6 +354,24 @@ def check_ddp_training(rank, sizes):
         torch.testing.assert_close(p, q, **F64, msg=name)
 
 
+def check_uneven_inputs_under_join(rank, sizes):
+    """DDP's ``join(throw_on_early_termination=True)`` (what PyTorch documents for
+    SyncBatchNorm; without it the rank with data waits in the layer's all_gather): the
+    rank with a third batch and the one without both raise, and the parameters agree."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, C, 3, padding=1), torch.nn.BatchNorm2d(C)).double()
+    ddp = torch.nn.parallel.DistributedDataParallel(nbt.convert_batchnorm(model, sync=True))
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="exhausted"), ddp.join(throw_on_early_termination=True):
+        for step in range(3 if rank == 0 else 2):
+            x = torch.randn(sizes[rank] or 1, 2, 4, 5, generator=torch.Generator().manual_seed(step + rank))
+            opt.zero_grad()
+            ddp(x.double()).square().sum().backward()
+            opt.step()
+    for p in ddp.module.parameters():
+        assert _same_on_all_ranks(p.detach())
+
+
 SCENARIOS = {
     2: [
         (check_concatenated_batch, {}),
@@ -370,6 +388,7 @@ SCENARIOS = {
         (check_inputs_torch_nn_takes, {}),
         (check_wide_layer, {}),
         (check_ddp_training, {}),
+        (check_uneven_inputs_under_join, {}),
     ],
     3: [
         (check_concatenated_batch, dict(momentum=None)),

@@ -8,7 +8,7 @@ data-parallel training, Dask for out-of-core statistics. No networking of our ow
   settings all raise the same :class:`SyncError` instead of hanging.
 * :func:`rank_slice`, :func:`global_mean`, :func:`allreduce_gradients` --
   data-parallel training (:mod:`numbabn.distributed.data_parallel`); a runnable
-  example: ``mpiexec -n 2 python examples/data_parallel_mpi.py --check``.
+  example: ``mpiexec -n 2 python -m mpi4py examples/data_parallel_mpi.py --check``.
 * :mod:`numbabn.distributed.dask` -- :class:`~numbabn.sklearn.BatchNormTransformer`
   on Dask arrays: chunk moments by the Numba kernels merged in a tree, lazy transform.
 

@@ -24,9 +24,10 @@ Dask array is actually handled. The hooks used by
 
 Limits: 2-D arrays for the transformer (any ndim for :func:`moments`); Dask
 DataFrames are not accepted (convert with ``.to_dask_array(lengths=True)``), so
-``feature_names_in_`` is never set from a Dask input; ``inverse_transform`` takes
-NumPy input only. ``fit``/``partial_fit`` take ``sample_weight`` with a Dask X too
-(NumPy or Dask weights, cut along X's row chunks, which must be known).
+``feature_names_in_`` is never set from a Dask input. ``inverse_transform`` of a Dask
+array is lazy too (``map_blocks``, NaN/infinity raise when computed).
+``fit``/``partial_fit`` take ``sample_weight`` with a Dask X too (NumPy or Dask
+weights, cut along X's row chunks, which must be known).
 """
 
 import sys
@@ -64,7 +65,7 @@ def is_dask_array(X: Any) -> bool:
 def _block_moments(block: NDArray[Any], axis: int, check_finite: bool) -> Moments:
     """Moments of one chunk by the Numba kernel (one task per chunk)."""
     if check_finite:
-        assert_all_finite(block, input_name="X")
+        assert_all_finite(block, input_name="X", estimator_name="BatchNormTransformer")
     with _KERNEL_LOCK:
         return numpy_moments(block, axis=axis)
 
@@ -162,7 +163,7 @@ class FitBatch:
 def _block_weighted(block: NDArray[Any], w: Any, name: str) -> Summary:
     """Weighted moments of one chunk, its weights checked there (a Dask ``sample_weight``
     is only seen when computed)."""
-    assert_all_finite(block, input_name="X")
+    assert_all_finite(block, input_name="X", estimator_name="BatchNormTransformer")
     w = np.asarray(w, dtype=np.float64)
     if not np.isfinite(w).all() or (w < 0).any():
         raise ValueError(f"{name}: sample_weight must be finite and >= 0, got values in [{w.min()}, {w.max()}]")
@@ -238,7 +239,7 @@ def _transform_block(
     eps: float,
     block_info: Any = None,
 ) -> NDArray[Any]:
-    assert_all_finite(block, input_name="X")
+    assert_all_finite(block, input_name="X", estimator_name="BatchNormTransformer")
     cols = slice(*block_info[0]["array-location"][1])
     with _KERNEL_LOCK:
         return batch_norm_forward(
@@ -298,3 +299,17 @@ def transform(
 # Dask arrays take these paths in numbabn.sklearn.BatchNormTransformer (it imports this
 # module once dask.array is loaded; the transformer never names Dask's functions).
 register_array_kind(is_dask_array, sys.modules[__name__])
+
+
+def _inverse_block(block: NDArray[Any], scale: NDArray[Any], shift: NDArray[Any], block_info: Any = None) -> Any:
+    assert_all_finite(block, input_name="X", estimator_name="BatchNormTransformer")
+    cols = slice(*block_info[0]["array-location"][1])
+    return block * scale[cols] + shift[cols]
+
+
+def inverse_transform(X: Any, scale: NDArray[Any], shift: NDArray[Any]) -> Any:
+    """Lazy ``X*scale + shift`` per feature of a 2-D Dask array (``scale``, ``shift``
+    NumPy arrays of X's dtype and one value per column): what
+    ``BatchNormTransformer.inverse_transform`` computes in place for NumPy input.
+    Same chunks and dtype as ``X``; NaN/infinity raise when computed, as for NumPy."""
+    return X.map_blocks(_inverse_block, scale=scale, shift=shift, dtype=X.dtype)

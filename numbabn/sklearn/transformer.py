@@ -326,20 +326,24 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
         """
         check_is_fitted(self)
         copy = check_bool(type(self).__name__, "copy", self.copy if copy is None else copy)
-        X = check_array(
-            X,
-            dtype=FLOAT_DTYPES,
-            copy=copy,
-            accept_sparse=False,
-            ensure_all_finite=True,
-            input_name="X",
-            estimator=self,
-        )
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(
-                f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
-                f"{self.n_features_in_} features as input."
+        kind = _array_kind(X)
+        if kind is not None:
+            X = kind.check_array(self, X, reset=False)
+        else:
+            X = check_array(
+                X,
+                dtype=FLOAT_DTYPES,
+                copy=copy,
+                accept_sparse=False,
+                ensure_all_finite=True,
+                input_name="X",
+                estimator=self,
             )
+            if X.shape[1] != self.n_features_in_:
+                raise ValueError(
+                    f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                    f"{self.n_features_in_} features as input."
+                )
         eps, _, gamma, beta = self._check_params(X.shape[1])
         if np.any(gamma == 0):
             raise ValueError(
@@ -348,6 +352,8 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
             )
         scale = np.sqrt(self.var_ + eps) / gamma
         shift = self.mean_ - beta * scale
+        if kind is not None:  # lazy, like transform
+            return kind.inverse_transform(X, scale.astype(X.dtype), shift.astype(X.dtype))
         if not X.flags.writeable:
             X = X.copy()
         X *= scale.astype(X.dtype)
@@ -358,8 +364,9 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
 # ---------------------------------------------------------------- other array kinds
 # Array kinds that are not NumPy-compatible register how the transformer handles them:
 # (is_kind(X) -> bool, support), support having fit_batch(estimator, X, reset) -> a
-# batch with ``shape`` and ``moments``, check_array(estimator, X, reset) -> X, and
-# transform(X, gamma, beta, running_mean, running_var, eps, training) -> Y. The support
+# batch with ``shape`` and ``moments``, check_array(estimator, X, reset) -> X,
+# transform(X, gamma, beta, running_mean, running_var, eps, training) -> Y and
+# inverse_transform(X, scale, shift) -> X*scale + shift (per feature). The support
 # module of a library registers itself when imported; the transformer imports it only
 # once that library is loaded (no array of its kind can exist before), so a Dask array
 # takes the Dask path with no extra import by the user, and NumPy-only users never

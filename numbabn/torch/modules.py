@@ -98,8 +98,10 @@ may be float32 or the input's 16-bit dtype (``module.half()``); they are used in
 float32.
 
 Memory formats: contiguous and ``channels_last``/``channels_last_3d`` inputs are
-read in place and the output has the input's format. CUDA tensors run on numbabn's
-CUDA backend through ``__cuda_array_interface__`` (zero copy; see ``numbabn.torch._bridge``).
+read in place and the output has the input's format. CUDA tensors go to PyTorch's own
+batch norm (cuDNN's) unless ``NUMBABN_TORCH_CUDA_KERNELS=1``, which runs them on
+numbabn's CUDA backend through ``__cuda_array_interface__`` (zero copy; see
+``numbabn.torch._bridge``).
 Double backward raises a clear error where the kernels run (an input handed to
 PyTorch's op, below the threshold above, has PyTorch's double backward), whether
 the second derivative goes through the input, the weight or the incoming gradient.

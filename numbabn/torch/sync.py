@@ -25,7 +25,9 @@ result equals one BatchNorm on the concatenation of the ranks' batches in rank
 order, to float rounding. ``weight.grad``/``bias.grad`` are this rank's share, as in
 ``torch.nn.SyncBatchNorm``: summed over the ranks they are the global batch's
 gradients, and DistributedDataParallel's averaging completes them like any other
-parameter's.
+parameter's. Uneven inputs under DDP's ``join()`` need
+``throw_on_early_termination=True``, as for ``torch.nn.SyncBatchNorm``: ``Join``
+shadows only DDP's own collectives, not this layer's ``all_gather``.
 
 The header makes misuse fail on every rank instead of hanging, crashing or merging
 garbage. The gathered row has one size on every rank, whatever the layer and the
