@@ -177,7 +177,7 @@ class _BatchIds:
         return 0.0
 
 
-def _split_run(parts, shuffle=True, weighted=False, loss=None, metrics=()):
+def _split_run(parts, shuffle=True, weighted=False, loss=None, metrics=(), exact_resume=False):
     """A NoisyBatchNorm net (its own generator) trained by one fit per entry of
     ``parts`` (its step count); 100 samples in batches of 16: 6 steps an epoch."""
     model, (X, y) = bn_net(4), data(11, 100)
@@ -191,6 +191,7 @@ def _split_run(parts, shuffle=True, weighted=False, loss=None, metrics=()):
         shuffle=shuffle,
         metrics=[ids, *metrics],
         verbose=0,
+        exact_resume=exact_resume,
     )
     weights = np.random.default_rng(5).uniform(0.0, 2.0, len(X)) if weighted else None
     histories = [trainer.fit(X, y, steps=steps, sample_weight=weights) for steps in parts]
@@ -289,15 +290,15 @@ class _RaiseAt(SoftmaxCrossEntropy):
     ],
 )
 def test_an_interrupt_keeps_the_steps_done_and_the_run_resumes_exactly(where, at, error):
-    """A BaseException that is not an Exception (Ctrl-C) keeps the completed steps and
-    their records (trainer.history) and undoes the step it cut short: running
-    statistics, counters, generators, a Metric's state, the epoch position. A later fit
-    then continues as the uninterrupted run, bit for bit."""
+    """With ``exact_resume``, a BaseException that is not an Exception (Ctrl-C) keeps
+    the completed steps and their records (trainer.history) and undoes the step it cut
+    short: running statistics, counters, generators, a Metric's state, the epoch
+    position. A later fit then continues as the uninterrupted run, bit for bit."""
     steps, done = 10, at - 1
     one, [whole], _ = _split_run([steps], metrics=[_Count()])
     raiser = _RaiseAt(at, error())
     kwargs = {"loss": raiser, "metrics": [_Count()]} if where == "loss" else {"metrics": [_Count(), raiser]}
-    trainer, _, seen = _split_run([], **kwargs)
+    trainer, _, seen = _split_run([], exact_resume=True, **kwargs)
     X, y = data(11, 100)
     with pytest.raises(error):
         trainer.fit(X, y, steps=steps)
@@ -313,6 +314,28 @@ def test_an_interrupt_keeps_the_steps_done_and_the_run_resumes_exactly(where, at
     rest.metrics.pop("raiser", None)
     assert _records([*kept, rest]) == _records([whole]) and _state(trainer) == _state(one)
     assert seen[:done] + seen[-(steps - done) :] == _split_run([steps])[2]
+
+
+def test_by_default_an_interrupt_keeps_the_steps_done_and_trains_the_cut_batch_again():
+    """Without ``exact_resume`` (no per-step copies of the model): the completed steps
+    and their records stay, the trainer's own state goes back to the cut step's start
+    (so the next fit trains that batch again), and the model keeps what the cut step
+    did: here its forward pass moved the running statistics, and no parameter changed.
+    (The interrupt used to lose the records, and the next fit skipped the cut batch.)"""
+    trainer, _, seen = _split_run([], loss=_RaiseAt(4, KeyboardInterrupt()))
+    X, y = data(11, 100)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(X, y, steps=10)
+    done, [head], head_seen = _split_run([3])
+    assert trainer.steps_done == 3 and _records([trainer.history]) == _records([head])
+    assert trainer.rng.bit_generator.state == done.rng.bit_generator.state
+    params = lambda t: [p.value.tobytes() for p in t.model.parameters()]  # noqa: E731
+    assert params(trainer) == params(done)
+    stats = lambda t: [b.tobytes() for layer in t.model for b in getattr(layer, "_buffers", {}).values()]  # noqa: E731
+    assert stats(trainer) != stats(done)  # the cut forward moved them: not undone by default
+    trainer.loss = SoftmaxCrossEntropy()
+    trainer.fit(X, y, steps=1)
+    assert seen[3:] == [seen[3], seen[3]] and seen[3] == _split_run([4])[2][3]  # the cut batch, trained again
 
 
 def test_an_interrupt_in_the_final_evaluation_drops_that_evaluation_only():

@@ -444,7 +444,7 @@ class _BaseBNMLP(BaseEstimator):
             loss = WEIGHTED[self._loss_class()](self._optimizer, self.alpha)
         else:
             loss = self._loss_class()()
-        trainer = Trainer(
+        return Trainer(
             self._model,
             loss,
             self._optimizer,
@@ -455,8 +455,6 @@ class _BaseBNMLP(BaseEstimator):
             record_every=self.record_every,
             verbose=0,
         )
-        trainer._step_checkpoints = False  # an interrupted fit drops this working copy whole
-        return trainer
 
     def _epoch(
         self, trainer: Any, X: NDArray[Any], targets: NDArray[Any], weights: NDArray[Any] | None = None
