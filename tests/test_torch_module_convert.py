@@ -296,6 +296,19 @@ def test_fold_batchnorm_refuses_weights_tied_to_another_module_and_changes_nothi
         assert torch.equal(v, before[k]), k
 
 
+def test_fold_batchnorm_on_the_meta_device_folds_and_still_sees_ties():
+    """Meta tensors have no memory (address 0): keyed by address, every parameter
+    looked tied to every other, and no meta model could be folded."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 5, 3), nn.BatchNorm2d(5)).eval()
+        tied = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)).eval()
+    tied[2].weight = tied[0].weight
+    nbt.fold_batchnorm(model)
+    assert [type(m) for m in model] == [nn.Conv2d, nn.Identity, nn.Conv2d, nn.Identity]
+    with pytest.raises(ValueError, match="tied"):
+        nbt.fold_batchnorm(tied)
+
+
 def test_fuse_relu_keeps_the_relus_mode():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()).eval()
     nbt.convert_batchnorm(model, fuse_relu=True)

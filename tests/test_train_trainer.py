@@ -247,6 +247,51 @@ def test_a_pickled_trainer_continues_the_epoch():
     assert _state(copy) == _state(one)
 
 
+def test_the_same_arrays_continue_without_hashing_them_again(monkeypatch):
+    """A loop of short fits on the same arrays hashes the data once, when the first call
+    leaves its epoch unfinished (each continuing call used to hash all of X)."""
+    from numbabn.train import trainer as trainer_module
+
+    calls = []
+    real = trainer_module._fingerprint
+    monkeypatch.setattr(trainer_module, "_fingerprint", lambda X, y: calls.append(1) or real(X, y))
+    trainer, _, _ = _split_run([])
+    X, y = data(11, 100)
+    for _ in range(5):
+        trainer.fit(X, y, steps=1)
+    assert len(calls) == 1
+    trainer.fit(X.copy(), y.copy(), steps=1)  # equal copies: hashed, and the epoch goes on
+    assert len(calls) == 2 and trainer._epoch is None  # the sixth step ended the 6-step epoch
+
+
+@pytest.mark.parametrize("change", [("batch_size", 50), ("batch_size", 8), ("shuffle", False)])
+def test_another_batch_size_or_shuffle_begins_a_new_epoch(change):
+    """The epoch in progress was cut with the old batch size: continuing it with another
+    gave empty batches (NaN losses, for ever) or trained samples twice in one epoch."""
+    trainer, _, seen = _split_run([2])
+    setattr(trainer, *change)
+    X, y = data(11, 100)
+    rng = np.random.default_rng()
+    rng.bit_generator.state = trainer.rng.bit_generator.state
+    order = rng.permutation(100) if trainer.shuffle else np.arange(100)  # a new epoch's
+    history = trainer.fit(X, y, steps=2)
+    assert np.isfinite(history.loss).all()
+    assert seen[2] == X[order[: trainer.batch_size], 0].tolist()
+    assert trainer._epoch is None or trainer._epoch.cut == (trainer.batch_size, trainer.shuffle)
+
+
+def test_a_trainer_pickled_by_an_earlier_version_loads_and_trains():
+    trainer, _, _ = _split_run([2])
+    old = dict(vars(trainer))
+    for name in ("history", "_epoch", "exact_resume"):
+        del old[name]
+    old["_step_checkpoints"] = True  # a name of the first version of that day
+    loaded = Trainer.__new__(Trainer)
+    loaded.__setstate__(old)  # what unpickling does with such a state
+    assert loaded.history is None and loaded._epoch is None and loaded.exact_resume is False
+    assert np.isfinite(loaded.fit(*data(11, 100), steps=3).loss).all()
+
+
 class _Count(Metric):
     """A metric with state: the number of its calls since the run began."""
 

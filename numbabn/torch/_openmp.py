@@ -106,6 +106,10 @@ _previous_hook: Any = None
 
 def _unraisable(info: Any) -> None:
     errors = _running.get(info.object)
+    if errors is None and info.object is None:
+        # Python 3.13 passes no object for a ctypes callback, only its repr in the message
+        message = info.err_msg or ""
+        errors = next((e for cb, e in list(_running.items()) if f"{id(cb):#x}" in message), None)
     if errors is not None and info.exc_value is not None:
         errors.append(info.exc_value)
     else:

@@ -186,8 +186,9 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     batch norm follows it in each of them (once, however many they are): folding
     changes its weights for every use. Raises ValueError, changing nothing, when such
     a batch norm is in training mode or has no running statistics, when the layer's
-    weight or bias is tied to another module's (it would be rescaled there too;
-    ``torch.nn.utils.fusion.fuse_conv_bn_eval`` builds a new layer instead), or when the layer
+    weight or bias is tied to another module's inside ``module`` (it would be rescaled
+    there too; ``torch.nn.utils.fusion.fuse_conv_bn_eval`` builds a new layer instead;
+    a tie to a module outside ``module`` cannot be seen: fold the whole model), or when the layer
     or the batch norm has forward hooks or a computed weight (the hook-based
     ``weight_norm`` and ``spectral_norm``, ``parametrize`` on the batch norm; a layer
     parametrized with ``torch.nn.utils.parametrize`` is of another class and left
@@ -215,7 +216,7 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
         layer = seq[i]
         for label in ("weight", "bias"):
             t = getattr(layer, label)
-            if t is not None and t.numel() > 0 and holders.get(t.untyped_storage().data_ptr(), set()) - {id(layer)}:
+            if t is not None and t.numel() > 0 and holders.get(_memory(t), set()) - {id(layer)}:
                 raise ValueError(
                     f"fold_batchnorm: the {label} of the {type(layer).__name__} at index {i} shares its memory "
                     "with another module's parameter or buffer (tied weights); folding would rescale it there "
@@ -245,14 +246,22 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def _holders(module: torch.nn.Module) -> dict[int, set[int]]:
-    """Storage address -> ids of the modules of ``module`` holding a parameter or
-    buffer in that storage (the same tensor, or a view of it)."""
-    holders: dict[int, set[int]] = {}
+def _memory(t: torch.Tensor) -> tuple[Any, ...]:
+    """Where ``t``'s values live: its device and storage address, or, for a tensor
+    without memory (the meta device, fake tensors: address 0), the tensor itself."""
+    address = t.untyped_storage().data_ptr()
+    return (t.device, address) if address else ("tensor", id(t))
+
+
+def _holders(module: torch.nn.Module) -> dict[tuple[Any, ...], set[int]]:
+    """:func:`_memory` -> ids of the modules of ``module`` holding a parameter or
+    buffer there (the same tensor, or a view of it). Only modules inside ``module``
+    are seen: a tie to a module outside it goes undetected."""
+    holders: dict[tuple[Any, ...], set[int]] = {}
     for m in module.modules():
         for t in (*m._parameters.values(), *m._buffers.values()):
             if t is not None and t.numel() > 0:
-                holders.setdefault(t.untyped_storage().data_ptr(), set()).add(id(m))
+                holders.setdefault(_memory(t), set()).add(id(m))
     return holders
 
 

@@ -23,12 +23,15 @@ batch instead: skipping the same samples every epoch would never train on them.
 The epoch in progress is trainer state (pickled with it, and put back with the rest
 when a call raises): a ``fit`` that stops inside an epoch leaves its order and
 position behind, and the next ``fit`` takes that epoch's remaining batches first if
-it is given the same data. Same means equal, not identical: X and y of the same
-shapes and dtypes whose bytes have the same CRC-32, so a copy of the arrays continues
-the epoch, and so does an unpickled trainer given the arrays again (the fingerprint
-costs one pass over the data; only a call that finds or leaves an epoch in progress
-computes it; ``sample_weight`` is not part of it). Other data drops the rest of that
-epoch, and the call begins a new one. Thus ``fit(steps=3)`` then ``fit(steps=2)``
+it is given the same data and ``batch_size`` and ``shuffle`` are as they were. Same
+data means the very same X and y objects (not hashed again: an array changed in place
+counts as the same), or arrays of the same shapes and dtypes whose values have the
+same CRC-32, so a copy of the arrays continues the epoch, and so does an unpickled
+trainer given the arrays again. The CRC costs one pass over the data (a strided
+array's in blocks of about 1 MiB, not one copy): once when a call leaves an epoch it
+began unfinished, and once more when a later call gets other array objects;
+``sample_weight`` is not part of it. Other data, or another ``batch_size`` or
+``shuffle``, drops the rest of that epoch, and the call begins a new one. Thus ``fit(steps=3)`` then ``fit(steps=2)``
 train on the batches of ``fit(steps=5)``, bit for bit, with or without shuffling,
 across epoch boundaries and with ``sample_weight``.
 
@@ -40,7 +43,9 @@ starts each :class:`~numbabn.train.metrics.Metric` afresh (its ``reset``), so a 
 instance reused from an earlier run records the same values as a new one.
 """
 
+import pickle
 import sys
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -69,20 +74,61 @@ def _metric_name(fn: str, metric: Any) -> str:
     return name
 
 
+def _crc(a: NDArray[Any]) -> int:
+    """CRC-32 of ``a``'s values in C order, without copying a C-contiguous array (a
+    strided one is copied a block of about 1 MiB of rows at a time; an object array is
+    hashed by its pickled values)."""
+    if a.dtype.hasobject:
+        return zlib.crc32(pickle.dumps(a))
+    if a.size == 0:
+        return 0
+    if a.flags.c_contiguous:
+        return zlib.crc32(a.reshape(-1).view(np.uint8).data)
+    rows = max(1, (1 << 20) // max(1, a[0].nbytes))
+    crc = 0
+    for i in range(0, len(a), rows):
+        crc = zlib.crc32(np.ascontiguousarray(a[i : i + rows]).reshape(-1).view(np.uint8).data, crc)
+    return crc
+
+
 def _fingerprint(X: NDArray[Any], y: NDArray[Any]) -> tuple[Any, ...]:
     """What identifies the data an epoch orders (module docstring): each array's shape,
-    dtype and the CRC-32 of its bytes."""
-    return tuple((a.shape, a.dtype.str, zlib.crc32(np.ascontiguousarray(a).data)) for a in (X, y))
+    dtype and the CRC-32 of its values."""
+    return tuple((a.shape, a.dtype.str, _crc(a)) for a in (X, y))
+
+
+class _Data:
+    """The data an epoch orders: its fingerprint, and weak references to its X and y so
+    that a later call given the very same arrays continues without hashing them again
+    (the references are not pickled: an unpickled trainer compares fingerprints)."""
+
+    __slots__ = ("fingerprint", "refs")
+
+    def __init__(self, X: NDArray[Any], y: NDArray[Any]) -> None:
+        self.fingerprint = _fingerprint(X, y)
+        self.refs: tuple[Any, Any] | None = (weakref.ref(X), weakref.ref(y))
+
+    def same(self, X: NDArray[Any], y: NDArray[Any]) -> bool:
+        if self.refs is not None and self.refs[0]() is X and self.refs[1]() is y:
+            return True
+        return self.fingerprint == _fingerprint(X, y)
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return self.fingerprint
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.fingerprint, self.refs = state, None
 
 
 class _Epoch(NamedTuple):
-    """The epoch in progress: its sample order, the position of its next batch and the
-    fingerprint of its data (None while the call that began it runs: computed only if
-    the call leaves the epoch unfinished)."""
+    """The epoch in progress: its sample order, the position of its next batch, its
+    data (None while the call that began it runs: fingerprinted only if the call
+    leaves the epoch unfinished) and the (batch_size, shuffle) it is cut with."""
 
     order: NDArray[np.intp]
     position: int
-    data: tuple[Any, ...] | None
+    data: _Data | None
+    cut: tuple[int, bool] | None = None
 
 
 def _lengths(history: History) -> tuple[int, int, dict[str, int]]:
@@ -232,22 +278,34 @@ class Trainer:
         self.history: History | None = None
         self._epoch: _Epoch | None = None  # the epoch in progress, None between epochs
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Trainers pickled before the epoch in progress, ``history`` and
+        # ``exact_resume`` existed (2026-12-05) load with their defaults.
+        state.setdefault("history", None)
+        state.setdefault("_epoch", None)
+        state.setdefault("exact_resume", False)
+        state.pop("_step_checkpoints", None)
+        if state["_epoch"] is not None and state["_epoch"].cut is None:
+            state["_epoch"] = None  # an epoch of that day's first version: begin a new one
+        self.__dict__.update(state)
+
     # ------------------------------------------------------------ pieces
     def _next_batch(self, n: int) -> NDArray[np.intp]:
         """The index array of the next batch (module docstring); draws the order of a
         new epoch when none is in progress."""
         if self._epoch is None:
-            self._epoch = _Epoch(self.rng.permutation(n) if self.shuffle else np.arange(n), 0, None)
-        order, b, data = self._epoch
+            order = self.rng.permutation(n) if self.shuffle else np.arange(n)
+            self._epoch = _Epoch(order, 0, None, (self.batch_size, self.shuffle))
+        order, b, data, cut = self._epoch
         per_epoch = n // self.batch_size
         end = n if not self.shuffle and b == per_epoch - 1 else (b + 1) * self.batch_size
-        self._epoch = None if b + 1 == per_epoch else _Epoch(order, b + 1, data)
+        self._epoch = None if b + 1 == per_epoch else _Epoch(order, b + 1, data, cut)
         return order[b * self.batch_size : end]
 
     def _seal_epoch(self, X: NDArray[Any], y: NDArray[Any]) -> None:
         """Give an epoch that this call began and leaves unfinished its data's fingerprint."""
         if self._epoch is not None and self._epoch.data is None:
-            self._epoch = self._epoch._replace(data=_fingerprint(X, y))
+            self._epoch = self._epoch._replace(data=_Data(X, y))
 
     def _checkpoint(self, model: bool = True) -> tuple[Any, ...]:
         """Everything a step may change, for :meth:`_rewind`: the model and the optimizer
@@ -376,8 +434,11 @@ class Trainer:
             if steps is not None
             else _positive_int(fn, "epochs", epochs) * (n // self.batch_size)
         )
-        if self._epoch is not None and self._epoch.data != _fingerprint(X, y):
-            self._epoch = None  # other data: the epoch in progress ends here
+        epoch = self._epoch
+        if epoch is not None and (
+            epoch.cut != (self.batch_size, self.shuffle) or epoch.data is None or not epoch.data.same(X, y)
+        ):
+            self._epoch = None  # other data, or batch_size or shuffle changed: the epoch in progress ends here
         history = self.history = History(
             classification=self.classification,
             meta={
