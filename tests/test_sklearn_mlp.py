@@ -103,11 +103,13 @@ def test_classifier_learns_digits(digits):
     assert proba.shape == (len(X_te), 10)
     assert_allclose(proba.sum(axis=1), 1.0)
     assert_array_equal(clf.predict(X_te), clf.classes_[proba.argmax(axis=1)])
-    # history_: one entry per Trainer step, floor(n / batch_size) steps per epoch.
-    steps_per_epoch = len(X_tr) // 200
+    # history_: one entry per Trainer step, ceil(n / batch_size) steps per epoch (the
+    # last of n mod 200 samples), the epoch's loss weighted by the batch sizes
+    sizes = [200] * (len(X_tr) // 200) + [len(X_tr) % 200]
+    steps_per_epoch = len(sizes)
     assert clf.history_.step == list(range(15 * steps_per_epoch))
     assert len(clf.history_.accuracy) == 15 * steps_per_epoch
-    assert_allclose(clf.loss_curve_[0], np.mean(clf.history_.loss[:steps_per_epoch]))
+    assert_allclose(clf.loss_curve_[0], np.dot(clf.history_.loss[:steps_per_epoch], sizes) / len(X_tr))
 
 
 def test_partial_fit_classifier(digits):
@@ -394,6 +396,22 @@ def test_early_stopping_stratifies_only_binary_targets_as_scikit_learn():
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf = BNMLPClassifier(hidden_layer_sizes=(8,), early_stopping=True, max_iter=3, random_state=0)
             assert clf.fit(X, y).n_iter_ >= 1
+
+
+def test_every_sample_trains_each_epoch_in_a_last_smaller_batch():
+    """scikit-learn's gen_batches: 399 samples at batch_size 200 are batches of 200 and
+    199 (numbabn skipped the 199, so a partial_fit of 399 trained on 200); the epoch's
+    loss weighs each batch by its size, as scikit-learn's loss_."""
+    X, y = make_regression(399, 3, random_state=0)
+    for batch_norm in (True, False):
+        est = BNMLPRegressor(hidden_layer_sizes=(8,), batch_norm=batch_norm, batch_size=200, random_state=0)
+        est.partial_fit(X, y / 100)
+        assert est.t_ == 399 and len(est.history_.step) == 2
+        assert est.loss_ == pytest.approx(np.dot(est.history_.loss, [200, 199]) / 399, rel=1e-12)
+    X, y = make_regression(401, 3, random_state=0)  # one sample left: it joins the last batch
+    est = BNMLPRegressor(hidden_layer_sizes=(8,), batch_size=200, random_state=0).partial_fit(X, y / 100)
+    assert est.t_ == 401 and len(est.history_.step) == 2
+    assert est.loss_ == pytest.approx(np.dot(est.history_.loss, [200, 201]) / 401, rel=1e-12)
 
 
 def test_regressor_refuses_a_text_target_naming_it():
@@ -688,7 +706,7 @@ def test_fitted_attributes_are_scikit_learns(ours, theirs, early_stopping):
     assert est.n_layers_ == ref.n_layers_ == 4
     assert est.out_activation_ == ref.out_activation_  # softmax for 3 classes, identity for regression
     n_train = len(X) - (ceil(0.1 * len(X)) if early_stopping else 0)
-    assert est.t_ == 3 * (n_train // 20) * 20
+    assert est.t_ == ref.t_ == 3 * n_train  # every sample, the last batch of 14 or 20 included
     for name in ("validation_scores_", "best_validation_score_"):
         assert (getattr(est, name) is None) == (getattr(ref, name) is None) == (not early_stopping)
 

@@ -277,7 +277,42 @@ def test_another_batch_size_or_shuffle_begins_a_new_epoch(change):
     history = trainer.fit(X, y, steps=2)
     assert np.isfinite(history.loss).all()
     assert seen[2] == X[order[: trainer.batch_size], 0].tolist()
-    assert trainer._epoch is None or trainer._epoch.cut == (trainer.batch_size, trainer.shuffle)
+    assert trainer._epoch is None or trainer._epoch.cut == trainer._cut()
+
+
+@pytest.mark.parametrize(
+    "n, leftover, shuffle, sizes",
+    [
+        (100, "batch", True, [16] * 6 + [4]),  # scikit-learn's gen_batches
+        (97, "batch", True, [16] * 5 + [17]),  # one sample left: it joins the last batch
+        (96, "batch", False, [16] * 6),
+        (100, "join", True, [16] * 5 + [20]),
+        (100, "skip", False, [16] * 6),
+        (100, None, True, [16] * 6),  # the defaults: skip when shuffling
+        (100, None, False, [16] * 5 + [20]),  # join in order
+    ],
+)
+def test_leftover_rules_cut_each_epoch_as_documented(n, leftover, shuffle, sizes):
+    model, (X, y) = bn_net(4), data(11, n)
+    ids = _BatchIds()
+    trainer = Trainer(
+        model,
+        SoftmaxCrossEntropy(),
+        SGD(model.parameters(), lr=0.1),
+        batch_size=16,
+        seed=4,
+        shuffle=shuffle,
+        leftover=leftover,
+        metrics=[ids],
+        verbose=0,
+    )
+    trainer.fit(X, y, epochs=2)
+    assert [len(b) for b in ids.seen] == sizes * 2
+    for epoch in (ids.seen[: len(sizes)], ids.seen[len(sizes) :]):
+        drawn = sorted(v for batch in epoch for v in batch)
+        assert len(set(drawn)) == len(drawn) == sum(sizes)  # each sample at most once an epoch
+    with pytest.raises(ValueError, match="leftover must be None, 'skip', 'join' or 'batch', got 'keep'"):
+        Trainer(model, SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.1), batch_size=16, seed=0, leftover="keep")
 
 
 def test_a_trainer_pickled_by_an_earlier_version_loads_and_trains():

@@ -1,15 +1,15 @@
-"""The BN-MLPs' losses for a fit with ``sample_weight``: scikit-learn's L2 penalty per
-unit of weight.
+"""The BN-MLPs' losses: scikit-learn's L2 penalty per sample, or per unit of weight.
 
-scikit-learn's MLPs (>= 1.7) divide a mini-batch's penalty by the batch's weight sum S
-(not its size N): the step's gradient is ``(sum_n w_n dl_n + alpha*W) / S`` for each
-weight matrix W. The loss of :mod:`numbabn.layers` gives the first term (its weighted
-mean); the second is the optimizer's weight decay, which therefore changes from batch
-to batch: these losses set it to ``alpha / S`` when the Trainer calls them with the
-batch's weights, right before the step that uses it (0 for a batch whose weights sum
-to 0: that step has a zero data gradient too). Without weights they are the plain
-losses. Each call with weights also records S (``totals``), from which the
-estimator averages an epoch's loss over the batches that carry weight.
+scikit-learn's MLPs divide a mini-batch's penalty by the batch's size N, or with
+``sample_weight`` (>= 1.7) by its weight sum S: the step's gradient is
+``(sum_n w_n dl_n + alpha*W) / S`` for each weight matrix W. The loss of
+:mod:`numbabn.layers` gives the first term (its mean, weighted or not); the second is
+the optimizer's weight decay, which therefore changes from batch to batch (an epoch's
+last batch may be smaller): these losses set it to ``alpha / N``, or ``alpha / S``
+with weights, right before the step that uses it (0 for a batch whose weights sum
+to 0: that step has a zero data gradient too). Each call with weights records S
+(``totals``), from which the estimator averages an epoch's loss over the batches
+that carry weight.
 """
 
 from typing import Any
@@ -27,9 +27,9 @@ class _PenaltyPerWeight:
         self.totals: list[float] = []
 
     def __call__(self, prediction: Any, target: Any, sample_weight: Any = None) -> Any:
-        if sample_weight is not None:
-            total = float(np.sum(sample_weight))
-            self.optimizer.weight_decay = self.alpha / total if total > 0 else 0.0
+        total = float(len(target)) if sample_weight is None else float(np.sum(sample_weight))
+        self.optimizer.weight_decay = self.alpha / total if total > 0 else 0.0
+        if sample_weight is not None:  # (metrics call the loss too, without weights)
             self.totals.append(total)
         return super().__call__(prediction, target, sample_weight)  # type: ignore[misc]  # the loss after it
 

@@ -39,13 +39,17 @@ the data loss without the penalty (scikit-learn adds it; with batch norm the wei
 before a batch norm can grow without changing the function, so the penalty's value
 says little about the fit), and the training-loss stopping rule uses the same.
 
-An epoch is one :meth:`numbabn.train.Trainer.fit` call with ``epochs=1``: a fresh permutation cut
-into floor(n / batch_size) mini-batches (the n mod batch_size samples left over are
-skipped that epoch, so no batch-norm batch is degenerate). ``loss_curve_`` holds the
-mean mini-batch loss of each epoch. Stopping follows scikit-learn: training stops when
-the training loss (or, with ``early_stopping``, the validation score) has not improved
-by ``tol`` for more than ``n_iter_no_change`` consecutive epochs; otherwise
-``max_iter`` epochs run and a ``ConvergenceWarning`` is issued.
+An epoch is one :meth:`numbabn.train.Trainer.fit` call with ``epochs=1``: a fresh
+permutation (or the samples in order, ``shuffle=False``) cut as scikit-learn's
+``gen_batches`` cuts it, into batches of ``batch_size`` and a last one of the n mod
+batch_size samples left over, except that a single sample left over joins the batch
+before it (batch norm cannot normalise one value per channel); each batch's L2
+penalty is over its own size. ``loss_curve_`` holds each epoch's mean mini-batch
+loss weighted by the batches' sizes (scikit-learn's ``loss_``, without the penalty).
+Stopping follows scikit-learn: training stops when the training loss (or, with
+``early_stopping``, the validation score) has not improved by ``tol`` for more than
+``n_iter_no_change`` consecutive epochs; otherwise ``max_iter`` epochs run and a
+``ConvergenceWarning`` is issued.
 
 Early stopping holds out ``ceil(validation_fraction * n)`` samples (scikit-learn's
 split) and needs at least 2 of them -- else the same ``ValueError`` as scikit-learn's
@@ -315,7 +319,7 @@ class _BaseBNMLP(BaseEstimator):
     @staticmethod
     def _new_optimizer(arch: Any, model: Any) -> Any:
         """A fresh optimizer of ``arch``'s solver over ``model``'s parameters; alpha's
-        L2 on the weight matrices only (its weight_decay is set per fit, :meth:`_trainer`)."""
+        L2 on the weight matrices only (its weight_decay is set per batch, :meth:`_trainer`)."""
         from ..layers import Linear
         from ..optim import SGD, Adam
 
@@ -431,54 +435,64 @@ class _BaseBNMLP(BaseEstimator):
             self.validation_scores_: list[float] | None = None
             self.best_validation_score_: float | None = None
 
-    def _trainer(self, n_samples: int, metrics: list[Any], weighted: bool = False) -> Any:
-        """A Trainer over the fitted network, seeded from the estimator's generator;
-        ``weighted``: its loss sets the weight decay per batch (:mod:`._weighted`)."""
+    def _trainer(self, n_samples: int, metrics: list[Any]) -> Any:
+        """A Trainer over the fitted network, seeded from the estimator's generator,
+        cutting epochs as scikit-learn's ``gen_batches`` (a last, smaller batch; one
+        sample left over joins the batch before). Its loss sets the weight decay per
+        batch: alpha / (the batch's size, or its weight sum), :mod:`._weighted`."""
         from ..train import Trainer
+        from ._weighted import WEIGHTED
 
-        batch_size = min(200 if self.batch_size == "auto" else self.batch_size, n_samples)
-        self._optimizer.weight_decay = float(self.alpha) / batch_size  # gradient alpha*W/N, N the batch
-        if weighted:
-            from ._weighted import WEIGHTED
-
-            loss = WEIGHTED[self._loss_class()](self._optimizer, self.alpha)
-        else:
-            loss = self._loss_class()()
         return Trainer(
             self._model,
-            loss,
+            WEIGHTED[self._loss_class()](self._optimizer, self.alpha),
             self._optimizer,
-            batch_size=batch_size,
+            batch_size=self._batch_size(n_samples),
             seed=int(self._rng.integers(np.iinfo(np.int32).max)),
             shuffle=bool(self.shuffle),
+            leftover="batch",
             metrics=metrics,
             record_every=self.record_every,
             verbose=0,
         )
+
+    def _batch_size(self, n_samples: int) -> int:
+        return int(min(200 if self.batch_size == "auto" else self.batch_size, n_samples))
+
+    @staticmethod
+    def _batch_sizes(n_samples: int, batch_size: int) -> list[int]:
+        """The sizes of an epoch's batches (:meth:`_trainer`'s rule)."""
+        full, left = divmod(n_samples, batch_size)
+        sizes = [batch_size] * full + ([left] if left > 1 else [])
+        if left == 1:
+            sizes[-1] += 1
+        return sizes
 
     def _epoch(
         self, trainer: Any, X: NDArray[Any], targets: NDArray[Any], weights: NDArray[Any] | None = None
     ) -> float:
         """One epoch (see the module docstring); appends to loss_curve_ and history_
         (as new objects: a working copy shares the committed ones, see :meth:`_working_copy`).
-        With ``weights``, the epoch's loss is the mean over the batches whose weights do
-        not sum to 0 (the others have a NaN loss: they weigh nothing)."""
+        The epoch's loss is the mean of its batches' losses weighted by their sizes, as
+        scikit-learn's; with ``weights``, over the batches whose weights do not sum to 0
+        (the others have a NaN loss: they weigh nothing)."""
         from ..train import History
 
-        if weights is None:
-            part = trainer.fit(X, targets, epochs=1)
-            loss = float(np.mean(part.loss))
-        else:
-            trainer.loss.totals.clear()
-            part = trainer.fit(X, targets, epochs=1, sample_weight=weights)
-            carried = [value for value, total in zip(part.loss, trainer.loss.totals, strict=True) if total > 0]
-            loss = float(np.mean(carried)) if carried else float("nan")
+        sizes = self._batch_sizes(X.shape[0], trainer.batch_size)
+        trainer.loss.totals.clear()
+        part = trainer.fit(X, targets, epochs=1, sample_weight=weights)
+        if weights is not None:
+            carried = [total > 0 for total in trainer.loss.totals]
+            sizes = [size if keep else 0 for size, keep in zip(sizes, carried, strict=True)]
+        loss = (
+            float(sum(v * s for v, s in zip(part.loss, sizes, strict=True) if s) / sum(sizes))
+            if sum(sizes)
+            else float("nan")
+        )
         self.n_iter_ += 1
-        # samples in this epoch's batches (getattr: an estimator pickled before t_ existed)
-        # (without shuffling, the epoch's last batch takes the n mod batch_size left over)
-        self.t_ = getattr(self, "t_", 0) + len(part.step) * trainer.batch_size
-        if not trainer.shuffle:
-            self.t_ += X.shape[0] % trainer.batch_size
+        # every sample of the epoch, as scikit-learn counts (getattr: an estimator
+        # pickled before t_ existed)
+        self.t_ = getattr(self, "t_", 0) + X.shape[0]
         self.loss_ = loss
         self.loss_curve_ = self.loss_curve_ + [loss]
         if not self.early_stopping:  # None after an early-stopping fit: partial_fit starts the count
@@ -709,7 +723,7 @@ class _BaseBNMLP(BaseEstimator):
                 self.best_validation_score_ = -np.inf
             best_state = self._model.state_dict()
         targets = self._as_training_targets(targets)
-        trainer = self._trainer(X.shape[0], metrics, weighted=weights is not None)
+        trainer = self._trainer(X.shape[0], metrics)
         # The no-improvement count (_end_epoch) carries on across warm-started fits, as in
         # scikit-learn; a fresh fit's working copy starts without one.
         for _ in range(self.max_iter):
@@ -793,7 +807,7 @@ class _BaseBNMLP(BaseEstimator):
         elif self._optimizer is None:  # a network fitted by "lbfgs": the stochastic solver starts, as in scikit-learn
             self._new_solver()
         X = self._in_network_dtype("X", X)
-        trainer = self._trainer(X.shape[0], metrics, weighted=weights is not None)
+        trainer = self._trainer(X.shape[0], metrics)
         self.n_iter_ = 0  # the epochs of this call (one), as in scikit-learn; loss_curve_ carries on
         best_loss = np.inf if self.best_loss_ is None else self.best_loss_
         loss = self._epoch(trainer, X, self._as_training_targets(targets), weights)
@@ -850,8 +864,7 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     epoch; "adaptive", divided by 5 wherever training would stop, until <= 1e-6; Adam
     ignores it, as scikit-learn's), ``batch_size`` ("auto" = min(200, n); an int >= 2
     with batch norm, >= 1 without), ``shuffle`` (False: the same batches in order every
-    epoch, the last taking the n mod batch_size samples left over, where scikit-learn
-    makes them a batch of their own), ``max_iter`` (epochs), ``tol``, ``n_iter_no_change``,
+    epoch; see the module docstring for how an epoch is cut), ``max_iter`` (epochs), ``tol``, ``n_iter_no_change``,
     ``early_stopping`` (``fit`` only: ``partial_fit`` raises, as scikit-learn's does),
     ``validation_fraction``, ``random_state`` (None, an int in [0, 2**32 - 1] or a
     ``numpy.random.RandomState``, as in scikit-learn), ``verbose`` (bool or int >= 0;
@@ -879,8 +892,7 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     Attributes: ``classes_``, ``loss_`` (the last epoch's loss), ``loss_curve_``,
     ``n_iter_`` (epochs of the last ``fit``
     or ``partial_fit`` call: 1 after ``partial_fit``, as in scikit-learn), ``t_``
-    (training samples in the batches trained on: the n mod batch_size samples an
-    epoch leaves out are not counted, where scikit-learn adds n per epoch),
+    (training samples seen: n per epoch, as in scikit-learn),
     ``n_layers_``, ``out_activation_`` ("softmax" for three or more classes;
     "logistic" for two classes and for multilabel y), ``n_outputs_`` (the network's
     outputs: one per class, or one per label, and 1 for two classes, as in

@@ -19,19 +19,24 @@ remaining n mod batch_size samples of that epoch are skipped (a batch-norm batch
 one or two samples would be degenerate). With ``shuffle=False`` every epoch takes
 the samples in order, and the n mod batch_size left over join the epoch's last
 batch instead: skipping the same samples every epoch would never train on them.
+``leftover`` chooses either rule, or scikit-learn's (``gen_batches``): the samples
+left over form a last, smaller batch, unless they are one sample, which joins the
+batch before it (batch norm cannot normalise one value per channel).
 
 The epoch in progress is trainer state (pickled with it, and put back with the rest
 when a call raises): a ``fit`` that stops inside an epoch leaves its order and
 position behind, and the next ``fit`` takes that epoch's remaining batches first if
-it is given the same data and ``batch_size`` and ``shuffle`` are as they were. Same
+it is given the same data and ``batch_size``, ``shuffle`` and ``leftover`` are as they
+were. Same
 data means the very same X and y objects (not hashed again: an array changed in place
 counts as the same), or arrays of the same shapes and dtypes whose values have the
 same CRC-32, so a copy of the arrays continues the epoch, and so does an unpickled
 trainer given the arrays again. The CRC costs one pass over the data (a strided
 array's in blocks of about 1 MiB, not one copy): once when a call leaves an epoch it
 began unfinished, and once more when a later call gets other array objects;
-``sample_weight`` is not part of it. Other data, or another ``batch_size`` or
-``shuffle``, drops the rest of that epoch, and the call begins a new one. Thus ``fit(steps=3)`` then ``fit(steps=2)``
+``sample_weight`` is not part of it. Other data, or another ``batch_size``,
+``shuffle`` or ``leftover``, drops the rest of that epoch, and the call begins a new
+one. Thus ``fit(steps=3)`` then ``fit(steps=2)``
 train on the batches of ``fit(steps=5)``, bit for bit, with or without shuffling,
 across epoch boundaries and with ``sample_weight``.
 
@@ -123,12 +128,13 @@ class _Data:
 class _Epoch(NamedTuple):
     """The epoch in progress: its sample order, the position of its next batch, its
     data (None while the call that began it runs: fingerprinted only if the call
-    leaves the epoch unfinished) and the (batch_size, shuffle) it is cut with."""
+    leaves the epoch unfinished) and the (batch_size, shuffle, leftover rule) it is
+    cut with."""
 
     order: NDArray[np.intp]
     position: int
     data: _Data | None
-    cut: tuple[int, bool] | None = None
+    cut: tuple[int, bool, str] | None = None
 
 
 def _lengths(history: History) -> tuple[int, int, dict[str, int]]:
@@ -185,6 +191,11 @@ class Trainer:
         True (default): a new random order every epoch. False: the samples in order,
         the last batch of an epoch taking the n mod batch_size left over (module
         docstring).
+    leftover : {"skip", "join", "batch"} or None
+        What an epoch does with the n mod batch_size samples left over: skip them,
+        join them to its last batch, or train them as a last batch of their own (one
+        sample joins the batch before). None (default): "skip" when shuffling, else
+        "join".
     metrics : sequence of callables
         ``metric(model, loss, optimizer, batch)`` (e.g. those of
         :mod:`numbabn.train.metrics`), named by ``.name`` (else ``__name__``).
@@ -235,6 +246,7 @@ class Trainer:
         verbose: int = 1,
         label: str = "training",
         exact_resume: bool = False,
+        leftover: str | None = None,
     ) -> None:
         fn = "Trainer"
         if not isinstance(model, Layer):
@@ -275,6 +287,9 @@ class Trainer:
         self._sigmoid = isinstance(loss, SigmoidBinaryCrossEntropy)
         self.steps_done = 0
         self.exact_resume = V.check_bool(fn, "exact_resume", exact_resume)
+        if leftover not in (None, "skip", "join", "batch"):
+            raise ValueError(f"{fn}: leftover must be None, 'skip', 'join' or 'batch', got {leftover!r}")
+        self.leftover = leftover
         self.history: History | None = None
         self._epoch: _Epoch | None = None  # the epoch in progress, None between epochs
 
@@ -284,6 +299,7 @@ class Trainer:
         state.setdefault("history", None)
         state.setdefault("_epoch", None)
         state.setdefault("exact_resume", False)
+        state.setdefault("leftover", None)
         state.pop("_step_checkpoints", None)
         if state["_epoch"] is not None and state["_epoch"].cut is None:
             state["_epoch"] = None  # an epoch of that day's first version: begin a new one
@@ -295,12 +311,24 @@ class Trainer:
         new epoch when none is in progress."""
         if self._epoch is None:
             order = self.rng.permutation(n) if self.shuffle else np.arange(n)
-            self._epoch = _Epoch(order, 0, None, (self.batch_size, self.shuffle))
+            self._epoch = _Epoch(order, 0, None, self._cut())
         order, b, data, cut = self._epoch
-        per_epoch = n // self.batch_size
-        end = n if not self.shuffle and b == per_epoch - 1 else (b + 1) * self.batch_size
+        per_epoch, to_end = self._per_epoch(n)
+        end = n if to_end and b == per_epoch - 1 else (b + 1) * self.batch_size
         self._epoch = None if b + 1 == per_epoch else _Epoch(order, b + 1, data, cut)
         return order[b * self.batch_size : end]
+
+    def _cut(self) -> tuple[int, bool, str]:
+        """(batch_size, shuffle, leftover rule): how the epoch in progress was cut."""
+        return self.batch_size, self.shuffle, self.leftover or ("skip" if self.shuffle else "join")
+
+    def _per_epoch(self, n: int) -> tuple[int, bool]:
+        """(batches in an epoch of ``n`` samples, whether its last batch runs to the n-th)."""
+        full, left = divmod(n, self.batch_size)
+        rule = self._cut()[2]
+        if rule == "batch" and left > 1:
+            return full + 1, True
+        return full, rule != "skip"
 
     def _seal_epoch(self, X: NDArray[Any], y: NDArray[Any]) -> None:
         """Give an epoch that this call began and leaves unfinished its data's fingerprint."""
@@ -364,7 +392,8 @@ class Trainer:
         """Train for ``steps`` steps or ``epochs`` epochs (exactly one of them) and
         return the :class:`History` of this call (also ``self.history``).
 
-        ``epochs`` counts steps: ``epochs`` × ⌊n / batch_size⌋ of them, from where the
+        ``epochs`` counts steps: ``epochs`` × the batches of an epoch (⌊n / batch_size⌋,
+        one more for a leftover batch of its own) of them, from where the
         previous call stopped. Given the same data, a call continues the epoch that an
         earlier one left unfinished; given other data, it begins a new epoch (module
         docstring). Several calls thus train as one call of all their steps, bit for
@@ -432,12 +461,10 @@ class Trainer:
         total = (
             _positive_int(fn, "steps", steps)
             if steps is not None
-            else _positive_int(fn, "epochs", epochs) * (n // self.batch_size)
+            else _positive_int(fn, "epochs", epochs) * self._per_epoch(n)[0]
         )
         epoch = self._epoch
-        if epoch is not None and (
-            epoch.cut != (self.batch_size, self.shuffle) or epoch.data is None or not epoch.data.same(X, y)
-        ):
+        if epoch is not None and (epoch.cut != self._cut() or epoch.data is None or not epoch.data.same(X, y)):
             self._epoch = None  # other data, or batch_size or shuffle changed: the epoch in progress ends here
         history = self.history = History(
             classification=self.classification,
