@@ -36,6 +36,7 @@ _registry: dict[str, tuple[Any, str]] = {}  # name -> (class, origin)
 _discovered = False  # discovery has finished: the table is complete
 _discovering = False  # discovery is running (in the thread that holds _lock)
 _lock = threading.RLock()  # re-entrant: a plugin module may itself look layers up while loading
+_failed: dict[str, str] = {}  # entry-point name -> why it was not registered (for UnknownLayerError)
 
 
 class UnknownLayerError(KeyError):
@@ -101,28 +102,34 @@ def register_layer(name: str) -> Callable[[_LayerT], _LayerT]:
     return decorator
 
 
-def _load_entry_points() -> None:
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+def _load_entry_points() -> list[str]:
+    """Register every loadable entry point of the group; return the warnings for the
+    others (issued by the caller once all are registered: a warning turned into an
+    error must not leave the table half filled). Entry points are taken sorted by
+    distribution and name, so which of two plugins claiming one name wins does not
+    depend on the order of site-packages."""
+    problems = []
+    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    for ep in sorted(found, key=lambda e: ((e.dist.name if e.dist is not None else ""), e.name)):
         dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "unknown distribution"
         label = f"layer plugin {ep.name!r} = {ep.value!r} from {dist}"
         try:
             obj = ep.load()
         except Exception as exc:  # a broken plugin must never break numbabn
-            warnings.warn(f"numbabn: could not load {label}: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=4)
-            continue
-        if not _is_layer_class(obj):
-            warnings.warn(
-                f"numbabn: skipped {label}: it is {obj!r}, not a numbabn Layer subclass", RuntimeWarning, stacklevel=4
-            )
-            continue
-        if not ep.name.isidentifier():
-            warnings.warn(
-                f"numbabn: skipped {label}: the name is not a Python identifier", RuntimeWarning, stacklevel=4
-            )
-            continue
-        clash = _add(ep.name, obj, f"{dist} ({ep.value})")
-        if clash:
-            warnings.warn(f"numbabn: skipped {label}: {clash}", RuntimeWarning, stacklevel=4)
+            problem = f"could not load {label}: {type(exc).__name__}: {exc}"
+        else:
+            if not _is_layer_class(obj):
+                problem = f"skipped {label}: it is {obj!r}, not a numbabn Layer subclass"
+            elif not ep.name.isidentifier():
+                problem = f"skipped {label}: the name is not a Python identifier"
+            else:
+                clash = _add(ep.name, obj, f"{dist} ({ep.value})")
+                if not clash:
+                    continue
+                problem = f"skipped {label}: {clash}"
+        problems.append(problem)
+        _failed.setdefault(ep.name, problem)
+    return problems
 
 
 def _ensure_discovered() -> None:
@@ -139,10 +146,12 @@ def _ensure_discovered() -> None:
         _discovering = True
         try:
             _add_builtins()
-            _load_entry_points()
+            problems = _load_entry_points()
+            _discovered = True
         finally:
             _discovering = False
-            _discovered = True
+    for problem in problems:  # the table is complete: a warning raised as an error cannot cut it short
+        warnings.warn(f"numbabn: {problem}", RuntimeWarning, stacklevel=3)
 
 
 def _add_builtins() -> None:
@@ -169,7 +178,8 @@ def layer_class(name: str) -> "type[Layer]":
     _ensure_discovered()
     entry = _registry.get(name)
     if entry is None:
-        raise UnknownLayerError(f"numbabn: unknown layer {name!r}; available: {', '.join(sorted(_registry))}")
+        why = f" (a plugin's entry point of that name was not registered: {_failed[name]})" if name in _failed else ""
+        raise UnknownLayerError(f"numbabn: unknown layer {name!r}{why}; available: {', '.join(sorted(_registry))}")
     return entry[0]
 
 

@@ -88,3 +88,43 @@ def test_every_subpackage_is_listed_for_installation():
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "numbabn").rglob("__init__.py")}
     assert found - listed == set(), f"not installed by pyproject.toml: {sorted(found - listed)}"
+
+
+def test_type_information_ships_for_the_plugins_too():
+    """numbabn_plugins is annotated and type-checked: without its marker mypy skipped it
+    ("module is installed, but missing library stubs or py.typed marker")."""
+    assert importlib.resources.files("numbabn_plugins").joinpath("py.typed").is_file()
+
+
+def test_the_sdist_carries_the_examples_and_the_license():
+    """The sdist's own tests run the examples (tests/test_examples.py) and the README
+    tells users to run them; the license is MIT, and its text ships."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    manifest = (root / "MANIFEST.in").read_text().split()
+    assert "examples" in manifest[manifest.index("graft") :] and "LICENSE" in manifest
+    assert "MIT License" in (root / "LICENSE").read_text()
+
+
+def _without(name, code):
+    """``code`` run where module ``name`` is absent (its import raises ModuleNotFoundError)."""
+    script = f"import sys\nsys.modules[{name!r}] = None\n{code}"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+
+def test_the_optional_subpackages_say_which_extra_they_need():
+    torch_missing = _without("torch", "import numbabn.torch")
+    assert torch_missing.returncode == 1
+    assert torch_missing.stderr.strip().splitlines()[-1] == (
+        "ModuleNotFoundError: numbabn.torch needs PyTorch, which is not installed: pip install torch "
+        "(numbabn's 'torch' extra)"
+    )
+    code = (
+        "import numpy as np\n"
+        "from numbabn.distributed.dask import moments\n"
+        "try:\n    moments(np.ones((4, 3)))\n"
+        "except TypeError as exc:\n    print(exc)"
+    )
+    dask_missing = _without("dask", code)  # the argument's error, not dask's absence
+    assert "X must be a dask.array.Array, got ndarray" in dask_missing.stdout, dask_missing.stderr

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -70,6 +71,7 @@ def fresh_registry(monkeypatch):
     registry.available_layers()  # make sure the built-ins are in the copy
     monkeypatch.setattr(registry, "_registry", dict(registry._registry))
     monkeypatch.setattr(registry, "_discovered", False)
+    monkeypatch.setattr(registry, "_failed", {}, raising=False)
     return monkeypatch
 
 
@@ -183,6 +185,50 @@ def test_a_broken_plugin_never_breaks_lookups(fresh_registry):
     with pytest.warns(RuntimeWarning, match="exploding"):
         layer = registry.get_layer("batch_norm1d", 2, dtype=np.float64)
     assert isinstance(layer, BatchNorm1d)
+
+
+def test_a_warning_raised_as_an_error_leaves_every_good_plugin_registered(fresh_registry, acme_module):
+    """Under ``-W error`` the first broken plugin's warning stopped discovery half way,
+    for the rest of the process: plugins after it were never registered."""
+    fakes = [
+        FakeEntryPoint("bad-name", "acme_norms:AcmeNorm", dist="a-first"),
+        FakeEntryPoint("acme", "acme_norms:AcmeNorm"),
+    ]
+    fresh_registry.setattr(importlib.metadata, "entry_points", lambda **kw: fakes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(RuntimeWarning, match="bad-name"):
+            registry.get_layer("batch_norm1d", 2)
+        assert isinstance(registry.get_layer("acme"), acme_module.AcmeNorm)  # no second discovery, no warning
+
+
+def test_a_failed_plugins_name_says_why_it_is_unknown(fresh_registry):
+    fresh_registry.setattr(
+        importlib.metadata, "entry_points", lambda **kw: [FakeEntryPoint("exploding", "acme_does_not_exist:X")]
+    )
+    with pytest.warns(RuntimeWarning):
+        registry.available_layers()
+    with pytest.raises(
+        registry.UnknownLayerError, match="'exploding' .*not registered: could not load .*ModuleNotFound"
+    ):
+        registry.get_layer("exploding")
+
+
+def test_of_two_plugins_claiming_a_name_the_first_distribution_by_name_wins(fresh_registry, acme_module):
+    """Not whichever importlib.metadata lists first (the order of site-packages)."""
+
+    class OtherNorm(acme_module.AcmeNorm):
+        pass
+
+    acme_module.OtherNorm = OtherNorm
+    zed = FakeEntryPoint("norm_x", "acme_norms:OtherNorm", dist="zed")
+    abc = FakeEntryPoint("norm_x", "acme_norms:AcmeNorm", dist="abc")
+    for order in ([zed, abc], [abc, zed]):
+        fresh_registry.setattr(registry, "_registry", {})
+        fresh_registry.setattr(registry, "_discovered", False)
+        fresh_registry.setattr(importlib.metadata, "entry_points", lambda order=order, **kw: order)
+        with pytest.warns(RuntimeWarning, match="'norm_x' .* from zed 1.2"):
+            assert registry.available_layers()["norm_x"].startswith("abc 1.2")
 
 
 def test_layers_do_not_import_the_registry():

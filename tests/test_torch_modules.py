@@ -1183,3 +1183,51 @@ def test_views_of_channels_last_data_keep_torch_nns_layouts(monkeypatch, view, d
     for ref, got in zip(*results, strict=True):
         assert got.stride() == ref.stride()
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_mode_with_enable_grad_records_no_graph_as_torch_nn():
+    """``enable_grad`` inside ``inference_mode`` records nothing in torch: the layer
+    returned an inference tensor carrying a graph (a later backward filled x.grad), and
+    refused an input made in inference mode with requires_grad=True."""
+    torch.manual_seed(0)
+    ours, ref = nbt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    with torch.inference_mode(), torch.enable_grad():
+        y, y_ref = ours(x), ref(x)
+        made_inside = torch.randn(4, 3, 5, 5, requires_grad=True)
+        z, z_ref = ours(made_inside), ref(made_inside)
+    assert not y.requires_grad and y.grad_fn is None and not y_ref.requires_grad
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(z, z_ref)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 2
+
+
+def test_tensors_with_the_lazy_negation_bit_read_their_values():
+    """``torch._neg_view`` tensors (input, residual, incoming gradient): .numpy() refused
+    them, so the kernels' path raised "Can't call numpy() on Tensor that has negative bit set"."""
+    torch.manual_seed(1)
+    ours, ref = nbt.BatchNorm2d(3, activation="relu"), torch.nn.BatchNorm2d(3)
+    base, res, g = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    xs = [torch._neg_view(base).requires_grad_(), (-base).requires_grad_()]
+    y = ours(xs[0], residual=torch._neg_view(res))
+    y.backward(torch._neg_view(g))
+    y_ref = torch.relu(ref(xs[1]) - res)
+    y_ref.backward(-g)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+
+
+def test_a_channel_step_of_channels_last_data_gives_a_channels_last_output():
+    """``x[:, ::2]`` of channels-last data: PyTorch's stride rule calls it channels-last
+    (each stride covers the axes before it), and so does torch.nn's output; the kernels'
+    path gave a contiguous one (it wanted a channel stride of 1)."""
+    base = torch.randn(4, 8, 6, 6).to(memory_format=torch.channels_last)
+    x = base[:, ::2]
+    ours, ref = nbt.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    y, y_ref = ours(x), ref(x)
+    assert y_ref.is_contiguous(memory_format=torch.channels_last)
+    assert y.stride() == y_ref.stride()
+    torch.testing.assert_close(y, y_ref)
+    overlapping = torch.randn(200).as_strided((2, 4, 3, 3), (4, 1, 8, 4))  # not channels-last for PyTorch
+    assert ours(overlapping).stride() == ref(overlapping).stride()

@@ -89,11 +89,11 @@ def moments_graph(X: Any, axis: int = 1, *, check_finite: bool = False) -> Any:
     ``check_finite``: each chunk task raises scikit-learn's ValueError on NaN or
     infinity (as ``validate_data`` does for NumPy input).
     """
-    import dask
-
     fn = "numbabn.distributed.dask.moments"
     if not is_dask_array(X):
         raise TypeError(f"{fn}: X must be a dask.array.Array, got {type(X).__name__}")
+    import dask
+
     if X.ndim < 2:
         raise ValueError(f"{fn}: X must have at least 2 dimensions (samples and channels), got shape {X.shape}")
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)) or not -X.ndim <= axis < X.ndim:

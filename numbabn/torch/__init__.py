@@ -16,6 +16,16 @@ measured (``NUMBABN_TORCH_CUDA_KERNELS=1`` runs numbabn's; see
 Needs PyTorch (``pip install torch``, numbabn's ``torch`` extra); ``import numbabn`` never imports it.
 """
 
+try:
+    import torch as _torch  # noqa: F401  (a clear message when it is missing)
+except ModuleNotFoundError as exc:
+    if exc.name != "torch":
+        raise
+    raise ModuleNotFoundError(
+        "numbabn.torch needs PyTorch, which is not installed: pip install torch (numbabn's 'torch' extra)",
+        name="torch",
+    ) from exc
+
 from .convert import convert_batchnorm, fold_batchnorm
 from .function import BatchNormFunction
 from .modules import (

@@ -19,7 +19,6 @@ copied once (by numbabn on the CPU, here on the GPU, whose kernels need contiguo
 input).
 """
 
-import itertools
 from typing import Any
 
 import numpy as np
@@ -56,13 +55,25 @@ def channels_last_perm(t: torch.Tensor) -> tuple[int, ...] | None:
     if t.dim() < 3 or t.is_contiguous():
         return None
     perm = (0, *range(2, t.dim()), 1)
-    p = t.permute(perm)
-    if p.is_contiguous():
+    if t.permute(perm).is_contiguous():
         return perm
-    strides = [s for s, n in zip(p.stride(), p.shape, strict=True) if n > 1]
-    if strides and strides[-1] == 1 and p.shape[-1] > 1 and all(a > b for a, b in itertools.pairwise(strides)):
-        return perm
-    return None
+    return perm if t.shape[1] > 1 and _strides_like_channels_last(t.shape, t.stride()) else None
+
+
+def _strides_like_channels_last(shape: Any, strides: Any) -> bool:
+    """PyTorch's rule for the memory format its ops give a strided input's output
+    (c10's ``is_channels_last_strides_2d_s4``/``_3d_s5``, for any ndim): taken in the
+    order C, the last spatial axis, ..., the first, N, every stride is at least the
+    extent of the axes before it (so a channel step ``x[:, ::2]`` qualifies, an
+    overlapping view does not)."""
+    if strides[1] == 0:
+        return False
+    least = 0
+    for d in (1, *range(len(shape) - 1, 1, -1), 0):
+        if shape[d] == 0 or strides[d] < least or (d == 0 and least == strides[1]):
+            return False
+        least = strides[d] * shape[d] if shape[d] > 1 else strides[d]
+    return True
 
 
 def to_array(t: torch.Tensor, perm: tuple[int, ...] | None = None) -> Any:
@@ -74,6 +85,8 @@ def to_array(t: torch.Tensor, perm: tuple[int, ...] | None = None) -> Any:
         # .numpy() refuses a tensor that requires grad; detach only those (a parameter),
         # since every tensor op costs ~1 us, a noticeable share of a small batch's call.
         t = t.detach() if t.requires_grad else t
+        if t.is_neg():  # a lazy negation (torch._neg_view) NumPy cannot see: apply it
+            t = t.resolve_neg()
         if not t.is_contiguous():
             # numbabn would copy it with NumPy, on one thread: a gradient laid out
             # (N, C, L) for a forward input stored (N, L, C) took 167 ms at

@@ -199,8 +199,13 @@ def _no_kernels_for(x: torch.Tensor) -> bool:
 
 
 def _needs_graph(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd must record the call: grad mode on and some input requires grad."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """Whether autograd must record the call: grad mode on (and not inference mode, in
+    which ``enable_grad`` records nothing either) and some input requires grad."""
+    return (
+        torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in tensors)
+        and not torch.is_inference_mode_enabled()
+    )
 
 
 def _torch_semantics(eps: Any, x: torch.Tensor, state: tuple[Any, ...]) -> bool:
