@@ -68,7 +68,9 @@ class Sigmoid(_Elementwise):
         # SciPy's expit: in the input's dtype, no overflow warnings, and accurate where
         # y is tiny (0.5 + 0.5*tanh(x/2) cancelled there: 44 % off at x = -17 in
         # float32, and 0 from x = -20 where y is 2e-9).
-        y = expit(x)
+        y = expit(x)  # float32 and float64 keep their dtype; float16 comes back float64
+        if y.dtype != x.dtype:
+            y = y.astype(x.dtype)
         return y, y
 
     @staticmethod
