@@ -3,7 +3,7 @@ first imported: not by ``import numbabn``, but at the first use that needs them 
 first kernel call, ``import numbabn.layers``, the command line).
 
 Integers must parse (and be in range) and switches must be one of 1/true/yes/on or
-0/false/no/off, any case; otherwise that import raises :class:`SettingError` (a
+0/false/no/off, any case; otherwise that import raises ``SettingError`` (a
 ValueError) naming the variable: a misspelt setting never silently means something
 else. A variable that is unset, empty or only white space takes its default.
 
