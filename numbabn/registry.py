@@ -110,7 +110,8 @@ def _load_entry_points() -> list[str]:
     depend on the order of site-packages."""
     problems = []
     found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    for ep in sorted(found, key=lambda e: ((e.dist.name if e.dist is not None else ""), e.name)):
+    # (a distribution's name may be None: a dist-info folder without METADATA)
+    for ep in sorted(found, key=lambda e: (str(getattr(e.dist, "name", None) or ""), e.name)):
         dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "unknown distribution"
         label = f"layer plugin {ep.name!r} = {ep.value!r} from {dist}"
         try:

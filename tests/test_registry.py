@@ -231,6 +231,16 @@ def test_of_two_plugins_claiming_a_name_the_first_distribution_by_name_wins(fres
             assert registry.available_layers()["norm_x"].startswith("abc 1.2")
 
 
+def test_a_plugin_distribution_without_a_name_breaks_nothing(fresh_registry, acme_module):
+    """A dist-info folder without METADATA (an interrupted install) has no name: sorting
+    it against named ones raised TypeError for every lookup, built-ins included."""
+    nameless = FakeEntryPoint("nameless_norm", "acme_norms:AcmeNorm", dist=None)
+    fakes = [FakeEntryPoint("acme", "acme_norms:AcmeNorm"), nameless]
+    fresh_registry.setattr(importlib.metadata, "entry_points", lambda **kw: fakes)
+    assert isinstance(registry.get_layer("batch_norm1d", 2), BatchNorm1d)
+    assert isinstance(registry.get_layer("nameless_norm"), acme_module.AcmeNorm)
+
+
 def test_layers_do_not_import_the_registry():
     """One direction only: the registry reads numbabn.layers.BUILTIN_LAYERS; importing
     the layers leaves the registry unloaded."""

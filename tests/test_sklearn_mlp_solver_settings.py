@@ -77,9 +77,9 @@ def test_sgd_steps_as_scikit_learns_mlp(settings):
 @pytest.mark.parametrize("n, batch_size", [(50, 16), (49, 16)])
 def test_unequal_batches_step_as_scikit_learns_mlp(n, batch_size):
     """50 samples in batches of 16: scikit-learn trains 16, 16, 16 and a last batch of
-    2, with the penalty alpha*W over each batch's own size; numbabn skipped the 2 (and
-    its t_ counted 48 a epoch). 49 leaves one sample, which numbabn adds to the batch
-    before (batch norm cannot normalise one): there the two part ways."""
+    2 (49: of 1), with the penalty alpha*W over each batch's own size; numbabn skipped
+    the leftover (and its t_ counted 48 an epoch). (With batch norm a single leftover
+    sample joins the batch before instead: it cannot be normalised alone.)"""
     common = dict(hidden_layer_sizes=(6,), activation="relu", solver="sgd", shuffle=False, momentum=0.9)
     ours = BNMLPRegressor(batch_norm=False, learning_rate_init=0.02, batch_size=batch_size, alpha=2e-3, **common)
     theirs = MLPRegressor(learning_rate_init=0.04, batch_size=batch_size, alpha=1e-3, random_state=0, **common)
@@ -88,10 +88,7 @@ def test_unequal_batches_step_as_scikit_learns_mlp(n, batch_size):
     ours.set_params(max_iter=5).fit(X, y)
     theirs.set_params(max_iter=5).fit(X, y)
     assert ours.t_ == theirs.t_ == 5 * n
-    if n % batch_size > 1:
-        assert_allclose(ours.predict(X), theirs.predict(X), rtol=1e-10, atol=1e-12)
-    else:
-        assert np.abs(ours.predict(X) - theirs.predict(X)).max() > 1e-8
+    assert_allclose(ours.predict(X), theirs.predict(X), rtol=1e-10, atol=1e-12)
 
 
 def test_nesterov_changes_the_trajectory():

@@ -561,6 +561,10 @@ class FakeCudaTensor:
     def detach(self):
         return self
 
+    def resolve_neg(self):
+        self.calls.append(("resolve_neg",))
+        return self
+
     def permute(self, perm):
         self.calls.append(("permute", perm))
         return self
@@ -577,7 +581,7 @@ def test_cuda_tensors_go_to_numbabn_as_they_are(monkeypatch):
     device array coming back is wrapped with torch.as_tensor on the input's device."""
     fake = FakeCudaTensor(torch.randn(2, 3, 4, 4))
     assert _bridge.to_array(fake, (0, 2, 3, 1)) is fake
-    assert fake.calls == [("permute", (0, 2, 3, 1)), ("contiguous",)]
+    assert fake.calls == [("permute", (0, 2, 3, 1)), ("resolve_neg",), ("contiguous",)]  # a lazy negation applied
     seen = {}
 
     def as_tensor(obj, device=None):
@@ -1231,3 +1235,16 @@ def test_a_channel_step_of_channels_last_data_gives_a_channels_last_output():
     torch.testing.assert_close(y, y_ref)
     overlapping = torch.randn(200).as_strided((2, 4, 3, 3), (4, 1, 8, 4))  # not channels-last for PyTorch
     assert ours(overlapping).stride() == ref(overlapping).stride()
+
+
+def test_a_three_dimensional_view_that_is_not_dense_gives_torch_nns_contiguous_output():
+    """PyTorch's memory formats are 4-D and 5-D: BatchNorm1d's output of a strided
+    (N, C, L) view is contiguous in torch.nn; the channels-last rule gave it (N, L, C)
+    strides, on which y.view(N, -1) failed."""
+    data = torch.randn(4, 10, 8)  # (N, L, C) in memory
+    x = data.transpose(1, 2)[:, :, ::2]  # (N, C, L/2), not dense
+    ours, ref = nbt.BatchNorm1d(8), torch.nn.BatchNorm1d(8)
+    y, y_ref = ours(x), ref(x)
+    assert y.stride() == y_ref.stride() and y.is_contiguous()
+    torch.testing.assert_close(y, y_ref)
+    assert y.view(4, -1).shape == (4, 40)

@@ -286,6 +286,7 @@ def test_another_batch_size_or_shuffle_begins_a_new_epoch(change):
         (100, "batch", True, [16] * 6 + [4]),  # scikit-learn's gen_batches
         (97, "batch", True, [16] * 5 + [17]),  # one sample left: it joins the last batch
         (96, "batch", False, [16] * 6),
+        (98, "keep", True, [16] * 6 + [2]),  # scikit-learn's (one sample would be a batch too: not with BN)
         (100, "join", True, [16] * 5 + [20]),
         (100, "skip", False, [16] * 6),
         (100, None, True, [16] * 6),  # the defaults: skip when shuffling
@@ -311,8 +312,21 @@ def test_leftover_rules_cut_each_epoch_as_documented(n, leftover, shuffle, sizes
     for epoch in (ids.seen[: len(sizes)], ids.seen[len(sizes) :]):
         drawn = sorted(v for batch in epoch for v in batch)
         assert len(set(drawn)) == len(drawn) == sum(sizes)  # each sample at most once an epoch
-    with pytest.raises(ValueError, match="leftover must be None, 'skip', 'join' or 'batch', got 'keep'"):
-        Trainer(model, SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.1), batch_size=16, seed=0, leftover="keep")
+    with pytest.raises(ValueError, match="leftover must be None, 'skip', 'join', 'batch' or 'keep', got 'last'"):
+        Trainer(model, SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.1), batch_size=16, seed=0, leftover="last")
+
+
+def test_an_epoch_pickled_before_leftover_existed_continues():
+    """Its cut was (batch_size, shuffle); compared with (batch_size, shuffle, rule) it
+    never matched, and the loaded trainer silently dropped the rest of its epoch."""
+    one, [whole], _ = _split_run([5])
+    trainer, [first], _ = _split_run([3])
+    state = dict(vars(trainer))
+    state["_epoch"] = state["_epoch"]._replace(cut=state["_epoch"].cut[:2])
+    loaded = Trainer.__new__(Trainer)
+    loaded.__setstate__(state)
+    rest = loaded.fit(*data(11, 100), steps=2)
+    assert first.loss + rest.loss == whole.loss
 
 
 def test_a_trainer_pickled_by_an_earlier_version_loads_and_trains():

@@ -42,8 +42,8 @@ says little about the fit), and the training-loss stopping rule uses the same.
 An epoch is one :meth:`numbabn.train.Trainer.fit` call with ``epochs=1``: a fresh
 permutation (or the samples in order, ``shuffle=False``) cut as scikit-learn's
 ``gen_batches`` cuts it, into batches of ``batch_size`` and a last one of the n mod
-batch_size samples left over, except that a single sample left over joins the batch
-before it (batch norm cannot normalise one value per channel); each batch's L2
+batch_size samples left over, except that with batch norm a single sample left over
+joins the batch before it (batch norm cannot normalise one value per channel); each batch's L2
 penalty is over its own size. ``loss_curve_`` holds each epoch's mean mini-batch
 loss weighted by the batches' sizes (scikit-learn's ``loss_``, without the penalty).
 Stopping follows scikit-learn: training stops when the training loss (or, with
@@ -437,8 +437,8 @@ class _BaseBNMLP(BaseEstimator):
 
     def _trainer(self, n_samples: int, metrics: list[Any]) -> Any:
         """A Trainer over the fitted network, seeded from the estimator's generator,
-        cutting epochs as scikit-learn's ``gen_batches`` (a last, smaller batch; one
-        sample left over joins the batch before). Its loss sets the weight decay per
+        cutting epochs as scikit-learn's ``gen_batches`` (a last, smaller batch; with
+        batch norm one sample left over joins the batch before). Its loss sets the weight decay per
         batch: alpha / (the batch's size, or its weight sum), :mod:`._weighted`."""
         from ..train import Trainer
         from ._weighted import WEIGHTED
@@ -450,7 +450,7 @@ class _BaseBNMLP(BaseEstimator):
             batch_size=self._batch_size(n_samples),
             seed=int(self._rng.integers(np.iinfo(np.int32).max)),
             shuffle=bool(self.shuffle),
-            leftover="batch",
+            leftover="batch" if self._has_batch_norm() else "keep",
             metrics=metrics,
             record_every=self.record_every,
             verbose=0,
@@ -459,13 +459,14 @@ class _BaseBNMLP(BaseEstimator):
     def _batch_size(self, n_samples: int) -> int:
         return int(min(200 if self.batch_size == "auto" else self.batch_size, n_samples))
 
-    @staticmethod
-    def _batch_sizes(n_samples: int, batch_size: int) -> list[int]:
+    def _batch_sizes(self, n_samples: int, batch_size: int) -> list[int]:
         """The sizes of an epoch's batches (:meth:`_trainer`'s rule)."""
         full, left = divmod(n_samples, batch_size)
-        sizes = [batch_size] * full + ([left] if left > 1 else [])
-        if left == 1:
-            sizes[-1] += 1
+        sizes = [batch_size] * full
+        if left == 1 and self._has_batch_norm():
+            sizes[-1] += 1  # (full >= 1: batch_size is at most n)
+        elif left:
+            sizes.append(left)
         return sizes
 
     def _epoch(

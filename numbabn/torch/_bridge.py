@@ -57,12 +57,16 @@ def channels_last_perm(t: torch.Tensor) -> tuple[int, ...] | None:
     perm = (0, *range(2, t.dim()), 1)
     if t.permute(perm).is_contiguous():
         return perm
-    return perm if t.shape[1] > 1 and _strides_like_channels_last(t.shape, t.stride()) else None
+    # PyTorch's memory formats are 4-D and 5-D: a 3-D output is contiguous unless the
+    # input is dense (N, L, C) data, read in place (module docstring).
+    if t.dim() in (4, 5) and t.shape[1] > 1 and _strides_like_channels_last(t.shape, t.stride()):
+        return perm
+    return None
 
 
 def _strides_like_channels_last(shape: Any, strides: Any) -> bool:
     """PyTorch's rule for the memory format its ops give a strided input's output
-    (c10's ``is_channels_last_strides_2d_s4``/``_3d_s5``, for any ndim): taken in the
+    (c10's ``is_channels_last_strides_2d_s4``/``_3d_s5``): taken in the
     order C, the last spatial axis, ..., the first, N, every stride is at least the
     extent of the axes before it (so a channel step ``x[:, ::2]`` qualifies, an
     overlapping view does not)."""
@@ -95,7 +99,7 @@ def to_array(t: torch.Tensor, perm: tuple[int, ...] | None = None) -> Any:
         if t.dtype == torch.bfloat16:  # no NumPy bfloat16: hand over the bit patterns
             return t.view(torch.int16).numpy().view(BFLOAT16)
         return t.numpy()
-    return t.detach().contiguous()
+    return t.detach().resolve_neg().contiguous()
 
 
 def empty_like(t: torch.Tensor, perm: tuple[int, ...] | None = None) -> tuple[torch.Tensor, Any]:

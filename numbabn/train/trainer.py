@@ -20,8 +20,9 @@ one or two samples would be degenerate). With ``shuffle=False`` every epoch take
 the samples in order, and the n mod batch_size left over join the epoch's last
 batch instead: skipping the same samples every epoch would never train on them.
 ``leftover`` chooses either rule, or scikit-learn's (``gen_batches``): the samples
-left over form a last, smaller batch, unless they are one sample, which joins the
-batch before it (batch norm cannot normalise one value per channel).
+left over form a last, smaller batch ("keep"), or the same except that one sample left
+over joins the batch before it ("batch": batch norm cannot normalise one value per
+channel).
 
 The epoch in progress is trainer state (pickled with it, and put back with the rest
 when a call raises): a ``fit`` that stops inside an epoch leaves its order and
@@ -191,11 +192,11 @@ class Trainer:
         True (default): a new random order every epoch. False: the samples in order,
         the last batch of an epoch taking the n mod batch_size left over (module
         docstring).
-    leftover : {"skip", "join", "batch"} or None
+    leftover : {"skip", "join", "batch", "keep"} or None
         What an epoch does with the n mod batch_size samples left over: skip them,
-        join them to its last batch, or train them as a last batch of their own (one
-        sample joins the batch before). None (default): "skip" when shuffling, else
-        "join".
+        join them to its last batch, or train them as a last batch of their own
+        ("keep", scikit-learn's; "batch": the same, but one sample joins the batch
+        before). None (default): "skip" when shuffling, else "join".
     metrics : sequence of callables
         ``metric(model, loss, optimizer, batch)`` (e.g. those of
         :mod:`numbabn.train.metrics`), named by ``.name`` (else ``__name__``).
@@ -287,8 +288,8 @@ class Trainer:
         self._sigmoid = isinstance(loss, SigmoidBinaryCrossEntropy)
         self.steps_done = 0
         self.exact_resume = V.check_bool(fn, "exact_resume", exact_resume)
-        if leftover not in (None, "skip", "join", "batch"):
-            raise ValueError(f"{fn}: leftover must be None, 'skip', 'join' or 'batch', got {leftover!r}")
+        if leftover not in (None, "skip", "join", "batch", "keep"):
+            raise ValueError(f"{fn}: leftover must be None, 'skip', 'join', 'batch' or 'keep', got {leftover!r}")
         self.leftover = leftover
         self.history: History | None = None
         self._epoch: _Epoch | None = None  # the epoch in progress, None between epochs
@@ -301,8 +302,11 @@ class Trainer:
         state.setdefault("exact_resume", False)
         state.setdefault("leftover", None)
         state.pop("_step_checkpoints", None)
-        if state["_epoch"] is not None and state["_epoch"].cut is None:
+        epoch = state["_epoch"]
+        if epoch is not None and epoch.cut is None:
             state["_epoch"] = None  # an epoch of that day's first version: begin a new one
+        elif epoch is not None and len(epoch.cut) == 2:  # (batch_size, shuffle): before ``leftover``
+            state["_epoch"] = epoch._replace(cut=(*epoch.cut, "skip" if epoch.cut[1] else "join"))
         self.__dict__.update(state)
 
     # ------------------------------------------------------------ pieces
@@ -326,7 +330,7 @@ class Trainer:
         """(batches in an epoch of ``n`` samples, whether its last batch runs to the n-th)."""
         full, left = divmod(n, self.batch_size)
         rule = self._cut()[2]
-        if rule == "batch" and left > 1:
+        if (rule == "batch" and left > 1) or (rule == "keep" and left > 0):
             return full + 1, True
         return full, rule != "skip"
 
