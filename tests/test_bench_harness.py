@@ -9,6 +9,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +18,18 @@ import numbabn
 from numbabn.bench import harness, report
 from numbabn.bench.cases import OPS, SUITES, TRAFFIC, Case
 
-META_KEYS = {"backend", "threads", "copy_gbps", "dtype", "repeat", "numba", "numpy", "torch", "threading_layer"}
+META_KEYS = {
+    "numbabn",
+    "backend",
+    "threads",
+    "copy_gbps",
+    "dtype",
+    "repeat",
+    "numba",
+    "numpy",
+    "torch",
+    "threading_layer",
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +44,7 @@ def test_cpu_report_rows_and_derived_columns(cpu_report):
     assert [r.layout for r in rep.rows[::3]] == ["nchw", "nhwc", "nc"]
     assert set(rep.meta) == META_KEYS
     assert rep.meta["backend"] == "cpu" and rep.meta["threads"] == 1 and rep.meta["copy_gbps"] > 0
+    assert rep.meta["numbabn"] == numbabn.__version__  # which numbabn was timed
     for r, case in zip(rep.rows, [c for c in cases for _ in OPS], strict=True):
         S = int(np.prod(case.shape)) * 4
         assert r.backend == "cpu" and r.dtype == "float32" and r.shape == case.shape
@@ -62,6 +75,24 @@ def test_first_calls_of_every_op_come_before_any_timing(monkeypatch):
     rep = harness.run([Case("a", (6, 3, 5)), Case("b", (16, 4))], repeat=1, compare=(), threads=1)
     assert events == (["first"] * len(OPS) + ["time"] * len(OPS)) * 2
     assert all(r.first_s > 0 for r in rep.rows)
+
+
+@pytest.mark.parametrize("ops", [("backward",), ("eval", "backward"), ("forward", "eval", "backward")])
+def test_the_setup_calls_compile_time_goes_to_the_first_op_timed(monkeypatch, ops):
+    # It went to the forward row only: with --op leaving out forward, "first s" and
+    # the footer said 0.00 s although the setup call compiled (or loaded) the kernels.
+    real_ops = harness.numbabn_ops
+
+    def slow_setup(*args, **kwargs):
+        time.sleep(0.05)  # the setup call's compile
+        return real_ops(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "copy_bandwidth", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(harness, "numbabn_ops", slow_setup)
+    monkeypatch.setattr(harness, "first_call", lambda fn, sync=None: 0.0)
+    rows = harness.run([Case("a", (6, 3, 5))], ops=ops, repeat=1, compare=(), threads=1).rows
+    assert [r.op for r in rows] == list(ops)
+    assert rows[0].first_s >= 0.05 and all(r.first_s == 0.0 for r in rows[1:])
 
 
 def test_timed_calls_compute_batch_norm():
@@ -99,7 +130,7 @@ def test_text_table_aligns_right_under_a_rule():
 def test_report_writers(cpu_report):
     _, rep = cpu_report
     text = report.format_table(rep).splitlines()
-    assert text[0].startswith("numbabn cpu bench: float32, 1 threads (python threads), copy bandwidth ")
+    assert text[0].startswith("numbabn cpu bench: float32, 1 thread (python threads), copy bandwidth ")
     assert text[1].split() == [
         "op",
         "case",

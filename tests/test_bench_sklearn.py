@@ -29,6 +29,19 @@ def test_run_sklearn_bench_rows():
     assert "StandardScaler" in table and "MLPClassifier on digits" in table
 
 
+def test_default_threads_are_the_int_used_and_missing_values_print_as_dash():
+    # threads was the string "default" without --threads; an MLP that never reached
+    # the target printed "None" under epochs_to_target
+    import numbabn
+
+    rows = run_sklearn_bench(["mlp"], epochs=1, seeds=(0,), hidden=(4,), target=1.01)
+    assert all(r["threads"] == numbabn.get_num_threads() and type(r["threads"]) is int for r in rows)
+    assert all(r["epochs_to_target"] is None for r in rows)
+    table = format_table(rows)
+    assert "None" not in table
+    assert all(line.split()[-1] == "-" for line in table.splitlines()[2:])  # epochs_to_target: the last column
+
+
 def test_unknown_part():
     with pytest.raises(ValueError, match="unknown parts"):
         run_sklearn_bench(("scaler",))

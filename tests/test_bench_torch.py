@@ -49,6 +49,27 @@ def test_step_variants_train_the_same_network():
     assert "x native" in benchmark.format_step(rows)
 
 
+def test_step_says_how_many_bn_calls_ran_the_kernels(monkeypatch):
+    # The rows said "numbabn BN" even when every BN input was below the threshold and
+    # ran PyTorch's own op. The step is not forced onto the kernels; it says so.
+    from numbabn.torch.modules import NumbabnBatchNorm
+
+    methods = NumbabnBatchNorm.forward, NumbabnBatchNorm._torch_forward
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 1 << 30)
+    rows = benchmark.run_step(threads=1, repeat=1, batch=4)
+    assert (NumbabnBatchNorm.forward, NumbabnBatchNorm._torch_forward) == methods  # the counters are gone
+    assert rows[0]["bn_calls"] is None and rows[0]["kernel_bn_calls"] is None  # native BN
+    assert all(r["kernel_bn_calls"] == 0 and r["bn_calls"] == 20 for r in rows[1:])  # ResNet-18: 20 BNs
+    text = benchmark.format_step(rows)
+    assert "kernel BN calls" in text and "0 of 20" in text
+    assert f"NUMBABN_TORCH_NATIVE_BELOW values (now {1 << 30})" in text.splitlines()[-1]
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 0)
+    rows = benchmark.run_step(threads=1, repeat=1, batch=4)
+    assert all(r["kernel_bn_calls"] == r["bn_calls"] == 20 for r in rows[1:])
+    text = benchmark.format_step(rows)
+    assert "20 of 20" in text and "NUMBABN_TORCH_NATIVE_BELOW" not in text
+
+
 def test_cli_lists_the_torch_benchmark():
     result = CliRunner().invoke(main, ["bench", "torch", "--help"])
     assert result.exit_code == 0 and "ResNet-18" in result.output

@@ -271,7 +271,7 @@ def test_bench_json_to_stdout_csv_and_plot(tmp_path):
 
 
 def test_bench_shapes_layout_ops_and_default_compare(monkeypatch):
-    monkeypatch.setattr(bench_cli, "_torch_installed", lambda: False)  # default = what is installed
+    monkeypatch.setattr(bench_cli, "torch_import_error", lambda: "PyTorch is not installed")  # default = what is there
     result = invoke(
         "-v",
         "bench",
@@ -326,6 +326,7 @@ def test_bench_compare_torch():
 def test_bench_help_lists_the_suites():
     help_text = " ".join(invoke("bench", "--help").output.split())
     assert all(name in help_text for name in SUITES)
+    assert "no metadata: versions, threads and the copy bandwidth are in --json" in help_text  # --csv
 
 
 @pytest.mark.parametrize(
@@ -378,6 +379,22 @@ def test_bench_outputs_naming_one_file_are_refused_before_any_work(tmp_path, mon
     assert (tmp_path / "real.csv").read_text() == "old"
 
 
+@pytest.mark.parametrize("option", ["--json", "--csv"])
+def test_bench_output_to_dev_stdout_on_a_pipe_is_stdout(option):
+    # /dev/stdout on a pipe passed the up-front check, then the run failed at the end:
+    # "cannot write the JSON report to '/dev/stdout': No such file or directory"
+    cmd = [sys.executable, "-m", "numbabn", "bench", "--shape", "8x4", "--op", "eval", "--repeat", "1"]
+    out = subprocess.run(
+        cmd + ["--compare", "none", option, "/dev/stdout"], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    if option == "--json":
+        assert [r["op"] for r in json.loads(out.stdout)["rows"]] == ["eval"]
+    else:
+        assert [r["op"] for r in csv.DictReader(out.stdout.splitlines())] == ["eval"]
+    assert "numbabn cpu bench" in out.stderr and "numbabn cpu bench" not in out.stdout  # the table: stderr
+
+
 def test_bench_outputs_may_both_go_to_dev_null(tmp_path, monkeypatch):
     """A device keeps nothing to overwrite: --json and --csv to /dev/null both run."""
     monkeypatch.chdir(tmp_path)
@@ -411,10 +428,69 @@ def test_bench_cuda_without_gpu(monkeypatch):
 
 
 def test_bench_torch_not_installed(monkeypatch):
-    monkeypatch.setattr(bench_cli, "_torch_installed", lambda: False)
+    monkeypatch.setattr(bench_cli, "torch_import_error", lambda: "PyTorch is not installed")
     result = invoke("bench", "--suite", "tiny", "--compare", "numpy,torch")
     assert result.exit_code == 2
     assert result.output.strip() == "Error: --compare torch: PyTorch is not installed; use --compare numpy or none"
+
+
+BROKEN_TORCH = "simulated broken torch: libtorch_cpu.so: cannot open shared object file"
+
+
+@pytest.fixture
+def broken_torch(tmp_path, monkeypatch):
+    """A PyTorch that is found but whose import raises (a missing shared library)."""
+    fake = tmp_path / "fake_torch"
+    fake.mkdir()
+    (fake / "torch.py").write_text(f"raise ImportError({BROKEN_TORCH!r})\n")
+    monkeypatch.syspath_prepend(str(fake))
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # restored afterwards
+    monkeypatch.setattr("numbabn.bench.harness.copy_bandwidth", lambda *a, **k: 1.0)
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_bench_default_compare_leaves_out_a_torch_that_fails_to_import(broken_torch, quiet):
+    # used to run the copy probe, then die with the ImportError's traceback
+    args = ["-q"] * quiet + ["bench", "--shape", "8x4", "--op", "eval", "--repeat", "1", "--json", "-"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert all(r["torch_ms"] is None and r["numpy_ms"] > 0 for r in json.loads(result.stdout)["rows"])
+    note = f"note: not comparing with PyTorch: PyTorch is installed but fails to import (ImportError: {BROKEN_TORCH})"
+    assert (note in result.stderr) is not quiet, result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["bench", "--suite", "tiny", "--compare", "torch"], ["bench", "torch", "--part", "bn", "--repeat", "1"]],
+)
+def test_a_torch_that_fails_to_import_is_one_line_before_any_work(broken_torch, monkeypatch, args):
+    monkeypatch.setattr("numbabn.bench.harness.run", lambda *a, **k: pytest.fail("the benchmark ran"))
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1, result.output
+    prefix = "--compare torch" if args[1] != "torch" else "numbabn bench torch needs PyTorch"
+    assert result.output.startswith(
+        f"Error: {prefix}: PyTorch is installed but fails to import (ImportError: {BROKEN_TORCH})"
+    ), result.output
+
+
+def test_bench_torch_out_of_memory_is_one_line(monkeypatch):
+    # a --batch too large for memory was a RuntimeError traceback, exit 1
+    pytest.importorskip("torch", reason="PyTorch is not installed")
+    from numbabn.bench import torch_modules
+
+    message = (
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+        "you tried to allocate 1717986918400 bytes. Error code 12 (Cannot allocate memory)"
+    )
+
+    def run_step(**kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(torch_modules, "run_step", run_step)
+    result = invoke("bench", "torch", "--part", "step", "--batch", "100000000")
+    assert result.exit_code == 2, result.output
+    assert result.output == f"Error: out of memory (RuntimeError: {message}); try smaller inputs\n"
 
 
 @pytest.mark.skipif(not numbabn.cuda_available(), reason="needs a real CUDA GPU (not the simulator)")
@@ -865,6 +941,49 @@ def test_memory_check_uses_what_is_available(monkeypatch):
         bench_cli._check_memory([Case("big", (1024, 1024))], "float32", ("numpy",), "cpu")
     monkeypatch.setattr(bench_cli, "_available_memory", lambda: None)  # unknown: no check
     bench_cli._check_memory([Case("big", (1024, 1024))], "float32", ("numpy",), "cpu")
+
+
+@pytest.mark.parametrize("text", ["8x1_0", " 8 x 4 ", "8x+4", "8x\u0664", "8xx4", "8x4x"])
+def test_bench_shape_takes_only_ascii_digits_between_the_xs(text):
+    # int() accepted "1_0", spaces, '+' and non-ASCII digits
+    result = invoke("bench", "--shape", text)
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"Error: Invalid value for '--shape': shape must look like 64x64x56x56, got {text!r}\n"), (
+        result.output
+    )
+
+
+def test_bench_shape_errors_that_stay():
+    assert invoke("bench", "--shape", "8x-4").output.endswith("shape needs >= 2 positive sizes, got '8x-4'\n")
+    assert invoke("bench", "--shape", "8x0").output.endswith("shape needs >= 2 positive sizes, got '8x0'\n")
+    assert invoke("bench", "--shape", "8").output.endswith("shape needs >= 2 positive sizes, got '8'\n")
+
+
+def test_memory_error_without_comparisons_names_inputs_and_outputs_only(monkeypatch):
+    # it said "(inputs, outputs and the no comparison)"
+    monkeypatch.setattr(bench_cli, "_available_memory", lambda: 10 * 2**20)
+    with pytest.raises(bench_cli.CLIError, match=r"of memory \(inputs and outputs\), but only") as info:
+        bench_cli._check_memory([Case("big", (1024, 1024))], "float32", (), "cpu")
+    assert "comparison" not in str(info.value)
+    with pytest.raises(bench_cli.CLIError, match=r"\(inputs and outputs and the numpy, torch comparison\)"):
+        bench_cli._check_memory([Case("big", (1024, 1024))], "float32", ("numpy", "torch"), "cpu")
+
+
+def test_bench_threads_help_names_numbabns_default():
+    help_text = " ".join(invoke("bench", "--help").output.split())
+    assert "[default: numbabn's: NUMBABN_NUM_THREADS, else the CPUs this process may use]" in help_text
+    assert "Numba's]" not in help_text
+
+
+def test_bench_title_says_1_thread(monkeypatch):
+    from numbabn.bench import harness, report
+
+    rows = [harness.Row("eval", "a", (8, 4), "nc", "float32", "cpu", 1.0, 1.0, 1.0, 0.1)]
+    meta = dict(backend="cpu", threads=1, threading_layer="python threads", dtype="float32", copy_gbps=1.0)
+    title = report.format_table(harness.Report(rows, {**meta, "torch": None, "repeat": 1})).splitlines()[0]
+    assert "float32, 1 thread (python threads)," in title
+    title = report.format_table(harness.Report(rows, {**meta, "threads": 2, "torch": None, "repeat": 1}))
+    assert "float32, 2 threads (python threads)," in title
 
 
 def test_readme_error_examples_are_what_the_cli_prints():

@@ -64,10 +64,12 @@ SUITES = {
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """'64x64x56x56' -> (64, 64, 56, 56); ValueError with the offending text."""
-    try:
-        shape = tuple(int(p) for p in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"shape must look like 64x64x56x56, got {text!r}") from None
+    parts = text.lower().split("x")
+    # only ASCII digits between the 'x's (a '-' before them is refused below as not
+    # positive): int() would also take "1_0", " 8 ", "+8" and other scripts' digits
+    if not all((d := p.removeprefix("-")) and d.isascii() and d.isdigit() for p in parts):
+        raise ValueError(f"shape must look like 64x64x56x56, got {text!r}")
+    shape = tuple(int(p) for p in parts)
     if len(shape) < 2 or min(shape) < 1:
         raise ValueError(f"shape needs >= 2 positive sizes, got {text!r}")
     return shape

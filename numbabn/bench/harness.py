@@ -326,7 +326,8 @@ def run(
     """Time every (case, op) of numbabn on ``backend`` ('cpu' or 'cuda'), with the
     ``compare`` libraries on the same data, and return a :class:`Report`.
 
-    ``threads``: CPU threads for Numba and PyTorch (CPU only; None keeps Numba's).
+    ``threads``: CPU threads for numbabn's kernels and PyTorch (CPU only; None keeps
+    numbabn's: ``NUMBABN_NUM_THREADS``, else the CPUs this process may use).
     ``progress`` is called with a short label before each case (for progress bars).
     On 'cuda' (see :mod:`numbabn.bench.cuda`) raises RuntimeError under the CUDA
     simulator (its timings mean nothing) and when no GPU is usable.
@@ -348,7 +349,9 @@ def run(
         host = inputs(case, dt, rng)
         t0 = time.perf_counter()
         ours = side.ops(case, *host)
-        setup_s = time.perf_counter() - t0  # includes compile/cache load of forward
+        # The setup call is a training forward: its compile/cache load (which the
+        # backward also needs, its context coming from it) goes to the first op timed.
+        setup_s = time.perf_counter() - t0
         x, dy, gamma, beta, rm, rv = host
         others = {}
         if "numpy" in compare:
@@ -362,7 +365,7 @@ def run(
         # first case's forward and eval share the cores with the helper (64x64x56x56,
         # empty cache, 2 CPUs: the ten forwards right after the first ran 1.15-1.2x
         # slower than ten after the backward's first call, three runs).
-        firsts = {op: first_call(ours[op], side.sync) + (setup_s if op == "forward" else 0.0) for op in ops}
+        firsts = {op: first_call(ours[op], side.sync) + (setup_s if i == 0 else 0.0) for i, op in enumerate(ops)}
         for op in ops:
             # One library after the other, not interleaved: right after a PyTorch call
             # its OpenMP workers spin for 4-10 ms on the cores numbabn's threads need,
@@ -389,7 +392,10 @@ def run(
             )
             _compare(row, others, op, repeat, side)
             rows.append(row)
+    from .. import __version__
+
     meta = {
+        "numbabn": __version__,
         "backend": side.name,
         **side.where(),
         "threads": side.threads,

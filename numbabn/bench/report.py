@@ -71,7 +71,7 @@ def format_table(report: Report) -> str:
     where = (
         f"{m['device']}, {m['threads']} threads/block, device"
         if m["backend"] == "cuda"
-        else f"{m['threads']} threads ({m['threading_layer']}),"
+        else f"{m['threads']} thread{'' if m['threads'] == 1 else 's'} ({m['threading_layer']}),"
     )
     title = (
         f"numbabn {m['backend']} bench: {m['dtype']}, {where} "

@@ -168,19 +168,22 @@ def run_sklearn_bench(
 
     ``n_samples``, ``n_features``, ``dtypes``, ``repeat``, ``seed``: the transformer
     part; ``epochs``, ``seeds``, ``hidden``, ``target``: the MLP part; ``threads``:
-    both (module docstring). Every row records ``threads``.
+    both (module docstring). Every row records ``threads``, the int numbabn's kernels used.
     """
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"run_sklearn_bench: unknown parts {unknown}; choose from {PARTS}")
+    from .._threads import get_num_threads
+
     rows = []
     with _thread_limit(threads):
+        used = get_num_threads()  # numbabn's kernels' threads: ``threads``, or numbabn's default
         if "transformer" in parts:
             rows += bench_transformer(n_samples, n_features, dtypes, repeat, seed)
         if "mlp" in parts:
             rows += bench_mlp_digits(epochs, seeds, hidden, target)
     for row in rows:
-        row["threads"] = "default" if threads is None else threads
+        row["threads"] = used
     return rows
 
 
@@ -219,6 +222,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     blocks = []
     for kind in dict.fromkeys(r["bench"] for r in rows):
         cols = _COLUMNS[kind]
-        body = [[fmt.format(r[name]) for name, fmt in cols] for r in rows if r["bench"] == kind]
+        body = [
+            ["-" if r[name] is None else fmt.format(r[name]) for name, fmt in cols] for r in rows if r["bench"] == kind
+        ]
         blocks.append(_TITLES[kind] + "\n" + text_table([name for name, _ in cols], body, rule=False))
     return "\n\n".join(blocks)

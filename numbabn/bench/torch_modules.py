@@ -173,6 +173,7 @@ def run_step(threads: int | None = None, repeat: int = 10, batch: int = 64, seed
         "numbabn BN + fused ReLU + residual": fuse_residual(convert_batchnorm(copy.deepcopy(base), fuse_relu=True)),
     }
     losses = {}
+    bn_calls: dict[str, tuple[int, int]] = {}  # variant -> (kernel calls, numbabn BN calls) of its first step
 
     def stepper(name: str, model: Any) -> Callable[[], None]:
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -184,7 +185,14 @@ def run_step(threads: int | None = None, repeat: int = 10, batch: int = 64, seed
             opt.step()
             losses[name] = loss.item()
 
-        return step
+        def first_step_counted() -> None:
+            if name in bn_calls or name == "native BN":
+                return step()
+            with _counting_bn_calls() as counts:
+                step()
+            bn_calls[name] = (counts["calls"] - counts["torch"], counts["calls"])
+
+        return first_step_counted
 
     t = _interleaved({name: stepper(name, m) for name, m in models.items()}, repeat)
     native = t["native BN"]
@@ -194,12 +202,41 @@ def run_step(threads: int | None = None, repeat: int = 10, batch: int = 64, seed
             step_ms=sec * 1e3,
             speedup=native / sec,
             final_loss=losses[name],
+            kernel_bn_calls=bn_calls[name][0] if name in bn_calls else None,
+            bn_calls=bn_calls[name][1] if name in bn_calls else None,
             batch=batch,
             threads=torch_threads,
             numbabn_threads=numbabn_threads,
         )
         for name, sec in t.items()
     ]
+
+
+@contextlib.contextmanager
+def _counting_bn_calls() -> Iterator[dict[str, int]]:
+    """Count numbabn.torch's BN calls meanwhile: ``calls`` in all, ``torch`` of them
+    handed to PyTorch's own op (inputs below ``config.TORCH_NATIVE_BELOW`` values, ...);
+    the rest ran the kernels. The counters wrap the modules' methods, restored after."""
+    from ..torch.modules import NumbabnBatchNorm
+
+    counts = {"calls": 0, "torch": 0}
+    forward, torch_forward = NumbabnBatchNorm.forward, NumbabnBatchNorm._torch_forward
+
+    def counted_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counts["calls"] += 1
+        return forward(self, *args, **kwargs)
+
+    def counted_torch_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counts["torch"] += 1
+        return torch_forward(self, *args, **kwargs)
+
+    NumbabnBatchNorm.forward = counted_forward  # type: ignore[method-assign]
+    NumbabnBatchNorm._torch_forward = counted_torch_forward  # type: ignore[method-assign]
+    try:
+        yield counts
+    finally:
+        NumbabnBatchNorm.forward = forward  # type: ignore[method-assign]
+        NumbabnBatchNorm._torch_forward = torch_forward  # type: ignore[method-assign]
 
 
 def _table(rows: Sequence[dict[str, Any]], columns: dict[str, tuple[str, str]]) -> str:
@@ -232,12 +269,28 @@ def format_bn(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def format_step(rows: Sequence[dict[str, Any]]) -> str:
-    return _table(
+    """The step table; "kernel BN calls" = how many of a step's BN calls ran numbabn's
+    kernels, with a note under the table when some ran PyTorch's op instead."""
+    rows = [
+        {
+            **r,
+            "kernels": "-" if r.get("bn_calls") is None else f"{r['kernel_bn_calls']} of {r['bn_calls']}",
+        }
+        for r in rows
+    ]
+    table = _table(
         rows,
         {
             "variant": ("ResNet-18 step", "s"),
             "step_ms": ("ms", ".1f"),
             "speedup": ("x native", ".3f"),
             "final_loss": ("final loss", ".4f"),
+            "kernels": ("kernel BN calls", "s"),
         },
     )
+    if any(r.get("bn_calls") is not None and r["kernel_bn_calls"] < r["bn_calls"] for r in rows):
+        table += (
+            "\nnote: the other BN calls ran PyTorch's own batch norm: numbabn.torch hands CPU inputs of fewer "
+            f"than NUMBABN_TORCH_NATIVE_BELOW values (now {config.TORCH_NATIVE_BELOW}) to it"
+        )
+    return table

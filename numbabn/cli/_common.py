@@ -115,6 +115,22 @@ def whole_short_help(cmd: click.Command) -> str:
     return one_line((cmd.help or "").strip().split("\n\n")[0])
 
 
+def torch_import_error() -> str | None:
+    """None when PyTorch imports; else why it cannot be used, as a clause: "PyTorch is
+    not installed", or the error its import raised (an install whose import fails: a
+    missing shared library, a broken build). Imports torch (seconds): call it only
+    where PyTorch is about to be used."""
+    from importlib.util import find_spec
+
+    try:
+        if find_spec("torch") is None:
+            return "PyTorch is not installed"
+        import torch  # noqa: F401
+    except Exception as exc:  # whatever its import raises: ImportError, OSError, RuntimeError...
+        return f"PyTorch is installed but fails to import ({type(exc).__name__}: {one_line(exc)})"
+    return None
+
+
 def _as_one_line(exc: BaseException) -> "CLIError | None":
     """click's usage errors, running out of memory, a bad ``NUMBABN_*`` environment
     variable and Numba's compiler switched off (``NUMBA_DISABLE_JIT=1``) as a one-line
@@ -123,8 +139,8 @@ def _as_one_line(exc: BaseException) -> "CLIError | None":
         return None
     if isinstance(exc, click.UsageError):
         return CLIError(exc.format_message())
-    if isinstance(exc, MemoryError):
-        return CLIError(f"out of memory ({type(exc).__name__}: {exc}); try smaller inputs")
+    if isinstance(exc, MemoryError) or _torch_out_of_memory(exc):
+        return CLIError(f"out of memory ({type(exc).__name__}: {one_line(exc)}); try smaller inputs")
     if type(exc).__name__ == "SettingError" and type(exc).__module__ == "numbabn.config":
         # a bad NUMBABN_* variable (raised while numbabn.config is imported, which then
         # is not in sys.modules to compare the class with)
@@ -133,6 +149,13 @@ def _as_one_line(exc: BaseException) -> "CLIError | None":
     if jit is not None and isinstance(exc, jit.CompilerDisabledError):  # NUMBA_DISABLE_JIT=1
         return CLIError(str(exc))
     return None
+
+
+def _torch_out_of_memory(exc: BaseException) -> bool:
+    """PyTorch's CPU allocator failing: a RuntimeError ("[enforce fail at alloc_cpu.cpp]
+    ... DefaultCPUAllocator: can't allocate memory: you tried to allocate ...")."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "DefaultCPUAllocator" in text)
 
 
 class RootGroup(LazyGroup):
@@ -163,9 +186,13 @@ class RootGroup(LazyGroup):
 # ------------------------------------------------------------------ outputs
 def check_output_file(value: str | None, param_hint: str | None) -> str | None:
     """Check before the work that ``value`` (a file path, or '-' for stdout) can be
-    written; click.BadParameter (one line, exit 2) if not. Nothing is left behind."""
+    written; click.BadParameter (one line, exit 2) if not. Nothing is left behind.
+    A path that is this process's stdout (/dev/stdout, /dev/fd/1) is returned as '-':
+    written as stdout, whatever it is (a pipe has no directory to write a file into)."""
     if value is None or value == "-":
         return value
+    if _stdout_as_dash(value) == "-":
+        return "-"
     path = Path(value)
     parent = path.parent
     if _dangling(path):  # creating it would fail with "File exists", a puzzle beside a missing file
@@ -253,8 +280,9 @@ def write_output(value: str, write: Callable[[IO[Any]], Any], what: str, mode: s
 
     '-' is stdout; a regular (or new) file is written to a temporary file in the same
     directory and renamed over the target only when complete; other files (devices)
-    are written directly. Any OSError becomes a one-line CLIError."""
-    if value == "-":
+    are written directly; /dev/stdout and /dev/fd/1 are '-'. Any OSError becomes a
+    one-line CLIError."""
+    if _stdout_as_dash(value) == "-":
         with click.open_file("-", mode) as f:
             write(f)
         return

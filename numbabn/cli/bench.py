@@ -20,6 +20,7 @@ from ._common import (
     check_distinct_outputs,
     check_output_file,
     check_threads,
+    torch_import_error,
     write_output,
 )
 
@@ -122,7 +123,7 @@ def _check_memory(cases: Sequence[Case], dtype: str, compare: Sequence[str], bac
             shape = "x".join(map(str, case.shape))
             raise CLIError(
                 f"case {case.name!r} ({shape}, {dtype}) needs about {need / 1e9:.1f} GB of memory "
-                f"(inputs, outputs and the {', '.join(compare) or 'no'} comparison), but only "
+                f"(inputs and outputs{' and the ' + ', '.join(compare) + ' comparison' if compare else ''}), but only "
                 f"{available / 1e9:.1f} GB is available; use a smaller --shape"
                 + (" or --compare none" if compare else "")
             )
@@ -141,24 +142,23 @@ def _check_memory(cases: Sequence[Case], dtype: str, compare: Sequence[str], bac
                 )
 
 
-def _torch_installed() -> bool:
-    from importlib.util import find_spec
-
-    return find_spec("torch") is not None
-
-
-def _resolve_compare(compare: tuple[str, ...] | None, backend: str) -> tuple[str, ...]:
-    """The comparisons to time: explicit ones must be possible; the default takes what is there."""
-    torch_usable = _torch_installed()
-    reason = "PyTorch is not installed"
-    if torch_usable and backend == "cuda":
+def _resolve_compare(compare: tuple[str, ...] | None, backend: str, quiet: bool = False) -> tuple[str, ...]:
+    """The comparisons to time: explicit ones must be possible; the default takes what
+    is there (PyTorch when it imports: one that is installed but fails to import is
+    left out, with a note on stderr unless ``quiet``)."""
+    if compare is not None and "torch" not in compare:
+        return compare  # PyTorch not wanted: not imported either
+    reason = torch_import_error()
+    if reason is None and backend == "cuda":
         import torch
 
-        torch_usable = torch.cuda.is_available()
-        reason = f"this PyTorch ({torch.__version__}) does not see a GPU"
+        if not torch.cuda.is_available():
+            reason = f"this PyTorch ({torch.__version__}) does not see a GPU"
     if compare is None:
-        return ("numpy", "torch") if torch_usable else ("numpy",)
-    if "torch" in compare and not torch_usable:
+        if reason is not None and reason != "PyTorch is not installed" and not quiet:
+            click.echo(f"note: not comparing with PyTorch: {reason}", err=True)
+        return ("numpy",) if reason is not None else ("numpy", "torch")
+    if reason is not None:
         raise CLIError(f"--compare torch: {reason}; use --compare numpy or none")
     return compare
 
@@ -221,7 +221,11 @@ def _cases(ctx: click.Context, shapes: tuple[tuple[str, tuple[int, ...]], ...], 
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--backend", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option(
-    "--threads", type=click.IntRange(min=1), default=None, help="CPU threads for Numba and PyTorch [default: Numba's]."
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for numbabn's kernels and PyTorch "
+    "[default: numbabn's: NUMBABN_NUM_THREADS, else the CPUs this process may use].",
 )
 @click.option(
     "--repeat",
@@ -248,7 +252,8 @@ def _cases(ctx: click.Context, shapes: tuple[tuple[str, tuple[int, ...]], ...], 
     "csv_path",
     type=click.Path(dir_okay=False, allow_dash=True),
     callback=_output_option,
-    help="Write one CSV row per case and op; '-' as for --json.",
+    help="Write one CSV row per case and op (no metadata: versions, threads and the copy bandwidth are in "
+    "--json); '-' as for --json.",
 )
 @click.option(
     "--plot",
@@ -299,7 +304,7 @@ def bench(
             raise CLIError("CUDA backend requested but no GPU is available (simulator timings are refused)")
     elif threads is not None:
         check_threads(ctx, threads)
-    compare = _resolve_compare(compare, backend)
+    compare = _resolve_compare(compare, backend, settings.quiet)
     _check_memory(cases, dtype, compare, backend)
     if settings.verbose:
         click.echo(
@@ -326,7 +331,7 @@ def bench(
         report = harness.run(cases, ops, dtype, backend, repeat, compare, threads, progress)
         bar.update(1)
 
-    data_on_stdout = "-" in (json_path, csv_path)
+    data_on_stdout = "-" in (json_path, csv_path)  # (the options give /dev/stdout as '-')
     click.echo(output.format_table(report) + "\n" + output.footer(report), err=data_on_stdout)
     if json_path is not None:
         write_output(json_path, lambda f: output.write_json(report, f), "the JSON report")

@@ -8,7 +8,7 @@ import click
 
 from numbabn.bench.cases import TORCH_PARTS
 
-from ._common import CLIError, Settings, check_output_file, check_threads, write_output
+from ._common import CLIError, Settings, check_output_file, check_threads, torch_import_error, write_output
 
 
 @click.command(short_help="numbabn.torch vs PyTorch's batch norm through autograd, and a ResNet-18 step.")
@@ -62,10 +62,11 @@ def torch(
     fused residual), and a ResNet-18 CPU training step (32x32, SGD) with native BN,
     numbabn BN, numbabn BN + fused ReLU and + fused residual; same threads for both
     libraries, variants interleaved, medians, ratios from the same run."""
-    from importlib.util import find_spec
-
-    if find_spec("torch") is None:
+    reason = torch_import_error()
+    if reason == "PyTorch is not installed":
         raise CLIError("numbabn bench torch needs PyTorch: pip install torch (numbabn's 'torch' extra)")
+    if reason is not None:
+        raise CLIError(f"numbabn bench torch needs PyTorch: {reason}")
     settings = ctx.find_object(Settings) or Settings()
     if threads is not None:
         check_threads(ctx, threads)
