@@ -308,7 +308,7 @@ def test_leftover_rules_cut_each_epoch_as_documented(n, leftover, shuffle, sizes
         verbose=0,
     )
     trainer.fit(X, y, epochs=2)
-    assert [len(b) for b in ids.seen] == sizes * 2
+    assert [len(b) for b in ids.seen] == sizes * 2 and trainer.epoch_batch_sizes(n) == sizes
     for epoch in (ids.seen[: len(sizes)], ids.seen[len(sizes) :]):
         drawn = sorted(v for batch in epoch for v in batch)
         assert len(set(drawn)) == len(drawn) == sum(sizes)  # each sample at most once an epoch

@@ -447,7 +447,7 @@ class _BaseBNMLP(BaseEstimator):
             self._model,
             WEIGHTED[self._loss_class()](self._optimizer, self.alpha),
             self._optimizer,
-            batch_size=self._batch_size(n_samples),
+            batch_size=int(min(200 if self.batch_size == "auto" else self.batch_size, n_samples)),
             seed=int(self._rng.integers(np.iinfo(np.int32).max)),
             shuffle=bool(self.shuffle),
             leftover="batch" if self._has_batch_norm() else "keep",
@@ -455,19 +455,6 @@ class _BaseBNMLP(BaseEstimator):
             record_every=self.record_every,
             verbose=0,
         )
-
-    def _batch_size(self, n_samples: int) -> int:
-        return int(min(200 if self.batch_size == "auto" else self.batch_size, n_samples))
-
-    def _batch_sizes(self, n_samples: int, batch_size: int) -> list[int]:
-        """The sizes of an epoch's batches (:meth:`_trainer`'s rule)."""
-        full, left = divmod(n_samples, batch_size)
-        sizes = [batch_size] * full
-        if left == 1 and self._has_batch_norm():
-            sizes[-1] += 1  # (full >= 1: batch_size is at most n)
-        elif left:
-            sizes.append(left)
-        return sizes
 
     def _epoch(
         self, trainer: Any, X: NDArray[Any], targets: NDArray[Any], weights: NDArray[Any] | None = None
@@ -479,7 +466,7 @@ class _BaseBNMLP(BaseEstimator):
         (the others have a NaN loss: they weigh nothing)."""
         from ..train import History
 
-        sizes = self._batch_sizes(X.shape[0], trainer.batch_size)
+        sizes = trainer.epoch_batch_sizes(X.shape[0])
         trainer.loss.totals.clear()
         part = trainer.fit(X, targets, epochs=1, sample_weight=weights)
         if weights is not None:

@@ -334,6 +334,15 @@ class Trainer:
             return full + 1, True
         return full, rule != "skip"
 
+    def epoch_batch_sizes(self, n: int) -> list[int]:
+        """The sizes of the batches an epoch of ``n`` samples is cut into (module
+        docstring: ``batch_size`` and the ``leftover`` rule)."""
+        per_epoch, to_end = self._per_epoch(n)
+        sizes = [self.batch_size] * per_epoch
+        if to_end and per_epoch:
+            sizes[-1] = n - self.batch_size * (per_epoch - 1)
+        return sizes
+
     def _seal_epoch(self, X: NDArray[Any], y: NDArray[Any]) -> None:
         """Give an epoch that this call began and leaves unfinished its data's fingerprint."""
         if self._epoch is not None and self._epoch.data is None:
