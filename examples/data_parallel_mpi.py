@@ -109,7 +109,7 @@ def accuracy(model, X, y):
 
 
 def share_cores(comm):
-    """Give each rank its share of this machine's cores for Numba's threads.
+    """Give each rank its share of this machine's cores for numbabn's kernel threads.
 
     MPI ranks wait in collectives by polling, so ranks that each start one Numba
     thread per core fight over the CPUs (ten times slower on a 2-core machine).

@@ -16,8 +16,10 @@ from ._typing import AnyArray
 class BatchNormContext:
     """What :func:`~numbabn.functional.batch_norm_backward` needs from the forward pass.
 
-    ``x`` is the canonical (compute-dtype) view of the input, kept by reference: do
-    not modify the input in place between forward and backward; it lives where the
+    ``x`` is the canonical view of the input (the compute dtype's, but for float16
+    input: its bits as int16, which the kernels widen to float32), kept by reference,
+    as are ``gamma`` and ``beta`` when C-contiguous: do not modify the input or the
+    parameters in place between forward and backward; ``x`` lives where the
     backend computes (a NumPy array, or a device array for ``backend="cuda"``).
     ``mean``/``invstd`` (float64, shape (C,)) are the statistics the forward used:
     batch (or given ``moments=``) statistics in training mode, running statistics

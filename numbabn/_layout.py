@@ -130,7 +130,16 @@ def is_device_array(x: Any) -> bool:
     simulator have no such interface)."""
     if isinstance(x, np.ndarray):
         return False
-    return hasattr(x, "__cuda_array_interface__") or bool(getattr(x, "__cuda_ndarray__", False))
+    try:
+        _ = x.__cuda_array_interface__
+    except AttributeError:
+        return bool(getattr(x, "__cuda_ndarray__", False))
+    except Exception:
+        # A GPU array that refuses to be read as it is (a torch CUDA tensor that
+        # requires grad raises RuntimeError): the CUDA backend's checks say so,
+        # naming the argument.
+        return True
+    return True
 
 
 def host_array(fn: str, name: str, x: Any) -> NDArray[Any]:
@@ -262,7 +271,8 @@ def check_param(
 
 
 def check_out(fn: str, name: str, out: Any, shape: tuple[int, ...], dtype: DTypeLike) -> NDArray[Any]:
-    """A caller-provided output: writeable, C-contiguous, exactly ``shape``/``dtype``."""
+    """A caller-provided output: writeable, C-contiguous, exactly ``shape``/``dtype``,
+    without masked values."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{fn}: {name} must be a NumPy array, got {describe(out)}")
     if out.shape != tuple(shape):
@@ -271,6 +281,13 @@ def check_out(fn: str, name: str, out: Any, shape: tuple[int, ...], dtype: DType
         raise TypeError(f"{fn}: {name} must have dtype {dtype}, got {out.dtype}")
     if not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError(f"{fn}: {name} must be a writeable C-contiguous array")
+    if isinstance(out, np.ma.MaskedArray) and np.ma.is_masked(out):
+        # Its mask would hide values the call writes, as masked inputs would hide
+        # values from the statistics.
+        raise ValueError(
+            f"{fn}: {name} is a masked array with {int(np.ma.count_masked(out))} masked value(s); "
+            "pass an array without masked values (e.g. out.data)"
+        )
     return out
 
 

@@ -199,7 +199,9 @@ def batch_norm_forward(
     x : array, ndim >= 2, float16/32/64
         Channel axis ``axis`` (1 for NC, NCL, NCHW; -1 for channels-last).
     gamma, beta : (C,) arrays of the compute dtype (float32 for float16 input), or
-        None for 1 and 0 (their gradients are then None).
+        None for 1 and 0 (their gradients are then None). The backward reads gamma
+        through the context: do not modify it in between (a C-contiguous gamma is kept
+        by reference, any other is copied).
     running_mean, running_var : (C,) NumPy arrays, updated in place when
         ``training`` (then sharing no memory with each other, x, gamma, beta or
         residual); read (required) when not ``training``. Both or neither.
@@ -217,7 +219,8 @@ def batch_norm_forward(
         backward (do not modify it in between); ``out`` must not overlap it.
         :func:`batch_norm_backward` then also returns its gradient.
     out : optional preallocated output, same shape and dtype as ``x``, C-contiguous,
-        not overlapping ``x``, gamma, beta or the running statistics.
+        writeable, without masked values, not overlapping ``x``, gamma, beta or the
+        running statistics.
     backend : None (from the input type), "cpu" or "cuda".
     moments : optional :class:`~numbabn.stats.Moments` to normalise with instead of
         the batch's own statistics (training mode, either backend). This is how
@@ -482,7 +485,11 @@ def batch_norm_backward(
 def moments(x: AnyArray, axis: int = 1, *, backend: str | None = None) -> Moments:
     """Per-channel :class:`~numbabn.stats.Moments` (count, mean, m2) of ``x``.
 
-    Exact two-pass statistics per chunk merged with Chan et al., float64. An input
+    One pass per chunk over values shifted by the chunk's first value (float64 sums
+    of ``d`` and ``d*d``, whose cancellation costs at most a factor of the chunk's
+    count in float64 rounding: see numbabn/kernels/cpu.py), chunks merged with
+    Chan et al., float64. ``axis`` names the channel axis; ``backend`` as for
+    :func:`batch_norm_forward`. An input
     with no values per channel gives ``Moments.empty(C)``. On the CUDA backend:
     Welford per thread, Chan merges per block and across blocks; NumPy results.
     ``m2`` is clipped at 0 (a sum of squares; rounding must not make it negative,

@@ -4,7 +4,7 @@
 whose grad is None are skipped (``zero_grad()`` sets every grad to None). State is
 per parameter and can be inspected, copied and restored, and ``step(params)`` applies
 the real update (momentum / Adam moments and step counts included) to a subset only.
-That is what the internal-covariate-shift probe needs (DESIGN §5)::
+That is what the internal-covariate-shift probe needs (:class:`~numbabn.train.metrics.InternalCovariateShift`)::
 
     saved_model, saved_opt = model.state_dict(), opt.state_dict()
     opt.step(model[:i].parameters())      # the real update, layers before i only

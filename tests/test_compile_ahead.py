@@ -127,6 +127,17 @@ def test_short_rows_after_long_ones_send_their_dx_kernel_to_the_running_helper(t
     assert len(set(out["pids"])) == 1 and None not in out["pids"]
 
 
+def test_long_rows_after_short_ones_send_their_dx_kernel_to_the_running_helper(tmp_path):
+    """The other order (a sequence model's rows growing): the NCL dx kernel of the
+    later, longer rows goes to the running helper while the caller compiles their
+    NCL normalise kernel."""
+    out = _run(tmp_path, [("np.float32", (4, 3, 4, 4)), _F32])
+    assert {"stats_ncl", "apply_mc", "apply_ncl"} <= set(out["compiled"])
+    assert {"grad_apply_mc", "grad_apply_ncl"} <= set(out["loaded"])
+    assert not {"grad_apply_mc", "grad_apply_ncl"} & set(out["compiled"])
+    assert len(set(out["pids"])) == 1 and None not in out["pids"]
+
+
 def test_eval_alone_starts_no_helper(tmp_path):
     """Eval computes no statistics, and a new shape's dx kernel is only handed to a
     helper that is already running: an inference-only cold process starts none."""

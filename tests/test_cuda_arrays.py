@@ -216,6 +216,31 @@ def test_device_errors():
         numbabn.batch_norm_backward(x, ctx, out=x)
 
 
+class _UnreadableGPUArray:
+    """What a torch CUDA tensor that requires grad is to numbabn: its
+    ``__cuda_array_interface__`` raises RuntimeError, not AttributeError."""
+
+    shape, dtype = (4, 3), np.dtype(np.float32)
+
+    @property
+    def __cuda_array_interface__(self):
+        raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad")
+
+
+@pytest.mark.parametrize(
+    "call,name",
+    [
+        (lambda t: numbabn.batch_norm_forward(t), "x"),
+        (lambda t: numbabn.moments(t), "x"),
+        (lambda t: numbabn.batch_norm_forward(cuda.to_device(np.ones((4, 3), np.float32)), t), "gamma"),
+        (lambda t: numbabn.batch_norm_forward(cuda.to_device(np.ones((4, 3), np.float32)), out=t), "out"),
+    ],
+)
+def test_unreadable_gpu_array_is_an_error_naming_the_argument(call, name):
+    with pytest.raises(TypeError, match=f"{name} is a GPU array that cannot be read .*RuntimeError.*detach"):
+        call(_UnreadableGPUArray())
+
+
 # ---------------------------------------------------------------- environment
 
 
@@ -267,3 +292,22 @@ def test_sync_batch_norm_takes_device_arrays(rng, ranks, kind, shape):
     np.testing.assert_allclose(sync.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5)
     for key, value in ref.state_dict().items():
         np.testing.assert_allclose(sync.state_dict()[key], value, rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("cls,shape", [("BatchNorm2d", (3, 2, 5, 4)), ("BatchNorm3d", (2, 2, 3, 2, 4))])
+def test_channels_last_layers_take_device_arrays(rng, cls, shape):
+    """A channels-last layer on device input: the same outputs, gradients and
+    running statistics as on the host."""
+    import numbabn.layers
+
+    layer_cls = getattr(numbabn.layers, cls)
+    dev, ref = layer_cls(4, channels_last=True)._randomize_state(rng), layer_cls(4, channels_last=True)
+    ref.load_state_dict(dev.state_dict())
+    x, dy = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    y, dx = dev.forward(cuda.to_device(x)), dev.backward(cuda.to_device(dy))
+    assert_device(y, dx)
+    np.testing.assert_allclose(host(y), ref.forward(x), **CPU_TOL[np.float32])
+    np.testing.assert_allclose(host(dx), ref.backward(dy), **CPU_TOL[np.float32])
+    np.testing.assert_allclose(dev.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+    for key, value in ref.state_dict().items():
+        np.testing.assert_allclose(dev.state_dict()[key], value, rtol=1e-5, err_msg=key)

@@ -206,6 +206,16 @@ def test_masked_arrays_with_masked_values_are_refused():
         numbabn.batch_norm_forward(X, gamma)
     with pytest.raises(ValueError, match="masked"):
         numbabn.moments(x)
+    # An output whose mask would hide what the call writes, refused before any work.
+    out = np.ma.masked_array(np.zeros_like(X), mask=np.zeros(X.shape, bool))
+    out[1, 2, 0] = np.ma.masked
+    with pytest.raises(ValueError, match="out is a masked array with 1 masked value"):
+        numbabn.batch_norm_forward(X, running_mean=rm, running_var=rv, num_batches_tracked=nbt, out=out)
+    assert int(nbt) == 5 and not out.data.any()
+    y, ctx = numbabn.batch_norm_forward(X)
+    with pytest.raises(ValueError, match="out is a masked array"):
+        numbabn.batch_norm_backward(np.ones_like(X), ctx, out=out)
+    assert not out.data.any()
 
 
 def test_out_overlapping_parameters_or_running_stats_is_refused():

@@ -68,6 +68,20 @@ def as_device(x: AnyArray) -> AnyArray:
     return cuda.as_cuda_array(x)
 
 
+def _device_view(fn: str, name: str, x: AnyArray) -> AnyArray:
+    """:func:`as_device` for argument ``name``: a GPU array that cannot be viewed (a
+    torch CUDA tensor that requires grad) is a TypeError naming it."""
+    if not getattr(x, "__cuda_ndarray__", False):
+        try:
+            _ = x.__cuda_array_interface__
+        except Exception as e:
+            raise TypeError(
+                f"{fn}: {name} is a GPU array that cannot be read through __cuda_array_interface__ "
+                f"({type(e).__name__}: {e}); a torch tensor that requires grad needs .detach()"
+            ) from None
+    return as_device(x)
+
+
 def _device_readonly(x: AnyArray) -> bool:
     iface = getattr(x, "__cuda_array_interface__", None)
     return bool(iface and iface["data"][1])
@@ -90,7 +104,7 @@ def _check_device_out(fn: str, name: str, out: AnyArray, shape: tuple[int, ...],
     """:func:`~numbabn._layout.check_out` for a GPU output; returns the numba device view of it."""
     if not is_device_array(out):
         raise TypeError(f"{fn}: {name} must be a GPU array like the input, got {describe(out)}")
-    d = as_device(out)
+    d = _device_view(fn, name, out)
     if tuple(d.shape) != tuple(shape):
         raise ValueError(f"{fn}: {name} must have shape {tuple(shape)}, got {tuple(d.shape)}")
     if d.dtype != dtype:
@@ -116,7 +130,7 @@ def canonical(fn: str, name: str, x: AnyArray, axis: int) -> Canonical:
         if arr.dtype != cx.dtype:  # float16's 16-bit storage view (the CPU kernels' format)
             arr = arr.view(cx.dtype).astype(compute_dtype(cx.dtype))
         return cx._replace(array=cuda.to_device(arr))
-    d = as_device(x)
+    d = _device_view(fn, name, x)
     check_float_dtype(fn, name, d.dtype)
     axis, layout, cshape, C, m = layout_of(fn, name, tuple(d.shape), axis)
     if not d.is_c_contiguous():
@@ -144,7 +158,7 @@ def param(fn: str, name: str, value: AnyArray | None, channels: int, dtype: Any,
     """
     if not is_device_array(value):
         return cuda.to_device(check_param(fn, name, value, channels, dtype, inplace=inplace))
-    d = as_device(value)
+    d = _device_view(fn, name, value)
     if tuple(d.shape) != (channels,):
         raise ValueError(
             f"{fn}: {name} must have shape ({channels},) (one value per channel), got shape {tuple(d.shape)}"

@@ -51,7 +51,7 @@ def device_copy_bandwidth(nbytes: int, repeats: int = 20) -> float:
     ``repeats`` samples (after one warm-up copy), each COPIES_PER_SAMPLE back-to-back
     copies between two CUDA events, and returns ``2*b / median time per copy / 1e9``:
     a copy reads and writes ``b``, counted like the bytes moved by the batch-norm
-    kernels (numbabn DESIGN §3). One copy of 64 MiB per sample, as this probe timed
+    kernels (each value read or written once). One copy of 64 MiB per sample, as this probe timed
     until the first real GPU run, measured 540 to 870 GB/s on an H200 (4.8 TB/s by
     its datasheet): the host's call and event overhead per copy, not the memory.
     Back-to-back copies queue on the device, so that overhead overlaps them.

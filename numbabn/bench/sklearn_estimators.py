@@ -17,10 +17,10 @@ solver (Adam, each at its default learning rate: 1e-2 with batch norm, scikit-le
 measured (not timed); reported per seed: final test accuracy, best test accuracy,
 training wall time (partial_fit calls only) and the first epoch whose test accuracy
 reaches ``target`` (None if never). Both keep their default L2 penalty alpha=1e-4;
-BNMLPClassifier's Trainer skips the n mod 200 samples left over each epoch (6 steps
-per epoch here against scikit-learn's 7).
+both cut an epoch into the same batches (the n mod 200 samples left over form the last
+batch, 7 steps per epoch here).
 
-``threads`` (None: the libraries' defaults) caps Numba's threads and, through
+``threads`` (None: the libraries' defaults) caps numbabn's kernel threads and, through
 threadpoolctl, the BLAS threads of both sides: for the small matrices of the MLP part,
 thread hand-offs dominate on a busy machine.
 """
@@ -138,7 +138,7 @@ def bench_mlp_digits(
 
 @contextmanager
 def _thread_limit(threads: int | None) -> Iterator[None]:
-    """Numba and BLAS limited to ``threads`` inside the block (no limit for None)."""
+    """numbabn's kernel threads and BLAS limited to ``threads`` inside the block (no limit for None)."""
     if threads is None:
         yield
         return

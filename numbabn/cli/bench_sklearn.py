@@ -57,7 +57,7 @@ from ._common import Settings, check_output_file, check_threads, write_output
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="Cap Numba and BLAS threads for both sides [default: the libraries' own].",
+    help="Cap numbabn's kernel threads and BLAS threads for both sides [default: the libraries' own].",
 )
 @click.option(
     "--json",

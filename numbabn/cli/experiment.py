@@ -203,7 +203,7 @@ def _command(name: str, fn: Callable[..., dict[str, Any]]) -> click.Command:
                 "--depth",
                 type=int,
                 default=None,
-                help="Network depth [default and least value: the experiment's set-up].",
+                help="Network depth (at least 1; dln: 2) [default: the experiment's set-up].",
             )
         )
     for option in reversed(options):

@@ -33,7 +33,8 @@ from ._common import Settings
 )
 @click.pass_context
 def warmup(ctx: click.Context, dtypes: tuple[str, ...], layouts: tuple[str, ...], residual: bool) -> None:
-    """Compile every CPU kernel variant now, so that no later call waits for the JIT.
+    """Compile the CPU kernels now (by default float32 and float64, both layouts, no
+    residual), so that later calls with those variants only load them.
 
     Compiled kernels are cached on disk (see `numbabn info`): run this once after
     installing, e.g. in a Docker image build, and every later process only loads them.

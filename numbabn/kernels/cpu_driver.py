@@ -204,11 +204,11 @@ class _Walk:
             k = specs(x.dtype, "mc")
         if dx and k.layout not in own.element_layouts:
             own.element_layouts.add(k.layout)
-            if k is not own and "grad_apply" not in k.__dict__:
-                # Short rows after long ones in a cold training run (a ResNet's 4x4 maps
-                # after its 32x32 ones): the statistics kernel's miss, which sent the
-                # backward's kernels to the helper, has passed; a running helper takes
-                # this one (one of x's own layout goes with that miss).
+            if "grad_apply" not in k.__dict__:
+                # Rows of the other length after the first ones in a cold training run
+                # (a ResNet's 4x4 maps after its 32x32 ones, or a sequence model's rows
+                # growing): the statistics kernel's miss, which sent the backward's
+                # kernels to the helper, has passed; a running helper takes this one.
                 _compile_ahead.start(own.key, [(k.layout, "grad_apply")], spawn=False)
         self.layout = k.layout
         self.specs = k

@@ -68,6 +68,26 @@ class BatchNormBase(Layer):
     Subclasses that compute outside ``batch_norm_forward`` follow the module
     docstring's table through :attr:`uses_batch_stats` and
     :attr:`updates_running_stats`.
+
+    Parameters
+    ----------
+    num_features : int >= 1
+        C, the number of channels.
+    eps : float > 0
+        Added to the variance (``torch.nn``'s default).
+    momentum : float in [0, 1] or None
+        Weight of the batch in the running statistics; None: the cumulative
+        average over ``num_batches_tracked`` batches.
+    affine : bool
+        Learn ``weight`` and ``bias``.
+    track_running_stats : bool
+        Keep running statistics and use them in eval mode (without them, eval
+        normalises with the batch's own statistics, as ``torch.nn`` does).
+    activation : None or "relu"
+        A ReLU fused into the same pass.
+    dtype : float32 or float64
+        Of the parameters and buffers, and of the inputs the layer takes (a float32
+        layer also takes float16 input: see the module docstring).
     """
 
     axis = 1
@@ -301,7 +321,7 @@ class _SpatialBatchNorm(BatchNormBase):
 
     def _check_input(self, x: Any) -> FloatArray:
         x = self._input(x)
-        if x.ndim != self._spatial + 2 or x.shape[self.axis] != self.num_features:
+        if x.ndim != self._spatial + 2 or tuple(x.shape)[self.axis] != self.num_features:
             raise self._shape_error(self._expected_shape(), x)
         return x
 

@@ -35,6 +35,9 @@ class Conv2d(Layer):
 
     col2im adds each window back where it came from: one strided slice-add per kernel
     offset (u, v), so overlapping windows accumulate.
+
+    ``init`` and ``rng`` as for :class:`~numbabn.layers.Linear` (fan-in C*kh*kw,
+    fan-out out_channels*kh*kw).
     """
 
     _transient = ("_cache",)

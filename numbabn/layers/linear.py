@@ -40,8 +40,10 @@ class Linear(Layer):
 
         dW = g^T x    db = sum_n g_n    dx = g W
 
-    ``reset_parameters()`` draws new weights from ``rng`` (the generator given, or one
-    made from an int seed, kept by the layer) and zeroes the bias.
+    ``init``: "glorot" (uniform, the default) or "he" (normal, for ReLU networks),
+    see :func:`init_weight`. ``rng``: a ``numpy.random.Generator``, an int seed, or
+    None (a generator seeded from the OS: different weights in every run). It is kept
+    by the layer: ``reset_parameters()`` draws new weights from it and zeroes the bias.
     """
 
     _transient = ("_x",)

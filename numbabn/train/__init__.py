@@ -1,4 +1,4 @@
-"""Training loop and the measurement toolkit of what batch norm does (DESIGN §5).
+"""Training loop and the measurement toolkit of what batch norm does (README, "What batch norm really does").
 
 :class:`Trainer` runs mini-batch training on NumPy arrays and returns a
 :class:`History`; :mod:`numbabn.train.metrics` holds the probes (internal covariate

@@ -1,7 +1,7 @@
 """The batch-norm papers' experiments at small scale, one function each, and the
 ``EXPERIMENTS`` registry behind ``numbabn experiment NAME`` (``numbabn.cli.experiment``).
 
-Every experiment is called as ``fn(*, steps=None, seeds=3, lr=None, full=False,
+Every experiment is called as ``fn(*, steps=None, seeds=None, lr=None, full=False,
 out=None, progress=True)``, plus ``depth=None`` where the network has a depth:
 
 - ``steps``, ``lr``, ``depth`` None: the set-up described in its docstring;

@@ -1,4 +1,4 @@
-"""Measurements of what batch norm does to training (DESIGN §5).
+"""Measurements of what batch norm does to training (README, "What batch norm really does").
 
 Santurkar, Tsipras, Ilyas & Madry 2018, "How Does Batch Normalization Help
 Optimization?" (NeurIPS) defines the quantities but publishes no code; Ioffe &
