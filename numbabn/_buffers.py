@@ -62,9 +62,9 @@ def empty(shape: tuple[int, ...], dtype: np.dtype[Any], nbytes: int | None = Non
     if nbytes < MIN_BYTES:  # first and cheap: small calls are all per-call overhead
         return np.empty(shape, dtype)
     limit = config.BUFFER_CACHE_MB << 20
-    if nbytes > limit:
+    size = nbytes + ALIGN  # the block: the view plus room to align its start
+    if size > limit:
         return np.empty(shape, dtype)
-    size = nbytes + ALIGN
     with _lock:
         for i in range(len(_pool)):
             if _pool[i].nbytes == size and _unused(i):

@@ -137,6 +137,8 @@ class _Pool:
         while True:
             fn, args = self.jobs.get()
             fn(*args)  # never raises: parallel_for's pieces record their errors
+            # Blocked on the queue, the worker must not keep the call's arrays alive.
+            del fn, args
 
 
 def _get_pool(workers: int) -> "_Pool":

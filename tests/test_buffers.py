@@ -102,6 +102,18 @@ def test_pool_limit_and_switch(pool, monkeypatch):
     assert pool.pooled_bytes() == (0, 0) and y.flags.owndata
 
 
+@pytest.mark.parametrize("short", [0, 1, A - 1, A])
+def test_a_request_at_the_limit_is_served(pool, short):
+    """The pool's limit counts the aligned block: a request within ALIGN bytes of the
+    limit (an output of exactly the default 256 MiB, such as 64x64x128x128 float32)
+    is plain np.empty, not a pool emptied to make room that cannot be made."""
+    pool.empty((MiB,), np.dtype(np.uint8))
+    y = pool.empty((8 * MiB - short,), np.dtype(np.uint8))
+    assert y.size == 8 * MiB - short
+    # A block of exactly the limit is pooled, in place of the older block.
+    assert pool.pooled_bytes()[0] == (8 * MiB if short == A else MiB + A)
+
+
 def test_empty_cache_keeps_blocks_in_use(pool):
     a = pool.empty((MiB,), np.dtype(np.uint8))
     b = pool.empty((MiB,), np.dtype(np.uint8))

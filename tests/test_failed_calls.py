@@ -144,10 +144,16 @@ def test_sequential_is_all_or_nothing():
     x = rng.standard_normal((8, 4))
     model.backward(np.ones_like(model.forward(x)))
     model.layers[3].in_features = 5  # the last Linear now rejects its input
+    caches = {"_x", "_ctx", "_saved", "_out_dtype"}  # the layers' _transient names
+    for lay, attrs, _ in fingerprint(model)[0]:
+        for k in caches & attrs.keys():
+            setattr(lay, k, None)  # what the forward lets go once its first layer ran
     before = fingerprint(model)
     with pytest.raises(ValueError, match="expected input of shape"):
         model.forward(x + 10)
     assert_unchanged(model, before)
+    with pytest.raises(RuntimeError, match="backward called before forward"):
+        model.backward(np.ones((8, 3)))
     model.layers[3].in_features = 6
     model.forward(x)
     model.layers[0]._x = None  # the first layer fails in backward
@@ -155,6 +161,32 @@ def test_sequential_is_all_or_nothing():
     with pytest.raises(RuntimeError, match="backward called before forward"):
         model.backward(np.ones((8, 3)))
     assert_unchanged(model, before)
+
+
+def test_a_sequential_forward_lets_the_last_forwards_caches_go():
+    """Each layer's previous cache is gone by the time the last layer runs (kept for
+    a possible failure, they made a forward hold two steps' activations at once)."""
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(0)
+    model = _mlp(rng)
+    x = rng.standard_normal((8, 4))
+    model.backward(np.ones_like(model.forward(x * 1.0)))  # layer 0 caches an input nobody else holds
+    old = [weakref.ref(model.layers[i]._x) for i in (0, 3)] + [weakref.ref(model.layers[1]._ctx)]
+    seen = []
+    last = model.layers[3]
+    original = last.forward
+
+    def spy(v):
+        gc.collect()
+        seen.append([r() is None for r in old[1:]])  # layer 0 kept its new input, not the old one
+        return original(v)
+
+    last.forward = spy
+    model.forward(x + 1)
+    assert seen == [[True, True]]
+    assert old[0]() is None
 
 
 @pytest.mark.parametrize("opt_cls", [SGD, Adam])

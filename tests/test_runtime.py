@@ -465,6 +465,24 @@ def test_a_large_thread_count_starts_workers_only_for_the_pieces(monkeypatch):
     assert sorted(seen) == sorted([(t, t + 1) for n in (8, 12, 5) for t in range(n)])
 
 
+def test_idle_workers_keep_no_arrays_of_the_last_call(monkeypatch):
+    """A worker waiting for the next job held the last one's arguments: after a
+    forward and backward whose results were all dropped, three inputs' worth of
+    arrays stayed alive until the next parallel call."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(config, "SERIAL_MAX", 1)  # every call of more than one block runs on the pool
+    with numbabn.limit_threads(2):
+        x = np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32)
+        y, ctx = numbabn.batch_norm_forward(x)
+        dx, _, _ = numbabn.batch_norm_backward(y, ctx)
+        alive = [weakref.ref(a) for a in (x, y, dx)]
+        del x, y, ctx, dx
+        gc.collect()
+        assert [r() is None for r in alive] == [True] * 3
+
+
 def test_a_call_where_no_thread_can_start_runs_its_pieces_here(monkeypatch, rng):
     """Python 3.12 refuses new threads at interpreter shutdown: an atexit handler's
     first parallel call raised "can't create new thread at interpreter shutdown".

@@ -83,6 +83,25 @@ def _all_layers(layer: "Layer") -> list["Layer"]:
     return out
 
 
+def _transient_names(cls: type) -> list[str]:
+    """The forward-cache attributes of ``cls`` and its bases (``_transient``)."""
+    return [name for c in cls.__mro__ for name in vars(c).get("_transient", ())]
+
+
+def release_caches(saved: dict[str, Any], ran: "Layer") -> None:
+    """Forget the forward caches that a forward's :func:`capture` ``saved`` holds,
+    and drop those of its layers (to None, as a pickled layer has them) but for
+    ``ran`` and its sub-layers, which already hold their new ones. :func:`restore`
+    then leaves every cache None: a backward needs a new forward."""
+    fresh = {id(lay) for lay in _all_layers(ran)}
+    for lay, attrs in saved["attrs"]:
+        for name in _transient_names(type(lay)):
+            if name in attrs:
+                attrs[name] = None
+                if id(lay) not in fresh:
+                    setattr(lay, name, None)
+
+
 def capture(
     layer: "Layer", parameters: bool = False, optimizer: Any = None, forward: bool = True, backward: bool = True
 ) -> dict[str, Any]:
@@ -301,10 +320,9 @@ class Layer:
     def __getstate__(self) -> dict[str, Any]:
         """The instance dict without forward caches (see the module docstring)."""
         state = self.__dict__.copy()
-        for cls in type(self).__mro__:
-            for name in vars(cls).get("_transient", ()):
-                if name in state:
-                    state[name] = None
+        for name in _transient_names(type(self)):
+            if name in state:
+                state[name] = None
         return state
 
     # ------------------------------------------------------------ resetting

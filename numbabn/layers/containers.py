@@ -6,7 +6,7 @@ from typing import Any, overload
 import numpy as np
 
 from .._typing import FloatArray
-from .base import Layer, capture, restore
+from .base import Layer, capture, release_caches, restore
 from .batchnorm import BatchNorm1d
 from .linear import Linear
 
@@ -22,7 +22,10 @@ class Sequential(Layer):
     layer put in eval mode inside a training ``seq`` stays so).
 
     ``forward`` and ``backward`` are all or nothing: if a layer raises, every layer
-    of the chain is put back as it was (running statistics, caches, gradients).
+    of the chain is put back as it was (running statistics, caches, gradients), but
+    for one thing: a forward that fails after its first layer took the input leaves
+    no layer with the previous forward's cache (a backward needs a new forward), as
+    holding those caches until the end of every forward doubled its peak memory.
 
     Examples
     --------
@@ -47,12 +50,17 @@ class Sequential(Layer):
 
     # All or nothing: when a layer raises, the layers before it have already updated
     # their running statistics and caches (forward) or gradients (backward); they are
-    # put back, so a failed call leaves the whole chain as it was.
+    # put back, so a failed call leaves the whole chain as it was. One exception: once
+    # the first layer took the input, the last forward's caches are let go (kept to be
+    # put back, they made every forward hold two steps' activations at once), so a
+    # failure further on leaves the layers needing a new forward before a backward.
     def forward(self, x: FloatArray) -> FloatArray:
         saved = capture(self, backward=False)
         try:
-            for layer in self.layers:
+            for i, layer in enumerate(self.layers):
                 x = layer.forward(x)
+                if i == 0:
+                    release_caches(saved, layer)
         except Exception:
             restore(saved)
             raise
