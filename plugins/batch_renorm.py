@@ -13,6 +13,12 @@ from numbabn.functional import moments
 from numbabn.layers import BatchNormBase
 
 
+def _relaxed(first: float, last: float, ramp: float) -> float:
+    """``first + (last - first) * ramp``, and ``first`` at ramp 0 also for an
+    infinite ``last`` (no clipping once relaxed), where the product would be NaN."""
+    return first if ramp == 0.0 else first + (last - first) * ramp
+
+
 def _ramp(t: float, start: float, end: float) -> float:
     """0 before ``start``, 1 from ``end`` on, linear in between."""
     if t < start:
@@ -40,7 +46,8 @@ class BatchRenorm(BatchNormBase):
     Warm-up (paper §4): rmax = 1 and dmax = 0 for the first ``relax_from`` training
     steps, then linearly relaxed to reach ``rmax`` at step ``rmax_until`` and ``dmax``
     at step ``dmax_until`` (paper: 5000, 40k, 25k). The step is
-    ``num_batches_tracked`` before the update.
+    ``num_batches_tracked`` before the update. ``rmax``/``dmax`` may be ``inf``: no
+    clipping once the relaxation has begun.
 
     Implementation: the forward is ``batch_norm_forward`` with gamma' = gamma*r and
     beta' = gamma*d + beta (r, d from ``moments`` and the running statistics before
@@ -97,23 +104,27 @@ class BatchRenorm(BatchNormBase):
         """(rmax, dmax) in force for the next training step."""
         t = int(self.num_batches_tracked)
         return (
-            1.0 + (self.rmax - 1.0) * _ramp(t, self.relax_from, self.rmax_until),
-            self.dmax * _ramp(t, self.relax_from, self.dmax_until),
+            _relaxed(1.0, self.rmax, _ramp(t, self.relax_from, self.rmax_until)),
+            _relaxed(0.0, self.dmax, _ramp(t, self.relax_from, self.dmax_until)),
         )
 
     def forward(self, x: FloatArray) -> FloatArray:
         x = self._check_input(x)
+        # (r, d) go with the training forward's context: dropped only once a call that
+        # replaces that context has succeeded, so that a failed one changes nothing.
         if not self.training:
+            y = super().forward(x)
             self._rd = None
-            return super().forward(x)
+            return y
         batch = moments(x, axis=self.axis)
         if batch.count == 1:
             raise ValueError(
                 f"{self._short()}: training needs more than 1 value per channel, got input of shape {x.shape}"
             )
         if batch.count == 0:  # empty batch: nothing to correct (batch norm's empty-batch rules)
+            y = super().forward(x)
             self._rd = None
-            return super().forward(x)
+            return y
         sigma_b = np.sqrt(batch.var() + self.eps)
         sigma = np.sqrt(self.running_var.astype(np.float64) + self.eps)
         rmax, dmax = self.limits()

@@ -121,10 +121,20 @@ class LayerNorm(_PerSampleNorm):
         bias: bool = True,
     ) -> None:
         owner = type(self).__name__
-        shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
-        if not shape:
-            raise ValueError(f"{owner}: normalized_shape must name at least one dimension, got {normalized_shape!r}")
-        self.normalized_shape = tuple(check_positive_int(owner, "normalized_shape", d) for d in shape)
+        single = isinstance(normalized_shape, (int, np.integer)) and not isinstance(normalized_shape, bool)
+        shape = (normalized_shape,) if single else normalized_shape
+        if (
+            not isinstance(shape, Sequence)
+            or isinstance(shape, str)
+            or not shape
+            or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1 for d in shape)
+        ):
+            raise TypeError(
+                f"{owner}: normalized_shape must be an int >= 1 or a non-empty sequence of them, "
+                f"got {V.describe(normalized_shape)}"
+            )
+        self.normalized_shape = tuple(int(d) for d in shape)
+        V.check_bool(owner, "elementwise_affine", elementwise_affine)
         super().__init__(eps, elementwise_affine, self.normalized_shape, dtype, bias)
 
     def _check_input(self, x: FloatArray) -> FloatArray:

@@ -413,6 +413,41 @@ def test_batch_renorm_schedule_and_limits():
         assert layer.limits() == pytest.approx(expected)
     with pytest.raises(ValueError, match="rmax must be a number >= 1"):
         BatchRenorm(2, rmax=0.5)
+    # Infinite limits: none in force during the warm-up, no clipping once relaxing.
+    unlimited = BatchRenorm(2, rmax=np.inf, dmax=np.inf, relax_from=10, rmax_until=30, dmax_until=20)
+    for t, expected in [(0, (1.0, 0.0)), (10, (1.0, 0.0)), (11, (np.inf, np.inf)), (40, (np.inf, np.inf))]:
+        unlimited.num_batches_tracked[...] = t
+        assert unlimited.limits() == expected
+
+
+def test_batch_renorm_with_infinite_limits_trains_finite(rng):
+    """rmax = dmax = inf from step 0 (relax_from=0): batch norm at step 0 (the
+    limits' product with a ramp of 0 made every output NaN), then no clipping."""
+    x = randn(rng, 6, 3, 2, loc=1.0)
+    layer = BatchRenorm(3, dtype=np.float64, rmax=np.inf, dmax=np.inf, relax_from=0, rmax_until=4, dmax_until=4)
+    bn = BatchNorm1d(3, dtype=np.float64)
+    np.testing.assert_allclose(layer.forward(x), bn.forward(x), **F64)
+    for _ in range(3):
+        assert np.isfinite(layer.forward(x * 3 + 1)).all()
+
+
+def test_batch_renorm_failed_eval_keeps_the_training_forwards_r_and_d(rng):
+    """An eval forward that raises changes nothing: the pending backward of the
+    training forward still applies its (r, d)."""
+    x, dy = randn(rng, 8, 3, 2, loc=0.3, scale=1.2), randn(rng, 8, 3, 2)
+    layer = BatchRenorm(3, dtype=np.float64, relax_from=0, rmax_until=0, dmax_until=0)._randomize_state(rng)
+    twin = BatchRenorm(3, dtype=np.float64, relax_from=0, rmax_until=0, dmax_until=0)
+    twin.load_state_dict(layer.state_dict())
+    layer.forward(x)
+    twin.forward(x)
+    layer.eval()
+    layer.activation = "bogus"  # refused by the functional call, after the layer's own checks
+    with pytest.raises(ValueError, match="activation"):
+        layer.forward(x)
+    layer.activation = None
+    layer.train()
+    np.testing.assert_array_equal(layer.backward(dy), twin.backward(dy))
+    np.testing.assert_array_equal(layer.weight.grad, twin.weight.grad)
 
 
 def test_batch_renorm_is_batch_norm_during_warmup(rng):
@@ -543,3 +578,9 @@ def test_layer_norm_and_group_norm_formulas(rng):
         GroupNorm(3, 4)
     with pytest.raises(ValueError, match=r"LayerNorm\(\(4, 5\).*\): expected input of shape \(\.\.\., 4, 5\)"):
         ln.forward(np.zeros((3, 5, 4)))
+    for bad in [None, "ab", (), (4, 0), (4, 2.0), True]:
+        with pytest.raises(TypeError, match="LayerNorm: normalized_shape must be an int >= 1 or a non-empty sequence"):
+            LayerNorm(bad)
+    with pytest.raises(TypeError, match="LayerNorm: elementwise_affine must be a bool"):
+        LayerNorm(4, elementwise_affine=1)
+    assert LayerNorm(np.int64(4)).normalized_shape == (4,) and LayerNorm([2, 3]).normalized_shape == (2, 3)
