@@ -228,6 +228,36 @@ def test_record_metrics_reach_history(digits):
         BNMLPClassifier(record_metrics="ics").fit(X_tr, y_tr)
 
 
+def test_recorded_ics_replays_the_steps_weight_decay(digits):
+    """The estimator's loss sets the weight decay alpha / (batch size) right before each
+    step; ICS replayed the update with the value found when it began (0 at step 0, the
+    previous batch's on the leftover batch), or with another metric's leftover
+    ("grad_norm" first). Now every order records the same, and the fit is unchanged
+    (the replay's value itself: test_train_metrics.py)."""
+    X_tr, _, y_tr, _ = digits
+    X_tr, y_tr = X_tr[:300], y_tr[:300]  # 4 batches of 64 and a leftover of 44
+    fits = {}
+    for metrics in ((), ("ics",), ("grad_norm", "ics")):
+        clf = BNMLPClassifier(
+            hidden_layer_sizes=(20, 20),
+            alpha=50.0,
+            batch_size=64,
+            max_iter=1,
+            random_state=0,
+            solver="sgd",
+            momentum=0.0,
+            learning_rate_init=0.1,
+            record_metrics=list(metrics),
+            record_every=1,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            fits[metrics] = clf.fit(X_tr, y_tr)
+    assert fits[("ics",)].history_.metric("ics") == fits[("grad_norm", "ics")].history_.metric("ics")
+    for clf in fits.values():
+        assert all(np.array_equal(a, b) for a, b in zip(clf.coefs_, fits[()].coefs_, strict=True))
+
+
 def test_batch_norm_false_has_no_batchnorm_layers():
     from numbabn.layers import BatchNorm1d, Linear
 

@@ -3,6 +3,7 @@ sweep, writes its JSON of raw series and its PNG figures, and rejects bad argume
 (The documented outcomes are rerun by tests/test_train_regression.py, marked slow.)"""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -330,3 +331,25 @@ def test_maxlr_counts_only_seeds_where_both_networks_have_an_edge(monkeypatch):
         assert summary[arch]["bn_larger"]["k"] == 1 and summary[arch]["bn_larger"]["n"] == 1
         assert summary[arch]["bn_larger_dropped"] == 2
         assert summary[arch]["ratio_bn_over_standard"]["n"] == 1
+
+
+def test_a_search_start_that_stalls_climbs_to_the_edge(monkeypatch):
+    """From lr 0.005 the η search starts at 0.02, where the standard 8-layer MLP's
+    loss falls but does not halve in the experiment's 100-step runs: too small a rate,
+    so the search doubles up to the edge (it halved 24 times and raised a RuntimeError)."""
+    monkeypatch.setattr(experiments, "SEARCH_STEPS", 100)  # in 30 steps no rate halves this net's loss
+    summary = EXPERIMENTS["landscape"](steps=2, seeds=[0], lr=0.005, progress=False)
+    assert summary["eta_top"] > 4 * 0.02
+
+
+def test_a_search_that_finds_no_rate_is_an_option_error(tmp_path, monkeypatch):
+    """A learning-rate search in which no rate trains gives no η range: one line naming
+    --lr, exit 2, no traceback, and --out is not created."""
+    monkeypatch.setattr(experiments, "_train", lambda *a, **k: SimpleNamespace(loss=[2.3, np.inf]))
+    result = CliRunner().invoke(main, ["experiment", "vgg", "--seed", "0", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(
+        "Error: Invalid value for '--lr': lr must let the standard network train in 30-step runs near 4 x lr "
+        "(the search for the top η): from 0.4, none of 24 rates from 4.77e-08 to 0.4 trained (0 stalled, 24 diverged)"
+    ), result.output
+    assert not list(tmp_path.iterdir())

@@ -19,7 +19,10 @@ from numbabn.layers import (
 )
 from numbabn.optim import SGD, Adam
 from numbabn.train import (
+    ActivationPercentiles,
     HessianEigenvalue,
+    InternalCovariateShift,
+    LandscapeProbe,
     Trainer,
     activation_percentiles,
     eta_grid,
@@ -390,3 +393,59 @@ def test_metrics_leave_everything_untouched(dtype, make_opt):
         assert model.training
     model.backward(d)  # the caches of the pending forward are intact
     assert all(np.array_equal(p.grad, grads[n]) for n, p in model.named_parameters())
+
+
+def test_metrics_keep_the_hyperparameters_a_loss_sets_per_batch():
+    """The scikit-learn estimators' loss sets the optimizer's weight decay for its
+    batch (alpha / the batch's size) right before the step. Every metric puts it back,
+    and ICS replays the update with the value the real step of the probed batch uses,
+    whatever the weight decay was before (0 on a fresh optimizer, a previous batch's)
+    and whichever metric ran first (it replayed the value found on entry)."""
+    from numbabn.sklearn._weighted import WeightedCrossEntropy
+
+    model, (X, y) = bn_net(0), data(1)
+    opt = SGD(model.parameters(), lr=0.5, momentum=0.9)
+    batch = (X[:20], y[:20])
+    opt.weight_decay = 40.0 / 20  # what the real step of this batch uses
+    expected = internal_covariate_shift(model, SoftmaxCrossEntropy(), opt, batch)
+    for before in (0.0, 0.7):
+        opt.weight_decay = before
+        for metric in all_metrics():
+            result = metric(model, WeightedCrossEntropy(opt, alpha=40.0), opt, batch)
+            assert opt.weight_decay == before, metric
+            if isinstance(metric, InternalCovariateShift):
+                assert result == expected
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: ActivationPercentiles(1, q=50),
+            "ActivationPercentiles: q must be a non-empty 1-D sequence of percentiles in [0, 100], got int 50",
+        ),
+        (
+            lambda: ActivationPercentiles(1, q=[[50]]),
+            "ActivationPercentiles: q must be a non-empty 1-D sequence of percentiles in [0, 100], got list [[50]]",
+        ),
+        (lambda: HessianEigenvalue(iters=0), "HessianEigenvalue: iters must be a positive int, got 0"),
+        (lambda: HessianEigenvalue(tol=-1.0), "HessianEigenvalue: tol must be a finite number > 0, got -1.0"),
+        (lambda: LandscapeProbe(lr=0), "LandscapeProbe: lr must be a finite number > 0, got 0"),
+        (lambda: LandscapeProbe(num=0), "LandscapeProbe: num must be a positive int, got 0"),
+        (
+            lambda: landscape_probe(two_layer(np.random.default_rng(0)), MSELoss(), (None, None), 0),
+            "landscape_probe: lr must be a finite number > 0, got 0",
+        ),
+        (
+            lambda: landscape_probe(two_layer(np.random.default_rng(0)), MSELoss(), (None, None), 0, etas=[0.1]),
+            "landscape_probe: lr must be a finite number > 0, got 0",
+        ),
+    ],
+)
+def test_metric_arguments_are_checked_when_given(make, message):
+    """Each bad argument is refused where it is given (not at the first probe, not as
+    an error of a helper such as eta_grid), naming the class or function, the
+    argument, what it must be and what came."""
+    with pytest.raises(ValueError) as info:
+        make()
+    assert str(info.value) == message

@@ -108,13 +108,15 @@ def test_trains_rule():
 
 
 def _gd_on_quadratic(curvature, steps=100):
-    """Gradient descent on L = ½·a·θ²: diverges exactly when lr > 2/a."""
+    """Gradient descent on L = ½·a·θ²: diverges exactly when lr > 2/a (in float64, an
+    overflow is inf, as in a network's run, not Python's OverflowError)."""
 
     def run(lr):
-        theta, losses = 1.0, []
-        for _ in range(steps):
-            losses.append(0.5 * curvature * theta**2)
-            theta -= lr * curvature * theta
+        theta, losses = np.float64(1.0), []
+        with np.errstate(over="ignore", invalid="ignore"):
+            for _ in range(steps):
+                losses.append(0.5 * curvature * theta**2)
+                theta -= lr * curvature * theta
         return losses
 
     return run
@@ -127,6 +129,47 @@ def test_largest_stable_lr_brackets_two_over_curvature(curvature, lr0):
     assert res["stable_lr"] < edge <= res["diverged_lr"]
     assert res["diverged_lr"] / res["stable_lr"] <= 2 ** (1 / 8) * (1 + 1e-12)  # 3 bisections of a doubling
     assert all(t["trained"] == (t["lr"] < edge) for t in res["trials"])
+
+
+def _window(low, high, chance=2.3):
+    """A classifier's short runs on shared batches: below ``low`` the loss falls by
+    lr·(1 − noise) but not by half (too small a rate, the tail even above the first
+    loss at the smallest rates), [low, high) trains, up to 4·high collapses to
+    chance (a stall), above overflows."""
+
+    def run(lr):
+        if lr >= 4 * high:
+            return [chance, np.inf]
+        if lr >= high:
+            return [chance - 0.01, chance - 0.02]
+        if lr >= low:
+            return [chance, 0.2]
+        return [chance, chance + 0.01 - lr / low]
+
+    return run
+
+
+@pytest.mark.parametrize("lr0", [0.4, 0.05, 1e-4])
+def test_largest_stable_lr_climbs_from_a_stall(lr0):
+    # a start that stalls is too small a rate: the bracket doubles up to the window
+    # (before: it halved 24 times and reported the start as the divergence)
+    res = largest_stable_lr(_window(0.1, 1.0), lr0, fraction=0.5)
+    assert res["stable_lr"] < 1.0 <= res["diverged_lr"] <= 2 ** (1 / 8) * res["stable_lr"] * (1 + 1e-12)
+    assert len(res["trials"]) <= 3 + math.ceil(math.log2(1.0 / lr0)) + 3
+    assert [t["outcome"] for t in res["trials"]].count("diverged") <= 1
+
+
+def test_largest_stable_lr_stall_above_the_window_and_none():
+    # a start that collapses to chance stalls too: the climb gains nothing, so the
+    # search halves from below the start and finds the window
+    res = largest_stable_lr(_window(0.1, 1.0), 2.5, fraction=0.5)
+    assert res["stable_lr"] < 1.0 <= res["diverged_lr"] <= 2 ** (1 / 8) * res["stable_lr"] * (1 + 1e-12)
+    # no rate trains: only a rate that overflowed is reported as the divergence
+    res = largest_stable_lr(lambda lr: [2.3, np.inf] if lr >= 4 else [2.3, 2.3 - lr / 10], 0.01, fraction=0.5)
+    assert res["stable_lr"] is None and res["diverged_lr"] == 0.01 * 2**9
+    res = largest_stable_lr(lambda lr: [1.0, 0.9], 0.01, fraction=0.5, lr_max=1.0, max_trials=10)
+    assert res == {**res, "stable_lr": None, "diverged_lr": None}
+    assert {t["outcome"] for t in res["trials"]} == {"stalled"} and len(res["trials"]) == 10
 
 
 def test_largest_stable_lr_no_divergence_and_errors():

@@ -544,3 +544,18 @@ def test_sigmoid_loss_records_subset_accuracy():
     _, accuracy = trainer.evaluate(X, Y)
     assert accuracy == np.mean(((out > 0) == (Y > 0.5)).all(axis=1))
     assert 0.0 < accuracy < np.mean((out > 0) == (Y > 0.5)) < 1.0  # not the label-wise mean
+
+
+@pytest.mark.parametrize("cls", [LandscapeProbe, HessianEigenvalue, GradientNorm])
+def test_a_metric_class_is_refused_at_construction(cls):
+    """A Metric class where an instance belongs is callable and has a name, so it was
+    accepted and failed only inside fit, with a message about its constructor."""
+    model = bn_net(0)
+    state, attributes = model.state_dict(), dict(vars(cls))
+    with pytest.raises(TypeError) as info:
+        Trainer(model, SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.1), batch_size=10, seed=0, metrics=[cls])
+    assert str(info.value) == (
+        "Trainer: metrics must hold metric instances, callables metric(model, loss, optimizer, batch), got the "
+        f"class {cls.__name__}; write {cls.__name__}() (or {cls.__name__}(...) with its settings)"
+    )
+    assert all(np.array_equal(v, state[k]) for k, v in model.state_dict().items()) and dict(vars(cls)) == attributes

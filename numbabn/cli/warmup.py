@@ -33,9 +33,10 @@ from ._common import Settings
 )
 @click.pass_context
 def warmup(ctx: click.Context, dtypes: tuple[str, ...], layouts: tuple[str, ...], residual: bool) -> None:
-    """Compile the CPU kernels now (by default float32 and float64, both layouts, no
-    residual), so that later calls with those variants only load them.
+    """Compile the CPU kernels now, so that later calls only load them.
 
+    By default the float32 and float64 kernels of both layouts, without the fused
+    residual (the options add float16, bfloat16 and the residual variants).
     Compiled kernels are cached on disk (see `numbabn info`): run this once after
     installing, e.g. in a Docker image build, and every later process only loads them.
     """

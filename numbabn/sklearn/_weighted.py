@@ -9,7 +9,10 @@ last batch may be smaller): these losses set it to ``alpha / N``, or ``alpha / S
 with weights, right before the step that uses it (0 for a batch whose weights sum
 to 0: that step has a zero data gradient too). Each call with weights records S
 (``totals``), from which the estimator averages an epoch's loss over the batches
-that carry weight.
+that carry weight. The ``record_metrics`` probes call these losses too, without
+weights: they put the weight decay back afterwards, and the ICS probe replays its
+update with the value its own call set for the probed batch, alpha / N
+(:mod:`numbabn.train.metrics`).
 """
 
 from typing import Any

@@ -605,8 +605,10 @@ def _edge(name, build, net, loss, data, seed, batch_size, lr0, steps):
 
 LR_SEARCH_RULE = (
     "largest stable learning rate: SGD runs of {steps} steps from the initialisation, bracketed "
-    "by doubling from {lr0:g} and bisected 3 times (9 % resolution); 'stable' = all losses finite "
-    "and the mean of the last tenth below the first (classifiers: below half the first)"
+    "by doubling from {lr0:g} (halving after an overflow) and bisected 3 times (9 % resolution); "
+    "'stable' = all losses finite and the mean of the last tenth below the first (classifiers: below "
+    "half the first); before any rate has trained, a run that fails with finite losses counts as too "
+    "small a rate while each doubling ends lower, not as a divergence"
 )
 ETA_RULE = (
     "top η = the standard network's " + LR_SEARCH_RULE + ", searched on the first seed and used for "
@@ -636,14 +638,11 @@ def _landscape_experiment(
     the gradient with the paper's η rule (module docstring) and the top Hessian
     eigenvalue. Returns ``(runs, search)``: the histories and the η search."""
     runs = {}
-    search = _edge(
-        name, build, "standard", loss, data_for(seeds[0]), seeds[0], batch_size, SEARCH_START * lrs[0], SEARCH_STEPS
-    )
+    lr0 = SEARCH_START * lrs[0]
+    search = _edge(name, build, "standard", loss, data_for(seeds[0]), seeds[0], batch_size, lr0, SEARCH_STEPS)
     top = search["stable_lr"]
     if top is None:
-        raise RuntimeError(
-            f"experiment {name}: the standard network failed at every learning rate tried: {search['trials']}"
-        )
+        raise ValueError(f"experiment {name}: lr must {_no_edge(search, lr0)}")
     for lr in lrs:
         for seed in seeds:
             data = data_for(seed)
@@ -671,6 +670,19 @@ def _landscape_experiment(
                         records=records,
                     )
     return runs, search
+
+
+def _no_edge(search, lr0):
+    """Why a search from ``lr0`` that found no rate at which the standard network
+    trains gives no η range, as the end of a "lr must ..." message (one line)."""
+    trials = search["trials"]
+    rates = [t["lr"] for t in trials]
+    counts = ", ".join(f"{sum(t['outcome'] == kind for t in trials)} {kind}" for kind in ("stalled", "diverged"))
+    return (
+        f"let the standard network train in {SEARCH_STEPS}-step runs near {SEARCH_START} x lr (the search for the "
+        f"top η): from {lr0:g}, none of {len(trials)} rates from {min(rates):.3g} to {max(rates):.3g} trained "
+        f"({counts})"
+    )
 
 
 def _eta_config(search, lrs, span, num, spacing):
@@ -1484,7 +1496,8 @@ def maxlr(
     lattice from 0.1, so the same bracket as a start at 0.1 whenever no rate
     fails below one that trains, two runs fewer where 0.4 trains), the BN net's from
     the standard net's edge on the same seed (it saves the BN search the doublings
-    the standard one already made; it halves from there if BN fails). One ``lr``
+    the standard one already made; it halves from there if BN's run overflows, and
+    first doubles if it only stalls there, :mod:`numbabn.train.lr_search`). One ``lr``
     only, the start of the search (more are refused). Reports the edge per network
     and on how many seeds BN's edge is the larger, of the seeds where both networks
     have one (``bn_larger_dropped``: the seeds left out).

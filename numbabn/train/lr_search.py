@@ -5,19 +5,36 @@ the learning rate at which the standard (no-BN) network diverges, and their Fig.
 rests on "BN allows a larger learning rate". Both need the same number: the edge
 between training and diverging, found here by
 
-1. **bracketing**: a short run at ``lr0``; while it trains, double the rate
-   (halve it while it does not) until one side of the edge is found;
+1. **bracketing**: a short run at ``lr0``, then doubling the rate while runs train
+   (or, before any has trained, while a stalled run makes more progress than the
+   one below it) and halving it otherwise, until a rate that trains has a failing
+   rate above it;
 2. **bisection** in log space, ``refine`` times (factor 2 → 2^(1/2^refine)
    resolution: 9 % for the default 3).
 
-A short run *trains* when every step loss is finite and the mean of its last tenth
-is below ``fraction`` × the loss of its first step; otherwise it diverged or
-stalled. ``fraction`` 1 (any decrease) suits regression, where a diverging run
-overflows; classifiers use ½, because a too-large rate there often does not
-overflow but collapses the network to chance (loss ≈ ln C, just below a slightly
-worse initial loss). The edge need not be sharp (a rate can train in one window
-and fail in a longer one), so the answer is specific to the run length, which is
-recorded with it.
+A short run (:func:`outcome`) *trains* when every step loss is finite and the mean
+of its last tenth (its *tail*) is below ``fraction`` × the loss of its first step;
+it *diverges* when a loss is not finite (it overflowed); otherwise it *stalls*.
+``fraction`` 1 (any decrease) suits regression, where a diverging run overflows;
+classifiers use ½, because a too-large rate there often does not overflow but
+collapses the network to chance (loss ≈ ln C, just below a slightly worse initial
+loss).
+
+A stall alone does not say on which side of the training rates it lies: too small
+a rate (little progress in a short run, its tail even above the first loss by the
+batches' noise) or too large (a collapse, or growth short of an overflow). So only
+a divergence sends the search down at once. Above a rate that trains, a stall is a
+failure like a divergence: the edge is below it. Before any rate has trained, a
+stall is taken as too small a rate and the bracket doubles up from it, as long as
+each stalled run ends with a lower tail than the one below it: ``run`` trains on
+the same batches at every rate (the experiments seed it), so a lower tail at the
+larger rate is more progress, not noise. A climb that diverges or stops gaining without a rate that
+trains means the start was on the large side (or no rate trains in a run this
+short): the search then halves from below the start, as after a diverging start.
+``diverged_lr`` is a rate that failed above one that trained or, when none
+trained, one that diverged: never a mere stall. The edge need not be sharp (a rate
+can train in one window and fail in a longer one), so the answer is specific to
+the run length, which is recorded with it.
 """
 
 import math
@@ -25,19 +42,32 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, NDArray
 
 from .. import _checks as V
+
+TRAINED, STALLED, DIVERGED = "trained", "stalled", "diverged"
+
+
+def _tail(losses: NDArray[np.float64]) -> float:
+    """The mean of the last tenth of a run's losses (at least the last one)."""
+    return float(losses[-max(1, losses.size // 10) :].mean())
+
+
+def outcome(losses: ArrayLike, fraction: float = 1.0) -> str:
+    """How a short run went (module docstring): ``"diverged"`` when a loss is not
+    finite (or there is none), ``"trained"`` when the mean of the last tenth is below
+    ``fraction`` × the first loss, ``"stalled"`` otherwise."""
+    losses = np.asarray(losses, dtype=np.float64)
+    if losses.size == 0 or not np.all(np.isfinite(losses)):
+        return DIVERGED
+    return TRAINED if _tail(losses) < fraction * losses[0] else STALLED
 
 
 def trains(losses: ArrayLike, fraction: float = 1.0) -> bool:
     """True when every loss is finite and the mean of the last tenth is below
-    ``fraction`` × the first loss."""
-    losses = np.asarray(losses, dtype=np.float64)
-    if losses.size == 0 or not np.all(np.isfinite(losses)):
-        return False
-    tail = losses[-max(1, losses.size // 10) :]
-    return bool(tail.mean() < fraction * losses[0])
+    ``fraction`` × the first loss (:func:`outcome` is ``"trained"``)."""
+    return outcome(losses, fraction) == TRAINED
 
 
 def largest_stable_lr(
@@ -53,14 +83,17 @@ def largest_stable_lr(
     """Bracket and bisect the edge between training and diverging (module docstring).
 
     ``run(lr)`` trains a fresh network for a short, fixed number of steps and
-    returns its step losses; ``fraction`` is the :func:`trains` criterion. Returns
-    ``{"stable_lr", "diverged_lr", "trials": [{"lr", "trained", "final_loss"}]}``:
-    ``stable_lr`` is the largest rate seen to train with no smaller rate failing above
-    it (None if even the smallest tried failed) and ``diverged_lr`` the smallest that
-    failed (None when nothing up to ``lr_max`` failed). At most ``max_trials`` (>= 1)
-    runs in all, bracketing and ``refine`` (>= 0) bisection steps together;
-    ``lr0 <= lr_max``. Every argument is checked before the first run; a ``run``
-    that returns anything but a 1-D sequence raises ValueError.
+    returns its step losses; ``fraction`` is the :func:`outcome` criterion. Returns
+    ``{"stable_lr", "diverged_lr", "trials": [{"lr", "trained", "outcome",
+    "final_loss"}]}``: ``stable_lr`` is the largest rate seen to train with no
+    smaller rate failing above it (None if no rate tried trained) and
+    ``diverged_lr`` the smallest rate above it that failed (diverged or stalled);
+    with no ``stable_lr``, the smallest rate that diverged (a rate that only stalled
+    is no divergence). ``diverged_lr`` is None when no such rate was found (nothing
+    up to ``lr_max`` failed). At most ``max_trials`` (>= 1) runs in all, bracketing
+    and ``refine`` (>= 0) bisection steps together; ``lr0 <= lr_max``. Every
+    argument is checked before the first run; a ``run`` that returns anything but a
+    1-D sequence raises ValueError.
     """
     fn = "largest_stable_lr"
     if not callable(run):
@@ -74,37 +107,54 @@ def largest_stable_lr(
         raise ValueError(f"{fn}: lr0 must be <= lr_max (the search stays below lr_max), got {lr0!r} > {lr_max!r}")
     trials: list[dict[str, Any]] = []
 
-    def trial(lr: float) -> bool:
+    def trial(lr: float) -> tuple[str, float]:
         losses = np.asarray(run(lr), dtype=np.float64)
         if losses.ndim != 1:
             raise ValueError(
                 f"{fn}: run(lr) must return the step losses as a 1-D sequence, got an array of shape "
                 f"{losses.shape} for lr={lr!r}"
             )
-        ok = trains(losses, fraction)
-        trials.append({"lr": float(lr), "trained": ok, "final_loss": float(losses[-1]) if losses.size else None})
-        return ok
+        result = outcome(losses, fraction)
+        trials.append(
+            {
+                "lr": float(lr),
+                "trained": result == TRAINED,
+                "outcome": result,
+                "final_loss": float(losses[-1]) if losses.size else None,
+            }
+        )
+        return result, _tail(losses) if result == STALLED else math.nan
+
+    def failed_above(lr: float) -> float | None:
+        """The smallest rate above ``lr`` that failed, None if none did."""
+        return min((t["lr"] for t in trials if t["lr"] > lr and not t["trained"]), default=None)
 
     stable: float | None = None
-    diverged: float | None = None
-    lr = float(lr0)
+    lr, climbing, below = float(lr0), True, math.inf  # below: the tail of the stalled run below lr
     while len(trials) < max_trials:
-        if trial(lr):
+        result, tail = trial(lr)
+        if result == TRAINED:
             stable = lr
-            if diverged is not None or lr * factor > lr_max:
+            if failed_above(lr) is not None or lr * factor > lr_max:
                 break
             lr *= factor
+        elif stable is not None:
+            break  # a failure above a rate that trains: bracketed
+        elif climbing and result == STALLED and tail < below and lr * factor <= lr_max:
+            lr, below = lr * factor, tail  # nothing has trained yet and progress grows with the rate: too small
         else:
-            diverged = lr
-            if stable is not None:
-                break
-            lr /= factor
+            # a divergence, or a climb that stopped gaining: the edge is below every rate tried
+            climbing = False
+            lr = min(t["lr"] for t in trials) / factor
+    diverged = None if stable is None else failed_above(stable)
     for _ in range(refine):
         if stable is None or diverged is None or len(trials) >= max_trials:
             break
         mid = math.sqrt(stable * diverged)
-        if trial(mid):
+        if trial(mid)[0] == TRAINED:
             stable = mid
         else:
             diverged = mid
+    if stable is None:
+        diverged = min((t["lr"] for t in trials if t["outcome"] == DIVERGED), default=None)
     return {"stable_lr": stable, "diverged_lr": diverged, "trials": trials}

@@ -38,7 +38,9 @@ training mode on the given batch, and leave everything exactly as they found it:
 parameter values, buffers (BN running statistics, ``num_batches_tracked``), each
 parameter's ``.grad``, the layers' forward caches (so a pending ``backward`` still
 works), the training flag, the optimizer state and the state of every
-``numpy.random.Generator`` a layer holds. Each forward pass of a probe starts from
+``numpy.random.Generator`` a layer holds; as Trainer metrics, also the optimizer's
+hyperparameters, which a loss may set for each batch (the scikit-learn estimators'
+weight decay). Each forward pass of a probe starts from
 that saved generator state, so a stochastic layer (NoisyBatchNorm) draws the same
 noise in every pass of a probe, and, called before a training step's forward pass
 (as the Trainer does), the same noise as that step: the probed function is the one
@@ -51,7 +53,8 @@ Conv2d leaves (:func:`weight_layers`), indexed 0, 1, ... in that order. PyTorch
 models are probed through :func:`numbabn.train.torch_adapter.from_torch`.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
@@ -131,19 +134,20 @@ def eta_grid(
 ) -> NDArray[np.float64]:
     """Step sizes ``lr·[low, high]`` with ``num`` points, evenly ("linear") or
     geometrically ("log") spaced. The default is Santurkar et al.'s grid for VGG."""
-    fn = "eta_grid"
+    return _eta_grid("eta_grid", lr, low, high, num, spacing)
+
+
+def _check_positive(fn: str, name: str, value: Any) -> float:
+    return V.check_number(fn, name, value, 0, low_open=True, expected="a finite number > 0")
+
+
+def _eta_grid(fn: str, lr: float, low: float, high: float, num: int, spacing: str) -> NDArray[np.float64]:
+    """:func:`eta_grid`, its errors named after ``fn`` (the function or class given them)."""
     for name, value in (("lr", lr), ("low", low), ("high", high)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float, np.floating, np.integer))
-            or not np.isfinite(value)
-            or value <= 0
-        ):
-            raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value!r}")
+        _check_positive(fn, name, value)
     if high < low:
         raise ValueError(f"{fn}: high must be >= low, got low={low!r}, high={high!r}")
-    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
-        raise ValueError(f"{fn}: num must be a positive int, got {num!r}")
+    V.check_int(fn, "num", num)
     if spacing == "linear":
         return float(lr) * np.linspace(low, high, num)
     if spacing == "log":
@@ -173,8 +177,8 @@ class _Snapshot:
 
     Parameter values and buffers are restored in place (``load_state_dict``), so the
     arrays keep their identity. The optimizer gets a private deep copy of its state
-    for the probe, and its original state objects and hyperparameter attributes
-    (never touched) are put back. The
+    for the probe, and its original state objects and hyperparameter attributes are
+    put back on exit. The
     layers' attributes (forward caches, the training flag) are restored as they were:
     layers rebind their caches on every forward instead of writing into them, so the
     saved references still hold the values a pending backward needs.
@@ -206,10 +210,14 @@ class _Snapshot:
 
     def reset(self) -> None:
         """θ_t, the buffers and the optimizer state as saved, and every generator
-        rewound: the start of a forward pass of the probe."""
+        rewound: the start of a forward pass of the probe. The optimizer's
+        hyperparameters stay as they are: a loss may set them for its batch right
+        before the step that uses them (the scikit-learn estimators' weight decay,
+        alpha over the batch's size), so after the probe's own call of the loss they
+        are those of the real step of this batch, which a replayed update must use."""
         self.model.load_state_dict(self.state)
         if self.optimizer is not None:
-            self.optimizer.load_state_dict(self.opt_state)
+            self.optimizer.load_state_dict({**self.opt_state, "hyperparameters": self.optimizer.hyperparameters()})
         for g, state in self.rngs:
             g.bit_generator.state = state
 
@@ -217,8 +225,7 @@ class _Snapshot:
         self.reset()
         if self.optimizer is not None:
             self.optimizer.state = self.opt_objects
-            for name, value in self.opt_hyper.items():
-                setattr(self.optimizer, name, value)
+            _set_hyperparameters(self.optimizer, self.opt_hyper)
         for layer, attrs in zip(self.layers, self.attrs, strict=True):
             vars(layer).clear()
             vars(layer).update(attrs)
@@ -229,6 +236,24 @@ class _Snapshot:
             if grad is not None:
                 np.copyto(grad, saved)
         return False
+
+
+def _set_hyperparameters(optimizer: Any, values: dict[str, Any]) -> None:
+    for name, value in values.items():
+        setattr(optimizer, name, value)
+
+
+@contextmanager
+def _hyperparameters_kept(optimizer: Any) -> Iterator[None]:
+    """The optimizer's hyperparameters put back on exit, for the probes that call the
+    loss without the optimizer in their snapshot: a loss may set them (the
+    scikit-learn estimators' sets the weight decay of each batch). An optimizer
+    without ``hyperparameters()`` has none to keep."""
+    values = optimizer.hyperparameters() if hasattr(optimizer, "hyperparameters") else {}
+    try:
+        yield
+    finally:
+        _set_hyperparameters(optimizer, values)
 
 
 def _forward_backward(model: Layer, loss: Any, x: FloatArray, y: ArrayLike) -> float:
@@ -271,7 +296,10 @@ def internal_covariate_shift(
 
     W_i is the layer's ``weight``. The update is ``optimizer.step(params_before)``,
     so momentum buffers and Adam moments/step counts enter exactly as in the real
-    step; every preceding parameter must be managed by ``optimizer``. Layer 0 has no
+    step, and so do the hyperparameters as ``loss`` leaves them for this batch (a
+    loss that sets the weight decay per batch, as the scikit-learn estimators' do,
+    sets it for the replay as for the real step); every preceding parameter must be
+    managed by ``optimizer``. Layer 0 has no
     predecessor, so its ICS is l2 = 0, cosine = 1. ``cosine`` is NaN when G or G′ is 0.
 
     Returns ``{i: {"l2": float, "cosine": float, "grad_norm": ‖G‖₂}}`` (``grad_norm``
@@ -332,6 +360,7 @@ def landscape_probe(
     fn = "landscape_probe"
     _check_model(fn, model)
     x, y = _check_batch(fn, batch)
+    lr = _check_positive(fn, "lr", lr)
     etas = eta_grid(lr) if etas is None else _check_etas(fn, etas)
     losses, diffs = [], []
     with _Snapshot(model) as snap:
@@ -401,11 +430,7 @@ def hessian_top_eigenvalue(
     fn = "hessian_top_eigenvalue"
     _check_model(fn, model)
     x, y = _check_batch(fn, batch)
-    if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 1:
-        raise ValueError(f"{fn}: iters must be a positive int, got {iters!r}")
-    for name, value in (("tol", tol), ("eps", eps)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
-            raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value!r}")
+    _check_power_iteration(fn, iters, tol, eps)
     with _Snapshot(model) as snap:
         params = snap.params
         size = sum(p.value.size for p in params)
@@ -440,6 +465,14 @@ def hessian_top_eigenvalue(
     return {"eigenvalue": lam, "iterations": k, "residual": residual, "vector": v}
 
 
+def _check_power_iteration(fn: str, iters: int, tol: float, eps: float) -> None:
+    """:func:`hessian_top_eigenvalue`'s settings: ``iters`` a positive int, ``tol``
+    and ``eps`` finite numbers > 0."""
+    V.check_int(fn, "iters", iters)
+    for name, value in (("tol", tol), ("eps", eps)):
+        _check_positive(fn, name, value)
+
+
 def _leaf_index(fn: str, model: Layer, layer: "int | Layer") -> tuple[int, list[Layer]]:
     leaves = leaf_layers(model)
     if isinstance(layer, Layer):
@@ -455,6 +488,17 @@ def _leaf_index(fn: str, model: Layer, layer: "int | Layer") -> tuple[int, list[
             f"positions 0..{len(leaves) - 1}"
         )
     return int(layer), leaves
+
+
+def _check_q(fn: str, q: ArrayLike) -> NDArray[np.float64]:
+    """``q`` as a float64 array: a non-empty 1-D sequence of percentiles in [0, 100]."""
+    try:
+        arr = np.asarray(q, dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.ndim != 1 or arr.size == 0 or np.any(~np.isfinite(arr)) or np.any((arr < 0) | (arr > 100)):
+        raise ValueError(f"{fn}: q must be a non-empty 1-D sequence of percentiles in [0, 100], got {V.describe(q)}")
+    return arr
 
 
 def activation_percentiles(
@@ -474,9 +518,7 @@ def activation_percentiles(
     fn = "activation_percentiles"
     _check_model(fn, model)
     x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    q = np.asarray(q, dtype=np.float64)
-    if q.ndim != 1 or q.size == 0 or np.any(~np.isfinite(q)) or np.any((q < 0) | (q > 100)):
-        raise ValueError(f"{fn}: q must be a non-empty 1-D sequence of percentiles in [0, 100], got {q!r}")
+    q = _check_q(fn, q)
     position, leaves = _leaf_index(fn, model, layer)
     with _Snapshot(model) as snap:
         snap.reset()
@@ -565,15 +607,16 @@ class LandscapeProbe(Metric):
         spacing: str = "linear",
         name: str = "landscape",
     ) -> None:
-        eta_grid(1.0 if lr is None else lr, low, high, num, spacing)  # validate now, not mid-training
+        _eta_grid(type(self).__name__, 1.0 if lr is None else lr, low, high, num, spacing)  # now, not mid-training
         self.lr, self.low, self.high, self.num, self.spacing, self.name = lr, low, high, num, spacing, name
 
     def __call__(self, model: Layer, loss: Any, optimizer: Optimizer, batch: tuple[FloatArray, ArrayLike]) -> Any:
         lr = self.lr if self.lr is not None else getattr(optimizer, "lr", None)
         if lr is None:
             raise ValueError(f"{self!r}: no lr given and the optimizer has no 'lr'")
-        etas = eta_grid(lr, self.low, self.high, self.num, self.spacing)
-        return landscape_probe(model, loss, batch, lr, etas=etas)
+        etas = _eta_grid(type(self).__name__, lr, self.low, self.high, self.num, self.spacing)
+        with _hyperparameters_kept(optimizer):
+            return landscape_probe(model, loss, batch, lr, etas=etas)
 
 
 class HessianEigenvalue(Metric):
@@ -585,6 +628,7 @@ class HessianEigenvalue(Metric):
     Records ``eigenvalue``, ``iterations`` and ``residual`` (not the vector)."""
 
     def __init__(self, iters: int = 20, tol: float = 1e-4, eps: float = 1e-6, name: str = "hessian") -> None:
+        _check_power_iteration(type(self).__name__, iters, tol, eps)  # now, not at the first probe
         self.iters, self.tol, self.eps, self.name = iters, tol, eps, name
         self._vector: NDArray[np.float64] | None = None
 
@@ -596,7 +640,8 @@ class HessianEigenvalue(Metric):
         v0 = self._vector
         if v0 is not None and v0.size != sum(p.value.size for p in model.parameters()):
             v0 = None  # another model: start afresh
-        result = hessian_top_eigenvalue(model, loss, batch, iters=self.iters, tol=self.tol, eps=self.eps, v0=v0)
+        with _hyperparameters_kept(optimizer):
+            result = hessian_top_eigenvalue(model, loss, batch, iters=self.iters, tol=self.tol, eps=self.eps, v0=v0)
         self._vector = result.pop("vector")
         return result
 
@@ -607,7 +652,7 @@ class ActivationPercentiles(Metric):
     def __init__(
         self, layer: "int | Layer", q: ArrayLike = (15, 50, 85), unit: int | None = None, name: str = "percentiles"
     ) -> None:
-        self.layer, self.q, self.unit, self.name = layer, tuple(q), unit, name
+        self.layer, self.q, self.unit, self.name = layer, tuple(_check_q(type(self).__name__, q).tolist()), unit, name
 
     def __call__(self, model: Layer, loss: Any, optimizer: Optimizer, batch: tuple[FloatArray, ArrayLike]) -> Any:
         return activation_percentiles(model, self.layer, batch, q=self.q, unit=self.unit)
@@ -620,7 +665,8 @@ class GradientNorm(Metric):
         self.name = name
 
     def __call__(self, model: Layer, loss: Any, optimizer: Optimizer, batch: tuple[FloatArray, ArrayLike]) -> Any:
-        return gradient_norm(model, loss, batch)
+        with _hyperparameters_kept(optimizer):
+            return gradient_norm(model, loss, batch)
 
 
 class WeightNorm(Metric):

@@ -70,6 +70,11 @@ _positive_int = V.check_int  # (fn, name, value) -> int >= 1
 
 
 def _metric_name(fn: str, metric: Any) -> str:
+    if isinstance(metric, type):  # callable too, but calling it would construct a metric, not measure
+        raise TypeError(
+            f"{fn}: metrics must hold metric instances, callables metric(model, loss, optimizer, batch), got the "
+            f"class {metric.__name__}; write {metric.__name__}() (or {metric.__name__}(...) with its settings)"
+        )
     if not callable(metric):
         raise TypeError(
             f"{fn}: each metric must be callable as metric(model, loss, optimizer, batch), got {V.describe(metric)}"
