@@ -341,6 +341,29 @@ def _sweep(nets, seeds, lrs, run_one):
     return {(lr, seed, net): run_one(net, seed, lr) for lr in lrs for seed in seeds for net in nets}
 
 
+def _digits_mlp_sweep(name, nets, seeds, lrs, steps, progress, metrics):
+    """:func:`_sweep` of Santurkar et al.'s digits MLP (:func:`mlp`, softmax
+    cross-entropy, SGD) on one thread; ``metrics(model)`` gives each run's metrics."""
+    with single_threaded():
+        datasets = {seed: digits(seed) for seed in seeds}
+
+        def run_one(net, seed, lr):
+            model = mlp(net, seed)
+            return _train(
+                model,
+                SoftmaxCrossEntropy(),
+                datasets[seed],
+                steps=steps,
+                lr=lr,
+                seed=seed,
+                metrics=metrics(model),
+                progress=progress,
+                label=f"{name} lr {lr:g} seed {seed} {net}",
+            )
+
+        return _sweep(nets, seeds, lrs, run_one)
+
+
 def _train(
     model,
     loss,
@@ -1089,24 +1112,9 @@ def ics(
     )
     layers = (1, 3)
     nets = ("standard", "bn", "noisy")
-    with single_threaded():
-        datasets = {seed: digits(seed) for seed in seeds}
-        runs = _sweep(
-            nets,
-            seeds,
-            lrs,
-            lambda net, seed, lr: _train(
-                mlp(net, seed),
-                SoftmaxCrossEntropy(),
-                datasets[seed],
-                steps=steps,
-                lr=lr,
-                seed=seed,
-                metrics=[InternalCovariateShift(layers=layers)],
-                progress=progress,
-                label=f"ics lr {lr:g} seed {seed} {net}",
-            ),
-        )
+    runs = _digits_mlp_sweep(
+        "ics", nets, seeds, lrs, steps, progress, lambda model: [InternalCovariateShift(layers=layers)]
+    )
     summary = {
         f"lr={lr:g}": {**_ics_summary(runs, lr, seeds, nets, layers), "final": _final(runs, lr, seeds, nets)}
         for lr in lrs
@@ -1189,25 +1197,12 @@ def noisy(
     )
     nets = ("standard", "bn", "noisy")
     window = max(1, min(20, steps // 10))
-    with single_threaded():
-        datasets = {seed: digits(seed) for seed in seeds}
 
-        def run_one(net, seed, lr):
-            model = mlp(net, seed)
-            relus = [k for k, leaf in enumerate(leaf_layers(model)) if isinstance(leaf, ReLU)]
-            return _train(
-                model,
-                SoftmaxCrossEntropy(),
-                datasets[seed],
-                steps=steps,
-                lr=lr,
-                seed=seed,
-                metrics=[ActivationPercentiles(relus[1], unit=0)],
-                progress=progress,
-                label=f"noisy lr {lr:g} seed {seed} {net}",
-            )
+    def percentiles(model):  # of the input to the second ReLU
+        relus = [k for k, leaf in enumerate(leaf_layers(model)) if isinstance(leaf, ReLU)]
+        return [ActivationPercentiles(relus[1], unit=0)]
 
-        runs = _sweep(nets, seeds, lrs, run_one)
+    runs = _digits_mlp_sweep("noisy", nets, seeds, lrs, steps, progress, percentiles)
     summary = {f"lr={lr:g}": _accuracy_summary(runs, lr, seeds, nets, window) for lr in lrs}
 
     def make(lr, suffix):
@@ -1265,24 +1260,7 @@ def lp(
     )
     nets = ("standard", "bn", "l1", "l2", "linf")
     window = max(1, min(20, steps // 10))
-    with single_threaded():
-        datasets = {seed: digits(seed) for seed in seeds}
-        runs = _sweep(
-            nets,
-            seeds,
-            lrs,
-            lambda net, seed, lr: _train(
-                mlp(net, seed),
-                SoftmaxCrossEntropy(),
-                datasets[seed],
-                steps=steps,
-                lr=lr,
-                seed=seed,
-                metrics=[LandscapeProbe()],
-                progress=progress,
-                label=f"lp lr {lr:g} seed {seed} {net}",
-            ),
-        )
+    runs = _digits_mlp_sweep("lp", nets, seeds, lrs, steps, progress, lambda model: [LandscapeProbe()])
     summary = {}
     for lr in lrs:
         entry = _accuracy_summary(runs, lr, seeds, nets, window)
