@@ -10,6 +10,9 @@ Interleaved rounds (``numbabn.bench.harness.interleaved``), median per call; rat
 native / kernels. The machine is noisy: run it twice.
 
     python bench/torch_small.py [--threads 2] [--repeat 11] [--shapes 256x512,64x128x8x8]
+                                [--channels-last]
+
+``--channels-last``: 4-D and 5-D inputs in PyTorch's channels_last(_3d) memory format.
 """
 
 import argparse
@@ -24,10 +27,13 @@ from numbabn.torch import modules
 SHAPES = "64x100,256x512,512x512,1024x512,2048x1024,4096x1024,64x64x8x8,64x512x4x4,64x256x8x8,32x64x32x32,64x64x32x32"
 
 
-def _pair(shape, relu, train):
+def _pair(shape, relu, train, channels_last):
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(shape, generator=g) * 2 + 1).requires_grad_(train)
-    dy = torch.randn(shape, generator=g)
+    x, dy = torch.randn(shape, generator=g) * 2 + 1, torch.randn(shape, generator=g)
+    if channels_last and len(shape) in (4, 5):
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+    x.requires_grad_(train)
     name = f"BatchNorm{max(1, len(shape) - 2)}d"
     native = getattr(torch.nn, name)(shape[1]).train(train)
     ours = getattr(modules, name)(shape[1], activation="relu" if relu else None).train(train)
@@ -57,6 +63,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=11)
     parser.add_argument("--shapes", default=SHAPES)
+    parser.add_argument("--channels-last", action="store_true", help="4-D/5-D inputs in channels_last memory format")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     numbabn.set_num_threads(args.threads)
@@ -72,11 +79,14 @@ def main():
         n = torch.Size(shape).numel()
         for train in (True, False):
             for relu in (False, True):
-                a, b = _pair(shape, relu, train)
+                a, b = _pair(shape, relu, train, args.channels_last)
                 for fn in (a, b, a, b):  # warm-up (and the first-call compile)
                     fn()
                 t = interleaved({"native": a, "kernels": b}, args.repeat)
-                below = eval_default if not train and not relu else default
+                # the modules' rule: channels-last inputs hand over below 8x the
+                # threshold (2x fused), plain eval below the eval threshold too
+                factor = (2 if relu else 8) if args.channels_last and len(shape) in (4, 5) else 1
+                below = default * factor if train or relu else max(eval_default, default * factor)
                 print(
                     f"{text:>14} {n:>8}  {'train' if train else 'eval':5} {'relu' if relu else '':4} "
                     f"{t['native'] * 1e3:9.3f} {t['kernels'] * 1e3:10.3f} {t['native'] / t['kernels']:5.2f}  "

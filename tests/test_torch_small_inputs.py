@@ -121,6 +121,24 @@ def test_at_the_threshold_the_kernels_run(monkeypatch, kernel_calls, grad):
     assert int(bn.num_batches_tracked) == 2
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("shape, fmt", [((4, 3, 5, 6), torch.channels_last), ((2, 3, 4, 3, 5), torch.channels_last_3d)])
+def test_channels_last_inputs_hand_over_below_a_higher_threshold(monkeypatch, kernel_calls, fused, shape, fmt):
+    """Channels-last input: PyTorch's op below 8x the threshold (2x with a fused ReLU),
+    the kernels from there; the same size in NCHW takes the kernels."""
+    bn = getattr(nbt, f"BatchNorm{len(shape) - 2}d")(3, activation="relu" if fused else None)
+    x = torch.randn(shape)
+    n, factor = x.numel(), 2 if fused else 8
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", n // factor + 1)
+    bn(x.to(memory_format=fmt).requires_grad_()).sum().backward()
+    assert kernel_calls[0] == 0
+    bn(x.clone().requires_grad_()).sum().backward()  # NCHW: n >= the threshold
+    assert kernel_calls[0] == 1
+    monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", n // factor)
+    bn(x.to(memory_format=fmt).requires_grad_()).sum().backward()
+    assert kernel_calls[0] == 2
+
+
 def test_sync_batch_norm_in_one_process_takes_the_hand_over_too(monkeypatch, kernel_calls):
     # Without a process group there is nothing to synchronize: it is plain batch norm.
     monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 1 << 30)

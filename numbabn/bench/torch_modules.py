@@ -13,9 +13,10 @@ numbabn (``torch.set_num_threads`` and ``numbabn.set_num_threads``):
     (``r`` of x's shape, also requiring its gradient). Input dtype float32 by
     default; float16/bfloat16 (parameters float32) show what 16-bit input costs.
     The numbabn columns time the kernels on every case: inputs below
-    ``numbabn.config.TORCH_NATIVE_BELOW`` elements, which the modules hand to
-    PyTorch's own batch norm by default, run the kernels here too; the ``default``
-    column says which path a module takes by default.
+    ``numbabn.config.TORCH_NATIVE_BELOW`` elements (channels-last ones below 8 times
+    that), which the modules hand to PyTorch's own batch norm by default, run the
+    kernels here too; the ``default`` column says which path the plain module takes
+    by default.
 ``step``
     One training step of ResNet-18 at 32x32 (:mod:`numbabn.torch.resnet`), batch 64,
     float32, cross-entropy, SGD(lr=0.05, momentum=0.9): zero_grad, forward, loss, backward,
@@ -106,7 +107,7 @@ def run_bn(
     rows = []
     for case in cases or SUITES["default"]:
         name, x, dy = _bn_case(case, getattr(torch, dtype))
-        below = x.numel() < config.TORCH_NATIVE_BELOW
+        below = modules._hand_to_torch(x) or modules._channels_last_below(x, fused=False)  # the plain module's path
         C = x.shape[1]
         native, ours = getattr(torch.nn, name)(C), getattr(modules, name)(C)
         fused = getattr(modules, name)(C, activation="relu")

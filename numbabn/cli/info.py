@@ -214,7 +214,8 @@ def info(ctx: click.Context, as_json: bool) -> None:
     lines.append(
         f"{'numbabn.torch':<16}"
         + (
-            f"CPU inputs of fewer than {below} values run PyTorch's batch norm (NUMBABN_TORCH_NATIVE_BELOW)"
+            f"CPU inputs of fewer than {below} values (channels-last: {8 * below}, {2 * below} with a fused "
+            "ReLU/residual) run PyTorch's batch norm (NUMBABN_TORCH_NATIVE_BELOW)"
             if below
             else "every CPU input runs numbabn's kernels (NUMBABN_TORCH_NATIVE_BELOW=0)"
         )

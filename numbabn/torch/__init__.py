@@ -5,9 +5,10 @@ SyncBatchNorm over torch.distributed, and model converters.
     nbt.convert_batchnorm(model, fuse_relu=True)     # every BatchNorm*, in place
     nbt.convert_batchnorm(model, sync=True)          # SyncBatchNorm for gloo/CPU DDP
 
-CPU inputs of fewer than ``numbabn.config.TORCH_NATIVE_BELOW`` values (default 2**20)
-run PyTorch's own batch norm, where numbabn's per-call Python would cost more than its
-kernels save, as does plain inference (no graph, no fused ReLU or residual) below
+CPU inputs of fewer than ``numbabn.config.TORCH_NATIVE_BELOW`` values (default 2**20;
+8 times that for channels-last inputs, whose PyTorch kernel is faster, 2 times with a
+fused ReLU or residual) run PyTorch's own batch norm, where numbabn's per-call Python
+would cost more than its kernels save, as does plain inference (no graph, no fused ReLU or residual) below
 ``TORCH_NATIVE_EVAL_BELOW`` values (2**23), where both read and write memory once, and
 so do CUDA tensors, where cuDNN's kernels were faster on the GPU
 measured (``NUMBABN_TORCH_CUDA_KERNELS=1`` runs numbabn's; see

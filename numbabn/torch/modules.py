@@ -43,6 +43,11 @@ Where numbabn differs from PyTorch:
   what numbabn adds around its kernels per call (~0.2 ms forward + backward on a
   2-vCPU VM) costs more than the kernels save, so the layer is exactly torch.nn's
   there (README, "Small inputs"). Not SyncBatchNorm while it synchronizes processes.
+* A CPU input laid out channels-last (4-D or 5-D) runs PyTorch's own ``batch_norm``
+  below 8x that threshold (2**23 values by default; 2x with a fused ReLU or
+  residual): PyTorch's channels-last kernel outran numbabn's there (0.59-0.91x in
+  training from 1 M to 6.4 M values; README, "Small inputs"). Decided in the eager
+  path only.
 * Plain inference (no autograd graph to record, running statistics, no fused ReLU or
   residual) of a CPU input of fewer than ``numbabn.config.TORCH_NATIVE_EVAL_BELOW``
   values (default 2**23; ``NUMBABN_TORCH_NATIVE_EVAL_BELOW``) runs PyTorch's own
@@ -192,6 +197,18 @@ def _hand_to_torch(x: torch.Tensor) -> bool:
     return not config.TORCH_CUDA_KERNELS and x.is_cuda
 
 
+def _channels_last_below(x: torch.Tensor, fused: bool) -> bool:
+    """Whether a CPU input laid out channels-last (4-D or 5-D) is small enough that
+    PyTorch's channels-last batch norm outruns numbabn's: fewer than 8x
+    ``config.TORCH_NATIVE_BELOW`` values (2**23 by default), or 2x with a fused ReLU or
+    residual, which saves PyTorch's separate passes. Measured with
+    ``python bench/torch_small.py --channels-last`` (README, "Small inputs"): training
+    0.59-0.91x from 1 M to 6.4 M values, 2.1-3.8x from 8.4 M; fused ReLU 0.88-1.16x at
+    1-1.6 M, 1.05-1.77x from 2.1 M. Eager path only (see :func:`_hand_to_torch`)."""
+    limit = config.TORCH_NATIVE_BELOW * (2 if fused else 8)
+    return x.numel() < limit and x.is_cpu and x.dim() in (4, 5) and B.channels_last_perm(x) is not None
+
+
 def _no_kernels_for(x: torch.Tensor) -> bool:
     """Whether ``x`` is on a device other than the CPU and CUDA GPUs (MPS, XPU, ...),
     for which numbabn has no kernels. Eager path only (see :func:`_hand_to_torch`)."""
@@ -267,7 +284,9 @@ class FusedReLU(torch.nn.ReLU):
     ``SyncBatchNorm.convert_sync_batchnorm`` or ``fuse_conv_bn_eval``, which know
     nothing of ``activation=``), a hook that returns a new tensor, or an in-place
     change in between still gets its ReLU. ReLU is idempotent, so the check can cost
-    a pass but never change a result."""
+    a pass but never change a result. Not seen: a change through ``tensor.data``,
+    which bumps no version counter (a hook that must shift the output in place can
+    write to the tensor itself, or the model can keep ``fuse_relu`` off)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if _is_compiling():
@@ -628,6 +647,7 @@ class NumbabnBatchNorm:
         if moments is None and (
             input.numel() == 0
             or _hand_to_torch(input)
+            or _channels_last_below(input, fused=self.activation is not None or residual is not None)
             or _no_kernels_for(input)
             or _torch_semantics(self.eps, input, state)
             or (not batch_stats and self._plain_inference(input, residual, state))
