@@ -135,10 +135,11 @@ def is_device_array(x: Any) -> bool:
     except AttributeError:
         return bool(getattr(x, "__cuda_ndarray__", False))
     except Exception:
-        # A GPU array that refuses to be read as it is (a torch CUDA tensor that
-        # requires grad raises RuntimeError): the CUDA backend's checks say so,
-        # naming the argument.
-        return True
+        # An array that cannot export itself as it is: a torch CUDA tensor that
+        # requires grad (RuntimeError; a GPU array, which the CUDA backend's checks
+        # then name), or a host array of a library that raises here (JAX's CPU
+        # arrays): only the former says it is on the GPU.
+        return getattr(x, "is_cuda", False) is True
     return True
 
 

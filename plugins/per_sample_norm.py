@@ -121,18 +121,20 @@ class LayerNorm(_PerSampleNorm):
         bias: bool = True,
     ) -> None:
         owner = type(self).__name__
-        single = isinstance(normalized_shape, (int, np.integer)) and not isinstance(normalized_shape, bool)
-        shape = (normalized_shape,) if single else normalized_shape
-        if (
-            not isinstance(shape, Sequence)
-            or isinstance(shape, str)
-            or not shape
-            or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1 for d in shape)
+        # An int, or a sequence of them (a tuple, list, torch.Size or NumPy array), as torch.nn takes.
+        if V.is_int(normalized_shape):
+            shape: tuple[Any, ...] = (normalized_shape,)
+        elif (isinstance(normalized_shape, Sequence) and not isinstance(normalized_shape, str)) or (
+            isinstance(normalized_shape, np.ndarray) and normalized_shape.ndim == 1
         ):
-            raise TypeError(
-                f"{owner}: normalized_shape must be an int >= 1 or a non-empty sequence of them, "
-                f"got {V.describe(normalized_shape)}"
-            )
+            shape = tuple(normalized_shape)
+        else:
+            shape = ("not an int",)
+        expected = "an int >= 1 or a non-empty sequence of them"
+        if not all(V.is_int(d) for d in shape):
+            raise TypeError(f"{owner}: normalized_shape must be {expected}, got {V.describe(normalized_shape)}")
+        if not shape or min(shape) < 1:
+            raise ValueError(f"{owner}: normalized_shape must be {expected}, got {normalized_shape!r}")
         self.normalized_shape = tuple(int(d) for d in shape)
         V.check_bool(owner, "elementwise_affine", elementwise_affine)
         super().__init__(eps, elementwise_affine, self.normalized_shape, dtype, bias)

@@ -221,10 +221,33 @@ class _UnreadableGPUArray:
     ``__cuda_array_interface__`` raises RuntimeError, not AttributeError."""
 
     shape, dtype = (4, 3), np.dtype(np.float32)
+    is_cuda = True
 
     @property
     def __cuda_array_interface__(self):
         raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad")
+
+
+class _HostArrayRaisingOnTheGPUInterface:
+    """A host array of a library whose ``__cuda_array_interface__`` raises
+    RuntimeError rather than AttributeError (JAX's CPU arrays)."""
+
+    def __init__(self, a):
+        self.a = a
+
+    @property
+    def __cuda_array_interface__(self):
+        raise RuntimeError("not a GPU array")
+
+    def __array__(self, dtype=None, copy=None):
+        return self.a
+
+
+def test_a_host_array_whose_gpu_interface_raises_stays_on_the_host(rng):
+    x = rng.standard_normal((6, 3)).astype(np.float32)
+    y, ctx = numbabn.batch_norm_forward(_HostArrayRaisingOnTheGPUInterface(x))
+    assert ctx.backend == "cpu" and isinstance(y, np.ndarray)
+    np.testing.assert_array_equal(y, numbabn.batch_norm_forward(x)[0])
 
 
 @pytest.mark.parametrize(

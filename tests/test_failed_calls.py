@@ -48,13 +48,20 @@ def fingerprint(layer):
     return out, state, grads
 
 
-def assert_unchanged(layer, before):
+CACHES = {"_x", "_ctx", "_saved", "_out_dtype", "_cache", "_in"}  # the layers' _transient names
+
+
+def assert_unchanged(layer, before, caches_dropped=False):
+    """Nothing observable changed (``caches_dropped``: but the forward caches, now None)."""
     layers, state, grads = before
     after_layers, after_state, after_grads = fingerprint(layer)
     for (lay, attrs, rngs), (lay2, attrs2, rngs2) in zip(layers, after_layers, strict=True):
         assert lay is lay2
         assert attrs.keys() == attrs2.keys(), type(lay).__name__
         for k in attrs:
+            if caches_dropped and k in CACHES:
+                assert attrs2[k] is None, f"{type(lay).__name__}.{k} kept"
+                continue
             assert attrs[k] is attrs2[k], f"{type(lay).__name__}.{k} was rebound"
         assert rngs == rngs2, f"{type(lay).__name__}: a generator advanced"
     assert state.keys() == after_state.keys()
@@ -144,14 +151,10 @@ def test_sequential_is_all_or_nothing():
     x = rng.standard_normal((8, 4))
     model.backward(np.ones_like(model.forward(x)))
     model.layers[3].in_features = 5  # the last Linear now rejects its input
-    caches = {"_x", "_ctx", "_saved", "_out_dtype"}  # the layers' _transient names
-    for lay, attrs, _ in fingerprint(model)[0]:
-        for k in caches & attrs.keys():
-            setattr(lay, k, None)  # what the forward lets go once its first layer ran
     before = fingerprint(model)
     with pytest.raises(ValueError, match="expected input of shape"):
         model.forward(x + 10)
-    assert_unchanged(model, before)
+    assert_unchanged(model, before, caches_dropped=True)  # let go once the first layer ran
     with pytest.raises(RuntimeError, match="backward called before forward"):
         model.backward(np.ones((8, 3)))
     model.layers[3].in_features = 6
@@ -189,6 +192,43 @@ def test_a_sequential_forward_lets_the_last_forwards_caches_go():
     assert old[0]() is None
 
 
+@pytest.mark.parametrize("exact_resume", [False, True])
+def test_trainer_checkpoints_keep_no_forward_caches(exact_resume):
+    """During fit, no earlier forward's batch-norm context outlives the next forward:
+    the call's first checkpoint held the caches from before the call to its end, and
+    with exact_resume each step's checkpoint held the previous step's."""
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(0)
+    model = _mlp(rng)
+    X, y = rng.standard_normal((64, 4)), rng.integers(0, 3, 64)
+    trainer = Trainer(
+        model,
+        SoftmaxCrossEntropy(),
+        SGD(model.parameters(), lr=0.1),
+        batch_size=16,
+        seed=0,
+        verbose=0,
+        exact_resume=exact_resume,
+    )
+    trainer.fit(X, y, steps=1)
+    bn, last = model.layers[1], model.layers[3]
+    previous, alive = [weakref.ref(bn._ctx)], []
+    original = last.forward
+
+    def spy(v):
+        gc.collect()
+        alive.append(previous[0]() is not None)
+        out = original(v)
+        previous[0] = weakref.ref(bn._ctx)
+        return out
+
+    last.forward = spy
+    trainer.fit(X, y, steps=4)
+    assert alive == [False] * 4
+
+
 @pytest.mark.parametrize("opt_cls", [SGD, Adam])
 def test_trainer_fit_that_fails_midway_changes_nothing(opt_cls):
     """A label out of range in the 3rd batch: the 2 steps already taken are undone --
@@ -208,7 +248,7 @@ def test_trainer_fit_that_fails_midway_changes_nothing(opt_cls):
     bad[third[0]] = 7
     with pytest.raises(ValueError, match="labels must lie in"):
         trainer.fit(X, bad, steps=4)
-    assert_unchanged(model, before)
+    assert_unchanged(model, before, caches_dropped=True)  # checkpoints hold no caches (Trainer._checkpoint)
     assert trainer.rng.bit_generator.state == rng_state and trainer.steps_done == steps
     after = opt.state_dict()
     assert after["hyperparameters"] == opt_before["hyperparameters"]

@@ -578,9 +578,14 @@ def test_layer_norm_and_group_norm_formulas(rng):
         GroupNorm(3, 4)
     with pytest.raises(ValueError, match=r"LayerNorm\(\(4, 5\).*\): expected input of shape \(\.\.\., 4, 5\)"):
         ln.forward(np.zeros((3, 5, 4)))
-    for bad in [None, "ab", (), (4, 0), (4, 2.0), True]:
+    for bad in [None, "ab", (4, 2.0), True, np.array([4.0]), np.array(4), np.ones((1, 2), int)]:
         with pytest.raises(TypeError, match="LayerNorm: normalized_shape must be an int >= 1 or a non-empty sequence"):
+            LayerNorm(bad)
+    for bad in [(), (4, 0), 0, np.array([], dtype=np.int64)]:
+        with pytest.raises(ValueError, match="LayerNorm: normalized_shape must be an int >= 1 or a non-empty sequence"):
             LayerNorm(bad)
     with pytest.raises(TypeError, match="LayerNorm: elementwise_affine must be a bool"):
         LayerNorm(4, elementwise_affine=1)
-    assert LayerNorm(np.int64(4)).normalized_shape == (4,) and LayerNorm([2, 3]).normalized_shape == (2, 3)
+    for ok in [np.int64(4), [4], np.array([4])]:
+        assert LayerNorm(ok).normalized_shape == (4,)
+    assert LayerNorm([2, 3]).normalized_shape == LayerNorm(np.array([2, 3])).normalized_shape == (2, 3)

@@ -88,17 +88,19 @@ def _transient_names(cls: type) -> list[str]:
     return [name for c in cls.__mro__ for name in vars(c).get("_transient", ())]
 
 
-def release_caches(saved: dict[str, Any], ran: "Layer") -> None:
-    """Forget the forward caches that a forward's :func:`capture` ``saved`` holds,
-    and drop those of its layers (to None, as a pickled layer has them) but for
-    ``ran`` and its sub-layers, which already hold their new ones. :func:`restore`
-    then leaves every cache None: a backward needs a new forward."""
-    fresh = {id(lay) for lay in _all_layers(ran)}
+def forget_caches(saved: dict[str, Any], drop_live_but: "Layer | None" = None) -> None:
+    """Forget the forward caches that :func:`capture` ``saved`` holds: :func:`restore`
+    then sets them to None, as a pickled layer has them (a backward needs a new
+    forward). Kept, they would live as long as ``saved``, next to the caches of every
+    forward since. ``drop_live_but``: also set the captured layers' own caches to
+    None, but for that layer and its sub-layers (a forward's first layer, which
+    already holds its new ones)."""
+    keep = set() if drop_live_but is None else {id(lay) for lay in _all_layers(drop_live_but)}
     for lay, attrs in saved["attrs"]:
         for name in _transient_names(type(lay)):
             if name in attrs:
                 attrs[name] = None
-                if id(lay) not in fresh:
+                if drop_live_but is not None and id(lay) not in keep:
                     setattr(lay, name, None)
 
 

@@ -6,7 +6,7 @@ from typing import Any, overload
 import numpy as np
 
 from .._typing import FloatArray
-from .base import Layer, capture, release_caches, restore
+from .base import Layer, capture, forget_caches, restore
 from .batchnorm import BatchNorm1d
 from .linear import Linear
 
@@ -60,7 +60,7 @@ class Sequential(Layer):
             for i, layer in enumerate(self.layers):
                 x = layer.forward(x)
                 if i == 0:
-                    release_caches(saved, layer)
+                    forget_caches(saved, drop_live_but=layer)
         except Exception:
             restore(saved)
             raise

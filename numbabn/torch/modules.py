@@ -47,7 +47,7 @@ Where numbabn differs from PyTorch:
   below 8x that threshold (2**23 values by default; 2x with a fused ReLU or
   residual): PyTorch's channels-last kernel outran numbabn's there (0.59-0.91x in
   training from 1 M to 6.4 M values; README, "Small inputs"). Decided in the eager
-  path only.
+  path (under torch.compile, in the opaque call it makes).
 * Plain inference (no autograd graph to record, running statistics, no fused ReLU or
   residual) of a CPU input of fewer than ``numbabn.config.TORCH_NATIVE_EVAL_BELOW``
   values (default 2**23; ``NUMBABN_TORCH_NATIVE_EVAL_BELOW``) runs PyTorch's own
@@ -204,7 +204,8 @@ def _channels_last_below(x: torch.Tensor, fused: bool) -> bool:
     residual, which saves PyTorch's separate passes. Measured with
     ``python bench/torch_small.py --channels-last`` (README, "Small inputs"): training
     0.59-0.91x from 1 M to 6.4 M values, 2.1-3.8x from 8.4 M; fused ReLU 0.88-1.16x at
-    1-1.6 M, 1.05-1.77x from 2.1 M. Eager path only (see :func:`_hand_to_torch`)."""
+    1-1.6 M, 1.05-1.77x from 2.1 M. Eager path only (see :func:`_hand_to_torch`;
+    under torch.compile it decides inside the opaque call)."""
     limit = config.TORCH_NATIVE_BELOW * (2 if fused else 8)
     return x.numel() < limit and x.is_cpu and x.dim() in (4, 5) and B.channels_last_perm(x) is not None
 

@@ -628,7 +628,8 @@ def _edge(name, build, net, loss, data, seed, batch_size, lr0, steps):
 
 LR_SEARCH_RULE = (
     "largest stable learning rate: SGD runs of {steps} steps from the initialisation, bracketed "
-    "by doubling from {lr0:g} (halving after an overflow) and bisected 3 times (9 % resolution); "
+    "by doubling from {lr0:g} (halving after an overflow, or after a climb from a stall that stops "
+    "gaining) and bisected 3 times (9 % resolution); "
     "'stable' = all losses finite and the mean of the last tenth below the first (classifiers: below "
     "half the first); before any rate has trained, a run that fails with finite losses counts as too "
     "small a rate while each doubling ends lower, not as a divergence"

@@ -31,8 +31,8 @@ the same batches at every rate (the experiments seed it), so a lower tail at the
 larger rate is more progress, not noise. A climb that diverges or stops gaining without a rate that
 trains means the start was on the large side (or no rate trains in a run this
 short): the search then halves from below the start, as after a diverging start.
-``diverged_lr`` is a rate that failed above one that trained or, when none
-trained, one that diverged: never a mere stall. The edge need not be sharp (a rate
+``diverged_lr`` is a rate that failed (diverged or stalled) above one that trained
+or, when none trained, one that diverged, never a mere stall. The edge need not be sharp (a rate
 can train in one window and fail in a longer one), so the answer is specific to
 the run length, which is recorded with it.
 """

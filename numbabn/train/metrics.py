@@ -214,7 +214,9 @@ class _Snapshot:
         hyperparameters stay as they are: a loss may set them for its batch right
         before the step that uses them (the scikit-learn estimators' weight decay,
         alpha over the batch's size), so after the probe's own call of the loss they
-        are those of the real step of this batch, which a replayed update must use."""
+        are those of the real step of this batch, which a replayed update must use
+        (with ``sample_weight``, the estimators' real step divides alpha by the
+        batch's weight sum and the probe's unweighted call by its size)."""
         self.model.load_state_dict(self.state)
         if self.optimizer is not None:
             self.optimizer.load_state_dict({**self.opt_state, "hyperparameters": self.optimizer.hyperparameters()})

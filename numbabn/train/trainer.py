@@ -62,7 +62,7 @@ from numpy.typing import NDArray
 
 from .. import _checks as V
 from ..layers import Layer, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
-from ..layers.base import capture, restore
+from ..layers.base import capture, forget_caches, restore
 from .history import History
 from .metrics import Metric
 
@@ -356,10 +356,16 @@ class Trainer:
     def _checkpoint(self, model: bool = True) -> tuple[Any, ...]:
         """Everything a step may change, for :meth:`_rewind`: the model and the optimizer
         (unless ``model`` is False), the attributes of every Metric, the trainer's state
-        and the length of each series of its history."""
+        and the length of each series of its history. Not the layers' forward caches
+        (a rewound model needs a new forward before a backward): kept, the call's first
+        checkpoint would hold the caches from before the call to its end, and with
+        ``exact_resume`` each step's would double the step's activation memory."""
         history = self.history
+        saved = capture(self.model, parameters=True, optimizer=self.optimizer) if model else None
+        if saved is not None:
+            forget_caches(saved)
         return (
-            capture(self.model, parameters=True, optimizer=self.optimizer) if model else None,
+            saved,
             [(m, dict(vars(m))) for m in self.metrics if isinstance(m, Metric)],
             (self.rng.bit_generator.state, self.steps_done, self._epoch, history),
             None if history is None else _lengths(history),
