@@ -170,3 +170,32 @@ def test_backward_sets_gradients_and_checks_dy_like_every_layer():
         model.backward(dy.astype(np.float64))
     with pytest.raises(ValueError, match=r"shape \(5, 2\)"):
         model.backward(dy[:2])
+
+
+def test_trainer_checkpoints_keep_no_torch_graph():
+    """A TorchLayer's autograd graph is a forward cache like a numbabn layer's: with
+    exact_resume, each step's checkpoint held the previous step's graph alive."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = from_torch(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)))
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((64, 4)).astype(np.float32), rng.integers(0, 3, 64)
+    opt = SGD(model.parameters(), lr=0.1)
+    trainer = Trainer(model, SoftmaxCrossEntropy(), opt, batch_size=16, seed=0, verbose=0, exact_resume=True)
+    trainer.fit(X, y, steps=1)
+    last = model.layers[2]
+    previous, alive = [weakref.ref(last._graph[1])], []
+    original = last.forward
+
+    def spy(v):
+        gc.collect()
+        alive.append(previous[0]() is not None)
+        out = original(v)
+        previous[0] = weakref.ref(last._graph[1])
+        return out
+
+    last.forward = spy
+    trainer.fit(X, y, steps=4)
+    assert alive == [False] * 4

@@ -38,6 +38,8 @@ from ..layers import Layer, Sequential
 class TorchLayer(Layer):
     """One ``torch.nn.Module`` as a numbabn leaf layer (module docstring)."""
 
+    _transient = ("_graph",)  # the last forward's autograd graph: a forward cache
+
     def __init__(self, module: Any) -> None:
         import torch
 
@@ -60,7 +62,7 @@ class TorchLayer(Layer):
         self.is_weight_layer = isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
         self.weight = self._parameters.get("weight")
         self.training = module.training
-        self._graph = None
+        self._graph: tuple[Any, Any] | None = None
 
     def forward(self, x: FloatArray) -> FloatArray:
         import torch
