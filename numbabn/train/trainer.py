@@ -438,8 +438,8 @@ class Trainer:
 
         All or nothing: if any step raises an Exception (a loss that rejects a label, a
         metric that fails, a layer that rejects a batch), the model (parameters,
-        buffers, gradients, generators; its forward caches are let go, see
-        :meth:`_checkpoint`, so a backward needs a new forward), the optimizer, the attributes of every
+        buffers, gradients, generators; its forward caches are let go, so a backward
+        needs a new forward), the optimizer, the attributes of every
         Metric (such as a warm-start vector) and the trainer (batch order, epoch
         position, step count, ``history``) are put back as they were before the call.
         An interrupt (Ctrl-C's KeyboardInterrupt, or any other BaseException that is
