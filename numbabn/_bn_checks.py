@@ -131,6 +131,8 @@ def check_sums(fn: str, sums: Any, shape: tuple[int, ...]) -> NDArray[np.float64
         raise TypeError(f"{fn}: allreduce must return the summed {shape} array (a NumPy array), got {describe(sums)}")
     if sums.dtype.kind not in "fiu":
         raise TypeError(f"{fn}: allreduce must return a real array, got dtype {sums.dtype}")
+    if np.ma.is_masked(sums):  # a hidden value would still enter the gradient
+        raise ValueError(f"{fn}: allreduce returned a masked array with masked values")
     sums = np.ascontiguousarray(sums, dtype=np.float64)
     if sums.shape != shape:
         raise ValueError(f"{fn}: allreduce must return an array of shape {shape}, got {sums.shape}")

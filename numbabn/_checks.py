@@ -129,6 +129,8 @@ def check_moments_value(fn: str, name: str, m: Any) -> None:
         a = getattr(m, field)
         if not isinstance(a, np.ndarray) or a.dtype.kind != "f" or a.ndim != 1:
             raise TypeError(f"{fn}: {name}.{field} must be a 1-D real floating NumPy array, got {describe(a)}")
+        if np.ma.is_masked(a):  # a hidden value would still enter the arithmetic
+            raise ValueError(f"{fn}: {name}.{field} is a masked array with masked values")
     if m.mean.shape != m.m2.shape:
         raise ValueError(f"{fn}: {name}.mean and {name}.m2 differ in shape ({m.mean.shape} vs {m.m2.shape})")
     if np.any(m.m2 < 0):

@@ -46,7 +46,7 @@ class Moments:
 
     def var(self, ddof: int = 0) -> NDArray[np.float64]:
         """m2 / (count - ddof); NaN where count <= ddof."""
-        denom = self.count - ddof
+        denom = int(self.count) - ddof  # a NumPy unsigned count would wrap around
         if denom <= 0:
             return np.full(self.channels, np.nan)
         return self.m2 / denom
@@ -84,7 +84,8 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     holds no data (count 0) the other is returned as it is.
 
     Each must be a valid summary: an int count >= 0, real float mean and m2 of one
-    shape, m2 >= 0 (a clear error otherwise, before any arithmetic).
+    shape (without masked values), m2 >= 0 (a clear error otherwise, before any
+    arithmetic). The merge computes in float64 whatever the fields' float type.
 
     Examples
     --------
@@ -109,8 +110,14 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     if a.count == 0:
         return b
     # Python ints: NumPy integer counts (np.int32, or np.int64 products of shapes at
-    # dataset scale) would wrap in na*nb.
-    return Moments(*chan_merge(int(a.count), a.mean, a.m2, int(b.count), b.mean, b.m2))
+    # dataset scale) would wrap in na*nb. float64 fields: summaries a caller built in
+    # float16 or float32 (e.g. from torch tensors) would overflow or round in the merge.
+    f64 = np.float64
+    return Moments(
+        *chan_merge(
+            int(a.count), a.mean.astype(f64), a.m2.astype(f64), int(b.count), b.mean.astype(f64), b.m2.astype(f64)
+        )
+    )
 
 
 def chan_merge(

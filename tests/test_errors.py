@@ -425,6 +425,30 @@ def test_allreduce_returning_none_or_garbage():
         numbabn.batch_norm_backward(X, ctx, allreduce=lambda sums: sums.astype(complex))
     with pytest.raises(ValueError, match=r"allreduce must return an array of shape \(2, 3\), got \(3,\)"):
         numbabn.batch_norm_backward(X, ctx, allreduce=lambda sums: sums[0])
+    hidden = lambda sums: np.ma.masked_array(sums, mask=np.eye(2, 3, dtype=bool))  # noqa: E731
+    with pytest.raises(ValueError, match="allreduce returned a masked array with masked values"):
+        numbabn.batch_norm_backward(X, ctx, allreduce=hidden)
+
+
+def test_merge_moments_computes_in_float64_and_refuses_masked_fields():
+    """Summaries built in float16/float32 (from torch tensors, say) merge in float64:
+    float16 gave m2 = inf for two chunks of 1000 values with means 0 and 100."""
+    a = numbabn.Moments(1000, np.zeros(1, np.float16), np.full(1, 1000, np.float16))
+    b = numbabn.Moments(1000, np.full(1, 100, np.float16), np.full(1, 1000, np.float16))
+    m = numbabn.merge_moments(a, b)
+    assert m.mean.dtype == m.m2.dtype == np.float64
+    np.testing.assert_allclose(m.m2, [2000 + 100**2 * 1000 * 1000 / 2000], rtol=1e-15)
+    masked = numbabn.Moments(2, np.ma.masked_array([1.0, 5.0], mask=[0, 1]), np.ones(2))
+    with pytest.raises(ValueError, match="a.mean is a masked array"):
+        numbabn.merge_moments(masked, masked)
+    with pytest.raises(ValueError, match="moments.mean is a masked array"):
+        numbabn.batch_norm_forward(
+            X, moments=numbabn.Moments(15, np.ma.masked_array(np.zeros(3), mask=[1, 0, 0]), np.ones(3))
+        )
+
+
+def test_moments_var_with_an_unsigned_count_below_ddof_is_nan():
+    assert np.isnan(numbabn.Moments(np.uint64(1), np.zeros(2), np.ones(2)).var(ddof=2)).all()
 
 
 def test_layer_backward_wrong_dtype_is_a_type_error_like_the_functional_api():
