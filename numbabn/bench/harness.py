@@ -19,11 +19,16 @@ What differs between backends is a strategy object (:class:`CPUBackend` here,
 call is timed, which copy bandwidth is the reference. :func:`run` is the same loop for
 both.
 
-CPU: host arrays; both sides allocate their outputs (numbabn's of 32 MiB and more
-reuse the memory of the previous call's dropped output, ``numbabn._buffers``, as
-they do in any loop; ``NUMBABN_BUFFER_CACHE_MB=0`` times fresh pages); wall-clock timing; the copy
-reference is the faster of NumPy's ``copyto`` and a copy on the kernels' thread pool
-(2 bytes moved per byte copied); PyTorch gets the same thread count as Numba.
+CPU: host arrays; both sides allocate their outputs, unequally: numbabn's of 32 MiB
+and more reuse the memory of the previous call's dropped output
+(``numbabn._buffers``, as they do in any loop; ``NUMBABN_BUFFER_CACHE_MB=0`` times
+fresh pages), while PyTorch's come as fresh pages from glibc unless it is told to
+reuse them (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``; README, "What the
+large ratios measure"); wall-clock timing; the copy reference is the faster of
+NumPy's ``copyto`` and a copy on the kernels' thread pool (2 bytes moved per byte
+copied); PyTorch gets the same thread count as numbabn. The NumPy baseline is the
+float64 reference (``numbabn.kernels.reference``), written for accuracy, not speed,
+and timed over at most 3 samples.
 """
 
 import math
