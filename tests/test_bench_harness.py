@@ -153,6 +153,7 @@ def test_report_writers(cpu_report):
     assert len(text) == 3 + len(rep.rows) and text[3].split()[:4] == ["forward", "ncl", "6x3x5", "nchw"]
     assert text[3].split()[-2:] == ["-", "-"]  # no torch comparison
     assert report.footer(rep).startswith("first calls (JIT compile or Numba cache load; not in the timings): ")
+    assert len(report.footer(rep).splitlines()) == 1  # no torch times: no note on PyTorch's allocation
     f = io.StringIO()
     report.write_json(rep, f)
     assert json.loads(f.getvalue()) == json.loads(json.dumps(rep.to_dict()))
@@ -268,3 +269,20 @@ def test_interleaved_rejects_a_bad_repeat(repeat):
     with pytest.raises(ValueError, match=f"interleaved: repeat must be a positive int, got {repeat!r}"):
         harness.interleaved({"a": lambda: calls.append(1)}, repeat, lambda fn, n: fn() or 1.0)
     assert calls == []  # nothing ran
+
+
+def test_footer_says_what_the_large_torch_ratios_measure(cpu_report, monkeypatch):
+    """PyTorch timed on outputs of 32 MiB and more: its fresh pages against numbabn's
+    reused buffers make most of the ratio, and the footer says so, unless glibc was
+    told to reuse such blocks for PyTorch too."""
+    import dataclasses
+
+    _, rep = cpu_report
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    big = dataclasses.replace(rep.rows[0], shape=(64, 64, 56, 56), torch_ms=20.0, vs_torch=5.0)
+    small = dataclasses.replace(rep.rows[0], torch_ms=0.01, vs_torch=1.0)
+    assert len(report.footer(dataclasses.replace(rep, rows=[small])).splitlines()) == 1
+    note = report.footer(dataclasses.replace(rep, rows=[small, big])).splitlines()
+    assert len(note) == 2 and note[1].startswith("1 case(s) of 32 MiB and more: PyTorch's outputs come as fresh pages")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1073741824")
+    assert len(report.footer(dataclasses.replace(rep, rows=[small, big])).splitlines()) == 1

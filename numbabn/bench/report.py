@@ -12,10 +12,15 @@ tables, and would add a dependency and about 0.1 s of import time for those six 
 
 import csv
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, fields
+from math import prod
 from typing import IO, Any
 
+import numpy as np
+
+from .._buffers import MIN_BYTES
 from .harness import Report, Row
 
 TABLE_COLUMNS = (
@@ -81,13 +86,29 @@ def format_table(report: Report) -> str:
 
 
 def footer(report: Report) -> str:
-    """One line: the first calls' total and slowest (compile or cache load)."""
+    """The first calls' total and slowest (compile or cache load); and, where PyTorch
+    was timed on the CPU with outputs of at least ``numbabn._buffers.MIN_BYTES`` while
+    glibc was not told to reuse such blocks, a line saying that those ratios compare
+    PyTorch's fresh output pages with numbabn's reused buffers."""
     slowest = max(report.rows, key=lambda r: r.first_s)
     total = sum(r.first_s for r in report.rows)
-    return (
+    text = (
         f"first calls (JIT compile or Numba cache load; not in the timings): {total:.2f} s in all, "
         f"slowest {slowest.first_s:.2f} s ({slowest.op} {slowest.case})"
     )
+    large = [
+        r
+        for r in report.rows
+        if r.backend == "cpu" and r.torch_ms is not None and prod(r.shape) * np.dtype(r.dtype).itemsize >= MIN_BYTES
+    ]
+    if large and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        text += (
+            f"\n{len({r.case for r in large})} case(s) of {MIN_BYTES >> 20} MiB and more: PyTorch's outputs come as "
+            "fresh pages, numbabn's from reused buffers, which is most of the ratio there; "
+            "MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 lets PyTorch reuse memory too "
+            '(README, "What the large ratios measure")'
+        )
+    return text
 
 
 def write_json(report: Report, f: IO[str]) -> None:
