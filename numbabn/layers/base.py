@@ -83,9 +83,15 @@ def _all_layers(layer: "Layer") -> list["Layer"]:
     return out
 
 
-def _transient_names(cls: type) -> list[str]:
+_TRANSIENT: dict[type, tuple[str, ...]] = {}  # per class: every Sequential forward asks, for every layer
+
+
+def _transient_names(cls: type) -> tuple[str, ...]:
     """The forward-cache attributes of ``cls`` and its bases (``_transient``)."""
-    return [name for c in cls.__mro__ for name in vars(c).get("_transient", ())]
+    names = _TRANSIENT.get(cls)
+    if names is None:
+        names = _TRANSIENT[cls] = tuple(name for c in cls.__mro__ for name in vars(c).get("_transient", ()))
+    return names
 
 
 def forget_caches(saved: dict[str, Any], drop_live_but: "Layer | None" = None) -> None:
