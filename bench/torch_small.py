@@ -85,7 +85,9 @@ def main():
                 t = interleaved({"native": a, "kernels": b}, args.repeat)
                 # the modules' rule: channels-last inputs hand over below 8x the
                 # threshold (2x fused), plain eval below the eval threshold too
-                factor = (2 if relu else 8) if args.channels_last and len(shape) in (4, 5) else 1
+                factor = 1
+                if args.channels_last and len(shape) in (4, 5):
+                    factor = config.TORCH_CHANNELS_LAST_FUSED_FACTOR if relu else config.TORCH_CHANNELS_LAST_FACTOR
                 below = default * factor if train or relu else max(eval_default, default * factor)
                 print(
                     f"{text:>14} {n:>8}  {'train' if train else 'eval':5} {'relu' if relu else '':4} "

@@ -44,6 +44,9 @@ functional layer passes them in as arguments.
     Below about that size what numbabn adds around its kernels in a PyTorch call
     (Python, the autograd Function) costs more than they save (README, "Small
     inputs"). SyncBatchNorm never hands over while it synchronizes processes.
+    Channels-last inputs (4-D, 5-D) hand over below ``TORCH_CHANNELS_LAST_FACTOR``
+    (8) times as many (``TORCH_CHANNELS_LAST_FUSED_FACTOR`` (2) times with a fused ReLU or
+    residual), where PyTorch's channels-last kernel is faster.
 ``NUMBABN_TORCH_NATIVE_EVAL_BELOW``
     the same for plain inference: a call that records no autograd graph, uses the
     running statistics and fuses neither ReLU nor a residual hands CPU inputs of fewer
@@ -141,5 +144,9 @@ STREAM_MIN = (
 STREAM_AUTO = not _given("NUMBABN_STREAM_MIN_MB")
 TORCH_NATIVE_BELOW = _positive_int("NUMBABN_TORCH_NATIVE_BELOW", 1 << 20, least=0)
 TORCH_NATIVE_EVAL_BELOW = _positive_int("NUMBABN_TORCH_NATIVE_EVAL_BELOW", 1 << 23, least=0)
+#: Multiples of TORCH_NATIVE_BELOW below which channels-last inputs hand over (measured:
+#: README, "Small inputs").
+TORCH_CHANNELS_LAST_FACTOR = 8
+TORCH_CHANNELS_LAST_FUSED_FACTOR = 2
 TORCH_OPENMP = _switch("NUMBABN_TORCH_OPENMP", True)
 TORCH_CUDA_KERNELS = _switch("NUMBABN_TORCH_CUDA_KERNELS", False)

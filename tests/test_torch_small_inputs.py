@@ -128,7 +128,8 @@ def test_channels_last_inputs_hand_over_below_a_higher_threshold(monkeypatch, ke
     the kernels from there; the same size in NCHW takes the kernels."""
     bn = getattr(nbt, f"BatchNorm{len(shape) - 2}d")(3, activation="relu" if fused else None)
     x = torch.randn(shape)
-    n, factor = x.numel(), 2 if fused else 8
+    n, factor = x.numel(), 2 if fused else 8  # config.TORCH_CHANNELS_LAST_(FUSED_)FACTOR, as documented
+    assert (config.TORCH_CHANNELS_LAST_FUSED_FACTOR, config.TORCH_CHANNELS_LAST_FACTOR) == (2, 8)
     monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", n // factor + 1)
     bn(x.to(memory_format=fmt).requires_grad_()).sum().backward()
     assert kernel_calls[0] == 0

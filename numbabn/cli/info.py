@@ -210,11 +210,14 @@ def info(ctx: click.Context, as_json: bool) -> None:
             else "are written with non-temporal stores (NUMBABN_STREAM_MIN_MB)"
         ),
     ]
+    from numbabn import config
+
     below = data["torch_native_below"]
     lines.append(
         f"{'numbabn.torch':<16}"
         + (
-            f"CPU inputs of fewer than {below} values (channels-last: {8 * below}, {2 * below} with a fused "
+            f"CPU inputs of fewer than {below} values (channels-last: {config.TORCH_CHANNELS_LAST_FACTOR * below}, "
+            f"{config.TORCH_CHANNELS_LAST_FUSED_FACTOR * below} with a fused "
             "ReLU/residual) run PyTorch's batch norm (NUMBABN_TORCH_NATIVE_BELOW)"
             if below
             else "every CPU input runs numbabn's kernels (NUMBABN_TORCH_NATIVE_BELOW=0)"

@@ -206,7 +206,8 @@ def _channels_last_below(x: torch.Tensor, fused: bool) -> bool:
     0.59-0.91x from 1 M to 6.4 M values, 2.1-3.8x from 8.4 M; fused ReLU 0.88-1.16x at
     1-1.6 M, 1.05-1.77x from 2.1 M. Eager path only (see :func:`_hand_to_torch`;
     under torch.compile it decides inside the opaque call)."""
-    limit = config.TORCH_NATIVE_BELOW * (2 if fused else 8)
+    factor = config.TORCH_CHANNELS_LAST_FUSED_FACTOR if fused else config.TORCH_CHANNELS_LAST_FACTOR
+    limit = config.TORCH_NATIVE_BELOW * factor
     return x.numel() < limit and x.is_cpu and x.dim() in (4, 5) and B.channels_last_perm(x) is not None
 
 
