@@ -29,6 +29,11 @@ class BatchNormContext:
     ``numbabn.kernels.cpu.coefficients``; CUDA: None).
     ``residual`` is the canonical view of the fused residual input (kept by reference
     like ``x``; the backward recomputes the ReLU mask from it), or None.
+    ``sources`` (CUDA backend only; empty on the CPU backend, whose ``x`` is already a
+    view of the caller's array when it can be): the caller's forward ``x`` (and
+    ``residual``) as passed, by reference, no copy. ``x`` above may be a device copy
+    of them (NumPy input, float16 input), so the backward checks its ``out`` against
+    these too: writing dx into the caller's input is refused as on the CPU backend.
     """
 
     backend: str
@@ -48,6 +53,7 @@ class BatchNormContext:
     count: int
     coef: Any = None
     residual: AnyArray | None = None
+    sources: tuple = ()
 
     def __repr__(self) -> str:
         # The arrays (the saved input above all) are left out: a repr is one short line.

@@ -124,10 +124,22 @@ def _layout_of(fn: str, name: str, shape: tuple[int, ...], axis: int) -> tuple[A
     return axis, "ncl", (N, C, L), C, N * L
 
 
+_HOST_PROTOCOLS = ("__array__", "__array_interface__", "__array_struct__")
+
+
 def is_device_array(x: Any) -> bool:
     """True for a GPU array: one exposing ``__cuda_array_interface__`` (numba device
     arrays, CuPy, PyTorch CUDA tensors) or a numba device array (those of the CUDA
-    simulator have no such interface)."""
+    simulator have no such interface).
+
+    An object whose ``__cuda_array_interface__`` raises something other than
+    AttributeError is a GPU array when it says so (``is_cuda`` is True: a torch CUDA
+    tensor that requires grad) or when it cannot be host data, offering none of
+    NumPy's host protocols (``__array__``, ``__array_interface__``,
+    ``__array_struct__``); it then reaches the CUDA backend's checks, whose TypeError
+    names the argument and quotes the interface's error. One with a host protocol
+    and no ``is_cuda`` (JAX's CPU arrays) or ``is_cuda`` False stays on the host path.
+    """
     if isinstance(x, np.ndarray):
         return False
     try:
@@ -135,11 +147,14 @@ def is_device_array(x: Any) -> bool:
     except AttributeError:
         return bool(getattr(x, "__cuda_ndarray__", False))
     except Exception:
-        # An array that cannot export itself as it is: a torch CUDA tensor that
-        # requires grad (RuntimeError; a GPU array, which the CUDA backend's checks
-        # then name), or a host array of a library that raises here (JAX's CPU
-        # arrays): only the former says it is on the GPU.
-        return getattr(x, "is_cuda", False) is True
+        # An array that cannot export itself as it is. Deciding by is_cuda alone sent
+        # a GPU-array-like object without it to NumPy's conversion, whose error
+        # ("floating dtype, got object") says nothing of the real problem; only an
+        # object NumPy can read (or one that says is_cuda False) is host data.
+        is_cuda = getattr(x, "is_cuda", None)
+        if is_cuda is not None:
+            return is_cuda is True
+        return not any(hasattr(x, p) for p in _HOST_PROTOCOLS)
     return True
 
 

@@ -247,6 +247,7 @@ def batch_norm_forward(
     before their op. Reload the state from a checkpoint after an interrupted step.
     """
     fn = "batch_norm_forward"
+    be: ModuleType  # either backend (the CUDA one has commit_running)
     fast = (
         _fast_args.forward_args(
             x,
@@ -363,6 +364,13 @@ def batch_norm_forward(
             (running_mean, running_var),
             **({} if cres is None else {"residual": cres.array}),
         )
+    # Delivered before any state changes: on the CUDA backend the delivery copies back
+    # or converts, which can fail, and its running-statistics update is only staged by
+    # its forward (coef: the staged update), published here. CPU delivery cannot fail.
+    result = be.deliver(y, cx.shape, cx.dtype, out, host)
+    if be is not _cpu_backend:
+        be.commit_running(coef)
+        coef = None
     if tracking and nbt is not None:
         nbt += 1
     ctx = BatchNormContext(
@@ -383,8 +391,11 @@ def batch_norm_forward(
         count,
         coef,
         None if cres is None else cres.array,
+        # CUDA: the caller's arrays, which cx.array and cres.array may be device copies
+        # of, for the backward's out-overlap check (references; the CPU's are views).
+        () if be is _cpu_backend else (x,) if residual is None else (x, residual),
     )
-    return be.deliver(y, cx.shape, cx.dtype, out, host), ctx
+    return result, ctx
 
 
 def batch_norm_backward(
@@ -438,7 +449,7 @@ def batch_norm_backward(
         residual = ctx.residual is not None
         if residual_out is not None and not residual:
             raise ValueError(f"{fn}: residual_out is for the gradient of a residual, but the forward had none")
-        inputs = (dy, ctx.x) if not residual else (dy, ctx.x, ctx.residual)
+        inputs = ((dy, ctx.x) if not residual else (dy, ctx.x, ctx.residual)) + ctx.sources
         dx = be.output(
             fn,
             out,

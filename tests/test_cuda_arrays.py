@@ -250,18 +250,38 @@ def test_a_host_array_whose_gpu_interface_raises_stays_on_the_host(rng):
     np.testing.assert_array_equal(y, numbabn.batch_norm_forward(x)[0])
 
 
+class _GPUArrayLikeRaising:
+    """A GPU-array-like object whose ``__cuda_array_interface__`` raises RuntimeError,
+    with no ``is_cuda`` and no host protocol (``__array__``, ``__array_interface__``):
+    it cannot be host data."""
+
+    shape, dtype = (4, 3), np.dtype(np.float32)
+
+    @property
+    def __cuda_array_interface__(self):
+        raise RuntimeError("the stream is gone")
+
+
+@pytest.mark.parametrize(
+    "array,error",
+    [
+        (_UnreadableGPUArray, r"RuntimeError.*detach\(\)$"),
+        (_GPUArrayLikeRaising, r"RuntimeError: the stream is gone\)$"),  # no torch hint without is_cuda
+    ],
+)
 @pytest.mark.parametrize(
     "call,name",
     [
         (lambda t: numbabn.batch_norm_forward(t), "x"),
+        (lambda t: numbabn.batch_norm_forward(t, backend="cuda"), "x"),
         (lambda t: numbabn.moments(t), "x"),
         (lambda t: numbabn.batch_norm_forward(cuda.to_device(np.ones((4, 3), np.float32)), t), "gamma"),
         (lambda t: numbabn.batch_norm_forward(cuda.to_device(np.ones((4, 3), np.float32)), out=t), "out"),
     ],
 )
-def test_unreadable_gpu_array_is_an_error_naming_the_argument(call, name):
-    with pytest.raises(TypeError, match=f"{name} is a GPU array that cannot be read .*RuntimeError.*detach"):
-        call(_UnreadableGPUArray())
+def test_unreadable_gpu_array_is_an_error_naming_the_argument(call, name, array, error):
+    with pytest.raises(TypeError, match=f"{name} is a GPU array that cannot be read .*{error}"):
+        call(array())
 
 
 # ---------------------------------------------------------------- environment

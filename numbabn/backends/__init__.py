@@ -8,7 +8,10 @@ own kind of arrays, called by the dispatcher after every shared check has passed
   that depend on the kind of array);
 * ``moments(cx)``: per-channel (2, C) float64 [mean, M2] on the host;
 * ``forward(...)``: statistics (the batch's or given ones), running-statistics
-  update and normalisation -> (mean, invstd, coef);
+  update and normalisation -> (mean, invstd, coef); the CUDA backend only stages
+  the running-statistics update and returns it in place of ``coef``, and the
+  dispatcher publishes it with ``commit_running(pending)`` once the output has been
+  delivered (a call that raises leaves the statistics as they were);
 * ``grad_sums(cdy, ctx)`` -> backend partials; ``pack_grad_sums`` /
   ``unpack_grad_sums`` convert them to and from the host (2, C) float64
   [sum g, sum g*(x - mean)] that an ``allreduce`` combines; ``grad_apply(...)`` ->

@@ -13,6 +13,9 @@ as listed in :mod:`numbabn.backends`; this module decides where arrays live:
 * ``running_mean``/``running_var``: GPU arrays are updated in place on the device;
   NumPy arrays are copied to the device, updated there, and copied back into the
   same arrays once the kernels have run. ``num_batches_tracked`` is a host counter.
+  Either way the kernels update device copies, which :func:`commit_running` writes
+  back only after ``y`` has been delivered, so a failure after the statistics
+  kernel (the normalising launch, the copy back) leaves them as they were.
 * ``moments=`` and ``allreduce=`` (synchronized BN): the packed per-channel
   partials -- (2, C) float64 [mean, M2] into the forward, [sum g, sum g*(x - mean)]
   out of and back into the backward -- are C values per field, so they travel
@@ -70,14 +73,18 @@ def as_device(x: AnyArray) -> AnyArray:
 
 def _device_view(fn: str, name: str, x: AnyArray) -> AnyArray:
     """:func:`as_device` for argument ``name``: a GPU array that cannot be viewed (a
-    torch CUDA tensor that requires grad) is a TypeError naming it."""
+    torch CUDA tensor that requires grad, or any object that
+    :func:`~numbabn._layout.is_device_array` takes for a GPU array although its
+    interface raises) is a TypeError naming it."""
     if not getattr(x, "__cuda_ndarray__", False):
         try:
             _ = x.__cuda_array_interface__
         except Exception as e:
+            # The torch hint only where it can apply (torch tensors have is_cuda).
+            hint = "; a torch tensor that requires grad needs .detach()" if getattr(x, "is_cuda", None) else ""
             raise TypeError(
                 f"{fn}: {name} is a GPU array that cannot be read through __cuda_array_interface__ "
-                f"({type(e).__name__}: {e}); a torch tensor that requires grad needs .detach()"
+                f"({type(e).__name__}: {e}){hint}"
             ) from None
     return as_device(x)
 
@@ -262,10 +269,30 @@ def forward(
     given_running: Any,
     residual: AnyArray | None = None,
 ) -> tuple[Any, Any, Any]:
-    """Normalise ``cx`` into the device buffer ``y`` -> (mean, invstd, None), float64
-    device arrays. ``stats``: host (2, C) [mean, M2] of ``count`` values to use
-    instead of the batch's (copied to the device). Running statistics given as
-    NumPy arrays (``given_running``) receive the device update in place."""
+    """Normalise ``cx`` into the device buffer ``y`` -> (mean, invstd, pending), the
+    first two float64 device arrays. ``stats``: host (2, C) [mean, M2] of ``count``
+    values to use instead of the batch's (copied to the device).
+
+    The running-statistics update is only staged: the kernels update device copies
+    (for NumPy ``given_running``, the copies :func:`param` made; for GPU ones, fresh
+    copies), and ``pending`` holds them for :func:`commit_running`, which the
+    dispatcher calls once ``y`` has been delivered. The statistics kernel runs before
+    the normalising launch, and the delivery copies back or converts on the device:
+    either can fail, and a call that raises must leave the caller's statistics as
+    they were. ``pending`` is None when nothing is updated.
+    """
+    pending = None
+    if training and running_mean.size:
+        staged = []
+        for given, dev in zip(given_running, (running_mean, running_var), strict=True):
+            if is_device_array(given):  # the caller's own memory: update a copy
+                work = cuda.device_array(dev.shape, dev.dtype)
+                work.copy_to_device(dev)
+            else:  # already param()'s device copy of the NumPy array
+                work = dev
+            staged.append((given, dev, work))
+        pending = tuple(staged)
+        running_mean, running_var = staged[0][2], staged[1][2]
     mean, invstd = K.forward(
         _ncl(cx.array, cx.layout),
         gamma,
@@ -282,11 +309,24 @@ def forward(
         count,
         None if residual is None else _ncl(residual, cx.layout),
     )
-    if training and running_mean.size:
-        for given, updated in zip(given_running, (running_mean, running_var), strict=True):
-            if not is_device_array(given):
-                updated.copy_to_host(given)
-    return mean, invstd, None
+    return mean, invstd, pending
+
+
+def commit_running(pending: Any) -> None:
+    """Publish a running-statistics update staged by :func:`forward` (None: nothing).
+
+    The steps that can fail come first: NumPy statistics are copied from the device
+    into new host arrays (a synchronising copy, so an error of the kernels surfaces
+    here), then GPU statistics receive their device copies and NumPy ones their
+    values (plain assignments of checked arrays)."""
+    if pending is None:
+        return
+    fetched = [(given, work.copy_to_host()) for given, _, work in pending if not is_device_array(given)]
+    for given, dev, work in pending:
+        if is_device_array(given):
+            dev.copy_to_device(work)
+    for given, values in fetched:
+        given[...] = values
 
 
 def grad_sums(cdy: Canonical, ctx: "BatchNormContext") -> Any:
