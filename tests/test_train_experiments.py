@@ -353,3 +353,17 @@ def test_a_search_that_finds_no_rate_is_an_option_error(tmp_path, monkeypatch):
         "(the search for the top η): from 0.4, none of 24 rates from 4.77e-08 to 0.4 trained (0 stalled, 24 diverged)"
     ), result.output
     assert not list(tmp_path.iterdir())
+
+
+def test_a_search_that_stops_early_says_why(tmp_path, monkeypatch):
+    """A loss that no rate changes: the search stops after three runs (not 24) and
+    the one-line error says why it stopped early."""
+    monkeypatch.setattr(experiments, "_train", lambda *a, **k: SimpleNamespace(loss=[2.3] * 30))
+    result = CliRunner().invoke(main, ["experiment", "vgg", "--seed", "0", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(
+        "Error: Invalid value for '--lr': lr must let the standard network train in 30-step runs near 4 x lr "
+        "(the search for the top η): from 0.4, none of 3 rates from 0.2 to 0.8 trained (3 stalled, 0 diverged); "
+        "it stopped early: the runs at 0.2, 0.4, 0.8 returned the same losses, so the rate does not change the run"
+    ), result.output
+    assert not list(tmp_path.iterdir())

@@ -165,18 +165,22 @@ def test_largest_stable_lr_stall_above_the_window_and_none():
     res = largest_stable_lr(_window(0.1, 1.0), 2.5, fraction=0.5)
     assert res["stable_lr"] < 1.0 <= res["diverged_lr"] <= 2 ** (1 / 8) * res["stable_lr"] * (1 + 1e-12)
     # no rate trains: only a rate that overflowed is reported as the divergence
+    # (and the search stops once the rates below the climb only do worse, not 24 runs later)
     res = largest_stable_lr(lambda lr: [2.3, np.inf] if lr >= 4 else [2.3, 2.3 - lr / 10], 0.01, fraction=0.5)
     assert res["stable_lr"] is None and res["diverged_lr"] == 0.01 * 2**9
+    assert res["stopped"] == "too_small_below" and len(res["trials"]) == 10
+    # the same losses at every rate: the rate changes nothing, three runs say so (not all ten)
     res = largest_stable_lr(lambda lr: [1.0, 0.9], 0.01, fraction=0.5, lr_max=1.0, max_trials=10)
-    assert res == {**res, "stable_lr": None, "diverged_lr": None}
-    assert {t["outcome"] for t in res["trials"]} == {"stalled"} and len(res["trials"]) == 10
+    assert res == {**res, "stable_lr": None, "diverged_lr": None, "stopped": "rate_has_no_effect"}
+    assert {t["outcome"] for t in res["trials"]} == {"stalled"} and len(res["trials"]) == 3
 
 
 def test_largest_stable_lr_no_divergence_and_errors():
     res = largest_stable_lr(lambda lr: [1.0, 0.5], 1.0, lr_max=10.0)
     assert res["diverged_lr"] is None and res["stable_lr"] == 8.0
+    assert res["stopped"] == "lr_max" and "up to 8" in res["reason"]
     res = largest_stable_lr(lambda lr: [1.0, 2.0], 1.0, max_trials=5)
-    assert res["stable_lr"] is None and len(res["trials"]) == 5
+    assert res["stable_lr"] is None and len(res["trials"]) == 3 and res["stopped"] == "rate_has_no_effect"
     for kwargs in (
         {"lr0": 0.0},
         {"lr0": 1.0, "factor": 1.0},
@@ -191,3 +195,120 @@ def test_largest_stable_lr_no_divergence_and_errors():
     for bad in (0.5, [[1.0, 0.5]]):
         with pytest.raises(ValueError, match=r"largest_stable_lr: run\(lr\) must return the step losses as a 1-D"):
             largest_stable_lr(lambda lr, bad=bad: bad, 1.0)
+
+
+def test_largest_stable_lr_searches_that_find_a_rate_are_unchanged():
+    """The early stops change no search in which a rate trains: the same rates in the
+    same order as before them (recorded from the search without early stops)."""
+    doubling = [0.01 * 2**k for k in range(6)]
+    cases = [
+        (_gd_on_quadratic(7.0), 0.01, 1.0, doubling + [0.2262741699796952, 0.26908685288118867, 0.2934412938254948]),
+        (
+            _gd_on_quadratic(7.0),
+            5.0,
+            1.0,
+            [5.0, 10.0, 2.5, 1.25, 0.625, 0.3125, 0.15625, 0.2209708691207961, 0.2627801297667858, 0.28656376350145973],
+        ),
+        (
+            _gd_on_quadratic(0.3),
+            1.0,
+            1.0,
+            [1.0, 2.0, 4.0, 8.0, 5.656854249492381, 6.727171322029717, 6.168843301631764],
+        ),
+        (
+            _window(0.1, 1.0),
+            0.05,
+            0.5,
+            [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 1.1313708498984762, 0.951365692002177, 1.037471643720808],
+        ),
+        (
+            _window(0.1, 1.0),
+            2.5,
+            0.5,
+            [2.5, 5.0, 1.25, 0.625, 0.8838834764831844, 1.051120519067143, 0.963881765879963],
+        ),
+        (
+            _window(0.1, 1.0),
+            1e-4,
+            0.5,
+            [1e-4 * 2**k for k in range(15)] + [1.1585237502960395, 0.9741984686102292, 1.0623709631701073],
+        ),
+    ]
+    for run, lr0, fraction, rates in cases:
+        res = largest_stable_lr(run, lr0, fraction=fraction)
+        assert [t["lr"] for t in res["trials"]] == pytest.approx(rates, rel=1e-12)
+        assert res.get("stopped", "bracketed") == "bracketed"
+    # an overflow one update in, at every rate down to 1e-3, is no reason to stop: smaller rates may train
+    res = largest_stable_lr(lambda lr: [2.3, np.inf] if lr > 1e-3 else [2.3, 0.1], 1.0, fraction=0.5)
+    assert 5e-4 < res["stable_lr"] <= 1e-3 < res["diverged_lr"] and len(res["trials"]) == 14
+
+
+def test_largest_stable_lr_reports_why_it_stopped():
+    res = largest_stable_lr(_gd_on_quadratic(7.0), 0.01)
+    assert res["stopped"] == "bracketed" and res["reason"] == "0.269 trains and 0.293 fails, after 3 of 3 bisections"
+    res = largest_stable_lr(_gd_on_quadratic(7.0), 0.01, max_trials=4)
+    assert res["stopped"] == "max_trials" and "max_trials=4" in res["reason"]
+    # stalls whose tails neither repeat nor fall steadily with the rate: the search spends its runs
+    res = largest_stable_lr(lambda lr: [1.0, 1.5 + 0.1 * (-1) ** round(math.log2(lr)) + lr / 1000], 1.0, max_trials=6)
+    assert res["stable_lr"] is None and len(res["trials"]) == 6 and res["stopped"] == "max_trials"
+    assert res["reason"].startswith(
+        "no rate trained within max_trials=6 runs. Tried 6 rates: 0.125 stalled (first loss 1, tail 1.4); 0.25 stalled"
+    )
+
+
+def _noise_labels(lr, steps=30, n=400, d=4, classes=10):
+    """Full-batch gradient descent on softmax regression whose labels are noise to
+    its inputs: the loss cannot halve from ln 10 at any rate."""
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((n, d)), rng.integers(0, classes, n)
+    W, b, losses = np.zeros((d, classes)), np.zeros(classes), []
+    for _ in range(steps):
+        z = X @ W + b
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        losses.append(-np.log(p[np.arange(n), y]).mean())
+        p[np.arange(n), y] -= 1
+        W, b = W - lr * X.T @ p / n, b - lr * p.mean(axis=0)
+    return losses
+
+
+def test_largest_stable_lr_stops_early_when_labels_are_noise():
+    # before: 24 runs, halving to 1.5e-6 after the climb had shown every smaller rate does worse
+    res = largest_stable_lr(_noise_labels, 0.4, fraction=0.5)
+    rates = [t["lr"] for t in res["trials"]]
+    assert rates == [0.4, 0.8, 1.6, 3.2, 6.4, 12.8]
+    assert res["stable_lr"] is None and res["diverged_lr"] is None and res["stopped"] == "too_small_below"
+    assert res["reason"].startswith(
+        "no rate trains in runs this short: at 0.4, 0.8, 1.6 each larger rate made more progress without training"
+    )
+    assert all(f"{lr:.3g} stalled (first loss 2.303, tail " in res["reason"] for lr in rates)
+
+
+def test_largest_stable_lr_stops_when_no_rate_lies_between_too_small_and_diverging():
+    # progress grows with the rate, but the run overflows before it can halve its loss
+    def run(lr):
+        return [2.3, np.inf] if lr >= 1 else [2.3, 2.3 - lr]
+
+    res = largest_stable_lr(run, 0.1, fraction=0.5)  # climbs 0.1 .. 0.8, overflows at 1.6
+    assert [t["outcome"] for t in res["trials"]] == ["stalled"] * 4 + ["diverged"]
+    assert res["stopped"] == "too_small_below" and res["stable_lr"] is None and res["diverged_lr"] == 1.6
+    assert "1.6 diverged (loss 2 of 2 not finite)" in res["reason"]
+    res = largest_stable_lr(run, 0.9, fraction=0.5)  # 0.9, overflow at 1.8, then down: 0.45, 0.225
+    assert [t["lr"] for t in res["trials"]] == [0.9, 1.8, 0.45, 0.225] and res["stopped"] == "too_small_below"
+
+
+def test_largest_stable_lr_stops_when_the_rate_changes_nothing():
+    # a loss that cannot decrease: the same run at every rate, three runs instead of 24
+    res = largest_stable_lr(lambda lr: [2.3] * 20, 0.4, fraction=0.5)
+    assert [t["lr"] for t in res["trials"]] == [0.4, 0.8, 0.2]
+    assert res == {**res, "stable_lr": None, "diverged_lr": None, "stopped": "rate_has_no_effect"}
+    assert res["reason"].startswith("the runs at 0.2, 0.4, 0.8 returned the same losses")
+    # a first loss that is not finite (or none) is the fresh network's: every rate fails alike, one run
+    for losses in ([np.nan] * 5, [np.inf, np.nan], []):
+        res = largest_stable_lr(lambda lr, losses=losses: losses, 0.4)
+        assert len(res["trials"]) == 1 and res["stopped"] == "non_finite_start", losses
+        assert res["stable_lr"] is None and res["diverged_lr"] == 0.4
+    assert res["reason"] == (
+        "the run at 0.4 returned no losses, before any update at that rate: every rate fails alike. "
+        "Tried 1 rates: 0.4 diverged (no losses)"
+    )

@@ -632,7 +632,9 @@ LR_SEARCH_RULE = (
     "gaining) and bisected 3 times (9 % resolution); "
     "'stable' = all losses finite and the mean of the last tenth below the first (classifiers: below "
     "half the first); before any rate has trained, a run that fails with finite losses counts as too "
-    "small a rate while each doubling ends lower, not as a divergence"
+    "small a rate while each doubling ends lower, not as a divergence; with no rate trained, the search "
+    "stops early, saying why, once its runs show none can (a non-finite first loss, the same losses at "
+    "three rates, or, at the three smallest rates tried, less progress at each smaller one)"
 )
 ETA_RULE = (
     "top η = the standard network's " + LR_SEARCH_RULE + ", searched on the first seed and used for "
@@ -702,10 +704,13 @@ def _no_edge(search, lr0):
     trials = search["trials"]
     rates = [t["lr"] for t in trials]
     counts = ", ".join(f"{sum(t['outcome'] == kind for t in trials)} {kind}" for kind in ("stalled", "diverged"))
+    # an early stop (lr_search's module docstring) says why it ran fewer than its max_trials
+    early = search.get("stopped") not in (None, "max_trials")
+    why = f"; it stopped early: {search['reason'].split('. Tried ')[0]}" if early else ""
     return (
         f"let the standard network train in {SEARCH_STEPS}-step runs near {SEARCH_START} x lr (the search for the "
         f"top η): from {lr0:g}, none of {len(trials)} rates from {min(rates):.3g} to {max(rates):.3g} trained "
-        f"({counts})"
+        f"({counts}){why}"
     )
 
 

@@ -35,6 +35,30 @@ short): the search then halves from below the start, as after a diverging start.
 or, when none trained, one that diverged, never a mere stall. The edge need not be sharp (a rate
 can train in one window and fail in a longer one), so the answer is specific to
 the run length, which is recorded with it.
+
+**Early stops.** Before any rate has trained, the search ends as soon as its runs
+show that no rate can (the result's ``stopped`` says which, and ``reason`` lists
+every rate tried and how its run went), instead of halving through the rest of
+``max_trials``:
+
+* ``"non_finite_start"``: a run's first loss is not finite (or it has none). That
+  loss is the fresh network's, before any update, so every rate fails alike
+  (non-finite data, a broken initialisation).
+* ``"rate_has_no_effect"``: three rates (a factor ``factor``² apart at least) gave
+  the very same finite losses: the rate does not change the run (zero gradients,
+  a loss that cannot decrease), so no rate trains. Not two: runs that collapse to
+  chance can end alike at two rates above a window that trains. Identical
+  *divergences* do not count: an overflow after an update depends on the rate,
+  and a smaller one may not overflow.
+* ``"too_small_below"``: about to halve below every rate tried, the three smallest
+  all stalled, each ending lower than the one below it: the climb's evidence that a
+  larger rate makes more progress, twice over. Those rates are too small, a rate
+  below them makes less progress still, and every rate above them already failed
+  (the climb ended at a divergence, a stall that gained nothing, or ``lr_max``), so
+  no rate within the search's lattice is left (a training window, if any, would be
+  narrower than ``factor``; labels that are noise to the inputs end here). A
+  collapse to chance above the window does not stop the search: its tails do not
+  fall steadily with the rate.
 """
 
 import math
@@ -47,6 +71,12 @@ from numpy.typing import ArrayLike, NDArray
 from .. import _checks as V
 
 TRAINED, STALLED, DIVERGED = "trained", "stalled", "diverged"
+
+# why a search ended, its result's "stopped": a rate trained below one that failed; rates
+# trained up to lr_max; the runs ran out; or, no rate having trained, an early stop
+BRACKETED, LR_MAX, MAX_TRIALS = "bracketed", "lr_max", "max_trials"
+NON_FINITE_START, RATE_HAS_NO_EFFECT, TOO_SMALL_BELOW = "non_finite_start", "rate_has_no_effect", "too_small_below"
+STOPS = (BRACKETED, LR_MAX, MAX_TRIALS, NON_FINITE_START, RATE_HAS_NO_EFFECT, TOO_SMALL_BELOW)
 
 
 def _tail(losses: NDArray[np.float64]) -> float:
@@ -70,6 +100,16 @@ def trains(losses: ArrayLike, fraction: float = 1.0) -> bool:
     return outcome(losses, fraction) == TRAINED
 
 
+def _run_text(lr: float, result: str, losses: NDArray[np.float64]) -> str:
+    """One tried rate and what its run did, for a search's ``reason``."""
+    if losses.size == 0:
+        return f"{lr:.3g} {result} (no losses)"
+    if result == DIVERGED:
+        bad = int(np.argmin(np.isfinite(losses)))
+        return f"{lr:.3g} diverged (loss {bad + 1} of {losses.size} not finite)"
+    return f"{lr:.3g} {result} (first loss {losses[0]:.4g}, tail {_tail(losses):.4g})"
+
+
 def largest_stable_lr(
     run: Callable[[float], ArrayLike],
     lr0: float,
@@ -83,17 +123,24 @@ def largest_stable_lr(
     """Bracket and bisect the edge between training and diverging (module docstring).
 
     ``run(lr)`` trains a fresh network for a short, fixed number of steps and
-    returns its step losses; ``fraction`` is the :func:`outcome` criterion. Returns
-    ``{"stable_lr", "diverged_lr", "trials": [{"lr", "trained", "outcome",
-    "final_loss"}]}``: ``stable_lr`` is the largest rate seen to train with no
-    smaller rate failing above it (None if no rate tried trained) and
-    ``diverged_lr`` the smallest rate above it that failed (diverged or stalled);
-    with no ``stable_lr``, the smallest rate that diverged (a rate that only stalled
-    is no divergence). ``diverged_lr`` is None when no such rate was found (nothing
-    up to ``lr_max`` failed). At most ``max_trials`` (>= 1) runs in all, bracketing
-    and ``refine`` (>= 0) bisection steps together; ``lr0 <= lr_max``. Every
-    argument is checked before the first run; a ``run`` that returns anything but a
-    1-D sequence raises ValueError.
+    returns its step losses, the first of them the fresh network's (before any
+    update, as :class:`~numbabn.train.trainer.Trainer` records it); ``fraction`` is
+    the :func:`outcome` criterion. Returns ``{"stable_lr", "diverged_lr", "trials":
+    [{"lr", "trained", "outcome", "final_loss"}], "stopped", "reason"}``:
+    ``stable_lr`` is the largest rate seen to train with no smaller rate failing
+    above it (None if no rate tried trained) and ``diverged_lr`` the smallest rate
+    above it that failed (diverged or stalled); with no ``stable_lr``, the smallest
+    rate that diverged (a rate that only stalled is no divergence). ``diverged_lr``
+    is None when no such rate was found (nothing up to ``lr_max`` failed).
+    ``stopped`` says why the search ended (:data:`STOPS`) and ``reason`` says it in
+    a line, naming, when no rate trained, every rate tried and how its run went.
+
+    At most ``max_trials`` (>= 1) runs in all, bracketing and ``refine`` (>= 0)
+    bisection steps together; fewer when the runs show that no rate can train (the
+    module docstring's early stops: a non-finite first loss, the same losses at three
+    rates, or, at the three smallest rates tried, less progress at each smaller
+    one), which then ends the search at once. ``lr0 <= lr_max``. Every argument is checked before the
+    first run; a ``run`` that returns anything but a 1-D sequence raises ValueError.
     """
     fn = "largest_stable_lr"
     if not callable(run):
@@ -106,6 +153,8 @@ def largest_stable_lr(
     if lr0 > lr_max:
         raise ValueError(f"{fn}: lr0 must be <= lr_max (the search stays below lr_max), got {lr0!r} > {lr_max!r}")
     trials: list[dict[str, Any]] = []
+    runs: list[NDArray[np.float64]] = []  # each trial's losses, for the early stops
+    tails: list[float] = []  # each trial's tail (nan for a run with no losses)
 
     def trial(lr: float) -> tuple[str, float]:
         losses = np.asarray(run(lr), dtype=np.float64)
@@ -123,13 +172,51 @@ def largest_stable_lr(
                 "final_loss": float(losses[-1]) if losses.size else None,
             }
         )
-        return result, _tail(losses) if result == STALLED else math.nan
+        runs.append(losses)
+        tails.append(_tail(losses) if losses.size else math.nan)
+        return result, tails[-1] if result == STALLED else math.nan
 
     def failed_above(lr: float) -> float | None:
         """The smallest rate above ``lr`` that failed, None if none did."""
         return min((t["lr"] for t in trials if t["lr"] > lr and not t["trained"]), default=None)
 
+    def rate_cannot_matter() -> tuple[str, str] | None:
+        """Before any rate has trained, the last run's evidence that no rate can:
+        a run that failed before its rate acted, or one the rate did not change."""
+        losses, lr = runs[-1], trials[-1]["lr"]
+        if losses.size == 0 or not np.isfinite(losses[0]):
+            what = "returned no losses" if losses.size == 0 else "began with a non-finite loss"
+            return NON_FINITE_START, (
+                f"the run at {lr:.3g} {what}, before any update at that rate: every rate fails alike"
+            )
+        if not np.all(np.isfinite(losses)):
+            return None  # an overflow after an update depends on the rate: a smaller one may not
+        same = [t["lr"] for t, other in zip(trials, runs, strict=True) if np.array_equal(other, losses)]
+        if len(same) >= 3:
+            rates = ", ".join(f"{r:.3g}" for r in sorted(same))
+            return RATE_HAS_NO_EFFECT, (
+                f"the runs at {rates} returned the same losses, so the rate does not change the run (zero "
+                "gradients, or a loss that cannot decrease): no rate trains"
+            )
+        return None
+
+    def exhausted_below() -> tuple[str, str] | None:
+        """Before halving below every rate tried: stop if the three smallest rates
+        all stalled, each ending lower than the one below it (more progress with
+        the rate, the climb's evidence, twice): smaller rates only do worse."""
+        low = sorted(range(len(trials)), key=lambda i: trials[i]["lr"])[:3]
+        if len(low) < 3 or any(trials[i]["outcome"] != STALLED for i in low):
+            return None
+        if not tails[low[0]] > tails[low[1]] > tails[low[2]]:
+            return None
+        rates = ", ".join(f"{trials[i]['lr']:.3g}" for i in low)
+        return TOO_SMALL_BELOW, (
+            f"no rate trains in runs this short: at {rates} each larger rate made more progress without "
+            f"training, so a rate below {trials[low[0]]['lr']:.3g} makes less, and every rate above failed"
+        )
+
     stable: float | None = None
+    stop: tuple[str, str] | None = None  # an early stop: no rate can train
     lr, climbing, below = float(lr0), True, math.inf  # below: the tail of the stalled run below lr
     while len(trials) < max_trials:
         result, tail = trial(lr)
@@ -140,21 +227,46 @@ def largest_stable_lr(
             lr *= factor
         elif stable is not None:
             break  # a failure above a rate that trains: bracketed
+        elif (stop := rate_cannot_matter()) is not None:
+            break
         elif climbing and result == STALLED and tail < below and lr * factor <= lr_max:
             lr, below = lr * factor, tail  # nothing has trained yet and progress grows with the rate: too small
         else:
             # a divergence, or a climb that stopped gaining: the edge is below every rate tried
             climbing = False
+            if (stop := exhausted_below()) is not None:
+                break
             lr = min(t["lr"] for t in trials) / factor
     diverged = None if stable is None else failed_above(stable)
+    bisections = 0
     for _ in range(refine):
         if stable is None or diverged is None or len(trials) >= max_trials:
             break
         mid = math.sqrt(stable * diverged)
+        bisections += 1
         if trial(mid)[0] == TRAINED:
             stable = mid
         else:
             diverged = mid
     if stable is None:
         diverged = min((t["lr"] for t in trials if t["outcome"] == DIVERGED), default=None)
-    return {"stable_lr": stable, "diverged_lr": diverged, "trials": trials}
+    if stop is not None:
+        stopped, why = stop
+    elif stable is not None and diverged is not None:
+        stopped = BRACKETED
+        why = f"{stable:.3g} trains and {diverged:.3g} fails, after {bisections} of {refine} bisections"
+    elif stable is not None and stable * factor > lr_max:
+        stopped, why = (
+            LR_MAX,
+            f"rates trained up to {stable:.3g}, none failing above it: the next would pass lr_max={lr_max:g}",
+        )
+    elif stable is not None:
+        stopped = MAX_TRIALS
+        why = f"rates trained up to {stable:.3g} and no rate failed above it within max_trials={max_trials} runs"
+    else:
+        stopped, why = MAX_TRIALS, f"no rate trained within max_trials={max_trials} runs"
+    if stable is None:
+        order = sorted(range(len(trials)), key=lambda i: trials[i]["lr"])
+        tried = "; ".join(_run_text(trials[i]["lr"], trials[i]["outcome"], runs[i]) for i in order)
+        why += f". Tried {len(trials)} rates: {tried}"
+    return {"stable_lr": stable, "diverged_lr": diverged, "trials": trials, "stopped": stopped, "reason": why}
