@@ -59,6 +59,38 @@ def _same(result, expected):
 # ------------------------------------------------------------------ disk cache
 
 
+_ORDER_SCRIPT = textwrap.dedent("""
+    import pickle, sys
+    import numpy as np
+    from numbabn.kernels import cpu, cpu_driver
+    k = cpu_driver.specs(np.dtype(np.float32), "ncl")
+    if sys.argv[1] == "reduction first":
+        k.grad_sums  # a fast-math kernel compiles the shared element helpers first
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 4, 500)).astype(np.float32)
+    coef = rng.standard_normal((4, 4)).astype(np.float32)
+    y = np.empty_like(x)
+    blocks, _ = cpu.ncl_blocks(x.shape, 1024)
+    k.apply(x, None, coef, False, 1024, False, y, 0, blocks)
+    sys.stdout.buffer.write(pickle.dumps(y))
+""")
+
+
+def test_a_kernel_compiles_to_the_same_code_whatever_a_process_compiled_first(tmp_path):
+    """The element helpers (shared by every kernel, compiled once per process) must not
+    take the fast-math flags of the reduction whose compile first needs them (Numba's
+    default, inherit_if_not_set): the normalise pass gave other bits (in 17 % of the
+    outputs) in a process that had compiled the gradient sums first, or whose cache
+    entry came from one, than in one that had not."""
+    runs = []
+    for i, order in enumerate(("apply first", "reduction first")):
+        full = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / str(i)), "NUMBABN_COMPILE_AHEAD": "0"}
+        res = subprocess.run([sys.executable, "-c", _ORDER_SCRIPT, order], capture_output=True, env=full, timeout=600)
+        assert res.returncode == 0, res.stderr.decode()
+        runs.append(pickle.loads(res.stdout))
+    assert np.array_equal(runs[0], runs[1])
+
+
 @pytest.fixture(scope="module")
 def populated(tmp_path_factory):
     """A cache filled by one cold process, and what that process printed."""

@@ -103,17 +103,28 @@ SG, SGD = 0, 1
 # vectorisation (vector operations in its optimised IR: 126 -> 18).
 # Numba compiles builtin min/max as separate overloads per argument type (about 0.1 s
 # each on a cold start); these two replace them.
-@njit(error_model="numpy")
+# Every helper states fastmath=False: a jitted function that does not set it inherits
+# the flags of the function whose compile first needs it (Numba's CPU target,
+# ``inherit_if_not_set("fastmath")``), and keeps them for the process. A process
+# whose first compile was a reduction (reassociation and contraction) then gave every
+# later kernel the contracted _normalise: the same apply_ncl compiled to different
+# machine code, and the bits of y differed, depending on which kernel a process (or the
+# compile helper) compiled first (10477 of 60000 outputs, float32 (3, 4, 5000)); the
+# backward's recomputed ReLU mask need not match the forward's then.
+_helper = njit(error_model="numpy", fastmath=False)
+
+
+@_helper
 def _min(a, b):
     return b if b < a else a
 
 
-@njit(error_model="numpy")
+@_helper
 def _max(a, b):
     return b if b > a else a
 
 
-@njit(error_model="numpy")
+@_helper
 def _shift(v):
     """A block's shift: its first value, or 0 where that is infinite or NaN (with an
     infinite shift, d = x - shift of the block's finite values is infinite and the
@@ -165,7 +176,7 @@ def _run(arr, flat, i0, i1):
     return flat[i0:i1]
 
 
-@njit(error_model="numpy")
+@_helper
 def _normalise(v, half, hi, lo, a, b, relu, zero, r):
     """(d, y) of one element: d = (x - mean)/2 in the compute dtype from the halved split mean
     (hi, lo), y = a*(x/2 - hi) + b with b = beta - a*lo (+ r, the residual, unless
@@ -181,7 +192,7 @@ def _normalise(v, half, hi, lo, a, b, relu, zero, r):
     return d, y
 
 
-@njit(error_model="numpy")
+@_helper
 def _masked(v, g, half, hi, lo, a, b, relu, zero, r):
     """(d, g times the forward's ReLU mask), y recomputed exactly as the forward did. The
     mask is PyTorch's (its ReLU backward zeroes the gradient where the output is <= 0):
@@ -192,7 +203,7 @@ def _masked(v, g, half, hi, lo, a, b, relu, zero, r):
     return d, g
 
 
-@njit(error_model="numpy")
+@_helper
 def _dx(g, d, ga, gb, gd, zero):
     """dx = ga*g + gb*d + gd, without the gb*d term where gb is exactly 0 (eval mode):
     dx then does not depend on x, as in PyTorch, and an infinite or NaN x gives a
@@ -201,7 +212,7 @@ def _dx(g, d, ga, gb, gd, zero):
     return ga * g + t + gd
 
 
-@njit(error_model="numpy")
+@_helper
 def _gd(xs, gs, j, half, hi, lo, a, b, relu, zero):
     """(g, d) of entry j of the runs ``xs``, ``gs`` (x, dy; no residual) as float64, for
     the four-run loop of the backward's sums (their products fuse there). The loops
@@ -253,7 +264,7 @@ _FOLD = 256
 _LONG_RUN = 1024
 
 
-@njit(error_model="numpy")
+@_helper
 def _ncl_block(t, shape, chunk):
     """Block t of the (N, C, L) grid -> (kn, n0, n1, c0, c1, l0, l1).
 
@@ -294,7 +305,7 @@ def ncl_blocks(shape, chunk):
     return KN * -(-C // G), KN
 
 
-@njit(error_model="numpy")
+@_helper
 def _ncl_span(shape, n0, n1, c0, c1, l0, l1):
     """The block (n0..n1, c0..c1, l0..l1) of :func:`_ncl_block` as one stretch of the
     flat array -> (b0, b1, w): values b0..b1, rows of w values, channels c0..c1 in
@@ -303,12 +314,12 @@ def _ncl_span(shape, n0, n1, c0, c1, l0, l1):
     return (n0 * C + c0) * L + l0, ((n1 - 1) * C + c1 - 1) * L + l1, l1 - l0
 
 
-@njit(error_model="numpy")
+@_helper
 def _mc_rows(shape, chunk):
     return _max(_MC_MIN_ROWS, chunk // shape[1])
 
 
-@njit(error_model="numpy")
+@_helper
 def _mc_apply_rows(shape, chunk):
     """Rows per block of the channels-last element-wise kernels: about a chunk of
     values. They keep no per-block partials, so the reductions' floor of
@@ -318,7 +329,7 @@ def _mc_apply_rows(shape, chunk):
     return _max(1, chunk // shape[1])
 
 
-@njit(error_model="numpy")
+@_helper
 def _fold(C):
     """Rows F per run of the channels-last kernels (plain Python too: the driver sizes
     the (4, F*C) coefficients with ``_fold.py_func``)."""
@@ -341,14 +352,14 @@ def _fold(C):
 _APPLY_RUN = 32
 
 
-@njit(error_model="numpy")
+@_helper
 def _apply_run(C, FC):
     """Values per run of the channels-last element-wise kernels: whole rows of C values,
     about :data:`_APPLY_RUN` of them, within the coefficients' F*C = ``FC``."""
     return C * _max(1, _min(FC // C, _APPLY_RUN // C))
 
 
-@njit(error_model="numpy")
+@_helper
 def _group(n, FC):
     """Values per output group of the channels-last element-wise kernels: whole runs
     of FC values, about ``n`` of them (at least one run): one buffer when streaming
@@ -358,7 +369,7 @@ def _group(n, FC):
     return FC * _max(1, n // FC)
 
 
-@njit(error_model="numpy")
+@_helper
 def _fold_sums(a, b, C, out_a, out_b):
     """out_a[c], out_b[c] = the sums of a run's per-entry sums ``a``, ``b`` over the
     entries j of channel c (j % C == c), in order."""
@@ -506,7 +517,7 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
 # ------------------------------------------------------------------ coefficients
 
 
-@njit(error_model="numpy")
+@_helper
 def _tile(coef, C):
     """Repeat the first C columns of (K, F*C) ``coef`` along its rows: entry j of a
     channels-last run of F rows belongs to channel j % C."""
@@ -515,7 +526,7 @@ def _tile(coef, C):
             coef[r, j] = coef[r, j - C]
 
 
-@njit(error_model="numpy")
+@_helper
 def _weighted_mean(cnt, part, c, count, stats):
     """Channel c's merged (mean - shift_0, M2) of data holding an infinity or NaN, for
     which the Chan merge's mean is not finite: the count-weighted mean of the block

@@ -168,7 +168,7 @@ def flush(flat, tmp, p, base):
 # compile. Compiled once per output dtype and shared by all of them: every entry
 # point cold 29.2 -> 27.7 s, the fused-residual variants 25.9 -> 21.4 s (one
 # process, bench/first_call.py --table).
-@njit(error_model="numpy")
+@njit(error_model="numpy", fastmath=False)  # not the caller's (see cpu._helper)
 def write(out, tmp):
     """``out[:] = tmp[:out.size]``: ordinary stores up to ``out``'s first 32-byte
     boundary, non-temporal ones from there."""
