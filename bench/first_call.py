@@ -64,6 +64,9 @@ if "--all" in sys.argv or "--variants" in sys.argv:
     xm, pm, rsm = bn((64, 16), np.float32)
     timed("then forward+backward float32 (N, C)",
           lambda: numbabn.batch_norm_backward(xm, numbabn.batch_norm_forward(xm, *pm)[1]))
+    xs, ps, rss = bn((8, 16, 4, 4), np.float32)
+    timed("then forward+backward float32 4x4 maps",
+          lambda: numbabn.batch_norm_backward(xs, numbabn.batch_norm_forward(xs, *ps)[1]))
 if "--all" in sys.argv:
     ro = x.copy(); ro.flags.writeable = False
     timed("then read-only/Fortran/strided float32 NCHW",

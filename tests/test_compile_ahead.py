@@ -105,25 +105,26 @@ def test_backward_kernels_are_compiled_by_the_helper(tmp_path):
 
 def test_short_rows_send_the_channels_last_dx_kernel(tmp_path):
     """A first step on short NCL rows (4x4 maps) runs its element-wise passes on the
-    channels-last kernels: the helper compiles the backward's reductions of the NCL
-    layout and the channels-last dx kernel, as one job, and neither process compiles
-    the NCL element-wise kernels nobody uses."""
+    channels-last kernels and its reductions on the tile kernels: the helper compiles
+    the backward's reduction over tiles and the channels-last dx kernel, as one job,
+    and neither process compiles the NCL kernels nobody uses."""
     out = _run(tmp_path, [("np.float32", (4, 3, 4, 4))])
-    assert {"stats_ncl", "coefficients", "apply_mc"} <= set(out["compiled"])
-    backward = {"grad_sums_ncl", "grad_coefficients", "grad_apply_mc"}
+    assert {"stats_tiles", "coefficients", "apply_mc"} <= set(out["compiled"])
+    backward = {"grad_sums_tiles", "grad_coefficients", "grad_apply_mc"}
     assert backward <= set(out["loaded"]) and not backward & set(out["compiled"])
-    assert not {"apply_ncl", "grad_apply_ncl"} & set(out["compiled"] + out["loaded"])
+    assert not {"stats_ncl", "grad_sums_ncl", "apply_ncl", "grad_apply_ncl"} & set(out["compiled"] + out["loaded"])
     assert len(set(out["pids"])) == 1 and None not in out["pids"]
 
 
 def test_short_rows_after_long_ones_send_their_dx_kernel_to_the_running_helper(tmp_path):
     """A cold run whose first shape has long rows and a later one short rows (a
     ResNet's 32x32 then 4x4 maps): the later shape's dx kernel (channels-last) goes to
-    the helper the first miss started, and the parent only loads it."""
+    the helper the first miss started, as is its reduction over tiles, whose
+    statistics kernel's miss sends it; the parent only loads them."""
     out = _run(tmp_path, [_F32, ("np.float32", (4, 3, 4, 4))])
-    assert {"stats_ncl", "apply_ncl", "apply_mc"} <= set(out["compiled"])
-    assert {"grad_apply_ncl", "grad_apply_mc"} <= set(out["loaded"])
-    assert not {"grad_apply_ncl", "grad_apply_mc"} & set(out["compiled"])
+    assert {"stats_ncl", "apply_ncl", "stats_tiles", "apply_mc"} <= set(out["compiled"])
+    assert {"grad_sums_ncl", "grad_apply_ncl", "grad_sums_tiles", "grad_apply_mc"} <= set(out["loaded"])
+    assert not {"grad_sums_ncl", "grad_apply_ncl", "grad_sums_tiles", "grad_apply_mc"} & set(out["compiled"])
     assert len(set(out["pids"])) == 1 and None not in out["pids"]
 
 
@@ -132,9 +133,9 @@ def test_long_rows_after_short_ones_send_their_dx_kernel_to_the_running_helper(t
     later, longer rows goes to the running helper while the caller compiles their
     NCL normalise kernel."""
     out = _run(tmp_path, [("np.float32", (4, 3, 4, 4)), _F32])
-    assert {"stats_ncl", "apply_mc", "apply_ncl"} <= set(out["compiled"])
-    assert {"grad_apply_mc", "grad_apply_ncl"} <= set(out["loaded"])
-    assert not {"grad_apply_mc", "grad_apply_ncl"} & set(out["compiled"])
+    assert {"stats_tiles", "apply_mc", "stats_ncl", "apply_ncl"} <= set(out["compiled"])
+    assert {"grad_sums_tiles", "grad_apply_mc", "grad_sums_ncl", "grad_apply_ncl"} <= set(out["loaded"])
+    assert not {"grad_sums_tiles", "grad_apply_mc", "grad_sums_ncl", "grad_apply_ncl"} & set(out["compiled"])
     assert len(set(out["pids"])) == 1 and None not in out["pids"]
 
 

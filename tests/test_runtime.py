@@ -758,6 +758,38 @@ def test_python_block_count_matches_the_kernel_grid(shape, chunk):
     assert used_rows == set(range(rows))
 
 
+@pytest.mark.parametrize(
+    "shape,chunk",
+    [
+        ((7, 5, 3), 16),
+        ((3, 9000, 2), 64),
+        ((64, 512, 16), 16384),
+        ((9, 7, 48), 300),
+        ((5, 600, 1), 1000),
+        ((2, 3, 40), 1),
+    ],
+)
+def test_short_row_tiles_cover_every_row_once(shape, chunk):
+    """The reductions' tiles of short rows (_ncl_tile; tile_blocks counts them in
+    Python): every (sample, channel) row in exactly one tile, whole rows, about a
+    chunk of values (at least a row, at most a tile's width), and the partial rows
+    exactly the tile rows used."""
+    from numbabn.kernels import cpu
+
+    N, C, L = shape
+    assert L < cpu._SHORT_L
+    blocks, rows = cpu.tile_blocks(shape, chunk)
+    seen = np.zeros((N, C), np.int64)
+    used_rows = set()
+    for t in range(blocks):
+        kn, n0, n1, c0, c1 = cpu._ncl_tile.py_func(t, shape, chunk)
+        seen[n0:n1, c0:c1] += 1
+        assert (n1 - n0) * (c1 - c0) * L <= max(chunk, L, cpu._TILE), (t, n0, n1, c0, c1)
+        used_rows.add(kn)
+    assert np.all(seen == 1)
+    assert used_rows == set(range(rows))
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     N=st.integers(1, 9),

@@ -313,6 +313,47 @@ def ncl_blocks(shape, chunk):
     return KN * -(-C // G), KN
 
 
+# The reductions sum rows of fewer than _SHORT_L values by tiles (:func:`_ncl_tile`):
+# R samples x G channels, G*L about _TILE values, R*G*L about a chunk. A sample's G*L
+# values of a tile are one run, summed per entry into accumulators that stay in L1
+# (as the channels-last runs are, :data:`_FOLD`) and folded per channel once per
+# tile. A row at a time, a row of 16 values is too short for the vectorised loop,
+# which runs it in its scalar remainder. The kernels alone, float32, one thread, min
+# of 31, two alternating rounds (us, rows / tiles; statistics, then gradient sums
+# with ReLU): 64x512x16 236-241 / 103-104, 360 / 246-256; 128x256x25 389-394 /
+# 171-176, 530-531 / 419-432; 64x256x36 236-237 / 120, 470-621 / 274-275; 64x256x48
+# 239-288 / 150-153, 380-469 / 363-366; 1024x512x16 (32 MB) 4330-4396 / 3415-3591,
+# 6308-6529 / 5581-5806; 8x2048x16 145-147 / 95-96, 189-193 / 207-208. But rows of
+# 49 values (7x7 maps) with few samples lost: 8x2048x49 243-247 / 313-314, 510-511
+# / 649-674 (32x256x49: 117-124 / 103-104, 252 / 226-227).
+_SHORT_L = 49
+_TILE = 256
+
+
+@_helper
+def _ncl_tile(t, shape, chunk):
+    """Tile t of the short-row reduction grid -> (kn, n0, n1, c0, c1): samples n0..n1,
+    channels c0..c1, whole rows; kn is the tile's row in the (KN, C) partials. Tiles
+    are numbered row-major: KN rows along N, KC tiles along C."""
+    N, C, L = shape
+    G = _min(C, _max(1, _TILE // L))
+    R = _max(1, chunk // (G * L))
+    KC = (C + G - 1) // G
+    kn = t // KC
+    kc = t - kn * KC
+    return kn, kn * R, _min(kn * R + R, N), kc * G, _min(kc * G + G, C)
+
+
+def tile_blocks(shape, chunk):
+    """(tiles, partial rows) of the short-row (N, C, L) grid of :func:`_ncl_tile`, in
+    Python for the driver (tests/test_runtime.py checks that the two agree)."""
+    N, C, L = shape
+    G = min(C, max(1, _TILE // L))
+    R = max(1, chunk // (G * L))
+    KN = -(-N // R)
+    return KN * -(-C // G), KN
+
+
 @_helper
 def _ncl_span(shape, n0, n1, c0, c1, l0, l1):
     """The block (n0..n1, c0..c1, l0..l1) of :func:`_ncl_block` as one stretch of the
@@ -389,6 +430,29 @@ def _fold_sums(a, b, C, out_a, out_b):
             sb += b[j]
         out_a[c] = sa
         out_b[c] = sb
+
+
+@_helper
+def _fold_tile(a, b, L, c0, out_a, out_b):
+    """out_a[c0 + g], out_b[c0 + g] = the sums of a tile's per-entry sums ``a``, ``b``
+    over the entries of channel g (g*L <= j < (g+1)*L), in order."""
+    for g in range(a.size // L):
+        sa = 0.0
+        sb = 0.0
+        for j in range(g * L, g * L + L):
+            sa += a[j]
+            sb += b[j]
+        out_a[c0 + g] = sa
+        out_b[c0 + g] = sb
+
+
+@_helper
+def _spread(src, c0, c1, L, dst):
+    """dst[g*L + l] = src[c0 + g]: a tile's per-entry copy of per-channel values."""
+    for g in range(c1 - c0):
+        v = src[c0 + g]
+        for j in range(g * L, g * L + L):
+            dst[j] = v
 
 
 def mc_blocks(shape, chunk):
@@ -520,6 +584,51 @@ def stats_mc(x, chunk, cnt, part, t0, t1):
             sh[c] = sf[c]
             q[c] = _max(q[c] - s[c] * s[c] / n, 0.0)
         cnt[k] = n
+
+
+@kernel(fastmath=_REDUCE)
+def stats_tiles(x, chunk, cnt, part, t0, t1):
+    """:func:`stats_ncl` for rows shorter than :data:`_SHORT_L`, over the tiles
+    t0..t1 of :func:`_ncl_tile` (a tile's shift is each channel's first value in it):
+    per entry of a sample's run of G*L values, two samples a pass over the
+    accumulators (as in :func:`stats_mc`), folded per channel once per tile."""
+    C, L = x.shape[1], x.shape[2]
+    xf = x.reshape(x.size)
+    acc = np.empty((3, _min(C, _max(1, _TILE // L)) * L))
+    for t in range(t0, t1):
+        kn, n0, n1, c0, c1 = _ncl_tile(t, x.shape, chunk)
+        E = (c1 - c0) * L
+        sf, sj, qj = acc[SHIFT, :E], acc[SUM, :E], acc[SQ, :E]
+        ts, tq = part[SUM, kn], part[SQ, kn]
+        for c in range(c0, c1):
+            part[SHIFT, kn, c] = _shift(decode(xf[(n0 * C + c) * L]))
+        _spread(part[SHIFT, kn], c0, c1, L, sf)
+        for j in range(E):
+            sj[j] = 0.0
+            qj[j] = 0.0
+        # two samples a pass over the accumulators, as in stats_mc
+        k = n0
+        while k + 2 <= n1:
+            i = (k * C + c0) * L
+            ra, rb = xf[i : i + E], xf[i + C * L : i + C * L + E]
+            for j in range(E):
+                d0 = decode(ra[j]) - sf[j]
+                d1 = decode(rb[j]) - sf[j]
+                sj[j] += d0 + d1
+                qj[j] += d0 * d0 + d1 * d1
+            k += 2
+        if k < n1:
+            i = (k * C + c0) * L
+            ra = xf[i : i + E]
+            for j in range(E):
+                d = decode(ra[j]) - sf[j]
+                sj[j] += d
+                qj[j] += d * d
+        _fold_tile(sj, qj, L, c0, ts, tq)
+        m = float((n1 - n0) * L)
+        for c in range(c0, c1):
+            tq[c] = _max(tq[c] - ts[c] * ts[c] / m, 0.0)
+        cnt[kn] = m
 
 
 # ------------------------------------------------------------------ coefficients
@@ -777,6 +886,55 @@ def grad_sums_mc(dy, x, res, coef, relu, chunk, part, t0, t1):
                 sgdj[j] += np.float64(g) * np.float64(d)
         if FC > C:
             _fold_sums(sgj, sgdj, C, part[SG, k], part[SGD, k])
+
+
+@kernel(fastmath=_REDUCE)
+def grad_sums_tiles(dy, x, res, coef, relu, chunk, part, t0, t1):
+    """:func:`grad_sums_ncl` for rows shorter than :data:`_SHORT_L`, over the tiles of
+    :func:`_ncl_tile` as in :func:`stats_tiles`, with the coefficients spread to one
+    per entry."""
+    half = coef.dtype.type(0.5)
+    zero = coef.dtype.type(0)
+    C, L = x.shape[1], x.shape[2]
+    xf, gf, rf = x.reshape(x.size), dy.reshape(dy.size), _flat(res)
+    E0 = _min(C, _max(1, _TILE // L)) * L
+    acc = np.empty((2, E0))
+    cf = np.empty((4, E0), coef.dtype)
+    for t in range(t0, t1):
+        kn, n0, n1, c0, c1 = _ncl_tile(t, x.shape, chunk)
+        E = (c1 - c0) * L
+        sgj, sgdj = acc[SG, :E], acc[SGD, :E]
+        th, tl, ta, tb = cf[HI, :E], cf[LO, :E], cf[A, :E], cf[B, :E]
+        _spread(coef[HI], c0, c1, L, th)
+        _spread(coef[LO], c0, c1, L, tl)
+        _spread(coef[A], c0, c1, L, ta)
+        _spread(coef[B], c0, c1, L, tb)
+        for j in range(E):
+            sgj[j] = 0.0
+            sgdj[j] = 0.0
+        k = n0
+        # two samples a pass, as in stats_tiles (the residual's signature takes one)
+        while res is None and k + 2 <= n1:
+            i = (k * C + c0) * L
+            i2 = i + C * L
+            x0, x1, y0, y1 = xf[i : i + E], xf[i2 : i2 + E], gf[i : i + E], gf[i2 : i2 + E]
+            for j in range(E):
+                hj, lj, aj, bj = th[j], tl[j], ta[j], tb[j]
+                g0, d0 = _gd(x0, y0, j, half, hj, lj, aj, bj, relu, zero)
+                g1, d1 = _gd(x1, y1, j, half, hj, lj, aj, bj, relu, zero)
+                sgj[j] += g0 + g1
+                sgdj[j] += g0 * d0 + g1 * d1
+            k += 2
+        for n in range(k, n1):
+            i = (n * C + c0) * L
+            run, grun, rrun = xf[i : i + E], gf[i : i + E], _run(res, rf, i, i + E)
+            for j in range(E):
+                d, g = _masked(
+                    decode(run[j]), decode(grun[j]), half, th[j], tl[j], ta[j], tb[j], relu, zero, _at(rrun, j)
+                )
+                sgj[j] += g
+                sgdj[j] += np.float64(g) * np.float64(d)
+        _fold_tile(sgj, sgdj, L, c0, part[SG, kn], part[SGD, kn])
 
 
 @kernel()

@@ -1,7 +1,8 @@
 """Drivers of the CPU kernels: pick the specialisation, allocate partials, schedule.
 
 Each kernel is compiled for exactly one signature per storage dtype and layout
-(``ncl`` = 3-D, ``mc`` = 2-D), with read-only input arrays, so read-only, writeable
+(``ncl`` = 3-D, ``mc`` = 2-D; ``tiles``, 3-D inputs with short rows, has its own two
+reductions and shares the rest with ``ncl``), with read-only input arrays, so read-only, writeable
 and freshly copied inputs all share it (:mod:`numbabn._jit`). Eval with float64
 running statistics on float32 input adds one small coefficient kernel.
 Callers (:mod:`numbabn.backends.cpu`) pass canonical arrays: C-contiguous, aligned,
@@ -38,6 +39,7 @@ def _arr(dtype: Any, ndim: int, readonly: bool = False) -> Any:
 # helper process compile the backward's kernels meanwhile (numbabn._compile_ahead).
 _AHEAD = {"stats": ("grad_sums", "grad_coef", "grad_apply"), "apply_res": ("grad_sums_res", "grad_apply_res")}
 _ELEMENTWISE = {"grad_apply", "grad_apply_res"}  # of the layout an input's element-wise passes use
+_TILE_OWN = {"stats", "grad_sums", "grad_sums_res"}  # the "tiles" kernels that are not ncl's
 
 
 class _Specs:
@@ -46,38 +48,41 @@ class _Specs:
     def __init__(self, dtype: Any, layout: str) -> None:
         require_compiler()  # before cpu._fold.py_func: with NUMBA_DISABLE_JIT it is a plain function
         self.key = np.dtype(dtype).char
-        nd = 3 if layout == "ncl" else 2
+        nd = 2 if layout == "mc" else 3
         cdt = compute_dtype(dtype)  # float32 for the 16-bit storage integers
         X, Y = _arr(dtype, nd, True), _arr(dtype, nd)
         P, W = _arr(cdt, 1, True), _arr(cdt, 1)
         CO, CW = _arr(cdt, 2, True), _arr(cdt, 2)
         f1, f2, f3 = _arr(np.float64, 1), _arr(np.float64, 2), _arr(np.float64, 3)
         f1r, f3r = _arr(np.float64, 1, True), _arr(np.float64, 3, True)
+        # "tiles": (N, C, L) inputs with short rows, whose reductions walk tiles of
+        # samples x channels (cpu.stats_tiles), their element-wise passes NCL blocks
         suffix = "_" + layout
+        each = "_ncl" if layout == "tiles" else suffix
         self.layout = layout
-        self.grid = cpu.ncl_blocks if layout == "ncl" else cpu.mc_blocks
+        self.grid = {"ncl": cpu.ncl_blocks, "mc": cpu.mc_blocks, "tiles": cpu.tile_blocks}[layout]
         self.dtype = dtype
         # Layouts whose element-wise kernels (grad_apply...) this layout's inputs have
         # used (see _Walk): what a cold forward hands the compile helper.
         self.element_layouts: set[str] = set()
         # Coefficients repeat F times per row for the channels-last kernels' runs of F rows.
-        self.fold = (lambda C: 1) if layout == "ncl" else cpu._fold.py_func
+        self.fold = cpu._fold.py_func if layout == "mc" else (lambda C: 1)
         self._sigs = {
             "stats": (getattr(cpu, "stats" + suffix), (X, _I64, f1, f3, _I64, _I64)),
             "coef": (cpu.coefficients, (f1r, f3r, P, P, W, W, _F64, _F64, _BOOL, f2, f1, f1, CW)),
-            "apply": (getattr(cpu, "apply" + suffix), (X, _NONE, CO, _BOOL, _I64, _BOOL, Y, _I64, _I64)),
+            "apply": (getattr(cpu, "apply" + each), (X, _NONE, CO, _BOOL, _I64, _BOOL, Y, _I64, _I64)),
             "grad_sums": (getattr(cpu, "grad_sums" + suffix), (X, X, _NONE, CO, _BOOL, _I64, f3, _I64, _I64)),
             "grad_coef": (cpu.grad_coefficients, (f3r, _F64, _F64, f1r, P, _BOOL, CW, W, W)),
             "grad_apply": (
-                getattr(cpu, "grad_apply" + suffix),
+                getattr(cpu, "grad_apply" + each),
                 (X, X, _NONE, CO, CO, _BOOL, _I64, _BOOL, Y, _NONE, _I64, _I64),
             ),
             # Residual fusion: the same kernel bodies with the residual (and its
             # gradient) as arrays instead of None; compiled only when first used.
-            "apply_res": (getattr(cpu, "apply" + suffix), (X, X, CO, _BOOL, _I64, _BOOL, Y, _I64, _I64)),
+            "apply_res": (getattr(cpu, "apply" + each), (X, X, CO, _BOOL, _I64, _BOOL, Y, _I64, _I64)),
             "grad_sums_res": (getattr(cpu, "grad_sums" + suffix), (X, X, X, CO, _BOOL, _I64, f3, _I64, _I64)),
             "grad_apply_res": (
-                getattr(cpu, "grad_apply" + suffix),
+                getattr(cpu, "grad_apply" + each),
                 (X, X, X, CO, CO, _BOOL, _I64, _BOOL, Y, Y, _I64, _I64),
             ),
         }
@@ -148,17 +153,19 @@ _PLANS: dict[Any, Any] = {}
 def plan(x: NDArray[Any], layout: str, chunk: int) -> tuple["_Specs", int, int, Any, Any]:
     """(kernels, blocks, partial rows, normalise walk, dx walk) for canonical ``x``: its
     :class:`_Specs`, the block grid of its shape, and how the two element-wise passes
-    walk it (:class:`_Walk`). Memoised in one lookup (few shapes recur; on a small
-    input the driver's Python time is what a call costs); the layout is x's ndim. An
-    input without values has no blocks (and an (N, C, 0) one no grid)."""
+    walk it (:class:`_Walk`); (N, C, L) inputs with rows shorter than ``cpu._SHORT_L``
+    get the "tiles" kernels (their own reductions, the NCL element-wise ones). Memoised
+    in one lookup (few shapes recur; on a small input the driver's Python time is what
+    a call costs); the layout is x's ndim. An input without values has no blocks (and
+    an (N, C, 0) one no grid)."""
     if not x.size:
         return specs(x.dtype, layout), 0, 0, None, None
     key = (x.shape, x.dtype.char, chunk)
     p = _PLANS.get(key)
     if p is None:
-        k = specs(x.dtype, layout)
+        k = specs(x.dtype, "tiles" if layout == "ncl" and x.shape[2] < cpu._SHORT_L else layout)
         grid = k.grid(x.shape, chunk)
-        p = (k, *grid, _Walk(k, x, chunk, grid, SHORT_ROW), _Walk(k, x, chunk, grid, SHORT_ROW_DX, dx=True))
+        p = (k, *grid, _Walk(k, x, chunk, SHORT_ROW), _Walk(k, x, chunk, SHORT_ROW_DX, dx=True))
         if len(_PLANS) < 4096:
             _PLANS[key] = p
     return p
@@ -192,13 +199,11 @@ class _Walk:
     coefficient values. ``dx``: the backward's pass, whose kernel the compile helper
     builds ahead (:meth:`_Specs._ahead`) in the layout this walk uses."""
 
-    def __init__(
-        self, own: "_Specs", x: NDArray[Any], chunk: int, grid: tuple[int, int], short: int, dx: bool = False
-    ) -> None:
+    def __init__(self, own: "_Specs", x: NDArray[Any], chunk: int, short: int, dx: bool = False) -> None:
         k = own
         self.repeat = 0
         self.shape = x.shape
-        if k.layout == "ncl" and x.shape[2] < short and x.shape[1] * x.shape[2] <= SHORT_ROW_MAX_ENTRIES:
+        if k.layout != "mc" and x.shape[2] < short and x.shape[1] * x.shape[2] <= SHORT_ROW_MAX_ENTRIES:
             self.repeat = x.shape[2]
             self.shape = (x.shape[0], x.shape[1] * x.shape[2])
             k = specs(x.dtype, "mc")
@@ -213,7 +218,9 @@ class _Walk:
         self.layout = k.layout
         self.specs = k
         # The element-wise passes keep no partials: channels-last ones take finer blocks.
-        self.blocks = grid[0] if k.layout == "ncl" else cpu.mc_apply_blocks(self.shape, chunk)
+        self.blocks = (
+            cpu.mc_apply_blocks(self.shape, chunk) if k.layout == "mc" else cpu.ncl_blocks(self.shape, chunk)[0]
+        )
 
     def views(self, *arrays: NDArray[Any] | None) -> tuple[NDArray[Any] | None, ...]:
         """Canonical arrays (x's shape; None passes) as the kernels walk them."""
@@ -428,10 +435,13 @@ def warmup_plan(
             dtype = BFLOAT16 if dt == "bfloat16" else np.dtype(dt)
             k = specs(STORAGE.get(dtype, dtype), layout)
             k.element_layouts.add(layout)  # every kernel of each layout: the helper takes its backward's
-            for name in k.all_names(residual):
-                (later if name in backward else plan).append(
-                    (f"{name} {dt} {layout}", lambda k=k, name=name: getattr(k, name))
-                )
+            names = [(k, name) for name in k.all_names(residual)]
+            if layout == "ncl":  # and the reductions of its short rows (the rest are ncl's)
+                t = specs(STORAGE.get(dtype, dtype), "tiles")
+                names += [(t, name) for name in t.all_names(residual) if name in _TILE_OWN]
+            for kk, name in names:
+                label = f"{name} {dt} {kk.layout}"
+                (later if name in backward else plan).append((label, lambda k=kk, name=name: getattr(k, name)))
             if k.compute != np.float64:
                 plan.append((f"coef {dt}/float64 statistics {layout}", lambda k=k: k.coef_with(np.float64)))
     return plan + later
