@@ -828,6 +828,9 @@ def test_warmup_residual_adds_the_fused_residual_variants():
     assert result.exit_code == 0, result.output
     plan = cpu_driver.warmup_plan(("float32",), ("mc",), residual=True)
     assert len(plan) == len(cpu_driver.warmup_plan(("float32",), ("mc",))) + 3
+    # ncl: also the gradient sums of its short rows (over tiles) with a residual
+    ncl = len(cpu_driver.warmup_plan(("float32",), ("ncl",), residual=True))
+    assert ncl == len(cpu_driver.warmup_plan(("float32",), ("ncl",))) + 4
     # a repeated --dtype or --layout counts once ("28 kernel variants ready" for 7)
     assert len(cpu_driver.warmup_plan(("float32", "float32"), ("mc", "mc"))) == len(
         cpu_driver.warmup_plan(("float32",), ("mc",))

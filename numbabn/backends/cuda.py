@@ -13,7 +13,7 @@ as listed in :mod:`numbabn.backends`; this module decides where arrays live:
 * ``running_mean``/``running_var``: GPU arrays are updated in place on the device;
   NumPy arrays are copied to the device, updated there, and copied back into the
   same arrays once the kernels have run. ``num_batches_tracked`` is a host counter.
-  Either way the kernels update device copies, which :func:`commit_running` writes
+  Either way the kernels update device copies, which ``commit_running`` writes
   back only after ``y`` has been delivered, so a failure after the statistics
   kernel (the normalising launch, the copy back) leaves them as they were.
 * ``moments=`` and ``allreduce=`` (synchronized BN): the packed per-channel
@@ -275,7 +275,7 @@ def forward(
 
     The running-statistics update is only staged: the kernels update device copies
     (for NumPy ``given_running``, the copies :func:`param` made; for GPU ones, fresh
-    copies), and ``pending`` holds them for :func:`commit_running`, which the
+    copies), and ``pending`` holds them for ``commit_running``, which the
     dispatcher calls once ``y`` has been delivered. The statistics kernel runs before
     the normalising launch, and the delivery copies back or converts on the device:
     either can fail, and a call that raises must leave the caller's statistics as

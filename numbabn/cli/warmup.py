@@ -29,7 +29,7 @@ from ._common import Settings
     "--residual",
     is_flag=True,
     help="Also the fused residual variants (batch_norm_forward(residual=...), "
-    "numbabn.torch's fused ResNet blocks): 3 more kernels per dtype and layout.",
+    "numbabn.torch's fused ResNet blocks): 3 more kernels per dtype and layout (4 for ncl).",
 )
 @click.pass_context
 def warmup(ctx: click.Context, dtypes: tuple[str, ...], layouts: tuple[str, ...], residual: bool) -> None:

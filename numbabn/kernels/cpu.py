@@ -8,9 +8,12 @@ Layouts (see ``numbabn._layout.canonical_host``):
 
 Each pass is one kernel per layout that walks the blocks ``t0 <= t < t1`` of a fixed
 grid (about ``chunk`` values a block; the geometry never depends on the thread
-count). :func:`numbabn._threads.parallel_for` hands pieces of blocks to threads.
-Reductions write one partial per (block row, channel), merged in block order, so
-results are bit-identical for any number of threads. The arithmetic on one element
+count). The two reductions of ``ncl`` rows shorter than :data:`_SHORT_L` values have
+kernels of their own (:func:`stats_tiles`, :func:`grad_sums_tiles`), over tiles of
+samples x channels (:func:`_ncl_tile`, one partial row per row of tiles).
+:func:`numbabn._threads.parallel_for` hands pieces of blocks to threads. Reductions
+write one partial per (block row, channel), merged in block order, so results are
+bit-identical for any number of threads. The arithmetic on one element
 lives in the shared element helpers (:func:`_normalise`, :func:`_masked`); the
 kernels are loops around them.
 
@@ -43,7 +46,8 @@ two, ``mean = hi + lo``, and on *halved* values::
 
 ``u`` and ``y`` are fused multiply-adds (:mod:`numbabn.kernels.fused`: one rounding,
 and the same instruction in every kernel, so the backward's recomputed ReLU mask is
-the forward's; ``x*0.5`` is exact, so ``u`` is what the separate operations give).
+the forward's; ``x*0.5`` is exact outside the subnormal range, so ``u`` is what the
+separate operations give).
 With a plain multiply and add instead (the helpers carry no fast-math flags, see
 ``_helper`` below), the gradient sums took 8-15 % longer in cache (one thread, min of
 31, twice: 64x64x196 with ReLU 389-390 against 341-342 us, without 222-224 against
@@ -331,12 +335,23 @@ _TILE = 256
 
 
 @_helper
+def _tile_width(C, L):
+    """Channels G per tile: about :data:`_TILE` values of rows of L, at least one
+    channel, at most C (plain Python too: ``tile_blocks`` uses ``.py_func``, so no
+    jitted helper is called here)."""
+    G = _TILE // L
+    if G < 1:
+        G = 1
+    return C if G > C else G
+
+
+@_helper
 def _ncl_tile(t, shape, chunk):
     """Tile t of the short-row reduction grid -> (kn, n0, n1, c0, c1): samples n0..n1,
     channels c0..c1, whole rows; kn is the tile's row in the (KN, C) partials. Tiles
     are numbered row-major: KN rows along N, KC tiles along C."""
     N, C, L = shape
-    G = _min(C, _max(1, _TILE // L))
+    G = _tile_width(C, L)
     R = _max(1, chunk // (G * L))
     KC = (C + G - 1) // G
     kn = t // KC
@@ -348,7 +363,7 @@ def tile_blocks(shape, chunk):
     """(tiles, partial rows) of the short-row (N, C, L) grid of :func:`_ncl_tile`, in
     Python for the driver (tests/test_runtime.py checks that the two agree)."""
     N, C, L = shape
-    G = min(C, max(1, _TILE // L))
+    G = _tile_width.py_func(C, L)
     R = max(1, chunk // (G * L))
     KN = -(-N // R)
     return KN * -(-C // G), KN
@@ -594,7 +609,7 @@ def stats_tiles(x, chunk, cnt, part, t0, t1):
     accumulators (as in :func:`stats_mc`), folded per channel once per tile."""
     C, L = x.shape[1], x.shape[2]
     xf = x.reshape(x.size)
-    acc = np.empty((3, _min(C, _max(1, _TILE // L)) * L))
+    acc = np.empty((3, _tile_width(C, L) * L))
     for t in range(t0, t1):
         kn, n0, n1, c0, c1 = _ncl_tile(t, x.shape, chunk)
         E = (c1 - c0) * L
@@ -897,7 +912,7 @@ def grad_sums_tiles(dy, x, res, coef, relu, chunk, part, t0, t1):
     zero = coef.dtype.type(0)
     C, L = x.shape[1], x.shape[2]
     xf, gf, rf = x.reshape(x.size), dy.reshape(dy.size), _flat(res)
-    E0 = _min(C, _max(1, _TILE // L)) * L
+    E0 = _tile_width(C, L) * L
     acc = np.empty((2, E0))
     cf = np.empty((4, E0), coef.dtype)
     for t in range(t0, t1):

@@ -80,7 +80,7 @@ from ..registry import get_layer
 from . import _plots as P
 from . import summary as S
 from .history import jsonable
-from .lr_search import largest_stable_lr
+from .lr_search import MAX_TRIALS, largest_stable_lr
 from .metrics import (
     ActivationPercentiles,
     HessianEigenvalue,
@@ -705,7 +705,7 @@ def _no_edge(search, lr0):
     rates = [t["lr"] for t in trials]
     counts = ", ".join(f"{sum(t['outcome'] == kind for t in trials)} {kind}" for kind in ("stalled", "diverged"))
     # an early stop (lr_search's module docstring) says why it ran fewer than its max_trials
-    early = search.get("stopped") not in (None, "max_trials")
+    early = search.get("stopped") not in (None, MAX_TRIALS)
     why = f"; it stopped early: {search['reason'].split('. Tried ')[0]}" if early else ""
     return (
         f"let the standard network train in {SEARCH_STEPS}-step runs near {SEARCH_START} x lr (the search for the "

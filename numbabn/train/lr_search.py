@@ -44,7 +44,7 @@ every rate tried and how its run went), instead of halving through the rest of
 * ``"non_finite_start"``: a run's first loss is not finite (or it has none). That
   loss is the fresh network's, before any update, so every rate fails alike
   (non-finite data, a broken initialisation).
-* ``"rate_has_no_effect"``: three rates (a factor ``factor``² apart at least) gave
+* ``"rate_has_no_effect"``: three rates (a factor ``factor**2`` apart at least) gave
   the very same finite losses: the rate does not change the run (zero gradients,
   a loss that cannot decrease), so no rate trains. Not two: runs that collapse to
   chance can end alike at two rates above a window that trains. Identical
@@ -132,7 +132,7 @@ def largest_stable_lr(
     above it that failed (diverged or stalled); with no ``stable_lr``, the smallest
     rate that diverged (a rate that only stalled is no divergence). ``diverged_lr``
     is None when no such rate was found (nothing up to ``lr_max`` failed).
-    ``stopped`` says why the search ended (:data:`STOPS`) and ``reason`` says it in
+    ``stopped`` says why the search ended (``STOPS``) and ``reason`` says it in
     a line, naming, when no rate trained, every rate tried and how its run went.
 
     At most ``max_trials`` (>= 1) runs in all, bracketing and ``refine`` (>= 0)
