@@ -16,8 +16,9 @@ from numbabn.kernels import reference as R
 from .helpers import make_inputs, param_dtype
 
 
-# (900, 1024): wide channels-last rows, whose reductions take four runs a pass
-@pytest.mark.parametrize("shape,axis", [((8, 16, 300), 1), ((3000, 24), 1), ((900, 1024), 1)])
+# (900, 1024): wide channels-last rows, whose reductions take four runs a pass;
+# (40, 24, 16): short rows, whose reductions walk tiles (2 samples x 16 channels here)
+@pytest.mark.parametrize("shape,axis", [((8, 16, 300), 1), ((3000, 24), 1), ((900, 1024), 1), ((40, 24, 16), 1)])
 def test_bit_identical_across_thread_counts(rng, shape, axis, monkeypatch):
     monkeypatch.setattr(config, "CHUNK", 512)  # many chunks, so threads really split the work
     x, g, b = make_inputs(rng, shape, axis, np.float32, loc=3.0)
