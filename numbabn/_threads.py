@@ -17,10 +17,12 @@ See the README's "Kernel runtime" section for the measurements behind the choice
 
 Thread count: :func:`set_num_threads`, else ``NUMBABN_NUM_THREADS``, else the CPUs
 this process may use (:func:`available_cpus`: affinity mask and cgroup CPU quota).
-Inputs of at most ``config.SERIAL_MAX`` elements (default 2**18) run on the calling
+Inputs of at most ``config.SERIAL_MAX`` elements (default 2**19) run on the calling
 thread alone: a parallel call wakes a blocked pool thread (28-52 us a round trip on
-the project's VM), and below that size one thread was faster (README, "Kernel
-runtime"; PyTorch's OpenMP grain is 32768, but its workers spin between regions).
+the project's VM) and shares cache-resident data between two cores, and below that
+size one thread was faster (README, "Kernel runtime"; PyTorch's OpenMP grain is
+32768, but its workers spin between regions). Pieces of a parallel call hold at least
+:data:`PIECE_MIN` elements, which is what one hand-over of the GIL is worth.
 """
 
 import contextlib
@@ -43,6 +45,10 @@ _threads: int | None = None  # the setting; None until first read
 # piece of each other. Equal pieces, 2 per thread, left one thread idle for up to
 # a quarter of the call at the end (README, "Kernel runtime").
 _SHARE = 2
+#: Elements a piece holds at least (unless that would leave a thread without one): the
+#: serial threshold before it was raised to 2**19, kept for the pieces so that large
+#: inputs are cut as finely as before (their last pieces even out the threads).
+PIECE_MIN = 1 << 18
 
 
 def available_cpus() -> int:
@@ -210,7 +216,7 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
     when there is one block, or with one thread (:func:`get_num_threads`, or the
     count :func:`use_team` sets). Otherwise the blocks are cut into contiguous
     pieces, large first and shrinking (:func:`_guided`; each of at least
-    ``config.SERIAL_MAX`` elements, or smaller where that would leave a thread
+    :data:`PIECE_MIN` elements, or smaller where that would leave a thread
     without a piece), and the calling thread
     and the pool's workers take pieces in turn until none is left, so that they
     finish within one small piece of each other. Taking pieces rather than being handed one fixed span each
@@ -231,8 +237,8 @@ def parallel_for(kernel: Callable[..., Any], blocks: int, size: int, *args: Any)
     if threads <= 1:
         kernel(*args, 0, blocks)
         return
-    # pieces of at least SERIAL_MAX elements, but never fewer pieces than threads
-    bounds = _guided(blocks, threads, max(1, min(blocks * config.SERIAL_MAX // size, blocks // threads)))
+    # pieces of at least PIECE_MIN elements, but never fewer pieces than threads
+    bounds = _guided(blocks, threads, max(1, min(blocks * PIECE_MIN // size, blocks // threads)))
     pieces = len(bounds) - 1
     claim = itertools.count().__next__  # one C call: atomic under the GIL
     errors: list[BaseException] = []

@@ -15,8 +15,8 @@ functional layer passes them in as arguments.
     thread count at a fixed chunk size.
 ``NUMBABN_SERIAL_MAX``
     inputs of at most this many elements run on the calling thread alone (default
-    262144 = 1 MB of float32: below it, waking a pool thread costs more than it
-    saves; measured in the README's "Kernel runtime").
+    524288 = 2 MB of float32: below it, sharing the work with a pool thread costs more
+    than it saves; measured in the README's "Kernel runtime").
 ``NUMBABN_CUDA_THREADS``
     threads per CUDA block (default 256; tests use 32).
 ``NUMBABN_NUM_THREADS``
@@ -130,7 +130,7 @@ def _last_level_cache() -> int:
 
 
 CHUNK = _positive_int("NUMBABN_CHUNK", 16384)
-SERIAL_MAX = _positive_int("NUMBABN_SERIAL_MAX", 1 << 18)
+SERIAL_MAX = _positive_int("NUMBABN_SERIAL_MAX", 1 << 19)
 CUDA_THREADS = _positive_int("NUMBABN_CUDA_THREADS", 256, most=1024)  # CUDA: <= 1024 a block
 NUM_THREADS = _positive_int("NUMBABN_NUM_THREADS", 0) if _given("NUMBABN_NUM_THREADS") else None
 QUIET = _switch("NUMBABN_QUIET", False)

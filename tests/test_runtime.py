@@ -531,7 +531,7 @@ def test_a_call_where_no_thread_can_start_runs_its_pieces_here(monkeypatch, rng)
     def refuse(self):
         raise RuntimeError("can't create new thread at interpreter shutdown")
 
-    x = rng.standard_normal((16, 8, 64, 64)).astype(np.float32)  # above SERIAL_MAX: parallel
+    x = rng.standard_normal((16, 8, 64, 80)).astype(np.float32)  # above SERIAL_MAX: parallel
     with numbabn.limit_threads(1):
         serial = numbabn.batch_norm_forward(x)[0]
     monkeypatch.setattr(_threads, "_pool", None)  # no worker started yet

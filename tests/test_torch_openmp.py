@@ -22,7 +22,7 @@ needs_openmp = pytest.mark.skipif(
     "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info() or not sys.platform.startswith("linux"),
     reason="this PyTorch does not run on OpenMP, or the runtime cannot be found on this OS",
 )
-SHAPE = (8, 16, 48, 48)  # 294 912 values: above SERIAL_MAX, so the kernels go parallel
+SHAPE = (8, 16, 64, 80)  # 655 360 values: above SERIAL_MAX, so the kernels go parallel
 
 
 @pytest.fixture(autouse=True)
