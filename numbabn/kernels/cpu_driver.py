@@ -39,7 +39,6 @@ def _arr(dtype: Any, ndim: int, readonly: bool = False) -> Any:
 # helper process compile the backward's kernels meanwhile (numbabn._compile_ahead).
 _AHEAD = {"stats": ("grad_sums", "grad_coef", "grad_apply"), "apply_res": ("grad_sums_res", "grad_apply_res")}
 _ELEMENTWISE = {"grad_apply", "grad_apply_res"}  # of the layout an input's element-wise passes use
-_TILE_OWN = {"stats", "grad_sums", "grad_sums_res"}  # the "tiles" kernels that are not ncl's
 
 
 class _Specs:
@@ -127,6 +126,11 @@ class _Specs:
             disp = kern.specialize(sig[:4] + (R, R) + sig[6:])  # running_mean, running_var
             setattr(self, name, disp)
         return disp
+
+    def kernel(self, name: str) -> Any:
+        """The kernel (not yet specialised) behind ``name``: "tiles" and "ncl" share all
+        but their reductions."""
+        return self._sigs[name][0]
 
     def all_names(self, residual: bool = False) -> list[str]:
         """The kernel names, the fused-residual variants only if ``residual``."""
@@ -439,7 +443,8 @@ def warmup_plan(
             names = [(k, name) for name in k.all_names(residual)]
             if layout == "ncl":  # and the reductions of its short rows (the rest are ncl's)
                 t = specs(STORAGE.get(dtype, dtype), "tiles")
-                names += [(t, name) for name in t.all_names(residual) if name in _TILE_OWN]
+                own = [n for n in t.all_names(residual) if t.kernel(n) is not k.kernel(n)]
+                names += [(t, name) for name in own]
             for kk, name in names:
                 label = f"{name} {dt} {kk.layout}"
                 (later if name in backward else plan).append((label, lambda k=kk, name=name: getattr(k, name)))
