@@ -57,6 +57,10 @@ def _convert_one(module: torch.nn.Module, sync: bool, process_group: Any) -> tor
         new.register_buffer(name, getattr(module, name))
     new.train(module.training)
     new._feeds_fused_relu = getattr(module, "_feeds_fused_relu", False)
+    if getattr(module, "fuses_residual", False):
+        # resnet.fuse_residual's mark: its block calls the layer with residual=, and
+        # without the mark would add the residual after the fused ReLU instead.
+        new.fuses_residual = True
     if hasattr(module, "qconfig"):
         new.qconfig = module.qconfig
     return new
@@ -72,8 +76,9 @@ def convert_batchnorm(
     :class:`SyncBatchNorm` over ``process_group`` (None: the default group).
     ``torch.nn.SyncBatchNorm`` always becomes numbabn's ``SyncBatchNorm`` (keeping its
     process group). Parameters and buffers are the same objects as before; train/eval
-    mode is kept. With ``fuse_relu=True``, a ``torch.nn.ReLU`` that directly follows a
-    converted batch norm inside a ``torch.nn.Sequential`` is folded into it
+    mode is kept, and so is a residual fused by :func:`numbabn.torch.resnet.fuse_residual`.
+    With ``fuse_relu=True``, a ``torch.nn.ReLU`` that directly follows a converted batch
+    norm inside a ``torch.nn.Sequential`` is folded into it
     (``activation="relu"``) and replaced by a :class:`~numbabn.torch.modules.FusedReLU`
     (indices and state_dict keys stay), which passes that batch norm's output through
     and rectifies anything else: if a later tool swaps the batch norm for one without
@@ -99,11 +104,19 @@ def convert_batchnorm(
         raise TypeError(f"convert_batchnorm: module must be a torch.nn.Module, got {type(module).__name__}")
     # Checked before any replacement: a call that raises leaves the model as it was.
     for name, m in module.named_modules():
-        if _target(m, sync) is not None and torch.nn.utils.parametrize.is_parametrized(m):
+        cls = _target(m, sync)
+        if cls is not None and torch.nn.utils.parametrize.is_parametrized(m):
             raise TypeError(
                 f"convert_batchnorm: the {type(m).__name__} at {name or 'the top'!r} has parametrized "
                 "parameters (torch.nn.utils.parametrize), which numbabn's layers do not carry over; "
                 "remove the parametrization first; nothing was converted"
+            )
+        activation = getattr(m, "activation", None)
+        if cls is not None and type(m) is not cls and activation not in (None, "relu"):
+            # Set after construction: the replacement's constructor would refuse it.
+            raise ValueError(
+                f"convert_batchnorm: the {type(m).__name__} at {name or 'the top'!r} has activation "
+                f"{activation!r}; expected None or 'relu'; nothing was converted"
             )
     converted = _convert_tree(module, sync, process_group, {})
     if fuse_relu:
@@ -167,7 +180,9 @@ def _fold_pairs(module: torch.nn.Module) -> Iterator[tuple[torch.nn.Sequential, 
                 uses.setdefault(id(layer), []).append((parent, i, nxt))
     for places in uses.values():
         bn = places[0][2]
-        if isinstance(bn, _BatchNorm) and all(nxt is bn for _, _, nxt in places):
+        # A lazy batch norm not yet run has no statistics (once run, it is a BatchNorm*d).
+        foldable = isinstance(bn, _BatchNorm) and not isinstance(bn, _LazyNormBase)
+        if foldable and all(nxt is bn for _, _, nxt in places):
             yield from ((seq, i) for seq, i, _ in places)
 
 
@@ -196,20 +211,26 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     normalising its output features, as for (N, features) input: on (N, C, L) input
     a ``BatchNorm1d`` normalises C, not the Linear's features, and the fold would be
     wrong (the module cannot see the input's shape; ``torch.nn.utils.fusion``
-    assumes the same). Returns ``module``.
+    assumes the same). A batch norm that :func:`numbabn.torch.resnet.fuse_residual`
+    fused becomes ``torch.nn.Identity``: its block then adds the residual and applies
+    the ReLU itself. The modules put in the batch norms' places take their mode
+    (eval), and a bias the layer lacked is a new Parameter that requires grad as the
+    layer's weight does. Returns ``module``.
     """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"fold_batchnorm: module must be a torch.nn.Module, got {type(module).__name__}")
     pairs = list(_fold_pairs(module))
     holders = _holders(module) if pairs else {}
     for seq, i in pairs:
         bn = seq[i + 1]
         if bn.training:
             raise ValueError(
-                f"fold_batchnorm: {type(bn).__name__} at index {i + 1} of a Sequential must be in "
+                f"fold_batchnorm: {type(bn).__name__} at {_at(module, seq, i + 1)} must be in "
                 "eval mode (call model.eval() first); nothing was folded"
             )
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError(
-                f"fold_batchnorm: {type(bn).__name__} at index {i + 1} of a Sequential has no running "
+                f"fold_batchnorm: {type(bn).__name__} at {_at(module, seq, i + 1)} has no running "
                 "statistics (track_running_stats=False): it normalises with each batch's own statistics, "
                 "which no fixed weights can reproduce; nothing was folded"
             )
@@ -218,20 +239,20 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
             t = getattr(layer, label)
             if t is not None and t.numel() > 0 and holders.get(_memory(t), set()) - {id(layer)}:
                 raise ValueError(
-                    f"fold_batchnorm: the {label} of the {type(layer).__name__} at index {i} shares its memory "
-                    "with another module's parameter or buffer (tied weights); folding would rescale it there "
-                    "too; nothing was folded"
+                    f"fold_batchnorm: the {label} of the {type(layer).__name__} at {_at(module, seq, i)} shares "
+                    "its memory with another module's parameter or buffer (tied weights); folding would rescale "
+                    "it there too; nothing was folded"
                 )
         if _computed_or_hooked(layer) or _computed_or_hooked(bn):
             raise ValueError(
-                f"fold_batchnorm: the {type(layer).__name__} at index {i} or the {type(bn).__name__} after it "
-                "has forward hooks or a computed weight (weight_norm, spectral_norm, parametrize), which "
-                "would undo the folded weights or be lost; nothing was folded"
+                f"fold_batchnorm: the {type(layer).__name__} at {_at(module, seq, i)} or the "
+                f"{type(bn).__name__} after it has forward hooks or a computed weight (weight_norm, "
+                "spectral_norm, parametrize), which would undo the folded weights or be lost; nothing was folded"
             )
         if bn.num_features != seq[i].weight.shape[0]:
             raise ValueError(
-                f"fold_batchnorm: {type(bn).__name__}({bn.num_features}) follows a layer with "
-                f"{seq[i].weight.shape[0]} outputs; nothing was folded"
+                f"fold_batchnorm: {type(bn).__name__}({bn.num_features}) at {_at(module, seq, i + 1)} follows "
+                f"a layer with {seq[i].weight.shape[0]} outputs; nothing was folded"
             )
     folded: set[int] = set()
     for seq, i in pairs:
@@ -239,11 +260,22 @@ def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
         if id(layer) not in folded:  # a layer used twice with its batch norm is folded once
             folded.add(id(layer))
             _fold_into(layer, bn)
-        fused = getattr(bn, "activation", None) == "relu"
-        seq[i + 1] = torch.nn.ReLU() if fused else torch.nn.Identity()
+        # A fused residual's ReLU comes after the addition, which its block then does
+        # itself (resnet.BasicBlock: relu(branch(x) + shortcut)): no ReLU in its place.
+        fused = getattr(bn, "activation", None) == "relu" and not getattr(bn, "fuses_residual", False)
+        # In the mode of what they replace, as torch.ao.quantization.fuse_modules does.
+        seq[i + 1] = (torch.nn.ReLU() if fused else torch.nn.Identity()).train(bn.training)
         if fused and i + 2 < len(seq) and isinstance(seq[i + 2], FusedReLU):
-            seq[i + 2] = torch.nn.Identity()  # the ReLU is back in the batch norm's place
+            # the ReLU is back in the batch norm's place
+            seq[i + 2] = torch.nn.Identity().train(seq[i + 2].training)
     return module
+
+
+def _at(module: torch.nn.Module, seq: torch.nn.Sequential, i: int) -> str:
+    """Where entry ``i`` of ``seq`` is in ``module``, for an error: its index and its
+    name as ``module.named_modules()`` gives it (the first, if ``seq`` has several)."""
+    path = next(name for name, m in module.named_modules() if m is seq)
+    return f"index {i} of a Sequential ({f'{path}.{i}' if path else str(i)!r})"
 
 
 def _memory(t: torch.Tensor) -> tuple[Any, ...]:
@@ -256,11 +288,13 @@ def _memory(t: torch.Tensor) -> tuple[Any, ...]:
 def _holders(module: torch.nn.Module) -> dict[tuple[Any, ...], set[int]]:
     """:func:`_memory` -> ids of the modules of ``module`` holding a parameter or
     buffer there (the same tensor, or a view of it). Only modules inside ``module``
-    are seen: a tie to a module outside it goes undetected."""
+    are seen: a tie to a module outside it goes undetected. An uninitialized lazy
+    parameter or buffer (``LazyLinear`` not yet run) has no memory to share, and its
+    ``numel()`` raises: skipped."""
     holders: dict[tuple[Any, ...], set[int]] = {}
     for m in module.modules():
         for t in (*m._parameters.values(), *m._buffers.values()):
-            if t is not None and t.numel() > 0:
+            if t is not None and not torch.nn.parameter.is_lazy(t) and t.numel() > 0:
                 holders.setdefault(_memory(t), set()).add(id(m))
     return holders
 
@@ -284,6 +318,8 @@ def _fold_into(layer: torch.nn.Module, bn: Any) -> None:
     layer.weight.copy_(w * a.reshape(C, *[1] * (w.dim() - 1)))
     new_bias = a * (bias - mean) + beta
     if layer.bias is None:
-        layer.bias = torch.nn.Parameter(new_bias.to(layer.weight.dtype))
+        # Trained as the weight is: a frozen layer's new bias stays out of an optimizer
+        # built over the parameters that require grad.
+        layer.bias = torch.nn.Parameter(new_bias.to(layer.weight.dtype), layer.weight.requires_grad)
     else:
         layer.bias.copy_(new_bias)

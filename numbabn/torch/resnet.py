@@ -52,10 +52,12 @@ class BasicBlock(nn.Module):
 def fuse_residual(model: torch.nn.Module) -> torch.nn.Module:
     """Fold each :class:`BasicBlock`'s residual addition and ReLU into its last batch
     norm, in place (after :func:`~numbabn.torch.convert_batchnorm`, which makes them
-    numbabn modules); returns ``model``. Parameters, buffers and outputs are unchanged."""
+    numbabn modules); returns ``model``. Parameters, buffers and outputs are unchanged.
+    Blocks already fused (a second call) are left as they are."""
     from .modules import NumbabnBatchNorm
 
-    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    # A fused block's batch norm has activation="relu": the check below would refuse it.
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock) and not _fused(m.branch[-1])]
     for block in blocks:
         bn = block.branch[-1]
         if not isinstance(bn, NumbabnBatchNorm) or bn.activation is not None:
@@ -67,6 +69,11 @@ def fuse_residual(model: torch.nn.Module) -> torch.nn.Module:
         block.branch[-1].activation = "relu"
         block.branch[-1].fuses_residual = True
     return model
+
+
+def _fused(bn: torch.nn.Module) -> bool:
+    """Whether :func:`fuse_residual` fused ``bn``, a block's last batch norm."""
+    return bool(getattr(bn, "fuses_residual", False)) and getattr(bn, "activation", None) == "relu"
 
 
 def resnet18(num_classes: int = 10) -> nn.Sequential:

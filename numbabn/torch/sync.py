@@ -160,6 +160,10 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+        if input.shape[1] == 0:
+            # torch.nn.SyncBatchNorm's check; PyTorch's op raised IndexError after the
+            # batch count had been incremented.
+            raise ValueError(f"{type(self).__name__}: number of input channels should be non-zero")
 
     def _group(self) -> Any:
         """The process group to synchronize over, or None when there is nothing to do."""
@@ -191,6 +195,13 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
                 "channel of zero variance would give inf; set SyncBatchNorm(eps=...) or the module's eps)",
             )
         check_activation(type(self).__name__, self.activation)  # set after construction, perhaps
+        if input.numel() == input.shape[1] > 0 and (self.training or state[2] is None) and self._group() is None:
+            # One value per channel, not synchronizing (the others' values would count):
+            # the plain layers' error, named by the layer (the kernels name themselves).
+            raise ValueError(
+                f"{type(self).__name__}: Expected more than 1 value per channel when training, got input size "
+                f"{input.size()}"
+            )
 
     def _without_kernels(self, input: Any, residual: Any, batch_stats: bool) -> None:
         group = self._group() if batch_stats else None
