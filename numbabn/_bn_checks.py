@@ -11,7 +11,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ._checks import check_moments_value, describe
-from ._layout import Canonical, check_param, compute_dtype
+from ._layout import Canonical, check_param, compute_dtype, is_device_array
 
 if TYPE_CHECKING:
     from ._context import BatchNormContext
@@ -68,16 +68,34 @@ def _stats_dtype(fn: str, running_mean: Any, running_var: Any, dt: np.dtype[Any]
     for both (in any byte order) -- e.g. a float64 ``mean_`` with ``|mean| >> std``,
     which rounding to float32 first would spoil (they are only read there; the
     kernels turn them into float64 coefficients). One of each is a TypeError."""
-    wide = [
-        getattr(value, "dtype", None) is not None and np.dtype(value.dtype).kind == "f" and value.dtype.itemsize == 8
-        for value in (running_mean, running_var)
-    ]
+    wide = [_is_float64(value) for value in (running_mean, running_var)]
     if wide[0] != wide[1] and dt != _FLOAT64:
         raise TypeError(
             f"{fn}: running_mean and running_var must have one dtype, {dt} (the input's) or float64 "
             f"(read in eval), got {describe(running_mean)} and {describe(running_var)}"
         )
     return _FLOAT64 if wide[0] else dt
+
+
+def _is_float64(value: Any) -> bool:
+    """Whether ``value`` holds float64 numbers (in any byte order). A dtype that is not
+    NumPy's (a torch tensor's ``torch.float64``, which ``np.dtype`` cannot interpret) is
+    read from the host array NumPy makes of the value, which the parameter check takes
+    next; a device array's, or one NumPy cannot make, counts as not float64 (that check
+    then names the argument)."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return False
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        if is_device_array(value):
+            return False
+        try:
+            dtype = np.asarray(value).dtype
+        except Exception:  # the parameter check converts it again and names it
+            return False
+    return dtype.kind == "f" and dtype.itemsize == 8
 
 
 _INT64 = np.dtype(np.int64)

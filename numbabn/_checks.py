@@ -108,10 +108,11 @@ def check_momentum(fn: str, momentum: Any) -> float | None:
 
 
 def check_activation(fn: str, activation: Any) -> bool:
-    """None or "relu" -> whether a ReLU is fused."""
+    """None or "relu" -> whether a ReLU is fused. A ``str`` subclass (``np.str_``, what
+    indexing a NumPy string array gives) is a string like any other."""
     if activation is None:
         return False
-    if type(activation) is str and activation == "relu":  # not an array's element-wise ==
+    if isinstance(activation, str) and activation == "relu":  # not an array's element-wise ==
         return True
     raise ValueError(f"{fn}: activation must be None or 'relu', got {activation!r}")
 

@@ -158,10 +158,18 @@ class Optimizer:
                 f"{fn}: the grad of {p!r} must be an array of its value's shape "
                 f"{value.shape} and dtype {value.dtype}, got {V.describe(grad)}"
             )
+        # ``state`` is public and may have been set by hand: the rules load_state_dict
+        # applies, so that _update never meets a form it cannot take (a step of -1 gave
+        # Python's bare ZeroDivisionError, a missing one a KeyError).
+        if not isinstance(state, dict) or (state and set(state) != set(self.STATE_KEYS)):
+            raise ValueError(
+                f"{fn}: the optimizer state of {p!r} must be a dict, empty or hold exactly the keys "
+                f"{self.STATE_KEYS}, got {tuple(state) if isinstance(state, dict) else V.describe(state)}"
+            )
         for key, arr in state.items():
-            if key != "step" and (
-                not isinstance(arr, np.ndarray) or arr.shape != value.shape or arr.dtype != value.dtype
-            ):
+            if key == "step":
+                V.check_int(fn, f"the optimizer state 'step' of {p!r}", arr, 0)
+            elif not isinstance(arr, np.ndarray) or arr.shape != value.shape or arr.dtype != value.dtype:
                 raise ValueError(
                     f"{fn}: the optimizer state {key!r} of {p!r} no longer matches its value "
                     f"({value.shape}, {value.dtype}), got {V.describe(arr)}"

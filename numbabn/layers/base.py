@@ -367,7 +367,9 @@ class Layer:
         return {name: np.array(arr, copy=True) for name, arr in self._named_state()}
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> Any:
-        """Copy ``state`` into the parameters and buffers, in place.
+        """Copy ``state`` (a dict, or any Mapping of names to arrays: ``np.load`` of an
+        ``np.savez(path, **layer.state_dict())`` archive) into the parameters and
+        buffers, in place.
 
         ``strict=True``: the keys must match exactly. ``strict=False``: the keys both
         sides have are loaded, the layer's other entries keep their values and the
@@ -379,8 +381,11 @@ class Layer:
         as PyTorch does.
         """
         fn = f"{type(self).__name__}.load_state_dict"
-        if not isinstance(state, dict):
-            raise TypeError(f"{fn}: state must be a dict of NumPy arrays, got {V.describe(state)}")
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{fn}: state must be a mapping of NumPy arrays, got {V.describe(state)}")
+        # Any Mapping, as in PyTorch: np.load's archive of np.savez(**state_dict()) is
+        # one. Read once into a dict: an archive reads an entry from disk per lookup.
+        state = dict(state)
         strict = V.check_bool(fn, "strict", strict)
         targets = dict(self._named_state())
         missing = [k for k in targets if k not in state]

@@ -118,8 +118,8 @@ class BatchNormBase(Layer):
         self.num_features = C = check_positive_int(owner, "num_features", num_features)
         self.eps = V.check_eps(owner, eps)
         self.momentum = V.check_momentum(owner, momentum)
-        V.check_activation(owner, activation)
-        self.activation = activation
+        # Stored as the plain string: an np.str_ would show in the repr as np.str_('relu').
+        self.activation = "relu" if V.check_activation(owner, activation) else None
         self.affine = V.check_bool(owner, "affine", affine)
         self.track_running_stats = V.check_bool(owner, "track_running_stats", track_running_stats)
         self.dtype = check_layer_dtype(owner, dtype)

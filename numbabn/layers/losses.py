@@ -151,6 +151,8 @@ class MSELoss(_Loss):
         loss = (1/S) sum (pred - target)^2
         dpred = 2 (pred - target) / S
 
+    ``target``: real numbers (or bools) of the prediction's shape.
+
     With ``sample_weight``, the weighted mean over samples of each sample's mean
     squared error (rows of ``pred``; see the module docstring).
     """
@@ -162,6 +164,13 @@ class MSELoss(_Loss):
         target = np.asarray(target)
         if target.shape != pred.shape:
             raise ValueError(f"{self!r}: target must have the prediction's shape {pred.shape}, got {target.shape}")
+        if target.dtype.kind not in "biuf":
+            # astype turned a None of an object target into NaN (a NaN loss, silently),
+            # and strings into NumPy's own error
+            raise ValueError(
+                f"{self!r}: target must be real numbers of the prediction's shape {pred.shape}, "
+                f"got {V.describe(target)}"
+            )
         w = self._weights(sample_weight, pred.shape[0] if pred.ndim else 1)
         diff = pred - target.astype(pred.dtype, copy=False)
         if not diff.size:
