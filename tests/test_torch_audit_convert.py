@@ -164,3 +164,30 @@ def test_fold_batchnorm_errors_say_where_the_batch_norm_is():
     model[4].branch[4].train()
     with pytest.raises(ValueError, match=r"at index 4 of a Sequential \('4.branch.4'\) must be in eval mode"):
         nbt.fold_batchnorm(model)
+
+
+def test_sync_batchnorm_has_torchs_convert_classmethod() -> None:
+    """``nbt.SyncBatchNorm.convert_sync_batchnorm(model)``, the call PyTorch users make,
+    converts as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does (same places,
+    same parameter objects, mode kept), to numbabn's layer."""
+    torch.manual_seed(0)
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        inner = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4))
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), inner)
+
+    ours, theirs = model(), model()
+    ours.eval()
+    theirs.eval()
+    weight = ours[1].weight
+    out = nbt.SyncBatchNorm.convert_sync_batchnorm(ours, process_group=None)
+    ref = torch.nn.SyncBatchNorm.convert_sync_batchnorm(theirs)
+    assert out is ours
+    kinds = [type(m).__name__ for m in out.modules()]
+    assert kinds == [type(m).__name__ for m in ref.modules()]
+    assert [type(m) for m in out.modules() if "Norm" in type(m).__name__] == [nbt.SyncBatchNorm] * 2
+    assert out[1].weight is weight and not out[1].training
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(out(x), ref(x))
+    assert isinstance(nbt.SyncBatchNorm.convert_sync_batchnorm(torch.nn.BatchNorm1d(3)), nbt.SyncBatchNorm)

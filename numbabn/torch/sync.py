@@ -157,6 +157,18 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
 
     _may_synchronize = True
 
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group: Any = None) -> torch.nn.Module:
+        """What ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does, with numbabn's
+        layer: every batch norm in ``module`` becomes a :class:`SyncBatchNorm` over
+        ``process_group`` (None: the default group), keeping its parameters, buffers
+        and mode. It is ``convert_batchnorm(module, sync=True,
+        process_group=process_group)``, which works in place (see there). Returns
+        ``module``, or its replacement when ``module`` is a batch norm."""
+        from .convert import convert_batchnorm  # convert imports this module
+
+        return convert_batchnorm(module, sync=True, process_group=process_group)
+
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
