@@ -37,6 +37,7 @@ from .modules import (
     InputDtypeError,
     InputMismatchError,
     UnsupportedDtypeError,
+    UnsupportedLayoutError,
 )
 from .sync import SyncBatchNorm
 
@@ -52,4 +53,5 @@ __all__ = [
     "InputMismatchError",
     "InputDtypeError",
     "UnsupportedDtypeError",
+    "UnsupportedLayoutError",
 ]

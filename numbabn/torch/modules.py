@@ -54,9 +54,12 @@ Where numbabn differs from PyTorch:
   ``batch_norm`` too: both read x and write y once, and numbabn was 0.45-0.89x of
   PyTorch there; above, PyTorch's fresh output pages make the kernels 5-7x faster.
   Decided in the eager path only.
-* A tensor on another device than the CPU or a CUDA GPU (MPS, XPU, ...) runs
-  PyTorch's own ``batch_norm``, after numbabn's input checks: numbabn has no kernels
-  for it.
+* A tensor on another device than the CPU or a CUDA GPU (MPS, XPU, ...), or a oneDNN
+  tensor (``x.to_mkldnn()``, layout ``torch._mkldnn``, which torch.nn's layers take
+  and give back), runs PyTorch's own ``batch_norm``, after numbabn's input checks:
+  numbabn has no kernels for it. (A residual must then have the input's layout, as
+  ``bn(x) + residual`` needs in torch.nn.) Other layouts (sparse) are refused with an
+  :class:`UnsupportedLayoutError`, a TypeError and torch.nn's NotImplementedError.
 * A CUDA tensor runs PyTorch's own ``batch_norm`` (cuDNN's kernels; then the
   residual addition and ReLU), after numbabn's input checks: on the first GPU they
   were measured on (an H200, README "On a GPU"), numbabn's CUDA kernels took 2.3 to
@@ -155,6 +158,16 @@ class UnsupportedDtypeError(TypeError, NotImplementedError):
     """An input dtype batch norm does not compute in (integers, complex): a TypeError
     and, as torch.nn raises it, a NotImplementedError."""
 
+
+class UnsupportedLayoutError(TypeError, NotImplementedError):
+    """An input in a layout batch norm has no kernels for (``torch.sparse_coo``,
+    ``torch.sparse_csr``, ...): a TypeError and, as torch.nn raises it (PyTorch's op
+    has no sparse kernel), a NotImplementedError (so also a RuntimeError)."""
+
+
+# Layouts PyTorch's batch norm takes that numbabn's kernels do not read: handed to
+# PyTorch's op (see NumbabnBatchNorm._check_input).
+_TORCH_ONLY_LAYOUTS = (torch._mkldnn,)
 
 _STATE_NAMES = ("weight", "bias", "running_mean", "running_var")
 
@@ -352,8 +365,12 @@ class NumbabnBatchNorm:
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
-        if input.layout != torch.strided:
-            raise TypeError(f"{name}: input must be a dense (torch.strided) tensor, got layout {input.layout}")
+        if input.layout != torch.strided and (input.layout not in _TORCH_ONLY_LAYOUTS or self._may_synchronize):
+            # A oneDNN tensor goes to PyTorch's op, which torch.nn's layers call on it
+            # (not a synchronizing SyncBatchNorm: its exchange reads the input's memory).
+            raise UnsupportedLayoutError(
+                f"{name}: input must be a dense (torch.strided) tensor, got layout {input.layout}"
+            )
         self._check_input_dim(input)
         if input.dtype not in _INPUT_DTYPES:
             raise UnsupportedDtypeError(
@@ -553,10 +570,10 @@ class NumbabnBatchNorm:
             raise InputMismatchError(
                 f"{name}: residual must have the input's shape {tuple(input.shape)}, got {tuple(residual.shape)}"
             )
-        if residual.layout != torch.strided:
-            raise InputDtypeError(
-                f"{name}: residual must be a dense (torch.strided) tensor, got layout {residual.layout}"
-            )
+        if residual.layout != input.layout:
+            # (a oneDNN input's residual is added by PyTorch, which needs both oneDNN)
+            expected = "a dense (torch.strided) tensor" if input.layout == torch.strided else f"a {input.layout} tensor"
+            raise InputDtypeError(f"{name}: residual must be {expected}, as the input is, got layout {residual.layout}")
         if residual.dtype != input.dtype:
             raise InputDtypeError(f"{name}: residual must have the input's dtype {input.dtype}, got {residual.dtype}")
         if residual.device != input.device:
@@ -648,6 +665,7 @@ class NumbabnBatchNorm:
         moments, allreduce = self._synchronize(input, batch_stats)
         if moments is None and (
             input.numel() == 0
+            or input.layout != torch.strided  # oneDNN's, which _check_input let through
             or _hand_to_torch(input)
             or _channels_last_below(input, fused=self.activation is not None or residual is not None)
             or _no_kernels_for(input)
@@ -748,7 +766,9 @@ class NumbabnBatchNorm:
             nbt.add_(1)
         try:
             y = F.batch_norm(input, running_mean, running_var, weight, bias, batch_stats, momentum, self.eps)
-        except (RuntimeError, ValueError, TypeError):  # PyTorch refused the input: nothing changes
+        except (RuntimeError, ValueError, TypeError, IndexError):  # PyTorch refused the input: nothing changes
+            # (IndexError: a layer of 0 channels. Not any Exception: the stop of a
+            # checkpoint's recomputation, raised from inside the op, must keep the count.)
             if tracking:
                 nbt.sub_(1)
             raise
