@@ -33,6 +33,7 @@ off. A forked child neither uses nor stops its parent's helper.
 
 import atexit
 import itertools
+import math
 import os
 import select
 import subprocess
@@ -94,6 +95,12 @@ class _Helper:
         finally:
             os.close(jobs_r)
             os.close(done_w)
+        # Reaped as soon as it exits (idle, or failed): nothing else need look at it
+        # again, and in a long process it would stay a zombie ("<defunct>") till the end.
+        try:
+            threading.Thread(target=self.proc.wait, daemon=True, name="numbabn-helper-reaper").start()
+        except RuntimeError:  # no thread can be started: reaped when next polled, or at exit
+            pass
         self.open = True  # both pipes open (cleared before they are closed)
         self.finished: set[int] = set()  # job numbers the helper reported done
         self.buffered = b""
@@ -115,7 +122,7 @@ class _Helper:
         ``timeout`` seconds."""
         if job in self.finished or not self.open:
             return True
-        if not select.select([self.done], [], [], timeout)[0]:
+        if not _readable(self.done, timeout):
             return False
         try:
             chunk = os.read(self.done, 4096)
@@ -143,6 +150,15 @@ class _Helper:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` has data or end of file within ``timeout`` seconds. poll(), not
+    select(): select() refuses descriptors from 1024 (FD_SETSIZE) up, which new pipes
+    get in a process with many files open (a data loader's, a server's)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(math.ceil(max(0.0, timeout) * 1000)))
 
 
 def _close(fd: int) -> None:
@@ -254,7 +270,7 @@ def serve(idle: float) -> None:
     buffered = b""
     while True:
         while b"\n" not in buffered:
-            if not select.select([fd], [], [], idle)[0]:
+            if not _readable(fd, idle):
                 return
             chunk = os.read(fd, 4096)
             if not chunk:

@@ -97,12 +97,22 @@ def _notice(where: str | None) -> None:
         return
     _noticed = True
     place = f"cached in {where}" if where else "not cached: no writable cache location"
-    print(
-        f"numbabn: compiling CPU kernels (first use on this machine, a few seconds; {place}; "
-        "`numbabn warmup` does it ahead of time, NUMBABN_QUIET=1 silences this)",
-        file=sys.stderr,
-        flush=True,
-    )
+    # A process without a stderr (started with fd 2 closed: sys.stderr is None) says
+    # nothing: print(file=None) would write the line into its stdout, its data. A
+    # stderr that cannot take the line (a full disk, a log pipe whose reader exited,
+    # closed) must not fail the kernel call that is about to compile.
+    stream = sys.stderr
+    if stream is None:
+        return
+    try:
+        print(
+            f"numbabn: compiling CPU kernels (first use on this machine, a few seconds; {place}; "
+            "`numbabn warmup` does it ahead of time, NUMBABN_QUIET=1 silences this)",
+            file=stream,
+            flush=True,
+        )
+    except (OSError, ValueError):  # ValueError: "I/O operation on closed file"
+        pass
 
 
 @functools.cache
@@ -276,7 +286,13 @@ def cached_entries() -> tuple[int, list[str]]:
     kernels. Index files of other source versions (a kernel that sat at another line,
     or a file that changed since: left behind by edits and in-place upgrades) are
     not counted: Numba ignores them, and so does this count, which reads each
-    kernel's index as Numba's loader does (an unreadable or stale index counts 0)."""
+    kernel's index as Numba's loader does (an unreadable or stale index counts 0).
+    Nor are entries compiled for another CPU (a cache filled on another machine: a
+    Docker image built elsewhere, a shared home): Numba's key holds the CPU's name
+    and features, which this count compares as its loader does."""
+    from numba.core.registry import cpu_target
+
+    codegen = cpu_target.target_context.codegen()  # whose magic tuple (CPU) keys the entries
     count = 0
     dirs = set()
     for k in _KERNELS:
@@ -287,9 +303,12 @@ def cached_entries() -> tuple[int, list[str]]:
         dirs.add(cache.cache_path)
         try:
             index = cache._cache_file._load_index()  # {} when stale or absent
+            # an entry whose data file is gone (deleted, or a disk that filled up after
+            # the index was written) is recompiled too
+            count += sum(
+                cache._index_key(key[0], codegen) == key and os.path.exists(os.path.join(cache.cache_path, name))
+                for key, name in index.items()
+            )
         except Exception:  # corrupted: the next call recompiles it
             continue
-        # an entry whose data file is gone (deleted, or a disk that filled up after the
-        # index was written) is recompiled too
-        count += sum(os.path.exists(os.path.join(cache.cache_path, name)) for name in index.values())
     return count, sorted(dirs)

@@ -182,6 +182,39 @@ class RootGroup(LazyGroup):
                 raise
             raise error from None
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """click's main, plus: an output that cannot be written to an open stream (stdout
+        on a full disk or over a quota: an OSError that names no file) is one ``Error:``
+        line and exit code 2, as the module docstring says of every output; click
+        itself handles only a closed pipe (silently)."""
+        try:
+            return super().main(*args, **kwargs)
+        except OSError as exc:
+            if exc.filename is not None or exc.errno not in _WRITE_ERRORS:
+                raise
+            _silence_stdout()
+            CLIError(f"cannot write the output: {exc.strerror or exc}").show()
+            sys.exit(CLIError.exit_code)
+
+
+def _silence_stdout() -> None:
+    """Flush stdout; if that fails too, point its file descriptor at /dev/null, so that
+    the interpreter's last flush at exit does not report the same error again."""
+    stream = sys.stdout
+    if stream is None:
+        return
+    try:
+        stream.flush()
+        return
+    except OSError:
+        pass
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor behind it: nothing to flush later either
+        pass
+
 
 # ------------------------------------------------------------------ outputs
 def check_output_file(value: str | None, param_hint: str | None) -> str | None:
