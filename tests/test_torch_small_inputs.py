@@ -205,8 +205,8 @@ class _Block(torch.nn.Module):
 def test_under_torch_compile_a_small_input_is_traced_into_the_graph(monkeypatch):
     """torch.compile puts the layers PyTorch computes anyway (below the threshold) into
     its graph as PyTorch's ops, with no graph break, and trains bit for bit as
-    torch.nn's compiled block does; at the threshold each layer is one break (the
-    kernels, run as eagerly)."""
+    torch.nn's compiled block does; at the threshold the layer is numbabn's custom
+    operator in the same graph."""
     import torch._dynamo
 
     monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 4 * 4 * 6 * 6 + 1)
@@ -219,7 +219,9 @@ def test_under_torch_compile_a_small_input_is_traced_into_the_graph(monkeypatch)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
     monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 4 * 4 * 6 * 6)  # the first layer's input size: kernels
     torch._dynamo.reset()
-    assert torch._dynamo.explain(copy.deepcopy(ours))(x).graph_count == 2  # c1 | c2, BN, add, ReLU
+    explained = torch._dynamo.explain(copy.deepcopy(ours))(x)  # the kernels as numbabn's operator
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    assert "numbabn.batch_norm" in str(explained.graphs[0].graph)
     monkeypatch.setattr(config, "TORCH_NATIVE_BELOW", 4 * 4 * 6 * 6 + 1)
     torch._dynamo.reset()
     compiled_ours = torch.compile(ours, backend="aot_eager")

@@ -46,14 +46,14 @@ Where numbabn differs from PyTorch:
 * A CPU input laid out channels-last (4-D or 5-D) runs PyTorch's own ``batch_norm``
   below 8x that threshold (2**23 values by default; 2x with a fused ReLU or
   residual): PyTorch's channels-last kernel outran numbabn's there (0.59-0.91x in
-  training from 1 M to 6.4 M values; README, "Small inputs"). Decided in the eager
-  path (under torch.compile, in the opaque call it makes).
+  training from 1 M to 6.4 M values; README, "Small inputs"). Decided under
+  torch.compile too (PyTorch's op then goes into the graph, see below).
 * Plain inference (no autograd graph to record, running statistics, no fused ReLU or
   residual) of a CPU input of fewer than ``numbabn.config.TORCH_NATIVE_EVAL_BELOW``
   values (default 2**23; ``NUMBABN_TORCH_NATIVE_EVAL_BELOW``) runs PyTorch's own
   ``batch_norm`` too: both read x and write y once, and numbabn was 0.45-0.89x of
   PyTorch there; above, PyTorch's fresh output pages make the kernels 5-7x faster.
-  Decided in the eager path only.
+  Decided under torch.compile too.
 * A tensor on another device than the CPU or a CUDA GPU (MPS, XPU, ...), or a oneDNN
   tensor (``x.to_mkldnn()``, layout ``torch._mkldnn``, which torch.nn's layers take
   and give back), runs PyTorch's own ``batch_norm``, after numbabn's input checks:
@@ -86,15 +86,33 @@ Where numbabn differs from PyTorch:
   run PyTorch's ``batch_norm`` too (the transforms' wrapped tensors have no memory
   numbabn may view). TorchScript scripting is not supported: ``torch.jit.script``
   raises a RuntimeError that names the layer and the alternatives (tracing, export).
-  Under ``torch.compile`` an input handed to PyTorch anyway (below the threshold
-  above, not a synchronizing SyncBatchNorm) is traced into the graph as
-  PyTorch's ops; any other makes the layer one opaque call (one graph break; Dynamo
-  does not trace numbabn's Python), which runs as it does eagerly; a
-  :class:`FusedReLU` is a plain ReLU in the graph. ``torch.autograd.grad`` and
+  ``torch.autograd.grad`` and
   the first-order functions of ``torch.autograd.functional`` run the kernels;
   forward-mode AD (dual tensors), an ``eps`` the kernels refuse (``eps=0``) and
   ``torch.func`` transforms run PyTorch's op (a SyncBatchNorm in training mode
   refuses such an ``eps`` before anything changes, see :mod:`numbabn.torch.sync`).
+* Under ``torch.compile`` the layer is traced into the graph without a break, so
+  ``fullgraph=True`` works, as with torch.nn's layers. It decides what the eager
+  path decides, from what Dynamo guards on (shapes, strides, dtype, device, grad
+  mode, the module's mode and attributes, ``numbabn.config``'s thresholds): where
+  the eager layer runs the CPU kernels, the graph runs them as the custom
+  operator ``numbabn::batch_norm`` and its backward (:mod:`numbabn.torch.ops`),
+  giving the eager layer's outputs, gradients, running statistics and batch count
+  bit for bit (``momentum=None`` included: the operator reads the count when it
+  runs, so the graph is not recompiled each step); where the eager layer hands
+  the input to PyTorch's op (the thresholds above, plain inference, a CUDA tensor,
+  ``eps=0``, ...), PyTorch's ops go into the graph, which the compiler may fuse
+  (PyTorch's op checks such input, as under torch.fx). One opaque call instead --
+  one graph break, the layer running as it does eagerly, and Dynamo's
+  ``Unsupported`` under ``fullgraph=True`` -- for a SyncBatchNorm (its exchange
+  between processes is no operator), ``momentum=None`` in training where
+  PyTorch's op computes (its factor would be a graph constant: torch.nn's layer
+  fails ``fullgraph=True`` there too), numbabn's CUDA kernels
+  (``NUMBABN_TORCH_CUDA_KERNELS=1``), and an input numbabn's checks refuse (the
+  eager call raises their error). Not checked under torch.compile: inference
+  tensors (Dynamo cannot trace ``Tensor.is_inference``; copying into inference
+  buffers raises PyTorch's error instead). A :class:`FusedReLU` is a plain ReLU in
+  the graph.
 
 Dtypes: float32 and float64 run natively, and so do float16 and bfloat16 on the
 CPU: the kernels read and write their 16 bits and compute in float32 with float32
@@ -129,6 +147,11 @@ from numbabn._checks import is_real
 
 from . import _bridge as B
 from .function import BatchNormFunction, normalize
+
+try:  # the custom operators torch.compile traces the kernels as
+    from . import ops as _ops
+except (AttributeError, TypeError, ValueError, RuntimeError):  # a PyTorch whose torch.library lacks what they use
+    _ops = None  # the layers then break the graph under torch.compile, as before
 
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -185,8 +208,8 @@ def _native_only(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
     Proxy, is caught before). A recorded graph then holds PyTorch's batch norm (plus
     the residual addition and ReLU), which TorchScript, ONNX, FX and
     ``torch.export`` consumers can run; numbabn's kernels are Python calls that no
-    recorded graph can hold. ``torch.compile`` is not recording in this sense: it
-    breaks the graph at the layer and runs the kernels."""
+    recorded graph can hold. ``torch.compile`` is not recording in this sense: its
+    graph runs the kernels as a custom operator (:mod:`numbabn.torch.ops`)."""
     if x.is_meta or type(x) not in _PLAIN or (isinstance(residual, torch.Tensor) and type(residual) not in _PLAIN):
         return True
     return torch.jit.is_tracing() or _is_exporting() or _functorch_active()
@@ -201,8 +224,8 @@ _is_compiling = torch.compiler.is_compiling  # True while Dynamo traces (torch.c
 def _hand_to_torch(x: torch.Tensor) -> bool:
     """Whether the layers hand ``x`` to PyTorch's op: a CPU tensor of fewer than
     ``config.TORCH_NATIVE_BELOW`` values, or a CUDA tensor unless
-    ``config.TORCH_CUDA_KERNELS`` (and, decided in the eager path only, a tensor on a
-    device numbabn has no kernels for: :func:`_no_kernels_for`). (The size is tested
+    ``config.TORCH_CUDA_KERNELS`` (and, decided after numbabn's input checks, a tensor
+    on a device numbabn has no kernels for: :func:`_no_kernels_for`). (The size is tested
     first: under torch.compile, Dynamo records reading ``.is_cpu`` as a graph of its
     own; reading ``.is_cuda`` records none.)"""
     if x.numel() < config.TORCH_NATIVE_BELOW and x.is_cpu:
@@ -217,8 +240,8 @@ def _channels_last_below(x: torch.Tensor, fused: bool) -> bool:
     residual, which saves PyTorch's separate passes. Measured with
     ``python bench/torch_small.py --channels-last`` (README, "Small inputs"): training
     0.59-0.91x from 1 M to 6.4 M values, 2.1-3.8x from 8.4 M; fused ReLU 0.88-1.16x at
-    1-1.6 M, 1.05-1.77x from 2.1 M. Eager path only (see :func:`_hand_to_torch`;
-    under torch.compile it decides inside the opaque call)."""
+    1-1.6 M, 1.05-1.77x from 2.1 M. Decided after numbabn's input checks (see
+    :func:`_hand_to_torch`)."""
     factor = config.TORCH_CHANNELS_LAST_FUSED_FACTOR if fused else config.TORCH_CHANNELS_LAST_FACTOR
     limit = config.TORCH_NATIVE_BELOW * factor
     return x.numel() < limit and x.is_cpu and x.dim() in (4, 5) and B.channels_last_perm(x) is not None
@@ -226,7 +249,8 @@ def _channels_last_below(x: torch.Tensor, fused: bool) -> bool:
 
 def _no_kernels_for(x: torch.Tensor) -> bool:
     """Whether ``x`` is on a device other than the CPU and CUDA GPUs (MPS, XPU, ...),
-    for which numbabn has no kernels. Eager path only (see :func:`_hand_to_torch`)."""
+    for which numbabn has no kernels. Decided after numbabn's input checks (see
+    :func:`_hand_to_torch`)."""
     return not (x.is_cpu or x.is_cuda)
 
 
@@ -285,8 +309,8 @@ def _not_scriptable(name: str) -> RuntimeError:
     return RuntimeError(
         f"torch.jit.script cannot compile numbabn.torch.{name}: its forward calls numbabn's "
         "kernels from Python, which TorchScript cannot hold. torch.jit.trace, torch.export "
-        "(and torch.onnx.export) record PyTorch's batch_norm in its place; torch.compile runs it "
-        "as one opaque call"
+        "(and torch.onnx.export) record PyTorch's batch_norm in its place; torch.compile traces it "
+        "(the kernels as a custom operator)"
     )
 
 
@@ -589,26 +613,109 @@ class NumbabnBatchNorm:
         if _is_compiling() and not _is_exporting():
             # torch.compile (torch.export records PyTorch's op instead, see _native_only).
             # An input the layer hands to PyTorch anyway (a CPU input below the
-            # threshold, a CUDA tensor) goes into the graph as PyTorch's ops, which the compiler may
-            # fuse; PyTorch's op checks it, as under torch.fx. Anything else runs as it
-            # does eagerly, as one opaque call -- one graph break -- rather than Dynamo
-            # tracing numbabn's Python (NumPy views of the tensors, the kernels' thread
-            # pool and its locks, weak references), which broke the graph four times
-            # per layer, with a warning each time.
-            # (anything but a tensor goes to the eager path, whose checks name it)
-            # Not with momentum=None in training: its factor 1/(count + 1) reaches
-            # PyTorch's op as a Python float, which the graph would hold as a
-            # constant, recompiled every step (torch.nn's layer runs eagerly there).
+            # threshold, a CUDA tensor) goes into the graph as PyTorch's ops, which the
+            # compiler may fuse; PyTorch's op checks it, as under torch.fx. Not with
+            # momentum=None in training: its factor 1/(count + 1) would reach PyTorch's
+            # op as a Python float, which the graph would hold as a constant,
+            # recompiled every step. Any other input _traced_forward traces.
             cumulative = self.momentum is None and self.training
-            if (
-                isinstance(input, torch.Tensor)
-                and not self._may_synchronize
-                and not cumulative
-                and _hand_to_torch(input)
-            ):
-                return self._torch_forward(input, residual)
+            if isinstance(input, torch.Tensor) and not self._may_synchronize:
+                if not cumulative and _hand_to_torch(input):
+                    return self._torch_forward(input, residual)
+                y = self._traced_forward(input, residual)
+                if y is not None:
+                    return y
+            # What it cannot trace runs as it does eagerly, as one opaque call -- one
+            # graph break -- rather than Dynamo tracing numbabn's Python (NumPy views of
+            # the tensors, the kernels' thread pool and its locks, weak references),
+            # which broke the graph four times per layer, with a warning each time.
+            # (anything but a tensor goes to the eager path, whose checks name it)
             return torch.compiler.disable(self._eager_forward)(input, residual)
         return self._eager_forward(input, residual)
+
+    def _traced_forward(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
+        """The layer as Dynamo traces it into the graph (``torch.compile``), deciding
+        what the eager path decides from what Dynamo guards on (shapes, strides,
+        dtype, device, grad mode, the module's attributes): the kernels as the
+        custom operator ``numbabn::batch_norm`` (:mod:`numbabn.torch.ops`), or
+        PyTorch's op where the eager layer hands the input to it. None where the
+        call must run eagerly behind a graph break: an input the checks refuse
+        (the eager path raises their error), a call only PyTorch's op answers with
+        ``momentum=None`` in training (its factor would be a graph constant), the
+        kernels on a CUDA device (``NUMBABN_TORCH_CUDA_KERNELS=1``).
+        Not SyncBatchNorm while it may synchronize (its exchange between processes
+        is not an operator): :meth:`forward` breaks the graph there."""
+        try:
+            state = self._state()
+            self._check_input(input, state)
+            if residual is not None:
+                self._check_residual(input, residual)
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        if not self._traced_call_ok(input, state):
+            return None
+        _, _, mean, var, nbt = state
+        settings: tuple[bool, float | None, bool, Any, Any]
+        if self.momentum is None and self.training and self.track_running_stats and nbt is not None:
+            # _settings would read the count (int(nbt)), a graph break: the operator
+            # reads it when it runs (momentum None), and PyTorch's op cannot.
+            settings = (True, None, True, mean, var)
+        else:
+            settings = self._settings(state)
+        tracking, momentum, batch_stats, running_mean, running_var = settings
+        if (
+            input.numel() == 0
+            or input.layout != torch.strided
+            or _hand_to_torch(input)
+            or _channels_last_below(input, fused=self.activation is not None or residual is not None)
+            or _no_kernels_for(input)
+            or _torch_semantics(self.eps, input, state)
+            or (not batch_stats and self._plain_inference(input, residual, state))
+        ):
+            # PyTorch's op, as in the eager path (see _forward), into the graph.
+            if momentum is None:
+                return None
+            return self._torch_forward(input, residual, settings=settings, state=state)
+        if not input.is_cpu or _ops is None:
+            return None
+        cdt = B.COMPUTE_DTYPE[input.dtype]
+        weight, bias = state[0], state[1]
+        # .to() as in the eager path: autograd (here the graph) carries the gradient back
+        if weight is not None and weight.dtype != cdt:
+            weight = weight.to(cdt)
+        if bias is not None and bias.dtype != cdt:
+            bias = bias.to(cdt)
+        return _ops.batch_norm(
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            nbt if tracking else None,
+            residual,
+            batch_stats,
+            momentum,
+            self.eps,
+            self.activation == "relu",
+        )
+
+    def _traced_call_ok(self, input: torch.Tensor, state: tuple[Any, ...]) -> bool:
+        """Whether :meth:`_check_call` would pass, in what Dynamo can trace: momentum,
+        running statistics that require grad, one value per channel. Its inference
+        tensor checks are left out (Dynamo cannot trace ``Tensor.is_inference``;
+        PyTorch's in-place copy into inference buffers raises instead)."""
+        momentum = self.momentum
+        if not (momentum is None or type(momentum) is float and 0.0 <= momentum <= 1.0) and not (
+            is_real(momentum) and 0.0 <= momentum <= 1.0
+        ):
+            return False
+        running_mean, running_var = state[2], state[3]
+        if torch.is_grad_enabled() and (
+            (running_mean is not None and running_mean.requires_grad)
+            or (running_var is not None and running_var.requires_grad)
+        ):
+            return False
+        return not ((self.training or running_mean is None) and input.numel() == input.shape[1] > 0)
 
     def _eager_forward(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         y = self._forward(input, residual)
