@@ -849,6 +849,20 @@ def test_warmup_of_a_16_bit_dtype_compiles_its_data_kernels():
     assert set(k.all_names()) <= set(vars(k)) and k.compute == np.float32
 
 
+@pytest.mark.parametrize(("dirs", "why"), [([], "no writable cache location"), (["/ro/cache"], "written to /ro/cache")])
+def test_warmup_that_caches_nothing_fails(monkeypatch, dirs, why):
+    """A warmup whose kernels could not be cached (a read-only install, an unwritable
+    NUMBA_CACHE_DIR, a full disk) exits 2 with one line saying so: it used to exit 0,
+    and a Docker build step passed while every later process compiled again."""
+    from numbabn import _jit
+
+    monkeypatch.setattr(_jit, "cached_entries", lambda: (0, dirs))
+    result = invoke("warmup", "--dtype", "float32", "--layout", "mc")
+    assert result.exit_code == 2, result.output
+    assert "none is cached" in result.output and why in result.output and "NUMBA_CACHE_DIR" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_warmup_rejects_unknown_dtype():
     result = invoke("warmup", "--dtype", "int8")
     assert result.exit_code == 2 and "'int8' is not one of" in result.output

@@ -5,7 +5,7 @@ import time
 
 import click
 
-from ._common import Settings
+from ._common import CLIError, Settings
 
 
 @click.command()
@@ -39,6 +39,7 @@ def warmup(ctx: click.Context, dtypes: tuple[str, ...], layouts: tuple[str, ...]
     residual (the options add float16, bfloat16 and the residual variants).
     Compiled kernels are cached on disk (see `numbabn info`): run this once after
     installing, e.g. in a Docker image build, and every later process only loads them.
+    Exits with code 2 when nothing could be cached (no writable cache location).
     """
     from numbabn import config
     from numbabn.backends import cpu
@@ -56,9 +57,20 @@ def warmup(ctx: click.Context, dtypes: tuple[str, ...], layouts: tuple[str, ...]
     ) as bar:
         for _, compile_one in bar:
             compile_one()
-    if not settings.quiet:
-        from numbabn import _jit
+    from numbabn import _jit
 
-        entries, dirs = _jit.cached_entries()
-        where = f"{entries} signatures cached in {dirs[0]}" if dirs else "not cached: no writable cache location"
-        click.echo(f"{len(plan)} kernel variants ready in {time.perf_counter() - t0:.1f} s ({where})", err=True)
+    entries, dirs = _jit.cached_entries()
+    if not entries:
+        # The command's point is the cache: a Docker build step that cached nothing
+        # must fail, not leave every later process to compile again.
+        why = f"nothing could be written to {dirs[0]}" if dirs else "no writable cache location"
+        raise CLIError(
+            f"{len(plan)} kernel variants compiled, but none is cached ({why}), so later processes "
+            "compile them again; set NUMBA_CACHE_DIR to a writable directory"
+        )
+    if not settings.quiet:
+        click.echo(
+            f"{len(plan)} kernel variants ready in {time.perf_counter() - t0:.1f} s "
+            f"({entries} signatures cached in {dirs[0]})",
+            err=True,
+        )
