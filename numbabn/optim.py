@@ -161,18 +161,24 @@ class Optimizer:
         # ``state`` is public and may have been set by hand: the rules load_state_dict
         # applies, so that _update never meets a form it cannot take (a step of -1 gave
         # Python's bare ZeroDivisionError, a missing one a KeyError).
+        self._check_state(fn, f"the optimizer state of {p!r}", value, state)
+
+    def _check_state(self, fn: str, label: str, value: np.ndarray, state: Any) -> None:
+        """The per-parameter ``state`` of a parameter whose value is ``value`` (``label``
+        names it in errors): a dict, empty or with exactly ``STATE_KEYS``, its step an
+        int >= 0, its arrays of the value's shape and dtype."""
         if not isinstance(state, dict) or (state and set(state) != set(self.STATE_KEYS)):
             raise ValueError(
-                f"{fn}: the optimizer state of {p!r} must be a dict, empty or hold exactly the keys "
-                f"{self.STATE_KEYS}, got {tuple(state) if isinstance(state, dict) else V.describe(state)}"
+                f"{fn}: {label} must be a dict, empty or hold exactly the keys {self.STATE_KEYS}, "
+                f"got {tuple(state) if isinstance(state, dict) else V.describe(state)}"
             )
         for key, arr in state.items():
             if key == "step":
-                V.check_int(fn, f"the optimizer state 'step' of {p!r}", arr, 0)
+                V.check_int(fn, f"{label}: 'step'", arr, 0)
             elif not isinstance(arr, np.ndarray) or arr.shape != value.shape or arr.dtype != value.dtype:
                 raise ValueError(
-                    f"{fn}: the optimizer state {key!r} of {p!r} no longer matches its value "
-                    f"({value.shape}, {value.dtype}), got {V.describe(arr)}"
+                    f"{fn}: {label}: {key!r} must be an array of the parameter's shape {value.shape} "
+                    f"and dtype {value.dtype}, got {V.describe(arr)}"
                 )
 
     # ------------------------------------------------------------ state
@@ -212,23 +218,8 @@ class Optimizer:
             )
         new = []
         for i, (p, s) in enumerate(zip(self.params, states, strict=True)):
-            if not isinstance(s, dict) or (s and set(s) != set(self.STATE_KEYS)):
-                raise ValueError(
-                    f"{fn}: state[{i}] must be an empty dict or one with exactly the keys "
-                    f"{self.STATE_KEYS}, got {V.describe(s)}"
-                )
-            entry: dict[str, Any] = {}
-            for key, value in s.items():
-                if key == "step":
-                    entry[key] = V.check_int(fn, f"state[{i}]['step']", value, 0)
-                elif not isinstance(value, np.ndarray) or value.shape != p.value.shape or value.dtype != p.value.dtype:
-                    raise ValueError(
-                        f"{fn}: state[{i}][{key!r}] must be an array of the parameter's shape "
-                        f"{p.value.shape} and dtype {p.value.dtype}, got {V.describe(value)}"
-                    )
-                else:
-                    entry[key] = value.copy()
-            new.append(entry)
+            self._check_state(fn, f"state[{i}]", p.value, s)
+            new.append({key: int(value) if key == "step" else value.copy() for key, value in s.items()})
         self.__dict__.update(hyper)
         self.state = new
 

@@ -63,8 +63,8 @@ def test_eval_running_statistics_as_torch_tensors_are_read_like_numpy_ones():
 @pytest.mark.parametrize(
     "entry, fragment",
     [
-        (lambda s: {**s, "step": -1}, r"'step' .* must be an int >= 0, got -1"),
-        (lambda s: {**s, "step": "3"}, r"'step' .* must be an int >= 0, got '3'"),
+        (lambda s: {**s, "step": -1}, r"'step' must be an int >= 0, got -1"),
+        (lambda s: {**s, "step": "3"}, r"'step' must be an int >= 0, got '3'"),
         (lambda s: {k: v for k, v in s.items() if k != "step"}, "must be a dict, empty or hold exactly the keys"),
         (lambda s: {**s, "exp_avg_sqr": s["exp_avg_sq"]}, "must be a dict, empty or hold exactly the keys"),
     ],

@@ -352,3 +352,25 @@ def test_inputs_handed_to_pytorch_stay_in_the_graph(monkeypatch):
             torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last)
         )
     torch._dynamo.reset()
+
+
+def test_numpy_scalar_momentum_compiles_behind_a_break():
+    """A momentum given as a NumPy scalar, which Dynamo traces as an array: the layer
+    runs behind a graph break (documented), as the eager layer does, bit for bit;
+    ``fullgraph=True`` refuses the break."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    eager = nbt.BatchNorm2d(4, momentum=np.float32(0.25))
+    ours = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend="aot_eager")
+    for step in range(2):
+        x = torch.randn(4, 4, 3, 3) + step
+        assert torch.equal(eager(x), compiled(x))
+    for (name, a), b in zip(eager.named_buffers(), ours.buffers(), strict=True):
+        assert torch.equal(a, b), name
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        torch.compile(copy.deepcopy(eager), backend="aot_eager", fullgraph=True)(torch.randn(4, 4, 3, 3))
+    torch._dynamo.reset()

@@ -109,10 +109,15 @@ Where numbabn differs from PyTorch:
   PyTorch's op computes (its factor would be a graph constant: torch.nn's layer
   fails ``fullgraph=True`` there too), numbabn's CUDA kernels
   (``NUMBABN_TORCH_CUDA_KERNELS=1``), and an input numbabn's checks refuse (the
-  eager call raises their error). Not checked under torch.compile: inference
-  tensors (Dynamo cannot trace ``Tensor.is_inference``; copying into inference
-  buffers raises PyTorch's error instead). A :class:`FusedReLU` is a plain ReLU in
-  the graph.
+  eager call raises their error), and a momentum given as a NumPy scalar (Dynamo
+  traces it as an array; a Python float does not break the graph). Not checked
+  under torch.compile: inference tensors (Dynamo cannot trace
+  ``Tensor.is_inference``). A training call on inference-tensor buffers (a layer
+  made under ``torch.inference_mode()``) then raises PyTorch's error from the
+  graph's copy into them, after ``running_mean`` was written and before the call
+  is counted (torch.nn's compiled layer counts it and leaves the statistics; the
+  eager layers of both refuse it before anything changes). A :class:`FusedReLU`
+  is a plain ReLU in the graph.
 
 Dtypes: float32 and float64 run natively, and so do float16 and bfloat16 on the
 CPU: the kernels read and write their 16 bits and compute in float32 with float32
@@ -314,6 +319,15 @@ def _not_scriptable(name: str) -> RuntimeError:
     )
 
 
+def _momentum_ok(momentum: Any) -> bool:
+    """Whether ``momentum`` is None or a number in [0, 1] (a Python float tested first:
+    the common call pays ~0.1 us). Under torch.compile a NumPy scalar fails this
+    (Dynamo traces it as an array), and the call runs behind a graph break."""
+    if momentum is None or type(momentum) is float and 0.0 <= momentum <= 1.0:
+        return True
+    return is_real(momentum) and 0.0 <= momentum <= 1.0
+
+
 class FusedReLU(torch.nn.ReLU):
     """What ``convert_batchnorm(fuse_relu=True)`` leaves where it took a ``ReLU`` out.
 
@@ -458,11 +472,10 @@ class NumbabnBatchNorm:
         path (PyTorch's own op, for small inputs, would accept any momentum). Ordered
         so that the common call pays ~1 us: rare conditions are tested first, the
         costlier ones (``_needs_graph``, ``is_real``) only when they are met."""
-        momentum = self.momentum
-        if not (momentum is None or type(momentum) is float and 0.0 <= momentum <= 1.0) and not (
-            is_real(momentum) and 0.0 <= momentum <= 1.0
-        ):
-            raise ValueError(f"{type(self).__name__}: momentum must be None or a number in [0, 1], got {momentum!r}")
+        if not _momentum_ok(self.momentum):
+            raise ValueError(
+                f"{type(self).__name__}: momentum must be None or a number in [0, 1], got {self.momentum!r}"
+            )
         weight, bias, running_mean, running_var, _ = state
         if (running_mean is not None and running_mean.requires_grad) or (
             running_var is not None and running_var.requires_grad
@@ -504,13 +517,8 @@ class NumbabnBatchNorm:
                 f"{type(self).__name__}: inference tensors cannot be saved for backward (as in torch.nn): clone "
                 "a tensor made under torch.inference_mode() to use it where autograd records, or use torch.no_grad()"
             )
-        if (
-            (self.training or running_mean is None)
-            and not self._may_synchronize
-            and input.numel() == input.shape[1] > 0
-        ):
-            # One value per channel (the product of the other dimensions is 1): the
-            # message of torch.nn's op, named by the layer on both paths.
+        if self._one_value_per_channel(input, running_mean):
+            # the message of torch.nn's op, named by the layer on both paths
             raise ValueError(
                 f"{type(self).__name__}: Expected more than 1 value per channel when training, got input size "
                 f"{input.size()}"
@@ -663,15 +671,7 @@ class NumbabnBatchNorm:
         else:
             settings = self._settings(state)
         tracking, momentum, batch_stats, running_mean, running_var = settings
-        if (
-            input.numel() == 0
-            or input.layout != torch.strided
-            or _hand_to_torch(input)
-            or _channels_last_below(input, fused=self.activation is not None or residual is not None)
-            or _no_kernels_for(input)
-            or _torch_semantics(self.eps, input, state)
-            or (not batch_stats and self._plain_inference(input, residual, state))
-        ):
+        if self._torch_decides(input, residual, state, batch_stats):
             # PyTorch's op, as in the eager path (see _forward), into the graph.
             if momentum is None:
                 return None
@@ -704,10 +704,7 @@ class NumbabnBatchNorm:
         running statistics that require grad, one value per channel. Its inference
         tensor checks are left out (Dynamo cannot trace ``Tensor.is_inference``;
         PyTorch's in-place copy into inference buffers raises instead)."""
-        momentum = self.momentum
-        if not (momentum is None or type(momentum) is float and 0.0 <= momentum <= 1.0) and not (
-            is_real(momentum) and 0.0 <= momentum <= 1.0
-        ):
+        if not _momentum_ok(self.momentum):
             return False
         running_mean, running_var = state[2], state[3]
         if torch.is_grad_enabled() and (
@@ -715,7 +712,17 @@ class NumbabnBatchNorm:
             or (running_var is not None and running_var.requires_grad)
         ):
             return False
-        return not ((self.training or running_mean is None) and input.numel() == input.shape[1] > 0)
+        return not self._one_value_per_channel(input, running_mean)
+
+    def _one_value_per_channel(self, input: torch.Tensor, running_mean: torch.Tensor | None) -> bool:
+        """Whether a call that normalises with the batch's statistics has one value per
+        channel (the product of the other dimensions is 1), which torch.nn refuses (a
+        synchronizing layer counts the other ranks' values too)."""
+        return (
+            (self.training or running_mean is None)
+            and not self._may_synchronize
+            and input.numel() == input.shape[1] > 0
+        )
 
     def _eager_forward(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         y = self._forward(input, residual)
@@ -770,15 +777,7 @@ class NumbabnBatchNorm:
         settings = self._settings(state)
         tracking, momentum, batch_stats, running_mean, running_var = settings
         moments, allreduce = self._synchronize(input, batch_stats)
-        if moments is None and (
-            input.numel() == 0
-            or input.layout != torch.strided  # oneDNN's, which _check_input let through
-            or _hand_to_torch(input)
-            or _channels_last_below(input, fused=self.activation is not None or residual is not None)
-            or _no_kernels_for(input)
-            or _torch_semantics(self.eps, input, state)
-            or (not batch_stats and self._plain_inference(input, residual, state))
-        ):
+        if moments is None and self._torch_decides(input, residual, state, batch_stats):
             # Nothing to compute, or too little for the kernels to win: below the
             # crossover, what numbabn adds around them per call (Python, the autograd
             # Function) costs more than they save (README, "Small inputs"); on a GPU,
@@ -831,6 +830,24 @@ class NumbabnBatchNorm:
             b["running_mean"] if "running_mean" in b else self.running_mean,
             b["running_var"] if "running_var" in b else self.running_var,
             b["num_batches_tracked"] if "num_batches_tracked" in b else self.num_batches_tracked,
+        )
+
+    def _torch_decides(
+        self, input: torch.Tensor, residual: torch.Tensor | None, state: tuple[Any, ...], batch_stats: bool
+    ) -> bool:
+        """Whether PyTorch's op computes this (checked) call, eagerly and under
+        torch.compile alike: an input without values or in oneDNN's layout (which
+        ``_check_input`` lets through), one below the thresholds of "Small inputs"
+        (see the module docstring), a device without numbabn kernels, or a call
+        only PyTorch's op answers as torch.nn does (:func:`_torch_semantics`)."""
+        return (
+            input.numel() == 0
+            or input.layout != torch.strided
+            or _hand_to_torch(input)
+            or _channels_last_below(input, fused=self.activation is not None or residual is not None)
+            or _no_kernels_for(input)
+            or _torch_semantics(self.eps, input, state)
+            or (not batch_stats and self._plain_inference(input, residual, state))
         )
 
     def _settings(self, state: tuple[Any, ...]) -> tuple[bool, float, bool, Any, Any]:
