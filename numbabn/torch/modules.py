@@ -108,8 +108,8 @@ Where numbabn differs from PyTorch:
   between processes is no operator), ``momentum=None`` in training where
   PyTorch's op computes (its factor would be a graph constant: torch.nn's layer
   fails ``fullgraph=True`` there too), numbabn's CUDA kernels
-  (``NUMBABN_TORCH_CUDA_KERNELS=1``), and an input numbabn's checks refuse (the
-  eager call raises their error), and a momentum given as a NumPy scalar (Dynamo
+  (``NUMBABN_TORCH_CUDA_KERNELS=1``), an input numbabn's checks refuse (the
+  eager call raises their error), or a momentum given as a NumPy scalar (Dynamo
   traces it as an array; a Python float does not break the graph). Not checked
   under torch.compile: inference tensors (Dynamo cannot trace
   ``Tensor.is_inference``). A training call on inference-tensor buffers (a layer
