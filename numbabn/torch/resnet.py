@@ -53,7 +53,10 @@ def fuse_residual(model: torch.nn.Module) -> torch.nn.Module:
     """Fold each :class:`BasicBlock`'s residual addition and ReLU into its last batch
     norm, in place (after :func:`~numbabn.torch.convert_batchnorm`, which makes them
     numbabn modules); returns ``model``. Parameters, buffers and outputs are unchanged.
-    Blocks already fused (a second call) are left as they are."""
+    Blocks already fused (a second call) are left as they are. A fused block calls
+    its ``branch`` layer by layer (the last batch norm takes the residual), so hooks
+    registered on the ``branch`` Sequential itself no longer run: register them on
+    its layers."""
     from .modules import NumbabnBatchNorm
 
     # A fused block's batch norm has activation="relu": the check below would refuse it.
