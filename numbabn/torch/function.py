@@ -158,6 +158,16 @@ def normalize(
     # which the kernels would update a copy of) are updated through contiguous
     # compute-dtype copies, written back only once the forward has succeeded.
     staged = [(buf, _staged(buf, cdt)) for buf in (running_mean, running_var)]
+    if training:
+        for buf, staging in staged:
+            if buf is not None and staging is not buf and buf.numel() > 1 and 0 in buf.stride():
+                # Channels sharing one memory location (an expanded tensor) cannot take
+                # the write-back: refused now, before the kernels update the other
+                # buffer in place (a call that raises changes nothing).
+                raise RuntimeError(
+                    "numbabn.torch batch norm: unsupported operation: more than one element of the "
+                    "running statistic to update refers to a single memory location; clone() it first"
+                )
     y, out = B.empty_like(x, perm)
     with _team(x):  # PyTorch's OpenMP threads (see _openmp)
         _, bn = numbabn.batch_norm_forward(
