@@ -139,6 +139,15 @@ def canonical(fn: str, name: str, x: AnyArray, axis: int) -> Canonical:
         return cx._replace(array=cuda.to_device(arr))
     d = _device_view(fn, name, x)
     check_float_dtype(fn, name, d.dtype)
+    if not d.dtype.isnative:
+        # The host path converts big-endian data; on the device that takes a kernel
+        # reading it, and Numba cannot type a non-native dtype for one (the launch
+        # fails with "Unsupported array dtype"; the simulator ran and returned a
+        # big-endian y). Refused here, before anything is launched or changed.
+        raise TypeError(
+            f"{fn}: {name} is a GPU array in non-native byte order (dtype {d.dtype.str}), which the "
+            f"kernels cannot read; convert it on the host first (.astype({d.dtype.name!r}))"
+        )
     axis, layout, cshape, C, m = layout_of(fn, name, tuple(d.shape), axis)
     if not d.is_c_contiguous():
         raise ValueError(
@@ -172,8 +181,8 @@ def param(fn: str, name: str, value: AnyArray | None, channels: int, dtype: Any,
         )
     if d.dtype != dtype:
         raise TypeError(f"{fn}: {name} must have dtype {dtype} to match the input, got {d.dtype}")
-    if not d.is_c_contiguous():
-        raise ValueError(f"{fn}: {name} must be a contiguous GPU array")
+    if not d.is_c_contiguous():  # what came, as for x: the strides
+        raise ValueError(f"{fn}: {name} must be a C-contiguous GPU array, got strides {tuple(d.strides)}")
     if inplace and _device_readonly(value):
         raise ValueError(f"{fn}: {name} is updated in place but is read-only")
     return d
