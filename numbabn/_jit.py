@@ -306,9 +306,21 @@ def cached_entries() -> tuple[int, list[str]]:
             # an entry whose data file is gone (deleted, or a disk that filled up after
             # the index was written) is recompiled too
             count += sum(
-                cache._index_key(key[0], codegen) == key and os.path.exists(os.path.join(cache.cache_path, name))
+                _loadable_here(cache, key, codegen) and os.path.exists(os.path.join(cache.cache_path, name))
                 for key, name in index.items()
             )
         except Exception:  # corrupted: the next call recompiles it
             continue
     return count, sorted(dirs)
+
+
+def _loadable_here(cache: Any, key: Any, codegen: Any) -> bool:
+    """Whether the index entry ``key`` was compiled for this CPU: Numba's loader looks
+    an entry up by ``_index_key`` (signature, CPU name and features, ...). That is a
+    private method: should a Numba release change it, every entry counts as loadable
+    (as before this check) rather than none, which would make ``numbabn warmup``
+    report that nothing was cached."""
+    try:
+        return bool(cache._index_key(key[0], codegen) == key)
+    except (AttributeError, TypeError, IndexError):
+        return True

@@ -189,6 +189,10 @@ def test_entries_of_another_cpu_are_not_counted(tmp_path, monkeypatch):
     kernel.specialize((types.float64,))
     assert sum(kernel._specs[(types.float64,)].stats.cache_misses.values()) == 1  # as the count said
     assert _jit.cached_entries()[0] == 1  # this CPU's own entry, beside the other's
+    # Should Numba's private key method change, every entry counts (as before the CPU
+    # check) rather than none, which would make `numbabn warmup` fail.
+    monkeypatch.setattr(_jit._GuardedCache, "_index_key", None, raising=False)  # calling it: TypeError
+    assert _jit.cached_entries()[0] == 2
 
 
 # ------------------------------------------------------------------ the command line
