@@ -302,8 +302,9 @@ def internal_covariate_shift(
     step, and so do the hyperparameters as ``loss`` leaves them for this batch (a
     loss that sets the weight decay per batch, as the scikit-learn estimators' do,
     sets it for the replay as for the real step); every preceding parameter must be
-    managed by ``optimizer``. Layer 0 has no
-    predecessor, so its ICS is l2 = 0, cosine = 1. ``cosine`` is NaN when G or G′ is 0.
+    managed by ``optimizer``. A layer with no parameter before it (layer 0, unless
+    a batch norm on the input precedes it) has l2 = 0, cosine = 1. ``cosine`` is NaN
+    when G or G′ is 0.
 
     Returns ``{i: {"l2": float, "cosine": float, "grad_norm": ‖G‖₂}}`` (``grad_norm``
     puts l2 on the gradient's scale, which BN changes). Leaves model, optimizer and
