@@ -9,6 +9,7 @@ and the CUDA dispatch logic (on CPU tensors: no GPU here).
 
 import contextlib
 import copy
+import inspect
 import subprocess
 import sys
 import warnings
@@ -44,6 +45,8 @@ def assert_close(ours, theirs, what):
 
 def pair(name, C, kwargs, dtype, activation=None):
     """(numbabn module, torch module) with the same random affine parameters."""
+    if "bias" in kwargs and "bias" not in inspect.signature(getattr(torch.nn, name)).parameters:
+        pytest.skip(f"torch.nn.{name} of PyTorch {torch.__version__} has no bias argument")
     ours = getattr(nbt, name)(C, dtype=dtype, activation=activation, **kwargs)
     theirs = getattr(torch.nn, name)(ours.num_features, dtype=dtype, **kwargs)
     theirs.load_state_dict(ours.state_dict())
@@ -735,7 +738,11 @@ def test_exported_program_holds_torch_batch_norm(strict):
     program = torch.export.export(ours, (x,), strict=strict)
     assert "batch_norm" in str(program.graph)
     x2 = torch.randn(4, 3, 6, 6) - 1
-    torch.testing.assert_close(program.module()(x2), ref(x2), rtol=0, atol=0)
+    # PyTorch's op: the bits of torch.nn's eager layer on the PyTorch CI runs (2.13); on
+    # 2.4 the exported programs of both blocks round differently from it and each other
+    exact = torch.__version__ >= "2.13"  # a TorchVersion: compared as a version
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(program.module()(x2), ref(x2), **tol)
     torch.testing.assert_close(program.module()(x2), ours(x2), rtol=1e-5, atol=1e-6)
 
 
@@ -1041,12 +1048,15 @@ def test_eps_zero_like_torch(monkeypatch, training, eps):
     ours.train(training)
     theirs.train(training)
     x = torch.randn(4, 2, 8, 8)
-    if training:  # refused by PyTorch's op in training; nothing changes
+    try:
+        expected = theirs(x)
+    except ValueError:  # refused by PyTorch's op in training (PyTorch 2.4 takes it); nothing changes
+        assert training
         with pytest.raises(ValueError, match="eps must be positive"):
             ours(x)
         assert int(ours.num_batches_tracked) == 0 and torch.equal(ours.running_var, torch.ones(2))
         return
-    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    torch.testing.assert_close(ours(x), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("native_below", [0, 1 << 30])
@@ -1095,7 +1105,9 @@ def test_input_errors_are_also_torch_nn_exception_types(monkeypatch, native_belo
         (torch.ones(2, 3, 3, 3, dtype=torch.int64), NotImplementedError, nbt.UnsupportedDtypeError, TypeError),
     ]
     for x, torch_type, ours_type, numbabn_type in cases:
-        with pytest.raises(torch_type):
+        # (an integer input: NotImplementedError, a RuntimeError; PyTorch 2.4's was a plain
+        # RuntimeError, which numbabn's error is too)
+        with pytest.raises(RuntimeError):
             theirs(x)
         with pytest.raises(torch_type) as caught:
             ours(x)
@@ -1145,8 +1157,12 @@ def test_parameters_and_buffers_that_do_not_fit_each_other_raise_as_in_torch_nn(
     ours, theirs = nbt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
     change(ours), change(theirs)
     ours.train(training), theirs.train(training)
-    with pytest.raises((RuntimeError, ValueError)):  # one running statistic None: ValueError in training
+    try:
         theirs(x)
+    except (RuntimeError, ValueError):  # one running statistic None: ValueError in training
+        pass
+    else:  # PyTorch 2.4 normalised with the batch statistics there and updated running_mean alone
+        assert training and theirs.running_var is None
     before = {k: v.clone() for k, v in ours.state_dict().items()}
     with pytest.raises(RuntimeError) as caught:
         ours(x)

@@ -420,7 +420,9 @@ class NumbabnBatchNorm:
                 f"{name}: {missing} is None but the other running statistic is not; both are tensors "
                 "(track_running_stats=True) or both None"
             )
-        first = next((i for i in range(3) if state[i] is not None), None)  # weight, bias, running_mean
+        # weight, bias or running_mean, whichever is present first (no next() with a
+        # default: Dynamo in PyTorch 2.4 cannot trace it, and this runs under torch.compile)
+        first = 0 if state[0] is not None else 1 if state[1] is not None else 2 if state[2] is not None else None
         ref = None if first is None else state[first]
         if ref is None and not self._may_synchronize:
             # No per-channel state (affine=False, track_running_stats=False): any channel
