@@ -43,7 +43,8 @@ def test_ics_bn_does_not_reduce_internal_covariate_shift():
 def test_vgg_bn_is_smoother_on_every_measure():
     out = run("vgg")["lr=0.1"]
     for measure in ("loss_band_width", "grad_pred_max", "grad_pred_relative", "beta_smoothness", "hessian_norm"):
-        assert out["measures"][measure]["all"]["ratio"]["median"] < 0.6, measure  # seed 0: 0.005-0.42 (hessian_norm 0.42)
+        # seed 0: 0.005-0.42 (hessian_norm the largest)
+        assert out["measures"][measure]["all"]["ratio"]["median"] < 0.6, measure
     assert out["edge"]["bn"]["beta_lr_over_2"]["median"] < out["edge"]["standard"]["beta_lr_over_2"]["median"]
     assert out["final"]["bn"]["train_loss"]["median"] < out["final"]["standard"]["train_loss"]["median"]
 
