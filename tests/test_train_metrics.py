@@ -198,6 +198,23 @@ def test_hessian_default_eps_sits_on_the_relu_plateau():
     assert results[1e-1]["eps"] < 1e-1 and values[1e-1] == pytest.approx(values[1e-6], rel=1e-3)
 
 
+def test_hessian_without_a_stable_eps_returns_the_best_checked_value_and_warns():
+    """A float32 ReLU network where no ε agrees with ε/10 (the float64 network: 1.2995
+    at every ε): the value whose check agreed best, with a warning, not the one at the
+    smallest ε, whose rounding error is largest (it returned 55.5 silently)."""
+    rng = np.random.default_rng(7)
+    widths = [20, 200, 200, 200, 200, 10]
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        layers += [Linear(a, b, rng=rng, dtype=np.float32), ReLU()]
+    model = Sequential(*layers[:-1])
+    X, y = rng.standard_normal((60, 20)).astype(np.float32), rng.integers(0, 10, 60)
+    with pytest.warns(RuntimeWarning, match="no finite-difference step gave a stable eigenvalue"):
+        res = hessian_top_eigenvalue(model, SoftmaxCrossEntropy(), (X, y), iters=50, tol=1e-6, eps=1e-2)
+    assert res["eps_agreement"] > 1e-2  # flagged in the record too
+    assert abs(res["eigenvalue"]) < 10, res  # not the 55.5 of the smallest step
+
+
 def test_hessian_a_kink_within_eps_is_detected_and_eps_shrunk():
     """A ReLU pre-activation 1e-7 from its kink: the default ε = 1e-6 crosses it and
     the product measures the gradient's jump / 2ε (λ = −46 061, ‖H‖₂ 20 000× too
