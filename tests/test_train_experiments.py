@@ -392,3 +392,20 @@ def test_ioffe_population_series_ends_at_the_last_step(tmp_path):
     for run in runs.values():
         assert run["metrics"]["population_test_accuracy"]["step"] == [*range(STEPS), STEPS]
         assert run["metrics"]["percentiles"]["step"] == list(range(STEPS))  # needs a training batch
+
+
+def test_steps_to_a_threshold_count_seeds_that_never_got_there():
+    """``_speed``: a seed whose run never reached the threshold counts as later than
+    every seed that did (the median of 600, 650 and never is 650, not 625: the seeds
+    that got there alone), and is still a win for the network that got there."""
+    steps = [100, 300, 600, 650]
+    first = {("standard", 0): 600, ("standard", 1): 650, ("standard", 2): None}
+    first.update({("bn", 0): 100, ("bn", 1): 100, ("bn", 2): 300})
+    runs = {
+        (0.1, seed, net): (steps, [0.9 if at is not None and s >= at else 0.5 for s in steps])
+        for (net, seed), at in first.items()
+    }
+    out = experiments._speed(runs, 0.1, [0, 1, 2], ("standard", "bn"), 0.85, lambda history: history)
+    assert out["standard"] == {"median": 650.0, "q25": 625.0, "q75": np.inf, "n": 3, "not_reached": 1}
+    assert out["bn"] == {"median": 100.0, "q25": 100.0, "q75": 200.0, "n": 3, "not_reached": 0}
+    assert out["bn_first"]["k"] == 3 and out["bn_first"]["n"] == 3

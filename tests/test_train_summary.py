@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import binom
 
 from numbabn.train.lr_search import largest_stable_lr, trains
-from numbabn.train.summary import binomial_interval, compare, format_summary, spread, win_count
+from numbabn.train.summary import binomial_interval, censored_spread, compare, format_summary, spread, win_count
 
 
 def test_spread_median_and_iqr_drop_non_finite():
@@ -17,6 +17,35 @@ def test_spread_median_and_iqr_drop_non_finite():
     assert out == {"median": 2.5, "q25": 1.75, "q75": 3.25, "n": 4, "dropped": 2}
     empty = spread([np.nan])
     assert math.isnan(empty["median"]) and empty["n"] == 0 and empty["dropped"] == 1
+
+
+def test_censored_spread_counts_runs_that_never_got_there_as_later_than_every_other():
+    """Steps to a threshold: a run that never got there (NaN or inf) is later than
+    every run that did. Left out (``spread``), the median of 100, 200 and a run that
+    never got there read 150, the runs that got there alone: survivorship."""
+    assert censored_spread([100.0, np.nan, 200.0]) == {
+        "median": 200.0,
+        "q25": 150.0,
+        "q75": math.inf,
+        "n": 3,
+        "not_reached": 1,
+    }
+    # an order statistic right before the runs that never got there is still finite
+    assert censored_spread([4, 2, 1, 3, np.inf]) == {"median": 3.0, "q25": 2.0, "q75": 4.0, "n": 5, "not_reached": 1}
+    values = [600.0, 650.0, 600.0, 700.0]  # every run got there: spread's numbers
+    plain, censored = spread(values), censored_spread(values)
+    assert [censored[k] for k in ("median", "q25", "q75", "n")] == [plain[k] for k in ("median", "q25", "q75", "n")]
+    assert censored["not_reached"] == 0
+    assert censored_spread([np.nan, np.inf]) == {
+        "median": math.inf,
+        "q25": math.inf,
+        "q75": math.inf,
+        "n": 2,
+        "not_reached": 2,
+    }
+    assert math.isnan(censored_spread([])["median"]) and censored_spread([])["n"] == 0
+    with pytest.raises(ValueError, match="censored_spread: values must not be negative"):
+        censored_spread([3.0, -1.0])
 
 
 def test_clopper_pearson_closed_forms():
@@ -77,7 +106,13 @@ def test_format_summary_reads_as_text():
     standard = np.array([[2.0, 4.0, 1.0, 1.0], [4.0, 4.0, 4.0, 4.0]])
     summary = {
         "data": "digits 8×8",
-        "lr=0.1": {"l2": compare(bn, standard), "steps": spread([np.nan, np.inf]), "first": win_count(0, 0)},
+        "lr=0.1": {
+            "l2": compare(bn, standard),
+            "steps": spread([np.nan, np.inf]),
+            "to_95": censored_spread([100.0, np.nan, 200.0]),
+            "to_99": censored_spread([np.nan, np.nan]),
+            "first": win_count(0, 0),
+        },
         "figures": ["a.png", "b.png"],
         "skipped": {},
         "seconds": 3.14159,
@@ -92,6 +127,8 @@ def test_format_summary_reads_as_text():
         "    bn:       median 2, IQR 2 to 2, n=7, 1 dropped",
         "    standard: median 4, IQR 3 to 4, n=7, 1 dropped",
         "  steps: no finite value, 2 dropped",
+        "  to_95: median 200, IQR 150 to not reached, n=3, 1 not reached",
+        "  to_99: not reached, n=2, 2 not reached",
         "  first: 0 of 0",
         "figures: a.png, b.png",
         "skipped: (empty)",

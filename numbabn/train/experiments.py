@@ -499,11 +499,12 @@ def _first_reach(steps, values, threshold):
 
 def _speed(runs, lr, seeds, nets, threshold, series):
     """Steps until ``series(history) -> (steps, values)`` first reaches ``threshold``,
-    per network (spread over seeds; never reached: dropped and counted), and for
-    every other network against "standard": on how many seeds it got there first
-    (ties and runs where neither got there are left out)."""
+    per network (:func:`summary.censored_spread` over seeds: a seed that never got
+    there counts as later than every seed that did), and for every other network
+    against "standard": on how many seeds it got there first (ties and runs where
+    neither got there are left out)."""
     reach = {net: np.array([_first_reach(*series(runs[(lr, seed, net)]), threshold) for seed in seeds]) for net in nets}
-    out = {net: S.spread(r) for net, r in reach.items()}
+    out = {net: S.censored_spread(r) for net, r in reach.items()}
     for net in nets:
         if net != "standard":
             a, b = (

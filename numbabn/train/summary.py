@@ -7,6 +7,12 @@ network, a ``(seeds, probes)`` array of one measure. What the experiments report
 ``spread(values)``
     ``{"median", "q25", "q75", "n"}`` over every finite value (NaN/inf dropped and
     counted in ``"dropped"``): the median with its interquartile band.
+``censored_spread(values)``
+    The same for times to an event (steps until a threshold is reached), where a
+    run that never got there (NaN or inf) counts as later than every run that did
+    instead of being dropped: a quantile that falls among those runs is +inf ("not
+    reached"), and ``"not_reached"`` counts them. Dropping them would report only
+    the runs that got there (survivorship).
 ``win_count(k, n)``
     "BN smaller on k of n" with the exact (Clopper–Pearson) two-sided 95 % interval
     for the underlying probability. The interval assumes n independent trials.
@@ -24,6 +30,7 @@ network, a ``(seeds, probes)`` array of one measure. What the experiments report
     honest. Both are reported, the seed count first in the docs.
 """
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,6 +49,33 @@ def spread(values: ArrayLike) -> dict[str, Any]:
         return {"median": float("nan"), "q25": float("nan"), "q75": float("nan"), **out}
     q25, med, q75 = np.percentile(finite, [25, 50, 75])
     return {"median": float(med), "q25": float(q25), "q75": float(q75), **out}
+
+
+def censored_spread(values: ArrayLike) -> dict[str, Any]:
+    """``{"median", "q25", "q75", "n", "not_reached"}`` of times to an event, >= 0,
+    where NaN or inf means the run ended before the event (right-censored).
+
+    The censored runs sort after every observed time; each quantile is NumPy's
+    linear one over all ``n`` runs, and +inf when it needs a censored run. With
+    no censored run the numbers are :func:`spread`'s.
+    """
+    arr = np.asarray(values, dtype=np.float64).ravel()
+    if np.any(arr < 0):
+        raise ValueError(f"censored_spread: values must not be negative (times to an event), got {arr.min()!r}")
+    arr = np.sort(np.where(np.isnan(arr), np.inf, arr))
+    n = arr.size
+    out = {"n": int(n), "not_reached": int(np.sum(np.isinf(arr)))}
+    if n == 0:
+        return {"median": float("nan"), "q25": float("nan"), "q75": float("nan"), **out}
+
+    def quantile(q: float) -> float:
+        h = (n - 1) * q
+        lo, hi = math.floor(h), math.ceil(h)
+        if math.isinf(arr[hi]):
+            return math.inf
+        return float(arr[lo] + (arr[hi] - arr[lo]) * (h - lo))
+
+    return {"median": quantile(0.5), "q25": quantile(0.25), "q75": quantile(0.75), **out}
 
 
 def binomial_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -101,10 +135,13 @@ def compare(bn: ArrayLike, standard: ArrayLike) -> dict[str, Any]:
 
 
 _SPREAD_KEYS = frozenset({"median", "q25", "q75", "n", "dropped"})
+_CENSORED_KEYS = frozenset({"median", "q25", "q75", "n", "not_reached"})
 _WIN_KEYS = frozenset({"k", "n", "fraction", "ci"})
 
 
 def _number(value: Any) -> str:
+    if value == math.inf:
+        return "not reached"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -120,6 +157,16 @@ def _leaf(value: Any) -> str | None:
             return (
                 f"median {_number(value['median'])}, IQR {_number(value['q25'])} to {_number(value['q75'])}, "
                 f"n={value['n']}{dropped}"
+            )
+        if set(value) == _CENSORED_KEYS:
+            late = f", {value['not_reached']} not reached" if value["not_reached"] else ""
+            if not value["n"]:
+                return "no runs"
+            if value["median"] == math.inf and value["q25"] == math.inf:
+                return f"not reached, n={value['n']}{late}"
+            return (
+                f"median {_number(value['median'])}, IQR {_number(value['q25'])} to {_number(value['q75'])}, "
+                f"n={value['n']}{late}"
             )
         if set(value) == _WIN_KEYS:
             if not value["n"]:
@@ -137,7 +184,8 @@ def format_summary(summary: Mapping[str, Any], indent: int = 0) -> str:
     strings and lists) as lines of text: a section's name on its own line with its
     entries indented below it; ``name: value`` for the rest, names aligned within
     a section. A spread reads ``median M, IQR Q25 to Q75, n=N`` (``, D dropped``
-    when values were not finite), a win count ``K of N (fraction; 95% CI lower to
+    when values were not finite; a censored spread ``, K not reached``, and
+    "not reached" for a quantile among those runs), a win count ``K of N (fraction; 95% CI lower to
     upper)``."""
     pad = " " * indent
     leaves = {key: _leaf(value) for key, value in summary.items()}
