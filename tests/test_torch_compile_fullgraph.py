@@ -12,14 +12,14 @@ inductor test (compiles are slow on two cores).
 import copy
 
 import pytest
-import torch
 
-import numbabn.torch as nbt
-from numbabn import config
-from numbabn.torch import ops
-
-torch._dynamo = pytest.importorskip("torch._dynamo")
+torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+pytest.importorskip("torch._dynamo")
 from torch._dynamo.utils import counters  # noqa: E402
+
+import numbabn.torch as nbt  # noqa: E402
+from numbabn import config  # noqa: E402
+from numbabn.torch import ops  # noqa: E402
 
 
 class _WithResidual(torch.nn.Module):
