@@ -1,7 +1,22 @@
 """Shared test helpers: cases, tolerances, finite differences, the backend under test."""
 
+import inspect
+
 import numpy as np
 import pytest
+
+
+def estimator_checks(estimators, expected_failed_checks):
+    """scikit-learn's ``parametrize_with_checks`` with the expected failures strict (one
+    that passes fails the test) where scikit-learn offers it (``xfail_strict``, 1.8 and
+    later); on 1.6 and 1.7, which pyproject allows, they are plain xfails."""
+    from sklearn.utils.estimator_checks import parametrize_with_checks
+
+    strict = "xfail_strict" in inspect.signature(parametrize_with_checks).parameters
+    return parametrize_with_checks(
+        estimators, expected_failed_checks=expected_failed_checks, **({"xfail_strict": True} if strict else {})
+    )
+
 
 # (shape, axis) covering both canonical layouts, L == 1, channels-last, odd sizes.
 CASES = [

@@ -14,9 +14,10 @@ from sklearn.datasets import load_digits, make_blobs, make_regression
 from sklearn.exceptions import ConvergenceWarning, DataConversionWarning
 from sklearn.model_selection import GridSearchCV, train_test_split
 from sklearn.pipeline import make_pipeline
-from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from numbabn.sklearn import BatchNormTransformer, BNMLPClassifier, BNMLPRegressor
+
+from .helpers import estimator_checks
 
 # Short training budgets are the point of these tests; the warning is tested once, explicitly.
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -51,7 +52,7 @@ def _expected_failed_checks(estimator):
     return {**failed, **dict.fromkeys(checks, reason)}
 
 
-@parametrize_with_checks(
+@estimator_checks(
     [
         BNMLPClassifier(**FAST),
         BNMLPRegressor(**FAST),
@@ -77,8 +78,7 @@ def _expected_failed_checks(estimator):
         BNMLPRegressor(hidden_layer_sizes=(16,), solver="lbfgs", batch_norm=False, max_iter=50),
         BNMLPRegressor(hidden_layer_sizes=(16,), loss="poisson", max_iter=100, learning_rate_init=0.05),
     ],
-    expected_failed_checks=_expected_failed_checks,
-    xfail_strict=True,
+    _expected_failed_checks,
 )
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)

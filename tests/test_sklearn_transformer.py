@@ -11,10 +11,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from numbabn.sklearn import BatchNormTransformer
 from numbabn.sklearn import transformer as transformer_module
+
+from .helpers import estimator_checks
 
 
 def _expected_failed_checks(estimator):
@@ -26,14 +27,13 @@ def _expected_failed_checks(estimator):
     return {}
 
 
-@parametrize_with_checks(
+@estimator_checks(
     [
         BatchNormTransformer(),
         BatchNormTransformer(momentum=0.1),
         BatchNormTransformer(momentum=1.0, gamma=2.0, beta=-1.0, copy=False),
     ],
-    expected_failed_checks=_expected_failed_checks,
-    xfail_strict=True,
+    _expected_failed_checks,
 )
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
