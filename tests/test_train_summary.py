@@ -32,10 +32,12 @@ def test_censored_spread_counts_runs_that_never_got_there_as_later_than_every_ot
     }
     # an order statistic right before the runs that never got there is still finite
     assert censored_spread([4, 2, 1, 3, np.inf]) == {"median": 3.0, "q25": 2.0, "q75": 4.0, "n": 5, "not_reached": 1}
-    values = [600.0, 650.0, 600.0, 700.0]  # every run got there: spread's numbers
-    plain, censored = spread(values), censored_spread(values)
-    assert [censored[k] for k in ("median", "q25", "q75", "n")] == [plain[k] for k in ("median", "q25", "q75", "n")]
-    assert censored["not_reached"] == 0
+    rng = np.random.default_rng(0)
+    for n in range(1, 9):  # every run got there: spread's numbers, bit for bit
+        values = rng.exponential(100.0, n)
+        plain, censored = spread(values), censored_spread(values)
+        assert [censored[k] for k in ("median", "q25", "q75", "n")] == [plain[k] for k in ("median", "q25", "q75", "n")]
+        assert censored["not_reached"] == 0
     assert censored_spread([np.nan, np.inf]) == {
         "median": math.inf,
         "q25": math.inf,
@@ -44,8 +46,8 @@ def test_censored_spread_counts_runs_that_never_got_there_as_later_than_every_ot
         "not_reached": 2,
     }
     assert math.isnan(censored_spread([])["median"]) and censored_spread([])["n"] == 0
-    with pytest.raises(ValueError, match="censored_spread: values must not be negative"):
-        censored_spread([3.0, -1.0])
+    with pytest.raises(ValueError, match=r"censored_spread: values must not be negative .* got -1\.0"):
+        censored_spread([np.nan, 3.0, -1.0])
 
 
 def test_clopper_pearson_closed_forms():

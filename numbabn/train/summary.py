@@ -55,27 +55,32 @@ def censored_spread(values: ArrayLike) -> dict[str, Any]:
     """``{"median", "q25", "q75", "n", "not_reached"}`` of times to an event, >= 0,
     where NaN or inf means the run ended before the event (right-censored).
 
-    The censored runs sort after every observed time; each quantile is NumPy's
-    linear one over all ``n`` runs, and +inf when it needs a censored run. With
-    no censored run the numbers are :func:`spread`'s.
+    The censored runs sort after every observed time. Each quantile is NumPy's
+    linear one over all ``n`` runs (the same bits as :func:`spread` when no run is
+    censored), and +inf when it needs a censored run.
     """
     arr = np.asarray(values, dtype=np.float64).ravel()
     if np.any(arr < 0):
-        raise ValueError(f"censored_spread: values must not be negative (times to an event), got {arr.min()!r}")
+        raise ValueError(
+            f"censored_spread: values must not be negative (times to an event), got {float(arr[arr < 0].min())!r}"
+        )
     arr = np.sort(np.where(np.isnan(arr), np.inf, arr))
-    n = arr.size
-    out = {"n": int(n), "not_reached": int(np.sum(np.isinf(arr)))}
+    n, censored = arr.size, int(np.sum(np.isinf(arr)))
+    out = {"n": int(n), "not_reached": censored}
     if n == 0:
         return {"median": float("nan"), "q25": float("nan"), "q75": float("nan"), **out}
-
-    def quantile(q: float) -> float:
-        h = (n - 1) * q
-        lo, hi = math.floor(h), math.ceil(h)
-        if math.isinf(arr[hi]):
-            return math.inf
-        return float(arr[lo] + (arr[hi] - arr[lo]) * (h - lo))
-
-    return {"median": quantile(0.5), "q25": quantile(0.25), "q75": quantile(0.75), **out}
+    # A quantile depends only on the two order statistics around its position, so the
+    # censored runs (sorted last) may stand in as any value >= the observed ones for
+    # NumPy's interpolation; the quantiles that reach one of them are +inf.
+    observed = arr[: n - censored]
+    filled = np.where(np.isinf(arr), observed[-1] if observed.size else 0.0, arr)
+    names, qs = ("median", "q25", "q75"), (0.5, 0.25, 0.75)
+    values = np.percentile(filled, [100 * q for q in qs])
+    quantiles = {
+        name: math.inf if math.isinf(arr[math.ceil((n - 1) * q)]) else float(v)
+        for name, q, v in zip(names, qs, values, strict=True)
+    }
+    return {**quantiles, **out}
 
 
 def binomial_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -140,8 +145,6 @@ _WIN_KEYS = frozenset({"k", "n", "fraction", "ci"})
 
 
 def _number(value: Any) -> str:
-    if value == math.inf:
-        return "not reached"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -162,12 +165,11 @@ def _leaf(value: Any) -> str | None:
             late = f", {value['not_reached']} not reached" if value["not_reached"] else ""
             if not value["n"]:
                 return "no runs"
-            if value["median"] == math.inf and value["q25"] == math.inf:
+            if value["q25"] == math.inf:  # then every quantile is
                 return f"not reached, n={value['n']}{late}"
-            return (
-                f"median {_number(value['median'])}, IQR {_number(value['q25'])} to {_number(value['q75'])}, "
-                f"n={value['n']}{late}"
-            )
+            q75 = "not reached" if value["q75"] == math.inf else _number(value["q75"])
+            median = "not reached" if value["median"] == math.inf else _number(value["median"])
+            return f"median {median}, IQR {_number(value['q25'])} to {q75}, n={value['n']}{late}"
         if set(value) == _WIN_KEYS:
             if not value["n"]:
                 return "0 of 0"
