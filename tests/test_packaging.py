@@ -149,3 +149,44 @@ def test_the_suite_collects_without_the_packages_the_readme_test_command_does_no
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "error" not in proc.stdout.splitlines()[-1]
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """Each package numbabn's code imports (at module level or inside a function) is
+    named in pyproject, as a dependency or in an extra. SciPy and threadpoolctl were
+    imported but came only through scikit-learn's own requirements, so nothing
+    pinned the versions numbabn needs (``scipy.special.log_expit``: SciPy 1.8)."""
+    import ast
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+
+    def name(requirement):
+        for stop in "<>=!~[; ":
+            requirement = requirement.split(stop)[0]
+        return requirement.lower().replace("_", "-")
+
+    declared = {name(r) for r in requirements}
+    imported = set()
+    for folder in ("numbabn", "plugins"):
+        for dirpath, _, files in os.walk(os.path.join(root, folder)):
+            for file in files:
+                if file.endswith(".py"):
+                    with open(os.path.join(dirpath, file), encoding="utf-8") as f:
+                        tree = ast.parse(f.read())
+                    for node in ast.walk(tree):
+                        if isinstance(node, ast.Import):
+                            imported.update(alias.name.split(".")[0] for alias in node.names)
+                        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                            imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"numbabn", "numbabn_plugins"}
+    distributions = packages_distributions()
+    # a module of a package not installed here (torch, without the extra) is taken
+    # to come from the distribution of its own name
+    provided_by = {module: {name(d) for d in distributions.get(module, [module])} for module in third_party}
+    undeclared = {module: dists for module, dists in sorted(provided_by.items()) if not declared & dists}
+    assert not undeclared, f"imported but not named in pyproject: {undeclared}"
