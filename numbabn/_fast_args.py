@@ -175,8 +175,8 @@ def backward_args(dy: Any, ctx: Any, out: Any) -> tuple[Canonical, Any] | None:
     """(canonical ``dy``, the buffer dx is written to) of a host ``batch_norm_backward``
     of a CPU forward without a residual, when ``dy`` is like the forward's input
     (shape, dtype, C-contiguous) and ``out`` is None or a writeable C-contiguous array
-    of that shape and dtype sharing no memory with ``dy`` or the forward's input;
-    None otherwise."""
+    of that shape and dtype sharing no memory with ``dy``, the forward's input or
+    gamma; None otherwise."""
     if type(ctx) is not BatchNormContext or ctx.backend != "cpu" or ctx.residual is not None:
         return None
     cdy = canonical_input(dy, ctx.axis)
@@ -185,5 +185,5 @@ def backward_args(dy: Any, ctx: Any, out: Any) -> tuple[Canonical, Any] | None:
     cshape = ctx.x.shape
     if out is None:
         return cdy, _buffers.empty(cshape, ctx.x.dtype, dy.nbytes)
-    dx = _output(out, dy, ctx.dtype, cshape, (dy, ctx.x))
+    dx = _output(out, dy, ctx.dtype, cshape, (dy, ctx.x, ctx.gamma))
     return None if dx is None else (cdy, dx)

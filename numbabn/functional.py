@@ -391,9 +391,10 @@ def batch_norm_forward(
         count,
         coef,
         None if cres is None else cres.array,
-        # CUDA: the caller's arrays, which cx.array and cres.array may be device copies
-        # of, for the backward's out-overlap check (references; the CPU's are views).
-        () if be is _cpu_backend else (x,) if residual is None else (x, residual),
+        # CUDA: the caller's arrays, which cx.array, cres.array and g may be device
+        # copies of, for the backward's out-overlap check (references; the CPU's are
+        # views, and its g is gamma or a copy of it).
+        () if be is _cpu_backend else (x, gamma) if residual is None else (x, gamma, residual),
     )
     return result, ctx
 
@@ -412,7 +413,8 @@ def batch_norm_backward(
     ``dy`` has the shape and dtype of the forward input; ``ctx`` is what
     :func:`batch_norm_forward` returned. Dispatches on ``ctx.backend``. ``dgamma``
     and ``dbeta`` are None where the forward had no gamma/beta. ``out`` optionally
-    receives dx (same rules as the forward's ``out``). After a CUDA forward, GPU ``dy``
+    receives dx (C-contiguous, writeable, not overlapping ``dy``, the forward's input
+    or residual, or gamma, which the context keeps). After a CUDA forward, GPU ``dy``
     gives device arrays and NumPy ``dy`` gives NumPy arrays.
 
     ``dresidual`` (residual forward only) is ``dy`` times the ReLU mask (with
@@ -449,16 +451,18 @@ def batch_norm_backward(
         residual = ctx.residual is not None
         if residual_out is not None and not residual:
             raise ValueError(f"{fn}: residual_out is for the gradient of a residual, but the forward had none")
-        inputs = ((dy, ctx.x) if not residual else (dy, ctx.x, ctx.residual)) + ctx.sources
+        # gamma too: the context keeps the caller's (a C-contiguous one by reference),
+        # and a later backward on this context reads it again.
+        inputs = ((dy, ctx.x) if not residual else (dy, ctx.x, ctx.residual)) + (ctx.gamma,) + ctx.sources
         dx = be.output(
             fn,
             out,
             cdy,
             host,
             inputs,
-            "out must not overlap dy or the forward input"
+            "out must not overlap dy, the forward input or gamma"
             if not residual
-            else "out must not overlap dy or the forward input or residual",
+            else "out must not overlap dy, the forward input or residual, or gamma",
         )
         dres = None
         if residual:
@@ -468,7 +472,7 @@ def batch_norm_backward(
                 cdy,
                 host,
                 inputs + ((out,) if out is not None else ()),
-                "residual_out must not overlap dy, out or the forward input or residual",
+                "residual_out must not overlap dy, out, the forward input or residual, or gamma",
                 "residual_out",
             )
     partials = be.grad_sums(cdy, ctx)

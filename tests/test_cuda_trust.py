@@ -36,15 +36,35 @@ def test_backward_out_may_not_be_the_host_input_of_a_cuda_forward(rng, residual)
     x0, r0 = x.copy(), None if r is None else r.copy()
     for be in ("cpu", "cuda"):
         _, ctx = numbabn.batch_norm_forward(x, residual=r, backend=be)
-        with pytest.raises(ValueError, match="out must not overlap dy or the forward input"):
+        with pytest.raises(ValueError, match="out must not overlap dy, the forward input"):
             numbabn.batch_norm_backward(dy, ctx, out=x)
         if residual:
-            with pytest.raises(ValueError, match="out must not overlap dy or the forward input or residual"):
+            with pytest.raises(ValueError, match="out must not overlap dy, the forward input or residual"):
                 numbabn.batch_norm_backward(dy, ctx, out=r)
-            with pytest.raises(ValueError, match="residual_out must not overlap dy, out or the forward input"):
+            with pytest.raises(ValueError, match="residual_out must not overlap dy, out, the forward input"):
                 numbabn.batch_norm_backward(dy, ctx, residual_out=x)
             np.testing.assert_array_equal(r, r0)
         np.testing.assert_array_equal(x, x0)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_backward_out_may_not_overlap_the_callers_gamma_after_a_cuda_forward(rng, on_device):
+    """The CUDA context holds a device copy of a host gamma (or the caller's device
+    gamma itself): an ``out`` sharing the caller's gamma is refused, as on the CPU."""
+    x = rng.standard_normal((6, 3)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    buf = np.zeros(21, np.float32)
+    buf[:3] = [0.5, 1.5, -2.0]
+    if on_device:
+        dbuf = cuda.to_device(buf)
+        gamma, aliasing, dy_ = dbuf[:3], dbuf[:18].reshape(6, 3), cuda.to_device(dy)
+    else:
+        gamma, aliasing, dy_ = buf[:3], buf[:18].reshape(6, 3), dy
+    _, ctx = numbabn.batch_norm_forward(x, gamma, None, backend="cuda")
+    with pytest.raises(ValueError, match="out must not overlap dy, the forward input or gamma"):
+        numbabn.batch_norm_backward(dy_, ctx, out=aliasing)
+    host = dbuf.copy_to_host() if on_device else buf
+    np.testing.assert_array_equal(host[:3], [0.5, 1.5, -2.0])
 
 
 def test_backward_out_may_not_be_a_float16_device_input():
@@ -53,7 +73,7 @@ def test_backward_out_may_not_be_a_float16_device_input():
     xh = np.random.default_rng(1).standard_normal((6, 3)).astype(np.float16)
     x = cuda.to_device(xh)
     _, ctx = numbabn.batch_norm_forward(x)
-    with pytest.raises(ValueError, match="out must not overlap dy or the forward input"):
+    with pytest.raises(ValueError, match="out must not overlap dy, the forward input"):
         numbabn.batch_norm_backward(cuda.to_device(np.ones_like(xh)), ctx, out=x)
     np.testing.assert_array_equal(x.copy_to_host(), xh)
 

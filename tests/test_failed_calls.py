@@ -274,6 +274,38 @@ def test_functional_backward_with_a_bad_out_writes_nothing():
     np.testing.assert_array_equal(out, 7.0)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "full-checks"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_backward_out_may_not_overlap_gamma(fast, residual):
+    """The context keeps a C-contiguous gamma by reference and every backward on it
+    reads gamma again: an ``out`` (or ``residual_out``) carved from the same buffer as
+    gamma is refused, as in the forward, and gamma and a later backward are intact.
+    ``allreduce=`` (identity) takes the full checks instead of the fast path."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 3)).astype(np.float32)
+    dy = rng.standard_normal((6, 3)).astype(np.float32)
+    buf = np.empty(3 + 18, np.float32)  # gamma, then one (6, 3) output, in one buffer
+    gamma = buf[:3]
+    gamma[:] = [0.5, 1.5, -2.0]
+    r = rng.standard_normal((6, 3)).astype(np.float32) if residual else None
+    _, ctx = numbabn.batch_norm_forward(x, gamma, None, residual=r)
+    first = numbabn.batch_norm_backward(dy, ctx)
+    kwargs = {} if fast else {"allreduce": lambda s: s}
+    aliasing = buf[:18].reshape(6, 3)  # starts at gamma
+    with pytest.raises(ValueError, match="out must not overlap dy, the forward input.* or gamma"):
+        numbabn.batch_norm_backward(dy, ctx, out=aliasing, **kwargs)
+    if residual:
+        with pytest.raises(ValueError, match="residual_out must not overlap .* or gamma"):
+            numbabn.batch_norm_backward(dy, ctx, residual_out=aliasing, **kwargs)
+    np.testing.assert_array_equal(gamma, [0.5, 1.5, -2.0])
+    # the rest of the buffer (apart from gamma) is a fine output
+    apart = buf[3:].reshape(6, 3)
+    again = numbabn.batch_norm_backward(dy, ctx, out=apart, **kwargs)
+    assert again[0] is apart
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_context_repr_is_short():
     x = np.random.default_rng(0).standard_normal((64, 16, 8, 8)).astype(np.float32)
     _, ctx = numbabn.batch_norm_forward(x, np.ones(16, np.float32), None)
