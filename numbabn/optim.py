@@ -29,6 +29,18 @@ from ._typing import FloatArray
 from .layers.base import Parameter
 
 
+def _check_like(fn: str, what: str, whose: str, arr: Any, value: np.ndarray) -> None:
+    """``arr`` must be an array of ``value``'s shape and dtype: a TypeError for
+    anything else or another dtype (as a wrong dtype is in the layers and the
+    functional API), a ValueError for another shape."""
+    if not isinstance(arr, np.ndarray) or arr.dtype != value.dtype or arr.shape != value.shape:
+        wrong_type = not isinstance(arr, np.ndarray) or arr.dtype != value.dtype
+        raise (TypeError if wrong_type else ValueError)(
+            f"{fn}: {what} must be an array of {whose} shape {value.shape} and dtype {value.dtype}, "
+            f"got {V.describe(arr)}"
+        )
+
+
 def _real(
     fn: str,
     name: str,
@@ -153,11 +165,7 @@ class Optimizer:
                 f"{fn}: the value of {p!r} must be a writeable NumPy array (it is updated in place), "
                 f"got {'a read-only array' if isinstance(value, np.ndarray) else V.describe(value)}"
             )
-        if not isinstance(grad, np.ndarray) or grad.shape != value.shape or grad.dtype != value.dtype:
-            raise ValueError(
-                f"{fn}: the grad of {p!r} must be an array of its value's shape "
-                f"{value.shape} and dtype {value.dtype}, got {V.describe(grad)}"
-            )
+        _check_like(fn, f"the grad of {p!r}", "its value's", grad, value)
         # ``state`` is public and may have been set by hand: the rules load_state_dict
         # applies, so that _update never meets a form it cannot take (a step of -1 gave
         # Python's bare ZeroDivisionError, a missing one a KeyError).
@@ -175,11 +183,8 @@ class Optimizer:
         for key, arr in state.items():
             if key == "step":
                 V.check_int(fn, f"{label}: 'step'", arr, 0)
-            elif not isinstance(arr, np.ndarray) or arr.shape != value.shape or arr.dtype != value.dtype:
-                raise ValueError(
-                    f"{fn}: {label}: {key!r} must be an array of the parameter's shape {value.shape} "
-                    f"and dtype {value.dtype}, got {V.describe(arr)}"
-                )
+            else:
+                _check_like(fn, f"{label}: {key!r}", "the parameter's", arr, value)
 
     # ------------------------------------------------------------ state
     def hyperparameters(self) -> dict[str, Any]:

@@ -196,14 +196,14 @@ def test_load_state_dict_errors_leave_state_untouched(rng):
     bad_count["state"].pop()
     bad_hyper = copy.deepcopy(good)
     bad_hyper["hyperparameters"]["lr"] = -1.0
-    for state, match in [
-        (bad_shape, "shape"),
-        (bad_dtype, "dtype"),
-        (bad_count, "one dict per parameter"),
-        (bad_hyper, "lr must be"),
-        ({"state": []}, "keys"),
+    for state, error, match in [
+        (bad_shape, ValueError, "shape"),
+        (bad_dtype, TypeError, "dtype"),  # a TypeError, as a wrong dtype is everywhere
+        (bad_count, ValueError, "one dict per parameter"),
+        (bad_hyper, ValueError, "lr must be"),
+        ({"state": []}, ValueError, "keys"),
     ]:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(error, match=match):
             opt.load_state_dict(state)
         assert opt.lr == 0.1
         for s, g in zip(opt.state, good["state"], strict=True):
@@ -226,7 +226,15 @@ def test_constructor_and_step_errors(rng):
         Adam([])
     opt = SGD(params, lr=0.1)
     params[0].grad = np.zeros(SHAPES[0], np.float32)
-    with pytest.raises(ValueError, match="shape .* and dtype float64"):
+    with pytest.raises(
+        TypeError, match=r"^SGD.step: the grad of .* must be an array of its value's shape .* and dtype float64, got "
+    ):
+        opt.step()
+    params[0].grad = np.zeros((7,), np.float64)  # the right dtype, another shape
+    with pytest.raises(ValueError, match="shape .* and dtype float64, got ndarray of shape \\(7,\\)"):
+        opt.step()
+    params[0].grad = [0.0] * SHAPES[0][0]  # not an array
+    with pytest.raises(TypeError, match="must be an array of its value's shape"):
         opt.step()
     assert "lr=0.1" in repr(opt)
 
@@ -262,7 +270,7 @@ def test_one_bad_gradient_updates_nothing(rng, cls, kwargs, first_step):
         p.grad = g
     params[-1].grad = params[-1].grad.astype(np.float32)
     snap = _snapshot(params, opt)
-    with pytest.raises(ValueError, match="dtype float64"):
+    with pytest.raises(TypeError, match="dtype float64"):
         opt.step()
     _assert_unchanged(params, opt, snap)
     params[-1].grad = params[-1].grad.astype(np.float64)
