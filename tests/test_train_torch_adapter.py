@@ -199,3 +199,32 @@ def test_trainer_checkpoints_keep_no_torch_graph():
     last.forward = spy
     trainer.fit(X, y, steps=4)
     assert alive == [False] * 4
+
+
+def test_fit_and_evaluate_keep_a_frozen_torch_batch_norm_frozen(rng):
+    """A torch BN put in eval mode inside a wrapped training model (fine-tuning with
+    frozen statistics) keeps its mode and running statistics through Trainer.fit and
+    the evaluations in it, while the rest trains."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3)).double()
+    block[1].eval()
+    model = Sequential(TorchLayer(block))
+    X, y = rng.standard_normal((64, 3)), rng.integers(0, 3, 64)
+    stats = [t.clone() for t in (block[1].running_mean, block[1].running_var, block[1].num_batches_tracked)]
+    weight = block[0].weight.detach().clone()
+    trainer = Trainer(
+        model,
+        SoftmaxCrossEntropy(),
+        SGD(model.parameters(), lr=0.1),
+        batch_size=16,
+        seed=0,
+        verbose=0,
+        eval_data=(X[:16], y[:16]),
+        eval_every=2,
+    )
+    trainer.fit(X, y, steps=5)
+    assert [m.training for m in block.modules()] == [True, True, False, True]
+    after = (block[1].running_mean, block[1].running_var, block[1].num_batches_tracked)
+    for a, b in zip(stats, after, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(weight, block[0].weight.detach())

@@ -559,3 +559,83 @@ def test_a_metric_class_is_refused_at_construction(cls):
         f"class {cls.__name__}; write {cls.__name__}() (or {cls.__name__}(...) with its settings)"
     )
     assert all(np.array_equal(v, state[k]) for k, v in model.state_dict().items()) and dict(vars(cls)) == attributes
+
+
+def _manual_steps(model, X, y, steps, batch_size, seed):
+    """The Trainer's steps written out (same batches, shuffle=True), with whatever
+    modes the layers are in: the reference for a frozen layer."""
+    loss, opt = SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.2, momentum=0.9)
+    rng, n = np.random.default_rng(seed), len(X)
+    order = []
+    for _ in range(steps):
+        if not order:
+            perm = rng.permutation(n)
+            order = [perm[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+        idx = order.pop(0)
+        out = model.forward(X[idx])
+        _, dout = loss(out, y[idx])
+        opt.zero_grad()
+        model.backward(dout)
+        opt.step()
+
+
+def test_a_layer_frozen_in_eval_mode_stays_frozen_through_fit_evaluate_and_metrics():
+    """``model.train(); bn.eval()`` (a batch norm frozen for fine-tuning): fit, its
+    evaluations and the metric probes keep that layer in eval mode, its running
+    statistics and counter untouched, and train as a hand-written loop with the same
+    modes does, bit for bit."""
+    X, y = data(8)
+    model, twin = bn_net(2, noisy=False), bn_net(2, noisy=False)
+    frozen, frozen_twin = model[4], twin[4]
+    for bn in (frozen, frozen_twin):
+        bn.running_mean[:] = np.linspace(-1, 1, 6)
+        bn.running_var[:] = np.linspace(0.5, 2, 6)
+        bn.eval()
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    before = {k: frozen.state_dict()[k].copy() for k in buffers}
+    opt = SGD(model.parameters(), lr=0.2, momentum=0.9)
+    trainer = Trainer(
+        model,
+        SoftmaxCrossEntropy(),
+        opt,
+        batch_size=16,
+        seed=4,
+        metrics=all_metrics(),
+        record_every=2,
+        eval_data=data(99, 40),
+        eval_every=3,
+        verbose=0,
+    )
+    trainer.fit(X, y, steps=7)
+    assert [layer.training for layer in model] == [True, True, True, True, False, True, True]
+    assert model.training
+    for k in buffers:  # its weight and bias train (eval mode freezes the statistics only)
+        np.testing.assert_array_equal(frozen.state_dict()[k], before[k], err_msg=k)
+    assert int(model[1].num_batches_tracked) == 7  # the other batch norm trained
+    _manual_steps(twin, X, y, 7, 16, 4)
+    for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values(), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=k)
+
+
+def test_fit_trains_a_model_left_in_eval_mode():
+    """After ``model.eval()`` (to predict, say) fit trains in training mode as before:
+    the running statistics move, and every layer is in training mode afterwards."""
+    X, y = data(8)
+    model = bn_net(2, noisy=False).eval()
+    Trainer(model, SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.2), batch_size=16, seed=0, verbose=0).fit(
+        X, y, steps=2
+    )
+    assert model.training and all(layer.training for layer in model)
+    assert int(model[1].num_batches_tracked) == 2 and int(model[4].num_batches_tracked) == 2
+
+
+def test_evaluate_puts_every_layer_back_in_its_mode():
+    model = bn_net(2, noisy=False)
+    model[1].eval()
+    trainer = Trainer(model, SoftmaxCrossEntropy(), SGD(model.parameters(), lr=0.2), batch_size=16, seed=0, verbose=0)
+    loss, acc = trainer.evaluate(*data(99, 40))
+    assert np.isfinite(loss) and 0 <= acc <= 1
+    assert [layer.training for layer in model] == [True, False, True, True, True, True, True]
+    model.eval()
+    trainer.evaluate(*data(99, 40))
+    assert not model.training and not any(layer.training for layer in model)

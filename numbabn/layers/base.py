@@ -83,6 +83,34 @@ def _all_layers(layer: "Layer") -> list["Layer"]:
     return out
 
 
+def saved_modes(layer: "Layer") -> Callable[[], None]:
+    """A callable that sets the training flag of ``layer`` and of every layer inside it
+    back to what it is now, and those of the modules a layer wraps (a layer with a
+    ``snapshot_modes()`` method, such as :class:`~numbabn.train.TorchLayer`): for a
+    call that switches modes for a while and must leave a layer the user put in eval
+    mode inside a training model as it was."""
+    flags = [(lay, lay.training) for lay in _all_layers(layer)]
+    inner = [lay.snapshot_modes() for lay, _ in flags if hasattr(lay, "snapshot_modes")]
+
+    def put_back() -> None:
+        for lay, mode in flags:
+            lay.training = mode
+        for restore_inner in inner:
+            restore_inner()
+
+    return put_back
+
+
+def train_for_fit(model: "Layer") -> None:
+    """The modes a training step runs in: a model in eval mode (its own flag off, as
+    ``model.eval()`` leaves it) is put in training mode, every layer of it; a model in
+    training mode is left as it is, so a layer the user put in eval mode inside it (a
+    frozen batch norm for fine-tuning) stays in eval mode, as with PyTorch's
+    ``model.train(); model.bn.eval()``."""
+    if not model.training:
+        model.train()
+
+
 _TRANSIENT: dict[type, tuple[str, ...]] = {}  # per class: every Sequential forward asks, for every layer
 
 

@@ -34,7 +34,9 @@ L(θ) = loss(model(x_t; θ), y_t) and g_t = ∇L(θ_t).
 Every function is usable standalone on ``(model, loss, optimizer, batch)`` (the
 landscape and percentile probes need no optimizer) and, through the classes at the
 end, as a :class:`~numbabn.train.Trainer` metric. All probes run the model in
-training mode on the given batch, and leave everything exactly as they found it:
+training mode on the given batch, as the Trainer's steps do (a model in eval mode
+is put in training mode for the probe; a layer in eval mode inside a training model
+stays so), and leave everything exactly as they found it:
 parameter values, buffers (BN running statistics, ``num_batches_tracked``), each
 parameter's ``.grad``, the layers' forward caches (so a pending ``backward`` still
 works), the training flag, the optimizer state and the state of every
@@ -64,7 +66,7 @@ from numpy.typing import ArrayLike, NDArray
 from .. import _checks as V
 from .._typing import FloatArray
 from ..layers import Conv2d, Layer, Linear, Sequential
-from ..layers.base import Parameter
+from ..layers.base import Parameter, train_for_fit
 from ..optim import Optimizer
 
 WEIGHT_LAYER_TYPES = (Linear, Conv2d)
@@ -207,7 +209,7 @@ class _Snapshot:
             optimizer.load_state_dict(self.opt_state)  # the probe works on a copy
 
     def __enter__(self) -> "_Snapshot":
-        self.model.train()
+        train_for_fit(self.model)  # the modes of the Trainer's steps (and restored on exit)
         return self
 
     def reset(self) -> None:

@@ -3,7 +3,7 @@
 One step t, on the batch (x_t, y_t)::
 
     metrics, when t % record_every == 0    each probes θ_t on (x_t, y_t), then restores everything
-    out = model.forward(x_t)               (training mode)
+    out = model.forward(x_t)               (training mode, see below)
     L_t, dout = loss(out, y_t)             recorded: L_t and, for classification, accuracy
                                            (loss(out, y_t, sample_weight=w_t) given weights)
     optimizer.zero_grad(); model.backward(dout)
@@ -41,6 +41,12 @@ one. Thus ``fit(steps=3)`` then ``fit(steps=2)``
 train on the batches of ``fit(steps=5)``, bit for bit, with or without shuffling,
 across epoch boundaries and with ``sample_weight``.
 
+Modes: ``fit`` puts a model in eval mode (``model.eval()``) in training mode, every
+layer of it, and leaves a model in training mode as it is, so a layer the user put
+in eval mode inside it (``model.train(); bn.eval()``: a batch norm frozen for
+fine-tuning, its running statistics kept) stays in eval mode through ``fit`` and
+``evaluate``, which puts every layer back in the mode it found it in.
+
 So the run is a function of ``seed``, the model's initial state and the data: the same
 inputs give a bit-identical run, however its steps are split into ``fit`` calls, and
 the metrics (which restore everything they touch, :mod:`numbabn.train.metrics`) do not
@@ -62,7 +68,7 @@ from numpy.typing import NDArray
 
 from .. import _checks as V
 from ..layers import Layer, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
-from ..layers.base import capture, forget_caches, restore
+from ..layers.base import capture, forget_caches, restore, saved_modes, train_for_fit
 from .history import History
 from .metrics import Metric
 
@@ -389,13 +395,15 @@ class Trainer:
         return float(np.mean(np.argmax(out, axis=1) == target))
 
     def evaluate(self, X: NDArray[Any], y: NDArray[Any]) -> tuple[float, float | None]:
-        """``(loss, accuracy or None)`` of the model in eval mode on (X, y); the model is
-        put back in training mode afterwards."""
+        """``(loss, accuracy or None)`` of the model in eval mode on (X, y); every layer
+        is put back in the mode it was in (a layer in eval mode inside a training
+        model stays so)."""
+        put_back = saved_modes(self.model)
         self.model.eval()
         try:
             out = self.model.forward(X)
         finally:
-            self.model.train()
+            put_back()
         value, _ = self.loss(out, y)
         return value, (self._accuracy(out, y) if self.classification else None)
 
@@ -507,7 +515,7 @@ class Trainer:
             for metric in self.metrics:
                 if isinstance(metric, Metric):
                     metric.reset()
-        model.train()
+        train_for_fit(model)  # keeps a layer put in eval mode inside a training model in eval mode
         with self._progress(total) as bar:
             for step in range(total):
                 if step:  # an interrupt in this step rewinds to here (in the first: to the call's start)
