@@ -347,6 +347,9 @@ def test_bench_help_lists_the_suites():
         (["--json", "-", "--csv", "-"], "cannot both write to stdout"),
         (["--plot", "plot.txt"], ".png, .svg or .pdf"),
         (["--json", "no/such/dir/x.json"], "does not exist"),
+        (["--layout", "nhwc"], "--layout sets the channel axis of --shape; give --shape too"),
+        (["--json", ""], "an empty path (use '-' for stdout)"),
+        (["--layout", "nchw", "--suite", "tiny"], "--layout sets the channel axis of --shape"),
     ],
 )
 def test_bench_usage_errors(args, message):
@@ -682,14 +685,29 @@ def test_staged_output_dir_publishes_paths_joined():
         assert kept == [f"{stage}x/c.json", "toy"]
 
 
+def _kept_stage(result, where):
+    """The staging directory a finished run's files were kept in: named by the error
+    (one line on stderr) and by the summary printed before it on stdout."""
+    (line,) = result.stderr.splitlines()
+    head, _, stage = line.partition(", apart from this run's files, kept in ")
+    assert head == f"Error: {where}", line
+    stage = Path(stage.strip("'"))
+    assert f"'out': '{stage}'" in result.stdout or str(stage) in result.stdout, result.stdout
+    assert sorted(p.name for p in stage.iterdir()) == ["toy.json", "toy.txt"]
+    assert (stage / "toy.txt").read_text() == "done"
+    return stage
+
+
 def test_experiment_out_with_a_directory_in_the_way_moves_nothing(fake_experiments, tmp_path):
+    """The run finished: nothing moves into --out, and its files are kept (not deleted)
+    in the staging directory, which the error names after the summary is printed."""
     out = tmp_path / "out"
     (out / "toy.txt").mkdir(parents=True)
     (out / "toy.json").write_text("old")
     result = invoke("experiment", "toy", "--out", str(out))
     assert result.exit_code == 2
-    assert result.output == f"Error: cannot write '{out / 'toy.txt'}': it is a directory; '{out}' is left as it was\n"
-    assert sorted(p.name for p in out.iterdir()) == ["toy.json", "toy.txt"]
+    stage = _kept_stage(result, f"cannot write '{out / 'toy.txt'}': it is a directory; '{out}' is left as it was")
+    assert sorted(p.name for p in out.iterdir()) == sorted(["toy.json", "toy.txt", stage.name])
     assert (out / "toy.json").read_text() == "old" and not list((out / "toy.txt").iterdir())
 
 
@@ -707,11 +725,9 @@ def test_experiment_out_undoes_a_move_that_fails_midway(fake_experiments, tmp_pa
     monkeypatch.setattr(os, "replace", replace_or_fail)
     result = invoke("experiment", "toy", "--out", str(out))
     assert result.exit_code == 2
-    assert (
-        result.output
-        == f"Error: cannot write '{out / 'toy.txt'}': No space left on device; '{out}' is left as it was\n"
-    )
-    assert [p.name for p in out.iterdir()] == ["toy.json"] and (out / "toy.json").read_text() == "old"
+    stage = _kept_stage(result, f"cannot write '{out / 'toy.txt'}': No space left on device; '{out}' is left as it was")
+    assert sorted(p.name for p in out.iterdir()) == sorted(["toy.json", stage.name])
+    assert (out / "toy.json").read_text() == "old"
 
 
 def test_experiment_out_that_cannot_be_created_at_the_end(fake_experiments, tmp_path, monkeypatch):
@@ -721,8 +737,8 @@ def test_experiment_out_that_cannot_be_created_at_the_end(fake_experiments, tmp_
     monkeypatch.setattr(os, "rename", rename_fails)
     result = invoke("experiment", "toy", "--out", str(tmp_path / "new"))
     assert result.exit_code == 2
-    assert result.output == f"Error: cannot create '{tmp_path / 'new'}': Directory not empty\n"
-    assert not list(tmp_path.iterdir())
+    stage = _kept_stage(result, f"cannot create '{tmp_path / 'new'}': Directory not empty")
+    assert [p.name for p in tmp_path.iterdir()] == [stage.name]
 
 
 @pytest.mark.parametrize("named", [False, True])
@@ -1030,3 +1046,46 @@ def test_help_texts_are_whole_sentences():
     assert "standard vs batch norm vs noisy batch norm." in " ".join(listing.split())
     out_help = " ".join(invoke("experiment", "ioffe", "--help").output.split())
     assert "raw series (JSON) and the figures (PNG)" in out_help and "CSV" not in out_help
+
+
+_SLOW_TOY = """
+import sys, time, types
+import numbabn.cli.experiment as experiment_cli
+from numbabn.cli import main
+
+def slow(*, steps=None, seeds=None, lr=None, full=False, out=None):
+    (out / "toy.json").write_text("{}")
+    print("written", flush=True)
+    time.sleep(60)
+
+module = types.ModuleType("slow_experiments")
+module.EXPERIMENTS = {"slow": slow}
+sys.modules[module.__name__] = module
+experiment_cli.EXPERIMENTS_MODULE = module.__name__
+main(["experiment", "slow", "--out", sys.argv[1]])
+"""
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_sigterm_ends_a_run_like_ctrl_c_leaving_no_staging_directory(tmp_path, existed):
+    """``kill``/``timeout``/a scheduler: the cleanup runs (no staging directory left in
+    --out or beside it), --out is as it was, and the status is 128 + SIGTERM."""
+    import signal
+
+    out = tmp_path / "out"
+    if existed:
+        out.mkdir()
+        (out / "toy.json").write_text("old")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_TOY, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline() == "written\n"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert [p.name for p in tmp_path.iterdir()] == (["out"] if existed else [])
+    if existed:
+        assert [p.name for p in out.iterdir()] == ["toy.json"] and (out / "toy.json").read_text() == "old"

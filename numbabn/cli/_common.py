@@ -15,14 +15,24 @@ path component (the file, or the ``--out`` directory itself). Each output is che
 before any work starts, and written all-or-nothing at the end: a regular file is
 written to a temporary file beside it and renamed over it, so a failed write leaves
 the previous file as it was. Two outputs of one command may not name the same file.
+An ``--out`` run whose files were all written but cannot move into DIR (a directory
+there named like one of them) keeps them in its staging directory and says where, so a
+long run's results are not lost (:class:`OutputsKept`).
+
+SIGTERM (``kill``, ``timeout``, a job scheduler) ends a command as Ctrl-C does: the
+cleanup runs (no staging directory or temporary file is left behind), and the exit
+status is 143 (128 + SIGTERM), as if the signal had killed it.
 """
 
+import contextlib
 import errno
 import os
 import shutil
+import signal
 import stat
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,6 +70,11 @@ class CLIError(click.ClickException):
 
     def __init__(self, message: str) -> None:
         super().__init__(one_line(message))
+
+
+class OutputsKept(CLIError):
+    """A run finished and wrote its files, but they could not move into ``--out``: they
+    are kept in the staging directory, which the message names."""
 
 
 def check_threads(ctx: click.Context, threads: int) -> None:
@@ -187,6 +202,7 @@ class RootGroup(LazyGroup):
         on a full disk or over a quota: an OSError that names no file) is one ``Error:``
         line and exit code 2, as the module docstring says of every output; click
         itself handles only a closed pipe (silently)."""
+        previous = _exit_on_sigterm()
         try:
             return super().main(*args, **kwargs)
         except OSError as exc:
@@ -195,6 +211,27 @@ class RootGroup(LazyGroup):
             _silence_stdout()
             CLIError(f"cannot write the output: {exc.strerror or exc}").show()
             sys.exit(CLIError.exit_code)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm() -> Any:
+    """Make SIGTERM raise SystemExit(143) in the main thread, so that ``finally`` blocks
+    (the staging directory's removal, temporary files) run before the process ends;
+    returns the handler to put back, or None where nothing was changed (another thread,
+    or a handler someone else installed: theirs stays)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL:
+        return None
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    return previous
 
 
 def _silence_stdout() -> None:
@@ -224,6 +261,8 @@ def check_output_file(value: str | None, param_hint: str | None) -> str | None:
     written as stdout, whatever it is (a pipe has no directory to write a file into)."""
     if value is None or value == "-":
         return value
+    if not value:  # Path("") is the current directory: "'' is a directory" would puzzle
+        raise click.BadParameter("an empty path (use '-' for stdout)", param_hint=param_hint)
     if _stdout_as_dash(value) == "-":
         return "-"
     path = Path(value)
@@ -391,9 +430,11 @@ def staged_output_dir(path: Path | str) -> Iterator[tuple[Path, Callable[[Any], 
     ``path`` as it was (see :func:`_move_into`); an OSError writing into the stage (a
     full disk) is a one-line CLIError naming the file and the OS error. Yields
     ``(stage, publish)``, where ``publish(value)`` rewrites the strings of ``value``
-    that are paths in the stage to paths in ``path``."""
+    that are paths in the stage to paths in ``path``. Files written in full that then
+    cannot move into ``path`` stay in the stage: :class:`OutputsKept` names it."""
     path = Path(path)
     existed = path.exists()
+    kept = None
     stage = Path(tempfile.mkdtemp(dir=path if existed else path.parent, prefix=f".{path.name}.numbabn-"))
 
     def publish(value: Any) -> Any:
@@ -423,16 +464,22 @@ def staged_output_dir(path: Path | str) -> Iterator[tuple[Path, Callable[[Any], 
             raise CLIError(
                 f"cannot write {str(target)!r}: {exc.strerror or exc}; {str(path)!r} is left as it was"
             ) from None
-        if existed:
-            _move_into(stage, path)
-        else:
-            os.chmod(stage, 0o777 & ~_umask())  # mkdtemp made it 0o700
-            try:
-                os.rename(stage, path)
-            except OSError as exc:
-                raise CLIError(f"cannot create {str(path)!r}: {exc.strerror or exc}") from None
+        try:
+            if existed:
+                _move_into(stage, path)
+            else:
+                os.chmod(stage, 0o777 & ~_umask())  # mkdtemp made it 0o700
+                try:
+                    os.rename(stage, path)
+                except OSError as exc:
+                    raise CLIError(f"cannot create {str(path)!r}: {exc.strerror or exc}") from None
+        except CLIError as exc:
+            # The run's work is done and written: keep it where it is rather than delete it.
+            kept = stage
+            raise OutputsKept(f"{exc.message}, apart from this run's files, kept in {str(stage)!r}") from None
     finally:
-        shutil.rmtree(stage, ignore_errors=True)  # what is left of it: nothing, or the replaced files
+        if kept is None:
+            shutil.rmtree(stage, ignore_errors=True)  # what is left of it: nothing, or the replaced files
 
 
 def _inside(name: Any, folder: Path) -> bool:
@@ -465,6 +512,8 @@ def _move_into(stage: Path, path: Path) -> None:
                 os.replace(path / moved, stage / moved)
         for old in os.listdir(replaced):
             os.replace(replaced / old, path / old)
+        with contextlib.suppress(OSError):
+            os.rmdir(replaced)  # empty again: the stage holds exactly the run's files
         if isinstance(exc, OSError):
             raise CLIError(
                 f"cannot write {str(path / name)!r}: {exc.strerror or exc}; {str(path)!r} is left as it was"

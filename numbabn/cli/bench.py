@@ -165,6 +165,11 @@ def _resolve_compare(compare: tuple[str, ...] | None, backend: str, quiet: bool 
 
 def _cases(ctx: click.Context, shapes: tuple[tuple[str, tuple[int, ...]], ...], layout: str, suite: str) -> list[Case]:
     """--shape cases (channel axis from --layout), plus --suite when it was given too."""
+    if not shapes and ctx.get_parameter_source("layout") is not click.core.ParameterSource.DEFAULT:
+        # the suites fix each case's layout: a channels-last request would be timed channels-first
+        raise click.UsageError(
+            "--layout sets the channel axis of --shape; give --shape too (the suites' cases have their own layouts)"
+        )
     cases = []
     for text, shape in shapes:
         case = Case(text, shape, -1 if layout == "nhwc" else 1)
@@ -209,7 +214,7 @@ def _cases(ctx: click.Context, shapes: tuple[tuple[str, tuple[int, ...]], ...], 
     type=click.Choice(["nchw", "nhwc"]),
     default="nchw",
     show_default=True,
-    help="Channel axis of --shape: 1 (nchw) or the last one (nhwc).",
+    help="Channel axis of --shape: 1 (nchw) or the last one (nhwc); only with --shape.",
 )
 @click.option(
     "--suite",

@@ -37,7 +37,9 @@ parent of DIR must exist, DIR is created if missing, and this is checked before 
 experiment starts. The experiment writes into a temporary directory (inside DIR, or
 beside it while DIR does not exist) whose files move into DIR only when it succeeds,
 all of them or none (:func:`~numbabn.cli._common.staged_output_dir`), so a run that
-fails leaves DIR as it was. Paths in the printed summary name DIR; the JSON names its
+fails leaves DIR as it was. A run that finished but whose files cannot move into DIR
+(a directory there named like one of them) prints its summary, then the error naming
+the staging directory that keeps its files. Paths in the printed summary name DIR; the JSON names its
 figures relative to DIR (their file names), so its bytes do not depend on where it
 was written.
 
@@ -55,9 +57,21 @@ from typing import Any
 
 import click
 
-from ._common import Settings, check_output_dir, staged_output_dir, whole_short_help
+from ._common import OutputsKept, Settings, check_output_dir, staged_output_dir, whole_short_help
 
 EXPERIMENTS_MODULE = "numbabn.train.experiments"
+
+
+def _echo_summary(summary: Any, as_json: bool) -> None:
+    """Print an experiment's summary: as JSON (non-finite values as null), or as text."""
+    if as_json:
+        click.echo(json.dumps(_finite_or_null(summary), indent=2, default=str, allow_nan=False))
+    else:
+        from ..train.summary import format_summary  # imported with the experiments, not for --help
+
+        click.echo(format_summary(summary))
+
+
 SEED_MAX = 2**32 - 1  # the largest random_state of scikit-learn's train_test_split (the experiments' data split)
 
 
@@ -140,6 +154,7 @@ def _command(name: str, fn: Callable[..., dict[str, Any]]) -> click.Command:
         if takes_progress:
             kwargs["progress"] = not settings.quiet
         kwargs.update(steps=steps, seeds=list(seed) if seed else seeds, lr=tuple(lr) or None, full=full)
+        summary = None
         try:
             if out is None:
                 summary = fn(out=None, **kwargs)
@@ -147,17 +162,16 @@ def _command(name: str, fn: Callable[..., dict[str, Any]]) -> click.Command:
                 with staged_output_dir(out) as (stage, publish):
                     summary = fn(out=stage, **kwargs)
                 summary = publish(summary)
+        except OutputsKept:
+            if summary is not None:  # the run finished: its summary, naming the kept files, then the error
+                _echo_summary(summary, as_json)
+            raise
         except ValueError as exc:
             error = _option_error(ctx, name, exc)
             if error is None:
                 raise
             raise error from None
-        if as_json:
-            click.echo(json.dumps(_finite_or_null(summary), indent=2, default=str, allow_nan=False))
-        else:
-            from ..train.summary import format_summary  # imported with the experiments, not for --help
-
-            click.echo(format_summary(summary))
+        _echo_summary(summary, as_json)
 
     options = [
         click.option(
