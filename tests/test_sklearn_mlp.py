@@ -780,3 +780,22 @@ def test_predict_log_proba_is_log_softmax():
     assert est.predict_proba(X[:2])[0, 1] == 0.0
     expected = np.array([0.0, -2000.0, 1.0]) - np.log1p(np.exp(-1.0)) - 1.0
     assert_allclose(log_p, np.tile(expected, (2, 1)), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda X, y: BNMLPClassifier(hidden_layer_sizes=(8,), max_iter=2, random_state=0).fit(X, y),
+        lambda X, y: BNMLPClassifier(hidden_layer_sizes=(8,), solver="lbfgs", max_iter=2, random_state=0).fit(X, y),
+        lambda X, y: BNMLPRegressor(hidden_layer_sizes=(8,), max_iter=2, random_state=0).fit(X, y * 1.0),
+    ],
+    ids=["sgd", "lbfgs", "regressor"],
+)
+def test_convergence_warnings_point_at_the_callers_line(digits, call):
+    """As a warning should: at the line that called fit (here, this file), not inside
+    numbabn (its working copy's ``_fit``), so ``-W`` filters by module and the report
+    name the user's code."""
+    X_tr, _, y_tr, _ = digits
+    with pytest.warns(ConvergenceWarning) as record:
+        call(X_tr, y_tr)
+    assert [w.filename for w in record] == [__file__], [(w.filename, w.lineno) for w in record]
