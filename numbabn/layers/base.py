@@ -86,7 +86,7 @@ def _all_layers(layer: "Layer") -> list["Layer"]:
 def saved_modes(layer: "Layer") -> Callable[[], None]:
     """A callable that sets the training flag of ``layer`` and of every layer inside it
     back to what it is now, and those of the modules a layer wraps (a layer with a
-    ``snapshot_modes()`` method, such as :class:`~numbabn.train.TorchLayer`): for a
+    ``snapshot_modes()`` method, such as ``numbabn.train.torch_adapter.TorchLayer``): for a
     call that switches modes for a while and must leave a layer the user put in eval
     mode inside a training model as it was."""
     flags = [(lay, lay.training) for lay in _all_layers(layer)]
