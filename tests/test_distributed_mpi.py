@@ -149,14 +149,17 @@ def _worker(out_path):
                     )
                 )
 
-    # A global batch of ONE row (all on the last rank): every rank raises the same error
-    # after the collective -- nobody is left waiting.
+    # A global batch of ONE row (all on the last rank): every rank raises the same
+    # SyncError after the collective -- nobody is left waiting -- and nothing changes.
     layer = SyncBatchNorm1d(3, dtype=np.float64, comm=comm)
     try:
         layer.forward(np.ones((1 if rank == size - 1 else 0, 3)))
         error = ""
-    except ValueError as exc:
+    except SyncError as exc:
         error = str(exc)
+    state = layer.state_dict()
+    error += "" if int(state["num_batches_tracked"]) == 0 and not state["running_mean"].any() else " [changed]"
+    layer.forward(np.ones((2, 3)))  # the layer goes on
     errors = comm.gather(error, root=0)
 
     # Payload of one training step of a SyncBatchNorm1d(256): the buffers actually passed.
@@ -579,8 +582,8 @@ def test_sync_batch_norm_equals_batch_norm_on_the_concatenated_batch(ranks, work
         assert r["identical"], f"statistics or gradients differ between ranks:\n{text}"
         for key in ("y", "dx", "dgamma", "dbeta", "running", "eval_y"):
             assert r[key] <= TOLERANCES[r["dtype"]], f"{r['name']}: {key} differs:\n{text}"
-    assert len(data["errors"]) == ranks
-    assert all("Expected more than 1 value per channel" in e for e in data["errors"]), data["errors"]
+    assert len(data["errors"]) == ranks and len(set(data["errors"])) == 1, data["errors"]  # the same on every rank
+    assert f"1 value per channel in the whole batch of the {ranks} ranks; nothing was updated" in data["errors"][0]
 
 
 MISMATCH_TIMEOUT = 120

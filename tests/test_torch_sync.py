@@ -13,6 +13,7 @@ README's torchrun launch of examples/torch_ddp_syncbn.py runs in test_examples.p
 """
 
 import os
+import re
 import time
 import traceback
 from datetime import timedelta
@@ -162,6 +163,19 @@ def check_channel_counts_disagree(rank, sizes):
             assert torch.equal(v, before[k]), k
 
 
+def check_dtypes_disagree(rank, sizes):
+    """float64 on rank 0, float32 elsewhere (float32 against bfloat16 after): every
+    rank raises naming each rank's dtype, not the header's codes, and nothing changes."""
+    for first, other in ((torch.float64, torch.float32), (torch.float32, torch.bfloat16)):
+        dtype = first if rank == 0 else other
+        bn = nbt.SyncBatchNorm(C, dtype=torch.float32 if dtype is torch.bfloat16 else dtype)
+        before = {k: v.clone() for k, v in bn.state_dict().items()}
+        names = [str(first).removeprefix("torch.")] + [str(other).removeprefix("torch.")] * (len(sizes) - 1)
+        with pytest.raises(RuntimeError, match=re.escape(f"disagree on the input dtype ({names} by rank)")):
+            bn(torch.randn(4, C, 3, dtype=dtype))
+        _unchanged(bn, before)
+
+
 def _unchanged(bn, before):
     for k, v in bn.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -218,7 +232,9 @@ def check_eps_refused(rank, sizes):
             ):
                 bn(x)
         else:
-            with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] of the process group refused their input"):
+            with pytest.raises(
+                RuntimeError, match=r"rank\(s\) \[1\] of the process group refused their input or the layer's settings"
+            ):
                 bn(x)
         _unchanged(bn, before)
         bn.eps = 1e-5
@@ -383,6 +399,7 @@ SCENARIOS = {
         (check_recording_refused, {}),
         (check_layers_out_of_order, {}),
         (check_channel_counts_disagree, {}),
+        (check_dtypes_disagree, {}),
         (check_settings_disagree, {}),
         (check_eps_refused, {}),
         (check_unsynchronizable_input_on_one_rank, {}),

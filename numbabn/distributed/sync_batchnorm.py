@@ -252,6 +252,11 @@ class SyncBatchNormMixin(_MixinBase):
         x, error, rejected = self._local_forward_check(x)
         self._agree(comm, _FORWARD, True, error, rejected)
         merged = merge_in_rank_order(comm, moments(x, axis=self.axis), self._settings())
+        if merged.count == 1:  # every rank has the same merged count: all raise this, before any change
+            raise SyncError(
+                f"{type(self).__name__}.forward: Expected more than 1 value per channel when training, got 1 "
+                f"value per channel in the whole batch of the {comm.Get_size()} ranks; nothing was updated"
+            )
         y, ctx = self._bn_forward(x, *self._affine_values(), moments=merged)
         self._ctx, self._sync_comm = ctx, comm
         self._count(_FORWARD)

@@ -92,6 +92,7 @@ from . import _openmp
 from .modules import _PLAIN, NumbabnBatchNorm, _functorch_active, _is_exporting, check_activation
 
 _DTYPE_CODE = {torch.float16: 16, torch.bfloat16: 116, torch.float32: 32, torch.float64: 64}  # compared for equality
+_DTYPE_NAME = {code: str(dtype).removeprefix("torch.") for dtype, code in _DTYPE_CODE.items()}  # for the errors
 _FORWARD, _BACKWARD = 1.0, 2.0  # the header's exchange: forward statistics or backward gradient sums
 # The header's ok: this rank's input was refused (it raises its own error), has data,
 # or is a meta tensor (shapes only: nothing to exchange, which every rank must agree on).
@@ -333,7 +334,7 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
         rows = _all_gather(group, row)
         heads = rows[:, :_HEAD]
         try:
-            _check_agree(self, heads[:, :1], ("exchange (forward statistics or backward gradient sums)",))
+            _check_agree(self, heads[:, :1], (("exchange (forward statistics or backward gradient sums)", _exchange),))
             if ok == _REFUSED:  # this rank refused its input and raises its own error
                 self._sync_calls = int(heads[:, 3].max()) + 1  # as the others do below
                 return None
@@ -342,7 +343,7 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
             if refused:
                 raise RuntimeError(
                     f"{type(self).__name__}: rank(s) {refused} of the process group refused their "
-                    "input (see the error raised there); nothing was updated"
+                    "input or the layer's settings there (see the error raised there); nothing was updated"
                 )
             if (oks != oks[0]).any():
                 meta = [r for r, v in enumerate(oks) if v == _SHAPES_ONLY]
@@ -351,7 +352,11 @@ class SyncBatchNorm(NumbabnBatchNorm, _BatchNorm):
                     "(shapes only, no statistics) while the others passed data; every rank must pass "
                     "data, or every rank a meta tensor; nothing was updated"
                 )
-            _check_agree(self, heads[:, 2:5], ("channel count", "synchronized call", "input dtype"))
+            _check_agree(
+                self,
+                heads[:, 2:5],
+                (("channel count", int), ("synchronized call", int), ("input dtype", _dtype_name)),
+            )
             _check_settings(self, heads[:, 5:])
         except RuntimeError:
             # Every rank saw the same headers: all move their call count past the largest
@@ -381,14 +386,26 @@ def _all_gather(group: Any, row: np.ndarray) -> np.ndarray:
     return torch.stack(parts).numpy()
 
 
-def _check_agree(module: torch.nn.Module, rows: np.ndarray, names: Sequence[str]) -> None:
-    """The leading columns of ``rows`` (one name each) must be equal on every rank."""
-    for col, name in enumerate(names):
+def _dtype_name(code: float) -> str:
+    """The name of an input dtype as the header sends it (0: one the layer refuses)."""
+    return _DTYPE_NAME.get(int(code), "another dtype")
+
+
+def _exchange(code: float) -> str:
+    return "forward" if code == _FORWARD else "backward"
+
+
+def _check_agree(
+    module: torch.nn.Module, rows: np.ndarray, columns: Sequence[tuple[str, Callable[[float], Any]]]
+) -> None:
+    """The leading columns of ``rows`` (one (name, how a value reads) each) must be
+    equal on every rank."""
+    for col, (name, read) in enumerate(columns):
         values = rows[:, col]
         if (values != values[0]).any():
             raise RuntimeError(
                 f"{type(module).__name__}: the ranks of the process group disagree on the {name} "
-                f"({[int(v) for v in values]} by rank); every rank must call the same layers in the "
+                f"({[read(v) for v in values]} by rank); every rank must call the same layers in the "
                 "same order with inputs of the same channels and dtype"
             )
 
