@@ -177,6 +177,10 @@ def test_errors_and_state_kept(rng):
         est.partial_fit(da.from_array(x[:, 0], chunks=10))
     with pytest.raises(ValueError, match="0 sample"):
         BatchNormTransformer().fit(da.zeros((0, 3), chunks=(1, 3)))
+    with pytest.raises(ValueError, match=r"Found array with 0 sample\(s\) \(shape=\(0, 3\)\)"):
+        est.transform(da.zeros((0, 3), chunks=(1, 3)))  # as the NumPy path (which says the same)
+    with pytest.raises(ValueError, match=r"Found array with 0 sample\(s\) \(shape=\(0, 3\)\)"):
+        est.transform(np.zeros((0, 3)))
     with pytest.raises(ValueError, match="at least 2 samples"):
         BatchNormTransformer(momentum=0.5).fit(da.from_array(x[:1], chunks=1))
     with pytest.raises(ValueError, match="numeric"):

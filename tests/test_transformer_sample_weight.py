@@ -180,8 +180,11 @@ def test_dask_weights_refused_when_computed_change_nothing(rng):
     X = da.from_array(_data(rng, n=40), chunks=(10, 5))
     bad = np.ones(40)
     bad[25] = -1.0
+    nan = np.ones(40)
+    nan[[5, 7]] = [np.nan, -2.0]
     for weights, match in [
-        (da.from_array(bad, chunks=10), "sample_weight must be finite and >= 0"),
+        (da.from_array(bad, chunks=10), "sample_weight must be finite and >= 0, got -1.0 in a chunk of 10"),
+        (da.from_array(nan, chunks=10), "sample_weight must be finite and >= 0, got nan in a chunk of 10"),
         (da.zeros(40, chunks=10), "sample_weight is all zero"),
         (da.ones(39, chunks=10), r"sample_weight.shape == \(39,\), expected \(40,\)"),
         (bad, "sample_weight must be >= 0"),

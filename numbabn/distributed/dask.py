@@ -130,6 +130,8 @@ def check_array(estimator: Any, X: Any, reset: bool) -> Any:
         raise ValueError(f"{name}: X must be numeric (bool, integer or float), got dtype {X.dtype}")
     if X.dtype not in _KEEP_DTYPES:
         X = X.astype(np.float64)
+    if X.shape[0] == 0:  # as validate_data (an unknown length, NaN, is not 0: checked by the tasks)
+        raise ValueError(f"Found array with 0 sample(s) (shape={X.shape}) while a minimum of 1 is required by {name}.")
     n_features = X.shape[1]
     if n_features == 0:
         raise ValueError(f"Found array with 0 feature(s) (shape={X.shape}) while a minimum of 1 is required by {name}.")
@@ -165,8 +167,9 @@ def _block_weighted(block: NDArray[Any], w: Any, name: str) -> Summary:
     is only seen when computed)."""
     assert_all_finite(block, input_name="X", estimator_name="BatchNormTransformer")
     w = np.asarray(w, dtype=np.float64)
-    if not np.isfinite(w).all() or (w < 0).any():
-        raise ValueError(f"{name}: sample_weight must be finite and >= 0, got values in [{w.min()}, {w.max()}]")
+    bad = ~(np.isfinite(w) & (w >= 0))
+    if bad.any():  # the first offending value (min/max of a chunk holding NaN are NaN)
+        raise ValueError(f"{name}: sample_weight must be finite and >= 0, got {w[bad][0]} in a chunk of {w.size}")
     return weighted_moments(block, w)
 
 
