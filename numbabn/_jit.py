@@ -15,8 +15,14 @@ The on-disk cache (Numba's ``cache=True`` machinery, in ``__pycache__`` next to
 the source or Numba's user-wide fallback, or only ``NUMBA_CACHE_DIR`` when that is
 set) is wrapped so that
 
-* no writable cache location (or an unwritable ``NUMBA_CACHE_DIR``) -> compile
-  without caching, warn once;
+* a warmed cache this process can read but not write (``numbabn warmup`` run as
+  root in a Docker build, then a non-root user, a read-only file system or a
+  shared install) is still loaded: where a writable location exists too (the
+  user's own cache) it is tried on a miss there, before compiling; where none
+  does, it is the cache, and a kernel missing from it compiles in memory (warned
+  once);
+* no cache location at all (or an unusable ``NUMBA_CACHE_DIR``) -> compile without
+  caching, warn once;
 * a corrupted index or data file (truncated, garbage) -> warn once, drop that
   function's cache entry, recompile (and save a good entry for later processes);
 * an entry is valid for the kernel's source file *and* the other modules of
@@ -44,7 +50,14 @@ from typing import Any
 
 import numba
 from numba import njit
-from numba.core.caching import CompileResultCacheImpl, FunctionCache, NullCache, UserProvidedCacheLocator
+from numba.core.caching import (
+    CompileResultCacheImpl,
+    FunctionCache,
+    InTreeCacheLocator,
+    NullCache,
+    UserProvidedCacheLocator,
+    UserWideCacheLocator,
+)
 from numba.core.runtime import rtsys
 
 from . import config
@@ -90,13 +103,13 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, CacheWarning, stacklevel=4)
 
 
-def _notice(where: str | None) -> None:
-    """The one stderr line of a process that is about to compile."""
+def _notice(place: str) -> None:
+    """The one stderr line of a process that is about to compile (``place``: where the
+    result goes, "cached in DIR" or why it is not cached)."""
     global _noticed
     if _noticed or config.QUIET:
         return
     _noticed = True
-    place = f"cached in {where}" if where else "not cached: no writable cache location"
     # A process without a stderr (started with fd 2 closed: sys.stderr is None) says
     # nothing: print(file=None) would write the line into its stdout, its data. A
     # stderr that cannot take the line (a full disk, a log pipe whose reader exited,
@@ -137,23 +150,80 @@ class _UserDirImpl(CompileResultCacheImpl):
     _locator_classes = [UserProvidedCacheLocator]
 
 
+class _Readable:
+    """For Numba's source-file locators: a cache directory that exists and can be read,
+    whether or not it can be written (Numba's own locators insist on writing)."""
+
+    def ensure_cache_path(self) -> None:
+        path = self.get_cache_path()
+        if not (os.path.isdir(path) and os.access(path, os.R_OK | os.X_OK)):
+            raise OSError(f"{path} is not a readable directory")
+
+
+class _ReadableUserProvided(_Readable, UserProvidedCacheLocator):
+    pass
+
+
+class _ReadableInTree(_Readable, InTreeCacheLocator):
+    pass
+
+
+class _ReadableUserWide(_Readable, UserWideCacheLocator):
+    pass
+
+
+class _ReadableImpl(CompileResultCacheImpl):
+    """Where a warmed cache may sit that this process cannot write: the package's own
+    ``__pycache__`` (``numbabn warmup`` run by root in a Docker build, then a non-root
+    user or a read-only file system), then Numba's user-wide directory."""
+
+    _locator_classes = [_ReadableInTree, _ReadableUserWide]
+
+
+class _ReadableUserDirImpl(CompileResultCacheImpl):
+    """The same for ``NUMBA_CACHE_DIR`` when it is set (and then only there)."""
+
+    _locator_classes = [_ReadableUserProvided]
+
+
 class _GuardedCache(FunctionCache):
     """Numba's per-function disk cache, but a fault in it is a warning, not an error.
     ``on_miss`` (if set) is called when a signature is not in the cache, just before
     Numba compiles it. Entries are stamped with the kernel's source file and the
-    modules of its package (:func:`_dependency_stamp`)."""
+    modules of its package (:func:`_dependency_stamp`). ``fallback``: a read-only
+    cache of the same function elsewhere (a warmed install), tried on a miss."""
 
     on_miss: Callable[[], Any] | None = None
+    fallback: "_ReadOnlyCache | None" = None
+    writable = True
+    _impls: tuple[Any, Any] = (None, _UserDirImpl)  # (the default, with NUMBA_CACHE_DIR set)
 
     def __init__(self, py_func: Callable[..., Any]) -> None:
-        if numba.config.CACHE_DIR:
-            self._impl_class = _UserDirImpl
+        default, user_dir = self._impls
+        impl = user_dir if numba.config.CACHE_DIR else default
+        if impl is not None:
+            self._impl_class = impl
         super().__init__(py_func)
         self._cache_file._source_stamp = (self._cache_file._source_stamp, _dependency_stamp())
 
     def load_overload(self, sig: Any, target_context: Any) -> Any:
+        data = self._load_guarded(sig, target_context)
+        if data is None and self.fallback is not None:
+            data = self.fallback._load_guarded(sig, target_context)
+        if data is None:
+            _notice(f"cached in {self.cache_path}" if self.writable else self._unwritable())
+            if self.on_miss is not None:
+                self.on_miss()
+        return data
+
+    def _unwritable(self) -> str:
+        return f"not cached: {self.cache_path} is read-only"
+
+    def _load_guarded(self, sig: Any, target_context: Any) -> Any:
+        """The cached entry of ``sig``, or None (absent, or corrupted: warned once and,
+        where the cache can be written, dropped so that the recompiled entry replaces it)."""
         try:
-            data = self._load_only(sig, target_context)
+            return self._load_only(sig, target_context)
         except Exception as exc:  # truncated/garbage pickle, bad object code, I/O error
             _warn_once(
                 ("load", self.cache_path),
@@ -164,12 +234,7 @@ class _GuardedCache(FunctionCache):
                 self.flush()  # drops the index: the recompiled entry replaces it
             except OSError:
                 pass
-            data = None
-        if data is None:
-            _notice(self.cache_path)
-            if self.on_miss is not None:
-                self.on_miss()
-        return data
+            return None
 
     def _load_only(self, sig: Any, target_context: Any) -> Any:
         # Numba's Cache.load_overload first runs target_context.refresh(), which imports
@@ -196,11 +261,27 @@ class _GuardedCache(FunctionCache):
             )
 
 
+class _ReadOnlyCache(_GuardedCache):
+    """A cache directory this process can read but not write: its entries load, and a
+    kernel missing there is compiled in memory for this process (warned once)."""
+
+    writable = False
+    _impls = (_ReadableImpl, _ReadableUserDirImpl)
+
+    def save_overload(self, sig: Any, data: Any) -> None:
+        _warn_once(
+            ("read-only", self.cache_path),
+            f"numbabn: the kernel cache in {self.cache_path} is read-only: kernels found there are loaded, "
+            "others are compiled in memory for this process (`numbabn warmup` with write access fills it; "
+            "or set NUMBA_CACHE_DIR to a writable directory)",
+        )
+
+
 class _NoCache(NullCache):
-    """No writable cache location: every process compiles (and says so once)."""
+    """No cache location at all: every process compiles (and says so once)."""
 
     def load_overload(self, sig: Any, target_context: Any) -> Any:
-        _notice(None)
+        _notice("not cached: no writable cache location")
 
 
 class Kernel:
@@ -226,8 +307,8 @@ class Kernel:
                     require_compiler()
                     disp = njit(nogil=True, fastmath=self.fastmath, error_model="numpy")(self.py_func)
                     disp._cache = _cache_for(self.py_func)  # see the module docstring
-                    if isinstance(disp._cache, _GuardedCache):
-                        disp._cache.on_miss = on_miss
+                    if isinstance(disp._cache, _GuardedCache) and disp._cache.writable:
+                        disp._cache.on_miss = on_miss  # the helper compiles into a cache this process loads
                     disp.compile(signature)
                     disp.disable_compile()
                     self._specs[signature] = disp
@@ -248,10 +329,29 @@ def require_compiler() -> None:
         )
 
 
-def _cache_for(fn: Callable[..., Any]) -> "FunctionCache | NullCache":
+def _read_only(fn: Callable[..., Any], other_than: str | None = None) -> "_ReadOnlyCache | None":
+    """The read-only cache of ``fn`` (module docstring): where a directory can be read
+    that holds an index for ``fn`` (one without would only cost lookups), other than
+    the directory ``other_than``; else None."""
     try:
-        return _GuardedCache(fn)
+        cache = _ReadOnlyCache(fn)
+    except RuntimeError:  # no readable directory
+        return None
+    if cache.cache_path == other_than or not os.path.exists(cache._cache_file._index_path):
+        return None
+    return cache
+
+
+def _cache_for(fn: Callable[..., Any]) -> "FunctionCache | NullCache":
+    """The disk cache of kernel ``fn``: Numba's writable location, with a read-only
+    warmed cache elsewhere as its fallback; or, with no writable location, the
+    read-only cache alone; or none (each case after the first warned once)."""
+    try:
+        cache = _GuardedCache(fn)
     except RuntimeError as exc:  # Numba: "cannot cache function ...: no locator available"
+        read_only = _read_only(fn)
+        if read_only is not None:
+            return read_only
         _warn_once(
             "locator",
             f"numbabn: kernels will not be cached ({exc}); "
@@ -262,6 +362,8 @@ def _cache_for(fn: Callable[..., Any]) -> "FunctionCache | NullCache":
             ),
         )
         return _NoCache()
+    cache.fallback = _read_only(fn, other_than=cache.cache_path)
+    return cache
 
 
 def kernel(fastmath: bool | set[str] = False) -> Callable[[Callable[..., Any]], "Kernel"]:
@@ -282,7 +384,8 @@ def kernels() -> list["Kernel"]:
 
 
 def cached_entries() -> tuple[int, list[str]]:
-    """(number of cached signatures a call could load now, cache directories) over all
+    """(number of cached signatures a call could load now, cache directories: the
+    writable one first, then read-only ones a warmed cache is loaded from) over all
     kernels. Index files of other source versions (a kernel that sat at another line,
     or a file that changed since: left behind by edits and in-place upgrades) are
     not counted: Numba ignores them, and so does this count, which reads each
@@ -294,24 +397,43 @@ def cached_entries() -> tuple[int, list[str]]:
 
     codegen = cpu_target.target_context.codegen()  # whose magic tuple (CPU) keys the entries
     count = 0
-    dirs = set()
+    dirs: dict[str, bool] = {}  # path -> writable
     for k in _KERNELS:
+        caches: list[_GuardedCache] = []
         try:
-            cache = _GuardedCache(k.py_func)
+            caches.append(_GuardedCache(k.py_func))
         except RuntimeError:
-            continue
-        dirs.add(cache.cache_path)
-        try:
-            index = cache._cache_file._load_index()  # {} when stale or absent
-            # an entry whose data file is gone (deleted, or a disk that filled up after
-            # the index was written) is recompiled too
-            count += sum(
-                _loadable_here(cache, key, codegen) and os.path.exists(os.path.join(cache.cache_path, name))
-                for key, name in index.items()
-            )
-        except Exception:  # corrupted: the next call recompiles it
-            continue
-    return count, sorted(dirs)
+            pass
+        read_only = _read_only(k.py_func, other_than=caches[0].cache_path if caches else None)
+        caches += [read_only] if read_only is not None else []
+        loadable = set()  # a signature in both the writable and the read-only cache counts once
+        for cache in caches:
+            dirs.setdefault(cache.cache_path, cache.writable)
+            try:
+                index = cache._cache_file._load_index()  # {} when stale or absent
+                # an entry whose data file is gone (deleted, or a disk that filled up after
+                # the index was written) is recompiled too
+                loadable |= {
+                    key
+                    for key, name in index.items()
+                    if _loadable_here(cache, key, codegen) and os.path.exists(os.path.join(cache.cache_path, name))
+                }
+            except Exception:  # corrupted: the next call recompiles it
+                continue
+        count += len(loadable)
+    # writable directories first: the one new entries go to
+    return count, sorted(dirs, key=lambda path: (not dirs[path], path))
+
+
+def cache_writable() -> bool:
+    """Whether new kernels can be saved to a disk cache (else they compile in memory)."""
+    if not _KERNELS:
+        return False
+    try:
+        _GuardedCache(_KERNELS[0].py_func)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _loadable_here(cache: Any, key: Any, codegen: Any) -> bool:

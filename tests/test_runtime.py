@@ -242,6 +242,89 @@ def test_warm_process_loads_every_variant_without_compiling(tmp_path):
         assert np.array_equal(a, b_)
 
 
+# Unwritable as this process sees it (the tests may run as root, whom permissions do
+# not stop): Numba's locators test a directory by writing a temporary file into it.
+_UNWRITABLE = textwrap.dedent("""
+    import numba.core.caching as c
+    def unwritable(self):
+        raise PermissionError(13, "Permission denied", self.get_cache_path())
+    c._CacheLocator.ensure_cache_path = unwritable
+""")
+
+# A float64 eval call: kernels the populated cache (float32 training) does not hold.
+_FLOAT64_EVAL = textwrap.dedent("""
+    x = np.random.default_rng(0).standard_normal((6, 3)) * 2 + 1
+    rm, rv = np.array([0.5, -1.0, 2.0]), np.array([1.0, 4.0, 0.25])
+    y64, _ = numbabn.batch_norm_forward(x, None, None, running_mean=rm, running_var=rv, training=False)
+    assert np.allclose(y64, (x - rm) / np.sqrt(rv + 1e-5))
+""")
+
+
+def _listing(path):
+    return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*"))
+
+
+def test_a_warmed_cache_that_cannot_be_written_is_still_loaded(populated, tmp_path):
+    """``numbabn warmup`` in a Docker build (as root), then a non-root user or a
+    read-only file system: Numba's locators refuse a directory they cannot write, and
+    every process compiled again, silently when a home was writable. Now the warmed
+    entries load (nothing compiled, nothing said, nothing written); a kernel missing
+    from the cache compiles in memory, with one warning and a notice that says why."""
+    cache = _copy(populated[0], tmp_path)
+    before = _listing(cache)
+    warm = _fresh(cache, _UNWRITABLE + _SCRIPT)
+    _same(warm, _expected())
+    assert warm.stderr == b"", warm.stderr.decode()
+    missing = _fresh(cache, _UNWRITABLE + _SCRIPT.replace("sys.stdout", _FLOAT64_EVAL + "sys.stdout"))
+    _same(missing, _expected())
+    err = missing.stderr.decode()
+    assert err.count("CacheWarning") == 1 and "is read-only: kernels found there are loaded" in err, err
+    assert f"not cached: {cache}" in err and "is read-only" in err.splitlines()[0], err
+    assert _listing(cache) == before
+    # numbabn info / warmup count what loads from it, and start no compile helper
+    count = (
+        "import json; from numbabn import _jit; import numbabn.backends.cpu\n"
+        "print(json.dumps([*_jit.cached_entries(), _jit.cache_writable()]))"
+    )
+    read_only, writable = (json.loads(_fresh(cache, prefix + count).stdout) for prefix in (_UNWRITABLE, ""))
+    assert read_only[0] == writable[0] > 0  # the same entries, counted
+    assert read_only[1] == writable[1] and all(d.startswith(str(cache)) for d in read_only[1])
+    assert read_only[2] is False and writable[2] is True  # no compile helper: it could save nothing
+
+
+def test_a_warmed_cache_elsewhere_is_tried_before_compiling_into_a_writable_one(populated, tmp_path):
+    """The same image with a writable home: Numba picks the (empty) user cache, and each
+    new container compiled everything into it. The warmed, unwritable cache is now
+    tried on a miss there: nothing compiles; what it lacks compiles into the writable
+    cache, where the next process finds it."""
+    warmed = _copy(populated[0], tmp_path)
+    before = _listing(warmed)
+    mine = tmp_path / "mine"
+    # The readable locator looks in the warmed directory (as in a Docker image: the
+    # package's own __pycache__), the writable one is NUMBA_CACHE_DIR.
+    script = textwrap.dedent(f"""
+        import os
+        from numba.core.caching import UserProvidedCacheLocator
+        from numbabn import _jit
+        class Warmed(_jit._Readable, UserProvidedCacheLocator):
+            def __init__(self, py_func, py_file):
+                super().__init__(py_func, py_file)
+                self._cache_path = os.path.join({str(warmed)!r}, os.path.basename(self._cache_path))
+        _jit._ReadableUserDirImpl._locator_classes = [Warmed]
+    """)
+    first = _fresh(mine, script + _SCRIPT)
+    _same(first, _expected())
+    assert first.stderr == b"", first.stderr.decode()
+    assert not list(mine.rglob("*.nbc"))  # everything came from the warmed cache
+    extra = _fresh(mine, script + _SCRIPT.replace("sys.stdout", _FLOAT64_EVAL + "sys.stdout"))
+    _same(extra, _expected())
+    assert f"cached in {mine}" in extra.stderr.decode() and "CacheWarning" not in extra.stderr.decode()
+    assert list(mine.rglob("*.nbc"))  # the missing kernels, saved where they can be
+    again = _fresh(mine, script + _SCRIPT.replace("sys.stdout", _FLOAT64_EVAL + "sys.stdout"))
+    assert again.stderr == b"", again.stderr.decode()
+    assert _listing(warmed) == before
+
+
 def test_no_writable_cache_location_compiles_in_memory(tmp_path):
     # As in a read-only install with no writable home: Numba finds no cache locator.
     script = (

@@ -75,7 +75,7 @@ def _kernel_cache() -> dict[str, Any]:
         "dir": dirs[0] if dirs else None,
         "entries": entries,
         "kernels": len(_jit.kernels()),
-        "compile_helper": bool(dirs) and _compile_ahead.enabled(),
+        "compile_helper": _jit.cache_writable() and _compile_ahead.enabled(),
     }
 
 
