@@ -71,6 +71,15 @@ def test_experiment_writes_json_and_figures(name, tmp_path):
         etas = data["runs"][experiments.key(lr, 1, "bn")]["metrics"]["landscape"]["value"][0]["etas"]
         assert etas[-1] == pytest.approx(top) and etas[0] == pytest.approx(top / (3000 if name == "dln" else 8))
         assert summary[f"lr={lr:g}"]["measures"]["beta_smoothness"]["all"]["seeds"]["n"] == 1
+        # the edge: λ_max (largest algebraic eigenvalue) per probe, ‖H‖₂ = |λ| beside it
+        for net in ("standard", "bn"):
+            records = data["runs"][experiments.key(lr, 1, net)]["metrics"]["hessian"]["value"]
+            for r in records:
+                assert r["max_eigenvalue"] <= abs(r["eigenvalue"]) * (1 + 1e-9)
+                assert (r["max_eigenvalue"] == r["eigenvalue"]) == (r["eigenvalue"] >= 0) == (r["max_iterations"] == 0)
+            edge = summary[f"lr={lr:g}"]["edge"][net]
+            assert edge["probes"] == len(records) and edge["negative_top"] == sum(r["eigenvalue"] < 0 for r in records)
+            assert edge["lambda_max_lr_over_2"]["median"] <= edge["hessian_lr_over_2"]["median"] * (1 + 1e-9)
     if name == "lp":
         assert "[½, 4]·lr" in config["eta_rule"] and config["eta_range"] == {f"lr={lr:g}": [lr / 2, 4 * lr]}
     if name == "maxlr":

@@ -129,17 +129,29 @@ def test_hessian_quadratic_exact(quadratic):
     # warm start from the eigenvector: converged after two products
     again = hessian_top_eigenvalue(layer, loss, (None, None), iters=50, tol=1e-10, v0=res["vector"])
     assert again["iterations"] <= 2 and again["eigenvalue"] == pytest.approx(eigenvalues[-1], rel=1e-9)
-    # an indefinite quadratic: the largest |λ| wins, sign kept
+    assert res["max_eigenvalue"] == res["eigenvalue"] and res["max_iterations"] == 0  # λ > 0: λ_max = λ
+    # an indefinite quadratic: the largest |λ| wins, sign kept; λ_max (the stability
+    # edge's eigenvalue) from the second iteration on H − λI
     B = np.diag([1.0, -5.0, 2.0])
     neg = hessian_top_eigenvalue(Theta([1.0, 1.0, 1.0]), QuadraticLoss(B), (None, None), iters=300, tol=1e-12)
     assert neg["eigenvalue"] == pytest.approx(-5.0, rel=1e-8)
+    assert neg["max_eigenvalue"] == pytest.approx(2.0, rel=1e-8) and 0 < neg["max_iterations"] < 300
+    # every eigenvalue negative (a maximum): λ_max is the one closest to 0
+    C = np.diag([-1.0, -5.0, -2.0])
+    top = hessian_top_eigenvalue(Theta([1.0, 1.0, 1.0]), QuadraticLoss(C), (None, None), iters=300, tol=1e-12)
+    assert top["eigenvalue"] == pytest.approx(-5.0, rel=1e-8) and top["max_eigenvalue"] == pytest.approx(-1.0, rel=1e-7)
 
 
-def test_hessian_matches_dense_finite_difference_hessian(rng):
-    """A small tanh network with BN: power iteration against the eigenvalues of the
-    full Hessian built column by column from central differences of the gradient."""
+@pytest.mark.parametrize("act, seed", [(Sigmoid, None), (ReLU, 2)], ids=["sigmoid", "relu-negative-top"])
+def test_hessian_matches_dense_finite_difference_hessian(rng, act, seed):
+    """A small network with BN: power iteration against the eigenvalues of the full
+    Hessian built column by column from central differences of the gradient. The ReLU
+    network of seed 2 curves down more steeply than up (top eigenvalue −1.37, largest
+    +1.01): λ_max, the stability edge's eigenvalue, comes from the second iteration."""
+    if seed is not None:
+        rng = np.random.default_rng(seed)
     model = Sequential(
-        Linear(3, 4, rng=rng, dtype=F64), BatchNorm1d(4, dtype=F64), Sigmoid(), Linear(4, 3, rng=rng, dtype=F64)
+        Linear(3, 4, rng=rng, dtype=F64), BatchNorm1d(4, dtype=F64), act(), Linear(4, 3, rng=rng, dtype=F64)
     )
     batch = (rng.standard_normal((10, 3)), rng.integers(0, 3, 10))
     loss = SoftmaxCrossEntropy()
@@ -164,6 +176,8 @@ def test_hessian_matches_dense_finite_difference_hessian(rng):
     state = model.state_dict()
     res = hessian_top_eigenvalue(model, loss, batch, iters=2000, tol=1e-12)
     np.testing.assert_allclose(res["eigenvalue"], top, rtol=1e-5)
+    np.testing.assert_allclose(res["max_eigenvalue"], eig[-1], rtol=1e-5)
+    assert (top < 0) == (seed is not None) and (res["max_iterations"] > 0) == (top < 0)
     after = model.state_dict()
     assert all(np.array_equal(after[k], v) for k, v in state.items())
 

@@ -24,10 +24,12 @@ L(θ) = loss(model(x_t; θ), y_t) and g_t = ∇L(θ_t).
     {15, 50, 85}th percentiles over the batch of the input to one (or each) unit of a
     chosen layer (Ioffe & Szegedy Fig. 1: the input to a sigmoid).
 ``hessian_top_eigenvalue``
-    The largest-magnitude eigenvalue λ of ∇²L(θ_t) on the batch, by power iteration
-    on Hessian-vector products from central gradient differences,
-    H v ≈ (∇L(θ_t + εv) − ∇L(θ_t − εv)) / (2ε). Gradient descent is stable along the
-    top eigenvector only while lr·λ < 2, so λ·lr/2 = 1 marks the stability edge.
+    The largest-magnitude eigenvalue λ of ∇²L(θ_t) on the batch (its magnitude is ‖H‖₂), by
+    power iteration on Hessian-vector products from central gradient differences,
+    H v ≈ (∇L(θ_t + εv) − ∇L(θ_t − εv)) / (2ε), and the largest algebraic one λ_max
+    (λ itself when λ > 0). Gradient descent is stable along the top eigenvector only
+    while lr·λ_max < 2, so λ_max·lr/2 = 1 marks the stability edge; a negative λ
+    (curving down) has no edge, so ‖H‖₂·lr/2 is the edge only where λ > 0.
 ``gradient_norm`` / ``weight_norm``
     ‖∇_p L‖₂ and ‖p‖₂ per named parameter.
 
@@ -443,10 +445,18 @@ def hessian_top_eigenvalue(
     products); None: a fixed pseudo-random direction (seed 0), so the result does
     not depend on any generator the caller holds.
 
+    Gradient descent's stability edge is set by the largest *algebraic* eigenvalue
+    λ_max (lr·λ_max < 2), which is λ itself when λ > 0. Where λ < 0 (a ReLU
+    network's batch loss can curve down more steeply than up), λ_max is found by a
+    second power iteration on H − λI, whose spectrum [0, λ_max − λ] has λ_max − λ on
+    top (at the ε the check accepted; up to ``iters`` more products; like any power
+    iteration it errs low).
+
     Returns ``{"eigenvalue": λ (signed), "iterations": products used (by the
     iteration that gave λ), "residual": ‖Hv − λv‖₂ / |λ|, "eps": the ε that gave
-    λ, "eps_agreement": |λ(ε/10) − λ| / |λ| of its check, "vector": v (float64
-    ndarray, not JSON)}``.
+    λ, "eps_agreement": |λ(ε/10) − λ| / |λ| of its check, "max_eigenvalue": λ_max,
+    "max_iterations": the products of its second iteration (0 when λ >= 0),
+    "vector": v (float64 ndarray, not JSON)}``.
     Leaves model, gradients and generators as found (module docstring).
     """
     fn = "hessian_top_eigenvalue"
@@ -477,11 +487,13 @@ def hessian_top_eigenvalue(
         def product(u: NDArray[np.float64], e: float) -> NDArray[np.float64]:
             return (grad_at(e * u) - grad_at(-e * u)) / (2 * e)
 
-        best: dict[str, Any] | None = None  # the checked result whose check agreed best
-        while True:
+        def power(e: float, shift: float) -> tuple[float, int, float, NDArray[np.float64], NDArray[np.float64]]:
+            """Power iteration on H − shift·I from ``start`` -> (λ of H − shift·I, products,
+            residual, last direction, the direction λ is the Rayleigh quotient of)."""
             v, lam, k = start, float("nan"), 0
+            u, residual = v, float("inf")
             for k in range(1, iters + 1):  # noqa: B007  (k is returned: the iterations used)
-                hv = product(v, eps)
+                hv = product(v, e) - shift * v
                 u, previous, lam = v, lam, float(v @ hv)
                 norm = np.linalg.norm(hv)
                 residual = float(np.linalg.norm(hv - lam * v) / abs(lam)) if lam != 0 else float("inf")
@@ -490,6 +502,11 @@ def hessian_top_eigenvalue(
                 v = hv / norm
                 if abs(lam - previous) <= tol * abs(lam):
                     break
+            return lam, k, residual, v, u
+
+        best: dict[str, Any] | None = None  # the checked result whose check agreed best
+        while True:
+            lam, k, residual, v, u = power(eps, 0.0)
             result = {"eigenvalue": lam, "iterations": k, "residual": residual, "eps": eps, "vector": v}
             if not np.isfinite(lam):
                 result["eps_agreement"] = float("nan")
@@ -514,6 +531,14 @@ def hessian_top_eigenvalue(
                 )
                 break
             eps /= 10  # a kink within ε: its jump / 2ε, not curvature
+        lam = result["eigenvalue"]
+        if np.isfinite(lam) and lam < 0:
+            # The spectrum lies in [λ, λ_max] with |λ| the largest: H − λI's lies in
+            # [0, λ_max − λ], so its top eigenvalue gives λ_max (at the checked ε).
+            top, result["max_iterations"], _, _, _ = power(result["eps"], lam)
+            result["max_eigenvalue"] = top + lam
+        else:
+            result["max_eigenvalue"], result["max_iterations"] = lam, 0
     return result
 
 
@@ -677,8 +702,8 @@ class HessianEigenvalue(Metric):
     products instead of ``iters``). The first call after construction or
     :meth:`reset` (every Trainer's run starts with one), and a call on a model with
     another number of parameters, start from the function's fixed direction.
-    Records ``eigenvalue``, ``iterations``, ``residual``, ``eps`` and
-    ``eps_agreement`` (not the vector)."""
+    Records ``eigenvalue``, ``iterations``, ``residual``, ``eps``,
+    ``eps_agreement``, ``max_eigenvalue`` and ``max_iterations`` (not the vector)."""
 
     def __init__(self, iters: int = 20, tol: float = 1e-4, eps: float = 1e-6, name: str = "hessian") -> None:
         _check_power_iteration(type(self).__name__, iters, tol, eps)  # now, not at the first probe
