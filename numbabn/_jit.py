@@ -43,7 +43,6 @@ import hashlib
 import os
 import sys
 import threading
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,6 +60,7 @@ from numba.core.caching import (
 from numba.core.runtime import rtsys
 
 from . import config
+from ._warnings import warn_at_caller
 
 _KERNELS: list["Kernel"] = []  # every kernel made by `kernel`, for warmup and info
 _lock = threading.RLock()
@@ -97,10 +97,10 @@ class CacheWarning(UserWarning):
     """The kernel cache could not be used; kernels still work (compiled in memory)."""
 
 
-def _warn_once(key: str, message: str) -> None:
+def _warn_once(key: Any, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, CacheWarning, stacklevel=4)
+        warn_at_caller(message, CacheWarning)
 
 
 def _notice(place: str) -> None:
@@ -411,12 +411,12 @@ def cached_entries() -> tuple[int, list[str]]:
             dirs.setdefault(cache.cache_path, cache.writable)
             try:
                 index = cache._cache_file._load_index()  # {} when stale or absent
-                # an entry whose data file is gone (deleted, or a disk that filled up after
-                # the index was written) is recompiled too
+                # an entry whose data file is gone or empty (deleted, or a disk that filled
+                # up after the index was written) is recompiled too
                 loadable |= {
                     key
                     for key, name in index.items()
-                    if _loadable_here(cache, key, codegen) and os.path.exists(os.path.join(cache.cache_path, name))
+                    if _loadable_here(cache, key, codegen) and _has_data(os.path.join(cache.cache_path, name))
                 }
             except Exception:  # corrupted: the next call recompiles it
                 continue
@@ -434,6 +434,16 @@ def cache_writable() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _has_data(path: str) -> bool:
+    """Whether an entry's data file exists and is not empty (a disk that filled up as
+    it was written, or ``truncate -s 0``: counted, it was recompiled all the same).
+    What a partly written file holds is known only by loading it, which counting does not."""
+    try:
+        return os.path.getsize(path) > 0
+    except OSError:
+        return False
 
 
 def _loadable_here(cache: Any, key: Any, codegen: Any) -> bool:

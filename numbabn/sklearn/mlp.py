@@ -86,9 +86,6 @@ still fitted with its previous model -- or still unfitted (``NotFittedError``).
 """
 
 import copy
-import os
-import sys
-import warnings
 from collections.abc import Sequence
 from math import ceil
 from typing import Any, Self
@@ -106,21 +103,8 @@ from sklearn.utils.multiclass import check_classification_targets, type_of_targe
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from .._checks import is_int, is_real
+from .._warnings import warn_at_caller
 from ._sample_weight import check_sample_weight
-
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
-
-def _warn_convergence(message: str) -> None:
-    """A ConvergenceWarning attributed to the first caller outside numbabn (the user's
-    ``fit`` or ``partial_fit`` line, or scikit-learn's when it calls the estimator),
-    however many of numbabn's own calls lie in between (a fixed ``stacklevel`` pointed
-    into the working copy's ``_fit``)."""
-    frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, ConvergenceWarning, stacklevel=level)
-
 
 FLOAT_DTYPES = (np.float64, np.float32)
 ACTIVATIONS = ("relu", "tanh", "logistic")
@@ -747,9 +731,10 @@ class _BaseBNMLP(BaseEstimator):
             if self._end_epoch(improved):
                 break
         else:
-            _warn_convergence(
+            warn_at_caller(
                 f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
-                "optimization hasn't converged yet."
+                "optimization hasn't converged yet.",
+                ConvergenceWarning,
             )
         if self.early_stopping:
             if self.best_validation_score_ == -np.inf:
@@ -777,10 +762,11 @@ class _BaseBNMLP(BaseEstimator):
         if self.verbose:
             print(f"lbfgs: {result.nit} iterations, {result.nfev} evaluations, loss = {self.loss_:.8f}")
         if not result.success:
-            _warn_convergence(
+            warn_at_caller(
                 f"lbfgs failed to converge after {result.nit} iteration(s) (status={result.status}): "
                 f"{result.message}. Increase the number of iterations (max_iter={self.max_iter}) "
-                f"or function evaluations (max_fun={self.max_fun})."
+                f"or function evaluations (max_fun={self.max_fun}).",
+                ConvergenceWarning,
             )
 
     def _partial_fit(
