@@ -185,7 +185,10 @@ def canonical_host(fn: str, name: str, x: Any, axis: int) -> Canonical:
     """Check a host (NumPy) input and view it in its canonical layout."""
     if type(x) is not np.ndarray or not x.dtype.isnative:
         if is_device_array(x):
-            raise TypeError(f"{fn}: {name} is a GPU array ({type(x).__name__}) but backend='cpu' was requested")
+            raise TypeError(
+                f"{fn}: {name} is a GPU array ({type(x).__name__}) but this call runs on the CPU backend "
+                "(backend='cpu' was given, or the forward ran on host arrays)"
+            )
         x = host_array(fn, name, x)
     dtype = x.dtype
     if dtype.char not in "fd" and dtype != BFLOAT16:

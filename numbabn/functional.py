@@ -214,7 +214,9 @@ def batch_norm_forward(
     activation : None or "relu" (fused, no extra pass over memory).
     residual : optional array added before the activation (a ResNet block's
         ``relu(bn(x) + identity)`` in one pass): same shape and dtype as ``x``
-        (float16 computed in float32 like ``x``), same backend; any strides (copied
+        (float16 computed in float32 like ``x``), same backend (a GPU array when
+        ``x`` is one; with host ``x`` and ``backend="cuda"``, which copies ``x`` to
+        the device, a host or a GPU array); any strides (copied
         to the canonical layout like ``x`` when needed). Kept by reference for the
         backward (do not modify it in between); ``out`` must not overlap it.
         :func:`batch_norm_backward` then also returns its gradient.

@@ -188,7 +188,7 @@ def test_device_errors():
     with pytest.raises(ValueError, match=r"beta must have shape \(3,\)"):
         numbabn.batch_norm_forward(x, None, cuda.to_device(np.ones(4, np.float32)), running_mean=rm, running_var=rv)
     np.testing.assert_array_equal(host(rm), np.arange(3))
-    with pytest.raises(TypeError, match="x is a GPU array .* but backend='cpu'"):
+    with pytest.raises(TypeError, match="x is a GPU array .* but this call runs on the CPU backend"):
         numbabn.batch_norm_forward(x, backend="cpu")
     with pytest.raises(TypeError, match="x is a GPU array"):
         numbabn.moments(x, backend="cpu")
@@ -293,6 +293,38 @@ def test_importing_numbabn_does_not_import_numba_cuda():
         "assert not any(m.startswith('numba.cuda') for m in sys.modules), 'numba.cuda imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(not SIMULATOR, reason="the simulator's own limit")
+def test_foreign_cuda_array_interface_on_the_simulator_is_a_clear_type_error(rng):
+    """The simulator cannot wrap another library's GPU memory (no cuda.as_cuda_array):
+    a TypeError that says so, not an AttributeError from inside numbabn."""
+
+    class Foreign:  # what CuPy / PyTorch expose (the simulator's arrays have no interface to copy)
+        __cuda_array_interface__ = {"shape": (5, 3), "typestr": "<f4", "data": (0, False), "version": 3}
+
+    x = Foreign()
+    with pytest.raises(TypeError, match="Numba's CUDA simulator .* can only take its own device arrays"):
+        numbabn.batch_norm_forward(x)
+
+
+def test_host_forward_then_gpu_dy_names_the_forward_not_a_backend_argument(rng):
+    x = rng.standard_normal((5, 3)).astype(np.float32)
+    _, ctx = numbabn.batch_norm_forward(x)  # no backend= given: the host arrays chose the CPU
+    with pytest.raises(TypeError, match=r"dy is a GPU array .* the forward ran on host arrays"):
+        numbabn.batch_norm_backward(cuda.to_device(x), ctx)
+
+
+def test_layers_that_compute_on_the_host_refuse_gpu_input(rng):
+    """Only the batch-norm layers take GPU arrays; the others copied them to the host
+    behind the user's back (np.asarray), and the rest of the model ran there."""
+    from numbabn.layers import BatchNorm1d, Linear, ReLU, Sequential
+
+    x = cuda.to_device(rng.standard_normal((6, 4)).astype(np.float32))
+    for layer in (Linear(4, 3, dtype=np.float32), ReLU(), Sequential(Linear(4, 3, dtype=np.float32), BatchNorm1d(3))):
+        with pytest.raises(TypeError, match="input is a GPU array .* this layer computes on the host"):
+            layer.forward(x)
+    assert type(BatchNorm1d(4).forward(x)) is type(x)  # stays on the device
 
 
 @pytest.mark.skipif(SIMULATOR, reason="foreign __cuda_array_interface__ objects need a real GPU")

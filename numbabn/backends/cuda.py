@@ -68,6 +68,11 @@ def as_device(x: AnyArray) -> AnyArray:
     """A numba device array viewing the GPU array ``x`` (zero copy)."""
     if getattr(x, "__cuda_ndarray__", False):
         return x
+    if not hasattr(cuda, "as_cuda_array"):  # Numba's CUDA simulator cannot wrap another library's GPU memory
+        raise TypeError(
+            f"{type(x).__name__} exposes __cuda_array_interface__, but Numba's CUDA simulator "
+            "(NUMBA_ENABLE_CUDASIM=1) can only take its own device arrays (numba.cuda.to_device)"
+        )
     return cuda.as_cuda_array(x)
 
 

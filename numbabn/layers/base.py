@@ -447,8 +447,16 @@ class Layer:
     def _input(self, x: Any) -> FloatArray:
         """``x`` as a floating NumPy array (native byte order); of the layer's dtype
         when it has one, or float16 for a float32 layer that ``_accepts_float16``."""
-        if type(x) is not np.ndarray and self._accepts_device and is_device_array(x):
-            pass  # GPU input stays there: the functional API takes it
+        if type(x) is not np.ndarray and is_device_array(x):
+            if not self._accepts_device:
+                # np.asarray would copy it to the host behind the user's back, and the
+                # next layers would run there: a misplaced array, not a request.
+                raise TypeError(
+                    f"{self._short()}: input is a GPU array ({type(x).__name__}), but this layer computes on the "
+                    "host (only the batch-norm layers take GPU arrays); copy it to the host first "
+                    "(x.copy_to_host(), or .cpu() for a torch tensor)"
+                )
+            # GPU input stays there: the functional API takes it
         elif type(x) is not np.ndarray or not x.dtype.isnative:
             x = host_array(self._short(), "input", x)
         if np.dtype(x.dtype).kind != "f":
