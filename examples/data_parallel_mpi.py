@@ -161,9 +161,8 @@ def run(argv=None):
             f"data-parallel BN-MLP on digits: {size} rank{'s' if size > 1 else ''}, global batch {args.batch} "
             f"(local {'/'.join(map(str, local_sizes))}), {args.steps} steps"
         )
-        for step in range(0, args.steps, args.every):
+        for step in sorted({*range(0, args.steps, args.every), args.steps - 1}):  # the last step once
             print(f"step {step:5d}  loss {losses[step]:.10f}")
-        print(f"step {args.steps - 1:5d}  loss {losses[-1]:.10f}")
         print(f"test accuracy {acc:.4f}")
     if args.check:
         flat = np.concatenate([p.value.ravel() for p in model.parameters()])

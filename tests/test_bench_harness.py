@@ -131,6 +131,7 @@ def test_report_writers(cpu_report):
     _, rep = cpu_report
     text = report.format_table(rep).splitlines()
     assert text[0].startswith("numbabn cpu bench: float32, 1 thread (python threads), copy bandwidth ")
+    assert ", torch not compared, median of 2" in text[0]  # compare=("numpy",): not "n/a", torch may be installed
     assert text[1].split() == [
         "op",
         "case",

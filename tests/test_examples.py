@@ -56,12 +56,14 @@ def test_data_parallel_mpi_matches_the_single_process_run():
             str(EXAMPLES / "data_parallel_mpi.py"),
             "--check",
             "--steps",
-            "20",
+            "21",
             "--every",
             "10",
         ]
     )
     assert "parameters bit-identical on all 2 rank(s): yes" in output, output
+    # steps 0, 10 and 20, the last one once (it is also a multiple of --every)
+    assert [line.split()[1] for line in output.splitlines() if line.startswith("step ")] == ["0", "10", "20"], output
     check = [line for line in output.splitlines() if line.startswith("check: max abs difference of the loss")]
     assert float(check[0].split(": ")[-1].split()[0]) <= 1e-9, output
 

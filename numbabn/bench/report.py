@@ -80,7 +80,7 @@ def format_table(report: Report) -> str:
     )
     title = (
         f"numbabn {m['backend']} bench: {m['dtype']}, {where} "
-        f"copy bandwidth {m['copy_gbps']:.1f} GB/s, torch {m['torch'] or 'n/a'}, median of {m['repeat']}"
+        f"copy bandwidth {m['copy_gbps']:.1f} GB/s, torch {m['torch'] or 'not compared'}, median of {m['repeat']}"
     )
     return title + "\n" + text_table(TABLE_COLUMNS, body)
 

@@ -42,6 +42,7 @@ Layers: :class:`BatchNorm1d` ((N, C) or (N, C, L)), :class:`BatchNorm2d` (NCHW o
 NHWC) and :class:`BatchNorm3d` (NCDHW or NDHWC).
 """
 
+import inspect
 from typing import Any, Self
 
 import numpy as np
@@ -234,10 +235,11 @@ class BatchNormBase(Layer):
 
     # ------------------------------------------------------------ repr / examples
     def extra_repr(self) -> str:
-        text = (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
-        )
+        text = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+        # the constructor's arguments only: a subclass that always tracks (BatchRenorm)
+        # takes no track_running_stats, and its repr must not offer one
+        if "track_running_stats" in inspect.signature(type(self)).parameters:
+            text += f", track_running_stats={self.track_running_stats}"
         if self.activation is not None:
             text += f", activation={self.activation!r}"
         return text
