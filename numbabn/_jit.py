@@ -65,7 +65,7 @@ from ._warnings import warn_at_caller
 _KERNELS: list["Kernel"] = []  # every kernel made by `kernel`, for warmup and info
 _lock = threading.RLock()
 _noticed = False
-_warned: set[str] = set()
+_warned: set[Any] = set()
 
 
 def _before_fork() -> None:
@@ -172,18 +172,18 @@ class _ReadableUserWide(_Readable, UserWideCacheLocator):
     pass
 
 
-class _ReadableImpl(CompileResultCacheImpl):
-    """Where a warmed cache may sit that this process cannot write: the package's own
-    ``__pycache__`` (``numbabn warmup`` run by root in a Docker build, then a non-root
-    user or a read-only file system), then Numba's user-wide directory."""
-
-    _locator_classes = [_ReadableInTree, _ReadableUserWide]
+def _impl(locator: type) -> type:
+    """Numba's cache implementation looking in ``locator``'s directory only."""
+    return type(f"_{locator.__name__}Impl", (CompileResultCacheImpl,), {"_locator_classes": [locator]})
 
 
-class _ReadableUserDirImpl(CompileResultCacheImpl):
-    """The same for ``NUMBA_CACHE_DIR`` when it is set (and then only there)."""
-
-    _locator_classes = [_ReadableUserProvided]
+# Where a warmed cache may sit that this process cannot write, in the order tried: the
+# package's own ``__pycache__`` (``numbabn warmup`` run by root in a Docker build, then
+# a non-root user or a read-only file system), then Numba's user-wide directory; with
+# ``NUMBA_CACHE_DIR`` set, only there (the user chose it: an empty one must mean a cold
+# cache, as the tests and benchmarks that set it rely on).
+_READABLE = [_impl(_ReadableInTree), _impl(_ReadableUserWide)]
+_READABLE_USER_DIR = [_impl(_ReadableUserProvided)]
 
 
 class _GuardedCache(FunctionCache):
@@ -196,13 +196,12 @@ class _GuardedCache(FunctionCache):
     on_miss: Callable[[], Any] | None = None
     fallback: "_ReadOnlyCache | None" = None
     writable = True
-    _impls: tuple[Any, Any] = (None, _UserDirImpl)  # (the default, with NUMBA_CACHE_DIR set)
 
-    def __init__(self, py_func: Callable[..., Any]) -> None:
-        default, user_dir = self._impls
-        impl = user_dir if numba.config.CACHE_DIR else default
+    def __init__(self, py_func: Callable[..., Any], impl: Any = None) -> None:
         if impl is not None:
             self._impl_class = impl
+        elif numba.config.CACHE_DIR:
+            self._impl_class = _UserDirImpl
         super().__init__(py_func)
         self._cache_file._source_stamp = (self._cache_file._source_stamp, _dependency_stamp())
 
@@ -211,13 +210,10 @@ class _GuardedCache(FunctionCache):
         if data is None and self.fallback is not None:
             data = self.fallback._load_guarded(sig, target_context)
         if data is None:
-            _notice(f"cached in {self.cache_path}" if self.writable else self._unwritable())
+            _notice(f"cached in {self.cache_path}" if self.writable else f"not cached: {self.cache_path} is read-only")
             if self.on_miss is not None:
                 self.on_miss()
         return data
-
-    def _unwritable(self) -> str:
-        return f"not cached: {self.cache_path} is read-only"
 
     def _load_guarded(self, sig: Any, target_context: Any) -> Any:
         """The cached entry of ``sig``, or None (absent, or corrupted: warned once and,
@@ -253,6 +249,7 @@ class _GuardedCache(FunctionCache):
         try:
             super().save_overload(sig, data)
         except Exception as exc:  # disk full, permissions changed, ...
+            _unsaved.append(self.cache_path)
             _warn_once(
                 ("save", self.cache_path),
                 f"numbabn: could not write the kernel cache in {self.cache_path} "
@@ -266,14 +263,14 @@ class _ReadOnlyCache(_GuardedCache):
     kernel missing there is compiled in memory for this process (warned once)."""
 
     writable = False
-    _impls = (_ReadableImpl, _ReadableUserDirImpl)
 
     def save_overload(self, sig: Any, data: Any) -> None:
+        _unsaved.append(self.cache_path)
         _warn_once(
-            ("read-only", self.cache_path),
+            "read-only",
             f"numbabn: the kernel cache in {self.cache_path} is read-only: kernels found there are loaded, "
-            "others are compiled in memory for this process (`numbabn warmup` with write access fills it; "
-            "or set NUMBA_CACHE_DIR to a writable directory)",
+            "others are compiled in memory for this process (run `numbabn warmup` with write access to fill "
+            "it; a writable NUMBA_CACHE_DIR caches them there instead, and then only there)",
         )
 
 
@@ -282,6 +279,19 @@ class _NoCache(NullCache):
 
     def load_overload(self, sig: Any, target_context: Any) -> Any:
         _notice("not cached: no writable cache location")
+
+    def save_overload(self, sig: Any, data: Any) -> None:
+        _unsaved.append(None)
+
+
+# One entry per kernel compiled but not saved to disk in this process (the directory,
+# or None without one): what ``numbabn warmup`` checks before saying it is done.
+_unsaved: list[str | None] = []
+
+
+def unsaved() -> int:
+    """How many kernel specialisations this process compiled without saving them."""
+    return len(_unsaved)
 
 
 class Kernel:
@@ -330,16 +340,23 @@ def require_compiler() -> None:
 
 
 def _read_only(fn: Callable[..., Any], other_than: str | None = None) -> "_ReadOnlyCache | None":
-    """The read-only cache of ``fn`` (module docstring): where a directory can be read
-    that holds an index for ``fn`` (one without would only cost lookups), other than
-    the directory ``other_than``; else None."""
-    try:
-        cache = _ReadOnlyCache(fn)
-    except RuntimeError:  # no readable directory
-        return None
-    if cache.cache_path == other_than or not os.path.exists(cache._cache_file._index_path):
-        return None
-    return cache
+    """The read-only cache of ``fn`` (module docstring): the first directory of
+    :data:`_READABLE` that can be read and holds an index for ``fn``, other than
+    ``other_than`` (the writable cache); without ``other_than`` (there is no writable
+    cache), failing that the first that can be read at all, so that every kernel of
+    the process says the same about its cache; else None."""
+    first = None
+    for impl in _READABLE_USER_DIR if numba.config.CACHE_DIR else _READABLE:
+        try:
+            cache = _ReadOnlyCache(fn, impl)
+        except RuntimeError:  # not a readable directory
+            continue
+        if cache.cache_path == other_than:
+            continue
+        if os.path.exists(cache._cache_file._index_path):
+            return cache
+        first = first or cache
+    return None if other_than is not None else first
 
 
 def _cache_for(fn: Callable[..., Any]) -> "FunctionCache | NullCache":

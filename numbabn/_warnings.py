@@ -4,7 +4,14 @@ import os
 import sys
 import warnings
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+def _prefix(module_file: str | None) -> str | None:
+    """The directory of a package's ``__init__`` as a path prefix (case-normalised,
+    as frames' file names are compared), or None without a file."""
+    return None if not module_file else os.path.normcase(os.path.dirname(os.path.abspath(module_file))) + os.sep
+
+
+_PACKAGE = _prefix(__file__)
 
 
 def warn_at_caller(message: str, category: type[Warning]) -> None:
@@ -14,11 +21,11 @@ def warn_at_caller(message: str, category: type[Warning]) -> None:
     of numbabn's own calls lie in between. A fixed ``stacklevel`` pointed wherever
     numbabn's call depth happened to put it (a kernel compile sits four to eight calls
     below the public function), so ``-W`` could not filter by module and the printed
-    location named numbabn's internals."""
-    # Numba's frames too: a cache warning comes from a method Numba's compiler calls back.
+    location named numbabn's internals. Where every frame is numbabn's (a thread that
+    numbabn started), the outermost one is named."""
     numba = sys.modules.get("numba")
-    skip = (_PACKAGE,) if numba is None else (_PACKAGE, os.path.dirname(os.path.abspath(numba.__file__)) + os.sep)
+    skip = tuple(p for p in (_PACKAGE, _prefix(getattr(numba, "__file__", None))) if p)
     frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename.startswith(skip):
+    while frame.f_back is not None and os.path.normcase(frame.f_code.co_filename).startswith(skip):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

@@ -685,11 +685,13 @@ def test_staged_output_dir_publishes_paths_joined():
         assert kept == [f"{stage}x/c.json", "toy"]
 
 
-def _kept_stage(result, where):
+def _kept_stage(result, where, existed=True):
     """The staging directory a finished run's files were kept in: named by the error
     (one line on stderr) and by the summary printed before it on stdout."""
     (line,) = result.stderr.splitlines()
-    head, _, stage = line.partition(", apart from this run's files, kept in ")
+    head, _, stage = line.partition(
+        ", apart from this run's files, kept in " if existed else "; this run's files are kept in "
+    )
     assert head == f"Error: {where}", line
     stage = Path(stage.strip("'"))
     assert f"'out': '{stage}'" in result.stdout or str(stage) in result.stdout, result.stdout
@@ -737,7 +739,7 @@ def test_experiment_out_that_cannot_be_created_at_the_end(fake_experiments, tmp_
     monkeypatch.setattr(os, "rename", rename_fails)
     result = invoke("experiment", "toy", "--out", str(tmp_path / "new"))
     assert result.exit_code == 2
-    stage = _kept_stage(result, f"cannot create '{tmp_path / 'new'}': Directory not empty")
+    stage = _kept_stage(result, f"cannot create '{tmp_path / 'new'}': Directory not empty", existed=False)
     assert [p.name for p in tmp_path.iterdir()] == [stage.name]
 
 
@@ -865,18 +867,30 @@ def test_warmup_of_a_16_bit_dtype_compiles_its_data_kernels():
     assert set(k.all_names()) <= set(vars(k)) and k.compute == np.float32
 
 
-@pytest.mark.parametrize(("dirs", "why"), [([], "no writable cache location"), (["/ro/cache"], "written to /ro/cache")])
-def test_warmup_that_caches_nothing_fails(monkeypatch, dirs, why):
-    """A warmup whose kernels could not be cached (a read-only install, an unwritable
-    NUMBA_CACHE_DIR, a full disk) exits 2 with one line saying so: it used to exit 0,
-    and a Docker build step passed while every later process compiled again."""
+@pytest.mark.parametrize(
+    ("dirs", "writable", "unsaved", "why"),
+    [
+        ([], False, 0, "no writable cache location"),
+        (["/ro/cache"], True, 0, "writing to /ro/cache failed"),
+        (["/ro/cache"], False, 0, "the cache in /ro/cache is read-only"),
+        # a read-only warmed cache holds some variants, others compiled and not saved
+        (["/ro/cache"], False, 3, "the cache in /ro/cache is read-only"),
+    ],
+)
+def test_warmup_that_cannot_cache_what_it_compiled_fails(monkeypatch, dirs, writable, unsaved, why):
+    """A warmup whose kernels could not all be cached (a read-only install, an
+    unwritable NUMBA_CACHE_DIR, a full disk) exits 2 with one line saying so: it used
+    to exit 0, and a Docker build step passed while every later process compiled
+    again; also when a read-only cache it found held some of the variants."""
     from numbabn import _jit
 
-    monkeypatch.setattr(_jit, "cached_entries", lambda: (0, dirs))
+    monkeypatch.setattr(_jit, "cached_entries", lambda: (5 if unsaved else 0, dirs))
+    monkeypatch.setattr(_jit, "cache_writable", lambda: writable)
+    monkeypatch.setattr(_jit, "unsaved", lambda: unsaved)
     result = invoke("warmup", "--dtype", "float32", "--layout", "mc")
     assert result.exit_code == 2, result.output
-    assert "none is cached" in result.output and why in result.output and "NUMBA_CACHE_DIR" in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    assert f"{unsaved or 'all'} compiled ones could not be cached ({why})" in result.output, result.output
+    assert "NUMBA_CACHE_DIR" in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_warmup_rejects_unknown_dtype():
@@ -1089,3 +1103,28 @@ def test_sigterm_ends_a_run_like_ctrl_c_leaving_no_staging_directory(tmp_path, e
     assert [p.name for p in tmp_path.iterdir()] == (["out"] if existed else [])
     if existed:
         assert [p.name for p in out.iterdir()] == ["toy.json"] and (out / "toy.json").read_text() == "old"
+
+
+def test_sigterm_and_ctrl_c_wait_while_outputs_move_into_place():
+    """An exit in the middle of moving the outputs (or of undoing a failed move) would
+    leave --out half replaced, and the staging directory's removal would delete the
+    user's previous files set aside there: the signals are held until the move ends."""
+    import signal
+    import time
+
+    from numbabn.cli._common import _signals_held
+
+    got = []
+    previous = signal.signal(signal.SIGINT, lambda *args: got.append("SIGINT"))
+    try:
+        with _signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert got == []  # held
+        for _ in range(100):  # delivered once the block ends
+            if got:
+                break
+            time.sleep(0.01)
+        assert got == ["SIGINT"]
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -295,6 +295,41 @@ def test_a_warmed_cache_that_cannot_be_written_is_still_loaded(populated, tmp_pa
     assert read_only[2] is False and writable[2] is True  # no compile helper: it could save nothing
 
 
+def _default_locations(script, xdg, **env):
+    """A fresh process with Numba's default cache locations (no NUMBA_CACHE_DIR), its
+    user-wide one under ``xdg`` (XDG_CACHE_HOME)."""
+    full = {k: v for k, v in os.environ.items() if k not in ("NUMBABN_QUIET", "NUMBA_CACHE_DIR")}
+    full.update(XDG_CACHE_HOME=str(xdg), NUMBABN_COMPILE_AHEAD="0", **env)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, env=full, timeout=600)
+
+
+def test_a_warmed_user_wide_cache_is_found_past_a_package_pycache_without_one(tmp_path):
+    """``USER app; RUN numbabn warmup`` (site-packages owned by root: the warmup fills
+    the user-wide cache), then ``docker run --read-only``: the package's __pycache__
+    exists (pip byte-compiles) but holds no kernel index, and the user-wide cache was
+    never looked at. (The package's own __pycache__ stands in as an empty directory.)"""
+    xdg, empty = tmp_path / "xdg", tmp_path / "pycache"
+    empty.mkdir()
+    not_in_tree = "import numba.core.caching as c; c.InTreeCacheLocator.from_function = classmethod(lambda *a: None)\n"
+    warm = _default_locations(not_in_tree + _SCRIPT, xdg)
+    _same(warm, _expected())
+    assert list(xdg.rglob("*.nbi")), warm.stderr.decode()
+    pycache = f"from numbabn import _jit; _jit._ReadableInTree.get_cache_path = lambda self: {str(empty)!r}\n"
+    read_only = _default_locations(_UNWRITABLE + pycache + _SCRIPT, xdg)
+    _same(read_only, _expected())
+    assert read_only.stderr == b"", read_only.stderr.decode()
+
+
+def test_warmup_into_a_read_only_cache_fails(populated, tmp_path):
+    """A warmup that finds the cache read-only exits 2 for the variants it had to
+    compile (they are not saved), even though the cache holds others."""
+    cache = _copy(populated[0], tmp_path)
+    script = _UNWRITABLE + "from numbabn.cli import main\nmain(['warmup', '--dtype', 'float64', '--layout', 'mc'])\n"
+    result = _fresh(cache, script)
+    assert result.returncode == 2, result.stderr.decode()
+    assert f"could not be cached (the cache in {cache}" in result.stderr.decode()
+
+
 def test_a_warmed_cache_elsewhere_is_tried_before_compiling_into_a_writable_one(populated, tmp_path):
     """The same image with a writable home: Numba picks the (empty) user cache, and each
     new container compiled everything into it. The warmed, unwritable cache is now
@@ -313,7 +348,7 @@ def test_a_warmed_cache_elsewhere_is_tried_before_compiling_into_a_writable_one(
             def __init__(self, py_func, py_file):
                 super().__init__(py_func, py_file)
                 self._cache_path = os.path.join({str(warmed)!r}, os.path.basename(self._cache_path))
-        _jit._ReadableUserDirImpl._locator_classes = [Warmed]
+        _jit._READABLE_USER_DIR[:] = [_jit._impl(Warmed)]
     """)
     first = _fresh(mine, script + _SCRIPT)
     _same(first, _expected())
@@ -326,6 +361,19 @@ def test_a_warmed_cache_elsewhere_is_tried_before_compiling_into_a_writable_one(
     again = _fresh(mine, script + _SCRIPT.replace("sys.stdout", _FLOAT64_EVAL + "sys.stdout"))
     assert again.stderr == b"", again.stderr.decode()
     assert _listing(warmed) == before
+
+
+def test_warn_at_caller_names_the_callers_line_even_with_a_numba_without_a_file(monkeypatch):
+    """A stub or zipped ``numba`` module without ``__file__`` must not turn a warning
+    into a TypeError; the warning still names this line."""
+    import types
+
+    from numbabn import _warnings
+
+    monkeypatch.setitem(sys.modules, "numba", types.ModuleType("numba"))
+    with pytest.warns(UserWarning, match="attributed") as record:
+        _warnings.warn_at_caller("attributed", UserWarning)
+    assert record[0].filename == __file__
 
 
 def test_no_writable_cache_location_compiles_in_memory(tmp_path):

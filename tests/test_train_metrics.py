@@ -136,6 +136,11 @@ def test_hessian_quadratic_exact(quadratic):
     neg = hessian_top_eigenvalue(Theta([1.0, 1.0, 1.0]), QuadraticLoss(B), (None, None), iters=300, tol=1e-12)
     assert neg["eigenvalue"] == pytest.approx(-5.0, rel=1e-8)
     assert neg["max_eigenvalue"] == pytest.approx(2.0, rel=1e-8) and 0 < neg["max_iterations"] < 300
+    # warm-started from λ's own eigenvector (a metric's v0), which H − λI maps to 0
+    warm = hessian_top_eigenvalue(
+        Theta([1.0, 1.0, 1.0]), QuadraticLoss(B), (None, None), iters=300, tol=1e-12, v0=[0.0, 1.0, 0.0]
+    )
+    assert warm["eigenvalue"] == pytest.approx(-5.0) and warm["max_eigenvalue"] == pytest.approx(2.0, rel=1e-8)
     # every eigenvalue negative (a maximum): λ_max is the one closest to 0
     C = np.diag([-1.0, -5.0, -2.0])
     top = hessian_top_eigenvalue(Theta([1.0, 1.0, 1.0]), QuadraticLoss(C), (None, None), iters=300, tol=1e-12)

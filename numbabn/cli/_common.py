@@ -465,21 +465,52 @@ def staged_output_dir(path: Path | str) -> Iterator[tuple[Path, Callable[[Any], 
                 f"cannot write {str(target)!r}: {exc.strerror or exc}; {str(path)!r} is left as it was"
             ) from None
         try:
-            if existed:
-                _move_into(stage, path)
-            else:
-                os.chmod(stage, 0o777 & ~_umask())  # mkdtemp made it 0o700
-                try:
-                    os.rename(stage, path)
-                except OSError as exc:
-                    raise CLIError(f"cannot create {str(path)!r}: {exc.strerror or exc}") from None
+            with _signals_held():
+                if existed:
+                    _move_into(stage, path)
+                else:
+                    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp made it 0o700
+                    try:
+                        os.rename(stage, path)
+                    except OSError as exc:
+                        raise CLIError(f"cannot create {str(path)!r}: {exc.strerror or exc}") from None
         except CLIError as exc:
             # The run's work is done and written: keep it where it is rather than delete it.
             kept = stage
-            raise OutputsKept(f"{exc.message}, apart from this run's files, kept in {str(stage)!r}") from None
+            where = ", apart from this run's files, kept in" if existed else "; this run's files are kept in"
+            raise OutputsKept(f"{exc.message}{where} {str(stage)!r}") from None
     finally:
         if kept is None:
             shutil.rmtree(stage, ignore_errors=True)  # what is left of it: nothing, or the replaced files
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT while outputs move into place, and act on them when the
+    block ends: an exit in the middle of a move, or of its undo, would leave ``--out``
+    half replaced, and the stage's removal would then delete the files it had set
+    aside. Held at the Python level (``pthread_sigmask`` holds them for one thread
+    only, and numbabn's pool threads would take them). A no-op outside the main
+    thread, where Python handlers cannot be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous: dict[int, Any] = {
+        sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in signals
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:  # the first one, as it would have been handled
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), pending[0])
 
 
 def _inside(name: Any, folder: Path) -> bool:

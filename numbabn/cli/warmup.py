@@ -39,7 +39,8 @@ def warmup(ctx: click.Context, dtypes: tuple[str, ...], layouts: tuple[str, ...]
     residual (the options add float16, bfloat16 and the residual variants).
     Compiled kernels are cached on disk (see `numbabn info`): run this once after
     installing, e.g. in a Docker image build, and every later process only loads them.
-    Exits with code 2 when nothing could be cached (no writable cache location).
+    Exits with code 2 when a variant it compiled could not be cached (no writable
+    cache location, a read-only one, a failed write): later processes would compile it.
     """
     from numbabn import config
     from numbabn.backends import cpu
@@ -60,17 +61,24 @@ def warmup(ctx: click.Context, dtypes: tuple[str, ...], layouts: tuple[str, ...]
     from numbabn import _jit
 
     entries, dirs = _jit.cached_entries()
-    if not entries:
-        # The command's point is the cache: a Docker build step that cached nothing
-        # must fail, not leave every later process to compile again.
-        why = f"nothing could be written to {dirs[0]}" if dirs else "no writable cache location"
+    lost = _jit.unsaved()
+    if lost or not entries:
+        # The command's point is the cache: a Docker build step that cached nothing, or
+        # left some variants uncached, must fail, not leave later processes to compile.
+        if not dirs:
+            why = "no writable cache location"
+        elif not _jit.cache_writable():
+            why = f"the cache in {dirs[0]} is read-only"
+        else:
+            why = f"writing to {dirs[0]} failed"
         raise CLIError(
-            f"{len(plan)} kernel variants compiled, but none is cached ({why}), so later processes "
-            "compile them again; set NUMBA_CACHE_DIR to a writable directory"
+            f"{len(plan)} kernel variants ready, but {lost or 'all'} compiled ones could not be cached ({why}), "
+            "so later processes compile them again; set NUMBA_CACHE_DIR to a writable directory"
         )
     if not settings.quiet:
+        read_only = f"; read-only: {', '.join(dirs[1:])}" if len(dirs) > 1 else ""
         click.echo(
             f"{len(plan)} kernel variants ready in {time.perf_counter() - t0:.1f} s "
-            f"({entries} signatures cached in {dirs[0]})",
+            f"({entries} signatures cached in {dirs[0]}{read_only})",
             err=True,
         )

@@ -487,10 +487,12 @@ def hessian_top_eigenvalue(
         def product(u: NDArray[np.float64], e: float) -> NDArray[np.float64]:
             return (grad_at(e * u) - grad_at(-e * u)) / (2 * e)
 
-        def power(e: float, shift: float) -> tuple[float, int, float, NDArray[np.float64], NDArray[np.float64]]:
-            """Power iteration on H − shift·I from ``start`` -> (λ of H − shift·I, products,
+        def power(
+            e: float, shift: float, first: NDArray[np.float64]
+        ) -> tuple[float, int, float, NDArray[np.float64], NDArray[np.float64]]:
+            """Power iteration on H − shift·I from ``first`` -> (λ of H − shift·I, products,
             residual, last direction, the direction λ is the Rayleigh quotient of)."""
-            v, lam, k = start, float("nan"), 0
+            v, lam, k = first, float("nan"), 0
             u, residual = v, float("inf")
             for k in range(1, iters + 1):  # noqa: B007  (k is returned: the iterations used)
                 hv = product(v, e) - shift * v
@@ -506,7 +508,7 @@ def hessian_top_eigenvalue(
 
         best: dict[str, Any] | None = None  # the checked result whose check agreed best
         while True:
-            lam, k, residual, v, u = power(eps, 0.0)
+            lam, k, residual, v, u = power(eps, 0.0, start)
             result = {"eigenvalue": lam, "iterations": k, "residual": residual, "eps": eps, "vector": v}
             if not np.isfinite(lam):
                 result["eps_agreement"] = float("nan")
@@ -535,7 +537,11 @@ def hessian_top_eigenvalue(
         if np.isfinite(lam) and lam < 0:
             # The spectrum lies in [λ, λ_max] with |λ| the largest: H − λI's lies in
             # [0, λ_max − λ], so its top eigenvalue gives λ_max (at the checked ε).
-            top, result["max_iterations"], _, _, _ = power(result["eps"], lam)
+            # Started away from λ's eigenvector, which H − λI maps to 0 (a warm start
+            # ``v0`` is that vector): the fixed direction less its component along it.
+            other = np.random.default_rng(0).standard_normal(size)
+            other -= (other @ result["vector"]) * result["vector"]
+            top, result["max_iterations"], _, _, _ = power(result["eps"], lam, other / np.linalg.norm(other))
             result["max_eigenvalue"] = top + lam
         else:
             result["max_eigenvalue"], result["max_iterations"] = lam, 0
