@@ -380,3 +380,55 @@ def test_numpy_scalar_momentum_compiles_behind_a_break():
     with pytest.raises(torch._dynamo.exc.Unsupported):
         torch.compile(copy.deepcopy(eager), backend="aot_eager", fullgraph=True)(torch.randn(4, 4, 3, 3))
     torch._dynamo.reset()
+
+
+def test_eval_with_autograd_recording_compiles_without_a_break(monkeypatch):
+    """An eval-mode layer whose input requires grad (a validation loop without no_grad,
+    a frozen BN during fine-tuning, saliency maps) below the plain-inference threshold:
+    the layer asked torch.is_inference_mode_enabled(), which Dynamo cannot trace (a
+    graph break, an error with fullgraph=True); torch.nn's layer compiled."""
+    monkeypatch.setattr(config, "TORCH_NATIVE_EVAL_BELOW", 1 << 23)  # the default (the suite sets 0)
+    torch.manual_seed(0)
+    ours, theirs = nbt.BatchNorm2d(4).eval(), torch.nn.BatchNorm2d(4).eval()
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    torch._dynamo.reset()
+    y = torch.compile(ours, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(y, theirs(x))
+    (g,) = torch.autograd.grad(y.sum(), x)
+    (h,) = torch.autograd.grad(theirs(x).sum(), x)
+    torch.testing.assert_close(g, h)
+
+
+def test_compiled_torch_func_transforms_take_pytorchs_op():
+    """torch.compile(grad(functional_call(bn, ...))): the layer sent the input to
+    numbabn's operator, whose autograd registration functorch cannot run ("must
+    override the setup_context staticmethod"); eagerly it hands torch.func to
+    PyTorch's op, and so it does compiled. torch.nn's results, buffers updated alike."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, 3, 3)
+    results = []
+    for bn in (nbt.BatchNorm2d(4), torch.nn.BatchNorm2d(4)):
+        params = {k: v.detach() for k, v in bn.named_parameters()}
+        buffers = {k: v.clone() for k, v in bn.named_buffers()}
+        f = grad(lambda p, b, bn=bn: functional_call(bn, (p, b), (x,)).pow(3).sum())  # noqa: B023
+        torch._dynamo.reset()
+        results.append((torch.compile(f, backend="aot_eager")(params, buffers), buffers))
+    (ours, our_buffers), (theirs, their_buffers) = results
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k])
+    for k in their_buffers:
+        torch.testing.assert_close(our_buffers[k], their_buffers[k])
+
+
+def test_strict_export_of_a_fused_relu_model():
+    """torch.export(strict=True) (the default before PyTorch 2.7; PT2E quantization
+    sets it) traces the layer with Dynamo, which cannot trace Tensor.is_inference in
+    the fused ReLU's bookkeeping: the export failed on convert_batchnorm(fuse_relu=True)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    fused = nbt.convert_batchnorm(copy.deepcopy(model), fuse_relu=True).eval()
+    x = torch.randn(2, 3, 6, 6)
+    program = torch.export.export(fused, (x,), strict=True)
+    torch.testing.assert_close(program.module()(x), model(x))

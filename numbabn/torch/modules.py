@@ -265,7 +265,9 @@ def _needs_graph(*tensors: torch.Tensor | None) -> bool:
     return (
         torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in tensors)
-        and not torch.is_inference_mode_enabled()
+        # Dynamo cannot trace this query (a graph break, an error with fullgraph=True);
+        # a compiled graph's own inference-mode handling covers that case
+        and (_is_compiling() or not torch.is_inference_mode_enabled())
     )
 
 
@@ -630,7 +632,10 @@ class NumbabnBatchNorm:
             # recompiled every step. Any other input _traced_forward traces.
             cumulative = self.momentum is None and self.training
             if isinstance(input, torch.Tensor) and not self._may_synchronize:
-                if not cumulative and _hand_to_torch(input):
+                # Under torch.func transforms (compiled grad, vmap, vjp), PyTorch's op
+                # too, as eagerly (_native_only): numbabn's autograd.Function has no
+                # setup_context, which functorch requires.
+                if not cumulative and (_hand_to_torch(input) or _functorch_active()):
                     return self._torch_forward(input, residual)
                 y = self._traced_forward(input, residual)
                 if y is not None:
@@ -728,7 +733,9 @@ class NumbabnBatchNorm:
 
     def _eager_forward(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         y = self._forward(input, residual)
-        if self._feeds_fused_relu and self.activation == "relu" and isinstance(y, torch.Tensor):
+        # Not while Dynamo traces (strict torch.export): it cannot trace is_inference,
+        # and the graph's FusedReLU then applies its ReLU again, which changes nothing.
+        if self._feeds_fused_relu and self.activation == "relu" and isinstance(y, torch.Tensor) and not _is_compiling():
             # An inference-mode tensor has no version counter to tell an in-place
             # change by: the FusedReLU after it rectifies it again (idempotent).
             _rectified[:] = (None, -1) if y.is_inference() else (weakref.ref(y), y._version)
