@@ -576,40 +576,69 @@ def test_default_threads_follow_a_narrowed_affinity_mask(tmp_path):
     assert result.stdout.split() == [b"1", b"1"]
 
 
+# A thread makes a first call of numbabn (``x`` given) while the main thread forks
+# after ``DELAY`` s; the child makes its own call. Prints whether the thread was still
+# busy at the fork (``BUSY``, an expression) and the child's exit status, or "hung".
+_FORK_BESIDE_A_THREAD = """
+import os, sys, threading, time
+import numpy as np
+import numbabn
+{setup}
+x = np.random.default_rng(0).standard_normal((4, 3, 5))
+t = threading.Thread(target=lambda: numbabn.batch_norm_forward(x))
+t.start()
+time.sleep({delay})
+busy = {busy}
+pid = os.fork()
+if pid == 0:
+    y, _ = numbabn.batch_norm_forward(x)
+    os._exit(0 if np.isfinite(y).all() else 3)
+for _ in range(600):  # up to 60 s
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    time.sleep(0.1)
+else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    status = "hung"
+t.join()
+print(busy, status)
+"""
+
+
+def _fork_beside_a_thread(tmp_path, what, setup="", delay=0.5, busy="t.is_alive()"):
+    script = _FORK_BESIDE_A_THREAD.format(setup=setup, delay=delay, busy=busy)
+    result = _fresh(tmp_path, script, NUMBABN_COMPILE_AHEAD="0", NUMBABN_QUIET="1")
+    assert result.returncode == 0, result.stderr.decode()
+    was_busy, status = result.stdout.split()
+    assert was_busy == b"True", f"the fork came after the {what}: nothing tested"
+    assert status == b"0", status
+
+
+def test_a_fork_during_another_threads_first_import_gives_a_working_child(tmp_path):
+    """``import numbabn`` is lazy: a thread's first call imports numbabn.functional (and
+    Numba), holding that module's import lock meanwhile. A child forked then inherited
+    the lock held, with no thread left to release it, and its own first call hung for
+    ever (a fork pool started beside a background thread's first call). The fork now
+    waits for the lazy imports other threads have in progress. (The import is made to
+    last a second, by a finder that sleeps while the module's lock is held.)"""
+    slow = textwrap.dedent("""
+        class Slow:
+            def find_spec(self, name, path=None, target=None):
+                if name == "numbabn.functional":
+                    time.sleep(1.0)  # inside importlib, with the module's lock held
+                return None
+        sys.meta_path.insert(0, Slow())
+    """)
+    _fork_beside_a_thread(tmp_path, "import", slow, 0.3, '"numbabn.functional" not in sys.modules')
+
+
 def test_a_fork_during_another_threads_compile_gives_a_working_child(tmp_path):
     """A thread compiles on a cold cache while the main thread forks: the child used to
     inherit Numba's compiler lock held by a thread it does not have, and its first
     compile waited for ever. The fork now waits for the compile in progress."""
-    script = textwrap.dedent("""
-        import os, threading, time
-        import numpy as np
-        import numbabn
-        x = np.random.default_rng(0).standard_normal((4, 3, 5))
-        t = threading.Thread(target=numbabn.batch_norm_forward, args=(x,))
-        t.start()
-        time.sleep(0.5)
-        compiling = t.is_alive()
-        pid = os.fork()
-        if pid == 0:
-            y, _ = numbabn.batch_norm_forward(x)
-            os._exit(0 if np.isfinite(y).all() else 3)
-        for _ in range(600):  # up to 60 s
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            time.sleep(0.1)
-        else:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            status = "hung"
-        t.join()
-        print(compiling, status)
-    """)
-    result = _fresh(tmp_path, script, NUMBABN_COMPILE_AHEAD="0", NUMBABN_QUIET="1")
-    assert result.returncode == 0, result.stderr.decode()
-    compiling, status = result.stdout.split()
-    assert compiling == b"True", "the fork came after the compile: nothing tested"
-    assert status == b"0", status
+    _fork_beside_a_thread(tmp_path, "compile")
 
 
 def test_thread_settings(monkeypatch):
