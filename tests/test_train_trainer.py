@@ -20,21 +20,26 @@ from numbabn.train.lr_search import largest_stable_lr
 from .train_nets import all_metrics, bn_net, data, two_layer
 
 
-def _train(seed, metrics, steps=25, noisy=True):
-    model, (X, y) = bn_net(seed, noisy=noisy), data(seed + 7)
+def _trainer(model, seed, metrics, record_every=3, **extra):
+    """The suite's Trainer: SGD with momentum, batches of 16, evaluated on held-out data."""
     opt = SGD(model.parameters(), lr=0.2, momentum=0.9)
-    trainer = Trainer(
+    return Trainer(
         model,
         SoftmaxCrossEntropy(),
         opt,
         batch_size=16,
         seed=seed,
         metrics=metrics,
-        record_every=3,
+        record_every=record_every,
         eval_data=data(99, 40),
         verbose=0,
+        **extra,
     )
-    return model, trainer.fit(X, y, steps=steps)
+
+
+def _train(seed, metrics, steps=25, noisy=True):
+    model, (X, y) = bn_net(seed, noisy=noisy), data(seed + 7)
+    return model, _trainer(model, seed, metrics).fit(X, y, steps=steps)
 
 
 def test_trainer_with_metrics_is_bit_identical():
@@ -593,19 +598,7 @@ def test_a_layer_frozen_in_eval_mode_stays_frozen_through_fit_evaluate_and_metri
         bn.eval()
     buffers = ("running_mean", "running_var", "num_batches_tracked")
     before = {k: frozen.state_dict()[k].copy() for k in buffers}
-    opt = SGD(model.parameters(), lr=0.2, momentum=0.9)
-    trainer = Trainer(
-        model,
-        SoftmaxCrossEntropy(),
-        opt,
-        batch_size=16,
-        seed=4,
-        metrics=all_metrics(),
-        record_every=2,
-        eval_data=data(99, 40),
-        eval_every=3,
-        verbose=0,
-    )
+    trainer = _trainer(model, 4, all_metrics(), record_every=2, eval_every=3)
     trainer.fit(X, y, steps=7)
     assert [layer.training for layer in model] == [True, True, True, True, False, True, True]
     assert model.training
