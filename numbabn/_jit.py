@@ -249,7 +249,7 @@ class _GuardedCache(FunctionCache):
         try:
             super().save_overload(sig, data)
         except Exception as exc:  # disk full, permissions changed, ...
-            _unsaved.append(self.cache_path)
+            _count_unsaved()
             _warn_once(
                 ("save", self.cache_path),
                 f"numbabn: could not write the kernel cache in {self.cache_path} "
@@ -265,7 +265,7 @@ class _ReadOnlyCache(_GuardedCache):
     writable = False
 
     def save_overload(self, sig: Any, data: Any) -> None:
-        _unsaved.append(self.cache_path)
+        _count_unsaved()
         _warn_once(
             "read-only",
             f"numbabn: the kernel cache in {self.cache_path} is read-only: kernels found there are loaded, "
@@ -281,17 +281,22 @@ class _NoCache(NullCache):
         _notice("not cached: no writable cache location")
 
     def save_overload(self, sig: Any, data: Any) -> None:
-        _unsaved.append(None)
+        _count_unsaved()
 
 
-# One entry per kernel compiled but not saved to disk in this process (the directory,
-# or None without one): what ``numbabn warmup`` checks before saying it is done.
-_unsaved: list[str | None] = []
+# Kernel specialisations compiled but not saved to disk in this process: what
+# ``numbabn warmup`` checks before saying it is done. (Saves run under _lock.)
+_unsaved = 0
+
+
+def _count_unsaved() -> None:
+    global _unsaved
+    _unsaved += 1
 
 
 def unsaved() -> int:
     """How many kernel specialisations this process compiled without saving them."""
-    return len(_unsaved)
+    return _unsaved
 
 
 class Kernel:
