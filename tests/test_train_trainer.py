@@ -138,6 +138,11 @@ def test_trainer_errors(rng):
         Trainer(model, MSELoss(), opt, batch_size=2, seed=0, metrics=[GradientNorm(), GradientNorm()])
     with pytest.raises(TypeError, match="callable"):
         Trainer(model, MSELoss(), opt, batch_size=2, seed=0, metrics=[3])
+    # an optimizer built for another model would train nothing; one over some of the
+    # model's parameters (the others frozen) is fine
+    with pytest.raises(ValueError, match="optimizer manages none of the model's parameters"):
+        Trainer(model, MSELoss(), SGD(two_layer(rng).parameters(), lr=0.1), batch_size=2, seed=0)
+    Trainer(model, MSELoss(), SGD(model[1].parameters(), lr=0.1), batch_size=2, seed=0)
     with pytest.raises(TypeError, match=r"^Trainer: metrics must be a sequence of callables .*, got int 5$"):
         Trainer(model, MSELoss(), opt, batch_size=2, seed=0, metrics=5)
     with pytest.raises(ValueError, match="spacing"):

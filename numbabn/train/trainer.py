@@ -69,6 +69,7 @@ from numpy.typing import NDArray
 from .. import _checks as V
 from ..layers import Layer, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from ..layers.base import capture, forget_caches, restore, saved_modes, train_for_fit
+from ..optim import Optimizer
 from .history import History
 from .metrics import Metric
 
@@ -194,7 +195,8 @@ class Trainer:
         output's sign against its 0/1 target: the accuracy of a one-output binary
         classifier).
     optimizer : optimizer
-        A :mod:`numbabn.optim` optimizer over the model's parameters.
+        A :mod:`numbabn.optim` optimizer over the model's parameters (all or some:
+        one that manages none of them is refused).
     batch_size : int
         Samples per step (at most the number of training samples).
     seed : int
@@ -267,6 +269,15 @@ class Trainer:
             raise TypeError(f"{fn}: loss must be callable as loss(prediction, target), got {V.describe(loss)}")
         if not (hasattr(optimizer, "step") and hasattr(optimizer, "zero_grad")):
             raise TypeError(f"{fn}: optimizer must have step() and zero_grad(), got {V.describe(optimizer)}")
+        if isinstance(optimizer, Optimizer) and (params := model.parameters()):
+            # An optimizer built for another model (or before the model was rebuilt)
+            # would run without error and train nothing.
+            mine = {id(p) for p in params}
+            if not any(id(p) in mine for p in optimizer.params):
+                raise ValueError(
+                    f"{fn}: optimizer manages none of the model's parameters, so fit would train nothing; "
+                    "build it from model.parameters()"
+                )
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.batch_size = _positive_int(fn, "batch_size", batch_size)
         if not V.is_int(seed):
