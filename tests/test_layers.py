@@ -20,6 +20,7 @@ from numbabn.layers import (
     BatchNorm2d,
     Conv2d,
     Flatten,
+    HalfSquaredError,
     Linear,
     MSELoss,
     ReLU,
@@ -355,6 +356,29 @@ def test_mse_loss(rng):
         MSELoss()(pred, target[:2])
 
 
+def test_half_squared_error(rng):
+    """Half the squared error summed over outputs, averaged over samples: the function
+    whose gradient is (pred - target) / N, weighted or not."""
+    pred, target, w = randn(rng, 5, 3), randn(rng, 5, 3), rng.uniform(0.5, 2.0, 5)
+    loss, d = HalfSquaredError()(pred, target)
+    np.testing.assert_allclose(loss, 0.5 * np.sum((pred - target) ** 2) / 5, rtol=1e-12)
+    np.testing.assert_allclose(d, (pred - target) / 5, rtol=1e-12)
+    np.testing.assert_allclose(
+        d, central_diff(lambda v: HalfSquaredError()(v, target)[0], pred.copy()), rtol=1e-6, atol=1e-9
+    )
+    loss, d = HalfSquaredError()(pred, target, w)
+    np.testing.assert_allclose(loss, np.dot(w, 0.5 * np.sum((pred - target) ** 2, axis=1)) / w.sum(), rtol=1e-12)
+    np.testing.assert_allclose(
+        d, central_diff(lambda v: HalfSquaredError()(v, target, w)[0], pred.copy()), rtol=1e-6, atol=1e-9
+    )
+    f32, d32 = HalfSquaredError()(pred.astype(np.float32), target)
+    assert d32.dtype == np.float32 and f32 == pytest.approx(HalfSquaredError()(pred, target)[0], rel=1e-6)
+    with pytest.raises(ValueError, match="predictions must have shape"):
+        HalfSquaredError()(pred[:, 0], target[:, 0])
+    with pytest.raises(ValueError, match="target must be real numbers of the prediction's shape"):
+        HalfSquaredError()(pred, target[:2])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_losses_of_an_empty_batch_are_nan_like_torch(dtype):
     """PyTorch's mean losses of an empty batch are NaN with an empty gradient; no
@@ -362,7 +386,11 @@ def test_losses_of_an_empty_batch_are_nan_like_torch(dtype):
     pred = np.zeros((0, 3), dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for loss_fn, target in ((MSELoss(), np.zeros((0, 3))), (SoftmaxCrossEntropy(), np.zeros(0, np.int64))):
+        for loss_fn, target in (
+            (MSELoss(), np.zeros((0, 3))),
+            (HalfSquaredError(), np.zeros((0, 3))),
+            (SoftmaxCrossEntropy(), np.zeros(0, np.int64)),
+        ):
             loss, grad = loss_fn(pred, target)
             assert np.isnan(loss) and grad.shape == (0, 3) and grad.dtype == dtype
 

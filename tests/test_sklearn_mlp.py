@@ -301,7 +301,7 @@ def test_clone_grid_search_pipeline(digits):
         (dict(hidden_layer_sizes="wide"), "hidden_layer_sizes must be a positive int"),
         (dict(activation="gelu"), "activation must be one of"),
         (dict(solver="newton"), "solver must be one of"),
-        (dict(learning_rate_init=0), "learning_rate_init must be a number > 0"),
+        (dict(learning_rate_init=0), "learning_rate_init must be 'auto' or a number > 0, got 0"),
         (dict(alpha=-1e-4), "alpha must be a number >= 0"),
         (dict(alpha=float("nan")), "alpha must be a number >= 0"),
         (dict(momentum=1.5), r"momentum must be a number in \[0, 1\]"),

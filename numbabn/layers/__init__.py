@@ -11,7 +11,7 @@ from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from .containers import Sequential
 from .conv import Conv2d
 from .linear import Linear
-from .losses import MSELoss, PoissonDeviance, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
+from .losses import HalfSquaredError, MSELoss, PoissonDeviance, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from .shape import Flatten
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "BatchNormBase",
     "Conv2d",
     "Flatten",
+    "HalfSquaredError",
     "Layer",
     "Linear",
     "MSELoss",

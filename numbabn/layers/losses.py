@@ -185,6 +185,43 @@ class MSELoss(_Loss):
         return loss, diff
 
 
+class HalfSquaredError(_Loss):
+    """Half the squared error, summed over the K outputs of a sample and averaged over
+    the N samples: the loss whose gradient scikit-learn's ``MLPRegressor`` (squared
+    error) steps with. predictions (N, K), targets (N, K) of real numbers::
+
+        loss  = (1/N) sum_n (1/2) sum_k (pred_nk - target_nk)^2
+        dpred = (pred - target) / N
+
+    (with ``sample_weight``, the weighted mean over samples: see the module docstring).
+    For one output this is scikit-learn's squared loss; for K outputs scikit-learn
+    reports its loss divided by K (the mean over outputs, too) while its gradient is
+    this one's. :class:`MSELoss` (PyTorch's) is 2/K times this loss.
+    """
+
+    def forward(
+        self, prediction: FloatArray, target: ArrayLike, sample_weight: ArrayLike | None = None
+    ) -> tuple[float, FloatArray]:
+        pred = self._prediction(prediction)
+        if pred.ndim != 2:
+            raise ValueError(f"{self!r}: predictions must have shape (N, K), got {pred.shape}")
+        target = np.asarray(target)
+        if target.shape != pred.shape or target.dtype.kind not in "biuf":
+            raise ValueError(
+                f"{self!r}: target must be real numbers of the prediction's shape {pred.shape}, "
+                f"got {V.describe(target)}"
+            )
+        w = self._weights(sample_weight, pred.shape[0])
+        diff = pred - target.astype(pred.dtype, copy=False)
+        if not diff.size:
+            return float("nan"), diff
+        per_sample = 0.5 * np.sum(diff * diff, axis=1, dtype=np.float64)
+        if w is not None:
+            return self._weighted(per_sample, w, diff), diff
+        diff /= pred.shape[0]
+        return float(np.mean(per_sample)), diff
+
+
 class PoissonDeviance(_Loss):
     """Half the Poisson deviance of the mean exp(z) against counts y >= 0, summed over
     the K outputs of a sample and averaged over the N samples (scikit-learn's

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..layers import MSELoss, PoissonDeviance, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
+from ..layers import HalfSquaredError, PoissonDeviance, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 
 
 class _PenaltyPerWeight:
@@ -41,8 +41,8 @@ class WeightedCrossEntropy(_PenaltyPerWeight, SoftmaxCrossEntropy):
     """:class:`~numbabn.layers.SoftmaxCrossEntropy` with the penalty per unit of weight."""
 
 
-class WeightedMSELoss(_PenaltyPerWeight, MSELoss):
-    """:class:`~numbabn.layers.MSELoss` with the penalty per unit of weight."""
+class WeightedHalfSquaredError(_PenaltyPerWeight, HalfSquaredError):
+    """:class:`~numbabn.layers.HalfSquaredError` with the penalty per unit of weight."""
 
 
 class WeightedBinaryCrossEntropy(_PenaltyPerWeight, SigmoidBinaryCrossEntropy):
@@ -57,6 +57,6 @@ class WeightedPoissonDeviance(_PenaltyPerWeight, PoissonDeviance):
 WEIGHTED = {
     SoftmaxCrossEntropy: WeightedCrossEntropy,
     SigmoidBinaryCrossEntropy: WeightedBinaryCrossEntropy,
-    MSELoss: WeightedMSELoss,
+    HalfSquaredError: WeightedHalfSquaredError,
     PoissonDeviance: WeightedPoissonDeviance,
 }

@@ -23,7 +23,8 @@ included, see ``numbabn.sklearn._lbfgs``)::
     classifier: (1/N) sum_n [ logsumexp(z_n) - z_n[t_n] ]     softmax cross-entropy
                 (1/N) sum_n [ log(1 + e^z_n) - t_n z_n ]      two classes: one logistic output,
                                                               t_n = 1 for classes_[1]
-    regressor:  (1/(N*K)) sum (prediction - y)^2               mean squared error
+    regressor:  (1/N) sum_n (1/2) sum_k (prediction - y)^2     half the squared error
+                                                              (scikit-learn's gradient)
                 (1/N) sum_n sum_k [ y log y - y - y z + e^z ]  loss="poisson": half the
                                                               deviance, prediction e^z
     penalty:    alpha/(2N) * sum of ||W||^2 over every Linear weight matrix W
@@ -72,12 +73,17 @@ values beyond the float32 range (magnitude > 3.4e38), which would become infinit
 raise a ``ValueError`` naming X or y. (scikit-learn's MLPs compute float64 input in
 float64 even with float32 weights; here the kernels run in the network's dtype.)
 
-Defaults follow scikit-learn's MLPs except ``learning_rate_init=0.01`` (scikit-learn:
-0.001): batch norm keeps every layer's input normalised, so it tolerates -- and needs,
-to learn as fast per epoch -- ten times larger Adam steps (Ioffe & Szegedy 2015, §3.3).
-At 0.001 the regressor failed scikit-learn's ``check_regressors_train`` at 50 epochs
-(R^2 0.38 on seed 0) where ``MLPRegressor`` passes at 20; the measured comparison at
-equal budgets is ``bench/mlp_vs_sklearn.py``.
+Defaults follow scikit-learn's MLPs except the learning rate: ``learning_rate_init="auto"``
+is 0.01 (scikit-learn: 0.001) but for the regressor's SGD: batch norm keeps every
+layer's input normalised, so it tolerates -- and needs, to learn as fast per epoch --
+ten times larger Adam steps (Ioffe & Szegedy 2015, §3.3). At 0.001 the regressor failed
+scikit-learn's ``check_regressors_train`` at 50 epochs (R^2 0.38 on seed 0) where
+``MLPRegressor`` passes at 20; the measured comparison at equal budgets is
+``bench/mlp_vs_sklearn.py``. SGD steps, unlike Adam's, grow with the gradient, which a
+regressor's unscaled targets make large: at 0.01 the regressor's SGD diverged on
+scikit-learn's own check data (``check_regressor_multioutput``, with or without batch
+norm) where ``MLPRegressor``'s passes, so there "auto" is scikit-learn's 0.001 (the
+classifier's SGD passes every check at 0.01).
 
 ``fit`` and ``partial_fit`` train a working copy of the estimator and swap it in only
 when they succeed: a call that raises (bad X or y, an early-stopping split that cannot
@@ -116,6 +122,10 @@ SCHEDULES = ("constant", "invscaling", "adaptive")
 _is_int, _is_real = is_int, is_real  # the shared checks: not bool; finite
 
 
+def _is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value == "auto"
+
+
 class _BaseBNMLP(BaseEstimator):
     """What the classifier and the regressor share: parameters, network, training loop."""
 
@@ -133,7 +143,7 @@ class _BaseBNMLP(BaseEstimator):
         solver: str = "adam",
         alpha: float = 0.0001,
         learning_rate: str = "constant",
-        learning_rate_init: float = 0.01,
+        learning_rate_init: float | str = "auto",
         power_t: float = 0.5,
         momentum: float = 0.9,
         nesterovs_momentum: bool = True,
@@ -208,7 +218,12 @@ class _BaseBNMLP(BaseEstimator):
         if not (isinstance(self.verbose, (bool, np.bool_)) or (_is_int(self.verbose) and self.verbose >= 0)):
             raise ValueError(f"{name}: verbose must be a bool or an int >= 0, got {self.verbose!r}")
         checks = [
-            ("learning_rate_init", _is_real, lambda v: v > 0, "a number > 0"),
+            (
+                "learning_rate_init",
+                lambda v: _is_auto(v) or _is_real(v),
+                lambda v: _is_auto(v) or v > 0,
+                "'auto' or a number > 0",
+            ),
             ("alpha", _is_real, lambda v: v >= 0, "a number >= 0"),
             ("power_t", _is_real, lambda v: v >= 0, "a number >= 0"),
             ("momentum", _is_real, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
@@ -334,12 +349,19 @@ class _BaseBNMLP(BaseEstimator):
         nesterov = arch.get("nesterov", False) and momentum > 0  # no Nesterov step without momentum, as scikit-learn
         return SGD(model.parameters(), lr=arch["lr"], momentum=momentum, nesterov=nesterov, decayed=weights)
 
+    def _learning_rate_init(self) -> float:
+        """``learning_rate_init`` with "auto" resolved (module docstring): 0.01, or
+        scikit-learn's 0.001 for the regressor's SGD."""
+        if _is_auto(self.learning_rate_init):
+            return 0.001 if self._regression and self.solver == "sgd" else 0.01
+        return float(self.learning_rate_init)
+
     def _solver_settings(self) -> dict[str, Any]:
         """The optimizer's settings, as the fitted architecture keeps them: a fit (or a
         warm start) takes them from the parameters, partial_fit continues with them."""
         return dict(
             solver=self.solver,
-            lr=self.learning_rate_init,
+            lr=self._learning_rate_init(),
             momentum=self.momentum,
             nesterov=bool(self.nesterovs_momentum),
             betas=(float(self.beta_1), float(self.beta_2)),
@@ -456,6 +478,10 @@ class _BaseBNMLP(BaseEstimator):
             verbose=0,
         )
 
+    def _reported_loss(self, loss: float) -> float:
+        """An epoch's mean batch loss as ``loss_``/``loss_curve_`` report it."""
+        return loss
+
     def _epoch(
         self, trainer: Any, X: NDArray[Any], targets: NDArray[Any], weights: NDArray[Any] | None = None
     ) -> float:
@@ -481,6 +507,7 @@ class _BaseBNMLP(BaseEstimator):
         # every sample of the epoch, as scikit-learn counts (getattr: an estimator
         # pickled before t_ existed)
         self.t_ = getattr(self, "t_", 0) + X.shape[0]
+        loss = self._reported_loss(loss)
         self.loss_ = loss
         self.loss_curve_ = self.loss_curve_ + [loss]
         if not self.early_stopping:  # None after an early-stopping fit: partial_fit starts the count
@@ -844,8 +871,8 @@ class BNMLPClassifier(ClassifierMixin, _BaseBNMLP):
     gradient tolerance, batch norm normalising with the whole training set's
     statistics, see ``numbabn.sklearn._lbfgs``; as in scikit-learn it has no
     ``partial_fit``, ignores ``early_stopping`` and keeps no ``loss_curve_``), ``alpha`` (L2 penalty on
-    the weight matrices, default 1e-4), ``learning_rate_init`` (default 0.01, ten times
-    scikit-learn's: see the module docstring), ``learning_rate`` (the SGD schedule:
+    the weight matrices, default 1e-4), ``learning_rate_init`` (default "auto": 0.01, ten times
+    scikit-learn's, but 0.001 for the regressor's SGD: see the module docstring), ``learning_rate`` (the SGD schedule:
     "constant"; "invscaling", ``learning_rate_init / (t_ + 1)**power_t`` after each
     epoch; "adaptive", divided by 5 wherever training would stop, until <= 1e-6; Adam
     ignores it, as scikit-learn's), ``batch_size`` ("auto" = min(200, n); an int >= 2
@@ -1076,7 +1103,14 @@ class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
     first positional parameter, which would change what ``BNMLPRegressor((64,))``
     means):
 
-    * ``"squared_error"`` (default): the mean squared error, identity output;
+    * ``"squared_error"`` (default): half the squared error, identity output
+      (:class:`numbabn.layers.HalfSquaredError`: scikit-learn's gradient, so the same
+      ``learning_rate_init`` and ``alpha`` mean what they mean in ``MLPRegressor``;
+      ``loss_``, ``loss_curve_`` and ``best_loss_`` are its value divided by the number of
+      outputs, as scikit-learn reports it, ``history_`` holds the undivided batch losses
+      and ``solver="lbfgs"`` minimises the undivided function, whose gradient it is;
+      networks fitted before 2026-12-05 used the mean squared error, twice this loss
+      for one output: their training steps, and so their learning rate, were twice as large);
     * ``"poisson"``: half the Poisson deviance (:class:`numbabn.layers.PoissonDeviance`)
       of the mean exp(z) of the network output z, ``out_activation_`` "exp" (the log
       link), y finite and >= 0 (counts or rates); ``predict`` returns exp(z).
@@ -1104,7 +1138,7 @@ class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
         solver: str = "adam",
         alpha: float = 0.0001,
         learning_rate: str = "constant",
-        learning_rate_init: float = 0.01,
+        learning_rate_init: float | str = "auto",
         power_t: float = 0.5,
         momentum: float = 0.9,
         nesterovs_momentum: bool = True,
@@ -1143,9 +1177,14 @@ class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
         return super()._check_params()
 
     def _loss_class(self) -> Any:
-        from ..layers import MSELoss, PoissonDeviance
+        from ..layers import HalfSquaredError, PoissonDeviance
 
-        return PoissonDeviance if self._poisson else MSELoss
+        return PoissonDeviance if self._poisson else HalfSquaredError
+
+    def _reported_loss(self, loss: float) -> float:
+        # scikit-learn's squared loss averages over the K outputs where its gradient
+        # (ours) sums over them: its loss_curve_ and tol rule see the loss / K.
+        return loss if self._poisson else loss / self.n_outputs_
 
     def _out_activation(self) -> str:
         return "exp" if self._poisson else "identity"
