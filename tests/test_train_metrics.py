@@ -147,6 +147,33 @@ def test_hessian_quadratic_exact(quadratic):
     assert top["eigenvalue"] == pytest.approx(-5.0, rel=1e-8) and top["max_eigenvalue"] == pytest.approx(-1.0, rel=1e-7)
 
 
+def test_hessian_max_eigenvalue_is_exact_where_the_negative_top_dominates():
+    """λ = −20 dominates and λ_max = 6 is followed by 1, 0.5, ...: a few power steps on
+    H − λI (the method before) stop far below (they returned 0.90 at
+    iters=3); Lanczos finds 6 within the budget, and a rotated copy of the spectrum
+    (a dense Hessian) the same."""
+    B = np.diag([-20.0, 6.0, 1.0, 0.5, 0.2, 0.1])
+    res = hessian_top_eigenvalue(Theta(np.ones(6)), QuadraticLoss(B), (None, None), iters=3, tol=1e-3)
+    assert res["eigenvalue"] == pytest.approx(-20.0, rel=0.05)
+    assert res["max_eigenvalue"] == pytest.approx(6.0, rel=1e-6) and 0 < res["max_iterations"] <= 20
+    Q = np.linalg.qr(np.random.default_rng(5).standard_normal((6, 6)))[0]
+    dense = hessian_top_eigenvalue(Theta(np.ones(6)), QuadraticLoss(Q @ B @ Q.T), (None, None), iters=3, tol=1e-3)
+    assert dense["max_eigenvalue"] == pytest.approx(6.0, rel=1e-6)
+
+
+def test_hessian_of_weights_too_large_for_the_step_is_nan_not_flat():
+    """Weights of 1e12 (a diverged run): θ ± 1e-6 u rounds back to θ, and the
+    difference of two equal gradients read as a flat loss (eigenvalue 0, agreeing with
+    itself at ε/10); it is NaN now. A larger ε that the weights can take measures it."""
+    layer = Theta(np.full(3, 1e12))
+    loss = QuadraticLoss(np.diag([3.0, 2.0, 1.0]))
+    lost = hessian_top_eigenvalue(layer, loss, (None, None), iters=20, tol=1e-8)
+    assert np.isnan(lost["eigenvalue"]) and np.isnan(lost["max_eigenvalue"])
+    kept = hessian_top_eigenvalue(layer, loss, (None, None), iters=200, tol=1e-12, eps=1.0)
+    assert kept["eigenvalue"] == pytest.approx(3.0, rel=1e-6)
+    assert np.array_equal(layer.theta.value, np.full(3, 1e12))
+
+
 @pytest.mark.parametrize("act, seed", [(Sigmoid, None), (ReLU, 2)], ids=["sigmoid", "relu-negative-top"])
 def test_hessian_matches_dense_finite_difference_hessian(rng, act, seed):
     """A small network with BN: power iteration against the eigenvalues of the full
