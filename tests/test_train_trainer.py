@@ -637,3 +637,23 @@ def test_evaluate_puts_every_layer_back_in_its_mode():
     model.eval()
     trainer.evaluate(*data(99, 40))
     assert not model.training and not any(layer.training for layer in model)
+
+
+def test_a_diverged_network_has_no_accuracy():
+    """NaN outputs have no prediction: argmax of a NaN row is 0, which read as the share
+    of class 0 (10 % on digits) in the training record, evaluate and the experiments'
+    population accuracy; it is NaN, which the summaries count as dropped."""
+    from numbabn.train.experiments import PopulationAccuracy
+
+    model = bn_net(0)
+    X, y = data(1, 60)
+    trainer = _trainer(model, 0, [])
+    trainer.fit(X, y, steps=2)
+    assert np.isfinite(trainer.evaluate(X, y)[1])
+    for p in model.parameters():
+        p.value[...] = np.nan
+    assert np.isnan(trainer.evaluate(X, y)[1])
+    history = trainer.fit(X, y, steps=1)
+    assert np.isnan(history.accuracy[-1])
+    population = PopulationAccuracy(X, X, y, batch_size=20)
+    assert np.isnan(population(model, SoftmaxCrossEntropy(), None, (X, y)))

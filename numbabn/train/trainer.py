@@ -401,6 +401,10 @@ class Trainer:
             _truncate(self.history, lengths)
 
     def _accuracy(self, out: NDArray[Any], target: NDArray[Any]) -> float:
+        """The share of samples predicted right; NaN where an output is not finite (a
+        diverged network's NaN rows would otherwise "predict" class 0)."""
+        if not np.isfinite(out).all():
+            return float("nan")
         if self._sigmoid:
             return float(np.mean(np.all((out > 0) == (target > 0.5), axis=1)))
         return float(np.mean(np.argmax(out, axis=1) == target))
@@ -419,7 +423,7 @@ class Trainer:
         return value, (self._accuracy(out, y) if self.classification else None)
 
     def _progress(self, steps: int) -> AbstractContextManager[Any]:
-        if self.verbose and sys.stderr.isatty():
+        if self.verbose and sys.stderr is not None and sys.stderr.isatty():  # None: no fd 2
             return _TextProgress(self.label, steps, sys.stderr)
         return nullcontext()
 
