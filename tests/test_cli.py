@@ -848,7 +848,7 @@ def test_warmup_residual_adds_the_fused_residual_variants():
     assert len(plan) == len(cpu_driver.warmup_plan(("float32",), ("mc",))) + 3
     # ncl: also the gradient sums of its short rows (over tiles) with a residual
     ncl = len(cpu_driver.warmup_plan(("float32",), ("ncl",), residual=True))
-    assert ncl == len(cpu_driver.warmup_plan(("float32",), ("ncl",))) + 4
+    assert ncl == len(cpu_driver.warmup_plan(("float32",), ("ncl",))) + 6  # + mc's for short rows
     # a repeated --dtype or --layout counts once ("28 kernel variants ready" for 7)
     assert len(cpu_driver.warmup_plan(("float32", "float32"), ("mc", "mc"))) == len(
         cpu_driver.warmup_plan(("float32",), ("mc",))
@@ -856,6 +856,23 @@ def test_warmup_residual_adds_the_fused_residual_variants():
     assert f"{len(plan)} kernel variants ready" in result.output
     k = cpu_driver.specs(np.dtype(np.float32), "mc")
     assert {"apply_res", "grad_sums_res", "grad_apply_res"} <= set(vars(k))
+
+
+def test_warmup_of_ncl_covers_the_channels_last_passes_of_short_rows():
+    """NCHW inputs of small maps (a ResNet's 7x7 stage) run their element-wise passes
+    on the channels-last kernels: ``warmup --layout ncl`` left those out, and every
+    process compiled them (or, on a read-only install, compiled them in memory)."""
+    from numbabn.kernels import cpu_driver
+
+    needed = set()
+    for side in (7, 5):  # 7x7: the normalise pass on mc kernels; 5x5: dx's too
+        x = np.zeros((32, 64, side * side), np.float32)
+        _, _, _, walk, dx_walk = cpu_driver.plan(x, "ncl", numbabn.config.CHUNK)
+        needed |= {f"apply float32 {walk.layout}", f"grad_apply float32 {dx_walk.layout}"}
+    assert {"apply float32 mc", "grad_apply float32 mc"} <= needed
+    for layouts in (("ncl",), ("ncl", "mc")):
+        labels = [label for label, _ in cpu_driver.warmup_plan(("float32",), layouts)]
+        assert needed <= set(labels) and len(labels) == len(set(labels)), labels
 
 
 def test_warmup_of_a_16_bit_dtype_compiles_its_data_kernels():
@@ -891,6 +908,18 @@ def test_warmup_that_cannot_cache_what_it_compiled_fails(monkeypatch, dirs, writ
     assert result.exit_code == 2, result.output
     assert f"{unsaved or 'all'} compiled ones could not be cached ({why})" in result.output, result.output
     assert "NUMBA_CACHE_DIR" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [["warmup", "--dtype", "float32", "--layout", "mc"], ["info"]])
+def test_commands_run_without_a_stderr(args):
+    """A process started with fd 2 closed (a daemon, ``2>&-``) has sys.stderr None:
+    warmup (and bench, and a verbose Trainer) read sys.stderr.isatty() for their progress
+    bar and ended with an AttributeError and exit 1, silently."""
+    code = "import os, sys, runpy; os.close(2); sys.stderr = None; sys.argv = ['numbabn', *sys.argv[1:]]; " + (
+        "runpy.run_module('numbabn', run_name='__main__')"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout
 
 
 def test_warmup_rejects_unknown_dtype():

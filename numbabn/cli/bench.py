@@ -322,7 +322,7 @@ def bench(
         length=len(cases),
         label=f"bench {backend}",
         file=sys.stderr,
-        hidden=settings.quiet or not sys.stderr.isatty(),
+        hidden=settings.quiet or sys.stderr is None or not sys.stderr.isatty(),  # None: fd 2 closed
         item_show_func=lambda name: name,
         update_min_steps=0,
     ) as bar:

@@ -53,7 +53,7 @@ def warmup(ctx: click.Context, dtypes: tuple[str, ...], layouts: tuple[str, ...]
         plan,
         label="compiling kernels",
         file=sys.stderr,
-        hidden=settings.quiet or not sys.stderr.isatty(),
+        hidden=settings.quiet or sys.stderr is None or not sys.stderr.isatty(),  # None: fd 2 closed
         item_show_func=lambda item: item[0] if item else None,
     ) as bar:
         for _, compile_one in bar:

@@ -445,6 +445,13 @@ def warmup_plan(
                 t = specs(STORAGE.get(dtype, dtype), "tiles")
                 own = [n for n in t.all_names(residual) if t.kernel(n) is not k.kernel(n)]
                 names += [(t, name) for name in own]
+                if "mc" not in layouts:
+                    # ... whose element-wise passes run as channels-last rows (_Walk:
+                    # a ResNet's 7x7 maps), compiled here unless mc's own turn comes
+                    m = specs(STORAGE.get(dtype, dtype), "mc")
+                    k.element_layouts.add("mc")
+                    element = ("apply", "grad_apply") + (("apply_res", "grad_apply_res") if residual else ())
+                    names += [(m, name) for name in element]
             for kk, name in names:
                 label = f"{name} {dt} {kk.layout}"
                 (later if name in backward else plan).append((label, lambda k=kk, name=name: getattr(k, name)))
