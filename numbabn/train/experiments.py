@@ -103,7 +103,7 @@ SEEDS = 3  # default number of seeds
 EARLY = 0.25  # "early" = the first quarter of the probes of a run
 SEARCH_STEPS = 100  # length of the short runs of the learning-rate search
 MAXLR_MIN_STEPS = 2  # maxlr's --steps is its search runs' length; lr_search.trains passes none shorter
-SEARCH_START = 4  # the η search starts at 4 × the training lr: on the doubling lattice from lr (same edge),
+SEARCH_START = 4  # the η search starts at 4 × the (smallest) training lr: on the doubling lattice from lr (same edge),
 # without the two doublings below it that every network here trains at
 HESSIAN_ITERS = 10  # power-iteration products per probe (warm-started: the median run needs ~11 at tol 1e-3)
 VGG_ETA_SPAN = 8.0  # Santurkar Fig. 4: η in [½, 4]·lr
@@ -678,7 +678,7 @@ def _landscape_experiment(
     the gradient with the paper's η rule (module docstring) and the top Hessian
     eigenvalue. Returns ``(runs, search)``: the histories and the η search."""
     runs = {}
-    lr0 = SEARCH_START * lrs[0]
+    lr0 = SEARCH_START * min(lrs)  # not the first listed: a sweep's order changes nothing
     search = _edge(name, build, "standard", loss, data_for(seeds[0]), seeds[0], batch_size, lr0, SEARCH_STEPS)
     top = search["stable_lr"]
     if top is None:
@@ -730,7 +730,9 @@ def _no_edge(search, lr0):
 
 def _eta_config(search, lrs, span, num, spacing):
     return {
-        "eta_rule": ETA_RULE.format(steps=SEARCH_STEPS, lr0=SEARCH_START * lrs[0], span=span, num=num, spacing=spacing),
+        "eta_rule": ETA_RULE.format(
+            steps=SEARCH_STEPS, lr0=SEARCH_START * min(lrs), span=span, num=num, spacing=spacing
+        ),
         "eta_top": search["stable_lr"],
         "standard_fails_at": search["diverged_lr"],
         "eta_search": search["trials"],
