@@ -205,6 +205,21 @@ class _GuardedCache(FunctionCache):
         super().__init__(py_func)
         self._cache_file._source_stamp = (self._cache_file._source_stamp, _dependency_stamp())
 
+    def _index_key(self, sig: Any, codegen: Any) -> Any:
+        # Numba keys an entry with a hash of the function's bytecode, which ``python
+        # -OO`` changes (without the docstring every constant index moves): a cache
+        # warmed by plain Python was useless to -OO processes (Docker images that set
+        # PYTHONOPTIMIZE=2), which compiled again, or on a read-only install, every
+        # time. The entries' source stamp holds a hash of every kernel module's text
+        # (_dependency_stamp), which covers what the bytecode did (the kernels hold no
+        # assert, the only code -O removes); the closure's hash stays.
+        key = super()._index_key(sig, codegen)
+        try:
+            signature, machine, (_, closure) = key
+        except (TypeError, ValueError):  # another Numba's layout: its own key
+            return key
+        return (signature, machine, ("numbabn kernel sources", closure))
+
     def load_overload(self, sig: Any, target_context: Any) -> Any:
         data = self._load_guarded(sig, target_context)
         if data is None and self.fallback is not None:

@@ -121,6 +121,17 @@ def test_compile_notice_once_then_cached(populated):
     assert warm.stderr == b""
 
 
+def test_a_cache_warmed_by_plain_python_serves_python_OO(populated, tmp_path):
+    """``python -OO`` (PYTHONOPTIMIZE=2, common in Docker images) strips docstrings,
+    which changes every kernel's bytecode, part of Numba's cache key: -OO processes
+    compiled everything again beside the plain entries (on a read-only install: in
+    memory, every time). Both now find the same entries."""
+    cache = _copy(populated[0], tmp_path)
+    optimised = _fresh(cache, PYTHONOPTIMIZE="2")
+    _same(optimised, _expected())
+    assert optimised.stderr == b""
+
+
 def test_corrupted_cache_recompiles_warns_once_and_heals(populated, tmp_path):
     cache = _copy(populated[0], tmp_path)
     files = [p for p in cache.rglob("*") if p.suffix in (".nbi", ".nbc")]
