@@ -340,11 +340,15 @@ def test_maxlr_refuses_what_it_cannot_use_before_any_work(tmp_path, monkeypatch,
 
 def test_maxlr_counts_only_seeds_where_both_networks_have_an_edge(monkeypatch):
     """bn_larger compares the seeds where both searches found a stable rate; the others
-    are counted in bn_larger_dropped (a seed where neither had one counted as a BN loss)."""
+    are counted in bn_larger_dropped (a seed where neither had one counted as a BN loss).
+    A net that trained at no rate is counted as such, not as "no divergence found"
+    (its search found no diverging rate either: it stopped below every rate tried)."""
     edges = {0: (None, None), 1: (None, 0.5), 2: (0.1, 0.2)}  # seed -> (standard, bn) stable_lr
 
     def edge(name, build, net, loss, data, seed, batch_size, lr0, steps):
-        return {"stable_lr": edges[seed][net == "bn"], "diverged_lr": 1.0, "trials": []}
+        stable = edges[seed][net == "bn"]
+        diverged = None if stable is None or (seed, net) == (1, "bn") else 1.0  # bn of seed 1: capped
+        return {"stable_lr": stable, "diverged_lr": diverged, "trials": []}
 
     monkeypatch.setattr(experiments, "_edge", edge)
     summary = EXPERIMENTS["maxlr"](steps=2, seeds=3, progress=False)
@@ -352,6 +356,8 @@ def test_maxlr_counts_only_seeds_where_both_networks_have_an_edge(monkeypatch):
         assert summary[arch]["bn_larger"]["k"] == 1 and summary[arch]["bn_larger"]["n"] == 1
         assert summary[arch]["bn_larger_dropped"] == 2
         assert summary[arch]["ratio_bn_over_standard"]["n"] == 1
+        assert summary[arch]["standard"]["trained_at_no_rate"] == 2 and summary[arch]["bn"]["trained_at_no_rate"] == 1
+        assert summary[arch]["standard"]["no_divergence_found"] == 0 and summary[arch]["bn"]["no_divergence_found"] == 1
 
 
 def test_a_search_start_that_stalls_climbs_to_the_edge(monkeypatch):

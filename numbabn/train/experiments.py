@@ -1557,11 +1557,27 @@ def maxlr(
             net: np.array([edges[(arch, s, net)]["stable_lr"] or np.nan for s in seeds], dtype=np.float64)
             for net in ("standard", "bn")
         }
-        capped = {net: sum(edges[(arch, s, net)]["diverged_lr"] is None for s in seeds) for net in stable}
+        # seeds whose net trained up to the search's ceiling without diverging, and those
+        # where it trained at no rate tried (no stable rate: not "stable to the ceiling")
+        capped = {
+            net: sum(
+                edges[(arch, s, net)]["diverged_lr"] is None and edges[(arch, s, net)]["stable_lr"] is not None
+                for s in seeds
+            )
+            for net in stable
+        }
+        untrained = {net: int(np.sum(np.isnan(v))) for net, v in stable.items()}
         # a seed where either net has no edge (it trained at no rate tried) has nothing to compare
         both = np.isfinite(stable["bn"]) & np.isfinite(stable["standard"])
         summary[arch] = {
-            **{net: {"stable_lr": S.spread(v), "no_divergence_found": capped[net]} for net, v in stable.items()},
+            **{
+                net: {
+                    "stable_lr": S.spread(v),
+                    "no_divergence_found": capped[net],
+                    "trained_at_no_rate": untrained[net],
+                }
+                for net, v in stable.items()
+            },
             "bn_larger": S.win_count(int(np.sum(stable["bn"][both] > stable["standard"][both])), int(both.sum())),
             "bn_larger_dropped": int(both.size - both.sum()),
             "ratio_bn_over_standard": S.spread(stable["bn"] / stable["standard"]),
