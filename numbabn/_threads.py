@@ -64,20 +64,65 @@ def available_cpus() -> int:
     return max(1, n)
 
 
+# Where the process's cgroups are read (module attributes: the tests point them at a
+# fake tree).
+_CGROUP_ROOT = "/sys/fs/cgroup"
+_PROC_CGROUP = "/proc/self/cgroup"
+
+
 def _cgroup_quota() -> int | None:
-    """ceil(quota / period) from cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_*``; None if unlimited."""
+    """ceil(quota / period) of the tightest CPU quota on this process's cgroup or one of
+    its ancestors (a systemd service's ``CPUQuota=``, a Slurm job, a container's
+    limit): cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``;
+    None if unlimited. Reading only the mount's top directory missed every limit set
+    below it."""
+    limits = [q for d in _cgroup_dirs() if (q := _dir_quota(d)) is not None]
+    return min(limits) if limits else None
+
+
+def _cgroup_dirs() -> list[str]:
+    """The cgroup directories whose CPU limits apply to this process: its own (from
+    ``/proc/self/cgroup``: the v2 unified hierarchy, or v1's cpu controller) and each
+    ancestor, then the mounts' top directories (inside a container without a cgroup
+    namespace the listed path does not exist under the mount, which is the
+    container's own cgroup)."""
     try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
+        with open(_PROC_CGROUP) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    dirs = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            base = _CGROUP_ROOT
+        elif "cpu" in controllers.split(","):
+            base = os.path.join(_CGROUP_ROOT, "cpu")
+        else:
+            continue
+        rel = path.strip("/")
+        while rel:
+            dirs.append(os.path.join(base, rel))
+            rel = os.path.dirname(rel)
+    dirs += [_CGROUP_ROOT, os.path.join(_CGROUP_ROOT, "cpu")]
+    return list(dict.fromkeys(dirs))
+
+
+def _dir_quota(path: str) -> int | None:
+    """The CPU quota in one cgroup directory, in CPUs rounded up; None if none."""
+    try:
+        with open(os.path.join(path, "cpu.max")) as f:
             quota, period = f.read().split()[:2]
-        if quota == "max":
-            return None
-        return max(1, -(-int(quota) // int(period)))
+        return None if quota == "max" else max(1, -(-int(quota) // int(period)))
     except (OSError, ValueError):
         pass
     try:
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+        with open(os.path.join(path, "cpu.cfs_quota_us")) as f:
             quota = int(f.read())
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+        with open(os.path.join(path, "cpu.cfs_period_us")) as f:
             period = int(f.read())
         return None if quota <= 0 else max(1, -(-quota // period))
     except (OSError, ValueError):

@@ -573,6 +573,52 @@ def test_available_cpus_follows_affinity_and_quota():
     assert numbabn.available_cpus() == (expected if quota is None else min(expected, quota))
 
 
+def _cgroup_tree(root, files):
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("proc", "files", "expected"),
+    [
+        # v2: a service two levels down holds the tightest limit (1.5 CPUs -> 2)
+        (
+            "0::/system.slice/job.service\n",
+            {
+                "cpu.max": "max 100000\n",
+                "system.slice/cpu.max": "300000 100000\n",
+                "system.slice/job.service/cpu.max": "150000 100000\n",
+            },
+            2,
+        ),
+        # ... or its parent does
+        ("0::/a/b\n", {"a/cpu.max": "100000 100000\n", "a/b/cpu.max": "max 100000\n"}, 1),
+        # v1: the cpu controller's hierarchy (a Slurm job), other controllers ignored
+        (
+            "5:memory:/slurm/job1\n4:cpu,cpuacct:/slurm/job1\n",
+            {"cpu/slurm/job1/cpu.cfs_quota_us": "100000\n", "cpu/slurm/job1/cpu.cfs_period_us": "100000\n"},
+            1,
+        ),
+        # a container without its own cgroup namespace: the listed path is not under
+        # the mount, whose top is the container's cgroup
+        ("0::/docker/abc\n", {"cpu.max": "200000 100000\n"}, 2),
+        ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+        ("", {}, None),
+    ],
+)
+def test_the_cgroup_quota_is_the_tightest_on_the_processs_path(tmp_path, monkeypatch, proc, files, expected):
+    """The quota of the process's own cgroup and its ancestors, not only the mount's top
+    directory, where a systemd service, a Slurm job or a nested container has none."""
+    from numbabn import _threads
+
+    _cgroup_tree(tmp_path / "fs", files)
+    (tmp_path / "proc").write_text(proc)
+    monkeypatch.setattr(_threads, "_CGROUP_ROOT", str(tmp_path / "fs"))
+    monkeypatch.setattr(_threads, "_PROC_CGROUP", str(tmp_path / "proc"))
+    assert _threads._cgroup_quota() == expected
+
+
 def test_default_threads_follow_a_narrowed_affinity_mask(tmp_path):
     # The CPUs this process may use, not the machine's: a child pinned to one CPU
     # gets one thread by default and still computes the same result.
