@@ -144,6 +144,7 @@ def test_info_json():
         assert data["cuda"]["memory_total_bytes"] > 0 and data["cuda"]["device"]
     cache = data["kernel_cache"]
     assert Path(cache["dir"]).is_absolute() and cache["kernels"] >= 10 and cache["entries"] >= 0
+    assert cache["read_only_dirs"] == []
     assert cache["compile_helper"] is _compile_ahead.enabled()
     assert data["layers"]["batch_norm1d"] == "builtin"
     assert data["output_buffers"]["limit_mib"] == numbabn.config.BUFFER_CACHE_MB
@@ -920,6 +921,31 @@ def test_commands_run_without_a_stderr(args):
     )
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout
+
+
+@pytest.mark.parametrize(
+    ("dirs", "writable", "new", "read_only"),
+    [
+        (["/home/u/.cache/numba/k", "/site/numbabn/kernels/__pycache__"], True, "/home/u/.cache/numba/k", 1),
+        (["/site/numbabn/kernels/__pycache__"], False, None, 1),
+        ([], False, None, 0),
+    ],
+)
+def test_info_names_the_writable_cache_and_the_read_only_ones(monkeypatch, dirs, writable, new, read_only):
+    """A warmed read-only install seen with a writable home: info named the (empty)
+    home directory as where the 25 entries were, and left out the read-only one they
+    are loaded from."""
+    from numbabn import _jit
+
+    monkeypatch.setattr(_jit, "cached_entries", lambda: (25, dirs))
+    monkeypatch.setattr(_jit, "cache_writable", lambda: writable)
+    cache = json.loads(invoke("info", "--json").output)["kernel_cache"]
+    assert cache["dir"] == new and cache["read_only_dirs"] == (dirs[1:] if new else dirs)
+    assert len(cache["read_only_dirs"]) == read_only
+    text = [line for line in invoke("info").output.splitlines() if line.startswith("kernel cache")][0]
+    assert "25 compiled signatures" in text
+    assert (f"new ones cached in {new}" if new else "new ones compiled in memory") in text
+    assert ("read-only: /site/numbabn/kernels/__pycache__" in text) == bool(read_only)
 
 
 def test_warmup_rejects_unknown_dtype():

@@ -70,9 +70,11 @@ def _kernel_cache() -> dict[str, Any]:
     from numbabn import _compile_ahead, _jit
     from numbabn.backends import cpu  # noqa: F401  (its import defines the kernels)
 
-    entries, dirs = _jit.cached_entries()
+    entries, dirs = _jit.cached_entries()  # the writable directory first, if there is one
+    writable = dirs[0] if dirs and _jit.cache_writable() else None
     return {
-        "dir": dirs[0] if dirs else None,
+        "dir": writable,  # where new kernels are cached (None: nowhere, compiled in memory)
+        "read_only_dirs": dirs[1:] if writable else dirs,  # warmed caches loaded, not written
         "entries": entries,
         "kernels": len(_jit.kernels()),
         "compile_helper": _jit.cache_writable() and _compile_ahead.enabled(),
@@ -182,12 +184,9 @@ def info(ctx: click.Context, as_json: bool) -> None:
         f"{'platform':<16}{data['platform']}",
         f"{'threading':<16}{t['layer']}, {t['threads']} threads ({t['available_cpus']} CPUs available)",
         f"{'CUDA':<16}{_format_cuda(data['cuda'])}",
-        f"{'kernel cache':<16}"
-        + (
-            f"{k['entries']} compiled signatures of {k['kernels']} kernels in {k['dir']}"
-            if k["dir"]
-            else "none (kernels are not cached)"
-        ),
+        f"{'kernel cache':<16}{k['entries']} compiled signatures of {k['kernels']} kernels, "
+        + (f"new ones cached in {k['dir']}" if k["dir"] else "new ones compiled in memory (no writable cache)")
+        + (f"; read-only: {', '.join(k['read_only_dirs'])}" if k["read_only_dirs"] else ""),
         f"{'compiling':<16}"
         + (
             "a cold training step compiles the backward's kernels in a helper process (NUMBABN_COMPILE_AHEAD=0: off)"
