@@ -94,6 +94,36 @@ def test_the_same_settings_give_scikit_learns_steps_losses_and_stopping(outputs)
     assert ours.loss_curve_[-1] == pytest.approx(theirs.loss_curve_[-1] - penalty[0], rel=1e-2)
 
 
+def test_a_regressor_fitted_with_the_mean_squared_error_keeps_it():
+    """Networks fitted before the squared loss became scikit-learn's (their ``_arch``
+    has no "squared_loss") continue with the mean squared error they were fitted with:
+    switching would halve their steps at the same learning rate and mix two units in
+    loss_curve_ (an epoch at half the loss counted as an improvement)."""
+    from numbabn.layers import HalfSquaredError
+    from numbabn.sklearn._weighted import WeightedHalfSquaredError, WeightedMSELoss
+
+    X, Y = _problem()
+    new = BNMLPRegressor(hidden_layer_sizes=(4,), solver="sgd", batch_norm=False, max_iter=2, random_state=0)
+    new.fit(X, Y)
+    old = pickle.loads(pickle.dumps(new))
+    del old._arch["squared_loss"]  # as pickled before 2026-12-05
+    assert new._loss_class() is HalfSquaredError and old._loss_class() is MSELoss
+    assert type(new._trainer(48, []).loss) is WeightedHalfSquaredError
+    assert type(old._trainer(48, []).loss) is WeightedMSELoss
+    two = BNMLPRegressor(hidden_layer_sizes=(4,), max_iter=1).fit(X, np.c_[Y, Y])
+    assert two._reported_loss(3.0) == 1.5 and new._reported_loss(3.0) == old._reported_loss(3.0) == 3.0
+    del two._arch["squared_loss"]
+    assert two._reported_loss(3.0) == 3.0  # the MSE is reported as it is
+    # the same state, one epoch each: the old network steps twice as far for one target
+    # (its MSE's gradient is 2/K times the half squared error's) and reports the MSE
+    before = new.predict(X)
+    new.partial_fit(X, Y)
+    old.partial_fit(X, Y)
+    step_new, step_old = new.predict(X) - before, old.predict(X) - before
+    assert np.abs(step_old).max() > 0 and not np.allclose(step_old, step_new, rtol=0.1)
+    assert old.loss_curve_[-1] == pytest.approx(2 * new.loss_curve_[-1], rel=0.05)
+
+
 def test_auto_learning_rate():
     """0.01 (batch norm takes larger steps), but scikit-learn's 0.001 for the regressor's
     SGD, which at 0.01 diverged on scikit-learn's own multi-output check."""

@@ -159,6 +159,12 @@ def test_hessian_max_eigenvalue_is_exact_where_the_negative_top_dominates():
     Q = np.linalg.qr(np.random.default_rng(5).standard_normal((6, 6)))[0]
     dense = hessian_top_eigenvalue(Theta(np.ones(6)), QuadraticLoss(Q @ B @ Q.T), (None, None), iters=3, tol=1e-3)
     assert dense["max_eigenvalue"] == pytest.approx(6.0, rel=1e-6)
+    # λ_max = 0, which ARPACK's relative test never accepts (it was NaN, or an
+    # ArpackError): the shifted operator's, to about tol·|λ|
+    flat = np.zeros(50)
+    flat[0] = -20.0
+    zero = hessian_top_eigenvalue(Theta(np.ones(50)), QuadraticLoss(np.diag(flat)), (None, None), iters=10, tol=1e-4)
+    assert abs(zero["max_eigenvalue"]) <= 1e-4 * 20
 
 
 def test_hessian_of_weights_too_large_for_the_step_is_nan_not_flat():
@@ -167,8 +173,16 @@ def test_hessian_of_weights_too_large_for_the_step_is_nan_not_flat():
     itself at ε/10); it is NaN now. A larger ε that the weights can take measures it."""
     layer = Theta(np.full(3, 1e12))
     loss = QuadraticLoss(np.diag([3.0, 2.0, 1.0]))
-    lost = hessian_top_eigenvalue(layer, loss, (None, None), iters=20, tol=1e-8)
+    with pytest.warns(RuntimeWarning, match="eps=1e-06 is too small a step for these parameters"):
+        lost = hessian_top_eigenvalue(layer, loss, (None, None), iters=20, tol=1e-8)
     assert np.isnan(lost["eigenvalue"]) and np.isnan(lost["max_eigenvalue"])
+    # one parameter too large to move, on the top eigenvector: a step that keeps 99.99 %
+    # of its norm never sees that curvature (λ_max read 0.1 for 6); NaN too
+    d = np.full(30, 0.1)
+    d[:2] = 6.0, -20.0
+    with pytest.warns(RuntimeWarning, match="too small a step"):
+        part = hessian_top_eigenvalue(Theta(np.r_[1e12, np.ones(29)]), QuadraticLoss(np.diag(d)), (None, None))
+    assert np.isnan(part["max_eigenvalue"])
     kept = hessian_top_eigenvalue(layer, loss, (None, None), iters=200, tol=1e-12, eps=1.0)
     assert kept["eigenvalue"] == pytest.approx(3.0, rel=1e-6)
     assert np.array_equal(layer.theta.value, np.full(3, 1e12))

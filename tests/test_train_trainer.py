@@ -140,7 +140,7 @@ def test_trainer_errors(rng):
         Trainer(model, MSELoss(), opt, batch_size=2, seed=0, metrics=[3])
     # an optimizer built for another model would train nothing; one over some of the
     # model's parameters (the others frozen) is fine
-    with pytest.raises(ValueError, match="optimizer manages none of the model's parameters"):
+    with pytest.raises(ValueError, match="optimizer manages 4 Parameters, none of the model's 4, so fit"):
         Trainer(model, MSELoss(), SGD(two_layer(rng).parameters(), lr=0.1), batch_size=2, seed=0)
     Trainer(model, MSELoss(), SGD(model[1].parameters(), lr=0.1), batch_size=2, seed=0)
     with pytest.raises(TypeError, match=r"^Trainer: metrics must be a sequence of callables .*, got int 5$"):

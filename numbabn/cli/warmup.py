@@ -29,7 +29,8 @@ from ._common import CLIError, Settings
     "--residual",
     is_flag=True,
     help="Also the fused residual variants (batch_norm_forward(residual=...), "
-    "numbabn.torch's fused ResNet blocks): 3 more kernels per dtype and layout (4 for ncl).",
+    "numbabn.torch's fused ResNet blocks): 3 more kernels per dtype and layout (6 for ncl alone: its "
+    "short rows' gradient sums and channels-last passes).",
 )
 @click.pass_context
 def warmup(ctx: click.Context, dtypes: tuple[str, ...], layouts: tuple[str, ...], residual: bool) -> None:

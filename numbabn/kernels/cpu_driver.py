@@ -427,7 +427,8 @@ def warmup_plan(
     each (a 16-bit dtype's per-channel kernels are float32's). The fused-residual
     variants (``residual=``, used by numbabn.torch's fused ResNet blocks) only when
     ``residual``: 3 more per dtype and layout (4 for ncl: its short rows' gradient
-    sums over tiles), about as many as all the others. The
+    sums over tiles; 6 for ncl without mc, whose element-wise kernels ncl's short rows
+    use and which ncl then brings), about as many as all the others. The
     backward's kernels come last, so that the compile helper
     (:mod:`numbabn._compile_ahead`) compiles them while the forward's compile here."""
     # The backward's kernels go to `later`: the helper compiles them while the rest compile here.

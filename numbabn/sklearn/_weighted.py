@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..layers import HalfSquaredError, PoissonDeviance, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
+from ..layers import HalfSquaredError, MSELoss, PoissonDeviance, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 
 
 class _PenaltyPerWeight:
@@ -41,6 +41,11 @@ class WeightedCrossEntropy(_PenaltyPerWeight, SoftmaxCrossEntropy):
     """:class:`~numbabn.layers.SoftmaxCrossEntropy` with the penalty per unit of weight."""
 
 
+class WeightedMSELoss(_PenaltyPerWeight, MSELoss):
+    """:class:`~numbabn.layers.MSELoss` with the penalty per unit of weight (the
+    regressor's loss before 2026-12-05, kept by the networks fitted with it)."""
+
+
 class WeightedHalfSquaredError(_PenaltyPerWeight, HalfSquaredError):
     """:class:`~numbabn.layers.HalfSquaredError` with the penalty per unit of weight."""
 
@@ -58,5 +63,6 @@ WEIGHTED = {
     SoftmaxCrossEntropy: WeightedCrossEntropy,
     SigmoidBinaryCrossEntropy: WeightedBinaryCrossEntropy,
     HalfSquaredError: WeightedHalfSquaredError,
+    MSELoss: WeightedMSELoss,
     PoissonDeviance: WeightedPoissonDeviance,
 }

@@ -434,6 +434,9 @@ class _BaseBNMLP(BaseEstimator):
             dtype=self._dtype,
             activation=self.activation,
             batch_norm=self.batch_norm,
+            # the regressor's squared loss: scikit-learn's half squared error (networks
+            # fitted before 2026-12-05 lack the key and keep the mean squared error)
+            squared_loss="half",
             **self._solver_settings(),
         )
         self._model, self._optimizer = self._build(self._arch, self._rng)
@@ -1108,9 +1111,10 @@ class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
       ``learning_rate_init`` and ``alpha`` mean what they mean in ``MLPRegressor``;
       ``loss_``, ``loss_curve_`` and ``best_loss_`` are its value divided by the number of
       outputs, as scikit-learn reports it, ``history_`` holds the undivided batch losses
-      and ``solver="lbfgs"`` minimises the undivided function, whose gradient it is;
-      networks fitted before 2026-12-05 used the mean squared error, twice this loss
-      for one output: their training steps, and so their learning rate, were twice as large);
+      and ``solver="lbfgs"`` minimises the undivided function, whose gradient it is,
+      and reports it, penalty included, as ``loss_``; networks fitted before 2026-12-05
+      used the mean squared error, twice this loss for one output, and a warm start or
+      ``partial_fit`` of one continues with it);
     * ``"poisson"``: half the Poisson deviance (:class:`numbabn.layers.PoissonDeviance`)
       of the mean exp(z) of the network output z, ``out_activation_`` "exp" (the log
       link), y finite and >= 0 (counts or rates); ``predict`` returns exp(z).
@@ -1177,14 +1181,16 @@ class BNMLPRegressor(RegressorMixin, _BaseBNMLP):
         return super()._check_params()
 
     def _loss_class(self) -> Any:
-        from ..layers import HalfSquaredError, PoissonDeviance
+        from ..layers import HalfSquaredError, MSELoss, PoissonDeviance
 
-        return PoissonDeviance if self._poisson else HalfSquaredError
+        if self._poisson:
+            return PoissonDeviance
+        return HalfSquaredError if self._arch.get("squared_loss") == "half" else MSELoss
 
     def _reported_loss(self, loss: float) -> float:
         # scikit-learn's squared loss averages over the K outputs where its gradient
         # (ours) sums over them: its loss_curve_ and tol rule see the loss / K.
-        return loss if self._poisson else loss / self.n_outputs_
+        return loss / self.n_outputs_ if self._loss_class().__name__ == "HalfSquaredError" else loss
 
     def _out_activation(self) -> str:
         return "exp" if self._poisson else "identity"

@@ -75,7 +75,7 @@ WEIGHT_LAYER_TYPES = (Linear, Conv2d)
 PAPER_ETA_RANGE = (0.5, 4.0)  # Santurkar et al. Fig. 4 (VGG): η in [1/2, 4]·lr
 DLN_ETA_RANGE = (0.01, 30.0)  # Santurkar et al. Fig. 10 of arXiv v3 (deep linear network): [1/100, 30]·lr
 KINK_TOL = 1e-2  # hessian_top_eigenvalue: λ at ε and at ε/10 must agree to this (relative)
-LOST_STEP = 0.1  # hessian_top_eigenvalue: the parameters' rounded step ±εu must have norm ε to this (relative)
+LOST_STEP = 0.1  # hessian_top_eigenvalue: every parameter's spacing must be below this fraction of ε
 
 
 # ---------------------------------------------------------------- layer addressing
@@ -455,9 +455,12 @@ def hessian_top_eigenvalue(
     before, converged too slowly where |λ| is large and reported λ_max up to ~1700x
     too low.
 
-    The products need θ ± εu to be θ moved by ε: where the parameters are so large
-    that the step rounds away (more than ``LOST_STEP``, 10 %, of its norm; a diverged
-    run's weights), a product is NaN and so is the eigenvalue (it read 0, "flat").
+    The products need every parameter to move by steps much smaller than ε: where
+    one's spacing (the gap to the next representable value) exceeds ``LOST_STEP`` ε,
+    10 % of it (a diverged run's weights of 1e12 in float64; in float32 any weight
+    above ~0.8 at ε = 1e-6), the products are NaN and so is the eigenvalue (such a
+    parameter's coordinate rounded away: its curvature was never seen, a wholly lost
+    step read 0, "flat").
 
     Returns ``{"eigenvalue": λ (signed), "iterations": products used (by the
     iteration that gave λ), "residual": ‖Hv − λv‖₂ / |λ|, "eps": the ε that gave
@@ -482,27 +485,26 @@ def hessian_top_eigenvalue(
         shapes = [(p.value.shape, p.value.size) for p in params]
         floor = 0.1 * float(np.sqrt(max(np.finfo(p.value.dtype).eps for p in params)))
 
-        originals = [p.value.copy() for p in params]
+        # The coarsest spacing between a parameter's value and the next representable
+        # one: a step ±εu cannot move a parameter by less (NaN: a non-finite one).
+        coarsest = max(float(np.max(np.spacing(np.abs(p.value)), initial=0.0)) for p in params)
 
-        def grad_at(direction: NDArray[np.float64]) -> tuple[NDArray[np.float64], float]:
-            """(∇L at θ + direction, ‖the step the parameters actually took‖₂)."""
+        def grad_at(direction: NDArray[np.float64]) -> NDArray[np.float64]:
             snap.reset()
-            offset, moved = 0, 0.0
-            for p, (shape, n), before in zip(params, shapes, originals, strict=True):
+            offset = 0
+            for p, (shape, n) in zip(params, shapes, strict=True):
                 p.value += direction[offset : offset + n].reshape(shape).astype(p.value.dtype)
-                step = (p.value - before).astype(np.float64)
-                moved += float(step.ravel() @ step.ravel())
                 offset += n
             _forward_backward(model, loss, x, y)
-            return _flat_grad(params), np.sqrt(moved)
+            return _flat_grad(params)
 
         def product(u: NDArray[np.float64], e: float) -> NDArray[np.float64]:
-            (plus, up), (minus, down) = grad_at(e * u), grad_at(-e * u)
-            if abs(up - e) > LOST_STEP * e or abs(down - e) > LOST_STEP * e:
-                # θ ± εu rounded back towards θ (weights far larger than ε: a diverged
-                # run): the difference no longer measures H u (it was 0, "flat").
+            if not coarsest <= LOST_STEP * e:
+                # A parameter too large (or too coarse: float32) to move by ε: its
+                # coordinate of every step rounds away and the difference never sees
+                # its curvature (weights of 1e12 read as a flat loss, eigenvalue 0).
                 return np.full(u.shape, np.nan)
-            return (plus - minus) / (2 * e)
+            return (grad_at(e * u) - grad_at(-e * u)) / (2 * e)
 
         def power(
             e: float, shift: float, first: NDArray[np.float64]
@@ -541,6 +543,14 @@ def hessian_top_eigenvalue(
             else:
                 result["eps_agreement"] = float("nan")
                 if best is None:  # not even the first ε measured anything: NaN
+                    if np.isfinite(coarsest) and coarsest > LOST_STEP * eps:
+                        warnings.warn(
+                            f"{fn}: eps={eps:.3g} is too small a step for these parameters (the largest is "
+                            f"{coarsest:.3g} from its next representable value, more than {LOST_STEP} eps): the "
+                            f"eigenvalue is NaN; pass eps >= {coarsest / LOST_STEP:.3g} (float32: measure in float64)",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
                     break
             # No ε agreed with the next smaller one (rounding grows as ε shrinks: a float32
             # network can have no good ε; a smaller one can lose its step to rounding):
@@ -578,14 +588,16 @@ def _largest_algebraic(
 ) -> tuple[float, int]:
     """(λ_max, products) of the symmetric operator ``product`` whose largest-magnitude
     eigenvalue ``lam`` is negative, by Lanczos (scipy's ARPACK ``eigsh``, "LA") from
-    ``start``, to relative accuracy ``tol``; NaN where it does not converge within
-    about max(``iters``, 100) products (on the experiments' networks it took 11-31).
+    ``start``, to relative accuracy ``tol``, within about max(``iters``, 100) products
+    (on the experiments' networks it took 11-31); where that does not converge (a
+    λ_max near 0), on the operator shifted by −λ, to an absolute accuracy of about
+    tol·|λ| (as many products more); NaN if neither converges or a product is not finite.
 
     Power iteration on H − λI (the method before 2026-12-05) converges at the rate
     (μ₂ − λ)/(λ_max − λ), close to 1 when |λ| is large against the gap below λ_max,
     and its test of the shifted value let the error reach tol·|λ|: it reported
     λ_max 3.6x to ~1700x too low (a deep linear BN net, λ = −1268: 0.48 against 340.8)."""
-    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+    from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
 
     n = start.size
     if n < 2:  # one parameter: its one eigenvalue
@@ -593,25 +605,35 @@ def _largest_algebraic(
     ncv = min(n, 20)  # Lanczos vectors kept; a restart costs about ncv products
     count = [0]
 
-    def matvec(u: NDArray[np.float64]) -> NDArray[np.float64]:
-        count[0] += 1
-        return product(np.asarray(u, dtype=np.float64).ravel())
+    def largest(shift: float) -> float:
+        """The largest eigenvalue of the operator − shift·I (NaN: not converged, or a
+        product that was not finite, which ARPACK reports as an error)."""
 
-    op = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
-    try:
-        top = eigsh(
-            op,
-            k=1,
-            which="LA",
-            v0=start,
-            tol=tol,
-            ncv=ncv,
-            maxiter=max(1, max(iters, 100) // ncv),
-            return_eigenvectors=False,
-        )
-    except ArpackNoConvergence:
-        return float("nan"), count[0]
-    return float(top[0]), count[0]
+        def matvec(u: NDArray[np.float64]) -> NDArray[np.float64]:
+            count[0] += 1
+            u = np.asarray(u, dtype=np.float64).ravel()
+            hu = product(u) - shift * u
+            if not np.all(np.isfinite(hu)):
+                raise _NotFinite
+            return hu
+
+        op = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
+        budget = max(1, max(iters, 100) // ncv)
+        try:
+            top = eigsh(op, k=1, which="LA", v0=start, tol=tol, ncv=ncv, maxiter=budget, return_eigenvectors=False)
+        except (ArpackError, _NotFinite):  # ArpackNoConvergence is an ArpackError
+            return float("nan")
+        return float(top[0])
+
+    # ARPACK's test is relative to the Ritz value: a λ_max of 0 (a loss flat in every
+    # direction it does not curve down) never passes it. Shifted by λ, the top is
+    # λ_max − λ >= |λ|, which it does pass (to an absolute accuracy of about tol·|λ|).
+    top = largest(0.0)
+    return (top if np.isfinite(top) else largest(lam) + lam), count[0]
+
+
+class _NotFinite(Exception):
+    """A Hessian-vector product with a non-finite entry, inside ARPACK's iteration."""
 
 
 def _check_power_iteration(fn: str, iters: int, tol: float, eps: float) -> None:

@@ -275,8 +275,8 @@ class Trainer:
             mine = {id(p) for p in params}
             if not any(id(p) in mine for p in optimizer.params):
                 raise ValueError(
-                    f"{fn}: optimizer manages none of the model's parameters, so fit would train nothing; "
-                    "build it from model.parameters()"
+                    f"{fn}: optimizer manages {len(optimizer.params)} Parameters, none of the model's "
+                    f"{len(params)}, so fit would train nothing; build it from model.parameters()"
                 )
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.batch_size = _positive_int(fn, "batch_size", batch_size)
