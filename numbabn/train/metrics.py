@@ -452,7 +452,7 @@ def hessian_top_eigenvalue(
     Lanczos (scipy's ``eigsh``) with the same products, at the ε the check accepted,
     to relative accuracy ``tol`` (11-31 products on the experiments' networks; NaN if
     about max(``iters``, 100) do not converge). A power iteration on H − λI, used
-    before, converged too slowly where |λ| is large and reported λ_max up to ~1700x
+    before, converged too slowly where λ is large in magnitude and reported λ_max up to ~1700x
     too low.
 
     The products need every parameter to move by steps much smaller than ε: where
