@@ -554,6 +554,17 @@ def test_float32_network_refuses_float64_values_beyond_float32():
     assert not hasattr(reg, "n_outputs_")
 
 
+def test_float32_input_to_a_float64_network_warns_nothing():
+    """The range check compared a float32 maximum with the float64 one, which NumPy 2
+    casts to float32: "overflow encountered in cast" at every predict of float32 X
+    (an error under ``python -W error``)."""
+    X, y = make_blobs(n_samples=60, centers=2, random_state=0)
+    clf = BNMLPClassifier(**FAST, random_state=0).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(clf.predict_proba(X.astype(np.float32)), clf.predict_proba(X), rtol=1e-5)
+
+
 def test_regressor_column_y_warns_like_sklearn():
     X, y = make_regression(n_samples=60, n_features=3, random_state=0)
     reg = BNMLPRegressor(**FAST, random_state=0)

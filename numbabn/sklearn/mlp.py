@@ -578,7 +578,9 @@ class _BaseBNMLP(BaseEstimator):
         """Validated (finite) ``a`` in the network's dtype. Values beyond that dtype's
         range (float64 X or y for a float32 network) would become infinite: they raise."""
         limit = float(np.finfo(self._dtype).max)
-        if a.dtype.kind == "f" and np.finfo(a.dtype).max > limit and a.size:
+        # float(): NumPy 2 would cast a float64 limit to a float32 maximum's dtype
+        # (an overflow warning, an error under -W error) for float32 X and a float64 network
+        if a.dtype.kind == "f" and float(np.finfo(a.dtype).max) > limit and a.size:
             largest = float(np.max(np.abs(a)))
             if largest > limit:
                 raise ValueError(
