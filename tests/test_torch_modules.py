@@ -1266,3 +1266,18 @@ def test_a_three_dimensional_view_that_is_not_dense_gives_torch_nns_contiguous_o
     assert y.stride() == y_ref.stride() and y.is_contiguous()
     torch.testing.assert_close(y, y_ref)
     assert y.view(4, -1).shape == (4, 40)
+
+
+@pytest.mark.parametrize("value", [torch.tensor(0.3), torch.tensor(0.3, dtype=torch.float64), torch.tensor(1)])
+def test_a_0d_tensor_momentum_updates_as_torch_nn(value):
+    """torch.nn takes a 0-d tensor momentum (a schedule computed with torch ops); it was
+    refused as "must be None or a number in [0, 1], got tensor(0.3000)"."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 5, 5)
+    ours, theirs = nbt.BatchNorm2d(3, momentum=value), torch.nn.BatchNorm2d(3, momentum=value)
+    for _ in range(3):
+        torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    with pytest.raises(ValueError, match=r"momentum must be None or a number in \[0, 1\].*got tensor\(\[0.3000\]\)"):
+        nbt.BatchNorm2d(3, momentum=torch.tensor([0.3]))(x)

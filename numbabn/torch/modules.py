@@ -322,11 +322,15 @@ def _not_scriptable(name: str) -> RuntimeError:
 
 
 def _momentum_ok(momentum: Any) -> bool:
-    """Whether ``momentum`` is None or a number in [0, 1] (a Python float tested first:
+    """Whether ``momentum`` is None or a number in [0, 1], a 0-d tensor too (a Python float tested first:
     the common call pays ~0.1 us). Under torch.compile a NumPy scalar fails this
     (Dynamo traces it as an array), and the call runs behind a graph break."""
     if momentum is None or type(momentum) is float and 0.0 <= momentum <= 1.0:
         return True
+    if isinstance(momentum, torch.Tensor):  # a 0-d real tensor, as torch.nn takes (a schedule's)
+        if momentum.ndim or momentum.is_complex() or momentum.dtype == torch.bool:
+            return False
+        momentum = momentum.item()
     return is_real(momentum) and 0.0 <= momentum <= 1.0
 
 
@@ -867,7 +871,7 @@ class NumbabnBatchNorm:
         ``track_running_stats``."""
         _, _, mean, var, nbt = state
         tracking = self.training and self.track_running_stats and nbt is not None
-        momentum = 0.0 if self.momentum is None else self.momentum
+        momentum = 0.0 if self.momentum is None else float(self.momentum)  # float(): a 0-d tensor too
         if tracking and self.momentum is None:
             momentum = 1.0 / (int(nbt) + 1)
         batch_stats = self.training or (mean is None and var is None)
