@@ -47,6 +47,16 @@ class _Loss:
             raise ValueError(f"{self!r}: logits must have shape (N, K), got {z.shape}")
         return z
 
+    def _like(self, z: FloatArray, target: Any, kinds: str, name: str, needed: str) -> NDArray[Any]:
+        """``target`` as an array of ``z``'s shape, ``z`` of shape (N, K) (``name``), the
+        target's dtype kind in ``kinds``; else a ValueError: "``needed`` shape ..., got"."""
+        if z.ndim != 2:
+            raise ValueError(f"{self!r}: {name} must have shape (N, K), got {z.shape}")
+        t = np.asarray(target)
+        if t.shape != z.shape or t.dtype.kind not in kinds:
+            raise ValueError(f"{self!r}: {needed} shape {z.shape}, got {V.describe(t)}")
+        return t
+
     def _weights(self, sample_weight: Any, n: int) -> NDArray[np.float64] | None:
         """``sample_weight`` as (n,) float64 weights (:func:`numbabn._checks.check_weights`); None stays None."""
         return None if sample_weight is None else V.check_weights(repr(self), sample_weight, n)
@@ -203,14 +213,7 @@ class HalfSquaredError(_Loss):
         self, prediction: FloatArray, target: ArrayLike, sample_weight: ArrayLike | None = None
     ) -> tuple[float, FloatArray]:
         pred = self._prediction(prediction)
-        if pred.ndim != 2:
-            raise ValueError(f"{self!r}: predictions must have shape (N, K), got {pred.shape}")
-        target = np.asarray(target)
-        if target.shape != pred.shape or target.dtype.kind not in "biuf":
-            raise ValueError(
-                f"{self!r}: target must be real numbers of the prediction's shape {pred.shape}, "
-                f"got {V.describe(target)}"
-            )
+        target = self._like(pred, target, "biuf", "predictions", "target must be real numbers of the prediction's")
         w = self._weights(sample_weight, pred.shape[0])
         diff = pred - target.astype(pred.dtype, copy=False)
         if not diff.size:
@@ -240,13 +243,7 @@ class PoissonDeviance(_Loss):
         self, log_mean: FloatArray, targets: ArrayLike, sample_weight: ArrayLike | None = None
     ) -> tuple[float, FloatArray]:
         z = self._prediction(log_mean)
-        if z.ndim != 2:
-            raise ValueError(f"{self!r}: log-means must have shape (N, K), got {z.shape}")
-        y = np.asarray(targets)
-        if y.shape != z.shape or y.dtype.kind not in "iuf":
-            raise ValueError(
-                f"{self!r}: targets must be numbers of the log-means' shape {z.shape}, got {V.describe(y)}"
-            )
+        y = self._like(z, targets, "iuf", "log-means", "targets must be numbers of the log-means'")
         if y.size and not (np.isfinite(y).all() and y.min() >= 0):
             raise ValueError(f"{self!r}: targets must be finite and >= 0 (counts or rates), got min {y.min()}")
         w = self._weights(sample_weight, z.shape[0])
