@@ -182,3 +182,18 @@ def test_host_array_like_whose_interface_raises_stays_on_the_host(rng, protocol)
     y, ctx = numbabn.batch_norm_forward(t)
     assert ctx.backend == "cpu" and isinstance(y, np.ndarray)
     np.testing.assert_array_equal(y, numbabn.batch_norm_forward(x)[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_eval_with_a_running_variance_at_or_below_minus_eps_gives_what_the_cpu_gives(dtype):
+    """A running variance + eps of 0 or below (a corrupted checkpoint): the CPU gives
+    inf and NaN, as a GPU's sqrt and division do; the simulator's Python math raised a
+    math domain error or ZeroDivisionError naming a thread instead."""
+    x = np.ones((4, 3), dtype)
+    rm = np.zeros(3, dtype)
+    rv = np.array([1.0, -1.0, -1e-5], dtype)
+    eps = float(np.float32(1e-5)) if dtype == np.float32 else 1e-5
+    cpu, _ = numbabn.batch_norm_forward(x, running_mean=rm, running_var=rv, training=False, eps=eps)
+    gpu, _ = numbabn.batch_norm_forward(x, running_mean=rm, running_var=rv, training=False, eps=eps, backend="cuda")
+    np.testing.assert_array_equal(gpu, cpu)  # NaN where NaN
+    assert np.isnan(cpu[:, 1]).all() and not np.isfinite(cpu[:, 2]).any()

@@ -329,7 +329,11 @@ def _forward_stats_kernel(pmean, pm2, span, m, training, running_mean, running_v
         mu = float64(running_mean[c])
         var = float64(running_var[c])
     mean[c] = mu
-    invstd[c] = 1.0 / math.sqrt(var + eps)
+    # Spelled out for a running variance + eps <= 0 (a corrupted checkpoint): NaN or inf
+    # as on the CPU and on a GPU, where Numba's CUDA simulator raised Python's math
+    # domain error or ZeroDivisionError.
+    v = var + eps
+    invstd[c] = 1.0 / math.sqrt(v) if v > 0.0 else (math.inf if v == 0.0 else math.nan)
 
 
 @cuda.jit
