@@ -714,6 +714,25 @@ def test_experiment_out_with_a_directory_in_the_way_moves_nothing(fake_experimen
     assert (out / "toy.json").read_text() == "old" and not list((out / "toy.txt").iterdir())
 
 
+@pytest.mark.parametrize("taken", ["toy.json", "toy_fig1.png"])
+def test_experiment_out_with_a_directory_named_like_its_output_is_refused_before_training(
+    fake_experiments, tmp_path, monkeypatch, taken
+):
+    """The experiment's own JSON and figures (NAME.json, NAME_*.png): a directory of
+    such a name in --out was found only when the finished run was moved in, after
+    minutes or hours of training."""
+    monkeypatch.setitem(
+        sys.modules[experiment_cli.EXPERIMENTS_MODULE].EXPERIMENTS, "toy", lambda **kw: pytest.fail("it trained")
+    )
+    out = tmp_path / "out"
+    (out / taken).mkdir(parents=True)
+    (out / "toy_notes").mkdir()  # not an output name: no matter
+    result = invoke("experiment", "toy", "--out", str(out))
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert f"Invalid value for '--out': '{out / taken}' is not a file" in result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted([taken, "toy_notes"])
+
+
 def test_experiment_out_undoes_a_move_that_fails_midway(fake_experiments, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()

@@ -53,6 +53,7 @@ import math
 import re
 from collections.abc import Callable
 from importlib import import_module
+from pathlib import Path
 from typing import Any
 
 import click
@@ -130,6 +131,21 @@ def _finite_or_null(value: Any) -> Any:
     return value
 
 
+def _check_names_free(name: str, out: str | Path | None) -> None:
+    """Refuse, before any training, an ``--out`` holding something other than a file
+    where the experiment writes one: ``NAME.json`` and its figures ``NAME_*.png`` (a
+    directory of such a name was found only when the finished run was moved in)."""
+    if out is None or not Path(out).is_dir():
+        return
+    for entry in Path(out).iterdir():
+        mine = entry.name == f"{name}.json" or (entry.name.startswith(f"{name}_") and entry.name.endswith(".png"))
+        if mine and (entry.is_dir() or not entry.is_file()):
+            raise click.BadParameter(
+                f"{str(entry)!r} is not a file, and the experiment writes a file of that name there",
+                param_hint="'--out'",
+            )
+
+
 def _command(name: str, fn: Callable[..., dict[str, Any]]) -> click.Command:
     """Wrap one experiment function as a click command with the common options."""
     parameters = inspect.signature(fn).parameters
@@ -154,6 +170,7 @@ def _command(name: str, fn: Callable[..., dict[str, Any]]) -> click.Command:
         if takes_progress:
             kwargs["progress"] = not settings.quiet
         kwargs.update(steps=steps, seeds=list(seed) if seed else seeds, lr=tuple(lr) or None, full=full)
+        _check_names_free(name, out)
         summary = None
         try:
             if out is None:
