@@ -119,8 +119,9 @@ def _notice(place: str) -> None:
         return
     try:
         print(
-            f"numbabn: compiling CPU kernels (first use on this machine, a few seconds; {place}; "
-            "`numbabn warmup` does it ahead of time, NUMBABN_QUIET=1 silences this)",
+            f"numbabn: compiling CPU kernels not yet in the cache (a few seconds per variant, once; {place}; "
+            "`numbabn warmup` compiles them ahead of time, --residual and --dtype float16/bfloat16 the "
+            "rarer ones; NUMBABN_QUIET=1 silences this)",
             file=stream,
             flush=True,
         )

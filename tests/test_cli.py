@@ -111,7 +111,7 @@ def test_quiet_silences_the_compile_note_for_every_command(tmp_path):
     quiet = subprocess.run([*args, "-q", *bench], capture_output=True, text=True, env=env, check=True)
     assert quiet.stderr == "" and "forward" in quiet.stdout
     loud = subprocess.run([*args, *bench, "--dtype", "float64"], capture_output=True, text=True, env=env, check=True)
-    assert loud.stderr.startswith("numbabn: compiling CPU kernels (first use on this machine"), loud.stderr
+    assert loud.stderr.startswith("numbabn: compiling CPU kernels not yet in the cache"), loud.stderr
 
 
 def test_entry_points_in_subprocesses():
@@ -980,6 +980,26 @@ def test_a_warning_inside_a_command_names_the_line_that_ran_it(monkeypatch):
     with pytest.warns(UserWarning, match="probe") as record:
         CliRunner().invoke(main, ["info"])  # which then fails: the stub returns no entries
     assert record[0].filename == __file__, record[0].filename
+
+
+@pytest.mark.parametrize(
+    ("dirs", "writable", "said"),
+    [
+        (["/c"], True, "(25 compiled signatures cached in /c)"),
+        (["/c", "/ro"], True, "(25 compiled signatures loadable from /c and read-only /ro; new ones go to /c)"),
+        (["/ro"], False, "(25 compiled signatures loadable from read-only /ro; none could be added)"),
+    ],
+)
+def test_warmup_says_where_the_signatures_are(monkeypatch, dirs, writable, said):
+    """With a warmed read-only cache it said "39 signatures cached in HOME", where HOME
+    held 14 and the read-only directory the other 25."""
+    from numbabn import _jit
+
+    monkeypatch.setattr(_jit, "cached_entries", lambda: (25, dirs))
+    monkeypatch.setattr(_jit, "cache_writable", lambda: writable)
+    monkeypatch.setattr(_jit, "unsaved", lambda: 0)
+    result = invoke("warmup", "--dtype", "float32", "--layout", "mc")
+    assert result.exit_code == 0 and said in result.output, result.output
 
 
 def test_warmup_rejects_unknown_dtype():

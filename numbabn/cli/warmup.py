@@ -77,9 +77,19 @@ def warmup(ctx: click.Context, dtypes: tuple[str, ...], layouts: tuple[str, ...]
             "so later processes compile them again; set NUMBA_CACHE_DIR to a writable directory"
         )
     if not settings.quiet:
-        read_only = f"; read-only: {', '.join(dirs[1:])}" if len(dirs) > 1 else ""
+        # entries: what a call can load, from the writable directory and the read-only
+        # ones together (a signature is one compiled specialisation of one kernel)
+        writable = dirs[0] if _jit.cache_writable() else None
+        read_only = dirs[1:] if writable else dirs
+        if not read_only:
+            where = f"cached in {writable}"
+        else:
+            where = "loadable from " + " and ".join(
+                ([writable] if writable else []) + [f"read-only {', '.join(read_only)}"]
+            )
+            where += f"; new ones go to {writable}" if writable else "; none could be added"
         click.echo(
             f"{len(plan)} kernel variants ready in {time.perf_counter() - t0:.1f} s "
-            f"({entries} signatures cached in {dirs[0]}{read_only})",
+            f"({entries} compiled signatures {where})",
             err=True,
         )
