@@ -97,6 +97,9 @@ def test_compare_counts_probes_and_seeds():
     assert out["bn"]["n"] == out["standard"]["n"] == 11
     with pytest.raises(ValueError, match="same"):
         compare(bn[:, :2], std)
+    # another normalisation (the lp experiment's l1, linf) under its own name, not "bn"
+    linf = compare(bn, std, label="linf")
+    assert "bn" not in linf and linf["linf"] == out["bn"] and linf["ratio"] == out["ratio"]
 
 
 # ------------------------------------------------------------------ learning-rate edge

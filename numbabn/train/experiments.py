@@ -1301,7 +1301,7 @@ def lp(
         for net in nets:
             entry[net]["beta_smoothness"] = S.spread(beta[net])
             if net != "standard":
-                entry[net]["beta_vs_standard"] = S.compare(beta[net], beta["standard"])
+                entry[net]["beta_vs_standard"] = S.compare(beta[net], beta["standard"], label=net)
         summary[f"lr={lr:g}"] = entry
 
     def make(lr, suffix):

@@ -114,12 +114,13 @@ def win_count(k: int, n: int, confidence: float = CONFIDENCE) -> dict[str, Any]:
     return {"k": int(k), "n": int(n), "fraction": float(k / n) if n else float("nan"), "ci": [lower, upper]}
 
 
-def compare(bn: ArrayLike, standard: ArrayLike) -> dict[str, Any]:
+def compare(bn: ArrayLike, standard: ArrayLike, label: str = "bn") -> dict[str, Any]:
     """BN against the standard network on one measure (module docstring).
 
     ``bn``, ``standard``: arrays of shape (seeds, probes), the same probe steps in
     both. Pairs where either value is not finite (a diverged run) are left out of
-    the ratio and of the counts.
+    the ratio and of the counts. ``label``: the key of the first network's values
+    (another normalisation than BN, e.g. "l1", compares under its own name).
     """
     bn, standard = np.atleast_2d(np.asarray(bn, dtype=np.float64)), np.atleast_2d(np.asarray(standard, np.float64))
     if bn.shape != standard.shape:
@@ -134,7 +135,7 @@ def compare(bn: ArrayLike, standard: ArrayLike) -> dict[str, Any]:
         "ratio": spread(ratio),
         "probes": win_count(int(np.sum((bn < standard) & ok)), int(ok.sum())),
         "seeds": win_count(int(np.sum(seed_wins)), len(seed_wins)),
-        "bn": spread(np.where(ok, bn, np.nan)),
+        label: spread(np.where(ok, bn, np.nan)),
         "standard": spread(np.where(ok, standard, np.nan)),
     }
 
