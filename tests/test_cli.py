@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import types
+import warnings
 from pathlib import Path
 
 import click
@@ -1000,6 +1001,24 @@ def test_warmup_says_where_the_signatures_are(monkeypatch, dirs, writable, said)
     monkeypatch.setattr(_jit, "unsaved", lambda: 0)
     result = invoke("warmup", "--dtype", "float32", "--layout", "mc")
     assert result.exit_code == 0 and said in result.output, result.output
+
+
+def test_a_warning_on_the_command_line_is_one_line(monkeypatch):
+    """Python's warning display adds the source line, which for a command is the console
+    script's `sys.exit(main())`: while a command runs, a warning shows as "Category:
+    message" alone; the display is put back after the command."""
+    from numbabn import _jit
+
+    seen = []
+
+    def entries():
+        seen.append(warnings.formatwarning(UserWarning("probe"), UserWarning, "/bin/numbabn", 8, "sys.exit(main())"))
+        return 0, []
+
+    monkeypatch.setattr(_jit, "cached_entries", entries)
+    before = warnings.formatwarning
+    assert invoke("info").exit_code == 0
+    assert seen == ["UserWarning: probe\n"] and warnings.formatwarning is before
 
 
 def test_warmup_rejects_unknown_dtype():

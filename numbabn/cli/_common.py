@@ -33,6 +33,7 @@ import stat
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -203,6 +204,10 @@ class RootGroup(LazyGroup):
         line and exit code 2, as the module docstring says of every output; click
         itself handles only a closed pipe (silently)."""
         previous = _exit_on_sigterm()
+        # A warning on a command line is its category and message: the source line
+        # Python adds would be the console script's `sys.exit(main())`. Only the
+        # display changes (-W filters and recorded warnings are as they were).
+        formatwarning, warnings.formatwarning = warnings.formatwarning, _warning_line
         try:
             return super().main(*args, **kwargs)
         except OSError as exc:
@@ -212,8 +217,14 @@ class RootGroup(LazyGroup):
             CLIError(f"cannot write the output: {exc.strerror or exc}").show()
             sys.exit(CLIError.exit_code)
         finally:
+            warnings.formatwarning = formatwarning
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+
+
+def _warning_line(message: Any, category: type[Warning], filename: str, lineno: int, line: Any = None) -> str:
+    """``warnings.formatwarning`` for the command line: "Category: message"."""
+    return f"{category.__name__}: {message}\n"
 
 
 def _exit_on_sigterm() -> Any:
