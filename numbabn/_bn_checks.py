@@ -98,6 +98,7 @@ def _is_float64(value: Any) -> bool:
     return dtype.kind == "f" and dtype.itemsize == 8
 
 
+_INT64_MAX = int(np.iinfo(np.int64).max)
 _INT64 = np.dtype(np.int64)
 
 
@@ -116,6 +117,8 @@ def check_counter(fn: str, value: Any, *, inplace: bool = True) -> Any:
         raise ValueError(f"{fn}: num_batches_tracked counts batches and must be >= 0, got {value.item()}")
     if inplace and not value.flags.writeable:
         raise ValueError(f"{fn}: num_batches_tracked is updated in place but is read-only")
+    if inplace and value.item() == _INT64_MAX:  # += 1 would wrap it to -2**63
+        raise ValueError(f"{fn}: num_batches_tracked is at the int64 maximum {_INT64_MAX}; it cannot count this call")
     return value
 
 

@@ -29,8 +29,14 @@ def is_int(value: Any) -> bool:
 
 
 def is_real(value: Any) -> bool:
-    """A finite real number (Python or NumPy), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and isfinite(value)
+    """A finite real number (Python or NumPy), not a bool; an int too large for a
+    float is not (math.isfinite raised OverflowError, a message naming nothing)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        return False
+    try:
+        return isfinite(value)
+    except OverflowError:
+        return False
 
 
 def check_int(fn: str, name: str, value: Any, minimum: int = 1, *, error: type[Exception] = ValueError) -> int:

@@ -28,6 +28,7 @@ from ._layout import _LAYOUTS, C_ALIGNED, WRITEABLE, Canonical, empty_param, may
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _I64 = np.dtype(np.int64)
+_I64_MAX = int(np.iinfo(np.int64).max)
 _new = tuple.__new__
 _C_ALIGNED_WRITEABLE = C_ALIGNED | WRITEABLE
 
@@ -120,7 +121,7 @@ def forward_args(
     if nbt is not None:
         if type(nbt) is not np.ndarray or nbt.dtype is not _I64 or nbt.size != 1 or not nbt.flags.num & WRITEABLE:
             return None
-        if nbt.item() < 0:
+        if not 0 <= nbt.item() < _I64_MAX:  # the full checks' errors (a count at the maximum would wrap)
             return None
     if training and running_mean.size and _written_overlap(running_mean, running_var, nbt, x, gamma, beta):
         return None

@@ -33,10 +33,12 @@ def _check_like(fn: str, what: str, whose: str, arr: Any, value: np.ndarray) -> 
     """``arr`` must be an array of ``value``'s shape and dtype: a TypeError for
     anything else or another dtype (as a wrong dtype is in the layers and the
     functional API), a ValueError for another shape."""
-    if not isinstance(arr, np.ndarray) or arr.dtype != value.dtype or arr.shape != value.shape:
-        wrong_type = not isinstance(arr, np.ndarray) or arr.dtype != value.dtype
+    # np.matrix multiplies as matrices, a masked array skips its masked entries: refused
+    plain = isinstance(arr, np.ndarray) and not isinstance(arr, (np.matrix, np.ma.MaskedArray))
+    if not plain or arr.dtype != value.dtype or arr.shape != value.shape:
+        wrong_type = not plain or arr.dtype != value.dtype
         raise (TypeError if wrong_type else ValueError)(
-            f"{fn}: {what} must be an array of {whose} shape {value.shape} and dtype {value.dtype}, "
+            f"{fn}: {what} must be a NumPy array of {whose} shape {value.shape} and dtype {value.dtype}, "
             f"got {V.describe(arr)}"
         )
 
@@ -183,6 +185,8 @@ class Optimizer:
         for key, arr in state.items():
             if key == "step":
                 V.check_int(fn, f"{label}: 'step'", arr, 0)
+                if arr >= 2**63:  # beta**step: an int beyond float64 raised a bare OverflowError
+                    raise ValueError(f"{fn}: {label}: 'step' must be < 2**63, got {arr}")
             else:
                 _check_like(fn, f"{label}: {key!r}", "the parameter's", arr, value)
 

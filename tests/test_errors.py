@@ -489,3 +489,37 @@ def test_float16_input_refused_by_float64_layers_and_float64_by_float32():
         BatchNorm1d(3, dtype=np.float64).forward(X[:, :, 0].astype(np.float16))
     with pytest.raises(TypeError, match="must have the layer's dtype float32, got float64"):
         BatchNorm1d(3).forward(X[:, :, 0].astype(np.float64))
+
+
+def test_an_int_too_large_for_a_float_is_a_value_error_naming_the_argument():
+    """10**400 is a Real that math.isfinite cannot take: a bare OverflowError ("int too
+    large to convert to float") named no argument, across the package."""
+    from numbabn.layers import BatchNorm1d, Linear
+    from numbabn.optim import SGD
+    from numbabn.sklearn import BatchNormTransformer
+
+    huge = 10**400
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    calls = [
+        (lambda: numbabn.batch_norm_forward(x, eps=huge), "eps"),
+        (lambda: BatchNorm1d(3, momentum=huge), "momentum"),
+        (lambda: SGD(Linear(3, 2).parameters(), lr=huge), "lr"),
+        (lambda: BatchNormTransformer(gamma=huge).fit(x), "gamma"),
+        (lambda: BatchNormTransformer().fit(x, sample_weight=huge), "sample_weight"),
+    ]
+    for call, name in calls:
+        with pytest.raises(ValueError, match=name):
+            call()
+
+
+def test_a_counter_at_the_int64_maximum_is_refused_where_it_would_count():
+    """num_batches_tracked = 2**63 - 1 wrapped to -2**63 after a training call (the next
+    call then refused it); refused before anything changes, while eval still runs."""
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    rm, rv = np.zeros(3), np.ones(3)
+    nbt = np.array([np.iinfo(np.int64).max])
+    with pytest.raises(ValueError, match="num_batches_tracked is at the int64 maximum"):
+        numbabn.batch_norm_forward(x, running_mean=rm, running_var=rv, num_batches_tracked=nbt)
+    assert nbt[0] == np.iinfo(np.int64).max and not rm.any() and (rv == 1).all()
+    numbabn.batch_norm_forward(x, running_mean=rm, running_var=rv, num_batches_tracked=nbt, training=False)
+    numbabn.batch_norm_forward(x, num_batches_tracked=nbt)  # training without running statistics: no count

@@ -196,6 +196,12 @@ class TestLayerContract:
             ({**new, key: np.zeros(saved[key].shape + (2,), saved[key].dtype)}, ValueError, "shape"),
             ({**new, key: saved[key].astype(np.float16)}, TypeError, "dtype"),
             ({**new, key: saved[key].tolist()}, TypeError, "NumPy array"),
+            # the values under a mask would be loaded (a negative variance, say)
+            (
+                {**new, key: np.ma.masked_array(new[key], mask=np.ones(new[key].shape, bool))},
+                ValueError,
+                "masked array with masked values",
+            ),
         ]
         for state, err, match in broken:
             with pytest.raises(err, match=match):

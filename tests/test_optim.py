@@ -227,15 +227,28 @@ def test_constructor_and_step_errors(rng):
     opt = SGD(params, lr=0.1)
     params[0].grad = np.zeros(SHAPES[0], np.float32)
     with pytest.raises(
-        TypeError, match=r"^SGD.step: the grad of .* must be an array of its value's shape .* and dtype float64, got "
+        TypeError,
+        match=r"^SGD.step: the grad of .* must be a NumPy array of its value's shape .* and dtype float64, got ",
     ):
         opt.step()
     params[0].grad = np.zeros((7,), np.float64)  # the right dtype, another shape
     with pytest.raises(ValueError, match="shape .* and dtype float64, got ndarray of shape \\(7,\\)"):
         opt.step()
     params[0].grad = [0.0] * SHAPES[0][0]  # not an array
-    with pytest.raises(TypeError, match="must be an array of its value's shape"):
+    with pytest.raises(TypeError, match="must be a NumPy array of its value's shape"):
         opt.step()
+    # np.matrix multiplies as matrices (Adam's g*g: "shapes not aligned"), a masked array
+    # skips its masked entries silently: both refused, naming what came
+    for odd in (np.ones(SHAPES[0]).view(np.matrix), np.ma.masked_all(SHAPES[0])):
+        params[0].grad = odd
+        with pytest.raises(TypeError, match=f"must be a NumPy array of its value's shape .* got {type(odd).__name__}"):
+            opt.step()
+    params[0].grad = None
+    adam = Adam(params)
+    state = adam.state_dict()
+    state["state"][0] = {"step": 10**400, "exp_avg": np.zeros(SHAPES[0]), "exp_avg_sq": np.zeros(SHAPES[0])}
+    with pytest.raises(ValueError, match=r"'step' must be < 2\*\*63"):
+        adam.load_state_dict(state)
     assert "lr=0.1" in repr(opt)
 
 

@@ -1281,3 +1281,30 @@ def test_a_0d_tensor_momentum_updates_as_torch_nn(value):
     torch.testing.assert_close(ours.running_var, theirs.running_var)
     with pytest.raises(ValueError, match=r"momentum must be None or a number in \[0, 1\].*got tensor\(\[0.3000\]\)"):
         nbt.BatchNorm2d(3, momentum=torch.tensor([0.3]))(x)
+
+
+def test_settings_that_fail_late_are_refused_naming_them_and_change_nothing():
+    """An eps of 10**400 reached PyTorch's op, whose OverflowError was not among the
+    errors that undo the count (num_batches_tracked went 0 -> 1); a counter of -1 with
+    momentum=None divided by zero (a bare ZeroDivisionError)."""
+    x = torch.randn(2, 3, 4, 4)
+    m = nbt.BatchNorm2d(3)
+    m.eps = 10**400
+    with pytest.raises(ValueError, match="eps must be a number a float can hold"):
+        m(x)
+    assert int(m.num_batches_tracked) == 0
+    m = nbt.BatchNorm2d(3, momentum=None)
+    m.num_batches_tracked.fill_(-1)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="num_batches_tracked must be >= 0 for momentum=None.*got -1"):
+        m(x)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("flags", [dict(sync="no"), dict(fuse_relu=0.0), dict(sync=1)])
+def test_convert_batchnorm_flags_are_bools(flags):
+    """sync="no" made every batch norm a SyncBatchNorm (truthiness)."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU())
+    with pytest.raises(TypeError, match=f"convert_batchnorm: {next(iter(flags))} must be a bool"):
+        nbt.convert_batchnorm(net, **flags)
+    assert type(net[1]) is torch.nn.BatchNorm1d

@@ -431,6 +431,8 @@ class Layer:
                 raise ValueError(f"{fn}: {key!r} must have shape {target.shape}, got {value.shape}")
             if value.dtype != target.dtype and value.dtype.newbyteorder("=") != target.dtype:
                 raise TypeError(f"{fn}: {key!r} must have dtype {target.dtype}, got {value.dtype}")
+            if np.ma.is_masked(value):  # copyto would load the values under the mask
+                raise ValueError(f"{fn}: {key!r} is a masked array with masked values; fill them first")
             if not target.flags.writeable:
                 raise ValueError(
                     f"{fn}: the layer's {key!r} is a read-only array (e.g. memory-mapped with "

@@ -21,7 +21,10 @@ def check_sample_weight(name: str, sample_weight: Any, n_samples: int) -> NDArra
     if sample_weight is None:
         return None
     if isinstance(sample_weight, Real) and not isinstance(sample_weight, (bool, np.bool_)):
-        sample_weight = np.full(n_samples, float(sample_weight))
+        try:
+            sample_weight = np.full(n_samples, float(sample_weight))
+        except OverflowError:  # an int beyond float64
+            raise ValueError(f"{name}: sample_weight must be finite, got {sample_weight!r:.80}") from None
     else:  # np.asarray, not np.shape: array-likes such as scikit-learn's _NotAnArray refuse the latter
         try:
             sample_weight = np.asarray(sample_weight)

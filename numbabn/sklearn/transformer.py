@@ -156,6 +156,8 @@ class BatchNormTransformer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator
     def _check_affine(name: str, param: Any, value: Any, n_features: int) -> NDArray[np.float64]:
         try:
             arr = np.asarray(value, dtype=np.float64)
+        except OverflowError:  # an int beyond float64
+            raise ValueError(f"{name}: {param} must be finite, got {value!r}"[:200]) from None
         except (TypeError, ValueError):
             raise TypeError(
                 f"{name}: {param} must be a number or an array of n_features={n_features} numbers, "

@@ -10,6 +10,7 @@ so an optimizer built before the conversion keeps updating the right tensors and
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
@@ -102,6 +103,9 @@ def convert_batchnorm(
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"convert_batchnorm: module must be a torch.nn.Module, got {type(module).__name__}")
+    for flag, value in (("sync", sync), ("fuse_relu", fuse_relu)):
+        if not isinstance(value, (bool, np.bool_)):  # sync="no" made every batch norm a SyncBatchNorm
+            raise TypeError(f"convert_batchnorm: {flag} must be a bool, got {type(value).__name__} {value!r}")
     # Checked before any replacement: a call that raises leaves the model as it was.
     for name, m in module.named_modules():
         cls = _target(m, sync)

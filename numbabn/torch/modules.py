@@ -484,6 +484,13 @@ class NumbabnBatchNorm:
             raise ValueError(
                 f"{type(self).__name__}: momentum must be None or a number in [0, 1], got {self.momentum!r}"
             )
+        if type(self.eps) is not float:
+            try:
+                float(self.eps)
+            except OverflowError:  # 10**400: PyTorch's op raised a bare OverflowError
+                raise ValueError(
+                    f"{type(self).__name__}: eps must be a number a float can hold, got {self.eps!r}"[:200]
+                ) from None
         weight, bias, running_mean, running_var, _ = state
         if (running_mean is not None and running_mean.requires_grad) or (
             running_var is not None and running_var.requires_grad
@@ -873,6 +880,11 @@ class NumbabnBatchNorm:
         tracking = self.training and self.track_running_stats and nbt is not None
         momentum = 0.0 if self.momentum is None else float(self.momentum)  # float(): a 0-d tensor too
         if tracking and self.momentum is None:
+            if int(nbt) < 0:  # 1/(count + 1) of -1: a bare ZeroDivisionError (torch.nn's too)
+                raise ValueError(
+                    f"{type(self).__name__}: num_batches_tracked must be >= 0 for momentum=None (the cumulative "
+                    f"average over the calls counted), got {int(nbt)}"
+                )
             momentum = 1.0 / (int(nbt) + 1)
         batch_stats = self.training or (mean is None and var is None)
         use_buffers = not self.training or self.track_running_stats
@@ -903,7 +915,7 @@ class NumbabnBatchNorm:
             nbt.add_(1)
         try:
             y = F.batch_norm(input, running_mean, running_var, weight, bias, batch_stats, momentum, self.eps)
-        except (RuntimeError, ValueError, TypeError, IndexError):  # PyTorch refused the input: nothing changes
+        except (RuntimeError, ValueError, TypeError, IndexError, OverflowError):  # PyTorch refused: nothing changes
             # (IndexError: a layer of 0 channels. Not any Exception: the stop of a
             # checkpoint's recomputation, raised from inside the op, must keep the count.)
             if tracking:
