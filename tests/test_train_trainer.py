@@ -138,6 +138,8 @@ def test_trainer_errors(rng):
         Trainer(model, MSELoss(), opt, batch_size=2, seed=0, metrics=[GradientNorm(), GradientNorm()])
     with pytest.raises(TypeError, match="callable"):
         Trainer(model, MSELoss(), opt, batch_size=2, seed=0, metrics=[3])
+    with pytest.raises(ValueError, match="sample_weight is all zero"):  # every step a NaN loss, no gradient
+        tr.fit(X, y, steps=2, sample_weight=np.zeros(len(X)))
     # an optimizer built for another model would train nothing; one over some of the
     # model's parameters (the others frozen) is fine
     with pytest.raises(ValueError, match="optimizer manages 4 Parameters, none of the model's 4, so fit"):

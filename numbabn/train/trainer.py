@@ -447,7 +447,7 @@ class Trainer:
         bit; their histories together hold that call's records, except that each call
         also evaluates ``eval_data`` after its last step.
 
-        ``sample_weight``: None, or one weight per sample (finite, >= 0); each step
+        ``sample_weight``: None, or one weight per sample (finite, >= 0, not all 0); each step
         then calls ``loss(out, y_t, sample_weight=w_t)`` with the batch's weights (the
         losses of :mod:`numbabn.layers` take their weighted mean). The recorded
         accuracy stays unweighted, and the metrics, which take (x, y) batches, probe
@@ -501,6 +501,8 @@ class Trainer:
         fn = "Trainer.fit"
         X, y = _check_data(fn, X, y)
         weights = None if sample_weight is None else V.check_weights(fn, sample_weight, len(X))
+        if weights is not None and len(weights) and not weights.any():  # every step's loss a NaN, no gradient
+            raise ValueError(f"{fn}: sample_weight is all zero; weights must contain at least one non-zero number")
         if (steps is None) == (epochs is None):
             raise ValueError(f"{fn}: give exactly one of steps and epochs, got steps={steps!r}, epochs={epochs!r}")
         n = len(X)
