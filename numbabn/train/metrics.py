@@ -507,14 +507,14 @@ def hessian_top_eigenvalue(
             return (grad_at(e * u) - grad_at(-e * u)) / (2 * e)
 
         def power(
-            e: float, shift: float, first: NDArray[np.float64]
+            e: float, first: NDArray[np.float64]
         ) -> tuple[float, int, float, NDArray[np.float64], NDArray[np.float64]]:
-            """Power iteration on H − shift·I from ``first`` -> (λ of H − shift·I, products,
-            residual, last direction, the direction λ is the Rayleigh quotient of)."""
+            """Power iteration on H from ``first`` -> (λ, products, residual, last
+            direction, the direction λ is the Rayleigh quotient of)."""
             v, lam, k = first, float("nan"), 0
             u, residual = v, float("inf")
             for k in range(1, iters + 1):  # noqa: B007  (k is returned: the iterations used)
-                hv = product(v, e) - shift * v
+                hv = product(v, e)
                 u, previous, lam = v, lam, float(v @ hv)
                 norm = np.linalg.norm(hv)
                 residual = float(np.linalg.norm(hv - lam * v) / abs(lam)) if lam != 0 else float("inf")
@@ -527,7 +527,7 @@ def hessian_top_eigenvalue(
 
         best: dict[str, Any] | None = None  # the checked result whose check agreed best
         while True:
-            lam, k, residual, v, u = power(eps, 0.0, start)
+            lam, k, residual, v, u = power(eps, start)
             result = {"eigenvalue": lam, "iterations": k, "residual": residual, "eps": eps, "vector": v}
             if np.isfinite(lam):
                 check = float(u @ product(u, eps / 10))
