@@ -1308,3 +1308,18 @@ def test_convert_batchnorm_flags_are_bools(flags):
     with pytest.raises(TypeError, match=f"convert_batchnorm: {next(iter(flags))} must be a bool"):
         nbt.convert_batchnorm(net, **flags)
     assert type(net[1]) is torch.nn.BatchNorm1d
+
+
+def test_a_0d_tensor_momentum_compiles_with_captured_scalars():
+    """torch.compile with capture_scalar_outputs traced float(momentum) into an unbacked
+    SymFloat, which the custom operator's float? schema refused (TorchRuntimeError);
+    the call now runs eagerly behind a graph break, as torch.nn's does."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    ours, theirs = nbt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    ours.momentum = theirs.momentum = torch.tensor(0.3)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        y = torch.compile(ours, backend="eager")(x)
+    torch.testing.assert_close(y, theirs(x))
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)

@@ -722,7 +722,10 @@ class NumbabnBatchNorm:
         running statistics that require grad, one value per channel. Its inference
         tensor checks are left out (Dynamo cannot trace ``Tensor.is_inference``;
         PyTorch's in-place copy into inference buffers raises instead)."""
-        if not _momentum_ok(self.momentum):
+        if isinstance(self.momentum, torch.Tensor) or not _momentum_ok(self.momentum):
+            # A tensor momentum is read (float()) when the call runs: traced, it became an
+            # unbacked SymFloat that the operator's float? schema refused (with
+            # capture_scalar_outputs): eager, behind a graph break, as torch.nn's too.
             return False
         running_mean, running_var = state[2], state[3]
         if torch.is_grad_enabled() and (
