@@ -463,6 +463,15 @@ def cached_entries() -> tuple[int, list[str]]:
     return count, sorted(dirs, key=lambda path: (not dirs[path], path))
 
 
+def cache_locations() -> tuple[int, str | None, list[str]]:
+    """(signatures a call can load, the directory new kernels are cached in or None,
+    the read-only directories warmed entries are loaded from): :func:`cached_entries`
+    split by :func:`cache_writable`, as ``numbabn info`` and ``numbabn warmup`` report it."""
+    entries, dirs = cached_entries()  # the writable directory first, if there is one
+    writable = dirs[0] if dirs and cache_writable() else None
+    return entries, writable, dirs[1:] if writable else dirs
+
+
 def cache_writable() -> bool:
     """Whether new kernels can be saved to a disk cache (else they compile in memory)."""
     if not _KERNELS:

@@ -70,11 +70,10 @@ def _kernel_cache() -> dict[str, Any]:
     from numbabn import _compile_ahead, _jit
     from numbabn.backends import cpu  # noqa: F401  (its import defines the kernels)
 
-    entries, dirs = _jit.cached_entries()  # the writable directory first, if there is one
-    writable = dirs[0] if dirs and _jit.cache_writable() else None
+    entries, writable, read_only = _jit.cache_locations()
     return {
         "dir": writable,  # where new kernels are cached (None: nowhere, compiled in memory)
-        "read_only_dirs": dirs[1:] if writable else dirs,  # warmed caches loaded, not written
+        "read_only_dirs": read_only,  # warmed caches loaded, not written
         "entries": entries,
         "kernels": len(_jit.kernels()),
         "compile_helper": _jit.cache_writable() and _compile_ahead.enabled(),

@@ -61,17 +61,17 @@ def warmup(ctx: click.Context, dtypes: tuple[str, ...], layouts: tuple[str, ...]
             compile_one()
     from numbabn import _jit
 
-    entries, dirs = _jit.cached_entries()
+    entries, writable, read_only = _jit.cache_locations()
     lost = _jit.unsaved()
     if lost or not entries:
         # The command's point is the cache: a Docker build step that cached nothing, or
         # left some variants uncached, must fail, not leave later processes to compile.
-        if not dirs:
-            why = "no writable cache location"
-        elif not _jit.cache_writable():
-            why = f"the cache in {dirs[0]} is read-only"
+        if writable:
+            why = f"writing to {writable} failed"
+        elif read_only:
+            why = f"the cache in {read_only[0]} is read-only"
         else:
-            why = f"writing to {dirs[0]} failed"
+            why = "no writable cache location"
         raise CLIError(
             f"{len(plan)} kernel variants ready, but {lost or 'all'} compiled ones could not be cached ({why}), "
             "so later processes compile them again; set NUMBA_CACHE_DIR to a writable directory"
@@ -79,8 +79,6 @@ def warmup(ctx: click.Context, dtypes: tuple[str, ...], layouts: tuple[str, ...]
     if not settings.quiet:
         # entries: what a call can load, from the writable directory and the read-only
         # ones together (a signature is one compiled specialisation of one kernel)
-        writable = dirs[0] if _jit.cache_writable() else None
-        read_only = dirs[1:] if writable else dirs
         if not read_only:
             where = f"cached in {writable}"
         else:

@@ -93,7 +93,7 @@ from .metrics import (
     _Snapshot,
     leaf_layers,
 )
-from .trainer import Trainer
+from .trainer import Trainer, accuracy
 
 DTYPE = np.float64
 BATCH = 60  # Ioffe & Szegedy's MNIST batch size, used throughout
@@ -765,7 +765,7 @@ class PopulationAccuracy(Metric):
         if not bns:  # no statistics to collect: the training-set pass would change nothing
             with _Snapshot(model):
                 model.eval()
-                return _share_right(model.forward(self.X_test), self.y_test)
+                return accuracy(model.forward(self.X_test), self.y_test)
         momenta = [bn.momentum for bn in bns]
         with _Snapshot(model) as snap:
             snap.reset()
@@ -776,18 +776,10 @@ class PopulationAccuracy(Metric):
                 for start in range(0, len(self.X_train) - self.batch_size + 1, self.batch_size):
                     model.forward(self.X_train[start : start + self.batch_size])
                 model.eval()
-                return _share_right(model.forward(self.X_test), self.y_test)
+                return accuracy(model.forward(self.X_test), self.y_test)
             finally:
                 for bn, momentum in zip(bns, momenta, strict=True):
                     bn.momentum = momentum
-
-
-def _share_right(logits: FloatArray, labels: NDArray[np.int64]) -> float:
-    """Accuracy of the argmax; NaN where a logit is not finite (a diverged network's NaN
-    rows would otherwise "predict" class 0, a tenth of the digits)."""
-    if not np.isfinite(logits).all():
-        return float("nan")
-    return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
 # ---------------------------------------------------------------- the experiments

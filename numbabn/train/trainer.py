@@ -76,6 +76,18 @@ from .metrics import Metric
 _positive_int = V.check_int  # (fn, name, value) -> int >= 1
 
 
+def accuracy(out: NDArray[Any], target: NDArray[Any], sigmoid: bool = False) -> float:
+    """The share of samples predicted right: the argmax of the logits ``out`` against
+    integer labels, or with ``sigmoid`` every output's sign against 0/1 targets (subset
+    accuracy). NaN where an output is not finite: a diverged network's NaN rows would
+    otherwise "predict" class 0."""
+    if not np.isfinite(out).all():
+        return float("nan")
+    if sigmoid:
+        return float(np.mean(np.all((out > 0) == (target > 0.5), axis=1)))
+    return float(np.mean(np.argmax(out, axis=1) == target))
+
+
 def _metric_name(fn: str, metric: Any) -> str:
     if isinstance(metric, type):  # callable too, but calling it would construct a metric, not measure
         raise TypeError(
@@ -401,13 +413,7 @@ class Trainer:
             _truncate(self.history, lengths)
 
     def _accuracy(self, out: NDArray[Any], target: NDArray[Any]) -> float:
-        """The share of samples predicted right; NaN where an output is not finite (a
-        diverged network's NaN rows would otherwise "predict" class 0)."""
-        if not np.isfinite(out).all():
-            return float("nan")
-        if self._sigmoid:
-            return float(np.mean(np.all((out > 0) == (target > 0.5), axis=1)))
-        return float(np.mean(np.argmax(out, axis=1) == target))
+        return accuracy(out, target, sigmoid=self._sigmoid)
 
     def evaluate(self, X: NDArray[Any], y: NDArray[Any]) -> tuple[float, float | None]:
         """``(loss, accuracy or None)`` of the model in eval mode on (X, y); every layer
